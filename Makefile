@@ -1,0 +1,39 @@
+# The project's interface. On a fresh machine `make demo` and `make test` do all the set-up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+TORCH_SPEC := torch==2.14.1 torchvision==0.29.1
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
+
+.PHONY: install demo test test-slow bench clean
+
+install: $(VENV)/.built
+
+# torch first (large, from the local wheel cache when there is one), then our deps.
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q numpy tqdm matplotlib pytest expecttest ninja
+	touch $@
+
+# One C++ extension, rebuilt only when csrc/ or the build files change.
+$(VENV)/.built: $(VENV)/.torch $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: install
+	$(PY) bench/kernels.py --quick
+
+test: install
+	$(PY) -m pytest -q -x tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+bench: install
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf build *.egg-info sparsetrain/*.so

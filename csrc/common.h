@@ -1,0 +1,79 @@
+// Shared helpers for the sparsetrain CPU kernels: argument checks and SIMD multiversioning.
+#pragma once
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+// Hot loops are compiled for AVX-512, AVX2 and the baseline ISA; the loader picks one clone at
+// start-up (GCC function multiversioning), so a portable build still vectorises with FMA.
+// NATIVE=1 (-march=native) makes this unnecessary but harmless.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSETRAIN_NO_CLONES)
+#define ST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ST_MULTIVERSION
+#endif
+#define ST_INLINE __attribute__((always_inline)) inline
+
+namespace sparsetrain {
+
+// Clear, argument-named checks: every bad input raises a Python exception, never a crash.
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor (the C++ engine), got device ", t.device());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_1d_contig(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Validates a compressed index (CSR: ptr over rows, idx = column ids; or CSC, transposed) for a
+// [rows, cols] matrix. O(rows + nnz): negligible next to the O(nnz * batch) products.
+inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64_t cols,
+                             const char* ptr_name, const char* idx_name) {
+  check_cpu(ptr, ptr_name);
+  check_cpu(idx, idx_name);
+  check_dtype(ptr, at::kLong, ptr_name);
+  check_dtype(idx, at::kInt, idx_name);
+  check_1d_contig(ptr, ptr_name);
+  check_1d_contig(idx, idx_name);
+  TORCH_CHECK(ptr.numel() >= 1, ptr_name, " must have rows + 1 >= 1 entries");
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t rows = ptr.numel() - 1;
+  TORCH_CHECK(p[0] == 0, ptr_name, "[0] must be 0, got ", p[0]);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(p[r + 1] >= p[r], ptr_name, " must be non-decreasing (row ", r, ")");
+  TORCH_CHECK(p[rows] == idx.numel(), ptr_name, "[-1] (", p[rows], ") must equal ", idx_name,
+              ".numel() (", idx.numel(), ")");
+  const int32_t* c = idx.data_ptr<int32_t>();
+  const int64_t nnz = idx.numel();
+  bool ok = true;
+  for (int64_t k = 0; k < nnz; ++k) ok &= (c[k] >= 0) & (c[k] < cols);
+  TORCH_CHECK(ok, idx_name, " has entries outside [0, ", cols, ")");
+}
+
+// Thread-local scratch that survives between calls: no page-fault zero fill per call.
+template <typename T>
+T* scratch(size_t n, int slot) {
+  thread_local std::vector<double> bufs[4];
+  auto& b = bufs[slot];
+  const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
+  if (b.size() < words) b.resize(words);
+  // 64-byte align inside the buffer
+  uintptr_t a = reinterpret_cast<uintptr_t>(b.data());
+  a = (a + 63) & ~uintptr_t(63);
+  return reinterpret_cast<T*>(a);
+}
+
+}  // namespace sparsetrain

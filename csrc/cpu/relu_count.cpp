@@ -1,0 +1,44 @@
+// ReLU-state counting for the activation entropy (paper Eq. 1): per neuron, how many samples had a
+// positive pre-activation. relu(x) > 0 iff x > 0, so pre- or post-activations give the same count.
+#include "common.h"
+
+namespace sparsetrain {
+namespace {
+
+// counts[n] += #{b : pre[b, n] > 0}, n over the flattened non-batch dims.
+template <typename T>
+void relu_count_impl(int64_t* counts, const T* x, int64_t B, int64_t N) {
+  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* xr = x + b * N;
+#pragma omp simd
+      for (int64_t n = n0; n < n1; ++n) counts[n] += xr[n] > T(0);
+    }
+  });
+}
+
+void relu_count_(at::Tensor& counts, const at::Tensor& pre) {
+  check_cpu(counts, "counts");
+  check_cpu(pre, "pre");
+  check_dtype(counts, at::kLong, "counts");
+  check_float(pre, "pre");
+  TORCH_CHECK(counts.is_contiguous(), "counts must be contiguous");
+  TORCH_CHECK(pre.dim() >= 2, "pre must be [batch, neurons...] (>= 2-D), got ", pre.dim(), "-D");
+  const int64_t B = pre.size(0);
+  int64_t N = 1;
+  for (int64_t d = 1; d < pre.dim(); ++d) N *= pre.size(d);
+  TORCH_CHECK(counts.numel() == N,
+              "counts must have one entry per neuron (", N, " = prod of pre.shape[1:]), got ",
+              counts.numel());
+  if (B == 0) return;
+  const at::Tensor xc = pre.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "relu_count_", [&] {
+    relu_count_impl<scalar_t>(counts.data_ptr<int64_t>(), xc.data_ptr<scalar_t>(), B, N);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) { m.impl("relu_count_", &relu_count_); }
+
+}  // namespace sparsetrain

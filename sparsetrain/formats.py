@@ -1,0 +1,177 @@
+"""Sparse weight containers.
+
+`CSR` stores a pruned weight viewed as a matrix whose rows are output units (linear) or output
+channels (conv; columns = in_channels * kh * kw). Only the surviving weights are stored and
+trained: `values` is an `nn.Parameter` of shape [nnz]. The transposed index (CSC: `ccol_indices`,
+`row_indices_t`, `perm`) used by the input-gradient product is built once per mask, here.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CSR", "transpose_index"]
+
+
+def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be at least 2-D ([out, ...]), got shape {tuple(weight.shape)}")
+    if mask is None:
+        return weight != 0
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
+    return mask.to(weight.device)
+
+
+def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
+    """CSC of a CSR pattern: (ccol int64 [n_cols+1], row_t int32 [nnz], perm int64 [nnz]),
+    where perm[j] is the position in `values` of the j-th CSC entry (stable: rows ascending)."""
+    n_rows = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff())
+    perm = torch.argsort(col.long() * max(n_rows, 1) + rows, stable=True)
+    counts = torch.bincount(col.long(), minlength=n_cols)
+    ccol = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
+    torch.cumsum(counts, 0, out=ccol[1:])
+    return ccol, rows[perm].to(torch.int32), perm
+
+
+class CSR(nn.Module):
+    """A CSR weight of logical shape `shape` (e.g. [out, in] or [out, in, kh, kw]).
+
+    Buffers: crow_indices (int64 [rows+1]), col_indices (int32 [nnz]) and the transposed index.
+    Parameter: values ([nnz]). `from_dense(w, mask)` and `to_dense()` round-trip exactly.
+    """
+
+    def __init__(self, crow_indices, col_indices, values, shape, *, validate: bool = True):
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2:
+            raise ValueError(f"shape must have >= 2 dims, got {shape}")
+        if not all(isinstance(t, torch.Tensor) for t in (crow_indices, col_indices, values)):
+            raise TypeError("crow_indices, col_indices and values must be torch.Tensors")
+        if crow_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"crow_indices must be int32 or int64, got {crow_indices.dtype}")
+        if col_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"col_indices must be int32 or int64, got {col_indices.dtype}")
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+        self.shape = shape
+        rows, cols = shape[0], _prod(shape[1:])
+        crow = crow_indices.to(torch.int64).contiguous()
+        col = col_indices.to(torch.int32).contiguous()
+        if validate:
+            _validate(crow, col, values, rows, cols)
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        v = values.detach().contiguous().clone()
+        self.values = nn.Parameter(v, requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
+        ccol, row_t, perm = transpose_index(crow, col, cols)
+        self.register_buffer("ccol_indices", ccol)
+        self.register_buffer("row_indices_t", row_t)
+        self.register_buffer("perm", perm)
+
+    # ------------------------------------------------------------------ construction / export
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "CSR":
+        mask = _check_mask(weight, mask)
+        rows = weight.shape[0]
+        m2 = mask.reshape(rows, -1)
+        w2 = weight.detach().reshape(rows, -1)
+        crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
+        torch.cumsum(m2.sum(1), 0, out=crow[1:])
+        idx = m2.nonzero()  # row-major order: rows ascending, columns ascending
+        col = idx[:, 1].to(torch.int32)
+        values = w2[idx[:, 0], idx[:, 1]]
+        return cls(crow, col, values.requires_grad_(True), weight.shape, validate=False)
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
+        rows, cols = self.shape[0], _prod(self.shape[1:])
+        out = self.values.new_zeros(rows * cols)
+        flat = self.row_indices().long() * cols + self.col_indices.long()
+        return out.index_put((flat,), self.values).reshape(self.shape)
+
+    def mask(self) -> torch.Tensor:
+        rows, cols = self.shape[0], _prod(self.shape[1:])
+        m = torch.zeros(rows * cols, dtype=torch.bool, device=self.values.device)
+        m[self.row_indices().long() * cols + self.col_indices.long()] = True
+        return m.reshape(self.shape)
+
+    def row_indices(self) -> torch.Tensor:
+        rows = self.crow_indices.numel() - 1
+        return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def numel_dense(self) -> int:
+        return _prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        n = self.numel_dense
+        return 1.0 - self.nnz / n if n else 0.0
+
+    def nbytes(self) -> int:
+        """Bytes held by the sparse weight: values + CSR indices + transposed index."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.crow_indices, self.col_indices,
+                                                          self.ccol_indices, self.row_indices_t, self.perm))
+
+    def check_finite(self) -> dict:
+        """Report (not reject) non-finite values: {'nan': count, 'inf': count}."""
+        v = self.values.detach()
+        return {"nan": int(torch.isnan(v).sum()), "inf": int(torch.isinf(v).sum())}
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
+
+    # ------------------------------------------------------------------ state_dict: the pattern
+    # changes size when pruned, so loading resizes buffers and the parameter to the saved ones.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        if prefix + "values" in state_dict:
+            v = state_dict[prefix + "values"]
+            self.values = nn.Parameter(torch.empty_like(v, device=self.values.device), self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        _validate(self.crow_indices, self.col_indices, self.values, self.shape[0], _prod(self.shape[1:]))
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+def _validate(crow, col, values, rows, cols):
+    if crow.dim() != 1 or crow.numel() != rows + 1:
+        raise ValueError(f"crow_indices must have shape [{rows + 1}], got {tuple(crow.shape)}")
+    if col.dim() != 1 or values.dim() != 1 or col.numel() != values.numel():
+        raise ValueError(f"col_indices and values must be 1-D of equal length, got {tuple(col.shape)} "
+                         f"and {tuple(values.shape)}")
+    if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
+        raise ValueError(f"crow_indices must start at 0 and end at nnz={col.numel()}, got "
+                         f"{int(crow[0])}..{int(crow[-1])}")
+    if bool((crow.diff() < 0).any()):
+        raise ValueError("crow_indices must be non-decreasing")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise ValueError(f"col_indices must lie in [0, {cols}), got range "
+                         f"[{int(col.min())}, {int(col.max())}]")
+    if col.numel():
+        # within a row, columns strictly increasing (no duplicates)
+        rows_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
+        key = rows_of * cols + col.long()
+        if bool((key.diff() <= 0).any()):
+            raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")

@@ -1,0 +1,110 @@
+"""Sparse layers and in-place model conversion.
+
+`SparseLinear` holds a `CSR` weight (only nonzeros are parameters) and runs the C++ kernels;
+`sparsify_(model, masks)` swaps dense layers for sparse ones by qualified name and
+`densify_(model)` swaps them back.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .formats import CSR
+
+__all__ = ["SparseLinear", "sparsify_", "densify_", "SPARSE_TYPES"]
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W stored as CSR ([out_features, in_features])."""
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, CSR):
+            raise TypeError(f"weight must be a sparsetrain.CSR, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(CSR.from_dense(linear.weight, mask), linear.bias)
+
+    def to_dense(self) -> nn.Linear:
+        w = self.weight
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.values.device, dtype=w.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.weight, self.bias)
+
+    @property
+    def nnz(self) -> int:
+        return self.weight.nnz
+
+    @property
+    def sparsity(self) -> float:
+        return self.weight.sparsity
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+# dense type -> sparse type; SparseConv2d registers itself here when it is defined.
+SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear}
+
+
+def _dense_of(sparse_cls):
+    return {v: k for k, v in SPARSE_TYPES.items()}[sparse_cls]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
+    weight's shape}) by its sparse counterpart holding only the unmasked weights."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            known = [n for n, m in modules.items() if type(m) in SPARSE_TYPES]
+            raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
+        mod = modules[name]
+        if type(mod) not in SPARSE_TYPES:
+            raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
+                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
+        if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
+    for name, mask in masks.items():
+        mod = modules[name]
+        _set_module(model, name, SPARSE_TYPES[type(mod)].from_dense(mod, mask))
+    return model
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned)."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) in SPARSE_TYPES.values() and name:
+            _set_module(model, name, mod.to_dense())
+    return model
