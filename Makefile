@@ -19,8 +19,9 @@ $(VENV)/.torch:
 	touch $@
 
 # One C++ extension, rebuilt only when csrc/ or the build files change.
+# flock: concurrent `make install`s (parallel shells) never run two builds in one build/ dir.
 $(VENV)/.built: $(VENV)/.torch $(CSRC)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	flock $(VENV)/.buildlock $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 demo: install
