@@ -90,6 +90,8 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
     masks = [None] * len(tensors) if masks is None else list(masks)
     if len(masks) != len(tensors):
         raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
+    if not tensors:  # nothing to dispatch on: nothing to prune
+        return 0.0, 0
     thr, ties = _ops.magnitude_threshold([t.detach() for t in tensors], masks, float(fraction))
     return float(thr), int(ties)
 

@@ -1,0 +1,268 @@
+"""SparseLinear and the sparse_linear ops against the dense masked reference (F.linear)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsetrain
+from sparsetrain import ops
+from sparsetrain.formats import CSR
+from sparsetrain.nn import SparseLinear
+from reference import dense_linear, random_mask, reference_grads
+
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+# (batch shape, in, out): 1 feature, primes, batch 1, 3-D input, batch that is not a tile multiple
+SHAPES = [((1,), 1, 1), ((7,), 13, 5), ((1,), 31, 17), ((3, 5), 11, 7), ((70,), 29, 3), ((130,), 17, 23)]
+
+
+def _check(batch, fin, fout, sparsity, bias, empty_rows=0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(fin, fout, bias=bias).to(dtype)
+    mask = random_mask((fout, fin), sparsity, generator=g, empty_rows=min(empty_rows, fout))
+    layer = SparseLinear.from_dense(lin, mask)
+    x = torch.randn(*batch, fin, generator=g, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn(y.shape, generator=g, dtype=dtype)
+    y.backward(gy)
+    ry, rdx, rdw, rdb = reference_grads(dense_linear, x, lin.weight, mask, lin.bias, gy)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, ry, **tol)
+    torch.testing.assert_close(x.grad, rdx, **tol)
+    # the weight gradient exists only at the nonzeros, in CSR (row-major) order
+    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, rdb, **tol)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("batch,fin,fout", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_dense_masked(batch, fin, fout, sparsity, bias):
+    _check(batch, fin, fout, sparsity, bias)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_empty_rows(sparsity):
+    _check((9,), 19, 11, sparsity, True, empty_rows=4)
+
+
+def test_large_batch_tiles_and_threads():
+    # batch >= 64 * threads takes the wide-tile path; several tiles plus a ragged tail
+    _check((64 * torch.get_num_threads() * 2 + 5,), 37, 41, 0.7, True)
+
+
+def test_float64():
+    _check((6,), 13, 9, 0.6, True, dtype=torch.float64)
+
+
+def test_identity_at_zero_sparsity():
+    torch.manual_seed(1)
+    lin = nn.Linear(23, 19)
+    layer = SparseLinear.from_dense(lin, torch.ones(19, 23, dtype=torch.bool))
+    x = torch.randn(8, 23)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = lin(x1), layer(x2)
+    torch.testing.assert_close(y1, y2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(lin.weight.grad.flatten(), layer.weight.values.grad)
+    torch.testing.assert_close(lin.bias.grad, layer.bias.grad)
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(3)
+    mask = random_mask((5, 7), 0.5, generator=g, empty_rows=1)
+    w = CSR.from_dense(torch.randn(5, 7, dtype=torch.float64, generator=g), mask)
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(x, values, b):
+        return torch.ops.sparsetrain.sparse_linear(x, w.crow_indices, w.col_indices, values, w.ccol_indices,
+                                                   w.row_indices_t, w.perm, b)
+
+    assert torch.autograd.gradcheck(f, (x, w.values.detach().clone().requires_grad_(), b))
+
+
+def _op_args(dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(4)
+    mask = random_mask((6, 9), 0.6, generator=g)
+    w = CSR.from_dense(torch.randn(6, 9, dtype=dtype, generator=g), mask)
+    x = torch.randn(4, 9, dtype=dtype, generator=g)
+    return w, x, (torch.randn(6, dtype=dtype, generator=g) if bias else None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_sparse_linear(bias):
+    w, x, b = _op_args(bias=bias)
+    args = (x.requires_grad_(), w.crow_indices, w.col_indices, w.values.detach().requires_grad_(),
+            w.ccol_indices, w.row_indices_t, w.perm, b)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_linear.default, args)
+
+
+def test_opcheck_grad_ops():
+    w, x, _ = _op_args()
+    gy = torch.randn(4, 6)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_linear_grad_input.default,
+                          (gy, w.ccol_indices, w.row_indices_t, w.perm, w.values.detach()))
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_linear_grad_weight.default,
+                          (gy, x, w.crow_indices, w.col_indices))
+
+
+def test_torch_compile():
+    w, x, b = _op_args()
+    layer = SparseLinear(w, b)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_respects_set_num_threads():
+    w, x, b = _op_args()
+    layer = SparseLinear(w, b)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = layer(x)
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(y1, layer(x))
+
+
+# ---------------------------------------------------------------------------- module API
+def test_module_api_and_state_dict_roundtrip(tmp_path):
+    torch.manual_seed(5)
+    lin = nn.Linear(10, 4)
+    mask = random_mask((4, 10), 0.7)
+    layer = SparseLinear.from_dense(lin, mask)
+    assert layer.nnz == int(mask.sum())
+    assert layer.sparsity == pytest.approx(0.7)
+    assert "nnz=12" in repr(layer) and "sparsity=0.7000" in repr(layer)
+    back = layer.to_dense()
+    torch.testing.assert_close(back.weight, lin.weight * mask)
+    torch.testing.assert_close(back.bias, lin.bias)
+    torch.save(layer.state_dict(), tmp_path / "l.pt")
+    other = SparseLinear.from_dense(nn.Linear(10, 4), torch.ones(4, 10, dtype=torch.bool))  # different nnz
+    other.load_state_dict(torch.load(tmp_path / "l.pt", weights_only=True))
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(other(x), layer(x))
+    assert other.nnz == layer.nnz
+
+
+def test_from_dense_default_mask_is_nonzero():
+    w = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, -3.0]])
+    csr = CSR.from_dense(w)
+    assert csr.nnz == 3
+    assert torch.equal(csr.to_dense(), w)
+    assert torch.equal(csr.mask(), w != 0)
+
+
+def test_csr_validation_errors():
+    crow = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="col_indices must lie in"):
+        CSR(crow, torch.tensor([0, 5], dtype=torch.int32), torch.ones(2), (2, 3))
+    with pytest.raises(ValueError, match="crow_indices must start at 0 and end at nnz"):
+        CSR(torch.tensor([0, 1, 3]), torch.tensor([0, 1], dtype=torch.int32), torch.ones(2), (2, 3))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CSR(torch.tensor([0, 2, 2]), torch.tensor([1, 1], dtype=torch.int32), torch.ones(2), (2, 3))
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        CSR.from_dense(torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="mask shape"):
+        CSR.from_dense(torch.ones(2, 3), torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_non_finite_weights_are_reported_not_rejected():
+    w = torch.tensor([[float("nan"), 1.0], [float("inf"), 2.0]])
+    csr = CSR.from_dense(w, torch.ones(2, 2, dtype=torch.bool))
+    assert csr.check_finite() == {"nan": 1, "inf": 1}
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    w, x, b = _op_args()
+    layer = SparseLinear(w, b)
+    with pytest.raises(RuntimeError, match="x must have last dimension 9"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="x must have the dtype of values"):
+        layer(torch.randn(4, 9, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="x must have the dtype of values"):
+        layer(torch.randint(0, 3, (4, 9)))
+    op = torch.ops.sparsetrain.sparse_linear
+    bad_col = w.col_indices.clone()
+    bad_col[0] = 1000
+    with pytest.raises(RuntimeError, match="col_indices has entries outside"):
+        op(x, w.crow_indices, bad_col, w.values, w.ccol_indices, w.row_indices_t, w.perm, b)
+    with pytest.raises(RuntimeError, match="crow_indices must have dtype Long"):
+        op(x, w.crow_indices.int(), w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, b)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(x, w.crow_indices, w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, torch.ones(3))
+    with pytest.raises(RuntimeError, match="values must be contiguous"):
+        v2 = torch.randn(2 * w.nnz)[::2]
+        op(x, w.crow_indices, w.col_indices, v2, w.ccol_indices, w.row_indices_t, w.perm, b)
+    # non-contiguous activations are accepted (made contiguous), not misread
+    xt = torch.randn(9, 4).t()
+    torch.testing.assert_close(layer(xt), layer(xt.contiguous()))
+    with pytest.raises(TypeError, match="weight must be a sparsetrain.CSR"):
+        SparseLinear(torch.ones(2, 2))
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        SparseLinear.from_dense(nn.Conv2d(1, 1, 1))
+
+
+# ---------------------------------------------------------------------------- sparsify_ / densify_
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def test_sparsify_densify_roundtrip_and_errors():
+    torch.manual_seed(6)
+    model = _mlp()
+    masks = {"1": random_mask((300, 784), 0.9), "5": random_mask((10, 100), 0.5)}
+    x = torch.randn(4, 1, 28, 28)
+    ref_w = model[1].weight.detach() * masks["1"]
+    sparsetrain.sparsify_(model, masks)
+    assert isinstance(model[1], SparseLinear) and isinstance(model[5], SparseLinear)
+    assert isinstance(model[3], nn.Linear)
+    y = model(x)
+    sparsetrain.densify_(model)
+    assert type(model[1]) is nn.Linear
+    torch.testing.assert_close(model[1].weight, ref_w)
+    torch.testing.assert_close(model(x), y)
+    with pytest.raises(KeyError, match="unknown module 'nope'"):
+        sparsetrain.sparsify_(model, {"nope": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"masks\['3'\] must be a bool tensor of shape \(100, 300\)"):
+        sparsetrain.sparsify_(model, {"3": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="only"):
+        sparsetrain.sparsify_(model, {"2": torch.ones(1, dtype=torch.bool)})
+
+
+def test_mlp_training_follows_dense_masked_trajectory():
+    """784-300-100-10 MLP, 50 SGD steps, same init and batches: sparse == dense masked."""
+    torch.manual_seed(7)
+    dense = _mlp()
+    masks = {n: random_mask(m.weight.shape, 0.8) for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        for n, m in masks.items():
+            dense.get_submodule(n).weight.mul_(m)
+    sparse = sparsetrain.sparsify_(_copy(dense), masks)
+    opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    opt_s = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(50):
+        x = torch.randn(32, 1, 28, 28, generator=g)
+        t = torch.randint(0, 10, (32,), generator=g)
+        for model, opt in ((dense, opt_d), (sparse, opt_s)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), t).backward()
+            if model is dense:  # the dense-masked reference: pruned weights get no update
+                for n, m in masks.items():
+                    model.get_submodule(n).weight.grad.mul_(m)
+            opt.step()
+    for n, m in masks.items():
+        torch.testing.assert_close(sparse.get_submodule(n).weight.to_dense(), dense.get_submodule(n).weight,
+                                   rtol=1e-4, atol=1e-5)
+    x = torch.randn(16, 1, 28, 28, generator=g)
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-5)
+
+
+def _copy(model):
+    import copy
+    return copy.deepcopy(model)
