@@ -13,14 +13,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(sparsetrain, m) {
-  // ---- linear: W is CSR [out, in] (crow int64, col int32, values), its transpose is given as
-  // CSC (ccol int64 [in+1], row_t int32, perm int64: position of each CSC entry in values).
+  // ---- linear: W is CSR [out, in] (crow int64 [out+1], col int32 [nnz], values [nnz]).
   m.def(
       "sparse_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-      "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, Tensor? bias) -> Tensor");
+      "Tensor? bias) -> Tensor");
   m.def(
-      "sparse_linear_grad_input(Tensor grad_out, Tensor ccol_indices, Tensor row_indices_t, "
-      "Tensor perm, Tensor values) -> Tensor");
+      "sparse_linear_grad_input(Tensor grad_out, Tensor crow_indices, Tensor col_indices, "
+      "Tensor values, int in_features) -> Tensor");
   m.def(
       "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor crow_indices, "
       "Tensor col_indices) -> Tensor");
@@ -31,4 +30,22 @@ TORCH_LIBRARY(sparsetrain, m) {
       "int max_ties) -> (Tensor, Tensor, Tensor, Tensor)");
   // ---- entropy (Eq. 1): per-neuron count of positive pre-activations, accumulated in place
   m.def("relu_count_(Tensor(a!) counts, Tensor pre) -> ()");
+  // ---- conv2d: W [O, C, kh, kw] is CSR [O, C*kh*kw] (column c*kh*kw + i*kw + j) plus its CSC
+  // transpose as for linear. Direct convolution, NCHW; dilation 1, groups 1.
+  m.def(
+      "sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+      "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_conv2d_grad_input(Tensor grad_out, Tensor ccol_indices, Tensor row_indices_t, "
+      "Tensor perm, Tensor values, int[2] input_size, int[2] kernel_size, int[2] stride, "
+      "int[2] padding) -> Tensor");
+  m.def(
+      "sparse_conv2d_grad_weight(Tensor grad_out, Tensor x, Tensor crow_indices, "
+      "Tensor col_indices, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  m.def(
+      "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
+      "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
+      "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
 }
+

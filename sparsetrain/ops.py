@@ -15,14 +15,13 @@ _ops = torch.ops.sparsetrain
 
 # ============================================================================ fake impls
 @torch.library.register_fake("sparsetrain::sparse_linear")
-def _(x, crow, col, values, ccol, row_t, perm, bias):
-    torch._check(x.shape[-1] == ccol.shape[0] - 1, lambda: "x must have last dimension in_features")
+def _(x, crow, col, values, bias):
     return x.new_empty((*x.shape[:-1], crow.shape[0] - 1))
 
 
 @torch.library.register_fake("sparsetrain::sparse_linear_grad_input")
-def _(grad_out, ccol, row_t, perm, values):
-    return grad_out.new_empty((*grad_out.shape[:-1], ccol.shape[0] - 1))
+def _(grad_out, crow, col, values, in_features):
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
 
 @torch.library.register_fake("sparsetrain::sparse_linear_grad_weight")
@@ -49,22 +48,22 @@ def _(counts, pre):
 # ============================================================================ autograd
 # d/dx (x W^T + b) = dy W ;  d/dW = dy^T x sampled at the nonzeros ;  d/db = sum of dy.
 def _sparse_linear_setup(ctx, inputs, output):
-    x, crow, col, values, ccol, row_t, perm, bias = inputs
-    ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
+    x, crow, col, values, bias = inputs
+    ctx.save_for_backward(x, crow, col, values)
     ctx.has_bias = bias is not None
 
 
 def _sparse_linear_backward(ctx, grad_out):
-    x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
+    x, crow, col, values = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = _ops.sparse_linear_grad_input(grad_out, ccol, row_t, perm, values)
+        dx = _ops.sparse_linear_grad_input(grad_out, crow, col, values, x.shape[-1])
     if ctx.needs_input_grad[3]:
         dvalues = _ops.sparse_linear_grad_weight(grad_out, x, crow, col)
-    if ctx.has_bias and ctx.needs_input_grad[7]:
+    if ctx.has_bias and ctx.needs_input_grad[4]:
         dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return dx, None, None, dvalues, None, None, None, dbias
+    return dx, None, None, dvalues, dbias
 
 
 torch.library.register_autograd("sparsetrain::sparse_linear", _sparse_linear_backward,
@@ -74,9 +73,7 @@ torch.library.register_autograd("sparsetrain::sparse_linear", _sparse_linear_bac
 # ============================================================================ wrappers
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a CSR weight `weight` (sparsetrain.formats.CSR) of shape [out, in]."""
-    w = weight
-    return _ops.sparse_linear(x, w.crow_indices, w.col_indices, w.values, w.ccol_indices,
-                              w.row_indices_t, w.perm, bias)
+    return _ops.sparse_linear(x, weight.crow_indices, weight.col_indices, weight.values, bias)
 
 
 def magnitude_threshold(tensors, fraction: float, masks=None):
@@ -106,3 +103,12 @@ def relu_count_(counts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """counts[n] += number of samples b with pre[b, n] > 0 (n over the flattened non-batch dims)."""
     _ops.relu_count_(counts, pre.detach())
     return counts
+
+
+# ============================================================================ backend hook
+# Triton kernels for CUDA tensors, and `sparsetrain.use_backend(...)`: see sparsetrain/backend.py.
+# Every `_ops.<name>` call above resolves through `backend.impl(name)` (the torch.ops op unless
+# the backend is forced to "triton"), so the autograd formulas stay one per op.
+from . import backend  # noqa: E402
+
+_ops = backend.OpsRouter()

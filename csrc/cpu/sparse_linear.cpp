@@ -1,5 +1,6 @@
-// SparseLinear on CPU: y = x W^T + b with W in CSR, its input gradient dx = dy W through the
-// transposed (CSC) index, and the weight gradient sampled at the nonzeros only (SDDMM).
+// SparseLinear on CPU: y = x W^T + b with W in CSR, its input gradient dx = dy W (a scatter of
+// each nonzero into a thread-private, L2-resident tile: no transposed index to store, no races)
+// and the weight gradient sampled at the nonzeros only (SDDMM).
 //
 // Layout: the batch is cut into tiles of TB rows; a tile of x is transposed once into a
 // thread-local [K, TB] buffer (K * TB * 4 bytes: 1.2 MB for K = 4608, TB = 64, it stays in L2),
@@ -22,18 +23,17 @@ ST_INLINE void transpose_tile(const T* x, int64_t K, int64_t tb, T* xt) {
       for (int64_t t = tb; t < TB; ++t) xt[k * TB + t] = T(0);
 }
 
-// Y[b0:b0+tb, n0:n1] = Xtile A^T (+ bias), A in compressed rows (ptr, idx, vals[perm]).
+// Y[b0:b0+tb, n0:n1] = Xtile A^T (+ bias), A in compressed rows (ptr, idx, vals).
 template <typename T, int TB>
 ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, const T* vals,
-                         const int64_t* perm, const T* bias, int64_t n0, int64_t n1, int64_t N,
-                         int64_t tb, T* y) {
+                         const T* bias, int64_t n0, int64_t n1, int64_t N, int64_t tb, T* y) {
   alignas(64) T acc[TB];
   for (int64_t n = n0; n < n1; ++n) {
     const T b = bias ? bias[n] : T(0);
 #pragma omp simd
     for (int t = 0; t < TB; ++t) acc[t] = b;
     for (int64_t p = ptr[n]; p < ptr[n + 1]; ++p) {
-      const T v = perm ? vals[perm[p]] : vals[p];
+      const T v = vals[p];
       const T* xr = xt + int64_t(idx[p]) * TB;
 #pragma omp simd
       for (int t = 0; t < TB; ++t) acc[t] += v * xr[t];
@@ -44,7 +44,7 @@ ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, co
 
 template <typename T, int TB>
 ST_INLINE void spmm_impl(const T* x, int64_t B, int64_t K, const int64_t* ptr, const int32_t* idx,
-                         const T* vals, const int64_t* perm, const T* bias, int64_t N, T* y) {
+                         const T* vals, const T* bias, int64_t N, T* y) {
   const int64_t nbt = (B + TB - 1) / TB;
   const int64_t nthreads = at::get_num_threads();
   // Split the output dimension too when there are fewer batch tiles than threads.
@@ -60,7 +60,37 @@ ST_INLINE void spmm_impl(const T* x, int64_t B, int64_t K, const int64_t* ptr, c
         loaded = bt;
       }
       const int64_t n0 = N * c / nchunks, n1 = N * (c + 1) / nchunks;
-      spmm_tile<T, TB>(xt, ptr, idx, vals, perm, bias, n0, n1, N, tb, y + b0 * N);
+      spmm_tile<T, TB>(xt, ptr, idx, vals, bias, n0, n1, N, tb, y + b0 * N);
+    }
+  });
+}
+
+// dx[b, k] = sum_n dy[b, n] W[n, k]: per batch tile, dxt[col(p), :] += v(p) * dyt[row(p), :] in a
+// thread-private [K, TB] tile, then transposed out. Parallel over batch tiles (each owns its rows).
+template <typename T, int TB>
+ST_INLINE void spmm_t_impl(const T* dy, int64_t B, int64_t N, const int64_t* ptr, const int32_t* idx,
+                           const T* vals, int64_t K, T* dx) {
+  const int64_t nbt = (B + TB - 1) / TB;
+  at::parallel_for(0, nbt, 1, [&](int64_t begin, int64_t end) {
+    T* dyt = scratch<T>(size_t(N) * TB, 0);
+    T* dxt = scratch<T>(size_t(K) * TB, 1);
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b0 = bt * TB, tb = std::min<int64_t>(TB, B - b0);
+      transpose_tile<T, TB>(dy + b0 * N, N, tb, dyt);
+      std::fill(dxt, dxt + K * TB, T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T* dr = dyt + n * TB;
+        for (int64_t p = ptr[n]; p < ptr[n + 1]; ++p) {
+          const T v = vals[p];
+          T* xr = dxt + int64_t(idx[p]) * TB;
+#pragma omp simd
+          for (int t = 0; t < TB; ++t) xr[t] += v * dr[t];
+        }
+      }
+      for (int64_t t = 0; t < tb; ++t) {
+        T* o = dx + (b0 + t) * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = dxt[k * TB + t];
+      }
     }
   });
 }
@@ -104,25 +134,26 @@ ST_INLINE void sddmm_impl(const T* dy, const T* x, int64_t B, int64_t N, int64_t
 }
 
 // One multiversioned entry point per dtype and product; the tile width is picked from the batch.
-#define ST_DEFINE_KERNELS(T)                                                                     \
-  ST_MULTIVERSION void spmm(const T* x, int64_t B, int64_t K, const int64_t* ptr,                \
-                            const int32_t* idx, const T* vals, const int64_t* perm, const T* bias, \
-                            int64_t N, T* y) {                                                   \
-    if (B >= 64 * at::get_num_threads())                                                         \
-      spmm_impl<T, 64>(x, B, K, ptr, idx, vals, perm, bias, N, y);                               \
-    else                                                                                         \
-      spmm_impl<T, 16>(x, B, K, ptr, idx, vals, perm, bias, N, y);                               \
-  }                                                                                              \
-  ST_MULTIVERSION void sddmm(const T* dy, const T* x, int64_t B, int64_t N, int64_t K,           \
-                             const int64_t* ptr, const int32_t* idx, T* out) {                   \
-    if (B >= 64 * at::get_num_threads())                                                         \
-      sddmm_impl<T, 64>(dy, x, B, N, K, ptr, idx, out);                                          \
-    else                                                                                         \
-      sddmm_impl<T, 16>(dy, x, B, N, K, ptr, idx, out);                                          \
+#define ST_TILE_DISPATCH(B, CALL) \
+  if ((B) >= 64 * at::get_num_threads()) { constexpr int TB = 64; CALL; } \
+  else { constexpr int TB = 16; CALL; }
+#define ST_DEFINE_KERNELS(T)                                                                      \
+  ST_MULTIVERSION void spmm(const T* x, int64_t B, int64_t K, const int64_t* ptr,                 \
+                            const int32_t* idx, const T* vals, const T* bias, int64_t N, T* y) {  \
+    ST_TILE_DISPATCH(B, (spmm_impl<T, TB>(x, B, K, ptr, idx, vals, bias, N, y)))                  \
+  }                                                                                               \
+  ST_MULTIVERSION void spmm_t(const T* dy, int64_t B, int64_t N, const int64_t* ptr,              \
+                              const int32_t* idx, const T* vals, int64_t K, T* dx) {              \
+    ST_TILE_DISPATCH(B, (spmm_t_impl<T, TB>(dy, B, N, ptr, idx, vals, K, dx)))                    \
+  }                                                                                               \
+  ST_MULTIVERSION void sddmm(const T* dy, const T* x, int64_t B, int64_t N, int64_t K,            \
+                             const int64_t* ptr, const int32_t* idx, T* out) {                    \
+    ST_TILE_DISPATCH(B, (sddmm_impl<T, TB>(dy, x, B, N, K, ptr, idx, out)))                       \
   }
 ST_DEFINE_KERNELS(float)
 ST_DEFINE_KERNELS(double)
 #undef ST_DEFINE_KERNELS
+#undef ST_TILE_DISPATCH
 
 void check_values(const at::Tensor& values, const at::Tensor& ref_idx, const char* name) {
   check_cpu(values, name);
@@ -142,17 +173,6 @@ void check_activation(const at::Tensor& t, const at::Tensor& values, int64_t fea
               t.size(-1), " (shape ", t.sizes(), ")");
 }
 
-void check_perm(const at::Tensor& perm, int64_t nnz) {
-  check_cpu(perm, "perm");
-  check_dtype(perm, at::kLong, "perm");
-  check_1d_contig(perm, "perm");
-  TORCH_CHECK(perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ", perm.numel());
-  const int64_t* p = perm.data_ptr<int64_t>();
-  bool ok = true;
-  for (int64_t k = 0; k < nnz; ++k) ok &= (p[k] >= 0) & (p[k] < nnz);
-  TORCH_CHECK(ok, "perm has entries outside [0, ", nnz, ")");
-}
-
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
   std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
   s.back() = last;
@@ -160,13 +180,15 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
 }
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
-                         const at::Tensor& perm, const std::optional<at::Tensor>& bias) {
-  const int64_t N = crow.numel() - 1, K = ccol.numel() - 1;
+                         const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
+  const int64_t N = crow.numel() - 1, K = x.size(-1);
+  check_cpu(col, "col_indices");
+  check_dtype(col, at::kInt, "col_indices");
+  TORCH_CHECK(col.numel() == 0 || col.max().item<int32_t>() < K, "x must have last dimension "
+              "in_features > every column index (largest is ", col.max().item<int32_t>(), "), got ", K);
   check_compressed(crow, col, K, "crow_indices", "col_indices");
-  check_compressed(ccol, row_t, N, "ccol_indices", "row_indices_t");
   check_values(values, col, "values");
-  check_perm(perm, col.numel());
   check_activation(x, values, K, "x");
   if (bias) {
     check_cpu(*bias, "bias");
@@ -176,36 +198,34 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   }
   const at::Tensor xc = x.reshape({-1, K}).contiguous();
   const int64_t B = xc.size(0);
-  at::Tensor y = at::empty({B, N}, x.options());
+  at::Tensor y = at::empty({B, N}, x.options());  // every element is written once: no zero fill
   at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   if (B > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
       spmm(xc.data_ptr<scalar_t>(), B, K, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
-           values.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr, N,
+           values.data_ptr<scalar_t>(), bias ? bc.data_ptr<scalar_t>() : nullptr, N,
            y.data_ptr<scalar_t>());
     });
   }
   return y.view(out_shape(x, N));
 }
 
-at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& ccol,
-                                    const at::Tensor& row_t, const at::Tensor& perm,
-                                    const at::Tensor& values) {
-  const int64_t K = ccol.numel() - 1;
+at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& crow,
+                                    const at::Tensor& col, const at::Tensor& values,
+                                    int64_t in_features) {
+  TORCH_CHECK(in_features >= 0, "in_features must be >= 0, got ", in_features);
   TORCH_CHECK(grad_out.dim() >= 1, "grad_out must have at least 1 dimension");
-  const int64_t N = grad_out.size(-1);
-  check_compressed(ccol, row_t, N, "ccol_indices", "row_indices_t");
-  check_values(values, row_t, "values");
-  check_perm(perm, row_t.numel());
+  const int64_t N = crow.numel() - 1, K = in_features;
+  check_compressed(crow, col, K, "crow_indices", "col_indices");
+  check_values(values, col, "values");
   check_activation(grad_out, values, N, "grad_out");
   const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
   const int64_t B = g.size(0);
   at::Tensor dx = at::empty({B, K}, grad_out.options());  // every element is written once
   if (B > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_linear_grad_input", [&] {
-      spmm(g.data_ptr<scalar_t>(), B, N, ccol.data_ptr<int64_t>(), row_t.data_ptr<int32_t>(),
-           values.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), nullptr, K,
-           dx.data_ptr<scalar_t>());
+      spmm_t(g.data_ptr<scalar_t>(), B, N, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
+             values.data_ptr<scalar_t>(), K, dx.data_ptr<scalar_t>());
     });
   }
   return dx.view(out_shape(grad_out, K));
