@@ -1,0 +1,130 @@
+"""Sparse-vs-dense throughput of sparsetrain's kernels, side by side in one process.
+
+    python bench/kernels.py            # full tables (linear, conv, GPU section when CUDA exists)
+    python bench/kernels.py --quick    # a couple of minutes: the `make demo` smoke run
+
+Each case times forward + backward (dx and dW) and reports ratios against the dense masked
+layer (F.linear / F.conv2d on w * mask) and against torch.sparse, plus useful GFLOP/s
+(2 * nnz * batch per product, 3 products). Results also go to bench/results/kernels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from common import HERE, machine_info, median_ms, print_table, write_json
+from reference import random_mask
+
+from sparsetrain.formats import CSR
+from sparsetrain.nn import SparseLinear
+
+# (in, out, batch): VGG/ResNet classifier-sized and LeNet layers, as the issue lists them
+LINEAR_CASES = [(4608, 512, 2048), (784, 300, 128), (512, 10, 128), (3072, 768, 902)]
+QUICK_LINEAR_CASES = [(4608, 512, 2048), (784, 300, 128)]
+
+
+# ============================================================================ linear
+def _dense_step(x, w, mask, b, gy):
+    w.grad = x.grad = None
+    F.linear(x, w * mask, b).backward(gy)
+
+
+def _sparse_step(layer, x, gy):
+    layer.weight.values.grad = x.grad = None
+    layer(x).backward(gy)
+
+
+class _TorchSparseLinear(torch.autograd.Function):
+    """torch.sparse baseline: sparse.mm forward and input grad, sampled_addmm weight grad."""
+
+    @staticmethod
+    def forward(ctx, x, values, w_csr, wt_csr, perm_t):
+        ctx.save_for_backward(x, values)
+        ctx.w_csr, ctx.wt_csr, ctx.perm_t = w_csr, wt_csr, perm_t
+        w = torch.sparse_csr_tensor(w_csr.crow_indices(), w_csr.col_indices(), values, w_csr.shape)
+        return torch.sparse.mm(w, x.t()).t()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, values = ctx.saved_tensors
+        wt = torch.sparse_csr_tensor(ctx.wt_csr.crow_indices(), ctx.wt_csr.col_indices(), values[ctx.perm_t],
+                                     ctx.wt_csr.shape)
+        dx = torch.sparse.mm(wt, gy.t()).t()
+        dw = torch.sparse.sampled_addmm(ctx.w_csr, gy.t().contiguous(), x, beta=0.0)
+        return dx, dw.values(), None, None, None
+
+
+def _torch_sparse_setup(csr: CSR):
+    w = torch.sparse_csr_tensor(csr.crow_indices, csr.col_indices.long(), csr.values.detach(), csr.shape)
+    ccol, row_t, perm = csr.csc()
+    wt = torch.sparse_csr_tensor(ccol, row_t.long(), csr.values.detach()[perm], (csr.shape[1], csr.shape[0]))
+    return w, wt, perm
+
+
+def bench_linear(cases, sparsities, reps):
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for fin, fout, batch in cases:
+        w = torch.randn(fout, fin, generator=g, requires_grad=True)
+        b = torch.randn(fout, generator=g, requires_grad=True)
+        x = torch.randn(batch, fin, generator=g, requires_grad=True)
+        gy = torch.randn(batch, fout, generator=g)
+        ones = torch.ones(fout, fin, dtype=torch.bool)
+        dense_ms = median_ms(lambda: _dense_step(x, w, ones, b, gy), reps=reps)
+        dense_gflops = 6 * fin * fout * batch / dense_ms / 1e6
+        for s in sparsities:
+            mask = random_mask((fout, fin), s, generator=g)
+            layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
+            masked_ms = median_ms(lambda: _dense_step(x, w, mask, b, gy), reps=reps)
+            sparse_ms = median_ms(lambda: _sparse_step(layer, x, gy), reps=reps)
+            ws, wt, perm = _torch_sparse_setup(layer.weight)
+            vals = layer.weight.values.detach().clone().requires_grad_(True)
+
+            def ts_step():
+                x.grad = vals.grad = None
+                (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + b.detach()).backward(gy)
+
+            ts_ms = median_ms(ts_step, reps=reps)
+            nnz = layer.nnz
+            rows.append({
+                "op": "sparse_linear", "shape": f"{fin}->{fout} b{batch}", "sparsity": s, "nnz": nnz,
+                "dense_ms": masked_ms, "sparse_ms": sparse_ms, "torch_sparse_ms": ts_ms,
+                "speedup": masked_ms / sparse_ms, "vs_torch_sparse": ts_ms / sparse_ms,
+                "gflops_useful": 6 * nnz * batch / sparse_ms / 1e6, "dense_gflops": dense_gflops,
+                "bytes_ratio": layer.weight.nbytes() / (fin * fout * 4),
+            })
+    return rows
+
+
+LINEAR_COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense ms", ".2f"),
+                  ("sparse_ms", "ours ms", ".2f"), ("torch_sparse_ms", "torch.sparse ms", ".2f"),
+                  ("speedup", "vs dense", ".2f"), ("vs_torch_sparse", "vs torch.sparse", ".2f"),
+                  ("gflops_useful", "GFLOP/s ours", ".1f"), ("dense_gflops", "GFLOP/s dense", ".1f"),
+                  ("bytes_ratio", "bytes/dense", ".4f")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
+    p.add_argument("--only", choices=["linear", "conv", "gpu"], help="run one section")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"), help="JSON output path")
+    args = p.parse_args(argv)
+    sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]
+    reps = 3 if args.quick else 7
+    info = machine_info()
+    print(f"# sparsetrain kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+          f"commit {info['commit']}, {info['date']}")
+    results = {"machine": info, "linear": [], "conv": [], "gpu": []}
+    if args.only in (None, "linear"):
+        print("\n## SparseLinear forward+backward (fp32) vs dense masked F.linear and torch.sparse")
+        results["linear"] = bench_linear(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, sparsities, reps)
+        print_table(results["linear"], LINEAR_COLUMNS)
+    write_json(args.out, results)
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
