@@ -1,0 +1,112 @@
+"""Activation-state entropy of a model (DSD² Eq. 1), over the whole un-augmented training set.
+
+For every ReLU-activated neuron i of layer l (each channel x position of a conv output, each unit
+of a linear one), p_i = (# samples with activation > 0) / (# samples), the frequency of the
+"positive" state (paper's ζ = 1; a zero pre-activation is the negative state, as in the authors'
+code). Its binary entropy, in bits (log base 2, so 0 <= H <= 1):
+
+    H_i = -p_i log2 p_i - (1 - p_i) log2(1 - p_i),   with 0 log 0 = 0.
+
+The layer's entropy is the mean of H_i over its N_l neurons; the model's is the unweighted mean
+over layers. Unlike the authors' script (which averages per-batch entropies of the first batches),
+p is counted over all batches before any log is taken.
+
+Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) > 0 iff x > 0, so
+counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
+module called k times in one forward (a reused ReLU) gives k layers, named `name`, `name#1`, ...
+Counting uses the C++ op `sparsetrain.ops.relu_count_` on CPU, a torch reduction elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["activation_entropy", "binary_entropy"]
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -p log2 p - (1-p) log2(1-p) in bits, elementwise, with H(0) = H(1) = 0."""
+    p = p.double()
+    return (torch.special.entr(p) + torch.special.entr(1.0 - p)) / math.log(2.0)
+
+
+def _counter():
+    """The counting function: the C++ op when the extension loads, else a torch fallback."""
+    try:
+        from .ops import relu_count_
+    except Exception:  # extension not built: same result, slower
+        relu_count_ = None
+
+    def count_(counts: torch.Tensor, out: torch.Tensor) -> None:
+        if relu_count_ is not None and out.device.type == "cpu" and out.is_floating_point():
+            relu_count_(counts, out)
+        else:
+            counts += (out.detach().reshape(out.shape[0], -1) > 0).sum(0).to(counts)
+    return count_
+
+
+@torch.no_grad()
+def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
+                       relu_types: tuple[type, ...] = (nn.ReLU,)) -> dict:
+    """Eq. 1 of the paper for `model` over `batches` (an iterable of input tensors [B, ...] or of
+    tuples/lists whose first item is the input, e.g. sparsetrain.data.iterate(..., augment=False)).
+
+    Runs the model in eval mode without gradients (restoring its mode after). Returns
+    {"mean": float (bits, mean over layers), "per_layer": {layer: float bits},
+     "neurons": {layer: N_l}, "samples": int}.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    relus = [(n, m) for n, m in model.named_modules() if isinstance(m, relu_types)]
+    if not relus:
+        raise ValueError(f"model has no {[t.__name__ for t in relu_types]} modules to hook; Eq. 1 "
+                         "needs ReLU activations as modules (not torch.relu calls)")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    count_ = _counter()
+    counts: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+
+    def make_hook(name):
+        def hook(_mod, _inp, out):
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            key = name if k == 0 else f"{name}#{k}"
+            if key not in counts:
+                counts[key] = torch.zeros(out[0].numel(), dtype=torch.int64, device=out.device)
+            elif counts[key].numel() != out[0].numel():
+                raise ValueError(f"layer {key!r} changed its number of neurons between batches "
+                                 f"({counts[key].numel()} -> {out[0].numel()}); inputs must share a shape")
+            count_(counts[key], out)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
+    was_training = model.training
+    model.eval()
+    samples = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"batches must yield tensors or (tensor, ...) tuples, got {type(x).__name__}")
+            calls.clear()
+            model(x.to(device, non_blocking=True))
+            samples += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if samples == 0:
+        raise ValueError("batches yielded no samples; the entropy needs at least one input")
+    if not counts:
+        raise ValueError("no ReLU module was called during the forward passes")
+    per_layer, neurons = {}, {}
+    for key, c in counts.items():
+        per_layer[key] = float(binary_entropy(c.double() / samples).mean())
+        neurons[key] = c.numel()
+    mean = sum(per_layer.values()) / len(per_layer)
+    return {"mean": mean, "per_layer": per_layer, "neurons": neurons, "samples": samples}

@@ -1,0 +1,180 @@
+"""Exact forward FLOPs of a (sparse) model at its current sparsity, per sample.
+
+Counted from one forward pass of a dummy input of batch size 1 with hooks, so every output size
+is the real one. Conventions (one multiply-add = 2 FLOPs):
+
+* weighted layers (nn.Conv*, nn.Linear, and any module with `.nnz` and conv or linear attributes,
+  e.g. SparseLinear / SparseConv2d): 2 * nnz * P + (bias ? out_units * P : 0), where nnz is the
+  number of nonzero weights (the mask's True count when a mask is given, `.nnz` for sparse layers,
+  the weight's nonzeros for dense ones) and P the output positions per output unit (H_out * W_out
+  for a conv, 1 for a linear on [B, in]). Zero-padding taps of a conv count as in a dense conv.
+* elementwise layers (counted separately in "elementwise"): BatchNorm (eval) 2 per output element
+  (folded scale and shift), ReLU-like activations 1, MaxPool k-1 comparisons and AvgPool k adds
+  (k = kernel window) per output element, adaptive average pooling the exact summed window sizes.
+* not counted: residual additions written as `a + b` in forward (no module to hook; at most
+  one add per element of a block output, < 0.1 % of a ResNet's FLOPs), flatten/dropout/identity,
+  softmax and the loss.
+
+Training FLOPs per sample ≈ 3 x forward: the input gradient and the weight gradient each cost
+about one forward's multiply-adds at the same sparsity (the sparse engine computes the weight
+gradient only at the nonzeros).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["forward_flops", "training_flops", "layer_nnz"]
+
+_ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU)
+_BN = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd) or (hasattr(m, "nnz") and hasattr(m, "kernel_size"))
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (hasattr(m, "nnz") and hasattr(m, "out_features"))
+
+
+def layer_nnz(module: nn.Module, mask: torch.Tensor | None = None) -> int:
+    """Nonzero weights of a weighted layer: the mask's True count, else `.nnz` (sparse layers),
+    else the count of nonzero entries of `.weight`."""
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.shape != mask.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the weight shape {tuple(w.shape)}")
+        return int(mask.sum())
+    if hasattr(module, "nnz"):
+        return int(module.nnz)
+    return int(torch.count_nonzero(module.weight.detach()))
+
+
+def _pool_window(m: nn.Module, dims: int) -> int:
+    k = m.kernel_size
+    return math.prod(k) if isinstance(k, (tuple, list)) else int(k) ** dims
+
+
+def _adaptive_window_sum(in_sizes, out_sizes) -> int:
+    """Sum over output cells of their input window sizes (separable over dims): window i of a dim
+    spans [floor(i*In/Out), ceil((i+1)*In/Out))."""
+    total = 1
+    for n_in, n_out in zip(in_sizes, out_sizes):
+        total *= sum(-(-(i + 1) * n_in // n_out) - (i * n_in) // n_out for i in range(n_out))
+    return total
+
+
+def _find_masks(masks: dict | None, name: str):
+    if not masks:
+        return None
+    return masks.get(name, masks.get(f"{name}.weight"))
+
+
+@torch.no_grad()
+def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] | None = None,
+                  *, elementwise: bool = True) -> dict:
+    """FLOPs of one forward pass for ONE sample of shape `input_shape` (no batch dim, e.g. (3, 32, 32)).
+
+    masks: optional {module name (or "name.weight"): bool mask of the weight} for dense masked
+    layers. Returns {"total": int, "weights": int, "elementwise": int,
+    "per_layer": {module name: int}} (total = weights + elementwise; elementwise = 0 when
+    `elementwise` is False). The model runs in eval mode, its mode is restored after.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if (not isinstance(input_shape, (tuple, list)) or not input_shape
+            or not all(isinstance(s, int) and s >= 1 for s in input_shape)):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive ints (one sample, no "
+                         f"batch dim), got {input_shape!r}")
+    if masks is not None and not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    if masks:
+        unknown = [k for k in masks if k not in modules and k.removesuffix(".weight") not in modules]
+        if unknown:
+            raise KeyError(f"masks name unknown modules {unknown}")
+
+    per_layer: dict[str, int] = {}
+    totals = {"weights": 0, "elementwise": 0}
+    handles, inside_weighted = [], set()
+
+    def add(name, kind, flops):
+        per_layer[name] = per_layer.get(name, 0) + int(flops)
+        totals[kind] += int(flops)
+
+    def weighted_hook(name, mod):
+        def hook(_m, _inp, out):
+            if _is_conv(mod):
+                units, positions = out.shape[1], out[0, 0].numel()
+            else:
+                units = out.shape[-1]
+                positions = out[0].numel() // units
+            nnz = layer_nnz(mod, _find_masks(masks, name))
+            bias = getattr(mod, "bias", None) is not None
+            add(name, "weights", 2 * nnz * positions + (units * positions if bias else 0))
+        return hook
+
+    def elementwise_hook(name, mod):
+        def hook(_m, inp, out):
+            n_out = out[0].numel()
+            if isinstance(mod, _BN):
+                f = 2 * n_out
+            elif isinstance(mod, _ACTS):
+                f = n_out
+            elif isinstance(mod, _MAXPOOL):
+                f = (_pool_window(mod, out.dim() - 2) - 1) * n_out
+            elif isinstance(mod, _AVGPOOL):
+                f = _pool_window(mod, out.dim() - 2) * n_out
+            else:  # adaptive pooling: exact window sizes, per channel
+                x = inp[0]
+                nd = out.dim() - 2
+                windows = _adaptive_window_sum(x.shape[-nd:], out.shape[-nd:])
+                f = windows * out[0].shape[0]
+                if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+                    f -= n_out  # k - 1 comparisons per window
+            add(name, "elementwise", f)
+        return hook
+
+    for name, mod in modules.items():
+        if any(name.startswith(p + ".") for p in inside_weighted):
+            continue  # e.g. the CSR container inside a sparse layer
+        if _is_conv(mod) or _is_linear(mod):
+            inside_weighted.add(name)
+            handles.append(mod.register_forward_hook(weighted_hook(name, mod)))
+        elif elementwise and isinstance(mod, _BN + _ACTS + _MAXPOOL + _AVGPOOL + _ADAPTIVE):
+            handles.append(mod.register_forward_hook(elementwise_hook(name, mod)))
+
+    p = next(model.parameters(), None)
+    x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {"total": totals["weights"] + totals["elementwise"], **totals, "per_layer": per_layer}
+
+
+def training_flops(fwd_flops: int | dict, n_samples: int, epochs: int | float = 1,
+                   factor: float = 3.0) -> int:
+    """Training FLOPs ≈ factor (3: forward + input grad + weight grad) x forward FLOPs per sample
+    x samples x epochs. `fwd_flops` is an int or forward_flops()'s dict (its "total")."""
+    f = fwd_flops["total"] if isinstance(fwd_flops, dict) else fwd_flops
+    for arg, v in (("fwd_flops", f), ("n_samples", n_samples), ("epochs", epochs), ("factor", factor)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"{arg} must be a non-negative number, got {v!r}")
+    return int(round(factor * f * n_samples * epochs))

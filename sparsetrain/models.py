@@ -1,0 +1,195 @@
+"""The paper's models (DSD² Appendix A, B.1): ResNet-18/50 (torchvision, CIFAR stem for small
+inputs), VGG-like(δ, γ) of Table 2 and LeNet-300-100.
+
+Every ReLU is its own `nn.ReLU` module, used once per forward, so that forward hooks (the
+activation entropy of Eq. 1, sparsetrain.entropy) see each activation site exactly once.
+torchvision's residual blocks call one `self.relu` two or three times; the blocks below replace it
+by distinct `relu1`, `relu2` (, `relu3`).
+
+Parameter counts (paper Table 3, CIFAR-10: 3 input channels, 10 classes) are *all* parameters:
+conv and linear weights and biases plus BatchNorm affine weights (running stats are buffers, not
+counted). Measured: VGG-like d1g5 25,962 (26.0 K), d1g6 70,346, d1g7 214,410, d1g8 723,722,
+d1g9 2,627,082, d2g5 97,322, d3g5 350,634, d4g5 1,299,626 (1.3 M), d5g5 4,967,082; ResNet-18
+11,173,962; ResNet-50 23,520,842. The table's 4.9 M (d5g5) and 11.1 M (ResNet-18) are these
+counts truncated to one decimal, while 26.0 K and 1.3 M are rounded: every entry equals the count
+either rounded or truncated at the table's precision. ResNet-50's 23.5 M is the 10-class head
+(with the ImageNet 1000-class head and 7x7 stem it is 25.6 M; 23.5 M is also the count with no
+head at all).
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+__all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
+           "MODEL_NAMES"]
+
+MODEL_NAMES = ("resnet18", "resnet50", "vgg_like", "lenet300")
+SMALL_INPUT = 64  # images of at most this side get the CIFAR stem (3x3 stride-1 conv, no max-pool)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All trainable-or-not parameters (weights, biases, BN affine); buffers excluded."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- ResNets
+class _BasicBlock(BasicBlock):
+    """torchvision BasicBlock with one ReLU module per call site (same parameters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + identity)
+
+
+class _Bottleneck(Bottleneck):
+    """torchvision Bottleneck with one ReLU module per call site (same parameters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.relu3 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + identity)
+
+
+def _resnet(block, layers, num_classes: int, in_channels: int, small_input: bool) -> ResNet:
+    _check_common(num_classes, in_channels)
+    model = ResNet(block, layers, num_classes=num_classes)
+    if small_input:
+        # CIFAR variant (He et al. 2022, paper B.1): 3x3 stride-1 stem, max-pool removed.
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> ResNet:
+    """ResNet-18; `small_input` (32x32-like images) gives the CIFAR stem."""
+    return _resnet(_BasicBlock, [2, 2, 2, 2], num_classes, in_channels, small_input)
+
+
+def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> ResNet:
+    """ResNet-50 (bottleneck blocks); `small_input` gives the CIFAR stem."""
+    return _resnet(_Bottleneck, [3, 4, 6, 3], num_classes, in_channels, small_input)
+
+
+# ------------------------------------------------------------------------------- VGG-like
+def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3,
+             image_size: int | tuple[int, int] = 32) -> nn.Sequential:
+    """VGG-like(δ, γ) of Table 2: δ stages of two blocks conv3x3(pad 1, bias) -> ReLU -> BatchNorm2d,
+    stage s (1-based) has 2^(γ+s-1) channels and ends with MaxPool2d(2); then
+    AdaptiveAvgPool2d(7) and one Linear(7*7*width, classes). The 7x7 pool is the authors' code and
+    reproduces Table 3's counts. A stage-final max-pool that would shrink a map below 1x1 (e.g.
+    δ=5 on 28x28 images) is left out, so every δ works on every input size."""
+    for arg, v, lo in (("delta", delta, 1), ("gamma", gamma, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
+    _check_common(num_classes, in_channels)
+    h, w = _pair(image_size)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    c = in_channels
+    for s in range(1, delta + 1):
+        width = 2 ** (gamma + s - 1)
+        for k in (1, 2):
+            layers[f"block{s}_{k}"] = nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(c, width, 3, stride=1, padding=1),
+                relu=nn.ReLU(inplace=True),
+                bn=nn.BatchNorm2d(width)))
+            c = width
+        if h >= 2 and w >= 2:
+            layers[f"pool{s}"] = nn.MaxPool2d(2)
+            h, w = h // 2, w // 2
+    layers["avgpool"] = nn.AdaptiveAvgPool2d(7)
+    layers["flatten"] = nn.Flatten(1)
+    layers["classifier"] = nn.Linear(7 * 7 * c, num_classes)
+    return nn.Sequential(layers)
+
+
+# ------------------------------------------------------------------------------- LeNet
+def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
+    """LeNet-300-100: flatten -> 784-300-100-classes fully connected with ReLU."""
+    _check_common(num_classes, 1)
+    if not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    return nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(1),
+        fc1=nn.Linear(in_features, 300), relu1=nn.ReLU(inplace=True),
+        fc2=nn.Linear(300, 100), relu2=nn.ReLU(inplace=True),
+        fc3=nn.Linear(100, num_classes)))
+
+
+# ------------------------------------------------------------------------------- factory
+_ALIASES = {"resnet18": "resnet18", "resnet-18": "resnet18", "resnet50": "resnet50",
+            "resnet-50": "resnet50", "vgg_like": "vgg_like", "vgg-like": "vgg_like",
+            "vgg": "vgg_like", "lenet300": "lenet300", "lenet_300_100": "lenet300",
+            "lenet-300-100": "lenet300"}
+_VGG_SHORT = re.compile(r"vgg(?:[_-]like)?[_-]?d(\d+)g(\d+)$")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3,
+                image_size: int | tuple[int, int] = 32, **kwargs) -> nn.Module:
+    """Model by name: "resnet18", "resnet50", "vgg_like" (kwargs delta=5, gamma=5; or the short
+    form "vgg_d5g5"), "lenet300" (LeNet-300-100 on flattened C*H*W inputs)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key = name.lower()
+    m = _VGG_SHORT.match(key)
+    if m:
+        kwargs.setdefault("delta", int(m.group(1)))
+        kwargs.setdefault("gamma", int(m.group(2)))
+        key = "vgg_like"
+    if key not in _ALIASES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} "
+                         f"(or vgg_dXgY, e.g. vgg_d5g5)")
+    key = _ALIASES[key]
+    h, w = _pair(image_size)
+    allowed = {"vgg_like": {"delta", "gamma"}}.get(key, set())
+    extra = set(kwargs) - allowed
+    if extra:
+        raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
+                        f"allowed: {sorted(allowed)}")
+    if key in ("resnet18", "resnet50"):
+        fn = resnet18 if key == "resnet18" else resnet50
+        return fn(num_classes, in_channels, small_input=max(h, w) <= SMALL_INPUT)
+    if key == "vgg_like":
+        return vgg_like(kwargs.get("delta", 5), kwargs.get("gamma", 5), num_classes, in_channels,
+                        (h, w))
+    return lenet_300_100(num_classes, in_channels * h * w)
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and s >= 1 for s in size)):
+        raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _check_common(num_classes, in_channels) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+

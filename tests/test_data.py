@@ -1,0 +1,220 @@
+"""sparsetrain.data on tiny files written here: CIFAR pickles, IDX files, CIFAR-N labels."""
+import gzip
+import math
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from sparsetrain import data as D
+
+
+def _write_cifar(root, c10=True, n_per_batch=40, n_test=30, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    nc, key = (10, "labels") if c10 else (100, "fine_labels")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
+    n_train = n_per_batch * (5 if c10 else 1)
+    xs, ys = [], []
+    for name, n in [*[(f, n_train // len(names)) for f in names], ("test_batch" if c10 else "test", n_test)]:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, nc, n)]
+        d = {"data": x, key: y, "batch_label": name}
+        if not c10:
+            d["coarse_labels"] = [v // 5 for v in y]
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+        xs.append(x)
+        ys += y
+    meta = {"label_names": [str(i) for i in range(10)]} if c10 else {"fine_label_names": [str(i) for i in range(100)]}
+    with open(folder / ("batches.meta" if c10 else "meta"), "wb") as f:
+        pickle.dump(meta, f)
+    return np.concatenate(xs)[:n_train], np.array(ys[:n_train])
+
+
+def _write_idx(path, arr, gz):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _write_mnist(folder, gz, n_train=60, n_test=20, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    for name, a in arrays.items():
+        _write_idx(folder / name, a, gz)
+    return arrays
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    _write_cifar(tmp_path, c10=True)
+    return tmp_path
+
+
+def test_cifar10_reads_pickles_and_shapes(tmp_path):
+    x, y = _write_cifar(tmp_path, c10=True)
+    s = D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False)
+    assert (s.num_classes, s.in_channels, s.image_size) == (10, 3, (32, 32))
+    assert len(s.train) == 200 and len(s.test) == 30 and len(s.val) == 0
+    assert torch.equal(s.train.x, torch.from_numpy(x).view(-1, 3, 32, 32))
+    assert torch.equal(s.train.y, torch.from_numpy(y))
+    xf = torch.from_numpy(x).view(-1, 3, 32, 32).double() / 255
+    assert torch.allclose(torch.tensor(s.mean).double(), xf.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(torch.tensor(s.std).double(), xf.std((0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_cifar100_and_cifar100n_labels(tmp_path):
+    _, y = _write_cifar(tmp_path, c10=False, n_per_batch=50)
+    s = D.load_dataset("cifar100", tmp_path, val_fraction=0.0, download=False)
+    assert s.num_classes == 100 and torch.equal(s.train.y, torch.from_numpy(y))
+    noisy = (y + 7 * (np.arange(50) % 3 == 0)) % 100
+    torch.save({"noisy_label": noisy, "clean_label": y}, tmp_path / "CIFAR-100_human.pt")
+    n = D.load_dataset("cifar100n", tmp_path, val_fraction=0.2, clean_val=True, seed=1, download=False)
+    assert torch.equal(n.train.y, torch.from_numpy(noisy)[n.train.index])
+    assert torch.equal(n.val.y, torch.from_numpy(y)[n.val.index])  # clean_val: original labels
+    assert set(n.flipped.tolist()) == {i for i in n.train.index.tolist() if noisy[i] != y[i]}
+    np.savetxt(tmp_path / "labels.txt", noisy, fmt="%d")
+    t = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "labels.txt", download=False)
+    assert torch.equal(t.train.y, torch.from_numpy(noisy))
+    np.save(tmp_path / "labels.npy", noisy)
+    t = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "labels.npy", download=False)
+    assert torch.equal(t.train.y, torch.from_numpy(noisy))
+    with pytest.raises(ValueError, match="eps must be 0"):
+        D.load_dataset("cifar100n", tmp_path, eps=0.2, download=False)
+    torch.save({"noisy_label": noisy, "clean_label": (y + 1) % 100}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="clean_label"):
+        D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / "bad.pt", download=False)
+
+
+@pytest.mark.parametrize("name,gz,sub", [("mnist", True, "MNIST/raw"), ("fashion-mnist", False, ""),
+                                         ("fashion-mnist", True, "fashion-mnist")])
+def test_idx_datasets(tmp_path, name, gz, sub):
+    arrays = _write_mnist(tmp_path / sub if sub else tmp_path, gz)
+    s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+    assert (s.num_classes, s.in_channels, s.image_size) == (10, 1, (28, 28))
+    assert torch.equal(s.train.x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
+    assert torch.equal(s.test.y, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
+    xb, yb = next(D.iterate(s.train, 16, augment=True, generator=torch.Generator().manual_seed(0)))
+    ref = (s.train.x[:16].float() / 255 - s.train.mean.view(1, -1, 1, 1)) / s.train.std.view(1, -1, 1, 1)
+    assert torch.allclose(xb, ref, atol=1e-5)  # MNIST-like: augment=True changes nothing but normalises
+
+
+def test_read_idx_rejects_garbage(tmp_path):
+    (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04garbage")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        D.read_idx(tmp_path / "x")
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "uniform"])
+@pytest.mark.parametrize("eps", [0.1, 0.2, 0.29, 0.5])
+def test_noise_exact_train_only_seeded(cifar10_dir, eps, kind):
+    s = D.load_dataset("cifar10", cifar10_dir, eps=eps, noise=kind, seed=3, download=False)
+    clean = D.load_dataset("cifar10", cifar10_dir, eps=0.0, seed=3, download=False)
+    assert int(s.train.noisy.sum()) == math.floor(len(s.train) * eps + 1e-9)
+    assert torch.equal(s.train.y_clean, clean.train.y)
+    changed = s.train.y != s.train.y_clean
+    assert not (changed & ~s.train.noisy).any()  # only chosen samples change
+    if kind == "symmetric":
+        assert torch.equal(changed, s.train.noisy)  # every chosen label moves to another class
+    assert torch.equal(s.test.y, clean.test.y) and not s.test.noisy.any()
+    assert int(s.val.noisy.sum()) == math.floor(len(s.val) * eps + 1e-9)  # val carries noise
+    again = D.load_dataset("cifar10", cifar10_dir, eps=eps, noise=kind, seed=3, download=False)
+    assert torch.equal(again.train.y, s.train.y) and torch.equal(again.flipped, s.flipped)
+    other = D.load_dataset("cifar10", cifar10_dir, eps=eps, noise=kind, seed=4, download=False)
+    assert not torch.equal(other.train.noisy, s.train.noisy) or not torch.equal(other.train.index, s.train.index)
+    cv = D.load_dataset("cifar10", cifar10_dir, eps=eps, noise=kind, seed=3, clean_val=True, download=False)
+    assert torch.equal(cv.val.y, cv.val.y_clean) and torch.equal(cv.train.y, s.train.y)
+
+
+def test_symmetric_noise_uniform_over_other_classes():
+    y = torch.zeros(30000, dtype=torch.long)
+    yn, chosen = D.add_label_noise(y, 0.5, 4, generator=torch.Generator().manual_seed(0))
+    assert int(chosen.sum()) == 15000 and not (yn[chosen] == 0).any()
+    freq = torch.bincount(yn[chosen], minlength=4)[1:].double() / 15000
+    assert torch.allclose(freq, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.02)
+
+
+def test_validation_split_disjoint_and_subset(cifar10_dir):
+    s = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.25, seed=0, download=False)
+    tr, va = set(s.train.index.tolist()), set(s.val.index.tolist())
+    assert not tr & va and tr | va == set(range(200)) and len(va) == 50
+    assert torch.equal(s.train.x, D.load_dataset("cifar10", cifar10_dir, val_fraction=0.0,
+                                                 download=False).train.x[s.train.index])
+    other = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.25, seed=1, download=False)
+    assert set(other.val.index.tolist()) != va
+    sub = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.1, subset=60, test_subset=10, download=False)
+    assert len(sub.train) + len(sub.val) == 60 and len(sub.test) == 10
+    assert max(sub.train.index.max(), sub.val.index.max()) < 60
+
+
+def test_iterate_augmentation_and_determinism(cifar10_dir):
+    s = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.0, download=False)
+    def run(seed, epoch):
+        return list(D.iterate(s.train, 64, shuffle=True, augment=True, generator=D.epoch_generator(seed, epoch)))
+    a, b, c = run(0, 1), run(0, 1), run(0, 2)
+    assert [x.shape for x, _ in a] == [(64, 3, 32, 32)] * 3 + [(8, 3, 32, 32)]
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    # every augmented image is a flipped-or-not shift by <= 4 px of its source, zero padded
+    xs, ys, idx = next(D.iterate(s.train, 64, shuffle=True, augment=True, with_index=True,
+                                 generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(ys, s.train.y[idx])
+    raw = torch.nn.functional.pad(s.train.x[idx], (4, 4, 4, 4)).float()
+    raw = (raw / 255 - s.train.mean.view(1, -1, 1, 1)) / s.train.std.view(1, -1, 1, 1)
+    shifts = set()
+    for i in range(64):
+        hit = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+               if torch.allclose((raw[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if f else
+                                  raw[i, :, dy:dy + 32, dx:dx + 32]), xs[i], atol=1e-5)]
+        assert hit, f"sample {i} is not a shift/flip of its source"
+        shifts.add(hit[0])
+    assert len(shifts) > 15  # offsets and flips vary
+    plain = next(D.iterate(s.train, 8))[0]
+    ref = (s.train.x[:8].float() / 255 - s.train.mean.view(1, -1, 1, 1)) / s.train.std.view(1, -1, 1, 1)
+    assert torch.allclose(plain, ref, atol=1e-5)  # no augmentation, file order
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; known: cifar10, cifar100"):
+        D.load_dataset("svhn", tmp_path)
+    with pytest.raises(D.DatasetNotFound, match=r"cifar10 not found: looked for .*data_batch_1") as e:
+        D.load_dataset("cifar10", tmp_path, download=False)
+    assert "torchvision.datasets.CIFAR10" in str(e.value)
+    with pytest.raises(D.DatasetNotFound, match="mnist not found") as e:
+        D.load_dataset("mnist", tmp_path, download=False)
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(ValueError, match=r"eps must be a number in \[0, 1\)"):
+        D.load_dataset("cifar10", tmp_path, eps=1.0)
+    with pytest.raises(ValueError, match="noise must be"):
+        D.load_dataset("cifar10", tmp_path, noise="pairflip")
+    with pytest.raises(ValueError, match="val_fraction"):
+        D.load_dataset("cifar10", tmp_path, val_fraction=1.5)
+    with pytest.raises(D.DatasetNotFound, match="CIFAR-100_human.pt"):
+        _write_cifar(tmp_path, c10=False, n_per_batch=10)
+        D.load_dataset("cifar100n", tmp_path, download=False)
+
+
+def test_imagefolder_in_memory(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("ant", "bee"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    s = D.load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.2, eps=0.5, download=False)
+    assert (s.num_classes, s.in_channels, s.image_size) == (2, 3, (16, 16))
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 2, 4) and s.train.pad == 2
+    assert int(s.train.noisy.sum()) == 4 and torch.equal(s.test.y, torch.tensor([0, 0, 1, 1]))
+    xb, _ = next(D.iterate(s.train, 8, augment=True, generator=torch.Generator().manual_seed(0)))
+    assert xb.shape == (8, 3, 16, 16)
+    with pytest.raises(D.DatasetNotFound, match="imagefolder needs"):
+        D.load_dataset("imagefolder", tmp_path / "train")

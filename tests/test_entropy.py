@@ -1,0 +1,108 @@
+"""sparsetrain.entropy: Eq. 1 against hand computations on fixed networks."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.entropy import activation_entropy, binary_entropy
+from sparsetrain.models import build_model
+
+
+def H(p):
+    return 0.0 if p in (0, 1) else -p * math.log2(p) - (1 - p) * math.log2(1 - p)
+
+
+def _fixed_net():
+    """Linear(2, 3) -> ReLU -> Linear(3, 2) -> ReLU, fixed weights."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+        net[0].bias.copy_(torch.tensor([0.0, -0.5, 0.0]))
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+        net[2].bias.copy_(torch.tensor([-1.0, 0.25]))
+    return net
+
+
+X = torch.tensor([[1.0, 1.0], [-1.0, 2.0], [2.0, -1.0], [0.5, 0.25]])
+
+
+def test_hand_computation_over_all_batches():
+    # layer 1 pre-activations: u0 = x0 -> [1, -1, 2, .5] (3/4 positive); u1 = x1 - .5 ->
+    # [.5, 1.5, -1.5, -.25] (2/4); u2 = x0 - x1 -> [0, -3, 3, .25] (2/4: zero is negative).
+    # relu: h = [[1, .5, 0], [0, 1.5, 0], [2, 0, 3], [.5, 0, .25]]
+    # layer 2: v0 = sum(h) - 1 -> [.5, .5, 4, -.25] (3/4); v1 = .25 - h0 -> [-.75, .25, -1.75, -.25] (1/4)
+    l1 = (H(3 / 4) + H(1 / 2) + H(1 / 2)) / 3
+    l2 = (H(3 / 4) + H(1 / 4)) / 2
+    net = _fixed_net()
+    net.train()
+    for batches in ([X], [X[:3], X[3:]], [(X[:1], None), (X[1:], None)]):
+        r = activation_entropy(net, batches)
+        assert r["per_layer"] == pytest.approx({"1": l1, "3": l2}, abs=1e-12)
+        assert r["mean"] == pytest.approx((l1 + l2) / 2, abs=1e-12)
+        assert r["neurons"] == {"1": 3, "3": 2} and r["samples"] == 4
+    assert net.training  # mode restored
+
+
+def test_frequency_pooled_before_log_not_per_batch_average():
+    # one neuron positive in batch 1 (p=1, H=0) and negative in batch 2 (p=0, H=0): the paper's
+    # per-batch average would give 0; over the whole set p = 1/2, H = 1 bit.
+    net = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    r = activation_entropy(net, [torch.ones(5, 1), -torch.ones(5, 1)])
+    assert r["mean"] == pytest.approx(1.0)
+
+
+def test_conv_neurons_are_channel_times_position():
+    conv = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        conv.bias.zero_()
+    net = nn.Sequential(conv, nn.ReLU())
+    x = torch.tensor([[[[1.0, -1.0], [1.0, 1.0]]], [[[1.0, 1.0], [-1.0, 1.0]]]])  # [2, 1, 2, 2]
+    # channel 0 = x: p per position [1, .5, .5, 1]; channel 1 = -x: [0, .5, .5, 0]
+    r = activation_entropy(net, [x])
+    assert r["neurons"] == {"1": 8}
+    assert r["mean"] == pytest.approx(4 * H(0.5) / 8)
+
+
+def test_reused_relu_module_counts_each_call_site():
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.relu(x) - 0.5)
+
+    r = activation_entropy(Reuse(), [torch.tensor([[1.0], [2.0], [-1.0], [0.25]])])
+    # call 1: x > 0 for 3/4; call 2: relu(x) - .5 > 0 for [.5, 1.5, -.5, -.25] -> 2/4
+    assert r["per_layer"] == pytest.approx({"relu": H(3 / 4), "relu#1": H(1 / 2)})
+
+
+def test_binary_entropy_values_and_resnet_layers():
+    assert binary_entropy(torch.tensor([0.0, 0.5, 1.0, 0.25])).tolist() == pytest.approx([0, 1, 0, H(0.25)])
+    m = build_model("resnet18", 10, 3, 32)
+    r = activation_entropy(m, [torch.randn(3, 3, 32, 32)])
+    assert len(r["per_layer"]) == 17 and not any("#" in k for k in r["per_layer"])
+    assert r["neurons"]["relu"] == 64 * 32 * 32 and r["neurons"]["layer4.1.relu2"] == 512 * 4 * 4
+    assert all(0 <= v <= 1 for v in r["per_layer"].values())
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no .*ReLU"):
+        activation_entropy(nn.Linear(2, 2), [X])
+    with pytest.raises(ValueError, match="no samples"):
+        activation_entropy(_fixed_net(), [])
+
+
+def test_torch_fallback_equals_cpp_op(monkeypatch):
+    import sys
+
+    m = build_model("vgg_like", 10, 3, 16, delta=2, gamma=2)
+    x = [torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with_op = activation_entropy(m, x)
+    monkeypatch.setitem(sys.modules, "sparsetrain.ops", None)  # import fails -> torch reduction
+    assert activation_entropy(m, x) == with_op

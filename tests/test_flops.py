@@ -1,0 +1,89 @@
+"""sparsetrain.flops on small nets with hand-computed counts."""
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.flops import forward_flops, layer_nnz, training_flops
+from sparsetrain.models import build_model
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_hand_counted_small_net():
+    # input 1x4x4. conv: 18 weights x 16 positions x 2 + 2 channels x 16 bias adds = 576 + 32
+    # bn: 2 x 32 elements; relu: 32; maxpool 2x2: 3 comparisons x 8 outputs; linear: 2 x 24 + 3
+    r = forward_flops(_net(), (1, 4, 4))
+    assert r["per_layer"] == {"0": 608, "1": 64, "2": 32, "3": 24, "5": 51}
+    assert r["weights"] == 659 and r["elementwise"] == 120 and r["total"] == 779
+    assert forward_flops(_net(), (1, 4, 4), elementwise=False)["total"] == 659
+
+
+def test_masks_and_zero_weights_scale_with_nonzeros():
+    net = _net()
+    mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1] = True  # 3 nonzeros
+    lin_mask = torch.zeros(3, 8, dtype=torch.bool)
+    lin_mask[:, 0] = True
+    r = forward_flops(net, (1, 4, 4), masks={"0": mask, "5.weight": lin_mask})
+    assert r["per_layer"]["0"] == 2 * 3 * 16 + 32 and r["per_layer"]["5"] == 2 * 3 + 3
+    with torch.no_grad():  # a dense-masked engine with the pruned weights set to zero
+        net[0].weight.mul_(mask)
+    assert forward_flops(net, (1, 4, 4))["per_layer"]["0"] == 2 * 3 * 16 + 32
+    with pytest.raises(ValueError, match="mask shape"):
+        forward_flops(net, (1, 4, 4), masks={"0": lin_mask})
+    with pytest.raises(KeyError, match="unknown modules"):
+        forward_flops(net, (1, 4, 4), masks={"nope": mask})
+
+
+def test_sparse_layers_by_nnz():
+    from sparsetrain.nn import SparseLinear
+
+    lin = nn.Linear(8, 4)
+    mask = torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.3
+    sp = SparseLinear.from_dense(lin, mask)
+    net = nn.Sequential(nn.Flatten(), sp)
+    r = forward_flops(net, (2, 4))
+    assert r["per_layer"] == {"1": 2 * int(mask.sum()) + 4}  # the CSR child is not counted again
+    assert layer_nnz(sp) == int(mask.sum())
+
+    class FakeSparseConv(nn.Module):  # duck type of SparseConv2d: .nnz plus conv attributes
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False)
+            self.kernel_size, self.stride, self.padding, self.nnz = (3, 3), (2, 2), (1, 1), 7
+
+        def forward(self, x):
+            return self.conv(x)
+
+    r = forward_flops(nn.Sequential(FakeSparseConv()), (3, 8, 8))
+    assert r["per_layer"] == {"0": 2 * 7 * 16}  # output 5x4x4, no bias
+
+
+def test_vgg_and_lenet_formula():
+    m = build_model("vgg_like", 10, 3, 32, delta=1, gamma=5)
+    r = forward_flops(m, (3, 32, 32))
+    conv = 2 * (3 * 9 * 32) * 1024 + 32 * 1024 + 2 * (32 * 9 * 32) * 1024 + 32 * 1024
+    assert r["weights"] == conv + 2 * 1568 * 10 + 10
+    # adaptive 16x16 -> 7x7: windows per dim sum to 7 + 2*... (exact: 16 -> 7 windows of size 3 or 4)
+    assert r["per_layer"]["avgpool"] == 32 * sum(-(-(i + 1) * 16 // 7) - i * 16 // 7 for i in range(7)) ** 2
+    lenet = build_model("lenet300", 10, 1, 28)
+    r = forward_flops(lenet, (1, 28, 28), elementwise=False)
+    assert r["total"] == 2 * (784 * 300 + 300 * 100 + 100 * 10) + 300 + 100 + 10
+
+
+def test_resnet18_macs_match_known_value_and_mode_restored():
+    m = build_model("resnet18", 10, 3, 32).train()
+    r = forward_flops(m, (3, 32, 32))
+    assert m.training
+    # the CIFAR ResNet-18 has 0.556 G multiply-adds in its conv and linear layers
+    assert r["weights"] // 2 == pytest.approx(556e6, rel=0.002)
+
+
+def test_training_flops():
+    assert training_flops(100, 50, 2) == 30_000
+    assert training_flops({"total": 10}, 3, 1, factor=1.0) == 30
+    with pytest.raises(ValueError, match="n_samples"):
+        training_flops(1, -1, 1)

@@ -1,0 +1,98 @@
+"""sparsetrain.models: the paper's Table 3 parameter counts, Table 2 structure, forward shapes."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain.models import (build_model, count_parameters, lenet_300_100, resnet18, resnet50,
+                                vgg_like)
+
+# Paper Table 3 (CIFAR-10: 3 channels, 10 classes): (model, kwargs, value, unit).
+TABLE3 = [
+    ("resnet18", {}, 11.1, 1e6), ("resnet50", {}, 23.5, 1e6),
+    ("vgg_like", dict(delta=1, gamma=5), 26.0, 1e3), ("vgg_like", dict(delta=1, gamma=6), 70.3, 1e3),
+    ("vgg_like", dict(delta=1, gamma=7), 214.4, 1e3), ("vgg_like", dict(delta=1, gamma=8), 723.7, 1e3),
+    ("vgg_like", dict(delta=1, gamma=9), 2.6, 1e6), ("vgg_like", dict(delta=2, gamma=5), 97.3, 1e3),
+    ("vgg_like", dict(delta=3, gamma=5), 350.6, 1e3), ("vgg_like", dict(delta=4, gamma=5), 1.3, 1e6),
+    ("vgg_like", dict(delta=5, gamma=5), 4.9, 1e6),
+]
+EXACT = {"resnet18": 11_173_962, "resnet50": 23_520_842, (1, 5): 25_962, (1, 6): 70_346,
+         (1, 7): 214_410, (1, 8): 723_722, (1, 9): 2_627_082, (2, 5): 97_322, (3, 5): 350_634,
+         (4, 5): 1_299_626, (5, 5): 4_967_082}
+
+
+@pytest.mark.parametrize("name,kw,value,unit", TABLE3)
+def test_table3_parameter_counts(name, kw, value, unit):
+    """All parameters (incl. biases and BatchNorm affine) with a 10-class head. The paper prints
+    one decimal, sometimes rounded (26.0 K, 1.3 M) and sometimes truncated (4.9 M for 4.967 M,
+    11.1 M for 11.17 M): the count must match one of the two."""
+    n = count_parameters(build_model(name, 10, 3, 32, **kw))
+    assert n == EXACT[name if not kw else (kw["delta"], kw["gamma"])]
+    x = n / unit
+    assert value in (round(x, 1), math.floor(x * 10) / 10), (name, kw, n)
+
+
+def test_resnet50_table_value_is_not_the_imagenet_head():
+    assert round(count_parameters(resnet50(1000, small_input=False)) / 1e6, 1) == 25.6
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", {}), ("resnet50", {}), ("vgg_like", dict(delta=2, gamma=3)),
+                                     ("vgg_like", dict(delta=5, gamma=2)), ("lenet300", {})])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_forward_shapes_and_one_call_per_relu(name, kw, shape):
+    model = build_model(name, 7, shape[0], shape[1:], **kw).eval()
+    calls = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7)
+    assert calls and set(calls.values()) == {1}  # every ReLU module is one activation site
+
+
+def test_resnet18_cifar_stem_and_relu_sites():
+    m = resnet18(10)
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
+    assert sum(isinstance(x, nn.ReLU) for x in m.modules()) == 1 + 8 * 2
+    assert sum(isinstance(x, nn.ReLU) for x in resnet50(10).modules()) == 1 + 16 * 3
+    big = build_model("resnet18", 10, 3, 224)
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, nn.MaxPool2d)
+
+
+def test_vgg_like_follows_table2():
+    m = vgg_like(3, 4, num_classes=10)
+    blocks = [b for n, b in m.named_children() if n.startswith("block")]
+    assert len(blocks) == 6
+    for i, b in enumerate(blocks):
+        assert [type(x) for x in b] == [nn.Conv2d, nn.ReLU, nn.BatchNorm2d]
+        conv = b[0]
+        assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+        assert conv.out_channels == 2 ** (4 + i // 2)
+    assert sum(isinstance(x, nn.MaxPool2d) for x in m) == 3
+    assert isinstance(m.avgpool, nn.AdaptiveAvgPool2d) and m.classifier.in_features == 7 * 7 * 64
+    # delta=5 on 28x28: the last stage's pool would shrink 1x1 to 0x0 and is left out
+    assert sum(isinstance(x, nn.MaxPool2d) for x in vgg_like(5, 2, 10, 1, 28)) == 4
+    assert sum(isinstance(x, nn.MaxPool2d) for x in vgg_like(5, 2, 10, 3, 32)) == 5
+
+
+def test_lenet_300_100():
+    m = lenet_300_100()
+    assert [x.out_features for x in m if isinstance(x, nn.Linear)] == [300, 100, 10]
+    assert count_parameters(m) == 784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+
+
+def test_build_model_short_names_and_errors():
+    assert count_parameters(build_model("vgg_d1g5", 10)) == 25_962
+    assert count_parameters(build_model("VGG-like", 10, delta=1, gamma=5)) == 25_962
+    with pytest.raises(ValueError, match="unknown model 'alexnet'; known: resnet18, resnet50, vgg_like, lenet300"):
+        build_model("alexnet", 10)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        build_model("resnet18", 10, delta=3)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        build_model("resnet18", 0)
+    with pytest.raises(ValueError, match="delta must be an int >= 1"):
+        vgg_like(0, 5)
+    with pytest.raises(ValueError, match="image_size"):
+        build_model("lenet300", 10, 1, (28,))
