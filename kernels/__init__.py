@@ -1,0 +1,10 @@
+"""Triton kernels, shipped as `sparsetrain.kernels` (nothing is imported here: triton loads only
+when a kernel module is used).
+
+sparse_linear  CSR SpMM forward, transposed SpMM input gradient, SDDMM weight gradient
+bsr_matmul     block-sparse (BSR 16/32/64) products with tl.dot on the stored blocks
+sparse_conv2d  direct (implicit-GEMM) sparse convolution: forward, input and weight gradients
+
+Registered for CUDA tensors by sparsetrain/backend.py; on CPU tensors they run under
+TRITON_INTERPRET=1 with `sparsetrain.use_backend("triton")`.
+"""

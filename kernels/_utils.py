@@ -1,0 +1,107 @@
+"""Shared helpers for the Triton kernels: interpreter detection, autotune-or-fixed launches,
+per-mask index caches and argument checks.
+
+`INTERPRET` is read when this module is imported (Triton itself decides at `@triton.jit`
+decoration time): set `TRITON_INTERPRET=1` before the first import of `sparsetrain.kernels.*`
+to run the kernels on CPU tensors through Triton's interpreter.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.utils.weak import WeakIdKeyDictionary
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def autotune(configs, key, **kw):
+    """`triton.autotune` on a GPU; under the interpreter the kernel stays un-tuned (autotuning
+    times CUDA launches) and `launch` passes the first config's meta-parameters explicitly."""
+    def wrap(fn):
+        if INTERPRET:
+            fn._st_default = configs[0]
+            return fn
+        return triton.autotune(configs=configs, key=key, **kw)(fn)
+    return wrap
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), adding the default config when the kernel is not autotuned.
+    `grid` is a callable of the meta-parameters (as triton.autotune requires)."""
+    cfg = getattr(kernel, "_st_default", None)
+    if cfg is not None:
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, **meta}
+    return kernel[grid](*args, **meta)
+
+
+def check_device(*tensors, name: str):
+    """Triton needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type == "cpu" and not INTERPRET:
+        raise RuntimeError(f"{name}: the Triton kernels need CUDA tensors, or CPU tensors with "
+                           "TRITON_INTERPRET=1 set before sparsetrain.kernels is first imported")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: unsupported device {dev}")
+
+
+def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None):
+    if t.dtype not in dtypes:
+        raise TypeError(f"{arg} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if like is not None and t.dtype != like.dtype:
+        raise TypeError(f"{arg} must have the dtype of values ({like.dtype}), got {t.dtype}")
+
+
+def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
+    if t.dim() != 1 or t.dtype != dtype:
+        raise TypeError(f"{arg} must be a 1-D {dtype} tensor, got {t.dim()}-D {t.dtype}")
+
+
+# ------------------------------------------------------------------ per-mask index work, cached
+# Keyed on the identity of the index tensor (a module buffer lives as long as its mask) and
+# validated by its version counter and data pointer, so an in-place edit or a new mask recomputes.
+_CACHE: dict[str, WeakIdKeyDictionary] = {}
+
+
+def cached(kind: str, key_tensor: torch.Tensor, make, *also: torch.Tensor):
+    """make() once per (kind, key_tensor); `also` are tensors the value depends on too."""
+    table = _CACHE.setdefault(kind, WeakIdKeyDictionary())
+    stamp = tuple((t._version, t.data_ptr(), t.numel()) for t in (key_tensor, *also))
+    hit = table.get(key_tensor)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = make()
+    table[key_tensor] = (stamp, value)
+    return value
+
+
+def row_order(ptr: torch.Tensor) -> torch.Tensor:
+    """Rows of a compressed index sorted by length, longest first (int32): one launch serves all
+    rows, similar lengths share a program, and the heaviest rows start first (LPT schedule)."""
+    def make():
+        lengths = ptr.diff()
+        return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+    return cached("row_order", ptr, make)
+
+
+def density_key(nnz: int, rows: int) -> int:
+    """Autotune bucket of the mean row length (a power of two): the density part of the key."""
+    mean = max(1, -(-nnz // max(rows, 1)))
+    return 1 << (mean - 1).bit_length()
+
+
+def pow2_bucket(n: int) -> int:
+    """Autotune bucket of a size: next power of two (so every batch size does not re-tune)."""
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

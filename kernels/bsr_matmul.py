@@ -1,0 +1,194 @@
+"""Block-sparse (BSR) products with `tl.dot` on the nonzero blocks: where GPU tensor cores pay off.
+
+W [N, K] is stored as BS x BS blocks (BS in 16/32/64; the edges are zero-padded when N or K is
+not a multiple of BS): `crow` int64 [N/BS+1], `col` int32 [nnzb], `values` [nnzb, BS, BS], and
+the transposed block index (`ccol`, `row_t`, `perm`) built once per mask (sparsetrain/bsr.py).
+
+* `bsr_linear_forward`:     y  = x W^T + b     block row r:  y[:, r] += x[:, c] @ W_rc^T
+* `bsr_linear_grad_input`:  dx = dy W          block col c:  dx[:, c] += dy[:, r] @ W_rc
+* `bsr_linear_grad_weight`: dW_rc = dy[:, r]^T @ x[:, c]     only the stored blocks
+
+Activations stay in their natural [B, features] layout (a BLOCK_M x BS tile is a coalesced 2-D
+load). fp32 inputs use TF32 tensor cores only when `torch.backends.cuda.matmul.allow_tf32` is set
+(PyTorch's own rule for matmuls); fp16/bf16 accumulate in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (autotune, cached, check_device, check_float, density_key, launch, num_sms, pow2_bucket,
+                     row_order)
+
+__all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
+
+BSR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_MM_CONFIGS = [
+    triton.Config({"BLOCK_M": 32}, num_warps=2),
+    triton.Config({"BLOCK_M": 64}, num_warps=4),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=3),
+]
+
+
+@autotune(_MM_CONFIGS, key=["NROWS", "M_KEY", "DENSITY_KEY", "BS"])
+@triton.jit
+def _bsr_mm_kernel(a, ptr, idx, perm, vals, order, c, bias, M, KD, ND, NROWS, M_KEY, DENSITY_KEY,
+                   TRANS_W: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PRECISION: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """c[m, r*BS:(r+1)*BS] = sum_j a[m, idx[j]*BS:...] @ (W_j^T if TRANS_W else W_j) (+ bias),
+    a [M, KD] and c [M, ND] row-major; block rows r = order[pid(0)] (most blocks first)."""
+    r = tl.load(order + tl.program_id(0)).to(tl.int64)
+    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BS)
+    mmask = offs_m < M
+    start = tl.load(ptr + r)
+    end = tl.load(ptr + r + 1)
+    acc = tl.zeros([BLOCK_M, BS], dtype=tl.float32)
+    for j in range(start, end):
+        kb = tl.load(idx + j).to(tl.int64)
+        if HAS_PERM:
+            q = tl.load(perm + j)
+        else:
+            q = j  # int64: the loop runs over int64 bounds from ptr
+        offs_k = kb * BS + offs_s
+        at = tl.load(a + offs_m[:, None] * KD + offs_k[None, :],
+                     mask=mmask[:, None] & (offs_k[None, :] < KD), other=0.0)
+        w = tl.load(vals + q * BS * BS + offs_s[:, None] * BS + offs_s[None, :])
+        if TRANS_W:  # w^T[k, n] = W[n, k]
+            w = tl.trans(w)
+        acc += tl.dot(at, w, input_precision=PRECISION)
+    offs_n = r * BS + offs_s
+    if HAS_BIAS:
+        acc += tl.load(bias + offs_n, mask=offs_n < ND, other=0.0).to(tl.float32)[None, :]
+    tl.store(c + offs_m[:, None] * ND + offs_n[None, :], acc.to(c.dtype.element_ty),
+             mask=mmask[:, None] & (offs_n[None, :] < ND))
+
+
+_SDDMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 32}, num_warps=2),
+    triton.Config({"BLOCK_M": 64}, num_warps=4),
+    triton.Config({"BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+]
+
+
+@autotune(_SDDMM_CONFIGS, key=["NNZB", "M_KEY", "BS", "SPLIT"], reset_to_zero=["out"])
+@triton.jit
+def _bsr_sddmm_kernel(dy, x, brow, idx, out, M, N, K, NNZB, M_KEY, SPLIT,
+                      PRECISION: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[j] = dy[:, r*BS:...]^T @ x[:, c*BS:...] for block j = (brow[j], idx[j]); the batch is
+    cut into SPLIT slices (pid(1)) accumulated atomically when SPLIT > 1."""
+    j = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    r = tl.load(brow + j).to(tl.int64)
+    kb = tl.load(idx + j).to(tl.int64)
+    offs_s = tl.arange(0, BS)
+    offs_n = r * BS + offs_s
+    offs_k = kb * BS + offs_s
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
+    m_lo = s * chunk
+    m_hi = tl.minimum(m_lo + chunk, M)
+    acc = tl.zeros([BS, BS], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mmask = offs_m < m_hi
+        g = tl.load(dy + offs_m[:, None] * N + offs_n[None, :],
+                    mask=mmask[:, None] & (offs_n[None, :] < N), other=0.0)  # [BLOCK_M, BS]
+        xt = tl.load(x + offs_m[:, None] * K + offs_k[None, :],
+                     mask=mmask[:, None] & (offs_k[None, :] < K), other=0.0)  # [BLOCK_M, BS]
+        acc += tl.dot(tl.trans(g), xt, input_precision=PRECISION)
+    ptrs = out + j * BS * BS + offs_s[:, None] * BS + offs_s[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(ptrs, acc)
+    else:
+        tl.store(ptrs, acc.to(out.dtype.element_ty))
+
+
+# ============================================================================ host side
+def _precision(dtype: torch.dtype) -> str:
+    """fp32: exact ("ieee") unless PyTorch allows TF32 matmuls; fp16/bf16: Triton's default."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _check(values, tensors, name):
+    check_device(values, *(t for t, _ in tensors), name=name)
+    check_float(values, "values", BSR_DTYPES)
+    if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] not in (16, 32, 64):
+        raise ValueError(f"{name}: values must be [nnzb, BS, BS] with BS in 16/32/64, got {tuple(values.shape)}")
+    for t, arg in tensors:
+        check_float(t, arg, BSR_DTYPES, like=values)
+
+
+def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
+    """One program per block row (all rows, in length-sorted order: empty rows write zeros/bias)."""
+    M, KD = a2.shape
+    BS, rows = vals.shape[1], ptr.numel() - 1
+    if rows * BS < out_features:
+        raise ValueError(f"block index covers {rows * BS} outputs, need {out_features}")
+    c = torch.empty((M, out_features), dtype=a2.dtype, device=a2.device)
+    if M == 0 or out_features == 0:
+        return c
+    grid = lambda m: (rows, triton.cdiv(M, m["BLOCK_M"]))  # noqa: E731
+    launch(_bsr_mm_kernel, grid, a2, ptr, idx, perm if perm is not None else ptr, vals, row_order(ptr), c,
+           bias if bias is not None else vals, M, KD, out_features, rows, pow2_bucket(M),
+           density_key(idx.numel(), rows), TRANS_W=trans_w, HAS_PERM=perm is not None,
+           HAS_BIAS=bias is not None, PRECISION=_precision(a2.dtype), BS=BS)
+    return c
+
+
+def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
+    """y [..., N] = x W^T + b for the BSR weight (crow, col, values [nnzb, BS, BS])."""
+    tensors = [(x, "x")] + ([(bias, "bias")] if bias is not None else [])
+    _check(values, tensors, "bsr_linear_forward")
+    K = x.shape[-1]
+    y = _mm(x.reshape(-1, K).contiguous(), crow, col, values.contiguous(), out_features,
+            bias=None if bias is None else bias.contiguous(), trans_w=True)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int):
+    """dx [..., K] = dy W through the transposed block index (block j of column c: values[perm[j]])."""
+    _check(values, [(grad_out, "grad_out")], "bsr_linear_grad_input")
+    N = grad_out.shape[-1]
+    dx = _mm(grad_out.reshape(-1, N).contiguous(), ccol, row_t, values.contiguous(), in_features,
+             perm=perm, trans_w=False)
+    return dx.reshape(*grad_out.shape[:-1], in_features)
+
+
+def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: int | None = None):
+    """dvalues [nnzb, BS, BS]: dW restricted to the stored blocks, dy[:, r]^T x[:, c] per block."""
+    check_device(x, grad_out, name="bsr_linear_grad_weight")
+    check_float(x, "x", BSR_DTYPES)
+    check_float(grad_out, "grad_out", BSR_DTYPES, like=x)
+    if block_size not in (16, 32, 64):
+        raise ValueError(f"block_size must be 16, 32 or 64, got {block_size}")
+    N, K = grad_out.shape[-1], x.shape[-1]
+    dy2, x2 = grad_out.reshape(-1, N).contiguous(), x.reshape(-1, K).contiguous()
+    M, nnzb, BS = x2.shape[0], col.numel(), block_size
+    if dy2.shape[0] != M:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} differ in batch")
+    if nnzb == 0 or M == 0:
+        return torch.zeros((nnzb, BS, BS), dtype=x.dtype, device=x.device)
+    if split is None:  # cut the batch when the blocks alone cannot fill the GPU
+        split = max(1, min(triton.cdiv(M, 512), triton.cdiv(4 * num_sms(x.device), nnzb)))
+    exact = split == 1 or x.dtype == torch.float32  # atomics accumulate in fp32
+    out = (torch.empty if split == 1 else torch.zeros)(
+        (nnzb, BS, BS), dtype=x.dtype if exact else torch.float32, device=x.device)
+    brow = block_rows(crow)
+    launch(_bsr_sddmm_kernel, lambda m: (nnzb, split), dy2, x2, brow, col, out, M, N, K, nnzb,
+           pow2_bucket(M), split, PRECISION=_precision(x.dtype), BS=BS)
+    return out if exact else out.to(x.dtype)
+
+
+def block_rows(crow: torch.Tensor) -> torch.Tensor:
+    """Block-row index of every stored block (int32), computed once per mask."""
+    def make():
+        rows = torch.arange(crow.numel() - 1, device=crow.device, dtype=torch.int32)
+        return torch.repeat_interleave(rows, crow.diff())
+    return cached("block_rows", crow, make)

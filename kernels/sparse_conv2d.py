@@ -1,0 +1,267 @@
+"""Triton kernels for SparseConv2d: direct (implicit-GEMM) convolution over a CSR weight.
+
+W [O, C, kh, kw] is CSR [O, C*kh*kw] (column c*kh*kw + i*kw + j). Nothing like im2col is ever
+materialised: each program gathers the shifted input (or output-gradient) pixels its nonzeros
+need straight from the NCHW tensors, so the products read and write the activations and the
+sparse weight only.
+
+* forward     y[b, o, p] = sum_{nz (c,i,j) of row o} w * x[b, c, p*s - pad + (i, j)]  (+ bias[o])
+              program = (tile of BLOCK_S output pixels over (b, oh, ow), output channel o).
+* grad input  dx[b, c, q] = sum_{taps (i,j)} sum_{o} w[o,c,i,j] * dy[b, o, (q + pad - (i,j)) / s]
+              organised by input channel through the transposed (CSC) index, so no two
+              programs write the same pixel (no atomics); a tap contributes only where
+              q + pad - (i,j) is a non-negative multiple of the stride (stride 2 included).
+* grad weight dw[p] = sum_{b, pixels} dy[b, o, .] * x[b, c, shifted]  at the nonzeros only;
+              program = (output channel o, slice of the pixels), atomics when sliced.
+
+Channels run in an order sorted by nonzero count (computed once per mask, longest first), so a
+skewed mask does not leave one program with all the work. Dilation 1, groups 1, fp32/fp64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms,
+                     pow2_bucket, row_order)
+
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d",
+           "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
+
+_CONFIGS = [
+    triton.Config({"BLOCK_P": 8, "BLOCK_S": 64}, num_warps=2),
+    triton.Config({"BLOCK_P": 16, "BLOCK_S": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 8, "BLOCK_S": 128}, num_warps=4),
+    triton.Config({"BLOCK_P": 4, "BLOCK_S": 256}, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_S": 256}, num_warps=8),
+]
+
+
+@autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH"])
+@triton.jit
+def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
+                     S, S_KEY, DENSITY_KEY, KHW, HAS_BIAS: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    o = tl.load(order + tl.program_id(1)).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs < S
+    b = offs // (OH * OW)
+    rem = offs % (OH * OW)
+    oh = rem // OW
+    ow = rem % OW
+    start = tl.load(ptr + o)
+    end = tl.load(ptr + o + 1)
+    acc = tl.zeros([BLOCK_S], dtype=y.dtype.element_ty)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < end
+        k = tl.load(idx + offs_p, mask=pmask, other=0).to(tl.int64)
+        v = tl.load(vals + offs_p, mask=pmask, other=0.0)
+        c = k // (KH * KW)
+        i = (k // KW) % KH
+        j = k % KW
+        ih = oh[None, :] * SH - PH + i[:, None]
+        iw = ow[None, :] * SW - PW + j[:, None]
+        ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0)
+        acc += tl.sum(v[:, None] * tile, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias + o)
+    tl.store(y + (b * O + o) * (OH * OW) + rem, acc, mask=smask)
+
+
+@autotune(_CONFIGS, key=["C", "S_KEY", "DENSITY_KEY", "KHW", "SH"])
+@triton.jit
+def _conv_dgrad_kernel(dy, cptr, rows, perm, vals, order, dx, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
+                       S, S_KEY, DENSITY_KEY, KHW, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    c = tl.load(order + tl.program_id(1)).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = offs < S
+    b = offs // (H * W)
+    rem = offs % (H * W)
+    ih = rem // W
+    iw = rem % W
+    acc = tl.zeros([BLOCK_S], dtype=dx.dtype.element_ty)
+    for t in range(0, KH * KW):  # one tap (i, j) = one CSC column: its shift is shared
+        i = t // KW
+        j = t % KW
+        hn = ih + PH - i
+        wn = iw + PW - j
+        oh = hn // SH
+        ow = wn // SW
+        ok = smask & (hn >= 0) & (wn >= 0) & (hn % SH == 0) & (wn % SW == 0) & (oh < OH) & (ow < OW)
+        start = tl.load(cptr + c * KHW + t)
+        end = tl.load(cptr + c * KHW + t + 1)
+        for p0 in range(start, end, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < end
+            o = tl.load(rows + offs_p, mask=pmask, other=0).to(tl.int64)
+            q = tl.load(perm + offs_p, mask=pmask, other=0)
+            v = tl.load(vals + q, mask=pmask, other=0.0)
+            tile = tl.load(dy + ((b[None, :] * O + o[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
+                           mask=pmask[:, None] & ok[None, :], other=0.0)
+            acc += tl.sum(v[:, None] * tile, axis=0)
+    tl.store(dx + (b * C + c) * (H * W) + rem, acc, mask=smask)
+
+
+@autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH", "SPLIT"], reset_to_zero=["out"])
+@triton.jit
+def _conv_wgrad_kernel(dy, x, ptr, idx, order, out, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
+                       S, S_KEY, DENSITY_KEY, KHW, SPLIT, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    o = tl.load(order + tl.program_id(0)).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(S, SPLIT), BLOCK_S) * BLOCK_S
+    s_lo = tl.program_id(1).to(tl.int64) * chunk
+    s_hi = tl.minimum(s_lo + chunk, S)
+    start = tl.load(ptr + o)
+    end = tl.load(ptr + o + 1)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < end
+        k = tl.load(idx + offs_p, mask=pmask, other=0).to(tl.int64)
+        c = k // (KH * KW)
+        i = (k // KW) % KH
+        j = k % KW
+        acc = tl.zeros([BLOCK_P], dtype=out.dtype.element_ty)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            smask = offs < s_hi
+            b = offs // (OH * OW)
+            rem = offs % (OH * OW)
+            oh = rem // OW
+            ow = rem % OW
+            g = tl.load(dy + (b * O + o) * (OH * OW) + rem, mask=smask, other=0.0)
+            ih = oh[None, :] * SH - PH + i[:, None]
+            iw = ow[None, :] * SW - PW + j[:, None]
+            ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0)
+            acc += tl.sum(tile * g[None, :], axis=1)
+        if SPLIT > 1:
+            tl.atomic_add(out + offs_p, acc, mask=pmask)
+        else:
+            tl.store(out + offs_p, acc, mask=pmask)
+
+
+# ============================================================================ host side
+def _geometry(x_shape, O, kernel_size, stride, padding):
+    B, C, H, W = x_shape
+    (KH, KW), (SH, SW), (PH, PW) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    if min(KH, KW, SH, SW) < 1 or min(PH, PW) < 0:
+        raise ValueError(f"bad conv geometry: kernel {KH}x{KW}, stride {SH}x{SW}, padding {PH}x{PW}")
+    if H + 2 * PH < KH or W + 2 * PW < KW:
+        raise ValueError(f"input spatial size ({H}, {W}) plus padding ({PH}, {PW}) is smaller than the "
+                         f"kernel ({KH}, {KW})")
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    return dict(C=C, H=H, W=W, O=O, OH=OH, OW=OW, KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW)
+
+
+def _args(g):
+    return [g[k] for k in ("C", "H", "W", "O", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW")]
+
+
+def _check_x(x, name, values=None):
+    check_float(x, name, like=values)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D NCHW, got shape {tuple(x.shape)}")
+
+
+def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None):
+    """y [B, O, OH, OW] = conv2d(x, W) (+ bias) for the CSR weight (crow, col, values)."""
+    check_device(x, crow, col, values, name="sparse_conv2d")
+    check_index(crow, "crow_indices", torch.int64)
+    check_index(col, "col_indices", torch.int32)
+    check_float(values, "values")
+    _check_x(x, "x", values)
+    O = crow.numel() - 1
+    g = _geometry(x.shape, O, kernel_size, stride, padding)
+    if bias is not None:
+        check_float(bias, "bias", like=values)
+        if bias.shape != (O,):
+            raise ValueError(f"bias must have shape [{O}], got {tuple(bias.shape)}")
+    B = x.shape[0]
+    y = torch.empty((B, O, g["OH"], g["OW"]), dtype=x.dtype, device=x.device)
+    S = B * g["OH"] * g["OW"]
+    if S == 0 or O == 0:
+        return y
+    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), O)  # noqa: E731  (pixels on the 2^31 axis)
+    launch(_conv_fwd_kernel, grid, x.contiguous(), crow, col, values.contiguous(), row_order(crow),
+           bias.contiguous() if bias is not None else values, y, *_args(g), S, pow2_bucket(S),
+           density_key(col.numel(), O), g["KH"] * g["KW"], HAS_BIAS=bias is not None)
+    return y
+
+
+def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
+    """dx [B, C, H, W] (input_size = (H, W)) by input channel through the CSC index."""
+    check_device(grad_out, ccol, row_t, perm, values, name="sparse_conv2d_grad_input")
+    check_index(ccol, "ccol_indices", torch.int64)
+    check_index(row_t, "row_indices_t", torch.int32)
+    check_index(perm, "perm", torch.int64)
+    check_float(values, "values")
+    _check_x(grad_out, "grad_out", values)
+    B, O = grad_out.shape[:2]
+    KH, KW = (int(v) for v in kernel_size)
+    C = (ccol.numel() - 1) // (KH * KW)
+    H, W = (int(v) for v in input_size)
+    g = _geometry((B, C, H, W), O, kernel_size, stride, padding)
+    if (g["OH"], g["OW"]) != tuple(grad_out.shape[2:]):
+        raise ValueError(f"grad_out spatial size {tuple(grad_out.shape[2:])} does not match input {H}x{W}")
+    dx = torch.empty((B, C, H, W), dtype=grad_out.dtype, device=grad_out.device)
+    S = B * H * W
+    if S == 0 or C == 0:
+        return dx
+    order = cached("channel_order", ccol, lambda: row_order(ccol[::KH * KW].contiguous()))
+    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), C)  # noqa: E731
+    launch(_conv_dgrad_kernel, grid, grad_out.contiguous(), ccol, row_t, perm, values.contiguous(), order, dx,
+           *_args(g), S, pow2_bucket(S), density_key(row_t.numel(), C), KH * KW)
+    return dx
+
+
+def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, split: int | None = None):
+    """dvalues [nnz]: the weight gradient at the nonzeros only."""
+    check_device(grad_out, x, crow, col, name="sparse_conv2d_grad_weight")
+    check_index(crow, "crow_indices", torch.int64)
+    check_index(col, "col_indices", torch.int32)
+    check_float(x, "x")
+    _check_x(x, "x")
+    _check_x(grad_out, "grad_out", x)
+    O, nnz = crow.numel() - 1, col.numel()
+    g = _geometry(x.shape, O, kernel_size, stride, padding)
+    B = x.shape[0]
+    if tuple(grad_out.shape) != (B, O, g["OH"], g["OW"]):
+        raise ValueError(f"grad_out must have shape {(B, O, g['OH'], g['OW'])}, got {tuple(grad_out.shape)}")
+    S = B * g["OH"] * g["OW"]
+    nonempty = cached("nonempty_rows", crow, lambda: int((crow.diff() > 0).sum()))
+    if split is None:
+        split = max(1, min(triton.cdiv(S, 1024), triton.cdiv(4 * num_sms(x.device), max(nonempty, 1))))
+    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=x.dtype, device=x.device)
+    if nnz == 0 or S == 0:
+        return out.zero_()
+    launch(_conv_wgrad_kernel, lambda m: (nonempty, split), grad_out.contiguous(), x.contiguous(), crow, col,
+           row_order(crow)[:nonempty], out, *_args(g), S, pow2_bucket(S), density_key(nnz, O),
+           g["KH"] * g["KW"], split)
+    return out
+
+
+# ============================================================================ op signatures
+# Argument order of the `sparsetrain::sparse_conv2d*` schemas in csrc/sparsetrain.cpp.
+def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
+                  kernel_size, stride, padding, bias=None):
+    return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
+
+
+def sparse_conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
+                             kernel_size, stride, padding):
+    return conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
+                             kernel_size, stride, padding)
+
+
+def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding):
+    return conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
+
+
+def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
+                           perm, kernel_size, stride, padding):
+    dx = conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
+                           kernel_size, stride, padding)
+    dw = conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
+    return dx, dw

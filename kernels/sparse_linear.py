@@ -1,0 +1,208 @@
+"""Triton kernels for SparseLinear with an unstructured CSR weight W [N, K] (N = out features).
+
+Same signatures as the `sparsetrain::sparse_linear*` op schemas (csrc/sparsetrain.cpp):
+
+* `sparse_linear`:             y = x W^T + b          row-split CSR SpMM
+* `sparse_linear_grad_input`:  dx = dy W              the same SpMM over the transposed (CSC)
+                                                      index, values read through `perm`
+* `sparse_linear_grad_weight`: dW[p] = <dy[:, row p], x[:, col p]>   SDDMM at the nonzeros only
+
+Layout: activations are used batch-minor (x^T [K, B], y^T [N, B]), so the nonzero w[n, k] of a
+row turns into a contiguous, vectorised load of x^T[k, b0:b0+BLOCK_B]. A program takes ROWS
+sparse rows (from a length-sorted order computed once per mask: one launch for every row, the
+longest rows first, similar lengths together) and BLOCK_B batch columns, and consumes BLOCK_P
+nonzeros per step as a [BLOCK_P, BLOCK_B] gathered tile. No tensor cores here: an unstructured
+row has no dense tile for `tl.dot`; block-sparse weights (kernels/bsr_matmul.py) do.
+Autotuning (GPU only) is keyed on the output rows, the batch bucket and the mean row length.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsetrain.formats import transpose_index
+
+from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms,
+                     pow2_bucket, row_order)
+
+__all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm",
+           "csc_index"]
+
+_SPMM_CONFIGS = [
+    triton.Config({"ROWS": 1, "BLOCK_P": 16, "BLOCK_B": 32}, num_warps=2),
+    triton.Config({"ROWS": 1, "BLOCK_P": 8, "BLOCK_B": 64}, num_warps=2),
+    triton.Config({"ROWS": 1, "BLOCK_P": 16, "BLOCK_B": 128}, num_warps=4),
+    triton.Config({"ROWS": 2, "BLOCK_P": 8, "BLOCK_B": 128}, num_warps=4),
+    triton.Config({"ROWS": 4, "BLOCK_P": 4, "BLOCK_B": 128}, num_warps=4),
+    triton.Config({"ROWS": 1, "BLOCK_P": 32, "BLOCK_B": 256}, num_warps=8),
+    triton.Config({"ROWS": 4, "BLOCK_P": 4, "BLOCK_B": 256}, num_warps=4),
+]
+
+
+@autotune(_SPMM_CONFIGS, key=["N", "B_KEY", "DENSITY_KEY"])
+@triton.jit
+def _csr_spmm_kernel(ptr, idx, vals, perm, order, xt, yt, bias, N, B, B_KEY, DENSITY_KEY,
+                     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+    """yt[n, b] = sum_p vals[p] * xt[idx[p], b] (+ bias[n]) over p in [ptr[n], ptr[n+1])."""
+    pid_r = tl.program_id(0)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bmask = offs_b < B
+    for r in tl.static_range(ROWS):
+        i = pid_r * ROWS + r
+        live = i < N
+        n = tl.load(order + i, mask=live, other=0).to(tl.int64)
+        start = tl.load(ptr + n)
+        end = tl.where(live, tl.load(ptr + n + 1), start)
+        acc = tl.zeros([BLOCK_B], dtype=yt.dtype.element_ty)
+        for p0 in range(start, end, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < end
+            cols = tl.load(idx + offs_p, mask=pmask, other=0).to(tl.int64)
+            if HAS_PERM:
+                q = tl.load(perm + offs_p, mask=pmask, other=0)
+                v = tl.load(vals + q, mask=pmask, other=0.0)
+            else:
+                v = tl.load(vals + offs_p, mask=pmask, other=0.0)
+            tile = tl.load(xt + cols[:, None] * B + offs_b[None, :],
+                           mask=pmask[:, None] & bmask[None, :], other=0.0)
+            acc += tl.sum(v[:, None] * tile, axis=0)
+        if HAS_BIAS:
+            acc += tl.load(bias + n)
+        tl.store(yt + n * B + offs_b, acc, mask=bmask & live)
+
+
+_SDDMM_CONFIGS = [
+    triton.Config({"BLOCK_P": 16, "BLOCK_B": 32}, num_warps=2),
+    triton.Config({"BLOCK_P": 8, "BLOCK_B": 128}, num_warps=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_B": 128}, num_warps=4),
+    triton.Config({"BLOCK_P": 32, "BLOCK_B": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 4, "BLOCK_B": 256}, num_warps=4),
+]
+
+
+@autotune(_SDDMM_CONFIGS, key=["N", "B_KEY", "DENSITY_KEY", "SPLIT"], reset_to_zero=["out"])
+@triton.jit
+def _csr_sddmm_kernel(ptr, idx, order, dyt, xt, out, N, B, B_KEY, DENSITY_KEY, SPLIT,
+                      BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+    """out[p] = sum_b dyt[n, b] * xt[idx[p], b] for the nonzeros p of row n = order[pid(0)];
+    the batch is cut into SPLIT slices (pid(1)), accumulated atomically when SPLIT > 1."""
+    n = tl.load(order + tl.program_id(0)).to(tl.int64)
+    s = tl.program_id(1)
+    start = tl.load(ptr + n)
+    end = tl.load(ptr + n + 1)
+    chunk = tl.cdiv(tl.cdiv(B, SPLIT), BLOCK_B) * BLOCK_B
+    b_lo = s * chunk
+    b_hi = tl.minimum(b_lo + chunk, B)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < end
+        cols = tl.load(idx + offs_p, mask=pmask, other=0).to(tl.int64)
+        acc = tl.zeros([BLOCK_P], dtype=out.dtype.element_ty)
+        for b0 in range(b_lo, b_hi, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            bmask = offs_b < b_hi
+            g = tl.load(dyt + n * B + offs_b, mask=bmask, other=0.0)
+            tile = tl.load(xt + cols[:, None] * B + offs_b[None, :],
+                           mask=pmask[:, None] & bmask[None, :], other=0.0)
+            acc += tl.sum(tile * g[None, :], axis=1)
+        if SPLIT > 1:
+            tl.atomic_add(out + offs_p, acc, mask=pmask)
+        else:
+            tl.store(out + offs_p, acc, mask=pmask)
+
+
+# ============================================================================ host side
+def _batch_major(t: torch.Tensor, features: int) -> torch.Tensor:
+    """[..., F] -> contiguous [F, B] (one transpose pass; the kernels then load B contiguously)."""
+    return t.reshape(-1, features).t().contiguous()
+
+
+def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
+    """yt [rows, B] = A xt for A in compressed rows (ptr, idx, vals[perm] or vals), xt [cols, B]."""
+    rows, B = ptr.numel() - 1, xt.shape[1]
+    yt = torch.empty((rows, B), dtype=xt.dtype, device=xt.device)
+    if rows == 0 or B == 0:
+        return yt
+    order = row_order(ptr)
+    grid = lambda m: (triton.cdiv(rows, m["ROWS"]), triton.cdiv(B, m["BLOCK_B"]))  # noqa: E731
+    launch(_csr_spmm_kernel, grid, ptr, idx, vals, perm if perm is not None else ptr, order, xt, yt,
+           bias if bias is not None else vals, rows, B, pow2_bucket(B), density_key(idx.numel(), rows),
+           HAS_PERM=perm is not None, HAS_BIAS=bias is not None)
+    return yt
+
+
+def sparse_linear(x, crow_indices, col_indices, values, bias=None):
+    """y = x W^T + b, W = CSR (crow_indices, col_indices, values) of shape [N, K = x.shape[-1]]."""
+    check_device(x, crow_indices, col_indices, values, name="sparse_linear")
+    _check_csr(crow_indices, col_indices, values, "sparse_linear")
+    N, K = crow_indices.numel() - 1, x.shape[-1]
+    check_float(x, "x", like=values)
+    if bias is not None:
+        check_float(bias, "bias", like=values)
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    yt = csr_spmm(crow_indices, col_indices, values.contiguous(), _batch_major(x, K),
+                  bias=None if bias is None else bias.contiguous())
+    return yt.t().contiguous().reshape(*x.shape[:-1], N)
+
+
+def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, in_features: int):
+    """dx = dy W: the same row-split SpMM over W^T, i.e. the transposed (CSC) index, built on
+    the device once per mask and cached (row k of W^T holds values[perm[j]] at rows row_t[j])."""
+    check_device(grad_out, crow_indices, col_indices, values, name="sparse_linear_grad_input")
+    _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
+    check_float(grad_out, "grad_out", like=values)
+    N, K = crow_indices.numel() - 1, int(in_features)
+    if grad_out.dim() < 1 or grad_out.shape[-1] != N:
+        raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
+    ccol, row_t, perm = csc_index(crow_indices, col_indices, K)
+    dxt = csr_spmm(ccol, row_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
+    return dxt.t().contiguous().reshape(*grad_out.shape[:-1], K)
+
+
+def csc_index(crow, col, n_cols: int):
+    """(ccol int64 [n_cols+1], row_t int32, perm int64) of a CSR pattern, cached per mask."""
+    return cached(f"csc{n_cols}", col, lambda: transpose_index(crow, col, n_cols), crow)
+
+
+def _check_csr(crow, col, values, name):
+    check_index(crow, "crow_indices", torch.int64)
+    check_index(col, "col_indices", torch.int32)
+    check_float(values, "values")
+    if values.dim() != 1 or values.numel() != col.numel():
+        raise ValueError(f"{name}: values must be 1-D with nnz = {col.numel()} entries, got {tuple(values.shape)}")
+
+
+def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
+    """dvalues[p] = sum_b grad_out[b, row(p)] * x[b, col(p)]: only the nonzeros, never dy^T x."""
+    check_device(grad_out, x, crow_indices, col_indices, name="sparse_linear_grad_weight")
+    check_float(x, "x")
+    check_float(grad_out, "grad_out", like=x)
+    check_index(crow_indices, "crow_indices", torch.int64)
+    check_index(col_indices, "col_indices", torch.int32)
+    N, K = crow_indices.numel() - 1, x.shape[-1]
+    if grad_out.shape[-1] != N or grad_out.numel() // max(N, 1) != x.numel() // max(K, 1):
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {N} rows")
+    nnz, B = col_indices.numel(), x.numel() // max(K, 1)
+    if nnz == 0 or B == 0:
+        return torch.zeros(nnz, dtype=x.dtype, device=x.device)
+    return csr_sddmm(crow_indices, col_indices, _batch_major(grad_out, N), _batch_major(x, K))
+
+
+def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
+    """out[p] = <dyt[row p], xt[idx p]> for the nonzeros of (ptr, idx); dyt [rows, B], xt [cols, B].
+    `split` cuts the batch over programs (atomic accumulation); by default only when the
+    non-empty rows alone cannot fill the GPU."""
+    rows, nnz, B = ptr.numel() - 1, idx.numel(), xt.shape[1]
+    nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))
+    if split is None:
+        split = max(1, min(triton.cdiv(B, 256), triton.cdiv(4 * num_sms(xt.device), max(nonempty, 1))))
+    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=xt.dtype, device=xt.device)
+    if nonempty == 0 or B == 0:
+        return out.zero_()
+    order = row_order(ptr)[:nonempty]  # empty rows (sorted last) need no program
+    launch(_csr_sddmm_kernel, lambda m: (nonempty, split), ptr, idx, order, dyt, xt, out,
+           rows, B, pow2_bucket(B), density_key(nnz, rows), split)
+    return out

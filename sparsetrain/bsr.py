@@ -1,0 +1,230 @@
+"""Block-sparse weights (BSR): the structure to choose when the GPU should use tensor cores.
+
+`BSR` stores a weight viewed as a matrix [rows, cols] (linear: [out, in]; conv: [out, in*kh*kw])
+as BS x BS blocks (BS in 16/32/64). The block is the unit of sparsity: every entry of a stored
+block is trained, a pruned block is absent. Edge blocks are zero-padded when rows or cols are not
+multiples of BS; the padding never reaches an output and its gradient is exactly zero.
+`block_mask(weight, block, sparsity)` prunes whole blocks by their norm (for the pruning loop's
+`--structure block --block 32`), `BSRLinear` trains a layer with it.
+
+Products: Triton (`sparsetrain.kernels.bsr_matmul`, `tl.dot` per block) on CUDA tensors, or on
+CPU tensors under `use_backend("triton")` with TRITON_INTERPRET=1; otherwise (no C++ BSR engine)
+the dense masked product, which is exact and differentiable in the block values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import transpose_index
+
+__all__ = ["BSR", "BSRLinear", "block_mask", "bsr_linear"]
+
+BLOCK_SIZES = (16, 32, 64)
+
+
+def _check_block(block) -> int:
+    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCK_SIZES:
+        raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
+    return block
+
+
+def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        raise ValueError("weight must be a tensor with at least 2 dims ([out, ...])")
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _blocks(m: torch.Tensor, bs: int) -> torch.Tensor:
+    """[rows, cols] -> zero-padded [RB, CB, bs, bs] view of the blocks."""
+    rows, cols = m.shape
+    RB, CB = -(-rows // bs), -(-cols // bs)
+    p = m.new_zeros((RB * bs, CB * bs))
+    p[:rows, :cols] = m
+    return p.reshape(RB, bs, CB, bs).transpose(1, 2)
+
+
+def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
+    the smallest Frobenius norm of (weight * mask) (ties: lower block index first). Blocks already
+    fully pruned by `mask` have norm 0 and go first, so masks only shrink across rounds."""
+    bs = _check_block(block)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    w = weight.detach()
+    if mask is not None:
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
+        w = w * mask
+    norms = _blocks(_as_matrix(w).float(), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
+    k = int(round(sparsity * norms.numel()))
+    order = torch.argsort(norms.flatten(), stable=True)
+    keep = torch.ones(norms.numel(), dtype=torch.bool, device=w.device)
+    keep[order[:k]] = False
+    rows, cols = _as_matrix(w).shape
+    full = keep.reshape(norms.shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    return full[:rows, :cols].reshape(weight.shape)
+
+
+class BSR(nn.Module):
+    """Block-sparse weight of logical shape `shape`, blocks `block_size` x `block_size`.
+
+    Buffers: crow_indices (int64 [RB+1]), col_indices (int32 [nnzb]) and the transposed block
+    index (ccol_indices, row_indices_t, perm) built once per mask. Parameter: values
+    [nnzb, BS, BS]. `from_dense(w, block)` and `to_dense()` round-trip exactly.
+    """
+
+    def __init__(self, crow_indices, col_indices, values, shape, block_size: int):
+        super().__init__()
+        bs = _check_block(block_size)
+        self.shape, self.block_size = tuple(int(s) for s in shape), bs
+        rows, cols = self.shape[0], _prod(self.shape[1:])
+        RB, CB = -(-rows // bs), -(-cols // bs)
+        crow = crow_indices.to(torch.int64).contiguous()
+        col = col_indices.to(torch.int32).contiguous()
+        if crow.dim() != 1 or crow.numel() != RB + 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel():
+            raise ValueError(f"crow_indices must be [{RB + 1}] from 0 to nnzb={col.numel()}")
+        if bool((crow.diff() < 0).any()) or (col.numel() and (int(col.min()) < 0 or int(col.max()) >= CB)):
+            raise ValueError(f"crow_indices must be non-decreasing and col_indices in [0, {CB})")
+        if values.shape != (col.numel(), bs, bs) or not values.is_floating_point():
+            raise ValueError(f"values must be floating [{col.numel()}, {bs}, {bs}], got {tuple(values.shape)}")
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        self.values = nn.Parameter(values.detach().contiguous().clone())
+        ccol, row_t, perm = transpose_index(crow, col, CB)
+        self.register_buffer("ccol_indices", ccol)
+        self.register_buffer("row_indices_t", row_t)
+        self.register_buffer("perm", perm)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":
+        """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
+        must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
+        bs = _check_block(block_size)
+        w = _as_matrix(weight.detach())
+        if mask is None:
+            m = w != 0
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+                raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
+            m = _as_matrix(mask.to(w.device))
+        mb = _blocks(m.to(torch.int32), bs).sum((2, 3))  # True entries per block
+        if mask is not None:
+            inside = _blocks(torch.ones_like(m, dtype=torch.int32), bs).sum((2, 3))
+            if bool(((mb != 0) & (mb != inside)).any()):
+                raise ValueError("mask is not block-structured for block_size "
+                                 f"{bs}: build it with sparsetrain.bsr.block_mask")
+        keep = mb > 0
+        crow = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=w.device)
+        torch.cumsum(keep.sum(1), 0, out=crow[1:])
+        idx = keep.nonzero()
+        values = _blocks(w * m, bs)[idx[:, 0], idx[:, 1]]
+        return cls(crow, idx[:, 1].to(torch.int32), values, weight.shape, bs)
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense weight of `self.shape` (zeros outside the stored blocks); differentiable in values."""
+        return self._scatter(self.values)
+
+    def mask(self) -> torch.Tensor:
+        """Element mask of `self.shape`: True inside the stored blocks."""
+        with torch.no_grad():
+            return self._scatter(torch.ones_like(self.values, dtype=torch.bool))
+
+    def _scatter(self, blocks: torch.Tensor) -> torch.Tensor:
+        bs, cols = self.block_size, _prod(self.shape[1:])
+        RB, CB = self.crow_indices.numel() - 1, -(-cols // bs)
+        brow = torch.repeat_interleave(torch.arange(RB, device=blocks.device), self.crow_indices.diff())
+        grid = blocks.new_zeros((RB * CB, bs, bs)).index_put((brow * CB + self.col_indices.long(),), blocks)
+        dense = grid.reshape(RB, CB, bs, bs).transpose(1, 2).reshape(RB * bs, CB * bs)
+        return dense[:self.shape[0], :cols].reshape(self.shape)
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.col_indices.numel()
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries inside the logical shape (padding excluded)."""
+        return int(self.mask().sum())
+
+    @property
+    def sparsity(self) -> float:
+        n = _prod(self.shape)
+        return 1.0 - self.nnz / n if n else 0.0
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, block={self.block_size}, nnz_blocks={self.nnz_blocks}"
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+# ============================================================================ linear product
+class _BSRLinearFn(torch.autograd.Function):
+    """y = x W^T + b with the three Triton products (forward, dx = dy W, dW at stored blocks)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, w):
+        from .kernels import bsr_matmul as K
+        ctx.save_for_backward(x, values)
+        ctx.w, ctx.has_bias = w, bias is not None
+        return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .kernels import bsr_matmul as K
+        x, values = ctx.saved_tensors
+        w, dx, dv, db = ctx.w, None, None, None
+        grad_out = grad_out.contiguous()
+        if ctx.needs_input_grad[0]:
+            dx = K.bsr_linear_grad_input(grad_out, w.ccol_indices, w.row_indices_t, w.perm, values, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return dx, dv, db, None
+
+
+def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
+    forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
+    from .backend import current_backend
+    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} does not match a BSR weight of shape {weight.shape}")
+    mode = current_backend()
+    if mode == "triton" or (mode == "auto" and x.is_cuda):
+        return _BSRLinearFn.apply(x, weight.values, bias, weight)
+    return F.linear(x, weight.to_dense(), bias)
+
+
+class BSRLinear(nn.Module):
+    """nn.Linear with a block-sparse weight: y = x W^T + b."""
+
+    def __init__(self, weight: BSR, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not isinstance(weight, BSR) or len(weight.shape) != 2:
+            raise TypeError("weight must be a 2-D sparsetrain.bsr.BSR")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":
+        return cls(BSR.from_dense(linear.weight, block_size, mask), linear.bias)
+
+    def to_dense(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.values.device, dtype=self.weight.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bsr_linear(x, self.weight, self.bias)
