@@ -269,3 +269,17 @@ def test_mlp_training_follows_dense_masked_trajectory():
 def _copy(model):
     import copy
     return copy.deepcopy(model)
+
+
+def test_output_allows_inplace_ops_and_matches():
+    # nn.ReLU(inplace=True) after a sparse layer (LeNet, ResNet): the op's output must not be a view
+    w, x, b = _op_args()
+    layer = SparseLinear(w, b)
+    xr = x.clone().requires_grad_(True)
+    y = torch.relu_(layer(xr))
+    y.sum().backward()
+    ref_x = x.clone().requires_grad_(True)
+    ref = torch.relu(F.linear(ref_x, w.to_dense().detach(), b))
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(xr.grad, ref_x.grad)

@@ -273,7 +273,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   }
   const at::Tensor xc = x.reshape({-1, K}).contiguous();
   const int64_t B = xc.size(0);
-  at::Tensor y = pooled_empty({B, N}, x.options());  // every element is written once
+  at::Tensor y = pooled_empty(out_shape(x, N), x.options());  // every element is written once
   at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
   if (B > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
@@ -282,7 +282,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
            y.data_ptr<scalar_t>());
     });
   }
-  return y.view(out_shape(x, N));
+  return y;  // (not a view: autograd allows in-place ops such as ReLU(inplace) on it)
 }
 
 at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& crow,
@@ -296,14 +296,14 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   check_activation(grad_out, values, N, "grad_out");
   const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
   const int64_t B = g.size(0);
-  at::Tensor dx = pooled_empty({B, K}, grad_out.options());  // every element is written once
+  at::Tensor dx = pooled_empty(out_shape(grad_out, K), grad_out.options());  // written once
   if (B > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_linear_grad_input", [&] {
       spmm_t(g.data_ptr<scalar_t>(), B, N, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
              values.data_ptr<scalar_t>(), K, dx.data_ptr<scalar_t>());
     });
   }
-  return dx.view(out_shape(grad_out, K));
+  return dx;
 }
 
 at::Tensor sparse_linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
