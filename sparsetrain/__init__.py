@@ -13,7 +13,9 @@ _LAZY = {
     "sparsify_": "sparsetrain.nn",
     "densify_": "sparsetrain.nn",
     "SparseLinear": "sparsetrain.nn",
+    "SparseConv2d": "sparsetrain.nn",
     "CSR": "sparsetrain.formats",
+    "use_backend": "sparsetrain.backend",
 }
 
 

@@ -1,6 +1,7 @@
 """Sparse layers and in-place model conversion.
 
-`SparseLinear` holds a `CSR` weight (only nonzeros are parameters) and runs the C++ kernels;
+`SparseLinear` and `SparseConv2d` hold a `CSR` weight (only nonzeros are parameters) and run the
+C++ kernels;
 `sparsify_(model, masks)` swaps dense layers for sparse ones by qualified name and
 `densify_(model)` swaps them back.
 """
@@ -12,7 +13,7 @@ from torch import nn
 from . import ops
 from .formats import CSR
 
-__all__ = ["SparseLinear", "sparsify_", "densify_", "SPARSE_TYPES"]
+__all__ = ["SparseLinear", "SparseConv2d", "sparsify_", "densify_", "SPARSE_TYPES"]
 
 
 class SparseLinear(nn.Module):
@@ -65,8 +66,70 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}")
 
 
-# dense type -> sparse type; SparseConv2d registers itself here when it is defined.
-SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear}
+class SparseConv2d(nn.Module):
+    """F.conv2d(x, W, b, stride, padding) with W stored as CSR ([out, in, kh, kw]; rows = output
+    channels, columns = in * kh * kw). Direct sparse convolution on CPU (csrc/cpu/sparse_conv2d.cpp);
+    zero padding, dilation 1, groups 1."""
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
+        super().__init__()
+        if not isinstance(weight, CSR):
+            raise TypeError(f"weight must be a sparsetrain.CSR, got {type(weight).__name__}")
+        if len(weight.shape) != 4:
+            raise ValueError(f"weight must be 4-D [out, in, kh, kw], got shape {weight.shape}")
+        self.out_channels, self.in_channels = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride = tuple(ops._pair(stride, "stride"))
+        self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
+        self.weight = weight
+        if bias is not None:
+            if bias.shape != (self.out_channels,):
+                raise ValueError(f"bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(f"SparseConv2d supports dilation 1 only, got {conv.dilation}")
+        if conv.groups != 1:
+            raise ValueError(f"SparseConv2d supports groups=1 only, got {conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        return cls(CSR.from_dense(conv.weight, mask), conv.bias, conv.stride, conv.padding)
+
+    def to_dense(self) -> nn.Conv2d:
+        w = self.weight
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         bias=self.bias is not None, device=w.values.device, dtype=w.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w.to_dense())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    @property
+    def nnz(self) -> int:
+        return self.weight.nnz
+
+    @property
+    def sparsity(self) -> float:
+        return self.weight.sparsity
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+
+
+# dense type -> sparse type (sparsify_ and densify_ look layers up here).
+SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
 
 def _dense_of(sparse_cls):

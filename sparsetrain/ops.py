@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers schemas and CPU kernels)
 
-__all__ = ["sparse_linear", "magnitude_threshold", "csr_prune", "relu_count_"]
+__all__ = ["sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_"]
 
 _ops = torch.ops.sparsetrain
 
@@ -112,3 +112,111 @@ def relu_count_(counts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 from . import backend  # noqa: E402
 
 _ops = backend.OpsRouter()
+
+
+# ============================================================================ conv2d
+# SparseConv2d: W [O, C, kh, kw] as CSR [O, C*kh*kw] (sparsetrain.formats.CSR of a 4-D weight).
+# Kernels: csrc/cpu/sparse_conv2d.cpp (direct convolution, no im2col).
+#   y = conv(x, W) + b ;  dx = conv_transpose(dy, W) ;  dW[o,c,i,j] = <dy[:, o], shift_ij(x[:, c])>
+#   at the nonzeros only ;  db = sum of dy over (batch, height, width).
+def _conv_out(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+@torch.library.register_fake("sparsetrain::sparse_conv2d")
+def _(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias):
+    torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
+    kh, kw = kernel_size
+    oh = _conv_out(x.shape[2], kh, stride[0], padding[0])
+    ow = _conv_out(x.shape[3], kw, stride[1], padding[1])
+    return x.new_empty((x.shape[0], crow.shape[0] - 1, oh, ow))
+
+
+@torch.library.register_fake("sparsetrain::sparse_conv2d_grad_input")
+def _(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
+    c = (ccol.shape[0] - 1) // (kernel_size[0] * kernel_size[1])
+    return grad_out.new_empty((grad_out.shape[0], c, input_size[0], input_size[1]))
+
+
+@torch.library.register_fake("sparsetrain::sparse_conv2d_grad_weight")
+def _(grad_out, x, crow, col, kernel_size, stride, padding):
+    return x.new_empty(col.shape)
+
+
+@torch.library.register_fake("sparsetrain::sparse_conv2d_backward")
+def _(grad_out, x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding):
+    return x.new_empty(x.shape), x.new_empty(col.shape)
+
+
+def _sparse_conv2d_setup(ctx, inputs, output):
+    x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias = inputs
+    ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
+    ctx.conv = (list(kernel_size), list(stride), list(padding))
+    ctx.has_bias = bias is not None
+
+
+def _sparse_conv2d_backward(ctx, grad_out):
+    x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
+    k, s, p = ctx.conv
+    grad_out = grad_out.contiguous()
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    dx = dvalues = dbias = None
+    if need_x and need_w:  # one pass: dy is packed once for both products
+        dx, dvalues = _ops.sparse_conv2d_backward(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p)
+    elif need_x:
+        dx = _ops.sparse_conv2d_grad_input(grad_out, ccol, row_t, perm, values, list(x.shape[2:]), k, s, p)
+    elif need_w:
+        dvalues = _ops.sparse_conv2d_grad_weight(grad_out, x, crow, col, k, s, p)
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        dbias = grad_out.sum((0, 2, 3))
+    return dx, None, None, dvalues, None, None, None, None, None, None, dbias
+
+
+torch.library.register_autograd("sparsetrain::sparse_conv2d", _sparse_conv2d_backward,
+                                setup_context=_sparse_conv2d_setup)
+
+
+def _pair(v, name: str):
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        return [int(v[0]), int(v[1])]
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv2d_padding(padding, kernel_size, stride):
+    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]."""
+    if padding == "valid":
+        return [0, 0]
+    if padding == "same":
+        if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
+            raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
+                             f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
+        return [(k - 1) // 2 for k in kernel_size]
+    return _pair(padding, "padding")
+
+
+def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, stride=1, padding=0,
+                  dilation=1, groups: int = 1) -> torch.Tensor:
+    """F.conv2d(x, W, bias, stride, padding) for a CSR weight of shape [out, in, kh, kw].
+
+    NCHW float32/float64 on CPU; zero padding; dilation 1 and groups 1 only (ValueError otherwise).
+    """
+    if len(weight.shape) != 4:
+        raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
+    if _pair(dilation, "dilation") != [1, 1]:
+        raise ValueError(f"sparse_conv2d supports dilation 1 only, got {dilation!r}")
+    if groups != 1:
+        raise ValueError(f"sparse_conv2d supports groups=1 only, got {groups!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
+    if x.device != weight.values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
+    k = list(weight.shape[2:])
+    s = _pair(stride, "stride")
+    p = conv2d_padding(padding, k, s)
+    w = weight
+    return _ops.sparse_conv2d(x, w.crow_indices, w.col_indices, w.values, w.ccol_indices,
+                              w.row_indices_t, w.perm, k, s, p, bias)

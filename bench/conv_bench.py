@@ -1,0 +1,151 @@
+"""SparseConv2d forward+backward vs dense masked F.conv2d (and SparseProp when installed).
+
+    python bench/conv_bench.py [--quick]     # standalone; bench/kernels.py calls run()
+
+Cases: the conv layers of CIFAR ResNet-18 (3x3 at every width, the stride-2 3x3 convs and the 1x1
+stride-2 downsample convs) and of VGG-like(delta=5, gamma=5), batch 128. One step = forward, then
+backward producing dx and the weight gradient (dense: full dW; ours: dW at the nonzeros only).
+Dense and sparse run side by side in one process, each timed as the median of repeated steps
+after warm-up. useful GFLOP/s = 3 products * 2 * nnz * batch * OH * OW / time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import HERE, machine_info, median_ms, print_table, write_json  # noqa: E402
+from reference import random_mask  # noqa: E402
+
+from sparsetrain.nn import SparseConv2d  # noqa: E402
+
+BATCH = 128
+# (name, in, out, size, kernel, stride, padding, bias)
+RESNET18 = [
+    ("r18 layer1 3x3", 64, 64, 32, 3, 1, 1, False),
+    ("r18 layer2 3x3", 128, 128, 16, 3, 1, 1, False),
+    ("r18 layer3 3x3", 256, 256, 8, 3, 1, 1, False),
+    ("r18 layer4 3x3", 512, 512, 4, 3, 1, 1, False),
+    ("r18 layer2.0 3x3/2", 64, 128, 32, 3, 2, 1, False),
+    ("r18 layer3.0 3x3/2", 128, 256, 16, 3, 2, 1, False),
+    ("r18 layer4.0 3x3/2", 256, 512, 8, 3, 2, 1, False),
+    ("r18 layer2.0 down 1x1/2", 64, 128, 32, 1, 2, 0, False),
+    ("r18 layer3.0 down 1x1/2", 128, 256, 16, 1, 2, 0, False),
+    ("r18 layer4.0 down 1x1/2", 256, 512, 8, 1, 2, 0, False),
+]
+VGG_D5G5 = [(f"vgg d5g5 stage{s}", 2 ** (4 + s), 2 ** (4 + s), 32 >> (s - 1), 3, 1, 1, True) for s in range(1, 6)]
+QUICK = [RESNET18[0], RESNET18[2]]
+
+COLUMNS = [("op", "layer", ""), ("shape", "shape", ""), ("sparsity", "sparsity", ".3f"),
+           ("dense_ms", "dense ms", ".2f"), ("sparse_ms", "ours ms", ".2f"), ("speedup", "vs dense", ".2f"),
+           ("sparseprop_ms", "SparseProp ms", ".2f"), ("vs_sparseprop", "vs SparseProp", ".2f"),
+           ("gflops_useful", "GFLOP/s ours", ".1f"), ("dense_gflops", "GFLOP/s dense", ".1f")]
+
+
+def _sparseprop():
+    try:
+        from sparseprop.modules.conv2d import SparseConv2d as SPConv2d
+        return SPConv2d
+    except Exception:  # optional benchmark-only dependency (pip install sparseprop)
+        return None
+
+
+def _step(module_or_fn, x, gy, params):
+    for p in params:
+        p.grad = None
+    x.grad = None
+    module_or_fn(x).backward(gy)
+
+
+def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | None = None,
+        cases=None, sparseprop: bool = True) -> list[dict]:
+    """One row per (case, sparsity): keys op, shape, sparsity, dense_ms, sparse_ms, speedup,
+    sparseprop_ms (None when SparseProp is absent), vs_sparseprop, gflops_useful, dense_gflops."""
+    cases = cases if cases is not None else (QUICK if quick else RESNET18 + VGG_D5G5)
+    reps = reps or (3 if quick else 7)
+    SP = _sparseprop() if sparseprop else None
+    if sparseprop and SP is None:
+        print("# note: SparseProp is not installed (pip install sparseprop): its column is left empty")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, cin, cout, size, k, s, p, bias in cases:
+        conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias)
+        x = torch.randn(BATCH, cin, size, size, generator=g).requires_grad_()
+        oh = (size + 2 * p - k) // s + 1
+        gy = torch.randn(BATCH, cout, oh, oh, generator=g)
+        shape = f"{cin}->{cout} k{k} s{s} @{size}x{size} b{BATCH}"
+        for sp in sparsities:
+            mask = random_mask(conv.weight.shape, sp, generator=g)
+            w = conv.weight.detach().clone().requires_grad_()
+            b = conv.bias.detach().clone().requires_grad_() if bias else None
+
+            def dense(x, w=w, b=b, mask=mask):
+                return F.conv2d(x, w * mask, b, s, p)
+
+            layer = SparseConv2d.from_dense(conv, mask)
+            dense_ms = median_ms(lambda: _step(dense, x, gy, [w] + ([b] if bias else [])), reps=reps)
+            sparse_ms = median_ms(lambda: _step(layer, x, gy, list(layer.parameters())), reps=reps)
+            sp_ms = None
+            if SP is not None:
+                sp_ms = _time_sparseprop(SP, conv, mask, x, gy, reps)
+            nnz = int(mask.sum())
+            flops = 3 * 2 * nnz * BATCH * oh * oh
+            dense_flops = 3 * 2 * mask.numel() * BATCH * oh * oh
+            rows.append(dict(op=name, shape=shape, sparsity=sp, dense_ms=dense_ms, sparse_ms=sparse_ms,
+                             speedup=dense_ms / sparse_ms, sparseprop_ms=sp_ms,
+                             vs_sparseprop=(sp_ms / sparse_ms) if sp_ms else None,
+                             gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6))
+            print(f"  {name:26s} {sp:.3f}: dense {dense_ms:8.2f} ms  ours {sparse_ms:7.2f} ms  "
+                  f"x{dense_ms / sparse_ms:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
+    return rows
+
+
+def _time_sparseprop(SP, conv, mask, x, gy, reps):
+    """SparseProp's SparseConv2d, best of its two layouts (vectorizing over OC or over N)."""
+    dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      bias=conv.bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_(conv.weight * mask)
+        if conv.bias is not None:
+            dense.bias.copy_(conv.bias)
+    best = None
+    for over_on in (False, True):
+        try:
+            m = SP.from_dense(dense, vectorizing_over_on=over_on)
+            t = median_ms(lambda: _step(m, x, gy, list(m.parameters())), reps=max(3, reps // 2))
+        except Exception as e:  # a layout SparseProp does not support for this shape
+            print(f"  # SparseProp (over_on={over_on}) failed: {type(e).__name__}: {e}")
+            continue
+        best = t if best is None else min(best, t)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sparsities", default=None, help="comma-separated, default 0.5,0.9,0.99,0.999")
+    p.add_argument("--only", default=None, help="substring of the case names to run (e.g. 'r18 layer')")
+    p.add_argument("--no-sparseprop", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "conv.json"))
+    args = p.parse_args(argv)
+    sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
+        ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
+    cases = None
+    if args.only:
+        cases = [c for c in RESNET18 + VGG_D5G5 if args.only in c[0]]
+    info = machine_info()
+    print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
+          f"commit {info['commit']}, {info['date']}")
+    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop)
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"machine": info, "conv": rows})
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

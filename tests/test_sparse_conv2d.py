@@ -1,0 +1,267 @@
+"""SparseConv2d and the sparse_conv2d ops against the dense masked reference (F.conv2d)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsetrain
+from sparsetrain import ops
+from sparsetrain.formats import CSR
+from sparsetrain.nn import SparseConv2d
+from reference import dense_conv2d, random_mask, reference_grads
+
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+# kernel x stride x padding x spatial (1x1, 5x7), where the padded input holds the kernel
+GEOMETRIES = [(k, s, p, hw) for k in (1, 3, 7) for s in (1, 2) for p in (0, 1, 3) for hw in ((1, 1), (5, 7))
+              if hw[0] + 2 * p >= k and hw[1] + 2 * p >= k]
+# (in_channels, out_channels, batch, bias): every odd channel count, batch 1 and 4, bias on/off
+CHANNELS = [(1, 3, 1, True), (3, 7, 4, False), (7, 1, 4, True), (7, 7, 1, False)]
+
+
+def _check(cin, cout, batch, hw, k, s, p, sparsity, bias, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias).to(dtype)
+    mask = random_mask(conv.weight.shape, sparsity, generator=g)
+    layer = SparseConv2d.from_dense(conv, mask)
+    x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    gy = torch.randn(y.shape, generator=g, dtype=dtype)
+    y.backward(gy)
+    ry, rdx, rdw, rdb = reference_grads(dense_conv2d, x, conv.weight, mask, conv.bias, gy, stride=s, padding=p)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, ry, **tol)
+    torch.testing.assert_close(x.grad, rdx, **tol)
+    # the weight gradient exists only at the nonzeros, in CSR (row-major) order
+    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, rdb, **tol)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("k,s,p,hw", GEOMETRIES)
+def test_matches_dense_masked(k, s, p, hw, sparsity):
+    for i, (cin, cout, batch, bias) in enumerate(CHANNELS):
+        _check(cin, cout, batch, hw, k, s, p, sparsity, bias, seed=i)
+
+
+@pytest.mark.parametrize("k,s,p", [((1, 3), (1, 2), (0, 1)), ((3, 1), (2, 1), (2, 0)), (5, 3, 2)])
+def test_rectangular_kernels_strides_paddings(k, s, p):
+    _check(5, 6, 3, (11, 8), k, s, p, 0.6, True)
+
+
+def test_many_tiles_chunks_and_threads():
+    # large enough for several batch tiles (and a ragged last tile), and batch 1 with many
+    # channels, where threads split the channels instead of the tiles
+    _check(24, 40, 37, (12, 10), 3, 2, 1, 0.8, True)
+    _check(96, 64, 1, (9, 9), 3, 1, 1, 0.7, False)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _check(16, 8, 5, (6, 6), 3, 1, 1, 0.5, True)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_float64():
+    _check(3, 5, 2, (5, 7), 3, 2, 1, 0.5, True, dtype=torch.float64)
+
+
+def test_identity_at_zero_sparsity():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+    layer = SparseConv2d.from_dense(conv, torch.ones_like(conv.weight, dtype=torch.bool))
+    x = torch.randn(4, 5, 9, 8)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = conv(x1), layer(x2)
+    torch.testing.assert_close(y1, y2)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(conv.weight.grad.flatten(), layer.weight.values.grad)
+    torch.testing.assert_close(conv.bias.grad, layer.bias.grad)
+
+
+def _op_args(dtype=torch.float32, bias=True, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    w = CSR.from_dense(torch.randn(4, 3, 3, 3, dtype=dtype, generator=g), random_mask((4, 3, 3, 3), 0.6, generator=g))
+    x = torch.randn(2, 3, 5, 4, dtype=dtype, generator=g)
+    return w, x, (torch.randn(4, dtype=dtype, generator=g) if bias else None)
+
+
+def test_gradcheck_fp64():
+    w, x, b = _op_args(torch.float64)
+    x.requires_grad_()
+    b.requires_grad_()
+
+    def f(x, values, b):
+        return torch.ops.sparsetrain.sparse_conv2d(x, w.crow_indices, w.col_indices, values, w.ccol_indices,
+                                                   w.row_indices_t, w.perm, [3, 3], [2, 1], [1, 1], b)
+
+    v = w.values.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (x, v, b))
+    # x without grad: the weight-gradient-only path
+    assert torch.autograd.gradcheck(lambda v: f(x.detach(), v, None), (v,))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_sparse_conv2d(bias):
+    w, x, b = _op_args(bias=bias)
+    args = (x.requires_grad_(), w.crow_indices, w.col_indices, w.values.detach().requires_grad_(),
+            w.ccol_indices, w.row_indices_t, w.perm, [3, 3], [2, 1], [1, 1], b)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d.default, args)
+
+
+def test_opcheck_grad_ops():
+    w, x, _ = _op_args()
+    gy = torch.randn(2, 4, 3, 4)
+    st = ([3, 3], [2, 1], [1, 1])
+    o = torch.ops.sparsetrain
+    torch.library.opcheck(o.sparse_conv2d_grad_input.default,
+                          (gy, w.ccol_indices, w.row_indices_t, w.perm, w.values.detach(), [5, 4], *st))
+    torch.library.opcheck(o.sparse_conv2d_grad_weight.default, (gy, x, w.crow_indices, w.col_indices, *st))
+    torch.library.opcheck(o.sparse_conv2d_backward.default,
+                          (gy, x, w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
+                           w.row_indices_t, w.perm, *st))
+
+
+def test_torch_compile():
+    w, x, b = _op_args()
+    layer = SparseConv2d(w, b, stride=(2, 1), padding=1)
+    w.csc()  # the cached transposed index is built eagerly (its construction does not trace)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+# ---------------------------------------------------------------------------- module API
+def test_module_api_and_state_dict_roundtrip(tmp_path):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    mask = random_mask(conv.weight.shape, 0.75)
+    layer = SparseConv2d.from_dense(conv, mask)
+    assert layer.nnz == int(mask.sum()) == 27
+    assert layer.sparsity == pytest.approx(0.75)
+    assert (layer.kernel_size, layer.stride, layer.padding) == ((3, 3), (2, 2), (1, 1))
+    assert "nnz=27" in repr(layer) and "sparsity=0.7500" in repr(layer) and "stride=(2, 2)" in repr(layer)
+    back = layer.to_dense()
+    assert isinstance(back, nn.Conv2d) and back.stride == (2, 2) and back.padding == (1, 1)
+    torch.testing.assert_close(back.weight, conv.weight * mask)
+    torch.testing.assert_close(back.bias, conv.bias)
+    torch.save(layer.state_dict(), tmp_path / "c.pt")
+    other = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, stride=2, padding=1))  # different nnz
+    other.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    x = torch.randn(2, 3, 7, 6)
+    torch.testing.assert_close(other(x), layer(x))
+    assert other.nnz == layer.nnz
+    nb = SparseConv2d.from_dense(nn.Conv2d(3, 4, 1, bias=False, padding="same"))
+    assert nb.bias is None and nb.padding == (0, 0) and nb.to_dense().bias is None
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    w, x, b = _op_args()
+    layer = SparseConv2d(w, b, padding=1)
+    with pytest.raises(RuntimeError, match="x has 2 channels but the weight expects 3"):
+        layer(torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        layer(torch.randn(3, 5, 5))
+    op = torch.ops.sparsetrain.sparse_conv2d
+    args = (w.crow_indices, w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, [3, 3], [1, 1], [1, 1], b)
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        op(torch.randn(3, 5, 5), *args)
+    with pytest.raises(RuntimeError, match="x must have dtype Float"):
+        layer(x.double())
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        layer(torch.randint(0, 3, (2, 3, 5, 4)))
+    with pytest.raises(ValueError, match="x is on meta but the weight is on cpu"):
+        layer(x.to("meta"))
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        SparseConv2d(w, b)(torch.randn(1, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(x, *args[:-1], torch.ones(3))
+    bad_col = w.col_indices.clone()
+    bad_col[0] = 1000
+    with pytest.raises(RuntimeError, match="col_indices has entries outside"):
+        op(x, w.crow_indices, bad_col, *args[2:])
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        op(x, *args[:7], [0, 1], [1, 1], b)
+    gy = torch.randn(2, 4, 5, 4)
+    with pytest.raises(RuntimeError, match="grad_out has 4 channels but the weight expects 5"):
+        torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy, x, torch.zeros(6, dtype=torch.long),
+                                                        torch.zeros(0, dtype=torch.int32), [3, 3], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_out must have spatial size"):
+        torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy[:, :, :3], x, w.crow_indices, w.col_indices,
+                                                        [3, 3], [1, 1], [1, 1])
+    with pytest.raises(ValueError, match="dilation 1 only"):
+        SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, dilation=2))
+    with pytest.raises(ValueError, match="groups=1 only"):
+        SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode='zeros' only"):
+        SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="groups=1 only"):
+        ops.sparse_conv2d(x, w, b, groups=3)
+    with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
+        SparseConv2d.from_dense(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        SparseConv2d(CSR.from_dense(torch.ones(3, 3)))
+    # channels_last / non-contiguous input is accepted (made contiguous), not misread
+    xc = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(xc), layer(x))
+
+
+# ---------------------------------------------------------------------------- sparsify_ / densify_ / training
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+
+
+def test_sparsify_densify_conv():
+    torch.manual_seed(6)
+    model = _cnn()
+    masks = {"0": random_mask((8, 3, 3, 3), 0.5), "2": random_mask((16, 8, 3, 3), 0.9), "8": random_mask((10, 16), 0.5)}
+    x = torch.randn(2, 3, 9, 9)
+    ref = model[2].weight.detach() * masks["2"]
+    sparsetrain.sparsify_(model, masks)
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[2], SparseConv2d)
+    assert isinstance(model[4], nn.Conv2d) and isinstance(model[8], sparsetrain.SparseLinear)
+    y = model(x)
+    sparsetrain.densify_(model)
+    assert type(model[2]) is nn.Conv2d and model[2].stride == (2, 2)
+    torch.testing.assert_close(model[2].weight, ref)
+    torch.testing.assert_close(model(x), y)
+    with pytest.raises(ValueError, match=r"masks\['4'\] must be a bool tensor of shape \(16, 16, 1, 1\)"):
+        sparsetrain.sparsify_(model, {"4": torch.ones(16, 16, dtype=torch.bool)})
+
+
+def test_cnn_training_follows_dense_masked_trajectory():
+    """Small CNN, 30 SGD steps, same init and batches: SparseConv2d == dense masked conv."""
+    torch.manual_seed(7)
+    dense = _cnn()
+    masks = {n: random_mask(m.weight.shape, 0.7) for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
+    with torch.no_grad():
+        for n, m in masks.items():
+            dense.get_submodule(n).weight.mul_(m)
+    sparse = sparsetrain.sparsify_(copy.deepcopy(dense), masks)
+    opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    opt_s = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(30):
+        x = torch.randn(16, 3, 12, 12, generator=g)
+        t = torch.randint(0, 10, (16,), generator=g)
+        losses = []
+        for model, opt in ((dense, opt_d), (sparse, opt_s)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), t)
+            loss.backward()
+            if model is dense:  # the dense-masked reference: pruned weights get no update
+                for n, m in masks.items():
+                    model.get_submodule(n).weight.grad.mul_(m)
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+    for n, m in masks.items():
+        torch.testing.assert_close(sparse.get_submodule(n).weight.to_dense(), dense.get_submodule(n).weight,
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sparse.get_submodule(n).bias, dense.get_submodule(n).bias, rtol=1e-4, atol=1e-5)
