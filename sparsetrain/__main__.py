@@ -1,0 +1,5 @@
+import sys
+
+from .experiment import main
+
+sys.exit(main())

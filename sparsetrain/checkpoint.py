@@ -1,0 +1,74 @@
+"""Atomic, self-describing checkpoints of (possibly sparse) models.
+
+A model checkpoint stores its architecture (build_model arguments), the bool mask of every
+prunable layer, which layers run on the sparse engine, and the state_dict. Loading rebuilds the
+model, converts the same layers to sparse, and loads the weights with weights_only=True.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .models import build_model
+from .nn import sparsify_
+from .pruning import masks_of, prunable_layers
+
+FORMAT = "sparsetrain-ckpt-v1"
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file, fsync, then rename: a kill never leaves a torn file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def safe_load(path: str) -> dict:
+    """torch.load(weights_only=True) with a clear error for a missing, corrupt or foreign file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / non-torch files
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not a sparsetrain checkpoint (expected format {FORMAT!r})")
+    return obj
+
+
+def model_payload(model, masks: dict, arch: dict) -> dict:
+    """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
+    from .pruning import _is_sparse
+    return {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
+            "sparse_layers": [n for n, m in prunable_layers(model) if _is_sparse(m)],
+            "state": model.state_dict()}
+
+
+def restore_model(payload: dict):
+    """(model, dense_masks) from model_payload()'s dict."""
+    for key in ("arch", "masks", "sparse_layers", "state"):
+        if key not in payload:
+            raise ValueError(f"checkpoint lacks {key!r}: not a model checkpoint")
+    model = build_model(**payload["arch"])
+    masks = payload["masks"]
+    sparse = set(payload["sparse_layers"])
+    sparsify_(model, {n: masks[n] for n in sparse})
+    model.load_state_dict(payload["state"])
+    dense_masks = {n: mk for n, mk in masks.items() if n not in sparse}
+    return model, dense_masks
+
+
+def save_model(path: str, model, masks: dict, arch: dict, **meta) -> None:
+    atomic_save({**model_payload(model, masks, arch), **meta}, path)
+
+
+def load_model(path: str):
+    """(model, dense_masks, payload) from a file written by save_model."""
+    payload = safe_load(path)
+    model, masks = restore_model(payload)
+    return model, masks, payload

@@ -1,0 +1,84 @@
+"""Training and evaluation: one epoch, evaluation, the distillation loss (paper Eq. 2).
+
+Everything is seeded per (seed, epoch), so an epoch re-run after a resume sees the same batches
+and augmentations as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+from .pruning import enforce_masks_, mask_grads_
+
+__all__ = ["kd_loss", "make_optimizer", "train_epoch", "evaluate"]
+
+
+def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) -> torch.Tensor:
+    """Eq. 2: (1 - alpha) * CE(student, y) + alpha * tau^2 * KL(softmax(t/tau) || softmax(s/tau)),
+    both terms batch means. tau^2 keeps the soft-target gradients on the scale of the hard ones."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    ce = F.cross_entropy(student_logits, target)
+    kl = F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - alpha) * ce + alpha * tau * tau * kl
+
+
+def make_optimizer(model: nn.Module, cfg):
+    """SGD with momentum and weight decay; LR x drop at the milestones (given in epochs, as in the
+    paper's Table 4), stepped per epoch. A fresh one every round (the paper restarts it)."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.drop)
+    return opt, sched
+
+
+def train_epoch(model, split, opt, cfg, *, epoch: int, seed: int, masks: dict, teacher=None,
+                on_step=None) -> dict:
+    """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
+    is Eq. 2 on the same augmented batch, the teacher in eval mode without gradients. `masks`:
+    dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
+    called after every optimizer step with the global iteration count (for rewind snapshots)."""
+    model.train()
+    g = D.epoch_generator(seed, epoch)
+    tot_loss = tot_correct = n = 0
+    for xb, yb in D.iterate(split, cfg.batch_size, shuffle=True, augment=True, generator=g):
+        out = model(xb)
+        if teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(xb)
+            loss = kd_loss(out, t_out, yb, cfg.alpha, cfg.tau)
+        else:
+            loss = F.cross_entropy(out, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mask_grads_(model, masks)
+        opt.step()
+        enforce_masks_(model, masks)
+        b = yb.numel()
+        tot_loss += float(loss.detach()) * b
+        tot_correct += int((out.argmax(1) == yb).sum())
+        n += b
+        if on_step is not None:
+            on_step()
+    return {"loss": tot_loss / max(n, 1), "acc": tot_correct / max(n, 1)}
+
+
+@torch.no_grad()
+def evaluate(model, split, batch_size: int = 512) -> dict:
+    """Cross-entropy and accuracy on `split` (no augmentation), against the split's labels."""
+    if len(split) == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    was = model.training
+    model.eval()
+    tot_loss = tot_correct = n = 0
+    for xb, yb in D.iterate(split, batch_size):
+        out = model(xb)
+        tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        tot_correct += int((out.argmax(1) == yb).sum())
+        n += yb.numel()
+    model.train(was)
+    return {"loss": tot_loss / n, "acc": tot_correct / n}

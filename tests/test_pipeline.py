@@ -1,0 +1,182 @@
+"""The experiment end to end on tiny IDX files written here: schedule, masks, best round, resume,
+distillation, the CLI's errors."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetrain import experiment
+from sparsetrain.checkpoint import load_model, safe_load
+from sparsetrain.config import config_from_args
+from sparsetrain.train import kd_loss
+from test_data import _write_mnist
+
+TIMING = ("wall_s", "sec_per_epoch")
+
+
+def _args(tmp_path, *extra):
+    return ["mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--profile", "quick",
+            "--eps", "0.2", "--subset", "0", "--epochs", "2", "--milestones", "1", "--rate", "0.5",
+            "--wall", "0.9", "--batch-size", "16", "--threads", "1", *extra]
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    _write_mnist(tmp_path / "data" / "mnist", gz=False, n_train=80, n_test=20)
+    return tmp_path
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_study_schedule_best_round_and_outputs(mnist_dir):
+    assert experiment.main(_args(mnist_dir, "--engine", "auto")) == 0
+    rd = mnist_dir / "runs" / "mnist-eps0.2-quick"
+    cfg = json.loads((rd / "config.json").read_text())
+    assert cfg["git_commit"] and cfg["versions"]["torch"] and cfg["student"] == "lenet300"
+    rows = _rows(rd / "seed0" / "teacher" / "metrics.csv")
+    # rounds 0..4: sparsity 1 - 0.5^k, stop after the first round reaching the wall (0.9375 >= 0.9)
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
+    for k, r in enumerate(rows):
+        assert float(r["sparsity"]) == pytest.approx(1 - 0.5 ** k, abs=1e-3)
+    flops = [float(r["fwd_flops"]) for r in rows]
+    assert flops == sorted(flops, reverse=True) and flops[-1] < flops[0] / 4
+    cum = [float(r["cum_flops"]) for r in rows]
+    assert cum == pytest.approx(torch.tensor([float(r["round_flops"]) for r in rows], dtype=torch.float64).cumsum(0).tolist())
+    assert all(0.0 <= float(r["entropy_mean"]) <= 1.0 for r in rows)
+    # best round = argmax validation accuracy (first of ties), marked once, its checkpoint loads
+    best = json.loads((rd / "seed0" / "teacher" / "best.json").read_text())
+    vals = [float(r["val_acc"]) for r in rows]
+    assert best["round"] == vals.index(max(vals))
+    assert [int(r["is_best"]) for r in rows].count(1) == 1 and int(rows[best["round"]]["is_best"]) == 1
+    model, masks, payload = load_model(str(rd / "seed0" / "teacher" / best["path"]))
+    assert payload["round"] == best["round"]
+    # masks only shrink, round over round
+    prev = None
+    for k in range(5):
+        m = safe_load(str(rd / "seed0" / "teacher" / "ckpt" / f"round_{k:02d}.pt"))["masks"]
+        if prev is not None:
+            for n in m:
+                assert not bool((m[n] & ~prev[n]).any())
+        prev = m
+    # the distilled student ran from the best teacher, with the teacher's cost recorded
+    drows = _rows(rd / "seed0" / "distill-best" / "metrics.csv")
+    assert len(drows) == 5 and float(drows[0]["teacher_flops"]) > 0
+    assert float(drows[0]["teacher_cost"]) == pytest.approx(float(rows[best["round"]]["cum_flops"]))
+    noise = json.loads((rd / "seed0" / "noise.json").read_text())
+    assert len(noise["flipped"]) > 0
+    assert (rd / "summary.md").exists()
+
+
+def test_resume_after_kill_equals_uninterrupted(mnist_dir, monkeypatch):
+    base = _args(mnist_dir, "--teachers", "dense")
+    assert experiment.main(base + ["--out", str(mnist_dir / "a")]) == 0
+    calls = {"n": 0}
+    real = experiment.train_epoch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:  # mid-way through round 3 of the teacher run
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(experiment, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.main(base + ["--out", str(mnist_dir / "b")])
+    monkeypatch.setattr(experiment, "train_epoch", real)
+    assert experiment.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
+    for phase in ("teacher", "distill-dense"):
+        ra = _rows(mnist_dir / "a" / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv")
+        rb = _rows(mnist_dir / "b" / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv")
+        assert _strip(ra) == _strip(rb)
+
+
+def test_engines_give_the_same_curve(mnist_dir):
+    for engine in ("dense", "sparse"):
+        assert experiment.main(_args(mnist_dir, "--engine", engine, "--teachers", "dense",
+                                     "--out", str(mnist_dir / engine))) == 0
+    ra = _rows(mnist_dir / "dense" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    rb = _rows(mnist_dir / "sparse" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    for a, b in zip(ra, rb):
+        assert float(a["sparsity"]) == float(b["sparsity"])
+        assert float(a["val_acc"]) == pytest.approx(float(b["val_acc"]), abs=0.05)
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=0.05)
+
+
+def test_kd_loss_equals_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.1, -1.0, 3.0]])
+    t = torch.tensor([[0.5, 1.5, 1.0], [2.0, 0.0, 1.0]])
+    y = torch.tensor([1, 2])
+    alpha, tau = 0.8, 10.0
+    ce = -(torch.log_softmax(s, 1)[0, 1] + torch.log_softmax(s, 1)[1, 2]) / 2
+    ps, pt = torch.softmax(s / tau, 1), torch.softmax(t / tau, 1)
+    kl = (pt * (pt.log() - ps.log())).sum(1).mean()
+    expected = (1 - alpha) * ce + alpha * tau ** 2 * kl
+    torch.testing.assert_close(kd_loss(s, t, y, alpha, tau), expected)
+    torch.testing.assert_close(kd_loss(s, t, y, 0.0, tau), F.cross_entropy(s, y))
+    with pytest.raises(ValueError, match="alpha"):
+        kd_loss(s, t, y, 1.5, tau)
+    with pytest.raises(ValueError, match="tau"):
+        kd_loss(s, t, y, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["nope"], "unknown dataset"),
+    (["mnist", "--eps", "1.0"], "--eps must be in"),
+    (["mnist", "--rate", "0"], "--rate must be in"),
+    (["mnist", "--wall", "0"], "--wall must be in"),
+    (["mnist", "--alpha", "2"], "--alpha must be in"),
+    (["mnist", "--tau", "0"], "--tau must be > 0"),
+    (["mnist", "--model", "alexnet"], "is not a known model"),
+    (["mnist", "--perturb", "shuffle"], "--perturb must be one of"),
+])
+def test_cli_errors_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_help_and_missing_dataset(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--teachers" in out.stdout and "--early-stop" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "cifar10", "--data-dir",
+                          str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--profile", "quick", "--no-download"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and str(tmp_path / "empty") in out.stderr
+
+
+def test_presets_resolve():
+    cfg, _ = config_from_args(["cifar10"])
+    assert (cfg.model, cfg.student, cfg.epochs, cfg.lr, cfg.milestones, cfg.rewind_iter) == \
+        ("resnet18", "vgg_d5g5", 160, 0.1, (80, 120), 1000)
+    cfg, _ = config_from_args(["cifar10", "--model", "vgg_d5g5"])
+    assert (cfg.lr, cfg.rewind_iter, cfg.student) == (0.001, 0, "")
+    cfg, _ = config_from_args(["fashion-mnist", "--profile", "quick"])
+    assert (cfg.model, cfg.subset, cfg.epochs, cfg.wall) == ("lenet300", 10000, 30, 0.995)
+    cfg, _ = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "3"])
+    assert cfg.epochs == 3
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or not a torch file"):
+        safe_load(str(bad))
+    torch.save({"hello": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a sparsetrain checkpoint"):
+        safe_load(str(tmp_path / "foreign.pt"))
+    with pytest.raises(FileNotFoundError):
+        safe_load(str(tmp_path / "missing.pt"))

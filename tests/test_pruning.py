@@ -1,0 +1,111 @@
+"""Global magnitude pruning on dense-masked and sparse layers, the engine policy, perturbations."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.nn import SparseLinear
+from sparsetrain.pruning import (apply_engine, global_prune, load_weights_under_masks_, masks_of,
+                                 model_sparsity, prunable_layers, sparsity_after)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 20), nn.ReLU(), nn.Linear(20, 5))
+
+
+def _all_weights(model):
+    return torch.cat([m.weight.detach().flatten() if not hasattr(m.weight, "values") else
+                      m.weight.to_dense().detach().flatten() for _, m in prunable_layers(model)])
+
+
+def test_schedule_global_exact_and_masks_only_shrink():
+    model = _net()
+    n_total = sum(m.weight.numel() for _, m in prunable_layers(model))
+    bias_before = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("weight") or n.startswith("2.")}
+    masks, prev = {}, masks_of(model)
+    for k in range(1, 8):
+        masks = global_prune(model, masks, 0.2)
+        cur = masks_of(model, masks)
+        kept = sum(int(m.sum()) for m in cur.values())
+        # exactly floor(0.2 * surviving) pruned per round
+        prev_kept = sum(int(m.sum()) for m in prev.values())
+        assert kept == prev_kept - int(0.2 * prev_kept)
+        assert model_sparsity(model, masks) == pytest.approx(sparsity_after(k, 0.2), abs=2e-3 * k + 1 / n_total * k)
+        for n in cur:
+            assert not bool((cur[n] & ~prev[n]).any()), "masks only shrink"
+            w = model.get_submodule(n).weight.detach()
+            assert bool((w[~cur[n]] == 0).all())
+        prev = cur
+    # biases and BatchNorm untouched
+    for n, p in model.named_parameters():
+        if n in bias_before:
+            assert torch.equal(p.detach(), bias_before[n])
+
+
+def test_global_threshold_prunes_smallest_magnitudes():
+    model = _net()
+    w0 = _all_weights(model).abs()
+    masks = global_prune(model, {}, 0.5)
+    kept = torch.cat([masks_of(model, masks)[n].flatten() for n, _ in prunable_layers(model)])
+    assert w0[~kept].max() <= w0[kept].min()
+
+
+def test_layer_scope_prunes_each_layer_by_rate():
+    model = _net()
+    masks = global_prune(model, {}, 0.3, scope="layer")
+    for n, m in prunable_layers(model):
+        mk = masks[n]
+        assert mk.numel() - int(mk.sum()) == int(0.3 * mk.numel())
+
+
+@pytest.mark.parametrize("engine", ["dense", "sparse", "auto"])
+def test_engines_agree(engine):
+    ref = _net()
+    model = copy.deepcopy(ref)
+    masks_ref, masks = {}, {}
+    for _ in range(6):
+        masks_ref = global_prune(ref, masks_ref, 0.3)
+        masks = global_prune(model, masks, 0.3)
+        masks = apply_engine(model, masks, engine)
+    x = torch.randn(3, 1, 8, 8)
+    ref.eval(), model.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    types = {type(m).__name__ for _, m in prunable_layers(model)}
+    if engine == "dense":
+        assert types == {"Conv2d", "Linear"}
+    if engine == "sparse":
+        assert types == {"SparseConv2d", "SparseLinear"}
+    if engine == "auto":  # sparsity 1 - 0.7^6 = 0.88: linear and conv past their crossovers
+        assert "SparseLinear" in types
+    assert masks_of(model, masks).keys() == masks_of(ref, masks_ref).keys()
+    for n in masks_ref:
+        assert torch.equal(masks_of(model, masks)[n], masks_of(ref, masks_ref)[n])
+
+
+def test_rewind_restores_weights_under_mask():
+    model = _net()
+    snapshot = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    masks = global_prune(model, {}, 0.5)
+    masks = apply_engine(model, masks, "sparse")
+    load_weights_under_masks_(model, snapshot, masks)
+    for n, m in prunable_layers(model):
+        mk = m.weight.mask()
+        torch.testing.assert_close(m.weight.to_dense().detach(), snapshot[f"{n}.weight"] * mk)
+    torch.testing.assert_close(model[2].running_mean, snapshot["2.running_mean"])
+
+
+def test_bad_arguments():
+    model = _net()
+    with pytest.raises(ValueError, match=r"rate must be in \(0, 1\)"):
+        global_prune(model, {}, 1.0)
+    with pytest.raises(ValueError, match="scope must be"):
+        global_prune(model, {}, 0.2, scope="filterwise")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        apply_engine(model, {}, "gpu")

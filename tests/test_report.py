@@ -1,0 +1,261 @@
+"""sparsetrain.report on tiny metrics.csv files written here: Algorithm 2, phase labels, Table 1, summary.md."""
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from sparsetrain import report as R
+
+NAN = float("nan")
+
+
+def make_rows(val, test=None, ent=None, seed=0, phase="teacher", cum=None, teacher_flops=0.0, teacher_cost=0.0,
+              rate=0.2):
+    """Rows as experiment.py writes them; sparsity 1-(1-rate)^k, round_flops = 3 * fwd * 1000 * 2 epochs."""
+    n = len(val)
+    test = test if test is not None else val
+    ent = ent if ent is not None else [0.6] * n
+    rows, total = [], 0.0
+    for k in range(n):
+        s = 1 - (1 - rate) ** k
+        fwd = 1e6 * (1 - s)
+        rf = 3 * fwd * 1000 * 2
+        total = cum[k] if cum is not None else total + rf
+        rows.append({"seed": seed, "phase": phase, "round": k, "sparsity": s, "epochs": 2, "train_loss": 0.5,
+                     "train_acc": 0.9, "val_loss": 1.0, "val_acc": val[k], "test_loss": 1.0, "test_acc": test[k],
+                     "entropy_mean": ent[k], "fwd_flops": fwd, "round_flops": rf, "cum_flops": total,
+                     "teacher_flops": teacher_flops, "teacher_cost": teacher_cost, "wall_s": 10.0 - k,
+                     "sec_per_epoch": (10.0 - k) / 2, "sparse_layers": min(k, 3), "is_best": 0,
+                     "entropy/fc1": ent[k], "entropy/fc2": ent[k]})
+    return rows
+
+
+def write_rows(run_dir, rows):
+    """Write rows to RUN/seed{S}/{phase}/metrics.csv (floats as repr, like csv.DictWriter does)."""
+    d = os.path.join(run_dir, f"seed{rows[0]['seed']}", rows[0]["phase"])
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_config(run_dir, **kw):
+    cfg = {"dataset": "fashion-mnist", "eps": 0.2, "model": "lenet300", "student": "lenet300",
+           "teachers": ["dense"], "t_e": 0.8, "t_a": 0.8, "early_stop": "none", "seeds": [0, 1], "wall": 0.999,
+           "rate": 0.2, "profile": "quick", "git_commit": "abc", "versions": {}}
+    cfg.update(kw)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return cfg
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def table_row(md, name):
+    line = next(l for l in md.splitlines() if l.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+# ---------------------------------------------------------------- loading
+def test_read_metrics_types_and_load_run(tmp_path):
+    rows = make_rows([0.8, 0.85, 0.7])
+    rows[1]["test_acc"] = NAN
+    write_rows(tmp_path, rows)
+    write_rows(tmp_path, make_rows([0.5], seed=3, phase="distill-best"))
+    write_config(tmp_path)
+    got = R.read_metrics(tmp_path / "seed0" / "teacher" / "metrics.csv")
+    assert [r["round"] for r in got] == [0, 1, 2]
+    assert isinstance(got[0]["round"], int) and isinstance(got[0]["sparse_layers"], int)
+    assert isinstance(got[0]["seed"], int) and got[0]["phase"] == "teacher"
+    assert got[2]["sparsity"] == rows[2]["sparsity"] and got[1]["val_acc"] == 0.85  # repr round-trips
+    assert math.isnan(got[1]["test_acc"]) and got[0]["entropy/fc1"] == 0.6
+    run = R.load_run(tmp_path)
+    assert run["config"]["model"] == "lenet300"
+    assert set(run["curves"]) == {"teacher", "distill-best"} and list(run["curves"]["distill-best"]) == [3]
+
+
+def test_read_metrics_duplicate_and_torn_rows(tmp_path):
+    rows = make_rows([0.8, 0.85])
+    write_rows(tmp_path, rows + [dict(rows[1], val_acc=0.9)])
+    p = tmp_path / "seed0" / "teacher" / "metrics.csv"
+    with open(p, "a") as f:
+        f.write("0,teacher,")  # a torn last line
+    got = R.read_metrics(p)
+    assert [r["round"] for r in got] == [0, 1] and got[1]["val_acc"] == 0.9
+
+
+# ---------------------------------------------------------------- Algorithm 2
+def test_alg2_stops_in_phase2_when_accuracy_drops():
+    rows = make_rows(val=[0.8, 0.85, 0.9, 0.85, 0.8, 0.7, 0.6], ent=[1, 1, 0.95, 0.7, 0.6, 0.5, 0.5])
+    # phase 2 from round 3 (0.7 <= 0.8); best 0.9 -> threshold 0.72; round 5 (0.70) stops
+    assert R.algorithm2_stop(rows) == 5
+    # online: on each prefix it says "stop now" exactly at the stop round
+    assert [R.algorithm2_stop(rows[:k + 1]) for k in range(7)] == [None] * 5 + [5, 5]
+
+
+def test_alg2_stops_immediately_at_phase1_exit():
+    rows = make_rows(val=[0.8, 0.9, 0.6, 0.9], ent=[1, 1, 0.5, 0.5])
+    assert R.algorithm2_stop(rows) == 2  # best updated with round 2 first (line 9), then 0.6 <= 0.72
+    # boundary: entropy exactly eta0*T_E ends phase 1 (loop runs while >), accuracy exactly T_A*best stops
+    rows = make_rows(val=[1.0, 0.5], ent=[1.0, 0.5])
+    assert R.algorithm2_stop(rows, t_e=0.5, t_a=0.5) == 1
+
+
+def test_alg2_none_when_entropy_never_drops():
+    rows = make_rows(val=[0.8, 0.9, 0.5, 0.2, 0.1], ent=[1, 1.1, 0.9, 0.85, 0.81])
+    assert R.algorithm2_stop(rows) is None
+    assert R.algorithm2_stop([]) is None
+    assert R.algorithm2_stop(make_rows(val=[0.8, 0.1], ent=[NAN, 0.1])) is None
+
+
+def test_alg2_best_acc_not_updated_in_phase2():
+    rows = make_rows(val=[0.5, 0.6, 0.9, 0.7], ent=[1, 0.5, 0.5, 0.5])
+    # phase 2 from round 1 with best 0.6 (threshold 0.48); round 2's 0.9 must not raise it to 0.9 (-> 0.72)
+    assert R.algorithm2_stop(rows) is None
+    assert R.algorithm2_stop(rows + make_rows([0.4] * 5)[4:]) == 4
+
+
+def test_alg2_nans():
+    # NaN entropy keeps phase 1 (best updated by round 2), NaN accuracy neither updates nor stops
+    rows = make_rows(val=[0.5, 0.6, 0.9, NAN, 0.7], ent=[1, NAN, 1, 0.5, 0.5])
+    assert R.algorithm2_stop(rows) == 4
+
+
+# ---------------------------------------------------------------- phase labels
+def test_labels_double_descent():
+    acc = [0.83, 0.83, 0.80, 0.75, 0.70, 0.74, 0.78, 0.785, 0.78, 0.70, 0.5]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == (
+        ["light"] * 2 + ["critical"] * 3 + ["sweet"] * 4 + ["collapsed"] * 2)
+    # the largest recovery defines the dip (here the second, deeper one); once collapsed, stays collapsed
+    acc = [0.83, 0.70, 0.80, 0.60, 0.75, 0.79]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light"] + ["critical"] * 3 + ["sweet"] * 2
+    acc = [0.83, 0.70, 0.80, 0.75, 0.79, 0.6]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light", "critical", "sweet", "collapsed",
+                                                             "collapsed", "collapsed"]
+    # seed noise of ~tol in the light phase (0.815 then back) is not the dip
+    acc = [0.83, 0.815, 0.83, 0.82, 0.75, 0.70, 0.78, 0.70]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == (
+        ["light"] * 4 + ["critical"] * 2 + ["sweet", "collapsed"])
+    # a rise above the dense level before the dip is light, not a recovery
+    acc = [0.80, 0.86, 0.86, 0.78, 0.83]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light"] * 3 + ["critical", "sweet"]
+
+
+def test_labels_monotone_short_nan():
+    lab = lambda acc: R.label_rounds([{"test_acc": a} for a in acc])  # noqa: E731
+    assert lab([0.8, 0.8, 0.795, 0.78, 0.7, 0.5]) == ["light"] * 3 + ["collapsed"] * 3
+    assert lab([0.8, 0.82, 0.85, 0.86]) == ["light"] * 4
+    assert lab([]) == [] and lab([0.5]) == ["light"] and lab([NAN]) == ["light"]
+    assert lab([0.8, 0.7]) == ["light", "collapsed"]
+    assert lab([NAN, 0.8, NAN, 0.6, NAN, 0.7, NAN]) == (
+        ["light", "light", "light", "critical", "critical", "sweet", "sweet"])
+    assert R.LABEL_RULE in R.label_rounds.__doc__
+
+
+# ---------------------------------------------------------------- Table 1
+def _two_seed_run(tmp_path):
+    write_config(tmp_path, teachers=["dense"], wall=0.6)  # round 5 (67%) reaches the wall
+    ent = [1, 1, 0.9, 0.7, 0.6, 0.5]
+    #                seed 0                                seed 1
+    van = {0: [0.80, 0.82, 0.84, 0.83, 0.60, 0.50], 1: [0.80, 0.81, 0.86, 0.85, 0.80, 0.60]}
+    tst = {0: [0.70, 0.71, 0.72, 0.73, 0.50, 0.40], 1: [0.70, 0.71, 0.76, 0.75, 0.70, 0.50]}
+    dis = {0: [0.80, 0.82, 0.84, 0.83, 0.83, 0.60], 1: [0.80, 0.81, 0.82, 0.85, 0.80, 0.60]}
+    for s in (0, 1):
+        cum = [1e15 * (k + 1) * (1 + s) for k in range(6)]  # seed 0: 1..6 PFLOPs, seed 1: 2..12
+        write_rows(tmp_path, make_rows(van[s], tst[s], ent, seed=s, cum=cum))
+        write_rows(tmp_path, make_rows(dis[s], [v - 0.05 for v in dis[s]], ent, seed=s, phase="distill-dense",
+                                       cum=cum, teacher_flops=0.5e15, teacher_cost=2e15 * (1 + s)))
+    return R.load_run(tmp_path)
+
+
+def test_summary_table_numbers(tmp_path):
+    run = _two_seed_run(tmp_path)
+    md = R.summary_table(run)
+    sp = lambda k: 100 * (1 - 0.8 ** k)  # noqa: E731
+    # no early stop: last cum (6, 12 PFLOPs) -> 9 ± std([6, 12], ddof=1) = 4.24; best val: round 2 both seeds
+    row = table_row(md, "vanilla, no early stop")
+    assert row[1:4] == ["", "", "—"]
+    assert row[4] == "9.00 ± 4.24" and row[5] == f"74.00 ± {math.sqrt(8):.2f}"
+    assert row[6] == f"{sp(2):.2f} ± 0.00" and row[7] == "5" and row[8] == "2"
+    # early stop: phase 2 from round 3; seed 0 stops at 4 (0.60 <= 0.672), seed 1 at 5 (0.60 <= 0.688)
+    row = table_row(md, "vanilla, early stop")
+    assert row[1] == "✓" and row[7] == "4, 5"
+    assert row[4] == f"{(5 + 12) / 2:.2f} ± {math.sqrt(((5 - 8.5) ** 2 + (12 - 8.5) ** 2)):.2f}"
+    assert row[5] == f"74.00 ± {math.sqrt(8):.2f}"
+    # distill + early stop: best 0.84 / 0.85 in phase 1 -> thr 0.672 / 0.68: both stop at 5 (0.60)
+    # best val among rounds <= 5: seed 0 round 2 (test 0.79), seed 1 round 3 (test 0.80)
+    row = table_row(md, "distill from dense + early stop")
+    assert row[1:4] == ["✓", "✓", "dense"] and row[7] == "5"
+    t0, t1 = 2 + 6 * 0.5, 4 + 6 * 0.5  # teacher cost + 6 rounds of KD inference
+    assert row[4] == f"9.00 ± 4.24 (+{(t0 + t1) / 2:.2f})"
+    assert row[5] == "79.50 ± 0.71"
+    assert row[6] == f"{(sp(2) + sp(3)) / 2:.2f} ± {abs(sp(3) - sp(2)) / math.sqrt(2):.2f}"
+    row = table_row(md, "distill from dense, no early stop")
+    assert row[1:4] == ["", "✓", "dense"] and row[4].endswith(f"(+{(t0 + t1) / 2:.2f})")
+    # per-round tables, one per phase, with labels
+    assert "### Per round: teacher (lenet300) = vanilla student" in md
+    assert "### Per round: student (lenet300) distilled from the dense teacher" in md
+
+
+def test_summary_table_teacher_stop_earlier_than_end_and_separate_student(tmp_path):
+    write_config(tmp_path, model="resnet18", student="vgg", seeds=[0, 1, 2], teachers=["best"])
+    write_rows(tmp_path, make_rows([0.8, 0.9, 0.5], ent=[1, 0.5, 0.5]))
+    write_rows(tmp_path, make_rows([0.7, 0.75], phase="vanilla"))
+    md = R.summary_table(R.load_run(tmp_path))
+    row = table_row(md, "teacher (resnet18), no early stop")
+    assert row[7] == "2†" and row[8] == "1/3"  # not at the wall yet; 1 of 3 seeds
+    row = table_row(md, "vanilla, early stop")
+    assert row[7] == "–" and row[5] == "75.00"  # never stopped: whole curve, a single seed has no ±
+
+
+# ---------------------------------------------------------------- summary.md and plots
+def _check_pngs(paths):
+    assert paths
+    for p in paths:
+        assert os.path.getsize(p) > 1000
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report(tmp_path):
+    _two_seed_run(tmp_path)
+    path = R.write_report(str(tmp_path))
+    assert path == os.path.join(str(tmp_path), "summary.md")
+    text = read(path)
+    for s in ("# DSD² run", "| vanilla, early stop |", "## Phase labels", "light", "accuracy_vs_sparsity.png",
+              "cum_pflops.png", "| dataset | fashion-mnist |"):
+        assert s in text
+    _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png"])
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_write_report_partial_runs(tmp_path):
+    # nothing at all, then a header-only metrics file: no crash, no plots
+    (tmp_path / "seed0" / "teacher").mkdir(parents=True)
+    text = read(R.write_report(str(tmp_path)))
+    assert "none yet" in text and "no completed rounds" in text
+    rows = make_rows([0.8])
+    with open(tmp_path / "seed0" / "teacher" / "metrics.csv", "w") as f:
+        f.write(",".join(rows[0]) + "\n")
+    R.write_report(str(tmp_path))
+    # one seed, only the teacher's dense round, NaNs everywhere, no config.json
+    rows = make_rows([NAN], [NAN], [NAN])
+    rows[0]["cum_flops"] = NAN
+    write_rows(tmp_path, rows)
+    text = read(R.write_report(str(tmp_path)))
+    assert "| vanilla, no early stop |" in text and "n/a" in text
+    _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png"])
+    # teacher half done, one seed, with a distill phase of a single round
+    write_config(tmp_path, seeds=[0, 1, 2])
+    write_rows(tmp_path, make_rows([0.8, 0.82, 0.7]))
+    write_rows(tmp_path, make_rows([0.8], phase="distill-dense", teacher_cost=1e15))
+    text = read(R.write_report(str(tmp_path)))
+    assert "| distill from dense + early stop |" in text
+    assert table_row(text, "vanilla, no early stop")[8] == "1/3"
