@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,10 @@ from reference import random_mask
 
 from sparsetrain.formats import CSR
 from sparsetrain.nn import SparseLinear
+
+# torch.sparse's CSR is "beta" and warns on every construction: the baseline is used as documented
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
 
 # (in, out, batch): VGG/ResNet classifier-sized and LeNet layers, as the issue lists them
 LINEAR_CASES = [(4608, 512, 2048), (784, 300, 128), (512, 10, 128), (3072, 768, 902)]
@@ -122,6 +127,15 @@ def main(argv=None):
         print("\n## SparseLinear forward+backward (fp32) vs dense masked F.linear and torch.sparse")
         results["linear"] = bench_linear(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, sparsities, reps)
         print_table(results["linear"], LINEAR_COLUMNS)
+    if args.only in (None, "conv"):
+        import conv_bench
+        print("\n## SparseConv2d forward+backward (fp32, batch 128) vs dense masked F.conv2d and SparseProp")
+        results["conv"] = conv_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
+        print_table(results["conv"], conv_bench.COLUMNS)
+    if args.only in (None, "gpu"):
+        import gpu_bench
+        print("\n## GPU (Triton)")
+        results["gpu"] = gpu_bench.run(args.quick)
     write_json(args.out, results)
     print(f"\nwritten: {args.out}")
 

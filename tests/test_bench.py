@@ -1,0 +1,39 @@
+"""The benchmark scripts run (tiny cases) and produce well-formed rows; speed itself is measured
+by `make bench`, never asserted in unit tests."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import conv_bench  # noqa: E402
+import kernels  # noqa: E402
+
+
+def _finite(row, keys):
+    return all(isinstance(row[k], float) and math.isfinite(row[k]) and row[k] > 0 for k in keys)
+
+
+def test_linear_section_rows():
+    rows = kernels.bench_linear([(37, 11, 9)], [0.5, 0.99], reps=1)
+    assert [r["sparsity"] for r in rows] == [0.5, 0.99]
+    for r in rows:
+        assert _finite(r, ["dense_ms", "sparse_ms", "torch_sparse_ms", "speedup", "vs_torch_sparse", "bytes_ratio"])
+        assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
+
+
+def test_conv_section_rows():
+    rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
+    assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"])
+
+
+def test_main_writes_json(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "k.json"
+    monkeypatch.setattr(kernels, "LINEAR_CASES", [(29, 7, 5)])
+    kernels.main(["--only", "linear", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and len(data["linear"]) == 4
+    assert "vs torch.sparse" in capsys.readouterr().out
