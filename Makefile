@@ -15,7 +15,7 @@ $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q numpy tqdm matplotlib pytest expecttest ninja
+	$(PIP) install -q numpy tqdm matplotlib scipy pytest expecttest ninja
 	touch $@
 
 # One C++ extension, rebuilt only when csrc/ or the build files change.
