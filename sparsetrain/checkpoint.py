@@ -2,7 +2,9 @@
 
 A model checkpoint stores its architecture (build_model arguments), the bool mask of every
 prunable layer, which layers run on the sparse engine, and the state_dict. Loading rebuilds the
-model, converts the same layers to sparse, and loads the weights with weights_only=True.
+model, converts the same layers to sparse, and loads the weights with weights_only=True. A
+filter-pruned model (sparsetrain.structured) also stores its kept channels ("channels"), and
+loading removes the others from the rebuilt model before loading the weights.
 """
 from __future__ import annotations
 
@@ -44,9 +46,12 @@ def safe_load(path: str) -> dict:
 def model_payload(model, masks: dict, arch: dict) -> dict:
     """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
     from .pruning import _is_sparse
-    return {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
-            "sparse_layers": [n for n, m in prunable_layers(model) if _is_sparse(m)],
-            "state": model.state_dict()}
+    payload = {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
+               "sparse_layers": [n for n, m in prunable_layers(model) if _is_sparse(m)],
+               "state": model.state_dict()}
+    if getattr(model, "kept_channels", None):  # filter-pruned: which original channels survive
+        payload["channels"] = dict(model.kept_channels)
+    return payload
 
 
 def restore_model(payload: dict):
@@ -55,6 +60,9 @@ def restore_model(payload: dict):
         if key not in payload:
             raise ValueError(f"checkpoint lacks {key!r}: not a model checkpoint")
     model = build_model(**payload["arch"])
+    if payload.get("channels"):
+        from .structured import keep_channels_
+        keep_channels_(model, payload["channels"])
     masks = payload["masks"]
     sparse = set(payload["sparse_layers"])
     sparsify_(model, {n: masks[n] for n in sparse})

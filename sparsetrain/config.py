@@ -34,7 +34,12 @@ class Config:
     tau: float = _f(10.0, "distillation temperature tau > 0 (Eq. 2)")
     rate: float = _f(0.2, "fraction of the remaining weights pruned per round, in (0, 1)")
     wall: float = _f(0.999, "stop after the first round whose sparsity reaches this (0, 1)")
-    scope: str = _f("global", "magnitude threshold: global (one over all layers) or layer (per layer)")
+    scope: str = _f("global", "magnitude threshold: global (one over all layers) or layer (per layer); "
+                    "for unstructured and block pruning")
+    structure: str = _f("unstructured", "what a round prunes: unstructured (weights), filter (l1 filter "
+                        "pruning per layer that physically removes channels, Appendix G; sequential models "
+                        "only) or block (whole --block x --block tiles by norm); both train dense layers, whatever --engine")
+    block: int = _f(32, "tile side for --structure block: 16, 32 or 64 (the BSR block sizes)")
     perturb: str = _f("none", "after pruning: none (keep weights), rewind (to iteration --rewind-iter), reinit")
     rewind_iter: int = _f(1000, "iteration of the dense training that rewind returns to")
     engine: str = _f("auto", "auto (sparse kernels per layer once sparse enough), dense (masked), sparse")
@@ -112,13 +117,18 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--tau must be > 0, got {cfg.tau}")
     choices = {"noise": ("symmetric", "uniform"), "scope": ("global", "layer"),
                "perturb": ("none", "rewind", "reinit"), "engine": ("auto", "dense", "sparse"),
-               "early_stop": ("none", "entropy")}
+               "early_stop": ("none", "entropy"), "structure": ("unstructured", "filter", "block")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise ValueError(f"--{k.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, k)!r}")
     for k in ("epochs", "batch_size"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(cfg, k)}")
+    if isinstance(cfg.block, bool) or cfg.block not in (16, 32, 64):
+        raise ValueError(f"--block must be one of (16, 32, 64), got {cfg.block}")
+    if cfg.structure == "filter" and any(n.lower().startswith("resnet") for n in (cfg.model, cfg.resolved_student())):
+        raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
+                         f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
     if not cfg.seeds:
         raise ValueError("--seeds needs at least one seed")
     if not cfg.teachers:

@@ -27,6 +27,7 @@ from .entropy import activation_entropy
 from .flops import forward_flops, training_flops
 from .models import build_model
 from .pruning import apply_engine, global_prune, load_weights_under_masks_, model_sparsity, prunable_layers
+from .structured import block_prune, can_prune, filter_prune, fit_state, structured_sparsity, weight_count
 from .train import evaluate, make_optimizer, train_epoch
 
 # config keys that do not change results (may differ between a run and its resume)
@@ -123,6 +124,11 @@ def run_phase(cfg: Config, splits, seed: int, phase: str, arch_name: str, pdir: 
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
     t_fwd = forward_flops(teacher, shape)["total"] if teacher is not None else 0
+    # filter pruning shrinks the layers: sparsity counts against the unpruned model's weights
+    n_orig = None
+    if cfg.structure == "filter":
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG as a resume finds it
+            n_orig = weight_count(build_model(**arch))
 
     def on_step():
         it[0] += 1
@@ -137,7 +143,7 @@ def run_phase(cfg: Config, splits, seed: int, phase: str, arch_name: str, pdir: 
                     state_path)
 
     while True:
-        sparsity = model_sparsity(model, masks)
+        sparsity = model_sparsity(model, masks) if n_orig is None else structured_sparsity(model, masks, n_orig)
         t0 = time.perf_counter()
         bar = tqdm(range(epoch, cfg.epochs), desc=f"seed {seed} {phase} round {rnd} ({sparsity:.2%})",
                    leave=False, initial=epoch, total=cfg.epochs, dynamic_ncols=True, disable=None)
@@ -169,16 +175,24 @@ def run_phase(cfg: Config, splits, seed: int, phase: str, arch_name: str, pdir: 
                    f"val {va['acc']:.3f}  test {te['acc']:.3f}  entropy {ent['mean']:.3f}  "
                    f"{row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
         _write_metrics(os.path.join(pdir, "metrics.csv"), rows)
-        # ---- stop? (wall, or Algorithm 2 when asked)
-        stop = _reached_wall(cfg, sparsity) or (
+        # ---- stop? (wall, nothing left to prune (structured), or Algorithm 2 when asked)
+        stop = _reached_wall(cfg, sparsity) or not can_prune(model, masks, cfg.structure, cfg.block) or (
             cfg.early_stop == "entropy" and report.algorithm2_stop(rows, cfg.t_e, cfg.t_a) is not None)
         if stop:
             break
-        # ---- next round: prune (global magnitude), perturb, engine, fresh optimizer + schedule
+        # ---- next round: prune (global magnitude, or structured), perturb, engine, fresh optimizer
         rnd, epoch = rnd + 1, 0
-        masks = global_prune(model, masks, cfg.rate, scope=cfg.scope)
+        if cfg.structure == "filter":  # channels removed: dense, smaller layers, no masks
+            filter_prune(model, cfg.rate)
+            masks = {}
+        elif cfg.structure == "block":
+            masks = block_prune(model, masks, cfg.rate, cfg.block, scope=cfg.scope)
+        else:
+            masks = global_prune(model, masks, cfg.rate, scope=cfg.scope)
         _perturb(cfg, model, masks, arch, seed, rnd, rewind)
-        masks = apply_engine(model, masks, cfg.engine)
+        # structured runs keep dense layers: the CSR engine would not exploit the structure, and
+        # the BSR kernels are Triton (GPU tensors); this loop trains on CPU
+        masks = apply_engine(model, masks, cfg.engine if cfg.structure == "unstructured" else "dense")
         opt, sched = make_optimizer(model, cfg)
         save_state()
     _finish(pdir, rows)
@@ -190,13 +204,13 @@ def _perturb(cfg, model, masks, arch, seed, rnd, rewind):
         if rewind is None:
             raise RuntimeError(f"--perturb rewind: the dense training ran fewer than --rewind-iter="
                                f"{cfg.rewind_iter} iterations; lower --rewind-iter")
-        load_weights_under_masks_(model, rewind, masks)
+        load_weights_under_masks_(model, fit_state(model, rewind, arch), masks)
     elif cfg.perturb == "reinit":
         g = torch.random.get_rng_state()
         torch.manual_seed(seed * 1000 + rnd)
         fresh = build_model(**arch).state_dict()
         torch.random.set_rng_state(g)
-        load_weights_under_masks_(model, fresh, masks)
+        load_weights_under_masks_(model, fit_state(model, fresh, arch), masks)
 
 
 def _finish(pdir: str, rows: list[dict]) -> None:

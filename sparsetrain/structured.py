@@ -1,0 +1,266 @@
+"""Structured pruning for the round loop: `--structure filter` and `--structure block`.
+
+Filter pruning (DSD² Appendix G, "structured l1-pruning"): every round each conv layer loses
+floor(rate * n) of its n remaining filters (output channels), those with the smallest l1 norm
+sum|W[c]| of the filter's weights (ties: lower index first); hidden linear layers lose neurons
+(rows) the same way. The ranking is per layer, as the paper's Table 13 counts filters per
+convolutional block (512 -> 256 -> ... -> 32 at rate 0.5 for VGG-like δ=1, γ=9) and as
+torch.nn.utils.prune.ln_structured(n=1, dim=0) does; `--scope` does not apply. Channels are
+removed physically: the conv's out_channels, the BatchNorm after it, and the next layer's
+in_channels (after a Flatten, the next linear's C*H*W input features of those channels) all
+shrink, so training, FLOPs and memory follow the smaller shapes. At least one filter per layer
+and all outputs of the last layer (the classes) are kept; at least one filter per layer with more
+than one is removed, so the loop always progresses. A removed channel's BatchNorm shift no longer
+reaches the next layer (as in every channel-pruning scheme). Only sequential models: a residual
+addition ties the channel counts of the layers it joins.
+
+The model remembers which original channels survive in `model.kept_channels` ({layer name: int64
+original indices}); checkpoints store it, and restore rebuilds the full model with build_model and
+keeps the same channels (`keep_channels_`), so weights_only loading still works.
+
+Block pruning (`--block` BS): a weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (edge
+tiles partial); each round `rate` (floor, at least one) of the surviving tiles with the smallest
+Frobenius norm are pruned, with one threshold over all layers (`--scope global`) or per layer.
+Each layer keeps at least its largest tile. Masks only shrink. Such masks are what
+sparsetrain.bsr.BSR stores; the pipeline trains them with the dense masked engine on CPU (the BSR
+kernels are Triton, for GPU tensors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bsr import _as_matrix, _blocks, _check_block
+from .pruning import _is_sparse, masks_of, prunable_layers
+
+__all__ = ["STRUCTURES", "filter_prune", "keep_channels_", "filter_groups", "block_prune", "can_prune",
+           "weight_count", "structured_sparsity", "fit_state"]
+
+STRUCTURES = ("unstructured", "filter", "block")
+SEQUENTIAL_ONLY = ("--structure filter supports sequential models (vgg_like, lenet300); residual "
+                   "connections tie channel counts")
+# modules a channel passes through unchanged (per channel or per position)
+_PASS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+# ============================================================================ filter pruning
+@dataclass
+class _Group:
+    """A prunable layer, the BatchNorms on its channels and the layer consuming them."""
+    name: str
+    layer: nn.Module
+    bns: list
+    nxt: nn.Module
+    spatial: int  # input features of `nxt` per channel (H*W after a Flatten, else 1)
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules in forward order of a (nested) nn.Sequential; anything else is refused."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"{SEQUENTIAL_ONLY}; got {type(model).__name__}")
+    out = []
+
+    def walk(prefix: str, seq: nn.Sequential):
+        for n, m in seq.named_children():
+            if isinstance(m, nn.Sequential):
+                walk(f"{prefix}{n}.", m)
+            elif _is_sparse(m):
+                raise ValueError(f"--structure filter needs dense layers; {prefix}{n!r} is {type(m).__name__}")
+            elif type(m) in (nn.Conv2d, nn.Linear, nn.Flatten) or isinstance(m, _PASS + _BN):
+                out.append((f"{prefix}{n}", m))
+            else:
+                raise ValueError(f"{SEQUENTIAL_ONLY}; {type(m).__name__} at {prefix}{n!r} is not supported")
+    walk("", model)
+    return out
+
+
+def filter_groups(model: nn.Module) -> list[_Group]:
+    """The prunable layers (every conv/linear but the last) with what their channels feed."""
+    leaves = _leaves(model)
+    weighted = [i for i, (_, m) in enumerate(leaves) if type(m) in (nn.Conv2d, nn.Linear)]
+    groups = []
+    for i, j in zip(weighted, weighted[1:]):
+        name, layer = leaves[i]
+        c = layer.weight.shape[0]
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError(f"layer {name!r}: grouped convolutions are not supported by --structure filter")
+        bns, flat = [], False
+        for n, m in leaves[i + 1:j]:
+            if isinstance(m, _BN):
+                if m.num_features != c:
+                    raise ValueError(f"BatchNorm {n!r} has {m.num_features} features, expected {c}")
+                bns.append(m)
+            elif isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise ValueError(f"Flatten {n!r}: only Flatten(1) is supported")
+                flat = True
+        nname, nxt = leaves[j]
+        fan_in = nxt.in_channels if isinstance(nxt, nn.Conv2d) else nxt.in_features
+        if isinstance(nxt, nn.Conv2d) and nxt.groups != 1:
+            raise ValueError(f"layer {nname!r}: grouped convolutions are not supported by --structure filter")
+        # Flatten(1) of [C, H, W] puts channel c at features c*H*W ... (c+1)*H*W - 1
+        spatial = fan_in // c if (flat or fan_in == c) and fan_in % c == 0 else 0
+        if spatial < 1:
+            raise ValueError(f"layer {nname!r} takes {fan_in} inputs, not a multiple of {name!r}'s {c} channels")
+        groups.append(_Group(name, layer, bns, nxt, spatial))
+    return groups
+
+
+def _take(module: nn.Module, attr: str, idx: torch.Tensor, dim: int) -> None:
+    t = getattr(module, attr)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, idx).clone()
+    setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+
+
+@torch.no_grad()
+def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
+    """Physically keep only the output channels `keep[name]` (indices into the layer's current
+    channels) of each named layer of `filter_groups(model)`; shrinks its BatchNorms and the next
+    layer's inputs. Updates `model.kept_channels` (original indices). Returns the model."""
+    groups = {g.name: g for g in filter_groups(model)}
+    unknown = sorted(set(keep) - set(groups))
+    if unknown:
+        raise ValueError(f"keep names layers whose channels cannot be removed: {unknown}; "
+                         f"prunable: {sorted(groups)}")
+    kept = dict(getattr(model, "kept_channels", {}))
+    for name, idx in keep.items():
+        g = groups[name]
+        n = g.layer.weight.shape[0]
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        if idx.numel() < 1 or int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel():
+            raise ValueError(f"keep[{name!r}] must hold 1 to {n} distinct indices in [0, {n})")
+        idx = idx.sort().values
+        _take(g.layer, "weight", idx, 0)
+        _take(g.layer, "bias", idx, 0)
+        if isinstance(g.layer, nn.Conv2d):
+            g.layer.out_channels = idx.numel()
+        else:
+            g.layer.out_features = idx.numel()
+        for bn in g.bns:
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                _take(bn, attr, idx, 0)
+            bn.num_features = idx.numel()
+        cols = (idx[:, None] * g.spatial + torch.arange(g.spatial)).flatten()
+        _take(g.nxt, "weight", cols.to(g.nxt.weight.device), 1)
+        if isinstance(g.nxt, nn.Conv2d):
+            g.nxt.in_channels = idx.numel()
+        else:
+            g.nxt.in_features = cols.numel()
+        kept[name] = kept.get(name, torch.arange(n))[idx]
+    model.kept_channels = kept
+    return model
+
+
+def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
+    """One round of per-layer l1 filter pruning (module docstring). Returns {layer: removed}."""
+    if not (0.0 < rate < 1.0):
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    keep, removed = {}, {}
+    for g in filter_groups(model):
+        w = g.layer.weight.detach()
+        n = w.shape[0]
+        k = min(n - 1, max(1, int(rate * n)))  # floor like global_prune; >= 1 to progress, keep >= 1
+        if k < 1:
+            continue
+        l1 = w.abs().reshape(n, -1).sum(1)
+        keep[g.name] = torch.argsort(l1, stable=True)[k:].cpu()
+        removed[g.name] = k
+    keep_channels_(model, keep)
+    return removed
+
+
+def weight_count(model: nn.Module) -> int:
+    """Prunable (conv and linear) weights of the model as it is now, zeros included."""
+    return sum(_prod(m.weight.shape) for _, m in prunable_layers(model))  # CSR weights have .shape too
+
+
+def structured_sparsity(model: nn.Module, masks: dict, original: int) -> float:
+    """1 - surviving prunable weights / `original` (the unpruned model's weight_count)."""
+    kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
+    return 1.0 - kept / original if original else 0.0
+
+
+def fit_state(model: nn.Module, state: dict, arch: dict) -> dict:
+    """A full-size state_dict (rewind snapshot, fresh init) cut to `model`'s kept channels."""
+    kept = getattr(model, "kept_channels", None)
+    if not kept:
+        return state
+    from .models import build_model
+    full = build_model(**arch)
+    full.load_state_dict(state)
+    return keep_channels_(full, kept).state_dict()
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+# ============================================================================ block pruning
+def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
+    """(Frobenius norm, alive) per block, flattened in row-major block order."""
+    norms = _blocks(_as_matrix(w * mask).float(), bs).square().sum((2, 3)).sqrt()
+    alive = _blocks(_as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
+    return norms.flatten(), alive.flatten(), norms.shape
+
+
+def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, scope: str = "global") -> dict:
+    """One round of block pruning (module docstring): returns the shrunken masks of every prunable
+    layer (dense layers only) and zeroes the weights under pruned blocks."""
+    bs = _check_block(block)
+    if not (0.0 < rate < 1.0):
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    layers = prunable_layers(model)
+    if any(_is_sparse(m) for _, m in layers):
+        raise ValueError("--structure block needs dense masked layers (engine dense)")
+    cur = masks_of(model, masks)
+    stats = {n: _block_stats(m.weight.detach(), cur[n], bs) for n, m in layers}
+    new_masks = dict(masks)
+    for group in ([layers] if scope == "global" else [[l] for l in layers]):
+        cand, n_alive = [], 0
+        for li, (n, _) in enumerate(group):
+            norms, alive, _ = stats[n]
+            n_alive += int(alive.sum())
+            ok = alive.clone()
+            if bool(alive.any()):  # the layer's largest surviving block is never a candidate
+                ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
+            idx = ok.nonzero().flatten()
+            cand.append((norms[idx], torch.full_like(idx, li), idx))
+        norms = torch.cat([c[0] for c in cand])
+        k = min(max(1, int(rate * n_alive)), norms.numel())
+        # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
+        pick = torch.argsort(norms, stable=True)[:k]
+        which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]
+        for li, (n, m) in enumerate(group):
+            _, alive, shape = stats[n]
+            keep = alive.clone()
+            keep[blk[which == li]] = False
+            rows, cols = _as_matrix(m.weight).shape
+            full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
+            new_masks[n] = cur[n] & full.reshape(m.weight.shape).to(cur[n].device)
+            with torch.no_grad():
+                m.weight.mul_(new_masks[n])
+    return new_masks
+
+
+def can_prune(model: nn.Module, masks: dict, structure: str, block: int = 32) -> bool:
+    """Whether another round can remove anything: filter: a layer with > 1 channel; block: a layer
+    with > 1 surviving block; unstructured: always (the wall stops it)."""
+    if structure == "filter":
+        return any(g.layer.weight.shape[0] > 1 for g in filter_groups(model))
+    if structure == "block":
+        cur = masks_of(model, masks)
+        return any(int(_block_stats(m.weight.detach(), cur[n], _check_block(block))[1].sum()) > 1
+                   for n, m in prunable_layers(model))
+    if structure == "unstructured":
+        return True
+    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

@@ -1,0 +1,259 @@
+"""Structured pruning: l1 filter pruning that removes channels physically (Appendix G), block
+pruning by tile norm, their checkpoints, and both end to end through experiment.main."""
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrain import experiment
+from sparsetrain.bsr import BSR
+from sparsetrain.checkpoint import load_model, safe_load, save_model
+from sparsetrain.config import config_from_args
+from sparsetrain.flops import forward_flops
+from sparsetrain.models import build_model, lenet_300_100, resnet18, vgg_like
+from sparsetrain.pruning import masks_of, prunable_layers
+from sparsetrain.structured import (block_prune, can_prune, filter_groups, filter_prune, keep_channels_,
+                                    fit_state, structured_sparsity, weight_count)
+from test_pipeline import _args, mnist_dir  # noqa: F401  (fixture)
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model
+
+
+def _reference(orig, kept):
+    """The unpruned model with the removed channels' contributions to the next layer zeroed."""
+    ref = copy.deepcopy(orig)
+    for g in filter_groups(ref):
+        if g.name not in kept:
+            continue
+        gone = torch.ones(g.layer.weight.shape[0], dtype=torch.bool)
+        gone[kept[g.name]] = False
+        cols = gone.repeat_interleave(g.spatial)
+        with torch.no_grad():
+            g.nxt.weight[:, cols] = 0
+    return ref
+
+
+@pytest.mark.parametrize("which", ["vgg", "lenet"])
+def test_filter_prune_counts_shapes_and_forward_equality(which):
+    torch.manual_seed(0)
+    if which == "vgg":
+        model, x, rate = _randomise_bn(vgg_like(1, 5)), torch.randn(4, 3, 32, 32), 0.25
+        expected = {"block1_1.conv": 24, "block1_2.conv": 24}
+    else:
+        model, x, rate = lenet_300_100(), torch.randn(4, 1, 28, 28), 0.5
+        expected = {"fc1": 150, "fc2": 50}
+    model.eval()
+    orig = copy.deepcopy(model)
+    n0 = weight_count(orig)
+    removed = filter_prune(model, rate)
+    assert {n: m.weight.shape[0] for n, m in prunable_layers(model)} == {**expected, **{
+        n: m.weight.shape[0] for n, m in prunable_layers(orig) if n not in expected}}
+    assert removed == {n: prunable_layers(orig)[i][1].weight.shape[0] - c
+                       for i, (n, c) in enumerate(expected.items())}
+    out = model(x)
+    assert out.shape == orig(x).shape == (4, 10)
+    torch.testing.assert_close(out, _reference(orig, model.kept_channels)(x), rtol=1e-5, atol=1e-5)
+    # the lowest-l1 filters went; weights are the originals at the kept channels
+    for n, kept in model.kept_channels.items():
+        w0 = orig.get_submodule(n).weight.detach()
+        l1 = w0.abs().reshape(w0.shape[0], -1).sum(1)
+        gone = torch.ones(w0.shape[0], dtype=torch.bool)
+        gone[kept] = False
+        assert l1[gone].max() <= l1[kept].min()
+        assert set(gone.nonzero().flatten().tolist()) == set(torch.argsort(l1)[:removed[n]].tolist())
+    assert 0 < structured_sparsity(model, {}, n0) == pytest.approx(1 - weight_count(model) / n0)
+    assert forward_flops(model, tuple(x.shape[1:]))["total"] < forward_flops(orig, tuple(x.shape[1:]))["total"]
+
+
+def test_rounds_compose_original_indices_and_keep_one_channel():
+    torch.manual_seed(0)
+    model = _randomise_bn(vgg_like(1, 2, num_classes=3, image_size=8)).eval()  # 4 filters per conv
+    orig = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    filter_prune(model, 0.5)
+    filter_prune(model, 0.3)  # floor(0.6) = 0 -> still one removed, so rounds always progress
+    k1, k2 = model.kept_channels["block1_1.conv"], model.kept_channels["block1_2.conv"]
+    assert len(k1) == len(k2) == 1
+    torch.testing.assert_close(model.block1_2.conv.weight, orig.block1_2.conv.weight[k2][:, k1])
+    torch.testing.assert_close(model.block1_2.bn.running_var, orig.block1_2.bn.running_var[k2])
+    torch.testing.assert_close(model(x), _reference(orig, model.kept_channels)(x), rtol=1e-5, atol=1e-5)
+    assert not can_prune(model, {}, "filter")
+    assert filter_prune(model, 0.5) == {}  # nothing left: one channel per layer, classes kept
+    assert model.classifier.out_features == 3
+
+
+def test_filter_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    arch = dict(name="vgg_d1g5", num_classes=10, in_channels=3, image_size=32)
+    model = _randomise_bn(build_model(**arch))
+    full_state = copy.deepcopy(model.state_dict())
+    filter_prune(model, 0.5)
+    filter_prune(model, 0.5)
+    cut = fit_state(model, full_state, arch)  # what rewind / reinit load: the kept channels' entries
+    assert cut.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(cut[k], v), k
+    save_model(str(tmp_path / "m.pt"), model, {}, arch, round=2)
+    loaded, masks, payload = load_model(str(tmp_path / "m.pt"))  # weights_only=True inside
+    assert payload["round"] == 2 and loaded.block1_2.conv.weight.shape == (8, 8, 3, 3)
+    assert loaded.classifier.in_features == 8 * 49
+    for n in model.kept_channels:
+        assert torch.equal(loaded.kept_channels[n], model.kept_channels[n])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+    filter_prune(loaded, 0.5)  # a restored model prunes on
+    assert loaded.block1_1.conv.out_channels == 4
+
+
+def test_filter_rejects_residual_models():
+    with pytest.raises(ValueError, match="residual connections tie channel counts"):
+        filter_prune(resnet18(), 0.5)
+    with pytest.raises(ValueError, match="keep names layers"):
+        keep_channels_(lenet_300_100(), {"fc3": [0]})
+    with pytest.raises(ValueError, match=r"keep\['fc1'\] must hold"):
+        keep_channels_(lenet_300_100(), {"fc1": [0, 0]})
+
+
+def _blocky(mask, bs):
+    m = mask.reshape(mask.shape[0], -1)
+    for i in range(0, m.shape[0], bs):
+        for j in range(0, m.shape[1], bs):
+            t = m[i:i + bs, j:j + bs]
+            if not (bool(t.all()) or not bool(t.any())):
+                return False
+    return True
+
+
+def test_block_prune_structure_shrink_and_lowest_norms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 40, 3), nn.ReLU(), nn.Flatten(), nn.Linear(40 * 4 * 4, 70),
+                          nn.ReLU(), nn.Linear(70, 10))
+    bs = 16
+    masks, prev = {}, masks_of(model)
+    w0 = {n: m.weight.detach().clone() for n, m in prunable_layers(model)}
+    for rnd in range(4):
+        n_alive = sum(int(BSR.from_dense(w0[n], bs, prev[n]).nnz_blocks) for n in prev)
+        masks = block_prune(model, masks, 0.5, bs)
+        cur = masks_of(model, masks)
+        for n, m in prunable_layers(model):
+            assert _blocky(cur[n], bs)
+            assert not bool((cur[n] & ~prev[n]).any()), "masks only shrink"
+            assert bool((m.weight.detach()[~cur[n]] == 0).all())
+            BSR.from_dense(m.weight.detach(), bs, cur[n])  # accepted as block-structured
+        kept = sum(int(BSR.from_dense(w0[n], bs, cur[n]).nnz_blocks) for n in cur)
+        assert kept == n_alive - int(0.5 * n_alive)
+        if rnd == 0:  # the pruned blocks are the lowest-norm ones (global ranking)
+            pruned, kept_n = [], []
+            for n in cur:
+                w = w0[n].reshape(w0[n].shape[0], -1)
+                mk = cur[n].reshape(w.shape)
+                for i in range(0, w.shape[0], bs):
+                    for j in range(0, w.shape[1], bs):
+                        nrm = float(w[i:i + bs, j:j + bs].norm())
+                        (kept_n if bool(mk[i, j]) else pruned).append(nrm)
+            assert max(pruned) <= min(kept_n)
+        prev = cur
+    assert structured_sparsity(model, masks, weight_count(model)) > 0.8
+    while can_prune(model, masks, "block", bs):
+        masks = block_prune(model, masks, 0.5, bs)
+    for n, mk in masks_of(model, masks).items():  # each layer keeps its largest block
+        assert bool(mk.any())
+    with pytest.raises(ValueError, match="block must be one of"):
+        block_prune(model, masks, 0.5, 48)
+
+
+def test_block_prune_layer_scope():
+    torch.manual_seed(0)
+    model = lenet_300_100()
+    masks = block_prune(model, {}, 0.25, 32, scope="layer")
+    for n, m in prunable_layers(model):
+        alive0 = BSR.from_dense(torch.ones_like(m.weight), 32).nnz_blocks
+        assert BSR.from_dense(torch.ones_like(m.weight), 32, masks[n]).nnz_blocks == alive0 - max(1, int(0.25 * alive0))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["mnist", "--structure", "channels"], "--structure must be one of"),
+    (["mnist", "--block", "48"], "--block must be one of"),
+    (["cifar10", "--structure", "filter"], "residual connections tie channel counts"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        config_from_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_filter(mnist_dir):  # noqa: F811
+    assert experiment.main(_args(mnist_dir, "--structure", "filter", "--teachers", "best")) == 0
+    pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
+    rows = _rows(pd / "metrics.csv")
+    n0 = 784 * 300 + 300 * 100 + 100 * 10
+    widths = [(300, 100), (150, 50), (75, 25), (38, 13), (19, 7)]  # floor(0.5 n) removed per round
+    assert len(rows) == len(widths)
+    for r, (a, b) in zip(rows, widths):
+        assert float(r["sparsity"]) == pytest.approx(1 - (784 * a + a * b + b * 10) / n0, abs=1e-6)
+    flops = [float(r["fwd_flops"]) for r in rows]
+    assert flops == sorted(flops, reverse=True)
+    model, masks, payload = load_model(str(pd / "ckpt" / "round_04.pt"))
+    assert (model.fc1.out_features, model.fc2.in_features, model.fc3.out_features) == (19, 19, 10)
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    best = json.loads((pd / "best.json").read_text())
+    assert len(_rows(pd.parent / "distill-best" / "metrics.csv")) == len(widths) and best["round"] in range(5)
+
+
+def test_end_to_end_block(mnist_dir):  # noqa: F811
+    assert experiment.main(_args(mnist_dir, "--structure", "block", "--block", "32", "--engine", "sparse",
+                                 "--teachers", "dense")) == 0
+    pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
+    rows = _rows(pd / "metrics.csv")
+    assert float(rows[-1]["sparsity"]) >= 0.9 and all(int(r["sparse_layers"]) == 0 for r in rows)
+    prev = None
+    for k in range(len(rows)):
+        m = safe_load(str(pd / "ckpt" / f"round_{k:02d}.pt"))["masks"]
+        for n, mk in m.items():
+            assert _blocky(mk, 32)
+            if prev is not None:
+                assert not bool((mk & ~prev[n]).any())
+        prev = m
+
+
+def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, monkeypatch):  # noqa: F811
+    base = _args(mnist_dir, "--structure", "filter", "--perturb", "rewind", "--rewind-iter", "0",
+                 "--teachers", "dense", "--wall", "0.8")
+    assert experiment.main(base + ["--out", str(mnist_dir / "a")]) == 0
+    calls, real = {"n": 0}, experiment.train_epoch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second epoch of round 2: a shrunken model in state.pt
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(experiment, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.main(base + ["--out", str(mnist_dir / "b")])
+    monkeypatch.setattr(experiment, "train_epoch", real)
+    assert experiment.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
+    for phase in ("teacher", "distill-dense"):
+        ra, rb = (_rows(mnist_dir / d / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv") for d in "ab")
+        assert len(ra) == 4  # sparsity 0, .53, .77, .89
+        assert [{k: v for k, v in r.items() if k not in ("wall_s", "sec_per_epoch")} for r in ra] == \
+            [{k: v for k, v in r.items() if k not in ("wall_s", "sec_per_epoch")} for r in rb]
