@@ -16,42 +16,37 @@ from .formats import CSR
 __all__ = ["SparseLinear", "SparseConv2d", "sparsify_", "densify_", "SPARSE_TYPES"]
 
 
-class SparseLinear(nn.Module):
-    """y = x W^T + b with W stored as CSR ([out_features, in_features])."""
+class _SparseLayer(nn.Module):
+    """What SparseLinear and SparseConv2d share: a CSR weight of `ndim` dims, an optional dense
+    bias, nnz/sparsity, and the copy back into the dense layer built by `_dense_layer()`."""
 
-    def __init__(self, weight: CSR, bias: torch.Tensor | None = None):
+    ndim = 2
+    shape_doc = "[out, in]"
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None):
         super().__init__()
         if not isinstance(weight, CSR):
             raise TypeError(f"weight must be a sparsetrain.CSR, got {type(weight).__name__}")
-        if len(weight.shape) != 2:
-            raise ValueError(f"weight must be 2-D [out, in], got shape {weight.shape}")
-        self.out_features, self.in_features = weight.shape
+        if len(weight.shape) != self.ndim:
+            raise ValueError(f"weight must be {self.ndim}-D {self.shape_doc}, got shape {weight.shape}")
         self.weight = weight
+        out = weight.shape[0]
         if bias is not None:
-            if bias.shape != (self.out_features,):
-                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            if bias.shape != (out,):
+                raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
 
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(CSR.from_dense(linear.weight, mask), linear.bias)
-
-    def to_dense(self) -> nn.Linear:
-        w = self.weight
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.values.device, dtype=w.values.dtype)
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense layer (zeros where pruned)."""
+        dense = self._dense_layer(bias=self.bias is not None, device=self.weight.values.device,
+                                  dtype=self.weight.values.dtype)
         with torch.no_grad():
-            lin.weight.copy_(w.to_dense())
+            dense.weight.copy_(self.weight.to_dense())
             if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_linear(x, self.weight, self.bias)
+                dense.bias.copy_(self.bias)
+        return dense
 
     @property
     def nnz(self) -> int:
@@ -61,33 +56,47 @@ class SparseLinear(nn.Module):
     def sparsity(self) -> float:
         return self.weight.sparsity
 
+    def _sparse_repr(self) -> str:
+        return f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
+
+
+class SparseLinear(_SparseLayer):
+    """y = x W^T + b with W stored as CSR ([out_features, in_features])."""
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(CSR.from_dense(linear.weight, mask), linear.bias)
+
+    def _dense_layer(self, **kw) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.weight, self.bias)
+
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
 
 
-class SparseConv2d(nn.Module):
+class SparseConv2d(_SparseLayer):
     """F.conv2d(x, W, b, stride, padding) with W stored as CSR ([out, in, kh, kw]; rows = output
     channels, columns = in * kh * kw). Direct sparse convolution on CPU (csrc/cpu/sparse_conv2d.cpp);
     zero padding, dilation 1, groups 1."""
 
+    ndim = 4
+    shape_doc = "[out, in, kh, kw]"
+
     def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
-        super().__init__()
-        if not isinstance(weight, CSR):
-            raise TypeError(f"weight must be a sparsetrain.CSR, got {type(weight).__name__}")
-        if len(weight.shape) != 4:
-            raise ValueError(f"weight must be 4-D [out, in, kh, kw], got shape {weight.shape}")
+        super().__init__(weight, bias)
         self.out_channels, self.in_channels = weight.shape[:2]
         self.kernel_size = tuple(weight.shape[2:])
         self.stride = tuple(ops._pair(stride, "stride"))
         self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
-        self.weight = weight
-        if bias is not None:
-            if bias.shape != (self.out_channels,):
-                raise ValueError(f"bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
@@ -101,39 +110,19 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         return cls(CSR.from_dense(conv.weight, mask), conv.bias, conv.stride, conv.padding)
 
-    def to_dense(self) -> nn.Conv2d:
-        w = self.weight
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         bias=self.bias is not None, device=w.values.device, dtype=w.values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(w.to_dense())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+    def _dense_layer(self, **kw) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
-    @property
-    def nnz(self) -> int:
-        return self.weight.nnz
-
-    @property
-    def sparsity(self) -> float:
-        return self.weight.sparsity
-
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-                f"nnz={self.nnz}, sparsity={self.sparsity:.4f}")
+                f"stride={self.stride}, padding={self.padding}, {self._sparse_repr()}")
 
 
 # dense type -> sparse type (sparsify_ and densify_ look layers up here).
 SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
-
-
-def _dense_of(sparse_cls):
-    return {v: k for k, v in SPARSE_TYPES.items()}[sparse_cls]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
