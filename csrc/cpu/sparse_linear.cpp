@@ -17,67 +17,101 @@
 namespace sparsetrain {
 namespace {
 
-// xt[k * TB + t] = x[t * K + k], zero-padded for t >= tb; and its inverse. Float tiles use
-// AVX-512 gathers when the CPU has them (1.7x faster than the scalar loop measured on SPR);
-// otherwise, and for the inverse (where gathers measured slower), a loop blocked over k keeps the
-// TB-strided accesses in L1.
+// xt[k * TB + t] = x[t * K + k], zero-padded for t >= tb; and its inverse. Float tiles go through
+// an 8x8 AVX2 register transpose when the CPU has AVX2 (24 shuffles per 64 elements instead of one
+// scalar strided store each); the tails and other CPUs take a loop blocked over k so the
+// TB-strided accesses stay in L1.
 constexpr int64_t kKB = 16;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ST_HAVE_AVX512_PATH 1
-__attribute__((target("avx512f"), noinline)) void transpose_f32_avx512(const float* x, int64_t K,
-                                                                      int64_t tb, float* xt, int TB) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i vidx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int32_t(K)));
-  for (int64_t t0 = 0; t0 < TB; t0 += 16) {
-    const int64_t lanes = std::max<int64_t>(0, std::min<int64_t>(16, tb - t0));
-    const __mmask16 m = __mmask16((1u << lanes) - 1u);
-    const float* base = x + std::min(t0, std::max<int64_t>(tb - 1, 0)) * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, vidx, base + k, 4);
-      _mm512_store_ps(xt + k * TB + t0, v);
-    }
-  }
+#define ST_HAVE_AVX2_PATH 1
+// dst[i * ld + j] = src[j * ls + i] for one 8x8 block
+__attribute__((target("avx2"), always_inline)) inline void tr8x8(const float* src, int64_t ls, float* dst,
+                                                                 int64_t ld) {
+  const __m256 r0 = _mm256_loadu_ps(src + 0 * ls), r1 = _mm256_loadu_ps(src + 1 * ls);
+  const __m256 r2 = _mm256_loadu_ps(src + 2 * ls), r3 = _mm256_loadu_ps(src + 3 * ls);
+  const __m256 r4 = _mm256_loadu_ps(src + 4 * ls), r5 = _mm256_loadu_ps(src + 5 * ls);
+  const __m256 r6 = _mm256_loadu_ps(src + 6 * ls), r7 = _mm256_loadu_ps(src + 7 * ls);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
-inline bool use_avx512_transpose(int64_t K) {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok && K < (int64_t(1) << 26);  // lane * K must fit the int32 gather index
+
+// The full 8x8 blocks of src [rows8, cols8] (leading dim ls) into dst [cols8, rows8] (leading dim ld).
+__attribute__((target("avx2"), noinline)) void transpose_blocks_avx2(const float* src, int64_t ls,
+                                                                     float* dst, int64_t ld,
+                                                                     int64_t rows8, int64_t cols8) {
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) tr8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
+}
+
+inline bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
 }
 #endif
 
 template <typename T, int TB>
 ST_INLINE void transpose_tile(const T* x, int64_t K, int64_t tb, T* xt) {
-#ifdef ST_HAVE_AVX512_PATH
+  int64_t t8 = 0, k8 = 0;  // rows t < t8 have their columns k < k8 done by the vector path
+#ifdef ST_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512_transpose(K)) return transpose_f32_avx512(x, K, tb, xt, TB);
+    if (have_avx2()) {
+      t8 = tb & ~int64_t(7), k8 = K & ~int64_t(7);
+      transpose_blocks_avx2(x, K, xt, TB, t8, k8);
+    }
   }
 #endif
   for (int64_t k0 = 0; k0 < K; k0 += kKB) {
     const int64_t k1 = std::min(K, k0 + kKB);
     for (int64_t t = 0; t < tb; ++t) {
       const T* xr = x + t * K;
-      for (int64_t k = k0; k < k1; ++k) xt[k * TB + t] = xr[k];
+      for (int64_t k = std::max(k0, t < t8 ? k8 : 0); k < k1; ++k) xt[k * TB + t] = xr[k];
     }
     for (int64_t k = k0; k < k1; ++k)
       for (int64_t t = tb; t < TB; ++t) xt[k * TB + t] = T(0);
   }
 }
 
+// x[t * ldx + k] = xt[k * TB + t] for t < tb, k < K (ldx: x's row pitch, >= K)
 template <typename T, int TB>
-ST_INLINE void untranspose_tile(const T* xt, int64_t K, int64_t tb, T* x) {
+ST_INLINE void untranspose_tile(const T* xt, int64_t K, int64_t tb, T* x, int64_t ldx) {
+  int64_t t8 = 0, k8 = 0;
+#ifdef ST_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx2()) {
+      t8 = tb & ~int64_t(7), k8 = K & ~int64_t(7);
+      transpose_blocks_avx2(xt, TB, x, ldx, k8, t8);
+    }
+  }
+#endif
   for (int64_t k0 = 0; k0 < K; k0 += kKB) {
     const int64_t k1 = std::min(K, k0 + kKB);
     for (int64_t t = 0; t < tb; ++t) {
-      T* xr = x + t * K;
-      for (int64_t k = k0; k < k1; ++k) xr[k] = xt[k * TB + t];
+      T* xr = x + t * ldx;
+      for (int64_t k = std::max(k0, t < t8 ? k8 : 0); k < k1; ++k) xr[k] = xt[k * TB + t];
     }
   }
 }
 
-// Y[b0:b0+tb, n0:n1] = Xtile A^T (+ bias), A in compressed rows (ptr, idx, vals).
+// yt[(n - n0) * TB + t] = (Xtile A^T + bias)[t, n] for n in [n0, n1), A in compressed rows
+// (ptr, idx, vals); written as whole vectors, transposed into y afterwards.
 template <typename T, int TB>
 ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, const T* vals,
-                         const T* bias, int64_t n0, int64_t n1, int64_t N, int64_t tb, T* y) {
+                         const T* bias, int64_t n0, int64_t n1, T* yt) {
   // The TB accumulators as NV 64-byte vectors in named registers (one zmm each on AVX-512; GCC
   // splits them per clone): a larger generic vector or an array would be spilled to the stack and
   // every nonzero would round-trip through memory (measured 3x slower).
@@ -99,21 +133,20 @@ ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, co
       ST_ACC(0) ST_ACC(1) ST_ACC(2) ST_ACC(3) ST_ACC(4) ST_ACC(5) ST_ACC(6) ST_ACC(7)
 #undef ST_ACC
     }
-    alignas(64) T acc[TB];
     const V parts[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-    std::memcpy(acc, parts, sizeof(T) * TB);
-    for (int64_t t = 0; t < tb; ++t) y[t * N + n] = acc[t];
+    std::memcpy(yt + (n - n0) * TB, parts, sizeof(T) * TB);
   }
 }
 
 // ---- per-tile work, multiversioned. at::parallel_for runs its lambda as a separate function, so
 // the SIMD clones must sit inside the lambda, not around parallel_for.
 template <typename T, int TB>
-ST_INLINE void fwd_tile_impl(const T* x, int64_t tb, int64_t K, bool load, T* xt, const int64_t* ptr,
-                             const int32_t* idx, const T* vals, const T* bias, int64_t n0, int64_t n1,
-                             int64_t N, T* y) {
+ST_INLINE void fwd_tile_impl(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,
+                             const int64_t* ptr, const int32_t* idx, const T* vals, const T* bias,
+                             int64_t n0, int64_t n1, int64_t N, T* y) {
   if (load) transpose_tile<T, TB>(x, K, tb, xt);
-  spmm_tile<T, TB>(xt, ptr, idx, vals, bias, n0, n1, N, tb, y);
+  spmm_tile<T, TB>(xt, ptr, idx, vals, bias, n0, n1, yt);
+  untranspose_tile<T, TB>(yt, n1 - n0, tb, y + n0, N);
 }
 
 // dx tile: dxt[col(p), :] += v(p) * dyt[row(p), :] in a thread-private [K, TB] tile, transposed out.
@@ -131,7 +164,7 @@ ST_INLINE void dgrad_tile_impl(const T* dy, int64_t tb, int64_t N, T* dyt, T* dx
       for (int t = 0; t < TB; ++t) xr[t] += v * dr[t];
     }
   }
-  untranspose_tile<T, TB>(dxt, K, tb, dx);
+  untranspose_tile<T, TB>(dxt, K, tb, dx, K);
 }
 
 // dW partial: part[p] += <dyt[row(p), :], xt[col(p), :]> over one batch tile.
@@ -155,10 +188,10 @@ ST_INLINE void wgrad_tile_impl(const T* dy, const T* x, int64_t tb, int64_t N, i
 #define ST_TB(CALL) \
   if (TB == 64) { constexpr int TBc = 64; CALL; } else { constexpr int TBc = 16; CALL; }
 #define ST_DEFINE_TILES(T)                                                                          \
-  ST_MULTIVERSION void fwd_tile(const T* x, int64_t tb, int64_t K, bool load, T* xt,                \
+  ST_MULTIVERSION void fwd_tile(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,         \
                                 const int64_t* ptr, const int32_t* idx, const T* vals,              \
                                 const T* bias, int64_t n0, int64_t n1, int64_t N, T* y, int TB) {   \
-    ST_TB((fwd_tile_impl<T, TBc>(x, tb, K, load, xt, ptr, idx, vals, bias, n0, n1, N, y)))          \
+    ST_TB((fwd_tile_impl<T, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias, n0, n1, N, y)))      \
   }                                                                                                 \
   ST_MULTIVERSION void dgrad_tile(const T* dy, int64_t tb, int64_t N, T* dyt, T* dxt,               \
                                   const int64_t* ptr, const int32_t* idx, const T* vals, int64_t K, \
@@ -189,12 +222,13 @@ void spmm(const T* x, int64_t B, int64_t K, const int64_t* ptr, const int32_t* i
   const int64_t nchunks = nbt >= nthreads ? 1 : std::min<int64_t>(N, (nthreads + nbt - 1) / nbt);
   at::parallel_for(0, nbt * nchunks, 1, [&](int64_t begin, int64_t end) {
     T* xt = scratch<T>(size_t(K) * TB, 0);
+    T* yt = scratch<T>(size_t(N) * TB, 1);
     int64_t loaded = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / nchunks, c = task % nchunks;
       const int64_t b0 = bt * TB, tb = std::min<int64_t>(TB, B - b0);
       const int64_t n0 = N * c / nchunks, n1 = N * (c + 1) / nchunks;
-      fwd_tile(x + b0 * K, tb, K, bt != loaded, xt, ptr, idx, vals, bias, n0, n1, N, y + b0 * N, TB);
+      fwd_tile(x + b0 * K, tb, K, bt != loaded, xt, yt, ptr, idx, vals, bias, n0, n1, N, y + b0 * N, TB);
       loaded = bt;
     }
   });
