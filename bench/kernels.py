@@ -116,7 +116,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
     p.add_argument("--only", choices=["linear", "conv", "gpu"], help="run one section")
     p.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"), help="JSON output path")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]
     reps = 3 if args.quick else 7
     info = machine_info()
