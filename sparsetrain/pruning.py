@@ -8,7 +8,8 @@ shrinks every mask: masks only shrink.
 
 Engine policy (`engine`): "dense" keeps dense masked layers (the reference), "sparse" makes every
 layer sparse, "auto" makes a layer sparse once its sparsity reaches the crossover measured by
-bench/kernels.py on CPU (SPARSE_FROM), where the C++ kernels beat dense masked GEMMs.
+bench/kernels.py on CPU (SPARSE_FROM), where the C++ kernels beat dense masked GEMMs, provided
+the layer is not tiny (SPARSE_MIN_WEIGHTS).
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ __all__ = ["prunable_layers", "masks_of", "global_prune", "apply_engine", "spars
            "enforce_masks_", "mask_grads_", "model_sparsity", "ENGINES", "SPARSE_FROM"]
 
 ENGINES = ("auto", "dense", "sparse")
-# layer sparsity from which the sparse kernels win on CPU (bench/kernels.py crossovers, README)
+# layer sparsity from which the sparse kernels win on CPU (bench/kernels.py crossovers, README), and
+# the weight count below which a layer stays dense (a 512->10 classifier costs ~0.1 ms either way,
+# and the op's fixed overhead loses to a tiny dense GEMM)
 SPARSE_FROM = {"linear": 0.7, "conv": 0.8}
+SPARSE_MIN_WEIGHTS = 16384
 
 
 def _is_sparse(m: nn.Module) -> bool:
@@ -135,7 +139,7 @@ def apply_engine(model: nn.Module, masks: dict, engine: str) -> dict:
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()
-        if engine == "sparse" or sp >= SPARSE_FROM[kind]:
+        if engine == "sparse" or (sp >= SPARSE_FROM[kind] and mk.numel() >= SPARSE_MIN_WEIGHTS):
             to_sparse[name] = mk
     if to_sparse:
         from .nn import sparsify_

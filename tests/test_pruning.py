@@ -79,11 +79,21 @@ def test_engines_agree(engine):
         assert types == {"Conv2d", "Linear"}
     if engine == "sparse":
         assert types == {"SparseConv2d", "SparseLinear"}
-    if engine == "auto":  # sparsity 1 - 0.7^6 = 0.88: linear and conv past their crossovers
-        assert "SparseLinear" in types
+    if engine == "auto":  # sparsity 1 - 0.7^6 = 0.88 is past the crossovers, but these layers are tiny
+        assert types == {"Conv2d", "Linear"}
     assert masks_of(model, masks).keys() == masks_of(ref, masks_ref).keys()
     for n in masks_ref:
         assert torch.equal(masks_of(model, masks)[n], masks_of(ref, masks_ref)[n])
+
+
+def test_auto_engine_converts_large_sparse_layers_only():
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    masks = {}
+    for _ in range(6):  # 88% sparse
+        masks = global_prune(model, masks, 0.3)
+    masks = apply_engine(model, masks, "auto")
+    assert isinstance(model[0], SparseLinear) and type(model[2]) is nn.Linear
+    assert set(masks) == {"2"}
 
 
 def test_rewind_restores_weights_under_mask():
