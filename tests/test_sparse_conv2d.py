@@ -134,6 +134,25 @@ def test_torch_compile():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_outputs_never_alias_live_tensors():
+    # large outputs come from a pool of buffers; a buffer is reused only once nothing references it
+    torch.manual_seed(9)
+    layer = SparseConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), random_mask((16, 16, 3, 3), 0.5))
+    x = torch.randn(8, 16, 48, 48)  # 1.2 MB outputs: pooled
+    with torch.no_grad():
+        y1 = layer(x)
+        ref = y1.clone()
+        y2 = layer(x)
+        assert y1.data_ptr() != y2.data_ptr()
+        y2.add_(1.0)
+        torch.testing.assert_close(y1, ref)
+        view = y1[:, :2]  # a view keeps the storage referenced
+        del y1, y2
+        y3 = layer(x)
+        assert y3.data_ptr() != view.data_ptr()
+        torch.testing.assert_close(view, ref[:, :2])
+
+
 # ---------------------------------------------------------------------------- module API
 def test_module_api_and_state_dict_roundtrip(tmp_path):
     torch.manual_seed(5)

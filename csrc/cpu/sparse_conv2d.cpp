@@ -15,28 +15,42 @@
 // input channels for the input gradient), so threads never write the same output. Hot loops are
 // in ST_MULTIVERSION task functions (a lambda does not inherit the clones' target ISA).
 #include <cstring>
-#include <mutex>
 
 #include "common.h"
 
 namespace sparsetrain {
 namespace {
 
-constexpr int64_t QB = 128;                  // positions per register block (8 zmm of fp32)
+constexpr int64_t QB = 128;  // positions per register block: 8 zmm accumulators of fp32
 constexpr int64_t kTileBytes = 768 * 1024;   // packed x (or dy) tile: stays in L2
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// Zero padding is not stored per sample: a phase plane holds only real pixels followed by zero
+// columns/rows, and a tap reaching left of (above) the plane reads the previous row's (sample's)
+// trailing zeros. So every shift may be negative, and the plane is as small as the shifts allow:
+// 5x5 instead of 6x6 for a 4x4 input and a 3x3 kernel with padding 1 (25 positions instead of 36).
 struct Plan {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
-  int64_t PH, PW, frame, nph;  // phase plane, its size, number of phases
+  int64_t PH, PW, frame, nph;  // phase plane (real pixels + zero gap), its size, phases
   int64_t bt, nbt;             // samples per tile, tiles
-  int64_t S, L;                // phase segment stride, positions computed (multiples of QB)
-  int64_t F, xs, ys;           // dy front slack (>= max tap shift), packed channel strides
-  std::vector<int64_t> tap_in, tap_ph;  // per tap: shift inside the phase plane, phase index
-  std::vector<int64_t> row_off, col_off;  // dx unpack: input row iy / column phase j -> dxp offset
+  int64_t S, L, LX;            // segment stride (multiple of QB); positions computed for y/dw
+                               // and for dx (multiples of QB/2: the last block may be half)
+  int64_t XF, F, xs, ys;       // front slacks of packed x and dy, packed channel strides
+  std::vector<int64_t> tap_in, tap_ph;    // per tap: shift inside the phase plane, phase index
+  std::vector<uint8_t> used_ph;           // phases some tap reads
+  std::vector<int64_t> row_off, col_off;  // dx unpack: input row iy / column ix < sw -> offset
 };
+
+// Phase plane extent along one axis: it must hold the real pixels (n/s rounded up), the output
+// grid (on), the reach of the last output (on - 1 + max shift) and, past the real pixels, as many
+// zeros as the first output reaches before the plane (-min shift).
+int64_t plane_extent(int64_t n, int64_t k, int64_t s, int64_t p, int64_t on) {
+  const int64_t lo = floor_div(-p, s), hi = on - 1 + floor_div(k - 1 - p, s);
+  return std::max({ceil_div(n, s) - lo, hi + 1, on, int64_t(1)});
+}
 
 Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
                at::IntArrayRef st, at::IntArrayRef pad, size_t elem) {
@@ -47,8 +61,10 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   TORCH_CHECK(Hp >= P.kh && Wp >= P.kw, "input spatial size (", H, ", ", W, ") plus padding (",
               P.ph, ", ", P.pw, ") is smaller than the kernel (", P.kh, ", ", P.kw, ")");
   P.OH = (Hp - P.kh) / P.sh + 1, P.OW = (Wp - P.kw) / P.sw + 1;
-  P.PH = ceil_div(Hp, P.sh), P.PW = ceil_div(Wp, P.sw);
+  P.PH = plane_extent(H, P.kh, P.sh, P.ph, P.OH), P.PW = plane_extent(W, P.kw, P.sw, P.pw, P.OW);
   P.frame = P.PH * P.PW, P.nph = P.sh * P.sw;
+  // tiles of the larger packed operand of ~kTileBytes (measured: sizing x + dy together for the
+  // backward halves the tiles and is slower)
   const int64_t per_sample = std::max<int64_t>(std::max<int64_t>(C * P.nph, O) * P.frame * elem, 1);
   const int64_t bt_max = std::clamp<int64_t>(kTileBytes / per_sample, 1, std::max<int64_t>(B, 1));
   int64_t nbt = ceil_div(B, bt_max);
@@ -57,21 +73,26 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   P.bt = std::max<int64_t>(ceil_div(B, std::max<int64_t>(nbt, 1)), 1);
   P.nbt = ceil_div(B, P.bt);
   P.S = round_up(P.bt * P.frame, QB);
-  P.L = round_up((P.bt - 1) * P.frame + (P.OH - 1) * P.PW + P.OW, QB);
-  P.F = round_up(((P.kh - 1) / P.sh) * P.PW + (P.kw - 1) / P.sw, 16);
-  P.xs = P.nph * P.S + QB;
-  P.ys = P.F + P.S;
+  P.L = round_up((P.bt - 1) * P.frame + (P.OH - 1) * P.PW + P.OW, QB / 2);
+  P.LX = round_up((P.bt - 1) * P.frame + (ceil_div(H, P.sh) - 1) * P.PW + ceil_div(W, P.sw), QB / 2);
+  P.used_ph.assign(P.nph, 0);
+  int64_t lo = 0, hi = 0;
   for (int64_t i = 0; i < P.kh; ++i)
     for (int64_t j = 0; j < P.kw; ++j) {
-      P.tap_in.push_back((i / P.sh) * P.PW + j / P.sw);
-      P.tap_ph.push_back((i % P.sh) * P.sw + j % P.sw);
+      const int64_t di = i - P.ph, dj = j - P.pw;  // tap (i, j) reads pixel (s*oy + di, s*ox + dj)
+      const int64_t sh = floor_div(di, P.sh) * P.PW + floor_div(dj, P.sw);
+      const int64_t f = (di - floor_div(di, P.sh) * P.sh) * P.sw + (dj - floor_div(dj, P.sw) * P.sw);
+      P.tap_in.push_back(sh);
+      P.tap_ph.push_back(f);
+      P.used_ph[f] = 1;
+      lo = std::min(lo, sh), hi = std::max(hi, sh);
     }
-  for (int64_t iy = 0; iy < H; ++iy) {
-    const int64_t yy = iy + P.ph;
-    P.row_off.push_back((yy % P.sh) * P.sw * P.S + (yy / P.sh) * P.PW);
-  }
-  for (int64_t j = 0; j < P.sw; ++j)  // column ix = j (+ k*sw) of x is column xx = j + pw of xpad
-    P.col_off.push_back(((j + P.pw) % P.sw) * P.S + (j + P.pw) / P.sw);
+  P.XF = round_up(-lo, 16);             // x is read at q + shift >= -XF
+  P.F = round_up(hi, 16);               // dy is read at r - shift >= -F
+  P.xs = P.XF + P.nph * P.S + QB;       // tail: the last block reads up to QB past the grid
+  P.ys = P.F + P.S + round_up(-lo, 16);
+  for (int64_t iy = 0; iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
+  for (int64_t j = 0; j < P.sw; ++j) P.col_off.push_back(j * P.S);
   return P;
 }
 
@@ -120,52 +141,63 @@ ST_INLINE void zero_n(T* d, int64_t n) {
   zero_bytes(reinterpret_cast<char*>(d), n * int64_t(sizeof(T)));
 }
 
-// Samples b0.. of channel c of x ([B, C, H, W]) into the phase planes at dst (stride xs).
+// Packing streams through x (dy) in memory order, sample by sample and channel by channel (the
+// loads are the call's DRAM traffic); the zero slacks around each channel are written separately.
+// x plane (b, c) -> frame b of channel c's phase planes (channel base dst, stride xs): phase
+// (a, bb) row u, column v holds x[s*u + a, s*v + bb], zeros past the real pixels.
 template <typename T>
-ST_INLINE void pack_x(const Plan& P, const T* x, int64_t b0, int64_t tb, int64_t c, T* dst) {
+ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
   for (int64_t a = 0; a < P.sh; ++a)
     for (int64_t bb = 0; bb < P.sw; ++bb) {
-      T* seg = dst + (a * P.sw + bb) * P.S;
-      // columns v with input column v*sw + bb - pw inside [0, W)
-      const int64_t v0 = P.pw > bb ? ceil_div(P.pw - bb, P.sw) : 0;
-      const int64_t v1 = std::max(v0, std::min(P.PW, ceil_div(P.W + P.pw - bb, P.sw)));
-      for (int64_t b = 0; b < P.bt; ++b) {
-        T* fr = seg + b * P.frame;
-        if (b >= tb) { zero_n(fr, P.frame); continue; }
-        const T* src = x + ((b0 + b) * P.C + c) * P.H * P.W;
-        for (int64_t u = 0; u < P.PH; ++u) {
-          T* row = fr + u * P.PW;
-          const int64_t iy = u * P.sh + a - P.ph;
-          if (iy < 0 || iy >= P.H) { zero_n(row, P.PW); continue; }
-          const T* s = src + iy * P.W + bb - P.pw;
-          zero_n(row, v0);
-          if (P.sw == 1) copy_n(row + v0, s + v0, v1 - v0);
-          else if (P.sw == 2) for (int64_t v = v0; v < v1; ++v) row[v] = s[2 * v];  // vectorised
-          else for (int64_t v = v0; v < v1; ++v) row[v] = s[v * P.sw];
-          zero_n(row + v1, P.PW - v1);
-        }
+      if (!P.used_ph[a * P.sw + bb]) continue;  // no tap reads this phase (1x1 stride 2)
+      T* fr = dst + P.XF + (a * P.sw + bb) * P.S + b * P.frame;
+      const int64_t nv = bb < P.W ? ceil_div(P.W - bb, P.sw) : 0;  // real columns
+      for (int64_t u = 0; u < P.PH; ++u) {
+        T* row = fr + u * P.PW;
+        const int64_t iy = u * P.sh + a;
+        if (iy >= P.H) { zero_n(row, P.PW); continue; }
+        const T* s = src + iy * P.W + bb;
+        if (P.sw == 1) copy_n(row, s, nv);
+        else if (P.sw == 2) for (int64_t v = 0; v < nv; ++v) row[v] = s[2 * v];  // vectorised
+        else for (int64_t v = 0; v < nv; ++v) row[v] = s[v * P.sw];
+        zero_n(row + nv, P.PW - nv);
       }
-      zero_n(seg + P.bt * P.frame, P.S - P.bt * P.frame);
     }
-  zero_n(dst + P.nph * P.S, P.xs - P.nph * P.S);
 }
 
-// Samples b0.. of channel o of dy ([B, O, OH, OW]) onto the output grid at dst + F, zeros at junk.
+// Zeros of channel base dst outside the frames of samples < tb: front slack, frames of missing
+// samples, segment tails; unused phases only where neighbouring phases' reads may reach.
 template <typename T>
-ST_INLINE void pack_dy(const Plan& P, const T* dy, int64_t b0, int64_t tb, int64_t o, T* dst) {
-  zero_n(dst, P.F);
-  T* g = dst + P.F;
-  for (int64_t b = 0; b < P.bt; ++b) {
-    T* fr = g + b * P.frame;
-    if (b >= tb) { zero_n(fr, P.frame); continue; }
-    const T* src = dy + ((b0 + b) * P.O + o) * P.OH * P.OW;
-    for (int64_t oy = 0; oy < P.OH; ++oy) {
-      copy_n(fr + oy * P.PW, src + oy * P.OW, P.OW);
-      zero_n(fr + oy * P.PW + P.OW, P.PW - P.OW);
+ST_INLINE void pack_x_slack(const Plan& P, int64_t tb, T* dst) {
+  zero_n(dst, P.XF);
+  for (int64_t f = 0; f < P.nph; ++f) {
+    T* seg = dst + P.XF + f * P.S;
+    if (!P.used_ph[f]) {  // reads of the neighbouring phases reach QB past their end, XF before
+      zero_n(seg, QB);
+      const int64_t back = std::min(P.XF, P.S);
+      zero_n(seg + P.S - back, back);
+      continue;
     }
-    zero_n(fr + P.OH * P.PW, (P.PH - P.OH) * P.PW);
+    zero_n(seg + tb * P.frame, P.S - tb * P.frame);
   }
-  zero_n(g + P.bt * P.frame, P.S - P.bt * P.frame);
+  zero_n(dst + P.XF + P.nph * P.S, P.xs - P.XF - P.nph * P.S);
+}
+
+// dy plane (b, o) onto frame b of the output grid at dst + F, zeros at junk positions.
+template <typename T>
+ST_INLINE void pack_dy_plane(const Plan& P, const T* src, int64_t b, T* dst) {
+  T* fr = dst + P.F + b * P.frame;
+  for (int64_t oy = 0; oy < P.OH; ++oy) {
+    copy_n(fr + oy * P.PW, src + oy * P.OW, P.OW);
+    zero_n(fr + oy * P.PW + P.OW, P.PW - P.OW);
+  }
+  zero_n(fr + P.OH * P.PW, (P.PH - P.OH) * P.PW);
+}
+
+template <typename T>
+ST_INLINE void pack_dy_slack(const Plan& P, int64_t tb, T* dst) {
+  zero_n(dst, P.F);
+  zero_n(dst + P.F + tb * P.frame, P.ys - P.F - tb * P.frame);
 }
 
 // 64-byte GCC vectors (one zmm; two ymm or four xmm in the other clones); U: unaligned access.
@@ -182,47 +214,47 @@ template <> struct Vec<double> {
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
 // cache lines from L2 each, so they are requested kPrefetch nonzeros ahead.
 constexpr int64_t kPrefetch = 6;
-template <typename T>
+template <typename T, int64_t NQ>
 ST_INLINE void prefetch_block(const T* p) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t u = 0; u <= QB * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
+  for (int64_t u = 0; u <= NQ * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
 }
 
-// out[0:QB] = init + sum_k w[k] * base[off[k] + 0:QB], the QB accumulators in registers.
-template <typename T>
+// out[0:NQ] = init + sum_k w[k] * base[off[k] + 0:NQ], the NQ accumulators in registers.
+template <typename T, int64_t NQ = QB>
 ST_INLINE void axpy_block(T* __restrict out, const T* base, const int64_t* off, const T* w,
                           int64_t n, T init) {
   using V = typename Vec<T>::V;
   using U = typename Vec<T>::U;
-  constexpr int NV = QB * sizeof(T) / 64;
+  constexpr int NV = NQ * sizeof(T) / 64;
   V acc[NV];
   for (int u = 0; u < NV; ++u) acc[u] = V{} + init;
   for (int64_t k = 0; k < n; ++k) {
     const T v = w[k];
     const U* s = reinterpret_cast<const U*>(base + off[k]);
-    if (k + kPrefetch < n) prefetch_block<T>(base + off[k + kPrefetch]);
+    if (k + kPrefetch < n) prefetch_block<T, NQ>(base + off[k + kPrefetch]);
     for (int u = 0; u < NV; ++u) acc[u] += v * s[u];
   }
   for (int u = 0; u < NV; ++u) reinterpret_cast<U*>(out)[u] = acc[u];
 }
 
-// pv[k] (one vector of partial sums per nonzero) += g[0:QB] * base[off[k] + 0:QB] for k < n,
+// pv[k] (one vector of partial sums per nonzero) += g[0:NQ] * base[off[k] + 0:NQ] for k < n,
 // the block of g in registers; the caller reduces pv[k] to a scalar once per tile.
-template <typename T>
+template <typename T, int64_t NQ = QB>
 ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t n,
                          typename Vec<T>::V* __restrict pv) {
   using V = typename Vec<T>::V;
   using U = typename Vec<T>::U;
-  constexpr int NV = QB * sizeof(T) / 64;
+  constexpr int NV = NQ * sizeof(T) / 64;
   V gv[NV];
   for (int u = 0; u < NV; ++u) gv[u] = reinterpret_cast<const U*>(g)[u];
   for (int64_t k = 0; k < n; ++k) {
     const U* s = reinterpret_cast<const U*>(base + off[k]);
-    if (k + kPrefetch < n) prefetch_block<T>(base + off[k + kPrefetch]);
-    V a0 = gv[0] * s[0], a1 = gv[1] * s[1];
-    for (int u = 2; u < NV; u += 2) {
-      a0 += gv[u] * s[u];
-      a1 += gv[u + 1] * s[u + 1];
+    if (k + kPrefetch < n) prefetch_block<T, NQ>(base + off[k + kPrefetch]);
+    V a0 = gv[0] * s[0], a1 = V{};
+    for (int u = 1; u < NV; ++u) {  // two independent chains
+      if (u & 1) a1 += gv[u] * s[u];
+      else a0 += gv[u] * s[u];
     }
     pv[k] += a0 + a1;
   }
@@ -239,7 +271,24 @@ template <typename T>
 ST_INLINE void pack_x_tile(const Args<T>& A, int64_t b0, int64_t tb, T* xp) {
   const Plan& P = *A.P;
   for (int64_t c = 0; c < P.C; ++c)
-    if (A.used_c[c]) pack_x(P, A.x, b0, tb, c, xp + c * P.xs);
+    if (A.used_c[c]) pack_x_slack(P, tb, xp + c * P.xs);
+  for (int64_t b = 0; b < tb; ++b) {
+    const T* src = A.x + (b0 + b) * P.C * P.H * P.W;
+    for (int64_t c = 0; c < P.C; ++c)
+      if (A.used_c[c]) pack_x_plane(P, src + c * P.H * P.W, b, xp + c * P.xs);
+  }
+}
+
+template <typename T>
+ST_INLINE void pack_dy_tile(const Args<T>& A, int64_t b0, int64_t tb, T* dyp) {
+  const Plan& P = *A.P;
+  for (int64_t o = 0; o < P.O; ++o)
+    if (A.used_o[o]) pack_dy_slack(P, tb, dyp + o * P.ys);
+  for (int64_t b = 0; b < tb; ++b) {
+    const T* src = A.dy + (b0 + b) * P.O * P.OH * P.OW;
+    for (int64_t o = 0; o < P.O; ++o)
+      if (A.used_o[o]) pack_dy_plane(P, src + o * P.OH * P.OW, b, dyp + o * P.ys);
+  }
 }
 
 // Forward of one tile for output channels [o0, o1).
@@ -257,7 +306,9 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
       for (int64_t b = 0; b < tb; ++b) fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
       continue;
     }
-    for (int64_t q = 0; q < P.L; q += QB) axpy_block(ob + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+    int64_t q = 0;
+    for (; q + QB <= P.L; q += QB) axpy_block(ob + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+    if (q < P.L) axpy_block<T, QB / 2>(ob + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * P.O + o) * plane;
       for (int64_t oy = 0; oy < P.OH; ++oy)
@@ -276,8 +327,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   T* dyp = scratch<T>(size_t(P.O) * P.ys, 1);
   T* db = scratch<T>(size_t(P.nph) * P.S, 2);
   if (pack) {
-    for (int64_t o = 0; o < P.O; ++o)
-      if (A.used_o[o]) pack_dy(P, A.dy, b0, tb, o, dyp + o * P.ys);
+    pack_dy_tile(A, b0, tb, dyp);
     if (part) pack_x_tile(A, b0, tb, xp);
   }
   if (A.dx) {
@@ -289,8 +339,10 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       for (int64_t f = 0; f < P.nph; ++f) {
         const int64_t e0 = A.dptr[c * P.nph + f], n = A.dptr[c * P.nph + f + 1] - e0;
         T* d = db + f * P.S;
-        if (n == 0) { zero_n(d, P.S); continue; }
-        for (int64_t r = 0; r < P.S; r += QB) axpy_block(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+        if (n == 0) { zero_n(d, P.LX); continue; }
+        int64_t r = 0;
+        for (; r + QB <= P.LX; r += QB) axpy_block(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+        if (r < P.LX) axpy_block<T, QB / 2>(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
       }
       // dx[b, c, iy, ix] = dxp[phase((iy+ph)%sh, (ix+pw)%sw)][b][(iy+ph)/sh][(ix+pw)/sw]
       for (int64_t b = 0; b < tb; ++b) {
@@ -299,7 +351,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
           const T* rows = db + P.row_off[iy] + b * P.frame;
           T* dr = d + iy * P.W;
           if (P.sw == 1) {
-            copy_n(dr, rows + P.pw, P.W);
+            copy_n(dr, rows, P.W);
           } else if (P.sw == 2) {  // interleave the even- and odd-column phases
             const T* re = rows + P.col_off[0];
             const T* ro = rows + P.col_off[1];
@@ -325,7 +377,9 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;
       V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (64 / sizeof(T)), 3));
       for (int64_t k = 0; k < n; ++k) pv[k] = V{};
-      for (int64_t q = 0; q < P.L; q += QB) dot_block(g + q, xp + q, A.xoff + p0, n, pv);
+      int64_t q = 0;
+      for (; q + QB <= P.L; q += QB) dot_block(g + q, xp + q, A.xoff + p0, n, pv);
+      if (q < P.L) dot_block<T, QB / 2>(g + q, xp + q, A.xoff + p0, n, pv);
       for (int64_t k = 0; k < n; ++k) part[p0 + k] += hsum<T>(pv[k]);
     }
   }
@@ -372,7 +426,7 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) {
         const int64_t t = col[p] % khkw;
-        I.xoff[p] = (col[p] / khkw) * P.xs + P.tap_ph[t] * P.S + P.tap_in[t];
+        I.xoff[p] = (col[p] / khkw) * P.xs + P.XF + P.tap_ph[t] * P.S + P.tap_in[t];
       }
     });
     for (int64_t p = 0; p < nnz; ++p) I.used_c[col[p] / khkw] = 1;
@@ -433,39 +487,6 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
         dvals[p] = s;
       }
     });
-}
-
-// ------------------------------------------------------------------------------ output pool
-// A fresh 33 MB activation costs ~8k page faults (~10 ms, as much as the whole sparse product at
-// 99%). Large outputs are therefore taken from buffers this engine allocated earlier and that no
-// tensor references any more (storage use_count 1: only the pool holds it), like the caching
-// allocator of CUDA. Bounded by kPoolBytes; free entries are evicted first-in when full.
-constexpr size_t kPoolMinBytes = size_t(1) << 20;
-constexpr size_t kPoolBytes = size_t(2) << 30;
-
-at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  if (bytes < kPoolMinBytes) return at::empty(sizes, opt);
-  static std::mutex mu;
-  static std::vector<at::Storage> pool;
-  static size_t held = 0;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const at::Storage& st : pool)
-    if (st.nbytes() == bytes && st.use_count() == 1) return at::empty({0}, opt).set_(st, 0, sizes);
-  at::Tensor t = at::empty(sizes, opt);
-  for (size_t i = 0; i < pool.size() && held + bytes > kPoolBytes;) {
-    if (pool[i].use_count() == 1) {
-      held -= pool[i].nbytes();
-      pool.erase(pool.begin() + i);
-    } else {
-      ++i;
-    }
-  }
-  if (held + bytes <= kPoolBytes) {
-    pool.push_back(t.storage());
-    held += bytes;
-  }
-  return t;
 }
 
 // ------------------------------------------------------------------------------ op entry points
@@ -542,7 +563,7 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
   }
   const at::Tensor xc = x.contiguous();
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size());
-  at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
+  at::Tensor y = pooled_storage_empty({P.B, O, P.OH, P.OW}, x.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
@@ -589,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor xc = x ? x->contiguous() : at::Tensor();
   at::Tensor dx, dv;
-  if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_empty({B, C, H, W}, g.options());
+  if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_storage_empty({B, C, H, W}, g.options());
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {

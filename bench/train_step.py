@@ -1,0 +1,174 @@
+"""One full training step (forward, backward, SGD update) of CIFAR ResNet-18 and VGG-like(5, 5),
+batch 128 at 32x32: every conv and linear layer sparse (sparsetrain, sparsify_) vs the same
+model dense-masked (weight * mask in every forward through a parametrization), per sparsity.
+
+    python bench/train_step.py            # ResNet-18 and VGG-like d5g5, sparsity 0/0.9/0.99/0.999
+    python bench/train_step.py --quick    # ResNet-18 at 0.99 only, 2 timed steps
+
+Reports the median step time, the peak resident memory during the steps (VmHWM, reset before
+each configuration; it includes the model, optimizer state and activations, and the engine's
+output-buffer pool) and, from one profiled step, where the time goes (sparse conv/linear ops,
+dense conv/linear, BatchNorm, ReLU/pooling, optimizer, other). JSON: bench/results/train_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import HERE, machine_info, print_table, write_json  # noqa: E402
+from reference import random_mask  # noqa: E402
+
+import sparsetrain  # noqa: E402
+from sparsetrain.models import resnet18, vgg_like  # noqa: E402
+
+BATCH = 128
+MODELS = {"resnet18": lambda: resnet18(10, 3), "vgg_d5g5": lambda: vgg_like(5, 5, 10, 3)}
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w):
+        return w * self.mask
+
+
+def build(name: str, sparsity: float, engine: str, seed: int = 0):
+    """The model with every conv/linear weight masked at `sparsity` (random, per layer)."""
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    g = torch.Generator().manual_seed(seed + 1)
+    masks = {n: random_mask(m.weight.shape, sparsity, generator=g)
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if engine == "sparse":
+        sparsetrain.sparsify_(model, masks)
+    else:
+        for n, mask in masks.items():
+            parametrize.register_parametrization(model.get_submodule(n), "weight", _Mask(mask))
+    return model
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+_CATEGORIES = [("sparse conv/linear", ("sparsetrain",)),
+               ("dense conv/linear", ("conv", "addmm", "aten::mm", "linear", "mkldnn")),
+               ("batchnorm", ("batch_norm",)),
+               ("relu/pool/add", ("relu", "threshold", "clamp_min", "pool", "aten::add")),
+               ("optimizer", ("sgd", "_foreach", "optimizer")),
+               ("mask multiply", ("aten::mul",))]
+
+
+def _breakdown(step) -> dict:
+    """Self CPU time of one step's top-level ops, grouped by category (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out = {c: 0.0 for c, _ in _CATEGORIES}
+    out["other"] = 0.0
+    for ev in prof.key_averages():
+        ms = ev.self_cpu_time_total / 1e3
+        name = ev.key.lower()
+        for cat, keys in _CATEGORIES:
+            if any(k.lower() in name for k in keys):
+                out[cat] += ms
+                break
+        else:
+            out["other"] += ms
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def run(models, sparsities, steps: int, profile: bool = True) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g)
+    t = torch.randint(0, 10, (BATCH,), generator=g)
+    for name in models:
+        for sp in sparsities:
+            row = {"model": name, "sparsity": sp}
+            for engine in ("dense", "sparse"):
+                model = build(name, sp, engine).train()
+                opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+                def step():
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), t).backward()
+                    opt.step()
+
+                step()  # warm-up (builds cached indices, buffers)
+                _reset_peak()
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    step()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                row[f"{engine}_ms"] = statistics.median(times)
+                row[f"{engine}_peak_mb"] = _vm("VmHWM") / 2**20
+                row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+                if profile:
+                    row[f"{engine}_breakdown_ms"] = _breakdown(step)
+                del model, opt
+            row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+            rows.append(row)
+            print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "
+                  f"x{row['speedup']:.2f}  peak RSS {row['dense_peak_mb']:.0f} / {row['sparse_peak_mb']:.0f} MB",
+                  flush=True)
+            if profile:
+                print(f"      dense  breakdown ms: {row['dense_breakdown_ms']}")
+                print(f"      sparse breakdown ms: {row['sparse_breakdown_ms']}", flush=True)
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense ms", ".1f"),
+           ("sparse_ms", "sparse ms", ".1f"), ("speedup", "speedup", ".2f"),
+           ("dense_peak_mb", "dense peak MB", ".0f"), ("sparse_peak_mb", "sparse peak MB", ".0f"),
+           ("dense_param_mb", "dense params MB", ".1f"), ("sparse_param_mb", "sparse params MB", ".2f")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="ResNet-18 at 0.99, 2 timed steps")
+    p.add_argument("--models", default=None, help=f"comma-separated from {list(MODELS)}")
+    p.add_argument("--sparsities", default=None, help="comma-separated, default 0,0.9,0.99,0.999")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-category time breakdown")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
+    args = p.parse_args(argv)
+    models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
+    sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
+        ([0.99] if args.quick else [0.0, 0.9, 0.99, 0.999])
+    steps = args.steps or (2 if args.quick else 5)
+    info = machine_info()
+    print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
+          f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
+    rows = run(models, sps, steps, profile=not args.no_profile)
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"machine": info, "batch": BATCH, "train_step": rows})
+    print(f"\nwritten: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
