@@ -80,15 +80,15 @@ def test_study_schedule_best_round_and_outputs(mnist_dir):
     assert (rd / "summary.md").exists()
 
 
-def test_resume_after_kill_equals_uninterrupted(mnist_dir, monkeypatch):
-    base = _args(mnist_dir, "--teachers", "dense")
+def kill_and_resume(mnist_dir, monkeypatch, base, kill_at, phases=("teacher", "distill-dense")):
+    """Run `base` uninterrupted into a/, and into b/ killed at the kill_at-th epoch then resumed;
+    assert every phase's metrics agree (timings aside) and return {phase: rows}."""
     assert experiment.main(base + ["--out", str(mnist_dir / "a")]) == 0
-    calls = {"n": 0}
-    real = experiment.train_epoch
+    calls, real = {"n": 0}, experiment.train_epoch
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 7:  # mid-way through round 3 of the teacher run
+        if calls["n"] == kill_at:
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -97,10 +97,17 @@ def test_resume_after_kill_equals_uninterrupted(mnist_dir, monkeypatch):
         experiment.main(base + ["--out", str(mnist_dir / "b")])
     monkeypatch.setattr(experiment, "train_epoch", real)
     assert experiment.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
-    for phase in ("teacher", "distill-dense"):
-        ra = _rows(mnist_dir / "a" / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv")
-        rb = _rows(mnist_dir / "b" / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv")
+    out = {}
+    for phase in phases:
+        ra, rb = (_rows(mnist_dir / d / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv") for d in "ab")
         assert _strip(ra) == _strip(rb)
+        out[phase] = ra
+    return out
+
+
+def test_resume_after_kill_equals_uninterrupted(mnist_dir, monkeypatch):
+    # killed mid-way through round 3 of the teacher run
+    kill_and_resume(mnist_dir, monkeypatch, _args(mnist_dir, "--teachers", "dense"), kill_at=7)
 
 
 def test_engines_give_the_same_curve(mnist_dir):

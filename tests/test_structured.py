@@ -17,7 +17,7 @@ from sparsetrain.models import build_model, lenet_300_100, resnet18, vgg_like
 from sparsetrain.pruning import masks_of, prunable_layers
 from sparsetrain.structured import (block_prune, can_prune, filter_groups, filter_prune, keep_channels_,
                                     fit_state, structured_sparsity, weight_count)
-from test_pipeline import _args, mnist_dir  # noqa: F401  (fixture)
+from test_pipeline import _args, kill_and_resume, mnist_dir  # noqa: F401  (fixture)
 
 
 def _randomise_bn(model):
@@ -238,22 +238,6 @@ def test_end_to_end_block(mnist_dir):  # noqa: F811
 def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, monkeypatch):  # noqa: F811
     base = _args(mnist_dir, "--structure", "filter", "--perturb", "rewind", "--rewind-iter", "0",
                  "--teachers", "dense", "--wall", "0.8")
-    assert experiment.main(base + ["--out", str(mnist_dir / "a")]) == 0
-    calls, real = {"n": 0}, experiment.train_epoch
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # second epoch of round 2: a shrunken model in state.pt
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(experiment, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.main(base + ["--out", str(mnist_dir / "b")])
-    monkeypatch.setattr(experiment, "train_epoch", real)
-    assert experiment.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
-    for phase in ("teacher", "distill-dense"):
-        ra, rb = (_rows(mnist_dir / d / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv") for d in "ab")
-        assert len(ra) == 4  # sparsity 0, .53, .77, .89
-        assert [{k: v for k, v in r.items() if k not in ("wall_s", "sec_per_epoch")} for r in ra] == \
-            [{k: v for k, v in r.items() if k not in ("wall_s", "sec_per_epoch")} for r in rb]
+    # killed in the second epoch of round 2: a shrunken model in state.pt
+    rows = kill_and_resume(mnist_dir, monkeypatch, base, kill_at=6)
+    assert all(len(r) == 4 for r in rows.values())  # sparsity 0, .53, .77, .89
