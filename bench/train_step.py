@@ -5,9 +5,9 @@ model dense-masked (weight * mask in every forward through a parametrization), p
     python bench/train_step.py            # ResNet-18 and VGG-like d5g5, sparsity 0/0.9/0.99/0.999
     python bench/train_step.py --quick    # ResNet-18 at 0.99 only, 2 timed steps
 
-Reports the median step time, the peak resident memory during the steps (VmHWM, reset before
-each configuration; it includes the model, optimizer state and activations, and the engine's
-output-buffer pool) and, from one profiled step, where the time goes (sparse conv/linear ops,
+Dense and sparse steps alternate (a busy machine slows both alike). Reports the median step time,
+the peak resident memory of the process during a step (VmHWM, reset before each step; it includes
+both models, optimizer state, activations and the engine's output-buffer pool) and, from one profiled step, where the time goes (sparse conv/linear ops,
 dense conv/linear, BatchNorm, ReLU/pooling, optimizer, other). JSON: bench/results/train_step.json.
 """
 from __future__ import annotations
@@ -109,28 +109,33 @@ def run(models, sparsities, steps: int, profile: bool = True) -> list[dict]:
     for name in models:
         for sp in sparsities:
             row = {"model": name, "sparsity": sp}
+            steps_of, times, peaks = {}, {"dense": [], "sparse": []}, {"dense": 0, "sparse": 0}
             for engine in ("dense", "sparse"):
                 model = build(name, sp, engine).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
-                def step():
+                def step(model=model, opt=opt):
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(model(x), t).backward()
                     opt.step()
 
                 step()  # warm-up (builds cached indices, buffers)
-                _reset_peak()
-                times = []
-                for _ in range(steps):
+                steps_of[engine] = step
+                row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            # dense and sparse steps alternate, so a busy machine slows both alike
+            for _ in range(steps):
+                for engine, step in steps_of.items():
+                    _reset_peak()
                     t0 = time.perf_counter()
                     step()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                row[f"{engine}_ms"] = statistics.median(times)
-                row[f"{engine}_peak_mb"] = _vm("VmHWM") / 2**20
-                row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+                    times[engine].append((time.perf_counter() - t0) * 1e3)
+                    peaks[engine] = max(peaks[engine], _vm("VmHWM"))
+            for engine, step in steps_of.items():
+                row[f"{engine}_ms"] = statistics.median(times[engine])
+                row[f"{engine}_peak_mb"] = peaks[engine] / 2**20
                 if profile:
                     row[f"{engine}_breakdown_ms"] = _breakdown(step)
-                del model, opt
+            del steps_of
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
             rows.append(row)
             print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "

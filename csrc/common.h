@@ -77,52 +77,15 @@ T* scratch(size_t n, int slot) {
   return reinterpret_cast<T*>(a);
 }
 
-// Outputs of the big products (an activation-sized dx or y) come from a small pool of storages: a
-// storage is handed out again (as a fresh tensor) only once nothing else references it, so a
+// Outputs of the big products (activation-sized y or dx) come from a pool of storages, so a
 // training loop stops paying the page-fault zero fill of a fresh multi-MB allocation on every call
-// (measured 12 ms per 38 MB here). The pool keeps storages, not tensors: PyTorch preserves the
-// Python object of a tensor that C++ still references, which would keep its use count above 1.
-inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  constexpr int64_t kMinBytes = 1 << 20;
-  constexpr size_t kSlots = 16;
-  int64_t numel = 1;
-  for (auto s : sizes) numel *= s;
-  const int64_t nbytes = numel * int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
-  if (nbytes < kMinBytes || !opts.device().is_cpu()) return at::empty(sizes, opts);
-  static std::mutex mu;
-  static std::vector<c10::Storage> pool;
-  std::lock_guard<std::mutex> lock(mu);
-  c10::Storage* found = nullptr;
-  for (auto& st : pool)
-    if (st.use_count() == 1 && int64_t(st.nbytes()) == nbytes) {
-      found = &st;
-      break;
-    }
-  if (!found) {
-    c10::Storage fresh = at::empty({nbytes}, opts.dtype(at::kByte)).storage();
-    if (pool.size() < kSlots) {
-      pool.push_back(fresh);
-      found = &pool.back();
-    } else {
-      for (auto& st : pool)  // replace a free slot, if any
-        if (st.use_count() == 1) {
-          st = fresh;
-          found = &st;
-          break;
-        }
-      if (!found) return at::empty(sizes, opts);
-    }
-  }
-  return at::empty({0}, opts).set_(*found, 0, sizes);
-}
-
-// Like pooled_empty, but what the pool keeps is the *storage*: each call returns a fresh tensor
-// (fresh TensorImpl) viewing a pooled storage that no tensor references any more (storage
+// (measured ~10 ms per 33 MB here). What the pool keeps is the *storage*: each call returns a fresh
+// tensor (fresh TensorImpl) viewing a pooled storage that no tensor references any more (storage
 // use_count 1). Handing out the pooled TensorImpl itself never reuses it once it has reached
 // Python: PyTorch keeps a TensorImpl's Python object alive for as long as the C++ side holds the
 // TensorImpl, and that object holds a reference, so use_count() never returns to 1. Bounded by
 // bytes (a ResNet-18 step has ~40 activation-sized conv outputs and input gradients alive at once).
-inline at::Tensor pooled_storage_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   constexpr size_t kMinBytes = size_t(1) << 20, kMaxBytes = size_t(2) << 30;
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;

@@ -97,6 +97,7 @@ class SparseConv2d(_SparseLayer):
         self.kernel_size = tuple(weight.shape[2:])
         self.stride = tuple(ops._pair(stride, "stride"))
         self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
+        weight.csc()  # the transposed index the input gradient reads: built here, not while tracing
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
@@ -148,9 +149,11 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
         if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
-    for name, mask in masks.items():
-        mod = modules[name]
-        _set_module(model, name, SPARSE_TYPES[type(mod)].from_dense(mod, mask))
+    # build every replacement first: a layer that cannot convert (dilation, groups...) raises
+    # before the model is touched, never leaving it half converted
+    new = {name: SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask) for name, mask in masks.items()}
+    for name, layer in new.items():
+        _set_module(model, name, layer)
     return model
 
 

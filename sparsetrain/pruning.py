@@ -125,6 +125,8 @@ def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
     crow, col, new_vals, keep = ops.csr_prune(w.crow_indices, w.col_indices, vals, thr, ties)
     used = int((vals.abs() == thr).sum()) - int((new_vals.abs() == thr).sum())
     m.weight = CSR(crow, col, new_vals.requires_grad_(True), w.shape, validate=False)
+    if len(w.shape) == 4:
+        m.weight.csc()  # conv input gradients read the transposed index: build it once, now
     return used
 
 

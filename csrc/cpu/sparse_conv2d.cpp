@@ -563,7 +563,7 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
   }
   const at::Tensor xc = x.contiguous();
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size());
-  at::Tensor y = pooled_storage_empty({P.B, O, P.OH, P.OW}, x.options());
+  at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
@@ -610,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor xc = x ? x->contiguous() : at::Tensor();
   at::Tensor dx, dv;
-  if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_storage_empty({B, C, H, W}, g.options());
+  if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_empty({B, C, H, W}, g.options());
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
