@@ -24,7 +24,7 @@ $(VENV)/.built: $(VENV)/.torch $(CSRC)
 	flock $(VENV)/.buildlock $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# The quick DSD2 study (teacher -> vanilla -> distilled, ~10 min on 2 cores) on Fashion-MNIST from
+# The quick DSD2 study (teacher -> vanilla -> distilled, ~6 min on 2 cores) on Fashion-MNIST from
 # Debian's dataset-fashion-mnist when apt can install it, else torchvision downloads it.
 FASHION := /usr/share/datasets/fashion-mnist
 demo: install
