@@ -41,3 +41,19 @@ def reference_grads(fn, x, weight, mask, bias, grad_out, **kw):
     y = fn(x, w, mask, b, **kw)
     y.backward(grad_out)
     return y.detach(), x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_layer_matches(layer, dense, mask, ref_fn, x, generator, tol, **kw):
+    """Run `layer` (a sparse layer built from the dense layer `dense` under `mask`) forward and
+    backward on x with a random output gradient, and compare the output, dx, dW at the nonzeros
+    (in CSR row-major order: pruned positions have no gradient) and db with the dense masked
+    reference `ref_fn` (dense_linear / dense_conv2d, extra arguments in kw)."""
+    y = layer(x)
+    gy = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    y.backward(gy)
+    ry, rdx, rdw, rdb = reference_grads(ref_fn, x, dense.weight, mask, dense.bias, gy, **kw)
+    torch.testing.assert_close(y, ry, **tol)
+    torch.testing.assert_close(x.grad, rdx, **tol)
+    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, rdb, **tol)

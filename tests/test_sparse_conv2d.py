@@ -10,7 +10,7 @@ import sparsetrain
 from sparsetrain import ops
 from sparsetrain.formats import CSR
 from sparsetrain.nn import SparseConv2d
-from reference import dense_conv2d, random_mask, reference_grads
+from reference import assert_layer_matches, dense_conv2d, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # kernel x stride x padding x spatial (1x1, 5x7), where the padded input holds the kernel
@@ -26,17 +26,8 @@ def _check(cin, cout, batch, hw, k, s, p, sparsity, bias, dtype=torch.float32, s
     mask = random_mask(conv.weight.shape, sparsity, generator=g)
     layer = SparseConv2d.from_dense(conv, mask)
     x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype, requires_grad=True)
-    y = layer(x)
-    gy = torch.randn(y.shape, generator=g, dtype=dtype)
-    y.backward(gy)
-    ry, rdx, rdw, rdb = reference_grads(dense_conv2d, x, conv.weight, mask, conv.bias, gy, stride=s, padding=p)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(y, ry, **tol)
-    torch.testing.assert_close(x.grad, rdx, **tol)
-    # the weight gradient exists only at the nonzeros, in CSR (row-major) order
-    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
-    if bias:
-        torch.testing.assert_close(layer.bias.grad, rdb, **tol)
+    assert_layer_matches(layer, conv, mask, dense_conv2d, x, g, tol, stride=s, padding=p)
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)

@@ -8,7 +8,7 @@ import sparsetrain
 from sparsetrain import ops
 from sparsetrain.formats import CSR
 from sparsetrain.nn import SparseLinear
-from reference import dense_linear, random_mask, reference_grads
+from reference import assert_layer_matches, dense_linear, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # (batch shape, in, out): 1 feature, primes, batch 1, 3-D input, batch that is not a tile multiple
@@ -21,17 +21,8 @@ def _check(batch, fin, fout, sparsity, bias, empty_rows=0, dtype=torch.float32, 
     mask = random_mask((fout, fin), sparsity, generator=g, empty_rows=min(empty_rows, fout))
     layer = SparseLinear.from_dense(lin, mask)
     x = torch.randn(*batch, fin, generator=g, dtype=dtype, requires_grad=True)
-    y = layer(x)
-    gy = torch.randn(y.shape, generator=g, dtype=dtype)
-    y.backward(gy)
-    ry, rdx, rdw, rdb = reference_grads(dense_linear, x, lin.weight, mask, lin.bias, gy)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(y, ry, **tol)
-    torch.testing.assert_close(x.grad, rdx, **tol)
-    # the weight gradient exists only at the nonzeros, in CSR (row-major) order
-    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
-    if bias:
-        torch.testing.assert_close(layer.bias.grad, rdb, **tol)
+    assert_layer_matches(layer, lin, mask, dense_linear, x, g, tol)
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
