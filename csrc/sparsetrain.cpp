@@ -47,5 +47,9 @@ TORCH_LIBRARY(sparsetrain, m) {
       "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
       "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
+  // 0 for the phase-plane kernel. For tests and benchmarks; the ops pick it themselves.
+  m.def("sparse_conv2d_small_tile(int[] input_size, int out_channels, int[] kernel_size, int[] stride, "
+        "int[] padding, ScalarType dtype) -> int");
 }
 

@@ -56,6 +56,61 @@ def test_many_tiles_chunks_and_threads():
         torch.set_num_threads(n)
 
 
+# The batch-innermost kernel for small maps (<= 16 output pixels, batch >= 16): tiles of 32, 64
+# and 128 samples, ragged last tiles, every border case of the valid-tap lists.
+# (in, out, batch, spatial, kernel, stride, padding, sparsity, bias)
+SMALL_MAPS = [
+    (8, 6, 20, (4, 4), 3, 1, 1, 0.5, True),                  # one ragged 32-sample tile
+    (5, 7, 16, (2, 2), 3, 1, 1, 0.0, False),                 # 2x2: every pixel a corner
+    (9, 4, 33, (1, 1), 3, 1, 1, 0.3, True),                  # 1x1: the centre tap only
+    (6, 5, 40, (7, 7), 3, 2, 1, 0.6, False),                 # stride 2 -> 4x4
+    (6, 5, 17, (8, 8), 1, 2, 0, 0.2, True),                  # 1x1 stride-2 downsample
+    (4, 3, 24, (5, 5), 3, 1, 0, 0.5, True),                  # no padding -> 3x3
+    (3, 4, 70, (3, 5), (1, 3), (2, 1), (0, 1), 0.4, True),   # rectangular; 64-sample tiles
+    (5, 5, 130, (4, 4), 3, 1, 1, 0.99, True),                # 128-sample tiles, ragged
+    (5, 5, 18, (4, 4), 3, 1, 1, 1.0, True),                  # no nonzero: bias only
+    (64, 32, 128, (2, 2), 3, 1, 1, 0.9, False),
+    (7, 3, 19, (4, 3), 5, 1, 2, 0.5, True),                  # 5x5 kernel
+]
+
+
+def _small_tile(cin, cout, batch, hw, k, s, p, dtype=torch.float32):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)
+    return torch.ops.sparsetrain.sparse_conv2d_small_tile([batch, cin, *hw], cout, pair(k), pair(s),
+                                                          pair(p), dtype)
+
+
+@pytest.mark.parametrize("case", SMALL_MAPS, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{c[3]}-k{c[4]}s{c[5]}p{c[6]}-{c[7]}")
+def test_small_map_kernel_matches_dense_masked(case):
+    cin, cout, batch, hw, k, s, p, sparsity, bias = case
+    assert _small_tile(cin, cout, batch, hw, k, s, p) in (32, 64, 128)  # the small-map kernel serves it
+    _check(*case)
+
+
+def test_small_map_kernel_float64_and_one_thread():
+    assert _small_tile(6, 5, 20, (4, 4), 3, 2, 1, torch.float64) == 16
+    _check(6, 5, 20, (4, 4), 3, 2, 1, 0.5, True, dtype=torch.float64)
+    _check(6, 5, 20, (4, 4), 3, 1, 1, 0.5, True, dtype=torch.float64)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _check(8, 6, 40, (4, 4), 3, 1, 1, 0.7, True)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_kernel_choice():
+    # small maps with a batch of >= 16 take the batch-innermost kernel, the rest the phase planes
+    assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 32     # ResNet-18 layer4: 1 MB tiles
+    assert _small_tile(512, 512, 128, (2, 2), 3, 1, 1) == 128    # VGG stage 5
+    assert _small_tile(64, 64, 128, (32, 32), 3, 1, 1) == 0      # layer1: 1024 output pixels
+    assert _small_tile(512, 512, 8, (4, 4), 3, 1, 1) == 0        # batch below one vector
+    assert all(_small_tile(cin, cout, b, hw, k, s, p) == 0 for k, s, p, hw in GEOMETRIES
+               for cin, cout, b, _ in CHANNELS)                   # the grid above: phase planes
+    with pytest.raises(RuntimeError, match="input_size must be"):
+        torch.ops.sparsetrain.sparse_conv2d_small_tile([4, 3, 5], 2, [3, 3], [1, 1], [1, 1], torch.float32)
+
+
 def test_float64():
     _check(3, 5, 2, (5, 7), 3, 2, 1, 0.5, True, dtype=torch.float64)
 
@@ -115,6 +170,21 @@ def test_opcheck_grad_ops():
     torch.library.opcheck(o.sparse_conv2d_grad_weight.default, (gy, x, w.crow_indices, w.col_indices, *st))
     torch.library.opcheck(o.sparse_conv2d_backward.default,
                           (gy, x, w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
+                           w.row_indices_t, w.perm, *st))
+
+
+def test_opcheck_small_map_kernel():
+    g = torch.Generator().manual_seed(3)
+    w = CSR.from_dense(torch.randn(4, 3, 3, 3, generator=g), random_mask((4, 3, 3, 3), 0.5, generator=g))
+    x = torch.randn(16, 3, 4, 4, generator=g)
+    gy = torch.randn(16, 4, 4, 4, generator=g)
+    st = ([3, 3], [1, 1], [1, 1])
+    assert _small_tile(3, 4, 16, (4, 4), 3, 1, 1) == 32
+    o = torch.ops.sparsetrain
+    torch.library.opcheck(o.sparse_conv2d.default, (x.requires_grad_(), w.crow_indices, w.col_indices,
+                          w.values.detach().requires_grad_(), w.ccol_indices, w.row_indices_t, w.perm, *st, None))
+    torch.library.opcheck(o.sparse_conv2d_backward.default,
+                          (gy, x.detach(), w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
                            w.row_indices_t, w.perm, *st))
 
 

@@ -16,7 +16,7 @@
 // in ST_MULTIVERSION task functions (a lambda does not inherit the clones' target ISA).
 #include <cstring>
 
-#include "common.h"
+#include "sparse_conv2d.h"
 
 namespace sparsetrain {
 namespace {
@@ -223,17 +223,6 @@ ST_INLINE void pack_dy_slack(const Plan& P, int64_t tb, T* dst) {
   zero_n(dst + P.F + tb * P.frame, P.ys - P.F - tb * P.frame);
 }
 
-// 64-byte GCC vectors (one zmm; two ymm or four xmm in the other clones); U: unaligned access.
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));
-};
-template <> struct Vec<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double U __attribute__((vector_size(64), aligned(8)));
-};
-
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
 // cache lines from L2 each, so they are requested kPrefetch nonzeros ahead.
 constexpr int64_t kPrefetch = 6;
@@ -285,13 +274,6 @@ ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t 
     }
     pv[k] += a0 + a1;
   }
-}
-
-template <typename T>
-ST_INLINE T hsum(typename Vec<T>::V v) {
-  T s = 0;
-  for (size_t t = 0; t < 64 / sizeof(T); ++t) s += v[t];
-  return s;
 }
 
 template <typename T>
@@ -542,17 +524,14 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
                P.O * (ch + 1) / nch, task == begin || ch == 0, part);
     }
   });
-  if (dvals)  // fixed-order reduction of the per-thread partial sums
-    at::parallel_for(0, nnz, 1 << 12, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        T s = 0;
-        for (int64_t t = 0; t < nth; ++t) s += partial[size_t(t) * nnz + p];
-        dvals[p] = s;
-      }
-    });
+  if (dvals) reduce_partials(partial.data(), nth, nnz, dvals);
 }
 
 // ------------------------------------------------------------------------------ op entry points
+ConvGeom geom(const Plan& P) {
+  return {P.B, P.C, P.H, P.W, P.O, P.kh, P.kw, P.sh, P.sw, P.ph, P.pw, P.OH, P.OW};
+}
+
 struct ConvArgs {
   int64_t kh, kw;
   std::vector<int64_t> k, s, p;
@@ -628,7 +607,13 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
   if (y.numel() == 0) return y;
+  const int64_t sbt = small_conv_tile(geom(P), x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
+    if (sbt)
+      return small_conv<scalar_t>(geom(P), sbt, xc.data_ptr<scalar_t>(), nullptr,
+                                  bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
+                                  col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr,
+                                  nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr);
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
                        crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
                        nullptr, nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr);
@@ -676,7 +661,15 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_empty({B, C, H, W}, g.options());
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
+  const int64_t sbt = small_conv_tile(geom(P), like.element_size());
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
+    if (sbt)
+      return small_conv<scalar_t>(
+          geom(P), sbt, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
+          crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
+          values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
+          ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
+          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr);
     run_conv<scalar_t>(P, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
                        crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
                        values ? values->data_ptr<scalar_t>() : nullptr,
@@ -715,7 +708,24 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
                        &perm, kernel_size, stride, padding);
 }
 
+int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channels,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::ScalarType dtype) {
+  const ConvArgs a = check_conv_args(kernel_size, stride, padding);
+  TORCH_CHECK(input_size.size() == 4, "input_size must be [batch, channels, height, width], got ",
+              input_size);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
+  const size_t elem = c10::elementSize(dtype);
+  const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
+                           a.k, a.s, a.p, elem);
+  return small_conv_tile(geom(P), elem);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(sparsetrain, CompositeImplicitAutograd, m) {
+  m.impl("sparse_conv2d_small_tile", &sparse_conv2d_small_tile);
+}
 
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d);
