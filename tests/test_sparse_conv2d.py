@@ -56,11 +56,11 @@ def test_many_tiles_chunks_and_threads():
         torch.set_num_threads(n)
 
 
-# The batch-innermost kernel for small maps (<= 16 output pixels, batch >= 16): tiles of 32, 64
-# and 128 samples, ragged last tiles, every border case of the valid-tap lists.
+# The batch-innermost kernel for small maps (<= 16 output pixels, batch >= 16): tiles of 16, 32,
+# 64 and 128 samples, ragged last tiles, every border case of the valid-tap lists.
 # (in, out, batch, spatial, kernel, stride, padding, sparsity, bias)
 SMALL_MAPS = [
-    (8, 6, 20, (4, 4), 3, 1, 1, 0.5, True),                  # one ragged 32-sample tile
+    (8, 6, 20, (4, 4), 3, 1, 1, 0.5, True),                  # 16-sample tiles, ragged 2nd
     (5, 7, 16, (2, 2), 3, 1, 1, 0.0, False),                 # 2x2: every pixel a corner
     (9, 4, 33, (1, 1), 3, 1, 1, 0.3, True),                  # 1x1: the centre tap only
     (6, 5, 40, (7, 7), 3, 2, 1, 0.6, False),                 # stride 2 -> 4x4
@@ -71,6 +71,7 @@ SMALL_MAPS = [
     (5, 5, 18, (4, 4), 3, 1, 1, 1.0, True),                  # no nonzero: bias only
     (64, 32, 128, (2, 2), 3, 1, 1, 0.9, False),
     (7, 3, 19, (4, 3), 5, 1, 2, 0.5, True),                  # 5x5 kernel
+    (130, 6, 40, (8, 8), 3, 2, 1, 0.9, True),                # 33 KB per sample: 16-sample tiles
 ]
 
 
@@ -83,7 +84,7 @@ def _small_tile(cin, cout, batch, hw, k, s, p, dtype=torch.float32):
 @pytest.mark.parametrize("case", SMALL_MAPS, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{c[3]}-k{c[4]}s{c[5]}p{c[6]}-{c[7]}")
 def test_small_map_kernel_matches_dense_masked(case):
     cin, cout, batch, hw, k, s, p, sparsity, bias = case
-    assert _small_tile(cin, cout, batch, hw, k, s, p) in (32, 64, 128)  # the small-map kernel serves it
+    assert _small_tile(cin, cout, batch, hw, k, s, p) in (16, 32, 64, 128)  # the small-map kernel serves it
     _check(*case)
 
 
@@ -103,6 +104,8 @@ def test_kernel_choice():
     # small maps with a batch of >= 16 take the batch-innermost kernel, the rest the phase planes
     assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 32     # ResNet-18 layer4: 1 MB tiles
     assert _small_tile(512, 512, 128, (2, 2), 3, 1, 1) == 128    # VGG stage 5
+    assert _small_tile(256, 512, 128, (8, 8), 3, 2, 1) == 16     # layer4.0 stride 2: 8x8 -> 4x4
+    assert _small_tile(130, 6, 40, (8, 8), 3, 2, 1) == 16
     assert _small_tile(64, 64, 128, (32, 32), 3, 1, 1) == 0      # layer1: 1024 output pixels
     assert _small_tile(512, 512, 8, (4, 4), 3, 1, 1) == 0        # batch below one vector
     assert all(_small_tile(cin, cout, b, hw, k, s, p) == 0 for k, s, p, hw in GEOMETRIES
@@ -179,7 +182,7 @@ def test_opcheck_small_map_kernel():
     x = torch.randn(16, 3, 4, 4, generator=g)
     gy = torch.randn(16, 4, 4, 4, generator=g)
     st = ([3, 3], [1, 1], [1, 1])
-    assert _small_tile(3, 4, 16, (4, 4), 3, 1, 1) == 32
+    assert _small_tile(3, 4, 16, (4, 4), 3, 1, 1) == 16
     o = torch.ops.sparsetrain
     torch.library.opcheck(o.sparse_conv2d.default, (x.requires_grad_(), w.crow_indices, w.col_indices,
                           w.values.detach().requires_grad_(), w.ccol_indices, w.row_indices_t, w.perm, *st, None))

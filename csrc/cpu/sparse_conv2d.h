@@ -40,8 +40,8 @@ struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
 };
 
-// Batch tile (elements) of the small-map kernel, or 0 where it does not apply: output maps of at
-// most 16 pixels whose packed tile of >= 2 vectors per pixel fits in L2.
+// Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
+// apply: output maps of at most 16 pixels, a batch of at least one vector, a packed tile in L2.
 int64_t small_conv_tile(const ConvGeom& g, size_t elem);
 
 // The three products of the small-map kernel (same contract as the phase-plane run_conv): y when
