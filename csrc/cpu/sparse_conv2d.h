@@ -40,13 +40,40 @@ struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
 };
 
+// ---- the phase-plane kernel (sparse_conv2d_phase.cpp)
+// Zero padding is not stored per sample: a phase plane holds only real pixels followed by zero
+// columns/rows, and a tap reaching left of (above) the plane reads the previous row's (sample's)
+// trailing zeros. So every shift may be negative, and the plane is as small as the shifts allow:
+// 5x5 instead of 6x6 for a 4x4 input and a 3x3 kernel with padding 1 (25 positions instead of 36).
+struct Plan {
+  int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
+  int64_t PH, PW, frame, nph;  // phase plane (real pixels + zero gap), its size, phases
+  int64_t bt, nbt;             // samples per tile, tiles
+  int64_t S, L, LX;            // segment stride (multiple of QB); positions computed for y/dw
+                               // and for dx (multiples of QB/2: the last block may be half)
+  int64_t XF, F, xs, ys;       // front slacks of packed x and dy, packed channel strides
+  int64_t cb, ncb;             // input channels per L1 block of the forward, blocks
+  std::vector<int64_t> tap_in, tap_ph;    // per tap: shift inside the phase plane, phase index
+  std::vector<uint8_t> used_ph;           // phases some tap reads
+  std::vector<int64_t> row_off, col_off;  // dx unpack: input row iy / column ix < sw -> offset
+};
+
+Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
+               at::IntArrayRef st, at::IntArrayRef pad, size_t elem);
+
+// y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
+// vals) and dvalues when dvals is given (dy, x, crow, col).
+template <typename T>
+void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
+              const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
+              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals);
+
+// ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
 // apply: output maps of at most 16 pixels, a batch of at least one vector, a packed tile in L2.
 int64_t small_conv_tile(const ConvGeom& g, size_t elem);
 
-// The three products of the small-map kernel (same contract as the phase-plane run_conv): y when
-// y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm, vals)
-// and dvalues when dvals is given (dy, x, crow, col).
+// The three products of the small-map kernel, with run_conv's contract.
 template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,

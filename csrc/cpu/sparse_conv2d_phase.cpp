@@ -1,0 +1,519 @@
+// SparseConv2d on CPU, the phase-plane kernel (any map size): direct sparse convolution (no
+// im2col) with a CSR weight W[O, C*kh*kw] (column = c*kh*kw + i*kw + j): forward, input gradient,
+// weight gradient at the nonzeros. The op entry points are in sparse_conv2d.cpp.
+//
+// Layout. A tile of `bt` samples of one input channel c is packed (zero padding included) into
+// s_h*s_w "phase planes" of PH x PW: phase (a, b) holds xpad[s*u + a, s*v + b]. A stride-s conv
+// becomes a stride-1 conv on the phases: tap (i, j) reads phase (i%s, j%s) at offset
+// (i/s)*PW + j/s. Output (b, oy, ox) lives at q = b*PH*PW + oy*PW + ox of a grid with the same
+// pitch, so every nonzero w[o, c, i, j] is ONE contiguous axpy over the whole tile:
+//     yq[o][q] += w * xp[c][phase][q + off(i, j)]          (positions with ox >= OW are junk)
+// Loops run over blocks of QB positions with the accumulators in vector registers, summing all
+// nonzeros of a row before storing: work = nnz * B * PH*PW FMAs; traffic = x and y once each.
+//   input gradient:  dxp[c][phase][r] = sum w * dyq[o][r - off]  (dyq zero at junk positions)
+//   weight gradient: dw[o, c, i, j]  = sum_q dyq[o][q] * xp[c][phase][q + off]
+// Parallel: tasks = (batch tile, chunk of output channels for forward and weight gradient, of
+// input channels for the input gradient), so threads never write the same output. Hot loops are
+// in ST_MULTIVERSION task functions (a lambda does not inherit the clones' target ISA).
+#include <cstring>
+
+#include "sparse_conv2d.h"
+
+namespace sparsetrain {
+namespace {
+
+constexpr int64_t QB = 128;  // positions per register block: 8 zmm accumulators of fp32
+constexpr int64_t kTileBytes = 768 * 1024;   // packed x (or dy) tile: stays in L2
+// Mean nonzeros per row from which the channel-blocked forward pays (measured on the ResNet-18
+// shapes: ~10 % faster at 90 % sparsity, 58-460 per row; 5-20 % slower at 99 % and 99.9 %).
+constexpr int64_t kBlockedRow = 50;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Phase plane extent along one axis: it must hold the real pixels (n/s rounded up), the output
+// grid (on), the reach of the last output (on - 1 + max shift) and, past the real pixels, as many
+// zeros as the first output reaches before the plane (-min shift).
+int64_t plane_extent(int64_t n, int64_t k, int64_t s, int64_t p, int64_t on) {
+  const int64_t lo = floor_div(-p, s), hi = on - 1 + floor_div(k - 1 - p, s);
+  return std::max({ceil_div(n, s) - lo, hi + 1, on, int64_t(1)});
+}
+
+}  // namespace
+
+Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
+               at::IntArrayRef st, at::IntArrayRef pad, size_t elem) {
+  Plan P;
+  P.B = B, P.C = C, P.H = H, P.W = W, P.O = O;
+  P.kh = k[0], P.kw = k[1], P.sh = st[0], P.sw = st[1], P.ph = pad[0], P.pw = pad[1];
+  const int64_t Hp = H + 2 * P.ph, Wp = W + 2 * P.pw;
+  TORCH_CHECK(Hp >= P.kh && Wp >= P.kw, "input spatial size (", H, ", ", W, ") plus padding (",
+              P.ph, ", ", P.pw, ") is smaller than the kernel (", P.kh, ", ", P.kw, ")");
+  P.OH = (Hp - P.kh) / P.sh + 1, P.OW = (Wp - P.kw) / P.sw + 1;
+  P.PH = plane_extent(H, P.kh, P.sh, P.ph, P.OH), P.PW = plane_extent(W, P.kw, P.sw, P.pw, P.OW);
+  P.frame = P.PH * P.PW, P.nph = P.sh * P.sw;
+  // tiles of the larger packed operand of ~kTileBytes (measured: sizing x + dy together for the
+  // backward halves the tiles and is slower)
+  const int64_t per_sample = std::max<int64_t>(std::max<int64_t>(C * P.nph, O) * P.frame * elem, 1);
+  const int64_t bt_max = std::clamp<int64_t>(kTileBytes / per_sample, 1, std::max<int64_t>(B, 1));
+  int64_t nbt = ceil_div(B, bt_max);
+  const int64_t nth = at::get_num_threads();
+  if (nbt > 1 && nbt % nth) nbt = std::min<int64_t>(B, round_up(nbt, nth));  // balance threads
+  P.bt = std::max<int64_t>(ceil_div(B, std::max<int64_t>(nbt, 1)), 1);
+  P.nbt = ceil_div(B, P.bt);
+  P.S = round_up(P.bt * P.frame, QB);
+  P.L = round_up((P.bt - 1) * P.frame + (P.OH - 1) * P.PW + P.OW, QB / 2);
+  P.LX = round_up((P.bt - 1) * P.frame + (ceil_div(H, P.sh) - 1) * P.PW + ceil_div(W, P.sw), QB / 2);
+  P.used_ph.assign(P.nph, 0);
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0; i < P.kh; ++i)
+    for (int64_t j = 0; j < P.kw; ++j) {
+      const int64_t di = i - P.ph, dj = j - P.pw;  // tap (i, j) reads pixel (s*oy + di, s*ox + dj)
+      const int64_t sh = floor_div(di, P.sh) * P.PW + floor_div(dj, P.sw);
+      const int64_t f = (di - floor_div(di, P.sh) * P.sh) * P.sw + (dj - floor_div(dj, P.sw) * P.sw);
+      P.tap_in.push_back(sh);
+      P.tap_ph.push_back(f);
+      P.used_ph[f] = 1;
+      lo = std::min(lo, sh), hi = std::max(hi, sh);
+    }
+  P.XF = round_up(-lo, 16);             // x is read at q + shift >= -XF
+  P.F = round_up(hi, 16);               // dy is read at r - shift >= -F
+  P.xs = P.XF + P.nph * P.S + QB;       // tail: the last block reads up to QB past the grid
+  P.ys = P.F + P.S + round_up(-lo, 16);
+  {  // x window of one position block: QB + tap span per used phase, per channel
+    int64_t nu = 0;
+    for (auto u : P.used_ph) nu += u;
+    const int64_t win = nu * (QB + hi - lo) * int64_t(elem);
+    constexpr int64_t l1 = 40 * 1024;
+    P.ncb = ceil_div(C, std::max<int64_t>(1, l1 / win));
+    P.cb = ceil_div(C, P.ncb);
+    P.ncb = ceil_div(C, P.cb);
+  }
+  for (int64_t iy = 0; iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
+  for (int64_t j = 0; j < P.sw; ++j) P.col_off.push_back(j * P.S);
+  return P;
+}
+
+namespace {
+
+// Per-call operands, shared read-only by all tasks.
+template <typename T>
+struct Args {
+  const Plan* P;
+  const T *x, *dy, *vals, *bias;
+  const int64_t* crow;     // CSR rows
+  const int64_t* seg;      // [O][ncb + 1]: first nonzero of row o in channel block j
+  const int64_t* xoff;     // per nonzero: c*xs + phase*S + shift
+  const int64_t* dptr;     // [C*nph + 1]: CSC entries of channel c, phase ph (dx order)
+  const int64_t* doff;     // per dx entry: o*ys + F - shift
+  const T* dval;           // per dx entry: its value
+  const uint8_t *used_c, *used_o;
+  T *y, *dx;
+  bool blocked;            // forward by (position block, channel block): rows of >= kBlockedRow nonzeros
+};
+
+template <typename T>
+ST_INLINE void fill(T* p, int64_t n, T v) {
+  for (int64_t i = 0; i < n; ++i) p[i] = v;
+}
+
+// Short copies and zero fills (rows of 4..32 elements, thousands per call) as inline moves of
+// fixed size: a libc call per row would cost more than the row.
+ST_INLINE void copy_bytes(char* d, const char* s, int64_t n) {
+  for (; n >= 64; n -= 64, d += 64, s += 64) __builtin_memcpy(d, s, 64);
+  if (n & 32) { __builtin_memcpy(d, s, 32); d += 32; s += 32; }
+  if (n & 16) { __builtin_memcpy(d, s, 16); d += 16; s += 16; }
+  if (n & 8) { __builtin_memcpy(d, s, 8); d += 8; s += 8; }
+  if (n & 4) __builtin_memcpy(d, s, 4);
+}
+template <typename T>
+ST_INLINE void copy_n(T* d, const T* s, int64_t n) {
+  copy_bytes(reinterpret_cast<char*>(d), reinterpret_cast<const char*>(s), n * int64_t(sizeof(T)));
+}
+ST_INLINE void zero_bytes(char* d, int64_t n) {
+  static constexpr char z[64] = {};
+  for (; n >= 64; n -= 64, d += 64) __builtin_memcpy(d, z, 64);
+  if (n & 32) { __builtin_memcpy(d, z, 32); d += 32; }
+  if (n & 16) { __builtin_memcpy(d, z, 16); d += 16; }
+  if (n & 8) { __builtin_memcpy(d, z, 8); d += 8; }
+  if (n & 4) __builtin_memcpy(d, z, 4);
+}
+template <typename T>
+ST_INLINE void zero_n(T* d, int64_t n) {
+  zero_bytes(reinterpret_cast<char*>(d), n * int64_t(sizeof(T)));
+}
+
+// Packing streams through x (dy) in memory order, sample by sample and channel by channel (the
+// loads are the call's DRAM traffic); the zero slacks around each channel are written separately.
+// x plane (b, c) -> frame b of channel c's phase planes (channel base dst, stride xs): phase
+// (a, bb) row u, column v holds x[s*u + a, s*v + bb], zeros past the real pixels.
+template <typename T>
+ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
+  for (int64_t a = 0; a < P.sh; ++a)
+    for (int64_t bb = 0; bb < P.sw; ++bb) {
+      if (!P.used_ph[a * P.sw + bb]) continue;  // no tap reads this phase (1x1 stride 2)
+      T* fr = dst + P.XF + (a * P.sw + bb) * P.S + b * P.frame;
+      const int64_t nv = bb < P.W ? ceil_div(P.W - bb, P.sw) : 0;  // real columns
+      for (int64_t u = 0; u < P.PH; ++u) {
+        T* row = fr + u * P.PW;
+        const int64_t iy = u * P.sh + a;
+        if (iy >= P.H) { zero_n(row, P.PW); continue; }
+        const T* s = src + iy * P.W + bb;
+        if (P.sw == 1) copy_n(row, s, nv);
+        else if (P.sw == 2) for (int64_t v = 0; v < nv; ++v) row[v] = s[2 * v];  // vectorised
+        else for (int64_t v = 0; v < nv; ++v) row[v] = s[v * P.sw];
+        zero_n(row + nv, P.PW - nv);
+      }
+    }
+}
+
+// Zeros of channel base dst outside the frames of samples < tb: front slack, frames of missing
+// samples, segment tails; unused phases only where neighbouring phases' reads may reach.
+template <typename T>
+ST_INLINE void pack_x_slack(const Plan& P, int64_t tb, T* dst) {
+  zero_n(dst, P.XF);
+  for (int64_t f = 0; f < P.nph; ++f) {
+    T* seg = dst + P.XF + f * P.S;
+    if (!P.used_ph[f]) {  // reads of the neighbouring phases reach QB past their end, XF before
+      zero_n(seg, QB);
+      const int64_t back = std::min(P.XF, P.S);
+      zero_n(seg + P.S - back, back);
+      continue;
+    }
+    zero_n(seg + tb * P.frame, P.S - tb * P.frame);
+  }
+  zero_n(dst + P.XF + P.nph * P.S, P.xs - P.XF - P.nph * P.S);
+}
+
+// dy plane (b, o) onto frame b of the output grid at dst + F, zeros at junk positions.
+template <typename T>
+ST_INLINE void pack_dy_plane(const Plan& P, const T* src, int64_t b, T* dst) {
+  T* fr = dst + P.F + b * P.frame;
+  for (int64_t oy = 0; oy < P.OH; ++oy) {
+    copy_n(fr + oy * P.PW, src + oy * P.OW, P.OW);
+    zero_n(fr + oy * P.PW + P.OW, P.PW - P.OW);
+  }
+  zero_n(fr + P.OH * P.PW, (P.PH - P.OH) * P.PW);
+}
+
+template <typename T>
+ST_INLINE void pack_dy_slack(const Plan& P, int64_t tb, T* dst) {
+  zero_n(dst, P.F);
+  zero_n(dst + P.F + tb * P.frame, P.ys - P.F - tb * P.frame);
+}
+
+// The operands of a nonzero are QB scattered positions (another channel, another shift): a few
+// cache lines from L2 each, so they are requested kPrefetch nonzeros ahead.
+constexpr int64_t kPrefetch = 6;
+template <typename T, int64_t NQ>
+ST_INLINE void prefetch_block(const T* p) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t u = 0; u <= NQ * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
+}
+
+// out[0:NQ] = (accumulate ? out : init) + sum_k w[k] * base[off[k] + 0:NQ], the NQ
+// accumulators in registers.
+template <typename T, int64_t NQ = QB>
+ST_INLINE void axpy_block(T* __restrict out, const T* base, const int64_t* off, const T* w,
+                          int64_t n, T init, bool accumulate = false) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int NV = NQ * sizeof(T) / 64;
+  V acc[NV];
+  if (accumulate)
+    for (int u = 0; u < NV; ++u) acc[u] = reinterpret_cast<const V*>(out)[u];
+  else
+    for (int u = 0; u < NV; ++u) acc[u] = V{} + init;
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = w[k];
+    const U* s = reinterpret_cast<const U*>(base + off[k]);
+    if (k + kPrefetch < n) prefetch_block<T, NQ>(base + off[k + kPrefetch]);
+    for (int u = 0; u < NV; ++u) acc[u] += v * s[u];
+  }
+  for (int u = 0; u < NV; ++u) reinterpret_cast<U*>(out)[u] = acc[u];
+}
+
+// pv[k] (one vector of partial sums per nonzero) += g[0:NQ] * base[off[k] + 0:NQ] for k < n,
+// the block of g in registers; the caller reduces pv[k] to a scalar once per tile.
+template <typename T, int64_t NQ = QB>
+ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t n,
+                         typename Vec<T>::V* __restrict pv) {
+  using V = typename Vec<T>::V;
+  using U = typename Vec<T>::U;
+  constexpr int NV = NQ * sizeof(T) / 64;
+  V gv[NV];
+  for (int u = 0; u < NV; ++u) gv[u] = reinterpret_cast<const U*>(g)[u];
+  for (int64_t k = 0; k < n; ++k) {
+    const U* s = reinterpret_cast<const U*>(base + off[k]);
+    if (k + kPrefetch < n) prefetch_block<T, NQ>(base + off[k + kPrefetch]);
+    V a0 = gv[0] * s[0], a1 = V{};
+    for (int u = 1; u < NV; ++u) {  // two independent chains
+      if (u & 1) a1 += gv[u] * s[u];
+      else a0 += gv[u] * s[u];
+    }
+    pv[k] += a0 + a1;
+  }
+}
+
+template <typename T>
+ST_INLINE void pack_x_tile(const Args<T>& A, int64_t b0, int64_t tb, T* xp) {
+  const Plan& P = *A.P;
+  for (int64_t c = 0; c < P.C; ++c)
+    if (A.used_c[c]) pack_x_slack(P, tb, xp + c * P.xs);
+  for (int64_t b = 0; b < tb; ++b) {
+    const T* src = A.x + (b0 + b) * P.C * P.H * P.W;
+    for (int64_t c = 0; c < P.C; ++c)
+      if (A.used_c[c]) pack_x_plane(P, src + c * P.H * P.W, b, xp + c * P.xs);
+  }
+}
+
+template <typename T>
+ST_INLINE void pack_dy_tile(const Args<T>& A, int64_t b0, int64_t tb, T* dyp) {
+  const Plan& P = *A.P;
+  for (int64_t o = 0; o < P.O; ++o)
+    if (A.used_o[o]) pack_dy_slack(P, tb, dyp + o * P.ys);
+  for (int64_t b = 0; b < tb; ++b) {
+    const T* src = A.dy + (b0 + b) * P.O * P.OH * P.OW;
+    for (int64_t o = 0; o < P.O; ++o)
+      if (A.used_o[o]) pack_dy_plane(P, src + o * P.OH * P.OW, b, dyp + o * P.ys);
+  }
+}
+
+// Forward of one tile for output channels [o0, o1), partial sums in ob (L2), then copied out.
+// Sparse rows: one output channel at a time over all positions. Denser rows (A.blocked):
+// position block outer, then blocks of cb input channels, then output channels, so the x window
+// of (position block, channel block) stays in L1 while every row's nonzeros in it read it.
+template <typename T>
+ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
+  const Plan& P = *A.P;
+  const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
+  T* xp = scratch<T>(size_t(P.C) * P.xs, 0);
+  T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
+  if (pack) pack_x_tile(A, b0, tb, xp);
+  if (!A.blocked) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T init = A.bias ? A.bias[o] : T(0);
+      const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;
+      if (n == 0) continue;
+      T* out = ob + (o - o0) * P.L;
+      int64_t q = 0;
+      for (; q + QB <= P.L; q += QB) axpy_block(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+      if (q < P.L) axpy_block<T, QB / 2>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+    }
+  } else {
+    for (int64_t q = 0; q < P.L; q += QB) {
+      const bool full = q + QB <= P.L;
+      for (int64_t j = 0; j < P.ncb; ++j)
+        for (int64_t o = o0; o < o1; ++o) {
+          const int64_t* sg = A.seg + o * (P.ncb + 1);
+          const int64_t p0 = sg[j], n = sg[j + 1] - p0;
+          if (n == 0) continue;
+          const bool acc = p0 != A.crow[o];  // an earlier channel block already wrote this block
+          const T init = A.bias ? A.bias[o] : T(0);
+          T* out = ob + (o - o0) * P.L + q;
+          if (full) axpy_block(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
+          else axpy_block<T, QB / 2>(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
+        }
+    }
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    if (A.crow[o + 1] == A.crow[o]) {
+      const T init = A.bias ? A.bias[o] : T(0);
+      for (int64_t b = 0; b < tb; ++b) fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
+      continue;
+    }
+    const T* src = ob + (o - o0) * P.L;
+    for (int64_t b = 0; b < tb; ++b) {
+      T* yo = A.y + ((b0 + b) * P.O + o) * plane;
+      for (int64_t oy = 0; oy < P.OH; ++oy)
+        copy_n(yo + oy * P.OW, src + b * P.frame + oy * P.PW, P.OW);
+    }
+  }
+}
+
+// Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
+template <typename T>
+ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0,
+                             int64_t o1, bool pack, T* part) {
+  const Plan& P = *A.P;
+  const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.H * P.W;
+  T* xp = scratch<T>(part ? size_t(P.C) * P.xs : 1, 0);
+  T* dyp = scratch<T>(size_t(P.O) * P.ys, 1);
+  T* db = scratch<T>(size_t(P.nph) * P.S, 2);
+  if (pack) {
+    pack_dy_tile(A, b0, tb, dyp);
+    if (part) pack_x_tile(A, b0, tb, xp);
+  }
+  if (A.dx) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (!A.used_c[c]) {
+        for (int64_t b = 0; b < tb; ++b) zero_n(A.dx + ((b0 + b) * P.C + c) * plane, plane);
+        continue;
+      }
+      for (int64_t f = 0; f < P.nph; ++f) {
+        const int64_t e0 = A.dptr[c * P.nph + f], n = A.dptr[c * P.nph + f + 1] - e0;
+        T* d = db + f * P.S;
+        if (n == 0) { zero_n(d, P.LX); continue; }
+        int64_t r = 0;
+        for (; r + QB <= P.LX; r += QB) axpy_block(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+        if (r < P.LX) axpy_block<T, QB / 2>(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+      }
+      // dx[b, c, iy, ix] = dxp[phase((iy+ph)%sh, (ix+pw)%sw)][b][(iy+ph)/sh][(ix+pw)/sw]
+      for (int64_t b = 0; b < tb; ++b) {
+        T* d = A.dx + ((b0 + b) * P.C + c) * plane;
+        for (int64_t iy = 0; iy < P.H; ++iy) {
+          const T* rows = db + P.row_off[iy] + b * P.frame;
+          T* dr = d + iy * P.W;
+          if (P.sw == 1) {
+            copy_n(dr, rows, P.W);
+          } else if (P.sw == 2) {  // interleave the even- and odd-column phases
+            const T* re = rows + P.col_off[0];
+            const T* ro = rows + P.col_off[1];
+            for (int64_t v = 0; v < P.W / 2; ++v) {
+              dr[2 * v] = re[v];
+              dr[2 * v + 1] = ro[v];
+            }
+            if (P.W % 2) dr[P.W - 1] = re[P.W / 2];
+          } else {
+            for (int64_t j = 0; j < P.sw; ++j) {  // columns ix = j, j + sw, ...
+              const T* r = rows + P.col_off[j];
+              for (int64_t ix = j, v = 0; ix < P.W; ix += P.sw, ++v) dr[ix] = r[v];
+            }
+          }
+        }
+      }
+    }
+  }
+  if (part) {
+    using V = typename Vec<T>::V;
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* g = dyp + o * P.ys + P.F;
+      const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;
+      V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (64 / sizeof(T)), 3));
+      for (int64_t k = 0; k < n; ++k) pv[k] = V{};
+      int64_t q = 0;
+      for (; q + QB <= P.L; q += QB) dot_block(g + q, xp + q, A.xoff + p0, n, pv);
+      if (q < P.L) dot_block<T, QB / 2>(g + q, xp + q, A.xoff + p0, n, pv);
+      for (int64_t k = 0; k < n; ++k) part[p0 + k] += hsum<T>(pv[k]);
+    }
+  }
+}
+
+#define ST_DEFINE_TASKS(T)                                                                       \
+  ST_MULTIVERSION void fwd_task(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1,          \
+                                bool pack) {                                                     \
+    fwd_task_impl<T>(A, tile, o0, o1, pack);                                                     \
+  }                                                                                              \
+  ST_MULTIVERSION void bwd_task(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1,          \
+                                int64_t o0, int64_t o1, bool pack, T* part) {                    \
+    bwd_task_impl<T>(A, tile, c0, c1, o0, o1, pack, part);                                       \
+  }
+ST_DEFINE_TASKS(float)
+ST_DEFINE_TASKS(double)
+#undef ST_DEFINE_TASKS
+
+// Tiles x chunks of channels: one chunk per tile when there are enough tiles for all threads.
+int64_t n_chunks(const Plan& P, int64_t channels) {
+  const int64_t nth = at::get_num_threads();
+  if (P.nbt >= nth) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(channels, ceil_div(nth, P.nbt)));
+}
+
+// Index work shared by every tile (O(nnz)): x offsets per nonzero, the used channels and, for the
+// input gradient, the CSC entries regrouped by (input channel, phase) with their dy offsets.
+struct Index {
+  std::vector<int64_t> xoff, dptr, doff, seg;
+  std::vector<uint8_t> used_c, used_o;
+};
+
+}  // namespace
+
+template <typename T>
+void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
+              const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
+              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals) {
+  const int64_t khkw = P.kh * P.kw;
+  Index I;
+  I.used_c.assign(P.C, 0);
+  I.used_o.assign(P.O, 0);
+  std::vector<T> dval;
+  if (crow) {  // CSR known: x offsets (forward, weight gradient) and used channels
+    I.xoff.resize(nnz);
+    at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t t = col[p] % khkw;
+        I.xoff[p] = (col[p] / khkw) * P.xs + P.XF + P.tap_ph[t] * P.S + P.tap_in[t];
+      }
+    });
+    for (int64_t p = 0; p < nnz; ++p) I.used_c[col[p] / khkw] = 1;
+    I.seg.resize(P.O * (P.ncb + 1));  // rows' columns ascend: channel blocks are sub-ranges
+    for (int64_t o = 0; o < P.O; ++o) {
+      int64_t p = crow[o];
+      for (int64_t j = 0; j <= P.ncb; ++j) {
+        const int64_t end = std::min(j, P.ncb) * P.cb * khkw;
+        while (p < crow[o + 1] && col[p] < end) ++p;
+        I.seg[o * (P.ncb + 1) + j] = j == P.ncb ? crow[o + 1] : p;
+      }
+    }
+    for (int64_t o = 0; o < P.O; ++o) I.used_o[o] = crow[o + 1] > crow[o];
+  }
+  if (dx) {  // CSC: per input channel, entries grouped by phase; dy offsets and values
+    I.dptr.resize(P.C * P.nph + 1);
+    I.doff.resize(nnz);
+    dval.resize(nnz);
+    at::parallel_for(0, P.C, 16, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        int64_t pos = ccol[c * khkw];
+        for (int64_t f = 0; f < P.nph; ++f) {
+          I.dptr[c * P.nph + f] = pos;
+          for (int64_t t = 0; t < khkw; ++t) {
+            if (P.tap_ph[t] != f) continue;
+            for (int64_t k = ccol[c * khkw + t]; k < ccol[c * khkw + t + 1]; ++k, ++pos) {
+              I.doff[pos] = int64_t(row_t[k]) * P.ys + P.F - P.tap_in[t];
+              dval[pos] = vals[perm[k]];
+            }
+          }
+        }
+      }
+    });
+    I.dptr[P.C * P.nph] = nnz;
+    for (int64_t c = 0; c < P.C; ++c) I.used_c[c] = ccol[(c + 1) * khkw] > ccol[c * khkw];
+    for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
+  }
+  Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
+            I.used_c.data(), I.used_o.data(), y, dx, nnz >= kBlockedRow * P.O};
+  if (y) {
+    const int64_t nch = n_chunks(P, P.O);
+    at::parallel_for(0, P.nbt * nch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t tile = task / nch, ch = task % nch;
+        fwd_task(A, tile, P.O * ch / nch, P.O * (ch + 1) / nch, task == begin || ch == 0);
+      }
+
+    });
+    return;
+  }
+  // backward: chunks split input channels (dx) and output channels (dvalues) alike
+  const int64_t nth = at::get_num_threads();
+  const int64_t nch = n_chunks(P, std::max(P.C, P.O));
+  std::vector<T> partial(dvals ? size_t(nth) * nnz : 0, T(0));
+  at::parallel_for(0, P.nbt * nch, 1, [&](int64_t begin, int64_t end) {
+    T* part = dvals ? partial.data() + size_t(at::get_thread_num()) * nnz : nullptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task / nch, ch = task % nch;
+      bwd_task(A, tile, P.C * ch / nch, P.C * (ch + 1) / nch, P.O * ch / nch,
+               P.O * (ch + 1) / nch, task == begin || ch == 0, part);
+    }
+  });
+  if (dvals) reduce_partials(partial.data(), nth, nnz, dvals);
+}
+
+template void run_conv<float>(const Plan&, const float*, const float*, const float*, const int64_t*,
+                              const int32_t*, const float*, const int64_t*, const int32_t*,
+                              const int64_t*, int64_t, float*, float*, float*);
+template void run_conv<double>(const Plan&, const double*, const double*, const double*,
+                               const int64_t*, const int32_t*, const double*, const int64_t*,
+                               const int32_t*, const int64_t*, int64_t, double*, double*, double*);
+
+}  // namespace sparsetrain
