@@ -144,6 +144,33 @@ ST_INLINE void zero_n(T* d, int64_t n) {
   zero_bytes(reinterpret_cast<char*>(d), n * int64_t(sizeof(T)));
 }
 
+// `rows` rows of n elements from s (pitch sp) to d (pitch dp), each followed by `zeros` zeros. The
+// common widths get straight-line fixed-size moves: for 8-pixel rows the generic byte copy's
+// branches cost more than the row.
+template <typename T, int N>
+ST_INLINE void copy_rows_n(T* d, int64_t dp, const T* s, int64_t sp, int64_t rows, int64_t zeros) {
+  for (int64_t u = 0; u < rows; ++u) {
+    __builtin_memcpy(d + u * dp, s + u * sp, N * sizeof(T));
+    if (zeros == 1) d[u * dp + N] = T(0);  // the usual gap (3x3, padding 1): no memset call
+    else if (zeros) zero_n(d + u * dp + N, zeros);
+  }
+}
+template <typename T>
+ST_INLINE void copy_rows(T* d, int64_t dp, const T* s, int64_t sp, int64_t n, int64_t rows,
+                         int64_t zeros) {
+  switch (n) {
+    case 4: return copy_rows_n<T, 4>(d, dp, s, sp, rows, zeros);
+    case 8: return copy_rows_n<T, 8>(d, dp, s, sp, rows, zeros);
+    case 16: return copy_rows_n<T, 16>(d, dp, s, sp, rows, zeros);
+    case 32: return copy_rows_n<T, 32>(d, dp, s, sp, rows, zeros);
+    default:
+      for (int64_t u = 0; u < rows; ++u) {
+        copy_n(d + u * dp, s + u * sp, n);
+        zero_n(d + u * dp + n, zeros);
+      }
+  }
+}
+
 // Packing streams through x (dy) in memory order, sample by sample and channel by channel (the
 // loads are the call's DRAM traffic); the zero slacks around each channel are written separately.
 // x plane (b, c) -> frame b of channel c's phase planes (channel base dst, stride xs): phase
@@ -157,10 +184,7 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
   const int64_t XF = P.XF, S = P.S, frame = P.frame;
   if (sh == 1 && sw == 1) {  // one phase: each row's W pixels, then PW - W zeros; zero rows below
     T* fr = dst + XF + b * frame;
-    for (int64_t u = 0; u < H; ++u) {
-      copy_n(fr + u * PW, src + u * W, W);
-      zero_n(fr + u * PW + W, PW - W);
-    }
+    copy_rows(fr, PW, src, W, W, H, PW - W);
     zero_n(fr + H * PW, (PH - H) * PW);
     return;
   }
@@ -206,10 +230,7 @@ template <typename T>
 ST_INLINE void pack_dy_plane(const Plan& P, const T* src, int64_t b, T* dst) {
   const int64_t OH = P.OH, OW = P.OW, PH = P.PH, PW = P.PW;
   T* fr = dst + P.F + b * P.frame;
-  for (int64_t oy = 0; oy < OH; ++oy) {
-    copy_n(fr + oy * PW, src + oy * OW, OW);
-    zero_n(fr + oy * PW + OW, PW - OW);
-  }
+  copy_rows(fr, PW, src, OW, OW, OH, PW - OW);
   zero_n(fr + OH * PW, (PH - OH) * PW);
 }
 
@@ -347,7 +368,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
     const int64_t O = P.O, OH = P.OH, OW = P.OW, PW = P.PW, frame = P.frame;
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * O + o) * plane;
-      for (int64_t oy = 0; oy < OH; ++oy) copy_n(yo + oy * OW, src + b * frame + oy * PW, OW);
+      copy_rows(yo, OW, src + b * frame, PW, OW, OH, 0);
     }
   }
 }
@@ -384,6 +405,10 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       const int64_t *row_off = P.row_off.data(), *col_off = P.col_off.data();
       for (int64_t b = 0; b < tb; ++b) {
         T* d = A.dx + ((b0 + b) * C + c) * plane;
+        if (P.sh == 1 && sw == 1) {  // one phase: rows at pitch PW
+          copy_rows(d, W, db + b * frame, P.PW, W, H, 0);
+          continue;
+        }
         for (int64_t iy = 0; iy < H; ++iy) {
           const T* rows = db + row_off[iy] + b * frame;
           T* dr = d + iy * W;
