@@ -29,6 +29,25 @@ def median_ms(fn, *, warmup: int = 2, reps: int = 7, max_seconds: float = 20.0) 
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds: float = 60.0) -> dict:
+    """Median wall time in ms of each fn in `fns` (name -> callable), the calls interleaved round by
+    round (a, b, c, a, b, c, ...), so a slow minute on a shared machine slows every side alike and
+    the ratios stay paired. Stops early past max_seconds (with >= 3 rounds)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times[name]) >= 3:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,

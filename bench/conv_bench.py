@@ -5,8 +5,9 @@
 Cases: the conv layers of CIFAR ResNet-18 (3x3 at every width, the stride-2 3x3 convs and the 1x1
 stride-2 downsample convs) and of VGG-like(delta=5, gamma=5), batch 128. One step = forward, then
 backward producing dx and the weight gradient (dense: full dW; ours: dW at the nonzeros only).
-Dense and sparse run side by side in one process, each timed as the median of repeated steps
-after warm-up. useful GFLOP/s = 3 products * 2 * nnz * batch * OH * OW / time.
+Dense, ours and SparseProp run side by side in one process, their steps interleaved round by
+round (medians after warm-up), so the ratios compare the same minutes of a shared machine.
+useful GFLOP/s = 3 products * 2 * nnz * batch * OH * OW / time.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, machine_info, median_ms, print_table, write_json  # noqa: E402
+from common import HERE, interleaved_median_ms, machine_info, print_table, write_json  # noqa: E402
 from reference import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -88,11 +89,12 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
                 return F.conv2d(x, w * mask, b, s, p)
 
             layer = SparseConv2d.from_dense(conv, mask)
-            dense_ms = median_ms(lambda: _step(dense, x, gy, [w] + ([b] if bias else [])), reps=reps)
-            sparse_ms = median_ms(lambda: _step(layer, x, gy, list(layer.parameters())), reps=reps)
-            sp_ms = None
-            if SP is not None:
-                sp_ms = _time_sparseprop(SP, conv, mask, x, gy, reps)
+            steps = {"dense": lambda: _step(dense, x, gy, [w] + ([b] if bias else [])),
+                     "ours": lambda layer=layer: _step(layer, x, gy, list(layer.parameters()))}
+            steps.update(_sparseprop_steps(SP, conv, mask, x, gy) if SP is not None else {})
+            ms = interleaved_median_ms(steps, reps=reps)
+            dense_ms, sparse_ms = ms["dense"], ms["ours"]
+            sp_ms = min((v for k, v in ms.items() if k.startswith("sparseprop")), default=None)
             nnz = int(mask.sum())
             flops = 3 * 2 * nnz * BATCH * oh * oh
             dense_flops = 3 * 2 * mask.numel() * BATCH * oh * oh
@@ -105,24 +107,25 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
     return rows
 
 
-def _time_sparseprop(SP, conv, mask, x, gy, reps):
-    """SparseProp's SparseConv2d, best of its two layouts (vectorizing over OC or over N)."""
+def _sparseprop_steps(SP, conv, mask, x, gy) -> dict:
+    """SparseProp's SparseConv2d in both of its layouts (vectorizing over OC or over N): the table
+    keeps the faster one."""
     dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       bias=conv.bias is not None)
     with torch.no_grad():
         dense.weight.copy_(conv.weight * mask)
         if conv.bias is not None:
             dense.bias.copy_(conv.bias)
-    best = None
+    steps = {}
     for over_on in (False, True):
         try:
             m = SP.from_dense(dense, vectorizing_over_on=over_on)
-            t = median_ms(lambda: _step(m, x, gy, list(m.parameters())), reps=max(3, reps // 2))
-        except Exception as e:  # a layout SparseProp does not support for this shape
+            _step(m, x, gy, list(m.parameters()))  # a layout SparseProp does not support fails here
+        except Exception as e:
             print(f"  # SparseProp (over_on={over_on}) failed: {type(e).__name__}: {e}")
             continue
-        best = t if best is None else min(best, t)
-    return best
+        steps[f"sparseprop_{over_on}"] = lambda m=m: _step(m, x, gy, list(m.parameters()))
+    return steps
 
 
 def main(argv=None):

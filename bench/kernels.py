@@ -3,9 +3,10 @@
     python bench/kernels.py            # full tables (linear, conv, GPU section when CUDA exists)
     python bench/kernels.py --quick    # a couple of minutes: the `make demo` smoke run
 
-Each case times forward + backward (dx and dW) and reports ratios against the dense masked
-layer (F.linear / F.conv2d on w * mask) and against torch.sparse, plus useful GFLOP/s
-(2 * nnz * batch per product, 3 products). Results also go to bench/results/kernels.json.
+Each case times forward + backward (dx and dW), the sides interleaved round by round (see
+common.interleaved_median_ms), and reports ratios against the dense masked layer (F.linear /
+F.conv2d on w * mask) and against torch.sparse, plus useful GFLOP/s (2 * nnz * batch per
+product, 3 products). Results also go to bench/results/kernels.json.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import HERE, machine_info, median_ms, print_table, write_json
+from common import HERE, interleaved_median_ms, machine_info, median_ms, print_table, write_json
 from reference import random_mask
 
 from sparsetrain.formats import CSR
@@ -83,8 +84,6 @@ def bench_linear(cases, sparsities, reps):
         for s in sparsities:
             mask = random_mask((fout, fin), s, generator=g)
             layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
-            masked_ms = median_ms(lambda: _dense_step(x, w, mask, b, gy), reps=reps)
-            sparse_ms = median_ms(lambda: _sparse_step(layer, x, gy), reps=reps)
             ws, wt, perm = _torch_sparse_setup(layer.weight)
             vals = layer.weight.values.detach().clone().requires_grad_(True)
 
@@ -92,7 +91,10 @@ def bench_linear(cases, sparsities, reps):
                 x.grad = vals.grad = None
                 (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + b.detach()).backward(gy)
 
-            ts_ms = median_ms(ts_step, reps=reps)
+            ms = interleaved_median_ms({"masked": lambda: _dense_step(x, w, mask, b, gy),
+                                        "ours": lambda: _sparse_step(layer, x, gy),
+                                        "torch.sparse": ts_step}, reps=reps)
+            masked_ms, sparse_ms, ts_ms = ms["masked"], ms["ours"], ms["torch.sparse"]
             nnz = layer.nnz
             rows.append({
                 "op": "sparse_linear", "shape": f"{fin}->{fout} b{batch}", "sparsity": s, "nnz": nnz,

@@ -37,3 +37,12 @@ def test_main_writes_json(tmp_path, capsys, monkeypatch):
     data = json.loads(out.read_text())
     assert data["machine"]["torch"] and len(data["linear"]) == 4
     assert "vs torch.sparse" in capsys.readouterr().out
+
+
+def test_interleaved_timing_pairs_every_side():
+    import common
+    calls = []
+    ms = common.interleaved_median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      warmup=1, reps=3)
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then rounds alternating a, b
