@@ -35,6 +35,31 @@ void reduce_partials(const T* partial, int64_t nth, int64_t nnz, T* dvals) {
   });
 }
 
+// Both kernels' parallel driver. Tasks = (batch tile, chunk of channels): one chunk per tile when
+// the tiles feed every thread, else enough chunks for all threads. The forward splits output
+// channels: fwd(tile, o0, o1, pack); the backward splits input channels (dx) and output channels
+// (dvalues) alike: bwd(tile, c0, c1, o0, o1, pack, part), part = this thread's dvalues partial sums
+// (nullptr without dvalues). No two tasks write the same output; pack is false when the previous
+// task of this thread already packed the same tile. The partial sums are reduced in a fixed order.
+template <typename T, typename Fwd, typename Bwd>
+void run_tasks(int64_t tiles, int64_t C, int64_t O, bool forward, int64_t nnz, T* dvals,
+               const Fwd& fwd, const Bwd& bwd) {
+  const int64_t nth = at::get_num_threads();
+  const int64_t channels = forward ? O : std::max(C, O);
+  const int64_t nch = tiles >= nth ? 1 : std::max<int64_t>(1, std::min(channels, (nth + tiles - 1) / tiles));
+  std::vector<T> partial(!forward && dvals ? size_t(nth) * nnz : 0, T(0));
+  at::parallel_for(0, tiles * nch, 1, [&](int64_t begin, int64_t end) {
+    T* part = partial.empty() ? nullptr : partial.data() + size_t(at::get_thread_num()) * nnz;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tile = task / nch, ch = task % nch;
+      const bool pack = task == begin || ch == 0;
+      if (forward) fwd(tile, O * ch / nch, O * (ch + 1) / nch, pack);
+      else bwd(tile, C * ch / nch, C * (ch + 1) / nch, O * ch / nch, O * (ch + 1) / nch, pack, part);
+    }
+  });
+  if (!partial.empty()) reduce_partials(partial.data(), nth, nnz, dvals);
+}
+
 // Geometry of one call: x [B, C, H, W], weight [O, C, kh, kw], output [B, O, OH, OW].
 struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;

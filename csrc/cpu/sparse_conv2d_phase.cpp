@@ -460,13 +460,6 @@ ST_DEFINE_TASKS(float)
 ST_DEFINE_TASKS(double)
 #undef ST_DEFINE_TASKS
 
-// Tiles x chunks of channels: one chunk per tile when there are enough tiles for all threads.
-int64_t n_chunks(const Plan& P, int64_t channels) {
-  const int64_t nth = at::get_num_threads();
-  if (P.nbt >= nth) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(channels, ceil_div(nth, P.nbt)));
-}
-
 // Index work shared by every tile (O(nnz)): x offsets per nonzero, the used channels and, for the
 // input gradient, the CSC entries regrouped by (input channel, phase) with their dy offsets.
 struct Index {
@@ -530,30 +523,12 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
             I.used_c.data(), I.used_o.data(), y, dx, nnz >= kBlockedRow * P.O};
-  if (y) {
-    const int64_t nch = n_chunks(P, P.O);
-    at::parallel_for(0, P.nbt * nch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t tile = task / nch, ch = task % nch;
-        fwd_task(A, tile, P.O * ch / nch, P.O * (ch + 1) / nch, task == begin || ch == 0);
-      }
-
-    });
-    return;
-  }
-  // backward: chunks split input channels (dx) and output channels (dvalues) alike
-  const int64_t nth = at::get_num_threads();
-  const int64_t nch = n_chunks(P, std::max(P.C, P.O));
-  std::vector<T> partial(dvals ? size_t(nth) * nnz : 0, T(0));
-  at::parallel_for(0, P.nbt * nch, 1, [&](int64_t begin, int64_t end) {
-    T* part = dvals ? partial.data() + size_t(at::get_thread_num()) * nnz : nullptr;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task / nch, ch = task % nch;
-      bwd_task(A, tile, P.C * ch / nch, P.C * (ch + 1) / nch, P.O * ch / nch,
-               P.O * (ch + 1) / nch, task == begin || ch == 0, part);
-    }
-  });
-  if (dvals) reduce_partials(partial.data(), nth, nnz, dvals);
+  run_tasks<T>(
+      P.nbt, P.C, P.O, y != nullptr, nnz, dvals,
+      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { fwd_task(A, tile, o0, o1, pack); },
+      [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
+        bwd_task(A, tile, c0, c1, o0, o1, pack, part);
+      });
 }
 
 template void run_conv<float>(const Plan&, const float*, const float*, const float*, const int64_t*,

@@ -214,35 +214,6 @@ ST_SMALL_TASKS(float)
 ST_SMALL_TASKS(double)
 #undef ST_SMALL_TASKS
 
-template <typename T>
-void small_run(const SArgs<T>& A, int64_t nnz, T* dvals) {
-  const ConvGeom& g = *A.g;
-  const int64_t nbt = (g.B + A.bt - 1) / A.bt, nth = at::get_num_threads();
-  auto chunks = [&](int64_t channels) {  // one chunk per tile when tiles feed every thread
-    return nbt >= nth ? int64_t(1) : std::max<int64_t>(1, std::min<int64_t>(channels, (nth + nbt - 1) / nbt));
-  };
-  if (A.y) {
-    const int64_t nch = chunks(g.O);
-    at::parallel_for(0, nbt * nch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t tile = task / nch, ch = task % nch;
-        small_fwd_task(A, tile, g.O * ch / nch, g.O * (ch + 1) / nch, task == begin || ch == 0);
-      }
-    });
-    return;
-  }
-  const int64_t nch = chunks(std::max(g.C, g.O));
-  std::vector<T> partial(dvals ? size_t(nth) * nnz : 0, T(0));
-  at::parallel_for(0, nbt * nch, 1, [&](int64_t begin, int64_t end) {
-    T* part = dvals ? partial.data() + size_t(at::get_thread_num()) * nnz : nullptr;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task / nch, ch = task % nch;
-      small_bwd_task(A, tile, g.C * ch / nch, g.C * (ch + 1) / nch, g.O * ch / nch,
-                            g.O * (ch + 1) / nch, task == begin || ch == 0, part);
-    }
-  });
-  if (dvals) reduce_partials(partial.data(), nth, nnz, dvals);
-}
 
 }  // namespace
 
@@ -298,7 +269,12 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
   }
   const SArgs<T> A{&g, bt, K, &ft, &btl, x, dy, bias, crow, tptr.data(), eoff.data(), eval.data(),
                    epos.data(), ccol, doff.data(), dval.data(), y, dx};
-  small_run<T>(A, nnz, dvals);
+  run_tasks<T>(
+      (g.B + bt - 1) / bt, g.C, g.O, y != nullptr, nnz, dvals,
+      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { small_fwd_task(A, tile, o0, o1, pack); },
+      [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
+        small_bwd_task(A, tile, c0, c1, o0, o1, pack, part);
+      });
 }
 
 template void small_conv<float>(const ConvGeom&, int64_t, const float*, const float*, const float*,
