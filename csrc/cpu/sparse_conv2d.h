@@ -1,4 +1,4 @@
-// Shared by the two CPU strategies of sparse_conv2d: the phase-plane kernel (sparse_conv2d.cpp,
+// Shared by the two CPU kernels of sparse_conv2d: the phase-plane kernel (sparse_conv2d_phase.cpp,
 // any map size) and the batch-innermost kernel for small maps (sparse_conv2d_small.cpp).
 #pragma once
 #include "common.h"
