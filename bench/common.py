@@ -29,10 +29,14 @@ def median_ms(fn, *, warmup: int = 2, reps: int = 7, max_seconds: float = 20.0) 
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds: float = 60.0) -> dict:
+def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds: float = 60.0,
+                          warm: bool = False) -> dict:
     """Median wall time in ms of each fn in `fns` (name -> callable), the calls interleaved round by
     round (a, b, c, a, b, c, ...), so a slow minute on a shared machine slows every side alike and
-    the ratios stay paired. Stops early past max_seconds (with >= 3 rounds)."""
+    the ratios stay paired. Cold (default): each timed call starts with the caches the previous side
+    left. warm=True: each timed call follows an untimed call of the same side (its inputs and buffers
+    in cache, as when a layer's input was just produced in a training step). Stops early past
+    max_seconds (with >= 3 rounds)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -40,6 +44,8 @@ def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seco
     start = time.perf_counter()
     for _ in range(reps):
         for name, fn in fns.items():
+            if warm:
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)

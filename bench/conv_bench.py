@@ -1,12 +1,15 @@
 """SparseConv2d forward+backward vs dense masked F.conv2d (and SparseProp when installed).
 
-    python bench/conv_bench.py [--quick]     # standalone; bench/kernels.py calls run()
+    python bench/conv_bench.py [--quick] [--warm]   # standalone; bench/kernels.py calls run()
 
 Cases: the conv layers of CIFAR ResNet-18 (3x3 at every width, the stride-2 3x3 convs and the 1x1
 stride-2 downsample convs) and of VGG-like(delta=5, gamma=5), batch 128. One step = forward, then
 backward producing dx and the weight gradient (dense: full dW; ours: dW at the nonzeros only).
 Dense, ours and SparseProp run side by side in one process, their steps interleaved round by
-round (medians after warm-up), so the ratios compare the same minutes of a shared machine.
+round (medians after warm-up), so the ratios compare the same minutes of a shared machine. By
+default each timed step starts with the caches the previous side left; --warm times each side's
+second consecutive step of the round instead (its input and buffers in cache, as in a training step
+where the layer's input was just produced).
 useful GFLOP/s = 3 products * 2 * nnz * batch * OH * OW / time.
 """
 from __future__ import annotations
@@ -64,7 +67,7 @@ def _step(module_or_fn, x, gy, params):
 
 
 def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | None = None,
-        cases=None, sparseprop: bool = True) -> list[dict]:
+        cases=None, sparseprop: bool = True, warm: bool = False) -> list[dict]:
     """One row per (case, sparsity): keys op, shape, sparsity, dense_ms, sparse_ms, speedup,
     sparseprop_ms (None when SparseProp is absent), vs_sparseprop, gflops_useful, dense_gflops."""
     cases = cases if cases is not None else (QUICK if quick else RESNET18 + VGG_D5G5)
@@ -92,7 +95,7 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
             steps = {"dense": lambda: _step(dense, x, gy, [w] + ([b] if bias else [])),
                      "ours": lambda layer=layer: _step(layer, x, gy, list(layer.parameters()))}
             steps.update(_sparseprop_steps(SP, conv, mask, x, gy) if SP is not None else {})
-            ms = interleaved_median_ms(steps, reps=reps)
+            ms = interleaved_median_ms(steps, reps=reps, warm=warm)
             dense_ms, sparse_ms = ms["dense"], ms["ours"]
             sp_ms = min((v for k, v in ms.items() if k.startswith("sparseprop")), default=None)
             nnz = int(mask.sum())
@@ -134,7 +137,9 @@ def main(argv=None):
     p.add_argument("--sparsities", default=None, help="comma-separated, default 0.5,0.9,0.99,0.999")
     p.add_argument("--only", default=None, help="substring of the case names to run (e.g. 'r18 layer')")
     p.add_argument("--no-sparseprop", action="store_true")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "conv.json"))
+    p.add_argument("--warm", action="store_true",
+                   help="time each side's second consecutive call in each round (inputs in cache)")
+    p.add_argument("--out", default=None, help="default results/conv.json (conv_warm.json with --warm)")
     args = p.parse_args(argv)
     sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
         ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
@@ -144,10 +149,11 @@ def main(argv=None):
     info = machine_info()
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop)
+    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm)
     print_table(rows, COLUMNS)
-    write_json(args.out, {"machine": info, "conv": rows})
-    print(f"\nwritten: {args.out}")
+    out = args.out or os.path.join(HERE, "results", "conv_warm.json" if args.warm else "conv.json")
+    write_json(out, {"machine": info, "timing": "warm" if args.warm else "cold", "conv": rows})
+    print(f"\nwritten: {out}")
 
 
 if __name__ == "__main__":

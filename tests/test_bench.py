@@ -46,3 +46,21 @@ def test_interleaved_timing_pairs_every_side():
                                       warmup=1, reps=3)
     assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then rounds alternating a, b
+
+
+def test_interleaved_timing_warm_repeats_each_side():
+    import common
+    calls = []
+    common.interleaved_median_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 warmup=0, reps=2, warm=True)
+    assert calls == ["a", "a", "b", "b"] * 2  # an untimed call right before each timed one
+
+
+def test_conv_bench_main_writes_warm_json(tmp_path, monkeypatch):
+    out = tmp_path / "c.json"
+    monkeypatch.setattr(conv_bench, "RESNET18", [("tiny", 3, 4, 5, 3, 1, 1, False)])
+    monkeypatch.setattr(conv_bench, "VGG_D5G5", [])
+    monkeypatch.setattr(conv_bench, "BATCH", 2)
+    conv_bench.main(["--sparsities", "0.9", "--no-sparseprop", "--warm", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["timing"] == "warm" and len(data["conv"]) == 1 and data["conv"][0]["sparse_ms"] > 0
