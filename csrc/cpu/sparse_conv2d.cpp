@@ -83,7 +83,8 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
     bc = bias->contiguous();
   }
   const at::Tensor xc = x.contiguous();
-  const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size());
+  const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size(),
+                           col.numel());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
   if (y.numel() == 0) return y;
   const int64_t sbt = small_conv_tile(geom(P), x.element_size());
@@ -131,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const int64_t B = grad_out.size(0), H = input_size[0], W = input_size[1];
   TORCH_CHECK(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
               " and ", B);
-  const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size());
+  const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   TORCH_CHECK(grad_out.size(2) == P.OH && grad_out.size(3) == P.OW, "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   const at::Tensor g = grad_out.contiguous();
@@ -196,7 +197,7 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
-                           a.k, a.s, a.p, elem);
+                           a.k, a.s, a.p, elem, 0);  // the geometry only
   return small_conv_tile(geom(P), elem);
 }
 

@@ -78,13 +78,15 @@ struct Plan {
                                // and for dx (multiples of QB/2: the last block may be half)
   int64_t XF, F, xs, ys;       // front slacks of packed x and dy, packed channel strides
   int64_t cb, ncb;             // input channels per L1 block of the forward, blocks
+  bool blocked;                // rows of >= 50 nonzeros: channel-blocked forward, larger tiles
   std::vector<int64_t> tap_in, tap_ph;    // per tap: shift inside the phase plane, phase index
   std::vector<uint8_t> used_ph;           // phases some tap reads
   std::vector<int64_t> row_off, col_off;  // dx unpack: input row iy / column ix < sw -> offset
 };
 
+// nnz picks the forward's loop order and the tile size (rows of >= 50 nonzeros: "blocked").
 Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
-               at::IntArrayRef st, at::IntArrayRef pad, size_t elem);
+               at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz);
 
 // y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
 // vals) and dvalues when dvals is given (dy, x, crow, col).
