@@ -42,14 +42,14 @@ def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seco
             fn()
     times = {name: [] for name in fns}
     start = time.perf_counter()
-    for _ in range(reps):
+    for rnd in range(1, reps + 1):
         for name, fn in fns.items():
             if warm:
                 fn()
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > max_seconds and len(times[name]) >= 3:
+        if time.perf_counter() - start > max_seconds and rnd >= 3:
             break
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -7,10 +7,6 @@
 namespace sparsetrain {
 namespace {
 
-ConvGeom geom(const Plan& P) {
-  return {P.B, P.C, P.H, P.W, P.O, P.kh, P.kw, P.sh, P.sw, P.ph, P.pw, P.OH, P.OW};
-}
-
 struct ConvArgs {
   int64_t kh, kw;
   std::vector<int64_t> k, s, p;
@@ -87,10 +83,10 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
                            col.numel());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
   if (y.numel() == 0) return y;
-  const int64_t sbt = small_conv_tile(geom(P), x.element_size());
+  const int64_t sbt = small_conv_tile(P, x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     if (sbt)
-      return small_conv<scalar_t>(geom(P), sbt, xc.data_ptr<scalar_t>(), nullptr,
+      return small_conv<scalar_t>(P, sbt, xc.data_ptr<scalar_t>(), nullptr,
                                   bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
                                   col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr,
                                   nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr);
@@ -141,11 +137,11 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_empty({B, C, H, W}, g.options());
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
-  const int64_t sbt = small_conv_tile(geom(P), like.element_size());
+  const int64_t sbt = small_conv_tile(P, like.element_size());
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
     if (sbt)
       return small_conv<scalar_t>(
-          geom(P), sbt, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
+          P, sbt, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
           crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
           values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
@@ -198,7 +194,7 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
   const size_t elem = c10::elementSize(dtype);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
                            a.k, a.s, a.p, elem, 0);  // the geometry only
-  return small_conv_tile(geom(P), elem);
+  return small_conv_tile(P, elem);
 }
 
 }  // namespace

@@ -70,8 +70,7 @@ struct ConvGeom {
 // columns/rows, and a tap reaching left of (above) the plane reads the previous row's (sample's)
 // trailing zeros. So every shift may be negative, and the plane is as small as the shifts allow:
 // 5x5 instead of 6x6 for a 4x4 input and a 3x3 kernel with padding 1 (25 positions instead of 36).
-struct Plan {
-  int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
+struct Plan : ConvGeom {
   int64_t PH, PW, frame, nph;  // phase plane (real pixels + zero gap), its size, phases
   int64_t bt, nbt;             // samples per tile, tiles
   int64_t S, L, LX;            // segment stride (multiple of QB); positions computed for y/dw

@@ -490,13 +490,15 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
       }
     });
     for (int64_t p = 0; p < nnz; ++p) I.used_c[col[p] / khkw] = 1;
-    I.seg.resize(P.O * (P.ncb + 1));  // rows' columns ascend: channel blocks are sub-ranges
-    for (int64_t o = 0; o < P.O; ++o) {
-      int64_t p = crow[o];
-      for (int64_t j = 0; j <= P.ncb; ++j) {
-        const int64_t end = std::min(j, P.ncb) * P.cb * khkw;
-        while (p < crow[o + 1] && col[p] < end) ++p;
-        I.seg[o * (P.ncb + 1) + j] = j == P.ncb ? crow[o + 1] : p;
+    if (y && P.blocked) {  // only the channel-blocked forward reads seg
+      I.seg.resize(P.O * (P.ncb + 1));  // rows' columns ascend: channel blocks are sub-ranges
+      for (int64_t o = 0; o < P.O; ++o) {
+        int64_t p = crow[o];
+        for (int64_t j = 0; j < P.ncb; ++j) {
+          while (p < crow[o + 1] && col[p] < j * P.cb * khkw) ++p;
+          I.seg[o * (P.ncb + 1) + j] = p;
+        }
+        I.seg[o * (P.ncb + 1) + P.ncb] = crow[o + 1];
       }
     }
     for (int64_t o = 0; o < P.O; ++o) I.used_o[o] = crow[o + 1] > crow[o];

@@ -242,12 +242,13 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
     epos.resize(nnz);
     if (y) eval.resize(nnz);
     at::parallel_for(0, g.O, 64, [&](int64_t ob, int64_t oe) {
+      std::vector<int64_t> fill(K);  // next free slot per tap group
       for (int64_t o = ob; o < oe; ++o) {
         int64_t* gp = tptr.data() + o * (K + 1);
         for (int64_t p = crow[o]; p < crow[o + 1]; ++p) ++gp[col[p] % K + 1];
         gp[0] = crow[o];
         for (int64_t t = 0; t < K; ++t) gp[t + 1] += gp[t];
-        std::vector<int64_t> fill(gp, gp + K);
+        std::copy(gp, gp + K, fill.begin());
         for (int64_t p = crow[o]; p < crow[o + 1]; ++p) {
           const int64_t e = fill[col[p] % K]++;
           eoff[e] = (col[p] / K) * hw * bt;
