@@ -56,6 +56,19 @@ def test_many_tiles_chunks_and_threads():
         torch.set_num_threads(n)
 
 
+# Output planes are written with streaming stores where rows are 16-byte multiples (widths 4, 8,
+# 12, 16, 32 in fp32, even widths in fp64; empty rows' bias fill streams any plane between
+# scalar head and tail), plain moves elsewhere; stride-2 inputs of even width are split into
+# even/odd-column phases row by row (fixed widths 4, 8, 16 and a generic one), and their input
+# gradient merged back. Sparsity 0.97 (8 of 270 weights) leaves rows and channels empty.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 16), (5, 32), (7, 12), (7, 6), (6, 10)])
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 2, 0)])
+def test_streamed_planes_and_stride2_rows(k, s, p, hw, dtype):
+    for i, sparsity in enumerate((0.6, 0.97)):
+        _check(5, 6, 3, hw, k, s, p, sparsity, True, dtype=dtype, seed=i)
+
+
 # The batch-innermost kernel for small maps (<= 16 output pixels, batch >= 16): tiles of 16, 32,
 # 64 and 128 samples, ragged last tiles, every border case of the valid-tap lists.
 # (in, out, batch, spatial, kernel, stride, padding, sparsity, bias)

@@ -15,8 +15,11 @@
 // Parallel: tasks = (batch tile, chunk of output channels for forward and weight gradient, of
 // input channels for the input gradient), so threads never write the same output. Hot loops are
 // in ST_MULTIVERSION task functions (a lambda does not inherit the clones' target ISA).
+// y and dx are written with streaming stores (rows.h): at 99.9 % sparsity writing them is most of
+// the call's memory traffic.
 #include <cstring>
 
+#include "rows.h"
 #include "sparse_conv2d.h"
 
 namespace sparsetrain {
@@ -29,6 +32,7 @@ constexpr int64_t kBlockedRow = 50;
 // Packed x (or dy) tile, kept in L2 (2 MB per core here) next to the output staging. Measured:
 // 768 KB is best for dense rows (90 %), 512 KB 3-14 % faster for sparse rows (99 %, 99.9 %).
 constexpr int64_t kTileBytesDense = 768 * 1024, kTileBytesSparse = 512 * 1024;
+constexpr int64_t kRowBuf = 256;  // stride-2 input gradient rows up to this width are streamed
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -116,64 +120,6 @@ struct Args {
   T *y, *dx;
 };
 
-template <typename T>
-ST_INLINE void fill(T* p, int64_t n, T v) {
-  for (int64_t i = 0; i < n; ++i) p[i] = v;
-}
-
-// Short copies and zero fills (rows of 4..32 elements, thousands per call) as inline moves of
-// fixed size: a libc call per row would cost more than the row.
-ST_INLINE void copy_bytes(char* d, const char* s, int64_t n) {
-  for (; n >= 64; n -= 64, d += 64, s += 64) __builtin_memcpy(d, s, 64);
-  if (n & 32) { __builtin_memcpy(d, s, 32); d += 32; s += 32; }
-  if (n & 16) { __builtin_memcpy(d, s, 16); d += 16; s += 16; }
-  if (n & 8) { __builtin_memcpy(d, s, 8); d += 8; s += 8; }
-  if (n & 4) __builtin_memcpy(d, s, 4);
-}
-template <typename T>
-ST_INLINE void copy_n(T* d, const T* s, int64_t n) {
-  copy_bytes(reinterpret_cast<char*>(d), reinterpret_cast<const char*>(s), n * int64_t(sizeof(T)));
-}
-ST_INLINE void zero_bytes(char* d, int64_t n) {
-  static constexpr char z[64] = {};
-  for (; n >= 64; n -= 64, d += 64) __builtin_memcpy(d, z, 64);
-  if (n & 32) { __builtin_memcpy(d, z, 32); d += 32; }
-  if (n & 16) { __builtin_memcpy(d, z, 16); d += 16; }
-  if (n & 8) { __builtin_memcpy(d, z, 8); d += 8; }
-  if (n & 4) __builtin_memcpy(d, z, 4);
-}
-template <typename T>
-ST_INLINE void zero_n(T* d, int64_t n) {
-  zero_bytes(reinterpret_cast<char*>(d), n * int64_t(sizeof(T)));
-}
-
-// `rows` rows of n elements from s (pitch sp) to d (pitch dp), each followed by `zeros` zeros. The
-// common widths get straight-line fixed-size moves: for 8-pixel rows the generic byte copy's
-// branches cost more than the row.
-template <typename T, int N>
-ST_INLINE void copy_rows_n(T* d, int64_t dp, const T* s, int64_t sp, int64_t rows, int64_t zeros) {
-  for (int64_t u = 0; u < rows; ++u) {
-    __builtin_memcpy(d + u * dp, s + u * sp, N * sizeof(T));
-    if (zeros == 1) d[u * dp + N] = T(0);  // the usual gap (3x3, padding 1): no memset call
-    else if (zeros) zero_n(d + u * dp + N, zeros);
-  }
-}
-template <typename T>
-ST_INLINE void copy_rows(T* d, int64_t dp, const T* s, int64_t sp, int64_t n, int64_t rows,
-                         int64_t zeros) {
-  switch (n) {
-    case 4: return copy_rows_n<T, 4>(d, dp, s, sp, rows, zeros);
-    case 8: return copy_rows_n<T, 8>(d, dp, s, sp, rows, zeros);
-    case 16: return copy_rows_n<T, 16>(d, dp, s, sp, rows, zeros);
-    case 32: return copy_rows_n<T, 32>(d, dp, s, sp, rows, zeros);
-    default:
-      for (int64_t u = 0; u < rows; ++u) {
-        copy_n(d + u * dp, s + u * sp, n);
-        zero_n(d + u * dp + n, zeros);
-      }
-  }
-}
-
 // Packing streams through x (dy) in memory order, sample by sample and channel by channel (the
 // loads are the call's DRAM traffic); the zero slacks around each channel are written separately.
 // x plane (b, c) -> frame b of channel c's phase planes (channel base dst, stride xs): phase
@@ -192,6 +138,21 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
     return;
   }
   const uint8_t* used = P.used_ph.data();
+  if (sh == 2 && sw == 2 && W % 2 == 0) {  // rows in memory order: row iy -> row iy/2 of phases
+    const int64_t nv = W / 2;              // (iy%2, 0) (even columns) and (iy%2, 1) (odd columns)
+    T* fr = dst + XF + b * frame;
+    for (int64_t iy = 0; iy < H; ++iy) {
+      const int64_t f = 2 * (iy & 1), u = iy >> 1;
+      T* e = used[f] ? fr + f * S + u * PW : nullptr;
+      T* o = used[f + 1] ? fr + (f + 1) * S + u * PW : nullptr;
+      if (e || o) split_row(e, o, src + iy * W, nv, PW - nv);
+    }
+    for (int64_t f = 0; f < 4; ++f) {  // rows past the real ones: 2u + a >= H
+      const int64_t u0 = (H - (f >> 1) + 1) / 2;
+      if (used[f]) zero_n(fr + f * S + u0 * PW, (PH - u0) * PW);
+    }
+    return;
+  }
   for (int64_t a = 0; a < sh; ++a)
     for (int64_t bb = 0; bb < sw; ++bb) {
       if (!used[a * sw + bb]) continue;  // no tap reads this phase (1x1 stride 2)
@@ -364,16 +325,17 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
   for (int64_t o = o0; o < o1; ++o) {
     if (A.crow[o + 1] == A.crow[o]) {
       const T init = A.bias ? A.bias[o] : T(0);
-      for (int64_t b = 0; b < tb; ++b) fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
+      for (int64_t b = 0; b < tb; ++b) stream_fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
       continue;
     }
     const T* src = ob + (o - o0) * P.L;
     const int64_t O = P.O, OH = P.OH, OW = P.OW, PW = P.PW, frame = P.frame;
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * O + o) * plane;
-      copy_rows(yo, OW, src + b * frame, PW, OW, OH, 0);
+      stream_rows(yo, OW, src + b * frame, PW, OW, OH);
     }
   }
+  stream_fence();
 }
 
 // Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
@@ -392,7 +354,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   if (A.dx) {
     for (int64_t c = c0; c < c1; ++c) {
       if (!A.used_c[c]) {
-        for (int64_t b = 0; b < tb; ++b) zero_n(A.dx + ((b0 + b) * P.C + c) * plane, plane);
+        for (int64_t b = 0; b < tb; ++b) stream_fill(A.dx + ((b0 + b) * P.C + c) * plane, plane, T(0));
         continue;
       }
       for (int64_t f = 0; f < P.nph; ++f) {
@@ -406,25 +368,26 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       // dx[b, c, iy, ix] = dxp[phase((iy+ph)%sh, (ix+pw)%sw)][b][(iy+ph)/sh][(ix+pw)/sw]
       const int64_t C = P.C, H = P.H, W = P.W, sw = P.sw, frame = P.frame;
       const int64_t *row_off = P.row_off.data(), *col_off = P.col_off.data();
+      alignas(64) T rowbuf[kRowBuf];
       for (int64_t b = 0; b < tb; ++b) {
         T* d = A.dx + ((b0 + b) * C + c) * plane;
         if (P.sh == 1 && sw == 1) {  // one phase: rows at pitch PW
-          copy_rows(d, W, db + b * frame, P.PW, W, H, 0);
+          stream_rows(d, W, db + b * frame, P.PW, W, H);
           continue;
         }
         for (int64_t iy = 0; iy < H; ++iy) {
           const T* rows = db + row_off[iy] + b * frame;
           T* dr = d + iy * W;
           if (sw == 1) {
-            copy_n(dr, rows, W);
-          } else if (sw == 2) {  // interleave the even- and odd-column phases
+            stream_rows(dr, W, rows, 0, W, 1);
+          } else if (sw == 2) {  // interleave the even- and odd-column phases (in L1, then streamed)
             const T* re = rows + col_off[0];
             const T* ro = rows + col_off[1];
-            for (int64_t v = 0; v < W / 2; ++v) {
-              dr[2 * v] = re[v];
-              dr[2 * v + 1] = ro[v];
-            }
-            if (W % 2) dr[W - 1] = re[W / 2];
+            const bool st = W <= kRowBuf && streamable(dr, W, W);
+            T* out = st ? rowbuf : dr;
+            merge_row(out, re, ro, W / 2);
+            if (W % 2) out[W - 1] = re[W / 2];
+            if (st) stream_rows(dr, W, rowbuf, 0, W, 1);
           } else {
             for (int64_t j = 0; j < sw; ++j) {  // columns ix = j, j + sw, ...
               const T* r = rows + col_off[j];
@@ -434,6 +397,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
         }
       }
     }
+    stream_fence();
   }
   if (part) {
     using V = typename Vec<T>::V;
