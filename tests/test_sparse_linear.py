@@ -42,6 +42,14 @@ def test_large_batch_tiles_and_threads():
     _check((64 * torch.get_num_threads() * 2 + 5,), 37, 41, 0.7, True)
 
 
+@pytest.mark.parametrize("fin", [32, 48, 40])
+def test_streamed_input_gradient_rows(fin):
+    # dx rows of whole 64-byte lines (32 and 48 features) are written with streaming stores, others
+    # (40 features: 160-byte rows) with plain stores. Batch 150: several batch tiles and a ragged
+    # last tile whose rows past a multiple of 8 take the scalar tail.
+    _check((150,), fin, 9, 0.7, True)
+
+
 def test_float64():
     _check((6,), 13, 9, 0.6, True, dtype=torch.float64)
 

@@ -151,7 +151,7 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
     for (int64_t p = 0; p < ohw; ++p)
       pixel_axpy<T, NV>(ob + ((o - o0) * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, A.eval, init);
   }
-  untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw);
+  untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw, true);
 }
 
 // Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
@@ -174,7 +174,7 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
       for (int64_t p = 0; p < hw; ++p)
         pixel_axpy<T, NV>(db + ((c - c0) * hw + p) * bt, dyt, *A.bt_taps, p, A.ccol + c * K, A.doff,
                           A.dval, T(0));
-    untranspose_tile<T>(db, (c1 - c0) * hw, tb, bt, A.dx + (b0 * g.C + c0) * hw, g.C * hw);
+    untranspose_tile<T>(db, (c1 - c0) * hw, tb, bt, A.dx + (b0 * g.C + c0) * hw, g.C * hw, true);
   }
   if (part)
     for (int64_t o = o0; o < o1; ++o) {

@@ -72,7 +72,7 @@ ST_INLINE void dgrad_tile_impl(const T* dy, int64_t tb, int64_t N, T* dyt, T* dx
       for (int t = 0; t < TB; ++t) xr[t] += v * dr[t];
     }
   }
-  untranspose_tile<T>(dxt, K, tb, TB, dx, K);
+  untranspose_tile<T>(dxt, K, tb, TB, dx, K, /*stream=*/true);
 }
 
 // dW partial: part[p] += <dyt[row(p), :], xt[col(p), :]> over one batch tile.

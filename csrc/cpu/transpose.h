@@ -18,9 +18,8 @@ constexpr int64_t kKB = 16;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ST_HAVE_AVX2_PATH 1
-// dst[i * ld + j] = src[j * ls + i] for one 8x8 block
-__attribute__((target("avx2"), always_inline)) inline void tr8x8(const float* src, int64_t ls, float* dst,
-                                                                 int64_t ld) {
+// out[i][j] = src[j * ls + i] for one 8x8 block, in registers
+__attribute__((target("avx2"), always_inline)) inline void tr8x8_regs(const float* src, int64_t ls, __m256 out[8]) {
   const __m256 r0 = _mm256_loadu_ps(src + 0 * ls), r1 = _mm256_loadu_ps(src + 1 * ls);
   const __m256 r2 = _mm256_loadu_ps(src + 2 * ls), r3 = _mm256_loadu_ps(src + 3 * ls);
   const __m256 r4 = _mm256_loadu_ps(src + 4 * ls), r5 = _mm256_loadu_ps(src + 5 * ls);
@@ -33,14 +32,18 @@ __attribute__((target("avx2"), always_inline)) inline void tr8x8(const float* sr
   const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
   const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
   const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(dst + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(dst + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+  out[0] = _mm256_permute2f128_ps(u0, u4, 0x20), out[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  out[2] = _mm256_permute2f128_ps(u2, u6, 0x20), out[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  out[4] = _mm256_permute2f128_ps(u0, u4, 0x31), out[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  out[6] = _mm256_permute2f128_ps(u2, u6, 0x31), out[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// dst[i * ld + j] = src[j * ls + i] for one 8x8 block
+__attribute__((target("avx2"), always_inline)) inline void tr8x8(const float* src, int64_t ls, float* dst,
+                                                                 int64_t ld) {
+  __m256 r[8];
+  tr8x8_regs(src, ls, r);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ld, r[i]);
 }
 
 // The full 8x8 blocks of src [rows8, cols8] (leading dim ls) into dst [cols8, rows8] (leading dim ld).
@@ -49,6 +52,25 @@ inline __attribute__((target("avx2"), noinline)) void transpose_blocks_avx2(cons
                                                                      int64_t rows8, int64_t cols8) {
   for (int64_t r0 = 0; r0 < rows8; r0 += 8)
     for (int64_t c0 = 0; c0 < cols8; c0 += 8) tr8x8(src + r0 * ls + c0, ls, dst + c0 * ld + r0, ld);
+}
+
+// Like transpose_blocks_avx2 for dst [rows8, cols16] (cols16 a multiple of 16, every dst row
+// 64-byte aligned), written with streaming stores: dst rows outer, so each 8x16 block writes one
+// whole 64-byte line per row (two adjacent 32-byte stores), never a partial line. For
+// activation-sized outputs that would not stay in cache (a normal store reads each line first).
+inline __attribute__((target("avx2"), noinline)) void transpose_blocks_stream_avx2(
+    const float* src, int64_t ls, float* dst, int64_t ld, int64_t cols16, int64_t rows8) {
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8)
+    for (int64_t c0 = 0; c0 < cols16; c0 += 16) {
+      __m256 a[8], b[8];
+      tr8x8_regs(src + c0 * ls + r0, ls, a);
+      tr8x8_regs(src + (c0 + 8) * ls + r0, ls, b);
+      for (int i = 0; i < 8; ++i) {
+        _mm256_stream_ps(dst + (r0 + i) * ld + c0, a[i]);
+        _mm256_stream_ps(dst + (r0 + i) * ld + c0 + 8, b[i]);
+      }
+    }
+  _mm_sfence();
 }
 
 inline bool have_avx2() {
@@ -79,16 +101,23 @@ ST_INLINE void transpose_tile(const T* x, int64_t K, int64_t tb, int64_t TB, T* 
   }
 }
 
-// x[t * ldx + k] = xt[k * TB + t] for t < tb, k < K (ldx: x's row pitch, >= K)
+// x[t * ldx + k] = xt[k * TB + t] for t < tb, k < K (ldx: x's row pitch, >= K). stream: the rows
+// of x are an activation-sized output; rows of whole 64-byte lines are then written with streaming
+// stores (the vector path; the tail rows past a multiple of 8 and other CPUs take plain stores).
 template <typename T>
 ST_INLINE void untranspose_tile(const T* xt, int64_t K, int64_t tb, int64_t TB, T* x,
-                                 int64_t ldx) {
+                                 int64_t ldx, bool stream = false) {
   int64_t t8 = 0, k8 = 0;
 #ifdef ST_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
     if (have_avx2()) {
       t8 = tb & ~int64_t(7), k8 = K & ~int64_t(7);
-      transpose_blocks_avx2(xt, TB, x, ldx, k8, t8);
+      if (stream && reinterpret_cast<uintptr_t>(x) % 64 == 0 && (ldx * sizeof(T)) % 64 == 0) {
+        k8 = K & ~int64_t(15);
+        transpose_blocks_stream_avx2(xt, TB, x, ldx, k8, t8);
+      } else {
+        transpose_blocks_avx2(xt, TB, x, ldx, k8, t8);
+      }
     }
   }
 #endif
