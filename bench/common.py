@@ -29,14 +29,14 @@ def median_ms(fn, *, warmup: int = 2, reps: int = 7, max_seconds: float = 20.0) 
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds: float = 60.0,
-                          warm: bool = False) -> dict:
-    """Median wall time in ms of each fn in `fns` (name -> callable), the calls interleaved round by
-    round (a, b, c, a, b, c, ...), so a slow minute on a shared machine slows every side alike and
-    the ratios stay paired. Cold (default): each timed call starts with the caches the previous side
-    left. warm=True: each timed call follows an untimed call of the same side (its inputs and buffers
-    in cache, as when a layer's input was just produced in a training step). Stops early past
-    max_seconds (with >= 3 rounds)."""
+def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds: float = 60.0,
+                      warm: bool = False) -> dict:
+    """Wall times in ms of each fn in `fns` (name -> callable), one per round, the calls interleaved
+    round by round (a, b, c, a, b, c, ...), so a slow minute on a shared machine slows every side
+    alike. Cold (default): each timed call starts with the caches the previous side left. warm=True:
+    each timed call follows an untimed call of the same side (its inputs and buffers in cache, as
+    when a layer's input was just produced in a training step). Stops early past max_seconds
+    (with >= 3 rounds). Returns name -> list of per-round times (all lists the same length)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -51,7 +51,19 @@ def interleaved_median_ms(fns: dict, *, warmup: int = 2, reps: int = 7, max_seco
             times[name].append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds and rnd >= 3:
             break
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_median_ms(fns: dict, **kw) -> dict:
+    """Median of interleaved_times per side."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, **kw).items()}
+
+
+def paired_ratio(num: list, den: list) -> float:
+    """Median over rounds of num[r] / den[r]: both sides' times of one round come from the same
+    seconds of the machine, so a slow phase that hits one round cancels out of its ratio (the ratio
+    of the two medians can pair a fast round of one side with a slow round of the other)."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def git_commit() -> str:

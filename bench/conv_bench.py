@@ -6,16 +6,17 @@ Cases: the conv layers of CIFAR ResNet-18 (3x3 at every width, the stride-2 3x3 
 stride-2 downsample convs) and of VGG-like(delta=5, gamma=5), batch 128. One step = forward, then
 backward producing dx and the weight gradient (dense: full dW; ours: dW at the nonzeros only).
 Dense, ours and SparseProp run side by side in one process, their steps interleaved round by
-round (medians after warm-up), so the ratios compare the same minutes of a shared machine. By
-default each timed step starts with the caches the previous side left; --warm times each side's
-second consecutive step of the round instead (its input and buffers in cache, as in a training step
-where the layer's input was just produced).
+round after warm-up, so the ratios compare the same minutes of a shared machine (times: medians;
+ratios: the median of the per-round ratios). By default each timed step starts with the caches the
+previous side left; --warm times each side's second consecutive step of the round instead (its
+input and buffers in cache, as in a training step where the layer's input was just produced).
 useful GFLOP/s = 3 products * 2 * nnz * batch * OH * OW / time.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, interleaved_median_ms, machine_info, print_table, write_json  # noqa: E402
+from common import HERE, interleaved_times, machine_info, paired_ratio, print_table, write_json  # noqa: E402
 from reference import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -95,18 +96,20 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
             steps = {"dense": lambda: _step(dense, x, gy, [w] + ([b] if bias else [])),
                      "ours": lambda layer=layer: _step(layer, x, gy, list(layer.parameters()))}
             steps.update(_sparseprop_steps(SP, conv, mask, x, gy) if SP is not None else {})
-            ms = interleaved_median_ms(steps, reps=reps, warm=warm)
-            dense_ms, sparse_ms = ms["dense"], ms["ours"]
-            sp_ms = min((v for k, v in ms.items() if k.startswith("sparseprop")), default=None)
+            t = interleaved_times(steps, reps=reps, warm=warm)
+            dense_ms, sparse_ms = statistics.median(t["dense"]), statistics.median(t["ours"])
+            spk = min((k for k in t if k.startswith("sparseprop")), key=lambda k: statistics.median(t[k]),
+                      default=None)  # SparseProp's faster layout
+            sp_ms = statistics.median(t[spk]) if spk else None
             nnz = int(mask.sum())
             flops = 3 * 2 * nnz * BATCH * oh * oh
             dense_flops = 3 * 2 * mask.numel() * BATCH * oh * oh
             rows.append(dict(op=name, shape=shape, sparsity=sp, dense_ms=dense_ms, sparse_ms=sparse_ms,
-                             speedup=dense_ms / sparse_ms, sparseprop_ms=sp_ms,
-                             vs_sparseprop=(sp_ms / sparse_ms) if sp_ms else None,
+                             speedup=paired_ratio(t["dense"], t["ours"]), sparseprop_ms=sp_ms,
+                             vs_sparseprop=paired_ratio(t[spk], t["ours"]) if spk else None,
                              gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6))
             print(f"  {name:26s} {sp:.3f}: dense {dense_ms:8.2f} ms  ours {sparse_ms:7.2f} ms  "
-                  f"x{dense_ms / sparse_ms:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
+                  f"x{rows[-1]['speedup']:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
     return rows
 
 

@@ -4,20 +4,23 @@
     python bench/kernels.py --quick    # a couple of minutes: the `make demo` smoke run
 
 Each case times forward + backward (dx and dW), the sides interleaved round by round (see
-common.interleaved_median_ms), and reports ratios against the dense masked layer (F.linear /
-F.conv2d on w * mask) and against torch.sparse, plus useful GFLOP/s (2 * nnz * batch per
-product, 3 products). Results also go to bench/results/kernels.json.
+common.interleaved_times): times are per-side medians, ratios the median over rounds of the
+per-round ratio (common.paired_ratio), against the dense masked layer (F.linear / F.conv2d on
+w * mask) and against torch.sparse, plus useful GFLOP/s (2 * nnz * batch per product, 3
+products). Results also go to bench/results/kernels.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from common import HERE, interleaved_median_ms, machine_info, median_ms, print_table, write_json
+from common import (HERE, interleaved_times, machine_info, median_ms, paired_ratio, print_table,
+                    write_json)
 from reference import random_mask
 
 from sparsetrain.formats import CSR
@@ -91,15 +94,16 @@ def bench_linear(cases, sparsities, reps):
                 x.grad = vals.grad = None
                 (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + b.detach()).backward(gy)
 
-            ms = interleaved_median_ms({"masked": lambda: _dense_step(x, w, mask, b, gy),
-                                        "ours": lambda: _sparse_step(layer, x, gy),
-                                        "torch.sparse": ts_step}, reps=reps)
-            masked_ms, sparse_ms, ts_ms = ms["masked"], ms["ours"], ms["torch.sparse"]
+            t = interleaved_times({"masked": lambda: _dense_step(x, w, mask, b, gy),
+                                   "ours": lambda: _sparse_step(layer, x, gy),
+                                   "torch.sparse": ts_step}, reps=reps)
+            masked_ms, sparse_ms, ts_ms = (statistics.median(t[k]) for k in ("masked", "ours", "torch.sparse"))
             nnz = layer.nnz
             rows.append({
                 "op": "sparse_linear", "shape": f"{fin}->{fout} b{batch}", "sparsity": s, "nnz": nnz,
                 "dense_ms": masked_ms, "sparse_ms": sparse_ms, "torch_sparse_ms": ts_ms,
-                "speedup": masked_ms / sparse_ms, "vs_torch_sparse": ts_ms / sparse_ms,
+                "speedup": paired_ratio(t["masked"], t["ours"]),
+                "vs_torch_sparse": paired_ratio(t["torch.sparse"], t["ours"]),
                 "gflops_useful": 6 * nnz * batch / sparse_ms / 1e6, "dense_gflops": dense_gflops,
                 "bytes_ratio": layer.weight.nbytes() / (fin * fout * 4),
             })

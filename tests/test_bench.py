@@ -48,6 +48,17 @@ def test_interleaved_timing_pairs_every_side():
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then rounds alternating a, b
 
 
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    import common
+    t = common.interleaved_times({"a": lambda: None, "b": lambda: None}, warmup=0, reps=4)
+    assert [len(v) for v in t.values()] == [4, 4]
+    # per-round ratios 10, 5, 10 -> 10
+    assert common.paired_ratio([10, 100, 30], [1, 20, 3]) == 10
+    # a slow third round hits both sides: paired 10, 12, 5 -> 10; the ratio of the medians, 12 / 1,
+    # would pair the first side's second round with the other side's first
+    assert common.paired_ratio([10, 12, 50], [1, 1, 10]) == 10
+
+
 def test_interleaved_timing_warm_repeats_each_side():
     import common
     calls = []
