@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
@@ -17,6 +18,53 @@
 #define ST_MULTIVERSION
 #endif
 #define ST_INLINE __attribute__((always_inline)) inline
+
+namespace sparsetrain {
+// Register width in bytes of the clone that runs: 64 (AVX-512), 32 (AVX2) or 16 (baseline), the
+// same test the clones' resolver makes. Hot loops are templates over it (SimdVec<T, VB>) and the
+// multiversioned task functions switch on it once (ST_SWITCH_VB): GCC lowers a vector type wider
+// than the clone's registers through the stack (measured on a Zen 3, 64-byte vectors in the AVX2
+// clone: every FMA a load and a store, convs 4-7x slower).
+// SPARSETRAIN_VEC_BYTES=16|32 narrows it (tests run the narrower instantiations on a wider CPU;
+// other values are ignored).
+inline int detect_vec_bytes() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSETRAIN_NO_CLONES)
+  __builtin_cpu_init();
+  const int hw = __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
+#elif defined(__AVX512F__)
+  const int hw = 64;
+#elif defined(__AVX2__)
+  const int hw = 32;
+#else
+  const int hw = 16;
+#endif
+  const char* env = std::getenv("SPARSETRAIN_VEC_BYTES");
+  const int want = env ? std::atoi(env) : 0;
+  return (want == 16 || want == 32) && want < hw ? want : hw;
+}
+inline const int kVecBytes = detect_vec_bytes();
+
+// VB-byte GCC vectors; U: unaligned access.
+template <typename T, int VB>
+struct SimdVec {
+  typedef T V __attribute__((vector_size(VB)));
+  typedef T U __attribute__((vector_size(VB), aligned(sizeof(T))));
+};
+
+// Kernels keep at most this many accumulator vectors (of the 16 AVX2/baseline registers) and cut
+// wider blocks into passes.
+constexpr int kMaxAcc = 8;
+}  // namespace sparsetrain
+
+// Calls EXPR with constexpr int VB bound to kVecBytes.
+#define ST_SWITCH_VB(EXPR)                     \
+  do {                                         \
+    switch (::sparsetrain::kVecBytes) {        \
+      case 64: { constexpr int VB = 64; EXPR; break; } \
+      case 32: { constexpr int VB = 32; EXPR; break; } \
+      default: { constexpr int VB = 16; EXPR; break; } \
+    }                                          \
+  } while (0)
 
 namespace sparsetrain {
 

@@ -4,10 +4,19 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing sparsetrain._C loads this library and registers the ops.
+#include "common.h"
+
+// Importing sparsetrain._C loads this library and registers the ops. Its one function,
+// simd_bytes(), is the register width the CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline;
+// common.h), for tests and benchmark records.
 extern "C" {
+static PyObject* simd_bytes(PyObject*, PyObject*) { return PyLong_FromLong(sparsetrain::kVecBytes); }
+
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"simd_bytes", simd_bytes, METH_NOARGS, "register width (bytes) of the CPU kernels"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&def);
 }
 }

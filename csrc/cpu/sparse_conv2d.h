@@ -5,21 +5,14 @@
 
 namespace sparsetrain {
 
-// 64-byte GCC vectors (one zmm; two ymm or four xmm in the other clones); U: unaligned access.
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));
-};
-template <> struct Vec<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef double U __attribute__((vector_size(64), aligned(8)));
-};
+// The kernels' vectors: VB bytes (kVecBytes of the running clone, see common.h).
+template <typename T, int VB>
+using Vec = SimdVec<T, VB>;
 
-template <typename T>
-ST_INLINE T hsum(typename Vec<T>::V v) {
+template <typename T, int VB>
+ST_INLINE T hsum(typename Vec<T, VB>::V v) {
   T s = 0;
-  for (size_t t = 0; t < 64 / sizeof(T); ++t) s += v[t];
+  for (size_t t = 0; t < VB / sizeof(T); ++t) s += v[t];
   return s;
 }
 

@@ -213,14 +213,14 @@ ST_INLINE void prefetch_block(const T* p) {
   for (int64_t u = 0; u <= NQ * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
 }
 
-// out[0:NQ] = (accumulate ? out : init) + sum_k w[k] * base[off[k] + 0:NQ], the NQ
+// out[0:NV vectors] = (accumulate ? out : init) + sum_k w[k] * base[off[k] + 0:NV vectors], the
 // accumulators in registers.
-template <typename T, int64_t NQ = QB>
-ST_INLINE void axpy_block(T* __restrict out, const T* base, const int64_t* off, const T* w,
-                          int64_t n, T init, bool accumulate = false) {
-  using V = typename Vec<T>::V;
-  using U = typename Vec<T>::U;
-  constexpr int NV = NQ * sizeof(T) / 64;
+template <typename T, int VB, int NV>
+ST_INLINE void axpy_pass(T* __restrict out, const T* base, const int64_t* off, const T* w,
+                         int64_t n, T init, bool accumulate) {
+  using V = typename Vec<T, VB>::V;
+  using U = typename Vec<T, VB>::U;
+  constexpr int64_t NQ = NV * VB / sizeof(T);
   V acc[NV];
   if (accumulate)
     for (int u = 0; u < NV; ++u) acc[u] = reinterpret_cast<const V*>(out)[u];
@@ -235,14 +235,14 @@ ST_INLINE void axpy_block(T* __restrict out, const T* base, const int64_t* off, 
   for (int u = 0; u < NV; ++u) reinterpret_cast<U*>(out)[u] = acc[u];
 }
 
-// pv[k] (one vector of partial sums per nonzero) += g[0:NQ] * base[off[k] + 0:NQ] for k < n,
-// the block of g in registers; the caller reduces pv[k] to a scalar once per tile.
-template <typename T, int64_t NQ = QB>
-ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t n,
-                         typename Vec<T>::V* __restrict pv) {
-  using V = typename Vec<T>::V;
-  using U = typename Vec<T>::U;
-  constexpr int NV = NQ * sizeof(T) / 64;
+// pv[k] (one vector of partial sums per nonzero) += g[0:NV vectors] * base[off[k] + 0:NV vectors]
+// for k < n, the block of g in registers; the caller reduces pv[k] to a scalar once per tile.
+template <typename T, int VB, int NV>
+ST_INLINE void dot_pass(const T* g, const T* base, const int64_t* off, int64_t n,
+                        typename Vec<T, VB>::V* __restrict pv) {
+  using V = typename Vec<T, VB>::V;
+  using U = typename Vec<T, VB>::U;
+  constexpr int64_t NQ = NV * VB / sizeof(T);
   V gv[NV];
   for (int u = 0; u < NV; ++u) gv[u] = reinterpret_cast<const U*>(g)[u];
   for (int64_t k = 0; k < n; ++k) {
@@ -254,6 +254,32 @@ ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t 
       else a0 += gv[u] * s[u];
     }
     pv[k] += a0 + a1;
+  }
+}
+
+// One block of NQ positions: one pass while its vectors fit kMaxAcc registers, else halves, each
+// re-walking the nonzeros (the second finds their operands' lines in L1).
+template <typename T, int VB, int64_t NQ = QB>
+ST_INLINE void axpy_block(T* out, const T* base, const int64_t* off, const T* w, int64_t n, T init,
+                          bool accumulate = false) {
+  constexpr int NV = NQ * sizeof(T) / VB;
+  if constexpr (NV > kMaxAcc) {
+    axpy_block<T, VB, NQ / 2>(out, base, off, w, n, init, accumulate);
+    axpy_block<T, VB, NQ / 2>(out + NQ / 2, base + NQ / 2, off, w, n, init, accumulate);
+  } else {
+    axpy_pass<T, VB, NV>(out, base, off, w, n, init, accumulate);
+  }
+}
+
+template <typename T, int VB, int64_t NQ = QB>
+ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t n,
+                         typename Vec<T, VB>::V* pv) {
+  constexpr int NV = NQ * sizeof(T) / VB;
+  if constexpr (NV > kMaxAcc) {
+    dot_block<T, VB, NQ / 2>(g, base, off, n, pv);
+    dot_block<T, VB, NQ / 2>(g + NQ / 2, base + NQ / 2, off, n, pv);
+  } else {
+    dot_pass<T, VB, NV>(g, base, off, n, pv);
   }
 }
 
@@ -289,7 +315,7 @@ ST_INLINE void pack_dy_tile(const Args<T>& A, int64_t b0, int64_t tb, T* dyp) {
 // Sparse rows: one output channel at a time over all positions. Denser rows (P.blocked):
 // position block outer, then blocks of cb input channels, then output channels, so the x window
 // of (position block, channel block) stays in L1 while every row's nonzeros in it read it.
-template <typename T>
+template <typename T, int VB>
 ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
   const Plan& P = *A.P;
   const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
@@ -303,8 +329,8 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
       if (n == 0) continue;
       T* out = ob + (o - o0) * P.L;
       int64_t q = 0;
-      for (; q + QB <= P.L; q += QB) axpy_block(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
-      if (q < P.L) axpy_block<T, QB / 2>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+      for (; q + QB <= P.L; q += QB) axpy_block<T, VB>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+      if (q < P.L) axpy_block<T, VB, QB / 2>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
     }
   } else {
     for (int64_t q = 0; q < P.L; q += QB) {
@@ -317,8 +343,8 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
           const bool acc = p0 != A.crow[o];  // an earlier channel block already wrote this block
           const T init = A.bias ? A.bias[o] : T(0);
           T* out = ob + (o - o0) * P.L + q;
-          if (full) axpy_block(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
-          else axpy_block<T, QB / 2>(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
+          if (full) axpy_block<T, VB>(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
+          else axpy_block<T, VB, QB / 2>(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
         }
     }
   }
@@ -339,7 +365,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
 }
 
 // Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
-template <typename T>
+template <typename T, int VB>
 ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0,
                              int64_t o1, bool pack, T* part) {
   const Plan& P = *A.P;
@@ -362,8 +388,8 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
         T* d = db + f * P.S;
         if (n == 0) { zero_n(d, P.LX); continue; }
         int64_t r = 0;
-        for (; r + QB <= P.LX; r += QB) axpy_block(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
-        if (r < P.LX) axpy_block<T, QB / 2>(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+        for (; r + QB <= P.LX; r += QB) axpy_block<T, VB>(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
+        if (r < P.LX) axpy_block<T, VB, QB / 2>(d + r, dyp + r, A.doff + e0, A.dval + e0, n, T(0));
       }
       // dx[b, c, iy, ix] = dxp[phase((iy+ph)%sh, (ix+pw)%sw)][b][(iy+ph)/sh][(ix+pw)/sw]
       const int64_t C = P.C, H = P.H, W = P.W, sw = P.sw, frame = P.frame;
@@ -400,16 +426,16 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
     stream_fence();
   }
   if (part) {
-    using V = typename Vec<T>::V;
+    using V = typename Vec<T, VB>::V;
     for (int64_t o = o0; o < o1; ++o) {
       const T* g = dyp + o * P.ys + P.F;
       const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;
-      V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (64 / sizeof(T)), 3));
+      V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (VB / sizeof(T)), 3));
       for (int64_t k = 0; k < n; ++k) pv[k] = V{};
       int64_t q = 0;
-      for (; q + QB <= P.L; q += QB) dot_block(g + q, xp + q, A.xoff + p0, n, pv);
-      if (q < P.L) dot_block<T, QB / 2>(g + q, xp + q, A.xoff + p0, n, pv);
-      for (int64_t k = 0; k < n; ++k) part[p0 + k] += hsum<T>(pv[k]);
+      for (; q + QB <= P.L; q += QB) dot_block<T, VB>(g + q, xp + q, A.xoff + p0, n, pv);
+      if (q < P.L) dot_block<T, VB, QB / 2>(g + q, xp + q, A.xoff + p0, n, pv);
+      for (int64_t k = 0; k < n; ++k) part[p0 + k] += hsum<T, VB>(pv[k]);
     }
   }
 }
@@ -417,11 +443,11 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
 #define ST_DEFINE_TASKS(T)                                                                       \
   ST_MULTIVERSION void fwd_task(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1,          \
                                 bool pack) {                                                     \
-    fwd_task_impl<T>(A, tile, o0, o1, pack);                                                     \
+    ST_SWITCH_VB((fwd_task_impl<T, VB>(A, tile, o0, o1, pack)));                                 \
   }                                                                                              \
   ST_MULTIVERSION void bwd_task(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1,          \
                                 int64_t o0, int64_t o1, bool pack, T* part) {                    \
-    bwd_task_impl<T>(A, tile, c0, c1, o0, o1, pack, part);                                       \
+    ST_SWITCH_VB((bwd_task_impl<T, VB>(A, tile, c0, c1, o0, o1, pack, part)));                   \
   }
 ST_DEFINE_TASKS(float)
 ST_DEFINE_TASKS(double)

@@ -84,13 +84,20 @@ struct SArgs {
 };
 
 // out[0:NV vectors] = init + sum over the pixel's valid tap groups of w[e] * base[off[e] + tap
-// offset]. NS interleaved accumulator sets keep NS*NV >= 8 independent FMA chains.
-template <typename T, int NV>
+// offset]. NS interleaved accumulator sets keep NS*NV >= 8 independent FMA chains; a pixel wider
+// than kMaxAcc vectors (AVX2 or baseline clones, 128 samples) goes in halves of the batch.
+template <typename T, int VB, int NV>
 ST_INLINE void pixel_axpy(T* __restrict out, const T* base, const TapList& tl, int64_t p,
                           const int64_t* gptr, const int64_t* off, const T* w, T init) {
-  using V = typename Vec<T>::V;
-  using U = typename Vec<T>::U;
-  constexpr int NS = NV >= 8 ? 1 : 8 / NV;
+  using V = typename Vec<T, VB>::V;
+  using U = typename Vec<T, VB>::U;
+  if constexpr (NV > kMaxAcc) {
+    constexpr int64_t H = NV / 2 * VB / sizeof(T);
+    pixel_axpy<T, VB, NV / 2>(out, base, tl, p, gptr, off, w, init);
+    pixel_axpy<T, VB, NV / 2>(out + H, base + H, tl, p, gptr, off, w, init);
+    return;
+  }
+  constexpr int NS = NV >= kMaxAcc ? 1 : kMaxAcc / NV;
   V a[NS][NV];
   for (int s = 0; s < NS; ++s)
     for (int u = 0; u < NV; ++u) a[s][u] = V{} + (s == 0 ? init : T(0));
@@ -117,12 +124,18 @@ ST_INLINE void pixel_axpy(T* __restrict out, const T* base, const TapList& tl, i
 }
 
 // pv[e - e0] += sum_u g[u] * base[off[e] + tap offset + u] over the pixel's valid tap groups.
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 ST_INLINE void pixel_dot(const T* g, const T* base, const TapList& tl, int64_t p,
                          const int64_t* gptr, const int64_t* off, int64_t e0,
-                         typename Vec<T>::V* __restrict pv) {
-  using V = typename Vec<T>::V;
-  using U = typename Vec<T>::U;
+                         typename Vec<T, VB>::V* __restrict pv) {
+  using V = typename Vec<T, VB>::V;
+  using U = typename Vec<T, VB>::U;
+  if constexpr (NV > kMaxAcc) {
+    constexpr int64_t H = NV / 2 * VB / sizeof(T);
+    pixel_dot<T, VB, NV / 2>(g, base, tl, p, gptr, off, e0, pv);
+    pixel_dot<T, VB, NV / 2>(g + H, base + H, tl, p, gptr, off, e0, pv);
+    return;
+  }
   V gv[NV];
   for (int u = 0; u < NV; ++u) gv[u] = reinterpret_cast<const V*>(g)[u];
   for (int64_t q = tl.ptr[p]; q < tl.ptr[p + 1]; ++q) {
@@ -137,7 +150,7 @@ ST_INLINE void pixel_dot(const T* g, const T* base, const TapList& tl, int64_t p
   }
 }
 
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
   const ConvGeom& g = *A.g;
   const int64_t bt = A.bt, hw = g.H * g.W, ohw = g.OH * g.OW;
@@ -149,16 +162,16 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
     const T init = A.bias ? A.bias[o] : T(0);
     const int64_t* gp = A.tptr + o * (A.K + 1);
     for (int64_t p = 0; p < ohw; ++p)
-      pixel_axpy<T, NV>(ob + ((o - o0) * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, A.eval, init);
+      pixel_axpy<T, VB, NV>(ob + ((o - o0) * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, A.eval, init);
   }
   untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw, true);
 }
 
 // Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0,
                               int64_t o1, bool pack, T* part) {
-  using V = typename Vec<T>::V;
+  using V = typename Vec<T, VB>::V;
   const ConvGeom& g = *A.g;
   const int64_t bt = A.bt, hw = g.H * g.W, ohw = g.OH * g.OW, K = A.K;
   const int64_t b0 = tile * bt, tb = std::min(bt, g.B - b0);
@@ -172,7 +185,7 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
   if (A.dx) {  // an input channel without nonzeros has empty groups: zeros
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t p = 0; p < hw; ++p)
-        pixel_axpy<T, NV>(db + ((c - c0) * hw + p) * bt, dyt, *A.bt_taps, p, A.ccol + c * K, A.doff,
+        pixel_axpy<T, VB, NV>(db + ((c - c0) * hw + p) * bt, dyt, *A.bt_taps, p, A.ccol + c * K, A.doff,
                           A.dval, T(0));
     untranspose_tile<T>(db, (c1 - c0) * hw, tb, bt, A.dx + (b0 * g.C + c0) * hw, g.C * hw, true);
   }
@@ -180,39 +193,38 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t e0 = A.crow[o], n = A.crow[o + 1] - e0;
       if (n == 0) continue;
-      V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (64 / sizeof(T)), 3));
+      V* pv = reinterpret_cast<V*>(scratch<T>(size_t(n) * (VB / sizeof(T)), 3));
       for (int64_t k = 0; k < n; ++k) pv[k] = V{};
       const int64_t* gp = A.tptr + o * (K + 1);
       for (int64_t p = 0; p < ohw; ++p)
-        pixel_dot<T, NV>(dyt + (o * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, e0, pv);
-      for (int64_t k = 0; k < n; ++k) part[A.epos[e0 + k]] += hsum<T>(pv[k]);
+        pixel_dot<T, VB, NV>(dyt + (o * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, e0, pv);
+      for (int64_t k = 0; k < n; ++k) part[A.epos[e0 + k]] += hsum<T, VB>(pv[k]);
     }
 }
 
 // Hot loops in multiversioned functions (a lambda does not inherit the clones' target ISA, and
-// GCC clones plain functions only); the vectors per pixel (bt / lanes) pick the instantiation.
+// GCC clones plain functions only); the register width and the tile's bytes per pixel (bt * elem:
+// 64-512) pick the instantiation, NV = bytes / VB vectors per pixel.
+#define ST_SMALL_SWITCH(T, CALL)                                    \
+  ST_SWITCH_VB(switch (A.bt * int64_t(sizeof(T))) {                \
+    case 512: { constexpr int NV = 512 / VB; CALL; break; }        \
+    case 256: { constexpr int NV = 256 / VB; CALL; break; }        \
+    case 128: { constexpr int NV = 128 / VB; CALL; break; }        \
+    default: { constexpr int NV = 64 / VB; CALL; break; }          \
+  })
 #define ST_SMALL_TASKS(T)                                                                        \
   ST_MULTIVERSION void small_fwd_task(const SArgs<T>& A, int64_t tile, int64_t o0, int64_t o1,   \
                                       bool pack) {                                               \
-    switch (A.bt * int64_t(sizeof(T)) / 64) {                                                    \
-      case 8: small_fwd_impl<T, 8>(A, tile, o0, o1, pack); break;                                \
-      case 4: small_fwd_impl<T, 4>(A, tile, o0, o1, pack); break;                                \
-      case 2: small_fwd_impl<T, 2>(A, tile, o0, o1, pack); break;                                \
-      default: small_fwd_impl<T, 1>(A, tile, o0, o1, pack); break;                               \
-    }                                                                                            \
+    ST_SMALL_SWITCH(T, (small_fwd_impl<T, VB, NV>(A, tile, o0, o1, pack)));                         \
   }                                                                                              \
   ST_MULTIVERSION void small_bwd_task(const SArgs<T>& A, int64_t tile, int64_t c0, int64_t c1,   \
                                       int64_t o0, int64_t o1, bool pack, T* part) {              \
-    switch (A.bt * int64_t(sizeof(T)) / 64) {                                                    \
-      case 8: small_bwd_impl<T, 8>(A, tile, c0, c1, o0, o1, pack, part); break;                  \
-      case 4: small_bwd_impl<T, 4>(A, tile, c0, c1, o0, o1, pack, part); break;                  \
-      case 2: small_bwd_impl<T, 2>(A, tile, c0, c1, o0, o1, pack, part); break;                  \
-      default: small_bwd_impl<T, 1>(A, tile, c0, c1, o0, o1, pack, part); break;                 \
-    }                                                                                            \
+    ST_SMALL_SWITCH(T, (small_bwd_impl<T, VB, NV>(A, tile, c0, c1, o0, o1, pack, part)));           \
   }
 ST_SMALL_TASKS(float)
 ST_SMALL_TASKS(double)
 #undef ST_SMALL_TASKS
+#undef ST_SMALL_SWITCH
 
 
 }  // namespace

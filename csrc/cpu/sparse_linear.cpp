@@ -15,23 +15,22 @@ namespace sparsetrain {
 namespace {
 
 
-// yt[(n - n0) * TB + t] = (Xtile A^T + bias)[t, n] for n in [n0, n1), A in compressed rows
-// (ptr, idx, vals); written as whole vectors, transposed into y afterwards.
-template <typename T, int TB>
-ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, const T* vals,
-                         const T* bias, int64_t n0, int64_t n1, T* yt) {
-  // The TB accumulators as NV 64-byte vectors in named registers (one zmm each on AVX-512; GCC
-  // splits them per clone): a larger generic vector or an array would be spilled to the stack and
-  // every nonzero would round-trip through memory (measured 3x slower).
-  typedef T V __attribute__((vector_size(64)));
-  constexpr int L = 64 / sizeof(T), NV = TB / L;
-  static_assert(NV >= 1 && NV <= 8 && TB % L == 0, "tile width must be 1-8 vectors");
+// yt[(n - n0) * TB + h + t] = (Xtile A^T + bias)[h + t, n] for n in [n0, n1), t < CW: the batch
+// columns [h, h + CW) of the tile, A in compressed rows (ptr, idx, vals); whole vectors.
+template <typename T, int VB, int TB, int CW>
+ST_INLINE void spmm_chunk(const T* xt, const int64_t* ptr, const int32_t* idx, const T* vals,
+                          const T* bias, int64_t n0, int64_t n1, int h, T* yt) {
+  // The CW accumulators as NV VB-byte vectors in named registers: an array would be spilled to the
+  // stack and every nonzero would round-trip through memory (measured 3x slower).
+  typedef typename SimdVec<T, VB>::V V;
+  constexpr int L = VB / sizeof(T), NV = CW / L;
+  static_assert(NV >= 1 && NV <= kMaxAcc && CW % L == 0, "chunk width must be 1-8 vectors");
   for (int64_t n = n0; n < n1; ++n) {
     const T b = bias ? bias[n] : T(0);
     V a0 = V{} + b, a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int64_t p = ptr[n]; p < ptr[n + 1]; ++p) {
       const T v = vals[p];
-      const T* xr = xt + int64_t(idx[p]) * TB;
+      const T* xr = xt + int64_t(idx[p]) * TB + h;
       V t;
 #define ST_ACC(i)                                \
   if constexpr (NV > i) {                        \
@@ -42,18 +41,26 @@ ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, co
 #undef ST_ACC
     }
     const V parts[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-    std::memcpy(yt + (n - n0) * TB, parts, sizeof(T) * TB);
+    std::memcpy(yt + (n - n0) * TB + h, parts, sizeof(T) * CW);
   }
+}
+
+// The whole tile in chunks of at most kMaxAcc register vectors (one chunk on AVX-512 fp32).
+template <typename T, int VB, int TB>
+ST_INLINE void spmm_tile(const T* xt, const int64_t* ptr, const int32_t* idx, const T* vals,
+                         const T* bias, int64_t n0, int64_t n1, T* yt) {
+  constexpr int CW = std::min<int>(TB, kMaxAcc * VB / sizeof(T));
+  for (int h = 0; h < TB; h += CW) spmm_chunk<T, VB, TB, CW>(xt, ptr, idx, vals, bias, n0, n1, h, yt);
 }
 
 // ---- per-tile work, multiversioned. at::parallel_for runs its lambda as a separate function, so
 // the SIMD clones must sit inside the lambda, not around parallel_for.
-template <typename T, int TB>
+template <typename T, int VB, int TB>
 ST_INLINE void fwd_tile_impl(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,
                              const int64_t* ptr, const int32_t* idx, const T* vals, const T* bias,
                              int64_t n0, int64_t n1, int64_t N, T* y) {
   if (load) transpose_tile<T>(x, K, tb, TB, xt);
-  spmm_tile<T, TB>(xt, ptr, idx, vals, bias, n0, n1, yt);
+  spmm_tile<T, VB, TB>(xt, ptr, idx, vals, bias, n0, n1, yt);
   untranspose_tile<T>(yt, n1 - n0, tb, TB, y + n0, N);
 }
 
@@ -99,7 +106,8 @@ ST_INLINE void wgrad_tile_impl(const T* dy, const T* x, int64_t tb, int64_t N, i
   ST_MULTIVERSION void fwd_tile(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,         \
                                 const int64_t* ptr, const int32_t* idx, const T* vals,              \
                                 const T* bias, int64_t n0, int64_t n1, int64_t N, T* y, int TB) {   \
-    ST_TB((fwd_tile_impl<T, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias, n0, n1, N, y)))      \
+    ST_SWITCH_VB(ST_TB((fwd_tile_impl<T, VB, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias, n0,   \
+                                                  n1, N, y))));                                  \
   }                                                                                                 \
   ST_MULTIVERSION void dgrad_tile(const T* dy, int64_t tb, int64_t N, T* dyt, T* dxt,               \
                                   const int64_t* ptr, const int32_t* idx, const T* vals, int64_t K, \
