@@ -84,7 +84,12 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    try:  # the register width our CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline)
+        from sparsetrain import ops, _C  # noqa: F401  (ops loads torch first)
+        simd = _C.simd_bytes()
+    except Exception:  # the extension is not built
+        simd = None
+    return {"cpu": cpu, "simd_bytes": simd, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d")}
 
