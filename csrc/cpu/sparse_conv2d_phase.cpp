@@ -19,22 +19,19 @@
 // the call's memory traffic.
 #include <cstring>
 
-#include "rows.h"
-#include "sparse_conv2d.h"
+#include "sparse_conv2d_pack.h"
 
 namespace sparsetrain {
 namespace {
 
-constexpr int64_t QB = 128;  // positions per register block: 8 zmm accumulators of fp32
 // Mean nonzeros per row from which the channel-blocked forward pays (measured on the ResNet-18
 // shapes: ~10 % faster at 90 % sparsity, 58-460 per row; 5-20 % slower at 99 % and 99.9 %).
 constexpr int64_t kBlockedRow = 50;
-// Packed x (or dy) tile, kept in L2 (2 MB per core here) next to the output staging. Measured:
+// Packed x (or dy) tile, kept in L2 next to the output staging. Measured on a Xeon (2 MB L2/core):
 // 768 KB is best for dense rows (90 %), 512 KB 3-14 % faster for sparse rows (99 %, 99.9 %).
 constexpr int64_t kTileBytesDense = 768 * 1024, kTileBytesSparse = 512 * 1024;
 constexpr int64_t kRowBuf = 256;  // stride-2 input gradient rows up to this width are streamed
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -120,90 +117,6 @@ struct Args {
   T *y, *dx;
 };
 
-// Packing streams through x (dy) in memory order, sample by sample and channel by channel (the
-// loads are the call's DRAM traffic); the zero slacks around each channel are written separately.
-// x plane (b, c) -> frame b of channel c's phase planes (channel base dst, stride xs): phase
-// (a, bb) row u, column v holds x[s*u + a, s*v + bb], zeros past the real pixels.
-// Plan fields are read into locals first here and in the other row loops: the row copies are
-// byte moves that may alias anything, so a field read through P would be reloaded after every
-// store (measured: 3x slower packing of 8x8 maps).
-template <typename T>
-ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
-  const int64_t sh = P.sh, sw = P.sw, H = P.H, W = P.W, PH = P.PH, PW = P.PW;
-  const int64_t XF = P.XF, S = P.S, frame = P.frame;
-  if (sh == 1 && sw == 1) {  // one phase: each row's W pixels, then PW - W zeros; zero rows below
-    T* fr = dst + XF + b * frame;
-    copy_rows(fr, PW, src, W, W, H, PW - W);
-    zero_n(fr + H * PW, (PH - H) * PW);
-    return;
-  }
-  const uint8_t* used = P.used_ph.data();
-  if (sh == 2 && sw == 2 && W % 2 == 0) {  // rows in memory order: row iy -> row iy/2 of phases
-    const int64_t nv = W / 2;              // (iy%2, 0) (even columns) and (iy%2, 1) (odd columns)
-    T* fr = dst + XF + b * frame;
-    for (int64_t iy = 0; iy < H; ++iy) {
-      const int64_t f = 2 * (iy & 1), u = iy >> 1;
-      T* e = used[f] ? fr + f * S + u * PW : nullptr;
-      T* o = used[f + 1] ? fr + (f + 1) * S + u * PW : nullptr;
-      if (e || o) split_row(e, o, src + iy * W, nv, PW - nv);
-    }
-    for (int64_t f = 0; f < 4; ++f) {  // rows past the real ones: 2u + a >= H
-      const int64_t u0 = (H - (f >> 1) + 1) / 2;
-      if (used[f]) zero_n(fr + f * S + u0 * PW, (PH - u0) * PW);
-    }
-    return;
-  }
-  for (int64_t a = 0; a < sh; ++a)
-    for (int64_t bb = 0; bb < sw; ++bb) {
-      if (!used[a * sw + bb]) continue;  // no tap reads this phase (1x1 stride 2)
-      T* fr = dst + XF + (a * sw + bb) * S + b * frame;
-      const int64_t nv = bb < W ? ceil_div(W - bb, sw) : 0;  // real columns
-      for (int64_t u = 0; u < PH; ++u) {
-        T* row = fr + u * PW;
-        const int64_t iy = u * sh + a;
-        if (iy >= H) { zero_n(row, PW); continue; }
-        const T* s = src + iy * W + bb;
-        if (sw == 2) for (int64_t v = 0; v < nv; ++v) row[v] = s[2 * v];  // vectorised
-        else if (sw == 1) copy_n(row, s, nv);
-        else for (int64_t v = 0; v < nv; ++v) row[v] = s[v * sw];
-        zero_n(row + nv, PW - nv);
-      }
-    }
-}
-
-// Zeros of channel base dst outside the frames of samples < tb: front slack, frames of missing
-// samples, segment tails; unused phases only where neighbouring phases' reads may reach.
-template <typename T>
-ST_INLINE void pack_x_slack(const Plan& P, int64_t tb, T* dst) {
-  zero_n(dst, P.XF);
-  for (int64_t f = 0; f < P.nph; ++f) {
-    T* seg = dst + P.XF + f * P.S;
-    if (!P.used_ph[f]) {  // reads of the neighbouring phases reach QB past their end, XF before
-      zero_n(seg, QB);
-      const int64_t back = std::min(P.XF, P.S);
-      zero_n(seg + P.S - back, back);
-      continue;
-    }
-    zero_n(seg + tb * P.frame, P.S - tb * P.frame);
-  }
-  zero_n(dst + P.XF + P.nph * P.S, P.xs - P.XF - P.nph * P.S);
-}
-
-// dy plane (b, o) onto frame b of the output grid at dst + F, zeros at junk positions.
-template <typename T>
-ST_INLINE void pack_dy_plane(const Plan& P, const T* src, int64_t b, T* dst) {
-  const int64_t OH = P.OH, OW = P.OW, PH = P.PH, PW = P.PW;
-  T* fr = dst + P.F + b * P.frame;
-  copy_rows(fr, PW, src, OW, OW, OH, PW - OW);
-  zero_n(fr + OH * PW, (PH - OH) * PW);
-}
-
-template <typename T>
-ST_INLINE void pack_dy_slack(const Plan& P, int64_t tb, T* dst) {
-  zero_n(dst, P.F);
-  zero_n(dst + P.F + tb * P.frame, P.ys - P.F - tb * P.frame);
-}
-
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
 // cache lines from L2 each, so they are requested kPrefetch nonzeros ahead.
 constexpr int64_t kPrefetch = 6;
@@ -283,34 +196,6 @@ ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t 
   }
 }
 
-template <typename T>
-ST_INLINE void pack_x_tile(const Args<T>& A, int64_t b0, int64_t tb, T* xp) {
-  const Plan& P = *A.P;
-  const int64_t C = P.C, hw = P.H * P.W, xs = P.xs;
-  const uint8_t* used = A.used_c;
-  for (int64_t c = 0; c < C; ++c)
-    if (used[c]) pack_x_slack(P, tb, xp + c * xs);
-  for (int64_t b = 0; b < tb; ++b) {
-    const T* src = A.x + (b0 + b) * C * hw;
-    for (int64_t c = 0; c < C; ++c)
-      if (used[c]) pack_x_plane(P, src + c * hw, b, xp + c * xs);
-  }
-}
-
-template <typename T>
-ST_INLINE void pack_dy_tile(const Args<T>& A, int64_t b0, int64_t tb, T* dyp) {
-  const Plan& P = *A.P;
-  const int64_t O = P.O, ohw = P.OH * P.OW, ys = P.ys;
-  const uint8_t* used = A.used_o;
-  for (int64_t o = 0; o < O; ++o)
-    if (used[o]) pack_dy_slack(P, tb, dyp + o * ys);
-  for (int64_t b = 0; b < tb; ++b) {
-    const T* src = A.dy + (b0 + b) * O * ohw;
-    for (int64_t o = 0; o < O; ++o)
-      if (used[o]) pack_dy_plane(P, src + o * ohw, b, dyp + o * ys);
-  }
-}
-
 // Forward of one tile for output channels [o0, o1), partial sums in ob (L2), then copied out.
 // Sparse rows: one output channel at a time over all positions. Denser rows (P.blocked):
 // position block outer, then blocks of cb input channels, then output channels, so the x window
@@ -321,7 +206,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
   const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
   T* xp = scratch<T>(size_t(P.C) * P.xs, 0);
   T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
-  if (pack) pack_x_tile(A, b0, tb, xp);
+  if (pack) pack_x_tile(P, A.x, A.used_c, b0, tb, xp);
   if (!P.blocked) {
     for (int64_t o = o0; o < o1; ++o) {
       const T init = A.bias ? A.bias[o] : T(0);
@@ -374,8 +259,8 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   T* dyp = scratch<T>(size_t(P.O) * P.ys, 1);
   T* db = scratch<T>(size_t(P.nph) * P.S, 2);
   if (pack) {
-    pack_dy_tile(A, b0, tb, dyp);
-    if (part) pack_x_tile(A, b0, tb, xp);
+    pack_dy_tile(P, A.dy, A.used_o, b0, tb, dyp);
+    if (part) pack_x_tile(P, A.x, A.used_c, b0, tb, xp);
   }
   if (A.dx) {
     for (int64_t c = c0; c < c1; ++c) {
