@@ -57,13 +57,13 @@ constexpr int kMaxAcc = 8;
 }  // namespace sparsetrain
 
 // Calls EXPR with constexpr int VB bound to kVecBytes.
-#define ST_SWITCH_VB(EXPR)                     \
-  do {                                         \
-    switch (::sparsetrain::kVecBytes) {        \
-      case 64: { constexpr int VB = 64; EXPR; break; } \
-      case 32: { constexpr int VB = 32; EXPR; break; } \
-      default: { constexpr int VB = 16; EXPR; break; } \
-    }                                          \
+#define ST_SWITCH_VB(EXPR)                               \
+  do {                                                   \
+    switch (::sparsetrain::kVecBytes) {                  \
+      case 64: { constexpr int VB = 64; EXPR; break; }   \
+      case 32: { constexpr int VB = 32; EXPR; break; }   \
+      default: { constexpr int VB = 16; EXPR; break; }   \
+    }                                                    \
   } while (0)
 
 namespace sparsetrain {

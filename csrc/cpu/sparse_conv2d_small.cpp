@@ -215,11 +215,11 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
 #define ST_SMALL_TASKS(T)                                                                        \
   ST_MULTIVERSION void small_fwd_task(const SArgs<T>& A, int64_t tile, int64_t o0, int64_t o1,   \
                                       bool pack) {                                               \
-    ST_SMALL_SWITCH(T, (small_fwd_impl<T, VB, NV>(A, tile, o0, o1, pack)));                         \
+    ST_SMALL_SWITCH(T, (small_fwd_impl<T, VB, NV>(A, tile, o0, o1, pack)));                      \
   }                                                                                              \
   ST_MULTIVERSION void small_bwd_task(const SArgs<T>& A, int64_t tile, int64_t c0, int64_t c1,   \
                                       int64_t o0, int64_t o1, bool pack, T* part) {              \
-    ST_SMALL_SWITCH(T, (small_bwd_impl<T, VB, NV>(A, tile, c0, c1, o0, o1, pack, part)));           \
+    ST_SMALL_SWITCH(T, (small_bwd_impl<T, VB, NV>(A, tile, c0, c1, o0, o1, pack, part)));        \
   }
 ST_SMALL_TASKS(float)
 ST_SMALL_TASKS(double)

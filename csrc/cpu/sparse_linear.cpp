@@ -106,8 +106,8 @@ ST_INLINE void wgrad_tile_impl(const T* dy, const T* x, int64_t tb, int64_t N, i
   ST_MULTIVERSION void fwd_tile(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,         \
                                 const int64_t* ptr, const int32_t* idx, const T* vals,              \
                                 const T* bias, int64_t n0, int64_t n1, int64_t N, T* y, int TB) {   \
-    ST_SWITCH_VB(ST_TB((fwd_tile_impl<T, VB, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias, n0,   \
-                                                  n1, N, y))));                                  \
+    ST_SWITCH_VB(ST_TB((fwd_tile_impl<T, VB, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias,   \
+                                                  n0, n1, N, y))));                                 \
   }                                                                                                 \
   ST_MULTIVERSION void dgrad_tile(const T* dy, int64_t tb, int64_t N, T* dyt, T* dxt,               \
                                   const int64_t* ptr, const int32_t* idx, const T* vals, int64_t K, \
