@@ -5,12 +5,9 @@
 
 namespace sparsetrain {
 
-// The kernels' vectors: VB bytes (kVecBytes of the running clone, see common.h).
+// Sum of the lanes of one VB-byte vector (SimdVec, common.h).
 template <typename T, int VB>
-using Vec = SimdVec<T, VB>;
-
-template <typename T, int VB>
-ST_INLINE T hsum(typename Vec<T, VB>::V v) {
+ST_INLINE T hsum(typename SimdVec<T, VB>::V v) {
   T s = 0;
   for (size_t t = 0; t < VB / sizeof(T); ++t) s += v[t];
   return s;

@@ -7,8 +7,9 @@
 
 namespace sparsetrain {
 
-// Positions per register block of the phase-plane kernel (8 zmm accumulators of fp32); segments
-// are padded so the last block may read QB positions past the grid.
+// Positions per register block of the phase-plane kernel (fp32: 8 zmm accumulators on AVX-512,
+// two passes of 8 ymm on AVX2); segments are padded so the last block may read QB positions past
+// the grid.
 constexpr int64_t QB = 128;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -131,8 +131,8 @@ ST_INLINE void prefetch_block(const T* p) {
 template <typename T, int VB, int NV>
 ST_INLINE void axpy_pass(T* __restrict out, const T* base, const int64_t* off, const T* w,
                          int64_t n, T init, bool accumulate) {
-  using V = typename Vec<T, VB>::V;
-  using U = typename Vec<T, VB>::U;
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
   constexpr int64_t NQ = NV * VB / sizeof(T);
   V acc[NV];
   if (accumulate)
@@ -152,9 +152,9 @@ ST_INLINE void axpy_pass(T* __restrict out, const T* base, const int64_t* off, c
 // for k < n, the block of g in registers; the caller reduces pv[k] to a scalar once per tile.
 template <typename T, int VB, int NV>
 ST_INLINE void dot_pass(const T* g, const T* base, const int64_t* off, int64_t n,
-                        typename Vec<T, VB>::V* __restrict pv) {
-  using V = typename Vec<T, VB>::V;
-  using U = typename Vec<T, VB>::U;
+                        typename SimdVec<T, VB>::V* __restrict pv) {
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
   constexpr int64_t NQ = NV * VB / sizeof(T);
   V gv[NV];
   for (int u = 0; u < NV; ++u) gv[u] = reinterpret_cast<const U*>(g)[u];
@@ -186,7 +186,7 @@ ST_INLINE void axpy_block(T* out, const T* base, const int64_t* off, const T* w,
 
 template <typename T, int VB, int64_t NQ = QB>
 ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t n,
-                         typename Vec<T, VB>::V* pv) {
+                         typename SimdVec<T, VB>::V* pv) {
   constexpr int NV = NQ * sizeof(T) / VB;
   if constexpr (NV > kMaxAcc) {
     dot_block<T, VB, NQ / 2>(g, base, off, n, pv);
@@ -311,7 +311,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
     stream_fence();
   }
   if (part) {
-    using V = typename Vec<T, VB>::V;
+    using V = typename SimdVec<T, VB>::V;
     for (int64_t o = o0; o < o1; ++o) {
       const T* g = dyp + o * P.ys + P.F;
       const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;

@@ -89,8 +89,8 @@ struct SArgs {
 template <typename T, int VB, int NV>
 ST_INLINE void pixel_axpy(T* __restrict out, const T* base, const TapList& tl, int64_t p,
                           const int64_t* gptr, const int64_t* off, const T* w, T init) {
-  using V = typename Vec<T, VB>::V;
-  using U = typename Vec<T, VB>::U;
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
   if constexpr (NV > kMaxAcc) {
     constexpr int64_t H = NV / 2 * VB / sizeof(T);
     pixel_axpy<T, VB, NV / 2>(out, base, tl, p, gptr, off, w, init);
@@ -127,9 +127,9 @@ ST_INLINE void pixel_axpy(T* __restrict out, const T* base, const TapList& tl, i
 template <typename T, int VB, int NV>
 ST_INLINE void pixel_dot(const T* g, const T* base, const TapList& tl, int64_t p,
                          const int64_t* gptr, const int64_t* off, int64_t e0,
-                         typename Vec<T, VB>::V* __restrict pv) {
-  using V = typename Vec<T, VB>::V;
-  using U = typename Vec<T, VB>::U;
+                         typename SimdVec<T, VB>::V* __restrict pv) {
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
   if constexpr (NV > kMaxAcc) {
     constexpr int64_t H = NV / 2 * VB / sizeof(T);
     pixel_dot<T, VB, NV / 2>(g, base, tl, p, gptr, off, e0, pv);
@@ -171,7 +171,7 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
 template <typename T, int VB, int NV>
 ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0,
                               int64_t o1, bool pack, T* part) {
-  using V = typename Vec<T, VB>::V;
+  using V = typename SimdVec<T, VB>::V;
   const ConvGeom& g = *A.g;
   const int64_t bt = A.bt, hw = g.H * g.W, ohw = g.OH * g.OW, K = A.K;
   const int64_t b0 = tile * bt, tb = std::min(bt, g.B - b0);
