@@ -1,18 +1,16 @@
 """Benchmark helpers: median timing after warm-up, machine/version info, atomic JSON output."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from sparsetrain.experiment.files import git_commit, write_json  # noqa: F401  (write_json: for the bench scripts)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the shared dense references
 
 
 def median_ms(fn, *, warmup: int = 2, reps: int = 7, max_seconds: float = 20.0) -> float:
@@ -66,14 +64,6 @@ def paired_ratio(num: list, den: list) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -85,22 +75,13 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:  # the register width our CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline)
-        from sparsetrain import ops, _C  # noqa: F401  (ops loads torch first)
-        simd = _C.simd_bytes()
+        from sparsetrain.engine.ops import simd_bytes
+        simd = simd_bytes()
     except Exception:  # the extension is not built
         simd = None
     return {"cpu": cpu, "simd_bytes": simd, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "commit": git_commit(),
+            "python": platform.python_version(), "platform": platform.platform(), "commit": git_commit(short=True),
             "date": time.strftime("%Y-%m-%d")}
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic write: a half-written results file never replaces a good one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

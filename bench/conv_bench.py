@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HERE, interleaved_times, machine_info, paired_ratio, print_table, write_json  # noqa: E402
-from reference import random_mask  # noqa: E402
+from sparsetrain.testing import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
 

@@ -56,8 +56,9 @@ def _fwd_bwd(module_or_fn, x, gy, params):
 
 def _linear_methods(fin, fout, batch, sparsity, quick):
     """{name: (forward fn, forward+backward fn, nnz, tf32)} for one case."""
-    from reference import random_mask
-    from sparsetrain.bsr import BSRLinear, block_mask
+    from sparsetrain.testing import random_mask
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.prune import block_mask
     from sparsetrain.nn import SparseLinear
     dev = DEVICE
     g = torch.Generator().manual_seed(0)
@@ -114,8 +115,8 @@ def _linear_methods(fin, fout, batch, sparsity, quick):
 
 
 def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
-    from reference import random_mask
-    from sparsetrain.formats import CSR, transpose_index
+    from sparsetrain.testing import random_mask
+    from sparsetrain.engine.formats import CSR, transpose_index
     from sparsetrain.kernels import sparse_conv2d as K
     dev, pad = DEVICE, k // 2
     g = torch.Generator().manual_seed(0)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from common import (HERE, interleaved_times, machine_info, median_ms, paired_ratio, print_table,
                     write_json)
-from reference import random_mask
+from sparsetrain.testing import random_mask
 
-from sparsetrain.formats import CSR
+from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseLinear
 
 # torch.sparse's CSR is "beta" and warns on every construction: the baseline is used as documented

@@ -25,10 +25,10 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HERE, machine_info, print_table, write_json  # noqa: E402
-from reference import random_mask  # noqa: E402
+from sparsetrain.testing import random_mask  # noqa: E402
 
 import sparsetrain  # noqa: E402
-from sparsetrain.models import resnet18, vgg_like  # noqa: E402
+from sparsetrain.experiment.models import resnet18, vgg_like  # noqa: E402
 
 BATCH = 128
 MODELS = {"resnet18": lambda: resnet18(10, 3), "vgg_d5g5": lambda: vgg_like(5, 5, 10, 3)}

@@ -23,12 +23,15 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(sparsetrain, m) {
   // ---- linear: W is CSR [out, in] (crow int64 [out+1], col int32 [nnz], values [nnz]).
+  // Every op of a pattern also takes its transposed (CSC) index (ccol int64 [in+1], row_t int32
+  // [nnz], perm int64 [nnz]: values[perm[j]] is the j-th CSC entry), built once per pattern by the
+  // CSR container: a backend that gathers by input column reads it, and in_features = ccol - 1.
   m.def(
       "sparse_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-      "Tensor? bias) -> Tensor");
+      "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, Tensor? bias) -> Tensor");
   m.def(
       "sparse_linear_grad_input(Tensor grad_out, Tensor crow_indices, Tensor col_indices, "
-      "Tensor values, int in_features) -> Tensor");
+      "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm) -> Tensor");
   m.def(
       "sparse_linear_grad_weight(Tensor grad_out, Tensor x, Tensor crow_indices, "
       "Tensor col_indices) -> Tensor");
@@ -40,7 +43,7 @@ TORCH_LIBRARY(sparsetrain, m) {
   // ---- entropy (Eq. 1): per-neuron count of positive pre-activations, accumulated in place
   m.def("relu_count_(Tensor(a!) counts, Tensor pre) -> ()");
   // ---- conv2d: W [O, C, kh, kw] is CSR [O, C*kh*kw] (column c*kh*kw + i*kw + j) plus its CSC
-  // transpose as for linear. Direct convolution, NCHW; dilation 1, groups 1.
+  // transpose, as for linear. Direct convolution, NCHW; dilation 1, groups 1.
   m.def(
       "sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "

@@ -4,7 +4,8 @@ Same signatures as the `sparsetrain::sparse_linear*` op schemas (csrc/sparsetrai
 
 * `sparse_linear`:             y = x W^T + b          row-split CSR SpMM
 * `sparse_linear_grad_input`:  dx = dy W              the same SpMM over the transposed (CSC)
-                                                      index, values read through `perm`
+                                                      index the schema carries (built once per
+                                                      pattern by the CSR), values read through `perm`
 * `sparse_linear_grad_weight`: dW[p] = <dy[:, row p], x[:, col p]>   SDDMM at the nonzeros only
 
 Layout: activations are used batch-minor (x^T [K, B], y^T [N, B]), so the nonzero w[n, k] of a
@@ -21,13 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsetrain.formats import transpose_index
-
 from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms,
                      pow2_bucket, row_order)
 
-__all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm",
-           "csc_index"]
+__all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
 _SPMM_CONFIGS = [
     triton.Config({"ROWS": 1, "BLOCK_P": 16, "BLOCK_B": 32}, num_warps=2),
@@ -133,12 +131,27 @@ def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     return yt
 
 
-def sparse_linear(x, crow_indices, col_indices, values, bias=None):
-    """y = x W^T + b, W = CSR (crow_indices, col_indices, values) of shape [N, K = x.shape[-1]]."""
+def _check_csc(ccol, row_t, perm, nnz: int, name: str) -> int:
+    """The transposed index of the schema; returns in_features (= its column count)."""
+    check_index(ccol, "ccol_indices", torch.int64)
+    check_index(row_t, "row_indices_t", torch.int32)
+    check_index(perm, "perm", torch.int64)
+    if ccol.numel() < 1 or row_t.numel() != nnz or perm.numel() != nnz:
+        raise ValueError(f"{name}: the transposed index must have ccol_indices [in_features + 1] and "
+                         f"row_indices_t, perm of nnz = {nnz} entries, got {ccol.numel()}, {row_t.numel()}, "
+                         f"{perm.numel()}")
+    return ccol.numel() - 1
+
+
+def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm, bias=None):
+    """y = x W^T + b, W = CSR (crow_indices, col_indices, values) of shape [N, K = in_features]."""
     check_device(x, crow_indices, col_indices, values, name="sparse_linear")
     _check_csr(crow_indices, col_indices, values, "sparse_linear")
-    N, K = crow_indices.numel() - 1, x.shape[-1]
+    N = crow_indices.numel() - 1
+    K = _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear")
     check_float(x, "x", like=values)
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
     if bias is not None:
         check_float(bias, "bias", like=values)
         if bias.shape != (N,):
@@ -148,23 +161,19 @@ def sparse_linear(x, crow_indices, col_indices, values, bias=None):
     return yt.t().contiguous().reshape(*x.shape[:-1], N)
 
 
-def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, in_features: int):
-    """dx = dy W: the same row-split SpMM over W^T, i.e. the transposed (CSC) index, built on
-    the device once per mask and cached (row k of W^T holds values[perm[j]] at rows row_t[j])."""
-    check_device(grad_out, crow_indices, col_indices, values, name="sparse_linear_grad_input")
+def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm):
+    """dx = dy W: the same row-split SpMM over W^T, i.e. over the transposed (CSC) index (row k of
+    W^T holds values[perm[j]] at rows row_t[j])."""
+    check_device(grad_out, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
+                 name="sparse_linear_grad_input")
     _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
+    K = _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
     check_float(grad_out, "grad_out", like=values)
-    N, K = crow_indices.numel() - 1, int(in_features)
+    N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
-    ccol, row_t, perm = csc_index(crow_indices, col_indices, K)
-    dxt = csr_spmm(ccol, row_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
+    dxt = csr_spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
     return dxt.t().contiguous().reshape(*grad_out.shape[:-1], K)
-
-
-def csc_index(crow, col, n_cols: int):
-    """(ccol int64 [n_cols+1], row_t int32, perm int64) of a CSR pattern, cached per mask."""
-    return cached(f"csc{n_cols}", col, lambda: transpose_index(crow, col, n_cols), crow)
 
 
 def _check_csr(crow, col, values, name):

@@ -1,5 +1,5 @@
 import sys
 
-from .experiment import main
+from .experiment.study import main
 
 sys.exit(main())

@@ -1,5 +1,70 @@
-import os
-import sys
+"""Fixtures shared by the test files: tiny datasets written to tmp_path and the quick study's
+arguments, plus the kill-and-resume check used by the pipeline and structured-pruning tests."""
+import csv
 
-# tests import the shared dense references as `reference` (bench/ does too)
-sys.path.insert(0, os.path.dirname(__file__))
+import pytest
+
+from sparsetrain.experiment import loop, study
+from sparsetrain.testing import write_cifar, write_mnist
+
+TIMING = ("wall_s", "sec_per_epoch")
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    write_cifar(tmp_path, c10=True)
+    return tmp_path
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    write_mnist(tmp_path / "data" / "mnist", gz=False, n_train=80, n_test=20)
+    return tmp_path
+
+
+@pytest.fixture
+def study_args():
+    """study_args(root, *extra): a 5-round MNIST study on mnist_dir's files, in seconds."""
+    def make(root, *extra):
+        return ["mnist", "--data-dir", str(root / "data"), "--out", str(root / "runs"), "--profile", "quick",
+                "--eps", "0.2", "--subset", "0", "--epochs", "2", "--milestones", "1", "--rate", "0.5",
+                "--wall", "0.9", "--batch-size", "16", "--threads", "1", *extra]
+    return make
+
+
+@pytest.fixture
+def kill_and_resume(monkeypatch):
+    """kill_and_resume(root, base, kill_at, phases): run `base` uninterrupted into root/a, and into
+    root/b killed at the kill_at-th epoch then resumed; assert every phase's metrics agree (timings
+    aside) and return {phase: rows}."""
+    def run(root, base, kill_at, phases=("teacher", "distill-dense")):
+        assert study.main(base + ["--out", str(root / "a")]) == 0
+        calls, real = {"n": 0}, loop.train_epoch
+
+        def dying(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(loop, "train_epoch", dying)
+        with pytest.raises(KeyboardInterrupt):
+            study.main(base + ["--out", str(root / "b")])
+        monkeypatch.setattr(loop, "train_epoch", real)
+        assert study.main(base + ["--out", str(root / "b"), "--resume"]) == 0
+        out = {}
+        for phase in phases:
+            ra, rb = (read_rows(root / d / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv") for d in "ab")
+            assert len(ra) > 0 and strip_timing(ra) == strip_timing(rb)
+            out[phase] = ra
+        return out
+    return run

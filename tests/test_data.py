@@ -1,66 +1,16 @@
-"""sparsetrain.data on tiny files written here: CIFAR pickles, IDX files, CIFAR-N labels."""
-import gzip
+"""sparsetrain.experiment.data on tiny files written here: CIFAR pickles, IDX files, CIFAR-N labels."""
 import math
-import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
 
-from sparsetrain import data as D
-
-
-def _write_cifar(root, c10=True, n_per_batch=40, n_test=30, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
-    folder.mkdir(parents=True)
-    nc, key = (10, "labels") if c10 else (100, "fine_labels")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
-    n_train = n_per_batch * (5 if c10 else 1)
-    xs, ys = [], []
-    for name, n in [*[(f, n_train // len(names)) for f in names], ("test_batch" if c10 else "test", n_test)]:
-        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        y = [int(v) for v in rng.integers(0, nc, n)]
-        d = {"data": x, key: y, "batch_label": name}
-        if not c10:
-            d["coarse_labels"] = [v // 5 for v in y]
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f)
-        xs.append(x)
-        ys += y
-    meta = {"label_names": [str(i) for i in range(10)]} if c10 else {"fine_label_names": [str(i) for i in range(100)]}
-    with open(folder / ("batches.meta" if c10 else "meta"), "wb") as f:
-        pickle.dump(meta, f)
-    return np.concatenate(xs)[:n_train], np.array(ys[:n_train])
-
-
-def _write_idx(path, arr, gz):
-    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def _write_mnist(folder, gz, n_train=60, n_test=20, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
-    for name, a in arrays.items():
-        _write_idx(folder / name, a, gz)
-    return arrays
-
-
-@pytest.fixture
-def cifar10_dir(tmp_path):
-    _write_cifar(tmp_path, c10=True)
-    return tmp_path
+from sparsetrain.experiment import data as D
+from sparsetrain.testing import write_cifar, write_mnist
 
 
 def test_cifar10_reads_pickles_and_shapes(tmp_path):
-    x, y = _write_cifar(tmp_path, c10=True)
+    x, y = write_cifar(tmp_path, c10=True)
     s = D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False)
     assert (s.num_classes, s.in_channels, s.image_size) == (10, 3, (32, 32))
     assert len(s.train) == 200 and len(s.test) == 30 and len(s.val) == 0
@@ -72,7 +22,7 @@ def test_cifar10_reads_pickles_and_shapes(tmp_path):
 
 
 def test_cifar100_and_cifar100n_labels(tmp_path):
-    _, y = _write_cifar(tmp_path, c10=False, n_per_batch=50)
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=50)
     s = D.load_dataset("cifar100", tmp_path, val_fraction=0.0, download=False)
     assert s.num_classes == 100 and torch.equal(s.train.y, torch.from_numpy(y))
     noisy = (y + 7 * (np.arange(50) % 3 == 0)) % 100
@@ -97,7 +47,7 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
 @pytest.mark.parametrize("name,gz,sub", [("mnist", True, "MNIST/raw"), ("fashion-mnist", False, ""),
                                          ("fashion-mnist", True, "fashion-mnist")])
 def test_idx_datasets(tmp_path, name, gz, sub):
-    arrays = _write_mnist(tmp_path / sub if sub else tmp_path, gz)
+    arrays = write_mnist(tmp_path / sub if sub else tmp_path, gz)
     s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
     assert (s.num_classes, s.in_channels, s.image_size) == (10, 1, (28, 28))
     assert torch.equal(s.train.x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
@@ -198,7 +148,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         D.load_dataset("cifar10", tmp_path, val_fraction=1.5)
     with pytest.raises(D.DatasetNotFound, match="CIFAR-100_human.pt"):
-        _write_cifar(tmp_path, c10=False, n_per_batch=10)
+        write_cifar(tmp_path, c10=False, n_per_batch=10)
         D.load_dataset("cifar100n", tmp_path, download=False)
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain.entropy import activation_entropy, binary_entropy
-from sparsetrain.models import build_model
+from sparsetrain.experiment.entropy import activation_entropy, binary_entropy
+from sparsetrain.experiment.models import build_model
 
 
 def H(p):
@@ -104,5 +104,5 @@ def test_torch_fallback_equals_cpp_op(monkeypatch):
     m = build_model("vgg_like", 10, 3, 16, delta=2, gamma=2)
     x = [torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     with_op = activation_entropy(m, x)
-    monkeypatch.setitem(sys.modules, "sparsetrain.ops", None)  # import fails -> torch reduction
+    monkeypatch.setitem(sys.modules, "sparsetrain.engine.ops", None)  # import fails -> torch reduction
     assert activation_entropy(m, x) == with_op

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain.models import (build_model, count_parameters, lenet_300_100, resnet18, resnet50,
+from sparsetrain.experiment.models import (build_model, count_parameters, lenet_300_100, resnet18, resnet50,
                                 vgg_like)
 
 # Paper Table 3 (CIFAR-10: 3 channels, 10 classes): (model, kwargs, value, unit).

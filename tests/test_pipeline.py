@@ -2,8 +2,6 @@
 distillation, the CLI's errors."""
 import csv
 import json
-import math
-import os
 import subprocess
 import sys
 
@@ -11,42 +9,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain import experiment
-from sparsetrain.checkpoint import load_model, safe_load
-from sparsetrain.config import config_from_args
-from sparsetrain.train import kd_loss
-from test_data import _write_mnist
-
-TIMING = ("wall_s", "sec_per_epoch")
+from sparsetrain.experiment import study
+from sparsetrain.experiment.checkpoint import load_model, safe_load
+from sparsetrain.experiment.config import config_from_args
+from sparsetrain.experiment.train import kd_loss
 
 
-def _args(tmp_path, *extra):
-    return ["mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--profile", "quick",
-            "--eps", "0.2", "--subset", "0", "--epochs", "2", "--milestones", "1", "--rate", "0.5",
-            "--wall", "0.9", "--batch-size", "16", "--threads", "1", *extra]
-
-
-@pytest.fixture
-def mnist_dir(tmp_path):
-    _write_mnist(tmp_path / "data" / "mnist", gz=False, n_train=80, n_test=20)
-    return tmp_path
-
-
-def _rows(path):
+def read_rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def test_study_schedule_best_round_and_outputs(mnist_dir):
-    assert experiment.main(_args(mnist_dir, "--engine", "auto")) == 0
+def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
+    assert study.main(study_args(mnist_dir, "--engine", "auto")) == 0
     rd = mnist_dir / "runs" / "mnist-eps0.2-quick"
     cfg = json.loads((rd / "config.json").read_text())
     assert cfg["git_commit"] and cfg["versions"]["torch"] and cfg["student"] == "lenet300"
-    rows = _rows(rd / "seed0" / "teacher" / "metrics.csv")
+    rows = read_rows(rd / "seed0" / "teacher" / "metrics.csv")
     # rounds 0..4: sparsity 1 - 0.5^k, stop after the first round reaching the wall (0.9375 >= 0.9)
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]
     for k, r in enumerate(rows):
@@ -72,7 +51,7 @@ def test_study_schedule_best_round_and_outputs(mnist_dir):
                 assert not bool((m[n] & ~prev[n]).any())
         prev = m
     # the distilled student ran from the best teacher, with the teacher's cost recorded
-    drows = _rows(rd / "seed0" / "distill-best" / "metrics.csv")
+    drows = read_rows(rd / "seed0" / "distill-best" / "metrics.csv")
     assert len(drows) == 5 and float(drows[0]["teacher_flops"]) > 0
     assert float(drows[0]["teacher_cost"]) == pytest.approx(float(rows[best["round"]]["cum_flops"]))
     noise = json.loads((rd / "seed0" / "noise.json").read_text())
@@ -80,42 +59,19 @@ def test_study_schedule_best_round_and_outputs(mnist_dir):
     assert (rd / "summary.md").exists()
 
 
-def kill_and_resume(mnist_dir, monkeypatch, base, kill_at, phases=("teacher", "distill-dense")):
-    """Run `base` uninterrupted into a/, and into b/ killed at the kill_at-th epoch then resumed;
-    assert every phase's metrics agree (timings aside) and return {phase: rows}."""
-    assert experiment.main(base + ["--out", str(mnist_dir / "a")]) == 0
-    calls, real = {"n": 0}, experiment.train_epoch
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == kill_at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(experiment, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        experiment.main(base + ["--out", str(mnist_dir / "b")])
-    monkeypatch.setattr(experiment, "train_epoch", real)
-    assert experiment.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
-    out = {}
-    for phase in phases:
-        ra, rb = (_rows(mnist_dir / d / "mnist-eps0.2-quick" / "seed0" / phase / "metrics.csv") for d in "ab")
-        assert _strip(ra) == _strip(rb)
-        out[phase] = ra
-    return out
-
-
-def test_resume_after_kill_equals_uninterrupted(mnist_dir, monkeypatch):
+def test_resume_after_kill_equals_uninterrupted(mnist_dir, study_args, kill_and_resume):
     # killed mid-way through round 3 of the teacher run
-    kill_and_resume(mnist_dir, monkeypatch, _args(mnist_dir, "--teachers", "dense"), kill_at=7)
+    kill_and_resume(mnist_dir, study_args(mnist_dir, "--teachers", "dense"), kill_at=7)
 
 
-def test_engines_give_the_same_curve(mnist_dir):
+def test_engines_give_the_same_curve(mnist_dir, study_args):
     for engine in ("dense", "sparse"):
-        assert experiment.main(_args(mnist_dir, "--engine", engine, "--teachers", "dense",
+        assert study.main(study_args(mnist_dir, "--engine", engine, "--teachers", "dense",
                                      "--out", str(mnist_dir / engine))) == 0
-    ra = _rows(mnist_dir / "dense" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
-    rb = _rows(mnist_dir / "sparse" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    ra = read_rows(mnist_dir / "dense" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    rb = read_rows(mnist_dir / "sparse" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    assert len(ra) == len(rb) == 5  # rounds 0..4 on both engines (an empty or short curve fails)
+    assert int(rb[-1]["sparse_layers"]) > 0 and all(int(r["sparse_layers"]) == 0 for r in ra)
     for a, b in zip(ra, rb):
         assert float(a["sparsity"]) == float(b["sparsity"])
         assert float(a["val_acc"]) == pytest.approx(float(b["val_acc"]), abs=0.05)
@@ -140,14 +96,20 @@ def test_kd_loss_equals_hand_computation():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["nope"], "unknown dataset"),
+    (["nope"], "invalid choice: 'nope'"),
     (["mnist", "--eps", "1.0"], "--eps must be in"),
     (["mnist", "--rate", "0"], "--rate must be in"),
     (["mnist", "--wall", "0"], "--wall must be in"),
     (["mnist", "--alpha", "2"], "--alpha must be in"),
     (["mnist", "--tau", "0"], "--tau must be > 0"),
-    (["mnist", "--model", "alexnet"], "is not a known model"),
-    (["mnist", "--perturb", "shuffle"], "--perturb must be one of"),
+    (["mnist", "--model", "alexnet"], "--model: unknown model 'alexnet'"),
+    (["mnist", "--perturb", "shuffle"], "argument --perturb: invalid choice"),
+    (["mnist", "--structure", "rows"], "argument --structure: invalid choice"),
+    (["mnist", "--lr", "-1"], "--lr must be > 0"),
+    (["mnist", "--subset", "-5"], "--subset must be >= 0"),
+    (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["mnist", "--threads", "-1"], "--threads must be >= 0"),
+    (["mnist", "--seeds", "-1"], "--seeds must be one or more seeds >= 0"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparsetrain import ops
-from sparsetrain.formats import CSR
-from reference import random_mask
+from sparsetrain.engine import ops
+from sparsetrain.engine.formats import CSR
+from sparsetrain.testing import random_mask
 
 
 def _reference_prune_sets(tensors, masks, fraction):

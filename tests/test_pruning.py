@@ -5,10 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-import sparsetrain
-from sparsetrain.nn import SparseLinear
-from sparsetrain.pruning import (apply_engine, global_prune, load_weights_under_masks_, masks_of,
-                                 model_sparsity, prunable_layers, sparsity_after)
+from sparsetrain.engine.nn import SparseLinear, masks_of, model_sparsity, prunable_layers
+from sparsetrain.engine.policy import apply_engine
+from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
 
 
 def _net():

@@ -4,12 +4,12 @@ import os
 
 import pytest
 
-from sparsetrain import experiment
+from sparsetrain.experiment import study
 
 
 @pytest.mark.slow
 def test_quick_study_shows_the_pipeline(tmp_path):
-    assert experiment.main(["fashion-mnist", "--profile", "quick", "--out", str(tmp_path)]) == 0
+    assert study.main(["fashion-mnist", "--profile", "quick", "--out", str(tmp_path)]) == 0
     rd = tmp_path / "fashion-mnist-eps0.2-quick"
     with open(rd / "seed0" / "teacher" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sparsetrain import report as R
+from sparsetrain.experiment import report as R
 
 NAN = float("nan")
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from sparsetrain import ops, _C  # noqa: F401  (ops loads torch, then the extension)
+
+from sparsetrain.engine.ops import simd_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # phase-plane conv (sparse and channel-blocked rows, strides, streamed rows, fp64), small-map conv
@@ -27,13 +28,13 @@ SELECTION = [
 
 def _width(env_value):
     env = dict(os.environ, SPARSETRAIN_VEC_BYTES=env_value)
-    out = subprocess.run([sys.executable, "-c", "from sparsetrain import ops, _C; print(_C.simd_bytes())"],
+    out = subprocess.run([sys.executable, "-c", "from sparsetrain.engine.ops import simd_bytes; print(simd_bytes())"],
                          env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
 
 def test_detected_width_and_override():
-    hw = _C.simd_bytes()
+    hw = simd_bytes()
     assert hw in (16, 32, 64)
     assert _width("16") == 16
     assert _width("32") == min(32, hw)   # narrows only: a wider clone is not the one running

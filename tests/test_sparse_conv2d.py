@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain
-from sparsetrain import ops
-from sparsetrain.formats import CSR
+from sparsetrain.engine import ops
+from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseConv2d
-from reference import assert_layer_matches, dense_conv2d, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_conv2d, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # kernel x stride x padding x spatial (1x1, 5x7), where the padded input holds the kernel

@@ -1,14 +1,18 @@
 """SparseLinear and the sparse_linear ops against the dense masked reference (F.linear)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain
-from sparsetrain import ops
-from sparsetrain.formats import CSR
+
+from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseLinear
-from reference import assert_layer_matches, dense_linear, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_linear, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # (batch shape, in, out): 1 feature, primes, batch 1, 3-D input, batch that is not a tile multiple
@@ -77,7 +81,7 @@ def test_gradcheck_fp64():
     b = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
 
     def f(x, values, b):
-        return torch.ops.sparsetrain.sparse_linear(x, w.crow_indices, w.col_indices, values, b)
+        return torch.ops.sparsetrain.sparse_linear(x, w.crow_indices, w.col_indices, values, *w.csc(), b)
 
     assert torch.autograd.gradcheck(f, (x, w.values.detach().clone().requires_grad_(), b))
 
@@ -93,7 +97,7 @@ def _op_args(dtype=torch.float32, bias=True):
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_sparse_linear(bias):
     w, x, b = _op_args(bias=bias)
-    args = (x.requires_grad_(), w.crow_indices, w.col_indices, w.values.detach().requires_grad_(), b)
+    args = (x.requires_grad_(), w.crow_indices, w.col_indices, w.values.detach().requires_grad_(), *w.csc(), b)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_linear.default, args)
 
 
@@ -101,7 +105,7 @@ def test_opcheck_grad_ops():
     w, x, _ = _op_args()
     gy = torch.randn(4, 6)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_linear_grad_input.default,
-                          (gy, w.crow_indices, w.col_indices, w.values.detach(), 9))
+                          (gy, w.crow_indices, w.col_indices, w.values.detach(), *w.csc()))
     torch.library.opcheck(torch.ops.sparsetrain.sparse_linear_grad_weight.default,
                           (gy, x, w.crow_indices, w.col_indices))
 
@@ -113,16 +117,36 @@ def test_torch_compile():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+_THREADS_SCRIPT = """
+import os, torch
+from sparsetrain.engine.formats import CSR
+from sparsetrain.engine.nn import SparseLinear
+from sparsetrain.testing import random_mask
+
+def tasks():  # OS threads of this process: the OpenMP pool shows up here once it starts
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(1)  # before any parallel region: no pool yet
+g = torch.Generator().manual_seed(0)
+layer = SparseLinear(CSR.from_dense(torch.randn(256, 512, generator=g), random_mask((256, 512), 0.9, g)))
+x = torch.randn(512, 512, generator=g, requires_grad=True)
+before = tasks()
+layer(x).sum().backward()  # forward, input and weight gradients: every parallel loop of the op
+one = tasks()
+torch.set_num_threads(2)
+layer(x).sum().backward()
+print(before, one, tasks())
+"""
+
+
 def test_respects_set_num_threads():
-    w, x, b = _op_args()
-    layer = SparseLinear(w, b)
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        y1 = layer(x)
-    finally:
-        torch.set_num_threads(n)
-    torch.testing.assert_close(y1, layer(x))
+    """With torch.set_num_threads(1) the ops start no worker thread (at::parallel_for runs inline);
+    with 2 they use the pool. Counted as OS threads of a fresh process (/proc/self/task)."""
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    before, one, two = map(int, out.stdout.split())
+    assert one == before, f"one thread asked, but the ops started {one - before} more"
+    assert two > one, "two threads asked, but the ops never used a second one"
 
 
 # ---------------------------------------------------------------------------- module API
@@ -177,8 +201,20 @@ def test_non_finite_weights_are_reported_not_rejected():
 def test_bad_inputs_raise_clear_errors():
     w, x, b = _op_args()
     layer = SparseLinear(w, b)
-    with pytest.raises(RuntimeError, match="x must have last dimension in_features"):
+    # the input width must equal in_features (nn.Linear's rule), also when the extra or missing
+    # columns are pruned away: checked by the wrapper (ValueError) and by the op itself
+    with pytest.raises(ValueError, match="x must have last dimension in_features = 9"):
         layer(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="x must have last dimension in_features = 9"):
+        layer(torch.randn(4, 12))
+    narrow = SparseLinear(CSR.from_dense(torch.ones(3, 20), torch.arange(20).expand(3, 20) < 16))
+    with pytest.raises(ValueError, match="in_features = 20"):
+        narrow(torch.randn(2, 16))  # columns 16..19 are all pruned: still the wrong width
+    with pytest.raises(RuntimeError, match="x must have last dimension 9, got 12"):
+        torch.ops.sparsetrain.sparse_linear(torch.randn(4, 12), *w.index(), b)
+    with pytest.raises(RuntimeError, match="grad_out must have last dimension 6"):
+        torch.ops.sparsetrain.sparse_linear_grad_input(torch.randn(4, 5), w.crow_indices, w.col_indices,
+                                                       w.values, *w.csc())
     with pytest.raises(RuntimeError, match="x must have the dtype of values"):
         layer(torch.randn(4, 9, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="x must have the dtype of values"):
@@ -186,20 +222,25 @@ def test_bad_inputs_raise_clear_errors():
     op = torch.ops.sparsetrain.sparse_linear
     bad_col = w.col_indices.clone()
     bad_col[0] = 1000
-    with pytest.raises(RuntimeError, match="x must have last dimension in_features > every column index"):
-        op(x, w.crow_indices, bad_col, w.values, b)
+    csc = w.csc()
+    with pytest.raises(RuntimeError, match="col_indices has entries outside"):
+        op(x, w.crow_indices, bad_col, w.values, *csc, b)
     bad_col[0] = -1
     with pytest.raises(RuntimeError, match="col_indices has entries outside"):
-        op(x, w.crow_indices, bad_col, w.values, b)
+        op(x, w.crow_indices, bad_col, w.values, *csc, b)
     with pytest.raises(RuntimeError, match="col_indices must have dtype Int"):
-        op(x, w.crow_indices, w.col_indices.long(), w.values, b)
+        op(x, w.crow_indices, w.col_indices.long(), w.values, *csc, b)
     with pytest.raises(RuntimeError, match="crow_indices must have dtype Long"):
-        op(x, w.crow_indices.int(), w.col_indices, w.values, b)
+        op(x, w.crow_indices.int(), w.col_indices, w.values, *csc, b)
     with pytest.raises(RuntimeError, match="bias must have shape"):
-        op(x, w.crow_indices, w.col_indices, w.values, torch.ones(3))
+        op(x, w.crow_indices, w.col_indices, w.values, *csc, torch.ones(3))
     with pytest.raises(RuntimeError, match="values must be contiguous"):
         v2 = torch.randn(2 * w.nnz)[::2]
-        op(x, w.crow_indices, w.col_indices, v2, b)
+        op(x, w.crow_indices, w.col_indices, v2, *csc, b)
+    with pytest.raises(RuntimeError, match="perm must have nnz"):
+        op(x, w.crow_indices, w.col_indices, w.values, csc[0], csc[1], csc[2][:-1], b)
+    with pytest.raises(RuntimeError, match="ccol_indices must have dtype Long"):
+        op(x, w.crow_indices, w.col_indices, w.values, csc[0].int(), csc[1], csc[2], b)
     # non-contiguous activations are accepted (made contiguous), not misread
     xt = torch.randn(9, 4).t()
     torch.testing.assert_close(layer(xt), layer(xt.contiguous()))

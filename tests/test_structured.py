@@ -1,5 +1,5 @@
 """Structured pruning: l1 filter pruning that removes channels physically (Appendix G), block
-pruning by tile norm, their checkpoints, and both end to end through experiment.main."""
+pruning by tile norm, their checkpoints, and both end to end through the study's main."""
 import copy
 import csv
 import json
@@ -8,16 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetrain import experiment
-from sparsetrain.bsr import BSR
-from sparsetrain.checkpoint import load_model, safe_load, save_model
-from sparsetrain.config import config_from_args
-from sparsetrain.flops import forward_flops
-from sparsetrain.models import build_model, lenet_300_100, resnet18, vgg_like
-from sparsetrain.pruning import masks_of, prunable_layers
-from sparsetrain.structured import (block_prune, can_prune, filter_groups, filter_prune, keep_channels_,
-                                    fit_state, structured_sparsity, weight_count)
-from test_pipeline import _args, kill_and_resume, mnist_dir  # noqa: F401  (fixture)
+from sparsetrain.engine.bsr import BSR
+from sparsetrain.engine.nn import masks_of, model_sparsity, prunable_layers, weight_count
+from sparsetrain.experiment import study
+from sparsetrain.experiment.checkpoint import load_model, safe_load, save_model
+from sparsetrain.experiment.config import config_from_args
+from sparsetrain.experiment.flops import forward_flops
+from sparsetrain.experiment.models import build_model, lenet_300_100, resnet18, vgg_like
+from sparsetrain.prune import block_prune, filter_groups, filter_prune, fit_state, keep_channels_, make_rule
 
 
 def _randomise_bn(model):
@@ -74,7 +72,7 @@ def test_filter_prune_counts_shapes_and_forward_equality(which):
         gone[kept] = False
         assert l1[gone].max() <= l1[kept].min()
         assert set(gone.nonzero().flatten().tolist()) == set(torch.argsort(l1)[:removed[n]].tolist())
-    assert 0 < structured_sparsity(model, {}, n0) == pytest.approx(1 - weight_count(model) / n0)
+    assert 0 < model_sparsity(model, {}, n0) == pytest.approx(1 - weight_count(model) / n0)
     assert forward_flops(model, tuple(x.shape[1:]))["total"] < forward_flops(orig, tuple(x.shape[1:]))["total"]
 
 
@@ -90,7 +88,7 @@ def test_rounds_compose_original_indices_and_keep_one_channel():
     torch.testing.assert_close(model.block1_2.conv.weight, orig.block1_2.conv.weight[k2][:, k1])
     torch.testing.assert_close(model.block1_2.bn.running_var, orig.block1_2.bn.running_var[k2])
     torch.testing.assert_close(model(x), _reference(orig, model.kept_channels)(x), rtol=1e-5, atol=1e-5)
-    assert not can_prune(model, {}, "filter")
+    assert not make_rule("filter").can_prune(model, {})
     assert filter_prune(model, 0.5) == {}  # nothing left: one channel per layer, classes kept
     assert model.classifier.out_features == 3
 
@@ -102,7 +100,7 @@ def test_filter_checkpoint_round_trip(tmp_path):
     full_state = copy.deepcopy(model.state_dict())
     filter_prune(model, 0.5)
     filter_prune(model, 0.5)
-    cut = fit_state(model, full_state, arch)  # what rewind / reinit load: the kept channels' entries
+    cut = fit_state(model, full_state, lambda: build_model(**arch))  # what rewind / reinit load: the kept channels' entries
     assert cut.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         assert torch.equal(cut[k], v), k
@@ -167,8 +165,8 @@ def test_block_prune_structure_shrink_and_lowest_norms():
                         (kept_n if bool(mk[i, j]) else pruned).append(nrm)
             assert max(pruned) <= min(kept_n)
         prev = cur
-    assert structured_sparsity(model, masks, weight_count(model)) > 0.8
-    while can_prune(model, masks, "block", bs):
+    assert model_sparsity(model, masks, weight_count(model)) > 0.8
+    while make_rule("block", block=bs).can_prune(model, masks):
         masks = block_prune(model, masks, 0.5, bs)
     for n, mk in masks_of(model, masks).items():  # each layer keeps its largest block
         assert bool(mk.any())
@@ -186,8 +184,8 @@ def test_block_prune_layer_scope():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["mnist", "--structure", "channels"], "--structure must be one of"),
-    (["mnist", "--block", "48"], "--block must be one of"),
+    (["mnist", "--structure", "channels"], "argument --structure: invalid choice"),
+    (["mnist", "--block", "48"], "argument --block: invalid choice"),
     (["cifar10", "--structure", "filter"], "residual connections tie channel counts"),
 ])
 def test_cli_errors(argv, message, capsys):
@@ -201,8 +199,8 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_end_to_end_filter(mnist_dir):  # noqa: F811
-    assert experiment.main(_args(mnist_dir, "--structure", "filter", "--teachers", "best")) == 0
+def test_end_to_end_filter(mnist_dir, study_args):
+    assert study.main(study_args(mnist_dir, "--structure", "filter", "--teachers", "best")) == 0
     pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
     rows = _rows(pd / "metrics.csv")
     n0 = 784 * 300 + 300 * 100 + 100 * 10
@@ -219,8 +217,8 @@ def test_end_to_end_filter(mnist_dir):  # noqa: F811
     assert len(_rows(pd.parent / "distill-best" / "metrics.csv")) == len(widths) and best["round"] in range(5)
 
 
-def test_end_to_end_block(mnist_dir):  # noqa: F811
-    assert experiment.main(_args(mnist_dir, "--structure", "block", "--block", "32", "--engine", "sparse",
+def test_end_to_end_block(mnist_dir, study_args):
+    assert study.main(study_args(mnist_dir, "--structure", "block", "--block", "32", "--engine", "sparse",
                                  "--teachers", "dense")) == 0
     pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
     rows = _rows(pd / "metrics.csv")
@@ -235,9 +233,9 @@ def test_end_to_end_block(mnist_dir):  # noqa: F811
         prev = m
 
 
-def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, monkeypatch):  # noqa: F811
-    base = _args(mnist_dir, "--structure", "filter", "--perturb", "rewind", "--rewind-iter", "0",
+def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, study_args, kill_and_resume):
+    base = study_args(mnist_dir, "--structure", "filter", "--perturb", "rewind", "--rewind-iter", "0",
                  "--teachers", "dense", "--wall", "0.8")
     # killed in the second epoch of round 2: a shrunken model in state.pt
-    rows = kill_and_resume(mnist_dir, monkeypatch, base, kill_at=6)
+    rows = kill_and_resume(mnist_dir, base, kill_at=6)
     assert all(len(r) == 4 for r in rows.values())  # sparsity 0, .53, .77, .89

@@ -20,10 +20,7 @@ import traceback
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from reference import dense_conv2d, dense_linear, random_mask, reference_grads  # noqa: E402
+from sparsetrain.testing import dense_conv2d, dense_linear, random_mask, reference_grads
 
 CASES = {}
 
@@ -71,7 +68,9 @@ def check_linear(batch, fin, fout, sparsity, bias, empty_rows=0, dtype=torch.flo
 
 def check_bsr(batch, fin, fout, block, sparsity, bias, seed=0, device="cpu"):
     """bsr_linear (Triton on CUDA or under use_backend('triton')) vs the dense masked linear."""
-    from sparsetrain.bsr import BSR, block_mask, bsr_linear
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.engine.bsr import bsr_linear
+    from sparsetrain.prune import block_mask
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(fout, fin, generator=g).to(device)
     b = torch.randn(fout, generator=g).to(device) if bias else None
@@ -88,7 +87,7 @@ def check_bsr(batch, fin, fout, block, sparsity, bias, seed=0, device="cpu"):
 def check_conv(batch, cin, cout, hw, k, stride, padding, sparsity, bias, empty_rows=0, split=None,
                dtype=torch.float32, seed=0, device="cpu"):
     """The three Triton conv products vs F.conv2d(x, w * mask) (output, dx, dw at the nonzeros)."""
-    from sparsetrain.formats import CSR, transpose_index
+    from sparsetrain.engine.formats import CSR, transpose_index
     from sparsetrain.kernels import sparse_conv2d as K
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(cout, cin, k, k, generator=g, dtype=dtype)
@@ -135,14 +134,14 @@ def linear_routes_every_product_to_triton():
             y = layer(x)
         y.sum().backward()  # outside the `with`: still Triton
     assert calls == names, calls
-    assert sparsetrain.backend.current_backend() == "auto"
+    assert sparsetrain.current_backend() == "auto"
 
 
 @interp
 def linear_skewed_rows_and_split_batch():
     """One dense row among empty/short ones (row sorting), a batch wider than one tile, and the
     SDDMM with the batch split over programs (atomic accumulation)."""
-    from sparsetrain.formats import CSR
+    from sparsetrain.engine.formats import CSR
     import sparsetrain.kernels.sparse_linear as K
     g = torch.Generator().manual_seed(1)
     w, mask = torch.randn(9, 40, generator=g), torch.zeros(9, 40, dtype=torch.bool)
@@ -150,11 +149,11 @@ def linear_skewed_rows_and_split_batch():
     c = CSR.from_dense(w, mask)
     crow, col, v = c.crow_indices, c.col_indices, c.values.detach()
     x, gy = torch.randn(67, 40, generator=g), torch.randn(67, 9, generator=g)
-    assert_close_all([(K.sparse_linear(x, crow, col, v, None), x @ (w * mask).t()),
-                      (K.sparse_linear_grad_input(gy, crow, col, v, 40), gy @ (w * mask))]
+    assert_close_all([(K.sparse_linear(x, crow, col, v, *c.csc(), None), x @ (w * mask).t()),
+                      (K.sparse_linear_grad_input(gy, crow, col, v, *c.csc()), gy @ (w * mask))]
                      + [(K.csr_sddmm(crow, col, gy.t().contiguous(), x.t().contiguous(), split=split),
                          (gy.t() @ x)[mask]) for split in (1, 3)])
-    empty = K.sparse_linear(torch.randn(0, 40), c.crow_indices, c.col_indices, c.values.detach(), None)
+    empty = K.sparse_linear(torch.randn(0, 40), c.crow_indices, c.col_indices, c.values.detach(), *c.csc(), None)
     assert empty.shape == (0, 9)
 
 
@@ -171,7 +170,8 @@ def bsr_blocks_16_32_64_odd_sizes():
 
 @interp
 def bsr_split_batch_weight_grad():
-    from sparsetrain.bsr import BSR, block_mask
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.prune import block_mask
     import sparsetrain.kernels.bsr_matmul as K
     g = torch.Generator().manual_seed(2)
     w, x, gy = torch.randn(40, 36, generator=g), torch.randn(70, 36, generator=g), torch.randn(70, 40, generator=g)
@@ -199,9 +199,9 @@ def conv_kernels_pruned_and_fp64():
 
 
 def check_conv_op(device="cpu", shape=(2, 3, 7, 6), cout=4, k=3, stride=2, padding=1, sparsity=0.5):
-    """sparsetrain.ops.sparse_conv2d (the op + ops.py's autograd) vs F.conv2d: output, all grads."""
-    from sparsetrain import ops
-    from sparsetrain.formats import CSR
+    """engine.ops.sparse_conv2d (the op + its autograd row) vs F.conv2d: output, all grads."""
+    from sparsetrain.engine import ops
+    from sparsetrain.engine.formats import CSR
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(cout, shape[1], k, k, generator=g), torch.randn(cout, generator=g)
     mask = random_mask(w.shape, sparsity, generator=g, empty_rows=1)
@@ -226,7 +226,7 @@ def conv_op_autograd_routes_to_triton():
 # ============================================================================ in-process: backend switch
 def test_use_backend_plain_call_and_context_manager():
     import sparsetrain
-    from sparsetrain.backend import current_backend
+    from sparsetrain.engine.backend import current_backend
     assert current_backend() == "auto"
     with sparsetrain.use_backend("cpu"):
         with sparsetrain.use_backend("triton"):
@@ -243,18 +243,22 @@ def test_use_backend_plain_call_and_context_manager():
     assert current_backend() == "auto"
 
 
-def test_impl_routing_and_cuda_registration():
-    import sparsetrain.ops  # noqa: F401  (ops.py imports backend at its end)
-    from sparsetrain import backend
-    ops = torch.ops.sparsetrain
-    for name in backend._KERNELS:  # linear and conv ops, forward and gradients
-        assert backend.impl(name) is getattr(ops, name)
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsetrain::{name}", "CUDA"), name
-        with backend.use_backend("triton"):
-            assert backend.impl(name) is not getattr(ops, name)
-    with backend.use_backend("triton"):  # ops without a Triton kernel keep the C++ one
-        assert backend.impl("relu_count_") is ops.relu_count_
-    assert isinstance(sparsetrain.ops._ops, backend.OpsRouter)
+def test_op_table_registration():
+    """Every schema has its row; rows with a Triton function registered it as the CUDA kernel and
+    name a function that exists with the schema's arguments; forward rows carry autograd."""
+    import importlib.util
+
+    from sparsetrain.engine import ops
+    schemas = {op.name.split("::")[1] for op in torch._C._jit_get_all_schemas() if op.name.startswith("sparsetrain::")}
+    assert schemas == set(ops.OPS), schemas ^ set(ops.OPS)
+    for name, op in ops.OPS.items():
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op.qualname, "CUDA")
+        assert has_cuda == (op.triton is not None), name
+        if op.triton:
+            module, fn = op.triton.split(".")
+            with open(importlib.util.find_spec(f"sparsetrain.kernels.{module}").origin) as f:
+                assert f"\ndef {fn}(" in f.read(), op.triton  # (read, not imported: see the module docstring)
+        assert (op.backward is not None) == (name in ("sparse_linear", "sparse_conv2d")), name
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter():
@@ -269,7 +273,8 @@ def test_triton_on_cpu_tensors_needs_the_interpreter():
 # ============================================================================ in-process: BSR format
 @pytest.mark.parametrize("shape,block", [((37, 50), 16), ((40, 70), 32), ((70, 65), 64), ((8, 3, 3, 3), 16)])
 def test_bsr_round_trip_and_block_mask(shape, block):
-    from sparsetrain.bsr import BSR, block_mask
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.prune import block_mask
     g = torch.Generator().manual_seed(3)
     w = torch.randn(shape, generator=g)
     W = BSR.from_dense(w, block, m := block_mask(w, block, 0.5))
@@ -282,7 +287,7 @@ def test_bsr_round_trip_and_block_mask(shape, block):
 
 
 def test_block_mask_prunes_smallest_norms_and_only_shrinks():
-    from sparsetrain.bsr import block_mask
+    from sparsetrain.prune import block_mask
     w = torch.ones(32, 48)
     for i in range(2):
         for j in range(3):
@@ -294,7 +299,8 @@ def test_block_mask_prunes_smallest_norms_and_only_shrinks():
 
 
 def test_bsr_errors():
-    from sparsetrain.bsr import BSR, block_mask
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.prune import block_mask
     w = torch.randn(32, 32)
     with pytest.raises(ValueError, match="block-structured"):
         BSR.from_dense(w, 16, torch.rand(32, 32) > 0.5)
@@ -306,7 +312,8 @@ def test_bsr_errors():
 
 def test_bsr_linear_cpu_fallback_and_module():
     import sparsetrain
-    from sparsetrain.bsr import BSRLinear, block_mask
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.prune import block_mask
     with sparsetrain.use_backend("cpu"):
         check_bsr((6,), 40, 24, 16, 0.5, True)
     lin, x = torch.nn.Linear(40, 24), torch.randn(3, 40)

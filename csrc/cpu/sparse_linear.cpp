@@ -218,17 +218,33 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
   return s;
 }
 
+// The transposed index (CSC) the schemas carry: its size fixes in_features (the CPU kernels
+// scatter into thread-private tiles and need only its shape; the Triton kernels read it).
+int64_t check_csc(const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
+                  int64_t nnz) {
+  check_cpu(ccol, "ccol_indices");
+  check_dtype(ccol, at::kLong, "ccol_indices");
+  TORCH_CHECK(ccol.dim() == 1 && ccol.numel() >= 1, "ccol_indices must be 1-D [in_features + 1], got ",
+              ccol.sizes());
+  check_cpu(row_t, "row_indices_t");
+  check_cpu(perm, "perm");
+  check_dtype(row_t, at::kInt, "row_indices_t");
+  check_dtype(perm, at::kLong, "perm");
+  TORCH_CHECK(row_t.dim() == 1 && row_t.numel() == nnz, "row_indices_t must have nnz = ", nnz,
+              " entries, got ", row_t.numel());
+  TORCH_CHECK(perm.dim() == 1 && perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ",
+              perm.numel());
+  return ccol.numel() - 1;
+}
+
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                         const at::Tensor& values, const std::optional<at::Tensor>& bias) {
+                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
+                         const at::Tensor& perm, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
-  const int64_t N = crow.numel() - 1, K = x.size(-1);
-  check_cpu(col, "col_indices");
-  check_dtype(col, at::kInt, "col_indices");
-  TORCH_CHECK(col.numel() == 0 || col.max().item<int32_t>() < K, "x must have last dimension "
-              "in_features > every column index (largest is ", col.max().item<int32_t>(), "), got ", K);
+  const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
   check_compressed(crow, col, K, "crow_indices", "col_indices");
   check_values(values, col, "values");
-  check_activation(x, values, K, "x");
+  check_activation(x, values, K, "x");  // x's last dimension must be the layer's in_features
   if (bias) {
     check_cpu(*bias, "bias");
     TORCH_CHECK(bias->scalar_type() == values.scalar_type(), "bias must have the dtype of values");
@@ -251,10 +267,10 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
 
 at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& crow,
                                     const at::Tensor& col, const at::Tensor& values,
-                                    int64_t in_features) {
-  TORCH_CHECK(in_features >= 0, "in_features must be >= 0, got ", in_features);
+                                    const at::Tensor& ccol, const at::Tensor& row_t,
+                                    const at::Tensor& perm) {
   TORCH_CHECK(grad_out.dim() >= 1, "grad_out must have at least 1 dimension");
-  const int64_t N = crow.numel() - 1, K = in_features;
+  const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
   check_compressed(crow, col, K, "crow_indices", "col_indices");
   check_values(values, col, "values");
   check_activation(grad_out, values, N, "grad_out");

@@ -4,10 +4,14 @@
 channels (conv; columns = in_channels * kh * kw). Only the surviving weights are stored and
 trained: `values` is an `nn.Parameter` of shape [nnz]. Stored: values + col (int32) + crow (int64):
 8 bytes per nonzero, 2% of the dense fp32 weight at 99% sparsity. The transposed index (CSC:
-`ccol_indices`, `row_indices_t`, `perm`), needed by kernels that gather by input column, is built
-on first use and cached (once per mask, never per call); it is not part of the state_dict.
+`ccol_indices`, `row_indices_t`, `perm`; 12 more bytes per nonzero), which every op schema carries
+for the backends that gather by input column, is built here once per sparsity pattern (at
+construction and when a state_dict resizes the pattern), never per call; it is a non-persistent
+buffer: it moves with `.to(device)` and is not part of the state_dict.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -46,7 +50,8 @@ def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
 class CSR(nn.Module):
     """A CSR weight of logical shape `shape` (e.g. [out, in] or [out, in, kh, kw]).
 
-    Buffers: crow_indices (int64 [rows+1]), col_indices (int32 [nnz]) and the transposed index.
+    Buffers: crow_indices (int64 [rows+1]), col_indices (int32 [nnz]) and the transposed index
+    (ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]; not saved).
     Parameter: values ([nnz]). `from_dense(w, mask)` and `to_dense()` round-trip exactly.
     """
 
@@ -64,7 +69,7 @@ class CSR(nn.Module):
         if not values.is_floating_point():
             raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
         self.shape = shape
-        rows, cols = shape[0], _prod(shape[1:])
+        rows, cols = shape[0], math.prod(shape[1:])
         crow = crow_indices.to(torch.int64).contiguous()
         col = col_indices.to(torch.int32).contiguous()
         if validate:
@@ -73,7 +78,7 @@ class CSR(nn.Module):
         self.register_buffer("col_indices", col)
         v = values.detach().contiguous().clone()
         self.values = nn.Parameter(v, requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
-        self._csc = None
+        self._build_csc()
 
     # ------------------------------------------------------------------ construction / export
     @classmethod
@@ -91,13 +96,13 @@ class CSR(nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
-        rows, cols = self.shape[0], _prod(self.shape[1:])
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
         out = self.values.new_zeros(rows * cols)
         flat = self.row_indices().long() * cols + self.col_indices.long()
         return out.index_put((flat,), self.values).reshape(self.shape)
 
     def mask(self) -> torch.Tensor:
-        rows, cols = self.shape[0], _prod(self.shape[1:])
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
         m = torch.zeros(rows * cols, dtype=torch.bool, device=self.values.device)
         m[self.row_indices().long() * cols + self.col_indices.long()] = True
         return m.reshape(self.shape)
@@ -106,18 +111,22 @@ class CSR(nn.Module):
         rows = self.crow_indices.numel() - 1
         return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff())
 
-    # ------------------------------------------------------------------ transposed index (cached)
-    def csc(self):
-        """(ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]); built once
-        per sparsity pattern and device, then cached."""
-        c = self._csc
-        if c is None or c[0].device != self.crow_indices.device or c[1].numel() != self.col_indices.numel():
-            c = self._csc = transpose_index(self.crow_indices, self.col_indices, _prod(self.shape[1:]))
-        return c
+    # ------------------------------------------------------------------ transposed index
+    def _build_csc(self) -> None:
+        ccol, row_t, perm = transpose_index(self.crow_indices, self.col_indices, math.prod(self.shape[1:]))
+        self.register_buffer("ccol_indices", ccol, persistent=False)
+        self.register_buffer("row_indices_t", row_t, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
 
-    ccol_indices = property(lambda self: self.csc()[0])
-    row_indices_t = property(lambda self: self.csc()[1])
-    perm = property(lambda self: self.csc()[2])
+    def csc(self):
+        """(ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]): values[perm[j]]
+        is the j-th entry in column-major order. Built once per sparsity pattern."""
+        return self.ccol_indices, self.row_indices_t, self.perm
+
+    def index(self) -> tuple:
+        """The pattern as the op schemas take it: (crow, col, values, ccol, row_t, perm)."""
+        return (self.crow_indices, self.col_indices, self.values, self.ccol_indices, self.row_indices_t,
+                self.perm)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -126,7 +135,7 @@ class CSR(nn.Module):
 
     @property
     def numel_dense(self) -> int:
-        return _prod(self.shape)
+        return math.prod(self.shape)
 
     @property
     def sparsity(self) -> float:
@@ -148,7 +157,6 @@ class CSR(nn.Module):
     # ------------------------------------------------------------------ state_dict: the pattern
     # changes size when pruned, so loading resizes buffers and the parameter to the saved ones.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._csc = None
         for name in ("crow_indices", "col_indices"):
             key = prefix + name
             if key in state_dict:
@@ -157,14 +165,8 @@ class CSR(nn.Module):
             v = state_dict[prefix + "values"]
             self.values = nn.Parameter(torch.empty_like(v, device=self.values.device), self.values.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        _validate(self.crow_indices, self.col_indices, self.values, self.shape[0], _prod(self.shape[1:]))
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
+        _validate(self.crow_indices, self.col_indices, self.values, self.shape[0], math.prod(self.shape[1:]))
+        self._build_csc()
 
 
 def _validate(crow, col, values, rows, cols):

@@ -14,7 +14,7 @@ p is counted over all batches before any log is taken.
 Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) > 0 iff x > 0, so
 counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
 module called k times in one forward (a reused ReLU) gives k layers, named `name`, `name#1`, ...
-Counting uses the C++ op `sparsetrain.ops.relu_count_` on CPU, a torch reduction elsewhere.
+Counting uses the C++ op `sparsetrain.engine.ops.relu_count_` on CPU, a torch reduction elsewhere.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 def _counter():
     """The counting function: the C++ op when the extension loads, else a torch fallback."""
     try:
-        from .ops import relu_count_
+        from ..engine.ops import relu_count_
     except Exception:  # extension not built: same result, slower
         relu_count_ = None
 

@@ -3,7 +3,7 @@
 A model checkpoint stores its architecture (build_model arguments), the bool mask of every
 prunable layer, which layers run on the sparse engine, and the state_dict. Loading rebuilds the
 model, converts the same layers to sparse, and loads the weights with weights_only=True. A
-filter-pruned model (sparsetrain.structured) also stores its kept channels ("channels"), and
+filter-pruned model (sparsetrain.prune.filter) also stores its kept channels ("channels"), and
 loading removes the others from the rebuilt model before loading the weights.
 """
 from __future__ import annotations
@@ -12,22 +12,17 @@ import os
 
 import torch
 
+from ..engine.nn import is_sparse, masks_of, prunable_layers, sparsify_
+from ..prune import keep_channels_
+from .files import atomic_write
 from .models import build_model
-from .nn import sparsify_
-from .pruning import masks_of, prunable_layers
 
 FORMAT = "sparsetrain-ckpt-v1"
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file, fsync, then rename: a kill never leaves a torn file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through atomic_write: a kill never leaves a torn file."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def safe_load(path: str) -> dict:
@@ -45,9 +40,8 @@ def safe_load(path: str) -> dict:
 
 def model_payload(model, masks: dict, arch: dict) -> dict:
     """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
-    from .pruning import _is_sparse
     payload = {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
-               "sparse_layers": [n for n, m in prunable_layers(model) if _is_sparse(m)],
+               "sparse_layers": [n for n, m in prunable_layers(model) if is_sparse(m)],
                "state": model.state_dict()}
     if getattr(model, "kept_channels", None):  # filter-pruned: which original channels survive
         payload["channels"] = dict(model.kept_channels)
@@ -61,7 +55,6 @@ def restore_model(payload: dict):
             raise ValueError(f"checkpoint lacks {key!r}: not a model checkpoint")
     model = build_model(**payload["arch"])
     if payload.get("channels"):
-        from .structured import keep_channels_
         keep_channels_(model, payload["channels"])
     masks = payload["masks"]
     sparse = set(payload["sparse_layers"])

@@ -1,4 +1,4 @@
-"""Structured pruning for the round loop: `--structure filter` and `--structure block`.
+"""Filter pruning (`--structure filter`): whole filters by their l1 norm, removed physically.
 
 Filter pruning (DSD² Appendix G, "structured l1-pruning"): every round each conv layer loses
 floor(rate * n) of its n remaining filters (output channels), those with the smallest l1 norm
@@ -15,15 +15,8 @@ reaches the next layer (as in every channel-pruning scheme). Only sequential mod
 addition ties the channel counts of the layers it joins.
 
 The model remembers which original channels survive in `model.kept_channels` ({layer name: int64
-original indices}); checkpoints store it, and restore rebuilds the full model with build_model and
-keeps the same channels (`keep_channels_`), so weights_only loading still works.
-
-Block pruning (`--block` BS): a weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (edge
-tiles partial); each round `rate` (floor, at least one) of the surviving tiles with the smallest
-Frobenius norm are pruned, with one threshold over all layers (`--scope global`) or per layer.
-Each layer keeps at least its largest tile. Masks only shrink. Such masks are what
-sparsetrain.bsr.BSR stores; the pipeline trains them with the dense masked engine on CPU (the BSR
-kernels are Triton, for GPU tensors).
+original indices}); a checkpoint stores it, and loading rebuilds the full model and keeps the same
+channels (`keep_channels_`), so weights_only loading still works.
 """
 from __future__ import annotations
 
@@ -32,13 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bsr import _as_matrix, _blocks, _check_block
-from .pruning import _is_sparse, masks_of, prunable_layers
+from ..engine.nn import is_sparse
+from .base import PruningRule, check_rate, register
 
-__all__ = ["STRUCTURES", "filter_prune", "keep_channels_", "filter_groups", "block_prune", "can_prune",
-           "weight_count", "structured_sparsity", "fit_state"]
+__all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
 
-STRUCTURES = ("unstructured", "filter", "block")
 SEQUENTIAL_ONLY = ("--structure filter supports sequential models (vgg_like, lenet300); residual "
                    "connections tie channel counts")
 # modules a channel passes through unchanged (per channel or per position)
@@ -46,7 +37,6 @@ _PASS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveM
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-# ============================================================================ filter pruning
 @dataclass
 class _Group:
     """A prunable layer, the BatchNorms on its channels and the layer consuming them."""
@@ -67,7 +57,7 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for n, m in seq.named_children():
             if isinstance(m, nn.Sequential):
                 walk(f"{prefix}{n}.", m)
-            elif _is_sparse(m):
+            elif is_sparse(m):
                 raise ValueError(f"--structure filter needs dense layers; {prefix}{n!r} is {type(m).__name__}")
             elif type(m) in (nn.Conv2d, nn.Linear, nn.Flatten) or isinstance(m, _PASS + _BN):
                 out.append((f"{prefix}{n}", m))
@@ -158,8 +148,7 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
 
 def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
     """One round of per-layer l1 filter pruning (module docstring). Returns {layer: removed}."""
-    if not (0.0 < rate < 1.0):
-        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    check_rate(rate)
     keep, removed = {}, {}
     for g in filter_groups(model):
         w = g.layer.weight.detach()
@@ -174,93 +163,27 @@ def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
     return removed
 
 
-def weight_count(model: nn.Module) -> int:
-    """Prunable (conv and linear) weights of the model as it is now, zeros included."""
-    return sum(_prod(m.weight.shape) for _, m in prunable_layers(model))  # CSR weights have .shape too
-
-
-def structured_sparsity(model: nn.Module, masks: dict, original: int) -> float:
-    """1 - surviving prunable weights / `original` (the unpruned model's weight_count)."""
-    kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
-    return 1.0 - kept / original if original else 0.0
-
-
-def fit_state(model: nn.Module, state: dict, arch: dict) -> dict:
-    """A full-size state_dict (rewind snapshot, fresh init) cut to `model`'s kept channels."""
+def fit_state(model: nn.Module, state: dict, build_full) -> dict:
+    """A full-size state_dict (rewind snapshot, fresh init) cut to `model`'s kept channels;
+    `build_full()` makes an unpruned model of the same architecture (called only when needed)."""
     kept = getattr(model, "kept_channels", None)
     if not kept:
         return state
-    from .models import build_model
-    full = build_model(**arch)
+    full = build_full()
     full.load_state_dict(state)
     return keep_channels_(full, kept).state_dict()
 
 
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
+@register
+class FilterRule(PruningRule):
+    """`--structure filter`: per-layer l1 filter pruning that removes channels (module docstring)."""
 
+    name = "filter"
+    needs_dense = True  # layers shrink; the CSR engine would add nothing
 
-# ============================================================================ block pruning
-def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
-    """(Frobenius norm, alive) per block, flattened in row-major block order."""
-    norms = _blocks(_as_matrix(w * mask).float(), bs).square().sum((2, 3)).sqrt()
-    alive = _blocks(_as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
-    return norms.flatten(), alive.flatten(), norms.shape
+    def prune(self, model, masks, rate):
+        filter_prune(model, rate)
+        return {}  # channels are gone: the smaller dense layers need no masks
 
-
-def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, scope: str = "global") -> dict:
-    """One round of block pruning (module docstring): returns the shrunken masks of every prunable
-    layer (dense layers only) and zeroes the weights under pruned blocks."""
-    bs = _check_block(block)
-    if not (0.0 < rate < 1.0):
-        raise ValueError(f"rate must be in (0, 1), got {rate}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    layers = prunable_layers(model)
-    if any(_is_sparse(m) for _, m in layers):
-        raise ValueError("--structure block needs dense masked layers (engine dense)")
-    cur = masks_of(model, masks)
-    stats = {n: _block_stats(m.weight.detach(), cur[n], bs) for n, m in layers}
-    new_masks = dict(masks)
-    for group in ([layers] if scope == "global" else [[l] for l in layers]):
-        cand, n_alive = [], 0
-        for li, (n, _) in enumerate(group):
-            norms, alive, _ = stats[n]
-            n_alive += int(alive.sum())
-            ok = alive.clone()
-            if bool(alive.any()):  # the layer's largest surviving block is never a candidate
-                ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
-            idx = ok.nonzero().flatten()
-            cand.append((norms[idx], torch.full_like(idx, li), idx))
-        norms = torch.cat([c[0] for c in cand])
-        k = min(max(1, int(rate * n_alive)), norms.numel())
-        # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
-        pick = torch.argsort(norms, stable=True)[:k]
-        which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]
-        for li, (n, m) in enumerate(group):
-            _, alive, shape = stats[n]
-            keep = alive.clone()
-            keep[blk[which == li]] = False
-            rows, cols = _as_matrix(m.weight).shape
-            full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
-            new_masks[n] = cur[n] & full.reshape(m.weight.shape).to(cur[n].device)
-            with torch.no_grad():
-                m.weight.mul_(new_masks[n])
-    return new_masks
-
-
-def can_prune(model: nn.Module, masks: dict, structure: str, block: int = 32) -> bool:
-    """Whether another round can remove anything: filter: a layer with > 1 channel; block: a layer
-    with > 1 surviving block; unstructured: always (the wall stops it)."""
-    if structure == "filter":
+    def can_prune(self, model, masks):
         return any(g.layer.weight.shape[0] > 1 for g in filter_groups(model))
-    if structure == "block":
-        cur = masks_of(model, masks)
-        return any(int(_block_stats(m.weight.detach(), cur[n], _check_block(block))[1].sum()) > 1
-                   for n, m in prunable_layers(model))
-    if structure == "unstructured":
-        return True
-    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

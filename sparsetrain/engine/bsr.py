@@ -4,8 +4,8 @@
 as BS x BS blocks (BS in 16/32/64). The block is the unit of sparsity: every entry of a stored
 block is trained, a pruned block is absent. Edge blocks are zero-padded when rows or cols are not
 multiples of BS; the padding never reaches an output and its gradient is exactly zero.
-`block_mask(weight, block, sparsity)` prunes whole blocks by their norm (for the pruning loop's
-`--structure block --block 32`), `BSRLinear` trains a layer with it.
+Block masks come from the block pruning rule (`sparsetrain.prune.block_mask`, `--structure
+block`); `BSRLinear` trains a layer with one.
 
 Products: Triton (`sparsetrain.kernels.bsr_matmul`, `tl.dot` per block) on CUDA tensors, or on
 CPU tensors under `use_backend("triton")` with TRITON_INTERPRET=1; otherwise (no C++ BSR engine)
@@ -13,58 +13,39 @@ the dense masked product, which is exact and differentiable in the block values.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import current_backend
 from .formats import transpose_index
 
-__all__ = ["BSR", "BSRLinear", "block_mask", "bsr_linear"]
+__all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
 BLOCK_SIZES = (16, 32, 64)
 
 
-def _check_block(block) -> int:
+def check_block(block) -> int:
     if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCK_SIZES:
         raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
     return block
 
 
-def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise ValueError("weight must be a tensor with at least 2 dims ([out, ...])")
     return weight.reshape(weight.shape[0], -1)
 
 
-def _blocks(m: torch.Tensor, bs: int) -> torch.Tensor:
+def blocks_view(m: torch.Tensor, bs: int) -> torch.Tensor:
     """[rows, cols] -> zero-padded [RB, CB, bs, bs] view of the blocks."""
     rows, cols = m.shape
     RB, CB = -(-rows // bs), -(-cols // bs)
     p = m.new_zeros((RB * bs, CB * bs))
     p[:rows, :cols] = m
     return p.reshape(RB, bs, CB, bs).transpose(1, 2)
-
-
-def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
-    the smallest Frobenius norm of (weight * mask) (ties: lower block index first). Blocks already
-    fully pruned by `mask` have norm 0 and go first, so masks only shrink across rounds."""
-    bs = _check_block(block)
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
-    w = weight.detach()
-    if mask is not None:
-        if mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
-        w = w * mask
-    norms = _blocks(_as_matrix(w).float(), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
-    k = int(round(sparsity * norms.numel()))
-    order = torch.argsort(norms.flatten(), stable=True)
-    keep = torch.ones(norms.numel(), dtype=torch.bool, device=w.device)
-    keep[order[:k]] = False
-    rows, cols = _as_matrix(w).shape
-    full = keep.reshape(norms.shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-    return full[:rows, :cols].reshape(weight.shape)
 
 
 class BSR(nn.Module):
@@ -77,9 +58,9 @@ class BSR(nn.Module):
 
     def __init__(self, crow_indices, col_indices, values, shape, block_size: int):
         super().__init__()
-        bs = _check_block(block_size)
+        bs = check_block(block_size)
         self.shape, self.block_size = tuple(int(s) for s in shape), bs
-        rows, cols = self.shape[0], _prod(self.shape[1:])
+        rows, cols = self.shape[0], math.prod(self.shape[1:])
         RB, CB = -(-rows // bs), -(-cols // bs)
         crow = crow_indices.to(torch.int64).contiguous()
         col = col_indices.to(torch.int32).contiguous()
@@ -101,25 +82,25 @@ class BSR(nn.Module):
     def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
-        bs = _check_block(block_size)
-        w = _as_matrix(weight.detach())
+        bs = check_block(block_size)
+        w = as_matrix(weight.detach())
         if mask is None:
             m = w != 0
         else:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
                 raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
-            m = _as_matrix(mask.to(w.device))
-        mb = _blocks(m.to(torch.int32), bs).sum((2, 3))  # True entries per block
+            m = as_matrix(mask.to(w.device))
+        mb = blocks_view(m.to(torch.int32), bs).sum((2, 3))  # True entries per block
         if mask is not None:
-            inside = _blocks(torch.ones_like(m, dtype=torch.int32), bs).sum((2, 3))
+            inside = blocks_view(torch.ones_like(m, dtype=torch.int32), bs).sum((2, 3))
             if bool(((mb != 0) & (mb != inside)).any()):
                 raise ValueError("mask is not block-structured for block_size "
-                                 f"{bs}: build it with sparsetrain.bsr.block_mask")
+                                 f"{bs}: build it with sparsetrain.prune.block_mask")
         keep = mb > 0
         crow = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=w.device)
         torch.cumsum(keep.sum(1), 0, out=crow[1:])
         idx = keep.nonzero()
-        values = _blocks(w * m, bs)[idx[:, 0], idx[:, 1]]
+        values = blocks_view(w * m, bs)[idx[:, 0], idx[:, 1]]
         return cls(crow, idx[:, 1].to(torch.int32), values, weight.shape, bs)
 
     def to_dense(self) -> torch.Tensor:
@@ -132,7 +113,7 @@ class BSR(nn.Module):
             return self._scatter(torch.ones_like(self.values, dtype=torch.bool))
 
     def _scatter(self, blocks: torch.Tensor) -> torch.Tensor:
-        bs, cols = self.block_size, _prod(self.shape[1:])
+        bs, cols = self.block_size, math.prod(self.shape[1:])
         RB, CB = self.crow_indices.numel() - 1, -(-cols // bs)
         brow = torch.repeat_interleave(torch.arange(RB, device=blocks.device), self.crow_indices.diff())
         grid = blocks.new_zeros((RB * CB, bs, bs)).index_put((brow * CB + self.col_indices.long(),), blocks)
@@ -150,18 +131,11 @@ class BSR(nn.Module):
 
     @property
     def sparsity(self) -> float:
-        n = _prod(self.shape)
+        n = math.prod(self.shape)
         return 1.0 - self.nnz / n if n else 0.0
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, block={self.block_size}, nnz_blocks={self.nnz_blocks}"
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
 
 
 # ============================================================================ linear product
@@ -170,14 +144,14 @@ class _BSRLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, w):
-        from .kernels import bsr_matmul as K
+        from sparsetrain.kernels import bsr_matmul as K
         ctx.save_for_backward(x, values)
         ctx.w, ctx.has_bias = w, bias is not None
         return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .kernels import bsr_matmul as K
+        from sparsetrain.kernels import bsr_matmul as K
         x, values = ctx.saved_tensors
         w, dx, dv, db = ctx.w, None, None, None
         grad_out = grad_out.contiguous()
@@ -193,7 +167,6 @@ class _BSRLinearFn(torch.autograd.Function):
 def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
     forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
-    from .backend import current_backend
     if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} does not match a BSR weight of shape {weight.shape}")
     mode = current_backend()

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.nn import enforce_masks_, mask_grads_
 from . import data as D
-from .pruning import enforce_masks_, mask_grads_
 
 __all__ = ["kd_loss", "make_optimizer", "train_epoch", "evaluate"]
 

@@ -2,7 +2,7 @@
 inputs), VGG-like(δ, γ) of Table 2 and LeNet-300-100.
 
 Every ReLU is its own `nn.ReLU` module, used once per forward, so that forward hooks (the
-activation entropy of Eq. 1, sparsetrain.entropy) see each activation site exactly once.
+activation entropy of Eq. 1, sparsetrain.experiment.entropy) see each activation site exactly once.
 torchvision's residual blocks call one `self.relu` two or three times; the blocks below replace it
 by distinct `relu1`, `relu2` (, `relu3`).
 
@@ -18,6 +18,7 @@ head at all).
 """
 from __future__ import annotations
 
+import inspect
 import re
 from collections import OrderedDict
 
@@ -25,9 +26,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
-           "MODEL_NAMES"]
+           "MODEL_NAMES", "MODELS", "resolve_name"]
 
-MODEL_NAMES = ("resnet18", "resnet50", "vgg_like", "lenet300")
 SMALL_INPUT = 64  # images of at most this side get the CIFAR stem (3x3 stride-1 conv, no max-pool)
 
 
@@ -140,42 +140,45 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Sequentia
 
 
 # ------------------------------------------------------------------------------- factory
-_ALIASES = {"resnet18": "resnet18", "resnet-18": "resnet18", "resnet50": "resnet50",
-            "resnet-50": "resnet50", "vgg_like": "vgg_like", "vgg-like": "vgg_like",
-            "vgg": "vgg_like", "lenet300": "lenet300", "lenet_300_100": "lenet300",
-            "lenet-300-100": "lenet300"}
+# name -> builder(num_classes, in_channels, (h, w), **kwargs). Adding a model: a builder here (and
+# its aliases); the experiment's --model/--student choices and checks follow from this table.
+MODELS = {
+    "resnet18": lambda nc, c, hw: resnet18(nc, c, small_input=max(hw) <= SMALL_INPUT),
+    "resnet50": lambda nc, c, hw: resnet50(nc, c, small_input=max(hw) <= SMALL_INPUT),
+    "vgg_like": lambda nc, c, hw, delta=5, gamma=5: vgg_like(delta, gamma, nc, c, hw),
+    "lenet300": lambda nc, c, hw: lenet_300_100(nc, c * hw[0] * hw[1]),
+}
+_ALIASES = {"resnet-18": "resnet18", "resnet-50": "resnet50", "vgg-like": "vgg_like", "vgg": "vgg_like",
+            "lenet_300_100": "lenet300", "lenet-300-100": "lenet300", **{k: k for k in MODELS}}
 _VGG_SHORT = re.compile(r"vgg(?:[_-]like)?[_-]?d(\d+)g(\d+)$")
+
+
+def resolve_name(name: str) -> tuple[str, dict]:
+    """(canonical model name, builder kwargs) for a model name or alias; "vgg_d5g5" is VGG-like
+    with delta=5, gamma=5. ValueError naming the known models otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key, kwargs = name.lower(), {}
+    m = _VGG_SHORT.match(key)
+    if m:
+        key, kwargs = "vgg_like", {"delta": int(m.group(1)), "gamma": int(m.group(2))}
+    if key not in _ALIASES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} (or vgg_dXgY, e.g. vgg_d5g5)")
+    return _ALIASES[key], kwargs
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3,
                 image_size: int | tuple[int, int] = 32, **kwargs) -> nn.Module:
     """Model by name: "resnet18", "resnet50", "vgg_like" (kwargs delta=5, gamma=5; or the short
     form "vgg_d5g5"), "lenet300" (LeNet-300-100 on flattened C*H*W inputs)."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    key = name.lower()
-    m = _VGG_SHORT.match(key)
-    if m:
-        kwargs.setdefault("delta", int(m.group(1)))
-        kwargs.setdefault("gamma", int(m.group(2)))
-        key = "vgg_like"
-    if key not in _ALIASES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} "
-                         f"(or vgg_dXgY, e.g. vgg_d5g5)")
-    key = _ALIASES[key]
-    h, w = _pair(image_size)
-    allowed = {"vgg_like": {"delta", "gamma"}}.get(key, set())
+    key, implied = resolve_name(name)
+    kwargs = {**implied, **kwargs}
+    allowed = set(inspect.signature(MODELS[key]).parameters) - {"nc", "c", "hw"}
     extra = set(kwargs) - allowed
     if extra:
         raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
                         f"allowed: {sorted(allowed)}")
-    if key in ("resnet18", "resnet50"):
-        fn = resnet18 if key == "resnet18" else resnet50
-        return fn(num_classes, in_channels, small_input=max(h, w) <= SMALL_INPUT)
-    if key == "vgg_like":
-        return vgg_like(kwargs.get("delta", 5), kwargs.get("gamma", 5), num_classes, in_channels,
-                        (h, w))
-    return lenet_300_100(num_classes, in_channels * h * w)
+    return MODELS[key](num_classes, in_channels, _pair(image_size), **kwargs)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -193,3 +196,5 @@ def _check_common(num_classes, in_channels) -> None:
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
 
+
+MODEL_NAMES = tuple(MODELS)

@@ -1,0 +1,7 @@
+"""The engine: sparse formats (CSR, BSR), the sparsetrain ops (one table row per op), sparse layers
+and model conversion, and the policy of when a layer goes sparse. It knows nothing of pruning
+rules or the DSD2 study.
+
+Modules, bottom up: backend (kernel mode) -> formats (CSR) -> bsr (BSR, BSRLinear) -> ops (the op
+table; loads the C++ extension) -> nn (layers, sparsify_/densify_, masks) -> policy.
+"""

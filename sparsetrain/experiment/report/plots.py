@@ -1,0 +1,104 @@
+"""Plots of a run: accuracy vs sparsity (entropy on a second axis) and cumulative PFLOPs."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..files import atomic_write
+from ..early_stop import algorithm2_stop
+from .labels import label_rounds
+from ..metrics import get
+from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
+
+__all__ = ["plot_run"]
+
+
+_TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
+_SHADE = {"critical": ("tab:red", .08), "sweet": ("tab:green", .08), "collapsed": ("0.5", .12)}
+
+
+def _x(s):
+    """x = -log10(1 - sparsity): spreads 90 / 99 / 99.9 % evenly (one decade of remaining weights each)."""
+    return -np.log10(np.clip(1 - np.asarray(s, float), 1e-6, None))
+
+
+def plot_run(run, out_dir) -> list[str]:
+    """(a) accuracy_vs_sparsity.png: test accuracy (mean ± std band over seeds) vs sparsity per phase,
+    entropy on a second axis (dashed), the vanilla student's phase labels shaded; (b) cum_pflops.png:
+    cumulative training PFLOPs vs round (dotted: distillation incl. the teacher's cost; x: Alg. 2 stops)."""
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend change (Agg canvas)
+    curves, phases = run["curves"], ordered_phases(run)
+    if not phases:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    t_e, t_a = run["config"].get("t_e", 0.8), run["config"].get("t_a", 0.8)
+    color = {p: f"C{i}" for i, p in enumerate(phases)}
+    paths = []
+
+    fig = Figure(figsize=(9, 5.5))
+    ax = fig.add_subplot()
+    ax2 = ax.twinx()
+    van = vanilla_phase(run)
+    for ph in phases:
+        rounds, by = per_round(curves[ph])
+        sp = np.array([mean(by[k], "sparsity") for k in rounds])
+        acc = np.array([stats([100 * get(r, "test_acc") for r in by[k]])[:2] for k in rounds]).reshape(-1, 2)
+        ent = np.array([mean(by[k], "entropy_mean") for k in rounds])
+        x = _x(sp)
+        ax.plot(x, acc[:, 0], "-o", ms=3, color=color[ph], label=phase_title(run, ph))
+        ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color[ph], alpha=.2, lw=0)
+        ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
+        val = np.array([mean(by[k], "val_acc") for k in rounds])
+        if np.isfinite(val).any():  # star: best mean validation accuracy
+            i = int(np.nanargmax(val))
+            ax.plot(x[i], acc[i, 0], "*", ms=13, color=color[ph], mec="k", mew=.6)
+        if ph == van and len(x) > 1:
+            labs = label_rounds([{"test_acc": a} for a in acc[:, 0] / 100])
+            edges = np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])
+            for i, lab in enumerate(labs):
+                if lab in _SHADE:
+                    ax.axvspan(edges[i], edges[i + 1], color=_SHADE[lab][0], alpha=_SHADE[lab][1], lw=0)
+    lo, hi = ax.get_xlim()
+    ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
+    ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
+    ax.set_xlabel("sparsity [%] (log scale of remaining weights)")
+    ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ best validation)")
+    ax2.set_ylabel("mean ReLU-state entropy (dashed)")
+    ax.grid(alpha=.3)
+    ax.legend(loc="lower left", fontsize=8,
+              title=f"shaded ({phase_title(run, van) if van else '—'}): red critical, green sweet, grey collapsed",
+              title_fontsize=7)
+    cfg = run["config"]
+    ax.set_title(f"{cfg.get('dataset', '?')}  ε={cfg.get('eps', '?')}  model={cfg.get('model', '?')}  "
+                 f"student={cfg.get('student', '?')}", fontsize=10)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "accuracy_vs_sparsity.png"))
+    atomic_write(paths[-1], lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for ph in phases:
+        rounds, by = per_round(curves[ph])
+        cum = np.array([mean(by[k], "cum_flops") for k in rounds]) / 1e15
+        ax.plot(rounds, cum, "-o", ms=3, color=color[ph], label=phase_title(run, ph))
+        if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
+            extra = {}
+            for rows in curves[ph].values():
+                c = get(rows[0], "teacher_cost", 0.0) + np.nancumsum([get(r, "teacher_flops", 0.0) for r in rows])
+                for r, v in zip(rows, c):
+                    extra.setdefault(r["round"], []).append(v)
+            tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
+            ax.plot(rounds, tot, ":", color=color[ph], label=f"{ph} incl. teacher")
+        for rows in curves[ph].values():
+            s = algorithm2_stop(rows, t_e, t_a)
+            if s is not None and s in rounds:
+                ax.plot(s, cum[rounds.index(s)], "x", ms=9, mew=2, color=color[ph])
+    ax.set_xlabel("round (× = Algorithm 2 stop of a seed)")
+    ax.set_ylabel("cumulative training PFLOPs (mean over seeds)")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "cum_pflops.png"))
+    atomic_write(paths[-1], lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    return paths

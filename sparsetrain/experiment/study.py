@@ -1,0 +1,128 @@
+"""The DSD2 study: per seed, the teacher run, the vanilla student, the distilled students.
+
+Per seed: (1) the teacher (= vanilla) run: train dense, then prune -> perturb -> retrain -> evaluate
+until the wall (Algorithm 1, loop.py); (2) a vanilla run of the student when it differs from the
+model; (3) for each teacher choice, the student pruned the same way under the distillation loss
+(Eq. 2). The run directory keeps the resolved config (with git commit and versions), per-round
+metrics and checkpoints; re-running the same command continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from . import data as D
+from . import report
+from .checkpoint import load_model
+from .config import Config, config_from_args
+from .files import git_commit, write_json
+from .loop import run_phase
+from .metrics import read_metrics
+
+__all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
+
+# config keys that do not change results (may differ between a run and its resume)
+_NON_RESULT_KEYS = ("out", "threads", "data_dir", "no_download")
+
+
+class UsageError(Exception):
+    """An expected user error: main() prints it on one line and exits with code 2."""
+
+
+# ============================================================================ run directory
+def run_dir_of(cfg: Config) -> str:
+    return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}")
+
+
+def prepare_run_dir(cfg: Config) -> str:
+    """Create the run directory with its resolved config.json; refuse a directory holding a run
+    with different result-affecting settings."""
+    rd = run_dir_of(cfg)
+    os.makedirs(rd, exist_ok=True)
+    path = os.path.join(rd, "config.json")
+    resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = sorted(k for k in resolved if k not in _NON_RESULT_KEYS
+                      and json.loads(json.dumps(resolved[k])) != old.get(k))
+        if diff:
+            raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
+                             "choose another --out or remove it")
+    import torchvision
+    write_json(path, {**resolved, "git_commit": git_commit(),
+                      "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                   "python": sys.version.split()[0]}})
+    return rd
+
+
+# ============================================================================ teachers
+def load_teacher(choice: str, teacher_dir: str):
+    """(teacher model in eval mode, FLOPs it cost) for --teachers best | dense | PATH."""
+    if choice in ("best", "dense"):
+        rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
+        with open(os.path.join(teacher_dir, "best.json")) as f:
+            best = json.load(f)
+        rnd = best["round"] if choice == "best" else 0
+        path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
+        cost = int(rows[rnd]["cum_flops"])
+    else:
+        path, cost = choice, 0
+    model, _, _ = load_model(path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, cost
+
+
+def teacher_tag(choice: str) -> str:
+    return choice if choice in ("best", "dense") else "path-" + os.path.splitext(os.path.basename(choice))[0]
+
+
+# ============================================================================ the study
+def run_study(cfg: Config) -> str:
+    """Run (or continue) every phase of every seed; returns the path of summary.md."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rd = prepare_run_dir(cfg)
+    student = cfg.resolved_student()
+    for seed in cfg.seeds:
+        splits = D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
+                                val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
+                                subset=cfg.subset or None, label_file=cfg.label_file or None,
+                                download=not cfg.no_download)
+        sd = os.path.join(rd, f"seed{seed}")
+        os.makedirs(sd, exist_ok=True)
+        write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
+        tdir = run_phase(cfg, splits, seed, "teacher", cfg.model, os.path.join(sd, "teacher"))
+        if student != cfg.model:
+            run_phase(cfg, splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
+        for choice in cfg.teachers:
+            teacher, cost = load_teacher(choice, tdir)
+            tag = teacher_tag(choice)
+            run_phase(cfg, splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
+                      teacher=teacher, teacher_cost=cost)
+    return report.write_report(rd)
+
+
+def main(argv=None) -> int:
+    cfg, args = config_from_args(argv)
+    rd = run_dir_of(cfg)
+    try:
+        if (args.report_only or args.resume) and not os.path.isfile(os.path.join(rd, "config.json")):
+            flag = "--report-only" if args.report_only else "--resume"
+            raise UsageError(f"{flag}: no run to {'report' if args.report_only else 'resume'} in {rd} "
+                             "(no config.json); run the same command without it to start one")
+        if args.report_only:
+            print(report.write_report(rd))
+            return 0
+        summary = run_study(cfg)
+    except (UsageError, D.DatasetNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nresults: {os.path.dirname(summary)}\nsummary: {summary}")
+    return 0

@@ -1,0 +1,75 @@
+"""The pruning-rule interface and its registry.
+
+A rule turns scores into masks, one round at a time: each round removes `rate` of what survives,
+chosen by the lowest scores (|w| per weight, l1 norm per filter, Frobenius norm per block), and
+masks only shrink. Dense layers carry a bool mask in the `masks` dict ({layer name: mask}); sparse
+layers (engine CSR) are their own mask and are re-packed in place.
+
+    rule = make_rule("unstructured", scope="global")
+    masks = rule.prune(model, masks, rate=0.2)      # new masks of the dense layers
+    rule.can_prune(model, masks)                     # can another round remove anything?
+    rule.needs_dense                                 # must layers stay dense masked?
+
+Adding a rule: a subclass in its own module under sparsetrain/prune/ decorated with `@register`,
+imported in sparsetrain/prune/__init__.py; the experiment's `--structure` choices come from RULES.
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES"]
+
+SCOPES = ("global", "layer")
+RULES: dict[str, type["PruningRule"]] = {}
+
+
+def check_rate(rate) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
+        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    return float(rate)
+
+
+def check_scope(scope) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    return scope
+
+
+class PruningRule:
+    """One round of pruning: `prune` (scores -> smaller masks) and `can_prune`.
+
+    needs_dense: the rule's structure is not what the CSR engine exploits (or it changes layer
+    shapes), so its layers stay dense masked layers whatever the engine policy says."""
+
+    name: str = ""
+    needs_dense: bool = False
+
+    def prune(self, model: nn.Module, masks: dict, rate: float) -> dict:
+        raise NotImplementedError
+
+    def can_prune(self, model: nn.Module, masks: dict) -> bool:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({opts})"
+
+
+def register(cls: type[PruningRule]) -> type[PruningRule]:
+    """Class decorator: make the rule available by its `name`."""
+    if not cls.name or cls.name in RULES:
+        raise ValueError(f"a pruning rule needs a new, non-empty name, got {cls.name!r}")
+    RULES[cls.name] = cls
+    return cls
+
+
+def make_rule(name: str, **options) -> PruningRule:
+    """The registered rule `name`, built with the options it takes (others are ignored, so one
+    call site can pass scope and block to every rule)."""
+    if name not in RULES:
+        raise ValueError(f"unknown pruning rule {name!r}; known: {', '.join(RULES)}")
+    cls = RULES[name]
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})

@@ -1,0 +1,106 @@
+"""Block pruning (`--structure block`): whole BS x BS tiles by their Frobenius norm.
+
+A weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (BS in 16/32/64; edge tiles partial);
+each round `rate` (floor, at least one) of the surviving tiles with the smallest norm are pruned,
+with one threshold over all layers (`scope="global"`) or per layer. Each layer keeps at least its
+largest tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
+tensor-core kernels); on CPU the layers train dense masked (no C++ BSR engine), so the rule
+`needs_dense`. `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.bsr import as_matrix, blocks_view, check_block
+from ..engine.nn import is_sparse, masks_of, prunable_layers
+from .base import PruningRule, check_rate, check_scope, register
+
+__all__ = ["block_mask", "block_prune", "BlockRule"]
+
+
+def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
+    the smallest Frobenius norm of (weight * mask) (ties: lower block index first). Blocks already
+    fully pruned by `mask` have norm 0 and go first, so masks only shrink across rounds."""
+    bs = check_block(block)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    w = weight.detach()
+    if mask is not None:
+        if mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
+        w = w * mask
+    norms = blocks_view(as_matrix(w).float(), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
+    k = int(round(sparsity * norms.numel()))
+    order = torch.argsort(norms.flatten(), stable=True)
+    keep = torch.ones(norms.numel(), dtype=torch.bool, device=w.device)
+    keep[order[:k]] = False
+    rows, cols = as_matrix(w).shape
+    full = keep.reshape(norms.shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    return full[:rows, :cols].reshape(weight.shape)
+
+
+def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
+    """(Frobenius norm, alive) per block, flattened in row-major block order."""
+    norms = blocks_view(as_matrix(w * mask).float(), bs).square().sum((2, 3)).sqrt()
+    alive = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
+    return norms.flatten(), alive.flatten(), norms.shape
+
+
+def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, scope: str = "global") -> dict:
+    """One round of block pruning (module docstring): returns the shrunken masks of every prunable
+    layer (dense layers only) and zeroes the weights under pruned blocks."""
+    bs = check_block(block)
+    check_rate(rate)
+    check_scope(scope)
+    layers = prunable_layers(model)
+    if any(is_sparse(m) for _, m in layers):
+        raise ValueError("--structure block needs dense masked layers (engine dense)")
+    cur = masks_of(model, masks)
+    stats = {n: _block_stats(m.weight.detach(), cur[n], bs) for n, m in layers}
+    new_masks = dict(masks)
+    for group in ([layers] if scope == "global" else [[l] for l in layers]):
+        cand, n_alive = [], 0
+        for li, (n, _) in enumerate(group):
+            norms, alive, _ = stats[n]
+            n_alive += int(alive.sum())
+            ok = alive.clone()
+            if bool(alive.any()):  # the layer's largest surviving block is never a candidate
+                ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
+            idx = ok.nonzero().flatten()
+            cand.append((norms[idx], torch.full_like(idx, li), idx))
+        norms = torch.cat([c[0] for c in cand])
+        k = min(max(1, int(rate * n_alive)), norms.numel())
+        # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
+        pick = torch.argsort(norms, stable=True)[:k]
+        which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]
+        for li, (n, m) in enumerate(group):
+            _, alive, shape = stats[n]
+            keep = alive.clone()
+            keep[blk[which == li]] = False
+            rows, cols = as_matrix(m.weight).shape
+            full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
+            new_masks[n] = cur[n] & full.reshape(m.weight.shape).to(cur[n].device)
+            with torch.no_grad():
+                m.weight.mul_(new_masks[n])
+    return new_masks
+
+
+@register
+class BlockRule(PruningRule):
+    """`--structure block`: whole tiles by norm (module docstring)."""
+
+    name = "block"
+    needs_dense = True  # CPU trains the block masks dense; the BSR kernels are Triton (GPU)
+
+    def __init__(self, scope: str = "global", block: int = 32):
+        self.scope, self.block = check_scope(scope), check_block(block)
+
+    def prune(self, model, masks, rate):
+        return block_prune(model, masks, rate, self.block, scope=self.scope)
+
+    def can_prune(self, model, masks):
+        cur = masks_of(model, masks)
+        return any(int(_block_stats(m.weight.detach(), cur[n], self.block)[1].sum()) > 1
+                   for n, m in prunable_layers(model))

@@ -1,0 +1,98 @@
+"""Unstructured magnitude pruning (the paper's Algorithm 1 `Prune`): the weights of smallest |w|.
+
+Over all conv and linear weights of a model (never biases or BatchNorm), dense masked or sparse.
+One exact threshold (the C++ `magnitude_threshold` op: radix select, ties broken by layer order,
+then flat index) over all layers (`scope="global"`, the paper's) or one per layer ("layer"); each
+round prunes floor(rate * surviving) weights, so round k has sparsity 1 - (1 - rate)^k exactly.
+Dense layers get a smaller mask; sparse layers are re-packed into a smaller CSR (`csr_prune`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine import ops
+from ..engine.formats import CSR
+from ..engine.nn import is_sparse, prunable_layers
+from .base import PruningRule, check_rate, check_scope, register
+
+__all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
+
+
+def sparsity_after(rounds: int, rate: float) -> float:
+    """Target sparsity after k rounds pruning `rate` of the remaining weights: 1 - (1 - rate)^k."""
+    return 1.0 - (1.0 - rate) ** rounds
+
+
+def _weight_and_mask(m: nn.Module, masks: dict, name: str):
+    if is_sparse(m):
+        return m.weight.values.detach(), None
+    return m.weight.detach(), masks.get(name)
+
+
+def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ties: int):
+    """New mask: drop |w| < thr and the first `ties` surviving |w| == thr (flat order)."""
+    a = w.abs()
+    keep = (a > thr) | torch.isnan(a) if mask is None else mask & ((a > thr) | torch.isnan(a))
+    at = (a == thr) if mask is None else mask & (a == thr)
+    if ties:
+        idx = at.flatten().nonzero().flatten()
+        keep_at = at.flatten().clone()
+        keep_at[idx[:ties]] = False
+        keep = keep | keep_at.reshape(at.shape)
+        used = min(ties, idx.numel())
+    else:
+        keep = keep | at
+        used = 0
+    return keep, used
+
+
+def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
+    """Re-pack the layer's CSR under the threshold; returns the ties it consumed."""
+    w = m.weight
+    vals = w.values.detach()
+    crow, col, new_vals, keep = ops.csr_prune(w.crow_indices, w.col_indices, vals, thr, ties)
+    used = int((vals.abs() == thr).sum()) - int((new_vals.abs() == thr).sum())
+    m.weight = CSR(crow, col, new_vals.requires_grad_(True), w.shape, validate=False)
+    return used
+
+
+def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "global") -> dict:
+    """Prune `rate` of the surviving weights (global: one threshold over all layers; layer: the
+    same fraction in every layer). Dense layers get a shrunken mask in the returned dict; sparse
+    layers are re-packed in place (smaller CSR). Weights under pruned positions are zeroed."""
+    check_rate(rate)
+    check_scope(scope)
+    layers = prunable_layers(model)
+    groups = [layers] if scope == "global" else [[l] for l in layers]
+    new_masks = dict(masks)
+    for group in groups:
+        pairs = [_weight_and_mask(m, masks, n) for n, m in group]
+        thr, ties = ops.magnitude_threshold([w for w, _ in pairs], rate, [mk for _, mk in pairs])
+        for name, m in group:
+            if is_sparse(m):
+                ties -= _prune_sparse_(m, thr, ties)
+            else:
+                keep, used = _prune_dense_mask(m.weight.detach(), masks.get(name), thr, ties)
+                ties -= used
+                new_masks[name] = keep
+                with torch.no_grad():
+                    m.weight.mul_(keep)
+    return new_masks
+
+
+@register
+class MagnitudeRule(PruningRule):
+    """`--structure unstructured`: single weights by |w| (global or per-layer threshold)."""
+
+    name = "unstructured"
+    needs_dense = False
+
+    def __init__(self, scope: str = "global"):
+        self.scope = check_scope(scope)
+
+    def prune(self, model, masks, rate):
+        return global_prune(model, masks, rate, scope=self.scope)
+
+    def can_prune(self, model, masks):
+        return True  # a weight can always go; the wall stops the loop

@@ -1,0 +1,115 @@
+"""What the tests and the benchmarks share: the dense references every sparse kernel is checked
+against (plain PyTorch on the masked dense weight), random masks, and writers of tiny dataset
+files in the real formats (CIFAR pickles, IDX), for loader and pipeline tests without downloads.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["random_mask", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
+           "write_cifar", "write_idx", "write_mnist"]
+
+
+def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> torch.Tensor:
+    """Bool mask with exactly round(sparsity * numel) False entries (random positions); the first
+    `empty_rows` rows (dim 0) are fully pruned."""
+    n = 1
+    for s in shape:
+        n *= s
+    k = int(round(sparsity * n))
+    perm = torch.randperm(n, generator=generator)
+    m = torch.ones(n, dtype=torch.bool)
+    m[perm[:k]] = False
+    m = m.reshape(shape)
+    if empty_rows:
+        m[:empty_rows] = False
+    return m
+
+
+def dense_linear(x, weight, mask, bias=None):
+    """Reference for SparseLinear: F.linear with the mask applied."""
+    return F.linear(x, weight * mask, bias)
+
+
+def dense_conv2d(x, weight, mask, bias=None, stride=1, padding=0):
+    """Reference for SparseConv2d: F.conv2d with the mask applied."""
+    return F.conv2d(x, weight * mask, bias, stride=stride, padding=padding)
+
+
+def reference_grads(fn, x, weight, mask, bias, grad_out, **kw):
+    """Output and gradients (dx, dW at all positions, db) of the dense masked reference."""
+    x = x.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    y = fn(x, w, mask, b, **kw)
+    y.backward(grad_out)
+    return y.detach(), x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_layer_matches(layer, dense, mask, ref_fn, x, generator, tol, **kw):
+    """Run `layer` (a sparse layer built from the dense layer `dense` under `mask`) forward and
+    backward on x with a random output gradient, and compare the output, dx, dW at the nonzeros
+    (in CSR row-major order: pruned positions have no gradient) and db with the dense masked
+    reference `ref_fn` (dense_linear / dense_conv2d, extra arguments in kw)."""
+    y = layer(x)
+    gy = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    y.backward(gy)
+    ry, rdx, rdw, rdb = reference_grads(ref_fn, x, dense.weight, mask, dense.bias, gy, **kw)
+    torch.testing.assert_close(y, ry, **tol)
+    torch.testing.assert_close(x.grad, rdx, **tol)
+    torch.testing.assert_close(layer.weight.values.grad, rdw[mask], **tol)
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, rdb, **tol)
+
+
+# ============================================================================ tiny datasets
+def write_cifar(root, c10=True, n_per_batch=40, n_test=30, seed=0):
+    """CIFAR-10 (c10) or CIFAR-100 python-format pickles with random images under `root`; returns
+    the training (x [N, 3072] uint8, y) in file order."""
+    rng = np.random.default_rng(seed)
+    folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    folder.mkdir(parents=True)
+    nc, key = (10, "labels") if c10 else (100, "fine_labels")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
+    n_train = n_per_batch * (5 if c10 else 1)
+    xs, ys = [], []
+    for name, n in [*[(f, n_train // len(names)) for f in names], ("test_batch" if c10 else "test", n_test)]:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, nc, n)]
+        d = {"data": x, key: y, "batch_label": name}
+        if not c10:
+            d["coarse_labels"] = [v // 5 for v in y]
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f)
+        xs.append(x)
+        ys += y
+    meta = {"label_names": [str(i) for i in range(10)]} if c10 else {"fine_label_names": [str(i) for i in range(100)]}
+    with open(folder / ("batches.meta" if c10 else "meta"), "wb") as f:
+        pickle.dump(meta, f)
+    return np.concatenate(xs)[:n_train], np.array(ys[:n_train])
+
+
+def write_idx(path, arr, gz):
+    """`arr` as a uint8 IDX file (MNIST format) at `path` (+ ".gz" when gz)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def write_mnist(folder, gz, n_train=60, n_test=20, seed=0):
+    """The four MNIST IDX files with random images and labels in `folder`; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    for name, a in arrays.items():
+        write_idx(folder / name, a, gz)
+    return arrays
