@@ -15,13 +15,11 @@ record `useful_gflops` = 2 * nnz * batch (* 3 for forward+backward) / time, the 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 LINEAR_SHAPES = [(4608, 512, 2048), (3072, 768, 902), (784, 300, 128)]  # (in, out, batch)
 CONV_SHAPES = [(64, 64, 32, 3, 1), (256, 256, 8, 3, 1), (128, 256, 16, 3, 2)]  # (cin, cout, hw, k, stride)

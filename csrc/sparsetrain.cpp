@@ -1,6 +1,6 @@
 // Every sparsetrain op's schema, declared once. Implementations: csrc/cpu/*.cpp (CPU, C++),
 // kernels/*.py (CUDA, Triton, registered from Python). Fake (meta) impls and autograd formulas are
-// registered once, in sparsetrain/ops.py.
+// registered once, in sparsetrain/engine/ops.py (one table row per op).
 #include <Python.h>
 #include <torch/library.h>
 

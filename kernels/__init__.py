@@ -5,6 +5,6 @@ sparse_linear  CSR SpMM forward, transposed SpMM input gradient, SDDMM weight gr
 bsr_matmul     block-sparse (BSR 16/32/64) products with tl.dot on the stored blocks
 sparse_conv2d  direct (implicit-GEMM) sparse convolution: forward, input and weight gradients
 
-Registered for CUDA tensors by sparsetrain/backend.py; on CPU tensors they run under
+Registered as the ops' CUDA kernels by sparsetrain/engine/ops.py's table; on CPU tensors they run under
 TRITON_INTERPRET=1 with `sparsetrain.use_backend("triton")`.
 """

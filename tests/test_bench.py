@@ -5,8 +5,6 @@ import math
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import conv_bench  # noqa: E402

@@ -111,7 +111,7 @@ def test_iterate_augmentation_and_determinism(cifar10_dir):
         return list(D.iterate(s.train, 64, shuffle=True, augment=True, generator=D.epoch_generator(seed, epoch)))
     a, b, c = run(0, 1), run(0, 1), run(0, 2)
     assert [x.shape for x, _ in a] == [(64, 3, 32, 32)] * 3 + [(8, 3, 32, 32)]
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not torch.equal(a[0][0], c[0][0])
     # every augmented image is a flipped-or-not shift by <= 4 px of its source, zero padded
     xs, ys, idx = next(D.iterate(s.train, 64, shuffle=True, augment=True, with_index=True,

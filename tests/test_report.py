@@ -1,10 +1,9 @@
-"""sparsetrain.report on tiny metrics.csv files written here: Algorithm 2, phase labels, Table 1, summary.md."""
+"""sparsetrain.experiment.report on tiny metrics.csv files written here: Algorithm 2, phase labels, Table 1, summary.md."""
 import csv
 import json
 import math
 import os
 
-import pytest
 
 from sparsetrain.experiment import report as R
 
@@ -13,7 +12,7 @@ NAN = float("nan")
 
 def make_rows(val, test=None, ent=None, seed=0, phase="teacher", cum=None, teacher_flops=0.0, teacher_cost=0.0,
               rate=0.2):
-    """Rows as experiment.py writes them; sparsity 1-(1-rate)^k, round_flops = 3 * fwd * 1000 * 2 epochs."""
+    """Rows as the study's loop writes them; sparsity 1-(1-rate)^k, round_flops = 3 * fwd * 1000 * 2 epochs."""
     n = len(val)
     test = test if test is not None else val
     ent = ent if ent is not None else [0.6] * n

@@ -27,8 +27,9 @@ namespace {
 // Mean nonzeros per row from which the channel-blocked forward pays (measured on the ResNet-18
 // shapes: ~10 % faster at 90 % sparsity, 58-460 per row; 5-20 % slower at 99 % and 99.9 %).
 constexpr int64_t kBlockedRow = 50;
-// Packed x (or dy) tile, kept in L2 next to the output staging. Measured on a Xeon (2 MB L2/core):
-// 768 KB is best for dense rows (90 %), 512 KB 3-14 % faster for sparse rows (99 %, 99.9 %).
+// Packed x (or dy) tile, meant to stay in L2 next to the output staging: 768 KB for dense rows
+// (90 %), 512 KB for sparse rows (99 %, 99.9 %: 3-14 % faster than 768 KB where it was measured,
+// a 2 MB-L2 core). Fixed sizes, not derived from the running CPU's caches (README, known limits).
 constexpr int64_t kTileBytesDense = 768 * 1024, kTileBytesSparse = 512 * 1024;
 constexpr int64_t kRowBuf = 256;  // stride-2 input gradient rows up to this width are streamed
 

@@ -3,7 +3,7 @@
 // and the weight gradient sampled at the nonzeros only (SDDMM).
 //
 // Layout: the batch is cut into tiles of TB rows; a tile of x is transposed once into a
-// thread-local [K, TB] buffer (K * TB * 4 bytes: 1.2 MB for K = 4608, TB = 64, it stays in L2),
+// thread-local [K, TB] buffer (K * TB * 4 bytes: 1.2 MB for K = 4608, TB = 64: in L2 or L3,
 // so every nonzero w[n, k] becomes an axpy of TB contiguous floats: acc[0:TB] += w * xt[k, 0:TB],
 // with the accumulator in vector registers. Work = nnz * B FMAs, traffic = x and y once each.
 #include "common.h"

@@ -21,7 +21,7 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8) -> int | None:
     the entropy stays above eta0*T_E: every round updates best_acc = max(best_acc, val_acc); the round whose
     entropy falls to <= eta0*T_E ends phase 1 and its accuracy is checked at once against the phase-2 loop
     condition (line 13). Phase 2: stop at the first round with val_acc <= best_acc*T_A; best_acc is frozen
-    (the algorithm does not update it there). Online (experiment.py, after each round on the rows so far)
+    (the algorithm does not update it there). Online (loop.py, after each round on the rows so far)
     "stop now" is a return value equal to the last round. NaNs: a NaN entropy keeps phase 1 (no evidence of a
     drop), a NaN accuracy neither updates best_acc nor stops; a NaN dense entropy gives None.
 
