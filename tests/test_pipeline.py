@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_dir
 from sparsetrain.experiment import study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import config_from_args
@@ -22,7 +23,8 @@ def read_rows(path):
 
 def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
     assert study.main(study_args(mnist_dir, "--engine", "auto")) == 0
-    rd = mnist_dir / "runs" / "mnist-eps0.2-quick"
+    rd = run_dir(mnist_dir / "runs")
+    assert rd.name.startswith("mnist-eps0.2-quick-lenet300-")
     cfg = json.loads((rd / "config.json").read_text())
     assert cfg["git_commit"] and cfg["versions"]["torch"] and cfg["student"] == "lenet300"
     rows = read_rows(rd / "seed0" / "teacher" / "metrics.csv")
@@ -68,8 +70,8 @@ def test_engines_give_the_same_curve(mnist_dir, study_args):
     for engine in ("dense", "sparse"):
         assert study.main(study_args(mnist_dir, "--engine", engine, "--teachers", "dense",
                                      "--out", str(mnist_dir / engine))) == 0
-    ra = read_rows(mnist_dir / "dense" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
-    rb = read_rows(mnist_dir / "sparse" / "mnist-eps0.2-quick" / "seed0" / "teacher" / "metrics.csv")
+    ra = read_rows(run_dir(mnist_dir / "dense") / "seed0" / "teacher" / "metrics.csv")
+    rb = read_rows(run_dir(mnist_dir / "sparse") / "seed0" / "teacher" / "metrics.csv")
     assert len(ra) == len(rb) == 5  # rounds 0..4 on both engines (an empty or short curve fails)
     assert int(rb[-1]["sparse_layers"]) > 0 and all(int(r["sparse_layers"]) == 0 for r in ra)
     for a, b in zip(ra, rb):
@@ -125,18 +127,6 @@ def test_cli_help_and_missing_dataset(tmp_path):
                           str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--profile", "quick", "--no-download"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and str(tmp_path / "empty") in out.stderr
-
-
-def test_presets_resolve():
-    cfg, _ = config_from_args(["cifar10"])
-    assert (cfg.model, cfg.student, cfg.epochs, cfg.lr, cfg.milestones, cfg.rewind_iter) == \
-        ("resnet18", "vgg_d5g5", 160, 0.1, (80, 120), 1000)
-    cfg, _ = config_from_args(["cifar10", "--model", "vgg_d5g5"])
-    assert (cfg.lr, cfg.rewind_iter, cfg.student) == (0.001, 0, "")
-    cfg, _ = config_from_args(["fashion-mnist", "--profile", "quick"])
-    assert (cfg.model, cfg.subset, cfg.epochs, cfg.wall) == ("lenet300", 10000, 30, 0.995)
-    cfg, _ = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "3"])
-    assert cfg.epochs == 3
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path):

@@ -4,7 +4,6 @@ import json
 import math
 import os
 
-
 from sparsetrain.experiment import report as R
 
 NAN = float("nan")
@@ -12,7 +11,8 @@ NAN = float("nan")
 
 def make_rows(val, test=None, ent=None, seed=0, phase="teacher", cum=None, teacher_flops=0.0, teacher_cost=0.0,
               rate=0.2):
-    """Rows as the study's loop writes them; sparsity 1-(1-rate)^k, round_flops = 3 * fwd * 1000 * 2 epochs."""
+    """Rows as the study's loop writes them; sparsity 1-(1-rate)^k, round_flops = 3 * fwd * 1000 * 2 epochs;
+    the paper's convention charges 1 PFLOP per round (teacher: 0.1 per round, 10 to obtain it)."""
     n = len(val)
     test = test if test is not None else val
     ent = ent if ent is not None else [0.6] * n
@@ -25,7 +25,10 @@ def make_rows(val, test=None, ent=None, seed=0, phase="teacher", cum=None, teach
         rows.append({"seed": seed, "phase": phase, "round": k, "sparsity": s, "epochs": 2, "train_loss": 0.5,
                      "train_acc": 0.9, "val_loss": 1.0, "val_acc": val[k], "test_loss": 1.0, "test_acc": test[k],
                      "entropy_mean": ent[k], "fwd_flops": fwd, "round_flops": rf, "cum_flops": total,
-                     "teacher_flops": teacher_flops, "teacher_cost": teacher_cost, "wall_s": 10.0 - k,
+                     "paper_round_flops": 1e15, "paper_cum_flops": 1e15 * (k + 1),
+                     "teacher_flops": teacher_flops, "teacher_cost": teacher_cost,
+                     "teacher_paper_flops": 0.1e15 if teacher_cost else 0.0,
+                     "teacher_paper_cost": 10e15 if teacher_cost else 0.0, "wall_s": 10.0 - k,
                      "sec_per_epoch": (10.0 - k) / 2, "sparse_layers": min(k, 3), "is_best": 0,
                      "entropy/fc1": ent[k], "entropy/fc2": ent[k]})
     return rows
@@ -135,9 +138,10 @@ def test_labels_double_descent():
     # the largest recovery defines the dip (here the second, deeper one); once collapsed, stays collapsed
     acc = [0.83, 0.70, 0.80, 0.60, 0.75, 0.79]
     assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light"] + ["critical"] * 3 + ["sweet"] * 2
+    # after the peak, a fall within 5 points stays sweet; a real fall (> 5 points) collapses
     acc = [0.83, 0.70, 0.80, 0.75, 0.79, 0.6]
-    assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light", "critical", "sweet", "collapsed",
-                                                             "collapsed", "collapsed"]
+    assert R.label_rounds([{"test_acc": a} for a in acc]) == ["light", "critical", "sweet", "sweet",
+                                                             "sweet", "collapsed"]
     # seed noise of ~tol in the light phase (0.815 then back) is not the dip
     acc = [0.83, 0.815, 0.83, 0.82, 0.75, 0.70, 0.78, 0.70]
     assert R.label_rounds([{"test_acc": a} for a in acc]) == (
@@ -149,7 +153,7 @@ def test_labels_double_descent():
 
 def test_labels_monotone_short_nan():
     lab = lambda acc: R.label_rounds([{"test_acc": a} for a in acc])  # noqa: E731
-    assert lab([0.8, 0.8, 0.795, 0.78, 0.7, 0.5]) == ["light"] * 3 + ["collapsed"] * 3
+    assert lab([0.8, 0.8, 0.795, 0.78, 0.7, 0.5]) == ["light"] * 4 + ["collapsed"] * 2
     assert lab([0.8, 0.82, 0.85, 0.86]) == ["light"] * 4
     assert lab([]) == [] and lab([0.5]) == ["light"] and lab([NAN]) == ["light"]
     assert lab([0.8, 0.7]) == ["light", "collapsed"]
@@ -178,26 +182,42 @@ def test_summary_table_numbers(tmp_path):
     run = _two_seed_run(tmp_path)
     md = R.summary_table(run)
     sp = lambda k: 100 * (1 - 0.8 ** k)  # noqa: E731
+    # columns: 1 early stop, 2 distill, 3 teacher, 4 PFLOPs exact, 5 PFLOPs paper, 6 test (best val <= stop),
+    # 7 test at the stop, 8 sparsity, 9 stop round, 10 stop phase, 11 FLOPs saved, 12 seeds
     # no early stop: last cum (6, 12 PFLOPs) -> 9 ± std([6, 12], ddof=1) = 4.24; best val: round 2 both seeds
     row = table_row(md, "vanilla, no early stop")
     assert row[1:4] == ["", "", "—"]
-    assert row[4] == "9.00 ± 4.24" and row[5] == f"74.00 ± {math.sqrt(8):.2f}"
-    assert row[6] == f"{sp(2):.2f} ± 0.00" and row[7] == "5" and row[8] == "2"
+    assert row[4] == "9.00 ± 4.24" and row[5] == "6.00 ± 0.00" and row[6] == f"74.00 ± {math.sqrt(8):.2f}"
+    assert row[7] == f"45.00 ± {math.sqrt(50):.2f}"  # the last round's model: 0.40, 0.50
+    assert row[8] == f"{sp(2):.2f} ± 0.00" and row[9] == "5" and row[12] == "2"
+    assert row[10] == "collapsed" and row[11] == ""  # 0.40 / 0.50: more than 5 points under the curve's level
     # early stop: phase 2 from round 3; seed 0 stops at 4 (0.60 <= 0.672), seed 1 at 5 (0.60 <= 0.688)
-    row = table_row(md, "vanilla, early stop")
-    assert row[1] == "✓" and row[7] == "4, 5"
+    row = table_row(md, "vanilla, early stop (Alg. 2)")
+    assert row[1] == "✓" and row[9] == "4, 5"
     assert row[4] == f"{(5 + 12) / 2:.2f} ± {math.sqrt(((5 - 8.5) ** 2 + (12 - 8.5) ** 2)):.2f}"
-    assert row[5] == f"74.00 ± {math.sqrt(8):.2f}"
+    assert row[5] == f"5.50 ± {math.sqrt(0.5):.2f}"  # 5 and 6 paper rounds
+    assert row[6] == f"74.00 ± {math.sqrt(8):.2f}" and row[7] == "50.00 ± 0.00"  # at the stop: 0.50, 0.50
+    saved = [100 * (1 - 5 / 6), 0.0]
+    assert row[11] == f"{sum(saved) / 2:.1f} ± {abs(saved[0] - saved[1]) / math.sqrt(2):.1f}"
+    # the peak rule: the dense entropy is the peak here, so it stops where Algorithm 2 does
+    assert table_row(md, "vanilla, early stop (peak rule)")[9] == "4, 5"
     # distill + early stop: best 0.84 / 0.85 in phase 1 -> thr 0.672 / 0.68: both stop at 5 (0.60)
     # best val among rounds <= 5: seed 0 round 2 (test 0.79), seed 1 round 3 (test 0.80)
-    row = table_row(md, "distill from dense + early stop")
-    assert row[1:4] == ["✓", "✓", "dense"] and row[7] == "5"
+    row = table_row(md, "distilled from the dense teacher, early stop (Alg. 2)")
+    assert row[1:4] == ["✓", "✓", "dense"] and row[9] == "5"
     t0, t1 = 2 + 6 * 0.5, 4 + 6 * 0.5  # teacher cost + 6 rounds of KD inference
     assert row[4] == f"9.00 ± 4.24 (+{(t0 + t1) / 2:.2f})"
-    assert row[5] == "79.50 ± 0.71"
-    assert row[6] == f"{(sp(2) + sp(3)) / 2:.2f} ± {abs(sp(3) - sp(2)) / math.sqrt(2):.2f}"
-    row = table_row(md, "distill from dense, no early stop")
+    assert row[5] == f"6.00 ± 0.00 (+{10 + 6 * 0.1:.2f})"  # the paper's convention for the teacher too
+    assert row[6] == "79.50 ± 0.71"
+    assert row[8] == f"{(sp(2) + sp(3)) / 2:.2f} ± {abs(sp(3) - sp(2)) / math.sqrt(2):.2f}"
+    row = table_row(md, "distilled from the dense teacher, no early stop")
     assert row[1:4] == ["", "✓", "dense"] and row[4].endswith(f"(+{(t0 + t1) / 2:.2f})")
+    # Table 1's order: vanilla (no / early stop), then each teacher (no / early stop)
+    names = [l.split("|")[1].strip() for l in md.splitlines() if l.startswith("| vanilla") or l.startswith("| distilled")]
+    assert names == ["vanilla, no early stop", "vanilla, early stop (Alg. 2)", "vanilla, early stop (peak rule)",
+                     "distilled from the dense teacher, no early stop",
+                     "distilled from the dense teacher, early stop (Alg. 2)",
+                     "distilled from the dense teacher, early stop (peak rule)"]
     # per-round tables, one per phase, with labels
     assert "### Per round: teacher (lenet300) = vanilla student" in md
     assert "### Per round: student (lenet300) distilled from the dense teacher" in md
@@ -208,10 +228,10 @@ def test_summary_table_teacher_stop_earlier_than_end_and_separate_student(tmp_pa
     write_rows(tmp_path, make_rows([0.8, 0.9, 0.5], ent=[1, 0.5, 0.5]))
     write_rows(tmp_path, make_rows([0.7, 0.75], phase="vanilla"))
     md = R.summary_table(R.load_run(tmp_path))
-    row = table_row(md, "teacher (resnet18), no early stop")
-    assert row[7] == "2†" and row[8] == "1/3"  # not at the wall yet; 1 of 3 seeds
-    row = table_row(md, "vanilla, early stop")
-    assert row[7] == "–" and row[5] == "75.00"  # never stopped: whole curve, a single seed has no ±
+    row = table_row(md, "teacher (resnet18)")
+    assert row[9] == "2†" and row[12] == "1/3"  # not at the wall yet; 1 of 3 seeds
+    row = table_row(md, "vanilla, early stop (Alg. 2)")
+    assert row[9] == "–" and row[6] == "75.00"  # never stopped: whole curve, a single seed has no ±
 
 
 # ---------------------------------------------------------------- summary.md and plots
@@ -228,7 +248,7 @@ def test_write_report(tmp_path):
     path = R.write_report(str(tmp_path))
     assert path == os.path.join(str(tmp_path), "summary.md")
     text = read(path)
-    for s in ("# DSD² run", "| vanilla, early stop |", "## Phase labels", "light", "accuracy_vs_sparsity.png",
+    for s in ("# DSD² run", "| vanilla, early stop (Alg. 2) |", "## Phase labels", "light", "accuracy_vs_sparsity.png",
               "cum_pflops.png", "| dataset | fashion-mnist |"):
         assert s in text
     _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png"])
@@ -256,5 +276,5 @@ def test_write_report_partial_runs(tmp_path):
     write_rows(tmp_path, make_rows([0.8, 0.82, 0.7]))
     write_rows(tmp_path, make_rows([0.8], phase="distill-dense", teacher_cost=1e15))
     text = read(R.write_report(str(tmp_path)))
-    assert "| distill from dense + early stop |" in text
-    assert table_row(text, "vanilla, no early stop")[8] == "1/3"
+    assert "| distilled from the dense teacher, early stop (Alg. 2) |" in text
+    assert table_row(text, "vanilla, no early stop")[12] == "1/3"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_dir
 from sparsetrain.engine.bsr import BSR
 from sparsetrain.engine.nn import masks_of, model_sparsity, prunable_layers, weight_count
 from sparsetrain.experiment import study
@@ -201,7 +202,7 @@ def _rows(path):
 
 def test_end_to_end_filter(mnist_dir, study_args):
     assert study.main(study_args(mnist_dir, "--structure", "filter", "--teachers", "best")) == 0
-    pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     rows = _rows(pd / "metrics.csv")
     n0 = 784 * 300 + 300 * 100 + 100 * 10
     widths = [(300, 100), (150, 50), (75, 25), (38, 13), (19, 7)]  # floor(0.5 n) removed per round
@@ -220,7 +221,7 @@ def test_end_to_end_filter(mnist_dir, study_args):
 def test_end_to_end_block(mnist_dir, study_args):
     assert study.main(study_args(mnist_dir, "--structure", "block", "--block", "32", "--engine", "sparse",
                                  "--teachers", "dense")) == 0
-    pd = mnist_dir / "runs" / "mnist-eps0.2-quick" / "seed0" / "teacher"
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     rows = _rows(pd / "metrics.csv")
     assert float(rows[-1]["sparsity"]) >= 0.9 and all(int(r["sparse_layers"]) == 0 for r in rows)
     prev = None
@@ -235,7 +236,7 @@ def test_end_to_end_block(mnist_dir, study_args):
 
 def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, study_args, kill_and_resume):
     base = study_args(mnist_dir, "--structure", "filter", "--perturb", "rewind", "--rewind-iter", "0",
-                 "--teachers", "dense", "--wall", "0.8")
+                 "--teachers", "dense", "--wall", "0.9")
     # killed in the second epoch of round 2: a shrunken model in state.pt
     rows = kill_and_resume(mnist_dir, base, kill_at=6)
-    assert all(len(r) == 4 for r in rows.values())  # sparsity 0, .53, .77, .89
+    assert all(len(r) == 4 for r in rows.values())  # sparsity 0, .53, .77, .89 (next, ~.94, passes the wall)

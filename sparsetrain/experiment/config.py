@@ -21,7 +21,8 @@ from .datasets import DATASETS
 from .early_stop import EARLY_STOPS
 from .models import MODEL_NAMES, resolve_name
 
-__all__ = ["Config", "PROFILES", "preset", "validate", "build_parser", "config_from_args"]
+__all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "preset", "schedule", "phases", "validate",
+           "build_parser", "config_from_args"]
 
 PROFILES = ("paper", "quick")
 
@@ -30,39 +31,81 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+ROLES = ("teacher", "student")
+# the hyper-parameters of Table 4 that differ between models: one value per role
+ROLE_KEYS = ("epochs", "batch_size", "lr", "milestones", "weight_decay", "rewind_iter")
+_ROLE_HELP = {"epochs": "training epochs per round", "batch_size": "mini-batch size", "lr": "SGD learning rate",
+              "milestones": "epochs at which the LR is multiplied by --drop", "weight_decay": "SGD weight decay",
+              "rewind_iter": "iteration of the dense training that --perturb rewind returns to"}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One role's training schedule (a Table 4 row): what make_optimizer and the loop read."""
+    epochs: int
+    batch_size: int
+    lr: float
+    milestones: tuple
+    weight_decay: float
+    rewind_iter: int
+    momentum: float
+    drop: float
+
+
+def _role(role: str, key: str, default):
+    return _f(default, f"{_ROLE_HELP[key]} of the {role} run{'s' if role == 'student' else ''} "
+                       f"(default: Table 4 for the {role}'s model; --{key.replace('_', '-')} sets both roles)", role=role)
+
+
 @dataclass
 class Config:
     dataset: str = _f("cifar10", "dataset", positional=True, choices=DATASETS)
     eps: float = _f(0.2, "label-noise fraction in [0, 1) applied to the training (and validation) split")
-    noise: str = _f("symmetric", "noise kind: symmetric (a different class, the paper's) or uniform (any class)", choices=NOISE_KINDS)
-    profile: str = _f("paper", "preset: paper (Table 4 hyper-parameters) or quick (CPU budget, minutes)", choices=PROFILES)
-    model: str = _f("resnet18", f"teacher / vanilla model: {', '.join(MODEL_NAMES)} (or vgg_d<delta>g<gamma>, e.g. vgg_d5g5)")
-    student: str = _f("", "student model for the distillation study (empty: same as --model)")
-    teachers: tuple = _f(("best",), "teachers to distill from: best (best-validation round of the teacher "
-                         "run), dense (its round 0) or a checkpoint PATH; several run several studies")
+    noise: str = _f("symmetric", "noise kind: symmetric (a different class, the paper's) or uniform (any class)",
+                    choices=NOISE_KINDS)
+    profile: str = _f("paper", "preset: paper (the paper's protocol, Table 4 per model) or quick (CPU budget, "
+                      "minutes)", choices=PROFILES)
+    model: str = _f("resnet18", f"teacher model: {', '.join(MODEL_NAMES)} (or vgg_d<delta>g<gamma>, e.g. vgg_d5g5)")
+    student: str = _f("", "student model, vanilla and distilled (empty: same as --model)")
+    teachers: tuple = _f(("dense", "best"), "teachers to distill from: dense (round 0 of the teacher run), best "
+                         "(its best-validation round: the pruned teacher) or a checkpoint PATH; each runs a study")
     alpha: float = _f(0.8, "distillation weight alpha in [0, 1] (Eq. 2)")
     tau: float = _f(10.0, "distillation temperature tau > 0 (Eq. 2)")
     rate: float = _f(0.2, "fraction of the remaining weights pruned per round, in (0, 1)")
-    wall: float = _f(0.999, "stop after the first round whose sparsity reaches this (0, 1)")
+    wall: float = _f(0.999, "sparsity wall in (0, 1): as in the paper's Algorithm 1, no round is trained at or "
+                     "beyond it (the last round is the last one below it)")
     scope: str = _f("global", "magnitude threshold: global (one over all layers) or layer (per layer); "
                     "for unstructured and block pruning", choices=SCOPES)
-    structure: str = _f("unstructured", "what a round prunes: unstructured (weights), filter (l1 filter "
-                        "pruning per layer that physically removes channels, Appendix G; sequential models "
-                        "only) or block (whole --block x --block tiles by norm); both train dense layers, whatever --engine", choices=tuple(RULES))
+    structure: str = _f("unstructured", "what a round prunes: unstructured (weights), filter (l1 filter pruning per "
+                        "layer that physically removes channels, Appendix G; sequential models only) or block "
+                        "(whole --block x --block tiles by norm); both train dense layers, whatever --engine",
+                        choices=tuple(RULES))
     block: int = _f(32, "tile side for --structure block: 16, 32 or 64 (the BSR block sizes)", choices=BLOCK_SIZES)
-    perturb: str = _f("none", "after pruning: none (keep weights), rewind (to iteration --rewind-iter), reinit", choices=PERTURBATIONS)
-    rewind_iter: int = _f(1000, "iteration of the dense training that rewind returns to")
-    engine: str = _f("auto", "auto (sparse kernels per layer once sparse enough), dense (masked), sparse", choices=ENGINES)
-    early_stop: str = _f("none", "none (run to the wall) or entropy (Algorithm 2, stops the runs)", choices=EARLY_STOPS)
-    t_e: float = _f(0.8, "Algorithm 2 entropy threshold T_E (relative to the dense model's)")
+    perturb: str = _f("none", "after pruning: none (keep weights), rewind (to iteration --rewind-iter), reinit",
+                      choices=PERTURBATIONS)
+    engine: str = _f("auto", "auto (sparse kernels per layer once sparse enough), dense (masked), sparse",
+                     choices=ENGINES)
+    early_stop: str = _f("none", "stop the student runs online: none, entropy (Algorithm 2 as written: entropy "
+                         "<= T_E x the dense model's) or entropy-peak (entropy <= T_E x its running peak, after "
+                         "--stop-falls consecutive falls); the summary replays both rules either way",
+                         choices=EARLY_STOPS)
+    t_e: float = _f(0.8, "Algorithm 2 entropy threshold T_E (relative to the dense or the peak entropy)")
     t_a: float = _f(0.8, "Algorithm 2 accuracy threshold T_A (relative to the best validation accuracy)")
-    epochs: int = _f(160, "training epochs per round")
-    lr: float = _f(0.1, "SGD learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "SGD weight decay")
-    milestones: tuple = _f((80, 120), "epochs at which the LR is multiplied by --drop")
-    drop: float = _f(0.1, "LR drop factor at the milestones")
-    batch_size: int = _f(128, "mini-batch size")
+    stop_falls: int = _f(1, "entropy-peak rule: consecutive entropy falls required before it may stop (>= 1)")
+    teacher_epochs: int = _role("teacher", "epochs", 160)
+    teacher_batch_size: int = _role("teacher", "batch_size", 128)
+    teacher_lr: float = _role("teacher", "lr", 0.1)
+    teacher_milestones: tuple = _role("teacher", "milestones", (80, 120))
+    teacher_weight_decay: float = _role("teacher", "weight_decay", 1e-4)
+    teacher_rewind_iter: int = _role("teacher", "rewind_iter", 1000)
+    student_epochs: int = _role("student", "epochs", 160)
+    student_batch_size: int = _role("student", "batch_size", 128)
+    student_lr: float = _role("student", "lr", 0.1)
+    student_milestones: tuple = _role("student", "milestones", (80, 120))
+    student_weight_decay: float = _role("student", "weight_decay", 1e-4)
+    student_rewind_iter: int = _role("student", "rewind_iter", 1000)
+    momentum: float = _f(0.9, "SGD momentum (every run)")
+    drop: float = _f(0.1, "LR drop factor at the milestones (every run)")
     val_fraction: float = _f(0.1, "validation split held out of the training data")
     clean_val: bool = _f(False, "keep validation labels clean (default: same noise as training)")
     subset: int = _f(0, "use only the first N training images (0: all)")
@@ -70,11 +113,23 @@ class Config:
     data_dir: str = _f("data", "where datasets are looked for / downloaded")
     no_download: bool = _f(False, "never download a missing dataset (fail with where it was looked for)")
     label_file: str = _f("", "cifar100n: the CIFAR-N human-label file (default DATA_DIR/CIFAR-100_human.pt)")
-    out: str = _f("runs", "output root; the run directory is OUT/<dataset>-eps<eps>-<profile>")
+    out: str = _f("runs", "output root; the run directory is OUT/<dataset>-eps<eps>-<profile>-<models>-<hash of "
+                  "the settings>, so the same settings find their run again and different ones never collide")
     threads: int = _f(0, "torch threads (0: torch's default)")
 
     def resolved_student(self) -> str:
         return self.student or self.model
+
+    def hyper(self, role: str) -> Hyper:
+        """The training schedule of a role ("teacher" or "student")."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return Hyper(**{k: getattr(self, f"{role}_{k}") for k in ROLE_KEYS}, momentum=self.momentum, drop=self.drop)
+
+    def separate_vanilla(self) -> bool:
+        """Whether the vanilla student needs its own run: the teacher run is the vanilla run only
+        when the student is the same model trained the same way."""
+        return self.resolved_student() != self.model or self.hyper("student") != self.hyper("teacher")
 
 
 # ---------------------------------------------------------------------------- presets (data)
@@ -93,22 +148,23 @@ TABLE4 = {
     ("imagenet", "*"): dict(epochs=90, batch_size=1024, lr=0.1, milestones=(30, 60), weight_decay=1e-4,
                             rewind_iter=0),
     ("mnist", "*"): dict(epochs=30, batch_size=128, lr=0.1, milestones=(15, 22), weight_decay=1e-4,
-                         rewind_iter=1000, wall=0.995),
+                         rewind_iter=1000),
 }
-# The models each profile studies per dataset group (teacher --model, --student).
-MODELS = {
-    ("paper", "cifar"): dict(model="resnet18", student="vgg_d5g5"),  # Fig. 5 / Table 1
-    ("paper", "mnist"): dict(model="lenet300", student=""),
-    ("paper", "flowers"): dict(model="resnet18", student=""),
-    ("paper", "imagenet"): dict(model="resnet18", student=""),
-    ("quick", "mnist"): dict(model="lenet300", student=""),
-    ("quick", "*"): dict(model="vgg_d1g5", student=""),
-}
-# The quick profile: a CPU budget (LeNet-300-100 on 10k MNIST-like images, 30 epochs x 24 rounds to
-# 99.5%, the README's quick study; a small VGG-like on 5k images elsewhere), whatever the model.
+# The quick profile's schedule: a CPU budget, the same for every model (LeNet-300-100 on MNIST-like
+# data: the README's quick study; a small VGG-like elsewhere).
 QUICK = {
-    "mnist": dict(subset=10000, epochs=30, milestones=(15, 22), lr=0.1, batch_size=128, wall=0.995, rewind_iter=0),
-    "*": dict(subset=5000, epochs=10, milestones=(5, 8), lr=0.01, batch_size=128, wall=0.99, rewind_iter=0),
+    "mnist": dict(epochs=30, batch_size=128, lr=0.1, milestones=(15, 22), weight_decay=1e-4, rewind_iter=0),
+    "*": dict(epochs=10, batch_size=128, lr=0.01, milestones=(5, 8), weight_decay=1e-4, rewind_iter=0),
+}
+# What each profile studies per dataset group: the teacher and student models and the study's size.
+# paper: Fig. 5 / Table 1 (ResNet-18 teacher, VGG-like(5, 5) student, both teachers, 3 seeds).
+STUDY = {
+    ("paper", "cifar"): dict(model="resnet18", student="vgg_d5g5", seeds=(0, 1, 2)),
+    ("paper", "mnist"): dict(model="lenet300", student="", seeds=(0, 1, 2), wall=0.996),
+    ("paper", "*"): dict(model="resnet18", student="", seeds=(0, 1, 2)),
+    # rate 0.2 to the wall 0.996: rounds 0..24, the last at 99.53% (the quick study's sweet phase)
+    ("quick", "mnist"): dict(model="lenet300", student="", subset=10000, wall=0.996),
+    ("quick", "*"): dict(model="vgg_d1g5", student="", subset=5000, wall=0.99),
 }
 
 
@@ -117,17 +173,29 @@ def _family(model: str) -> str:
     return resolve_name(model)[0].rstrip("0123456789").removesuffix("_like")
 
 
-def preset(profile: str, dataset: str, model: str | None = None) -> dict:
-    """The profile's settings for a dataset: its models (an explicit `model` replaces them and is
-    its own student) and the hyper-parameters of the model actually trained."""
+def _row(table: dict, first: str, second: str) -> dict:
+    return dict(table.get((first, second), table.get((first, "*"), {})))
+
+
+def schedule(profile: str, dataset: str, model: str) -> dict:
+    """A role's schedule under a profile: Table 4 for its model (paper) or the quick budget."""
     group = GROUP[dataset]
-    p = dict(MODELS.get((profile, group), MODELS.get((profile, "*"))))
-    if model:
-        p = dict(model=model, student="")
     if profile == "paper":
-        p.update(TABLE4.get((group, _family(p["model"])), TABLE4[(group, "*")]))
-    else:
-        p.update(QUICK.get(group, QUICK["*"]))
+        return _row(TABLE4, group, _family(model))
+    return dict(QUICK.get(group, QUICK["*"]))
+
+
+def preset(profile: str, dataset: str, model: str | None = None, student: str | None = None) -> dict:
+    """The profile's settings for a dataset: its study (models, seeds, size; an explicit `model`
+    replaces the models and is its own student unless `student` is given) and each role's schedule."""
+    p = _row(STUDY, profile, GROUP[dataset])
+    if model:
+        p.update(model=model, student="")
+    if student:
+        p["student"] = student
+    roles = {"teacher": p["model"], "student": p["student"] or p["model"]}
+    for role, m in roles.items():
+        p.update({f"{role}_{k}": v for k, v in schedule(profile, dataset, m).items()})
     return p
 
 
@@ -141,8 +209,10 @@ def _check_models(values: dict) -> None:
                 raise ValueError(f"--{k}: {e}") from None
 
 
-def validate(cfg: Config) -> None:
-    """Raises ValueError naming the argument and what was expected."""
+def validate(cfg: Config, flags: dict | None = None) -> None:
+    """Raises ValueError naming the argument and what was expected (`flags`: {field: the flag that
+    set it}, e.g. teacher_lr: --lr)."""
+    flags = flags or {}
     for f in fields(Config):
         allowed = f.metadata.get("choices")
         if allowed is not None and getattr(cfg, f.name) not in allowed:
@@ -151,61 +221,99 @@ def validate(cfg: Config) -> None:
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
               ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", cfg.tau > 0, "> 0"),
-              ("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
-              ("lr", cfg.lr > 0, "> 0"), ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
+              ("t_e", cfg.t_e > 0, "> 0"), ("t_a", cfg.t_a > 0, "> 0"), ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
+              ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
               ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
               ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
-              ("rewind_iter", cfg.rewind_iter >= 0, ">= 0"), ("drop", cfg.drop > 0, "> 0"),
+              ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", cfg.drop > 0, "> 0"),
               ("seeds", len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds), "one or more seeds >= 0"),
               ("teachers", len(cfg.teachers) > 0, "at least one of best, dense, PATH")]
+    for role in ROLES:
+        hp = cfg.hyper(role)
+        checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"), (f"{role}_batch_size", hp.batch_size >= 1, ">= 1"),
+                   (f"{role}_lr", hp.lr > 0, "> 0"), (f"{role}_weight_decay", hp.weight_decay >= 0, ">= 0"),
+                   (f"{role}_rewind_iter", hp.rewind_iter >= 0, ">= 0"),
+                   (f"{role}_milestones", all(m >= 1 for m in hp.milestones), "epochs >= 1")]
     for name, ok, expected in checks:
         if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(cfg, name)!r}")
+            flag = flags.get(name, f"--{name.replace('_', '-')}")
+            raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
-    if RULES[cfg.structure].name == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
+    if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
 
 
+def phases(cfg: Config) -> dict:
+    """Every phase the study runs per seed, fully resolved: {phase: settings} (for --print-config)."""
+    common = {k: getattr(cfg, k) for k in ("rate", "wall", "scope", "structure", "perturb", "engine")}
+    out = {"teacher": {"model": cfg.model, **dataclasses.asdict(cfg.hyper("teacher")), **common,
+                       "early_stop": "none (the teacher is a full run)", "role": "teacher"}}
+    student = {"model": cfg.resolved_student(), **dataclasses.asdict(cfg.hyper("student")), **common,
+               "early_stop": cfg.early_stop, "t_e": cfg.t_e, "t_a": cfg.t_a, "stop_falls": cfg.stop_falls,
+               "role": "student"}
+    out["vanilla"] = {**student, "run": "its own run" if cfg.separate_vanilla() else "the teacher run"}
+    for t in cfg.teachers:
+        out[f"distill-{t}"] = {**student, "teacher": t, "alpha": cfg.alpha, "tau": cfg.tau}
+    return out
+
+
 # ---------------------------------------------------------------------------- CLI
+def _add_flag(p, flag: str, t, default, help_: str, choices=None) -> None:
+    if t is bool:
+        p.add_argument(flag, action="store_true", default=None, help=help_)
+    elif t is tuple:
+        elem = type(default[0]) if default else str
+        p.add_argument(flag, nargs="+", type=elem, default=None, help=f"{help_} (default {' '.join(map(str, default))})")
+    else:
+        p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sparsetrain.experiment",
-        description="DSD2 study: iterative magnitude pruning of a teacher, of a vanilla student, and of a "
-                    "student distilled from the teacher; entropy, early stop and FLOPs per round.")
+        description="DSD2 study: iterative magnitude pruning of a teacher, of a vanilla student, and of "
+                    "students distilled from the teacher; entropy, early stop and FLOPs per round.")
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
-        name, help_, t = f.name, f.metadata["help"], hints[f.name]
-        flag, choices = f"--{name.replace('_', '-')}", f.metadata.get("choices")
         if f.metadata.get("positional"):
-            p.add_argument(name, help=help_, choices=choices)
-        elif t is bool:
-            p.add_argument(flag, action="store_true", default=None, help=help_)
-        elif t is tuple:
-            elem = type(f.default[0]) if f.default else str
-            p.add_argument(flag, nargs="+", type=elem, default=None,
-                           help=f"{help_} (default {' '.join(map(str, f.default))})")
+            p.add_argument(f.name, help=f.metadata["help"], choices=f.metadata.get("choices"))
         else:
-            p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default {f.default})")
+            _add_flag(p, f"--{f.name.replace('_', '-')}", hints[f.name], f.default, f.metadata["help"],
+                      f.metadata.get("choices"))
+    for k in ROLE_KEYS:  # both roles at once; --teacher-<k> / --student-<k> set one role
+        f = next(f for f in fields(Config) if f.name == f"teacher_{k}")
+        p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,
+                       type=type(f.default[0]) if hints[f.name] is tuple else hints[f.name],
+                       help=f"{_ROLE_HELP[k]} of every run (teacher and students)")
     p.add_argument("--resume", action="store_true",
                    help="require an existing run to continue (error if the run directory holds none); without "
                         "it, re-running the same command also continues an interrupted run")
     p.add_argument("--report-only", action="store_true", help="only (re)write summary.md and plots of the run")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration of every phase as JSON and exit (reads no data)")
     return p
 
 
 def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    """Parse argv into a resolved Config; bad arguments exit with code 2 and a clear message."""
+    """Parse argv into a resolved Config: defaults < preset (per role) < --<key> (both roles) <
+    --<role>-<key>. Bad arguments exit with code 2 and a one-line message."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    flags = {}
+    for k in ROLE_KEYS:
+        if getattr(args, k) is not None:
+            for role in ROLES:
+                if f"{role}_{k}" not in given:
+                    given[f"{role}_{k}"], flags[f"{role}_{k}"] = getattr(args, k), f"--{k.replace('_', '-')}"
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     base = Config(dataset=given.get("dataset", "cifar10"), profile=given.get("profile", "paper"))
     try:
-        _check_models(given)  # (the preset reads the model's family)
-        values = {**dataclasses.asdict(base), **preset(base.profile, base.dataset, given.get("model")), **given}
-        cfg = Config(**values)
-        validate(cfg)
+        _check_models(given)  # (the preset reads the models' families)
+        p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
+        cfg = Config(**{**dataclasses.asdict(base), **p, **given})
+        validate(cfg, flags)
     except ValueError as e:
         parser.error(str(e))
     return cfg, args

@@ -9,36 +9,61 @@ import math
 
 from .metrics import fin, get
 
-__all__ = ["algorithm2_stop", "EARLY_STOPS"]
+__all__ = ["algorithm2_stop", "EARLY_STOPS", "RULES"]
 
-EARLY_STOPS = ("none", "entropy")  # --early-stop: run to the wall, or Algorithm 2
+# --early-stop: run to the wall; Algorithm 2 as written (entropy relative to the dense model's); or
+# the same with the entropy relative to its running peak
+RULES = ("entropy", "entropy-peak")
+EARLY_STOPS = ("none", *RULES)
 
 
-def algorithm2_stop(rows, t_e=0.8, t_a=0.8) -> int | None:
+def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 1) -> int | None:
     """Algorithm 2 (paper App. H) replayed on a curve; returns the round it stops at, None if it never does.
 
-    Round 0 is the dense model: eta0 = its entropy_mean, best_acc = its val_acc. Phase 1 (lines 7-12), while
-    the entropy stays above eta0*T_E: every round updates best_acc = max(best_acc, val_acc); the round whose
-    entropy falls to <= eta0*T_E ends phase 1 and its accuracy is checked at once against the phase-2 loop
-    condition (line 13). Phase 2: stop at the first round with val_acc <= best_acc*T_A; best_acc is frozen
-    (the algorithm does not update it there). Online (loop.py, after each round on the rows so far)
-    "stop now" is a return value equal to the last round. NaNs: a NaN entropy keeps phase 1 (no evidence of a
-    drop), a NaN accuracy neither updates best_acc nor stops; a NaN dense entropy gives None.
+    Round 0 is the dense model: best_acc starts at its val_acc. Phase 1 (lines 7-12) lasts while the
+    entropy eta_k stays above the reference: every round updates best_acc = max(best_acc, val_acc).
 
-    Deviation (the table's use): the paper's line 17 returns the last model, which by construction is the
-    collapsed one (accuracy just fell below T_A*best); we report the best-validation model among the rounds
-    <= the stop round instead; the FLOPs are those spent up to the stop round either way.
+    * rule "entropy" (the paper's, as written): the reference is T_E * eta_0, the dense model's entropy.
+    * rule "entropy-peak" (ours): the reference is T_E * max_{j<=k} eta_j, the running peak, and phase 1
+      ends only after `falls` consecutive rounds of falling entropy (eta_k < eta_{k-1}). Where the
+      entropy rises through the critical phase, peaks, then falls without going below T_E * eta_0
+      (the CPU studies here), the paper's rule never fires; this one fires on the fall.
+
+    The round whose entropy ends phase 1 has its accuracy checked at once against the phase-2 loop
+    condition (line 13). Phase 2: stop at the first round with val_acc <= best_acc * T_A; best_acc is
+    frozen there (the algorithm does not update it). Online (loop.py, after each round on the rows so
+    far) "stop now" is a return value equal to the last round. NaNs: a NaN entropy keeps phase 1 (no
+    evidence of a drop) and breaks a run of falls; a NaN accuracy neither updates best_acc nor stops;
+    a NaN dense entropy gives None.
+
+    The report shows both the model at the stop (the paper's line 17 returns it: by construction the
+    one whose accuracy just fell) and the best-validation model among the rounds <= the stop; the
+    FLOPs are those spent up to the stop round either way.
     """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if isinstance(falls, bool) or not isinstance(falls, int) or falls < 1:
+        raise ValueError(f"falls must be an int >= 1, got {falls!r}")
     rows = sorted(rows, key=lambda r: r["round"])
     if not rows or not fin(get(rows[0], "entropy_mean")):
         return None
-    eta0, best, phase1 = get(rows[0], "entropy_mean"), -math.inf, True
+    eta0 = get(rows[0], "entropy_mean")
+    best, peak, prev, run, phase1 = -math.inf, eta0, eta0, 0, True
     for r in rows:
         acc, ent = get(r, "val_acc"), get(r, "entropy_mean")
         if phase1:
             if fin(acc):
                 best = max(best, acc)
-            if not fin(ent) or ent > eta0 * t_e:
+            if not fin(ent):
+                run = 0
+                continue
+            if rule == "entropy":
+                low = ent <= eta0 * t_e
+            else:
+                peak, run = max(peak, ent), run + 1 if ent < prev else 0
+                low = run >= falls and ent <= peak * t_e
+            prev = ent
+            if not low:
                 continue
             phase1 = False  # line 13 is checked with this round's accuracy right away
         if fin(acc) and acc <= best * t_a:

@@ -4,12 +4,13 @@
     loop:
         train_round(...)                       # the round's epochs; state saved after each
         row = measure(...)                     # evaluate (Alg. 1 line 21), entropy (Eq. 1), FLOPs
-        if should_stop(...): break             # wall, nothing left to prune, Algorithm 2
+        if should_stop(...): break          # the wall, nothing left to prune, Algorithm 2 (students)
         next_round(...)                        # prune -> perturb -> engine -> fresh optimizer
     finish(...)                                # best round marked, best.json written last (= done)
 
-The loss is cross-entropy, or Eq. 2 when a teacher is given. The phase directory holds
-metrics.csv (one row per round), ckpt/round_XX.pt and, while running, state.pt.
+The loss is cross-entropy, or Eq. 2 when a teacher is given. The run's schedule (epochs, LR, ...)
+is its role's (config.Hyper: Table 4 for its model). The phase directory holds metrics.csv (one row
+per round), ckpt/round_XX.pt and, while running, state.pt.
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ from .checkpoint import atomic_save, model_payload, restore_model, safe_load, sa
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import write_csv, write_json
-from .flops import forward_flops, training_flops
+from .flops import dense_macs, forward_flops, paper_round_flops, training_flops
 from .models import build_model
 from .train import evaluate, make_optimizer, train_epoch
 
-__all__ = ["run_phase", "arch_of"]
+__all__ = ["run_phase", "arch_of", "Costs"]
 
 STATE_FORMAT = "sparsetrain-ckpt-v1"
 
@@ -59,23 +60,23 @@ def arch_of(name: str, splits) -> dict:
 
 
 # ============================================================================ stages
-def start(cfg, arch: dict, seed: int, state_path: str) -> PhaseState:
+def start(cfg, hp, arch: dict, seed: int, state_path: str) -> PhaseState:
     """A fresh phase (seeded model, round 0), or the saved state of an interrupted one."""
     if os.path.exists(state_path):
         st = safe_load(state_path)
         model, masks = restore_model(st["model"])
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
                        st.get("train_s", 0.0))
-        s.opt, s.sched = make_optimizer(model, cfg)
+        s.opt, s.sched = make_optimizer(model, hp)
         s.opt.load_state_dict(st["opt"])
         s.sched.load_state_dict(st["sched"])
         torch.set_rng_state(st["rng"])
         return s
     torch.manual_seed(seed)
     s = PhaseState(build_model(**arch), {}, rows=[])
-    if cfg.perturb == "rewind" and cfg.rewind_iter == 0:
+    if cfg.perturb == "rewind" and hp.rewind_iter == 0:
         s.rewind = {k: v.clone() for k, v in s.model.state_dict().items()}
-    s.opt, s.sched = make_optimizer(s.model, cfg)
+    s.opt, s.sched = make_optimizer(s.model, hp)
     return s
 
 
@@ -86,61 +87,68 @@ def save(s: PhaseState, arch: dict, state_path: str) -> None:
                  "rng": torch.get_rng_state()}, state_path)
 
 
-def train_round(cfg, s: PhaseState, splits, seed: int, teacher, arch: dict, state_path: str, label: str) -> None:
+def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, state_path: str,
+                label: str) -> None:
     """The round's remaining epochs; the state is saved after each one."""
     def on_step():  # the rewind snapshot: the weights after iteration --rewind-iter of the dense run
         s.iteration += 1
-        if cfg.perturb == "rewind" and s.rnd == 0 and s.rewind is None and s.iteration == cfg.rewind_iter:
+        if cfg.perturb == "rewind" and s.rnd == 0 and s.rewind is None and s.iteration == hp.rewind_iter:
             s.rewind = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
 
-    bar = tqdm(range(s.epoch, cfg.epochs), desc=label, leave=False, initial=s.epoch, total=cfg.epochs,
+    bar = tqdm(range(s.epoch, hp.epochs), desc=label, leave=False, initial=s.epoch, total=hp.epochs,
                dynamic_ncols=True, disable=None)
     for epoch in bar:
         t0 = time.perf_counter()
-        tr = train_epoch(s.model, splits.train, s.opt, cfg, epoch=epoch + 1000 * s.rnd, seed=seed, masks=s.masks,
-                         teacher=teacher, on_step=on_step)
+        tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
+                         masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step)
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
         bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{tr['acc']:.3f}")
         save(s, arch, state_path)
 
 
-def measure(cfg, s: PhaseState, splits, seed: int, phase: str, sparsity: float, teacher_fwd: int,
-            teacher_cost: int, t0: float) -> dict:
-    """One metrics row: accuracies and losses, entropy (Eq. 1), FLOPs, timing."""
+def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, cost: "Costs", t0: float) -> dict:
+    """One metrics row: accuracies and losses, entropy (Eq. 1), FLOPs (exact, and the paper's
+    convention: flops.paper_round_flops), timing."""
     shape = (splits.in_channels, *splits.image_size)
     n_train = len(splits.train)
     trm, va, te = (evaluate(s.model, sp) for sp in (splits.train, splits.val, splits.test))
     ent = activation_entropy(s.model, D.iterate(splits.train, 512))
     fwd = forward_flops(s.model, shape, s.masks)["total"]
-    round_flops = training_flops(fwd, n_train, cfg.epochs)
-    return {"seed": seed, "phase": phase, "round": s.rnd, "sparsity": sparsity, "epochs": cfg.epochs,
+    round_flops = training_flops(fwd, n_train, hp.epochs)
+    prev = s.rows[-1] if s.rows else {}
+    return {"seed": seed, "phase": phase, "round": s.rnd, "sparsity": sparsity, "epochs": hp.epochs,
             "train_loss": trm["loss"], "train_acc": trm["acc"], "val_loss": va["loss"], "val_acc": va["acc"],
             "test_loss": te["loss"], "test_acc": te["acc"], "entropy_mean": ent["mean"], "fwd_flops": fwd,
-            "round_flops": round_flops, "cum_flops": round_flops + (s.rows[-1]["cum_flops"] if s.rows else 0),
-            "teacher_flops": teacher_fwd * n_train * cfg.epochs, "teacher_cost": teacher_cost,
-            "wall_s": time.perf_counter() - t0, "sec_per_epoch": s.train_s / max(cfg.epochs, 1),
+            "round_flops": round_flops, "cum_flops": round_flops + prev.get("cum_flops", 0),
+            "paper_round_flops": cost.paper_round, "paper_cum_flops": cost.paper_round + prev.get("paper_cum_flops", 0),
+            "teacher_flops": cost.teacher_fwd * n_train * hp.epochs, "teacher_cost": cost.teacher_cost,
+            "teacher_paper_flops": cost.teacher_paper_round, "teacher_paper_cost": cost.teacher_paper_cost,
+            "wall_s": time.perf_counter() - t0, "sec_per_epoch": s.train_s / max(hp.epochs, 1),
             "sparse_layers": sum(1 for _, m in prunable_layers(s.model) if is_sparse(m)),
             "is_best": 0, **{f"entropy/{k}": v for k, v in ent["per_layer"].items()}}
 
 
-def should_stop(cfg, rule: PruningRule, s: PhaseState, sparsity: float) -> bool:
-    """The wall (the run stops after the first round that reaches it), nothing left to prune, or
-    Algorithm 2 when --early-stop entropy."""
-    return (sparsity >= cfg.wall - 1e-9 or not rule.can_prune(s.model, s.masks)
-            or (cfg.early_stop == "entropy" and algorithm2_stop(s.rows, cfg.t_e, cfg.t_a) is not None))
+def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float) -> bool:
+    """Algorithm 1's wall (line 6: a round is trained only while its target sparsity, 1 - (1 -
+    current)(1 - rate), is below the wall; for structured rules the expected target), nothing left
+    to prune, or, for the students only (the teacher is a full run), the --early-stop rule."""
+    if 1.0 - (1.0 - sparsity) * (1.0 - cfg.rate) >= cfg.wall - 1e-9 or not rule.can_prune(s.model, s.masks):
+        return True
+    return (role == "student" and cfg.early_stop != "none"
+            and algorithm2_stop(s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None)
 
 
-def next_round(cfg, rule: PruningRule, s: PhaseState, arch: dict, seed: int) -> None:
+def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int) -> None:
     """Prune, perturb, put layers on the engine the policy says, restart the optimizer and schedule."""
     s.rnd, s.epoch, s.train_s = s.rnd + 1, 0, 0.0
     s.masks = rule.prune(s.model, s.masks, cfg.rate)
-    perturb_(cfg, s, arch, seed)
+    perturb_(cfg, hp, s, arch, seed)
     s.masks = apply_engine(s.model, s.masks, "dense" if rule.needs_dense else cfg.engine)
-    s.opt, s.sched = make_optimizer(s.model, cfg)
+    s.opt, s.sched = make_optimizer(s.model, hp)
 
 
-def perturb_(cfg, s: PhaseState, arch: dict, seed: int) -> None:
+def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
     """--perturb: none, rewind (to the snapshot of iteration --rewind-iter) or reinit (fresh
     weights seeded by (seed, round), leaving the global RNG untouched)."""
     if cfg.perturb == "none":
@@ -148,7 +156,7 @@ def perturb_(cfg, s: PhaseState, arch: dict, seed: int) -> None:
     if cfg.perturb == "rewind":
         if s.rewind is None:
             raise RuntimeError(f"--perturb rewind: the dense training ran fewer than --rewind-iter="
-                               f"{cfg.rewind_iter} iterations; lower --rewind-iter")
+                               f"{hp.rewind_iter} iterations; lower --rewind-iter")
         source = s.rewind
     else:
         with torch.random.fork_rng(devices=[]):
@@ -173,25 +181,43 @@ def finish(pdir: str, rows: list[dict]) -> None:
 
 
 # ============================================================================ one phase
-def run_phase(cfg, splits, seed: int, phase: str, arch_name: str, pdir: str, teacher=None,
-              teacher_cost: int = 0) -> str:
-    """Algorithm 1 for one model (CE, or Eq. 2 with `teacher`), resumable. Returns pdir."""
+@dataclass
+class Costs:
+    """FLOPs a phase charges besides its own exact count (flops.py has both conventions)."""
+    paper_round: int = 0          # one round in the paper's convention (flops.paper_round_flops)
+    teacher_fwd: int = 0          # exact forward FLOPs per sample of the teacher (KD inference)
+    teacher_cost: int = 0         # exact FLOPs spent obtaining the teacher
+    teacher_paper_round: int = 0  # the teacher's KD inference per round, paper convention
+    teacher_paper_cost: int = 0   # the teacher's cost, paper convention
+
+
+def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdir: str, teacher=None,
+              teacher_cost: tuple = (0, 0)) -> str:
+    """Algorithm 1 for one model (CE, or Eq. 2 with `teacher`), resumable. `role`: whose schedule
+    and stop rules apply ("teacher" or "student"); `teacher_cost`: (exact, paper convention) FLOPs
+    spent obtaining the teacher. Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
     if os.path.exists(os.path.join(pdir, "best.json")):
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")
-    arch = arch_of(arch_name, splits)
+    hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
     rule = make_rule(cfg.structure, scope=cfg.scope, block=cfg.block)
-    s = start(cfg, arch, seed, state_path)
-    teacher_fwd = forward_flops(teacher, (splits.in_channels, *splits.image_size))["total"] if teacher else 0
+    s = start(cfg, hp, arch, seed, state_path)
+    shape, n_images = (splits.in_channels, *splits.image_size), len(splits.train) + len(splits.val)
     with torch.random.fork_rng(devices=[]):  # sparsity counts against the unpruned model's weights
-        n_orig = weight_count(build_model(**arch))
+        dense = build_model(**arch)
+    n_orig = weight_count(dense)
+    cost = Costs(paper_round_flops(dense, shape, n_images, hp.epochs))
+    if teacher is not None:
+        cost.teacher_fwd = forward_flops(teacher, shape)["total"]
+        cost.teacher_cost, cost.teacher_paper_cost = teacher_cost
+        cost.teacher_paper_round = dense_macs(teacher, shape) * n_images * hp.epochs
     while True:
         sparsity = model_sparsity(s.model, s.masks, n_orig)
         t0 = time.perf_counter()
-        train_round(cfg, s, splits, seed, teacher, arch, state_path,
+        train_round(cfg, hp, s, splits, seed, teacher, arch, state_path,
                     f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})")
-        row = measure(cfg, s, splits, seed, phase, sparsity, teacher_fwd, teacher_cost, t0)
+        row = measure(hp, s, splits, seed, phase, sparsity, cost, t0)
         s.rows.append(row)
         save_model(os.path.join(pdir, "ckpt", f"round_{s.rnd:02d}.pt"), s.model, s.masks, arch, round=s.rnd,
                    val_acc=row["val_acc"])
@@ -199,9 +225,9 @@ def run_phase(cfg, splits, seed: int, phase: str, arch_name: str, pdir: str, tea
                    f"val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy {row['entropy_mean']:.3f}  "
                    f"{row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
         write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
-        if should_stop(cfg, rule, s, sparsity):
+        if should_stop(cfg, role, rule, s, sparsity):
             break
-        next_round(cfg, rule, s, arch, seed)
+        next_round(cfg, hp, rule, s, arch, seed)
         save(s, arch, state_path)
     finish(pdir, s.rows)
     return pdir

@@ -1,14 +1,16 @@
 """The DSD2 study: per seed, the teacher run, the vanilla student, the distilled students.
 
-Per seed: (1) the teacher (= vanilla) run: train dense, then prune -> perturb -> retrain -> evaluate
-until the wall (Algorithm 1, loop.py); (2) a vanilla run of the student when it differs from the
-model; (3) for each teacher choice, the student pruned the same way under the distillation loss
-(Eq. 2). The run directory keeps the resolved config (with git commit and versions), per-round
+Per seed: (1) the teacher run: train dense, then prune -> perturb -> retrain -> evaluate until the
+wall (Algorithm 1, loop.py), a full run on the teacher's schedule; (2) the vanilla student run on
+the student's schedule (the teacher run doubles as it when the student is the same model trained
+the same way); (3) for each teacher choice, the student pruned the same way under the distillation
+loss (Eq. 2). Early stops apply to the student runs only. The run directory keeps the resolved config (with git commit and versions), per-round
 metrics and checkpoints; re-running the same command continues where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -18,7 +20,7 @@ import torch
 from . import data as D
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args
+from .config import Config, config_from_args, phases
 from .files import git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
@@ -34,13 +36,24 @@ class UsageError(Exception):
 
 
 # ============================================================================ run directory
+def result_settings(cfg: Config) -> dict:
+    """The resolved settings that change results (JSON types): what names a run and what a resume
+    must match."""
+    resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
+    return {k: v for k, v in json.loads(json.dumps(resolved)).items() if k not in _NON_RESULT_KEYS}
+
+
 def run_dir_of(cfg: Config) -> str:
-    return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}")
+    """OUT/<dataset>-eps<eps>-<profile>-<model>[-<student>]-<8 hex digits of the settings' hash>:
+    the same settings always find their directory (resume, report), different ones never collide."""
+    digest = hashlib.sha256(json.dumps(result_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    models = cfg.model + ("" if cfg.resolved_student() == cfg.model else f"-{cfg.resolved_student()}")
+    return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
 
 
 def prepare_run_dir(cfg: Config) -> str:
     """Create the run directory with its resolved config.json; refuse a directory holding a run
-    with different result-affecting settings."""
+    with different result-affecting settings (a hash collision or a hand-edited config)."""
     rd = run_dir_of(cfg)
     os.makedirs(rd, exist_ok=True)
     path = os.path.join(rd, "config.json")
@@ -62,16 +75,17 @@ def prepare_run_dir(cfg: Config) -> str:
 
 # ============================================================================ teachers
 def load_teacher(choice: str, teacher_dir: str):
-    """(teacher model in eval mode, FLOPs it cost) for --teachers best | dense | PATH."""
+    """(teacher model in eval mode, (exact, paper-convention) FLOPs spent obtaining it: the teacher
+    run's cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
     if choice in ("best", "dense"):
         rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
         with open(os.path.join(teacher_dir, "best.json")) as f:
             best = json.load(f)
         rnd = best["round"] if choice == "best" else 0
         path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
-        cost = int(rows[rnd]["cum_flops"])
+        cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
     else:
-        path, cost = choice, 0
+        path, cost = choice, (0, 0)
     model, _, _ = load_model(path)
     model.eval()
     for p in model.parameters():
@@ -98,13 +112,13 @@ def run_study(cfg: Config) -> str:
         sd = os.path.join(rd, f"seed{seed}")
         os.makedirs(sd, exist_ok=True)
         write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
-        tdir = run_phase(cfg, splits, seed, "teacher", cfg.model, os.path.join(sd, "teacher"))
-        if student != cfg.model:
-            run_phase(cfg, splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
+        tdir = run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, os.path.join(sd, "teacher"))
+        if cfg.separate_vanilla():
+            run_phase(cfg, "student", splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
         for choice in cfg.teachers:
             teacher, cost = load_teacher(choice, tdir)
             tag = teacher_tag(choice)
-            run_phase(cfg, splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
+            run_phase(cfg, "student", splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
                       teacher=teacher, teacher_cost=cost)
     return report.write_report(rd)
 
@@ -112,6 +126,9 @@ def run_study(cfg: Config) -> str:
 def main(argv=None) -> int:
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
+    if args.print_config:
+        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases(cfg)}, indent=1))
+        return 0
     try:
         if (args.report_only or args.resume) and not os.path.isfile(os.path.join(rd, "config.json")):
             flag = "--report-only" if args.report_only else "--resume"

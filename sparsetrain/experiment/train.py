@@ -28,29 +28,30 @@ def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) ->
     return (1.0 - alpha) * ce + alpha * tau * tau * kl
 
 
-def make_optimizer(model: nn.Module, cfg):
+def make_optimizer(model: nn.Module, hp):
     """SGD with momentum and weight decay; LR x drop at the milestones (given in epochs, as in the
-    paper's Table 4), stepped per epoch. A fresh one every round (the paper restarts it)."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.drop)
+    paper's Table 4), stepped per epoch. A fresh one every round (the paper restarts it). `hp`: the
+    run's schedule (config.Hyper)."""
+    opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.drop)
     return opt, sched
 
 
-def train_epoch(model, split, opt, cfg, *, epoch: int, seed: int, masks: dict, teacher=None,
-                on_step=None) -> dict:
+def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
+                alpha: float = 0.8, tau: float = 10.0, on_step=None) -> dict:
     """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
-    is Eq. 2 on the same augmented batch, the teacher in eval mode without gradients. `masks`:
+    is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
     dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
     called after every optimizer step with the global iteration count (for rewind snapshots)."""
     model.train()
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
-    for xb, yb in D.iterate(split, cfg.batch_size, shuffle=True, augment=True, generator=g):
+    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g):
         out = model(xb)
         if teacher is not None:
             with torch.no_grad():
                 t_out = teacher(xb)
-            loss = kd_loss(out, t_out, yb, cfg.alpha, cfg.tau)
+            loss = kd_loss(out, t_out, yb, alpha, tau)
         else:
             loss = F.cross_entropy(out, yb)
         opt.zero_grad(set_to_none=True)

@@ -47,61 +47,88 @@ def _ms(vals, nd=2) -> str:
     return "n/a" if n == 0 else f"{m:.{nd}f}" if n == 1 else f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
-def _outcome(rows, early: bool, t_e, t_a, wall) -> dict:
-    """One seed's row of Table 1: FLOPs to the stop (or the end), best-val round among rounds <= it."""
-    stop = algorithm2_stop(rows, t_e, t_a) if early else None
+_RULE_NAME = {None: "", "entropy": "Alg. 2", "entropy-peak": "peak rule"}
+
+
+def _outcome(rows, rule, cfg: dict) -> dict:
+    """One seed's cells of Table 1 for a stop rule (None: the whole curve): FLOPs to the stop in both
+    conventions, the best-validation model among the rounds <= the stop and the model at the stop
+    (the paper's line 17), the stop's phase label, the FLOPs saved against the whole curve."""
+    stop = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1)) \
+        if rule else None
     end = stop if stop is not None else rows[-1]["round"]
     upto = [r for r in rows if r["round"] <= end]
     scored = [r for r in upto if fin(get(r, "val_acc"))]
     best = max(scored, key=lambda r: r["val_acc"]) if scored else upto[-1]  # max: the first of ties
-    return {"pflops": get(upto[-1], "cum_flops") / 1e15, "stop": stop, "end": end,
+    at = upto[-1]
+    labels = label_rounds(rows)
+    total = get(rows[-1], "cum_flops")
+    rate, wall = cfg.get("rate"), cfg.get("wall")
+    nxt = 1.0 - (1.0 - get(rows[-1], "sparsity")) * (1.0 - rate) if rate is not None else math.inf
+    return {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
+            "stop": stop, "end": end,
             "teacher": (get(rows[0], "teacher_cost", 0.0) + sum(get(r, "teacher_flops", 0.0) for r in upto)) / 1e15,
-            "test": 100 * get(best, "test_acc"), "sparsity": 100 * get(best, "sparsity"),
-            "short": wall is not None and not early and get(rows[-1], "sparsity") < wall - 1e-9}
+            "teacher_paper": (get(rows[0], "teacher_paper_cost", 0.0)
+                              + sum(get(r, "teacher_paper_flops", 0.0) for r in upto)) / 1e15,
+            "test": 100 * get(best, "test_acc"), "test_at": 100 * get(at, "test_acc"),
+            "sparsity": 100 * get(best, "sparsity"), "label": labels[rows.index(at)],
+            "saved": 100 * (1 - get(at, "cum_flops") / total) if total else NAN,
+            "short": wall is not None and rule is None and nxt < wall - 1e-9}
 
 
-def _rounds_cell(outs, early: bool) -> str:
-    vals = [("–" if o["stop"] is None else str(o["stop"])) if early else str(o["end"]) + ("†" if o["short"] else "")
-            for o in outs]
+def _cell(vals) -> str:
     return vals[0] if len(set(vals)) == 1 else ", ".join(vals)
 
 
+def _flops_cell(vals, extra, distill: bool) -> str:
+    return _ms(vals, None) + (f" (+{stats(extra)[0]:.{_nd(extra)}f})" if distill else "")
+
+
 def summary_table(run) -> str:
-    """Markdown: Table 1 over seeds (mean ± sample std), then one per-round table per phase."""
+    """Markdown: Table 1 over seeds (mean ± sample std; the paper's rows, each early stop row once per
+    rule), then one per-round table per phase."""
     cfg, curves = run["config"], run["curves"]
-    t_e, t_a, wall, nseeds = cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), cfg.get("wall"), len(cfg.get("seeds", []))
+    nseeds = len(cfg.get("seeds", []))
     van = vanilla_phase(run)
-    specs = []  # (row name, phase, early stop?, distill?, teacher)
+    specs = []  # (row name, phase, stop rule, distill?, teacher)
     if "teacher" in curves and van != "teacher":
-        specs += [(f"teacher ({cfg.get('model', '?')}), no early stop", "teacher", False, False, "—")]
-    if van:
-        specs += [("vanilla, no early stop", van, False, False, "—"),
-                  ("vanilla, early stop", van, True, False, "—")]
-    for ph in [p for p in ordered_phases(run) if p.startswith("distill-")]:
-        t = ph[len("distill-"):]
-        specs += [(f"distill from {t} + early stop", ph, True, True, t),
-                  (f"distill from {t}, no early stop", ph, False, True, t)]
-    out = ["| Run | Early stop | Distill | Teacher | Training [PFLOPs] | Test accuracy [%] | Sparsity [%] "
-           "| Stop round | Seeds |", "|---|:-:|:-:|---|--:|--:|--:|--:|--:|"]
-    for name, ph, early, distill, teacher in specs:
-        outs = [_outcome(rows, early, t_e, t_a, wall) for _, rows in sorted(curves[ph].items())]
-        tc = [o["teacher"] for o in outs]
-        fl = _ms([o["pflops"] for o in outs], None) + (f" (+{stats(tc)[0]:.{_nd(tc)}f})" if distill else "")
+        specs += [(f"teacher ({cfg.get('model', '?')})", "teacher", None, False, "—")]
+    groups = ([("vanilla", van, False, "—")] if van else []) + [
+        (f"distilled from the {'pruned (best-validation)' if p == 'distill-best' else p[len('distill-'):]} teacher",
+         p, True, p[len("distill-"):]) for p in ordered_phases(run) if p.startswith("distill-")]
+    for name, ph, distill, teacher in groups:
+        specs += [(f"{name}, {'early stop (' + _RULE_NAME[r] + ')' if r else 'no early stop'}", ph, r, distill, teacher)
+                  for r in (None, "entropy", "entropy-peak")]
+    out = ["| Run | Early stop | Distill | Teacher | Training [PFLOPs] exact | Training [PFLOPs] paper conv. | "
+           "Test acc. [%] best val ≤ stop | Test acc. [%] at stop | Sparsity [%] | Stop round | Stop phase | "
+           "FLOPs saved [%] | Seeds |", "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
+    for name, ph, rule, distill, teacher in specs:
+        outs = [_outcome(rows, rule, cfg) for _, rows in sorted(curves[ph].items())]
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
-        out.append(f"| {name} | {'✓' if early else ''} | {'✓' if distill else ''} | {teacher} | {fl} | "
-                   f"{_ms([o['test'] for o in outs])} | {_ms([o['sparsity'] for o in outs])} | "
-                   f"{_rounds_cell(outs, early)} | {ns} |")
+        rounds = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) + ("†" if o["short"] else "")
+                  for o in outs]
+        out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
+                   f"{_flops_cell([o['pflops'] for o in outs], [o['teacher'] for o in outs], distill)} | "
+                   f"{_flops_cell([o['paper'] for o in outs], [o['teacher_paper'] for o in outs], distill)} | "
+                   f"{_ms([o['test'] for o in outs])} | {_ms([o['test_at'] for o in outs])} | "
+                   f"{_ms([o['sparsity'] for o in outs])} | {_cell(rounds)} | {_cell([o['label'] for o in outs])} | "
+                   f"{_ms([o['saved'] for o in outs], 1) if rule else ''} | {ns} |")
     if not specs:
-        out.append("| (no completed rounds yet) | | | | | | | | |")
-    out += ["", f"Early stop = Algorithm 2 replayed on each seed's curve (T_E = {t_e}, T_A = {t_a}); the reported "
-            "model is the best-validation round among the rounds up to the stop (the paper returns the last, "
-            "collapsed one); FLOPs are those spent up to the stop. Training FLOPs = 3 × forward FLOPs at each "
-            "round's sparsity × training samples × epochs, summed over rounds; (+x) = the teacher's cost: the "
-            "FLOPs spent obtaining it plus its KD inference FLOPs up to the stop (mean over seeds). Stop round "
-            "`–`: Algorithm 2 never stopped (whole curve counted); `†`: the curve has not reached the wall "
-            "(run in progress or stopped online). ± = sample std over seeds.", ""]
+        out.append("| (no completed rounds yet) | | | | | | | | | | | | |")
+    out += ["", f"Early stop = a stop rule replayed on each seed's curve (T_E = {cfg.get('t_e', 0.8)}, T_A = "
+            f"{cfg.get('t_a', 0.8)}): Alg. 2 = the paper's Algorithm 2 as written (entropy ≤ T_E × the dense "
+            f"model's), peak rule = entropy ≤ T_E × its running peak after {cfg.get('stop_falls', 1)} consecutive "
+            "fall(s) (experiment/early_stop.py). Two models per stop: the best-validation round among the rounds "
+            "up to the stop, and the model at the stop (the paper's line 17); FLOPs are those spent up to the "
+            "stop, saved = against the whole curve. Training FLOPs exact = 3 × forward FLOPs at each round's "
+            "sparsity × training samples × epochs, summed over rounds; paper conv. = the paper's Tables 1 and "
+            "6-11: a dense round (3 × the dense forward's multiply-adds × all training images × epochs) per round, "
+            "whatever the sparsity. (+x) = the teacher's cost in the same convention: the FLOPs spent obtaining "
+            "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
+            "(whole curve counted); `†`: the curve has not reached the wall (run in progress or stopped "
+            "online). ± = sample std over seeds.", ""]
     for ph in ordered_phases(run):
-        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(curves[ph], t_e, t_a), ""]
+        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(curves[ph], cfg), ""]
     return "\n".join(out)
 
 
@@ -127,7 +154,7 @@ def mean(rs, key) -> float:
     return stats([get(r, key) for r in rs])[0]
 
 
-def _round_table(seed_rows: dict, t_e, t_a) -> str:
+def _round_table(seed_rows: dict, cfg: dict) -> str:
     rounds, by = per_round(seed_rows)
     labels = label_rounds([{"test_acc": mean(by[k], "test_acc")} for k in rounds])
     best, stops = {}, {}
@@ -136,16 +163,18 @@ def _round_table(seed_rows: dict, t_e, t_a) -> str:
         if scored:
             k = max(scored, key=lambda r: r["val_acc"])["round"]
             best[k] = best.get(k, 0) + 1
-        s = algorithm2_stop(rows, t_e, t_a)
-        if s is not None:
-            stops[s] = stops.get(s, 0) + 1
+        for rule in ("entropy", "entropy-peak"):
+            s = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1))
+            if s is not None:
+                stops[(s, rule)] = stops.get((s, rule), 0) + 1
     n, nd = len(seed_rows), _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
     out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy | Label | s/round | s/epoch "
-           "| Sparse layers | Cum. PFLOPs | Best val / Alg. 2 stop |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
+           "| Sparse layers | Cum. PFLOPs | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
     for k, lab in zip(rounds, labels):
         rs = by[k]
         pct = lambda key: [100 * get(r, key) for r in rs]  # noqa: E731
-        marks = ([f"best {best[k]}/{n}"] if k in best else []) + ([f"stop {stops[k]}/{n}"] if k in stops else [])
+        marks = ([f"best {best[k]}/{n}"] if k in best else []) + [
+            f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
         out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {_ms(pct('val_acc'))} | {_ms(pct('test_acc'))} | "
                    f"{_ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
                    f"{mean(rs, 'sec_per_epoch'):.2f} | {mean(rs, 'sparse_layers'):.0f} | "

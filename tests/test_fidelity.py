@@ -1,0 +1,161 @@
+"""The `paper` profile is the paper's protocol: Table 4 per model and role, Algorithm 1's wall,
+Algorithm 2 (as written, and the peak rule) on the student runs only, the paper's FLOPs convention,
+phase labels, run-directory names and --print-config."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import read_rows, run_dir
+from sparsetrain.experiment import loop, study
+from sparsetrain.experiment.config import config_from_args
+from sparsetrain.experiment.early_stop import algorithm2_stop
+from sparsetrain.experiment.flops import dense_macs, paper_round_flops
+from sparsetrain.experiment.models import build_model
+from sparsetrain.experiment.report import label_rounds
+
+# The paper's Table 4 (Appendix B.1), typed in from the paper: (model, dataset) -> (epochs, batch,
+# LR, milestones, weight decay, rewind iteration); momentum 0.9 and drop 0.1 in every row.
+TABLE4 = {
+    ("resnet18", "cifar10"): (160, 128, 0.1, (80, 120), 1e-4, 1000),
+    ("vgg_d5g5", "cifar10"): (160, 128, 0.001, (80, 120), 1e-4, 0),
+    ("resnet18", "cifar100"): (160, 128, 0.1, (80, 120), 1e-4, 1000),
+    ("vgg_d5g5", "cifar100"): (160, 128, 0.001, (80, 120), 1e-4, 0),
+    ("resnet18", "cifar100n"): (160, 128, 0.1, (80, 120), 1e-4, 1000),
+    ("vgg_d5g5", "cifar100n"): (160, 128, 0.001, (80, 120), 1e-4, 0),
+    ("resnet18", "flowers102"): (160, 64, 0.001, (80, 120), 1e-5, 0),
+    ("resnet18", "imagefolder"): (90, 1024, 0.1, (30, 60), 1e-4, 0),
+    ("resnet50", "imagefolder"): (90, 1024, 0.1, (30, 60), 1e-4, 0),
+}
+
+
+def _row(hp):
+    assert (hp.momentum, hp.drop) == (0.9, 0.1)
+    return hp.epochs, hp.batch_size, hp.lr, hp.milestones, hp.weight_decay, hp.rewind_iter
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "cifar100n"])
+def test_paper_profile_is_table4_per_role(dataset):
+    cfg, _ = config_from_args([dataset, "--eps", "0"] if dataset == "cifar100n" else [dataset])
+    assert (cfg.model, cfg.resolved_student()) == ("resnet18", "vgg_d5g5")
+    assert _row(cfg.hyper("teacher")) == TABLE4[("resnet18", dataset)]
+    assert _row(cfg.hyper("student")) == TABLE4[("vgg_d5g5", dataset)]
+    # Table 1's rows: both teachers, three seeds, a separate vanilla student run
+    assert cfg.teachers == ("dense", "best") and cfg.seeds == (0, 1, 2) and cfg.separate_vanilla()
+
+
+@pytest.mark.parametrize("model,dataset", [("resnet18", "flowers102"), ("resnet18", "imagefolder"),
+                                           ("resnet50", "imagefolder"), ("vgg_d5g5", "cifar10")])
+def test_explicit_model_gets_its_own_row(model, dataset):
+    cfg, _ = config_from_args([dataset, "--model", model])
+    assert _row(cfg.hyper("teacher")) == _row(cfg.hyper("student")) == TABLE4[(model, dataset)]
+
+
+def test_flags_override_per_role_and_nothing_else():
+    cfg, _ = config_from_args(["cifar10", "--model", "vgg_d5g5", "--epochs", "20"])
+    assert _row(cfg.hyper("teacher"))[:3] == (20, 128, 0.001)  # --epochs keeps Table 4's LR
+    cfg, _ = config_from_args(["cifar10", "--student-lr", "0.01"])
+    assert (cfg.hyper("teacher").lr, cfg.hyper("student").lr) == (0.1, 0.01)
+    assert cfg.hyper("student").rewind_iter == 0 and cfg.hyper("student").epochs == 160
+    cfg, _ = config_from_args(["cifar10", "--lr", "0.05", "--teacher-lr", "0.2"])
+    assert (cfg.hyper("teacher").lr, cfg.hyper("student").lr) == (0.2, 0.05)
+    cfg, _ = config_from_args(["mnist", "--profile", "quick"])
+    assert not cfg.separate_vanilla()  # same model, same schedule: the teacher run is the vanilla run
+    cfg, _ = config_from_args(["mnist", "--profile", "quick", "--student-epochs", "3"])
+    assert cfg.separate_vanilla()
+
+
+def test_print_config_reads_no_data(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "cifar10", "--print-config",
+                          "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "runs")],
+                         capture_output=True, text=True, check=True)
+    doc = json.loads(out.stdout)
+    ph = doc["phases"]
+    assert list(ph) == ["teacher", "vanilla", "distill-dense", "distill-best"]
+    assert (ph["teacher"]["model"], ph["teacher"]["lr"], ph["teacher"]["rewind_iter"]) == ("resnet18", 0.1, 1000)
+    for name in ("vanilla", "distill-dense", "distill-best"):
+        assert (ph[name]["model"], ph[name]["lr"], ph[name]["rewind_iter"]) == ("vgg_d5g5", 0.001, 0)
+    assert ph["distill-best"]["alpha"] == 0.8 and ph["distill-best"]["tau"] == 10.0
+    assert ph["teacher"]["early_stop"].startswith("none")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "missing").exists()
+
+
+# ---------------------------------------------------------------------------- Algorithm 2, both rules
+def _curve(val, ent):
+    return [{"round": k, "val_acc": v, "entropy_mean": e} for k, (v, e) in enumerate(zip(val, ent))]
+
+
+def test_rules_on_rising_then_falling_entropy():
+    # the CPU studies' shape: entropy rises through the critical phase, peaks, then falls, never
+    # below 0.8 x the dense value; accuracy dips, recovers, then collapses
+    ent = [0.57, 0.63, 0.71, 0.70, 0.62, 0.55, 0.50, 0.48]
+    val = [0.80, 0.76, 0.70, 0.74, 0.78, 0.79, 0.60, 0.40]
+    rows = _curve(val, ent)
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy") is None  # 0.48 > 0.8 * 0.57: never fires
+    # peak rule: 0.55 <= 0.8 * 0.71 at round 5 ends phase 1 (best 0.80); stop at 0.60 <= 0.64
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak") == 6
+    # m consecutive falls: rounds 3, 4, ... fall; with m = 5 phase 1 ends at round 7 (accuracy 0.40)
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=4) == 6
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=5) == 7
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=6) is None
+
+
+def test_paper_rule_as_written():
+    rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy") == 3  # phase 1 ends at round 2 (0.45 <= 0.48)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        algorithm2_stop(rows, rule="loss")
+    with pytest.raises(ValueError, match="falls must be"):
+        algorithm2_stop(rows, rule="entropy-peak", falls=0)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def test_paper_convention_flops_of_vgg_d5g5_cifar10():
+    m = build_model("vgg_d5g5", 10, 3, 32)
+    assert dense_macs(m, (3, 32, 32)) == pytest.approx(68e6, rel=0.02)
+    # the paper's 48.84 PFLOPs = 30 rounds of 1.628: one round of 160 epochs over 50,000 images
+    assert paper_round_flops(m, (3, 32, 32), 50_000, 160) / 1e15 == pytest.approx(1.628, rel=0.02)
+
+
+# ---------------------------------------------------------------------------- phase labels
+def _labels(acc):
+    return label_rounds([{"test_acc": a} for a in acc])
+
+
+def test_labels_slow_decline_is_not_a_collapse():
+    assert _labels([0.833, 0.831, 0.828, 0.825, 0.821, 0.815]) == ["light"] * 6
+    assert _labels([0.833, 0.83, 0.82, 0.80, 0.76]) == ["light"] * 4 + ["collapsed"]
+
+
+def test_labels_dip_recovery_and_collapse():
+    acc = [0.82, 0.815, 0.74, 0.69, 0.73, 0.77, 0.76, 0.60, 0.30]
+    assert _labels(acc) == ["light", "light", "critical", "critical", "sweet", "sweet", "sweet",
+                            "collapsed", "collapsed"]
+
+
+# ---------------------------------------------------------------------------- run directories
+def _dir(*args):
+    return study.run_dir_of(config_from_args(["mnist", "--profile", "quick", *args])[0])
+
+
+def test_run_directory_names():
+    base = _dir()
+    assert base == _dir() and base.startswith("runs/mnist-eps0.2-quick-lenet300-")
+    others = [_dir(*a) for a in (["--model", "vgg_d1g5"], ["--perturb", "rewind"], ["--alpha", "0.5"],
+                                 ["--tau", "4"], ["--structure", "filter"], ["--student-lr", "0.01"])]
+    assert len({base, *others}) == 1 + len(others)
+    assert _dir("--threads", "1", "--data-dir", "elsewhere") == base  # settings that do not change results
+    assert _dir("--out", "o").startswith("o/")
+
+
+# ---------------------------------------------------------------------------- the loop
+def test_wall_and_early_stop_only_on_students(mnist_dir, study_args, monkeypatch):
+    """No round at or beyond the wall is trained; the early stop never cuts the teacher."""
+    monkeypatch.setattr(loop, "algorithm2_stop", lambda rows, *a: rows[-1]["round"])  # "stop now"
+    assert study.main(study_args(mnist_dir, "--early-stop", "entropy", "--teachers", "dense")) == 0
+    rd = run_dir(mnist_dir / "runs") / "seed0"
+    teacher = read_rows(rd / "teacher" / "metrics.csv")
+    assert [int(r["round"]) for r in teacher] == [0, 1, 2, 3, 4]  # a full run: 93.75%; 96.9% >= 0.95
+    assert all(float(r["sparsity"]) < 0.95 for r in teacher)
+    assert len(read_rows(rd / "distill-dense" / "metrics.csv")) == 1  # the student stopped at once
