@@ -244,8 +244,22 @@ def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, 
 
 # ============================================================================ op signatures
 # Argument order of the `sparsetrain::sparse_conv2d*` schemas in csrc/sparsetrain.cpp.
+def _check_channels(t, name: str, ccol, kernel_size) -> None:
+    """The weight's geometry (the transposed index has C*kh*kw columns) fixes the input channels."""
+    c = (ccol.numel() - 1) // (int(kernel_size[0]) * int(kernel_size[1]))
+    if t.dim() == 4 and t.shape[1] != c:
+        raise ValueError(f"{name} has {t.shape[1]} channels but the weight expects {c}")
+
+
+def _check_cols(x, col, kernel_size) -> None:
+    """Without the transposed index: every column index must address a channel of x."""
+    if col.numel() and x.dim() == 4 and int(col.max()) >= x.shape[1] * int(kernel_size[0]) * int(kernel_size[1]):
+        raise ValueError(f"x has {x.shape[1]} channels, fewer than the weight's column indices address")
+
+
 def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                   kernel_size, stride, padding, bias=None):
+    _check_channels(x, "x", ccol_indices, kernel_size)
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
 
 
@@ -256,11 +270,13 @@ def sparse_conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values
 
 
 def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding):
+    _check_cols(x, col_indices, kernel_size)
     return conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
 
 
 def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
                            perm, kernel_size, stride, padding):
+    _check_channels(x, "x", ccol_indices, kernel_size)
     dx = conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
                            kernel_size, stride, padding)
     dw = conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)

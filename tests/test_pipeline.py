@@ -1,6 +1,7 @@
 """The experiment end to end on tiny IDX files written here: schedule, masks, best round, resume,
 distillation, the CLI's errors."""
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_dir
-from sparsetrain.experiment import study
+from sparsetrain.experiment import files, loop, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import config_from_args
 from sparsetrain.experiment.train import kd_loss
@@ -139,3 +140,47 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         safe_load(str(tmp_path / "foreign.pt"))
     with pytest.raises(FileNotFoundError):
         safe_load(str(tmp_path / "missing.pt"))
+
+
+def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, monkeypatch, capsys):
+    """Killed in round 3, the newest round checkpoint truncated: the resume refuses with a clear
+    message (exit 2) instead of leaving an unreadable result behind."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    calls, real = {"n": 0}, loop.train_epoch
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(base)
+    monkeypatch.setattr(loop, "train_epoch", real)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    newest = sorted((pd / "ckpt").glob("round_*.pt"))[-1]
+    assert newest.name == "round_02.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    capsys.readouterr()
+    assert study.main(base) == 2
+    err = capsys.readouterr().err
+    assert "round_02.pt is corrupt" in err and "delete" in err and str(pd) in err
+
+
+def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
+    p = str(tmp_path / "f.bin")
+    files.atomic_write(p, b"first version", checksum=True)
+    assert files.verify(p) is True
+    (tmp_path / "other.bin").write_bytes(b"no record")
+    assert files.verify(str(tmp_path / "other.bin")) is False  # a file from elsewhere: unverified, not refused
+    with open(p, "r+b") as f:
+        f.write(b"F")
+    with pytest.raises(files.CorruptFile, match="f.bin is corrupt"):
+        files.verify(p)
+    # a kill between the record's rename and the file's: the new file waits as the temporary one
+    files.atomic_write(p, b"first version", checksum=True)
+    (tmp_path / "f.bin.tmp.12345").write_bytes(b"second version")
+    files.atomic_write(p + ".sha256", json.dumps({"size": 14, "sha256": hashlib.sha256(b"second version").hexdigest()}))
+    assert files.verify(p) is True and open(p, "rb").read() == b"second version"
+    assert not (tmp_path / "f.bin.tmp.12345").exists()

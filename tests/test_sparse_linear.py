@@ -323,3 +323,20 @@ def test_output_allows_inplace_ops_and_matches():
     ref.sum().backward()
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(xr.grad, ref_x.grad)
+
+
+def test_nan_semantics_pruned_weights_are_absent():
+    """README: a NaN input under an all-pruned column leaves the sparse output finite (the dense
+    masked reference gives NaN: 0 x NaN); through a kept weight NaN propagates as in dense math."""
+    w = torch.randn(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[:, 2] = False  # column 2 fully pruned
+    mask[1:, 4] = False  # column 4 kept in row 0 only
+    layer = SparseLinear(CSR.from_dense(w, mask))
+    x = torch.randn(3, 6)
+    x[0, 2] = float("nan")
+    y = layer(x)
+    assert torch.isfinite(y).all() and torch.isnan(dense_linear(x, w, mask)[0]).all()
+    x[1, 4] = float("inf")
+    y = layer(x)
+    assert torch.isinf(y[1, 0]) and torch.isfinite(y[1, 1:]).all()

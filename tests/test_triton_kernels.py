@@ -223,6 +223,39 @@ def conv_op_autograd_routes_to_triton():
     assert sorted(set(calls)) == names, calls
 
 
+@interp
+def shapes_checked_against_the_weight():
+    """A wrong input width or channel count is refused by the Triton kernels as by the C++ ones
+    (never a silent read of pruned or missing columns)."""
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.formats import CSR
+    w = CSR.from_dense(torch.randn(3, 20), torch.arange(20).expand(3, 20) < 16)  # columns 16..19 pruned
+    v = w.values.detach()
+    for width in (16, 25):
+        for call in (lambda: KL.sparse_linear(torch.randn(2, width), *w.index()[:2], v, *w.csc(), None),
+                     lambda: KL.sparse_linear_grad_input(torch.randn(2, 4), *w.index()[:2], v, *w.csc())):
+            try:
+                call()
+            except ValueError as e:
+                assert "last dimension" in str(e), e
+            else:
+                raise AssertionError("a wrong width was accepted")
+    c = CSR.from_dense(torch.randn(4, 3, 3, 3), torch.rand(4, 3, 3, 3) < 0.5)
+    geo = ([3, 3], [1, 1], [1, 1])
+    for call, what in ((lambda x: KC.sparse_conv2d(x, *c.index()[:2], c.values.detach(), *c.csc(), *geo), "x has"),
+                       (lambda x: KC.sparse_conv2d_backward(torch.randn(1, 4, 5, 5), x, *c.index()[:2],
+                                                            c.values.detach(), *c.csc(), *geo), "x has"),
+                       (lambda x: KC.sparse_conv2d_grad_weight(torch.randn(1, 4, 5, 5), x, *c.index()[:2], *geo),
+                        "x has")):
+        try:
+            call(torch.randn(1, 2, 5, 5))  # 2 channels, the weight has 3
+        except ValueError as e:
+            assert what in str(e), e
+        else:
+            raise AssertionError("a wrong channel count was accepted")
+
+
 # ============================================================================ in-process: backend switch
 def test_use_backend_plain_call_and_context_manager():
     import sparsetrain

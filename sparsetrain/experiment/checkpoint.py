@@ -14,25 +14,28 @@ import torch
 
 from ..engine.nn import is_sparse, masks_of, prunable_layers, sparsify_
 from ..prune import keep_channels_
-from .files import atomic_write
+from .files import CorruptFile, atomic_write, verify
 from .models import build_model
 
 FORMAT = "sparsetrain-ckpt-v1"
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save through atomic_write: a kill never leaves a torn file."""
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """torch.save through atomic_write (a kill never leaves a torn file), with its checksum."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True, checksum=True)
 
 
 def safe_load(path: str) -> dict:
-    """torch.load(weights_only=True) with a clear error for a missing, corrupt or foreign file."""
+    """torch.load(weights_only=True) with a clear error for a missing, corrupt (against the checksum
+    recorded at write time, when there is one) or foreign file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CorruptFile(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a sparsetrain checkpoint (expected format {FORMAT!r})")
     return obj

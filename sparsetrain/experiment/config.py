@@ -17,7 +17,7 @@ from ..engine.bsr import BLOCK_SIZES
 from ..engine.policy import ENGINES
 from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS
-from .datasets import DATASETS
+from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .models import MODEL_NAMES, resolve_name
 
@@ -189,6 +189,8 @@ def preset(profile: str, dataset: str, model: str | None = None, student: str | 
     """The profile's settings for a dataset: its study (models, seeds, size; an explicit `model`
     replaces the models and is its own student unless `student` is given) and each role's schedule."""
     p = _row(STUDY, profile, GROUP[dataset])
+    if dataset in HUMAN_NOISE:
+        p["eps"] = 0.0  # the human labels are the noise
     if model:
         p.update(model=model, student="")
     if student:
@@ -239,6 +241,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
             raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
+    if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
+        raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
@@ -269,8 +273,15 @@ def _add_flag(p, flag: str, t, default, help_: str, choices=None) -> None:
         p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default {default})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <what> (see --help)` and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m sparsetrain.experiment",
         description="DSD2 study: iterative magnitude pruning of a teacher, of a vanilla student, and of "
                     "students distilled from the teacher; entropy, early stop and FLOPs per round.")

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "Raw", "loader", "read_idx"]
+__all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError", "Raw", "loader", "read_idx",
+           "check_pairs"]
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
@@ -29,6 +30,23 @@ HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy 
 
 class DatasetNotFound(FileNotFoundError):
     """The dataset's files are missing (and could not be downloaded)."""
+
+
+class DataError(ValueError):
+    """A dataset file is unreadable or inconsistent (truncated, wrong format, counts that disagree)."""
+
+
+def _brief(e: BaseException) -> str:
+    """An exception as one short line (torch's load errors run over many lines)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def check_pairs(name: str, x: torch.Tensor, y: torch.Tensor, split: str, files) -> None:
+    """Images and labels must agree in count: a mismatch would train on wrong pairs."""
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{name}: the {split} images ({x.shape[0]}) and labels ({y.shape[0]}) differ in count "
+                        f"({', '.join(map(str, files))}): mismatched files")
 
 
 @dataclass
@@ -56,15 +74,25 @@ def loader(*names):
 
 
 def read_idx(path) -> np.ndarray:
-    """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
+    """An IDX file (MNIST format, optionally gzipped) as a numpy array; DataError for a file that is
+    not IDX, is truncated, or has bytes past what its header describes."""
     path = str(path)
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt .gz, unreadable file
+        raise DataError(f"{path}: cannot be read ({_brief(e)})") from None
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in dtypes:
-        raise ValueError(f"{path} is not an IDX file (bad magic {data[:4]!r})")
+        raise DataError(f"{path} is not an IDX file (bad magic {data[:4]!r})")
     nd = data[3]
+    if len(data) < 4 + 4 * nd:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes for {nd} dimensions)")
     dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
+    need = 4 + 4 * nd + math.prod(dims) * np.dtype(dtypes[data[2]]).itemsize
+    if len(data) != need:
+        raise DataError(f"{path}: the header describes {'x'.join(map(str, dims))} values ({need} bytes) but the "
+                        f"file holds {len(data)} bytes ({'truncated' if len(data) < need else 'trailing data'})")
     arr = np.frombuffer(data, dtypes[data[2]], count=math.prod(dims), offset=4 + 4 * nd)
     return arr.reshape(dims).astype(arr.dtype.newbyteorder("="))
 
@@ -96,12 +124,25 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
             "network allows, or copy the four IDX files into the data directory.")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
+    for x, kind in ((xtr, "train images"), (xte, "test images")):
+        if x.dim() != 3:
+            raise DataError(f"{name}: the {kind} file must hold [N, H, W] images, got shape {tuple(x.shape)}")
+    for y, kind in ((ytr, "train labels"), (yte, "test labels")):
+        if y.dim() != 1 or (y.numel() and (int(y.min()) < 0 or int(y.max()) > 9)):
+            raise DataError(f"{name}: the {kind} file must hold [N] labels in 0..9")
+    check_pairs(name, xtr, ytr, "train", files[:2])
+    check_pairs(name, xte, yte, "test", files[2:])
     return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:  # truncated or foreign file: pickle raises many types
+        raise DataError(f"{path}: not a readable CIFAR batch ({_brief(e)})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: a CIFAR batch must be a dict, got {type(d).__name__}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -124,8 +165,16 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
 
     def read(files):
         ds = [_unpickle(folder / f) for f in files]
+        for f, d in zip(files, ds):
+            n = len(d.get(key, ()))
+            data = np.asarray(d.get("data", np.zeros((0, 0))), dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != n:
+                raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N '{key}', got data "
+                                f"{tuple(data.shape)} and {n} labels")
         x = np.concatenate([np.asarray(d["data"], dtype=np.uint8) for d in ds]).reshape(-1, 3, 32, 32)
         y = np.concatenate([np.asarray(d[key], dtype=np.int64) for d in ds])
+        if len(y) and (y.min() < 0 or y.max() >= (10 if c10 else 100)):
+            raise DataError(f"{name}: labels outside 0..{9 if c10 else 99} in {', '.join(files)}")
         return torch.from_numpy(x), torch.from_numpy(y)
     return (*read(train_files), *read([test_file]), 10 if c10 else 100)
 
@@ -141,25 +190,49 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
             f"cifar100n needs the human noisy labels: looked for {', '.join(map(str, candidates))}. "
             "Pass label_file= the CIFAR-N file CIFAR-100_human.pt (from the CIFAR-N release, "
             "github.com/UCSC-REAL/cifar-10-100n, data/) or a .npy/.txt of 50000 ints.")
-    if path.suffix == ".pt":
-        # CIFAR-N stores numpy arrays in a pickled dict: needs weights_only=False (trusted file).
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(d, dict) or "noisy_label" not in d:
-            keys = list(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"label_file {path} must be a dict with key 'noisy_label', got {keys}")
-        if "clean_label" in d and not np.array_equal(np.asarray(d["clean_label"]).reshape(-1), y_clean.numpy()):
-            raise ValueError(f"label_file {path}: its 'clean_label' differs from the CIFAR-100 "
-                             "training labels (wrong file or order)")
-        labels = np.asarray(d["noisy_label"]).reshape(-1)
-    elif path.suffix == ".npy":
-        labels = np.load(path).reshape(-1)
-    else:
-        labels = np.loadtxt(path, dtype=np.int64).reshape(-1)
-    labels = torch.as_tensor(labels.astype(np.int64))
-    if labels.shape != y_clean.shape or labels.min() < 0 or labels.max() >= 100:
-        raise ValueError(f"label_file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
-                         f"{labels.shape[0]} in [{int(labels.min())}, {int(labels.max())}]")
+    try:
+        if path.suffix == ".pt":
+            # CIFAR-N stores numpy arrays in a pickled dict: weights_only loading with numpy's array
+            # reconstruction allowed, nothing else (no arbitrary code from a downloaded file)
+            with torch.serialization.safe_globals([_np_core().multiarray._reconstruct, np.ndarray, np.dtype,
+                                                   *_numpy_dtype_classes()]):
+                d = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(d, dict) or "noisy_label" not in d:
+                keys = list(d) if isinstance(d, dict) else type(d).__name__
+                raise DataError(f"--label-file {path} must be a dict with key 'noisy_label', got {keys}")
+            if "clean_label" in d and not np.array_equal(np.asarray(d["clean_label"]).reshape(-1), y_clean.numpy()):
+                raise DataError(f"--label-file {path}: its 'clean_label' differs from the CIFAR-100 "
+                                "training labels (wrong file or order)")
+            labels = np.asarray(d["noisy_label"]).reshape(-1)
+        elif path.suffix == ".npy":
+            labels = np.load(path, allow_pickle=False).reshape(-1)
+        else:
+            labels = np.loadtxt(path, dtype=np.int64).reshape(-1)
+        labels = torch.as_tensor(labels.astype(np.int64))
+    except DataError:
+        raise
+    except Exception as e:  # garbage, truncated or pickled-object files
+        raise DataError(f"--label-file {path}: not a CIFAR-N label file ({_brief(e)})") from None
+    if labels.shape != y_clean.shape or (labels.numel() and (labels.min() < 0 or labels.max() >= 100)):
+        rng = f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else ""
+        raise DataError(f"--label-file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
+                        f"{labels.shape[0]}{rng}")
     return labels
+
+
+def _np_core():
+    """numpy._core (numpy 2) or numpy.core (numpy 1), where the array pickles' reconstructor lives."""
+    import importlib
+    try:
+        return importlib.import_module("numpy._core.multiarray") and importlib.import_module("numpy._core")
+    except ImportError:
+        return importlib.import_module("numpy.core")
+
+
+def _numpy_dtype_classes() -> list:
+    """numpy's per-dtype classes (numpy.dtypes.Int64DType ...), which pickled arrays may name."""
+    import numpy.dtypes
+    return [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
 
 
 def _pil_to_uint8(img, size: int) -> torch.Tensor:

@@ -2,22 +2,64 @@
 
 The data goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
 the target (`os.replace` is atomic on POSIX within one filesystem): a reader sees the old file or
-the new one, never a torn one. No torch import here: the report uses it too.
+the new one, never a torn one. With `checksum=True` (checkpoints) the size and sha256 of what was
+written go to `<path>.sha256` before the rename, and `verify(path)` later proves the file is still
+what was written (a kill between the two renames is finished by verify: the new file is the
+temporary one whose checksum matches). No torch import here: the report uses it too.
 """
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import io
 import json
 import os
 import subprocess
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile"]
 
 
-def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None) -> None:
-    """Write `data` (text, bytes, or a function writing to an open file) to `path` atomically."""
+class CorruptFile(ValueError):
+    """A file no longer matches the size and checksum recorded when it was written."""
+
+
+def _digest(path: str) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def verify(path: str) -> bool:
+    """Check `path` against `<path>.sha256` (False: no record, e.g. a file from elsewhere; True:
+    it matches). CorruptFile when it does not match and no interrupted write can be finished."""
+    record = path + ".sha256"
+    if not os.path.exists(record):
+        return False
+    try:
+        with open(record) as f:
+            want = json.load(f)
+        want = {"size": int(want["size"]), "sha256": str(want["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptFile(f"{record} (the checksum of {path}) is unreadable") from None
+    if os.path.exists(path) and _digest(path) == want:
+        return True
+    for tmp in sorted(glob.glob(glob.escape(path) + ".tmp.*")):  # killed between the two renames
+        if _digest(tmp) == want:
+            os.replace(tmp, path)
+            return True
+    got = f"{os.path.getsize(path)} bytes" if os.path.exists(path) else "missing"
+    raise CorruptFile(f"{path} is corrupt: {got}, not the {want['size']} bytes (sha256 {want['sha256'][:12]}…) "
+                      "written")
+
+
+def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None,
+                 checksum: bool = False) -> None:
+    """Write `data` (text, bytes, or a function writing to an open file) to `path` atomically;
+    `checksum`: record its size and sha256 for `verify`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -31,6 +73,8 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if checksum:
+            atomic_write(path + ".sha256", json.dumps(_digest(tmp)))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -14,6 +14,7 @@ per round), ckpt/round_XX.pt and, while running, state.pt.
 """
 from __future__ import annotations
 
+import glob
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from . import data as D
 from .checkpoint import atomic_save, model_payload, restore_model, safe_load, save_model
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
-from .files import write_csv, write_json
+from .files import CorruptFile, verify, write_csv, write_json
 from .flops import dense_macs, forward_flops, paper_round_flops, training_flops
 from .models import build_model
 from .train import evaluate, make_optimizer, train_epoch
@@ -60,10 +61,30 @@ def arch_of(name: str, splits) -> dict:
 
 
 # ============================================================================ stages
+def verify_phase(pdir: str) -> None:
+    """Every checkpoint a resume relies on (state.pt) or leaves as a result (ckpt/round_XX.pt) must
+    still be what was written (size and sha256 recorded at write time); else a clear error."""
+    state = os.path.join(pdir, "state.pt")
+    try:
+        if os.path.exists(state):
+            verify(state)
+    except CorruptFile as e:
+        raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
+    for path in sorted(glob.glob(os.path.join(glob.escape(pdir), "ckpt", "round_*.pt"))):
+        try:
+            verify(path)
+        except CorruptFile as e:
+            raise CorruptFile(f"{e}; a finished round's model cannot be rebuilt: delete {pdir} to retrain "
+                              "this phase") from None
+
+
 def start(cfg, hp, arch: dict, seed: int, state_path: str) -> PhaseState:
     """A fresh phase (seeded model, round 0), or the saved state of an interrupted one."""
     if os.path.exists(state_path):
-        st = safe_load(state_path)
+        try:
+            st = safe_load(state_path)
+        except CorruptFile as e:
+            raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
         model, masks = restore_model(st["model"])
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
                        st.get("train_s", 0.0))
@@ -197,6 +218,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     and stop rules apply ("teacher" or "student"); `teacher_cost`: (exact, paper convention) FLOPs
     spent obtaining the teacher. Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
+    verify_phase(pdir)
     if os.path.exists(os.path.join(pdir, "best.json")):
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")

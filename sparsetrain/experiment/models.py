@@ -23,7 +23,6 @@ import re
 from collections import OrderedDict
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
            "MODEL_NAMES", "MODELS", "resolve_name"]
@@ -37,61 +36,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------- ResNets
-class _BasicBlock(BasicBlock):
-    """torchvision BasicBlock with one ReLU module per call site (same parameters)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        del self.relu
-        self.relu1 = nn.ReLU(inplace=True)
-        self.relu2 = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + identity)
-
-
-class _Bottleneck(Bottleneck):
-    """torchvision Bottleneck with one ReLU module per call site (same parameters)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        del self.relu
-        self.relu1 = nn.ReLU(inplace=True)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.relu3 = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu3(out + identity)
-
-
-def _resnet(block, layers, num_classes: int, in_channels: int, small_input: bool) -> ResNet:
+def resnet18(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
+    """ResNet-18; `small_input` (32x32-like images) gives the CIFAR stem (resnet.py)."""
     _check_common(num_classes, in_channels)
-    model = ResNet(block, layers, num_classes=num_classes)
-    if small_input:
-        # CIFAR variant (He et al. 2022, paper B.1): 3x3 stride-1 stem, max-pool removed.
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    elif in_channels != 3:
-        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model
+    from .resnet import build_resnet
+    return build_resnet(18, num_classes, in_channels, small_input)
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> ResNet:
-    """ResNet-18; `small_input` (32x32-like images) gives the CIFAR stem."""
-    return _resnet(_BasicBlock, [2, 2, 2, 2], num_classes, in_channels, small_input)
-
-
-def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> ResNet:
-    """ResNet-50 (bottleneck blocks); `small_input` gives the CIFAR stem."""
-    return _resnet(_Bottleneck, [3, 4, 6, 3], num_classes, in_channels, small_input)
+def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
+    """ResNet-50 (bottleneck blocks); `small_input` gives the CIFAR stem (resnet.py)."""
+    _check_common(num_classes, in_channels)
+    from .resnet import build_resnet
+    return build_resnet(50, num_classes, in_channels, small_input)
 
 
 # ------------------------------------------------------------------------------- VGG-like
@@ -162,6 +118,8 @@ def resolve_name(name: str) -> tuple[str, dict]:
     m = _VGG_SHORT.match(key)
     if m:
         key, kwargs = "vgg_like", {"delta": int(m.group(1)), "gamma": int(m.group(2))}
+        if kwargs["delta"] < 1:
+            raise ValueError(f"model {name!r}: VGG-like needs delta >= 1 stage (vgg_d<delta>g<gamma>)")
     if key not in _ALIASES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} (or vgg_dXgY, e.g. vgg_d5g5)")
     return _ALIASES[key], kwargs

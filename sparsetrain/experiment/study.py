@@ -21,7 +21,7 @@ from . import data as D
 from . import report
 from .checkpoint import load_model
 from .config import Config, config_from_args, phases
-from .files import git_commit, write_json
+from .files import CorruptFile, git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
 
@@ -51,26 +51,54 @@ def run_dir_of(cfg: Config) -> str:
     return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
 
 
+def _read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+        return old
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is corrupt ({type(e).__name__}: {e}); remove its run directory to start "
+                         "over") from None
+
+
 def prepare_run_dir(cfg: Config) -> str:
     """Create the run directory with its resolved config.json; refuse a directory holding a run
     with different result-affecting settings (a hash collision or a hand-edited config)."""
     rd = run_dir_of(cfg)
-    os.makedirs(rd, exist_ok=True)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a file, not a directory")
     path = os.path.join(rd, "config.json")
+    old = _read_config(path) if os.path.exists(path) else {}
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in resolved if k not in _NON_RESULT_KEYS
-                      and json.loads(json.dumps(resolved[k])) != old.get(k))
+    if old:
+        diff = sorted(k for k, v in result_settings(cfg).items() if v != old.get(k))
         if diff:
             raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
                              "choose another --out or remove it")
     import torchvision
-    write_json(path, {**resolved, "git_commit": git_commit(),
-                      "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                   "python": sys.version.split()[0]}})
+    try:
+        os.makedirs(rd, exist_ok=True)
+        write_json(path, {**resolved, "git_commit": git_commit(),
+                          "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                       "python": sys.version.split()[0]},
+                          **({"data_fingerprint": old["data_fingerprint"]} if "data_fingerprint" in old else {})})
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot write the run directory {rd} ({e.strerror or e})") from None
     return rd
+
+
+def check_data(rd: str, fingerprint: str) -> None:
+    """Record the fingerprint of the data a run trains on in its config.json; refuse to continue a
+    run on different data (another --data-dir, changed files)."""
+    path = os.path.join(rd, "config.json")
+    cfg = _read_config(path)
+    if cfg.get("data_fingerprint", fingerprint) != fingerprint:
+        raise UsageError(f"{rd} was trained on other data (fingerprint {cfg['data_fingerprint']}, now "
+                         f"{fingerprint}): point --data-dir at the original data, or use another --out")
+    if "data_fingerprint" not in cfg:
+        write_json(path, {**cfg, "data_fingerprint": fingerprint})
 
 
 # ============================================================================ teachers
@@ -109,6 +137,7 @@ def run_study(cfg: Config) -> str:
                                 val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
                                 subset=cfg.subset or None, label_file=cfg.label_file or None,
                                 download=not cfg.no_download)
+        check_data(rd, splits.fingerprint)
         sd = os.path.join(rd, f"seed{seed}")
         os.makedirs(sd, exist_ok=True)
         write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
@@ -123,7 +152,21 @@ def run_study(cfg: Config) -> str:
     return report.write_report(rd)
 
 
+def check_teachers(cfg: Config) -> None:
+    """A --teachers PATH must be a readable sparsetrain checkpoint before anything trains."""
+    for choice in cfg.teachers:
+        if choice not in ("best", "dense"):
+            if not os.path.isfile(choice):
+                raise UsageError(f"--teachers {choice}: no such file (expected best, dense or a checkpoint path)")
+            try:
+                load_model(choice)
+            except ValueError as e:  # corrupt (CorruptFile) or not a sparsetrain model checkpoint
+                raise UsageError(f"--teachers {choice}: {e}") from None
+
+
 def main(argv=None) -> int:
+    """The CLI: every expected user error is one line on stderr and exit code 2; a traceback means
+    a bug."""
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
     if args.print_config:
@@ -137,8 +180,9 @@ def main(argv=None) -> int:
         if args.report_only:
             print(report.write_report(rd))
             return 0
+        check_teachers(cfg)
         summary = run_study(cfg)
-    except (UsageError, D.DatasetNotFound) as e:
+    except (UsageError, D.DatasetNotFound, D.DataError, CorruptFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nresults: {os.path.dirname(summary)}\nsummary: {summary}")

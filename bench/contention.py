@@ -1,0 +1,111 @@
+"""Training steps under CPU contention: how the sparse engine and the dense-masked reference slow
+down when several runs share the cores (as a sweep packs them), side by side.
+
+Each scenario starts P worker processes at once, each with T torch threads, each timing the same
+training step (forward, backward, SGD) of a VGG-like(2, 5) on CIFAR-sized batches, dense-masked
+and sparse at 99% alternately. Scenarios on this machine's N cores: alone (1 x N threads), sized
+(N x 1 thread: every run's threads from its CPU share), oversubscribed (N x N threads) and the
+same with OMP_WAIT_POLICY=passive (OpenMP workers sleep at barriers instead of spinning).
+Reported: median step time per engine and its slowdown against the same engine alone.
+
+    python bench/contention.py              # ~2 min; writes bench/results/contention.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = """
+import json, os, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from sparsetrain.engine.nn import sparsify_
+from sparsetrain.experiment.models import build_model
+from sparsetrain.testing import random_mask
+steps, batch = int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+models = {}
+for engine in ("dense", "sparse"):
+    torch.manual_seed(0)
+    m = build_model("vgg_d2g5", 10, 3, 32)
+    masks = {n: random_mask(mod.weight.shape, 0.99, g) for n, mod in m.named_modules()
+             if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))}
+    if engine == "sparse":
+        sparsify_(m, masks)
+    else:
+        with torch.no_grad():
+            for n, mk in masks.items():
+                m.get_submodule(n).weight.mul_(mk)
+    models[engine] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), masks)
+x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+def step(engine):
+    m, opt, masks = models[engine]
+    loss = torch.nn.functional.cross_entropy(m(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if engine == "dense":
+        for n, mk in masks.items():
+            m.get_submodule(n).weight.grad.mul_(mk)
+    opt.step()
+
+times = {"dense": [], "sparse": []}
+for i in range(steps + 2):
+    for engine in times:
+        t0 = time.perf_counter()
+        step(engine)
+        if i >= 2:
+            times[engine].append(time.perf_counter() - t0)
+print(json.dumps({e: statistics.median(t) * 1e3 for e, t in times.items()}))
+"""
+
+
+def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) -> list[dict]:
+    """Start `procs` workers at once; their per-engine median step times in ms."""
+    ps = [subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(steps), str(batch)],
+                           stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
+    out = []
+    for p in ps:
+        stdout, _ = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"worker failed with exit code {p.returncode}")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "contention.json"))
+    args = ap.parse_args(argv)
+    n = os.cpu_count() or 2
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    scenarios = [("alone", 1, n, {}), ("sized", n, 1, {}), ("oversubscribed", n, n, {}),
+                 ("oversubscribed, OMP_WAIT_POLICY=passive", n, n, {"OMP_WAIT_POLICY": "passive"})]
+    rows, alone = [], None
+    for name, procs, threads, extra in scenarios:
+        t0 = time.perf_counter()
+        res = run_scenario(procs, threads, args.steps, args.batch, {**base, **extra})
+        med = {e: statistics.median(r[e] for r in res) for e in ("dense", "sparse")}
+        alone = alone or med
+        rows.append({"scenario": name, "procs": procs, "threads": threads, "dense_ms": med["dense"],
+                     "sparse_ms": med["sparse"], "dense_slowdown": med["dense"] / alone["dense"],
+                     "sparse_slowdown": med["sparse"] / alone["sparse"], "wall_s": time.perf_counter() - t0})
+        r = rows[-1]
+        print(f"{name:42s} {procs} x {threads} threads: dense {r['dense_ms']:8.1f} ms ({r['dense_slowdown']:.2f}x)"
+              f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)
+    sys.path.insert(0, HERE)
+    from common import machine_info, write_json
+    write_json(args.out, {"machine": machine_info(), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
+                          "steps": args.steps, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

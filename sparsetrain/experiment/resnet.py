@@ -1,0 +1,59 @@
+"""ResNet-18/50 for the study: torchvision's, with one ReLU module per call site and a CIFAR stem.
+
+Kept apart from models.py so that torchvision (about 1.7 s to import) loads only when a ResNet is
+built, not when the CLI parses its arguments.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+__all__ = ["build_resnet"]
+
+
+class _BasicBlock(BasicBlock):
+    """torchvision BasicBlock with one ReLU module per call site (same parameters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + identity)
+
+
+class _Bottleneck(Bottleneck):
+    """torchvision Bottleneck with one ReLU module per call site (same parameters)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.relu
+        self.relu1 = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.relu3 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + identity)
+
+
+def build_resnet(depth: int, num_classes: int, in_channels: int, small_input: bool) -> ResNet:
+    """ResNet-18 (depth 18, basic blocks) or ResNet-50 (50, bottlenecks); `small_input` (32x32-like
+    images) gives the CIFAR stem (He et al. 2022, paper B.1): 3x3 stride-1 conv, no max-pool."""
+    block, layers = {18: (_BasicBlock, [2, 2, 2, 2]), 50: (_Bottleneck, [3, 4, 6, 3])}[depth]
+    model = ResNet(block, layers, num_classes=num_classes)
+    if small_input:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model

@@ -1,0 +1,193 @@
+"""Every expected user error of `python -m sparsetrain.experiment` is one line naming the argument or
+the file, exit code 2, no traceback; each case runs in its own process, as a user would run it.
+
+The data cases write tiny, broken copies of the real formats (IDX, CIFAR pickles, CIFAR-N labels).
+"""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from sparsetrain.testing import write_cifar, write_mnist
+
+STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def _mnist(root, gz=False):
+    d = root / "data" / "mnist"
+    write_mnist(d, gz=gz, n_train=40, n_test=10)
+    return d
+
+
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+
+
+# each case: (argv after the dataset, a setup(root) writing files, text the error line must contain)
+def _truncated_images(root):
+    _truncate(_mnist(root) / STEMS[0], -100)
+
+
+def _truncated_labels(root):
+    _truncate(_mnist(root) / STEMS[1], -3)
+
+
+def _ten_byte_images(root):
+    (_mnist(root) / STEMS[0]).write_bytes(b"\0\0\x08\x03\0\0\0\x28\0\0")
+
+
+def _truncated_gz(root):
+    p = _mnist(root, gz=True) / (STEMS[0] + ".gz")
+    _truncate(p, len(p.read_bytes()) // 2)
+
+
+def _bad_magic(root):
+    p = _mnist(root) / STEMS[2]
+    p.write_bytes(b"PK\3\4" + p.read_bytes()[4:])
+
+
+def _swapped_labels(root):  # train images (40) with the test labels (10)
+    d = _mnist(root)
+    shutil.copy(d / STEMS[3], d / STEMS[1])
+
+
+def _cifar100(root):
+    write_cifar(root / "data", c10=False, n_per_batch=20, n_test=5)
+
+
+def _garbage_label_file(root):
+    _cifar100(root)
+    (root / "labels.pt").write_bytes(b"certainly not a torch file")
+
+
+def _short_label_file(root):
+    _cifar100(root)
+    np.save(root / "labels.npy", np.zeros(7, dtype=np.int64))
+
+
+def _out_is_a_file(root):
+    _mnist(root)
+    (root / "outfile").write_text("x")
+
+
+def _corrupt_config(root):
+    _mnist(root)
+    rd = _run_dir(root)
+    rd.mkdir(parents=True)
+    (rd / "config.json").write_text("{ not json")
+
+
+def _truncated_state(root):
+    _mnist(root)
+    pd = _run_dir(root) / "seed0" / "teacher"
+    pd.mkdir(parents=True)
+    torch.save({"format": "sparsetrain-ckpt-v1"}, pd / "state.pt")
+    _truncate(pd / "state.pt", 40)
+
+
+def _different_config(root):
+    _mnist(root)
+    rd = _run_dir(root)
+    rd.mkdir(parents=True)
+    cfg = json.loads(_cli(root, "--print-config").stdout)["config"]
+    (rd / "config.json").write_text(json.dumps({**cfg, "student": cfg["model"], "alpha": 0.5}))
+
+
+def _run_dir(root):
+    from pathlib import Path
+    return Path(json.loads(_cli(root, "--print-config").stdout)["run_dir"])
+
+
+BASE = ["--profile", "quick", "--subset", "0", "--epochs", "1", "--threads", "1", "--no-download"]
+
+
+def _cli(root, *argv, dataset="mnist"):
+    args = [sys.executable, "-m", "sparsetrain.experiment", dataset, "--data-dir", str(root / "data"),
+            "--out", str(root / "runs"), *BASE, *argv]
+    return subprocess.run(args, capture_output=True, text=True, cwd=root, timeout=120)
+
+
+CASES = [
+    # data files
+    ("truncated-images", "mnist", [], _truncated_images, "train-images-idx3-ubyte: the header describes"),
+    ("truncated-labels", "mnist", [], _truncated_labels, "train-labels-idx1-ubyte: the header describes"),
+    ("10-byte-images", "mnist", [], _ten_byte_images, "train-images-idx3-ubyte"),
+    ("truncated-gz", "mnist", [], _truncated_gz, "train-images-idx3-ubyte.gz: cannot be read"),
+    ("bad-magic", "mnist", [], _bad_magic, "t10k-images-idx3-ubyte is not an IDX file"),
+    ("images-labels-count", "mnist", [], _swapped_labels, "the train images (40) and labels (10) differ"),
+    ("cifar100n-eps", "cifar100n", ["--eps", "0.2"], _cifar100, "--eps must be 0 for cifar100n"),
+    ("cifar100n-garbage-labels", "cifar100n", ["--label-file", "labels.pt"], _garbage_label_file,
+     "--label-file labels.pt: not a CIFAR-N label file"),
+    ("cifar100n-short-labels", "cifar100n", ["--label-file", "labels.npy"], _short_label_file,
+     "--label-file labels.npy must hold 20 labels"),
+    # the run directory
+    ("out-read-only", "mnist", ["--out", "/proc/sparsetrain-runs"], _mnist, "--out /proc/sparsetrain-runs: cannot write"),
+    ("out-is-a-file", "mnist", ["--out", "outfile"], _out_is_a_file, "--out outfile is a file"),
+    ("corrupt-config", "mnist", [], _corrupt_config, "config.json is corrupt"),
+    ("truncated-state", "mnist", [], _truncated_state, "delete it to restart this phase"),
+    ("different-config", "mnist", [], _different_config, "holds a run with different settings (alpha)"),
+    ("report-only-missing", "mnist", ["--report-only"], _mnist, "--report-only: no run to report"),
+    ("resume-missing", "mnist", ["--resume"], _mnist, "--resume: no run to resume"),
+    ("teachers-missing-path", "mnist", ["--teachers", "nope.pt"], _mnist, "--teachers nope.pt: no such file"),
+    # arguments
+    ("lr", "mnist", ["--lr", "-1"], None, "--lr must be > 0"),
+    ("student-lr", "mnist", ["--student-lr", "0"], None, "--student-lr must be > 0"),
+    ("subset", "mnist", ["--subset", "-5"], None, "--subset must be >= 0"),
+    ("val-fraction", "mnist", ["--val-fraction", "1.5"], None, "--val-fraction must be in [0, 1)"),
+    ("threads", "mnist", ["--threads", "-1"], None, "--threads must be >= 0"),
+    ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more seeds >= 0"),
+    ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),
+    ("dataset", "mnist", ["--early-stop", "sometimes"], None, "argument --early-stop: invalid choice"),
+]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case's files written, then all the processes run two at a time (imports dominate)."""
+    roots = {}
+    for name, _, _, setup, _ in CASES:
+        roots[name] = tmp_path_factory.mktemp(name)
+        if setup is not None:
+            setup(roots[name])
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(_cli, roots[name], *argv, dataset=dataset) for name, dataset, argv, _, _ in CASES}
+    return {name: (roots[name], f.result()) for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name,message", [(c[0], c[4]) for c in CASES], ids=[c[0] for c in CASES])
+def test_user_error_is_one_line_and_exit_2(outcomes, name, message):
+    root, out = outcomes[name]
+    err = out.stderr.strip()
+    assert out.returncode == 2, (out.returncode, err[-2000:])
+    assert "Traceback" not in out.stderr
+    assert len(err.splitlines()) == 1, err
+    assert message in err, err
+    if name == "teachers-missing-path":  # refused before any training
+        assert not any(root.glob("runs/*/seed0/teacher/ckpt/*.pt"))
+
+
+def test_cifar100n_defaults_to_no_added_noise(tmp_path):
+    out = _cli(tmp_path, "--print-config", dataset="cifar100n")
+    assert out.returncode == 0 and json.loads(out.stdout)["config"]["eps"] == 0.0
+
+
+def test_gz_idx_reads_and_changed_data_refused(tmp_path):
+    """A finished run re-run on other data (another --data-dir) refuses instead of reusing results."""
+    write_mnist(tmp_path / "data" / "mnist", gz=True, n_train=40, n_test=10)
+    argv = ["--wall", "0.3", "--batch-size", "16", "--teachers", "dense"]
+    assert _cli(tmp_path, *argv).returncode == 0
+    assert _cli(tmp_path, *argv).returncode == 0  # the same data: finds its finished run
+    other = tmp_path / "other"
+    write_mnist(other / "data" / "mnist", gz=False, n_train=40, n_test=10, seed=1)
+    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "mnist", "--data-dir", str(other / "data"),
+                          "--out", str(tmp_path / "runs"), *BASE, *argv], capture_output=True, text=True)
+    assert out.returncode == 2 and "was trained on other data" in out.stderr and "Traceback" not in out.stderr
+    assert os.path.isdir(tmp_path / "runs")
