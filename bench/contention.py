@@ -4,11 +4,14 @@ down when several runs share the cores (as a sweep packs them), side by side.
 Each scenario starts P worker processes at once, each with T torch threads, each timing the same
 training step (forward, backward, SGD) of a VGG-like(2, 5) on CIFAR-sized batches, dense-masked
 and sparse at 99% alternately. Scenarios on this machine's N cores: alone (1 x N threads), sized
-(N x 1 thread: every run's threads from its CPU share), oversubscribed (N x N threads) and the
-same with OMP_WAIT_POLICY=passive (OpenMP workers sleep at barriers instead of spinning).
-Reported: median step time per engine and its slowdown against the same engine alone.
+(N x 1 thread: every run's threads from its CPU share), oversubscribed (N x N threads), and alone
+and oversubscribed with OMP_WAIT_POLICY=passive (OpenMP workers sleep at barriers instead of
+spinning: a spinning worker of one run takes the core another run's worker needs) and with
+GOMP_SPINCOUNT=10000 (spin briefly, then sleep).
+Reported: median step time per engine and its slowdown against the same engine alone (scenarios
+interleaved over rounds, each slowdown the median of per-round ratios).
 
-    python bench/contention.py              # ~2 min; writes bench/results/contention.json
+    python bench/contention.py              # ~3 min; writes bench/results/contention.json
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = """
@@ -80,23 +82,32 @@ def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "contention.json"))
     args = ap.parse_args(argv)
     n = os.cpu_count() or 2
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    passive, short = {"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "10000"}
     scenarios = [("alone", 1, n, {}), ("sized", n, 1, {}), ("oversubscribed", n, n, {}),
-                 ("oversubscribed, OMP_WAIT_POLICY=passive", n, n, {"OMP_WAIT_POLICY": "passive"})]
-    rows, alone = [], None
-    for name, procs, threads, extra in scenarios:
-        t0 = time.perf_counter()
-        res = run_scenario(procs, threads, args.steps, args.batch, {**base, **extra})
-        med = {e: statistics.median(r[e] for r in res) for e in ("dense", "sparse")}
-        alone = alone or med
+                 ("alone, OMP_WAIT_POLICY=passive", 1, n, passive),
+                 ("oversubscribed, OMP_WAIT_POLICY=passive", n, n, passive),
+                 ("alone, GOMP_SPINCOUNT=10000", 1, n, short),
+                 ("oversubscribed, GOMP_SPINCOUNT=10000", n, n, short)]
+    # scenarios interleaved round by round (this shared machine's speed drifts), medians over rounds
+    runs = {name: [] for name, *_ in scenarios}
+    for _ in range(args.rounds):
+        for name, procs, threads, extra in scenarios:
+            res = run_scenario(procs, threads, args.steps, args.batch, {**base, **extra})
+            runs[name].append({e: statistics.median(r[e] for r in res) for e in ("dense", "sparse")})
+    rows = []
+    for name, procs, threads, _ in scenarios:
+        med = {e: statistics.median(r[e] for r in runs[name]) for e in ("dense", "sparse")}
+        # slowdown per round against the same round's "alone", then the median
+        slow = {e: statistics.median(r[e] / a[e] for r, a in zip(runs[name], runs["alone"])) for e in med}
         rows.append({"scenario": name, "procs": procs, "threads": threads, "dense_ms": med["dense"],
-                     "sparse_ms": med["sparse"], "dense_slowdown": med["dense"] / alone["dense"],
-                     "sparse_slowdown": med["sparse"] / alone["sparse"], "wall_s": time.perf_counter() - t0})
+                     "sparse_ms": med["sparse"], "dense_slowdown": slow["dense"], "sparse_slowdown": slow["sparse"]})
         r = rows[-1]
         print(f"{name:42s} {procs} x {threads} threads: dense {r['dense_ms']:8.1f} ms ({r['dense_slowdown']:.2f}x)"
               f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)

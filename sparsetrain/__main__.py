@@ -1,5 +1,4 @@
-import sys
+"""`python -m sparsetrain ...` is `python -m sparsetrain.experiment ...`."""
+import runpy
 
-from .experiment.study import main
-
-sys.exit(main())
+runpy.run_module("sparsetrain.experiment", run_name="__main__", alter_sys=True)

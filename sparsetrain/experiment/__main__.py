@@ -1,6 +1,12 @@
+import os
 import sys
 
-from .config import config_from_args
+# OpenMP workers spin at most ~10k iterations at a barrier before sleeping (libgomp's default spins
+# far longer): alone it costs nothing measurable, with runs sharing the cores it roughly halves the
+# slowdown (bench/contention.py). Set before torch loads the OpenMP runtime; the user's value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from .config import config_from_args  # noqa: E402
 
 config_from_args(sys.argv[1:])  # argument errors first: one line and exit 2 before the study's imports
 

@@ -115,7 +115,8 @@ class Config:
     label_file: str = _f("", "cifar100n: the CIFAR-N human-label file (default DATA_DIR/CIFAR-100_human.pt)")
     out: str = _f("runs", "output root; the run directory is OUT/<dataset>-eps<eps>-<profile>-<models>-<hash of "
                   "the settings>, so the same settings find their run again and different ones never collide")
-    threads: int = _f(0, "torch threads (0: torch's default)")
+    threads: int = _f(0, "torch threads (0: this run's CPU share: OMP_NUM_THREADS, else the CPUs the process "
+                      "may run on); with several runs on one machine give each cores / runs")
 
     def resolved_student(self) -> str:
         return self.student or self.model

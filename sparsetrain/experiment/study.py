@@ -126,10 +126,20 @@ def teacher_tag(choice: str) -> str:
 
 
 # ============================================================================ the study
+def threads_for(cfg: Config) -> int:
+    """--threads, or this run's CPU share: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs),
+    else the CPUs this process may run on (taskset, cgroup cpusets), not every core of the machine."""
+    if cfg.threads:
+        return cfg.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_study(cfg: Config) -> str:
     """Run (or continue) every phase of every seed; returns the path of summary.md."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads_for(cfg))
     rd = prepare_run_dir(cfg)
     student = cfg.resolved_student()
     for seed in cfg.seeds:
