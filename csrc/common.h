@@ -1,8 +1,13 @@
 // Shared helpers for the sparsetrain CPU kernels: argument checks and SIMD multiversioning.
 #pragma once
+// Include what is used (not ATen/ATen.h, which pulls every operator's declaration into each file):
+// the Tensor type, the dtype dispatch macros, parallel_for and the two factory ops.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <cstdlib>
