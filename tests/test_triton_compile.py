@@ -1,0 +1,134 @@
+"""Every Triton kernel compiles for real GPUs, without one: `triton.compile` runs the whole compiler
+(Triton IR -> LLVM -> PTX -> cubin with the ptxas inside the triton wheel) for sm_80 (A100) and
+sm_90 (H100), in every autotune config, for every dtype the kernel accepts and every constexpr
+combination its launches use; each kernel's shared memory must fit the architecture's per-block
+limit. (The interpreter tests check what the kernels compute; this checks that they compile.)
+"""
+import itertools
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+# per-block shared memory limits (opt-in maximum), bytes
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+T = "T"  # stands for the value dtype in the pointer maps below
+
+
+def _specs():
+    """(module, kernel, {arg: pointer element type (or T)}, dtypes, [constexpr dicts used by launches])."""
+    csr = ["fp32", "fp64"]  # sparse_linear / sparse_conv2d accept float32 and float64
+    bsr = ["fp32", "fp16", "bf16"]  # bsr_matmul.BSR_DTYPES
+    both = [False, True]
+    return [
+        ("sparse_linear", "_csr_spmm_kernel",
+         dict(ptr="i64", idx="i32", vals=T, perm="i64", order="i32", xt=T, yt=T, bias=T), csr,
+         [dict(HAS_PERM=p, HAS_BIAS=b) for p, b in itertools.product(both, both)]),
+        ("sparse_linear", "_csr_sddmm_kernel",
+         dict(ptr="i64", idx="i32", order="i32", dyt=T, xt=T, out=T), csr, [{}]),
+        ("bsr_matmul", "_bsr_mm_kernel",
+         dict(a=T, ptr="i64", idx="i32", perm="i64", vals=T, order="i32", c=T, bias=T), bsr,
+         [dict(TRANS_W=False, HAS_PERM=False, HAS_BIAS=b, BS=bs) for b in both for bs in (16, 32, 64)]
+         + [dict(TRANS_W=True, HAS_PERM=True, HAS_BIAS=False, BS=bs) for bs in (16, 32, 64)]),
+        ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=T, x=T, brow="i32", idx="i32", out=T), bsr,
+         [dict(BS=bs) for bs in (16, 32, 64)]),
+        ("sparse_conv2d", "_conv_fwd_kernel",
+         dict(x=T, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=T), csr,
+         [dict(HAS_BIAS=b) for b in both]),
+        ("sparse_conv2d", "_conv_dgrad_kernel",
+         dict(dy=T, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=T), csr, [{}]),
+        ("sparse_conv2d", "_conv_wgrad_kernel",
+         dict(dy=T, x=T, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
+    ]
+
+
+def _jobs(full: bool):
+    """(module, kernel, pointers, dtype, constexprs, config index, arch) to compile: every autotune
+    config x every accepted dtype x both architectures, with each kernel's constexpr combination of
+    the most shared memory (the last listed: BS 64, bias) or, `full`, every combination its launches
+    use and both fp32 precisions of tl.dot (ieee, tf32)."""
+    import importlib
+    jobs = []
+    for module, name, ptrs, dtypes, combos in _specs():
+        tuner = getattr(importlib.import_module(f"sparsetrain.kernels.{module}"), name)
+        combos = combos if full else [max(combos, key=lambda c: (c.get("BS", 0), c.get("HAS_BIAS", False)))]
+        for dtype, combo, (ci, _), cap in itertools.product(dtypes, combos, enumerate(tuner.configs), SHARED_LIMIT):
+            dot = "PRECISION" in tuner.fn.arg_names
+            precisions = (["ieee", "tf32"] if full else ["ieee"]) if dot and dtype == "fp32" else ["tf32"] if dot else [None]
+            for prec in precisions:
+                extra = {**combo, **({"PRECISION": prec} if prec else {})}
+                jobs.append((module, name, ptrs, dtype, extra, ci, cap))
+    return jobs
+
+
+def _compile(job):
+    """Compile one job in this (worker) process; returns (job id, shared bytes, error or None)."""
+    import importlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    module, name, ptrs, dtype, extra, ci, cap = job
+    tuner = getattr(importlib.import_module(f"sparsetrain.kernels.{module}"), name)
+    fn, cfg = tuner.fn, tuner.configs[ci]
+    constexprs = {**cfg.kwargs, **extra}
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            sig[arg] = "constexpr"
+        elif arg in ptrs:
+            sig[arg] = "*" + (dtype if ptrs[arg] == T else ptrs[arg])
+        else:
+            sig[arg] = "i32"
+    missing = [a for a, t in sig.items() if t == "constexpr" and a not in constexprs]
+    if missing:
+        return job, 0, f"constexprs not given: {missing}"
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", cap, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        if not k.asm.get("cubin"):
+            return job, 0, "no cubin produced"
+        return job, int(k.metadata.shared), None
+    except Exception as e:  # report every failing combination, not just the first
+        return job, 0, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+
+
+def _compile_all(full: bool):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("run without TRITON_INTERPRET=1: the interpreter replaces the compiler")
+    import multiprocessing
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 1),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile, _jobs(full), chunksize=8))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _compile_all(full=False)
+
+
+def _check_all_compiled(results, at_least):
+    failures = [(job[:2] + job[3:], err) for job, _, err in results if err]
+    assert not failures, f"{len(failures)} of {len(results)} compilations failed, e.g. {failures[:5]}"
+    kernels = {(j[0], j[1]) for j, _, _ in results}
+    assert len(kernels) == 7 and len(results) >= at_least  # every kernel, config, dtype, arch
+
+
+def test_every_kernel_config_and_dtype_compiles_for_sm80_and_sm90(compiled):
+    _check_all_compiled(compiled, 150)
+
+
+@pytest.mark.slow
+def test_every_constexpr_combination_compiles():
+    """`make test-slow`: also every flag combination the launches use (~700 compilations)."""
+    results = _compile_all(full=True)
+    _check_all_compiled(results, 600)
+    assert all(shared <= SHARED_LIMIT[job[6]] for job, shared, err in results if not err)
+
+
+def test_shared_memory_fits_each_architecture(compiled):
+    over = [(job[1], job[3], job[4], job[5], job[6], shared) for job, shared, err in compiled
+            if not err and shared > SHARED_LIMIT[job[6]]]
+    assert not over, f"kernels over the per-block shared memory limit: {over[:5]}"
+    assert max(shared for _, shared, _ in compiled) > 0  # the metadata is read, not all zero
