@@ -146,7 +146,12 @@ CASES = [
     ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more seeds >= 0"),
     ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),
     ("dataset", "mnist", ["--early-stop", "sometimes"], None, "argument --early-stop: invalid choice"),
+    ("device", "mnist", ["--device", "tpu"], None, "--device must be auto, cpu, cuda or cuda:N"),
 ]
+
+
+if not torch.cuda.is_available():  # the machine has no GPU: asking for one is a user error
+    CASES.append(("device-cuda", "mnist", ["--device", "cuda"], None, "--device cuda: no CUDA device is available"))
 
 
 @pytest.fixture(scope="module")

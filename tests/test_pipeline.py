@@ -184,3 +184,19 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
     files.atomic_write(p + ".sha256", json.dumps({"size": 14, "sha256": hashlib.sha256(b"second version").hexdigest()}))
     assert files.verify(p) is True and open(p, "rb").read() == b"second version"
     assert not (tmp_path / "f.bin.tmp.12345").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CPU runs above cover the loop")
+def test_study_on_cuda_matches_cpu_and_resumes_across_devices(mnist_dir, study_args):
+    """The same study on the GPU (sparse layers on the Triton kernels) follows the CPU run; a run
+    started on the GPU finishes on the CPU."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--engine", "sparse")
+    assert study.main(base + ["--device", "cpu", "--out", str(mnist_dir / "cpu")]) == 0
+    assert study.main(base + ["--device", "cuda", "--out", str(mnist_dir / "gpu")]) == 0
+    ra = read_rows(run_dir(mnist_dir / "cpu") / "seed0" / "teacher" / "metrics.csv")
+    rb = read_rows(run_dir(mnist_dir / "gpu") / "seed0" / "teacher" / "metrics.csv")
+    assert len(ra) == len(rb) == 5
+    for a, b in zip(ra, rb):
+        assert float(a["sparsity"]) == float(b["sparsity"])
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -115,6 +116,8 @@ class Config:
     label_file: str = _f("", "cifar100n: the CIFAR-N human-label file (default DATA_DIR/CIFAR-100_human.pt)")
     out: str = _f("runs", "output root; the run directory is OUT/<dataset>-eps<eps>-<profile>-<models>-<hash of "
                   "the settings>, so the same settings find their run again and different ones never collide")
+    device: str = _f("auto", "where every pass runs: auto (CUDA when available), cpu, cuda or cuda:N; a run "
+                     "started on one device resumes on another")
     threads: int = _f(0, "torch threads (0: this run's CPU share: OMP_NUM_THREADS, else the CPUs the process "
                       "may run on); with several runs on one machine give each cores / runs")
 
@@ -242,11 +245,30 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
             raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
+    resolve_device(cfg.device)
     if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
+
+
+def resolve_device(spec: str):
+    """--device as a torch.device: auto -> cuda when available, else cpu. ValueError for a device
+    this machine does not have."""
+    import torch
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec or ""):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {spec}: no CUDA device is available here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {spec}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return dev
 
 
 def phases(cfg: Config) -> dict:

@@ -64,6 +64,12 @@ class Split:
         return Split(self.x[sel], self.y[sel], self.y_clean[sel], self.index[sel], self.noisy[sel],
                      self.mean, self.std, self.pad)
 
+    def to(self, device) -> "Split":
+        """The images and labels on `device`, moved once (a GPU epoch then never waits on a CPU
+        loader); the bookkeeping tensors stay on the CPU."""
+        return Split(self.x.to(device), self.y.to(device), self.y_clean, self.index, self.noisy,
+                     self.mean.to(device), self.std.to(device), self.pad)
+
 
 @dataclass
 class Splits:
@@ -216,7 +222,8 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
 
     shuffle: a random order from `generator`; augment: the split's augmentation (Split.pad),
     random draws from `generator` too, so a given generator state gives identical batches.
-    Evaluation and entropy passes use augment=False."""
+    Evaluation and entropy passes use augment=False. The order and every random draw come from
+    the CPU `generator` whatever the split's device, so a GPU run sees the CPU run's batches."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n = len(split)
@@ -226,11 +233,11 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
     shift = (-split.mean / split.std).view(1, -1, 1, 1)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        xb = split.x.index_select(0, idx)  # (much faster than x[idx] for uint8)
+        xb = split.x.index_select(0, idx.to(split.x.device))  # (much faster than x[idx] for uint8)
         if augment and split.pad > 0:
             xb = _shift_flip(xb, split.pad, generator)
         xb = xb.float().mul_(scale).add_(shift)  # (x/255 - mean) / std, as one affine map
-        yb = split.y[idx]
+        yb = split.y.index_select(0, idx.to(split.y.device))
         if device is not None:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         yield (xb, yb, split.index[idx]) if with_index else (xb, yb)
@@ -249,5 +256,5 @@ def _shift_flip(xb: torch.Tensor, pad: int, generator) -> torch.Tensor:
     cols = torch.where(flip[:, None], dx[:, None] + w - 1 - torch.arange(w),
                        dx[:, None] + torch.arange(w))                          # [B, w]
     # one gather over the flattened plane: out[b, c, i, j] = xb[b, c, rows[b, i], cols[b, j]]
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).to(xb.device).expand(b, c, h * w)
     return xb.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)

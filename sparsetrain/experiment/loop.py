@@ -78,14 +78,16 @@ def verify_phase(pdir: str) -> None:
                               "this phase") from None
 
 
-def start(cfg, hp, arch: dict, seed: int, state_path: str) -> PhaseState:
-    """A fresh phase (seeded model, round 0), or the saved state of an interrupted one."""
+def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState:
+    """A fresh phase (seeded model, round 0), or the saved state of an interrupted one (saved on
+    any device: checkpoints load on the CPU, then move to `device`)."""
     if os.path.exists(state_path):
         try:
             st = safe_load(state_path)
         except CorruptFile as e:
             raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
         model, masks = restore_model(st["model"])
+        model, masks = model.to(device), {n: m.to(device) for n, m in masks.items()}
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
                        st.get("train_s", 0.0))
         s.opt, s.sched = make_optimizer(model, hp)
@@ -94,7 +96,7 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str) -> PhaseState:
         torch.set_rng_state(st["rng"])
         return s
     torch.manual_seed(seed)
-    s = PhaseState(build_model(**arch), {}, rows=[])
+    s = PhaseState(build_model(**arch).to(device), {}, rows=[])
     if cfg.perturb == "rewind" and hp.rewind_iter == 0:
         s.rewind = {k: v.clone() for k, v in s.model.state_dict().items()}
     s.opt, s.sched = make_optimizer(s.model, hp)
@@ -183,7 +185,9 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + s.rnd)
             source = build_model(**arch).state_dict()
-    load_weights_under_masks_(s.model, fit_state(s.model, source, lambda: build_model(**arch)), s.masks)
+    dev = next(s.model.parameters()).device
+    source = {k: v.to(dev) for k, v in fit_state(s.model, source, lambda: build_model(**arch)).items()}
+    load_weights_under_masks_(s.model, source, s.masks)
 
 
 def finish(pdir: str, rows: list[dict]) -> None:
@@ -224,7 +228,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     state_path = os.path.join(pdir, "state.pt")
     hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
     rule = make_rule(cfg.structure, scope=cfg.scope, block=cfg.block)
-    s = start(cfg, hp, arch, seed, state_path)
+    s = start(cfg, hp, arch, seed, state_path, splits.train.x.device)
     shape, n_images = (splits.in_channels, *splits.image_size), len(splits.train) + len(splits.val)
     with torch.random.fork_rng(devices=[]):  # sparsity counts against the unpruned model's weights
         dense = build_model(**arch)

@@ -20,7 +20,7 @@ import torch
 from . import data as D
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args, phases
+from .config import Config, config_from_args, phases, resolve_device
 from .files import CorruptFile, git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
@@ -28,7 +28,7 @@ from .metrics import read_metrics
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
 # config keys that do not change results (may differ between a run and its resume)
-_NON_RESULT_KEYS = ("out", "threads", "data_dir", "no_download")
+_NON_RESULT_KEYS = ("out", "threads", "data_dir", "no_download", "device")
 
 
 class UsageError(Exception):
@@ -140,6 +140,7 @@ def threads_for(cfg: Config) -> int:
 def run_study(cfg: Config) -> str:
     """Run (or continue) every phase of every seed; returns the path of summary.md."""
     torch.set_num_threads(threads_for(cfg))
+    dev = resolve_device(cfg.device)
     rd = prepare_run_dir(cfg)
     student = cfg.resolved_student()
     for seed in cfg.seeds:
@@ -148,6 +149,8 @@ def run_study(cfg: Config) -> str:
                                 subset=cfg.subset or None, label_file=cfg.label_file or None,
                                 download=not cfg.no_download)
         check_data(rd, splits.fingerprint)
+        splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
+                                     test=splits.test.to(dev))
         sd = os.path.join(rd, f"seed{seed}")
         os.makedirs(sd, exist_ok=True)
         write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
@@ -156,6 +159,7 @@ def run_study(cfg: Config) -> str:
             run_phase(cfg, "student", splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
         for choice in cfg.teachers:
             teacher, cost = load_teacher(choice, tdir)
+            teacher = teacher.to(dev)
             tag = teacher_tag(choice)
             run_phase(cfg, "student", splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
                       teacher=teacher, teacher_cost=cost)
