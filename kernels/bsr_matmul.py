@@ -149,7 +149,7 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
     K = x.shape[-1]
     y = _mm(x.reshape(-1, K).contiguous(), crow, col, values.contiguous(), out_features,
             bias=None if bias is None else bias.contiguous(), trans_w=True)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features).clone() if x.dim() != 2 else y  # (not a view)
 
 
 def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int):
@@ -158,7 +158,7 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
     N = grad_out.shape[-1]
     dx = _mm(grad_out.reshape(-1, N).contiguous(), ccol, row_t, values.contiguous(), in_features,
              perm=perm, trans_w=False)
-    return dx.reshape(*grad_out.shape[:-1], in_features)
+    return dx.reshape(*grad_out.shape[:-1], in_features).clone() if grad_out.dim() != 2 else dx
 
 
 def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: int | None = None):

@@ -112,6 +112,14 @@ def _csr_sddmm_kernel(ptr, idx, order, dyt, xt, out, N, B, B_KEY, DENSITY_KEY, S
 
 
 # ============================================================================ host side
+def _feature_major_out(yt: torch.Tensor, lead: tuple) -> torch.Tensor:
+    """yt [F, B] -> a fresh [*lead, F] tensor (its own storage, not a view: autograd lets a caller
+    modify it in place, e.g. ReLU(inplace=True), as it does the C++ kernels' outputs)."""
+    out = yt.new_empty((*lead, yt.shape[0]))
+    out.view(-1, yt.shape[0]).copy_(yt.t())
+    return out
+
+
 def _batch_major(t: torch.Tensor, features: int) -> torch.Tensor:
     """[..., F] -> contiguous [F, B] (one transpose pass; the kernels then load B contiguously)."""
     return t.reshape(-1, features).t().contiguous()
@@ -158,7 +166,7 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
             raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
     yt = csr_spmm(crow_indices, col_indices, values.contiguous(), _batch_major(x, K),
                   bias=None if bias is None else bias.contiguous())
-    return yt.t().contiguous().reshape(*x.shape[:-1], N)
+    return _feature_major_out(yt, tuple(x.shape[:-1]))
 
 
 def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm):
@@ -173,7 +181,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
     dxt = csr_spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
-    return dxt.t().contiguous().reshape(*grad_out.shape[:-1], K)
+    return _feature_major_out(dxt, tuple(grad_out.shape[:-1]))
 
 
 def _check_csr(crow, col, values, name):
