@@ -175,7 +175,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
     check_device(grad_out, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                  name="sparse_linear_grad_input")
     _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
-    K = _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
+    _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
     check_float(grad_out, "grad_out", like=values)
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:

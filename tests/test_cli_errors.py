@@ -3,7 +3,6 @@ the file, exit code 2, no traceback; each case runs in its own process, as a use
 
 The data cases write tiny, broken copies of the real formats (IDX, CIFAR pickles, CIFAR-N labels).
 """
-import gzip
 import json
 import os
 import shutil

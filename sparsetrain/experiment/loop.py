@@ -26,7 +26,7 @@ from ..engine.nn import is_sparse, model_sparsity, prunable_layers, weight_count
 from ..engine.policy import apply_engine
 from ..prune import PruningRule, fit_state, load_weights_under_masks_, make_rule
 from . import data as D
-from .checkpoint import atomic_save, model_payload, restore_model, safe_load, save_model
+from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_load, save_model
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
@@ -35,8 +35,6 @@ from .models import build_model
 from .train import evaluate, make_optimizer, train_epoch
 
 __all__ = ["run_phase", "arch_of", "Costs"]
-
-STATE_FORMAT = "sparsetrain-ckpt-v1"
 
 
 @dataclass
@@ -104,7 +102,7 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
 
 
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
-    atomic_save({"format": STATE_FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
+    atomic_save({"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
                  "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
                  "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
                  "rng": torch.get_rng_state()}, state_path)

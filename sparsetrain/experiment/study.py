@@ -4,8 +4,9 @@ Per seed: (1) the teacher run: train dense, then prune -> perturb -> retrain -> 
 wall (Algorithm 1, loop.py), a full run on the teacher's schedule; (2) the vanilla student run on
 the student's schedule (the teacher run doubles as it when the student is the same model trained
 the same way); (3) for each teacher choice, the student pruned the same way under the distillation
-loss (Eq. 2). Early stops apply to the student runs only. The run directory keeps the resolved config (with git commit and versions), per-round
-metrics and checkpoints; re-running the same command continues where it stopped.
+loss (Eq. 2). Early stops apply to the student runs only. The run directory keeps the resolved
+config (with git commit and versions), per-round metrics and checkpoints; re-running the same
+command continues where it stopped.
 """
 from __future__ import annotations
 
