@@ -200,3 +200,17 @@ def test_study_on_cuda_matches_cpu_and_resumes_across_devices(mnist_dir, study_a
     for a, b in zip(ra, rb):
         assert float(a["sparsity"]) == float(b["sparsity"])
         assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=0.05)
+
+
+def test_legacy_run_directory_is_reported_not_resumed(mnist_dir, study_args, capsys):
+    """A run directory named the earlier way (no settings hash): --report-only reports it; a run
+    says it starts elsewhere instead of silently ignoring it."""
+    legacy = mnist_dir / "runs" / "mnist-eps0.2-quick"
+    (legacy / "seed0" / "teacher").mkdir(parents=True)
+    (legacy / "config.json").write_text(json.dumps({"dataset": "mnist", "eps": 0.2, "model": "lenet300"}))
+    with open(legacy / "seed0" / "teacher" / "metrics.csv", "w") as f:
+        f.write("seed,phase,round,sparsity,val_acc,test_acc,entropy_mean,cum_flops\n0,teacher,0,0.0,0.5,0.5,0.6,1e12\n")
+    assert study.main(study_args(mnist_dir, "--report-only")) == 0
+    assert (legacy / "summary.md").exists()
+    assert study.main(study_args(mnist_dir, "--wall", "0.3", "--teachers", "dense")) == 0
+    assert "is a run directory of an earlier sparsetrain" in capsys.readouterr().err

@@ -52,6 +52,13 @@ def run_dir_of(cfg: Config) -> str:
     return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
 
 
+def legacy_run_dir(cfg: Config) -> str | None:
+    """A run directory in the naming used before 2026-12-01 (OUT/<dataset>-eps<eps>-<profile>), if
+    one exists for this dataset, noise and profile: it can be reported, not resumed."""
+    rd = os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}")
+    return rd if os.path.isfile(os.path.join(rd, "config.json")) else None
+
+
 def _read_config(path: str) -> dict:
     try:
         with open(path) as f:
@@ -71,6 +78,10 @@ def prepare_run_dir(cfg: Config) -> str:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
     path = os.path.join(rd, "config.json")
+    legacy = legacy_run_dir(cfg)
+    if legacy and not os.path.exists(path):
+        print(f"note: {legacy} is a run directory of an earlier sparsetrain (named without a settings hash); it "
+              f"is not resumed: this run starts in {rd} (`--report-only` still reports the old one)", file=sys.stderr)
     old = _read_config(path) if os.path.exists(path) else {}
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
     if old:
@@ -188,6 +199,8 @@ def main(argv=None) -> int:
         print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases(cfg)}, indent=1))
         return 0
     try:
+        if args.report_only and not os.path.isfile(os.path.join(rd, "config.json")) and legacy_run_dir(cfg):
+            rd = legacy_run_dir(cfg)  # a run directory in the earlier naming: reported as it is
         if (args.report_only or args.resume) and not os.path.isfile(os.path.join(rd, "config.json")):
             flag = "--report-only" if args.report_only else "--resume"
             raise UsageError(f"{flag}: no run to {'report' if args.report_only else 'resume'} in {rd} "
