@@ -50,7 +50,7 @@ def _counter():
 
 @torch.no_grad()
 def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
-                       relu_types: tuple[type, ...] = (nn.ReLU,)) -> dict:
+                       relu_types: tuple[type, ...] = (nn.ReLU,), reduce=None) -> dict:
     """Eq. 1 of the paper for `model` over `batches` (an iterable of input tensors [B, ...] or of
     tuples/lists whose first item is the input, e.g. sparsetrain.data.iterate(..., augment=False)).
 
@@ -94,12 +94,16 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"batches must yield tensors or (tensor, ...) tuples, got {type(x).__name__}")
             calls.clear()
-            model(x.to(device, non_blocking=True))
+            if x.shape[0]:
+                model(x.to(device, non_blocking=True))
             samples += x.shape[0]
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
+        counts = {k: reduce(counts[k]) for k in sorted(counts)}
+        samples = int(reduce(torch.tensor([samples], dtype=torch.int64, device=device))[0])
     if samples == 0:
         raise ValueError("batches yielded no samples; the entropy needs at least one input")
     if not counts:

@@ -26,6 +26,7 @@ from ..engine.nn import is_sparse, model_sparsity, prunable_layers, weight_count
 from ..engine.policy import apply_engine
 from ..prune import PruningRule, fit_state, load_weights_under_masks_, make_rule
 from . import data as D
+from . import distributed as dist
 from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_load, save_model
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
@@ -102,6 +103,8 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
 
 
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
+    if not dist.is_main():  # rank 0 writes; every rank holds the same state
+        return
     atomic_save({"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
                  "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
                  "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
@@ -117,11 +120,14 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
             s.rewind = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
 
     bar = tqdm(range(s.epoch, hp.epochs), desc=label, leave=False, initial=s.epoch, total=hp.epochs,
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if dist.is_main() else True)
+    forward = dist.wrap(s.model)  # DDP under torchrun, rebuilt every round: the parameters change size
     for epoch in bar:
         t0 = time.perf_counter()
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
-                         masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step)
+                         masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
+                         forward=forward)
+        dist.sync_bn_stats_(s.model)
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
         bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{tr['acc']:.3f}")
@@ -134,7 +140,10 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
     shape = (splits.in_channels, *splits.image_size)
     n_train = len(splits.train)
     trm, va, te = (evaluate(s.model, sp) for sp in (splits.train, splits.val, splits.test))
-    ent = activation_entropy(s.model, D.iterate(splits.train, 512))
+    batches = D.iterate(splits.train, 512)
+    if dist.world() > 1:  # every rank counts its rows; Eq. 1 takes the counts summed over ranks
+        batches = (xb[dist.rows(xb.shape[0])] for xb, _ in batches)
+    ent = activation_entropy(s.model, batches, reduce=dist.all_sum if dist.world() > 1 else None)
     fwd = forward_flops(s.model, shape, s.masks)["total"]
     round_flops = training_flops(fwd, n_train, hp.epochs)
     prev = s.rows[-1] if s.rows else {}
@@ -164,6 +173,7 @@ def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int)
     """Prune, perturb, put layers on the engine the policy says, restart the optimizer and schedule."""
     s.rnd, s.epoch, s.train_s = s.rnd + 1, 0, 0.0
     s.masks = rule.prune(s.model, s.masks, cfg.rate)
+    dist.check_masks_agree(s.model, s.masks)
     perturb_(cfg, hp, s, arch, seed)
     s.masks = apply_engine(s.model, s.masks, "dense" if rule.needs_dense else cfg.engine)
     s.opt, s.sched = make_optimizer(s.model, hp)
@@ -193,6 +203,8 @@ def finish(pdir: str, rows: list[dict]) -> None:
     best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
     for i, r in enumerate(rows):
         r["is_best"] = int(i == best)
+    if not dist.is_main():
+        return
     write_csv(os.path.join(pdir, "metrics.csv"), rows)
     b = rows[best]
     write_json(os.path.join(pdir, "best.json"),
@@ -220,7 +232,9 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     and stop rules apply ("teacher" or "student"); `teacher_cost`: (exact, paper convention) FLOPs
     spent obtaining the teacher. Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
-    verify_phase(pdir)
+    if dist.is_main():  # (may finish an interrupted checkpoint write)
+        verify_phase(pdir)
+    dist.barrier()
     if os.path.exists(os.path.join(pdir, "best.json")):
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")
@@ -243,15 +257,17 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                     f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})")
         row = measure(hp, s, splits, seed, phase, sparsity, cost, t0)
         s.rows.append(row)
-        save_model(os.path.join(pdir, "ckpt", f"round_{s.rnd:02d}.pt"), s.model, s.masks, arch, round=s.rnd,
-                   val_acc=row["val_acc"])
-        tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train {row['train_acc']:.3f}  "
-                   f"val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy {row['entropy_mean']:.3f}  "
-                   f"{row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
-        write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
+        if dist.is_main():
+            save_model(os.path.join(pdir, "ckpt", f"round_{s.rnd:02d}.pt"), s.model, s.masks, arch,
+                       round=s.rnd, val_acc=row["val_acc"])
+            tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train "
+                       f"{row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy "
+                       f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
+            write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
         if should_stop(cfg, role, rule, s, sparsity):
             break
         next_round(cfg, hp, rule, s, arch, seed)
         save(s, arch, state_path)
     finish(pdir, s.rows)
+    dist.barrier()  # the phase's files exist before any rank reads them (the teacher's, for students)
     return pdir

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from . import data as D
+from . import distributed as dist
 from . import report
 from .checkpoint import load_model
 from .config import Config, config_from_args, phases, resolve_device
@@ -153,19 +154,30 @@ def run_study(cfg: Config) -> str:
     """Run (or continue) every phase of every seed; returns the path of summary.md."""
     torch.set_num_threads(threads_for(cfg))
     dev = resolve_device(cfg.device)
-    rd = prepare_run_dir(cfg)
+    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.setup(dev)
+    if dist.world() > 1 and dist.is_main():
+        print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
+              "across them", flush=True)
+    rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
+    dist.barrier()
     student = cfg.resolved_student()
     for seed in cfg.seeds:
         splits = D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
                                 val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
                                 subset=cfg.subset or None, label_file=cfg.label_file or None,
                                 download=not cfg.no_download)
-        check_data(rd, splits.fingerprint)
+        if dist.is_main():
+            check_data(rd, splits.fingerprint)
+        dist.barrier()
         splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
                                      test=splits.test.to(dev))
         sd = os.path.join(rd, f"seed{seed}")
         os.makedirs(sd, exist_ok=True)
-        write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
+        if dist.is_main():
+            write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
         tdir = run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, os.path.join(sd, "teacher"))
         if cfg.separate_vanilla():
             run_phase(cfg, "student", splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
@@ -175,7 +187,7 @@ def run_study(cfg: Config) -> str:
             tag = teacher_tag(choice)
             run_phase(cfg, "student", splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
                       teacher=teacher, teacher_cost=cost)
-    return report.write_report(rd)
+    return report.write_report(rd) if dist.is_main() else os.path.join(rd, "summary.md")
 
 
 def check_teachers(cfg: Config) -> None:
@@ -210,8 +222,12 @@ def main(argv=None) -> int:
             return 0
         check_teachers(cfg)
         summary = run_study(cfg)
+        main_rank = dist.is_main()
     except (UsageError, D.DatasetNotFound, D.DataError, CorruptFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nresults: {os.path.dirname(summary)}\nsummary: {summary}")
+    finally:
+        dist.teardown()
+    if main_rank:
+        print(f"\nresults: {os.path.dirname(summary)}\nsummary: {summary}")
     return 0

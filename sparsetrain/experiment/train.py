@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine.nn import enforce_masks_, mask_grads_
 from . import data as D
+from . import distributed as dist
 
 __all__ = ["kd_loss", "make_optimizer", "train_epoch", "evaluate"]
 
@@ -38,16 +39,23 @@ def make_optimizer(model: nn.Module, hp):
 
 
 def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
-                alpha: float = 0.8, tau: float = 10.0, on_step=None) -> dict:
+                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None) -> dict:
     """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
     is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
     dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
-    called after every optimizer step with the global iteration count (for rewind snapshots)."""
+    called after every optimizer step with the global iteration count (for rewind snapshots).
+    `forward`: the module to run (the model in DistributedDataParallel under torchrun, whose rank
+    takes its rows of every global batch: distributed.py); the returned loss and accuracy are over
+    the global batches."""
     model.train()
+    forward = forward or model
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
     for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g):
-        out = model(xb)
+        rows, scale = dist.shard(yb.numel())
+        if dist.world() > 1:
+            xb, yb = xb[rows], yb[rows]
+        out = forward(xb)
         if teacher is not None:
             with torch.no_grad():
                 t_out = teacher(xb)
@@ -55,7 +63,7 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         else:
             loss = F.cross_entropy(out, yb)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
         mask_grads_(model, masks)
         opt.step()
         enforce_masks_(model, masks)
@@ -65,6 +73,9 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         n += b
         if on_step is not None:
             on_step()
+    if dist.world() > 1:
+        tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
+                                                             device=yb.device)).tolist()
     return {"loss": tot_loss / max(n, 1), "acc": tot_correct / max(n, 1)}
 
 
@@ -77,9 +88,17 @@ def evaluate(model, split, batch_size: int = 512) -> dict:
     model.eval()
     tot_loss = tot_correct = n = 0
     for xb, yb in D.iterate(split, batch_size):
+        if dist.world() > 1:  # this rank's rows of the batch; the sums are added over ranks below
+            rows = dist.rows(yb.numel())
+            xb, yb = xb[rows], yb[rows]
+            if not yb.numel():
+                continue
         out = model(xb)
         tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
         tot_correct += int((out.argmax(1) == yb).sum())
         n += yb.numel()
     model.train(was)
+    if dist.world() > 1:
+        tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
+                                                             device=split.y.device)).tolist()
     return {"loss": tot_loss / n, "acc": tot_correct / n}

@@ -1,0 +1,111 @@
+"""Data parallelism inside one run: `torchrun --nproc-per-node N -m sparsetrain.experiment ...`.
+
+Every rank loads the same data and builds the same model from the same seed; each global batch
+(`--batch-size`, drawn with every augmentation from the same seeded CPU generator as a single
+process) is cut into N contiguous row slices, one per rank, and the local loss is scaled by
+n_local * N / n_global, so DistributedDataParallel's gradient average is exactly the gradient of
+the global batch mean (a final batch smaller than N is computed whole on every rank). Gradients are
+averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are not broadcast on every step
+(`broadcast_buffers=False`: the CSR index buffers never change within a round), and BatchNorm
+running statistics are averaged over the ranks after every epoch. Evaluation and the entropy pass
+(ReLU counts of Eq. 1) are sharded and summed over ranks, so they equal the single-process values.
+Pruning runs on every rank on identical weights; the masks are checked to agree. DDP and the
+optimizer are rebuilt after every round (the parameters change size). Rank 0 alone writes files.
+Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sync_bn_stats_",
+           "check_masks_agree", "teardown"]
+
+
+def setup(device: torch.device) -> None:
+    """Join the torchrun group (env:// rendezvous) when launched with WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (the tensor itself when alone)."""
+    if world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def rows(n: int) -> slice:
+    """This rank's disjoint, contiguous share of n rows (possibly empty): evaluation and entropy."""
+    w, r = world(), rank()
+    return slice(n * r // w, n * (r + 1) // w)
+
+
+def shard(n: int) -> tuple[slice, float]:
+    """This rank's rows of a global batch of n, and the factor n_local * world / n that makes the
+    DDP-averaged gradient of the local mean loss the gradient of the global mean."""
+    w = world()
+    if w == 1 or n < w:
+        return slice(0, n), 1.0
+    r = rank()
+    lo, hi = n * r // w, n * (r + 1) // w
+    return slice(lo, hi), (hi - lo) * w / n
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """The model in DistributedDataParallel for training (no buffer broadcast), else itself."""
+    if world() == 1 or not any(p.requires_grad for p in model.parameters()):
+        return model
+    p = next(model.parameters())
+    return nn.parallel.DistributedDataParallel(model, device_ids=[p.device.index] if p.is_cuda else None,
+                                               broadcast_buffers=False)
+
+
+@torch.no_grad()
+def sync_bn_stats_(model: nn.Module) -> None:
+    """Average BatchNorm running means and variances over the ranks (each saw its own rows)."""
+    if world() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                all_sum(t).div_(world())
+
+
+def check_masks_agree(model: nn.Module, masks: dict) -> None:
+    """Pruning ran on every rank on identical weights: its kept counts per layer must agree."""
+    if world() == 1:
+        return
+    from ..engine.nn import masks_of
+    counts = torch.tensor([float(m.sum()) for m in masks_of(model, masks).values()], dtype=torch.float64,
+                          device=next(model.parameters()).device)
+    lo, hi = counts.clone(), counts.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError("the ranks' pruning masks differ: the ranks' weights diverged")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
