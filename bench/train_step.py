@@ -101,17 +101,22 @@ def _breakdown(step) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def run(models, sparsities, steps: int, profile: bool = True) -> list[dict]:
+def run(models, sparsities, steps: int, profile: bool = True, device="cpu") -> list[dict]:
+    """On a CUDA device the sparse layers run the Triton kernels, the dense ones cuDNN; steps are
+    synchronised, peaks are the CUDA allocator's, and the CPU-time breakdown is skipped."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    profile = profile and not cuda
     rows = []
     g = torch.Generator().manual_seed(123)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g)
-    t = torch.randint(0, 10, (BATCH,), generator=g)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
+    t = torch.randint(0, 10, (BATCH,), generator=g).to(device)
     for name in models:
         for sp in sparsities:
             row = {"model": name, "sparsity": sp}
             steps_of, times, peaks = {}, {"dense": [], "sparse": []}, {"dense": 0, "sparse": 0}
             for engine in ("dense", "sparse"):
-                model = build(name, sp, engine).train()
+                model = build(name, sp, engine).to(device).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
                 def step(model=model, opt=opt):
@@ -125,11 +130,17 @@ def run(models, sparsities, steps: int, profile: bool = True) -> list[dict]:
             # dense and sparse steps alternate, so a busy machine slows both alike
             for _ in range(steps):
                 for engine, step in steps_of.items():
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                        torch.cuda.reset_peak_memory_stats(device)
                     _reset_peak()
                     t0 = time.perf_counter()
                     step()
+                    if cuda:
+                        torch.cuda.synchronize(device)
                     times[engine].append((time.perf_counter() - t0) * 1e3)
-                    peaks[engine] = max(peaks[engine], _vm("VmHWM"))
+                    peak = torch.cuda.max_memory_allocated(device) if cuda else _vm("VmHWM")
+                    peaks[engine] = max(peaks[engine], peak)
             for engine, step in steps_of.items():
                 row[f"{engine}_ms"] = statistics.median(times[engine])
                 row[f"{engine}_peak_mb"] = peaks[engine] / 2**20
@@ -160,8 +171,12 @@ def main(argv=None):
     p.add_argument("--sparsities", default=None, help="comma-separated, default 0,0.9,0.99,0.999")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-category time breakdown")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available here")
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
     sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
         ([0.99] if args.quick else [0.0, 0.9, 0.99, 0.999])
@@ -169,9 +184,9 @@ def main(argv=None):
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
-    rows = run(models, sps, steps, profile=not args.no_profile)
+    rows = run(models, sps, steps, profile=not args.no_profile, device=args.device)
     print_table(rows, COLUMNS)
-    write_json(args.out, {"machine": info, "batch": BATCH, "train_step": rows})
+    write_json(args.out, {"machine": info, "batch": BATCH, "device": args.device, "train_step": rows})
     print(f"\nwritten: {args.out}")
 
 

@@ -73,3 +73,18 @@ def test_conv_bench_main_writes_warm_json(tmp_path, monkeypatch):
     conv_bench.main(["--sparsities", "0.9", "--no-sparseprop", "--warm", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["timing"] == "warm" and len(data["conv"]) == 1 and data["conv"][0]["sparse_ms"] > 0
+
+
+def test_train_step_rows_and_device_flag(tmp_path, capsys):
+    import pytest
+    import torch
+
+    import train_step
+    rows = train_step.run(["vgg_d5g5"], [0.99], steps=1, profile=False, device="cpu")
+    (r,) = rows
+    assert r["model"] == "vgg_d5g5" and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+    assert r["sparse_param_mb"] < 0.05 * r["dense_param_mb"]  # 99% sparse: values + indices only
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            train_step.main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
