@@ -50,12 +50,10 @@ def study_args():
 
 
 @pytest.fixture
-def kill_and_resume(monkeypatch):
-    """kill_and_resume(root, base, kill_at, phases): run `base` uninterrupted into root/a, and into
-    root/b killed at the kill_at-th epoch then resumed; assert every phase's metrics agree (timings
-    aside) and return {phase: rows}."""
-    def run(root, base, kill_at, phases=("teacher", "distill-dense")):
-        assert study.main(base + ["--out", str(root / "a")]) == 0
+def interrupted(monkeypatch):
+    """interrupted(argv, kill_at): run the study and kill it (KeyboardInterrupt) as its kill_at-th
+    epoch starts, as a Ctrl-C would; the state of the last completed epoch is on disk."""
+    def run(argv, kill_at):
         calls, real = {"n": 0}, loop.train_epoch
 
         def dying(*a, **k):
@@ -66,8 +64,19 @@ def kill_and_resume(monkeypatch):
 
         monkeypatch.setattr(loop, "train_epoch", dying)
         with pytest.raises(KeyboardInterrupt):
-            study.main(base + ["--out", str(root / "b")])
+            study.main(argv)
         monkeypatch.setattr(loop, "train_epoch", real)
+    return run
+
+
+@pytest.fixture
+def kill_and_resume(interrupted):
+    """kill_and_resume(root, base, kill_at, phases): run `base` uninterrupted into root/a, and into
+    root/b killed at the kill_at-th epoch then resumed; assert every phase's metrics agree (timings
+    aside) and return {phase: rows}."""
+    def run(root, base, kill_at, phases=("teacher", "distill-dense")):
+        assert study.main(base + ["--out", str(root / "a")]) == 0
+        interrupted(base + ["--out", str(root / "b")], kill_at)
         assert study.main(base + ["--out", str(root / "b"), "--resume"]) == 0
         out = {}
         for phase in phases:

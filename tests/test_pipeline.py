@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_dir
-from sparsetrain.experiment import files, loop, study
+from sparsetrain.experiment import files, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import config_from_args
 from sparsetrain.experiment.train import kd_loss
@@ -142,22 +142,11 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         safe_load(str(tmp_path / "missing.pt"))
 
 
-def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, monkeypatch, capsys):
+def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, interrupted, capsys):
     """Killed in round 3, the newest round checkpoint truncated: the resume refuses with a clear
     message (exit 2) instead of leaving an unreadable result behind."""
     base = study_args(mnist_dir, "--teachers", "dense")
-    calls, real = {"n": 0}, loop.train_epoch
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(loop, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        study.main(base)
-    monkeypatch.setattr(loop, "train_epoch", real)
+    interrupted(base, kill_at=7)
     pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     newest = sorted((pd / "ckpt").glob("round_*.pt"))[-1]
     assert newest.name == "round_02.pt"
