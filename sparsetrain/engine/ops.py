@@ -109,10 +109,6 @@ def _register(op: Op) -> Op:
     return op
 
 
-def _opt_grad(ctx, i: int) -> bool:
-    return ctx.needs_input_grad[i]
-
-
 # ============================================================================ linear
 # W [out, in] as CSR. y = x W^T + b ;  dx = dy W ;  dW = dy^T x sampled at the nonzeros ;  db = sum dy.
 # Inputs: x, crow, col, values, ccol, row_t, perm, bias (ccol has in_features + 1 entries).
@@ -132,11 +128,11 @@ def _linear_backward(ctx, grad_out):
     x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     dx = dvalues = dbias = None
-    if _opt_grad(ctx, 0):
+    if ctx.needs_input_grad[0]:
         dx = _call("sparse_linear_grad_input", grad_out, crow, col, values, ccol, row_t, perm)
-    if _opt_grad(ctx, 3):
+    if ctx.needs_input_grad[3]:
         dvalues = _call("sparse_linear_grad_weight", grad_out, x, crow, col)
-    if ctx.has_bias and _opt_grad(ctx, 7):
+    if ctx.has_bias and ctx.needs_input_grad[7]:
         dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return dx, None, None, dvalues, None, None, None, dbias
 
@@ -181,7 +177,7 @@ def _conv_backward(ctx, grad_out):
     x, crow, col, values, ccol, row_t, perm = ctx.saved_tensors
     k, s, p = ctx.conv
     grad_out = grad_out.contiguous()
-    need_x, need_w = _opt_grad(ctx, 0), _opt_grad(ctx, 3)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     dx = dvalues = dbias = None
     if need_x and need_w:  # one pass: dy is packed once for both products
         dx, dvalues = _call("sparse_conv2d_backward", grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p)
@@ -189,7 +185,7 @@ def _conv_backward(ctx, grad_out):
         dx = _call("sparse_conv2d_grad_input", grad_out, ccol, row_t, perm, values, list(x.shape[2:]), k, s, p)
     elif need_w:
         dvalues = _call("sparse_conv2d_grad_weight", grad_out, x, crow, col, k, s, p)
-    if ctx.has_bias and _opt_grad(ctx, 10):
+    if ctx.has_bias and ctx.needs_input_grad[10]:
         dbias = grad_out.sum((0, 2, 3))
     return dx, None, None, dvalues, None, None, None, None, None, None, dbias
 
