@@ -18,7 +18,7 @@ $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q numpy tqdm matplotlib scipy pytest expecttest ninja
+	$(PIP) install -q numpy tqdm matplotlib scipy ray pytest expecttest ninja
 	touch $@
 
 # The package itself, editable (its sources are used in place); the extension is built below.

@@ -1,7 +1,7 @@
 """The package's shape: three layers that import only downward, no import circle, short files.
 
 Read from the source with `ast` (imports inside functions included), so a lazy import cannot hide
-a circle: engine <- prune <- experiment, and `sparsetrain.kernels` (Triton) below all of them.
+a circle: engine <- prune <- experiment <- sweep, and `sparsetrain.kernels` (Triton) below all of them.
 """
 import ast
 import os
@@ -16,6 +16,7 @@ ALLOWED = {
     "engine": {None, "engine", "_C", "kernels"},
     "prune": {None, "prune", "engine", "_C"},
     "experiment": {None, "experiment", "prune", "engine", "_C"},
+    "sweep": {None, "sweep", "experiment"},  # composes experiment runs; never the engine directly
 }
 
 

@@ -22,10 +22,11 @@ from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .models import MODEL_NAMES, resolve_name
 
-__all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "preset", "schedule", "phases", "validate",
-           "build_parser", "config_from_args"]
+__all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
+           "phase_settings", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
 PROFILES = ("paper", "quick")
+PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
 
 
 def _f(default, help, **kw):
@@ -120,6 +121,11 @@ class Config:
                      "started on one device resumes on another")
     threads: int = _f(0, "torch threads (0: this run's CPU share: OMP_NUM_THREADS, else the CPUs the process "
                       "may run on); with several runs on one machine give each cores / runs")
+    phases: tuple = _f(PHASE_KINDS, "phases this command trains: teacher, vanilla, distill; a phase they need "
+                       "(the teacher of a distilled student) must be finished here or in a --reuse directory",
+                       choices=PHASE_KINDS)
+    reuse: tuple = _f((), "run directories whose finished phases are linked into this run instead of trained, "
+                      "where they were trained with the same settings and data (how sweeps share one teacher)")
 
     def resolved_student(self) -> str:
         return self.student or self.model
@@ -221,9 +227,11 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
     flags = flags or {}
     for f in fields(Config):
         allowed = f.metadata.get("choices")
-        if allowed is not None and getattr(cfg, f.name) not in allowed:
-            raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
-                             f"got {getattr(cfg, f.name)!r}")
+        value = getattr(cfg, f.name)
+        many = isinstance(value, tuple)  # (--phases: each value must be a choice)
+        if allowed is not None and any(v not in allowed for v in (value if many else (value,))):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be {'some' if many else 'one'} of "
+                             f"{', '.join(map(str, allowed))}, got {' '.join(map(str, value)) if many else repr(value)}")
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
               ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", cfg.tau > 0, "> 0"),
@@ -233,7 +241,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
               ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", cfg.drop > 0, "> 0"),
               ("seeds", len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds), "one or more seeds >= 0"),
-              ("teachers", len(cfg.teachers) > 0, "at least one of best, dense, PATH")]
+              ("teachers", len(cfg.teachers) > 0, "at least one of best, dense, PATH"),
+              ("phases", len(cfg.phases) > 0, "one or more of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:
         hp = cfg.hyper(role)
         checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"), (f"{role}_batch_size", hp.batch_size >= 1, ">= 1"),
@@ -271,7 +280,7 @@ def resolve_device(spec: str):
     return dev
 
 
-def phases(cfg: Config) -> dict:
+def phase_settings(cfg: Config) -> dict:
     """Every phase the study runs per seed, fully resolved: {phase: settings} (for --print-config)."""
     common = {k: getattr(cfg, k) for k in ("rate", "wall", "scope", "structure", "perturb", "engine")}
     out = {"teacher": {"model": cfg.model, **dataclasses.asdict(cfg.hyper("teacher")), **common,
@@ -291,7 +300,8 @@ def _add_flag(p, flag: str, t, default, help_: str, choices=None) -> None:
         p.add_argument(flag, action="store_true", default=None, help=help_)
     elif t is tuple:
         elem = type(default[0]) if default else str
-        p.add_argument(flag, nargs="+", type=elem, default=None, help=f"{help_} (default {' '.join(map(str, default))})")
+        p.add_argument(flag, nargs="+", type=elem, default=None, choices=choices,
+                       help=f"{help_} (default {' '.join(map(str, default)) or 'none'})")
     else:
         p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default {default})")
 
@@ -351,3 +361,28 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
     except ValueError as e:
         parser.error(str(e))
     return cfg, args
+
+
+def config_to_argv(cfg: Config) -> list[str]:
+    """Every field of `cfg` as explicit flags: `config_from_args(config_to_argv(cfg))` gives back `cfg`
+    whatever the presets say (how a sweep hands a resolved run to the experiment command)."""
+    argv = [cfg.dataset]
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        v, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
+        if f.metadata.get("positional"):
+            continue
+        if hints[f.name] is bool:
+            argv += [flag] if v else []
+        elif hints[f.name] is tuple:
+            argv += [flag, *map(str, v)] if v else []  # (an empty tuple: the default, which is empty)
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def config_from_json(d: dict) -> Config:
+    """A Config from a run directory's config.json (lists back to tuples; extra keys such as
+    git_commit ignored, missing ones at their defaults)."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})

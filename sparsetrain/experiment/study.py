@@ -22,15 +22,16 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args, phases, resolve_device
+from .config import Config, config_from_args, phase_settings, resolve_device
 from .files import CorruptFile, git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
+from .reuse import PhaseMissing, check_linked, prepare_phases, teacher_tag
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
 # config keys that do not change results (may differ between a run and its resume)
-_NON_RESULT_KEYS = ("out", "threads", "data_dir", "no_download", "device")
+_NON_RESULT_KEYS = ("out", "threads", "data_dir", "no_download", "device", "phases", "reuse")
 
 
 class UsageError(Exception):
@@ -134,10 +135,6 @@ def load_teacher(choice: str, teacher_dir: str):
     return model, cost
 
 
-def teacher_tag(choice: str) -> str:
-    return choice if choice in ("best", "dense") else "path-" + os.path.splitext(os.path.basename(choice))[0]
-
-
 # ============================================================================ the study
 def threads_for(cfg: Config) -> int:
     """--threads, or this run's CPU share: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs),
@@ -162,7 +159,9 @@ def run_study(cfg: Config) -> str:
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               "across them", flush=True)
     rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
+    todo = prepare_phases(cfg, rd) if dist.is_main() else []  # (links --reuse phases; checks the rest)
     dist.barrier()
+    todo = prepare_phases(cfg, rd) if not dist.is_main() else todo
     student = cfg.resolved_student()
     for seed in cfg.seeds:
         splits = D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
@@ -171,6 +170,7 @@ def run_study(cfg: Config) -> str:
                                 download=not cfg.no_download)
         if dist.is_main():
             check_data(rd, splits.fingerprint)
+            check_linked(rd, seed, splits.fingerprint)
         dist.barrier()
         splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
                                      test=splits.test.to(dev))
@@ -178,10 +178,14 @@ def run_study(cfg: Config) -> str:
         os.makedirs(sd, exist_ok=True)
         if dist.is_main():
             write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
-        tdir = run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, os.path.join(sd, "teacher"))
-        if cfg.separate_vanilla():
+        tdir = os.path.join(sd, "teacher")
+        if "teacher" in todo:
+            run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, tdir)
+        if "vanilla" in todo:
             run_phase(cfg, "student", splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
         for choice in cfg.teachers:
+            if f"distill-{teacher_tag(choice)}" not in todo:
+                continue
             teacher, cost = load_teacher(choice, tdir)
             teacher = teacher.to(dev)
             tag = teacher_tag(choice)
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
     if args.print_config:
-        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases(cfg)}, indent=1))
+        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phase_settings(cfg)}, indent=1))
         return 0
     try:
         if args.report_only and not os.path.isfile(os.path.join(rd, "config.json")) and legacy_run_dir(cfg):
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
-    except (UsageError, D.DatasetNotFound, D.DataError, CorruptFile) as e:
+    except (UsageError, PhaseMissing, D.DatasetNotFound, D.DataError, CorruptFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

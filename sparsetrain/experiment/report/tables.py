@@ -9,7 +9,8 @@ from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import NAN, fin, get
 
-__all__ = ["summary_table", "ordered_phases", "vanilla_phase", "phase_title", "per_round", "stats", "mean"]
+__all__ = ["summary_table", "table1_rows", "outcome", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
+           "stats", "mean", "ms"]
 
 
 def ordered_phases(run) -> list[str]:
@@ -40,7 +41,7 @@ def _nd(vals) -> int:
     return int(min(8, max(2, 2 - math.floor(math.log10(big)))))
 
 
-def _ms(vals, nd=2) -> str:
+def ms(vals, nd=2) -> str:
     """mean ± sample std (ddof=1) over the finite values; just the mean for one value; n/a for none."""
     nd = _nd(vals) if nd is None else nd
     m, s, n = stats(vals)
@@ -50,7 +51,7 @@ def _ms(vals, nd=2) -> str:
 _RULE_NAME = {None: "", "entropy": "Alg. 2", "entropy-peak": "peak rule"}
 
 
-def _outcome(rows, rule, cfg: dict) -> dict:
+def outcome(rows, rule, cfg: dict) -> dict:
     """One seed's cells of Table 1 for a stop rule (None: the whole curve): FLOPs to the stop in both
     conventions, the best-validation model among the rounds <= the stop and the model at the stop
     (the paper's line 17), the stop's phase label, the FLOPs saved against the whole curve."""
@@ -81,14 +82,13 @@ def _cell(vals) -> str:
 
 
 def _flops_cell(vals, extra, distill: bool) -> str:
-    return _ms(vals, None) + (f" (+{stats(extra)[0]:.{_nd(extra)}f})" if distill else "")
+    return ms(vals, None) + (f" (+{stats(extra)[0]:.{_nd(extra)}f})" if distill else "")
 
 
-def summary_table(run) -> str:
-    """Markdown: Table 1 over seeds (mean ± sample std; the paper's rows, each early stop row once per
-    rule), then one per-round table per phase."""
+def table1_rows(run) -> list[dict]:
+    """Table 1's rows of a run, in the paper's order: {name, phase, rule (None: no early stop),
+    distill, teacher, outs: one outcome dict per seed (seed order)}."""
     cfg, curves = run["config"], run["curves"]
-    nseeds = len(cfg.get("seeds", []))
     van = vanilla_phase(run)
     specs = []  # (row name, phase, stop rule, distill?, teacher)
     if "teacher" in curves and van != "teacher":
@@ -99,20 +99,31 @@ def summary_table(run) -> str:
     for name, ph, distill, teacher in groups:
         specs += [(f"{name}, {'early stop (' + _RULE_NAME[r] + ')' if r else 'no early stop'}", ph, r, distill, teacher)
                   for r in (None, "entropy", "entropy-peak")]
+    return [{"name": name, "phase": ph, "rule": rule, "distill": distill, "teacher": teacher,
+             "outs": [outcome(rows, rule, cfg) for _, rows in sorted(curves[ph].items())]}
+            for name, ph, rule, distill, teacher in specs]
+
+
+def summary_table(run, rounds: bool = True) -> str:
+    """Markdown: Table 1 over seeds (mean ± sample std; the paper's rows, each early stop row once per
+    rule), then (`rounds`) one per-round table per phase."""
+    cfg = run["config"]
+    nseeds = len(cfg.get("seeds", []))
+    specs = table1_rows(run)
     out = ["| Run | Early stop | Distill | Teacher | Training [PFLOPs] exact | Training [PFLOPs] paper conv. | "
            "Test acc. [%] best val ≤ stop | Test acc. [%] at stop | Sparsity [%] | Stop round | Stop phase | "
            "FLOPs saved [%] | Seeds |", "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
-    for name, ph, rule, distill, teacher in specs:
-        outs = [_outcome(rows, rule, cfg) for _, rows in sorted(curves[ph].items())]
+    for spec in specs:
+        name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
-        rounds = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) + ("†" if o["short"] else "")
+        ends = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) + ("†" if o["short"] else "")
                   for o in outs]
         out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
                    f"{_flops_cell([o['pflops'] for o in outs], [o['teacher'] for o in outs], distill)} | "
                    f"{_flops_cell([o['paper'] for o in outs], [o['teacher_paper'] for o in outs], distill)} | "
-                   f"{_ms([o['test'] for o in outs])} | {_ms([o['test_at'] for o in outs])} | "
-                   f"{_ms([o['sparsity'] for o in outs])} | {_cell(rounds)} | {_cell([o['label'] for o in outs])} | "
-                   f"{_ms([o['saved'] for o in outs], 1) if rule else ''} | {ns} |")
+                   f"{ms([o['test'] for o in outs])} | {ms([o['test_at'] for o in outs])} | "
+                   f"{ms([o['sparsity'] for o in outs])} | {_cell(ends)} | {_cell([o['label'] for o in outs])} | "
+                   f"{ms([o['saved'] for o in outs], 1) if rule else ''} | {ns} |")
     if not specs:
         out.append("| (no completed rounds yet) | | | | | | | | | | | | |")
     out += ["", f"Early stop = a stop rule replayed on each seed's curve (T_E = {cfg.get('t_e', 0.8)}, T_A = "
@@ -127,8 +138,8 @@ def summary_table(run) -> str:
             "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
             "(whole curve counted); `†`: the curve has not reached the wall (run in progress or stopped "
             "online). ± = sample std over seeds.", ""]
-    for ph in ordered_phases(run):
-        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(curves[ph], cfg), ""]
+    for ph in ordered_phases(run) if rounds else []:
+        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg), ""]
     return "\n".join(out)
 
 
@@ -175,8 +186,8 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
         pct = lambda key: [100 * get(r, key) for r in rs]  # noqa: E731
         marks = ([f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
-        out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {_ms(pct('val_acc'))} | {_ms(pct('test_acc'))} | "
-                   f"{_ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
+        out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
+                   f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
                    f"{mean(rs, 'sec_per_epoch'):.2f} | {mean(rs, 'sparse_layers'):.0f} | "
                    f"{mean(rs, 'cum_flops') / 1e15:.{nd}f} | {', '.join(marks)} |")
     return "\n".join(out)

@@ -1,0 +1,138 @@
+"""Which phases a run trains, and sharing finished phases between run directories.
+
+A study's phases per seed: "teacher", "vanilla" (only when the student differs from the teacher
+run: another model or schedule) and "distill-<teacher>". A phase's results depend on the data
+(dataset, noise, split, seed), the pruning procedure, its own model and schedule and, for a
+distilled student, its teacher: `phase_key` hashes exactly those settings. A run given `--reuse DIR`
+links (a relative symlink) every phase that DIR finished under the same key instead of training
+it again: a sweep trains each teacher once and every student run that needs it links it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from .config import Config, config_from_json
+
+__all__ = ["phase_names", "needed_phases", "phase_key", "link_reused", "prepare_phases", "check_linked",
+           "phase_done", "teacher_tag", "PhaseMissing"]
+
+# settings every phase of a seed depends on: the data and the pruning procedure
+_DATA_KEYS = ("dataset", "eps", "noise", "val_fraction", "clean_val", "subset", "label_file")
+_PRUNE_KEYS = ("rate", "wall", "scope", "structure", "block", "perturb", "engine", "momentum", "drop")
+_STUDENT_KEYS = ("early_stop", "t_e", "t_a", "stop_falls")
+
+
+class PhaseMissing(Exception):
+    """A phase this run needs but does not train is neither finished here nor reusable."""
+
+
+def teacher_tag(choice: str) -> str:
+    return choice if choice in ("best", "dense") else "path-" + os.path.splitext(os.path.basename(choice))[0]
+
+
+def phase_names(cfg: Config) -> list[str]:
+    """Every phase of the full study, in training order."""
+    return ["teacher"] + (["vanilla"] if cfg.separate_vanilla() else []) + \
+        [f"distill-{teacher_tag(t)}" for t in cfg.teachers]
+
+
+def needed_phases(cfg: Config) -> tuple[list[str], list[str]]:
+    """(phases this run trains (--phases), phases they read without training them). A distilled
+    student reads its teacher run; a vanilla student that is the teacher run is the teacher phase."""
+    train = [p for p in phase_names(cfg) if p.split("-")[0] in cfg.phases]
+    if "vanilla" in cfg.phases and not cfg.separate_vanilla() and "teacher" not in train:
+        train.insert(0, "teacher")  # the vanilla student *is* the teacher run: training it trains the teacher
+    reads = ["teacher"] if any(p in ("distill-dense", "distill-best") for p in train) and "teacher" not in train \
+        else []
+    return train, reads
+
+
+def _hyper(cfg: Config, role: str) -> dict:
+    return dataclasses.asdict(cfg.hyper(role))
+
+
+def phase_key(cfg: Config, phase: str, seed: int) -> str:
+    """A hash of every setting the phase's results depend on (nothing else: not alpha for the
+    teacher, not the other teachers of a distilled student)."""
+    common = {k: getattr(cfg, k) for k in _DATA_KEYS + _PRUNE_KEYS}
+    teacher = {"model": cfg.model, "hyper": _hyper(cfg, "teacher")}
+    student = {"model": cfg.resolved_student(), "hyper": _hyper(cfg, "student"),
+               **{k: getattr(cfg, k) for k in _STUDENT_KEYS}}
+    if phase == "teacher":
+        own = {"teacher": teacher}
+    elif phase == "vanilla":
+        own = {"student": student}
+    elif phase.startswith("distill-"):
+        choice = next(t for t in cfg.teachers if f"distill-{teacher_tag(t)}" == phase)
+        own = {"student": student, "alpha": cfg.alpha, "tau": cfg.tau, "choice": choice,
+               "teacher": teacher if choice in ("dense", "best") else os.path.abspath(choice)}
+    else:
+        raise ValueError(f"phase must be teacher, vanilla or distill-<teacher>, got {phase!r}")
+    doc = json.dumps({"seed": seed, "phase": phase.split("-")[0], **common, **own}, sort_keys=True, default=list)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def phase_done(pdir: str) -> bool:
+    """A phase is finished once its best.json exists (written last, loop.finish)."""
+    return os.path.isfile(os.path.join(pdir, "best.json"))
+
+
+def _config_of(run_dir: str) -> tuple[Config | None, str | None]:
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            d = json.load(f)
+        return config_from_json(d), d.get("data_fingerprint")
+    except (OSError, ValueError, TypeError):
+        return None, None
+
+
+def link_reused(cfg: Config, run_dir: str, seed: int, phase: str) -> bool:
+    """Link RUN/seed{seed}/{phase} to the same phase finished in a --reuse directory with the same
+    key. A phase already present here (trained or linked before) is kept. Returns whether the phase
+    is present afterwards."""
+    here = os.path.join(run_dir, f"seed{seed}", phase)
+    if os.path.lexists(here):
+        return True
+    key = phase_key(cfg, phase, seed)
+    for other in cfg.reuse:
+        src = os.path.realpath(os.path.join(other, f"seed{seed}", phase))
+        ocfg, _ = _config_of(other)
+        if ocfg is None or not phase_done(src) or phase_key(ocfg, phase, seed) != key:
+            continue
+        os.makedirs(os.path.dirname(here), exist_ok=True)
+        os.symlink(os.path.relpath(src, os.path.dirname(here)), here, target_is_directory=True)
+        return True
+    return False
+
+
+def prepare_phases(cfg: Config, run_dir: str) -> list[str]:
+    """Link what --reuse offers for every seed, then check that every phase this run reads but does
+    not train is finished (PhaseMissing with what to do, before anything trains). Returns the phases
+    to run, in order."""
+    train, reads = needed_phases(cfg)
+    for seed in cfg.seeds:
+        for phase in train + reads:
+            link_reused(cfg, run_dir, seed, phase)
+        for phase in reads:
+            if not phase_done(os.path.join(run_dir, f"seed{seed}", phase)):
+                where = f"in --reuse {' '.join(cfg.reuse)} or here" if cfg.reuse else "here (no --reuse given)"
+                raise PhaseMissing(f"--phases {' '.join(cfg.phases)}: seed {seed} needs a finished {phase} phase, "
+                                   f"found none {where} with the same settings; add teacher to --phases or "
+                                   "finish the teacher run first")
+    return reads + train
+
+
+def check_linked(run_dir: str, seed: int, fingerprint: str) -> None:
+    """A linked phase must come from a run on the same data (the fingerprint its run recorded)."""
+    sd = os.path.join(run_dir, f"seed{seed}")
+    for phase in sorted(os.listdir(sd)) if os.path.isdir(sd) else []:
+        here = os.path.join(sd, phase)
+        if os.path.islink(here):
+            source = os.path.dirname(os.path.dirname(os.path.realpath(here)))
+            _, theirs = _config_of(source)
+            if theirs and theirs != fingerprint:
+                raise PhaseMissing(f"{here} links {source}, trained on other data (fingerprint {theirs}, here "
+                                   f"{fingerprint}): remove the link, or point --data-dir at that run's data")

@@ -1,0 +1,163 @@
+"""Aggregation over run directories: the paper's multi-run tables from whatever runs exist.
+
+Run directories with the same result settings except the seed form one *group* (a sweep runs
+each seed in its own directory; a single study may hold several seeds): their curves are pooled
+and every table reports mean ± sample std over the group's seeds. The settings that differ between
+groups (eps, alpha, tau, student, ...) label the rows. A phase whose run has not finished (no
+best.json yet) is counted with the rounds it has and marked "in progress".
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..experiment.metrics import get, load_run
+from ..experiment.report.labels import label_rounds
+from ..experiment.report.tables import ms, stats, summary_table, table1_rows, vanilla_phase
+from ..experiment.reuse import phase_done
+
+__all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
+           "group_label"]
+
+# config.json keys that never separate groups (bookkeeping, or not result settings)
+_IGNORED = ("seeds", "git_commit", "versions", "data_fingerprint", "out", "threads", "data_dir", "no_download",
+            "device", "phases", "reuse")
+# the order in which differing settings label a group
+_ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "structure", "profile")
+
+
+def load_groups(run_dirs) -> list[dict]:
+    """Group run directories by their result settings (seeds pooled). Each group: {"config": the
+    settings (seeds = those with metrics), "curves": {phase: {seed: rows}}, "dirs": [...],
+    "running": {phase: [seeds whose phase has not finished]}}. Directories without config.json
+    are skipped."""
+    groups: dict[str, dict] = {}
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            continue
+        run = load_run(d)
+        key = json.dumps({k: v for k, v in run["config"].items() if k not in _IGNORED}, sort_keys=True)
+        g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
+                                    "running": {}})
+        g["dirs"].append(d)
+        for phase, by_seed in run["curves"].items():
+            for seed, rows in by_seed.items():
+                if seed in g["curves"].get(phase, {}):
+                    continue  # the same seed twice (a copied directory): first one wins
+                g["curves"].setdefault(phase, {})[seed] = rows
+                if not phase_done(os.path.join(d, f"seed{seed}", phase)):
+                    g["running"].setdefault(phase, []).append(seed)
+    for g in groups.values():
+        g["config"]["seeds"] = sorted({s for c in g["curves"].values() for s in c})
+    return list(groups.values())
+
+
+def varying(groups) -> list[str]:
+    """Settings that differ between groups, in label order."""
+    keys = {k for g in groups for k in g["config"] if k not in _IGNORED}
+    diff = [k for k in keys if len({json.dumps(g["config"].get(k)) for g in groups}) > 1]
+    return sorted(diff, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
+
+
+def group_label(g, keys) -> str:
+    c = g["config"]
+    return ", ".join(f"{k}={c.get(k)}" for k in keys) or f"{c.get('dataset')} eps={c.get('eps')}"
+
+
+def _title(g, keys) -> str:
+    c = g["config"]
+    models = c.get("model", "?") + ("" if c.get("student") in ("", None, c.get("model")) else f" → {c.get('student')}")
+    return f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else "")
+
+
+def _running_note(g) -> str:
+    r = g["running"]
+    return "" if not r else "In progress (not finished): " + "; ".join(
+        f"{p} seed(s) {sorted(s)}" for p, s in sorted(r.items())) + ".\n\n"
+
+
+def table1_md(groups, keys) -> str:
+    """Table 1 / Tables 6-11 layout: one Table 1 per group (per dataset and eps, ...)."""
+    out = []
+    for g in groups:
+        out += [f"### {_title(g, keys)}", "", _running_note(g) + summary_table(g, rounds=False), ""]
+    return "\n".join(out)
+
+
+def table1_csv(groups, keys) -> list[dict]:
+    """Table 1's cells as numbers: one row per group x Table 1 row (mean, std, n over seeds)."""
+    rows = []
+    for g in groups:
+        for spec in table1_rows(g):
+            row = {k: g["config"].get(k) for k in keys}
+            row.update(run=spec["name"], phase=spec["phase"], early_stop=spec["rule"] or "none",
+                       seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))))
+            for cell in ("test", "test_at", "sparsity", "pflops", "paper", "teacher", "teacher_paper", "saved"):
+                m, s, _ = stats([o[cell] for o in spec["outs"]])
+                row[f"{cell}_mean"], row[f"{cell}_std"] = m, s
+            rows.append(row)
+    return rows
+
+
+def _best_test(g, phase) -> list[float]:
+    """Per seed: the test accuracy [%] of the best-validation round (w_best, Algorithm 1)."""
+    return [100 * get(max(rows, key=lambda r: get(r, "val_acc", -1.0)), "test_acc")
+            for rows in g["curves"].get(phase, {}).values() if rows]
+
+
+def alpha_tau_md(groups, keys) -> str:
+    """Table 5: test accuracy of the distilled students (best-validation round, mean ± std over
+    seeds) for every alpha x tau, one block per other setting (eps, ...)."""
+    if "alpha" not in keys and "tau" not in keys:
+        return ""
+    rest = [k for k in keys if k not in ("alpha", "tau")]
+    blocks: dict[str, list] = {}
+    for g in groups:
+        blocks.setdefault(group_label(g, rest), []).append(g)
+    out = []
+    for label, gs in blocks.items():
+        phases = sorted({p for g in gs for p in g["curves"] if p.startswith("distill-")})
+        alphas = sorted({g["config"].get("alpha") for g in gs})
+        taus = sorted({g["config"].get("tau") for g in gs})
+        for ph in phases:
+            out += [f"### {label}: {ph}", "", "| α \\ τ | " + " | ".join(map(str, taus)) + " |",
+                    "|--:|" + "--:|" * len(taus)]
+            for a in alphas:
+                cells = []
+                for t in taus:
+                    g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
+                    cells.append(ms(_best_test(g, ph)) if g else "—")
+                out.append(f"| {a} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def best_model_rows(groups, keys) -> list[dict]:
+    """Table 12: per group and student phase, the best-validation model w_best: its test accuracy,
+    sparsity and double-descent phase (labels of each seed's curve), mean and std over seeds."""
+    out = []
+    for g in groups:
+        van = vanilla_phase(g)
+        for ph in sorted(g["curves"], key=lambda p: (p != van, p)):
+            if ph == "teacher" and van != "teacher":
+                continue
+            accs, sps, labs = [], [], []
+            for rows in g["curves"][ph].values():
+                i = max(range(len(rows)), key=lambda j: (get(rows[j], "val_acc", -1.0), -j))
+                accs.append(100 * get(rows[i], "test_acc"))
+                sps.append(100 * get(rows[i], "sparsity"))
+                labs.append(label_rounds(rows)[i])
+            (am, asd, n), (sm, ssd, _) = stats(accs), stats(sps)
+            out.append({**{k: g["config"].get(k) for k in keys}, "setting": group_label(g, keys),
+                        "phase": "vanilla" if ph == van else ph, "best_test_mean": am, "best_test_std": asd,
+                        "sparsity_mean": sm, "sparsity_std": ssd, "best_phase": ", ".join(sorted(set(labs))),
+                        "seeds": n, "_accs": accs, "_sps": sps})
+    return out
+
+
+def best_model_md(rows) -> str:
+    out = ["| Setting | Phase | Best test acc. [%] | Sparsity [%] | Best model's phase | Seeds |",
+           "|---|---|--:|--:|---|--:|"]
+    out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])} | {ms(r['_sps'])} | {r['best_phase']} | "
+            f"{r['seeds']} |" for r in rows]
+    return "\n".join(out)

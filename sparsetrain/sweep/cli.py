@@ -1,0 +1,156 @@
+"""`python -m sparsetrain.sweep RECIPE | grid | report ...`: the command line, generated from the
+experiment's Config (every experiment flag; a flag given several values is an axis of the grid)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from dataclasses import fields
+
+from ..experiment.config import Config
+from ..experiment.files import write_json
+from .recipes import RECIPES, recipe
+
+__all__ = ["build_parser", "main"]
+
+# experiment fields the sweep sets itself (its --out holds every run; --cpus-per-run the threads)
+_OWN = ("out", "threads", "reuse", "profile", "dataset")
+# tuple-valued experiment fields given as one value (not an axis); `seeds` is an axis
+_AXIS_TUPLES = ("seeds",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sparsetrain.sweep",
+                description="Run a grid of DSD2 experiments on Ray (a recipe of the paper's grids, or `grid` "
+                            "with the axes as flags) and aggregate them; or `report` over run directories.",
+                epilog="recipes: " + "; ".join(f"{k}: {v['about']}" for k, v in RECIPES.items()))
+    p.add_argument("what", metavar="RECIPE|grid|report", help=f"one of {', '.join(RECIPES)}, grid or report")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="report: run directories, or folders holding them (e.g. SWEEPS/runs)")
+    p.add_argument("--profile", choices=("paper", "quick"), default="paper",
+                   help="recipe variant: paper (the paper's grid) or quick (CPU-sized); grid: the experiment's "
+                        "--profile")
+    p.add_argument("--out", default="sweeps", help="sweep root: runs in OUT/runs (shared by every sweep there: "
+                   "a teacher trained by one sweep serves the next), logs and report in OUT/<sweep name>")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run (its torch threads)")
+    p.add_argument("--gpus-per-run", type=float, default=0.0,
+                   help="GPUs per run, fractional to share one (0.25: four CIFAR runs per GPU)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many runs at once (0: as the "
+                   "resources allow)")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed run (it resumes where it stopped)")
+    p.add_argument("--address", default="", help="an existing Ray cluster (ray start --head; 'auto' or "
+                   "HOST:PORT); default: a local Ray on this machine")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, dependencies) and exit")
+    g = p.add_argument_group("grid axes: experiment flags (see python -m sparsetrain.experiment --help); "
+                             "several values = an axis")
+    g.add_argument("--dataset", nargs="+", default=None, help="dataset(s)")
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        if f.name in _OWN:
+            continue
+        flag, t, help_ = f"--{f.name.replace('_', '-')}", hints[f.name], f.metadata["help"]
+        if t is bool:
+            g.add_argument(flag, action="store_true", default=None, help=help_)
+        elif t is tuple:
+            elem = type(f.default[0]) if f.default else str
+            g.add_argument(flag, nargs="+", type=elem, default=None, help=help_ + (
+                " (an axis: one run per seed)" if f.name in _AXIS_TUPLES else " (one value, all its items)"))
+        else:
+            g.add_argument(flag, nargs="+", type=t, default=None, help=help_)
+    for k, t in (("epochs", int), ("batch_size", int), ("lr", float), ("weight_decay", float), ("rewind_iter", int)):
+        g.add_argument(f"--{k.replace('_', '-')}", nargs="+", type=t, default=None, help=f"both roles' {k}")
+    g.add_argument("--milestones", nargs="+", type=int, default=None, help="both roles' milestones (one value)")
+    return p
+
+
+def _settings(args, parser) -> dict:
+    """Recipe values < the flags given (lists: axes)."""
+    if args.what == "grid":
+        if not args.dataset:
+            parser.error("grid needs --dataset (one or more)")
+        settings = {"profile": [args.profile]}
+    else:
+        try:
+            settings = recipe(args.what, args.profile)
+        except ValueError as e:
+            parser.error(f"{e} (or grid, report)")
+    for k, v in vars(args).items():
+        if v is None or k in ("what", "run_dirs", "profile", "out", "cpus_per_run", "gpus_per_run",
+                              "max_concurrent", "retries", "address", "dry_run"):
+            continue
+        one_value = typing.get_type_hints(Config).get(k) is tuple or k == "milestones"
+        settings[k] = (list(v) if not one_value or k in _AXIS_TUPLES else tuple(v)) if isinstance(v, list) else v
+    return settings
+
+
+def _run_dirs(paths) -> list[str]:
+    """Run directories given directly or as folders holding them (one level down)."""
+    out = []
+    for p in paths:
+        if os.path.isfile(os.path.join(p, "config.json")):
+            out.append(p)
+        elif os.path.isdir(p):
+            out += sorted(os.path.join(p, d) for d in os.listdir(p)
+                          if os.path.isfile(os.path.join(p, d, "config.json")))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.what == "report":
+        dirs = _run_dirs(args.run_dirs)
+        if not dirs:
+            parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
+        from .report import write_sweep_report
+        out = args.out if args.out != "sweeps" else os.path.join(os.path.commonpath(
+            [os.path.abspath(d) for d in dirs]), "report")
+        print(write_sweep_report(dirs, out, title="report"))
+        return 0
+    if args.run_dirs:
+        parser.error(f"unexpected argument(s) {' '.join(args.run_dirs)}: run directories are for report")
+    for name, ok, expected in (("cpus_per_run", args.cpus_per_run > 0, "> 0"),
+                               ("gpus_per_run", args.gpus_per_run >= 0, ">= 0"),
+                               ("max_concurrent", args.max_concurrent >= 0, ">= 0 (0: no limit)"),
+                               ("retries", args.retries >= 0, ">= 0")):
+        if not ok:
+            parser.error(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    settings = _settings(args, parser)
+    from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
+    plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
+    sweep_dir = os.path.join(args.out, f"{args.what}-{args.profile}-{plan_digest(plan)}")
+    os.makedirs(sweep_dir, exist_ok=True)
+    write_json(os.path.join(sweep_dir, "plan.json"), {
+        "command": ["python", "-m", "sparsetrain.sweep", *(sys.argv[1:] if argv is None else argv)],
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "runs": [{"name": r.name, "kind": r.kind, "run_dir": r.run_dir, "deps": r.deps, "error": r.error,
+                  "argv": r.argv} for r in plan]})
+    if args.dry_run:
+        for r in plan:
+            print(f"{r.kind:7s} {r.name}" + (f"  after {', '.join(r.deps)}" if r.deps else "") +
+                  (f"  INVALID: {r.error}" if r.error else "  (finished)" if r.done() else ""))
+        print(f"{len(plan)} runs; plan: {os.path.join(sweep_dir, 'plan.json')}")
+        return 0
+    from .report import write_sweep_report
+    from .runner import execute
+    try:
+        status = execute(plan, sweep_dir, cpus=args.cpus_per_run, gpus=args.gpus_per_run,
+                         max_concurrent=args.max_concurrent, retries=args.retries, address=args.address)
+    except KeyboardInterrupt:
+        print("stopped; re-run the same command to resume", file=sys.stderr)
+        return 130
+    leaves = [r.run_dir for r in plan if r.run_dir and (r.kind == "study" or not any(
+        r.name in s.deps for s in plan if s.kind == "study"))]
+    summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}")
+    failed = {n: s for n, s in status.items() if s["state"] == "failed"}
+    for n, s in failed.items():
+        print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)
+    print(f"{sum(s['state'] in ('done', 'skipped') for s in status.values())}/{len(status)} runs finished, "
+          f"{len(failed)} failed\nsweep: {sweep_dir}\nreport: {summary}")
+    return 1 if failed else 0

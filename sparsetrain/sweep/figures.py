@@ -1,0 +1,83 @@
+"""The sweep's figures: test accuracy vs sparsity overlaid across groups (mean ± std bands over
+seeds, entropy on a second axis): Figs. 1/2/5 by eps, Fig. 3 by perturbation, Fig. 4 by the
+student's depth/width (any differing setting can colour the lines)."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..experiment.files import atomic_write
+from ..experiment.metrics import get
+from ..experiment.report.plots import _TICKS, _x
+from ..experiment.report.tables import mean, per_round, stats, vanilla_phase
+from .aggregate import group_label
+
+__all__ = ["plot_overlay", "write_figures"]
+
+_STYLE = {"vanilla": "-", "distill-dense": "--", "distill-best": ":"}
+_MAX_PANELS = 12
+
+
+def _phases(g) -> list[str]:
+    """The student curves of a group: vanilla (or the teacher run when it is the vanilla student)
+    and every distilled student."""
+    van = vanilla_phase(g)
+    return ([van] if van else []) + sorted(p for p in g["curves"] if p.startswith("distill-"))
+
+
+def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | None:
+    """One panel per combination of the differing settings other than `by`; in each, one colour per
+    value of `by`, one line style per phase (vanilla solid, distilled from the dense teacher dashed,
+    from the pruned one dotted); entropy thin on the right axis."""
+    from matplotlib.figure import Figure
+    rest = [k for k in keys if k != by]
+    panels: dict[str, list] = {}
+    for g in groups:
+        panels.setdefault(group_label(g, rest) if rest else "", []).append(g)
+    if not panels or not any(g["curves"] for g in groups):
+        return None
+    items = list(panels.items())[:_MAX_PANELS]
+    cols = min(3, len(items))
+    rows_n = math.ceil(len(items) / cols)
+    fig = Figure(figsize=(6.2 * cols, 4.4 * rows_n))
+    values = sorted({str(g["config"].get(by)) for g in groups}) if by else []
+    for i, (title, gs) in enumerate(items):
+        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax2 = ax.twinx()
+        for g in gs:
+            color = f"C{values.index(str(g['config'].get(by))) % 10}" if by else None
+            for ph in _phases(g):
+                rounds, per = per_round(g["curves"][ph])
+                x = _x([mean(per[k], "sparsity") for k in rounds])
+                acc = np.array([stats([100 * get(r, "test_acc") for r in per[k]])[:2] for k in rounds]).reshape(-1, 2)
+                name = "vanilla" if ph == vanilla_phase(g) else ph
+                label = f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}"
+                line, = ax.plot(x, acc[:, 0], _STYLE.get(name, "-."), marker="o", ms=2.5, color=color, label=label)
+                ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=line.get_color(), alpha=.15,
+                                lw=0)
+                ax2.plot(x, [mean(per[k], "entropy_mean") for k in rounds], _STYLE.get(name, "-."),
+                         color=line.get_color(), lw=.7, alpha=.5)
+        lo, hi = ax.get_xlim()
+        ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
+        ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
+        ax.set_xlabel("sparsity [%] (log scale of remaining weights)")
+        ax.set_ylabel("test accuracy [%] (mean ± std)")
+        ax2.set_ylabel("ReLU-state entropy (thin)")
+        ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    return path
+
+
+def write_figures(groups, keys, out_dir) -> list[str]:
+    """accuracy_vs_sparsity.png (coloured by eps when it differs, else by the first differing
+    setting) and by_<setting>.png for every other differing setting."""
+    os.makedirs(out_dir, exist_ok=True)
+    main = "eps" if "eps" in keys else (keys[0] if keys else None)
+    paths = [plot_overlay(groups, main, keys, os.path.join(out_dir, "accuracy_vs_sparsity.png"))]
+    paths += [plot_overlay(groups, k, keys, os.path.join(out_dir, f"by_{k}.png")) for k in keys if k != main]
+    return [p for p in paths if p]

@@ -1,0 +1,147 @@
+"""A sweep's plan: the grid expanded into ordinary experiment runs with explicit dependencies.
+
+Each grid point and seed is resolved by the experiment's own parser (presets and validation
+included) into a Config. Its teacher phase becomes a *teacher run* (`--phases teacher`, the
+student settings left at their defaults so the run directory is the same whatever the students
+are); its students a *study run* (`--phases vanilla distill --reuse <the runs it needs>`) that
+links the finished teacher instead of training it. Every phase (teacher, vanilla, distill-*) is
+owned by the first run that needs it (experiment/reuse.py's phase_key names it): a later run that
+needs the same phase depends on the owner and links it, so nothing is trained twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..experiment.config import ROLE_KEYS, Config, config_from_args, config_to_argv
+from ..experiment.reuse import needed_phases, phase_done, phase_key
+from ..experiment.study import run_dir_of
+
+__all__ = ["Run", "expand", "make_plan", "plan_digest", "STUDENT_ONLY"]
+
+# settings only the students read: left at their defaults in a teacher run (one teacher run per
+# teacher setting, whatever the students)
+STUDENT_ONLY = ("student", "teachers", "alpha", "tau", "early_stop", "t_e", "t_a", "stop_falls")
+_DEFAULT = Config()
+
+
+@dataclass
+class Run:
+    """One experiment invocation of the sweep."""
+    name: str                     # the run directory's name (unique in the sweep)
+    kind: str                     # "teacher" or "study"
+    run_dir: str
+    argv: list = field(default_factory=list)   # python -m sparsetrain.experiment <argv>
+    deps: list = field(default_factory=list)   # names of runs that must finish first
+    point: dict = field(default_factory=dict)  # the grid point (for the report and the log)
+    seed: int = 0
+    phases: list = field(default_factory=list)  # phases it trains or reads: all finished = done
+    error: str = ""                # the experiment's own message when the point is invalid
+
+    def done(self) -> bool:
+        return not self.error and all(phase_done(os.path.join(self.run_dir, f"seed{self.seed}", p))
+                                      for p in self.phases)
+
+
+def expand(settings: dict) -> list[dict]:
+    """Cartesian product of the list-valued settings (axes); tuples and scalars are one value."""
+    axes = {k: v for k, v in settings.items() if isinstance(v, list)}
+    fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
+    return [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+
+
+def _argv(point: dict) -> list[str]:
+    """A grid point as experiment flags (the dataset positional first)."""
+    argv = [str(point["dataset"])]
+    for k, v in point.items():
+        if k == "dataset":
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        if isinstance(v, bool):
+            argv += [flag] if v else []
+        elif isinstance(v, (tuple, list)):
+            argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def _resolve(point: dict) -> tuple[Config | None, str]:
+    """The experiment parser's Config for a point, or (None, its one-line error)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cfg, _ = config_from_args(_argv(point))
+        return cfg, ""
+    except SystemExit:
+        return None, err.getvalue().strip() or "invalid settings"
+
+
+def _absolute(cfg: Config) -> Config:
+    """Paths made absolute: the runs execute in Ray workers, whose working directory may differ."""
+    teachers = tuple(t if t in ("dense", "best") else os.path.abspath(t) for t in cfg.teachers)
+    return dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), out=os.path.abspath(cfg.out),
+                               teachers=teachers, label_file=os.path.abspath(cfg.label_file) if cfg.label_file else "")
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The teacher run of a study: its student settings at their defaults (students of every kind
+    share it), the student schedule = the teacher's (so the run is also its own vanilla student)."""
+    return dataclasses.replace(cfg, **{k: getattr(_DEFAULT, k) for k in STUDENT_ONLY},
+                               **{f"student_{k}": getattr(cfg, f"teacher_{k}") for k in ROLE_KEYS},
+                               phases=("teacher",), reuse=())
+
+
+def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
+    """Every run of the grid `settings` (recipe values < command-line flags; lists are axes), in an
+    order where a run comes after the runs it depends on. Runs live in OUT/runs."""
+    runs_root = os.path.join(os.path.abspath(out), "runs")
+    runs: dict[str, Run] = {}
+    owner: dict[str, str] = {}  # phase key -> name of the run that trains it
+    studies = []
+    for point in expand(settings):
+        seeds = point.pop("seeds", _DEFAULT.seeds)
+        for seed in (seeds if isinstance(seeds, (list, tuple)) else [seeds]):
+            p = {**point, "seeds": (seed,)}
+            cfg, err = _resolve({**p, "out": runs_root, "threads": threads})
+            if cfg is None:
+                name = "invalid-" + hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
+                runs[name] = Run(name, "study", "", point=p, seed=seed, error=err)
+                continue
+            cfg = _absolute(cfg)
+            tcfg = teacher_config(cfg)
+            td = run_dir_of(tcfg)
+            tname = os.path.basename(td)
+            if tname not in runs:
+                runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"])
+                owner.setdefault(phase_key(tcfg, "teacher", seed), tname)
+            if cfg.phases != ("teacher",):
+                studies.append((cfg, p, seed))
+    for cfg, p, seed in studies:
+        name = os.path.basename(run_dir_of(cfg))
+        if name in runs and runs[name].kind == "study":
+            continue  # the same run twice in the grid
+        # a study whose settings are its teacher run's (students = the teacher's model and schedule,
+        # default distillation) *is* that run: it trains every phase; otherwise the teacher is linked
+        scfg = cfg if name in runs else \
+            dataclasses.replace(cfg, phases=tuple(k for k in cfg.phases if k != "teacher") or ("vanilla",))
+        train, reads = needed_phases(scfg)
+        deps = []
+        for phase in train + reads:
+            key = phase_key(scfg, phase, seed)
+            if owner.setdefault(key, name) != name and owner[key] not in deps:
+                deps.append(owner[key])
+        scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
+        runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads)
+    return list(runs.values())
+
+
+def plan_digest(plan: list[Run]) -> str:
+    """8 hex digits naming a plan (its runs' directories): the same sweep finds its logs again."""
+    return hashlib.sha256("\n".join(sorted(r.name for r in plan)).encode()).hexdigest()[:8]

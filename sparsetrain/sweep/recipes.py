@@ -1,0 +1,66 @@
+"""The paper's multi-run grids as data: recipe -> profile -> the experiment flags it fixes and the
+ones it sweeps (every list is an axis of the grid; `seeds` too: one run per seed).
+
+`paper`: the paper's grid (GPU-days). `quick`: a CPU-sized version on Fashion-MNIST that shows the
+same comparison (the quick study's LeNet-300-100 schedule, README "What the quick study shows").
+Flags given on the sweep's command line replace a recipe's value or axis of the same name.
+"""
+from __future__ import annotations
+
+__all__ = ["RECIPES", "recipe"]
+
+_PAPER_SEEDS = [0, 1, 2]
+
+RECIPES = {
+    # Table 1 (CIFAR-10, eps 20%): vanilla / early stop / distilled from the dense and the pruned teacher
+    "paper-table1": {
+        "about": "Table 1: vanilla, early stop and distilled students, 3 seeds",
+        "paper": {"dataset": ["cifar10"], "eps": [0.2], "seeds": _PAPER_SEEDS, "teachers": ("dense", "best")},
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2], "seeds": [0, 1, 2],
+                  "teachers": ("dense", "best")},
+    },
+    # Fig. 1/2/5, Tables 6-11 (per dataset and eps), Table 12 (eps vs the best model's phase)
+    "paper-eps": {
+        "about": "Figs. 1/2/5, Tables 6-12: the noise sweep, teacher and distilled students",
+        "paper": {"dataset": ["cifar10", "cifar100"], "eps": [0.1, 0.2, 0.5], "seeds": _PAPER_SEEDS,
+                  "teachers": ("dense", "best")},
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.1, 0.2, 0.5], "seeds": [0],
+                  "teachers": ("dense",)},
+    },
+    # Fig. 3: ResNet-18 on CIFAR-100, eps 10%, retrained with no perturbation / rewind / re-init
+    "paper-perturb": {
+        "about": "Fig. 3: perturbation after pruning (none, rewind, re-init), vanilla runs",
+        "paper": {"dataset": ["cifar100"], "eps": [0.1], "model": ["resnet18"], "perturb": ["none", "rewind", "reinit"],
+                  "seeds": _PAPER_SEEDS, "phases": ("teacher",)},
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2],
+                  "perturb": ["none", "rewind", "reinit"], "seeds": [0], "phases": ("teacher",)},
+    },
+    # Table 5: alpha x tau on CIFAR-10 (VGG-like student of the ResNet-18 teacher), 3 noise rates
+    "paper-alpha-tau": {
+        "about": "Table 5: distillation weight alpha x temperature tau",
+        "paper": {"dataset": ["cifar10"], "eps": [0.1, 0.2, 0.5], "alpha": [0.5, 0.7, 0.8, 0.9], "tau": [10, 20],
+                  "seeds": [0], "teachers": ("best",)},
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2], "alpha": [0.5, 0.8],
+                  "tau": [10, 20], "seeds": [0], "teachers": ("dense",)},
+    },
+    # Fig. 4 and Figs. 9-14: VGG-like student depth delta (gamma 5) and width gamma (delta 1), CIFAR-10 eps 50%
+    "paper-depth-width": {
+        "about": "Fig. 4: student depth delta and width gamma, vanilla and distilled",
+        "paper": {"dataset": ["cifar10"], "eps": [0.5], "model": ["resnet18"],
+                  "student": [f"vgg_d{d}g5" for d in range(1, 6)] + [f"vgg_d1g{g}" for g in range(6, 10)],
+                  "seeds": [0], "teachers": ("best",)},
+        # a LeNet-300-100 teacher, VGG-like students of growing depth and width on 28x28 images
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2], "model": ["lenet300"],
+                  "student": ["vgg_d1g2", "vgg_d2g2", "vgg_d1g4"], "subset": [2000], "student_epochs": [8],
+                  "student_milestones": (4, 6), "seeds": [0], "teachers": ("dense",)},
+    },
+}
+
+
+def recipe(name: str, profile: str) -> dict:
+    """The settings of a recipe's profile: {field: list (an axis) or tuple (one tuple value)}."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    if profile not in ("paper", "quick"):
+        raise ValueError(f"--profile must be paper or quick, got {profile!r}")
+    return dict(RECIPES[name][profile])

@@ -1,0 +1,52 @@
+"""The sweep's report directory: summary.md (Tables 1/6-11 per setting, Table 5, Table 12, the
+figures, the runs' states), table1.csv, best_model.csv and the PNGs. Written from whatever run
+directories exist; every file atomically."""
+from __future__ import annotations
+
+import os
+
+from ..experiment.files import atomic_write, write_csv
+from .aggregate import alpha_tau_md, best_model_md, best_model_rows, load_groups, table1_csv, table1_md, varying
+from .figures import write_figures
+
+__all__ = ["write_sweep_report"]
+
+
+def _status_md(status: dict) -> str:
+    out = ["| Run | Kind | State | Seconds | Log / error |", "|---|---|---|--:|---|"]
+    for name, s in status.items():
+        note = s.get("error", "") or ""
+        out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | "
+                   f"{note + ' — ' if note else ''}{s.get('log', '')} |")
+    return "\n".join(out)
+
+
+def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep") -> str:
+    """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    groups = load_groups(run_dirs)
+    keys = varying(groups)
+    pngs = write_figures(groups, keys, out_dir)
+    t1 = table1_csv(groups, keys)
+    if t1:
+        write_csv(os.path.join(out_dir, "table1.csv"), t1)
+    best = best_model_rows(groups, keys)
+    if best:
+        write_csv(os.path.join(out_dir, "best_model.csv"),
+                  [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])
+    lines = [f"# DSD² {title}", "", f"{len(run_dirs)} run directories, {len(groups)} setting(s) "
+             f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
+    if status:
+        failed = [n for n, s in status.items() if s["state"] in ("failed", "interrupted")]
+        lines += ["## Runs", "", _status_md(status), "",
+                  f"**{len(failed)} run(s) failed or were interrupted:** {', '.join(failed)}" if failed else
+                  "Every run finished.", ""]
+    lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
+    if any(k in keys for k in ("alpha", "tau")):
+        lines += ["## Table 5 style: α × τ (test accuracy [%] of the best-validation round, mean ± std)", "",
+                  alpha_tau_md(groups, keys), ""]
+    lines += ["## Table 12 style: the best-validation model per setting", "", best_model_md(best), "",
+              "## Tables 1 and 6-11 style, per setting", "", table1_md(groups, keys)]
+    path = os.path.join(out_dir, "summary.md")
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path

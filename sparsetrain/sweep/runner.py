@@ -1,0 +1,163 @@
+"""Executing a plan on Ray: one Ray task per run, each an ordinary `python -m sparsetrain.experiment`
+process with its own log, submitted once the runs it depends on have finished.
+
+Ray places the tasks (`--cpus-per-run`, `--gpus-per-run` as task resources, on this machine or on
+a cluster with `--address`) and retries a failed one (`--retries`: Ray's task retries on
+`RunFailed`; the experiment resumes from its last completed epoch, so a retry continues). A run
+that exits 2 (a usage error: retrying cannot help) is not retried. Ctrl-C cancels the running
+tasks, which stop their experiment process: each loses at most its current epoch, and re-running
+the sweep resumes it.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from ..experiment.files import write_json
+from .plan import Run
+
+__all__ = ["execute", "RunFailed", "UsageFailed", "run_experiment"]
+
+
+class RunFailed(RuntimeError):
+    """The experiment process exited with an error (retried by Ray)."""
+
+
+class UsageFailed(RuntimeError):
+    """The experiment rejected its arguments or its files (exit 2; not retried)."""
+
+
+def run_experiment(argv: list[str], log: str, threads: int, cwd: str) -> float:
+    """One experiment process, its output appended to `log`; returns its seconds. Runs inside a Ray
+    worker: a cancel (KeyboardInterrupt) stops the process, which resumes on the next attempt."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    marker, t0 = log + ".running", time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
+    with open(log, "a") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m sparsetrain.experiment {shlex.join(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "sparsetrain.experiment", *argv], stdout=f,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        open(marker, "w").close()
+        try:
+            rc = proc.wait()
+        except BaseException:  # cancelled: stop the experiment (atomic files; it resumes later)
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            if os.path.exists(marker):
+                os.remove(marker)
+        f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+    if rc == 2:
+        raise UsageFailed(f"exit code 2 (see {log})")
+    if rc != 0:
+        raise RunFailed(f"exit code {rc} (see {log})")
+    return time.time() - t0
+
+
+def _error_text(e: BaseException) -> str:
+    """The root message of a Ray task error (its cause), one line."""
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {cause}".splitlines()[0]
+
+
+class _Progress:
+    """The live line: done / running / failed / queued and tqdm's ETA, over the runs to execute."""
+
+    def __init__(self, total: int, skipped: int):
+        from tqdm import tqdm
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="sweep", unit="run", dynamic_ncols=True, mininterval=1 if tty else 30,
+                        file=sys.stderr)
+        if skipped:
+            self.bar.write(f"sweep: {skipped} run(s) already finished (skipped)")
+
+    def update(self, done: int, running: int, failed: int, queued: int) -> None:
+        self.bar.set_postfix_str(f"running {running}, failed {failed}, queued {queued}", refresh=False)
+        self.bar.update(done + failed - self.bar.n)
+
+    def write(self, msg: str) -> None:
+        self.bar.write(msg)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0, max_concurrent: int = 0,
+            retries: int = 1, address: str = "") -> dict:
+    """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
+    SWEEP/status.json after every change): state done | failed | skipped (finished earlier) |
+    interrupted, attempts' seconds, log path, error."""
+    logs = os.path.join(sweep_dir, "logs")
+    status = {r.name: {"state": "skipped" if r.done() else "queued", "kind": r.kind, "run_dir": r.run_dir,
+                       "log": os.path.join(logs, f"{r.name}.log"), "deps": r.deps} for r in plan}
+    os.makedirs(logs, exist_ok=True)
+    for r in plan:
+        if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
+            status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
+            with open(status[r.name]["log"], "a") as f:
+                f.write(f"=== not run: the experiment rejects this grid point {r.point}\n{r.error}\n")
+    save = lambda: write_json(os.path.join(sweep_dir, "status.json"), status)  # noqa: E731
+    todo = [r for r in plan if status[r.name]["state"] == "queued"]
+    save()
+    if not todo:
+        return status
+    import ray
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+        else:
+            ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    task = ray.remote(run_experiment).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                                               retry_exceptions=[RunFailed])
+    threads = max(1, int(cpus))
+    cwd = os.getcwd()
+    running: dict = {}  # ObjectRef -> run
+    progress = _Progress(len(todo), sum(s["state"] == "skipped" for s in status.values()))
+    ok = lambda d: status[d]["state"] in ("done", "skipped")  # noqa: E731
+    try:
+        while todo or running:
+            for r in list(todo):
+                if any(status[d]["state"] == "failed" for d in r.deps):
+                    failed = [d for d in r.deps if status[d]["state"] == "failed"]
+                    status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed")
+                    todo.remove(r)
+                elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
+                    running[task.remote(r.argv, status[r.name]["log"], threads, cwd)] = r
+                    status[r.name].update(state="running", started=time.time())
+                    todo.remove(r)
+            save()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0) if running else ([], [])
+            for ref in ready:
+                r = running.pop(ref)
+                try:
+                    status[r.name].update(state="done", seconds=round(ray.get(ref)))
+                except Exception as e:  # noqa: BLE001 (RayTaskError wrapping RunFailed/UsageFailed, or a lost worker)
+                    status[r.name].update(state="failed", error=_error_text(e))
+                    progress.write(f"sweep: {r.name} failed: {status[r.name]['error']}")
+            started = sum(os.path.exists(status[r.name]["log"] + ".running") for r in running.values())
+            progress.update(sum(status[r.name]["state"] == "done" for r in plan),
+                            started, sum(status[r.name]["state"] == "failed" and not r.error for r in plan),
+                            len(todo) + len(running) - started)
+    except KeyboardInterrupt:
+        progress.write(f"sweep: interrupted: stopping {len(running)} running run(s) (each keeps its last "
+                       "completed epoch; re-run the same command to resume)")
+        for ref in running:
+            ray.cancel(ref)
+        ray.wait(list(running), num_returns=len(running), timeout=90)
+        for r in running.values():
+            status[r.name]["state"] = "interrupted"
+        save()
+        raise
+    finally:
+        progress.close()
+    save()
+    return status
