@@ -9,7 +9,7 @@ NPROC  := $(shell nproc 2>/dev/null || echo 2)
 # ccache's compiler links, when ccache is installed (Debian: /usr/lib/ccache)
 CCACHE := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install fashion-mnist demo sweep-demo test test-slow bench clean
 
 install: $(VENV)/.built
 
@@ -38,11 +38,18 @@ $(VENV)/.built: $(VENV)/.editable $(CSRC)
 # The quick DSD2 study (teacher -> vanilla -> distilled, ~6 min on 2 cores) on Fashion-MNIST from
 # Debian's dataset-fashion-mnist when apt can install it, else torchvision downloads it.
 FASHION := /usr/share/datasets/fashion-mnist
-demo: install
+fashion-mnist:
 	@test -d $(FASHION) || (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "(dataset-fashion-mnist not installable here: torchvision will download Fashion-MNIST into data/)"
+
+demo: install fashion-mnist
 	$(PY) -m sparsetrain.experiment fashion-mnist --profile quick --out runs
+
+# The quick noise sweep on Ray (eps 0.1 / 0.2 / 0.5: teacher + distilled student each, one run per
+# core): the eps-sweep tables and figure in sweeps/paper-eps-quick-*/report (~15-20 min on 2 cores).
+sweep-demo: install fashion-mnist
+	$(PY) -m sparsetrain.sweep paper-eps --profile quick --out sweeps
 
 test: install
 	$(PY) -m pytest -q -x tests

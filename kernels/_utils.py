@@ -17,6 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # activations under mixed precision (values stay fp32)
 
 
 def autotune(configs, key, **kw):
@@ -59,6 +60,21 @@ def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tens
         raise TypeError(f"{arg} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if like is not None and t.dtype != like.dtype:
         raise TypeError(f"{arg} must have the dtype of values ({like.dtype}), got {t.dtype}")
+
+
+def check_activation(t: torch.Tensor, arg: str, values: torch.Tensor):
+    """An activation (x, grad_out) has the dtype of the weight's values, or, under mixed precision,
+    bf16/fp16 with fp32 values: the kernels then accumulate in fp32 and write the activation dtype."""
+    if t.dtype == values.dtype or (values.dtype == torch.float32 and t.dtype in HALF_DTYPES):
+        return
+    raise TypeError(f"{arg} must have the dtype of values ({values.dtype})"
+                    f"{' or bfloat16/float16 (mixed precision)' if values.dtype == torch.float32 else ''}, "
+                    f"got {t.dtype}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and weight-gradient) dtype for activations of `dtype`: fp32 for bf16/fp16."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):

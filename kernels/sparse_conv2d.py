@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms,
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
+                     check_float, check_index, density_key, launch, num_sms,
                      pow2_bucket, row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d",
@@ -52,7 +53,7 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, C, H, W, O, OH, OW, KH, 
     ow = rem % OW
     start = tl.load(ptr + o)
     end = tl.load(ptr + o + 1)
-    acc = tl.zeros([BLOCK_S], dtype=y.dtype.element_ty)
+    acc = tl.zeros([BLOCK_S], dtype=vals.dtype.element_ty)  # (fp32 for bf16/fp16 activations)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         pmask = offs_p < end
@@ -65,10 +66,10 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, C, H, W, O, OH, OW, KH, 
         iw = ow[None, :] * SW - PW + j[:, None]
         ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0)
-        acc += tl.sum(v[:, None] * tile, axis=0)
+        acc += tl.sum(v[:, None] * tile.to(v.dtype), axis=0)
     if HAS_BIAS:
         acc += tl.load(bias + o)
-    tl.store(y + (b * O + o) * (OH * OW) + rem, acc, mask=smask)
+    tl.store(y + (b * O + o) * (OH * OW) + rem, acc.to(y.dtype.element_ty), mask=smask)
 
 
 @autotune(_CONFIGS, key=["C", "S_KEY", "DENSITY_KEY", "KHW", "SH"])
@@ -82,7 +83,7 @@ def _conv_dgrad_kernel(dy, cptr, rows, perm, vals, order, dx, C, H, W, O, OH, OW
     rem = offs % (H * W)
     ih = rem // W
     iw = rem % W
-    acc = tl.zeros([BLOCK_S], dtype=dx.dtype.element_ty)
+    acc = tl.zeros([BLOCK_S], dtype=vals.dtype.element_ty)
     for t in range(0, KH * KW):  # one tap (i, j) = one CSC column: its shift is shared
         i = t // KW
         j = t % KW
@@ -101,8 +102,8 @@ def _conv_dgrad_kernel(dy, cptr, rows, perm, vals, order, dx, C, H, W, O, OH, OW
             v = tl.load(vals + q, mask=pmask, other=0.0)
             tile = tl.load(dy + ((b[None, :] * O + o[:, None]) * OH + oh[None, :]) * OW + ow[None, :],
                            mask=pmask[:, None] & ok[None, :], other=0.0)
-            acc += tl.sum(v[:, None] * tile, axis=0)
-    tl.store(dx + (b * C + c) * (H * W) + rem, acc, mask=smask)
+            acc += tl.sum(v[:, None] * tile.to(v.dtype), axis=0)
+    tl.store(dx + (b * C + c) * (H * W) + rem, acc.to(dx.dtype.element_ty), mask=smask)
 
 
 @autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH", "SPLIT"], reset_to_zero=["out"])
@@ -130,12 +131,12 @@ def _conv_wgrad_kernel(dy, x, ptr, idx, order, out, C, H, W, O, OH, OW, KH, KW, 
             rem = offs % (OH * OW)
             oh = rem // OW
             ow = rem % OW
-            g = tl.load(dy + (b * O + o) * (OH * OW) + rem, mask=smask, other=0.0)
+            g = tl.load(dy + (b * O + o) * (OH * OW) + rem, mask=smask, other=0.0).to(out.dtype.element_ty)
             ih = oh[None, :] * SH - PH + i[:, None]
             iw = ow[None, :] * SW - PW + j[:, None]
             ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0)
-            acc += tl.sum(tile * g[None, :], axis=1)
+            acc += tl.sum(tile.to(out.dtype.element_ty) * g[None, :], axis=1)
         if SPLIT > 1:
             tl.atomic_add(out + offs_p, acc, mask=pmask)
         else:
@@ -160,7 +161,10 @@ def _args(g):
 
 
 def _check_x(x, name, values=None):
-    check_float(x, name, like=values)
+    if values is not None:
+        check_activation(x, name, values)
+    else:
+        check_float(x, name, FLOAT_DTYPES + HALF_DTYPES)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D NCHW, got shape {tuple(x.shape)}")
 
@@ -221,9 +225,10 @@ def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, 
     check_device(grad_out, x, crow, col, name="sparse_conv2d_grad_weight")
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
-    check_float(x, "x")
     _check_x(x, "x")
-    _check_x(grad_out, "grad_out", x)
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
+    _check_x(grad_out, "grad_out")
     O, nnz = crow.numel() - 1, col.numel()
     g = _geometry(x.shape, O, kernel_size, stride, padding)
     B = x.shape[0]
@@ -233,7 +238,7 @@ def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, 
     nonempty = cached("nonempty_rows", crow, lambda: int((crow.diff() > 0).sum()))
     if split is None:
         split = max(1, min(triton.cdiv(S, 1024), triton.cdiv(4 * num_sms(x.device), max(nonempty, 1))))
-    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=x.dtype, device=x.device)
+    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=acc_dtype(x.dtype), device=x.device)
     if nnz == 0 or S == 0:
         return out.zero_()
     launch(_conv_wgrad_kernel, lambda m: (nonempty, split), grad_out.contiguous(), x.contiguous(), crow, col,

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms,
-                     pow2_bucket, row_order)
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
+                     check_float, check_index, density_key, launch, num_sms, pow2_bucket, row_order)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -53,7 +53,7 @@ def _csr_spmm_kernel(ptr, idx, vals, perm, order, xt, yt, bias, N, B, B_KEY, DEN
         n = tl.load(order + i, mask=live, other=0).to(tl.int64)
         start = tl.load(ptr + n)
         end = tl.where(live, tl.load(ptr + n + 1), start)
-        acc = tl.zeros([BLOCK_B], dtype=yt.dtype.element_ty)
+        acc = tl.zeros([BLOCK_B], dtype=vals.dtype.element_ty)  # (fp32 for bf16/fp16 activations)
         for p0 in range(start, end, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             pmask = offs_p < end
@@ -65,10 +65,10 @@ def _csr_spmm_kernel(ptr, idx, vals, perm, order, xt, yt, bias, N, B, B_KEY, DEN
                 v = tl.load(vals + offs_p, mask=pmask, other=0.0)
             tile = tl.load(xt + cols[:, None] * B + offs_b[None, :],
                            mask=pmask[:, None] & bmask[None, :], other=0.0)
-            acc += tl.sum(v[:, None] * tile, axis=0)
+            acc += tl.sum(v[:, None] * tile.to(v.dtype), axis=0)
         if HAS_BIAS:
             acc += tl.load(bias + n)
-        tl.store(yt + n * B + offs_b, acc, mask=bmask & live)
+        tl.store(yt + n * B + offs_b, acc.to(yt.dtype.element_ty), mask=bmask & live)
 
 
 _SDDMM_CONFIGS = [
@@ -101,10 +101,10 @@ def _csr_sddmm_kernel(ptr, idx, order, dyt, xt, out, N, B, B_KEY, DENSITY_KEY, S
         for b0 in range(b_lo, b_hi, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
             bmask = offs_b < b_hi
-            g = tl.load(dyt + n * B + offs_b, mask=bmask, other=0.0)
+            g = tl.load(dyt + n * B + offs_b, mask=bmask, other=0.0).to(out.dtype.element_ty)
             tile = tl.load(xt + cols[:, None] * B + offs_b[None, :],
                            mask=pmask[:, None] & bmask[None, :], other=0.0)
-            acc += tl.sum(tile * g[None, :], axis=1)
+            acc += tl.sum(tile.to(out.dtype.element_ty) * g[None, :], axis=1)
         if SPLIT > 1:
             tl.atomic_add(out + offs_p, acc, mask=pmask)
         else:
@@ -157,7 +157,7 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
     _check_csr(crow_indices, col_indices, values, "sparse_linear")
     N = crow_indices.numel() - 1
     K = _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear")
-    check_float(x, "x", like=values)
+    check_activation(x, "x", values)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
     if bias is not None:
@@ -176,7 +176,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
                  name="sparse_linear_grad_input")
     _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
     _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
-    check_float(grad_out, "grad_out", like=values)
+    check_activation(grad_out, "grad_out", values)
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
@@ -193,10 +193,11 @@ def _check_csr(crow, col, values, name):
 
 
 def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
-    """dvalues[p] = sum_b grad_out[b, row(p)] * x[b, col(p)]: only the nonzeros, never dy^T x."""
+    """dvalues[p] = sum_b grad_out[b, row(p)] * x[b, col(p)]: only the nonzeros, never dy^T x (fp32
+    for bf16/fp16 activations: the gradient of the fp32 values)."""
     check_device(grad_out, x, crow_indices, col_indices, name="sparse_linear_grad_weight")
-    check_float(x, "x")
-    check_float(grad_out, "grad_out", like=x)
+    check_float(x, "x", FLOAT_DTYPES + HALF_DTYPES)
+    check_float(grad_out, "grad_out", FLOAT_DTYPES + HALF_DTYPES, like=x)
     check_index(crow_indices, "crow_indices", torch.int64)
     check_index(col_indices, "col_indices", torch.int32)
     N, K = crow_indices.numel() - 1, x.shape[-1]
@@ -204,7 +205,7 @@ def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
         raise ValueError(f"grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {N} rows")
     nnz, B = col_indices.numel(), x.numel() // max(K, 1)
     if nnz == 0 or B == 0:
-        return torch.zeros(nnz, dtype=x.dtype, device=x.device)
+        return torch.zeros(nnz, dtype=acc_dtype(x.dtype), device=x.device)
     return csr_sddmm(crow_indices, col_indices, _batch_major(grad_out, N), _batch_major(x, K))
 
 
@@ -216,7 +217,7 @@ def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
     nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))
     if split is None:
         split = max(1, min(triton.cdiv(B, 256), triton.cdiv(4 * num_sms(xt.device), max(nonempty, 1))))
-    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=xt.dtype, device=xt.device)
+    out = (torch.zeros if split > 1 else torch.empty)(nnz, dtype=acc_dtype(xt.dtype), device=xt.device)
     if nonempty == 0 or B == 0:
         return out.zero_()
     order = row_order(ptr)[:nonempty]  # empty rows (sorted last) need no program

@@ -113,6 +113,8 @@ def test_kd_loss_equals_hand_computation():
     (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["mnist", "--threads", "-1"], "--threads must be >= 0"),
     (["mnist", "--seeds", "-1"], "--seeds must be one or more seeds >= 0"),
+    (["mnist", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
+    (["mnist", "--phases", "student"], "argument --phases: invalid choice: 'student'"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -15,20 +15,22 @@ triton = pytest.importorskip("triton")
 
 # per-block shared memory limits (opt-in maximum), bytes
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-T = "T"  # stands for the value dtype in the pointer maps below
+T = "T"  # stands for the value (and accumulation) dtype in the pointer maps below
+A = "A"  # stands for the activation dtype (that of T, or bf16/fp16 under mixed precision)
 
 
 def _specs():
-    """(module, kernel, {arg: pointer element type (or T)}, dtypes, [constexpr dicts used by launches])."""
-    csr = ["fp32", "fp64"]  # sparse_linear / sparse_conv2d accept float32 and float64
+    """(module, kernel, {arg: pointer element type (or T, A)}, dtypes, [constexpr dicts used by launches]);
+    a dtype "bf16+fp32" = bf16 activations with fp32 values (mixed precision)."""
+    csr = ["fp32", "fp64", "bf16+fp32", "fp16+fp32"]  # sparse_linear / sparse_conv2d (kernels/_utils.check_activation)
     bsr = ["fp32", "fp16", "bf16"]  # bsr_matmul.BSR_DTYPES
     both = [False, True]
     return [
         ("sparse_linear", "_csr_spmm_kernel",
-         dict(ptr="i64", idx="i32", vals=T, perm="i64", order="i32", xt=T, yt=T, bias=T), csr,
+         dict(ptr="i64", idx="i32", vals=T, perm="i64", order="i32", xt=A, yt=A, bias=T), csr,
          [dict(HAS_PERM=p, HAS_BIAS=b) for p, b in itertools.product(both, both)]),
         ("sparse_linear", "_csr_sddmm_kernel",
-         dict(ptr="i64", idx="i32", order="i32", dyt=T, xt=T, out=T), csr, [{}]),
+         dict(ptr="i64", idx="i32", order="i32", dyt=A, xt=A, out=T), csr, [{}]),
         ("bsr_matmul", "_bsr_mm_kernel",
          dict(a=T, ptr="i64", idx="i32", perm="i64", vals=T, order="i32", c=T, bias=T), bsr,
          [dict(TRANS_W=False, HAS_PERM=False, HAS_BIAS=b, BS=bs) for b in both for bs in (16, 32, 64)]
@@ -36,12 +38,12 @@ def _specs():
         ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=T, x=T, brow="i32", idx="i32", out=T), bsr,
          [dict(BS=bs) for bs in (16, 32, 64)]),
         ("sparse_conv2d", "_conv_fwd_kernel",
-         dict(x=T, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=T), csr,
+         dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A), csr,
          [dict(HAS_BIAS=b) for b in both]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
-         dict(dy=T, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=T), csr, [{}]),
+         dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
-         dict(dy=T, x=T, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
+         dict(dy=A, x=A, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
     ]
 
 
@@ -78,12 +80,13 @@ def _compile(job):
     tuner = getattr(importlib.import_module(f"sparsetrain.kernels.{module}"), name)
     fn, cfg = tuner.fn, tuner.configs[ci]
     constexprs = {**cfg.kwargs, **extra}
+    act, val = dtype.split("+") if "+" in dtype else (dtype, dtype)
     sig = {}
     for arg in fn.arg_names:
         if arg in constexprs:
             sig[arg] = "constexpr"
         elif arg in ptrs:
-            sig[arg] = "*" + (dtype if ptrs[arg] == T else ptrs[arg])
+            sig[arg] = "*" + {T: val, A: act}.get(ptrs[arg], ptrs[arg])
         else:
             sig[arg] = "i32"
     missing = [a for a, t in sig.items() if t == "constexpr" and a not in constexprs]

@@ -256,6 +256,49 @@ def shapes_checked_against_the_weight():
             raise AssertionError("a wrong channel count was accepted")
 
 
+def check_amp(layer, dense, mask, ref_fn, x, dtype, **kw):
+    """`layer` (fp32 values) under torch.autocast(dtype) on the Triton kernels: the output has the
+    autocast dtype, the gradients of the fp32 values and input are fp32 and match the dense masked
+    reference run in fp32 on the dtype-rounded input and output gradient (bf16 keeps 8 bits: the
+    output and dx carry one rounding, rtol 1e-2; dW accumulates exact bf16 products in fp32)."""
+    import sparsetrain
+    x = x.requires_grad_(True)
+    with sparsetrain.use_backend("triton"), torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype, y.dtype
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with sparsetrain.use_backend("triton"):
+        y.backward(gy)
+    assert layer.weight.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    ry, rdx, rdw, rdb = reference_grads(ref_fn, x.detach().to(dtype).float(), dense.weight, mask, dense.bias,
+                                        gy.float(), **kw)
+    for got, ref, rtol in ((y.float(), ry, 1e-2), (x.grad, rdx, 1e-2), (layer.weight.values.grad, rdw[mask], 1e-4)):
+        scale = float(ref.abs().max().clamp_min(1e-3)) if ref.numel() else 1.0  # (100% sparse: no values)
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * scale)
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, rdb, rtol=1e-4, atol=1e-3)
+
+
+@interp
+def mixed_precision_bf16_fp16_through_the_layers():
+    """--amp on the Triton kernels: bf16/fp16 activations, fp32 values and accumulation."""
+    from sparsetrain.nn import SparseConv2d, SparseLinear
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        for fin, fout, batch, sparsity, bias in ((37, 11, (5,), 0.9, True), (1, 3, (1,), 0.0, False),
+                                                 (64, 16, (2, 3), 1.0, True)):
+            lin = torch.nn.Linear(fin, fout, bias=bias)
+            mask = random_mask((fout, fin), sparsity, generator=g)
+            check_amp(SparseLinear.from_dense(lin, mask), lin, mask, dense_linear,
+                      torch.randn(*batch, fin, generator=g), dtype)
+        for cin, cout, hw, k, stride, pad, sparsity in ((3, 5, (7, 6), 3, 1, 1, 0.5), (4, 3, (5, 5), 1, 2, 0, 0.8),
+                                                        (2, 2, (1, 1), 3, 1, 1, 0.0)):
+            conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
+            mask = random_mask(conv.weight.shape, sparsity, generator=g)
+            check_amp(SparseConv2d.from_dense(conv, mask), conv, mask, dense_conv2d,
+                      torch.randn(2, cin, *hw, generator=g), dtype, stride=stride, padding=pad)
+
+
 # ============================================================================ in-process: backend switch
 def test_use_backend_plain_call_and_context_manager():
     import sparsetrain

@@ -31,7 +31,7 @@ import torch
 from .. import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
 
-__all__ = ["OPS", "Op", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
+__all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
            "conv2d_padding", "pair"]
 
 
@@ -68,6 +68,8 @@ def _call(name: str, *args):
     if backend.current_backend() == "triton" and op.triton is not None \
             and not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
         if op.backward is not None:
+            if name in AMP_OPS and torch.is_autocast_enabled("cpu"):  # the interpreter stands in for CUDA
+                args = amp_args(args, torch.get_autocast_dtype("cpu"))
             return _triton_autograd(name).apply(*args)
         return op.triton_fn()(*args)
     return getattr(torch.ops.sparsetrain, name)(*args)
@@ -98,6 +100,32 @@ def _cuda_kernel(op: Op):
     return run
 
 
+# ============================================================================ mixed precision
+# Under torch.autocast a sparse product's *activation* takes the autocast dtype, never its weight:
+# on CUDA the Triton kernels load bf16/fp16 activations, accumulate in fp32 against the fp32 values
+# and write the activation dtype; the weight gradient comes back in fp32 for the fp32 (master)
+# values, which are never copied to low precision. On the CPU the C++ kernels compute in the values'
+# dtype (fp32/fp64): an activation arriving in bf16 (from an autocast dense layer) is cast up to it.
+AMP_OPS = ("sparse_linear", "sparse_conv2d")  # x first, values fourth; their backward ops follow the forward's dtypes
+_LIB = torch.library.Library("sparsetrain", "IMPL")
+
+
+def amp_args(args: tuple, dtype: torch.dtype) -> tuple:
+    """The arguments of a forward op under autocast: x cast to `dtype` (fp32 values only: fp64
+    layers stay fp64)."""
+    x, values = args[0], args[3]
+    target = dtype if values.dtype == torch.float32 else values.dtype
+    return args if not x.is_floating_point() or x.dtype == target else (x.to(target), *args[1:])
+
+
+def _autocast_kernel(op: Op, device_type: str):
+    def run(_keyset, *args):
+        with torch.autocast(device_type, enabled=False):  # (redispatch below the Autocast key)
+            dtype = args[3].dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+            return getattr(torch.ops.sparsetrain, op.name)(*amp_args(args, dtype))
+    return run
+
+
 def _register(op: Op) -> Op:
     OPS[op.name] = op
     if op.fake is not None:
@@ -106,7 +134,16 @@ def _register(op: Op) -> Op:
         torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup)
     if op.triton is not None:
         torch.library.register_kernel(op.qualname, "cuda", _cuda_kernel(op))
+    if op.name in AMP_OPS:
+        for device_type in ("cpu", "cuda"):
+            key = "Autocast" + torch._C._dispatch_key_for_device(device_type)  # as torch.library.register_autocast
+            _LIB.impl(op.name, _autocast_kernel(op, device_type), key, with_keyset=True)
     return op
+
+
+def _grad_dtype(x):
+    """The weight gradient's dtype: fp32 for bf16/fp16 activations (mixed precision), else x's."""
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
 # ============================================================================ linear
@@ -121,7 +158,7 @@ def _linear_fake(x, crow, col, values, ccol, row_t, perm, bias):
 def _linear_setup(ctx, inputs, output):
     x, crow, col, values, ccol, row_t, perm, bias = inputs
     ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
 
 
 def _linear_backward(ctx, grad_out):
@@ -133,7 +170,7 @@ def _linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[3]:
         dvalues = _call("sparse_linear_grad_weight", grad_out, x, crow, col)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=ctx.bias_dtype)  # (fp32 under amp)
     return dx, None, None, dvalues, None, None, None, dbias
 
 
@@ -141,7 +178,7 @@ _register(Op("sparse_linear", _linear_fake, "sparse_linear.sparse_linear", _line
 _register(Op("sparse_linear_grad_input",
              lambda dy, crow, col, values, ccol, row_t, perm: dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)),
              "sparse_linear.sparse_linear_grad_input"))
-_register(Op("sparse_linear_grad_weight", lambda dy, x, crow, col: x.new_empty(col.shape),
+_register(Op("sparse_linear_grad_weight", lambda dy, x, crow, col: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_linear.sparse_linear_grad_weight"))
 
 
@@ -170,7 +207,7 @@ def _conv_setup(ctx, inputs, output):
     x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias = inputs
     ctx.save_for_backward(x, crow, col, values, ccol, row_t, perm)
     ctx.conv = (list(kernel_size), list(stride), list(padding))
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.bias_dtype = bias is not None, None if bias is None else bias.dtype
 
 
 def _conv_backward(ctx, grad_out):
@@ -186,17 +223,18 @@ def _conv_backward(ctx, grad_out):
     elif need_w:
         dvalues = _call("sparse_conv2d_grad_weight", grad_out, x, crow, col, k, s, p)
     if ctx.has_bias and ctx.needs_input_grad[10]:
-        dbias = grad_out.sum((0, 2, 3))
+        dbias = grad_out.sum((0, 2, 3), dtype=ctx.bias_dtype)
     return dx, None, None, dvalues, None, None, None, None, None, None, dbias
 
 
 _register(Op("sparse_conv2d", _conv_fake, "sparse_conv2d.sparse_conv2d", _conv_setup, _conv_backward))
 _register(Op("sparse_conv2d_grad_input", _conv_grad_input_fake, "sparse_conv2d.sparse_conv2d_grad_input"))
-_register(Op("sparse_conv2d_grad_weight", lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape),
+_register(Op("sparse_conv2d_grad_weight",
+             lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_conv2d.sparse_conv2d_grad_weight"))
 _register(Op("sparse_conv2d_backward",
              lambda dy, x, crow, col, values, ccol, row_t, perm, k, s, p: (x.new_empty(x.shape),
-                                                                          x.new_empty(col.shape)),
+                                                                          x.new_empty(col.shape, dtype=values.dtype)),
              "sparse_conv2d.sparse_conv2d_backward"))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -20,10 +19,11 @@ from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
+from .devices import resolve_amp, resolve_device
 from .models import MODEL_NAMES, resolve_name
 
 __all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
-           "phase_settings", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
+           "phase_settings", "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
 PROFILES = ("paper", "quick")
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
@@ -119,6 +119,9 @@ class Config:
                   "the settings>, so the same settings find their run again and different ones never collide")
     device: str = _f("auto", "where every pass runs: auto (CUDA when available), cpu, cuda or cuda:N; a run "
                      "started on one device resumes on another")
+    amp: str = _f("auto", "mixed precision of training and evaluation: bf16 or fp16 autocast (fp32 master weights; "
+                  "fp16 with a GradScaler), off, or auto (bf16 on a CUDA device that supports it, else off; CPU "
+                  "runs are fp32: the CPU kernels compute in fp32)", choices=("auto", "bf16", "fp16", "off"))
     threads: int = _f(0, "torch threads (0: this run's CPU share: OMP_NUM_THREADS, else the CPUs the process "
                       "may run on); with several runs on one machine give each cores / runs")
     phases: tuple = _f(PHASE_KINDS, "phases this command trains: teacher, vanilla, distill; a phase they need "
@@ -254,30 +257,12 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
             raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
-    resolve_device(cfg.device)
+    resolve_amp(cfg.amp, resolve_device(cfg.device))
     if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
-
-
-def resolve_device(spec: str):
-    """--device as a torch.device: auto -> cuda when available, else cpu. ValueError for a device
-    this machine does not have."""
-    import torch
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec or ""):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"--device {spec}: no CUDA device is available here; use --device cpu or auto")
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"--device {spec}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
-    return dev
 
 
 def phase_settings(cfg: Config) -> dict:

@@ -28,6 +28,7 @@ from ..prune import PruningRule, fit_state, load_weights_under_masks_, make_rule
 from . import data as D
 from . import distributed as dist
 from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_load, save_model
+from .devices import resolve_amp
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
@@ -51,6 +52,8 @@ class PhaseState:
     train_s: float = 0.0  # seconds of training in the current round so far (across resumes)
     opt: object = None
     sched: object = None
+    amp: object = None     # the autocast dtype (--amp on this device), None: fp32
+    scaler: object = None  # GradScaler for --amp fp16 (its scale carries across epochs and resumes)
 
 
 def arch_of(name: str, splits) -> dict:
@@ -92,6 +95,7 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         s.opt, s.sched = make_optimizer(model, hp)
         s.opt.load_state_dict(st["opt"])
         s.sched.load_state_dict(st["sched"])
+        _set_amp(s, cfg, device, st.get("scaler"))
         torch.set_rng_state(st["rng"])
         return s
     torch.manual_seed(seed)
@@ -99,7 +103,16 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
     if cfg.perturb == "rewind" and hp.rewind_iter == 0:
         s.rewind = {k: v.clone() for k, v in s.model.state_dict().items()}
     s.opt, s.sched = make_optimizer(s.model, hp)
+    _set_amp(s, cfg, device)
     return s
+
+
+def _set_amp(s: PhaseState, cfg, device, scaler_state=None) -> None:
+    """--amp on this device: the autocast dtype, and for fp16 a GradScaler (restored on resume)."""
+    s.amp = resolve_amp(cfg.amp, torch.device(device))
+    s.scaler = torch.amp.GradScaler(torch.device(device).type) if s.amp == torch.float16 else None
+    if s.scaler is not None and scaler_state:
+        s.scaler.load_state_dict(scaler_state)
 
 
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
@@ -108,6 +121,7 @@ def save(s: PhaseState, arch: dict, state_path: str) -> None:
     atomic_save({"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
                  "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
                  "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
+                 "scaler": s.scaler.state_dict() if s.scaler is not None else None,
                  "rng": torch.get_rng_state()}, state_path)
 
 
@@ -126,7 +140,7 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         t0 = time.perf_counter()
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
                          masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
-                         forward=forward)
+                         forward=forward, amp=s.amp, scaler=s.scaler)
         dist.sync_bn_stats_(s.model)
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
@@ -139,7 +153,7 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
     convention: flops.paper_round_flops), timing."""
     shape = (splits.in_channels, *splits.image_size)
     n_train = len(splits.train)
-    trm, va, te = (evaluate(s.model, sp) for sp in (splits.train, splits.val, splits.test))
+    trm, va, te = (evaluate(s.model, sp, amp=s.amp) for sp in (splits.train, splits.val, splits.test))
     batches = D.iterate(splits.train, 512)
     if dist.world() > 1:  # every rank counts its rows; Eq. 1 takes the counts summed over ranks
         batches = (xb[dist.rows(xb.shape[0])] for xb, _ in batches)

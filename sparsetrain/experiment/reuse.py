@@ -58,6 +58,8 @@ def phase_key(cfg: Config, phase: str, seed: int) -> str:
     """A hash of every setting the phase's results depend on (nothing else: not alpha for the
     teacher, not the other teachers of a distilled student)."""
     common = {k: getattr(cfg, k) for k in _DATA_KEYS + _PRUNE_KEYS}
+    if cfg.amp != "auto":  # (auto: follows the device, as in the run's name)
+        common["amp"] = cfg.amp
     teacher = {"model": cfg.model, "hyper": _hyper(cfg, "teacher")}
     student = {"model": cfg.resolved_student(), "hyper": _hyper(cfg, "student"),
                **{k: getattr(cfg, k) for k in _STUDENT_KEYS}}
@@ -113,6 +115,9 @@ def prepare_phases(cfg: Config, run_dir: str) -> list[str]:
     not train is finished (PhaseMissing with what to do, before anything trains). Returns the phases
     to run, in order."""
     train, reads = needed_phases(cfg)
+    for other in cfg.reuse:
+        if _config_of(other)[0] is None:
+            raise PhaseMissing(f"--reuse {other}: not a run directory (no readable config.json)")
     for seed in cfg.seeds:
         for phase in train + reads:
             link_reused(cfg, run_dir, seed, phase)

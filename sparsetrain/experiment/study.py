@@ -22,7 +22,8 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args, phase_settings, resolve_device
+from .config import Config, config_from_args, phase_settings
+from .devices import resolve_device
 from .files import CorruptFile, git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
@@ -41,9 +42,11 @@ class UsageError(Exception):
 # ============================================================================ run directory
 def result_settings(cfg: Config) -> dict:
     """The resolved settings that change results (JSON types): what names a run and what a resume
-    must match."""
+    must match. `--amp auto` follows the device as --device does (left out: runs named before the
+    flag existed keep their names); an explicit --amp is part of the run."""
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
-    return {k: v for k, v in json.loads(json.dumps(resolved)).items() if k not in _NON_RESULT_KEYS}
+    return {k: v for k, v in json.loads(json.dumps(resolved)).items()
+            if k not in _NON_RESULT_KEYS and not (k == "amp" and v == "auto")}
 
 
 def run_dir_of(cfg: Config) -> str:

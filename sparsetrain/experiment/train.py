@@ -39,14 +39,15 @@ def make_optimizer(model: nn.Module, hp):
 
 
 def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
-                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None) -> dict:
+                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None) -> dict:
     """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
     is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
     dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
     called after every optimizer step with the global iteration count (for rewind snapshots).
     `forward`: the module to run (the model in DistributedDataParallel under torchrun, whose rank
     takes its rows of every global batch: distributed.py); the returned loss and accuracy are over
-    the global batches."""
+    the global batches. `amp`: the autocast dtype of the forward pass and the loss (None: off; the
+    parameters stay fp32); `scaler`: a GradScaler (fp16)."""
     model.train()
     forward = forward or model
     g = D.epoch_generator(seed, epoch)
@@ -55,17 +56,23 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         rows, scale = dist.shard(yb.numel())
         if dist.world() > 1:
             xb, yb = xb[rows], yb[rows]
-        out = forward(xb)
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(xb)
-            loss = kd_loss(out, t_out, yb, alpha, tau)
-        else:
-            loss = F.cross_entropy(out, yb)
+        with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
+            out = forward(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(xb)
+                loss = kd_loss(out.float(), t_out.float(), yb, alpha, tau)
+            else:
+                loss = F.cross_entropy(out.float(), yb)
         opt.zero_grad(set_to_none=True)
-        (loss * scale if scale != 1.0 else loss).backward()
+        total = loss * scale if scale != 1.0 else loss
+        (scaler.scale(total) if scaler is not None else total).backward()
         mask_grads_(model, masks)
-        opt.step()
+        if scaler is not None:  # (skips the step when a gradient overflowed; the masked zeros stay zero)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         enforce_masks_(model, masks)
         b = yb.numel()
         tot_loss += float(loss.detach()) * b
@@ -80,8 +87,9 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
 
 
 @torch.no_grad()
-def evaluate(model, split, batch_size: int = 512) -> dict:
-    """Cross-entropy and accuracy on `split` (no augmentation), against the split's labels."""
+def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
+    """Cross-entropy and accuracy on `split` (no augmentation), against the split's labels; `amp`:
+    the autocast dtype (None: off)."""
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     was = model.training
@@ -93,7 +101,8 @@ def evaluate(model, split, batch_size: int = 512) -> dict:
             xb, yb = xb[rows], yb[rows]
             if not yb.numel():
                 continue
-        out = model(xb)
+        with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
+            out = model(xb).float()
         tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
         tot_correct += int((out.argmax(1) == yb).sum())
         n += yb.numel()

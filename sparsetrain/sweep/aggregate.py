@@ -28,7 +28,7 @@ _ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "stru
 
 def load_groups(run_dirs) -> list[dict]:
     """Group run directories by their result settings (seeds pooled). Each group: {"config": the
-    settings (seeds = those with metrics), "curves": {phase: {seed: rows}}, "dirs": [...],
+    settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
     "running": {phase: [seeds whose phase has not finished]}}. Directories without config.json
     are skipped."""
     groups: dict[str, dict] = {}
@@ -40,6 +40,7 @@ def load_groups(run_dirs) -> list[dict]:
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
                                     "running": {}})
         g["dirs"].append(d)
+        g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
             for seed, rows in by_seed.items():
                 if seed in g["curves"].get(phase, {}):
@@ -47,8 +48,6 @@ def load_groups(run_dirs) -> list[dict]:
                 g["curves"].setdefault(phase, {})[seed] = rows
                 if not phase_done(os.path.join(d, f"seed{seed}", phase)):
                     g["running"].setdefault(phase, []).append(seed)
-    for g in groups.values():
-        g["config"]["seeds"] = sorted({s for c in g["curves"].values() for s in c})
     return list(groups.values())
 
 

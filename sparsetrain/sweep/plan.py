@@ -75,10 +75,12 @@ def _argv(point: dict) -> list[str]:
 def _resolve(point: dict) -> tuple[Config | None, str]:
     """The experiment parser's Config for a point, or (None, its one-line error)."""
     err = io.StringIO()
+    # the runs' machines may have GPUs this one lacks: --device and --amp are checked there
+    device, amp = point.get("device", "auto"), point.get("amp", "auto")
     try:
         with contextlib.redirect_stderr(err):
-            cfg, _ = config_from_args(_argv(point))
-        return cfg, ""
+            cfg, _ = config_from_args(_argv({**point, "device": "auto", "amp": "auto"}))
+        return dataclasses.replace(cfg, device=device, amp=amp), ""
     except SystemExit:
         return None, err.getvalue().strip() or "invalid settings"
 

@@ -69,22 +69,31 @@ def _error_text(e: BaseException) -> str:
 
 
 class _Progress:
-    """The live line: done / running / failed / queued and tqdm's ETA, over the runs to execute."""
+    """The live line: done / running / failed / queued and an ETA. On a terminal a tqdm bar (its ETA:
+    the mean time per finished run); in a log file one plain line per change (at most every 10 s)."""
 
     def __init__(self, total: int, skipped: int):
         from tqdm import tqdm
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc="sweep", unit="run", dynamic_ncols=True, mininterval=1 if tty else 30,
-                        file=sys.stderr)
+        self.tty, self.t0, self.last = sys.stderr.isatty(), time.time(), ("", 0.0)
+        self.bar = tqdm(total=total, desc="sweep", unit="run", dynamic_ncols=True, file=sys.stderr,
+                        disable=not self.tty)
         if skipped:
-            self.bar.write(f"sweep: {skipped} run(s) already finished (skipped)")
+            self.write(f"sweep: {skipped} run(s) already finished (skipped)")
 
     def update(self, done: int, running: int, failed: int, queued: int) -> None:
         self.bar.set_postfix_str(f"running {running}, failed {failed}, queued {queued}", refresh=False)
         self.bar.update(done + failed - self.bar.n)
+        line = f"{done + failed}/{self.bar.total} runs: {done} done, {running} running, {failed} failed, {queued} queued"
+        now, finished = time.time(), done + failed
+        if self.tty or line == self.last[0] or (now - self.last[1] < 10 and finished < self.bar.total):
+            return
+        left = (now - self.t0) / finished * (self.bar.total - finished) if finished else 0
+        print(f"sweep: {line}, {now - self.t0:.0f} s" + (f", ETA ~{left / 60:.0f} min" if left else ""),
+              file=sys.stderr, flush=True)
+        self.last = (line, now)
 
     def write(self, msg: str) -> None:
-        self.bar.write(msg)
+        self.bar.write(msg, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -95,7 +104,7 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
     """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
     SWEEP/status.json after every change): state done | failed | skipped (finished earlier) |
     interrupted, attempts' seconds, log path, error."""
-    logs = os.path.join(sweep_dir, "logs")
+    logs = os.path.join(os.path.abspath(sweep_dir), "logs")  # (absolute: Ray workers have their own cwd)
     status = {r.name: {"state": "skipped" if r.done() else "queued", "kind": r.kind, "run_dir": r.run_dir,
                        "log": os.path.join(logs, f"{r.name}.log"), "deps": r.deps} for r in plan}
     os.makedirs(logs, exist_ok=True)

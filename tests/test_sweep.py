@@ -1,0 +1,276 @@
+"""Sweeps: the plan (one teacher per setting, explicit dependencies), a tiny grid on a local Ray
+(every run finishes, the teacher trains once for its students, a re-run changes nothing, a failed
+run is reported and the others finish, a killed sweep resumes to the same result) and the
+aggregation on hand-written run directories (mean ± std, missing seeds, runs in progress)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sparsetrain.experiment.files import write_csv, write_json
+from sparsetrain.sweep import cli
+from sparsetrain.sweep.aggregate import load_groups
+from sparsetrain.sweep.plan import make_plan
+from sparsetrain.testing import write_mnist
+
+from conftest import read_rows, strip_timing
+
+
+def _tiny(root, *extra):
+    """Sweep flags of a 5-round LeNet study on 80 random MNIST images (seconds per run)."""
+    return ["grid", "--dataset", "mnist", "--data-dir", str(root / "data"), "--profile", "quick", "--eps", "0.2",
+            "--subset", "0", "--epochs", "2", "--milestones", "1", "--rate", "0.5", "--wall", "0.95",
+            "--batch-size", "16", "--teachers", "dense", "--out", str(root / "sweeps"), *extra]
+
+
+def _settings(root, **axes):
+    base = {"dataset": ["mnist"], "profile": ["quick"], "data_dir": str(root / "data"), "eps": [0.2],
+            "subset": [0], "epochs": [2], "milestones": (1,), "rate": [0.5], "wall": [0.95], "batch_size": [16],
+            "teachers": ("dense",)}
+    return {**base, **axes}
+
+
+def _tree(folder):
+    """{relative path: (size, mtime)} of every file under folder (symlinks as their target)."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, folder)] = (os.path.getsize(p), os.path.getmtime(p))
+    return out
+
+
+def _best_test(rows):
+    best = max(rows, key=lambda r: float(r["val_acc"]))  # first of ties, as Algorithm 1
+    return 100 * float(best["test_acc"])
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_plan_trains_each_teacher_once(tmp_path):
+    plan = make_plan(_settings(tmp_path, alpha=[0.5, 0.8], seeds=[0, 1]), str(tmp_path / "sw"), threads=1)
+    teachers = [r for r in plan if r.kind == "teacher"]
+    studies = [r for r in plan if r.kind == "study"]
+    assert len(teachers) == 2 and len(studies) == 4
+    for s in studies:
+        (t,) = [t for t in teachers if t.seed == s.seed]
+        assert s.deps == [t.name]
+        assert s.argv[s.argv.index("--reuse") + 1] == t.run_dir
+        assert s.argv[s.argv.index("--phases") + 1:s.argv.index("--phases") + 3] == ["vanilla", "distill"]
+    assert len({s.run_dir for s in studies}) == 4
+    assert plan.index(teachers[0]) < min(plan.index(s) for s in studies)  # dependencies first
+
+
+def test_plan_shares_a_vanilla_student_between_distillation_settings(tmp_path):
+    """Another student model: the vanilla student depends only on the student settings, so the
+    second alpha's study links the first one's vanilla run instead of training it again."""
+    plan = make_plan(_settings(tmp_path, student=["vgg_d1g1"], alpha=[0.5, 0.8], seeds=[0]),
+                     str(tmp_path / "sw"), threads=1)
+    teacher, first, second = plan
+    assert first.deps == [teacher.name] and sorted(second.deps) == sorted([teacher.name, first.name])
+
+
+def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
+    plan = make_plan(_settings(tmp_path, alpha=[0.5, 1.5]), str(tmp_path / "sw"), threads=1)
+    bad = [r for r in plan if r.error]
+    assert len(bad) == 1 and "--alpha must be in [0, 1], got 1.5" in bad[0].error
+    assert sum(r.kind == "study" and not r.error for r in plan) == 1
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for argv, needle in ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
+                         (["report", str(tmp_path)], "no run directory"),
+                         (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be > 0")):
+        p = subprocess.run([sys.executable, "-m", "sparsetrain.sweep", *argv], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (argv, p.stderr)
+
+
+# ---------------------------------------------------------------------------- --phases / --reuse
+def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
+    """A distilled student alone needs a finished teacher: refused (exit 2) without one, linked from
+    --reuse with one (same curve as the teacher trained in place), refused when that teacher was
+    trained on other data."""
+    from sparsetrain.experiment import study
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base + ["--out", str(mnist_dir / "x"), "--phases", "distill"]) == 2
+    assert "needs a finished teacher phase" in capsys.readouterr().err
+    assert study.main(base + ["--out", str(mnist_dir / "t"), "--phases", "teacher"]) == 0
+    (teacher,) = (mnist_dir / "t").iterdir()
+    assert study.main(base + ["--out", str(mnist_dir / "s"), "--phases", "distill", "--reuse", str(teacher)]) == 0
+    (student,) = (mnist_dir / "s").iterdir()
+    assert os.path.islink(student / "seed0" / "teacher") and not (student / "seed0" / "vanilla").exists()
+    assert study.main(base + ["--out", str(mnist_dir / "full")]) == 0  # everything trained in place
+    (full,) = (mnist_dir / "full").iterdir()
+    for phase in ("teacher", "distill-dense"):
+        assert strip_timing(read_rows(student / "seed0" / phase / "metrics.csv")) == \
+            strip_timing(read_rows(full / "seed0" / phase / "metrics.csv"))
+    other = mnist_dir / "other"
+    write_mnist(other / "mnist", gz=False, n_train=80, n_test=20, seed=1)
+    argv = [a if a != str(mnist_dir / "data") else str(other) for a in base]
+    assert study.main(argv + ["--out", str(mnist_dir / "o"), "--phases", "distill", "--reuse", str(teacher)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    assert study.main(base + ["--out", str(mnist_dir / "y"), "--reuse", str(mnist_dir / "nope")]) == 2
+    assert "--reuse" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- on a local Ray
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny grid (alpha 0.5 / 0.8 / 1.5 (invalid) x seeds 0 / 1) run once on a local Ray."""
+    root = tmp_path_factory.mktemp("sweep")
+    write_mnist(root / "data" / "mnist", gz=False, n_train=80, n_test=20)
+    argv = _tiny(root, "--alpha", "0.5", "0.8", "1.5", "--seeds", "0", "1")
+    rc = cli.main(argv)
+    (sweep_dir,) = [root / "sweeps" / d for d in os.listdir(root / "sweeps") if d.startswith("grid-")]
+    yield root, argv, rc, sweep_dir
+    import ray
+    ray.shutdown()
+
+
+def test_sweep_runs_every_point_and_reports_the_failed_one(swept):
+    root, _, rc, sweep_dir = swept
+    status = json.loads((sweep_dir / "status.json").read_text())
+    states = sorted(s["state"] for s in status.values())
+    assert rc == 1 and states == ["done"] * 6 + ["failed"] * 2  # 2 teachers + 4 students; alpha 1.5 x 2 seeds
+    for s in status.values():
+        if s["state"] == "failed":
+            assert "--alpha must be in [0, 1]" in s["error"] and "--alpha" in open(s["log"]).read()
+
+
+def test_sweep_trains_the_teacher_once_for_its_students(swept):
+    _, _, _, sweep_dir = swept
+    status = json.loads((sweep_dir / "status.json").read_text())
+    teachers = {n: s for n, s in status.items() if s["kind"] == "teacher"}
+    for s in teachers.values():  # one attempt, one experiment process
+        assert open(s["log"]).read().count("python -m sparsetrain.experiment") == 1
+    students = [s for s in status.values() if s["kind"] == "study" and s["state"] == "done"]
+    for s in students:
+        for seed_dir in (d for d in os.listdir(s["run_dir"]) if d.startswith("seed")):
+            link = os.path.join(s["run_dir"], seed_dir, "teacher")
+            assert os.path.islink(link)
+            assert os.path.dirname(os.path.dirname(os.path.realpath(link))) in [t["run_dir"] for t in teachers.values()]
+    by_teacher = {}
+    for s in students:
+        by_teacher.setdefault(tuple(s["deps"]), []).append(s)
+    assert sorted(len(v) for v in by_teacher.values()) == [2, 2]  # each teacher served both alphas
+
+
+def test_sweep_report_has_one_row_per_point_with_mean_and_std(swept):
+    _, _, _, sweep_dir = swept
+    status = json.loads((sweep_dir / "status.json").read_text())
+    with open(sweep_dir / "report" / "table1.csv") as f:
+        table = [r for r in csv.DictReader(f) if r["phase"] == "distill-dense" and r["early_stop"] == "none"]
+    assert sorted(float(r["alpha"]) for r in table) == [0.5, 0.8]
+    for row in table:
+        accs = []
+        for s in status.values():
+            if s["kind"] == "study" and s["state"] == "done":
+                cfg = json.load(open(os.path.join(s["run_dir"], "config.json")))
+                if cfg["alpha"] == float(row["alpha"]):
+                    (seed,) = cfg["seeds"]
+                    accs.append(_best_test(read_rows(os.path.join(s["run_dir"], f"seed{seed}", "distill-dense",
+                                                                  "metrics.csv"))))
+        assert len(accs) == 2 and row["seeds"] == "2"
+        assert float(row["test_mean"]) == pytest.approx(np.mean(accs))
+        assert float(row["test_std"]) == pytest.approx(np.std(accs, ddof=1))
+    md = (sweep_dir / "report" / "summary.md").read_text()
+    assert "α × τ" in md and "alpha=0.5" in md and (sweep_dir / "report" / "accuracy_vs_sparsity.png").stat().st_size
+
+
+def test_rerunning_a_finished_sweep_changes_nothing(swept):
+    root, argv, _, sweep_dir = swept
+    before = _tree(root / "sweeps" / "runs")
+    assert cli.main(argv) == 1  # (the invalid point is still reported)
+    status = json.loads((sweep_dir / "status.json").read_text())
+    assert sorted(s["state"] for s in status.values()) == ["failed"] * 2 + ["skipped"] * 6
+    assert _tree(root / "sweeps" / "runs") == before
+
+
+def test_a_run_failing_at_run_time_is_reported_and_not_retried(swept):
+    """A teacher checkpoint that does not exist: the experiment exits 2 (a usage error: no retry);
+    the teacher run it shares with the first sweep is reused."""
+    root, _, _, _ = swept
+    rc = cli.main(_tiny(root, "--alpha", "0.5", "--seeds", "0", "--teachers", str(root / "missing.pt"),
+                        "--out", str(root / "sweeps")))
+    (sweep_dir,) = [root / "sweeps" / d for d in os.listdir(root / "sweeps")
+                    if d.startswith("grid-") and "missing.pt" in (root / "sweeps" / d / "plan.json").read_text()]
+    status = json.loads((sweep_dir / "status.json").read_text())
+    (failed,) = [s for s in status.values() if s["state"] == "failed"]
+    assert rc == 1 and "exit code 2" in failed["error"]
+    log = open(failed["log"]).read()
+    assert log.count("python -m sparsetrain.experiment") == 1 and "missing.pt: no such file" in log
+    assert [s["state"] for s in status.values() if s["kind"] == "teacher"] == ["skipped"]
+
+
+def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
+    """Ctrl-C (SIGINT to the sweep) while a student trains, then the same command again: the
+    students' metrics equal those of the uninterrupted sweep (same settings, other --out)."""
+    root, _, _, first = swept
+    argv = _tiny(root, "--alpha", "0.5", "0.8", "--seeds", "0", "--out", str(tmp_path / "sw"))[1:]
+    cmd = [sys.executable, "-m", "sparsetrain.sweep", "grid", *argv]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:  # a student has started: interrupt
+        logs = [f for d, _, fs in os.walk(tmp_path / "sw") for f in fs if f.endswith(".running")]
+        if any("lenet300" in f for f in logs) and len(os.listdir(tmp_path / "sw" / "runs")) > 1:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=180)
+    assert p.returncode == 130, out
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    done = json.loads(next((tmp_path / "sw").glob("grid-*/status.json")).read_text())
+    assert all(s["state"] in ("done", "skipped") for s in done.values())
+    for s in done.values():
+        if s["kind"] == "study":
+            name = os.path.basename(s["run_dir"])
+            ref = root / "sweeps" / "runs" / name  # the same settings' run in the first sweep
+            for rel in ("seed0/distill-dense/metrics.csv", "seed0/teacher/metrics.csv"):
+                assert strip_timing(read_rows(os.path.join(s["run_dir"], rel))) == strip_timing(read_rows(ref / rel))
+
+
+# ---------------------------------------------------------------------------- aggregation alone
+def _write_run(folder, eps, seeds, curves, done=True):
+    """A run directory by hand: config.json and seed{s}/vanilla... here the teacher run (the student
+    is the teacher's model) with metrics.csv rows (round, sparsity, val_acc, test_acc)."""
+    write_json(folder / "config.json", {"dataset": "mnist", "eps": eps, "model": "lenet300", "student": "lenet300",
+                                        "teachers": [], "seeds": seeds, "rate": 0.5, "wall": 0.95, "alpha": 0.8,
+                                        "tau": 10.0, "git_commit": str(folder)})
+    for seed, rows in curves.items():
+        d = folder / f"seed{seed}" / "teacher"
+        d.mkdir(parents=True)
+        write_csv(d / "metrics.csv", [{"round": i, "sparsity": s, "val_acc": v, "test_acc": t, "entropy_mean": 0.5,
+                                       "cum_flops": 1e12 * (i + 1), "paper_cum_flops": 2e12 * (i + 1)}
+                                      for i, (s, v, t) in enumerate(rows)])
+        if done:
+            write_json(d / "best.json", {"round": 0})
+
+
+def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
+    curve = lambda t0, t1: [(0.0, 0.5, t0), (0.5, 0.7, t1), (0.75, 0.6, 0.1)]  # noqa: E731 best val: round 1
+    a = [tmp_path / f"a{s}" for s in range(3)]
+    for s, d in enumerate(a):  # eps 0.1: three single-seed directories (a sweep's layout)
+        _write_run(d, 0.1, [s], {s: curve(0.5, 0.80 + 0.02 * s)})
+    _write_run(tmp_path / "b", 0.2, [0, 1, 2], {0: curve(0.5, 0.60), 1: curve(0.5, 0.70)})  # seed 2 missing
+    _write_run(tmp_path / "c", 0.2, [1], {}, done=False)  # (nothing yet: adds no curve)
+    (tmp_path / "b" / "seed1" / "teacher" / "best.json").unlink()  # seed 1 still running
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    rows = {(r["eps"], r["early_stop"]): r for r in csv.DictReader(open(tmp_path / "rep" / "table1.csv"))}
+    a_row, b_row = rows[("0.1", "none")], rows[("0.2", "none")]
+    assert float(a_row["test_mean"]) == pytest.approx(82.0) and float(a_row["test_std"]) == pytest.approx(2.0)
+    assert a_row["seeds"] == "3" and a_row["in_progress"] == ""
+    assert float(b_row["test_mean"]) == pytest.approx(65.0)
+    assert float(b_row["test_std"]) == pytest.approx(np.std([60, 70], ddof=1))
+    assert b_row["seeds"] == "2" and b_row["in_progress"] == "1"
+    md = (tmp_path / "rep" / "summary.md").read_text()
+    assert "In progress (not finished): teacher seed(s) [1]" in md and "| 2/3 |" in md
+    best = list(csv.DictReader(open(tmp_path / "rep" / "best_model.csv")))
+    assert {(r["eps"], r["sparsity_mean"]) for r in best} == {("0.1", "50.0"), ("0.2", "50.0")}
+    groups = load_groups([str(d) for d in a])
+    assert len(groups) == 1 and groups[0]["config"]["seeds"] == [0, 1, 2]
