@@ -47,7 +47,7 @@ demo: install fashion-mnist
 	$(PY) -m sparsetrain.experiment fashion-mnist --profile quick --out runs
 
 # The quick noise sweep on Ray (eps 0.1 / 0.2 / 0.5: teacher + distilled student each, one run per
-# core): the eps-sweep tables and figure in sweeps/paper-eps-quick-*/report (~15-20 min on 2 cores).
+# core): the eps-sweep tables and figure in sweeps/paper-eps-quick-*/report (~12 min on 2 cores).
 sweep-demo: install fashion-mnist
 	$(PY) -m sparsetrain.sweep paper-eps --profile quick --out sweeps
 

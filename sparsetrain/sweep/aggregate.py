@@ -8,9 +8,11 @@ best.json yet) is counted with the rounds it has and marked "in progress".
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+from ..experiment.config import Config
 from ..experiment.metrics import get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import ms, stats, summary_table, table1_rows, vanilla_phase
@@ -26,6 +28,9 @@ _IGNORED = ("seeds", "git_commit", "versions", "data_fingerprint", "out", "threa
 _ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "structure", "profile")
 
 
+_DEFAULTS = json.loads(json.dumps(dataclasses.asdict(Config())))
+
+
 def load_groups(run_dirs) -> list[dict]:
     """Group run directories by their result settings (seeds pooled). Each group: {"config": the
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
@@ -36,6 +41,7 @@ def load_groups(run_dirs) -> list[dict]:
         if not os.path.isfile(os.path.join(d, "config.json")):
             continue
         run = load_run(d)
+        run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
         key = json.dumps({k: v for k, v in run["config"].items() if k not in _IGNORED}, sort_keys=True)
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
                                     "running": {}})

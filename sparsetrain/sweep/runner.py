@@ -10,6 +10,7 @@ the sweep resumes it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -113,6 +114,14 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
             with open(status[r.name]["log"], "a") as f:
                 f.write(f"=== not run: the experiment rejects this grid point {r.point}\n{r.error}\n")
+    try:  # a finished run keeps the seconds an earlier invocation measured
+        with open(os.path.join(sweep_dir, "status.json")) as f:
+            before = json.load(f)
+        for name, s in status.items():
+            if s["state"] == "skipped" and "seconds" in before.get(name, {}):
+                s["seconds"] = before[name]["seconds"]
+    except (OSError, ValueError, AttributeError):
+        pass
     save = lambda: write_json(os.path.join(sweep_dir, "status.json"), status)  # noqa: E731
     todo = [r for r in plan if status[r.name]["state"] == "queued"]
     save()
