@@ -211,6 +211,43 @@ def test_a_run_failing_at_run_time_is_reported_and_not_retried(swept):
     assert [s["state"] for s in status.values() if s["kind"] == "teacher"] == ["skipped"]
 
 
+def test_a_failed_run_is_retried_and_reported(swept, tmp_path):
+    """A run failing with exit 1 (a crash, not a usage error) is retried by Ray (--retries 1): a run
+    that fails once then succeeds finishes; with --retries 0 it is reported failed with its log."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    script = tmp_path / "flaky.py"  # fails the first time (no marker yet), succeeds after
+    script.write_text("import os, sys\nm = sys.argv[1]\nif not os.path.exists(m):\n"
+                      "    open(m, 'w').close()\n    sys.exit(1)\n")
+    for retries, want in ((1, "done"), (0, "failed")):
+        run = Run(f"flaky{retries}", "study", str(tmp_path / f"r{retries}"), [str(tmp_path / f"m{retries}")],
+                  phases=["never"], program=str(script))
+        status = execute([run], str(tmp_path / f"sw{retries}"), retries=retries)[run.name]
+        log = open(status["log"]).read()
+        assert status["state"] == want and log.count("=== exit code 1") == 1, (status, log)
+        assert log.count("flaky.py") == (2 if retries else 1)
+        if want == "failed":
+            assert "exit code 1" in status["error"] and status["log"] in status["error"]
+
+
+def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):
+    """Two 3-second runs: side by side on the 2 CPUs by default, one after the other with
+    --max-concurrent 1 (intervals recorded by the runs themselves)."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    script = tmp_path / "nap.py"
+    script.write_text("import sys, time\nt0 = time.time()\ntime.sleep(3.0)\n"
+                      "open(sys.argv[1], 'a').write(f'{t0} {time.time()}\\n')\n")
+    for cap, overlap in ((0, True), (1, False)):
+        spans = tmp_path / f"spans{cap}"
+        runs = [Run(f"nap{cap}{i}", "study", str(tmp_path / f"n{cap}{i}"), [str(spans)], phases=["never"],
+                    program=str(script)) for i in range(2)]
+        status = execute(runs, str(tmp_path / f"cap{cap}"), max_concurrent=cap)
+        assert all(s["state"] == "done" for s in status.values())
+        (a0, a1), (b0, b1) = sorted(tuple(map(float, line.split())) for line in spans.read_text().splitlines())
+        assert (b0 < a1) == overlap, (cap, a0, a1, b0, b1)
+
+
 def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     """Ctrl-C (SIGINT to the sweep) while a student trains, then the same command again: the
     students' metrics equal those of the uninterrupted sweep (same settings, other --out)."""

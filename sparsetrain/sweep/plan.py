@@ -43,6 +43,7 @@ class Run:
     seed: int = 0
     phases: list = field(default_factory=list)  # phases it trains or reads: all finished = done
     error: str = ""                # the experiment's own message when the point is invalid
+    program: str = "sparsetrain.experiment"  # what the run executes (python -m; or a script path)
 
     def done(self) -> bool:
         return not self.error and all(phase_done(os.path.join(self.run_dir, f"seed{self.seed}", p))

@@ -31,17 +31,18 @@ class UsageFailed(RuntimeError):
     """The experiment rejected its arguments or its files (exit 2; not retried)."""
 
 
-def run_experiment(argv: list[str], log: str, threads: int, cwd: str) -> float:
-    """One experiment process, its output appended to `log`; returns its seconds. Runs inside a Ray
-    worker: a cancel (KeyboardInterrupt) stops the process, which resumes on the next attempt."""
+def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment") -> float:
+    """One experiment process (`python -m <program> <argv>`, or a script path), its output appended
+    to `log`; returns its seconds. Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the
+    process, which resumes on the next attempt."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
     with open(log, "a") as f:
-        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m sparsetrain.experiment {shlex.join(argv)}\n")
+        cmd = [program] if program.endswith(".py") else ["-m", program]
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
         f.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "sparsetrain.experiment", *argv], stdout=f,
-                                stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         open(marker, "w").close()
         try:
             rc = proc.wait()
@@ -149,7 +150,7 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
                     status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed")
                     todo.remove(r)
                 elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
-                    running[task.remote(r.argv, status[r.name]["log"], threads, cwd)] = r
+                    running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program)] = r
                     status[r.name].update(state="running", started=time.time())
                     todo.remove(r)
             save()
