@@ -15,7 +15,7 @@ import pytest
 
 from sparsetrain.experiment.files import write_csv, write_json
 from sparsetrain.sweep import cli
-from sparsetrain.sweep.aggregate import load_groups
+from sparsetrain.sweep.aggregate import load_groups, table1_csv
 from sparsetrain.sweep.plan import make_plan
 from sparsetrain.testing import write_mnist
 
@@ -120,6 +120,30 @@ def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     assert "trained on other data" in capsys.readouterr().err
     assert study.main(base + ["--out", str(mnist_dir / "y"), "--reuse", str(mnist_dir / "nope")]) == 2
     assert "--reuse" in capsys.readouterr().err
+
+
+def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
+    """--teachers dense best where the best-validation teacher round is round 0: one teacher, so
+    one distilled student; distill-best links distill-dense (with another best round, both train)."""
+    from sparsetrain.experiment import study
+    base = study_args(mnist_dir, "--teachers", "dense", "best")
+    for best_round in (0, 2):
+        out = mnist_dir / f"r{best_round}"
+        assert study.main(base + ["--out", str(out), "--phases", "teacher"]) == 0
+        (rd,) = out.iterdir()
+        best = json.loads((rd / "seed0" / "teacher" / "best.json").read_text())
+        write_json(rd / "seed0" / "teacher" / "best.json", {**best, "round": best_round})  # as if validated so
+        assert study.main(base + ["--out", str(out)]) == 0
+        linked = os.path.islink(rd / "seed0" / "distill-best")
+        assert linked == (best_round == 0)
+        if linked:
+            assert os.readlink(rd / "seed0" / "distill-best") == "distill-dense"
+        else:
+            losses = [[r["train_loss"] for r in read_rows(rd / "seed0" / p / "metrics.csv")]
+                      for p in ("distill-best", "distill-dense")]
+            assert losses[0] != losses[1]  # another teacher, another student
+        summary = (rd / "summary.md").read_text()
+        assert "distilled from the pruned (best-validation) teacher" in summary
 
 
 # ---------------------------------------------------------------------------- on a local Ray
@@ -282,6 +306,11 @@ def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
             ref = root / "sweeps" / "runs" / name  # the same settings' run in the first sweep
             for rel in ("seed0/distill-dense/metrics.csv", "seed0/teacher/metrics.csv"):
                 assert strip_timing(read_rows(os.path.join(s["run_dir"], rel))) == strip_timing(read_rows(ref / rel))
+    # the aggregated table equals the one of the same runs in the uninterrupted sweep
+    studies = [s["run_dir"] for s in done.values() if s["kind"] == "study"]
+    refs = [str(root / "sweeps" / "runs" / os.path.basename(d)) for d in studies]
+    resumed, ref = (table1_csv(load_groups(dirs), ["alpha"]) for dirs in (studies, refs))
+    assert len(resumed) == 2 * 6 and resumed == ref  # 2 alphas x (vanilla, distilled) x 3 stop rules
 
 
 # ---------------------------------------------------------------------------- aggregation alone

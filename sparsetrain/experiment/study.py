@@ -119,18 +119,22 @@ def check_data(rd: str, fingerprint: str) -> None:
 
 
 # ============================================================================ teachers
+def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
+    """(checkpoint path, (exact, paper-convention) FLOPs spent obtaining it: the teacher run's
+    cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
+    if choice not in ("best", "dense"):
+        return choice, (0, 0)
+    rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
+    with open(os.path.join(teacher_dir, "best.json")) as f:
+        best = json.load(f)
+    rnd = best["round"] if choice == "best" else 0
+    cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
+    return os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt"), cost
+
+
 def load_teacher(choice: str, teacher_dir: str):
-    """(teacher model in eval mode, (exact, paper-convention) FLOPs spent obtaining it: the teacher
-    run's cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
-    if choice in ("best", "dense"):
-        rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
-        with open(os.path.join(teacher_dir, "best.json")) as f:
-            best = json.load(f)
-        rnd = best["round"] if choice == "best" else 0
-        path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
-        cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
-    else:
-        path, cost = choice, (0, 0)
+    """(teacher model in eval mode, its cost: teacher_checkpoint) for --teachers best | dense | PATH."""
+    path, cost = teacher_checkpoint(choice, teacher_dir)
     model, _, _ = load_model(path)
     model.eval()
     for p in model.parameters():
@@ -186,14 +190,21 @@ def run_study(cfg: Config) -> str:
             run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, tdir)
         if "vanilla" in todo:
             run_phase(cfg, "student", splits, seed, "vanilla", student, os.path.join(sd, "vanilla"))
+        served = {}  # teacher checkpoint -> the phase distilled from it (this seed)
         for choice in cfg.teachers:
-            if f"distill-{teacher_tag(choice)}" not in todo:
+            phase = f"distill-{teacher_tag(choice)}"
+            if phase not in todo:
                 continue
-            teacher, cost = load_teacher(choice, tdir)
-            teacher = teacher.to(dev)
-            tag = teacher_tag(choice)
-            run_phase(cfg, "student", splits, seed, f"distill-{tag}", student, os.path.join(sd, f"distill-{tag}"),
-                      teacher=teacher, teacher_cost=cost)
+            pdir, key = os.path.join(sd, phase), os.path.realpath(teacher_checkpoint(choice, tdir)[0])
+            if key in served:  # the same teacher (best = dense when the best round is 0): the same student
+                if dist.is_main() and not os.path.lexists(pdir):
+                    os.symlink(served[key], pdir, target_is_directory=True)
+                dist.barrier()
+            else:
+                teacher, cost = load_teacher(choice, tdir)
+                run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
+                          teacher_cost=cost)
+            served.setdefault(key, phase)
     return report.write_report(rd) if dist.is_main() else os.path.join(rd, "summary.md")
 
 
