@@ -1,6 +1,6 @@
 """SparseConv2d forward+backward vs dense masked F.conv2d (and SparseProp when installed).
 
-    python bench/conv_bench.py [--quick] [--warm]   # standalone; bench/kernels.py calls run()
+    python bench/conv_bench.py [--quick] [--warm] [--batch 32]   # standalone; bench/kernels.py calls run()
 
 Cases: the conv layers of CIFAR ResNet-18 (3x3 at every width, the stride-2 3x3 convs and the 1x1
 stride-2 downsample convs) and of VGG-like(delta=5, gamma=5), batch 128. One step = forward, then
@@ -68,7 +68,7 @@ def _step(module_or_fn, x, gy, params):
 
 
 def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | None = None,
-        cases=None, sparseprop: bool = True, warm: bool = False) -> list[dict]:
+        cases=None, sparseprop: bool = True, warm: bool = False, batch: int = BATCH) -> list[dict]:
     """One row per (case, sparsity): keys op, shape, sparsity, dense_ms, sparse_ms, speedup,
     sparseprop_ms (None when SparseProp is absent), vs_sparseprop, gflops_useful, dense_gflops."""
     cases = cases if cases is not None else (QUICK if quick else RESNET18 + VGG_D5G5)
@@ -80,10 +80,10 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
     g = torch.Generator().manual_seed(0)
     for name, cin, cout, size, k, s, p, bias in cases:
         conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias)
-        x = torch.randn(BATCH, cin, size, size, generator=g).requires_grad_()
+        x = torch.randn(batch, cin, size, size, generator=g).requires_grad_()
         oh = (size + 2 * p - k) // s + 1
-        gy = torch.randn(BATCH, cout, oh, oh, generator=g)
-        shape = f"{cin}->{cout} k{k} s{s} @{size}x{size} b{BATCH}"
+        gy = torch.randn(batch, cout, oh, oh, generator=g)
+        shape = f"{cin}->{cout} k{k} s{s} @{size}x{size} b{batch}"
         for sp in sparsities:
             mask = random_mask(conv.weight.shape, sp, generator=g)
             w = conv.weight.detach().clone().requires_grad_()
@@ -102,8 +102,8 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
                       default=None)  # SparseProp's faster layout
             sp_ms = statistics.median(t[spk]) if spk else None
             nnz = int(mask.sum())
-            flops = 3 * 2 * nnz * BATCH * oh * oh
-            dense_flops = 3 * 2 * mask.numel() * BATCH * oh * oh
+            flops = 3 * 2 * nnz * batch * oh * oh
+            dense_flops = 3 * 2 * mask.numel() * batch * oh * oh
             rows.append(dict(op=name, shape=shape, sparsity=sp, dense_ms=dense_ms, sparse_ms=sparse_ms,
                              speedup=paired_ratio(t["dense"], t["ours"]), sparseprop_ms=sp_ms,
                              vs_sparseprop=paired_ratio(t[spk], t["ours"]) if spk else None,
@@ -142,7 +142,9 @@ def main(argv=None):
     p.add_argument("--no-sparseprop", action="store_true")
     p.add_argument("--warm", action="store_true",
                    help="time each side's second consecutive call in each round (inputs in cache)")
-    p.add_argument("--out", default=None, help="default results/conv.json (conv_warm.json with --warm)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH}; 8 and 32: fine-tuning sizes)")
+    p.add_argument("--out", default=None, help="default results/conv.json (conv_warm.json with --warm; "
+                   "_b<batch> appended for another --batch)")
     args = p.parse_args(argv)
     sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
         ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
@@ -152,9 +154,10 @@ def main(argv=None):
     info = machine_info()
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm)
+    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm, batch=args.batch)
     print_table(rows, COLUMNS)
-    out = args.out or os.path.join(HERE, "results", "conv_warm.json" if args.warm else "conv.json")
+    stem = ("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
+    out = args.out or os.path.join(HERE, "results", stem + ".json")
     write_json(out, {"machine": info, "timing": "warm" if args.warm else "cold", "conv": rows})
     print(f"\nwritten: {out}")
 

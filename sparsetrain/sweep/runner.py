@@ -110,6 +110,9 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
     status = {r.name: {"state": "skipped" if r.done() else "queued", "kind": r.kind, "run_dir": r.run_dir,
                        "log": os.path.join(logs, f"{r.name}.log"), "deps": r.deps} for r in plan}
     os.makedirs(logs, exist_ok=True)
+    for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
+        if f.endswith(".running"):
+            os.remove(os.path.join(logs, f))
     for r in plan:
         if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
