@@ -94,6 +94,14 @@ def test_cli_errors_are_one_line(tmp_path):
             (argv, err)
 
 
+def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import SweepError, execute
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as where it is not installed
+    with pytest.raises(SweepError, match=r"needs Ray .*pip install"):
+        execute([Run("r", "study", str(tmp_path / "r"), [], phases=["never"])], str(tmp_path / "sw"))
+
+
 # ---------------------------------------------------------------------------- --phases / --reuse
 def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     """A distilled student alone needs a finished teacher: refused (exit 2) without one, linked from

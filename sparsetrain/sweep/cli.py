@@ -138,13 +138,16 @@ def main(argv=None) -> int:
         print(f"{len(plan)} runs; plan: {os.path.join(sweep_dir, 'plan.json')}")
         return 0
     from .report import write_sweep_report
-    from .runner import execute
+    from .runner import SweepError, execute
     try:
         status = execute(plan, sweep_dir, cpus=args.cpus_per_run, gpus=args.gpus_per_run,
                          max_concurrent=args.max_concurrent, retries=args.retries, address=args.address)
     except KeyboardInterrupt:
         print("stopped; re-run the same command to resume", file=sys.stderr)
         return 130
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     leaves = [r.run_dir for r in plan if r.run_dir and (r.kind == "study" or not any(
         r.name in s.deps for s in plan if s.kind == "study"))]
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}")

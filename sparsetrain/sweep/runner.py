@@ -20,7 +20,11 @@ import time
 from ..experiment.files import write_json
 from .plan import Run
 
-__all__ = ["execute", "RunFailed", "UsageFailed", "run_experiment"]
+__all__ = ["execute", "RunFailed", "UsageFailed", "SweepError", "run_experiment"]
+
+
+class SweepError(Exception):
+    """A sweep cannot start (e.g. Ray is not installed): one line and exit 2."""
 
 
 class RunFailed(RuntimeError):
@@ -131,7 +135,10 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
     save()
     if not todo:
         return status
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        raise SweepError(f"running a sweep needs Ray ({e}): pip install 'sparsetrain[sweep]' or pip install ray") from None
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False, logging_level="WARNING")
