@@ -141,7 +141,11 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
         raise SweepError(f"running a sweep needs Ray ({e}): pip install 'sparsetrain[sweep]' or pip install ray") from None
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise SweepError(f"--address {address}: no Ray cluster reachable there ({e}); start one with "
+                                 "`ray start --head`, or leave --address out for a local Ray") from None
         else:
             ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
