@@ -91,17 +91,16 @@ def _config_of(run_dir: str) -> tuple[Config | None, str | None]:
         return None, None
 
 
-def link_reused(cfg: Config, run_dir: str, seed: int, phase: str) -> bool:
+def link_reused(cfg: Config, run_dir: str, seed: int, phase: str, others: list | None = None) -> bool:
     """Link RUN/seed{seed}/{phase} to the same phase finished in a --reuse directory with the same
-    key. A phase already present here (trained or linked before) is kept. Returns whether the phase
-    is present afterwards."""
+    key (`others`: [(directory, its Config)], read from cfg.reuse when not given). A phase already
+    present here (trained or linked before) is kept. Returns whether the phase is present afterwards."""
     here = os.path.join(run_dir, f"seed{seed}", phase)
     if os.path.lexists(here):
         return True
     key = phase_key(cfg, phase, seed)
-    for other in cfg.reuse:
+    for other, ocfg in (others if others is not None else [(o, _config_of(o)[0]) for o in cfg.reuse]):
         src = os.path.realpath(os.path.join(other, f"seed{seed}", phase))
-        ocfg, _ = _config_of(other)
         if ocfg is None or not phase_done(src) or phase_key(ocfg, phase, seed) != key:
             continue
         os.makedirs(os.path.dirname(here), exist_ok=True)
@@ -110,24 +109,23 @@ def link_reused(cfg: Config, run_dir: str, seed: int, phase: str) -> bool:
     return False
 
 
-def prepare_phases(cfg: Config, run_dir: str) -> list[str]:
+def prepare_phases(cfg: Config, run_dir: str) -> None:
     """Link what --reuse offers for every seed, then check that every phase this run reads but does
-    not train is finished (PhaseMissing with what to do, before anything trains). Returns the phases
-    to run, in order."""
+    not train is finished (PhaseMissing with what to do, before anything trains)."""
     train, reads = needed_phases(cfg)
-    for other in cfg.reuse:
-        if _config_of(other)[0] is None:
+    others = [(o, _config_of(o)[0]) for o in cfg.reuse]  # (each read once)
+    for other, ocfg in others:
+        if ocfg is None:
             raise PhaseMissing(f"--reuse {other}: not a run directory (no readable config.json)")
     for seed in cfg.seeds:
         for phase in train + reads:
-            link_reused(cfg, run_dir, seed, phase)
+            link_reused(cfg, run_dir, seed, phase, others)
         for phase in reads:
             if not phase_done(os.path.join(run_dir, f"seed{seed}", phase)):
                 where = f"in --reuse {' '.join(cfg.reuse)} or here" if cfg.reuse else "here (no --reuse given)"
                 raise PhaseMissing(f"--phases {' '.join(cfg.phases)}: seed {seed} needs a finished {phase} phase, "
                                    f"found none {where} with the same settings; add teacher to --phases or "
                                    "finish the teacher run first")
-    return reads + train
 
 
 def check_linked(run_dir: str, seed: int, fingerprint: str) -> None:

@@ -27,7 +27,7 @@ from .devices import resolve_device
 from .files import CorruptFile, git_commit, write_json
 from .loop import run_phase
 from .metrics import read_metrics
-from .reuse import PhaseMissing, check_linked, prepare_phases, teacher_tag
+from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_tag
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
@@ -132,14 +132,13 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     return os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt"), cost
 
 
-def load_teacher(choice: str, teacher_dir: str):
-    """(teacher model in eval mode, its cost: teacher_checkpoint) for --teachers best | dense | PATH."""
-    path, cost = teacher_checkpoint(choice, teacher_dir)
+def load_teacher(path: str):
+    """The teacher model of a checkpoint (teacher_checkpoint), in eval mode, without gradients."""
     model, _, _ = load_model(path)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, cost
+    return model
 
 
 # ============================================================================ the study
@@ -166,9 +165,11 @@ def run_study(cfg: Config) -> str:
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               "across them", flush=True)
     rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
-    todo = prepare_phases(cfg, rd) if dist.is_main() else []  # (links --reuse phases; checks the rest)
+    if dist.is_main():
+        prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
     dist.barrier()
-    todo = prepare_phases(cfg, rd) if not dist.is_main() else todo
+    train, reads = needed_phases(cfg)
+    todo = reads + train
     student = cfg.resolved_student()
     for seed in cfg.seeds:
         splits = D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
@@ -195,14 +196,14 @@ def run_study(cfg: Config) -> str:
             phase = f"distill-{teacher_tag(choice)}"
             if phase not in todo:
                 continue
-            pdir, key = os.path.join(sd, phase), os.path.realpath(teacher_checkpoint(choice, tdir)[0])
+            pdir, (path, cost) = os.path.join(sd, phase), teacher_checkpoint(choice, tdir)
+            key = os.path.realpath(path)
             if key in served:  # the same teacher (best = dense when the best round is 0): the same student
                 if dist.is_main() and not os.path.lexists(pdir):
                     os.symlink(served[key], pdir, target_is_directory=True)
                 dist.barrier()
             else:
-                teacher, cost = load_teacher(choice, tdir)
-                run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
+                run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=load_teacher(path).to(dev),
                           teacher_cost=cost)
             served.setdefault(key, phase)
     return report.write_report(rd) if dist.is_main() else os.path.join(rd, "summary.md")

@@ -104,10 +104,14 @@ def table1_csv(groups, keys) -> list[dict]:
     return rows
 
 
+def _best_round(rows) -> int:
+    """Index of the best-validation round (w_best, Algorithm 1; the first of ties)."""
+    return max(range(len(rows)), key=lambda j: (get(rows[j], "val_acc", -1.0), -j))
+
+
 def _best_test(g, phase) -> list[float]:
-    """Per seed: the test accuracy [%] of the best-validation round (w_best, Algorithm 1)."""
-    return [100 * get(max(rows, key=lambda r: get(r, "val_acc", -1.0)), "test_acc")
-            for rows in g["curves"].get(phase, {}).values() if rows]
+    """Per seed: the test accuracy [%] of the best-validation round."""
+    return [100 * get(rows[_best_round(rows)], "test_acc") for rows in g["curves"].get(phase, {}).values() if rows]
 
 
 def alpha_tau_md(groups, keys) -> str:
@@ -148,7 +152,7 @@ def best_model_rows(groups, keys) -> list[dict]:
                 continue
             accs, sps, labs = [], [], []
             for rows in g["curves"][ph].values():
-                i = max(range(len(rows)), key=lambda j: (get(rows[j], "val_acc", -1.0), -j))
+                i = _best_round(rows)
                 accs.append(100 * get(rows[i], "test_acc"))
                 sps.append(100 * get(rows[i], "sparsity"))
                 labs.append(label_rounds(rows)[i])

@@ -80,11 +80,12 @@ def _settings(args, parser) -> dict:
             settings = recipe(args.what, args.profile)
         except ValueError as e:
             parser.error(f"{e} (or grid, report)")
+    hints = typing.get_type_hints(Config)
     for k, v in vars(args).items():
         if v is None or k in ("what", "run_dirs", "profile", "out", "cpus_per_run", "gpus_per_run",
                               "max_concurrent", "retries", "address", "dry_run"):
             continue
-        one_value = typing.get_type_hints(Config).get(k) is tuple or k == "milestones"
+        one_value = hints.get(k) is tuple or k == "milestones"
         settings[k] = (list(v) if not one_value or k in _AXIS_TUPLES else tuple(v)) if isinstance(v, list) else v
     return settings
 

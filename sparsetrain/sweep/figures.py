@@ -6,12 +6,9 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
-
 from ..experiment.files import atomic_write
-from ..experiment.metrics import get
-from ..experiment.report.plots import _TICKS, _x
-from ..experiment.report.tables import mean, per_round, stats, vanilla_phase
+from ..experiment.report.plots import mean_curve, sparsity_axis
+from ..experiment.report.tables import vanilla_phase
 from .aggregate import group_label
 
 __all__ = ["plot_overlay", "write_figures"]
@@ -49,20 +46,14 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
         for g in gs:
             color = f"C{values.index(str(g['config'].get(by))) % 10}" if by else None
             for ph in _phases(g):
-                rounds, per = per_round(g["curves"][ph])
-                x = _x([mean(per[k], "sparsity") for k in rounds])
-                acc = np.array([stats([100 * get(r, "test_acc") for r in per[k]])[:2] for k in rounds]).reshape(-1, 2)
+                _, _, x, acc, ent = mean_curve(g["curves"][ph])
                 name = "vanilla" if ph == vanilla_phase(g) else ph
                 label = f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}"
                 line, = ax.plot(x, acc[:, 0], _STYLE.get(name, "-."), marker="o", ms=2.5, color=color, label=label)
                 ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=line.get_color(), alpha=.15,
                                 lw=0)
-                ax2.plot(x, [mean(per[k], "entropy_mean") for k in rounds], _STYLE.get(name, "-."),
-                         color=line.get_color(), lw=.7, alpha=.5)
-        lo, hi = ax.get_xlim()
-        ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
-        ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
-        ax.set_xlabel("sparsity [%] (log scale of remaining weights)")
+                ax2.plot(x, ent, _STYLE.get(name, "-."), color=line.get_color(), lw=.7, alpha=.5)
+        sparsity_axis(ax)
         ax.set_ylabel("test accuracy [%] (mean ± std)")
         ax2.set_ylabel("ReLU-state entropy (thin)")
         ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)

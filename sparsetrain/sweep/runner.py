@@ -130,7 +130,12 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
                 s["seconds"] = before[name]["seconds"]
     except (OSError, ValueError, AttributeError):
         pass
-    save = lambda: write_json(os.path.join(sweep_dir, "status.json"), status)  # noqa: E731
+    written = {}
+
+    def save():  # status.json after a change only (the loop polls Ray every second)
+        if status != written.get("last"):
+            write_json(os.path.join(sweep_dir, "status.json"), status)
+            written["last"] = json.loads(json.dumps(status))
     todo = [r for r in plan if status[r.name]["state"] == "queued"]
     save()
     if not todo:

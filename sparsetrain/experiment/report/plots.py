@@ -11,7 +11,7 @@ from .labels import label_rounds
 from ..metrics import get
 from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
 
-__all__ = ["plot_run"]
+__all__ = ["plot_run", "mean_curve", "sparsity_axis"]
 
 
 _TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
@@ -21,6 +21,23 @@ _SHADE = {"critical": ("tab:red", .08), "sweet": ("tab:green", .08), "collapsed"
 def _x(s):
     """x = -log10(1 - sparsity): spreads 90 / 99 / 99.9 % evenly (one decade of remaining weights each)."""
     return -np.log10(np.clip(1 - np.asarray(s, float), 1e-6, None))
+
+
+def mean_curve(seed_rows: dict):
+    """A phase's curve over seeds, per round: (rounds, {round: rows}, x = _x(mean sparsity), test
+    accuracy [%] as an array of (mean, std), mean entropy)."""
+    rounds, by = per_round(seed_rows)
+    x = _x([mean(by[k], "sparsity") for k in rounds])
+    acc = np.array([stats([100 * get(r, "test_acc") for r in by[k]])[:2] for k in rounds]).reshape(-1, 2)
+    return rounds, by, x, acc, np.array([mean(by[k], "entropy_mean") for k in rounds])
+
+
+def sparsity_axis(ax) -> None:
+    """The x axis of accuracy-vs-sparsity plots: ticks at round sparsities on the _x scale."""
+    lo, hi = ax.get_xlim()
+    ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
+    ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
+    ax.set_xlabel("sparsity [%] (log scale of remaining weights)")
 
 
 def plot_run(run, out_dir) -> list[str]:
@@ -41,11 +58,7 @@ def plot_run(run, out_dir) -> list[str]:
     ax2 = ax.twinx()
     van = vanilla_phase(run)
     for ph in phases:
-        rounds, by = per_round(curves[ph])
-        sp = np.array([mean(by[k], "sparsity") for k in rounds])
-        acc = np.array([stats([100 * get(r, "test_acc") for r in by[k]])[:2] for k in rounds]).reshape(-1, 2)
-        ent = np.array([mean(by[k], "entropy_mean") for k in rounds])
-        x = _x(sp)
+        rounds, by, x, acc, ent = mean_curve(curves[ph])
         ax.plot(x, acc[:, 0], "-o", ms=3, color=color[ph], label=phase_title(run, ph))
         ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
@@ -59,10 +72,7 @@ def plot_run(run, out_dir) -> list[str]:
             for i, lab in enumerate(labs):
                 if lab in _SHADE:
                     ax.axvspan(edges[i], edges[i + 1], color=_SHADE[lab][0], alpha=_SHADE[lab][1], lw=0)
-    lo, hi = ax.get_xlim()
-    ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
-    ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
-    ax.set_xlabel("sparsity [%] (log scale of remaining weights)")
+    sparsity_axis(ax)
     ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ best validation)")
     ax2.set_ylabel("mean ReLU-state entropy (dashed)")
     ax.grid(alpha=.3)
