@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = """
 import json, os, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
-from sparsetrain.engine.nn import sparsify_
+from sparsetrain.engine.convert import sparsify_
 from sparsetrain.experiment.models import build_model
 from sparsetrain.testing import random_mask
 steps, batch = int(sys.argv[2]), int(sys.argv[3])

@@ -31,6 +31,8 @@ import sparsetrain  # noqa: E402
 from sparsetrain.experiment.models import resnet18, vgg_like  # noqa: E402
 
 BATCH = 128
+# dense masked (parametrization), sparse layers (sparsify_), sparse with conv -> BN -> ReLU fused
+ENGINES = ("dense", "sparse", "fused")
 MODELS = {"resnet18": lambda: resnet18(10, 3), "vgg_d5g5": lambda: vgg_like(5, 5, 10, 3)}
 
 
@@ -50,8 +52,8 @@ def build(name: str, sparsity: float, engine: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     masks = {n: random_mask(m.weight.shape, sparsity, generator=g)
              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    if engine == "sparse":
-        sparsetrain.sparsify_(model, masks)
+    if engine in ("sparse", "fused"):
+        sparsetrain.sparsify_(model, masks, fuse=engine == "fused")
     else:
         for n, mask in masks.items():
             parametrize.register_parametrization(model.get_submodule(n), "weight", _Mask(mask))
@@ -74,7 +76,8 @@ def _reset_peak():
         pass
 
 
-_CATEGORIES = [("sparse conv/linear", ("sparsetrain",)),
+_CATEGORIES = [("fused bn/relu", ("bn_act",)),
+               ("sparse conv/linear", ("sparsetrain",)),
                ("dense conv/linear", ("conv", "addmm", "aten::mm", "linear", "mkldnn")),
                ("batchnorm", ("batch_norm",)),
                ("relu/pool/add", ("relu", "threshold", "clamp_min", "pool", "aten::add")),
@@ -114,8 +117,9 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu") -> l
     for name in models:
         for sp in sparsities:
             row = {"model": name, "sparsity": sp}
-            steps_of, times, peaks = {}, {"dense": [], "sparse": []}, {"dense": 0, "sparse": 0}
-            for engine in ("dense", "sparse"):
+            steps_of = {}
+            times, peaks = {e: [] for e in ENGINES}, {e: 0 for e in ENGINES}
+            for engine in ENGINES:
                 model = build(name, sp, engine).to(device).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -148,19 +152,22 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu") -> l
                     row[f"{engine}_breakdown_ms"] = _breakdown(step)
             del steps_of
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+            row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
             rows.append(row)
-            print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms  "
-                  f"x{row['speedup']:.2f}  peak RSS {row['dense_peak_mb']:.0f} / {row['sparse_peak_mb']:.0f} MB",
-                  flush=True)
+            print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms "
+                  f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  peak RSS "
+                  f"{row['dense_peak_mb']:.0f} / {row['sparse_peak_mb']:.0f} / {row['fused_peak_mb']:.0f} MB", flush=True)
             if profile:
-                print(f"      dense  breakdown ms: {row['dense_breakdown_ms']}")
-                print(f"      sparse breakdown ms: {row['sparse_breakdown_ms']}", flush=True)
+                for engine in ENGINES:
+                    print(f"      {engine:6s} breakdown ms: {row[f'{engine}_breakdown_ms']}", flush=True)
     return rows
 
 
 COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense ms", ".1f"),
            ("sparse_ms", "sparse ms", ".1f"), ("speedup", "speedup", ".2f"),
+           ("fused_ms", "fused ms", ".1f"), ("fused_speedup", "fused speedup", ".2f"),
            ("dense_peak_mb", "dense peak MB", ".0f"), ("sparse_peak_mb", "sparse peak MB", ".0f"),
+           ("fused_peak_mb", "fused peak MB", ".0f"),
            ("dense_param_mb", "dense params MB", ".1f"), ("sparse_param_mb", "sparse params MB", ".2f")]
 
 

@@ -48,6 +48,12 @@ TORCH_LIBRARY(sparsetrain, m) {
       "sparse_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, Tensor? bias) -> Tensor");
+  // the forward with a BatchNorm epilogue (engine/fused.py): y (relu(y) when relu) and stats
+  // [2, O] float64, the per-channel sum and sum of squares of the output
+  m.def(
+      "sparse_conv2d_stats(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+      "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, Tensor? bias, bool relu) -> (Tensor, Tensor)");
   m.def(
       "sparse_conv2d_grad_input(Tensor grad_out, Tensor ccol_indices, Tensor row_indices_t, "
       "Tensor perm, Tensor values, int[2] input_size, int[2] kernel_size, int[2] stride, "
@@ -59,6 +65,16 @@ TORCH_LIBRARY(sparsetrain, m) {
       "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
       "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
+  // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its
+  // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty; the ReLU
+  // after is recomputed from y, scale and shift); weight, mean and invstd are float64 [C]
+  m.def("bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor y, Tensor? residual, Tensor scale, Tensor shift, Tensor weight, "
+      "Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, bool relu_before, "
+      "bool grad_residual) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
   // 0 for the phase-plane kernel. For tests and benchmarks; the ops pick it themselves.
   m.def("sparse_conv2d_small_tile(int[] input_size, int out_channels, int[] kernel_size, int[] stride, "

@@ -7,6 +7,7 @@ until a sparse layer or op is used):
     sparsetrain.SparseLinear, SparseConv2d       layers (engine/nn.py; also sparsetrain.nn.*)
     sparsetrain.BSRLinear
     sparsetrain.sparsify_, densify_              swap layers of any model in place
+    sparsetrain.SparseConvBNReLU, fuse_, unfuse_ sparse conv + BatchNorm (+ ReLU) as one layer
     sparsetrain.use_backend                      force the C++ or Triton kernels
     sparsetrain.global_prune, make_rule          pruning rules (prune/)
 
@@ -26,8 +27,11 @@ _LAZY = {
     "BSRLinear": "sparsetrain.engine.bsr",
     "SparseLinear": "sparsetrain.engine.nn",
     "SparseConv2d": "sparsetrain.engine.nn",
-    "sparsify_": "sparsetrain.engine.nn",
-    "densify_": "sparsetrain.engine.nn",
+    "sparsify_": "sparsetrain.engine.convert",
+    "densify_": "sparsetrain.engine.convert",
+    "SparseConvBNReLU": "sparsetrain.engine.fused",
+    "fuse_": "sparsetrain.engine.fused",
+    "unfuse_": "sparsetrain.engine.fused",
     "use_backend": "sparsetrain.engine.backend",
     "current_backend": "sparsetrain.engine.backend",
     "global_prune": "sparsetrain.prune",

@@ -58,10 +58,12 @@ int64_t in_channels(int64_t cols, const ConvArgs& a) {
   return cols / (a.kh * a.kw);
 }
 
-at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
-                         const at::Tensor& perm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                         at::IntArrayRef padding, const std::optional<at::Tensor>& bias) {
+// The forward, with the epilogue of sparse_conv2d_stats when stats is defined ([2, O] float64).
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                        const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
+                        const at::Tensor& perm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
+                        at::Tensor* stats) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   const int64_t O = crow.numel() - 1, cols = ccol.numel() - 1, C = in_channels(cols, a);
   check_compressed(crow, col, cols, "crow_indices", "col_indices");
@@ -82,19 +84,44 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size(),
                            col.numel());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
+  if (stats) *stats = at::zeros({2, O}, x.options().dtype(at::kDouble));
   if (y.numel() == 0) return y;
+  double* st = stats ? stats->data_ptr<double>() : nullptr;
   const int64_t sbt = small_conv_tile(P, x.element_size());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     if (sbt)
       return small_conv<scalar_t>(P, sbt, xc.data_ptr<scalar_t>(), nullptr,
                                   bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
                                   col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr,
-                                  nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr);
+                                  nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr,
+                                  relu, st);
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
                        crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
-                       nullptr, nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr);
+                       nullptr, nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr,
+                       relu, st);
   });
   return y;
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
+                         const at::Tensor& perm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, const std::optional<at::Tensor>& bias) {
+  return conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias,
+                      false, nullptr);
+}
+
+// y = conv(x, W) + b (then relu(y) when `relu`) and, computed while each output tile is in cache,
+// stats [2, O] float64: per output channel the sum and the sum of squares of y over (batch,
+// height, width): a BatchNorm's batch statistics without another pass over y.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
+    const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+    const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu) {
+  at::Tensor stats;
+  at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
+                              bias, relu, &stats);
+  return {y, stats};
 }
 
 // Shared by the three backward ops: dx when ccol is given, dvalues when crow is given.
@@ -205,6 +232,7 @@ TORCH_LIBRARY_IMPL(sparsetrain, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d);
+  m.impl("sparse_conv2d_stats", &sparse_conv2d_stats);
   m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input);
   m.impl("sparse_conv2d_grad_weight", &sparse_conv2d_grad_weight);
   m.impl("sparse_conv2d_backward", &sparse_conv2d_backward);

@@ -50,6 +50,38 @@ void run_tasks(int64_t tiles, int64_t C, int64_t O, bool forward, int64_t nnz, T
   if (!partial.empty()) reduce_partials(partial.data(), nth, nnz, dvals);
 }
 
+// The forward epilogue (engine/fused.py: BatchNorm after a sparse conv): on n outputs still in
+// cache, the ReLU in place when `relu` (NaN stays NaN), then their sum and sum of squares added to
+// st[0] and st[1] (a float sum of at most one row or pixel tile, accumulated in double).
+template <typename T>
+ST_INLINE void conv_epilogue(T* v, int64_t n, bool relu, double* st) {
+  if (relu)
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] < T(0) ? T(0) : v[i];
+  if (!st) return;
+  T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < n; ++i) {
+    a += v[i];
+    b += v[i] * v[i];
+  }
+  st[0] += a;
+  st[1] += b;
+}
+
+// stats [2, O] (row 0 sums, row 1 sums of squares) = the per-tile partials [tiles][O][2] summed in
+// tile order (deterministic).
+inline void reduce_stats(const std::vector<double>& part, int64_t tiles, int64_t O, double* stats) {
+  for (int64_t o = 0; o < O; ++o) {
+    double s1 = 0, s2 = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      s1 += part[(t * O + o) * 2];
+      s2 += part[(t * O + o) * 2 + 1];
+    }
+    stats[o] = s1;
+    stats[O + o] = s2;
+  }
+}
+
 // Geometry of one call: x [B, C, H, W], weight [O, C, kh, kw], output [B, O, OH, OW].
 struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
@@ -78,11 +110,13 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
                at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz);
 
 // y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
-// vals) and dvalues when dvals is given (dy, x, crow, col).
+// vals) and dvalues when dvals is given (dy, x, crow, col). With y, the epilogue (conv_epilogue):
+// relu(y) when `relu`, and its per-channel sums and sums of squares in stats [2, O] when given.
 template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
-              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals);
+              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
+              double* stats = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
@@ -93,6 +127,7 @@ int64_t small_conv_tile(const ConvGeom& g, size_t elem);
 template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
-                const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals);
+                const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
+                bool relu = false, double* stats = nullptr);
 
 }  // namespace sparsetrain

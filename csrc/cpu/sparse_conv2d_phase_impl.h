@@ -36,6 +36,8 @@ struct Args {
   const T* dval;           // per dx entry: its value
   const uint8_t *used_c, *used_o;
   T *y, *dx;
+  bool relu;      // forward epilogue: ReLU on y
+  double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
 };
 
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
@@ -155,15 +157,21 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
     }
   }
   for (int64_t o = o0; o < o1; ++o) {
+    double* st = A.stats ? A.stats + (tile * P.O + o) * 2 : nullptr;
     if (A.crow[o + 1] == A.crow[o]) {
-      const T init = A.bias ? A.bias[o] : T(0);
+      T init = A.bias ? A.bias[o] : T(0);
+      conv_epilogue(&init, 1, A.relu, nullptr);
       for (int64_t b = 0; b < tb; ++b) stream_fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
+      if (st) st[0] = double(init) * tb * plane, st[1] = double(init) * init * tb * plane;
       continue;
     }
-    const T* src = ob + (o - o0) * P.L;
+    T* src = ob + (o - o0) * P.L;
     const int64_t O = P.O, OH = P.OH, OW = P.OW, PW = P.PW, frame = P.frame;
+    const bool epi = A.relu || st;
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * O + o) * plane;
+      if (epi)
+        for (int64_t r = 0; r < OH; ++r) conv_epilogue(src + b * frame + r * PW, OW, A.relu, st);
       stream_rows(yo, OW, src + b * frame, PW, OW, OH);
     }
   }
@@ -269,7 +277,7 @@ struct Index {
 template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
-              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals) {
+              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats) {
   const int64_t khkw = P.kh * P.kw;
   Index I;
   I.used_c.assign(P.C, 0);
@@ -321,13 +329,16 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
-            I.used_c.data(), I.used_o.data(), y, dx};
+            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr};
+  std::vector<double> part(y && stats ? size_t(P.nbt) * P.O * 2 : 0, 0.0);
+  if (!part.empty()) A.stats = part.data();
   run_tasks<T>(
       P.nbt, P.C, P.O, y != nullptr, nnz, dvals,
       [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { fwd_task(A, tile, o0, o1, pack); },
       [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
         bwd_task(A, tile, c0, c1, o0, o1, pack, part);
       });
+  if (!part.empty()) reduce_stats(part, P.nbt, P.O, stats);
 }
 
 }  // namespace sparsetrain

@@ -81,6 +81,8 @@ struct SArgs {
   const int64_t* doff;  // per CSC entry: o * OH*OW * bt
   const T* dval;        // per CSC entry: its value
   T *y, *dx;
+  bool relu;      // forward epilogue: ReLU on y
+  double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
 };
 
 // out[0:NV vectors] = init + sum over the pixel's valid tap groups of w[e] * base[off[e] + tap
@@ -163,6 +165,10 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
     const int64_t* gp = A.tptr + o * (A.K + 1);
     for (int64_t p = 0; p < ohw; ++p)
       pixel_axpy<T, VB, NV>(ob + ((o - o0) * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, A.eval, init);
+    if (A.relu || A.stats) {  // the epilogue on the tb real samples of each pixel, still in cache
+      double* st = A.stats ? A.stats + (tile * g.O + o) * 2 : nullptr;
+      for (int64_t p = 0; p < ohw; ++p) conv_epilogue(ob + ((o - o0) * ohw + p) * bt, tb, A.relu, st);
+    }
   }
   untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw, true);
 }
@@ -243,7 +249,8 @@ int64_t small_conv_tile(const ConvGeom& g, size_t elem) {
 template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
-                const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals) {
+                const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
+                bool relu, double* stats) {
   const int64_t K = g.kh * g.kw, hw = g.H * g.W, ohw = g.OH * g.OW;
   const TapList ft = fwd_taps(g, bt), btl = bwd_taps(g, bt);
   std::vector<int64_t> tptr, eoff, epos, doff;
@@ -280,22 +287,27 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
       }
     });
   }
-  const SArgs<T> A{&g, bt, K, &ft, &btl, x, dy, bias, crow, tptr.data(), eoff.data(), eval.data(),
-                   epos.data(), ccol, doff.data(), dval.data(), y, dx};
+  SArgs<T> A{&g, bt, K, &ft, &btl, x, dy, bias, crow, tptr.data(), eoff.data(), eval.data(),
+                   epos.data(), ccol, doff.data(), dval.data(), y, dx, relu, nullptr};
+  const int64_t tiles = (g.B + bt - 1) / bt;
+  std::vector<double> part(y && stats ? size_t(tiles) * g.O * 2 : 0, 0.0);
+  A.stats = part.empty() ? nullptr : part.data();
   run_tasks<T>(
-      (g.B + bt - 1) / bt, g.C, g.O, y != nullptr, nnz, dvals,
+      tiles, g.C, g.O, y != nullptr, nnz, dvals,
       [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { small_fwd_task(A, tile, o0, o1, pack); },
       [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
         small_bwd_task(A, tile, c0, c1, o0, o1, pack, part);
       });
+  if (!part.empty()) reduce_stats(part, tiles, g.O, stats);
 }
 
 template void small_conv<float>(const ConvGeom&, int64_t, const float*, const float*, const float*,
                                 const int64_t*, const int32_t*, const float*, const int64_t*,
-                                const int32_t*, const int64_t*, int64_t, float*, float*, float*);
+                                const int32_t*, const int64_t*, int64_t, float*, float*, float*, bool,
+                                double*);
 template void small_conv<double>(const ConvGeom&, int64_t, const double*, const double*,
                                  const double*, const int64_t*, const int32_t*, const double*,
                                  const int64_t*, const int32_t*, const int64_t*, int64_t, double*,
-                                 double*, double*);
+                                 double*, double*, bool, double*);
 
 }  // namespace sparsetrain

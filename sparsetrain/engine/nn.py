@@ -1,8 +1,7 @@
 """Sparse layers, in-place model conversion, and the masks of a model's prunable layers.
 
 `SparseLinear` and `SparseConv2d` hold a `CSR` weight (only nonzeros are parameters) and run the
-sparsetrain ops; `sparsify_(model, masks)` swaps dense layers for sparse ones by qualified name
-and `densify_(model)` swaps them back. A model's prunable layers are its conv and linear layers,
+sparsetrain ops (engine/convert.py's `sparsify_(model, masks)` swaps dense layers for them). A model's prunable layers are its conv and linear layers,
 dense (`nn.Conv2d`/`nn.Linear` with a bool mask kept beside the model) or sparse (whose CSR *is*
 the mask): `prunable_layers`, `masks_of`, `model_sparsity`, and the dense masked training helpers
 `mask_grads_` / `enforce_masks_`.
@@ -17,7 +16,7 @@ from torch import nn
 from . import ops
 from .formats import CSR
 
-__all__ = ["SparseLinear", "SparseConv2d", "sparsify_", "densify_", "SPARSE_TYPES", "is_sparse", "prunable_layers",
+__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
@@ -136,42 +135,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
-    weight's shape}) by its sparse counterpart holding only the unmasked weights."""
-    if not isinstance(masks, dict):
-        raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
-    modules = dict(model.named_modules())
-    for name, mask in masks.items():
-        if name not in modules:
-            known = [n for n, m in modules.items() if type(m) in SPARSE_TYPES]
-            raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
-        mod = modules[name]
-        if type(mod) not in SPARSE_TYPES:
-            raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
-                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
-        if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
-    # build every replacement first: a layer that cannot convert (dilation, groups...) raises
-    # before the model is touched, never leaving it half converted
-    new = {name: SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask) for name, mask in masks.items()}
-    for name, layer in new.items():
-        _set_module(model, name, layer)
-    return model
-
-
-def densify_(model: nn.Module) -> nn.Module:
-    """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned)."""
-    for name, mod in list(model.named_modules()):
-        if is_sparse(mod) and name:
-            _set_module(model, name, mod.to_dense())
-    return model
-
-
 # ============================================================================ prunable layers and masks
 def is_sparse(m: nn.Module) -> bool:
-    return type(m) in SPARSE_TYPES.values()
+    return isinstance(m, tuple(SPARSE_TYPES.values()))  # (SparseConvBNReLU is a SparseConv2d)
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

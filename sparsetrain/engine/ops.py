@@ -238,6 +238,26 @@ _register(Op("sparse_conv2d_backward",
              "sparse_conv2d.sparse_conv2d_backward"))
 
 
+# ============================================================================ BatchNorm behind a sparse conv (CPU only)
+# The fused layer of engine/fused.py: the conv with its statistics epilogue, then the BN's one
+# elementwise pass and its two-pass gradient. Their autograd formula is engine/fused.py's Function
+# (one for the whole conv -> BN -> ReLU), so these rows have fakes only.
+def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu):
+    y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
+    return y, x.new_empty((2, crow.shape[0] - 1), dtype=torch.float64)
+
+
+def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
+                          grad_residual):
+    return (y.new_empty(y.shape), mean.new_empty(mean.shape), mean.new_empty(mean.shape),
+            y.new_empty(y.shape if grad_residual else (0,)))
+
+
+_register(Op("sparse_conv2d_stats", _conv_stats_fake))
+_register(Op("bn_act", lambda y, scale, shift, residual, relu: y.new_empty(y.shape)))
+_register(Op("bn_act_backward", _bn_act_backward_fake))
+
+
 # ============================================================================ pruning and entropy (CPU only)
 def _csr_prune_fake(crow, col, values, threshold, max_ties):
     nnz = torch.library.get_ctx().new_dynamic_size()

@@ -12,7 +12,9 @@ import os
 
 import torch
 
-from ..engine.nn import is_sparse, masks_of, prunable_layers, sparsify_
+from ..engine.convert import sparsify_
+from ..engine.fused import fuse_
+from ..engine.nn import is_sparse, masks_of, prunable_layers
 from ..prune import keep_channels_
 from .files import CorruptFile, atomic_write, verify
 from .models import build_model
@@ -63,6 +65,8 @@ def restore_model(payload: dict):
     sparse = set(payload["sparse_layers"])
     sparsify_(model, {n: masks[n] for n in sparse})
     model.load_state_dict(payload["state"])
+    if sparse:
+        fuse_(model, strict=False)  # sparse conv -> BN -> ReLU as one layer (same state_dict)
     dense_masks = {n: mk for n, mk in masks.items() if n not in sparse}
     return model, dense_masks
 

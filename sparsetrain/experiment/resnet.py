@@ -12,7 +12,11 @@ __all__ = ["build_resnet"]
 
 
 class _BasicBlock(BasicBlock):
-    """torchvision BasicBlock with one ReLU module per call site (same parameters)."""
+    """torchvision BasicBlock with one ReLU module per call site (same parameters). Once the
+    engine fuses conv2 -> bn2 -> + identity -> relu2 (sparsetrain.engine.fused), conv2 takes the
+    shortcut as its second argument."""
+
+    fused_residual = {"conv2": ("bn2", "relu2")}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,12 +27,17 @@ class _BasicBlock(BasicBlock):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
+        if getattr(self.conv2, "residual", False):
+            return self.relu2(self.bn2(self.conv2(out, identity)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + identity)
 
 
 class _Bottleneck(Bottleneck):
-    """torchvision Bottleneck with one ReLU module per call site (same parameters)."""
+    """torchvision Bottleneck with one ReLU module per call site (same parameters); conv3 takes
+    the shortcut once fused (as _BasicBlock's conv2)."""
+
+    fused_residual = {"conv3": ("bn3", "relu3")}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -41,6 +50,8 @@ class _Bottleneck(Bottleneck):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
+        if getattr(self.conv3, "residual", False):
+            return self.relu3(self.bn3(self.conv3(out, identity)))
         out = self.bn3(self.conv3(out))
         return self.relu3(out + identity)
 

@@ -1,0 +1,241 @@
+// The elementwise half of a BatchNorm fused behind a sparse conv (engine/fused.py): the conv's
+// epilogue already summed y and y^2 per channel (sparse_conv2d_stats), so the forward is one pass
+//   out = act(scale[c] * y + shift[c] (+ residual)),   act = ReLU or identity
+// and the backward two: per-channel sums of the masked gradient g, then the input gradient.
+// Train mode (batch statistics mean, invstd; N = batch * height * width per channel), x^ = (y - mean) * invstd:
+//   dbias = sum g,  dweight = sum g x^,  dy = w invstd (g - dbias / N - x^ dweight / N)
+// eval mode (running statistics, constants): dy = w invstd g.
+// ReLU before the BatchNorm (VGG-like's conv -> ReLU -> BN): y is that ReLU's output and dy is
+// masked by y > 0. With a residual added before the ReLU, the residual's gradient is g itself.
+#include "common.h"
+
+namespace sparsetrain {
+namespace {
+
+// ---------------------------------------------------------------- forward
+// The BatchNorm's affine map. The backward recomputes the ReLU after it from y with this same
+// expression (same function, same instruction set clone), so the mask is the forward's bit for bit.
+template <typename T>
+ST_INLINE T affine(T y, T a, T b) { return y * a + b; }
+
+template <typename T, bool RELU, bool RES>
+ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T v = affine(y[i], a, b);
+    if constexpr (RES) v += r[i];
+    if constexpr (RELU) v = v < T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
+    out[i] = v;
+  }
+}
+
+template <typename T>
+ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
+                           int64_t B, int64_t C, int64_t hw, bool relu) {
+  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C, o = p * hw;
+      const T* r = res ? res + o : nullptr;
+      if (relu && res) act_plane<T, true, true>(y + o, r, out + o, hw, scale[c], shift[c]);
+      else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+      else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, scale[c], shift[c]);
+      else act_plane<T, false, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+// The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff affine(y) (+ residual) > 0.
+template <typename T, bool RES>
+ST_INLINE T pre(const T* y, const T* r, int64_t i, T a, T b) {
+  if constexpr (RES) return affine(y[i], a, b) + r[i];
+  return affine(y[i], a, b);
+}
+// Pass 1 over planes [p0, p1) (memory order), sums into part [C][2]: sum g and sum g (y - mean),
+// g = grad_out masked by the ReLU after (float per plane, double across planes).
+template <typename T, bool RA, bool RES>
+ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
+                             const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C;
+    const T* gp = go + p * hw;
+    const T* yp = y + p * hw;
+    const T* rp = RES ? res + p * hw : nullptr;
+    const T a = scale[c], b = shift[c], m = T(mean[c]);
+    T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t i = 0; i < hw; ++i) {
+      const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      s1 += g;
+      s2 += g * (yp[i] - m);
+    }
+    part[2 * c] += s1;
+    part[2 * c + 1] += s2;
+  }
+}
+
+// Pass 2 over planes [p0, p1): dy = ka g + kb (y - mean) + kc (kb = kc = 0 with running
+// statistics), masked by y > 0 with a ReLU before; g written out for a residual.
+template <typename T, bool RA, bool RB, bool RES>
+ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
+                           const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
+                           T* dy, T* gout) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C;
+    const T* gp = go + p * hw;
+    const T* yp = y + p * hw;
+    const T* rp = RES ? res + p * hw : nullptr;
+    T* dp = dy + p * hw;
+    const T a = scale[c], b = shift[c], m = T(mean[c]);
+    const T ka = T(k[3 * c]), kb = T(k[3 * c + 1]), kc = T(k[3 * c + 2]);
+    if (gout) {
+      T* op = gout + p * hw;
+      for (int64_t i = 0; i < hw; ++i) op[i] = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < hw; ++i) {
+      const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      T v = ka * g + kb * (yp[i] - m) + kc;
+      if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
+      dp[i] = v;
+    }
+  }
+}
+
+#define ST_BN_ACT_TASKS(T)                                                                         \
+  ST_MULTIVERSION void bn_act_run(const T* y, const T* scale, const T* shift, const T* res,       \
+                                  T* out, int64_t B, int64_t C, int64_t hw, bool relu) {            \
+    bn_act_impl<T>(y, scale, shift, res, out, B, C, hw, relu);                                     \
+  }                                                                                                \
+  ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
+                                const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
+                                double* part, bool ra) {                                           \
+    if (ra && res) bwd_sums_impl<T, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part); \
+    else if (ra) bwd_sums_impl<T, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part); \
+    else bwd_sums_impl<T, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);       \
+  }                                                                                                \
+  ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
+                              const double* mean, const double* k, int64_t C, int64_t hw,          \
+                              int64_t p0, int64_t p1, T* dy, T* gout, bool ra, bool rb) {          \
+    if (ra && res && rb)                                                                           \
+      bwd_dy_impl<T, true, true, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+    else if (ra && res)                                                                            \
+      bwd_dy_impl<T, true, false, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+    else if (ra && rb)                                                                             \
+      bwd_dy_impl<T, true, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+    else if (ra)                                                                                   \
+      bwd_dy_impl<T, true, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+    else if (rb)                                                                                   \
+      bwd_dy_impl<T, false, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+    else bwd_dy_impl<T, false, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+  }
+ST_BN_ACT_TASKS(float)
+ST_BN_ACT_TASKS(double)
+#undef ST_BN_ACT_TASKS
+
+// ---------------------------------------------------------------- ops
+// y: [B, C, H, W] (any dims >= 2: channels second) of float32/float64 on the CPU.
+void check_act(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  check_float(t, name);
+  TORCH_CHECK(t.dim() >= 2, name, " must be [batch, channels, ...] (>= 2-D), got shape ", t.sizes());
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& y, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.sizes() == y.sizes(), name, " must have the shape of y ", y.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == y.scalar_type(), name, " must have dtype ", y.scalar_type(), ", got ",
+              t.scalar_type());
+}
+
+void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+}
+
+int64_t plane_size(const at::Tensor& y) { return y.dim() > 2 ? y.numel() / std::max<int64_t>(y.size(0) * y.size(1), 1) : 1; }
+
+at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                  const std::optional<at::Tensor>& residual, bool relu) {
+  check_act(y, "y");
+  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y);
+  check_channels(scale, C, y.scalar_type(), "scale");
+  check_channels(shift, C, y.scalar_type(), "shift");
+  if (residual) check_like(*residual, y, "residual");
+  const at::Tensor yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
+  at::Tensor out = at::empty(yc.sizes(), yc.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act", [&] {
+    bn_act_run(yc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
+               residual ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, C, hw, relu);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+    const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+    bool relu_after, bool relu_before, bool grad_residual) {
+  check_act(y, "y");
+  check_like(grad_out, y, "grad_out");
+  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
+  check_channels(scale, C, y.scalar_type(), "scale");
+  check_channels(shift, C, y.scalar_type(), "shift");
+  check_channels(weight, C, at::kDouble, "weight");
+  check_channels(mean, C, at::kDouble, "mean");
+  check_channels(invstd, C, at::kDouble, "invstd");
+  const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = scale.contiguous();
+  const at::Tensor sh = shift.contiguous(), mc = mean.contiguous();
+  const at::Tensor wc = weight.contiguous(), ic = invstd.contiguous();
+  if (residual) check_like(*residual, y, "residual");
+  const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
+  at::Tensor dy = at::empty(yc.sizes(), yc.options());
+  at::Tensor g = grad_residual ? at::empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
+  at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
+  if (y.numel() == 0) return {dy, dw, db, g};
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1));
+  const int64_t nth = at::get_num_threads();
+  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3);
+  const double* w = wc.data_ptr<double>();
+  const double* inv = ic.data_ptr<double>();
+  double *dwp = dw.data_ptr<double>(), *dbp = db.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act_backward", [&] {
+    const scalar_t *gp = go.data_ptr<scalar_t>(), *yp = yc.data_ptr<scalar_t>();
+    const scalar_t *sp = sc.data_ptr<scalar_t>(), *hp = sh.data_ptr<scalar_t>();
+    const scalar_t* rp = residual ? rc.data_ptr<scalar_t>() : nullptr;
+    const double* m = mc.data_ptr<double>();
+    // pass 1: per-thread partial sums (planes in memory order), summed in thread order
+    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after);
+    });
+    const double n = double(B) * hw;
+    for (int64_t c = 0; c < C; ++c) {
+      double sg = 0, sgy = 0;
+      for (int64_t t = 0; t < nth; ++t) sg += part[(t * C + c) * 2], sgy += part[(t * C + c) * 2 + 1];
+      dbp[c] = sg;
+      dwp[c] = sgy * inv[c];
+      const double a = w[c] * inv[c];
+      k[3 * c] = a;
+      k[3 * c + 1] = batch_stats ? -a * inv[c] * dwp[c] / n : 0.0;
+      k[3 * c + 2] = batch_stats ? -a * sg / n : 0.0;
+    }
+    // pass 2
+    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<scalar_t>(),
+             grad_residual ? g.data_ptr<scalar_t>() : nullptr, relu_after, relu_before);
+    });
+  });
+  return {dy, dw, db, g};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
+  m.impl("bn_act", &bn_act);
+  m.impl("bn_act_backward", &bn_act_backward);
+}
+
+}  // namespace sparsetrain

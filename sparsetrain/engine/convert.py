@@ -1,0 +1,50 @@
+"""Model conversion in place: dense conv/linear layers to sparse ones and back, by qualified name,
+optionally fusing sparse conv -> BatchNorm -> ReLU (engine/fused.py)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fused import fuse_, unfuse_
+from .nn import SPARSE_TYPES, _set_module, is_sparse
+
+__all__ = ["sparsify_", "densify_"]
+
+
+def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = False) -> nn.Module:
+    """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
+    weight's shape}) by its sparse counterpart holding only the unmasked weights. With `fuse`,
+    then fuse every sparse conv -> [ReLU] -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU
+    (engine/fused.py fuse_; the model must be torch.fx-traceable)."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            known = [n for n, m in modules.items() if type(m) in SPARSE_TYPES]
+            raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
+        mod = modules[name]
+        if type(mod) not in SPARSE_TYPES:
+            raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
+                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
+        if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
+    # build every replacement first: a layer that cannot convert (dilation, groups...) raises
+    # before the model is touched, never leaving it half converted
+    new = {name: SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask) for name, mask in masks.items()}
+    for name, layer in new.items():
+        _set_module(model, name, layer)
+    if fuse:
+        fuse_(model)
+    return model
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned);
+    fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first."""
+    unfuse_(model)
+    for name, mod in list(model.named_modules()):
+        if is_sparse(mod) and name:
+            _set_module(model, name, mod.to_dense())
+    return model

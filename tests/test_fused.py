@@ -1,0 +1,397 @@
+"""Sparse conv -> [ReLU] -> BatchNorm -> [+ residual] -> [ReLU] fused (engine/fused.py; ops
+sparse_conv2d_stats, bn_act, bn_act_backward) against the same layers unfused: dense masked
+F.conv2d + nn.BatchNorm2d + ReLU, outputs, every gradient and the running statistics."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import sparsetrain
+from sparsetrain.engine import ops
+from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, fuse_, sparse_conv_bn_relu, unfuse_
+from sparsetrain.experiment.entropy import activation_entropy
+from sparsetrain.experiment.models import resnet18, vgg_like
+from sparsetrain.testing import dense_conv2d, random_mask
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+
+
+# ============================================================================ the ops
+# (C, O, batch, hw, k, stride, pad): phase-plane kernel maps, the small-map kernel (<= 16 output
+# pixels, batch >= one vector), 1x1, stride 2, batch 1, one channel, rows of >= 50 nonzeros (blocked)
+GEOMS = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 7, 1, (5, 5), 1, 2, 0), (1, 1, 3, (1, 1), 1, 1, 0),
+         (5, 3, 16, (4, 4), 3, 1, 1), (6, 9, 32, (3, 3), 3, 2, 1), (11, 6, 2, (8, 8), 3, 2, 1),
+         (8, 4, 2, (6, 6), 3, 1, 1)]
+
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_stats_matches_conv_and_sums(geom, sparsity, relu):
+    cin, cout, b, hw, k, s, p = geom
+    g = torch.Generator().manual_seed(cin * 31 + cout)
+    w = torch.randn(cout, cin, k, k, generator=g)
+    mask = random_mask(w.shape, sparsity, generator=g, empty_rows=1 if cout > 2 else 0)
+    bias = torch.randn(cout, generator=g)  # negative biases: ReLU'd bias fill of empty rows
+    x = torch.randn(b, cin, *hw, generator=g)
+    csr = sparsetrain.CSR.from_dense(w, mask)
+    y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, *csr.index(), [k, k], [s, s], [p, p], bias, relu)
+    ref = dense_conv2d(x, w, mask, bias, stride=s, padding=p)
+    if relu:
+        ref = F.relu(ref)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert stats.dtype == torch.float64 and stats.shape == (2, cout)
+    torch.testing.assert_close(stats[0], ref.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[1], (ref.double() ** 2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def _bn_inputs(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    y = torch.randn(shape, generator=g, dtype=dtype)
+    scale, shift = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
+    invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    return g, y, scale, shift, w, mean, invstd
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (4, 6, 2, 2), (3, 5, 0, 4)])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_bn_act_forward(shape, relu, residual):
+    g, y, scale, shift, *_ = _bn_inputs(shape)
+    r = torch.randn(shape, generator=g) if residual else None
+    out = torch.ops.sparsetrain.bn_act(y, scale, shift, r, relu)
+    ref = y * scale[:, None, None] + shift[:, None, None] + (r if residual else 0)
+    torch.testing.assert_close(out, F.relu(ref) if relu else ref)
+    y2 = y.clone()
+    if y2.numel():
+        y2.view(-1)[0] = float("nan")  # NaN propagates, as through torch.relu
+        assert torch.ops.sparsetrain.bn_act(y2, scale, shift, r, relu).view(-1)[0].isnan()
+
+
+def test_bn_act_checks_its_arguments():
+    _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="scale must have shape \\[3\\]"):
+        torch.ops.sparsetrain.bn_act(y, scale[:2], shift, None, True)
+    with pytest.raises(RuntimeError, match="residual must have the shape of y"):
+        torch.ops.sparsetrain.bn_act(y, scale, shift, y[:1], True)
+    with pytest.raises(RuntimeError, match="mean must have dtype Double"):
+        torch.ops.sparsetrain.bn_act_backward(y, y, None, scale, shift, w, mean.float(), invstd, True, True, False, False)
+    with pytest.raises(RuntimeError, match="y must be \\[batch, channels"):
+        torch.ops.sparsetrain.bn_act(y.view(-1), scale, shift, None, True)
+
+
+def test_ops_opcheck():
+    _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 5))
+    r = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.sparsetrain.bn_act.default, (y, scale, shift, r, True))
+    torch.library.opcheck(torch.ops.sparsetrain.bn_act_backward.default,
+                          (torch.randn_like(y), y, r, scale, shift, w, mean, invstd, True, True, False, True))
+    g = torch.Generator().manual_seed(1)
+    wt = torch.randn(4, 3, 3, 3, generator=g)
+    csr = sparsetrain.CSR.from_dense(wt, random_mask(wt.shape, 0.5, generator=g))
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_stats.default,
+                          (x, *[t.detach() for t in csr.index()], [3, 3], [1, 1], [1, 1], None, True))
+
+
+# ============================================================================ the fused layer
+def _block(order: str, cin=5, cout=7, k=3, s=1, p=1, bias=False, dtype=torch.float64, seed=0, **bn_kw):
+    """(unfused reference with a dense masked conv, fused sparse copy, mask) for an nn.Sequential
+    conv -> ... in `order` ("bn", "bn_relu", "relu_bn")."""
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias)
+    bn = nn.BatchNorm2d(cout, **bn_kw)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    if bn.track_running_stats:
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    layers = {"bn": [("conv", conv), ("bn", bn)], "bn_relu": [("conv", conv), ("bn", bn), ("relu", nn.ReLU())],
+              "relu_bn": [("conv", conv), ("relu", nn.ReLU()), ("bn", bn)]}[order]
+    ref = nn.Sequential(OrderedDict(layers)).to(dtype)
+    return ref, conv
+
+
+def _fused_pair(order, sparsity, dtype=torch.float64, **kw):
+    ref, conv = _block(order, dtype=dtype, **kw)
+    mask = random_mask(conv.weight.shape, sparsity, generator=torch.Generator().manual_seed(7), empty_rows=1)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    fused = copy.deepcopy(ref)
+    sparsetrain.sparsify_(fused, {"conv": mask}, fuse=True)
+    assert isinstance(fused.conv, SparseConvBNReLU) and isinstance(fused.bn, FusedBatchNorm2d)
+    return ref, fused, mask
+
+
+def _compare(ref, fused, mask, x, dtype, steps=2):
+    """Forward and backward `steps` times in the current mode; outputs, grads, running stats."""
+    tol = TOL[dtype]
+    for i in range(steps):
+        xr = x.clone().requires_grad_()
+        xf = x.clone().requires_grad_()
+        out_r, out_f = ref(xr), fused(xf)
+        torch.testing.assert_close(out_f, out_r, **tol)
+        gout = torch.randn_like(out_r)
+        (out_r * gout).sum().backward()
+        (out_f * gout).sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, **tol)
+        torch.testing.assert_close(fused.conv.weight.values.grad, ref.conv.weight.grad[mask], **tol)
+        for name in ("weight", "bias"):
+            pr, pf = getattr(ref.bn, name), getattr(fused.bn, name)
+            if pr is not None:
+                torch.testing.assert_close(pf.grad, pr.grad, **tol)
+        if ref.conv.bias is not None:
+            torch.testing.assert_close(fused.conv.bias.grad, ref.conv.bias.grad, **tol)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            br, bf = getattr(ref.bn, name), getattr(fused.bn, name)
+            if br is not None:
+                torch.testing.assert_close(bf, br, **tol)
+        for m in (ref, fused):
+            m.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("order", ["bn", "bn_relu", "relu_bn"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_matches_unfused(order, sparsity, training):
+    ref, fused, mask = _fused_pair(order, sparsity, bias=order == "relu_bn")
+    ref.train(training), fused.train(training)
+    x = torch.randn(3, 5, 9, 7, dtype=torch.float64)
+    _compare(ref, fused, mask, x, torch.float64)
+
+
+@pytest.mark.parametrize("geom", [dict(k=1, s=2, p=0), dict(k=3, s=2, p=1), dict(cin=1, cout=2, k=3, s=1, p=0)])
+@pytest.mark.parametrize("bn_kw", [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+                                   dict(eps=1e-2, momentum=0.3)])
+def test_fused_float32_geometries_and_batchnorm_options(geom, bn_kw):
+    ref, fused, mask = _fused_pair("bn_relu", 0.7, dtype=torch.float32, **geom, **bn_kw)
+    x = torch.randn(4, geom.get("cin", 5), 8, 8)
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        _compare(ref, fused, mask, x, torch.float32, steps=3)
+
+
+def test_batch_one_and_small_maps():
+    ref, fused, mask = _fused_pair("bn_relu", 0.5, dtype=torch.float32, cin=6, cout=9)
+    _compare(ref, fused, mask, torch.randn(32, 6, 3, 3), torch.float32)  # the small-map kernel
+    _compare(ref, fused, mask, torch.randn(1, 6, 5, 3), torch.float32)  # batch 1
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 6, 1, 1))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_inputs_float64(training):
+    """gradcheck w.r.t. the input and the residual (conv -> BN -> + residual -> ReLU)."""
+    _, fused, _ = _fused_pair("bn_relu", 0.4, cin=2, cout=3)
+    fused.train(training)
+    x = torch.randn(2, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda x, r: sparse_conv_bn_relu(x, fused.conv, fused.bn, relu_after=True, residual=r)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, r), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_parameters_float64(training):
+    """gradcheck w.r.t. the conv values and the BN affine parameters, through a functional call."""
+    _, fused, _ = _fused_pair("relu_bn", 0.4, cin=2, cout=3, bias=True)
+    fused.train(training)
+    x = torch.randn(2, 2, 4, 3, dtype=torch.float64)
+    names = ["conv.weight.values", "conv.bias", "bn.weight", "bn.bias"]
+    params = dict(fused.named_parameters())
+    start = tuple(params[n].detach().clone().requires_grad_() for n in names)
+
+    def f(*values):
+        return torch.func.functional_call(fused, dict(zip(names, values)), (x,))
+
+    assert torch.autograd.gradcheck(f, start, eps=1e-6, atol=1e-6)
+
+
+def test_residual_and_call_errors():
+    ref_bn, fused, mask = _fused_pair("bn_relu", 0.5)
+    with pytest.raises(ValueError, match="without a residual"):
+        fused.conv(torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.randn(2, 7, 4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="its fused conv did not produce"):
+        fused.bn(torch.randn(2, 7, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be 4-D"):
+        fused.conv(torch.randn(5, 4, 4, dtype=torch.float64))
+
+
+# ============================================================================ models
+class _Res(nn.Module):
+    """A residual CNN small enough for 30 steps: stem conv-bn-relu, a block with the shortcut
+    passed to the fused conv, conv -> relu -> bn (VGG order), pool, linear."""
+
+    fused_residual = {"conv2": ("bn2", "relu2")}
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0, self.relu0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv3, self.relu3, self.bn3 = nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.relu0(self.bn0(self.conv0(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        if getattr(self.conv2, "residual", False):
+            x = self.relu2(self.bn2(self.conv2(out, x)))
+        else:
+            x = self.relu2(self.bn2(self.conv2(out)) + x)
+        x = self.bn3(self.relu3(self.conv3(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _masks(model, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: random_mask(m.weight.shape, sparsity, generator=g) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_thirty_steps_follow_the_unfused_trajectory():
+    torch.manual_seed(0)
+    base = _Res().double()
+    masks = _masks(base, 0.6)
+    unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
+    sparsetrain.sparsify_(unfused, masks)
+    sparsetrain.sparsify_(fused, masks, fuse=True)
+    kinds = {n: type(m).__name__ for n, m in fused.named_modules()}
+    assert kinds["conv2"] == "SparseConvBNReLU" and fused.conv2.residual and fused.conv3.relu_before
+    assert [kinds[n] for n in ("bn0", "relu0", "relu2", "relu3", "bn3")] == \
+        ["FusedBatchNorm2d", "FusedReLU", "FusedReLU", "FusedReLU", "FusedBatchNorm2d"]
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (unfused, fused)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(30):
+        x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 5, (6,), generator=g)
+        losses = []
+        for m, opt in zip((unfused, fused), opts):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), t)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-9, abs=1e-9), step
+    for (n, a), b in zip(unfused.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-8, msg=n)
+    unfused.eval(), fused.eval()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), unfused(x), rtol=1e-9, atol=1e-9)
+    # the entropy of Eq. 1 sees the same activations through the FusedReLU placeholders
+    e_f, e_u = activation_entropy(fused, [x]), activation_entropy(unfused, [x])
+    assert e_f["per_layer"] == pytest.approx(e_u["per_layer"]) and set(e_f["per_layer"]) == set(e_u["per_layer"])
+
+
+def test_torchvision_resnet18_pattern_and_round_trip():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double()  # (batch-2 BN at 1x1 maps: fp32 is ill-conditioned)
+    ref = copy.deepcopy(model)
+    masks = _masks(model, 0.9)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    convs = [n for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)]
+    # every conv feeds a BN; a torchvision block calls its one self.relu at two sites: only the
+    # stem's ReLU (called once) is fused
+    assert len(convs) == 20 and [n for n in convs if model.get_submodule(n).relu_after] == ["conv1"]
+    assert "layer2.0.downsample.0" in convs and isinstance(model.layer2[0].downsample[1], FusedBatchNorm2d)
+    assert [n for n, m in model.named_modules() if isinstance(m, FusedReLU)] == ["relu"]
+    sparsetrain.densify_(ref)  # (no-op: dense) ; the reference is the dense masked model
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
+    unfuse_(model)
+    assert not any(isinstance(m, (SparseConvBNReLU, FusedBatchNorm2d)) for m in model.modules())
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
+    sparsetrain.sparsify_(model, {}, fuse=True)
+    sparsetrain.densify_(model)  # unfuses, then densifies
+    assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
+
+
+def test_study_models_fuse_their_patterns():
+    r = resnet18(10, 3)
+    sparsetrain.sparsify_(r, _masks(r, 0.9), fuse=True)
+    fused = {n: m for n, m in r.named_modules() if isinstance(m, SparseConvBNReLU)}
+    assert len(fused) == 20
+    assert fused["layer1.0.conv1"].relu_after and not fused["layer1.0.conv1"].residual
+    assert fused["layer1.0.conv2"].residual and fused["layer1.0.conv2"].relu_after
+    assert not fused["layer2.0.downsample.0"].relu_after  # the shortcut's conv -> BN
+    v = vgg_like(2, 3, 10, 3)
+    sparsetrain.sparsify_(v, _masks(v, 0.9), fuse=True)
+    assert all(m.relu_before and not m.relu_after for m in v.modules() if isinstance(m, SparseConvBNReLU))
+    assert sum(isinstance(m, SparseConvBNReLU) for m in v.modules()) == 4
+
+
+def test_other_patterns_are_left_alone():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.bn, self.relu = nn.BatchNorm2d(4), nn.ReLU()
+            self.bn_twice = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.a(x)
+            z = self.bn(y) + y  # the conv's output has two users
+            w = self.relu(self.b(z))  # conv -> ReLU without a BN
+            return self.bn_twice(self.c(w)) + self.bn_twice(w)  # a BN called twice
+
+    m = Odd()
+    sparsetrain.sparsify_(m, _masks(m, 0.5))
+    assert fuse_(m) == []
+    assert all(type(mod) in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, Odd) or type(mod).__name__ in ("SparseConv2d", "CSR")
+               for mod in m.modules())
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    u = Untraceable()
+    sparsetrain.sparsify_(u, _masks(u, 0.5))
+    with pytest.raises(ValueError, match="torch.fx can trace"):
+        fuse_(u)
+    assert fuse_(u, strict=False) == []
+
+
+def test_apply_engine_fuses_and_state_dicts_load_across():
+    from sparsetrain.engine.policy import apply_engine
+    torch.manual_seed(0)
+    m = _Res()
+    plain = copy.deepcopy(m)
+    apply_engine(m, _masks(m, 0.95), "sparse")
+    assert isinstance(m.conv2, SparseConvBNReLU) and m.conv2.residual
+    sparsetrain.sparsify_(plain, _masks(plain, 0.95))
+    plain.load_state_dict(m.state_dict())  # fused -> unfused
+    m2 = copy.deepcopy(m)  # a deep copy keeps each fused conv pointing at its own model's BN
+    assert m2.conv0.bn is m2.bn0 and m2.conv0.bn is not m.bn0
+    x = torch.randn(2, 3, 8, 8)
+    m.eval(), plain.eval(), m2.eval()
+    torch.testing.assert_close(m(x), plain(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m2(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_under_the_triton_backend_matches(monkeypatch):
+    """Where the fused kernels do not run (here forced through the fallback), the layer runs the
+    unfused ops: same results."""
+    from sparsetrain.engine import fused as fused_mod
+    ref, fused, mask = _fused_pair("bn_relu", 0.5)
+    monkeypatch.setattr(fused_mod, "_can_fuse", lambda x, conv: False)
+    _compare(ref, fused, mask, torch.randn(3, 5, 6, 6, dtype=torch.float64), torch.float64)
+    assert ops.OPS["bn_act"].fake is not None
