@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -104,7 +105,31 @@ def _breakdown(step) -> dict:
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def run(models, sparsities, steps: int, profile: bool = True, device="cpu") -> list[dict]:
+def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> float:
+    """Peak resident memory (MB) of a process holding only this model, during `steps` training
+    steps after a warm-up one (the in-process peaks above share the process with the other models
+    and the engine's buffer pool, whose contents depend on which step ran before)."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
+    g = torch.Generator().manual_seed(123)
+    x, t = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    model = build(name, sparsity, engine).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for i in range(steps + 1):
+        if i == 1:
+            _reset_peak()  # after the warm-up step
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), t).backward()
+        opt.step()
+    return _vm("VmHWM") / 2**20
+
+
+def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isolated_peaks: bool = False) -> list[dict]:
     """On a CUDA device the sparse layers run the Triton kernels, the dense ones cuDNN; steps are
     synchronised, peaks are the CUDA allocator's, and the CPU-time breakdown is skipped."""
     device = torch.device(device)
@@ -151,6 +176,11 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu") -> l
                 if profile:
                     row[f"{engine}_breakdown_ms"] = _breakdown(step)
             del steps_of
+            if isolated_peaks and not cuda:
+                for engine in ENGINES:
+                    row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine)
+                print(f"      peak RSS, one model per process: " +
+                      " / ".join(f"{e} {row[f'{e}_own_peak_mb']:.0f} MB" for e in ENGINES), flush=True)
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
             row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
             rows.append(row)
@@ -167,7 +197,8 @@ COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms",
            ("sparse_ms", "sparse ms", ".1f"), ("speedup", "speedup", ".2f"),
            ("fused_ms", "fused ms", ".1f"), ("fused_speedup", "fused speedup", ".2f"),
            ("dense_peak_mb", "dense peak MB", ".0f"), ("sparse_peak_mb", "sparse peak MB", ".0f"),
-           ("fused_peak_mb", "fused peak MB", ".0f"),
+           ("fused_peak_mb", "fused peak MB", ".0f"), ("sparse_own_peak_mb", "sparse own peak MB", ".0f"),
+           ("fused_own_peak_mb", "fused own peak MB", ".0f"),
            ("dense_param_mb", "dense params MB", ".1f"), ("sparse_param_mb", "sparse params MB", ".2f")]
 
 
@@ -178,6 +209,8 @@ def main(argv=None):
     p.add_argument("--sparsities", default=None, help="comma-separated, default 0,0.9,0.99,0.999")
     p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (median)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-category time breakdown")
+    p.add_argument("--isolated-peaks", action="store_true",
+                   help="also measure each engine's peak memory in a process of its own")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
@@ -191,7 +224,8 @@ def main(argv=None):
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
-    rows = run(models, sps, steps, profile=not args.no_profile, device=args.device)
+    rows = run(models, sps, steps, profile=not args.no_profile, device=args.device,
+               isolated_peaks=args.isolated_peaks)
     print_table(rows, COLUMNS)
     write_json(args.out, {"machine": info, "batch": BATCH, "device": args.device, "train_step": rows})
     print(f"\nwritten: {args.out}")

@@ -1,6 +1,8 @@
 """Fixtures shared by the test files: tiny datasets written to tmp_path and the quick study's
 arguments, plus the kill-and-resume check used by the pipeline and structured-pruning tests."""
 import csv
+import os
+import tempfile
 
 import pytest
 
@@ -8,6 +10,8 @@ from sparsetrain.experiment import loop, study
 from sparsetrain.testing import write_cifar, write_mnist
 
 TIMING = ("wall_s", "sec_per_epoch")
+# --engine auto's measured decisions (engine/policy.py) go to a cache of this test session, not ~/.cache
+os.environ.setdefault("SPARSETRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="sparsetrain-cache-"))
 
 
 def run_dir(out):

@@ -118,3 +118,64 @@ def test_bad_arguments():
         global_prune(model, {}, 0.2, scope="filterwise")
     with pytest.raises(ValueError, match="engine must be one of"):
         apply_engine(model, {}, "gpu")
+
+
+def _wide_net():
+    torch.manual_seed(0)  # layers past SPARSE_MIN_WEIGHTS, so --engine auto times them
+    return nn.Sequential(nn.Conv2d(16, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(128 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
+    from sparsetrain.engine import policy
+    from sparsetrain.engine.nn import is_sparse
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    timed = []
+
+    def fake_seconds(layer, x, reps):  # sparse wins for the conv, loses for the linears
+        timed.append((type(layer).__name__, tuple(x.shape)))
+        conv = isinstance(layer, nn.Conv2d) or type(layer).__name__ == "SparseConv2d"
+        return (1.0 if conv else 3.0) if is_sparse(layer) else 2.0
+
+    monkeypatch.setattr(policy, "_step_seconds", fake_seconds)
+    example = torch.randn(3, 16, 4, 4)
+    model = _wide_net()
+    masks = apply_engine(model, global_prune(model, {}, 0.9, scope="layer"), "auto", example=example)
+    assert type(model[0]).__name__ == "SparseConvBNReLU" and type(model[4]) is nn.Linear
+    assert set(masks) == {"4", "6"}  # the dense layers keep their masks
+    # each big layer timed dense and sparse at its input shape; the 64 x 5 classifier is not timed
+    assert sorted(timed) == sorted([("Conv2d", (3, 16, 4, 4)), ("SparseConv2d", (3, 16, 4, 4)),
+                                    ("Linear", (3, 2048)), ("SparseLinear", (3, 2048))])
+    # the same layers at the same sparsity: decided from the cache, in memory and on disk
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    again = _wide_net()
+    apply_engine(again, global_prune(again, {}, 0.9, scope="layer"), "auto", example=example)
+    assert len(timed) == 4 and is_sparse(again[0]) and (tmp_path / "engine_auto.json").exists()
+    # under DDP every rank takes rank 0's decisions (agree)
+    agreed = _wide_net()
+    apply_engine(agreed, global_prune(agreed, {}, 0.9, scope="layer"), "auto", example=example,
+                 agree=lambda faster: {n: True for n in faster})
+    assert is_sparse(agreed[0]) and is_sparse(agreed[4]) and not is_sparse(agreed[6])
+    # below MEASURE_FROM nothing is timed and everything stays dense
+    low = _wide_net()
+    apply_engine(low, global_prune(low, {}, 0.3, scope="layer"), "auto", example=example)
+    assert len(timed) == 4 and not any(is_sparse(m) for m in low.modules())
+
+
+def test_auto_engine_real_timing_keeps_the_function(monkeypatch, tmp_path):
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    model = _wide_net()
+    ref = copy.deepcopy(model)
+    masks_ref = global_prune(ref, {}, 0.99, scope="layer")
+    masks = apply_engine(model, global_prune(model, {}, 0.99, scope="layer"), "auto", example=torch.randn(8, 16, 4, 4))
+    assert len(policy._DECISIONS) == 2 and all(isinstance(v, bool) for v in policy._DECISIONS.values())
+    with torch.no_grad():
+        for n, mk in masks_ref.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    x = torch.randn(4, 16, 4, 4)
+    ref.eval(), model.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert set(masks) <= set(masks_ref)

@@ -1,21 +1,38 @@
 """When a layer runs on the sparse kernels: the engine policy of a pruned model.
 
-"dense" keeps dense masked layers (the reference), "sparse" makes every prunable layer sparse,
-"auto" makes a layer sparse once its sparsity reaches the crossover measured by bench/kernels.py
-on CPU (SPARSE_FROM), where the C++ kernels beat a dense masked GEMM, provided the layer is not
-tiny (SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs
-followed by a BatchNorm are fused with it (engine/fused.py).
+"dense" keeps dense masked layers (the reference), "sparse" makes every prunable layer sparse.
+"auto" decides per layer by measurement when it is given an example batch (as SparseProp's
+run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed once, forward and
+backward at its input shape in the model, as a dense masked layer and as a sparse one, and goes
+sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
+in the last bits of their results, so a decision is made once per machine: cached per (layer
+geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version) in memory and in
+$SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
+and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
+resume reuses them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost). Without an example, "auto" falls back to the
+crossovers measured by bench/kernels.py on CPU (SPARSE_FROM) for layers that are not tiny
+(SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs followed
+by a BatchNorm are fused with it (engine/fused.py).
 """
 from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .convert import sparsify_
 from .fused import fuse_
-from .nn import SparseConv2d, is_sparse, prunable_layers
+from .nn import SPARSE_TYPES, SparseConv2d, is_sparse, prunable_layers
 
-__all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "apply_engine"]
+__all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
 ENGINES = ("auto", "dense", "sparse")
 # layer sparsity from which the sparse kernels win on CPU (bench/kernels.py crossovers, README), and
@@ -23,25 +40,148 @@ ENGINES = ("auto", "dense", "sparse")
 # and the op's fixed overhead loses to a tiny dense GEMM)
 SPARSE_FROM = {"linear": 0.7, "conv": 0.8}
 SPARSE_MIN_WEIGHTS = 16384
+# below this sparsity a dense GEMM always won in bench/kernels.py: such layers are not timed
+MEASURE_FROM = 0.5
+_DECISIONS: dict[str, bool] = {}  # measured decisions (sparse_is_faster), loaded from the cache file
 
 
-def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True) -> dict:
-    """Convert layers per the engine policy; with `fuse`, then fuse every sparse conv -> [ReLU] ->
-    BatchNorm -> [ReLU] not fused yet (engine/fused.py; skipped for a model torch.fx cannot
-    trace). Returns the masks still needed by dense layers."""
+def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, example: torch.Tensor | None = None,
+                 agree: Callable[[dict], dict] | None = None) -> dict:
+    """Convert layers per the engine policy (module docstring); with `fuse`, then fuse every sparse
+    conv -> [ReLU] -> BatchNorm -> [ReLU] not fused yet (engine/fused.py; skipped for a model
+    torch.fx cannot trace). `example` (a batch of the model's input) makes "auto" measure; `agree`
+    maps this process's {layer: sparse?} decisions to the ones every process uses (DDP: rank 0's).
+    Returns the masks still needed by dense layers."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    to_sparse = {}
+    to_sparse, to_measure = {}, {}
     for name, m in prunable_layers(model):
         if is_sparse(m) or engine == "dense":
             continue
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()
-        if engine == "sparse" or (sp >= SPARSE_FROM[kind] and mk.numel() >= SPARSE_MIN_WEIGHTS):
+        if engine == "sparse":
             to_sparse[name] = mk
+        elif example is not None:
+            if sp >= MEASURE_FROM and mk.numel() >= SPARSE_MIN_WEIGHTS:
+                to_measure[name] = mk
+        elif sp >= SPARSE_FROM[kind] and mk.numel() >= SPARSE_MIN_WEIGHTS:
+            to_sparse[name] = mk
+    if to_measure:
+        shapes = _input_shapes(model, example, set(to_measure))
+        faster = {n: sparse_is_faster(model.get_submodule(n), mk, shapes[n]) for n, mk in to_measure.items()
+                  if n in shapes}  # (a layer the example's forward never reached stays dense)
+        if agree is not None:
+            faster = agree(faster)
+        to_sparse.update({n: to_measure[n] for n, win in faster.items() if win})
     if to_sparse:
         sparsify_(model, to_sparse)
     if fuse and any(type(m) is SparseConv2d for m in model.modules()):
         fuse_(model, strict=False)  # (a model fx cannot trace stays unfused: same results)
     return {n: mk for n, mk in masks.items() if n not in to_sparse and not is_sparse(model.get_submodule(n))}
+
+
+@torch.no_grad()
+def _input_shapes(model: nn.Module, example: torch.Tensor, names: set) -> dict[str, tuple]:
+    """The input shape of each named layer in one eval-mode forward of `example`."""
+    shapes, hooks = {}, []
+
+    def record(name):
+        def hook(_module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # (returns None: the args stay as they are)
+        return hook
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(record(n)))
+    was = model.training
+    model.eval()  # (no running-statistics update)
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return shapes
+
+
+def _step_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
+    """Best of `reps` forward + backward passes (after one warm-up)."""
+    def step():
+        out = layer(x)
+        out.backward(torch.ones_like(out))
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+    best = float("inf")
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        step()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _cache_path() -> str:
+    root = os.environ.get("SPARSETRAIN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsetrain")
+    return os.path.join(root, "engine_auto.json")
+
+
+def _load_decisions() -> None:
+    try:
+        with open(_cache_path()) as f:
+            _DECISIONS.update({k: bool(v) for k, v in json.load(f).items()})
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: measure again
+        pass
+
+
+def _save_decision(key: str, value: bool) -> None:
+    """Merge one decision into the cache file (atomic replace; a concurrent writer may drop an
+    entry, which is then measured again)."""
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                merged = json.load(f)
+        except (OSError, ValueError):
+            merged = {}
+        merged[key] = value
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engine_auto.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: the decision stays in memory
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return f"{cpu or platform.machine()}|torch {torch.__version__}"
+
+
+def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3) -> bool:
+    """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
+    timed at `input_shape` once per machine (module docstring: the cache)."""
+    w = layer.weight
+    key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
+                layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
+                torch.get_num_threads(), _machine()))
+    if not _DECISIONS:
+        _load_decisions()
+    if key not in _DECISIONS:
+        dense = copy.deepcopy(layer)
+        with torch.no_grad():
+            dense.weight.mul_(mask)
+        sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
+        with torch.random.fork_rng(devices=[]):  # (the run's RNG stream does not see the probe)
+            x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
+            t_dense = _step_seconds(dense, x, reps)
+            t_sparse = _step_seconds(sparse, x, reps)
+        _DECISIONS[key] = t_sparse < t_dense
+        _save_decision(key, _DECISIONS[key])
+    return _DECISIONS[key]

@@ -85,7 +85,9 @@ class Config:
     block: int = _f(32, "tile side for --structure block: 16, 32 or 64 (the BSR block sizes)", choices=BLOCK_SIZES)
     perturb: str = _f("none", "after pruning: none (keep weights), rewind (to iteration --rewind-iter), reinit",
                       choices=PERTURBATIONS)
-    engine: str = _f("auto", "auto (sparse kernels per layer once sparse enough), dense (masked), sparse",
+    engine: str = _f("auto", "auto (each layer >= 50%% sparse timed once, sparse vs dense masked, at its "
+                     "sparsity; sparse where faster), dense (masked), sparse (every layer); sparse convs "
+                     "followed by a BatchNorm run fused with it",
                      choices=ENGINES)
     early_stop: str = _f("none", "stop the student runs online: none, entropy (Algorithm 2 as written: entropy "
                          "<= T_E x the dense model's) or entropy-peak (entropy <= T_E x its running peak, after "

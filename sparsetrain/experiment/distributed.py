@@ -106,6 +106,15 @@ def check_masks_agree(model: nn.Module, masks: dict) -> None:
         raise RuntimeError("the ranks' pruning masks differ: the ranks' weights diverged")
 
 
+def from_main(obj):
+    """Rank 0's `obj` (any picklable object) on every rank: one decision for all."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

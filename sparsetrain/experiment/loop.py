@@ -183,13 +183,19 @@ def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: floa
             and algorithm2_stop(s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None)
 
 
-def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int) -> None:
-    """Prune, perturb, put layers on the engine the policy says, restart the optimizer and schedule."""
+def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int, splits) -> None:
+    """Prune, perturb, put layers on the engine the policy says (--engine auto: timed on a
+    training batch of this rank's size, rank 0 deciding), restart the optimizer and schedule."""
     s.rnd, s.epoch, s.train_s = s.rnd + 1, 0, 0.0
     s.masks = rule.prune(s.model, s.masks, cfg.rate)
     dist.check_masks_agree(s.model, s.masks)
     perturb_(cfg, hp, s, arch, seed)
-    s.masks = apply_engine(s.model, s.masks, "dense" if rule.needs_dense else cfg.engine)
+    engine = "dense" if rule.needs_dense else cfg.engine
+    example = None
+    if engine == "auto":
+        n = min(hp.batch_size, len(splits.train))
+        example = next(D.iterate(splits.train, n))[0][dist.rows(n)]
+    s.masks = apply_engine(s.model, s.masks, engine, example=example, agree=dist.from_main)
     s.opt, s.sched = make_optimizer(s.model, hp)
 
 
@@ -280,7 +286,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
             write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
         if should_stop(cfg, role, rule, s, sparsity):
             break
-        next_round(cfg, hp, rule, s, arch, seed)
+        next_round(cfg, hp, rule, s, arch, seed, splits)
         save(s, arch, state_path)
     finish(pdir, s.rows)
     dist.barrier()  # the phase's files exist before any rank reads them (the teacher's, for students)
