@@ -3,7 +3,8 @@ down when several runs share the cores (as a sweep packs them), side by side.
 
 Each scenario starts P worker processes at once, each with T torch threads, each timing the same
 training step (forward, backward, SGD) of a VGG-like(2, 5) on CIFAR-sized batches, dense-masked
-and sparse at 99% alternately. Scenarios on this machine's N cores: alone (1 x N threads), sized
+and sparse at 99% (conv -> ReLU -> BN fused, as the study runs it) alternately. Scenarios on this
+machine's N cores: alone (1 x N threads), sized
 (N x 1 thread: every run's threads from its CPU share), oversubscribed (N x N threads), and alone
 and oversubscribed with OMP_WAIT_POLICY=passive (OpenMP workers sleep at barriers instead of
 spinning: a spinning worker of one run takes the core another run's worker needs) and with
@@ -38,7 +39,7 @@ for engine in ("dense", "sparse"):
     masks = {n: random_mask(mod.weight.shape, 0.99, g) for n, mod in m.named_modules()
              if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))}
     if engine == "sparse":
-        sparsify_(m, masks)
+        sparsify_(m, masks, fuse=True)  # as the study runs it: conv -> ReLU -> BN fused
     else:
         with torch.no_grad():
             for n, mk in masks.items():
