@@ -214,22 +214,14 @@ class SparseConvBNReLU(SparseConv2d):
                 f"{' + residual' if self.residual else ''}{' -> relu' if self.relu_after else ''}")
 
 
-def _fused_bn(bn: nn.BatchNorm2d) -> FusedBatchNorm2d:
-    new = FusedBatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    new.weight, new.bias = bn.weight, bn.bias  # the same Parameter objects (optimizers keep them)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(bn, name))
-    new.train(bn.training)
-    return new
-
-
-def _plain_bn(bn: FusedBatchNorm2d) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+def _rebuild_bn(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
+    """A `cls` (BatchNorm2d or FusedBatchNorm2d) holding bn's own parameter and buffer objects
+    (optimizers and other references keep working)."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     new.weight, new.bias = bn.weight, bn.bias
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(new, name, getattr(bn, name))
-    new.train(bn.training)
-    return new
+    return new.train(bn.training)
 
 
 # ============================================================================ fuse_ / unfuse_
@@ -301,7 +293,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
             if residual is None:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
-        fbn = _fused_bn(modules[bn.target])
+        fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)
         _set_module(model, bn.target, fbn)
         for r in (relu_before, relu_after):
             if r is not None:
@@ -318,7 +310,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
         if isinstance(m, SparseConvBNReLU):
             _set_module(model, name, m.to_conv())
         elif isinstance(m, FusedBatchNorm2d):
-            _set_module(model, name, _plain_bn(m))
+            _set_module(model, name, _rebuild_bn(m, nn.BatchNorm2d))
         elif isinstance(m, FusedReLU):
             _set_module(model, name, nn.ReLU(inplace=m.inplace))
     return model
