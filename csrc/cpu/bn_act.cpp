@@ -166,7 +166,7 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
   if (residual) check_like(*residual, y, "residual");
   const at::Tensor yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(yc.sizes(), yc.options());
+  at::Tensor out = pooled_empty(yc.sizes(), yc.options());  // (no page faults on a fresh buffer)
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act", [&] {
     bn_act_run(yc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
@@ -192,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const at::Tensor wc = weight.contiguous(), ic = invstd.contiguous();
   if (residual) check_like(*residual, y, "residual");
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
-  at::Tensor dy = at::empty(yc.sizes(), yc.options());
-  at::Tensor g = grad_residual ? at::empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
+  at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
+  at::Tensor g = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
   at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
   if (y.numel() == 0) return {dy, dw, db, g};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1));
