@@ -395,3 +395,29 @@ def test_fallback_under_the_triton_backend_matches(monkeypatch):
     monkeypatch.setattr(fused_mod, "_can_fuse", lambda x, conv: False)
     _compare(ref, fused, mask, torch.randn(3, 5, 6, 6, dtype=torch.float64), torch.float64)
     assert ops.OPS["bn_act"].fake is not None
+
+
+@pytest.mark.parametrize("order", ["bn", "bn_relu", "relu_bn"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_inference_folds_the_batchnorm(order, sparsity):
+    """Eval mode without autograd: BN folded into the conv's values and bias (one pass); same
+    outputs as the unfused layers, and the parameters are left untouched."""
+    ref, fused, _ = _fused_pair(order, sparsity, bias=True)
+    ref.eval(), fused.eval()
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), **TOL[torch.float64])
+    assert all(torch.equal(before[k], v) for k, v in fused.state_dict().items())
+
+
+def test_inference_with_a_shortcut():
+    torch.manual_seed(0)
+    base = _Res().double().eval()
+    masks = _masks(base, 0.8)
+    unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
+    sparsetrain.sparsify_(unfused, masks)
+    sparsetrain.sparsify_(fused, masks, fuse=True)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), unfused(x), rtol=1e-9, atol=1e-9)

@@ -8,6 +8,8 @@ whose output feeds only a `BatchNorm2d`, in the patterns
 
 and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
 
+* inference (eval mode, no autograd): BN's affine map folded into the conv's values and bias, the
+  ReLU in its epilogue: one pass.
 * forward: the conv kernel's epilogue applies the ReLU before the BN (if any) and sums y and y^2
   per channel while each output tile is still in cache (`sparse_conv2d_stats`): the batch
   statistics cost no pass over y; then one pass `bn_act` writes act(scale * y + shift).
@@ -146,8 +148,33 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     geom = (list(conv.kernel_size), list(conv.stride), list(conv.padding))
     if residual is not None and residual.shape[0] != x.shape[0]:
         raise ValueError(f"residual must have the batch size of x ({x.shape[0]}), got shape {tuple(residual.shape)}")
+    if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
+        return _folded_eval(x, conv, bn, index, geom, relu_after, residual)
     return _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
                                    relu_before, relu_after)
+
+
+def _folded_eval(x, conv, bn, index, geom, relu_after, residual):
+    """Inference with running statistics: BN is an affine map per output channel, folded into the
+    conv (values * scale[row], bias * scale + shift), so the conv's epilogue writes the output
+    (and its ReLU) in the one pass; a shortcut adds one pass (bn_act with scale 1, shift 0). Equal to
+    the unfused layers up to rounding (the scale multiplies each weight instead of the sum)."""
+    crow, col, ccol, row_t, perm = index
+    invstd = torch.rsqrt(bn.running_var.double() + bn.eps)
+    scale = invstd * (bn.weight.double() if bn.weight is not None else 1.0)
+    shift = (bn.bias.double() if bn.bias is not None else 0.0) - bn.running_mean.double() * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias.double() * scale
+    values = conv.weight.values
+    rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+    values = (values.double() * scale[rows]).to(values.dtype)
+    shift = shift.to(values.dtype)
+    y, _ = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm, *geom, shift,
+                                                     relu_after and residual is None)
+    if residual is not None:
+        one = torch.ones_like(shift)
+        y = torch.ops.sparsetrain.bn_act(y, one, torch.zeros_like(shift), residual, relu_after)
+    return y, y
 
 
 # ============================================================================ modules
