@@ -96,3 +96,16 @@ def test_build_model_short_names_and_errors():
         vgg_like(0, 5)
     with pytest.raises(ValueError, match="image_size"):
         build_model("lenet300", 10, 1, (28,))
+
+
+def test_vgg_like_pool_of_one_pixel_maps_is_the_adaptive_pool():
+    from sparsetrain.experiment.models import _AdaptiveAvgPool2d
+    for shape in [(3, 8, 1, 1), (2, 4, 3, 5), (2, 4, 7, 7), (1, 2, 9, 9)]:
+        x = torch.randn(shape, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        ours, ref = _AdaptiveAvgPool2d(7)(x), nn.AdaptiveAvgPool2d(7)(x2)
+        assert torch.equal(ours, ref)
+        g = torch.randn_like(ref)
+        ours.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad)

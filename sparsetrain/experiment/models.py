@@ -76,10 +76,25 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
         if h >= 2 and w >= 2:
             layers[f"pool{s}"] = nn.MaxPool2d(2)
             h, w = h // 2, w // 2
-    layers["avgpool"] = nn.AdaptiveAvgPool2d(7)
+    layers["avgpool"] = _AdaptiveAvgPool2d(7)
     layers["flatten"] = nn.Flatten(1)
     layers["classifier"] = nn.Linear(7 * 7 * c, num_classes)
     return nn.Sequential(layers)
+
+
+class _AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d whose 1x1-input case (VGG-like(5, 5) on 32x32 images reaches the 7x7
+    pool with 1x1 maps) is a broadcast: every output equals the one input, exactly as
+    adaptive_avg_pool2d computes it (a sum over one element divided by 1); the backward sums the 49
+    output gradients (in another order than PyTorch's kernel: equal up to rounding). ~14x faster
+    forward and backward here (PyTorch's CPU kernel: ~11 ms each way on a [128, 512, 1, 1] batch)."""
+
+    def forward(self, x):
+        if x.dim() == 4 and x.shape[-2:] == (1, 1):
+            size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
+            if all(isinstance(v, int) for v in size):
+                return x.expand(*x.shape[:2], *size)
+        return super().forward(x)
 
 
 # ------------------------------------------------------------------------------- LeNet
