@@ -253,10 +253,12 @@ def _rebuild_bn(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
 
 # ============================================================================ fuse_ / unfuse_
 class _Tracer(fx.Tracer):
-    """torch.nn's modules and the engine's layers are leaves (the graph shows their call sites)."""
+    """torch.nn's modules, the engine's layers and every module without submodules (which holds no
+    pattern, and may branch on shapes) are leaves: the graph shows their call sites."""
 
     def is_leaf_module(self, m, qualname):
-        return type(m).__module__.startswith("sparsetrain.engine.") or super().is_leaf_module(m, qualname)
+        return (type(m).__module__.startswith("sparsetrain.engine.") or next(m.children(), None) is None
+                or super().is_leaf_module(m, qualname))
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
