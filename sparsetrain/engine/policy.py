@@ -178,7 +178,8 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
         with torch.no_grad():
             dense.weight.mul_(mask)
         sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
-        with torch.random.fork_rng(devices=[]):  # (the run's RNG stream does not see the probe)
+        # (the run's random streams do not see the probe)
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
             x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
             t_dense = _step_seconds(dense, x, reps)
             t_sparse = _step_seconds(sparse, x, reps)
