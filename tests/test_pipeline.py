@@ -205,3 +205,17 @@ def test_legacy_run_directory_is_reported_not_resumed(mnist_dir, study_args, cap
     assert (legacy / "summary.md").exists()
     assert study.main(study_args(mnist_dir, "--wall", "0.3", "--teachers", "dense")) == 0
     assert "is a run directory of an earlier sparsetrain" in capsys.readouterr().err
+
+
+def test_cnn_study_on_fused_layers_resumes_exactly(cifar10_dir, kill_and_resume):
+    """A VGG-like study on the sparse engine: its conv -> ReLU -> BN blocks run fused from the
+    first pruning round on, and a run killed mid-round resumes to the uninterrupted curves."""
+    base = ["cifar10", "--data-dir", str(cifar10_dir), "--profile", "quick", "--model", "vgg_d1g3",
+            "--student", "vgg_d1g3", "--eps", "0.2", "--subset", "0", "--epochs", "2", "--milestones", "1",
+            "--rate", "0.5", "--wall", "0.8", "--batch-size", "16", "--threads", "1", "--engine", "sparse",
+            "--teachers", "dense"]
+    rows = kill_and_resume(cifar10_dir, base, kill_at=4)
+    assert [int(r["sparse_layers"]) for r in rows["teacher"]] == [0, 3, 3]  # two convs and the classifier
+    ckpt = next((cifar10_dir / "a").glob("*/seed0/teacher/ckpt/round_02.pt"))
+    model, _, _ = load_model(str(ckpt))  # a restored sparse model is fused again
+    assert sum(type(m).__name__ == "SparseConvBNReLU" for m in model.modules()) == 2
