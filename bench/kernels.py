@@ -1,6 +1,6 @@
 """Sparse-vs-dense throughput of sparsetrain's kernels, side by side in one process.
 
-    python bench/kernels.py            # full tables (linear, conv, GPU section when CUDA exists)
+    python bench/kernels.py            # full tables (linear, conv, fused conv+BN+ReLU, GPU section when CUDA exists)
     python bench/kernels.py --quick    # a couple of minutes: the `make demo` smoke run
 
 Each case times forward + backward (dx and dW), the sides interleaved round by round (see
@@ -120,7 +120,7 @@ LINEAR_COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("den
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
-    p.add_argument("--only", choices=["linear", "conv", "gpu"], help="run one section")
+    p.add_argument("--only", choices=["linear", "conv", "fused", "gpu"], help="run one section")
     p.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"), help="JSON output path")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv=None):
     info = machine_info()
     print(f"# sparsetrain kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    results = {"machine": info, "linear": [], "conv": [], "gpu": []}
+    results = {"machine": info, "linear": [], "conv": [], "fused": [], "gpu": []}
     if args.only in (None, "linear"):
         print("\n## SparseLinear forward+backward (fp32) vs dense masked F.linear and torch.sparse")
         results["linear"] = bench_linear(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, sparsities, reps)
@@ -141,6 +141,11 @@ def main(argv=None):
         print("\n## SparseConv2d forward+backward (fp32, batch 128) vs dense masked F.conv2d and SparseProp")
         results["conv"] = conv_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
         print_table(results["conv"], conv_bench.COLUMNS)
+    if args.only in (None, "fused"):
+        import fused_bench
+        print("\n## sparse conv -> BN -> ReLU fused (SparseConvBNReLU) vs unfused vs dense masked, forward+backward")
+        results["fused"] = fused_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
+        print_table(results["fused"], fused_bench.COLUMNS)
     if args.only in (None, "gpu"):
         import gpu_bench
         print("\n## GPU (Triton)")

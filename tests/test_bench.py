@@ -8,6 +8,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import conv_bench  # noqa: E402
+import fused_bench  # noqa: E402
 import kernels  # noqa: E402
 
 
@@ -26,6 +27,12 @@ def test_linear_section_rows():
 def test_conv_section_rows():
     rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"])
+
+
+def test_fused_section_rows(monkeypatch):
+    monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
+    rows = fused_bench.run(quick=True, sparsities=(0.9,), reps=1)
+    assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "unfused_ms", "fused_ms", "fused_vs_unfused"])
 
 
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
@@ -82,7 +89,7 @@ def test_train_step_rows_and_device_flag(tmp_path, capsys):
     import train_step
     rows = train_step.run(["vgg_d5g5"], [0.99], steps=1, profile=False, device="cpu")
     (r,) = rows
-    assert r["model"] == "vgg_d5g5" and r["dense_ms"] > 0 and r["sparse_ms"] > 0
+    assert r["model"] == "vgg_d5g5" and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["fused_ms"] > 0
     assert r["sparse_param_mb"] < 0.05 * r["dense_param_mb"]  # 99% sparse: values + indices only
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:

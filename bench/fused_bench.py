@@ -1,0 +1,60 @@
+"""Sparse conv -> BatchNorm -> ReLU, fused (SparseConvBNReLU: sparse_conv2d_stats + bn_act) vs the
+same sparse conv with nn.BatchNorm2d and nn.ReLU after it, vs the dense masked conv with them;
+forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes. Part of
+`python bench/kernels.py` (section "fused"); the whole-step effect is bench/train_step.py's."""
+from __future__ import annotations
+
+import copy
+import statistics
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from common import interleaved_times, paired_ratio
+from sparsetrain.engine.convert import sparsify_
+from sparsetrain.testing import random_mask
+
+# (channels, map side): the four 3x3 stride-1 stages of the CIFAR ResNet-18
+CASES = [(64, 32), (128, 16), (256, 8), (512, 4)]
+BATCH = 128
+
+
+def _block(c: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(c, c, 3, padding=1, bias=False), bn=nn.BatchNorm2d(c),
+                                     relu=nn.ReLU(inplace=True)))
+
+
+def _step(model, x, gy):
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    model(x).backward(gy)
+
+
+def run(quick: bool, sparsities, reps: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for c, hw in CASES[:2] if quick else CASES:
+        x = torch.randn(BATCH, c, hw, hw, generator=g, requires_grad=True)
+        gy = torch.randn(BATCH, c, hw, hw, generator=g)
+        for s in sparsities:
+            torch.manual_seed(0)
+            dense = _block(c)
+            mask = random_mask(dense.conv.weight.shape, s, generator=g)
+            with torch.no_grad():
+                dense.conv.weight.mul_(mask)
+            unfused, fused = copy.deepcopy(dense), copy.deepcopy(dense)
+            sparsify_(unfused, {"conv": mask})
+            sparsify_(fused, {"conv": mask}, fuse=True)
+            t = interleaved_times({"dense": lambda: _step(dense, x, gy), "unfused": lambda: _step(unfused, x, gy),
+                                   "fused": lambda: _step(fused, x, gy)}, reps=reps)
+            rows.append({"op": "sparse_conv_bn_relu", "shape": f"{c}x{hw}x{hw} b{BATCH}", "sparsity": s,
+                         **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
+                         "fused_vs_unfused": paired_ratio(t["unfused"], t["fused"]),
+                         "fused_vs_dense": paired_ratio(t["dense"], t["fused"])})
+    return rows
+
+
+COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense+BN+ReLU ms", ".1f"),
+           ("unfused_ms", "sparse+BN+ReLU ms", ".1f"), ("fused_ms", "fused ms", ".1f"),
+           ("fused_vs_unfused", "fused vs unfused", ".2f"), ("fused_vs_dense", "fused vs dense", ".2f")]
