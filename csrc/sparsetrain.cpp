@@ -75,6 +75,9 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, bool relu_before, "
       "bool grad_residual) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- 2x2 stride-2 max-pooling with one-byte window positions (csrc/cpu/max_pool2x2.cpp)
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor indices, int[2] input_size) -> Tensor");
   // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
   // 0 for the phase-plane kernel. For tests and benchmarks; the ops pick it themselves.
   m.def("sparse_conv2d_small_tile(int[] input_size, int out_channels, int[] kernel_size, int[] stride, "

@@ -334,7 +334,7 @@ def test_op_table_registration():
             module, fn = op.triton.split(".")
             with open(importlib.util.find_spec(f"sparsetrain.kernels.{module}").origin) as f:
                 assert f"\ndef {fn}(" in f.read(), op.triton  # (read, not imported: see the module docstring)
-        assert (op.backward is not None) == (name in ("sparse_linear", "sparse_conv2d")), name
+        assert (op.backward is not None) == (name in ("sparse_linear", "sparse_conv2d", "max_pool2x2")), name
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter():

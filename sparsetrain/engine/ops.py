@@ -258,6 +258,28 @@ _register(Op("bn_act", lambda y, scale, shift, residual, relu: y.new_empty(y.sha
 _register(Op("bn_act_backward", _bn_act_backward_fake))
 
 
+# ============================================================================ 2x2 max-pooling (CPU only)
+# out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0.
+def _pool_fake(x):
+    shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+
+def _pool_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.input_size = list(inputs[0].shape[2:])
+
+
+def _pool_backward(ctx, grad_out, _grad_idx):
+    (idx,) = ctx.saved_tensors
+    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, ctx.input_size)
+
+
+_register(Op("max_pool2x2", _pool_fake, setup=_pool_setup, backward=_pool_backward))
+_register(Op("max_pool2x2_backward",
+             lambda g, idx, size: g.new_empty((g.shape[0], g.shape[1], size[0], size[1]))))
+
+
 # ============================================================================ pruning and entropy (CPU only)
 def _csr_prune_fake(crow, col, values, threshold, max_ties):
     nnz = torch.library.get_ctx().new_dynamic_size()

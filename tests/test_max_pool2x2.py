@@ -1,0 +1,72 @@
+"""max_pool2x2 (csrc/cpu/max_pool2x2.cpp) and MaxPool2x2 against F.max_pool2d(x, 2): outputs and
+input gradients, odd sizes, ties, NaN, empty maps; opcheck and gradcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsetrain
+from sparsetrain.engine.fused import MaxPool2x2, fuse_, unfuse_
+from sparsetrain.experiment.models import vgg_like
+from sparsetrain.testing import random_mask
+
+
+def _both(x):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = MaxPool2x2(2)(xa), F.max_pool2d(xb, 2)
+    g = torch.randn_like(ref)
+    ours.backward(g)
+    ref.backward(g)
+    return ours, ref, xa.grad, xb.grad
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 5, 7), (3, 2, 2, 2), (1, 1, 3, 2), (0, 3, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_max_pool2d(shape, dtype):
+    ours, ref, ga, gb = _both(torch.randn(shape, dtype=dtype))
+    assert torch.equal(ours, ref) and torch.equal(ga, gb)
+
+
+def test_ties_and_nan_as_pytorch():
+    x = torch.zeros(2, 3, 6, 6)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = 1.0  # a tie between two positions of one window
+    x[1, 1, 2, 2] = float("nan")
+    x[1, 1, 3, 3] = float("nan")  # two NaN in one window: the last one wins
+    x[1, 2, 4, 5] = float("-inf")
+    ours, ref, ga, gb = _both(x)
+    assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(ga, gb)
+
+
+def test_opcheck_gradcheck_and_errors():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x.detach(),))
+    out, idx = torch.ops.sparsetrain.max_pool2x2(x.detach())
+    torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2_backward.default, (torch.randn_like(out), idx, [5, 4]))
+    assert torch.autograd.gradcheck(lambda t: torch.ops.sparsetrain.max_pool2x2(t)[0], (x,))
+    with pytest.raises(RuntimeError, match="at least 2x2"):  # (nn.MaxPool2d(2) refuses it too)
+        MaxPool2x2(2)(torch.randn(2, 4, 1, 6))
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        torch.ops.sparsetrain.max_pool2x2(torch.randn(3, 4, 4))
+    with pytest.raises(RuntimeError, match="does not pool 2x2"):
+        torch.ops.sparsetrain.max_pool2x2_backward(torch.randn_like(out), idx, [9, 4])
+
+
+def test_fuse_swaps_the_pools_of_a_fused_model():
+    model = vgg_like(2, 2, 10, 3)
+    ref = vgg_like(2, 2, 10, 3)
+    ref.load_state_dict(model.state_dict())
+    masks = {n: random_mask(m.weight.shape, 0.5, generator=torch.Generator().manual_seed(0))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    assert isinstance(model.pool1, MaxPool2x2) and isinstance(model.pool2, MaxPool2x2)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
+    unfuse_(model)
+    assert type(model.pool1) is nn.MaxPool2d
+    plain = nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1))
+    fuse_(plain)  # nothing fused: the pools stay
+    assert [type(m) for m in plain] == [nn.MaxPool2d, nn.MaxPool2d]
