@@ -67,14 +67,15 @@ TORCH_LIBRARY(sparsetrain, m) {
       "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
   // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
   // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its
-  // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty; the ReLU
+  // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty, and
+  // sum grad_y [C] f64 for a conv bias; the ReLU
   // after is recomputed from y, scale and shift); weight, mean and invstd are float64 [C]
   m.def("bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? residual, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, bool relu_before, "
       "bool grad_residual) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- 2x2 stride-2 max-pooling with one-byte window positions (csrc/cpu/max_pool2x2.cpp)
   m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor indices, int[2] input_size) -> Tensor");

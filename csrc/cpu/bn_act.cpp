@@ -7,6 +7,7 @@
 // eval mode (running statistics, constants): dy = w invstd g.
 // ReLU before the BatchNorm (VGG-like's conv -> ReLU -> BN): y is that ReLU's output and dy is
 // masked by y > 0. With a residual added before the ReLU, the residual's gradient is g itself.
+// The backward also returns sum dy per channel (a bias of the conv before the BatchNorm).
 #include "common.h"
 
 namespace sparsetrain {
@@ -79,7 +80,7 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
 template <typename T, bool RA, bool RB, bool RES>
 ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                            const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
-                           T* dy, T* gout) {
+                           T* dy, T* gout, double* dsum) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C;
     const T* gp = go + p * hw;
@@ -92,13 +93,16 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
       T* op = gout + p * hw;
       for (int64_t i = 0; i < hw; ++i) op[i] = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
     }
-#pragma omp simd
+    T s = 0;
+#pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < hw; ++i) {
       const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
       T v = ka * g + kb * (yp[i] - m) + kc;
       if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
       dp[i] = v;
+      s += v;
     }
+    dsum[c] += s;  // (the conv bias's gradient)
   }
 }
 
@@ -116,18 +120,18 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
   }                                                                                                \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
-                              int64_t p0, int64_t p1, T* dy, T* gout, bool ra, bool rb) {          \
+                              int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) {          \
     if (ra && res && rb)                                                                           \
-      bwd_dy_impl<T, true, true, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+      bwd_dy_impl<T, true, true, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
     else if (ra && res)                                                                            \
-      bwd_dy_impl<T, true, false, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+      bwd_dy_impl<T, true, false, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
     else if (ra && rb)                                                                             \
-      bwd_dy_impl<T, true, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+      bwd_dy_impl<T, true, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
     else if (ra)                                                                                   \
-      bwd_dy_impl<T, true, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+      bwd_dy_impl<T, true, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
     else if (rb)                                                                                   \
-      bwd_dy_impl<T, false, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
-    else bwd_dy_impl<T, false, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout); \
+      bwd_dy_impl<T, false, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
+    else bwd_dy_impl<T, false, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
   }
 ST_BN_ACT_TASKS(float)
 ST_BN_ACT_TASKS(double)
@@ -175,7 +179,7 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
     bool relu_after, bool relu_before, bool grad_residual) {
@@ -195,10 +199,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
   at::Tensor g = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
   at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
-  if (y.numel() == 0) return {dy, dw, db, g};
+  at::Tensor dsum = at::zeros({C}, dw.options());
+  if (y.numel() == 0) return {dy, dw, db, g, dsum};
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1));
   const int64_t nth = at::get_num_threads();
-  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3);
+  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3), spart(size_t(nth) * C, 0.0);
   const double* w = wc.data_ptr<double>();
   const double* inv = ic.data_ptr<double>();
   double *dwp = dw.data_ptr<double>(), *dbp = db.data_ptr<double>();
@@ -225,10 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     // pass 2
     at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
       bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<scalar_t>(),
-             grad_residual ? g.data_ptr<scalar_t>() : nullptr, relu_after, relu_before);
+             grad_residual ? g.data_ptr<scalar_t>() : nullptr, spart.data() + size_t(at::get_thread_num()) * C,
+             relu_after, relu_before);
     });
   });
-  return {dy, dw, db, g};
+  double* ds = dsum.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < nth; ++t) ds[c] += spart[t * C + c];
+  return {dy, dw, db, g, dsum};
 }
 
 }  // namespace

@@ -4,26 +4,35 @@
 // in row-major order wins, a NaN wins over numbers (the last NaN over earlier ones). The backward
 // writes every input gradient once (the max position gets the output's gradient, the others 0;
 // rows and columns past 2 * (H / 2) get 0), so it needs no zero fill. One pass each way.
-#include <cmath>
-
 #include "common.h"
 
 namespace sparsetrain {
 namespace {
 
+// Branch-free (selects, `v != v` for NaN) so the row loop vectorises.
 template <typename T>
 ST_INLINE void pool_plane(const T* x, int64_t W, int64_t OH, int64_t OW, T* out, uint8_t* idx) {
   for (int64_t i = 0; i < OH; ++i) {
     const T* r0 = x + 2 * i * W;
     const T* r1 = r0 + W;
+    T* o = out + i * OW;
+    uint8_t* id = idx + i * OW;
+#pragma omp simd
     for (int64_t j = 0; j < OW; ++j) {
-      const T v[4] = {r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
-      T m = v[0];
-      uint8_t k = 0;
-      for (uint8_t t = 1; t < 4; ++t)
-        if (v[t] > m || std::isnan(v[t])) m = v[t], k = t;
-      out[i * OW + j] = m;
-      idx[i * OW + j] = k;
+      const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+      T m = a;
+      int k = 0;
+      const bool tb = (b > m) | (b != b);
+      m = tb ? b : m;
+      k = tb ? 1 : k;
+      const bool tc = (c > m) | (c != c);
+      m = tc ? c : m;
+      k = tc ? 2 : k;
+      const bool td = (d > m) | (d != d);
+      m = td ? d : m;
+      k = td ? 3 : k;
+      o[j] = m;
+      id[j] = uint8_t(k);
     }
   }
 }
@@ -33,9 +42,12 @@ ST_INLINE void unpool_plane(const T* g, const uint8_t* idx, int64_t H, int64_t W
   for (int64_t i = 0; i < OH; ++i) {
     T* r0 = dx + 2 * i * W;
     T* r1 = r0 + W;
+    const T* gi = g + i * OW;
+    const uint8_t* ki = idx + i * OW;
+#pragma omp simd
     for (int64_t j = 0; j < OW; ++j) {
-      const T v = g[i * OW + j];
-      const uint8_t k = idx[i * OW + j];
+      const T v = gi[j];
+      const int k = ki[j];
       r0[2 * j] = k == 0 ? v : T(0);
       r0[2 * j + 1] = k == 1 ? v : T(0);
       r1[2 * j] = k == 2 ? v : T(0);

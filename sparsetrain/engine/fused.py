@@ -80,7 +80,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         batch_stats, relu_before, relu_after = ctx.flags
         k, s, p = ctx.geom
         need_res = res is not None and ctx.needs_input_grad[5]
-        dy, dw, db, dres = torch.ops.sparsetrain.bn_act_backward(
+        dy, dw, db, dres, dy_sum = torch.ops.sparsetrain.bn_act_backward(
             grad_out.contiguous(), y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before,
             need_res and relu_after)
         if need_res and not relu_after:
@@ -96,7 +96,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         elif need_v:
             dvalues = torch.ops.sparsetrain.sparse_conv2d_grad_weight(dy, x, crow, col, k, s, p)
         has_cbias, has_w, has_b = ctx.has
-        dcb = dy.sum((0, 2, 3)) if has_cbias and ctx.needs_input_grad[2] else None
+        dcb = dy_sum.to(y.dtype) if has_cbias and ctx.needs_input_grad[2] else None
         dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None
         db = db.to(y.dtype) if has_b and ctx.needs_input_grad[4] else None
         return dx, dvalues, dcb, dw, db, (dres if need_res else None), None, None, None, None, None

@@ -250,7 +250,7 @@ def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, strid
 def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
                           grad_residual):
     return (y.new_empty(y.shape), mean.new_empty(mean.shape), mean.new_empty(mean.shape),
-            y.new_empty(y.shape if grad_residual else (0,)))
+            y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(mean.shape))
 
 
 _register(Op("sparse_conv2d_stats", _conv_stats_fake))
