@@ -130,6 +130,10 @@ T* scratch(size_t n, int slot) {
   return reinterpret_cast<T*>(a);
 }
 
+// at::parallel_for grain of a loop over [batch * channels] planes of `plane` elements: chunks of
+// ~16K elements, so small maps are not split into one task per plane.
+inline int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)); }
+
 // Outputs of the big products (activation-sized y or dx) come from a pool of storages, so a
 // training loop stops paying the page-fault zero fill of a fresh multi-MB allocation on every call
 // (measured ~10 ms per 33 MB here). What the pool keeps is the *storage*: each call returns a fresh

@@ -216,7 +216,7 @@ def test_gradcheck_parameters_float64(training):
 
 
 def test_residual_and_call_errors():
-    ref_bn, fused, mask = _fused_pair("bn_relu", 0.5)
+    _, fused, _ = _fused_pair("bn_relu", 0.5)
     with pytest.raises(ValueError, match="without a residual"):
         fused.conv(torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.randn(2, 7, 4, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="its fused conv did not produce"):

@@ -14,17 +14,20 @@ namespace sparsetrain {
 namespace {
 
 // ---------------------------------------------------------------- forward
-// The BatchNorm's affine map. The backward recomputes the ReLU after it from y with this same
-// expression (same function, same instruction set clone), so the mask is the forward's bit for bit.
-template <typename T>
-ST_INLINE T affine(T y, T a, T b) { return y * a + b; }
+// The BatchNorm's affine map (plus the residual) before the ReLU. The backward recomputes the
+// ReLU's mask from y with this same function (same instruction set clone), so the mask is the
+// forward's bit for bit.
+template <typename T, bool RES>
+ST_INLINE T pre(const T* y, const T* r, int64_t i, T a, T b) {
+  if constexpr (RES) return y[i] * a + b + r[i];
+  return y[i] * a + b;
+}
 
 template <typename T, bool RELU, bool RES>
 ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = affine(y[i], a, b);
-    if constexpr (RES) v += r[i];
+    T v = pre<T, RES>(y, r, i, a, b);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
     out[i] = v;
   }
@@ -33,7 +36,7 @@ ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
 template <typename T>
 ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
                            int64_t B, int64_t C, int64_t hw, bool relu) {
-  at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C, o = p * hw;
       const T* r = res ? res + o : nullptr;
@@ -46,12 +49,7 @@ ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* 
 }
 
 // ---------------------------------------------------------------- backward
-// The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff affine(y) (+ residual) > 0.
-template <typename T, bool RES>
-ST_INLINE T pre(const T* y, const T* r, int64_t i, T a, T b) {
-  if constexpr (RES) return affine(y[i], a, b) + r[i];
-  return affine(y[i], a, b);
-}
+// The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff pre(...) > 0.
 // Pass 1 over planes [p0, p1) (memory order), sums into part [C][2]: sum g and sum g (y - mean),
 // g = grad_out masked by the ReLU after (float per plane, double across planes).
 template <typename T, bool RA, bool RES>
@@ -201,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
   at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
   at::Tensor dsum = at::zeros({C}, dw.options());
   if (y.numel() == 0) return {dy, dw, db, g, dsum};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1));
+  const int64_t grain = plane_grain(hw);
   const int64_t nth = at::get_num_threads();
   std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3), spart(size_t(nth) * C, 0.0);
   const double* w = wc.data_ptr<double>();

@@ -87,9 +87,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x) {
   at::Tensor out = pooled_empty({B, C, OH, OW}, x.options());
   at::Tensor idx = at::empty({B, C, OH, OW}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, idx};
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H * W, 1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
-    at::parallel_for(0, B * C, grain, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
       pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>());
     });
   });
@@ -111,9 +110,8 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   at::Tensor dx = pooled_empty({B, C, H, W}, grad_out.options());
   if (dx.numel() == 0) return dx;
   if (OH == 0 || OW == 0) return dx.zero_();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H * W, 1));
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "max_pool2x2_backward", [&] {
-    at::parallel_for(0, B * C, grain, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
       unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>());
     });
   });

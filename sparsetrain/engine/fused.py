@@ -5,6 +5,7 @@ passes around them. `fuse_(model)` finds, in the model's torch.fx graph, every `
 whose output feeds only a `BatchNorm2d`, in the patterns
 
     conv -> BN            conv -> BN -> ReLU        conv -> ReLU -> BN   (VGG-like's order)
+    conv -> BN -> + shortcut -> ReLU                 (a residual block that declares it, fuse_)
 
 and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
 
@@ -17,9 +18,10 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
 * backward: `bn_act_backward`, two passes (per-channel sums of the masked gradient, then the input
   gradient with the ReLU masks folded in), then the conv's own backward. Unfused: ReLU backward
   (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write).
-* saved for backward: x (the conv's input, as unfused), y (the BN input, as unfused) and the output
-  (which the next layer saves anyway); the normalised tensor before the ReLU is never stored, so
-  the fused layer keeps no more than the unfused ones.
+* saved for backward: x (the conv's input, as unfused), y (the BN input, as unfused), the shortcut
+  (kept alive by the block's other branch anyway) and per-channel constants; the ReLU masks are
+  recomputed and the normalised tensor is never stored, so the fused layer keeps no more than the
+  unfused ones.
 
 The BN and ReLU modules stay in the model, at their names, as `FusedBatchNorm2d` / `FusedReLU`:
 the same parameters and buffers (state_dict, optimizer and checkpoints do not change) whose
@@ -29,8 +31,8 @@ var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6 relative for activat
 is not many orders above their spread). Running statistics follow nn.BatchNorm2d exactly
 (momentum, or the cumulative average when momentum is None; unbiased variance).
 
-On CUDA tensors, under autocast, under the "triton" backend, or with a BN that has no running
-statistics in eval mode, the same layer runs the unfused ops (same results, no fusion).
+On CUDA tensors, under autocast or under the "triton" backend the same layer runs the unfused ops
+(same results, no fusion). In a fused model fuse_ also swaps nn.MaxPool2d(2) for MaxPool2x2.
 `unfuse_(model)` restores plain modules (densify_ calls it).
 """
 from __future__ import annotations
@@ -209,9 +211,8 @@ class SparseConvBNReLU(SparseConv2d):
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
                  residual: bool = False):
-        super().__init__(conv.weight, None, conv.stride, conv.padding)
-        self.weight = conv.weight  # the same CSR module and parameters
-        self.bias = conv.bias
+        super().__init__(conv.weight, None, conv.stride, conv.padding)  # the same CSR module
+        self.bias = conv.bias  # the same Parameter (passing it above would copy it)
         if not isinstance(bn, FusedBatchNorm2d):
             raise TypeError(f"bn must be a FusedBatchNorm2d, got {type(bn).__name__}")
         if bn.num_features != self.out_channels:
@@ -234,7 +235,7 @@ class SparseConvBNReLU(SparseConv2d):
 
     def to_conv(self) -> SparseConv2d:
         conv = SparseConv2d(self.weight, None, self.stride, self.padding)
-        conv.weight, conv.bias = self.weight, self.bias
+        conv.bias = self.bias  # the same Parameter
         return conv
 
     def extra_repr(self) -> str:

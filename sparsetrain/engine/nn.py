@@ -1,10 +1,11 @@
-"""Sparse layers, in-place model conversion, and the masks of a model's prunable layers.
+"""Sparse layers and the masks of a model's prunable layers.
 
 `SparseLinear` and `SparseConv2d` hold a `CSR` weight (only nonzeros are parameters) and run the
-sparsetrain ops (engine/convert.py's `sparsify_(model, masks)` swaps dense layers for them). A model's prunable layers are its conv and linear layers,
-dense (`nn.Conv2d`/`nn.Linear` with a bool mask kept beside the model) or sparse (whose CSR *is*
-the mask): `prunable_layers`, `masks_of`, `model_sparsity`, and the dense masked training helpers
-`mask_grads_` / `enforce_masks_`.
+sparsetrain ops (engine/convert.py's `sparsify_(model, masks)` swaps dense layers for them). A
+model's prunable layers are its conv and linear layers, dense (`nn.Conv2d`/`nn.Linear` with a
+bool mask kept beside the model) or sparse (whose CSR *is* the mask): `prunable_layers`,
+`masks_of`, `model_sparsity`, and the dense masked training helpers `mask_grads_` /
+`enforce_masks_`.
 """
 from __future__ import annotations
 

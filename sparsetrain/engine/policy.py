@@ -9,9 +9,9 @@ in the last bits of their results, so a decision is made once per machine: cache
 geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version) in memory and in
 $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
 and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
-resume reuses them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost). Without an example, "auto" falls back to the
-crossovers measured by bench/kernels.py on CPU (SPARSE_FROM) for layers that are not tiny
-(SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs followed
+resume reuses them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost).
+Without an example, "auto" falls back to the crossovers measured by bench/kernels.py on CPU
+(SPARSE_FROM) for layers that are not tiny (SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs followed
 by a BatchNorm are fused with it (engine/fused.py).
 """
 from __future__ import annotations
