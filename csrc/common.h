@@ -120,7 +120,7 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
 // Thread-local scratch that survives between calls: no page-fault zero fill per call.
 template <typename T>
 T* scratch(size_t n, int slot) {
-  thread_local std::vector<double> bufs[4];
+  thread_local std::vector<double> bufs[5];
   auto& b = bufs[slot];
   const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
   if (b.size() < words) b.resize(words);

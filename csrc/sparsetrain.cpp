@@ -54,17 +54,19 @@ TORCH_LIBRARY(sparsetrain, m) {
       "sparse_conv2d_stats(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, Tensor? bias, bool relu) -> (Tensor, Tensor)");
+  // the input gradient (+ grad_input_add, a gradient of x from another branch, added in the
+  // kernel's epilogue: no extra pass)
   m.def(
       "sparse_conv2d_grad_input(Tensor grad_out, Tensor ccol_indices, Tensor row_indices_t, "
       "Tensor perm, Tensor values, int[2] input_size, int[2] kernel_size, int[2] stride, "
-      "int[2] padding) -> Tensor");
+      "int[2] padding, Tensor? grad_input_add=None) -> Tensor");
   m.def(
       "sparse_conv2d_grad_weight(Tensor grad_out, Tensor x, Tensor crow_indices, "
       "Tensor col_indices, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
   m.def(
       "sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
-      "int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+      "int[2] stride, int[2] padding, Tensor? grad_input_add=None) -> (Tensor, Tensor)");
   // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
   // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its
   // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty, and

@@ -268,10 +268,22 @@ def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indice
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
 
 
+def _plus(dx, grad_input_add):
+    """dx + grad_input_add (the schemas' optional gradient of x from another branch; the C++ kernel
+    adds it in its epilogue, here one elementwise pass after the kernel)."""
+    if grad_input_add is None:
+        return dx
+    if grad_input_add.shape != dx.shape or grad_input_add.dtype != dx.dtype:
+        raise ValueError(f"grad_input_add must have the input's shape {tuple(dx.shape)} and dtype {dx.dtype}, "
+                         f"got {tuple(grad_input_add.shape)} {grad_input_add.dtype}")
+    check_device(dx, grad_input_add, name="sparse_conv2d grad_input_add")
+    return dx.add_(grad_input_add)
+
+
 def sparse_conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
-                             kernel_size, stride, padding):
-    return conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
-                             kernel_size, stride, padding)
+                             kernel_size, stride, padding, grad_input_add=None):
+    return _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
+                                   kernel_size, stride, padding), grad_input_add)
 
 
 def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding):
@@ -280,9 +292,9 @@ def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_siz
 
 
 def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
-                           perm, kernel_size, stride, padding):
+                           perm, kernel_size, stride, padding, grad_input_add=None):
     _check_channels(x, "x", ccol_indices, kernel_size)
-    dx = conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
-                           kernel_size, stride, padding)
+    dx = _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
+                                 kernel_size, stride, padding), grad_input_add)
     dw = conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
     return dx, dw

@@ -12,7 +12,8 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.engine import ops
-from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, fuse_, sparse_conv_bn_relu, unfuse_
+from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, fuse_, routed_input,
+                                      sparse_conv_bn_relu, unfuse_)
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
 from sparsetrain.testing import dense_conv2d, random_mask
@@ -231,6 +232,7 @@ class _Res(nn.Module):
     passed to the fused conv, conv -> relu -> bn (VGG order), pool, linear."""
 
     fused_residual = {"conv2": ("bn2", "relu2")}
+    fused_route_input = "conv1"
 
     def __init__(self):
         super().__init__()
@@ -242,7 +244,9 @@ class _Res(nn.Module):
 
     def forward(self, x):
         x = self.relu0(self.bn0(self.conv0(x)))
-        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.conv1(x)
+        x = routed_input(self.conv1, x)  # the shortcut's gradient joins conv1's input gradient in its kernel
+        out = self.relu1(self.bn1(out))
         if getattr(self.conv2, "residual", False):
             x = self.relu2(self.bn2(self.conv2(out, x)))
         else:
@@ -266,6 +270,7 @@ def test_thirty_steps_follow_the_unfused_trajectory():
     sparsetrain.sparsify_(fused, masks, fuse=True)
     kinds = {n: type(m).__name__ for n, m in fused.named_modules()}
     assert kinds["conv2"] == "SparseConvBNReLU" and fused.conv2.residual and fused.conv3.relu_before
+    assert fused.conv1.route_input and not (fused.conv0.route_input or fused.conv2.route_input)
     assert [kinds[n] for n in ("bn0", "relu0", "relu2", "relu3", "bn3")] == \
         ["FusedBatchNorm2d", "FusedReLU", "FusedReLU", "FusedReLU", "FusedBatchNorm2d"]
     assert fused.state_dict().keys() == unfused.state_dict().keys()
@@ -290,6 +295,49 @@ def test_thirty_steps_follow_the_unfused_trajectory():
     # the entropy of Eq. 1 sees the same activations through the FusedReLU placeholders
     e_f, e_u = activation_entropy(fused, [x]), activation_entropy(unfused, [x])
     assert e_f["per_layer"] == pytest.approx(e_u["per_layer"]) and set(e_f["per_layer"]) == set(e_u["per_layer"])
+
+
+def test_routed_input_hands_on_x_once():
+    torch.manual_seed(0)
+    model = _Res().double()
+    sparsetrain.sparsify_(model, _masks(model, 0.5), fuse=True)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    model.conv1(x)
+    through = routed_input(model.conv1, x)
+    assert through is not x and "SparseConvBNReLU" in type(through.grad_fn).__name__
+    torch.testing.assert_close(through, x, rtol=0, atol=0)
+    assert routed_input(model.conv1, x) is x  # handed on once
+    model.conv1(x)
+    assert routed_input(model.conv1, x.detach()) is not x  # another tensor than the layer saw: itself
+    assert routed_input(model.conv0, x) is x and routed_input(nn.Conv2d(8, 8, 3), x) is x  # not routing
+    with torch.no_grad():
+        model.conv1(x)
+    assert routed_input(model.conv1, x) is x  # no autograd: nothing to route
+
+
+@pytest.mark.parametrize("batch", [2, 16])  # 16: layer4's 2x2 maps on the small-map kernel (fp64 vectors of 8)
+def test_study_resnet_routes_its_shortcuts(batch):
+    """The study's ResNet-18: x's gradient from each shortcut (identity or strided 1x1 conv) is
+    added inside the fused conv1's kernel, never by a separate add over an activation."""
+    torch.manual_seed(0)
+    base = resnet18(10, 3).double()
+    masks = _masks(base, 0.8)
+    unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
+    sparsetrain.sparsify_(unfused, masks)
+    sparsetrain.sparsify_(fused, masks, fuse=True)
+    assert sorted(n for n, m in fused.named_modules() if getattr(m, "route_input", False)) == \
+        [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    x = torch.randn(batch, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 10, (batch,))
+    grads = []
+    for m in (unfused, fused):
+        with torch.profiler.profile(record_shapes=True) as prof:
+            loss = F.cross_entropy(m(x), t)
+            grads.append(torch.autograd.grad(loss, [x, *m.parameters()]))
+        adds = [e for e in prof.events() if e.name == "aten::add" and e.input_shapes and len(e.input_shapes[0]) == 4]
+        assert bool(adds) == (m is unfused)  # fused: no activation-sized add, forward (residual) or backward (x)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
 
 
 def test_torchvision_resnet18_pattern_and_round_trip():

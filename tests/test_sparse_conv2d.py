@@ -189,6 +189,61 @@ def test_opcheck_grad_ops():
                            w.row_indices_t, w.perm, *st))
 
 
+# (in, out, batch, map, k, s, p, sparsity): both kernels (the small-map one from 16 samples on 4x4
+# maps), strides 1 and 2, 1x1, an input channel no nonzero reads (0.97: channel 1 masked), 0 and 100 %
+GRAD_INPUT_ADD = [(3, 5, 1, (5, 7), 3, 1, 1, 0.5), (4, 6, 3, (9, 8), 3, 2, 1, 0.9), (5, 3, 2, (7, 7), 1, 2, 0, 0.0),
+                  (3, 8, 2, (6, 6), 3, 1, 1, 0.97), (3, 4, 2, (5, 5), 3, 1, 1, 1.0),
+                  (8, 6, 20, (4, 4), 3, 1, 1, 0.5), (6, 5, 40, (7, 7), 3, 2, 1, 0.6), (6, 5, 17, (8, 8), 1, 2, 0, 0.2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", GRAD_INPUT_ADD, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{c[3]}-k{c[4]}s{c[5]}-{c[7]}")
+def test_grad_input_add(case, dtype):
+    """dx = conv_transpose(dy) + grad_input_add, added inside the kernel, in both backward ops."""
+    cin, cout, batch, hw, k, s, p, sparsity = case
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(cout, cin, k, k, generator=g, dtype=dtype)
+    mask = random_mask(w.shape, sparsity, generator=g)
+    if sparsity == 0.97:
+        mask[:, 1] = False
+    csr = CSR.from_dense(w, mask)
+    x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype, requires_grad=True)
+    y = F.conv2d(x, csr.to_dense(), stride=s, padding=p)
+    gy, add = torch.randn(y.shape, generator=g, dtype=dtype), torch.randn(x.shape, generator=g, dtype=dtype)
+    (want,) = torch.autograd.grad(y, x, gy)
+    want = want + add
+    o, geo = torch.ops.sparsetrain, ([k, k], [s, s], [p, p])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    dx = o.sparse_conv2d_grad_input(gy, csr.ccol_indices, csr.row_indices_t, csr.perm, csr.values, list(hw), *geo, add)
+    torch.testing.assert_close(dx, want, **tol)
+    dx, dv = o.sparse_conv2d_backward(gy, x.detach(), csr.crow_indices, csr.col_indices, csr.values, csr.ccol_indices,
+                                      csr.row_indices_t, csr.perm, *geo, add)
+    torch.testing.assert_close(dx, want, **tol)
+    dv0 = o.sparse_conv2d_grad_weight(gy, x.detach(), csr.crow_indices, csr.col_indices, *geo)
+    torch.testing.assert_close(dv, dv0, **tol)  # the weight gradient is not touched
+    assert add.data_ptr() != dx.data_ptr()
+    big = torch.randn(x.shape, generator=g, dtype=dtype)  # a non-contiguous add
+    nc = big.transpose(2, 3).contiguous().transpose(2, 3)
+    dx = o.sparse_conv2d_grad_input(gy, csr.ccol_indices, csr.row_indices_t, csr.perm, csr.values, list(hw), *geo, nc)
+    torch.testing.assert_close(dx, want - add + big, **tol)
+
+
+def test_grad_input_add_errors_and_opcheck():
+    w, x, _ = _op_args()
+    gy = torch.randn(2, 4, 3, 4)
+    st = ([3, 3], [2, 1], [1, 1])
+    o = torch.ops.sparsetrain
+    idx = (w.ccol_indices, w.row_indices_t, w.perm, w.values.detach(), [5, 4], *st)
+    with pytest.raises(RuntimeError, match=r"grad_input_add must have the input's shape \[2, 3, 5, 4\]"):
+        o.sparse_conv2d_grad_input(gy, *idx, torch.zeros(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match="grad_input_add must have dtype Float"):
+        o.sparse_conv2d_grad_input(gy, *idx, torch.zeros(2, 3, 5, 4, dtype=torch.float64))
+    torch.library.opcheck(o.sparse_conv2d_grad_input.default, (gy, *idx, torch.randn(2, 3, 5, 4)))
+    torch.library.opcheck(o.sparse_conv2d_backward.default,
+                          (gy, x, w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
+                           w.row_indices_t, w.perm, *st, torch.randn(2, 3, 5, 4)))
+
+
 def test_opcheck_small_map_kernel():
     g = torch.Generator().manual_seed(3)
     w = CSR.from_dense(torch.randn(4, 3, 3, 3, generator=g), random_mask((4, 3, 3, 3), 0.5, generator=g))

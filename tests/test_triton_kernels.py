@@ -198,6 +198,26 @@ def conv_kernels_pruned_and_fp64():
     check_conv(1, 3, 2, (5, 6), 3, 2, 1, 0.5, True, dtype=torch.float64)
 
 
+@interp
+def conv_grad_input_add():
+    """The schemas' grad_input_add (a gradient of x from another branch): dx + it, checked."""
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels import sparse_conv2d as K
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    mask = random_mask(w.shape, 0.5, generator=g)
+    csr, x = CSR.from_dense(w, mask), torch.randn(2, 3, 5, 6, generator=g)
+    gy, add = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 3, 5, 6, generator=g)
+    geo = ((3, 3), (2, 2), (1, 1))
+    _, rdx, _, _ = reference_grads(dense_conv2d, x, w, mask, None, gy, stride=2, padding=1)
+    crow, col, vals, ccol, row_t, perm = (t.detach() for t in csr.index())
+    dx, _ = K.sparse_conv2d_backward(gy, x, crow, col, vals, ccol, row_t, perm, *geo, add)
+    dx1 = K.sparse_conv2d_grad_input(gy, ccol, row_t, perm, vals, (5, 6), *geo, add)
+    assert_close_all([(dx, rdx + add), (dx1, rdx + add)])
+    with pytest.raises(ValueError, match="grad_input_add must have"):
+        K.sparse_conv2d_grad_input(gy, ccol, row_t, perm, vals, (5, 6), *geo, add[:, :2])
+
+
 def check_conv_op(device="cpu", shape=(2, 3, 7, 6), cout=4, k=3, stride=2, padding=1, sparsity=0.5):
     """engine.ops.sparse_conv2d (the op + its autograd row) vs F.conv2d: output, all grads."""
     from sparsetrain.engine import ops

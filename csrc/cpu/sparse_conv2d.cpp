@@ -124,11 +124,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
   return {y, stats};
 }
 
-// Shared by the three backward ops: dx when ccol is given, dvalues when crow is given.
+// Shared by the three backward ops: dx when ccol is given (+ grad_input_add when defined),
+// dvalues when crow is given.
 std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor* x, at::IntArrayRef input_size, const at::Tensor* crow,
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
-    const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+    const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    const std::optional<at::Tensor>& grad_input_add = std::nullopt) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
@@ -160,10 +162,24 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor xc = x ? x->contiguous() : at::Tensor();
+  at::Tensor add;  // dx += grad_input_add, inside the kernel
+  if (ccol && grad_input_add) {
+    const at::Tensor& ga = *grad_input_add;
+    check_cpu(ga, "grad_input_add");
+    TORCH_CHECK(ga.scalar_type() == g.scalar_type(), "grad_input_add must have dtype ", g.scalar_type(),
+                ", got ", ga.scalar_type());
+    TORCH_CHECK(ga.sizes() == at::IntArrayRef({B, C, H, W}), "grad_input_add must have the input's shape [",
+                B, ", ", C, ", ", H, ", ", W, "], got ", ga.sizes());
+    add = ga.contiguous();
+  }
   at::Tensor dx, dv;
-  if (ccol) dx = (B == 0 || nnz == 0) ? at::zeros({B, C, H, W}, g.options()) : pooled_empty({B, C, H, W}, g.options());
+  if (ccol) {
+    dx = pooled_empty({B, C, H, W}, g.options());  // (no weights: add, or zeros)
+    if (B == 0 || nnz == 0) add.defined() ? dx.copy_(add) : dx.zero_();
+  }
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
+  const bool has_add = add.defined();
   const int64_t sbt = small_conv_tile(P, like.element_size());
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
     if (sbt)
@@ -172,13 +188,15 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
           crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
           values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
-          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr);
+          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
+          false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
     run_conv<scalar_t>(P, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
                        crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
                        values ? values->data_ptr<scalar_t>() : nullptr,
                        ccol ? ccol->data_ptr<int64_t>() : nullptr, ccol ? row_t->data_ptr<int32_t>() : nullptr,
                        ccol ? perm->data_ptr<int64_t>() : nullptr, nnz, nullptr,
-                       ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr);
+                       ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
+                       false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
   });
   return {dx, dv};
 }
@@ -187,9 +205,10 @@ at::Tensor sparse_conv2d_grad_input(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& row_t, const at::Tensor& perm,
                                     const at::Tensor& values, at::IntArrayRef input_size,
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                    at::IntArrayRef padding) {
+                                    at::IntArrayRef padding,
+                                    const std::optional<at::Tensor>& grad_input_add) {
   return std::get<0>(conv_backward(grad_out, nullptr, input_size, nullptr, nullptr, &values, &ccol,
-                                   &row_t, &perm, kernel_size, stride, padding));
+                                   &row_t, &perm, kernel_size, stride, padding, grad_input_add));
 }
 
 at::Tensor sparse_conv2d_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
@@ -205,10 +224,11 @@ at::Tensor sparse_conv2d_grad_weight(const at::Tensor& grad_out, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
     const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    const std::optional<at::Tensor>& grad_input_add) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   return conv_backward(grad_out, &x, {x.size(2), x.size(3)}, &crow, &col, &values, &ccol, &row_t,
-                       &perm, kernel_size, stride, padding);
+                       &perm, kernel_size, stride, padding, grad_input_add);
 }
 
 int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channels,

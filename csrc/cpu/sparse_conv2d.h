@@ -3,6 +3,8 @@
 #pragma once
 #include "common.h"
 
+#include <type_traits>
+
 namespace sparsetrain {
 
 // Sum of the lanes of one VB-byte vector (SimdVec, common.h).
@@ -68,6 +70,63 @@ ST_INLINE void conv_epilogue(T* v, int64_t n, bool relu, double* st) {
   st[1] += b;
 }
 
+// conv_epilogue on `rows` rows of n outputs at pitch `pitch` (one sample's plane in a staging
+// buffer): W-byte vectors along the rows, the sums kept in vector partials over the whole plane
+// (lanes of at most rows * n / lanes float terms, as many as one row's sum before), then added to
+// st in double. Per-row calls cost more than the arithmetic for the 8..32-pixel rows of ResNet maps.
+template <typename T, int W, bool RELU, bool STATS>
+ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, double* st) {
+  using V = typename SimdVec<T, W>::V;
+  using U = typename SimdVec<T, W>::U;
+  V a = V{}, b = V{}, a2 = V{}, b2 = V{};
+  for (int64_t r = 0; r < rows; ++r) {
+    U* p = reinterpret_cast<U*>(src + r * pitch);
+    int64_t j = 0;
+    for (; j + 2 <= nv; j += 2) {  // two chains per sum
+      V v0 = p[j], v1 = p[j + 1];
+      if constexpr (RELU) {
+        v0 = v0 < V{} ? V{} : v0;  // NaN stays NaN (as torch.relu)
+        v1 = v1 < V{} ? V{} : v1;
+        p[j] = v0, p[j + 1] = v1;
+      }
+      if constexpr (STATS) a += v0, b += v0 * v0, a2 += v1, b2 += v1 * v1;
+    }
+    if (j < nv) {
+      V v = p[j];
+      if constexpr (RELU) {
+        v = v < V{} ? V{} : v;
+        p[j] = v;
+      }
+      if constexpr (STATS) a += v, b += v * v;
+    }
+  }
+  if constexpr (STATS) {
+    a += a2, b += b2;
+    double s1 = 0, s2 = 0;
+    for (size_t t = 0; t < W / sizeof(T); ++t) s1 += a[t], s2 += b[t];
+    st[0] += s1;
+    st[1] += s2;
+  }
+}
+
+// The plane epilogue at the widest of VB-, 32- and 16-byte vectors that tiles a row (else per row).
+template <typename T, int VB>
+ST_INLINE void plane_epilogue(T* src, int64_t pitch, int64_t n, int64_t rows, bool relu, double* st) {
+  const int64_t bytes = n * int64_t(sizeof(T));
+  auto run = [&](auto w) {
+    constexpr int Wb = decltype(w)::value;
+    const int64_t nv = bytes / Wb;
+    if (relu && st) epilogue_rows<T, Wb, true, true>(src, pitch, nv, rows, st);
+    else if (relu) epilogue_rows<T, Wb, true, false>(src, pitch, nv, rows, st);
+    else epilogue_rows<T, Wb, false, true>(src, pitch, nv, rows, st);
+  };
+  if (!relu && !st) return;
+  if (bytes % VB == 0) return run(std::integral_constant<int, VB>{});
+  if constexpr (VB > 32) if (bytes % 32 == 0) return run(std::integral_constant<int, 32>{});
+  if (bytes % 16 == 0) return run(std::integral_constant<int, 16>{});
+  for (int64_t r = 0; r < rows; ++r) conv_epilogue(src + r * pitch, n, relu, st);
+}
+
 // stats [2, O] (row 0 sums, row 1 sums of squares) = the per-tile partials [tiles][O][2] summed in
 // tile order (deterministic).
 inline void reduce_stats(const std::vector<double>& part, int64_t tiles, int64_t O, double* stats) {
@@ -112,11 +171,13 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
 // y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
 // vals) and dvalues when dvals is given (dy, x, crow, col). With y, the epilogue (conv_epilogue):
 // relu(y) when `relu`, and its per-channel sums and sums of squares in stats [2, O] when given.
+// With dx and dx_add ([B, C, H, W], like dx): dx = conv_transpose(dy) + dx_add, the addition done
+// on each tile while it is in cache (a gradient from another branch that reads x: no extra pass).
 template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
-              double* stats = nullptr);
+              double* stats = nullptr, const T* dx_add = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
@@ -128,6 +189,6 @@ template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
                 const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
-                bool relu = false, double* stats = nullptr);
+                bool relu = false, double* stats = nullptr, const T* dx_add = nullptr);
 
 }  // namespace sparsetrain

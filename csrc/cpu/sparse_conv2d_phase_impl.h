@@ -38,6 +38,7 @@ struct Args {
   T *y, *dx;
   bool relu;      // forward epilogue: ReLU on y
   double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
+  const T* dx_add;  // backward: added to dx (its layout), or nullptr
 };
 
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
@@ -170,8 +171,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
     const bool epi = A.relu || st;
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * O + o) * plane;
-      if (epi)
-        for (int64_t r = 0; r < OH; ++r) conv_epilogue(src + b * frame + r * PW, OW, A.relu, st);
+      if (epi) plane_epilogue<T, VB>(src + b * frame, PW, OW, OH, A.relu, st);
       stream_rows(yo, OW, src + b * frame, PW, OW, OH);
     }
   }
@@ -193,8 +193,12 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   }
   if (A.dx) {
     for (int64_t c = c0; c < c1; ++c) {
-      if (!A.used_c[c]) {
-        for (int64_t b = 0; b < tb; ++b) stream_fill(A.dx + ((b0 + b) * P.C + c) * plane, plane, T(0));
+      if (!A.used_c[c]) {  // no nonzero reads channel c: dx = 0 (+ dx_add)
+        for (int64_t b = 0; b < tb; ++b) {
+          T* d = A.dx + ((b0 + b) * P.C + c) * plane;
+          if (A.dx_add) stream_rows(d, plane, A.dx_add + (d - A.dx), plane, plane, 1);
+          else stream_fill(d, plane, T(0));
+        }
         continue;
       }
       for (int64_t f = 0; f < P.nph; ++f) {
@@ -208,6 +212,23 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       // dx[b, c, iy, ix] = dxp[phase((iy+ph)%sh, (ix+pw)%sw)][b][(iy+ph)/sh][(ix+pw)/sw]
       const int64_t C = P.C, H = P.H, W = P.W, sw = P.sw, frame = P.frame;
       const int64_t *row_off = P.row_off.data(), *col_off = P.col_off.data();
+      if (A.dx_add)  // dx_add into the phase planes (in L2) before they are written out
+        for (int64_t b = 0; b < tb; ++b) {
+          const T* a = A.dx_add + ((b0 + b) * C + c) * plane;
+          for (int64_t iy = 0; iy < H; ++iy) {
+            T* rows = db + row_off[iy] + b * frame;
+            const T* ar = a + iy * W;
+            if (sw == 1) {
+#pragma omp simd
+              for (int64_t ix = 0; ix < W; ++ix) rows[ix] += ar[ix];
+            } else {
+              for (int64_t j = 0; j < sw; ++j) {
+                T* r = rows + col_off[j];
+                for (int64_t ix = j, v = 0; ix < W; ix += sw, ++v) r[v] += ar[ix];
+              }
+            }
+          }
+        }
       alignas(64) T rowbuf[kRowBuf];
       for (int64_t b = 0; b < tb; ++b) {
         T* d = A.dx + ((b0 + b) * C + c) * plane;
@@ -277,7 +298,8 @@ struct Index {
 template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
-              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats) {
+              const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats,
+              const T* dx_add) {
   const int64_t khkw = P.kh * P.kw;
   Index I;
   I.used_c.assign(P.C, 0);
@@ -329,7 +351,7 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
-            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr};
+            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add};
   std::vector<double> part(y && stats ? size_t(P.nbt) * P.O * 2 : 0, 0.0);
   if (!part.empty()) A.stats = part.data();
   run_tasks<T>(

@@ -83,6 +83,7 @@ struct SArgs {
   T *y, *dx;
   bool relu;      // forward epilogue: ReLU on y
   double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
+  const T* dx_add;  // backward: added to dx (its layout), or nullptr
 };
 
 // out[0:NV vectors] = init + sum over the pixel's valid tap groups of w[e] * base[off[e] + tap
@@ -165,10 +166,9 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
     const int64_t* gp = A.tptr + o * (A.K + 1);
     for (int64_t p = 0; p < ohw; ++p)
       pixel_axpy<T, VB, NV>(ob + ((o - o0) * ohw + p) * bt, xt, *A.ft, p, gp, A.eoff, A.eval, init);
-    if (A.relu || A.stats) {  // the epilogue on the tb real samples of each pixel, still in cache
-      double* st = A.stats ? A.stats + (tile * g.O + o) * 2 : nullptr;
-      for (int64_t p = 0; p < ohw; ++p) conv_epilogue(ob + ((o - o0) * ohw + p) * bt, tb, A.relu, st);
-    }
+    if (A.relu || A.stats)  // the epilogue on the tb real samples of each pixel, still in cache
+      plane_epilogue<T, VB>(ob + (o - o0) * ohw * bt, bt, tb, ohw, A.relu,
+                            A.stats ? A.stats + (tile * g.O + o) * 2 : nullptr);
   }
   untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw, true);
 }
@@ -193,6 +193,13 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
       for (int64_t p = 0; p < hw; ++p)
         pixel_axpy<T, VB, NV>(db + ((c - c0) * hw + p) * bt, dyt, *A.bt_taps, p, A.ccol + c * K, A.doff,
                           A.dval, T(0));
+    if (A.dx_add) {  // its tile transposed like db's, then added while db is in cache
+      const int64_t n = (c1 - c0) * hw * bt;
+      T* at = scratch<T>(size_t(n), 4);
+      transpose_tile<T>(A.dx_add + (b0 * g.C + c0) * hw, (c1 - c0) * hw, tb, bt, at, g.C * hw);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) db[i] += at[i];
+    }
     untranspose_tile<T>(db, (c1 - c0) * hw, tb, bt, A.dx + (b0 * g.C + c0) * hw, g.C * hw, true);
   }
   if (part)
@@ -250,7 +257,7 @@ template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
                 const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
-                bool relu, double* stats) {
+                bool relu, double* stats, const T* dx_add) {
   const int64_t K = g.kh * g.kw, hw = g.H * g.W, ohw = g.OH * g.OW;
   const TapList ft = fwd_taps(g, bt), btl = bwd_taps(g, bt);
   std::vector<int64_t> tptr, eoff, epos, doff;
@@ -288,7 +295,7 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
     });
   }
   SArgs<T> A{&g, bt, K, &ft, &btl, x, dy, bias, crow, tptr.data(), eoff.data(), eval.data(),
-                   epos.data(), ccol, doff.data(), dval.data(), y, dx, relu, nullptr};
+                   epos.data(), ccol, doff.data(), dval.data(), y, dx, relu, nullptr, dx_add};
   const int64_t tiles = (g.B + bt - 1) / bt;
   std::vector<double> part(y && stats ? size_t(tiles) * g.O * 2 : 0, 0.0);
   A.stats = part.empty() ? nullptr : part.data();
@@ -304,10 +311,10 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
 template void small_conv<float>(const ConvGeom&, int64_t, const float*, const float*, const float*,
                                 const int64_t*, const int32_t*, const float*, const int64_t*,
                                 const int32_t*, const int64_t*, int64_t, float*, float*, float*, bool,
-                                double*);
+                                double*, const float*);
 template void small_conv<double>(const ConvGeom&, int64_t, const double*, const double*,
                                  const double*, const int64_t*, const int32_t*, const double*,
                                  const int64_t*, const int32_t*, const int64_t*, int64_t, double*,
-                                 double*, double*, bool, double*);
+                                 double*, double*, bool, double*, const double*);
 
 }  // namespace sparsetrain

@@ -10,7 +10,7 @@
 
 namespace sparsetrain {
 
-// xt[k * TB + t] = x[t * K + k], zero-padded for t >= tb; and its inverse. Float tiles go through
+// xt[k * TB + t] = x[t * ldx + k], zero-padded for t >= tb; and its inverse. Float tiles go through
 // an 8x8 AVX2 register transpose when the CPU has AVX2 (24 shuffles per 64 elements instead of one
 // scalar strided store each); the tails and other CPUs take a loop blocked over k so the
 // TB-strided accesses stay in L1.
@@ -79,21 +79,23 @@ inline bool have_avx2() {
 }
 #endif
 
+// (ldx: x's row pitch, >= K; K by default)
 template <typename T>
-ST_INLINE void transpose_tile(const T* x, int64_t K, int64_t tb, int64_t TB, T* xt) {
+ST_INLINE void transpose_tile(const T* x, int64_t K, int64_t tb, int64_t TB, T* xt, int64_t ldx = -1) {
+  if (ldx < 0) ldx = K;
   int64_t t8 = 0, k8 = 0;  // rows t < t8 have their columns k < k8 done by the vector path
 #ifdef ST_HAVE_AVX2_PATH
   if constexpr (std::is_same_v<T, float>) {
     if (have_avx2()) {
       t8 = tb & ~int64_t(7), k8 = K & ~int64_t(7);
-      transpose_blocks_avx2(x, K, xt, TB, t8, k8);
+      transpose_blocks_avx2(x, ldx, xt, TB, t8, k8);
     }
   }
 #endif
   for (int64_t k0 = 0; k0 < K; k0 += kKB) {
     const int64_t k1 = std::min(K, k0 + kKB);
     for (int64_t t = 0; t < tb; ++t) {
-      const T* xr = x + t * K;
+      const T* xr = x + t * ldx;
       for (int64_t k = std::max(k0, t < t8 ? k8 : 0); k < k1; ++k) xt[k * TB + t] = xr[k];
     }
     for (int64_t k = k0; k < k1; ++k)

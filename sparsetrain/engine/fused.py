@@ -47,16 +47,18 @@ from . import backend, ops
 from .nn import SparseConv2d, _set_module
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "fuse_", "unfuse_",
-           "sparse_conv_bn_relu"]
+           "sparse_conv_bn_relu", "routed_input"]
 
 
 # ============================================================================ the fused function
 class _SparseConvBNReLU(torch.autograd.Function):
-    """(x, values, conv bias, BN weight, BN bias, residual) -> (out, y): out = act(BN(y) (+
-    residual)), y the BN's input (relu(conv) with relu_before, else conv)."""
+    """(x, values, conv bias, BN weight, BN bias, residual) -> (out, y[, x]): out = act(BN(y) (+
+    residual)), y the BN's input (relu(conv) with relu_before, else conv). With `route`, x comes
+    back too (a view): the gradient other branches send it is added to this layer's input gradient
+    inside the conv kernel (grad_input_add), not by autograd's separate addition pass."""
 
     @staticmethod
-    def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after):
+    def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after, route):
         crow, col, ccol, row_t, perm = index
         k, s, p = geom
         y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm,
@@ -72,12 +74,13 @@ class _SparseConvBNReLU(torch.autograd.Function):
         ctx.has = (cbias is not None, weight is not None, bias is not None)
         ctx.mark_non_differentiable(y)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
-        return out, y
+        return (out, y, x) if route else (out, y)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_y):
-        if grad_out is None:  # (out unused: nothing flows back)
-            return (None,) * 11
+    def backward(ctx, grad_out, _grad_y, grad_x=None):
+        none = (None,) * 11
+        if grad_out is None:  # (out unused: only the routed x's gradient, if any, flows back)
+            return (grad_x if ctx.needs_input_grad[0] else None,) + none
         x, values, y, res, scale, shift, w, mean, invstd, crow, col, ccol, row_t, perm = ctx.saved_tensors
         batch_stats, relu_before, relu_after = ctx.flags
         k, s, p = ctx.geom
@@ -88,20 +91,21 @@ class _SparseConvBNReLU(torch.autograd.Function):
         if need_res and not relu_after:
             dres = grad_out
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        add = grad_x.contiguous() if grad_x is not None and need_x else None
         dx = dvalues = None
         if need_x and need_v:
             dx, dvalues = torch.ops.sparsetrain.sparse_conv2d_backward(dy, x, crow, col, values, ccol, row_t,
-                                                                      perm, k, s, p)
+                                                                      perm, k, s, p, add)
         elif need_x:
             dx = torch.ops.sparsetrain.sparse_conv2d_grad_input(dy, ccol, row_t, perm, values,
-                                                                list(x.shape[2:]), k, s, p)
+                                                                list(x.shape[2:]), k, s, p, add)
         elif need_v:
             dvalues = torch.ops.sparsetrain.sparse_conv2d_grad_weight(dy, x, crow, col, k, s, p)
         has_cbias, has_w, has_b = ctx.has
         dcb = dy_sum.to(y.dtype) if has_cbias and ctx.needs_input_grad[2] else None
         dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None
         db = db.to(y.dtype) if has_b and ctx.needs_input_grad[4] else None
-        return dx, dvalues, dcb, dw, db, (dres if need_res else None), None, None, None, None, None
+        return dx, dvalues, dcb, dw, db, (dres if need_res else None), None, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -130,10 +134,11 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
 
 
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
-                        relu_after: bool = False, residual: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False
+                        ) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
-    CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode."""
+    CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
+    `route`, a third output: x as seen through this layer (the routing of routed_input)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if not _can_fuse(x, conv) or (residual is not None and residual.dtype != x.dtype):
@@ -143,7 +148,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         out = nn.BatchNorm2d.forward(bn, y)
         if residual is not None:
             out = out + residual
-        return (F.relu(out) if relu_after else out), y
+        out = F.relu(out) if relu_after else out
+        return (out, y, x) if route else (out, y)
     if x.shape[1] != conv.in_channels:  # (the C++ check names the same, with less context)
         raise ValueError(f"x must have {conv.in_channels} channels, got shape {tuple(x.shape)}")
     w = conv.weight
@@ -152,9 +158,10 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     if residual is not None and residual.shape[0] != x.shape[0]:
         raise ValueError(f"residual must have the batch size of x ({x.shape[0]}), got shape {tuple(residual.shape)}")
     if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
-        return _folded_eval(x, conv, bn, index, geom, relu_after, residual)
+        out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual)
+        return (out, y, x) if route else (out, y)
     return _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
-                                   relu_before, relu_after)
+                                   relu_before, relu_after, route)
 
 
 def _folded_eval(x, conv, bn, index, geom, relu_after, residual):
@@ -207,7 +214,12 @@ class SparseConvBNReLU(SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
     docstring). Built by fuse_(); `bn` is the FusedBatchNorm2d registered at its own name in the
     model (referenced here, not owned, so state_dict keys do not change). With `residual`, it is
-    called as layer(x, residual): a residual block adds its shortcut before the last ReLU."""
+    called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
+    `route_input` (set by fuse_ where the block declares it), each forward under autograd keeps x
+    as seen through this layer for `routed_input`."""
+
+    route_input = False
+    _routed: tuple | None = None  # (the x of the last forward, x as seen through this layer)
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
                  residual: bool = False):
@@ -226,7 +238,9 @@ class SparseConvBNReLU(SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        out, y = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual)
+        route = self.route_input and torch.is_grad_enabled()
+        out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route)
+        self._routed = (x, through[0]) if route else None
         if self.relu_before:  # the model calls conv -> relu -> bn: the relu placeholder passes y on
             self.bn._pending = (y, out)
             return y
@@ -241,6 +255,19 @@ class SparseConvBNReLU(SparseConv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", fused: {'relu -> ' if self.relu_before else ''}bn"
                 f"{' + residual' if self.residual else ''}{' -> relu' if self.relu_after else ''}")
+
+
+def routed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x, as seen through `layer`'s forward just called on it, for a block's other branches that
+    read x (the shortcut): when `layer` is a SparseConvBNReLU with route_input, the gradient those
+    branches send to x joins the layer's own input gradient inside its conv kernel (one pass, where
+    autograd would sum the two in a separate pass over a fresh activation-sized tensor). Any other
+    layer, or no autograd: x itself. Call it right after layer(x); it hands its view on once."""
+    pending = getattr(layer, "_routed", None)
+    if pending is None:
+        return x
+    layer._routed = None
+    return pending[1] if pending[0] is x else x
 
 
 class MaxPool2x2(nn.MaxPool2d):
@@ -315,10 +342,12 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     docstring; BatchNorm2d with affine or not, running statistics or not). A ReLU module called at
     more than one site (torchvision's residual blocks) stays unfused: conv -> BN is fused alone.
     conv -> BN -> + shortcut -> ReLU is fused where the block declares it passes the shortcut
-    (`fused_residual`, see _residual_relu). In a model with fused layers, every nn.MaxPool2d(2)
-    becomes a MaxPool2x2 (the same pooling on a one-pass kernel). Returns the qualified names of
-    the fused convs. The
-    model must be traceable by torch.fx: ValueError otherwise, or nothing fused when not `strict`."""
+    (`fused_residual`, see _residual_relu); a block that passes its input on through
+    `routed_input(self.<conv>, x)` declares `fused_route_input = "<conv>"` (child name) and that
+    fused layer routes it. In a model with fused layers, every nn.MaxPool2d(2) becomes a
+    MaxPool2x2 (the same pooling on a one-pass kernel). Returns the qualified names of the fused
+    convs. The model must be traceable by torch.fx: ValueError otherwise, or nothing fused when not
+    `strict`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -351,8 +380,12 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         for r in (relu_before, relu_after):
             if r is not None:
                 _set_module(model, r.target, FusedReLU(inplace=getattr(modules[r.target], "inplace", False)))
-        _set_module(model, node.target, SparseConvBNReLU(modules[node.target], fbn, relu_before is not None,
-                                                         relu_after is not None, residual is not None))
+        layer = SparseConvBNReLU(modules[node.target], fbn, relu_before is not None, relu_after is not None,
+                                 residual is not None)
+        parent_name, _, child = node.target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer.route_input = getattr(parent, "fused_route_input", None) == child
+        _set_module(model, node.target, layer)
         fused.append(node.target)
     for name, m in list(model.named_modules()):
         if fused and _is_pool2x2(m):

@@ -198,7 +198,8 @@ def _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, pad
     return x.new_empty((x.shape[0], crow.shape[0] - 1, oh, ow))
 
 
-def _conv_grad_input_fake(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
+def _conv_grad_input_fake(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding,
+                          grad_input_add=None):
     c = (ccol.shape[0] - 1) // (kernel_size[0] * kernel_size[1])
     return grad_out.new_empty((grad_out.shape[0], c, input_size[0], input_size[1]))
 
@@ -233,7 +234,7 @@ _register(Op("sparse_conv2d_grad_weight",
              lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_conv2d.sparse_conv2d_grad_weight"))
 _register(Op("sparse_conv2d_backward",
-             lambda dy, x, crow, col, values, ccol, row_t, perm, k, s, p: (x.new_empty(x.shape),
+             lambda dy, x, crow, col, values, ccol, row_t, perm, k, s, p, add=None: (x.new_empty(x.shape),
                                                                           x.new_empty(col.shape, dtype=values.dtype)),
              "sparse_conv2d.sparse_conv2d_backward"))
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..engine.fused import routed_input
+
 __all__ = ["build_resnet"]
 
 
 class _BasicBlock(BasicBlock):
     """torchvision BasicBlock with one ReLU module per call site (same parameters). Once the
     engine fuses conv2 -> bn2 -> + identity -> relu2 (sparsetrain.engine.fused), conv2 takes the
-    shortcut as its second argument."""
+    shortcut as its second argument, and the shortcut reads x through the fused conv1
+    (routed_input): its gradient joins conv1's input gradient inside the conv kernel."""
 
     fused_residual = {"conv2": ("bn2", "relu2")}
+    fused_route_input = "conv1"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -25,8 +29,10 @@ class _BasicBlock(BasicBlock):
         self.relu2 = nn.ReLU(inplace=True)
 
     def forward(self, x):
+        out = self.conv1(x)
+        x = routed_input(self.conv1, x)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(out))
         if getattr(self.conv2, "residual", False):
             return self.relu2(self.bn2(self.conv2(out, identity)))
         out = self.bn2(self.conv2(out))
@@ -35,9 +41,10 @@ class _BasicBlock(BasicBlock):
 
 class _Bottleneck(Bottleneck):
     """torchvision Bottleneck with one ReLU module per call site (same parameters); conv3 takes
-    the shortcut once fused (as _BasicBlock's conv2)."""
+    the shortcut once fused and the shortcut reads x through conv1 (as _BasicBlock's conv2, conv1)."""
 
     fused_residual = {"conv3": ("bn3", "relu3")}
+    fused_route_input = "conv1"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -47,8 +54,10 @@ class _Bottleneck(Bottleneck):
         self.relu3 = nn.ReLU(inplace=True)
 
     def forward(self, x):
+        out = self.conv1(x)
+        x = routed_input(self.conv1, x)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(out))
         out = self.relu2(self.bn2(self.conv2(out)))
         if getattr(self.conv3, "residual", False):
             return self.relu3(self.bn3(self.conv3(out, identity)))
