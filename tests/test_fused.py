@@ -12,8 +12,8 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.engine import ops
-from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, fuse_, routed_input,
-                                      sparse_conv_bn_relu, unfuse_)
+from sparsetrain.engine.fuse import fuse_, unfuse_
+from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, routed_input, sparse_conv_bn_relu
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
 from sparsetrain.testing import dense_conv2d, random_mask

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain
-from sparsetrain.engine.fused import MaxPool2x2, fuse_, unfuse_
+from sparsetrain.engine.fuse import fuse_, unfuse_
+from sparsetrain.engine.fused import MaxPool2x2
 from sparsetrain.experiment.models import vgg_like
 from sparsetrain.testing import random_mask
 

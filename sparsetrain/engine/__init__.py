@@ -3,6 +3,6 @@ and model conversion, and the policy of when a layer goes sparse. It knows nothi
 rules or the DSD2 study.
 
 Modules, bottom up: backend (kernel mode) -> formats (CSR) -> bsr (BSR, BSRLinear) -> ops (the op
-table; loads the C++ extension) -> nn (layers, masks) -> fused (sparse conv + BatchNorm + ReLU as one layer,
-fuse_) -> convert (sparsify_/densify_) -> policy.
+table; loads the C++ extension) -> nn (layers, masks) -> fused (sparse conv + BatchNorm + ReLU as one layer)
+-> fuse (fuse_/unfuse_: the fx pattern rewrite) -> convert (sparsify_/densify_) -> policy.
 """

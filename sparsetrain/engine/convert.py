@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import fuse_, unfuse_
+from .fuse import fuse_, unfuse_
 from .nn import SPARSE_TYPES, _set_module, is_sparse
 
 __all__ = ["sparsify_", "densify_"]
@@ -15,7 +15,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
     """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
     weight's shape}) by its sparse counterpart holding only the unmasked weights. With `fuse`,
     then fuse every sparse conv -> [ReLU] -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU
-    (engine/fused.py fuse_; the model must be torch.fx-traceable)."""
+    (engine/fuse.py fuse_; the model must be torch.fx-traceable)."""
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
     modules = dict(model.named_modules())

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .convert import sparsify_
-from .fused import fuse_
+from .fuse import fuse_
 from .nn import SPARSE_TYPES, SparseConv2d, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]

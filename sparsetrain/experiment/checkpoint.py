@@ -13,7 +13,7 @@ import os
 import torch
 
 from ..engine.convert import sparsify_
-from ..engine.fused import fuse_
+from ..engine.fuse import fuse_
 from ..engine.nn import is_sparse, masks_of, prunable_layers
 from ..prune import keep_channels_
 from .files import CorruptFile, atomic_write, verify

@@ -1,0 +1,137 @@
+"""fuse_ / unfuse_: find sparse conv -> [ReLU] -> BatchNorm -> [+ shortcut] -> [ReLU] in a model's
+torch.fx graph and swap in the fused layers of engine/fused.py (and back)."""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
+from .nn import SparseConv2d, _set_module
+
+__all__ = ["fuse_", "unfuse_"]
+
+
+def _is_pool2x2(m: nn.Module) -> bool:
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
+            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and not m.return_indices)
+
+
+def _rebuild_bn(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
+    """A `cls` (BatchNorm2d or FusedBatchNorm2d) holding bn's own parameter and buffer objects
+    (optimizers and other references keep working)."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new.weight, new.bias = bn.weight, bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(bn, name))
+    return new.train(bn.training)
+
+
+# ============================================================================ fuse_ / unfuse_
+class _Tracer(fx.Tracer):
+    """torch.nn's modules, the engine's layers and every module without submodules (which holds no
+    pattern, and may branch on shapes) are leaves: the graph shows their call sites."""
+
+    def is_leaf_module(self, m, qualname):
+        return (type(m).__module__.startswith("sparsetrain.engine.") or next(m.children(), None) is None
+                or super().is_leaf_module(m, qualname))
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _module_call(node: fx.Node | None, modules: dict, calls: dict, kind) -> fx.Node | None:
+    """`node` when it calls a `kind` module that the graph calls only there."""
+    if node is None or node.op != "call_module" or calls.get(node.target, 0) != 1:
+        return None
+    return node if isinstance(modules[node.target], kind) else None
+
+
+def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict, calls: dict) -> fx.Node | None:
+    """The ReLU call after `bn + shortcut` when the conv's parent block declares that it passes the
+    shortcut to a fused conv: `fused_residual = {conv: (bn, relu)}` (child names), as
+    sparsetrain.experiment's ResNet blocks do."""
+    parent_name, _, child = conv_name.rpartition(".")
+    declared = getattr(model.get_submodule(parent_name) if parent_name else model, "fused_residual", {})
+    add = _only_user(bn)
+    if child not in declared or add is None or add.op != "call_function" or add.target not in (operator.add, torch.add):
+        return None
+    relu = _module_call(_only_user(add), modules, calls, nn.ReLU)
+    prefix = parent_name + "." if parent_name else ""
+    if relu is None or (prefix + declared[child][0], prefix + declared[child][1]) != (bn.target, relu.target):
+        return None
+    return relu
+
+
+def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
+    """Fuse, in place, every SparseConv2d -> [ReLU] -> BatchNorm2d -> [ReLU] of `model` (module
+    docstring; BatchNorm2d with affine or not, running statistics or not). A ReLU module called at
+    more than one site (torchvision's residual blocks) stays unfused: conv -> BN is fused alone.
+    conv -> BN -> + shortcut -> ReLU is fused where the block declares it passes the shortcut
+    (`fused_residual`, see _residual_relu); a block that passes its input on through
+    `routed_input(self.<conv>, x)` declares `fused_route_input = "<conv>"` (child name) and that
+    fused layer routes it. In a model with fused layers, every nn.MaxPool2d(2) becomes a
+    MaxPool2x2 (the same pooling on a one-pass kernel). Returns the qualified names of the fused
+    convs. The model must be traceable by torch.fx: ValueError otherwise, or nothing fused when not
+    `strict`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 (fx raises many kinds)
+        if not strict:
+            return []
+        raise ValueError(f"fuse_ needs a model torch.fx can trace ({type(e).__name__}: {e}); build "
+                         "SparseConvBNReLU layers by hand for this model") from e
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1:
+            continue
+        relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
+        bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
+        if bn is None or type(modules[bn.target]) is not nn.BatchNorm2d:
+            continue
+        relu_after = residual = None
+        if relu_before is None:
+            relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
+            if residual is None:
+                relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
+        fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)
+        _set_module(model, bn.target, fbn)
+        for r in (relu_before, relu_after):
+            if r is not None:
+                _set_module(model, r.target, FusedReLU(inplace=getattr(modules[r.target], "inplace", False)))
+        layer = SparseConvBNReLU(modules[node.target], fbn, relu_before is not None, relu_after is not None,
+                                 residual is not None)
+        parent_name, _, child = node.target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer.route_input = getattr(parent, "fused_route_input", None) == child
+        _set_module(model, node.target, layer)
+        fused.append(node.target)
+    for name, m in list(model.named_modules()):
+        if fused and _is_pool2x2(m):
+            _set_module(model, name, MaxPool2x2(2))
+    return fused
+
+
+def unfuse_(model: nn.Module) -> nn.Module:
+    """Undo fuse_(): plain SparseConv2d, BatchNorm2d and ReLU modules, same parameters."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SparseConvBNReLU):
+            _set_module(model, name, m.to_conv())
+        elif isinstance(m, FusedBatchNorm2d):
+            _set_module(model, name, _rebuild_bn(m, nn.BatchNorm2d))
+        elif isinstance(m, FusedReLU):
+            _set_module(model, name, nn.ReLU(inplace=m.inplace))
+        elif isinstance(m, MaxPool2x2):
+            _set_module(model, name, nn.MaxPool2d(2))
+    return model
