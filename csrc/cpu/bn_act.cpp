@@ -33,9 +33,54 @@ ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
   }
 }
 
+// act_plane over one sample's row of channels, a and b per element.
+template <typename T, bool RELU, bool RES>
+ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T v = pre<T, RES>(y, r, i, a[i], b[i]);
+    if constexpr (RELU) v = v < T(0) ? T(0) : v;
+    out[i] = v;
+  }
+}
+
+// Maps of fewer than kRowPlane pixels (ResNet's 4x4, VGG's 2x2) go by sample rows of C * hw
+// elements with the per-channel constants expanded per element: per-plane loops of 4..16
+// elements cost more in loop overhead than in arithmetic (a [128, 512, 2, 2] gradient: 1.3 ms).
+constexpr int64_t kRowPlane = 64;
+
+template <typename T>
+std::vector<T> per_element(const T* per_channel, int64_t C, int64_t hw) {
+  std::vector<T> e(size_t(C * hw));
+  for (int64_t c = 0; c < C; ++c) std::fill_n(e.begin() + c * hw, hw, per_channel[c]);
+  return e;
+}
+template <typename T>
+std::vector<T> per_element_of(const double* per_channel, int64_t C, int64_t hw, int64_t stride = 1) {
+  std::vector<T> e(size_t(C * hw));
+  for (int64_t c = 0; c < C; ++c) std::fill_n(e.begin() + c * hw, hw, T(per_channel[c * stride]));
+  return e;
+}
+inline int64_t row_grain(int64_t row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1)); }
+
 template <typename T>
 ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
                            int64_t B, int64_t C, int64_t hw, bool relu) {
+  if (hw < kRowPlane) {  // sample rows; act_plane with per-element constants
+    const int64_t n = C * hw;
+    const std::vector<T> a = per_element(scale, C, hw), b = per_element(shift, C, hw);
+    at::parallel_for(0, B, row_grain(n), [&](int64_t b0, int64_t b1) {
+      for (int64_t s = b0; s < b1; ++s) {
+        const int64_t o = s * n;
+        const T* r = res ? res + o : nullptr;
+        if (relu && res) act_row<T, true, true>(y + o, r, out + o, n, a.data(), b.data());
+        else if (relu) act_row<T, true, false>(y + o, r, out + o, n, a.data(), b.data());
+        else if (res) act_row<T, false, true>(y + o, r, out + o, n, a.data(), b.data());
+        else act_row<T, false, false>(y + o, r, out + o, n, a.data(), b.data());
+      }
+    });
+    return;
+  }
   at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = p % C, o = p * hw;
@@ -75,7 +120,7 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
 
 // Pass 2 over planes [p0, p1): dy = ka g + kb (y - mean) + kc (kb = kc = 0 with running
 // statistics), masked by y > 0 with a ReLU before; g written out for a residual.
-template <typename T, bool RA, bool RB, bool RES>
+template <typename T, bool RA, bool RB, bool RES, bool WG>
 ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                            const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
                            T* dy, T* gout, double* dsum) {
@@ -87,14 +132,12 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
     T* dp = dy + p * hw;
     const T a = scale[c], b = shift[c], m = T(mean[c]);
     const T ka = T(k[3 * c]), kb = T(k[3 * c + 1]), kc = T(k[3 * c + 2]);
-    if (gout) {
-      T* op = gout + p * hw;
-      for (int64_t i = 0; i < hw; ++i) op[i] = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
-    }
+    T* op = WG ? gout + p * hw : nullptr;
     T s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < hw; ++i) {
       const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      if constexpr (WG) op[i] = g;
       T v = ka * g + kb * (yp[i] - m) + kc;
       if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
       dp[i] = v;
@@ -103,6 +146,61 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
     dsum[c] += s;  // (the conv bias's gradient)
   }
 }
+
+// The two passes over sample rows [s0, s1) (maps under kRowPlane pixels): constants per element
+// (e: a, b, mean, ka, kb, kc, each C * hw), sums per element (acc [2][C * hw] for pass 1,
+// [C * hw] for pass 2: a float sum over at most the batch, as the plane path's sum over a plane),
+// reduced per channel in double by the caller.
+template <typename T, bool RA, bool RES>
+ST_INLINE void row_sums_impl(const T* go, const T* y, const T* res, const T* const* e, int64_t n,
+                             int64_t s0, int64_t s1, T* acc) {
+  const T *a = e[0], *b = e[1], *m = e[2];
+  for (int64_t s = s0; s < s1; ++s) {
+    const T* gp = go + s * n;
+    const T* yp = y + s * n;
+    const T* rp = RES ? res + s * n : nullptr;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = RA && !(pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      acc[i] += g;
+      acc[n + i] += g * (yp[i] - m[i]);
+    }
+  }
+}
+
+template <typename T, bool RA, bool RB, bool RES, bool WG>
+ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const* e, int64_t n,
+                           int64_t s0, int64_t s1, T* dy, T* gout, T* acc) {
+  const T *a = e[0], *b = e[1], *m = e[2], *ka = e[3], *kb = e[4], *kc = e[5];
+  for (int64_t s = s0; s < s1; ++s) {
+    const T* gp = go + s * n;
+    const T* yp = y + s * n;
+    const T* rp = RES ? res + s * n : nullptr;
+    T* dp = dy + s * n;
+    T* op = WG ? gout + s * n : nullptr;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = RA && !(pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      if constexpr (WG) op[i] = g;
+      T v = ka[i] * g + kb[i] * (yp[i] - m[i]) + kc[i];
+      if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
+      dp[i] = v;
+      acc[i] += v;
+    }
+  }
+}
+
+// Pass 2's instantiation for the flags: ReLU after (ra), ReLU before (rb), residual, g written out.
+#define ST_BN_DY_SWITCH(T, F, ARGS)                                                \
+  do {                                                                           \
+    const bool wg = gout != nullptr;                                             \
+    if (ra && res && rb) wg ? F<T, true, true, true, true> ARGS : F<T, true, true, true, false> ARGS; \
+    else if (ra && res) wg ? F<T, true, false, true, true> ARGS : F<T, true, false, true, false> ARGS; \
+    else if (ra && rb) wg ? F<T, true, true, false, true> ARGS : F<T, true, true, false, false> ARGS;  \
+    else if (ra) wg ? F<T, true, false, false, true> ARGS : F<T, true, false, false, false> ARGS;      \
+    else if (rb) wg ? F<T, false, true, false, true> ARGS : F<T, false, true, false, false> ARGS;      \
+    else wg ? F<T, false, false, false, true> ARGS : F<T, false, false, false, false> ARGS;           \
+  } while (0)
 
 #define ST_BN_ACT_TASKS(T)                                                                         \
   ST_MULTIVERSION void bn_act_run(const T* y, const T* scale, const T* shift, const T* res,       \
@@ -118,22 +216,23 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
   }                                                                                                \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
-                              int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) {          \
-    if (ra && res && rb)                                                                           \
-      bwd_dy_impl<T, true, true, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
-    else if (ra && res)                                                                            \
-      bwd_dy_impl<T, true, false, true>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
-    else if (ra && rb)                                                                             \
-      bwd_dy_impl<T, true, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
-    else if (ra)                                                                                   \
-      bwd_dy_impl<T, true, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
-    else if (rb)                                                                                   \
-      bwd_dy_impl<T, false, true, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
-    else bwd_dy_impl<T, false, false, false>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum); \
+                              int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) { \
+    ST_BN_DY_SWITCH(T, bwd_dy_impl, (go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum)); \
+  }                                                                                                \
+  ST_MULTIVERSION void row_sums(const T* go, const T* y, const T* res, const T* const* e, int64_t n, \
+                                int64_t s0, int64_t s1, T* acc, bool ra) {                         \
+    if (ra && res) row_sums_impl<T, true, true>(go, y, res, e, n, s0, s1, acc);                    \
+    else if (ra) row_sums_impl<T, true, false>(go, y, res, e, n, s0, s1, acc);                     \
+    else row_sums_impl<T, false, false>(go, y, res, e, n, s0, s1, acc);                            \
+  }                                                                                                \
+  ST_MULTIVERSION void row_dy(const T* go, const T* y, const T* res, const T* const* e, int64_t n,   \
+                              int64_t s0, int64_t s1, T* dy, T* gout, T* acc, bool ra, bool rb) {      \
+    ST_BN_DY_SWITCH(T, row_dy_impl, (go, y, res, e, n, s0, s1, dy, gout, acc));                        \
   }
 ST_BN_ACT_TASKS(float)
 ST_BN_ACT_TASKS(double)
 #undef ST_BN_ACT_TASKS
+#undef ST_BN_DY_SWITCH
 
 // ---------------------------------------------------------------- ops
 // y: [B, C, H, W] (any dims >= 2: channels second) of float32/float64 on the CPU.
@@ -206,15 +305,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
   const double* inv = ic.data_ptr<double>();
   double *dwp = dw.data_ptr<double>(), *dbp = db.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act_backward", [&] {
-    const scalar_t *gp = go.data_ptr<scalar_t>(), *yp = yc.data_ptr<scalar_t>();
-    const scalar_t *sp = sc.data_ptr<scalar_t>(), *hp = sh.data_ptr<scalar_t>();
-    const scalar_t* rp = residual ? rc.data_ptr<scalar_t>() : nullptr;
+    using T = scalar_t;
+    const T *gp = go.data_ptr<T>(), *yp = yc.data_ptr<T>();
+    const T *sp = sc.data_ptr<T>(), *hp = sh.data_ptr<T>();
+    const T* rp = residual ? rc.data_ptr<T>() : nullptr;
     const double* m = mc.data_ptr<double>();
-    // pass 1: per-thread partial sums (planes in memory order), summed in thread order
-    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
-      bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after);
-    });
-    const double n = double(B) * hw;
+    const bool rows = hw < kRowPlane;
+    const int64_t n = C * hw;
+    std::vector<std::vector<T>> e;  // the row path's per-element constants
+    std::vector<const T*> ep;
+    std::vector<T> racc(rows ? size_t(nth) * 2 * n : 0, T(0));
+    // pass 1: per-thread partial sums (planes or rows in memory order), summed in thread order
+    if (rows) {
+      e = {per_element(sp, C, hw), per_element(hp, C, hw), per_element_of<T>(m, C, hw)};
+      for (auto& v : e) ep.push_back(v.data());
+      at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
+        row_sums(gp, yp, rp, ep.data(), n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after);
+      });
+      for (int64_t t = 0; t < nth; ++t)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < hw; ++i) {
+            part[(t * C + c) * 2] += racc[t * 2 * n + c * hw + i];
+            part[(t * C + c) * 2 + 1] += racc[t * 2 * n + n + c * hw + i];
+          }
+    } else {
+      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+        bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after);
+      });
+    }
+    const double N = double(B) * hw;
     for (int64_t c = 0; c < C; ++c) {
       double sg = 0, sgy = 0;
       for (int64_t t = 0; t < nth; ++t) sg += part[(t * C + c) * 2], sgy += part[(t * C + c) * 2 + 1];
@@ -222,15 +341,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
       dwp[c] = sgy * inv[c];
       const double a = w[c] * inv[c];
       k[3 * c] = a;
-      k[3 * c + 1] = batch_stats ? -a * inv[c] * dwp[c] / n : 0.0;
-      k[3 * c + 2] = batch_stats ? -a * sg / n : 0.0;
+      k[3 * c + 1] = batch_stats ? -a * inv[c] * dwp[c] / N : 0.0;
+      k[3 * c + 2] = batch_stats ? -a * sg / N : 0.0;
     }
     // pass 2
-    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
-      bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<scalar_t>(),
-             grad_residual ? g.data_ptr<scalar_t>() : nullptr, spart.data() + size_t(at::get_thread_num()) * C,
-             relu_after, relu_before);
-    });
+    T* gout = grad_residual ? g.data_ptr<T>() : nullptr;
+    if (rows) {
+      for (int64_t j = 0; j < 3; ++j) e.push_back(per_element_of<T>(k.data() + j, C, hw, 3));
+      ep.clear();
+      for (auto& v : e) ep.push_back(v.data());
+      std::fill(racc.begin(), racc.end(), T(0));
+      at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
+        row_dy(gp, yp, rp, ep.data(), n, s0, s1, dy.data_ptr<T>(), gout,
+               racc.data() + size_t(at::get_thread_num()) * n, relu_after, relu_before);
+      });
+      for (int64_t t = 0; t < nth; ++t)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < hw; ++i) spart[t * C + c] += racc[t * n + c * hw + i];
+    } else {
+      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+        bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<T>(), gout,
+               spart.data() + size_t(at::get_thread_num()) * C, relu_after, relu_before);
+      });
+    }
   });
   double* ds = dsum.data_ptr<double>();
   for (int64_t c = 0; c < C; ++c)
