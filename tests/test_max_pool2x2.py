@@ -21,19 +21,24 @@ def _both(x):
     return ours, ref, xa.grad, xb.grad
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 5, 7), (3, 2, 2, 2), (1, 1, 3, 2), (0, 3, 4, 4)])
+# even maps of 1, 2, 4, 8, 16 output columns (the fixed-width row pairs), wider, odd and ragged ones
+# (planes of 8-column blocks and a tail), empty
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 1, 5, 7), (3, 2, 2, 2), (1, 1, 3, 2), (0, 3, 4, 4), (2, 3, 4, 4),
+                                   (2, 3, 16, 16), (2, 2, 32, 32), (1, 2, 48, 48), (1, 2, 40, 38), (1, 1, 6, 20),
+                                   (1, 1, 5, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_max_pool2d(shape, dtype):
     ours, ref, ga, gb = _both(torch.randn(shape, dtype=dtype))
     assert torch.equal(ours, ref) and torch.equal(ga, gb)
 
 
-def test_ties_and_nan_as_pytorch():
-    x = torch.zeros(2, 3, 6, 6)
+@pytest.mark.parametrize("side", [6, 4, 32, 20])  # every kernel path: plane rows, fixed-width pairs, 8-blocks
+def test_ties_and_nan_as_pytorch(side):
+    x = torch.zeros(2, 3, side, side)
     x[0, 0, 0, 1] = x[0, 0, 1, 0] = 1.0  # a tie between two positions of one window
     x[1, 1, 2, 2] = float("nan")
     x[1, 1, 3, 3] = float("nan")  # two NaN in one window: the last one wins
-    x[1, 2, 4, 5] = float("-inf")
+    x[1, 2, 2, 3] = float("-inf")
     ours, ref, ga, gb = _both(x)
     assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.nan_to_num(), ref.nan_to_num())
     assert torch.equal(ga, gb)
