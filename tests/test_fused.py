@@ -102,6 +102,75 @@ def test_ops_opcheck():
                           (x, *[t.detach() for t in csr.index()], [3, 3], [1, 1], [1, 1], None, True))
 
 
+# (C, O, batch, hw, k, stride, pad): phase-plane kernel (dy computed while packed), with one tile and
+# two channel chunks (batch 1), strided, 1x1; the small-map kernel (dy written first); empty rows
+CONV_BN = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 6, 1, (8, 8), 3, 1, 1), (5, 4, 3, (9, 8), 3, 2, 1),
+           (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1)]
+# (relu_after, relu_before, residual, grad_residual): the patterns fuse_ builds
+BN_FLAGS = [(True, False, False, False), (False, False, False, False), (False, True, False, False),
+            (True, False, True, True), (True, False, True, False)]
+
+
+@pytest.mark.parametrize("geom", CONV_BN, ids=lambda g: f"{g[0]}-{g[1]}-b{g[2]}-{g[3]}-k{g[4]}s{g[5]}")
+@pytest.mark.parametrize("flags", BN_FLAGS, ids=lambda f: "ra{}-rb{}-res{}-gres{}".format(*map(int, f)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
+    """sparse_conv2d_bn_backward (the BN's input gradient computed while the conv packs it) equals
+    bn_act_backward followed by sparse_conv2d_backward (that gradient written out)."""
+    C, O, B, hw, k, st, pad = geom
+    relu_after, relu_before, residual, grad_res = flags
+    g = torch.Generator().manual_seed(11)
+    wt = torch.randn(O, C, k, k, generator=g, dtype=dtype)
+    mask = random_mask(wt.shape, 0.6, generator=g, empty_rows=1)
+    csr = sparsetrain.CSR.from_dense(wt, mask)
+    idx = [t.detach() for t in csr.index()]
+    x = torch.randn(B, C, *hw, generator=g, dtype=dtype)
+    geo = ([k, k], [st, st], [pad, pad])
+    y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None)
+    if relu_before:
+        y = y.clamp_min(0)
+    _, _, scale, shift, w, mean, invstd = _bn_inputs(tuple(y.shape), dtype=dtype, seed=3)
+    gout = torch.randn(y.shape, generator=g, dtype=dtype)
+    res = torch.randn(y.shape, generator=g, dtype=dtype) if residual else None
+    add = torch.randn(x.shape, generator=g, dtype=dtype)
+    tol = TOL[dtype]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # batch 1: one tile in two channel chunks
+    try:
+        for batch_stats in (True, False):
+            bn = (y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before)
+            dy, dw, db, dres, dsum = torch.ops.sparsetrain.bn_act_backward(gout, *bn, grad_res)
+            dx, dv = torch.ops.sparsetrain.sparse_conv2d_backward(dy, x, *idx, *geo, add)
+            for need_x, need_v in ((True, True), (True, False), (False, True), (False, False)):
+                got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
+                    gout, x, *idx, *geo, add if need_x else None, *bn, grad_res, need_x, need_v)
+                assert got[0].numel() == (dx.numel() if need_x else 0)
+                assert got[1].numel() == (dv.numel() if need_v else 0)
+                if need_x:
+                    torch.testing.assert_close(got[0], dx, **tol)
+                if need_v:
+                    torch.testing.assert_close(got[1], dv, **tol)
+                for a, b in zip(got[2:], (dw, db, dres, dsum)):
+                    torch.testing.assert_close(a, b, **tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conv_bn_backward_opcheck_and_errors():
+    _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 4, 6, 5))
+    g = torch.Generator().manual_seed(1)
+    wt = torch.randn(4, 3, 3, 3, generator=g)
+    idx = [t.detach() for t in sparsetrain.CSR.from_dense(wt, random_mask(wt.shape, 0.5, generator=g)).index()]
+    x, r = torch.randn(2, 3, 6, 5, generator=g), torch.randn_like(y)
+    args = (torch.randn_like(y), x, *idx, [3, 3], [1, 1], [1, 1], torch.randn_like(x), y, r, scale, shift, w, mean,
+            invstd, True, True, False, True, True, True)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args)
+    with pytest.raises(RuntimeError, match="relu_before and a residual do not combine"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
+    with pytest.raises(RuntimeError, match="residual must have the shape of y"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], r[:1], *args[14:])
+
+
 # ============================================================================ the fused layer
 def _block(order: str, cin=5, cout=7, k=3, s=1, p=1, bias=False, dtype=torch.float64, seed=0, **bn_kw):
     """(unfused reference with a dense masked conv, fused sparse copy, mask) for an nn.Sequential

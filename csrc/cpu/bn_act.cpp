@@ -8,26 +8,17 @@
 // ReLU before the BatchNorm (VGG-like's conv -> ReLU -> BN): y is that ReLU's output and dy is
 // masked by y > 0. With a residual added before the ReLU, the residual's gradient is g itself.
 // The backward also returns sum dy per channel (a bias of the conv before the BatchNorm).
-#include "common.h"
+#include "bn_act.h"
 
 namespace sparsetrain {
 namespace {
 
 // ---------------------------------------------------------------- forward
-// The BatchNorm's affine map (plus the residual) before the ReLU. The backward recomputes the
-// ReLU's mask from y with this same function (same instruction set clone), so the mask is the
-// forward's bit for bit.
-template <typename T, bool RES>
-ST_INLINE T pre(const T* y, const T* r, int64_t i, T a, T b) {
-  if constexpr (RES) return y[i] * a + b + r[i];
-  return y[i] * a + b;
-}
-
 template <typename T, bool RELU, bool RES>
 ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = pre<T, RES>(y, r, i, a, b);
+    T v = bn_pre<T, RES>(y, r, i, a, b);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
     out[i] = v;
   }
@@ -38,7 +29,7 @@ template <typename T, bool RELU, bool RES>
 ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = pre<T, RES>(y, r, i, a[i], b[i]);
+    T v = bn_pre<T, RES>(y, r, i, a[i], b[i]);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;
     out[i] = v;
   }
@@ -109,7 +100,7 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
     T s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = 0; i < hw; ++i) {
-      const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
       s1 += g;
       s2 += g * (yp[i] - m);
     }
@@ -125,25 +116,10 @@ ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale
                            const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
                            T* dy, T* gout, double* dsum) {
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c = p % C;
-    const T* gp = go + p * hw;
-    const T* yp = y + p * hw;
-    const T* rp = RES ? res + p * hw : nullptr;
-    T* dp = dy + p * hw;
-    const T a = scale[c], b = shift[c], m = T(mean[c]);
-    const T ka = T(k[3 * c]), kb = T(k[3 * c + 1]), kc = T(k[3 * c + 2]);
-    T* op = WG ? gout + p * hw : nullptr;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < hw; ++i) {
-      const T g = RA && !(pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
-      if constexpr (WG) op[i] = g;
-      T v = ka * g + kb * (yp[i] - m) + kc;
-      if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
-      dp[i] = v;
-      s += v;
-    }
-    dsum[c] += s;  // (the conv bias's gradient)
+    const int64_t c = p % C, o = p * hw;
+    dsum[c] += bn_dy_plane<T, RA, RB, RES, WG>(go + o, y + o, RES ? res + o : nullptr, hw, scale[c], shift[c],
+                                               T(mean[c]), T(k[3 * c]), T(k[3 * c + 1]), T(k[3 * c + 2]), dy + o,
+                                               WG ? gout + o : nullptr);  // (the conv bias's gradient)
   }
 }
 
@@ -161,7 +137,7 @@ ST_INLINE void row_sums_impl(const T* go, const T* y, const T* res, const T* con
     const T* rp = RES ? res + s * n : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T g = RA && !(pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
       acc[i] += g;
       acc[n + i] += g * (yp[i] - m[i]);
     }
@@ -180,7 +156,7 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
     T* op = WG ? gout + s * n : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T g = RA && !(pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
       if constexpr (WG) op[i] = g;
       T v = ka[i] * g + kb[i] * (yp[i] - m[i]) + kc[i];
       if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
@@ -280,47 +256,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
     const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
     bool relu_after, bool relu_before, bool grad_residual) {
-  check_act(y, "y");
-  check_like(grad_out, y, "grad_out");
-  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
-  check_channels(scale, C, y.scalar_type(), "scale");
-  check_channels(shift, C, y.scalar_type(), "shift");
-  check_channels(weight, C, at::kDouble, "weight");
-  check_channels(mean, C, at::kDouble, "mean");
-  check_channels(invstd, C, at::kDouble, "invstd");
+  check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
+  const int64_t C = y.size(1);
   const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = scale.contiguous();
   const at::Tensor sh = shift.contiguous(), mc = mean.contiguous();
   const at::Tensor wc = weight.contiguous(), ic = invstd.contiguous();
-  if (residual) check_like(*residual, y, "residual");
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
   at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
   at::Tensor g = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
   at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
   at::Tensor dsum = at::zeros({C}, dw.options());
   if (y.numel() == 0) return {dy, dw, db, g, dsum};
-  const int64_t grain = plane_grain(hw);
+  const at::Tensor* rp = residual ? &rc : nullptr;
+  const std::vector<double> k = bn_grad_coefficients(go, yc, rp, sc, sh, wc, mc, ic, batch_stats, relu_after,
+                                                     dw.data_ptr<double>(), db.data_ptr<double>());
+  bn_grad_input(go, yc, rp, sc, sh, mc, k, relu_after, relu_before, dy, grad_residual ? &g : nullptr,
+                dsum.data_ptr<double>());
+  return {dy, dw, db, g, dsum};
+}
+
+}  // namespace
+
+void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
+                   const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                   const at::Tensor& mean, const at::Tensor& invstd) {
+  check_act(y, "y");
+  check_like(grad_out, y, "grad_out");
+  const int64_t C = y.size(1);
+  check_channels(scale, C, y.scalar_type(), "scale");
+  check_channels(shift, C, y.scalar_type(), "shift");
+  check_channels(weight, C, at::kDouble, "weight");
+  check_channels(mean, C, at::kDouble, "mean");
+  check_channels(invstd, C, at::kDouble, "invstd");
+  if (residual) check_like(*residual, y, "residual");
+}
+
+std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res,
+                                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                                         const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+                                         bool relu_after, double* dwp, double* dbp) {
+  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
   const int64_t nth = at::get_num_threads();
-  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3), spart(size_t(nth) * C, 0.0);
-  const double* w = wc.data_ptr<double>();
-  const double* inv = ic.data_ptr<double>();
-  double *dwp = dw.data_ptr<double>(), *dbp = db.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act_backward", [&] {
+  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3);
+  const double* w = weight.data_ptr<double>();
+  const double* inv = invstd.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_grad_coefficients", [&] {
     using T = scalar_t;
-    const T *gp = go.data_ptr<T>(), *yp = yc.data_ptr<T>();
-    const T *sp = sc.data_ptr<T>(), *hp = sh.data_ptr<T>();
-    const T* rp = residual ? rc.data_ptr<T>() : nullptr;
-    const double* m = mc.data_ptr<double>();
-    const bool rows = hw < kRowPlane;
-    const int64_t n = C * hw;
-    std::vector<std::vector<T>> e;  // the row path's per-element constants
-    std::vector<const T*> ep;
-    std::vector<T> racc(rows ? size_t(nth) * 2 * n : 0, T(0));
-    // pass 1: per-thread partial sums (planes or rows in memory order), summed in thread order
-    if (rows) {
-      e = {per_element(sp, C, hw), per_element(hp, C, hw), per_element_of<T>(m, C, hw)};
-      for (auto& v : e) ep.push_back(v.data());
+    const T *gp = go.data_ptr<T>(), *yp = y.data_ptr<T>();
+    const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
+    const T* rp = res ? res->data_ptr<T>() : nullptr;
+    const double* m = mean.data_ptr<double>();
+    // per-thread partial sums (planes or rows in memory order), summed in thread order
+    if (hw < kRowPlane) {
+      const int64_t n = C * hw;
+      const std::vector<T> a = per_element(sp, C, hw), b = per_element(hp, C, hw), mm = per_element_of<T>(m, C, hw);
+      const T* ep[3] = {a.data(), b.data(), mm.data()};
+      std::vector<T> racc(size_t(nth) * 2 * n, T(0));
       at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
-        row_sums(gp, yp, rp, ep.data(), n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after);
+        row_sums(gp, yp, rp, ep, n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after);
       });
       for (int64_t t = 0; t < nth; ++t)
         for (int64_t c = 0; c < C; ++c)
@@ -329,49 +322,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
             part[(t * C + c) * 2 + 1] += racc[t * 2 * n + n + c * hw + i];
           }
     } else {
-      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
         bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after);
       });
     }
-    const double N = double(B) * hw;
-    for (int64_t c = 0; c < C; ++c) {
-      double sg = 0, sgy = 0;
-      for (int64_t t = 0; t < nth; ++t) sg += part[(t * C + c) * 2], sgy += part[(t * C + c) * 2 + 1];
-      dbp[c] = sg;
-      dwp[c] = sgy * inv[c];
-      const double a = w[c] * inv[c];
-      k[3 * c] = a;
-      k[3 * c + 1] = batch_stats ? -a * inv[c] * dwp[c] / N : 0.0;
-      k[3 * c + 2] = batch_stats ? -a * sg / N : 0.0;
-    }
-    // pass 2
-    T* gout = grad_residual ? g.data_ptr<T>() : nullptr;
-    if (rows) {
+  });
+  const double N = double(B) * hw;
+  for (int64_t c = 0; c < C; ++c) {
+    double sg = 0, sgy = 0;
+    for (int64_t t = 0; t < nth; ++t) sg += part[(t * C + c) * 2], sgy += part[(t * C + c) * 2 + 1];
+    dbp[c] = sg;
+    dwp[c] = sgy * inv[c];
+    const double a = w[c] * inv[c];
+    k[3 * c] = a;
+    k[3 * c + 1] = batch_stats ? -a * inv[c] * dwp[c] / N : 0.0;
+    k[3 * c + 2] = batch_stats ? -a * sg / N : 0.0;
+  }
+  return k;
+}
+
+void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,
+                   const at::Tensor& shift, const at::Tensor& mean, const std::vector<double>& k, bool relu_after,
+                   bool relu_before, at::Tensor& dy, at::Tensor* gout_t, double* ds) {
+  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
+  const int64_t nth = at::get_num_threads();
+  std::vector<double> spart(size_t(nth) * C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_grad_input", [&] {
+    using T = scalar_t;
+    const T *gp = go.data_ptr<T>(), *yp = y.data_ptr<T>();
+    const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
+    const T* rp = res ? res->data_ptr<T>() : nullptr;
+    const double* m = mean.data_ptr<double>();
+    T* gout = gout_t ? gout_t->data_ptr<T>() : nullptr;
+    if (hw < kRowPlane) {
+      const int64_t n = C * hw;
+      std::vector<std::vector<T>> e = {per_element(sp, C, hw), per_element(hp, C, hw), per_element_of<T>(m, C, hw)};
       for (int64_t j = 0; j < 3; ++j) e.push_back(per_element_of<T>(k.data() + j, C, hw, 3));
-      ep.clear();
-      for (auto& v : e) ep.push_back(v.data());
-      std::fill(racc.begin(), racc.end(), T(0));
+      const T* ep[6];
+      for (int64_t j = 0; j < 6; ++j) ep[j] = e[j].data();
+      std::vector<T> racc(size_t(nth) * n, T(0));
       at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
-        row_dy(gp, yp, rp, ep.data(), n, s0, s1, dy.data_ptr<T>(), gout,
-               racc.data() + size_t(at::get_thread_num()) * n, relu_after, relu_before);
+        row_dy(gp, yp, rp, ep, n, s0, s1, dy.data_ptr<T>(), gout, racc.data() + size_t(at::get_thread_num()) * n,
+               relu_after, relu_before);
       });
       for (int64_t t = 0; t < nth; ++t)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t i = 0; i < hw; ++i) spart[t * C + c] += racc[t * n + c * hw + i];
     } else {
-      at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
         bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<T>(), gout,
                spart.data() + size_t(at::get_thread_num()) * C, relu_after, relu_before);
       });
     }
   });
-  double* ds = dsum.data_ptr<double>();
   for (int64_t c = 0; c < C; ++c)
     for (int64_t t = 0; t < nth; ++t) ds[c] += spart[t * C + c];
-  return {dy, dw, db, g, dsum};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("bn_act", &bn_act);

@@ -2,6 +2,7 @@
 // gradients, and the choice between the two direct-convolution kernels: the batch-innermost kernel
 // for small maps (sparse_conv2d_small.cpp) and the phase-plane kernel for the rest
 // (sparse_conv2d_phase.cpp).
+#include "bn_act.h"
 #include "sparse_conv2d.h"
 
 namespace sparsetrain {
@@ -124,13 +125,24 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
   return {y, stats};
 }
 
-// Shared by the three backward ops: dx when ccol is given (+ grad_input_add when defined),
-// dvalues when crow is given.
+// sparse_conv2d_bn_backward's BatchNorm (contiguous tensors; k from bn_grad_coefficients): the
+// backward's grad_out is then the BatchNorm's output gradient.
+struct BnArgs {
+  const at::Tensor *y, *res, *scale, *shift, *mean;
+  const std::vector<double>* k;
+  bool relu_after, relu_before;
+  at::Tensor* gout;  // g for a residual, or nullptr
+  double* dsum;      // [O]: sum dy per channel, added
+};
+
+// Shared by the backward ops: dx when ccol is given (+ grad_input_add when defined), dvalues when
+// crow is given; with bn, dy = the BatchNorm's input gradient of grad_out, computed as the phase
+// kernel packs it (the small-map kernel and empty products get it written out first).
 std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor* x, at::IntArrayRef input_size, const at::Tensor* crow,
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
     const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    const std::optional<at::Tensor>& grad_input_add = std::nullopt) {
+    const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
@@ -160,8 +172,17 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   TORCH_CHECK(grad_out.size(2) == P.OH && grad_out.size(3) == P.OW, "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
-  const at::Tensor g = grad_out.contiguous();
+  at::Tensor g = grad_out.contiguous();
   const at::Tensor xc = x ? x->contiguous() : at::Tensor();
+  const int64_t sbt = small_conv_tile(P, like.element_size());
+  if (bn && (sbt || B == 0 || nnz == 0)) {  // dy written out, then the plain backward
+    at::Tensor dy = pooled_empty(g.sizes(), g.options());
+    if (g.numel())
+      bn_grad_input(g, *bn->y, bn->res, *bn->scale, *bn->shift, *bn->mean, *bn->k, bn->relu_after,
+                    bn->relu_before, dy, bn->gout, bn->dsum);
+    g = dy;
+    bn = nullptr;
+  }
   at::Tensor add;  // dx += grad_input_add, inside the kernel
   if (ccol && grad_input_add) {
     const at::Tensor& ga = *grad_input_add;
@@ -180,7 +201,6 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (crow) dv = at::zeros({nnz}, g.options());
   if (B == 0 || nnz == 0) return {dx, dv};
   const bool has_add = add.defined();
-  const int64_t sbt = small_conv_tile(P, like.element_size());
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
     if (sbt)
       return small_conv<scalar_t>(
@@ -190,13 +210,33 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
           nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
           false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
+    BnPack<scalar_t> pk{};
+    if (bn) {
+      using T = scalar_t;
+      pk.y = bn->y->data_ptr<T>();
+      pk.res = bn->res ? bn->res->data_ptr<T>() : nullptr;
+      pk.scale = bn->scale->data_ptr<T>();
+      pk.shift = bn->shift->data_ptr<T>();
+      const double* m = bn->mean->data_ptr<double>();
+      const std::vector<double>& k = *bn->k;
+      for (int64_t o = 0; o < O; ++o) {
+        pk.mean.push_back(T(m[o]));
+        pk.ka.push_back(T(k[3 * o]));
+        pk.kb.push_back(T(k[3 * o + 1]));
+        pk.kc.push_back(T(k[3 * o + 2]));
+      }
+      pk.relu_after = bn->relu_after;
+      pk.relu_before = bn->relu_before;
+      pk.gout = bn->gout ? bn->gout->data_ptr<T>() : nullptr;
+      pk.dsum = bn->dsum;
+    }
     run_conv<scalar_t>(P, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
                        crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
                        values ? values->data_ptr<scalar_t>() : nullptr,
                        ccol ? ccol->data_ptr<int64_t>() : nullptr, ccol ? row_t->data_ptr<int32_t>() : nullptr,
                        ccol ? perm->data_ptr<int64_t>() : nullptr, nnz, nullptr,
                        ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
-                       false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
+                       false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr, bn ? &pk : nullptr);
   });
   return {dx, dv};
 }
@@ -231,6 +271,51 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
                        &perm, kernel_size, stride, padding, grad_input_add);
 }
 
+// The backward of sparse conv -> BatchNorm (-> + residual) (-> ReLU) in one op (engine/fused.py):
+// the BatchNorm's first pass (per-channel sums of the masked gradient) over grad_out, y and the
+// residual, then the conv's backward, whose phase kernel computes the BatchNorm's input gradient
+// dy per plane while it packs its dy tiles: dy is never written out (bn_act_backward + the conv
+// backward wrote it and read it back). Returns (dx or empty, dvalues or empty, the BatchNorm's
+// dweight and dbias [C] f64, the residual's gradient or empty, sum dy [C] f64 for a conv bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_conv2d_bn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+    const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    const std::optional<at::Tensor>& grad_input_add, const at::Tensor& y, const std::optional<at::Tensor>& residual,
+    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& invstd, bool batch_stats, bool relu_after, bool relu_before, bool grad_residual,
+    bool grad_input, bool grad_values) {
+  check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
+  TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  const int64_t C = y.size(1);
+  const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  const at::Tensor mc = mean.contiguous(), wc = weight.contiguous(), ic = invstd.contiguous();
+  const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
+  const at::Tensor* rp = residual ? &rc : nullptr;
+  at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
+  at::Tensor dsum = at::zeros({C}, dw.options());
+  at::Tensor gres = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
+  at::Tensor dx = at::empty({0}, x.options()), dv = at::empty({0}, values.options());
+  if (y.numel() == 0 && !grad_input && !grad_values) return {dx, dv, dw, db, gres, dsum};
+  const std::vector<double> k = y.numel() ? bn_grad_coefficients(go, yc, rp, sc, sh, wc, mc, ic, batch_stats,
+                                                                 relu_after, dw.data_ptr<double>(),
+                                                                 db.data_ptr<double>())
+                                          : std::vector<double>(size_t(C) * 3, 0.0);
+  const BnArgs bn{&yc, rp, &sc, &sh, &mc, &k, relu_after, relu_before, grad_residual ? &gres : nullptr,
+                  dsum.data_ptr<double>()};
+  if (!grad_input && !grad_values) {  // the BatchNorm's gradients only
+    at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
+    bn_grad_input(go, yc, rp, sc, sh, mc, k, relu_after, relu_before, dy, bn.gout, bn.dsum);
+    return {dx, dv, dw, db, gres, dsum};
+  }
+  auto [gx, gv] = conv_backward(go, &x, {x.size(2), x.size(3)}, grad_values ? &crow : nullptr,
+                                grad_values ? &col : nullptr, &values, grad_input ? &ccol : nullptr,
+                                grad_input ? &row_t : nullptr, grad_input ? &perm : nullptr, kernel_size, stride,
+                                padding, grad_input_add, &bn);
+  return {grad_input ? gx : dx, grad_values ? gv : dv, dw, db, gres, dsum};
+}
+
 int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channels,
                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::ScalarType dtype) {
@@ -256,6 +341,7 @@ TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("sparse_conv2d_grad_input", &sparse_conv2d_grad_input);
   m.impl("sparse_conv2d_grad_weight", &sparse_conv2d_grad_weight);
   m.impl("sparse_conv2d_backward", &sparse_conv2d_backward);
+  m.impl("sparse_conv2d_bn_backward", &sparse_conv2d_bn_backward);
 }
 
 }  // namespace sparsetrain

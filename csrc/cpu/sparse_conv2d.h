@@ -146,6 +146,20 @@ struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW;
 };
 
+// The BatchNorm input-gradient pass (bn_act.h) applied while the phase-plane backward packs its dy
+// tiles (sparse_conv2d_bn_backward): the op's grad_out is the BatchNorm's output gradient g and each
+// packed plane is bn_dy_plane(g, y, res); dy is never written. g masked by the ReLU after goes to
+// gout for a residual and the planes' sums to dsum [tiles][O] (the conv bias's gradient), both by
+// the first channel chunk of each tile only.
+template <typename T>
+struct BnPack {
+  const T *y, *res, *scale, *shift;       // y, res like g; scale, shift [O]
+  std::vector<T> mean, ka, kb, kc;        // [O]
+  bool relu_after, relu_before;
+  T* gout;                                // [B, O, OH, OW] or nullptr
+  double* dsum;                           // [tiles][O] partials (run_conv's), or nullptr
+};
+
 // ---- the phase-plane kernel (sparse_conv2d_phase.cpp)
 // Zero padding is not stored per sample: a phase plane holds only real pixels followed by zero
 // columns/rows, and a tap reaching left of (above) the plane reads the previous row's (sample's)
@@ -177,7 +191,7 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
-              double* stats = nullptr, const T* dx_add = nullptr);
+              double* stats = nullptr, const T* dx_add = nullptr, BnPack<T>* bn = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not

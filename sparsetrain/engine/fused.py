@@ -15,9 +15,11 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
   per channel while each output tile is still in cache (`sparse_conv2d_stats`): the batch
   statistics cost no pass over y; then one pass `bn_act` writes act(scale * y + shift).
   Unfused: statistics (1 read), normalisation (1 read, 1 write), ReLU (1 read, 1 write).
-* backward: `bn_act_backward`, two passes (per-channel sums of the masked gradient, then the input
-  gradient with the ReLU masks folded in), then the conv's own backward. Unfused: ReLU backward
-  (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write).
+* backward: `sparse_conv2d_bn_backward`: one pass of per-channel sums of the masked gradient,
+  then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
+  in) plane by plane as it packs it: that gradient is never written (maps of <= 16 output pixels,
+  on the small-map kernel, get it written first: `bn_act_backward`'s second pass). Unfused: ReLU
+  backward (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write), then the conv's.
 * saved for backward: x (the conv's input, as unfused), y (the BN input, as unfused), the shortcut
   (kept alive by the block's other branch anyway) and per-channel constants; the ReLU masks are
   recomputed and the normalised tensor is never stored, so the fused layer keeps no more than the
@@ -84,22 +86,15 @@ class _SparseConvBNReLU(torch.autograd.Function):
         batch_stats, relu_before, relu_after = ctx.flags
         k, s, p = ctx.geom
         need_res = res is not None and ctx.needs_input_grad[5]
-        dy, dw, db, dres, dy_sum = torch.ops.sparsetrain.bn_act_backward(
-            grad_out.contiguous(), y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before,
-            need_res and relu_after)
-        if need_res and not relu_after:
-            dres = grad_out
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         add = grad_x.contiguous() if grad_x is not None and need_x else None
-        dx = dvalues = None
-        if need_x and need_v:
-            dx, dvalues = torch.ops.sparsetrain.sparse_conv2d_backward(dy, x, crow, col, values, ccol, row_t,
-                                                                      perm, k, s, p, add)
-        elif need_x:
-            dx = torch.ops.sparsetrain.sparse_conv2d_grad_input(dy, ccol, row_t, perm, values,
-                                                                list(x.shape[2:]), k, s, p, add)
-        elif need_v:
-            dvalues = torch.ops.sparsetrain.sparse_conv2d_grad_weight(dy, x, crow, col, k, s, p)
+        # the BN's sums, then the conv backward computing dy as it packs it (dy never written)
+        dx, dvalues, dw, db, dres, dy_sum = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
+            grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
+            mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v)
+        dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
+        if need_res and not relu_after:
+            dres = grad_out
         has_cbias, has_w, has_b = ctx.has
         dcb = dy_sum.to(y.dtype) if has_cbias and ctx.needs_input_grad[2] else None
         dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None

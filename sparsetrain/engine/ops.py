@@ -241,8 +241,10 @@ _register(Op("sparse_conv2d_backward",
 
 # ============================================================================ BatchNorm behind a sparse conv (CPU only)
 # The fused layer of engine/fused.py: the conv with its statistics epilogue, then the BN's one
-# elementwise pass and its two-pass gradient. Their autograd formula is engine/fused.py's Function
-# (one for the whole conv -> BN -> ReLU), so these rows have fakes only.
+# elementwise pass; backward the BN's sums, then the conv backward computing the BN's input gradient
+# as it packs it (sparse_conv2d_bn_backward; bn_act_backward is the same gradient written out). Their
+# autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU), so these
+# rows have fakes only.
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
     return y, x.new_empty((2, crow.shape[0] - 1), dtype=torch.float64)
@@ -254,7 +256,16 @@ def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, inv
             y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(mean.shape))
 
 
+def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
+                           scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
+                           grad_input, grad_values):
+    c = mean.shape
+    return (x.new_empty(x.shape if grad_input else (0,)), values.new_empty(values.shape if grad_values else (0,)),
+            mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(c))
+
+
 _register(Op("sparse_conv2d_stats", _conv_stats_fake))
+_register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake))
 _register(Op("bn_act", lambda y, scale, shift, residual, relu: y.new_empty(y.shape)))
 _register(Op("bn_act_backward", _bn_act_backward_fake))
 
