@@ -49,11 +49,13 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, Tensor? bias) -> Tensor");
   // the forward with a BatchNorm epilogue (engine/fused.py): y (relu(y) when relu) and stats
-  // [2, O] float64, the per-channel sum and sum of squares of the output
+  // [2, O] float64, the per-channel sum and sum of squares of the output; with in_scale/in_shift
+  // x is the previous layer's BatchNorm input and the conv reads act(in_scale * x + in_shift)
   m.def(
       "sparse_conv2d_stats(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, Tensor? bias, bool relu) -> (Tensor, Tensor)");
+      "int[2] padding, Tensor? bias, bool relu, Tensor? in_scale=None, Tensor? in_shift=None, "
+      "bool in_relu=False) -> (Tensor, Tensor)");
   // the input gradient (+ grad_input_add, a gradient of x from another branch, added in the
   // kernel's epilogue: no extra pass)
   m.def(
@@ -75,8 +77,8 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
       "int[2] stride, int[2] padding, Tensor? grad_input_add, Tensor y, Tensor? residual, Tensor scale, "
       "Tensor shift, Tensor weight, Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, "
-      "bool relu_before, bool grad_residual, bool grad_input, bool grad_values) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool relu_before, bool grad_residual, bool grad_input, bool grad_values, Tensor? in_scale=None, "
+      "Tensor? in_shift=None, bool in_relu=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
   // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its
   // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty, and

@@ -12,6 +12,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.engine import ops
+from sparsetrain.engine import fused as fused_mod
 from sparsetrain.engine.fuse import fuse_, unfuse_
 from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, routed_input, sparse_conv_bn_relu
 from sparsetrain.experiment.entropy import activation_entropy
@@ -367,6 +368,56 @@ def test_thirty_steps_follow_the_unfused_trajectory():
     assert e_f["per_layer"] == pytest.approx(e_u["per_layer"]) and set(e_f["per_layer"]) == set(e_u["per_layer"])
 
 
+def test_deferred_batchnorm_links_and_bitwise_equal_steps():
+    """conv1 -> bn1 -> relu1 -> conv2: conv1 hands on y and conv2 applies bn1 + relu1 while packing
+    (the activation is never written); the step equals the one with the activation written."""
+    torch.manual_seed(0)
+    model = _Res().double()
+    sparsetrain.sparsify_(model, _masks(model, 0.6), fuse=True)
+    assert model.conv1.feeds is model.conv2 and model.conv0.feeds is None and model.conv2.feeds is None
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, SparseConvBNReLU):
+            object.__setattr__(m, "feeds", None)  # the activation written out
+    x, t = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    calls = []
+    for m in (model, ref):
+        with torch.profiler.profile() as prof:
+            F.cross_entropy(m(x), t).backward()
+        calls.append(sum(e.name == "sparsetrain::bn_act" for e in prof.events()))
+    assert calls == [3, 4]  # bn1's activation is not written: conv2 packs bn1 + relu1 of conv1's y
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    for (n, a), b in zip(ref.named_buffers(), model.buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch):
+    torch.manual_seed(0)
+    model = _Res().double()
+    sparsetrain.sparsify_(model, _masks(model, 0.6), fuse=True)
+    seen = []
+    h = model.relu1.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x).sum().backward()
+    h.remove()
+    assert len(seen) == 1 and (seen[0] >= 0).all()  # the activation itself, not conv1's y
+    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # conv1 defers into conv2 ...
+    with pytest.raises(RuntimeError, match="did not hand it"):
+        model.conv2(torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64))
+    # a deferred BN reaching a conv that cannot fuse: applied there, its gradient passed straight through
+    y = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    a, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    r = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    model.conv2._deferred = (y, (a, b, True))
+    monkeypatch.setattr(fused_mod, "_can_fuse", lambda *args: False)
+    out = model.conv2(y, r)
+    ref = sparse_conv_bn_relu(F.relu(y.detach() * a[:, None, None] + b[:, None, None]).requires_grad_(), model.conv2,
+                              model.conv2.bn, relu_after=True, residual=r)[0]
+    torch.testing.assert_close(out, ref)
+    assert torch.autograd.grad(out.sum(), y)[0].shape == y.shape
+
+
 def test_routed_input_hands_on_x_once():
     torch.manual_seed(0)
     model = _Res().double()
@@ -422,6 +473,7 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     assert len(convs) == 20 and [n for n in convs if model.get_submodule(n).relu_after] == ["conv1"]
     assert "layer2.0.downsample.0" in convs and isinstance(model.layer2[0].downsample[1], FusedBatchNorm2d)
     assert [n for n, m in model.named_modules() if isinstance(m, FusedReLU)] == ["relu"]
+    assert not any(getattr(m, "feeds", None) for m in model.modules())  # (its activations have two readers)
     sparsetrain.densify_(ref)  # (no-op: dense) ; the reference is the dense masked model
     with torch.no_grad():
         for n, mk in masks.items():
@@ -447,10 +499,16 @@ def test_study_models_fuse_their_patterns():
     assert fused["layer1.0.conv1"].relu_after and not fused["layer1.0.conv1"].residual
     assert fused["layer1.0.conv2"].residual and fused["layer1.0.conv2"].relu_after
     assert not fused["layer2.0.downsample.0"].relu_after  # the shortcut's conv -> BN
+    # each block's bn1 + relu1 deferred into its conv2 (the only reader of that activation)
+    assert {n: m.feeds for n, m in fused.items() if m.feeds is not None} == \
+        {f"layer{i}.{j}.conv1": fused[f"layer{i}.{j}.conv2"] for i in range(1, 5) for j in range(2)}
     v = vgg_like(2, 3, 10, 3)
     sparsetrain.sparsify_(v, _masks(v, 0.9), fuse=True)
     assert all(m.relu_before and not m.relu_after for m in v.modules() if isinstance(m, SparseConvBNReLU))
     assert sum(isinstance(m, SparseConvBNReLU) for m in v.modules()) == 4
+    vf = {n: m for n, m in v.named_modules() if isinstance(m, SparseConvBNReLU)}
+    assert {n: m.feeds for n, m in vf.items() if m.feeds is not None} == \
+        {f"block{i}_1.conv": vf[f"block{i}_2.conv"] for i in (1, 2)}  # (not across the pools)
 
 
 def test_other_patterns_are_left_alone():

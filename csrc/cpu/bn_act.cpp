@@ -277,6 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
 
 }  // namespace
 
+at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  return bn_act(y, scale, shift, std::nullopt, relu);
+}
+
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                    const at::Tensor& mean, const at::Tensor& invstd) {

@@ -45,6 +45,10 @@ ST_INLINE T bn_dy_plane_for(bool ra, bool rb, bool res, bool wg, const T* gp, co
 #undef ST_BN_PLANE
 }
 
+// act(scale[c] * y + shift[c]) as a new (pooled) tensor: bn_act without a residual, for the
+// kernels that cannot apply a deferred BatchNorm while packing (XAct below).
+at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu);
+
 // bn_act_backward's argument checks.
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,

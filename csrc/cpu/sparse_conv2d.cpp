@@ -59,12 +59,42 @@ int64_t in_channels(int64_t cols, const ConvArgs& a) {
   return cols / (a.kh * a.kw);
 }
 
+// The deferred BatchNorm (+ ReLU) of the layer before (XAct): x holds that layer's y.
+struct XActArgs {
+  at::Tensor scale, shift;  // [C], x's dtype, contiguous
+  bool relu;
+};
+
+std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                     bool relu, const at::Tensor& x, int64_t C) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
+  if (!scale) return std::nullopt;
+  for (const at::Tensor* t : {&*scale, &*shift}) {
+    const char* name = t == &*scale ? "in_scale" : "in_shift";
+    check_cpu(*t, name);
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->numel() == C, name, " must have shape [", C, "] (x's channels), got ",
+                t->sizes());
+  }
+  return XActArgs{scale->contiguous(), shift->contiguous(), relu};
+}
+
+// x for a kernel: x itself, or act(scale * x + shift) written out where the kernel cannot apply it
+// while packing (the small-map kernel, strides other than 1); `ia` is cleared then.
+at::Tensor deferred_input(const at::Tensor& xc, std::optional<XActArgs>& ia, bool small, const Plan& P) {
+  if (!ia || (!small && P.sh == 1 && P.sw == 1)) return xc;
+  at::Tensor out = bn_apply(xc, ia->scale, ia->shift, ia->relu);
+  ia.reset();
+  return out;
+}
+
 // The forward, with the epilogue of sparse_conv2d_stats when stats is defined ([2, O] float64).
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
                         const at::Tensor& perm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
-                        at::Tensor* stats) {
+                        at::Tensor* stats, std::optional<XActArgs> ia = std::nullopt) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   const int64_t O = crow.numel() - 1, cols = ccol.numel() - 1, C = in_channels(cols, a);
   check_compressed(crow, col, cols, "crow_indices", "col_indices");
@@ -81,7 +111,6 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
                 bias->sizes());
     bc = bias->contiguous();
   }
-  const at::Tensor xc = x.contiguous();
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size(),
                            col.numel());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
@@ -89,7 +118,10 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
   if (y.numel() == 0) return y;
   double* st = stats ? stats->data_ptr<double>() : nullptr;
   const int64_t sbt = small_conv_tile(P, x.element_size());
+  const at::Tensor xc = deferred_input(x.contiguous(), ia, sbt != 0, P);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
+    const XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
+                            ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
     if (sbt)
       return small_conv<scalar_t>(P, sbt, xc.data_ptr<scalar_t>(), nullptr,
                                   bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
@@ -99,7 +131,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
                        crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
                        nullptr, nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr,
-                       relu, st);
+                       relu, st, nullptr, nullptr, ia ? &xa : nullptr);
   });
   return y;
 }
@@ -114,14 +146,17 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
 
 // y = conv(x, W) + b (then relu(y) when `relu`) and, computed while each output tile is in cache,
 // stats [2, O] float64: per output channel the sum and the sum of squares of y over (batch,
-// height, width): a BatchNorm's batch statistics without another pass over y.
+// height, width): a BatchNorm's batch statistics without another pass over y. With in_scale and
+// in_shift, x is the previous layer's y and the conv reads act(in_scale * x + in_shift) (XAct).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
     const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
     const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm, at::IntArrayRef kernel_size,
-    at::IntArrayRef stride, at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu) {
+    at::IntArrayRef stride, at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
+    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu) {
   at::Tensor stats;
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
-                              bias, relu, &stats);
+                              bias, relu, &stats, check_in_act(in_scale, in_shift, in_relu, x, x.size(1)));
   return {y, stats};
 }
 
@@ -142,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor* x, at::IntArrayRef input_size, const at::Tensor* crow,
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
     const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr) {
+    const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr,
+    std::optional<XActArgs> ia = std::nullopt) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
@@ -173,8 +209,9 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   TORCH_CHECK(grad_out.size(2) == P.OH && grad_out.size(3) == P.OW, "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   at::Tensor g = grad_out.contiguous();
-  const at::Tensor xc = x ? x->contiguous() : at::Tensor();
   const int64_t sbt = small_conv_tile(P, like.element_size());
+  if (!crow) ia.reset();  // (only the weight gradient reads x)
+  const at::Tensor xc = x ? deferred_input(x->contiguous(), ia, sbt != 0, P) : at::Tensor();
   if (bn && (sbt || B == 0 || nnz == 0)) {  // dy written out, then the plain backward
     at::Tensor dy = pooled_empty(g.sizes(), g.options());
     if (g.numel())
@@ -210,6 +247,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
           nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
           false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
+    const XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
+                            ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
     BnPack<scalar_t> pk{};
     if (bn) {
       using T = scalar_t;
@@ -236,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
                        ccol ? ccol->data_ptr<int64_t>() : nullptr, ccol ? row_t->data_ptr<int32_t>() : nullptr,
                        ccol ? perm->data_ptr<int64_t>() : nullptr, nnz, nullptr,
                        ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
-                       false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr, bn ? &pk : nullptr);
+                       false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr, bn ? &pk : nullptr,
+                       ia ? &xa : nullptr);
   });
   return {dx, dv};
 }
@@ -284,10 +324,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_input_add, const at::Tensor& y, const std::optional<at::Tensor>& residual,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, bool batch_stats, bool relu_after, bool relu_before, bool grad_residual,
-    bool grad_input, bool grad_values) {
+    bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, bool in_relu) {
   check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
   TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
   const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const at::Tensor mc = mean.contiguous(), wc = weight.contiguous(), ic = invstd.contiguous();
@@ -312,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [gx, gv] = conv_backward(go, &x, {x.size(2), x.size(3)}, grad_values ? &crow : nullptr,
                                 grad_values ? &col : nullptr, &values, grad_input ? &ccol : nullptr,
                                 grad_input ? &row_t : nullptr, grad_input ? &perm : nullptr, kernel_size, stride,
-                                padding, grad_input_add, &bn);
+                                padding, grad_input_add, &bn, ia);
   return {grad_input ? gx : dx, grad_values ? gv : dv, dw, db, gres, dsum};
 }
 

@@ -160,6 +160,16 @@ struct BnPack {
   double* dsum;                           // [tiles][O] partials (run_conv's), or nullptr
 };
 
+// A BatchNorm (+ ReLU) of the layer before, deferred into this conv's input packing
+// (engine/fused.py): the conv reads y and packs act(scale[c] * y + shift[c]) (bn_act.h's bn_pre,
+// so the values are bn_act's bit for bit); that activation is never written. Stride 1 on the
+// phase-plane kernel; the op entry points apply it first (bn_apply) elsewhere.
+template <typename T>
+struct XAct {
+  const T *scale, *shift;  // [C]
+  bool relu;
+};
+
 // ---- the phase-plane kernel (sparse_conv2d_phase.cpp)
 // Zero padding is not stored per sample: a phase plane holds only real pixels followed by zero
 // columns/rows, and a tap reaching left of (above) the plane reads the previous row's (sample's)
@@ -191,7 +201,8 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
-              double* stats = nullptr, const T* dx_add = nullptr, BnPack<T>* bn = nullptr);
+              double* stats = nullptr, const T* dx_add = nullptr, BnPack<T>* bn = nullptr,
+              const XAct<T>* xact = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not

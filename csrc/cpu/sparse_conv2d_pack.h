@@ -22,13 +22,34 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Plan fields are read into locals first here and in the other row loops: the row copies are
 // byte moves that may alias anything, so a field read through P would be reloaded after every
 // store (measured: 3x slower packing of 8x8 maps).
+// With xa (stride 1 only, XAct): the rows are act(a * x + b) of the deferred BatchNorm.
 template <typename T>
-ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst) {
+ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, const XAct<T>* xa = nullptr,
+                            int64_t c = 0) {
   const int64_t sh = P.sh, sw = P.sw, H = P.H, W = P.W, PH = P.PH, PW = P.PW;
   const int64_t XF = P.XF, S = P.S, frame = P.frame;
   if (sh == 1 && sw == 1) {  // one phase: each row's W pixels, then PW - W zeros; zero rows below
     T* fr = dst + XF + b * frame;
-    copy_rows(fr, PW, src, W, W, H, PW - W);
+    if (xa) {
+      const T a = xa->scale[c], sft = xa->shift[c];
+      for (int64_t r = 0; r < H; ++r) {
+        T* d = fr + r * PW;
+        const T* s = src + r * W;
+        if (xa->relu) {
+#pragma omp simd
+          for (int64_t i = 0; i < W; ++i) {
+            const T v = bn_pre<T, false>(s, nullptr, i, a, sft);
+            d[i] = v < T(0) ? T(0) : v;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < W; ++i) d[i] = bn_pre<T, false>(s, nullptr, i, a, sft);
+        }
+        zero_n(d + W, PW - W);
+      }
+    } else {
+      copy_rows(fr, PW, src, W, W, H, PW - W);
+    }
     zero_n(fr + H * PW, (PH - H) * PW);
     return;
   }
@@ -101,14 +122,15 @@ ST_INLINE void pack_dy_slack(const Plan& P, int64_t tb, T* dst) {
 
 // Samples [b0, b0 + tb) of x (all channels c with used[c]) -> the packed tile xp, slacks zeroed.
 template <typename T>
-ST_INLINE void pack_x_tile(const Plan& P, const T* x, const uint8_t* used, int64_t b0, int64_t tb, T* xp) {
+ST_INLINE void pack_x_tile(const Plan& P, const T* x, const uint8_t* used, int64_t b0, int64_t tb, T* xp,
+                           const XAct<T>* xa = nullptr) {
   const int64_t C = P.C, hw = P.H * P.W, xs = P.xs;
   for (int64_t c = 0; c < C; ++c)
     if (used[c]) pack_x_slack(P, tb, xp + c * xs);
   for (int64_t b = 0; b < tb; ++b) {
     const T* src = x + (b0 + b) * C * hw;
     for (int64_t c = 0; c < C; ++c)
-      if (used[c]) pack_x_plane(P, src + c * hw, b, xp + c * xs);
+      if (used[c]) pack_x_plane(P, src + c * hw, b, xp + c * xs, xa, c);
   }
 }
 

@@ -40,6 +40,7 @@ struct Args {
   double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
   const T* dx_add;  // backward: added to dx (its layout), or nullptr
   const BnPack<T>* bn;  // backward: dy is the BatchNorm's input gradient of dy = g (BnPack), or nullptr
+  const XAct<T>* xact;  // x is y of a deferred BatchNorm (XAct), or nullptr
 };
 
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
@@ -131,7 +132,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
   const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
   T* xp = scratch<T>(size_t(P.C) * P.xs, 0);
   T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
-  if (pack) pack_x_tile(P, A.x, A.used_c, b0, tb, xp);
+  if (pack) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
   if (!P.blocked) {
     for (int64_t o = o0; o < o1; ++o) {
       const T init = A.bias ? A.bias[o] : T(0);
@@ -192,7 +193,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
     if (A.bn) pack_dy_tile_bn(P, *A.bn, A.dy, A.used_o, b0, tb, dyp, c0 == 0 && o0 == 0,
                               A.bn->dsum ? A.bn->dsum + tile * P.O : nullptr);
     else pack_dy_tile(P, A.dy, A.used_o, b0, tb, dyp);
-    if (part) pack_x_tile(P, A.x, A.used_c, b0, tb, xp);
+    if (part) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
   }
   if (A.dx) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -302,7 +303,7 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats,
-              const T* dx_add, BnPack<T>* bn) {
+              const T* dx_add, BnPack<T>* bn, const XAct<T>* xact) {
   const int64_t khkw = P.kh * P.kw;
   Index I;
   I.used_c.assign(P.C, 0);
@@ -354,7 +355,7 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
-            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn};
+            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn, xact};
   double* bn_sums = bn ? bn->dsum : nullptr;  // the caller's [O]; the tiles write partials first
   std::vector<double> bn_part(bn_sums ? size_t(P.nbt) * P.O : 0, 0.0);
   if (bn_sums) bn->dsum = bn_part.data();

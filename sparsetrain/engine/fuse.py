@@ -92,7 +92,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    fused = []
+    fused, last = [], {}  # last: fused conv -> the graph node of its activation (its BN's or ReLU's call)
     for node in list(graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1:
             continue
@@ -116,11 +116,28 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         layer.route_input = getattr(parent, "fused_route_input", None) == child
         _set_module(model, node.target, layer)
+        object.__setattr__(layer, "_placeholders", tuple(model.get_submodule(n.target)
+                                                          for n in (relu_before, bn, relu_after) if n is not None))
+        last[node.target] = relu_after or bn
         fused.append(node.target)
+    _link(model, last)
     for name, m in list(model.named_modules()):
         if fused and _is_pool2x2(m):
             _set_module(model, name, MaxPool2x2(2))
     return fused
+
+
+def _link(model: nn.Module, last: dict) -> None:
+    """layer.feeds = the fused layer whose conv alone reads `layer`'s activation, as its input
+    (the BN deferred into that conv's packing: SparseConvBNReLU). A layer with a residual, or whose
+    activation goes anywhere else too, keeps writing it."""
+    for name, act in last.items():
+        users = list(act.users)
+        nxt = users[0] if len(users) == 1 else None
+        layer = model.get_submodule(name)
+        if (nxt is not None and nxt.op == "call_module" and nxt.target in last and nxt.args[:1] == (act,)
+                and act not in nxt.args[1:] and not nxt.kwargs and not layer.residual):
+            object.__setattr__(layer, "feeds", model.get_submodule(nxt.target))  # a reference, not a submodule
 
 
 def unfuse_(model: nn.Module) -> nn.Module:

@@ -40,9 +40,12 @@ plain modules (densify_ calls it).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import backend, ops
 from .nn import SparseConv2d
@@ -52,36 +55,55 @@ __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "s
 
 
 # ============================================================================ the fused function
+class _Opts(NamedTuple):
+    """How one fused call connects to its neighbours. route: x comes back too (routed_input).
+    defer: a dict that receives (scale, shift) when the BN's output is deferred (the call returns
+    y as its output; the next fused conv applies the BN while packing). in_act: (scale, shift,
+    relu) of the previous layer's deferred BN: x holds that layer's y."""
+    route: bool = False
+    defer: dict | None = None
+    in_act: tuple | None = None
+
+
 class _SparseConvBNReLU(torch.autograd.Function):
     """(x, values, conv bias, BN weight, BN bias, residual) -> (out, y[, x]): out = act(BN(y) (+
-    residual)), y the BN's input (relu(conv) with relu_before, else conv). With `route`, x comes
+    residual)), y the BN's input (relu(conv) with relu_before, else conv). With opts.route, x comes
     back too (a view): the gradient other branches send it is added to this layer's input gradient
-    inside the conv kernel (grad_input_add), not by autograd's separate addition pass."""
+    inside the conv kernel (grad_input_add), not by autograd's separate addition pass. With
+    opts.defer the outputs are (y[, x]): y stands for out, whose gradient it receives (only the
+    next fused conv reads it, applying the BN itself: _link in fuse.py)."""
 
     @staticmethod
-    def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after, route):
+    def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after, opts):
         crow, col, ccol, row_t, perm = index
         k, s, p = geom
+        in_act = opts.in_act or (None, None, False)
         y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm,
-                                                               k, s, p, cbias, relu_before)
+                                                               k, s, p, cbias, relu_before, *in_act)
         batch_stats, mean, invstd = _statistics(bn, y, stats)
         w = weight.detach().double() if weight is not None else torch.ones_like(mean)
         scale = w * invstd
         shift = (bias.detach().double() if bias is not None else 0.0) - mean * scale
         scale, shift = scale.to(y.dtype), shift.to(y.dtype)
-        out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after)
         ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index)
-        ctx.geom, ctx.flags = geom, (batch_stats, relu_before, relu_after)
+        ctx.geom, ctx.flags, ctx.opts = geom, (batch_stats, relu_before, relu_after), opts
         ctx.has = (cbias is not None, weight is not None, bias is not None)
-        ctx.mark_non_differentiable(y)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
-        return (out, y, x) if route else (out, y)
+        if opts.defer is not None:  # the normalised activation is never written
+            opts.defer["act"] = (scale, shift, relu_after)
+            return (y, x) if opts.route else y
+        out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after)
+        ctx.mark_non_differentiable(y)
+        return (out, y, x) if opts.route else (out, y)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_y, grad_x=None):
-        none = (None,) * 11
+    def backward(ctx, *grads):
+        opts = ctx.opts
+        grad_out = grads[0]
+        grad_x = grads[-1] if opts.route else None
+        none = (None,) * 12
         if grad_out is None:  # (out unused: only the routed x's gradient, if any, flows back)
-            return (grad_x if ctx.needs_input_grad[0] else None,) + none
+            return (grad_x if ctx.needs_input_grad[0] else None,) + none[1:]
         x, values, y, res, scale, shift, w, mean, invstd, crow, col, ccol, row_t, perm = ctx.saved_tensors
         batch_stats, relu_before, relu_after = ctx.flags
         k, s, p = ctx.geom
@@ -91,7 +113,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
         # the BN's sums, then the conv backward computing dy as it packs it (dy never written)
         dx, dvalues, dw, db, dres, dy_sum = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
             grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
-            mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v)
+            mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
+            *(opts.in_act or (None, None, False)))
         dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
         if need_res and not relu_after:
             dres = grad_out
@@ -99,7 +122,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         dcb = dy_sum.to(y.dtype) if has_cbias and ctx.needs_input_grad[2] else None
         dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None
         db = db.to(y.dtype) if has_b and ctx.needs_input_grad[4] else None
-        return dx, dvalues, dcb, dw, db, (dres if need_res else None), None, None, None, None, None, None
+        return (dx, dvalues, dcb, dw, db, (dres if need_res else None)) + none[:6]
 
 
 @torch.no_grad()
@@ -128,14 +151,24 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
 
 
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
-                        relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False
-                        ) -> tuple[torch.Tensor, ...]:
+                        relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
+                        *, defer: dict | None = None, in_act: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
-    `route`, a third output: x as seen through this layer (the routing of routed_input)."""
+    `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`
+    and `in_act`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
+    back and defer["act"] holds the BN for the next conv (its `in_act`)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
-    if not _can_fuse(x, conv) or (residual is not None and residual.dtype != x.dtype):
+    fusable = _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype)
+    if in_act is not None and (not fusable or not torch.is_grad_enabled()):
+        # x holds the previous layer's y: apply its BN here; its gradient passes straight through
+        # (the previous layer's backward expects the gradient of its output)
+        a, b, relu = in_act
+        act = x * a[:, None, None] + b[:, None, None]
+        act = F.relu(act) if relu else act
+        x, in_act = x + (act - x).detach(), None
+    if not fusable:
         y = ops.sparse_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
         if relu_before:
             y = F.relu(y)
@@ -154,8 +187,13 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
         out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual)
         return (out, y, x) if route else (out, y)
-    return _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
-                                   relu_before, relu_after, route)
+    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act)
+    outs = _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
+                                   relu_before, relu_after, opts)
+    if opts.defer is not None:  # (y stands for out)
+        y, *through = outs if route else (outs,)
+        return (y, y, *through)
+    return outs
 
 
 def _folded_eval(x, conv, bn, index, geom, relu_after, residual):
@@ -210,10 +248,17 @@ class SparseConvBNReLU(SparseConv2d):
     model (referenced here, not owned, so state_dict keys do not change). With `residual`, it is
     called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
     `route_input` (set by fuse_ where the block declares it), each forward under autograd keeps x
-    as seen through this layer for `routed_input`."""
+    as seen through this layer for `routed_input`. With `feeds` (set by fuse_ where this layer's
+    activation goes only to that fused layer's conv), training forwards defer the BN (+ ReLU) into
+    that conv's input packing: this layer hands on its BN input y in the activation's place, never
+    writing the activation (saved for backward: y, once, instead of y and the activation). Not while
+    a hook watches this layer's BN or ReLU modules (they would see y), nor without autograd."""
 
     route_input = False
     _routed: tuple | None = None  # (the x of the last forward, x as seen through this layer)
+    feeds: "SparseConvBNReLU | None" = None  # the fused layer that alone reads this one's activation
+    _placeholders: tuple = ()  # this layer's FusedBatchNorm2d / FusedReLU modules (hook checks)
+    _deferred: tuple | None = None  # (y of the layer before, its (scale, shift, relu)) for the next call
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
                  residual: bool = False):
@@ -232,14 +277,30 @@ class SparseConvBNReLU(SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
+        pending, self._deferred = self._deferred, None
+        if pending is not None and pending[0] is not x:
+            raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "
+                               "it; the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
         route = self.route_input and torch.is_grad_enabled()
-        out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route)
+        defer = {} if self._defers(x) else None
+        out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
+                                               defer=defer, in_act=pending[1] if pending else None)
+        if defer:  # (empty when the call could not defer)
+            self.feeds._deferred = (out, defer["act"])
         self._routed = (x, through[0]) if route else None
         if self.relu_before:  # the model calls conv -> relu -> bn: the relu placeholder passes y on
             self.bn._pending = (y, out)
             return y
         self.bn._pending = (out, out)
         return out
+
+    def _defers(self, x: torch.Tensor) -> bool:
+        if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)
+                or not _can_fuse(x, self.feeds)):
+            return False
+        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._placeholders)
 
     def to_conv(self) -> SparseConv2d:
         conv = SparseConv2d(self.weight, None, self.stride, self.padding)

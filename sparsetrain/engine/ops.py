@@ -245,7 +245,8 @@ _register(Op("sparse_conv2d_backward",
 # as it packs it (sparse_conv2d_bn_backward; bn_act_backward is the same gradient written out). Their
 # autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU), so these
 # rows have fakes only.
-def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu):
+def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
+                     in_scale=None, in_shift=None, in_relu=False):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
     return y, x.new_empty((2, crow.shape[0] - 1), dtype=torch.float64)
 
@@ -258,7 +259,7 @@ def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, inv
 
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
-                           grad_input, grad_values):
+                           grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False):
     c = mean.shape
     return (x.new_empty(x.shape if grad_input else (0,)), values.new_empty(values.shape if grad_values else (0,)),
             mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(c))
