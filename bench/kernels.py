@@ -121,9 +121,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
     p.add_argument("--only", choices=["linear", "conv", "fused", "gpu"], help="run one section")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "kernels.json"), help="JSON output path")
+    p.add_argument("--out", help="JSON output path (default results/kernels.json, or kernels_<section>.json "
+                                 "with --only, so a one-section run leaves the full tables alone)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", f"kernels_{args.only}.json" if args.only else "kernels.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]

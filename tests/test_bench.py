@@ -44,6 +44,14 @@ def test_main_writes_json(tmp_path, capsys, monkeypatch):
     assert "vs torch.sparse" in capsys.readouterr().out
 
 
+def test_one_section_run_leaves_the_full_tables_alone(monkeypatch):
+    written = []
+    monkeypatch.setattr(kernels, "bench_linear", lambda *a, **k: [])
+    monkeypatch.setattr(kernels, "write_json", lambda path, data: written.append(path))
+    kernels.main(["--only", "linear", "--quick"])
+    assert [os.path.basename(p) for p in written] == ["kernels_linear.json"]
+
+
 def test_interleaved_timing_pairs_every_side():
     import common
     calls = []

@@ -405,6 +405,10 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
     model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # conv1 defers into conv2 ...
     with pytest.raises(RuntimeError, match="did not hand it"):
         model.conv2(torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64))
+    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # a forward interrupted after conv1 ...
+    with torch.no_grad():
+        model.eval()(x)  # ... then one that does not defer: conv1 drops the stale hand-over
+    model.train()
     # a deferred BN reaching a conv that cannot fuse: applied there, its gradient passed straight through
     y = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     a, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)

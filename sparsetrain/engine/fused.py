@@ -285,8 +285,8 @@ class SparseConvBNReLU(SparseConv2d):
         defer = {} if self._defers(x) else None
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
                                                defer=defer, in_act=pending[1] if pending else None)
-        if defer:  # (empty when the call could not defer)
-            self.feeds._deferred = (out, defer["act"])
+        if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
+            self.feeds._deferred = (out, defer["act"]) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
         if self.relu_before:  # the model calls conv -> relu -> bn: the relu placeholder passes y on
             self.bn._pending = (y, out)
