@@ -170,6 +170,8 @@ def test_conv_bn_backward_opcheck_and_errors():
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
     with pytest.raises(RuntimeError, match="residual must have the shape of y"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], r[:1], *args[14:])
+    with pytest.raises(RuntimeError, match="grad_residual needs a residual and relu_after"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], None, *args[14:])
 
 
 # ============================================================================ the fused layer

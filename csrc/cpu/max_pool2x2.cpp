@@ -11,7 +11,27 @@
 namespace sparsetrain {
 namespace {
 
-// Branch-free (selects, `v != v` for NaN) so the row loop vectorises.
+// The maximum of the window {r0[0], r0[1], r1[0], r1[1]} and its position (0..3, row-major) in k:
+// the first maximum wins, a NaN wins over numbers and the last NaN over earlier ones (PyTorch's
+// CPU rule). Branch-free (selects, `v != v` for NaN) so the loops around it vectorise.
+template <typename T>
+ST_INLINE T window_max(const T* r0, const T* r1, uint8_t& k) {
+  const T a = r0[0], b = r0[1], c = r1[0], d = r1[1];
+  T m = a;
+  int p = 0;
+  const bool tb = (b > m) | (b != b);
+  m = tb ? b : m;
+  p = tb ? 1 : p;
+  const bool tc = (c > m) | (c != c);
+  m = tc ? c : m;
+  p = tc ? 2 : p;
+  const bool td = (d > m) | (d != d);
+  m = td ? d : m;
+  p = td ? 3 : p;
+  k = uint8_t(p);
+  return m;
+}
+
 template <typename T>
 ST_INLINE void pool_plane(const T* x, int64_t W, int64_t OH, int64_t OW, T* out, uint8_t* idx) {
   for (int64_t i = 0; i < OH; ++i) {
@@ -21,20 +41,7 @@ ST_INLINE void pool_plane(const T* x, int64_t W, int64_t OH, int64_t OW, T* out,
     uint8_t* id = idx + i * OW;
 #pragma omp simd
     for (int64_t j = 0; j < OW; ++j) {
-      const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-      T m = a;
-      int k = 0;
-      const bool tb = (b > m) | (b != b);
-      m = tb ? b : m;
-      k = tb ? 1 : k;
-      const bool tc = (c > m) | (c != c);
-      m = tc ? c : m;
-      k = tc ? 2 : k;
-      const bool td = (d > m) | (d != d);
-      m = td ? d : m;
-      k = td ? 3 : k;
-      o[j] = m;
-      id[j] = uint8_t(k);
+      o[j] = window_max(r0 + 2 * j, r1 + 2 * j, id[j]);
     }
   }
 }
@@ -52,9 +59,17 @@ ST_INLINE void unpool_row8(const T* g, const uint8_t* k, T* r0, T* r1) {
   const K kk = {k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]};
   const V z = {};
   const V e0 = kk == 0 ? v : z, o0 = kk == 1 ? v : z, e1 = kk == 2 ? v : z, o1 = kk == 3 ? v : z;
+#if defined(__clang__)
+#define ST_LO(u, v) __builtin_shufflevector(u, v, 0, 8, 1, 9, 2, 10, 3, 11)
+#define ST_HI(u, v) __builtin_shufflevector(u, v, 4, 12, 5, 13, 6, 14, 7, 15)
+#else
   const K lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
-  const V a = __builtin_shuffle(e0, o0, lo), b = __builtin_shuffle(e0, o0, hi);
-  const V c = __builtin_shuffle(e1, o1, lo), d = __builtin_shuffle(e1, o1, hi);
+#define ST_LO(u, v) __builtin_shuffle(u, v, lo)
+#define ST_HI(u, v) __builtin_shuffle(u, v, hi)
+#endif
+  const V a = ST_LO(e0, o0), b = ST_HI(e0, o0), c = ST_LO(e1, o1), d = ST_HI(e1, o1);
+#undef ST_LO
+#undef ST_HI
   __builtin_memcpy(r0, &a, sizeof a);
   __builtin_memcpy(r0 + 8, &b, sizeof b);
   __builtin_memcpy(r1, &c, sizeof c);
@@ -96,20 +111,7 @@ ST_INLINE void pool_pairs_n(const T* x, int64_t q0, int64_t q1, T* out, uint8_t*
     T* o = out + q * N;
     uint8_t* id = idx + q * N;
     for (int j = 0; j < N; ++j) {
-      const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
-      T m = a;
-      int k = 0;
-      const bool tb = (b > m) | (b != b);
-      m = tb ? b : m;
-      k = tb ? 1 : k;
-      const bool tc = (c > m) | (c != c);
-      m = tc ? c : m;
-      k = tc ? 2 : k;
-      const bool td = (d > m) | (d != d);
-      m = td ? d : m;
-      k = td ? 3 : k;
-      o[j] = m;
-      id[j] = uint8_t(k);
+      o[j] = window_max(r0 + 2 * j, r1 + 2 * j, id[j]);
     }
   }
 }

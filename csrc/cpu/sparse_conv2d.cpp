@@ -328,6 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& in_shift, bool in_relu) {
   check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
   TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
+  TORCH_CHECK(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
+              "the ReLU after, the residual's gradient is grad_out itself)");
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
