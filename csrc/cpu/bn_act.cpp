@@ -40,27 +40,22 @@ ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, co
 // elements cost more in loop overhead than in arithmetic (a [128, 512, 2, 2] gradient: 1.3 ms).
 constexpr int64_t kRowPlane = 64;
 
-template <typename T>
-std::vector<T> per_element(const T* per_channel, int64_t C, int64_t hw) {
-  std::vector<T> e(size_t(C * hw));
-  for (int64_t c = 0; c < C; ++c) std::fill_n(e.begin() + c * hw, hw, per_channel[c]);
-  return e;
-}
-template <typename T>
-std::vector<T> per_element_of(const double* per_channel, int64_t C, int64_t hw, int64_t stride = 1) {
+// [C * hw] of T: per_channel[c * stride] repeated hw times per channel (any source type: the
+// float64 statistics and coefficients too).
+template <typename T, typename U>
+std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t stride = 1) {
   std::vector<T> e(size_t(C * hw));
   for (int64_t c = 0; c < C; ++c) std::fill_n(e.begin() + c * hw, hw, T(per_channel[c * stride]));
   return e;
 }
-inline int64_t row_grain(int64_t row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row, 1)); }
 
 template <typename T>
 ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
                            int64_t B, int64_t C, int64_t hw, bool relu) {
   if (hw < kRowPlane) {  // sample rows; act_plane with per-element constants
     const int64_t n = C * hw;
-    const std::vector<T> a = per_element(scale, C, hw), b = per_element(shift, C, hw);
-    at::parallel_for(0, B, row_grain(n), [&](int64_t b0, int64_t b1) {
+    const std::vector<T> a = per_element<T>(scale, C, hw), b = per_element<T>(shift, C, hw);
+    at::parallel_for(0, B, plane_grain(n), [&](int64_t b0, int64_t b1) {
       for (int64_t s = b0; s < b1; ++s) {
         const int64_t o = s * n;
         const T* r = res ? res + o : nullptr;
@@ -111,15 +106,15 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
 
 // Pass 2 over planes [p0, p1): dy = ka g + kb (y - mean) + kc (kb = kc = 0 with running
 // statistics), masked by y > 0 with a ReLU before; g written out for a residual.
-template <typename T, bool RA, bool RB, bool RES, bool WG>
+template <typename T>
 ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                            const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
-                           T* dy, T* gout, double* dsum) {
+                           T* dy, T* gout, double* dsum, bool ra, bool rb) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C, o = p * hw;
-    dsum[c] += bn_dy_plane<T, RA, RB, RES, WG>(go + o, y + o, RES ? res + o : nullptr, hw, scale[c], shift[c],
-                                               T(mean[c]), T(k[3 * c]), T(k[3 * c + 1]), T(k[3 * c + 2]), dy + o,
-                                               WG ? gout + o : nullptr);  // (the conv bias's gradient)
+    dsum[c] += bn_dy_plane_for<T>(ra, rb, res != nullptr, gout != nullptr, go + o, y + o, res ? res + o : nullptr, hw,
+                                  scale[c], shift[c], T(mean[c]), T(k[3 * c]), T(k[3 * c + 1]), T(k[3 * c + 2]),
+                                  dy + o, gout ? gout + o : nullptr);  // (the conv bias's gradient)
   }
 }
 
@@ -166,7 +161,8 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   }
 }
 
-// Pass 2's instantiation for the flags: ReLU after (ra), ReLU before (rb), residual, g written out.
+// Pass 2's instantiation of the row path for the flags: ReLU after (ra), ReLU before (rb), residual,
+// g written out (the plane path's is bn_act.h's bn_dy_plane_for).
 #define ST_BN_DY_SWITCH(T, F, ARGS)                                                \
   do {                                                                           \
     const bool wg = gout != nullptr;                                             \
@@ -193,7 +189,7 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
                               int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) { \
-    ST_BN_DY_SWITCH(T, bwd_dy_impl, (go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum)); \
+    bwd_dy_impl<T>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum, ra, rb);           \
   }                                                                                                \
   ST_MULTIVERSION void row_sums(const T* go, const T* y, const T* res, const T* const* e, int64_t n, \
                                 int64_t s0, int64_t s1, T* acc, bool ra) {                         \
@@ -313,10 +309,10 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
     // per-thread partial sums (planes or rows in memory order), summed in thread order
     if (hw < kRowPlane) {
       const int64_t n = C * hw;
-      const std::vector<T> a = per_element(sp, C, hw), b = per_element(hp, C, hw), mm = per_element_of<T>(m, C, hw);
+      const std::vector<T> a = per_element<T>(sp, C, hw), b = per_element<T>(hp, C, hw), mm = per_element<T>(m, C, hw);
       const T* ep[3] = {a.data(), b.data(), mm.data()};
       std::vector<T> racc(size_t(nth) * 2 * n, T(0));
-      at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
+      at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
         row_sums(gp, yp, rp, ep, n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after);
       });
       for (int64_t t = 0; t < nth; ++t)
@@ -360,12 +356,12 @@ void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* 
     T* gout = gout_t ? gout_t->data_ptr<T>() : nullptr;
     if (hw < kRowPlane) {
       const int64_t n = C * hw;
-      std::vector<std::vector<T>> e = {per_element(sp, C, hw), per_element(hp, C, hw), per_element_of<T>(m, C, hw)};
-      for (int64_t j = 0; j < 3; ++j) e.push_back(per_element_of<T>(k.data() + j, C, hw, 3));
+      std::vector<std::vector<T>> e = {per_element<T>(sp, C, hw), per_element<T>(hp, C, hw), per_element<T>(m, C, hw)};
+      for (int64_t j = 0; j < 3; ++j) e.push_back(per_element<T>(k.data() + j, C, hw, 3));
       const T* ep[6];
       for (int64_t j = 0; j < 6; ++j) ep[j] = e[j].data();
       std::vector<T> racc(size_t(nth) * n, T(0));
-      at::parallel_for(0, B, row_grain(n), [&](int64_t s0, int64_t s1) {
+      at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
         row_dy(gp, yp, rp, ep, n, s0, s1, dy.data_ptr<T>(), gout, racc.data() + size_t(at::get_thread_num()) * n,
                relu_after, relu_before);
       });

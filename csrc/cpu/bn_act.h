@@ -34,14 +34,17 @@ ST_INLINE T bn_dy_plane(const T* gp, const T* yp, const T* rp, int64_t n, T a, T
   return s;
 }
 
-// Calls bn_dy_plane for the flags (a ReLU before and a residual do not combine: fused.py).
+// Calls bn_dy_plane for the flags: ReLU after (ra), ReLU before (rb), residual (read only with ra:
+// it only moves the recomputed mask), g written to op (wg).
 template <typename T>
 ST_INLINE T bn_dy_plane_for(bool ra, bool rb, bool res, bool wg, const T* gp, const T* yp, const T* rp, int64_t n,
                             T a, T b, T m, T ka, T kb, T kc, T* dp, T* op) {
-#define ST_BN_PLANE(RA, RB, RES, WG) bn_dy_plane<T, RA, RB, RES, WG>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op)
-  if (ra && res) return wg ? ST_BN_PLANE(true, false, true, true) : ST_BN_PLANE(true, false, true, false);
-  if (ra) return rb ? ST_BN_PLANE(true, true, false, false) : ST_BN_PLANE(true, false, false, false);
-  return rb ? ST_BN_PLANE(false, true, false, false) : ST_BN_PLANE(false, false, false, false);
+#define ST_BN_PLANE(RA, RB, RES) \
+  (wg ? bn_dy_plane<T, RA, RB, RES, true>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op) \
+      : bn_dy_plane<T, RA, RB, RES, false>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op))
+  if (ra && res) return rb ? ST_BN_PLANE(true, true, true) : ST_BN_PLANE(true, false, true);
+  if (ra) return rb ? ST_BN_PLANE(true, true, false) : ST_BN_PLANE(true, false, false);
+  return rb ? ST_BN_PLANE(false, true, false) : ST_BN_PLANE(false, false, false);
 #undef ST_BN_PLANE
 }
 

@@ -149,15 +149,15 @@ struct ConvGeom {
 // The BatchNorm input-gradient pass (bn_act.h) applied while the phase-plane backward packs its dy
 // tiles (sparse_conv2d_bn_backward): the op's grad_out is the BatchNorm's output gradient g and each
 // packed plane is bn_dy_plane(g, y, res); dy is never written. g masked by the ReLU after goes to
-// gout for a residual and the planes' sums to dsum [tiles][O] (the conv bias's gradient), both by
-// the first channel chunk of each tile only.
+// gout for a residual and the planes' sums are added to dsum [O] (the conv bias's gradient, via
+// per-tile partials), both by the first channel chunk of each tile only.
 template <typename T>
 struct BnPack {
   const T *y, *res, *scale, *shift;       // y, res like g; scale, shift [O]
   std::vector<T> mean, ka, kb, kc;        // [O]
   bool relu_after, relu_before;
   T* gout;                                // [B, O, OH, OW] or nullptr
-  double* dsum;                           // [tiles][O] partials (run_conv's), or nullptr
+  double* dsum;                           // [O], added to, or nullptr
 };
 
 // A BatchNorm (+ ReLU) of the layer before, deferred into this conv's input packing
@@ -201,7 +201,7 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
-              double* stats = nullptr, const T* dx_add = nullptr, BnPack<T>* bn = nullptr,
+              double* stats = nullptr, const T* dx_add = nullptr, const BnPack<T>* bn = nullptr,
               const XAct<T>* xact = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)

@@ -41,6 +41,7 @@ struct Args {
   const T* dx_add;  // backward: added to dx (its layout), or nullptr
   const BnPack<T>* bn;  // backward: dy is the BatchNorm's input gradient of dy = g (BnPack), or nullptr
   const XAct<T>* xact;  // x is y of a deferred BatchNorm (XAct), or nullptr
+  double* bn_part;      // with bn->dsum: [tiles][O] partial sums of dy
 };
 
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
@@ -191,7 +192,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   T* db = scratch<T>(size_t(P.nph) * P.S, 2);
   if (pack) {
     if (A.bn) pack_dy_tile_bn(P, *A.bn, A.dy, A.used_o, b0, tb, dyp, c0 == 0 && o0 == 0,
-                              A.bn->dsum ? A.bn->dsum + tile * P.O : nullptr);
+                              A.bn_part ? A.bn_part + tile * P.O : nullptr);
     else pack_dy_tile(P, A.dy, A.used_o, b0, tb, dyp);
     if (part) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
   }
@@ -303,7 +304,7 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats,
-              const T* dx_add, BnPack<T>* bn, const XAct<T>* xact) {
+              const T* dx_add, const BnPack<T>* bn, const XAct<T>* xact) {
   const int64_t khkw = P.kh * P.kw;
   Index I;
   I.used_c.assign(P.C, 0);
@@ -355,10 +356,9 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
-            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn, xact};
-  double* bn_sums = bn ? bn->dsum : nullptr;  // the caller's [O]; the tiles write partials first
-  std::vector<double> bn_part(bn_sums ? size_t(P.nbt) * P.O : 0, 0.0);
-  if (bn_sums) bn->dsum = bn_part.data();
+            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn, xact, nullptr};
+  std::vector<double> bn_part(bn && bn->dsum ? size_t(P.nbt) * P.O : 0, 0.0);
+  if (!bn_part.empty()) A.bn_part = bn_part.data();
   std::vector<double> part(y && stats ? size_t(P.nbt) * P.O * 2 : 0, 0.0);
   if (!part.empty()) A.stats = part.data();
   run_tasks<T>(
@@ -368,11 +368,9 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
         bwd_task(A, tile, c0, c1, o0, o1, pack, part);
       });
   if (!part.empty()) reduce_stats(part, P.nbt, P.O, stats);
-  if (bn_sums) {  // in tile order (deterministic)
+  if (!bn_part.empty())  // added to the caller's [O] in tile order (deterministic)
     for (int64_t t = 0; t < P.nbt; ++t)
-      for (int64_t o = 0; o < P.O; ++o) bn_sums[o] += bn_part[t * P.O + o];
-    bn->dsum = bn_sums;
-  }
+      for (int64_t o = 0; o < P.O; ++o) bn->dsum[o] += bn_part[t * P.O + o];
 }
 
 }  // namespace sparsetrain
