@@ -2,7 +2,8 @@
 and model conversion, and the policy of when a layer goes sparse. It knows nothing of pruning
 rules or the DSD2 study.
 
-Modules, bottom up: backend (kernel mode) -> formats (CSR) -> bsr (BSR, BSRLinear) -> ops (the op
+Modules, bottom up: backend (kernel mode), hooks (a measurement pass in eval mode) -> formats (CSR)
+-> bsr (BSR, BSRLinear) -> ops (the op
 table; loads the C++ extension) -> nn (layers, masks) -> fused (sparse conv + BatchNorm + ReLU as one layer)
 -> fuse (fuse_/unfuse_: the fx pattern rewrite) -> convert (sparsify_/densify_) -> policy.
 """

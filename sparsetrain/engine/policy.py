@@ -30,6 +30,7 @@ from torch import nn
 
 from .convert import sparsify_
 from .fuse import fuse_
+from .hooks import hooked_eval
 from .nn import SPARSE_TYPES, SparseConv2d, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
@@ -94,14 +95,8 @@ def _input_shapes(model: nn.Module, example: torch.Tensor, names: set) -> dict[s
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_pre_hook(record(n)))
-    was = model.training
-    model.eval()  # (no running-statistics update)
-    try:
+    with hooked_eval(model, hooks):
         model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
     return shapes
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..engine.hooks import hooked_eval
+
 __all__ = ["activation_entropy", "binary_entropy"]
 
 
@@ -85,10 +87,8 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
         return hook
 
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
-    was_training = model.training
-    model.eval()
     samples = 0
-    try:
+    with hooked_eval(model, handles):
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor):
@@ -97,10 +97,6 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             if x.shape[0]:
                 model(x.to(device, non_blocking=True))
             samples += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
         counts = {k: reduce(counts[k]) for k in sorted(counts)}
         samples = int(reduce(torch.tensor([samples], dtype=torch.int64, device=device))[0])

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from ..engine.hooks import hooked_eval
+
 __all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_round_flops"]
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU)
@@ -162,14 +164,8 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
     p = next(model.parameters(), None)
     x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
                     device=p.device if p is not None else "cpu")
-    was_training = model.training
-    model.eval()
-    try:
+    with hooked_eval(model, handles):
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {"total": totals["weights"] + totals["elementwise"], **totals, "per_layer": per_layer}
 
 
