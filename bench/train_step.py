@@ -115,17 +115,25 @@ def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> flo
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
-    g = torch.Generator().manual_seed(123)
-    x, t = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
-    model = build(name, sparsity, engine).train()
+def _trainer(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
+    """One SGD training step of `model` on (x, t), as a function."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    for i in range(steps + 1):
-        if i == 1:
-            _reset_peak()  # after the warm-up step
+
+    def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), t).backward()
         opt.step()
+    return step
+
+
+def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
+    g = torch.Generator().manual_seed(123)
+    x, t = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    step = _trainer(build(name, sparsity, engine).train(), x, t)
+    for i in range(steps + 1):
+        if i == 1:
+            _reset_peak()  # after the warm-up step
+        step()
     return _vm("VmHWM") / 2**20
 
 
@@ -146,13 +154,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             times, peaks = {e: [] for e in ENGINES}, {e: 0 for e in ENGINES}
             for engine in ENGINES:
                 model = build(name, sp, engine).to(device).train()
-                opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-
-                def step(model=model, opt=opt):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), t).backward()
-                    opt.step()
-
+                step = _trainer(model, x, t)
                 step()  # warm-up (builds cached indices, buffers)
                 steps_of[engine] = step
                 row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -179,7 +181,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             if isolated_peaks and not cuda:
                 for engine in ENGINES:
                     row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine)
-                print(f"      peak RSS, one model per process: " +
+                print("      peak RSS, one model per process: " +
                       " / ".join(f"{e} {row[f'{e}_own_peak_mb']:.0f} MB" for e in ENGINES), flush=True)
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
             row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
