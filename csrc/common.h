@@ -56,6 +56,14 @@ struct SimdVec {
   typedef T U __attribute__((vector_size(VB), aligned(sizeof(T))));
 };
 
+// Sum of the lanes of one VB-byte vector.
+template <typename T, int VB>
+ST_INLINE T hsum(typename SimdVec<T, VB>::V v) {
+  T s = 0;
+  for (size_t t = 0; t < VB / sizeof(T); ++t) s += v[t];
+  return s;
+}
+
 // Kernels keep at most this many accumulator vectors (of the 16 AVX2/baseline registers) and cut
 // wider blocks into passes.
 constexpr int kMaxAcc = 8;

@@ -12,7 +12,8 @@ from sparsetrain.engine.ops import simd_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # phase-plane conv (sparse and channel-blocked rows, strides, streamed rows, fp64), small-map conv
-# (every tile width), linear (tile widths 16 and 64, fp64)
+# (every tile width), linear (tile widths 16 and 64, fp64), the BatchNorm passes fused around the
+# conv (vector bodies and scalar tails, against nn.BatchNorm2d)
 SELECTION = [
     "test_sparse_conv2d.py::test_many_tiles_chunks_and_threads",
     "test_sparse_conv2d.py::test_rectangular_kernels_strides_paddings",
@@ -23,6 +24,7 @@ SELECTION = [
     "test_sparse_linear.py::test_matches_dense_masked",
     "test_sparse_linear.py::test_large_batch_tiles_and_threads",
     "test_sparse_linear.py::test_float64",
+    "test_fused.py::test_fused_matches_unfused",
 ]
 
 

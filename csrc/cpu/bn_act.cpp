@@ -83,36 +83,59 @@ ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* 
 // The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff pre(...) > 0.
 // Pass 1 over planes [p0, p1) (memory order), sums into part [C][2]: sum g and sum g (y - mean),
 // g = grad_out masked by the ReLU after (float per plane, double across planes).
-template <typename T, bool RA, bool RES>
+template <typename T, int VB, bool RA, bool RES>
 ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                              const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part) {
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
+  constexpr int64_t L = VB / sizeof(T);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C;
     const T* gp = go + p * hw;
     const T* yp = y + p * hw;
     const T* rp = RES ? res + p * hw : nullptr;
     const T a = scale[c], b = shift[c], m = T(mean[c]);
-    T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t i = 0; i < hw; ++i) {
-      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+    V s1{}, s2{};  // explicit vectors: an `omp simd reduction` kept these in stack slots
+    int64_t i = 0;
+    for (; i + L <= hw; i += L) {
+      V g = *reinterpret_cast<const U*>(gp + i);
+      const V yv = *reinterpret_cast<const U*>(yp + i);
+      if constexpr (RA) {
+        V pre = yv * a + b;  // bn_pre's expression
+        if constexpr (RES) pre = pre + V(*reinterpret_cast<const U*>(rp + i));
+        g = pre > T(0) ? g : V{};
+      }
       s1 += g;
-      s2 += g * (yp[i] - m);
+      s2 += g * (yv - m);
     }
-    part[2 * c] += s1;
-    part[2 * c + 1] += s2;
+    T t1 = hsum<T, VB>(s1), t2 = hsum<T, VB>(s2);
+    for (; i < hw; ++i) {
+      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      t1 += g;
+      t2 += g * (yp[i] - m);
+    }
+    part[2 * c] += t1;
+    part[2 * c + 1] += t2;
   }
+}
+
+template <typename T, int VB>
+ST_INLINE void bwd_sums_for(const T* go, const T* y, const T* res, const T* scale, const T* shift,
+                            const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part, bool ra) {
+  if (ra && res) bwd_sums_impl<T, VB, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
+  else if (ra) bwd_sums_impl<T, VB, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
+  else bwd_sums_impl<T, VB, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
 }
 
 // Pass 2 over planes [p0, p1): dy = ka g + kb (y - mean) + kc (kb = kc = 0 with running
 // statistics), masked by y > 0 with a ReLU before; g written out for a residual.
-template <typename T>
+template <typename T, int VB>
 ST_INLINE void bwd_dy_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                            const double* mean, const double* k, int64_t C, int64_t hw, int64_t p0, int64_t p1,
                            T* dy, T* gout, double* dsum, bool ra, bool rb) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C, o = p * hw;
-    dsum[c] += bn_dy_plane_for<T>(ra, rb, res != nullptr, gout != nullptr, go + o, y + o, res ? res + o : nullptr, hw,
+    dsum[c] += bn_dy_plane_for<T, VB>(ra, rb, res != nullptr, gout != nullptr, go + o, y + o, res ? res + o : nullptr, hw,
                                   scale[c], shift[c], T(mean[c]), T(k[3 * c]), T(k[3 * c + 1]), T(k[3 * c + 2]),
                                   dy + o, gout ? gout + o : nullptr);  // (the conv bias's gradient)
   }
@@ -182,14 +205,12 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
                                 double* part, bool ra) {                                           \
-    if (ra && res) bwd_sums_impl<T, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part); \
-    else if (ra) bwd_sums_impl<T, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part); \
-    else bwd_sums_impl<T, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);       \
+    ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra)));       \
   }                                                                                                \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
                               int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) { \
-    bwd_dy_impl<T>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum, ra, rb);           \
+    ST_SWITCH_VB((bwd_dy_impl<T, VB>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum, ra, rb))); \
   }                                                                                                \
   ST_MULTIVERSION void row_sums(const T* go, const T* y, const T* res, const T* const* e, int64_t n, \
                                 int64_t s0, int64_t s1, T* acc, bool ra) {                         \

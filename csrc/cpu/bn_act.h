@@ -15,19 +15,49 @@ ST_INLINE T bn_pre(const T* y, const T* r, int64_t i, T a, T b) {
   return y[i] * a + b;
 }
 
-// The input gradient on one plane of n elements: dy = ka g + kb (y - mean) + kc with g = grad_out
-// masked by the ReLU after (RA, recomputed), masked by y > 0 with a ReLU before (RB); g written to
-// op for a residual (WG). Returns the plane's sum of dy (float, as one plane).
-template <typename T, bool RA, bool RB, bool RES, bool WG>
+// One element (T) or vector (SimdVec V) of the input gradient: dy = ka g + kb (y - mean) + kc with
+// g = grad_out masked by the ReLU after (RA, recomputed with bn_pre's expression), masked by y > 0
+// with a ReLU before (RB); g itself returned in gm (written out for a residual).
+template <bool RA, bool RB, bool RES, typename X, typename T>
+ST_INLINE X bn_dy_value(X g, X y, X r, T a, T b, T m, T ka, T kb, T kc, X& gm) {
+  if constexpr (RA) {
+    X pre = y * a + b;
+    if constexpr (RES) pre = pre + r;
+    g = pre > T(0) ? g : X{};  // NaN: masked, as the forward's ReLU mask
+  }
+  gm = g;
+  X v = ka * g + kb * (y - m) + kc;
+  if constexpr (RB) v = y > T(0) ? v : X{};
+  return v;
+}
+
+// The input gradient on one plane of n elements (bn_dy_value), written to dp, g to op for a
+// residual (WG). Returns the plane's sum of dy (float, lanes of VB-byte vectors summed last).
+// Explicit vectors: GCC's `omp simd reduction` kept the sum (and the masked g) in stack slots,
+// a store-to-load chain per vector.
+template <typename T, int VB, bool RA, bool RB, bool RES, bool WG>
 ST_INLINE T bn_dy_plane(const T* gp, const T* yp, const T* rp, int64_t n, T a, T b, T m, T ka, T kb, T kc,
                         T* dp, T* op) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
-    if constexpr (WG) op[i] = g;
-    T v = ka * g + kb * (yp[i] - m) + kc;
-    if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
+  constexpr int64_t L = VB / sizeof(T);
+  V s0{}, s1{};
+  int64_t i = 0;
+  auto step = [&](int64_t j, V& s) {
+    V gm;
+    const V v = bn_dy_value<RA, RB, RES>(V(*reinterpret_cast<const U*>(gp + j)), V(*reinterpret_cast<const U*>(yp + j)),
+                                         RES ? V(*reinterpret_cast<const U*>(rp + j)) : V{}, a, b, m, ka, kb, kc, gm);
+    if constexpr (WG) *reinterpret_cast<U*>(op + j) = gm;
+    *reinterpret_cast<U*>(dp + j) = v;
+    s += v;
+  };
+  for (; i + 2 * L <= n; i += 2 * L) step(i, s0), step(i + L, s1);
+  if (i + L <= n) step(i, s0), i += L;
+  T s = hsum<T, VB>(s0 + s1);
+  for (; i < n; ++i) {
+    T gm;
+    const T v = bn_dy_value<RA, RB, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a, b, m, ka, kb, kc, gm);
+    if constexpr (WG) op[i] = gm;
     dp[i] = v;
     s += v;
   }
@@ -36,12 +66,12 @@ ST_INLINE T bn_dy_plane(const T* gp, const T* yp, const T* rp, int64_t n, T a, T
 
 // Calls bn_dy_plane for the flags: ReLU after (ra), ReLU before (rb), residual (read only with ra:
 // it only moves the recomputed mask), g written to op (wg).
-template <typename T>
+template <typename T, int VB>
 ST_INLINE T bn_dy_plane_for(bool ra, bool rb, bool res, bool wg, const T* gp, const T* yp, const T* rp, int64_t n,
                             T a, T b, T m, T ka, T kb, T kc, T* dp, T* op) {
 #define ST_BN_PLANE(RA, RB, RES) \
-  (wg ? bn_dy_plane<T, RA, RB, RES, true>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op) \
-      : bn_dy_plane<T, RA, RB, RES, false>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op))
+  (wg ? bn_dy_plane<T, VB, RA, RB, RES, true>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op) \
+      : bn_dy_plane<T, VB, RA, RB, RES, false>(gp, yp, rp, n, a, b, m, ka, kb, kc, dp, op))
   if (ra && res) return rb ? ST_BN_PLANE(true, true, true) : ST_BN_PLANE(true, false, true);
   if (ra) return rb ? ST_BN_PLANE(true, true, false) : ST_BN_PLANE(true, false, false);
   return rb ? ST_BN_PLANE(false, true, false) : ST_BN_PLANE(false, false, false);

@@ -7,14 +7,6 @@
 
 namespace sparsetrain {
 
-// Sum of the lanes of one VB-byte vector (SimdVec, common.h).
-template <typename T, int VB>
-ST_INLINE T hsum(typename SimdVec<T, VB>::V v) {
-  T s = 0;
-  for (size_t t = 0; t < VB / sizeof(T); ++t) s += v[t];
-  return s;
-}
-
 // dvals[p] = sum over threads t of partial[t * nnz + p], in a fixed order (deterministic).
 template <typename T>
 void reduce_partials(const T* partial, int64_t nth, int64_t nnz, T* dvals) {

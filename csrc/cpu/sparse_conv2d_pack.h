@@ -150,7 +150,7 @@ ST_INLINE void pack_dy_tile(const Plan& P, const T* dy, const uint8_t* used, int
 // pack_dy_tile with the BatchNorm's input gradient computed per plane from g (BnPack): every plane
 // a packed row reads, and, for the first channel chunk of the tile (`first`), every plane for the
 // residual's gradient and the bias sums (dsum: this tile's [O] partials).
-template <typename T>
+template <typename T, int VB>
 ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, const uint8_t* used, int64_t b0,
                                int64_t tb, T* dyp, bool first, double* dsum) {
   const int64_t O = P.O, ohw = P.OH * P.OW, ys = P.ys;
@@ -162,7 +162,7 @@ ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, co
     for (int64_t o = 0; o < O; ++o) {
       if (!used[o] && !all) continue;
       const int64_t off = ((b0 + b) * O + o) * ohw;
-      const T s = bn_dy_plane_for<T>(G.relu_after, G.relu_before, G.res != nullptr, wg, g + off, G.y + off,
+      const T s = bn_dy_plane_for<T, VB>(G.relu_after, G.relu_before, G.res != nullptr, wg, g + off, G.y + off,
                                      G.res ? G.res + off : nullptr, ohw, G.scale[o], G.shift[o], G.mean[o], G.ka[o],
                                      G.kb[o], G.kc[o], tmp, wg ? G.gout + off : nullptr);
       if (first && dsum) dsum[o] += s;

@@ -191,7 +191,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   T* dyp = scratch<T>(size_t(P.O) * P.ys, 1);
   T* db = scratch<T>(size_t(P.nph) * P.S, 2);
   if (pack) {
-    if (A.bn) pack_dy_tile_bn(P, *A.bn, A.dy, A.used_o, b0, tb, dyp, c0 == 0 && o0 == 0,
+    if (A.bn) pack_dy_tile_bn<T, VB>(P, *A.bn, A.dy, A.used_o, b0, tb, dyp, c0 == 0 && o0 == 0,
                               A.bn_part ? A.bn_part + tile * P.O : nullptr);
     else pack_dy_tile(P, A.dy, A.used_o, b0, tb, dyp);
     if (part) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
