@@ -125,6 +125,48 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
   TORCH_CHECK(ok, idx_name, " has entries outside [0, ", cols, ")");
 }
 
+// ReLU-state counts of a forward's output (relu_counts of sparse_conv2d_stats and bn_act; the
+// activation entropy of Eq. 1, as relu_count_ computes it from the written output): per neuron n
+// the samples whose output is > 0, counted while the output is in cache. Tasks of different batch
+// tiles share neurons, so each thread adds to its own int32 row of `part` [threads][neurons], and
+// the rows are added to the caller's int64 counts after the parallel loop.
+struct StateCounts {
+  int64_t* counts = nullptr;  // [neurons], added to; nullptr: no counting
+  int64_t neurons = 0;
+  std::vector<int32_t> part;
+  StateCounts(int64_t* c, int64_t n) : counts(c), neurons(n) {
+    if (c) part.assign(size_t(at::get_num_threads()) * n, 0);
+  }
+  int32_t* mine() { return counts ? part.data() + size_t(at::get_thread_num()) * neurons : nullptr; }
+  void finish() {
+    if (!counts) return;
+    const int64_t nth = int64_t(part.size()) / std::max<int64_t>(neurons, 1);
+    for (int64_t t = 0; t < nth; ++t)
+      for (int64_t i = 0; i < neurons; ++i) counts[i] += part[t * neurons + i];
+  }
+};
+
+// c[r * n + i] += (v[r * pitch + i] > 0) over `rows` rows of n values (NaN: not positive).
+template <typename T>
+ST_INLINE void count_positive(int32_t* __restrict c, const T* v, int64_t pitch, int64_t n, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* vr = v + r * pitch;
+    int32_t* cr = c + r * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) cr[i] += vr[i] > T(0) ? 1 : 0;
+  }
+}
+
+// relu_counts of sparse_conv2d_stats / bn_act: int64 [neurons] on the CPU, contiguous (added to).
+inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
+  check_cpu(c, "relu_counts");
+  TORCH_CHECK(c.scalar_type() == at::kLong, "relu_counts must have dtype int64, got ", c.scalar_type());
+  TORCH_CHECK(c.is_contiguous(), "relu_counts must be contiguous");
+  TORCH_CHECK(c.numel() == neurons, "relu_counts must have one entry per output neuron (", neurons,
+              " = channels * height * width), got ", c.numel());
+  return c.data_ptr<int64_t>();
+}
+
 // Thread-local scratch that survives between calls: no page-fault zero fill per call.
 template <typename T>
 T* scratch(size_t n, int slot) {

@@ -50,12 +50,14 @@ TORCH_LIBRARY(sparsetrain, m) {
       "int[2] padding, Tensor? bias) -> Tensor");
   // the forward with a BatchNorm epilogue (engine/fused.py): y (relu(y) when relu) and stats
   // [2, O] float64, the per-channel sum and sum of squares of the output; with in_scale/in_shift
-  // x is the previous layer's BatchNorm input and the conv reads act(in_scale * x + in_shift)
+  // x is the previous layer's BatchNorm input and the conv reads act(in_scale * x + in_shift);
+  // relu_counts (int64 [O * OH * OW]) += per output neuron, the samples with y > 0 (relu_count_'s
+  // count, taken in the epilogue)
   m.def(
       "sparse_conv2d_stats(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, Tensor? bias, bool relu, Tensor? in_scale=None, Tensor? in_shift=None, "
-      "bool in_relu=False) -> (Tensor, Tensor)");
+      "bool in_relu=False, Tensor(a!)? relu_counts=None) -> (Tensor, Tensor)");
   // the input gradient (+ grad_input_add, a gradient of x from another branch, added in the
   // kernel's epilogue: no extra pass)
   m.def(
@@ -84,7 +86,8 @@ TORCH_LIBRARY(sparsetrain, m) {
   // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty, and
   // sum grad_y [C] f64 for a conv bias; the ReLU
   // after is recomputed from y, scale and shift); weight, mean and invstd are float64 [C]
-  m.def("bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  m.def("bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
+        "Tensor(a!)? relu_counts=None) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? residual, Tensor scale, Tensor shift, Tensor weight, "
       "Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, bool relu_before, "

@@ -49,9 +49,10 @@ std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t 
   return e;
 }
 
+// With sc: the positive outputs counted per neuron (c, pixel) while each plane or row is in cache.
 template <typename T>
 ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
-                           int64_t B, int64_t C, int64_t hw, bool relu) {
+                           int64_t B, int64_t C, int64_t hw, bool relu, StateCounts* sc) {
   if (hw < kRowPlane) {  // sample rows; act_plane with per-element constants
     const int64_t n = C * hw;
     const std::vector<T> a = per_element<T>(scale, C, hw), b = per_element<T>(shift, C, hw);
@@ -63,6 +64,7 @@ ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* 
         else if (relu) act_row<T, true, false>(y + o, r, out + o, n, a.data(), b.data());
         else if (res) act_row<T, false, true>(y + o, r, out + o, n, a.data(), b.data());
         else act_row<T, false, false>(y + o, r, out + o, n, a.data(), b.data());
+        if (sc) count_positive(sc->mine(), out + o, 0, n, 1);
       }
     });
     return;
@@ -75,6 +77,7 @@ ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* 
       else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, scale[c], shift[c]);
       else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, scale[c], shift[c]);
       else act_plane<T, false, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+      if (sc) count_positive(sc->mine() + c * hw, out + o, 0, hw, 1);
     }
   });
 }
@@ -199,8 +202,8 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
 
 #define ST_BN_ACT_TASKS(T)                                                                         \
   ST_MULTIVERSION void bn_act_run(const T* y, const T* scale, const T* shift, const T* res,       \
-                                  T* out, int64_t B, int64_t C, int64_t hw, bool relu) {            \
-    bn_act_impl<T>(y, scale, shift, res, out, B, C, hw, relu);                                     \
+                                  T* out, int64_t B, int64_t C, int64_t hw, bool relu, StateCounts* sc) { \
+    bn_act_impl<T>(y, scale, shift, res, out, B, C, hw, relu, sc);                                 \
   }                                                                                                \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
@@ -252,7 +255,8 @@ void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const 
 int64_t plane_size(const at::Tensor& y) { return y.dim() > 2 ? y.numel() / std::max<int64_t>(y.size(0) * y.size(1), 1) : 1; }
 
 at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                  const std::optional<at::Tensor>& residual, bool relu) {
+                  const std::optional<at::Tensor>& residual, bool relu,
+                  const std::optional<at::Tensor>& relu_counts) {
   check_act(y, "y");
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y);
   check_channels(scale, C, y.scalar_type(), "scale");
@@ -261,11 +265,14 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
   const at::Tensor yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
   at::Tensor out = pooled_empty(yc.sizes(), yc.options());  // (no page faults on a fresh buffer)
+  StateCounts counts(relu_counts ? check_state_counts(*relu_counts, C * hw) : nullptr, C * hw);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act", [&] {
     bn_act_run(yc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
-               residual ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, C, hw, relu);
+               residual ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, C, hw, relu,
+               counts.counts ? &counts : nullptr);
   });
+  counts.finish();
   return out;
 }
 
@@ -295,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
 }  // namespace
 
 at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
-  return bn_act(y, scale, shift, std::nullopt, relu);
+  return bn_act(y, scale, shift, std::nullopt, relu, std::nullopt);
 }
 
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,

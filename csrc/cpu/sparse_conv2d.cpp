@@ -94,7 +94,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
                         const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
                         const at::Tensor& perm, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
-                        at::Tensor* stats, std::optional<XActArgs> ia = std::nullopt) {
+                        at::Tensor* stats, std::optional<XActArgs> ia = std::nullopt,
+                        const std::optional<at::Tensor>& relu_counts = std::nullopt) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   const int64_t O = crow.numel() - 1, cols = ccol.numel() - 1, C = in_channels(cols, a);
   check_compressed(crow, col, cols, "crow_indices", "col_indices");
@@ -115,6 +116,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
                            col.numel());
   at::Tensor y = pooled_empty({P.B, O, P.OH, P.OW}, x.options());
   if (stats) *stats = at::zeros({2, O}, x.options().dtype(at::kDouble));
+  int64_t* counts = relu_counts ? check_state_counts(*relu_counts, O * P.OH * P.OW) : nullptr;
   if (y.numel() == 0) return y;
   double* st = stats ? stats->data_ptr<double>() : nullptr;
   const int64_t sbt = small_conv_tile(P, x.element_size());
@@ -127,11 +129,11 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
                                   bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
                                   col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr,
                                   nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr,
-                                  relu, st);
+                                  relu, st, nullptr, counts);
     run_conv<scalar_t>(P, xc.data_ptr<scalar_t>(), nullptr, bias ? bc.data_ptr<scalar_t>() : nullptr,
                        crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(),
                        nullptr, nullptr, nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr,
-                       relu, st, nullptr, nullptr, ia ? &xa : nullptr);
+                       relu, st, nullptr, nullptr, ia ? &xa : nullptr, counts);
   });
   return y;
 }
@@ -152,11 +154,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
     const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
     const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
-    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu) {
+    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu,
+    const std::optional<at::Tensor>& relu_counts) {
   at::Tensor stats;
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
-                              bias, relu, &stats, check_in_act(in_scale, in_shift, in_relu, x, x.size(1)));
+                              bias, relu, &stats, check_in_act(in_scale, in_shift, in_relu, x, x.size(1)),
+                              relu_counts);
   return {y, stats};
 }
 

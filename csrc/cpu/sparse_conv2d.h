@@ -186,7 +186,8 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
 
 // y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
 // vals) and dvalues when dvals is given (dy, x, crow, col). With y, the epilogue (conv_epilogue):
-// relu(y) when `relu`, and its per-channel sums and sums of squares in stats [2, O] when given.
+// relu(y) when `relu`, its per-channel sums and sums of squares in stats [2, O] when given, and
+// the positive outputs counted per neuron into relu_counts [O * OH * OW] when given (StateCounts).
 // With dx and dx_add ([B, C, H, W], like dx): dx = conv_transpose(dy) + dx_add, the addition done
 // on each tile while it is in cache (a gradient from another branch that reads x: no extra pass).
 template <typename T>
@@ -194,7 +195,7 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
               double* stats = nullptr, const T* dx_add = nullptr, const BnPack<T>* bn = nullptr,
-              const XAct<T>* xact = nullptr);
+              const XAct<T>* xact = nullptr, int64_t* relu_counts = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
 // Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
@@ -206,6 +207,7 @@ template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
                 const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
-                bool relu = false, double* stats = nullptr, const T* dx_add = nullptr);
+                bool relu = false, double* stats = nullptr, const T* dx_add = nullptr,
+                int64_t* relu_counts = nullptr);
 
 }  // namespace sparsetrain

@@ -97,6 +97,6 @@ ST_DEFINE_TASKS(float)
 template void run_conv<float>(const Plan&, const float*, const float*, const float*, const int64_t*,
                               const int32_t*, const float*, const int64_t*, const int32_t*,
                               const int64_t*, int64_t, float*, float*, float*, bool, double*,
-                              const float*, const BnPack<float>*, const XAct<float>*);
+                              const float*, const BnPack<float>*, const XAct<float>*, int64_t*);
 
 }  // namespace sparsetrain

@@ -11,6 +11,6 @@ ST_DEFINE_TASKS(double)
 template void run_conv<double>(const Plan&, const double*, const double*, const double*,
                                const int64_t*, const int32_t*, const double*, const int64_t*,
                                const int32_t*, const int64_t*, int64_t, double*, double*, double*, bool, double*,
-                               const double*, const BnPack<double>*, const XAct<double>*);
+                               const double*, const BnPack<double>*, const XAct<double>*, int64_t*);
 
 }  // namespace sparsetrain

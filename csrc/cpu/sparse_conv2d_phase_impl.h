@@ -42,6 +42,7 @@ struct Args {
   const BnPack<T>* bn;  // backward: dy is the BatchNorm's input gradient of dy = g (BnPack), or nullptr
   const XAct<T>* xact;  // x is y of a deferred BatchNorm (XAct), or nullptr
   double* bn_part;      // with bn->dsum: [tiles][O] partial sums of dy
+  StateCounts* counts;  // forward: positive outputs per neuron, or nullptr
 };
 
 // The operands of a nonzero are QB scattered positions (another channel, another shift): a few
@@ -133,6 +134,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
   const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
   T* xp = scratch<T>(size_t(P.C) * P.xs, 0);
   T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
+  int32_t* cnt = A.counts ? A.counts->mine() : nullptr;
   if (pack) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
   if (!P.blocked) {
     for (int64_t o = o0; o < o1; ++o) {
@@ -167,6 +169,8 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
       conv_epilogue(&init, 1, A.relu, nullptr);
       for (int64_t b = 0; b < tb; ++b) stream_fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
       if (st) st[0] = double(init) * tb * plane, st[1] = double(init) * init * tb * plane;
+      if (cnt && init > T(0))
+        for (int64_t i = 0; i < plane; ++i) cnt[o * plane + i] += int32_t(tb);
       continue;
     }
     T* src = ob + (o - o0) * P.L;
@@ -175,6 +179,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
     for (int64_t b = 0; b < tb; ++b) {
       T* yo = A.y + ((b0 + b) * O + o) * plane;
       if (epi) plane_epilogue<T, VB>(src + b * frame, PW, OW, OH, A.relu, st);
+      if (cnt) count_positive(cnt + o * plane, src + b * frame, PW, OW, OH);
       stream_rows(yo, OW, src + b * frame, PW, OW, OH);
     }
   }
@@ -304,7 +309,7 @@ template <typename T>
 void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64_t* crow,
               const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
               const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats,
-              const T* dx_add, const BnPack<T>* bn, const XAct<T>* xact) {
+              const T* dx_add, const BnPack<T>* bn, const XAct<T>* xact, int64_t* relu_counts) {
   const int64_t khkw = P.kh * P.kw;
   Index I;
   I.used_c.assign(P.C, 0);
@@ -356,7 +361,9 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
     for (int64_t k = 0; k < nnz; ++k) I.used_o[row_t[k]] = 1;
   }
   Args<T> A{&P, x, dy, vals, bias, crow, I.seg.data(), I.xoff.data(), I.dptr.data(), I.doff.data(), dval.data(),
-            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn, xact, nullptr};
+            I.used_c.data(), I.used_o.data(), y, dx, relu, nullptr, dx_add, bn, xact, nullptr, nullptr};
+  StateCounts counts(y ? relu_counts : nullptr, P.O * P.OH * P.OW);
+  if (counts.counts) A.counts = &counts;
   std::vector<double> bn_part(bn && bn->dsum ? size_t(P.nbt) * P.O : 0, 0.0);
   if (!bn_part.empty()) A.bn_part = bn_part.data();
   std::vector<double> part(y && stats ? size_t(P.nbt) * P.O * 2 : 0, 0.0);
@@ -368,6 +375,7 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
         bwd_task(A, tile, c0, c1, o0, o1, pack, part);
       });
   if (!part.empty()) reduce_stats(part, P.nbt, P.O, stats);
+  counts.finish();
   if (!bn_part.empty())  // added to the caller's [O] in tile order (deterministic)
     for (int64_t t = 0; t < P.nbt; ++t)
       for (int64_t o = 0; o < P.O; ++o) bn->dsum[o] += bn_part[t * P.O + o];

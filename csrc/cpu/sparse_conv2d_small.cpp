@@ -84,6 +84,7 @@ struct SArgs {
   bool relu;      // forward epilogue: ReLU on y
   double* stats;  // forward epilogue: [tiles][O][2] sums and sums of squares of y, or nullptr
   const T* dx_add;  // backward: added to dx (its layout), or nullptr
+  StateCounts* counts;  // forward: positive outputs per neuron, or nullptr
 };
 
 // out[0:NV vectors] = init + sum over the pixel's valid tap groups of w[e] * base[off[e] + tap
@@ -160,6 +161,7 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
   const int64_t b0 = tile * bt, tb = std::min(bt, g.B - b0);
   T* xt = scratch<T>(size_t(g.C) * hw * bt, 0);
   T* ob = scratch<T>(size_t(o1 - o0) * ohw * bt, 2);  // yt[o - o0][p][0:bt]
+  int32_t* cnt = A.counts ? A.counts->mine() : nullptr;
   if (pack) transpose_tile<T>(A.x + b0 * g.C * hw, g.C * hw, tb, bt, xt);
   for (int64_t o = o0; o < o1; ++o) {  // an empty row's groups are empty: its pixels get the bias
     const T init = A.bias ? A.bias[o] : T(0);
@@ -169,6 +171,13 @@ ST_INLINE void small_fwd_impl(const SArgs<T>& A, int64_t tile, int64_t o0, int64
     if (A.relu || A.stats)  // the epilogue on the tb real samples of each pixel, still in cache
       plane_epilogue<T, VB>(ob + (o - o0) * ohw * bt, bt, tb, ohw, A.relu,
                             A.stats ? A.stats + (tile * g.O + o) * 2 : nullptr);
+    if (cnt)  // neuron (o, p): its tb samples are one row of the staging tile
+      for (int64_t p = 0; p < ohw; ++p) {
+        const T* v = ob + ((o - o0) * ohw + p) * bt;
+        int32_t c = 0;
+        for (int64_t b = 0; b < tb; ++b) c += v[b] > T(0) ? 1 : 0;
+        cnt[o * ohw + p] += c;
+      }
   }
   untranspose_tile<T>(ob, (o1 - o0) * ohw, tb, bt, A.y + (b0 * g.O + o0) * ohw, g.O * ohw, true);
 }
@@ -257,7 +266,7 @@ template <typename T>
 void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T* bias,
                 const int64_t* crow, const int32_t* col, const T* vals, const int64_t* ccol,
                 const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
-                bool relu, double* stats, const T* dx_add) {
+                bool relu, double* stats, const T* dx_add, int64_t* relu_counts) {
   const int64_t K = g.kh * g.kw, hw = g.H * g.W, ohw = g.OH * g.OW;
   const TapList ft = fwd_taps(g, bt), btl = bwd_taps(g, bt);
   std::vector<int64_t> tptr, eoff, epos, doff;
@@ -295,7 +304,9 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
     });
   }
   SArgs<T> A{&g, bt, K, &ft, &btl, x, dy, bias, crow, tptr.data(), eoff.data(), eval.data(),
-                   epos.data(), ccol, doff.data(), dval.data(), y, dx, relu, nullptr, dx_add};
+                   epos.data(), ccol, doff.data(), dval.data(), y, dx, relu, nullptr, dx_add, nullptr};
+  StateCounts counts(y ? relu_counts : nullptr, g.O * ohw);
+  if (counts.counts) A.counts = &counts;
   const int64_t tiles = (g.B + bt - 1) / bt;
   std::vector<double> part(y && stats ? size_t(tiles) * g.O * 2 : 0, 0.0);
   A.stats = part.empty() ? nullptr : part.data();
@@ -306,15 +317,16 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
         small_bwd_task(A, tile, c0, c1, o0, o1, pack, part);
       });
   if (!part.empty()) reduce_stats(part, tiles, g.O, stats);
+  counts.finish();
 }
 
 template void small_conv<float>(const ConvGeom&, int64_t, const float*, const float*, const float*,
                                 const int64_t*, const int32_t*, const float*, const int64_t*,
                                 const int32_t*, const int64_t*, int64_t, float*, float*, float*, bool,
-                                double*, const float*);
+                                double*, const float*, int64_t*);
 template void small_conv<double>(const ConvGeom&, int64_t, const double*, const double*,
                                  const double*, const int64_t*, const int32_t*, const double*,
                                  const int64_t*, const int32_t*, const int64_t*, int64_t, double*,
-                                 double*, double*, bool, double*, const double*);
+                                 double*, double*, bool, double*, const double*, int64_t*);
 
 }  // namespace sparsetrain

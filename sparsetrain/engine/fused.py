@@ -28,7 +28,10 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
 The BN and ReLU modules stay in the model, at their names, as `FusedBatchNorm2d` / `FusedReLU`:
 the same parameters and buffers (state_dict, optimizer and checkpoints do not change) whose
 forward passes through what the fused conv computed, so forward hooks (the activation entropy
-counts ReLU outputs) still see each activation. The batch statistics are float64 sums:
+counts ReLU outputs) still see each activation. A FusedReLU with `count_states` set has its
+layer count, per neuron, the samples with a positive activation inside the kernel that applies
+the ReLU (the conv epilogue or `bn_act`: `relu_counts`), for Eq. 1's entropy without another
+read of the activation (`FusedReLU.pop_state_counts`). The batch statistics are float64 sums:
 var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6 relative for activations whose mean
 is not many orders above their spread). Running statistics follow nn.BatchNorm2d exactly
 (momentum, or the cumulative average when momentum is None; unbiased variance).
@@ -40,6 +43,7 @@ plain modules (densify_ calls it).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,10 +63,12 @@ class _Opts(NamedTuple):
     """How one fused call connects to its neighbours. route: x comes back too (routed_input).
     defer: a dict that receives (scale, shift) when the BN's output is deferred (the call returns
     y as its output; the next fused conv applies the BN while packing). in_act: (scale, shift,
-    relu) of the previous layer's deferred BN: x holds that layer's y."""
+    relu) of the previous layer's deferred BN: x holds that layer's y. counts: int64 [neurons] of
+    the ReLU's output that the kernel applying the ReLU adds its positive outputs to."""
     route: bool = False
     defer: dict | None = None
     in_act: tuple | None = None
+    counts: torch.Tensor | None = None
 
 
 class _SparseConvBNReLU(torch.autograd.Function):
@@ -79,7 +85,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
         k, s, p = geom
         in_act = opts.in_act or (None, None, False)
         y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm,
-                                                               k, s, p, cbias, relu_before, *in_act)
+                                                               k, s, p, cbias, relu_before, *in_act,
+                                                               opts.counts if relu_before else None)
         batch_stats, mean, invstd = _statistics(bn, y, stats)
         w = weight.detach().double() if weight is not None else torch.ones_like(mean)
         scale = w * invstd
@@ -92,7 +99,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
         if opts.defer is not None:  # the normalised activation is never written
             opts.defer["act"] = (scale, shift, relu_after)
             return (y, x) if opts.route else y
-        out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after)
+        out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after,
+                                           opts.counts if relu_after else None)
         ctx.mark_non_differentiable(y)
         return (out, y, x) if opts.route else (out, y)
 
@@ -152,14 +160,23 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
 
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
                         relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
-                        *, defer: dict | None = None, in_act: tuple | None = None) -> tuple[torch.Tensor, ...]:
+                        *, defer: dict | None = None, in_act: tuple | None = None,
+                        relu_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
     `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`
     and `in_act`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
-    back and defer["act"] holds the BN for the next conv (its `in_act`)."""
+    back and defer["act"] holds the BN for the next conv (its `in_act`). `relu_counts` (int64, one
+    entry per neuron of the ReLU's output, a layer with a ReLU): the samples whose activation is
+    positive are added to it, by the kernel that applies the ReLU (no deferral then)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
+    if relu_counts is not None:
+        if not (relu_before or relu_after):
+            raise ValueError("relu_counts needs a layer with a ReLU (relu_before or relu_after)")
+        if relu_counts.dtype != torch.int64 or relu_counts.dim() != 1:
+            raise TypeError(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
+        defer = None
     fusable = _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype)
     if in_act is not None and (not fusable or not torch.is_grad_enabled()):
         # x holds the previous layer's y: apply its BN here; its gradient passes straight through
@@ -176,6 +193,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         if residual is not None:
             out = out + residual
         out = F.relu(out) if relu_after else out
+        if relu_counts is not None:
+            _count_positive(relu_counts, y if relu_before else out)
         return (out, y, x) if route else (out, y)
     if x.shape[1] != conv.in_channels:  # (the C++ check names the same, with less context)
         raise ValueError(f"x must have {conv.in_channels} channels, got shape {tuple(x.shape)}")
@@ -185,9 +204,9 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     if residual is not None and residual.shape[0] != x.shape[0]:
         raise ValueError(f"residual must have the batch size of x ({x.shape[0]}), got shape {tuple(residual.shape)}")
     if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
-        out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual)
+        out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual, relu_counts)
         return (out, y, x) if route else (out, y)
-    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act)
+    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act, relu_counts)
     outs = _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
                                    relu_before, relu_after, opts)
     if opts.defer is not None:  # (y stands for out)
@@ -196,7 +215,15 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     return outs
 
 
-def _folded_eval(x, conv, bn, index, geom, relu_after, residual):
+def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
+    """counts += per neuron, the samples with act > 0 (the kernels' relu_counts, off the CPU path)."""
+    flat = act.detach().reshape(act.shape[0], -1)
+    if counts.numel() != flat.shape[1]:
+        raise ValueError(f"relu_counts must have one entry per neuron ({flat.shape[1]}), got {counts.numel()}")
+    counts += (flat > 0).sum(0).to(counts)
+
+
+def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
     """Inference with running statistics: BN is an affine map per output channel, folded into the
     conv (values * scale[row], bias * scale + shift), so the conv's epilogue writes the output
     (and its ReLU) in the one pass; a shortcut adds one pass (bn_act with scale 1, shift 0). Equal to
@@ -211,11 +238,13 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual):
     rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
     values = (values.double() * scale[rows]).to(values.dtype)
     shift = shift.to(values.dtype)
+    in_epilogue = relu_after and residual is None
     y, _ = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm, *geom, shift,
-                                                     relu_after and residual is None)
+                                                     in_epilogue, None, None, False, counts if in_epilogue else None)
     if residual is not None:
         one = torch.ones_like(shift)
-        y = torch.ops.sparsetrain.bn_act(y, one, torch.zeros_like(shift), residual, relu_after)
+        y = torch.ops.sparsetrain.bn_act(y, one, torch.zeros_like(shift), residual, relu_after,
+                                         counts if relu_after else None)
     return y, y
 
 
@@ -236,10 +265,22 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
 class FusedReLU(nn.ReLU):
     """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
-    still see the activation, for the entropy of Eq. 1)."""
+    still see the activation, for the entropy of Eq. 1). With `count_states` set, each call of that
+    layer also counts, per neuron of this activation, the samples where it is positive, inside the
+    kernel that applies the ReLU; a forward hook on this module takes them with pop_state_counts()
+    (the activation entropy does, instead of reading the activation again)."""
+
+    count_states = False
+    _state_counts: torch.Tensor | None = None
 
     def forward(self, x):
         return x
+
+    def pop_state_counts(self) -> torch.Tensor | None:
+        """The int64 counts [neurons] of this module's latest activation, once; None when its layer
+        did not count it (count_states off, or already taken)."""
+        counts, self._state_counts = self._state_counts, None
+        return counts
 
 
 class SparseConvBNReLU(SparseConv2d):
@@ -283,8 +324,16 @@ class SparseConvBNReLU(SparseConv2d):
                                "it; the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
         route = self.route_input and torch.is_grad_enabled()
         defer = {} if self._defers(x) else None
+        relu = next((m for m in self._placeholders if isinstance(m, FusedReLU)), None)
+        counts = None
+        if relu is not None and relu.count_states and x.dim() == 4:
+            counts = torch.zeros(self.out_channels * math.prod(self._out_hw(x)), dtype=torch.int64, device=x.device)
+            defer = None
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
-                                               defer=defer, in_act=pending[1] if pending else None)
+                                               defer=defer, in_act=pending[1] if pending else None,
+                                               relu_counts=counts)
+        if relu is not None:
+            relu._state_counts = counts
         if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.feeds._deferred = (out, defer["act"]) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
@@ -293,6 +342,10 @@ class SparseConvBNReLU(SparseConv2d):
             return y
         self.bn._pending = (out, out)
         return out
+
+    def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1
+                     for i in range(2))
 
     def _defers(self, x: torch.Tensor) -> bool:
         if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)

@@ -246,7 +246,7 @@ _register(Op("sparse_conv2d_backward",
 # autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU), so these
 # rows have fakes only.
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
-                     in_scale=None, in_shift=None, in_relu=False):
+                     in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
     return y, x.new_empty((2, crow.shape[0] - 1), dtype=torch.float64)
 
@@ -267,7 +267,7 @@ def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k,
 
 _register(Op("sparse_conv2d_stats", _conv_stats_fake))
 _register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake))
-_register(Op("bn_act", lambda y, scale, shift, residual, relu: y.new_empty(y.shape)))
+_register(Op("bn_act", lambda y, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape)))
 _register(Op("bn_act_backward", _bn_act_backward_fake))
 
 

@@ -15,6 +15,9 @@ Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) 
 counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
 module called k times in one forward (a reused ReLU) gives k layers, named `name`, `name#1`, ...
 Counting uses the C++ op `sparsetrain.engine.ops.relu_count_` on CPU, a torch reduction elsewhere.
+A fused layer's ReLU (`FusedReLU`, engine/fused.py) is counted inside the kernel that applies it
+(the conv's epilogue or `bn_act`, while the output is in cache): its `count_states` is set for
+the pass and the hook takes the layer's counts instead of reading the activation again.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..engine.fused import FusedReLU
 from ..engine.hooks import hooked_eval
 
 __all__ = ["activation_entropy", "binary_entropy"]
@@ -48,6 +52,22 @@ def _counter():
         else:
             counts += (out.detach().reshape(out.shape[0], -1) > 0).sum(0).to(counts)
     return count_
+
+
+class _counting:
+    """Within: the fused layers count their FusedReLU's states (count_states), restored after."""
+
+    def __init__(self, relus: list):
+        self.relus = relus
+
+    def __enter__(self):
+        for m in self.relus:
+            m.count_states = True
+
+    def __exit__(self, *exc):
+        for m in self.relus:
+            m.count_states = False
+            m._state_counts = None
 
 
 @torch.no_grad()
@@ -83,12 +103,17 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             elif counts[key].numel() != out[0].numel():
                 raise ValueError(f"layer {key!r} changed its number of neurons between batches "
                                  f"({counts[key].numel()} -> {out[0].numel()}); inputs must share a shape")
-            count_(counts[key], out)
+            counted = _mod.pop_state_counts() if isinstance(_mod, FusedReLU) else None
+            if counted is not None and counted.numel() == counts[key].numel():
+                counts[key] += counted  # (counted by the fused layer's kernel)
+            else:
+                count_(counts[key], out)
         return hook
 
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
+    fused = [m for _, m in relus if isinstance(m, FusedReLU)]
     samples = 0
-    with hooked_eval(model, handles):
+    with hooked_eval(model, handles), _counting(fused):
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor):
