@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import sparsetrain
-from sparsetrain.engine import backend
 from sparsetrain.engine.fused import FusedReLU, sparse_conv_bn_relu
 from sparsetrain.experiment import entropy as entropy_mod
 from sparsetrain.experiment.entropy import activation_entropy
