@@ -94,7 +94,9 @@ TORCH_LIBRARY(sparsetrain, m) {
       "bool grad_residual) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- 2x2 stride-2 max-pooling with one-byte window positions (csrc/cpu/max_pool2x2.cpp)
-  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  // with in_scale/in_shift, x is a fused layer's BatchNorm input y and the op pools
+  // act(in_scale[c] * y + in_shift[c]) (in_relu: ReLU), bn_act's output, which is never written
+  m.def("max_pool2x2(Tensor x, Tensor? in_scale=None, Tensor? in_shift=None, bool in_relu=False) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor indices, int[2] input_size) -> Tensor");
   // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
   // 0 for the phase-plane kernel. For tests and benchmarks; the ops pick it themselves.

@@ -44,6 +44,38 @@ def test_ties_and_nan_as_pytorch(side):
     assert torch.equal(ga, gb)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 32, 32), (2, 3, 7, 9), (4, 6, 2, 2), (2, 3, 4, 4), (3, 4, 6, 10),
+                                   (5, 2, 3, 3), (2, 3, 16, 16), (0, 3, 4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pools_a_normalised_input_as_bn_act_then_pool(shape, dtype):
+    """in_scale/in_shift (a fused layer's BatchNorm): the pool of bn_act's output, bit for bit, with its
+    window positions; every kernel path (fixed-width pairs, plane rows; bn_act's planes and rows)."""
+    g = torch.Generator().manual_seed(shape[2] * 13 + shape[3])
+    y = torch.randn(shape, generator=g, dtype=dtype)
+    c = shape[1]
+    sc, sh = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    for relu in (False, True):
+        ref, ref_idx = torch.ops.sparsetrain.max_pool2x2(torch.ops.sparsetrain.bn_act(y, sc, sh, None, relu))
+        out, idx = torch.ops.sparsetrain.max_pool2x2(y, sc, sh, relu)
+        assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+        act = y * sc[:, None, None] + sh[:, None, None]
+        torch.testing.assert_close(out, F.max_pool2d(F.relu(act) if relu else act, 2))  # (to rounding)
+
+
+def test_normalised_pooling_checks_and_refuses_autograd():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    sc, sh = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x, sc, sh, True))
+    with pytest.raises(RuntimeError, match="in_scale and in_shift must be given together"):
+        torch.ops.sparsetrain.max_pool2x2(x, sc, None)
+    with pytest.raises(RuntimeError, match="in_scale must have shape \\[3\\]"):
+        torch.ops.sparsetrain.max_pool2x2(x, sc[:2], sh)
+    with pytest.raises(RuntimeError, match="in_shift must have dtype Double"):
+        torch.ops.sparsetrain.max_pool2x2(x, sc, sh.float())
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.ops.sparsetrain.max_pool2x2(x.requires_grad_(), sc, sh)
+
+
 def test_opcheck_gradcheck_and_errors():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x.detach(),))

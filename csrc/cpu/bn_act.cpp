@@ -14,16 +14,6 @@ namespace sparsetrain {
 namespace {
 
 // ---------------------------------------------------------------- forward
-template <typename T, bool RELU, bool RES>
-ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<T, RES>(y, r, i, a, b);
-    if constexpr (RELU) v = v < T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
-    out[i] = v;
-  }
-}
-
 // act_plane over one sample's row of channels, a and b per element.
 template <typename T, bool RELU, bool RES>
 ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
@@ -49,37 +39,35 @@ std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t 
   return e;
 }
 
-// With sc: the positive outputs counted per neuron (c, pixel) while each plane or row is in cache.
+// Sample rows [s0, s1) of n = C * hw elements (maps under kRowPlane pixels), constants per element;
+// with cnt, the positive outputs counted per neuron while each row is in cache.
 template <typename T>
-ST_INLINE void bn_act_impl(const T* y, const T* scale, const T* shift, const T* res, T* out,
-                           int64_t B, int64_t C, int64_t hw, bool relu, StateCounts* sc) {
-  if (hw < kRowPlane) {  // sample rows; act_plane with per-element constants
-    const int64_t n = C * hw;
-    const std::vector<T> a = per_element<T>(scale, C, hw), b = per_element<T>(shift, C, hw);
-    at::parallel_for(0, B, plane_grain(n), [&](int64_t b0, int64_t b1) {
-      for (int64_t s = b0; s < b1; ++s) {
-        const int64_t o = s * n;
-        const T* r = res ? res + o : nullptr;
-        if (relu && res) act_row<T, true, true>(y + o, r, out + o, n, a.data(), b.data());
-        else if (relu) act_row<T, true, false>(y + o, r, out + o, n, a.data(), b.data());
-        else if (res) act_row<T, false, true>(y + o, r, out + o, n, a.data(), b.data());
-        else act_row<T, false, false>(y + o, r, out + o, n, a.data(), b.data());
-        if (sc) count_positive(sc->mine(), out + o, 0, n, 1);
-      }
-    });
-    return;
+ST_INLINE void act_rows_impl(const T* y, const T* res, T* out, int64_t n, const T* a, const T* b, int64_t s0,
+                             int64_t s1, bool relu, int32_t* cnt) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t o = s * n;
+    const T* r = res ? res + o : nullptr;
+    if (relu && res) act_row<T, true, true>(y + o, r, out + o, n, a, b);
+    else if (relu) act_row<T, true, false>(y + o, r, out + o, n, a, b);
+    else if (res) act_row<T, false, true>(y + o, r, out + o, n, a, b);
+    else act_row<T, false, false>(y + o, r, out + o, n, a, b);
+    if (cnt) count_positive(cnt, out + o, 0, n, 1);
   }
-  at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t c = p % C, o = p * hw;
-      const T* r = res ? res + o : nullptr;
-      if (relu && res) act_plane<T, true, true>(y + o, r, out + o, hw, scale[c], shift[c]);
-      else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, scale[c], shift[c]);
-      else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, scale[c], shift[c]);
-      else act_plane<T, false, false>(y + o, r, out + o, hw, scale[c], shift[c]);
-      if (sc) count_positive(sc->mine() + c * hw, out + o, 0, hw, 1);
-    }
-  });
+}
+
+// Planes [p0, p1) (C channels of hw elements), the same.
+template <typename T>
+ST_INLINE void act_planes_impl(const T* y, const T* res, T* out, const T* scale, const T* shift, int64_t C,
+                               int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * hw;
+    const T* r = res ? res + o : nullptr;
+    if (relu && res) act_plane<T, true, true>(y + o, r, out + o, hw, scale[c], shift[c]);
+    else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+    else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, scale[c], shift[c]);
+    else act_plane<T, false, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+    if (cnt) count_positive(cnt + c * hw, out + o, 0, hw, 1);
+  }
 }
 
 // ---------------------------------------------------------------- backward
@@ -201,9 +189,13 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   } while (0)
 
 #define ST_BN_ACT_TASKS(T)                                                                         \
-  ST_MULTIVERSION void bn_act_run(const T* y, const T* scale, const T* shift, const T* res,       \
-                                  T* out, int64_t B, int64_t C, int64_t hw, bool relu, StateCounts* sc) { \
-    bn_act_impl<T>(y, scale, shift, res, out, B, C, hw, relu, sc);                                 \
+  ST_MULTIVERSION void act_rows(const T* y, const T* res, T* out, int64_t n, const T* a, const T* b,  \
+                                int64_t s0, int64_t s1, bool relu, int32_t* cnt) {                 \
+    act_rows_impl<T>(y, res, out, n, a, b, s0, s1, relu, cnt);                                     \
+  }                                                                                                \
+  ST_MULTIVERSION void act_planes(const T* y, const T* res, T* out, const T* scale, const T* shift, \
+                                  int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) { \
+    act_planes_impl<T>(y, res, out, scale, shift, C, hw, p0, p1, relu, cnt);                       \
   }                                                                                                \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
@@ -245,13 +237,6 @@ void check_like(const at::Tensor& t, const at::Tensor& y, const char* name) {
               t.scalar_type());
 }
 
-void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-}
-
 int64_t plane_size(const at::Tensor& y) { return y.dim() > 2 ? y.numel() / std::max<int64_t>(y.size(0) * y.size(1), 1) : 1; }
 
 at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
@@ -267,10 +252,22 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
   at::Tensor out = pooled_empty(yc.sizes(), yc.options());  // (no page faults on a fresh buffer)
   StateCounts counts(relu_counts ? check_state_counts(*relu_counts, C * hw) : nullptr, C * hw);
   if (out.numel() == 0) return out;
+  // (the multiversioned loops run inside the parallel lambdas: a lambda does not inherit a clone's ISA)
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_act", [&] {
-    bn_act_run(yc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
-               residual ? rc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), B, C, hw, relu,
-               counts.counts ? &counts : nullptr);
+    using T = scalar_t;
+    const T *yp = yc.data_ptr<T>(), *rp = residual ? rc.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    if (hw < kRowPlane) {  // sample rows; the constants per element
+      const int64_t n = C * hw;
+      const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, hw), b = per_element<T>(sh.data_ptr<T>(), C, hw);
+      at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
+        act_rows(yp, rp, op, n, a.data(), b.data(), s0, s1, relu, counts.mine());
+      });
+    } else {
+      at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
+        act_planes(yp, rp, op, sc.data_ptr<T>(), sh.data_ptr<T>(), C, hw, p0, p1, relu, counts.mine());
+      });
+    }
   });
   counts.finish();
   return out;
@@ -300,6 +297,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
 }
 
 }  // namespace
+
+void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+}
 
 at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
   return bn_act(y, scale, shift, std::nullopt, relu, std::nullopt);

@@ -15,6 +15,18 @@ ST_INLINE T bn_pre(const T* y, const T* r, int64_t i, T a, T b) {
   return y[i] * a + b;
 }
 
+// The forward on one plane of n elements: out = act(a * y + b (+ r)), act = ReLU (NaN stays NaN, as
+// torch.relu) or identity. bn_act's passes and max_pool2x2's normalised planes both call it.
+template <typename T, bool RELU, bool RES>
+ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T v = bn_pre<T, RES>(y, r, i, a, b);
+    if constexpr (RELU) v = v < T(0) ? T(0) : v;
+    out[i] = v;
+  }
+}
+
 // One element (T) or vector (SimdVec V) of the input gradient: dy = ka g + kb (y - mean) + kc with
 // g = grad_out masked by the ReLU after (RA, recomputed with bn_pre's expression), masked by y > 0
 // with a ReLU before (RB); g itself returned in gm (written out for a residual).
@@ -81,6 +93,9 @@ ST_INLINE T bn_dy_plane_for(bool ra, bool rb, bool res, bool wg, const T* gp, co
 // act(scale[c] * y + shift[c]) as a new (pooled) tensor: bn_act without a residual, for the
 // kernels that cannot apply a deferred BatchNorm while packing (XAct below).
 at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu);
+
+// t: a [C] tensor of `dtype` on the CPU (a per-channel argument named `name`).
+void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name);
 
 // bn_act_backward's argument checks.
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,

@@ -4,9 +4,12 @@
 // in row-major order wins, a NaN wins over numbers (the last NaN over earlier ones). The backward
 // writes every input gradient once (the max position gets the output's gradient, the others 0;
 // rows and columns past 2 * (H / 2) get 0), so it needs no zero fill. One pass each way.
+// With in_scale/in_shift (a fused layer's BatchNorm, engine/fused.py), x is that BN's input y and
+// each plane is first normalised into an L1 buffer by bn_act's own plane function (bn_act.h's
+// act_plane: its output bit for bit), then pooled: the BN's activation is never written.
 #include <type_traits>
 
-#include "common.h"
+#include "bn_act.h"
 
 namespace sparsetrain {
 namespace {
@@ -151,9 +154,29 @@ inline int pair_width(int64_t H, int64_t W) {
     default: { constexpr int NN = 16; CALL; break; }   \
   }
 
+// Planes [p0, p1) of act(sc[c] * x + sh[c]) (C channels): each normalised into buf (H * W), then pooled.
+template <typename T>
+ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t p0, int64_t p1,
+                               T* out, uint8_t* idx, const T* sc, const T* sh, bool relu, int64_t C, T* buf) {
+  const int n = pair_width(H, W);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * OH * OW;
+    if (relu) act_plane<T, true, false>(x + p * H * W, nullptr, buf, H * W, sc[c], sh[c]);
+    else act_plane<T, false, false>(x + p * H * W, nullptr, buf, H * W, sc[c], sh[c]);
+    if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, OH, out + o, idx + o)))
+    else pool_plane(buf, W, OH, OW, out + o, idx + o);
+  }
+}
+
 #define ST_POOL_TASKS(T)                                                                        \
   ST_MULTIVERSION void pool_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW,    \
-                                   int64_t p0, int64_t p1, T* out, uint8_t* idx) {               \
+                                   int64_t p0, int64_t p1, T* out, uint8_t* idx, const T* sc,    \
+                                   const T* sh, bool relu, int64_t C) {                         \
+    if (sc) {                                                                                   \
+      std::vector<T> buf(size_t(H * W));                                                        \
+      pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, sc, sh, relu, C, buf.data());          \
+      return;                                                                                   \
+    }                                                                                           \
     if (const int n = pair_width(H, W)) {                                                       \
       ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(x, p0 * OH, p1 * OH, out, idx)));                 \
       return;                                                                                   \
@@ -181,17 +204,28 @@ void check_x4(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+                                               const std::optional<at::Tensor>& in_shift, bool in_relu) {
   check_x4(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
   TORCH_CHECK(H >= 2 && W >= 2, "x must be at least 2x2 to pool 2x2 (as nn.MaxPool2d(2)), got shape ", x.sizes());
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "in_scale and in_shift must be given together");
+  at::Tensor sc, sh;
+  if (in_scale) {
+    check_channels(*in_scale, C, x.scalar_type(), "in_scale");
+    check_channels(*in_shift, C, x.scalar_type(), "in_shift");
+    sc = in_scale->contiguous();
+    sh = in_shift->contiguous();
+  }
   const at::Tensor xc = x.contiguous();
   at::Tensor out = pooled_empty({B, C, OH, OW}, x.options());
   at::Tensor idx = at::empty({B, C, OH, OW}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, idx};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
-      pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>());
+      pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
+                  sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
+                  in_relu, C);
     });
   });
   return {out, idx};

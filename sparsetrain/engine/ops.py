@@ -273,19 +273,24 @@ _register(Op("bn_act_backward", _bn_act_backward_fake))
 
 # ============================================================================ 2x2 max-pooling (CPU only)
 # out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0.
-def _pool_fake(x):
+# With in_scale/in_shift the op pools a fused layer's BatchNorm output, act(in_scale * x + in_shift);
+# that form is differentiated by the fused layer's own autograd Function (engine/fused.py), not here.
+def _pool_fake(x, in_scale=None, in_shift=None, in_relu=False):
     shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
 def _pool_setup(ctx, inputs, output):
+    if any(t is not None and t.requires_grad for t in inputs[:3]) and inputs[1] is not None:
+        raise RuntimeError("max_pool2x2 with in_scale/in_shift has no autograd formula (the fused layer, "
+                           "engine/fused.py, differentiates it): call it under torch.no_grad() or without them")
     ctx.save_for_backward(output[1])
     ctx.input_size = list(inputs[0].shape[2:])
 
 
 def _pool_backward(ctx, grad_out, _grad_idx):
     (idx,) = ctx.saved_tensors
-    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, ctx.input_size)
+    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, ctx.input_size), None, None, None
 
 
 _register(Op("max_pool2x2", _pool_fake, setup=_pool_setup, backward=_pool_backward))
