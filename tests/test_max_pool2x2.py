@@ -1,5 +1,7 @@
 """max_pool2x2 (csrc/cpu/max_pool2x2.cpp) and MaxPool2x2 against F.max_pool2d(x, 2): outputs and
 input gradients, odd sizes, ties, NaN, empty maps; opcheck and gradcheck."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain.engine.fuse import fuse_, unfuse_
-from sparsetrain.engine.fused import MaxPool2x2
+from sparsetrain.engine.fused import MaxPool2x2, SparseConvBNReLU
 from sparsetrain.experiment.models import vgg_like
 from sparsetrain.testing import random_mask
 
@@ -108,3 +110,64 @@ def test_fuse_swaps_the_pools_of_a_fused_model():
     plain = nn.Sequential(nn.MaxPool2d(3), nn.MaxPool2d(2, padding=1))
     fuse_(plain)  # nothing fused: the pools stay
     assert [type(m) for m in plain] == [nn.MaxPool2d, nn.MaxPool2d]
+
+
+def _steps(model, x, t, n=3):
+    """n SGD steps: the losses and the final parameters."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(n):
+        loss = F.cross_entropy(model(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("order", ["relu_bn", "bn_relu"])  # VGG-like's conv -> ReLU -> BN, and conv -> BN -> ReLU
+def test_fused_layer_pools_in_its_batchnorm_pass(order):
+    """fuse_ links a fused layer to the 2x2 pool that alone reads its activation (layer.pools): the
+    BN's pass writes only the pooled output (max_pool2x2 with in_scale/in_shift), bit for bit the
+    steps of the same model pooling separately, and close to the dense masked model."""
+    def make():
+        torch.manual_seed(0)
+        if order == "relu_bn":
+            return vgg_like(2, 2, 10, 3, image_size=16)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(5 * 4 * 4, 10))
+    model, ref = make(), make()
+    masks = {n: random_mask(m.weight.shape, 0.6, generator=torch.Generator().manual_seed(1))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+            ref.get_submodule(n).weight.register_hook(lambda g, mk=mk: g * mk)  # (pruned weights stay 0)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    pooling = [m for m in model.modules() if isinstance(m, SparseConvBNReLU) and m.pools is not None]
+    assert len(pooling) == 2 and all(isinstance(m.pools, MaxPool2x2) for m in pooling)
+    separate = copy.deepcopy(model)
+    for m in separate.modules():
+        if isinstance(m, SparseConvBNReLU):
+            object.__setattr__(m, "pools", None)
+    x, t = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    got, sep, dense = _steps(model, x, t), _steps(separate, x, t), _steps(ref, x, t)
+    assert got[0] == sep[0] and all(torch.equal(a, b) for a, b in zip(got[1], sep[1]))
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(dense[0]), rtol=1e-4, atol=1e-4)
+    model.eval(), separate.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), separate(x))
+    # a hook on the pool sees the real activation: the layer does not pool then
+    seen = []
+    pooling[0].pools.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model.train()
+    out = model(x)
+    assert seen and seen[0].shape[-1] == 16 and (seen[0] >= 0).all() == (order == "bn_relu")
+    separate.train()
+    torch.testing.assert_close(out, separate(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="MaxPool2x2 was called on a tensor its fused layer did not hand it"):
+        pooling[1].pools._pending = (torch.zeros(1), torch.zeros(1))
+        pooling[1].pools(torch.zeros(1, 1, 2, 2))
+    unfuse_(model)
+    assert not any(isinstance(m, (SparseConvBNReLU, MaxPool2x2)) for m in model.modules())

@@ -14,31 +14,6 @@ namespace sparsetrain {
 namespace {
 
 // ---------------------------------------------------------------- forward
-// act_plane over one sample's row of channels, a and b per element.
-template <typename T, bool RELU, bool RES>
-ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<T, RES>(y, r, i, a[i], b[i]);
-    if constexpr (RELU) v = v < T(0) ? T(0) : v;
-    out[i] = v;
-  }
-}
-
-// Maps of fewer than kRowPlane pixels (ResNet's 4x4, VGG's 2x2) go by sample rows of C * hw
-// elements with the per-channel constants expanded per element: per-plane loops of 4..16
-// elements cost more in loop overhead than in arithmetic (a [128, 512, 2, 2] gradient: 1.3 ms).
-constexpr int64_t kRowPlane = 64;
-
-// [C * hw] of T: per_channel[c * stride] repeated hw times per channel (any source type: the
-// float64 statistics and coefficients too).
-template <typename T, typename U>
-std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t stride = 1) {
-  std::vector<T> e(size_t(C * hw));
-  for (int64_t c = 0; c < C; ++c) std::fill_n(e.begin() + c * hw, hw, T(per_channel[c * stride]));
-  return e;
-}
-
 // Sample rows [s0, s1) of n = C * hw elements (maps under kRowPlane pixels), constants per element;
 // with cnt, the positive outputs counted per neuron while each row is in cache.
 template <typename T>

@@ -154,17 +154,42 @@ inline int pair_width(int64_t H, int64_t W) {
     default: { constexpr int NN = 16; CALL; break; }   \
   }
 
-// Planes [p0, p1) of act(sc[c] * x + sh[c]) (C channels): each normalised into buf (H * W), then pooled.
+// Planes [p0, p1) of act(sc[c] * x + sh[c]) (C channels) as bn_act computes them (its plane
+// function), normalised into buf (kActBuf elements) a block of planes at a time, then pooled.
+constexpr int64_t kActBuf = 4096;
 template <typename T>
 ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t p0, int64_t p1,
                                T* out, uint8_t* idx, const T* sc, const T* sh, bool relu, int64_t C, T* buf) {
   const int n = pair_width(H, W);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c = p % C, o = p * OH * OW;
-    if (relu) act_plane<T, true, false>(x + p * H * W, nullptr, buf, H * W, sc[c], sh[c]);
-    else act_plane<T, false, false>(x + p * H * W, nullptr, buf, H * W, sc[c], sh[c]);
-    if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, OH, out + o, idx + o)))
-    else pool_plane(buf, W, OH, OW, out + o, idx + o);
+  const int64_t hw = H * W, nb = std::max<int64_t>(1, kActBuf / hw);
+  for (int64_t pb = p0; pb < p1; pb += nb) {
+    const int64_t pe = std::min(p1, pb + nb);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t c = p % C;
+      if (relu) act_plane<T, true, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, sc[c], sh[c]);
+      else act_plane<T, false, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, sc[c], sh[c]);
+    }
+    if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, (pe - pb) * OH, out + pb * OH * OW, idx + pb * OH * OW)))
+    else
+      for (int64_t p = pb; p < pe; ++p)
+        pool_plane(buf + (p - pb) * hw, W, OH, OW, out + p * OH * OW, idx + p * OH * OW);
+  }
+}
+
+// Samples [s0, s1) of maps under kRowPlane pixels, as bn_act's row path (constants per element a,
+// b over a sample's n = C * H * W elements), each sample row normalised into buf, then pooled.
+template <typename T>
+ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t C, int64_t s0,
+                             int64_t s1, T* out, uint8_t* idx, const T* a, const T* b, bool relu, T* buf) {
+  const int n = pair_width(H, W);
+  const int64_t len = C * H * W, olen = C * OH * OW;
+  for (int64_t s = s0; s < s1; ++s) {
+    if (relu) act_row<T, true, false>(x + s * len, nullptr, buf, len, a, b);
+    else act_row<T, false, false>(x + s * len, nullptr, buf, len, a, b);
+    if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, C * OH, out + s * olen, idx + s * olen)))
+    else
+      for (int64_t c = 0; c < C; ++c)
+        pool_plane(buf + c * H * W, W, OH, OW, out + s * olen + c * OH * OW, idx + s * olen + c * OH * OW);
   }
 }
 
@@ -173,8 +198,8 @@ ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int
                                    int64_t p0, int64_t p1, T* out, uint8_t* idx, const T* sc,    \
                                    const T* sh, bool relu, int64_t C) {                         \
     if (sc) {                                                                                   \
-      std::vector<T> buf(size_t(H * W));                                                        \
-      pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, sc, sh, relu, C, buf.data());          \
+      T* buf = scratch<T>(size_t(std::max<int64_t>(kActBuf, H * W)), 0);                        \
+      pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, sc, sh, relu, C, buf);                 \
       return;                                                                                   \
     }                                                                                           \
     if (const int n = pair_width(H, W)) {                                                       \
@@ -183,6 +208,12 @@ ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int
     }                                                                                           \
     for (int64_t p = p0; p < p1; ++p)                                                           \
       pool_plane(x + p * H * W, W, OH, OW, out + p * OH * OW, idx + p * OH * OW);               \
+  }                                                                                             \
+  ST_MULTIVERSION void pool_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t C, \
+                                 int64_t s0, int64_t s1, T* out, uint8_t* idx, const T* a, const T* b, \
+                                 bool relu) {                                                   \
+    T* buf = scratch<T>(size_t(C * H * W), 0);                                                  \
+    pool_act_rows(x, H, W, OH, OW, C, s0, s1, out, idx, a, b, relu, buf);                       \
   }                                                                                             \
   ST_MULTIVERSION void unpool_planes(const T* g, const uint8_t* idx, int64_t H, int64_t W,      \
                                      int64_t OH, int64_t OW, int64_t p0, int64_t p1, T* dx) {   \
@@ -222,6 +253,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   at::Tensor idx = at::empty({B, C, OH, OW}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, idx};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
+    using T = scalar_t;
+    if (sc.defined() && H * W < kRowPlane) {  // bn_act's row path: sample rows, constants per element
+      const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, H * W), b = per_element<T>(sh.data_ptr<T>(), C, H * W);
+      at::parallel_for(0, B, plane_grain(C * H * W), [&](int64_t s0, int64_t s1) {
+        pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), a.data(),
+                  b.data(), in_relu);
+      });
+      return;
+    }
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
       pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
                   sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,

@@ -124,6 +124,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     for name, m in list(model.named_modules()):
         if fused and _is_pool2x2(m):
             _set_module(model, name, MaxPool2x2(2))
+    _link_pools(model, last, calls)
     return fused
 
 
@@ -138,6 +139,17 @@ def _link(model: nn.Module, last: dict) -> None:
         if (nxt is not None and nxt.op == "call_module" and nxt.target in last and nxt.args[:1] == (act,)
                 and act not in nxt.args[1:] and not nxt.kwargs and not layer.residual):
             object.__setattr__(layer, "feeds", model.get_submodule(nxt.target))  # a reference, not a submodule
+
+
+def _link_pools(model: nn.Module, last: dict, calls: dict) -> None:
+    """layer.pools = the MaxPool2x2 that alone reads `layer`'s activation (called there only): the
+    fused layer pools in its BN's pass and never writes the activation. Not with a residual."""
+    for name, act in last.items():
+        nxt = _only_user(act)
+        layer = model.get_submodule(name)
+        if (nxt is not None and nxt.op == "call_module" and calls.get(nxt.target) == 1 and nxt.args == (act,)
+                and not nxt.kwargs and not layer.residual and isinstance(model.get_submodule(nxt.target), MaxPool2x2)):
+            object.__setattr__(layer, "pools", model.get_submodule(nxt.target))  # a reference, not a submodule
 
 
 def unfuse_(model: nn.Module) -> nn.Module:

@@ -53,6 +53,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import backend, ops
 from .nn import SparseConv2d
+from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -64,11 +65,13 @@ class _Opts(NamedTuple):
     defer: a dict that receives (scale, shift) when the BN's output is deferred (the call returns
     y as its output; the next fused conv applies the BN while packing). in_act: (scale, shift,
     relu) of the previous layer's deferred BN: x holds that layer's y. counts: int64 [neurons] of
-    the ReLU's output that the kernel applying the ReLU adds its positive outputs to."""
+    the ReLU's output that the kernel applying the ReLU adds its positive outputs to. pool: the
+    output 2x2-max-pooled in the BN's pass (max_pool2x2 on y with the BN: out never written)."""
     route: bool = False
     defer: dict | None = None
     in_act: tuple | None = None
     counts: torch.Tensor | None = None
+    pool: bool = False
 
 
 class _SparseConvBNReLU(torch.autograd.Function):
@@ -92,15 +95,22 @@ class _SparseConvBNReLU(torch.autograd.Function):
         scale = w * invstd
         shift = (bias.detach().double() if bias is not None else 0.0) - mean * scale
         scale, shift = scale.to(y.dtype), shift.to(y.dtype)
-        ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index)
+        out = idx = None
+        if opts.defer is None:
+            if opts.pool and not (relu_after and opts.counts is not None):  # the activation is never written
+                out, idx = torch.ops.sparsetrain.max_pool2x2(y, scale, shift, relu_after)
+            else:
+                out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after,
+                                                   opts.counts if relu_after else None)
+                if opts.pool:
+                    out, idx = torch.ops.sparsetrain.max_pool2x2(out)
+        ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index, idx)
         ctx.geom, ctx.flags, ctx.opts = geom, (batch_stats, relu_before, relu_after), opts
         ctx.has = (cbias is not None, weight is not None, bias is not None)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
         if opts.defer is not None:  # the normalised activation is never written
             opts.defer["act"] = (scale, shift, relu_after)
             return (y, x) if opts.route else y
-        out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after,
-                                           opts.counts if relu_after else None)
         ctx.mark_non_differentiable(y)
         return (out, y, x) if opts.route else (out, y)
 
@@ -112,8 +122,10 @@ class _SparseConvBNReLU(torch.autograd.Function):
         none = (None,) * 12
         if grad_out is None:  # (out unused: only the routed x's gradient, if any, flows back)
             return (grad_x if ctx.needs_input_grad[0] else None,) + none[1:]
-        x, values, y, res, scale, shift, w, mean, invstd, crow, col, ccol, row_t, perm = ctx.saved_tensors
+        x, values, y, res, scale, shift, w, mean, invstd, crow, col, ccol, row_t, perm, idx = ctx.saved_tensors
         batch_stats, relu_before, relu_after = ctx.flags
+        if opts.pool:  # grad_out is the pooled output's: the BN output's gradient sits at the window maxima
+            grad_out = torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, list(y.shape[2:]))
         k, s, p = ctx.geom
         need_res = res is not None and ctx.needs_input_grad[5]
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -161,16 +173,20 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
                         relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
                         *, defer: dict | None = None, in_act: tuple | None = None,
-                        relu_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                        relu_counts: torch.Tensor | None = None, pool: bool = False) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
     `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`
     and `in_act`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
     back and defer["act"] holds the BN for the next conv (its `in_act`). `relu_counts` (int64, one
     entry per neuron of the ReLU's output, a layer with a ReLU): the samples whose activation is
-    positive are added to it, by the kernel that applies the ReLU (no deferral then)."""
+    positive are added to it, by the kernel that applies the ReLU (no deferral then). `pool`: the
+    first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)), pooled in the
+    BN's pass on the CPU engine (the activation itself is never written); no residual, no `defer`."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
+    if pool and (residual is not None or defer is not None):
+        raise ValueError("pool cannot be combined with a residual or a deferred BatchNorm")
     if relu_counts is not None:
         if not (relu_before or relu_after):
             raise ValueError("relu_counts needs a layer with a ReLU (relu_before or relu_after)")
@@ -195,6 +211,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         out = F.relu(out) if relu_after else out
         if relu_counts is not None:
             _count_positive(relu_counts, y if relu_before else out)
+        out = F.max_pool2d(out, 2) if pool else out
         return (out, y, x) if route else (out, y)
     if x.shape[1] != conv.in_channels:  # (the C++ check names the same, with less context)
         raise ValueError(f"x must have {conv.in_channels} channels, got shape {tuple(x.shape)}")
@@ -205,8 +222,9 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         raise ValueError(f"residual must have the batch size of x ({x.shape[0]}), got shape {tuple(residual.shape)}")
     if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
         out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual, relu_counts)
+        out = torch.ops.sparsetrain.max_pool2x2(out)[0] if pool else out
         return (out, y, x) if route else (out, y)
-    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act, relu_counts)
+    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act, relu_counts, pool)
     outs = _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
                                    relu_before, relu_after, opts)
     if opts.defer is not None:  # (y stands for out)
@@ -249,40 +267,6 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 
 
 # ============================================================================ modules
-class FusedBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
-    forward returns what that layer computed for it (hooks see the normalised activation)."""
-
-    _pending: tuple | None = None  # (the tensor this module will be called on, its output)
-
-    def forward(self, x):
-        pending, self._pending = self._pending, None
-        if pending is None or pending[0] is not x:
-            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce; "
-                               "the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
-        return pending[1]
-
-
-class FusedReLU(nn.ReLU):
-    """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
-    still see the activation, for the entropy of Eq. 1). With `count_states` set, each call of that
-    layer also counts, per neuron of this activation, the samples where it is positive, inside the
-    kernel that applies the ReLU; a forward hook on this module takes them with pop_state_counts()
-    (the activation entropy does, instead of reading the activation again)."""
-
-    count_states = False
-    _state_counts: torch.Tensor | None = None
-
-    def forward(self, x):
-        return x
-
-    def pop_state_counts(self) -> torch.Tensor | None:
-        """The int64 counts [neurons] of this module's latest activation, once; None when its layer
-        did not count it (count_states off, or already taken)."""
-        counts, self._state_counts = self._state_counts, None
-        return counts
-
-
 class SparseConvBNReLU(SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
     docstring). Built by fuse_(); `bn` is the FusedBatchNorm2d registered at its own name in the
@@ -293,11 +277,15 @@ class SparseConvBNReLU(SparseConv2d):
     activation goes only to that fused layer's conv), training forwards defer the BN (+ ReLU) into
     that conv's input packing: this layer hands on its BN input y in the activation's place, never
     writing the activation (saved for backward: y, once, instead of y and the activation). Not while
-    a hook watches this layer's BN or ReLU modules (they would see y), nor without autograd."""
+    a hook watches this layer's BN or ReLU modules (they would see y), nor without autograd. With
+    `pools` (set by fuse_ where a MaxPool2x2 alone reads the activation), the BN's pass writes only the
+    pooled output (max_pool2x2 on y with the BN, one-byte window positions kept for backward), which
+    that pool module returns; not while hooks watch the BN, ReLU or pool modules."""
 
     route_input = False
     _routed: tuple | None = None  # (the x of the last forward, x as seen through this layer)
     feeds: "SparseConvBNReLU | None" = None  # the fused layer that alone reads this one's activation
+    pools: "MaxPool2x2 | None" = None  # the 2x2 pool that alone reads it (pooled in the BN's pass)
     _placeholders: tuple = ()  # this layer's FusedBatchNorm2d / FusedReLU modules (hook checks)
     _deferred: tuple | None = None  # (y of the layer before, its (scale, shift, relu)) for the next call
 
@@ -329,14 +317,20 @@ class SparseConvBNReLU(SparseConv2d):
         if relu is not None and relu.count_states and x.dim() == 4:
             counts = torch.zeros(self.out_channels * math.prod(self._out_hw(x)), dtype=torch.int64, device=x.device)
             defer = None
+        pool = defer is None and self._pools(x)
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
                                                defer=defer, in_act=pending[1] if pending else None,
-                                               relu_counts=counts)
+                                               relu_counts=counts, pool=pool)
         if relu is not None:
             relu._state_counts = counts
+        if self.pools is not None:  # (a stale hand-over is dropped too)
+            self.pools._pending = (y, out) if pool else None
         if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.feeds._deferred = (out, defer["act"]) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
+        if pool:  # out is pooled: the BN (and ReLU) placeholders pass y on to the pool, which returns out
+            self.bn._pending = (y, y)
+            return y
         if self.relu_before:  # the model calls conv -> relu -> bn: the relu placeholder passes y on
             self.bn._pending = (y, out)
             return y
@@ -346,6 +340,13 @@ class SparseConvBNReLU(SparseConv2d):
     def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1
                      for i in range(2))
+
+    def _pools(self, x: torch.Tensor) -> bool:
+        if self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self):
+            return False
+        if min(self._out_hw(x)) < 2 or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (*self._placeholders, self.pools))
 
     def _defers(self, x: torch.Tensor) -> bool:
         if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)
@@ -376,16 +377,3 @@ def routed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x
     layer._routed = None
     return pending[1] if pending[0] is x else x
-
-
-class MaxPool2x2(nn.MaxPool2d):
-    """nn.MaxPool2d(2) (stride 2, no padding, floor) on the C++ kernel `max_pool2x2` for CPU float
-    tensors: the same outputs, ties and NaN, and gradients, one pass each way with one-byte window
-    positions (forward on a [128, 32, 32, 32] batch: 1.1 ms, PyTorch's CPU kernel ~14 ms). Swapped
-    in by fuse_; other devices, dtypes and autocast use nn.MaxPool2d's forward."""
-
-    def forward(self, x):
-        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.sparsetrain.max_pool2x2(x)[0]
-        return super().forward(x)

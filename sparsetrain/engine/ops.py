@@ -242,9 +242,8 @@ _register(Op("sparse_conv2d_backward",
 # ============================================================================ BatchNorm behind a sparse conv (CPU only)
 # The fused layer of engine/fused.py: the conv with its statistics epilogue, then the BN's one
 # elementwise pass; backward the BN's sums, then the conv backward computing the BN's input gradient
-# as it packs it (sparse_conv2d_bn_backward; bn_act_backward is the same gradient written out). Their
-# autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU), so these
-# rows have fakes only.
+# as it packs it (sparse_conv2d_bn_backward; bn_act_backward is the same gradient written out). Fakes
+# only: the autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU).
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
                      in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
@@ -253,14 +252,14 @@ def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, strid
 
 def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
                           grad_residual):
-    return (y.new_empty(y.shape), mean.new_empty(mean.shape), mean.new_empty(mean.shape),
-            y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(mean.shape))
+    c = mean.shape
+    return y.new_empty(y.shape), mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(c)
 
 
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
                            grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False):
-    c = mean.shape
+    c = mean.shape  # (dx, dvalues, BN dweight, dbias, d residual, sum dy)
     return (x.new_empty(x.shape if grad_input else (0,)), values.new_empty(values.shape if grad_values else (0,)),
             mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(c))
 
@@ -272,30 +271,26 @@ _register(Op("bn_act_backward", _bn_act_backward_fake))
 
 
 # ============================================================================ 2x2 max-pooling (CPU only)
-# out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0.
-# With in_scale/in_shift the op pools a fused layer's BatchNorm output, act(in_scale * x + in_shift);
-# that form is differentiated by the fused layer's own autograd Function (engine/fused.py), not here.
+# out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0;
+# with in_scale/in_shift the window of act(in_scale * x + in_shift) (a fused layer's BatchNorm output).
 def _pool_fake(x, in_scale=None, in_shift=None, in_relu=False):
     shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
 def _pool_setup(ctx, inputs, output):
-    if any(t is not None and t.requires_grad for t in inputs[:3]) and inputs[1] is not None:
-        raise RuntimeError("max_pool2x2 with in_scale/in_shift has no autograd formula (the fused layer, "
-                           "engine/fused.py, differentiates it): call it under torch.no_grad() or without them")
+    if inputs[1] is not None:  # (engine/fused.py differentiates that form itself)
+        raise RuntimeError("max_pool2x2 with in_scale/in_shift has no autograd formula: call it under torch.no_grad()")
     ctx.save_for_backward(output[1])
     ctx.input_size = list(inputs[0].shape[2:])
 
 
 def _pool_backward(ctx, grad_out, _grad_idx):
-    (idx,) = ctx.saved_tensors
-    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, ctx.input_size), None, None, None
+    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.input_size), None, None, None
 
 
 _register(Op("max_pool2x2", _pool_fake, setup=_pool_setup, backward=_pool_backward))
-_register(Op("max_pool2x2_backward",
-             lambda g, idx, size: g.new_empty((g.shape[0], g.shape[1], size[0], size[1]))))
+_register(Op("max_pool2x2_backward", lambda g, idx, size: g.new_empty((g.shape[0], g.shape[1], size[0], size[1]))))
 
 
 # ============================================================================ pruning and entropy (CPU only)

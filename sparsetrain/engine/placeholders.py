@@ -1,0 +1,65 @@
+"""The modules that stay at their names in a fused model (engine/fused.py, fuse_): the BatchNorm
+and ReLU a SparseConvBNReLU computes, as pass-through placeholders holding the same parameters and
+buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FusedBatchNorm2d", "FusedReLU", "MaxPool2x2"]
+
+
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
+    forward returns what that layer computed for it (hooks see the normalised activation)."""
+
+    _pending: tuple | None = None  # (the tensor this module will be called on, its output)
+
+    def forward(self, x):
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not x:
+            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce; "
+                               "the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
+        return pending[1]
+
+
+class FusedReLU(nn.ReLU):
+    """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
+    still see the activation, for the entropy of Eq. 1). With `count_states` set, each call of that
+    layer also counts, per neuron of this activation, the samples where it is positive, inside the
+    kernel that applies the ReLU; a forward hook on this module takes them with pop_state_counts()
+    (the activation entropy does, instead of reading the activation again)."""
+
+    count_states = False
+    _state_counts: torch.Tensor | None = None
+
+    def forward(self, x):
+        return x
+
+    def pop_state_counts(self) -> torch.Tensor | None:
+        """The int64 counts [neurons] of this module's latest activation, once; None when its layer
+        did not count it (count_states off, or already taken)."""
+        counts, self._state_counts = self._state_counts, None
+        return counts
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """nn.MaxPool2d(2) (stride 2, no padding, floor) on the C++ kernel `max_pool2x2` for CPU float
+    tensors: the same outputs, ties and NaN, and gradients, one pass each way with one-byte window
+    positions (forward on a [128, 32, 32, 32] batch: 1.1 ms, PyTorch's CPU kernel ~14 ms). Swapped
+    in by fuse_; other devices, dtypes and autocast use nn.MaxPool2d's forward. When the fused layer
+    before it pooled its own output in its BN pass (SparseConvBNReLU.pools), it returns that."""
+
+    _pending: tuple | None = None  # (the tensor this module will be called on, the pooled output)
+
+    def forward(self, x):
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if pending[0] is not x:
+                raise RuntimeError("MaxPool2x2 was called on a tensor its fused layer did not hand it; the "
+                                   "model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
+            return pending[1]
+        if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu")):
+            return torch.ops.sparsetrain.max_pool2x2(x)[0]
+        return super().forward(x)
