@@ -1,5 +1,6 @@
 """SparseConv2d and the sparse_conv2d ops against the dense masked reference (F.conv2d)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -284,6 +285,27 @@ def test_outputs_never_alias_live_tensors():
         y3 = layer(x)
         assert y3.data_ptr() != view.data_ptr()
         torch.testing.assert_close(view, ref[:, :2])
+
+
+def test_large_outputs_on_huge_pages_and_off():
+    """Pooled outputs of >= 8 MiB are 2 MiB-aligned blocks advised as transparent huge pages (unless
+    SPARSETRAIN_HUGEPAGES=0): same values either way, freed and reused like the others."""
+    import subprocess
+    import sys
+    code = ("import torch, sparsetrain; from torch import nn; from sparsetrain.nn import SparseConv2d;"
+            "from sparsetrain.testing import random_mask; torch.manual_seed(3);"
+            "l = SparseConv2d.from_dense(nn.Conv2d(8, 32, 3, padding=1), random_mask((32, 8, 3, 3), 0.5));"
+            "x = torch.randn(32, 8, 48, 48); y = l(x); y.sum().backward();"  # y: 9 MiB
+            "print(y.data_ptr() % (2 << 20) == 0, float(y.double().sum()), float(l.weight.values.grad.double().sum()))")
+    outs = {}
+    for env in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "SPARSETRAIN_HUGEPAGES": env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[env] = proc.stdout.split()
+    if sys.platform.startswith("linux"):
+        assert outs["1"][0] == "True"
+    assert outs["1"][1:] == outs["0"][1:]
 
 
 # ---------------------------------------------------------------------------- module API
