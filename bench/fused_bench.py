@@ -1,7 +1,9 @@
 """Sparse conv -> BatchNorm -> ReLU, fused (SparseConvBNReLU: sparse_conv2d_stats + bn_act) vs the
 same sparse conv with nn.BatchNorm2d and nn.ReLU after it, vs the dense masked conv with them;
-forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes. Part of
-`python bench/kernels.py` (section "fused"); the whole-step effect is bench/train_step.py's."""
+forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes; and a stage
+end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map + max_pool2d, bn_act then
+max_pool2x2, and max_pool2x2 pooling the BN's output from its input (in_scale/in_shift; forward). Part
+of `python bench/kernels.py` (section "fused"); the whole-step effect is bench/train_step.py's."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +11,7 @@ import statistics
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common import interleaved_times, paired_ratio
@@ -17,6 +20,8 @@ from sparsetrain.testing import random_mask
 
 # (channels, map side): the four 3x3 stride-1 stages of the CIFAR ResNet-18
 CASES = [(64, 32), (128, 16), (256, 8), (512, 4)]
+# (channels, map side) before each pool of VGG-like(5, 5)
+POOL_CASES = [(32, 32), (64, 16), (128, 8), (256, 4), (512, 2)]
 BATCH = 128
 
 
@@ -55,6 +60,27 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
     return rows
 
 
+def run_pool(quick: bool, reps: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    ops = torch.ops.sparsetrain
+    for c, hw in POOL_CASES[:2] if quick else POOL_CASES:
+        y = torch.randn(BATCH, c, hw, hw, generator=g)
+        sc, sh = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+        t = interleaved_times({
+            "torch": lambda: F.max_pool2d(y * sc[:, None, None] + sh[:, None, None], 2),
+            "separate": lambda: ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False)),
+            "fused": lambda: ops.max_pool2x2(y, sc, sh, False)}, reps=reps)
+        rows.append({"op": "max_pool2x2(in_scale)", "shape": f"{c}x{hw}x{hw} b{BATCH}",
+                     **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
+                     "fused_vs_separate": paired_ratio(t["separate"], t["fused"]),
+                     "fused_vs_torch": paired_ratio(t["torch"], t["fused"])})
+    return rows
+
+
+POOL_COLUMNS = [("shape", "shape", ""), ("torch_ms", "affine+max_pool2d ms", ".2f"),
+                ("separate_ms", "bn_act+max_pool2x2 ms", ".2f"), ("fused_ms", "max_pool2x2(y, BN) ms", ".2f"),
+                ("fused_vs_separate", "vs separate", ".2f"), ("fused_vs_torch", "vs torch", ".2f")]
 COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense+BN+ReLU ms", ".1f"),
            ("unfused_ms", "sparse+BN+ReLU ms", ".1f"), ("fused_ms", "fused ms", ".1f"),
            ("fused_vs_unfused", "fused vs unfused", ".2f"), ("fused_vs_dense", "fused vs dense", ".2f")]

@@ -134,7 +134,7 @@ def main(argv=None):
     info = machine_info()
     print(f"# sparsetrain kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    results = {"machine": info, "linear": [], "conv": [], "fused": [], "gpu": []}
+    results = {"machine": info, "linear": [], "conv": [], "fused": [], "pool": [], "gpu": []}
     if args.only in (None, "linear"):
         print("\n## SparseLinear forward+backward (fp32) vs dense masked F.linear and torch.sparse")
         results["linear"] = bench_linear(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, sparsities, reps)
@@ -149,6 +149,9 @@ def main(argv=None):
         print("\n## sparse conv -> BN -> ReLU fused (SparseConvBNReLU) vs unfused vs dense masked, forward+backward")
         results["fused"] = fused_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
         print_table(results["fused"], fused_bench.COLUMNS)
+        print("\n## a BatchNorm's output max-pooled 2x2, forward: pooled from its input y (max_pool2x2 with in_scale)")
+        results["pool"] = fused_bench.run_pool(quick=args.quick, reps=reps)
+        print_table(results["pool"], fused_bench.POOL_COLUMNS)
     if args.only in (None, "gpu"):
         import gpu_bench
         print("\n## GPU (Triton)")

@@ -33,6 +33,9 @@ def test_fused_section_rows(monkeypatch):
     monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
     rows = fused_bench.run(quick=True, sparsities=(0.9,), reps=1)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "unfused_ms", "fused_ms", "fused_vs_unfused"])
+    monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
+    rows = fused_bench.run_pool(quick=True, reps=1)
+    assert len(rows) == 1 and _finite(rows[0], ["torch_ms", "separate_ms", "fused_ms", "fused_vs_separate"])
 
 
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
