@@ -6,7 +6,7 @@ changed; the editable install of the package itself (`pip install -e .`) skips t
 (SPARSETRAIN_SKIP_EXT=1) and finds the in-place library. ccache is used when its compiler links
 are on PATH (the Makefile puts /usr/lib/ccache there when it exists).
 
-Flags: -O3 -fopenmp -g0 by default (no debug info: 40% of a file's compile time). Opt in with
+Flags: -O3 -fopenmp -g0 -Wno-psabi by default (no debug info: 40% of a file's compile time). Opt in with
 NATIVE=1 (adds -march=native) or DEBUG=1 (-O0 -g). Hot loops carry function multiversioning
 (AVX-512 / AVX2 / baseline clones picked at load time), so a portable build still uses the
 machine's vector units. No network access at build time.
@@ -27,7 +27,9 @@ def get_extensions():
     if os.environ.get("DEBUG", "0") == "1":
         cxx = ["-O0", "-g", "-fopenmp"]
     else:
-        cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-g0"]
+        # (-Wno-psabi: GCC's notes on passing 64-byte vectors, about always-inline templates inside
+        # this one library, not an interface)
+        cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-g0", "-Wno-psabi"]
         if os.environ.get("NATIVE", "0") == "1":
             cxx.append("-march=native")
     return [
