@@ -64,19 +64,15 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
     V s1{}, s2{};  // explicit vectors: an `omp simd reduction` kept these in stack slots
     int64_t i = 0;
     for (; i + L <= hw; i += L) {
-      V g = *reinterpret_cast<const U*>(gp + i);
       const V yv = *reinterpret_cast<const U*>(yp + i);
-      if constexpr (RA) {
-        V pre = yv * a + b;  // bn_pre's expression
-        if constexpr (RES) pre = pre + V(*reinterpret_cast<const U*>(rp + i));
-        g = pre > T(0) ? g : V{};
-      }
+      const V g = mask_after<RA, RES>(V(*reinterpret_cast<const U*>(gp + i)), yv,
+                                      RES ? V(*reinterpret_cast<const U*>(rp + i)) : V{}, a, b);
       s1 += g;
       s2 += g * (yv - m);
     }
     T t1 = hsum<T, VB>(s1), t2 = hsum<T, VB>(s2);
     for (; i < hw; ++i) {
-      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a, b) > T(0)) ? T(0) : gp[i];
+      const T g = mask_after<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a, b);
       t1 += g;
       t2 += g * (yp[i] - m);
     }
@@ -121,7 +117,7 @@ ST_INLINE void row_sums_impl(const T* go, const T* y, const T* res, const T* con
     const T* rp = RES ? res + s * n : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      const T g = mask_after<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a[i], b[i]);
       acc[i] += g;
       acc[n + i] += g * (yp[i] - m[i]);
     }
@@ -140,10 +136,9 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
     T* op = WG ? gout + s * n : nullptr;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const T g = RA && !(bn_pre<T, RES>(yp, rp, i, a[i], b[i]) > T(0)) ? T(0) : gp[i];
+      T g;
+      const T v = bn_dy_value<RA, RB, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a[i], b[i], m[i], ka[i], kb[i], kc[i], g);
       if constexpr (WG) op[i] = g;
-      T v = ka[i] * g + kb[i] * (yp[i] - m[i]) + kc[i];
-      if constexpr (RB) v = yp[i] > T(0) ? v : T(0);
       dp[i] = v;
       acc[i] += v;
     }

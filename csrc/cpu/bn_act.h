@@ -8,13 +8,21 @@
 
 namespace sparsetrain {
 
-// The BatchNorm's affine map (plus the residual) before the ReLU. The backward recomputes the
-// ReLU's mask from y with this same function (same instruction set clone), so the mask is the
-// forward's bit for bit.
-template <typename T, bool RES>
-ST_INLINE T bn_pre(const T* y, const T* r, int64_t i, T a, T b) {
-  if constexpr (RES) return y[i] * a + b + r[i];
-  return y[i] * a + b;
+// The BatchNorm's affine map (plus the residual) before the ReLU, on one element (X = T) or one
+// vector (X = SimdVec V). The backward recomputes the ReLU's mask from y with this same function
+// (same instruction set clone), so the mask is the forward's bit for bit.
+template <bool RES, typename X, typename T>
+ST_INLINE X bn_pre(X y, X r, T a, T b) {
+  if constexpr (RES) return y * a + b + r;
+  return y * a + b;
+}
+
+// g masked by the ReLU after the BatchNorm (RA), recomputed from y (and the residual r): g where
+// bn_pre > 0, else 0 (a NaN pre-activation masks, as the forward's ReLU gave it no gradient).
+template <bool RA, bool RES, typename X, typename T>
+ST_INLINE X mask_after(X g, X y, X r, T a, T b) {
+  if constexpr (RA) return bn_pre<RES>(y, r, a, b) > T(0) ? g : X{};
+  return g;
 }
 
 // The forward on one plane of n elements: out = act(a * y + b (+ r)), act = ReLU (NaN stays NaN, as
@@ -23,7 +31,7 @@ template <typename T, bool RELU, bool RES>
 ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<T, RES>(y, r, i, a, b);
+    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), a, b);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;
     out[i] = v;
   }
@@ -34,7 +42,7 @@ template <typename T, bool RELU, bool RES>
 ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<T, RES>(y, r, i, a[i], b[i]);
+    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), a[i], b[i]);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;
     out[i] = v;
   }
@@ -55,15 +63,12 @@ std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t 
 }
 
 // One element (T) or vector (SimdVec V) of the input gradient: dy = ka g + kb (y - mean) + kc with
-// g = grad_out masked by the ReLU after (RA, recomputed with bn_pre's expression), masked by y > 0
-// with a ReLU before (RB); g itself returned in gm (written out for a residual).
+// g = grad_out masked by the ReLU after (RA, mask_after), masked by y > 0 with a ReLU before (RB);
+// g itself returned in gm (written out for a residual). The plane path (bn_dy_plane) calls it on
+// vectors, bn_act.cpp's row path on elements with per-element constants.
 template <bool RA, bool RB, bool RES, typename X, typename T>
 ST_INLINE X bn_dy_value(X g, X y, X r, T a, T b, T m, T ka, T kb, T kc, X& gm) {
-  if constexpr (RA) {
-    X pre = y * a + b;
-    if constexpr (RES) pre = pre + r;
-    g = pre > T(0) ? g : X{};  // NaN: masked, as the forward's ReLU mask
-  }
+  g = mask_after<RA, RES>(g, y, r, a, b);
   gm = g;
   X v = ka * g + kb * (y - m) + kc;
   if constexpr (RB) v = y > T(0) ? v : X{};

@@ -38,12 +38,12 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, cons
         if (xa->relu) {
 #pragma omp simd
           for (int64_t i = 0; i < W; ++i) {
-            const T v = bn_pre<T, false>(s, nullptr, i, a, sft);
+            const T v = bn_pre<false>(s[i], T(0), a, sft);
             d[i] = v < T(0) ? T(0) : v;
           }
         } else {
 #pragma omp simd
-          for (int64_t i = 0; i < W; ++i) d[i] = bn_pre<T, false>(s, nullptr, i, a, sft);
+          for (int64_t i = 0; i < W; ++i) d[i] = bn_pre<false>(s[i], T(0), a, sft);
         }
         zero_n(d + W, PW - W);
       }
