@@ -275,6 +275,15 @@ void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const 
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
+std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                     bool relu, const at::Tensor& x, int64_t C) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
+  if (!scale) return std::nullopt;
+  check_channels(*scale, C, x.scalar_type(), "in_scale");
+  check_channels(*shift, C, x.scalar_type(), "in_shift");
+  return XActArgs{scale->contiguous(), shift->contiguous(), relu};
+}
+
 at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
   return bn_act(y, scale, shift, std::nullopt, relu, std::nullopt);
 }

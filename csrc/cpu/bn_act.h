@@ -129,6 +129,18 @@ at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tens
 // t: a [C] tensor of `dtype` on the CPU (a per-channel argument named `name`).
 void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name);
 
+// A BatchNorm (+ ReLU) applied to an op's input x as it reads it (the in_scale, in_shift, in_relu
+// arguments of sparse_conv2d_stats, sparse_conv2d_bn_backward and max_pool2x2): x holds the
+// BatchNorm's input y and the op reads act(scale[c] * y + shift[c]).
+struct XActArgs {
+  at::Tensor scale, shift;  // [C], x's dtype, contiguous
+  bool relu;
+};
+
+// The checked arguments (given together, [C] of x's dtype on the CPU), or nullopt without them.
+std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                                     bool relu, const at::Tensor& x, int64_t C);
+
 // bn_act_backward's argument checks.
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,
                    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,

@@ -240,32 +240,27 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   check_x4(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
   TORCH_CHECK(H >= 2 && W >= 2, "x must be at least 2x2 to pool 2x2 (as nn.MaxPool2d(2)), got shape ", x.sizes());
-  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), "in_scale and in_shift must be given together");
-  at::Tensor sc, sh;
-  if (in_scale) {
-    check_channels(*in_scale, C, x.scalar_type(), "in_scale");
-    check_channels(*in_shift, C, x.scalar_type(), "in_shift");
-    sc = in_scale->contiguous();
-    sh = in_shift->contiguous();
-  }
+  const std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, C);
+  const at::Tensor sc = ia ? ia->scale : at::Tensor(), sh = ia ? ia->shift : at::Tensor();
   const at::Tensor xc = x.contiguous();
   at::Tensor out = pooled_empty({B, C, OH, OW}, x.options());
   at::Tensor idx = at::empty({B, C, OH, OW}, x.options().dtype(at::kByte));
   if (out.numel() == 0) return {out, idx};
+  const bool relu = ia && ia->relu;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
     using T = scalar_t;
     if (sc.defined() && H * W < kRowPlane) {  // bn_act's row path: sample rows, constants per element
       const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, H * W), b = per_element<T>(sh.data_ptr<T>(), C, H * W);
       at::parallel_for(0, B, plane_grain(C * H * W), [&](int64_t s0, int64_t s1) {
         pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), a.data(),
-                  b.data(), in_relu);
+                  b.data(), relu);
       });
       return;
     }
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
       pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
                   sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
-                  in_relu, C);
+                  relu, C);
     });
   });
   return {out, idx};

@@ -59,27 +59,6 @@ int64_t in_channels(int64_t cols, const ConvArgs& a) {
   return cols / (a.kh * a.kw);
 }
 
-// The deferred BatchNorm (+ ReLU) of the layer before (XAct): x holds that layer's y.
-struct XActArgs {
-  at::Tensor scale, shift;  // [C], x's dtype, contiguous
-  bool relu;
-};
-
-std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                                     bool relu, const at::Tensor& x, int64_t C) {
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
-  if (!scale) return std::nullopt;
-  for (const at::Tensor* t : {&*scale, &*shift}) {
-    const char* name = t == &*scale ? "in_scale" : "in_shift";
-    check_cpu(*t, name);
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
-                t->scalar_type());
-    TORCH_CHECK(t->dim() == 1 && t->numel() == C, name, " must have shape [", C, "] (x's channels), got ",
-                t->sizes());
-  }
-  return XActArgs{scale->contiguous(), shift->contiguous(), relu};
-}
-
 // x for a kernel: x itself, or act(scale * x + shift) written out where the kernel cannot apply it
 // while packing (the small-map kernel, strides other than 1); `ia` is cleared then.
 at::Tensor deferred_input(const at::Tensor& xc, std::optional<XActArgs>& ia, bool small, const Plan& P) {

@@ -4,6 +4,7 @@ rules or the DSD2 study.
 
 Modules, bottom up: backend (kernel mode), hooks (a measurement pass in eval mode) -> formats (CSR)
 -> bsr (BSR, BSRLinear) -> ops (the op
-table; loads the C++ extension) -> nn (layers, masks) -> fused (sparse conv + BatchNorm + ReLU as one layer)
+table; loads the C++ extension) -> nn (layers, masks) -> placeholders (the BN, ReLU and pool modules
+a fused model keeps at their names) -> fused (sparse conv + BatchNorm + ReLU as one layer)
 -> fuse (fuse_/unfuse_: the fx pattern rewrite) -> convert (sparsify_/densify_) -> policy.
 """

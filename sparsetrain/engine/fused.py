@@ -80,7 +80,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
     back too (a view): the gradient other branches send it is added to this layer's input gradient
     inside the conv kernel (grad_input_add), not by autograd's separate addition pass. With
     opts.defer the outputs are (y[, x]): y stands for out, whose gradient it receives (only the
-    next fused conv reads it, applying the BN itself: _link in fuse.py)."""
+    next fused conv reads it, applying the BN itself: _link in fuse.py). With opts.pool, out is the
+    activation 2x2-max-pooled (its window positions saved: the backward unpools the gradient)."""
 
     @staticmethod
     def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after, opts):
@@ -344,17 +345,13 @@ class SparseConvBNReLU(SparseConv2d):
     def _pools(self, x: torch.Tensor) -> bool:
         if self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self):
             return False
-        if min(self._out_hw(x)) < 2 or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in (*self._placeholders, self.pools))
+        return min(self._out_hw(x)) >= 2 and not _watched(*self._placeholders, self.pools)
 
     def _defers(self, x: torch.Tensor) -> bool:
         if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)
                 or not _can_fuse(x, self.feeds)):
             return False
-        if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._placeholders)
+        return not _watched(*self._placeholders)
 
     def to_conv(self) -> SparseConv2d:
         conv = SparseConv2d(self.weight, None, self.stride, self.padding)
@@ -364,6 +361,14 @@ class SparseConvBNReLU(SparseConv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", fused: {'relu -> ' if self.relu_before else ''}bn"
                 f"{' + residual' if self.residual else ''}{' -> relu' if self.relu_after else ''}")
+
+
+def _watched(*modules: nn.Module) -> bool:
+    """A forward hook (global, or on one of `modules`) would see the tensors these modules pass on:
+    a fused layer then hands them the real activation (no deferred BN, no pooling in the BN pass)."""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def routed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
