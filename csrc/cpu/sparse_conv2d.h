@@ -153,7 +153,7 @@ struct BnPack {
 };
 
 // A BatchNorm (+ ReLU) of the layer before, deferred into this conv's input packing
-// (engine/fused.py): the conv reads y and packs act(scale[c] * y + shift[c]) (bn_act.h's bn_pre,
+// (engine/fused.py): the conv reads y and packs act(scale[c] * y + shift[c]) (bn_act.h's act_plane,
 // so the values are bn_act's bit for bit); that activation is never written. Stride 1 on the
 // phase-plane kernel; the op entry points apply it first (bn_apply) elsewhere.
 template <typename T>

@@ -35,16 +35,8 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, cons
       for (int64_t r = 0; r < H; ++r) {
         T* d = fr + r * PW;
         const T* s = src + r * W;
-        if (xa->relu) {
-#pragma omp simd
-          for (int64_t i = 0; i < W; ++i) {
-            const T v = bn_pre<false>(s[i], T(0), a, sft);
-            d[i] = v < T(0) ? T(0) : v;
-          }
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < W; ++i) d[i] = bn_pre<false>(s[i], T(0), a, sft);
-        }
+        if (xa->relu) act_plane<T, true, false>(s, nullptr, d, W, a, sft);  // (bn_act's own row function)
+        else act_plane<T, false, false>(s, nullptr, d, W, a, sft);
         zero_n(d + W, PW - W);
       }
     } else {
