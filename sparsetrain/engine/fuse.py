@@ -75,7 +75,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     (`fused_residual`, see _residual_relu); a block that passes its input on through
     `routed_input(self.<conv>, x)` declares `fused_route_input = "<conv>"` (child name) and that
     fused layer routes it. In a model with fused layers, every nn.MaxPool2d(2) becomes a
-    MaxPool2x2 (the same pooling on a one-pass kernel). Returns the qualified names of the fused
+    MaxPool2x2 (the same pooling on a one-pass kernel). Links between fused layers and the modules
+    that alone read their activations: _link. Returns the qualified names of the fused
     convs. The model must be traceable by torch.fx: ValueError otherwise, or nothing fused when not
     `strict`."""
     if not isinstance(model, nn.Module):
@@ -120,36 +121,29 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
                                                           for n in (relu_before, bn, relu_after) if n is not None))
         last[node.target] = relu_after or bn
         fused.append(node.target)
-    _link(model, last)
     for name, m in list(model.named_modules()):
         if fused and _is_pool2x2(m):
             _set_module(model, name, MaxPool2x2(2))
-    _link_pools(model, last, calls)
+    _link(model, last, calls)
     return fused
 
 
-def _link(model: nn.Module, last: dict) -> None:
-    """layer.feeds = the fused layer whose conv alone reads `layer`'s activation, as its input
-    (the BN deferred into that conv's packing: SparseConvBNReLU). A layer with a residual, or whose
-    activation goes anywhere else too, keeps writing it."""
-    for name, act in last.items():
-        users = list(act.users)
-        nxt = users[0] if len(users) == 1 else None
-        layer = model.get_submodule(name)
-        if (nxt is not None and nxt.op == "call_module" and nxt.target in last and nxt.args[:1] == (act,)
-                and act not in nxt.args[1:] and not nxt.kwargs and not layer.residual):
-            object.__setattr__(layer, "feeds", model.get_submodule(nxt.target))  # a reference, not a submodule
-
-
-def _link_pools(model: nn.Module, last: dict, calls: dict) -> None:
-    """layer.pools = the MaxPool2x2 that alone reads `layer`'s activation (called there only): the
-    fused layer pools in its BN's pass and never writes the activation. Not with a residual."""
+def _link(model: nn.Module, last: dict, calls: dict) -> None:
+    """Each fused layer whose activation has one reader, a module call taking it as its input:
+    layer.feeds = that reader when it is a fused layer (the BN deferred into its conv's packing),
+    layer.pools = that reader when it is a MaxPool2x2 called only there (pooled in the BN's pass).
+    Either way the activation is never written. A layer with a residual keeps writing it."""
     for name, act in last.items():
         nxt = _only_user(act)
         layer = model.get_submodule(name)
-        if (nxt is not None and nxt.op == "call_module" and calls.get(nxt.target) == 1 and nxt.args == (act,)
-                and not nxt.kwargs and not layer.residual and isinstance(model.get_submodule(nxt.target), MaxPool2x2)):
-            object.__setattr__(layer, "pools", model.get_submodule(nxt.target))  # a reference, not a submodule
+        if (nxt is None or nxt.op != "call_module" or nxt.args[:1] != (act,) or act in nxt.args[1:] or nxt.kwargs
+                or layer.residual):
+            continue
+        reader = model.get_submodule(nxt.target)
+        if nxt.target in last:
+            object.__setattr__(layer, "feeds", reader)  # a reference, not a submodule
+        elif isinstance(reader, MaxPool2x2) and calls.get(nxt.target) == 1 and nxt.args == (act,):
+            object.__setattr__(layer, "pools", reader)
 
 
 def unfuse_(model: nn.Module) -> nn.Module:
