@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_mask", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
+__all__ = ["random_mask", "model_masks", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
            "write_cifar", "write_idx", "write_mnist"]
 
 
@@ -30,6 +30,14 @@ def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> 
     if empty_rows:
         m[:empty_rows] = False
     return m
+
+
+def model_masks(model, sparsity: float, seed: int = 0) -> dict:
+    """{name: random_mask} for every nn.Conv2d and nn.Linear of `model` (sparsify_'s masks), drawn
+    in module order from one generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: random_mask(m.weight.shape, sparsity, generator=g) for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
 
 
 def dense_linear(x, weight, mask, bias=None):

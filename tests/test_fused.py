@@ -17,7 +17,7 @@ from sparsetrain.engine.fuse import fuse_, unfuse_
 from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, routed_input, sparse_conv_bn_relu
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
-from sparsetrain.testing import dense_conv2d, random_mask
+from sparsetrain.testing import dense_conv2d, model_masks, random_mask
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
@@ -328,16 +328,10 @@ class _Res(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _masks(model, sparsity, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: random_mask(m.weight.shape, sparsity, generator=g) for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 def test_thirty_steps_follow_the_unfused_trajectory():
     torch.manual_seed(0)
     base = _Res().double()
-    masks = _masks(base, 0.6)
+    masks = model_masks(base, 0.6)
     unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
     sparsetrain.sparsify_(unfused, masks)
     sparsetrain.sparsify_(fused, masks, fuse=True)
@@ -375,7 +369,7 @@ def test_deferred_batchnorm_links_and_bitwise_equal_steps():
     (the activation is never written); the step equals the one with the activation written."""
     torch.manual_seed(0)
     model = _Res().double()
-    sparsetrain.sparsify_(model, _masks(model, 0.6), fuse=True)
+    sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
     assert model.conv1.feeds is model.conv2 and model.conv0.feeds is None and model.conv2.feeds is None
     ref = copy.deepcopy(model)
     for m in ref.modules():
@@ -397,7 +391,7 @@ def test_deferred_batchnorm_links_and_bitwise_equal_steps():
 def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch):
     torch.manual_seed(0)
     model = _Res().double()
-    sparsetrain.sparsify_(model, _masks(model, 0.6), fuse=True)
+    sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
     seen = []
     h = model.relu1.register_forward_hook(lambda m, i, o: seen.append(o))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
@@ -427,7 +421,7 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
 def test_routed_input_hands_on_x_once():
     torch.manual_seed(0)
     model = _Res().double()
-    sparsetrain.sparsify_(model, _masks(model, 0.5), fuse=True)
+    sparsetrain.sparsify_(model, model_masks(model, 0.5), fuse=True)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     model.conv1(x)
     through = routed_input(model.conv1, x)
@@ -448,7 +442,7 @@ def test_study_resnet_routes_its_shortcuts(batch):
     added inside the fused conv1's kernel, never by a separate add over an activation."""
     torch.manual_seed(0)
     base = resnet18(10, 3).double()
-    masks = _masks(base, 0.8)
+    masks = model_masks(base, 0.8)
     unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
     sparsetrain.sparsify_(unfused, masks)
     sparsetrain.sparsify_(fused, masks, fuse=True)
@@ -471,7 +465,7 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).double()  # (batch-2 BN at 1x1 maps: fp32 is ill-conditioned)
     ref = copy.deepcopy(model)
-    masks = _masks(model, 0.9)
+    masks = model_masks(model, 0.9)
     sparsetrain.sparsify_(model, masks, fuse=True)
     convs = [n for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)]
     # every conv feeds a BN; a torchvision block calls its one self.relu at two sites: only the
@@ -499,7 +493,7 @@ def test_torchvision_resnet18_pattern_and_round_trip():
 
 def test_study_models_fuse_their_patterns():
     r = resnet18(10, 3)
-    sparsetrain.sparsify_(r, _masks(r, 0.9), fuse=True)
+    sparsetrain.sparsify_(r, model_masks(r, 0.9), fuse=True)
     fused = {n: m for n, m in r.named_modules() if isinstance(m, SparseConvBNReLU)}
     assert len(fused) == 20
     assert fused["layer1.0.conv1"].relu_after and not fused["layer1.0.conv1"].residual
@@ -509,7 +503,7 @@ def test_study_models_fuse_their_patterns():
     assert {n: m.feeds for n, m in fused.items() if m.feeds is not None} == \
         {f"layer{i}.{j}.conv1": fused[f"layer{i}.{j}.conv2"] for i in range(1, 5) for j in range(2)}
     v = vgg_like(2, 3, 10, 3)
-    sparsetrain.sparsify_(v, _masks(v, 0.9), fuse=True)
+    sparsetrain.sparsify_(v, model_masks(v, 0.9), fuse=True)
     assert all(m.relu_before and not m.relu_after for m in v.modules() if isinstance(m, SparseConvBNReLU))
     assert sum(isinstance(m, SparseConvBNReLU) for m in v.modules()) == 4
     vf = {n: m for n, m in v.named_modules() if isinstance(m, SparseConvBNReLU)}
@@ -532,7 +526,7 @@ def test_other_patterns_are_left_alone():
             return self.bn_twice(self.c(w)) + self.bn_twice(w)  # a BN called twice
 
     m = Odd()
-    sparsetrain.sparsify_(m, _masks(m, 0.5))
+    sparsetrain.sparsify_(m, model_masks(m, 0.5))
     assert fuse_(m) == []
     assert all(type(mod) in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, Odd) or type(mod).__name__ in ("SparseConv2d", "CSR")
                for mod in m.modules())
@@ -546,7 +540,7 @@ def test_other_patterns_are_left_alone():
             return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
 
     u = Untraceable()
-    sparsetrain.sparsify_(u, _masks(u, 0.5))
+    sparsetrain.sparsify_(u, model_masks(u, 0.5))
     with pytest.raises(ValueError, match="torch.fx can trace"):
         fuse_(u)
     assert fuse_(u, strict=False) == []
@@ -557,9 +551,9 @@ def test_apply_engine_fuses_and_state_dicts_load_across():
     torch.manual_seed(0)
     m = _Res()
     plain = copy.deepcopy(m)
-    apply_engine(m, _masks(m, 0.95), "sparse")
+    apply_engine(m, model_masks(m, 0.95), "sparse")
     assert isinstance(m.conv2, SparseConvBNReLU) and m.conv2.residual
-    sparsetrain.sparsify_(plain, _masks(plain, 0.95))
+    sparsetrain.sparsify_(plain, model_masks(plain, 0.95))
     plain.load_state_dict(m.state_dict())  # fused -> unfused
     m2 = copy.deepcopy(m)  # a deep copy keeps each fused conv pointing at its own model's BN
     assert m2.conv0.bn is m2.bn0 and m2.conv0.bn is not m.bn0
@@ -596,7 +590,7 @@ def test_inference_folds_the_batchnorm(order, sparsity):
 def test_inference_with_a_shortcut():
     torch.manual_seed(0)
     base = _Res().double().eval()
-    masks = _masks(base, 0.8)
+    masks = model_masks(base, 0.8)
     unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
     sparsetrain.sparsify_(unfused, masks)
     sparsetrain.sparsify_(fused, masks, fuse=True)

@@ -11,7 +11,7 @@ import sparsetrain
 from sparsetrain.engine.fuse import fuse_, unfuse_
 from sparsetrain.engine.fused import MaxPool2x2, SparseConvBNReLU
 from sparsetrain.experiment.models import vgg_like
-from sparsetrain.testing import random_mask
+from sparsetrain.testing import model_masks, random_mask
 
 
 def _both(x):
@@ -138,8 +138,7 @@ def test_fused_layer_pools_in_its_batchnorm_pass(order):
                              nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
                              nn.Flatten(), nn.Linear(5 * 4 * 4, 10))
     model, ref = make(), make()
-    masks = {n: random_mask(m.weight.shape, 0.6, generator=torch.Generator().manual_seed(1))
-             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    masks = model_masks(model, 0.6, seed=1)
     with torch.no_grad():
         for n, mk in masks.items():
             ref.get_submodule(n).weight.mul_(mk)

@@ -11,7 +11,7 @@ from sparsetrain.engine.fused import FusedReLU, sparse_conv_bn_relu
 from sparsetrain.experiment import entropy as entropy_mod
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
-from sparsetrain.testing import random_mask
+from sparsetrain.testing import model_masks, random_mask
 
 
 def _count(out: torch.Tensor) -> torch.Tensor:
@@ -95,12 +95,6 @@ def _entropy_by_hooks(model, batches):
         entropy_mod._counting.__enter__ = saved
 
 
-def _masks(model, sparsity):
-    g = torch.Generator().manual_seed(1)
-    return {n: random_mask(m.weight.shape, sparsity, generator=g)
-            for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 @pytest.mark.parametrize("make", [lambda: resnet18(10), lambda: vgg_like(2, 2, image_size=16)],
                          ids=["resnet", "vgg_relu_bn"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
@@ -109,7 +103,7 @@ def test_entropy_counted_in_the_kernels_equals_hooks(make, sparsity):
     conv-ReLU-BN (the conv epilogue's ReLU); and the counts really come from the kernels."""
     torch.manual_seed(0)
     model = make()
-    sparsetrain.sparsify_(model, _masks(model, sparsity), fuse=True)
+    sparsetrain.sparsify_(model, model_masks(model, sparsity, seed=1), fuse=True)
     relus = [m for m in model.modules() if isinstance(m, FusedReLU)]
     assert relus
     x = torch.randn(20, 3, 16, 16)
