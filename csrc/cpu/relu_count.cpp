@@ -5,16 +5,29 @@
 namespace sparsetrain {
 namespace {
 
-// counts[n] += #{b : pre[b, n] > 0}, n over the flattened non-batch dims.
+// counts[n] += #{b : pre[b, n] > 0} for n in [n0, n1), n over the flattened non-batch dims. The
+// loop sits in a multiversioned function called inside the parallel lambda (a lambda does not
+// inherit a clone's ISA: wrapping the parallel_for would run it as baseline SSE2 code).
+template <typename T>
+ST_INLINE void relu_count_range(int64_t* counts, const T* x, int64_t B, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t b = 0; b < B; ++b) {
+    const T* xr = x + b * N;
+#pragma omp simd
+    for (int64_t n = n0; n < n1; ++n) counts[n] += xr[n] > T(0);
+  }
+}
+#define ST_RELU_COUNT(T)                                                                           \
+  ST_MULTIVERSION void relu_count_rows(int64_t* counts, const T* x, int64_t B, int64_t N, int64_t n0, \
+                                       int64_t n1) {                                               \
+    relu_count_range<T>(counts, x, B, N, n0, n1);                                                  \
+  }
+ST_RELU_COUNT(float)
+ST_RELU_COUNT(double)
+#undef ST_RELU_COUNT
+
 template <typename T>
 void relu_count_impl(int64_t* counts, const T* x, int64_t B, int64_t N) {
-  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* xr = x + b * N;
-#pragma omp simd
-      for (int64_t n = n0; n < n1; ++n) counts[n] += xr[n] > T(0);
-    }
-  });
+  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) { relu_count_rows(counts, x, B, N, n0, n1); });
 }
 
 void relu_count_(at::Tensor& counts, const at::Tensor& pre) {
