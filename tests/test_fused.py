@@ -597,3 +597,37 @@ def test_inference_with_a_shortcut():
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), unfused(x), rtol=1e-9, atol=1e-9)
+
+
+# ============================================================================ torch.compile
+def test_torch_compile_runs_the_fused_layers_eagerly():
+    """The fused layers hand tensors on through module state (deferred BN, routed shortcut,
+    placeholders) and check them by identity: under torch.compile they run eagerly
+    (torch.compiler.disable, one graph break each) and the steps equal the uncompiled model's bit
+    for bit (aot_eager: the glue between them is traced, not re-rounded)."""
+    torch.manual_seed(0)
+    model = _Res().double()
+    sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
+    ref = copy.deepcopy(model)
+    assert model.conv1.feeds is model.conv2 and model.conv1.route_input  # both hand-overs are in play
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 5, (6,), generator=g)
+        losses = []
+        for m in (ref, compiled):
+            for p in m.parameters():
+                p.grad = None
+            loss = F.cross_entropy(m(x), t)
+            loss.backward()
+            losses.append(loss.item())
+        assert losses[1] == losses[0], step
+        for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+            assert torch.equal(a.grad, b.grad), (step, n)
+    for (n, a), b in zip(ref.named_buffers(), model.buffers()):
+        assert torch.equal(a, b), n
+    ref.eval(), model.eval()
+    with torch.no_grad():  # inference: the BN folded into the conv, also eager under compile
+        assert torch.equal(compiled(x), ref(x))

@@ -303,6 +303,7 @@ class SparseConvBNReLU(SparseConv2d):
             raise ValueError("relu_before and residual cannot be combined (conv -> ReLU -> BN -> + residual)")
         self.relu_before, self.relu_after, self.residual = bool(relu_before), bool(relu_after), bool(residual)
 
+    @torch.compiler.disable  # (module state and identity checks: eager under torch.compile)
     def forward(self, x, residual=None):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
@@ -371,6 +372,7 @@ def _watched(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+@torch.compiler.disable
 def routed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x, as seen through `layer`'s forward just called on it, for a block's other branches that
     read x (the shortcut): when `layer` is a SparseConvBNReLU with route_input, the gradient those

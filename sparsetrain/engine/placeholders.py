@@ -1,6 +1,10 @@
 """The modules that stay at their names in a fused model (engine/fused.py, fuse_): the BatchNorm
 and ReLU a SparseConvBNReLU computes, as pass-through placeholders holding the same parameters and
-buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel."""
+buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel.
+
+Their forwards (and the fused layer's, engine/fused.py) hand tensors on through module state and
+check them by identity, which torch.compile cannot trace: they run eagerly under it
+(torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +19,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
 
     _pending: tuple | None = None  # (the tensor this module will be called on, its output)
 
+    @torch.compiler.disable
     def forward(self, x):
         pending, self._pending = self._pending, None
         if pending is None or pending[0] is not x:
@@ -33,6 +38,7 @@ class FusedReLU(nn.ReLU):
     count_states = False
     _state_counts: torch.Tensor | None = None
 
+    @torch.compiler.disable  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
         return x
 
@@ -52,6 +58,7 @@ class MaxPool2x2(nn.MaxPool2d):
 
     _pending: tuple | None = None  # (the tensor this module will be called on, the pooled output)
 
+    @torch.compiler.disable
     def forward(self, x):
         pending, self._pending = self._pending, None
         if pending is not None:
