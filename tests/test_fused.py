@@ -600,21 +600,31 @@ def test_inference_with_a_shortcut():
 
 
 # ============================================================================ torch.compile
-def test_torch_compile_runs_the_fused_layers_eagerly():
+def _res_in_play(m):  # the deferred BN and the routed shortcut
+    return m.conv1.feeds is m.conv2 and m.conv1.route_input
+
+
+def _vgg_in_play(m):  # the stage ends' pooling inside the BN pass (MaxPool2x2 placeholders)
+    return type(m.pool1).__name__ == "MaxPool2x2" and m.block1_2.conv.pools is m.pool1
+
+
+@pytest.mark.parametrize("make, in_play, hw", [(_Res, _res_in_play, 8),
+                                               (lambda: vgg_like(2, 2, 5, 3, image_size=8), _vgg_in_play, 8)])
+def test_torch_compile_runs_the_fused_layers_eagerly(make, in_play, hw):
     """The fused layers hand tensors on through module state (deferred BN, routed shortcut,
-    placeholders) and check them by identity: under torch.compile they run eagerly
+    placeholders, pooling) and check them by identity: under torch.compile they run eagerly
     (torch.compiler.disable, one graph break each) and the steps equal the uncompiled model's bit
     for bit (aot_eager: the glue between them is traced, not re-rounded)."""
     torch.manual_seed(0)
-    model = _Res().double()
+    model = make().double()
     sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
     ref = copy.deepcopy(model)
-    assert model.conv1.feeds is model.conv2 and model.conv1.route_input  # both hand-overs are in play
+    assert in_play(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     g = torch.Generator().manual_seed(1)
     for step in range(3):
-        x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+        x = torch.randn(6, 3, hw, hw, generator=g, dtype=torch.float64)
         t = torch.randint(0, 5, (6,), generator=g)
         losses = []
         for m in (ref, compiled):
