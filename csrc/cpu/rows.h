@@ -84,6 +84,8 @@ ST_INLINE void copy_rows(T* d, int64_t dp, const T* s, int64_t sp, int64_t n, in
 // extensions: shufps / unpcklpd in every clone), L = 16 / sizeof(T). The element loop these
 // replace went through stack arrays (a store, then narrower reloads of it: stalled forwarding):
 // a 32-wide row set split 1.6-1.7x faster in a standalone test, AVX2 and baseline builds alike.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define ST_HAVE_SHUFFLEVECTOR 1  // (GCC has __builtin_shufflevector from 12 on; older: the loops)
 template <typename T>
 struct EvenOdd {
   static constexpr int L = 16 / int(sizeof(T));
@@ -109,15 +111,23 @@ struct EvenOdd {
     __builtin_memcpy(d + L, &hi, 16);
   }
 };
+#endif
 
 // e[v] = s[2v], o[v] = s[2v + 1] for v < N, each followed by `zeros` zeros; a null side is skipped.
 template <typename T, int N>
 ST_INLINE void split_row_n(T* e, T* o, const T* s, int64_t zeros) {
+#ifndef ST_HAVE_SHUFFLEVECTOR
+  T ev[N], od[N];
+  for (int v = 0; v < N; ++v) ev[v] = s[2 * v], od[v] = s[2 * v + 1];
+  if (e) __builtin_memcpy(e, ev, sizeof ev);
+  if (o) __builtin_memcpy(o, od, sizeof od);
+#else
   using P = EvenOdd<T>;
   static_assert(N % P::L == 0, "split_row_n: N must be a multiple of 16 bytes of elements");
   for (int i = 0; i < N / P::L; ++i)
     P::split(e ? e + P::L * i : nullptr, o ? o + P::L * i : nullptr, s + 2 * P::L * i,
              std::make_index_sequence<P::L>{});
+#endif
   if (e) zero_n(e + N, zeros);
   if (o) zero_n(o + N, zeros);
 }
@@ -142,10 +152,16 @@ ST_INLINE void split_row(T* e, T* o, const T* s, int64_t n, int64_t zeros) {
 // d[2v] = e[v], d[2v + 1] = o[v] for v < n (the inverse of split_row).
 template <typename T, int N>
 ST_INLINE void merge_row_n(T* d, const T* e, const T* o) {
+#ifndef ST_HAVE_SHUFFLEVECTOR
+  T out[2 * N];
+  for (int v = 0; v < N; ++v) out[2 * v] = e[v], out[2 * v + 1] = o[v];
+  __builtin_memcpy(d, out, sizeof out);
+#else
   using P = EvenOdd<T>;
   static_assert(N % P::L == 0, "merge_row_n: N must be a multiple of 16 bytes of elements");
   for (int i = 0; i < N / P::L; ++i)
     P::merge(d + 2 * P::L * i, e + P::L * i, o + P::L * i, std::make_index_sequence<P::L>{});
+#endif
 }
 template <typename T>
 ST_INLINE void merge_row(T* d, const T* e, const T* o, int64_t n) {
