@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import HERE, machine_info, print_table, write_json  # noqa: E402
-from sparsetrain.testing import random_mask  # noqa: E402
+from sparsetrain.testing import model_masks  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain.experiment.models import resnet18, vgg_like  # noqa: E402
@@ -50,9 +50,7 @@ def build(name: str, sparsity: float, engine: str, seed: int = 0):
     """The model with every conv/linear weight masked at `sparsity` (random, per layer)."""
     torch.manual_seed(seed)
     model = MODELS[name]()
-    g = torch.Generator().manual_seed(seed + 1)
-    masks = {n: random_mask(m.weight.shape, sparsity, generator=g)
-             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    masks = model_masks(model, sparsity, seed=seed + 1)
     if engine in ("sparse", "fused"):
         sparsetrain.sparsify_(model, masks, fuse=engine == "fused")
     else:
