@@ -14,7 +14,8 @@ import sparsetrain
 from sparsetrain.engine import ops
 from sparsetrain.engine import fused as fused_mod
 from sparsetrain.engine.fuse import fuse_, unfuse_
-from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU, routed_input, sparse_conv_bn_relu
+from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU, routed_input,
+                                      sparse_conv_bn_relu)
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
 from sparsetrain.testing import dense_conv2d, model_masks, random_mask
@@ -605,7 +606,7 @@ def _res_in_play(m):  # the deferred BN and the routed shortcut
 
 
 def _vgg_in_play(m):  # the stage ends' pooling inside the BN pass (MaxPool2x2 placeholders)
-    return type(m.pool1).__name__ == "MaxPool2x2" and m.block1_2.conv.pools is m.pool1
+    return isinstance(m.pool1, MaxPool2x2) and m.block1_2.conv.pools is m.pool1
 
 
 @pytest.mark.parametrize("make, in_play, hw", [(_Res, _res_in_play, 8),
