@@ -173,10 +173,11 @@ inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
   return c.data_ptr<int64_t>();
 }
 
-// Thread-local scratch that survives between calls: no page-fault zero fill per call.
+// Thread-local scratch that survives between calls: no page-fault zero fill per call. Slots 0..5
+// (the kernels' packed x, dy, output staging, partial sums, BN planes, the residual's gradient).
 template <typename T>
 T* scratch(size_t n, int slot) {
-  thread_local std::vector<double> bufs[5];
+  thread_local std::vector<double> bufs[6];
   auto& b = bufs[slot];
   const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
   if (b.size() < words) b.resize(words);

@@ -141,12 +141,16 @@ ST_INLINE void pack_dy_tile(const Plan& P, const T* dy, const uint8_t* used, int
 
 // pack_dy_tile with the BatchNorm's input gradient computed per plane from g (BnPack): every plane
 // a packed row reads, and, for the first channel chunk of the tile (`first`), every plane for the
-// residual's gradient and the bias sums (dsum: this tile's [O] partials).
+// residual's gradient and the bias sums (dsum: this tile's [O] partials). The residual's gradient
+// (activation-sized, read back only by the block's other branch, after this whole pass) is built
+// per plane in L1 and streamed out: plain stores first read every line (read-for-ownership); on the
+// AVX-512 Xeon, ResNet-18's fused step at 99% 243 -> 231 ms (in-process interleaved A/B).
 template <typename T, int VB>
 ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, const uint8_t* used, int64_t b0,
                                int64_t tb, T* dyp, bool first, double* dsum) {
   const int64_t O = P.O, ohw = P.OH * P.OW, ys = P.ys;
   T* tmp = scratch<T>(size_t(ohw), 4);
+  T* gtmp = scratch<T>(size_t(ohw), 5);
   const bool wg = first && G.gout, all = first && (G.gout || dsum);
   for (int64_t o = 0; o < O; ++o)
     if (used[o]) pack_dy_slack(P, tb, dyp + o * ys);
@@ -156,10 +160,12 @@ ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, co
       const int64_t off = ((b0 + b) * O + o) * ohw;
       const T s = bn_dy_plane_for<T, VB>(G.relu_after, G.relu_before, G.res != nullptr, wg, g + off, G.y + off,
                                      G.res ? G.res + off : nullptr, ohw, G.scale[o], G.shift[o], G.mean[o], G.ka[o],
-                                     G.kb[o], G.kc[o], tmp, wg ? G.gout + off : nullptr);
+                                     G.kb[o], G.kc[o], tmp, wg ? gtmp : nullptr);
+      if (wg) stream_rows(G.gout + off, ohw, gtmp, 0, ohw, 1);
       if (first && dsum) dsum[o] += s;
       if (used[o]) pack_dy_plane(P, tmp, b, dyp + o * ys);
     }
+  if (wg) stream_fence();
 }
 
 }  // namespace sparsetrain
