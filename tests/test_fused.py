@@ -2,6 +2,7 @@
 sparse_conv2d_stats, bn_act, bn_act_backward) against the same layers unfused: dense masked
 F.conv2d + nn.BatchNorm2d + ReLU, outputs, every gradient and the running statistics."""
 import copy
+import itertools
 from collections import OrderedDict
 
 import pytest
@@ -143,17 +144,25 @@ def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
             bn = (y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before)
             dy, dw, db, dres, dsum = torch.ops.sparsetrain.bn_act_backward(gout, *bn, grad_res)
             dx, dv = torch.ops.sparsetrain.sparse_conv2d_backward(dy, x, *idx, *geo, add)
-            for need_x, need_v in ((True, True), (True, False), (False, True), (False, False)):
+            # grad_bias=False (no conv bias): no sum dy, and dy computed only for the channels some
+            # nonzero reads (empty_rows=1 leaves one unread) unless the residual's gradient needs all
+            for (need_x, need_v), grad_bias in itertools.product(
+                    ((True, True), (True, False), (False, True), (False, False)), (True, False)):
                 got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
-                    gout, x, *idx, *geo, add if need_x else None, *bn, grad_res, need_x, need_v)
+                    gout, x, *idx, *geo, add if need_x else None, *bn, grad_res, need_x, need_v, None, None, False,
+                    grad_bias)
                 assert got[0].numel() == (dx.numel() if need_x else 0)
                 assert got[1].numel() == (dv.numel() if need_v else 0)
                 if need_x:
                     torch.testing.assert_close(got[0], dx, **tol)
                 if need_v:
                     torch.testing.assert_close(got[1], dv, **tol)
-                for a, b in zip(got[2:], (dw, db, dres, dsum)):
+                for a, b in zip(got[2:5], (dw, db, dres)):
                     torch.testing.assert_close(a, b, **tol)
+                if grad_bias:
+                    torch.testing.assert_close(got[5], dsum, **tol)
+                else:
+                    assert got[5].numel() == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -167,6 +176,7 @@ def test_conv_bn_backward_opcheck_and_errors():
     args = (torch.randn_like(y), x, *idx, [3, 3], [1, 1], [1, 1], torch.randn_like(x), y, r, scale, shift, w, mean,
             invstd, True, True, False, True, True, True)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (None, None, False, False))
     with pytest.raises(RuntimeError, match="relu_before and a residual do not combine"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
     with pytest.raises(RuntimeError, match="residual must have the shape of y"):

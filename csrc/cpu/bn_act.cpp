@@ -386,8 +386,9 @@ void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* 
       });
     }
   });
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t t = 0; t < nth; ++t) ds[c] += spart[t * C + c];
+  if (ds)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < nth; ++t) ds[c] += spart[t * C + c];
 }
 
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {

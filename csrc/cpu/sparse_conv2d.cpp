@@ -299,7 +299,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
 // residual, then the conv's backward, whose phase kernel computes the BatchNorm's input gradient
 // dy per plane while it packs its dy tiles: dy is never written out (bn_act_backward + the conv
 // backward wrote it and read it back). Returns (dx or empty, dvalues or empty, the BatchNorm's
-// dweight and dbias [C] f64, the residual's gradient or empty, sum dy [C] f64 for a conv bias).
+// dweight and dbias [C] f64, the residual's gradient or empty, sum dy [C] f64 for a conv bias, or
+// empty without grad_bias: then dy is computed only for the channels some nonzero reads, unless the
+// residual's gradient needs every plane anyway; at 99.9% a 64-channel layer has ~28 such rows).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_conv2d_bn_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
     const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
@@ -308,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, bool batch_stats, bool relu_after, bool relu_before, bool grad_residual,
     bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift, bool in_relu) {
+    const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias) {
   check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
   TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
   TORCH_CHECK(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
@@ -321,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
   const at::Tensor* rp = residual ? &rc : nullptr;
   at::Tensor dw = at::zeros({C}, y.options().dtype(at::kDouble)), db = at::zeros({C}, dw.options());
-  at::Tensor dsum = at::zeros({C}, dw.options());
+  at::Tensor dsum = grad_bias ? at::zeros({C}, dw.options()) : at::empty({0}, dw.options());
   at::Tensor gres = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
   at::Tensor dx = at::empty({0}, x.options()), dv = at::empty({0}, values.options());
   if (y.numel() == 0 && !grad_input && !grad_values) return {dx, dv, dw, db, gres, dsum};
@@ -330,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                                  db.data_ptr<double>())
                                           : std::vector<double>(size_t(C) * 3, 0.0);
   const BnArgs bn{&yc, rp, &sc, &sh, &mc, &k, relu_after, relu_before, grad_residual ? &gres : nullptr,
-                  dsum.data_ptr<double>()};
+                  grad_bias ? dsum.data_ptr<double>() : nullptr};
   if (!grad_input && !grad_values) {  // the BatchNorm's gradients only
     at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
     bn_grad_input(go, yc, rp, sc, sh, mc, k, relu_after, relu_before, dy, bn.gout, bn.dsum);

@@ -131,16 +131,17 @@ class _SparseConvBNReLU(torch.autograd.Function):
         need_res = res is not None and ctx.needs_input_grad[5]
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         add = grad_x.contiguous() if grad_x is not None and need_x else None
+        has_cbias, has_w, has_b = ctx.has
+        need_cb = has_cbias and ctx.needs_input_grad[2]  # (without it, dy only where a nonzero reads it)
         # the BN's sums, then the conv backward computing dy as it packs it (dy never written)
         dx, dvalues, dw, db, dres, dy_sum = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
             grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
             mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
-            *(opts.in_act or (None, None, False)))
+            *(opts.in_act or (None, None, False)), need_cb)
         dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
         if need_res and not relu_after:
             dres = grad_out
-        has_cbias, has_w, has_b = ctx.has
-        dcb = dy_sum.to(y.dtype) if has_cbias and ctx.needs_input_grad[2] else None
+        dcb = dy_sum.to(y.dtype) if need_cb else None
         dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None
         db = db.to(y.dtype) if has_b and ctx.needs_input_grad[4] else None
         return (dx, dvalues, dcb, dw, db, (dres if need_res else None)) + none[:6]
