@@ -259,10 +259,9 @@ def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, inv
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
                            grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False, grad_bias=True):
-    c = mean.shape  # (dx, dvalues, BN dweight, dbias, d residual, sum dy)
-    return (x.new_empty(x.shape if grad_input else (0,)), values.new_empty(values.shape if grad_values else (0,)),
-            mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)),
-            mean.new_empty(c if grad_bias else (0,)))
+    c, e = mean.shape, (0,)  # (dx, dvalues, BN dweight, dbias, d residual, sum dy); e: empty
+    return (x.new_empty(x.shape if grad_input else e), values.new_empty(values.shape if grad_values else e),
+            mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else e), mean.new_empty(c if grad_bias else e))
 
 
 _register(Op("sparse_conv2d_stats", _conv_stats_fake))
