@@ -150,8 +150,8 @@ ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, co
                                int64_t tb, T* dyp, bool first, double* dsum) {
   const int64_t O = P.O, ohw = P.OH * P.OW, ys = P.ys;
   T* tmp = scratch<T>(size_t(ohw), 4);
-  T* gtmp = scratch<T>(size_t(ohw), 5);
   const bool wg = first && G.gout, all = first && (G.gout || dsum);
+  T* gtmp = wg ? scratch<T>(size_t(ohw), 5) : nullptr;  // (the residual's gradient plane)
   for (int64_t o = 0; o < O; ++o)
     if (used[o]) pack_dy_slack(P, tb, dyp + o * ys);
   for (int64_t b = 0; b < tb; ++b)
