@@ -173,6 +173,22 @@ inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
   return c.data_ptr<int64_t>();
 }
 
+// Reads of activation planes ahead of use. The hardware's stream prefetcher stops at 4 KB pages and
+// a 32x32 fp32 plane is one page, so a loop over (sample, channel) planes waited on DRAM at every
+// plane start: loads at ~22 GB/s of the 55 a 2-thread read reaches. Requesting the line kAheadBytes
+// further on (the next planes: consecutive planes are adjacent in memory) keeps those streams going:
+// the fused conv backward at 64x32x32 10.9 -> 9.1 ms, ResNet-18's fused step at 99% -6% (AVX-512
+// Xeon, in-process A/B; 1, 2 and 4 KB within 2% of each other). Prefetches never fault, so the
+// lines past a tensor's end cost nothing but a request.
+constexpr int64_t kAheadBytes = 2048;
+ST_INLINE void prefetch_ahead(const void* p) { __builtin_prefetch(static_cast<const char*>(p) + kAheadBytes); }
+// prefetch_ahead for every 64-byte line of n elements at p (a row or a plane, before its loop).
+template <typename T>
+ST_INLINE void prefetch_ahead_n(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p) + kAheadBytes;
+  for (int64_t u = 0; u < n * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
+}
+
 // Thread-local scratch that survives between calls: no page-fault zero fill per call. Slots 0..5
 // (the kernels' packed x, dy, output staging, partial sums, BN planes, the residual's gradient).
 template <typename T>

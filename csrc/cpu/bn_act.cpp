@@ -64,6 +64,8 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
     V s1{}, s2{};  // explicit vectors: an `omp simd reduction` kept these in stack slots
     int64_t i = 0;
     for (; i + L <= hw; i += L) {
+      prefetch_ahead(gp + i), prefetch_ahead(yp + i);
+      if (RES) prefetch_ahead(rp + i);
       const V yv = *reinterpret_cast<const U*>(yp + i);
       const V g = mask_after<RA, RES>(V(*reinterpret_cast<const U*>(gp + i)), yv,
                                       RES ? V(*reinterpret_cast<const U*>(rp + i)) : V{}, a, b);

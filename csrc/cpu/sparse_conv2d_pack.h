@@ -28,6 +28,7 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, cons
                             int64_t c = 0) {
   const int64_t sh = P.sh, sw = P.sw, H = P.H, W = P.W, PH = P.PH, PW = P.PW;
   const int64_t XF = P.XF, S = P.S, frame = P.frame;
+  if (!xa) prefetch_ahead_n(src, H * W);  // (act_plane requests its rows itself)
   if (sh == 1 && sw == 1) {  // one phase: each row's W pixels, then PW - W zeros; zero rows below
     T* fr = dst + XF + b * frame;
     if (xa) {
@@ -135,7 +136,7 @@ ST_INLINE void pack_dy_tile(const Plan& P, const T* dy, const uint8_t* used, int
   for (int64_t b = 0; b < tb; ++b) {
     const T* src = dy + (b0 + b) * O * ohw;
     for (int64_t o = 0; o < O; ++o)
-      if (used[o]) pack_dy_plane(P, src + o * ohw, b, dyp + o * ys);
+      if (used[o]) prefetch_ahead_n(src + o * ohw, ohw), pack_dy_plane(P, src + o * ohw, b, dyp + o * ys);
   }
 }
 

@@ -228,6 +228,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
           for (int64_t iy = 0; iy < H; ++iy) {
             T* rows = db + row_off[iy] + b * frame;
             const T* ar = a + iy * W;
+            prefetch_ahead_n(ar, W);
             if (sw == 1) {
 #pragma omp simd
               for (int64_t ix = 0; ix < W; ++ix) rows[ix] += ar[ix];
