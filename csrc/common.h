@@ -177,7 +177,7 @@ inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
 // a 32x32 fp32 plane is one page, so a loop over (sample, channel) planes waited on DRAM at every
 // plane start: loads at ~22 GB/s of the 55 a 2-thread read reaches. Requesting the line kAheadBytes
 // further on (the next planes: consecutive planes are adjacent in memory) keeps those streams going:
-// the fused conv backward at 64x32x32 10.9 -> 9.1 ms, ResNet-18's fused step at 99% -6% (AVX-512
+// the fused conv backward at 64x32x32 10.9 -> 9.1 ms, ResNet-18's fused step at 99% -7% (AVX-512
 // Xeon, in-process A/B; 1, 2 and 4 KB within 2% of each other). Prefetches never fault, so the
 // lines past a tensor's end cost nothing but a request.
 constexpr int64_t kAheadBytes = 2048;
