@@ -107,8 +107,9 @@ def test_ops_opcheck():
 
 # (C, O, batch, hw, k, stride, pad): phase-plane kernel (dy computed while packed), with one tile and
 # two channel chunks (batch 1), strided, 1x1; the small-map kernel (dy written first); empty rows
-CONV_BN = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 6, 1, (8, 8), 3, 1, 1), (5, 4, 3, (9, 8), 3, 2, 1),
-           (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1)]
+# (maps of >= 64 pixels: a residual's gradient written by the BN's first pass, 81: unaligned planes)
+CONV_BN = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 6, 1, (8, 8), 3, 1, 1), (3, 5, 3, (9, 9), 3, 1, 1),
+           (5, 4, 3, (9, 8), 3, 2, 1), (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1)]
 # (relu_after, relu_before, residual, grad_residual): the patterns fuse_ builds
 BN_FLAGS = [(True, False, False, False), (False, False, False, False), (False, True, False, False),
             (True, False, True, True), (True, False, True, False)]

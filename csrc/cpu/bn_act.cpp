@@ -9,6 +9,7 @@
 // masked by y > 0. With a residual added before the ReLU, the residual's gradient is g itself.
 // The backward also returns sum dy per channel (a bias of the conv before the BatchNorm).
 #include "bn_act.h"
+#include "rows.h"
 
 namespace sparsetrain {
 namespace {
@@ -48,13 +49,16 @@ ST_INLINE void act_planes_impl(const T* y, const T* res, T* out, const T* scale,
 // ---------------------------------------------------------------- backward
 // The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff pre(...) > 0.
 // Pass 1 over planes [p0, p1) (memory order), sums into part [C][2]: sum g and sum g (y - mean),
-// g = grad_out masked by the ReLU after (float per plane, double across planes).
-template <typename T, int VB, bool RA, bool RES>
+// g = grad_out masked by the ReLU after (float per plane, double across planes). WG: g is also
+// written to gout (the residual's gradient), built per plane in L1 and streamed out.
+template <typename T, int VB, bool RA, bool RES, bool WG = false>
 ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
-                             const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part) {
+                             const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part,
+                             T* gout = nullptr) {
   using V = typename SimdVec<T, VB>::V;
   using U = typename SimdVec<T, VB>::U;
   constexpr int64_t L = VB / sizeof(T);
+  T* tmp = WG ? scratch<T>(size_t(hw), 5) : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C;
     const T* gp = go + p * hw;
@@ -71,22 +75,28 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
                                       RES ? V(*reinterpret_cast<const U*>(rp + i)) : V{}, a, b);
       s1 += g;
       s2 += g * (yv - m);
+      if constexpr (WG) *reinterpret_cast<U*>(tmp + i) = g;
     }
     T t1 = hsum<T, VB>(s1), t2 = hsum<T, VB>(s2);
     for (; i < hw; ++i) {
       const T g = mask_after<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a, b);
       t1 += g;
       t2 += g * (yp[i] - m);
+      if constexpr (WG) tmp[i] = g;
     }
     part[2 * c] += t1;
     part[2 * c + 1] += t2;
+    if constexpr (WG) stream_rows(gout + p * hw, hw, tmp, 0, hw, 1);
   }
+  if constexpr (WG) stream_fence();
 }
 
 template <typename T, int VB>
 ST_INLINE void bwd_sums_for(const T* go, const T* y, const T* res, const T* scale, const T* shift,
-                            const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part, bool ra) {
-  if (ra && res) bwd_sums_impl<T, VB, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
+                            const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part, bool ra,
+                            T* gout) {
+  if (gout) bwd_sums_impl<T, VB, true, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, gout);
+  else if (ra && res) bwd_sums_impl<T, VB, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
   else if (ra) bwd_sums_impl<T, VB, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
   else bwd_sums_impl<T, VB, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
 }
@@ -171,8 +181,8 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   }                                                                                                \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
-                                double* part, bool ra) {                                           \
-    ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra)));       \
+                                double* part, bool ra, T* gout) {                                  \
+    ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra, gout))); \
   }                                                                                                \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
@@ -307,7 +317,7 @@ void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::o
 std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res,
                                          const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                                          const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
-                                         bool relu_after, double* dwp, double* dbp) {
+                                         bool relu_after, double* dwp, double* dbp, at::Tensor* gm) {
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
   const int64_t nth = at::get_num_threads();
   std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3);
@@ -319,6 +329,9 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
     const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
     const T* rp = res ? res->data_ptr<T>() : nullptr;
     const double* m = mean.data_ptr<double>();
+    TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_grad_coefficients writes the masked gradient only "
+                "for a residual with the ReLU after, on maps of >= ", kRowPlane, " pixels");
+    T* gmp = gm ? gm->data_ptr<T>() : nullptr;
     // per-thread partial sums (planes or rows in memory order), summed in thread order
     if (hw < kRowPlane) {
       const int64_t n = C * hw;
@@ -336,7 +349,8 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
           }
     } else {
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-        bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after);
+        bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after,
+                 gmp);
       });
     }
   });

@@ -151,11 +151,12 @@ void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::o
                    const at::Tensor& mean, const at::Tensor& invstd);
 
 // Pass 1 (contiguous tensors): k [C][3] = (ka, kb, kc) per channel, and the BatchNorm's parameter
-// gradients dw, db (float64 [C]).
+// gradients dw, db (float64 [C]). With gm (a residual, relu_after, maps of >= kRowPlane pixels):
+// grad_out masked by the ReLU, i.e. the residual's gradient, written to gm in the same pass.
 std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res,
                                          const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                                          const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
-                                         bool relu_after, double* dw, double* db);
+                                         bool relu_after, double* dw, double* db, at::Tensor* gm = nullptr);
 
 // Pass 2 materialised: dy, g for a residual (gout), sum dy per channel added to dsum [C].
 void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,

@@ -15,8 +15,8 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
   per channel while each output tile is still in cache (`sparse_conv2d_stats`): the batch
   statistics cost no pass over y; then one pass `bn_act` writes act(scale * y + shift).
   Unfused: statistics (1 read), normalisation (1 read, 1 write), ReLU (1 read, 1 write).
-* backward: `sparse_conv2d_bn_backward`: one pass of per-channel sums of the masked gradient,
-  then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
+* backward: `sparse_conv2d_bn_backward`: one pass of per-channel sums of the masked gradient
+  (a block's last conv writes the shortcut's gradient in it), then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
   in) plane by plane as it packs it: that gradient is never written (maps of <= 16 output pixels,
   on the small-map kernel, get it written first: `bn_act_backward`'s second pass). Unfused: ReLU
   backward (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write), then the conv's.
