@@ -168,6 +168,50 @@ def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("geom", [(4, 6, 2, (9, 9), 3, 1, 1), (5, 3, 3, (8, 8), 1, 1, 0), (6, 5, 3, (4, 4), 3, 1, 1),
+                                  (5, 4, 3, (9, 8), 3, 2, 1)], ids=lambda g: f"{g[3]}-k{g[4]}s{g[5]}")
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
+    """With in_mean, the conv reading a deferred BN's y returns that BN's first-pass sums of dx
+    (sum g, sum g (x - mean), g = dx masked by its ReLU): from the phase kernel's dx planes (stride
+    1), else a pass over dx (small maps, stride 2); `sums` given back replaces a BN's own pass."""
+    C, O, B, hw, k, st, pad = geom
+    g = torch.Generator().manual_seed(5)
+    wt = torch.randn(O, C, k, k, generator=g, dtype=dtype)
+    mask = random_mask(wt.shape, 0.6, generator=g, empty_rows=1)
+    mask[:, 0] = False  # an input channel no nonzero reads: its dx is 0 or grad_input_add
+    idx = [t.detach() for t in sparsetrain.CSR.from_dense(wt, mask).index()]
+    geo = ([k, k], [st, st], [pad, pad])
+    x = torch.randn(B, C, *hw, generator=g, dtype=dtype)  # the deferred BN's input
+    a, b = torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype)
+    in_mean = torch.randn(C, generator=g, dtype=torch.float64)
+    act = x * a[:, None, None] + b[:, None, None]
+    y = torch.ops.sparsetrain.sparse_conv2d(act.clamp_min(0) if relu else act, *idx, *geo, None)
+    _, _, scale, shift, w, mean, invstd = _bn_inputs(tuple(y.shape), dtype=dtype, seed=3)
+    gout = torch.randn(y.shape, generator=g, dtype=dtype)
+    bn = (y, None, scale, shift, w, mean, invstd, True, True, False, False)
+    m = (act > 0).to(dtype) if relu else torch.ones_like(x)
+    for add in (None, torch.randn(x.shape, generator=g, dtype=dtype)):
+        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, a, b, relu,
+                                                              False, in_mean)
+        dx = got[0].double()
+        ref = torch.stack([(dx * m).sum((0, 2, 3)), (dx * m * (x.double() - in_mean[:, None, None])).sum((0, 2, 3))], 1)
+        torch.testing.assert_close(got[6], ref, **TOL[dtype])
+        plain = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, a, b, relu,
+                                                                False)
+        assert plain[6].numel() == 0
+        for u, v in zip(plain[:6], got[:6]):
+            torch.testing.assert_close(u, v, **TOL[dtype])
+    # this BN's own sums given (as its conv's successor hands them): the same gradients
+    gm = gout.double() * (y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0)
+    own = torch.stack([gm.sum((0, 2, 3)), (gm * (y.double() - mean[:, None, None])).sum((0, 2, 3))], 1)
+    args = (gout, x, *idx, *geo, None, *bn, True, True, a, b, relu, False)
+    base, given = (torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, s) for s in (None, own))
+    for u, v in zip(base[:6], given[:6]):
+        torch.testing.assert_close(u, v, **TOL[dtype])
+
+
 def test_conv_bn_backward_opcheck_and_errors():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 4, 6, 5))
     g = torch.Generator().manual_seed(1)
@@ -178,6 +222,13 @@ def test_conv_bn_backward_opcheck_and_errors():
             invstd, True, True, False, True, True, True)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (None, None, False, False))
+    a, b, m3 = torch.rand(3) + 0.5, torch.randn(3), torch.randn(3, dtype=torch.float64)
+    sums = torch.randn(4, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (a, b, True, False, m3, sums))
+    with pytest.raises(RuntimeError, match="in_mean needs in_scale and in_shift"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, m3)
+    with pytest.raises(RuntimeError, match="sums must be float64"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, None, sums[:3])
     with pytest.raises(RuntimeError, match="relu_before and a residual do not combine"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
     with pytest.raises(RuntimeError, match="residual must have the shape of y"):
@@ -376,9 +427,10 @@ def test_thirty_steps_follow_the_unfused_trajectory():
     assert e_f["per_layer"] == pytest.approx(e_u["per_layer"]) and set(e_f["per_layer"]) == set(e_u["per_layer"])
 
 
-def test_deferred_batchnorm_links_and_bitwise_equal_steps():
+def test_deferred_batchnorm_links_and_equal_steps(monkeypatch):
     """conv1 -> bn1 -> relu1 -> conv2: conv1 hands on y and conv2 applies bn1 + relu1 while packing
-    (the activation is never written); the step equals the one with the activation written."""
+    (the activation is never written), and hands bn1's backward sums back; the step equals the one
+    with the activation written (its forward bit for bit)."""
     torch.manual_seed(0)
     model = _Res().double()
     sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
@@ -394,8 +446,18 @@ def test_deferred_batchnorm_links_and_bitwise_equal_steps():
             F.cross_entropy(m(x), t).backward()
         calls.append(sum(e.name == "sparsetrain::bn_act" for e in prof.events()))
     assert calls == [3, 4]  # bn1's activation is not written: conv2 packs bn1 + relu1 of conv1's y
+    # conv2's backward hands bn1 its first-pass sums (from dx's planes; summed in another order)
+    handed = []
+    op = torch.ops.sparsetrain.sparse_conv2d_bn_backward
+    monkeypatch.setattr(torch.ops.sparsetrain, "sparse_conv2d_bn_backward",
+                        lambda *a: handed.append((a[-2] is not None, a[-1] is not None)) or op(*a))
+    for m in (model, ref):
+        for p in m.parameters():
+            p.grad = None
+        F.cross_entropy(m(x), t).backward()
+    assert handed.count((True, False)) == 1 and handed.count((False, True)) == 1  # conv2 -> conv1, in the model only
     for (n, a), b in zip(ref.named_parameters(), model.parameters()):
-        assert torch.equal(a.grad, b.grad), n
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12, msg=n)
     for (n, a), b in zip(ref.named_buffers(), model.buffers()):
         assert torch.equal(a, b), n
 
@@ -421,7 +483,7 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
     y = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
     a, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
     r = torch.randn(2, 8, 8, 8, dtype=torch.float64)
-    model.conv2._deferred = (y, (a, b, True))
+    model.conv2._deferred = (y, {"act": (a, b, True)})
     monkeypatch.setattr(fused_mod, "_can_fuse", lambda *args: False)
     out = model.conv2(y, r)
     ref = sparse_conv_bn_relu(F.relu(y.detach() * a[:, None, None] + b[:, None, None]).requires_grad_(), model.conv2,

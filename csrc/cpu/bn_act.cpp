@@ -314,22 +314,18 @@ void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::o
   if (residual) check_like(*residual, y, "residual");
 }
 
-std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res,
-                                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-                                         const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
-                                         bool relu_after, double* dwp, double* dbp, at::Tensor* gm) {
+std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,
+                            const at::Tensor& shift, const at::Tensor& mean, bool relu_after, at::Tensor* gm) {
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
   const int64_t nth = at::get_num_threads();
-  std::vector<double> part(size_t(nth) * C * 2, 0.0), k(size_t(C) * 3);
-  const double* w = weight.data_ptr<double>();
-  const double* inv = invstd.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_grad_coefficients", [&] {
+  std::vector<double> part(size_t(nth) * C * 2, 0.0), sums(size_t(C) * 2, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "bn_sums", [&] {
     using T = scalar_t;
     const T *gp = go.data_ptr<T>(), *yp = y.data_ptr<T>();
     const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
     const T* rp = res ? res->data_ptr<T>() : nullptr;
     const double* m = mean.data_ptr<double>();
-    TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_grad_coefficients writes the masked gradient only "
+    TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
                 "for a residual with the ReLU after, on maps of >= ", kRowPlane, " pixels");
     T* gmp = gm ? gm->data_ptr<T>() : nullptr;
     // per-thread partial sums (planes or rows in memory order), summed in thread order
@@ -354,10 +350,25 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
       });
     }
   });
+  for (int64_t t = 0; t < nth; ++t)
+    for (int64_t c = 0; c < C; ++c) sums[2 * c] += part[(t * C + c) * 2], sums[2 * c + 1] += part[(t * C + c) * 2 + 1];
+  return sums;
+}
+
+std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res,
+                                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+                                         const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
+                                         bool relu_after, double* dwp, double* dbp, at::Tensor* gm,
+                                         const double* given) {
+  const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y);
+  const std::vector<double> sums = given ? std::vector<double>(given, given + 2 * C)
+                                         : bn_sums(go, y, res, scale, shift, mean, relu_after, gm);
+  std::vector<double> k(size_t(C) * 3);
+  const double* w = weight.data_ptr<double>();
+  const double* inv = invstd.data_ptr<double>();
   const double N = double(B) * hw;
   for (int64_t c = 0; c < C; ++c) {
-    double sg = 0, sgy = 0;
-    for (int64_t t = 0; t < nth; ++t) sg += part[(t * C + c) * 2], sgy += part[(t * C + c) * 2 + 1];
+    const double sg = sums[2 * c], sgy = sums[2 * c + 1];
     dbp[c] = sg;
     dwp[c] = sgy * inv[c];
     const double a = w[c] * inv[c];

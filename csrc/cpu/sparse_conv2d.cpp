@@ -161,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
     const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr,
-    std::optional<XActArgs> ia = std::nullopt) {
+    std::optional<XActArgs> ia = std::nullopt, const at::Tensor* in_mean = nullptr,
+    std::vector<double>* in_sums = nullptr) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
@@ -230,8 +231,16 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
           nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
           false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
-    const XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
-                            ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
+    XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
+                      ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
+    std::vector<scalar_t> xmean;  // (XAct: the deferred BatchNorm's sums from the dx planes)
+    std::vector<double> xpart;
+    if (ia && in_sums && ccol) {
+      const double* m = in_mean->data_ptr<double>();
+      xmean.assign(m, m + C);
+      xpart.assign(size_t(P.nbt) * C * 2, 0.0);
+      xa.mean = xmean.data(), xa.part = xpart.data();
+    }
     BnPack<scalar_t> pk{};
     if (bn) {
       using T = scalar_t;
@@ -260,6 +269,11 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
                        ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
                        false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr, bn ? &pk : nullptr,
                        ia ? &xa : nullptr);
+    if (xa.part) {  // tile order: deterministic
+      in_sums->assign(size_t(C) * 2, 0.0);
+      for (int64_t t = 0; t < P.nbt; ++t)
+        for (int64_t i = 0; i < 2 * C; ++i) (*in_sums)[i] += xpart[t * 2 * C + i];
+    }
   });
   return {dx, dv};
 }
@@ -303,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
 // empty without grad_bias: then dy is computed only for the channels some nonzero reads, unless the
 // residual's gradient is still to be written from every plane (maps under 64 pixels); at 99.9% a
 // 64-channel layer has ~28 such rows).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_conv2d_bn_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_conv2d_bn_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
     const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -311,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, bool batch_stats, bool relu_after, bool relu_before, bool grad_residual,
     bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias) {
+    const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias, const std::optional<at::Tensor>& in_mean,
+    const std::optional<at::Tensor>& sums) {
   check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd);
   TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
   TORCH_CHECK(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
@@ -319,6 +334,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
+  TORCH_CHECK(!in_mean || ia, "in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)");
+  if (in_mean) check_channels(*in_mean, x.size(1), at::kDouble, "in_mean");
+  if (sums) {
+    check_cpu(*sums, "sums");
+    TORCH_CHECK(sums->scalar_type() == at::kDouble && sums->sizes() == at::IntArrayRef({C, 2}),
+                "sums must be float64 [", C, ", 2] (per channel sum g, sum g (y - mean)), got ", sums->scalar_type(),
+                " ", sums->sizes());
+  }
+  const at::Tensor given = sums ? sums->contiguous() : at::Tensor();
   const at::Tensor go = grad_out.contiguous(), yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const at::Tensor mc = mean.contiguous(), wc = weight.contiguous(), ic = invstd.contiguous();
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
@@ -327,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dsum = grad_bias ? at::zeros({C}, dw.options()) : at::empty({0}, dw.options());
   at::Tensor gres = grad_residual ? pooled_empty(yc.sizes(), yc.options()) : at::empty({0}, y.options());
   at::Tensor dx = at::empty({0}, x.options()), dv = at::empty({0}, values.options());
-  if (y.numel() == 0 && !grad_input && !grad_values) return {dx, dv, dw, db, gres, dsum};
+  at::Tensor xsums = at::empty({0}, dw.options());
+  if (y.numel() == 0 && !grad_input && !grad_values) return {dx, dv, dw, db, gres, dsum, xsums};
   // A block's last conv (residual, ReLU after, the residual's gradient wanted): the first pass
   // writes g masked by the ReLU (that gradient) as it sums it, and the conv backward then reads it
   // in place of grad_out and the residual (one activation-sized read less; dy only for the channels
@@ -336,7 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool gm_first = grad_residual && y.numel() && yc.dim() == 4 && yc.size(2) * yc.size(3) >= kRowPlane;
   const std::vector<double> k = y.numel() ? bn_grad_coefficients(go, yc, rp, sc, sh, wc, mc, ic, batch_stats,
                                                                  relu_after, dw.data_ptr<double>(),
-                                                                 db.data_ptr<double>(), gm_first ? &gres : nullptr)
+                                                                 db.data_ptr<double>(), gm_first ? &gres : nullptr,
+                                                                 sums && !gm_first ? given.data_ptr<double>() : nullptr)
                                           : std::vector<double>(size_t(C) * 3, 0.0);
   const at::Tensor& g = gm_first ? gres : go;
   const BnArgs bn{&yc, gm_first ? nullptr : rp, &sc, &sh, &mc, &k, relu_after && !gm_first, relu_before,
@@ -344,13 +370,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (!grad_input && !grad_values) {  // the BatchNorm's gradients only
     at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
     bn_grad_input(g, yc, bn.res, sc, sh, mc, k, bn.relu_after, relu_before, dy, bn.gout, bn.dsum);
-    return {dx, dv, dw, db, gres, dsum};
+    return {dx, dv, dw, db, gres, dsum, xsums};
   }
+  std::vector<double> xs;
+  const at::Tensor im = in_mean ? in_mean->contiguous() : at::Tensor();
   auto [gx, gv] = conv_backward(g, &x, {x.size(2), x.size(3)}, grad_values ? &crow : nullptr,
                                 grad_values ? &col : nullptr, &values, grad_input ? &ccol : nullptr,
                                 grad_input ? &row_t : nullptr, grad_input ? &perm : nullptr, kernel_size, stride,
-                                padding, grad_input_add, &bn, ia);
-  return {grad_input ? gx : dx, grad_values ? gv : dv, dw, db, gres, dsum};
+                                padding, grad_input_add, &bn, ia, in_mean ? &im : nullptr, in_mean ? &xs : nullptr);
+  if (in_mean && grad_input) {  // the deferred BatchNorm's sums: from the kernel, or a pass over dx here
+    if (xs.empty()) xs = bn_sums(gx, x.contiguous(), nullptr, ia->scale, ia->shift, im, ia->relu);
+    xsums = at::empty({x.size(1), 2}, dw.options());
+    std::copy(xs.begin(), xs.end(), xsums.data_ptr<double>());
+  }
+  return {grad_input ? gx : dx, grad_values ? gv : dv, dw, db, gres, dsum, xsums};
 }
 
 int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channels,

@@ -186,6 +186,42 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
   stream_fence();
 }
 
+// XAct's sums over `rows` rows of n elements of g (pitch gp_) and the raw y (pitch yp_) into s[2]
+// (bn_act.cpp's bwd_sums on rows: explicit vectors, the mask a select).
+template <typename T, int VB, bool RA>
+ST_INLINE void xact_sums_rows(const T* g, int64_t gp_, const T* y, int64_t yp_, int64_t n, int64_t rows, T a, T b,
+                              T m, double* s) {
+  using V = typename SimdVec<T, VB>::V;
+  using U = typename SimdVec<T, VB>::U;
+  constexpr int64_t L = VB / sizeof(T);
+  V s1{}, s2{};
+  T t1 = 0, t2 = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *gr = g + r * gp_, *yr = y + r * yp_;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const V yv = *reinterpret_cast<const U*>(yr + i);
+      const V gv = mask_after<RA, false>(V(*reinterpret_cast<const U*>(gr + i)), yv, V{}, a, b);
+      s1 += gv;
+      s2 += gv * (yv - m);
+    }
+    for (; i < n; ++i) {
+      const T gv = mask_after<RA, false>(gr[i], yr[i], T(0), a, b);
+      t1 += gv;
+      t2 += gv * (yr[i] - m);
+    }
+  }
+  s[0] += hsum<T, VB>(s1) + t1, s[1] += hsum<T, VB>(s2) + t2;
+}
+template <typename T, int VB>
+ST_INLINE void xact_sums(const XAct<T>& xa, int64_t c, const T* g, int64_t gp_, const T* y, int64_t yp_,
+                         int64_t n, int64_t rows, double* s) {
+  if constexpr (VB > 16)  // rows narrower than a vector (8x8 maps on AVX-512): half-width vectors
+    if (n * int64_t(sizeof(T)) < VB) return xact_sums<T, VB / 2>(xa, c, g, gp_, y, yp_, n, rows, s);
+  if (xa.relu) xact_sums_rows<T, VB, true>(g, gp_, y, yp_, n, rows, xa.scale[c], xa.shift[c], xa.mean[c], s);
+  else xact_sums_rows<T, VB, false>(g, gp_, y, yp_, n, rows, xa.scale[c], xa.shift[c], xa.mean[c], s);
+}
+
 // Backward of one tile: dx for input channels [c0, c1), dvalues partial sums for rows [o0, o1).
 template <typename T, int VB>
 ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0,
@@ -203,11 +239,13 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
   }
   if (A.dx) {
     for (int64_t c = c0; c < c1; ++c) {
+      double* xs = A.xact && A.xact->part ? A.xact->part + (tile * P.C + c) * 2 : nullptr;
       if (!A.used_c[c]) {  // no nonzero reads channel c: dx = 0 (+ dx_add)
         for (int64_t b = 0; b < tb; ++b) {
           T* d = A.dx + ((b0 + b) * P.C + c) * plane;
           if (A.dx_add) stream_rows(d, plane, A.dx_add + (d - A.dx), plane, plane, 1);
           else stream_fill(d, plane, T(0));
+          if (xs && A.dx_add) xact_sums<T, VB>(*A.xact, c, A.dx_add + (d - A.dx), 0, A.x + (d - A.dx), 0, plane, 1, xs);
         }
         continue;
       }
@@ -244,6 +282,7 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
       for (int64_t b = 0; b < tb; ++b) {
         T* d = A.dx + ((b0 + b) * C + c) * plane;
         if (P.sh == 1 && sw == 1) {  // one phase: rows at pitch PW
+          if (xs) xact_sums<T, VB>(*A.xact, c, db + b * frame, P.PW, A.x + (d - A.dx), W, W, H, xs);
           stream_rows(d, W, db + b * frame, P.PW, W, H);
           continue;
         }

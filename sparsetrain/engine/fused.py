@@ -16,7 +16,8 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
   statistics cost no pass over y; then one pass `bn_act` writes act(scale * y + shift).
   Unfused: statistics (1 read), normalisation (1 read, 1 write), ReLU (1 read, 1 write).
 * backward: `sparse_conv2d_bn_backward`: one pass of per-channel sums of the masked gradient
-  (a block's last conv writes the shortcut's gradient in it), then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
+  (a block's last conv writes the shortcut's gradient in it; a deferred pair's first layer gets
+  these sums from the second conv's kernel: _Opts.link), then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
   in) plane by plane as it packs it: that gradient is never written (maps of <= 16 output pixels,
   on the small-map kernel, get it written first: `bn_act_backward`'s second pass). Unfused: ReLU
   backward (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write), then the conv's.
@@ -64,7 +65,10 @@ class _Opts(NamedTuple):
     """How one fused call connects to its neighbours. route: x comes back too (routed_input).
     defer: a dict that receives (scale, shift) when the BN's output is deferred (the call returns
     y as its output; the next fused conv applies the BN while packing). in_act: (scale, shift,
-    relu) of the previous layer's deferred BN: x holds that layer's y. counts: int64 [neurons] of
+    relu) of the previous layer's deferred BN: x holds that layer's y. link: that layer's defer dict
+    (its BN mean under "mean"): this layer's backward leaves there that BN's first-pass sums,
+    computed from dx inside the conv kernel, with dx ("sums"), which that layer's backward then uses
+    if its grad_out is that dx. counts: int64 [neurons] of
     the ReLU's output that the kernel applying the ReLU adds its positive outputs to. pool: the
     output 2x2-max-pooled in the BN's pass (max_pool2x2 on y with the BN: out never written)."""
     route: bool = False
@@ -72,6 +76,7 @@ class _Opts(NamedTuple):
     in_act: tuple | None = None
     counts: torch.Tensor | None = None
     pool: bool = False
+    link: dict | None = None
 
 
 class _SparseConvBNReLU(torch.autograd.Function):
@@ -110,7 +115,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         ctx.has = (cbias is not None, weight is not None, bias is not None)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
         if opts.defer is not None:  # the normalised activation is never written
-            opts.defer["act"] = (scale, shift, relu_after)
+            opts.defer["act"], opts.defer["mean"] = (scale, shift, relu_after), mean
             return (y, x) if opts.route else y
         ctx.mark_non_differentiable(y)
         return (out, y, x) if opts.route else (out, y)
@@ -133,11 +138,16 @@ class _SparseConvBNReLU(torch.autograd.Function):
         add = grad_x.contiguous() if grad_x is not None and need_x else None
         has_cbias, has_w, has_b = ctx.has
         need_cb = has_cbias and ctx.needs_input_grad[2]  # (without it, dy only where a nonzero reads it)
-        # the BN's sums, then the conv backward computing dy as it packs it (dy never written)
-        dx, dvalues, dw, db, dres, dy_sum = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
+        handed = opts.defer.pop("sums", None) if opts.defer is not None else None  # (_Opts.link)
+        sums = handed[0] if handed is not None and handed[1] is grads[0] else None
+        link = opts.link if need_x and opts.link is not None and "mean" in opts.link else None
+        # the BN's sums (or those handed over), then the conv backward computing dy as it packs it
+        dx, dvalues, dw, db, dres, dy_sum, in_sums = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
             grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
             mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
-            *(opts.in_act or (None, None, False)), need_cb)
+            *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums)
+        if link is not None:
+            link["sums"] = (in_sums, dx)
         dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
         if need_res and not relu_after:
             dres = grad_out
@@ -175,7 +185,8 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
                         relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
                         *, defer: dict | None = None, in_act: tuple | None = None,
-                        relu_counts: torch.Tensor | None = None, pool: bool = False) -> tuple[torch.Tensor, ...]:
+                        relu_counts: torch.Tensor | None = None, pool: bool = False,
+                        link: dict | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
     `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`
@@ -226,7 +237,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         out, y = _folded_eval(x, conv, bn, index, geom, relu_after, residual, relu_counts)
         out = torch.ops.sparsetrain.max_pool2x2(out)[0] if pool else out
         return (out, y, x) if route else (out, y)
-    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act, relu_counts, pool)
+    opts = _Opts(route, defer if torch.is_grad_enabled() and residual is None else None, in_act, relu_counts, pool,
+                 link if in_act is not None else None)
     outs = _SparseConvBNReLU.apply(x, w.values, conv.bias, bn.weight, bn.bias, residual, index, geom, bn,
                                    relu_before, relu_after, opts)
     if opts.defer is not None:  # (y stands for out)
@@ -289,7 +301,7 @@ class SparseConvBNReLU(SparseConv2d):
     feeds: "SparseConvBNReLU | None" = None  # the fused layer that alone reads this one's activation
     pools: "MaxPool2x2 | None" = None  # the 2x2 pool that alone reads it (pooled in the BN's pass)
     _placeholders: tuple = ()  # this layer's FusedBatchNorm2d / FusedReLU modules (hook checks)
-    _deferred: tuple | None = None  # (y of the layer before, its (scale, shift, relu)) for the next call
+    _deferred: tuple | None = None  # (y of the layer before, its defer dict: _Opts) for the next call
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
                  residual: bool = False):
@@ -322,14 +334,14 @@ class SparseConvBNReLU(SparseConv2d):
             defer = None
         pool = defer is None and self._pools(x)
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
-                                               defer=defer, in_act=pending[1] if pending else None,
-                                               relu_counts=counts, pool=pool)
+                                               defer=defer, in_act=pending[1]["act"] if pending else None,
+                                               relu_counts=counts, pool=pool, link=pending[1] if pending else None)
         if relu is not None:
             relu._state_counts = counts
         if self.pools is not None:  # (a stale hand-over is dropped too)
             self.pools._pending = (y, out) if pool else None
         if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
-            self.feeds._deferred = (out, defer["act"]) if defer else None  # (empty: could not defer)
+            self.feeds._deferred = (out, defer) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
         if pool:  # out is pooled: the BN (and ReLU) placeholders pass y on to the pool, which returns out
             self.bn._pending = (y, y)

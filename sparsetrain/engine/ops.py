@@ -240,10 +240,9 @@ _register(Op("sparse_conv2d_backward",
 
 
 # ============================================================================ BatchNorm behind a sparse conv (CPU only)
-# The fused layer of engine/fused.py: the conv with its statistics epilogue, then the BN's one
-# elementwise pass; backward the BN's sums, then the conv backward computing the BN's input gradient
-# as it packs it (sparse_conv2d_bn_backward; bn_act_backward is the same gradient written out). Fakes
-# only: the autograd formula is engine/fused.py's Function (one for the whole conv -> BN -> ReLU).
+# engine/fused.py's layer: the conv with its statistics epilogue, the BN's elementwise pass; backward the BN's
+# sums, then the conv backward computing the BN's input gradient as it packs it (bn_act_backward: the same,
+# written out). Fakes only: the autograd formula is engine/fused.py's Function (conv -> BN -> ReLU as one).
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
                      in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
@@ -252,16 +251,17 @@ def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, strid
 
 def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
                           grad_residual):
-    c = mean.shape
-    return y.new_empty(y.shape), mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(c)
+    return y.new_empty(y.shape), mean.new_empty(mean.shape), mean.new_empty(mean.shape), y.new_empty(y.shape if grad_residual else (0,)), mean.new_empty(mean.shape)
 
 
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
-                           grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False, grad_bias=True):
-    c, e = mean.shape, (0,)  # (dx, dvalues, BN dweight, dbias, d residual, sum dy); e: empty
+                           grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False, grad_bias=True,
+                           in_mean=None, sums=None):  # (dx, dvalues, BN dweight, dbias, d residual, sum dy, in sums)
+    c, e, ci = mean.shape, (0,), (x.shape[1], 2) if in_mean is not None and grad_input else (0,)  # e: empty
     return (x.new_empty(x.shape if grad_input else e), values.new_empty(values.shape if grad_values else e),
-            mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else e), mean.new_empty(c if grad_bias else e))
+            mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else e),
+            mean.new_empty(c if grad_bias else e), mean.new_empty(ci))
 
 
 _register(Op("sparse_conv2d_stats", _conv_stats_fake))
