@@ -189,9 +189,9 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
                         link: dict | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
-    `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`
-    and `in_act`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
-    back and defer["act"] holds the BN for the next conv (its `in_act`). `relu_counts` (int64, one
+    `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`,
+    `in_act`, `link`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
+    back and defer["act"] holds the BN for the next conv (its `in_act`; that dict is its `link`). `relu_counts` (int64, one
     entry per neuron of the ReLU's output, a layer with a ReLU): the samples whose activation is
     positive are added to it, by the kernel that applies the ReLU (no deferral then). `pool`: the
     first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)), pooled in the
