@@ -189,11 +189,12 @@ ST_INLINE void prefetch_ahead_n(const T* p, int64_t n) {
   for (int64_t u = 0; u < n * int64_t(sizeof(T)); u += 64) __builtin_prefetch(c + u);
 }
 
-// Thread-local scratch that survives between calls: no page-fault zero fill per call. Slots 0..5
-// (the kernels' packed x, dy, output staging, partial sums, BN planes, the residual's gradient).
+// Thread-local scratch that survives between calls: no page-fault zero fill per call. Slots 0..6
+// (the kernels' packed x, dy, output staging, partial sums, BN planes, the residual's gradient, an
+// unpooled gradient plane).
 template <typename T>
 T* scratch(size_t n, int slot) {
-  thread_local std::vector<double> bufs[6];
+  thread_local std::vector<double> bufs[7];
   auto& b = bufs[slot];
   const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
   if (b.size() < words) b.resize(words);

@@ -76,14 +76,16 @@ TORCH_LIBRARY(sparsetrain, m) {
   // dvalues or empty, BN dweight [C] f64, BN dbias [C] f64, grad_residual or empty, sum dy [C] f64
   // (a conv bias's gradient) or empty without grad_bias, and with in_mean (the deferred BatchNorm's
   // mean, f64 [C_in]) that BatchNorm's backward sums [C_in, 2] f64 of dx, else empty; `sums`: this
-  // BatchNorm's own sums, given by the conv after it (bn_sums), in place of its first pass)
+  // BatchNorm's own sums, given by the conv after it (bn_sums), in place of its first pass;
+  // `pool_indices`: grad_out is the gradient of the BN output's 2x2 max-pool, unpooled as it is read)
   m.def(
       "sparse_conv2d_bn_backward(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
       "int[2] stride, int[2] padding, Tensor? grad_input_add, Tensor y, Tensor? residual, Tensor scale, "
       "Tensor shift, Tensor weight, Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, "
       "bool relu_before, bool grad_residual, bool grad_input, bool grad_values, Tensor? in_scale=None, "
-      "Tensor? in_shift=None, bool in_relu=False, bool grad_bias=True, Tensor? in_mean=None, Tensor? sums=None) -> "
+      "Tensor? in_shift=None, bool in_relu=False, bool grad_bias=True, Tensor? in_mean=None, Tensor? sums=None, "
+      "Tensor? pool_indices=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
   // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its

@@ -212,6 +212,38 @@ def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
         torch.testing.assert_close(u, v, **TOL[dtype])
 
 
+@pytest.mark.parametrize("geom", [(3, 5, 2, (16, 16), 3, 1, 1), (4, 6, 1, (17, 19), 3, 1, 1), (3, 4, 2, (32, 16), 1, 1, 0),
+                                  (3, 5, 2, (8, 8), 3, 1, 1), (5, 3, 16, (4, 4), 3, 1, 1)],
+                         ids=lambda g: f"{g[3]}-b{g[2]}-k{g[4]}")
+@pytest.mark.parametrize("relu_after", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype):
+    """With pool_indices, grad_out is the gradient of the BN output's 2x2 max-pool: the op equals
+    itself given that gradient unpooled (max_pool2x2_backward), bit for bit: on maps of >= 256
+    pixels both passes unpool it per plane (fixed-width rows, or odd sides whose last row and column
+    get 0); smaller maps (8x8; 4x4 on the small-map kernel) and the BN-only path get it written out
+    first."""
+    C, O, B, hw, k, st, pad = geom
+    g = torch.Generator().manual_seed(9)
+    wt = torch.randn(O, C, k, k, generator=g, dtype=dtype)
+    idx = [t.detach() for t in sparsetrain.CSR.from_dense(wt, random_mask(wt.shape, 0.5, generator=g, empty_rows=1)).index()]
+    geo = ([k, k], [st, st], [pad, pad])
+    x = torch.randn(B, C, *hw, generator=g, dtype=dtype)
+    y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None).clamp_min(0)
+    _, _, scale, shift, w, mean, invstd = _bn_inputs(tuple(y.shape), dtype=dtype, seed=4)
+    pooled, pidx = torch.ops.sparsetrain.max_pool2x2(y, scale, shift, relu_after)
+    gp = torch.randn(pooled.shape, generator=g, dtype=dtype)
+    full = torch.ops.sparsetrain.max_pool2x2_backward(gp, pidx, list(y.shape[2:]))
+    add = torch.randn(x.shape, generator=g, dtype=dtype)
+    for batch_stats, (need_x, need_v) in itertools.product((True, False), ((True, True), (False, True), (False, False))):
+        args = (x, *idx, *geo, add if need_x else None, y, None, scale, shift, w, mean, invstd, batch_stats,
+                relu_after, True, False, need_x, need_v, None, None, False, True)
+        want = torch.ops.sparsetrain.sparse_conv2d_bn_backward(full, *args)
+        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, pidx)
+        for u, v in zip(got, want):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
 def test_conv_bn_backward_opcheck_and_errors():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 4, 6, 5))
     g = torch.Generator().manual_seed(1)
@@ -235,6 +267,19 @@ def test_conv_bn_backward_opcheck_and_errors():
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], r[:1], *args[14:])
     with pytest.raises(RuntimeError, match="grad_residual needs a residual and relu_after"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], None, *args[14:])
+    # a pooled layer's gradient: [2, 4, 3, 2] with its window positions
+    gp, pidx = torch.randn(2, 4, 3, 2, generator=g), torch.randint(0, 4, (2, 4, 3, 2), generator=g, dtype=torch.uint8)
+    plain = (gp, *args[1:13], None, *args[14:19], True, False, True, False, True, True)  # (relu_before, no residual)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default,
+                          plain + (None, None, False, True, None, None, pidx))
+    with pytest.raises(RuntimeError, match="pool_indices and a residual do not combine"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, True, None, None, pidx)
+    with pytest.raises(RuntimeError, match="pool_indices must have dtype"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx.long())
+    with pytest.raises(RuntimeError, match="pool_indices must have grad_out's shape"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx[:1])
+    with pytest.raises(RuntimeError, match=r"grad_out must have the shape of y .* pooled 2x2"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(args[0], *plain[1:], None, None, False, True, None, None, pidx)
 
 
 # ============================================================================ the fused layer
@@ -450,7 +495,7 @@ def test_deferred_batchnorm_links_and_equal_steps(monkeypatch):
     handed = []
     op = torch.ops.sparsetrain.sparse_conv2d_bn_backward
     monkeypatch.setattr(torch.ops.sparsetrain, "sparse_conv2d_bn_backward",
-                        lambda *a: handed.append((a[-2] is not None, a[-1] is not None)) or op(*a))
+                        lambda *a: handed.append((a[-3] is not None, a[-2] is not None)) or op(*a))  # in_mean, sums
     for m in (model, ref):
         for p in m.parameters():
             p.grad = None

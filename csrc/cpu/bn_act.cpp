@@ -50,18 +50,20 @@ ST_INLINE void act_planes_impl(const T* y, const T* res, T* out, const T* scale,
 // The ReLU after the BatchNorm is recomputed, not saved: out > 0 iff pre(...) > 0.
 // Pass 1 over planes [p0, p1) (memory order), sums into part [C][2]: sum g and sum g (y - mean),
 // g = grad_out masked by the ReLU after (float per plane, double across planes). WG: g is also
-// written to gout (the residual's gradient), built per plane in L1 and streamed out.
+// written to gout (the residual's gradient), built per plane in L1 and streamed out. up: grad_out is
+// a pooled layer's (Unpool), each plane unpooled into L1 first.
 template <typename T, int VB, bool RA, bool RES, bool WG = false>
 ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                              const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part,
-                             T* gout = nullptr) {
+                             T* gout = nullptr, const Unpool* up = nullptr) {
   using V = typename SimdVec<T, VB>::V;
   using U = typename SimdVec<T, VB>::U;
   constexpr int64_t L = VB / sizeof(T);
   T* tmp = WG ? scratch<T>(size_t(hw), 5) : nullptr;
+  T* ubuf = up ? scratch<T>(size_t(hw), 6) : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C;
-    const T* gp = go + p * hw;
+    const T* gp = up ? up->plane(go, p, ubuf) : go + p * hw;
     const T* yp = y + p * hw;
     const T* rp = RES ? res + p * hw : nullptr;
     const T a = scale[c], b = shift[c], m = T(mean[c]);
@@ -94,11 +96,11 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
 template <typename T, int VB>
 ST_INLINE void bwd_sums_for(const T* go, const T* y, const T* res, const T* scale, const T* shift,
                             const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1, double* part, bool ra,
-                            T* gout) {
+                            T* gout, const Unpool* up) {
   if (gout) bwd_sums_impl<T, VB, true, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, gout);
   else if (ra && res) bwd_sums_impl<T, VB, true, true>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
-  else if (ra) bwd_sums_impl<T, VB, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
-  else bwd_sums_impl<T, VB, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part);
+  else if (ra) bwd_sums_impl<T, VB, true, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, nullptr, up);
+  else bwd_sums_impl<T, VB, false, false>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, nullptr, up);
 }
 
 // Pass 2 over planes [p0, p1): dy = ka g + kb (y - mean) + kc (kb = kc = 0 with running
@@ -181,8 +183,8 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   }                                                                                                \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
-                                double* part, bool ra, T* gout) {                                  \
-    ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra, gout))); \
+                                double* part, bool ra, T* gout, const Unpool* up) {                \
+    ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra, gout, up))); \
   }                                                                                                \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
@@ -315,7 +317,8 @@ void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::o
 }
 
 std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,
-                            const at::Tensor& shift, const at::Tensor& mean, bool relu_after, at::Tensor* gm) {
+                            const at::Tensor& shift, const at::Tensor& mean, bool relu_after, at::Tensor* gm,
+                            const Unpool* up) {
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y), planes = B * C;
   const int64_t nth = at::get_num_threads();
   std::vector<double> part(size_t(nth) * C * 2, 0.0), sums(size_t(C) * 2, 0.0);
@@ -327,6 +330,8 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
     const double* m = mean.data_ptr<double>();
     TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
                 "for a residual with the ReLU after, on maps of >= ", kRowPlane, " pixels");
+    TORCH_CHECK(!up || (!res && hw >= kRowPlane), "bn_sums unpools a pooled gradient only without a residual, on "
+                "maps of >= ", kRowPlane, " pixels");
     T* gmp = gm ? gm->data_ptr<T>() : nullptr;
     // per-thread partial sums (planes or rows in memory order), summed in thread order
     if (hw < kRowPlane) {
@@ -346,7 +351,7 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
     } else {
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
         bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after,
-                 gmp);
+                 gmp, up);
       });
     }
   });
@@ -359,10 +364,10 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
                                          const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                                          const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
                                          bool relu_after, double* dwp, double* dbp, at::Tensor* gm,
-                                         const double* given) {
+                                         const double* given, const Unpool* up) {
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y);
   const std::vector<double> sums = given ? std::vector<double>(given, given + 2 * C)
-                                         : bn_sums(go, y, res, scale, shift, mean, relu_after, gm);
+                                         : bn_sums(go, y, res, scale, shift, mean, relu_after, gm, up);
   std::vector<double> k(size_t(C) * 3);
   const double* w = weight.data_ptr<double>();
   const double* inv = invstd.data_ptr<double>();

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "unpool.h"
 
 namespace sparsetrain {
 
@@ -152,9 +153,11 @@ void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::o
 
 // Pass 1 (contiguous tensors): [C][2] = per channel sum g and sum g (y - mean), g = grad_out masked by
 // the ReLU after. With gm (a residual, relu_after, maps of >= kRowPlane pixels): that g, i.e. the
-// residual's gradient, written to gm in the same pass.
+// residual's gradient, written to gm in the same pass. With up (no residual, maps of >= kRowPlane
+// pixels): go is a pooled layer's gradient, unpooled plane by plane (Unpool).
 std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,
-                            const at::Tensor& shift, const at::Tensor& mean, bool relu_after, at::Tensor* gm = nullptr);
+                            const at::Tensor& shift, const at::Tensor& mean, bool relu_after, at::Tensor* gm = nullptr,
+                            const Unpool* up = nullptr);
 
 // k [C][3] = (ka, kb, kc) per channel and the BatchNorm's parameter gradients dw, db (float64 [C])
 // from bn_sums, or from `given` sums (the same [C][2], computed by the conv that produced grad_out).
@@ -162,7 +165,7 @@ std::vector<double> bn_grad_coefficients(const at::Tensor& go, const at::Tensor&
                                          const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
                                          const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats,
                                          bool relu_after, double* dw, double* db, at::Tensor* gm = nullptr,
-                                         const double* given = nullptr);
+                                         const double* given = nullptr, const Unpool* up = nullptr);
 
 // Pass 2 materialised: dy, g for a residual (gout), sum dy per channel added to dsum [C].
 void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* res, const at::Tensor& scale,

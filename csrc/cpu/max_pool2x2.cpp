@@ -3,7 +3,7 @@
 // window (0..3, row-major) kept as one byte. Ties and NaN as PyTorch's CPU kernel: the first maximum
 // in row-major order wins, a NaN wins over numbers (the last NaN over earlier ones). The backward
 // writes every input gradient once (the max position gets the output's gradient, the others 0;
-// rows and columns past 2 * (H / 2) get 0), so it needs no zero fill. One pass each way.
+// rows and columns past 2 * (H / 2) get 0), so it needs no zero fill (unpool.h). One pass each way.
 // With in_scale/in_shift (a fused layer's BatchNorm, engine/fused.py), x is that BN's input y and
 // each plane is first normalised into an L1 buffer by bn_act's own plane function (bn_act.h's
 // act_plane: its output bit for bit), then pooled: the BN's activation is never written.
@@ -49,60 +49,6 @@ ST_INLINE void pool_plane(const T* x, int64_t W, int64_t OH, int64_t OW, T* out,
   }
 }
 
-// Input-gradient rows r0, r1 of 8 outputs (16 columns each): per window position a select of
-// the output's gradient, then the even/odd columns interleaved, as explicit vector operations (the
-// compiler kept a per-column loop of this scalar: 4x slower on a 32x32 map).
-template <typename T>
-ST_INLINE void unpool_row8(const T* g, const uint8_t* k, T* r0, T* r1) {
-  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef T V __attribute__((vector_size(8 * sizeof(T))));
-  typedef I K __attribute__((vector_size(8 * sizeof(T))));
-  V v;
-  __builtin_memcpy(&v, g, sizeof v);
-  const K kk = {k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]};
-  const V z = {};
-  const V e0 = kk == 0 ? v : z, o0 = kk == 1 ? v : z, e1 = kk == 2 ? v : z, o1 = kk == 3 ? v : z;
-#if defined(__clang__)
-#define ST_LO(u, v) __builtin_shufflevector(u, v, 0, 8, 1, 9, 2, 10, 3, 11)
-#define ST_HI(u, v) __builtin_shufflevector(u, v, 4, 12, 5, 13, 6, 14, 7, 15)
-#else
-  const K lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
-#define ST_LO(u, v) __builtin_shuffle(u, v, lo)
-#define ST_HI(u, v) __builtin_shuffle(u, v, hi)
-#endif
-  const V a = ST_LO(e0, o0), b = ST_HI(e0, o0), c = ST_LO(e1, o1), d = ST_HI(e1, o1);
-#undef ST_LO
-#undef ST_HI
-  __builtin_memcpy(r0, &a, sizeof a);
-  __builtin_memcpy(r0 + 8, &b, sizeof b);
-  __builtin_memcpy(r1, &c, sizeof c);
-  __builtin_memcpy(r1 + 8, &d, sizeof d);
-}
-
-// One output's window (the tails and maps under 8 columns).
-template <typename T>
-ST_INLINE void unpool_one(T v, int k, T* r0, T* r1) {
-  r0[0] = k == 0 ? v : T(0);
-  r0[1] = k == 1 ? v : T(0);
-  r1[0] = k == 2 ? v : T(0);
-  r1[1] = k == 3 ? v : T(0);
-}
-
-template <typename T>
-ST_INLINE void unpool_plane(const T* g, const uint8_t* idx, int64_t H, int64_t W, int64_t OH, int64_t OW, T* dx) {
-  for (int64_t i = 0; i < OH; ++i) {
-    T* r0 = dx + 2 * i * W;
-    T* r1 = r0 + W;
-    const T* gi = g + i * OW;
-    const uint8_t* ki = idx + i * OW;
-    int64_t j = 0;
-    for (; j + 8 <= OW; j += 8) unpool_row8(gi + j, ki + j, r0 + 2 * j, r1 + 2 * j);
-    for (; j < OW; ++j) unpool_one(gi[j], ki[j], r0 + 2 * j, r1 + 2 * j);
-    if (W % 2) r0[W - 1] = r1[W - 1] = T(0);
-  }
-  if (H % 2) std::fill(dx + (H - 1) * W, dx + H * W, T(0));
-}
-
 // Even maps of 2..32 columns (VGG's stages): the planes' row pairs are evenly spaced, so
 // pairs [q0, q1) are walked as one sequence with the row width N a compile-time constant (a
 // straight-line row, no per-row loop setup: at OW = 4 the per-row loops cost 3x the pooling).
@@ -118,41 +64,6 @@ ST_INLINE void pool_pairs_n(const T* x, int64_t q0, int64_t q1, T* out, uint8_t*
     }
   }
 }
-
-template <typename T, int N>
-ST_INLINE void unpool_pairs_n(const T* g, const uint8_t* idx, int64_t q0, int64_t q1, T* dx) {
-  for (int64_t q = q0; q < q1; ++q) {
-    T* r0 = dx + q * 4 * N;
-    T* r1 = r0 + 2 * N;
-    const T* gi = g + q * N;
-    const uint8_t* ki = idx + q * N;
-    if constexpr (N >= 8) {
-      for (int j = 0; j < N; j += 8) unpool_row8(gi + j, ki + j, r0 + 2 * j, r1 + 2 * j);
-    } else {
-      for (int t = 0; t < 2 * N; ++t) {  // by input column (fully unrolled: vector selects)
-        const T v = gi[t >> 1];
-        const int k = ki[t >> 1], u = t & 1;
-        r0[t] = k == u ? v : T(0);
-        r1[t] = k == 2 + u ? v : T(0);
-      }
-    }
-  }
-}
-
-// The fixed-width row width N for an even map of OW output columns, or 0.
-inline int pair_width(int64_t H, int64_t W) {
-  if (H % 2 || W % 2) return 0;
-  const int64_t ow = W / 2;
-  return ow == 1 || ow == 2 || ow == 4 || ow == 8 || ow == 16 ? int(ow) : 0;
-}
-#define ST_PAIRS_SWITCH(N, CALL)                       \
-  switch (N) {                                         \
-    case 1: { constexpr int NN = 1; CALL; break; }     \
-    case 2: { constexpr int NN = 2; CALL; break; }     \
-    case 4: { constexpr int NN = 4; CALL; break; }     \
-    case 8: { constexpr int NN = 8; CALL; break; }     \
-    default: { constexpr int NN = 16; CALL; break; }   \
-  }
 
 // Planes [p0, p1) of act(sc[c] * x + sh[c]) (C channels) as bn_act computes them (its plane
 // function), normalised into buf (kActBuf elements) a block of planes at a time, then pooled.
@@ -266,6 +177,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   return {out, idx};
 }
 
+}  // namespace
+
 at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size) {
   check_x4(grad_out, "grad_out");
   check_cpu(indices, "indices");
@@ -288,8 +201,6 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   });
   return dx;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("max_pool2x2", &max_pool2x2);

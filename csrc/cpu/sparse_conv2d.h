@@ -2,6 +2,7 @@
 // any map size) and the batch-innermost kernel for small maps (sparse_conv2d_small.cpp).
 #pragma once
 #include "common.h"
+#include "unpool.h"
 
 #include <type_traits>
 
@@ -150,6 +151,7 @@ struct BnPack {
   bool relu_after, relu_before;
   T* gout;                                // [B, O, OH, OW] or nullptr
   double* dsum;                           // [O], added to, or nullptr
+  const Unpool* up = nullptr;             // g is a pooled layer's gradient (Unpool), or nullptr
 };
 
 // A BatchNorm (+ ReLU) of the layer before, deferred into this conv's input packing

@@ -145,12 +145,14 @@ ST_INLINE void pack_dy_tile(const Plan& P, const T* dy, const uint8_t* used, int
 // residual's gradient and the bias sums (dsum: this tile's [O] partials). The residual's gradient
 // (activation-sized, read back only by the block's other branch, after this whole pass) is built
 // per plane in L1 and streamed out: plain stores first read every line (read-for-ownership); on the
-// AVX-512 Xeon, ResNet-18's fused step at 99% 243 -> 231 ms (in-process interleaved A/B).
+// AVX-512 Xeon, ResNet-18's fused step at 99% 243 -> 231 ms (in-process interleaved A/B). A pooled
+// layer's g (G.up) is unpooled plane by plane into L1.
 template <typename T, int VB>
 ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, const uint8_t* used, int64_t b0,
                                int64_t tb, T* dyp, bool first, double* dsum) {
   const int64_t O = P.O, ohw = P.OH * P.OW, ys = P.ys;
   T* tmp = scratch<T>(size_t(ohw), 4);
+  T* ubuf = G.up ? scratch<T>(size_t(ohw), 6) : nullptr;
   const bool wg = first && G.gout, all = first && (G.gout || dsum);
   T* gtmp = wg ? scratch<T>(size_t(ohw), 5) : nullptr;  // (the residual's gradient plane)
   for (int64_t o = 0; o < O; ++o)
@@ -159,7 +161,8 @@ ST_INLINE void pack_dy_tile_bn(const Plan& P, const BnPack<T>& G, const T* g, co
     for (int64_t o = 0; o < O; ++o) {
       if (!used[o] && !all) continue;
       const int64_t off = ((b0 + b) * O + o) * ohw;
-      const T s = bn_dy_plane_for<T, VB>(G.relu_after, G.relu_before, G.res != nullptr, wg, g + off, G.y + off,
+      const T* gp = G.up ? G.up->plane(g, (b0 + b) * O + o, ubuf) : g + off;
+      const T s = bn_dy_plane_for<T, VB>(G.relu_after, G.relu_before, G.res != nullptr, wg, gp, G.y + off,
                                      G.res ? G.res + off : nullptr, ohw, G.scale[o], G.shift[o], G.mean[o], G.ka[o],
                                      G.kb[o], G.kc[o], tmp, wg ? gtmp : nullptr);
       if (wg) stream_rows(G.gout + off, ohw, gtmp, 0, ohw, 1);

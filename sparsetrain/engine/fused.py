@@ -130,8 +130,6 @@ class _SparseConvBNReLU(torch.autograd.Function):
             return (grad_x if ctx.needs_input_grad[0] else None,) + none[1:]
         x, values, y, res, scale, shift, w, mean, invstd, crow, col, ccol, row_t, perm, idx = ctx.saved_tensors
         batch_stats, relu_before, relu_after = ctx.flags
-        if opts.pool:  # grad_out is the pooled output's: the BN output's gradient sits at the window maxima
-            grad_out = torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), idx, list(y.shape[2:]))
         k, s, p = ctx.geom
         need_res = res is not None and ctx.needs_input_grad[5]
         need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -145,7 +143,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
         dx, dvalues, dw, db, dres, dy_sum, in_sums = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
             grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
             mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
-            *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums)
+            *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums,
+            idx)  # (pool: grad_out is the pooled output's, unpooled by the op as it reads it)
         if link is not None:
             link["sums"] = (in_sums, dx)
         dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)

@@ -257,7 +257,7 @@ def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, inv
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
                            grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False, grad_bias=True,
-                           in_mean=None, sums=None):  # (dx, dvalues, BN dweight, dbias, d residual, sum dy, in sums)
+                           in_mean=None, sums=None, pool_indices=None):  # (dx, dvalues, BN dw, db, d res, sum dy, in sums)
     c, e, ci = mean.shape, (0,), (x.shape[1], 2) if in_mean is not None and grad_input else (0,)  # e: empty
     return (x.new_empty(x.shape if grad_input else e), values.new_empty(values.shape if grad_values else e),
             mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else e),
