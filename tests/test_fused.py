@@ -217,7 +217,8 @@ def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
                          ids=lambda g: f"{g[3]}-b{g[2]}-k{g[4]}")
 @pytest.mark.parametrize("relu_after", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype):
+@pytest.mark.parametrize("sparsity", [0.5, 1.0])
+def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype, sparsity):
     """With pool_indices, grad_out is the gradient of the BN output's 2x2 max-pool: the op equals
     itself given that gradient unpooled (max_pool2x2_backward), bit for bit: on maps of >= 256
     pixels both passes unpool it per plane (fixed-width rows, or odd sides whose last row and column
@@ -226,7 +227,8 @@ def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype):
     C, O, B, hw, k, st, pad = geom
     g = torch.Generator().manual_seed(9)
     wt = torch.randn(O, C, k, k, generator=g, dtype=dtype)
-    idx = [t.detach() for t in sparsetrain.CSR.from_dense(wt, random_mask(wt.shape, 0.5, generator=g, empty_rows=1)).index()]
+    mask = random_mask(wt.shape, sparsity, generator=g, empty_rows=1)  # (1.0: no nonzeros, the conv's empty path)
+    idx = [t.detach() for t in sparsetrain.CSR.from_dense(wt, mask).index()]
     geo = ([k, k], [st, st], [pad, pad])
     x = torch.randn(B, C, *hw, generator=g, dtype=dtype)
     y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None).clamp_min(0)
