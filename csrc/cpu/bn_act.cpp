@@ -72,18 +72,13 @@ ST_INLINE void bwd_sums_impl(const T* go, const T* y, const T* res, const T* sca
     for (; i + L <= hw; i += L) {
       prefetch_ahead(gp + i), prefetch_ahead(yp + i);
       if (RES) prefetch_ahead(rp + i);
-      const V yv = *reinterpret_cast<const U*>(yp + i);
-      const V g = mask_after<RA, RES>(V(*reinterpret_cast<const U*>(gp + i)), yv,
-                                      RES ? V(*reinterpret_cast<const U*>(rp + i)) : V{}, a, b);
-      s1 += g;
-      s2 += g * (yv - m);
+      const V g = sums_step<RA, RES>(V(*reinterpret_cast<const U*>(gp + i)), V(*reinterpret_cast<const U*>(yp + i)),
+                                     RES ? V(*reinterpret_cast<const U*>(rp + i)) : V{}, a, b, m, s1, s2);
       if constexpr (WG) *reinterpret_cast<U*>(tmp + i) = g;
     }
     T t1 = hsum<T, VB>(s1), t2 = hsum<T, VB>(s2);
     for (; i < hw; ++i) {
-      const T g = mask_after<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a, b);
-      t1 += g;
-      t2 += g * (yp[i] - m);
+      const T g = sums_step<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a, b, m, t1, t2);
       if constexpr (WG) tmp[i] = g;
     }
     part[2 * c] += t1;
@@ -130,11 +125,7 @@ ST_INLINE void row_sums_impl(const T* go, const T* y, const T* res, const T* con
     const T* yp = y + s * n;
     const T* rp = RES ? res + s * n : nullptr;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const T g = mask_after<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a[i], b[i]);
-      acc[i] += g;
-      acc[n + i] += g * (yp[i] - m[i]);
-    }
+    for (int64_t i = 0; i < n; ++i) sums_step<RA, RES>(gp[i], yp[i], RES ? rp[i] : T(0), a[i], b[i], m[i], acc[i], acc[n + i]);
   }
 }
 

@@ -26,6 +26,17 @@ ST_INLINE X mask_after(X g, X y, X r, T a, T b) {
   return g;
 }
 
+// One element (X = T) or vector (X = V) of the BatchNorm backward's first-pass sums: g masked by
+// the ReLU after, s1 += g, s2 += g (y - m); returns the masked g (bn_act.cpp's bwd_sums and the
+// phase kernel's sums for a deferred BatchNorm, xact_sums).
+template <bool RA, bool RES, typename X, typename T>
+ST_INLINE X sums_step(X g, X y, X r, T a, T b, T m, X& s1, X& s2) {
+  const X gm = mask_after<RA, RES>(g, y, r, a, b);
+  s1 += gm;
+  s2 += gm * (y - m);
+  return gm;
+}
+
 // The forward on one plane of n elements: out = act(a * y + b (+ r)), act = ReLU (NaN stays NaN, as
 // torch.relu) or identity. bn_act's passes and max_pool2x2's normalised planes both call it.
 template <typename T, bool RELU, bool RES>

@@ -187,7 +187,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
 }
 
 // XAct's sums over `rows` rows of n elements of g (pitch gp_) and the raw y (pitch yp_) into s[2]
-// (bn_act.cpp's bwd_sums on rows: explicit vectors, the mask a select).
+// (bn_act.cpp's bwd_sums on rows: explicit vectors, the mask a select; both take bn_act.h's sums_step).
 template <typename T, int VB, bool RA>
 ST_INLINE void xact_sums_rows(const T* g, int64_t gp_, const T* y, int64_t yp_, int64_t n, int64_t rows, T a, T b,
                               T m, double* s) {
@@ -199,17 +199,10 @@ ST_INLINE void xact_sums_rows(const T* g, int64_t gp_, const T* y, int64_t yp_, 
   for (int64_t r = 0; r < rows; ++r) {
     const T *gr = g + r * gp_, *yr = y + r * yp_;
     int64_t i = 0;
-    for (; i + L <= n; i += L) {
-      const V yv = *reinterpret_cast<const U*>(yr + i);
-      const V gv = mask_after<RA, false>(V(*reinterpret_cast<const U*>(gr + i)), yv, V{}, a, b);
-      s1 += gv;
-      s2 += gv * (yv - m);
-    }
-    for (; i < n; ++i) {
-      const T gv = mask_after<RA, false>(gr[i], yr[i], T(0), a, b);
-      t1 += gv;
-      t2 += gv * (yr[i] - m);
-    }
+    for (; i + L <= n; i += L)
+      sums_step<RA, false>(V(*reinterpret_cast<const U*>(gr + i)), V(*reinterpret_cast<const U*>(yr + i)), V{}, a, b, m,
+                           s1, s2);
+    for (; i < n; ++i) sums_step<RA, false>(gr[i], yr[i], T(0), a, b, m, t1, t2);
   }
   s[0] += hsum<T, VB>(s1) + t1, s[1] += hsum<T, VB>(s2) + t2;
 }
