@@ -77,6 +77,8 @@ def _reset_peak():
 
 _CATEGORIES = [("fused bn/relu", ("bn_act",)),
                ("sparse conv/linear", ("sparsetrain",)),
+               # the fused layer's autograd Function itself (its Python, the saved tensors), not a conv
+               ("fused layer python", ("_SparseConvBNReLU",)),
                ("dense conv/linear", ("conv", "addmm", "aten::mm", "linear", "mkldnn")),
                ("batchnorm", ("batch_norm",)),
                ("relu/pool/add", ("relu", "threshold", "clamp_min", "pool", "aten::add")),
