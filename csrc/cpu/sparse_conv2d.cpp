@@ -370,10 +370,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // A pooled layer (engine/fused.py's `pool`): grad_out is the gradient of the BN output's 2x2
   // max-pool. On maps of >= 256 pixels both passes unpool it plane by plane into L1 as they read it
   // (the input gradient, 4x grad_out's size and three quarters zeros, is never written); else, and
-  // for the BN-only path, it is written out first (max_pool2x2_backward). VGG-like's fused step at
-  // 99%, in-process A/B: 32x32 layer 5.6 -> 4.0 ms, 16x16 3.4 -> 2.8 ms, but 8x8 2.4 -> 3.7 ms (two
-  // unpools of 64-pixel planes, one per pass, cost more than the pass over the written gradient).
-  const bool pooled = pool_indices && y.dim() == 4 && y.size(2) * y.size(3) >= 256;
+  // for the BN-only path (which writes dy whole anyway), it is written out first (max_pool2x2_backward).
+  // VGG-like's fused step at 99%, in-process A/B: 32x32 layer 5.6 -> 4.0 ms, 16x16 3.4 -> 2.8 ms, but
+  // 8x8 2.4 -> 3.7 ms (two unpools of 64-pixel planes, one per pass, cost more than the pass over the
+  // written gradient).
+  const bool pooled = pool_indices && (grad_input || grad_values) && y.dim() == 4 && y.size(2) * y.size(3) >= 256;
   const at::Tensor pidx = pooled ? pool_indices->contiguous() : at::Tensor();
   const at::Tensor go = pool_indices && !pooled ? max_pool2x2_backward(grad_out, *pool_indices, {y.size(2), y.size(3)})
                                                 : grad_out.contiguous();
@@ -405,8 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                   pooled ? &pidx : nullptr};
   if (!grad_input && !grad_values) {  // the BatchNorm's gradients only
     at::Tensor dy = pooled_empty(yc.sizes(), yc.options());
-    bn_grad_input(pooled ? max_pool2x2_backward(g, pidx, {y.size(2), y.size(3)}) : g, yc, bn.res, sc, sh, mc, k,
-                  bn.relu_after, relu_before, dy, bn.gout, bn.dsum);
+    bn_grad_input(g, yc, bn.res, sc, sh, mc, k, bn.relu_after, relu_before, dy, bn.gout, bn.dsum);
     return {dx, dv, dw, db, gres, dsum, xsums};
   }
   std::vector<double> xs;
