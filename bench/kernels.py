@@ -24,6 +24,7 @@ from common import (HERE, interleaved_times, machine_info, median_ms, paired_rat
 from sparsetrain.testing import random_mask
 
 from sparsetrain.engine.formats import CSR
+from sparsetrain.engine.replicated import sparse_linear_replicated
 from sparsetrain.nn import SparseLinear
 
 # torch.sparse's CSR is "beta" and warns on every construction: the baseline is used as documented
@@ -34,6 +35,8 @@ warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implici
 # VGG-like(5, 5)'s classifier (7*7*512 -> 10: at 99% its nonzeros read ~10% of the inputs)
 LINEAR_CASES = [(4608, 512, 2048), (784, 300, 128), (512, 10, 128), (3072, 768, 902), (25088, 10, 128)]
 QUICK_LINEAR_CASES = [(4608, 512, 2048), (784, 300, 128)]
+# (channels, repeat, out, batch): VGG-like(5, 5)'s head on 32x32 images (512 channels at 1x1, 7x7 pool)
+REPLICATED_CASE = (512, 49, 10, 128)
 
 
 # ============================================================================ linear
@@ -111,6 +114,47 @@ def bench_linear(cases, sparsities, reps):
     return rows
 
 
+def bench_linear_replicated(sparsities, reps, case=None):
+    """VGG-like(5, 5)'s head on its 1x1 map, forward + backward from x [N, C, 1, 1]: the 7x7
+    broadcast flattened into a 25088-wide layer (dense masked, and SparseLinear), against
+    sparse_linear_replicated on the [N, C] map (what fuse_ runs there)."""
+    channels, repeat, fout, batch = case or REPLICATED_CASE
+    side = int(repeat ** 0.5)
+    if side * side != repeat:
+        raise ValueError(f"case: repeat must be a square (the pool's h * w), got {repeat}")
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    fin = channels * repeat
+    w = torch.randn(fout, fin, generator=g, requires_grad=True)
+    b = torch.randn(fout, generator=g, requires_grad=True)
+    x = torch.randn(batch, channels, 1, 1, generator=g, requires_grad=True)
+    gy = torch.randn(batch, fout, generator=g)
+    spread = lambda: x.expand(batch, channels, side, side).flatten(1)  # noqa: E731 (the study's pool + flatten)
+    for s in sparsities:
+        mask = random_mask((fout, fin), s, generator=g)
+        layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
+
+        def step(f):
+            x.grad = w.grad = layer.weight.values.grad = None
+            f().backward(gy)
+
+        t = interleaved_times({"masked": lambda: step(lambda: F.linear(spread(), w * mask, b)),
+                               "sparse": lambda: step(lambda: layer(spread())),
+                               "replicated": lambda: step(lambda: sparse_linear_replicated(
+                                   x.flatten(1), layer.weight, layer.bias, repeat))}, reps=reps)
+        rows.append({"op": "sparse_linear_replicated", "shape": f"{channels}x{repeat}->{fout} b{batch}",
+                     "sparsity": s, "dense_ms": statistics.median(t["masked"]),
+                     "sparse_ms": statistics.median(t["sparse"]), "replicated_ms": statistics.median(t["replicated"]),
+                     "speedup": paired_ratio(t["masked"], t["replicated"]),
+                     "vs_sparse": paired_ratio(t["sparse"], t["replicated"])})
+    return rows
+
+
+REPLICATED_COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense ms", ".2f"),
+                      ("sparse_ms", "SparseLinear ms", ".2f"), ("replicated_ms", "replicated ms", ".3f"),
+                      ("speedup", "vs dense", ".1f"), ("vs_sparse", "vs SparseLinear", ".1f")]
+
+
 LINEAR_COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense ms", ".2f"),
                   ("sparse_ms", "ours ms", ".2f"), ("torch_sparse_ms", "torch.sparse ms", ".2f"),
                   ("speedup", "vs dense", ".2f"), ("vs_torch_sparse", "vs torch.sparse", ".2f"),
@@ -135,11 +179,15 @@ def main(argv=None):
     info = machine_info()
     print(f"# sparsetrain kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    results = {"machine": info, "linear": [], "conv": [], "fused": [], "pool": [], "gpu": []}
+    results = {"machine": info, "linear": [], "linear_replicated": [], "conv": [], "fused": [], "pool": [], "gpu": []}
     if args.only in (None, "linear"):
         print("\n## SparseLinear forward+backward (fp32) vs dense masked F.linear and torch.sparse")
         results["linear"] = bench_linear(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, sparsities, reps)
         print_table(results["linear"], LINEAR_COLUMNS)
+        print("\n## VGG head on a 1x1 map (7x7 broadcast -> flatten -> linear), forward+backward: "
+              "sparse_linear_replicated vs the 25088-wide layers")
+        results["linear_replicated"] = bench_linear_replicated(sparsities, reps)
+        print_table(results["linear_replicated"], REPLICATED_COLUMNS)
     if args.only in (None, "conv"):
         import conv_bench
         print("\n## SparseConv2d forward+backward (fp32, batch 128) vs dense masked F.conv2d and SparseProp")

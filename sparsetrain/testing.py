@@ -45,6 +45,12 @@ def dense_linear(x, weight, mask, bias=None):
     return F.linear(x, weight * mask, bias)
 
 
+def dense_linear_replicated(x, weight, mask, bias=None, repeat=1):
+    """Reference for sparse_linear_replicated: F.linear on x with each feature repeated `repeat`
+    times (what AdaptiveAvgPool2d -> Flatten hand a VGG head from a 1x1 map), mask applied."""
+    return F.linear(x.repeat_interleave(repeat, dim=-1), weight * mask, bias)
+
+
 def dense_conv2d(x, weight, mask, bias=None, stride=1, padding=0):
     """Reference for SparseConv2d: F.conv2d with the mask applied."""
     return F.conv2d(x, weight * mask, bias, stride=stride, padding=padding)

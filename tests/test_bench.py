@@ -24,6 +24,12 @@ def test_linear_section_rows():
         assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
 
 
+def test_linear_replicated_section_rows():
+    rows = kernels.bench_linear_replicated([0.0, 0.9], reps=1, case=(5, 4, 3, 7))
+    assert [r["sparsity"] for r in rows] == [0.0, 0.9]
+    assert all(_finite(r, ["dense_ms", "sparse_ms", "replicated_ms", "speedup", "vs_sparse"]) for r in rows)
+
+
 def test_conv_section_rows():
     rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"])
@@ -41,9 +47,10 @@ def test_fused_section_rows(monkeypatch):
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "k.json"
     monkeypatch.setattr(kernels, "LINEAR_CASES", [(29, 7, 5)])
+    monkeypatch.setattr(kernels, "REPLICATED_CASE", (3, 9, 2, 4))
     kernels.main(["--only", "linear", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["machine"]["torch"] and len(data["linear"]) == 4
+    assert data["machine"]["torch"] and len(data["linear"]) == 4 and len(data["linear_replicated"]) == 4
     assert "vs torch.sparse" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
-"""fuse_ / unfuse_: find sparse conv -> [ReLU] -> BatchNorm -> [+ shortcut] -> [ReLU] in a model's
-torch.fx graph and swap in the fused layers of engine/fused.py (and back)."""
+"""fuse_ / unfuse_: find sparse conv -> [ReLU] -> BatchNorm -> [+ shortcut] -> [ReLU] and adaptive
+pool -> flatten -> sparse linear in a model's torch.fx graph and swap in the fused layers of
+engine/fused.py and engine/replicated.py (and back)."""
 from __future__ import annotations
 
 import operator
@@ -8,7 +9,8 @@ import torch
 from torch import fx, nn
 
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
-from .nn import SparseConv2d, _set_module
+from .nn import SparseConv2d, SparseLinear, _set_module
+from .replicated import FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 
 __all__ = ["fuse_", "unfuse_"]
 
@@ -76,9 +78,10 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     `routed_input(self.<conv>, x)` declares `fused_route_input = "<conv>"` (child name) and that
     fused layer routes it. In a model with fused layers, every nn.MaxPool2d(2) becomes a
     MaxPool2x2 (the same pooling on a one-pass kernel). Links between fused layers and the modules
-    that alone read their activations: _link. Returns the qualified names of the fused
-    convs. The model must be traceable by torch.fx: ValueError otherwise, or nothing fused when not
-    `strict`."""
+    that alone read their activations: _link. A sparse classifier head reading a replicated 1x1
+    map (AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear) runs without the replicas: _fuse_heads.
+    Returns the qualified names of the fused convs, then of the fused heads' linears. The model
+    must be traceable by torch.fx: ValueError otherwise, or nothing fused when not `strict`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
@@ -125,6 +128,30 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         if fused and _is_pool2x2(m):
             _set_module(model, name, MaxPool2x2(2))
     _link(model, last, calls)
+    return fused + _fuse_heads(model, graph, modules, calls)
+
+
+def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -> list[str]:
+    """Swap each AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear chain (each module called once,
+    each output read only by the next) for engine/replicated.py's modules, which skip the replicas
+    of a 1x1 map. Returns the linears' names."""
+    fused = []
+    for node in list(graph.nodes):
+        pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d)
+        flat = _module_call(_only_user(pool) if pool is not None else None, modules, calls, nn.Flatten)
+        lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
+        if (lin is None or type(modules[lin.target]) is not SparseLinear or type(modules[flat.target]) is not nn.Flatten
+                or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
+                or isinstance(modules[pool.target], FusedAdaptiveAvgPool2d)
+                or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs):
+            continue
+        new_pool, new_flat = FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten()
+        new_lin = FusedSparseLinear(modules[lin.target]).train(modules[lin.target].training)
+        object.__setattr__(new_pool, "flatten", new_flat)  # references, not submodules
+        object.__setattr__(new_flat, "linear", new_lin)
+        for n, m in ((pool, new_pool), (flat, new_flat), (lin, new_lin)):
+            _set_module(model, n.target, m.train(modules[n.target].training))
+        fused.append(lin.target)
     return fused
 
 
@@ -147,7 +174,8 @@ def _link(model: nn.Module, last: dict, calls: dict) -> None:
 
 
 def unfuse_(model: nn.Module) -> nn.Module:
-    """Undo fuse_(): plain SparseConv2d, BatchNorm2d and ReLU modules, same parameters."""
+    """Undo fuse_(): plain SparseConv2d, BatchNorm2d, ReLU, pooling, Flatten and SparseLinear modules,
+    same parameters."""
     for name, m in list(model.named_modules()):
         if isinstance(m, SparseConvBNReLU):
             _set_module(model, name, m.to_conv())
@@ -157,4 +185,10 @@ def unfuse_(model: nn.Module) -> nn.Module:
             _set_module(model, name, nn.ReLU(inplace=m.inplace))
         elif isinstance(m, MaxPool2x2):
             _set_module(model, name, nn.MaxPool2d(2))
+        elif isinstance(m, FusedAdaptiveAvgPool2d):
+            _set_module(model, name, m.original)
+        elif isinstance(m, FusedFlatten):
+            _set_module(model, name, nn.Flatten(m.start_dim, m.end_dim).train(m.training))
+        elif isinstance(m, FusedSparseLinear):
+            _set_module(model, name, m.to_linear().train(m.training))
     return model

@@ -1,0 +1,156 @@
+"""sparse_linear_replicated and the fused classifier head (engine/replicated.py) against the dense
+masked reference on the repeated input, and the fused VGG head against the unfused one."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsetrain
+import sparsetrain.engine.replicated as rep
+from sparsetrain.engine.fuse import fuse_, unfuse_
+from sparsetrain.engine.replicated import (FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear,
+                                           sparse_linear_replicated)
+from sparsetrain.experiment.models import vgg_like
+from sparsetrain.nn import SparseLinear
+from sparsetrain.testing import assert_layer_matches, dense_linear_replicated, model_masks, random_mask
+
+
+class _Replicated(nn.Module):
+    """sparse_linear_replicated as a layer, for assert_layer_matches."""
+
+    def __init__(self, layer: SparseLinear, repeat: int):
+        super().__init__()
+        self.weight, self.bias, self.repeat = layer.weight, layer.bias, repeat
+
+    def forward(self, x):
+        return sparse_linear_replicated(x, self.weight, self.bias, self.repeat)
+
+
+# (batch shape, channels, repeat, out): 1 channel, primes, batch 1, no replication, 3-D input, VGG's 49
+SHAPES = [((1,), 1, 1, 1), ((5,), 7, 3, 11), ((1,), 13, 49, 2), ((2, 3), 5, 4, 3), ((9,), 17, 49, 10),
+          ((4,), 3, 1, 5)]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("batch, c, r, fout", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_dense_masked_on_the_repeated_input(batch, c, r, fout, sparsity, dtype):
+    g = torch.Generator().manual_seed(c * 100 + r)
+    lin = nn.Linear(c * r, fout).to(dtype)
+    mask = random_mask((fout, c * r), sparsity, generator=g, empty_rows=1 if fout > 2 else 0)
+    x = torch.randn(*batch, c, generator=g, dtype=dtype, requires_grad=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert_layer_matches(_Replicated(SparseLinear.from_dense(lin, mask), r), lin, mask, dense_linear_replicated, x,
+                         g, tol, repeat=r)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    layer = _Replicated(SparseLinear.from_dense(nn.Linear(5 * 3, 4).double(), random_mask((4, 15), 0.5, generator=g)), 3)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    values, bias = layer.weight.values.detach().clone(), layer.bias.detach().clone()
+    fn = lambda x, v, b: torch.func.functional_call(layer, {"weight.values": v, "bias": b}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, values.requires_grad_(), bias.requires_grad_()))
+
+
+def test_errors_name_the_argument():
+    layer = SparseLinear.from_dense(nn.Linear(12, 2))
+    with pytest.raises(ValueError, match=r"x must have last dimension in_features / repeat = 12 / 4.*\(3, 5\)"):
+        sparse_linear_replicated(torch.randn(3, 5), layer.weight, None, 4)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="repeat must be an int >= 1"):
+            sparse_linear_replicated(torch.randn(3, 6), layer.weight, None, bad)
+    with pytest.raises(TypeError, match="weight must be a 2-D sparsetrain.CSR"):
+        sparse_linear_replicated(torch.randn(3, 6), torch.randn(2, 12), None, 2)
+
+
+# ============================================================================ the fused VGG head
+def _vgg_pair(image_size=32, sparsity=0.9, dtype=torch.float64):
+    torch.manual_seed(0)
+    m = vgg_like(5, 1, 10, 3, image_size=image_size).to(dtype)
+    masks = model_masks(m, sparsity)
+    plain, fused = copy.deepcopy(m), copy.deepcopy(m)
+    sparsetrain.sparsify_(plain, masks)
+    sparsetrain.sparsify_(fused, masks, fuse=True)
+    return plain, fused
+
+
+def _step(model, x, t):
+    for p in model.parameters():
+        p.grad = None
+    out = model(x)
+    F.cross_entropy(out, t).backward()
+    return out.detach()
+
+
+@pytest.mark.parametrize("hw, replicated", [(32, True), (64, False)])  # a 1x1 map at 32x32; 2x2 at 64x64
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_vgg_head_matches_the_unfused_one(hw, replicated, training, monkeypatch):
+    plain, fused = _vgg_pair(hw)
+    assert "classifier" in fuse_(copy.deepcopy(plain))  # fuse_ names the fused head's linear
+    assert (type(fused.avgpool), type(fused.flatten), type(fused.classifier)) == \
+        (FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear)
+    assert fused.classifier.weight is not plain.classifier.weight and \
+        fused.state_dict().keys() == plain.state_dict().keys()
+    plain.train(training), fused.train(training)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 3, hw, hw, generator=g, dtype=torch.float64), torch.randint(0, 10, (3,), generator=g)
+    calls = []
+    real = rep.sparse_linear_replicated
+    monkeypatch.setattr(rep, "sparse_linear_replicated", lambda *a: calls.append(a[3]) or real(*a))
+    out_f = _step(fused, x, t)
+    assert calls == ([49] if replicated else [])
+    torch.testing.assert_close(out_f, _step(plain, x, t), rtol=1e-10, atol=1e-10)
+    for (n, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_hooks_see_the_real_tensors_and_unfuse_restores_the_modules():
+    plain, fused = _vgg_pair()
+    pool, bias, values = fused.avgpool, fused.classifier.bias, fused.classifier.weight.values
+    assert pool.original is not None and type(plain.avgpool) is type(pool.original)
+    x, t = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    seen = []
+    h = fused.flatten.register_forward_hook(lambda m, inp, out: seen.append(out.shape))
+    torch.testing.assert_close(_step(fused, x, t), _step(plain, x, t), rtol=1e-10, atol=1e-10)
+    assert seen == [(2, 32 * 49)]  # the flattened [N, C * 49] tensor, as unfused
+    h.remove()
+    _step(fused, x, t)
+    assert fused.classifier._pending is None and fused.flatten._pending is None  # handed over once
+    unfuse_(fused)
+    assert fused.avgpool is pool.original and type(fused.flatten) is nn.Flatten
+    assert type(fused.classifier) is SparseLinear and fused.classifier.bias is bias
+    assert fused.classifier.weight.values is values
+    torch.testing.assert_close(_step(fused, x, t), _step(plain, x, t), rtol=1e-10, atol=1e-10)
+
+
+def test_other_heads_are_left_alone():
+    class TwoReaders(nn.Module):  # the flattened map also goes elsewhere
+        def __init__(self):
+            super().__init__()
+            self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+
+        def forward(self, x):
+            f = self.flat(self.pool(x))
+            return self.fc(f) + f.sum()
+
+    class FlattenAll(nn.Module):  # nn.Flatten(0): not the batch-preserving flatten
+        def __init__(self):
+            super().__init__()
+            self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(2), nn.Flatten(0), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(self.flat(self.pool(x)))
+
+    for cls in (TwoReaders, FlattenAll):
+        m = cls()
+        sparsetrain.sparsify_(m, model_masks(m, 0.5))
+        assert fuse_(m) == [] and type(m.fc) is SparseLinear and type(m.flat) is nn.Flatten, cls.__name__
+    plain_pool = nn.Sequential(nn.AdaptiveAvgPool2d((2, None)), nn.Flatten(), nn.Linear(3 * 2 * 1, 4))
+    sparsetrain.sparsify_(plain_pool, model_masks(plain_pool, 0.5))
+    ref = copy.deepcopy(plain_pool)
+    assert fuse_(plain_pool) == ["2"]  # a torch.nn pool is matched too; (2, None) keeps the width
+    x = torch.randn(2, 3, 1, 1, requires_grad=True)
+    torch.testing.assert_close(plain_pool(x), ref(x))
