@@ -99,6 +99,12 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, bool relu_before, "
       "bool grad_residual) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the BatchNorm's per-channel constants from those statistics (csrc/cpu/bn_scale_shift.cpp):
+  // (mean f64, invstd f64, weight f64, scale, shift in dtype), running buffers updated in place
+  // with batch statistics (nn.BatchNorm2d's momentum or cumulative average)
+  m.def("bn_scale_shift(Tensor stats, int count, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, bool batch_stats, "
+        "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- 2x2 stride-2 max-pooling with one-byte window positions (csrc/cpu/max_pool2x2.cpp)
   // with in_scale/in_shift, x is a fused layer's BatchNorm input y and the op pools
   // act(in_scale[c] * y + in_shift[c]) (in_relu: ReLU), bn_act's output, which is never written

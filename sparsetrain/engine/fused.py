@@ -96,11 +96,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm,
                                                                k, s, p, cbias, relu_before, *in_act,
                                                                opts.counts if relu_before else None)
-        batch_stats, mean, invstd = _statistics(bn, y, stats)
-        w = weight.detach().double() if weight is not None else torch.ones_like(mean)
-        scale = w * invstd
-        shift = (bias.detach().double() if bias is not None else 0.0) - mean * scale
-        scale, shift = scale.to(y.dtype), shift.to(y.dtype)
+        batch_stats, (mean, invstd, w, scale, shift) = _statistics(bn, y, stats)
         out = idx = None
         if opts.defer is None:
             if opts.pool and not (relu_after and opts.counts is not None):  # the activation is never written
@@ -158,22 +154,16 @@ class _SparseConvBNReLU(torch.autograd.Function):
 
 @torch.no_grad()
 def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
-    """(uses batch statistics, mean, invstd) as float64 [C], updating bn's running statistics in
-    training mode as nn.BatchNorm2d does."""
+    """(uses batch statistics, (mean, invstd, weight as float64 [C]; scale, shift in y's dtype)),
+    bn's running statistics updated in training mode as nn.BatchNorm2d does (bn_scale_shift)."""
     batch_stats = bn.training or bn.running_mean is None
-    if not batch_stats:
-        return False, bn.running_mean.double(), torch.rsqrt(bn.running_var.double() + bn.eps)
     n = y.numel() // y.shape[1]
     if n <= 1 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-    mean = stats[0] / n
-    var = (stats[1] / n - mean * mean).clamp_min(0.0)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        bn.num_batches_tracked.add_(1)
-        m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
-        bn.running_var.mul_(1 - m).add_((var * (n / (n - 1))).to(bn.running_var.dtype), alpha=m)
-    return True, mean, torch.rsqrt(var + bn.eps)
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update or not batch_stats else (None,) * 3
+    return batch_stats, torch.ops.sparsetrain.bn_scale_shift(stats, n, bn.weight, bn.bias, *running, bn.momentum,
+                                                             bn.eps, batch_stats, y.dtype)
 
 
 def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:

@@ -10,8 +10,7 @@ kernel (csrc/cpu/<op>.cpp, `TORCH_LIBRARY_IMPL`):
 * `triton`   "module.function" in `sparsetrain.kernels` (kernels/<module>.py), registered as the
              op's CUDA kernel and used for CPU tensors under `use_backend("triton")`.
 
-Adding an op: its schema in csrc/sparsetrain.cpp, its CPU kernel in csrc/cpu/, a row here (and a
-Triton function if it has one), a typed wrapper below, tests/test_<op>.py, a case in bench/.
+Adding an op: README's "Where to add things".
 
 Every call inside the autograd formulas goes through `_call(name, ...)`: the registered op
 (C++ on CPU tensors, Triton on CUDA tensors), or under the "triton" backend the Triton function on
@@ -242,7 +241,7 @@ _register(Op("sparse_conv2d_backward",
 # ============================================================================ BatchNorm behind a sparse conv (CPU only)
 # engine/fused.py's layer: the conv with its statistics epilogue, the BN's elementwise pass; backward the BN's
 # sums, then the conv backward computing the BN's input gradient as it packs it (bn_act_backward: the same,
-# written out). Fakes only: the autograd formula is engine/fused.py's Function (conv -> BN -> ReLU as one).
+# written out), bn_scale_shift its constants. Fakes only: the autograd formula is engine/fused.py's Function.
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
                      in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
@@ -268,6 +267,8 @@ _register(Op("sparse_conv2d_stats", _conv_stats_fake))
 _register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake))
 _register(Op("bn_act", lambda y, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape)))
 _register(Op("bn_act_backward", _bn_act_backward_fake))
+_register(Op("bn_scale_shift", lambda stats, count, w, b, rm, rv, nbt, momentum, eps, batch_stats, dtype: tuple(
+    stats.new_empty(stats.shape[1:], dtype=torch.float64 if i < 3 else dtype) for i in range(5))))
 
 
 # ============================================================================ 2x2 max-pooling (CPU only)
@@ -299,8 +300,7 @@ def _csr_prune_fake(crow, col, values, threshold, max_ties):
     return crow.new_empty(crow.shape), col.new_empty(nnz), values.new_empty(nnz), crow.new_empty(nnz)
 
 
-_register(Op("magnitude_threshold", lambda tensors, masks, fraction: (torch.empty((), dtype=torch.float64),
-                                                                      torch.empty((), dtype=torch.int64))))
+_register(Op("magnitude_threshold", lambda t, m, f: (torch.empty((), dtype=torch.float64), torch.empty((), dtype=torch.int64))))
 _register(Op("csr_prune", _csr_prune_fake))
 _register(Op("relu_count_", lambda counts, pre: None))
 # which CPU conv kernel serves a geometry (an int, for tests and benchmarks): nothing to trace
