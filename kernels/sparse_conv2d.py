@@ -7,6 +7,9 @@ sparse weight only.
 
 * forward     y[b, o, p] = sum_{nz (c,i,j) of row o} w * x[b, c, p*s - pad + (i, j)]  (+ bias[o])
               program = (tile of BLOCK_S output pixels over (b, oh, ow), output channel o).
+              sparse_conv2d_stats (a fused conv -> BN layer): the epilogue also applies a ReLU, adds
+              the tile's sum y and sum y^2 to the channel's float64 statistics and counts y > 0 per
+              neuron (atomics); x may be read through a deferred BN, act(scale[c] x + shift[c]).
 * grad input  dx[b, c, q] = sum_{taps (i,j)} sum_{o} w[o,c,i,j] * dy[b, o, (q + pad - (i,j)) / s]
               organised by input channel through the transposed (CSC) index, so no two
               programs write the same pixel (no atomics); a tap contributes only where
@@ -27,7 +30,7 @@ from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, che
                      check_float, check_index, density_key, launch, num_sms,
                      pow2_bucket, row_order)
 
-__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d",
+__all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
 
 _CONFIGS = [
@@ -39,10 +42,13 @@ _CONFIGS = [
 ]
 
 
-@autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH"])
+# (stats and counts are fresh zeros the kernel adds to: zeroed between autotuning runs)
+@autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH"], reset_to_zero=["stats", "counts"])
 @triton.jit
-def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
-                     S, S_KEY, DENSITY_KEY, KHW, HAS_BIAS: tl.constexpr,
+def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_scale, in_shift, counts,
+                     C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
+                     S, S_KEY, DENSITY_KEY, KHW, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                     IN_ACT: tl.constexpr, IN_RELU: tl.constexpr, COUNTS: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
     o = tl.load(order + tl.program_id(1)).to(tl.int64)
     offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -65,10 +71,25 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, C, H, W, O, OH, OW, KH, 
         ih = oh[None, :] * SH - PH + i[:, None]
         iw = ow[None, :] * SW - PW + j[:, None]
         ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0)
-        acc += tl.sum(v[:, None] * tile.to(v.dtype), axis=0)
+        tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0).to(v.dtype)
+        if IN_ACT:  # x is the previous layer's BN input: read act(in_scale[c] x + in_shift[c]); padding stays 0
+            a = tl.load(in_scale + c, mask=pmask, other=0.0).to(v.dtype)
+            sh = tl.load(in_shift + c, mask=pmask, other=0.0).to(v.dtype)
+            tile = a[:, None] * tile + sh[:, None]
+            if IN_RELU:
+                tile = tl.where(tile < 0, 0.0, tile)
+            tile = tl.where(ok, tile, 0.0)
+        acc += tl.sum(v[:, None] * tile, axis=0)
     if HAS_BIAS:
         acc += tl.load(bias + o)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # (NaN stays NaN, as through torch.relu)
+    if STATS:  # the BatchNorm's batch statistics while the tile is in registers: sum y, sum y^2 (float64)
+        a64 = tl.where(smask, acc, 0.0).to(tl.float64)
+        tl.atomic_add(stats + o, tl.sum(a64, axis=0))
+        tl.atomic_add(stats + O + o, tl.sum(a64 * a64, axis=0))
+    if COUNTS:  # the entropy's ReLU states: per output neuron (o, pixel), the samples with y > 0
+        tl.atomic_add(counts + o * (OH * OW) + rem, (acc > 0).to(tl.int64), mask=smask)
     tl.store(y + (b * O + o) * (OH * OW) + rem, acc.to(y.dtype.element_ty), mask=smask)
 
 
@@ -169,8 +190,12 @@ def _check_x(x, name, values=None):
         raise ValueError(f"{name} must be 4-D NCHW, got shape {tuple(x.shape)}")
 
 
-def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None):
-    """y [B, O, OH, OW] = conv2d(x, W) (+ bias) for the CSR weight (crow, col, values)."""
+def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None, *, relu=False, stats=None,
+                   in_act=None, counts=None):
+    """y [B, O, OH, OW] = conv2d(x, W) (+ bias) for the CSR weight (crow, col, values); relu: relu(y).
+    stats (float64 [2, O], zeros): sum y and sum y^2 per channel are added to it; in_act (scale [C],
+    shift [C], relu): the conv reads act(scale[c] x + shift[c]); counts (int64 [O * OH * OW], zeros):
+    per output neuron, the samples with y > 0 are added to it (sparse_conv2d_stats's epilogue)."""
     check_device(x, crow, col, values, name="sparse_conv2d")
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
@@ -188,9 +213,12 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     if S == 0 or O == 0:
         return y
     grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), O)  # noqa: E731  (pixels on the 2^31 axis)
+    in_scale, in_shift, in_relu = in_act or (None, None, False)
     launch(_conv_fwd_kernel, grid, x.contiguous(), crow, col, values.contiguous(), row_order(crow),
-           bias.contiguous() if bias is not None else values, y, *_args(g), S, pow2_bucket(S),
-           density_key(col.numel(), O), g["KH"] * g["KW"], HAS_BIAS=bias is not None)
+           bias.contiguous() if bias is not None else values, y, *(t if t is not None else values for t in (
+               stats, in_scale, in_shift, counts)), *_args(g), S, pow2_bucket(S),
+           density_key(col.numel(), O), g["KH"] * g["KW"], HAS_BIAS=bias is not None, RELU=bool(relu),
+           STATS=stats is not None, IN_ACT=in_act is not None, IN_RELU=bool(in_relu), COUNTS=counts is not None)
     return y
 
 
@@ -266,6 +294,44 @@ def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indice
                   kernel_size, stride, padding, bias=None):
     _check_channels(x, "x", ccol_indices, kernel_size)
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
+
+
+def _channel_vector(t, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+    if t.shape != (n,) or t.dtype != like.dtype:
+        raise ValueError(f"{name} must have shape [{n}] and dtype {like.dtype}, got {tuple(t.shape)} {t.dtype}")
+    check_device(like, t, name=name)
+    return t.contiguous()
+
+
+def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
+                        kernel_size, stride, padding, bias, relu, in_scale=None, in_shift=None, in_relu=False,
+                        relu_counts=None):
+    """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y, sum y^2
+    taken in the epilogue; with in_scale/in_shift the conv reads act(in_scale x + in_shift) (a
+    deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
+    _check_channels(x, "x", ccol_indices, kernel_size)
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if x.dtype != values.dtype:  # (the fused layers run without autocast)
+        raise TypeError(f"x must have the dtype of values ({values.dtype}), got {x.dtype}")
+    in_act = None
+    if in_scale is not None:
+        c = x.shape[1]
+        in_act = (_channel_vector(in_scale, "in_scale", c, x), _channel_vector(in_shift, "in_shift", c, x), in_relu)
+    O = crow_indices.numel() - 1
+    stats = torch.zeros((2, O), dtype=torch.float64, device=x.device)
+    counts = None
+    if relu_counts is not None:
+        g = _geometry(x.shape, O, kernel_size, stride, padding)
+        if relu_counts.dtype != torch.int64 or relu_counts.shape != (O * g["OH"] * g["OW"],):
+            raise ValueError(f"relu_counts must be int64 [{O * g['OH'] * g['OW']}] (one per output neuron), got "
+                             f"{relu_counts.dtype} {tuple(relu_counts.shape)}")
+        counts = torch.zeros_like(relu_counts)
+    y = conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias, relu=relu,
+                       stats=stats, in_act=in_act, counts=counts)
+    if counts is not None:
+        relu_counts.add_(counts)
+    return y, stats
 
 
 def _plus(dx, grad_input_add):

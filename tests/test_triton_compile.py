@@ -38,12 +38,20 @@ def _specs():
         ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=T, x=T, brow="i32", idx="i32", out=T), bsr,
          [dict(BS=bs) for bs in (16, 32, 64)]),
         ("sparse_conv2d", "_conv_fwd_kernel",
-         dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A), csr,
-         [dict(HAS_BIAS=b) for b in both]),
+         dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_scale=A, in_shift=A,
+              counts="i64"), csr,
+         # the fused layer's epilogue with every option first (the one the quick run compiles), then the
+         # plain conv and two epilogue variants
+         [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=True, IN_RELU=True, COUNTS=True)]
+         + [dict(HAS_BIAS=b, RELU=False, STATS=False, IN_ACT=False, IN_RELU=False, COUNTS=False) for b in both]
+         + [dict(HAS_BIAS=False, RELU=r, STATS=True, IN_ACT=not r, IN_RELU=False, COUNTS=False) for r in both]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
          dict(dy=A, x=A, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
+        ("bn_act", "_bn_act_kernel", dict(y=T, scale=T, shift=T, res=T, out=T, counts="i64"), ["fp32", "fp64"],
+         [dict(HAS_RES=True, RELU=True, COUNTS=True)] + [dict(HAS_RES=r, RELU=lu, COUNTS=False)
+                                                          for r, lu in itertools.product(both, both)]),
     ]
 
 
@@ -120,7 +128,7 @@ def _check_all_compiled(results, at_least):
     failures = [(job[:2] + job[3:], err) for job, _, err in results if err]
     assert not failures, f"{len(failures)} of {len(results)} compilations failed, e.g. {failures[:5]}"
     kernels = {(j[0], j[1]) for j, _, _ in results}
-    assert len(kernels) == 7 and len(results) >= at_least  # every kernel, config, dtype, arch
+    assert len(kernels) == 8 and len(results) >= at_least  # every kernel, config, dtype, arch
 
 
 def test_every_kernel_and_dtype_compiles_for_sm80_and_sm90(compiled):

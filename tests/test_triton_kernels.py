@@ -471,17 +471,22 @@ def test_cuda_backend_cpu_refuses_cuda_tensors():
 
 
 # ============================================================================ the subprocess
-@pytest.fixture(scope="module")
-def interp_results():
+def interpreter_results(test_file: str) -> dict:
+    """Run `test_file`'s @interp cases in one fresh TRITON_INTERPRET=1 subprocess (its __main__
+    calls run_cases): {case: "ok" or the traceback}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, test_file, out], env=env, capture_output=True, text=True, timeout=600)
         if not os.path.exists(out):
             pytest.fail(f"interpreter subprocess died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         with open(out) as f:
             return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    return interpreter_results(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -491,11 +496,11 @@ def test_triton_interpreter(case, interp_results):
         pytest.fail(f"{case} under TRITON_INTERPRET=1:\n{result}")
 
 
-def _run_cases(out_path):
+def run_cases(cases: dict, out_path: str) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)
     results = {}
-    for name, fn in CASES.items():  # report every case, not just the first failure
+    for name, fn in cases.items():  # report every case, not just the first failure
         try:
             results[name] = fn() or "ok"
         except Exception:
@@ -505,7 +510,7 @@ def _run_cases(out_path):
 
 
 if __name__ == "__main__":
-    _run_cases(sys.argv[1])
+    run_cases(CASES, sys.argv[1])
 
 
 # ============================================================================ Triton in the loop

@@ -37,8 +37,10 @@ var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6 relative for activat
 is not many orders above their spread). Running statistics follow nn.BatchNorm2d exactly
 (momentum, or the cumulative average when momentum is None; unbiased variance).
 
-On CUDA tensors, under autocast or under the "triton" backend the same layer runs the unfused ops
-(same results, no fusion). In a fused model fuse_ also swaps nn.MaxPool2d(2) for MaxPool2x2.
+On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
+the conv's statistics epilogue in kernels/sparse_conv2d.py; the backward writes dy before the conv
+backward reads it); pooling in the BN's pass stays on the CPU engine. Under autocast the layer runs
+the unfused ops. In a fused model fuse_ also swaps nn.MaxPool2d(2) for MaxPool2x2.
 fuse_ and unfuse_ (engine/fuse.py) rewrite a model with these layers; `unfuse_(model)` restores
 plain modules (densify_ calls it).
 """
@@ -93,17 +95,15 @@ class _SparseConvBNReLU(torch.autograd.Function):
         crow, col, ccol, row_t, perm = index
         k, s, p = geom
         in_act = opts.in_act or (None, None, False)
-        y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm,
-                                                               k, s, p, cbias, relu_before, *in_act,
-                                                               opts.counts if relu_before else None)
+        y, stats = ops._call("sparse_conv2d_stats", x, crow, col, values, ccol, row_t, perm, k, s, p, cbias,
+                             relu_before, *in_act, opts.counts if relu_before else None)
         batch_stats, (mean, invstd, w, scale, shift) = _statistics(bn, y, stats)
         out = idx = None
         if opts.defer is None:
             if opts.pool and not (relu_after and opts.counts is not None):  # the activation is never written
                 out, idx = torch.ops.sparsetrain.max_pool2x2(y, scale, shift, relu_after)
             else:
-                out = torch.ops.sparsetrain.bn_act(y, scale, shift, residual, relu_after,
-                                                   opts.counts if relu_after else None)
+                out = ops._call("bn_act", y, scale, shift, residual, relu_after, opts.counts if relu_after else None)
                 if opts.pool:
                     out, idx = torch.ops.sparsetrain.max_pool2x2(out)
         ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index, idx)
@@ -136,8 +136,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
         sums = handed[0] if handed is not None and handed[1] is grads[0] else None
         link = opts.link if need_x and opts.link is not None and "mean" in opts.link else None
         # the BN's sums (or those handed over), then the conv backward computing dy as it packs it
-        dx, dvalues, dw, db, dres, dy_sum, in_sums = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
-            grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
+        dx, dvalues, dw, db, dres, dy_sum, in_sums = ops._call(
+            "sparse_conv2d_bn_backward", grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
             mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
             *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums,
             idx)  # (pool: grad_out is the pooled output's, unpooled by the op as it reads it)
@@ -162,13 +162,20 @@ def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update or not batch_stats else (None,) * 3
-    return batch_stats, torch.ops.sparsetrain.bn_scale_shift(stats, n, bn.weight, bn.bias, *running, bn.momentum,
-                                                             bn.eps, batch_stats, y.dtype)
+    return batch_stats, ops._call("bn_scale_shift", stats, n, bn.weight, bn.bias, *running, bn.momentum, bn.eps,
+                                  batch_stats, y.dtype)
 
 
 def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
-    return (x.device.type == "cpu" and backend.current_backend() != "triton"
-            and not torch.is_autocast_enabled("cpu") and x.dtype == conv.weight.values.dtype)
+    """The fused ops take x: the C++ engine (CPU tensors) or the Triton kernels (CUDA tensors, and CPU
+    ones under the "triton" backend); not under autocast."""
+    return (x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == conv.weight.values.dtype)
+
+
+def _cpu_engine(x: torch.Tensor) -> bool:
+    """The C++ kernels take x: only they pool in the BN's pass (max_pool2x2 has no Triton kernel)."""
+    return x.device.type == "cpu" and backend.current_backend() != "triton"
 
 
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
@@ -177,7 +184,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
                         relu_counts: torch.Tensor | None = None, pool: bool = False,
                         link: dict | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
-    CPU engine, the unfused ops elsewhere. Updates bn's running statistics in training mode. With
+    C++ engine and on Triton, the unfused ops under autocast. Updates bn's running statistics in training mode. With
     `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`,
     `in_act`, `link`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
     back and defer["act"] holds the BN for the next conv (its `in_act`; that dict is its `link`). `relu_counts` (int64, one
@@ -195,7 +202,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         if relu_counts.dtype != torch.int64 or relu_counts.dim() != 1:
             raise TypeError(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
         defer = None
-    fusable = _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype)
+    fusable = _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype) and (not pool or _cpu_engine(x))
     if in_act is not None and (not fusable or not torch.is_grad_enabled()):
         # x holds the previous layer's y: apply its BN here; its gradient passes straight through
         # (the previous layer's backward expects the gradient of its output)
@@ -260,12 +267,11 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
     values = (values.double() * scale[rows]).to(values.dtype)
     shift = shift.to(values.dtype)
     in_epilogue = relu_after and residual is None
-    y, _ = torch.ops.sparsetrain.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm, *geom, shift,
-                                                     in_epilogue, None, None, False, counts if in_epilogue else None)
+    y, _ = ops._call("sparse_conv2d_stats", x, crow, col, values, ccol, row_t, perm, *geom, shift, in_epilogue,
+                     None, None, False, counts if in_epilogue else None)
     if residual is not None:
         one = torch.ones_like(shift)
-        y = torch.ops.sparsetrain.bn_act(y, one, torch.zeros_like(shift), residual, relu_after,
-                                         counts if relu_after else None)
+        y = ops._call("bn_act", y, one, torch.zeros_like(shift), residual, relu_after, counts if relu_after else None)
     return y, y
 
 
@@ -346,7 +352,7 @@ class SparseConvBNReLU(SparseConv2d):
                      for i in range(2))
 
     def _pools(self, x: torch.Tensor) -> bool:
-        if self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self):
+        if self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not _cpu_engine(x):
             return False
         return min(self._out_hw(x)) >= 2 and not _watched(*self._placeholders, self.pools)
 

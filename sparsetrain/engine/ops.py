@@ -238,7 +238,7 @@ _register(Op("sparse_conv2d_backward",
              "sparse_conv2d.sparse_conv2d_backward"))
 
 
-# ============================================================================ BatchNorm behind a sparse conv (CPU only)
+# ============================================================================ BatchNorm behind a sparse conv
 # engine/fused.py's layer: the conv with its statistics epilogue, the BN's elementwise pass; backward the BN's
 # sums, then the conv backward computing the BN's input gradient as it packs it (bn_act_backward: the same,
 # written out), bn_scale_shift its constants. Fakes only: the autograd formula is engine/fused.py's Function.
@@ -263,12 +263,12 @@ def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k,
             mean.new_empty(c if grad_bias else e), mean.new_empty(ci))
 
 
-_register(Op("sparse_conv2d_stats", _conv_stats_fake))
-_register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake))
-_register(Op("bn_act", lambda y, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape)))
-_register(Op("bn_act_backward", _bn_act_backward_fake))
+_register(Op("sparse_conv2d_stats", _conv_stats_fake, "sparse_conv2d.sparse_conv2d_stats"))
+_register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake, "bn_act.sparse_conv2d_bn_backward"))
+_register(Op("bn_act", lambda y, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape), "bn_act.bn_act"))
+_register(Op("bn_act_backward", _bn_act_backward_fake, "bn_act.bn_act_backward"))
 _register(Op("bn_scale_shift", lambda stats, count, w, b, rm, rv, nbt, momentum, eps, batch_stats, dtype: tuple(
-    stats.new_empty(stats.shape[1:], dtype=torch.float64 if i < 3 else dtype) for i in range(5))))
+    stats.new_empty(stats.shape[1:], dtype=torch.float64 if i < 3 else dtype) for i in range(5)), "bn_act.bn_scale_shift"))
 
 
 # ============================================================================ 2x2 max-pooling (CPU only)

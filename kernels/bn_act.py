@@ -1,0 +1,197 @@
+"""The fused conv -> BatchNorm -> ReLU layer's ops on the Triton backend (engine/fused.py): the same
+schemas as the C++ ones (csrc/cpu/bn_act.cpp, bn_scale_shift.cpp, sparse_conv2d.cpp), so the fused
+layers keep their structure on a GPU.
+
+* bn_act            one pass out = act(scale[c] y + shift[c] (+ residual)) (+ the ReLU states per
+                    neuron): a Triton kernel.
+* bn_scale_shift    the BN's constants from the conv epilogue's sums (sparse_conv2d_stats, a Triton
+                    kernel in kernels/sparse_conv2d.py) and the running-statistics update: [C]-sized
+                    torch ops.
+* bn_act_backward, sparse_conv2d_bn_backward   the BatchNorm's two-pass gradient in torch ops (with
+                    g the gradient masked by the ReLU after, N values per channel, x^ = (y - mean) invstd:
+                    dbias = sum g, dweight = sum g x^, dy = w invstd (g - dbias / N - x^ dweight / N) with
+                    batch statistics, w invstd g without), then the Triton conv backward on dy. The C++
+                    op computes dy inside the conv's packing; here it is written out.
+
+Deferred BatchNorms (in_scale/in_shift/in_relu, in_mean, sums) are supported; a layer pooled in its
+BN's pass (pool_indices) is not: the fused layers pool that way on the CPU engine only.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import autotune, check_device, check_float, launch
+from .sparse_conv2d import _channel_vector, conv2d_grad_weight, sparse_conv2d_backward, sparse_conv2d_grad_input
+
+__all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
+
+
+@autotune([triton.Config({"BLOCK": 1024}, num_warps=4)], key=[])  # (one config: a memory-bound pass)
+@triton.jit
+def _bn_act_kernel(y, scale, shift, res, out, counts, C, HW, N, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                   COUNTS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    c = (offs // HW) % C
+    v = tl.load(y + offs, mask=m, other=0.0) * tl.load(scale + c, mask=m, other=0.0) + tl.load(shift + c, mask=m,
+                                                                                                 other=0.0)
+    if HAS_RES:
+        v += tl.load(res + offs, mask=m, other=0.0)
+    if RELU:
+        v = tl.where(v < 0, 0.0, v)  # (NaN stays NaN, as through torch.relu)
+    if COUNTS:  # neuron = (c, pixel) = offs modulo C * HW
+        tl.atomic_add(counts + offs % (C * HW), (v > 0).to(tl.int64), mask=m)
+    tl.store(out + offs, v, mask=m)
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def bn_act(y, scale, shift, residual, relu, relu_counts=None):
+    """act(scale[c] y + shift[c] (+ residual)); relu_counts (int64 [C * H * W]) += the samples with a
+    positive output per neuron."""
+    check_device(y, scale, shift, residual, relu_counts, name="bn_act")
+    check_float(y, "y")
+    if y.dim() < 2:
+        raise ValueError(f"y must be [batch, channels, ...], got shape {tuple(y.shape)}")
+    C = y.shape[1]
+    scale, shift = _channel_vector(scale, "scale", C, y), _channel_vector(shift, "shift", C, y)
+    if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
+        raise ValueError(f"residual must have the shape and dtype of y {tuple(y.shape)} {y.dtype}, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    hw = y[0, 0].numel()
+    counts = None
+    if relu_counts is not None:
+        if relu_counts.dtype != torch.int64 or relu_counts.shape != (C * hw,):
+            raise ValueError(f"relu_counts must be int64 [{C * hw}] (one per neuron), got {relu_counts.dtype} "
+                             f"{tuple(relu_counts.shape)}")
+        counts = torch.zeros_like(relu_counts)
+    yc = y.contiguous()
+    out = torch.empty_like(yc)
+    n = yc.numel()
+    if n:
+        launch(_bn_act_kernel, lambda m: (triton.cdiv(n, m["BLOCK"]),), yc, scale, shift,
+               residual.contiguous() if residual is not None else yc, out, counts if counts is not None else yc,
+               C, hw, n, HAS_RES=residual is not None, RELU=bool(relu), COUNTS=counts is not None)
+    if counts is not None:
+        relu_counts.add_(counts)
+    return out
+
+
+def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                   batch_stats, dtype):
+    """(mean, invstd, weight as float64 [C]; scale, shift in `dtype`) and the running update, as the
+    C++ op (csrc/cpu/bn_scale_shift.cpp)."""
+    if stats.dim() != 2 or stats.shape[0] != 2 or stats.dtype != torch.float64:
+        raise ValueError(f"stats must be float64 [2, C] (sum y, sum y^2), got {stats.dtype} {tuple(stats.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if not batch_stats and running_mean is None:
+        raise ValueError("running_mean and running_var are needed without batch_stats")
+    C = stats.shape[1]
+    with torch.no_grad():
+        if batch_stats:
+            mean = stats[0] / count
+            var = (stats[1] / count - mean * mean).clamp_min(0.0)
+        else:
+            mean, var = running_mean.double(), running_var.double()
+        invstd = torch.rsqrt(var + eps)
+        w = weight.detach().double() if weight is not None else stats.new_ones(C)
+        scale = w * invstd
+        shift = (bias.detach().double() if bias is not None else 0.0) - mean * scale
+        if batch_stats and running_mean is not None:
+            if count < 2:
+                raise ValueError(f"count must be >= 2 values per channel with a running update, got {count}")
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            m = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+            running_mean.mul_(1 - m).add_(mean.to(running_mean.dtype), alpha=m)
+            running_var.mul_(1 - m).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=m)
+    return mean, invstd, w, scale.to(dtype), shift.to(dtype)
+
+
+def _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
+             sums=None):
+    """(dy, dweight, dbias, g masked by the ReLU after): the BatchNorm's two passes, written out."""
+    ch = lambda t: _per_channel(t, y)  # noqa: E731
+    g = grad_out
+    if relu_after:
+        pre = y * ch(scale) + ch(shift) + (residual if residual is not None else 0)
+        g = torch.where(pre > 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
+    dims = [0] + list(range(2, y.dim()))
+    if sums is not None:  # [C, 2] = sum g, sum g (y - mean), from the conv that produced grad_out
+        db, s1 = sums[:, 0], sums[:, 1]
+    else:
+        g64 = g.double()
+        db, s1 = g64.sum(dims), (g64 * (y.double() - ch(mean))).sum(dims)
+    dw = s1 * invstd
+    n = y.numel() // max(y.shape[1], 1)
+    k = weight * invstd  # dy = k (g - db / N - x^ dw / N)
+    if batch_stats and n:
+        dy = ch(k) * (g.double() - ch(db / n) - (y.double() - ch(mean)) * ch(invstd * dw / n))
+    else:
+        dy = ch(k) * g.double()
+    dy = dy.to(y.dtype)
+    if relu_before:
+        dy = torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    return dy, dw, db.clone(), g
+
+
+def bn_act_backward(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
+                    grad_residual):
+    """(dy, dweight, dbias, the residual's gradient or empty, sum dy [C] f64), as the C++ op."""
+    check_device(grad_out, y, residual, scale, shift, weight, mean, invstd, name="bn_act_backward")
+    if grad_out.shape != y.shape:
+        raise ValueError(f"grad_out must have the shape of y {tuple(y.shape)}, got {tuple(grad_out.shape)}")
+    dy, dw, db, g = _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after,
+                             relu_before)
+    dres = g.contiguous() if grad_residual else y.new_empty(0)
+    return dy, dw, db, dres, dy.double().sum([0] + list(range(2, y.dim())))
+
+
+def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
+                              kernel_size, stride, padding, grad_input_add, y, residual, scale, shift, weight, mean,
+                              invstd, batch_stats, relu_after, relu_before, grad_residual, grad_input, grad_values,
+                              in_scale=None, in_shift=None, in_relu=False, grad_bias=True, in_mean=None, sums=None,
+                              pool_indices=None):
+    """(dx or empty, dvalues or empty, BN dweight, BN dbias, the residual's gradient or empty, sum dy
+    or empty, the deferred BN's sums [C_in, 2] of dx or empty), as the C++ op (csrc/sparsetrain.cpp)."""
+    if pool_indices is not None:
+        raise ValueError("pool_indices: the Triton backend does not pool in the BatchNorm's pass (the fused layers "
+                         "do so on the CPU engine only)")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if in_mean is not None and in_scale is None:
+        raise ValueError("in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)")
+    check_device(grad_out, x, y, scale, mean, name="sparse_conv2d_bn_backward")
+    if grad_out.shape != y.shape:
+        raise ValueError(f"grad_out must have the shape of y {tuple(y.shape)}, got {tuple(grad_out.shape)}")
+    dy, dw, db, g = _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after,
+                             relu_before, sums)
+    empty = y.new_empty(0)
+    dres = g.contiguous() if grad_residual else empty
+    dsum = dy.double().sum([0, 2, 3]) if grad_bias else mean.new_empty(0)
+    dx, dv, xsums = empty, values.new_empty(0), mean.new_empty(0)
+    xa = x
+    if in_scale is not None:  # x is the previous layer's BN input: the conv read its activation
+        c = x.shape[1]
+        a, b = _channel_vector(in_scale, "in_scale", c, x), _channel_vector(in_shift, "in_shift", c, x)
+        xa = x * _per_channel(a, x) + _per_channel(b, x)
+        xa = xa.clamp_min(0) if in_relu else xa
+    dy = dy.contiguous()
+    if grad_input and grad_values:
+        dx, dv = sparse_conv2d_backward(dy, xa, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
+                                        kernel_size, stride, padding, grad_input_add)
+    elif grad_input:
+        dx = sparse_conv2d_grad_input(dy, ccol_indices, row_indices_t, perm, values, list(x.shape[2:]), kernel_size,
+                                      stride, padding, grad_input_add)
+    elif grad_values:
+        dv = conv2d_grad_weight(dy, xa, crow_indices, col_indices, kernel_size, stride, padding)
+    if in_mean is not None and grad_input:  # the deferred BN's first-pass sums, over dx masked by its ReLU
+        gx = torch.where(xa > 0, dx, torch.zeros((), dtype=dx.dtype, device=dx.device)) if in_relu else dx
+        gx = gx.double()
+        xsums = torch.stack([gx.sum((0, 2, 3)), (gx * (x.double() - _per_channel(in_mean, x))).sum((0, 2, 3))], 1)
+    return dx, dv, dw, db, dres, dsum, xsums

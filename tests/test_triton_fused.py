@@ -1,0 +1,236 @@
+"""The fused conv -> BatchNorm -> ReLU layer on the Triton backend (kernels/bn_act.py and the
+statistics epilogue of kernels/sparse_conv2d.py) against the C++ ops it mirrors, on the same CPU
+tensors under Triton's interpreter: each op and flag, then fused models stepped on both engines.
+The cases run in one TRITON_INTERPRET=1 subprocess (test_triton_kernels.py says why)."""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsetrain.engine.ops  # noqa: F401  (registers the ops and loads their C++ kernels)
+from sparsetrain.testing import model_masks, random_mask
+from test_triton_kernels import count_calls, interpreter_results, run_cases
+
+CASES = {}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def interp(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def _close(got, ref, dtype, what):
+    torch.testing.assert_close(got, ref, **TOL.get(dtype, {}), msg=lambda m: f"{what}: {m}")
+
+
+def _conv_case(B, C, O, hw, k, s, p, dtype, sparsity=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(O, C, k, k, generator=g, dtype=dtype)
+    csr = sparsetrain.CSR.from_dense(w, random_mask(w.shape, sparsity, generator=g, empty_rows=1 if O > 2 else 0))
+    x = torch.randn(B, C, *hw, generator=g, dtype=dtype)
+    return g, [t.detach() for t in csr.index()], x, ([k, k], [s, s], [p, p])
+
+
+# (batch, C, O, hw, k, stride, pad): odd maps, stride 2, 1x1, batch 1, a 1x1 image
+GEOMS = [(2, 3, 5, (5, 7), 3, 1, 1), (1, 4, 3, (6, 5), 3, 2, 1), (2, 5, 4, (4, 4), 1, 2, 0), (3, 2, 2, (1, 1), 3, 1, 1)]
+
+
+@interp
+def conv_stats_matches_the_cpu_op():
+    import sparsetrain.kernels.sparse_conv2d as KC
+    op = torch.ops.sparsetrain.sparse_conv2d_stats
+    for geom, dtype in itertools.product(GEOMS, (torch.float32, torch.float64)):
+        g, idx, x, geo = _conv_case(*geom, dtype)
+        C, O = geom[1], geom[2]
+        bias = torch.randn(O, generator=g, dtype=dtype)
+        x[0, 0, 0, 0] = 0.0  # (an exact zero: the ReLU counts' boundary)
+        for relu, in_act, with_bias in itertools.product((False, True), (None, True), (False, True)):
+            act = (torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype), relu) \
+                if in_act else (None, None, False)
+            b = bias if with_bias else None
+            y, st = op(x, *idx, *geo, b, relu, *act)
+            yt, stt = KC.sparse_conv2d_stats(x, *idx, *geo, b, relu, *act)
+            _close(yt, y, dtype, f"y {geom} relu={relu} in_act={in_act}")
+            _close(stt, st, torch.float64 if dtype == torch.float64 else dtype, f"stats {geom}")
+            if relu:
+                n = y[0].numel()
+                counts, ct = torch.full((n,), 3, dtype=torch.int64), torch.full((n,), 3, dtype=torch.int64)
+                op(x, *idx, *geo, b, relu, *act, counts)
+                KC.sparse_conv2d_stats(x, *idx, *geo, b, relu, *act, ct)
+                assert torch.equal(ct, counts), (geom, relu, in_act)
+    g, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
+    for bad, msg in (((torch.ones(3), None), "given together"), ((torch.ones(2), torch.ones(2)), "in_scale must have")):
+        with pytest.raises(ValueError, match=msg):
+            KC.sparse_conv2d_stats(x, *idx, *geo, None, True, *bad)
+    with pytest.raises(ValueError, match="relu_counts must be int64"):
+        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, torch.zeros(4, dtype=torch.int64))
+
+
+@interp
+def bn_ops_match_the_cpu_ops():
+    import sparsetrain.kernels.bn_act as KB
+    ops = torch.ops.sparsetrain
+    for shape, dtype in itertools.product([(2, 3, 5, 7), (1, 1, 1, 1), (4, 6, 2, 2), (3, 5, 0, 4)],
+                                          (torch.float32, torch.float64)):
+        g = torch.Generator().manual_seed(1)
+        c = shape[1]
+        y, r, go = (torch.randn(shape, generator=g, dtype=dtype) for _ in range(3))
+        scale, shift = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+        w, invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.rand(c, generator=g, dtype=torch.float64)
+        mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
+        for res, relu in itertools.product((None, r), (False, True)):
+            counts, ct = (torch.zeros(y[0].numel(), dtype=torch.int64) for _ in range(2))
+            _close(KB.bn_act(y, scale, shift, res, relu, ct), ops.bn_act(y, scale, shift, res, relu, counts), dtype,
+                   f"bn_act {shape}")
+            assert torch.equal(ct, counts)
+        for (relu_after, relu_before, residual, grad_res), batch_stats in itertools.product(
+                [(True, False, False, False), (False, False, False, False), (False, True, False, False),
+                 (True, False, True, True), (True, False, True, False)], (True, False)):
+            args = (go, y, r if residual else None, scale, shift, w, mean, invstd, batch_stats, relu_after,
+                    relu_before, grad_res)
+            for got, ref, what in zip(KB.bn_act_backward(*args), ops.bn_act_backward(*args),
+                                      ("dy", "dweight", "dbias", "dres", "dsum")):
+                _close(got, ref, dtype, f"bn_act_backward {what} {shape}")
+        # bn_scale_shift: batch statistics with the running update (momentum, cumulative), eval
+        stats = torch.stack([y.double().sum((0, 2, 3)), (y.double() ** 2).sum((0, 2, 3))])
+        n = y.numel() // c
+        for momentum, batch_stats in ((0.1, True), (None, True), (0.1, False)):
+            if batch_stats and n < 2:
+                continue
+            bufs = [(torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5, torch.tensor(3)) for _ in "ab"]
+            bufs[1] = tuple(t.clone() for t in bufs[0])
+            outs = [f(stats, n, scale, shift, *b, momentum, 1e-5, batch_stats, dtype)
+                    for f, b in zip((KB.bn_scale_shift, ops.bn_scale_shift), bufs)]
+            for got, ref in zip(outs[0] + bufs[0], outs[1] + bufs[1]):
+                _close(got, ref, dtype, f"bn_scale_shift {shape} {momentum} {batch_stats}")
+
+
+@interp
+def conv_bn_backward_matches_the_cpu_op():
+    import sparsetrain.kernels.bn_act as KB
+    op = torch.ops.sparsetrain.sparse_conv2d_bn_backward
+    flags = [(True, False, False, False), (False, True, False, False), (True, False, True, True),
+             (True, False, True, False)]
+    for geom, dtype, (relu_after, relu_before, residual, grad_res) in itertools.product(
+            GEOMS[:3], (torch.float32, torch.float64), flags):
+        g, idx, x, geo = _conv_case(*geom, dtype)
+        C = geom[1]
+        y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None)
+        y = y.clamp_min(0) if relu_before else y
+        c = y.shape[1]
+        go, res = torch.randn(y.shape, generator=g, dtype=dtype), torch.randn(y.shape, generator=g, dtype=dtype)
+        scale, shift = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+        w, invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.rand(c, generator=g, dtype=torch.float64)
+        mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
+        add = torch.randn(x.shape, generator=g, dtype=dtype)
+        act = (torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype), True)
+        in_mean = torch.randn(C, generator=g, dtype=torch.float64) * 0.1
+        sums = torch.randn(c, 2, generator=g, dtype=torch.float64)
+        # each product and deferral; the other options alternate (grad_bias, handed-over sums, batch statistics)
+        for i, ((need_x, need_v), deferred) in enumerate(itertools.product(((True, True), (True, False), (False, True)),
+                                                                           (False, True))):
+            grad_bias, given, batch_stats = i % 2 == 0, (None, sums)[i // 2 % 2], i % 3 != 2
+            a = act if deferred else (None, None, False)
+            args = (go, x, *idx, *geo, add if need_x else None, y, res if residual else None, scale, shift, w, mean,
+                    invstd, batch_stats, relu_after, relu_before, grad_res, need_x, need_v, *a, grad_bias,
+                    in_mean if deferred else None, given)
+            for j, (got, ref) in enumerate(zip(KB.sparse_conv2d_bn_backward(*args), op(*args))):
+                _close(got, ref, dtype, f"output {j} of {geom} {relu_after, relu_before, residual, grad_res} "
+                                        f"x={need_x} v={need_v} bias={grad_bias} deferred={deferred}")
+    g, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
+    y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None)
+    one, d1 = torch.ones(y.shape[1]), torch.ones(y.shape[1], dtype=torch.float64)
+    base = (y, x, *idx, *geo, None, y, None, one, one, d1, d1, d1, True, True, False, False, True, True)
+    with pytest.raises(ValueError, match="pool_indices"):
+        KB.sparse_conv2d_bn_backward(*base, None, None, False, True, None, None, torch.zeros(1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="in_mean needs in_scale"):
+        KB.sparse_conv2d_bn_backward(*base, None, None, False, True, torch.zeros(x.shape[1], dtype=torch.float64))
+
+
+class _Res(torch.nn.Module):
+    """stem conv -> BN -> ReLU, one of the study's residual blocks, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        from sparsetrain.experiment.models import resnet18
+        self.c0, self.b0, self.r0 = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6), torch.nn.ReLU()
+        self.blk = type(resnet18(5, 3).layer1[0])(6, 6)
+        self.fc = torch.nn.Linear(6 * 36, 5)
+
+    def forward(self, x):
+        return self.fc(self.blk(self.r0(self.b0(self.c0(x)))).flatten(1))
+
+
+@interp
+def fused_models_step_alike_on_both_engines():
+    """The study's VGG-like (conv -> ReLU -> BN, deferred pairs) and a residual block (conv -> BN ->
+    + shortcut -> ReLU, routed shortcut): fused models trained 3 SGD steps under use_backend("triton")
+    follow the C++ engine's steps (losses, gradients, running statistics), their fused layers run
+    on the Triton kernels; an eval forward and the entropy's in-kernel ReLU counts agree too."""
+    import sparsetrain
+    import sparsetrain.kernels.bn_act as KB
+    import sparsetrain.kernels.sparse_conv2d as KC
+    from sparsetrain.engine.fused import FusedReLU
+    from sparsetrain.experiment.models import vgg_like
+    names = ["sparse_conv2d_stats", "bn_scale_shift", "bn_act", "sparse_conv2d_bn_backward"]
+    torch.manual_seed(0)
+    for make, hw in ((lambda: vgg_like(2, 1, 5, 3, image_size=8), 8), (_Res, 6)):
+        cpu = make().double()
+        sparsetrain.sparsify_(cpu, model_masks(cpu, 0.6), fuse=True)
+        tri = copy.deepcopy(cpu)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (cpu, tri)]
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x, t = torch.randn(4, 3, hw, hw, generator=g, dtype=torch.float64), torch.randint(0, 5, (4,), generator=g)
+            losses = []
+            for m, opt, backend in ((cpu, opts[0], "cpu"), (tri, opts[1], "triton")):
+                opt.zero_grad()
+                with count_calls(KB, names[1:]) as kb, count_calls(KC, names[:1]) as kc, sparsetrain.use_backend(backend):
+                    loss = F.cross_entropy(m(x), t)
+                    loss.backward()
+                assert (set(kb + kc) == set(names)) == (backend == "triton"), (backend, kb, kc)
+                opt.step()
+                losses.append(loss.item())
+            assert abs(losses[0] - losses[1]) < 1e-9, (step, losses)
+            for (n, a), b in zip(cpu.named_parameters(), tri.parameters()):
+                _close(b, a, torch.float64, f"step {step} {n}")
+            for (n, a), b in zip(cpu.named_buffers(), tri.buffers()):
+                _close(b, a, torch.float64 if a.is_floating_point() else None, f"step {step} {n}")
+        for m in (cpu, tri):
+            m.eval()
+            for r in m.modules():
+                if isinstance(r, FusedReLU):
+                    r.count_states = True
+        x = torch.randn(3, 3, hw, hw, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            ref = cpu(x)
+            counts_ref = [r.pop_state_counts() for r in cpu.modules() if isinstance(r, FusedReLU)]
+            with sparsetrain.use_backend("triton"):
+                out = tri(x)
+            counts = [r.pop_state_counts() for r in tri.modules() if isinstance(r, FusedReLU)]
+        _close(out, ref, torch.float64, "eval")
+        assert any(c is not None for c in counts_ref)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(counts, counts_ref))
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    return interpreter_results(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_interpreter(case, interp_results):
+    result = interp_results.get(case, "not run")
+    if result != "ok":
+        pytest.fail(f"{case} under TRITON_INTERPRET=1:\n{result}")
+
+
+if __name__ == "__main__":
+    run_cases(CASES, sys.argv[1])
