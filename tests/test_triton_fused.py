@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import sparsetrain.engine.ops  # noqa: F401  (registers the ops and loads their C++ kernels)
 from sparsetrain.testing import model_masks, random_mask
-from test_triton_kernels import count_calls, interpreter_results, run_cases
+from test_triton_kernels import count_calls, interpreter_suite, run_cases
 
 CASES = {}
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -220,16 +220,7 @@ def fused_models_step_alike_on_both_engines():
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(counts, counts_ref))
 
 
-@pytest.fixture(scope="module")
-def interp_results():
-    return interpreter_results(os.path.abspath(__file__))
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_interpreter(case, interp_results):
-    result = interp_results.get(case, "not run")
-    if result != "ok":
-        pytest.fail(f"{case} under TRITON_INTERPRET=1:\n{result}")
+interp_results, test_triton_interpreter = interpreter_suite(CASES, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":

@@ -484,16 +484,23 @@ def interpreter_results(test_file: str) -> dict:
             return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def interp_results():
-    return interpreter_results(os.path.abspath(__file__))
+def interpreter_suite(cases: dict, test_file: str):
+    """(module fixture, test) for a test file's @interp `cases`: one subprocess runs them all, each
+    case is its own test item (failing with the subprocess's traceback)."""
+    @pytest.fixture(scope="module")
+    def interp_results():
+        return interpreter_results(test_file)
+
+    @pytest.mark.parametrize("case", sorted(cases))
+    def test_triton_interpreter(case, interp_results):
+        result = interp_results.get(case, "not run")
+        if result != "ok":
+            pytest.fail(f"{case} under TRITON_INTERPRET=1:\n{result}")
+
+    return interp_results, test_triton_interpreter
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_interpreter(case, interp_results):
-    result = interp_results.get(case, "not run")
-    if result != "ok":
-        pytest.fail(f"{case} under TRITON_INTERPRET=1:\n{result}")
+interp_results, test_triton_interpreter = interpreter_suite(CASES, os.path.abspath(__file__))
 
 
 def run_cases(cases: dict, out_path: str) -> None:
