@@ -146,9 +146,10 @@ class _SparseConvBNReLU(torch.autograd.Function):
         dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
         if need_res and not relu_after:
             dres = grad_out
-        dcb = dy_sum.to(y.dtype) if need_cb else None
-        dw = dw.to(y.dtype) if has_w and ctx.needs_input_grad[3] else None
-        db = db.to(y.dtype) if has_b and ctx.needs_input_grad[4] else None
+        # (float64 [C]: autograd casts each gradient to its input's dtype, in C++)
+        dcb = dy_sum if need_cb else None
+        dw = dw if has_w and ctx.needs_input_grad[3] else None
+        db = db if has_b and ctx.needs_input_grad[4] else None
         return (dx, dvalues, dcb, dw, db, (dres if need_res else None)) + none[:6]
 
 
