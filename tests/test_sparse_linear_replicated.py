@@ -62,6 +62,8 @@ def test_errors_name_the_argument():
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="repeat must be an int >= 1"):
             sparse_linear_replicated(torch.randn(3, 6), layer.weight, None, bad)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        sparse_linear_replicated([[1.0] * 6], layer.weight, None, 2)
     with pytest.raises(TypeError, match="weight must be a 2-D sparsetrain.CSR"):
         sparse_linear_replicated(torch.randn(3, 6), torch.randn(2, 12), None, 2)
 

@@ -137,9 +137,9 @@ class _SparseConvBNReLU(torch.autograd.Function):
         link = opts.link if need_x and opts.link is not None and "mean" in opts.link else None
         # the BN's sums (or those handed over), then the conv backward computing dy as it packs it
         dx, dvalues, dw, db, dres, dy_sum, in_sums = ops._call(
-            "sparse_conv2d_bn_backward", grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p, add, y, res, scale, shift, w,
-            mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after, need_x, need_v,
-            *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums,
+            "sparse_conv2d_bn_backward", grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p,
+            add, y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after,
+            need_x, need_v, *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums,
             idx)  # (pool: grad_out is the pooled output's, unpooled by the op as it reads it)
         if link is not None:
             link["sums"] = (in_sums, dx)
@@ -185,8 +185,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
                         relu_counts: torch.Tensor | None = None, pool: bool = False,
                         link: dict | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
-    C++ engine and on Triton, the unfused ops under autocast. Updates bn's running statistics in training mode. With
-    `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`,
+    C++ engine and on Triton, the unfused ops under autocast. Updates bn's running statistics in
+    training mode. With `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`,
     `in_act`, `link`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
     back and defer["act"] holds the BN for the next conv (its `in_act`; that dict is its `link`). `relu_counts` (int64, one
     entry per neuron of the ReLU's output, a layer with a ReLU): the samples whose activation is

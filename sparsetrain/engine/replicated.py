@@ -38,6 +38,8 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     """sparse_linear(x.repeat_interleave(repeat, dim=-1), weight, bias) without building the
     repeated input: y = x W'^T + b, W'[o, c] = sum_{j < repeat} W[o, c * repeat + j] (module
     docstring). Any device and float dtype; gradients for x, the values and the bias."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, CSR) or len(weight.shape) != 2:
         raise TypeError(f"weight must be a 2-D sparsetrain.CSR [out, in], got {type(weight).__name__}")
     if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
