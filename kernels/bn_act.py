@@ -74,7 +74,7 @@ def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     n = yc.numel()
     if n:
         launch(_bn_act_kernel, lambda m: (triton.cdiv(n, m["BLOCK"]),), yc, scale, shift,
-               residual.contiguous() if residual is not None else yc, out, counts if counts is not None else yc,
+               residual.contiguous() if residual is not None else yc, out, counts if counts is not None else out,
                C, hw, n, HAS_RES=residual is not None, RELU=bool(relu), COUNTS=counts is not None)
     if counts is not None:
         relu_counts.add_(counts)
