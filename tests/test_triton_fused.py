@@ -74,6 +74,35 @@ def conv_stats_matches_the_cpu_op():
 
 
 @interp
+def autotune_resets_only_scratch_arguments():
+    """On a GPU, triton.autotune zeroes the conv forward's `stats` and `counts` between its timing
+    runs: whatever the launch binds to them must be scratch (fresh sums, or y, which the chosen
+    config's run writes), never the weight's values, x or a caller's tensor."""
+    import sparsetrain.kernels.sparse_conv2d as KC
+    g, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
+    seen, real = [], KC.launch
+
+    def record(kernel, grid, *args, **meta):
+        if kernel is KC._conv_fwd_kernel:
+            names = kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names
+            seen.append({n: a for n, a in zip(names, args) if n in ("stats", "counts")} | {"y": args[6]})
+        return real(kernel, grid, *args, **meta)
+
+    KC.launch = record
+    try:
+        KC.sparse_conv2d(x, *idx, *geo, None)
+        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, torch.zeros(5 * 35, dtype=torch.int64))
+    finally:
+        KC.launch = real
+    assert len(seen) == 2
+    for call in seen:
+        for name in ("stats", "counts"):
+            t = call[name]
+            assert all(t is not u for u in (x, *idx)), name
+            assert t is call["y"] or t.dtype in (torch.float64, torch.int64), name
+
+
+@interp
 def bn_ops_match_the_cpu_ops():
     import sparsetrain.kernels.bn_act as KB
     ops = torch.ops.sparsetrain
