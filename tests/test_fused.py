@@ -729,11 +729,17 @@ def _vgg_in_play(m):  # the stage ends' pooling inside the BN pass (MaxPool2x2 p
     return isinstance(m.pool1, MaxPool2x2) and m.block1_2.conv.pools is m.pool1
 
 
+def _head_in_play(m):  # the classifier head on the replicated 1x1 map (engine/replicated.py)
+    from sparsetrain.engine.replicated import FusedSparseLinear
+    return isinstance(m.classifier, FusedSparseLinear) and m.avgpool.flatten is m.flatten
+
+
 @pytest.mark.parametrize("make, in_play, hw", [(_Res, _res_in_play, 8),
-                                               (lambda: vgg_like(2, 2, 5, 3, image_size=8), _vgg_in_play, 8)])
+                                               (lambda: vgg_like(2, 2, 5, 3, image_size=8), _vgg_in_play, 8),
+                                               (lambda: vgg_like(5, 1, 5, 3), _head_in_play, 32)])
 def test_torch_compile_runs_the_fused_layers_eagerly(make, in_play, hw):
     """The fused layers hand tensors on through module state (deferred BN, routed shortcut,
-    placeholders, pooling) and check them by identity: under torch.compile they run eagerly
+    placeholders, pooling, the classifier head) and check them by identity: under torch.compile they run eagerly
     (torch.compiler.disable, one graph break each) and the steps equal the uncompiled model's bit
     for bit (aot_eager: the glue between them is traced, not re-rounded)."""
     torch.manual_seed(0)
