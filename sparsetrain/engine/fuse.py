@@ -145,8 +145,8 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
                 or isinstance(modules[pool.target], FusedAdaptiveAvgPool2d)
                 or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs):
             continue
-        new_pool, new_flat = FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten()
-        new_lin = FusedSparseLinear(modules[lin.target]).train(modules[lin.target].training)
+        new_pool, new_flat, new_lin = (FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten(),
+                                       FusedSparseLinear(modules[lin.target]))
         object.__setattr__(new_pool, "flatten", new_flat)  # references, not submodules
         object.__setattr__(new_flat, "linear", new_lin)
         for n, m in ((pool, new_pool), (flat, new_flat), (lin, new_lin)):
