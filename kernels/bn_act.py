@@ -105,6 +105,8 @@ def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_ba
         if batch_stats and running_mean is not None:
             if count < 2:
                 raise ValueError(f"count must be >= 2 values per channel with a running update, got {count}")
+            if momentum is None and num_batches_tracked is None:
+                raise ValueError("num_batches_tracked is needed when momentum is None (the cumulative average)")
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             m = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
