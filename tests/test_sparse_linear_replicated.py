@@ -156,3 +156,50 @@ def test_other_heads_are_left_alone():
     assert fuse_(plain_pool) == ["2"]  # a torch.nn pool is matched too; (2, None) keeps the width
     x = torch.randn(2, 3, 1, 1, requires_grad=True)
     torch.testing.assert_close(plain_pool(x), ref(x))
+
+
+class _FlattenHead(nn.Module):
+    """AdaptiveAvgPool2d(size) -> a flatten of `how` -> Linear, as torchvision's VGG ("function")."""
+
+    def __init__(self, how: str, size=7, c=3):
+        super().__init__()
+        out = size * size if isinstance(size, int) else size[0] * size[1]
+        self.how, self.pool, self.fc = how, nn.AdaptiveAvgPool2d(size), nn.Linear(c * out, 4)
+
+    def forward(self, x):
+        p = self.pool(x)
+        f = {"function": lambda: torch.flatten(p, 1), "method": lambda: p.flatten(1),
+             "view": lambda: p.reshape(p.shape[0], -1).contiguous()}[self.how]()
+        return self.fc(f)
+
+
+@pytest.mark.parametrize("how, swapped", [("function", True), ("method", True), ("view", False)])
+def test_a_pool_read_by_torch_flatten_is_swapped_alone(how, swapped):
+    """torchvision's VGG head (pool -> torch.flatten -> linear): fuse_ swaps the pool alone (its 1x1
+    case becomes the broadcast, which the flatten copies); other readers keep PyTorch's pool."""
+    torch.manual_seed(0)
+    m = _FlattenHead(how).double()
+    sparsetrain.sparsify_(m, model_masks(m, 0.5))
+    ref = copy.deepcopy(m)
+    assert fuse_(m) == [] and type(m.fc) is SparseLinear
+    assert isinstance(m.pool, FusedAdaptiveAvgPool2d) == swapped
+    for hw in (1, 5):  # the broadcast, and PyTorch's pool on a larger map
+        x = torch.randn(2, 3, hw, hw, dtype=torch.float64)
+        xs = [x.clone().requires_grad_(True) for _ in "ab"]
+        outs = [mod(v) for mod, v in zip((m, ref), xs)]
+        for o in outs:
+            o.sum().backward()
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-12, atol=1e-12)
+    unfuse_(m)
+    assert type(m.pool) is nn.AdaptiveAvgPool2d
+
+
+def test_a_one_by_one_output_is_never_the_input_itself():
+    """AdaptiveAvgPool2d(1) on a 1x1 map: the fused pool returns PyTorch's fresh tensor, not x (a
+    view of x would let an in-place op downstream write into the conv's output)."""
+    m = _FlattenHead("function", size=1)
+    sparsetrain.sparsify_(m, model_masks(m, 0.5))
+    fuse_(m)
+    x = torch.randn(2, 3, 1, 1)
+    assert isinstance(m.pool, FusedAdaptiveAvgPool2d) and m.pool(x).data_ptr() != x.data_ptr()

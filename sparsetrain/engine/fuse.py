@@ -131,13 +131,26 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     return fused + _fuse_heads(model, graph, modules, calls)
 
 
+def _flattened(node: fx.Node) -> bool:
+    """`node`'s only reader is torch.flatten(node, ...) or node.flatten(...), which copy a broadcast."""
+    user = _only_user(node)
+    return (user is not None and user.args[:1] == (node,) and node not in user.args[1:]
+            and ((user.op == "call_function" and user.target is torch.flatten)
+                 or (user.op == "call_method" and user.target == "flatten")))
+
+
 def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -> list[str]:
     """Swap each AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear chain (each module called once,
     each output read only by the next) for engine/replicated.py's modules, which skip the replicas
-    of a 1x1 map. Returns the linears' names."""
+    of a 1x1 map; a pool read only by torch.flatten becomes a FusedAdaptiveAvgPool2d alone (the
+    broadcast instead of PyTorch's kernel). Returns the linears' names."""
     fused = []
     for node in list(graph.nodes):
         pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d)
+        if pool is not None and not isinstance(modules[pool.target], FusedAdaptiveAvgPool2d) and _flattened(pool):
+            _set_module(model, pool.target, FusedAdaptiveAvgPool2d(modules[pool.target]).train(
+                modules[pool.target].training))  # read by torch.flatten (a copy): the broadcast is safe
+            continue
         flat = _module_call(_only_user(pool) if pool is not None else None, modules, calls, nn.Flatten)
         lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
         if (lin is None or type(modules[lin.target]) is not SparseLinear or type(modules[flat.target]) is not nn.Flatten
