@@ -31,7 +31,7 @@ from .formats import CSR
 from .fused import _watched
 from .nn import SparseLinear
 
-__all__ = ["sparse_linear_replicated", "FusedAdaptiveAvgPool2d", "FusedFlatten", "FusedSparseLinear"]
+__all__ = ["sparse_linear_replicated", "broadcast_pool", "FusedAdaptiveAvgPool2d", "FusedFlatten", "FusedSparseLinear"]
 
 
 def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | None = None,
@@ -55,6 +55,18 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     return F.linear(x, folded, bias)
 
 
+def broadcast_pool(x: torch.Tensor, output_size) -> torch.Tensor | None:
+    """adaptive_avg_pool2d(x, output_size) as a broadcast view when x is a 4-D [N, C, 1, 1] map
+    (each output window holds the one input, the average of one value is that value; the backward
+    sums the output gradients, in another order than PyTorch's kernel), else None. A (1, 1) output
+    is None too: the view would be x itself, which an in-place op downstream could write into."""
+    size = output_size if isinstance(output_size, tuple) else (output_size,) * 2
+    size = tuple(1 if v is None else v for v in size)
+    if x.dim() != 4 or x.shape[-2:] != (1, 1) or size == (1, 1):
+        return None
+    return x.expand(*x.shape[:2], *size)
+
+
 # ============================================================================ the fused head
 class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """The model's adaptive average pool (`original`, restored by unfuse_). On a 4-D [N, C, 1, 1]
@@ -71,13 +83,9 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
 
     @torch.compiler.disable  # (module state and identity checks: eager under torch.compile)
     def forward(self, x):
-        size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
-        size = tuple(1 if v is None else v for v in size)
-        if x.dim() == 4 and x.shape[-2:] == (1, 1) and size != (1, 1):  # ((1, 1): x itself, a view; not that)
-            out = x.expand(*x.shape[:2], *size)
-            hand = self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
-        else:
-            out, hand = self.original(x), False
+        out = broadcast_pool(x, self.output_size)
+        hand = out is not None and self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
+        out = self.original(x) if out is None else out
         if self.flatten is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.flatten._pending = (out, x) if hand else None
         return out

@@ -24,6 +24,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from ..engine.replicated import broadcast_pool
+
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
            "MODEL_NAMES", "MODELS", "resolve_name"]
 
@@ -90,11 +92,8 @@ class _AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     forward and backward here (PyTorch's CPU kernel: ~11 ms each way on a [128, 512, 1, 1] batch)."""
 
     def forward(self, x):
-        if x.dim() == 4 and x.shape[-2:] == (1, 1):
-            size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
-            if all(isinstance(v, int) for v in size):
-                return x.expand(*x.shape[:2], *size)
-        return super().forward(x)
+        out = broadcast_pool(x, self.output_size)  # (the engine's: fuse_'s pool uses it too)
+        return super().forward(x) if out is None else out
 
 
 # ------------------------------------------------------------------------------- LeNet
