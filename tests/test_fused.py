@@ -409,6 +409,63 @@ def test_residual_and_call_errors():
         fused.conv(torch.randn(5, 4, 4, dtype=torch.float64))
 
 
+def test_batchnorm_argument_checks_as_pytorch():
+    """F.batch_norm's checks: eps > 0 with batch statistics, eps >= 0 otherwise (the folded eval too),
+    more than one value per channel with batch statistics (training, or eval without running
+    statistics); an empty training batch is refused by name (the fused statistics need values)."""
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    ref, fused, _ = _fused_pair("bn_relu", 0.5, eps=0.0)
+    for m in (ref, fused):
+        with pytest.raises(ValueError, match="eps must be positive during training, but got 0.0"):
+            m(x)
+        m.bn.eps = -1e-3
+        m.eval()
+        for grad in (True, False):  # (without autograd: the BN folded into the conv)
+            with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="eps must be non-negative"):
+                m(x)
+    ref, fused, _ = _fused_pair("bn", 0.5, track_running_stats=False)
+    for m in (ref.eval(), fused.eval()):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            m(torch.randn(1, 5, 1, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="non-empty batch in training"):
+        _fused_pair("bn", 0.5)[1](torch.randn(0, 5, 4, 4, dtype=torch.float64))
+
+
+def test_hooks_registered_before_fuse_keep_firing():
+    """fuse_ (and sparsify_) move a replaced module's hooks to the module at its name: a forward hook
+    on the ReLU sees the same activation as unfused; a conv or BN with a hook, or a ReLU with a full
+    backward hook, stays unfused (the fused layer's placeholders pass its tensors on); a full
+    backward hook added to a fused BN or ReLU afterwards is refused by name."""
+    ref, conv = _block("bn_relu")
+    mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    seen = {}
+    model = copy.deepcopy(ref)
+    for m in (ref, model):
+        m.relu.register_forward_hook(lambda mod, i, o, k=m is ref: seen.update({k: o.clone()}))
+    conv_seen = []
+    handles = [model.conv.register_forward_hook(lambda mod, i, o: conv_seen.append(type(mod).__name__)),
+               model.bn.register_forward_pre_hook(lambda mod, i: None),
+               model.relu.register_full_backward_hook(lambda *a: None)]
+    sparsetrain.sparsify_(model, {"conv": mask})
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    model(x)
+    assert conv_seen == ["SparseConv2d"]  # sparsify_ kept the conv's hook
+    for h in handles:  # each watched module keeps the layer unfused; the handles still remove the hooks
+        assert fuse_(model) == [] and type(model.conv).__name__ == "SparseConv2d"
+        h.remove()
+    assert fuse_(model) == ["conv"] and isinstance(model.relu, FusedReLU)
+    ref(x), model(x)
+    torch.testing.assert_close(seen[False], seen[True], **TOL[torch.float64])
+    for name in ("bn", "relu"):
+        handle = getattr(model, name).register_full_backward_hook(lambda *a: None)
+        with pytest.raises(RuntimeError, match="full backward hook on a fused Fused"):
+            model(x)
+        handle.remove()
+    model(x).sum().backward()
+
+
 # ============================================================================ models
 class _Res(nn.Module):
     """A residual CNN small enough for 30 steps: stem conv-bn-relu, a block with the shortcut

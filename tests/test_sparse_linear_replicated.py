@@ -66,6 +66,9 @@ def test_errors_name_the_argument():
         sparse_linear_replicated([[1.0] * 6], layer.weight, None, 2)
     with pytest.raises(TypeError, match="weight must be a 2-D sparsetrain.CSR"):
         sparse_linear_replicated(torch.randn(3, 6), torch.randn(2, 12), None, 2)
+    for bad in (torch.randn(1), torch.randn(2, 1), 1.0):  # (a [1] bias would broadcast silently)
+        with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[2\]"):
+            sparse_linear_replicated(torch.randn(3, 6), layer.weight, bad, 2)
 
 
 # ============================================================================ the fused VGG head
@@ -121,8 +124,11 @@ def test_hooks_see_the_real_tensors_and_unfuse_restores_the_modules():
     h.remove()
     _step(fused, x, t)
     assert fused.classifier._pending is None and fused.flatten._pending is None  # handed over once
+    fused.eval()
     unfuse_(fused)
     assert fused.avgpool is pool.original and type(fused.flatten) is nn.Flatten
+    assert not any(m.training for m in fused.modules())  # (the restored pool too)
+    fused.train()
     assert type(fused.classifier) is SparseLinear and fused.classifier.bias is bias
     assert fused.classifier.weight.values is values
     torch.testing.assert_close(_step(fused, x, t), _step(plain, x, t), rtol=1e-10, atol=1e-10)
@@ -196,10 +202,99 @@ def test_a_pool_read_by_torch_flatten_is_swapped_alone(how, swapped):
 
 
 def test_a_one_by_one_output_is_never_the_input_itself():
-    """AdaptiveAvgPool2d(1) on a 1x1 map: the fused pool returns PyTorch's fresh tensor, not x (a
-    view of x would let an in-place op downstream write into the conv's output)."""
+    """AdaptiveAvgPool2d(1) on a 1x1 map: the fused pool returns PyTorch's fresh tensor, not x (an
+    in-place op downstream would write into the conv's output)."""
     m = _FlattenHead("function", size=1)
     sparsetrain.sparsify_(m, model_masks(m, 0.5))
     fuse_(m)
     x = torch.randn(2, 3, 1, 1)
     assert isinstance(m.pool, FusedAdaptiveAvgPool2d) and m.pool(x).data_ptr() != x.data_ptr()
+
+
+# ============================================================================ the head's modules used otherwise
+def test_the_head_modules_return_the_real_tensors_to_any_reader():
+    """Feature extraction (the model's modules up to its classifier, then the classifier or a probe on
+    a modified copy): the pool returns a fresh contiguous tensor and the flatten its [N, C * 49]
+    view, as unfused; only the linear called on that very view takes the [N, C] map."""
+    plain, fused = _vgg_pair()
+    plain.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    feats = [nn.Sequential(*list(m.children())[:-1])(x) for m in (plain, fused)]
+    assert feats[1].shape == (2, 32 * 49) and feats[1].is_contiguous()
+    torch.testing.assert_close(feats[1], feats[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.classifier(feats[1] * 2), plain.classifier(feats[0] * 2), rtol=1e-10, atol=1e-10)
+    pooled = [m.avgpool(m[:-3](x)) for m in (plain, fused)]  # written in place by its reader
+    assert pooled[1].is_contiguous()
+    torch.testing.assert_close(pooled[1].mul_(3), pooled[0].mul_(3), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ["avgpool", "flatten", "classifier"])
+def test_a_full_backward_hook_on_the_head(where):
+    """A full backward hook wraps the module's input in a new tensor: the head runs unfused there,
+    with the same outputs, gradients and hook arguments."""
+    plain, fused = _vgg_pair()
+    seen = {}
+    for name, m in (("plain", plain), ("fused", fused)):
+        getattr(m, where).register_full_backward_hook(lambda mod, gi, go, name=name: seen.update({name: go[0]}))
+    x, t = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    torch.testing.assert_close(_step(fused, x, t), _step(plain, x, t), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(seen["fused"], seen["plain"], rtol=1e-10, atol=1e-10)
+    for (n, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_autocast_and_a_list_output_size():
+    """Under CPU autocast the fused head runs as SparseLinear (fp32 products, fp32 out); an output
+    size given as a list is a size like a tuple."""
+    plain, fused = _vgg_pair(dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = plain(x), fused(x)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.AdaptiveAvgPool2d([7, 7]), nn.Flatten(), nn.Linear(3 * 49, 4)).double()
+    sparsetrain.sparsify_(m, model_masks(m, 0.5))
+    ref = copy.deepcopy(m)
+    assert fuse_(m) == ["2"]
+    x = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_pool_subclass_keeps_its_forward():
+    """Only nn.AdaptiveAvgPool2d itself (and BroadcastAvgPool2d, the same pool) is swapped: a
+    subclass's forward may compute something else."""
+    class Positive(nn.AdaptiveAvgPool2d):
+        def forward(self, x):
+            return super().forward(x.clamp(min=0)) * 2
+
+    for tail in (lambda: [nn.Flatten(), nn.Linear(3 * 49, 4)], lambda: []):
+        m = nn.Sequential(Positive(7), *tail())
+        sparsetrain.sparsify_(m, model_masks(m, 0.5))
+        assert fuse_(m) == [] and type(m[0]) is Positive
+
+
+@pytest.mark.parametrize("start, c", [(2, 3), (1, 1)])
+def test_a_flattened_pool_output_written_in_place(start, c):
+    """torch.flatten of the pool's output that keeps a broadcast dim (start_dim 2, or one channel)
+    would be a stride-0 view of a broadcast; the pool returns a fresh tensor, so an in-place op
+    on the flatten works as unfused."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(7)
+
+        def forward(self, x):
+            f = torch.flatten(self.pool(x), start)
+            return f.mul_(2).square().sum()
+
+    m = Head()
+    ref = copy.deepcopy(m)
+    fuse_(m)
+    assert isinstance(m.pool, FusedAdaptiveAvgPool2d)
+    xs = [torch.randn(2, c, 1, 1, generator=torch.Generator().manual_seed(0)).requires_grad_() for _ in "ab"]
+    outs = [mod(v) for mod, v in zip((m, ref), xs)]
+    for o in outs:
+        o.backward()
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)

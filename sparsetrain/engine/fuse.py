@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, _set_module
-from .replicated import FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
+from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 
 __all__ = ["fuse_", "unfuse_"]
 
@@ -40,6 +40,12 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return (type(m).__module__.startswith("sparsetrain.engine.") or next(m.children(), None) is None
                 or super().is_leaf_module(m, qualname))
+
+
+def _hooked(m: nn.Module, backward: bool = False) -> bool:
+    """m has backward hooks (or, unless `backward`, forward ones)."""
+    hooks = (m._backward_hooks, m._backward_pre_hooks) + (() if backward else (m._forward_hooks, m._forward_pre_hooks))
+    return any(hooks)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -98,7 +104,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             calls[node.target] = calls.get(node.target, 0) + 1
     fused, last = [], {}  # last: fused conv -> the graph node of its activation (its BN's or ReLU's call)
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1:
+        if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
+                or _hooked(modules[node.target])):  # (a hook on the conv would see the activation)
             continue
         relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
         bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
@@ -109,6 +116,10 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
             if residual is None:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
+        if _hooked(modules[bn.target]) or any(_hooked(modules[r.target], backward=True)
+                                               for r in (relu_before, relu_after) if r is not None):
+            continue  # (the placeholders pass the fused layer's tensors on: hooks on the BN would see other
+            # inputs, and its output after the ReLU or shortcut; full backward hooks need the real modules)
         fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)
         _set_module(model, bn.target, fbn)
         for r in (relu_before, relu_after):
@@ -132,7 +143,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
 
 
 def _flattened(node: fx.Node) -> bool:
-    """`node`'s only reader is torch.flatten(node, ...) or node.flatten(...), which copy a broadcast."""
+    """`node`'s only reader is torch.flatten(node, ...) or node.flatten(...) (torchvision's VGG)."""
     user = _only_user(node)
     return (user is not None and user.args[:1] == (node,) and node not in user.args[1:]
             and ((user.op == "call_function" and user.target is torch.flatten)
@@ -147,15 +158,16 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
     fused = []
     for node in list(graph.nodes):
         pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d)
-        if pool is not None and not isinstance(modules[pool.target], FusedAdaptiveAvgPool2d) and _flattened(pool):
+        if pool is None or type(modules[pool.target]) not in (nn.AdaptiveAvgPool2d, BroadcastAvgPool2d):
+            continue  # (another subclass's forward may compute something else)
+        if _flattened(pool):
             _set_module(model, pool.target, FusedAdaptiveAvgPool2d(modules[pool.target]).train(
-                modules[pool.target].training))  # read by torch.flatten (a copy): the broadcast is safe
+                modules[pool.target].training))
             continue
-        flat = _module_call(_only_user(pool) if pool is not None else None, modules, calls, nn.Flatten)
+        flat = _module_call(_only_user(pool), modules, calls, nn.Flatten)
         lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
         if (lin is None or type(modules[lin.target]) is not SparseLinear or type(modules[flat.target]) is not nn.Flatten
                 or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
-                or isinstance(modules[pool.target], FusedAdaptiveAvgPool2d)
                 or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs):
             continue
         new_pool, new_flat, new_lin = (FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten(),
@@ -199,7 +211,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
         elif isinstance(m, MaxPool2x2):
             _set_module(model, name, nn.MaxPool2d(2))
         elif isinstance(m, FusedAdaptiveAvgPool2d):
-            _set_module(model, name, m.original)
+            _set_module(model, name, m.original.train(m.training))
         elif isinstance(m, FusedFlatten):
             _set_module(model, name, nn.Flatten(m.start_dim, m.end_dim).train(m.training))
         elif isinstance(m, FusedSparseLinear):

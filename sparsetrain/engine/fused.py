@@ -32,9 +32,10 @@ forward passes through what the fused conv computed, so forward hooks (the activ
 counts ReLU outputs) still see each activation. A FusedReLU with `count_states` set has its
 layer count, per neuron, the samples with a positive activation inside the kernel that applies
 the ReLU (the conv epilogue or `bn_act`: `relu_counts`), for Eq. 1's entropy without another
-read of the activation (`FusedReLU.pop_state_counts`). The batch statistics are float64 sums:
-var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6 relative for activations whose mean
-is not many orders above their spread). Running statistics follow nn.BatchNorm2d exactly
+read of the activation (`FusedReLU.pop_state_counts`). The batch statistics are float64 sums of
+per-plane float partial sums: var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6
+relative while an activation's mean is not orders of magnitude above its spread: with mean/std ~
+3000 the float partial sums of y^2 lose the variance). Running statistics follow nn.BatchNorm2d exactly
 (momentum, or the cumulative average when momentum is None; unbiased variance).
 
 On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
@@ -52,11 +53,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
 from . import backend, ops
 from .nn import SparseConv2d
-from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2
+from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2, _watched
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -159,12 +159,22 @@ def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
     bn's running statistics updated in training mode as nn.BatchNorm2d does (bn_scale_shift)."""
     batch_stats = bn.training or bn.running_mean is None
     n = y.numel() // y.shape[1]
-    if n <= 1 and bn.training:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    _check_bn(bn, batch_stats, n, y.shape)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update or not batch_stats else (None,) * 3
     return batch_stats, ops._call("bn_scale_shift", stats, n, bn.weight, bn.bias, *running, bn.momentum, bn.eps,
                                   batch_stats, y.dtype)
+
+
+def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape=()) -> None:
+    """F.batch_norm's argument checks (batch statistics from n values per channel; the fused
+    statistics also need a non-empty batch)."""
+    if bn.eps <= 0 if batch_stats else bn.eps < 0:
+        raise ValueError(f"batch_norm eps must be {'positive during training' if batch_stats else 'non-negative'}, "
+                         f"but got {bn.eps}")
+    if batch_stats and n is not None and n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
+                         if n else f"the fused BatchNorm needs a non-empty batch in training, got input size {tuple(shape)}")
 
 
 def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
@@ -258,6 +268,7 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
     (and its ReLU) in the one pass; a shortcut adds one pass (bn_act with scale 1, shift 0). Equal to
     the unfused layers up to rounding (the scale multiplies each weight instead of the sum)."""
     crow, col, ccol, row_t, perm = index
+    _check_bn(bn, False)
     invstd = torch.rsqrt(bn.running_var.double() + bn.eps)
     scale = invstd * (bn.weight.double() if bn.weight is not None else 1.0)
     shift = (bn.bias.double() if bn.bias is not None else 0.0) - bn.running_mean.double() * scale
@@ -371,14 +382,6 @@ class SparseConvBNReLU(SparseConv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", fused: {'relu -> ' if self.relu_before else ''}bn"
                 f"{' + residual' if self.residual else ''}{' -> relu' if self.relu_after else ''}")
-
-
-def _watched(*modules: nn.Module) -> bool:
-    """A forward hook (global, or on one of `modules`) would see the tensors these modules pass on:
-    a fused layer then hands them the real activation (no deferred BN, no pooling in the BN pass)."""
-    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @torch.compiler.disable

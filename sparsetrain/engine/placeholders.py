@@ -9,8 +9,32 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "MaxPool2x2"]
+
+
+def _backward_hooked(*modules: nn.Module) -> bool:
+    """A full backward hook (global, or on one of `modules`) wraps their inputs and outputs in new
+    tensors, whose gradients a pass-through placeholder cannot give as the unfused module would."""
+    if _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks:
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks for m in modules)
+
+
+def _watched(*modules: nn.Module) -> bool:
+    """A hook (global, or on one of `modules`) would see the tensors these modules pass on: the
+    fused layers then hand them the real tensors (no deferred BN, no pooling in the BN pass, no
+    replicated head)."""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    return _backward_hooked(*modules) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _refuse_backward_hooks(m: nn.Module) -> None:
+    if _backward_hooked(m):
+        raise RuntimeError(f"a full backward hook on a fused {type(m).__name__} (or a global one) is not supported: "
+                           "register it before fuse_() (that layer then stays unfused) or call sparsetrain.unfuse_(model)")
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -22,6 +46,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     @torch.compiler.disable
     def forward(self, x):
         pending, self._pending = self._pending, None
+        _refuse_backward_hooks(self)
         if pending is None or pending[0] is not x:
             raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce; "
                                "the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
@@ -40,6 +65,7 @@ class FusedReLU(nn.ReLU):
 
     @torch.compiler.disable  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
+        _refuse_backward_hooks(self)
         return x
 
     def pop_state_counts(self) -> torch.Tensor | None:

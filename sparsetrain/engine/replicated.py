@@ -15,11 +15,15 @@ MB), three 25088-wide sparse products and the broadcast's backward sum. Rounding
 weights are summed before the product, so results equal the unfused head's up to float rounding.
 
 fuse_ (engine/fuse.py) swaps a model's `AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear` (each
-module called once, each output read only by the next) for the three modules below; on any other
-input (maps larger than 1x1), or while a forward hook watches one of them (it sees the real
-tensors), they compute exactly as the modules they replace. A model that flattens with the
-function torch.flatten (torchvision's VGG) keeps its linear (fx gives no module to swap for the
-flatten) but gets the pool, whose broadcast spares PyTorch's adaptive pooling kernels.
+module called once, each output read only by the next) for the three modules below. Each returns
+what the module it replaces returns (the pool a fresh contiguous tensor, the flatten its view), so
+any other reader of them (a feature extractor calling part of the model, a hook, an in-place op)
+sees the real tensors; only the linear, called on the very tensor the flatten just returned, reads
+the [N, C] map instead (not under autocast, whose policy is SparseLinear's: fp32 products). On maps
+larger than 1x1, or while a hook watches one of the three modules, they compute exactly as the
+modules they replace. A model that flattens with the function torch.flatten (torchvision's VGG)
+keeps its linear (fx gives no module to swap for the flatten) but gets the pool, whose broadcast
+spares PyTorch's adaptive pooling kernels.
 """
 from __future__ import annotations
 
@@ -28,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import CSR
-from .fused import _watched
 from .nn import SparseLinear
+from .placeholders import _watched
 
-__all__ = ["sparse_linear_replicated", "broadcast_pool", "FusedAdaptiveAvgPool2d", "FusedFlatten", "FusedSparseLinear"]
+__all__ = ["sparse_linear_replicated", "broadcast_pool", "BroadcastAvgPool2d", "FusedAdaptiveAvgPool2d", "FusedFlatten",
+           "FusedSparseLinear"]
 
 
 def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | None = None,
@@ -49,6 +54,9 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     if x.dim() < 1 or x.shape[-1] * repeat != n_in:
         raise ValueError(f"x must have last dimension in_features / repeat = {n_in} / {repeat}, "
                          f"got shape {tuple(x.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
+        raise ValueError(f"bias must be a tensor of shape [{n_out}] (out_features), got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     c = x.shape[-1]
     where = weight.row_indices() * c + weight.col_indices.long().div(repeat, rounding_mode="floor")
     folded = weight.values.new_zeros(n_out * c).index_add(0, where, weight.values).view(n_out, c)
@@ -56,24 +64,34 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
 
 
 def broadcast_pool(x: torch.Tensor, output_size) -> torch.Tensor | None:
-    """adaptive_avg_pool2d(x, output_size) as a broadcast view when x is a 4-D [N, C, 1, 1] map
-    (each output window holds the one input, the average of one value is that value; the backward
-    sums the output gradients, in another order than PyTorch's kernel), else None. A (1, 1) output
-    is None too: the view would be x itself, which an in-place op downstream could write into."""
-    size = output_size if isinstance(output_size, tuple) else (output_size,) * 2
+    """adaptive_avg_pool2d(x, output_size) as a broadcast when x is a 4-D [N, C, 1, 1] map (each
+    output window holds the one input, the average of one value is that value), copied into a fresh
+    contiguous tensor like PyTorch's output (a reader may view it or write it in place); the
+    backward sums the output gradients, in another order than PyTorch's kernel. Else None, and for
+    a (1, 1) output too (PyTorch's pool is a copy there already)."""
+    size = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
     size = tuple(1 if v is None else v for v in size)
     if x.dim() != 4 or x.shape[-2:] != (1, 1) or size == (1, 1):
         return None
-    return x.expand(*x.shape[:2], *size)
+    return x.expand(*x.shape[:2], *size).contiguous()
+
+
+class BroadcastAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d whose 1x1-input case is broadcast_pool (VGG-like(5, 5) and torchvision's
+    VGG on 32x32 images reach their 7x7 pool with 1x1 maps): the same values, ~14x faster forward
+    and backward than PyTorch's CPU kernel (~11 ms each way on a [128, 512, 1, 1] batch). fuse_
+    treats it as nn.AdaptiveAvgPool2d."""
+
+    def forward(self, x):
+        out = broadcast_pool(x, self.output_size)
+        return super().forward(x) if out is None else out
 
 
 # ============================================================================ the fused head
 class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """The model's adaptive average pool (`original`, restored by unfuse_). On a 4-D [N, C, 1, 1]
-    input it returns the broadcast view (as adaptive_avg_pool2d's values, not copied) and hands its
-    input to the FusedFlatten after it, if any (without one, a torch.flatten reads it, which copies:
-    torchvision's VGG; PyTorch's kernel takes ~17 ms forward and ~34 ms backward on a [128, 512, 1, 1]
-    batch here, the broadcast nothing and one sum); any other input goes to `original`."""
+    """The model's adaptive average pool (`original`, an nn.AdaptiveAvgPool2d or BroadcastAvgPool2d,
+    restored by unfuse_). On a 4-D [N, C, 1, 1] input it returns broadcast_pool's copy and hands its
+    input to the FusedFlatten after it, if any; any other input goes to adaptive_avg_pool2d."""
 
     flatten: "FusedFlatten | None" = None  # the FusedFlatten that alone reads this pool's output
 
@@ -85,16 +103,16 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     def forward(self, x):
         out = broadcast_pool(x, self.output_size)
         hand = out is not None and self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
-        out = self.original(x) if out is None else out
+        out = F.adaptive_avg_pool2d(x, self.output_size) if out is None else out
         if self.flatten is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.flatten._pending = (out, x) if hand else None
         return out
 
 
 class FusedFlatten(nn.Flatten):
-    """nn.Flatten(1) between a FusedAdaptiveAvgPool2d and the FusedSparseLinear it alone feeds. When
-    the pool handed it a broadcast 1x1 map, it returns flatten's values as an [N, C, r] broadcast
-    view (not copied; only the linear reads it) and hands the [N, C] map to the linear."""
+    """nn.Flatten(1) between a FusedAdaptiveAvgPool2d and the FusedSparseLinear it alone feeds: it
+    returns flatten's output; when the pool handed it a broadcast 1x1 map, it also hands the [N, C]
+    map to the linear, which reads that map if it is then called on this very output."""
 
     _pending: tuple | None = None  # (the pool's output, the pool's input [N, C, 1, 1])
     linear: "FusedSparseLinear | None" = None
@@ -105,20 +123,18 @@ class FusedFlatten(nn.Flatten):
     @torch.compiler.disable
     def forward(self, x):
         pending, self._pending = self._pending, None
+        out = super().forward(x)
         if self.linear is not None:
-            self.linear._pending = None
-        if pending is None or pending[0] is not x or self.linear is None:
-            return super().forward(x)
-        src = pending[1].flatten(1)  # [N, C], a view of the pool's input: autograd skips the broadcast
-        r = x.shape[2] * x.shape[3]
-        out = src.unsqueeze(2).expand(-1, -1, r)
-        self.linear._pending = (out, src, r)
+            hand = pending is not None and pending[0] is x
+            # (src: a view of the pool's input, so autograd skips the broadcast)
+            self.linear._pending = (out, pending[1].flatten(1), x.shape[2] * x.shape[3]) if hand else None
         return out
 
 
 class FusedSparseLinear(SparseLinear):
-    """A SparseLinear (the same CSR and bias objects) that, when its FusedFlatten handed it a
-    replicated map, computes sparse_linear_replicated on the [N, C] map instead."""
+    """A SparseLinear (the same CSR and bias objects) that, called on the output its FusedFlatten
+    just returned for a replicated map, computes sparse_linear_replicated on the [N, C] map instead
+    (not under autocast: there it runs as SparseLinear, fp32 products)."""
 
     _pending: tuple | None = None  # (the flatten's output, the [N, C] map, the replication r)
 
@@ -129,7 +145,7 @@ class FusedSparseLinear(SparseLinear):
     @torch.compiler.disable
     def forward(self, x):
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is x:
+        if pending is not None and pending[0] is x and not torch.is_autocast_enabled(x.device.type):
             return sparse_linear_replicated(pending[1], self.weight, self.bias, pending[2])
         return super().forward(x)
 

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..engine.replicated import broadcast_pool
+from ..engine.replicated import BroadcastAvgPool2d
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
            "MODEL_NAMES", "MODELS", "resolve_name"]
@@ -78,22 +78,10 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
         if h >= 2 and w >= 2:
             layers[f"pool{s}"] = nn.MaxPool2d(2)
             h, w = h // 2, w // 2
-    layers["avgpool"] = _AdaptiveAvgPool2d(7)
+    layers["avgpool"] = BroadcastAvgPool2d(7)
     layers["flatten"] = nn.Flatten(1)
     layers["classifier"] = nn.Linear(7 * 7 * c, num_classes)
     return nn.Sequential(layers)
-
-
-class _AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """nn.AdaptiveAvgPool2d whose 1x1-input case (VGG-like(5, 5) on 32x32 images reaches the 7x7
-    pool with 1x1 maps) is a broadcast: every output equals the one input, exactly as
-    adaptive_avg_pool2d computes it (a sum over one element divided by 1); the backward sums the 49
-    output gradients (in another order than PyTorch's kernel: equal up to rounding). ~14x faster
-    forward and backward here (PyTorch's CPU kernel: ~11 ms each way on a [128, 512, 1, 1] batch)."""
-
-    def forward(self, x):
-        out = broadcast_pool(x, self.output_size)  # (the engine's: fuse_'s pool uses it too)
-        return super().forward(x) if out is None else out
 
 
 # ------------------------------------------------------------------------------- LeNet
