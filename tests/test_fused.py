@@ -431,6 +431,24 @@ def test_batchnorm_argument_checks_as_pytorch():
         _fused_pair("bn", 0.5)[1](torch.randn(0, 5, 4, 4, dtype=torch.float64))
 
 
+def test_batch_statistics_of_an_activation_far_from_zero():
+    """float32 activations whose mean is ~3000x their spread (a conv bias of 1000): the kernels' float
+    partial sums are of deviations from a sample output, so the variance survives (sums of raw y^2
+    in float lost it: the normalised outputs were off by ~0.1, and by ~400 at a bias of 1e4)."""
+    for hw in ((8, 8), (3, 3)):  # the phase planes, and the small-map kernel
+        ref, fused, _ = _fused_pair("bn", 0.5, dtype=torch.float32)
+        for m in (ref, fused):
+            m.conv.bias = nn.Parameter(torch.full((7,), 1000.0))
+        fused.conv.bias = ref.conv.bias
+        x = torch.randn(8, 5, *hw, generator=torch.Generator().manual_seed(2))
+        out_r, out_f = ref(x), fused(x)
+        live = out_r.std((0, 2, 3)) > 0.1  # (not the empty row's constant channel: var 0, the affine
+        # form's shift -mean * w / sqrt(eps) ~ 3e5 is beyond float rounding there)
+        assert live.sum() == 6
+        torch.testing.assert_close(out_f[:, live], out_r[:, live], rtol=0, atol=5e-3)  # (y's own rounding)
+        torch.testing.assert_close(fused.bn.running_var, ref.bn.running_var, rtol=1e-3, atol=1e-5)
+
+
 def test_hooks_registered_before_fuse_keep_firing():
     """fuse_ (and sparsify_) move a replaced module's hooks to the module at its name: a forward hook
     on the ReLU sees the same activation as unfused; a conv or BN with a hook, or a ReLU with a full

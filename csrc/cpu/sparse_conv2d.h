@@ -45,22 +45,33 @@ void run_tasks(int64_t tiles, int64_t C, int64_t O, bool forward, int64_t nnz, T
   if (!partial.empty()) reduce_partials(partial.data(), nth, nnz, dvals);
 }
 
+// st[0] += sum y, st[1] += sum y^2 over n outputs, from a = sum (y - k) and b = sum (y - k)^2 taken
+// in T (k: one of the outputs): the float sums are of deviations, so an activation whose mean is
+// far above its spread keeps its variance (sums of raw y^2 in float lose it from mean/std ~ 1000
+// on; the conversion is exact enough in double).
+ST_INLINE void add_shifted_sums(double* st, double a, double b, double k, int64_t n) {
+  st[0] += a + double(n) * k;
+  st[1] += b + 2.0 * k * a + double(n) * k * k;
+}
+
 // The forward epilogue (engine/fused.py: BatchNorm after a sparse conv): on n outputs still in
 // cache, the ReLU in place when `relu` (NaN stays NaN), then their sum and sum of squares added to
-// st[0] and st[1] (a float sum of at most one row or pixel tile, accumulated in double).
+// st[0] and st[1] (float sums of deviations from the first output over at most one row or pixel
+// tile, accumulated in double: add_shifted_sums).
 template <typename T>
 ST_INLINE void conv_epilogue(T* v, int64_t n, bool relu, double* st) {
   if (relu)
     for (int64_t i = 0; i < n; ++i) v[i] = v[i] < T(0) ? T(0) : v[i];
-  if (!st) return;
+  if (!st || n == 0) return;
+  const T k = v[0];
   T a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; ++i) {
-    a += v[i];
-    b += v[i] * v[i];
+    const T d = v[i] - k;
+    a += d;
+    b += d * d;
   }
-  st[0] += a;
-  st[1] += b;
+  add_shifted_sums(st, a, b, k, n);
 }
 
 // conv_epilogue on `rows` rows of n outputs at pitch `pitch` (one sample's plane in a staging
@@ -71,7 +82,11 @@ template <typename T, int W, bool RELU, bool STATS>
 ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, double* st) {
   using V = typename SimdVec<T, W>::V;
   using U = typename SimdVec<T, W>::U;
+  constexpr int64_t L = W / sizeof(T);
   V a = V{}, b = V{}, a2 = V{}, b2 = V{};
+  T k = rows && nv ? src[0] : T(0);  // (the deviations' origin: add_shifted_sums)
+  if constexpr (RELU) k = k < T(0) ? T(0) : k;
+  const V kv = V{} + k;
   for (int64_t r = 0; r < rows; ++r) {
     U* p = reinterpret_cast<U*>(src + r * pitch);
     int64_t j = 0;
@@ -82,7 +97,7 @@ ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, do
         v1 = v1 < V{} ? V{} : v1;
         p[j] = v0, p[j + 1] = v1;
       }
-      if constexpr (STATS) a += v0, b += v0 * v0, a2 += v1, b2 += v1 * v1;
+      if constexpr (STATS) v0 -= kv, v1 -= kv, a += v0, b += v0 * v0, a2 += v1, b2 += v1 * v1;
     }
     if (j < nv) {
       V v = p[j];
@@ -90,15 +105,14 @@ ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, do
         v = v < V{} ? V{} : v;
         p[j] = v;
       }
-      if constexpr (STATS) a += v, b += v * v;
+      if constexpr (STATS) v -= kv, a += v, b += v * v;
     }
   }
   if constexpr (STATS) {
     a += a2, b += b2;
     double s1 = 0, s2 = 0;
-    for (size_t t = 0; t < W / sizeof(T); ++t) s1 += a[t], s2 += b[t];
-    st[0] += s1;
-    st[1] += s2;
+    for (int64_t t = 0; t < L; ++t) s1 += a[t], s2 += b[t];
+    add_shifted_sums(st, s1, s2, k, rows * nv * L);
   }
 }
 

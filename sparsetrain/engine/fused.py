@@ -33,9 +33,9 @@ counts ReLU outputs) still see each activation. A FusedReLU with `count_states` 
 layer count, per neuron, the samples with a positive activation inside the kernel that applies
 the ReLU (the conv epilogue or `bn_act`: `relu_counts`), for Eq. 1's entropy without another
 read of the activation (`FusedReLU.pop_state_counts`). The batch statistics are float64 sums of
-per-plane float partial sums: var = E[y^2] - E[y]^2 (PyTorch uses Welford; equal to ~1e-6
-relative while an activation's mean is not orders of magnitude above its spread: with mean/std ~
-3000 the float partial sums of y^2 lose the variance). Running statistics follow nn.BatchNorm2d exactly
+per-plane float partial sums of deviations from one of the plane's outputs (exact in the origin's
+shift), var = E[y^2] - E[y]^2 in float64 (PyTorch uses Welford; equal to ~1e-6 relative, also for
+activations whose mean is thousands of times their spread). Running statistics follow nn.BatchNorm2d exactly
 (momentum, or the cumulative average when momentum is None; unbiased variance).
 
 On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
