@@ -95,6 +95,19 @@ def test_auto_engine_converts_large_sparse_layers_only():
     assert set(masks) == {"2"}
 
 
+def test_auto_engine_keeps_convs_the_kernels_do_not_take_dense():
+    """A dilated, grouped or reflect-padded conv stays dense under "auto" (with or without an example
+    batch to time on) instead of failing; "sparse" names the layer it cannot convert."""
+    for kw in (dict(dilation=2), dict(groups=2), dict(padding_mode="reflect")):
+        for example in (None, torch.randn(2, 16, 8, 8)):
+            model = nn.Sequential(nn.Conv2d(16, 128, 3, padding=1, **kw), nn.ReLU())
+            masks = global_prune(model, {}, 0.9)
+            left = apply_engine(model, masks, "auto", example=example)
+            assert type(model[0]) is nn.Conv2d and set(left) == {"0"}, kw
+        with pytest.raises(ValueError, match="^0: SparseConv2d supports"):
+            apply_engine(model, masks, "sparse")
+
+
 def test_rewind_restores_weights_under_mask():
     model = _net()
     snapshot = copy.deepcopy(model.state_dict())

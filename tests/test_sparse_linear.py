@@ -213,6 +213,42 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     assert other.nnz == layer.nnz
 
 
+def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
+    """load_state_dict copies into the values Parameter when nnz is unchanged (an optimizer built
+    before keeps stepping it), casts to the layer's dtype (a float32 checkpoint into a float64
+    model), refuses a pattern that does not fit the layer without touching it (named, as a dense
+    size mismatch); requires_grad flags survive from_dense, to_dense, sparsify_ and densify_."""
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 4).double()
+    mask = random_mask((4, 10), 0.5)
+    layer = SparseLinear.from_dense(lin, mask)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    saved = SparseLinear.from_dense(nn.Linear(10, 4), mask).state_dict()  # float32, same pattern
+    values = layer.weight.values
+    layer.load_state_dict(saved)
+    assert layer.weight.values is values and values.dtype == torch.float64
+    torch.testing.assert_close(values, saved["weight.values"].double())
+    layer(torch.randn(2, 10, dtype=torch.float64)).sum().backward()
+    before = values.detach().clone()
+    opt.step()
+    assert not torch.equal(values, before)  # the optimizer's Parameter is the layer's
+    wrong = SparseLinear.from_dense(nn.Linear(12, 4), random_mask((4, 12), 0.5)).state_dict()
+    kept = [t.clone() for t in layer.weight.index()]
+    with pytest.raises(RuntimeError, match=r"CSR pattern at weight does not fit its shape \(4, 10\)"):
+        layer.load_state_dict(wrong)
+    assert all(torch.equal(a, b) for a, b in zip(layer.weight.index(), kept))  # the weight untouched
+    frozen = nn.Sequential(nn.Linear(10, 4))
+    frozen.requires_grad_(False)
+    sparsetrain.sparsify_(frozen, {"0": mask})
+    assert not frozen[0].weight.values.requires_grad and not frozen[0].bias.requires_grad
+    sparsetrain.densify_(frozen)
+    assert not frozen[0].weight.requires_grad and not frozen[0].bias.requires_grad
+    with pytest.raises(ValueError, match="cannot name the model itself"):
+        sparsetrain.sparsify_(nn.Linear(10, 4), {"": mask})
+    with pytest.raises(ValueError, match="for one SparseLinear use .to_dense"):
+        sparsetrain.densify_(SparseLinear.from_dense(nn.Linear(10, 4), mask))
+
+
 def test_from_dense_default_mask_is_nonzero():
     w = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, -3.0]])
     csr = CSR.from_dense(w)

@@ -20,6 +20,9 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
     modules = dict(model.named_modules())
     for name, mask in masks.items():
+        if name == "":
+            raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
+                             "one layer use SparseLinear.from_dense / SparseConv2d.from_dense")
         if name not in modules:
             known = [n for n, m in modules.items() if type(m) in SPARSE_TYPES]
             raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
@@ -32,7 +35,12 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
     # build every replacement first: a layer that cannot convert (dilation, groups...) raises
     # before the model is touched, never leaving it half converted
-    new = {name: SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask) for name, mask in masks.items()}
+    new = {}
+    for name, mask in masks.items():
+        try:
+            new[name] = SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask)
+        except (TypeError, ValueError) as e:  # (named: which layer)
+            raise type(e)(f"{name}: {e}") from e
     for name, layer in new.items():
         _set_module(model, name, layer)
     if fuse:
@@ -42,7 +50,10 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
 
 def densify_(model: nn.Module) -> nn.Module:
     """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned);
-    fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first."""
+    fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first. The model itself cannot be
+    replaced in place: a sparse layer passed as `model` is refused (use its to_dense())."""
+    if is_sparse(model):
+        raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
     for name, mod in list(model.named_modules()):
         if is_sparse(mod) and name:

@@ -92,7 +92,7 @@ class CSR(nn.Module):
         idx = m2.nonzero()  # row-major order: rows ascending, columns ascending
         col = idx[:, 1].to(torch.int32)
         values = w2[idx[:, 0], idx[:, 1]]
-        return cls(crow, col, values.requires_grad_(True), weight.shape, validate=False)
+        return cls(crow, col, values.requires_grad_(weight.requires_grad), weight.shape, validate=False)
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
@@ -155,17 +155,24 @@ class CSR(nn.Module):
         return f"shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
 
     # ------------------------------------------------------------------ state_dict: the pattern
-    # changes size when pruned, so loading resizes buffers and the parameter to the saved ones.
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("crow_indices", "col_indices"):
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key]))
-        if prefix + "values" in state_dict:
-            v = state_dict[prefix + "values"]
-            self.values = nn.Parameter(torch.empty_like(v, device=self.values.device), self.values.requires_grad)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        _validate(self.crow_indices, self.col_indices, self.values, self.shape[0], math.prod(self.shape[1:]))
+    # changes size when pruned, so loading resizes the buffers (and the values parameter when the
+    # saved nnz differs) to the saved pattern, checked first; dtype and device stay the layer's.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [prefix + n for n in ("crow_indices", "col_indices", "values")]
+        if all(k in state_dict for k in keys):
+            crow, col, values = (state_dict[k] for k in keys)
+            try:  # (a pattern that does not fit leaves the layer as it was, as a dense layer's size mismatch)
+                _validate(crow, col, values, self.shape[0], math.prod(self.shape[1:]))
+            except ValueError as e:
+                error_msgs.append(f"the CSR pattern at {prefix[:-1] or 'the root'} does not fit its shape {self.shape}: {e}")
+                return
+            self.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=self.crow_indices.device)
+            self.col_indices = torch.empty(col.shape, dtype=torch.int32, device=self.col_indices.device)
+            if values.shape != self.values.shape:  # (a new nnz: a new Parameter; an optimizer built before holds the old one)
+                self.values = nn.Parameter(self.values.new_empty(values.shape), self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._build_csc()
 
 

@@ -39,7 +39,7 @@ class _SparseLayer(nn.Module):
         if bias is not None:
             if bias.shape != (out,):
                 raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone())
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
 
@@ -51,7 +51,10 @@ class _SparseLayer(nn.Module):
             dense.weight.copy_(self.weight.to_dense())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        return dense
+        dense.weight.requires_grad_(self.weight.values.requires_grad)
+        if self.bias is not None:
+            dense.bias.requires_grad_(self.bias.requires_grad)
+        return dense.train(self.training)
 
     @property
     def nnz(self) -> int:
@@ -104,15 +107,21 @@ class SparseConv2d(_SparseLayer):
         self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    def check_convertible(cls, conv: nn.Conv2d) -> None:
+        """ValueError unless from_dense can convert `conv` (zero padding, dilation 1, groups 1)."""
         if tuple(conv.dilation) != (1, 1):
             raise ValueError(f"SparseConv2d supports dilation 1 only, got {conv.dilation}")
         if conv.groups != 1:
             raise ValueError(f"SparseConv2d supports groups=1 only, got {conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        ops.conv2d_padding(conv.padding, tuple(conv.kernel_size), tuple(ops.pair(conv.stride, "stride")))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        cls.check_convertible(conv)
         return cls(CSR.from_dense(conv.weight, mask), conv.bias, conv.stride, conv.padding)
 
     def _dense_layer(self, **kw) -> nn.Conv2d:

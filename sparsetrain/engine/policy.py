@@ -57,8 +57,8 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     to_sparse, to_measure = {}, {}
     for name, m in prunable_layers(model):
-        if is_sparse(m) or engine == "dense":
-            continue
+        if is_sparse(m) or engine == "dense" or (engine == "auto" and not _convertible(m)):
+            continue  # (auto: a conv the sparse kernels do not take, dilated or grouped, stays dense)
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()
@@ -81,6 +81,15 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     if fuse and any(type(m) is SparseConv2d for m in model.modules()):
         fuse_(model, strict=False)  # (a model fx cannot trace stays unfused: same results)
     return {n: mk for n, mk in masks.items() if n not in to_sparse and not is_sparse(model.get_submodule(n))}
+
+
+def _convertible(m: nn.Module) -> bool:
+    try:
+        if isinstance(m, nn.Conv2d):
+            SparseConv2d.check_convertible(m)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()
