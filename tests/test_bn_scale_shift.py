@@ -93,9 +93,14 @@ def test_opcheck_and_errors():
            ({4: None, 5: None, 9: False}, "running_mean and running_var are needed without batch_stats"),
            ({10: torch.float16}, "dtype must be float32 or float64"),
            ({8: -1.0}, "eps must be >= 0")]
+    bad += [({4: bn.running_mean.half(), 5: bn.running_var.half()}, "both be float32 or both float64, got Half"),
+            ({4: bn.running_mean.double()}, "both be float32 or both float64, got Double and Float"),
+            ({6: torch.zeros(3, dtype=torch.long)}, "num_batches_tracked must be a one-element CPU tensor")]
     for change, msg in bad:
         a = list(args)
         for i, v in change.items():
             a[i] = v
+        kept = [t.clone() for t in a[4:7] if t is not None]
         with pytest.raises(RuntimeError, match=msg):
             OP(*a)
+        assert all(torch.equal(t, k) for t, k in zip([t for t in a[4:7] if t is not None], kept))  # untouched

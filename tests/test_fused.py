@@ -282,6 +282,10 @@ def test_conv_bn_backward_opcheck_and_errors():
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx[:1])
     with pytest.raises(RuntimeError, match=r"grad_out must have the shape of y .* pooled 2x2"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(args[0], *plain[1:], None, None, False, True, None, None, pidx)
+    # y (and its pooled gradient) of another size than the conv's output: refused, never read past it
+    small = (gp[:, :, :2], *plain[1:12], torch.randn(2, 4, 4, 4, generator=g), *plain[13:])
+    with pytest.raises(RuntimeError, match=r"y must have the conv's output shape \[2, 4, 6, 5\], got \[2, 4, 4, 4\]"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*small, None, None, False, True, None, None, pidx[:, :, :2])
 
 
 # ============================================================================ the fused layer

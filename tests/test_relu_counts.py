@@ -82,6 +82,10 @@ def test_relu_counts_errors_and_opcheck():
                           (x, *idx, *geo, None, True, None, None, False, torch.zeros(n, dtype=torch.int64)))
     torch.library.opcheck(torch.ops.sparsetrain.bn_act.default,
                           (x, torch.ones(3), torch.zeros(3), None, True, torch.zeros(90, dtype=torch.int64)))
+    for hw in ((6, 5), (2, 2)):  # an empty batch still has C * H * W neurons (planes, and sample rows)
+        counts = torch.zeros(3 * hw[0] * hw[1], dtype=torch.int64)
+        out = torch.ops.sparsetrain.bn_act(torch.randn(0, 3, *hw), torch.ones(3), torch.zeros(3), None, True, counts)
+        assert out.shape == (0, 3, *hw) and not counts.any()
 
 
 # ============================================================================ layers and the entropy

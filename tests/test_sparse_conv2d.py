@@ -333,6 +333,20 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
 
 
 # ---------------------------------------------------------------------------- bad input
+def test_no_input_channels_is_the_bias():
+    """A conv of zero input channels: the output is the bias (an empty sum; PyTorch's CPU conv
+    returns an empty [B, 0, H, W] there), dx empty, dvalues empty (the plan divided by the channel
+    count: SIGFPE)."""
+    conv = nn.Conv2d(0, 4, 3, padding=1)
+    layer = SparseConv2d.from_dense(conv, torch.ones_like(conv.weight, dtype=torch.bool))
+    for b in (2, 32):  # the phase planes, and the small-map kernel's batch tile
+        x = torch.randn(b, 0, 5, 5, requires_grad=True)
+        out = layer(x)
+        torch.testing.assert_close(out, conv.bias.detach().view(1, 4, 1, 1).expand(b, 4, 5, 5))
+        out.sum().backward()
+        assert x.grad.shape == x.shape and layer.bias.grad.shape == (4,)
+
+
 def test_bad_inputs_raise_clear_errors():
     w, x, b = _op_args()
     layer = SparseConv2d(w, b, padding=1)

@@ -212,7 +212,11 @@ void check_like(const at::Tensor& t, const at::Tensor& y, const char* name) {
               t.scalar_type());
 }
 
-int64_t plane_size(const at::Tensor& y) { return y.dim() > 2 ? y.numel() / std::max<int64_t>(y.size(0) * y.size(1), 1) : 1; }
+int64_t plane_size(const at::Tensor& y) {  // (from the sizes: an empty batch has planes too)
+  int64_t n = 1;
+  for (int64_t d = 2; d < y.dim(); ++d) n *= y.size(d);
+  return n;
+}
 
 at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,

@@ -55,6 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
                 "running_mean and running_var must be contiguous");
     TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(),
                 "num_batches_tracked is needed when momentum is None (the cumulative average)");
+    // (every check before the first write: a refused call leaves the buffers as they were)
+    const at::ScalarType rt = running_mean->scalar_type();
+    TORCH_CHECK((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
+                "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
+                running_var->scalar_type());
+    TORCH_CHECK(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()),
+                "num_batches_tracked must be a one-element CPU tensor, got shape ",
+                num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef());
   }
   const auto f64 = at::TensorOptions(at::kDouble);
   at::Tensor mean = at::empty({C}, f64), invstd = at::empty({C}, f64);

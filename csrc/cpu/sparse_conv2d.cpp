@@ -192,6 +192,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
               " and ", B);
   const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   const bool pooled = bn && bn->pool_idx;  // (grad_out: the pooled map's; the op checked it)
+  TORCH_CHECK(!bn || bn->y->sizes() == at::IntArrayRef({B, O, P.OH, P.OW}), "y must have the conv's "
+              "output shape [", B, ", ", O, ", ", P.OH, ", ", P.OW, "], got ", bn->y->sizes());
   TORCH_CHECK(pooled || (grad_out.size(2) == P.OH && grad_out.size(3) == P.OW), "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   at::Tensor g = grad_out.contiguous();

@@ -81,9 +81,9 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
     for (auto u : P.used_ph) nu += u;
     const int64_t win = nu * (QB + hi - lo) * int64_t(elem);
     constexpr int64_t l1 = 40 * 1024;
-    P.ncb = ceil_div(C, std::max<int64_t>(1, l1 / win));
-    P.cb = ceil_div(C, P.ncb);
-    P.ncb = ceil_div(C, P.cb);
+    P.ncb = std::max<int64_t>(1, ceil_div(C, std::max<int64_t>(1, l1 / win)));  // (>= 1: no input channel)
+    P.cb = std::max<int64_t>(1, ceil_div(C, P.ncb));
+    P.ncb = std::max<int64_t>(1, ceil_div(C, P.cb));
   }
   for (int64_t iy = 0; iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
   for (int64_t j = 0; j < P.sw; ++j) P.col_off.push_back(j * P.S);
