@@ -243,6 +243,9 @@ def test_grad_input_add_errors_and_opcheck():
     torch.library.opcheck(o.sparse_conv2d_backward.default,
                           (gy, x, w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
                            w.row_indices_t, w.perm, *st, torch.randn(2, 3, 5, 4)))
+    with pytest.raises(RuntimeError, match=r"values must have the dtype of x \(Double\), got Float"):
+        o.sparse_conv2d_backward(gy.double(), x.double(), w.crow_indices, w.col_indices, w.values.detach(),
+                                 w.ccol_indices, w.row_indices_t, w.perm, *st)
 
 
 def test_opcheck_small_map_kernel():

@@ -249,6 +249,22 @@ def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
         sparsetrain.densify_(SparseLinear.from_dense(nn.Linear(10, 4), mask))
 
 
+@pytest.mark.parametrize("fin, fout", [(0, 3), (4, 0)])
+def test_no_inputs_or_no_outputs(fin, fout):
+    """Layers of zero in or out features, as nn.Linear: the bias (or an empty output), a zero or
+    empty dx (the input gradient of no outputs corrupted the heap; reshape({-1, 0}) refused)."""
+    lin = nn.Linear(fin, fout)
+    layer = SparseLinear.from_dense(lin, torch.ones(fout, fin, dtype=torch.bool))
+    x = torch.randn(5, fin, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, lin(x))
+    out.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any() and layer.weight.values.grad.shape == (0,)
+    with pytest.raises(RuntimeError, match="same leading \\(batch\\) dimensions"):
+        torch.ops.sparsetrain.sparse_linear_grad_weight(torch.randn(2, 3, 7), torch.randn(3, 2, 13),
+                                                        *CSR.from_dense(torch.ones(7, 13)).index()[:2])
+
+
 def test_from_dense_default_mask_is_nonzero():
     w = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, -3.0]])
     csr = CSR.from_dense(w)

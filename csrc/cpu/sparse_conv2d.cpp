@@ -184,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   }
   const at::Tensor& like = x ? *x : *values;
   check_float(like, x ? "x" : "values");
+  TORCH_CHECK(!x || !values || values->scalar_type() == x->scalar_type(), "values must have the dtype of x (",
+              x->scalar_type(), "), got ", values ? values->scalar_type() : x->scalar_type());
   if (x) check_nchw(*x, like, C, "x", "(input channels)");
   check_nchw(grad_out, like, O, "grad_out", "(output channels)");
   TORCH_CHECK(input_size.size() == 2, "input_size must have 2 entries, got ", input_size);

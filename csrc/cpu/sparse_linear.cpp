@@ -313,6 +313,14 @@ int64_t check_csc(const at::Tensor& ccol, const at::Tensor& row_t, const at::Ten
   return ccol.numel() - 1;
 }
 
+// t [..., n] as [rows, n] with rows the product of the leading dimensions (reshape({-1, n}) cannot
+// infer it when n is 0: a layer of no inputs or no outputs).
+at::Tensor rows2d(const at::Tensor& t, int64_t n) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, n}).contiguous();
+}
+
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
                          const at::Tensor& perm, const std::optional<at::Tensor>& bias) {
@@ -327,7 +335,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == N, "bias must have shape [", N, "], got ",
                 bias->sizes());
   }
-  const at::Tensor xc = x.reshape({-1, K}).contiguous();
+  const at::Tensor xc = rows2d(x, K);
   const int64_t B = xc.size(0);
   at::Tensor y = pooled_empty(out_shape(x, N), x.options());  // every element is written once
   at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
@@ -350,9 +358,10 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   check_compressed(crow, col, K, "crow_indices", "col_indices");
   check_values(values, col, "values");
   check_activation(grad_out, values, N, "grad_out");
-  const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
+  const at::Tensor g = rows2d(grad_out, N);
   const int64_t B = g.size(0);
   at::Tensor dx = pooled_empty(out_shape(grad_out, K), grad_out.options());  // written once
+  if (B > 0 && K > 0 && col.numel() == 0) return dx.zero_();  // (no weights, or no outputs: N = 0)
   if (B > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_linear_grad_input", [&] {
       spmm_t(g.data_ptr<scalar_t>(), B, N, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
@@ -371,11 +380,11 @@ at::Tensor sparse_linear_grad_weight(const at::Tensor& grad_out, const at::Tenso
   check_cpu(x, "x");
   check_float(x, "x");
   check_activation(grad_out, x, N, "grad_out");
-  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(N, 1) == x.numel() / std::max<int64_t>(K, 1),
+  TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
               "grad_out and x must have the same leading (batch) dimensions, got ",
               grad_out.sizes(), " and ", x.sizes());
-  const at::Tensor g = grad_out.reshape({-1, N}).contiguous();
-  const at::Tensor xc = x.reshape({-1, K}).contiguous();
+  const at::Tensor g = rows2d(grad_out, N);
+  const at::Tensor xc = rows2d(x, K);
   const int64_t B = xc.size(0);
   at::Tensor out = at::zeros({col.numel()}, x.options());
   if (B > 0 && col.numel() > 0) {

@@ -160,7 +160,7 @@ class _BSRLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            db = grad_out.sum(tuple(range(grad_out.dim() - 1)))
         return dx, dv, db, None
 
 

@@ -84,15 +84,18 @@ class CSR(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "CSR":
         mask = _check_mask(weight, mask)
-        rows = weight.shape[0]
-        m2 = mask.reshape(rows, -1)
-        w2 = weight.detach().reshape(rows, -1)
+        rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+        m2 = mask.reshape(rows, cols)
+        w2 = weight.detach().reshape(rows, cols)
         crow = torch.zeros(rows + 1, dtype=torch.int64, device=weight.device)
         torch.cumsum(m2.sum(1), 0, out=crow[1:])
         idx = m2.nonzero()  # row-major order: rows ascending, columns ascending
         col = idx[:, 1].to(torch.int32)
         values = w2[idx[:, 0], idx[:, 1]]
-        return cls(crow, col, values.requires_grad_(weight.requires_grad), weight.shape, validate=False)
+        # (a Parameter's requires_grad carries over, a frozen layer stays frozen; a plain tensor's
+        # values are trainable, as nn.Parameter(tensor))
+        trainable = weight.requires_grad if isinstance(weight, nn.Parameter) else True
+        return cls(crow, col, values.requires_grad_(trainable), weight.shape, validate=False)
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""

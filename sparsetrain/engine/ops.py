@@ -169,7 +169,7 @@ def _linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[3]:
         dvalues = _call("sparse_linear_grad_weight", grad_out, x, crow, col)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=ctx.bias_dtype)  # (fp32 under amp)
+        dbias = grad_out.sum(tuple(range(grad_out.dim() - 1)), dtype=ctx.bias_dtype)  # (fp32 under amp)
     return dx, None, None, dvalues, None, None, None, dbias
 
 
