@@ -3,6 +3,7 @@ distillation, the CLI's errors."""
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -105,6 +106,8 @@ def test_kd_loss_equals_hand_computation():
     (["mnist", "--wall", "0"], "--wall must be in"),
     (["mnist", "--alpha", "2"], "--alpha must be in"),
     (["mnist", "--tau", "0"], "--tau must be > 0"),
+    (["mnist", "--tau", "inf"], "--tau must be > 0 and finite"),
+    (["mnist", "--lr", "inf"], "--lr must be > 0 and finite"),
     (["mnist", "--model", "alexnet"], "--model: unknown model 'alexnet'"),
     (["mnist", "--perturb", "shuffle"], "argument --perturb: invalid choice"),
     (["mnist", "--structure", "rows"], "argument --structure: invalid choice"),
@@ -175,6 +178,69 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
     files.atomic_write(p + ".sha256", json.dumps({"size": 14, "sha256": hashlib.sha256(b"second version").hexdigest()}))
     assert files.verify(p) is True and open(p, "rb").read() == b"second version"
     assert not (tmp_path / "f.bin.tmp.12345").exists()
+
+
+def test_ctrl_c_between_the_two_renames_finishes_the_write(tmp_path, monkeypatch):
+    """An interrupt after the checksum record's rename and before the data's: the write is finished
+    (the record names the new data), not undone into a file that no longer matches its record."""
+    p = str(tmp_path / "state.pt")
+    files.atomic_write(p, b"round 1", checksum=True)
+    calls, real = {"n": 0}, os.replace
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the data's rename (the record's was the first)
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(p, b"round 2", checksum=True)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert files.verify(p) is True and open(p, "rb").read() == b"round 2"
+
+
+def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
+    """config.json keeps the first git commit and versions; a resume at another commit is listed
+    after them (resumed_with), once per change."""
+    cfg, _ = config_from_args(["mnist", "--out", str(tmp_path), "--profile", "quick"])
+    for commit in ("aaa", "bbb", "bbb", "ccc"):
+        monkeypatch.setattr(study, "git_commit", lambda c=commit: c)
+        rd = study.prepare_run_dir(cfg)
+    with open(os.path.join(rd, "config.json")) as f:
+        rec = json.load(f)
+    assert rec["git_commit"] == "aaa" and [r["git_commit"] for r in rec["resumed_with"]] == ["bbb", "ccc"]
+
+
+def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):
+    """NaN weights prune nothing, so the rounds never reached the wall (an endless loop): a
+    non-finite training loss ends the run (exit 2, one line)."""
+    assert study.main(study_args(mnist_dir, "--teachers", "dense", "--lr", "1e6")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "lower the learning rate" in err
+
+
+def test_teacher_paths_are_checked_before_training(mnist_dir, study_args, capsys):
+    """Two --teachers paths of one file name (they would share a phase), a teacher of another
+    dataset's classes or channels, and --rewind-iter past the dense run: refused before training."""
+    from sparsetrain.experiment.checkpoint import save_model
+    from sparsetrain.experiment.models import build_model
+    for d in ("a", "b"):
+        (mnist_dir / d).mkdir()
+        (mnist_dir / d / "t.pt").write_bytes(b"x")
+    base = study_args(mnist_dir)
+    assert study.main(base + ["--teachers", str(mnist_dir / "a" / "t.pt"), str(mnist_dir / "b" / "t.pt")]) == 2
+    assert "two checkpoints of one file name would share the phase distill-path-t" in capsys.readouterr().err
+    for arch, expect in ((dict(num_classes=100, in_channels=1), "gives 100 outputs per image, mnist has 10"),
+                         (dict(num_classes=10, in_channels=3), "the model does not take mnist's images (1, 28, 28)")):
+        arch = dict(name="lenet300", image_size=28, **arch) if arch["in_channels"] == 1 else \
+            dict(name="vgg_d1g5", image_size=28, **arch)
+        save_model(str(mnist_dir / "foreign.pt"), build_model(**arch), {}, arch)
+        assert study.main(base + ["--teachers", str(mnist_dir / "foreign.pt")]) == 2
+        assert expect in capsys.readouterr().err, expect
+    assert not list((mnist_dir / "runs").rglob("metrics.csv"))  # nothing trained
+    assert study.main(base + ["--perturb", "rewind", "--rewind-iter", "100000"]) == 2
+    assert "--rewind-iter=100000 is past the" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

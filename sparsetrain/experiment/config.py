@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -239,19 +240,21 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
                              f"{', '.join(map(str, allowed))}, got {' '.join(map(str, value)) if many else repr(value)}")
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
-              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", cfg.tau > 0, "> 0"),
-              ("t_e", cfg.t_e > 0, "> 0"), ("t_a", cfg.t_a > 0, "> 0"), ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
+              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
+              ("t_e", 0 < cfg.t_e < math.inf, "> 0 and finite"), ("t_a", 0 < cfg.t_a < math.inf, "> 0 and finite"),
+              ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
               ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
               ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
               ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
-              ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", cfg.drop > 0, "> 0"),
+              ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop < math.inf, "> 0 and finite"),
               ("seeds", len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds), "one or more seeds >= 0"),
               ("teachers", len(cfg.teachers) > 0, "at least one of best, dense, PATH"),
               ("phases", len(cfg.phases) > 0, "one or more of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:
         hp = cfg.hyper(role)
         checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"), (f"{role}_batch_size", hp.batch_size >= 1, ">= 1"),
-                   (f"{role}_lr", hp.lr > 0, "> 0"), (f"{role}_weight_decay", hp.weight_decay >= 0, ">= 0"),
+                   (f"{role}_lr", 0 < hp.lr < math.inf, "> 0 and finite"),
+                   (f"{role}_weight_decay", 0 <= hp.weight_decay < math.inf, ">= 0 and finite"),
                    (f"{role}_rewind_iter", hp.rewind_iter >= 0, ">= 0"),
                    (f"{role}_milestones", all(m >= 1 for m in hp.milestones), "epochs >= 1")]
     for name, ok, expected in checks:

@@ -65,6 +65,7 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
     os.makedirs(folder, exist_ok=True)
     binary = isinstance(data, bytes) if binary is None else binary
     tmp = f"{path}.tmp.{os.getpid()}"
+    recorded = False  # the checksum names tmp's data: from then on the write is finished, not undone
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             if callable(data):
@@ -75,10 +76,11 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
             os.fsync(f.fileno())
         if checksum:
             atomic_write(path + ".sha256", json.dumps(_digest(tmp)))
+            recorded = True
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)
+            os.replace(tmp, path) if recorded else os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:

@@ -15,6 +15,7 @@ per round), ckpt/round_XX.pt and, while running, state.pt.
 from __future__ import annotations
 
 import glob
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from .files import CorruptFile, verify, write_csv, write_json
 from .flops import dense_macs, forward_flops, paper_round_flops, training_flops
 from .models import build_model
 from .train import evaluate, make_optimizer, train_epoch
+
+
+class PhaseError(Exception):
+    """A phase cannot go on (the CLI prints it on one line): training diverged, or the settings do
+    not fit the data (a --rewind-iter past the dense run's iterations)."""
 
 __all__ = ["run_phase", "arch_of", "Costs"]
 
@@ -141,6 +147,9 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
                          masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
                          forward=forward, amp=s.amp, scaler=s.scaler)
+        if not math.isfinite(tr["loss"]):  # (NaN weights prune nothing: the rounds would never reach the wall)
+            raise PhaseError(f"{label}: training diverged (mean loss {tr['loss']} in epoch {epoch + 1}); lower the "
+                             "learning rate (--lr, --student-lr) and start again")
         dist.sync_bn_stats_(s.model)
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
@@ -206,8 +215,8 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
         return
     if cfg.perturb == "rewind":
         if s.rewind is None:
-            raise RuntimeError(f"--perturb rewind: the dense training ran fewer than --rewind-iter="
-                               f"{hp.rewind_iter} iterations; lower --rewind-iter")
+            raise PhaseError(f"--perturb rewind: the dense training ran fewer than --rewind-iter="
+                             f"{hp.rewind_iter} iterations; lower --rewind-iter")
         source = s.rewind
     else:
         with torch.random.fork_rng(devices=[]):
@@ -260,6 +269,10 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     state_path = os.path.join(pdir, "state.pt")
     hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
     rule = make_rule(cfg.structure, scope=cfg.scope, block=cfg.block)
+    iters = hp.epochs * math.ceil(len(splits.train) / hp.batch_size)  # (round 0: every rank steps each global batch)
+    if cfg.perturb == "rewind" and hp.rewind_iter > iters:
+        raise PhaseError(f"--perturb rewind: --rewind-iter={hp.rewind_iter} is past the {iters} iterations of the "
+                         f"dense training ({phase}); lower it")
     s = start(cfg, hp, arch, seed, state_path, splits.train.x.device)
     shape, n_images = (splits.in_channels, *splits.image_size), len(splits.train) + len(splits.val)
     with torch.random.fork_rng(devices=[]):  # sparsity counts against the unpruned model's weights
@@ -287,6 +300,9 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         if should_stop(cfg, role, rule, s, sparsity):
             break
         next_round(cfg, hp, rule, s, arch, seed, splits)
+        if model_sparsity(s.model, s.masks, n_orig) <= sparsity:  # (this rule at this rate prunes nothing more)
+            tqdm.write(f"[{phase} seed {seed}] round {s.rnd} would prune nothing more: the phase ends")
+            break
         save(s, arch, state_path)
     finish(pdir, s.rows)
     dist.barrier()  # the phase's files exist before any rank reads them (the teacher's, for students)

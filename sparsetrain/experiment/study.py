@@ -25,7 +25,7 @@ from .checkpoint import load_model
 from .config import Config, config_from_args, phase_settings
 from .devices import resolve_device
 from .files import CorruptFile, git_commit, write_json
-from .loop import run_phase
+from .loop import PhaseError, run_phase
 from .metrics import read_metrics
 from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_tag
 
@@ -95,11 +95,16 @@ def prepare_run_dir(cfg: Config) -> str:
             raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
                              "choose another --out or remove it")
     import torchvision
+    now = {"git_commit": git_commit(), "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                                                    "python": sys.version.split()[0]}}
+    # a resumed run keeps the commit and versions it started with; those it resumed with, if others, follow
+    resumed = list(old.get("resumed_with", []))
+    if old and {k: old.get(k) for k in now} != now and (not resumed or resumed[-1] != now):
+        resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
-        write_json(path, {**resolved, "git_commit": git_commit(),
-                          "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                       "python": sys.version.split()[0]},
+        write_json(path, {**resolved, **{k: old.get(k, v) for k, v in now.items()},
+                          **({"resumed_with": resumed} if resumed else {}),
                           **({"data_fingerprint": old["data_fingerprint"]} if "data_fingerprint" in old else {})})
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write the run directory {rd} ({e.strerror or e})") from None
@@ -179,6 +184,8 @@ def run_study(cfg: Config) -> str:
         if dist.is_main():
             check_data(rd, splits.fingerprint)
             check_linked(rd, seed, splits.fingerprint)
+        if seed == cfg.seeds[0]:
+            check_teachers_fit(cfg, splits)
         dist.barrier()
         splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
                                      test=splits.test.to(dev))
@@ -210,15 +217,39 @@ def run_study(cfg: Config) -> str:
 
 
 def check_teachers(cfg: Config) -> None:
-    """A --teachers PATH must be a readable sparsetrain checkpoint before anything trains."""
+    """A --teachers PATH must be a readable sparsetrain checkpoint before anything trains, and two
+    paths must not share a file name (their phases are named after it: teacher_tag)."""
+    paths, tags = [c for c in cfg.teachers if c not in ("best", "dense")], {}
+    for choice in paths:
+        if not os.path.isfile(choice):
+            raise UsageError(f"--teachers {choice}: no such file (expected best, dense or a checkpoint path)")
+        other = tags.setdefault(teacher_tag(choice), choice)
+        if os.path.realpath(other) != os.path.realpath(choice):
+            raise UsageError(f"--teachers {other} and {choice}: two checkpoints of one file name would share the "
+                             f"phase distill-{teacher_tag(choice)}; rename one")
+    for choice in paths:
+        try:
+            load_model(choice)
+        except ValueError as e:  # corrupt (CorruptFile) or not a sparsetrain model checkpoint
+            raise UsageError(f"--teachers {choice}: {e}") from None
+
+
+def check_teachers_fit(cfg: Config, splits) -> None:
+    """A --teachers PATH must take this dataset's images and give one logit per class (checked on
+    two training images before anything trains; a model of another dataset is refused here)."""
+    xb = next(D.iterate(splits.train, 2))[0].cpu()
     for choice in cfg.teachers:
-        if choice not in ("best", "dense"):
-            if not os.path.isfile(choice):
-                raise UsageError(f"--teachers {choice}: no such file (expected best, dense or a checkpoint path)")
-            try:
-                load_model(choice)
-            except ValueError as e:  # corrupt (CorruptFile) or not a sparsetrain model checkpoint
-                raise UsageError(f"--teachers {choice}: {e}") from None
+        if choice in ("best", "dense"):
+            continue
+        try:
+            with torch.no_grad():
+                shape = tuple(load_teacher(choice)(xb).shape)
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f"--teachers {choice}: the model does not take {cfg.dataset}'s images "
+                             f"{tuple(xb.shape[1:])} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        if shape != (xb.shape[0], splits.num_classes):
+            raise UsageError(f"--teachers {choice}: the model gives {shape[-1]} outputs per image, "
+                             f"{cfg.dataset} has {splits.num_classes} classes")
 
 
 def main(argv=None) -> int:
@@ -242,7 +273,7 @@ def main(argv=None) -> int:
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
-    except (UsageError, PhaseMissing, D.DatasetNotFound, D.DataError, CorruptFile) as e:
+    except (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
