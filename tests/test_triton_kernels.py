@@ -416,6 +416,10 @@ def test_bsr_linear_cpu_fallback_and_module():
     layer = BSRLinear.from_dense(lin, 16, m := block_mask(lin.weight, 16, 0.5))
     torch.testing.assert_close(layer(x), dense_linear(x, lin.weight, m, lin.bias))
     torch.testing.assert_close(layer.to_dense().weight, lin.weight * m)
+    model = torch.nn.Sequential(layer.eval())  # densify_ takes block-sparse layers back too
+    sparsetrain.densify_(model)
+    assert type(model[0]) is torch.nn.Linear and not model[0].training
+    torch.testing.assert_close(model[0](x), dense_linear(x, lin.weight, m, lin.bias))
 
 
 # ============================================================================ real GPU

@@ -197,7 +197,10 @@ class BSRLinear(nn.Module):
             lin.weight.copy_(self.weight.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        lin.weight.requires_grad_(self.weight.values.requires_grad)
+        if self.bias is not None:
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        return lin.train(self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bsr_linear(x, self.weight, self.bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bsr import BSRLinear
 from .fuse import fuse_, unfuse_
 from .nn import SPARSE_TYPES, _set_module, is_sparse
 
@@ -49,13 +50,13 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
 
 
 def densify_(model: nn.Module) -> nn.Module:
-    """Replace, in place, every sparse layer by the equivalent dense layer (zeros where pruned);
+    """Replace, in place, every sparse layer (CSR or BSRLinear) by the equivalent dense layer (zeros where pruned);
     fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first. The model itself cannot be
     replaced in place: a sparse layer passed as `model` is refused (use its to_dense())."""
-    if is_sparse(model):
+    if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
     for name, mod in list(model.named_modules()):
-        if is_sparse(mod) and name:
+        if (is_sparse(mod) or isinstance(mod, BSRLinear)) and name:  # (CSR and block-sparse layers)
             _set_module(model, name, mod.to_dense())
     return model
