@@ -222,7 +222,8 @@ def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys)
 
 def test_teacher_paths_are_checked_before_training(mnist_dir, study_args, capsys):
     """Two --teachers paths of one file name (they would share a phase), a teacher of another
-    dataset's classes or channels, and --rewind-iter past the dense run: refused before training."""
+    dataset's classes or channels, --rewind-iter past the dense run and an empty validation split:
+    refused before training."""
     from sparsetrain.experiment.checkpoint import save_model
     from sparsetrain.experiment.models import build_model
     for d in ("a", "b"):
@@ -241,6 +242,8 @@ def test_teacher_paths_are_checked_before_training(mnist_dir, study_args, capsys
     assert not list((mnist_dir / "runs").rglob("metrics.csv"))  # nothing trained
     assert study.main(base + ["--perturb", "rewind", "--rewind-iter", "100000"]) == 2
     assert "--rewind-iter=100000 is past the" in capsys.readouterr().err
+    assert study.main(base + ["--val-fraction", "0"]) == 2
+    assert "--val-fraction 0.0: the validation split is empty" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

@@ -184,6 +184,9 @@ def run_study(cfg: Config) -> str:
         if dist.is_main():
             check_data(rd, splits.fingerprint)
             check_linked(rd, seed, splits.fingerprint)
+        if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
+            raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
+                             "training images); the study picks each run's best round and stops early on it")
         if seed == cfg.seeds[0]:
             check_teachers_fit(cfg, splits)
         dist.barrier()
