@@ -85,13 +85,32 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
              (["report", str(tmp_path)], "no run directory"),
-             (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be > 0"))
+             (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be > 0"),
+             (["paper-eps", "--cpus-per-run", "inf"], "--cpus-per-run must be > 0 and finite"),
+             (["paper-eps", "--gpus-per-run", "1.5"], "a fraction of one GPU or a whole number"),
+             (["paper-eps", "--out", __file__], "is a file, not a directory"))
     procs = [subprocess.Popen([sys.executable, "-m", "sparsetrain.sweep", *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for argv, _ in cases]  # (all at once)
     for (argv, needle), p in zip(cases, procs):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, \
             (argv, err)
+
+
+def test_a_request_the_machine_cannot_meet_is_refused(mnist_dir, capsys):
+    """--cpus-per-run or --gpus-per-run beyond what the local Ray offers: one line, exit 2, instead
+    of runs waiting forever; and a run without a GPU share gets no GPU (CUDA_VISIBLE_DEVICES="")."""
+    from sparsetrain.sweep import runner
+    for flag, value in (("--cpus-per-run", "512"), ("--gpus-per-run", "64")):
+        assert cli.main(_tiny(mnist_dir, "--seeds", "0", flag, value)) == 2
+        assert f"{flag} {value}: this machine's Ray offers" in capsys.readouterr().err
+    log = mnist_dir / "env.log"
+    script = mnist_dir / "env.py"
+    script.write_text("import os; print('CUDA_VISIBLE_DEVICES=' + repr(os.environ.get('CUDA_VISIBLE_DEVICES')))")
+    runner.run_experiment([], str(log), 1, str(mnist_dir), str(script))
+    runner.run_experiment([], str(log), 1, str(mnist_dir), str(script), gpus=1)
+    seen = [ln for ln in log.read_text().splitlines() if ln.startswith("CUDA_VISIBLE_DEVICES=")]
+    assert seen == ["CUDA_VISIBLE_DEVICES=''", f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"]
 
 
 def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
@@ -200,7 +219,7 @@ def test_sweep_report_has_one_row_per_point_with_mean_and_std(swept):
     _, _, _, sweep_dir = swept
     status = json.loads((sweep_dir / "status.json").read_text())
     with open(sweep_dir / "report" / "table1.csv") as f:
-        table = [r for r in csv.DictReader(f) if r["phase"] == "distill-dense" and r["early_stop"] == "none"]
+        table = [r for r in csv.DictReader(f) if r["phase"] == "distill-dense" and r["stop_rule"] == "none"]
     assert sorted(float(r["alpha"]) for r in table) == [0.5, 0.8]
     for row in table:
         accs = []
@@ -347,7 +366,7 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
     _write_run(tmp_path / "c", 0.2, [1], {}, done=False)  # (nothing yet: adds no curve)
     (tmp_path / "b" / "seed1" / "teacher" / "best.json").unlink()  # seed 1 still running
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
-    rows = {(r["eps"], r["early_stop"]): r for r in csv.DictReader(open(tmp_path / "rep" / "table1.csv"))}
+    rows = {(r["eps"], r["stop_rule"]): r for r in csv.DictReader(open(tmp_path / "rep" / "table1.csv"))}
     a_row, b_row = rows[("0.1", "none")], rows[("0.2", "none")]
     assert float(a_row["test_mean"]) == pytest.approx(82.0) and float(a_row["test_std"]) == pytest.approx(2.0)
     assert a_row["seeds"] == "3" and a_row["in_progress"] == ""

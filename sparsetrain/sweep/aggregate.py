@@ -22,8 +22,8 @@ __all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", 
            "group_label"]
 
 # config.json keys that never separate groups (bookkeeping, or not result settings)
-_IGNORED = ("seeds", "git_commit", "versions", "data_fingerprint", "out", "threads", "data_dir", "no_download",
-            "device", "phases", "reuse")
+_IGNORED = ("seeds", "git_commit", "versions", "resumed_with", "data_fingerprint", "out", "threads", "data_dir",
+            "no_download", "device", "phases", "reuse")
 # the order in which differing settings label a group
 _ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "structure", "profile")
 
@@ -95,7 +95,7 @@ def table1_csv(groups, keys) -> list[dict]:
     for g in groups:
         for spec in table1_rows(g):
             row = {k: g["config"].get(k) for k in keys}
-            row.update(run=spec["name"], phase=spec["phase"], early_stop=spec["rule"] or "none",
+            row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or "none",
                        seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))))
             for cell in ("test", "test_at", "sparsity", "pflops", "paper", "teacher", "teacher_paper", "saved"):
                 m, s, _ = stats([o[cell] for o in spec["outs"]])

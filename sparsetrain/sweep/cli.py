@@ -3,6 +3,7 @@ experiment's Config (every experiment flag; a flag given several values is an ax
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import typing
@@ -116,12 +117,16 @@ def main(argv=None) -> int:
         return 0
     if args.run_dirs:
         parser.error(f"unexpected argument(s) {' '.join(args.run_dirs)}: run directories are for report")
-    for name, ok, expected in (("cpus_per_run", args.cpus_per_run > 0, "> 0"),
-                               ("gpus_per_run", args.gpus_per_run >= 0, ">= 0"),
+    gpus = args.gpus_per_run
+    for name, ok, expected in (("cpus_per_run", 0 < args.cpus_per_run < math.inf, "> 0 and finite"),
+                               ("gpus_per_run", 0 <= gpus < math.inf and (gpus <= 1 or gpus == int(gpus)),
+                                ">= 0: a fraction of one GPU or a whole number (Ray's rule)"),
                                ("max_concurrent", args.max_concurrent >= 0, ">= 0 (0: no limit)"),
                                ("retries", args.retries >= 0, ">= 0")):
         if not ok:
             parser.error(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a directory")
     settings = _settings(args, parser)
     from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
     plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))

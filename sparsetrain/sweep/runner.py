@@ -35,13 +35,17 @@ class UsageFailed(RuntimeError):
     """The experiment rejected its arguments or its files (exit 2; not retried)."""
 
 
-def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment") -> float:
+def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment",
+                   gpus: float = 0) -> float:
     """One experiment process (`python -m <program> <argv>`, or a script path), its output appended
     to `log`; returns its seconds. Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the
-    process, which resumes on the next attempt."""
+    process, which resumes on the next attempt. Without a GPU share, CUDA is hidden from it (Ray
+    sets CUDA_VISIBLE_DEVICES only for tasks that ask for GPUs: the others would all use GPU 0)."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     with open(log, "a") as f:
         cmd = [program] if program.endswith(".py") else ["-m", program]
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
@@ -154,6 +158,12 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
         else:
             ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    # a request the local Ray can never meet would wait forever (a cluster given by --address may scale)
+    offered = ray.cluster_resources()
+    for flag, want, key in (("--cpus-per-run", cpus, "CPU"), ("--gpus-per-run", gpus, "GPU")):
+        if not address and want > offered.get(key, 0):
+            raise SweepError(f"{flag} {want:g}: this machine's Ray offers {offered.get(key, 0):g} {key}s in all, so "
+                             "no run could ever start; ask for less")
     task = ray.remote(run_experiment).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                                retry_exceptions=[RunFailed])
     threads = max(1, int(cpus))
@@ -169,7 +179,7 @@ def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0
                     status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed")
                     todo.remove(r)
                 elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
-                    running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program)] = r
+                    running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program, gpus)] = r
                     status[r.name].update(state="running", started=time.time())
                     todo.remove(r)
             save()
