@@ -235,6 +235,15 @@ def test_sweep_report_has_one_row_per_point_with_mean_and_std(swept):
         assert float(row["test_std"]) == pytest.approx(np.std(accs, ddof=1))
     md = (sweep_dir / "report" / "summary.md").read_text()
     assert "α × τ" in md and "alpha=0.5" in md and (sweep_dir / "report" / "accuracy_vs_sparsity.png").stat().st_size
+    # `report` on the runs folder (the studies and their teacher runs): the teacher runs are not
+    # settings of their own, so the same rows come out
+    root = sweep_dir.parent
+    assert cli.main(["report", str(root / "runs"), "--out", str(root / "runs-report")]) == 0
+    with open(root / "runs-report" / "table1.csv") as f:
+        again = [r for r in csv.DictReader(f) if r["phase"] == "distill-dense" and r["stop_rule"] == "none"]
+    assert sorted(float(r["alpha"]) for r in again) == [0.5, 0.8] and len(again) == len(table)
+    rows = [list(csv.DictReader(open(d / "table1.csv"))) for d in (sweep_dir / "report", root / "runs-report")]
+    assert len(rows[1]) == len(rows[0])  # (each teacher run was a group of its own, its vanilla curve twice)
 
 
 def test_rerunning_a_finished_sweep_changes_nothing(swept):

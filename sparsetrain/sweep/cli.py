@@ -103,6 +103,16 @@ def _run_dirs(paths) -> list[str]:
     return out
 
 
+def _teacher_only(run_dir: str) -> bool:
+    """A sweep's teacher run (--phases teacher): its student settings are placeholders."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return list(json.load(f).get("phases", [])) == ["teacher"]
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -110,6 +120,8 @@ def main(argv=None) -> int:
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
+        studies = [d for d in dirs if not _teacher_only(d)]
+        dirs = studies or dirs  # (a sweep's teacher runs are the studies' teacher phases: not settings of their own)
         from .report import write_sweep_report
         out = args.out if args.out != "sweeps" else os.path.join(os.path.commonpath(
             [os.path.abspath(d) for d in dirs]), "report")
