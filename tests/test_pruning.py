@@ -1,5 +1,6 @@
 """Global magnitude pruning on dense-masked and sparse layers, the engine policy, perturbations."""
 import copy
+import json
 
 import pytest
 import torch
@@ -165,6 +166,16 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     again = _wide_net()
     apply_engine(again, global_prune(again, {}, 0.9, scope="layer"), "auto", example=example)
     assert len(timed) == 4 and is_sparse(again[0]) and (tmp_path / "engine_auto.json").exists()
+    # another process's decision made meanwhile (a run in parallel) wins over measuring again here,
+    # though this process holds other decisions in memory
+    cache = json.loads((tmp_path / "engine_auto.json").read_text())
+    (tmp_path / "engine_auto.json").write_text(json.dumps({k: (not v) for k, v in cache.items()}))
+    monkeypatch.setattr(policy, "_DECISIONS", {"another layer": True})
+    other = _wide_net()
+    apply_engine(other, global_prune(other, {}, 0.9, scope="layer"), "auto", example=example)
+    assert len(timed) == 4 and not is_sparse(other[0]) and is_sparse(other[4])
+    (tmp_path / "engine_auto.json").write_text(json.dumps(cache))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
     # under DDP every rank takes rank 0's decisions (agree)
     agreed = _wide_net()
     apply_engine(agreed, global_prune(agreed, {}, 0.9, scope="layer"), "auto", example=example,

@@ -8,6 +8,7 @@ sparse where that is faster. Timing is noisy, and two runs that decided differen
 in the last bits of their results, so a decision is made once per machine: cached per (layer
 geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version) in memory and in
 $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
+measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
 and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
 resume reuses them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost).
 Without an example, "auto" falls back to the crossovers measured by bench/kernels.py on CPU
@@ -16,6 +17,7 @@ by a BatchNorm are fused with it (engine/fused.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -138,9 +140,28 @@ def _load_decisions() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _decision_lock():
+    """An exclusive lock on the machine's decision cache (fcntl; none where it is missing): runs in
+    parallel (a sweep's) measure a layer one at a time and all take the first decision made."""
+    try:
+        import fcntl
+        path = _cache_path() + ".lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a")
+    except (ImportError, OSError):  # (no fcntl, or a read-only home: decisions stay per process)
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _save_decision(key: str, value: bool) -> None:
-    """Merge one decision into the cache file (atomic replace; a concurrent writer may drop an
-    entry, which is then measured again)."""
+    """Merge one decision into the cache file (atomic replace, under _decision_lock)."""
     path = _cache_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -175,18 +196,20 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
                 torch.get_num_threads(), _machine()))
-    if not _DECISIONS:
-        _load_decisions()
-    if key not in _DECISIONS:
-        dense = copy.deepcopy(layer)
-        with torch.no_grad():
-            dense.weight.mul_(mask)
-        sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
-        # (the run's random streams do not see the probe)
-        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
-            x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
-            t_dense = _step_seconds(dense, x, reps)
-            t_sparse = _step_seconds(sparse, x, reps)
-        _DECISIONS[key] = t_sparse < t_dense
-        _save_decision(key, _DECISIONS[key])
+    if key in _DECISIONS:
+        return _DECISIONS[key]
+    with _decision_lock():
+        _load_decisions()  # (another process may have decided it meanwhile: its decision is the machine's)
+        if key not in _DECISIONS:
+            dense = copy.deepcopy(layer)
+            with torch.no_grad():
+                dense.weight.mul_(mask)
+            sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
+            # (the run's random streams do not see the probe)
+            with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+                x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
+                t_dense = _step_seconds(dense, x, reps)
+                t_sparse = _step_seconds(sparse, x, reps)
+            _DECISIONS[key] = t_sparse < t_dense
+            _save_decision(key, _DECISIONS[key])
     return _DECISIONS[key]
