@@ -309,26 +309,25 @@ def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):
 
 
 def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
-    """Ctrl-C (SIGINT to the sweep) while a student's process runs, then the same command again: the
+    """Ctrl-C (SIGINT to the sweep) while a student trains, then the same command again: the
     students' metrics equal those of the uninterrupted sweep (same settings, other --out)."""
     root, _, _, first = swept
     argv = _tiny(root, "--alpha", "0.5", "0.8", "--seeds", "0", "--out", str(tmp_path / "sw"))[1:]
     cmd = [sys.executable, "-m", "sparsetrain.sweep", "grid", *argv]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    def student_running():  # a student's process runs (its marker), the teacher is done
+    def student_training():  # a student's log shows its first finished round, its process runs
         for path in (tmp_path / "sw").glob("grid-*/status.json"):
             try:
                 status = json.loads(path.read_text())
             except ValueError:  # (being replaced)
                 return False
-            return any(s["kind"] == "study" and os.path.exists(s["log"] + ".running") for s in status.values())
+            return any(s["kind"] == "study" and os.path.exists(s["log"] + ".running")
+                       and "[distill-dense seed 0] round" in open(s["log"]).read() for s in status.values())
         return False
 
-    # (a tiny student trains for well under a second after its ~2 s start-up, and its output reaches the
-    # log only as it ends: the signal goes as soon as its process runs, so it lands in the student)
     deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None and not student_running():
-        time.sleep(0.02)
+    while time.time() < deadline and p.poll() is None and not student_training():
+        time.sleep(0.1)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=180)
     assert p.returncode == 130, out
