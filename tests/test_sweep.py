@@ -314,7 +314,9 @@ def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     root, _, _, first = swept
     argv = _tiny(root, "--alpha", "0.5", "0.8", "--seeds", "0", "--out", str(tmp_path / "sw"))[1:]
     cmd = [sys.executable, "-m", "sparsetrain.sweep", "grid", *argv]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # (SIGINT handled whatever the suite inherited: a shell's background job, `make test &`, ignores it)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     def student_training():  # a student's log shows its first finished round, its process runs
         for path in (tmp_path / "sw").glob("grid-*/status.json"):
             try:
