@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .formats import transpose_index
+from .formats import _fill_dense, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -193,14 +193,7 @@ class BSRLinear(nn.Module):
     def to_dense(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.values.device, dtype=self.weight.values.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight.to_dense())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        lin.weight.requires_grad_(self.weight.values.requires_grad)
-        if self.bias is not None:
-            lin.bias.requires_grad_(self.bias.requires_grad)
-        return lin.train(self.training)
+        return _fill_dense(lin, self.weight, self.bias, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bsr_linear(x, self.weight, self.bias)

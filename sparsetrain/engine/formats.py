@@ -199,3 +199,16 @@ def _validate(crow, col, values, rows, cols):
         key = rows_of * cols + col.long()
         if bool((key.diff() <= 0).any()):
             raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")
+
+
+def _fill_dense(dense: nn.Module, weight, bias: torch.Tensor | None, training: bool) -> nn.Module:
+    """`dense` (a fresh nn.Linear / nn.Conv2d) given a sparse layer's weight (a CSR or BSR: zeros where
+    pruned), bias, requires_grad flags and training mode: what the layers' to_dense() return."""
+    with torch.no_grad():
+        dense.weight.copy_(weight.to_dense())
+        if bias is not None:
+            dense.bias.copy_(bias)
+    dense.weight.requires_grad_(weight.values.requires_grad)
+    if bias is not None:
+        dense.bias.requires_grad_(bias.requires_grad)
+    return dense.train(training)

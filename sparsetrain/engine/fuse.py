@@ -11,6 +11,7 @@ from torch import fx, nn
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, _set_module
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
+from .placeholders import _backward_hooked, _watched
 
 __all__ = ["fuse_", "unfuse_"]
 
@@ -40,12 +41,6 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
         return (type(m).__module__.startswith("sparsetrain.engine.") or next(m.children(), None) is None
                 or super().is_leaf_module(m, qualname))
-
-
-def _hooked(m: nn.Module, backward: bool = False) -> bool:
-    """m has backward hooks (or, unless `backward`, forward ones)."""
-    hooks = (m._backward_hooks, m._backward_pre_hooks) + (() if backward else (m._forward_hooks, m._forward_pre_hooks))
-    return any(hooks)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -105,7 +100,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     fused, last = [], {}  # last: fused conv -> the graph node of its activation (its BN's or ReLU's call)
     for node in list(graph.nodes):
         if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
-                or _hooked(modules[node.target])):  # (a hook on the conv would see the activation)
+                or _watched(modules[node.target], global_hooks=False)):  # (a hook on the conv would see the activation)
             continue
         relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
         bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
@@ -116,8 +111,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
             if residual is None:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
-        if _hooked(modules[bn.target]) or any(_hooked(modules[r.target], backward=True)
-                                               for r in (relu_before, relu_after) if r is not None):
+        if _watched(modules[bn.target], global_hooks=False) or any(
+                _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None):
             continue  # (the placeholders pass the fused layer's tensors on: hooks on the BN would see other
             # inputs, and its output after the ReLU or shortcut; full backward hooks need the real modules)
         fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .formats import CSR
+from .formats import CSR, _fill_dense
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
@@ -47,14 +47,7 @@ class _SparseLayer(nn.Module):
         """The equivalent dense layer (zeros where pruned)."""
         dense = self._dense_layer(bias=self.bias is not None, device=self.weight.values.device,
                                   dtype=self.weight.values.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight.to_dense())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        dense.weight.requires_grad_(self.weight.values.requires_grad)
-        if self.bias is not None:
-            dense.bias.requires_grad_(self.bias.requires_grad)
-        return dense.train(self.training)
+        return _fill_dense(dense, self.weight, self.bias, self.training)
 
     @property
     def nnz(self) -> int:

@@ -14,21 +14,23 @@ from torch.nn.modules import module as _nn_module
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "MaxPool2x2"]
 
 
-def _backward_hooked(*modules: nn.Module) -> bool:
-    """A full backward hook (global, or on one of `modules`) wraps their inputs and outputs in new
-    tensors, whose gradients a pass-through placeholder cannot give as the unfused module would."""
-    if _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks:
+def _backward_hooked(*modules: nn.Module, global_hooks: bool = True) -> bool:
+    """A full backward hook (on one of `modules`, or a global one unless `global_hooks` is off) wraps
+    their inputs and outputs in new tensors, whose gradients a pass-through placeholder cannot give
+    as the unfused module would."""
+    if global_hooks and (_nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return True
     return any(m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
-def _watched(*modules: nn.Module) -> bool:
-    """A hook (global, or on one of `modules`) would see the tensors these modules pass on: the
-    fused layers then hand them the real tensors (no deferred BN, no pooling in the BN pass, no
-    replicated head)."""
-    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+def _watched(*modules: nn.Module, global_hooks: bool = True) -> bool:
+    """A hook (on one of `modules`, or a global one unless `global_hooks` is off) would see the
+    tensors these modules pass on: the fused layers then hand them the real tensors (no deferred BN,
+    no pooling in the BN pass, no replicated head); fuse_ leaves such modules unfused."""
+    if global_hooks and (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
         return True
-    return _backward_hooked(*modules) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return (_backward_hooked(*modules, global_hooks=global_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def _refuse_backward_hooks(m: nn.Module) -> None:
