@@ -100,6 +100,21 @@ def _different_config(root):
     (rd / "config.json").write_text(json.dumps({**cfg, "student": cfg["model"], "alpha": 0.5}))
 
 
+_HELD = []  # lock files held by this process while the cases run
+
+
+def _run_in_use(root):  # another process (this one) is running the same run
+    import fcntl
+    _mnist(root)
+    rd = _run_dir(root)
+    rd.mkdir(parents=True)
+    f = open(rd / ".lock", "w")
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD.append(f)
+
+
 def _run_dir(root):
     from pathlib import Path
     return Path(json.loads(_cli(root, "--print-config").stdout)["run_dir"])
@@ -133,6 +148,7 @@ CASES = [
     ("corrupt-config", "mnist", [], _corrupt_config, "config.json is corrupt"),
     ("truncated-state", "mnist", [], _truncated_state, "delete it to restart this phase"),
     ("different-config", "mnist", [], _different_config, "holds a run with different settings (alpha)"),
+    ("run-in-use", "mnist", [], _run_in_use, f"is in use by another process (pid {os.getpid()})"),
     ("report-only-missing", "mnist", ["--report-only"], _mnist, "--report-only: no run to report"),
     ("resume-missing", "mnist", ["--resume"], _mnist, "--resume: no run to resume"),
     ("teachers-missing-path", "mnist", ["--teachers", "nope.pt"], _mnist, "--teachers nope.pt: no such file"),

@@ -121,6 +121,26 @@ def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
         execute([Run("r", "study", str(tmp_path / "r"), [], phases=["never"])], str(tmp_path / "sw"))
 
 
+def test_a_sweep_folder_in_use_is_refused(tmp_path):
+    """A second sweep on the folder a running one holds (its lock) stops at once with who holds it."""
+    from sparsetrain.experiment.files import folder_lock
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import SweepError, execute
+    sw = tmp_path / "sw"
+    with subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom sparsetrain.experiment.files import "
+                           "folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+                           str(sw)], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(SweepError, match=rf"{sw} is in use by another process \(pid {holder.pid}\)"):
+                execute([Run("r", "study", str(tmp_path / "r"), [], phases=["never"])], str(sw))
+            assert not (sw / "status.json").exists()
+        finally:
+            holder.kill()
+    with folder_lock(str(sw)):  # released when its holder died
+        pass
+
+
 # ---------------------------------------------------------------------------- --phases / --reuse
 def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     """A distilled student alone needs a finished teacher: refused (exit 2) without one, linked from

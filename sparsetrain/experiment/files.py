@@ -9,6 +9,7 @@ temporary one whose checksum matches). No torch import here: the report uses it 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -18,11 +19,45 @@ import os
 import subprocess
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile", "Busy", "folder_lock"]
 
 
 class CorruptFile(ValueError):
     """A file no longer matches the size and checksum recorded when it was written."""
+
+
+class Busy(RuntimeError):
+    """Another process holds the folder's lock (the same run started twice)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+    """Hold an exclusive lock (fcntl, released by the kernel when the process dies) on `folder`/.lock
+    while the body runs: two processes writing one run's files would overwrite each other's
+    checkpoints and metrics. Busy at once when another process holds it; no lock where the folder
+    cannot be made (the caller's own checks say why) or fcntl is missing."""
+    try:
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise Busy(f"{folder} is in use by another process (pid {holder}): wait for it to finish, or stop it "
+                       "and run the command again to resume") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _digest(path: str) -> dict:

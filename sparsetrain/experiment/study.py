@@ -10,6 +10,7 @@ command continues where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from . import report
 from .checkpoint import load_model
 from .config import Config, config_from_args, phase_settings
 from .devices import resolve_device
-from .files import CorruptFile, git_commit, write_json
+from .files import Busy, CorruptFile, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics
 from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_tag
@@ -169,10 +170,15 @@ def run_study(cfg: Config) -> str:
     if dist.world() > 1 and dist.is_main():
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               "across them", flush=True)
-    rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
-    if dist.is_main():
-        prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
-    dist.barrier()
+    with folder_lock(run_dir_of(cfg)) if dist.is_main() else contextlib.nullcontext():
+        rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
+        if dist.is_main():
+            prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
+        dist.barrier()
+        return _run_seeds(cfg, rd, dev)
+
+
+def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
     train, reads = needed_phases(cfg)
     todo = reads + train
     student = cfg.resolved_student()
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
-    except (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile) as e:
+    except (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ..experiment.files import write_json
+from ..experiment.files import Busy, folder_lock, write_json
 from .plan import Run
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "SweepError", "run_experiment"]
@@ -109,11 +109,20 @@ class _Progress:
         self.bar.close()
 
 
-def execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0, max_concurrent: int = 0,
-            retries: int = 1, address: str = "") -> dict:
+def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
     """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
     SWEEP/status.json after every change): state done | failed | skipped (finished earlier) |
-    interrupted, attempts' seconds, log path, error."""
+    interrupted, attempts' seconds, log path, error. Options: cpus, gpus (per run), max_concurrent,
+    retries, address (of a Ray cluster). One sweep at a time per folder (its lock)."""
+    try:
+        with folder_lock(os.path.abspath(sweep_dir)):
+            return _execute(plan, sweep_dir, **options)
+    except Busy as e:
+        raise SweepError(str(e)) from None
+
+
+def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 0, max_concurrent: int = 0,
+             retries: int = 1, address: str = "") -> dict:
     logs = os.path.join(os.path.abspath(sweep_dir), "logs")  # (absolute: Ray workers have their own cwd)
     status = {r.name: {"state": "skipped" if r.done() else "queued", "kind": r.kind, "run_dir": r.run_dir,
                        "log": os.path.join(logs, f"{r.name}.log"), "deps": r.deps} for r in plan}
