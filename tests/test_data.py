@@ -44,10 +44,31 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
         D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / "bad.pt", download=False)
 
 
-@pytest.mark.parametrize("name,gz,sub", [("mnist", True, "MNIST/raw"), ("fashion-mnist", False, ""),
-                                         ("fashion-mnist", True, "fashion-mnist")])
+def test_cifar100n_label_file_pickled_under_numpy1(tmp_path):
+    """The CIFAR-N release's CIFAR-100_human.pt was saved under numpy 1: its arrays name
+    numpy.core.multiarray._reconstruct (numpy 2 saves numpy._core...); both load."""
+    import io
+    import zipfile
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=50, n_test=5)
+    noisy = (y + 1) % 100
+    torch.save({"noisy_label": noisy, "clean_label": y}, tmp_path / "np2.pt")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "np2.pt") as zin, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item.filename, data)
+    (tmp_path / "CIFAR-100_human.pt").write_bytes(buf.getvalue())
+    s = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.y, torch.from_numpy(noisy))
+
+
+@pytest.mark.parametrize("name,gz,sub", [("mnist", True, "MNIST/raw"), ("fashion-mnist", False, "FashionMNIST/raw"),
+                                         ("fashion-mnist", True, "fashion-mnist"), ("mnist", False, "mnist")])
 def test_idx_datasets(tmp_path, name, gz, sub):
-    arrays = write_mnist(tmp_path / sub if sub else tmp_path, gz)
+    arrays = write_mnist(tmp_path / sub, gz)
     s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
     assert (s.num_classes, s.in_channels, s.image_size) == (10, 1, (28, 28))
     assert torch.equal(s.train.x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
@@ -55,6 +76,16 @@ def test_idx_datasets(tmp_path, name, gz, sub):
     xb, yb = next(D.iterate(s.train, 16, augment=True, generator=torch.Generator().manual_seed(0)))
     ref = (s.train.x[:16].float() / 255 - s.train.mean.view(1, -1, 1, 1)) / s.train.std.view(1, -1, 1, 1)
     assert torch.allclose(xb, ref, atol=1e-5)  # MNIST-like: augment=True changes nothing but normalises
+
+
+def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
+    """Their IDX files have the same names: only DATA_DIR/<name>/ (or torchvision's layout) counts,
+    never files lying in DATA_DIR itself, which could be either dataset."""
+    write_mnist(tmp_path / "fashion-mnist", gz=False, n_train=12, n_test=4)
+    write_mnist(tmp_path, gz=False, n_train=12, n_test=4)
+    with pytest.raises(D.DatasetNotFound, match=f"copy the four IDX files into {tmp_path / 'mnist'}"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
 def test_read_idx_rejects_garbage(tmp_path):

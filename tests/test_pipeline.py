@@ -3,6 +3,7 @@ distillation, the CLI's errors."""
 import csv
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,6 +98,28 @@ def test_kd_loss_equals_hand_computation():
         kd_loss(s, t, y, 1.5, tau)
     with pytest.raises(ValueError, match="tau"):
         kd_loss(s, t, y, 0.5, 0.0)
+
+
+def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
+    """9 images in batches of 8: the 1-image batch would fail BatchNorm on a 1x1 map (VGG-like on
+    28x28 images); the epoch trains on the first 8. Under torchrun a final batch under 2N rows runs
+    whole on every rank (no rank gets a single row)."""
+    from sparsetrain.experiment import data as D
+    from sparsetrain.experiment import distributed as dist
+    from sparsetrain.experiment.train import train_epoch
+    g = torch.Generator().manual_seed(0)
+    split = D.Split(torch.randint(0, 256, (9, 1, 2, 2), dtype=torch.uint8, generator=g), torch.arange(9) % 3,
+                    torch.arange(9) % 3, torch.arange(9), torch.zeros(9, dtype=torch.bool), torch.tensor([0.5]),
+                    torch.tensor([0.25]))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = train_epoch(model, split, opt, 8, epoch=0, seed=0, masks={})
+    assert int(model[1].num_batches_tracked) == 1 and all(math.isfinite(v) for v in out.values())
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    assert dist.shard(3) == (slice(0, 3), 1.0) and dist.shard(4) == (slice(2, 4), 1.0)
+    assert dist.shard(5) == (slice(2, 5), 1.2)
 
 
 @pytest.mark.parametrize("argv,message", [

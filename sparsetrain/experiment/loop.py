@@ -220,7 +220,8 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
         source = s.rewind
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + s.rnd)
+            # (a stream of its own: seed * 1000 + round was seed 1's initial model for seed 0's round 1)
+            torch.manual_seed(D.seeded(seed, 7, s.rnd).initial_seed())
             source = build_model(**arch).state_dict()
     dev = next(s.model.parameters()).device
     source = {k: v.to(dev) for k, v in fit_state(s.model, source, lambda: build_model(**arch)).items()}

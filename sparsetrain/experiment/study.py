@@ -195,13 +195,13 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
                              "training images); the study picks each run's best round and stops early on it")
         if seed == cfg.seeds[0]:
             check_teachers_fit(cfg, splits)
-        dist.barrier()
-        splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
-                                     test=splits.test.to(dev))
         sd = os.path.join(rd, f"seed{seed}")
         os.makedirs(sd, exist_ok=True)
         if dist.is_main():
             write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
+        dist.barrier()
+        splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
+                                     test=splits.test.to(dev))
         tdir = os.path.join(sd, "teacher")
         if "teacher" in todo:
             run_phase(cfg, "teacher", splits, seed, "teacher", cfg.model, tdir)

@@ -52,9 +52,13 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     forward = forward or model
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
-    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g):
+    # a final batch of one sample is skipped: BatchNorm cannot train on one value per channel (a 1x1 map)
+    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g,
+                            drop_last=len(split) > 1 and len(split) % batch_size == 1):
         rows, scale = dist.shard(yb.numel())
+        counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
         if dist.world() > 1:
+            counted = rows.stop - rows.start < yb.numel() or dist.is_main()
             xb, yb = xb[rows], yb[rows]
         with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
             out = forward(xb)
@@ -74,15 +78,16 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         else:
             opt.step()
         enforce_masks_(model, masks)
-        b = yb.numel()
-        tot_loss += float(loss.detach()) * b
-        tot_correct += int((out.argmax(1) == yb).sum())
-        n += b
+        if counted:
+            b = yb.numel()
+            tot_loss += float(loss.detach()) * b
+            tot_correct += int((out.argmax(1) == yb).sum())
+            n += b
         if on_step is not None:
             on_step()
     if dist.world() > 1:
         tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
-                                                             device=yb.device)).tolist()
+                                                             device=split.y.device)).tolist()
     return {"loss": tot_loss / max(n, 1), "acc": tot_correct / max(n, 1)}
 
 

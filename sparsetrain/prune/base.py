@@ -16,10 +16,11 @@ imported in sparsetrain/prune/__init__.py; the experiment's `--structure` choice
 from __future__ import annotations
 
 import inspect
+import math
 
 from torch import nn
 
-__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES"]
+__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of"]
 
 SCOPES = ("global", "layer")
 RULES: dict[str, type["PruningRule"]] = {}
@@ -29,6 +30,12 @@ def check_rate(rate) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
         raise ValueError(f"rate must be in (0, 1), got {rate!r}")
     return float(rate)
+
+
+def count_of(rate: float, n: int) -> int:
+    """floor(rate * n), as the C++ magnitude_threshold counts: the 1e-12 allowance keeps a product that
+    float rounding puts just under an integer (0.7 * 90 = 62.99999...) at that integer."""
+    return min(n, math.floor(rate * n * (1 + 1e-12)))
 
 
 def check_scope(scope) -> str:

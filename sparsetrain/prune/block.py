@@ -14,7 +14,7 @@ from torch import nn
 
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import is_sparse, masks_of, prunable_layers
-from .base import PruningRule, check_rate, check_scope, register
+from .base import PruningRule, check_rate, check_scope, count_of, register
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
 
@@ -22,7 +22,8 @@ __all__ = ["block_mask", "block_prune", "BlockRule"]
 def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
     the smallest Frobenius norm of (weight * mask) (ties: lower block index first). Blocks already
-    fully pruned by `mask` have norm 0 and go first, so masks only shrink across rounds."""
+    fully pruned by `mask` go first, and the result is within `mask`: masks only shrink across
+    rounds (asking for less sparsity than `mask` has keeps `mask`)."""
     bs = check_block(block)
     if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
@@ -32,13 +33,17 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
         w = w * mask
     norms = blocks_view(as_matrix(w).float(), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
+    if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
+        dead = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) == 0
+        norms = torch.where(dead, norms.new_tensor(-1.0), norms)
     k = int(round(sparsity * norms.numel()))
     order = torch.argsort(norms.flatten(), stable=True)
     keep = torch.ones(norms.numel(), dtype=torch.bool, device=w.device)
     keep[order[:k]] = False
     rows, cols = as_matrix(w).shape
     full = keep.reshape(norms.shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)
-    return full[:rows, :cols].reshape(weight.shape)
+    full = full[:rows, :cols].reshape(weight.shape)
+    return full if mask is None else full & mask
 
 
 def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
@@ -71,7 +76,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
             idx = ok.nonzero().flatten()
             cand.append((norms[idx], torch.full_like(idx, li), idx))
         norms = torch.cat([c[0] for c in cand])
-        k = min(max(1, int(rate * n_alive)), norms.numel())
+        k = min(max(1, count_of(rate, n_alive)), norms.numel())
         # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
         pick = torch.argsort(norms, stable=True)[:k]
         which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..engine.nn import is_sparse
-from .base import PruningRule, check_rate, register
+from .base import PruningRule, check_rate, count_of, register
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
 
@@ -103,7 +103,7 @@ def _take(module: nn.Module, attr: str, idx: torch.Tensor, dim: int) -> None:
     t = getattr(module, attr)
     if t is None:
         return
-    new = t.detach().index_select(dim, idx).clone()
+    new = t.detach().index_select(dim, idx.to(t.device)).clone()  # (idx on the CPU: kept_channels)
     setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
@@ -136,7 +136,7 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
                 _take(bn, attr, idx, 0)
             bn.num_features = idx.numel()
         cols = (idx[:, None] * g.spatial + torch.arange(g.spatial)).flatten()
-        _take(g.nxt, "weight", cols.to(g.nxt.weight.device), 1)
+        _take(g.nxt, "weight", cols, 1)
         if isinstance(g.nxt, nn.Conv2d):
             g.nxt.in_channels = idx.numel()
         else:
@@ -153,7 +153,7 @@ def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
     for g in filter_groups(model):
         w = g.layer.weight.detach()
         n = w.shape[0]
-        k = min(n - 1, max(1, int(rate * n)))  # floor like global_prune; >= 1 to progress, keep >= 1
+        k = min(n - 1, max(1, count_of(rate, n)))  # floor like global_prune; >= 1 to progress, keep >= 1
         if k < 1:
             continue
         l1 = w.abs().reshape(n, -1).sum(1)

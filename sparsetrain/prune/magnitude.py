@@ -48,12 +48,14 @@ def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ti
 
 
 def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
-    """Re-pack the layer's CSR under the threshold; returns the ties it consumed."""
+    """Re-pack the layer's CSR under the threshold; returns the ties it consumed. (The C++ op runs
+    on the CPU: a layer on another device is re-packed there and moved back.)"""
     w = m.weight
     vals = w.values.detach()
-    crow, col, new_vals, keep = ops.csr_prune(w.crow_indices, w.col_indices, vals, thr, ties)
+    crow, col, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
     used = int((vals.abs() == thr).sum()) - int((new_vals.abs() == thr).sum())
-    m.weight = CSR(crow, col, new_vals.requires_grad_(True), w.shape, validate=False)
+    dev = vals.device
+    m.weight = CSR(crow.to(dev), col.to(dev), new_vals.to(dev).requires_grad_(True), w.shape, validate=False)
     return used
 
 
@@ -68,7 +70,12 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     new_masks = dict(masks)
     for group in groups:
         pairs = [_weight_and_mask(m, masks, n) for n, m in group]
-        thr, ties = ops.magnitude_threshold([w for w, _ in pairs], rate, [mk for _, mk in pairs])
+        for (name, _), (w, _) in zip(group, pairs):
+            if bool(torch.isnan(w).any()):  # (no magnitude to rank: the run has diverged)
+                raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
+        # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU)
+        thr, ties = ops.magnitude_threshold([w.cpu() for w, _ in pairs], rate,
+                                            [None if mk is None else mk.cpu() for _, mk in pairs])
         for name, m in group:
             if is_sparse(m):
                 ties -= _prune_sparse_(m, thr, ties)
