@@ -23,6 +23,20 @@ def _rows(out, phase):
         return list(csv.DictReader(f))
 
 
+def _children(pid):
+    """The live processes whose parent is `pid` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if d.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def test_two_gloo_processes_follow_one(mnist_dir, study_args):
     base = study_args(mnist_dir, "--teachers", "dense", "--engine", "sparse")
     one = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base, "--out", str(mnist_dir / "one")],
@@ -60,9 +74,17 @@ def test_two_gloo_processes_follow_one(mnist_dir, study_args):
         except (ValueError, OSError):  # (being replaced right now)
             pass
         time.sleep(0.05)
+    workers = _children(p.pid)  # (torchrun starts each worker in a session of its own: killpg misses them)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert state is not None, "the run ended before round 2 could be interrupted"
+    assert len(workers) == 2
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not list((mnist_dir / "killed").glob("*/seed0/teacher/best.json"))  # the teacher had not finished
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for phase in ("teacher", "distill-dense"):
@@ -70,3 +92,40 @@ def test_two_gloo_processes_follow_one(mnist_dir, study_args):
         assert len(a) == len(b) == 5
         for ra, rb in zip(a, b):
             assert all(float(rb[k]) == pytest.approx(float(ra[k]), rel=1e-6, abs=1e-7) for k in KEYS), (phase, ra["round"])
+
+
+_MASKS_SCRIPT = """
+import sys, torch, torch.distributed as tdist
+from sparsetrain.experiment import distributed as dist
+from sparsetrain.experiment.models import build_model
+from sparsetrain.prune import make_rule
+tdist.init_process_group("gloo")
+for scope in ("layer", "global"):
+    for same in (True, False):
+        torch.manual_seed(0 if same else 100 + dist.rank())
+        m = build_model("lenet300", 10, 1, 28)
+        masks = make_rule("unstructured", scope=scope).prune(m, {}, 0.5)
+        try:
+            dist.check_masks_agree(m, masks)
+            got = "agree"
+        except RuntimeError:
+            got = "differ"
+        with open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "a") as f:  # (one file each: no interleaved lines)
+            f.write(f"{dist.rank()} {scope} {same} {got}\\n")
+tdist.destroy_process_group()
+"""
+
+
+def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
+    """Two ranks pruning different weights per layer keep the same counts (--scope layer): the
+    check must still see that their masks differ."""
+    script = tmp_path / "masks.py"
+    script.write_text(_MASKS_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted((tmp_path / "rank0.txt").read_text().split("\n") + (tmp_path / "rank1.txt").read_text().split("\n"))
+    expected = sorted(f"{r} {scope} {same} {'agree' if same else 'differ'}" for r in (0, 1)
+                      for scope in ("layer", "global") for same in (True, False))
+    assert [ln for ln in lines if ln] == expected

@@ -45,6 +45,7 @@ def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
     vals = [float(r["val_acc"]) for r in rows]
     assert best["round"] == vals.index(max(vals))
     assert [int(r["is_best"]) for r in rows].count(1) == 1 and int(rows[best["round"]]["is_best"]) == 1
+    assert not list(rd.glob("seed0/*/state.pt*"))  # finished phases keep no resume state (nor its checksum)
     model, masks, payload = load_model(str(rd / "seed0" / "teacher" / best["path"]))
     assert payload["round"] == best["round"]
     # masks only shrink, round over round

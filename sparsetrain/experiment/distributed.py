@@ -4,9 +4,10 @@ Every rank loads the same data and builds the same model from the same seed; eac
 (`--batch-size`, drawn with every augmentation from the same seeded CPU generator as a single
 process) is cut into N contiguous row slices, one per rank, and the local loss is scaled by
 n_local * N / n_global, so DistributedDataParallel's gradient average is exactly the gradient of
-the global batch mean (a final batch under 2N rows is computed whole on every rank: no rank trains
-BatchNorm on a single sample). Gradients are
-averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are not broadcast on every step
+the global batch mean for a model without BatchNorm (with it, each rank normalises with its own
+rows' batch statistics, as DDP does without SyncBatchNorm: close to one process, not equal; a final
+batch under 2N rows is computed whole on every rank, so no rank trains BatchNorm on one sample).
+Gradients are averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are not broadcast on every step
 (`broadcast_buffers=False`: the CSR index buffers never change within a round), and BatchNorm
 running statistics are averaged over the ranks after every epoch. Evaluation and the entropy pass
 (ReLU counts of Eq. 1) are sharded and summed over ranks, so they equal the single-process values.
@@ -94,12 +95,17 @@ def sync_bn_stats_(model: nn.Module) -> None:
 
 
 def check_masks_agree(model: nn.Module, masks: dict) -> None:
-    """Pruning ran on every rank on identical weights: its kept counts per layer must agree."""
+    """Pruning ran on every rank on identical weights: its masks must agree, compared by a hash of
+    each layer's kept positions (a count alone passes per-layer rules, which keep a fixed count)."""
     if world() == 1:
         return
     from ..engine.nn import masks_of
-    counts = torch.tensor([float(m.sum()) for m in masks_of(model, masks).values()], dtype=torch.float64,
-                          device=next(model.parameters()).device)
+    p = 2 ** 31 - 1  # per layer: kept count and sum of h(position) = (position * a mod p)^2 mod p (int64)
+    keys = []
+    for m in masks_of(model, masks).values():
+        x = m.flatten().nonzero().flatten() % p * 48271 % p
+        keys += [int(x.numel()), int((x * x % p).sum())]
+    counts = torch.tensor(keys, dtype=torch.int64, device=next(model.parameters()).device)
     lo, hi = counts.clone(), counts.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -240,9 +240,9 @@ def finish(pdir: str, rows: list[dict]) -> None:
     write_json(os.path.join(pdir, "best.json"),
                {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
                 "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"})
-    state = os.path.join(pdir, "state.pt")
-    if os.path.exists(state):
-        os.remove(state)
+    for path in ("state.pt", "state.pt.sha256"):  # (the resume state and its checksum: done with)
+        if os.path.exists(os.path.join(pdir, path)):
+            os.remove(os.path.join(pdir, path))
 
 
 # ============================================================================ one phase

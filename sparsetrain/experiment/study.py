@@ -193,6 +193,9 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
             raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
                              "training images); the study picks each run's best round and stops early on it")
+        if len(splits.train) < dist.world():  # (a rank without rows has no layer shapes for the entropy's sums)
+            raise UsageError(f"{len(splits.train)} training images for {dist.world()} ranks: every rank needs rows "
+                             "of its own; use fewer processes or more data (--subset)")
         if seed == cfg.seeds[0]:
             check_teachers_fit(cfg, splits)
         sd = os.path.join(rd, f"seed{seed}")
