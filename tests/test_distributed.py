@@ -129,3 +129,13 @@ def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
     expected = sorted(f"{r} {scope} {same} {'agree' if same else 'differ'}" for r in (0, 1)
                       for scope in ("layer", "global") for same in (True, False))
     assert [ln for ln in lines if ln] == expected
+
+
+def test_fewer_training_images_than_ranks_is_refused(mnist_dir, study_args):
+    base = study_args(mnist_dir, "--teachers", "dense", "--val-fraction", "0.5")
+    base[base.index("--subset") + 1] = "2"  # one training image, one validation image
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "error: 1 training images for 2 ranks: every rank needs rows of its own" in out.stderr
