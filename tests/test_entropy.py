@@ -1,4 +1,5 @@
 """sparsetrain.entropy: Eq. 1 against hand computations on fixed networks."""
+import copy
 import math
 
 import pytest
@@ -96,6 +97,23 @@ def test_errors():
         activation_entropy(nn.Linear(2, 2), [X])
     with pytest.raises(ValueError, match="no samples"):
         activation_entropy(_fixed_net(), [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_and_one_neuron_outputs(dtype):
+    """Half-precision models and a ReLU on [B] outputs (one neuron) count as float32 ones do."""
+    m = _fixed_net()
+    ref = activation_entropy(m, [X])
+    half = activation_entropy(copy.deepcopy(m).to(dtype), [X.to(dtype)])
+    assert half["neurons"] == ref["neurons"]
+    assert half["mean"] == pytest.approx(ref["mean"])  # (the same signs: exact values)
+    one = nn.Sequential(nn.Linear(2, 1), nn.Flatten(0), nn.ReLU())
+    with torch.no_grad():
+        one[0].weight.copy_(torch.tensor([[1.0, 0.0]]))
+        one[0].bias.zero_()
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # 3 of 4 positive: H(3/4)
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert activation_entropy(one, [x])["mean"] == pytest.approx(h)
 
 
 def test_torch_fallback_equals_cpp_op(monkeypatch):

@@ -82,6 +82,20 @@ def test_weighted_layers_match_torch_flop_counter(name, shape):
     assert ours["weights"] == ours["total"] == counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("layer,shape", [(nn.ConvTranspose2d(3, 5, 3, stride=2, bias=False), (3, 6, 6)),
+                                         (nn.ConvTranspose1d(4, 6, 3, stride=3, bias=False), (4, 7)),
+                                         (nn.Conv2d(3, 6, 3, groups=3, bias=False), (3, 7, 5)),
+                                         (nn.Conv1d(2, 4, 2, bias=False), (2, 9))])
+def test_other_convs_match_torch_flop_counter(layer, shape):
+    """A transposed conv multiplies every weight at each input position (not output position)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    m = nn.Sequential(layer).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        m(torch.zeros(1, *shape))
+    assert forward_flops(m, shape)["weights"] == counter.get_total_flops() > 0
+
+
 def test_adaptive_pool_windows_hand_counted():
     # 16x16 -> 7x7 adaptive average pooling: window starts floor(i*16/7) = 0,2,4,6,9,11,13 and
     # ends ceil((i+1)*16/7) = 3,5,7,10,12,14,16, so sizes 3,3,3,4,3,3,3: 22 per dim, 22^2 = 484
@@ -92,8 +106,9 @@ def test_adaptive_pool_windows_hand_counted():
 
 def test_resnet18_macs_match_known_value_and_mode_restored():
     m = build_model("resnet18", 10, 3, 32).train()
+    m.bn1.eval()  # a frozen BatchNorm inside a training model keeps its mode
     r = forward_flops(m, (3, 32, 32))
-    assert m.training
+    assert m.training and not m.bn1.training and m.layer1[0].bn1.training
     # the CIFAR ResNet-18 has 0.556 G multiply-adds in its conv and linear layers
     assert r["weights"] // 2 == pytest.approx(556e6, rel=0.002)
 
@@ -103,3 +118,6 @@ def test_training_flops():
     assert training_flops({"total": 10}, 3, 1, factor=1.0) == 30
     with pytest.raises(ValueError, match="n_samples"):
         training_flops(1, -1, 1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="epochs must be a finite non-negative number"):
+            training_flops(1, 1, bad)

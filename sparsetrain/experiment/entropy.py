@@ -47,7 +47,8 @@ def _counter():
         relu_count_ = None
 
     def count_(counts: torch.Tensor, out: torch.Tensor) -> None:
-        if relu_count_ is not None and out.device.type == "cpu" and out.is_floating_point():
+        if (relu_count_ is not None and out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64)
+                and out.dim() >= 2):  # (the C++ op's cases; half precision and [B] outputs below)
             relu_count_(counts, out)
         else:
             counts += (out.detach().reshape(out.shape[0], -1) > 0).sum(0).to(counts)

@@ -7,7 +7,7 @@ is the real one. Conventions (one multiply-add = 2 FLOPs):
   e.g. SparseLinear / SparseConv2d): 2 * nnz * P + (bias ? out_units * P : 0), where nnz is the
   number of nonzero weights (the mask's True count when a mask is given, `.nnz` for sparse layers,
   the weight's nonzeros for dense ones) and P the output positions per output unit (H_out * W_out
-  for a conv, 1 for a linear on [B, in]). Zero-padding taps of a conv count as in a dense conv.
+  for a conv, 1 for a linear on [B, in]; a transposed conv's multiply-adds are per input position). Zero-padding taps of a conv count as in a dense conv.
 * elementwise layers (counted separately in "elementwise"): BatchNorm (eval) 2 per output element
   (folded scale and shift), ReLU-like activations 1, MaxPool k-1 comparisons and AvgPool k adds
   (k = kernel window) per output element, adaptive average pooling the exact summed window sizes.
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..engine.hooks import hooked_eval
 
-__all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_round_flops"]
+__all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_macs", "paper_round_flops"]
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU)
 _BN = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -116,19 +116,21 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         totals[kind] += int(flops)
 
     def weighted_hook(name, mod):
-        def hook(_m, _inp, out):
+        def hook(_m, inp, out):
             if _is_conv(mod):
                 units, positions = out.shape[1], out[0, 0].numel()
+                # (a transposed conv meets every weight once per *input* position)
+                taps = inp[0][0, 0].numel() if isinstance(mod, nn.modules.conv._ConvTransposeNd) else positions
             else:
                 units = out.shape[-1]
-                positions = out[0].numel() // units
+                positions = taps = out[0].numel() // units
             if dense:  # every weight of the architecture, one multiply-add each, no bias adds
                 w = getattr(mod, "weight", None)
-                add(name, "weights", 2 * math.prod(w.shape) * positions)
+                add(name, "weights", 2 * math.prod(w.shape) * taps)
                 return
             nnz = layer_nnz(mod, _find_masks(masks, name))
             bias = getattr(mod, "bias", None) is not None
-            add(name, "weights", 2 * nnz * positions + (units * positions if bias else 0))
+            add(name, "weights", 2 * nnz * taps + (units * positions if bias else 0))
         return hook
 
     def elementwise_hook(name, mod):
@@ -175,8 +177,8 @@ def training_flops(fwd_flops: int | dict, n_samples: int, epochs: int | float = 
     x samples x epochs. `fwd_flops` is an int or forward_flops()'s dict (its "total")."""
     f = fwd_flops["total"] if isinstance(fwd_flops, dict) else fwd_flops
     for arg, v in (("fwd_flops", f), ("n_samples", n_samples), ("epochs", epochs), ("factor", factor)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{arg} must be a non-negative number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"{arg} must be a finite non-negative number, got {v!r}")
     return int(round(factor * f * n_samples * epochs))
 
 
@@ -187,10 +189,37 @@ def dense_macs(model: nn.Module, input_shape) -> int:
     return forward_flops(model, input_shape, elementwise=False, dense=True)["weights"] // 2
 
 
+@torch.no_grad()
+def paper_macs(model: nn.Module, input_shape) -> int:
+    """The paper's per-image forward cost: dense_macs plus, per output element, 1 for a conv's bias
+    and 4 for an affine BatchNorm (2 without affine), as thop-style profilers count them (its ReLU,
+    pooling and linear biases count 0). VGG-like(5, 5) at 32 x 32: 67,195,904 + 5 x 126,976 conv
+    outputs = 67,830,784, which reproduces every PFLOPs entry of the paper's Tables 1 and 6-11 as
+    whole rounds (3 x 67.83 M x 50,000 x 160 = 1.628 PFLOPs)."""
+    extra, handles = [0], []
+
+    def hook(m, _inp, out):
+        n = out[0].numel()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            extra[0] += (4 if m.affine else 2) * n
+        elif getattr(m, "bias", None) is not None:
+            extra[0] += n
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (_is_conv(m) and not _is_linear(m)):
+            handles.append(m.register_forward_hook(hook))
+    p = next(model.parameters(), None)
+    x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")
+    with hooked_eval(model, handles):
+        model(x)
+    return dense_macs(model, input_shape) + extra[0]
+
+
 def paper_round_flops(model: nn.Module, input_shape, n_images: int, epochs: int) -> int:
-    """One pruning round in the paper's convention (its Tables 1 and 6-11): 3 x the dense forward
-    counted as multiply-adds (one FLOP per multiply-add) x training images x epochs, whatever the
-    sparsity. VGG-like(5, 5) on CIFAR-10: 3 x 67.8 M x 50,000 x 160 = 1.63 PFLOPs per round, so
-    the paper's 48.84 PFLOPs is 30 rounds. `n_images`: the whole training file (train + validation:
-    the paper's code trains on all 50,000 CIFAR images)."""
-    return training_flops(dense_macs(model, input_shape), n_images, epochs)
+    """One pruning round in the paper's convention (its Tables 1 and 6-11): 3 x paper_macs (the
+    dense forward, one FLOP per multiply-add, whatever the sparsity) x training images x epochs.
+    VGG-like(5, 5) on CIFAR-10: 3 x 67.83 M x 50,000 x 160 = 1.628 PFLOPs per round, so the paper's
+    48.84 PFLOPs is 30 rounds. `n_images`: the whole training file (train + validation: the paper's
+    code trains on all 50,000 CIFAR images)."""
+    return training_flops(paper_macs(model, input_shape), n_images, epochs)

@@ -33,7 +33,7 @@ from .devices import resolve_amp
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
-from .flops import dense_macs, forward_flops, paper_round_flops, training_flops
+from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .models import build_model
 from .train import evaluate, make_optimizer, train_epoch
 
@@ -257,10 +257,11 @@ class Costs:
 
 
 def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdir: str, teacher=None,
-              teacher_cost: tuple = (0, 0)) -> str:
+              teacher_cost: tuple = (0, 0), teacher_arch: dict | None = None) -> str:
     """Algorithm 1 for one model (CE, or Eq. 2 with `teacher`), resumable. `role`: whose schedule
     and stop rules apply ("teacher" or "student"); `teacher_cost`: (exact, paper convention) FLOPs
-    spent obtaining the teacher. Returns pdir."""
+    spent obtaining the teacher; `teacher_arch`: its build_model arguments (its dense cost in the
+    paper's convention: a filter-pruned teacher has lost channels). Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
     if dist.is_main():  # (may finish an interrupted checkpoint write)
         verify_phase(pdir)
@@ -278,12 +279,13 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     shape, n_images = (splits.in_channels, *splits.image_size), len(splits.train) + len(splits.val)
     with torch.random.fork_rng(devices=[]):  # sparsity counts against the unpruned model's weights
         dense = build_model(**arch)
+        dense_teacher = build_model(**teacher_arch) if teacher is not None and teacher_arch else teacher
     n_orig = weight_count(dense)
     cost = Costs(paper_round_flops(dense, shape, n_images, hp.epochs))
     if teacher is not None:
         cost.teacher_fwd = forward_flops(teacher, shape)["total"]
         cost.teacher_cost, cost.teacher_paper_cost = teacher_cost
-        cost.teacher_paper_round = dense_macs(teacher, shape) * n_images * hp.epochs
+        cost.teacher_paper_round = paper_macs(dense_teacher, shape) * n_images * hp.epochs
     while True:
         sparsity = model_sparsity(s.model, s.masks, n_orig)
         t0 = time.perf_counter()

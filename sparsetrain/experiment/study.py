@@ -139,12 +139,13 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
 
 
 def load_teacher(path: str):
-    """The teacher model of a checkpoint (teacher_checkpoint), in eval mode, without gradients."""
-    model, _, _ = load_model(path)
+    """(the teacher model of a checkpoint (teacher_checkpoint), in eval mode, without gradients; its
+    architecture's build_model arguments, for its dense cost)."""
+    model, _, payload = load_model(path)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, payload["arch"]
 
 
 # ============================================================================ the study
@@ -222,8 +223,9 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
                     os.symlink(served[key], pdir, target_is_directory=True)
                 dist.barrier()
             else:
-                run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=load_teacher(path).to(dev),
-                          teacher_cost=cost)
+                teacher, teacher_arch = load_teacher(path)
+                run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
+                          teacher_cost=cost, teacher_arch=teacher_arch)
             served.setdefault(key, phase)
     return report.write_report(rd) if dist.is_main() else os.path.join(rd, "summary.md")
 
@@ -255,7 +257,7 @@ def check_teachers_fit(cfg: Config, splits) -> None:
             continue
         try:
             with torch.no_grad():
-                shape = tuple(load_teacher(choice)(xb).shape)
+                shape = tuple(load_teacher(choice)[0](xb).shape)
         except (RuntimeError, ValueError) as e:
             raise UsageError(f"--teachers {choice}: the model does not take {cfg.dataset}'s images "
                              f"{tuple(xb.shape[1:])} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
