@@ -158,7 +158,7 @@ CASES = [
     ("subset", "mnist", ["--subset", "-5"], None, "--subset must be >= 0"),
     ("val-fraction", "mnist", ["--val-fraction", "1.5"], None, "--val-fraction must be in [0, 1)"),
     ("threads", "mnist", ["--threads", "-1"], None, "--threads must be >= 0"),
-    ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more seeds >= 0"),
+    ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more distinct seeds >= 0"),
     ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),
     ("dataset", "mnist", ["--early-stop", "sometimes"], None, "argument --early-stop: invalid choice"),
     ("device", "mnist", ["--device", "tpu"], None, "--device must be auto, cpu, cuda or cuda:N"),

@@ -45,6 +45,19 @@ def test_paper_profile_is_table4_per_role(dataset):
     assert cfg.teachers == ("dense", "best") and cfg.seeds == (0, 1, 2) and cfg.separate_vanilla()
 
 
+def test_paper_profile_on_flowers_and_imagenet_is_appendix_i():
+    """I.2: no noise, ResNet-18 teacher, VGG-like(4, 5) student on CIFAR's VGG schedule; I.3 / Table 14:
+    no noise, ResNet-50 teacher, ResNet-18 student, sparsities 0, 0.5, 0.75, 0.875."""
+    cfg, _ = config_from_args(["flowers102"])
+    assert (cfg.eps, cfg.model, cfg.resolved_student(), cfg.seeds) == (0.0, "resnet18", "vgg_d4g5", (0, 1, 2))
+    assert _row(cfg.hyper("teacher")) == TABLE4[("resnet18", "flowers102")]
+    assert _row(cfg.hyper("student")) == TABLE4[("vgg_d5g5", "cifar10")]
+    cfg, _ = config_from_args(["imagefolder"])
+    assert (cfg.eps, cfg.model, cfg.resolved_student()) == (0.0, "resnet50", "resnet18")
+    rounds = [1 - (1 - cfg.rate) ** k for k in range(6) if 1 - (1 - cfg.rate) ** k < cfg.wall]
+    assert rounds == [0.0, 0.5, 0.75, 0.875]
+
+
 @pytest.mark.parametrize("model,dataset", [("resnet18", "flowers102"), ("resnet18", "imagefolder"),
                                            ("resnet50", "imagefolder"), ("vgg_d5g5", "cifar10")])
 def test_explicit_model_gets_its_own_row(model, dataset):

@@ -97,8 +97,11 @@ def test_kd_loss_equals_hand_computation():
     torch.testing.assert_close(kd_loss(s, t, y, 0.0, tau), F.cross_entropy(s, y))
     with pytest.raises(ValueError, match="alpha"):
         kd_loss(s, t, y, 1.5, tau)
-    with pytest.raises(ValueError, match="tau"):
-        kd_loss(s, t, y, 0.5, 0.0)
+    for bad in (0.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="tau must be a number > 0 and finite"):
+            kd_loss(s, t, y, 0.5, bad)
+    with pytest.raises(ValueError, match="alpha must be a number in"):
+        kd_loss(s, t, y, True, tau)
 
 
 def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
@@ -139,9 +142,17 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--subset", "-5"], "--subset must be >= 0"),
     (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["mnist", "--threads", "-1"], "--threads must be >= 0"),
-    (["mnist", "--seeds", "-1"], "--seeds must be one or more seeds >= 0"),
+    (["mnist", "--seeds", "-1"], "--seeds must be one or more distinct seeds >= 0"),
     (["mnist", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
     (["mnist", "--phases", "student"], "argument --phases: invalid choice: 'student'"),
+    (["mnist", "--phases", "teacher", "teacher"], "--phases must be one or more distinct"),
+    (["mnist", "--seeds", "0", "0"], "--seeds must be one or more distinct seeds >= 0"),
+    (["mnist", "--teachers", "dense", "dense"], "--teachers must be one or more distinct"),
+    (["mnist", "--milestones", "8", "8"], "--milestones must be increasing epochs >= 1, got (8, 8)"),
+    (["mnist", "--student-milestones", "9", "3"], "--student-milestones must be increasing epochs"),
+    (["mnist", "--t-e", "2"], "--t-e must be in (0, 1]"),
+    (["mnist", "--t-a", "0"], "--t-a must be in (0, 1]"),
+    (["mnist", "--model", "vgg_d5g40"], "VGG-like needs delta + gamma <= 14"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -161,6 +161,9 @@ TABLE4 = {
                            rewind_iter=0),
     ("flowers", "*"): dict(epochs=160, batch_size=64, lr=0.001, milestones=(80, 120), weight_decay=1e-5,
                            rewind_iter=0),
+    # Appendix I.2: VGG-like on Flowers-102 "exactly the same strategy as for CIFAR-10"
+    ("flowers", "vgg"): dict(epochs=160, batch_size=128, lr=0.001, milestones=(80, 120), weight_decay=1e-4,
+                             rewind_iter=0),
     ("imagenet", "*"): dict(epochs=90, batch_size=1024, lr=0.1, milestones=(30, 60), weight_decay=1e-4,
                             rewind_iter=0),
     ("mnist", "*"): dict(epochs=30, batch_size=128, lr=0.1, milestones=(15, 22), weight_decay=1e-4,
@@ -177,6 +180,10 @@ QUICK = {
 STUDY = {
     ("paper", "cifar"): dict(model="resnet18", student="vgg_d5g5", seeds=(0, 1, 2)),
     ("paper", "mnist"): dict(model="lenet300", student="", seeds=(0, 1, 2), wall=0.996),
+    # Appendix I: no injected noise; Flowers-102 (I.2) ResNet-18 -> VGG-like(4, 5); ImageNet (I.3, Table
+    # 14) ResNet-50 -> ResNet-18 at sparsities 0 / 0.5 / 0.75 / 0.875 (rate 0.5, three rounds)
+    ("paper", "flowers"): dict(model="resnet18", student="vgg_d4g5", eps=0.0, seeds=(0, 1, 2)),
+    ("paper", "imagenet"): dict(model="resnet50", student="resnet18", eps=0.0, rate=0.5, wall=0.9),
     ("paper", "*"): dict(model="resnet18", student="", seeds=(0, 1, 2)),
     # rate 0.2 to the wall 0.996: rounds 0..24, the last at 99.53% (the quick study's sweet phase)
     ("quick", "mnist"): dict(model="lenet300", student="", subset=10000, wall=0.996),
@@ -241,22 +248,25 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
               ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
-              ("t_e", 0 < cfg.t_e < math.inf, "> 0 and finite"), ("t_a", 0 < cfg.t_a < math.inf, "> 0 and finite"),
+              ("t_e", 0 < cfg.t_e <= 1, "in (0, 1] (a fraction of the dense or peak entropy)"),
+              ("t_a", 0 < cfg.t_a <= 1, "in (0, 1] (a fraction of the best validation accuracy)"),
               ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
               ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
               ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
               ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop < math.inf, "> 0 and finite"),
-              ("seeds", len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds), "one or more seeds >= 0"),
-              ("teachers", len(cfg.teachers) > 0, "at least one of best, dense, PATH"),
-              ("phases", len(cfg.phases) > 0, "one or more of " + ", ".join(PHASE_KINDS))]
+              ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds),
+               "one or more distinct seeds >= 0"),
+              ("teachers", len(set(cfg.teachers)) == len(cfg.teachers) > 0, "one or more distinct of best, dense, PATH"),
+              ("phases", len(set(cfg.phases)) == len(cfg.phases) > 0, "one or more distinct of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:
         hp = cfg.hyper(role)
         checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"), (f"{role}_batch_size", hp.batch_size >= 1, ">= 1"),
                    (f"{role}_lr", 0 < hp.lr < math.inf, "> 0 and finite"),
                    (f"{role}_weight_decay", 0 <= hp.weight_decay < math.inf, ">= 0 and finite"),
                    (f"{role}_rewind_iter", hp.rewind_iter >= 0, ">= 0"),
-                   (f"{role}_milestones", all(m >= 1 for m in hp.milestones), "epochs >= 1")]
+                   (f"{role}_milestones", all(m >= 1 for m in hp.milestones)
+                    and list(hp.milestones) == sorted(set(hp.milestones)), "increasing epochs >= 1")]
     for name, ok, expected in checks:
         if not ok:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
@@ -285,15 +295,25 @@ def phase_settings(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------- CLI
-def _add_flag(p, flag: str, t, default, help_: str, choices=None) -> None:
+# the fields a profile's preset sets (per dataset and model): --help cannot give one default for them
+PRESET_FIELDS = frozenset({k for row in STUDY.values() for k in row} | {"eps"}
+                          | {f"{r}_{k}" for r in ROLES for k in ROLE_KEYS})
+
+
+def _add_flag(p, flag: str, t, default, help_: str, choices=None, preset: bool = False) -> None:
+    shown = " ".join(map(str, default)) or "none" if t is tuple else default
+    if preset:  # (the dataclass default is not what a run gets)
+        help_ = help_.replace(" (default: Table 4", " (Table 4")
+        shown = ": set by --profile for the dataset and model; --print-config shows it"
+    else:
+        shown = f" {shown}"
     if t is bool:
         p.add_argument(flag, action="store_true", default=None, help=help_)
     elif t is tuple:
         elem = type(default[0]) if default else str
-        p.add_argument(flag, nargs="+", type=elem, default=None, choices=choices,
-                       help=f"{help_} (default {' '.join(map(str, default)) or 'none'})")
+        p.add_argument(flag, nargs="+", type=elem, default=None, choices=choices, help=f"{help_} (default{shown})")
     else:
-        p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default {default})")
+        p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default{shown})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -314,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f.name, help=f.metadata["help"], choices=f.metadata.get("choices"))
         else:
             _add_flag(p, f"--{f.name.replace('_', '-')}", hints[f.name], f.default, f.metadata["help"],
-                      f.metadata.get("choices"))
+                      f.metadata.get("choices"), preset=f.name in PRESET_FIELDS)
     for k in ROLE_KEYS:  # both roles at once; --teacher-<k> / --student-<k> set one role
         f = next(f for f in fields(Config) if f.name == f"teacher_{k}")
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,

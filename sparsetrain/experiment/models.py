@@ -122,6 +122,9 @@ def resolve_name(name: str) -> tuple[str, dict]:
         key, kwargs = "vgg_like", {"delta": int(m.group(1)), "gamma": int(m.group(2))}
         if kwargs["delta"] < 1:
             raise ValueError(f"model {name!r}: VGG-like needs delta >= 1 stage (vgg_d<delta>g<gamma>)")
+        if kwargs["delta"] + kwargs["gamma"] >= 15:  # last stage 2^(delta+gamma-1) channels: 18 x 4^14 > 2^31 weights
+            raise ValueError(f"model {name!r}: VGG-like needs delta + gamma <= 14 (its last stage would hold "
+                             f"{2 ** (kwargs['delta'] + kwargs['gamma'] - 1)} channels, over 2^31 weights)")
     if key not in _ALIASES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} (or vgg_dXgY, e.g. vgg_d5g5)")
     return _ALIASES[key], kwargs

@@ -5,6 +5,8 @@ and augmentations as the uninterrupted run.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,10 +21,10 @@ __all__ = ["kd_loss", "make_optimizer", "train_epoch", "evaluate"]
 def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) -> torch.Tensor:
     """Eq. 2: (1 - alpha) * CE(student, y) + alpha * tau^2 * KL(softmax(t/tau) || softmax(s/tau)),
     both terms batch means. tau^2 keeps the soft-target gradients on the scale of the hard ones."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+        raise ValueError(f"tau must be a number > 0 and finite, got {tau!r}")
     ce = F.cross_entropy(student_logits, target)
     kl = F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
                   reduction="batchmean", log_target=True)
