@@ -55,11 +55,12 @@ def check_device(*tensors, name: str):
         raise ValueError(f"{name}: unsupported device {dev}")
 
 
-def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None):
+def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None,
+                like_name: str = "values"):
     if t.dtype not in dtypes:
         raise TypeError(f"{arg} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if like is not None and t.dtype != like.dtype:
-        raise TypeError(f"{arg} must have the dtype of values ({like.dtype}), got {t.dtype}")
+        raise TypeError(f"{arg} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
 
 
 def check_activation(t: torch.Tensor, arg: str, values: torch.Tensor):
@@ -78,8 +79,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
-    if t.dim() != 1 or t.dtype != dtype:
-        raise TypeError(f"{arg} must be a 1-D {dtype} tensor, got {t.dim()}-D {t.dtype}")
+    """The kernels read index tensors at ptr + i: 1-D, contiguous, of `dtype` (as the C++ ops check)."""
+    if t.dim() != 1 or t.dtype != dtype or not t.is_contiguous():
+        raise TypeError(f"{arg} must be a contiguous 1-D {dtype} tensor, got a {'' if t.is_contiguous() else 'non-'}"
+                        f"contiguous {t.dim()}-D {t.dtype}")
 
 
 # ------------------------------------------------------------------ per-mask index work, cached
@@ -98,6 +101,12 @@ def cached(kind: str, key_tensor: torch.Tensor, make, *also: torch.Tensor):
     value = make()
     table[key_tensor] = (stamp, value)
     return value
+
+
+def max_index(idx: torch.Tensor) -> int:
+    """The largest entry of an index tensor (-1 when empty), once per mask: the bound a direct op call
+    is checked against without a device sync per call."""
+    return cached("max_index", idx, lambda: int(idx.max()) if idx.numel() else -1)
 
 
 def row_order(ptr: torch.Tensor) -> torch.Tensor:

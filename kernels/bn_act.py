@@ -18,6 +18,8 @@ BN's pass (pool_indices) is not: the fused layers pool that way on the CPU engin
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -62,7 +64,7 @@ def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
         raise ValueError(f"residual must have the shape and dtype of y {tuple(y.shape)} {y.dtype}, got "
                          f"{tuple(residual.shape)} {residual.dtype}")
-    hw = y[0, 0].numel()
+    hw = math.prod(y.shape[2:])  # (per neuron plane; y may have an empty batch)
     counts = None
     if relu_counts is not None:
         if relu_counts.dtype != torch.int64 or relu_counts.shape != (C * hw,):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, cached, check_device, check_float, density_key, launch, num_sms, pow2_bucket,
+from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms, pow2_bucket,
                      row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
@@ -146,6 +146,8 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
     """y [..., N] = x W^T + b for the BSR weight (crow, col, values [nnzb, BS, BS])."""
     tensors = [(x, "x")] + ([(bias, "bias")] if bias is not None else [])
     _check(values, tensors, "bsr_linear_forward")
+    check_index(crow, "crow_indices", torch.int64)
+    check_index(col, "col_indices", torch.int32)
     K = x.shape[-1]
     y = _mm(x.reshape(-1, K).contiguous(), crow, col, values.contiguous(), out_features,
             bias=None if bias is None else bias.contiguous(), trans_w=True)
@@ -155,6 +157,9 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
 def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int):
     """dx [..., K] = dy W through the transposed block index (block j of column c: values[perm[j]])."""
     _check(values, [(grad_out, "grad_out")], "bsr_linear_grad_input")
+    check_index(ccol, "ccol_indices", torch.int64)
+    check_index(row_t, "row_indices_t", torch.int32)
+    check_index(perm, "perm", torch.int64)
     N = grad_out.shape[-1]
     dx = _mm(grad_out.reshape(-1, N).contiguous(), ccol, row_t, values.contiguous(), in_features,
              perm=perm, trans_w=False)
@@ -165,9 +170,11 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     """dvalues [nnzb, BS, BS]: dW restricted to the stored blocks, dy[:, r]^T x[:, c] per block."""
     check_device(x, grad_out, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
-    check_float(grad_out, "grad_out", BSR_DTYPES, like=x)
+    check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
     if block_size not in (16, 32, 64):
         raise ValueError(f"block_size must be 16, 32 or 64, got {block_size}")
+    check_index(crow, "crow_indices", torch.int64)
+    check_index(col, "col_indices", torch.int32)
     N, K = grad_out.shape[-1], x.shape[-1]
     dy2, x2 = grad_out.reshape(-1, N).contiguous(), x.reshape(-1, K).contiguous()
     M, nnzb, BS = x2.shape[0], col.numel(), block_size

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
-                     check_float, check_index, density_key, launch, num_sms,
+                     check_float, check_index, density_key, launch, max_index, num_sms,
                      pow2_bucket, row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
@@ -234,6 +234,8 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
     check_float(values, "values")
     _check_x(grad_out, "grad_out", values)
     B, O = grad_out.shape[:2]
+    if max_index(row_t) >= O:
+        raise ValueError(f"grad_out has {O} channels, fewer than the weight's output rows (row_indices_t)")
     KH, KW = (int(v) for v in kernel_size)
     C = (ccol.numel() - 1) // (KH * KW)
     H, W = (int(v) for v in input_size)
@@ -289,7 +291,7 @@ def _check_channels(t, name: str, ccol, kernel_size) -> None:
 
 def _check_cols(x, col, kernel_size) -> None:
     """Without the transposed index: every column index must address a channel of x."""
-    if col.numel() and x.dim() == 4 and int(col.max()) >= x.shape[1] * int(kernel_size[0]) * int(kernel_size[1]):
+    if x.dim() == 4 and max_index(col) >= x.shape[1] * int(kernel_size[0]) * int(kernel_size[1]):
         raise ValueError(f"x has {x.shape[1]} channels, fewer than the weight's column indices address")
 
 

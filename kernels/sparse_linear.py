@@ -18,12 +18,14 @@ Autotuning (GPU only) is keyed on the output rows, the batch bucket and the mean
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
-                     check_float, check_index, density_key, launch, num_sms, pow2_bucket, row_order)
+                     check_float, check_index, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -114,15 +116,15 @@ def _csr_sddmm_kernel(ptr, idx, order, dyt, xt, out, N, B, B_KEY, DENSITY_KEY, S
 # ============================================================================ host side
 def _feature_major_out(yt: torch.Tensor, lead: tuple) -> torch.Tensor:
     """yt [F, B] -> a fresh [*lead, F] tensor (its own storage, not a view: autograd lets a caller
-    modify it in place, e.g. ReLU(inplace=True), as it does the C++ kernels' outputs)."""
+    modify it in place, e.g. ReLU(inplace=True), as it does the C++ kernels' outputs). F or B may be 0."""
     out = yt.new_empty((*lead, yt.shape[0]))
-    out.view(-1, yt.shape[0]).copy_(yt.t())
+    out.view(math.prod(lead), yt.shape[0]).copy_(yt.t())
     return out
 
 
 def _batch_major(t: torch.Tensor, features: int) -> torch.Tensor:
     """[..., F] -> contiguous [F, B] (one transpose pass; the kernels then load B contiguously)."""
-    return t.reshape(-1, features).t().contiguous()
+    return t.reshape(math.prod(t.shape[:-1]), features).t().contiguous()
 
 
 def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
@@ -197,13 +199,18 @@ def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
     for bf16/fp16 activations: the gradient of the fp32 values)."""
     check_device(grad_out, x, crow_indices, col_indices, name="sparse_linear_grad_weight")
     check_float(x, "x", FLOAT_DTYPES + HALF_DTYPES)
-    check_float(grad_out, "grad_out", FLOAT_DTYPES + HALF_DTYPES, like=x)
+    check_float(grad_out, "grad_out", FLOAT_DTYPES + HALF_DTYPES, like=x, like_name="x")
     check_index(crow_indices, "crow_indices", torch.int64)
     check_index(col_indices, "col_indices", torch.int32)
+    if x.dim() < 1 or grad_out.dim() < 1:
+        raise ValueError(f"x and grad_out must have at least 1 dimension, got shapes {tuple(x.shape)}, "
+                         f"{tuple(grad_out.shape)}")
     N, K = crow_indices.numel() - 1, x.shape[-1]
-    if grad_out.shape[-1] != N or grad_out.numel() // max(N, 1) != x.numel() // max(K, 1):
+    if grad_out.shape[-1] != N or grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {N} rows")
-    nnz, B = col_indices.numel(), x.numel() // max(K, 1)
+    if max_index(col_indices) >= K:
+        raise ValueError(f"x has {K} features, fewer than the weight's column indices address")
+    nnz, B = col_indices.numel(), math.prod(x.shape[:-1])
     if nnz == 0 or B == 0:
         return torch.zeros(nnz, dtype=acc_dtype(x.dtype), device=x.device)
     return csr_sddmm(crow_indices, col_indices, _batch_major(grad_out, N), _batch_major(x, K))

@@ -276,6 +276,64 @@ def shapes_checked_against_the_weight():
             raise AssertionError("a wrong channel count was accepted")
 
 
+@interp
+def edge_cases_refused_or_computed_as_the_cpp_ops():
+    """Non-contiguous index tensors are refused (the kernels read ptr + i); bn_act on an empty
+    batch and SparseLinear with 0 in- or out-features compute what the C++ ops do; a direct call
+    with x narrower than the weight's columns, or grad_out with fewer channels than its rows, is
+    refused (never an out-of-bounds read); BSRLinear runs under autocast in its dtype."""
+    import sparsetrain
+    import sparsetrain.kernels.bn_act as KB
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.nn import SparseLinear
+    from sparsetrain.prune import block_mask
+    g = torch.Generator().manual_seed(6)
+    w = CSR.from_dense(torch.randn(3, 20, generator=g), torch.rand(3, 20, generator=g) < 0.5)
+    crow, col, ccol, row_t, perm, v = (*w.index()[:2], *w.csc(), w.values.detach())
+    x = torch.randn(4, 20, generator=g)
+    for bad in ("crow", "col", "perm", "row_t"):
+        args = dict(crow=crow, col=col, perm=perm, row_t=row_t)
+        t = args[bad]
+        args[bad] = torch.stack([t, t], 1).flatten()[::2]  # the same values, stride 2
+        assert not args[bad].is_contiguous() and torch.equal(args[bad], t)
+        with pytest.raises(TypeError, match="must be a contiguous 1-D"):
+            KL.sparse_linear(x, args["crow"], args["col"], v, ccol, args["row_t"], args["perm"], None)
+    y = torch.randn(0, 3, 4, 4, generator=g)
+    s, b = torch.rand(3, generator=g), torch.randn(3, generator=g)
+    assert KB.bn_act(y, s, b, None, True).shape == torch.ops.sparsetrain.bn_act(y, s, b, None, True).shape == (0, 3, 4, 4)
+    for fin, fout in ((0, 3), (4, 0)):
+        outs = {}
+        for backend in ("cpu", "triton"):
+            torch.manual_seed(0)
+            layer = SparseLinear.from_dense(torch.nn.Linear(fin, fout))
+            xi = torch.randn(5, fin, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            with sparsetrain.use_backend(backend):
+                out = layer(xi)
+                out.sum().backward()
+            outs[backend] = (out, xi.grad, layer.weight.values.grad, layer.bias.grad)
+        for got, ref in zip(outs["triton"], outs["cpu"]):
+            torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="fewer than the weight's column indices"):
+        KL.sparse_linear_grad_weight(torch.randn(4, 3), torch.randn(4, 5), crow, col)
+    c = CSR.from_dense(torch.randn(4, 3, 3, 3, generator=g))
+    with pytest.raises(ValueError, match="grad_out has 2 channels"):
+        KC.sparse_conv2d_grad_input(torch.randn(1, 2, 5, 5), *c.csc(), c.values.detach(), (5, 5), [3, 3], [1, 1], [1, 1])
+    lin = torch.nn.Linear(32, 48)
+    mask = block_mask(lin.weight, 16, 0.5)
+    layer = BSRLinear(BSR.from_dense(lin.weight, 16, mask), lin.bias)
+    xb = torch.randn(6, 32, generator=g).requires_grad_(True)
+    with sparsetrain.use_backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+        out = layer(xb)
+    assert out.dtype == torch.float16
+    out.float().sum().backward()
+    ref = torch.nn.functional.linear(xb.detach().half().float(), (lin.weight * mask).half().float(), lin.bias.half().float())
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    assert layer.weight.values.grad.dtype == torch.float32 and xb.grad.dtype == torch.float32
+
+
 def check_amp(layer, dense, mask, ref_fn, x, dtype, **kw):
     """`layer` (fp32 values) under torch.autocast(dtype) on the Triton kernels: the output has the
     autocast dtype, the gradients of the fp32 values and input are fp32 and match the dense masked

@@ -171,7 +171,11 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
         raise ValueError(f"x {tuple(x.shape)} does not match a BSR weight of shape {weight.shape}")
     mode = current_backend()
     if mode == "triton" or (mode == "auto" and x.is_cuda):
-        return _BSRLinearFn.apply(x, weight.values, bias, weight)
+        values = weight.values
+        if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)
+        return _BSRLinearFn.apply(x, values, bias, weight)
     return F.linear(x, weight.to_dense(), bias)
 
 
