@@ -88,6 +88,48 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
     assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
+def _repickle(path, **change):
+    import pickle
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    with open(path, "wb") as f:
+        pickle.dump({**d, **change}, f)
+
+
+@pytest.mark.parametrize("change,what", [
+    (lambda x, y: {"data": x.astype(np.float32) / 255}, "data float32"),         # [0, 1] floats: all black
+    (lambda x, y: {"data": x.astype(np.int64)}, "data int64"),                    # would wrap past 255
+    (lambda x, y: {"labels": [v + 0.7 for v in y]}, "labels float64"),            # would truncate
+    (lambda x, y: {"labels": None}, "labels object"),
+    (lambda x, y: {"data": "abc"}, "data <U3")])
+def test_cifar_batches_of_the_wrong_types_are_refused(tmp_path, change, what):
+    write_cifar(tmp_path, c10=True, n_per_batch=4, n_test=3)
+    import pickle
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    _repickle(path, **change(np.asarray(d["data"]), d["labels"]))
+    with pytest.raises(D.DataError, match=f"data_batch_2: expected 'data' .*, got .*{what}"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_idx_files_of_other_types_and_shapes_are_refused(tmp_path):
+    from sparsetrain.testing import write_idx
+    d = tmp_path / "mnist"
+    write_mnist(d, gz=False, n_train=8, n_test=4)
+    header = bytes([0, 0, 0x0C, 3]) + np.array([8, 28, 28], ">u4").tobytes()  # int32 images
+    (d / "train-images-idx3-ubyte").write_bytes(header + np.full(8 * 28 * 28, 300, ">i4").tobytes())
+    with pytest.raises(D.DataError, match="train-images-idx3-ubyte: the train images file must hold .*unsigned bytes"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(d, gz=False, n_train=8, n_test=4)
+    write_idx(d / "t10k-images-idx3-ubyte", np.zeros((4, 32, 32)), gz=False)
+    with pytest.raises(D.DataError, match=r"test images \(1, 32, 32\) differ from training images \(1, 28, 28\)"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(d, gz=False, n_train=0, n_test=4)
+    with pytest.raises(D.DataError, match="the training file holds no images"):
+        D.load_dataset("mnist", tmp_path, download=False)
+
+
 def test_read_idx_rejects_garbage(tmp_path):
     (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(ValueError, match="not an IDX file"):

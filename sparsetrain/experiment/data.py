@@ -162,6 +162,10 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
     xtr, ytr_used, y_orig, xte, yte, nc, pad = (raw.x_train, raw.y_train, raw.y_train_clean, raw.x_test,
                                                 raw.y_test, raw.num_classes, raw.pad)
     official_val = raw.val
+    if len(xtr) == 0:
+        raise DataError(f"{name}: the training file holds no images")
+    if xte.shape[1:] != xtr.shape[1:]:
+        raise DataError(f"{name}: test images {tuple(xte.shape[1:])} differ from training images {tuple(xtr.shape[1:])}")
     if subset is not None:
         xtr, ytr_used, y_orig = xtr[:subset], ytr_used[:subset], y_orig[:subset]
     if test_subset is not None:

@@ -125,12 +125,14 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
             f"network allows, or copy the four IDX files into {data_dir / name}.")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
-    for x, kind in ((xtr, "train images"), (xte, "test images")):
-        if x.dim() != 3:
-            raise DataError(f"{name}: the {kind} file must hold [N, H, W] images, got shape {tuple(x.shape)}")
-    for y, kind in ((ytr, "train labels"), (yte, "test labels")):
-        if y.dim() != 1 or (y.numel() and (int(y.min()) < 0 or int(y.max()) > 9)):
-            raise DataError(f"{name}: the {kind} file must hold [N] labels in 0..9")
+    for x, kind, f in ((xtr, "train images", files[0]), (xte, "test images", files[2])):
+        if x.dim() != 3 or x.dtype != torch.uint8:
+            raise DataError(f"{f}: the {kind} file must hold [N, H, W] unsigned bytes, got {x.dtype} of shape "
+                            f"{tuple(x.shape)}")
+    for y, kind, f in ((ytr, "train labels", files[1]), (yte, "test labels", files[3])):
+        if y.dim() != 1 or y.dtype != torch.uint8 or (y.numel() and int(y.max()) > 9):
+            got = f"{y.dtype} [{'x'.join(map(str, y.shape))}]" + (f" up to {int(y.max())}" if y.numel() else "")
+            raise DataError(f"{f}: the {kind} file must hold [N] unsigned-byte labels in 0..9, got {got}")
     check_pairs(name, xtr, ytr, "train", files[:2])
     check_pairs(name, xte, yte, "test", files[2:])
     return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
@@ -166,14 +168,17 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
 
     def read(files):
         ds = [_unpickle(folder / f) for f in files]
+        xs, ys = [], []
         for f, d in zip(files, ds):
-            n = len(d.get(key, ()))
-            data = np.asarray(d.get("data", np.zeros((0, 0))), dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != n:
-                raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N '{key}', got data "
-                                f"{tuple(data.shape)} and {n} labels")
-        x = np.concatenate([np.asarray(d["data"], dtype=np.uint8) for d in ds]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(d[key], dtype=np.int64) for d in ds])
+            data, labels = np.asarray(d.get("data", np.zeros((0, 0), np.uint8))), np.asarray(d.get(key, ()))
+            if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
+                    or labels.shape[0] != data.shape[0] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))):
+                raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N integer '{key}', got data "
+                                f"{data.dtype} {tuple(data.shape)} and labels {labels.dtype} {tuple(labels.shape)}")
+            xs.append(data)
+            ys.append(labels.astype(np.int64))
+        x = np.concatenate(xs).reshape(-1, 3, 32, 32)
+        y = np.concatenate(ys)
         if len(y) and (y.min() < 0 or y.max() >= (10 if c10 else 100)):
             raise DataError(f"{name}: labels outside 0..{9 if c10 else 99} in {', '.join(files)}")
         return torch.from_numpy(x), torch.from_numpy(y)
