@@ -298,6 +298,7 @@ def _check_cols(x, col, kernel_size) -> None:
 def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                   kernel_size, stride, padding, bias=None):
     _check_channels(x, "x", ccol_indices, kernel_size)
+    _check_cols(x, col_indices, kernel_size)
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
 
 
@@ -315,6 +316,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
     taken in the epilogue; with in_scale/in_shift the conv reads act(in_scale x + in_shift) (a
     deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
     _check_channels(x, "x", ccol_indices, kernel_size)
+    _check_cols(x, col_indices, kernel_size)
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     if x.dtype != values.dtype:  # (the fused layers run without autocast)
@@ -365,6 +367,7 @@ def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_siz
 def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
                            perm, kernel_size, stride, padding, grad_input_add=None):
     _check_channels(x, "x", ccol_indices, kernel_size)
+    _check_cols(x, col_indices, kernel_size)
     dx = _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
                                  kernel_size, stride, padding), grad_input_add)
     dw = conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)

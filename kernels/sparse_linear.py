@@ -162,6 +162,8 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
     check_activation(x, "x", values)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
+    if max_index(col_indices) >= K:  # (a CSR that disagrees with its transposed index)
+        raise ValueError(f"col_indices has entries outside [0, {K})")
     if bias is not None:
         check_float(bias, "bias", like=values)
         if bias.shape != (N,):
@@ -182,6 +184,8 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
+    if max_index(row_indices_t) >= N:
+        raise ValueError(f"row_indices_t has entries outside [0, {N})")
     dxt = csr_spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
     return _feature_major_out(dxt, tuple(grad_out.shape[:-1]))
 

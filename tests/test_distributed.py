@@ -139,3 +139,23 @@ def test_fewer_training_images_than_ranks_is_refused(mnist_dir, study_args):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert "error: 1 training images for 2 ranks: every rank needs rows of its own" in out.stderr
+
+
+def test_a_run_directory_in_use_stops_every_rank_with_the_error(mnist_dir, study_args):
+    """Rank 0 holds the run's lock; when another process has it, every rank stops with the one-line
+    error (the other ranks used to die on their next collective with a gloo traceback)."""
+    import fcntl
+    base = study_args(mnist_dir, "--teachers", "dense")
+    rd = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base, "--print-config"],
+                        capture_output=True, text=True, check=True)
+    import json
+    run = json.loads(rd.stdout)["run_dir"]
+    os.makedirs(run, exist_ok=True)
+    with open(os.path.join(run, ".lock"), "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("is in use by another process") == 2, out.stderr[-3000:]
+    assert "Connection reset" not in out.stderr and "gloo" not in out.stderr.lower()

@@ -120,6 +120,8 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = train_epoch(model, split, opt, 8, epoch=0, seed=0, masks={})
     assert int(model[1].num_batches_tracked) == 1 and all(math.isfinite(v) for v in out.values())
+    from sparsetrain.experiment.train import steps_per_epoch  # (what --rewind-iter is checked against)
+    assert [steps_per_epoch(n, 8) for n in (9, 8, 10, 1, 17)] == [1, 1, 2, 1, 2]
     monkeypatch.setattr(dist, "world", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 1)
     assert dist.shard(3) == (slice(0, 3), 1.0) and dist.shard(4) == (slice(2, 4), 1.0)
@@ -195,6 +197,22 @@ def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, interr
     assert study.main(base) == 2
     err = capsys.readouterr().err
     assert "round_02.pt is corrupt" in err and "delete" in err and str(pd) in err
+
+
+def test_folder_lock_without_locking_support_warns_and_runs(tmp_path, monkeypatch):
+    """A filesystem that cannot lock (NFS without lockd: ENOLCK) is not "in use": a warning, no lock."""
+    import errno
+    import fcntl
+    from sparsetrain.experiment.files import folder_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(UserWarning, match="no lock .*do not run this command twice at once"):
+        with folder_lock(str(tmp_path / "run")):
+            ran.append(1)
+    assert ran == [1]
 
 
 def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):

@@ -134,7 +134,7 @@ def test_bad_arguments():
         apply_engine(model, {}, "gpu")
 
 
-def test_nan_weights_are_refused_on_both_engines():
+def test_nan_weights_are_refused_by_every_rule_on_both_engines():
     for engine in ("dense", "sparse"):
         model = _net()
         masks = apply_engine(model, global_prune(model, {}, 0.2), engine)
@@ -143,6 +143,13 @@ def test_nan_weights_are_refused_on_both_engines():
             w.view(-1)[3] = float("nan")
         with pytest.raises(ValueError, match="layer '0' has NaN weights"):
             global_prune(model, masks, 0.2)
+    from sparsetrain.prune import block_prune, filter_prune
+    for rule in (lambda m: filter_prune(m, 0.5), lambda m: block_prune(m, {}, 0.5, 16)):
+        model = _net()
+        with torch.no_grad():
+            model[4].weight[2, 5] = float("nan")
+        with pytest.raises(ValueError, match="layer '4' has NaN weights"):
+            rule(model)
 
 
 @pytest.mark.cuda

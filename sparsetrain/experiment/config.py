@@ -295,18 +295,19 @@ def phase_settings(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------- CLI
-# the fields a profile's preset sets (per dataset and model): --help cannot give one default for them
-PRESET_FIELDS = frozenset({k for row in STUDY.values() for k in row} | {"eps"}
+# the fields a profile's preset sets for every dataset (no single default) or for some (eps: cifar100n)
+PRESET_ALWAYS = frozenset(set.intersection(*(set(row) for row in STUDY.values()))
                           | {f"{r}_{k}" for r in ROLES for k in ROLE_KEYS})
+PRESET_FIELDS = PRESET_ALWAYS | {k for row in STUDY.values() for k in row} | {"eps"}
 
 
-def _add_flag(p, flag: str, t, default, help_: str, choices=None, preset: bool = False) -> None:
-    shown = " ".join(map(str, default)) or "none" if t is tuple else default
-    if preset:  # (the dataclass default is not what a run gets)
+def _add_flag(p, flag: str, t, default, help_: str, choices=None, preset: str = "") -> None:
+    shown = " " + (" ".join(map(str, default)) or "none" if t is tuple else str(default))
+    if preset == "always":  # (no dataclass default is what a run gets)
         help_ = help_.replace(" (default: Table 4", " (Table 4")
-        shown = ": set by --profile for the dataset and model; --print-config shows it"
-    else:
-        shown = f" {shown}"
+        shown = ": set by --profile for the dataset and model; --print-config shows a run's"
+    elif preset:
+        shown = f"{shown}, unless --profile sets it for the dataset: --print-config shows a run's"
     if t is bool:
         p.add_argument(flag, action="store_true", default=None, help=help_)
     elif t is tuple:
@@ -334,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f.name, help=f.metadata["help"], choices=f.metadata.get("choices"))
         else:
             _add_flag(p, f"--{f.name.replace('_', '-')}", hints[f.name], f.default, f.metadata["help"],
-                      f.metadata.get("choices"), preset=f.name in PRESET_FIELDS)
+                      f.metadata.get("choices"),
+                      preset="always" if f.name in PRESET_ALWAYS else "some" if f.name in PRESET_FIELDS else "")
     for k in ROLE_KEYS:  # both roles at once; --teacher-<k> / --student-<k> set one role
         f = next(f for f in fields(Config) if f.name == f"teacher_{k}")
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,

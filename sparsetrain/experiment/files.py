@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
 import subprocess
+import warnings
 from typing import Callable
 
 __all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile", "Busy", "folder_lock"]
@@ -35,7 +37,8 @@ def folder_lock(folder: str):
     """Hold an exclusive lock (fcntl, released by the kernel when the process dies) on `folder`/.lock
     while the body runs: two processes writing one run's files would overwrite each other's
     checkpoints and metrics. Busy at once when another process holds it; no lock where the folder
-    cannot be made (the caller's own checks say why) or fcntl is missing."""
+    cannot be made (the caller's own checks say why), fcntl is missing or the filesystem does not
+    lock (a warning)."""
     try:
         import fcntl
         os.makedirs(folder, exist_ok=True)
@@ -46,7 +49,11 @@ def folder_lock(folder: str):
     with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # (ENOLCK: NFS without lockd)
+                warnings.warn(f"{folder}: no lock ({e.strerror}): do not run this command twice at once")
+                yield
+                return
             f.seek(0)
             holder = f.read().strip() or "?"
             raise Busy(f"{folder} is in use by another process (pid {holder}): wait for it to finish, or stop it "

@@ -35,7 +35,7 @@ from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .models import build_model
-from .train import evaluate, make_optimizer, train_epoch
+from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
 
 
 class PhaseError(Exception):
@@ -271,7 +271,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     state_path = os.path.join(pdir, "state.pt")
     hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
     rule = make_rule(cfg.structure, scope=cfg.scope, block=cfg.block)
-    iters = hp.epochs * math.ceil(len(splits.train) / hp.batch_size)  # (round 0: every rank steps each global batch)
+    iters = hp.epochs * steps_per_epoch(len(splits.train), hp.batch_size)  # (round 0: every rank steps each global batch)
     if cfg.perturb == "rewind" and hp.rewind_iter > iters:
         raise PhaseError(f"--perturb rewind: --rewind-iter={hp.rewind_iter} is past the {iters} iterations of the "
                          f"dense training ({phase}); lower it")

@@ -171,12 +171,29 @@ def run_study(cfg: Config) -> str:
     if dist.world() > 1 and dist.is_main():
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               "across them", flush=True)
-    with folder_lock(run_dir_of(cfg)) if dist.is_main() else contextlib.nullcontext():
-        rd = prepare_run_dir(cfg) if dist.is_main() else run_dir_of(cfg)
-        if dist.is_main():
-            prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
-        dist.barrier()
-        return _run_seeds(cfg, rd, dev)
+    with contextlib.ExitStack() as held:
+        def setup():
+            held.enter_context(folder_lock(run_dir_of(cfg)))
+            prepare_phases(cfg, prepare_run_dir(cfg))  # links what --reuse offers, checks the phases only read
+        _on_main(setup)
+        return _run_seeds(cfg, run_dir_of(cfg), dev)
+
+
+_EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy)
+
+
+def _on_main(fn, *args) -> None:
+    """fn(*args) on rank 0 (the one that writes); an expected error there is raised on every rank
+    (under torchrun the others would otherwise die on their next collective, with a traceback)."""
+    failed = None
+    if dist.is_main():
+        try:
+            fn(*args)
+        except _EXPECTED as e:
+            failed = e
+    failed = dist.from_main(failed)  # (a collective: also the ranks' barrier)
+    if failed is not None:
+        raise failed
 
 
 def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
@@ -188,9 +205,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
                                 val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
                                 subset=cfg.subset or None, label_file=cfg.label_file or None,
                                 download=not cfg.no_download)
-        if dist.is_main():
-            check_data(rd, splits.fingerprint)
-            check_linked(rd, seed, splits.fingerprint)
+        _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint)))
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
             raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
                              "training images); the study picks each run's best round and stops early on it")
@@ -287,7 +302,7 @@ def main(argv=None) -> int:
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
-    except (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy) as e:
+    except _EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -15,7 +15,7 @@ from ..engine.nn import enforce_masks_, mask_grads_
 from . import data as D
 from . import distributed as dist
 
-__all__ = ["kd_loss", "make_optimizer", "train_epoch", "evaluate"]
+__all__ = ["kd_loss", "make_optimizer", "steps_per_epoch", "train_epoch", "evaluate"]
 
 
 def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) -> torch.Tensor:
@@ -40,6 +40,16 @@ def make_optimizer(model: nn.Module, hp):
     return opt, sched
 
 
+def _skips_last(n: int, batch_size: int) -> bool:
+    """A final batch of one sample is skipped: BatchNorm cannot train on one value per channel."""
+    return n > 1 and n % batch_size == 1
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps of one epoch over n samples (what train_epoch takes)."""
+    return n // batch_size if _skips_last(n, batch_size) else math.ceil(n / batch_size)
+
+
 def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
                 alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None) -> dict:
     """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
@@ -54,9 +64,8 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     forward = forward or model
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
-    # a final batch of one sample is skipped: BatchNorm cannot train on one value per channel (a 1x1 map)
     for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g,
-                            drop_last=len(split) > 1 and len(split) % batch_size == 1):
+                            drop_last=_skips_last(len(split), batch_size)):
         rows, scale = dist.shard(yb.numel())
         counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
         if dist.world() > 1:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import inspect
 import math
 
+import torch
 from torch import nn
 
-__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of"]
+__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite"]
 
 SCOPES = ("global", "layer")
 RULES: dict[str, type["PruningRule"]] = {}
@@ -36,6 +37,14 @@ def count_of(rate: float, n: int) -> int:
     """floor(rate * n), as the C++ magnitude_threshold counts: the 1e-12 allowance keeps a product that
     float rounding puts just under an integer (0.7 * 90 = 62.99999...) at that integer."""
     return min(n, math.floor(rate * n * (1 + 1e-12)))
+
+
+def check_finite(layers) -> None:
+    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by."""
+    for name, m in layers:
+        w = m.weight if isinstance(m.weight, torch.Tensor) else m.weight.values  # (a CSR/BSR module: its values)
+        if bool(torch.isnan(w.detach()).any()):
+            raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
 
 
 def check_scope(scope) -> str:

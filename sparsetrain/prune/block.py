@@ -14,7 +14,7 @@ from torch import nn
 
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import is_sparse, masks_of, prunable_layers
-from .base import PruningRule, check_rate, check_scope, count_of, register
+from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
 
@@ -60,6 +60,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
     check_rate(rate)
     check_scope(scope)
     layers = prunable_layers(model)
+    check_finite(layers)
     if any(is_sparse(m) for _, m in layers):
         raise ValueError("--structure block needs dense masked layers (engine dense)")
     cur = masks_of(model, masks)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..engine.nn import is_sparse
-from .base import PruningRule, check_rate, count_of, register
+from .base import PruningRule, check_finite, check_rate, count_of, register
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
 
@@ -149,8 +149,10 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
 def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
     """One round of per-layer l1 filter pruning (module docstring). Returns {layer: removed}."""
     check_rate(rate)
+    groups = filter_groups(model)
+    check_finite([(g.name, g.layer) for g in groups])
     keep, removed = {}, {}
-    for g in filter_groups(model):
+    for g in groups:
         w = g.layer.weight.detach()
         n = w.shape[0]
         k = min(n - 1, max(1, count_of(rate, n)))  # floor like global_prune; >= 1 to progress, keep >= 1

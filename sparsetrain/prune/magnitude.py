@@ -14,7 +14,7 @@ from torch import nn
 from ..engine import ops
 from ..engine.formats import CSR
 from ..engine.nn import is_sparse, prunable_layers
-from .base import PruningRule, check_rate, check_scope, register
+from .base import PruningRule, check_finite, check_rate, check_scope, register
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
 
@@ -66,13 +66,11 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     check_rate(rate)
     check_scope(scope)
     layers = prunable_layers(model)
+    check_finite(layers)
     groups = [layers] if scope == "global" else [[l] for l in layers]
     new_masks = dict(masks)
     for group in groups:
         pairs = [_weight_and_mask(m, masks, n) for n, m in group]
-        for (name, _), (w, _) in zip(group, pairs):
-            if bool(torch.isnan(w).any()):  # (no magnitude to rank: the run has diverged)
-                raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
         # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU)
         thr, ties = ops.magnitude_threshold([w.cpu() for w, _ in pairs], rate,
                                             [None if mk is None else mk.cpu() for _, mk in pairs])
