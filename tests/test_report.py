@@ -231,7 +231,36 @@ def test_summary_table_teacher_stop_earlier_than_end_and_separate_student(tmp_pa
     row = table_row(md, "teacher (resnet18)")
     assert row[9] == "2†" and row[12] == "1/3"  # not at the wall yet; 1 of 3 seeds
     row = table_row(md, "vanilla, early stop (Alg. 2)")
-    assert row[9] == "–" and row[6] == "75.00"  # never stopped: whole curve, a single seed has no ±
+    # not fired on a curve that ends before the wall: undecided (–†), no saving measurable; a single
+    # seed has no ±
+    assert row[9] == "–†" and row[6] == "75.00" and row[11] == "n/a"
+
+
+def test_summary_of_a_curve_stopped_online(tmp_path):
+    """The peak rule stopped the run at round 4 (entropy 0.55 <= 0.8 x 0.75 at 3, then val 0.5 < 0.8 x 0.7):
+    Alg. 2, not fired by then, is
+    undecided (–†, not 'never stopped'); neither rule's saving is measurable against a cut curve."""
+    write_config(tmp_path, seeds=[0], student="lenet300", early_stop="entropy-peak", rate=0.5)
+    write_rows(tmp_path, make_rows([0.5, 0.6, 0.7, 0.65, 0.5], ent=[0.6, 0.7, 0.75, 0.55, 0.5], rate=0.5))
+    md = R.summary_table(R.load_run(tmp_path))
+    assert table_row(md, "vanilla, no early stop")[9] == "4†"
+    row = table_row(md, "vanilla, early stop (Alg. 2)")
+    assert row[9] == "–†" and row[11] == "n/a"
+    row = table_row(md, "vanilla, early stop (peak rule)")
+    assert row[9] == "4" and row[11] == "n/a"
+
+
+def test_vanilla_and_path_teachers_in_the_summary(tmp_path):
+    """The teacher run is the vanilla run only on the same schedule; --teachers PATH phases keep the
+    command's order."""
+    write_config(tmp_path, seeds=[0], teachers=["/x/zz.pt", "/x/aa.pt", "dense"], teacher_lr=0.1, student_lr=0.05)
+    write_rows(tmp_path, make_rows([0.8, 0.9]))
+    for ph in ("distill-path-aa", "distill-path-zz", "distill-dense"):
+        write_rows(tmp_path, make_rows([0.8, 0.9], phase=ph))
+    run = R.load_run(tmp_path)
+    md = R.summary_table(run)
+    assert "| teacher (lenet300) |" in md and "| vanilla, no early stop |" not in md
+    assert R.ordered_phases(run) == ["teacher", "distill-path-zz", "distill-path-aa", "distill-dense"]
 
 
 # ---------------------------------------------------------------- summary.md and plots

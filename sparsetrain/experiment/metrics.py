@@ -12,11 +12,16 @@ import math
 import os
 import re
 
-__all__ = ["read_metrics", "load_run", "fin", "get", "NAN"]
+__all__ = ["read_metrics", "load_run", "fin", "get", "NAN", "teacher_tag"]
 
 _INT_COLS = {"seed", "round", "epochs", "sparse_layers", "is_best"}
 _STR_COLS = {"phase"}
 NAN = float("nan")
+
+
+def teacher_tag(choice: str) -> str:
+    """A --teachers choice's phase name after "distill-": best, dense, or path-<file stem>."""
+    return choice if choice in ("best", "dense") else "path-" + os.path.splitext(os.path.basename(choice))[0]
 
 
 def fin(x) -> bool:

@@ -15,9 +15,10 @@ import json
 import os
 
 from .config import Config, config_from_json
+from .metrics import teacher_tag
 
 __all__ = ["phase_names", "needed_phases", "phase_key", "link_reused", "prepare_phases", "check_linked",
-           "phase_done", "teacher_tag", "PhaseMissing"]
+           "phase_done", "PhaseMissing"]
 
 # settings every phase of a seed depends on: the data and the pruning procedure
 _DATA_KEYS = ("dataset", "eps", "noise", "val_fraction", "clean_val", "subset", "label_file")
@@ -27,10 +28,6 @@ _STUDENT_KEYS = ("early_stop", "t_e", "t_a", "stop_falls")
 
 class PhaseMissing(Exception):
     """A phase this run needs but does not train is neither finished here nor reusable."""
-
-
-def teacher_tag(choice: str) -> str:
-    return choice if choice in ("best", "dense") else "path-" + os.path.splitext(os.path.basename(choice))[0]
 
 
 def phase_names(cfg: Config) -> list[str]:

@@ -27,8 +27,8 @@ from .config import Config, config_from_args, phase_settings
 from .devices import resolve_device
 from .files import Busy, CorruptFile, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
-from .metrics import read_metrics
-from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_tag
+from .metrics import read_metrics, teacher_tag
+from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 

@@ -101,10 +101,11 @@ def plot_run(run, out_dir) -> list[str]:
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
             ax.plot(rounds, tot, ":", color=color[ph], label=f"{ph} incl. teacher")
         for rows in curves[ph].values():
-            s = algorithm2_stop(rows, t_e, t_a)
-            if s is not None and s in rounds:
-                ax.plot(s, cum[rounds.index(s)], "x", ms=9, mew=2, color=color[ph])
-    ax.set_xlabel("round (× = Algorithm 2 stop of a seed)")
+            for rule, marker in (("entropy", "x"), ("entropy-peak", "+")):
+                s = algorithm2_stop(rows, t_e, t_a, rule, run["config"].get("stop_falls", 1))
+                if s is not None and s in rounds:
+                    ax.plot(s, cum[rounds.index(s)], marker, ms=9, mew=2, color=color[ph])
+    ax.set_xlabel("round (× = Algorithm 2's stop of a seed, + = the peak rule's)")
     ax.set_ylabel("cumulative training PFLOPs (mean over seeds)")
     ax.grid(alpha=.3)
     ax.legend(fontsize=8)

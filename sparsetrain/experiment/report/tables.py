@@ -7,7 +7,7 @@ import numpy as np
 
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
-from ..metrics import NAN, fin, get
+from ..metrics import NAN, fin, get, teacher_tag
 
 __all__ = ["summary_table", "table1_rows", "outcome", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
            "stats", "mean", "ms"]
@@ -15,7 +15,7 @@ __all__ = ["summary_table", "table1_rows", "outcome", "ordered_phases", "vanilla
 
 def ordered_phases(run) -> list[str]:
     cfg, phases = run["config"], list(run["curves"])
-    tags = [f"distill-{t}" for t in cfg.get("teachers", [])]
+    tags = [f"distill-{teacher_tag(t)}" for t in cfg.get("teachers", [])]  # (the command's order)
     key = {"teacher": (0, 0), "vanilla": (1, 0)}
     return sorted(phases, key=lambda p: key.get(p, (2, tags.index(p) if p in tags else len(tags))) + (p,))
 
@@ -24,7 +24,10 @@ def vanilla_phase(run) -> str | None:
     cfg, curves = run["config"], run["curves"]
     if "vanilla" in curves:
         return "vanilla"
-    same = cfg.get("student") in (None, "", cfg.get("model"))
+    # the teacher run is the vanilla run only for the same model on the same schedule (separate_vanilla)
+    same = cfg.get("student") in (None, "", cfg.get("model")) and all(
+        cfg.get(f"teacher_{k}") == cfg.get(f"student_{k}")
+        for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay", "rewind_iter"))
     return "teacher" if same and "teacher" in curves else None
 
 
@@ -66,6 +69,7 @@ def outcome(rows, rule, cfg: dict) -> dict:
     total = get(rows[-1], "cum_flops")
     rate, wall = cfg.get("rate"), cfg.get("wall")
     nxt = 1.0 - (1.0 - get(rows[-1], "sparsity")) * (1.0 - rate) if rate is not None else math.inf
+    cut = wall is not None and nxt < wall - 1e-9
     return {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
             "stop": stop, "end": end,
             "teacher": (get(rows[0], "teacher_cost", 0.0) + sum(get(r, "teacher_flops", 0.0) for r in upto)) / 1e15,
@@ -73,8 +77,10 @@ def outcome(rows, rule, cfg: dict) -> dict:
                               + sum(get(r, "teacher_paper_flops", 0.0) for r in upto)) / 1e15,
             "test": 100 * get(best, "test_acc"), "test_at": 100 * get(at, "test_acc"),
             "sparsity": 100 * get(best, "sparsity"), "label": labels[rows.index(at)],
-            "saved": 100 * (1 - get(at, "cum_flops") / total) if total else NAN,
-            "short": wall is not None and rule is None and nxt < wall - 1e-9}
+            # a curve cut before the wall (stopped online, in progress): a rule that has not fired is
+            # undecided, and no saving can be measured against the whole curve
+            "saved": 100 * (1 - get(at, "cum_flops") / total) if total and not (cut and end == rows[-1]["round"])
+            else NAN, "short": cut}
 
 
 def _cell(vals) -> str:
@@ -116,8 +122,8 @@ def summary_table(run, rounds: bool = True) -> str:
     for spec in specs:
         name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
-        ends = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) + ("†" if o["short"] else "")
-                  for o in outs]
+        ends = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) for o in outs]
+        ends = [e + ("†" if o["short"] and (not rule or o["stop"] is None) else "") for e, o in zip(ends, outs)]
         out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
                    f"{_flops_cell([o['pflops'] for o in outs], [o['teacher'] for o in outs], distill)} | "
                    f"{_flops_cell([o['paper'] for o in outs], [o['teacher_paper'] for o in outs], distill)} | "
@@ -136,8 +142,9 @@ def summary_table(run, rounds: bool = True) -> str:
             "6-11: a dense round (3 × the dense forward's multiply-adds × all training images × epochs) per round, "
             "whatever the sparsity. (+x) = the teacher's cost in the same convention: the FLOPs spent obtaining "
             "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
-            "(whole curve counted); `†`: the curve has not reached the wall (run in progress or stopped "
-            "online). ± = sample std over seeds.", ""]
+            "(whole curve counted); `†`: the curve has not reached the wall (run in progress, stopped online, "
+            "or nothing left to prune): `–†` = the rule had not fired by then (undecided), and FLOPs saved "
+            "is n/a where the curve ends at the stop. ± = sample std over seeds.", ""]
     for ph in ordered_phases(run) if rounds else []:
         out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg), ""]
     return "\n".join(out)
