@@ -1,6 +1,7 @@
 """Benchmark helpers: median timing after warm-up, machine/version info, atomic JSON output."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -64,6 +65,26 @@ def paired_ratio(num: list, den: list) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def parse_sparsities(parser, text: str) -> list[float]:
+    """--sparsities "0,0.9,0.99": each a fraction in [0, 1] (parser.error otherwise)."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"--sparsities {text}: expected comma-separated numbers in [0, 1]")
+    bad = [v for v in vals if not 0.0 <= v <= 1.0]
+    if bad:
+        parser.error(f"--sparsities {text}: each must be in [0, 1], got {bad}")
+    return vals
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -79,9 +100,25 @@ def machine_info() -> dict:
         simd = simd_bytes()
     except Exception:  # the extension is not built
         simd = None
-    return {"cpu": cpu, "simd_bytes": simd, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "commit": git_commit(short=True),
+    info = {"cpu": cpu, "simd_bytes": simd, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "commit": _commit(),
             "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():  # (what a GPU table ran on)
+        import triton
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__)
+    return info
+
+
+def _commit() -> str:
+    """The short commit, "-dirty" when the tree has uncommitted changes (an A/B of a local edit)."""
+    import subprocess
+    commit = git_commit(short=True)
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return commit + ("-dirty" if dirty and commit != "unknown" else "")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

@@ -83,12 +83,15 @@ def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    sys.path.insert(0, HERE)
+    from common import positive_int
+    ap.add_argument("--steps", type=positive_int, default=12)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "contention.json"))
     args = ap.parse_args(argv)
-    n = os.cpu_count() or 2
+    # the CPUs this process may run on (taskset, cgroup cpusets), as the study's --threads 0 counts them
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     passive, short = {"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "10000"}
     scenarios = [("alone", 1, n, {}), ("sized", n, 1, {}), ("oversubscribed", n, n, {}),
@@ -112,7 +115,6 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"{name:42s} {procs} x {threads} threads: dense {r['dense_ms']:8.1f} ms ({r['dense_slowdown']:.2f}x)"
               f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)
-    sys.path.insert(0, HERE)
     from common import machine_info, write_json
     write_json(args.out, {"machine": machine_info(), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
                           "steps": args.steps, "rows": rows})

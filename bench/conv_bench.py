@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, interleaved_times, machine_info, paired_ratio, print_table, write_json  # noqa: E402
+from common import (HERE, interleaved_times, machine_info, paired_ratio, parse_sparsities, positive_int,  # noqa: E402
+                    print_table, write_json)
 from sparsetrain.testing import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -142,21 +143,29 @@ def main(argv=None):
     p.add_argument("--no-sparseprop", action="store_true")
     p.add_argument("--warm", action="store_true",
                    help="time each side's second consecutive call in each round (inputs in cache)")
-    p.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH}; 8 and 32: fine-tuning sizes)")
+    p.add_argument("--batch", type=positive_int, default=BATCH,
+                   help=f"batch size (default {BATCH}; 8 and 32: fine-tuning sizes)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="default results/conv.json (conv_warm.json with --warm; "
-                   "_b<batch> appended for another --batch)")
+                   "_b<batch> appended for another --batch; _quick for --quick, so a smoke run never replaces "
+                   "a table)")
     args = p.parse_args(argv)
-    sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
+    sps = parse_sparsities(p, args.sparsities) if args.sparsities else \
         ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = None
     if args.only:
         cases = [c for c in RESNET18 + VGG_D5G5 if args.only in c[0]]
+        if not cases:
+            p.error(f"--only {args.only!r} matches no case; names: {', '.join(c[0] for c in RESNET18 + VGG_D5G5)}")
     info = machine_info()
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
     rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm, batch=args.batch)
     print_table(rows, COLUMNS)
-    stem = ("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
+    stem = (("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
+            + ("_quick" if args.quick else ""))
     out = args.out or os.path.join(HERE, "results", stem + ".json")
     write_json(out, {"machine": info, "timing": "warm" if args.warm else "cold", "conv": rows})
     print(f"\nwritten: {out}")

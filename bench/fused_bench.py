@@ -16,7 +16,7 @@ from torch import nn
 
 from common import interleaved_times, paired_ratio
 from sparsetrain.engine.convert import sparsify_
-from sparsetrain.testing import random_mask
+from sparsetrain.testing import mask_weight_, random_mask
 
 # (channels, map side): the four 3x3 stride-1 stages of the CIFAR ResNet-18
 CASES = [(64, 32), (128, 16), (256, 8), (512, 4)]
@@ -46,11 +46,10 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             torch.manual_seed(0)
             dense = _block(c)
             mask = random_mask(dense.conv.weight.shape, s, generator=g)
-            with torch.no_grad():
-                dense.conv.weight.mul_(mask)
             unfused, fused = copy.deepcopy(dense), copy.deepcopy(dense)
             sparsify_(unfused, {"conv": mask})
             sparsify_(fused, {"conv": mask}, fuse=True)
+            mask_weight_(dense.conv, mask)  # (dense masked: weight * mask in every step)
             t = interleaved_times({"dense": lambda: _step(dense, x, gy), "unfused": lambda: _step(unfused, x, gy),
                                    "fused": lambda: _step(fused, x, gy)}, reps=reps)
             rows.append({"op": "sparse_conv_bn_relu", "shape": f"{c}x{hw}x{hw} b{BATCH}", "sparsity": s,

@@ -66,8 +66,8 @@ def _linear_methods(fin, fout, batch, sparsity, quick):
     gy = torch.randn(batch, fout, device=dev)
     out = {}
 
-    w = (lin.weight.detach() * mask).requires_grad_(True)
-    dense = lambda t: F.linear(t, w, lin.bias)  # noqa: E731
+    w = lin.weight.detach().clone().requires_grad_(True)
+    dense = lambda t: F.linear(t, w * mask, lin.bias)  # noqa: E731  (dense masked: the mask in every step)
     for name, tf32 in (("dense_fp32", False), ("dense_tf32", True)):
         out[name] = (lambda: dense(x), _fwd_bwd(dense, x, gy, [w]), fin * fout, tf32)
 
@@ -132,9 +132,9 @@ def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
         K.conv2d_forward(x, crow, col, vals, *geo)
         K.conv2d_grad_input(gy, ccol, row_t, perm, vals, (hw, hw), *geo)
         K.conv2d_grad_weight(gy, x, crow, col, *geo)
-    wd = (w * mask).requires_grad_(True)
+    wd = w.clone().requires_grad_(True)
     xr = x.clone().requires_grad_(True)
-    dense = lambda t: F.conv2d(t, wd, None, stride, pad)  # noqa: E731
+    dense = lambda t: F.conv2d(t, wd * mask, None, stride, pad)  # noqa: E731  (dense masked, as on CPU)
     out = {"csr_triton": (lambda: K.conv2d_forward(x, crow, col, vals, *geo), ours_step, csr.nnz, False)}
     for name, tf32 in (("cudnn_fp32", False), ("cudnn_tf32", True)):
         out[name] = (lambda: dense(xr), _fwd_bwd(dense, xr, gy, [wd]), w.numel(), tf32)

@@ -1,7 +1,7 @@
 """Sparse-vs-dense throughput of sparsetrain's kernels, side by side in one process.
 
     python bench/kernels.py            # full tables (linear, conv, fused conv+BN+ReLU, GPU section when CUDA exists)
-    python bench/kernels.py --quick    # a couple of minutes: the `make demo` smoke run
+    python bench/kernels.py --quick    # a couple of minutes: a smoke run (results/kernels_quick.json)
 
 Each case times forward + backward (dx and dW), the sides interleaved round by round (see
 common.interleaved_times): times are per-side medians, ratios the median over rounds of the
@@ -166,12 +166,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
     p.add_argument("--only", choices=["linear", "conv", "fused", "gpu"], help="run one section")
-    p.add_argument("--out", help="JSON output path (default results/kernels.json, or kernels_<section>.json "
+    p.add_argument("--out", help="JSON output path (default results/kernels.json, or kernels_<section>.json, _quick appended for --quick, "
                                  "with --only, so a one-section run leaves the full tables alone)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = os.path.join(HERE, "results", f"kernels_{args.only}.json" if args.only else "kernels.json")
+        stem = "kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
+        args.out = os.path.join(HERE, "results", stem + ".json")
     if args.threads:
         torch.set_num_threads(args.threads)
     sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]

@@ -7,7 +7,7 @@ model dense-masked (weight * mask in every forward through a parametrization), p
 
 Dense and sparse steps alternate (a busy machine slows both alike). Reports the median step time,
 the peak resident memory of the process during a step (VmHWM, reset before each step; it includes
-both models, optimizer state, activations and the engine's output-buffer pool) and, from one profiled step, where the time goes (sparse conv/linear ops,
+the three models, optimizer state, activations and the engine's output-buffer pool) and, from one profiled step, where the time goes (sparse conv/linear ops,
 dense conv/linear, BatchNorm, ReLU/pooling, optimizer, other). JSON: bench/results/train_step.json.
 """
 from __future__ import annotations
@@ -22,11 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, machine_info, print_table, write_json  # noqa: E402
-from sparsetrain.testing import model_masks  # noqa: E402
+from common import HERE, machine_info, paired_ratio, parse_sparsities, positive_int, print_table, write_json  # noqa: E402
+from sparsetrain.testing import mask_weight_, model_masks  # noqa: E402
 
 import sparsetrain  # noqa: E402
 from sparsetrain.experiment.models import resnet18, vgg_like  # noqa: E402
@@ -35,15 +34,6 @@ BATCH = 128
 # dense masked (parametrization), sparse layers (sparsify_), sparse with conv -> BN -> ReLU fused
 ENGINES = ("dense", "sparse", "fused")
 MODELS = {"resnet18": lambda: resnet18(10, 3), "vgg_d5g5": lambda: vgg_like(5, 5, 10, 3)}
-
-
-class _Mask(nn.Module):
-    def __init__(self, mask):
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w):
-        return w * self.mask
 
 
 def build(name: str, sparsity: float, engine: str, seed: int = 0):
@@ -55,7 +45,7 @@ def build(name: str, sparsity: float, engine: str, seed: int = 0):
         sparsetrain.sparsify_(model, masks, fuse=engine == "fused")
     else:
         for n, mask in masks.items():
-            parametrize.register_parametrization(model.get_submodule(n), "weight", _Mask(mask))
+            mask_weight_(model.get_submodule(n), mask)
     return model
 
 
@@ -87,15 +77,26 @@ _CATEGORIES = [("fused bn/relu", ("bn_act",)),
 
 
 def _breakdown(step) -> dict:
-    """Self CPU time of one step's top-level ops, grouped by category (ms)."""
+    """Self CPU time of one step's ops, grouped by category (ms); every op run inside the optimizer's
+    step (SGD's per-tensor adds and multiplies on CPU) counts as the optimizer's."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     out = {c: 0.0 for c, _ in _CATEGORIES}
     out["other"] = 0.0
-    for ev in prof.key_averages():
+
+    def in_optimizer(ev) -> bool:
+        while ev is not None:
+            if ev.name.startswith("Optimizer.step"):
+                return True
+            ev = ev.cpu_parent
+        return False
+    for ev in prof.events():
         ms = ev.self_cpu_time_total / 1e3
-        name = ev.key.lower()
+        name = ev.name.lower()
+        if in_optimizer(ev):
+            out["optimizer"] += ms
+            continue
         for cat, keys in _CATEGORIES:
             if any(k.lower() in name for k in keys):
                 out[cat] += ms
@@ -137,9 +138,11 @@ def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
     return _vm("VmHWM") / 2**20
 
 
-def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isolated_peaks: bool = False) -> list[dict]:
+def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isolated_peaks: bool = False,
+        save=None) -> list[dict]:
     """On a CUDA device the sparse layers run the Triton kernels, the dense ones cuDNN; steps are
-    synchronised, peaks are the CUDA allocator's, and the CPU-time breakdown is skipped."""
+    synchronised, peaks are the CUDA allocator's, and the CPU-time breakdown is skipped. save(rows)
+    after each configuration (an interrupted run keeps what it measured)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     profile = profile and not cuda
@@ -183,9 +186,12 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                     row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine)
                 print("      peak RSS, one model per process: " +
                       " / ".join(f"{e} {row[f'{e}_own_peak_mb']:.0f} MB" for e in ENGINES), flush=True)
-            row["speedup"] = row["dense_ms"] / row["sparse_ms"]
-            row["fused_speedup"] = row["dense_ms"] / row["fused_ms"]
+            # the median of the per-round ratios (each round's steps ran in the same seconds of the machine)
+            row["speedup"] = paired_ratio(times["dense"], times["sparse"])
+            row["fused_speedup"] = paired_ratio(times["dense"], times["fused"])
             rows.append(row)
+            if save is not None:
+                save(rows)
             print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms "
                   f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  peak RSS "
                   f"{row['dense_peak_mb']:.0f} / {row['sparse_peak_mb']:.0f} / {row['fused_peak_mb']:.0f} MB", flush=True)
@@ -215,22 +221,40 @@ def main(argv=None):
                    help="also measure each engine's peak memory in a process of its own")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json for the full "
+                   "table, train_step_partial.json for --quick or a subset: a partial run never replaces the full one)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
-    sps = [float(v) for v in args.sparsities.split(",")] if args.sparsities else \
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"--models {args.models}: unknown {unknown}; known: {', '.join(MODELS)}")
+    sps = parse_sparsities(p, args.sparsities) if args.sparsities else \
         ([0.99] if args.quick else [0.0, 0.9, 0.99, 0.999])
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
     steps = args.steps or (2 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    partial = args.quick or args.models or args.sparsities
+    out = args.out or os.path.join(HERE, "results", "train_step_partial.json" if partial else "train_step.json")
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
     rows = run(models, sps, steps, profile=not args.no_profile, device=args.device,
-               isolated_peaks=args.isolated_peaks)
+               isolated_peaks=args.isolated_peaks,  # (each finished configuration written at once)
+               save=lambda rows: write_json(out, {"machine": info, "batch": BATCH, "device": args.device,
+                                                  "train_step": rows}))
     print_table(rows, COLUMNS)
-    write_json(args.out, {"machine": info, "batch": BATCH, "device": args.device, "train_step": rows})
-    print(f"\nwritten: {args.out}")
+    print(f"\nwritten: {out}")
 
 
 if __name__ == "__main__":

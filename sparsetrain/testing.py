@@ -12,13 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_mask", "model_masks", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
+__all__ = ["random_mask", "model_masks", "mask_weight_", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
            "write_cifar", "write_idx", "write_mnist"]
 
 
 def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> torch.Tensor:
     """Bool mask with exactly round(sparsity * numel) False entries (random positions); the first
     `empty_rows` rows (dim 0) are fully pruned."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     n = 1
     for s in shape:
         n *= s
@@ -30,6 +32,23 @@ def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> 
     if empty_rows:
         m[:empty_rows] = False
     return m
+
+
+class _Mask(torch.nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w):
+        return w * self.mask
+
+
+def mask_weight_(module: torch.nn.Module, mask: torch.Tensor) -> torch.nn.Module:
+    """The dense masked baseline: `module.weight` becomes weight * mask in every forward (a
+    parametrization), so the step pays the multiply and pruned weights get no gradient."""
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(module, "weight", _Mask(mask.to(module.weight.device)))
+    return module
 
 
 def model_masks(model, sparsity: float, seed: int = 0) -> dict:

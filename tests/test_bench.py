@@ -57,9 +57,58 @@ def test_main_writes_json(tmp_path, capsys, monkeypatch):
 def test_one_section_run_leaves_the_full_tables_alone(monkeypatch):
     written = []
     monkeypatch.setattr(kernels, "bench_linear", lambda *a, **k: [])
+    monkeypatch.setattr(kernels, "bench_linear_replicated", lambda *a, **k: [])
     monkeypatch.setattr(kernels, "write_json", lambda path, data: written.append(path))
-    kernels.main(["--only", "linear", "--quick"])
-    assert [os.path.basename(p) for p in written] == ["kernels_linear.json"]
+    kernels.main(["--only", "linear", "--quick"])  # (a smoke run: never the section's table either)
+    kernels.main(["--only", "linear"])
+    assert [os.path.basename(p) for p in written] == ["kernels_linear_quick.json", "kernels_linear.json"]
+
+
+def test_bad_arguments_are_refused_before_anything_runs(capsys):
+    import pytest
+
+    import train_step
+    from sparsetrain.testing import random_mask
+    for argv, message in ((["--steps", "0"], "--steps must be >= 1"), (["--models", "resnet18,typo"], "unknown ['typo']"),
+                          (["--sparsities", "-0.1"], "each must be in [0, 1]"), (["--device", "gpu"], "--device gpu"),
+                          (["--threads", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            train_step.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    for argv, message in ((["--only", "layr3"], "matches no case"), (["--batch", "0"], "must be >= 1"),
+                          (["--sparsities", "1.5"], "each must be in [0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            conv_bench.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    with pytest.raises(ValueError, match="sparsity must be a number in"):
+        random_mask((4, 4), -0.1)
+
+
+def test_dense_masked_baseline_masks_every_step():
+    """mask_weight_ (the dense side of every benchmark): the output is the masked layer's, and pruned
+    weights get no gradient."""
+    import torch
+
+    from sparsetrain.testing import mask_weight_, random_mask
+    lin = torch.nn.Linear(6, 5)
+    w, mask = lin.weight.detach().clone(), random_mask((5, 6), 0.5)
+    mask_weight_(lin, mask)
+    x = torch.randn(3, 6)
+    lin(x).sum().backward()
+    torch.testing.assert_close(lin(x), x @ (w * mask).t() + lin.bias)
+    assert not lin.parametrizations.weight.original.grad[~mask].any()
+
+
+def test_train_step_breakdown_counts_the_optimizer_as_optimizer():
+    """SGD on CPU runs per-tensor aten::add_/mul_: inside Optimizer.step they are the optimizer's."""
+    import torch
+
+    import train_step
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    step = train_step._trainer(m, torch.randn(8, 64), torch.randint(0, 4, (8,)))
+    step()
+    b = train_step._breakdown(step)
+    assert b["optimizer"] > 0 and b["mask multiply"] == 0
 
 
 def test_interleaved_timing_pairs_every_side():
