@@ -73,6 +73,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def parse_sparsities(parser, text: str) -> list[float]:
     """--sparsities "0,0.9,0.99": each a fraction in [0, 1] (parser.error otherwise)."""
     try:

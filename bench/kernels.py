@@ -19,8 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import (HERE, interleaved_times, machine_info, median_ms, paired_ratio, print_table,
-                    write_json)
+from common import (HERE, interleaved_times, machine_info, median_ms, nonnegative_int, paired_ratio,
+                    print_table, write_json)
 from sparsetrain.testing import random_mask
 
 from sparsetrain.engine.formats import CSR
@@ -168,7 +168,7 @@ def main(argv=None):
     p.add_argument("--only", choices=["linear", "conv", "fused", "gpu"], help="run one section")
     p.add_argument("--out", help="JSON output path (default results/kernels.json, or kernels_<section>.json, _quick appended for --quick, "
                                  "with --only, so a one-section run leaves the full tables alone)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
     if args.out is None:
         stem = "kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")

@@ -42,6 +42,10 @@ _SUBMODULES = ("engine", "prune", "experiment", "kernels", "nn", "testing")
 __all__ = [*_LAZY, *_SUBMODULES]
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))  # (the lazy names too: tab completion, dir())
+
+
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

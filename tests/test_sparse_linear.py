@@ -193,6 +193,35 @@ def test_respects_set_num_threads():
     assert two > one, "two threads asked, but the ops never used a second one"
 
 
+_EMPTY_SCRIPT = """
+import torch
+from sparsetrain.nn import SparseLinear
+from sparsetrain.testing import dense_linear, reference_grads
+lin = torch.nn.Linear(784, 300)
+mask = torch.zeros(300, 784, dtype=torch.bool)
+layer = SparseLinear.from_dense(lin, mask)
+x = torch.randn(128, 784, requires_grad=True)
+gy = torch.randn(128, 300)
+for _ in range(3):
+    y = layer(x)
+    y.backward(gy)
+ry, rdx, _, rdb = reference_grads(dense_linear, x.detach(), lin.weight, mask, lin.bias, gy)
+torch.testing.assert_close(y, ry)
+torch.testing.assert_close(x.grad / 3, rdx)
+torch.testing.assert_close(layer.bias.grad / 3, rdb)
+print("ok")
+"""
+
+
+def test_fully_pruned_layer_in_a_fresh_process():
+    """nnz = 0 is the bias (or zeros), forward and backward. In a fresh process: the forward once
+    wrote a full-width input tile into a zero-length scratch buffer (heap corruption), which earlier
+    tests hid by having grown that buffer already."""
+    out = subprocess.run([sys.executable, "-c", _EMPTY_SCRIPT], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
 # ---------------------------------------------------------------------------- module API
 def test_module_api_and_state_dict_roundtrip(tmp_path):
     torch.manual_seed(5)

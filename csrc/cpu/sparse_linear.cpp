@@ -34,7 +34,7 @@ struct Cols {
     for (int64_t p = 0; p < nnz; ++p) slot[col[p]] = 1;
     int64_t n = 0;
     for (int64_t k = 0; k < K; ++k) n += slot[k];
-    if (4 * n > K) return;
+    if (n == 0 || 4 * n > K) return;  // (no weights: the full-width tile; an empty `used` is no column list)
     used.reserve(size_t(n));
     for (int64_t k = 0; k < K; ++k)
       if (slot[k]) slot[k] = int32_t(used.size()), used.push_back(k);
@@ -339,6 +339,10 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   const int64_t B = xc.size(0);
   at::Tensor y = pooled_empty(out_shape(x, N), x.options());  // every element is written once
   at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  if (B > 0 && N > 0 && col.numel() == 0) {  // no weights: y = bias (or 0)
+    if (bias) y.view({B, N}).copy_(bc.expand({B, N})); else y.zero_();
+    return y;
+  }
   if (B > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
       spmm(xc.data_ptr<scalar_t>(), B, K, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),

@@ -46,4 +46,5 @@ class use_backend:
 
 
 def current_backend() -> str:
+    """The kernels' mode now: "auto", "cpu" or "triton" (see use_backend)."""
     return _mode

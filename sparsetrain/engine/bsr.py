@@ -195,6 +195,7 @@ class BSRLinear(nn.Module):
         return cls(BSR.from_dense(linear.weight, block_size, mask), linear.bias)
 
     def to_dense(self) -> nn.Linear:
+        """The equivalent nn.Linear (zeros outside the stored blocks)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.values.device, dtype=self.weight.values.dtype)
         return _fill_dense(lin, self.weight, self.bias, self.training)

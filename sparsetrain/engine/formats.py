@@ -105,12 +105,14 @@ class CSR(nn.Module):
         return out.index_put((flat,), self.values).reshape(self.shape)
 
     def mask(self) -> torch.Tensor:
+        """Bool mask of `self.shape`: True at the stored entries."""
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         m = torch.zeros(rows * cols, dtype=torch.bool, device=self.values.device)
         m[self.row_indices().long() * cols + self.col_indices.long()] = True
         return m.reshape(self.shape)
 
     def row_indices(self) -> torch.Tensor:
+        """The row of every stored entry (int64 [nnz], CSR order)."""
         rows = self.crow_indices.numel() - 1
         return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff())
 

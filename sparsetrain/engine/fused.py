@@ -375,6 +375,7 @@ class SparseConvBNReLU(SparseConv2d):
         return not _watched(*self._placeholders)
 
     def to_conv(self) -> SparseConv2d:
+        """The plain SparseConv2d of this layer (the same weight and bias; what unfuse_ puts back)."""
         conv = SparseConv2d(self.weight, None, self.stride, self.padding)
         conv.bias = self.bias  # the same Parameter
         return conv

@@ -129,6 +129,7 @@ class SparseConv2d(_SparseLayer):
 
 
 # dense type -> sparse type (sparsify_ and densify_ look layers up here).
+# the dense layer type -> its sparse engine layer (what sparsify_ converts, exact types only)
 SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
 
@@ -157,6 +158,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 # ============================================================================ prunable layers and masks
 def is_sparse(m: nn.Module) -> bool:
+    """m is one of the engine's sparse layers (SparseLinear, SparseConv2d or a subclass)."""
     return isinstance(m, tuple(SPARSE_TYPES.values()))  # (SparseConvBNReLU is a SparseConv2d)
 
 

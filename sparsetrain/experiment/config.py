@@ -117,7 +117,7 @@ class Config:
     seeds: tuple = _f((0,), "seeds; each runs the whole study (mean +- std over them)")
     data_dir: str = _f("data", "where datasets are looked for / downloaded")
     no_download: bool = _f(False, "never download a missing dataset (fail with where it was looked for)")
-    label_file: str = _f("", "cifar100n: the CIFAR-N human-label file (default DATA_DIR/CIFAR-100_human.pt)")
+    label_file: str = _f("", "cifar100n: the CIFAR-N human-label file (empty: DATA_DIR/CIFAR-100_human.pt)")
     out: str = _f("runs", "output root; the run directory is OUT/<dataset>-eps<eps>-<profile>-<models>-<hash of "
                   "the settings>, so the same settings find their run again and different ones never collide")
     device: str = _f("auto", "where every pass runs: auto (CUDA when available), cpu, cuda or cuda:N; a run "
@@ -253,7 +253,7 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
               ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
               ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
               ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
-              ("threads", cfg.threads >= 0, ">= 0 (0: torch's default)"),
+              ("threads", cfg.threads >= 0, ">= 0 (0: this run's CPU share)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop < math.inf, "> 0 and finite"),
               ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds),
                "one or more distinct seeds >= 0"),

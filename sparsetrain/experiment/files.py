@@ -21,7 +21,7 @@ import subprocess
 import warnings
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile", "Busy", "folder_lock"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile", "Busy", "folder_lock", "folder_busy"]
 
 
 class CorruptFile(ValueError):
@@ -65,6 +65,22 @@ def folder_lock(folder: str):
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def folder_busy(folder: str) -> bool:
+    """Another process holds `folder`'s lock (folder_lock) right now (False where there is no lock
+    file or the filesystem cannot lock)."""
+    try:
+        import fcntl
+        with open(os.path.join(folder, ".lock"), "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+    except (ImportError, OSError):
+        return False
 
 
 def _digest(path: str) -> dict:

@@ -13,9 +13,9 @@ import json
 import os
 
 from ..experiment.config import Config
-from ..experiment.metrics import get, load_run
+from ..experiment.metrics import NAN, get, load_run
 from ..experiment.report.labels import label_rounds
-from ..experiment.report.tables import ms, stats, summary_table, table1_rows, vanilla_phase
+from ..experiment.report.tables import ms, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
 
 __all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -96,10 +96,11 @@ def table1_csv(groups, keys) -> list[dict]:
         for spec in table1_rows(g):
             row = {k: g["config"].get(k) for k in keys}
             row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or "none",
-                       seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))))
+                       seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))),
+                       stop=stop_cell(spec))
             for cell in ("test", "test_at", "sparsity", "pflops", "paper", "teacher", "teacher_paper", "saved"):
-                m, s, _ = stats([o[cell] for o in spec["outs"]])
-                row[f"{cell}_mean"], row[f"{cell}_std"] = m, s
+                m, s, n = stats([o[cell] for o in spec["outs"]])  # (n: the seeds with a value; saved may have fewer)
+                row[f"{cell}_mean"], row[f"{cell}_std"], row[f"{cell}_n"] = m, s if n > 1 else NAN, n
             rows.append(row)
     return rows
 

@@ -3,6 +3,7 @@ experiment's Config (every experiment flag; a flag given several values is an ax
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
 import sys
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("paper", "quick"), default="paper",
                    help="recipe variant: paper (the paper's grid) or quick (CPU-sized); grid: the experiment's "
                         "--profile")
-    p.add_argument("--out", default="sweeps", help="sweep root: runs in OUT/runs (shared by every sweep there: "
-                   "a teacher trained by one sweep serves the next), logs and report in OUT/<sweep name>")
+    p.add_argument("--out", default=None, help="sweep root (default sweeps): runs in OUT/runs (shared by every sweep "
+                   "there: a teacher trained by one sweep serves the next), logs and report in OUT/<sweep name>; "
+                   "report: where the report goes (default FOLDER/report for one folder of runs)")
     p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run (its torch threads)")
     p.add_argument("--gpus-per-run", type=float, default=0.0,
                    help="GPUs per run, fractional to share one (0.25: four CIFAR runs per GPU)")
@@ -120,11 +122,16 @@ def main(argv=None) -> int:
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
-        studies = [d for d in dirs if not _teacher_only(d)]
-        dirs = studies or dirs  # (a sweep's teacher runs are the studies' teacher phases: not settings of their own)
+        # a sweep's teacher run is a study's teacher phase (linked into it), not a setting of its own
+        linked = {os.path.realpath(os.path.join(t, "..", "..")) for d in dirs
+                  for t in glob.glob(os.path.join(d, "seed*", "teacher")) if os.path.islink(t)}
+        dirs = [d for d in dirs if not (_teacher_only(d) and os.path.realpath(d) in linked)]
         from .report import write_sweep_report
-        out = args.out if args.out != "sweeps" else os.path.join(os.path.commonpath(
-            [os.path.abspath(d) for d in dirs]), "report")
+        out = args.out
+        if out is None:  # (beside the runs when one folder was given; else it must be said)
+            if len(args.run_dirs) != 1 or os.path.isfile(os.path.join(args.run_dirs[0], "config.json")):
+                parser.error("report: give --out DIR for the report of several folders or of run directories")
+            out = os.path.join(os.path.abspath(args.run_dirs[0]), "report")
         print(write_sweep_report(dirs, out, title="report"))
         return 0
     if args.run_dirs:
@@ -137,6 +144,7 @@ def main(argv=None) -> int:
                                ("retries", args.retries >= 0, ">= 0")):
         if not ok:
             parser.error(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
+    args.out = "sweeps" if args.out is None else args.out
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a directory")
     settings = _settings(args, parser)

@@ -109,7 +109,11 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
     studies = []
     for point in expand(settings):
-        seeds = point.pop("seeds", _DEFAULT.seeds)
+        if "seeds" in point:
+            seeds = point.pop("seeds")
+        else:  # the point's profile decides, as the experiment's own command would (paper: 0 1 2)
+            resolved, _ = _resolve({**point, "out": runs_root, "threads": threads})
+            seeds = resolved.seeds if resolved is not None else _DEFAULT.seeds
         for seed in (seeds if isinstance(seeds, (list, tuple)) else [seeds]):
             p = {**point, "seeds": (seed,)}
             cfg, err = _resolve({**p, "out": runs_root, "threads": threads})

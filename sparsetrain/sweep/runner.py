@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from ..experiment.files import Busy, folder_lock, write_json
+from ..experiment.files import Busy, folder_busy, folder_lock, write_json
 from .plan import Run
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "SweepError", "run_experiment"]
@@ -188,6 +188,13 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                     status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed")
                     todo.remove(r)
                 elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
+                    if r.run_dir and folder_busy(r.run_dir):  # another sweep (same --out) is running it: wait
+                        status[r.name]["waiting"] = "another process is running this run"
+                        continue
+                    if status[r.name].pop("waiting", None) and r.done():  # ... and it finished it
+                        status[r.name]["state"] = "skipped"
+                        todo.remove(r)
+                        continue
                     running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program, gpus)] = r
                     status[r.name].update(state="running", started=time.time())
                     todo.remove(r)

@@ -9,7 +9,7 @@ from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import NAN, fin, get, teacher_tag
 
-__all__ = ["summary_table", "table1_rows", "outcome", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
+__all__ = ["summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
            "stats", "mean", "ms"]
 
 
@@ -83,6 +83,14 @@ def outcome(rows, rule, cfg: dict) -> dict:
             else NAN, "short": cut}
 
 
+def stop_cell(spec) -> str:
+    """A Table 1 row's stop cell over its seeds: the stop round (a rule's; the curve's last round without
+    one), `–` the rule never stopped, `†` the curve ends before the wall (`–†`: undecided)."""
+    ends = [("–" if o["stop"] is None else str(o["stop"])) if spec["rule"] else str(o["end"]) for o in spec["outs"]]
+    return _cell([e + ("†" if o["short"] and (not spec["rule"] or o["stop"] is None) else "")
+                  for e, o in zip(ends, spec["outs"])])
+
+
 def _cell(vals) -> str:
     return vals[0] if len(set(vals)) == 1 else ", ".join(vals)
 
@@ -122,13 +130,11 @@ def summary_table(run, rounds: bool = True) -> str:
     for spec in specs:
         name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
-        ends = [("–" if o["stop"] is None else str(o["stop"])) if rule else str(o["end"]) for o in outs]
-        ends = [e + ("†" if o["short"] and (not rule or o["stop"] is None) else "") for e, o in zip(ends, outs)]
         out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
                    f"{_flops_cell([o['pflops'] for o in outs], [o['teacher'] for o in outs], distill)} | "
                    f"{_flops_cell([o['paper'] for o in outs], [o['teacher_paper'] for o in outs], distill)} | "
                    f"{ms([o['test'] for o in outs])} | {ms([o['test_at'] for o in outs])} | "
-                   f"{ms([o['sparsity'] for o in outs])} | {_cell(ends)} | {_cell([o['label'] for o in outs])} | "
+                   f"{ms([o['sparsity'] for o in outs])} | {stop_cell(spec)} | {_cell([o['label'] for o in outs])} | "
                    f"{ms([o['saved'] for o in outs], 1) if rule else ''} | {ns} |")
     if not specs:
         out.append("| (no completed rounds yet) | | | | | | | | | | | | |")
