@@ -310,6 +310,25 @@ def test_a_failed_run_is_retried_and_reported(swept, tmp_path):
             assert "exit code 1" in status["error"] and status["log"] in status["error"]
 
 
+def test_a_run_another_sweep_is_running_is_waited_for(swept, tmp_path):
+    """Two sweeps sharing --out: a run the other one is training (its lock held) waits, and is
+    skipped once the other finished it (it used to fail 'in use', with every study needing it)."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    rd = tmp_path / "runs" / "t"
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nfrom sparsetrain.experiment.files import "
+                               "folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(3)\n"
+                               " os.makedirs(sys.argv[1] + '/seed0/teacher')\n open(sys.argv[1] + '/seed0/teacher/best.json',"
+                               " 'w').write('{}')", str(rd)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    script = tmp_path / "never.py"
+    script.write_text("import sys\nsys.exit(3)\n")  # (would fail if it ran)
+    run = Run("t", "teacher", str(rd), [], seed=0, phases=["teacher"], program=str(script))
+    status = execute([run], str(tmp_path / "sw"))["t"]
+    holder.wait()
+    assert status["state"] == "skipped", status
+
+
 def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):
     """Two 3-second runs: side by side on the 2 CPUs by default, one after the other with
     --max-concurrent 1 (intervals recorded by the runs themselves)."""
@@ -386,6 +405,34 @@ def _write_run(folder, eps, seeds, curves, done=True):
                                       for i, (s, v, t) in enumerate(rows)])
         if done:
             write_json(d / "best.json", {"round": 0})
+
+
+def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
+    """A teacher-only run is left out only when a listed study links it (its teacher phase); a
+    paper-perturb teacher run is a result of its own. Several folders need --out."""
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    _write_run(tmp_path / "runs" / "study", 0.1, [0], {0: curve})
+    _write_run(tmp_path / "runs" / "linked", 0.1, [0], {0: curve})
+    _write_run(tmp_path / "runs" / "perturb", 0.2, [0], {0: curve})
+    for d in ("linked", "perturb"):
+        cfg = json.loads((tmp_path / "runs" / d / "config.json").read_text())
+        write_json(tmp_path / "runs" / d / "config.json", {**cfg, "phases": ["teacher"]})
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "study" / "seed0" / "teacher")
+    os.symlink(os.path.join("..", "..", "linked", "seed0", "teacher"), tmp_path / "runs" / "study" / "seed0" / "teacher")
+    assert cli.main(["report", str(tmp_path / "runs")]) == 0  # one folder: its report beside the runs
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "report" / "table1.csv")))
+    assert sorted({r["eps"] for r in rows}) == ["0.1", "0.2"]  # the study and the unlinked teacher run
+    assert {r["stop"] for r in rows if r["stop_rule"] == "none"} == {"1†"}
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path / "runs" / "study"), str(tmp_path / "runs" / "perturb")])
+
+
+def test_grid_takes_the_profile_seeds(tmp_path):
+    """Without --seeds a grid point runs the seeds its profile gives (paper: 0 1 2), as the
+    experiment's own command would."""
+    plan = make_plan({"dataset": ["cifar10"], "profile": ["paper"], "teachers": ("dense",)}, str(tmp_path), threads=1)
+    assert sorted({r.seed for r in plan if r.kind == "teacher"}) == [0, 1, 2]
 
 
 def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
