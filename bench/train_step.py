@@ -221,8 +221,9 @@ def main(argv=None):
                    help="also measure each engine's peak memory in a process of its own")
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json for the full "
-                   "table, train_step_partial.json for --quick or a subset: a partial run never replaces the full one)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json for the full CPU "
+                   "table; _cuda for a GPU, _partial for --quick or a subset, so neither replaces it; written when "
+                   "the run ends, OUT.inprogress.json after each configuration until then)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     try:
@@ -245,14 +246,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     partial = args.quick or args.models or args.sparsities
-    out = args.out or os.path.join(HERE, "results", "train_step_partial.json" if partial else "train_step.json")
+    stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
+    out = args.out or os.path.join(HERE, "results", stem + ".json")
+    progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
     rows = run(models, sps, steps, profile=not args.no_profile, device=args.device,
                isolated_peaks=args.isolated_peaks,  # (each finished configuration written at once)
-               save=lambda rows: write_json(out, {"machine": info, "batch": BATCH, "device": args.device,
-                                                  "train_step": rows}))
+               save=lambda rows: write_json(progress, {"machine": info, "batch": BATCH, "device": args.device,
+                                                       "train_step": rows}))
+    write_json(out, {"machine": info, "batch": BATCH, "device": args.device, "train_step": rows})
+    os.remove(progress)
     print_table(rows, COLUMNS)
     print(f"\nwritten: {out}")
 

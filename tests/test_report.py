@@ -250,6 +250,22 @@ def test_summary_of_a_curve_stopped_online(tmp_path):
     assert row[9] == "4" and row[11] == "n/a"
 
 
+def test_a_finished_curve_short_of_the_wall_is_decided(tmp_path):
+    """A run that ended below the wall because nothing was left to prune (best.json written) is
+    finished: a rule that never fired is `–` (not undecided) and its saving is 0; the same curve
+    without best.json (still running) is undecided."""
+    write_config(tmp_path, seeds=[0], rate=0.5, wall=0.95)
+    write_rows(tmp_path, make_rows([0.5, 0.6, 0.7], ent=[0.6, 0.6, 0.6], rate=0.5))
+    md = R.summary_table(R.load_run(tmp_path))
+    assert table_row(md, "vanilla, early stop (Alg. 2)")[9] == "–†"
+    with open(tmp_path / "seed0" / "teacher" / "best.json", "w") as f:
+        f.write("{}")
+    md = R.summary_table(R.load_run(tmp_path))
+    assert table_row(md, "vanilla, no early stop")[9] == "2"
+    row = table_row(md, "vanilla, early stop (Alg. 2)")
+    assert row[9] == "–" and row[11] == "0.0"
+
+
 def test_vanilla_and_path_teachers_in_the_summary(tmp_path):
     """The teacher run is the vanilla run only on the same schedule; --teachers PATH phases keep the
     command's order."""

@@ -423,7 +423,7 @@ def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
     assert cli.main(["report", str(tmp_path / "runs")]) == 0  # one folder: its report beside the runs
     rows = list(csv.DictReader(open(tmp_path / "runs" / "report" / "table1.csv")))
     assert sorted({r["eps"] for r in rows}) == ["0.1", "0.2"]  # the study and the unlinked teacher run
-    assert {r["stop"] for r in rows if r["stop_rule"] == "none"} == {"1†"}
+    assert {r["stop"] for r in rows if r["stop_rule"] == "none"} == {"1"}  # (finished: best.json)
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "runs" / "study"), str(tmp_path / "runs" / "perturb")])
 

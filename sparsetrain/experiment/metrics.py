@@ -57,7 +57,8 @@ def read_metrics(path) -> list[dict]:
 
 
 def load_run(run_dir) -> dict:
-    """{"config": config.json (or {}), "curves": {phase: {seed: rows}}}; empty curves are left out."""
+    """{"config": config.json (or {}), "curves": {phase: {seed: rows}}, "running": {phase: [seeds whose
+    phase has not finished (no best.json)]}}; empty curves are left out."""
     config: dict = {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -65,6 +66,7 @@ def load_run(run_dir) -> dict:
     except (OSError, ValueError):
         pass
     curves: dict = {}
+    running: dict = {}
     for d in sorted(os.listdir(run_dir)):
         m, sd = re.fullmatch(r"seed(\d+)", d), os.path.join(run_dir, d)
         if not m or not os.path.isdir(sd):
@@ -74,4 +76,6 @@ def load_run(run_dir) -> dict:
             rows = read_metrics(p) if os.path.isfile(p) else []
             if rows:
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
-    return {"config": config, "curves": curves}
+                if not os.path.isfile(os.path.join(sd, phase, "best.json")):
+                    running.setdefault(phase, []).append(int(m.group(1)))
+    return {"config": config, "curves": curves, "running": running}

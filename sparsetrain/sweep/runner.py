@@ -192,14 +192,18 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                         status[r.name]["waiting"] = "another process is running this run"
                         continue
                     if status[r.name].pop("waiting", None) and r.done():  # ... and it finished it
-                        status[r.name]["state"] = "skipped"
+                        status[r.name].update(state="skipped", finished_elsewhere=True)
                         todo.remove(r)
                         continue
                     running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program, gpus)] = r
                     status[r.name].update(state="running", started=time.time())
                     todo.remove(r)
             save()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0) if running else ([], [])
+            if running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            else:  # (only runs another sweep holds, or none startable: poll once a second, not spin)
+                ready = []
+                time.sleep(1.0)
             for ref in ready:
                 r = running.pop(ref)
                 try:
@@ -208,7 +212,8 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                     status[r.name].update(state="failed", error=_error_text(e))
                     progress.write(f"sweep: {r.name} failed: {status[r.name]['error']}")
             started = sum(os.path.exists(status[r.name]["log"] + ".running") for r in running.values())
-            progress.update(sum(status[r.name]["state"] == "done" for r in plan),
+            progress.update(sum(status[r.name]["state"] == "done" or "finished_elsewhere" in status[r.name]
+                                for r in plan),
                             started, sum(status[r.name]["state"] == "failed" and not r.error for r in plan),
                             len(todo) + len(running) - started)
     except KeyboardInterrupt:

@@ -54,7 +54,7 @@ def ms(vals, nd=2) -> str:
 _RULE_NAME = {None: "", "entropy": "Alg. 2", "entropy-peak": "peak rule"}
 
 
-def outcome(rows, rule, cfg: dict) -> dict:
+def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> dict:
     """One seed's cells of Table 1 for a stop rule (None: the whole curve): FLOPs to the stop in both
     conventions, the best-validation model among the rounds <= the stop and the model at the stop
     (the paper's line 17), the stop's phase label, the FLOPs saved against the whole curve."""
@@ -69,7 +69,12 @@ def outcome(rows, rule, cfg: dict) -> dict:
     total = get(rows[-1], "cum_flops")
     rate, wall = cfg.get("rate"), cfg.get("wall")
     nxt = 1.0 - (1.0 - get(rows[-1], "sparsity")) * (1.0 - rate) if rate is not None else math.inf
-    cut = wall is not None and nxt < wall - 1e-9
+    # the curve ends before the wall and not because nothing was left to prune: the run is still going
+    # (finished unknown counts so), or a stop rule ended this student run online
+    early = cfg.get("early_stop", "none")
+    online = (phase != "teacher" and early not in (None, "none") and algorithm2_stop(
+        rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), early, cfg.get("stop_falls", 1)) == rows[-1]["round"])
+    cut = wall is not None and nxt < wall - 1e-9 and (not finished or online)
     return {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
             "stop": stop, "end": end,
             "teacher": (get(rows[0], "teacher_cost", 0.0) + sum(get(r, "teacher_flops", 0.0) for r in upto)) / 1e15,
@@ -114,7 +119,8 @@ def table1_rows(run) -> list[dict]:
         specs += [(f"{name}, {'early stop (' + _RULE_NAME[r] + ')' if r else 'no early stop'}", ph, r, distill, teacher)
                   for r in (None, "entropy", "entropy-peak")]
     return [{"name": name, "phase": ph, "rule": rule, "distill": distill, "teacher": teacher,
-             "outs": [outcome(rows, rule, cfg) for _, rows in sorted(curves[ph].items())]}
+             "outs": [outcome(rows, rule, cfg, ph, finished="running" in run and seed not in run["running"].get(ph, []))
+                      for seed, rows in sorted(curves[ph].items())]}
             for name, ph, rule, distill, teacher in specs]
 
 
