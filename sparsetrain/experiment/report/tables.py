@@ -154,9 +154,10 @@ def summary_table(run, rounds: bool = True) -> str:
             "6-11: a dense round (3 × the dense forward's multiply-adds × all training images × epochs) per round, "
             "whatever the sparsity. (+x) = the teacher's cost in the same convention: the FLOPs spent obtaining "
             "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
-            "(whole curve counted); `†`: the curve has not reached the wall (run in progress, stopped online, "
-            "or nothing left to prune): `–†` = the rule had not fired by then (undecided), and FLOPs saved "
-            "is n/a where the curve ends at the stop. ± = sample std over seeds.", ""]
+            "(whole curve counted); `†`: the curve ends before the wall unfinished (run in progress) or stopped "
+            "online (a curve that ran out of weights to prune is finished): `–†` = the rule had not fired by "
+            "then (undecided), and FLOPs saved is n/a where the curve ends at the stop. ± = sample std over "
+            "seeds.", ""]
     for ph in ordered_phases(run) if rounds else []:
         out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg), ""]
     return "\n".join(out)
