@@ -217,8 +217,11 @@ def test_fully_pruned_layer_in_a_fresh_process():
     """nnz = 0 is the bias (or zeros), forward and backward. In a fresh process: the forward once
     wrote a full-width input tile into a zero-length scratch buffer (heap corruption), which earlier
     tests hid by having grown that buffer already."""
-    out = subprocess.run([sys.executable, "-c", _EMPTY_SCRIPT], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    debug = "/usr/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"  # (glibc >= 2.34 checks the heap only with it)
+    if os.path.exists(debug):
+        env["LD_PRELOAD"] = debug
+    out = subprocess.run([sys.executable, "-c", _EMPTY_SCRIPT], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
 
 
