@@ -112,8 +112,12 @@ def machine_info() -> dict:
             "python": platform.python_version(), "platform": platform.platform(), "commit": _commit(),
             "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():  # (what a GPU table ran on)
-        import triton
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=triton.__version__)
+        try:
+            import triton
+            version = triton.__version__
+        except ImportError:
+            version = None
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=version)
     return info
 
 

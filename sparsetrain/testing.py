@@ -5,6 +5,7 @@ files in the real formats (CIFAR pickles, IDX), for loader and pipeline tests wi
 from __future__ import annotations
 
 import gzip
+import numbers
 import pickle
 import struct
 
@@ -19,7 +20,7 @@ __all__ = ["random_mask", "model_masks", "mask_weight_", "dense_linear", "dense_
 def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> torch.Tensor:
     """Bool mask with exactly round(sparsity * numel) False entries (random positions); the first
     `empty_rows` rows (dim 0) are fully pruned."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     n = 1
     for s in shape:
