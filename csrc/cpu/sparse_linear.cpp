@@ -339,10 +339,6 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
   const int64_t B = xc.size(0);
   at::Tensor y = pooled_empty(out_shape(x, N), x.options());  // every element is written once
   at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
-  if (B > 0 && N > 0 && col.numel() == 0) {  // no weights: y = bias (or 0)
-    if (bias) y.view({B, N}).copy_(bc.expand({B, N})); else y.zero_();
-    return y;
-  }
   if (B > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_linear", [&] {
       spmm(xc.data_ptr<scalar_t>(), B, K, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
@@ -365,7 +361,6 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor g = rows2d(grad_out, N);
   const int64_t B = g.size(0);
   at::Tensor dx = pooled_empty(out_shape(grad_out, K), grad_out.options());  // written once
-  if (B > 0 && K > 0 && col.numel() == 0) return dx.zero_();  // (no weights, or no outputs: N = 0)
   if (B > 0 && K > 0) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_linear_grad_input", [&] {
       spmm_t(g.data_ptr<scalar_t>(), B, N, crow.data_ptr<int64_t>(), col.data_ptr<int32_t>(),

@@ -128,8 +128,7 @@ class SparseConv2d(_SparseLayer):
                 f"stride={self.stride}, padding={self.padding}, {self._sparse_repr()}")
 
 
-# dense type -> sparse type (sparsify_ and densify_ look layers up here).
-# the dense layer type -> its sparse engine layer (what sparsify_ converts, exact types only)
+# dense type -> sparse type (sparsify_ and densify_ look layers up here; exact types only).
 SPARSE_TYPES: dict[type, type] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
 

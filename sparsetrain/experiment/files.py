@@ -47,13 +47,12 @@ def folder_lock(folder: str):
         yield
         return
     with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # (ENOLCK: NFS without lockd)
-                warnings.warn(f"{folder}: no lock ({e.strerror}): do not run this command twice at once")
-                yield
-                return
+        taken = _try_flock(f)
+        if taken is None:
+            warnings.warn(f"{folder}: no lock (the filesystem does not lock): do not run this command twice at once")
+            yield
+            return
+        if not taken:
             f.seek(0)
             holder = f.read().strip() or "?"
             raise Busy(f"{folder} is in use by another process (pid {holder}): wait for it to finish, or stop it "
@@ -73,14 +72,23 @@ def folder_busy(folder: str) -> bool:
     try:
         import fcntl
         with open(os.path.join(folder, ".lock"), "a+") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            return False
+            taken = _try_flock(f)
+            if taken:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return taken is False
     except (ImportError, OSError):
         return False
+
+
+def _try_flock(f):
+    """Take f's exclusive lock without waiting: True taken, False another process holds it, None the
+    filesystem cannot lock (ENOLCK: NFS without lockd)."""
+    import fcntl
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        return False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
 
 
 def _digest(path: str) -> dict:

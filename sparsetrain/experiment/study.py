@@ -182,13 +182,13 @@ def run_study(cfg: Config) -> str:
 _EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy)
 
 
-def _on_main(fn, *args) -> None:
-    """fn(*args) on rank 0 (the one that writes); an expected error there is raised on every rank
+def _on_main(fn) -> None:
+    """fn() on rank 0 (the one that writes); an expected error there is raised on every rank
     (under torchrun the others would otherwise die on their next collective, with a traceback)."""
     failed = None
     if dist.is_main():
         try:
-            fn(*args)
+            fn()
         except _EXPECTED as e:
             failed = e
     failed = dist.from_main(failed)  # (a collective: also the ranks' barrier)
