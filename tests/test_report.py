@@ -323,3 +323,14 @@ def test_write_report_partial_runs(tmp_path):
     text = read(R.write_report(str(tmp_path)))
     assert "| distilled from the dense teacher, early stop (Alg. 2) |" in text
     assert table_row(text, "vanilla, no early stop")[12] == "1/3"
+
+
+def test_round_table_marks_rounds_past_a_seeds_last(tmp_path):
+    # seed 1's curve ends at round 1 (stopped online): rounds 2-3 average seed 0 alone, and say so
+    write_config(tmp_path, seeds=[0, 1])
+    write_rows(tmp_path, make_rows([0.80, 0.82, 0.84, 0.83], seed=0))
+    write_rows(tmp_path, make_rows([0.80, 0.86], seed=1))
+    lines = [l for l in R.summary_table(R.load_run(tmp_path)).splitlines() if l.startswith("| ") and "|--" not in l]
+    marks = {int(l.split("|")[1]): l.split("|")[11] for l in lines if l.split("|")[1].strip().isdigit()}
+    assert marks and "seeds" not in marks[0] + marks[1]
+    assert "1/2 seeds" in marks[2] and "1/2 seeds" in marks[3]

@@ -204,7 +204,8 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
     for k, lab in zip(rounds, labels):
         rs = by[k]
         pct = lambda key: [100 * get(r, key) for r in rs]  # noqa: E731
-        marks = ([f"best {best[k]}/{n}"] if k in best else []) + [
+        marks = ([f"{len(rs)}/{n} seeds"] if len(rs) < n else []) + (  # rounds past a seed's last
+            [f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
         out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
                    f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
