@@ -150,6 +150,7 @@ class _BSRLinearFn(torch.autograd.Function):
         return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (no formulas for the gradient ops)
     def backward(ctx, grad_out):
         from sparsetrain.kernels import bsr_matmul as K
         x, values = ctx.saved_tensors

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd.function import once_differentiable
 
 from .. import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
+from .args import conv2d_padding, pair
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
            "conv2d_padding", "pair"]
@@ -80,6 +83,7 @@ def _triton_autograd(name: str):
     backward re-enters "triton", so gradients run Triton even after the `with` block has ended."""
     op = OPS[name]
 
+    @once_differentiable
     def backward(ctx, *grads):
         with backend.use_backend("triton"):
             return op.backward(ctx, *grads)
@@ -130,7 +134,8 @@ def _register(op: Op) -> Op:
     if op.fake is not None:
         torch.library.register_fake(op.qualname, op.fake)
     if op.backward is not None:
-        torch.library.register_autograd(op.qualname, op.backward, setup_context=op.setup)
+        # once_differentiable: the grad ops have no formulas of their own, so create_graph=True raises
+        torch.library.register_autograd(op.qualname, once_differentiable(op.backward), setup_context=op.setup)
     if op.triton is not None:
         torch.library.register_kernel(op.qualname, "cuda", _cuda_kernel(op))
     if op.name in AMP_OPS:
@@ -169,7 +174,8 @@ def _linear_backward(ctx, grad_out):
     if ctx.needs_input_grad[3]:
         dvalues = _call("sparse_linear_grad_weight", grad_out, x, crow, col)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        dbias = grad_out.sum(tuple(range(grad_out.dim() - 1)), dtype=ctx.bias_dtype)  # (fp32 under amp)
+        g = grad_out.unsqueeze(0) if grad_out.dim() == 1 else grad_out  # (a 1-D x: one sample)
+        dbias = g.sum(tuple(range(g.dim() - 1)), dtype=ctx.bias_dtype)  # (fp32 under amp)
     return dx, None, None, dvalues, None, None, None, dbias
 
 
@@ -313,32 +319,16 @@ def simd_bytes() -> int:
 
 
 # ============================================================================ typed wrappers
-def pair(v, name: str) -> list[int]:
-    """An int or a pair of ints as [a, b] (TypeError naming `name` otherwise)."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
-        return [int(v[0]), int(v[1])]
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-
-
-def conv2d_padding(padding, kernel_size, stride) -> list[int]:
-    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]."""
-    if padding == "valid":
-        return [0, 0]
-    if padding == "same":
-        if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
-            raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
-                             f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
-        return [(k - 1) // 2 for k in kernel_size]
-    return pair(padding, "padding")
-
-
 def _check_input(x, weight) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.device != weight.values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
+    # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
+            i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
+                                  "hessian are not supported (torch.autograd, torch.func.vmap are)")
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:

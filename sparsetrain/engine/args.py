@@ -1,0 +1,25 @@
+"""Argument parsing shared by the ops and the layers: nn.Conv2d-style int-or-pair and padding."""
+from __future__ import annotations
+
+__all__ = ["pair", "conv2d_padding"]
+
+
+def pair(v, name: str) -> list[int]:
+    """An int or a pair of ints as [a, b] (TypeError naming `name` otherwise)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        return [int(v[0]), int(v[1])]
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv2d_padding(padding, kernel_size, stride) -> list[int]:
+    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]."""
+    if padding == "valid":
+        return [0, 0]
+    if padding == "same":
+        if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
+            raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
+                             f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
+        return [(k - 1) // 2 for k in kernel_size]
+    return pair(padding, "padding")
