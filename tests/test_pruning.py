@@ -46,6 +46,17 @@ def test_schedule_global_exact_and_masks_only_shrink():
             assert torch.equal(p.detach(), bias_before[n])
 
 
+def test_pruning_a_frozen_sparse_model_keeps_it_frozen():
+    model = _net()
+    apply_engine(model, {}, "sparse")
+    model.requires_grad_(False)
+    global_prune(model, {}, 0.5)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.requires_grad_(True)
+    global_prune(model, {}, 0.5)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_global_threshold_prunes_smallest_magnitudes():
     model = _net()
     w0 = _all_weights(model).abs()

@@ -1,4 +1,5 @@
 """SparseLinear and the sparse_linear ops against the dense masked reference (F.linear)."""
+import copy
 import os
 import subprocess
 import sys
@@ -245,6 +246,34 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     assert other.nnz == layer.nnz
 
 
+def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
+    # the usual resume: model, optimizer, then both state_dicts, from a checkpoint pruned further
+    torch.manual_seed(1)
+    saved_layer = SparseLinear.from_dense(nn.Linear(10, 4), random_mask((4, 10), 0.5))
+    saved_opt = torch.optim.SGD(saved_layer.parameters(), lr=0.1, momentum=0.9)
+    saved_layer(torch.randn(3, 10)).sum().backward()
+    saved_opt.step()
+    layer = SparseLinear.from_dense(nn.Linear(10, 4), torch.ones(4, 10, dtype=torch.bool))
+    values = layer.weight.values
+    values.grad = torch.ones_like(values)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer.load_state_dict(saved_layer.state_dict())
+    opt.load_state_dict(copy.deepcopy(saved_opt.state_dict()))  # (as from a file: its own buffers)
+    assert layer.weight.values is values and values.shape == (saved_layer.nnz,) and values.grad is None
+    for m in (layer, saved_layer):
+        m.zero_grad()
+        m(torch.ones(2, 10)).sum().backward()
+    opt.step()
+    saved_opt.step()
+    torch.testing.assert_close(values, saved_layer.weight.values)  # trained on, momentum restored
+    # a part of a pattern is refused, named, the layer untouched
+    part = {k: v for k, v in saved_layer.state_dict().items() if k != "weight.col_indices"}
+    other = SparseLinear.from_dense(nn.Linear(10, 4), torch.ones(4, 10, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"the CSR at weight needs all of .*weight.col_indices"):
+        other.load_state_dict(part, strict=False)
+    assert other.nnz == 40 and other.weight.col_indices.numel() == 40
+
+
 def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
     """load_state_dict copies into the values Parameter when nnz is unchanged (an optimizer built
     before keeps stepping it), casts to the layer's dtype (a float32 checkpoint into a float64
@@ -403,6 +432,69 @@ def test_sparsify_densify_roundtrip_and_errors():
         sparsetrain.sparsify_(model, {"3": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(TypeError, match="only"):
         sparsetrain.sparsify_(model, {"2": torch.ones(1, dtype=torch.bool)})
+
+
+def test_layers_under_two_names_and_tied_weights():
+    class Twice(nn.Module):  # one layer, two names (called twice): both names get the sparse layer
+        def __init__(self):
+            super().__init__()
+            self.a, self.c = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    torch.manual_seed(2)
+    model = Twice()
+    ref = copy.deepcopy(model)
+    mask = random_mask((6, 6), 0.5)
+    with torch.no_grad():
+        ref.a.weight.mul_(mask)
+    sparsetrain.sparsify_(model, {"b": mask})
+    assert isinstance(model.a, SparseLinear) and model.b is model.a
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x), ref(x))
+    sparsetrain.densify_(model)
+    assert type(model.a) is nn.Linear and model.b is model.a
+    with pytest.raises(ValueError, match="name the same layer with different masks"):
+        sparsetrain.sparsify_(model, {"a": mask, "b": ~mask})
+    assert type(model.a) is nn.Linear
+    shared = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    shared[1].weight = shared[0].weight  # tied: two CSRs would untie them
+    with pytest.raises(ValueError, match="'0' shares its weight with '1'"):
+        sparsetrain.sparsify_(shared, {"0": random_mask((4, 4), 0.5)})
+    assert type(shared[0]) is nn.Linear
+
+
+def test_second_order_and_forward_mode_gradients_raise():
+    # the gradient ops have no formulas: an error, not a silently zero second derivative or tangent
+    layer = SparseLinear.from_dense(nn.Linear(5, 3).double(), random_mask((3, 5), 0.4))
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+    for transform in (lambda: torch.func.jvp(layer, (x.detach(),), (torch.ones_like(x),)),
+                      lambda: torch.func.jacfwd(layer)(x.detach())):
+        with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+            transform()
+    ref = F.linear(x.detach(), layer.weight.to_dense(), layer.bias)  # vmap still works
+    torch.testing.assert_close(torch.func.vmap(layer)(x.detach()), ref)
+
+
+def test_one_dimensional_input_with_bias():
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 4)
+    mask = random_mask((4, 6), 0.5)
+    layer = SparseLinear.from_dense(lin, mask)
+    x = torch.randn(6, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    out, ref = layer(x), F.linear(xr, lin.weight * mask, lin.bias)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.bias.grad, lin.bias.grad)
+    torch.testing.assert_close(layer.weight.values.grad, lin.weight.grad[mask])
 
 
 def test_mlp_training_follows_dense_masked_trajectory():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .bsr import BSRLinear
-from .fuse import fuse_, unfuse_
+from .fuse import fuse_, trace, unfuse_
 from .nn import SPARSE_TYPES, _set_module, is_sparse
 
 __all__ = ["sparsify_", "densify_"]
@@ -19,7 +19,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
     (engine/fuse.py fuse_; the model must be torch.fx-traceable)."""
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
     for name, mask in masks.items():
         if name == "":
             raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
@@ -34,16 +34,31 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
         if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
-    # build every replacement first: a layer that cannot convert (dilation, groups...) raises
-    # before the model is touched, never leaving it half converted
-    new = {}
+    # build every replacement first: a layer that cannot convert (dilation, groups...), or a model
+    # fuse_ cannot trace, raises before the model is touched, never leaving it half converted
+    if fuse:
+        trace(model)
+    owners = {}  # id(parameter) -> {id(module): a name}: a weight tied to another module's
+    for n, m in modules.items():
+        for t in m._parameters.values():
+            owners.setdefault(id(t), {}).setdefault(id(m), n)
+    new, named = {}, {}  # id(dense layer) -> its replacement, the name its mask came under
     for name, mask in masks.items():
+        mod = modules[name]
+        tied = [n for i, n in owners[id(mod.weight)].items() if i != id(mod)]
+        if tied:  # (a CSR copy would untie them silently)
+            raise ValueError(f"{name!r} shares its weight with {tied[0]!r}: tied weights cannot be sparsified")
+        if id(mod) in new:  # one layer under two names: one replacement, if both names agree
+            if not torch.equal(mask.bool(), masks[named[id(mod)]].bool()):
+                raise ValueError(f"masks[{name!r}] and masks[{named[id(mod)]!r}] name the same layer with different masks")
+            continue
         try:
-            new[name] = SPARSE_TYPES[type(modules[name])].from_dense(modules[name], mask)
+            new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
-    for name, layer in new.items():
-        _set_module(model, name, layer)
+    for name, mod in modules.items():  # every name the layer is registered under, masked or not
+        if id(mod) in new and name:
+            _set_module(model, name, new[id(mod)])
     if fuse:
         fuse_(model)
     return model
@@ -56,7 +71,10 @@ def densify_(model: nn.Module) -> nn.Module:
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
-    for name, mod in list(model.named_modules()):
+    dense = {}  # id(sparse layer) -> its dense layer (one per layer, also under several names)
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
         if (is_sparse(mod) or isinstance(mod, BSRLinear)) and name:  # (CSR and block-sparse layers)
-            _set_module(model, name, mod.to_dense())
+            if id(mod) not in dense:
+                dense[id(mod)] = mod.to_dense()
+            _set_module(model, name, dense[id(mod)])
     return model

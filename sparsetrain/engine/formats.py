@@ -165,6 +165,10 @@ class CSR(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         keys = [prefix + n for n in ("crow_indices", "col_indices", "values")]
+        if 0 < sum(k in state_dict for k in keys) < 3:  # (a part of a pattern would corrupt the layer)
+            error_msgs.append(f"the CSR at {prefix[:-1] or 'the root'} needs all of {keys}, got only "
+                              f"{[k for k in keys if k in state_dict]}")
+            return
         if all(k in state_dict for k in keys):
             crow, col, values = (state_dict[k] for k in keys)
             try:  # (a pattern that does not fit leaves the layer as it was, as a dense layer's size mismatch)
@@ -174,8 +178,8 @@ class CSR(nn.Module):
                 return
             self.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=self.crow_indices.device)
             self.col_indices = torch.empty(col.shape, dtype=torch.int32, device=self.col_indices.device)
-            if values.shape != self.values.shape:  # (a new nnz: a new Parameter; an optimizer built before holds the old one)
-                self.values = nn.Parameter(self.values.new_empty(values.shape), self.values.requires_grad)
+            if values.shape != self.values.shape:  # a new nnz, the same Parameter (an optimizer holding it
+                self.values.data, self.values.grad = self.values.new_empty(values.shape), None  # trains on)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._build_csc()

@@ -55,7 +55,7 @@ def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
     crow, col, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
     used = int((vals.abs() == thr).sum()) - int((new_vals.abs() == thr).sum())
     dev = vals.device
-    m.weight = CSR(crow.to(dev), col.to(dev), new_vals.to(dev).requires_grad_(True), w.shape, validate=False)
+    m.weight = CSR(crow.to(dev), col.to(dev), new_vals.to(dev).requires_grad_(w.values.requires_grad), w.shape, validate=False)
     return used
 
 
