@@ -601,7 +601,10 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
     model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # conv1 defers into conv2 ...
     with pytest.raises(RuntimeError, match="did not hand it"):
         model.conv2(torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64))
-    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # a forward interrupted after conv1 ...
+    with pytest.raises(RuntimeError, match="did not call this FusedBatchNorm2d"):
+        model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # bn1 was skipped last time: told once
+    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # a forward interrupted after bn1 ...
+    model.bn1(model.bn1._pending[0])
     with torch.no_grad():
         model.eval()(x)  # ... then one that does not defer: conv1 drops the stale hand-over
     model.train()
@@ -628,9 +631,11 @@ def test_routed_input_hands_on_x_once():
     assert through is not x and "SparseConvBNReLU" in type(through.grad_fn).__name__
     torch.testing.assert_close(through, x, rtol=0, atol=0)
     assert routed_input(model.conv1, x) is x  # handed on once
+    model.bn1._pending = None  # (conv1 called alone: its BN's hand-over dropped before the next call)
     model.conv1(x)
     assert routed_input(model.conv1, x.detach()) is not x  # another tensor than the layer saw: itself
     assert routed_input(model.conv0, x) is x and routed_input(nn.Conv2d(8, 8, 3), x) is x  # not routing
+    model.bn1._pending = None
     with torch.no_grad():
         model.conv1(x)
     assert routed_input(model.conv1, x) is x  # no autograd: nothing to route
@@ -740,6 +745,9 @@ def test_other_patterns_are_left_alone():
             return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
 
     u = Untraceable()
+    with pytest.raises(ValueError, match="torch.fx can trace"):
+        sparsetrain.sparsify_(u, model_masks(u, 0.5), fuse=True)
+    assert type(u.conv) is nn.Conv2d  # refused before any layer was swapped
     sparsetrain.sparsify_(u, model_masks(u, 0.5))
     with pytest.raises(ValueError, match="torch.fx can trace"):
         fuse_(u)
@@ -847,3 +855,104 @@ def test_torch_compile_runs_the_fused_layers_eagerly(make, in_play, hw):
     ref.eval(), model.eval()
     with torch.no_grad():  # inference: the BN folded into the conv, also eager under compile
         assert torch.equal(compiled(x), ref(x))
+
+
+def _chain():  # conv-bn-relu x2 -> pool -> conv-bn-relu: a deferred link and a pooled one
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).double()
+    masks = model_masks(seq, 0.5)
+    ref = copy.deepcopy(seq)
+    for name, mask in masks.items():
+        with torch.no_grad():
+            ref.get_submodule(name).weight.mul_(mask)
+    sparsetrain.sparsify_(seq, masks, fuse=True)
+    assert seq[0].feeds is seq[3] and seq[3].pools is seq[6]  # both hand-offs in play
+    return seq, ref, masks
+
+
+@pytest.mark.parametrize("segments", [2, 3, 5])
+def test_checkpointed_segments_match_the_unfused_model(segments):
+    """torch.utils.checkpoint (use_reentrant=False) cuts the chain anywhere, also between a layer and
+    the one it hands its BN to: under saved-tensor hooks the layers write their activations."""
+    from torch.utils.checkpoint import checkpoint_sequential
+    seq, ref, masks = _chain()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    outs = []
+    for m in (seq, ref):
+        xi = x.clone().requires_grad_()
+        out = checkpoint_sequential(m, segments, xi, use_reentrant=False)
+        out.square().sum().backward()
+        outs.append((out, xi.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for name, mask in masks.items():
+        torch.testing.assert_close(seq.get_submodule(name).weight.values.grad,
+                                   ref.get_submodule(name).weight.grad[mask.bool()], rtol=1e-10, atol=1e-10)
+    # the running statistics: a checkpointed segment's recompute updates its BatchNorms again (PyTorch's
+    # too); with 5 segments conv 7 (whose fused layer updates BN 8) and BN 8 fall in different ones
+    for name, b in ref.named_buffers():
+        if segments != 5 or not name.startswith("8."):
+            torch.testing.assert_close(seq.get_buffer(name), b, rtol=1e-12, atol=0)
+
+
+def test_a_forward_that_skips_a_fused_batchnorm_is_refused():
+    class Flag(nn.Module):  # fx traces the branch taken at fuse_ time
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.use_bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), True
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.relu(self.bn(y) if self.use_bn else y)
+
+    m = Flag()
+    sparsetrain.sparsify_(m, model_masks(m, 0.5), fuse=True)
+    x = torch.randn(2, 3, 6, 6)
+    m(x)
+    m.use_bn = False
+    m(x)  # (the skipped BN is seen by the next call)
+    with pytest.raises(RuntimeError, match="unfuse_"):
+        m(x)
+    sparsetrain.unfuse_(m)
+    ref = F.relu(F.conv2d(x, m.conv.weight.to_dense()))
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_relu_subclasses_and_prehooked_readers_are_not_fused_over():
+    class Clamp(nn.ReLU):  # a ReLU subclass computes something else: not a ReLU to fuse
+        def forward(self, x):
+            return x.clamp(0, 0.5)
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), Clamp())
+    ref = copy.deepcopy(seq)
+    masks = model_masks(seq, 0.0)
+    sparsetrain.sparsify_(seq, masks, fuse=True)
+    assert type(seq[2]) is Clamp and type(seq[0]) is SparseConvBNReLU and not seq[0].relu_after
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(seq(x), ref(x))
+    sparsetrain.densify_(seq)
+    assert type(seq[2]) is Clamp
+    # a pre-hook added after fuse_ on the conv a layer defers its BN into sees the activation, not y
+    chain, ref, _ = _chain()
+    seen = []
+    chain[3].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    chain(x).sum().backward()
+    torch.testing.assert_close(seen[0], ref[:3](x))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_second_order_and_forward_mode_gradients_raise(fuse):
+    """The gradient ops have no formulas: create_graph=True must not give silently wrong (zero)
+    second derivatives, nor torch.func.jvp a zero tangent."""
+    seq, _, masks = _chain()
+    if not fuse:
+        sparsetrain.unfuse_(seq)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(seq(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+    with pytest.raises((NotImplementedError, RuntimeError), match="forward-mode|setup_context"):
+        torch.func.jvp(seq.eval(), (x.detach(),), (torch.ones_like(x),))

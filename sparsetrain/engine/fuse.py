@@ -47,11 +47,12 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _module_call(node: fx.Node | None, modules: dict, calls: dict, kind) -> fx.Node | None:
-    """`node` when it calls a `kind` module that the graph calls only there."""
+def _module_call(node: fx.Node | None, modules: dict, calls: dict, *kinds: type) -> fx.Node | None:
+    """`node` when it calls a module of exactly one of `kinds` (a subclass's forward may compute
+    something else: a ReLU subclass is not a ReLU) that the graph calls only there."""
     if node is None or node.op != "call_module" or calls.get(node.target, 0) != 1:
         return None
-    return node if isinstance(modules[node.target], kind) else None
+    return node if type(modules[node.target]) in kinds else None
 
 
 def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict, calls: dict) -> fx.Node | None:
@@ -70,6 +71,20 @@ def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict,
     return relu
 
 
+def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
+    """The torch.fx graph fuse_ reads (engine layers and childless modules as leaves); when fx cannot
+    trace the model: ValueError, or None when not `strict`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    try:
+        return _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 (fx raises many kinds)
+        if not strict:
+            return None
+        raise ValueError(f"fuse_ needs a model torch.fx can trace ({type(e).__name__}: {e}); build "
+                         "SparseConvBNReLU layers by hand for this model") from e
+
+
 def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     """Fuse, in place, every SparseConv2d -> [ReLU] -> BatchNorm2d -> [ReLU] of `model` (module
     docstring; BatchNorm2d with affine or not, running statistics or not). A ReLU module called at
@@ -83,15 +98,9 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     map (AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear) runs without the replicas: _fuse_heads.
     Returns the qualified names of the fused convs, then of the fused heads' linears. The model
     must be traceable by torch.fx: ValueError otherwise, or nothing fused when not `strict`."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001 (fx raises many kinds)
-        if not strict:
-            return []
-        raise ValueError(f"fuse_ needs a model torch.fx can trace ({type(e).__name__}: {e}); build "
-                         "SparseConvBNReLU layers by hand for this model") from e
+    graph = trace(model, strict)
+    if graph is None:
+        return []
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -104,7 +113,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             continue
         relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
         bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
-        if bn is None or type(modules[bn.target]) is not nn.BatchNorm2d:
+        if bn is None:
             continue
         relu_after = residual = None
         if relu_before is None:
@@ -152,17 +161,16 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
     broadcast instead of PyTorch's kernel). Returns the linears' names."""
     fused = []
     for node in list(graph.nodes):
-        pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d)
-        if pool is None or type(modules[pool.target]) not in (nn.AdaptiveAvgPool2d, BroadcastAvgPool2d):
-            continue  # (another subclass's forward may compute something else)
+        pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d, BroadcastAvgPool2d)
+        if pool is None:
+            continue
         if _flattened(pool):
             _set_module(model, pool.target, FusedAdaptiveAvgPool2d(modules[pool.target]).train(
                 modules[pool.target].training))
             continue
         flat = _module_call(_only_user(pool), modules, calls, nn.Flatten)
         lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
-        if (lin is None or type(modules[lin.target]) is not SparseLinear or type(modules[flat.target]) is not nn.Flatten
-                or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
+        if (lin is None or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
                 or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs):
             continue
         new_pool, new_flat, new_lin = (FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten(),

@@ -16,34 +16,33 @@ and swaps the conv for a `SparseConvBNReLU` that runs them together (CPU, C++):
   statistics cost no pass over y; then one pass `bn_act` writes act(scale * y + shift).
   Unfused: statistics (1 read), normalisation (1 read, 1 write), ReLU (1 read, 1 write).
 * backward: `sparse_conv2d_bn_backward`: one pass of per-channel sums of the masked gradient
-  (a block's last conv writes the shortcut's gradient in it; a deferred pair's first layer gets
-  these sums from the second conv's kernel: _Opts.link), then the conv's own backward, which computes the BatchNorm's input gradient (ReLU masks folded
-  in) plane by plane as it packs it: that gradient is never written (maps of <= 16 output pixels,
-  on the small-map kernel, get it written first: `bn_act_backward`'s second pass). Unfused: ReLU
-  backward (2 reads, 1 write) then BatchNorm backward (4 reads, 1 write), then the conv's.
+  (a block's last conv writes the shortcut's gradient in it; a deferred pair's first layer gets these
+  sums from the second conv's kernel: _Opts.link), then the conv's own backward, which computes the
+  BatchNorm's input gradient (ReLU masks folded in) plane by plane as it packs it: never written
+  (maps of <= 16 output pixels, on the small-map kernel, get it written first: `bn_act_backward`'s
+  second pass). Unfused: ReLU backward (2 reads, 1 write), BatchNorm backward (4 reads, 1 write).
 * saved for backward: x (the conv's input, as unfused), y (the BN input, as unfused), the shortcut
   (kept alive by the block's other branch anyway) and per-channel constants; the ReLU masks are
   recomputed and the normalised tensor is never stored, so the fused layer keeps no more than the
   unfused ones.
 
-The BN and ReLU modules stay in the model, at their names, as `FusedBatchNorm2d` / `FusedReLU`:
-the same parameters and buffers (state_dict, optimizer and checkpoints do not change) whose
-forward passes through what the fused conv computed, so forward hooks (the activation entropy
-counts ReLU outputs) still see each activation. A FusedReLU with `count_states` set has its
-layer count, per neuron, the samples with a positive activation inside the kernel that applies
-the ReLU (the conv epilogue or `bn_act`: `relu_counts`), for Eq. 1's entropy without another
-read of the activation (`FusedReLU.pop_state_counts`). The batch statistics are float64 sums of
-per-plane float partial sums of deviations from one of the plane's outputs (exact in the origin's
-shift), var = E[y^2] - E[y]^2 in float64 (PyTorch uses Welford; equal to ~1e-6 relative, also for
-activations whose mean is thousands of times their spread). Running statistics follow nn.BatchNorm2d exactly
-(momentum, or the cumulative average when momentum is None; unbiased variance).
+The BN and ReLU modules stay in the model, at their names, as `FusedBatchNorm2d` / `FusedReLU`: the
+same parameters and buffers (state_dict, optimizer and checkpoints do not change) whose forward passes
+through what the fused conv computed, so forward hooks (the activation entropy counts ReLU outputs)
+still see each activation. A FusedReLU with `count_states` set has its layer count, per neuron, the
+samples with a positive activation inside the kernel that applies the ReLU (the conv epilogue or
+`bn_act`: `relu_counts`), for Eq. 1's entropy without another read (`FusedReLU.pop_state_counts`).
+The batch statistics are float64 sums of per-plane float partial sums of deviations from one of the
+plane's outputs (exact in the origin's shift), var = E[y^2] - E[y]^2 in float64 (PyTorch uses
+Welford; equal to ~1e-6 relative, also for activations whose mean is thousands of times their
+spread). Running statistics follow nn.BatchNorm2d exactly (momentum, or the cumulative average when
+momentum is None; unbiased variance).
 
 On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
 the conv's statistics epilogue in kernels/sparse_conv2d.py; the backward writes dy before the conv
 backward reads it); pooling in the BN's pass stays on the CPU engine. Under autocast the layer runs
-the unfused ops. In a fused model fuse_ also swaps nn.MaxPool2d(2) for MaxPool2x2.
-fuse_ and unfuse_ (engine/fuse.py) rewrite a model with these layers; `unfuse_(model)` restores
-plain modules (densify_ calls it).
+the unfused ops. fuse_ and unfuse_ (engine/fuse.py) rewrite a model with these layers (and swap
+nn.MaxPool2d(2) for MaxPool2x2); `unfuse_(model)` restores plain modules (densify_ calls it).
 """
 from __future__ import annotations
 
@@ -70,9 +69,8 @@ class _Opts(NamedTuple):
     relu) of the previous layer's deferred BN: x holds that layer's y. link: that layer's defer dict
     (its BN mean under "mean"): this layer's backward leaves there that BN's first-pass sums,
     computed from dx inside the conv kernel, with dx ("sums"), which that layer's backward then uses
-    if its grad_out is that dx. counts: int64 [neurons] of
-    the ReLU's output that the kernel applying the ReLU adds its positive outputs to. pool: the
-    output 2x2-max-pooled in the BN's pass (max_pool2x2 on y with the BN: out never written)."""
+    if its grad_out is that dx. counts: int64 [neurons] of the ReLU's output that the kernel applying
+    the ReLU adds its positive outputs to. pool: the output 2x2-max-pooled in the BN's pass."""
     route: bool = False
     defer: dict | None = None
     in_act: tuple | None = None
@@ -117,6 +115,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         return (out, y, x) if opts.route else (out, y)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (no formulas for the gradient ops)
     def backward(ctx, *grads):
         opts = ctx.opts
         grad_out = grads[0]
@@ -143,11 +142,9 @@ class _SparseConvBNReLU(torch.autograd.Function):
             idx)  # (pool: grad_out is the pooled output's, unpooled by the op as it reads it)
         if link is not None:
             link["sums"] = (in_sums, dx)
-        dx, dvalues = (dx if need_x else None), (dvalues if need_v else None)
-        if need_res and not relu_after:
-            dres = grad_out
-        # (float64 [C]: autograd casts each gradient to its input's dtype, in C++)
-        dcb = dy_sum if need_cb else None
+        dx, dvalues, dres = (dx if need_x else None), (dvalues if need_v else None), (
+            grad_out if need_res and not relu_after else dres)
+        dcb = dy_sum if need_cb else None  # (float64 [C]: autograd casts each to its input's dtype, in C++)
         dw = dw if has_w and ctx.needs_input_grad[3] else None
         db = db if has_b and ctx.needs_input_grad[4] else None
         return (dx, dvalues, dcb, dw, db, (dres if need_res else None)) + none[:6]
@@ -184,6 +181,10 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
             and x.dtype == conv.weight.values.dtype)
 
 
+def _hands_on() -> bool:  # (no module-state hand-offs under saved-tensor hooks: a checkpoint's recompute)
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 def _cpu_engine(x: torch.Tensor) -> bool:
     """The C++ kernels take x: only they pool in the BN's pass (max_pool2x2 has no Triton kernel)."""
     return x.device.type == "cpu" and backend.current_backend() != "triton"
@@ -196,13 +197,13 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
                         link: dict | None = None) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     C++ engine and on Triton, the unfused ops under autocast. Updates bn's running statistics in
-    training mode. With `route`, a third output: x as seen through this layer (the routing of routed_input). `defer`,
+    training mode. With `route`, a third output: x as seen through this layer (routed_input). `defer`,
     `in_act`, `link`: _Opts (the BN deferred into the next fused conv); with `defer`, (y, y[, x]) come
-    back and defer["act"] holds the BN for the next conv (its `in_act`; that dict is its `link`). `relu_counts` (int64, one
-    entry per neuron of the ReLU's output, a layer with a ReLU): the samples whose activation is
-    positive are added to it, by the kernel that applies the ReLU (no deferral then). `pool`: the
-    first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)), pooled in the
-    BN's pass on the CPU engine (the activation itself is never written); no residual, no `defer`."""
+    back and defer["act"] holds the BN for the next conv (its `in_act`; that dict is its `link`).
+    `relu_counts` (int64, one entry per neuron of the ReLU's output, a layer with a ReLU): the samples
+    whose activation is positive are added to it, by the kernel that applies the ReLU (no deferral
+    then). `pool`: the first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)),
+    in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):
@@ -297,11 +298,12 @@ class SparseConvBNReLU(SparseConv2d):
     as seen through this layer for `routed_input`. With `feeds` (set by fuse_ where this layer's
     activation goes only to that fused layer's conv), training forwards defer the BN (+ ReLU) into
     that conv's input packing: this layer hands on its BN input y in the activation's place, never
-    writing the activation (saved for backward: y, once, instead of y and the activation). Not while
-    a hook watches this layer's BN or ReLU modules (they would see y), nor without autograd. With
-    `pools` (set by fuse_ where a MaxPool2x2 alone reads the activation), the BN's pass writes only the
-    pooled output (max_pool2x2 on y with the BN, one-byte window positions kept for backward), which
-    that pool module returns; not while hooks watch the BN, ReLU or pool modules."""
+    writing the activation (saved for backward: y, once, not y and the activation). Not while a hook
+    watches this layer's BN or ReLU or the next conv, nor without autograd. With `pools` (set by fuse_
+    where a MaxPool2x2 alone reads the activation), the BN's pass writes only the pooled output (one-byte
+    window positions kept for backward), which that pool returns; not while hooks watch the BN, ReLU
+    or pool. Neither under saved-tensor hooks (torch.utils.checkpoint): the model's forward must run
+    whole (a part of it, model[:k], returns y at a deferred or pooled link; unfuse_ first)."""
 
     route_input = False
     _routed: tuple | None = None  # (the x of the last forward, x as seen through this layer)
@@ -328,6 +330,7 @@ class SparseConvBNReLU(SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
+        self.bn.check_taken()
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
             raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "
@@ -350,29 +353,26 @@ class SparseConvBNReLU(SparseConv2d):
         if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.feeds._deferred = (out, defer) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
-        if pool:  # out is pooled: the BN (and ReLU) placeholders pass y on to the pool, which returns out
-            self.bn._pending = (y, y)
-            return y
-        if self.relu_before:  # the model calls conv -> relu -> bn: the relu placeholder passes y on
-            self.bn._pending = (y, out)
-            return y
-        self.bn._pending = (out, out)
-        return out
+        # pool: out is pooled, the BN (and ReLU) placeholders pass y on to the pool, which returns out;
+        # relu_before: the model calls conv -> relu -> bn, the relu placeholder passes y on
+        self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
+        return y if pool or self.relu_before else out
 
     def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1
                      for i in range(2))
 
     def _pools(self, x: torch.Tensor) -> bool:
-        if self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not _cpu_engine(x):
+        if (self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not _cpu_engine(x)
+                or not _hands_on()):
             return False
         return min(self._out_hw(x)) >= 2 and not _watched(*self._placeholders, self.pools)
 
     def _defers(self, x: torch.Tensor) -> bool:
         if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)
-                or not _can_fuse(x, self.feeds)):
+                or not _can_fuse(x, self.feeds) or not _hands_on()):
             return False
-        return not _watched(*self._placeholders)
+        return not _watched(*self._placeholders, self.feeds)  # (a pre-hook on the next conv would see y)
 
     def to_conv(self) -> SparseConv2d:
         """The plain SparseConv2d of this layer (the same weight and bias; what unfuse_ puts back)."""

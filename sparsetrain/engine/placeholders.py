@@ -54,6 +54,15 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                                "the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
         return pending[1]
 
+    def check_taken(self) -> None:
+        """Before its fused conv runs: the last forward called this module after it (a forward that
+        skipped it, through a branch fx traced the other way or a call of part of the model, got the
+        BN applied anyway). Told once: the hand-over is dropped."""
+        if self._pending is not None:
+            self._pending = None
+            raise RuntimeError("the last forward did not call this FusedBatchNorm2d after its fused conv (a branch, "
+                               "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)")
+
 
 class FusedReLU(nn.ReLU):
     """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
