@@ -330,6 +330,7 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
     x = torch.randn(2, 3, 7, 6)
     torch.testing.assert_close(other(x), layer(x))
+    torch.testing.assert_close(layer(input=x), back(input=x))  # nn.Conv2d's keyword
     assert other.nnz == layer.nnz
     nb = SparseConv2d.from_dense(nn.Conv2d(3, 4, 1, bias=False, padding="same"))
     assert nb.bias is None and nb.padding == (0, 0) and nb.to_dense().bias is None

@@ -244,6 +244,7 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     x = torch.randn(3, 10)
     torch.testing.assert_close(other(x), layer(x))
     assert other.nnz == layer.nnz
+    torch.testing.assert_close(layer(input=x), layer(x))  # nn.Linear's keyword
 
 
 def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():

@@ -201,5 +201,5 @@ class BSRLinear(nn.Module):
                         device=self.weight.values.device, dtype=self.weight.values.dtype)
         return _fill_dense(lin, self.weight, self.bias, self.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bsr_linear(x, self.weight, self.bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's argument name)
+        return bsr_linear(input, self.weight, self.bias)

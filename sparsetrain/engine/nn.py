@@ -77,8 +77,8 @@ class SparseLinear(_SparseLayer):
     def _dense_layer(self, **kw) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_linear(x, self.weight, self.bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's argument name: input=x works)
+        return ops.sparse_linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._sparse_repr()}"
@@ -120,8 +120,8 @@ class SparseConv2d(_SparseLayer):
     def _dense_layer(self, **kw) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Conv2d's argument name)
+        return ops.sparse_conv2d(input, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
