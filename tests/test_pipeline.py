@@ -263,6 +263,16 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     with open(os.path.join(rd, "config.json")) as f:
         rec = json.load(f)
     assert rec["git_commit"] == "aaa" and [r["git_commit"] for r in rec["resumed_with"]] == ["bbb", "ccc"]
+    # and a resume on another thread count (its sums round otherwise)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        study.prepare_run_dir(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(rd, "config.json")) as f:
+        rec = json.load(f)
+    assert rec["torch_threads"] == threads and rec["resumed_with"][-1]["torch_threads"] == threads + 1
 
 
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):

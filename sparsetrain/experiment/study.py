@@ -97,8 +97,9 @@ def prepare_run_dir(cfg: Config) -> str:
                              "choose another --out or remove it")
     import torchvision
     now = {"git_commit": git_commit(), "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                                    "python": sys.version.split()[0]}}
-    # a resumed run keeps the commit and versions it started with; those it resumed with, if others, follow
+                                                    "python": sys.version.split()[0]},
+           "torch_threads": torch.get_num_threads()}  # (the kernels' sums are deterministic per thread count)
+    # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others, follow
     resumed = list(old.get("resumed_with", []))
     if old and {k: old.get(k) for k in now} != now and (not resumed or resumed[-1] != now):
         resumed.append(now)
