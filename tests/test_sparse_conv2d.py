@@ -43,6 +43,12 @@ def test_rectangular_kernels_strides_paddings(k, s, p):
     _check(5, 6, 3, (11, 8), k, s, p, 0.6, True)
 
 
+@pytest.mark.parametrize("k,s,hw", [(3, 4096, (10, 10)), (1, (7, 3), (5, 5)), ((2, 3), (9, 100), (4, 4))])
+def test_strides_past_the_last_kernel_position(k, s, hw):
+    # one output row/column: the kernels clamp the stride there (phase planes would number sh * sw)
+    _check(3, 4, 2, hw, k, s, 0, 0.5, True)
+
+
 def test_many_tiles_chunks_and_threads():
     # large enough for several batch tiles (and a ragged last tile), and batch 1 with many
     # channels, where threads split the channels instead of the tiles; its rows (~260 nonzeros
@@ -378,7 +384,21 @@ def test_bad_inputs_raise_clear_errors():
         op(x, w.crow_indices, bad_col, *args[2:])
     with pytest.raises(RuntimeError, match="stride must be >= 1"):
         op(x, *args[:7], [0, 1], [1, 1], b)
+    for k, st in (([2**32, 2**32], [1, 1]), ([3, 3], [2**32, 2**32])):  # (their products overflowed int64)
+        with pytest.raises(RuntimeError, match="must be < 2\\^31"):
+            op(x, *args[:6], k, st, [1, 1], b)
+    # a CSC that is not the CSR's transpose, or a perm that is not a permutation: refused, not used
     gy = torch.randn(2, 4, 5, 4)
+    other = CSR.from_dense(w.to_dense().flip(1))  # another pattern, the same nnz
+    twice = w.perm.clone()
+    twice[1] = twice[0]
+    bwd = torch.ops.sparsetrain.sparse_conv2d_backward
+    for csc in (other.index()[3:6], (w.ccol_indices, w.row_indices_t, twice)):
+        with pytest.raises(RuntimeError, match="transposed index of crow_indices"):
+            bwd(gy, x, w.crow_indices, w.col_indices, w.values, *csc, [3, 3], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="perm must be a permutation"):
+        torch.ops.sparsetrain.sparse_conv2d_grad_input(gy, w.ccol_indices, w.row_indices_t, twice, w.values,
+                                                       [5, 4], [3, 3], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="grad_out has 4 channels but the weight expects 5"):
         torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy, x, torch.zeros(6, dtype=torch.long),
                                                         torch.zeros(0, dtype=torch.int32), [3, 3], [1, 1], [1, 1])

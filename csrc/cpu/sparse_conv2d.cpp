@@ -19,6 +19,9 @@ ConvArgs check_conv_args(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p
   TORCH_CHECK(k[0] >= 1 && k[1] >= 1, "kernel_size must be >= 1, got ", k);
   TORCH_CHECK(s[0] >= 1 && s[1] >= 1, "stride must be >= 1, got ", s);
   TORCH_CHECK(p[0] >= 0 && p[1] >= 0, "padding must be >= 0, got ", p);
+  constexpr int64_t kMax = int64_t(1) << 31;  // (products of two such never overflow int64)
+  TORCH_CHECK(k[0] < kMax && k[1] < kMax && s[0] < kMax && s[1] < kMax && p[0] < kMax && p[1] < kMax,
+              "kernel_size, stride and padding must be < 2^31, got ", k, ", ", s, ", ", p);
   return {k[0], k[1], k.vec(), s.vec(), p.vec()};
 }
 
@@ -38,6 +41,29 @@ void check_perm_conv(const at::Tensor& perm, int64_t nnz) {
   bool ok = true;
   for (int64_t i = 0; i < nnz; ++i) ok &= (q[i] >= 0) & (q[i] < nnz);
   TORCH_CHECK(ok, "perm has entries outside [0, ", nnz, ")");
+}
+
+// The CSC (ccol, row_t, perm) is the transpose of the CSR (crow, col): perm a permutation and entry
+// k of column c the CSR entry perm[k] of row row_t[k], in column c; O(nnz + cols). Without crow,
+// only that perm is a permutation. (The layers always build it so; an op called directly may not.)
+void check_transposed(const at::Tensor* crow, const at::Tensor* col, const at::Tensor& ccol,
+                      const at::Tensor& row_t, const at::Tensor& perm) {
+  const int64_t nnz = perm.numel(), cols = ccol.numel() - 1;
+  const int64_t *q = perm.data_ptr<int64_t>(), *cp = ccol.data_ptr<int64_t>();
+  const int32_t* rt = row_t.data_ptr<int32_t>();
+  const int64_t* rp = crow ? crow->data_ptr<int64_t>() : nullptr;
+  const int32_t* ci = col ? col->data_ptr<int32_t>() : nullptr;
+  std::vector<uint8_t> seen(nnz, 0);
+  bool ok = true;
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t k = cp[c]; k < cp[c + 1]; ++k) {
+      const int64_t e = q[k];
+      ok &= !seen[e];
+      seen[e] = 1;
+      if (rp) ok &= (ci[e] == c) & (rp[rt[k]] <= e) & (e < rp[rt[k] + 1]);
+    }
+  TORCH_CHECK(ok, rp ? "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices and "
+                       "col_indices (CSR.index() builds them)" : "perm must be a permutation of [0, nnz)");
 }
 
 // x (or grad_out) must be a 4-D NCHW CPU tensor of the values' dtype with `channels` channels.
@@ -181,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     nnz = row_t->numel();
     check_values_conv(*values, nnz);
     check_perm_conv(*perm, nnz);
+    check_transposed(crow, col, *ccol, *row_t, *perm);
   }
   const at::Tensor& like = x ? *x : *values;
   check_float(like, x ? "x" : "values");

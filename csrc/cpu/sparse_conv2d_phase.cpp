@@ -44,6 +44,9 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   const int64_t Hp = H + 2 * P.ph, Wp = W + 2 * P.pw;
   TORCH_CHECK(Hp >= P.kh && Wp >= P.kw, "input spatial size (", H, ", ", W, ") plus padding (",
               P.ph, ", ", P.pw, ") is smaller than the kernel (", P.kh, ", ", P.kw, ")");
+  // a stride past the last kernel position leaves one output row (column): the same conv with the
+  // stride clamped there (its phase planes would otherwise number stride_h * stride_w)
+  P.sh = std::min(P.sh, Hp - P.kh + 1), P.sw = std::min(P.sw, Wp - P.kw + 1);
   P.OH = (Hp - P.kh) / P.sh + 1, P.OW = (Wp - P.kw) / P.sw + 1;
   P.PH = plane_extent(H, P.kh, P.sh, P.ph, P.OH), P.PW = plane_extent(W, P.kw, P.sw, P.pw, P.OW);
   P.frame = P.PH * P.PW, P.nph = P.sh * P.sw;
