@@ -22,6 +22,8 @@ def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> 
     `empty_rows` rows (dim 0) are fully pruned."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if isinstance(empty_rows, bool) or not isinstance(empty_rows, int) or not 0 <= empty_rows <= shape[0]:
+        raise ValueError(f"empty_rows must be an int in [0, {shape[0]}], got {empty_rows!r}")
     n = 1
     for s in shape:
         n *= s
@@ -48,6 +50,8 @@ def mask_weight_(module: torch.nn.Module, mask: torch.Tensor) -> torch.nn.Module
     """The dense masked baseline: `module.weight` becomes weight * mask in every forward (a
     parametrization), so the step pays the multiply and pruned weights get no gradient."""
     from torch.nn.utils import parametrize
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != module.weight.shape:
+        raise ValueError(f"mask must be a bool tensor of the weight's shape {tuple(module.weight.shape)}")
     parametrize.register_parametrization(module, "weight", _Mask(mask.to(module.weight.device)))
     return module
 

@@ -60,6 +60,8 @@ class BSR(nn.Module):
         super().__init__()
         bs = check_block(block_size)
         self.shape, self.block_size = tuple(int(s) for s in shape), bs
+        if len(self.shape) < 2:
+            raise ValueError(f"shape must have >= 2 dims, got {self.shape}")
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         RB, CB = -(-rows // bs), -(-cols // bs)
         crow = crow_indices.to(torch.int64).contiguous()
@@ -68,11 +70,16 @@ class BSR(nn.Module):
             raise ValueError(f"crow_indices must be [{RB + 1}] from 0 to nnzb={col.numel()}")
         if bool((crow.diff() < 0).any()) or (col.numel() and (int(col.min()) < 0 or int(col.max()) >= CB)):
             raise ValueError(f"crow_indices must be non-decreasing and col_indices in [0, {CB})")
+        if col.numel() > 1:  # within a block row, block columns strictly increasing (no duplicate blocks)
+            rows_of = torch.repeat_interleave(torch.arange(RB, device=crow.device), crow.diff())
+            if bool(((rows_of * CB + col.long()).diff() <= 0).any()):
+                raise ValueError("col_indices must be strictly increasing within each block row (no duplicates)")
         if values.shape != (col.numel(), bs, bs) or not values.is_floating_point():
             raise ValueError(f"values must be floating [{col.numel()}, {bs}, {bs}], got {tuple(values.shape)}")
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
-        self.values = nn.Parameter(values.detach().contiguous().clone())
+        self.values = nn.Parameter(values.detach().contiguous().clone(),
+                                   requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
         ccol, row_t, perm = transpose_index(crow, col, CB)
         self.register_buffer("ccol_indices", ccol)
         self.register_buffer("row_indices_t", row_t)
@@ -101,7 +108,8 @@ class BSR(nn.Module):
         torch.cumsum(keep.sum(1), 0, out=crow[1:])
         idx = keep.nonzero()
         values = blocks_view(w * m, bs)[idx[:, 0], idx[:, 1]]
-        return cls(crow, idx[:, 1].to(torch.int32), values, weight.shape, bs)
+        trainable = weight.requires_grad if isinstance(weight, nn.Parameter) else True  # (as CSR.from_dense)
+        return cls(crow, idx[:, 1].to(torch.int32), values.requires_grad_(trainable), weight.shape, bs)
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros outside the stored blocks); differentiable in values."""
@@ -189,7 +197,10 @@ class BSRLinear(nn.Module):
             raise TypeError("weight must be a 2-D sparsetrain.bsr.BSR")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
+            raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":

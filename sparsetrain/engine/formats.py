@@ -70,6 +70,8 @@ class CSR(nn.Module):
             raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
         self.shape = shape
         rows, cols = shape[0], math.prod(shape[1:])
+        if validate and col_indices.numel() and int(col_indices.max()) >= cols:  # (before int32 wraps it)
+            raise ValueError(f"col_indices must lie in [0, {cols}), got max {int(col_indices.max())}")
         crow = crow_indices.to(torch.int64).contiguous()
         col = col_indices.to(torch.int32).contiguous()
         if validate:
@@ -186,6 +188,9 @@ class CSR(nn.Module):
 
 
 def _validate(crow, col, values, rows, cols):
+    if crow.is_floating_point() or col.is_floating_point() or not values.is_floating_point():
+        raise ValueError(f"crow_indices and col_indices must be integer and values floating-point tensors, got "
+                         f"{crow.dtype}, {col.dtype}, {values.dtype}")
     if crow.dim() != 1 or crow.numel() != rows + 1:
         raise ValueError(f"crow_indices must have shape [{rows + 1}], got {tuple(crow.shape)}")
     if col.dim() != 1 or values.dim() != 1 or col.numel() != values.numel():

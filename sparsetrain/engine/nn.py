@@ -17,7 +17,7 @@ from torch import nn
 from . import ops
 from .formats import CSR, _fill_dense
 
-__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers",
+__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers", "check_masks",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
@@ -37,8 +37,14 @@ class _SparseLayer(nn.Module):
         self.weight = weight
         out = weight.shape[0]
         if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
             if bias.shape != (out,):
                 raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+            v = weight.values
+            if bias.dtype != v.dtype or bias.device != v.device:
+                raise ValueError(f"bias must have the weight's dtype and device ({v.dtype}, {v.device}), got "
+                                 f"{bias.dtype}, {bias.device}")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)
@@ -98,6 +104,8 @@ class SparseConv2d(_SparseLayer):
         self.kernel_size = tuple(weight.shape[2:])
         self.stride = tuple(ops.pair(stride, "stride"))
         self.padding = tuple(ops.conv2d_padding(padding, self.kernel_size, self.stride))
+        if min(self.stride) < 1 or min(self.padding) < 0:  # (as nn.Conv2d refuses them at construction)
+            raise ValueError(f"stride must be >= 1 and padding >= 0, got {stride!r}, {padding!r}")
 
     @classmethod
     def check_convertible(cls, conv: nn.Conv2d) -> None:
@@ -166,10 +174,32 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m)]
 
 
+def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> dict:
+    """`masks` ({qualified layer name: bool mask of its weight's shape}, or None: {}) checked against
+    `model`'s prunable layers: a key that names no such layer (a typo, or "fc.weight" for "fc") or a
+    mask of another dtype or shape would otherwise be ignored or broadcast silently."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, dict):
+        raise TypeError(f"{what} must be a dict {{layer name: bool tensor}}, got {type(masks).__name__}")
+    layers = dict(prunable_layers(model))
+    for name, mk in masks.items():
+        if name not in layers:
+            hint = (f" (a layer's name, not its weight's: {name[:-7]!r})" if isinstance(name, str)
+                    and name.endswith(".weight") and name[:-7] in layers else "")
+            raise KeyError(f"{what} names {name!r}, which is not a prunable layer of the model{hint}; "
+                           f"prunable layers: {list(layers)}")
+        shape = tuple(layers[name].weight.shape)
+        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
+            got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
+            raise ValueError(f"{what}[{name!r}] must be a bool tensor of shape {shape}, got {got}")
+    return masks
+
+
 def masks_of(model: nn.Module, masks: dict | None = None) -> dict[str, torch.Tensor]:
     """Bool mask of every prunable layer: from the CSR for sparse layers, else from `masks`
     (all-True when a dense layer has none yet)."""
-    masks = masks or {}
+    masks = check_masks(model, masks)
     out = {}
     for n, m in prunable_layers(model):
         if is_sparse(m):
@@ -192,10 +222,18 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
     return 1.0 - kept / total if total else 0.0
 
 
-def mask_grads_(model: nn.Module, masks: dict) -> None:
-    """Dense masked training: pruned weights get no gradient (so no momentum, no decay)."""
+def _masked(model: nn.Module, masks: dict):
+    """(layer, mask) per entry, each mask checked against its layer's weight (per training step: cheap)."""
     for name, mk in masks.items():
         m = model.get_submodule(name)
+        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape:
+            check_masks(model, {name: mk})  # (raises, naming the layer)
+        yield m, mk
+
+
+def mask_grads_(model: nn.Module, masks: dict) -> None:
+    """Dense masked training: pruned weights get no gradient (so no momentum, no decay)."""
+    for m, mk in _masked(model, masks):
         if m.weight.grad is not None:
             m.weight.grad.mul_(mk)
 
@@ -203,5 +241,5 @@ def mask_grads_(model: nn.Module, masks: dict) -> None:
 @torch.no_grad()
 def enforce_masks_(model: nn.Module, masks: dict) -> None:
     """Zero the pruned weights of dense masked layers."""
-    for name, mk in masks.items():
-        model.get_submodule(name).weight.mul_(mk)
+    for m, mk in _masked(model, masks):
+        m.weight.mul_(mk)

@@ -320,6 +320,8 @@ def simd_bytes() -> int:
 
 # ============================================================================ typed wrappers
 def _check_input(x, weight) -> None:
+    if not hasattr(weight, "index") or not isinstance(getattr(weight, "values", None), torch.Tensor):
+        raise TypeError(f"weight must be a sparsetrain.CSR (CSR.from_dense(w, mask)), got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.device != weight.values.device:
@@ -347,13 +349,13 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
 
     NCHW float32/float64 on CPU; zero padding; dilation 1 and groups 1 only (ValueError otherwise).
     """
+    _check_input(x, weight)
     if len(weight.shape) != 4:
         raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
     if pair(dilation, "dilation") != [1, 1]:
         raise ValueError(f"sparse_conv2d supports dilation 1 only, got {dilation!r}")
     if groups != 1:
         raise ValueError(f"sparse_conv2d supports groups=1 only, got {groups!r}")
-    _check_input(x, weight)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     k = list(weight.shape[2:])
@@ -369,6 +371,8 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
         raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
     tensors = list(tensors)
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):  # (a meta fake: garbage)
+        raise ValueError("magnitude_threshold runs on CPU tensors (move them with .cpu())")
     masks = [None] * len(tensors) if masks is None else list(masks)
     if len(masks) != len(tensors):
         raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")

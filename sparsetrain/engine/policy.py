@@ -33,7 +33,7 @@ from torch import nn
 from .convert import sparsify_
 from .fuse import fuse_
 from .hooks import hooked_eval
-from .nn import SPARSE_TYPES, SparseConv2d, is_sparse, prunable_layers
+from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
@@ -57,6 +57,7 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     Returns the masks still needed by dense layers."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    masks = check_masks(model, masks)
     to_sparse, to_measure = {}, {}
     for name, m in prunable_layers(model):
         if is_sparse(m) or engine == "dense" or (engine == "auto" and not _convertible(m)):
@@ -192,6 +193,8 @@ def _machine() -> str:
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3) -> bool:
     """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
     timed at `input_shape` once per machine (module docstring: the cache)."""
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:  # (0 would cache "dense" untimed)
+        raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     w = layer.weight
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),

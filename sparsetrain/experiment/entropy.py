@@ -114,11 +114,15 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
     fused = [m for _, m in relus if isinstance(m, FusedReLU)]
     samples = 0
+    if isinstance(batches, torch.Tensor):  # (iterating it would count each sample's features as samples)
+        raise TypeError("batches must be an iterable of batches, not a tensor: wrap one batch as [x]")
     with hooked_eval(model, handles), _counting(fused):
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"batches must yield tensors or (tensor, ...) tuples, got {type(x).__name__}")
+            if x.dim() < 2:
+                raise ValueError(f"each batch must be [batch, ...] (>= 2-D), got shape {tuple(x.shape)}")
             calls.clear()
             if x.shape[0]:
                 model(x.to(device, non_blocking=True))

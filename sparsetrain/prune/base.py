@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -28,8 +29,8 @@ RULES: dict[str, type["PruningRule"]] = {}
 
 
 def check_rate(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate < 1.0:
-        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 < float(rate) < 1.0:
+        raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")  # (numpy floats too)
     return float(rate)
 
 

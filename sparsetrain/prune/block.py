@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..engine.bsr import as_matrix, blocks_view, check_block
-from ..engine.nn import is_sparse, masks_of, prunable_layers
+from ..engine.nn import check_masks, is_sparse, masks_of, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
@@ -57,9 +57,12 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
     """One round of block pruning (module docstring): returns the shrunken masks of every prunable
     layer (dense layers only) and zeroes the weights under pruned blocks."""
     bs = check_block(block)
-    check_rate(rate)
+    rate = check_rate(rate)
     check_scope(scope)
+    masks = check_masks(model, masks)
     layers = prunable_layers(model)
+    if not layers:
+        raise ValueError("model has no prunable layer (nn.Conv2d / nn.Linear)")
     check_finite(layers)
     if any(is_sparse(m) for _, m in layers):
         raise ValueError("--structure block needs dense masked layers (engine dense)")

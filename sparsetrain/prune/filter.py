@@ -148,7 +148,7 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
 
 def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
     """One round of per-layer l1 filter pruning (module docstring). Returns {layer: removed}."""
-    check_rate(rate)
+    rate = check_rate(rate)
     groups = filter_groups(model)
     check_finite([(g.name, g.layer) for g in groups])
     keep, removed = {}, {}

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..engine import ops
 from ..engine.formats import CSR
-from ..engine.nn import is_sparse, prunable_layers
+from ..engine.nn import check_masks, is_sparse, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, register
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
@@ -63,8 +63,9 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     """Prune `rate` of the surviving weights (global: one threshold over all layers; layer: the
     same fraction in every layer). Dense layers get a shrunken mask in the returned dict; sparse
     layers are re-packed in place (smaller CSR). Weights under pruned positions are zeroed."""
-    check_rate(rate)
+    rate = check_rate(rate)
     check_scope(scope)
+    masks = check_masks(model, masks)
     layers = prunable_layers(model)
     check_finite(layers)
     groups = [layers] if scope == "global" else [[l] for l in layers]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.nn import is_sparse, prunable_layers
+from ..engine.nn import check_masks, is_sparse, prunable_layers
 
 __all__ = ["PERTURBATIONS", "load_weights_under_masks_"]
 
@@ -23,9 +23,13 @@ PERTURBATIONS = ("none", "rewind", "reinit")
 def load_weights_under_masks_(model: nn.Module, source_state: dict, masks: dict) -> None:
     """Take each prunable layer's dense weights from `source_state` (a state_dict of a model of
     the same shapes) under the current pattern; other tensors (biases, BatchNorm) too."""
+    masks = check_masks(model, masks)
     layers = prunable_layers(model)
     for name, m in layers:
         w = source_state[f"{name}.weight"]
+        if tuple(w.shape) != tuple(m.weight.shape):
+            raise ValueError(f"source_state[{name + '.weight'!r}] has shape {tuple(w.shape)}, the layer "
+                             f"{tuple(m.weight.shape)}")
         if is_sparse(m):
             m.weight.values.copy_(w.reshape(w.shape[0], -1)[m.weight.row_indices(), m.weight.col_indices.long()])
         else:

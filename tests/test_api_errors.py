@@ -1,0 +1,115 @@
+"""Bad input to the public Python API: a ValueError/TypeError/KeyError naming the argument, never a
+silently ignored key, a broadcast mask, a wrong number or an error from deep inside torch."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.engine import ops
+from sparsetrain.engine.bsr import BSR, BSRLinear
+from sparsetrain.engine.formats import CSR
+from sparsetrain.engine.nn import enforce_masks_, mask_grads_, masks_of, model_sparsity
+from sparsetrain.engine.policy import apply_engine, sparse_is_faster
+from sparsetrain.experiment.early_stop import algorithm2_stop
+from sparsetrain.experiment.entropy import activation_entropy
+from sparsetrain.nn import SparseConv2d, SparseLinear
+from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_
+from sparsetrain.testing import mask_weight_, random_mask
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
+    m = _mlp()
+    half = {"0": random_mask((6, 8), 0.5)}
+    assert model_sparsity(m, half) == pytest.approx(24 / 66)
+    for fn in (lambda k: model_sparsity(m, k), lambda k: masks_of(m, k), lambda k: global_prune(m, k, 0.5),
+               lambda k: apply_engine(m, k, "dense"), lambda k: load_weights_under_masks_(m, m.state_dict(), k)):
+        with pytest.raises(KeyError, match=r"'0.weight'.*a layer's name, not its weight's: '0'"):
+            fn({"0.weight": half["0"]})
+        with pytest.raises(KeyError, match="'fc1', which is not a prunable layer"):
+            fn({"fc1": half["0"]})
+        with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\)"):
+            fn({"0": half["0"].float()})
+        with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\)"):
+            fn({"0": torch.ones(8, dtype=torch.bool)})  # (would broadcast)
+        with pytest.raises(TypeError, match="masks must be a dict"):
+            fn([half["0"]])
+    for fn in (enforce_masks_, mask_grads_):  # the per-step helpers: each mask against its layer
+        with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor"):
+            fn(m, {"0": torch.ones(8, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="no prunable layer"):
+        block_prune(nn.Sequential(nn.ReLU()), {}, 0.5)
+    with pytest.raises(ValueError, match=r"source_state\['0.weight'\] has shape \(6, 9\)"):
+        load_weights_under_masks_(m, {**m.state_dict(), "0.weight": torch.zeros(6, 9)}, {})
+    with pytest.raises(ValueError, match="mask must be a bool tensor of the weight's shape"):
+        mask_weight_(nn.Linear(8, 6), torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="empty_rows must be an int in"):
+        random_mask((4, 4), 0.0, empty_rows=-1)
+
+
+def test_numbers_and_ranges():
+    m = _mlp()
+    kept = global_prune(m, {}, np.float32(0.5))  # numpy floats are numbers
+    assert sum(int(k.sum()) for k in kept.values()) == 33
+    for bad in (1.5, 0, float("nan"), True, "0.5", torch.tensor(0.5)):
+        with pytest.raises(ValueError, match="rate must be a number in"):
+            global_prune(_mlp(), {}, bad)
+    rows = [{"round": k, "val_acc": a, "entropy_mean": e} for k, (a, e) in enumerate([(0.8, 1.0), (0.8, 0.5)])]
+    for name, kw in (("t_e", {"t_e": 80}), ("t_a", {"t_a": float("nan")}), ("t_e", {"t_e": -1})):
+        with pytest.raises(ValueError, match=f"{name} must be a fraction"):
+            algorithm2_stop(rows, **kw)
+    with pytest.raises(ValueError, match="reps must be an int >= 1"):
+        sparse_is_faster(nn.Linear(4, 4), torch.ones(4, 4, dtype=torch.bool), (2, 4), reps=0)
+
+
+def test_entropy_wants_an_iterable_of_batches():
+    m = _mlp()
+    x = torch.randn(8, 8)
+    assert activation_entropy(m, [x])["samples"] == 8
+    with pytest.raises(TypeError, match="wrap one batch as"):
+        activation_entropy(m, x)
+    with pytest.raises(ValueError, match=r"each batch must be \[batch, ...\]"):
+        activation_entropy(m, [x[0], x[1]])
+
+
+def test_layer_and_format_constructors():
+    w = CSR.from_dense(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="bias must have the weight's dtype and device"):
+        SparseLinear(w, torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        SparseLinear(w, [0.0] * 6)
+    with pytest.raises(ValueError, match="stride must be >= 1 and padding >= 0"):
+        SparseConv2d(CSR.from_dense(torch.randn(2, 3, 3, 3)), stride=0)
+    with pytest.raises(ValueError, match="stride must be >= 1 and padding >= 0"):
+        SparseConv2d(CSR.from_dense(torch.randn(2, 3, 3, 3)), padding=-2)
+    for weight in (torch.randn(6, 8), None):
+        with pytest.raises(TypeError, match="weight must be a sparsetrain.CSR"):
+            ops.sparse_linear(torch.randn(2, 8), weight)
+        with pytest.raises(TypeError, match="weight must be a sparsetrain.CSR"):
+            ops.sparse_conv2d(torch.randn(2, 8, 5, 5), weight)
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 10\)"):  # (not wrapped to 3 by int32)
+        CSR(torch.tensor([0, 1]), torch.tensor([2**32 + 3]), torch.ones(1), (1, 10))
+    lin = SparseLinear.from_dense(nn.Linear(8, 6))
+    sd = {k: (v.float() if "indices" in k else v) for k, v in lin.state_dict().items()}
+    with pytest.raises(RuntimeError, match="must be integer"):
+        lin.load_state_dict(sd)
+    with pytest.raises(ValueError, match="magnitude_threshold runs on CPU tensors"):
+        ops.magnitude_threshold([torch.ones(4, device="meta")], 0.5)
+    # block-sparse: duplicate blocks and 1-D shapes refused; bias checked; frozen stays frozen
+    blocks = torch.ones(2, 16, 16)
+    with pytest.raises(ValueError, match="strictly increasing within each block row"):
+        BSR(torch.tensor([0, 2]), torch.tensor([0, 0]), blocks, (16, 32), 16)
+    with pytest.raises(ValueError, match="shape must have >= 2 dims"):
+        BSR(torch.tensor([0, 1]), torch.tensor([0]), blocks[:1], (16,), 16)
+    with pytest.raises(ValueError, match=r"bias must be a tensor of shape \(32,\)"):
+        BSRLinear(BSR.from_dense(torch.randn(32, 32), 16), torch.zeros(5))
+    frozen = nn.Linear(32, 32).requires_grad_(False)
+    b = BSRLinear.from_dense(frozen, 16)
+    assert not b.weight.values.requires_grad and not b.bias.requires_grad
+    assert BSRLinear.from_dense(nn.Linear(32, 32), 16).weight.values.requires_grad
+    assert isinstance(sparsetrain.CSR, type)
