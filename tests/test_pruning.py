@@ -137,7 +137,7 @@ def test_rewind_restores_weights_under_mask():
 
 def test_bad_arguments():
     model = _net()
-    with pytest.raises(ValueError, match=r"rate must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"rate must be a number in \(0, 1\)"):
         global_prune(model, {}, 1.0)
     with pytest.raises(ValueError, match="scope must be"):
         global_prune(model, {}, 0.2, scope="filterwise")
