@@ -45,7 +45,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
     new, named = {}, {}  # id(dense layer) -> its replacement, the name its mask came under
     for name, mask in masks.items():
         mod = modules[name]
-        tied = [n for i, n in owners[id(mod.weight)].items() if i != id(mod)]
+        tied = [n for i, n in owners.get(id(mod.weight), {}).items() if i != id(mod)]
         if tied:  # (a CSR copy would untie them silently)
             raise ValueError(f"{name!r} shares its weight with {tied[0]!r}: tied weights cannot be sparsified")
         if id(mod) in new:  # one layer under two names: one replacement, if both names agree
