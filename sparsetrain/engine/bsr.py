@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .formats import _fill_dense, transpose_index
+from .formats import _fill_dense, _sorted_rows, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -70,10 +70,8 @@ class BSR(nn.Module):
             raise ValueError(f"crow_indices must be [{RB + 1}] from 0 to nnzb={col.numel()}")
         if bool((crow.diff() < 0).any()) or (col.numel() and (int(col.min()) < 0 or int(col.max()) >= CB)):
             raise ValueError(f"crow_indices must be non-decreasing and col_indices in [0, {CB})")
-        if col.numel() > 1:  # within a block row, block columns strictly increasing (no duplicate blocks)
-            rows_of = torch.repeat_interleave(torch.arange(RB, device=crow.device), crow.diff())
-            if bool(((rows_of * CB + col.long()).diff() <= 0).any()):
-                raise ValueError("col_indices must be strictly increasing within each block row (no duplicates)")
+        if not _sorted_rows(crow, col, RB, CB):  # (a duplicate block: to_dense keeps one, forward sums both)
+            raise ValueError("col_indices must be strictly increasing within each block row (no duplicates)")
         if values.shape != (col.numel(), bs, bs) or not values.is_floating_point():
             raise ValueError(f"values must be floating [{col.numel()}, {bs}, {bs}], got {tuple(values.shape)}")
         self.register_buffer("crow_indices", crow)

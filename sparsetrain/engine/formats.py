@@ -204,12 +204,16 @@ def _validate(crow, col, values, rows, cols):
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols):
         raise ValueError(f"col_indices must lie in [0, {cols}), got range "
                          f"[{int(col.min())}, {int(col.max())}]")
-    if col.numel():
-        # within a row, columns strictly increasing (no duplicates)
-        rows_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
-        key = rows_of * cols + col.long()
-        if bool((key.diff() <= 0).any()):
-            raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")
+    if not _sorted_rows(crow, col, rows, cols):
+        raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")
+
+
+def _sorted_rows(crow, col, rows, cols) -> bool:
+    """Within each row of a compressed index, the column ids strictly increase (no duplicates)."""
+    if col.numel() < 2:
+        return True
+    rows_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
+    return not bool(((rows_of * cols + col.long()).diff() <= 0).any())
 
 
 def _fill_dense(dense: nn.Module, weight, bias: torch.Tensor | None, training: bool) -> nn.Module:
