@@ -14,7 +14,7 @@ from sparsetrain.engine.policy import apply_engine, sparse_is_faster
 from sparsetrain.experiment.early_stop import algorithm2_stop
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_
+from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_, make_rule, sparsity_after
 from sparsetrain.testing import mask_weight_, random_mask
 
 
@@ -65,6 +65,16 @@ def test_numbers_and_ranges():
             algorithm2_stop(rows, **kw)
     with pytest.raises(ValueError, match="reps must be an int >= 1"):
         sparse_is_faster(nn.Linear(4, 4), torch.ones(4, 4, dtype=torch.bool), (2, 4), reps=0)
+    assert sparsity_after(2, 0.5) == 0.75 and sparsity_after(np.int64(0), np.float32(0.5)) == 0.0
+    for rounds, rate, name in ((-1, 0.5, "rounds"), (1.5, 0.5, "rounds"), (True, 0.5, "rounds"), (3, 1.5, "rate")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            sparsity_after(rounds, rate)
+
+
+def test_make_rule_refuses_an_option_no_rule_takes():
+    assert make_rule("filter", scope="global", block=16).can_prune(_mlp(), {})  # (others' options: ignored)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'scpoe'; the rules take: .*scope"):
+        make_rule("unstructured", scpoe="layer")
 
 
 def test_entropy_wants_an_iterable_of_batches():

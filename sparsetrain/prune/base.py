@@ -83,10 +83,16 @@ def register(cls: type[PruningRule]) -> type[PruningRule]:
 
 
 def make_rule(name: str, **options) -> PruningRule:
-    """The registered rule `name`, built with the options it takes (others are ignored, so one
-    call site can pass scope and block to every rule)."""
+    """The registered rule `name`, built with the options it takes (options only other rules take
+    are ignored, so one call site can pass scope and block to every rule; an option no rule takes,
+    a misspelling, is refused)."""
     if name not in RULES:
         raise ValueError(f"unknown pruning rule {name!r}; known: {', '.join(RULES)}")
+    known = {k for rule in RULES.values() for k in inspect.signature(rule).parameters}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"make_rule got unknown option(s) {', '.join(map(repr, unknown))}; "
+                        f"the rules take: {', '.join(sorted(known))}")
     cls = RULES[name]
     accepted = inspect.signature(cls).parameters
     return cls(**{k: v for k, v in options.items() if k in accepted})

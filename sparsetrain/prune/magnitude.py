@@ -8,6 +8,8 @@ Dense layers get a smaller mask; sparse layers are re-packed into a smaller CSR 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -21,7 +23,9 @@ __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
 
 def sparsity_after(rounds: int, rate: float) -> float:
     """Target sparsity after k rounds pruning `rate` of the remaining weights: 1 - (1 - rate)^k."""
-    return 1.0 - (1.0 - rate) ** rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 0:
+        raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+    return 1.0 - (1.0 - check_rate(rate)) ** int(rounds)
 
 
 def _weight_and_mask(m: nn.Module, masks: dict, name: str):
