@@ -14,6 +14,8 @@ load). fp32 inputs use TF32 tensor cores only when `torch.backends.cuda.matmul.a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -148,8 +150,11 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
     _check(values, tensors, "bsr_linear_forward")
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
+    if bias is not None and bias.shape != (out_features,):  # (the kernel reads out_features of it)
+        raise ValueError(f"bsr_linear_forward: bias must have shape ({out_features},), got "
+                         f"{tuple(bias.shape)}")
     K = x.shape[-1]
-    y = _mm(x.reshape(-1, K).contiguous(), crow, col, values.contiguous(), out_features,
+    y = _mm(x.reshape(math.prod(x.shape[:-1]), K).contiguous(), crow, col, values.contiguous(), out_features,
             bias=None if bias is None else bias.contiguous(), trans_w=True)
     return y.reshape(*x.shape[:-1], out_features).clone() if x.dim() != 2 else y  # (not a view)
 
@@ -161,8 +166,8 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
     check_index(row_t, "row_indices_t", torch.int32)
     check_index(perm, "perm", torch.int64)
     N = grad_out.shape[-1]
-    dx = _mm(grad_out.reshape(-1, N).contiguous(), ccol, row_t, values.contiguous(), in_features,
-             perm=perm, trans_w=False)
+    dx = _mm(grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous(), ccol, row_t, values.contiguous(),
+             in_features, perm=perm, trans_w=False)
     return dx.reshape(*grad_out.shape[:-1], in_features).clone() if grad_out.dim() != 2 else dx
 
 
@@ -176,7 +181,9 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
     N, K = grad_out.shape[-1], x.shape[-1]
-    dy2, x2 = grad_out.reshape(-1, N).contiguous(), x.reshape(-1, K).contiguous()
+    # (math.prod, not -1: a reshape of 0 elements cannot infer it)
+    dy2 = grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), K).contiguous()
     M, nnzb, BS = x2.shape[0], col.numel(), block_size
     if dy2.shape[0] != M:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} differ in batch")

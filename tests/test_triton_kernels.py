@@ -334,6 +334,42 @@ def edge_cases_refused_or_computed_as_the_cpp_ops():
     assert layer.weight.values.grad.dtype == torch.float32 and xb.grad.dtype == torch.float32
 
 
+@interp
+def bsr_linear_bias_1d_input_empty_features_and_a_loaded_pattern():
+    """bsr_linear on the Triton kernels: a bias of another shape is refused (the kernel would read
+    past it); a 1-D input with a bias, 0 in- or out-features and a layer whose pattern came from a
+    state_dict of another block count (the transposed index rebuilt) match the dense masked linear."""
+    import sparsetrain
+    from sparsetrain.engine.bsr import BSR, BSRLinear, bsr_linear
+    from sparsetrain.prune import block_mask
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(24, 20)
+    mask = block_mask(lin.weight, 16, 0.5)
+    W = BSR.from_dense(lin.weight, 16, mask)
+    with sparsetrain.use_backend("triton"):
+        for bad in (torch.zeros(1), torch.zeros(5), torch.zeros(2, 20)):
+            with pytest.raises(ValueError, match=r"bias must have shape \(20,\)"):
+                bsr_linear(torch.randn(3, 24), W, bad)
+    x = torch.randn(24, generator=g)
+    check = [(lin, mask, x)]
+    for fin, fout in ((0, 20), (24, 0)):
+        empty = torch.nn.Linear(fin, fout)
+        check.append((empty, torch.ones(fout, fin, dtype=torch.bool), torch.randn(3, fin, generator=g)))
+    other = torch.nn.Linear(24, 20)  # a pattern of another block count, loaded into `layer`
+    omask = block_mask(other.weight, 16, 0.25)
+    layer = BSRLinear(BSR.from_dense(lin.weight, 16, mask), lin.bias)
+    layer.load_state_dict(BSRLinear.from_dense(other, 16, omask).state_dict())
+    assert layer.weight.nnz_blocks == BSR.from_dense(other.weight, 16, omask).nnz_blocks != W.nnz_blocks
+    for dense, m, xi in check + [(other, omask, torch.randn(4, 24, generator=g))]:
+        module = layer if dense is other else BSRLinear.from_dense(dense, 16, m)
+        xi = xi.requires_grad_(True)
+        with sparsetrain.use_backend("triton"):
+            (y := module(xi)).backward(gy := torch.randn(y.shape, generator=g))
+        ry, rdx, rdw, rdb = reference_grads(dense_linear, xi, dense.weight, m, dense.bias, gy)
+        rdv = BSR.from_dense(rdw, 16, m).values
+        assert_close_all([(y, ry), (xi.grad, rdx), (module.weight.values.grad, rdv), (module.bias.grad, rdb)])
+
+
 def check_amp(layer, dense, mask, ref_fn, x, dtype, **kw):
     """`layer` (fp32 values) under torch.autocast(dtype) on the Triton kernels: the output has the
     autocast dtype, the gradients of the fp32 values and input are fp32 and match the dense masked
@@ -462,6 +498,79 @@ def test_bsr_errors():
         BSR.from_dense(w, 8)
     with pytest.raises(ValueError, match="sparsity"):
         block_mask(w, 16, 1.5)
+
+
+def test_bsr_arguments_refused_with_their_names():
+    import numpy as np
+    from sparsetrain.engine.bsr import BSR, BSRLinear, bsr_linear
+    from sparsetrain.prune import block_mask
+    blocks = torch.ones(1, 16, 16)
+    with pytest.raises(TypeError, match="crow_indices must be int32 or int64"):
+        BSR(torch.tensor([0.0, 1.0]), torch.tensor([0]), blocks, (16, 16), 16)
+    with pytest.raises(TypeError, match="col_indices must be int32 or int64"):
+        BSR(torch.tensor([0, 1]), torch.tensor([0.9]), blocks, (16, 16), 16)
+    with pytest.raises(TypeError, match="must be torch.Tensors"):
+        BSR([0, 1], [0], blocks, (16, 16), 16)
+    with pytest.raises(ValueError, match="non-negative dims"):
+        BSR(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), blocks[:0], (-5, 24), 16)
+    with pytest.raises(ValueError, match="on one device"):
+        BSR(torch.tensor([0, 1]), torch.tensor([0]), blocks.to("meta"), (16, 16), 16)
+    with pytest.raises(ValueError, match=r"values of shape \[nnz, block, block\]"):
+        BSR(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, 16, 8), (16, 16), 16)
+    lin = torch.nn.Linear(40, 24)
+    W = BSR.from_dense(lin.weight, 16, block_mask(lin.weight, 16, 0.5))
+    with pytest.raises(ValueError, match="bias must have the weight's dtype"):
+        BSRLinear(W, torch.zeros(24, dtype=torch.float64))
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        BSRLinear.from_dense(torch.nn.Conv2d(3, 3, 3), 16)
+    with pytest.raises(TypeError, match="weight must be a floating-point"):
+        BSR.from_dense(torch.ones(16, 16, dtype=torch.int64), 16)
+    x = torch.randn(3, 40)
+    for bad, err, msg in ((x.double(), ValueError, "x must have the weight's dtype"),
+                          (torch.tensor(1.0), ValueError, "x must have last dimension in_features = 40"),
+                          ([1.0] * 40, TypeError, "x must be a torch.Tensor")):
+        with pytest.raises(err, match=msg):
+            bsr_linear(bad, W)
+    with pytest.raises(TypeError, match="weight must be a 2-D sparsetrain BSR"):
+        bsr_linear(x, lin.weight)
+    for bad in (torch.zeros(1), torch.zeros(2, 24)):
+        with pytest.raises(ValueError, match=r"bias must have shape \(24,\)"):
+            bsr_linear(x, W, bad)
+    with pytest.raises(ValueError, match="NaN"):
+        block_mask(torch.full((16, 16), float("nan")), 16, 0.5)
+    assert torch.equal(block_mask(lin.weight, 16, np.float32(0.5)), block_mask(lin.weight, 16, 0.5))
+    for shape in ((0, 24), (24, 0)):  # layers without features: no blocks
+        assert BSR.from_dense(torch.randn(shape), 16).nnz_blocks == 0
+        assert block_mask(torch.randn(shape), 16, 0.5).shape == shape
+
+
+def test_bsr_state_dict_resizes_checks_and_rebuilds_the_transposed_index():
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.engine.formats import transpose_index
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(48, 40), torch.nn.Linear(48, 40)
+    layer = BSRLinear.from_dense(a, 16, block_mask(a.weight, 16, 0.5))
+    src = BSRLinear.from_dense(b, 16, block_mask(b.weight, 16, 0.25))
+    values = layer.weight.values
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    sd = src.state_dict()
+    assert not any(k.endswith(("ccol_indices", "row_indices_t", "perm")) for k in sd)  # (rebuilt, not saved)
+    layer.load_state_dict({**sd, "weight.perm": torch.zeros(3)})  # (older checkpoints saved it: ignored)
+    assert layer.weight.values is values and values.shape == src.weight.values.shape  # resized in place
+    assert torch.equal(layer.weight.to_dense(), src.weight.to_dense())
+    for got, want in zip((layer.weight.ccol_indices, layer.weight.row_indices_t, layer.weight.perm),
+                         transpose_index(src.weight.crow_indices, src.weight.col_indices, 3)):
+        assert torch.equal(got, want)
+    layer(torch.randn(2, 48)).sum().backward()
+    opt.step()  # the optimizer still holds the layer's values
+    assert not torch.equal(layer.weight.to_dense(), src.weight.to_dense())
+    bad = dict(sd, **{"weight.col_indices": torch.full_like(sd["weight.col_indices"], 3)})
+    with pytest.raises(RuntimeError, match=r"BSR pattern at weight does not fit.*col_indices must lie in \[0, 3\)"):
+        layer.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="BSR at weight needs all of"):
+        layer.load_state_dict({k: v for k, v in sd.items() if k != "weight.values"}, strict=False)
+    assert isinstance(layer.weight, BSR)
 
 
 def test_bsr_linear_cpu_fallback_and_module():

@@ -1,7 +1,10 @@
-"""Argument parsing shared by the ops and the layers: nn.Conv2d-style int-or-pair and padding."""
+"""Argument parsing shared by the ops and the layers: nn.Conv2d-style int-or-pair and padding, a
+layer's bias."""
 from __future__ import annotations
 
-__all__ = ["pair", "conv2d_padding"]
+import torch
+
+__all__ = ["pair", "conv2d_padding", "check_bias"]
 
 
 def pair(v, name: str) -> list[int]:
@@ -23,3 +26,16 @@ def conv2d_padding(padding, kernel_size, stride) -> list[int]:
                              f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
         return [(k - 1) // 2 for k in kernel_size]
     return pair(padding, "padding")
+
+
+def check_bias(bias, out: int, values: torch.Tensor) -> None:
+    """A layer's bias: None, or a tensor [out] of the weight values' dtype and device."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (out,):
+        raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+    if bias.dtype != values.dtype or bias.device != values.device:
+        raise ValueError(f"bias must have the weight's dtype and device ({values.dtype}, {values.device}), got "
+                         f"{bias.dtype}, {bias.device}")

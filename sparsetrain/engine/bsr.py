@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .formats import _fill_dense, _sorted_rows, transpose_index
+from .args import check_bias
+from .formats import _fill_dense, _pattern, _resize_pattern, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -36,7 +37,7 @@ def check_block(block) -> int:
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise ValueError("weight must be a tensor with at least 2 dims ([out, ...])")
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # (-1 fails on 0 elements)
 
 
 def blocks_view(m: torch.Tensor, bs: int) -> torch.Tensor:
@@ -58,36 +59,39 @@ class BSR(nn.Module):
 
     def __init__(self, crow_indices, col_indices, values, shape, block_size: int):
         super().__init__()
-        bs = check_block(block_size)
-        self.shape, self.block_size = tuple(int(s) for s in shape), bs
-        if len(self.shape) < 2:
-            raise ValueError(f"shape must have >= 2 dims, got {self.shape}")
-        rows, cols = self.shape[0], math.prod(self.shape[1:])
-        RB, CB = -(-rows // bs), -(-cols // bs)
-        crow = crow_indices.to(torch.int64).contiguous()
-        col = col_indices.to(torch.int32).contiguous()
-        if crow.dim() != 1 or crow.numel() != RB + 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-            raise ValueError(f"crow_indices must be [{RB + 1}] from 0 to nnzb={col.numel()}")
-        if bool((crow.diff() < 0).any()) or (col.numel() and (int(col.min()) < 0 or int(col.max()) >= CB)):
-            raise ValueError(f"crow_indices must be non-decreasing and col_indices in [0, {CB})")
-        if not _sorted_rows(crow, col, RB, CB):  # (a duplicate block: to_dense keeps one, forward sums both)
-            raise ValueError("col_indices must be strictly increasing within each block row (no duplicates)")
-        if values.shape != (col.numel(), bs, bs) or not values.is_floating_point():
-            raise ValueError(f"values must be floating [{col.numel()}, {bs}, {bs}], got {tuple(values.shape)}")
+        self.block_size = check_block(block_size)
+        self.shape, crow, col = _pattern(crow_indices, col_indices, values, shape, self.block_size)
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.values = nn.Parameter(values.detach().contiguous().clone(),
                                    requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
-        ccol, row_t, perm = transpose_index(crow, col, CB)
-        self.register_buffer("ccol_indices", ccol)
-        self.register_buffer("row_indices_t", row_t)
-        self.register_buffer("perm", perm)
+        self._build_index()
+
+    def _build_index(self) -> None:
+        """The transposed block index (not saved: rebuilt from the pattern, as CSR's)."""
+        CB = -(-math.prod(self.shape[1:]) // self.block_size)
+        for name, t in zip(("ccol_indices", "row_indices_t", "perm"), transpose_index(self.crow_indices,
+                                                                                       self.col_indices, CB)):
+            self.register_buffer(name, t, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("ccol_indices", "row_indices_t", "perm"):  # (saved by versions that kept them)
+            state_dict.pop(prefix + name, None)
+        if not _resize_pattern(self, state_dict, prefix, error_msgs, "BSR"):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._build_index()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
         bs = check_block(block_size)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point torch.Tensor, got "
+                            f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
         w = as_matrix(weight.detach())
         if mask is None:
             m = w != 0
@@ -167,15 +171,25 @@ class _BSRLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad_out.sum(tuple(range(grad_out.dim() - 1)))
+            db = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1]).sum(0)  # (1-D: itself)
         return dx, dv, db, None
 
 
 def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
     forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
-    if len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} does not match a BSR weight of shape {weight.shape}")
+    if not isinstance(weight, BSR) or len(weight.shape) != 2:
+        raise TypeError(f"weight must be a 2-D sparsetrain BSR [out, in], got {type(weight).__name__}"
+                        f"{' of shape ' + str(weight.shape) if isinstance(weight, BSR) else ''}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    v = weight.values
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have last dimension in_features = {weight.shape[1]}, got shape {tuple(x.shape)}")
+    if x.device != v.device or (x.dtype != v.dtype and not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x must have the weight's dtype and device ({v.dtype}, {v.device}), got {x.dtype}, "
+                         f"{x.device}")
+    check_bias(bias, weight.shape[0], v)
     mode = current_backend()
     if mode == "triton" or (mode == "auto" and x.is_cuda):
         values = weight.values
@@ -195,13 +209,13 @@ class BSRLinear(nn.Module):
             raise TypeError("weight must be a 2-D sparsetrain.bsr.BSR")
         self.out_features, self.in_features = weight.shape
         self.weight = weight
-        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (self.out_features,)):
-            raise ValueError(f"bias must be a tensor of shape ({self.out_features},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        check_bias(bias, self.out_features, weight.values)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(BSR.from_dense(linear.weight, block_size, mask), linear.bias)
 
     def to_dense(self) -> nn.Linear:

@@ -57,25 +57,7 @@ class CSR(nn.Module):
 
     def __init__(self, crow_indices, col_indices, values, shape, *, validate: bool = True):
         super().__init__()
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2:
-            raise ValueError(f"shape must have >= 2 dims, got {shape}")
-        if not all(isinstance(t, torch.Tensor) for t in (crow_indices, col_indices, values)):
-            raise TypeError("crow_indices, col_indices and values must be torch.Tensors")
-        if crow_indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"crow_indices must be int32 or int64, got {crow_indices.dtype}")
-        if col_indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"col_indices must be int32 or int64, got {col_indices.dtype}")
-        if not values.is_floating_point():
-            raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
-        self.shape = shape
-        rows, cols = shape[0], math.prod(shape[1:])
-        if validate and col_indices.numel() and int(col_indices.max()) >= cols:  # (before int32 wraps it)
-            raise ValueError(f"col_indices must lie in [0, {cols}), got max {int(col_indices.max())}")
-        crow = crow_indices.to(torch.int64).contiguous()
-        col = col_indices.to(torch.int32).contiguous()
-        if validate:
-            _validate(crow, col, values, rows, cols)
+        self.shape, crow, col = _pattern(crow_indices, col_indices, values, shape, validate=validate)
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         v = values.detach().contiguous().clone()
@@ -166,36 +148,79 @@ class CSR(nn.Module):
     # saved nnz differs) to the saved pattern, checked first; dtype and device stay the layer's.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        keys = [prefix + n for n in ("crow_indices", "col_indices", "values")]
-        if 0 < sum(k in state_dict for k in keys) < 3:  # (a part of a pattern would corrupt the layer)
-            error_msgs.append(f"the CSR at {prefix[:-1] or 'the root'} needs all of {keys}, got only "
-                              f"{[k for k in keys if k in state_dict]}")
+        if not _resize_pattern(self, state_dict, prefix, error_msgs, "CSR"):
             return
-        if all(k in state_dict for k in keys):
-            crow, col, values = (state_dict[k] for k in keys)
-            try:  # (a pattern that does not fit leaves the layer as it was, as a dense layer's size mismatch)
-                _validate(crow, col, values, self.shape[0], math.prod(self.shape[1:]))
-            except ValueError as e:
-                error_msgs.append(f"the CSR pattern at {prefix[:-1] or 'the root'} does not fit its shape {self.shape}: {e}")
-                return
-            self.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=self.crow_indices.device)
-            self.col_indices = torch.empty(col.shape, dtype=torch.int32, device=self.col_indices.device)
-            if values.shape != self.values.shape:  # a new nnz, the same Parameter (an optimizer holding it
-                self.values.data, self.values.grad = self.values.new_empty(values.shape), None  # trains on)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._build_csc()
 
 
-def _validate(crow, col, values, rows, cols):
+def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):
+    """A CSR's (block: a BSR's of block x block blocks) constructor arguments checked: (shape as a
+    tuple, crow int64, col int32)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or min(shape) < 0:
+        raise ValueError(f"shape must have >= 2 non-negative dims, got {shape}")
+    if not all(isinstance(t, torch.Tensor) for t in (crow_indices, col_indices, values)):
+        raise TypeError("crow_indices, col_indices and values must be torch.Tensors")
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+    if not crow_indices.device == col_indices.device == values.device:
+        raise ValueError(f"crow_indices, col_indices and values must be on one device, got {crow_indices.device}, "
+                         f"{col_indices.device}, {values.device}")
+    rows, cols = shape[0], math.prod(shape[1:])
+    if block:
+        rows, cols = -(-rows // block), -(-cols // block)
+    if validate and col_indices.numel() and int(col_indices.max()) >= cols:  # (before int32 wraps it)
+        raise ValueError(f"col_indices must lie in [0, {cols}), got max {int(col_indices.max())}")
+    crow = crow_indices.to(torch.int64).contiguous()
+    col = col_indices.to(torch.int32).contiguous()
+    if validate:
+        _validate(crow, col, values, rows, cols, block)
+    return shape, crow, col
+
+
+def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str) -> bool:
+    """Before nn.Module loads a CSR/BSR `module`'s state: a saved pattern (all of crow_indices,
+    col_indices and values, checked against the module's shape) resizes the index buffers and, for
+    another nnz, the values Parameter in place (an optimizer holding it trains on). False, with the
+    error recorded, when it does not fit (the module is left as it was, as a dense layer's size
+    mismatch leaves it)."""
+    where = prefix[:-1] or "the root"
+    keys = [prefix + n for n in ("crow_indices", "col_indices", "values")]
+    if 0 < sum(k in state_dict for k in keys) < 3:  # (a part of a pattern would corrupt the layer)
+        error_msgs.append(f"the {kind} at {where} needs all of {keys}, got only {[k for k in keys if k in state_dict]}")
+        return False
+    if all(k in state_dict for k in keys):
+        crow, col, values = (state_dict[k] for k in keys)
+        v = module.values
+        try:
+            _pattern(crow, col.to(crow.device), values.to(crow.device), module.shape,
+                     getattr(module, "block_size", 0))
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"the {kind} pattern at {where} does not fit its shape {module.shape}: {e}")
+            return False
+        module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
+        module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
+        if values.shape != v.shape:
+            v.data, v.grad = v.new_empty(values.shape), None
+    return True
+
+
+def _validate(crow, col, values, rows, cols, block: int = 0):
+    """A compressed pattern [rows, cols] (block: of blocks, values [nnz, block, block])."""
     if crow.is_floating_point() or col.is_floating_point() or not values.is_floating_point():
         raise ValueError(f"crow_indices and col_indices must be integer and values floating-point tensors, got "
                          f"{crow.dtype}, {col.dtype}, {values.dtype}")
     if crow.dim() != 1 or crow.numel() != rows + 1:
         raise ValueError(f"crow_indices must have shape [{rows + 1}], got {tuple(crow.shape)}")
-    if col.dim() != 1 or values.dim() != 1 or col.numel() != values.numel():
-        raise ValueError(f"col_indices and values must be 1-D of equal length, got {tuple(col.shape)} "
-                         f"and {tuple(values.shape)}")
+    want = (col.numel(), block, block) if block else (col.numel(),)
+    if col.dim() != 1 or values.shape != want:
+        raise ValueError(f"col_indices must be 1-D and values of shape [nnz{', block, block' if block else ''}] = "
+                         f"{list(want)}, got {tuple(col.shape)} and {tuple(values.shape)}")
     if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
         raise ValueError(f"crow_indices must start at 0 and end at nnz={col.numel()}, got "
                          f"{int(crow[0])}..{int(crow[-1])}")
@@ -204,8 +229,9 @@ def _validate(crow, col, values, rows, cols):
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols):
         raise ValueError(f"col_indices must lie in [0, {cols}), got range "
                          f"[{int(col.min())}, {int(col.max())}]")
-    if not _sorted_rows(crow, col, rows, cols):
-        raise ValueError("col_indices must be strictly increasing within each row (sorted, no duplicates)")
+    if not _sorted_rows(crow, col, rows, cols):  # (a duplicate block: to_dense keeps one, a product sums both)
+        raise ValueError(f"col_indices must be strictly increasing within each {'block ' if block else ''}row "
+                         "(sorted, no duplicates)")
 
 
 def _sorted_rows(crow, col, rows, cols) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .args import check_bias
 from .formats import CSR, _fill_dense
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers", "check_masks",
@@ -36,15 +37,8 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"weight must be {self.ndim}-D {self.shape_doc}, got shape {weight.shape}")
         self.weight = weight
         out = weight.shape[0]
+        check_bias(bias, out, weight.values)
         if bias is not None:
-            if not isinstance(bias, torch.Tensor):
-                raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-            if bias.shape != (out,):
-                raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
-            v = weight.values
-            if bias.dtype != v.dtype or bias.device != v.device:
-                raise ValueError(f"bias must have the weight's dtype and device ({v.dtype}, {v.device}), got "
-                                 f"{bias.dtype}, {bias.device}")
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         else:
             self.register_parameter("bias", None)

@@ -4,10 +4,12 @@ A weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (BS in 16/32/64; ed
 each round `rate` (floor, at least one) of the surviving tiles with the smallest norm are pruned,
 with one threshold over all layers (`scope="global"`) or per layer. Each layer keeps at least its
 largest tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
-tensor-core kernels); on CPU the layers train dense masked (no C++ BSR engine), so the rule
-`needs_dense`. `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
+tensor-core kernels); the study trains them as dense masked layers on every device (there is no
+C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`. `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import nn
@@ -25,14 +27,20 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     fully pruned by `mask` go first, and the result is within `mask`: masks only shrink across
     rounds (asking for less sparsity than `mask` has keeps `mask`)."""
     bs = check_block(block)
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")  # (numpy floats too)
+    sparsity = float(sparsity)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if bool(torch.isnan(weight).any()):
+        raise ValueError("weight has NaN entries: a NaN has no norm to rank its block by")
     w = weight.detach()
     if mask is not None:
         if mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
         w = w * mask
-    norms = blocks_view(as_matrix(w).float(), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
+    norms = blocks_view(_at_least_fp32(as_matrix(w)), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
     if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
         dead = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) == 0
         norms = torch.where(dead, norms.new_tensor(-1.0), norms)
@@ -46,9 +54,14 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     return full if mask is None else full & mask
 
 
+def _at_least_fp32(w: torch.Tensor) -> torch.Tensor:
+    """Norms of half-precision weights in float32, of float64 ones in float64 (close norms stay apart)."""
+    return w if w.dtype == torch.float64 else w.float()
+
+
 def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
     """(Frobenius norm, alive) per block, flattened in row-major block order."""
-    norms = blocks_view(as_matrix(w * mask).float(), bs).square().sum((2, 3)).sqrt()
+    norms = blocks_view(_at_least_fp32(as_matrix(w * mask)), bs).square().sum((2, 3)).sqrt()
     alive = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
     return norms.flatten(), alive.flatten(), norms.shape
 
