@@ -169,6 +169,100 @@ def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     assert "--reuse" in capsys.readouterr().err
 
 
+def _cfg(*extra):
+    from sparsetrain.experiment.config import config_from_args
+    return config_from_args(["mnist", "--profile", "quick", *extra])[0]
+
+
+def _finished_run(folder, cfg, phase="teacher", teachers=None):
+    """A run directory holding cfg's config.json and a finished `phase` of seed 0 (its best.json)."""
+    import dataclasses
+    write_json(folder / "config.json", {**dataclasses.asdict(cfg), "student": cfg.resolved_student(),
+                                        **({"teacher_fingerprints": teachers} if teachers else {})})
+    write_json(folder / "seed0" / phase / "best.json", {"round": 0})
+    return folder
+
+
+def test_phase_key_ignores_what_a_run_ignores():
+    """Settings a configuration does not read leave the key alone (a reuse is not lost over them);
+    the settings it reads change it."""
+    from sparsetrain.experiment.reuse import phase_key
+    def same(a, b, phase="teacher"):
+        return phase_key(_cfg(*a), phase, 0) == phase_key(_cfg(*b), phase, 0)
+    assert same(["--rewind-iter", "5"], ["--rewind-iter", "9"])  # (--perturb none)
+    assert not same(["--perturb", "rewind", "--rewind-iter", "5"], ["--perturb", "rewind", "--rewind-iter", "9"])
+    for flag, a, b in (("--scope", "global", "layer"), ("--engine", "dense", "sparse"), ("--block", "16", "64")):
+        assert same(["--structure", "filter", flag, a], ["--structure", "filter", flag, b]), flag
+    assert same(["--structure", "block", "--engine", "dense"], ["--structure", "block", "--engine", "sparse"])
+    assert not same(["--structure", "block", "--block", "16"], ["--structure", "block", "--block", "64"])
+    assert not same(["--scope", "global"], ["--scope", "layer"]) and same(["--block", "16"], ["--block", "64"])
+    assert not same(["--engine", "dense"], ["--engine", "sparse"])
+    assert same(["--early-stop", "none", "--t-e", "0.5"], ["--early-stop", "none", "--t-e", "0.9"], "vanilla")
+    assert not same(["--early-stop", "entropy", "--t-e", "0.5"], ["--early-stop", "entropy", "--t-e", "0.9"],
+                    "vanilla")
+    assert same(["--early-stop", "entropy", "--stop-falls", "1"], ["--early-stop", "entropy", "--stop-falls", "3"],
+                "vanilla")
+    assert not same(["--early-stop", "entropy-peak", "--stop-falls", "1"],
+                    ["--early-stop", "entropy-peak", "--stop-falls", "3"], "vanilla")
+
+
+def test_a_teacher_file_is_matched_by_its_bytes(tmp_path, monkeypatch):
+    """A distilled student's key holds its --teachers PATH's sha256, not the path: a file rewritten
+    with another teacher is another key, a copy elsewhere the same; another run's key uses the
+    fingerprints its config.json recorded (none recorded: no match); a run resumed with a changed
+    teacher file is refused."""
+    from sparsetrain.experiment.reuse import link_reused, phase_key, teacher_fingerprint
+    from sparsetrain.experiment.study import UsageError, check_teacher_files
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "t.pt").write_bytes(b"teacher one")
+    (tmp_path / "b" / "t.pt").write_bytes(b"teacher one")
+    monkeypatch.chdir(tmp_path)
+    cfg_a, cfg_b = _cfg("--teachers", "a/t.pt"), _cfg("--teachers", str(tmp_path / "b" / "t.pt"))
+    key = phase_key(cfg_a, "distill-path-t", 0)
+    assert key == phase_key(cfg_b, "distill-path-t", 0)
+    fp = teacher_fingerprint("a/t.pt")
+    assert phase_key(cfg_a, "distill-path-t", 0, {"a/t.pt": fp}) == key != phase_key(cfg_a, "distill-path-t", 0, {})
+    other = _finished_run(tmp_path / "B", cfg_a, "distill-path-t", {"a/t.pt": fp})
+    (tmp_path / "a" / "t.pt").write_bytes(b"teacher two, retrained")
+    assert phase_key(cfg_a, "distill-path-t", 0) != key
+    assert not link_reused(cfg_a, str(tmp_path / "A"), 0, "distill-path-t", [(str(other), cfg_a, {"a/t.pt": fp})])
+    assert link_reused(cfg_b, str(tmp_path / "A"), 0, "distill-path-t", [(str(other), cfg_a, {"a/t.pt": fp})])
+    with pytest.raises(UsageError, match="--teachers a/t.pt is not the file seed 0's distilled student started from"):
+        check_teacher_files(cfg_a, str(other))  # (a resume: the run recorded the old bytes)
+    (tmp_path / "a" / "t.pt").write_bytes(b"teacher one")
+    check_teacher_files(cfg_a, str(other))
+    rd = _finished_run(tmp_path / "C", cfg_a)
+    check_teacher_files(cfg_a, str(rd))  # records it
+    assert json.loads((rd / "config.json").read_text())["teacher_fingerprints"] == {"a/t.pt": fp}
+    (tmp_path / "a" / "t.pt").write_bytes(b"teacher three")
+    check_teacher_files(cfg_a, str(rd))  # (no student distilled from it yet: the new file is recorded)
+    assert json.loads((rd / "config.json").read_text())["teacher_fingerprints"] != {"a/t.pt": fp}
+
+
+def test_reuse_links_through_a_symlinked_out_and_replaces_dangling_links(tmp_path):
+    """The relative link is taken from the link's real folder (an --out reached through a symlink
+    at another depth still resolves); a dangling link is replaced; an unfinished phase here that
+    hides a finished one in --reuse is refused with what to do."""
+    from sparsetrain.experiment.reuse import PhaseMissing, link_reused
+    cfg = _cfg()
+    other = _finished_run(tmp_path / "runs" / "B", cfg)
+    (tmp_path / "deep" / "er" / "real").mkdir(parents=True)
+    os.symlink(tmp_path / "deep" / "er" / "real", tmp_path / "out")
+    here = tmp_path / "out" / "A" / "seed0" / "teacher"
+    assert link_reused(cfg, str(tmp_path / "out" / "A"), 0, "teacher", [(str(other), cfg, {})])
+    assert os.path.islink(here) and (here / "best.json").is_file()
+    os.unlink(here)
+    os.symlink("../nowhere/teacher", here)  # dangling
+    assert link_reused(cfg, str(tmp_path / "out" / "A"), 0, "teacher", [(str(other), cfg, {})])
+    assert (here / "best.json").is_file()
+    partial = tmp_path / "P" / "seed0" / "teacher"
+    partial.mkdir(parents=True)
+    (partial / "state.pt").write_bytes(b"")
+    with pytest.raises(PhaseMissing, match="unfinished teacher phase that hides the finished one"):
+        link_reused(cfg, str(tmp_path / "P"), 0, "teacher", [(str(other), cfg, {})])
+    assert link_reused(cfg, str(tmp_path / "P"), 0, "teacher", [])  # (no --reuse: resumed here)
+
+
 def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
     """--teachers dense best where the best-validation teacher round is round 0: one teacher, so
     one distilled student; distill-best links distill-dense (with another best round, both train)."""

@@ -3,24 +3,29 @@
 A study's phases per seed: "teacher", "vanilla" (only when the student differs from the teacher
 run: another model or schedule) and "distill-<teacher>". A phase's results depend on the data
 (dataset, noise, split, seed), the pruning procedure, its own model and schedule and, for a
-distilled student, its teacher: `phase_key` hashes exactly those settings. A run given `--reuse DIR`
+distilled student, its teacher (a --teachers PATH by the file's bytes): `phase_key` hashes exactly
+those settings, leaving out those a run ignores (a run's own config.json records the fingerprints
+of the teacher files it used). A run given `--reuse DIR`
 links (a relative symlink) every phase that DIR finished under the same key instead of training
 it again: a sweep trains each teacher once and every student run that needs it links it.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 
+from ..prune import RULES
 from .config import Config, config_from_json
 from .metrics import teacher_tag
 
-__all__ = ["phase_names", "needed_phases", "phase_key", "link_reused", "prepare_phases", "check_linked",
-           "phase_done", "PhaseMissing"]
+__all__ = ["phase_names", "needed_phases", "phase_key", "teacher_fingerprint", "link_reused", "prepare_phases",
+           "check_linked", "phase_done", "PhaseMissing"]
 
-# settings every phase of a seed depends on: the data and the pruning procedure
+# settings every phase of a seed depends on: the data and the pruning procedure (those that apply:
+# _applying); a distilled student also on its teacher checkpoint's bytes (teacher_fingerprint)
 _DATA_KEYS = ("dataset", "eps", "noise", "val_fraction", "clean_val", "subset", "label_file")
 _PRUNE_KEYS = ("rate", "wall", "scope", "structure", "block", "perturb", "engine", "momentum", "drop")
 _STUDENT_KEYS = ("early_stop", "t_e", "t_a", "stop_falls")
@@ -48,26 +53,73 @@ def needed_phases(cfg: Config) -> tuple[list[str], list[str]]:
 
 
 def _hyper(cfg: Config, role: str) -> dict:
-    return dataclasses.asdict(cfg.hyper(role))
+    hp = dataclasses.asdict(cfg.hyper(role))
+    if cfg.perturb != "rewind":  # (only --perturb rewind reads it)
+        del hp["rewind_iter"]
+    return hp
 
 
-def phase_key(cfg: Config, phase: str, seed: int) -> str:
+def _applying(cfg: Config, keys) -> dict:
+    """cfg's settings `keys`, less those this configuration ignores: a run that ignores a setting
+    gives the same results whatever it says, so it must not stop a reuse."""
+    skip = set()
+    if cfg.structure == "filter":
+        skip.add("scope")  # (filter ranking is per layer)
+    if cfg.structure != "block":
+        skip.add("block")
+    if RULES[cfg.structure].needs_dense:
+        skip.add("engine")  # (the layers train dense whatever --engine says)
+    if cfg.early_stop == "none":
+        skip.update(("t_e", "t_a", "stop_falls"))
+    elif cfg.early_stop != "entropy-peak":
+        skip.add("stop_falls")
+    return {k: getattr(cfg, k) for k in keys if k not in skip}
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_fingerprint(path: str) -> str:
+    """sha256 of a --teachers checkpoint's bytes: a student distilled from it depends on what the
+    file holds, not on its name (a retrained teacher saved over it is another teacher). A file that
+    cannot be read (a sweep's plan: the run itself will say why) is named by its path."""
+    try:
+        st = os.stat(path)
+        return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return f"unreadable {os.path.abspath(path)}"
+
+
+def phase_key(cfg: Config, phase: str, seed: int, teachers: dict | None = None) -> str:
     """A hash of every setting the phase's results depend on (nothing else: not alpha for the
-    teacher, not the other teachers of a distilled student)."""
-    common = {k: getattr(cfg, k) for k in _DATA_KEYS + _PRUNE_KEYS}
+    teacher, not the other teachers of a distilled student, no setting the run ignores).
+    `teachers`: {--teachers PATH: its fingerprint} as a run recorded them (its config.json); None:
+    this process's files (teacher_fingerprint). A PATH without one matches nothing."""
+    common = _applying(cfg, _DATA_KEYS + _PRUNE_KEYS)
     if cfg.amp != "auto":  # (auto: follows the device, as in the run's name)
         common["amp"] = cfg.amp
     teacher = {"model": cfg.model, "hyper": _hyper(cfg, "teacher")}
-    student = {"model": cfg.resolved_student(), "hyper": _hyper(cfg, "student"),
-               **{k: getattr(cfg, k) for k in _STUDENT_KEYS}}
+    student = {"model": cfg.resolved_student(), "hyper": _hyper(cfg, "student"), **_applying(cfg, _STUDENT_KEYS)}
     if phase == "teacher":
         own = {"teacher": teacher}
     elif phase == "vanilla":
         own = {"student": student}
     elif phase.startswith("distill-"):
         choice = next(t for t in cfg.teachers if f"distill-{teacher_tag(t)}" == phase)
-        own = {"student": student, "alpha": cfg.alpha, "tau": cfg.tau, "choice": choice,
-               "teacher": teacher if choice in ("dense", "best") else os.path.abspath(choice)}
+        if choice in ("dense", "best"):
+            source = teacher
+        elif teachers is None:
+            source = teacher_fingerprint(choice)
+        else:
+            source = teachers.get(choice, f"unrecorded {choice}")
+        own = {"student": student, "alpha": cfg.alpha, "tau": cfg.tau, "choice": teacher_tag(choice),
+               "teacher": source}
     else:
         raise ValueError(f"phase must be teacher, vanilla or distill-<teacher>, got {phase!r}")
     doc = json.dumps({"seed": seed, "phase": phase.split("-")[0], **common, **own}, sort_keys=True, default=list)
@@ -79,39 +131,53 @@ def phase_done(pdir: str) -> bool:
     return os.path.isfile(os.path.join(pdir, "best.json"))
 
 
-def _config_of(run_dir: str) -> tuple[Config | None, str | None]:
+def _config_of(run_dir: str) -> tuple[Config | None, str | None, dict]:
+    """(its Config, its data fingerprint, its --teachers PATH fingerprints) from a run's config.json."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             d = json.load(f)
-        return config_from_json(d), d.get("data_fingerprint")
+        return config_from_json(d), d.get("data_fingerprint"), d.get("teacher_fingerprints") or {}
     except (OSError, ValueError, TypeError):
-        return None, None
+        return None, None, {}
+
+
+def _others(cfg: Config) -> list:
+    """[(directory, its Config, its teacher fingerprints)] of every --reuse directory."""
+    return [(o, *_config_of(o)[::2]) for o in cfg.reuse]
 
 
 def link_reused(cfg: Config, run_dir: str, seed: int, phase: str, others: list | None = None) -> bool:
     """Link RUN/seed{seed}/{phase} to the same phase finished in a --reuse directory with the same
-    key (`others`: [(directory, its Config)], read from cfg.reuse when not given). A phase already
-    present here (trained or linked before) is kept. Returns whether the phase is present afterwards."""
+    key (`others`: _others(cfg) when not given). A phase already present here (trained or linked
+    before) is kept; a link whose target is gone is replaced; an unfinished phase here that hides a
+    finished one there is refused (PhaseMissing: remove it to reuse). Returns whether the phase is
+    present afterwards."""
     here = os.path.join(run_dir, f"seed{seed}", phase)
-    if os.path.lexists(here):
+    if os.path.islink(here) and not os.path.exists(here):
+        os.unlink(here)  # (a dangling link holds no work)
+    if os.path.lexists(here) and (os.path.islink(here) or phase_done(here)):
         return True
     key = phase_key(cfg, phase, seed)
-    for other, ocfg in (others if others is not None else [(o, _config_of(o)[0]) for o in cfg.reuse]):
+    for other, ocfg, teachers in (others if others is not None else _others(cfg)):
         src = os.path.realpath(os.path.join(other, f"seed{seed}", phase))
-        if ocfg is None or not phase_done(src) or phase_key(ocfg, phase, seed) != key:
+        if ocfg is None or not phase_done(src) or phase_key(ocfg, phase, seed, teachers) != key:
             continue
+        if os.path.lexists(here):
+            raise PhaseMissing(f"{here} is an unfinished {phase} phase that hides the finished one in --reuse "
+                               f"{other}: remove it to reuse that one, or run without --reuse to resume it")
         os.makedirs(os.path.dirname(here), exist_ok=True)
-        os.symlink(os.path.relpath(src, os.path.dirname(here)), here, target_is_directory=True)
+        # (relative to the link's real folder: --out may pass through a symlink at another depth)
+        os.symlink(os.path.relpath(src, os.path.realpath(os.path.dirname(here))), here, target_is_directory=True)
         return True
-    return False
+    return os.path.lexists(here)
 
 
 def prepare_phases(cfg: Config, run_dir: str) -> None:
     """Link what --reuse offers for every seed, then check that every phase this run reads but does
     not train is finished (PhaseMissing with what to do, before anything trains)."""
     train, reads = needed_phases(cfg)
-    others = [(o, _config_of(o)[0]) for o in cfg.reuse]  # (each read once)
-    for other, ocfg in others:
+    others = _others(cfg)  # (each read once)
+    for other, ocfg, _ in others:
         if ocfg is None:
             raise PhaseMissing(f"--reuse {other}: not a run directory (no readable config.json)")
     for seed in cfg.seeds:
@@ -132,7 +198,7 @@ def check_linked(run_dir: str, seed: int, fingerprint: str) -> None:
         here = os.path.join(sd, phase)
         if os.path.islink(here):
             source = os.path.dirname(os.path.dirname(os.path.realpath(here)))
-            _, theirs = _config_of(source)
+            _, theirs, _ = _config_of(source)
             if theirs and theirs != fingerprint:
                 raise PhaseMissing(f"{here} links {source}, trained on other data (fingerprint {theirs}, here "
                                    f"{fingerprint}): remove the link, or point --data-dir at that run's data")

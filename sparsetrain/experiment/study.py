@@ -28,7 +28,7 @@ from .devices import resolve_device
 from .files import Busy, CorruptFile, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
-from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases
+from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_fingerprint
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
@@ -107,7 +107,7 @@ def prepare_run_dir(cfg: Config) -> str:
         os.makedirs(rd, exist_ok=True)
         write_json(path, {**resolved, **{k: old.get(k, v) for k, v in now.items()},
                           **({"resumed_with": resumed} if resumed else {}),
-                          **({"data_fingerprint": old["data_fingerprint"]} if "data_fingerprint" in old else {})})
+                          **{k: old[k] for k in ("data_fingerprint", "teacher_fingerprints") if k in old}})
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write the run directory {rd} ({e.strerror or e})") from None
     return rd
@@ -175,7 +175,9 @@ def run_study(cfg: Config) -> str:
     with contextlib.ExitStack() as held:
         def setup():
             held.enter_context(folder_lock(run_dir_of(cfg)))
-            prepare_phases(cfg, prepare_run_dir(cfg))  # links what --reuse offers, checks the phases only read
+            rd = prepare_run_dir(cfg)
+            check_teacher_files(cfg, rd)
+            prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
         _on_main(setup)
         return _run_seeds(cfg, run_dir_of(cfg), dev)
 
@@ -262,6 +264,24 @@ def check_teachers(cfg: Config) -> None:
             load_model(choice)
         except ValueError as e:  # corrupt (CorruptFile) or not a sparsetrain model checkpoint
             raise UsageError(f"--teachers {choice}: {e}") from None
+
+
+def check_teacher_files(cfg: Config, rd: str) -> None:
+    """Record the fingerprint (sha256) of every --teachers PATH in the run's config.json (what --reuse
+    matches distilled students by); refuse to continue a student distilled from a file that has
+    changed since (one not started yet takes the new file)."""
+    now = {c: teacher_fingerprint(c) for c in cfg.teachers if c not in ("best", "dense")}
+    path = os.path.join(rd, "config.json")
+    old = _read_config(path)
+    recorded = old.get("teacher_fingerprints") or {}
+    for choice, fp in now.items():
+        phase = f"distill-{teacher_tag(choice)}"
+        started = [s for s in cfg.seeds if os.path.lexists(os.path.join(rd, f"seed{s}", phase))]
+        if recorded.get(choice, fp) != fp and started:
+            raise UsageError(f"--teachers {choice} is not the file seed {started[0]}'s distilled student started from "
+                             f"(sha256 {recorded[choice][:12]}..., now {fp[:12]}...): restore it, or use another --out")
+    if now and {**recorded, **now} != recorded:
+        write_json(path, {**old, "teacher_fingerprints": {**recorded, **now}})
 
 
 def check_teachers_fit(cfg: Config, splits) -> None:

@@ -5,7 +5,8 @@ each round `rate` (floor, at least one) of the surviving tiles with the smallest
 with one threshold over all layers (`scope="global"`) or per layer. Each layer keeps at least its
 largest tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
 tensor-core kernels); the study trains them as dense masked layers on every device (there is no
-C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`. `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
+C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`.
+`block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class BlockRule(PruningRule):
     """`--structure block`: whole tiles by norm (module docstring)."""
 
     name = "block"
-    needs_dense = True  # CPU trains the block masks dense; the BSR kernels are Triton (GPU)
+    needs_dense = True  # the study trains block masks dense (BSRLinear is standalone API)
 
     def __init__(self, scope: str = "global", block: int = 32):
         self.scope, self.block = check_scope(scope), check_block(block)

@@ -10,8 +10,9 @@ removed physically: the conv's out_channels, the BatchNorm after it, and the nex
 in_channels (after a Flatten, the next linear's C*H*W input features of those channels) all
 shrink, so training, FLOPs and memory follow the smaller shapes. At least one filter per layer
 and all outputs of the last layer (the classes) are kept; at least one filter per layer with more
-than one is removed, so the loop always progresses. A removed channel's BatchNorm shift no longer
-reaches the next layer (as in every channel-pruning scheme). Only sequential models: a residual
+than one is removed, so the loop always progresses. A removed channel's bias and BatchNorm shift
+no longer reach the next layer (as in every channel-pruning scheme): the smaller model equals the
+masked one with those zeroed too, not torch.nn.utils.prune.ln_structured's, which keeps them. Only sequential models: a residual
 addition ties the channel counts of the layers it joins.
 
 The model remembers which original channels survive in `model.kept_channels` ({layer name: int64
