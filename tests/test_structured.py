@@ -94,6 +94,32 @@ def test_rounds_compose_original_indices_and_keep_one_channel():
     assert model.classifier.out_features == 3
 
 
+def test_the_wall_sees_filter_pruning_s_actual_next_sparsity():
+    """A filter round removes a share of a layer's filters and as much of the next layer's inputs
+    (~1 - (1 - rate)^2 of a middle layer): the wall test takes the next round's actual sparsity, so
+    no round trains past --wall (it did at vgg_d1g9, rate 0.5, wall 0.7: a round at 72.5%)."""
+    import types
+    from sparsetrain.experiment.loop import should_stop
+    for name, rate, wall in (("vgg_d1g9", 0.5, 0.7), ("vgg_d1g9", 0.5, 0.95), ("vgg_d2g4", 0.5, 0.9),
+                             ("vgg_d1g5", 0.2, 0.99)):
+        torch.manual_seed(0)
+        model = build_model(name, num_classes=10, in_channels=3, image_size=16)
+        n0, rule = weight_count(model), make_rule("filter")
+        cfg = types.SimpleNamespace(rate=rate, wall=wall, early_stop="none")
+        state = types.SimpleNamespace(model=model, masks={}, rows=[])
+        trained = []
+        while True:
+            trained.append(model_sparsity(model, {}, n0))
+            if should_stop(cfg, "teacher", rule, state, trained[-1], n0):
+                break
+            predicted = rule.next_sparsity(model, {}, rate, trained[-1], n0)
+            rule.prune(model, {}, rate)
+            assert model_sparsity(model, {}, n0) == pytest.approx(predicted, abs=1e-12)
+        assert max(trained) < wall and len(trained) > (wall > 0.7), (name, trained)
+    dense = nn.Sequential(nn.Linear(8, 8))
+    assert make_rule("unstructured").next_sparsity(dense, {}, 0.5, 0.5, 64) == 0.75
+
+
 def test_filter_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     arch = dict(name="vgg_d1g5", num_classes=10, in_channels=3, image_size=32)

@@ -182,11 +182,12 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
             "is_best": 0, **{f"entropy/{k}": v for k, v in ent["per_layer"].items()}}
 
 
-def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float) -> bool:
+def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float, original: int) -> bool:
     """Algorithm 1's wall (line 6: a round is trained only while its target sparsity, 1 - (1 -
-    current)(1 - rate), is below the wall; for structured rules the expected target), nothing left
-    to prune, or, for the students only (the teacher is a full run), the --early-stop rule."""
-    if 1.0 - (1.0 - sparsity) * (1.0 - cfg.rate) >= cfg.wall - 1e-9 or not rule.can_prune(s.model, s.masks):
+    current)(1 - rate), is below the wall; filter pruning's actual next sparsity: rule.next_sparsity),
+    nothing left to prune, or, for the students only (the teacher is a full run), the --early-stop rule."""
+    if not rule.can_prune(s.model, s.masks) or \
+            rule.next_sparsity(s.model, s.masks, cfg.rate, sparsity, original) >= cfg.wall - 1e-9:
         return True
     return (role == "student" and cfg.early_stop != "none"
             and algorithm2_stop(s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None)
@@ -300,7 +301,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                        f"{row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy "
                        f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
             write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
-        if should_stop(cfg, role, rule, s, sparsity):
+        if should_stop(cfg, role, rule, s, sparsity, n_orig):
             break
         next_round(cfg, hp, rule, s, arch, seed, splits)
         if model_sparsity(s.model, s.masks, n_orig) <= sparsity:  # (this rule at this rate prunes nothing more)

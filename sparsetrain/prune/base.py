@@ -69,6 +69,11 @@ class PruningRule:
     def can_prune(self, model: nn.Module, masks: dict) -> bool:
         raise NotImplementedError
 
+    def next_sparsity(self, model: nn.Module, masks: dict, rate: float, sparsity: float, original: int) -> float:
+        """The sparsity after one more round, from `sparsity` now (against `original` weights):
+        1 - (1 - sparsity)(1 - rate) for a rule that prunes `rate` of the surviving weights."""
+        return 1.0 - (1.0 - sparsity) * (1.0 - rate)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({opts})"

@@ -12,8 +12,8 @@ shrink, so training, FLOPs and memory follow the smaller shapes. At least one fi
 and all outputs of the last layer (the classes) are kept; at least one filter per layer with more
 than one is removed, so the loop always progresses. A removed channel's bias and BatchNorm shift
 no longer reach the next layer (as in every channel-pruning scheme): the smaller model equals the
-masked one with those zeroed too, not torch.nn.utils.prune.ln_structured's, which keeps them. Only sequential models: a residual
-addition ties the channel counts of the layers it joins.
+masked one with those zeroed too, not torch.nn.utils.prune.ln_structured's, which keeps them.
+Only sequential models: a residual addition ties the channel counts of the layers it joins.
 
 The model remembers which original channels survive in `model.kept_channels` ({layer name: int64
 original indices}); a checkpoint stores it, and loading rebuilds the full model and keeps the same
@@ -21,12 +21,13 @@ channels (`keep_channels_`), so weights_only loading still works.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..engine.nn import is_sparse
+from ..engine.nn import is_sparse, model_sparsity
 from .base import PruningRule, check_finite, check_rate, count_of, register
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
@@ -187,6 +188,13 @@ class FilterRule(PruningRule):
     def prune(self, model, masks, rate):
         filter_prune(model, rate)
         return {}  # channels are gone: the smaller dense layers need no masks
+
+    def next_sparsity(self, model, masks, rate, sparsity, original):
+        # removing rate of a layer's filters also removes that share of the next layer's inputs
+        # (~1 - (1 - rate)^2 of a middle layer's weights): the next round's counts, on a copy
+        trial = copy.deepcopy(model)
+        filter_prune(trial, rate)
+        return model_sparsity(trial, {}, original)
 
     def can_prune(self, model, masks):
         return any(g.layer.weight.shape[0] > 1 for g in filter_groups(model))
