@@ -211,10 +211,8 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
 
 
 def _validate(crow, col, values, rows, cols, block: int = 0):
-    """A compressed pattern [rows, cols] (block: of blocks, values [nnz, block, block])."""
-    if crow.is_floating_point() or col.is_floating_point() or not values.is_floating_point():
-        raise ValueError(f"crow_indices and col_indices must be integer and values floating-point tensors, got "
-                         f"{crow.dtype}, {col.dtype}, {values.dtype}")
+    """A compressed pattern [rows, cols] (block: of blocks, values [nnz, block, block]); the dtypes
+    were checked by _pattern."""
     if crow.dim() != 1 or crow.numel() != rows + 1:
         raise ValueError(f"crow_indices must have shape [{rows + 1}], got {tuple(crow.shape)}")
     want = (col.numel(), block, block) if block else (col.numel(),)
