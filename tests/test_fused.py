@@ -79,6 +79,40 @@ def test_bn_act_forward(shape, relu, residual):
         assert torch.ops.sparsetrain.bn_act(y2, scale, shift, r, relu).view(-1)[0].isnan()
 
 
+@pytest.mark.parametrize("hw", [9, 12, 16, 28, 7, 4])
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_relu_masks_are_the_forward_s_at_zero(hw, residual):
+    """Pre-activations within a few rounding steps of 0 (scale*y + shift rounded once or twice decides
+    the sign): every backward pass recomputing the ReLU's mask gives a gradient exactly where the
+    forward's output is positive, on plane sizes that end in a lone vector (9x9, 12x12 and 28x28
+    with 64-byte vectors: a multiply-then-add there once disagreed with the forward's fused one)."""
+    g = torch.Generator().manual_seed(hw)
+    C = 16
+    scale, shift = torch.rand(C, generator=g) + 0.05, -torch.rand(C, generator=g)
+    base = (-shift / scale).view(1, -1, 1, 1).expand(8, C, hw, hw)
+    y = (base * (1 + torch.randint(-6, 7, base.shape, generator=g).float() * 2**-23)).contiguous()
+    r = (torch.randint(-2, 3, y.shape, generator=g).float() * 2**-24) if residual else None
+    out = torch.ops.sparsetrain.bn_act(y, scale, shift, r, True)
+    one = torch.ones(C, dtype=torch.float64)
+    for batch_stats in (False, True):
+        bn = (y, r, scale, shift, one, 0 * one, one, batch_stats, True, False)
+        dy, *_, dres, _ = torch.ops.sparsetrain.bn_act_backward(torch.ones_like(y), *bn, residual)
+        if residual:
+            assert torch.equal(dres != 0, out > 0)
+        if not batch_stats:  # (eval: dy = g masked, times w * invstd = 1)
+            assert torch.equal(dy != 0, out > 0)
+    # the fused conv backward: a 1x1 identity conv, so dx is the dy it computes as it packs it
+    idx = [t.detach() for t in sparsetrain.CSR.from_dense(torch.eye(C).view(C, C, 1, 1)).index()]
+    x = torch.randn(y.shape, generator=g)
+    for need_v in (True, False):
+        dx, _, _, _, dres, _, _ = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
+            torch.ones_like(y), x, *idx, [1, 1], [1, 1], [0, 0], None, y, r, scale, shift, one, 0 * one, one,
+            False, True, False, residual, True, need_v, None, None, False, False)
+        assert torch.equal(dx != 0, out > 0)
+        if residual:
+            assert torch.equal(dres != 0, out > 0)
+
+
 def test_bn_act_checks_its_arguments():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 4))
     with pytest.raises(RuntimeError, match="scale must have shape \\[3\\]"):

@@ -145,6 +145,27 @@ def test_bad_arguments():
         apply_engine(model, {}, "gpu")
 
 
+def test_global_prune_over_float32_and_float64_layers_is_exact():
+    """One threshold over layers of two dtypes (selected in float64, compared in float64): the same
+    masks as every layer in float64, where float32 values sit next to float64 ones at a tie."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4).double(), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():  # exact ties across the dtypes, and a float64 value between two float32s
+        m[0].weight[0, :3] = 0.25
+        m[2].weight[0, :3] = 0.25
+        m[2].weight[1, 0] = float(torch.tensor(0.1, dtype=torch.float32)) + 1e-12
+        m[0].weight[1, 0] = 0.1
+    ref = copy.deepcopy(m).double()
+    want = global_prune(ref, {}, 0.5)
+    got = global_prune(m, {}, 0.5)
+    assert {k: torch.equal(v, want[k]) for k, v in got.items()} == {k: True for k in want}
+    sp = copy.deepcopy(m)
+    sp[2] = SparseLinear.from_dense(sp[2], got["2"])  # a float64 sparse layer among float32 dense ones
+    masks = global_prune(sp, {k: v for k, v in got.items() if k != "2"}, 0.3)
+    ref_masks = global_prune(copy.deepcopy(m).double(), got, 0.3)
+    assert torch.equal(sp[2].weight.mask(), ref_masks["2"]) and torch.equal(masks["0"], ref_masks["0"])
+
+
 def test_nan_weights_are_refused_by_every_rule_on_both_engines():
     for engine in ("dense", "sparse"):
         model = _net()

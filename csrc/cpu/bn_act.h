@@ -112,7 +112,9 @@ ST_INLINE T bn_dy_plane(const T* gp, const T* yp, const T* rp, int64_t n, T a, T
     s += v;
   };
   for (; i + 2 * L <= n; i += 2 * L) step(i, s0), step(i + L, s1);
-  if (i + L <= n) step(i, s0), i += L;
+  // (a lone vector left here goes to the element loop: GCC compiled one as a separate multiply and
+  // add where act_plane and the loops use a fused one, and the recomputed ReLU mask then differed
+  // from the forward's for pre-activations within a rounding of 0)
   T s = hsum<T, VB>(s0 + s1);
   for (; i < n; ++i) {
     T gm;

@@ -3,13 +3,12 @@
 A row (`Op`) holds what PyTorch needs beyond the C++ schema (csrc/sparsetrain.cpp) and the CPU
 kernel (csrc/cpu/<op>.cpp, `TORCH_LIBRARY_IMPL`):
 
-* `fake`     the meta impl (output shapes only), so torch.compile and FakeTensor trace the op
-             (None for a query that returns no tensor);
+* `fake`     the meta impl (output shapes only; tensors on several devices refused), so torch.compile
+             and FakeTensor trace the op (None for a query that returns no tensor);
 * `setup` + `backward`   the autograd formula (forward ops only), registered with
              `torch.library.register_autograd`;
 * `triton`   "module.function" in `sparsetrain.kernels` (kernels/<module>.py), registered as the
              op's CUDA kernel and used for CPU tensors under `use_backend("triton")`.
-
 Adding an op: README's "Where to add things".
 
 Every call inside the autograd formulas goes through `_call(name, ...)`: the registered op
@@ -129,10 +128,19 @@ def _autocast_kernel(op: Op, device_type: str):
     return run
 
 
+def _one_device(op: Op, *args):
+    """op's fake, refusing tensors on several devices (one meta tensor among CPU ones lands here, not
+    in the C++ kernel and its checks: uninitialised outputs, in-place updates skipped)."""
+    devs = {t.device for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)}
+    if len(devs) > 1:
+        raise ValueError(f"{op.qualname}: the tensor arguments must be on one device, got {sorted(map(str, devs))}")
+    return op.fake(*args)
+
+
 def _register(op: Op) -> Op:
     OPS[op.name] = op
     if op.fake is not None:
-        torch.library.register_fake(op.qualname, op.fake)
+        torch.library.register_fake(op.qualname, functools.partial(_one_device, op))
     if op.backward is not None:
         # once_differentiable: the grad ops have no formulas of their own, so create_graph=True raises
         torch.library.register_autograd(op.qualname, once_differentiable(op.backward), setup_context=op.setup)
@@ -306,11 +314,10 @@ def _csr_prune_fake(crow, col, values, threshold, max_ties):
     return crow.new_empty(crow.shape), col.new_empty(nnz), values.new_empty(nnz), crow.new_empty(nnz)
 
 
-_register(Op("magnitude_threshold", lambda t, m, f: (torch.empty((), dtype=torch.float64), torch.empty((), dtype=torch.int64))))
+_register(Op("magnitude_threshold", lambda t, m, f: tuple(t[0].new_empty((), dtype=d) for d in (torch.float64, torch.int64))))
 _register(Op("csr_prune", _csr_prune_fake))
 _register(Op("relu_count_", lambda counts, pre: None))
-# which CPU conv kernel serves a geometry (an int, for tests and benchmarks): nothing to trace
-_register(Op("sparse_conv2d_small_tile", None))
+_register(Op("sparse_conv2d_small_tile", None))  # (which CPU conv kernel serves a geometry: an int, nothing to trace)
 
 
 def simd_bytes() -> int:
@@ -364,16 +371,15 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
 
 
 def magnitude_threshold(tensors, fraction: float, masks=None):
-    """Exact global magnitude selection. Among the surviving entries (mask True, or all entries
-    when the mask is None) sorted by (|w|, list position, flat index), the first
-    k = floor(fraction * n_surviving) are to be pruned: all |w| < threshold and the first `ties`
-    entries with |w| == threshold. Returns (threshold: float, ties: int)."""
+    """Exact global magnitude selection. Among the surviving entries (mask True, or all when the mask is
+    None) sorted by (|w|, list position, flat index), the first k = floor(fraction * n_surviving) are to
+    be pruned: all |w| < threshold and the first `ties` with |w| == threshold. Returns (threshold, ties)."""
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
         raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
     tensors = list(tensors)
-    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors):  # (a meta fake: garbage)
-        raise ValueError("magnitude_threshold runs on CPU tensors (move them with .cpu())")
     masks = [None] * len(tensors) if masks is None else list(masks)
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors + masks):  # (a meta fake: garbage)
+        raise ValueError("magnitude_threshold runs on CPU tensors and masks (move them with .cpu())")
     if len(masks) != len(tensors):
         raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
     if not tensors:  # nothing to dispatch on: nothing to prune
@@ -383,8 +389,8 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
 
 
 def csr_prune(crow, col, values, threshold: float, max_ties: int = 0):
-    """Drop CSR entries with |v| < threshold and the first `max_ties` with |v| == threshold.
-    Returns (crow, col, values, keep) where keep indexes the kept entries of the old values."""
+    """Drop CSR entries with |v| < threshold and the first `max_ties` with |v| == threshold: (crow, col,
+    values, keep), keep the kept entries' positions among the old values."""
     return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), int(max_ties))
 
 

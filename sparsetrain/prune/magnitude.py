@@ -35,8 +35,9 @@ def _weight_and_mask(m: nn.Module, masks: dict, name: str):
 
 
 def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ties: int):
-    """New mask: drop |w| < thr and the first `ties` surviving |w| == thr (flat order)."""
-    a = w.abs()
+    """New mask: drop |w| < thr and the first `ties` surviving |w| == thr (flat order). Compared in
+    float64, as the selection made it (a threshold from a float64 layer is no float32 number)."""
+    a = w.abs().double()
     keep = (a > thr) | torch.isnan(a) if mask is None else mask & ((a > thr) | torch.isnan(a))
     at = (a == thr) if mask is None else mask & (a == thr)
     if ties:
@@ -57,7 +58,7 @@ def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
     w = m.weight
     vals = w.values.detach()
     crow, col, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
-    used = int((vals.abs() == thr).sum()) - int((new_vals.abs() == thr).sum())
+    used = int((vals.abs().double() == thr).sum()) - int((new_vals.abs().double() == thr).sum())
     dev = vals.device
     m.weight = CSR(crow.to(dev), col.to(dev), new_vals.to(dev).requires_grad_(w.values.requires_grad), w.shape, validate=False)
     return used
@@ -76,8 +77,10 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     new_masks = dict(masks)
     for group in groups:
         pairs = [_weight_and_mask(m, masks, n) for n, m in group]
-        # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU)
-        thr, ties = ops.magnitude_threshold([w.cpu() for w, _ in pairs], rate,
+        # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU); layers of
+        # several dtypes in float64 (exact: every float32 is a float64, in the same order)
+        mixed = len({w.dtype for w, _ in pairs}) > 1
+        thr, ties = ops.magnitude_threshold([w.cpu().double() if mixed else w.cpu() for w, _ in pairs], rate,
                                             [None if mk is None else mk.cpu() for _, mk in pairs])
         for name, m in group:
             if is_sparse(m):
