@@ -906,6 +906,48 @@ def _chain():  # conv-bn-relu x2 -> pool -> conv-bn-relu: a deferred link and a 
     return seq, ref, masks
 
 
+@pytest.mark.parametrize("layer", [0, 3])
+def test_a_forward_hook_on_a_fused_conv_sees_the_activation_with_its_gradient(layer):
+    """A forward hook added after fuse_ to a conv that hands its BN on (feeds) or pools in the BN's
+    pass sees the activation, and a penalty on it has the unfused gradient (it saw the BN input y,
+    whose gradient was taken as the activation's, or no gradient at all); a full backward hook on a
+    fused conv is refused as on its BN and ReLU (it never fired, or failed on a false message)."""
+    seq, ref, masks = _chain()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for m, at in ((seq, layer), (ref, layer + 2)):  # (the unfused model's activation: its ReLU's output)
+        seen = []
+        handle = m[at].register_forward_hook(lambda mod, i, o: seen.append(o))
+        (m(x).sum() + 0.01 * seen[0].square().sum()).backward()
+        handle.remove()
+        grads.append((seen[0].detach(), m[layer].weight.values.grad if m is seq else m[layer].weight.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[0][1], grads[1][1][masks[str(layer)]], rtol=1e-9, atol=1e-9)
+    seq[layer].register_full_backward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="full backward hook on a fused SparseConvBNReLU"):
+        seq(x)
+
+
+def test_a_hook_on_the_relu_before_a_fused_batchnorm_gets_a_differentiable_activation():
+    """conv -> ReLU -> BN (VGG-like's order) fused: the ReLU's output a hook reads is differentiable
+    (a penalty on it was silently dropped: the fused layer's y was marked non-differentiable)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 2)).double()
+    mask = random_mask((4, 3, 3, 3), 0.5)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for fuse in (False, True):
+        m = copy.deepcopy(base)
+        sparsetrain.sparsify_(m, {"0": mask}, fuse=fuse)
+        acts = []
+        m[1].register_forward_hook(lambda mod, i, o: acts.append(o))
+        (m(x).sum() + 0.1 * acts[0].abs().sum()).backward()
+        assert acts[0].requires_grad
+        grads.append(m[0].weight.values.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("segments", [2, 3, 5])
 def test_checkpointed_segments_match_the_unfused_model(segments):
     """torch.utils.checkpoint (use_reentrant=False) cuts the chain anywhere, also between a layer and
@@ -985,8 +1027,17 @@ def test_second_order_and_forward_mode_gradients_raise(fuse):
     if not fuse:
         sparsetrain.unfuse_(seq)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
-    g, = torch.autograd.grad(seq(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.square().sum().backward()
+    # a loss quadratic in the output, and one linear in it (a gradient penalty on critic(x).sum(): the
+    # incoming gradient does not require grad, where once_differentiable returned plain zeros' worth)
+    for loss in (lambda y: y.square().sum(), lambda y: y.sum()):
+        g, = torch.autograd.grad(loss(seq(x)), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.square().sum().backward()
+    lin = sparsetrain.nn.SparseLinear.from_dense(nn.Linear(4, 1))
+    xl = torch.randn(3, 4, requires_grad=True)
+    g, = torch.autograd.grad(lin(xl).sum(), xl, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice through a sparsetrain sparse layer"):
+        g.norm().backward()
     with pytest.raises((NotImplementedError, RuntimeError), match="forward-mode|setup_context"):
         torch.func.jvp(seq.eval(), (x.detach(),), (torch.ones_like(x),))

@@ -21,6 +21,7 @@ from torch import nn
 
 from .backend import current_backend
 from .args import check_bias
+from .autograd import first_order
 from .formats import _fill_dense, _pattern, _resize_pattern, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
@@ -160,7 +161,7 @@ class _BSRLinearFn(torch.autograd.Function):
         return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # (no formulas for the gradient ops)
+    @first_order  # (no formulas for the gradient ops)
     def backward(ctx, grad_out):
         from sparsetrain.kernels import bsr_matmul as K
         x, values = ctx.saved_tensors

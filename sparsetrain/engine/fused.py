@@ -54,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend, ops
+from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2, _watched
+from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -115,7 +116,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         return (out, y, x) if opts.route else (out, y)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # (no formulas for the gradient ops)
+    @first_order  # (no formulas for the gradient ops)
     def backward(ctx, *grads):
         opts = ctx.opts
         grad_out = grads[0]
@@ -194,7 +195,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
                         relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
                         *, defer: dict | None = None, in_act: tuple | None = None,
                         relu_counts: torch.Tensor | None = None, pool: bool = False,
-                        link: dict | None = None) -> tuple[torch.Tensor, ...]:
+                        link: dict | None = None, unfused: bool = False) -> tuple[torch.Tensor, ...]:
     """(act(BN(y) (+ residual)), y) with y = conv(x) (relu(conv(x)) when relu_before): fused on the
     C++ engine and on Triton, the unfused ops under autocast. Updates bn's running statistics in
     training mode. With `route`, a third output: x as seen through this layer (routed_input). `defer`,
@@ -203,7 +204,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     `relu_counts` (int64, one entry per neuron of the ReLU's output, a layer with a ReLU): the samples
     whose activation is positive are added to it, by the kernel that applies the ReLU (no deferral
     then). `pool`: the first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)),
-    in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`."""
+    in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`.
+    `unfused`: the unfused ops (y differentiable: a hook on the ReLU of conv -> ReLU -> BN reads it)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):
@@ -214,7 +216,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         if relu_counts.dtype != torch.int64 or relu_counts.dim() != 1:
             raise TypeError(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
         defer = None
-    fusable = _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype) and (not pool or _cpu_engine(x))
+    fusable = not unfused and _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype) and (
+        not pool or _cpu_engine(x))
     if in_act is not None and (not fusable or not torch.is_grad_enabled()):
         # x holds the previous layer's y: apply its BN here; its gradient passes straight through
         # (the previous layer's backward expects the gradient of its output)
@@ -253,14 +256,6 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         y, *through = outs if route else (outs,)
         return (y, y, *through)
     return outs
-
-
-def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
-    """counts += per neuron, the samples with act > 0 (the kernels' relu_counts, off the CPU path)."""
-    flat = act.detach().reshape(act.shape[0], -1)
-    if counts.numel() != flat.shape[1]:
-        raise ValueError(f"relu_counts must have one entry per neuron ({flat.shape[1]}), got {counts.numel()}")
-    counts += (flat > 0).sum(0).to(counts)
 
 
 def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
@@ -331,6 +326,7 @@ class SparseConvBNReLU(SparseConv2d):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
         self.bn.check_taken()
+        _refuse_backward_hooks(self)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
             raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "
@@ -345,7 +341,8 @@ class SparseConvBNReLU(SparseConv2d):
         pool = defer is None and self._pools(x)
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
                                                defer=defer, in_act=pending[1]["act"] if pending else None,
-                                               relu_counts=counts, pool=pool, link=pending[1] if pending else None)
+                                               relu_counts=counts, pool=pool, link=pending[1] if pending else None,
+                                               unfused=self.relu_before and _watched(*self._placeholders))
         if relu is not None:
             relu._state_counts = counts
         if self.pools is not None:  # (a stale hand-over is dropped too)
@@ -366,13 +363,13 @@ class SparseConvBNReLU(SparseConv2d):
         if (self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not _cpu_engine(x)
                 or not _hands_on()):
             return False
-        return min(self._out_hw(x)) >= 2 and not _watched(*self._placeholders, self.pools)
+        return min(self._out_hw(x)) >= 2 and not _watched(self, *self._placeholders, self.pools)
 
     def _defers(self, x: torch.Tensor) -> bool:
         if (self.feeds is None or not torch.is_grad_enabled() or self.residual or not _can_fuse(x, self)
                 or not _can_fuse(x, self.feeds) or not _hands_on()):
             return False
-        return not _watched(*self._placeholders, self.feeds)  # (a pre-hook on the next conv would see y)
+        return not _watched(self, *self._placeholders, self.feeds)  # (a hook here or on the next conv would see y)
 
     def to_conv(self) -> SparseConv2d:
         """The plain SparseConv2d of this layer (the same weight and bias; what unfuse_ puts back)."""

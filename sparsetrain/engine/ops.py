@@ -26,10 +26,10 @@ from typing import Callable
 
 import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-from torch.autograd.function import once_differentiable
 
 from .. import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
+from .autograd import first_order
 from .args import conv2d_padding, pair
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
@@ -82,7 +82,7 @@ def _triton_autograd(name: str):
     backward re-enters "triton", so gradients run Triton even after the `with` block has ended."""
     op = OPS[name]
 
-    @once_differentiable
+    @first_order
     def backward(ctx, *grads):
         with backend.use_backend("triton"):
             return op.backward(ctx, *grads)
@@ -142,8 +142,8 @@ def _register(op: Op) -> Op:
     if op.fake is not None:
         torch.library.register_fake(op.qualname, functools.partial(_one_device, op))
     if op.backward is not None:
-        # once_differentiable: the grad ops have no formulas of their own, so create_graph=True raises
-        torch.library.register_autograd(op.qualname, once_differentiable(op.backward), setup_context=op.setup)
+        # first_order: the grad ops have no formulas of their own, so create_graph=True raises
+        torch.library.register_autograd(op.qualname, first_order(op.backward), setup_context=op.setup)
     if op.triton is not None:
         torch.library.register_kernel(op.qualname, "cuda", _cuda_kernel(op))
     if op.name in AMP_OPS:

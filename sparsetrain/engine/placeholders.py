@@ -39,6 +39,14 @@ def _refuse_backward_hooks(m: nn.Module) -> None:
                            "register it before fuse_() (that layer then stays unfused) or call sparsetrain.unfuse_(model)")
 
 
+def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
+    """counts += per neuron, the samples with act > 0 (the kernels' relu_counts, off the CPU path)."""
+    flat = act.detach().reshape(act.shape[0], -1)
+    if counts.numel() != flat.shape[1]:
+        raise ValueError(f"relu_counts must have one entry per neuron ({flat.shape[1]}), got {counts.numel()}")
+    counts += (flat > 0).sum(0).to(counts)
+
+
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
     forward returns what that layer computed for it (hooks see the normalised activation)."""
