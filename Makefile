@@ -26,13 +26,19 @@ $(VENV)/.editable: $(VENV)/.torch pyproject.toml
 	SPARSETRAIN_SKIP_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The build flags (NATIVE=1: -march=native, DEBUG=1: -O0 -g; setup.py) in a stamp that every make
+# run rewrites (as it reads this file) only when they changed: another flag set rebuilds the extension
+# (ninja sees the new commands); the same flags leave `make -q install` up to date.
+BUILD_FLAGS := NATIVE=$(NATIVE) DEBUG=$(DEBUG)
+_ := $(shell mkdir -p $(VENV) && (echo '$(BUILD_FLAGS)' | cmp -s - $(VENV)/.flags || echo '$(BUILD_FLAGS)' > $(VENV)/.flags))
+
 # One C++ extension, built in place in a build/ directory that persists: ninja recompiles only the
 # files whose sources or included headers changed (`touch csrc/cpu/prune.cpp`: that file and the
 # link). The venv's ninja (pip) builds, so its log format is the one later builds and tests read.
 # flock: concurrent `make install`s never run two builds in one build/ directory.
-$(VENV)/.built: $(VENV)/.editable $(CSRC)
+$(VENV)/.built: $(VENV)/.editable $(CSRC) $(VENV)/.flags
 	flock $(VENV)/.buildlock env PATH="$(CCACHE)$(CURDIR)/$(VENV)/bin:$$PATH" MAX_JOBS=$(NPROC) \
-	  $(PY) setup.py -q build_ext --inplace
+	  NATIVE=$(NATIVE) DEBUG=$(DEBUG) $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 # The quick DSD2 study (teacher -> vanilla -> distilled, ~6 min on 2 cores) on Fashion-MNIST from
@@ -61,4 +67,4 @@ bench: install
 	$(PY) bench/kernels.py
 
 clean:
-	rm -rf build *.egg-info sparsetrain/*.so $(VENV)/.built $(VENV)/.editable
+	rm -rf build *.egg-info sparsetrain/*.so $(VENV)/.built $(VENV)/.editable $(VENV)/.flags

@@ -24,6 +24,8 @@ def get_extensions():
     if os.environ.get("SPARSETRAIN_SKIP_EXT", "0") == "1":
         return []
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # the headers: in the sdist (it must build like a checkout) and, without ninja, rebuild triggers
+    headers = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
     if os.environ.get("DEBUG", "0") == "1":
         cxx = ["-O0", "-g", "-fopenmp"]
     else:
@@ -36,6 +38,7 @@ def get_extensions():
         CppExtension(
             "sparsetrain._C",
             sources,
+            depends=headers,
             include_dirs=[os.path.join(here, "csrc")],
             extra_compile_args={"cxx": cxx + ["-std=c++20"]},
             extra_link_args=["-fopenmp"],

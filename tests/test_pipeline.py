@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sparsetrain
 from conftest import run_dir
 from sparsetrain.experiment import files, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
@@ -273,6 +274,33 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     with open(os.path.join(rd, "config.json")) as f:
         rec = json.load(f)
     assert rec["torch_threads"] == threads and rec["resumed_with"][-1]["torch_threads"] == threads + 1
+    assert rec["sparsetrain_version"] == sparsetrain.__version__
+    del rec["sparsetrain_version"], rec["resumed_with"]  # a run started before the version was recorded:
+    files.write_json(os.path.join(rd, "config.json"), rec)  # its resume adds no resumed_with entry over it
+    monkeypatch.setattr(study, "git_commit", lambda: "aaa")
+    study.prepare_run_dir(cfg)
+    with open(os.path.join(rd, "config.json")) as f:
+        assert "resumed_with" not in json.load(f)
+
+
+def test_git_commit_is_sparsetrain_s_own(tmp_path):
+    """The checkout's commit; for a copy of the package inside another git repository (an installed
+    package in a project's virtualenv), "unknown", never that project's commit."""
+    import importlib.util
+    import shutil
+    assert files.git_commit() == subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                                   cwd=os.path.dirname(os.path.dirname(__file__))).strip()
+    proj = tmp_path / "proj"
+    site = proj / ".venv" / "site-packages" / "sparsetrain" / "experiment"
+    site.mkdir(parents=True)
+    shutil.copy(study.__file__.replace("study.py", "files.py"), site / "files.py")
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    subprocess.run(["git", "-C", str(proj), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                    "--allow-empty", "-m", "project"], check=True)
+    spec = importlib.util.spec_from_file_location("copied_files", site / "files.py")
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    assert copied.git_commit() == "unknown"
 
 
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-from .. import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
+from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
 from .autograd import first_order
 from .args import conv2d_padding, pair

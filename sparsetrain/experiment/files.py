@@ -166,10 +166,12 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def git_commit(short: bool = False) -> str:
-    """The commit of the sparsetrain checkout this code runs from ("unknown" outside git)."""
+    """The commit of the sparsetrain checkout this code runs from: "unknown" outside git, and for an
+    installed package (a virtualenv inside another project's repository would give that one's)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        return subprocess.check_output(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
-                                       cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
+        top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
+                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True).split()
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return "unknown"
+    return head if os.path.realpath(top) == os.path.realpath(os.path.dirname(package)) else "unknown"

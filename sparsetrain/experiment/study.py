@@ -96,12 +96,16 @@ def prepare_run_dir(cfg: Config) -> str:
             raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
                              "choose another --out or remove it")
     import torchvision
-    now = {"git_commit": git_commit(), "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                                    "python": sys.version.split()[0]},
+
+    from .. import __version__
+    now = {"git_commit": git_commit(), "sparsetrain_version": __version__,
+           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                        "python": sys.version.split()[0]},
            "torch_threads": torch.get_num_threads()}  # (the kernels' sums are deterministic per thread count)
-    # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others, follow
+    # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
+    # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
-    if old and {k: old.get(k) for k in now} != now and (not resumed or resumed[-1] != now):
+    if old and {k: old.get(k, v) for k, v in now.items()} != now and (not resumed or resumed[-1] != now):
         resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
