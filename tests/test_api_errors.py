@@ -132,4 +132,10 @@ def test_layer_and_format_constructors():
     b = BSRLinear.from_dense(frozen, 16)
     assert not b.weight.values.requires_grad and not b.bias.requires_grad
     assert BSRLinear.from_dense(nn.Linear(32, 32), 16).weight.values.requires_grad
+    # values given as a frozen Parameter stay frozen (they became trainable), a trainable one trains
+    for fmt, args in ((CSR, (torch.tensor([0, 1]), torch.tensor([0]), (1, 4))),
+                      (BSR, (torch.tensor([0, 1]), torch.tensor([0]), (16, 16), 16))):
+        for trainable in (False, True):
+            v = nn.Parameter(torch.ones(1, 16, 16) if fmt is BSR else torch.ones(1), requires_grad=trainable)
+            assert fmt(args[0], args[1], v, *args[2:]).values.requires_grad == trainable
     assert isinstance(sparsetrain.CSR, type)

@@ -65,7 +65,7 @@ class BSR(nn.Module):
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         self.values = nn.Parameter(values.detach().contiguous().clone(),
-                                   requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
+                                   requires_grad=values.requires_grad)
         self._build_index()
 
     def _build_index(self) -> None:

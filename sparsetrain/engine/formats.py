@@ -61,7 +61,7 @@ class CSR(nn.Module):
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         v = values.detach().contiguous().clone()
-        self.values = nn.Parameter(v, requires_grad=values.requires_grad or isinstance(values, nn.Parameter))
+        self.values = nn.Parameter(v, requires_grad=values.requires_grad)
         self._build_csc()
 
     # ------------------------------------------------------------------ construction / export
