@@ -204,6 +204,8 @@ def test_phase_key_ignores_what_a_run_ignores():
                 "vanilla")
     assert not same(["--early-stop", "entropy-peak", "--stop-falls", "1"],
                     ["--early-stop", "entropy-peak", "--stop-falls", "3"], "vanilla")
+    assert same(["--model", "vgg-d1g5"], ["--model", "VGG_like_d1g5"]) and same(["--model", "vgg"], ["--model", "vgg_d5g5"])
+    assert not same(["--model", "vgg_d1g5"], ["--model", "vgg_d1g6"])
 
 
 def test_a_teacher_file_is_matched_by_its_bytes(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from torch import nn
 from ..engine.replicated import BroadcastAvgPool2d
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
-           "MODEL_NAMES", "MODELS", "resolve_name"]
+           "MODEL_NAMES", "MODELS", "resolve_name", "canonical_name"]
 
 SMALL_INPUT = 64  # images of at most this side get the CIFAR stem (3x3 stride-1 conv, no max-pool)
 
@@ -128,6 +128,15 @@ def resolve_name(name: str) -> tuple[str, dict]:
     if key not in _ALIASES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)} (or vgg_dXgY, e.g. vgg_d5g5)")
     return _ALIASES[key], kwargs
+
+
+def canonical_name(name: str) -> str:
+    """One spelling per architecture ("VGG-d1g5", "vgg_like_d1g5" -> "vgg_d1g5"; "vgg" -> "vgg_d5g5";
+    "resnet-18" -> "resnet18"): what identifies a model where aliases must not differ."""
+    key, kwargs = resolve_name(name)
+    if key == "vgg_like":
+        return f"vgg_d{kwargs.get('delta', 5)}g{kwargs.get('gamma', 5)}"
+    return key
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3,

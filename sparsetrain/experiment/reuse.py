@@ -20,6 +20,7 @@ import os
 from ..prune import RULES
 from .config import Config, config_from_json
 from .metrics import teacher_tag
+from .models import canonical_name
 
 __all__ = ["phase_names", "needed_phases", "phase_key", "teacher_fingerprint", "link_reused", "prepare_phases",
            "check_linked", "phase_done", "PhaseMissing"]
@@ -104,8 +105,9 @@ def phase_key(cfg: Config, phase: str, seed: int, teachers: dict | None = None) 
     common = _applying(cfg, _DATA_KEYS + _PRUNE_KEYS)
     if cfg.amp != "auto":  # (auto: follows the device, as in the run's name)
         common["amp"] = cfg.amp
-    teacher = {"model": cfg.model, "hyper": _hyper(cfg, "teacher")}
-    student = {"model": cfg.resolved_student(), "hyper": _hyper(cfg, "student"), **_applying(cfg, _STUDENT_KEYS)}
+    teacher = {"model": canonical_name(cfg.model), "hyper": _hyper(cfg, "teacher")}
+    student = {"model": canonical_name(cfg.resolved_student()), "hyper": _hyper(cfg, "student"),
+               **_applying(cfg, _STUDENT_KEYS)}
     if phase == "teacher":
         own = {"teacher": teacher}
     elif phase == "vanilla":
