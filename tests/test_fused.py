@@ -450,7 +450,8 @@ def test_residual_and_call_errors():
 def test_batchnorm_argument_checks_as_pytorch():
     """F.batch_norm's checks: eps > 0 with batch statistics, eps >= 0 otherwise (the folded eval too),
     more than one value per channel with batch statistics (training, or eval without running
-    statistics); an empty training batch is refused by name (the fused statistics need values)."""
+    statistics); an empty training batch behaves as in nn.BatchNorm2d (an empty output, the running
+    statistics kept, num_batches_tracked counted; it was refused)."""
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     ref, fused, _ = _fused_pair("bn_relu", 0.5, eps=0.0)
     for m in (ref, fused):
@@ -465,8 +466,18 @@ def test_batchnorm_argument_checks_as_pytorch():
     for m in (ref.eval(), fused.eval()):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             m(torch.randn(1, 5, 1, 1, dtype=torch.float64))
-    with pytest.raises(ValueError, match="non-empty batch in training"):
-        _fused_pair("bn", 0.5)[1](torch.randn(0, 5, 4, 4, dtype=torch.float64))
+    for pattern in ("bn", "bn_relu", "relu_bn"):
+        ref, fused, _ = _fused_pair(pattern, 0.5)
+        outs = []
+        for m in (ref, fused):
+            x0 = torch.randn(0, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+            out = m(x0)
+            out.sum().backward()
+            outs.append((out.shape, x0.grad.shape, m.bn.running_mean.clone(), m.bn.running_var.clone(),
+                         int(m.bn.num_batches_tracked), m.bn.weight.grad))
+        assert outs[0][:2] == outs[1][:2] and outs[1][4] == 1
+        for a, b in zip(outs[0][2:], outs[1][2:]):
+            torch.testing.assert_close(a, b)
 
 
 def test_batch_statistics_of_an_activation_far_from_zero():

@@ -205,7 +205,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     whose activation is positive are added to it, by the kernel that applies the ReLU (no deferral
     then). `pool`: the first output is the activation 2x2-max-pooled (stride 2, as nn.MaxPool2d(2)),
     in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`.
-    `unfused`: the unfused ops (y differentiable: a hook on the ReLU of conv -> ReLU -> BN reads it)."""
+    `unfused`: the unfused ops (y differentiable: a hook on the ReLU of conv -> ReLU -> BN reads it; an
+    empty batch: nn.BatchNorm2d's semantics)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):
@@ -339,10 +340,11 @@ class SparseConvBNReLU(SparseConv2d):
             counts = torch.zeros(self.out_channels * math.prod(self._out_hw(x)), dtype=torch.int64, device=x.device)
             defer = None
         pool = defer is None and self._pools(x)
+        unfused = x.numel() == 0 or self.relu_before and _watched(*self._placeholders)
         out, y, *through = sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, route,
                                                defer=defer, in_act=pending[1]["act"] if pending else None,
                                                relu_counts=counts, pool=pool, link=pending[1] if pending else None,
-                                               unfused=self.relu_before and _watched(*self._placeholders))
+                                               unfused=unfused)
         if relu is not None:
             relu._state_counts = counts
         if self.pools is not None:  # (a stale hand-over is dropped too)
