@@ -31,6 +31,8 @@ $(VENV)/.editable: $(VENV)/.torch pyproject.toml
 # (ninja sees the new commands); the same flags leave `make -q install` up to date.
 BUILD_FLAGS := NATIVE=$(NATIVE) DEBUG=$(DEBUG)
 _ := $(shell mkdir -p $(VENV) && (echo '$(BUILD_FLAGS)' | cmp -s - $(VENV)/.flags || echo '$(BUILD_FLAGS)' > $(VENV)/.flags))
+$(VENV)/.flags:  # (after `make clean` in the same run)
+	@mkdir -p $(VENV) && echo '$(BUILD_FLAGS)' > $@
 
 # One C++ extension, built in place in a build/ directory that persists: ninja recompiles only the
 # files whose sources or included headers changed (`touch csrc/cpu/prune.cpp`: that file and the

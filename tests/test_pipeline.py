@@ -280,7 +280,8 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "git_commit", lambda: "aaa")
     study.prepare_run_dir(cfg)
     with open(os.path.join(rd, "config.json")) as f:
-        assert "resumed_with" not in json.load(f)
+        rec = json.load(f)
+    assert "resumed_with" not in rec and rec["sparsetrain_version"] == "unknown"  # (not today's: unrecorded)
 
 
 def test_git_commit_is_sparsetrain_s_own(tmp_path):
@@ -290,17 +291,24 @@ def test_git_commit_is_sparsetrain_s_own(tmp_path):
     import shutil
     assert files.git_commit() == subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                                    cwd=os.path.dirname(os.path.dirname(__file__))).strip()
-    proj = tmp_path / "proj"
+    proj = tmp_path / "a project"  # (a space in the path)
     site = proj / ".venv" / "site-packages" / "sparsetrain" / "experiment"
     site.mkdir(parents=True)
     shutil.copy(study.__file__.replace("study.py", "files.py"), site / "files.py")
     subprocess.run(["git", "init", "-q", str(proj)], check=True)
     subprocess.run(["git", "-C", str(proj), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
                     "--allow-empty", "-m", "project"], check=True)
-    spec = importlib.util.spec_from_file_location("copied_files", site / "files.py")
-    copied = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copied)
-    assert copied.git_commit() == "unknown"
+    def git_commit_of(files_py):
+        spec = importlib.util.spec_from_file_location("copied_files", files_py)
+        copied = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(copied)
+        return copied.git_commit()
+    assert git_commit_of(site / "files.py") == "unknown"
+    own = proj / "sparsetrain" / "experiment"  # the package at the repository's top: a checkout of it
+    own.mkdir(parents=True)
+    shutil.copy(site / "files.py", own / "files.py")
+    head = subprocess.check_output(["git", "-C", str(proj), "rev-parse", "HEAD"], text=True).strip()
+    assert git_commit_of(own / "files.py") == head
 
 
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):

@@ -171,7 +171,7 @@ def git_commit(short: bool = False) -> str:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
-                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True).split()
+                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True).splitlines()
     except (OSError, subprocess.CalledProcessError, ValueError):
         return "unknown"
     return head if os.path.realpath(top) == os.path.realpath(os.path.dirname(package)) else "unknown"

@@ -109,7 +109,7 @@ def prepare_run_dir(cfg: Config) -> str:
         resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
-        write_json(path, {**resolved, **{k: old.get(k, v) for k, v in now.items()},
+        write_json(path, {**resolved, **{k: old.get(k, "unknown" if old else v) for k, v in now.items()},
                           **({"resumed_with": resumed} if resumed else {}),
                           **{k: old[k] for k in ("data_fingerprint", "teacher_fingerprints") if k in old}})
     except OSError as e:
