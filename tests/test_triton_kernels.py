@@ -629,6 +629,17 @@ def test_cuda_sparse_conv2d(cin, cout, hw, k, stride, pad, sparsity, no_tf32):
 
 
 @cuda
+def test_cpu_backend_refuses_cuda_tensors():
+    import sparsetrain
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.nn import SparseLinear
+    lin = torch.nn.Linear(32, 16)
+    for layer in (SparseLinear.from_dense(lin).cuda(), BSRLinear.from_dense(lin, 16).cuda()):
+        with sparsetrain.use_backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu'.*cannot take CUDA"):
+            layer(torch.randn(2, 32, device="cuda"))
+
+
+@cuda
 def test_cuda_sparse_conv2d_op_autograd(no_tf32):
     check_conv_op("cuda", shape=(8, 64, 32, 32), cout=128, stride=2, sparsity=0.9)
 
