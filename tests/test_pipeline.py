@@ -144,12 +144,16 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--lr", "-1"], "--lr must be > 0"),
     (["mnist", "--subset", "-5"], "--subset must be >= 0"),
     (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
-    (["mnist", "--threads", "-1"], "--threads must be >= 0"),
-    (["mnist", "--seeds", "-1"], "--seeds must be one or more distinct seeds >= 0"),
+    (["mnist", "--threads", "-1"], "--threads must be in [0, 4096]"),
+    (["mnist", "--threads", "2147483648"], "--threads must be in [0, 4096]"),
+    (["mnist", "--seeds", "-1"], "--seeds must be one or more distinct seeds in [0, 2^63)"),
+    (["mnist", "--seeds", str(2**64)], "--seeds must be one or more distinct seeds in [0, 2^63)"),
+    (["mnist", "--model", ""], "--model: unknown model ''"),
+    (["mnist", "--batch-size", "1"], "--batch-size must be >= 2"),
     (["mnist", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
     (["mnist", "--phases", "student"], "argument --phases: invalid choice: 'student'"),
     (["mnist", "--phases", "teacher", "teacher"], "--phases must be one or more distinct"),
-    (["mnist", "--seeds", "0", "0"], "--seeds must be one or more distinct seeds >= 0"),
+    (["mnist", "--seeds", "0", "0"], "--seeds must be one or more distinct seeds"),
     (["mnist", "--teachers", "dense", "dense"], "--teachers must be one or more distinct"),
     (["mnist", "--milestones", "8", "8"], "--milestones must be increasing epochs >= 1, got (8, 8)"),
     (["mnist", "--student-milestones", "9", "3"], "--student-milestones must be increasing epochs"),
@@ -162,6 +166,27 @@ def test_cli_errors_exit_2(argv, message, capsys):
         config_from_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_print_config_shows_what_runs_and_one_model_under_its_aliases():
+    """--print-config lists the phases the command runs, under their directory names (a PATH
+    teacher's distill-path-<stem>), the vanilla student that is the teacher run as that full run; a
+    student named by an alias of the teacher's model, or whose schedule differs only in a setting
+    the run ignores (--rewind-iter without rewind), is the teacher run; -0.0 is 0.0 (one run name)."""
+    def phases(*argv):
+        out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "mnist", "--profile", "quick", *argv,
+                              "--print-config"], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)["phases"]
+    assert list(phases("--phases", "teacher")) == ["teacher"]
+    got = phases("--teachers", "dense", "/tmp/t/teach.pt")
+    assert list(got) == ["teacher", "vanilla", "distill-dense", "distill-path-teach"]
+    assert got["vanilla"]["run"].startswith("the teacher run") and got["vanilla"]["early_stop"].startswith("none")
+    for argv in (["--student", "LeNet-300-100"], ["--student-rewind-iter", "7"]):
+        assert not config_from_args(["mnist", "--profile", "quick", *argv])[0].separate_vanilla(), argv
+    assert config_from_args(["mnist", "--profile", "quick", "--perturb", "rewind", "--student-rewind-iter", "7"]
+                            )[0].separate_vanilla()
+    assert study.run_dir_of(config_from_args(["cifar100n", "--eps", "-0.0"])[0]) == \
+        study.run_dir_of(config_from_args(["cifar100n"])[0])
 
 
 def test_cli_help_and_missing_dataset(tmp_path):

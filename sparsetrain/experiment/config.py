@@ -20,8 +20,9 @@ from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
+from .metrics import teacher_tag
 from .devices import resolve_amp, resolve_device
-from .models import MODEL_NAMES, resolve_name
+from .models import MODEL_NAMES, canonical_name, resolve_name
 
 __all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
            "phase_settings", "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
@@ -143,9 +144,11 @@ class Config:
         return Hyper(**{k: getattr(self, f"{role}_{k}") for k in ROLE_KEYS}, momentum=self.momentum, drop=self.drop)
 
     def separate_vanilla(self) -> bool:
-        """Whether the vanilla student needs its own run: the teacher run is the vanilla run only
-        when the student is the same model trained the same way."""
-        return self.resolved_student() != self.model or self.hyper("student") != self.hyper("teacher")
+        """Whether the vanilla student needs its own run: the teacher run is the vanilla run only when
+        the student is the same model (any alias) trained the same way (rewind_iter: under rewind only)."""
+        hp = {r: self.hyper(r) if self.perturb == "rewind" else dataclasses.replace(self.hyper(r), rewind_iter=0)
+              for r in ROLES}
+        return canonical_name(self.resolved_student()) != canonical_name(self.model) or hp["student"] != hp["teacher"]
 
 
 # ---------------------------------------------------------------------------- presets (data)
@@ -155,19 +158,15 @@ GROUP = {"cifar10": "cifar", "cifar100": "cifar", "cifar100n": "cifar", "mnist":
 # The paper's Table 4 per (dataset group, model family); "*" = any family. The MNIST-like row is
 # not in the paper: the quick study's schedule (README, "What the quick study shows") at full size.
 TABLE4 = {
-    ("cifar", "*"): dict(epochs=160, batch_size=128, lr=0.1, milestones=(80, 120), weight_decay=1e-4,
-                         rewind_iter=1000),
+    ("cifar", "*"): dict(epochs=160, batch_size=128, lr=0.1, milestones=(80, 120), weight_decay=1e-4, rewind_iter=1000),
     ("cifar", "vgg"): dict(epochs=160, batch_size=128, lr=0.001, milestones=(80, 120), weight_decay=1e-4,
                            rewind_iter=0),
-    ("flowers", "*"): dict(epochs=160, batch_size=64, lr=0.001, milestones=(80, 120), weight_decay=1e-5,
-                           rewind_iter=0),
+    ("flowers", "*"): dict(epochs=160, batch_size=64, lr=0.001, milestones=(80, 120), weight_decay=1e-5, rewind_iter=0),
     # Appendix I.2: VGG-like on Flowers-102 "exactly the same strategy as for CIFAR-10"
     ("flowers", "vgg"): dict(epochs=160, batch_size=128, lr=0.001, milestones=(80, 120), weight_decay=1e-4,
                              rewind_iter=0),
-    ("imagenet", "*"): dict(epochs=90, batch_size=1024, lr=0.1, milestones=(30, 60), weight_decay=1e-4,
-                            rewind_iter=0),
-    ("mnist", "*"): dict(epochs=30, batch_size=128, lr=0.1, milestones=(15, 22), weight_decay=1e-4,
-                         rewind_iter=1000),
+    ("imagenet", "*"): dict(epochs=90, batch_size=1024, lr=0.1, milestones=(30, 60), weight_decay=1e-4, rewind_iter=0),
+    ("mnist", "*"): dict(epochs=30, batch_size=128, lr=0.1, milestones=(15, 22), weight_decay=1e-4, rewind_iter=1000),
 }
 # The quick profile's schedule: a CPU budget, the same for every model (LeNet-300-100 on MNIST-like
 # data: the README's quick study; a small VGG-like elsewhere).
@@ -227,7 +226,7 @@ def preset(profile: str, dataset: str, model: str | None = None, student: str | 
 # ---------------------------------------------------------------------------- validation
 def _check_models(values: dict) -> None:
     for k in ("model", "student"):
-        if values.get(k):
+        if values.get(k) or k == "model" and k in values:  # (an empty --student: the teacher's model)
             try:
                 resolve_name(values[k])
             except ValueError as e:
@@ -250,18 +249,18 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
               ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
               ("t_e", 0 < cfg.t_e <= 1, "in (0, 1] (a fraction of the dense or peak entropy)"),
               ("t_a", 0 < cfg.t_a <= 1, "in (0, 1] (a fraction of the best validation accuracy)"),
-              ("stop_falls", cfg.stop_falls >= 1, ">= 1"),
-              ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
+              ("stop_falls", cfg.stop_falls >= 1, ">= 1"), ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
               ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
-              ("threads", cfg.threads >= 0, ">= 0 (0: this run's CPU share)"),
+              ("threads", 0 <= cfg.threads <= 4096, "in [0, 4096] (0: this run's CPU share)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop < math.inf, "> 0 and finite"),
-              ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(s >= 0 for s in cfg.seeds),
-               "one or more distinct seeds >= 0"),
+              ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(0 <= s < 2**63 for s in cfg.seeds),
+               "one or more distinct seeds in [0, 2^63)"),
               ("teachers", len(set(cfg.teachers)) == len(cfg.teachers) > 0, "one or more distinct of best, dense, PATH"),
               ("phases", len(set(cfg.phases)) == len(cfg.phases) > 0, "one or more distinct of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:
         hp = cfg.hyper(role)
-        checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"), (f"{role}_batch_size", hp.batch_size >= 1, ">= 1"),
+        checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"),
+                   (f"{role}_batch_size", hp.batch_size >= 2, ">= 2 (BatchNorm trains on batch statistics)"),
                    (f"{role}_lr", 0 < hp.lr < math.inf, "> 0 and finite"),
                    (f"{role}_weight_decay", 0 <= hp.weight_decay < math.inf, ">= 0 and finite"),
                    (f"{role}_rewind_iter", hp.rewind_iter >= 0, ">= 0"),
@@ -288,9 +287,10 @@ def phase_settings(cfg: Config) -> dict:
     student = {"model": cfg.resolved_student(), **dataclasses.asdict(cfg.hyper("student")), **common,
                "early_stop": cfg.early_stop, "t_e": cfg.t_e, "t_a": cfg.t_a, "stop_falls": cfg.stop_falls,
                "role": "student"}
-    out["vanilla"] = {**student, "run": "its own run" if cfg.separate_vanilla() else "the teacher run"}
+    out["vanilla"] = {**student, "run": "its own run"} if cfg.separate_vanilla() else {
+        **out["teacher"], "run": "the teacher run (a full run: no early stop)"}
     for t in cfg.teachers:
-        out[f"distill-{t}"] = {**student, "teacher": t, "alpha": cfg.alpha, "tau": cfg.tau}
+        out[f"distill-{teacher_tag(t)}"] = {**student, "teacher": t, "alpha": cfg.alpha, "tau": cfg.tau}
     return out
 
 
@@ -358,12 +358,12 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     flags = {}
-    for k in ROLE_KEYS:
+    for k in ROLE_KEYS:  # (below: lists as tuples, -0.0 as 0.0)
         if getattr(args, k) is not None:
             for role in ROLES:
                 if f"{role}_{k}" not in given:
                     given[f"{role}_{k}"], flags[f"{role}_{k}"] = getattr(args, k), f"--{k.replace('_', '-')}"
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    given = {k: tuple(v) if isinstance(v, list) else v + 0.0 if isinstance(v, float) else v for k, v in given.items()}
     base = Config(dataset=given.get("dataset", "cifar10"), profile=given.get("profile", "paper"))
     try:
         _check_models(given)  # (the preset reads the models' families)

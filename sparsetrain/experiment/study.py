@@ -311,8 +311,10 @@ def main(argv=None) -> int:
     a bug."""
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
-    if args.print_config:
-        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phase_settings(cfg)}, indent=1))
+    if args.print_config:  # (the phases this command runs; the vanilla one, when it is the teacher run, says so)
+        runs = set(sum(needed_phases(cfg), [])) | ({"vanilla"} if "vanilla" in cfg.phases else set())
+        phases = {p: v for p, v in phase_settings(cfg).items() if p in runs}
+        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases}, indent=1))
         return 0
     try:
         if args.report_only and not os.path.isfile(os.path.join(rd, "config.json")) and legacy_run_dir(cfg):
