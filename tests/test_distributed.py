@@ -131,6 +131,58 @@ def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
     assert [ln for ln in lines if ln] == expected
 
 
+_SNAPSHOT_SCRIPT = """
+import sys, torch, torch.distributed as tdist
+from sparsetrain.experiment import distributed as dist
+from sparsetrain.experiment.models import build_model
+tdist.init_process_group("gloo")
+torch.manual_seed(0)
+m = build_model("vgg_d1g5", 10, 1, 28)
+for b in m.modules():  # each rank's own statistics, as mid-epoch
+    if isinstance(b, torch.nn.BatchNorm2d):
+        b.running_mean.fill_(dist.rank() + 1.0)
+snap = dist.averaged_state(m)
+means = [v for k, v in snap.items() if k.endswith("running_mean")]
+w = [v for k, v in snap.items() if k.endswith("conv.weight")][0]
+ok = all(torch.equal(v, torch.full_like(v, 1.5)) for v in means) and torch.equal(w, m.block1_1.conv.weight)
+ok = ok and float(m.block1_1.bn.running_mean[0]) == dist.rank() + 1.0  # (the model itself untouched)
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write(str(ok))
+tdist.destroy_process_group()
+"""
+
+
+def test_the_rewind_snapshot_averages_the_ranks_batchnorm_statistics(tmp_path):
+    """--perturb rewind snapshots mid-epoch, when each rank's BN running statistics are its own: the
+    snapshot holds their mean (as at an epoch's end), so every rank, and a resume from rank 0's saved
+    copy, rewinds to the same statistics (a resumed run's curves differed from the next round on)."""
+    script = tmp_path / "snapshot.py"
+    script.write_text(_SNAPSHOT_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
+
+
+def test_a_corrupt_checkpoint_stops_every_rank_with_the_error(mnist_dir, study_args):
+    """verify_phase runs on rank 0; its CorruptFile reaches every rank as the one-line error (rank 1
+    died in the barrier after it with a gloo traceback)."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.6")
+    assert subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base], capture_output=True,
+                          timeout=300).returncode == 0
+    ckpt = sorted((mnist_dir / "runs").glob("*/seed0/teacher/ckpt/round_01.pt"))[0]
+    data = bytearray(ckpt.read_bytes())
+    data[100] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sparsetrain.experiment", *base, "--resume"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("round_01.pt is corrupt: its sha256 is") == 2, out.stderr[-3000:]
+    assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr  # (no rank's traceback)
+    assert "exitcode  : 2" in out.stderr
+
+
 def test_fewer_training_images_than_ranks_is_refused(mnist_dir, study_args):
     base = study_args(mnist_dir, "--teachers", "dense", "--val-fraction", "0.5")
     base[base.index("--subset") + 1] = "2"  # one training image, one validation image

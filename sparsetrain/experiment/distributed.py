@@ -94,6 +94,18 @@ def sync_bn_stats_(model: nn.Module) -> None:
                 all_sum(t).div_(world())
 
 
+@torch.no_grad()
+def averaged_state(model: nn.Module) -> dict:
+    """A copy of model.state_dict() with the BatchNorm running statistics averaged over the ranks, as
+    sync_bn_stats_ leaves them at an epoch's end (a mid-epoch snapshot: the --perturb rewind one)."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for n, m in model.named_modules():
+        if world() > 1 and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for b in ("running_mean", "running_var"):
+                all_sum(state[f"{n}.{b}" if n else b]).div_(world())
+    return state
+
+
 def check_masks_agree(model: nn.Module, masks: dict) -> None:
     """Pruning ran on every rank on identical weights: its masks must agree, compared by a hash of
     each layer's kept positions (a count alone passes per-layer rules, which keep a fixed count)."""
@@ -120,6 +132,20 @@ def from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn, expected: tuple) -> None:
+    """fn() on rank 0 (the one that writes); an `expected` error there is raised on every rank (under
+    torchrun the others would otherwise die on their next collective, with a traceback)."""
+    failed = None
+    if is_main():
+        try:
+            fn()
+        except expected as e:
+            failed = e
+    failed = from_main(failed)  # (a collective: also the ranks' barrier)
+    if failed is not None:
+        raise failed
 
 
 def teardown() -> None:

@@ -117,7 +117,12 @@ def verify(path: str) -> bool:
         if _digest(tmp) == want:
             os.replace(tmp, path)
             return True
-    got = f"{os.path.getsize(path)} bytes" if os.path.exists(path) else "missing"
+    if not os.path.exists(path):
+        got = "missing"
+    elif os.path.getsize(path) == want["size"]:  # (the bytes changed, not the length)
+        got = f"its sha256 is {_digest(path)['sha256'][:12]}…"
+    else:
+        got = f"{os.path.getsize(path)} bytes"
     raise CorruptFile(f"{path} is corrupt: {got}, not the {want['size']} bytes (sha256 {want['sha256'][:12]}…) "
                       "written")
 

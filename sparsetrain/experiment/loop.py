@@ -137,7 +137,7 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
     def on_step():  # the rewind snapshot: the weights after iteration --rewind-iter of the dense run
         s.iteration += 1
         if cfg.perturb == "rewind" and s.rnd == 0 and s.rewind is None and s.iteration == hp.rewind_iter:
-            s.rewind = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+            s.rewind = dist.averaged_state(s.model)  # (mid-epoch: the ranks' BN statistics differ until synced)
 
     bar = tqdm(range(s.epoch, hp.epochs), desc=label, leave=False, initial=s.epoch, total=hp.epochs,
                dynamic_ncols=True, disable=None if dist.is_main() else True)
@@ -264,9 +264,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     spent obtaining the teacher; `teacher_arch`: its build_model arguments (its dense cost in the
     paper's convention: a filter-pruned teacher has lost channels). Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
-    if dist.is_main():  # (may finish an interrupted checkpoint write)
-        verify_phase(pdir)
-    dist.barrier()
+    dist.on_main(lambda: verify_phase(pdir), (CorruptFile,))  # (may finish an interrupted checkpoint write)
     if os.path.exists(os.path.join(pdir, "best.json")):
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")

@@ -190,17 +190,7 @@ _EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataErro
 
 
 def _on_main(fn) -> None:
-    """fn() on rank 0 (the one that writes); an expected error there is raised on every rank
-    (under torchrun the others would otherwise die on their next collective, with a traceback)."""
-    failed = None
-    if dist.is_main():
-        try:
-            fn()
-        except _EXPECTED as e:
-            failed = e
-    failed = dist.from_main(failed)  # (a collective: also the ranks' barrier)
-    if failed is not None:
-        raise failed
+    dist.on_main(fn, _EXPECTED)  # (an expected error on rank 0 raised on every rank)
 
 
 def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
