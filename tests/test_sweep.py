@@ -80,6 +80,12 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
     bad = [r for r in plan if r.error]
     assert len(bad) == 1 and "--alpha must be in [0, 1], got 1.5" in bad[0].error
     assert sum(r.kind == "study" and not r.error for r in plan) == 1
+    # --device / --amp: whether they can run is the runs' machines' business, their spelling the plan's
+    for axis, value, message in (("device", "tpu", "--device must be auto, cpu, cuda or cuda:N"),
+                                 ("amp", "fp8", "--amp must be one of auto, bf16, fp16, off")):
+        plan = make_plan(_settings(tmp_path, **{axis: [value]}), str(tmp_path / "sw"), threads=1)
+        assert [message in r.error for r in plan] == [True], (axis, [r.error for r in plan])
+    assert not make_plan(_settings(tmp_path, device=["cuda:1"]), str(tmp_path / "sw"), threads=1)[0].error
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -88,7 +94,8 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be > 0"),
              (["paper-eps", "--cpus-per-run", "inf"], "--cpus-per-run must be > 0 and finite"),
              (["paper-eps", "--gpus-per-run", "1.5"], "a fraction of one GPU or a whole number"),
-             (["paper-eps", "--out", __file__], "is a file, not a directory"))
+             (["paper-eps", "--out", __file__], "is a file, not a directory"),
+             (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"))
     procs = [subprocess.Popen([sys.executable, "-m", "sparsetrain.sweep", *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for argv, _ in cases]  # (all at once)
     for (argv, needle), p in zip(cases, procs):

@@ -90,6 +90,9 @@ def _settings(args, parser) -> dict:
             continue
         one_value = hints.get(k) is tuple or k == "milestones"
         settings[k] = (list(v) if not one_value or k in _AXIS_TUPLES else tuple(v)) if isinstance(v, list) else v
+        if isinstance(settings[k], list) and len({str(x) for x in settings[k]}) != len(settings[k]):
+            parser.error(f"--{k.replace('_', '-')} lists a value twice ({' '.join(map(str, v))}): each value is a "
+                         "point of the sweep")
     return settings
 
 

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..experiment.config import ROLE_KEYS, Config, config_from_args, config_to_argv
@@ -76,8 +77,14 @@ def _argv(point: dict) -> list[str]:
 def _resolve(point: dict) -> tuple[Config | None, str]:
     """The experiment parser's Config for a point, or (None, its one-line error)."""
     err = io.StringIO()
-    # the runs' machines may have GPUs this one lacks: --device and --amp are checked there
+    # the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked
+    # there, their spelling here
     device, amp = point.get("device", "auto"), point.get("amp", "auto")
+    amps = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "amp")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        return None, f"error: --device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    if amp not in amps:
+        return None, f"error: --amp must be one of {', '.join(amps)}, got {amp!r}"
     try:
         with contextlib.redirect_stderr(err):
             cfg, _ = config_from_args(_argv({**point, "device": "auto", "amp": "auto"}))
