@@ -66,19 +66,34 @@ def paired_ratio(num: list, den: list) -> float:
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
+    """argparse type: an int in [1, 2^31) (steps, threads: torch takes a C int)."""
     v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if not 1 <= v < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in [1, 2^31), got {v}")
     return v
 
 
 def nonnegative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
+    """argparse type: an int in [0, 2^31)."""
     v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    if not 0 <= v < 2**31:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^31), got {v}")
     return v
+
+
+def writable_json(parser, path: str) -> str:
+    """--out: a JSON path whose folder exists or can be made and takes a file, checked before any
+    timing (parser.error otherwise)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"--out {path}: cannot write there ({e.strerror or e})")
+    return path
 
 
 def parse_sparsities(parser, text: str) -> list[float]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (HERE, interleaved_times, machine_info, median_ms, nonnegative_int, paired_ratio,
-                    print_table, write_json)
+                    print_table, writable_json, write_json)
 from sparsetrain.testing import random_mask
 
 from sparsetrain.engine.formats import CSR
@@ -173,6 +173,8 @@ def main(argv=None):
     if args.out is None:
         stem = "kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
         args.out = os.path.join(HERE, "results", stem + ".json")
+    writable_json(p, args.out)  # (before timing anything)
+    progress = args.out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
     if args.threads:
         torch.set_num_threads(args.threads)
     sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]
@@ -189,11 +191,13 @@ def main(argv=None):
               "sparse_linear_replicated vs the 25088-wide layers")
         results["linear_replicated"] = bench_linear_replicated(sparsities, reps)
         print_table(results["linear_replicated"], REPLICATED_COLUMNS)
+        write_json(progress, results)
     if args.only in (None, "conv"):
         import conv_bench
         print("\n## SparseConv2d forward+backward (fp32, batch 128) vs dense masked F.conv2d and SparseProp")
         results["conv"] = conv_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
         print_table(results["conv"], conv_bench.COLUMNS)
+        write_json(progress, results)
     if args.only in (None, "fused"):
         import fused_bench
         print("\n## sparse conv -> BN -> ReLU fused (SparseConvBNReLU) vs unfused vs dense masked, forward+backward")
@@ -202,11 +206,14 @@ def main(argv=None):
         print("\n## a BatchNorm's output max-pooled 2x2, forward: pooled from its input y (max_pool2x2 with in_scale)")
         results["pool"] = fused_bench.run_pool(quick=args.quick, reps=reps)
         print_table(results["pool"], fused_bench.POOL_COLUMNS)
+        write_json(progress, results)
     if args.only in (None, "gpu"):
         import gpu_bench
         print("\n## GPU (Triton)")
         results["gpu"] = gpu_bench.run(args.quick)
     write_json(args.out, results)
+    if os.path.exists(progress):
+        os.remove(progress)
     print(f"\nwritten: {args.out}")
 
 

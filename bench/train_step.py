@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, machine_info, paired_ratio, parse_sparsities, positive_int, print_table, write_json  # noqa: E402
+from common import (HERE, machine_info, paired_ratio, parse_sparsities, positive_int, print_table,  # noqa: E402
+                    writable_json, write_json)
 from sparsetrain.testing import mask_weight_, model_masks  # noqa: E402
 
 import sparsetrain  # noqa: E402
@@ -222,7 +223,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json for the full CPU "
-                   "table; _cuda for a GPU, _partial for --quick or a subset, so neither replaces it; written when "
+                   "table; _cuda for a GPU, _partial for --quick, a subset, --steps, --threads or --no-profile, so none "
+                   "replaces it; written when "
                    "the run ends, OUT.inprogress.json after each configuration until then)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -234,6 +236,9 @@ def main(argv=None):
         p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
+    for flag, value in (("--models", args.models), ("--sparsities", args.sparsities)):
+        if value is not None and not value.strip():
+            p.error(f"{flag} is empty: give one or more, comma-separated (or leave the flag out for the default)")
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -245,9 +250,10 @@ def main(argv=None):
     steps = args.steps or (2 if args.quick else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
-    partial = args.quick or args.models or args.sparsities
+    # (anything but the table's own settings writes _partial: a smoke run never replaces the table)
+    partial = args.quick or args.models or args.sparsities or args.steps is not None or args.no_profile or args.threads
     stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
-    out = args.out or os.path.join(HERE, "results", stem + ".json")
+    out = writable_json(p, args.out or os.path.join(HERE, "results", stem + ".json"))
     progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "

@@ -61,7 +61,8 @@ def test_one_section_run_leaves_the_full_tables_alone(monkeypatch):
     monkeypatch.setattr(kernels, "write_json", lambda path, data: written.append(path))
     kernels.main(["--only", "linear", "--quick"])  # (a smoke run: never the section's table either)
     kernels.main(["--only", "linear"])
-    assert [os.path.basename(p) for p in written] == ["kernels_linear_quick.json", "kernels_linear.json"]
+    assert [os.path.basename(p) for p in written] == ["kernels_linear_quick.inprogress.json", "kernels_linear_quick.json",
+                                                      "kernels_linear.inprogress.json", "kernels_linear.json"]
 
 
 def test_bad_arguments_are_refused_before_anything_runs(capsys):
@@ -71,11 +72,16 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
     from sparsetrain.testing import random_mask
     for argv, message in ((["--steps", "0"], "--steps must be >= 1"), (["--models", "resnet18,typo"], "unknown ['typo']"),
                           (["--sparsities", "-0.1"], "each must be in [0, 1]"), (["--device", "gpu"], "--device gpu"),
-                          (["--threads", "0"], "must be >= 1")):
+                          (["--threads", "0"], "must be in [1, 2^31)"), (["--threads", str(10**20)], "must be in"),
+                          (["--models", ""], "--models is empty"), (["--sparsities", " "], "--sparsities is empty"),
+                          (["--out", "/proc/nope/t.json"], "--out /proc/nope/t.json: cannot write there")):
         with pytest.raises(SystemExit) as e:
             train_step.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
-    for argv, message in ((["--only", "layr3"], "matches no case"), (["--batch", "0"], "must be >= 1"),
+    with pytest.raises(SystemExit) as e:  # (the output checked before any section is timed)
+        kernels.main(["--only", "linear", "--out", "/proc/nope/k.json"])
+    assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err
+    for argv, message in ((["--only", "layr3"], "matches no case"), (["--batch", "0"], "must be in [1, 2^31)"),
                           (["--sparsities", "1.5"], "each must be in [0, 1]")):
         with pytest.raises(SystemExit) as e:
             conv_bench.main(argv)
