@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import numbers
+import pathlib
 import pickle
 import struct
 
@@ -111,7 +112,7 @@ def write_cifar(root, c10=True, n_per_batch=40, n_test=30, seed=0):
     """CIFAR-10 (c10) or CIFAR-100 python-format pickles with random images under `root`; returns
     the training (x [N, 3072] uint8, y) in file order."""
     rng = np.random.default_rng(seed)
-    folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+    folder = pathlib.Path(root) / ("cifar-10-batches-py" if c10 else "cifar-100-python")  # (str or Path)
     folder.mkdir(parents=True)
     nc, key = (10, "labels") if c10 else (100, "fine_labels")
     names = [f"data_batch_{i}" for i in range(1, 6)] if c10 else ["train"]
@@ -142,7 +143,7 @@ def write_idx(path, arr, gz):
 
 def write_mnist(folder, gz, n_train=60, n_test=20, seed=0):
     """The four MNIST IDX files with random images and labels in `folder`; returns the arrays."""
-    rng = np.random.default_rng(seed)
+    rng, folder = np.random.default_rng(seed), pathlib.Path(folder)  # (str or Path)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
               "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
