@@ -116,15 +116,20 @@ tdist.destroy_process_group()
 """
 
 
+def _run_script(folder, source: str) -> None:
+    """`source` as a script under torchrun, 2 gloo processes, its one argument `folder`."""
+    script = folder / "script.py"
+    script.write_text(source)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(folder)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
     """Two ranks pruning different weights per layer keep the same counts (--scope layer): the
     check must still see that their masks differ."""
-    script = tmp_path / "masks.py"
-    script.write_text(_MASKS_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_script(tmp_path, _MASKS_SCRIPT)
     lines = sorted((tmp_path / "rank0.txt").read_text().split("\n") + (tmp_path / "rank1.txt").read_text().split("\n"))
     expected = sorted(f"{r} {scope} {same} {'agree' if same else 'differ'}" for r in (0, 1)
                       for scope in ("layer", "global") for same in (True, False))
@@ -155,12 +160,7 @@ def test_the_rewind_snapshot_averages_the_ranks_batchnorm_statistics(tmp_path):
     """--perturb rewind snapshots mid-epoch, when each rank's BN running statistics are its own: the
     snapshot holds their mean (as at an epoch's end), so every rank, and a resume from rank 0's saved
     copy, rewinds to the same statistics (a resumed run's curves differed from the next round on)."""
-    script = tmp_path / "snapshot.py"
-    script.write_text(_SNAPSHOT_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_script(tmp_path, _SNAPSHOT_SCRIPT)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
 
 
