@@ -150,6 +150,7 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--seeds", str(2**64)], "--seeds must be one or more distinct seeds in [0, 2^63)"),
     (["mnist", "--model", ""], "--model: unknown model ''"),
     (["mnist", "--batch-size", "1"], "--batch-size must be >= 2"),
+    (["cifar10", "--label-file", "x.pt"], "--label-file is for cifar100n (human labels), not cifar10"),
     (["mnist", "--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
     (["mnist", "--phases", "student"], "argument --phases: invalid choice: 'student'"),
     (["mnist", "--phases", "teacher", "teacher"], "--phases must be one or more distinct"),

@@ -20,12 +20,11 @@ from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
-from .metrics import teacher_tag
 from .devices import resolve_amp, resolve_device
 from .models import MODEL_NAMES, canonical_name, resolve_name
 
 __all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
-           "phase_settings", "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
+           "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
 PROFILES = ("paper", "quick")
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
@@ -274,24 +273,11 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
     resolve_amp(cfg.amp, resolve_device(cfg.device))
     if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
+    if cfg.label_file and cfg.dataset not in HUMAN_NOISE:  # (it would be ignored, and change the run's name)
+        raise ValueError(f"--label-file is for {', '.join(HUMAN_NOISE)} (human labels), not {cfg.dataset}")
     if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
-
-
-def phase_settings(cfg: Config) -> dict:
-    """Every phase the study runs per seed, fully resolved: {phase: settings} (for --print-config)."""
-    common = {k: getattr(cfg, k) for k in ("rate", "wall", "scope", "structure", "perturb", "engine")}
-    out = {"teacher": {"model": cfg.model, **dataclasses.asdict(cfg.hyper("teacher")), **common,
-                       "early_stop": "none (the teacher is a full run)", "role": "teacher"}}
-    student = {"model": cfg.resolved_student(), **dataclasses.asdict(cfg.hyper("student")), **common,
-               "early_stop": cfg.early_stop, "t_e": cfg.t_e, "t_a": cfg.t_a, "stop_falls": cfg.stop_falls,
-               "role": "student"}
-    out["vanilla"] = {**student, "run": "its own run"} if cfg.separate_vanilla() else {
-        **out["teacher"], "run": "the teacher run (a full run: no early stop)"}
-    for t in cfg.teachers:
-        out[f"distill-{teacher_tag(t)}"] = {**student, "teacher": t, "alpha": cfg.alpha, "tau": cfg.tau}
-    return out
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -22,8 +22,8 @@ from .config import Config, config_from_json
 from .metrics import teacher_tag
 from .models import canonical_name
 
-__all__ = ["phase_names", "needed_phases", "phase_key", "teacher_fingerprint", "link_reused", "prepare_phases",
-           "check_linked", "phase_done", "PhaseMissing"]
+__all__ = ["phase_names", "needed_phases", "phase_settings", "phase_key", "teacher_fingerprint", "link_reused",
+           "prepare_phases", "check_linked", "phase_done", "PhaseMissing"]
 
 # settings every phase of a seed depends on: the data and the pruning procedure (those that apply:
 # _applying); a distilled student also on its teacher checkpoint's bytes (teacher_fingerprint)
@@ -51,6 +51,21 @@ def needed_phases(cfg: Config) -> tuple[list[str], list[str]]:
     reads = ["teacher"] if any(p in ("distill-dense", "distill-best") for p in train) and "teacher" not in train \
         else []
     return train, reads
+
+
+def phase_settings(cfg: Config) -> dict:
+    """Every phase the study runs per seed, fully resolved: {phase: settings} (for --print-config)."""
+    common = {k: getattr(cfg, k) for k in ("rate", "wall", "scope", "structure", "perturb", "engine")}
+    out = {"teacher": {"model": cfg.model, **dataclasses.asdict(cfg.hyper("teacher")), **common,
+                       "early_stop": "none (the teacher is a full run)", "role": "teacher"}}
+    student = {"model": cfg.resolved_student(), **dataclasses.asdict(cfg.hyper("student")), **common,
+               "early_stop": cfg.early_stop, "t_e": cfg.t_e, "t_a": cfg.t_a, "stop_falls": cfg.stop_falls,
+               "role": "student"}
+    out["vanilla"] = {**student, "run": "its own run"} if cfg.separate_vanilla() else {
+        **out["teacher"], "run": "the teacher run (a full run: no early stop)"}
+    for t in cfg.teachers:
+        out[f"distill-{teacher_tag(t)}"] = {**student, "teacher": t, "alpha": cfg.alpha, "tau": cfg.tau}
+    return out
 
 
 def _hyper(cfg: Config, role: str) -> dict:

@@ -23,12 +23,12 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args, phase_settings
+from .config import Config, config_from_args
 from .devices import resolve_device
 from .files import Busy, CorruptFile, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
-from .reuse import PhaseMissing, check_linked, needed_phases, prepare_phases, teacher_fingerprint
+from .reuse import PhaseMissing, check_linked, needed_phases, phase_settings, prepare_phases, teacher_fingerprint
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
