@@ -60,6 +60,9 @@ def test_numbers_and_ranges():
         with pytest.raises(ValueError, match="rate must be a number in"):
             global_prune(_mlp(), {}, bad)
     rows = [{"round": k, "val_acc": a, "entropy_mean": e} for k, (a, e) in enumerate([(0.8, 1.0), (0.8, 0.5)])]
+    assert algorithm2_stop(rows, t_e=np.float32(0.8), t_a=np.float32(0.8)) == algorithm2_stop(rows)
+    assert ops.magnitude_threshold([torch.arange(1.0, 5.0)], np.float32(0.5)) == ops.magnitude_threshold(
+        [torch.arange(1.0, 5.0)], 0.5)
     for name, kw in (("t_e", {"t_e": 80}), ("t_a", {"t_a": float("nan")}), ("t_e", {"t_e": -1})):
         with pytest.raises(ValueError, match=f"{name} must be a fraction"):
             algorithm2_stop(rows, **kw)

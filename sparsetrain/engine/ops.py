@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,8 +130,7 @@ def _autocast_kernel(op: Op, device_type: str):
 
 
 def _one_device(op: Op, *args):
-    """op's fake, refusing tensors on several devices (one meta tensor among CPU ones lands here, not
-    in the C++ kernel and its checks: uninitialised outputs, in-place updates skipped)."""
+    """op's fake, refusing tensors on several devices (a meta tensor among CPU ones lands here, past the C++ checks)."""
     devs = {t.device for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)}
     if len(devs) > 1:
         raise ValueError(f"{op.qualname}: the tensor arguments must be on one device, got {sorted(map(str, devs))}")
@@ -374,7 +374,7 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
     """Exact global magnitude selection. Among the surviving entries (mask True, or all when the mask is
     None) sorted by (|w|, list position, flat index), the first k = floor(fraction * n_surviving) are to
     be pruned: all |w| < threshold and the first `ties` with |w| == threshold. Returns (threshold, ties)."""
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+    if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):  # (numpy floats too)
         raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
     tensors = list(tensors)
     masks = [None] * len(tensors) if masks is None else list(masks)

@@ -6,6 +6,7 @@ finished curve. Control logic only: no tables, no plots.
 from __future__ import annotations
 
 import math
+import numbers
 
 from .metrics import fin, get
 
@@ -45,7 +46,7 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
     if isinstance(falls, bool) or not isinstance(falls, int) or falls < 1:
         raise ValueError(f"falls must be an int >= 1, got {falls!r}")
     for name, t in (("t_e", t_e), ("t_a", t_a)):  # (fractions: 80 for 80% would stop at once)
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) <= 1:  # (numpy floats too)
             raise ValueError(f"{name} must be a fraction in (0, 1], got {t!r}")
     rows = sorted(rows, key=lambda r: r["round"])
     if not rows or not fin(get(rows[0], "entropy_mean")):
