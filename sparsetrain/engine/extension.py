@@ -1,4 +1,8 @@
-"""The C++ extension `sparsetrain._C` (csrc/): importing it registers the op schemas and CPU kernels."""
+"""The C++ extension `sparsetrain._C` (csrc/): importing it registers the op schemas and CPU kernels.
+
+Only those: the autograd formulas, fake impls and autocast rules are registered by
+`sparsetrain.engine.ops`, which imports this module; import that one to use `torch.ops.sparsetrain`.
+"""
 from __future__ import annotations
 
 try:
