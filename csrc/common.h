@@ -9,8 +9,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <ATen/ops/from_blob.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -214,8 +216,7 @@ inline int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, 16384 / 
 // tensor (fresh TensorImpl) viewing a pooled storage that no tensor references any more (storage
 // use_count 1). Handing out the pooled TensorImpl itself never reuses it once it has reached
 // Python: PyTorch keeps a TensorImpl's Python object alive for as long as the C++ side holds the
-// TensorImpl, and that object holds a reference, so use_count() never returns to 1. Bounded by
-// bytes (a ResNet-18 step has ~40 activation-sized conv outputs and input gradients alive at once).
+// TensorImpl, and that object holds a reference, so use_count() never returns to 1.
 // A fresh buffer of `bytes` for the pool: on Linux, from 8 MiB on, 2 MiB-aligned and advised as
 // transparent huge pages (MADV_HUGEPAGE; the kernel's "madvise" mode backs only advised memory
 // with them): the activation-sized passes stream through 2 MiB pages, one TLB entry each instead
@@ -228,46 +229,145 @@ inline bool hugepages_on() {
   return on;
 }
 
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// The memory a fresh buffer of `bytes` occupies: whole 2 MiB pages on the huge-page path.
+inline size_t fresh_footprint(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= 4 * kHugePage && hugepages_on()) return (bytes + kHugePage - 1) / kHugePage * kHugePage;
+#endif
+  return bytes;
+}
+
 inline at::Tensor fresh_empty(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes >= 4 * kHuge && hugepages_on()) {
-    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
-    if (void* p = std::aligned_alloc(kHuge, len)) {
+  if (bytes >= 4 * kHugePage && hugepages_on()) {
+    const size_t len = fresh_footprint(bytes);
+    if (void* p = std::aligned_alloc(kHugePage, len)) {
       madvise(p, len, MADV_HUGEPAGE);  // (advice only: on failure the pages stay 4 KiB)
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, opts);
+      // A resizable storage (resize_, out= of another shape work as on any tensor): a larger size
+      // moves it to memory from the CPU allocator, which frees this buffer through the deleter.
+      c10::Storage st(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(p, p, &std::free, at::Device(at::kCPU)),
+                      c10::GetCPUAllocator(), /*resizable=*/true);
+      return at::empty({0}, opts).set_(st, 0, sizes);
     }
   }
 #endif
   return at::empty(sizes, opts);
 }
 
+// The pool's retention. A training loop reuses each of its outputs once per step (~20-150 pooled
+// calls per step), so a buffer nobody references is freed once kPoolIdleCalls pooled allocations
+// have gone by without reusing it (sizes seen only now and then, a last partial batch, another
+// batch size for evaluation, give their memory back). The pool holds at most SPARSETRAIN_POOL_MB
+// MiB (default 2048; 0 turns it off), counted as the buffers occupy memory (whole huge pages),
+// its least recently used free entries evicted first. empty_output_pool() frees every free entry.
+constexpr uint64_t kPoolIdleCalls = 1024;
+
+struct PoolEntry {
+  at::Storage storage;
+  size_t bytes;      // the output size it serves
+  size_t footprint;  // the memory it occupies
+  uint64_t used;     // the pool call that last handed it out
+};
+
+struct OutputPool {
+  std::mutex mu;
+  std::vector<PoolEntry> entries;
+  size_t held = 0;     // sum of the entries' footprints
+  uint64_t calls = 0;  // pooled_empty calls so far (the clock of `used`)
+};
+
+inline OutputPool& output_pool() {
+  static OutputPool pool;
+  return pool;
+}
+
+inline size_t pool_limit_bytes() {
+  static const size_t limit = [] {
+    const char* env = std::getenv("SPARSETRAIN_POOL_MB");
+    if (!env || !*env) return size_t(2048) << 20;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long mb = std::strtoull(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && std::strchr(env, '-') == nullptr && errno == 0 && mb <= (1ull << 40),
+                "SPARSETRAIN_POOL_MB must be a whole number of MiB (0 turns the output pool off), got '", env, "'");
+    return size_t(mb) << 20;
+  }();
+  return limit;
+}
+
+// A free entry (nothing references its storage) that still serves its size.
+inline bool pool_entry_free(const PoolEntry& e) { return e.storage.use_count() == 1; }
+
 inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  constexpr size_t kMinBytes = size_t(1) << 20, kMaxBytes = size_t(2) << 30;
+  constexpr size_t kMinBytes = size_t(1) << 20;
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
   const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
   if (bytes < kMinBytes) return at::empty(sizes, opts);
-  static std::mutex mu;
-  static std::vector<at::Storage> pool;
-  static size_t held = 0;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const at::Storage& st : pool)
-    if (st.nbytes() == bytes && st.use_count() == 1) return at::empty({0}, opts).set_(st, 0, sizes);
-  at::Tensor fresh = fresh_empty(sizes, opts, bytes);
-  for (size_t i = 0; i < pool.size() && held + bytes > kMaxBytes;) {  // evict free entries
-    if (pool[i].use_count() == 1) {
-      held -= pool[i].nbytes();
-      pool.erase(pool.begin() + i);
+  const size_t limit = pool_limit_bytes();
+  if (limit == 0) return fresh_empty(sizes, opts, bytes);
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  const uint64_t now = ++pool.calls;
+  std::vector<PoolEntry>& v = pool.entries;
+  at::Storage hit;
+  for (size_t i = 0; i < v.size();) {
+    PoolEntry& e = v[i];
+    if (!pool_entry_free(e)) {
+      ++i;
+    } else if (!hit && e.bytes == bytes && e.storage.nbytes() == bytes) {
+      e.used = now;
+      hit = e.storage;
+      ++i;
+    } else if (now - e.used > kPoolIdleCalls || e.storage.nbytes() != e.bytes) {  // idle, or resized by its user
+      pool.held -= e.footprint;
+      v.erase(v.begin() + i);
     } else {
       ++i;
     }
   }
-  if (held + bytes <= kMaxBytes) {
-    pool.push_back(fresh.storage());
-    held += bytes;
+  if (hit) return at::empty({0}, opts).set_(hit, 0, sizes);
+  const size_t footprint = fresh_footprint(bytes);
+  while (pool.held + footprint > limit) {  // make room: the least recently used free entry first
+    size_t lru = v.size();
+    for (size_t i = 0; i < v.size(); ++i)
+      if (pool_entry_free(v[i]) && (lru == v.size() || v[i].used < v[lru].used)) lru = i;
+    if (lru == v.size()) break;
+    pool.held -= v[lru].footprint;
+    v.erase(v.begin() + lru);
+  }
+  at::Tensor fresh = fresh_empty(sizes, opts, bytes);
+  if (pool.held + footprint <= limit) {
+    v.push_back({fresh.storage(), bytes, footprint, now});
+    pool.held += footprint;
   }
   return fresh;
+}
+
+// Frees every buffer of the pool that no tensor references; returns the bytes given back.
+inline size_t empty_output_pool() {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  size_t freed = 0;
+  for (size_t i = 0; i < pool.entries.size();) {
+    if (pool_entry_free(pool.entries[i])) {
+      freed += pool.entries[i].footprint;
+      pool.entries.erase(pool.entries.begin() + i);
+    } else {
+      ++i;
+    }
+  }
+  pool.held -= freed;
+  return freed;
+}
+
+// The memory the pool's buffers occupy (referenced or not).
+inline size_t output_pool_bytes() {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  return pool.held;
 }
 
 }  // namespace sparsetrain

@@ -6,15 +6,21 @@
 
 #include "common.h"
 
-// Importing sparsetrain._C loads this library and registers the ops. Its one function,
-// simd_bytes(), is the register width the CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline;
-// common.h), for tests and benchmark records.
+// Importing sparsetrain._C loads this library and registers the ops. Its functions: simd_bytes(),
+// the register width the CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline; common.h), for
+// tests and benchmark records; pool_bytes() and empty_pool(), the output pool's memory (common.h).
 extern "C" {
 static PyObject* simd_bytes(PyObject*, PyObject*) { return PyLong_FromLong(sparsetrain::kVecBytes); }
+static PyObject* pool_bytes(PyObject*, PyObject*) { return PyLong_FromSize_t(sparsetrain::output_pool_bytes()); }
+static PyObject* empty_pool(PyObject*, PyObject*) { return PyLong_FromSize_t(sparsetrain::empty_output_pool()); }
 
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"simd_bytes", simd_bytes, METH_NOARGS, "register width (bytes) of the CPU kernels"},
+      {"pool_bytes", pool_bytes, METH_NOARGS,
+       "memory (bytes) the output pool's buffers occupy: the big outputs of the CPU kernels, kept for reuse"},
+      {"empty_pool", empty_pool, METH_NOARGS,
+       "free every buffer of the output pool that no tensor references; returns the bytes given back"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&def);

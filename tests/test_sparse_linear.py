@@ -226,6 +226,57 @@ def test_fully_pruned_layer_in_a_fresh_process():
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
 
 
+_POOL_SCRIPT = r"""
+import torch
+from torch import nn
+from sparsetrain.engine import ops
+from sparsetrain.nn import SparseLinear
+from sparsetrain.testing import random_mask
+torch.manual_seed(0)
+layer = SparseLinear.from_dense(nn.Linear(8, 4096), random_mask((4096, 8), 0.5))
+x = torch.randn(600, 8)
+MiB = 1 << 20
+with torch.no_grad():
+    for b in range(64, 128):  # 64 sizes from 1 MiB, each once
+        layer(x[:b])
+    many = ops.pool_bytes()
+    for _ in range(1100):  # then one size only: the others go idle and are freed
+        layer(x[:64])
+    steady = ops.pool_bytes()
+    y = layer(x[:64])
+    freed = ops.empty_pool()
+    kept = ops.pool_bytes()  # y's buffer: referenced
+    big = layer(x[:580])  # 9.1 MiB: the huge-page path
+    ref = big.clone()
+    big.resize_(600, 4096)  # an ordinary tensor: resizable
+    same = torch.equal(big[:580], ref)
+    del big
+    layer(x[:580])
+    print(many // MiB, steady // MiB, freed // MiB, kept // MiB, same, ops.pool_bytes())
+"""
+
+
+@pytest.mark.parametrize("limit", ["", "3", "0", "1.5"])
+def test_output_pool_gives_memory_back_and_stays_bounded(limit):
+    """Pooled outputs: a size not reused within 1024 pooled calls is freed; SPARSETRAIN_POOL_MB caps
+    what the pool holds (0: no pool; not a whole number: a clear error); empty_pool frees what no
+    tensor references; a pooled output resizes like any tensor (the huge-page one too)."""
+    env = dict(os.environ, SPARSETRAIN_POOL_MB=limit)
+    out = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, env=env)
+    if limit == "1.5":
+        assert out.returncode != 0 and "SPARSETRAIN_POOL_MB must be a whole number of MiB" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    many, steady, freed, kept, same, last = out.stdout.split()
+    assert same == "True"
+    if limit == "0":
+        assert (many, steady, freed, kept, last) == ("0", "0", "0", "0", "0")
+    elif limit == "3":
+        assert int(many) <= 3 and steady == "1" and kept == "1" and int(last) <= 3 << 20
+    else:  # 64 sizes of 1 to 2 MiB held, then the one in use
+        assert int(many) >= 64 and steady == "1" and freed == "0" and kept == "1"
+
+
 # ---------------------------------------------------------------------------- module API
 def test_module_api_and_state_dict_roundtrip(tmp_path):
     torch.manual_seed(5)

@@ -33,8 +33,8 @@ from . import backend
 from .autograd import first_order
 from .args import conv2d_padding, pair
 
-__all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "sparse_linear", "sparse_conv2d", "magnitude_threshold", "csr_prune", "relu_count_",
-           "conv2d_padding", "pair"]
+__all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
+           "magnitude_threshold", "csr_prune", "relu_count_", "conv2d_padding", "pair"]
 
 
 @dataclass(frozen=True)
@@ -320,9 +320,9 @@ _register(Op("relu_count_", lambda counts, pre: None))
 _register(Op("sparse_conv2d_small_tile", None))  # (which CPU conv kernel serves a geometry: an int, nothing to trace)
 
 
-def simd_bytes() -> int:
-    """Register width (bytes) the CPU kernels run with: 64 AVX-512, 32 AVX2, 16 baseline."""
-    return _C.simd_bytes()
+# The extension's own functions (docs in csrc/sparsetrain.cpp): the CPU kernels' register width (64
+# AVX-512, 32 AVX2, 16 baseline); the output pool's memory (bytes) and freeing its unreferenced buffers.
+simd_bytes, pool_bytes, empty_pool = _C.simd_bytes, _C.pool_bytes, _C.empty_pool
 
 
 # ============================================================================ typed wrappers
