@@ -326,6 +326,23 @@ def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
     assert other.nnz == 40 and other.weight.col_indices.numel() == 40
 
 
+def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
+    """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
+    other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, and a layer
+    moved to the meta device (build, .to("meta"), load with assign) comes back whole."""
+    torch.manual_seed(2)
+    src = SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.5))
+    sd = src.state_dict()
+    sd["weight.col_indices"], sd["weight.crow_indices"] = sd["weight.col_indices"].long(), sd["weight.crow_indices"].int()
+    x = torch.randn(3, 12)
+    for dst in (SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.8)),
+                SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.8)).to("meta")):
+        dst.load_state_dict(sd, assign=True)
+        assert dst.weight.col_indices.dtype == torch.int32 and dst.weight.crow_indices.dtype == torch.int64
+        assert torch.equal(dst(x), src(x))
+    assert sd["weight.col_indices"].dtype == torch.int64  # (the caller's dict is left as it was)
+
+
 def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
     """load_state_dict copies into the values Parameter when nnz is unchanged (an optimizer built
     before keeps stepping it), casts to the layer's dtype (a float32 checkpoint into a float64
