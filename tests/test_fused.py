@@ -2,7 +2,9 @@
 sparse_conv2d_stats, bn_act, bn_act_backward) against the same layers unfused: dense masked
 F.conv2d + nn.BatchNorm2d + ReLU, outputs, every gradient and the running statistics."""
 import copy
+import io
 import itertools
+import pickle
 from collections import OrderedDict
 
 import pytest
@@ -814,6 +816,72 @@ def test_apply_engine_fuses_and_state_dicts_load_across():
     m.eval(), plain.eval(), m2.eval()
     torch.testing.assert_close(m(x), plain(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m2(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_copies_leave_out_a_stopped_forward_s_hand_overs():
+    """A forward stopped between two blocks (an exception, Ctrl-C) leaves a hand-over (the deferred
+    y, part of the graph) on the next fused layer: deepcopy and pickle of the model leave it out, as
+    the copies of a model at rest, and the copy trains as the original does."""
+    from sparsetrain.engine.placeholders import HandOff
+    torch.manual_seed(0)
+    m = vgg_like(2, 3, image_size=16)
+    sparsetrain.sparsify_(m, model_masks(m, 0.8), fuse=True)
+    x, t = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    at_rest = len(pickle.dumps(m))
+    m.train()
+    m.block1_1(x)  # (the first block only: its BN is deferred into block1_2's conv)
+
+    def handed(model):
+        return [n for n, mod in model.named_modules() if isinstance(mod, HandOff)
+                for a in mod._transient if getattr(mod, a) is not None]
+
+    assert handed(m) == ["block1_2.conv"]
+    saved = io.BytesIO()
+    torch.save(m, saved)
+    saved.seek(0)
+    copies = [copy.deepcopy(m), pickle.loads(pickle.dumps(m)), torch.load(saved, weights_only=False)]
+    assert len(pickle.dumps(m)) == at_rest and all(handed(c) == [] for c in copies)
+    for c in [m, *copies]:
+        F.cross_entropy(c(x), t).backward()
+    for c in copies:
+        for (n, a), b in zip(m.named_parameters(), c.parameters()):
+            assert torch.equal(a.grad, b.grad), n
+
+
+@pytest.mark.parametrize("name", ["vgg_d2g3", "resnet18"])
+def test_layers_fused_round_by_round_link_as_fused_at_once(name, monkeypatch):
+    """--engine auto makes layers sparse in different rounds (one fuse_ call each); a resume rebuilds
+    the model with one call (restore_model): the same modules, links (feeds, pools, the head) and
+    bitwise the same step, so a resumed run equals the uninterrupted one."""
+    from sparsetrain.engine import policy
+    from sparsetrain.engine.nn import is_sparse, prunable_layers
+    from sparsetrain.experiment.checkpoint import model_payload, restore_model
+    from sparsetrain.experiment.models import build_model
+    monkeypatch.setattr(policy, "SPARSE_MIN_WEIGHTS", 0)  # (auto's fixed rule: by sparsity alone)
+    arch = dict(name=name, num_classes=10, in_channels=3, image_size=16)
+    torch.manual_seed(0)
+    model = build_model(**arch)
+    pruned = model_masks(model, 0.9)
+    layers = [n for n, _ in prunable_layers(model)]
+    for part in (layers[-1:], layers[::2], layers):  # the head alone (no conv), then half the convs, then all
+        dense = {n: pruned[n] if n in part else torch.ones_like(pruned[n]) for n, m in prunable_layers(model)
+                 if not is_sparse(m)}
+        policy.apply_engine(model, dense, "auto")
+        assert all(is_sparse(model.get_submodule(n)) for n in part)
+    restored, _ = restore_model(model_payload(model, {}, arch))
+
+    def links(m):
+        names = {id(mod): n for n, mod in m.named_modules()}
+        return {n: (type(mod).__name__, names.get(id(getattr(mod, "feeds", None))), names.get(id(getattr(mod, "pools", None))),
+                    names.get(id(getattr(mod, "linear", None)))) for n, mod in m.named_modules()}
+
+    assert links(model) == links(restored)
+    assert any(getattr(m, "feeds", None) is not None for m in model.modules())
+    x, t = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    for m in (model, restored):
+        F.cross_entropy(m(x), t).backward()
+    for (n, a), b in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(a.grad, b.grad), n
 
 
 def test_fallback_under_the_triton_backend_matches(monkeypatch):

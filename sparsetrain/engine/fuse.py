@@ -106,7 +106,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    fused, last = [], {}  # last: fused conv -> the graph node of its activation (its BN's or ReLU's call)
+    fused, last = [], _fused_before(graph, modules, calls)  # last: fused conv -> its activation's node
     for node in list(graph.nodes):
         if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
                 or _watched(modules[node.target], global_hooks=False)):  # (a hook on the conv would see the activation)
@@ -144,6 +144,26 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             _set_module(model, name, MaxPool2x2(2))
     _link(model, last, calls)
     return fused + _fuse_heads(model, graph, modules, calls)
+
+
+def _fused_before(graph: fx.Graph, modules: dict, calls: dict) -> dict:
+    """The layers an earlier fuse_ call fused, each -> the graph node of its activation (the call of
+    its last placeholder; a residual layer's own call, which _link does not link from): linked with
+    the layers fused now as they would be had all been fused at once (a model that goes sparse layer
+    by layer over pruning rounds gets the links a checkpoint's model rebuilt in one call gets)."""
+    last = {}
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if type(layer) is not SparseConvBNReLU or calls[node.target] != 1:
+            continue
+        act = node
+        for placeholder in () if layer.residual else layer._placeholders:
+            act = _only_user(act)
+            if act is None or act.op != "call_module" or modules.get(act.target) is not placeholder:
+                break
+        else:
+            last[node.target] = act
+    return last
 
 
 def _flattened(node: fx.Node) -> bool:

@@ -56,7 +56,7 @@ from torch import nn
 from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import FusedBatchNorm2d, FusedReLU, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched
+from .placeholders import FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -285,7 +285,7 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 
 
 # ============================================================================ modules
-class SparseConvBNReLU(SparseConv2d):
+class SparseConvBNReLU(HandOff, SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
     docstring). Built by fuse_(); `bn` is the FusedBatchNorm2d registered at its own name in the
     model (referenced here, not owned, so state_dict keys do not change). With `residual`, it is
@@ -302,6 +302,7 @@ class SparseConvBNReLU(SparseConv2d):
     whole (a part of it, model[:k], returns y at a deferred or pooled link; unfuse_ first)."""
 
     route_input = False
+    _transient = ("_routed", "_deferred")
     _routed: tuple | None = None  # (the x of the last forward, x as seen through this layer)
     feeds: "SparseConvBNReLU | None" = None  # the fused layer that alone reads this one's activation
     pools: "MaxPool2x2 | None" = None  # the 2x2 pool that alone reads it (pooled in the BN's pass)

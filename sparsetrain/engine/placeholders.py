@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-__all__ = ["FusedBatchNorm2d", "FusedReLU", "MaxPool2x2"]
+__all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
 
 
 def _backward_hooked(*modules: nn.Module, global_hooks: bool = True) -> bool:
@@ -47,7 +47,21 @@ def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
     counts += (flat > 0).sum(0).to(counts)
 
 
-class FusedBatchNorm2d(nn.BatchNorm2d):
+class HandOff:
+    """A module that receives tensors from another through attributes (`_transient`, one forward's
+    hand-overs, part of its autograd graph): a copy or pickle of the model (deepcopy, torch.save)
+    leaves them out, as it leaves out graphs, also after a forward that stopped half-way."""
+
+    _transient: tuple = ("_pending",)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._transient:
+            state.pop(name, None)
+        return state
+
+
+class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
     forward returns what that layer computed for it (hooks see the normalised activation)."""
 
@@ -72,7 +86,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                                "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)")
 
 
-class FusedReLU(nn.ReLU):
+class FusedReLU(HandOff, nn.ReLU):
     """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
     still see the activation, for the entropy of Eq. 1). With `count_states` set, each call of that
     layer also counts, per neuron of this activation, the samples where it is positive, inside the
@@ -81,6 +95,7 @@ class FusedReLU(nn.ReLU):
 
     count_states = False
     _state_counts: torch.Tensor | None = None
+    _transient = ("_state_counts",)
 
     @torch.compiler.disable  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
@@ -94,7 +109,7 @@ class FusedReLU(nn.ReLU):
         return counts
 
 
-class MaxPool2x2(nn.MaxPool2d):
+class MaxPool2x2(HandOff, nn.MaxPool2d):
     """nn.MaxPool2d(2) (stride 2, no padding, floor) on the C++ kernel `max_pool2x2` for CPU float
     tensors: the same outputs, ties and NaN, and gradients, one pass each way with one-byte window
     positions (forward on a [128, 32, 32, 32] batch: 1.1 ms, PyTorch's CPU kernel ~14 ms). Swapped

@@ -81,8 +81,9 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
         to_sparse.update({n: to_measure[n] for n, win in faster.items() if win})
     if to_sparse:
         sparsify_(model, to_sparse)
-    if fuse and any(type(m) is SparseConv2d for m in model.modules()):
-        fuse_(model, strict=False)  # (a model fx cannot trace stays unfused: same results)
+    if fuse and (to_sparse or any(type(m) is SparseConv2d for m in model.modules())):
+        fuse_(model, strict=False)  # (a model fx cannot trace stays unfused: same results; the layers
+        # fused in earlier rounds linked with today's, as restore_model's one call links them)
     return {n: mk for n, mk in masks.items() if n not in to_sparse and not is_sparse(model.get_submodule(n))}
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .formats import CSR
 from .nn import SparseLinear
-from .placeholders import _watched
+from .placeholders import HandOff, _watched
 
 __all__ = ["sparse_linear_replicated", "broadcast_pool", "BroadcastAvgPool2d", "FusedAdaptiveAvgPool2d", "FusedFlatten",
            "FusedSparseLinear"]
@@ -109,7 +109,7 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         return out
 
 
-class FusedFlatten(nn.Flatten):
+class FusedFlatten(HandOff, nn.Flatten):
     """nn.Flatten(1) between a FusedAdaptiveAvgPool2d and the FusedSparseLinear it alone feeds: it
     returns flatten's output; when the pool handed it a broadcast 1x1 map, it also hands the [N, C]
     map to the linear, which reads that map if it is then called on this very output."""
@@ -131,7 +131,7 @@ class FusedFlatten(nn.Flatten):
         return out
 
 
-class FusedSparseLinear(SparseLinear):
+class FusedSparseLinear(HandOff, SparseLinear):
     """A SparseLinear (the same CSR and bias objects) that, called on the output its FusedFlatten
     just returned for a replicated map, computes sparse_linear_replicated on the [N, C] map instead
     (not under autocast: there it runs as SparseLinear, fp32 products)."""
