@@ -280,6 +280,59 @@ def test_ctrl_c_between_the_two_renames_finishes_the_write(tmp_path, monkeypatch
     assert files.verify(p) is True and open(p, "rb").read() == b"round 2"
 
 
+def test_ctrl_c_right_after_the_record_s_rename_finishes_the_write(tmp_path, monkeypatch):
+    """The interrupt lands after the record's rename, before atomic_write knows it was made: the
+    record names the new data, so the write is finished (state.pt was left matching no record)."""
+    p = str(tmp_path / "state.pt")
+    files.atomic_write(p, b"round 1", checksum=True)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if dst.endswith(".sha256"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(p, b"round 2", checksum=True)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert files.verify(p) is True and open(p, "rb").read() == b"round 2"
+    assert sorted(os.listdir(tmp_path)) == ["state.pt", "state.pt.sha256"]
+
+
+def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
+    """finish_interrupted_writes: a dead process's temporary file that its record names becomes the
+    file (the first state.pt of a phase, killed between the renames); the rest never finished and go;
+    a living process's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sub = tmp_path / "seed0" / "teacher"
+    sub.mkdir(parents=True)
+    new = b"epoch 1"
+    (sub / f"state.pt.tmp.{dead.pid}").write_bytes(new)  # recorded, not yet renamed
+    (sub / "state.pt.sha256").write_text(json.dumps({"size": len(new), "sha256": hashlib.sha256(new).hexdigest()}))
+    files.atomic_write(str(sub / "round_00.pt"), b"round 0", checksum=True)
+    (sub / f"round_00.pt.tmp.{dead.pid}").write_bytes(b"round 0, half wri")  # killed mid-write
+    (sub / f"round_00.pt.sha256.tmp.{dead.pid}").write_text("{")
+    (tmp_path / f"summary.md.tmp.{dead.pid}").write_text("# half")
+    (tmp_path / f"plot.png.tmp.{os.getpid()}").write_text("being written")
+    files.finish_interrupted_writes(str(tmp_path))
+    assert sorted(os.listdir(sub)) == ["round_00.pt", "round_00.pt.sha256", "state.pt", "state.pt.sha256"]
+    assert files.verify(str(sub / "state.pt")) and (sub / "state.pt").read_bytes() == new
+    assert files.verify(str(sub / "round_00.pt")) and (sub / "round_00.pt").read_bytes() == b"round 0"
+    assert sorted(os.listdir(tmp_path)) == [f"plot.png.tmp.{os.getpid()}", "seed0"]
+
+
+def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "run_study", interrupted)
+    assert study.main(["mnist", "--profile", "quick", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted:") and "the same command resumes" in err[0]
+
+
 def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     """config.json keeps the first git commit and versions; a resume at another commit is listed
     after them (resumed_with), once per change."""

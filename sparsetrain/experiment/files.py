@@ -5,7 +5,9 @@ the target (`os.replace` is atomic on POSIX within one filesystem): a reader see
 the new one, never a torn one. With `checksum=True` (checkpoints) the size and sha256 of what was
 written go to `<path>.sha256` before the rename, and `verify(path)` later proves the file is still
 what was written (a kill between the two renames is finished by verify: the new file is the
-temporary one whose checksum matches). No torch import here: the report uses it too.
+temporary one whose checksum matches; `finish_interrupted_writes` does it for a whole run directory
+when a run starts, and removes the temporary files of writes a kill cut short). No torch import
+here: the report uses it too.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import subprocess
 import warnings
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "CorruptFile", "Busy", "folder_lock", "folder_busy"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile", "Busy", "folder_lock", "folder_busy"]
 
 
 class CorruptFile(ValueError):
@@ -99,18 +101,25 @@ def _digest(path: str) -> dict:
     return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
 
 
-def verify(path: str) -> bool:
-    """Check `path` against `<path>.sha256` (False: no record, e.g. a file from elsewhere; True:
-    it matches). CorruptFile when it does not match and no interrupted write can be finished."""
+def _recorded(path: str) -> dict | None:
+    """The size and sha256 `<path>.sha256` records (None: no record; CorruptFile: unreadable)."""
     record = path + ".sha256"
     if not os.path.exists(record):
-        return False
+        return None
     try:
         with open(record) as f:
             want = json.load(f)
-        want = {"size": int(want["size"]), "sha256": str(want["sha256"])}
+        return {"size": int(want["size"]), "sha256": str(want["sha256"])}
     except (OSError, ValueError, KeyError, TypeError):
         raise CorruptFile(f"{record} (the checksum of {path}) is unreadable") from None
+
+
+def verify(path: str) -> bool:
+    """Check `path` against `<path>.sha256` (False: no record, e.g. a file from elsewhere; True:
+    it matches). CorruptFile when it does not match and no interrupted write can be finished."""
+    want = _recorded(path)
+    if want is None:
+        return False
     if os.path.exists(path) and _digest(path) == want:
         return True
     for tmp in sorted(glob.glob(glob.escape(path) + ".tmp.*")):  # killed between the two renames
@@ -151,7 +160,48 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)
-            os.replace(tmp, path) if recorded else os.remove(tmp)
+            # finished once the record names tmp's data, which Ctrl-C can leave unflagged (between
+            # the record's rename and `recorded = True`): then tmp is the file, else it never was
+            os.replace(tmp, path) if recorded or (checksum and _names(path, tmp)) else os.remove(tmp)
+
+
+def _names(path: str, tmp: str) -> bool:
+    """`<path>.sha256` records tmp's data (False also for an unreadable record)."""
+    try:
+        want = _recorded(path)
+    except CorruptFile:
+        return False
+    return want is not None and _digest(tmp) == want
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: another user's process)
+        return True
+    return True
+
+
+def finish_interrupted_writes(folder: str) -> None:
+    """The temporary files of writes a killed process left under `folder` (call it holding the
+    folder's lock): one that its record names is the newer file, renamed into place (a kill between
+    the record and the data's rename); every other one never finished and is removed. A living
+    process's are left alone (a --report-only beside the run); one beside an unreadable record too."""
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            stem, sep, pid = name.rpartition(".tmp.")
+            if not sep or not pid.isdigit() or _alive(int(pid)):
+                continue
+            tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, stem)
+            try:
+                named = _recorded(path) is not None and _names(path, tmp)
+            except CorruptFile:
+                continue
+            os.replace(tmp, path) if named else os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:

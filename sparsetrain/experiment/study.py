@@ -25,7 +25,7 @@ from . import report
 from .checkpoint import load_model
 from .config import Config, config_from_args
 from .devices import resolve_device
-from .files import Busy, CorruptFile, folder_lock, git_commit, write_json
+from .files import Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
 from .reuse import PhaseMissing, check_linked, needed_phases, phase_settings, prepare_phases, teacher_fingerprint
@@ -179,6 +179,7 @@ def run_study(cfg: Config) -> str:
     with contextlib.ExitStack() as held:
         def setup():
             held.enter_context(folder_lock(run_dir_of(cfg)))
+            finish_interrupted_writes(run_dir_of(cfg))  # (what a kill left half-renamed or half-written)
             rd = prepare_run_dir(cfg)
             check_teacher_files(cfg, rd)
             prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
@@ -322,6 +323,9 @@ def main(argv=None) -> int:
     except _EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: every finished epoch is saved in {rd}; the same command resumes", file=sys.stderr)
+        return 130
     finally:
         dist.teardown()
     if main_rank:
