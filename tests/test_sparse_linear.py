@@ -227,6 +227,7 @@ def test_fully_pruned_layer_in_a_fresh_process():
 
 
 _POOL_SCRIPT = r"""
+import copy, io
 import torch
 from torch import nn
 from sparsetrain.engine import ops
@@ -243,6 +244,13 @@ with torch.no_grad():
     for _ in range(1100):  # then one size only: the others go idle and are freed
         layer(x[:64])
     steady = ops.pool_bytes()
+    for _ in range(5):  # Python storage objects and copies of an output do not strand its memory
+        z = layer(x[:64])
+        z.untyped_storage()
+        copy.deepcopy(z)
+        torch.save(z, io.BytesIO())
+        del z
+    touched = ops.pool_bytes()
     y = layer(x[:64])
     freed = ops.empty_pool()
     kept = ops.pool_bytes()  # y's buffer: referenced
@@ -252,7 +260,11 @@ with torch.no_grad():
     same = torch.equal(big[:580], ref)
     del big
     layer(x[:580])
-    print(many // MiB, steady // MiB, freed // MiB, kept // MiB, same, ops.pool_bytes())
+    z = layer(x[:64])
+    z.untyped_storage()
+    del z
+    print(many // MiB, steady // MiB, touched // MiB, freed // MiB, kept // MiB, same, ops.pool_bytes(),
+          ops.empty_pool() > 0)
 """
 
 
@@ -260,21 +272,22 @@ with torch.no_grad():
 def test_output_pool_gives_memory_back_and_stays_bounded(limit):
     """Pooled outputs: a size not reused within 1024 pooled calls is freed; SPARSETRAIN_POOL_MB caps
     what the pool holds (0: no pool; not a whole number: a clear error); empty_pool frees what no
-    tensor references; a pooled output resizes like any tensor (the huge-page one too)."""
+    tensor references, also after Python made a storage object or a copy of it; a pooled output
+    resizes like any tensor (the huge-page one too)."""
     env = dict(os.environ, SPARSETRAIN_POOL_MB=limit)
     out = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, env=env)
     if limit == "1.5":
         assert out.returncode != 0 and "SPARSETRAIN_POOL_MB must be a whole number of MiB" in out.stderr
         return
     assert out.returncode == 0, out.stderr[-2000:]
-    many, steady, freed, kept, same, last = out.stdout.split()
+    many, steady, touched, freed, kept, same, last, emptied = out.stdout.split()
     assert same == "True"
     if limit == "0":
-        assert (many, steady, freed, kept, last) == ("0", "0", "0", "0", "0")
+        assert (many, steady, touched, freed, kept, last, emptied) == ("0", "0", "0", "0", "0", "0", "False")
     elif limit == "3":
-        assert int(many) <= 3 and steady == "1" and kept == "1" and int(last) <= 3 << 20
+        assert int(many) <= 3 and (steady, touched, kept, emptied) == ("1", "1", "1", "True") and int(last) <= 3 << 20
     else:  # 64 sizes of 1 to 2 MiB held, then the one in use
-        assert int(many) >= 64 and steady == "1" and freed == "0" and kept == "1"
+        assert int(many) >= 64 and (steady, touched, freed, kept, emptied) == ("1", "1", "0", "1", "True")
 
 
 # ---------------------------------------------------------------------------- module API

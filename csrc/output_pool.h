@@ -1,0 +1,204 @@
+// The output pool: the memory of the big outputs (activation-sized y or dx) of the CPU kernels.
+//
+// A training loop allocates the same output sizes every step; a fresh multi-MB allocation pays
+// the page-fault zero fill on first touch (measured ~10 ms per 33 MB here). So the pool keeps the
+// memory *blocks*, as a caching allocator does: each output is a fresh tensor on a fresh storage
+// whose DataPtr deleter hands its block back to the pool when the storage dies, however many
+// Python objects (tensor or storage wrappers, deepcopy, torch.save, FakeTensor conversion) saw it
+// in between. (Keeping storages and reusing one whose use_count() fell to 1 stranded a buffer for
+// good once Python had made a storage object for it: that object holds a reference.) The storage
+// is resizable: a resize moves it to memory from PyTorch's CPU allocator and hands the block back.
+//
+// Retention: a training loop reuses each of its outputs once per step (~20-150 pooled outputs per
+// step), so a free block not reused within kPoolIdleCalls pooled allocations is freed (sizes seen
+// now and then, a last partial batch, an evaluation batch size, give their memory back). The pool
+// holds at most SPARSETRAIN_POOL_MB MiB (default 2048; 0 turns it off), counted as the blocks
+// occupy memory (whole 2 MiB pages on the huge-page path), its least recently used free blocks
+// evicted first; an output beyond it gets memory of its own, freed with it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <vector>
+
+namespace sparsetrain {
+
+// From 8 MiB on (Linux), blocks are 2 MiB-aligned and advised as transparent huge pages
+// (MADV_HUGEPAGE; the kernel's "madvise" mode backs only advised memory with them): the
+// activation-sized passes stream through 2 MiB pages, one TLB entry each instead of 512 (README).
+// SPARSETRAIN_HUGEPAGES=0 turns it off; the kernel may also decline.
+inline bool hugepages_on() {
+  static const bool on = [] {
+    const char* env = std::getenv("SPARSETRAIN_HUGEPAGES");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kPoolMinBytes = size_t(1) << 20;  // smaller outputs: at::empty
+constexpr uint64_t kPoolIdleCalls = 1024;
+
+// Memory for an output of `bytes`; *footprint: what it occupies. nullptr when out of memory.
+inline void* alloc_output(size_t bytes, size_t* footprint) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= 4 * kHugePage && hugepages_on()) {
+    const size_t len = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (void* p = std::aligned_alloc(kHugePage, len)) {
+      madvise(p, len, MADV_HUGEPAGE);  // (advice only: on failure the pages stay 4 KiB)
+      *footprint = len;
+      return p;
+    }
+  }
+#endif
+  *footprint = (bytes + 63) / 64 * 64;
+  return std::aligned_alloc(64, *footprint);
+}
+
+// A tensor of `sizes` on a fresh resizable storage over `ptr`, released by `deleter(ctx)`.
+inline at::Tensor tensor_on(void* ptr, void* ctx, c10::DeleterFnPtr deleter, size_t bytes, at::IntArrayRef sizes,
+                            const at::TensorOptions& opts) {
+  c10::Storage st(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(ptr, ctx, deleter, at::Device(at::kCPU)),
+                  c10::GetCPUAllocator(), /*resizable=*/true);
+  return at::empty({0}, opts).set_(st, 0, sizes);
+}
+
+struct PoolBlock {
+  void* ptr;
+  size_t bytes;      // the output size it serves
+  size_t footprint;  // the memory it occupies
+  uint64_t used;     // the pool call that last handed it out or got it back
+  bool in_use;       // a storage owns it
+};
+
+struct OutputPool {
+  std::mutex mu;
+  std::vector<PoolBlock*> blocks;
+  size_t held = 0;     // sum of the blocks' footprints
+  uint64_t calls = 0;  // pooled_empty calls so far (the clock of `used`)
+};
+
+inline OutputPool& output_pool() {
+  static OutputPool* pool = new OutputPool;  // never destroyed: outputs may outlive static destruction
+  return *pool;
+}
+
+// The deleter of a pooled output's storage: its block is free for the next output of its size.
+inline void return_block(void* ctx) {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  auto* b = static_cast<PoolBlock*>(ctx);
+  b->in_use = false;
+  b->used = pool.calls;
+}
+
+inline void free_output(void* p) { std::free(p); }
+
+// Frees the i-th block (free, under the pool's lock).
+inline void evict_block(OutputPool& pool, size_t i) {
+  PoolBlock* b = pool.blocks[i];
+  pool.held -= b->footprint;
+  std::free(b->ptr);
+  delete b;
+  pool.blocks.erase(pool.blocks.begin() + static_cast<std::ptrdiff_t>(i));
+}
+
+// Frees the least recently used free block; false when every block is in use (under the lock).
+inline bool evict_lru(OutputPool& pool) {
+  size_t lru = pool.blocks.size();
+  for (size_t i = 0; i < pool.blocks.size(); ++i)
+    if (!pool.blocks[i]->in_use && (lru == pool.blocks.size() || pool.blocks[i]->used < pool.blocks[lru]->used))
+      lru = i;
+  if (lru == pool.blocks.size()) return false;
+  evict_block(pool, lru);
+  return true;
+}
+
+inline size_t pool_limit_bytes() {
+  static const size_t limit = [] {
+    const char* env = std::getenv("SPARSETRAIN_POOL_MB");
+    if (!env || !*env) return size_t(2048) << 20;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long mb = std::strtoull(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && std::strchr(env, '-') == nullptr && errno == 0 && mb <= (1ull << 40),
+                "SPARSETRAIN_POOL_MB must be a whole number of MiB (0 turns the output pool off), got '", env, "'");
+    return size_t(mb) << 20;
+  }();
+  return limit;
+}
+
+// Frees every free block; returns the bytes given back.
+inline size_t empty_output_pool() {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  const size_t before = pool.held;
+  for (size_t i = pool.blocks.size(); i-- > 0;)
+    if (!pool.blocks[i]->in_use) evict_block(pool, i);
+  return before - pool.held;
+}
+
+// The memory the pool's blocks occupy (in use or free).
+inline size_t output_pool_bytes() {
+  OutputPool& pool = output_pool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  return pool.held;
+}
+
+// An uninitialised output tensor of `sizes`: pooled memory from 1 MiB on.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (bytes < kPoolMinBytes) return at::empty(sizes, opts);
+  const size_t limit = pool_limit_bytes();
+  PoolBlock* hit = nullptr;
+  if (limit > 0) {
+    OutputPool& pool = output_pool();
+    std::lock_guard<std::mutex> lock(pool.mu);
+    const uint64_t now = ++pool.calls;
+    for (size_t i = pool.blocks.size(); i-- > 0;) {  // (backwards: evict_block shifts what follows)
+      PoolBlock* b = pool.blocks[i];
+      if (b->in_use) continue;
+      if (!hit && b->bytes == bytes) {
+        hit = b;
+      } else if (now - b->used > kPoolIdleCalls) {
+        evict_block(pool, i);
+      }
+    }
+    if (!hit) {
+      size_t footprint = 0;
+      void* p = alloc_output(bytes, &footprint);
+      while (p == nullptr && evict_lru(pool)) p = alloc_output(bytes, &footprint);  // (out of memory: free first)
+      TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
+      while (pool.held + footprint > limit && evict_lru(pool)) {
+      }
+      if (pool.held + footprint > limit) return tensor_on(p, p, &free_output, bytes, sizes, opts);  // (unpooled)
+      hit = new PoolBlock{p, bytes, footprint, now, false};
+      pool.blocks.push_back(hit);
+      pool.held += footprint;
+    }
+    hit->in_use = true;
+    hit->used = now;
+  }
+  if (hit) return tensor_on(hit->ptr, hit, &return_block, bytes, sizes, opts);
+  size_t footprint = 0;
+  void* p = alloc_output(bytes, &footprint);
+  TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
+  return tensor_on(p, p, &free_output, bytes, sizes, opts);
+}
+
+}  // namespace sparsetrain
