@@ -303,7 +303,7 @@ def test_ctrl_c_right_after_the_record_s_rename_finishes_the_write(tmp_path, mon
 def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     """finish_interrupted_writes: a dead process's temporary file that its record names becomes the
     file (the first state.pt of a phase, killed between the renames); the rest never finished and go;
-    a living process's stay."""
+    a living process's stay, and names atomic_write does not make."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     sub = tmp_path / "seed0" / "teacher"
@@ -316,11 +316,14 @@ def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     (sub / f"round_00.pt.sha256.tmp.{dead.pid}").write_text("{")
     (tmp_path / f"summary.md.tmp.{dead.pid}").write_text("# half")
     (tmp_path / f"plot.png.tmp.{os.getpid()}").write_text("being written")
+    others = ["notes.tmp.20261203", "x.tmp.\u00b2", "y.tmp.0123", "z.tmp.99999999999999999999"]  # not atomic_write's
+    for name in others:
+        (tmp_path / name).write_text("a user's")
     files.finish_interrupted_writes(str(tmp_path))
     assert sorted(os.listdir(sub)) == ["round_00.pt", "round_00.pt.sha256", "state.pt", "state.pt.sha256"]
     assert files.verify(str(sub / "state.pt")) and (sub / "state.pt").read_bytes() == new
     assert files.verify(str(sub / "round_00.pt")) and (sub / "round_00.pt").read_bytes() == b"round 0"
-    assert sorted(os.listdir(tmp_path)) == [f"plot.png.tmp.{os.getpid()}", "seed0"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f"plot.png.tmp.{os.getpid()}", "seed0", *others])
 
 
 def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):

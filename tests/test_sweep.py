@@ -91,10 +91,13 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
              (["report", str(tmp_path)], "no run directory"),
-             (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be > 0"),
-             (["paper-eps", "--cpus-per-run", "inf"], "--cpus-per-run must be > 0 and finite"),
-             (["paper-eps", "--gpus-per-run", "1.5"], "a fraction of one GPU or a whole number"),
+             (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be >= 0.0001 and finite"),
+             (["paper-eps", "--cpus-per-run", "inf"], "--cpus-per-run must be >= 0.0001 and finite"),
+             (["paper-eps", "--cpus-per-run", "0.50001"], "in steps of 0.0001 (Ray's precision)"),
+             (["paper-eps", "--gpus-per-run", "1.5"], "a fraction of one GPU in steps of 0.0001 or a whole number"),
+             (["paper-eps", "--retries", "10000000000000000000000"], "--retries must be in [0, 1000]"),
              (["paper-eps", "--out", __file__], "is a file, not a directory"),
+             (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"))
     procs = [subprocess.Popen([sys.executable, "-m", "sparsetrain.sweep", *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for argv, _ in cases]  # (all at once)
@@ -430,6 +433,56 @@ def test_a_run_another_sweep_is_running_is_waited_for(swept, tmp_path):
     status = execute([run], str(tmp_path / "sw"))["t"]
     holder.wait()
     assert status["state"] == "skipped", status
+
+
+def test_a_run_taken_between_the_check_and_its_start_is_waited_for(swept, tmp_path):
+    """The experiment finds its run directory locked (another sweep took it after this one checked:
+    exit EXIT_BUSY): the run waits and goes again, instead of failing as a usage error."""
+    from sparsetrain.experiment.files import EXIT_BUSY
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    script = tmp_path / "busy_once.py"  # busy the first time (no marker yet), runs after
+    script.write_text(f"import os, sys\nm = sys.argv[1]\nif not os.path.exists(m):\n"
+                      f"    open(m, 'w').close()\n    sys.exit({EXIT_BUSY})\n")
+    run = Run("b", "study", str(tmp_path / "rb"), [str(tmp_path / "marker")], phases=["never"], program=str(script))
+    status = execute([run], str(tmp_path / "sw"), retries=0)["b"]
+    log = open(status["log"]).read()
+    assert status["state"] == "done" and "waiting" not in status, status
+    assert log.count(f"=== exit code {EXIT_BUSY}") == 1 and log.count("=== exit code 0") == 1, log
+
+
+_STOPPED_SWEEP = r"""
+import sys
+from sparsetrain.sweep.plan import Run
+from sparsetrain.sweep.runner import execute
+run = Run("tick", "study", sys.argv[1] + "/run", [sys.argv[1] + "/ticks"], phases=["never"], program=sys.argv[2])
+execute([run], sys.argv[1] + "/sw")
+"""
+
+
+def test_sigterm_stops_the_running_experiment_at_once(tmp_path):
+    """SIGTERM to the sweep (a scheduler's preemption; Ctrl-C takes the same path): the running
+    experiment process is stopped within a second or so (it used to train on for up to 90 s), the
+    sweep exits, and status.json says the run was interrupted."""
+    ticker = tmp_path / "ticker.py"
+    ticker.write_text("import sys, time\nfor i in range(120):\n    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.5)\n")
+    p = subprocess.Popen([sys.executable, "-c", _STOPPED_SWEEP, str(tmp_path), str(ticker)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ticks = tmp_path / "ticks"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ticks.exists() and len(ticks.read_text()) >= 2):
+        time.sleep(0.2)
+    assert ticks.exists(), p.communicate(timeout=30)[0]
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    took = time.time() - t0
+    seen = len(ticks.read_text())
+    time.sleep(1.5)
+    assert len(ticks.read_text()) == seen and seen < 40, (seen, out)  # the experiment is stopped
+    assert took < 30, (took, out)
+    status = json.loads((tmp_path / "sw" / "status.json").read_text())
+    assert status["tick"]["state"] == "interrupted", (status, out)
 
 
 def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):

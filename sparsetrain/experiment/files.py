@@ -19,11 +19,12 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import warnings
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile", "Busy", "folder_lock", "folder_busy"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy"]
 
 
 class CorruptFile(ValueError):
@@ -32,6 +33,9 @@ class CorruptFile(ValueError):
 
 class Busy(RuntimeError):
     """Another process holds the folder's lock (the same run started twice)."""
+
+
+EXIT_BUSY = 75  # the study's exit code for Busy (EX_TEMPFAIL, sysexits.h): a sweep waits for that process
 
 
 @contextlib.contextmanager
@@ -174,6 +178,9 @@ def _names(path: str, tmp: str) -> bool:
     return want is not None and _digest(tmp) == want
 
 
+_TMP = re.compile(r"(.+)\.tmp\.([1-9][0-9]{0,6})")  # atomic_write's `<path>.tmp.<pid>` (Linux pids < 2^22)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -181,7 +188,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # (EPERM: another user's process)
+    except (OSError, OverflowError):  # (EPERM: another user's process)
         return True
     return True
 
@@ -190,13 +197,14 @@ def finish_interrupted_writes(folder: str) -> None:
     """The temporary files of writes a killed process left under `folder` (call it holding the
     folder's lock): one that its record names is the newer file, renamed into place (a kill between
     the record and the data's rename); every other one never finished and is removed. A living
-    process's are left alone (a --report-only beside the run); one beside an unreadable record too."""
+    process's are left alone (a --report-only beside the run on this host); one beside an unreadable
+    record too, and names that cannot be atomic_write's (a number past Linux's largest pid, 2^22)."""
     for dirpath, _, names in os.walk(folder):
         for name in names:
-            stem, sep, pid = name.rpartition(".tmp.")
-            if not sep or not pid.isdigit() or _alive(int(pid)):
+            match = _TMP.fullmatch(name)
+            if match is None or int(match[2]) > 1 << 22 or _alive(int(match[2])):
                 continue
-            tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, stem)
+            tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
             try:
                 named = _recorded(path) is not None and _names(path, tmp)
             except CorruptFile:

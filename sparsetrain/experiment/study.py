@@ -25,7 +25,7 @@ from . import report
 from .checkpoint import load_model
 from .config import Config, config_from_args
 from .devices import resolve_device
-from .files import Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
+from .files import EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
 from .reuse import PhaseMissing, check_linked, needed_phases, phase_settings, prepare_phases, teacher_fingerprint
@@ -298,8 +298,8 @@ def check_teachers_fit(cfg: Config, splits) -> None:
 
 
 def main(argv=None) -> int:
-    """The CLI: every expected user error is one line on stderr and exit code 2; a traceback means
-    a bug."""
+    """The CLI: every expected user error is one line on stderr and exit code 2 (a run directory in
+    use by another process: EXIT_BUSY, 75); a traceback means a bug."""
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
     if args.print_config:  # (the phases this command runs; the vanilla one, when it is the teacher run, says so)
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         main_rank = dist.is_main()
     except _EXPECTED as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BUSY if isinstance(e, Busy) else 2
     except KeyboardInterrupt:
         print(f"interrupted: every finished epoch is saved in {rd}; the same command resumes", file=sys.stderr)
         return 130

@@ -118,6 +118,13 @@ def _teacher_only(run_dir: str) -> bool:
         return False
 
 
+def _make_folder(parser, path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create {path} ({e.strerror or e})")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -135,16 +142,19 @@ def main(argv=None) -> int:
             if len(args.run_dirs) != 1 or os.path.isfile(os.path.join(args.run_dirs[0], "config.json")):
                 parser.error("report: give --out DIR for the report of several folders or of run directories")
             out = os.path.join(os.path.abspath(args.run_dirs[0]), "report")
+        _make_folder(parser, out)
         print(write_sweep_report(dirs, out, title="report"))
         return 0
     if args.run_dirs:
         parser.error(f"unexpected argument(s) {' '.join(args.run_dirs)}: run directories are for report")
     gpus = args.gpus_per_run
-    for name, ok, expected in (("cpus_per_run", 0 < args.cpus_per_run < math.inf, "> 0 and finite"),
-                               ("gpus_per_run", 0 <= gpus < math.inf and (gpus <= 1 or gpus == int(gpus)),
-                                ">= 0: a fraction of one GPU or a whole number (Ray's rule)"),
+    tenths = lambda v: v == round(v, 4)  # noqa: E731  (Ray's resource precision: 0.0001)
+    for name, ok, expected in (("cpus_per_run", 1e-4 <= args.cpus_per_run < math.inf and tenths(args.cpus_per_run),
+                                ">= 0.0001 and finite, in steps of 0.0001 (Ray's precision)"),
+                               ("gpus_per_run", 0 <= gpus < math.inf and (gpus <= 1 or gpus == int(gpus)) and tenths(gpus),
+                                ">= 0: a fraction of one GPU in steps of 0.0001 or a whole number (Ray's rules)"),
                                ("max_concurrent", args.max_concurrent >= 0, ">= 0 (0: no limit)"),
-                               ("retries", args.retries >= 0, ">= 0")):
+                               ("retries", 0 <= args.retries <= 1000, "in [0, 1000]")):
         if not ok:
             parser.error(f"--{name.replace('_', '-')} must be {expected}, got {getattr(args, name)}")
     args.out = "sweeps" if args.out is None else args.out
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
     plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
     sweep_dir = os.path.join(args.out, f"{args.what}-{args.profile}-{plan_digest(plan)}")
-    os.makedirs(sweep_dir, exist_ok=True)
+    _make_folder(parser, sweep_dir)
     write_json(os.path.join(sweep_dir, "plan.json"), {
         "command": ["python", "-m", "sparsetrain.sweep", *(sys.argv[1:] if argv is None else argv)],
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},

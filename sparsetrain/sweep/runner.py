@@ -6,21 +6,23 @@ a cluster with `--address`) and retries a failed one (`--retries`: Ray's task re
 `RunFailed`; the experiment resumes from its last completed epoch, so a retry continues). A run
 that exits 2 (a usage error: retrying cannot help) is not retried. Ctrl-C cancels the running
 tasks, which stop their experiment process: each loses at most its current epoch, and re-running
-the sweep resumes it.
+the sweep resumes it (SIGTERM too). A run another process took first (the experiment's exit
+EXIT_BUSY) waits for that process, as one seen busy before submitting does.
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 
-from ..experiment.files import Busy, folder_busy, folder_lock, write_json
+from ..experiment.files import EXIT_BUSY, Busy, folder_busy, folder_lock, write_json
 from .plan import Run
 
-__all__ = ["execute", "RunFailed", "UsageFailed", "SweepError", "run_experiment"]
+__all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
 
 class SweepError(Exception):
@@ -33,6 +35,11 @@ class RunFailed(RuntimeError):
 
 class UsageFailed(RuntimeError):
     """The experiment rejected its arguments or its files (exit 2; not retried)."""
+
+
+class RunBusy(RuntimeError):
+    """Another process (another sweep) took the run's directory first (exit EXIT_BUSY): the sweep
+    waits for it, as for a run it saw busy before submitting."""
 
 
 def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment",
@@ -53,7 +60,12 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         open(marker, "w").close()
         try:
-            rc = proc.wait()
+            while True:  # (polled: a cancel's KeyboardInterrupt lands only while Python runs)
+                try:
+                    rc = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         except BaseException:  # cancelled: stop the experiment (atomic files; it resumes later)
             proc.terminate()
             try:
@@ -65,6 +77,8 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
             if os.path.exists(marker):
                 os.remove(marker)
         f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+    if rc == EXIT_BUSY:
+        raise RunBusy(f"its run directory is in use by another process (see {log})")
     if rc == 2:
         raise UsageFailed(f"exit code 2 (see {log})")
     if rc != 0:
@@ -173,6 +187,11 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         if not address and want > offered.get(key, 0):
             raise SweepError(f"{flag} {want:g}: this machine's Ray offers {offered.get(key, 0):g} {key}s in all, so "
                              "no run could ever start; ask for less")
+    before_term = signal.getsignal(signal.SIGTERM)  # (None: set from C, e.g. by ray.init)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # (not the main thread, where signals land)
+        before_term = _terminate
     task = ray.remote(run_experiment).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                                retry_exceptions=[RunFailed])
     threads = max(1, int(cpus))
@@ -209,6 +228,10 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                 try:
                     status[r.name].update(state="done", seconds=round(ray.get(ref)))
                 except Exception as e:  # noqa: BLE001 (RayTaskError wrapping RunFailed/UsageFailed, or a lost worker)
+                    if isinstance(e, RunBusy) or isinstance(getattr(e, "cause", None), RunBusy):
+                        status[r.name].update(state="queued", waiting="another process is running this run")
+                        todo.append(r)  # (taken between our check and its start: wait, as above)
+                        continue
                     status[r.name].update(state="failed", error=_error_text(e))
                     progress.write(f"sweep: {r.name} failed: {status[r.name]['error']}")
             started = sum(os.path.exists(status[r.name]["log"] + ".running") for r in running.values())
@@ -221,12 +244,24 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                        "completed epoch; re-run the same command to resume)")
         for ref in running:
             ray.cancel(ref)
-        ray.wait(list(running), num_returns=len(running), timeout=90)
-        for r in running.values():
-            status[r.name]["state"] = "interrupted"
-        save()
+        try:
+            ray.wait(list(running), num_returns=len(running), timeout=90)
+        finally:  # (also on a second Ctrl-C: status.json says what each run became)
+            for ref, r in running.items():
+                status[r.name]["state"] = "interrupted"
+                try:  # a run that finished before the cancel reached it
+                    status[r.name].update(state="done", seconds=round(ray.get(ref, timeout=0)))
+                except Exception:  # noqa: BLE001 (cancelled, failed, or not finished)
+                    pass
+            save()
         raise
     finally:
         progress.close()
+        if before_term is not _terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before_term is None else before_term)
     save()
     return status
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # (SIGTERM, a scheduler's preemption: stop the runs as Ctrl-C does)
