@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -68,10 +69,10 @@ inline void* alloc_output(size_t bytes, size_t* footprint) {
   return std::aligned_alloc(64, *footprint);
 }
 
-// A tensor of `sizes` on a fresh resizable storage over `ptr`, released by `deleter(ctx)`.
-inline at::Tensor tensor_on(void* ptr, void* ctx, c10::DeleterFnPtr deleter, size_t bytes, at::IntArrayRef sizes,
+// A tensor of `sizes` on a fresh resizable storage over `ptr`, released by `deleter(ptr)`.
+inline at::Tensor tensor_on(void* ptr, c10::DeleterFnPtr deleter, size_t bytes, at::IntArrayRef sizes,
                             const at::TensorOptions& opts) {
-  c10::Storage st(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(ptr, ctx, deleter, at::Device(at::kCPU)),
+  c10::Storage st(c10::Storage::use_byte_size_t(), bytes, c10::DataPtr(ptr, ptr, deleter, at::Device(at::kCPU)),
                   c10::GetCPUAllocator(), /*resizable=*/true);
   return at::empty({0}, opts).set_(st, 0, sizes);
 }
@@ -87,6 +88,8 @@ struct PoolBlock {
 struct OutputPool {
   std::mutex mu;
   std::vector<PoolBlock*> blocks;
+  std::unordered_map<void*, PoolBlock*> by_ptr;  // (the deleter gets the data pointer: a plain DataPtr,
+                                                 // which copy-on-write clones (torch._lazy_clone) take)
   size_t held = 0;     // sum of the blocks' footprints
   uint64_t calls = 0;  // pooled_empty calls so far (the clock of `used`)
 };
@@ -97,12 +100,13 @@ inline OutputPool& output_pool() {
 }
 
 // The deleter of a pooled output's storage: its block is free for the next output of its size.
-inline void return_block(void* ctx) {
+inline void return_block(void* ptr) {
   OutputPool& pool = output_pool();
   std::lock_guard<std::mutex> lock(pool.mu);
-  auto* b = static_cast<PoolBlock*>(ctx);
-  b->in_use = false;
-  b->used = pool.calls;
+  const auto it = pool.by_ptr.find(ptr);  // (always there: a block in use is never evicted)
+  if (it == pool.by_ptr.end()) return;
+  it->second->in_use = false;
+  it->second->used = pool.calls;
 }
 
 inline void free_output(void* p) { std::free(p); }
@@ -111,6 +115,7 @@ inline void free_output(void* p) { std::free(p); }
 inline void evict_block(OutputPool& pool, size_t i) {
   PoolBlock* b = pool.blocks[i];
   pool.held -= b->footprint;
+  pool.by_ptr.erase(b->ptr);
   std::free(b->ptr);
   delete b;
   pool.blocks.erase(pool.blocks.begin() + static_cast<std::ptrdiff_t>(i));
@@ -184,21 +189,25 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
       void* p = alloc_output(bytes, &footprint);
       while (p == nullptr && evict_lru(pool)) p = alloc_output(bytes, &footprint);  // (out of memory: free first)
       TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
+      size_t free_bytes = 0;
+      for (const PoolBlock* b : pool.blocks) free_bytes += b->in_use ? 0 : b->footprint;
+      if (pool.held - free_bytes + footprint > limit)  // (it cannot fit: keep the free blocks)
+        return tensor_on(p, &free_output, bytes, sizes, opts);  // (unpooled)
       while (pool.held + footprint > limit && evict_lru(pool)) {
       }
-      if (pool.held + footprint > limit) return tensor_on(p, p, &free_output, bytes, sizes, opts);  // (unpooled)
       hit = new PoolBlock{p, bytes, footprint, now, false};
       pool.blocks.push_back(hit);
+      pool.by_ptr[p] = hit;
       pool.held += footprint;
     }
     hit->in_use = true;
     hit->used = now;
   }
-  if (hit) return tensor_on(hit->ptr, hit, &return_block, bytes, sizes, opts);
+  if (hit) return tensor_on(hit->ptr, &return_block, bytes, sizes, opts);
   size_t footprint = 0;
   void* p = alloc_output(bytes, &footprint);
   TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
-  return tensor_on(p, p, &free_output, bytes, sizes, opts);
+  return tensor_on(p, &free_output, bytes, sizes, opts);
 }
 
 }  // namespace sparsetrain
