@@ -416,16 +416,18 @@ def test_a_failed_run_is_retried_and_reported(swept, tmp_path):
             assert "exit code 1" in status["error"] and status["log"] in status["error"]
 
 
+_HOLDER = ("import os, sys, time\nfrom sparsetrain.experiment.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+           " print('held', flush=True)\n time.sleep(3)\n os.makedirs(sys.argv[1] + '/seed0/teacher')\n"
+           " open(sys.argv[1] + '/seed0/teacher/best.json', 'w').write('{}')")  # a run another process finishes
+
+
 def test_a_run_another_sweep_is_running_is_waited_for(swept, tmp_path):
     """Two sweeps sharing --out: a run the other one is training (its lock held) waits, and is
     skipped once the other finished it (it used to fail 'in use', with every study needing it)."""
     from sparsetrain.sweep.plan import Run
     from sparsetrain.sweep.runner import execute
     rd = tmp_path / "runs" / "t"
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nfrom sparsetrain.experiment.files import "
-                               "folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True)\n time.sleep(3)\n"
-                               " os.makedirs(sys.argv[1] + '/seed0/teacher')\n open(sys.argv[1] + '/seed0/teacher/best.json',"
-                               " 'w').write('{}')", str(rd)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(rd)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     script = tmp_path / "never.py"
     script.write_text("import sys\nsys.exit(3)\n")  # (would fail if it ran)
@@ -437,18 +439,28 @@ def test_a_run_another_sweep_is_running_is_waited_for(swept, tmp_path):
 
 def test_a_run_taken_between_the_check_and_its_start_is_waited_for(swept, tmp_path):
     """The experiment finds its run directory locked (another sweep took it after this one checked:
-    exit EXIT_BUSY): the run waits and goes again, instead of failing as a usage error."""
+    exit EXIT_BUSY): the run waits for that process and is skipped once it finished the run, instead
+    of failing as a usage error; an exit EXIT_BUSY with no holder is a failure like any other."""
     from sparsetrain.experiment.files import EXIT_BUSY
     from sparsetrain.sweep.plan import Run
     from sparsetrain.sweep.runner import execute
-    script = tmp_path / "busy_once.py"  # busy the first time (no marker yet), runs after
-    script.write_text(f"import os, sys\nm = sys.argv[1]\nif not os.path.exists(m):\n"
-                      f"    open(m, 'w').close()\n    sys.exit({EXIT_BUSY})\n")
-    run = Run("b", "study", str(tmp_path / "rb"), [str(tmp_path / "marker")], phases=["never"], program=str(script))
-    status = execute([run], str(tmp_path / "sw"), retries=0)["b"]
+    rd = tmp_path / "runs" / "t"
+    script = tmp_path / "taken.py"  # another process takes the run, then this one finds it busy
+    script.write_text(f"""import subprocess, sys
+holder = subprocess.Popen([sys.executable, "-c", {_HOLDER!r}, sys.argv[1]], stdout=subprocess.PIPE, text=True)
+assert holder.stdout.readline().strip() == "held"
+sys.exit({EXIT_BUSY})
+""")
+    run = Run("t", "teacher", str(rd), [str(rd)], seed=0, phases=["teacher"], program=str(script))
+    status = execute([run], str(tmp_path / "sw"), retries=0)["t"]
     log = open(status["log"]).read()
-    assert status["state"] == "done" and "waiting" not in status, status
-    assert log.count(f"=== exit code {EXIT_BUSY}") == 1 and log.count("=== exit code 0") == 1, log
+    assert status["state"] == "skipped" and status.get("finished_elsewhere"), (status, log)
+    assert log.count(f"=== exit code {EXIT_BUSY}") == 1, log
+    lone = tmp_path / "lone.py"
+    lone.write_text(f"import sys\nsys.exit({EXIT_BUSY})\n")
+    run = Run("u", "teacher", str(tmp_path / "runs" / "u"), [], seed=0, phases=["teacher"], program=str(lone))
+    status = execute([run], str(tmp_path / "sw2"), retries=0)["u"]
+    assert status["state"] == "failed" and f"exit code {EXIT_BUSY}" in status["error"], status
 
 
 _STOPPED_SWEEP = r"""

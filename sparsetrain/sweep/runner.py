@@ -78,7 +78,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                 os.remove(marker)
         f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
     if rc == EXIT_BUSY:
-        raise RunBusy(f"its run directory is in use by another process (see {log})")
+        raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
     if rc == 2:
         raise UsageFailed(f"exit code 2 (see {log})")
     if rc != 0:
@@ -187,11 +187,6 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         if not address and want > offered.get(key, 0):
             raise SweepError(f"{flag} {want:g}: this machine's Ray offers {offered.get(key, 0):g} {key}s in all, so "
                              "no run could ever start; ask for less")
-    before_term = signal.getsignal(signal.SIGTERM)  # (None: set from C, e.g. by ray.init)
-    try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # (not the main thread, where signals land)
-        before_term = _terminate
     task = ray.remote(run_experiment).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                                retry_exceptions=[RunFailed])
     threads = max(1, int(cpus))
@@ -199,6 +194,11 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     running: dict = {}  # ObjectRef -> run
     progress = _Progress(len(todo), sum(s["state"] == "skipped" for s in status.values()))
     ok = lambda d: status[d]["state"] in ("done", "skipped")  # noqa: E731
+    before_term = signal.getsignal(signal.SIGTERM)  # (Ray's, set by ray.init; None: set from C)
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # (not the main thread, where signals land)
+        before_term = _terminate
     try:
         while todo or running:
             for r in list(todo):
@@ -228,9 +228,10 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                 try:
                     status[r.name].update(state="done", seconds=round(ray.get(ref)))
                 except Exception as e:  # noqa: BLE001 (RayTaskError wrapping RunFailed/UsageFailed, or a lost worker)
-                    if isinstance(e, RunBusy) or isinstance(getattr(e, "cause", None), RunBusy):
+                    if ((isinstance(e, RunBusy) or isinstance(getattr(e, "cause", None), RunBusy))
+                            and r.run_dir and (folder_busy(r.run_dir) or r.done())):  # (taken between our check and its start)
                         status[r.name].update(state="queued", waiting="another process is running this run")
-                        todo.append(r)  # (taken between our check and its start: wait, as above)
+                        todo.append(r)  # (waits for it, as above; else a failure like any other)
                         continue
                     status[r.name].update(state="failed", error=_error_text(e))
                     progress.write(f"sweep: {r.name} failed: {status[r.name]['error']}")
