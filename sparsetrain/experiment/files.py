@@ -24,7 +24,8 @@ import subprocess
 import warnings
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy"]
+__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
+           "Busy", "EXIT_BUSY", "folder_lock", "folder_busy"]
 
 
 class CorruptFile(ValueError):

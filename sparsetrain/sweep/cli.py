@@ -148,10 +148,10 @@ def main(argv=None) -> int:
     if args.run_dirs:
         parser.error(f"unexpected argument(s) {' '.join(args.run_dirs)}: run directories are for report")
     gpus = args.gpus_per_run
-    tenths = lambda v: v == round(v, 4)  # noqa: E731  (Ray's resource precision: 0.0001)
-    for name, ok, expected in (("cpus_per_run", 1e-4 <= args.cpus_per_run < math.inf and tenths(args.cpus_per_run),
+    four_places = lambda v: v == round(v, 4)  # noqa: E731  (Ray keeps resources to 0.0001)
+    for name, ok, expected in (("cpus_per_run", 1e-4 <= args.cpus_per_run < math.inf and four_places(args.cpus_per_run),
                                 ">= 0.0001 and finite, in steps of 0.0001 (Ray's precision)"),
-                               ("gpus_per_run", 0 <= gpus < math.inf and (gpus <= 1 or gpus == int(gpus)) and tenths(gpus),
+                               ("gpus_per_run", 0 <= gpus < math.inf and (gpus <= 1 or gpus == int(gpus)) and four_places(gpus),
                                 ">= 0: a fraction of one GPU in steps of 0.0001 or a whole number (Ray's rules)"),
                                ("max_concurrent", args.max_concurrent >= 0, ">= 0 (0: no limit)"),
                                ("retries", 0 <= args.retries <= 1000, "in [0, 1000]")):
