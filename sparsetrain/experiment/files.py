@@ -207,10 +207,10 @@ def finish_interrupted_writes(folder: str) -> None:
                 continue
             tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
             try:
-                named = _recorded(path) is not None and _names(path, tmp)
+                want = _recorded(path)
             except CorruptFile:
                 continue
-            os.replace(tmp, path) if named else os.remove(tmp)
+            os.replace(tmp, path) if want is not None and _digest(tmp) == want else os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:
