@@ -171,6 +171,8 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
   if (bytes < kPoolMinBytes) return at::empty(sizes, opts);
   const size_t limit = pool_limit_bytes();
   PoolBlock* hit = nullptr;
+  void* own = nullptr;  // the memory of an output the pool does not keep (no pool, or it cannot fit)
+  size_t footprint = 0;
   if (limit > 0) {
     OutputPool& pool = output_pool();
     std::lock_guard<std::mutex> lock(pool.mu);
@@ -185,29 +187,29 @@ inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& o
       }
     }
     if (!hit) {
-      size_t footprint = 0;
-      void* p = alloc_output(bytes, &footprint);
-      while (p == nullptr && evict_lru(pool)) p = alloc_output(bytes, &footprint);  // (out of memory: free first)
-      TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
+      own = alloc_output(bytes, &footprint);
+      while (own == nullptr && evict_lru(pool)) own = alloc_output(bytes, &footprint);  // (out of memory: free first)
       size_t free_bytes = 0;
       for (const PoolBlock* b : pool.blocks) free_bytes += b->in_use ? 0 : b->footprint;
-      if (pool.held - free_bytes + footprint > limit)  // (it cannot fit: keep the free blocks)
-        return tensor_on(p, &free_output, bytes, sizes, opts);  // (unpooled)
-      while (pool.held + footprint > limit && evict_lru(pool)) {
+      if (own != nullptr && pool.held - free_bytes + footprint <= limit) {  // (else it cannot fit: keep the free blocks)
+        while (pool.held + footprint > limit && evict_lru(pool)) {
+        }
+        hit = new PoolBlock{own, bytes, footprint, now, false};
+        pool.blocks.push_back(hit);
+        pool.by_ptr[own] = hit;
+        pool.held += footprint;
       }
-      hit = new PoolBlock{p, bytes, footprint, now, false};
-      pool.blocks.push_back(hit);
-      pool.by_ptr[p] = hit;
-      pool.held += footprint;
     }
-    hit->in_use = true;
-    hit->used = now;
+    if (hit) {
+      hit->in_use = true;
+      hit->used = now;
+    }
+  } else {
+    own = alloc_output(bytes, &footprint);
   }
   if (hit) return tensor_on(hit->ptr, &return_block, bytes, sizes, opts);
-  size_t footprint = 0;
-  void* p = alloc_output(bytes, &footprint);
-  TORCH_CHECK(p != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
-  return tensor_on(p, &free_output, bytes, sizes, opts);
+  TORCH_CHECK(own != nullptr, "out of memory: cannot allocate ", bytes, " bytes for an output");
+  return tensor_on(own, &free_output, bytes, sizes, opts);
 }
 
 }  // namespace sparsetrain
