@@ -254,10 +254,13 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
         files.verify(p)
     # a kill between the record's rename and the file's: the new file waits as the temporary one
     files.atomic_write(p, b"first version", checksum=True)
-    (tmp_path / "f.bin.tmp.12345").write_bytes(b"second version")
-    files.atomic_write(p + ".sha256", json.dumps({"size": 14, "sha256": hashlib.sha256(b"second version").hexdigest()}))
-    assert files.verify(p) is True and open(p, "rb").read() == b"second version"
-    assert not (tmp_path / "f.bin.tmp.12345").exists()
+    for tmp in (f"f.bin.{files.TMP_TAG}.12345", "f.bin.tmp.12345"):  # (the name before 2026-12-03 too)
+        version = f"version of {tmp}".encode()
+        (tmp_path / tmp).write_bytes(version)
+        record = {"size": len(version), "sha256": hashlib.sha256(version).hexdigest()}
+        files.atomic_write(p + ".sha256", json.dumps(record))
+        assert files.verify(p) is True and open(p, "rb").read() == version
+        assert not (tmp_path / tmp).exists()
 
 
 def test_ctrl_c_between_the_two_renames_finishes_the_write(tmp_path, monkeypatch):
@@ -303,27 +306,36 @@ def test_ctrl_c_right_after_the_record_s_rename_finishes_the_write(tmp_path, mon
 def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     """finish_interrupted_writes: a dead process's temporary file that its record names becomes the
     file (the first state.pt of a phase, killed between the renames); the rest never finished and go;
-    a living process's stay, and names atomic_write does not make."""
+    a living process's stay, and names atomic_write does not make; the older `.tmp.<pid>` form is
+    finished where its record names it, never removed (a user's file may have such a name)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     sub = tmp_path / "seed0" / "teacher"
     sub.mkdir(parents=True)
     new = b"epoch 1"
-    (sub / f"state.pt.tmp.{dead.pid}").write_bytes(new)  # recorded, not yet renamed
+    tag = files.TMP_TAG
+    (sub / f"state.pt.{tag}.{dead.pid}").write_bytes(new)  # recorded, not yet renamed
     (sub / "state.pt.sha256").write_text(json.dumps({"size": len(new), "sha256": hashlib.sha256(new).hexdigest()}))
     files.atomic_write(str(sub / "round_00.pt"), b"round 0", checksum=True)
-    (sub / f"round_00.pt.tmp.{dead.pid}").write_bytes(b"round 0, half wri")  # killed mid-write
-    (sub / f"round_00.pt.sha256.tmp.{dead.pid}").write_text("{")
-    (tmp_path / f"summary.md.tmp.{dead.pid}").write_text("# half")
-    (tmp_path / f"plot.png.tmp.{os.getpid()}").write_text("being written")
-    others = ["notes.tmp.20261203", "x.tmp.\u00b2", "y.tmp.0123", "z.tmp.99999999999999999999"]  # not atomic_write's
+    (sub / f"round_00.pt.{tag}.{dead.pid}").write_bytes(b"round 0, half wri")  # killed mid-write
+    (sub / f"round_00.pt.sha256.{tag}.{dead.pid}").write_text("{")
+    (tmp_path / f"summary.md.{tag}.{dead.pid}").write_text("# half")
+    (tmp_path / f"plot.png.{tag}.{os.getpid()}").write_text("being written")
+    files.atomic_write(str(tmp_path / "metrics.csv"), b"round 1", checksum=True)
+    (tmp_path / f"metrics.csv.tmp.{dead.pid}").write_bytes(b"round 2")  # the older name, recorded
+    files.atomic_write(str(tmp_path / "metrics.csv.sha256"),
+                       json.dumps({"size": 7, "sha256": hashlib.sha256(b"round 2").hexdigest()}))
+    others = ["notes.tmp.20261203", "x.tmp.\u00b2", "y.tmp.0123", "z.tmp.99999999999999999999",  # not atomic_write's
+              f"my_notes.txt.tmp.{dead.pid}", f"metrics.csv.old.tmp.{dead.pid}"]  # maybe a user's: kept
     for name in others:
         (tmp_path / name).write_text("a user's")
     files.finish_interrupted_writes(str(tmp_path))
     assert sorted(os.listdir(sub)) == ["round_00.pt", "round_00.pt.sha256", "state.pt", "state.pt.sha256"]
     assert files.verify(str(sub / "state.pt")) and (sub / "state.pt").read_bytes() == new
     assert files.verify(str(sub / "round_00.pt")) and (sub / "round_00.pt").read_bytes() == b"round 0"
-    assert sorted(os.listdir(tmp_path)) == sorted([f"plot.png.tmp.{os.getpid()}", "seed0", *others])
+    assert (tmp_path / "metrics.csv").read_bytes() == b"round 2"
+    assert sorted(os.listdir(tmp_path)) == sorted([f"plot.png.{tag}.{os.getpid()}", "seed0", "metrics.csv",
+                                                   "metrics.csv.sha256", *others])
 
 
 def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):

@@ -297,7 +297,7 @@ def test_write_report(tmp_path):
               "cum_pflops.png", "| dataset | fashion-mnist |"):
         assert s in text
     _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png"])
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
 def test_write_report_partial_runs(tmp_path):

@@ -345,8 +345,9 @@ def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
 
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
-    other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, and a layer
-    moved to the meta device (build, .to("meta"), load with assign) comes back whole."""
+    other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views
+    made contiguous, and a layer moved to the meta device (build, .to("meta"), load with assign)
+    comes back whole."""
     torch.manual_seed(2)
     src = SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.5))
     sd = src.state_dict()
@@ -358,6 +359,13 @@ def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
         assert dst.weight.col_indices.dtype == torch.int32 and dst.weight.crow_indices.dtype == torch.int64
         assert torch.equal(dst(x), src(x))
     assert sd["weight.col_indices"].dtype == torch.int64  # (the caller's dict is left as it was)
+    for key in ("weight.values", "weight.col_indices", "weight.crow_indices"):  # strided views: made contiguous
+        strided = dict(src.state_dict())
+        strided[key] = torch.stack([strided[key], strided[key].flip(0)], 1)[:, 0]
+        assert not strided[key].is_contiguous()
+        dst = SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.8))
+        dst.load_state_dict(strided, assign=True)
+        assert torch.equal(dst(x), src(x)), key
 
 
 def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):

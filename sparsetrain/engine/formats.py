@@ -203,9 +203,12 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
         except (TypeError, ValueError) as e:
             error_msgs.append(f"the {kind} pattern at {where} does not fit its shape {module.shape}: {e}")
             return False
-        # (the index dtypes the kernels take, also for load_state_dict(assign=True), which would put
-        # the saved tensors in the buffers as they are; load_state_dict loads from its own copy of the dict)
-        state_dict[keys[0]], state_dict[keys[1]] = crow.to(torch.int64), col.to(torch.int32)
+        # (the index dtypes and the contiguous layout the kernels take, also for
+        # load_state_dict(assign=True), which would put the saved tensors in the module as they are;
+        # load_state_dict loads from its own copy of the dict)
+        state_dict[keys[0]] = crow.to(torch.int64).contiguous()
+        state_dict[keys[1]] = col.to(torch.int32).contiguous()
+        state_dict[keys[2]] = values.contiguous()
         module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
         if values.shape != v.shape:

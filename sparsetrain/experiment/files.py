@@ -127,7 +127,8 @@ def verify(path: str) -> bool:
         return False
     if os.path.exists(path) and _digest(path) == want:
         return True
-    for tmp in sorted(glob.glob(glob.escape(path) + ".tmp.*")):  # killed between the two renames
+    leftovers = glob.glob(glob.escape(path) + f".{TMP_TAG}.*") + glob.glob(glob.escape(path) + ".tmp.*")
+    for tmp in sorted(leftovers):  # killed between the two renames
         if _digest(tmp) == want:
             os.replace(tmp, path)
             return True
@@ -149,7 +150,7 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     binary = isinstance(data, bytes) if binary is None else binary
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.{TMP_TAG}.{os.getpid()}"
     recorded = False  # the checksum names tmp's data: from then on the write is finished, not undone
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
@@ -179,7 +180,10 @@ def _names(path: str, tmp: str) -> bool:
     return want is not None and _digest(tmp) == want
 
 
-_TMP = re.compile(r"(.+)\.tmp\.([1-9][0-9]{0,6})")  # atomic_write's `<path>.tmp.<pid>` (Linux pids < 2^22)
+# atomic_write's `<path>.sparsetrain-tmp.<pid>` (Linux pids < 2^22); `<path>.tmp.<pid>` before
+# 2026-12-03, a form a user's own files may have too: those are only ever finished, never removed
+TMP_TAG = "sparsetrain-tmp"
+_TMP = re.compile(rf"(.+)\.({TMP_TAG}|tmp)\.([1-9][0-9]{{0,6}})")
 
 
 def _alive(pid: int) -> bool:
@@ -199,18 +203,23 @@ def finish_interrupted_writes(folder: str) -> None:
     folder's lock): one that its record names is the newer file, renamed into place (a kill between
     the record and the data's rename); every other one never finished and is removed. A living
     process's are left alone (a --report-only beside the run on this host); one beside an unreadable
-    record too, and names that cannot be atomic_write's (a number past Linux's largest pid, 2^22)."""
+    record too, and names that cannot be atomic_write's (a number past Linux's largest pid, 2^22).
+    The older `<path>.tmp.<pid>` form is finished where its record names it, never removed (a
+    user's `notes.tmp.2024` looks the same)."""
     for dirpath, _, names in os.walk(folder):
         for name in names:
             match = _TMP.fullmatch(name)
-            if match is None or int(match[2]) > 1 << 22 or _alive(int(match[2])):
+            if match is None or int(match[3]) > 1 << 22 or _alive(int(match[3])):
                 continue
             tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
             try:
                 want = _recorded(path)
             except CorruptFile:
                 continue
-            os.replace(tmp, path) if want is not None and _digest(tmp) == want else os.remove(tmp)
+            if want is not None and _digest(tmp) == want:
+                os.replace(tmp, path)
+            elif match[2] == TMP_TAG:
+                os.remove(tmp)
 
 
 def write_json(path: str, obj) -> None:
