@@ -211,3 +211,28 @@ def test_gz_idx_reads_and_changed_data_refused(tmp_path):
                           "--out", str(tmp_path / "runs"), *BASE, *argv], capture_output=True, text=True)
     assert out.returncode == 2 and "was trained on other data" in out.stderr and "Traceback" not in out.stderr
     assert os.path.isdir(tmp_path / "runs")
+
+
+# Ctrl-C while `python -m` still imports torch (the first seconds): the import of the module that
+# loads it raises KeyboardInterrupt, as the signal would there
+_INTERRUPT_IMPORT = """
+import builtins, runpy, sys
+real = builtins.__import__
+def imp(name, globals=None, locals=None, fromlist=(), level=0):
+    if level and name in ("study", "cli"):
+        raise KeyboardInterrupt
+    return real(name, globals, locals, fromlist, level)
+builtins.__import__ = imp
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module, argv, what", [("sparsetrain.experiment", ["mnist", "--profile", "quick"], "run"),
+                                                ("sparsetrain.sweep", ["grid", "--dry-run"], "sweep")])
+def test_ctrl_c_while_loading_is_one_line(tmp_path, module, argv, what):
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_IMPORT, module, *argv, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"interrupted before the {what} started: nothing was written"]
+    assert os.listdir(tmp_path) == []
