@@ -31,7 +31,11 @@
 #include <mutex>
 #include <unordered_map>
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
+#endif
+#if defined(__GLIBC__)
+#include <malloc.h>
 #endif
 #include <vector>
 
@@ -95,7 +99,17 @@ struct OutputPool {
 };
 
 inline OutputPool& output_pool() {
-  static OutputPool* pool = new OutputPool;  // never destroyed: outputs may outlive static destruction
+  static OutputPool* pool = [] {  // never destroyed: outputs may outlive static destruction
+    OutputPool* p = new OutputPool;
+#if defined(__linux__)
+    // fork() holds the lock across the copy: a child forked while another thread held it (a
+    // DataLoader worker, os.fork) would inherit it locked, with no thread to unlock it, and hang at
+    // its first pooled output or dropped inherited one. Nothing under the lock takes the GIL or forks.
+    pthread_atfork([] { output_pool().mu.lock(); }, [] { output_pool().mu.unlock(); },
+                   [] { output_pool().mu.unlock(); });
+#endif
+    return p;
+  }();
   return *pool;
 }
 
@@ -146,13 +160,17 @@ inline size_t pool_limit_bytes() {
   return limit;
 }
 
-// Frees every free block; returns the bytes given back.
+// Frees every free block; returns the bytes given back (to the operating system: glibc keeps
+// freed blocks under its 32 MiB mmap threshold in its heap until malloc_trim).
 inline size_t empty_output_pool() {
   OutputPool& pool = output_pool();
   std::lock_guard<std::mutex> lock(pool.mu);
   const size_t before = pool.held;
   for (size_t i = pool.blocks.size(); i-- > 0;)
     if (!pool.blocks[i]->in_use) evict_block(pool, i);
+#if defined(__GLIBC__)
+  if (pool.held != before) malloc_trim(0);
+#endif
   return before - pool.held;
 }
 
