@@ -3,6 +3,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -358,7 +359,8 @@ def worker():  # a new output size each call: a new block allocated under the po
         with torch.no_grad():
             layer(x[64 + i % 600:])
         i += 1
-threading.Thread(target=worker, daemon=True).start()
+thread = threading.Thread(target=worker)
+thread.start()
 time.sleep(0.2)
 hung = 0
 for _ in range(6):
@@ -373,6 +375,7 @@ for _ in range(6):
     hung += os.WIFSIGNALED(os.waitpid(pid, 0)[1])
     time.sleep(0.03)
 stop = True
+thread.join()  # (exiting with the thread inside an op aborts the interpreter's teardown)
 print(hung)
 """
 
@@ -653,6 +656,23 @@ def test_layers_under_two_names_and_tied_weights():
     with pytest.raises(ValueError, match="'0' shares its weight with '1'"):
         sparsetrain.sparsify_(shared, {"0": random_mask((4, 4), 0.5)})
     assert type(shared[0]) is nn.Linear
+
+
+def test_computed_weights_and_transformer_blocks_are_refused():
+    """A weight_norm/spectral_norm layer's weight is recomputed by a hook (the sparse layer got the
+    hook, not the weight, and failed at its first forward); nn.TransformerEncoderLayer's eval-mode
+    fast path reads its linears' weights as dense tensors (AttributeError in eval)."""
+    for wrap in (torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm):
+        with warnings.catch_warnings():  # (weight_norm's deprecation: the legacy form is what is tested)
+            warnings.simplefilter("ignore", FutureWarning)
+            model = nn.Sequential(wrap(nn.Linear(4, 4)))
+        with pytest.raises(TypeError, match="'0''s weight is computed by a reparametrization"):
+            sparsetrain.sparsify_(model, {"0": random_mask((4, 4), 0.5)})
+        assert type(model[0]) is nn.Linear
+    block = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16))
+    with pytest.raises(TypeError, match="'0.linear1' is inside a TransformerEncoderLayer"):
+        sparsetrain.sparsify_(block, {"0.linear1": random_mask((16, 8), 0.5)})
+    assert type(block[0].linear1) is nn.Linear
 
 
 def test_second_order_and_forward_mode_gradients_raise():
