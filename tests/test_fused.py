@@ -1120,3 +1120,48 @@ def test_second_order_and_forward_mode_gradients_raise(fuse):
         g.norm().backward()
     with pytest.raises((NotImplementedError, RuntimeError), match="forward-mode|setup_context"):
         torch.func.jvp(seq.eval(), (x.detach(),), (torch.ones_like(x),))
+
+
+def test_modules_under_two_names_and_a_replacing_hook_on_the_relu_before_the_bn_stay_unfused():
+    """fx names a module's calls by its first name: a conv, BN or pool also registered under another
+    name (self.alias = self.conv) is left unfused (fused at one name, the other name's module ran
+    unfused and the BN refused its input, or a pool pooled y); a forward hook on the ReLU of conv ->
+    ReLU -> BN may return another tensor, which the BN must then normalise: that pattern stays
+    unfused too. Both match the dense masked model."""
+    class TwoNames(nn.Module):
+        def __init__(self, aliased: str):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+            self.pool, self.conv2, self.bn2 = nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.alias = getattr(self, aliased)
+
+        def forward(self, x):
+            names = {m: n for n, m in self.named_children() if n != "alias"}
+            call = lambda name: self.alias if names[getattr(self, name)] == self.aliased else getattr(self, name)  # noqa: E731
+            return call("bn2")(call("conv2")(call("pool")(call("relu")(call("bn")(call("conv")(x))))))
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for aliased in ("conv", "bn", "pool", "conv2"):
+        torch.manual_seed(0)
+        m = TwoNames(aliased).double()
+        m.aliased = aliased
+        ref = copy.deepcopy(m)
+        masks = {n: random_mask(getattr(m, n).weight.shape, 0.5) for n in ("conv", "conv2")}
+        for n, mask in masks.items():
+            with torch.no_grad():
+                getattr(ref, n).weight.mul_(mask)
+        sparsetrain.sparsify_(m, masks, fuse=True)
+        assert m.alias is getattr(m, aliased), aliased
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-9, atol=1e-9)
+        sparsetrain.unfuse_(m)
+        assert m.alias is getattr(m, aliased) and type(m.pool) is nn.MaxPool2d, aliased
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-9, atol=1e-9)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)).double()
+    base[1].register_forward_hook(lambda mod, i, o: o.clamp(max=0.5))
+    m, mask = copy.deepcopy(base), random_mask((8, 3, 3, 3), 0.5)
+    with torch.no_grad():
+        base[0].weight.mul_(mask)
+    sparsetrain.sparsify_(m, {"0": mask}, fuse=True)
+    assert type(m[0]) is sparsetrain.nn.SparseConv2d and type(m[2]) is nn.BatchNorm2d
+    torch.testing.assert_close(m(x), base(x), rtol=1e-9, atol=1e-9)

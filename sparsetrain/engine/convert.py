@@ -20,6 +20,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
     modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
+    transformer_layers = [n for n, m in modules.items()
+                          if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
     for name, mask in masks.items():
         if name == "":
             raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
@@ -31,6 +33,15 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
         if type(mod) not in SPARSE_TYPES:
             raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
                             f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
+        if "weight" not in mod._parameters:  # (a weight_norm / spectral_norm hook recomputes it each forward)
+            raise TypeError(f"module {name!r}'s weight is computed by a reparametrization (weight_norm, "
+                            "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
+                            "remove_weight_norm / remove_spectral_norm)")
+        block = next((b for b in transformer_layers if not b or name.startswith(b + ".")), None)
+        if block is not None:
+            raise TypeError(f"module {name!r} is inside a {type(modules[block]).__name__}, whose fast path (eval "
+                            "mode) reads its linears' weights as dense tensors: build the block from "
+                            "nn.Linear layers of your own to sparsify it")
         if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")

@@ -106,6 +106,14 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    # a module registered under two names (self.alias = self.conv) is counted as called twice: fx
+    # names its calls by the first name, a swap there would leave the other name's module as it was
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    for same in names.values():
+        for name in same if len(same) > 1 else ():
+            calls[name] = max(calls.get(name, 0), 2)
     fused, last = [], _fused_before(graph, modules, calls)  # last: fused conv -> its activation's node
     for node in list(graph.nodes):
         if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
@@ -121,9 +129,11 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             if residual is None:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
         if _watched(modules[bn.target], global_hooks=False) or any(
-                _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None):
+                _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None
+        ) or relu_before is not None and _watched(modules[relu_before.target], global_hooks=False):
             continue  # (the placeholders pass the fused layer's tensors on: hooks on the BN would see other
-            # inputs, and its output after the ReLU or shortcut; full backward hooks need the real modules)
+            # inputs, and its output after the ReLU or shortcut; full backward hooks need the real modules;
+            # a forward hook on a ReLU before the BN may return another tensor, which the BN must normalise)
         fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)
         _set_module(model, bn.target, fbn)
         for r in (relu_before, relu_after):
@@ -139,9 +149,10 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
                                                           for n in (relu_before, bn, relu_after) if n is not None))
         last[node.target] = relu_after or bn
         fused.append(node.target)
-    for name, m in list(model.named_modules()):
+    pools: dict[int, MaxPool2x2] = {}  # (one per pool, at each of its names)
+    for name, m in list(model.named_modules(remove_duplicate=False)):
         if fused and _is_pool2x2(m):
-            _set_module(model, name, MaxPool2x2(2))
+            _set_module(model, name, pools.setdefault(id(m), MaxPool2x2(2)))
     _link(model, last, calls)
     return fused + _fuse_heads(model, graph, modules, calls)
 
@@ -223,20 +234,29 @@ def _link(model: nn.Module, last: dict, calls: dict) -> None:
 
 def unfuse_(model: nn.Module) -> nn.Module:
     """Undo fuse_(): plain SparseConv2d, BatchNorm2d, ReLU, pooling, Flatten and SparseLinear modules,
-    same parameters."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, SparseConvBNReLU):
-            _set_module(model, name, m.to_conv())
-        elif isinstance(m, FusedBatchNorm2d):
-            _set_module(model, name, _rebuild_bn(m, nn.BatchNorm2d))
-        elif isinstance(m, FusedReLU):
-            _set_module(model, name, nn.ReLU(inplace=m.inplace))
-        elif isinstance(m, MaxPool2x2):
-            _set_module(model, name, nn.MaxPool2d(2))
-        elif isinstance(m, FusedAdaptiveAvgPool2d):
-            _set_module(model, name, m.original.train(m.training))
-        elif isinstance(m, FusedFlatten):
-            _set_module(model, name, nn.Flatten(m.start_dim, m.end_dim).train(m.training))
-        elif isinstance(m, FusedSparseLinear):
-            _set_module(model, name, m.to_linear().train(m.training))
+    same parameters (one module per fused one, at each of its names)."""
+    plain: dict[int, nn.Module | None] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if id(m) not in plain:
+            plain[id(m)] = _unfused(m)
+        if plain[id(m)] is not None:
+            _set_module(model, name, plain[id(m)])
     return model
+
+
+def _unfused(m: nn.Module) -> nn.Module | None:
+    if isinstance(m, SparseConvBNReLU):
+        return m.to_conv()
+    if isinstance(m, FusedBatchNorm2d):
+        return _rebuild_bn(m, nn.BatchNorm2d)
+    if isinstance(m, FusedReLU):
+        return nn.ReLU(inplace=m.inplace)
+    if isinstance(m, MaxPool2x2):
+        return nn.MaxPool2d(2)
+    if isinstance(m, FusedAdaptiveAvgPool2d):
+        return m.original.train(m.training)
+    if isinstance(m, FusedFlatten):
+        return nn.Flatten(m.start_dim, m.end_dim).train(m.training)
+    if isinstance(m, FusedSparseLinear):
+        return m.to_linear().train(m.training)
+    return None

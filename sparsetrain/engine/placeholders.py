@@ -72,8 +72,10 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         pending, self._pending = self._pending, None
         _refuse_backward_hooks(self)
         if pending is None or pending[0] is not x:
-            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce; "
-                               "the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
+            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: the "
+                               "model's graph changed after fuse_(), or a forward hook added after it to the ReLU "
+                               "before this BN returned another tensor (register it before fuse_(): that layer "
+                               "then stays unfused); call sparsetrain.unfuse_(model)")
         return pending[1]
 
     def check_taken(self) -> None:
