@@ -1165,3 +1165,15 @@ def test_modules_under_two_names_and_a_replacing_hook_on_the_relu_before_the_bn_
     sparsetrain.sparsify_(m, {"0": mask}, fuse=True)
     assert type(m[0]) is sparsetrain.nn.SparseConv2d and type(m[2]) is nn.BatchNorm2d
     torch.testing.assert_close(m(x), base(x), rtol=1e-9, atol=1e-9)
+
+
+def test_unfuse_and_densify_refuse_a_lone_layer():
+    """A fused or sparse layer passed as the model cannot replace itself in place (unfuse_ once
+    registered its plain conv as a child named '' of the fused layer)."""
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    sparsetrain.sparsify_(seq, model_masks(seq, 0.5), fuse=True)
+    with pytest.raises(ValueError, match="for one SparseConvBNReLU use .to_conv()"):
+        sparsetrain.unfuse_(seq[0])
+    with pytest.raises(ValueError, match="for one SparseConvBNReLU use .to_dense()"):
+        sparsetrain.densify_(seq[0])
+    assert "" not in dict(seq[0].named_children())

@@ -7,7 +7,7 @@ from torch import nn
 
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .nn import SPARSE_TYPES, _set_module, is_sparse
+from .nn import SPARSE_TYPES, _replace_modules, is_sparse
 
 __all__ = ["sparsify_", "densify_"]
 
@@ -67,9 +67,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
             new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
-    for name, mod in modules.items():  # every name the layer is registered under, masked or not
-        if id(mod) in new and name:
-            _set_module(model, name, new[id(mod)])
+    _replace_modules(model, lambda mod: new.get(id(mod)))  # (every name the layer has, masked or not)
     if fuse:
         fuse_(model)
     return model
@@ -82,10 +80,5 @@ def densify_(model: nn.Module) -> nn.Module:
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
-    dense = {}  # id(sparse layer) -> its dense layer (one per layer, also under several names)
-    for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if (is_sparse(mod) or isinstance(mod, BSRLinear)) and name:  # (CSR and block-sparse layers)
-            if id(mod) not in dense:
-                dense[id(mod)] = mod.to_dense()
-            _set_module(model, name, dense[id(mod)])
+    _replace_modules(model, lambda mod: mod.to_dense() if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
     return model

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
-from .nn import SparseConv2d, SparseLinear, _set_module
+from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _backward_hooked, _watched
 
@@ -149,10 +149,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
                                                           for n in (relu_before, bn, relu_after) if n is not None))
         last[node.target] = relu_after or bn
         fused.append(node.target)
-    pools: dict[int, MaxPool2x2] = {}  # (one per pool, at each of its names)
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if fused and _is_pool2x2(m):
-            _set_module(model, name, pools.setdefault(id(m), MaxPool2x2(2)))
+    if fused:
+        _replace_modules(model, lambda m: MaxPool2x2(2) if _is_pool2x2(m) else None)
     _link(model, last, calls)
     return fused + _fuse_heads(model, graph, modules, calls)
 
@@ -234,13 +232,11 @@ def _link(model: nn.Module, last: dict, calls: dict) -> None:
 
 def unfuse_(model: nn.Module) -> nn.Module:
     """Undo fuse_(): plain SparseConv2d, BatchNorm2d, ReLU, pooling, Flatten and SparseLinear modules,
-    same parameters (one module per fused one, at each of its names)."""
-    plain: dict[int, nn.Module | None] = {}
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if id(m) not in plain:
-            plain[id(m)] = _unfused(m)
-        if plain[id(m)] is not None:
-            _set_module(model, name, plain[id(m)])
+    same parameters (one module per fused one, at each of its names). The model itself cannot be
+    replaced in place: a fused layer passed as `model` is refused (use its to_conv())."""
+    if isinstance(model, SparseConvBNReLU):
+        raise ValueError("unfuse_ replaces layers inside a model; for one SparseConvBNReLU use .to_conv()")
+    _replace_modules(model, _unfused)
     return model
 
 

@@ -157,6 +157,17 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _replace_modules(model: nn.Module, replacement) -> None:
+    """Each module inside `model` for which `replacement(module)` is a module, by that one module
+    (made once) at every name it is registered under (self.alias = self.conv: both)."""
+    made: dict[int, nn.Module | None] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if name and id(m) not in made:
+            made[id(m)] = replacement(m)
+        if name and made[id(m)] is not None:
+            _set_module(model, name, made[id(m)])
+
+
 # ============================================================================ prunable layers and masks
 def is_sparse(m: nn.Module) -> bool:
     """m is one of the engine's sparse layers (SparseLinear, SparseConv2d or a subclass)."""
