@@ -111,3 +111,15 @@ def test_files_stay_short(name):
     with open(MODULES[name]) as f:
         n = sum(1 for _ in f)
     assert n <= 400, f"{MODULES[name]} has {n} lines (split it: the layout keeps files under ~400)"
+
+
+def test_import_leaves_torch_dynamo_unloaded():
+    """torch._dynamo is half of `import sparsetrain`'s time (~1.5 s a CLI process): the layers run
+    eagerly under torch.compile through torch's lazy decorator, which loads it on the first call
+    (test_fused's torch.compile test checks they still do)."""
+    import subprocess
+    import sys
+    code = ("import sys, sparsetrain, sparsetrain.nn, sparsetrain.experiment.study, sparsetrain.sweep.cli\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -56,7 +56,7 @@ from torch import nn
 from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched
+from .placeholders import FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched, eager
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -322,7 +322,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             raise ValueError("relu_before and residual cannot be combined (conv -> ReLU -> BN -> + residual)")
         self.relu_before, self.relu_after, self.residual = bool(relu_before), bool(relu_after), bool(residual)
 
-    @torch.compiler.disable  # (module state and identity checks: eager under torch.compile)
+    @eager  # (module state and identity checks: eager under torch.compile)
     def forward(self, x, residual=None):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
@@ -385,7 +385,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
                 f"{' + residual' if self.residual else ''}{' -> relu' if self.relu_after else ''}")
 
 
-@torch.compiler.disable
+@eager
 def routed_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x, as seen through `layer`'s forward just called on it, for a block's other branches that
     read x (the shortcut): when `layer` is a SparseConvBNReLU with route_input, the gradient those

@@ -11,6 +11,10 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
+# torch.compiler.disable imports torch._dynamo as it decorates (~1.5 s, half of `import sparsetrain`);
+# torch's own lazy form (what torch.optim uses) imports it on the first call instead.
+eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
 
 
@@ -67,7 +71,7 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
 
     _pending: tuple | None = None  # (the tensor this module will be called on, its output)
 
-    @torch.compiler.disable
+    @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
         _refuse_backward_hooks(self)
@@ -99,7 +103,7 @@ class FusedReLU(HandOff, nn.ReLU):
     _state_counts: torch.Tensor | None = None
     _transient = ("_state_counts",)
 
-    @torch.compiler.disable  # (the identity its fused layer's successor checks: no traced copy)
+    @eager  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
         _refuse_backward_hooks(self)
         return x
@@ -120,7 +124,7 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
 
     _pending: tuple | None = None  # (the tensor this module will be called on, the pooled output)
 
-    @torch.compiler.disable
+    @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
         if pending is not None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from .formats import CSR
 from .nn import SparseLinear
-from .placeholders import HandOff, _watched
+from .placeholders import HandOff, _watched, eager
 
 __all__ = ["sparse_linear_replicated", "broadcast_pool", "BroadcastAvgPool2d", "FusedAdaptiveAvgPool2d", "FusedFlatten",
            "FusedSparseLinear"]
@@ -99,7 +99,7 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         super().__init__(original.output_size)
         object.__setattr__(self, "original", original)  # a reference, not a submodule
 
-    @torch.compiler.disable  # (module state and identity checks: eager under torch.compile)
+    @eager  # (module state and identity checks: eager under torch.compile)
     def forward(self, x):
         out = broadcast_pool(x, self.output_size)
         hand = out is not None and self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
@@ -120,7 +120,7 @@ class FusedFlatten(HandOff, nn.Flatten):
     def __init__(self):
         super().__init__(1, -1)
 
-    @torch.compiler.disable
+    @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
         out = super().forward(x)
@@ -142,7 +142,7 @@ class FusedSparseLinear(HandOff, SparseLinear):
         super().__init__(linear.weight, None)
         self.bias = linear.bias  # the same Parameter (passing it above would copy it)
 
-    @torch.compiler.disable
+    @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is x and not torch.is_autocast_enabled(x.device.type):
