@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from sparsetrain.testing import write_cifar, write_mnist
+
+import cli_forks
 
 STEMS = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -93,10 +94,12 @@ def _truncated_state(root):
 
 
 def _different_config(root):
+    import dataclasses
+    from sparsetrain.experiment.config import config_from_args
     _mnist(root)
     rd = _run_dir(root)
     rd.mkdir(parents=True)
-    cfg = json.loads(_cli(root, "--print-config").stdout)["config"]
+    cfg = dataclasses.asdict(config_from_args(_argv(root))[0])  # (what --print-config prints)
     (rd / "config.json").write_text(json.dumps({**cfg, "student": cfg["model"], "alpha": 0.5}))
 
 
@@ -115,17 +118,22 @@ def _run_in_use(root):  # another process (this one) is running the same run
     _HELD.append(f)
 
 
-def _run_dir(root):
+def _run_dir(root):  # (the run_dir --print-config prints)
     from pathlib import Path
-    return Path(json.loads(_cli(root, "--print-config").stdout)["run_dir"])
+    from sparsetrain.experiment.config import config_from_args
+    from sparsetrain.experiment.study import run_dir_of
+    return Path(run_dir_of(config_from_args(_argv(root))[0]))
 
 
 BASE = ["--profile", "quick", "--subset", "0", "--epochs", "1", "--threads", "1", "--no-download"]
 
 
+def _argv(root, *argv, dataset="mnist"):
+    return [dataset, "--data-dir", str(root / "data"), "--out", str(root / "runs"), *BASE, *argv]
+
+
 def _cli(root, *argv, dataset="mnist"):
-    args = [sys.executable, "-m", "sparsetrain.experiment", dataset, "--data-dir", str(root / "data"),
-            "--out", str(root / "runs"), *BASE, *argv]
+    args = [sys.executable, "-m", "sparsetrain.experiment", *_argv(root, *argv, dataset=dataset)]
     return subprocess.run(args, capture_output=True, text=True, cwd=root, timeout=120)
 
 
@@ -171,15 +179,18 @@ if not torch.cuda.is_available():  # the machine has no GPU: asking for one is a
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    """Every case's files written, then all the processes run two at a time (imports dominate)."""
+    """Every case's files written, then each case's process, two at a time, forked from one that
+    imported torch and the study once (tests/cli_forks.py: the interpreter and imports were ~3 s of
+    each ~4 s process); test_ctrl_c_while_loading_is_one_line and the single runs below start fresh."""
     roots = {}
     for name, _, _, setup, _ in CASES:
         roots[name] = tmp_path_factory.mktemp(name)
         if setup is not None:
             setup(roots[name])
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(_cli, roots[name], *argv, dataset=dataset) for name, dataset, argv, _, _ in CASES}
-    return {name: (roots[name], f.result()) for name, f in futures.items()}
+    results = cli_forks.run("sparsetrain.experiment", [(roots[name], _argv(roots[name], *argv, dataset=dataset))
+                                                       for name, dataset, argv, _, _ in CASES],
+                            preload=["sparsetrain.experiment.study"])
+    return {c[0]: (roots[c[0]], out) for c, out in zip(CASES, results)}
 
 
 @pytest.mark.parametrize("name,message", [(c[0], c[4]) for c in CASES], ids=[c[0] for c in CASES])
@@ -203,13 +214,14 @@ def test_gz_idx_reads_and_changed_data_refused(tmp_path):
     """A finished run re-run on other data (another --data-dir) refuses instead of reusing results."""
     write_mnist(tmp_path / "data" / "mnist", gz=True, n_train=40, n_test=10)
     argv = ["--wall", "0.3", "--batch-size", "16", "--teachers", "dense"]
-    assert _cli(tmp_path, *argv).returncode == 0
-    assert _cli(tmp_path, *argv).returncode == 0  # the same data: finds its finished run
     other = tmp_path / "other"
     write_mnist(other / "data" / "mnist", gz=False, n_train=40, n_test=10, seed=1)
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "mnist", "--data-dir", str(other / "data"),
-                          "--out", str(tmp_path / "runs"), *BASE, *argv], capture_output=True, text=True)
-    assert out.returncode == 2 and "was trained on other data" in out.stderr and "Traceback" not in out.stderr
+    again = _argv(tmp_path, *argv, "--data-dir", str(other / "data"))  # (the last --data-dir counts)
+    first, same, changed = cli_forks.run("sparsetrain.experiment", [(tmp_path, _argv(tmp_path, *argv))] * 2
+                                         + [(tmp_path, again)], preload=["sparsetrain.experiment.study"], jobs=1)
+    assert first.returncode == 0 and same.returncode == 0, (first.stderr, same.stderr)  # same data: found finished
+    assert changed.returncode == 2 and "was trained on other data" in changed.stderr, changed.stderr
+    assert "Traceback" not in changed.stderr
     assert os.path.isdir(tmp_path / "runs")
 
 

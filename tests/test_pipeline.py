@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsetrain
+import cli_forks
 from conftest import run_dir
 from sparsetrain.experiment import files, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
@@ -169,15 +170,14 @@ def test_cli_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_print_config_shows_what_runs_and_one_model_under_its_aliases():
+def test_print_config_shows_what_runs_and_one_model_under_its_aliases(capsys):
     """--print-config lists the phases the command runs, under their directory names (a PATH
     teacher's distill-path-<stem>), the vanilla student that is the teacher run as that full run; a
     student named by an alias of the teacher's model, or whose schedule differs only in a setting
     the run ignores (--rewind-iter without rewind), is the teacher run; -0.0 is 0.0 (one run name)."""
     def phases(*argv):
-        out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "mnist", "--profile", "quick", *argv,
-                              "--print-config"], capture_output=True, text=True, check=True).stdout
-        return json.loads(out)["phases"]
+        assert study.main(["mnist", "--profile", "quick", *argv, "--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)["phases"]
     assert list(phases("--phases", "teacher")) == ["teacher"]
     got = phases("--teachers", "dense", "/tmp/t/teach.pt")
     assert list(got) == ["teacher", "vanilla", "distill-dense", "distill-path-teach"]
@@ -191,12 +191,12 @@ def test_print_config_shows_what_runs_and_one_model_under_its_aliases():
 
 
 def test_cli_help_and_missing_dataset(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--teachers" in out.stdout and "--early-stop" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", "cifar10", "--data-dir",
-                          str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--profile", "quick", "--no-download"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and str(tmp_path / "empty") in out.stderr
+    helped, missing = cli_forks.run("sparsetrain.experiment", [
+        (tmp_path, ["--help"]),
+        (tmp_path, ["cifar10", "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), "--profile", "quick",
+                    "--no-download"])])
+    assert helped.returncode == 0 and "--teachers" in helped.stdout and "--early-stop" in helped.stdout
+    assert missing.returncode == 2 and str(tmp_path / "empty") in missing.stderr
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path):

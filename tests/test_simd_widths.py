@@ -29,19 +29,20 @@ SELECTION = [
 ]
 
 
-def _width(env_value):
-    env = dict(os.environ, SPARSETRAIN_VEC_BYTES=env_value)
-    out = subprocess.run([sys.executable, "-c", "from sparsetrain.engine.ops import simd_bytes; print(simd_bytes())"],
-                         env=env, capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+def _widths(*env_values):  # {value: the width a fresh process with SPARSETRAIN_VEC_BYTES=value runs} (at once)
+    code = "from sparsetrain.engine.ops import simd_bytes; print(simd_bytes())"
+    procs = {v: subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, SPARSETRAIN_VEC_BYTES=v),
+                                 stdout=subprocess.PIPE, text=True) for v in env_values}
+    return {v: int(p.communicate(timeout=120)[0].strip()) for v, p in procs.items()}
 
 
 def test_detected_width_and_override():
     hw = simd_bytes()
     assert hw in (16, 32, 64)
-    assert _width("16") == 16
-    assert _width("32") == min(32, hw)   # narrows only: a wider clone is not the one running
-    assert _width("64") == hw and _width("junk") == hw
+    got = _widths("16", "32", "64", "junk")
+    assert got["16"] == 16
+    assert got["32"] == min(32, hw)   # narrows only: a wider clone is not the one running
+    assert got["64"] == hw and got["junk"] == hw
 
 
 @pytest.mark.parametrize("width", ["16", "32"])

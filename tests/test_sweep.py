@@ -19,6 +19,7 @@ from sparsetrain.sweep.aggregate import load_groups, table1_csv
 from sparsetrain.sweep.plan import make_plan
 from sparsetrain.testing import write_mnist
 
+import cli_forks
 from conftest import read_rows, strip_timing
 
 
@@ -99,11 +100,11 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--out", __file__], "is a file, not a directory"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"))
-    procs = [subprocess.Popen([sys.executable, "-m", "sparsetrain.sweep", *argv], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for argv, _ in cases]  # (all at once)
-    for (argv, needle), p in zip(cases, procs):
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, \
+    # (each its own process, forked from one that imported torch and the sweep once: tests/cli_forks.py)
+    outs = cli_forks.run("sparsetrain.sweep", [(tmp_path, argv) for argv, _ in cases], preload=["sparsetrain.sweep.cli"])
+    for (argv, needle), out in zip(cases, outs):
+        err = out.stderr
+        assert out.returncode == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, \
             (argv, err)
 
 

@@ -1,0 +1,83 @@
+"""Many `python -m <module> ...` commands, each its own process, for the price of one start.
+
+A CLI process spends ~3 s starting the interpreter and importing torch before it reads its first
+argument; the error-path tests run dozens of them. Here one fresh driver process imports the CLI's
+dependencies once, then forks one child per command: the child changes to the command's folder,
+writes to its own stdout/stderr files and runs the module as `python -m` would (runpy, __main__),
+and its exit status is the command's (an uncaught exception prints its traceback, status 1).
+
+    results = run(module, [(cwd, argv), ...], preload=[...])  # [CompletedProcess(args, returncode, stdout, stderr)]
+"""
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.abspath(__file__)
+
+
+def run(module: str, commands, preload=(), jobs: int = 2, timeout: float = 300):
+    """`preload`: modules the driver imports before forking (what the CLI imports once it runs)."""
+    payload = json.dumps({"module": module, "commands": [(str(cwd), list(argv)) for cwd, argv in commands],
+                          "preload": list(preload), "jobs": jobs})
+    proc = subprocess.run([sys.executable, HERE], input=payload, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the CLI fork driver failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return [subprocess.CompletedProcess([sys.executable, "-m", module, *argv], rc, out, err)
+            for (_, argv), (rc, out, err) in zip(commands, json.loads(proc.stdout))]
+
+
+def _child(module, cwd, argv, out_path, err_path):  # (never returns)
+    import runpy
+    import traceback
+    code = 1
+    try:
+        os.chdir(cwd)
+        for fd, path in ((1, out_path), (2, err_path)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+        sys.argv = [module, *argv]
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:  # (as the interpreter reads sys.exit's argument)
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def _driver():
+    import tempfile
+    spec = json.load(sys.stdin)
+    module, commands, jobs = spec["module"], spec["commands"], max(1, spec["jobs"])
+    for name in ("torch", module, *spec["preload"]):  # once; each child runs the module's __main__
+        __import__(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        running, results = {}, [None] * len(commands)
+        for i in range(len(commands) + jobs):
+            while running and (len(running) >= jobs or i >= len(commands)):
+                pid, status = os.wait()
+                j = running.pop(pid)
+                out, err = (open(os.path.join(tmp, f"{j}.{s}")).read() for s in ("out", "err"))
+                results[j] = (os.waitstatus_to_exitcode(status), out, err)
+            if i < len(commands):
+                sys.stdout.flush(), sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    cwd, argv = commands[i]
+                    _child(module, cwd, argv, os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err"))
+                running[pid] = i
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    _driver()
