@@ -26,7 +26,7 @@ def _check(cin, cout, batch, hw, k, s, p, sparsity, bias, dtype=torch.float32, s
     conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias).to(dtype)
     mask = random_mask(conv.weight.shape, sparsity, generator=g)
     layer = SparseConv2d.from_dense(conv, mask)
-    x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.randn(*([] if batch is None else [batch]), cin, *hw, generator=g, dtype=dtype, requires_grad=True)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     assert_layer_matches(layer, conv, mask, dense_conv2d, x, g, tol, stride=s, padding=p)
 
@@ -36,6 +36,13 @@ def _check(cin, cout, batch, hw, k, s, p, sparsity, bias, dtype=torch.float32, s
 def test_matches_dense_masked(k, s, p, hw, sparsity):
     for i, (cin, cout, batch, bias) in enumerate(CHANNELS):
         _check(cin, cout, batch, hw, k, s, p, sparsity, bias, seed=i)
+
+
+@pytest.mark.parametrize("k,s,p,sparsity", [(3, 1, 1, 0.5), (3, 2, 1, 0.9), (1, 2, 0, 0.0), (3, 1, 0, 1.0)])
+def test_unbatched_input_as_nn_conv2d(k, s, p, sparsity):
+    """A [channels, height, width] input (batch None), as nn.Conv2d and F.conv2d take it: the output
+    and every gradient against F.conv2d's on the same unbatched input."""
+    _check(5, 3, None, (7, 6), k, s, p, sparsity, True)
 
 
 @pytest.mark.parametrize("k,s,p", [((1, 3), (1, 2), (0, 1)), ((3, 1), (2, 1), (2, 0)), (5, 3, 2)])
@@ -362,8 +369,9 @@ def test_bad_inputs_raise_clear_errors():
     layer = SparseConv2d(w, b, padding=1)
     with pytest.raises(RuntimeError, match="x has 2 channels but the weight expects 3"):
         layer(torch.randn(2, 2, 5, 5))
-    with pytest.raises(ValueError, match="x must be 4-D"):
-        layer(torch.randn(3, 5, 5))
+    for shape in ((3, 5), (1, 2, 3, 5, 5)):
+        with pytest.raises(ValueError, match=r"x must be 4-D \[batch, channels, height, width\] or 3-D unbatched"):
+            layer(torch.randn(shape))
     op = torch.ops.sparsetrain.sparse_conv2d
     args = (w.crow_indices, w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, [3, 3], [1, 1], [1, 1], b)
     with pytest.raises(RuntimeError, match="x must be 4-D"):

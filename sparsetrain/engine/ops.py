@@ -352,10 +352,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
 
 def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, stride=1, padding=0,
                   dilation=1, groups: int = 1) -> torch.Tensor:
-    """F.conv2d(x, W, bias, stride, padding) for a CSR weight of shape [out, in, kh, kw].
-
-    NCHW float32/float64 on CPU; zero padding; dilation 1 and groups 1 only (ValueError otherwise).
-    """
+    """F.conv2d(x, W, bias, stride, padding) for a CSR weight of shape [out, in, kh, kw]: NCHW (or an
+    unbatched CHW) float32/float64; zero padding; dilation 1 and groups 1 only (ValueError otherwise)."""
     _check_input(x, weight)
     if len(weight.shape) != 4:
         raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
@@ -363,8 +361,10 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
         raise ValueError(f"sparse_conv2d supports dilation 1 only, got {dilation!r}")
     if groups != 1:
         raise ValueError(f"sparse_conv2d supports groups=1 only, got {groups!r}")
+    if x.dim() == 3:  # unbatched [channels, height, width], as F.conv2d and nn.Conv2d take it
+        return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding).squeeze(0)
     if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be 4-D [batch, channels, height, width] or 3-D unbatched, got shape {tuple(x.shape)}")
     k = list(weight.shape[2:])
     s = pair(stride, "stride")
     return _call("sparse_conv2d", x, *weight.index(), k, s, conv2d_padding(padding, k, s), bias)
