@@ -263,6 +263,32 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
         assert not (tmp_path / tmp).exists()
 
 
+def test_atomic_write_fsyncs_the_data_then_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The data is fsynced before its rename and the folder after it (the new name survives a host
+    crash, not just a killed process); a folder that cannot be fsynced (EINVAL) is no error."""
+    import stat
+    p, seen, real = str(tmp_path / "state.pt"), [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        seen.append((kind, os.path.exists(p) and open(p, "rb").read(), st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.atomic_write(p, b"round 1")
+    assert seen == [("file", False, seen[0][2]), ("dir", b"round 1", os.stat(tmp_path).st_ino)]
+
+    def no_dir_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", no_dir_fsync)
+    files.atomic_write(p, b"round 2", checksum=True)
+    assert files.verify(p) is True and open(p, "rb").read() == b"round 2"
+
+
 def test_ctrl_c_between_the_two_renames_finishes_the_write(tmp_path, monkeypatch):
     """An interrupt after the checksum record's rename and before the data's: the write is finished
     (the record names the new data), not undone into a file that no longer matches its record."""

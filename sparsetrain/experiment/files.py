@@ -2,7 +2,8 @@
 
 The data goes to a temporary file in the same folder, is flushed and fsynced, then renamed over
 the target (`os.replace` is atomic on POSIX within one filesystem): a reader sees the old file or
-the new one, never a torn one. With `checksum=True` (checkpoints) the size and sha256 of what was
+the new one, never a torn one; the folder is fsynced after the rename, so a power loss or a host
+crash (not just a killed process) keeps the new name, not only the new bytes. With `checksum=True` (checkpoints) the size and sha256 of what was
 written go to `<path>.sha256` before the rename, and `verify(path)` later proves the file is still
 what was written (a kill between the two renames is finished by verify: the new file is the
 temporary one whose checksum matches; `finish_interrupted_writes` does it for a whole run directory
@@ -164,11 +165,27 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
             atomic_write(path + ".sha256", json.dumps(_digest(tmp)))
             recorded = True
         os.replace(tmp, path)
+        _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)
             # finished once the record names tmp's data, which Ctrl-C can leave unflagged (between
             # the record's rename and `recorded = True`): then tmp is the file, else it never was
             os.replace(tmp, path) if recorded or (checksum and _names(path, tmp)) else os.remove(tmp)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable (the rename lives in the folder's entries, not the file's
+    data); a filesystem that cannot fsync a folder (EINVAL on some network and FUSE mounts) is let be."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _names(path: str, tmp: str) -> bool:
