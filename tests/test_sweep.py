@@ -89,6 +89,20 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
     assert not make_plan(_settings(tmp_path, device=["cuda:1"]), str(tmp_path / "sw"), threads=1)[0].error
 
 
+def test_dry_run_prints_the_plan_and_fails_on_an_invalid_point(tmp_path, capsys):
+    """--dry-run lists every run (an invalid point marked INVALID with its reason) and exits as the
+    sweep would end: 0 for a valid grid, 1 when a run is invalid; nothing is run."""
+    assert cli.main(_tiny(tmp_path, "--alpha", "0.5", "--dry-run")) == 0
+    out = capsys.readouterr()
+    assert "teacher" in out.out and "study" in out.out and "INVALID" not in out.out and out.err == ""
+    assert cli.main(_tiny(tmp_path, "--alpha", "0.5", "1.5", "--dry-run")) == 1
+    out = capsys.readouterr()
+    (line,) = [ln for ln in out.out.splitlines() if "INVALID" in ln]
+    assert "--alpha must be in [0, 1], got 1.5" in line and "3 runs; plan:" in out.out
+    assert out.err.strip() == "error: 1 of 3 runs are invalid (INVALID above)"
+    assert not (tmp_path / "sweeps" / "runs").exists()
+
+
 def test_cli_errors_are_one_line(tmp_path):
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
              (["report", str(tmp_path)], "no run directory"),

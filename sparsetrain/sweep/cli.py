@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1, help="retries of a failed run (it resumes where it stopped)")
     p.add_argument("--address", default="", help="an existing Ray cluster (ray start --head; 'auto' or "
                    "HOST:PORT); default: a local Ray on this machine")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (runs, dependencies) and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (runs, dependencies) and exit (1 when a run is invalid)")
     g = p.add_argument_group("grid axes: experiment flags (see python -m sparsetrain.experiment --help); "
                              "several values = an axis")
     g.add_argument("--dataset", nargs="+", default=None, help="dataset(s)")
@@ -175,7 +176,10 @@ def main(argv=None) -> int:
             print(f"{r.kind:7s} {r.name}" + (f"  after {', '.join(r.deps)}" if r.deps else "") +
                   (f"  INVALID: {r.error}" if r.error else "  (finished)" if r.done() else ""))
         print(f"{len(plan)} runs; plan: {os.path.join(sweep_dir, 'plan.json')}")
-        return 0
+        invalid = sum(bool(r.error) for r in plan)
+        if invalid:  # (exit 1, as the sweep itself would end: it runs the others and reports these failed)
+            print(f"error: {invalid} of {len(plan)} runs are invalid (INVALID above)", file=sys.stderr)
+        return 1 if invalid else 0
     from .report import write_sweep_report
     from .runner import SweepError, execute
     try:
