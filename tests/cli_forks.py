@@ -10,6 +10,7 @@ and its exit status is the command's (an uncaught exception prints its traceback
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,11 +21,18 @@ def run(module: str, commands, preload=(), jobs: int = 2, timeout: float = 300):
     """`preload`: modules the driver imports before forking (what the CLI imports once it runs)."""
     payload = json.dumps({"module": module, "commands": [(str(cwd), list(argv)) for cwd, argv in commands],
                           "preload": list(preload), "jobs": jobs})
-    proc = subprocess.run([sys.executable, HERE], input=payload, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, HERE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(payload, timeout=timeout)
+    except subprocess.TimeoutExpired:  # (the driver and every child it forked: one process group)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     if proc.returncode != 0:
-        raise RuntimeError(f"the CLI fork driver failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"the CLI fork driver failed (rc {proc.returncode}):\n{stdout}\n{stderr}")
     return [subprocess.CompletedProcess([sys.executable, "-m", module, *argv], rc, out, err)
-            for (_, argv), (rc, out, err) in zip(commands, json.loads(proc.stdout))]
+            for (_, argv), (rc, out, err) in zip(commands, json.loads(stdout))]
 
 
 def _child(module, cwd, argv, out_path, err_path):  # (never returns)
