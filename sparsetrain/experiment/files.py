@@ -5,10 +5,10 @@ the target (`os.replace` is atomic on POSIX within one filesystem): a reader see
 the new one, never a torn one; the folder is fsynced after the rename, so a power loss or a host
 crash (not just a killed process) keeps the new name, not only the new bytes. With `checksum=True`
 (checkpoints) the size and sha256 of what was written go to `<path>.sha256` before the rename, and
-`verify(path)` later proves the file is still what was written (a kill between the two renames is finished by verify: the new file is the
-temporary one whose checksum matches; `finish_interrupted_writes` does it for a whole run directory
-when a run starts, and removes the temporary files of writes a kill cut short). No torch import
-here: the report uses it too.
+`verify(path)` later proves the file is still what was written (a kill between the two renames is
+finished by verify: the new file is the temporary one whose checksum matches;
+`finish_interrupted_writes` does it for a whole run directory when a run starts, and removes the
+temporary files of writes a kill cut short). No torch import here: the report uses it too.
 """
 from __future__ import annotations
 
