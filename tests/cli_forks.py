@@ -3,8 +3,11 @@
 A CLI process spends ~3 s starting the interpreter and importing torch before it reads its first
 argument; the error-path tests run dozens of them. Here one fresh driver process imports the CLI's
 dependencies once, then forks one child per command: the child changes to the command's folder,
-writes to its own stdout/stderr files and runs the module as `python -m` would (runpy, __main__),
-and its exit status is the command's (an uncaught exception prints its traceback, status 1).
+writes to its own stdout/stderr files and runs the module as `python -m` would (runpy, __main__,
+sys.path[0] the folder), and ends as the interpreter would: non-daemon threads joined, atexit
+handlers run, the status sys.exit's (an uncaught exception prints its traceback, status 1; an
+uncaught KeyboardInterrupt dies of SIGINT). What the imports print is printed once, by the driver:
+run() refuses it (a real process would print it in every command's stderr).
 
     results = run(module, [(cwd, argv), ...], preload=[...])  # [CompletedProcess(args, returncode, stdout, stderr)]
 """
@@ -25,22 +28,26 @@ def run(module: str, commands, preload=(), jobs: int = 2, timeout: float = 300):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(payload, timeout=timeout)
-    except subprocess.TimeoutExpired:  # (the driver and every child it forked: one process group)
+    except BaseException:  # (a timeout, Ctrl-C: the driver and every child it forked, one process group)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"the CLI fork driver failed (rc {proc.returncode}):\n{stdout}\n{stderr}")
+    if proc.returncode != 0 or stderr:
+        raise RuntimeError(f"the CLI fork driver failed or its imports printed (rc {proc.returncode}):\n"
+                           f"{stdout}\n{stderr}")
     return [subprocess.CompletedProcess([sys.executable, "-m", module, *argv], rc, out, err)
             for (_, argv), (rc, out, err) in zip(commands, json.loads(stdout))]
 
 
 def _child(module, cwd, argv, out_path, err_path):  # (never returns)
+    import atexit
     import runpy
+    import threading
     import traceback
     code = 1
     try:
         os.chdir(cwd)
+        sys.path[0] = os.getcwd()  # (python -m's first entry)
         for fd, path in ((1, out_path), (2, err_path)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
         sys.argv = [module, *argv]
@@ -52,24 +59,36 @@ def _child(module, cwd, argv, out_path, err_path):  # (never returns)
                 code = e.code or 0
             else:
                 print(e.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = -signal.SIGINT
         except BaseException:
             traceback.print_exc()
+        for t in threading.enumerate():  # the interpreter's exit: non-daemon threads, then atexit
+            if t is not threading.current_thread() and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except Exception:
                 pass
+        if code == -signal.SIGINT:  # (dies of it, as an uncaught KeyboardInterrupt does)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
 def _driver():
+    import shutil
     import tempfile
     spec = json.load(sys.stdin)
     module, commands, jobs = spec["module"], spec["commands"], max(1, spec["jobs"])
     for name in ("torch", module, *spec["preload"]):  # once; each child runs the module's __main__
         __import__(name)
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = tempfile.mkdtemp()  # (not TemporaryDirectory: its atexit finalizer would run in each child)
+    try:
         running, results = {}, [None] * len(commands)
         for i in range(len(commands) + jobs):
             while running and (len(running) >= jobs or i >= len(commands)):
@@ -84,6 +103,8 @@ def _driver():
                     cwd, argv = commands[i]
                     _child(module, cwd, argv, os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err"))
                 running[pid] = i
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     json.dump(results, sys.stdout)
 
 

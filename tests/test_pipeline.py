@@ -265,7 +265,8 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
 
 def test_atomic_write_fsyncs_the_data_then_the_folder_after_the_rename(tmp_path, monkeypatch):
     """The data is fsynced before its rename and the folder after it (the new name survives a host
-    crash, not just a killed process); a folder that cannot be fsynced (EINVAL) is no error."""
+    crash, not just a killed process); a folder that cannot be fsynced (EINVAL) is no error, a
+    disk error (EIO) is."""
     import stat
     p, seen, real = str(tmp_path / "state.pt"), [], os.fsync
 
@@ -287,6 +288,15 @@ def test_atomic_write_fsyncs_the_data_then_the_folder_after_the_rename(tmp_path,
     monkeypatch.setattr(files.os, "fsync", no_dir_fsync)
     files.atomic_write(p, b"round 2", checksum=True)
     assert files.verify(p) is True and open(p, "rb").read() == b"round 2"
+
+    def failing_dir_fsync(fd):  # a disk error is not swallowed: the write's durability failed
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing_dir_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.atomic_write(p, b"round 3")
 
 
 def test_ctrl_c_between_the_two_renames_finishes_the_write(tmp_path, monkeypatch):

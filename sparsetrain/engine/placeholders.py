@@ -4,7 +4,7 @@ buffers (forward hooks still see each activation), and the 2x2 max-pooling on it
 
 Their forwards (and the fused layer's, engine/fused.py) hand tensors on through module state and
 check them by identity, which torch.compile cannot trace: they run eagerly under it
-(torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
+(`eager` below: torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
 import torch

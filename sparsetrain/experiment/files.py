@@ -173,17 +173,24 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
             os.replace(tmp, path) if recorded or (checksum and _names(path, tmp)) else os.remove(tmp)
 
 
+# a folder that cannot be opened or fsynced at all (no read permission; some network and FUSE
+# mounts, Windows): the rename is as durable as that filesystem makes it; other errors (EIO) raise
+_NO_DIR_FSYNC = {errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
+
+
 def _fsync_dir(folder: str) -> None:
-    """Make a rename in `folder` durable (the rename lives in the folder's entries, not the file's
-    data); a filesystem that cannot fsync a folder (EINVAL on some network and FUSE mounts) is let be."""
+    """Make a rename in `folder` durable (the rename lives in the folder's entries, not the file's data)."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
+    except OSError as e:
+        if e.errno in _NO_DIR_FSYNC:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)
 
