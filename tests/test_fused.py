@@ -940,8 +940,8 @@ def _head_in_play(m):  # the classifier head on the replicated 1x1 map (engine/r
 def test_torch_compile_runs_the_fused_layers_eagerly(make, in_play, hw):
     """The fused layers hand tensors on through module state (deferred BN, routed shortcut,
     placeholders, pooling, the classifier head) and check them by identity: under torch.compile they run eagerly
-    (placeholders.eager, torch.compiler.disable applied lazily: one graph break each) and the steps equal the uncompiled model's bit
-    for bit (aot_eager: the glue between them is traced, not re-rounded)."""
+    (placeholders.eager, torch.compiler.disable applied lazily: one graph break each) and the steps
+    equal the uncompiled model's bit for bit (aot_eager: the glue between them is traced, not re-rounded)."""
     torch.manual_seed(0)
     model = make().double()
     sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
