@@ -818,6 +818,50 @@ def test_apply_engine_fuses_and_state_dicts_load_across():
     torch.testing.assert_close(m2(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make, hw", [(lambda: vgg_like(2, 2, 5, 3, image_size=8), 8), (_Res, 8)])
+def test_threads_running_one_fused_model_each_get_their_own_result(make, hw):
+    """Four threads run one fused model at once (deferred BN links, pooling, a routed shortcut): each
+    thread's output and gradients are those of the model run alone, no error (the hand-overs are
+    kept per thread; before, a thread's deferred BN could be taken by another's next conv: errors,
+    and wrong outputs without one)."""
+    import sys
+    import threading
+    torch.manual_seed(0)
+    model = make().double()
+    sparsetrain.sparsify_(model, model_masks(model, 0.6), fuse=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    xs = [torch.randn(4, 3, hw, hw, dtype=torch.float64) for _ in range(4)]
+
+    def run(x):
+        out = model(x)
+        return out.detach(), torch.autograd.grad(out.square().sum(), params)
+
+    refs = [run(x) for x in xs]
+    failures = []
+
+    def work(i):
+        for _ in range(60):
+            try:
+                out, grads = run(xs[i])
+                if not (torch.allclose(out, refs[i][0], rtol=1e-12, atol=1e-12) and all(
+                        torch.allclose(g, r, rtol=1e-10, atol=1e-12) for g, r in zip(grads, refs[i][1]))):
+                    failures.append((i, "a different result"))
+            except RuntimeError as e:
+                failures.append((i, str(e)[:120]))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # (switch threads often: between the hand-over and its taker)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == [], failures[:3]
+
+
 def test_copies_leave_out_a_stopped_forward_s_hand_overs():
     """A forward stopped between two blocks (an exception, Ctrl-C) leaves a hand-over (the deferred
     y, part of the graph) on the next fused layer: deepcopy and pickle of the model leave it out, as

@@ -7,6 +7,8 @@ check them by identity, which torch.compile cannot trace: they run eagerly under
 (`eager` below: torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
@@ -16,6 +18,7 @@ from torch.nn.modules import module as _nn_module
 eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
+
 
 
 def _backward_hooked(*modules: nn.Module, global_hooks: bool = True) -> bool:
@@ -51,17 +54,43 @@ def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
     counts += (flat > 0).sum(0).to(counts)
 
 
+class _PerThread:
+    """A hand-over attribute, kept per thread: two threads running one model at once each hand their
+    own tensors on, as each would through a copy of the model (before, one thread's deferred BN
+    could be taken by the other's next conv, and that thread's conv then read a raw activation as
+    normalised: a wrong result without an error). None until set in this thread."""
+
+    SLOT = "_sparsetrain_handoffs"  # (the module's threading.local, in its __dict__)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        local = obj.__dict__.get(self.SLOT)
+        return None if local is None else getattr(local, self.name, None)
+
+    def __set__(self, obj, value):
+        setattr(obj.__dict__.setdefault(self.SLOT, threading.local()), self.name, value)
+
+
 class HandOff:
     """A module that receives tensors from another through attributes (`_transient`, one forward's
-    hand-overs, part of its autograd graph): a copy or pickle of the model (deepcopy, torch.save)
-    leaves them out, as it leaves out graphs, also after a forward that stopped half-way."""
+    hand-overs, part of its autograd graph, each kept per thread: _PerThread): a copy or pickle of
+    the model (deepcopy, torch.save) leaves them out, as it leaves out graphs, also after a forward
+    that stopped half-way."""
 
     _transient: tuple = ("_pending",)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls._transient:  # (replaces the class's `= None` default)
+            setattr(cls, name, _PerThread(name))
+
     def __getstate__(self):
         state = super().__getstate__()
-        for name in self._transient:
-            state.pop(name, None)
+        state.pop(_PerThread.SLOT, None)
         return state
 
 
@@ -89,7 +118,8 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         if self._pending is not None:
             self._pending = None
             raise RuntimeError("the last forward did not call this FusedBatchNorm2d after its fused conv (a branch, "
-                               "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)")
+                               "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)"
+                              )
 
 
 class FusedReLU(HandOff, nn.ReLU):
