@@ -3,8 +3,8 @@ and ReLU a SparseConvBNReLU computes, as pass-through placeholders holding the s
 buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel.
 
 Their forwards (and the fused layer's, engine/fused.py) hand tensors on through module state and
-check them by identity, which torch.compile cannot trace: they run eagerly under it
-(`eager` below: torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
+check them by identity, which torch.compile cannot trace: they run eagerly under it (`eager` below:
+torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
 import threading
@@ -18,7 +18,6 @@ from torch.nn.modules import module as _nn_module
 eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
-
 
 
 def _backward_hooked(*modules: nn.Module, global_hooks: bool = True) -> bool:
