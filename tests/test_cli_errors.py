@@ -181,7 +181,7 @@ if not torch.cuda.is_available():  # the machine has no GPU: asking for one is a
 def outcomes(tmp_path_factory):
     """Every case's files written, then each case's process, two at a time, forked from one that
     imported torch and the study once (tests/cli_forks.py: the interpreter and imports were ~3 s of
-    each ~4 s process); test_ctrl_c_while_loading_is_one_line and the single runs below start fresh."""
+    each ~4 s process); the Ctrl-C and cifar100n-defaults tests below start fresh processes."""
     roots = {}
     for name, _, _, setup, _ in CASES:
         roots[name] = tmp_path_factory.mktemp(name)
