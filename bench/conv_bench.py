@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (HERE, interleaved_times, machine_info, paired_ratio, parse_sparsities, positive_int,  # noqa: E402
-                    print_table, write_json)
+from common import (HERE, interleaved_times, leaf_per_side, machine_info, paired_ratio, parse_sparsities,  # noqa: E402
+                    positive_int, print_table, write_json)
 from sparsetrain.testing import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -94,8 +94,9 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
                 return F.conv2d(x, w * mask, b, s, p)
 
             layer = SparseConv2d.from_dense(conv, mask)
-            steps = {"dense": lambda: _step(dense, x, gy, [w] + ([b] if bias else [])),
-                     "ours": lambda layer=layer: _step(layer, x, gy, list(layer.parameters()))}
+            xs = leaf_per_side(x, ("dense", "ours"))
+            steps = {"dense": lambda: _step(dense, xs["dense"], gy, [w] + ([b] if bias else [])),
+                     "ours": lambda layer=layer: _step(layer, xs["ours"], gy, list(layer.parameters()))}
             steps.update(_sparseprop_steps(SP, conv, mask, x, gy) if SP is not None else {})
             t = interleaved_times(steps, reps=reps, warm=warm)
             dense_ms, sparse_ms = statistics.median(t["dense"]), statistics.median(t["ours"])
@@ -125,13 +126,14 @@ def _sparseprop_steps(SP, conv, mask, x, gy) -> dict:
             dense.bias.copy_(conv.bias)
     steps = {}
     for over_on in (False, True):
+        xl = leaf_per_side(x, ["own"])["own"]  # each layout frees only its own dx
         try:
             m = SP.from_dense(dense, vectorizing_over_on=over_on)
-            _step(m, x, gy, list(m.parameters()))  # a layout SparseProp does not support fails here
+            _step(m, xl, gy, list(m.parameters()))  # a layout SparseProp does not support fails here
         except Exception as e:
             print(f"  # SparseProp (over_on={over_on}) failed: {type(e).__name__}: {e}")
             continue
-        steps[f"sparseprop_{over_on}"] = lambda m=m: _step(m, x, gy, list(m.parameters()))
+        steps[f"sparseprop_{over_on}"] = lambda m=m, xl=xl: _step(m, xl, gy, list(m.parameters()))
     return steps
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import interleaved_times, paired_ratio
+from common import interleaved_times, leaf_per_side, paired_ratio
 from sparsetrain.engine.convert import sparsify_
 from sparsetrain.testing import mask_weight_, random_mask
 
@@ -50,8 +50,10 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             sparsify_(unfused, {"conv": mask})
             sparsify_(fused, {"conv": mask}, fuse=True)
             mask_weight_(dense.conv, mask)  # (dense masked: weight * mask in every step)
-            t = interleaved_times({"dense": lambda: _step(dense, x, gy), "unfused": lambda: _step(unfused, x, gy),
-                                   "fused": lambda: _step(fused, x, gy)}, reps=reps)
+            xs = leaf_per_side(x, ("dense", "unfused", "fused"))
+            t = interleaved_times({"dense": lambda: _step(dense, xs["dense"], gy),
+                                   "unfused": lambda: _step(unfused, xs["unfused"], gy),
+                                   "fused": lambda: _step(fused, xs["fused"], gy)}, reps=reps)
             rows.append({"op": "sparse_conv_bn_relu", "shape": f"{c}x{hw}x{hw} b{BATCH}", "sparsity": s,
                          **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                          "fused_vs_unfused": paired_ratio(t["unfused"], t["fused"]),

@@ -19,8 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import (HERE, interleaved_times, machine_info, median_ms, nonnegative_int, paired_ratio,
-                    print_table, writable_json, write_json)
+from common import (HERE, interleaved_times, leaf_per_side, machine_info, median_ms, nonnegative_int,
+                    paired_ratio, print_table, writable_json, write_json)
 from sparsetrain.testing import random_mask
 
 from sparsetrain.engine.formats import CSR
@@ -94,12 +94,14 @@ def bench_linear(cases, sparsities, reps):
             ws, wt, perm = _torch_sparse_setup(layer.weight)
             vals = layer.weight.values.detach().clone().requires_grad_(True)
 
-            def ts_step():
+            xs = leaf_per_side(x, ("masked", "ours", "torch.sparse"))
+
+            def ts_step(x=xs["torch.sparse"]):
                 x.grad = vals.grad = None
                 (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + b.detach()).backward(gy)
 
-            t = interleaved_times({"masked": lambda: _dense_step(x, w, mask, b, gy),
-                                   "ours": lambda: _sparse_step(layer, x, gy),
+            t = interleaved_times({"masked": lambda: _dense_step(xs["masked"], w, mask, b, gy),
+                                   "ours": lambda: _sparse_step(layer, xs["ours"], gy),
                                    "torch.sparse": ts_step}, reps=reps)
             masked_ms, sparse_ms, ts_ms = (statistics.median(t[k]) for k in ("masked", "ours", "torch.sparse"))
             nnz = layer.nnz
@@ -129,18 +131,21 @@ def bench_linear_replicated(sparsities, reps, case=None):
     b = torch.randn(fout, generator=g, requires_grad=True)
     x = torch.randn(batch, channels, 1, 1, generator=g, requires_grad=True)
     gy = torch.randn(batch, fout, generator=g)
-    spread = lambda: x.expand(batch, channels, side, side).flatten(1)  # noqa: E731 (the study's pool + flatten)
+    spread = lambda x: x.expand(batch, channels, side, side).flatten(1)  # noqa: E731 (the study's pool + flatten)
     for s in sparsities:
         mask = random_mask((fout, fin), s, generator=g)
         layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
 
-        def step(f):
-            x.grad = w.grad = layer.weight.values.grad = None
-            f().backward(gy)
+        xs = leaf_per_side(x, ("masked", "sparse", "replicated"))
 
-        t = interleaved_times({"masked": lambda: step(lambda: F.linear(spread(), w * mask, b)),
-                               "sparse": lambda: step(lambda: layer(spread())),
-                               "replicated": lambda: step(lambda: sparse_linear_replicated(
+        def step(x, param, f):  # (each side frees the gradients it made: common.leaf_per_side)
+            x.grad = param.grad = None
+            f(x).backward(gy)
+
+        vals = layer.weight.values
+        t = interleaved_times({"masked": lambda: step(xs["masked"], w, lambda x: F.linear(spread(x), w * mask, b)),
+                               "sparse": lambda: step(xs["sparse"], vals, lambda x: layer(spread(x))),
+                               "replicated": lambda: step(xs["replicated"], vals, lambda x: sparse_linear_replicated(
                                    x.flatten(1), layer.weight, layer.bias, repeat))}, reps=reps)
         rows.append({"op": "sparse_linear_replicated", "shape": f"{channels}x{repeat}->{fout} b{batch}",
                      "sparsity": s, "dense_ms": statistics.median(t["masked"]),

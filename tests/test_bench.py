@@ -145,6 +145,27 @@ def test_interleaved_timing_warm_repeats_each_side():
     assert calls == ["a", "a", "b", "b"] * 2  # an untimed call right before each timed one
 
 
+def test_each_side_frees_only_its_own_input_gradient(monkeypatch):
+    """A side's step starts with x.grad = None: on a shared x it would free (and be charged for) the
+    gradient the other side allocated, so every side gets its own leaf copy of the input."""
+    import common
+    import torch
+    x = torch.randn(3, 4)
+    xs = common.leaf_per_side(x, ("a", "b"))
+    assert all(v.is_leaf and v.requires_grad and torch.equal(v, x) for v in xs.values())
+    assert xs["a"].data_ptr() != xs["b"].data_ptr() != x.data_ptr()
+    seen = {"conv": [], "lin": []}
+    real_conv, real_dense, real_sparse = conv_bench._step, kernels._dense_step, kernels._sparse_step
+    monkeypatch.setattr(conv_bench, "_step", lambda f, x, *a: (seen["conv"].append(x), real_conv(f, x, *a)))
+    monkeypatch.setattr(kernels, "_dense_step", lambda x, *a: (seen["lin"].append(x), real_dense(x, *a)))
+    monkeypatch.setattr(kernels, "_sparse_step", lambda lay, x, g: (seen["lin"].append(x), real_sparse(lay, x, g)))
+    conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
+    kernels.bench_linear([(7, 5, 3)], [0.5], reps=1)
+    # conv: dense and ours, each its own leaf every call; linear: the dense reference (its own
+    # untimed x), then masked and ours
+    assert len({id(v) for v in seen["conv"]}) == 2 and len({id(v) for v in seen["lin"]}) == 3
+
+
 def test_conv_bench_main_writes_warm_json(tmp_path, monkeypatch):
     out = tmp_path / "c.json"
     monkeypatch.setattr(conv_bench, "RESNET18", [("tiny", 3, 4, 5, 3, 1, 1, False)])
