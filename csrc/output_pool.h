@@ -153,7 +153,8 @@ inline size_t pool_limit_bytes() {
     char* end = nullptr;
     errno = 0;
     const unsigned long long mb = std::strtoull(env, &end, 10);
-    TORCH_CHECK(*end == '\0' && std::strchr(env, '-') == nullptr && errno == 0 && mb <= (1ull << 40),
+    // (digits only: strtoull also takes leading blanks, a sign, and wraps "-1" round)
+    TORCH_CHECK(env[0] >= '0' && env[0] <= '9' && *end == '\0' && errno == 0 && mb <= (1ull << 40),
                 "SPARSETRAIN_POOL_MB must be a whole number of MiB (0 turns the output pool off), got '", env, "'");
     return size_t(mb) << 20;
   }();

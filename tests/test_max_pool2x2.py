@@ -90,6 +90,10 @@ def test_opcheck_gradcheck_and_errors():
         torch.ops.sparsetrain.max_pool2x2(torch.randn(3, 4, 4))
     with pytest.raises(RuntimeError, match="does not pool 2x2"):
         torch.ops.sparsetrain.max_pool2x2_backward(torch.randn_like(out), idx, [9, 4])
+    bad = idx.clone()
+    bad[1, 2, 1, 0] = 4  # not a position in a 2x2 window: an error, not a silently zero gradient
+    with pytest.raises(RuntimeError, match=r"window positions \(0 to 3\)"):
+        torch.ops.sparsetrain.max_pool2x2_backward(torch.randn_like(out), bad, [5, 4])
 
 
 def test_fuse_swaps_the_pools_of_a_fused_model():

@@ -7,6 +7,7 @@
 // With in_scale/in_shift (a fused layer's BatchNorm, engine/fused.py), x is that BN's input y and
 // each plane is first normalised into an L1 buffer by bn_act's own plane function (bn_act.h's
 // act_plane: its output bit for bit), then pooled: the BN's activation is never written.
+#include <atomic>
 #include <type_traits>
 
 #include "bn_act.h"
@@ -177,6 +178,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   return {out, idx};
 }
 
+// Whether k[0:n] are window positions (0..3): one of 4 or more sets a higher bit of their OR.
+// Checked per chunk just before unpooling reads the same bytes: no separate pass over memory.
+bool window_positions(const uint8_t* k, int64_t n) {
+  uint8_t any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t i = 0; i < n; ++i) any |= k[i];
+  return any <= 3;
+}
+
 }  // namespace
 
 at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size) {
@@ -194,11 +204,17 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   at::Tensor dx = pooled_empty({B, C, H, W}, grad_out.options());
   if (dx.numel() == 0) return dx;
   if (OH == 0 || OW == 0) return dx.zero_();
+  std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "max_pool2x2_backward", [&] {
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
+      if (!window_positions(ic.data_ptr<uint8_t>() + p0 * OH * OW, (p1 - p0) * OH * OW)) {
+        bad = true;
+        return;
+      }
       unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>());
     });
   });
+  TORCH_CHECK(!bad, "indices must hold max_pool2x2's window positions (0 to 3), got a larger value");
   return dx;
 }
 
