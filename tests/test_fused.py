@@ -1095,6 +1095,30 @@ def test_checkpointed_segments_match_the_unfused_model(segments):
             torch.testing.assert_close(seq.get_buffer(name), b, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("segments", [0, 2, 3, 4, 5])
+def test_reentrant_checkpointing_is_refused_never_silently_wrong(segments, pool):
+    """torch.utils.checkpoint(use_reentrant=True) runs its segments first without autograd, handing
+    their values across the borders, then reruns each alone inside backward: a fused model raises,
+    in the forward (a hand-over made without autograd, taken with it) or in the recompute (0: the
+    whole model as one checkpoint). Before, gradients were silently lost: no x.grad, no weight grad."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+    if pool:
+        seq = _chain()[0]
+    else:  # three conv-bn-relu blocks: two deferred links, no pool
+        seq = nn.Sequential(*[m for c in (3, 6, 6) for m in (nn.Conv2d(c, 6, 3, padding=1, bias=False),
+                                                                nn.BatchNorm2d(6), nn.ReLU())]).double()
+        sparsetrain.sparsify_(seq, model_masks(seq, 0.5), fuse=True)
+        assert seq[0].feeds is seq[3] and seq[3].feeds is seq[6]
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        if segments:
+            out = checkpoint_sequential(seq, segments, x, use_reentrant=True)
+        else:
+            out = checkpoint(seq, x, use_reentrant=True)
+        out.square().sum().backward()
+
+
 def test_a_forward_that_skips_a_fused_batchnorm_is_refused():
     class Flag(nn.Module):  # fx traces the branch taken at fuse_ time
         def __init__(self):

@@ -56,7 +56,8 @@ from torch import nn
 from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _refuse_backward_hooks, _watched, eager
+from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _hands_on,
+                           _refuse_backward_hooks, _watched, eager)
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -180,10 +181,6 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
     ones under the "triton" backend); not under autocast."""
     return (x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type)
             and x.dtype == conv.weight.values.dtype)
-
-
-def _hands_on() -> bool:  # (no module-state hand-offs under saved-tensor hooks: a checkpoint's recompute)
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
 
 
 def _cpu_engine(x: torch.Tensor) -> bool:

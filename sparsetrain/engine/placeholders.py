@@ -39,7 +39,37 @@ def _watched(*modules: nn.Module, global_hooks: bool = True) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
+def _hands_on() -> bool:  # (no module-state hand-offs under saved-tensor hooks: a checkpoint's recompute)
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _refuse_reentrant_recompute(m: nn.Module) -> None:
+    """A forward with autograd on inside a backward pass, without saved-tensor hooks: the recompute of
+    torch.utils.checkpoint(use_reentrant=True), which reruns each segment alone from what its first,
+    no-grad pass handed across the segment's borders: in a fused model a BN's input y may stand there
+    in an activation's place, and a deferred BN's backward belongs to the next segment (gradients were
+    silently lost or wrong). The non-reentrant checkpoint recomputes under saved-tensor hooks, where
+    the layers hand nothing on (_hands_on)."""
+    if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled() and _hands_on():
+        raise RuntimeError(f"a fused {type(m).__name__} was recomputed by torch.utils.checkpoint(..., "
+                           "use_reentrant=True), which fused models do not support: use use_reentrant=False, or "
+                           "call sparsetrain.unfuse_(model) first")
+
+
+def _refuse_no_grad_hand_over(m: nn.Module, x: torch.Tensor, handed: torch.Tensor) -> torch.Tensor:
+    """`handed` (what m returns for x), unless it was made without autograd while m runs with it on x:
+    the first, no-grad pass of torch.utils.checkpoint(use_reentrant=True) handing across a segment
+    border to code run with autograd (checkpoint_sequential's last segment): the gradient would stop
+    there, silently."""
+    if torch.is_grad_enabled() and x.requires_grad and not handed.requires_grad:
+        raise RuntimeError(f"a fused {type(m).__name__} was handed its output by a forward run without "
+                           "autograd (torch.utils.checkpoint(..., use_reentrant=True), which fused models do not "
+                           "support): use use_reentrant=False, or call sparsetrain.unfuse_(model) first")
+    return handed
+
+
 def _refuse_backward_hooks(m: nn.Module) -> None:
+    _refuse_reentrant_recompute(m)
     if _backward_hooked(m):
         raise RuntimeError(f"a full backward hook on a fused {type(m).__name__} (or a global one) is not supported: "
                            "register it before fuse_() (that layer then stays unfused) or call sparsetrain.unfuse_(model)")
@@ -108,7 +138,7 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
                                "model's graph changed after fuse_(), or a forward hook added after it to the ReLU "
                                "before this BN returned another tensor (register it before fuse_(): that layer "
                                "then stays unfused); call sparsetrain.unfuse_(model)")
-        return pending[1]
+        return _refuse_no_grad_hand_over(self, x, pending[1])
 
     def check_taken(self) -> None:
         """Before its fused conv runs: the last forward called this module after it (a forward that
@@ -156,11 +186,14 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
     @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
+        _refuse_reentrant_recompute(self)
         if pending is not None:
             if pending[0] is not x:
                 raise RuntimeError("MaxPool2x2 was called on a tensor its fused layer did not hand it; the "
-                                   "model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
-            return pending[1]
+                                   "model's graph changed after fuse_(), or torch.utils.checkpoint(..., "
+                                   "use_reentrant=True) cut the model here (use use_reentrant=False): call "
+                                   "sparsetrain.unfuse_(model)")
+            return _refuse_no_grad_hand_over(self, x, pending[1])
         if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu")):
             return torch.ops.sparsetrain.max_pool2x2(x)[0]
