@@ -1119,6 +1119,19 @@ def test_reentrant_checkpointing_is_refused_never_silently_wrong(segments, pool)
         out.square().sum().backward()
 
 
+def test_a_pool_no_fused_layer_feeds_takes_reentrant_checkpointing():
+    """A MaxPool2x2 no fused layer pools into (swapped in by fuse_ after an unfused conv, or used
+    alone) recomputes under torch.utils.checkpoint(use_reentrant=True) with nn.MaxPool2d's gradient."""
+    from torch.utils.checkpoint import checkpoint
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    grads = []
+    for pool in (MaxPool2x2(2), nn.MaxPool2d(2)):
+        xi = x.clone().requires_grad_()
+        checkpoint(lambda t: pool(t.sin()), xi, use_reentrant=True).square().sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_a_forward_that_skips_a_fused_batchnorm_is_refused():
     class Flag(nn.Module):  # fx traces the branch taken at fuse_ time
         def __init__(self):

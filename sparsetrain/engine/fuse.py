@@ -228,6 +228,7 @@ def _link(model: nn.Module, last: dict, calls: dict) -> None:
             object.__setattr__(layer, "feeds", reader)  # a reference, not a submodule
         elif isinstance(reader, MaxPool2x2) and calls.get(nxt.target) == 1 and nxt.args == (act,):
             object.__setattr__(layer, "pools", reader)
+            reader.fed = True
 
 
 def unfuse_(model: nn.Module) -> nn.Module:

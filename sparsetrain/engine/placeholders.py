@@ -182,11 +182,13 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
     before it pooled its own output in its BN pass (SparseConvBNReLU.pools), it returns that."""
 
     _pending: tuple | None = None  # (the tensor this module will be called on, the pooled output)
+    fed = False  # a fused layer may pool into it (its `pools`): set by fuse_
 
     @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
-        _refuse_reentrant_recompute(self)
+        if self.fed:  # (alone, a recompute of it is safe)
+            _refuse_reentrant_recompute(self)
         if pending is not None:
             if pending[0] is not x:
                 raise RuntimeError("MaxPool2x2 was called on a tensor its fused layer did not hand it; the "
