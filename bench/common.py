@@ -56,9 +56,9 @@ def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds:
 def leaf_per_side(x: torch.Tensor, names) -> dict:
     """name -> its own leaf copy of x (requires_grad). Each side's step starts with `x.grad = None`:
     on a shared x that frees the gradient the *other* side's previous step allocated, charging that
-    allocator's cost to the wrong side (measured here: freeing the dense side's malloc'd 8 MB dx
-    takes ~1.6 ms in this VM, a pooled one ~0.02 ms). With one leaf per side every step frees only
-    what its own previous step left, as in a training loop."""
+    allocator's cost to the wrong side (on the AVX2 EPYC, freeing the dense side's malloc'd 8 MB dx
+    took ~1.6 ms in one process state and next to nothing in another; a pooled one ~0.02 ms). With
+    one leaf per side every step frees only what its own previous step left, as in a training loop."""
     return {name: x.detach().clone().requires_grad_() for name in names}
 
 
