@@ -538,6 +538,10 @@ def test_csr_validation_errors():
         CSR.from_dense(torch.ones(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="mask shape"):
         CSR.from_dense(torch.ones(2, 3), torch.ones(3, 2, dtype=torch.bool))
+    meta = dict(device="meta")
+    for w, m in ((torch.ones(2, 3, **meta), None), (torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool, **meta))):
+        with pytest.raises(ValueError, match="is a meta tensor"):  # (was torch's "Cannot copy out of meta tensor")
+            CSR.from_dense(w, m)
 
 
 def test_non_finite_weights_are_reported_not_rejected():

@@ -24,6 +24,11 @@ def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() < 2:
         raise ValueError(f"weight must be at least 2-D ([out, ...]), got shape {tuple(weight.shape)}")
+    if weight.is_meta:  # (the kept positions and values need real data)
+        raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
+                         "(module.to_empty(device=...), then initialize or load it)")
+    if isinstance(mask, torch.Tensor) and mask.is_meta:
+        raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
     if mask is None:
         return weight != 0
     if not isinstance(mask, torch.Tensor):
