@@ -280,6 +280,13 @@ def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype, spa
         got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, pidx)
         for u, v in zip(got, want):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
+    bad = pidx.clone()
+    bad.view(-1)[-1] = 4  # not a window position: refused on every path (given sums too), never a dropped gradient
+    args = (x, *idx, *geo, None, y, None, scale, shift, w, mean, invstd, True, relu_after, True, False, True, True)
+    sums = torch.zeros(y.shape[1], 2, dtype=torch.float64)
+    for given in (None, sums):
+        with pytest.raises(RuntimeError, match=r"window positions \(0 to 3\)"):
+            torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, False, True, None, given, bad)
 
 
 def test_conv_bn_backward_opcheck_and_errors():

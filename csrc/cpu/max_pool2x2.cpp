@@ -178,15 +178,6 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   return {out, idx};
 }
 
-// Whether k[0:n] are window positions (0..3): one of 4 or more sets a higher bit of their OR.
-// Checked per chunk just before unpooling reads the same bytes: no separate pass over memory.
-bool window_positions(const uint8_t* k, int64_t n) {
-  uint8_t any = 0;
-#pragma omp simd reduction(| : any)
-  for (int64_t i = 0; i < n; ++i) any |= k[i];
-  return any <= 3;
-}
-
 }  // namespace
 
 at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size) {
@@ -207,6 +198,7 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "max_pool2x2_backward", [&] {
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
+      // (checked per chunk just before unpooling reads the same bytes: no separate pass over memory)
       if (!window_positions(ic.data_ptr<uint8_t>() + p0 * OH * OW, (p1 - p0) * OH * OW)) {
         bad = true;
         return;

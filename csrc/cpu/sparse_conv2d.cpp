@@ -409,7 +409,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pidx = pooled ? pool_indices->contiguous() : at::Tensor();
   const at::Tensor go = pool_indices && !pooled ? max_pool2x2_backward(grad_out, *pool_indices, {y.size(2), y.size(3)})
                                                 : grad_out.contiguous();
-  const Unpool up{pooled ? pidx.data_ptr<uint8_t>() : nullptr, pooled ? y.size(2) : 0, pooled ? y.size(3) : 0};
+  std::atomic<bool> bad_idx{false};  // (the first pass reads every plane: it checks the positions)
+  const Unpool up{pooled ? pidx.data_ptr<uint8_t>() : nullptr, pooled ? y.size(2) : 0, pooled ? y.size(3) : 0,
+                  &bad_idx};
   const at::Tensor mc = mean.contiguous(), wc = weight.contiguous(), ic = invstd.contiguous();
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
   const at::Tensor* rp = residual ? &rc : nullptr;
@@ -431,6 +433,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                                  sums && !gm_first ? given.data_ptr<double>() : nullptr,
                                                                  pooled ? &up : nullptr)
                                           : std::vector<double>(size_t(C) * 3, 0.0);
+  if (pooled && sums && !gm_first)  // (given sums: no first pass read the planes; a pass over the bytes)
+    at::parallel_for(0, pidx.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      if (!window_positions(pidx.data_ptr<uint8_t>() + b, e - b)) bad_idx = true;
+    });
+  TORCH_CHECK(!bad_idx.load(), "pool_indices must hold max_pool2x2's window positions (0 to 3), got a larger value");
   const at::Tensor& g = gm_first ? gres : go;
   const BnArgs bn{&yc, gm_first ? nullptr : rp, &sc, &sh, &mc, &k, relu_after && !gm_first, relu_before,
                   grad_residual && !gm_first ? &gres : nullptr, grad_bias ? dsum.data_ptr<double>() : nullptr,

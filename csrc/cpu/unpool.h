@@ -5,6 +5,7 @@
 // as it reads it (Unpool) instead of reading the written-out input gradient.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -104,17 +105,31 @@ ST_INLINE void unpool_pairs_n(const T* g, const uint8_t* idx, int64_t q0, int64_
 // A pooled layer's gradient as its BatchNorm backward reads it: g holds [planes][H / 2][W / 2]
 // gradients of the pooled output and idx their window positions; plane(g, p, buf) unpools plane p
 // of the H x W input gradient into buf (L1) and returns it.
+// Whether k[0:n] are window positions (0..3): one of 4 or more sets a higher bit of their OR.
+inline bool window_positions(const uint8_t* k, int64_t n) {
+  uint8_t any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t i = 0; i < n; ++i) any |= k[i];
+  return any <= 3;
+}
+
+// With `bad`, each plane's window positions are checked as they are read (an OR of L1-hot bytes:
+// a position of 4 or more sets a higher bit) and *bad set on one above 3: the caller raises after
+// the pass (the unpooled plane gives such a window no gradient).
 struct Unpool {
   const uint8_t* idx;
   int64_t H, W;
+  std::atomic<bool>* bad = nullptr;
   template <typename T>
   ST_INLINE const T* plane(const T* g, int64_t p, T* buf) const {  // (inlined: the caller's SIMD clone)
     const int64_t OH = H / 2, OW = W / 2;
+    const uint8_t* k = idx + p * OH * OW;
     if (const int n = pair_width(H, W)) {
-      ST_PAIRS_SWITCH(n, (unpool_pairs_n<T, NN>(g + p * OH * OW, idx + p * OH * OW, 0, OH, buf)));
+      ST_PAIRS_SWITCH(n, (unpool_pairs_n<T, NN>(g + p * OH * OW, k, 0, OH, buf)));
     } else {
-      unpool_plane(g + p * OH * OW, idx + p * OH * OW, H, W, OH, OW, buf);
+      unpool_plane(g + p * OH * OW, k, H, W, OH, OW, buf);
     }
+    if (bad && !window_positions(k, OH * OW)) bad->store(true, std::memory_order_relaxed);
     return buf;
   }
 };
