@@ -102,9 +102,6 @@ ST_INLINE void unpool_pairs_n(const T* g, const uint8_t* idx, int64_t q0, int64_
   }
 }
 
-// A pooled layer's gradient as its BatchNorm backward reads it: g holds [planes][H / 2][W / 2]
-// gradients of the pooled output and idx their window positions; plane(g, p, buf) unpools plane p
-// of the H x W input gradient into buf (L1) and returns it.
 // Whether k[0:n] are window positions (0..3): one of 4 or more sets a higher bit of their OR.
 inline bool window_positions(const uint8_t* k, int64_t n) {
   uint8_t any = 0;
@@ -113,9 +110,11 @@ inline bool window_positions(const uint8_t* k, int64_t n) {
   return any <= 3;
 }
 
-// With `bad`, each plane's window positions are checked as they are read (an OR of L1-hot bytes:
-// a position of 4 or more sets a higher bit) and *bad set on one above 3: the caller raises after
-// the pass (the unpooled plane gives such a window no gradient).
+// A pooled layer's gradient as its BatchNorm backward reads it: g holds [planes][H / 2][W / 2]
+// gradients of the pooled output and idx their window positions; plane(g, p, buf) unpools plane p
+// of the H x W input gradient into buf (L1) and returns it. With `bad`, each plane's positions are
+// checked as they are read (L1-hot bytes) and *bad set on one above 3: the caller raises after the
+// pass (the unpooled plane gives such a window no gradient).
 struct Unpool {
   const uint8_t* idx;
   int64_t H, W;
