@@ -125,8 +125,9 @@ def _sparseprop_steps(SP, conv, mask, x, gy) -> dict:
         if conv.bias is not None:
             dense.bias.copy_(conv.bias)
     steps = {}
+    leaves = leaf_per_side(x, (False, True))  # each layout frees only its own dx
     for over_on in (False, True):
-        xl = leaf_per_side(x, ["own"])["own"]  # each layout frees only its own dx
+        xl = leaves[over_on]
         try:
             m = SP.from_dense(dense, vectorizing_over_on=over_on)
             _step(m, xl, gy, list(m.parameters()))  # a layout SparseProp does not support fails here

@@ -57,7 +57,7 @@ from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
 from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _hands_on,
-                           _refuse_backward_hooks, _watched, eager)
+                           _refuse_unsupported, _watched, eager)
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -325,7 +325,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
         self.bn.check_taken()
-        _refuse_backward_hooks(self)
+        _refuse_unsupported(self)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
             raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "

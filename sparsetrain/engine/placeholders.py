@@ -68,7 +68,8 @@ def _refuse_no_grad_hand_over(m: nn.Module, x: torch.Tensor, handed: torch.Tenso
     return handed
 
 
-def _refuse_backward_hooks(m: nn.Module) -> None:
+def _refuse_unsupported(m: nn.Module) -> None:
+    """What a fused module cannot take: a reentrant checkpoint's recompute, a full backward hook."""
     _refuse_reentrant_recompute(m)
     if _backward_hooked(m):
         raise RuntimeError(f"a full backward hook on a fused {type(m).__name__} (or a global one) is not supported: "
@@ -132,7 +133,7 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     @eager
     def forward(self, x):
         pending, self._pending = self._pending, None
-        _refuse_backward_hooks(self)
+        _refuse_unsupported(self)
         if pending is None or pending[0] is not x:
             raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: the "
                                "model's graph changed after fuse_(), or a forward hook added after it to the ReLU "
@@ -164,7 +165,7 @@ class FusedReLU(HandOff, nn.ReLU):
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
-        _refuse_backward_hooks(self)
+        _refuse_unsupported(self)
         return x
 
     def pop_state_counts(self) -> torch.Tensor | None:
