@@ -92,8 +92,12 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType dt, const char* name
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
+  // The hint is for model.half()/.bfloat16() on a sparse model (values cast down) and for a half
+  // activation outside autocast: under torch.autocast the sparse ops take fp32 weights as they are.
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
+              " must be float32 or float64, got ", t.scalar_type(),
+              " (the CPU kernels compute in fp32/fp64: for half-precision activations keep the model"
+              " in float32 and run it under torch.autocast)");
 }
 
 inline void check_1d_contig(const at::Tensor& t, const char* name) {

@@ -2,6 +2,7 @@
 with a GradScaler, and the flag's resolution. The Triton kernels in bf16/fp16 are checked under
 the interpreter in test_triton_kernels.py (mixed_precision_bf16_fp16_through_the_layers) and the
 kernels compile for every activation/value dtype pair in test_triton_compile.py."""
+import copy
 import dataclasses
 
 import pytest
@@ -40,6 +41,24 @@ def test_cpu_autocast_casts_activations_up_to_the_cpu_kernels():
     torch.testing.assert_close(y, sparse(torch.relu(h).float()))
     y.sum().backward()
     assert sparse.weight.values.grad.dtype == torch.float32 and dense.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "Half"), (torch.bfloat16, "BFloat16")])
+def test_a_half_model_on_cpu_says_to_use_autocast(dtype, name):
+    """model.half() casts the sparse values down too: the CPU kernels refuse them with a message that
+    names the argument, the dtype and the way out (fp32 model under autocast), as does a half input
+    outside autocast; that way out gives the autocast result above."""
+    torch.manual_seed(0)
+    conv = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), random_mask((4, 3, 3, 3), 0.5))
+    model = nn.Sequential(conv, nn.Flatten(), _sparse_linear(4 * 3 * 3, 5, 0.8))
+    x = torch.randn(2, 3, 5, 5)
+    half = copy.deepcopy(model).to(dtype)
+    for fn, arg in ((lambda: half(x.to(dtype)), "values"), (lambda: model(x.to(dtype)), "x")):
+        with pytest.raises(RuntimeError, match=rf"{arg} must be float32 or float64, got {name}.*autocast"):
+            fn()
+    with torch.autocast("cpu", dtype=dtype):
+        y = model(x.to(dtype))
+    torch.testing.assert_close(y, model(x.to(dtype).float()))
 
 
 def test_amp_args_casts_only_the_activation_of_fp32_layers():
