@@ -441,6 +441,39 @@ def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
     assert other.nnz == 40 and other.weight.col_indices.numel() == 40
 
 
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_step_on_state_of_the_old_nnz_is_refused_by_name(make, impl, grow):
+    """After load_state_dict resized the values without the optimizer's state restored, the state
+    it holds has the old nnz: every step refuses it (the fused=True CPU kernels do not check sizes:
+    they corrupted memory when the values grew and used other weights' moments when they shrank).
+    Restoring that state or a fresh optimizer trains on."""
+    torch.manual_seed(3)
+    sparse, dense = (SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), s)) for s in (0.9, 0.2))
+    layer, saved = (sparse, dense) if grow else (dense, sparse)
+    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    opt = (torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
+           else torch.optim.Adam(layer.parameters(), lr=0.1, **kw))
+    x = torch.randn(3, 16)
+    layer(x).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[layer.weight.values].items()}
+    layer.load_state_dict(saved.state_dict())
+    layer.zero_grad()
+    layer(x).sum().backward()
+    state = "momentum_buffer" if make == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__} state '{state}' of a sparse weight's values "
+                       rf"has shape \({before[state].numel()},\), the values now \({saved.nnz},\)"):
+        opt.step()
+    torch.testing.assert_close(layer.weight.values, saved.weight.values)  # untouched
+    for k, v in before.items():
+        assert torch.equal(opt.state[layer.weight.values][k], v)
+    opt.state.clear()  # (as a fresh optimizer): trains on
+    opt.step()
+    assert not torch.equal(layer.weight.values, saved.weight.values)
+
+
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
     other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views

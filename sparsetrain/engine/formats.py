@@ -218,7 +218,37 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
         if values.shape != v.shape:
             v.data, v.grad = v.new_empty(values.shape), None
+            _watch_resized(v)
     return True
+
+
+# ---- optimizer state of a resized values Parameter ------------------------------------------------
+# A resize keeps the Parameter (an optimizer built before load_state_dict keeps training it), so state
+# an optimizer already holds for it (momentum, Adam's moments) has the old nnz. The plain and foreach
+# steps then fail on the size mismatch; the fused=True CPU kernels do not check sizes and read or
+# write past the smaller tensor (memory corruption, or moments of other weights used silently).
+# A pre-hook common to all optimizers, registered at the first resize, refuses such a step by name.
+_resized = torch.utils.weak.WeakIdKeyDictionary()
+_hook = None
+
+
+def _watch_resized(values: torch.Tensor) -> None:
+    global _hook
+    if _hook is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        _hook = register_optimizer_step_pre_hook(_check_resized_state)
+    _resized[values] = True
+
+
+def _check_resized_state(optimizer, args, kwargs):
+    for p in list(_resized.keys()):
+        for key, t in optimizer.state.get(p, {}).items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                raise ValueError(
+                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
+                    f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
+                    f"pattern of another nnz; restore the optimizer's state saved with that model "
+                    f"(optimizer.load_state_dict) or build the optimizer after loading")
 
 
 def _validate(crow, col, values, rows, cols, block: int = 0):
