@@ -12,7 +12,7 @@ GOMP_SPINCOUNT=10000 (spin briefly, then sleep).
 Reported: median step time per engine and its slowdown against the same engine alone (scenarios
 interleaved over rounds, each slowdown the median of per-round ratios).
 
-    python bench/contention.py              # ~3 min; writes bench/results/contention.json
+    python bench/contention.py              # ~4 min; writes bench/results/contention.json
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import machine_info, positive_int, writable_json, write_json  # noqa: E402
+
 WORKER = """
 import json, os, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -83,13 +86,15 @@ def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sys.path.insert(0, HERE)
-    from common import positive_int
     ap.add_argument("--steps", type=positive_int, default=12)
     ap.add_argument("--batch", type=positive_int, default=64)
-    ap.add_argument("--rounds", type=positive_int, default=3)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "contention.json"))
+    ap.add_argument("--rounds", type=positive_int, default=4)
+    ap.add_argument("--out", default=None, help="default results/contention.json; contention_partial.json for "
+                    "other --steps, --batch or --rounds than the table's, so a smoke run never replaces it")
     args = ap.parse_args(argv)
+    partial = any(getattr(args, k) != ap.get_default(k) for k in ("steps", "batch", "rounds"))
+    out = writable_json(ap, args.out or os.path.join(  # (before timing anything)
+        HERE, "results", "contention" + ("_partial" if partial else "") + ".json"))
     # the CPUs this process may run on (taskset, cgroup cpusets), as the study's --threads 0 counts them
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
@@ -115,8 +120,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"{name:42s} {procs} x {threads} threads: dense {r['dense_ms']:8.1f} ms ({r['dense_slowdown']:.2f}x)"
               f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)
-    from common import machine_info, write_json
-    write_json(args.out, {"machine": machine_info(), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
+    write_json(out, {"machine": machine_info(), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
                           "steps": args.steps, "rows": rows})
     return 0
 

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (HERE, interleaved_times, leaf_per_side, machine_info, paired_ratio, parse_sparsities,  # noqa: E402
-                    positive_int, print_table, write_json)
+                    positive_int, print_table, writable_json, write_json)
 from sparsetrain.testing import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -69,9 +69,10 @@ def _step(module_or_fn, x, gy, params):
 
 
 def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | None = None,
-        cases=None, sparseprop: bool = True, warm: bool = False, batch: int = BATCH) -> list[dict]:
+        cases=None, sparseprop: bool = True, warm: bool = False, batch: int = BATCH, save=None) -> list[dict]:
     """One row per (case, sparsity): keys op, shape, sparsity, dense_ms, sparse_ms, speedup,
-    sparseprop_ms (None when SparseProp is absent), vs_sparseprop, gflops_useful, dense_gflops."""
+    sparseprop_ms (None when SparseProp is absent), vs_sparseprop, gflops_useful, dense_gflops.
+    `save(rows)` after each row (what a run stopped midway keeps)."""
     cases = cases if cases is not None else (QUICK if quick else RESNET18 + VGG_D5G5)
     reps = reps or (3 if quick else 7)
     SP = _sparseprop() if sparseprop else None
@@ -112,6 +113,8 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
                              gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6))
             print(f"  {name:26s} {sp:.3f}: dense {dense_ms:8.2f} ms  ours {sparse_ms:7.2f} ms  "
                   f"x{rows[-1]['speedup']:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -150,11 +153,18 @@ def main(argv=None):
                    help=f"batch size (default {BATCH}; 8 and 32: fine-tuning sizes)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="default results/conv.json (conv_warm.json with --warm; "
-                   "_b<batch> appended for another --batch; _quick for --quick, so a smoke run never replaces "
-                   "a table)")
+                   "_b<batch> appended for another --batch; _quick for --quick, _partial for --only, --sparsities, "
+                   "--threads or --no-sparseprop, so a smoke or partial run never replaces a table; "
+                   "OUT.inprogress.json after each row until the run ends)")
     args = p.parse_args(argv)
     sps = parse_sparsities(p, args.sparsities) if args.sparsities else \
         ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
+    # (anything but the table's own settings gets its own name: a smoke run never replaces the table)
+    partial = args.only or args.sparsities or args.threads or args.no_sparseprop
+    stem = (("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
+            + ("_quick" if args.quick else "") + ("_partial" if partial and not args.quick else ""))
+    out = writable_json(p, args.out or os.path.join(HERE, "results", stem + ".json"))  # (before timing)
+    progress = out.removesuffix(".json") + ".inprogress.json"
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = None
@@ -165,12 +175,16 @@ def main(argv=None):
     info = machine_info()
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
-    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm, batch=args.batch)
+
+    def result(rows):
+        return {"machine": info, "timing": "warm" if args.warm else "cold", "conv": rows}
+
+    rows = run(args.quick, sps, cases=cases, sparseprop=not args.no_sparseprop, warm=args.warm, batch=args.batch,
+               save=lambda rows: write_json(progress, result(rows)))
     print_table(rows, COLUMNS)
-    stem = (("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
-            + ("_quick" if args.quick else ""))
-    out = args.out or os.path.join(HERE, "results", stem + ".json")
-    write_json(out, {"machine": info, "timing": "warm" if args.warm else "cold", "conv": rows})
+    write_json(out, result(rows))
+    if os.path.exists(progress):
+        os.remove(progress)
     print(f"\nwritten: {out}")
 
 

@@ -90,6 +90,36 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
         random_mask((4, 4), -0.1)
 
 
+def test_conv_bench_and_contention_check_out_before_timing_and_never_replace_a_table(monkeypatch, capsys):
+    """An --out that cannot be written is refused before anything is timed; a run with a subset or
+    other settings than the table's writes *_partial.json (conv_bench: OUT.inprogress.json after each
+    row until the end), never the table's own file."""
+    import pytest
+
+    import contention
+    timed = []
+    monkeypatch.setattr(conv_bench, "interleaved_times", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(contention, "run_scenario", lambda *a, **k: timed.append(1))
+    for main in (conv_bench.main, contention.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", "/proc/nope/c.json"])
+        assert e.value.code == 2 and "--out /proc/nope/c.json: cannot write there" in capsys.readouterr().err
+    assert timed == []
+    monkeypatch.undo()
+    written = []
+    for mod in (conv_bench, contention):
+        monkeypatch.setattr(mod, "write_json", lambda path, data: written.append(os.path.basename(path)))
+    monkeypatch.setattr(conv_bench, "RESNET18", [("tiny", 3, 4, 5, 3, 1, 1, False)])
+    monkeypatch.setattr(conv_bench, "VGG_D5G5", [])
+    monkeypatch.setattr(conv_bench, "BATCH", 2)
+    monkeypatch.setattr(contention, "run_scenario", lambda procs, *a: [{"dense": 2.0, "sparse": 1.0}] * procs)
+    conv_bench.main(["--only", "tiny", "--sparsities", "0.9,0.99", "--no-sparseprop"])
+    conv_bench.main(["--sparsities", "0.9", "--no-sparseprop", "--batch", "3", "--warm"])
+    contention.main(["--rounds", "1"])
+    assert written == ["conv_partial.inprogress.json"] * 2 + ["conv_partial.json",
+                       "conv_warm_b3_partial.inprogress.json", "conv_warm_b3_partial.json", "contention_partial.json"]
+
+
 def test_dense_masked_baseline_masks_every_step():
     """mask_weight_ (the dense side of every benchmark): the output is the masked layer's, and pruned
     weights get no gradient."""
