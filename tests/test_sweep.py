@@ -625,6 +625,7 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
         _write_run(d, 0.1, [s], {s: curve(0.5, 0.80 + 0.02 * s)})
     _write_run(tmp_path / "b", 0.2, [0, 1, 2], {0: curve(0.5, 0.60), 1: curve(0.5, 0.70)})  # seed 2 missing
     _write_run(tmp_path / "c", 0.2, [1], {}, done=False)  # (nothing yet: adds no curve)
+    _write_run(tmp_path / "d", 0.3, [0], {0: curve(0.5, 0.9)})  # one seed: no sample std in either table
     (tmp_path / "b" / "seed1" / "teacher" / "best.json").unlink()  # seed 1 still running
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     rows = {(r["eps"], r["stop_rule"]): r for r in csv.DictReader(open(tmp_path / "rep" / "table1.csv"))}
@@ -637,6 +638,10 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
     md = (tmp_path / "rep" / "summary.md").read_text()
     assert "In progress (not finished): teacher seed(s) [1]" in md and "| 2/3 |" in md
     best = list(csv.DictReader(open(tmp_path / "rep" / "best_model.csv")))
-    assert {(r["eps"], r["sparsity_mean"]) for r in best} == {("0.1", "50.0"), ("0.2", "50.0")}
+    assert {(r["eps"], r["sparsity_mean"]) for r in best} == {("0.1", "50.0"), ("0.2", "50.0"), ("0.3", "50.0")}
+    one = [r for r in best if r["eps"] == "0.3"]
+    assert len(one) == 1 and one[0]["seeds"] == "1" and one[0]["best_test_std"] == one[0]["sparsity_std"] == "nan"
+    assert float(one[0]["best_test_mean"]) == pytest.approx(90.0)
+    assert rows[("0.3", "none")]["test_std"] == "nan" and float(best[0]["best_test_std"]) == pytest.approx(2.0)
     groups = load_groups([str(d) for d in a])
     assert len(groups) == 1 and groups[0]["config"]["seeds"] == [0, 1, 2]

@@ -159,8 +159,9 @@ def best_model_rows(groups, keys) -> list[dict]:
                 labs.append(label_rounds(rows)[i])
             (am, asd, n), (sm, ssd, _) = stats(accs), stats(sps)
             out.append({**{k: g["config"].get(k) for k in keys}, "setting": group_label(g, keys),
-                        "phase": "vanilla" if ph == van else ph, "best_test_mean": am, "best_test_std": asd,
-                        "sparsity_mean": sm, "sparsity_std": ssd, "best_phase": ", ".join(sorted(set(labs))),
+                        "phase": "vanilla" if ph == van else ph, "best_test_mean": am,
+                        "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
+                        "sparsity_mean": sm, "sparsity_std": ssd if n > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
                         "seeds": n, "_accs": accs, "_sps": sps})
     return out
 
