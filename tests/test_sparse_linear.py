@@ -663,6 +663,54 @@ def test_sparsify_densify_roundtrip_and_errors():
         sparsetrain.sparsify_(model, {"2": torch.ones(1, dtype=torch.bool)})
 
 
+def _pruned_with_torch(seed=7):
+    """A conv + linear model pruned with torch.nn.utils.prune (weights 80%, the linear's bias too),
+    then one SGD step: weight_orig moved, `.weight` stale until the next forward."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 7 * 7, 11))
+    prune.global_unstructured([(model[0], "weight"), (model[3], "weight")], prune.L1Unstructured, amount=0.8)
+    prune.random_unstructured(model[3], "bias", amount=0.3)
+    x = torch.randn(2, 3, 7, 7)
+    model(x).square().sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    return model, x
+
+
+def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weights():
+    """from_dense and sparsify_ take a layer pruned with torch.nn.utils.prune as orig * mask computed
+    now (its `.weight` attribute is stale after an optimizer step, and was used until 2026-12-04),
+    keep only what both masks keep (masks only shrink), drop prune's hooks (they would recompute
+    `weight` on the sparse layer), and masks=None converts every such layer with its own mask."""
+    ref, x = _pruned_with_torch()
+    want = ref(x)  # (the forward recomputes weight from weight_orig: the reference)
+    model, _ = _pruned_with_torch()
+    stale = model[3].weight.detach().clone()
+    assert not torch.equal(stale, ref[3].weight)
+    layer = SparseLinear.from_dense(model[3])
+    torch.testing.assert_close(layer.to_dense().weight, ref[3].weight)
+    torch.testing.assert_close(layer.bias, ref[3].bias)  # (the pruned bias: orig * bias_mask)
+    assert layer.nnz == int(model[3].weight_mask.sum()) and layer.weight.values.requires_grad
+    more = random_mask(tuple(model[3].weight.shape), 0.5)
+    both = SparseLinear.from_dense(model[3], more)
+    torch.testing.assert_close(both.to_dense().weight, ref[3].weight * more)
+    assert both.nnz == int((more & (model[3].weight_mask != 0)).sum())
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        SparseLinear.from_dense(model[3], more.float())
+    sparsetrain.sparsify_(model)
+    assert [type(model[i]).__name__ for i in (0, 3)] == ["SparseConv2d", "SparseLinear"]
+    assert not model[0]._forward_pre_hooks and not model[3]._forward_pre_hooks
+    torch.testing.assert_close(model(x), want)
+    model(x).sum().backward()
+    assert model[0].weight.values.grad is not None and model[3].bias.grad is not None
+    named, _ = _pruned_with_torch()
+    sparsetrain.sparsify_(named, {"3": more})  # (one layer named: the conv stays pruned by torch)
+    torch.testing.assert_close(named[3].to_dense().weight, ref[3].weight * more)
+    assert isinstance(named[0], nn.Conv2d) and named[0]._forward_pre_hooks
+    with pytest.raises(ValueError, match="masks=None converts the layers pruned with torch.nn.utils.prune"):
+        sparsetrain.sparsify_(nn.Sequential(nn.Linear(3, 3)))
+
+
 def test_layers_under_two_names_and_tied_weights():
     class Twice(nn.Module):  # one layer, two names (called twice): both names get the sparse layer
         def __init__(self):

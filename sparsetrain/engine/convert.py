@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .nn import SPARSE_TYPES, _replace_modules, is_sparse
+from .nn import SPARSE_TYPES, _replace_modules, is_sparse, pruned_by_torch
 
 __all__ = ["sparsify_", "densify_"]
 
 
-def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = False) -> nn.Module:
+def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fuse: bool = False) -> nn.Module:
     """Replace, in place, each dense layer named in `masks` ({qualified_name: bool mask of the
-    weight's shape}) by its sparse counterpart holding only the unmasked weights. With `fuse`,
-    then fuse every sparse conv -> [ReLU] -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU
-    (engine/fuse.py fuse_; the model must be torch.fx-traceable)."""
+    weight's shape}) by its sparse counterpart holding only the unmasked weights. A layer pruned with
+    torch.nn.utils.prune keeps only what both its prune mask and `masks` keep; `masks=None` converts
+    every layer pruned that way, with its own mask. With `fuse`, then fuse every sparse conv -> [ReLU]
+    -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU (engine/fuse.py fuse_; the model must be
+    torch.fx-traceable)."""
+    modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
+    if masks is None:  # (the masks torch.nn.utils.prune keeps beside the weights)
+        masks = {n: None for n, m in modules.items() if type(m) in SPARSE_TYPES and pruned_by_torch(m)}
+        if not masks:
+            raise ValueError("masks=None converts the layers pruned with torch.nn.utils.prune, and this model "
+                             "has none: pass masks {qualified_name: bool tensor of the weight's shape}")
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
-    modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
     transformer_layers = [n for n, m in modules.items()
                           if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
     for name, mask in masks.items():
@@ -33,7 +41,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
         if type(mod) not in SPARSE_TYPES:
             raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
                             f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
-        if "weight" not in mod._parameters:  # (a weight_norm / spectral_norm hook recomputes it each forward)
+        if "weight" not in mod._parameters and not pruned_by_torch(mod):  # (weight_norm / spectral_norm)
             raise TypeError(f"module {name!r}'s weight is computed by a reparametrization (weight_norm, "
                             "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
                             "remove_weight_norm / remove_spectral_norm)")
@@ -42,7 +50,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
             raise TypeError(f"module {name!r} is inside a {type(modules[block]).__name__}, whose fast path (eval "
                             "mode) reads its linears' weights as dense tensors: build the block from "
                             "nn.Linear layers of your own to sparsify it")
-        if not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape:
+        if (mask is not None or not pruned_by_torch(mod)) and (
+                not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
     # build every replacement first: a layer that cannot convert (dilation, groups...), or a model
@@ -56,17 +65,23 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor], fuse: bool = Fal
     new, named = {}, {}  # id(dense layer) -> its replacement, the name its mask came under
     for name, mask in masks.items():
         mod = modules[name]
-        tied = [n for i, n in owners.get(id(mod.weight), {}).items() if i != id(mod)]
+        weight = mod._parameters.get("weight", mod._parameters.get("weight_orig"))
+        tied = [n for i, n in owners.get(id(weight), {}).items() if i != id(mod)]
         if tied:  # (a CSR copy would untie them silently)
             raise ValueError(f"{name!r} shares its weight with {tied[0]!r}: tied weights cannot be sparsified")
         if id(mod) in new:  # one layer under two names: one replacement, if both names agree
-            if not torch.equal(mask.bool(), masks[named[id(mod)]].bool()):
+            other = masks[named[id(mod)]]
+            if (mask is None) != (other is None) or mask is not None and not torch.equal(mask.bool(), other.bool()):
                 raise ValueError(f"masks[{name!r}] and masks[{named[id(mod)]!r}] name the same layer with different masks")
             continue
         try:
             new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
+    for mod in {id(m): m for m in modules.values() if id(m) in new}.values():  # (torch.nn.utils.prune's
+        hooks = mod._forward_pre_hooks  # hooks would recompute weight = orig * mask on the sparse layer)
+        for k in [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]:
+            del hooks[k]
     _replace_modules(model, lambda mod: new.get(id(mod)))  # (every name the layer has, masked or not)
     if fuse:
         fuse_(model)

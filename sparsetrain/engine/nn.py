@@ -16,10 +16,34 @@ from torch import nn
 
 from . import ops
 from .args import check_bias
-from .formats import CSR, _fill_dense
+from .formats import CSR, _check_mask, _fill_dense
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers", "check_masks",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+
+
+def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
+    """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
+    `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
+    return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
+
+
+def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
+    """The weight, mask and bias from_dense converts. For a layer pruned with torch.nn.utils.prune,
+    the product orig * mask computed now (`mod.weight` is recomputed only by the next forward: after
+    an optimizer step it is stale) and the mask ANDed with prune's (masks only shrink)."""
+    if not pruned_by_torch(mod):
+        return mod.weight, mask, _current(mod, "bias")
+    w = _current(mod, "weight")
+    keep = mod.weight_mask.to(w.device) != 0
+    return w, keep if mask is None else _check_mask(w, mask) & keep, _current(mod, "bias")
+
+
+def _current(mod: nn.Module, name: str):
+    if not pruned_by_torch(mod, name):
+        return getattr(mod, name)
+    orig = mod._parameters[f"{name}_orig"]
+    return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
 
 
 class _SparseLayer(nn.Module):
@@ -72,7 +96,8 @@ class SparseLinear(_SparseLayer):
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(CSR.from_dense(linear.weight, mask), linear.bias)
+        weight, mask, bias = _dense_args(linear, mask)
+        return cls(CSR.from_dense(weight, mask), bias)
 
     def _dense_layer(self, **kw) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, **kw)
@@ -117,7 +142,8 @@ class SparseConv2d(_SparseLayer):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         cls.check_convertible(conv)
-        return cls(CSR.from_dense(conv.weight, mask), conv.bias, conv.stride, conv.padding)
+        weight, mask, bias = _dense_args(conv, mask)
+        return cls(CSR.from_dense(weight, mask), bias, conv.stride, conv.padding)
 
     def _dense_layer(self, **kw) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, **kw)
