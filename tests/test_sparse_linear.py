@@ -709,6 +709,13 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     assert isinstance(named[0], nn.Conv2d) and named[0]._forward_pre_hooks
     with pytest.raises(ValueError, match="masks=None converts the layers pruned with torch.nn.utils.prune"):
         sparsetrain.sparsify_(nn.Sequential(nn.Linear(3, 3)))
+    import torch.nn.utils.prune as prune  # BSRLinear.from_dense: the current weight too (its own mask: blocks)
+    lin = nn.Linear(32, 32)
+    prune.ln_structured(lin, "weight", amount=0.5, n=1, dim=0)  # (whole rows: whole 16x16 blocks or not)
+    lin(torch.randn(2, 32)).sum().backward()
+    torch.optim.SGD(lin.parameters(), lr=0.5).step()
+    bsr = sparsetrain.BSRLinear.from_dense(lin, block_size=16)
+    torch.testing.assert_close(bsr.to_dense().weight, lin.weight_orig * lin.weight_mask)
 
 
 def test_layers_under_two_names_and_tied_weights():

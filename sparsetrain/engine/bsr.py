@@ -22,7 +22,7 @@ from torch import nn
 from .backend import current_backend
 from .args import check_bias
 from .autograd import first_order
-from .formats import _fill_dense, _pattern, _resize_pattern, transpose_index
+from .formats import _fill_dense, _pattern, _resize_pattern, current_param, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -220,7 +220,7 @@ class BSRLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(BSR.from_dense(linear.weight, block_size, mask), linear.bias)
+        return cls(BSR.from_dense(current_param(linear, "weight"), block_size, mask), current_param(linear, "bias"))
 
     def to_dense(self) -> nn.Linear:
         """The equivalent nn.Linear (zeros outside the stored blocks)."""

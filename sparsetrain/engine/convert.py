@@ -8,7 +8,8 @@ from torch.nn.utils import prune as torch_prune
 
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .nn import SPARSE_TYPES, _replace_modules, is_sparse, pruned_by_torch
+from .formats import pruned_by_torch
+from .nn import SPARSE_TYPES, _replace_modules, is_sparse
 
 __all__ = ["sparsify_", "densify_"]
 

@@ -281,6 +281,21 @@ def _sorted_rows(crow, col, rows, cols) -> bool:
     return not bool(((rows_of * cols + col.long()).diff() <= 0).any())
 
 
+def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
+    """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
+    `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
+    return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
+
+
+def current_param(mod: nn.Module, name: str):
+    """`mod.<name>` as a dense layer's conversion takes it: under torch.nn.utils.prune, orig * mask
+    computed now (the attribute is recomputed only by the next forward: stale after an optimizer step)."""
+    if not pruned_by_torch(mod, name):
+        return getattr(mod, name)
+    orig = mod._parameters[f"{name}_orig"]
+    return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
+
+
 def _fill_dense(dense: nn.Module, weight, bias: torch.Tensor | None, training: bool) -> nn.Module:
     """`dense` (a fresh nn.Linear / nn.Conv2d) given a sparse layer's weight (a CSR or BSR: zeros where
     pruned), bias, requires_grad flags and training mode: what the layers' to_dense() return."""

@@ -16,16 +16,10 @@ from torch import nn
 
 from . import ops
 from .args import check_bias
-from .formats import CSR, _check_mask, _fill_dense
+from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers", "check_masks",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
-
-
-def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
-    """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
-    `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
-    return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
 
 
 def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
@@ -33,17 +27,10 @@ def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
     the product orig * mask computed now (`mod.weight` is recomputed only by the next forward: after
     an optimizer step it is stale) and the mask ANDed with prune's (masks only shrink)."""
     if not pruned_by_torch(mod):
-        return mod.weight, mask, _current(mod, "bias")
-    w = _current(mod, "weight")
+        return mod.weight, mask, current_param(mod, "bias")
+    w = current_param(mod, "weight")
     keep = mod.weight_mask.to(w.device) != 0
-    return w, keep if mask is None else _check_mask(w, mask) & keep, _current(mod, "bias")
-
-
-def _current(mod: nn.Module, name: str):
-    if not pruned_by_torch(mod, name):
-        return getattr(mod, name)
-    orig = mod._parameters[f"{name}_orig"]
-    return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
+    return w, keep if mask is None else _check_mask(w, mask) & keep, current_param(mod, "bias")
 
 
 class _SparseLayer(nn.Module):
