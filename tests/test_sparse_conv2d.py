@@ -139,6 +139,12 @@ def test_kernel_choice():
                for cin, cout, b, _ in CHANNELS)                   # the grid above: phase planes
     with pytest.raises(RuntimeError, match="input_size must be"):
         torch.ops.sparsetrain.sparse_conv2d_small_tile([4, 3, 5], 2, [3, 3], [1, 1], [1, 1], torch.float32)
+    # (a geometry query: no per-row table, so a huge input_size answers at once; bad sizes named)
+    assert _small_tile(64, 64, 32, (2**40, 5), 3, 1, 1) == 0
+    with pytest.raises(RuntimeError, match=r"input spatial size must be >= 0, got \(-1, 5\)"):
+        _small_tile(64, 64, 32, (-1, 5), 3, 1, 2)
+    with pytest.raises(RuntimeError, match="kernel_size must have at most 2\\^24 taps"):
+        _small_tile(64, 64, 32, (2**40, 2**40), 2**30, 1, 1)
 
 
 def test_float64():
@@ -413,6 +419,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="grad_out must have spatial size"):
         torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy[:, :, :3], x, w.crow_indices, w.col_indices,
                                                         [3, 3], [1, 1], [1, 1])
+    # an input_size far too large for grad_out is refused at once (its row table took ~17 GB and a
+    # minute before the size check ran); a negative one names the size (was an overflow in numel)
+    gi = torch.ops.sparsetrain.sparse_conv2d_grad_input
+    for size, msg in (([2**40, 4], r"input_size \[1099511627776, 4\] does not fit grad_out's spatial size \(5, 4\)"),
+                      ([5, 2**62], "does not fit grad_out's spatial size"), ([-1, 4], "does not fit"),
+                      ([6, 4], "grad_out must have spatial size")):
+        with pytest.raises(RuntimeError, match=msg):
+            gi(gy, w.ccol_indices, w.row_indices_t, w.perm, w.values, size, [3, 3], [1, 1], [2, 1])
     with pytest.raises(ValueError, match="dilation 1 only"):
         SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, dilation=2))
     with pytest.raises(ValueError, match="groups=1 only"):

@@ -219,6 +219,14 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const int64_t B = grad_out.size(0), H = input_size[0], W = input_size[1];
   TORCH_CHECK(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
               " and ", B);
+  // input_size against the conv output (grad_out's, or y's when pooled) before make_plan, whose row
+  // table is O(H): a far too large input_size is refused, never allocated. A conv of an H-row input
+  // has more than (H - kh) / sh output rows (the exact sizes are checked below).
+  const at::Tensor& conv_out = bn ? *bn->y : grad_out;
+  TORCH_CHECK(conv_out.dim() == 4, "y must be 4-D [batch, channels, height, width], got shape ", conv_out.sizes());
+  TORCH_CHECK(H >= 0 && W >= 0 && (H - a.kh) / a.s[0] < conv_out.size(2) && (W - a.kw) / a.s[1] < conv_out.size(3),
+              "input_size ", input_size, " does not fit ", bn ? "y" : "grad_out", "'s spatial size (",
+              conv_out.size(2), ", ", conv_out.size(3), ") for kernel_size ", kernel_size, " and stride ", stride);
   const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   const bool pooled = bn && bn->pool_idx;  // (grad_out: the pooled map's; the op checked it)
   TORCH_CHECK(!bn || bn->y->sizes() == at::IntArrayRef({B, O, P.OH, P.OW}), "y must have the conv's "
@@ -469,8 +477,9 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
               input_size);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
+  TORCH_CHECK(a.kh * a.kw <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", kernel_size);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
-                           a.k, a.s, a.p, elem, 0);  // the geometry only
+                           a.k, a.s, a.p, elem, 0, /*offsets=*/false);  // the geometry only
   return small_conv_tile(P, elem);
 }
 

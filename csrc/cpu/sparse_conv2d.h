@@ -202,8 +202,9 @@ struct Plan : ConvGeom {
 };
 
 // nnz picks the forward's loop order and the tile size (rows of >= 50 nonzeros: "blocked").
+// offsets: build row_off (O(H); only the geometry queries skip it).
 Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
-               at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz);
+               at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz, bool offsets = true);
 
 // y when y is given (x, crow, col, vals, bias), else dx when dx is given (dy, ccol, row_t, perm,
 // vals) and dvalues when dvals is given (dy, x, crow, col). With y, the epilogue (conv_epilogue):

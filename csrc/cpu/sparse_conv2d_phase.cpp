@@ -36,7 +36,8 @@ int64_t plane_extent(int64_t n, int64_t k, int64_t s, int64_t p, int64_t on) {
 }  // namespace
 
 Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
-               at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz) {
+               at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz, bool offsets) {
+  TORCH_CHECK(H >= 0 && W >= 0, "input spatial size must be >= 0, got (", H, ", ", W, ")");
   Plan P;
   P.blocked = nnz >= kBlockedRow * O;
   P.B = B, P.C = C, P.H = H, P.W = W, P.O = O;
@@ -88,7 +89,7 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
     P.cb = std::max<int64_t>(1, ceil_div(C, P.ncb));
     P.ncb = std::max<int64_t>(1, ceil_div(C, P.cb));
   }
-  for (int64_t iy = 0; iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
+  for (int64_t iy = 0; offsets && iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
   for (int64_t j = 0; j < P.sw; ++j) P.col_off.push_back(j * P.S);
   return P;
 }
