@@ -85,6 +85,9 @@ def test_opcheck_and_errors():
     args = (_sums(y), 32, bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var,
             bn.num_batches_tracked, 0.1, 1e-5, True, torch.float32)
     torch.library.opcheck(OP.default, args)
+    w64 = bn.weight.detach().double()  # (float64 weights: returned as a copy, never the input, as the schema says)
+    torch.library.opcheck(OP.default, (*args[:2], w64, *args[3:]))
+    assert OP(*args[:2], w64, *args[3:])[2].data_ptr() != w64.data_ptr()
     bad = [({0: _sums(y).float()}, "stats must be a float64 CPU tensor \\[2, C\\]"),
            ({2: torch.ones(4)}, "weight must be a 1-D floating CPU tensor of 3 channels"),
            ({5: None}, "running_mean and running_var must be given together"),

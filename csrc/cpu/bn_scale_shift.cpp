@@ -26,7 +26,9 @@ void check_channel_vector(const std::optional<at::Tensor>& t, const char* name, 
 }
 
 at::Tensor as_f64(const std::optional<at::Tensor>& t, int64_t C, double fill) {
-  return t ? t->detach().to(at::kDouble).contiguous() : at::full({C}, fill, at::TensorOptions(at::kDouble));
+  // (a copy always: weight comes back as an output, which the schema says aliases no input)
+  return t ? t->detach().to(at::kDouble, false, /*copy=*/true).contiguous()
+           : at::full({C}, fill, at::TensorOptions(at::kDouble));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_shift(
