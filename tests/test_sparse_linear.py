@@ -474,6 +474,29 @@ def test_a_step_on_state_of_the_old_nnz_is_refused_by_name(make, impl, grow):
     assert not torch.equal(layer.weight.values, saved.weight.values)
 
 
+def test_state_of_another_shape_by_design_is_not_refused_after_a_resize():
+    """Only state of the values' former shapes is refused: LBFGS's flat vectors over all parameters
+    (and Adafactor's factored moments of BSR blocks) differ from a parameter's shape by design."""
+    torch.manual_seed(4)
+    layer = SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), 0.9))
+    layer.load_state_dict(SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), 0.2)).state_dict())
+    x = torch.randn(5, 16)
+    opt = torch.optim.LBFGS([layer.weight.values, layer.bias], max_iter=3)  # (its state: on the first)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: (opt.zero_grad(), layer(x).square().sum().backward(), layer(x).square().sum())[2])
+    assert opt.state[layer.weight.values]["d"].shape == (layer.nnz + 8,)
+    bsr = sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32), block_size=16)
+    diagonal = torch.block_diag(torch.ones(16, 16), torch.ones(16, 16)).bool()  # (2 of the 4 blocks)
+    bsr.load_state_dict(sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32), 16, diagonal).state_dict())
+    ada = torch.optim.Adafactor(bsr.parameters())
+    for _ in range(3):
+        ada.zero_grad()
+        bsr(torch.randn(4, 32)).sum().backward()
+        ada.step()
+    assert ada.state[bsr.weight.values]["row_var"].shape != bsr.weight.values.shape
+
+
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
     other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views
@@ -663,14 +686,15 @@ def test_sparsify_densify_roundtrip_and_errors():
         sparsetrain.sparsify_(model, {"2": torch.ones(1, dtype=torch.bool)})
 
 
-def _pruned_with_torch(seed=7):
-    """A conv + linear model pruned with torch.nn.utils.prune (weights 80%, the linear's bias too),
-    then one SGD step: weight_orig moved, `.weight` stale until the next forward."""
+def _pruned_with_torch(seed=7, bias=False):
+    """A conv + linear model pruned with torch.nn.utils.prune (weights 80%; with `bias` the linear's
+    bias too), then one SGD step: weight_orig moved, `.weight` stale until the next forward."""
     import torch.nn.utils.prune as prune
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 7 * 7, 11))
     prune.global_unstructured([(model[0], "weight"), (model[3], "weight")], prune.L1Unstructured, amount=0.8)
-    prune.random_unstructured(model[3], "bias", amount=0.3)
+    if bias:
+        prune.random_unstructured(model[3], "bias", amount=0.3)
     x = torch.randn(2, 3, 7, 7)
     model(x).square().sum().backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
@@ -681,7 +705,9 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     """from_dense and sparsify_ take a layer pruned with torch.nn.utils.prune as orig * mask computed
     now (its `.weight` attribute is stale after an optimizer step, and was used until 2026-12-04),
     keep only what both masks keep (masks only shrink), drop prune's hooks (they would recompute
-    `weight` on the sparse layer), and masks=None converts every such layer with its own mask."""
+    `weight` on the sparse layer), and masks=None converts every such layer with its own mask. A
+    pruned bias is refused (the sparse layers' bias is dense: its pruned entries would train again),
+    the model untouched; prune.remove(layer, "bias") first accepts that."""
     ref, x = _pruned_with_torch()
     want = ref(x)  # (the forward recomputes weight from weight_orig: the reference)
     model, _ = _pruned_with_torch()
@@ -689,7 +715,7 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     assert not torch.equal(stale, ref[3].weight)
     layer = SparseLinear.from_dense(model[3])
     torch.testing.assert_close(layer.to_dense().weight, ref[3].weight)
-    torch.testing.assert_close(layer.bias, ref[3].bias)  # (the pruned bias: orig * bias_mask)
+    torch.testing.assert_close(layer.bias, ref[3].bias)
     assert layer.nnz == int(model[3].weight_mask.sum()) and layer.weight.values.requires_grad
     more = random_mask(tuple(model[3].weight.shape), 0.5)
     both = SparseLinear.from_dense(model[3], more)
@@ -709,6 +735,17 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     assert isinstance(named[0], nn.Conv2d) and named[0]._forward_pre_hooks
     with pytest.raises(ValueError, match="masks=None converts the layers pruned with torch.nn.utils.prune"):
         sparsetrain.sparsify_(nn.Sequential(nn.Linear(3, 3)))
+    import torch.nn.utils.prune as prune
+    pb, x = _pruned_with_torch(bias=True)
+    for convert in (lambda: sparsetrain.sparsify_(pb), lambda: SparseLinear.from_dense(pb[3]),
+                    lambda: sparsetrain.BSRLinear.from_dense(pb[3], block_size=16)):
+        with pytest.raises(ValueError, match="bias is pruned with torch.nn.utils.prune.*prune.remove"):
+            convert()
+    assert isinstance(pb[0], nn.Conv2d) and pb[0]._forward_pre_hooks  # (untouched: refused before any change)
+    want = pb(x)
+    prune.remove(pb[3], "bias")
+    sparsetrain.sparsify_(pb)
+    torch.testing.assert_close(pb(x), want)
     import torch.nn.utils.prune as prune  # BSRLinear.from_dense: the current weight too (its own mask: blocks)
     lin = nn.Linear(32, 32)
     prune.ln_structured(lin, "weight", amount=0.5, n=1, dim=0)  # (whole rows: whole 16x16 blocks or not)

@@ -4,6 +4,7 @@ run is reported and the others finish, a killed sweep resumes to the same result
 aggregation on hand-written run directories (mean ± std, missing seeds, runs in progress)."""
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -609,6 +610,21 @@ def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
     assert {r["stop"] for r in rows if r["stop_rule"] == "none"} == {"1"}  # (finished: best.json)
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "runs" / "study"), str(tmp_path / "runs" / "perturb")])
+
+
+def test_best_model_std_counts_each_columns_own_seeds():
+    """best_model.csv: each std needs two finite values of its own column (a seed's best round may
+    lack one value: a NaN sparsity or test accuracy)."""
+    from sparsetrain.sweep.aggregate import best_model_rows
+    nan, r = float("nan"), (lambda v, t, s: {"val_acc": v, "test_acc": t, "sparsity": s})  # noqa: E731
+
+    def row(seeds):
+        return best_model_rows([{"config": {"dataset": "mnist", "eps": 0.1},
+                                 "curves": {"vanilla": dict(enumerate(seeds))}}], [])[0]
+    a = row([[r(0.9, 0.90, 0.0), r(0.95, 0.91, nan)], [r(0.9, 0.92, 0.0), r(0.95, 0.93, 0.5)]])
+    assert a["best_test_std"] == pytest.approx(np.std([91, 93], ddof=1)) and math.isnan(a["sparsity_std"])
+    b = row([[r(0.9, 0.90, 0.0), r(0.95, nan, 0.4)], [r(0.9, 0.92, 0.0), r(0.95, 0.93, 0.5)]])
+    assert math.isnan(b["best_test_std"]) and b["sparsity_std"] == pytest.approx(np.std([40, 50], ddof=1))
 
 
 def test_grid_takes_the_profile_seeds(tmp_path):

@@ -12,6 +12,7 @@ buffer: it moves with `.to(device)` and is not part of the state_dict.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -217,8 +218,9 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
         module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
         if values.shape != v.shape:
+            old = v.shape
             v.data, v.grad = v.new_empty(values.shape), None
-            _watch_resized(v)
+            _watch_resized(v, old)
     return True
 
 
@@ -227,23 +229,29 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
 # an optimizer already holds for it (momentum, Adam's moments) has the old nnz. The plain and foreach
 # steps then fail on the size mismatch; the fused=True CPU kernels do not check sizes and read or
 # write past the smaller tensor (memory corruption, or moments of other weights used silently).
-# A pre-hook common to all optimizers, registered at the first resize, refuses such a step by name.
-_resized = torch.utils.weak.WeakIdKeyDictionary()
+# A pre-hook common to all optimizers, registered at the first resize, refuses such a step by name:
+# a state tensor of one of the values' former shapes (only those: Adafactor's factored moments or
+# LBFGS's flat vectors differ from a parameter's shape by design).
+_resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
+_resized_lock = threading.Lock()  # (a load in one thread while another steps)
 _hook = None
 
 
-def _watch_resized(values: torch.Tensor) -> None:
+def _watch_resized(values: torch.Tensor, old: torch.Size) -> None:
     global _hook
-    if _hook is None:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-        _hook = register_optimizer_step_pre_hook(_check_resized_state)
-    _resized[values] = True
+    with _resized_lock:
+        if _hook is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            _hook = register_optimizer_step_pre_hook(_check_resized_state)
+        _resized[values] = _resized.get(values, frozenset()) | {old}
 
 
 def _check_resized_state(optimizer, args, kwargs):
-    for p in list(_resized.keys()):
+    with _resized_lock:
+        watched = list(_resized.items())
+    for p, former in watched:
         for key, t in optimizer.state.get(p, {}).items():
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+            if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
                 raise ValueError(
                     f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
                     f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
@@ -292,6 +300,10 @@ def current_param(mod: nn.Module, name: str):
     computed now (the attribute is recomputed only by the next forward: stale after an optimizer step)."""
     if not pruned_by_torch(mod, name):
         return getattr(mod, name)
+    if name == "bias":  # (the sparse layers' bias is dense: nothing would keep its pruned entries zero)
+        raise ValueError("the layer's bias is pruned with torch.nn.utils.prune, and a sparse layer's bias is dense, so "
+                         "the pruned entries would train again: torch.nn.utils.prune.remove(layer, 'bias') "
+                         "first accepts that")
     orig = mod._parameters[f"{name}_orig"]
     return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
 

@@ -157,11 +157,11 @@ def best_model_rows(groups, keys) -> list[dict]:
                 accs.append(100 * get(rows[i], "test_acc"))
                 sps.append(100 * get(rows[i], "sparsity"))
                 labs.append(label_rounds(rows)[i])
-            (am, asd, n), (sm, ssd, _) = stats(accs), stats(sps)
+            (am, asd, n), (sm, ssd, ns) = stats(accs), stats(sps)
             out.append({**{k: g["config"].get(k) for k in keys}, "setting": group_label(g, keys),
                         "phase": "vanilla" if ph == van else ph, "best_test_mean": am,
                         "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
-                        "sparsity_mean": sm, "sparsity_std": ssd if n > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
+                        "sparsity_mean": sm, "sparsity_std": ssd if ns > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
                         "seeds": n, "_accs": accs, "_sps": sps})
     return out
 
