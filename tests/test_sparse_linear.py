@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import sparsetrain
@@ -689,7 +690,6 @@ def test_sparsify_densify_roundtrip_and_errors():
 def _pruned_with_torch(seed=7, bias=False):
     """A conv + linear model pruned with torch.nn.utils.prune (weights 80%; with `bias` the linear's
     bias too), then one SGD step: weight_orig moved, `.weight` stale until the next forward."""
-    import torch.nn.utils.prune as prune
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 7 * 7, 11))
     prune.global_unstructured([(model[0], "weight"), (model[3], "weight")], prune.L1Unstructured, amount=0.8)
@@ -735,7 +735,6 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     assert isinstance(named[0], nn.Conv2d) and named[0]._forward_pre_hooks
     with pytest.raises(ValueError, match="masks=None converts the layers pruned with torch.nn.utils.prune"):
         sparsetrain.sparsify_(nn.Sequential(nn.Linear(3, 3)))
-    import torch.nn.utils.prune as prune
     pb, x = _pruned_with_torch(bias=True)
     for convert in (lambda: sparsetrain.sparsify_(pb), lambda: SparseLinear.from_dense(pb[3]),
                     lambda: sparsetrain.BSRLinear.from_dense(pb[3], block_size=16)):
@@ -746,9 +745,9 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     prune.remove(pb[3], "bias")
     sparsetrain.sparsify_(pb)
     torch.testing.assert_close(pb(x), want)
-    import torch.nn.utils.prune as prune  # BSRLinear.from_dense: the current weight too (its own mask: blocks)
+    # BSRLinear.from_dense takes the current weight too (its mask: the blocks holding a nonzero)
     lin = nn.Linear(32, 32)
-    prune.ln_structured(lin, "weight", amount=0.5, n=1, dim=0)  # (whole rows: whole 16x16 blocks or not)
+    prune.ln_structured(lin, "weight", amount=0.5, n=1, dim=0)
     lin(torch.randn(2, 32)).sum().backward()
     torch.optim.SGD(lin.parameters(), lr=0.5).step()
     bsr = sparsetrain.BSRLinear.from_dense(lin, block_size=16)
