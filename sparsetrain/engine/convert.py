@@ -79,8 +79,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
-    for mod in {id(m): m for m in modules.values() if id(m) in new}.values():  # (torch.nn.utils.prune's
-        hooks = mod._forward_pre_hooks  # hooks would recompute weight = orig * mask on the sparse layer)
+    for name in named.values():  # (torch.nn.utils.prune's hooks would recompute weight = orig * mask
+        hooks = modules[name]._forward_pre_hooks  # on the sparse layer: each converted layer once)
         for k in [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]:
             del hooks[k]
     _replace_modules(model, lambda mod: new.get(id(mod)))  # (every name the layer has, masked or not)

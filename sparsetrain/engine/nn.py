@@ -26,11 +26,11 @@ def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
     """The weight, mask and bias from_dense converts. For a layer pruned with torch.nn.utils.prune,
     the product orig * mask computed now (`mod.weight` is recomputed only by the next forward: after
     an optimizer step it is stale) and the mask ANDed with prune's (masks only shrink)."""
-    if not pruned_by_torch(mod):
-        return mod.weight, mask, current_param(mod, "bias")
-    w = current_param(mod, "weight")
-    keep = mod.weight_mask.to(w.device) != 0
-    return w, keep if mask is None else _check_mask(w, mask) & keep, current_param(mod, "bias")
+    w, bias = current_param(mod, "weight"), current_param(mod, "bias")
+    if pruned_by_torch(mod):
+        keep = mod.weight_mask.to(w.device) != 0
+        mask = keep if mask is None else _check_mask(w, mask) & keep
+    return w, mask, bias
 
 
 class _SparseLayer(nn.Module):
