@@ -117,7 +117,8 @@ TORCH_LIBRARY(sparsetrain, m) {
   m.def("max_pool2x2(Tensor x, Tensor? in_scale=None, Tensor? in_shift=None, bool in_relu=False) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor indices, int[2] input_size) -> Tensor");
   // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
-  // 0 for the phase-plane kernel. For tests and benchmarks; the ops pick it themselves.
+  // 0 for the phase-plane kernel, -1 for the strided 1x1 kernel. For tests and benchmarks; the ops
+  // pick it themselves.
   m.def("sparse_conv2d_small_tile(int[] input_size, int out_channels, int[] kernel_size, int[] stride, "
         "int[] padding, ScalarType dtype) -> int");
 }

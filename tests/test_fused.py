@@ -28,10 +28,12 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4,
 
 # ============================================================================ the ops
 # (C, O, batch, hw, k, stride, pad): phase-plane kernel maps, the small-map kernel (<= 16 output
-# pixels, batch >= one vector), 1x1, stride 2, batch 1, one channel, rows of >= 50 nonzeros (blocked)
+# pixels, batch >= one vector), 1x1, stride 2, batch 1, one channel, rows of >= 50 nonzeros (blocked),
+# the strided 1x1 kernel (1x1 stride 2 without padding)
 GEOMS = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 7, 1, (5, 5), 1, 2, 0), (1, 1, 3, (1, 1), 1, 1, 0),
          (5, 3, 16, (4, 4), 3, 1, 1), (6, 9, 32, (3, 3), 3, 2, 1), (11, 6, 2, (8, 8), 3, 2, 1),
-         (8, 4, 2, (6, 6), 3, 1, 1)]
+         (8, 4, 2, (6, 6), 3, 1, 1),
+         (6, 5, 17, (7, 9), 1, 2, 0), (1200, 8, 2, (33, 17), 1, 2, 0)]  # strided 1x1: sample tiles, bands
 
 
 @pytest.mark.parametrize("geom", GEOMS)
@@ -142,7 +144,7 @@ def test_ops_opcheck():
 
 
 # (C, O, batch, hw, k, stride, pad): phase-plane kernel (dy computed while packed), with one tile and
-# two channel chunks (batch 1), strided, 1x1; the small-map kernel (dy written first); empty rows
+# two channel chunks (batch 1), strided; 1x1 stride 2 and the small-map kernel (dy written first); empty rows
 # (maps of >= 64 pixels: a residual's gradient written by the BN's first pass, 81: unaligned planes)
 CONV_BN = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 6, 1, (8, 8), 3, 1, 1), (3, 5, 3, (9, 9), 3, 1, 1),
            (5, 4, 3, (9, 8), 3, 2, 1), (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1)]
@@ -205,13 +207,15 @@ def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
 
 
 @pytest.mark.parametrize("geom", [(4, 6, 2, (9, 9), 3, 1, 1), (5, 3, 3, (8, 8), 1, 1, 0), (6, 5, 3, (4, 4), 3, 1, 1),
-                                  (5, 4, 3, (9, 8), 3, 2, 1)], ids=lambda g: f"{g[3]}-k{g[4]}s{g[5]}")
+                                  (5, 4, 3, (9, 8), 3, 2, 1), (6, 5, 3, (9, 8), 1, 2, 0)],
+                         ids=lambda g: f"{g[3]}-k{g[4]}s{g[5]}")
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
     """With in_mean, the conv reading a deferred BN's y returns that BN's first-pass sums of dx
     (sum g, sum g (x - mean), g = dx masked by its ReLU): from the phase kernel's dx planes (stride
-    1), else a pass over dx (small maps, stride 2); `sums` given back replaces a BN's own pass."""
+    1), else a pass over dx (small maps, stride 2, the strided 1x1 kernel); `sums` given back replaces a
+    BN's own pass."""
     C, O, B, hw, k, st, pad = geom
     g = torch.Generator().manual_seed(5)
     wt = torch.randn(O, C, k, k, generator=g, dtype=dtype)

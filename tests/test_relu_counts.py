@@ -19,10 +19,12 @@ def _count(out: torch.Tensor) -> torch.Tensor:
     return (out.reshape(out.shape[0], -1) > 0).sum(0).to(torch.int64)
 
 
-# (C, O, batch, hw, k, stride, pad): phase-plane maps (odd, stride 2, 1x1, batch 1, one pixel) and the
+# (C, O, batch, hw, k, stride, pad): phase-plane maps (odd, stride 2, 1x1, batch 1, one pixel), the
 # small-map kernel (<= 16 output pixels, batch >= one vector; 24 samples: a tile and a partial one)
+# and the strided 1x1 kernel (1x1 stride 2 without padding)
 GEOMS = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 7, 1, (5, 5), 1, 2, 0), (1, 1, 3, (1, 1), 1, 1, 0),
-         (5, 3, 24, (4, 4), 3, 1, 1), (6, 9, 17, (3, 3), 3, 2, 1), (11, 6, 2, (8, 8), 3, 2, 1)]
+         (5, 3, 24, (4, 4), 3, 1, 1), (6, 9, 17, (3, 3), 3, 2, 1), (11, 6, 2, (8, 8), 3, 2, 1),
+         (6, 5, 17, (7, 9), 1, 2, 0), (1200, 8, 2, (33, 17), 1, 2, 0)]  # strided 1x1: sample tiles, bands
 
 
 @pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"{g[0]}-{g[1]}-b{g[2]}-{g[3]}-k{g[4]}s{g[5]}")

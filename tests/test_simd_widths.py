@@ -12,7 +12,7 @@ from sparsetrain.engine.ops import simd_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # phase-plane conv (sparse and channel-blocked rows, strides, streamed rows, fp64), small-map conv
-# (every tile width), linear (tile widths 16 and 64, fp64), the BatchNorm passes fused around the
+# (every tile width), strided 1x1 conv (every register block, fp64), linear (tile widths 16 and 64, fp64), the BatchNorm passes fused around the
 # conv (vector bodies and scalar tails, against nn.BatchNorm2d)
 SELECTION = [
     "test_sparse_conv2d.py::test_many_tiles_chunks_and_threads",
@@ -20,6 +20,7 @@ SELECTION = [
     "test_sparse_conv2d.py::test_streamed_planes_and_stride2_rows",
     "test_sparse_conv2d.py::test_small_map_kernel_matches_dense_masked",
     "test_sparse_conv2d.py::test_small_map_kernel_float64_and_one_thread",
+    "test_sparse_conv2d.py::test_strided_1x1_kernel_matches_dense_masked",
     "test_sparse_conv2d.py::test_float64",
     "test_sparse_linear.py::test_matches_dense_masked",
     "test_sparse_linear.py::test_large_batch_tiles_and_threads",

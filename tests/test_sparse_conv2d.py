@@ -91,7 +91,6 @@ SMALL_MAPS = [
     (5, 7, 16, (2, 2), 3, 1, 1, 0.0, False),                 # 2x2: every pixel a corner
     (9, 4, 33, (1, 1), 3, 1, 1, 0.3, True),                  # 1x1: the centre tap only
     (6, 5, 40, (7, 7), 3, 2, 1, 0.6, False),                 # stride 2 -> 4x4
-    (6, 5, 17, (8, 8), 1, 2, 0, 0.2, True),                  # 1x1 stride-2 downsample
     (4, 3, 24, (5, 5), 3, 1, 0, 0.5, True),                  # no padding -> 3x3
     (3, 4, 70, (3, 5), (1, 3), (2, 1), (0, 1), 0.4, True),   # rectangular; 64-sample tiles
     (5, 5, 130, (4, 4), 3, 1, 1, 0.99, True),                # 128-sample tiles, ragged
@@ -115,6 +114,57 @@ def test_small_map_kernel_matches_dense_masked(case):
     _check(*case)
 
 
+# The strided 1x1 kernel (kernel 1x1, no padding, a stride above 1: the ResNets' downsample convs):
+# tiles of whole samples (a ragged last one), bands of rows of one sample (a sample over its 128 KB
+# tile: 1200 channels), odd sizes (the stride-2 expansion's last column past the row), strides
+# (1, 2), (2, 1), 3 and past the map, batch 1, 0 and 100 %. Rows, columns and channels none reads.
+POINTWISE = [
+    (6, 5, 17, (8, 8), 1, 2, 0, 0.2, True),                  # the downsample: 9- and 8-sample tiles
+    (5, 7, 3, (7, 9), 1, 2, 0, 0.5, False),                  # odd sizes: 4x5 output
+    (4, 6, 5, (9, 8), 1, (1, 2), 0, 0.0, True),              # every row read
+    (4, 6, 5, (9, 8), 1, (2, 1), 0, 0.7, True),              # every column read
+    (3, 5, 2, (10, 11), 1, 3, 0, 0.5, True),
+    (3, 4, 1, (3, 3), 1, 2, 0, 0.5, True),                   # batch 1: 2x2 output
+    (2, 3, 4, (5, 5), 1, 7, 0, 0.3, True),                   # stride past the map: one pixel
+    (1200, 8, 2, (33, 17), 1, 2, 0, 0.9, True),              # bands of 3 rows, a ragged last band
+    (1200, 8, 3, (6, 6), 1, 2, 0, 0.9, False),               # one sample per tile
+    (8, 8, 4, (6, 6), 1, 2, 0, 1.0, True),                   # no nonzero: bias only, dx zeros
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{c[3]}-s{c[5]}-{c[7]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strided_1x1_kernel_matches_dense_masked(case, dtype):
+    cin, cout, batch, hw, k, s, p, sparsity, bias = case
+    assert _small_tile(cin, cout, batch, hw, k, s, p, dtype) == -1  # the strided 1x1 kernel serves it
+    _check(*case, dtype=dtype)
+
+
+def test_strided_1x1_kernel_one_thread_and_empty_rows():
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _check(6, 5, 17, (8, 8), 1, 2, 0, 0.5, True)
+    finally:
+        torch.set_num_threads(n)
+    g = torch.Generator().manual_seed(5)  # rows and columns with no nonzero (empty_rows), and the
+    conv = nn.Conv2d(9, 11, 1, stride=2, bias=True)  # backward's two products on their own
+    mask = random_mask(conv.weight.shape, 0.6, generator=g, empty_rows=3)
+    mask[:, 2] = False
+    layer = SparseConv2d.from_dense(conv, mask)
+    x = torch.randn(5, 9, 7, 6, generator=g, requires_grad=True)
+    assert_layer_matches(layer, conv, mask, dense_conv2d, x, g, dict(rtol=1e-4, atol=1e-4), stride=2, padding=0)
+    gy = torch.randn(5, 11, 4, 3, generator=g)
+    idx = layer.weight.index()
+    crow, col, values, ccol, row_t, perm = idx
+    dx = torch.ops.sparsetrain.sparse_conv2d_grad_input(gy, ccol, row_t, perm, values, [7, 6], [1, 1], [2, 2], [0, 0])
+    dv = torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy, x.detach(), crow, col, [1, 1], [2, 2], [0, 0])
+    dx2, dv2 = torch.ops.sparsetrain.sparse_conv2d_backward(gy, x.detach(), *idx, [1, 1], [2, 2], [0, 0])
+    torch.testing.assert_close(dx, dx2, rtol=0, atol=0)
+    torch.testing.assert_close(dv, dv2, rtol=0, atol=0)
+    assert (dx[:, 2] == 0).all() and (dx[:, :, 1::2] == 0).all() and (dx[:, :, :, 1::2] == 0).all()
+
+
 def test_small_map_kernel_float64_and_one_thread():
     assert _small_tile(6, 5, 20, (4, 4), 3, 2, 1, torch.float64) == 16
     _check(6, 5, 20, (4, 4), 3, 2, 1, 0.5, True, dtype=torch.float64)
@@ -135,8 +185,14 @@ def test_kernel_choice():
     assert _small_tile(130, 6, 40, (8, 8), 3, 2, 1) == 16
     assert _small_tile(64, 64, 128, (32, 32), 3, 1, 1) == 0      # layer1: 1024 output pixels
     assert _small_tile(512, 512, 8, (4, 4), 3, 1, 1) == 0        # batch below one vector
-    assert all(_small_tile(cin, cout, b, hw, k, s, p) == 0 for k, s, p, hw in GEOMETRIES
-               for cin, cout, b, _ in CHANNELS)                   # the grid above: phase planes
+    assert _small_tile(256, 512, 128, (8, 8), 1, 2, 0) == -1     # layer4.0's downsample: strided 1x1
+    assert _small_tile(64, 128, 8, (32, 32), 1, 2, 0) == -1
+    assert _small_tile(64, 64, 32, (8, 8), 1, 1, 0) == 0         # 1x1 stride 1: phase planes
+    assert _small_tile(64, 64, 32, (8, 8), 1, 2, 1) == 0         # padded 1x1: phase planes
+    # the grid above: phase planes, but the strided 1x1 kernel for 1x1 stride 2 without padding (on a
+    # 1x1 map the stride is clamped to 1: one output pixel)
+    assert all(_small_tile(cin, cout, b, hw, k, s, p) == (-1 if (k, s, p) == (1, 2, 0) and hw != (1, 1) else 0)
+               for k, s, p, hw in GEOMETRIES for cin, cout, b, _ in CHANNELS)
     with pytest.raises(RuntimeError, match="input_size must be"):
         torch.ops.sparsetrain.sparse_conv2d_small_tile([4, 3, 5], 2, [3, 3], [1, 1], [1, 1], torch.float32)
     # (a geometry query: no per-row table, so a huge input_size answers at once; bad sizes named)

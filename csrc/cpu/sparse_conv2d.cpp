@@ -1,7 +1,8 @@
 // SparseConv2d on CPU: the op entry points (argument checks, outputs) of sparse_conv2d and its
-// gradients, and the choice between the two direct-convolution kernels: the batch-innermost kernel
-// for small maps (sparse_conv2d_small.cpp) and the phase-plane kernel for the rest
-// (sparse_conv2d_phase.cpp).
+// gradients, and the choice between the three direct-convolution kernels: the strided 1x1 kernel
+// for 1x1 convs without padding and a stride above 1 (sparse_conv2d_pointwise.cpp), the
+// batch-innermost kernel for other small maps (sparse_conv2d_small.cpp) and the phase-plane kernel
+// for the rest (sparse_conv2d_phase.cpp).
 #include "bn_act.h"
 #include "sparse_conv2d.h"
 
@@ -124,11 +125,18 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
   int64_t* counts = relu_counts ? check_state_counts(*relu_counts, O * P.OH * P.OW) : nullptr;
   if (y.numel() == 0) return y;
   double* st = stats ? stats->data_ptr<double>() : nullptr;
-  const int64_t sbt = small_conv_tile(P, x.element_size());
-  const at::Tensor xc = deferred_input(x.contiguous(), ia, sbt != 0, P);
+  const int64_t prb = pointwise_conv_rows(P, x.element_size());
+  const int64_t sbt = prb ? 0 : small_conv_tile(P, x.element_size());
+  const at::Tensor xc = deferred_input(x.contiguous(), ia, sbt != 0 || prb != 0, P);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
     const XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
                             ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
+    if (prb)
+      return pointwise_conv<scalar_t>(P, prb, xc.data_ptr<scalar_t>(), nullptr,
+                                      bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
+                                      col.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), nullptr, nullptr,
+                                      nullptr, col.numel(), y.data_ptr<scalar_t>(), nullptr, nullptr, relu, st,
+                                      nullptr, counts);
     if (sbt)
       return small_conv<scalar_t>(P, sbt, xc.data_ptr<scalar_t>(), nullptr,
                                   bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
@@ -234,10 +242,11 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   TORCH_CHECK(pooled || (grad_out.size(2) == P.OH && grad_out.size(3) == P.OW), "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   at::Tensor g = grad_out.contiguous();
-  const int64_t sbt = small_conv_tile(P, like.element_size());
+  const int64_t prb = pointwise_conv_rows(P, like.element_size());
+  const int64_t sbt = prb ? 0 : small_conv_tile(P, like.element_size());
   if (!crow) ia.reset();  // (only the weight gradient reads x)
-  const at::Tensor xc = x ? deferred_input(x->contiguous(), ia, sbt != 0, P) : at::Tensor();
-  if (bn && (sbt || B == 0 || nnz == 0)) {  // dy written out, then the plain backward
+  const at::Tensor xc = x ? deferred_input(x->contiguous(), ia, sbt != 0 || prb != 0, P) : at::Tensor();
+  if (bn && (sbt || prb || B == 0 || nnz == 0)) {  // dy written out, then the plain backward
     if (pooled) g = max_pool2x2_backward(g, *bn->pool_idx, {P.OH, P.OW});
     at::Tensor dy = pooled_empty(g.sizes(), g.options());
     if (g.numel())
@@ -265,6 +274,14 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (B == 0 || nnz == 0) return {dx, dv};
   const bool has_add = add.defined();
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
+    if (prb)
+      return pointwise_conv<scalar_t>(
+          P, prb, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
+          crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
+          values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
+          ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
+          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
+          false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
     if (sbt)
       return small_conv<scalar_t>(
           P, sbt, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
@@ -480,7 +497,7 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
   TORCH_CHECK(a.kh * a.kw <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", kernel_size);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
                            a.k, a.s, a.p, elem, 0, /*offsets=*/false);  // the geometry only
-  return small_conv_tile(P, elem);
+  return pointwise_conv_rows(P, elem) ? -1 : small_conv_tile(P, elem);  // (the strided 1x1 kernel first)
 }
 
 }  // namespace

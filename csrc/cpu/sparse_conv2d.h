@@ -1,5 +1,6 @@
-// Shared by the two CPU kernels of sparse_conv2d: the phase-plane kernel (sparse_conv2d_phase.cpp,
-// any map size) and the batch-innermost kernel for small maps (sparse_conv2d_small.cpp).
+// Shared by the three CPU kernels of sparse_conv2d: the phase-plane kernel (sparse_conv2d_phase.cpp,
+// any map size), the batch-innermost kernel for small maps (sparse_conv2d_small.cpp) and the strided
+// 1x1 kernel (sparse_conv2d_pointwise.cpp).
 #pragma once
 #include "common.h"
 #include "unpool.h"
@@ -231,5 +232,17 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
                 const int32_t* row_t, const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals,
                 bool relu = false, double* stats = nullptr, const T* dx_add = nullptr,
                 int64_t* relu_counts = nullptr);
+
+// ---- the strided 1x1 kernel (sparse_conv2d_pointwise.cpp)
+// Output rows per band of the strided 1x1 kernel, or 0 where it does not apply (kernel 1x1, no
+// padding, a stride above 1).
+int64_t pointwise_conv_rows(const ConvGeom& g, size_t elem);
+
+// The three products of the strided 1x1 kernel, with run_conv's contract (no BnPack, no XAct).
+template <typename T>
+void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, const T* bias, const int64_t* crow,
+                    const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
+                    const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
+                    double* stats = nullptr, const T* dx_add = nullptr, int64_t* relu_counts = nullptr);
 
 }  // namespace sparsetrain
