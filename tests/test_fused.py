@@ -144,10 +144,12 @@ def test_ops_opcheck():
 
 
 # (C, O, batch, hw, k, stride, pad): phase-plane kernel (dy computed while packed), with one tile and
-# two channel chunks (batch 1), strided; 1x1 stride 2 and the small-map kernel (dy written first); empty rows
+# two channel chunks (batch 1), strided, the strided 1x1 kernel (dy computed as packed: one tile, two
+# tiles of 9 and 8 samples; dy written first: bands of rows), the small-map kernel (dy written first); empty rows
 # (maps of >= 64 pixels: a residual's gradient written by the BN's first pass, 81: unaligned planes)
 CONV_BN = [(3, 5, 2, (9, 7), 3, 1, 1), (4, 6, 1, (8, 8), 3, 1, 1), (3, 5, 3, (9, 9), 3, 1, 1),
-           (5, 4, 3, (9, 8), 3, 2, 1), (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1)]
+           (5, 4, 3, (9, 8), 3, 2, 1), (6, 7, 2, (8, 6), 1, 2, 0), (6, 5, 20, (4, 4), 3, 1, 1),
+           (6, 7, 17, (16, 12), 1, 2, 0), (1200, 8, 2, (33, 17), 1, 2, 0)]
 # (relu_after, relu_before, residual, grad_residual): the patterns fuse_ builds
 BN_FLAGS = [(True, False, False, False), (False, False, False, False), (False, True, False, False),
             (True, False, True, True), (True, False, True, False)]
@@ -253,8 +255,8 @@ def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
 
 
 @pytest.mark.parametrize("geom", [(3, 5, 2, (16, 16), 3, 1, 1), (4, 6, 1, (17, 19), 3, 1, 1), (3, 4, 2, (32, 16), 1, 1, 0),
-                                  (3, 5, 2, (8, 8), 3, 1, 1), (5, 3, 16, (4, 4), 3, 1, 1)],
-                         ids=lambda g: f"{g[3]}-b{g[2]}-k{g[4]}")
+                                  (3, 5, 2, (8, 8), 3, 1, 1), (5, 3, 16, (4, 4), 3, 1, 1), (4, 6, 2, (32, 32), 1, 2, 0)],
+                         ids=lambda g: f"{g[3]}-b{g[2]}-k{g[4]}s{g[5]}")
 @pytest.mark.parametrize("relu_after", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sparsity", [0.5, 1.0])

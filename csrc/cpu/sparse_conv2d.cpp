@@ -246,7 +246,9 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const int64_t sbt = prb ? 0 : small_conv_tile(P, like.element_size());
   if (!crow) ia.reset();  // (only the weight gradient reads x)
   const at::Tensor xc = x ? deferred_input(x->contiguous(), ia, sbt != 0 || prb != 0, P) : at::Tensor();
-  if (bn && (sbt || prb || B == 0 || nnz == 0)) {  // dy written out, then the plain backward
+  // dy written out, then the plain backward: the small-map kernel, the strided 1x1 kernel on bands of
+  // a map or a pooled gradient, no products
+  if (bn && (sbt || (prb && (prb < P.OH || pooled)) || B == 0 || nnz == 0)) {
     if (pooled) g = max_pool2x2_backward(g, *bn->pool_idx, {P.OH, P.OW});
     at::Tensor dy = pooled_empty(g.sizes(), g.options());
     if (g.numel())
@@ -274,14 +276,6 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (B == 0 || nnz == 0) return {dx, dv};
   const bool has_add = add.defined();
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "sparse_conv2d_backward", [&] {
-    if (prb)
-      return pointwise_conv<scalar_t>(
-          P, prb, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
-          crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
-          values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
-          ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
-          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
-          false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
     if (sbt)
       return small_conv<scalar_t>(
           P, sbt, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
@@ -322,6 +316,14 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
       pk.dsum = bn->dsum;
       if (bn->pool_idx) up = Unpool{bn->pool_idx->data_ptr<uint8_t>(), P.OH, P.OW}, pk.up = &up;
     }
+    if (prb)
+      return pointwise_conv<scalar_t>(
+          P, prb, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
+          crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
+          values ? values->data_ptr<scalar_t>() : nullptr, ccol ? ccol->data_ptr<int64_t>() : nullptr,
+          ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
+          nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
+          false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr, nullptr, bn ? &pk : nullptr);
     run_conv<scalar_t>(P, x ? xc.data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(), nullptr,
                        crow ? crow->data_ptr<int64_t>() : nullptr, crow ? col->data_ptr<int32_t>() : nullptr,
                        values ? values->data_ptr<scalar_t>() : nullptr,

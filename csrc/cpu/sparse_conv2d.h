@@ -238,11 +238,13 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
 // padding, a stride above 1).
 int64_t pointwise_conv_rows(const ConvGeom& g, size_t elem);
 
-// The three products of the strided 1x1 kernel, with run_conv's contract (no BnPack, no XAct).
+// The three products of the strided 1x1 kernel, with run_conv's contract (no XAct; a BnPack only
+// where one band is the whole map, rb >= OH, and without pooling).
 template <typename T>
 void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, const T* bias, const int64_t* crow,
                     const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
                     const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu = false,
-                    double* stats = nullptr, const T* dx_add = nullptr, int64_t* relu_counts = nullptr);
+                    double* stats = nullptr, const T* dx_add = nullptr, int64_t* relu_counts = nullptr,
+                    const BnPack<T>* bn = nullptr);
 
 }  // namespace sparsetrain

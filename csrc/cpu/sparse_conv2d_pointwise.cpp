@@ -10,6 +10,7 @@
 // merges dx back from them; here the unread pixels are never packed and dx's zero rows and columns
 // are streamed straight out, so the traffic is x's read rows (twice: y and dW), y, dy and dx once.
 // Parallel like the other kernels (run_tasks): tasks = tiles x chunks of channels.
+#include "bn_act.h"
 #include "rows.h"
 #include "sparse_conv2d.h"
 
@@ -40,6 +41,8 @@ struct PArgs {
   double* stats;        // [tiles][O][2], or nullptr
   const T* dx_add;      // added to dx (its layout), or nullptr
   StateCounts* counts;
+  const BnPack<T>* bn;  // backward: dy is the BatchNorm's input gradient of dy = g (BnPack), or nullptr
+  double* bn_part;      // with bn->dsum: [tiles][O] partial sums of dy
 };
 
 // out[0:ld] = init + sum_k w[k] * base[off[k] + 0:ld], in blocks of NV vectors held in registers
@@ -110,6 +113,33 @@ ST_INLINE void pack_xs(const PArgs<T>& A, const Tile& t, T* xs) {
   }
 }
 
+// The packed dy of a tile of whole planes computed from the BatchNorm's output gradient g
+// (sparse_conv2d_bn_backward, as the phase-plane kernel's pack_dy_tile_bn): dy never written. The
+// first channel chunk of the tile (`first`) also does every other plane, for the residual's gradient
+// (streamed out) and the bias sums (this tile's [O] partials).
+template <typename T, int VB>
+ST_INLINE void pack_dy_bn(const PArgs<T>& A, const Tile& t, int64_t tile, T* dys, bool first) {
+  const ConvGeom& g = *A.g;
+  const BnPack<T>& G = *A.bn;
+  const int64_t O = g.O, ohw = g.OH * g.OW;
+  double* dsum = first && A.bn_part ? A.bn_part + tile * O : nullptr;
+  const bool wg = first && G.gout, all = wg || dsum;
+  T* tmp = scratch<T>(size_t(ohw), 4);
+  T* gtmp = wg ? scratch<T>(size_t(ohw), 5) : nullptr;
+  for (int64_t b = 0; b < t.tb; ++b)
+    for (int64_t o = 0; o < O; ++o) {
+      if (A.orow[o] < 0 && !all) continue;
+      const int64_t off = ((t.b0 + b) * O + o) * ohw;
+      T* d = A.orow[o] < 0 ? tmp : dys + A.orow[o] + b * t.m;
+      const T s = bn_dy_plane_for<T, VB>(G.relu_after, G.relu_before, G.res != nullptr, wg, A.dy + off, G.y + off,
+                                         G.res ? G.res + off : nullptr, ohw, G.scale[o], G.shift[o], G.mean[o],
+                                         G.ka[o], G.kb[o], G.kc[o], d, gtmp);
+      if (wg) stream_rows(G.gout + off, ohw, gtmp, 0, ohw, 1);
+      if (dsum) dsum[o] += s;
+    }
+  if (wg) stream_fence();
+}
+
 template <typename T, int VB, int NV>
 ST_INLINE void pw_fwd_impl(const PArgs<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
   const ConvGeom& g = *A.g;
@@ -141,15 +171,17 @@ ST_INLINE void pw_bwd_impl(const PArgs<T>& A, int64_t tile, int64_t c0, int64_t 
   T* xs = part ? scratch<T>(size_t(std::max<int64_t>(A.nuc, 1)) * ld, 0) : nullptr;
   T* dys = scratch<T>(size_t(std::max<int64_t>(A.nuo, 1)) * ld, 1);
   if (pack) {
-    for (int64_t s = 0; s < A.nuo; ++s) {
-      T* d = dys + s * ld;
-      for (int64_t b = 0; b < t.tb; ++b, d += t.m) {
-        const T* src = A.dy + ((t.b0 + b) * g.O + A.urow[s]) * ohw + p0;
-        prefetch_ahead_n(src, t.m);
-        copy_n(d, src, t.m);
+    if (A.bn) pack_dy_bn<T, VB>(A, t, tile, dys, c0 == 0 && o0 == 0);
+    else
+      for (int64_t s = 0; s < A.nuo; ++s) {
+        T* d = dys + s * ld;
+        for (int64_t b = 0; b < t.tb; ++b, d += t.m) {
+          const T* src = A.dy + ((t.b0 + b) * g.O + A.urow[s]) * ohw + p0;
+          prefetch_ahead_n(src, t.m);
+          copy_n(d, src, t.m);
+        }
       }
-      zero_n(d, ld - t.n);
-    }
+    for (int64_t s = 0; s < A.nuo; ++s) zero_n(dys + s * ld + t.n, ld - t.n);
     if (part) pack_xs(A, t, xs);
   }
   if (A.dx) {
@@ -230,7 +262,7 @@ template <typename T>
 void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, const T* bias, const int64_t* crow,
                     const int32_t* col, const T* vals, const int64_t* ccol, const int32_t* row_t,
                     const int64_t* perm, int64_t nnz, T* y, T* dx, T* dvals, bool relu, double* stats,
-                    const T* dx_add, int64_t* relu_counts) {
+                    const T* dx_add, int64_t* relu_counts, const BnPack<T>* bn) {
   // whole samples per tile while one fits kTileBytes (rb = OH), at most the batch split over the
   // threads; else one sample's band of rb rows
   const int64_t nth = at::get_num_threads(), nb = (g.OH + rb - 1) / rb;
@@ -268,9 +300,12 @@ void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, cons
   const int64_t tiles = (g.B + bt - 1) / bt * nb;
   PArgs<T> A{&g, bt, rb, nb, ld, nv, x, dy, bias, vals, crow, ccol, col, ucol.data(), urow.data(),
              int64_t(ucol.size()), int64_t(urow.size()), xoff.data(), doff.data(), orow.data(), dval.data(),
-             y, dx, relu, nullptr, dx_add, nullptr};
+             y, dx, relu, nullptr, dx_add, nullptr, bn, nullptr};
+  TORCH_CHECK(!bn || (nb == 1 && !bn->up), "the strided 1x1 kernel computes a BatchNorm's dy on whole planes only");
   StateCounts counts(y ? relu_counts : nullptr, g.O * g.OH * g.OW);
   if (counts.counts) A.counts = &counts;
+  std::vector<double> bn_part(bn && bn->dsum ? size_t(tiles) * g.O : 0, 0.0);
+  if (!bn_part.empty()) A.bn_part = bn_part.data();
   std::vector<double> part(y && stats ? size_t(tiles) * g.O * 2 : 0, 0.0);
   A.stats = part.empty() ? nullptr : part.data();
   run_tasks<T>(
@@ -281,12 +316,15 @@ void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, cons
       });
   if (!part.empty()) reduce_stats(part, tiles, g.O, stats);
   counts.finish();
+  if (!bn_part.empty())  // added to the caller's [O] in tile order (deterministic)
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t o = 0; o < g.O; ++o) bn->dsum[o] += bn_part[t * g.O + o];
 }
 
 #define ST_PW_INSTANTIATE(T)                                                                                    \
   template void pointwise_conv<T>(const ConvGeom&, int64_t, const T*, const T*, const T*, const int64_t*,      \
                                   const int32_t*, const T*, const int64_t*, const int32_t*, const int64_t*,     \
-                                  int64_t, T*, T*, T*, bool, double*, const T*, int64_t*);
+                                  int64_t, T*, T*, T*, bool, double*, const T*, int64_t*, const BnPack<T>*);
 ST_PW_INSTANTIATE(float)
 ST_PW_INSTANTIATE(double)
 #undef ST_PW_INSTANTIATE
