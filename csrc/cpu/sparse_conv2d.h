@@ -235,7 +235,7 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
 
 // ---- the strided 1x1 kernel (sparse_conv2d_pointwise.cpp)
 // Output rows per band of the strided 1x1 kernel, or 0 where it does not apply (kernel 1x1, no
-// padding, a stride above 1).
+// padding, a stride above 1 once make_plan has clamped a stride past the map to it).
 int64_t pointwise_conv_rows(const ConvGeom& g, size_t elem);
 
 // The three products of the strided 1x1 kernel, with run_conv's contract (no XAct; a BnPack only
