@@ -51,7 +51,8 @@ def test_conv_stats_matches_conv_and_sums(geom, sparsity, relu):
     ref = dense_conv2d(x, w, mask, bias, stride=s, padding=p)
     if relu:
         ref = F.relu(ref)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # fp32 tolerance: geom8 sums 1200 channels per output (~1e-4 apart from oneDNN's order on AVX-512)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
     assert stats.dtype == torch.float64 and stats.shape == (2, cout)
     torch.testing.assert_close(stats[0], ref.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats[1], (ref.double() ** 2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
