@@ -897,3 +897,41 @@ def test_nan_semantics_pruned_weights_are_absent():
     x[1, 4] = float("inf")
     y = layer(x)
     assert torch.isinf(y[1, 0]) and torch.isfinite(y[1, 1:]).all()
+
+
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
+def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refused_by_name(make, impl):
+    """sparsify_ reorders a model's parameters (a layer's bias now before its values) and changes their
+    shapes, so a dense model's optimizer state, loaded by position, lands on the wrong parameters:
+    the fused=True CPU kernels wrote past the smaller tensors (glibc aborted the process). Every step
+    refuses it, naming the optimizer, the state, its position and both shapes; the model untouched.
+    State saved with the sparse model trains on."""
+    torch.manual_seed(5)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+
+    def optimizer(model):
+        return (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
+                else torch.optim.Adam(model.parameters(), lr=0.1, **kw))
+    x = torch.randn(2, 3, 8, 8)
+    dense_opt = optimizer(dense)
+    dense(x).sum().backward()
+    dense_opt.step()
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, {"0": random_mask((8, 3, 3, 3), 0.9), "3": random_mask((4, 288), 0.9)})
+    assert [p.shape for p in model.parameters()][:2] == [(8,), (model[0].nnz,)]  # (the bias first now)
+    opt = optimizer(model)
+    opt.load_state_dict(copy.deepcopy(dense_opt.state_dict()))
+    model(x).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = "momentum_buffer" if make == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__} state '{state}' of param_groups\[0\]\['params'\]\[0\] "
+                       r"has shape \(8, 3, 3, 3\), the parameter \(8,\): .*build the optimizer after sparsify_"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    sparse_opt = optimizer(model)  # state saved with the sparse model fits
+    sparse_opt.step()
+    opt.load_state_dict(copy.deepcopy(sparse_opt.state_dict()))
+    opt.step()
+    assert not torch.equal(next(model.parameters()), before[0])

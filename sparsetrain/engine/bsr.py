@@ -22,7 +22,7 @@ from torch import nn
 from .backend import current_backend
 from .args import check_bias
 from .autograd import first_order
-from .formats import _fill_dense, _pattern, _resize_pattern, current_param, transpose_index
+from .formats import _fill_dense, _pattern, _resize_pattern, _watch_state, current_param, transpose_index
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -67,6 +67,7 @@ class BSR(nn.Module):
         self.values = nn.Parameter(values.detach().contiguous().clone(),
                                    requires_grad=values.requires_grad)
         self._build_index()
+        _watch_state()  # (optimizer state that does not fit: refused by name)
 
     def _build_index(self) -> None:
         """The transposed block index (not saved: rebuilt from the pattern, as CSR's)."""

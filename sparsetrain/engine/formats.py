@@ -69,6 +69,7 @@ class CSR(nn.Module):
         v = values.detach().contiguous().clone()
         self.values = nn.Parameter(v, requires_grad=values.requires_grad)
         self._build_csc()
+        _watch_state()  # (optimizer state that does not fit: refused by name)
 
     # ------------------------------------------------------------------ construction / export
     @classmethod
@@ -224,29 +225,47 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
     return True
 
 
-# ---- optimizer state of a resized values Parameter ------------------------------------------------
-# A resize keeps the Parameter (an optimizer built before load_state_dict keeps training it), so state
-# an optimizer already holds for it (momentum, Adam's moments) has the old nnz. The plain and foreach
-# steps then fail on the size mismatch; the fused=True CPU kernels do not check sizes and read or
-# write past the smaller tensor (memory corruption, or moments of other weights used silently).
-# A pre-hook common to all optimizers, registered at the first resize, refuses such a step by name:
-# a state tensor of one of the values' former shapes (only those: Adafactor's factored moments or
-# LBFGS's flat vectors differ from a parameter's shape by design).
+# ---- optimizer state that does not fit its parameter ----------------------------------------------
+# PyTorch's optimizers match loaded state to parameters by position and never check its shape: the
+# plain and foreach steps then fail on a size mismatch, the fused=True CPU kernels do not check sizes
+# and read or write past the smaller tensor (memory corruption, or other weights' moments used
+# silently). Two ways a sparse model meets such state:
+# * a resize: load_state_dict into a layer of another nnz keeps the values Parameter (an optimizer
+#   built before keeps training it), so state an optimizer already holds for it has the old nnz;
+# * sparsify_ changes the parameters' order and shapes (a layer's bias now comes before its values),
+#   so a dense model's optimizer state loaded into the sparse model's optimizer lands on the wrong
+#   parameters.
+# A step pre-hook common to all optimizers, registered when the first sparse weight is built, refuses
+# such a step by name: state of a values Parameter's former shapes, and, for torch.optim's
+# optimizers, per-element state (the keys below, each of its parameter's shape by construction)
+# of another shape. Other state may differ from a parameter's shape by design (Adafactor's factored
+# moments, LBFGS's flat vectors) and passes.
+_PER_ELEMENT = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
+                          "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size"})
+_TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
+    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
+    "SparseAdam") if hasattr(torch.optim, n))
 _resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
 _resized_lock = threading.Lock()  # (a load in one thread while another steps)
 _hook = None
 
 
-def _watch_resized(values: torch.Tensor, old: torch.Size) -> None:
+def _watch_state() -> None:
+    """Registers the state check (once per process)."""
     global _hook
     with _resized_lock:
         if _hook is None:
             from torch.optim.optimizer import register_optimizer_step_pre_hook
-            _hook = register_optimizer_step_pre_hook(_check_resized_state)
+            _hook = register_optimizer_step_pre_hook(_check_state_shapes)
+
+
+def _watch_resized(values: torch.Tensor, old: torch.Size) -> None:
+    _watch_state()
+    with _resized_lock:
         _resized[values] = _resized.get(values, frozenset()) | {old}
 
 
-def _check_resized_state(optimizer, args, kwargs):
+def _check_state_shapes(optimizer, args, kwargs):
     with _resized_lock:
         watched = list(_resized.items())
     for p, former in watched:
@@ -257,6 +276,18 @@ def _check_resized_state(optimizer, args, kwargs):
                     f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
                     f"pattern of another nnz; restore the optimizer's state saved with that model "
                     f"(optimizer.load_state_dict) or build the optimizer after loading")
+    if not isinstance(optimizer, _TORCH_OPTIMS):
+        return
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, t in optimizer.state.get(p, {}).items():
+                if key in _PER_ELEMENT and isinstance(t, torch.Tensor) and t.shape != p.shape:
+                    raise ValueError(
+                        f"{type(optimizer).__name__} state {key!r} of param_groups[{g}]['params'][{i}] has "
+                        f"shape {tuple(t.shape)}, the parameter {tuple(p.shape)}: the optimizer's state was "
+                        f"saved for other parameters (sparsify_ changes a model's parameters, their order and "
+                        f"shapes: a dense model's optimizer state does not fit the sparse model's); build the "
+                        f"optimizer after sparsify_, or load state saved with the sparse model")
 
 
 def _validate(crow, col, values, rows, cols, block: int = 0):
