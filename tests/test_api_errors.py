@@ -142,3 +142,9 @@ def test_layer_and_format_constructors():
             v = nn.Parameter(torch.ones(1, 16, 16) if fmt is BSR else torch.ones(1), requires_grad=trainable)
             assert fmt(args[0], args[1], v, *args[2:]).values.requires_grad == trainable
     assert isinstance(sparsetrain.CSR, type)
+
+
+def test_an_integer_weight_is_refused_by_name():
+    for convert in (lambda w: CSR.from_dense(w), lambda w: BSR.from_dense(w, 16)):
+        with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor, got torch.int64"):
+            convert(torch.ones(32, 32, dtype=torch.int64))

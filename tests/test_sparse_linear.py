@@ -14,7 +14,7 @@ from torch import nn
 import sparsetrain
 
 from sparsetrain.engine.formats import CSR
-from sparsetrain.nn import SparseLinear
+from sparsetrain.nn import SparseConv2d, SparseLinear
 from sparsetrain.testing import assert_layer_matches, dense_linear, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
@@ -733,8 +733,13 @@ def test_layers_pruned_with_torch_nn_utils_prune_convert_with_their_current_weig
     sparsetrain.sparsify_(named, {"3": more})  # (one layer named: the conv stays pruned by torch)
     torch.testing.assert_close(named[3].to_dense().weight, ref[3].weight * more)
     assert isinstance(named[0], nn.Conv2d) and named[0]._forward_pre_hooks
-    with pytest.raises(ValueError, match="masks=None converts the layers pruned with torch.nn.utils.prune"):
+    with pytest.raises(ValueError, match="masks=None converts the layers whose weight was pruned with "
+                       r"torch.nn.utils.prune, and this model has none: pass masks"):
         sparsetrain.sparsify_(nn.Sequential(nn.Linear(3, 3)))
+    only_bias = nn.Sequential(nn.Linear(3, 3))
+    prune.l1_unstructured(only_bias[0], "bias", 0.5)
+    with pytest.raises(ValueError, match=r"this model has none \(only the bias of \['0'\]: a sparse layer's bias is dense\)"):
+        sparsetrain.sparsify_(only_bias)
     pb, x = _pruned_with_torch(bias=True)
     for convert in (lambda: sparsetrain.sparsify_(pb), lambda: SparseLinear.from_dense(pb[3]),
                     lambda: sparsetrain.BSRLinear.from_dense(pb[3], block_size=16)):
@@ -935,3 +940,81 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
     opt.load_state_dict(copy.deepcopy(sparse_opt.state_dict()))
     opt.step()
     assert not torch.equal(next(model.parameters()), before[0])
+
+
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
+def test_another_pattern_of_the_same_nnz_drops_the_gradient_and_refuses_the_old_state(make, impl):
+    """load_state_dict of another pattern with the same nnz keeps the values' shape: the gradient of the
+    old positions is dropped (it was added to the next one's), and the state an optimizer holds for them
+    (momentum of other weights) is refused by name; restored state, or a fresh optimizer, trains on.
+    Loading the same pattern keeps the gradient, as nn.Linear's load does."""
+    torch.manual_seed(6)
+    layer, saved = (SparseLinear.from_dense(nn.Linear(12, 6), random_mask((6, 12), 0.5)) for _ in range(2))
+    saved_dict = saved.state_dict()
+    saved_dict["weight.values"] = saved_dict["weight.values"][:layer.nnz]  # (same nnz: trim the pattern)
+    crow = saved_dict["weight.crow_indices"].clone()
+    crow[1:] = crow[1:].clamp(max=layer.nnz)
+    saved_dict["weight.crow_indices"], saved_dict["weight.col_indices"] = crow, saved_dict["weight.col_indices"][:layer.nnz]
+    saved.load_state_dict(saved_dict)
+    assert saved.nnz == layer.nnz and not torch.equal(saved.weight.col_indices, layer.weight.col_indices)
+    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+
+    def optimizer(m):
+        return (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
+                else torch.optim.Adam(m.parameters(), lr=0.1, **kw))
+    x = torch.randn(3, 12)
+    opt, saved_opt = optimizer(layer), optimizer(saved)
+    for m, o in ((layer, opt), (saved, saved_opt)):
+        m(x).sum().backward()
+        o.step()
+    values = layer.weight.values
+    layer.load_state_dict(layer.state_dict())  # the same pattern: the gradient stays
+    assert values.grad is not None
+    opt.step()  # (and the state fits)
+    layer.load_state_dict(saved.state_dict())
+    assert layer.weight.values is values and values.grad is None
+    layer(x).sum().backward()
+    state = "momentum_buffer" if make == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__} state '{state}' of a sparse weight's values belongs "
+                       "to its former pattern: .*same nnz"):
+        opt.step()
+    torch.testing.assert_close(values, saved.weight.values)  # untouched
+    opt.load_state_dict(copy.deepcopy(saved_opt.state_dict()))  # the state saved with that pattern
+    saved.zero_grad()
+    saved(x).sum().backward()
+    opt.step()
+    saved_opt.step()
+    torch.testing.assert_close(values, saved.weight.values)
+    fresh = optimizer(layer)  # (a new optimizer holds no state of the old pattern)
+    fresh.step()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+def test_a_sparse_weight_answers_what_code_for_a_dense_weight_reads(kind):
+    """layer.weight.dtype / .device / .requires_grad are the values', and the freezing idiom
+    `layer.weight.requires_grad = False` freezes them (it left a plain attribute before: the layer
+    trained on); SparseConv2d carries nn.Conv2d's dilation, groups and padding_mode (the only values
+    it supports), as tools that count FLOPs read them."""
+    torch.manual_seed(7)
+    if kind == "linear":
+        layer, x = SparseLinear.from_dense(nn.Linear(32, 16).double(), random_mask((16, 32), 0.5)), torch.randn(3, 32)
+    elif kind == "conv":
+        layer, x = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3).double(), random_mask((4, 3, 3, 3), 0.5)), torch.randn(2, 3, 6, 6)
+        dense = nn.Conv2d(3, 4, 3)
+        assert (layer.dilation, layer.groups, layer.padding_mode) == (dense.dilation, dense.groups, dense.padding_mode)
+    else:
+        layer, x = sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32).double(), block_size=16), torch.randn(3, 32)
+    w = layer.weight
+    assert (w.dtype, w.device, w.requires_grad) == (torch.float64, torch.device("cpu"), True)
+    out = layer(x.to(w.dtype))  # (the usual cast to a layer's dtype)
+    assert out.dtype == torch.float64
+    w.requires_grad = False
+    assert not w.values.requires_grad and "requires_grad" not in w.__dict__
+    before = w.values.detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x.double()).sum().backward()
+    opt.step()
+    assert w.values.grad is None and torch.equal(w.values, before)  # frozen
+    w.requires_grad = True
+    assert w.values.requires_grad

@@ -22,7 +22,8 @@ from torch import nn
 from .backend import current_backend
 from .args import check_bias
 from .autograd import first_order
-from .formats import _fill_dense, _pattern, _resize_pattern, _watch_state, current_param, transpose_index
+from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, current_param, transpose_index
+from .optim_state import watch_state
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
 
@@ -50,7 +51,7 @@ def blocks_view(m: torch.Tensor, bs: int) -> torch.Tensor:
     return p.reshape(RB, bs, CB, bs).transpose(1, 2)
 
 
-class BSR(nn.Module):
+class BSR(WeightLike, nn.Module):
     """Block-sparse weight of logical shape `shape`, blocks `block_size` x `block_size`.
 
     Buffers: crow_indices (int64 [RB+1]), col_indices (int32 [nnzb]) and the transposed block
@@ -67,7 +68,7 @@ class BSR(nn.Module):
         self.values = nn.Parameter(values.detach().contiguous().clone(),
                                    requires_grad=values.requires_grad)
         self._build_index()
-        _watch_state()  # (optimizer state that does not fit: refused by name)
+        watch_state()  # (optimizer state that does not fit: refused by name)
 
     def _build_index(self) -> None:
         """The transposed block index (not saved: rebuilt from the pattern, as CSR's)."""

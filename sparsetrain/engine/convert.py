@@ -25,8 +25,11 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     if masks is None:  # (the masks torch.nn.utils.prune keeps beside the weights)
         masks = {n: None for n, m in modules.items() if type(m) in SPARSE_TYPES and pruned_by_torch(m)}
         if not masks:
-            raise ValueError("masks=None converts the layers pruned with torch.nn.utils.prune, and this model "
-                             "has none: pass masks {qualified_name: bool tensor of the weight's shape}")
+            bias_only = [n for n, m in modules.items() if type(m) in SPARSE_TYPES and pruned_by_torch(m, "bias")]
+            raise ValueError("masks=None converts the layers whose weight was pruned with torch.nn.utils.prune, and "
+                             "this model has none" + (f" (only the bias of {bias_only}: a sparse layer's bias is "
+                                                       "dense)" if bias_only else "") +
+                             ": pass masks {qualified_name: bool tensor of the weight's shape}")
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
     transformer_layers = [n for n, m in modules.items()

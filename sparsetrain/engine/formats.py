@@ -12,17 +12,19 @@ buffer: it moves with `.to(device)` and is not part of the state_dict.
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 from torch import nn
+
+from .optim_state import mark_stale, watch_resized, watch_state
 
 __all__ = ["CSR", "transpose_index"]
 
 
 def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():  # (values train: a float dtype)
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     if weight.dim() < 2:
         raise ValueError(f"weight must be at least 2-D ([out, ...]), got shape {tuple(weight.shape)}")
     if weight.is_meta:  # (the kept positions and values need real data)
@@ -53,7 +55,29 @@ def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
     return ccol, rows[perm].to(torch.int32), perm
 
 
-class CSR(nn.Module):
+class WeightLike:
+    """What code written for a dense layer reads of its weight (`layer.weight.dtype`, `.device`,
+    `.requires_grad`) and the freezing idiom `layer.weight.requires_grad = False`: the values
+    Parameter's (without the setter, that assignment left a plain attribute and the layer trained on)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.values.requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag: bool) -> None:
+        self.values.requires_grad_(flag)
+
+
+class CSR(WeightLike, nn.Module):
     """A CSR weight of logical shape `shape` (e.g. [out, in] or [out, in, kh, kw]).
 
     Buffers: crow_indices (int64 [rows+1]), col_indices (int32 [nnz]) and the transposed index
@@ -69,7 +93,7 @@ class CSR(nn.Module):
         v = values.detach().contiguous().clone()
         self.values = nn.Parameter(v, requires_grad=values.requires_grad)
         self._build_csc()
-        _watch_state()  # (optimizer state that does not fit: refused by name)
+        watch_state()  # (optimizer state that does not fit: refused by name)
 
     # ------------------------------------------------------------------ construction / export
     @classmethod
@@ -216,78 +240,19 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
         state_dict[keys[0]] = crow.to(torch.int64).contiguous()
         state_dict[keys[1]] = col.to(torch.int32).contiguous()
         state_dict[keys[2]] = values.contiguous()
+        same = not v.is_meta and all(  # (a meta layer filled by assign=True: nothing to keep)
+            new.shape == old.shape and torch.equal(new.to(old.device, old.dtype), old)
+            for new, old in ((crow, module.crow_indices), (col, module.col_indices)))
         module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
         if values.shape != v.shape:
             old = v.shape
             v.data, v.grad = v.new_empty(values.shape), None
-            _watch_resized(v, old)
+            watch_resized(v, old)
+        elif not same:  # another pattern of the same nnz: the gradient and state of its old positions
+            v.grad = None
+            mark_stale(v)
     return True
-
-
-# ---- optimizer state that does not fit its parameter ----------------------------------------------
-# PyTorch's optimizers match loaded state to parameters by position and never check its shape: the
-# plain and foreach steps then fail on a size mismatch, the fused=True CPU kernels do not check sizes
-# and read or write past the smaller tensor (memory corruption, or other weights' moments used
-# silently). Two ways a sparse model meets such state:
-# * a resize: load_state_dict into a layer of another nnz keeps the values Parameter (an optimizer
-#   built before keeps training it), so state an optimizer already holds for it has the old nnz;
-# * sparsify_ changes the parameters' order and shapes (a layer's bias now comes before its values),
-#   so a dense model's optimizer state loaded into the sparse model's optimizer lands on the wrong
-#   parameters.
-# A step pre-hook common to all optimizers, registered when the first sparse weight is built, refuses
-# such a step by name: state of a values Parameter's former shapes, and, for torch.optim's
-# optimizers, per-element state (the keys below, each of its parameter's shape by construction)
-# of another shape. Other state may differ from a parameter's shape by design (Adafactor's factored
-# moments, LBFGS's flat vectors) and passes.
-_PER_ELEMENT = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
-                          "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size"})
-_TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
-    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
-    "SparseAdam") if hasattr(torch.optim, n))
-_resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
-_resized_lock = threading.Lock()  # (a load in one thread while another steps)
-_hook = None
-
-
-def _watch_state() -> None:
-    """Registers the state check (once per process)."""
-    global _hook
-    with _resized_lock:
-        if _hook is None:
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
-            _hook = register_optimizer_step_pre_hook(_check_state_shapes)
-
-
-def _watch_resized(values: torch.Tensor, old: torch.Size) -> None:
-    _watch_state()
-    with _resized_lock:
-        _resized[values] = _resized.get(values, frozenset()) | {old}
-
-
-def _check_state_shapes(optimizer, args, kwargs):
-    with _resized_lock:
-        watched = list(_resized.items())
-    for p, former in watched:
-        for key, t in optimizer.state.get(p, {}).items():
-            if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
-                raise ValueError(
-                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
-                    f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
-                    f"pattern of another nnz; restore the optimizer's state saved with that model "
-                    f"(optimizer.load_state_dict) or build the optimizer after loading")
-    if not isinstance(optimizer, _TORCH_OPTIMS):
-        return
-    for g, group in enumerate(optimizer.param_groups):
-        for i, p in enumerate(group["params"]):
-            for key, t in optimizer.state.get(p, {}).items():
-                if key in _PER_ELEMENT and isinstance(t, torch.Tensor) and t.shape != p.shape:
-                    raise ValueError(
-                        f"{type(optimizer).__name__} state {key!r} of param_groups[{g}]['params'][{i}] has "
-                        f"shape {tuple(t.shape)}, the parameter {tuple(p.shape)}: the optimizer's state was "
-                        f"saved for other parameters (sparsify_ changes a model's parameters, their order and "
-                        f"shapes: a dense model's optimizer state does not fit the sparse model's); build the "
-                        f"optimizer after sparsify_, or load state saved with the sparse model")
 
 
 def _validate(crow, col, values, rows, cols, block: int = 0):

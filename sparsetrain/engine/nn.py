@@ -103,6 +103,8 @@ class SparseConv2d(_SparseLayer):
 
     ndim = 4
     shape_doc = "[out, in, kh, kw]"
+    # nn.Conv2d's attributes that tools (FLOPs counters, exporters) read: the only values supported
+    dilation, groups, padding_mode = (1, 1), 1, "zeros"
 
     def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
         super().__init__(weight, bias)

@@ -1,0 +1,100 @@
+"""Optimizer state that does not fit its parameter, refused by name at the optimizer's next step
+(engine/formats.py registers the check when it builds the first sparse weight)."""
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+__all__ = ["watch_state", "watch_resized", "mark_stale"]
+
+
+# ---- optimizer state that does not fit its parameter ----------------------------------------------
+# PyTorch's optimizers match loaded state to parameters by position and never check its shape: the
+# plain and foreach steps then fail on a size mismatch, the fused=True CPU kernels do not check sizes
+# and read or write past the smaller tensor (memory corruption, or other weights' moments used
+# silently). Two ways a sparse model meets such state:
+# * a resize: load_state_dict into a layer of another nnz keeps the values Parameter (an optimizer
+#   built before keeps training it), so state an optimizer already holds for it has the old nnz;
+# * sparsify_ changes the parameters' order and shapes (a layer's bias now comes before its values),
+#   so a dense model's optimizer state loaded into the sparse model's optimizer lands on the wrong
+#   parameters.
+# A step pre-hook common to all optimizers, registered when the first sparse weight is built, refuses
+# such a step by name: state of a values Parameter's former shapes, and, for torch.optim's
+# optimizers, per-element state (the keys below, each of its parameter's shape by construction)
+# of another shape. Other state may differ from a parameter's shape by design (Adafactor's factored
+# moments, LBFGS's flat vectors) and passes.
+_PER_ELEMENT = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
+                          "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size"})
+_TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
+    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
+    "SparseAdam") if hasattr(torch.optim, n))
+_resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
+_resized_lock = threading.Lock()  # (a load in one thread while another steps)
+_hook = None
+# Another pattern of the same nnz keeps the shape: the state tensors the optimizers that stepped held for
+# the values then (the old positions' momentum) are remembered by identity and refused; state loaded
+# after (optimizer.load_state_dict) is new tensors and passes.
+_optimizers = weakref.WeakSet()  # optimizers that stepped since the hook was registered
+_stale = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> WeakIdKeyDictionary of stale state
+
+
+def watch_state() -> None:
+    """Registers the state check (once per process)."""
+    global _hook
+    with _resized_lock:
+        if _hook is None:
+            from torch.optim.optimizer import register_optimizer_step_pre_hook
+            _hook = register_optimizer_step_pre_hook(_check_state_shapes)
+
+
+def watch_resized(values: torch.Tensor, old: torch.Size) -> None:
+    watch_state()
+    with _resized_lock:
+        _resized[values] = _resized.get(values, frozenset()) | {old}
+
+
+def mark_stale(values: torch.Tensor) -> None:
+    watch_state()
+    with _resized_lock:
+        tensors = _stale.setdefault(values, torch.utils.weak.WeakIdKeyDictionary())
+        for opt in list(_optimizers):
+            for key, t in opt.state.get(values, {}).items():
+                if key in _PER_ELEMENT and isinstance(t, torch.Tensor):
+                    tensors[t] = key
+
+
+def _check_state_shapes(optimizer, args, kwargs):
+    with _resized_lock:
+        _optimizers.add(optimizer)
+        watched = list(_resized.items())
+        stale = [(p, t) for p, t in _stale.items() if len(t)]
+    for p, tensors in stale:
+        for key, t in optimizer.state.get(p, {}).items():
+            if isinstance(t, torch.Tensor) and t in tensors:
+                raise ValueError(
+                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values belongs to its former "
+                    f"pattern: load_state_dict gave the layer another pattern of the same nnz, so that state "
+                    f"would move to other weights; restore the optimizer's state saved with that model "
+                    f"(optimizer.load_state_dict) or build the optimizer after loading")
+    for p, former in watched:
+        for key, t in optimizer.state.get(p, {}).items():
+            if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
+                raise ValueError(
+                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
+                    f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
+                    f"pattern of another nnz; restore the optimizer's state saved with that model "
+                    f"(optimizer.load_state_dict) or build the optimizer after loading")
+    if not isinstance(optimizer, _TORCH_OPTIMS):
+        return
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for key, t in optimizer.state.get(p, {}).items():
+                if key in _PER_ELEMENT and isinstance(t, torch.Tensor) and t.shape != p.shape:
+                    raise ValueError(
+                        f"{type(optimizer).__name__} state {key!r} of param_groups[{g}]['params'][{i}] has "
+                        f"shape {tuple(t.shape)}, the parameter {tuple(p.shape)}: the optimizer's state was "
+                        f"saved for other parameters (sparsify_ changes a model's parameters, their order and "
+                        f"shapes: a dense model's optimizer state does not fit the sparse model's); build the "
+                        f"optimizer after sparsify_, or load state saved with the sparse model")
