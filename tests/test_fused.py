@@ -514,6 +514,37 @@ def test_batch_statistics_of_an_activation_far_from_zero():
         torch.testing.assert_close(fused.bn.running_var, ref.bn.running_var, rtol=1e-3, atol=1e-5)
 
 
+def test_a_hook_added_to_a_fused_bn_that_returns_another_tensor_is_refused_by_the_relu_after_it():
+    """conv -> BN -> ReLU fused: the BN placeholder returns the activation after the ReLU, so a forward
+    hook added to it afterwards that returns another tensor was applied after the ReLU, silently (the
+    output went below 0). The ReLU refuses what its layer did not hand it, naming the hook; a hook that
+    only observes, or returns a view of the same elements, passes; the unfused order conv -> ReLU ->
+    BN keeps the hook's tensor, as unfused."""
+    ref, conv = _block("bn_relu")
+    mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    model = copy.deepcopy(ref)
+    sparsetrain.sparsify_(model, {"conv": mask}, fuse=True)
+    assert isinstance(model.relu, FusedReLU)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    handle = model.bn.register_forward_hook(lambda m, i, o: o - 0.5)
+    with pytest.raises(RuntimeError, match="FusedReLU was called on a tensor its fused conv did not hand it: a "
+                       "forward hook added after fuse_\(\) to the BatchNorm"):
+        model(x)
+    handle.remove()
+    for hook in (lambda m, i, o: None, lambda m, i, o: o.view_as(o)):
+        handle = model.bn.register_forward_hook(hook)
+        torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+        handle.remove()
+    ref_vgg, conv_vgg = _block("relu_bn")
+    fused_vgg = copy.deepcopy(ref_vgg)
+    sparsetrain.sparsify_(fused_vgg, {"conv": torch.ones_like(conv_vgg.weight, dtype=torch.bool)}, fuse=True)
+    for m in (ref_vgg, fused_vgg):
+        m.bn.register_forward_hook(lambda m, i, o: o - 0.5)
+    torch.testing.assert_close(fused_vgg(x), ref_vgg(x), **TOL[torch.float64])
+
+
 def test_hooks_registered_before_fuse_keep_firing():
     """fuse_ (and sparsify_) move a replaced module's hooks to the module at its name: a forward hook
     on the ReLU sees the same activation as unfused; a conv or BN with a hook, or a ReLU with a full

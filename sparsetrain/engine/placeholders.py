@@ -76,6 +76,12 @@ def _refuse_unsupported(m: nn.Module) -> None:
                            "register it before fuse_() (that layer then stays unfused) or call sparsetrain.unfuse_(model)")
 
 
+def _same_data(x: torch.Tensor, handed: torch.Tensor) -> bool:
+    """x is `handed` or a view of the same elements (a reentrant checkpoint's detached segment input)."""
+    return x is handed or (x.data_ptr() == handed.data_ptr() and x.shape == handed.shape
+                           and x.stride() == handed.stride() and x.dtype == handed.dtype)
+
+
 def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
     """counts += per neuron, the samples with act > 0 (the kernels' relu_counts, off the CPU path)."""
     flat = act.detach().reshape(act.shape[0], -1)
@@ -161,11 +167,18 @@ class FusedReLU(HandOff, nn.ReLU):
 
     count_states = False
     _state_counts: torch.Tensor | None = None
-    _transient = ("_state_counts",)
+    _pending: tuple | None = None  # (the tensor this module will be called on,)
+    _transient = ("_state_counts", "_pending")
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
     def forward(self, x):
+        pending, self._pending = self._pending, None
         _refuse_unsupported(self)
+        if pending is not None and not _same_data(x, pending[0]):  # (its layer applied the ReLU to other values)
+            raise RuntimeError("FusedReLU was called on a tensor its fused conv did not hand it: a forward hook "
+                               "added after fuse_() to the BatchNorm before this ReLU returned another tensor "
+                               "(register it before fuse_(): that layer then stays unfused), or the model's "
+                               "graph changed after fuse_(); call sparsetrain.unfuse_(model)")
         return x
 
     def pop_state_counts(self) -> torch.Tensor | None:
