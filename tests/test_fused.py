@@ -530,7 +530,7 @@ def test_a_hook_added_to_a_fused_bn_that_returns_another_tensor_is_refused_by_th
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
     handle = model.bn.register_forward_hook(lambda m, i, o: o - 0.5)
     with pytest.raises(RuntimeError, match="FusedReLU was called on a tensor its fused conv did not hand it: a "
-                       "forward hook added after fuse_\(\) to the BatchNorm"):
+                       r"forward hook added after fuse_\(\) to the BatchNorm"):
         model(x)
     handle.remove()
     for hook in (lambda m, i, o: None, lambda m, i, o: o.view_as(o)):
