@@ -442,6 +442,13 @@ def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
     assert other.nnz == 40 and other.weight.col_indices.numel() == 40
 
 
+def _optimizer(make: str, impl: str, params):
+    """SGD with momentum or Adam, lr 0.1, on the plain, foreach or fused=True implementation."""
+    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return (torch.optim.SGD(params, lr=0.1, momentum=0.9, **kw) if make == "sgd"
+            else torch.optim.Adam(params, lr=0.1, **kw))
+
+
 @pytest.mark.parametrize("make", ["sgd", "adam"])
 @pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
 @pytest.mark.parametrize("grow", [True, False])
@@ -453,9 +460,7 @@ def test_a_step_on_state_of_the_old_nnz_is_refused_by_name(make, impl, grow):
     torch.manual_seed(3)
     sparse, dense = (SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), s)) for s in (0.9, 0.2))
     layer, saved = (sparse, dense) if grow else (dense, sparse)
-    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
-    opt = (torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
-           else torch.optim.Adam(layer.parameters(), lr=0.1, **kw))
+    opt = _optimizer(make, impl, layer.parameters())
     x = torch.randn(3, 16)
     layer(x).sum().backward()
     opt.step()
@@ -914,19 +919,14 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
     State saved with the sparse model trains on."""
     torch.manual_seed(5)
     dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
-
-    def optimizer(model):
-        return (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
-                else torch.optim.Adam(model.parameters(), lr=0.1, **kw))
     x = torch.randn(2, 3, 8, 8)
-    dense_opt = optimizer(dense)
+    dense_opt = _optimizer(make, impl, dense.parameters())
     dense(x).sum().backward()
     dense_opt.step()
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, {"0": random_mask((8, 3, 3, 3), 0.9), "3": random_mask((4, 288), 0.9)})
     assert [p.shape for p in model.parameters()][:2] == [(8,), (model[0].nnz,)]  # (the bias first now)
-    opt = optimizer(model)
+    opt = _optimizer(make, impl, model.parameters())
     opt.load_state_dict(copy.deepcopy(dense_opt.state_dict()))
     model(x).sum().backward()
     before = [p.detach().clone() for p in model.parameters()]
@@ -935,7 +935,7 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
                        r"has shape \(8, 3, 3, 3\), the parameter \(8,\): .*build the optimizer after sparsify_"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    sparse_opt = optimizer(model)  # state saved with the sparse model fits
+    sparse_opt = _optimizer(make, impl, model.parameters())  # state saved with the sparse model fits
     sparse_opt.step()
     opt.load_state_dict(copy.deepcopy(sparse_opt.state_dict()))
     opt.step()
@@ -958,13 +958,8 @@ def test_another_pattern_of_the_same_nnz_drops_the_gradient_and_refuses_the_old_
     saved_dict["weight.crow_indices"], saved_dict["weight.col_indices"] = crow, saved_dict["weight.col_indices"][:layer.nnz]
     saved.load_state_dict(saved_dict)
     assert saved.nnz == layer.nnz and not torch.equal(saved.weight.col_indices, layer.weight.col_indices)
-    kw = {"plain": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
-
-    def optimizer(m):
-        return (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, **kw) if make == "sgd"
-                else torch.optim.Adam(m.parameters(), lr=0.1, **kw))
     x = torch.randn(3, 12)
-    opt, saved_opt = optimizer(layer), optimizer(saved)
+    opt, saved_opt = _optimizer(make, impl, layer.parameters()), _optimizer(make, impl, saved.parameters())
     for m, o in ((layer, opt), (saved, saved_opt)):
         m(x).sum().backward()
         o.step()
@@ -986,7 +981,7 @@ def test_another_pattern_of_the_same_nnz_drops_the_gradient_and_refuses_the_old_
     opt.step()
     saved_opt.step()
     torch.testing.assert_close(values, saved.weight.values)
-    fresh = optimizer(layer)  # (a new optimizer holds no state of the old pattern)
+    fresh = _optimizer(make, impl, layer.parameters())  # (a new optimizer holds no state of the old pattern)
     fresh.step()
 
 

@@ -353,9 +353,10 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         # pool: out is pooled, the BN (and ReLU) placeholders pass y on to the pool, which returns out;
         # relu_before: the model calls conv -> relu -> bn, the relu placeholder passes y on
         self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
-        if relu is not None:  # (called on the conv's output before the BN, else on the BN's)
-            relu._pending = (y,) if self.relu_before else (self.bn._pending[1],)
-        return y if pool or self.relu_before else out
+        handed = y if pool or self.relu_before else out  # (what the ReLU placeholder is called on, either order)
+        if relu is not None:
+            relu._pending = (handed,)
+        return handed
 
     def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1

@@ -31,7 +31,7 @@ _TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
     "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
     "SparseAdam") if hasattr(torch.optim, n))
 _resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
-_resized_lock = threading.Lock()  # (a load in one thread while another steps)
+_lock = threading.Lock()  # (a load in one thread while another steps)
 _hook = None
 # Another pattern of the same nnz keeps the shape: the state tensors the optimizers that stepped held for
 # the values then (the old positions' momentum) are remembered by identity and refused; state loaded
@@ -43,7 +43,7 @@ _stale = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> WeakIdKey
 def watch_state() -> None:
     """Registers the state check (once per process)."""
     global _hook
-    with _resized_lock:
+    with _lock:
         if _hook is None:
             from torch.optim.optimizer import register_optimizer_step_pre_hook
             _hook = register_optimizer_step_pre_hook(_check_state_shapes)
@@ -51,13 +51,13 @@ def watch_state() -> None:
 
 def watch_resized(values: torch.Tensor, old: torch.Size) -> None:
     watch_state()
-    with _resized_lock:
+    with _lock:
         _resized[values] = _resized.get(values, frozenset()) | {old}
 
 
 def mark_stale(values: torch.Tensor) -> None:
     watch_state()
-    with _resized_lock:
+    with _lock:
         tensors = _stale.setdefault(values, torch.utils.weak.WeakIdKeyDictionary())
         for opt in list(_optimizers):
             for key, t in opt.state.get(values, {}).items():
@@ -66,7 +66,7 @@ def mark_stale(values: torch.Tensor) -> None:
 
 
 def _check_state_shapes(optimizer, args, kwargs):
-    with _resized_lock:
+    with _lock:
         _optimizers.add(optimizer)
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
