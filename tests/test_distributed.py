@@ -134,6 +134,31 @@ tdist.destroy_process_group()
 """
 
 
+_TEARDOWN_SCRIPT = """
+import gc, os, sys, torch
+from sparsetrain.experiment import distributed as dist
+from sparsetrain.experiment.models import build_model
+
+def gloo_threads():  # (the group's C++ threads, by the names gloo gives them)
+    return sum("gloo" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+
+gc.disable()  # (the DDP wrappers, in reference cycles, are then freed by teardown's collection alone)
+dist.setup(torch.device("cpu"))
+started = gloo_threads()
+model = build_model("lenet300", 10, 1, 28)
+
+def train_round():  # (as the study's: a DDP wrapper of its own, dropped when the round returns)
+    forward = dist.wrap(model)
+    forward(torch.randn(4, 1, 28, 28)).sum().backward()
+
+for _ in range(2):
+    train_round()
+dist.teardown()
+with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "w") as f:
+    f.write(f"{started} {gloo_threads()}")
+"""
+
+
 def _run_script(folder, source: str) -> None:
     """`source` as a script under torchrun, 2 gloo processes, its one argument `folder`."""
     script = folder / "script.py"
@@ -229,3 +254,14 @@ def test_a_run_directory_in_use_stops_every_rank_with_the_error(mnist_dir, study
     assert out.returncode != 0
     assert out.stderr.count("is in use by another process") == 2, out.stderr[-3000:]
     assert "Connection reset" not in out.stderr and "gloo" not in out.stderr.lower()
+
+
+def test_teardown_ends_the_group_threads(tmp_path):
+    """After the study's DDP rounds, teardown leaves no gloo thread running: a group kept alive past
+    it (torch.distributed.nn.functional's default arguments, bound to the group when DDP first
+    imported them; a DDP wrapper awaiting the cycle collector) ran its threads into the C++ exit
+    handlers, which at times aborted a rank after its work was done and failed the torchrun run."""
+    _run_script(tmp_path, _TEARDOWN_SCRIPT)
+    for r in (0, 1):
+        started, left = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
+        assert started > 0 and left == 0, (r, started, left)

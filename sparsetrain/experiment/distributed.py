@@ -17,6 +17,7 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -30,6 +31,11 @@ __all__ = ["setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "s
 def setup(device: torch.device) -> None:
     """Join the torchrun group (env:// rendezvous) when launched with WORLD_SIZE > 1."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # torch.distributed.nn.functional's collectives default to group=group.WORLD, evaluated when
+        # the module is first imported; DDP's first construction imports it, so after this init its
+        # defaults would hold the default group for good: teardown could not free it and its gloo
+        # threads ran on into the C++ exit handlers (PyTorch 2.14). Imported now, the defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -149,5 +155,12 @@ def on_main(fn, expected: tuple) -> None:
 
 
 def teardown() -> None:
+    """Leave the group with its threads joined: destroy_process_group() drops the registry's
+    references only, and a group something else still held (setup: the default arguments; a DDP
+    wrapper of a finished round awaiting the cycle collector) kept its gloo threads running into the
+    C++ exit handlers, which at times aborted a rank after its work was done ("terminate called
+    without an active exception", exit -6; torchrun then failed the run: 3 of ~150 resumed 2-process
+    runs here)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # (the DDP wrappers' reference cycles hold the group)
         dist.destroy_process_group()
