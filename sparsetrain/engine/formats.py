@@ -240,16 +240,17 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
         state_dict[keys[0]] = crow.to(torch.int64).contiguous()
         state_dict[keys[1]] = col.to(torch.int32).contiguous()
         state_dict[keys[2]] = values.contiguous()
-        same = not v.is_meta and all(  # (a meta layer filled by assign=True: nothing to keep)
+        resized = values.shape != v.shape
+        moved = not resized and not v.is_meta and not all(  # (a meta layer filled by assign=True: nothing to keep)
             new.shape == old.shape and torch.equal(new.to(old.device, old.dtype), old)
             for new, old in ((crow, module.crow_indices), (col, module.col_indices)))
         module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
-        if values.shape != v.shape:
+        if resized:
             old = v.shape
             v.data, v.grad = v.new_empty(values.shape), None
             watch_resized(v, old)
-        elif not same:  # another pattern of the same nnz: the gradient and state of its old positions
+        elif moved:  # another pattern of the same nnz: the gradient and state of its old positions
             v.grad = None
             mark_stale(v)
     return True
