@@ -38,6 +38,8 @@ _hook = None
 # after (optimizer.load_state_dict) is new tensors and passes.
 _optimizers = weakref.WeakSet()  # optimizers that stepped since the hook was registered
 _stale = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> WeakIdKeyDictionary of stale state
+_AFTER_LOAD = ("restore the optimizer's state saved with that model (optimizer.load_state_dict) or build the "
+               "optimizer after loading")  # (the remedy after a layer's load_state_dict)
 
 
 def watch_state() -> None:
@@ -76,16 +78,14 @@ def _check_state_shapes(optimizer, args, kwargs):
                 raise ValueError(
                     f"{type(optimizer).__name__} state {key!r} of a sparse weight's values belongs to its former "
                     f"pattern: load_state_dict gave the layer another pattern of the same nnz, so that state "
-                    f"would move to other weights; restore the optimizer's state saved with that model "
-                    f"(optimizer.load_state_dict) or build the optimizer after loading")
+                    f"would move to other weights; {_AFTER_LOAD}")
     for p, former in watched:
         for key, t in optimizer.state.get(p, {}).items():
             if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
                 raise ValueError(
                     f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
                     f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
-                    f"pattern of another nnz; restore the optimizer's state saved with that model "
-                    f"(optimizer.load_state_dict) or build the optimizer after loading")
+                    f"pattern of another nnz; {_AFTER_LOAD}")
     if not isinstance(optimizer, _TORCH_OPTIMS):
         return
     for g, group in enumerate(optimizer.param_groups):
