@@ -221,7 +221,7 @@ def test_a_corrupt_checkpoint_stops_every_rank_with_the_error(mnist_dir, study_a
                           "-m", "sparsetrain.experiment", *base, "--resume"], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
-    assert out.stderr.count("round_01.pt is corrupt: its sha256 is") == 2, out.stderr[-3000:]
+    assert out.stderr.count("round_01.pt is corrupt: its sha256 is") == 2, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr  # (no rank's traceback)
     assert "exitcode  : 2" in out.stderr
 
@@ -252,7 +252,7 @@ def test_a_run_directory_in_use_stops_every_rank_with_the_error(mnist_dir, study
                               "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
-    assert out.stderr.count("is in use by another process") == 2, out.stderr[-3000:]
+    assert out.stderr.count("is in use by another process") == 2, _why(out.stderr)
     assert "Connection reset" not in out.stderr and "gloo" not in out.stderr.lower()
 
 
