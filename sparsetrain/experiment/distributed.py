@@ -7,8 +7,9 @@ n_local * N / n_global, so DistributedDataParallel's gradient average is exactly
 the global batch mean for a model without BatchNorm (with it, each rank normalises with its own
 rows' batch statistics, as DDP does without SyncBatchNorm: close to one process, not equal; a final
 batch under 2N rows is computed whole on every rank, so no rank trains BatchNorm on one sample).
-Gradients are averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are not broadcast on every step
-(`broadcast_buffers=False`: the CSR index buffers never change within a round), and BatchNorm
+Gradients are averaged by DDP (gloo on CPUs, NCCL on GPUs); buffers are synced from rank 0 when a
+round's DDP is built, not on every step (`forward_sync_buffers=False`: the CSR index buffers never
+change within a round), and BatchNorm
 running statistics are averaged over the ranks after every epoch. Evaluation and the entropy pass
 (ReLU counts of Eq. 1) are sharded and summed over ranks, so they equal the single-process values.
 Pruning runs on every rank on identical weights; the masks are checked to agree. DDP and the
@@ -36,6 +37,11 @@ def setup(device: torch.device) -> None:
         # defaults would hold the default group for good: teardown could not free it and its gloo
         # threads ran on into the C++ exit handlers (PyTorch 2.14). Imported now, the defaults are None.
         import torch.distributed.nn.functional  # noqa: F401
+        # DDP's first construction also imports torch._dynamo (torch's lazy __getattr__), and that
+        # import leaves its callers' frames, DDP's __init__ with the wrapper among them, in cyclic
+        # garbage: the dense round's wrapper and its gradient buckets then lived on until the cycle
+        # collector ran. Imported first, every round's wrapper is freed when the round returns.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -81,12 +87,13 @@ def shard(n: int) -> tuple[slice, float]:
 
 
 def wrap(model: nn.Module) -> nn.Module:
-    """The model in DistributedDataParallel for training (no buffer broadcast), else itself."""
+    """The model in DistributedDataParallel for training, else itself. Buffers are synced from rank
+    0 when it is built (every rank holds the same ones then) but not on every forward."""
     if world() == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     p = next(model.parameters())
     return nn.parallel.DistributedDataParallel(model, device_ids=[p.device.index] if p.is_cuda else None,
-                                               broadcast_buffers=False)
+                                               forward_sync_buffers=False)
 
 
 @torch.no_grad()
@@ -156,11 +163,11 @@ def on_main(fn, expected: tuple) -> None:
 
 def teardown() -> None:
     """Leave the group with its threads joined: destroy_process_group() drops the registry's
-    references only, and a group something else still held (setup: the default arguments; a DDP
-    wrapper of a finished round awaiting the cycle collector) kept its gloo threads running into the
-    C++ exit handlers, which at times aborted a rank after its work was done ("terminate called
+    references only, and a group something else still held (setup: the default arguments and the
+    first DDP wrapper; the collection below: any other reference cycle) kept its gloo threads running
+    into the C++ exit handlers, which at times aborted a rank after its work was done ("terminate called
     without an active exception", exit -6; torchrun then failed the run: 3 of ~150 resumed 2-process
     runs here)."""
     if dist.is_available() and dist.is_initialized():
-        gc.collect()  # (the DDP wrappers' reference cycles hold the group)
+        gc.collect()  # (an object in a reference cycle may hold the group)
         dist.destroy_process_group()
