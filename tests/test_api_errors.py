@@ -129,6 +129,17 @@ def test_layer_and_format_constructors():
         BSR(torch.tensor([0, 2]), torch.tensor([0, 0]), blocks, (16, 32), 16)
     with pytest.raises(ValueError, match="shape must have >= 2 non-negative dims"):
         BSR(torch.tensor([0, 1]), torch.tensor([0]), blocks[:1], (16,), 16)
+    for shape in ((2.9, 3), (2, True), "23", 6):  # (int() made (2.9, 3) a [2, 3] weight)
+        with pytest.raises(TypeError, match=r"shape must be a sequence of ints, got"):
+            CSR(torch.tensor([0, 1, 1]), torch.tensor([0]), torch.ones(1), shape)
+    assert CSR(torch.tensor([0, 1, 1]), torch.tensor([0]), torch.ones(1), torch.Size([2, 3])).shape == (2, 3)
+    csr = CSR.from_dense(torch.arange(1.0, 7.0).reshape(2, 3))
+    for keep in (torch.ones(5, dtype=torch.bool), torch.ones(6), [True] * 6):
+        with pytest.raises(ValueError, match=r"keep must be a bool tensor of shape \[nnz\] = \[6\], got"):
+            csr.shrink_(keep)
+    csr.shrink_(torch.tensor([True, False, False, True, True, False]))  # (pruning in place)
+    assert torch.equal(csr.to_dense(), torch.tensor([[1.0, 0, 0], [4, 5, 0]])) and csr.nnz == 3
+    assert torch.equal(csr.csc()[0], torch.tensor([0, 2, 3, 3]))  # (the transposed index rebuilt)
     with pytest.raises(ValueError, match=r"bias must have shape \(32,\)"):
         BSRLinear(BSR.from_dense(torch.randn(32, 32), 16), torch.zeros(5))
     frozen = nn.Linear(32, 32).requires_grad_(False)

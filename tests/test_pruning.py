@@ -4,9 +4,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sparsetrain.engine.nn import SparseLinear, masks_of, model_sparsity, prunable_layers
+import sparsetrain
+from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, mask_grads_, masks_of, model_sparsity,
+                                   prunable_layers)
 from sparsetrain.engine.policy import apply_engine
 from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
 
@@ -294,3 +297,79 @@ def test_auto_engine_real_timing_keeps_the_function(monkeypatch, tmp_path):
     ref.eval(), model.eval()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     assert set(masks) <= set(masks_ref)
+
+
+def _optimizer(make: str, params):
+    return (torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3) if make == "sgd"
+            else torch.optim.Adam(params, lr=1e-2))
+
+
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+def test_an_optimizer_trains_on_through_pruning_as_on_the_dense_masked_model(make):
+    """global_prune shrinks a sparse layer in place (CSR.shrink_): the optimizer built after sparsify_
+    keeps training the same values Parameters, the surviving weights keeping their momentum (Adam's
+    moments), so the sparse model follows the dense masked one (gradients masked, weights masked
+    again after each step) through two prunings, one between a backward and its step (the gradient
+    shrinks too). (Before, pruning put in new Parameters that the optimizer never stepped.)"""
+    ref = _net()
+    model = copy.deepcopy(ref)
+    masks_ref = global_prune(ref, {}, 0.5)
+    sparsetrain.sparsify_(model, global_prune(model, {}, 0.5))
+    opt_ref, opt = _optimizer(make, ref.parameters()), _optimizer(make, model.parameters())
+    values = [m.weight.values for _, m in prunable_layers(model)]
+    torch.manual_seed(3)
+    x, t = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    for it in range(9):
+        for m, o in ((ref, opt_ref), (model, opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), t).backward()
+        if it in (3, 6):
+            masks_ref = global_prune(ref, masks_ref, 0.4)
+            global_prune(model, {}, 0.4)
+        mask_grads_(ref, masks_ref)
+        opt_ref.step()
+        opt.step()
+        enforce_masks_(ref, masks_ref)
+    assert all(m.weight.values is v for (_, m), v in zip(prunable_layers(model), values))
+    for n, m in prunable_layers(model):
+        assert torch.equal(m.weight.mask(), masks_ref[n])
+        torch.testing.assert_close(m.weight.to_dense(), ref.get_submodule(n).weight, rtol=1e-4, atol=1e-5)
+
+
+def test_state_loaded_and_not_stepped_yet_is_refused_after_pruning():
+    """Pruning shrinks the state of the optimizers that stepped the values; state loaded into another
+    optimizer that has not stepped yet keeps the old size: its step is refused, saying why."""
+    model = _net()
+    sparsetrain.sparsify_(model, global_prune(model, {}, 0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 1, 8, 8)
+    model(x).sum().backward()
+    opt.step()
+    loaded = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    global_prune(model, {}, 0.5)
+    model.zero_grad()
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match=r"SGD state 'momentum_buffer' of a sparse weight's values has shape .*: "
+                                         r"pruning removed some of its weights"):
+        loaded.step()
+    opt.step()  # (its state shrank with the values)
+
+
+def test_global_prune_hands_back_a_named_sparse_layers_new_mask():
+    """A sparse layer named in the masks given gets its new mask in the returned dict, not the one
+    given: training the densified model under the returned masks keeps the pruned weights at zero."""
+    model = _net()
+    masks = global_prune(model, {}, 0.5)
+    sparsetrain.sparsify_(model, masks)
+    again = global_prune(model, masks, 0.5)
+    now = masks_of(model)
+    for n in masks:
+        assert torch.equal(again[n], now[n]) and int(again[n].sum()) < int(masks[n].sum())
+    sparsetrain.densify_(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randn(4, 1, 8, 8)).square().sum().backward()
+    mask_grads_(model, again)
+    opt.step()
+    for n in masks:
+        assert bool((model.get_submodule(n).weight[~now[n]] == 0).all())

@@ -10,7 +10,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain.engine import ops
 from sparsetrain.engine.formats import CSR
-from sparsetrain.nn import SparseConv2d
+from sparsetrain.nn import SparseConv2d, SparseLinear
 from sparsetrain.testing import assert_layer_matches, dense_conv2d, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
@@ -409,6 +409,33 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     assert other.nnz == layer.nnz
     nb = SparseConv2d.from_dense(nn.Conv2d(3, 4, 1, bias=False, padding="same"))
     assert nb.bias is None and nb.padding == (0, 0) and nb.to_dense().bias is None
+
+
+def test_a_saved_weight_of_another_shape_is_refused_like_a_dense_size_mismatch(tmp_path):
+    """The saved pattern fits any weight of the same [rows, cols] view: the logical shape saved in the
+    state_dict's metadata (kept by torch.save) refuses a (3, 1) kernel's state in a (1, 3) kernel's
+    layer, and a linear's in a conv's, as nn.Conv2d refuses them, the layer untouched; a state_dict
+    without the metadata (saved before it, or rebuilt as a plain dict) loads as before."""
+    torch.manual_seed(9)
+    tall = SparseConv2d.from_dense(nn.Conv2d(3, 4, (3, 1)), random_mask((4, 3, 3, 1), 0.5))
+    wide = SparseConv2d.from_dense(nn.Conv2d(3, 4, (1, 3)), random_mask((4, 3, 1, 3), 0.5))
+    linear = SparseLinear.from_dense(nn.Linear(9, 4), random_mask((4, 9), 0.5))
+    torch.save(tall.state_dict(), tmp_path / "tall.pt")
+    before = wide.weight.to_dense().clone()
+    for saved, shape in ((torch.load(tmp_path / "tall.pt", weights_only=True), r"\(4, 3, 3, 1\)"),
+                         (linear.state_dict(), r"\(4, 9\)")):
+        with pytest.raises(RuntimeError, match=rf"size mismatch for the CSR at weight: copying a weight of shape "
+                                               rf"{shape} from checkpoint, the shape in current model is \(4, 3, 1, 3\)"):
+            wide.load_state_dict(saved)
+        assert torch.equal(wide.weight.to_dense(), before)
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight"):  # (nn.Conv2d's own check, for comparison)
+        nn.Conv2d(3, 4, (1, 3)).load_state_dict(nn.Conv2d(3, 4, (3, 1)).state_dict())
+    wide.load_state_dict(dict(tall.state_dict()))  # (no metadata: the [4, 9] view is all there is to check)
+    assert torch.equal(wide.weight.values, tall.weight.values)
+    twin = SparseConv2d.from_dense(nn.Conv2d(3, 4, (3, 1)))
+    twin.load_state_dict(torch.load(tmp_path / "tall.pt", weights_only=True))
+    x = torch.randn(2, 3, 5, 6)
+    torch.testing.assert_close(twin(x), tall(x))
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -549,8 +549,11 @@ def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
     assert not torch.equal(values, before)  # the optimizer's Parameter is the layer's
     wrong = SparseLinear.from_dense(nn.Linear(12, 4), random_mask((4, 12), 0.5)).state_dict()
     kept = [t.clone() for t in layer.weight.index()]
-    with pytest.raises(RuntimeError, match=r"CSR pattern at weight does not fit its shape \(4, 10\)"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for the CSR at weight: copying a weight of shape "
+                                           r"\(4, 12\) from checkpoint, the shape in current model is \(4, 10\)"):
         layer.load_state_dict(wrong)
+    with pytest.raises(RuntimeError, match=r"CSR pattern at weight does not fit its shape \(4, 10\)"):
+        layer.load_state_dict(dict(wrong))  # (without the saved shape: the pattern's own check)
     assert all(torch.equal(a, b) for a, b in zip(layer.weight.index(), kept))  # the weight untouched
     frozen = nn.Sequential(nn.Linear(10, 4))
     frozen.requires_grad_(False)
@@ -983,6 +986,31 @@ def test_another_pattern_of_the_same_nnz_drops_the_gradient_and_refuses_the_old_
     torch.testing.assert_close(values, saved.weight.values)
     fresh = _optimizer(make, impl, layer.parameters())  # (a new optimizer holds no state of the old pattern)
     fresh.step()
+
+
+def test_state_of_a_pattern_whose_nnz_comes_back_after_another_load_is_refused():
+    """P1, then a pattern of another nnz, then P2 of P1's nnz at other positions: the momentum an
+    optimizer held for P1 has the values' shape again, but belongs to other weights (it was
+    stepped onto P2's before); refused by name like a direct load of P2."""
+    def layer(rows):
+        mask = torch.zeros(2, 4, dtype=torch.bool)
+        for r, c in rows:
+            mask[r, c] = True
+        return SparseLinear.from_dense(nn.Linear(4, 2, bias=False), mask)
+    torch.manual_seed(8)
+    lay = layer([(0, 0), (0, 1)])
+    opt = torch.optim.SGD(lay.parameters(), lr=0.1, momentum=0.9)
+    lay(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    lay.load_state_dict(layer([(0, 0), (0, 1), (0, 2)]).state_dict())
+    lay.load_state_dict(layer([(1, 2), (1, 3)]).state_dict())
+    assert opt.state[lay.weight.values]["momentum_buffer"].shape == lay.weight.values.shape == (2,)
+    lay(torch.randn(3, 4)).sum().backward()
+    before = lay.weight.values.detach().clone()
+    with pytest.raises(ValueError, match="SGD state 'momentum_buffer' of a sparse weight's values belongs to its "
+                                         "former pattern"):
+        opt.step()
+    assert torch.equal(lay.weight.values, before)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])

@@ -81,7 +81,7 @@ class BSR(WeightLike, nn.Module):
                               error_msgs):
         for name in ("ccol_indices", "row_indices_t", "perm"):  # (saved by versions that kept them)
             state_dict.pop(prefix + name, None)
-        if not _resize_pattern(self, state_dict, prefix, error_msgs, "BSR"):
+        if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "BSR"):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -12,11 +12,13 @@ buffer: it moves with `.to(device)` and is not part of the state_dict.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .optim_state import mark_stale, watch_resized, watch_state
+from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
 
 __all__ = ["CSR", "transpose_index"]
 
@@ -76,6 +78,15 @@ class WeightLike:
     def requires_grad(self, flag: bool) -> None:
         self.values.requires_grad_(flag)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
+        # it): the saved pattern fits any weight of the same [rows, cols] view, so without it a (3, 1)
+        # kernel's state loaded into a (1, 3) kernel's layer, or a linear's into a conv's (_resize_pattern).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None and prefix[:-1] in meta:
+            meta[prefix[:-1]]["shape"] = list(self.shape)
+
 
 class CSR(WeightLike, nn.Module):
     """A CSR weight of logical shape `shape` (e.g. [out, in] or [out, in, kh, kw]).
@@ -131,6 +142,31 @@ class CSR(WeightLike, nn.Module):
         rows = self.crow_indices.numel() - 1
         return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff())
 
+    @torch.no_grad()
+    def shrink_(self, keep: torch.Tensor) -> None:
+        """Keep only the stored entries where `keep` (bool [nnz], in CSR order) is True: pruning in
+        place. `values` stays the same Parameter, resized, so an optimizer holding it trains on; its
+        gradient and the per-element state of the optimizers that stepped it (momentum, Adam's
+        moments) shrink alike, the surviving weights keeping theirs, as in a dense masked layer."""
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (self.nnz,):
+            raise ValueError(f"keep must be a bool tensor of shape [nnz] = [{self.nnz}], got "
+                             f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}"
+                             f"{' ' + str(keep.dtype) if isinstance(keep, torch.Tensor) else ''}")
+        keep = keep.to(self.values.device)
+        if bool(keep.all()):
+            return
+        kept = torch.zeros(self.nnz + 1, dtype=torch.int64, device=keep.device)  # kept[e]: kept entries before e
+        torch.cumsum(keep, 0, out=kept[1:])
+        self.crow_indices = kept[self.crow_indices]
+        self.col_indices = self.col_indices[keep]
+        v, old = self.values, self.values.shape
+        grad = v.grad
+        v.data, v.grad = v.data[keep], None
+        if grad is not None:
+            v.grad = grad[keep]
+        shrink_state(v, keep, old)
+        self._build_csc()
+
     # ------------------------------------------------------------------ transposed index
     def _build_csc(self) -> None:
         ccol, row_t, perm = transpose_index(self.crow_indices, self.col_indices, math.prod(self.shape[1:]))
@@ -179,7 +215,7 @@ class CSR(WeightLike, nn.Module):
     # saved nnz differs) to the saved pattern, checked first; dtype and device stay the layer's.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if not _resize_pattern(self, state_dict, prefix, error_msgs, "CSR"):
+        if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "CSR"):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -189,6 +225,9 @@ class CSR(WeightLike, nn.Module):
 def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):
     """A CSR's (block: a BSR's of block x block blocks) constructor arguments checked: (shape as a
     tuple, crow int64, col int32)."""
+    if not isinstance(shape, Sequence) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                  for s in shape):
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or min(shape) < 0:
         raise ValueError(f"shape must have >= 2 non-negative dims, got {shape}")
@@ -214,13 +253,19 @@ def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate:
     return shape, crow, col
 
 
-def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str) -> bool:
+def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error_msgs, kind: str) -> bool:
     """Before nn.Module loads a CSR/BSR `module`'s state: a saved pattern (all of crow_indices,
-    col_indices and values, checked against the module's shape) resizes the index buffers and, for
-    another nnz, the values Parameter in place (an optimizer holding it trains on). False, with the
-    error recorded, when it does not fit (the module is left as it was, as a dense layer's size
-    mismatch leaves it)."""
+    col_indices and values, checked against the module's shape, and against the saved logical
+    shape where the state_dict's metadata has it) resizes the index buffers and, for another nnz,
+    the values Parameter in place (an optimizer holding it trains on). False, with the error
+    recorded, when it does not fit (the module is left as it was, as a dense layer's size mismatch
+    leaves it)."""
     where = prefix[:-1] or "the root"
+    saved = (local_metadata or {}).get("shape")
+    if saved is not None and tuple(saved) != tuple(module.shape):
+        error_msgs.append(f"size mismatch for the {kind} at {where}: copying a weight of shape {tuple(saved)} from "
+                          f"checkpoint, the shape in current model is {tuple(module.shape)}")
+        return False
     keys = [prefix + n for n in ("crow_indices", "col_indices", "values")]
     if 0 < sum(k in state_dict for k in keys) < 3:  # (a part of a pattern would corrupt the layer)
         error_msgs.append(f"the {kind} at {where} needs all of {keys}, got only {[k for k in keys if k in state_dict]}")
@@ -250,6 +295,7 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, error_msgs, kind: str
             old = v.shape
             v.data, v.grad = v.new_empty(values.shape), None
             watch_resized(v, old)
+            mark_stale(v)  # (its state of the old positions, should a later load bring back their nnz)
         elif moved:  # another pattern of the same nnz: the gradient and state of its old positions
             v.grad = None
             mark_stale(v)

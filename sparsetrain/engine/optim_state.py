@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-__all__ = ["watch_state", "watch_resized", "mark_stale"]
+__all__ = ["watch_state", "watch_resized", "shrink_state", "mark_stale"]
 
 
 # ---- optimizer state that does not fit its parameter ----------------------------------------------
@@ -17,6 +17,8 @@ __all__ = ["watch_state", "watch_resized", "mark_stale"]
 # silently). Two ways a sparse model meets such state:
 # * a resize: load_state_dict into a layer of another nnz keeps the values Parameter (an optimizer
 #   built before keeps training it), so state an optimizer already holds for it has the old nnz;
+#   pruning in place (CSR.shrink_) too, but it shrinks the state of the optimizers that stepped the
+#   values with them (shrink_state): only state loaded and not stepped with yet keeps the old nnz;
 # * sparsify_ changes the parameters' order and shapes (a layer's bias now comes before its values),
 #   so a dense model's optimizer state loaded into the sparse model's optimizer lands on the wrong
 #   parameters.
@@ -30,7 +32,7 @@ _PER_ELEMENT = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_a
 _TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
     "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
     "SparseAdam") if hasattr(torch.optim, n))
-_resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> its former shapes
+_resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> {former shape: why it changed}
 _lock = threading.Lock()  # (a load in one thread while another steps)
 _hook = None
 # Another pattern of the same nnz keeps the shape: the state tensors the optimizers that stepped held for
@@ -40,6 +42,11 @@ _optimizers = weakref.WeakSet()  # optimizers that stepped since the hook was re
 _stale = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> WeakIdKeyDictionary of stale state
 _AFTER_LOAD = ("restore the optimizer's state saved with that model (optimizer.load_state_dict) or build the "
                "optimizer after loading")  # (the remedy after a layer's load_state_dict)
+# Why a values Parameter has another shape than state held for it, and the remedy (watch_resized):
+LOADED = f"load_state_dict gave the layer a pattern of another nnz; {_AFTER_LOAD}"
+PRUNED = ("pruning removed some of its weights (CSR.shrink_) while this optimizer held state it had not stepped "
+          "with yet (loaded), so that state kept the old size; load it before pruning, or build the optimizer "
+          "after pruning")
 
 
 def watch_state() -> None:
@@ -51,10 +58,24 @@ def watch_state() -> None:
             _hook = register_optimizer_step_pre_hook(_check_state_shapes)
 
 
-def watch_resized(values: torch.Tensor, old: torch.Size) -> None:
+def watch_resized(values: torch.Tensor, old: torch.Size, why: str = LOADED) -> None:
     watch_state()
     with _lock:
-        _resized[values] = _resized.get(values, frozenset()) | {old}
+        _resized[values] = {**_resized.get(values, {}), old: why}
+
+
+def shrink_state(values: torch.Tensor, keep: torch.Tensor, old: torch.Size) -> None:
+    """After `values` (a Parameter, formerly of shape `old`) kept only the entries `keep` (CSR.shrink_):
+    the per-element state of the optimizers that stepped it shrinks alike (its surviving weights keep
+    their momentum); other state of the old shape is refused at its optimizer's next step."""
+    watch_resized(values, old, PRUNED)
+    with _lock:
+        optimizers = list(_optimizers)
+    for opt in optimizers:
+        state = opt.state.get(values)
+        for key, t in list((state or {}).items()):
+            if key in _PER_ELEMENT and isinstance(t, torch.Tensor) and t.shape == old:
+                state[key] = t[keep.to(t.device)]
 
 
 def mark_stale(values: torch.Tensor) -> None:
@@ -72,20 +93,19 @@ def _check_state_shapes(optimizer, args, kwargs):
         _optimizers.add(optimizer)
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
+    for p, former in watched:  # (first: a stale tensor of another shape is told its shape)
+        for key, t in optimizer.state.get(p, {}).items():
+            if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
+                raise ValueError(
+                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
+                    f"{tuple(t.shape)}, the values now {tuple(p.shape)}: {former[t.shape]}")
     for p, tensors in stale:
         for key, t in optimizer.state.get(p, {}).items():
             if isinstance(t, torch.Tensor) and t in tensors:
                 raise ValueError(
                     f"{type(optimizer).__name__} state {key!r} of a sparse weight's values belongs to its former "
-                    f"pattern: load_state_dict gave the layer another pattern of the same nnz, so that state "
-                    f"would move to other weights; {_AFTER_LOAD}")
-    for p, former in watched:
-        for key, t in optimizer.state.get(p, {}).items():
-            if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
-                raise ValueError(
-                    f"{type(optimizer).__name__} state {key!r} of a sparse weight's values has shape "
-                    f"{tuple(t.shape)}, the values now {tuple(p.shape)}: load_state_dict gave the layer a "
-                    f"pattern of another nnz; {_AFTER_LOAD}")
+                    f"pattern: load_state_dict gave the layer another pattern of the same nnz since, so that "
+                    f"state would move to other weights; {_AFTER_LOAD}")
     if not isinstance(optimizer, _TORCH_OPTIMS):
         return
     for g, group in enumerate(optimizer.param_groups):

@@ -4,7 +4,7 @@ Over all conv and linear weights of a model (never biases or BatchNorm), dense m
 One exact threshold (the C++ `magnitude_threshold` op: radix select, ties broken by layer order,
 then flat index) over all layers (`scope="global"`, the paper's) or one per layer ("layer"); each
 round prunes floor(rate * surviving) weights, so round k has sparsity 1 - (1 - rate)^k exactly.
-Dense layers get a smaller mask; sparse layers are re-packed into a smaller CSR (`csr_prune`).
+Dense layers get a smaller mask; sparse layers shrink in place (`csr_prune` selects, `CSR.shrink_`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..engine import ops
-from ..engine.formats import CSR
 from ..engine.nn import check_masks, is_sparse, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, register
 
@@ -53,21 +52,25 @@ def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ti
 
 
 def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
-    """Re-pack the layer's CSR under the threshold; returns the ties it consumed. (The C++ op runs
-    on the CPU: a layer on another device is re-packed there and moved back.)"""
+    """Shrink the layer's CSR in place under the threshold (CSR.shrink_: the same values Parameter,
+    so an optimizer holding it trains on, with its state shrunk alike); returns the ties it
+    consumed. (The C++ selection runs on the CPU: a layer on another device is selected there.)"""
     w = m.weight
     vals = w.values.detach()
-    crow, col, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
+    _, _, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
     used = int((vals.abs().double() == thr).sum()) - int((new_vals.abs().double() == thr).sum())
-    dev = vals.device
-    m.weight = CSR(crow.to(dev), col.to(dev), new_vals.to(dev).requires_grad_(w.values.requires_grad), w.shape, validate=False)
+    mask = torch.zeros(w.nnz, dtype=torch.bool)
+    mask[keep] = True
+    w.shrink_(mask)
     return used
 
 
 def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "global") -> dict:
     """Prune `rate` of the surviving weights (global: one threshold over all layers; layer: the
     same fraction in every layer). Dense layers get a shrunken mask in the returned dict; sparse
-    layers are re-packed in place (smaller CSR). Weights under pruned positions are zeroed."""
+    layers shrink in place (CSR.shrink_: an optimizer holding their values trains on, its momentum
+    shrunk alike), and a sparse layer `masks` names gets its new mask there too (not the one given,
+    which would let pruned weights back after densify_). Weights under pruned positions are zeroed."""
     rate = check_rate(rate)
     check_scope(scope)
     masks = check_masks(model, masks)
@@ -85,6 +88,8 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
         for name, m in group:
             if is_sparse(m):
                 ties -= _prune_sparse_(m, thr, ties)
+                if name in masks:
+                    new_masks[name] = m.weight.mask()
             else:
                 keep, used = _prune_dense_mask(m.weight.detach(), masks.get(name), thr, ties)
                 ties -= used
