@@ -5,6 +5,7 @@ import math
 import os
 
 from sparsetrain.experiment import report as R
+from sparsetrain.experiment.report.tables import vanilla_phase
 
 NAN = float("nan")
 
@@ -334,3 +335,22 @@ def test_round_table_marks_rounds_past_a_seeds_last(tmp_path):
     marks = {int(l.split("|")[1]): l.split("|")[11] for l in lines if l.split("|")[1].strip().isdigit()}
     assert marks and "seeds" not in marks[0] + marks[1]
     assert "1/2 seeds" in marks[2] and "1/2 seeds" in marks[3]
+
+
+def test_the_teacher_run_is_the_vanilla_run_by_the_studys_own_rule(tmp_path):
+    """Where the study trained no vanilla phase (Config.separate_vanilla: the student is the teacher's
+    model under any alias, on the same schedule up to settings the run ignores), the summary's
+    vanilla rows read the teacher run; before, an alias or a rewind_iter the run ignores (no
+    --perturb rewind) dropped them."""
+    cases = [(dict(student="lenet-300-100"), "teacher"),  # (an alias of lenet300)
+             (dict(teacher_rewind_iter=5, student_rewind_iter=0), "teacher"),  # (ignored without rewind)
+             (dict(teacher_rewind_iter=5, student_rewind_iter=0, perturb="rewind"), None),
+             (dict(student="vgg_d1g2"), None), (dict(teacher_lr=0.1, student_lr=0.05), None)]
+    for i, (settings, phase) in enumerate(cases):
+        run_dir = tmp_path / str(i)
+        write_config(run_dir, seeds=[0], teachers=["dense"], **settings)
+        write_rows(run_dir, make_rows([0.8, 0.9]))
+        write_rows(run_dir, make_rows([0.8, 0.9], phase="distill-dense"))
+        run = R.load_run(run_dir)
+        assert vanilla_phase(run) == phase, settings
+        assert ("| vanilla, no early stop |" in R.summary_table(run)) == (phase is not None), settings

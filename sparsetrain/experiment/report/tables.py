@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ..config import config_from_json
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import NAN, fin, get, teacher_tag
@@ -21,14 +22,13 @@ def ordered_phases(run) -> list[str]:
 
 
 def vanilla_phase(run) -> str | None:
-    cfg, curves = run["config"], run["curves"]
+    """The phase whose curve is the vanilla student's: its own, or the teacher run's where the study
+    trained none (Config.separate_vanilla, the study's own rule: the same model under any alias, the
+    same schedule up to settings the run ignores)."""
+    curves = run["curves"]
     if "vanilla" in curves:
         return "vanilla"
-    # the teacher run is the vanilla run only for the same model on the same schedule (separate_vanilla)
-    same = cfg.get("student") in (None, "", cfg.get("model")) and all(
-        cfg.get(f"teacher_{k}") == cfg.get(f"student_{k}")
-        for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay", "rewind_iter"))
-    return "teacher" if same and "teacher" in curves else None
+    return "teacher" if "teacher" in curves and not config_from_json(run["config"]).separate_vanilla() else None
 
 
 def stats(vals):
