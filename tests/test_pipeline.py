@@ -517,3 +517,18 @@ def test_cnn_study_on_fused_layers_resumes_exactly(cifar10_dir, kill_and_resume)
     ckpt = next((cifar10_dir / "a").glob("*/seed0/teacher/ckpt/round_02.pt"))
     model, _, _ = load_model(str(ckpt))  # a restored sparse model is fused again
     assert sum(type(m).__name__ == "SparseConvBNReLU" for m in model.modules()) == 2
+
+
+@pytest.mark.parametrize("left", [("state.pt", "state.pt.sha256"), ("state.pt.sha256",)])
+def test_a_finished_phase_drops_the_resume_state_a_kill_inside_finish_left(tmp_path, left):
+    """finish writes best.json (the phase is done), then removes state.pt and its checksum: a kill in
+    between left them for good (the next runs returned at best.json before any cleanup, verifying
+    the stale file each time). The next run of the finished phase removes them first."""
+    from sparsetrain.experiment import loop
+    pdir = tmp_path / "teacher"
+    (pdir / "ckpt").mkdir(parents=True)
+    (pdir / "best.json").write_text(json.dumps({"round": 0}))
+    for name in left:
+        (pdir / name).write_bytes(b"left by a kill")
+    assert loop.run_phase(None, "teacher", None, 0, "teacher", "lenet300", str(pdir)) == str(pdir)
+    assert sorted(os.listdir(pdir)) == ["best.json", "ckpt"]

@@ -241,7 +241,12 @@ def finish(pdir: str, rows: list[dict]) -> None:
     write_json(os.path.join(pdir, "best.json"),
                {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
                 "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"})
-    for path in ("state.pt", "state.pt.sha256"):  # (the resume state and its checksum: done with)
+    drop_resume_state(pdir)
+
+
+def drop_resume_state(pdir: str) -> None:
+    """Remove a finished phase's resume state and its checksum (done with once best.json exists)."""
+    for path in ("state.pt", "state.pt.sha256"):
         if os.path.exists(os.path.join(pdir, path)):
             os.remove(os.path.join(pdir, path))
 
@@ -264,8 +269,11 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     spent obtaining the teacher; `teacher_arch`: its build_model arguments (its dense cost in the
     paper's convention: a filter-pruned teacher has lost channels). Returns pdir."""
     os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
+    done = os.path.exists(os.path.join(pdir, "best.json"))
+    if done and dist.is_main():
+        drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)
     dist.on_main(lambda: verify_phase(pdir), (CorruptFile,))  # (may finish an interrupted checkpoint write)
-    if os.path.exists(os.path.join(pdir, "best.json")):
+    if done:
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")
     hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
