@@ -532,3 +532,21 @@ def test_a_finished_phase_drops_the_resume_state_a_kill_inside_finish_left(tmp_p
         (pdir / name).write_bytes(b"left by a kill")
     assert loop.run_phase(None, "teacher", None, 0, "teacher", "lenet300", str(pdir)) == str(pdir)
     assert sorted(os.listdir(pdir)) == ["best.json", "ckpt"]
+
+
+def test_a_hand_edited_teacher_phase_is_one_clear_error(tmp_path):
+    """The study writes the teacher's metrics.csv and best.json whole; edited by hand so that they do not
+    name the chosen round, a distillation reading them stops with one line naming the folder (it
+    was an IndexError or TypeError traceback)."""
+    from sparsetrain.experiment.loop import PhaseError
+    from sparsetrain.experiment.files import write_csv
+    tdir = tmp_path / "teacher"
+    tdir.mkdir()
+    write_csv(str(tdir / "metrics.csv"), [{"round": 0, "cum_flops": 10, "paper_cum_flops": 20}])
+    (tdir / "best.json").write_text(json.dumps({"round": 0}))
+    assert study.teacher_checkpoint("best", str(tdir)) == (str(tdir / "ckpt" / "round_00.pt"), (10, 20))
+    for best in ('{"round": 3}', '{"round": "x"}', "{}", "{not json"):
+        (tdir / "best.json").write_text(best)
+        with pytest.raises(PhaseError, match=rf"{tdir}: its best.json and metrics.csv do not name the teacher's best "
+                                             r"round \(\w+: .*\); delete that folder"):
+            study.teacher_checkpoint("best", str(tdir))

@@ -135,11 +135,15 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
     if choice not in ("best", "dense"):
         return choice, (0, 0)
-    rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
-    with open(os.path.join(teacher_dir, "best.json")) as f:
-        best = json.load(f)
-    rnd = best["round"] if choice == "best" else 0
-    cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
+    try:
+        rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
+        with open(os.path.join(teacher_dir, "best.json")) as f:
+            best = json.load(f)
+        rnd = best["round"] if choice == "best" else 0
+        cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # (the study writes both whole: an edit by hand)
+        raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
+                         f"({type(e).__name__}: {e}); delete that folder to train the teacher again") from None
     return os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt"), cost
 
 
