@@ -104,8 +104,8 @@ def _check_state_shapes(optimizer, args, kwargs):
             if isinstance(t, torch.Tensor) and t in tensors:
                 raise ValueError(
                     f"{type(optimizer).__name__} state {key!r} of a sparse weight's values belongs to its former "
-                    f"pattern: load_state_dict gave the layer another pattern of the same nnz since, so that "
-                    f"state would move to other weights; {_AFTER_LOAD}")
+                    f"pattern: load_state_dict has since given the layer another pattern of the same nnz, so "
+                    f"that state would move to other weights; {_AFTER_LOAD}")
     if not isinstance(optimizer, _TORCH_OPTIMS):
         return
     for g, group in enumerate(optimizer.param_groups):
