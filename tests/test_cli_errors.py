@@ -49,6 +49,14 @@ def _truncated_gz(root):
     _truncate(p, len(p.read_bytes()) // 2)
 
 
+def _damaged_gz(root):  # (its deflate stream, not its CRC: zlib.error, not BadGzipFile)
+    p = _mnist(root, gz=True) / (STEMS[0] + ".gz")
+    b = bytearray(p.read_bytes())
+    for i in range(40, len(b) - 20, 50):
+        b[i] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
 def _bad_magic(root):
     p = _mnist(root) / STEMS[2]
     p.write_bytes(b"PK\3\4" + p.read_bytes()[4:])
@@ -143,6 +151,7 @@ CASES = [
     ("truncated-labels", "mnist", [], _truncated_labels, "train-labels-idx1-ubyte: the header describes"),
     ("10-byte-images", "mnist", [], _ten_byte_images, "train-images-idx3-ubyte"),
     ("truncated-gz", "mnist", [], _truncated_gz, "train-images-idx3-ubyte.gz: cannot be read"),
+    ("damaged-gz", "mnist", [], _damaged_gz, "train-images-idx3-ubyte.gz: cannot be read"),
     ("bad-magic", "mnist", [], _bad_magic, "t10k-images-idx3-ubyte is not an IDX file"),
     ("images-labels-count", "mnist", [], _swapped_labels, "the train images (40) and labels (10) differ"),
     ("cifar100n-eps", "cifar100n", ["--eps", "0.2"], _cifar100, "--eps must be 0 for cifar100n"),

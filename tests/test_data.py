@@ -42,6 +42,12 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
     torch.save({"noisy_label": noisy, "clean_label": (y + 1) % 100}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="clean_label"):
         D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / "bad.pt", download=False)
+    # float or bool labels are refused (cast to int64 they loaded as other labels: 39.7 as 39)
+    torch.save({"noisy_label": noisy + 0.7}, tmp_path / "float.pt")
+    np.save(tmp_path / "bool.npy", noisy % 2 == 0)
+    for name, dtype in (("float.pt", "float64"), ("bool.npy", "bool")):
+        with pytest.raises(D.DataError, match=rf"--label-file .*{name} must hold integer labels, got {dtype}"):
+            D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
 
 
 def test_cifar100n_label_file_pickled_under_numpy1(tmp_path):
@@ -110,6 +116,23 @@ def test_cifar_batches_of_the_wrong_types_are_refused(tmp_path, change, what):
         d = pickle.load(f)
     _repickle(path, **change(np.asarray(d["data"]), d["labels"]))
     with pytest.raises(D.DataError, match=f"data_batch_2: expected 'data' .*, got .*{what}"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_a_cifar_batch_without_labels_or_with_labels_out_of_range_is_named(tmp_path):
+    """The batch at fault, by path (the message named the dataset and every batch, or reported a
+    missing key as float64 labels of shape (0,))."""
+    import pickle
+    write_cifar(tmp_path, c10=True, n_per_batch=4, n_test=3)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    _repickle(path, labels=[0, 1, 10, 2])
+    with pytest.raises(D.DataError, match=rf"{path}: 'labels' must lie in 0..9, got 0..10"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    with open(path, "wb") as f:
+        pickle.dump({k: v for k, v in d.items() if k != "labels"}, f)
+    with pytest.raises(D.DataError, match=rf"{path}: no 'labels' entry \(keys: 'data'"):
         D.load_dataset("cifar10", tmp_path, download=False)
 
 
@@ -241,3 +264,39 @@ def test_imagefolder_in_memory(tmp_path):
     assert xb.shape == (8, 3, 16, 16)
     with pytest.raises(D.DatasetNotFound, match="imagefolder needs"):
         D.load_dataset("imagefolder", tmp_path / "train")
+    # a subset of files listed class by class spreads over the classes (the first 4 were all ants)
+    s = D.load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.0, subset=4, test_subset=2,
+                       download=False)
+    assert s.train.y.tolist() == [0, 0, 1, 1] and s.test.y.tolist() == [0, 1]
+    # broken folders and images: one DataError naming them (tracebacks before)
+    (tmp_path / "val" / "cat").mkdir()
+    with pytest.raises(D.DataError, match=r"imagefolder: .*val: FileNotFoundError: Found no valid file for the classes cat"):
+        D.load_dataset("imagefolder", tmp_path, download=False)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "val" / "cat" / "0.png")
+    with pytest.raises(D.DataError, match=r"the class folders of .*train and .*val differ \(2 and 3; in one only: cat\)"):
+        D.load_dataset("imagefolder", tmp_path, download=False)
+    (tmp_path / "val" / "cat" / "0.png").unlink()
+    (tmp_path / "val" / "cat").rmdir()
+    bad = tmp_path / "train" / "bee" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(D.DataError, match=rf"{bad}: cannot be read as an image \((OSError|UnidentifiedImageError)"):
+        D.load_dataset("imagefolder", tmp_path, download=False)
+
+
+def test_an_official_validation_split_counts_in_the_fingerprint_and_the_statistics(monkeypatch, tmp_path):
+    """flowers102's official val images are training data: the normalisation statistics cover them
+    (README, Fidelity: train and validation images), and a run refuses to continue when they change."""
+    from sparsetrain.experiment import datasets as DS
+
+    def loader(val_value):
+        def load(data_dir, **_):
+            xtr = torch.full((4, 3, 2, 2), 100, dtype=torch.uint8)
+            xv = torch.full((4, 3, 2, 2), val_value, dtype=torch.uint8)
+            y = torch.arange(4) % 2
+            return DS.Raw(xtr, y, y, xtr.clone(), y, 2, val=(xv, y), by_class=True)
+        return load
+    monkeypatch.setitem(DS.LOADERS, "flowers102", loader(200))
+    a = D.load_dataset("flowers102", tmp_path, download=False)
+    torch.testing.assert_close(a.train.mean, torch.full((3,), 150 / 255))  # (100 and 200, four images each)
+    monkeypatch.setitem(DS.LOADERS, "flowers102", loader(0))
+    assert D.load_dataset("flowers102", tmp_path, download=False).fingerprint != a.fingerprint

@@ -2,7 +2,7 @@
 
 `load_dataset(name, data_dir, ...)` -> `Splits` (train / val / test `Split`s). Order of operations:
 labels (cifar100n: the human noisy labels replace the training labels) -> `subset` (first n
-training images) -> validation split (seeded, disjoint) -> label noise on train, and on val unless
+training images; spread evenly over files listed class by class) -> validation split (seeded, disjoint) -> label noise on train, and on val unless
 `clean_val`. Noise: exactly floor(N * eps) samples of the split, chosen by a seeded permutation,
 get a label drawn uniformly from the *other* classes ("symmetric", the paper's) or from all classes
 ("uniform", may keep the label). The test split is never noised.
@@ -167,10 +167,13 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
     if xte.shape[1:] != xtr.shape[1:]:
         raise DataError(f"{name}: test images {tuple(xte.shape[1:])} differ from training images {tuple(xtr.shape[1:])}")
     if subset is not None:
-        xtr, ytr_used, y_orig = xtr[:subset], ytr_used[:subset], y_orig[:subset]
+        keep = _subset(len(xtr), subset, raw.by_class)
+        xtr, ytr_used, y_orig = xtr[keep], ytr_used[keep], y_orig[keep]
     if test_subset is not None:
-        xte, yte = xte[:test_subset], yte[:test_subset]
-    mean, std = _channel_stats(xtr)  # per channel over the training images
+        keep = _subset(len(xte), test_subset, raw.by_class)
+        xte, yte = xte[keep], yte[keep]
+    # per channel over the training images (an official validation split's too: training data)
+    mean, std = _channel_stats(xtr if official_val is None else torch.cat([xtr, official_val[0]]))
 
     def make(x, y_used, y_clean):
         return Split(x, y_used.clone(), y_clean.clone(), torch.arange(len(y_used)),
@@ -194,7 +197,13 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
             val.y, val.noisy = add_label_noise(val.y, eps, nc, kind=noise, generator=seeded(seed, 3))
     c, h, w = xtr.shape[1:]
     return Splits(name, train, val, test, nc, c, (h, w), float(eps), noise, int(seed),
-                  fingerprint(xtr, ytr_used, xte, yte))
+                  fingerprint(xtr, ytr_used, xte, yte, *(official_val or ())))
+
+
+def _subset(n: int, k: int, by_class: bool) -> slice | torch.Tensor:
+    """The first k of n images; for files listed class by class (imagefolder, flowers102), k spread
+    evenly over them instead (image i*n//k), so that every class keeps its share."""
+    return (torch.arange(k) * n) // k if by_class and k < n else slice(0, k)
 
 
 def fingerprint(*tensors: torch.Tensor) -> str:

@@ -15,6 +15,7 @@ import gzip
 import math
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Raw:
     num_classes: int
     pad: int = 0                 # augmentation: shifts of up to `pad` px and flips (0: none)
     val: tuple | None = None     # official validation split (x, y), else carved from train
+    by_class: bool = False       # files listed class by class (ImageFolder): a subset spreads over them
 
 
 LOADERS: dict = {}
@@ -80,7 +82,7 @@ def read_idx(path) -> np.ndarray:
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt .gz, unreadable file
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated or corrupt .gz, unreadable file
         raise DataError(f"{path}: cannot be read ({_brief(e)})") from None
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in dtypes:
@@ -170,18 +172,21 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
         ds = [_unpickle(folder / f) for f in files]
         xs, ys = [], []
         for f, d in zip(files, ds):
-            data, labels = np.asarray(d.get("data", np.zeros((0, 0), np.uint8))), np.asarray(d.get(key, ()))
+            missing = [k for k in ("data", key) if k not in d]
+            if missing:
+                raise DataError(f"{folder / f}: no {' and no '.join(repr(k) for k in missing)} entry (keys: "
+                                f"{', '.join(map(repr, list(d)[:6]))})")
+            data, labels = np.asarray(d["data"]), np.asarray(d[key])
             if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
                     or labels.shape[0] != data.shape[0] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))):
                 raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N integer '{key}', got data "
                                 f"{data.dtype} {tuple(data.shape)} and labels {labels.dtype} {tuple(labels.shape)}")
+            if labels.size and (labels.min() < 0 or labels.max() >= (10 if c10 else 100)):
+                raise DataError(f"{folder / f}: '{key}' must lie in 0..{9 if c10 else 99}, got "
+                                f"{int(labels.min())}..{int(labels.max())}")
             xs.append(data)
             ys.append(labels.astype(np.int64))
-        x = np.concatenate(xs).reshape(-1, 3, 32, 32)
-        y = np.concatenate(ys)
-        if len(y) and (y.min() < 0 or y.max() >= (10 if c10 else 100)):
-            raise DataError(f"{name}: labels outside 0..{9 if c10 else 99} in {', '.join(files)}")
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(ys))
     return (*read(train_files), *read([test_file]), 10 if c10 else 100)
 
 
@@ -216,6 +221,8 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
             labels = np.load(path, allow_pickle=False).reshape(-1)
         else:
             labels = np.loadtxt(path, dtype=np.int64).reshape(-1)
+        if labels.dtype.kind not in "iu":  # (a float or bool array cast to int64 would load as other labels)
+            raise DataError(f"--label-file {path} must hold integer labels, got {labels.dtype}")
         labels = torch.as_tensor(labels.astype(np.int64))
     except DataError:
         raise
@@ -298,13 +305,26 @@ def _load_imagefolder(data_dir: Path, size: int):
     if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
         raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
                               "with one sub-directory of images per class (ImageNet layout)")
-    tr, te = ImageFolder(str(data_dir / "train")), ImageFolder(str(data_dir / "val"))
+    def folder(split):
+        try:
+            return ImageFolder(str(data_dir / split))
+        except FileNotFoundError as e:  # (a class folder without images, or no class folder)
+            raise DataError(f"imagefolder: {data_dir / split}: {_brief(e)}") from None
+
+    def image(path):
+        try:
+            return _pil_to_uint8(path, size)
+        except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable)
+            raise DataError(f"{path}: cannot be read as an image ({_brief(e)})") from None
+
+    tr, te = folder("train"), folder("val")
     if tr.classes != te.classes:
-        raise ValueError(f"imagefolder: train/ and val/ class folders differ under {data_dir}")
+        only = sorted(set(tr.classes) ^ set(te.classes))[:5]
+        raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
+                        f"({len(tr.classes)} and {len(te.classes)}; in one only: {', '.join(only) or 'none, in another order'})")
 
     def read(ds):
-        return (torch.stack([_pil_to_uint8(p, size) for p, _ in ds.samples]),
-                torch.as_tensor(ds.targets, dtype=torch.int64))
+        return torch.stack([image(p) for p, _ in ds.samples]), torch.as_tensor(ds.targets, dtype=torch.int64)
     return (*read(tr), *read(te), len(tr.classes))
 
 
@@ -327,13 +347,13 @@ def _mnist_like(data_dir: Path, *, download: bool, name: str, **_):
 @loader("flowers102")
 def _flowers(data_dir: Path, *, download: bool, image_size: int, **_):
     xtr, ytr, xv, yv, xte, yte, nc = _load_flowers(data_dir, image_size, download)
-    return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv))  # paper I.2: no augmentation
+    return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv), by_class=True)  # paper I.2: no augmentation
 
 
 @loader("imagefolder")
 def _imagefolder(data_dir: Path, *, image_size: int, **_):
     xtr, ytr, xte, yte, nc = _load_imagefolder(data_dir, image_size)
-    return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)))
+    return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)), by_class=True)
 
 
 DATASETS = tuple(LOADERS)
