@@ -91,8 +91,12 @@ def nonnegative_int(text: str) -> int:
 
 
 def writable_json(parser, path: str) -> str:
-    """--out: a JSON path whose folder exists or can be made and takes a file, checked before any
-    timing (parser.error otherwise)."""
+    """--out: a JSON file path (not empty, not a folder) whose folder exists or can be made and
+    takes a file, checked before any timing (parser.error otherwise)."""
+    if not path:
+        parser.error("--out is empty: give a JSON file path (or leave the flag out for the default)")
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        parser.error(f"--out {path}: is a folder; give a JSON file path")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -103,6 +107,15 @@ def writable_json(parser, path: str) -> str:
     except OSError as e:
         parser.error(f"--out {path}: cannot write there ({e.strerror or e})")
     return path
+
+
+def refuse_empty(parser, **flags) -> None:
+    """parser.error for a flag given as "" or blanks (`--sparsities ''`, `--only ''`): an empty value is a
+    mistake, not "the default" (the keyword is the flag's name: sparsities="" -> --sparsities)."""
+    for name, value in flags.items():
+        if value is not None and not value.strip():
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} is empty: give a value, or leave the flag out for the default")
 
 
 def parse_sparsities(parser, text: str) -> list[float]:

@@ -93,8 +93,8 @@ def main(argv=None) -> int:
                     "other --steps, --batch or --rounds than the table's, so a smoke run never replaces it")
     args = ap.parse_args(argv)
     partial = any(getattr(args, k) != ap.get_default(k) for k in ("steps", "batch", "rounds"))
-    out = writable_json(ap, args.out or os.path.join(  # (before timing anything)
-        HERE, "results", "contention" + ("_partial" if partial else "") + ".json"))
+    default = os.path.join(HERE, "results", "contention" + ("_partial" if partial else "") + ".json")
+    out = writable_json(ap, default if args.out is None else args.out)  # (before timing anything)
     # the CPUs this process may run on (taskset, cgroup cpusets), as the study's --threads 0 counts them
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (HERE, interleaved_times, leaf_per_side, machine_info, paired_ratio, parse_sparsities,  # noqa: E402
-                    positive_int, print_table, writable_json, write_json)
+                    positive_int, print_table, refuse_empty, writable_json, write_json)
 from sparsetrain.testing import random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
@@ -157,21 +157,22 @@ def main(argv=None):
                    "--threads or --no-sparseprop, so a smoke or partial run never replaces a table; "
                    "OUT.inprogress.json after each row until the run ends)")
     args = p.parse_args(argv)
-    sps = parse_sparsities(p, args.sparsities) if args.sparsities else \
+    refuse_empty(p, sparsities=args.sparsities, only=args.only)  # ('' is not "the default": never the full table)
+    sps = parse_sparsities(p, args.sparsities) if args.sparsities is not None else \
         ([0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999])
-    # (anything but the table's own settings gets its own name: a smoke run never replaces the table)
-    partial = args.only or args.sparsities or args.threads or args.no_sparseprop
-    stem = (("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
-            + ("_quick" if args.quick else "") + ("_partial" if partial and not args.quick else ""))
-    out = writable_json(p, args.out or os.path.join(HERE, "results", stem + ".json"))  # (before timing)
-    progress = out.removesuffix(".json") + ".inprogress.json"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cases = None
-    if args.only:
+    if args.only is not None:
         cases = [c for c in RESNET18 + VGG_D5G5 if args.only in c[0]]
         if not cases:
             p.error(f"--only {args.only!r} matches no case; names: {', '.join(c[0] for c in RESNET18 + VGG_D5G5)}")
+    # (anything but the table's own settings gets its own name: a smoke run never replaces the table)
+    partial = args.only is not None or args.sparsities is not None or args.threads or args.no_sparseprop
+    stem = (("conv_warm" if args.warm else "conv") + ("" if args.batch == BATCH else f"_b{args.batch}")
+            + ("_quick" if args.quick else "") + ("_partial" if partial and not args.quick else ""))
+    out = writable_json(p, os.path.join(HERE, "results", stem + ".json") if args.out is None else args.out)
+    progress = out.removesuffix(".json") + ".inprogress.json"  # (all checked before timing)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")

@@ -175,6 +175,8 @@ def main(argv=None):
                                  "with --only, so a one-section run leaves the full tables alone)")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
+    if args.only == "gpu" and not torch.cuda.is_available():  # (a full run notes the GPU section skipped)
+        p.error("--only gpu: the GPU section needs a CUDA device, and none is available here")
     if args.out is None:
         stem = "kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
         args.out = os.path.join(HERE, "results", stem + ".json")

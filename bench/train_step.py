@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (HERE, machine_info, paired_ratio, parse_sparsities, positive_int, print_table,  # noqa: E402
-                    writable_json, write_json)
+                    refuse_empty, writable_json, write_json)
 from sparsetrain.testing import mask_weight_, model_masks  # noqa: E402
 
 import sparsetrain  # noqa: E402
@@ -236,9 +236,7 @@ def main(argv=None):
         p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
-    for flag, value in (("--models", args.models), ("--sparsities", args.sparsities)):
-        if value is not None and not value.strip():
-            p.error(f"{flag} is empty: give one or more, comma-separated (or leave the flag out for the default)")
+    refuse_empty(p, models=args.models, sparsities=args.sparsities)
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -253,7 +251,7 @@ def main(argv=None):
     # (anything but the table's own settings writes _partial: a smoke run never replaces the table)
     partial = args.quick or args.models or args.sparsities or args.steps is not None or args.no_profile or args.threads
     stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
-    out = writable_json(p, args.out or os.path.join(HERE, "results", stem + ".json"))
+    out = writable_json(p, os.path.join(HERE, "results", stem + ".json") if args.out is None else args.out)
     progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
     info = machine_info()
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "

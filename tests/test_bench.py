@@ -219,3 +219,62 @@ def test_train_step_rows_and_device_flag(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             train_step.main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
         assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_or_empty_is_refused_before_timing(tmp_path, monkeypatch, capsys):
+    """Every script refuses --out '' (not "the default"), a folder (existing, or a path ending in /)
+    and a path under a file, before timing anything and without writing anything."""
+    import pytest
+
+    import contention
+    import train_step
+    timed, written = [], []
+    monkeypatch.setattr(kernels, "bench_linear", lambda *a, **k: timed.append(1) or [])
+    monkeypatch.setattr(conv_bench, "interleaved_times", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(train_step, "run", lambda *a, **k: timed.append(1) or [])
+    monkeypatch.setattr(contention, "run_scenario", lambda *a, **k: timed.append(1))
+    for mod in (kernels, conv_bench, train_step, contention):
+        monkeypatch.setattr(mod, "write_json", lambda path, data: written.append(path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    cases = (("", "--out is empty"), (str(tmp_path / "adir"), "is a folder"), ("adir", "is a folder"),
+             (str(tmp_path / "new") + os.sep, "is a folder"), (str(tmp_path / "afile" / "x.json"), "cannot write there"))
+    for main, extra in ((kernels.main, ["--only", "linear"]), (conv_bench.main, []), (train_step.main, []),
+                        (contention.main, [])):
+        for out, message in cases:
+            with pytest.raises(SystemExit) as e:
+                main(extra + ["--out", out])
+            assert e.value.code == 2 and message in capsys.readouterr().err, (main.__module__, out)
+    assert timed == [] and written == []
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and os.listdir(tmp_path / "adir") == []
+
+
+def test_conv_bench_refuses_an_empty_sparsities_or_only(monkeypatch, capsys):
+    """'' (or blanks) is not "the default": it would run the full table into conv.json."""
+    import pytest
+    timed, written = [], []
+    monkeypatch.setattr(conv_bench, "interleaved_times", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(conv_bench, "write_json", lambda path, data: written.append(path))
+    for argv in (["--sparsities", ""], ["--sparsities", " "], ["--only", ""], ["--only", " "]):
+        with pytest.raises(SystemExit) as e:
+            conv_bench.main(argv + ["--no-sparseprop"])
+        assert e.value.code == 2 and f"{argv[0]} is empty" in capsys.readouterr().err, argv
+    assert timed == [] and written == []
+
+
+def test_kernels_only_gpu_needs_cuda_and_a_full_run_skips_the_gpu_section(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    import fused_bench
+    monkeypatch.setattr(kernels.torch.cuda, "is_available", lambda: False)  # (as on a CPU-only machine)
+    with pytest.raises(SystemExit) as e:
+        kernels.main(["--only", "gpu", "--out", str(tmp_path / "k.json")])
+    assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    for mod, name in ((kernels, "bench_linear"), (kernels, "bench_linear_replicated"), (conv_bench, "run"),
+                      (fused_bench, "run"), (fused_bench, "run_pool")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: [])
+    kernels.main(["--quick", "--out", str(tmp_path / "k.json")])  # (the default sections, GPU included)
+    assert "GPU section skipped: no CUDA device" in capsys.readouterr().out
+    assert json.loads((tmp_path / "k.json").read_text())["gpu"] == [] and os.listdir(tmp_path) == ["k.json"]
