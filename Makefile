@@ -9,7 +9,7 @@ NPROC  := $(shell nproc 2>/dev/null || echo 2)
 # ccache's compiler links, when ccache is installed (Debian: /usr/lib/ccache)
 CCACHE := $(if $(wildcard /usr/lib/ccache),/usr/lib/ccache:,)
 
-.PHONY: install fashion-mnist demo sweep-demo test test-slow bench clean
+.PHONY: install fashion-mnist demo sweep-demo test test-slow bench clean FORCE
 
 install: $(VENV)/.built
 
@@ -26,13 +26,17 @@ $(VENV)/.editable: $(VENV)/.torch pyproject.toml
 	SPARSETRAIN_SKIP_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# The build flags (NATIVE=1: -march=native, DEBUG=1: -O0 -g; setup.py) in a stamp that every make
-# run rewrites (as it reads this file) only when they changed: another flag set rebuilds the extension
-# (ninja sees the new commands); the same flags leave `make -q install` up to date.
-BUILD_FLAGS := NATIVE=$(NATIVE) DEBUG=$(DEBUG)
-_ := $(shell mkdir -p $(VENV) && (echo '$(BUILD_FLAGS)' | cmp -s - $(VENV)/.flags || echo '$(BUILD_FLAGS)' > $(VENV)/.flags))
-$(VENV)/.flags:  # (after `make clean` in the same run)
+# The build flags (NATIVE=1: -march=native, DEBUG=1: -O0 -g; setup.py; 0 or unset: off; any other
+# value is off with a warning: generic names, which an environment may set for other tools) in a
+# stamp rewritten only when they changed: another flag set rebuilds the extension (ninja sees the new
+# commands); the same flags leave `make -q install` up to date. Read, never written, while make
+# parses this file: `make -n` and `make -q` change nothing.
+$(foreach f,NATIVE DEBUG,$(if $(filter-out 0 1,$($(f))),$(warning $(f)='$($(f))' is neither 0 nor 1: off)))
+BUILD_FLAGS := NATIVE=$(filter 1,$(NATIVE)) DEBUG=$(filter 1,$(DEBUG))
+FLAGS_STALE := $(shell echo '$(BUILD_FLAGS)' | cmp -s - $(VENV)/.flags 2>/dev/null || echo 1)
+$(VENV)/.flags: $(if $(FLAGS_STALE),FORCE)
 	@mkdir -p $(VENV) && echo '$(BUILD_FLAGS)' > $@
+FORCE:
 
 # One C++ extension, built in place in a build/ directory that persists: ninja recompiles only the
 # files whose sources or included headers changed (`touch csrc/cpu/prune.cpp`: that file and the
@@ -40,7 +44,7 @@ $(VENV)/.flags:  # (after `make clean` in the same run)
 # flock: concurrent `make install`s never run two builds in one build/ directory.
 $(VENV)/.built: $(VENV)/.editable $(CSRC) $(VENV)/.flags
 	flock $(VENV)/.buildlock env PATH="$(CCACHE)$(CURDIR)/$(VENV)/bin:$$PATH" MAX_JOBS=$(NPROC) \
-	  NATIVE=$(NATIVE) DEBUG=$(DEBUG) $(PY) setup.py -q build_ext --inplace
+	  NATIVE=$(filter 1,$(NATIVE)) DEBUG=$(filter 1,$(DEBUG)) $(PY) setup.py -q build_ext --inplace
 	touch $@
 
 # The quick DSD2 study (teacher -> vanilla -> distilled, ~6 min on 2 cores) on Fashion-MNIST from

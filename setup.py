@@ -13,6 +13,7 @@ machine's vector units. No network access at build time.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -20,19 +21,29 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 here = os.path.dirname(os.path.abspath(__file__))
 
 
+def _flag(name: str) -> bool:
+    """An on/off build switch from the environment: unset, empty or 0 is off, 1 on; anything else is
+    off with a warning (NATIVE=yes was silently off; DEBUG and NATIVE are generic names that an
+    environment may set for other tools, so not an error)."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        print(f"setup.py: warning: {name}={value!r} is neither 0 nor 1: off", file=sys.stderr)
+    return value == "1"
+
+
 def get_extensions():
-    if os.environ.get("SPARSETRAIN_SKIP_EXT", "0") == "1":
+    if _flag("SPARSETRAIN_SKIP_EXT"):
         return []
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     # the headers: in the sdist (it must build like a checkout) and, without ninja, rebuild triggers
     headers = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True))
-    if os.environ.get("DEBUG", "0") == "1":
+    if _flag("DEBUG"):
         cxx = ["-O0", "-g", "-fopenmp"]
     else:
         # (-Wno-psabi: GCC's notes on passing 64-byte vectors, about always-inline templates inside
         # this one library, not an interface)
         cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-g0", "-Wno-psabi"]
-        if os.environ.get("NATIVE", "0") == "1":
+        if _flag("NATIVE"):
             cxx.append("-march=native")
     return [
         CppExtension(

@@ -44,9 +44,9 @@ inline int detect_vec_bytes() {
 #else
   const int hw = 16;
 #endif
-  const char* env = std::getenv("SPARSETRAIN_VEC_BYTES");
-  const int want = env ? std::atoi(env) : 0;
-  return (want == 16 || want == 32) && want < hw ? want : hw;
+  const char* env = std::getenv("SPARSETRAIN_VEC_BYTES");  // exactly "16" or "32"; anything else ignored
+  const int want = !env ? 0 : std::strcmp(env, "16") == 0 ? 16 : std::strcmp(env, "32") == 0 ? 32 : 0;
+  return want && want < hw ? want : hw;
 }
 inline const int kVecBytes = detect_vec_bytes();
 

@@ -48,7 +48,12 @@ namespace sparsetrain {
 inline bool hugepages_on() {
   static const bool on = [] {
     const char* env = std::getenv("SPARSETRAIN_HUGEPAGES");
-    return !(env && std::strcmp(env, "0") == 0);
+    if (!env || !*env) return true;
+    // (exactly 0 or 1: "off" or "false" silently left them on)
+    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+                "SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1 (on 2 MiB pages, the "
+                "default), got '", env, "'");
+    return env[0] == '1';
   }();
   return on;
 }
@@ -155,7 +160,8 @@ inline size_t pool_limit_bytes() {
     const unsigned long long mb = std::strtoull(env, &end, 10);
     // (digits only: strtoull also takes leading blanks, a sign, and wraps "-1" round)
     TORCH_CHECK(env[0] >= '0' && env[0] <= '9' && *end == '\0' && errno == 0 && mb <= (1ull << 40),
-                "SPARSETRAIN_POOL_MB must be a whole number of MiB (0 turns the output pool off), got '", env, "'");
+                "SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the output pool off) to 2^40, got '",
+                env, "'");
     return size_t(mb) << 20;
   }();
   return limit;

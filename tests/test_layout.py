@@ -113,6 +113,16 @@ def test_files_stay_short(name):
     assert n <= 400, f"{MODULES[name]} has {n} lines (split it: the layout keeps files under ~400)"
 
 
+def test_the_extension_loader_loads_it_when_imported_first():
+    """sparsetrain.engine.extension imported alone, before torch (libc10 not loaded yet: it told
+    the user to build the extension that was built)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sparsetrain.engine.extension as e; print(e._C.__name__)"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "sparsetrain._C", out.stderr[-2000:]
+
+
 def test_import_leaves_torch_dynamo_unloaded():
     """torch._dynamo is half of `import sparsetrain`'s time (~1.5 s a CLI process): the layers run
     eagerly under torch.compile through torch's lazy decorator, which loads it on the first call

@@ -279,6 +279,15 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     low = _wide_net()
     apply_engine(low, global_prune(low, {}, 0.3, scope="layer"), "auto", example=example)
     assert len(timed) == 4 and not any(is_sparse(m) for m in low.modules())
+    # a cache holding valid JSON of another kind is as a corrupt one: measured again, written afresh
+    for kind in ("[]", '"x"'):
+        (tmp_path / "engine_auto.json").write_text(kind)
+        monkeypatch.setattr(policy, "_DECISIONS", {})
+        fresh = _wide_net()
+        apply_engine(fresh, global_prune(fresh, {}, 0.9, scope="layer"), "auto", example=example)
+        assert is_sparse(fresh[0]) and sorted(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == \
+            [False, True]
+    assert len(timed) == 12  # (two layers, both sides, twice)
 
 
 def test_auto_engine_real_timing_keeps_the_function(monkeypatch, tmp_path):

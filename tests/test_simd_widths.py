@@ -40,10 +40,12 @@ def _widths(*env_values):  # {value: the width a fresh process with SPARSETRAIN_
 def test_detected_width_and_override():
     hw = simd_bytes()
     assert hw in (16, 32, 64)
-    got = _widths("16", "32", "64", "junk")
+    got = _widths("16", "32", "64", "junk", "16abc", "16.9", " 16", "4294967312")
     assert got["16"] == 16
     assert got["32"] == min(32, hw)   # narrows only: a wider clone is not the one running
     assert got["64"] == hw and got["junk"] == hw
+    # only exactly 16 or 32 narrow (atoi read these as 16; the last overflowed int)
+    assert [got[v] for v in ("16abc", "16.9", " 16", "4294967312")] == [hw] * 4
 
 
 @pytest.mark.parametrize("width", ["16", "32"])

@@ -112,6 +112,21 @@ def test_fused_vgg_head_matches_the_unfused_one(hw, replicated, training, monkey
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-10, msg=n)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_fused_head_runs_on_meta_tensors_and_fake_tensors(training):
+    """Shapes without data: the fused head on the meta device (its autocast check refused the meta
+    device type) and under FakeTensorMode without a ShapeEnv (the CSR's row index had a
+    data-dependent size): the unfused model's output shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    plain, fused = _vgg_pair(32)
+    assert type(fused.classifier) is FusedSparseLinear
+    meta = copy.deepcopy(fused).to("meta").train(training)
+    assert meta(torch.randn(2, 3, 32, 32, device="meta", dtype=torch.float64)).shape == (2, 10)
+    fused.train(training)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert fused(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 10)
+
+
 def test_hooks_see_the_real_tensors_and_unfuse_restores_the_modules():
     plain, fused = _vgg_pair()
     pool, bias, values = fused.avgpool, fused.classifier.bias, fused.classifier.weight.values

@@ -138,6 +138,28 @@ def linear_routes_every_product_to_triton():
 
 
 @interp
+def compiled_under_the_triton_backend_runs_the_interpreter_eagerly():
+    """torch.compile of sparse layers under use_backend('triton') on CPU tensors: the Triton calls
+    run eagerly (graph breaks; dynamo failed inside Triton's launch), outputs and gradients those of
+    the eager run, on the Triton kernels."""
+    import sparsetrain
+    import sparsetrain.kernels.sparse_linear as K
+    from sparsetrain.nn import SparseConv2d, SparseLinear
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(SparseConv2d.from_dense(torch.nn.Conv2d(2, 3, 3), random_mask((3, 2, 3, 3), 0.5)),
+                                torch.nn.Flatten(), SparseLinear.from_dense(torch.nn.Linear(12, 4), random_mask((4, 12), 0.5)))
+    x = torch.randn(2, 2, 4, 4)
+    with sparsetrain.use_backend("triton"):
+        want = model(x)
+        grads = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+        with count_calls(K, ["sparse_linear"]) as calls:
+            got = torch.compile(model, backend="aot_eager")(x)
+        assert calls == ["sparse_linear"], calls
+        got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    assert_close_all([(got, want), *zip(got_grads, grads)])
+
+
+@interp
 def linear_skewed_rows_and_split_batch():
     """One dense row among empty/short ones (row sorting), a batch wider than one tile, and the
     SDDMM with the batch split over programs (atomic accumulation)."""

@@ -5,6 +5,8 @@ Only those: the autograd formulas, fake impls and autocast rules are registered 
 """
 from __future__ import annotations
 
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against: imported alone it failed)
+
 try:
     from .. import _C
 except ImportError as e:  # (an editable install made with SPARSETRAIN_SKIP_EXT=1 and never built, or a failed build)

@@ -140,7 +140,8 @@ class CSR(WeightLike, nn.Module):
     def row_indices(self) -> torch.Tensor:
         """The row of every stored entry (int64 [nnz], CSR order)."""
         rows = self.crow_indices.numel() - 1
-        return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff())
+        return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff(),
+                                       output_size=self.col_indices.numel())  # (known: meta and fake tensors too)
 
     @torch.no_grad()
     def shrink_(self, keep: torch.Tensor) -> None:

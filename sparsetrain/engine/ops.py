@@ -13,9 +13,9 @@ Adding an op: README's "Where to add things".
 
 Every call inside the autograd formulas goes through `_call(name, ...)`: the registered op
 (C++ on CPU tensors, Triton on CUDA tensors), or under the "triton" backend the Triton function on
-CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1). A forward op forced onto Triton runs
-as a `torch.autograd.Function` built from the same row's setup/backward, so there is one formula
-per op whichever kernels run.
+CPU tensors too (Triton's interpreter, TRITON_INTERPRET=1; eager under torch.compile: dynamo cannot
+trace the interpreter). A forward op forced onto Triton runs as a `torch.autograd.Function` built
+from the same row's setup/backward, so there is one formula per op whichever kernels run.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .extension import _C  # (the C++ extension: registers the schemas and CPU k
 from . import backend
 from .autograd import first_order
 from .args import conv2d_padding, pair
+from .placeholders import eager
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
            "magnitude_threshold", "csr_prune", "relu_count_", "conv2d_padding", "pair"]
@@ -72,15 +73,15 @@ def _call(name: str, *args):
         if op.backward is not None:
             if name in AMP_OPS and torch.is_autocast_enabled("cpu"):  # the interpreter stands in for CUDA
                 args = amp_args(args, torch.get_autocast_dtype("cpu"))
-            return _triton_autograd(name).apply(*args)
-        return op.triton_fn()(*args)
+            return _triton_autograd(name)(*args)
+        return eager(op.triton_fn())(*args)
     return getattr(torch.ops.sparsetrain, name)(*args)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_autograd(name: str):
-    """torch.autograd.Function: the Triton forward of `name` with the row's autograd formula; its
-    backward re-enters "triton", so gradients run Triton even after the `with` block has ended."""
+    """The (eager) apply of a torch.autograd.Function: the Triton forward of `name` with the row's
+    autograd formula; its backward re-enters "triton", so gradients run Triton after the `with` too."""
     op = OPS[name]
 
     @first_order
@@ -88,9 +89,10 @@ def _triton_autograd(name: str):
         with backend.use_backend("triton"):
             return op.backward(ctx, *grads)
 
-    return type(f"Triton_{name}", (torch.autograd.Function,), {
+    fn = type(f"Triton_{name}", (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: op.triton_fn()(*args)),
         "setup_context": staticmethod(op.setup), "backward": staticmethod(backward)})
+    return eager(lambda *args: fn.apply(*args))
 
 
 def _cuda_kernel(op: Op):
@@ -114,8 +116,7 @@ _LIB = torch.library.Library("sparsetrain", "IMPL")
 
 
 def amp_args(args: tuple, dtype: torch.dtype) -> tuple:
-    """The arguments of a forward op under autocast: x cast to `dtype` (fp32 values only: fp64
-    layers stay fp64)."""
+    """A forward op's arguments under autocast: x cast to `dtype` (fp32 values only: fp64 stays)."""
     x, values = args[0], args[3]
     target = dtype if values.dtype == torch.float32 else values.dtype
     return args if not x.is_floating_point() or x.dtype == target else (x.to(target), *args[1:])
@@ -188,9 +189,8 @@ def _linear_backward(ctx, grad_out):
 
 
 _register(Op("sparse_linear", _linear_fake, "sparse_linear.sparse_linear", _linear_setup, _linear_backward))
-_register(Op("sparse_linear_grad_input",
-             lambda dy, crow, col, values, ccol, row_t, perm: dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)),
-             "sparse_linear.sparse_linear_grad_input"))
+_register(Op("sparse_linear_grad_input", lambda dy, crow, col, values, ccol, row_t, perm:
+             dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)), "sparse_linear.sparse_linear_grad_input"))
 _register(Op("sparse_linear_grad_weight", lambda dy, x, crow, col: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_linear.sparse_linear_grad_weight"))
 

@@ -172,6 +172,8 @@ def _save_decision(key: str, value: bool) -> None:
                 merged = json.load(f)
         except (OSError, ValueError):
             merged = {}
+        if not isinstance(merged, dict):  # (valid JSON of another kind: as corrupt, written afresh)
+            merged = {}
         merged[key] = value
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engine_auto.")
         with os.fdopen(fd, "w") as f:
