@@ -114,13 +114,33 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--retries", "10000000000000000000000"], "--retries must be in [0, 1000]"),
              (["paper-eps", "--out", __file__], "is a file, not a directory"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
-             (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"))
+             (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
+             # two values that are one study: an alias, a setting the runs ignore (one trained, one linked)
+             (["grid", "--dataset", "mnist", "--seeds", "0", "--model", "lenet300", "lenet-300-100"],
+              "two points of the grid are the same study (--model 'lenet300' and 'lenet-300-100')"),
+             (["grid", "--dataset", "mnist", "--seeds", "0", "--block", "16", "64"],
+              "two points of the grid are the same study (--block 16 and 64)"),
+             (["report", str(tmp_path), "--alpha", "0.5", "--dry-run"],
+              "report takes run directories and --out only, got --dry-run, --alpha"))
     # (each its own process, forked from one that imported torch and the sweep once: tests/cli_forks.py)
     outs = cli_forks.run("sparsetrain.sweep", [(tmp_path, argv) for argv, _ in cases], preload=["sparsetrain.sweep.cli"])
     for (argv, needle), out in zip(cases, outs):
         err = out.stderr
         assert out.returncode == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, \
             (argv, err)
+
+
+def test_an_address_without_a_cluster_is_refused_at_once():
+    """--address HOST:PORT where nothing listens: refused in seconds (ray.init retried for ~14
+    minutes); 'auto' and ray:// addresses are left to Ray."""
+    import time
+    from sparsetrain.sweep.runner import SweepError, _check_reachable
+    t0 = time.perf_counter()
+    with pytest.raises(SweepError, match=r"--address 127.0.0.1:1: no Ray cluster reachable there \(Connection refused\)"):
+        _check_reachable("127.0.0.1:1")
+    assert time.perf_counter() - t0 < 10
+    for address in ("auto", "ray://127.0.0.1:1"):
+        _check_reachable(address)
 
 
 def test_a_request_the_machine_cannot_meet_is_refused(mnist_dir, capsys):
@@ -643,6 +663,9 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
     _write_run(tmp_path / "c", 0.2, [1], {}, done=False)  # (nothing yet: adds no curve)
     _write_run(tmp_path / "d", 0.3, [0], {0: curve(0.5, 0.9)})  # one seed: no sample std in either table
     (tmp_path / "b" / "seed1" / "teacher" / "best.json").unlink()  # seed 1 still running
+    for d, threads in zip(a, (1, 2, 2)):  # (what a run records of itself never separates seeds)
+        cfg = json.loads((d / "config.json").read_text())
+        write_json(d / "config.json", {**cfg, "torch_threads": threads, "sparsetrain_version": f"0.{threads}"})
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     rows = {(r["eps"], r["stop_rule"]): r for r in csv.DictReader(open(tmp_path / "rep" / "table1.csv"))}
     a_row, b_row = rows[("0.1", "none")], rows[("0.2", "none")]

@@ -21,14 +21,15 @@ from ..experiment.reuse import phase_done
 __all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label"]
 
-# config.json keys that never separate groups (bookkeeping, or not result settings)
-_IGNORED = ("seeds", "git_commit", "versions", "resumed_with", "data_fingerprint", "out", "threads", "data_dir",
-            "no_download", "device", "phases", "reuse")
+# Config settings that never separate groups (not result settings); config.json's other keys (commit,
+# versions, torch_threads, fingerprints, resumes: what a run recorded of itself) never do either
+_IGNORED = ("seeds", "out", "threads", "data_dir", "no_download", "device", "phases", "reuse")
 # the order in which differing settings label a group
 _ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "structure", "profile")
 
 
 _DEFAULTS = json.loads(json.dumps(dataclasses.asdict(Config())))
+_SETTINGS = [k for k in _DEFAULTS if k not in _IGNORED]  # what separates groups
 
 
 def load_groups(run_dirs) -> list[dict]:
@@ -42,7 +43,7 @@ def load_groups(run_dirs) -> list[dict]:
             continue
         run = load_run(d)
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
-        key = json.dumps({k: v for k, v in run["config"].items() if k not in _IGNORED}, sort_keys=True)
+        key = json.dumps({k: run["config"][k] for k in _SETTINGS}, sort_keys=True)
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
                                     "running": {}})
         g["dirs"].append(d)
@@ -59,8 +60,7 @@ def load_groups(run_dirs) -> list[dict]:
 
 def varying(groups) -> list[str]:
     """Settings that differ between groups, in label order."""
-    keys = {k for g in groups for k in g["config"] if k not in _IGNORED}
-    diff = [k for k in keys if len({json.dumps(g["config"].get(k)) for g in groups}) > 1]
+    diff = [k for k in _SETTINGS if len({json.dumps(g["config"].get(k)) for g in groups}) > 1]
     return sorted(diff, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
 
 

@@ -130,6 +130,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.what == "report":
+        stray = [k for k, v in vars(args).items() if k not in ("what", "run_dirs", "out") and v != parser.get_default(k)]
+        if stray:  # (a report reads finished runs: it neither filters nor runs anything)
+            parser.error(f"report takes run directories and --out only, got {', '.join('--' + k.replace('_', '-') for k in stray)}")
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
@@ -163,7 +166,10 @@ def main(argv=None) -> int:
         parser.error(f"--out {args.out} is a file, not a directory")
     settings = _settings(args, parser)
     from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
-    plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
+    try:
+        plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
+    except ValueError as e:  # (a grid whose points coincide)
+        parser.error(str(e))
     sweep_dir = os.path.join(args.out, f"{args.what}-{args.profile}-{plan_digest(plan)}")
     _make_folder(parser, sweep_dir)
     write_json(os.path.join(sweep_dir, "plan.json"), {

@@ -132,15 +132,18 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             tcfg = teacher_config(cfg)
             td = run_dir_of(tcfg)
             tname = os.path.basename(td)
-            if tname not in runs:
+            key = phase_key(tcfg, "teacher", seed)
+            if tname not in runs and key not in owner:  # (a teacher another run trains already: linked)
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"])
-                owner.setdefault(phase_key(tcfg, "teacher", seed), tname)
+                owner[key] = tname
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
     for cfg, p, seed in studies:
         name = os.path.basename(run_dir_of(cfg))
         if name in runs and runs[name].kind == "study":
-            continue  # the same run twice in the grid
+            if runs[name].point != p:
+                _refuse_twins(runs[name].point, p)
+            continue
         # a study whose settings are its teacher run's (students = the teacher's model and schedule,
         # default distillation) *is* that run: it trains every phase; otherwise the teacher is linked
         scfg = cfg if name in runs else \
@@ -151,9 +154,21 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             key = phase_key(scfg, phase, seed)
             if owner.setdefault(key, name) != name and owner[key] not in deps:
                 deps.append(owner[key])
+        twin = next((runs[d] for d in deps if runs[d].kind == "study"), None)
+        if train and twin is not None and all(owner[phase_key(scfg, ph, seed)] != name for ph in train):
+            _refuse_twins(twin.point, p)  # (every phase it would train, another point trains)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads)
     return list(runs.values())
+
+
+def _refuse_twins(a: dict, b: dict) -> None:
+    """Two points of the grid that are one study (aliases of a model, or values of a setting the runs
+    ignore): ValueError naming the values that differ."""
+    differ = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+    raise ValueError("two points of the grid are the same study (" + ", ".join(
+        f"--{k.replace('_', '-')} {a.get(k)!r} and {b.get(k)!r}" for k in differ) +
+        "): name each model once, and vary only settings the runs use")
 
 
 def plan_digest(plan: list[Run]) -> str:

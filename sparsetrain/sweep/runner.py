@@ -123,6 +123,20 @@ class _Progress:
         self.bar.close()
 
 
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT --address answers a TCP connection within 10 s, or SweepError at once (ray.init
+    retries an unreachable one for ~14 minutes before it fails)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:  # ('auto', ray://: Ray's own resolution)
+        return
+    import socket
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as e:
+        raise SweepError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e}); start one with "
+                         "`ray start --head`, or leave --address out for a local Ray") from None
+
+
 def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
     """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
     SWEEP/status.json after every change): state done | failed | skipped (finished earlier) |
@@ -173,6 +187,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         raise SweepError(f"running a sweep needs Ray ({e}): pip install 'sparsetrain[sweep]' or pip install ray") from None
     if not ray.is_initialized():
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level="WARNING")
             except (ConnectionError, RuntimeError, ValueError) as e:
