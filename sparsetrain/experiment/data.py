@@ -2,10 +2,11 @@
 
 `load_dataset(name, data_dir, ...)` -> `Splits` (train / val / test `Split`s). Order of operations:
 labels (cifar100n: the human noisy labels replace the training labels) -> `subset` (first n
-training images; spread evenly over files listed class by class) -> validation split (seeded, disjoint) -> label noise on train, and on val unless
-`clean_val`. Noise: exactly floor(N * eps) samples of the split, chosen by a seeded permutation,
-get a label drawn uniformly from the *other* classes ("symmetric", the paper's) or from all classes
-("uniform", may keep the label). The test split is never noised.
+training images; spread evenly over files listed class by class) -> validation split (seeded,
+disjoint) -> label noise on train, and on val unless `clean_val`. Noise: exactly floor(N * eps)
+samples of the split, chosen by a seeded permutation, get a label drawn uniformly from the *other*
+classes ("symmetric", the paper's) or from all classes ("uniform", may keep the label). The test
+split is never noised.
 
 `iterate(split, batch_size, shuffle=, augment=, generator=)` yields normalised float batches;
 augmentation runs as tensor ops per batch. Same generator state -> same order and augmentation,
