@@ -550,3 +550,26 @@ def test_a_hand_edited_teacher_phase_is_one_clear_error(tmp_path):
         with pytest.raises(PhaseError, match=rf"{tdir}: its best.json and metrics.csv do not name the teacher's best "
                                              r"round \(\w+: .*\); delete that folder"):
             study.teacher_checkpoint("best", str(tdir))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_checkpoint_restores_the_model_fused_as_it_was_saved(tmp_path, fuse):
+    """save_model / load_model of a sparse VGG-like: the same module types and bit-equal outputs,
+    fused or not (an unfused model came back fused, its outputs ~1e-7 off: another order of sums);
+    a checkpoint from before the flag was recorded (the study's: always fused) loads fused."""
+    from sparsetrain.experiment.checkpoint import restore_model, save_model
+    from sparsetrain.experiment.models import build_model
+    from sparsetrain.testing import model_masks
+    arch = {"name": "vgg_d1g2", "num_classes": 10, "in_channels": 3, "image_size": 32}
+    torch.manual_seed(0)
+    model = build_model(**arch)
+    sparsetrain.sparsify_(model, model_masks(model, 0.9, seed=1), fuse=fuse)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    save_model(str(tmp_path / "m.pt"), model, {}, arch)
+    loaded, _, payload = load_model(str(tmp_path / "m.pt"))
+    loaded.eval()
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+    assert torch.equal(loaded(x), model(x))
+    old, _ = restore_model({k: v for k, v in payload.items() if k != "fused"})
+    assert any(type(m).__name__ == "SparseConvBNReLU" for m in old.modules())

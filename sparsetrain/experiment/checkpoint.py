@@ -15,6 +15,7 @@ import torch
 from ..engine.convert import sparsify_
 from ..engine.fuse import fuse_
 from ..engine.nn import is_sparse, masks_of, prunable_layers
+from ..engine.placeholders import HandOff
 from ..prune import keep_channels_
 from .files import CorruptFile, atomic_write, verify
 from .models import build_model
@@ -47,7 +48,7 @@ def model_payload(model, masks: dict, arch: dict) -> dict:
     """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
     payload = {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
                "sparse_layers": [n for n, m in prunable_layers(model) if is_sparse(m)],
-               "state": model.state_dict()}
+               "fused": any(isinstance(m, HandOff) for m in model.modules()), "state": model.state_dict()}
     if getattr(model, "kept_channels", None):  # filter-pruned: which original channels survive
         payload["channels"] = dict(model.kept_channels)
     return payload
@@ -65,7 +66,7 @@ def restore_model(payload: dict):
     sparse = set(payload["sparse_layers"])
     sparsify_(model, {n: masks[n] for n in sparse})
     model.load_state_dict(payload["state"])
-    if sparse:
+    if sparse and payload.get("fused", True):  # (as saved: an unfused model's float sums differ in order)
         fuse_(model, strict=False)  # sparse conv -> BN -> ReLU as one layer (same state_dict)
     dense_masks = {n: mk for n, mk in masks.items() if n not in sparse}
     return model, dense_masks
