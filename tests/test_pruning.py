@@ -119,7 +119,8 @@ def test_auto_engine_keeps_convs_the_kernels_do_not_take_dense():
             masks = global_prune(model, {}, 0.9)
             left = apply_engine(model, masks, "auto", example=example)
             assert type(model[0]) is nn.Conv2d and set(left) == {"0"}, kw
-        with pytest.raises(ValueError, match="^0: SparseConv2d supports"):
+        with pytest.raises(ValueError, match=r"^0: SparseConv2d supports .*; keep this layer dense \(leave it out "
+                                             r"of the masks given to sparsify_\)$"):
             apply_engine(model, masks, "sparse")
 
 

@@ -118,12 +118,13 @@ class SparseConv2d(_SparseLayer):
     @classmethod
     def check_convertible(cls, conv: nn.Conv2d) -> None:
         """ValueError unless from_dense can convert `conv` (zero padding, dilation 1, groups 1)."""
+        keep = "; keep this layer dense (leave it out of the masks given to sparsify_)"
         if tuple(conv.dilation) != (1, 1):
-            raise ValueError(f"SparseConv2d supports dilation 1 only, got {conv.dilation}")
+            raise ValueError(f"SparseConv2d supports dilation 1 only, got {conv.dilation}{keep}")
         if conv.groups != 1:
-            raise ValueError(f"SparseConv2d supports groups=1 only, got {conv.groups}")
+            raise ValueError(f"SparseConv2d supports groups=1 only, got {conv.groups}{keep}")
         if conv.padding_mode != "zeros":
-            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}{keep}")
         ops.conv2d_padding(conv.padding, tuple(conv.kernel_size), tuple(ops.pair(conv.stride, "stride")))
 
     @classmethod
