@@ -133,7 +133,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             td = run_dir_of(tcfg)
             tname = os.path.basename(td)
             key = phase_key(tcfg, "teacher", seed)
-            if tname not in runs and key not in owner:  # (a teacher another run trains already: linked)
+            if key not in owner:  # (a teacher another run trains already, under any name: linked)
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"])
                 owner[key] = tname
             if cfg.phases != ("teacher",):
@@ -149,13 +149,15 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         scfg = cfg if name in runs else \
             dataclasses.replace(cfg, phases=tuple(k for k in cfg.phases if k != "teacher") or ("vanilla",))
         train, reads = needed_phases(scfg)
-        deps = []
+        deps, trains_one = [], False
         for phase in train + reads:
             key = phase_key(scfg, phase, seed)
-            if owner.setdefault(key, name) != name and owner[key] not in deps:
+            if owner.setdefault(key, name) == name:
+                trains_one |= phase in train
+            elif owner[key] not in deps:
                 deps.append(owner[key])
         twin = next((runs[d] for d in deps if runs[d].kind == "study"), None)
-        if train and twin is not None and all(owner[phase_key(scfg, ph, seed)] != name for ph in train):
+        if train and not trains_one and twin is not None:
             _refuse_twins(twin.point, p)  # (every phase it would train, another point trains)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads)

@@ -133,8 +133,12 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except (OSError, ValueError) as e:
-        raise SweepError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e}); start one with "
-                         "`ray start --head`, or leave --address out for a local Ray") from None
+        raise _unreachable(address, e.strerror or e) from None
+
+
+def _unreachable(address: str, why) -> SweepError:
+    return SweepError(f"--address {address}: no Ray cluster reachable there ({why}); start one with "
+                      "`ray start --head`, or leave --address out for a local Ray")
 
 
 def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
@@ -191,8 +195,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             try:
                 ray.init(address=address, log_to_driver=False, logging_level="WARNING")
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise SweepError(f"--address {address}: no Ray cluster reachable there ({e}); start one with "
-                                 "`ray start --head`, or leave --address out for a local Ray") from None
+                raise _unreachable(address, e) from None
         else:
             ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
