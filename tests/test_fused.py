@@ -695,8 +695,8 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
         model.conv2(torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 8, 8, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="did not call this FusedBatchNorm2d"):
         model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # bn1 was skipped last time: told once
-    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # a forward interrupted after bn1 ...
-    model.bn1(model.bn1._pending[0])
+    model.conv1(torch.randn(2, 8, 8, 8, dtype=torch.float64))  # a forward interrupted after relu1 ...
+    model.relu1(model.bn1(model.bn1._pending[0]))
     with torch.no_grad():
         model.eval()(x)  # ... then one that does not defer: conv1 drops the stale hand-over
     model.train()
@@ -713,6 +713,41 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
     assert torch.autograd.grad(out.sum(), y)[0].shape == y.shape
 
 
+class _Skips(nn.Module):
+    """conv -> BN -> ReLU -> 2x2 max-pool, the ReLU and the pool behind flags."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU()
+        self.pool, self.fc = nn.MaxPool2d(2), nn.Linear(6, 4)
+        self.act = self.pooled = True
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        x = self.relu(x) if self.act else x
+        x = self.pool(x) if self.pooled else x
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("flag, name", [("act", "FusedReLU"), ("pooled", "MaxPool2x2")])
+def test_a_skipped_relu_or_pool_is_told_on_the_next_forward(flag, name):
+    """fuse_ fixes the graph: a forward that skips the fused ReLU (applied anyway) or the pool the BN
+    pass pooled into (the next layer got the BN's input) is refused by the next forward, once."""
+    torch.manual_seed(0)
+    model = _Skips().double()
+    sparsetrain.sparsify_(model, model_masks(model, 0.5), fuse=True)
+    assert model.conv.pools is model.pool and isinstance(model.relu, FusedReLU)
+    ref = sparsetrain.unfuse_(copy.deepcopy(model))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    setattr(model, flag, False)
+    model(x)  # (not detected in the forward that skips)
+    with pytest.raises(RuntimeError, match=f"did not call this {name} after its fused conv"):
+        model(x)
+    setattr(model, flag, True)
+    torch.testing.assert_close(model(x), ref(x))  # told once: the hand-overs were dropped (batch statistics)
+
+
 def test_routed_input_hands_on_x_once():
     torch.manual_seed(0)
     model = _Res().double()
@@ -723,11 +758,11 @@ def test_routed_input_hands_on_x_once():
     assert through is not x and "SparseConvBNReLU" in type(through.grad_fn).__name__
     torch.testing.assert_close(through, x, rtol=0, atol=0)
     assert routed_input(model.conv1, x) is x  # handed on once
-    model.bn1._pending = None  # (conv1 called alone: its BN's hand-over dropped before the next call)
+    model.bn1._pending = model.relu1._pending = None  # (conv1 called alone: its hand-overs dropped)
     model.conv1(x)
     assert routed_input(model.conv1, x.detach()) is not x  # another tensor than the layer saw: itself
     assert routed_input(model.conv0, x) is x and routed_input(nn.Conv2d(8, 8, 3), x) is x  # not routing
-    model.bn1._pending = None
+    model.bn1._pending = model.relu1._pending = None
     with torch.no_grad():
         model.conv1(x)
     assert routed_input(model.conv1, x) is x  # no autograd: nothing to route

@@ -56,8 +56,8 @@ from torch import nn
 from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _count_positive, _hands_on,
-                           _refuse_unsupported, _watched, eager)
+from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_taken, _count_positive,
+                           _hands_on, _refuse_unsupported, _watched, eager)
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -324,7 +324,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        self.bn.check_taken()
+        _check_taken(self.bn, *[m for m in self._placeholders if m is not self.bn], self.pools)
         _refuse_unsupported(self)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:

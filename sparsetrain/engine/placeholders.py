@@ -7,6 +7,7 @@ check them by identity, which torch.compile cannot trace: they run eagerly under
 torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -90,6 +91,19 @@ def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
     counts += (flat > 0).sum(0).to(counts)
 
 
+def _marks_refusal(forward):
+    """A placeholder's forward: a refusal it raises marks it (`_raised`), so that its fused conv's next
+    call does not take the placeholders after it, which that forward never reached, as skipped."""
+    @functools.wraps(forward)
+    def wrapped(self, x):
+        try:
+            return forward(self, x)
+        except BaseException:
+            self._raised = True
+            raise
+    return wrapped
+
+
 class _PerThread:
     """A hand-over attribute, kept per thread: two threads running one model at once each hand their
     own tensors on, as each would through a copy of the model (before, one thread's deferred BN
@@ -117,7 +131,7 @@ class HandOff:
     the model (deepcopy, torch.save) leaves them out, as it leaves out graphs, also after a forward
     that stopped half-way."""
 
-    _transient: tuple = ("_pending",)
+    _transient: tuple = ("_pending", "_raised")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -137,6 +151,7 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     _pending: tuple | None = None  # (the tensor this module will be called on, its output)
 
     @eager
+    @_marks_refusal
     def forward(self, x):
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
@@ -147,15 +162,20 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
                                "then stays unfused); call sparsetrain.unfuse_(model)")
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
-    def check_taken(self) -> None:
-        """Before its fused conv runs: the last forward called this module after it (a forward that
-        skipped it, through a branch fx traced the other way or a call of part of the model, got the
-        BN applied anyway). Told once: the hand-over is dropped."""
-        if self._pending is not None:
-            self._pending = None
-            raise RuntimeError("the last forward did not call this FusedBatchNorm2d after its fused conv (a branch, "
-                               "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)"
-                              )
+
+def _check_taken(*modules: nn.Module) -> None:
+    """Before a fused conv runs: its last forward called each of its placeholders (`modules`: the
+    BN, ReLU and pool it computes for) after it. A forward that skipped one (a branch fx traced the
+    other way, or part of the model called alone) got it applied anyway: a skipped pool even handed
+    the next layer the BN's input. Told once: every hand-over is dropped."""
+    modules = [m for m in modules if m is not None]
+    skipped = [type(m).__name__ for m in modules if m._pending is not None]
+    refused = any(m._raised for m in modules)  # (that forward stopped at a refusal: told then)
+    for m in modules:
+        m._pending = m._raised = None
+    if skipped and not refused:
+        raise RuntimeError(f"the last forward did not call this {' / '.join(skipped)} after its fused conv (a branch, "
+                           "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)")
 
 
 class FusedReLU(HandOff, nn.ReLU):
@@ -168,9 +188,10 @@ class FusedReLU(HandOff, nn.ReLU):
     count_states = False
     _state_counts: torch.Tensor | None = None
     _pending: tuple | None = None  # (the tensor this module will be called on,)
-    _transient = ("_state_counts", "_pending")
+    _transient = ("_state_counts", "_pending", "_raised")
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
+    @_marks_refusal
     def forward(self, x):
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
@@ -199,6 +220,7 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
     fed = False  # a fused layer may pool into it (its `pools`): set by fuse_
 
     @eager
+    @_marks_refusal
     def forward(self, x):
         pending, self._pending = self._pending, None
         if self.fed:  # (alone, a recompute of it is safe)
