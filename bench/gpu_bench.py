@@ -14,8 +14,8 @@ record `useful_gflops` = 2 * nnz * batch (* 3 for forward+backward) / time, the 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -199,5 +199,11 @@ def _print(rows):
               f"{ms:>9} {r.get('useful_gflops', '-')!s:>9} {r.get('speedup_vs_tf32_dense', '-')!s:>7}")
 
 
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer timing repeats (a smoke run)")
+    run(quick=ap.parse_args(argv).quick)
+
+
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    main()

@@ -278,3 +278,18 @@ def test_kernels_only_gpu_needs_cuda_and_a_full_run_skips_the_gpu_section(tmp_pa
     kernels.main(["--quick", "--out", str(tmp_path / "k.json")])  # (the default sections, GPU included)
     assert "GPU section skipped: no CUDA device" in capsys.readouterr().out
     assert json.loads((tmp_path / "k.json").read_text())["gpu"] == [] and os.listdir(tmp_path) == ["k.json"]
+
+
+def test_gpu_bench_refuses_unknown_arguments(monkeypatch, capsys):
+    """gpu_bench.py takes only --quick (it once read sys.argv for it and ran whatever else was given)."""
+    import pytest
+
+    import gpu_bench
+    monkeypatch.setattr(gpu_bench, "run", lambda quick: pytest.fail("ran before checking its arguments"))
+    with pytest.raises(SystemExit) as e:
+        gpu_bench.main(["--quik"])
+    assert e.value.code == 2 and "unrecognized arguments: --quik" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(gpu_bench, "run", lambda quick: seen.append(quick))
+    gpu_bench.main(["--quick"])
+    assert seen == [True]
