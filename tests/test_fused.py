@@ -530,7 +530,8 @@ def test_a_hook_added_to_a_fused_bn_that_returns_another_tensor_is_refused_by_th
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
     handle = model.bn.register_forward_hook(lambda m, i, o: o - 0.5)
     with pytest.raises(RuntimeError, match="FusedReLU was called on a tensor its fused conv did not hand it: a "
-                       r"forward hook added after fuse_\(\) to the BatchNorm"):
+                       r"hook added after fuse_\(\) changed it \(a forward pre-hook on this ReLU, or a forward hook "
+                       "on the module before it"):
         model(x)
     handle.remove()
     for hook in (lambda m, i, o: None, lambda m, i, o: o.view_as(o)):
@@ -578,6 +579,32 @@ def test_hooks_registered_before_fuse_keep_firing():
             model(x)
         handle.remove()
     model(x).sum().backward()
+
+
+def test_a_pre_hook_on_the_relu_after_keeps_it_out_and_hooks_added_later_are_named():
+    """A forward pre-hook on the ReLU after the BN, registered before fuse_, may change its input:
+    conv -> BN is fused alone and the real ReLU runs the hook (before, every forward was refused).
+    A pre-hook added afterwards that changes a placeholder's input is refused with a message naming
+    pre-hooks."""
+    ref, conv = _block("bn_relu")
+    mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    ref.relu.register_forward_pre_hook(lambda mod, i: (i[0] - 0.5,))
+    model = copy.deepcopy(ref)
+    sparsetrain.sparsify_(model, {"conv": mask}, fuse=True)
+    assert type(model.conv).__name__ == "SparseConvBNReLU" and not model.conv.relu_after
+    assert type(model.relu) is nn.ReLU
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+    model, _ = _block("bn_relu")
+    sparsetrain.sparsify_(model, {"conv": mask}, fuse=True)
+    for name in ("bn", "relu"):
+        handle = getattr(model, name).register_forward_pre_hook(lambda mod, i: (i[0] + 1,))
+        with pytest.raises(RuntimeError, match=f"a forward pre-hook on this {'BN' if name == 'bn' else 'ReLU'}"):
+            model(x)
+        handle.remove()
+        model(x)  # (the refusal is not taken for a skipped module)
 
 
 # ============================================================================ models

@@ -2,6 +2,8 @@
 sparse_conv2d_stats and bn_act; FusedReLU.count_states; the activation entropy of Eq. 1): per
 output neuron, the samples whose activation is > 0, against the count taken from the written
 output ((out > 0).sum over the batch) and against the entropy counted by hooks alone."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -130,6 +132,30 @@ def test_entropy_counted_in_the_kernels_equals_hooks(make, sparsity):
         m.count_states = False
     assert not any(m.count_states or m._state_counts is not None
                    for m in model.modules() if isinstance(m, FusedReLU))
+
+
+def test_entropy_counts_what_a_hook_on_the_fused_relu_returns():
+    """A user's forward hook on a fused ReLU that returns another tensor: the entropy counts that
+    tensor, as on the unfused model (the kernel's counts are of the activation before the hook)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 4))
+    model[2].register_forward_hook(lambda mod, i, out: out - 0.5)
+    masks = model_masks(model, 0.5, seed=1)
+    fused, unfused = copy.deepcopy(model), copy.deepcopy(model)
+    sparsetrain.sparsify_(fused, masks, fuse=True)
+    sparsetrain.sparsify_(unfused, masks)
+    assert isinstance(fused[2], FusedReLU)
+    x = [torch.randn(16, 3, 8, 8)]
+    assert activation_entropy(fused, x) == activation_entropy(unfused, x)
+    relu = fused[2]
+    relu.count_states = True
+    with torch.no_grad():
+        out = fused.eval()[:3](x[0])
+    assert relu.pop_state_counts(out) is None and relu._state_counts is None  # another tensor: dropped
+    with torch.no_grad():
+        act = relu.forward(fused[1](fused[0](x[0])))  # (its forward alone: the hook not run)
+    assert torch.equal(relu.pop_state_counts(act), _count(act))
 
 
 def test_counting_on_every_path_of_the_layer(monkeypatch):

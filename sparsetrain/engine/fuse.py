@@ -128,6 +128,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
             if residual is None:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
+            if relu_after is not None and modules[relu_after.target]._forward_pre_hooks:
+                relu_after = residual = None  # (a pre-hook may change the ReLU's input: conv -> BN fused alone)
         if _watched(modules[bn.target], global_hooks=False) or any(
                 _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None
         ) or relu_before is not None and _watched(modules[relu_before.target], global_hooks=False):

@@ -156,10 +156,10 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
         if pending is None or pending[0] is not x:
-            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: the "
-                               "model's graph changed after fuse_(), or a forward hook added after it to the ReLU "
-                               "before this BN returned another tensor (register it before fuse_(): that layer "
-                               "then stays unfused); call sparsetrain.unfuse_(model)")
+            raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: a hook "
+                               "added after fuse_() changed it (a forward pre-hook on this BN, or a forward hook on "
+                               "the module before it; register it before fuse_(): that layer then stays unfused), "
+                               "or the model's graph changed after fuse_(); call sparsetrain.unfuse_(model)")
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
 
@@ -174,8 +174,9 @@ def _check_taken(*modules: nn.Module) -> None:
     for m in modules:
         m._pending = m._raised = None
     if skipped and not refused:
-        raise RuntimeError(f"the last forward did not call this {' / '.join(skipped)} after its fused conv (a branch, "
-                           "or part of the model called alone): fuse_() fixed the graph; call sparsetrain.unfuse_(model)")
+        raise RuntimeError(f"the last forward did not call this {' / '.join(skipped)} after its fused conv: a branch, "
+                           "or part of the model called alone (fuse_() fixed the graph: call sparsetrain.unfuse_(model)"
+                           "), or that forward stopped at an error raised in between (told once: run again)")
 
 
 class FusedReLU(HandOff, nn.ReLU):
@@ -188,7 +189,7 @@ class FusedReLU(HandOff, nn.ReLU):
     count_states = False
     _state_counts: torch.Tensor | None = None
     _pending: tuple | None = None  # (the tensor this module will be called on,)
-    _transient = ("_state_counts", "_pending", "_raised")
+    _transient = ("_state_counts", "_pending", "_raised", "_returned")
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
     @_marks_refusal
@@ -196,17 +197,21 @@ class FusedReLU(HandOff, nn.ReLU):
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
         if pending is not None and not _same_data(x, pending[0]):  # (its layer applied the ReLU to other values)
-            raise RuntimeError("FusedReLU was called on a tensor its fused conv did not hand it: a forward hook "
-                               "added after fuse_() to the BatchNorm before this ReLU returned another tensor "
-                               "(register it before fuse_(): that layer then stays unfused), or the model's "
-                               "graph changed after fuse_(); call sparsetrain.unfuse_(model)")
+            raise RuntimeError("FusedReLU was called on a tensor its fused conv did not hand it: a hook added "
+                               "after fuse_() changed it (a forward pre-hook on this ReLU, or a forward hook on the "
+                               "module before it; register it before fuse_(): that layer then stays unfused), or "
+                               "the model's graph changed after fuse_(); call sparsetrain.unfuse_(model)")
+        if self._state_counts is not None:
+            self._returned = x  # (the activation the counts are of: pop_state_counts)
         return x
 
-    def pop_state_counts(self) -> torch.Tensor | None:
+    def pop_state_counts(self, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The int64 counts [neurons] of this module's latest activation, once; None when its layer
-        did not count it (count_states off, or already taken)."""
+        did not count it (count_states off, or already taken), or when `out` (a forward hook's output
+        argument) is not that activation: a hook before it returned another tensor, count `out`."""
         counts, self._state_counts = self._state_counts, None
-        return counts
+        returned, self._returned = self._returned, None
+        return None if out is not None and out is not returned else counts
 
 
 class MaxPool2x2(HandOff, nn.MaxPool2d):

@@ -104,7 +104,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             elif counts[key].numel() != out[0].numel():
                 raise ValueError(f"layer {key!r} changed its number of neurons between batches "
                                  f"({counts[key].numel()} -> {out[0].numel()}); inputs must share a shape")
-            counted = _mod.pop_state_counts() if isinstance(_mod, FusedReLU) else None
+            counted = _mod.pop_state_counts(out) if isinstance(_mod, FusedReLU) else None
             if counted is not None and counted.numel() == counts[key].numel():
                 counts[key] += counted  # (counted by the fused layer's kernel)
             else:
