@@ -85,6 +85,37 @@ def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
                         f"contiguous {t.dim()}-D {t.dtype}")
 
 
+# ------------------------------------------------------------------ argument checks (the C++ ops' wording)
+def check_conv_args(kernel_size, stride, padding) -> None:
+    """Two entries each, kernel and stride >= 1, padding >= 0 (the C++ op's checks and wording), before
+    anything indexes them or divides by them."""
+    if not all(hasattr(a, "__len__") and len(a) == 2 for a in (kernel_size, stride, padding)):
+        raise ValueError(f"kernel_size, stride and padding must each have 2 entries, got {kernel_size}, {stride}, "
+                         f"{padding}")
+    for arg, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if min(int(e) for e in v) < low:
+            raise ValueError(f"{arg} must be >= {low}, got {[int(e) for e in v]}")
+
+
+def check_values(values, nnz: int) -> None:
+    """values [nnz] float, as the C++ ops' check_values_conv (the kernels read values[p] for p < nnz)."""
+    check_float(values, "values")
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D, got {values.dim()}-D")
+    check_nnz(values, "values", nnz)
+
+
+def channel_vector(t, name: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One entry per channel, of `like`'s dtype (or `dtype`): the C++ ops' check_channels and wording."""
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{name} must have shape [{n}] (one per channel), got {list(t.shape)}")
+    dtype = like.dtype if dtype is None else dtype
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    check_device(like, t, name=name)
+    return t.contiguous()
+
+
 # ------------------------------------------------------------------ per-mask index work, cached
 # Keyed on the identity of the index tensor (a module buffer lives as long as its mask) and
 # validated by its version counter and data pointer, so an in-place edit or a new mask recomputes.
@@ -103,10 +134,53 @@ def cached(kind: str, key_tensor: torch.Tensor, make, *also: torch.Tensor):
     return value
 
 
-def max_index(idx: torch.Tensor) -> int:
+def max_index(idx: torch.Tensor, arg: str = "index") -> int:
     """The largest entry of an index tensor (-1 when empty), once per mask: the bound a direct op call
-    is checked against without a device sync per call."""
-    return cached("max_index", idx, lambda: int(idx.max()) if idx.numel() else -1)
+    is checked against without a device sync per call; a negative entry (read before the tensor a
+    kernel indexes with it) is refused here, naming `arg`, as the C++ ops refuse it."""
+    def make():
+        return tuple(torch.stack([idx.min(), idx.max()]).tolist()) if idx.numel() else (0, -1)
+    low, high = cached("index_bounds", idx, make)
+    if low < 0:
+        raise ValueError(f"{arg} has negative entries (the smallest is {low})")
+    return int(high)
+
+
+def check_compressed(ptr: torch.Tensor, idx: torch.Tensor, ptr_name: str, idx_name: str) -> None:
+    """A compressed index (ptr over rows, idx) the kernels can walk: ptr[0] == 0, non-decreasing, and
+    ptr[-1] == idx.numel() (the C++ ops' check_compressed, same wording): the kernels read idx, and the
+    values or perm, at every position in [ptr[r], ptr[r + 1]), and write the weight gradient there.
+    (ptr, idx: already checked 1-D int64 / int32.) ptr's entries are read once per mask (cached, as
+    max_index): on a GPU that is one device sync when a new or edited index is first used, none per call."""
+    if ptr.numel() < 1:
+        raise ValueError(f"{ptr_name} must have rows + 1 >= 1 entries")
+
+    def make():
+        down = ptr.diff() < 0  # (first decreasing row, -1 if none): one read of three numbers
+        bad = torch.where(down.any(), down.to(torch.int64).argmax(), -1) if down.numel() else ptr.new_tensor(-1)
+        return tuple(int(v) for v in torch.stack([ptr[0], ptr[-1], bad]).tolist())
+    first, last, bad = cached("ptr_bounds", ptr, make)
+    if first != 0:
+        raise ValueError(f"{ptr_name}[0] must be 0, got {first}")
+    if bad >= 0:
+        raise ValueError(f"{ptr_name} must be non-decreasing (row {bad})")
+    if last != idx.numel():
+        raise ValueError(f"{ptr_name}[-1] ({last}) must equal {idx_name}.numel() ({idx.numel()})")
+
+
+def check_nnz(t: torch.Tensor, arg: str, nnz: int, what: str = "entries") -> None:
+    """`t` holds one entry (or block: its first dimension) per nonzero, as the C++ ops' check."""
+    n = t.shape[0] if t.dim() else 1
+    if n != nnz:
+        raise ValueError(f"{arg} must have nnz = {nnz} {what}, got {n}")
+
+
+def check_perm(perm: torch.Tensor, nnz: int) -> None:
+    """perm (the transposed index's positions in the values) must address [0, nnz) only (largest entry
+    read once per mask, as max_index)."""
+    check_nnz(perm, "perm", nnz)
+    if max_index(perm, "perm") >= nnz:
+        raise ValueError(f"perm has entries outside [0, {nnz})")
 
 
 def row_order(ptr: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune, check_device, check_float, launch
-from .sparse_conv2d import _channel_vector, conv2d_grad_weight, sparse_conv2d_backward, sparse_conv2d_grad_input
+from ._utils import autotune, channel_vector, check_device, check_float, launch
+from .sparse_conv2d import conv2d_grad_weight, sparse_conv2d_backward, sparse_conv2d_grad_input
 
 __all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
 
@@ -48,6 +48,35 @@ def _bn_act_kernel(y, scale, shift, res, out, counts, C, HW, N, HAS_RES: tl.cons
     tl.store(out + offs, v, mask=m)
 
 
+def _check_act(y, name: str = "y") -> None:
+    check_float(y, name)
+    if y.dim() < 2:
+        raise ValueError(f"{name} must be [batch, channels, ...] (>= 2-D), got shape {list(y.shape)}")
+
+
+def _check_like(t, y, name: str) -> None:
+    """t has y's shape and dtype (the C++ ops' check_like and wording): never broadcast."""
+    if t.shape != y.shape:
+        raise ValueError(f"{name} must have the shape of y {list(y.shape)}, got {list(t.shape)}")
+    if t.dtype != y.dtype:
+        raise TypeError(f"{name} must have dtype {y.dtype}, got {t.dtype}")
+
+
+def _check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd) -> None:
+    """The BatchNorm backward's arguments, as the C++ ops' check_bn_grad: y [B, C, ...]; grad_out and the
+    residual of y's shape and dtype; scale, shift [C] of y's dtype; weight, mean, invstd [C] float64.
+    (The torch ops below would broadcast a 1-entry vector or another batch silently.)"""
+    _check_act(y)
+    _check_like(grad_out, y, "grad_out")
+    C = y.shape[1]
+    for t, name in ((scale, "scale"), (shift, "shift")):
+        channel_vector(t, name, C, y)
+    for t, name in ((weight, "weight"), (mean, "mean"), (invstd, "invstd")):
+        channel_vector(t, name, C, y, torch.float64)
+    if residual is not None:
+        _check_like(residual, y, "residual")
+
+
 def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
@@ -56,14 +85,11 @@ def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     """act(scale[c] y + shift[c] (+ residual)); relu_counts (int64 [C * H * W]) += the samples with a
     positive output per neuron."""
     check_device(y, scale, shift, residual, relu_counts, name="bn_act")
-    check_float(y, "y")
-    if y.dim() < 2:
-        raise ValueError(f"y must be [batch, channels, ...], got shape {tuple(y.shape)}")
+    _check_act(y)
     C = y.shape[1]
-    scale, shift = _channel_vector(scale, "scale", C, y), _channel_vector(shift, "shift", C, y)
-    if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype):
-        raise ValueError(f"residual must have the shape and dtype of y {tuple(y.shape)} {y.dtype}, got "
-                         f"{tuple(residual.shape)} {residual.dtype}")
+    scale, shift = channel_vector(scale, "scale", C, y), channel_vector(shift, "shift", C, y)
+    if residual is not None:
+        _check_like(residual, y, "residual")
     hw = math.prod(y.shape[2:])  # (per neuron plane; y may have an empty batch)
     counts = None
     if relu_counts is not None:
@@ -148,8 +174,7 @@ def bn_act_backward(grad_out, y, residual, scale, shift, weight, mean, invstd, b
                     grad_residual):
     """(dy, dweight, dbias, the residual's gradient or empty, sum dy [C] f64), as the C++ op."""
     check_device(grad_out, y, residual, scale, shift, weight, mean, invstd, name="bn_act_backward")
-    if grad_out.shape != y.shape:
-        raise ValueError(f"grad_out must have the shape of y {tuple(y.shape)}, got {tuple(grad_out.shape)}")
+    _check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd)
     dy, dw, db, g = _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after,
                              relu_before)
     dres = g.contiguous() if grad_residual else y.new_empty(0)
@@ -170,9 +195,22 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
         raise ValueError("in_scale and in_shift must be given together")
     if in_mean is not None and in_scale is None:
         raise ValueError("in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)")
-    check_device(grad_out, x, y, scale, mean, name="sparse_conv2d_bn_backward")
-    if grad_out.shape != y.shape:
-        raise ValueError(f"grad_out must have the shape of y {tuple(y.shape)}, got {tuple(grad_out.shape)}")
+    check_device(grad_out, x, y, residual, scale, shift, weight, mean, invstd, in_scale, in_shift, in_mean, sums,
+                 name="sparse_conv2d_bn_backward")
+    _check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd)
+    if relu_before and residual is not None:
+        raise ValueError("relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)")
+    if grad_residual and (residual is None or not relu_after):
+        raise ValueError("grad_residual needs a residual and relu_after (without the ReLU after, the residual's "
+                         "gradient is grad_out itself)")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {list(x.shape)}")
+    if in_mean is not None:
+        channel_vector(in_mean, "in_mean", x.shape[1], x, torch.float64)
+    C = y.shape[1]
+    if sums is not None and (sums.dtype != torch.float64 or sums.shape != (C, 2)):
+        raise ValueError(f"sums must be float64 [{C}, 2] (per channel sum g, sum g (y - mean)), got {sums.dtype} "
+                         f"{list(sums.shape)}")
     dy, dw, db, g = _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after,
                              relu_before, sums)
     empty = y.new_empty(0)
@@ -182,7 +220,7 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     xa = x
     if in_scale is not None:  # x is the previous layer's BN input: the conv read its activation
         c = x.shape[1]
-        a, b = _channel_vector(in_scale, "in_scale", c, x), _channel_vector(in_shift, "in_shift", c, x)
+        a, b = channel_vector(in_scale, "in_scale", c, x), channel_vector(in_shift, "in_shift", c, x)
         xa = x * _per_channel(a, x) + _per_channel(b, x)
         xa = xa.clamp_min(0) if in_relu else xa
     dy = dy.contiguous()

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, cached, check_device, check_float, check_index, density_key, launch, num_sms, pow2_bucket,
-                     row_order)
+from ._utils import (autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz, check_perm,
+                     density_key, launch, max_index, num_sms, pow2_bucket, row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
 
@@ -125,6 +125,30 @@ def _check(values, tensors, name):
         raise ValueError(f"{name}: values must be [nnzb, BS, BS] with BS in 16/32/64, got {tuple(values.shape)}")
     for t, arg in tensors:
         check_float(t, arg, BSR_DTYPES, like=values)
+        if t.dim() < 1:
+            raise ValueError(f"{name}: {arg} must have at least 1 dimension")
+
+
+def _blocks(n: int, bs: int) -> int:
+    return -(-n // bs)
+
+
+def _check_block_count(ptr, ptr_name: str, what: str, features: int, bs: int) -> None:
+    """The compressed index has one entry per block row (column) of a `features`-wide side in blocks of
+    `bs`: a block size or a width that is not the weight's is refused (the kernel would mask or drop
+    the rest, a silent wrong answer)."""
+    have, need = ptr.numel() - 1, _blocks(features, bs)
+    if have != need:
+        raise ValueError(f"{ptr_name} has {have} block {what}s, but {features} features in blocks of {bs} make {need}")
+
+
+def _check_width(t, arg: str, idx, idx_name: str, bs: int) -> None:
+    """Every block index in `idx` must address a block of t's last dimension (largest entry read once per
+    mask: max_index)."""
+    k = t.shape[-1]
+    if max_index(idx, idx_name) >= _blocks(k, bs):
+        raise ValueError(f"{arg} has {k} features, fewer than the weight's {idx_name} address (block "
+                         f"{max_index(idx, idx_name)} of {bs})")
 
 
 def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
@@ -144,12 +168,21 @@ def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
     return c
 
 
-def bsr_linear_forward(x, crow, col, values, bias, out_features: int):
-    """y [..., N] = x W^T + b for the BSR weight (crow, col, values [nnzb, BS, BS])."""
+def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_features: int | None = None):
+    """y [..., N] = x W^T + b for the BSR weight (crow, col, values [nnzb, BS, BS]). The block index does not
+    fix the weight's width to the column (its last column block may be padding): x's width is checked against
+    the blocks `col` addresses, and against `in_features` exactly when it is given."""
     tensors = [(x, "x")] + ([(bias, "bias")] if bias is not None else [])
     _check(values, tensors, "bsr_linear_forward")
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
+    check_compressed(crow, col, "crow_indices", "col_indices")
+    check_nnz(values, "values", col.numel(), "blocks")
+    BS = values.shape[1]
+    _check_block_count(crow, "crow_indices", "row", out_features, BS)
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dimension in_features = {in_features}, got shape {tuple(x.shape)}")
+    _check_width(x, "x", col, "col_indices", BS)
     if bias is not None and bias.shape != (out_features,):  # (the kernel reads out_features of it)
         raise ValueError(f"bsr_linear_forward: bias must have shape ({out_features},), got "
                          f"{tuple(bias.shape)}")
@@ -165,6 +198,13 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
     check_index(ccol, "ccol_indices", torch.int64)
     check_index(row_t, "row_indices_t", torch.int32)
     check_index(perm, "perm", torch.int64)
+    check_compressed(ccol, row_t, "ccol_indices", "row_indices_t")
+    nnzb = row_t.numel()
+    check_nnz(values, "values", nnzb, "blocks")
+    check_perm(perm, nnzb)
+    BS = values.shape[1]
+    _check_block_count(ccol, "ccol_indices", "column", in_features, BS)
+    _check_width(grad_out, "grad_out", row_t, "row_indices_t", BS)
     N = grad_out.shape[-1]
     dx = _mm(grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous(), ccol, row_t, values.contiguous(),
              in_features, perm=perm, trans_w=False)
@@ -180,6 +220,12 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
         raise ValueError(f"block_size must be 16, 32 or 64, got {block_size}")
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
+    check_compressed(crow, col, "crow_indices", "col_indices")  # (block j of out is written, j < crow[-1])
+    if x.dim() < 1 or grad_out.dim() < 1:
+        raise ValueError(f"x and grad_out must have at least 1 dimension, got shapes {tuple(x.shape)}, "
+                         f"{tuple(grad_out.shape)}")
+    _check_block_count(crow, "crow_indices", "row", grad_out.shape[-1], block_size)
+    _check_width(x, "x", col, "col_indices", block_size)
     N, K = grad_out.shape[-1], x.shape[-1]
     # (math.prod, not -1: a reshape of 0 elements cannot infer it)
     dy2 = grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous()

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
-                     check_float, check_index, density_key, launch, max_index, num_sms,
-                     pow2_bucket, row_order)
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
+                     check_compressed, check_conv_args, check_device, check_float, check_index, check_perm,
+                     check_values, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -166,10 +166,9 @@ def _conv_wgrad_kernel(dy, x, ptr, idx, order, out, C, H, W, O, OH, OW, KH, KW, 
 
 # ============================================================================ host side
 def _geometry(x_shape, O, kernel_size, stride, padding):
+    check_conv_args(kernel_size, stride, padding)
     B, C, H, W = x_shape
     (KH, KW), (SH, SW), (PH, PW) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
-    if min(KH, KW, SH, SW) < 1 or min(PH, PW) < 0:
-        raise ValueError(f"bad conv geometry: kernel {KH}x{KW}, stride {SH}x{SW}, padding {PH}x{PW}")
     if H + 2 * PH < KH or W + 2 * PW < KW:
         raise ValueError(f"input spatial size ({H}, {W}) plus padding ({PH}, {PW}) is smaller than the "
                          f"kernel ({KH}, {KW})")
@@ -197,10 +196,13 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     shift [C], relu): the conv reads act(scale[c] x + shift[c]); counts (int64 [O * OH * OW], zeros):
     per output neuron, the samples with y > 0 are added to it (sparse_conv2d_stats's epilogue)."""
     check_device(x, crow, col, values, name="sparse_conv2d")
+    check_conv_args(kernel_size, stride, padding)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
-    check_float(values, "values")
+    check_compressed(crow, col, "crow_indices", "col_indices")
+    check_values(values, col.numel())
     _check_x(x, "x", values)
+    _check_cols(x, col, kernel_size)
     O = crow.numel() - 1
     g = _geometry(x.shape, O, kernel_size, stride, padding)
     if bias is not None:
@@ -228,16 +230,25 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
 def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
     """dx [B, C, H, W] (input_size = (H, W)) by input channel through the CSC index."""
     check_device(grad_out, ccol, row_t, perm, values, name="sparse_conv2d_grad_input")
+    check_conv_args(kernel_size, stride, padding)
     check_index(ccol, "ccol_indices", torch.int64)
     check_index(row_t, "row_indices_t", torch.int32)
     check_index(perm, "perm", torch.int64)
-    check_float(values, "values")
+    check_compressed(ccol, row_t, "ccol_indices", "row_indices_t")
+    nnz = row_t.numel()  # (the C++ op's order: values, then perm, against the transposed index's nnz)
+    check_values(values, nnz)
+    check_perm(perm, nnz)
     _check_x(grad_out, "grad_out", values)
     B, O = grad_out.shape[:2]
-    if max_index(row_t) >= O:
+    if max_index(row_t, "row_indices_t") >= O:
         raise ValueError(f"grad_out has {O} channels, fewer than the weight's output rows (row_indices_t)")
     KH, KW = (int(v) for v in kernel_size)
-    C = (ccol.numel() - 1) // (KH * KW)
+    cols = ccol.numel() - 1
+    if cols % (KH * KW):
+        raise ValueError(f"the weight has {cols} columns, not a multiple of kh*kw = {KH * KW}")
+    C = cols // (KH * KW)
+    if not hasattr(input_size, "__len__") or len(input_size) != 2:
+        raise ValueError(f"input_size must have 2 entries, got {input_size}")
     H, W = (int(v) for v in input_size)
     g = _geometry((B, C, H, W), O, kernel_size, stride, padding)
     if (g["OH"], g["OW"]) != tuple(grad_out.shape[2:]):
@@ -256,9 +267,12 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
 def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, split: int | None = None):
     """dvalues [nnz]: the weight gradient at the nonzeros only."""
     check_device(grad_out, x, crow, col, name="sparse_conv2d_grad_weight")
+    check_conv_args(kernel_size, stride, padding)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
+    check_compressed(crow, col, "crow_indices", "col_indices")  # (the kernel writes dvalues[p], p < crow[-1])
     _check_x(x, "x")
+    _check_cols(x, col, kernel_size)
     if grad_out.dtype != x.dtype:
         raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
     _check_x(grad_out, "grad_out")
@@ -291,22 +305,16 @@ def _check_channels(t, name: str, ccol, kernel_size) -> None:
 
 def _check_cols(x, col, kernel_size) -> None:
     """Without the transposed index: every column index must address a channel of x."""
-    if x.dim() == 4 and max_index(col) >= x.shape[1] * int(kernel_size[0]) * int(kernel_size[1]):
+    if x.dim() == 4 and max_index(col, "col_indices") >= x.shape[1] * int(kernel_size[0]) * int(kernel_size[1]):
         raise ValueError(f"x has {x.shape[1]} channels, fewer than the weight's column indices address")
 
 
 def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                   kernel_size, stride, padding, bias=None):
+    check_conv_args(kernel_size, stride, padding)
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
-
-
-def _channel_vector(t, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
-    if t.shape != (n,) or t.dtype != like.dtype:
-        raise ValueError(f"{name} must have shape [{n}] and dtype {like.dtype}, got {tuple(t.shape)} {t.dtype}")
-    check_device(like, t, name=name)
-    return t.contiguous()
 
 
 def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
@@ -315,6 +323,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
     """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y, sum y^2
     taken in the epilogue; with in_scale/in_shift the conv reads act(in_scale x + in_shift) (a
     deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
+    check_conv_args(kernel_size, stride, padding)
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
     if (in_scale is None) != (in_shift is None):
@@ -324,7 +333,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
     in_act = None
     if in_scale is not None:
         c = x.shape[1]
-        in_act = (_channel_vector(in_scale, "in_scale", c, x), _channel_vector(in_shift, "in_shift", c, x), in_relu)
+        in_act = (channel_vector(in_scale, "in_scale", c, x), channel_vector(in_shift, "in_shift", c, x), in_relu)
     O = crow_indices.numel() - 1
     stats = torch.zeros((2, O), dtype=torch.float64, device=x.device)
     counts = None
@@ -360,12 +369,14 @@ def sparse_conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values
 
 
 def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding):
+    check_conv_args(kernel_size, stride, padding)
     _check_cols(x, col_indices, kernel_size)
     return conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
 
 
 def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
                            perm, kernel_size, stride, padding, grad_input_add=None):
+    check_conv_args(kernel_size, stride, padding)
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
     dx = _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],

@@ -24,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_device,
-                     check_float, check_index, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_compressed,
+                     check_device, check_float, check_index, check_nnz, check_perm, density_key, launch, max_index,
+                     num_sms, pow2_bucket, row_order)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -129,6 +130,8 @@ def _batch_major(t: torch.Tensor, features: int) -> torch.Tensor:
 
 def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     """yt [rows, B] = A xt for A in compressed rows (ptr, idx, vals[perm] or vals), xt [cols, B]."""
+    check_compressed(ptr, idx, "ptr", "idx")  # (the wrappers checked it by name; cached: no second read)
+    check_nnz(vals if perm is None else perm, "vals" if perm is None else "perm", idx.numel())
     rows, B = ptr.numel() - 1, xt.shape[1]
     yt = torch.empty((rows, B), dtype=xt.dtype, device=xt.device)
     if rows == 0 or B == 0:
@@ -150,6 +153,8 @@ def _check_csc(ccol, row_t, perm, nnz: int, name: str) -> int:
         raise ValueError(f"{name}: the transposed index must have ccol_indices [in_features + 1] and "
                          f"row_indices_t, perm of nnz = {nnz} entries, got {ccol.numel()}, {row_t.numel()}, "
                          f"{perm.numel()}")
+    check_compressed(ccol, row_t, "ccol_indices", "row_indices_t")
+    check_perm(perm, nnz)  # (grad_input reads values[perm[j]])
     return ccol.numel() - 1
 
 
@@ -162,7 +167,7 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
     check_activation(x, "x", values)
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
-    if max_index(col_indices) >= K:  # (a CSR that disagrees with its transposed index)
+    if max_index(col_indices, "col_indices") >= K:  # (a CSR that disagrees with its transposed index)
         raise ValueError(f"col_indices has entries outside [0, {K})")
     if bias is not None:
         check_float(bias, "bias", like=values)
@@ -184,7 +189,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
-    if max_index(row_indices_t) >= N:
+    if max_index(row_indices_t, "row_indices_t") >= N:
         raise ValueError(f"row_indices_t has entries outside [0, {N})")
     dxt = csr_spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
     return _feature_major_out(dxt, tuple(grad_out.shape[:-1]))
@@ -193,9 +198,11 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
 def _check_csr(crow, col, values, name):
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
+    check_compressed(crow, col, "crow_indices", "col_indices")
     check_float(values, "values")
-    if values.dim() != 1 or values.numel() != col.numel():
-        raise ValueError(f"{name}: values must be 1-D with nnz = {col.numel()} entries, got {tuple(values.shape)}")
+    if values.dim() != 1:
+        raise ValueError(f"{name}: values must be 1-D, got shape {tuple(values.shape)}")
+    check_nnz(values, "values", col.numel())
 
 
 def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
@@ -206,13 +213,14 @@ def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
     check_float(grad_out, "grad_out", FLOAT_DTYPES + HALF_DTYPES, like=x, like_name="x")
     check_index(crow_indices, "crow_indices", torch.int64)
     check_index(col_indices, "col_indices", torch.int32)
+    check_compressed(crow_indices, col_indices, "crow_indices", "col_indices")  # (dvalues[p] is written, p < crow[-1])
     if x.dim() < 1 or grad_out.dim() < 1:
         raise ValueError(f"x and grad_out must have at least 1 dimension, got shapes {tuple(x.shape)}, "
                          f"{tuple(grad_out.shape)}")
     N, K = crow_indices.numel() - 1, x.shape[-1]
     if grad_out.shape[-1] != N or grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out {tuple(grad_out.shape)} does not match x {tuple(x.shape)} and {N} rows")
-    if max_index(col_indices) >= K:
+    if max_index(col_indices, "col_indices") >= K:
         raise ValueError(f"x has {K} features, fewer than the weight's column indices address")
     nnz, B = col_indices.numel(), math.prod(x.shape[:-1])
     if nnz == 0 or B == 0:
@@ -224,6 +232,7 @@ def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
     """out[p] = <dyt[row p], xt[idx p]> for the nonzeros of (ptr, idx); dyt [rows, B], xt [cols, B].
     `split` cuts the batch over programs (atomic accumulation); by default only when the
     non-empty rows alone cannot fill the GPU."""
+    check_compressed(ptr, idx, "ptr", "idx")
     rows, nnz, B = ptr.numel() - 1, idx.numel(), xt.shape[1]
     nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))
     if split is None:

@@ -33,18 +33,23 @@ def _specs():
          dict(ptr="i64", idx="i32", order="i32", dyt=A, xt=A, out=T), csr, [{}]),
         ("bsr_matmul", "_bsr_mm_kernel",
          dict(a=T, ptr="i64", idx="i32", perm="i64", vals=T, order="i32", c=T, bias=T), bsr,
-         [dict(TRANS_W=False, HAS_PERM=False, HAS_BIAS=b, BS=bs) for b in both for bs in (16, 32, 64)]
-         + [dict(TRANS_W=True, HAS_PERM=True, HAS_BIAS=False, BS=bs) for bs in (16, 32, 64)]),
+         # bsr_linear_forward (W^T blocks, no perm, a bias or not), then bsr_linear_grad_input (W blocks read
+         # through perm, no bias): the quick run compiles the forward with a bias at BS 64
+         [dict(TRANS_W=True, HAS_PERM=False, HAS_BIAS=b, BS=bs) for b in both for bs in (16, 32, 64)]
+         + [dict(TRANS_W=False, HAS_PERM=True, HAS_BIAS=False, BS=bs) for bs in (16, 32, 64)]),
         ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=T, x=T, brow="i32", idx="i32", out=T), bsr,
          [dict(BS=bs) for bs in (16, 32, 64)]),
         ("sparse_conv2d", "_conv_fwd_kernel",
          dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_scale=A, in_shift=A,
               counts="i64"), csr,
          # the fused layer's epilogue with every option first (the one the quick run compiles), then the
-         # plain conv and two epilogue variants
+         # plain conv, two epilogue variants, the fused layer with a conv bias (relu or not) and the
+         # eval-mode folded layer's statistics-only epilogue
          [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=True, IN_RELU=True, COUNTS=True)]
          + [dict(HAS_BIAS=b, RELU=False, STATS=False, IN_ACT=False, IN_RELU=False, COUNTS=False) for b in both]
-         + [dict(HAS_BIAS=False, RELU=r, STATS=True, IN_ACT=not r, IN_RELU=False, COUNTS=False) for r in both]),
+         + [dict(HAS_BIAS=False, RELU=r, STATS=True, IN_ACT=not r, IN_RELU=False, COUNTS=False) for r in both]
+         + [dict(HAS_BIAS=True, RELU=r, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False) for r in both]
+         + [dict(HAS_BIAS=False, RELU=False, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False)]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
@@ -58,13 +63,17 @@ def _specs():
 def _jobs(full: bool):
     """(module, kernel, pointers, dtype, constexprs, config index, arch) to compile: every accepted
     dtype x both architectures, for each kernel's autotune config and constexpr combination of the
-    most shared memory (the largest blocks; BS 64, bias) or, `full`, every autotune config, every
+    most shared memory (the largest blocks; BS 64, bias; for _bsr_mm_kernel one per TRANS_W, the
+    forward's and grad_input's, which differ in shared memory) or, `full`, every autotune config, every
     combination its launches use and both fp32 precisions of tl.dot (ieee, tf32)."""
     import importlib
     jobs = []
     for module, name, ptrs, dtypes, combos in _specs():
         tuner = getattr(importlib.import_module(f"sparsetrain.kernels.{module}"), name)
-        combos = combos if full else [max(combos, key=lambda c: (c.get("BS", 0), c.get("HAS_BIAS", False)))]
+        if not full:
+            paths = {c.get("TRANS_W") for c in combos}
+            combos = [max((c for c in combos if c.get("TRANS_W") == t),
+                          key=lambda c: (c.get("BS", 0), c.get("HAS_BIAS", False))) for t in sorted(paths, key=str)]
         configs = list(enumerate(tuner.configs))
         if not full:  # the config of the largest blocks (and stages): the most shared memory
             configs = [max(configs, key=lambda c: (math.prod(v for v in c[1].kwargs.values() if isinstance(v, int)),

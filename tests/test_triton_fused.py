@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import sparsetrain.engine.ops  # noqa: F401  (registers the ops and loads their C++ kernels)
 from sparsetrain.testing import model_masks, random_mask
-from test_triton_kernels import count_calls, interpreter_suite, run_cases
+from test_triton_kernels import count_calls, interpreter_suite, refused_alike, run_cases
 
 CASES = {}
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -188,6 +188,66 @@ def conv_bn_backward_matches_the_cpu_op():
         KB.sparse_conv2d_bn_backward(*base, None, None, False, True, None, None, torch.zeros(1, dtype=torch.uint8))
     with pytest.raises(ValueError, match="in_mean needs in_scale"):
         KB.sparse_conv2d_bn_backward(*base, None, None, False, True, torch.zeros(x.shape[1], dtype=torch.float64))
+
+
+@interp
+def bn_backward_arguments_refused_as_the_cpp_ops():
+    """Per-channel vectors of another length or dtype, a residual of another batch and a grad_out of another
+    dtype than y are refused by the Triton BatchNorm backward ops with the C++ ops' messages (the torch ops
+    inside would broadcast a 1-entry vector or another batch, a silent wrong answer); so are the fused conv
+    backward's sums, in_mean and flag combinations the C++ op refuses."""
+    import sparsetrain.kernels.bn_act as KB
+    ops = torch.ops.sparsetrain
+    g = torch.Generator().manual_seed(3)
+    y, go = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    d = lambda n, v=1.0: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
+    ok = dict(res=None, scale=torch.ones(3) * 2, shift=torch.zeros(3), weight=d(3), mean=d(3, 0.0), invstd=d(3))
+    cases = [(dict(scale=torch.ones(1), shift=torch.zeros(1)), r"scale must have shape \[3\] \(one per channel\), got \[1\]", ValueError),
+             (dict(shift=torch.zeros(4)), r"shift must have shape \[3\] \(one per channel\), got \[4\]", ValueError),
+             (dict(weight=d(1)), r"weight must have shape \[3\] \(one per channel\), got \[1\]", ValueError),
+             (dict(mean=d(1)), r"mean must have shape \[3\]", ValueError),
+             (dict(invstd=d(1)), r"invstd must have shape \[3\]", ValueError),
+             (dict(mean=torch.zeros(3)), "mean must have dtype", TypeError),
+             (dict(scale=torch.ones(3, dtype=torch.float64)), "scale must have dtype", TypeError),
+             (dict(res=torch.randn(1, 3, 4, 4, generator=g)),
+              r"residual must have the shape of y \[2, 3, 4, 4\], got \[1, 3, 4, 4\]", ValueError)]
+    for kw, msg, err in cases:
+        a = {**ok, **kw}
+        refused_alike(ops.bn_act_backward, KB.bn_act_backward,
+                      (go, y, a["res"], a["scale"], a["shift"], a["weight"], a["mean"], a["invstd"], True, True, False,
+                       a["res"] is not None), msg, err)
+    base = (y, None, ok["scale"], ok["shift"], ok["weight"], ok["mean"], ok["invstd"], True, True, False, False)
+    refused_alike(ops.bn_act_backward, KB.bn_act_backward, (go.double(), *base), "grad_out must have dtype", TypeError)
+    refused_alike(ops.bn_act_backward, KB.bn_act_backward, (go[:1], *base), r"grad_out must have the shape of y")
+    refused_alike(ops.bn_act, KB.bn_act, (y, ok["scale"], ok["shift"], y[:1].clone(), True),
+                  r"residual must have the shape of y \[2, 3, 4, 4\]")
+    refused_alike(ops.bn_act, KB.bn_act, (y, ok["scale"][:1], ok["shift"], None, True), r"scale must have shape \[3\]")
+    # the fused conv backward: the same checks, and its own arguments
+    gc, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
+    yc = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None)
+    c = yc.shape[1]
+    gyc, r = torch.randn(yc.shape, generator=g), torch.randn(yc.shape, generator=g)
+    one, d1, z1 = torch.ones(c), d(c), d(c, 0.0)
+
+    def bn_backward(grad_out=gyc, res=r, scale=one, shift=one, weight=d1, mean=z1, relu_before=False, grad_res=True,
+                    tail=()):
+        return (grad_out, x, *idx, *geo, None, yc, res, scale, shift, weight, mean, d1, True, True, relu_before,
+                grad_res, True, True, *tail)
+    a, b, m3 = torch.ones(x.shape[1]), torch.zeros(x.shape[1]), d(x.shape[1], 0.0)
+    for args, msg, err in ((bn_backward(res=r[:1].clone()), r"residual must have the shape of y \[2, 5, 5, 7\], got "
+                                                            r"\[1, 5, 5, 7\]", ValueError),
+                           (bn_backward(scale=one[:1]), rf"scale must have shape \[{c}\] \(one per channel\), got \[1\]",
+                            ValueError),
+                           (bn_backward(weight=d(1)), rf"weight must have shape \[{c}\]", ValueError),
+                           (bn_backward(mean=d(1)), rf"mean must have shape \[{c}\]", ValueError),
+                           (bn_backward(grad_out=gyc.double()), "grad_out must have dtype", TypeError),
+                           (bn_backward(relu_before=True, grad_res=False), "relu_before and a residual do not combine",
+                            ValueError),
+                           (bn_backward(res=None), "grad_residual needs a residual and relu_after", ValueError),
+                           (bn_backward(tail=(None, None, False, False, None, d(c)[:, None].repeat(1, 2)[:3])),
+                            "sums must be float64", ValueError),
+                           (bn_backward(tail=(a, b, True, False, m3[:1])), r"in_mean must have shape \[", ValueError)):
+        refused_alike(ops.sparse_conv2d_bn_backward, KB.sparse_conv2d_bn_backward, args, msg, err)
 
 
 class _Res(torch.nn.Module):

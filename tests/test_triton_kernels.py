@@ -392,6 +392,156 @@ def bsr_linear_bias_1d_input_empty_features_and_a_loaded_pattern():
         assert_close_all([(y, ry), (xi.grad, rdx), (module.weight.values.grad, rdv), (module.bias.grad, rdb)])
 
 
+def refused_alike(cpp, triton_fn, args, match, triton_error=ValueError):
+    """The C++ op (`cpp`, RuntimeError; None where there is none) and its Triton wrapper refuse `args` with
+    the same message (`match`), the Triton one with `triton_error`, before any kernel reads out of bounds."""
+    if cpp is not None:
+        with pytest.raises(RuntimeError, match=match):
+            cpp(*args)
+    with pytest.raises(triton_error, match=match):
+        triton_fn(*args)
+
+
+@interp
+def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
+    """values, perm or a compressed index that disagree with nnz (crow[-1] != col.numel(), crow[0] != 0, a
+    decreasing crow, perm out of [0, nnz)) are refused by the Triton conv and linear wrappers with the C++
+    ops' messages (on a GPU each would be an out-of-bounds read or write)."""
+    import sparsetrain.engine.ops  # noqa: F401  (registers the C++ ops)
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.formats import CSR
+    ops = torch.ops.sparsetrain
+    g = torch.Generator().manual_seed(8)
+    W = CSR.from_dense(torch.randn(4, 3, 3, 3, generator=g), random_mask((4, 3, 3, 3), 0.5, generator=g))
+    crow, col, v, ccol, rt, perm = (t.detach() for t in W.index())
+    nnz = col.numel()
+    x, gy = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
+    geo = ([3, 3], [1, 1], [1, 1])
+
+    def edit(t, i, value):
+        t = t.clone()
+        t[i] = value
+        return t
+    crow_end, ccol_end = edit(crow, -1, nnz + 5), edit(ccol, -1, nnz - 1)
+    for bad, msg in ((crow_end, rf"crow_indices\[-1\] \({nnz + 5}\) must equal col_indices.numel\(\) \({nnz}\)"),
+                     (edit(crow, 0, 1), r"crow_indices\[0\] must be 0, got 1"),
+                     (edit(crow, 1, int(crow[2]) + 1), r"crow_indices must be non-decreasing \(row 1\)")):
+        refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, bad, col, v, ccol, rt, perm, *geo, None), msg)
+        refused_alike(ops.sparse_conv2d_grad_weight, KC.sparse_conv2d_grad_weight, (gy, x, bad, col, *geo), msg)
+    short = rf"values must have nnz = {nnz} entries, got 3"
+    refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, crow, col, v[:3], ccol, rt, perm, *geo, None), short)
+    for args, msg in (((gy, ccol, rt, perm, v[:3]), short),
+                      ((gy, ccol, rt, perm[:3], v), rf"perm must have nnz = {nnz} entries, got 3"),
+                      ((gy, ccol, rt, edit(perm, 0, nnz), v), rf"perm has entries outside \[0, {nnz}\)"),
+                      ((gy, ccol_end, rt, perm, v), r"ccol_indices\[-1\] \(\d+\) must equal row_indices_t.numel\(\)")):
+        refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input, (*args, [5, 5], *geo), msg)
+    refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward,
+                  (gy, x, crow, col, v, ccol, rt, edit(perm, 0, nnz), *geo), rf"perm has entries outside \[0, {nnz}\)")
+    # negative entries (read before the tensor they index): the C++ ops' range check, ours by sign
+    either = r"{} has (entries outside \[0, \d+\)|negative entries \(the smallest is -1\))"
+    refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, crow, edit(col, 0, -1), v, ccol, rt, perm, *geo, None),
+                  either.format("col_indices"))
+    for args, name in (((gy, ccol, rt, edit(perm, 0, -1), v), "perm"), ((gy, ccol, edit(rt, 0, -1), perm, v),
+                                                                         "row_indices_t")):
+        refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input, (*args, [5, 5], *geo),
+                      either.format(name))
+    L = CSR.from_dense(torch.randn(3, 5, generator=g), random_mask((3, 5), 0.4, generator=g))
+    lcrow, lcol, lv, lccol, lrt, lperm = (t.detach() for t in L.index())
+    n = lcol.numel()
+    lend = edit(lcrow, -1, n + 3)
+    msg = rf"crow_indices\[-1\] \({n + 3}\) must equal col_indices.numel\(\) \({n}\)"
+    xl, gl = torch.randn(2, 5, generator=g), torch.randn(2, 3, generator=g)
+    refused_alike(ops.sparse_linear, KL.sparse_linear, (xl, lend, lcol, lv, lccol, lrt, lperm, None), msg)
+    refused_alike(ops.sparse_linear_grad_input, KL.sparse_linear_grad_input, (gl, lend, lcol, lv, lccol, lrt, lperm), msg)
+    refused_alike(ops.sparse_linear_grad_weight, KL.sparse_linear_grad_weight, (gl, xl, lend, lcol), msg)
+    refused_alike(ops.sparse_linear, KL.sparse_linear, (xl, lcrow, lcol, lv[:1], lccol, lrt, lperm, None),
+                  rf"values must have nnz = {n} entries, got 1")
+    # the transposed index the Triton grad_input reads (the C++ kernel needs only its shape)
+    refused_alike(None, KL.sparse_linear_grad_input, (gl, lcrow, lcol, lv, lccol, lrt, edit(lperm, 0, n)),
+                  rf"perm has entries outside \[0, {n}\)")
+    refused_alike(None, KL.sparse_linear_grad_input, (gl, lcrow, lcol, lv, edit(lccol, -1, n + 1), lrt, lperm),
+                  r"ccol_indices\[-1\] \(\d+\) must equal row_indices_t.numel\(\)")
+    refused_alike(None, lambda *a: KL.csr_spmm(*a), (lend, lcol, lv, xl.t().contiguous()),
+                  r"ptr\[-1\] \(\d+\) must equal idx.numel\(\)")
+    refused_alike(None, lambda *a: KL.csr_spmm(*a), (lcrow, lcol, lv[:1], xl.t().contiguous()),
+                  rf"vals must have nnz = {n} entries, got 1")
+
+
+@interp
+def conv_geometry_arguments_refused_as_the_cpp_op():
+    """kernel_size, stride or padding of one entry (was a bare IndexError), or out of range (was a
+    ZeroDivisionError for a 0 kernel), and an input_size of 3 entries: the C++ op's messages."""
+    import sparsetrain.engine.ops  # noqa: F401
+    import sparsetrain.kernels.sparse_conv2d as KC
+    from sparsetrain.engine.formats import CSR
+    ops = torch.ops.sparsetrain
+    W = CSR.from_dense(torch.randn(4, 3, 3, 3))
+    crow, col, v, ccol, rt, perm = (t.detach() for t in W.index())
+    x, gy = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    two = "kernel_size, stride and padding must each have 2 entries"
+    for geo, msg in ((([3], [1, 1], [1, 1]), two), (([3, 3], [1], [1, 1]), two), (([3, 3], [1, 1], 1), two),
+                     (([0, 3], [1, 1], [1, 1]), r"kernel_size must be >= 1, got \[0, 3\]"),
+                     (([3, 3], [1, 0], [1, 1]), r"stride must be >= 1, got \[1, 0\]"),
+                     (([3, 3], [1, 1], [-1, 1]), r"padding must be >= 0, got \[-1, 1\]")):
+        if isinstance(geo[2], int):  # (the C++ schema takes an int as [int, int]: Triton only)
+            refused_alike(None, KC.sparse_conv2d, (x, crow, col, v, ccol, rt, perm, *geo, None), msg)
+            continue
+        refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, crow, col, v, ccol, rt, perm, *geo, None), msg)
+        refused_alike(ops.sparse_conv2d_stats, KC.sparse_conv2d_stats,
+                      (x, crow, col, v, ccol, rt, perm, *geo, None, True), msg)
+        refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input, (gy, ccol, rt, perm, v, [5, 5], *geo),
+                      msg)
+        refused_alike(ops.sparse_conv2d_grad_weight, KC.sparse_conv2d_grad_weight, (gy, x, crow, col, *geo), msg)
+        refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward,
+                      (gy, x, crow, col, v, ccol, rt, perm, *geo), msg)
+    refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input,
+                  (gy, ccol, rt, perm, v, [5, 5, 5], [3, 3], [1, 1], [1, 1]), "input_size must have 2 entries")
+
+
+@interp
+def bsr_wrappers_check_values_index_widths_and_block_size():
+    """The BSR wrappers refuse values with another block count than the index, a compressed index whose
+    last entry is not its nnzb, perm out of range, an activation narrower than the blocks the index
+    addresses, an out_features/in_features the block rows/columns do not make, and a block_size that is
+    not the blocks' (each read out of bounds, or silently dropped columns, before)."""
+    import sparsetrain.kernels.bsr_matmul as K
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.prune import block_mask
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(40, 36, generator=g)
+    W = BSR.from_dense(w, 16, block_mask(w, 16, 0.0))  # every block: col_indices addresses block column 2
+    crow, col, vals = W.crow_indices, W.col_indices, W.values.detach()
+    ccol, rt, perm = W.ccol_indices, W.row_indices_t, W.perm
+    x, gy = torch.randn(3, 36, generator=g), torch.randn(3, 40, generator=g)
+    nnzb = col.numel()
+    end = crow.clone()
+    end[-1] += 2
+    pbad = perm.clone()
+    pbad[0] = nnzb
+    for call, msg in (
+            (lambda: K.bsr_linear_forward(x, crow, col, vals[:1], None, 40), rf"values must have nnz = {nnzb} blocks, got 1"),
+            (lambda: K.bsr_linear_forward(x, end, col, vals, None, 40),
+             rf"crow_indices\[-1\] \({nnzb + 2}\) must equal col_indices.numel\(\) \({nnzb}\)"),
+            (lambda: K.bsr_linear_forward(x[:, :20].contiguous(), crow, col, vals, None, 40), "x has 20 features, fewer"),
+            (lambda: K.bsr_linear_forward(x[:, :34].contiguous(), crow, col, vals, None, 40, in_features=36),
+             "x must have last dimension in_features = 36"),
+            (lambda: K.bsr_linear_forward(x, crow, col, vals, None, 70), r"crow_indices has 3 block rows, but 70 features"),
+            (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals[:1], 36), rf"values must have nnz = {nnzb} blocks"),
+            (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm[:2], vals, 36), rf"perm must have nnz = {nnzb} entries"),
+            (lambda: K.bsr_linear_grad_input(gy, ccol, rt, pbad, vals, 36), rf"perm has entries outside \[0, {nnzb}\)"),
+            (lambda: K.bsr_linear_grad_input(gy[:, :30].contiguous(), ccol, rt, perm, vals, 36), "grad_out has 30 features"),
+            (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals, 60), r"ccol_indices has 3 block columns, but 60"),
+            (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 32), r"crow_indices has 3 block rows, but 40 features in "
+                                                                      r"blocks of 32 make 2"),
+            (lambda: K.bsr_linear_grad_weight(gy, x, end, col, 16), r"crow_indices\[-1\] \(\d+\) must equal"),
+            (lambda: K.bsr_linear_grad_weight(gy, x[:, :20].contiguous(), crow, col, 16), "x has 20 features, fewer")):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    torch.testing.assert_close(K.bsr_linear_forward(x, crow, col, vals, None, 40, in_features=36), x @ w.t(),
+                               rtol=1e-4, atol=1e-4)
+
+
 def check_amp(layer, dense, mask, ref_fn, x, dtype, **kw):
     """`layer` (fp32 values) under torch.autocast(dtype) on the Triton kernels: the output has the
     autocast dtype, the gradients of the fp32 values and input are fp32 and match the dense masked

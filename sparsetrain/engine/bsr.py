@@ -160,7 +160,7 @@ class _BSRLinearFn(torch.autograd.Function):
         from sparsetrain.kernels import bsr_matmul as K
         ctx.save_for_backward(x, values)
         ctx.w, ctx.has_bias = w, bias is not None
-        return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0])
+        return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0], in_features=w.shape[1])
 
     @staticmethod
     @first_order  # (no formulas for the gradient ops)
