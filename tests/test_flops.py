@@ -32,10 +32,15 @@ def test_masks_and_zero_weights_scale_with_nonzeros():
     with torch.no_grad():  # a dense-masked engine with the pruned weights set to zero
         net[0].weight.mul_(mask)
     assert forward_flops(net, (1, 4, 4))["per_layer"]["0"] == 2 * 3 * 16 + 32
-    with pytest.raises(ValueError, match="mask shape"):
+    # each refusal names the key (a float or mis-shaped mask named none; one on a BatchNorm was ignored)
+    with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(2, 1, 3, 3\), got torch.bool \(3, 8\)"):
         forward_flops(net, (1, 4, 4), masks={"0": lin_mask})
-    with pytest.raises(KeyError, match="unknown modules"):
+    with pytest.raises(ValueError, match=r"masks\['5.weight'\] must be a bool tensor of shape \(3, 8\), got torch.float32"):
+        forward_flops(net, (1, 4, 4), masks={"5.weight": lin_mask.float()})
+    with pytest.raises(KeyError, match=r"masks\['nope'\] names no module"):
         forward_flops(net, (1, 4, 4), masks={"nope": mask})
+    with pytest.raises(KeyError, match=r"masks\['1'\]: '1' is a BatchNorm2d, not a conv or linear layer"):
+        forward_flops(net, (1, 4, 4), masks={"1": torch.ones(2, dtype=torch.bool)})
 
 
 def test_sparse_layers_by_nnz():

@@ -383,3 +383,24 @@ def test_global_prune_hands_back_a_named_sparse_layers_new_mask():
     opt.step()
     for n in masks:
         assert bool((model.get_submodule(n).weight[~now[n]] == 0).all())
+
+
+def test_model_masks_takes_the_layers_sparsify_takes():
+    """sparsetrain.testing.model_masks: exactly nn.Conv2d / nn.Linear (a subclass, or
+    MultiheadAttention's out_proj, got a mask sparsify_ and global_prune then refused)."""
+    from sparsetrain.testing import model_masks
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.own, self.attn, self.fc = nn.Conv2d(2, 4, 3), MyLinear(4, 4), nn.MultiheadAttention(4, 1), \
+                nn.Linear(4, 3)
+
+    model = Net()
+    masks = model_masks(model, 0.5)
+    assert list(masks) == ["conv", "fc"]
+    sparsetrain.sparsify_(model, masks)
+    assert global_prune(model, masks, 0.2).keys() == masks.keys()

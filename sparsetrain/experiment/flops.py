@@ -102,10 +102,18 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
     if masks is not None and not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
     modules = dict(model.named_modules())
-    if masks:
-        unknown = [k for k in masks if k not in modules and k.removesuffix(".weight") not in modules]
-        if unknown:
-            raise KeyError(f"masks name unknown modules {unknown}")
+    for key, mk in (masks or {}).items():  # (each named: a mask the counter would not read is refused)
+        name = key if key in modules else key.removesuffix(".weight")
+        if name not in modules:
+            raise KeyError(f"masks[{key!r}] names no module of the model")
+        mod = modules[name]
+        if not (_is_conv(mod) or _is_linear(mod)):
+            raise KeyError(f"masks[{key!r}]: {name!r} is a {type(mod).__name__}, not a conv or linear layer "
+                           "whose weights are counted")
+        shape = tuple(mod.weight.shape)
+        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
+            got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
+            raise ValueError(f"masks[{key!r}] must be a bool tensor of shape {shape}, got {got}")
 
     per_layer: dict[str, int] = {}
     totals = {"weights": 0, "elementwise": 0}
