@@ -404,3 +404,21 @@ def test_model_masks_takes_the_layers_sparsify_takes():
     assert list(masks) == ["conv", "fc"]
     sparsetrain.sparsify_(model, masks)
     assert global_prune(model, masks, 0.2).keys() == masks.keys()
+
+
+def test_a_mask_that_differs_from_a_sparse_layers_pattern_is_refused():
+    """global_prune and masks_of used a sparse layer's stored pattern whatever mask was given for it:
+    a stale mask (or one for another model) is refused by name; the layer's own pattern is taken."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    masks = {"0": torch.rand(5, 6) > 0.3, "2": torch.rand(3, 5) > 0.3}
+    sparsetrain.sparsify_(model, masks)
+    stale = dict(masks, **{"0": masks["0"].clone()})
+    i, j = torch.nonzero(masks["0"])[0].tolist()
+    stale["0"][i, j] = False  # (one kept weight dropped: the mask of an earlier round's other model)
+    for fn in (lambda m: global_prune(model, m, 0.2), lambda m: masks_of(model, m)):
+        with pytest.raises(ValueError, match=r"masks\['0'\] differs from the pattern sparse layer '0' stores"):
+            fn(stale)
+    assert torch.equal(masks_of(model, masks)["0"], masks["0"])
+    new = global_prune(model, masks, 0.2)
+    assert torch.equal(masks_of(model, new)["2"], new["2"]) and int(new["0"].sum()) < int(masks["0"].sum())

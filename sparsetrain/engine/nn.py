@@ -217,14 +217,24 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
     return masks
 
 
+def check_pattern(name: str, pattern: torch.Tensor, masks: dict) -> None:
+    """A mask given for sparse layer `name` must be the pattern it stores (one that differs, stale or
+    meant for another model, was silently replaced by the pattern)."""
+    if name in masks and not torch.equal(masks[name].to(pattern.device), pattern):
+        raise ValueError(f"masks[{name!r}] differs from the pattern sparse layer {name!r} stores (a sparse layer's "
+                         "mask is its pattern: pass the masks global_prune returned, or leave it out)")
+
+
 def masks_of(model: nn.Module, masks: dict | None = None) -> dict[str, torch.Tensor]:
     """Bool mask of every prunable layer: from the CSR for sparse layers, else from `masks`
-    (all-True when a dense layer has none yet)."""
+    (all-True when a dense layer has none yet). A mask given for a sparse layer must be its stored
+    pattern (one that differs, stale or meant for another model, was silently replaced by it)."""
     masks = check_masks(model, masks)
     out = {}
     for n, m in prunable_layers(model):
         if is_sparse(m):
             out[n] = m.weight.mask()
+            check_pattern(n, out[n], masks)
         else:
             out[n] = masks.get(n, torch.ones_like(m.weight, dtype=torch.bool))
     return out

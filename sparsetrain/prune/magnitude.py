@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..engine import ops
-from ..engine.nn import check_masks, is_sparse, prunable_layers
+from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, register
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
@@ -75,6 +75,9 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     check_scope(scope)
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
+    for n, m in layers:
+        if is_sparse(m) and n in masks:
+            check_pattern(n, m.weight.mask(), masks)
     check_finite(layers)
     groups = [layers] if scope == "global" else [[l] for l in layers]
     new_masks = dict(masks)
