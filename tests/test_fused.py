@@ -1300,6 +1300,9 @@ def test_second_order_and_forward_mode_gradients_raise(fuse):
         g, = torch.autograd.grad(loss(seq(x)), x, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.square().sum().backward()
+        g, = torch.autograd.grad(loss(seq(x)), x, create_graph=True)  # (to chosen inputs: was silently None)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.grad(g.square().sum(), list(seq.parameters()), allow_unused=True)
     lin = sparsetrain.nn.SparseLinear.from_dense(nn.Linear(4, 1))
     xl = torch.randn(3, 4, requires_grad=True)
     g, = torch.autograd.grad(lin(xl).sum(), xl, create_graph=True)

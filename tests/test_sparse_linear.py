@@ -824,6 +824,28 @@ def test_second_order_and_forward_mode_gradients_raise():
     g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
+    # where autograd runs only the nodes on the way to chosen inputs (jvp/hvp/hessian, allow_unused,
+    # backward(inputs=), a layer before this one): the error node hung off the graph there and was
+    # skipped, the second-order terms through the layer silently zero
+    dense = nn.Linear(5, 5).double()
+    net = nn.Sequential(dense, nn.Tanh(), layer)
+    values, xd = layer.weight.values, x.detach()
+
+    def penalty(model):
+        xi = xd.clone().requires_grad_()
+        gx, = torch.autograd.grad(torch.tanh(model(xi)).sum(), xi, create_graph=True)
+        return gx.square().sum()
+    f = lambda z: torch.tanh(layer(z)).sum()  # noqa: E731
+    for second in (lambda: torch.autograd.functional.jvp(layer, xd, torch.ones_like(xd)),
+                   lambda: torch.autograd.functional.hvp(f, xd, torch.ones_like(xd)),
+                   lambda: torch.autograd.functional.hessian(f, xd[:1]),
+                   lambda: torch.autograd.grad(penalty(layer), values, allow_unused=True),
+                   lambda: penalty(layer).backward(inputs=[values]),
+                   lambda: torch.autograd.grad(penalty(net), dense.weight)):
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            second()
+    gx, = torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)  # first order: as before
+    torch.testing.assert_close(gx, (1 - torch.tanh(layer(x)) ** 2) @ (layer.weight.to_dense()))
     for transform in (lambda: torch.func.jvp(layer, (x.detach(),), (torch.ones_like(x),)),
                       lambda: torch.func.jacfwd(layer)(x.detach())):
         with pytest.raises(NotImplementedError, match="no forward-mode derivative"):

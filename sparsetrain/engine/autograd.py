@@ -27,6 +27,18 @@ def first_order(backward):
         if not torch.is_grad_enabled():  # (the engine enables grad mode in backward only for create_graph)
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        fail = torch._C._functions.DelayedError(_MESSAGE, len(outputs))
-        return fail(*[None if t is None else t.detach().requires_grad_(True) for t in outputs])
+        # The error node also takes, as inputs whose outputs are dropped, every incoming gradient and
+        # saved tensor that requires grad: its edges then lead to what the gradients depend on, so any
+        # second derivative through them runs it. Without them it hung off the graph, and autograd
+        # skipped it wherever `inputs=` / autograd.grad's inputs or allow_unused let it: jvp, hvp,
+        # hessian came back zero, a gradient penalty's gradient for a layer before this one wrong.
+        try:
+            saved = tuple(ctx.saved_tensors)
+        except (AttributeError, RuntimeError):
+            saved = ()
+        links = [t for t in (*grads, *saved) if isinstance(t, torch.Tensor) and t.requires_grad]
+        fail = torch._C._functions.DelayedError(_MESSAGE, len(outputs) + len(links))
+        failed = fail(*[None if t is None else t.detach().requires_grad_(True) for t in outputs], *links)
+        failed = failed if isinstance(failed, tuple) else (failed,)
+        return failed[0] if len(outputs) == 1 else failed[:len(outputs)]
     return wrapper
