@@ -798,6 +798,14 @@ def test_layers_under_two_names_and_tied_weights():
     with pytest.raises(ValueError, match="'0' shares its weight with '1'"):
         sparsetrain.sparsify_(shared, {"0": random_mask((4, 4), 0.5)})
     assert type(shared[0]) is nn.Linear
+    biased = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    biased[1].bias = biased[0].bias  # tied bias: the sparse layer's copy untied it silently
+    with pytest.raises(ValueError, match="'1' shares its bias with '0': tied biases cannot be sparsified"):
+        sparsetrain.sparsify_(biased, {"1": random_mask((4, 4), 0.5)})
+    assert type(biased[1]) is nn.Linear
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match=r"'0' is a ParametrizedLinear.*remove it first \(parametrize.remove_param"):
+        sparsetrain.sparsify_(normed, {"0": random_mask((4, 4), 0.5)})
 
 
 def test_computed_weights_and_transformer_blocks_are_refused():

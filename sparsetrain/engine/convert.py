@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .bsr import BSRLinear
@@ -43,8 +44,10 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
         mod = modules[name]
         if type(mod) not in SPARSE_TYPES:
+            hint = (": its weight is computed by a parametrization (torch.nn.utils.parametrize); remove it first "
+                    "(parametrize.remove_parametrizations(module, 'weight'))" if parametrize.is_parametrized(mod) else "")
             raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
-                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified")
+                            f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified{hint}")
         if "weight" not in mod._parameters and not pruned_by_torch(mod):  # (weight_norm / spectral_norm)
             raise TypeError(f"module {name!r}'s weight is computed by a reparametrization (weight_norm, "
                             "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
@@ -69,10 +72,12 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     new, named = {}, {}  # id(dense layer) -> its replacement, the name its mask came under
     for name, mask in masks.items():
         mod = modules[name]
-        weight = mod._parameters.get("weight", mod._parameters.get("weight_orig"))
-        tied = [n for i, n in owners.get(id(weight), {}).items() if i != id(mod)]
-        if tied:  # (a CSR copy would untie them silently)
-            raise ValueError(f"{name!r} shares its weight with {tied[0]!r}: tied weights cannot be sparsified")
+        for what in ("weight", "bias"):  # (a CSR copy, or the layer's copy of the bias, would untie them silently)
+            p = mod._parameters.get(what, mod._parameters.get(what + "_orig"))
+            tied = [n for i, n in owners.get(id(p), {}).items() if i != id(mod)] if p is not None else []
+            if tied:
+                raise ValueError(f"{name!r} shares its {what} with {tied[0]!r}: tied "
+                                 f"{'weights' if what == 'weight' else 'biases'} cannot be sparsified")
         if id(mod) in new:  # one layer under two names: one replacement, if both names agree
             other = masks[named[id(mod)]]
             if (mask is None) != (other is None) or mask is not None and not torch.equal(mask.bool(), other.bool()):
