@@ -422,3 +422,29 @@ def test_a_mask_that_differs_from_a_sparse_layers_pattern_is_refused():
     assert torch.equal(masks_of(model, masks)["0"], masks["0"])
     new = global_prune(model, masks, 0.2)
     assert torch.equal(masks_of(model, new)["2"], new["2"]) and int(new["0"].sum()) < int(masks["0"].sum())
+
+
+def test_layers_pruned_with_torch_prune_are_refused_by_the_mask_functions():
+    """A layer under torch.nn.utils.prune has weight = orig * mask as of the last forward (stale after
+    a step, recomputed by its hook): model_sparsity read 0.0, global_prune ranked the stale weights,
+    mask_grads_/enforce_masks_ acted on the recomputed one. Each refuses it, naming the layer; after
+    sparsify_ (which takes prune's mask) or prune.remove they work."""
+    from torch.nn.utils import prune as torch_prune
+
+    def pruned():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        torch_prune.l1_unstructured(net[0], "weight", amount=0.5)
+        return net
+    model = pruned()
+    kept = model[0].weight_mask.bool().clone()
+    mask = {"0": kept}
+    for fn in (lambda: model_sparsity(model), lambda: global_prune(model, {}, 0.2), lambda: masks_of(model),
+               lambda: mask_grads_(model, mask), lambda: enforce_masks_(model, mask)):
+        with pytest.raises(TypeError, match="layer '0' is pruned with torch.nn.utils.prune: sparsify_ the model"):
+            fn()
+    other = pruned()
+    torch_prune.remove(other[0], "weight")
+    assert model_sparsity(other, mask) == pytest.approx(15 / 45)  # (a dense layer: its mask given)
+    sparsetrain.sparsify_(model, {"0": None})
+    assert torch.equal(masks_of(model)["0"], kept) and model_sparsity(model) == pytest.approx(15 / 45)

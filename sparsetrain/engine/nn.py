@@ -199,11 +199,15 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
     """`masks` ({qualified layer name: bool mask of its weight's shape}, or None: {}) checked against
     `model`'s prunable layers: a key that names no such layer (a typo, or "fc.weight" for "fc") or a
     mask of another dtype or shape would otherwise be ignored or broadcast silently."""
+    layers = dict(prunable_layers(model))
+    hooked = [n for n, m in layers.items() if pruned_by_torch(m)]
+    if hooked:  # (their .weight is orig * mask as of the last forward: stale after a step, and recomputed)
+        raise TypeError(f"layer {hooked[0]!r} is pruned with torch.nn.utils.prune: sparsify_ the model first (it "
+                        "takes prune's mask), or call torch.nn.utils.prune.remove on it")
     if masks is None:
         return {}
     if not isinstance(masks, dict):
         raise TypeError(f"{what} must be a dict {{layer name: bool tensor}}, got {type(masks).__name__}")
-    layers = dict(prunable_layers(model))
     for name, mk in masks.items():
         if name not in layers:
             hint = (f" (a layer's name, not its weight's: {name[:-7]!r})" if isinstance(name, str)
@@ -257,7 +261,8 @@ def _masked(model: nn.Module, masks: dict):
     """(layer, mask) per entry, each mask checked against its layer's weight (per training step: cheap)."""
     for name, mk in masks.items():
         m = model.get_submodule(name)
-        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape:
+        if (pruned_by_torch(m) or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool
+                or mk.shape != m.weight.shape):
             check_masks(model, {name: mk})  # (raises, naming the layer)
         yield m, mk
 
