@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+import pytest
+
 from sparsetrain.experiment import report as R
 from sparsetrain.experiment.report.tables import vanilla_phase
 
@@ -190,22 +192,22 @@ def test_summary_table_numbers(tmp_path):
     assert row[1:4] == ["", "", "—"]
     assert row[4] == "9.00 ± 4.24" and row[5] == "6.00 ± 0.00" and row[6] == f"74.00 ± {math.sqrt(8):.2f}"
     assert row[7] == f"45.00 ± {math.sqrt(50):.2f}"  # the last round's model: 0.40, 0.50
-    assert row[8] == f"{sp(2):.2f} ± 0.00" and row[9] == "5" and row[12] == "2"
-    assert row[10] == "collapsed" and row[11] == ""  # 0.40 / 0.50: more than 5 points under the curve's level
+    assert row[8] == f"{sp(2):.2f} ± 0.00" and row[10] == "5" and row[13] == "2"
+    assert row[11] == "collapsed" and row[12] == ""  # 0.40 / 0.50: more than 5 points under the curve's level
     # early stop: phase 2 from round 3; seed 0 stops at 4 (0.60 <= 0.672), seed 1 at 5 (0.60 <= 0.688)
     row = table_row(md, "vanilla, early stop (Alg. 2)")
-    assert row[1] == "✓" and row[9] == "4, 5"
+    assert row[1] == "✓" and row[10] == "4, 5"
     assert row[4] == f"{(5 + 12) / 2:.2f} ± {math.sqrt(((5 - 8.5) ** 2 + (12 - 8.5) ** 2)):.2f}"
     assert row[5] == f"5.50 ± {math.sqrt(0.5):.2f}"  # 5 and 6 paper rounds
     assert row[6] == f"74.00 ± {math.sqrt(8):.2f}" and row[7] == "50.00 ± 0.00"  # at the stop: 0.50, 0.50
     saved = [100 * (1 - 5 / 6), 0.0]
-    assert row[11] == f"{sum(saved) / 2:.1f} ± {abs(saved[0] - saved[1]) / math.sqrt(2):.1f}"
+    assert row[12] == f"{sum(saved) / 2:.1f} ± {abs(saved[0] - saved[1]) / math.sqrt(2):.1f}"
     # the peak rule: the dense entropy is the peak here, so it stops where Algorithm 2 does
-    assert table_row(md, "vanilla, early stop (peak rule)")[9] == "4, 5"
+    assert table_row(md, "vanilla, early stop (peak rule)")[10] == "4, 5"
     # distill + early stop: best 0.84 / 0.85 in phase 1 -> thr 0.672 / 0.68: both stop at 5 (0.60)
     # best val among rounds <= 5: seed 0 round 2 (test 0.79), seed 1 round 3 (test 0.80)
     row = table_row(md, "distilled from the dense teacher, early stop (Alg. 2)")
-    assert row[1:4] == ["✓", "✓", "dense"] and row[9] == "5"
+    assert row[1:4] == ["✓", "✓", "dense"] and row[10] == "5"
     t0, t1 = 2 + 6 * 0.5, 4 + 6 * 0.5  # teacher cost + 6 rounds of KD inference
     assert row[4] == f"9.00 ± 4.24 (+{(t0 + t1) / 2:.2f})"
     assert row[5] == f"6.00 ± 0.00 (+{10 + 6 * 0.1:.2f})"  # the paper's convention for the teacher too
@@ -230,11 +232,11 @@ def test_summary_table_teacher_stop_earlier_than_end_and_separate_student(tmp_pa
     write_rows(tmp_path, make_rows([0.7, 0.75], phase="vanilla"))
     md = R.summary_table(R.load_run(tmp_path))
     row = table_row(md, "teacher (resnet18)")
-    assert row[9] == "2†" and row[12] == "1/3"  # not at the wall yet; 1 of 3 seeds
+    assert row[10] == "2†" and row[13] == "1/3"  # not at the wall yet; 1 of 3 seeds
     row = table_row(md, "vanilla, early stop (Alg. 2)")
     # not fired on a curve that ends before the wall: undecided (–†), no saving measurable; a single
     # seed has no ±
-    assert row[9] == "–†" and row[6] == "75.00" and row[11] == "n/a"
+    assert row[10] == "–†" and row[6] == "75.00" and row[12] == "n/a"
 
 
 def test_summary_of_a_curve_stopped_online(tmp_path):
@@ -244,11 +246,11 @@ def test_summary_of_a_curve_stopped_online(tmp_path):
     write_config(tmp_path, seeds=[0], student="lenet300", early_stop="entropy-peak", rate=0.5)
     write_rows(tmp_path, make_rows([0.5, 0.6, 0.7, 0.65, 0.5], ent=[0.6, 0.7, 0.75, 0.55, 0.5], rate=0.5))
     md = R.summary_table(R.load_run(tmp_path))
-    assert table_row(md, "vanilla, no early stop")[9] == "4†"
+    assert table_row(md, "vanilla, no early stop")[10] == "4†"
     row = table_row(md, "vanilla, early stop (Alg. 2)")
-    assert row[9] == "–†" and row[11] == "n/a"
+    assert row[10] == "–†" and row[12] == "n/a"
     row = table_row(md, "vanilla, early stop (peak rule)")
-    assert row[9] == "4" and row[11] == "n/a"
+    assert row[10] == "4" and row[12] == "n/a"
 
 
 def test_a_finished_curve_short_of_the_wall_is_decided(tmp_path):
@@ -258,13 +260,13 @@ def test_a_finished_curve_short_of_the_wall_is_decided(tmp_path):
     write_config(tmp_path, seeds=[0], rate=0.5, wall=0.95)
     write_rows(tmp_path, make_rows([0.5, 0.6, 0.7], ent=[0.6, 0.6, 0.6], rate=0.5))
     md = R.summary_table(R.load_run(tmp_path))
-    assert table_row(md, "vanilla, early stop (Alg. 2)")[9] == "–†"
+    assert table_row(md, "vanilla, early stop (Alg. 2)")[10] == "–†"
     with open(tmp_path / "seed0" / "teacher" / "best.json", "w") as f:
         f.write("{}")
     md = R.summary_table(R.load_run(tmp_path))
-    assert table_row(md, "vanilla, no early stop")[9] == "2"
+    assert table_row(md, "vanilla, no early stop")[10] == "2"
     row = table_row(md, "vanilla, early stop (Alg. 2)")
-    assert row[9] == "–" and row[11] == "0.0"
+    assert row[10] == "–" and row[12] == "0.0"
 
 
 def test_vanilla_and_path_teachers_in_the_summary(tmp_path):
@@ -323,7 +325,7 @@ def test_write_report_partial_runs(tmp_path):
     write_rows(tmp_path, make_rows([0.8], phase="distill-dense", teacher_cost=1e15))
     text = read(R.write_report(str(tmp_path)))
     assert "| distilled from the dense teacher, early stop (Alg. 2) |" in text
-    assert table_row(text, "vanilla, no early stop")[12] == "1/3"
+    assert table_row(text, "vanilla, no early stop")[13] == "1/3"
 
 
 def test_round_table_marks_rounds_past_a_seeds_last(tmp_path):
@@ -354,3 +356,69 @@ def test_the_teacher_run_is_the_vanilla_run_by_the_studys_own_rule(tmp_path):
         run = R.load_run(run_dir)
         assert vanilla_phase(run) == phase, settings
         assert ("| vanilla, no early stop |" in R.summary_table(run)) == (phase is not None), settings
+
+
+def test_no_validation_score_is_na_and_the_sweep_picks_the_same_best_round(tmp_path):
+    """A NaN val_acc in round 0 never lost to a later round in the sweep's best-model table (a NaN
+    compares as never better), which then reported round 0; with no validation score at all, Table 1
+    showed the last round's accuracy as the best-validation model's. Both now take the best finite
+    round (metrics.best_index), and n/a where there is none."""
+    from sparsetrain.sweep.report import write_sweep_report
+    for name, val in (("some", [NAN, 0.7, 0.9, 0.8, 0.75]), ("none", [NAN] * 5)):
+        run = tmp_path / name
+        write_config(run, seeds=[0], wall=0.6)
+        write_rows(run, make_rows(val, [0.50, 0.60, 0.85, 0.70, 0.65]))
+        (run / "seed0" / "teacher" / "best.json").write_text("{}")
+        row = table_row(R.summary_table(R.load_run(run)), "vanilla, no early stop")
+        assert row[6] == ("85.00" if name == "some" else "n/a") and row[8] == ("36.00" if name == "some" else "n/a")
+        assert row[9] == "59.04"  # the model at the stop: the last round, 1 - 0.8^4
+        write_sweep_report([str(run)], str(tmp_path / f"rep-{name}"))
+        with open(tmp_path / f"rep-{name}" / "best_model.csv") as f:
+            best = list(csv.DictReader(f))
+        got = [(float(r["best_test_mean"]), float(r["sparsity_mean"]), r["seeds"]) for r in best]
+        if name == "some":
+            assert got == [(85.0, pytest.approx(36.0), "1")]
+        else:
+            assert len(got) == 1 and math.isnan(got[0][0]) and math.isnan(got[0][1]) and got[0][2] == "0"
+
+
+def test_flops_saved_is_na_on_a_cut_curve_whichever_rule_cut_it(tmp_path):
+    """Alg. 2 stopped the run online at round 5 (below the wall), the peak rule fires at 3: its saving
+    against the cut curve (1 - 4/6) is not the saving against the whole curve, which was never trained:
+    n/a, as Alg. 2's own. A mean over fewer seeds than the row's says so."""
+    write_config(tmp_path, seeds=[0], early_stop="entropy", rate=0.5, student="vgg_d1g5")
+    cum = [1e15 * (k + 1) for k in range(6)]
+    write_rows(tmp_path, make_rows([0.5, 0.6, 0.7, 0.5, 0.6, 0.5], ent=[0.6, 0.7, 0.75, 0.55, 0.5, 0.4], rate=0.5,
+                                   cum=cum, phase="vanilla"))
+    (tmp_path / "seed0" / "vanilla" / "best.json").write_text("{}")
+    md = R.summary_table(R.load_run(tmp_path))
+    assert table_row(md, "vanilla, early stop (Alg. 2)")[10:13:2] == ["5", "n/a"]
+    assert table_row(md, "vanilla, early stop (peak rule)")[10:13:2] == ["3", "n/a"]
+    two = tmp_path / "two"
+    write_config(two, seeds=[0, 1], early_stop="entropy", rate=0.5, wall=0.97, student="vgg_d1g5")
+    write_rows(two, make_rows([0.8, 0.8, 0.8, 0.5], ent=[1, 1, 0.5, 0.5], rate=0.5, cum=cum[:4], phase="vanilla"))
+    write_rows(two, make_rows([0.8, 0.8, 0.5, 0.8, 0.8, 0.8], ent=[1, 1, 0.5, 0.5, 0.5, 0.5], rate=0.5, cum=cum,
+                              phase="vanilla", seed=1))
+    for s in (0, 1):
+        (two / f"seed{s}" / "vanilla" / "best.json").write_text("{}")
+    row = table_row(R.summary_table(R.load_run(two)), "vanilla, early stop (Alg. 2)")
+    assert row[12] == "50.0 (1 of 2 seeds)" and row[13] == "2"
+
+
+def test_a_sweep_figure_with_more_panels_than_it_draws_says_so(tmp_path, monkeypatch):
+    """plot_overlay draws at most _MAX_PANELS panels; the figure says how many it left out (they were
+    dropped without a word)."""
+    from matplotlib.figure import Figure
+
+    from sparsetrain.sweep import figures
+    groups = []
+    for alpha in (0.3, 0.5, 0.7):
+        run = tmp_path / f"a{alpha}"
+        write_config(run, seeds=[0], alpha=alpha)
+        write_rows(run, make_rows([0.5, 0.6]))
+        groups.append(R.load_run(run))
+    titles = []
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    monkeypatch.setattr(figures, "_MAX_PANELS", 2)
+    assert figures.plot_overlay(groups, None, ["alpha"], str(tmp_path / "f.png"))
+    assert titles == ["the first 2 of 3 panels: the others' numbers are in table1.csv"]

@@ -12,7 +12,7 @@ import math
 import os
 import re
 
-__all__ = ["read_metrics", "load_run", "fin", "get", "NAN", "teacher_tag"]
+__all__ = ["read_metrics", "load_run", "fin", "get", "NAN", "teacher_tag", "best_index"]
 
 _INT_COLS = {"seed", "round", "epochs", "sparse_layers", "is_best"}
 _STR_COLS = {"phase"}
@@ -31,6 +31,13 @@ def fin(x) -> bool:
 def get(row: dict, key: str, default=NAN):
     v = row.get(key, default)
     return v if isinstance(v, (int, float)) else default
+
+
+def best_index(rows) -> int | None:
+    """Index of the best-validation round (w_best: the first of ties) among the rows with a finite
+    val_acc; None when none has one (a NaN compared as never better, so a NaN first row won)."""
+    scored = [i for i, r in enumerate(rows) if fin(get(r, "val_acc"))]
+    return max(scored, key=lambda i: (rows[i]["val_acc"], -i)) if scored else None
 
 
 def _conv(col: str, v):

@@ -13,7 +13,7 @@ import json
 import os
 
 from ..experiment.config import Config
-from ..experiment.metrics import NAN, get, load_run
+from ..experiment.metrics import NAN, best_index, get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import ms, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
@@ -98,21 +98,19 @@ def table1_csv(groups, keys) -> list[dict]:
             row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or "none",
                        seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))),
                        stop=stop_cell(spec))
-            for cell in ("test", "test_at", "sparsity", "pflops", "paper", "teacher", "teacher_paper", "saved"):
+            for cell in ("test", "test_at", "sparsity", "sparsity_at", "pflops", "paper", "teacher", "teacher_paper",
+                         "saved"):
                 m, s, n = stats([o[cell] for o in spec["outs"]])  # (n: the seeds with a value; saved may have fewer)
                 row[f"{cell}_mean"], row[f"{cell}_std"], row[f"{cell}_n"] = m, s if n > 1 else NAN, n
             rows.append(row)
     return rows
 
 
-def _best_round(rows) -> int:
-    """Index of the best-validation round (w_best, Algorithm 1; the first of ties)."""
-    return max(range(len(rows)), key=lambda j: (get(rows[j], "val_acc", -1.0), -j))
-
-
 def _best_test(g, phase) -> list[float]:
-    """Per seed: the test accuracy [%] of the best-validation round."""
-    return [100 * get(rows[_best_round(rows)], "test_acc") for rows in g["curves"].get(phase, {}).values() if rows]
+    """Per seed: the test accuracy [%] of the best-validation round (w_best, Algorithm 1; the first of
+    ties; NaN, left out of the mean, where no round has a validation score)."""
+    return [100 * get(rows[i], "test_acc") if (i := best_index(rows)) is not None else NAN
+            for rows in g["curves"].get(phase, {}).values() if rows]
 
 
 def alpha_tau_md(groups, keys) -> str:
@@ -153,7 +151,9 @@ def best_model_rows(groups, keys) -> list[dict]:
                 continue
             accs, sps, labs = [], [], []
             for rows in g["curves"][ph].values():
-                i = _best_round(rows)
+                i = best_index(rows)
+                if i is None:  # (no round with a validation score: no w_best; was round 0)
+                    continue
                 accs.append(100 * get(rows[i], "test_acc"))
                 sps.append(100 * get(rows[i], "sparsity"))
                 labs.append(label_rounds(rows)[i])

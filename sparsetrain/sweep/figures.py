@@ -59,6 +59,9 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
         ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)
         ax.grid(alpha=.3)
         ax.legend(fontsize=6.5, loc="lower left")
+    if len(panels) > _MAX_PANELS:  # (said on the figure: the dropped panels were silently missing)
+        fig.suptitle(f"the first {_MAX_PANELS} of {len(panels)} panels: the others' numbers are in table1.csv",
+                     fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
     return path

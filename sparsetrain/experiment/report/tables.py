@@ -8,7 +8,7 @@ import numpy as np
 from ..config import config_from_json
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
-from ..metrics import NAN, fin, get, teacher_tag
+from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
            "stats", "mean", "ms"]
@@ -62,8 +62,8 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> d
         if rule else None
     end = stop if stop is not None else rows[-1]["round"]
     upto = [r for r in rows if r["round"] <= end]
-    scored = [r for r in upto if fin(get(r, "val_acc"))]
-    best = max(scored, key=lambda r: r["val_acc"]) if scored else upto[-1]  # max: the first of ties
+    b = best_index(upto)
+    best = upto[b] if b is not None else {}  # (no round with a validation score: n/a, not the last round's)
     at = upto[-1]
     labels = label_rounds(rows)
     total = get(rows[-1], "cum_flops")
@@ -81,11 +81,11 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> d
             "teacher_paper": (get(rows[0], "teacher_paper_cost", 0.0)
                               + sum(get(r, "teacher_paper_flops", 0.0) for r in upto)) / 1e15,
             "test": 100 * get(best, "test_acc"), "test_at": 100 * get(at, "test_acc"),
-            "sparsity": 100 * get(best, "sparsity"), "label": labels[rows.index(at)],
+            "sparsity": 100 * get(best, "sparsity"), "sparsity_at": 100 * get(at, "sparsity"),
+            "label": labels[rows.index(at)],
             # a curve cut before the wall (stopped online, in progress): a rule that has not fired is
             # undecided, and no saving can be measured against the whole curve
-            "saved": 100 * (1 - get(at, "cum_flops") / total) if total and not (cut and end == rows[-1]["round"])
-            else NAN, "short": cut}
+            "saved": 100 * (1 - get(at, "cum_flops") / total) if total and not cut else NAN, "short": cut}
 
 
 def stop_cell(spec) -> str:
@@ -98,6 +98,12 @@ def stop_cell(spec) -> str:
 
 def _cell(vals) -> str:
     return vals[0] if len(set(vals)) == 1 else ", ".join(vals)
+
+
+def _part(cell: str, outs, key: str) -> str:
+    """`cell` (a mean over the seeds with a value) with how many of the row's seeds that is, when not all."""
+    n = sum(fin(o[key]) for o in outs)
+    return cell + (f" ({n} of {len(outs)} seeds)" if 0 < n < len(outs) else "")
 
 
 def _flops_cell(vals, extra, distill: bool) -> str:
@@ -131,8 +137,8 @@ def summary_table(run, rounds: bool = True) -> str:
     nseeds = len(cfg.get("seeds", []))
     specs = table1_rows(run)
     out = ["| Run | Early stop | Distill | Teacher | Training [PFLOPs] exact | Training [PFLOPs] paper conv. | "
-           "Test acc. [%] best val ≤ stop | Test acc. [%] at stop | Sparsity [%] | Stop round | Stop phase | "
-           "FLOPs saved [%] | Seeds |", "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
+           "Test acc. [%] best val ≤ stop | Test acc. [%] at stop | Sparsity [%] best val | Sparsity [%] at stop | "
+           "Stop round | Stop phase | FLOPs saved [%] | Seeds |", "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
     for spec in specs:
         name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
@@ -140,10 +146,11 @@ def summary_table(run, rounds: bool = True) -> str:
                    f"{_flops_cell([o['pflops'] for o in outs], [o['teacher'] for o in outs], distill)} | "
                    f"{_flops_cell([o['paper'] for o in outs], [o['teacher_paper'] for o in outs], distill)} | "
                    f"{ms([o['test'] for o in outs])} | {ms([o['test_at'] for o in outs])} | "
-                   f"{ms([o['sparsity'] for o in outs])} | {stop_cell(spec)} | {_cell([o['label'] for o in outs])} | "
-                   f"{ms([o['saved'] for o in outs], 1) if rule else ''} | {ns} |")
+                   f"{ms([o['sparsity'] for o in outs])} | {ms([o['sparsity_at'] for o in outs])} | {stop_cell(spec)} | "
+                   f"{_cell([o['label'] for o in outs])} | {_part(ms([o['saved'] for o in outs], 1), outs, 'saved') if rule else ''}"
+                   f" | {ns} |")
     if not specs:
-        out.append("| (no completed rounds yet) | | | | | | | | | | | | |")
+        out.append("| (no completed rounds yet) | | | | | | | | | | | | | |")
     out += ["", f"Early stop = a stop rule replayed on each seed's curve (T_E = {cfg.get('t_e', 0.8)}, T_A = "
             f"{cfg.get('t_a', 0.8)}): Alg. 2 = the paper's Algorithm 2 as written (entropy ≤ T_E × the dense "
             f"model's), peak rule = entropy ≤ T_E × its running peak after {cfg.get('stop_falls', 1)} consecutive "
@@ -156,8 +163,11 @@ def summary_table(run, rounds: bool = True) -> str:
             "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
             "(whole curve counted); `†`: the curve ends before the wall unfinished (run in progress) or stopped "
             "online (a curve that ran out of weights to prune is finished): `–†` = the rule had not fired by "
-            "then (undecided), and FLOPs saved is n/a where the curve ends at the stop. ± = sample std over "
-            "seeds.", ""]
+            "then (undecided), and FLOPs saved is n/a on such a curve, whatever stopped it (the whole curve it "
+            "would be measured against was never trained; `(k of n seeds)`: the mean of the seeds with one). "
+            "Test acc. and sparsity: of the best-validation model up to the stop and of the model at the stop "
+            "(the paper's Table 1 reports the latter's sparsity); n/a where no round has a validation score. "
+            "± = sample std over seeds.", ""]
     for ph in ordered_phases(run) if rounds else []:
         out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg), ""]
     return "\n".join(out)
