@@ -852,6 +852,30 @@ def test_second_order_and_forward_mode_gradients_raise():
                    lambda: torch.autograd.grad(penalty(net), dense.weight)):
         with pytest.raises(RuntimeError, match="differentiate twice"):
             second()
+    # ... but a second derivative that needs none through the layer is still computed: the gradient
+    # for the layer's input, W^T dy, does not depend on that input (record_inputs), so with dy constant
+    # (a loss linear in the output) a Hessian or penalty with respect to what lies before it is exact
+    ref_net = nn.Sequential(copy.deepcopy(dense), nn.Tanh(), nn.Linear(5, 3).double())
+    with torch.no_grad():
+        ref_net[2].weight.copy_(layer.weight.to_dense())
+        ref_net[2].bias.copy_(layer.bias)
+    f_of = lambda m: lambda z: m(z).sum()  # noqa: E731
+    torch.testing.assert_close(torch.autograd.functional.hessian(f_of(net), xd),
+                               torch.autograd.functional.hessian(f_of(ref_net), xd))
+
+    def penalty_grad(model):
+        xi = xd.clone().requires_grad_()
+        gx, = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), model[0].weight)[0]
+    torch.testing.assert_close(penalty_grad(net), penalty_grad(ref_net))
+    # the weight gradient does depend on the input: differentiating it (meta-learning) is refused
+    gw, = torch.autograd.grad(net(xd).sum(), values, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(gw.square().sum(), dense.weight, allow_unused=True)
+    # inside a non-reentrant checkpoint the saved tensors unpack once: create_graph=True is refused there
+    with pytest.raises(RuntimeError, match="inside torch.utils.checkpoint"):
+        torch.autograd.grad(torch.utils.checkpoint.checkpoint(net, xd, use_reentrant=False).sum(), values,
+                            create_graph=True)
     gx, = torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)  # first order: as before
     torch.testing.assert_close(gx, (1 - torch.tanh(layer(x)) ** 2) @ (layer.weight.to_dense()))
     for transform in (lambda: torch.func.jvp(layer, (x.detach(),), (torch.ones_like(x),)),

@@ -6,11 +6,35 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.checkpoint import CheckpointError
 
-__all__ = ["first_order"]
+__all__ = ["first_order", "record_inputs"]
 
 _MESSAGE = (b"trying to differentiate twice through a sparsetrain sparse layer: its gradient ops have no "
             b"derivatives (create_graph=True / double backward is not supported)")
+
+
+def record_inputs(setup):
+    """A setup_context wrapper for an op linear in each of its differentiable inputs separately
+    (y = f(x, W) + b: sparse products, pooling): records each forward input's identity, so that
+    first_order links the gradient for input i to the saved tensors other than input i (the gradient
+    for x, W^T dy, does not depend on x: a Hessian with respect to the input of a model whose sparse
+    layer sees a constant dy needs no derivative of it)."""
+    @functools.wraps(setup)
+    def wrapped(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx._st_inputs = tuple(id(t) if isinstance(t, torch.Tensor) else None for t in inputs)
+    return wrapped
+
+
+def _saved(ctx) -> tuple:
+    try:
+        return tuple(t for t in ctx.saved_tensors if isinstance(t, torch.Tensor))
+    except AttributeError:
+        return ()
+    except CheckpointError as e:  # (non-reentrant checkpoint: its saved tensors unpack once, for the backward)
+        raise RuntimeError(_MESSAGE.decode() + ": inside torch.utils.checkpoint(use_reentrant=False), "
+                           "create_graph=True through a sparse layer is refused") from e
 
 
 def first_order(backward):
@@ -19,26 +43,31 @@ def first_order(backward):
     differentiated. As torch.autograd.function.once_differentiable, which however marks them only
     when an incoming gradient requires grad: for a loss linear in the layer's output (a gradient
     penalty on critic(x).sum()) it returned plain tensors, and the second-order terms through the
-    layer were silently zero."""
+    layer were silently zero.
+
+    Each gradient's error node takes, as inputs whose outputs are dropped, the incoming gradients
+    and the saved tensors it depends on (those that require grad: all of them, or all but its own
+    input where record_inputs says which that is): its edges lead to what the gradient depends on,
+    so any second derivative through it runs it. With no edges (before 2026-12-05) autograd skipped
+    it wherever `inputs=`, autograd.grad's inputs or allow_unused let it: jvp, hvp, hessian came back
+    zero, a gradient penalty's gradient for a layer before this one wrong."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled():  # (the engine enables grad mode in backward only for create_graph)
             return outputs
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        # The error node also takes, as inputs whose outputs are dropped, every incoming gradient and
-        # saved tensor that requires grad: its edges then lead to what the gradients depend on, so any
-        # second derivative through them runs it. Without them it hung off the graph, and autograd
-        # skipped it wherever `inputs=` / autograd.grad's inputs or allow_unused let it: jvp, hvp,
-        # hessian came back zero, a gradient penalty's gradient for a layer before this one wrong.
-        try:
-            saved = tuple(ctx.saved_tensors)
-        except (AttributeError, RuntimeError):
-            saved = ()
-        links = [t for t in (*grads, *saved) if isinstance(t, torch.Tensor) and t.requires_grad]
-        fail = torch._C._functions.DelayedError(_MESSAGE, len(outputs) + len(links))
-        failed = fail(*[None if t is None else t.detach().requires_grad_(True) for t in outputs], *links)
-        failed = failed if isinstance(failed, tuple) else (failed,)
-        return failed[0] if len(outputs) == 1 else failed[:len(outputs)]
+        single = not isinstance(outputs, tuple)
+        saved, own = _saved(ctx), getattr(ctx, "_st_inputs", ())
+        lead = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+        failed = []
+        for i, t in enumerate((outputs,) if single else outputs):
+            if t is None:
+                failed.append(None)
+                continue
+            mine = own[i] if i < len(own) else None
+            links = lead + [s for s in saved if s.requires_grad and (mine is None or id(s) != mine)]
+            out = torch._C._functions.DelayedError(_MESSAGE, 1 + len(links))(t.detach().requires_grad_(True), *links)
+            failed.append(out[0] if isinstance(out, tuple) else out)
+        return failed[0] if single else tuple(failed)
     return wrapper

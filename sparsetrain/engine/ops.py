@@ -30,7 +30,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
-from .autograd import first_order
+from .autograd import first_order, record_inputs
 from .args import conv2d_padding, pair
 from .placeholders import eager
 
@@ -91,7 +91,7 @@ def _triton_autograd(name: str):
 
     fn = type(f"Triton_{name}", (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: op.triton_fn()(*args)),
-        "setup_context": staticmethod(op.setup), "backward": staticmethod(backward)})
+        "setup_context": staticmethod(record_inputs(op.setup)), "backward": staticmethod(backward)})
     return eager(lambda *args: fn.apply(*args))
 
 
@@ -144,7 +144,7 @@ def _register(op: Op) -> Op:
         torch.library.register_fake(op.qualname, functools.partial(_one_device, op))
     if op.backward is not None:
         # first_order: the grad ops have no formulas of their own, so create_graph=True raises
-        torch.library.register_autograd(op.qualname, first_order(op.backward), setup_context=op.setup)
+        torch.library.register_autograd(op.qualname, first_order(op.backward), setup_context=record_inputs(op.setup))
     if op.triton is not None:
         torch.library.register_kernel(op.qualname, "cuda", _cuda_kernel(op))
     if op.name in AMP_OPS:
