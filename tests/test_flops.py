@@ -43,6 +43,17 @@ def test_masks_and_zero_weights_scale_with_nonzeros():
         forward_flops(net, (1, 4, 4), masks={"1": torch.ones(2, dtype=torch.bool)})
 
 
+def test_a_weight_key_names_a_sparse_layer_too():
+    """"name.weight" keys a sparse layer as it keys a dense one (there fc.weight is itself a module,
+    the CSR, which the key check took for the masked module)."""
+    import sparsetrain
+    net = _net()
+    mask = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1] = True
+    sparsetrain.sparsify_(net, {"0": mask})
+    assert forward_flops(net, (1, 4, 4), masks={"0.weight": mask})["per_layer"]["0"] == 2 * 3 * 16 + 32
+
+
 def test_sparse_layers_by_nnz():
     from sparsetrain.nn import SparseLinear
 

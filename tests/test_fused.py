@@ -775,6 +775,27 @@ def test_a_skipped_relu_or_pool_is_told_on_the_next_forward(flag, name):
     torch.testing.assert_close(model(x), ref(x))  # told once: the hand-overs were dropped (batch statistics)
 
 
+def test_a_hook_that_raises_between_the_fused_modules_is_not_taken_for_a_skip():
+    """A NaN guard on the fused BN raises on a bad batch and the loop goes on: the next forward runs
+    (a hand-over left after a module with a hook is not a skip), equal to the unfused model."""
+    torch.manual_seed(0)
+    model = _Skips().double()
+    sparsetrain.sparsify_(model, model_masks(model, 0.5), fuse=True)
+    ref = sparsetrain.unfuse_(copy.deepcopy(model))
+
+    def guard(m, i, out):
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("non-finite activation")
+    for m in (model, ref):
+        m.bn.register_forward_hook(guard)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        model(bad)
+    torch.testing.assert_close(model(x), ref(x))
+
+
 def test_routed_input_hands_on_x_once():
     torch.manual_seed(0)
     model = _Res().double()

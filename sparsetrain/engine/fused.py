@@ -324,7 +324,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        _check_taken(self.bn, *[m for m in self._placeholders if m is not self.bn], self.pools)
+        _check_taken(*(self._placeholders or (self.bn,)), self.pools)
         _refuse_unsupported(self)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:

@@ -165,11 +165,17 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
 
 def _check_taken(*modules: nn.Module) -> None:
     """Before a fused conv runs: its last forward called each of its placeholders (`modules`: the
-    BN, ReLU and pool it computes for) after it. A forward that skipped one (a branch fx traced the
-    other way, or part of the model called alone) got it applied anyway: a skipped pool even handed
-    the next layer the BN's input. Told once: every hand-over is dropped."""
+    BN, ReLU and pool it computes for, in call order) after it. A forward that skipped one (a branch
+    fx traced the other way, or part of the model called alone) got it applied anyway: a skipped pool
+    even handed the next layer the BN's input. From the first module with a hook on, a hand-over left
+    is not taken for a skip (the hook may have raised: a NaN guard's skipped batch). Told once: every
+    hand-over is dropped."""
     modules = [m for m in modules if m is not None]
-    skipped = [type(m).__name__ for m in modules if m._pending is not None]
+    skipped, hooked = [], False
+    for m in modules:  # (in call order: a hook's error stops the forward at its module, not a skip)
+        hooked = hooked or _watched(m)
+        if m._pending is not None and not hooked:
+            skipped.append(type(m).__name__)
     refused = any(m._raised for m in modules)  # (that forward stopped at a refusal: told then)
     for m in modules:
         m._pending = m._raised = None

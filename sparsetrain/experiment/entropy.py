@@ -68,7 +68,7 @@ class _counting:
     def __exit__(self, *exc):
         for m in self.relus:
             m.count_states = False
-            m._state_counts = None
+            m._state_counts = m._returned = None  # (an error in a hook left them: no activation kept)
 
 
 @torch.no_grad()

@@ -103,7 +103,8 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
     modules = dict(model.named_modules())
     for key, mk in (masks or {}).items():  # (each named: a mask the counter would not read is refused)
-        name = key if key in modules else key.removesuffix(".weight")
+        stem = key.removesuffix(".weight")  # ("fc.weight": the layer fc, also where fc.weight is a CSR module)
+        name = stem if stem in modules and (_is_conv(modules[stem]) or _is_linear(modules[stem])) else key
         if name not in modules:
             raise KeyError(f"masks[{key!r}] names no module of the model")
         mod = modules[name]
