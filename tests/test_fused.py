@@ -775,9 +775,10 @@ def test_a_skipped_relu_or_pool_is_told_on_the_next_forward(flag, name):
     torch.testing.assert_close(model(x), ref(x))  # told once: the hand-overs were dropped (batch statistics)
 
 
-def test_a_hook_that_raises_between_the_fused_modules_is_not_taken_for_a_skip():
-    """A NaN guard on the fused BN raises on a bad batch and the loop goes on: the next forward runs
-    (a hand-over left after a module with a hook is not a skip), equal to the unfused model."""
+@pytest.mark.parametrize("where", ["bn", "conv"])
+def test_a_hook_that_raises_between_the_fused_modules_is_not_taken_for_a_skip(where):
+    """A NaN guard on the fused BN (or conv) raises on a bad batch and the loop goes on: the next
+    forward runs (a hand-over left after a module with a hook is not a skip), equal to the unfused model."""
     torch.manual_seed(0)
     model = _Skips().double()
     sparsetrain.sparsify_(model, model_masks(model, 0.5), fuse=True)
@@ -787,7 +788,7 @@ def test_a_hook_that_raises_between_the_fused_modules_is_not_taken_for_a_skip():
         if not torch.isfinite(out).all():
             raise FloatingPointError("non-finite activation")
     for m in (model, ref):
-        m.bn.register_forward_hook(guard)
+        getattr(m, where).register_forward_hook(guard)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -1324,6 +1325,13 @@ def test_second_order_and_forward_mode_gradients_raise(fuse):
         g, = torch.autograd.grad(loss(seq(x)), x, create_graph=True)  # (to chosen inputs: was silently None)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             torch.autograd.grad(g.square().sum(), list(seq.parameters()), allow_unused=True)
+    # the BN's weight, read through scale/shift, under a critic linear in the layer's output (was None)
+    one = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU()).double()
+    sparsetrain.sparsify_(one, model_masks(one, 0.5), fuse=True)
+    xi, c = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g, = torch.autograd.grad((one(xi) * c).sum(), xi, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(g.square().sum(), one[1].weight, allow_unused=True)
     lin = sparsetrain.nn.SparseLinear.from_dense(nn.Linear(4, 1))
     xl = torch.randn(3, 4, requires_grad=True)
     g, = torch.autograd.grad(lin(xl).sum(), xl, create_graph=True)

@@ -872,6 +872,20 @@ def test_second_order_and_forward_mode_gradients_raise():
     gw, = torch.autograd.grad(net(xd).sum(), values, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         torch.autograd.grad(gw.square().sum(), dense.weight, allow_unused=True)
+    # the same tensor as the input and the values (f(v) = |v|^2 + b), and saved-tensor hooks that unpack
+    # new objects: the links are recorded by position, not by an id() a freed tensor's may reuse
+    square = SparseLinear.from_dense(nn.Linear(4, 1).double(), torch.ones(1, 4, dtype=torch.bool))
+    v = square.weight.values
+    gv, = torch.autograd.grad(square(v).sum(), v, create_graph=True)
+    torch.testing.assert_close(gv, 2 * v.detach())
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(gv[0], v, allow_unused=True)
+    for _ in range(20):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            xi = (xd * 1.0).requires_grad_()
+            gx, = torch.autograd.grad(layer(xi).sum(), xi, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.grad(gx.square().sum(), values, allow_unused=True)
     # inside a non-reentrant checkpoint the saved tensors unpack once: create_graph=True is refused there
     with pytest.raises(RuntimeError, match="inside torch.utils.checkpoint"):
         torch.autograd.grad(torch.utils.checkpoint.checkpoint(net, xd, use_reentrant=False).sum(), values,

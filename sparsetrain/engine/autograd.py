@@ -19,17 +19,24 @@ def record_inputs(setup):
     (y = f(x, W) + b: sparse products, pooling): records each forward input's identity, so that
     first_order links the gradient for input i to the saved tensors other than input i (the gradient
     for x, W^T dy, does not depend on x: a Hessian with respect to the input of a model whose sparse
-    layer sees a constant dy needs no derivative of it)."""
+    layer sees a constant dy needs no derivative of it). Recorded by saved slot and input position,
+    while both are at hand (an id() compared in backward can be a freed tensor's, reused under
+    saved-tensor hooks); a tensor passed as two inputs (sp(sp.weight.values)) is nobody's own."""
     @functools.wraps(setup)
     def wrapped(ctx, inputs, output):
         setup(ctx, inputs, output)
-        ctx._st_inputs = tuple(id(t) if isinstance(t, torch.Tensor) else None for t in inputs)
+        to_save = getattr(ctx, "to_save", None)
+        if to_save is not None:
+            def owner(t):
+                hits = [i for i, a in enumerate(inputs) if a is t] if isinstance(t, torch.Tensor) else []
+                return hits[0] if len(hits) == 1 else None
+            ctx._st_owner = tuple(owner(t) for t in to_save)
     return wrapped
 
 
 def _saved(ctx) -> tuple:
     try:
-        return tuple(t for t in ctx.saved_tensors if isinstance(t, torch.Tensor))
+        return tuple(ctx.saved_tensors)
     except AttributeError:
         return ()
     except CheckpointError as e:  # (non-reentrant checkpoint: its saved tensors unpack once, for the backward)
@@ -47,7 +54,8 @@ def first_order(backward):
 
     Each gradient's error node takes, as inputs whose outputs are dropped, the incoming gradients
     and the saved tensors it depends on (those that require grad: all of them, or all but its own
-    input where record_inputs says which that is): its edges lead to what the gradient depends on,
+    input where record_inputs says which that is), and `ctx.links` (tensors the formula read through
+    values derived without autograd, such as a BatchNorm's weight): its edges lead to what it depends on,
     so any second derivative through it runs it. With no edges (before 2026-12-05) autograd skipped
     it wherever `inputs=`, autograd.grad's inputs or allow_unused let it: jvp, hvp, hessian came back
     zero, a gradient penalty's gradient for a layer before this one wrong."""
@@ -58,15 +66,17 @@ def first_order(backward):
         if not torch.is_grad_enabled():  # (the engine enables grad mode in backward only for create_graph)
             return outputs
         single = not isinstance(outputs, tuple)
-        saved, own = _saved(ctx), getattr(ctx, "_st_inputs", ())
-        lead = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+        saved = _saved(ctx)
+        owner = getattr(ctx, "_st_owner", None)
+        owner = owner if owner is not None and len(owner) == len(saved) else (None,) * len(saved)
+        lead = [g for g in (*grads, *getattr(ctx, "links", ())) if isinstance(g, torch.Tensor) and g.requires_grad]
         failed = []
         for i, t in enumerate((outputs,) if single else outputs):
             if t is None:
                 failed.append(None)
                 continue
-            mine = own[i] if i < len(own) else None
-            links = lead + [s for s in saved if s.requires_grad and (mine is None or id(s) != mine)]
+            links = lead + [s for s, o in zip(saved, owner) if isinstance(s, torch.Tensor) and s.requires_grad
+                            and (o is None or o != i)]
             out = torch._C._functions.DelayedError(_MESSAGE, 1 + len(links))(t.detach().requires_grad_(True), *links)
             failed.append(out[0] if isinstance(out, tuple) else out)
         return failed[0] if single else tuple(failed)

@@ -107,6 +107,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
                 if opts.pool:
                     out, idx = torch.ops.sparsetrain.max_pool2x2(out)
         ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index, idx)
+        ctx.links = (cbias, weight, bias)  # (read through scale/shift: first_order links them)
         ctx.geom, ctx.flags, ctx.opts = geom, (batch_stats, relu_before, relu_after), opts
         ctx.has = (cbias is not None, weight is not None, bias is not None)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
@@ -324,7 +325,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        _check_taken(*(self._placeholders or (self.bn,)), self.pools)
+        _check_taken(*(self._placeholders or (self.bn,)), self.pools, hooked=_watched(self))
         _refuse_unsupported(self)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:

@@ -163,15 +163,15 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
 
-def _check_taken(*modules: nn.Module) -> None:
+def _check_taken(*modules: nn.Module, hooked: bool = False) -> None:
     """Before a fused conv runs: its last forward called each of its placeholders (`modules`: the
     BN, ReLU and pool it computes for, in call order) after it. A forward that skipped one (a branch
     fx traced the other way, or part of the model called alone) got it applied anyway: a skipped pool
-    even handed the next layer the BN's input. From the first module with a hook on, a hand-over left
-    is not taken for a skip (the hook may have raised: a NaN guard's skipped batch). Told once: every
-    hand-over is dropped."""
+    even handed the next layer the BN's input. From the first module with a hook on (all of them when
+    `hooked`: the conv has one), a hand-over left is not taken for a skip (the hook may have raised: a
+    NaN guard's skipped batch). Told once: every hand-over is dropped."""
     modules = [m for m in modules if m is not None]
-    skipped, hooked = [], False
+    skipped = []
     for m in modules:  # (in call order: a hook's error stops the forward at its module, not a skip)
         hooked = hooked or _watched(m)
         if m._pending is not None and not hooked:
