@@ -16,8 +16,8 @@ _MESSAGE = (b"trying to differentiate twice through a sparsetrain sparse layer: 
 
 def record_inputs(setup):
     """A setup_context wrapper for an op linear in each of its differentiable inputs separately
-    (y = f(x, W) + b: sparse products, pooling): records each forward input's identity, so that
-    first_order links the gradient for input i to the saved tensors other than input i (the gradient
+    (y = f(x, W) + b: sparse products, pooling): records which saved slot holds which forward input,
+    so that first_order links the gradient for input i to the saved tensors other than input i (the gradient
     for x, W^T dy, does not depend on x: a Hessian with respect to the input of a model whose sparse
     layer sees a constant dy needs no derivative of it). Recorded by saved slot and input position,
     while both are at hand (an id() compared in backward can be a freed tensor's, reused under

@@ -198,7 +198,8 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> dict:
     """`masks` ({qualified layer name: bool mask of its weight's shape}, or None: {}) checked against
     `model`'s prunable layers: a key that names no such layer (a typo, or "fc.weight" for "fc") or a
-    mask of another dtype or shape would otherwise be ignored or broadcast silently."""
+    mask of another dtype or shape would otherwise be ignored or broadcast silently. A layer still
+    under torch.nn.utils.prune is refused, whatever the masks (its weight is stale or recomputed)."""
     layers = dict(prunable_layers(model))
     hooked = [n for n, m in layers.items() if pruned_by_torch(m)]
     if hooked:  # (their .weight is orig * mask as of the last forward: stale after a step, and recomputed)
