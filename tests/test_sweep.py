@@ -684,3 +684,40 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
     assert rows[("0.3", "none")]["test_std"] == "nan" and float(best[0]["best_test_std"]) == pytest.approx(2.0)
     groups = load_groups([str(d) for d in a])
     assert len(groups) == 1 and groups[0]["config"]["seeds"] == [0, 1, 2]
+
+
+# ---- which runs a grid needs, and the report's order ---------------------------------------------
+
+def test_a_vanilla_student_of_another_model_needs_no_teacher_run(tmp_path):
+    # (it neither trains nor reads the teacher phase: a teacher run there was a wasted full pruning run,
+    # reported as an extra "vanilla" setting)
+    plan = make_plan(_settings(tmp_path, seeds=[0], phases=("vanilla",), student=["vgg_d1g2"]),
+                     str(tmp_path / "sw"), threads=1)
+    assert [r.kind for r in plan] == ["study"] and plan[0].phases == ["vanilla"]
+
+
+@pytest.mark.parametrize("axes", [
+    {"phases": ("teacher",), "alpha": [0.5, 0.8]},  # teacher runs ignore alpha (was: one run, the axis dropped)
+    {"phases": ("teacher",), "student": ["vgg_d1g2", "vgg_d2g2"]},
+    {"phases": ("vanilla",), "alpha": [0.5, 0.8]},  # two studies linking one teacher (was: two equal rows)
+])
+def test_points_that_report_the_same_curves_are_refused(tmp_path, axes):
+    with pytest.raises(ValueError, match="two points of the grid are the same study"):
+        make_plan(_settings(tmp_path, seeds=[0], **axes), str(tmp_path / "sw"), threads=1)
+
+
+def test_an_alpha_tau_grid_shares_one_teacher(tmp_path):
+    plan = make_plan(_settings(tmp_path, seeds=[0], alpha=[0.5, 0.8], tau=[10.0, 20.0]), str(tmp_path / "sw"), threads=1)
+    assert [r.kind for r in plan].count("teacher") == 1 and [r.kind for r in plan].count("study") == 4
+
+
+def test_report_orders_settings_by_value(tmp_path):
+    # run directories are read in their names' order, whose tail is a hash: not the settings' order
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    for name, eps in (("mnist-eps-0a", 0.5), ("mnist-eps-1b", 0.1), ("mnist-eps-2c", 0.2)):
+        _write_run(tmp_path / "runs" / name, eps, [0], {0: curve})
+    assert cli.main(["report", str(tmp_path / "runs")]) == 0
+    for f in ("table1.csv", "best_model.csv"):
+        with open(tmp_path / "runs" / "report" / f) as fh:
+            eps = list(dict.fromkeys(r["eps"] for r in csv.DictReader(fh)))
+        assert eps == ["0.1", "0.2", "0.5"], (f, eps)

@@ -113,7 +113,7 @@ class Config:
     drop: float = _f(0.1, "LR drop factor at the milestones (every run)")
     val_fraction: float = _f(0.1, "validation split held out of the training data")
     clean_val: bool = _f(False, "keep validation labels clean (default: same noise as training)")
-    subset: int = _f(0, "use only the first N training images (0: all)")
+    subset: int = _f(0, "use only the first N training images (0: all; all when the dataset has fewer)")
     seeds: tuple = _f((0,), "seeds; each runs the whole study (mean +- std over them)")
     data_dir: str = _f("data", "where datasets are looked for / downloaded")
     no_download: bool = _f(False, "never download a missing dataset (fail with where it was looked for)")

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                 parser.error("report: give --out DIR for the report of several folders or of run directories")
             out = os.path.join(os.path.abspath(args.run_dirs[0]), "report")
         _make_folder(parser, out)
-        print(write_sweep_report(dirs, out, title="report"))
+        print(write_sweep_report(dirs, out, title="report", sort=True))
         return 0
     if args.run_dirs:
         parser.error(f"unexpected argument(s) {' '.join(args.run_dirs)}: run directories are for report")

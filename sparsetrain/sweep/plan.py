@@ -133,11 +133,16 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             td = run_dir_of(tcfg)
             tname = os.path.basename(td)
             key = phase_key(tcfg, "teacher", seed)
-            if key not in owner:  # (a teacher another run trains already, under any name: linked)
+            if cfg.phases == ("teacher",) and key in owner:  # (teacher runs only: a setting they ignore)
+                _refuse_twins(runs[owner[key]].point, p)
+            # a teacher run only where the point trains or reads the teacher phase (not for a vanilla
+            # student of another model, nor for students of --teachers PATH only)
+            if key not in owner and "teacher" in sum(needed_phases(cfg), []):
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"])
                 owner[key] = tname
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
+    shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
     for cfg, p, seed in studies:
         name = os.path.basename(run_dir_of(cfg))
         if name in runs and runs[name].kind == "study":
@@ -159,6 +164,9 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         twin = next((runs[d] for d in deps if runs[d].kind == "study"), None)
         if train and not trains_one and twin is not None:
             _refuse_twins(twin.point, p)  # (every phase it would train, another point trains)
+        curves = tuple(sorted(phase_key(scfg, phase, seed) for phase in train + reads))
+        if shown.setdefault(curves, p) is not p:  # (every curve it would report, another point's study shows)
+            _refuse_twins(shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads)
     return list(runs.values())

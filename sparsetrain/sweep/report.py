@@ -4,6 +4,7 @@ directories exist; every file atomically."""
 from __future__ import annotations
 
 import os
+import re
 
 from ..experiment.files import atomic_write, write_csv
 from .aggregate import alpha_tau_md, best_model_md, best_model_rows, load_groups, table1_csv, table1_md, varying
@@ -21,11 +22,23 @@ def _status_md(status: dict) -> str:
     return "\n".join(out)
 
 
-def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep") -> str:
-    """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md."""
+def _natural(v) -> tuple:
+    """A sort key: numbers by value, text with its digits as numbers (vgg_d1g9 < vgg_d2g5)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return ((0, v, ""),)
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(v)) if t)
+
+
+def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep",
+                       sort: bool = False) -> str:
+    """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md. `sort`: the settings in
+    order of the values that differ (directories come in their names' order, whose tail is a hash);
+    else in the order of `run_dirs` (a sweep's: its grid's)."""
     os.makedirs(out_dir, exist_ok=True)
     groups = load_groups(run_dirs)
     keys = varying(groups)
+    if sort:
+        groups.sort(key=lambda g: [_natural(g["config"].get(k)) for k in keys])
     pngs = write_figures(groups, keys, out_dir)
     t1 = table1_csv(groups, keys)
     if t1:
