@@ -448,3 +448,60 @@ def test_layers_pruned_with_torch_prune_are_refused_by_the_mask_functions():
     assert model_sparsity(other, mask) == pytest.approx(15 / 45)  # (a dense layer: its mask given)
     sparsetrain.sparsify_(model, {"0": None})
     assert torch.equal(masks_of(model)["0"], kept) and model_sparsity(model) == pytest.approx(15 / 45)
+
+
+# ---- half precision, overflowed weights, autocast ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_global_prune_of_a_half_precision_model(dtype, scope):
+    # (the C++ selection takes fp32/fp64: half weights are ranked exactly in float64, as mixed dtypes are)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10)).to(dtype)
+    ref = [lin.weight.double().abs().flatten() for lin in m]
+    masks = global_prune(m, {}, 0.3, scope=scope)
+    pruned = [int((~masks[n]).sum()) for n in ("0", "1")]
+    assert pruned == ([180, 60] if scope == "layer" else pruned) and sum(pruned) == 240
+    for i, lin in enumerate(m):
+        assert bool((lin.weight[~masks[str(i)]] == 0).all())
+        if scope == "layer":  # the smallest |w| go: every pruned magnitude <= every kept one
+            assert ref[i][~masks[str(i)].flatten()].max() <= ref[i][masks[str(i)].flatten()].min()
+    if scope == "global":
+        every = torch.cat(ref)
+        gone = torch.cat([~masks[n].flatten() for n in ("0", "1")])
+        assert every[gone].max() <= every[~gone].min()
+
+
+def test_pruned_inf_weights_become_zero_not_nan():
+    # (zeroing by mul_(mask) made inf * 0 = NaN: the next round refused the model, the forward gave NaN)
+    from sparsetrain.prune import block_prune
+    m = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        m[0].weight.fill_(float("inf"))
+    masks = global_prune(m, {}, 0.5)
+    assert int((~masks["0"]).sum()) == 2 and bool((m[0].weight[~masks["0"]] == 0).all())
+    m = nn.Sequential(nn.Linear(32, 32))
+    mk = torch.ones(32, 32, dtype=torch.bool)
+    mk[0, 0] = False
+    with torch.no_grad():
+        m[0].weight[:16, :16] *= 0.01  # the smallest block by its live weights
+        m[0].weight[0, 0] = float("inf")  # under a pruned position, not zeroed yet
+    new = block_prune(m, {"0": mk}, 0.5, 16)
+    assert not bool(m[0].weight.isnan().any()) and bool((m[0].weight[~new["0"]] == 0).all())
+    assert not bool(new["0"][:16, :16].any())  # its norm was NaN, ranked above every other: never pruned
+
+
+def test_auto_engine_decision_is_keyed_by_autocast(monkeypatch, tmp_path):
+    # (a bf16 dense GEMM is another speed: an fp32 decision is not reused under autocast)
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    calls = []
+    monkeypatch.setattr(policy, "_step_seconds",
+                        lambda layer, x, reps: calls.append(torch.is_autocast_enabled("cpu")) or 1.0)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
+    policy.sparse_is_faster(layer, mask, (8, 64), reps=1)  # cached
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
+    assert calls == [False, False, True, True]

@@ -199,9 +199,12 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:  # (0 would cache "dense" untimed)
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     w = layer.weight
+    # (the timing runs under the caller's autocast, as training does: a bf16 dense GEMM is another speed)
+    amp = (str(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else None)
+    gpu = torch.cuda.get_device_name(w.device) if w.is_cuda else None
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
-                torch.get_num_threads(), _machine()))
+                torch.get_num_threads(), _machine()) + ((amp,) if amp else ()) + ((gpu,) if gpu else ()))
     if key in _DECISIONS:
         return _DECISIONS[key]
     with _decision_lock():

@@ -205,7 +205,9 @@ def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int,
     if engine == "auto":
         n = min(hp.batch_size, len(splits.train))
         example = next(D.iterate(splits.train, n))[0][dist.rows(n)]
-    s.masks = apply_engine(s.model, s.masks, engine, example=example, agree=dist.from_main)
+    dev_type = next(s.model.parameters()).device.type
+    with torch.autocast(dev_type, dtype=s.amp, enabled=s.amp is not None):  # (auto times the layers as they train)
+        s.masks = apply_engine(s.model, s.masks, engine, example=example, agree=dist.from_main)
     s.opt, s.sched = make_optimizer(s.model, hp)
 
 

@@ -40,7 +40,7 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     if mask is not None:
         if mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
-        w = w * mask
+        w = w.masked_fill(~mask, 0)  # (not w * mask: an inf under a pruned position would be NaN)
     norms = blocks_view(_at_least_fp32(as_matrix(w)), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
     if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
         dead = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) == 0
@@ -62,7 +62,7 @@ def _at_least_fp32(w: torch.Tensor) -> torch.Tensor:
 
 def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
     """(Frobenius norm, alive) per block, flattened in row-major block order."""
-    norms = blocks_view(_at_least_fp32(as_matrix(w * mask)), bs).square().sum((2, 3)).sqrt()
+    norms = blocks_view(_at_least_fp32(as_matrix(w.masked_fill(~mask, 0))), bs).square().sum((2, 3)).sqrt()
     alive = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
     return norms.flatten(), alive.flatten(), norms.shape
 
@@ -106,7 +106,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
             full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
             new_masks[n] = cur[n] & full.reshape(m.weight.shape).to(cur[n].device)
             with torch.no_grad():
-                m.weight.mul_(new_masks[n])
+                m.weight.masked_fill_(~new_masks[n], 0)  # (not mul_: an inf pruned would become NaN)
     return new_masks
 
 

@@ -85,7 +85,9 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
         pairs = [_weight_and_mask(m, masks, n) for n, m in group]
         # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU); layers of
         # several dtypes in float64 (exact: every float32 is a float64, in the same order)
-        mixed = len({w.dtype for w, _ in pairs}) > 1
+        # (half-precision layers: the C++ selection takes fp32/fp64 only; every fp16/bf16 is an fp32)
+        mixed = len({w.dtype for w, _ in pairs}) > 1 or any(w.dtype not in (torch.float32, torch.float64)
+                                                            for w, _ in pairs)
         thr, ties = ops.magnitude_threshold([w.cpu().double() if mixed else w.cpu() for w, _ in pairs], rate,
                                             [None if mk is None else mk.cpu() for _, mk in pairs])
         for name, m in group:
@@ -98,7 +100,7 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
                 ties -= used
                 new_masks[name] = keep
                 with torch.no_grad():
-                    m.weight.mul_(keep)
+                    m.weight.masked_fill_(~keep, 0)  # (not mul_: an inf pruned would become NaN)
     return new_masks
 
 
