@@ -46,6 +46,8 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
         block_prune(nn.Sequential(nn.ReLU()), {}, 0.5)
     with pytest.raises(ValueError, match=r"source_state\['0.weight'\] has shape \(6, 9\)"):
         load_weights_under_masks_(m, {**m.state_dict(), "0.weight": torch.zeros(6, 9)}, {})
+    with pytest.raises(ValueError, match=r"source_state has no '0.weight'"):  # (was a raw KeyError)
+        load_weights_under_masks_(m, {k: v for k, v in m.state_dict().items() if k != "0.weight"}, {})
     with pytest.raises(ValueError, match="mask must be a bool tensor of the weight's shape"):
         mask_weight_(nn.Linear(8, 6), torch.ones(8, dtype=torch.bool))
     with pytest.raises(ValueError, match="empty_rows must be an int in"):

@@ -139,6 +139,18 @@ def test_rewind_restores_weights_under_mask():
     torch.testing.assert_close(model[2].running_mean, snapshot["2.running_mean"])
 
 
+def test_rewind_of_a_dense_layer_zeroes_an_inf_under_its_mask():
+    # (the source's pruned positions are set to 0, not multiplied by the mask: inf * 0 was NaN)
+    model = _net()
+    masks = global_prune(model, {}, 0.5)
+    snapshot = copy.deepcopy(model.state_dict())
+    name = next(iter(masks))
+    snapshot[f"{name}.weight"][~masks[name]] = float("inf")
+    load_weights_under_masks_(model, snapshot, masks)
+    w = dict(prunable_layers(model))[name].weight
+    assert bool((w[~masks[name]] == 0).all()) and torch.equal(w[masks[name]], snapshot[f"{name}.weight"][masks[name]])
+
+
 def test_bad_arguments():
     model = _net()
     with pytest.raises(ValueError, match=r"rate must be a number in \(0, 1\)"):

@@ -26,14 +26,17 @@ def load_weights_under_masks_(model: nn.Module, source_state: dict, masks: dict)
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
     for name, m in layers:
-        w = source_state[f"{name}.weight"]
+        if f"{name}.weight" not in source_state:
+            raise ValueError(f"source_state has no {name + '.weight'!r}: give a state_dict of a model with the "
+                             f"same prunable layers (got {len(source_state)} keys)")
+        w = source_state[f"{name}.weight"].to(m.weight.device)  # (a CPU source for a model on a GPU)
         if tuple(w.shape) != tuple(m.weight.shape):
             raise ValueError(f"source_state[{name + '.weight'!r}] has shape {tuple(w.shape)}, the layer "
                              f"{tuple(m.weight.shape)}")
         if is_sparse(m):
             m.weight.values.copy_(w.reshape(w.shape[0], -1)[m.weight.row_indices(), m.weight.col_indices.long()])
         else:
-            m.weight.copy_(w * masks.get(name, torch.ones_like(w, dtype=torch.bool)))
+            m.weight.copy_(w.masked_fill(~masks[name], 0) if name in masks else w)  # (not w * mask: inf * 0)
     names = {n for n, _ in layers}
     own = model.state_dict()
     for k, v in source_state.items():
