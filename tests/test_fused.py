@@ -2,6 +2,7 @@
 sparse_conv2d_stats, bn_act, bn_act_backward) against the same layers unfused: dense masked
 F.conv2d + nn.BatchNorm2d + ReLU, outputs, every gradient and the running statistics."""
 import copy
+import inspect
 import io
 import itertools
 import pickle
@@ -21,6 +22,7 @@ from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, MaxPool2x2, S
                                       sparse_conv_bn_relu)
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
+from sparsetrain.prune import global_prune
 from sparsetrain.testing import dense_conv2d, model_masks, random_mask
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
@@ -1397,3 +1399,37 @@ def test_unfuse_and_densify_refuse_a_lone_layer():
     with pytest.raises(ValueError, match="for one SparseConvBNReLU use .to_dense()"):
         sparsetrain.densify_(seq[0])
     assert "" not in dict(seq[0].named_children())
+
+
+class _KeywordCalls(nn.Module):
+    """Every module called by keyword, as nn.Conv2d, BatchNorm2d, ReLU, MaxPool2d and AdaptiveAvgPool2d allow."""
+    def __init__(self):
+        super().__init__()
+        self.c, self.b, self.r = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.c2, self.b2, self.r2, self.p = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.r(input=self.b(input=self.c(input=x)))
+        x = self.p(input=self.r2(self.b2(self.c2(x))))
+        return self.fc(input=torch.flatten(self.pool(input=x), 1))
+
+
+def test_fused_modules_take_the_input_keyword():
+    # (fuse_ swaps every nn.MaxPool2d(2) too: self.pool(input=x) raised TypeError on a layer never fused)
+    torch.manual_seed(0)
+    ref = _KeywordCalls().double()
+    masks = global_prune(ref, {}, 0.8, scope="layer")
+    sp = copy.deepcopy(ref)
+    sparsetrain.sparsify_(sp, masks, fuse=True)
+    assert isinstance(sp.c2, SparseConvBNReLU) and isinstance(sp.p, MaxPool2x2)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for train in (True, False):
+        ref.train(train), sp.train(train)
+        xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, ys = ref(xr), sp(xs)
+        torch.testing.assert_close(ys, yr, rtol=1e-10, atol=1e-12)
+        yr.square().sum().backward(), ys.square().sum().backward()
+        torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-9, atol=1e-11)
+    for mod in (FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU):  # the replaced modules' argument name
+        assert "input" in inspect.signature(mod.forward).parameters, mod

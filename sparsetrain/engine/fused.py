@@ -321,7 +321,8 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         self.relu_before, self.relu_after, self.residual = bool(relu_before), bool(relu_after), bool(residual)
 
     @eager  # (module state and identity checks: eager under torch.compile)
-    def forward(self, x, residual=None):
+    def forward(self, input, residual=None):  # (nn.Conv2d's argument name: layer(input=x) works)
+        x = input
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
@@ -333,8 +334,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
                                "it; the model's graph changed after fuse_(): call sparsetrain.unfuse_(model)")
         route = self.route_input and torch.is_grad_enabled()
         defer = {} if self._defers(x) else None
-        relu = next((m for m in self._placeholders if isinstance(m, FusedReLU)), None)
-        counts = None
+        relu, counts = next((m for m in self._placeholders if isinstance(m, FusedReLU)), None), None
         if relu is not None and relu.count_states and x.dim() == 4:
             counts = torch.zeros(self.out_channels * math.prod(self._out_hw(x)), dtype=torch.int64, device=x.device)
             defer = None

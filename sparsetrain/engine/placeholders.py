@@ -95,9 +95,9 @@ def _marks_refusal(forward):
     """A placeholder's forward: a refusal it raises marks it (`_raised`), so that its fused conv's next
     call does not take the placeholders after it, which that forward never reached, as skipped."""
     @functools.wraps(forward)
-    def wrapped(self, x):
+    def wrapped(self, input):  # (the name of the replaced module's argument: module(input=x) works)
         try:
-            return forward(self, x)
+            return forward(self, input)
         except BaseException:
             self._raised = True
             raise
@@ -152,7 +152,8 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
 
     @eager
     @_marks_refusal
-    def forward(self, x):
+    def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
+        x = input
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
         if pending is None or pending[0] is not x:
@@ -199,7 +200,8 @@ class FusedReLU(HandOff, nn.ReLU):
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
     @_marks_refusal
-    def forward(self, x):
+    def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
+        x = input
         pending, self._pending = self._pending, None
         _refuse_unsupported(self)
         if pending is not None and not _same_data(x, pending[0]):  # (its layer applied the ReLU to other values)
@@ -232,7 +234,8 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
 
     @eager
     @_marks_refusal
-    def forward(self, x):
+    def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
+        x = input
         pending, self._pending = self._pending, None
         if self.fed:  # (alone, a recompute of it is safe)
             _refuse_reentrant_recompute(self)

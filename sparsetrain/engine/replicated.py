@@ -82,7 +82,8 @@ class BroadcastAvgPool2d(nn.AdaptiveAvgPool2d):
     and backward than PyTorch's CPU kernel (~11 ms each way on a [128, 512, 1, 1] batch). fuse_
     treats it as nn.AdaptiveAvgPool2d."""
 
-    def forward(self, x):
+    def forward(self, input):  # (the replaced module's argument name: module(input=x) works)
+        x = input
         out = broadcast_pool(x, self.output_size)
         return super().forward(x) if out is None else out
 
@@ -100,7 +101,8 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         object.__setattr__(self, "original", original)  # a reference, not a submodule
 
     @eager  # (module state and identity checks: eager under torch.compile)
-    def forward(self, x):
+    def forward(self, input):  # (the replaced module's argument name: module(input=x) works)
+        x = input
         out = broadcast_pool(x, self.output_size)
         hand = out is not None and self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
         out = F.adaptive_avg_pool2d(x, self.output_size) if out is None else out
@@ -121,7 +123,8 @@ class FusedFlatten(HandOff, nn.Flatten):
         super().__init__(1, -1)
 
     @eager
-    def forward(self, x):
+    def forward(self, input):  # (the replaced module's argument name: module(input=x) works)
+        x = input
         pending, self._pending = self._pending, None
         out = super().forward(x)
         if self.linear is not None:
@@ -143,7 +146,8 @@ class FusedSparseLinear(HandOff, SparseLinear):
         self.bias = linear.bias  # the same Parameter (passing it above would copy it)
 
     @eager
-    def forward(self, x):
+    def forward(self, input):  # (the replaced module's argument name: module(input=x) works)
+        x = input
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is x and not (  # (is_autocast_enabled refuses "meta")
                 x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)):
