@@ -721,3 +721,27 @@ def test_report_orders_settings_by_value(tmp_path):
         with open(tmp_path / "runs" / "report" / f) as fh:
             eps = list(dict.fromkeys(r["eps"] for r in csv.DictReader(fh)))
         assert eps == ["0.1", "0.2", "0.5"], (f, eps)
+
+
+def test_table5_reports_validation_accuracy_and_its_average_over_eps():
+    # the paper's Table 5: the validation accuracy, and its mean over the noise rates that picks alpha, tau
+    from sparsetrain.sweep.aggregate import alpha_tau_md
+
+    def group(eps, alpha, vals):  # vals: per seed, (val, test) of the two rounds
+        curves = {s: [{"round": i, "sparsity": 0.5 * i, "val_acc": v, "test_acc": t} for i, (v, t) in enumerate(r)]
+                  for s, r in enumerate(vals)}
+        return {"config": {"eps": eps, "alpha": alpha, "tau": 10.0}, "curves": {"distill-dense": curves}}
+
+    groups = [group(0.1, 0.5, [[(0.60, 0.10), (0.70, 0.20)], [(0.80, 0.30), (0.50, 0.40)]]),  # best val: 70, 80
+              group(0.1, 0.8, [[(0.90, 0.10), (0.20, 0.20)], [(0.40, 0.30), (0.90, 0.40)]]),  # 90, 90
+              group(0.2, 0.5, [[(0.50, 0.10), (0.60, 0.20)], [(0.60, 0.30), (0.60, 0.40)]]),  # 60, 60 (first of ties)
+              group(0.2, 0.8, [[(0.30, 0.10), (0.40, 0.20)], [(0.20, 0.30), (0.40, 0.40)]])]  # 40, 40
+    md = alpha_tau_md(groups, ["eps", "alpha"])
+    blocks = {b.split("\n")[0]: b for b in md.split("### ")[1:]}
+    assert set(blocks) == {"eps=0.1: distill-dense", "eps=0.2: distill-dense",
+                           "average over ε = 0.1, 0.2: distill-dense"}
+    assert "| 0.5 | 75.00 ± 7.07 |" in blocks["eps=0.1: distill-dense"]  # validation, not test (10-40)
+    assert "| 0.8 | **90.00 ± 0.00** |" in blocks["eps=0.1: distill-dense"]
+    assert "| 0.5 | **60.00 ± 0.00** |" in blocks["eps=0.2: distill-dense"]
+    avg = blocks["average over ε = 0.1, 0.2: distill-dense"]
+    assert "| 0.5 | **67.50** |" in avg and "| 0.8 | 65.00 |" in avg  # (75 + 60) / 2 beats (90 + 40) / 2

@@ -13,7 +13,7 @@ import json
 import os
 
 from ..experiment.config import Config
-from ..experiment.metrics import NAN, best_index, get, load_run
+from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import ms, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
@@ -106,37 +106,60 @@ def table1_csv(groups, keys) -> list[dict]:
     return rows
 
 
-def _best_test(g, phase) -> list[float]:
-    """Per seed: the test accuracy [%] of the best-validation round (w_best, Algorithm 1; the first of
-    ties; NaN, left out of the mean, where no round has a validation score)."""
-    return [100 * get(rows[i], "test_acc") if (i := best_index(rows)) is not None else NAN
+def _best_val(g, phase) -> list[float]:
+    """Per seed: the validation accuracy [%] of the best-validation round (w_best, Algorithm 1: its
+    highest validation score; NaN, left out of the mean, where no round has one)."""
+    return [100 * get(rows[i], "val_acc") if (i := best_index(rows)) is not None else NAN
             for rows in g["curves"].get(phase, {}).values() if rows]
 
 
+def _alpha_tau_block(title, alphas, taus, cell) -> list[str]:
+    """One α × τ table; cell(a, t) -> (mean or NaN, text); the best mean in bold (the paper's pick)."""
+    cells = {(a, t): cell(a, t) for a in alphas for t in taus}
+    best = max((m for m, _ in cells.values() if fin(m)), default=None)
+    out = [f"### {title}", "", "| α \\ τ | " + " | ".join(map(str, taus)) + " |", "|--:|" + "--:|" * len(taus)]
+    for a in alphas:
+        out.append(f"| {a} | " + " | ".join(f"**{x}**" if m == best else x for m, x in (cells[a, t] for t in taus)) + " |")
+    return out + [""]
+
+
 def alpha_tau_md(groups, keys) -> str:
-    """Table 5: test accuracy of the distilled students (best-validation round, mean ± std over
-    seeds) for every alpha x tau, one block per other setting (eps, ...)."""
+    """Table 5: validation accuracy of the distilled students (best-validation round, mean ± std over
+    seeds) for every alpha x tau, one block per other setting (eps, ...), and where eps varies the
+    average over the eps values that the paper picks alpha and tau by (its Appendix C)."""
     if "alpha" not in keys and "tau" not in keys:
         return ""
     rest = [k for k in keys if k not in ("alpha", "tau")]
+    alphas = sorted({g["config"].get("alpha") for g in groups})
+    taus = sorted({g["config"].get("tau") for g in groups})
+    phases = sorted({p for g in groups for p in g["curves"] if p.startswith("distill-")})
     blocks: dict[str, list] = {}
     for g in groups:
         blocks.setdefault(group_label(g, rest), []).append(g)
+
+    def at(gs, a, t):
+        return next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
+
     out = []
-    for label, gs in blocks.items():
-        phases = sorted({p for g in gs for p in g["curves"] if p.startswith("distill-")})
-        alphas = sorted({g["config"].get("alpha") for g in gs})
-        taus = sorted({g["config"].get("tau") for g in gs})
-        for ph in phases:
-            out += [f"### {label}: {ph}", "", "| α \\ τ | " + " | ".join(map(str, taus)) + " |",
-                    "|--:|" + "--:|" * len(taus)]
-            for a in alphas:
-                cells = []
-                for t in taus:
-                    g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
-                    cells.append(ms(_best_test(g, ph)) if g else "—")
-                out.append(f"| {a} | " + " | ".join(cells) + " |")
-            out.append("")
+    for ph in phases:
+        for label, gs in blocks.items():
+            out += _alpha_tau_block(f"{label}: {ph}", alphas, taus, lambda a, t: (
+                (stats(_best_val(g, ph))[0], ms(_best_val(g, ph))) if (g := at(gs, a, t)) else (NAN, "—")))
+        if "eps" in rest:  # (the mean over eps of each setting's mean; n/a unless every eps has one)
+            others = [k for k in rest if k != "eps"]
+            avg: dict[str, list] = {}
+            for g in groups:
+                avg.setdefault(group_label(g, others) if others else "", []).append(g)
+            for label, gs in avg.items():
+                epss = sorted({g["config"].get("eps") for g in gs})
+
+                def mean_over_eps(a, t, gs=gs, epss=epss):
+                    ms_ = [stats(_best_val(g, ph))[0] if (g := at([h for h in gs if h["config"].get("eps") == e],
+                                                                  a, t)) else NAN for e in epss]
+                    m = float(sum(ms_) / len(ms_)) if all(fin(x) for x in ms_) else NAN
+                    return m, f"{m:.2f}" if fin(m) else "n/a"
+                title = f"average over ε = {', '.join(map(str, epss))}" + (f", {label}" if label else "")
+                out += _alpha_tau_block(f"{title}: {ph}", alphas, taus, mean_over_eps)
     return "\n".join(out)
 
 

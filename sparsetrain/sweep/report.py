@@ -56,7 +56,8 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
                   "Every run finished.", ""]
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
     if any(k in keys for k in ("alpha", "tau")):
-        lines += ["## Table 5 style: α × τ (test accuracy [%] of the best-validation round, mean ± std)", "",
+        lines += ["## Table 5 style: α × τ (validation accuracy [%] of the best-validation round, mean ± std; "
+                  "bold: the best; the test accuracies are in Table 12)", "",
                   alpha_tau_md(groups, keys), ""]
     lines += ["## Table 12 style: the best-validation model per setting", "", best_model_md(best), "",
               "## Tables 1 and 6-11 style, per setting", "", table1_md(groups, keys)]
