@@ -172,13 +172,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="few cases and repetitions (smoke run, ~2 min)")
     p.add_argument("--only", choices=["linear", "conv", "fused", "gpu"], help="run one section")
     p.add_argument("--out", help="JSON output path (default results/kernels.json, or kernels_<section>.json, _quick appended for --quick, "
-                                 "with --only, so a one-section run leaves the full tables alone)")
+                                 "_partial for --threads, with --only, so a one-section or smoke run leaves the tables alone)")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads for both sides (0: torch's default)")
     args = p.parse_args(argv)
     if args.only == "gpu" and not torch.cuda.is_available():  # (a full run notes the GPU section skipped)
         p.error("--only gpu: the GPU section needs a CUDA device, and none is available here")
     if args.out is None:
-        stem = "kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
+        # (another thread count than the table's torch default is not the table: conv_bench.py likewise)
+        stem = ("kernels" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
+                + ("_partial" if args.threads and not args.quick else ""))
         args.out = os.path.join(HERE, "results", stem + ".json")
     writable_json(p, args.out)  # (before timing anything)
     progress = args.out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)

@@ -223,7 +223,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu",
                    help="cpu, or cuda[:N]: the same comparison on a GPU (sparse layers on the Triton kernels)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/train_step.json for the full CPU "
-                   "table; _cuda for a GPU, _partial for --quick, a subset, --steps, --threads or --no-profile, so none "
+                   "table, measured with --isolated-peaks; _cuda for a GPU, _partial for --quick, a subset, --steps, --threads, "
+                   "--no-profile or, on the CPU, without --isolated-peaks, so none "
                    "replaces it; written when "
                    "the run ends, OUT.inprogress.json after each configuration until then)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -249,7 +250,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     # (anything but the table's own settings writes _partial: a smoke run never replaces the table)
-    partial = args.quick or args.models or args.sparsities or args.steps is not None or args.no_profile or args.threads
+    # (the CPU table is measured with --isolated-peaks: a run without them lacks its *_own_peak_mb columns)
+    partial = (args.quick or args.models or args.sparsities or args.steps is not None or args.no_profile or args.threads
+               or (device.type == "cpu" and not args.isolated_peaks))
     stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
     out = writable_json(p, os.path.join(HERE, "results", stem + ".json") if args.out is None else args.out)
     progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)

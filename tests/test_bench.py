@@ -293,3 +293,25 @@ def test_gpu_bench_refuses_unknown_arguments(monkeypatch, capsys):
     monkeypatch.setattr(gpu_bench, "run", lambda quick: seen.append(quick))
     gpu_bench.main(["--quick"])
     assert seen == [True]
+
+
+def test_a_thread_count_or_missing_isolated_peaks_never_replaces_a_table(monkeypatch):
+    """kernels.py --threads N is not the table (its default threads): *_partial.json, as conv_bench.py's;
+    train_step.json is measured with --isolated-peaks: a CPU run without them writes train_step_partial.json."""
+    import train_step
+    seen = []
+
+    def stop(parser, path):
+        seen.append(os.path.basename(path))
+        raise SystemExit(0)
+    monkeypatch.setattr(kernels, "writable_json", stop)
+    monkeypatch.setattr(train_step, "writable_json", stop)
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)  # (--threads 1 would stay set for later tests)
+    for mod, argv in ((kernels, ["--threads", "1"]), (kernels, ["--only", "linear", "--threads", "1"]), (kernels, []),
+                      (train_step, []), (train_step, ["--isolated-peaks"])):
+        try:
+            mod.main(argv)
+        except SystemExit:
+            pass
+    assert seen == ["kernels_partial.json", "kernels_linear_partial.json", "kernels.json",
+                    "train_step_partial.json", "train_step.json"]
