@@ -226,8 +226,7 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
             # (a stream of its own: seed * 1000 + round was seed 1's initial model for seed 0's round 1)
             torch.manual_seed(D.seeded(seed, 7, s.rnd).initial_seed())
             source = build_model(**arch).state_dict()
-    dev = next(s.model.parameters()).device
-    source = {k: v.to(dev) for k, v in fit_state(s.model, source, lambda: build_model(**arch)).items()}
+    source = fit_state(s.model, source, lambda: build_model(**arch))  # (moved to each layer's device there)
     load_weights_under_masks_(s.model, source, s.masks)
 
 

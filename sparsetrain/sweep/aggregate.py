@@ -137,14 +137,15 @@ def alpha_tau_md(groups, keys) -> str:
     for g in groups:
         blocks.setdefault(group_label(g, rest), []).append(g)
 
-    def at(gs, a, t):
-        return next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
+    def cell(gs, a, t, ph):  # (mean or NaN, mean ± std) of the group of gs at alpha a, tau t; — for none
+        g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
+        vals = _best_val(g, ph) if g else []
+        return (stats(vals)[0], ms(vals)) if g else (NAN, "—")
 
     out = []
     for ph in phases:
         for label, gs in blocks.items():
-            out += _alpha_tau_block(f"{label}: {ph}", alphas, taus, lambda a, t: (
-                (stats(_best_val(g, ph))[0], ms(_best_val(g, ph))) if (g := at(gs, a, t)) else (NAN, "—")))
+            out += _alpha_tau_block(f"{label}: {ph}", alphas, taus, lambda a, t: cell(gs, a, t, ph))
         if "eps" in rest:  # (the mean over eps of each setting's mean; n/a unless every eps has one)
             others = [k for k in rest if k != "eps"]
             avg: dict[str, list] = {}
@@ -154,8 +155,7 @@ def alpha_tau_md(groups, keys) -> str:
                 epss = sorted({g["config"].get("eps") for g in gs})
 
                 def mean_over_eps(a, t, gs=gs, epss=epss):
-                    ms_ = [stats(_best_val(g, ph))[0] if (g := at([h for h in gs if h["config"].get("eps") == e],
-                                                                  a, t)) else NAN for e in epss]
+                    ms_ = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph)[0] for e in epss]
                     m = float(sum(ms_) / len(ms_)) if all(fin(x) for x in ms_) else NAN
                     return m, f"{m:.2f}" if fin(m) else "n/a"
                 title = f"average over ε = {', '.join(map(str, epss))}" + (f", {label}" if label else "")
