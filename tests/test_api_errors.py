@@ -42,8 +42,9 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
     for fn in (enforce_masks_, mask_grads_):  # the per-step helpers: each mask against its layer
         with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor"):
             fn(m, {"0": torch.ones(8, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="no prunable layer"):
-        block_prune(nn.Sequential(nn.ReLU()), {}, 0.5)
+    for prune in (block_prune, global_prune):  # (global_prune returned {}: "nothing left to prune")
+        with pytest.raises(ValueError, match="no prunable layer"):
+            prune(nn.Sequential(nn.ReLU()), {}, 0.5)
     with pytest.raises(ValueError, match=r"source_state\['0.weight'\] has shape \(6, 9\)"):
         load_weights_under_masks_(m, {**m.state_dict(), "0.weight": torch.zeros(6, 9)}, {})
     with pytest.raises(ValueError, match=r"source_state has no '0.weight'"):  # (was a raw KeyError)

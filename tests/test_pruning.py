@@ -397,6 +397,26 @@ def test_global_prune_hands_back_a_named_sparse_layers_new_mask():
         assert bool((model.get_submodule(n).weight[~now[n]] == 0).all())
 
 
+def test_mask_helpers_zero_nan_and_inf_at_pruned_positions():
+    """mask_grads_/enforce_masks_ zero what is pruned whatever it holds (they multiplied by the mask:
+    NaN * 0 = NaN stayed in a pruned gradient and inf * 0 = NaN in a pruned weight); NaN where the mask
+    keeps stays, for the caller's own checks to see."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    mask = torch.tensor([[True, False, True, False]] * 3)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].weight[0, 1] = float("inf")
+    model[0].weight.grad = torch.ones(3, 4)
+    model[0].weight.grad[1, 3] = float("nan")
+    model[0].weight.grad[2, 0] = float("nan")  # kept
+    enforce_masks_(model, {"0": mask})
+    mask_grads_(model, {"0": mask})
+    w, g = model[0].weight.detach(), model[0].weight.grad
+    assert torch.equal(w, mask.float())
+    assert torch.equal(g[~mask], torch.zeros(6)) and bool(g[2, 0].isnan())
+    assert torch.equal(g[mask].nan_to_num(7.0), torch.tensor([1.0, 1, 1, 1, 7, 1]))
+
+
 def test_model_masks_takes_the_layers_sparsify_takes():
     """sparsetrain.testing.model_masks: exactly nn.Conv2d / nn.Linear (a subclass, or
     MultiheadAttention's out_proj, got a mask sparsify_ and global_prune then refused)."""

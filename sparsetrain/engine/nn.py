@@ -269,14 +269,15 @@ def _masked(model: nn.Module, masks: dict):
 
 
 def mask_grads_(model: nn.Module, masks: dict) -> None:
-    """Dense masked training: pruned weights get no gradient (so no momentum, no decay)."""
+    """Dense masked training: pruned weights get no gradient (so no momentum, no decay). Zeroed by
+    masked_fill, not multiplied: a NaN or inf gradient at a pruned position becomes 0 too."""
     for m, mk in _masked(model, masks):
         if m.weight.grad is not None:
-            m.weight.grad.mul_(mk)
+            m.weight.grad.masked_fill_(~mk, 0)
 
 
 @torch.no_grad()
 def enforce_masks_(model: nn.Module, masks: dict) -> None:
-    """Zero the pruned weights of dense masked layers."""
+    """Zero the pruned weights of dense masked layers (masked_fill: an inf or NaN there becomes 0)."""
     for m, mk in _masked(model, masks):
-        m.weight.mul_(mk)
+        m.weight.masked_fill_(~mk, 0)

@@ -75,6 +75,8 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     check_scope(scope)
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
+    if not layers:  # (as block_prune: an empty result would read as "nothing left to prune")
+        raise ValueError("model has no prunable layer (nn.Conv2d / nn.Linear)")
     for n, m in layers:
         if is_sparse(m) and n in masks:
             check_pattern(n, m.weight.mask(), masks)
