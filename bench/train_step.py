@@ -110,8 +110,10 @@ def _breakdown(step) -> dict:
 def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> float:
     """Peak resident memory (MB) of a process holding only this model, during `steps` training
     steps after a warm-up one (the in-process peaks above share the process with the other models
-    and the engine's buffer pool, whose contents depend on which step ran before)."""
+    and the engine's buffer pool, whose contents depend on which step ran before). The child runs
+    on this process's torch thread count (`--threads`; per-thread buffers are part of the peak)."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -147,6 +147,30 @@ def test_train_step_breakdown_counts_the_optimizer_as_optimizer():
     assert b["optimizer"] > 0 and b["mask multiply"] == 0
 
 
+def test_train_step_isolated_peak_children_run_on_the_parents_thread_count(monkeypatch):
+    """--isolated-peaks measures each engine in a child process; --threads did not reach it (the
+    child ran on torch's default count). The child's command sets this process's count first."""
+    import subprocess
+
+    import torch
+
+    import train_step
+    seen, real_run = [], subprocess.run
+    monkeypatch.setattr(train_step.subprocess, "run",
+                        lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, "12.5\n", ""))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train_step.step_peak_mb("vgg_d5g5", 0.99, "fused") == 12.5
+    finally:
+        torch.set_num_threads(before)
+    code = seen[0][2]
+    prologue = code[:code.index("import train_step")]  # the child's setup, run for real without the model
+    out = real_run([sys.executable, "-c", prologue + "print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.stdout.split() == ["1"]
+
+
 def test_interleaved_timing_pairs_every_side():
     import common
     calls = []
