@@ -1,9 +1,11 @@
-"""Block pruning (`--structure block`): whole BS x BS tiles by their Frobenius norm.
+"""Block pruning (`--structure block`): whole BS x BS tiles by their Frobenius norm per sqrt(area).
 
 A weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (BS in 16/32/64; edge tiles partial);
-each round `rate` (floor, at least one) of the surviving tiles with the smallest norm are pruned,
+each round `rate` (floor, at least one) of the surviving tiles with the smallest score are pruned,
+score = ||tile||_F / sqrt(elements in the tile) (the tile's RMS weight: a partial edge tile competes
+by its weights' size, not by having fewer of them; full tiles rank as by their norm),
 with one threshold over all layers (`scope="global"`) or per layer. Each layer keeps at least its
-largest tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
+top-scoring tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
 tensor-core kernels); the study trains them as dense masked layers on every device (there is no
 C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`.
 `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
@@ -24,7 +26,7 @@ __all__ = ["block_mask", "block_prune", "BlockRule"]
 
 def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
-    the smallest Frobenius norm of (weight * mask) (ties: lower block index first). Blocks already
+    the smallest score (module docstring) of (weight * mask) (ties: lower block index first). Blocks already
     fully pruned by `mask` go first, and the result is within `mask`: masks only shrink across
     rounds (asking for less sparsity than `mask` has keeps `mask`)."""
     bs = check_block(block)
@@ -41,7 +43,7 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
         if mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
         w = w.masked_fill(~mask, 0)  # (not w * mask: an inf under a pruned position would be NaN)
-    norms = blocks_view(_at_least_fp32(as_matrix(w)), bs).square().sum((2, 3)).sqrt()  # [RB, CB]
+    norms = _scores(as_matrix(w), bs)  # [RB, CB]
     if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
         dead = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) == 0
         norms = torch.where(dead, norms.new_tensor(-1.0), norms)
@@ -60,9 +62,19 @@ def _at_least_fp32(w: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == torch.float64 else w.float()
 
 
+def _scores(m: torch.Tensor, bs: int) -> torch.Tensor:
+    """[RB, CB] score per tile of the matrix m: Frobenius norm / sqrt(the tile's element count)
+    (bs*bs inside, fewer on the bottom and right edges)."""
+    rows, cols = m.shape
+    norms = blocks_view(_at_least_fp32(m), bs).square().sum((2, 3)).sqrt()
+    h = (rows - torch.arange(norms.shape[0], device=m.device) * bs).clamp(max=bs)
+    w = (cols - torch.arange(norms.shape[1], device=m.device) * bs).clamp(max=bs)
+    return norms / (h[:, None] * w[None, :]).to(norms.dtype).sqrt()
+
+
 def _block_stats(w: torch.Tensor, mask: torch.Tensor, bs: int):
-    """(Frobenius norm, alive) per block, flattened in row-major block order."""
-    norms = blocks_view(_at_least_fp32(as_matrix(w.masked_fill(~mask, 0))), bs).square().sum((2, 3)).sqrt()
+    """(score, alive) per block, flattened in row-major block order."""
+    norms = _scores(as_matrix(w.masked_fill(~mask, 0)), bs)
     alive = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) > 0
     return norms.flatten(), alive.flatten(), norms.shape
 
@@ -89,7 +101,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
             norms, alive, _ = stats[n]
             n_alive += int(alive.sum())
             ok = alive.clone()
-            if bool(alive.any()):  # the layer's largest surviving block is never a candidate
+            if bool(alive.any()):  # the layer's top-scoring surviving block is never a candidate
                 ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
             idx = ok.nonzero().flatten()
             cand.append((norms[idx], torch.full_like(idx, li), idx))
@@ -112,7 +124,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
 
 @register
 class BlockRule(PruningRule):
-    """`--structure block`: whole tiles by norm (module docstring)."""
+    """`--structure block`: whole tiles by norm per sqrt(area) (module docstring)."""
 
     name = "block"
     needs_dense = True  # the study trains block masks dense (BSRLinear is standalone API)
