@@ -151,6 +151,65 @@ def test_idx_files_of_other_types_and_shapes_are_refused(tmp_path):
     write_mnist(d, gz=False, n_train=0, n_test=4)
     with pytest.raises(D.DataError, match="the training file holds no images"):
         D.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(d, gz=False, n_train=8, n_test=0)  # (ran to the end: every test metric NaN, best.json not JSON)
+    with pytest.raises(D.DataError, match="mnist: the test file holds no images"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(d, gz=False, n_train=8, n_test=4)
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((8, 0, 28)), gz=False)  # (a traceback from the model)
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte: .*H and W >= 1, got torch.uint8 of shape \(8, 0, 28\)"):
+        D.load_dataset("mnist", tmp_path, download=False)
+
+
+def test_non_square_idx_images_build_a_model_of_their_shape(tmp_path):
+    """An IDX set of 28 x 20 images: the model was built for 28 x 28 (arch_of took the height only)
+    and the first linear layer failed with a shape error."""
+    from sparsetrain.experiment.loop import arch_of
+    from sparsetrain.experiment.models import build_model
+    from sparsetrain.testing import write_idx
+    d = tmp_path / "mnist"
+    write_mnist(d, gz=False, n_train=8, n_test=4)
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((8, 28, 20)), gz=False)
+    write_idx(d / "t10k-images-idx3-ubyte", np.zeros((4, 28, 20)), gz=False)
+    splits = D.load_dataset("mnist", tmp_path, download=False)
+    assert tuple(splits.image_size) == (28, 20) and arch_of("lenet300", splits)["image_size"] == (28, 20)
+    for name in ("lenet300", "vgg_d1g5"):
+        model = build_model(**arch_of(name, splits))
+        assert model(splits.train.x[:2].float()).shape == (2, 10)
+    write_mnist(d, gz=False, n_train=8, n_test=4)  # square images: recorded as an int, as always
+    assert arch_of("lenet300", D.load_dataset("mnist", tmp_path, download=False))["image_size"] == 28
+
+
+def test_cifar_batches_construct_nothing_but_arrays(tmp_path):
+    """A CIFAR batch is unpickled with only numpy's array constructors allowed (plain pickle.load ran
+    whatever a __reduce__ in a downloaded file named); every pickle protocol's arrays still load;
+    bytes after the pickle and ragged arrays are named errors, not tracebacks."""
+    import pickle
+    write_cifar(tmp_path, c10=True, n_per_batch=4, n_test=3)
+    folder = tmp_path / "cifar-10-batches-py"
+    with open(folder / "data_batch_1", "rb") as f:
+        d = pickle.load(f)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({**d, "batch_label": Evil()}, f)
+    with pytest.raises(D.DataError, match=r"test_batch: not a readable CIFAR batch .*would construct (io|builtins)\.open"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    assert not marker.exists()
+    for proto in range(6):  # (2: bytes as _codecs.encode, empty ones as bytes(); 5: _frombuffer)
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump({**d, "filenames": [b"a.png", b""], "empty": np.zeros((0, 4), np.uint8)}, f, protocol=proto)
+        splits = D.load_dataset("cifar10", tmp_path, download=False)
+        assert torch.equal(splits.test.x.flatten(1), torch.from_numpy(np.asarray(d["data"]))), proto
+    with open(folder / "test_batch", "ab") as f:
+        f.write(b"\x00junk")
+    with pytest.raises(D.DataError, match="test_batch: bytes follow the CIFAR batch's pickle"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    _repickle(folder / "data_batch_3", data=[[1, 2], [3]])
+    with pytest.raises(D.DataError, match="data_batch_3: 'data' and 'labels' must be arrays"):
+        D.load_dataset("cifar10", tmp_path, download=False)
 
 
 def test_read_idx_rejects_garbage(tmp_path):

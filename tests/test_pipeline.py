@@ -254,13 +254,47 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
         files.verify(p)
     # a kill between the record's rename and the file's: the new file waits as the temporary one
     files.atomic_write(p, b"first version", checksum=True)
-    for tmp in (f"f.bin.{files.TMP_TAG}.12345", "f.bin.tmp.12345"):  # (the name before 2026-12-03 too)
+    dead = _dead_pid()
+    for tmp in (f"f.bin.{files.TMP_TAG}.{dead}", f"f.bin.tmp.{dead}"):  # (the name before 2026-12-03 too)
         version = f"version of {tmp}".encode()
         (tmp_path / tmp).write_bytes(version)
         record = {"size": len(version), "sha256": hashlib.sha256(version).hexdigest()}
         files.atomic_write(p + ".sha256", json.dumps(record))
         assert files.verify(p) is True and open(p, "rb").read() == version
         assert not (tmp_path / tmp).exists()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
+    """A reader (verify: load_model, --teachers PATH, a --reuse link) between a living writer's two
+    renames found the writer's temporary file matching the new record and moved it into place, and
+    the writer's own rename then failed (FileNotFoundError: the run died). Now it waits for the
+    writer's rename and reads the new file."""
+    import threading
+    p = str(tmp_path / "state.pt")
+    files.atomic_write(p, b"old", checksum=True)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp = f"{p}.{files.TMP_TAG}.{writer.pid}"
+        with open(tmp, "wb") as f:
+            f.write(b"new")
+        files.atomic_write(p + ".sha256", json.dumps({"size": 3, "sha256": hashlib.sha256(b"new").hexdigest()}))
+        got = []
+        reader = threading.Thread(target=lambda: got.append(files.verify(p)))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and os.path.exists(tmp), "the reader must leave a living writer's file alone"
+        os.replace(tmp, p)  # the writer's own rename
+        reader.join(10)
+        assert got == [True] and open(p, "rb").read() == b"new"
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_atomic_write_fsyncs_the_data_then_the_folder_after_the_rename(tmp_path, monkeypatch):

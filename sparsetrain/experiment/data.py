@@ -165,6 +165,8 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
     official_val = raw.val
     if len(xtr) == 0:
         raise DataError(f"{name}: the training file holds no images")
+    if len(xte) == 0:  # (every test metric would be NaN, and best.json not JSON)
+        raise DataError(f"{name}: the test file holds no images")
     if xte.shape[1:] != xtr.shape[1:]:
         raise DataError(f"{name}: test images {tuple(xte.shape[1:])} differ from training images {tuple(xtr.shape[1:])}")
     if subset is not None:

@@ -128,8 +128,8 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             f"network allows, or copy the four IDX files into {data_dir / name}.")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
     for x, kind, f in ((xtr, "train images", files[0]), (xte, "test images", files[2])):
-        if x.dim() != 3 or x.dtype != torch.uint8:
-            raise DataError(f"{f}: the {kind} file must hold [N, H, W] unsigned bytes, got {x.dtype} of shape "
+        if x.dim() != 3 or x.dtype != torch.uint8 or 0 in x.shape[1:]:
+            raise DataError(f"{f}: the {kind} file must hold [N, H, W] unsigned bytes, H and W >= 1, got {x.dtype} of shape "
                             f"{tuple(x.shape)}")
     for y, kind, f in ((ytr, "train labels", files[1]), (yte, "test labels", files[3])):
         if y.dim() != 1 or y.dtype != torch.uint8 or (y.numel() and int(y.max()) > 9):
@@ -140,15 +140,34 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
 
 
+# what a CIFAR batch's pickle may construct: numpy arrays and scalars (numpy 1's and 2's module
+# names; _frombuffer: protocol 5) and bytes (protocol 2 from Python 3 writes them as
+# _codecs.encode(text, "latin1"), empty ones as bytes()); anything
+# else (os.system in a __reduce__) is refused before it runs
+_CIFAR_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+                  } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("__builtin__", "bytes"),
+                       ("builtins", "bytes"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it would construct {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _CifarUnpickler(f, encoding="latin1").load()
+            extra = len(f.read(1))
     except Exception as e:  # truncated or foreign file: pickle raises many types
         raise DataError(f"{path}: not a readable CIFAR batch ({_brief(e)})") from None
+    if extra:
+        raise DataError(f"{path}: bytes follow the CIFAR batch's pickle (a damaged or concatenated file)")
     if not isinstance(d, dict):
         raise DataError(f"{path}: a CIFAR batch must be a dict, got {type(d).__name__}")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
 def _load_cifar(name: str, data_dir: Path, download: bool):
@@ -176,7 +195,10 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
             if missing:
                 raise DataError(f"{folder / f}: no {' and no '.join(repr(k) for k in missing)} entry (keys: "
                                 f"{', '.join(map(repr, list(d)[:6]))})")
-            data, labels = np.asarray(d["data"]), np.asarray(d[key])
+            try:
+                data, labels = np.asarray(d["data"]), np.asarray(d[key])
+            except (ValueError, TypeError) as e:  # (a ragged list)
+                raise DataError(f"{folder / f}: 'data' and '{key}' must be arrays ({_brief(e)})") from None
             if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
                     or labels.shape[0] != data.shape[0] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))):
                 raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N integer '{key}', got data "

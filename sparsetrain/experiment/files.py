@@ -22,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import warnings
 from typing import Callable
 
@@ -129,9 +130,21 @@ def verify(path: str) -> bool:
     if os.path.exists(path) and _digest(path) == want:
         return True
     leftovers = glob.glob(glob.escape(path) + f".{TMP_TAG}.*") + glob.glob(glob.escape(path) + ".tmp.*")
-    for tmp in sorted(leftovers):  # killed between the two renames
-        if _digest(tmp) == want:
-            os.replace(tmp, path)
+    for tmp in sorted(leftovers):  # killed between the two renames, or a living writer between them
+        match = _TMP.fullmatch(os.path.basename(tmp))
+        pid = int(match[3]) if match else 0
+        if match and pid != os.getpid() and pid <= 1 << 22 and _alive(pid):
+            # its own rename is imminent: wait for it (taking the file would fail that writer's rename)
+            if _landed(path, tmp, pid, want):
+                return True
+            continue
+        try:
+            if _digest(tmp) == want:
+                os.replace(tmp, path)
+                _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except FileNotFoundError:  # (another reader finished it first)
+            pass
+        if os.path.exists(path) and _digest(path) == want:
             return True
     if not os.path.exists(path):
         got = "missing"
@@ -141,6 +154,15 @@ def verify(path: str) -> bool:
         got = f"{os.path.getsize(path)} bytes"
     raise CorruptFile(f"{path} is corrupt: {got}, not the {want['size']} bytes (sha256 {want['sha256'][:12]}…) "
                       "written")
+
+
+def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 60.0) -> bool:
+    """Wait (up to `timeout` s) while living process `pid` still holds `tmp`; then whether `path`
+    is the recorded file."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(tmp) and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path) and _digest(path) == want
 
 
 def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None,
@@ -164,7 +186,11 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
         if checksum:
             atomic_write(path + ".sha256", json.dumps(_digest(tmp)))
             recorded = True
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # a reader (verify) on another host moved the finished file in
+            if not (checksum and os.path.exists(path) and _digest(path) == _recorded(path)):
+                raise
         _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)

@@ -64,8 +64,9 @@ class PhaseState:
 
 def arch_of(name: str, splits) -> dict:
     """build_model arguments of model `name` for a dataset's splits."""
+    h, w = splits.image_size  # (an int for square images, as runs have always recorded it)
     return dict(name=name, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                image_size=splits.image_size[0])
+                image_size=h if h == w else (h, w))
 
 
 # ============================================================================ stages
@@ -248,8 +249,10 @@ def finish(pdir: str, rows: list[dict]) -> None:
 def drop_resume_state(pdir: str) -> None:
     """Remove a finished phase's resume state and its checksum (done with once best.json exists)."""
     for path in ("state.pt", "state.pt.sha256"):
-        if os.path.exists(os.path.join(pdir, path)):
+        try:  # (not exists() then remove(): a --reuse-linked phase is another run's too, which may race)
             os.remove(os.path.join(pdir, path))
+        except FileNotFoundError:
+            pass
 
 
 # ============================================================================ one phase
