@@ -335,6 +335,23 @@ def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
         assert "distilled from the pruned (best-validation) teacher" in summary
 
 
+def test_status_says_running_only_once_the_process_started(tmp_path):
+    """status.json said "running" for every task submitted to Ray, also those Ray held for resources
+    (the progress line counted them right): a submitted task is "submitted" until its experiment
+    process has started (the log's .running marker, written by run_experiment)."""
+    from types import SimpleNamespace
+
+    from sparsetrain.sweep.runner import _mark_started
+    runs = [SimpleNamespace(name=n) for n in ("a", "b")]
+    status = {n: {"state": "submitted", "log": str(tmp_path / f"{n}.log")} for n in ("a", "b")}
+    assert _mark_started(status, runs) == 0 and [s["state"] for s in status.values()] == ["submitted"] * 2
+    (tmp_path / "b.log.running").touch()
+    assert _mark_started(status, runs) == 1
+    assert status["a"]["state"] == "submitted" and status["b"]["state"] == "running" and "started" in status["b"]
+    first = status["b"]["started"]
+    assert _mark_started(status, runs) == 1 and status["b"]["started"] == first  # (set once)
+
+
 # ---------------------------------------------------------------------------- on a local Ray
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):

@@ -143,8 +143,9 @@ def _unreachable(address: str, why) -> SweepError:
 
 def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
     """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
-    SWEEP/status.json after every change): state done | failed | skipped (finished earlier) |
-    interrupted, attempts' seconds, log path, error. Options: cpus, gpus (per run), max_concurrent,
+    SWEEP/status.json after every change): state queued (waiting for its dependencies) | submitted
+    (to Ray, which may hold it for resources) | running (its process started) | done | failed |
+    skipped (finished earlier) | interrupted, attempts' seconds, log path, error. Options: cpus, gpus (per run), max_concurrent,
     retries, address (of a Ray cluster). One sweep at a time per folder (its lock)."""
     try:
         with folder_lock(os.path.abspath(sweep_dir)):
@@ -233,7 +234,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                         todo.remove(r)
                         continue
                     running[task.remote(r.argv, status[r.name]["log"], threads, cwd, r.program, gpus)] = r
-                    status[r.name].update(state="running", started=time.time())
+                    status[r.name].update(state="submitted", submitted=time.time())  # (running once it starts)
                     todo.remove(r)
             save()
             if running:
@@ -253,7 +254,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                         continue
                     status[r.name].update(state="failed", error=_error_text(e))
                     progress.write(f"sweep: {r.name} failed: {status[r.name]['error']}")
-            started = sum(os.path.exists(status[r.name]["log"] + ".running") for r in running.values())
+            started = _mark_started(status, running.values())
             progress.update(sum(status[r.name]["state"] == "done" or "finished_elsewhere" in status[r.name]
                                 for r in plan),
                             started, sum(status[r.name]["state"] == "failed" and not r.error for r in plan),
@@ -280,6 +281,20 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             signal.signal(signal.SIGTERM, signal.SIG_DFL if before_term is None else before_term)
     save()
     return status
+
+
+def _mark_started(status: dict, runs) -> int:
+    """Submitted runs whose experiment process has started (its log's `.running` marker) become
+    "running" (until then Ray may hold the task for resources: it is "submitted"); returns how many
+    of `runs` have started."""
+    n = 0
+    for r in runs:
+        s = status[r.name]
+        if os.path.exists(s["log"] + ".running"):
+            n += 1
+            if s["state"] == "submitted":
+                s.update(state="running", started=time.time())
+    return n
 
 
 def _terminate(signum, frame):
