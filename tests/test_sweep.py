@@ -762,3 +762,4 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     assert "| 0.5 | **60.00 ± 0.00** |" in blocks["eps=0.2: distill-dense"]
     avg = blocks["average over ε = 0.1, 0.2: distill-dense"]
     assert "| 0.5 | **67.50** |" in avg and "| 0.8 | 65.00 |" in avg  # (75 + 60) / 2 beats (90 + 40) / 2
+    assert "| α \\ τ | 10 |" in avg  # τ as given on the command line (the config's float printed 10.0)

@@ -113,13 +113,18 @@ def _best_val(g, phase) -> list[float]:
             for rows in g["curves"].get(phase, {}).values() if rows]
 
 
+def _num(v) -> str:
+    """A setting as written on the command line: 10, not the config's float 10.0; 0.8 stays 0.8."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _alpha_tau_block(title, alphas, taus, cell) -> list[str]:
     """One α × τ table; cell(a, t) -> (mean or NaN, text); the best mean in bold (the paper's pick)."""
     cells = {(a, t): cell(a, t) for a in alphas for t in taus}
     best = max((m for m, _ in cells.values() if fin(m)), default=None)
-    out = [f"### {title}", "", "| α \\ τ | " + " | ".join(map(str, taus)) + " |", "|--:|" + "--:|" * len(taus)]
+    out = [f"### {title}", "", "| α \\ τ | " + " | ".join(map(_num, taus)) + " |", "|--:|" + "--:|" * len(taus)]
     for a in alphas:
-        out.append(f"| {a} | " + " | ".join(f"**{x}**" if m == best else x for m, x in (cells[a, t] for t in taus)) + " |")
+        out.append(f"| {_num(a)} | " + " | ".join(f"**{x}**" if m == best else x for m, x in (cells[a, t] for t in taus)) + " |")
     return out + [""]
 
 
