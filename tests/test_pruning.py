@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain
-from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, mask_grads_, masks_of, model_sparsity,
+from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, is_sparse, mask_grads_, masks_of, model_sparsity,
                                    prunable_layers)
 from sparsetrain.engine.policy import apply_engine
 from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
@@ -537,3 +537,52 @@ def test_auto_engine_decision_is_keyed_by_autocast(monkeypatch, tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
     assert calls == [False, False, True, True]
+
+
+def test_auto_engine_decision_is_keyed_by_the_kernels_it_timed(monkeypatch, tmp_path):
+    """A decision timed on Triton's CPU interpreter (use_backend("triton"): dense, it is slow) was
+    taken for the C++ engine, and cached on disk for later runs too."""
+    from sparsetrain.engine import policy
+    from sparsetrain.engine.backend import use_backend
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    kinds = []
+
+    def seconds(layer, x, reps):  # sparse wins on the C++ kernels, loses on the interpreter
+        sparse = type(layer).__name__.startswith("Sparse")
+        kinds.append(sparse)
+        return (0.5 if sparse else 1.0) if policy.current_backend() != "triton" else (2.0 if sparse else 1.0)
+    monkeypatch.setattr(policy, "_step_seconds", seconds)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    with use_backend("triton"):
+        assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is False
+    assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True  # timed again, for the C++ kernels
+    assert len(kinds) == 4
+
+
+def test_auto_engine_probe_runs_under_no_grad_without_the_layers_hooks(monkeypatch, tmp_path):
+    """The probe (timing a layer's forward and backward) failed with autograd's "element 0 of tensors
+    does not require grad" under no_grad / inference_mode (model surgery is often done there), and
+    fed the user's forward hooks its random input (it deep-copied the layer, hooks and all)."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    for mode in (torch.no_grad, torch.inference_mode):
+        monkeypatch.setattr(policy, "_DECISIONS", {})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(160, 150), nn.ReLU(), nn.Linear(150, 4))
+        seen = []
+        model[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+        masks = {"0": torch.rand(150, 160) > 0.95}
+        before, example = model[0].weight.detach().clone(), torch.randn(3, 160)
+        rng = torch.get_rng_state()
+        with mode():
+            apply_engine(model, masks, "auto", fuse=False, example=example)
+        assert seen == [torch.Size([3, 160])], seen  # the example's own pass only
+        assert torch.equal(torch.get_rng_state(), rng)  # (the probe's randomness is its own)
+        assert len(policy._DECISIONS) == 1
+        got = model[0].weight.to_dense() if is_sparse(model[0]) else model[0].weight.detach()
+        assert torch.equal(got, before * masks["0"] if is_sparse(model[0]) else before)
+    with pytest.raises(TypeError, match="layer must be a dense Linear or Conv2d, got Conv1d"):
+        policy.sparse_is_faster(nn.Conv1d(4, 4, 3), torch.ones(4, 4, 3, dtype=torch.bool), (2, 4, 8))
+    with pytest.raises(ValueError, match="input_shape must be a sequence of positive ints, got 4"):
+        policy.sparse_is_faster(nn.Linear(4, 4), torch.ones(4, 4, dtype=torch.bool), 4)

@@ -6,7 +6,8 @@ run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed onc
 backward at its input shape in the model, as a dense masked layer and as a sparse one, and goes
 sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
 in the last bits of their results, so a decision is made once per machine: cached per (layer
-geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version) in memory and in
+geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version; autocast dtype, GPU
+name and Triton's CPU interpreter where they apply) in memory and in
 $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
 measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
 and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
@@ -30,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .backend import current_backend
 from .convert import sparsify_
 from .fuse import fuse_
 from .hooks import hooked_eval
@@ -78,6 +80,9 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
                   if n in shapes}  # (a layer the example's forward never reached stays dense)
         if agree is not None:
             faster = agree(faster)
+            if not set(faster) <= set(to_measure):
+                raise ValueError(f"agree returned decisions for layers that were not measured: "
+                                 f"{sorted(set(faster) - set(to_measure))}")
         to_sparse.update({n: to_measure[n] for n, win in faster.items() if win})
     if to_sparse:
         sparsify_(model, to_sparse)
@@ -193,29 +198,55 @@ def _machine() -> str:
     return f"{cpu or platform.machine()}|torch {torch.__version__}"
 
 
+def _bare(layer: nn.Module) -> nn.Module:
+    """A new layer of `layer`'s type and geometry with its weight and bias, none of its hooks (the
+    probe feeds it random input: a user's hook must not see that, nor be deep-copied)."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        bare = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=w.device, dtype=w.dtype)
+    else:
+        bare = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
+                         device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        bare.weight.copy_(w)
+        if layer.bias is not None:
+            bare.bias.copy_(layer.bias)
+    return bare
+
+
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3) -> bool:
     """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
-    timed at `input_shape` once per machine (module docstring: the cache)."""
+    timed at `input_shape` once per machine (module docstring: the cache). Measured with autograd
+    on whatever grad mode the caller is in (no_grad, inference_mode), on a hook-free copy."""
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:  # (0 would cache "dense" untimed)
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    if type(layer) not in SPARSE_TYPES:
+        raise TypeError(f"layer must be a dense {' or '.join(t.__name__ for t in SPARSE_TYPES)}, got "
+                        f"{type(layer).__name__}")
+    if (not isinstance(input_shape, (tuple, list, torch.Size)) or not input_shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape)):
+        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
     w = layer.weight
     # (the timing runs under the caller's autocast, as training does: a bf16 dense GEMM is another speed)
     amp = (str(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else None)
     gpu = torch.cuda.get_device_name(w.device) if w.is_cuda else None
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
-                torch.get_num_threads(), _machine()) + ((amp,) if amp else ()) + ((gpu,) if gpu else ()))
+                torch.get_num_threads(), _machine()) + ((amp,) if amp else ()) + ((gpu,) if gpu else ())
+               + (("triton",) if not w.is_cuda and current_backend() == "triton" else ()))  # (its interpreter)
     if key in _DECISIONS:
         return _DECISIONS[key]
     with _decision_lock():
         _load_decisions()  # (another process may have decided it meanwhile: its decision is the machine's)
         if key not in _DECISIONS:
-            dense = copy.deepcopy(layer)
-            with torch.no_grad():
-                dense.weight.mul_(mask)
-            sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
-            # (the run's random streams do not see the probe)
-            with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            # (the run's random streams do not see the probe; it needs autograd whatever the caller's mode)
+            with (torch.inference_mode(False), torch.enable_grad(),
+                  torch.random.fork_rng(devices=[w.device] if w.is_cuda else [])):
+                dense = _bare(layer)
+                with torch.no_grad():
+                    dense.weight.mul_(mask)
+                sparse = SPARSE_TYPES[type(layer)].from_dense(dense, mask)
                 x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
                 t_dense = _step_seconds(dense, x, reps)
                 t_sparse = _step_seconds(sparse, x, reps)
