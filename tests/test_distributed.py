@@ -181,6 +181,35 @@ def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
     assert [ln for ln in lines if ln] == expected
 
 
+_DOWNLOAD_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from sparsetrain.experiment import datasets as ds, distributed as dist, study
+from sparsetrain.experiment.config import config_from_args
+from sparsetrain.testing import write_mnist
+folder = Path(sys.argv[1])
+def fake_download(cls_name, data_dir):  # a download that takes a while, then leaves the files
+    (folder / f"downloaded{dist.rank()}.txt").write_text(cls_name)
+    time.sleep(1.0)
+    write_mnist(Path(data_dir) / "mnist", gz=False, n_train=40, n_test=10)
+ds._download = fake_download
+dist.setup(torch.device("cpu"))
+cfg, _ = config_from_args(["mnist", "--data-dir", str(folder / "data"), "--subset", "30"])
+splits = study.load_splits(cfg, 0)
+(folder / f"rank{dist.rank()}.txt").write_text(f"{len(splits.train)} {int(splits.train.x.long().sum())}")
+dist.teardown()
+"""
+
+
+def test_only_rank_0_downloads_the_dataset(tmp_path):
+    """Every rank downloaded a missing dataset at once into one folder (torchvision writes the
+    archive in place, then checks and extracts it: a rank could read the other's half-written file);
+    now rank 0 loads first and the others read its files."""
+    _run_script(tmp_path, _DOWNLOAD_SCRIPT)
+    assert sorted(p.name for p in tmp_path.glob("downloaded*.txt")) == ["downloaded0.txt"]
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+
+
 _SNAPSHOT_SCRIPT = """
 import sys, torch, torch.distributed as tdist
 from sparsetrain.experiment import distributed as dist

@@ -196,7 +196,9 @@ def test_kernel_choice():
     with pytest.raises(RuntimeError, match="input_size must be"):
         torch.ops.sparsetrain.sparse_conv2d_small_tile([4, 3, 5], 2, [3, 3], [1, 1], [1, 1], torch.float32)
     # (a geometry query: no per-row table, so a huge input_size answers at once; bad sizes named)
-    assert _small_tile(64, 64, 32, (2**40, 5), 3, 1, 1) == 0
+    assert _small_tile(64, 64, 32, (2**30, 5), 3, 1, 1) == 0
+    with pytest.raises(RuntimeError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 5\)"):
+        _small_tile(64, 64, 32, (2**40, 5), 3, 1, 1)
     with pytest.raises(RuntimeError, match=r"input spatial size must be >= 0, got \(-1, 5\)"):
         _small_tile(64, 64, 32, (-1, 5), 3, 1, 2)
     with pytest.raises(RuntimeError, match="kernel_size must have at most 2\\^24 taps"):
@@ -514,6 +516,19 @@ def test_bad_inputs_raise_clear_errors():
                       ([6, 4], "grad_out must have spatial size")):
         with pytest.raises(RuntimeError, match=msg):
             gi(gy, w.ccol_indices, w.row_indices_t, w.perm, w.values, size, [3, 3], [1, 1], [2, 1])
+    # an empty tensor costs nothing at any size: an empty batch or no input channel with a huge map or
+    # kernel ran loops over its rows or taps for minutes (and gigabytes) before any output existed
+    y = op(torch.empty(0, 3, 2**30, 4), *args)
+    assert y.shape == (0, 4, 2**30, 4)
+    dx = gi(torch.empty(0, 4, 2**30, 4), w.ccol_indices, w.row_indices_t, w.perm, w.values, [2**30, 4], [3, 3],
+            [1, 1], [1, 1])
+    assert dx.shape == (0, 3, 2**30, 4)
+    with pytest.raises(RuntimeError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 4\)"):
+        op(torch.empty(0, 3, 2**40, 4), *args)
+    none = (torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
+            torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"kernel_size must have at most 2\^24 taps, got \[30000, 30000\]"):
+        op(torch.empty(1, 0, 30000, 30000), *none, [30000, 30000], [1, 1], [0, 0], None)
     with pytest.raises(ValueError, match="dilation 1 only"):
         SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, dilation=2))
     with pytest.raises(ValueError, match="groups=1 only"):

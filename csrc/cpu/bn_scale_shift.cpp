@@ -62,9 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
     TORCH_CHECK((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
                 "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
                 running_var->scalar_type());
-    TORCH_CHECK(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()),
-                "num_batches_tracked must be a one-element CPU tensor, got shape ",
-                num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef());
+    TORCH_CHECK(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()
+                                         && num_batches_tracked->scalar_type() == at::kLong),
+                "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got shape ",
+                num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef(), " ",
+                num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
+    TORCH_CHECK(!running_mean->is_same(*running_var) && running_mean->data_ptr() != running_var->data_ptr(),
+                "running_mean and running_var must be two tensors, got the same one twice");
   }
   const auto f64 = at::TensorOptions(at::kDouble);
   at::Tensor mean = at::empty({C}, f64), invstd = at::empty({C}, f64);

@@ -23,6 +23,9 @@ ConvArgs check_conv_args(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p
   constexpr int64_t kMax = int64_t(1) << 31;  // (products of two such never overflow int64)
   TORCH_CHECK(k[0] < kMax && k[1] < kMax && s[0] < kMax && s[1] < kMax && p[0] < kMax && p[1] < kMax,
               "kernel_size, stride and padding must be < 2^31, got ", k, ", ", s, ", ", p);
+  // (the plans loop over the taps before any output exists: a weight with no input channel would
+  // otherwise admit any kernel, and a 2^15 x 2^15 one took minutes and gigabytes to refuse)
+  TORCH_CHECK(k[0] * k[1] <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", k);
   return {k[0], k[1], k.vec(), s.vec(), p.vec()};
 }
 

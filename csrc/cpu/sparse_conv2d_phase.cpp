@@ -38,6 +38,9 @@ int64_t plane_extent(int64_t n, int64_t k, int64_t s, int64_t p, int64_t on) {
 Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArrayRef k,
                at::IntArrayRef st, at::IntArrayRef pad, size_t elem, int64_t nnz, bool offsets) {
   TORCH_CHECK(H >= 0 && W >= 0, "input spatial size must be >= 0, got (", H, ", ", W, ")");
+  // (an empty tensor costs nothing at any size: H rows of 2^40 would be looped over below)
+  TORCH_CHECK(H < (int64_t(1) << 31) && W < (int64_t(1) << 31), "input spatial size must be < 2^31, got (", H, ", ",
+              W, ")");
   Plan P;
   P.blocked = nnz >= kBlockedRow * O;
   P.B = B, P.C = C, P.H = H, P.W = W, P.O = O;
@@ -89,7 +92,9 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
     P.cb = std::max<int64_t>(1, ceil_div(C, P.ncb));
     P.ncb = std::max<int64_t>(1, ceil_div(C, P.cb));
   }
-  for (int64_t iy = 0; offsets && iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
+  // (x's row table, read only where x is packed: none for an empty batch or no input channel, whose
+  // H may be any size at no cost)
+  for (int64_t iy = 0; offsets && B > 0 && C > 0 && iy < H; ++iy) P.row_off.push_back((iy % P.sh) * P.sw * P.S + (iy / P.sh) * P.PW);
   for (int64_t j = 0; j < P.sw; ++j) P.col_off.push_back(j * P.S);
   return P;
 }
