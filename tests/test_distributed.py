@@ -59,6 +59,7 @@ def test_two_gloo_processes_follow_one(mnist_dir, study_args):
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, _why(two.stderr)
     assert "data parallel: 2 ranks (gloo)" in two.stdout
+    assert "1 CPU thread(s) per rank (--threads)" in two.stdout  # (torchrun's OMP_NUM_THREADS=1, said)
     assert "broadcast_buffers" not in two.stderr, two.stderr[-2000:]  # (its deprecation warning, every rank)
     for phase in ("teacher", "distill-dense"):
         a, b = _rows(mnist_dir / "one", phase), _rows(mnist_dir / "two", phase)

@@ -178,8 +178,10 @@ def run_study(cfg: Config) -> str:
         torch.cuda.set_device(dev)
     dist.setup(dev)
     if dist.world() > 1 and dist.is_main():
+        # (torchrun sets OMP_NUM_THREADS=1 where it is unset: on CPUs say what each rank runs on)
+        per_rank = f"; {torch.get_num_threads()} CPU thread(s) per rank (--threads)" if dev.type == "cpu" else ""
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
-              "across them", flush=True)
+              f"across them{per_rank}", flush=True)
     with contextlib.ExitStack() as held:
         def setup():
             held.enter_context(folder_lock(run_dir_of(cfg)))
@@ -198,15 +200,30 @@ def _on_main(fn) -> None:
     dist.on_main(fn, _EXPECTED)  # (an expected error on rank 0 raised on every rank)
 
 
+def load_splits(cfg: Config, seed: int, first: bool = True):
+    """The dataset's splits for `seed`. Under torchrun rank 0 loads `first`, downloading what is
+    missing, and the other ranks read its files after it (torchvision writes an archive in place and
+    then checks and extracts it: ranks downloading at once corrupt each other's); rank 0's
+    DatasetNotFound or DataError stops every rank."""
+    def load(download: bool):
+        return D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
+                              val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
+                              subset=cfg.subset or None, label_file=cfg.label_file or None, download=download)
+    if dist.world() == 1 or cfg.no_download:
+        return load(not cfg.no_download)
+    if not first:  # (the first seed's load left the files in place)
+        return load(False)
+    got = {}
+    _on_main(lambda: got.update(splits=load(True)))
+    return got["splits"] if dist.is_main() else load(False)
+
+
 def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
     train, reads = needed_phases(cfg)
     todo = reads + train
     student = cfg.resolved_student()
     for seed in cfg.seeds:
-        splits = D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
-                                val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
-                                subset=cfg.subset or None, label_file=cfg.label_file or None,
-                                download=not cfg.no_download)
+        splits = load_splits(cfg, seed, first=seed == cfg.seeds[0])
         _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint)))
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
             raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
