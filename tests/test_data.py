@@ -212,6 +212,35 @@ def test_cifar_batches_construct_nothing_but_arrays(tmp_path):
         D.load_dataset("cifar10", tmp_path, download=False)
 
 
+def test_downloads_into_one_folder_take_turns(tmp_path, monkeypatch):
+    """Runs starting together on a fresh machine (a sweep's) downloaded into one --data-dir at once;
+    torchvision writes each archive in place, so one run could check or extract another's half-written
+    file. They now take turns under a lock in that folder (flock: two open files conflict in one
+    process too, so threads stand in for the processes)."""
+    import threading
+    import time
+
+    import torchvision.datasets
+
+    from sparsetrain.experiment import datasets
+    spans = []
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            t0 = time.monotonic()
+            time.sleep(0.3)
+            spans.append((t0, time.monotonic()))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST, raising=False)
+    threads = [threading.Thread(target=lambda: datasets._download("MNIST", tmp_path / "data")) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, "the two downloads overlapped"
+    assert (tmp_path / "data" / ".sparsetrain-download.lock").exists()
+
+
 def test_read_idx_rejects_garbage(tmp_path):
     (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(ValueError, match="not an IDX file"):

@@ -288,10 +288,21 @@ def _pil_to_uint8(img, size: int) -> torch.Tensor:
 
 
 def _download(cls_name: str, data_dir: Path) -> str | None:
-    """torchvision's download of dataset `cls_name` into data_dir; the error text if it fails."""
+    """torchvision's download of dataset `cls_name` into data_dir; the error text if it fails.
+    Processes downloading into one folder (a sweep's runs on a fresh machine) take turns under an
+    exclusive lock on data_dir/.sparsetrain-download.lock: torchvision writes each archive in place,
+    then checks and extracts it, and skips what a previous holder left complete."""
     try:
         import torchvision.datasets
-        getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(data_dir / ".sparsetrain-download.lock", "a") as lock:
+            try:
+                import fcntl
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # (released when the file closes)
+            except (ImportError, OSError):  # (no fcntl, a filesystem without locks: unguarded, as before)
+                pass
+            getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
         return None
     except Exception as e:  # no network, bad archive, ...: reported in the not-found message
         return f"{type(e).__name__}: {e}"
