@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz, check_perm,
-                     density_key, launch, max_index, num_sms, pow2_bucket, row_order)
+from ._utils import (INTERPRET, autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz,
+                     check_perm, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
 
@@ -129,6 +129,9 @@ def _check(values, tensors, name):
             raise ValueError(f"{name}: {arg} must have at least 1 dimension")
 
 
+# _interpreted_bf16: Triton's interpreter (3.8) keeps bf16 as its raw 16 bits and tl.dot multiplies
+# those as integers (a result off by 1e10); on CPU the bf16 operands go in as fp32, which is what a
+# GPU's tl.dot computes too (a product of two bf16 is exact in fp32, accumulated in fp32).
 def _blocks(n: int, bs: int) -> int:
     return -(-n // bs)
 
@@ -153,6 +156,9 @@ def _check_width(t, arg: str, idx, idx_name: str, bs: int) -> None:
 
 def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
     """One program per block row (all rows, in length-sorted order: empty rows write zeros/bias)."""
+    if INTERPRET and a2.dtype == torch.bfloat16:  # (_interpreted_bf16)
+        return _mm(a2.float(), ptr, idx, vals.float(), out_features, perm=perm,
+                   bias=None if bias is None else bias.float(), trans_w=trans_w).to(torch.bfloat16)
     M, KD = a2.shape
     BS, rows = vals.shape[1], ptr.numel() - 1
     if rows * BS < out_features:
@@ -226,6 +232,8 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
                          f"{tuple(grad_out.shape)}")
     _check_block_count(crow, "crow_indices", "row", grad_out.shape[-1], block_size)
     _check_width(x, "x", col, "col_indices", block_size)
+    if INTERPRET and x.dtype == torch.bfloat16:  # (_interpreted_bf16)
+        return bsr_linear_grad_weight(grad_out.float(), x.float(), crow, col, block_size, split=split).to(x.dtype)
     N, K = grad_out.shape[-1], x.shape[-1]
     # (math.prod, not -1: a reshape of 0 elements cannot infer it)
     dy2 = grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous()

@@ -607,3 +607,12 @@ def test_a_checkpoint_restores_the_model_fused_as_it_was_saved(tmp_path, fuse):
     assert torch.equal(loaded(x), model(x))
     old, _ = restore_model({k: v for k, v in payload.items() if k != "fused"})
     assert any(type(m).__name__ == "SparseConvBNReLU" for m in old.modules())
+    # a model of one's own with an arch load_model cannot rebuild: refused when saving (it saved, and
+    # loading failed with build_model's missing-arguments TypeError); a foreign arch in a file, named
+    own = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    for arch_ in ({}, {"name": "mine", "num_classes": 2}, "lenet300"):
+        with pytest.raises(ValueError, match="arch must be build_model's arguments for a model of the study's"):
+            save_model(str(tmp_path / "own.pt"), own, {}, arch_)
+    assert not (tmp_path / "own.pt").exists()
+    with pytest.raises(ValueError, match=r"checkpoint's arch \{'name': 'lenet300'\} builds no model"):
+        restore_model({**payload, "arch": {"name": "lenet300"}})

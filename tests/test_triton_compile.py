@@ -49,7 +49,11 @@ def _specs():
          + [dict(HAS_BIAS=b, RELU=False, STATS=False, IN_ACT=False, IN_RELU=False, COUNTS=False) for b in both]
          + [dict(HAS_BIAS=False, RELU=r, STATS=True, IN_ACT=not r, IN_RELU=False, COUNTS=False) for r in both]
          + [dict(HAS_BIAS=True, RELU=r, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False) for r in both]
-         + [dict(HAS_BIAS=False, RELU=False, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False)]),
+         + [dict(HAS_BIAS=False, RELU=False, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False)]
+         # the eval-mode folded layer counting ReLU states (entropy), and conv -> ReLU -> BN reading a
+         # deferred BN without a ReLU (both launched, neither compiled before 2026-12-05)
+         + [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=True),
+            dict(HAS_BIAS=False, RELU=True, STATS=True, IN_ACT=True, IN_RELU=False, COUNTS=False)]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",

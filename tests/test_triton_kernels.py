@@ -354,6 +354,18 @@ def edge_cases_refused_or_computed_as_the_cpp_ops():
     ref = torch.nn.functional.linear(xb.detach().half().float(), (lin.weight * mask).half().float(), lin.bias.half().float())
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
     assert layer.weight.values.grad.dtype == torch.float32 and xb.grad.dtype == torch.float32
+    # bf16 (CPU autocast's default): the interpreter's tl.dot multiplied bf16's raw bits (off by 4e10)
+    layer.weight.values.grad = xb.grad = None
+    with sparsetrain.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xb)
+    assert out.dtype == torch.bfloat16
+    (out.float() * torch.arange(48.0)).sum().backward()
+    xr, wr = xb.detach().bfloat16().float().requires_grad_(True), (lin.weight * mask).detach().bfloat16().float().requires_grad_(True)
+    ref = torch.nn.functional.linear(xr, wr, lin.bias.bfloat16().float())
+    (ref * torch.arange(48.0)).sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xb.grad, xr.grad, rtol=2e-2, atol=0.5)
+    torch.testing.assert_close(layer.weight.values.grad, BSR.from_dense(wr.grad, 16, mask).values, rtol=2e-2, atol=0.5)
 
 
 @interp

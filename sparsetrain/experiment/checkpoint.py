@@ -18,7 +18,7 @@ from ..engine.nn import is_sparse, masks_of, prunable_layers
 from ..engine.placeholders import HandOff
 from ..prune import keep_channels_
 from .files import CorruptFile, atomic_write, verify
-from .models import build_model
+from .models import build_model, resolve_name
 
 FORMAT = "sparsetrain-ckpt-v1"
 
@@ -44,8 +44,24 @@ def safe_load(path: str) -> dict:
     return obj
 
 
+def check_arch(arch) -> None:
+    """`arch` must be build_model's arguments (a model of the study's registry): load_model
+    rebuilds the model from them, so a model of one's own saved with anything else would save
+    and then not load."""
+    ok = isinstance(arch, dict) and "name" in arch and "num_classes" in arch
+    try:
+        ok = ok and bool(resolve_name(arch["name"]))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError("arch must be build_model's arguments for a model of the study's registry (name, "
+                         "num_classes[, in_channels, image_size]), e.g. dict(name='lenet300', num_classes=10, "
+                         f"in_channels=1, image_size=28); got {arch!r}")
+
+
 def model_payload(model, masks: dict, arch: dict) -> dict:
     """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
+    check_arch(arch)
     payload = {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
                "sparse_layers": [n for n, m in prunable_layers(model) if is_sparse(m)],
                "fused": any(isinstance(m, HandOff) for m in model.modules()), "state": model.state_dict()}
@@ -59,7 +75,10 @@ def restore_model(payload: dict):
     for key in ("arch", "masks", "sparse_layers", "state"):
         if key not in payload:
             raise ValueError(f"checkpoint lacks {key!r}: not a model checkpoint")
-    model = build_model(**payload["arch"])
+    try:
+        model = build_model(**payload["arch"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint's arch {payload['arch']!r} builds no model: {e}") from None
     if payload.get("channels"):
         keep_channels_(model, payload["channels"])
     masks = payload["masks"]
