@@ -19,7 +19,6 @@ by a BatchNorm are fused with it (engine/fused.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import os

@@ -134,10 +134,10 @@ def verify(path: str) -> bool:
         match = _TMP.fullmatch(os.path.basename(tmp))
         pid = int(match[3]) if match else 0
         if match and pid != os.getpid() and pid <= 1 << 22 and _alive(pid):
-            # its own rename is imminent: wait for it (taking the file would fail that writer's rename)
+            # its own rename is imminent: wait for it (taking the file would fail that writer's rename);
+            # still there after the wait, it is a dead writer's under a reused pid: finished below
             if _landed(path, tmp, pid, want):
                 return True
-            continue
         try:
             if _digest(tmp) == want:
                 os.replace(tmp, path)
@@ -156,7 +156,7 @@ def verify(path: str) -> bool:
                       "written")
 
 
-def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 60.0) -> bool:
+def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 10.0) -> bool:
     """Wait (up to `timeout` s) while living process `pid` still holds `tmp`; then whether `path`
     is the recorded file."""
     deadline = time.monotonic() + timeout
