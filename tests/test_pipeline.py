@@ -292,6 +292,16 @@ def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
         os.replace(tmp, p)  # the writer's own rename
         reader.join(10)
         assert got == [True] and open(p, "rb").read() == b"new"
+        # a file that stays past the wait is a dead writer's under a reused pid: finished, as before
+        with open(tmp, "wb") as f:
+            f.write(b"newer")
+        files.atomic_write(p + ".sha256", json.dumps({"size": 5, "sha256": hashlib.sha256(b"newer").hexdigest()}))
+        wait = files._landed
+        files._landed = lambda *a: wait(*a, timeout=0.2)
+        try:
+            assert files.verify(p) is True and open(p, "rb").read() == b"newer" and not os.path.exists(tmp)
+        finally:
+            files._landed = wait
     finally:
         writer.kill()
         writer.wait()
