@@ -197,23 +197,6 @@ def _machine() -> str:
     return f"{cpu or platform.machine()}|torch {torch.__version__}"
 
 
-def _bare(layer: nn.Module) -> nn.Module:
-    """A new layer of `layer`'s type and geometry with its weight and bias, none of its hooks (the
-    probe feeds it random input: a user's hook must not see that, nor be deep-copied)."""
-    w = layer.weight
-    if isinstance(layer, nn.Linear):
-        bare = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device=w.device, dtype=w.dtype)
-    else:
-        bare = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                         layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                         device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        bare.weight.copy_(w)
-        if layer.bias is not None:
-            bare.bias.copy_(layer.bias)
-    return bare
-
-
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3) -> bool:
     """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
     timed at `input_shape` once per machine (module docstring: the cache). Measured with autograd
@@ -242,10 +225,9 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
             # (the run's random streams do not see the probe; it needs autograd whatever the caller's mode)
             with (torch.inference_mode(False), torch.enable_grad(),
                   torch.random.fork_rng(devices=[w.device] if w.is_cuda else [])):
-                dense = _bare(layer)
-                with torch.no_grad():
-                    dense.weight.mul_(mask)
-                sparse = SPARSE_TYPES[type(layer)].from_dense(dense, mask)
+                sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
+                dense = sparse.to_dense()  # (a new dense masked layer: none of the user's hooks, which the
+                # probe's random input must not reach)
                 x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
                 t_dense = _step_seconds(dense, x, reps)
                 t_sparse = _step_seconds(sparse, x, reps)
