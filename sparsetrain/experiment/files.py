@@ -142,10 +142,10 @@ def verify(path: str) -> bool:
             if _digest(tmp) == want:
                 os.replace(tmp, path)
                 _fsync_dir(os.path.dirname(os.path.abspath(path)))
-        except FileNotFoundError:  # (another reader finished it first)
-            pass
-        if os.path.exists(path) and _digest(path) == want:
-            return True
+                return True
+        except FileNotFoundError:  # (another reader, or its writer, finished it first)
+            if os.path.exists(path) and _digest(path) == want:
+                return True
     if not os.path.exists(path):
         got = "missing"
     elif os.path.getsize(path) == want["size"]:  # (the bytes changed, not the length)
