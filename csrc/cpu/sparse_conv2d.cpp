@@ -499,7 +499,6 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
               input_size);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
-  TORCH_CHECK(a.kh * a.kw <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", kernel_size);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
                            a.k, a.s, a.p, elem, 0, /*offsets=*/false);  // the geometry only
   return pointwise_conv_rows(P, elem) ? -1 : small_conv_tile(P, elem);  // (the strided 1x1 kernel first)
