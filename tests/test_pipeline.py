@@ -388,25 +388,24 @@ def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     file (the first state.pt of a phase, killed between the renames); the rest never finished and go;
     a living process's stay, and names atomic_write does not make; the older `.tmp.<pid>` form is
     finished where its record names it, never removed (a user's file may have such a name)."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead = _dead_pid()
     sub = tmp_path / "seed0" / "teacher"
     sub.mkdir(parents=True)
     new = b"epoch 1"
     tag = files.TMP_TAG
-    (sub / f"state.pt.{tag}.{dead.pid}").write_bytes(new)  # recorded, not yet renamed
+    (sub / f"state.pt.{tag}.{dead}").write_bytes(new)  # recorded, not yet renamed
     (sub / "state.pt.sha256").write_text(json.dumps({"size": len(new), "sha256": hashlib.sha256(new).hexdigest()}))
     files.atomic_write(str(sub / "round_00.pt"), b"round 0", checksum=True)
-    (sub / f"round_00.pt.{tag}.{dead.pid}").write_bytes(b"round 0, half wri")  # killed mid-write
-    (sub / f"round_00.pt.sha256.{tag}.{dead.pid}").write_text("{")
-    (tmp_path / f"summary.md.{tag}.{dead.pid}").write_text("# half")
+    (sub / f"round_00.pt.{tag}.{dead}").write_bytes(b"round 0, half wri")  # killed mid-write
+    (sub / f"round_00.pt.sha256.{tag}.{dead}").write_text("{")
+    (tmp_path / f"summary.md.{tag}.{dead}").write_text("# half")
     (tmp_path / f"plot.png.{tag}.{os.getpid()}").write_text("being written")
     files.atomic_write(str(tmp_path / "metrics.csv"), b"round 1", checksum=True)
-    (tmp_path / f"metrics.csv.tmp.{dead.pid}").write_bytes(b"round 2")  # the older name, recorded
+    (tmp_path / f"metrics.csv.tmp.{dead}").write_bytes(b"round 2")  # the older name, recorded
     files.atomic_write(str(tmp_path / "metrics.csv.sha256"),
                        json.dumps({"size": 7, "sha256": hashlib.sha256(b"round 2").hexdigest()}))
     others = ["notes.tmp.20261203", "x.tmp.\u00b2", "y.tmp.0123", "z.tmp.99999999999999999999",  # not atomic_write's
-              f"my_notes.txt.tmp.{dead.pid}", f"metrics.csv.old.tmp.{dead.pid}"]  # maybe a user's: kept
+              f"my_notes.txt.tmp.{dead}", f"metrics.csv.old.tmp.{dead}"]  # maybe a user's: kept
     for name in others:
         (tmp_path / name).write_text("a user's")
     files.finish_interrupted_writes(str(tmp_path))
