@@ -99,6 +99,32 @@ def test_errors():
         activation_entropy(_fixed_net(), [])
 
 
+class _TimeMajor(nn.Module):
+    """[B, T, E] -> ReLU over [T, B, E]: dim 0 is not the sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.relu = nn.Linear(6, 5), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.lin(x.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("model", [
+    pytest.param(lambda: nn.Sequential(nn.Unflatten(1, (4, 3)), nn.Flatten(0, 1), nn.Linear(3, 5), nn.ReLU()),
+                 id="positions-folded-into-dim0"),
+    pytest.param(_TimeMajor, id="time-major"),
+    pytest.param(lambda: nn.Sequential(nn.Flatten(0), nn.Linear(24, 1), nn.Flatten(0), nn.ReLU()),
+                 id="whole-batch-scalar")])
+def test_relu_outputs_without_samples_on_dim0_are_refused(model):
+    """p is a frequency over samples: a ReLU output whose dim 0 is not the batch (p above 1, H = -inf
+    before) is refused, naming the layer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12) if not isinstance(model, type) else torch.randn(2, 7, 6)
+    with pytest.raises(ValueError, match=r"layer '(3|relu)' returned shape .* for a batch of 2 samples"):
+        activation_entropy(model(), [x, x])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_and_one_neuron_outputs(dtype):
     """Half-precision models and a ReLU on [B] outputs (one neuron) count as float32 ones do."""

@@ -8,8 +8,10 @@ code). Its binary entropy, in bits (log base 2, so 0 <= H <= 1):
     H_i = -p_i log2 p_i - (1 - p_i) log2(1 - p_i),   with 0 log 0 = 0.
 
 The layer's entropy is the mean of H_i over its N_l neurons; the model's is the unweighted mean
-over layers. Unlike the authors' script (which averages per-batch entropies of the first batches),
-p is counted over all batches before any log is taken.
+over layers. Unlike the authors' script (whose hooks come off after the first batch, so its average
+over batches is the first batch's entropy), p is counted over all batches before any log is taken.
+Every ReLU output must hold the batch's samples along its first dimension (p is a frequency over
+samples): a model that folds positions into dim 0 or runs [T, B, E] is refused, not mis-counted.
 
 Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) > 0 iff x > 0, so
 counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
@@ -93,12 +95,18 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     count_ = _counter()
     counts: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
+    batch_rows = [0]  # the current batch's samples: every ReLU output must hold them along dim 0
 
     def make_hook(name):
         def hook(_mod, _inp, out):
             k = calls.get(name, 0)
             calls[name] = k + 1
             key = name if k == 0 else f"{name}#{k}"
+            if out.dim() == 0 or out.shape[0] != batch_rows[0]:
+                raise ValueError(f"layer {key!r} returned shape {tuple(out.shape)} for a batch of {batch_rows[0]} "
+                                 "samples: Eq. 1 counts each neuron's positive samples, so every ReLU output "
+                                 "must be [batch, ...] (a model folding positions into dim 0 or running "
+                                 "[T, B, E] has no per-sample neurons here)")
             if key not in counts:
                 counts[key] = torch.zeros(out[0].numel(), dtype=torch.int64, device=out.device)
             elif counts[key].numel() != out[0].numel():
@@ -124,6 +132,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             if x.dim() < 2:
                 raise ValueError(f"each batch must be [batch, ...] (>= 2-D), got shape {tuple(x.shape)}")
             calls.clear()
+            batch_rows[0] = x.shape[0]
             if x.shape[0]:
                 model(x.to(device, non_blocking=True))
             samples += x.shape[0]
