@@ -150,3 +150,25 @@ def test_torch_fallback_equals_cpp_op(monkeypatch):
     with_op = activation_entropy(m, x)
     monkeypatch.setitem(sys.modules, "sparsetrain.engine.ops", None)  # import fails -> torch reduction
     assert activation_entropy(m, x) == with_op
+
+
+class _SkipsOnNegativeMean(nn.Module):
+    """A second ReLU call only for batches with a positive mean: data-dependent control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.relu = nn.Linear(2, 3), nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu(self.lin(x))
+        return self.relu(h) if x.mean() > 0 else h
+
+
+def test_relu_called_in_some_batches_only_is_refused():
+    """A layer seen in some batches only would divide its counts by every batch's samples (p too
+    low, silently): refused, naming the call counts."""
+    m = _SkipsOnNegativeMean()
+    pos, neg = torch.ones(3, 2), -torch.ones(3, 2)
+    assert activation_entropy(m, [pos, pos])["samples"] == 6  # (the same calls every batch: fine)
+    with pytest.raises(ValueError, match=r"called \{'relu': 1\} times in one batch but \{'relu': 2\} in the first"):
+        activation_entropy(m, [pos, neg])

@@ -11,7 +11,8 @@ The layer's entropy is the mean of H_i over its N_l neurons; the model's is the 
 over layers. Unlike the authors' script (whose hooks come off after the first batch, so its average
 over batches is the first batch's entropy), p is counted over all batches before any log is taken.
 Every ReLU output must hold the batch's samples along its first dimension (p is a frequency over
-samples): a model that folds positions into dim 0 or runs [T, B, E] is refused, not mis-counted.
+samples): a model that folds positions into dim 0 or runs [T, B, E] is refused, not mis-counted, and
+so is one calling a ReLU in some batches only.
 
 Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) > 0 iff x > 0, so
 counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
@@ -121,7 +122,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
 
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
     fused = [m for _, m in relus if isinstance(m, FusedReLU)]
-    samples = 0
+    samples, first_calls = 0, None
     if isinstance(batches, torch.Tensor):  # (iterating it would count each sample's features as samples)
         raise TypeError("batches must be an iterable of batches, not a tensor: wrap one batch as [x]")
     with hooked_eval(model, handles), _counting(fused):
@@ -135,6 +136,12 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             batch_rows[0] = x.shape[0]
             if x.shape[0]:
                 model(x.to(device, non_blocking=True))
+                if first_calls is None:
+                    first_calls = dict(calls)
+                elif calls != first_calls:  # (a layer seen in some batches only: p over all samples is wrong)
+                    raise ValueError(f"the ReLU modules were called {calls} times in one batch but {first_calls} "
+                                     "in the first: Eq. 1 needs every layer to see every sample (no "
+                                     "data-dependent control flow around ReLUs)")
             samples += x.shape[0]
     if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
         counts = {k: reduce(counts[k]) for k in sorted(counts)}
