@@ -186,13 +186,14 @@ def test_summary_table_numbers(tmp_path):
     md = R.summary_table(run)
     sp = lambda k: 100 * (1 - 0.8 ** k)  # noqa: E731
     # columns: 1 early stop, 2 distill, 3 teacher, 4 PFLOPs exact, 5 PFLOPs paper, 6 test (best val <= stop),
-    # 7 test at the stop, 8 sparsity, 9 stop round, 10 stop phase, 11 FLOPs saved, 12 seeds
+    # 7 test at the stop, 8 sparsity (best val), 9 sparsity at the stop, 10 stop round, 11 stop phase,
+    # 12 FLOPs saved exact, 13 FLOPs saved paper conv., 14 seeds
     # no early stop: last cum (6, 12 PFLOPs) -> 9 ± std([6, 12], ddof=1) = 4.24; best val: round 2 both seeds
     row = table_row(md, "vanilla, no early stop")
     assert row[1:4] == ["", "", "—"]
     assert row[4] == "9.00 ± 4.24" and row[5] == "6.00 ± 0.00" and row[6] == f"74.00 ± {math.sqrt(8):.2f}"
     assert row[7] == f"45.00 ± {math.sqrt(50):.2f}"  # the last round's model: 0.40, 0.50
-    assert row[8] == f"{sp(2):.2f} ± 0.00" and row[10] == "5" and row[13] == "2"
+    assert row[8] == f"{sp(2):.2f} ± 0.00" and row[10] == "5" and row[14] == "2"
     assert row[11] == "collapsed" and row[12] == ""  # 0.40 / 0.50: more than 5 points under the curve's level
     # early stop: phase 2 from round 3; seed 0 stops at 4 (0.60 <= 0.672), seed 1 at 5 (0.60 <= 0.688)
     row = table_row(md, "vanilla, early stop (Alg. 2)")
@@ -202,6 +203,7 @@ def test_summary_table_numbers(tmp_path):
     assert row[6] == f"74.00 ± {math.sqrt(8):.2f}" and row[7] == "50.00 ± 0.00"  # at the stop: 0.50, 0.50
     saved = [100 * (1 - 5 / 6), 0.0]
     assert row[12] == f"{sum(saved) / 2:.1f} ± {abs(saved[0] - saved[1]) / math.sqrt(2):.1f}"
+    assert row[13] == row[12]  # (paper rounds 5 of 6 and 6 of 6: the same shares here)
     # the peak rule: the dense entropy is the peak here, so it stops where Algorithm 2 does
     assert table_row(md, "vanilla, early stop (peak rule)")[10] == "4, 5"
     # distill + early stop: best 0.84 / 0.85 in phase 1 -> thr 0.672 / 0.68: both stop at 5 (0.60)
@@ -232,7 +234,7 @@ def test_summary_table_teacher_stop_earlier_than_end_and_separate_student(tmp_pa
     write_rows(tmp_path, make_rows([0.7, 0.75], phase="vanilla"))
     md = R.summary_table(R.load_run(tmp_path))
     row = table_row(md, "teacher (resnet18)")
-    assert row[10] == "2†" and row[13] == "1/3"  # not at the wall yet; 1 of 3 seeds
+    assert row[10] == "2†" and row[14] == "1/3"  # not at the wall yet; 1 of 3 seeds
     row = table_row(md, "vanilla, early stop (Alg. 2)")
     # not fired on a curve that ends before the wall: undecided (–†), no saving measurable; a single
     # seed has no ±
@@ -325,7 +327,7 @@ def test_write_report_partial_runs(tmp_path):
     write_rows(tmp_path, make_rows([0.8], phase="distill-dense", teacher_cost=1e15))
     text = read(R.write_report(str(tmp_path)))
     assert "| distilled from the dense teacher, early stop (Alg. 2) |" in text
-    assert table_row(text, "vanilla, no early stop")[13] == "1/3"
+    assert table_row(text, "vanilla, no early stop")[14] == "1/3"
 
 
 def test_round_table_marks_rounds_past_a_seeds_last(tmp_path):
@@ -402,7 +404,7 @@ def test_flops_saved_is_na_on_a_cut_curve_whichever_rule_cut_it(tmp_path):
     for s in (0, 1):
         (two / f"seed{s}" / "vanilla" / "best.json").write_text("{}")
     row = table_row(R.summary_table(R.load_run(two)), "vanilla, early stop (Alg. 2)")
-    assert row[12] == "50.0 (1 of 2 seeds)" and row[13] == "2"
+    assert row[12] == "50.0 (1 of 2 seeds)" and row[13] == "50.0 (1 of 2 seeds)" and row[14] == "2"
 
 
 def test_a_sweep_figure_with_more_panels_than_it_draws_says_so(tmp_path, monkeypatch):
@@ -422,3 +424,23 @@ def test_a_sweep_figure_with_more_panels_than_it_draws_says_so(tmp_path, monkeyp
     monkeypatch.setattr(figures, "_MAX_PANELS", 2)
     assert figures.plot_overlay(groups, None, ["alpha"], str(tmp_path / "f.png"))
     assert titles == ["the first 2 of 3 panels: the others' numbers are in table1.csv"]
+
+
+def test_flops_saved_in_both_conventions_and_partial_means_marked(tmp_path):
+    """FLOPs saved is given exact and in the paper's convention (a dense round per round: the paper's
+    Table 1 savings), which differ where the late sparse rounds cost little; every mean over fewer
+    seeds than the row's says so (only the saving did; a NaN test accuracy shrank the mean silently)."""
+    write_config(tmp_path, seeds=[0, 1], wall=0.999)
+    # Alg. 2: phase 2 from round 2 (entropy 0.7 <= 0.8), best 0.86 there, stop at round 3 (0.60 <= 0.688)
+    val, ent = [0.80, 0.84, 0.86, 0.60, 0.85], [1, 1, 0.7, 0.7, 0.7]
+    cum = [1e15 * c for c in (8, 12, 14, 15, 15.5)]  # exact: late rounds cheap; paper: 1 PFLOP each
+    for s in (0, 1):
+        rows = make_rows(val, ent=ent, seed=s, cum=cum)
+        if s == 1:
+            rows[2]["test_acc"] = float("nan")  # (its best-validation round's test accuracy unknown)
+        write_rows(tmp_path, rows)
+        (tmp_path / f"seed{s}" / "teacher" / "best.json").write_text("{}")
+    row = table_row(R.summary_table(R.load_run(tmp_path)), "vanilla, early stop (Alg. 2)")
+    assert row[10] == "3"
+    assert row[12] == f"{100 * (1 - 15 / 15.5):.1f} ± 0.0" and row[13] == "20.0 ± 0.0"  # exact 3.2%, paper 1 - 4/5
+    assert row[6] == "86.00 (1 of 2 seeds)" and row[7] == "60.00 ± 0.00" and row[14] == "2"

@@ -649,6 +649,43 @@ def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
         cli.main(["report", str(tmp_path / "runs" / "study"), str(tmp_path / "runs" / "perturb")])
 
 
+def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tmp_path):
+    """A sweep over engine whose auto study failed before creating its run directory: the auto teacher
+    run (done) is that setting's only result and stays in the report, labelled engine=auto by the grid's
+    axes (it was dropped as some study's teacher and the engine axis vanished), with no student
+    placeholder setting (teachers=[dense, best]) in its label."""
+    from sparsetrain.sweep.report import write_sweep_report
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    runs = tmp_path / "runs"
+    for name, engine, teachers, phases in (("t-auto", "auto", ["dense", "best"], ["teacher"]),
+                                           ("t-dense", "dense", ["dense", "best"], ["teacher"]),
+                                           ("s-dense", "dense", ["dense"], ["teacher", "distill-dense"])):
+        _write_run(runs / name, 0.1, [0], {0: curve})
+        cfg = json.loads((runs / name / "config.json").read_text())
+        write_json(runs / name / "config.json", {**cfg, "engine": engine, "teachers": teachers, "phases": phases})
+    import shutil
+    shutil.rmtree(runs / "s-dense" / "seed0" / "teacher")
+    os.symlink(os.path.join("..", "..", "t-dense", "seed0", "teacher"), runs / "s-dense" / "seed0" / "teacher")
+    leaves = cli._leaves([str(runs / d) for d in ("t-auto", "t-dense", "s-dense", "s-auto-never-started")])
+    assert [os.path.basename(d) for d in leaves] == ["t-auto", "s-dense", "s-auto-never-started"]
+    md = open(write_sweep_report(leaves, str(tmp_path / "report"), axes=["engine"])).read()
+    assert "3 run directories, 2 setting(s) (seeds pooled); settings that differ: engine." in md
+    assert "| engine=auto | vanilla |" in md and "| engine=dense | vanilla |" in md and "teachers=" not in md
+
+
+def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
+    """A config.json that does not parse: the run was reported under the default settings (cifar10,
+    resnet18, paper) with its real numbers; now it is left out and named."""
+    from sparsetrain.sweep.report import write_sweep_report
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    _write_run(tmp_path / "good", 0.1, [0], {0: curve})
+    _write_run(tmp_path / "bad", 0.2, [0], {0: curve})
+    (tmp_path / "bad" / "config.json").write_text('{"dataset": "fash')
+    md = open(write_sweep_report([str(tmp_path / "good"), str(tmp_path / "bad")], str(tmp_path / "report"))).read()
+    assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'bad'}" in md
+    assert "cifar10" not in md and "1 setting(s)" in md
+
+
 def test_best_model_std_counts_each_columns_own_seeds():
     """best_model.csv: each std needs two finite values of its own column (a seed's best round may
     lack one value: a NaN sparsity or test accuracy)."""
@@ -660,6 +697,10 @@ def test_best_model_std_counts_each_columns_own_seeds():
                                  "curves": {"vanilla": dict(enumerate(seeds))}}], [])[0]
     a = row([[r(0.9, 0.90, 0.0), r(0.95, 0.91, nan)], [r(0.9, 0.92, 0.0), r(0.95, 0.93, 0.5)]])
     assert a["best_test_std"] == pytest.approx(np.std([91, 93], ddof=1)) and math.isnan(a["sparsity_std"])
+    # the seeds with a w_best, and each column's own count beside a mean over fewer (it said 2 silently)
+    assert (a["seeds"], a["best_test_n"], a["sparsity_n"]) == (2, 2, 1)
+    from sparsetrain.sweep.aggregate import best_model_md
+    assert best_model_md([dict(a, setting="s")]).splitlines()[-1] == "| s | vanilla | 92.00 ± 1.41 | 50.00 (1 of 2 seeds) | light | 2 |"
     b = row([[r(0.9, 0.90, 0.0), r(0.95, nan, 0.4)], [r(0.9, 0.92, 0.0), r(0.95, 0.93, 0.5)]])
     assert math.isnan(b["best_test_std"]) and b["sparsity_std"] == pytest.approx(np.std([40, 50], ddof=1))
 

@@ -30,18 +30,26 @@ _ORDER = ("dataset", "eps", "model", "student", "perturb", "alpha", "tau", "stru
 
 _DEFAULTS = json.loads(json.dumps(dataclasses.asdict(Config())))
 _SETTINGS = [k for k in _DEFAULTS if k not in _IGNORED]  # what separates groups
+# the settings of the student runs and distillation (a lone teacher run holds placeholders for them)
+_STUDENT = {k for k in _SETTINGS if k.startswith("student") or k in ("teachers", "alpha", "tau", "early_stop", "t_e",
+                                                                       "t_a", "stop_falls")}
 
 
-def load_groups(run_dirs) -> list[dict]:
+def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
     """Group run directories by their result settings (seeds pooled). Each group: {"config": the
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
     "running": {phase: [seeds whose phase has not finished]}}. Directories without config.json
-    are skipped."""
+    are skipped; one whose config.json does not parse is skipped and appended to `unreadable` (its
+    settings are unknown: the defaults would mislabel its numbers)."""
     groups: dict[str, dict] = {}
     for d in run_dirs:
         if not os.path.isfile(os.path.join(d, "config.json")):
             continue
         run = load_run(d)
+        if not isinstance(run["config"], dict) or not run["config"]:
+            if unreadable is not None:
+                unreadable.append(d)
+            continue
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
         key = json.dumps({k: run["config"][k] for k in _SETTINGS}, sort_keys=True)
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
@@ -58,15 +66,26 @@ def load_groups(run_dirs) -> list[dict]:
     return list(groups.values())
 
 
-def varying(groups) -> list[str]:
-    """Settings that differ between groups, in label order."""
-    diff = [k for k in _SETTINGS if len({json.dumps(g["config"].get(k)) for g in groups}) > 1]
+def _teacher_only(g) -> bool:
+    """A sweep's teacher run (--phases teacher) standing alone: its student settings are placeholders."""
+    return list(g["config"].get("phases") or []) == ["teacher"]
+
+
+def _shown(g, k) -> bool:
+    return not (_teacher_only(g) and k in _STUDENT)
+
+
+def varying(groups, axes=()) -> list[str]:
+    """Settings that differ between groups (and the sweep's `axes`, which label a group even where the
+    other values' runs failed), in label order; a lone teacher run's student settings never differ."""
+    diff = [k for k in _SETTINGS if k in axes or len({json.dumps(g["config"].get(k)) for g in groups
+                                                       if _shown(g, k)}) > 1]
     return sorted(diff, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
 
 
 def group_label(g, keys) -> str:
     c = g["config"]
-    return ", ".join(f"{k}={c.get(k)}" for k in keys) or f"{c.get('dataset')} eps={c.get('eps')}"
+    return ", ".join(f"{k}={c.get(k)}" for k in keys if _shown(g, k)) or f"{c.get('dataset')} eps={c.get('eps')}"
 
 
 def _title(g, keys) -> str:
@@ -99,7 +118,7 @@ def table1_csv(groups, keys) -> list[dict]:
                        seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))),
                        stop=stop_cell(spec))
             for cell in ("test", "test_at", "sparsity", "sparsity_at", "pflops", "paper", "teacher", "teacher_paper",
-                         "saved"):
+                         "saved", "saved_paper"):
                 m, s, n = stats([o[cell] for o in spec["outs"]])  # (n: the seeds with a value; saved may have fewer)
                 row[f"{cell}_mean"], row[f"{cell}_std"], row[f"{cell}_n"] = m, s if n > 1 else NAN, n
             rows.append(row)
@@ -190,13 +209,15 @@ def best_model_rows(groups, keys) -> list[dict]:
                         "phase": "vanilla" if ph == van else ph, "best_test_mean": am,
                         "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
                         "sparsity_mean": sm, "sparsity_std": ssd if ns > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
-                        "seeds": n, "_accs": accs, "_sps": sps})
+                        "seeds": len(accs), "best_test_n": n, "sparsity_n": ns, "_accs": accs, "_sps": sps})
     return out
 
 
 def best_model_md(rows) -> str:
     out = ["| Setting | Phase | Best test acc. [%] | Sparsity [%] | Best model's phase | Seeds |",
            "|---|---|--:|--:|---|--:|"]
-    out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])} | {ms(r['_sps'])} | {r['best_phase']} | "
+    part = lambda r, n: f" ({r[n]} of {r['seeds']} seeds)" if 0 < r[n] < r["seeds"] else ""  # noqa: E731
+    out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])}{part(r, 'best_test_n')} | {ms(r['_sps'])}"
+            f"{part(r, 'sparsity_n')} | {r['best_phase']} | "
             f"{r['seeds']} |" for r in rows]
     return "\n".join(out)

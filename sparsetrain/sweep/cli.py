@@ -119,6 +119,15 @@ def _teacher_only(run_dir: str) -> bool:
         return False
 
 
+def _leaves(dirs) -> list[str]:
+    """The run directories a report shows: a sweep's teacher run is a study's teacher phase (linked into
+    it), not a setting of its own, unless no study links it (its study failed before starting: the
+    teacher's curve is then the only result of its setting)."""
+    linked = {os.path.realpath(os.path.join(t, "..", "..")) for d in dirs
+              for t in glob.glob(os.path.join(d, "seed*", "teacher")) if os.path.islink(t)}
+    return [d for d in dirs if not (_teacher_only(d) and os.path.realpath(d) in linked)]
+
+
 def _make_folder(parser, path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
@@ -136,10 +145,7 @@ def main(argv=None) -> int:
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
-        # a sweep's teacher run is a study's teacher phase (linked into it), not a setting of its own
-        linked = {os.path.realpath(os.path.join(t, "..", "..")) for d in dirs
-                  for t in glob.glob(os.path.join(d, "seed*", "teacher")) if os.path.islink(t)}
-        dirs = [d for d in dirs if not (_teacher_only(d) and os.path.realpath(d) in linked)]
+        dirs = _leaves(dirs)
         from .report import write_sweep_report
         out = args.out
         if out is None:  # (beside the runs when one folder was given; else it must be said)
@@ -197,9 +203,10 @@ def main(argv=None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    leaves = [r.run_dir for r in plan if r.run_dir and (r.kind == "study" or not any(
-        r.name in s.deps for s in plan if s.kind == "study"))]
-    summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}")
+    leaves = _leaves([r.run_dir for r in plan if r.run_dir])
+    axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
+    summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
+                                 axes=axes)
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}
     for n, s in failed.items():
         print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)

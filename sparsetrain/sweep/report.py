@@ -30,13 +30,15 @@ def _natural(v) -> tuple:
 
 
 def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep",
-                       sort: bool = False) -> str:
+                       sort: bool = False, axes=()) -> str:
     """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md. `sort`: the settings in
     order of the values that differ (directories come in their names' order, whose tail is a hash);
-    else in the order of `run_dirs` (a sweep's: its grid's)."""
+    else in the order of `run_dirs` (a sweep's: its grid's). `axes`: the grid's axes, which label the
+    settings even where only one of their values has results (the others' runs failed)."""
     os.makedirs(out_dir, exist_ok=True)
-    groups = load_groups(run_dirs)
-    keys = varying(groups)
+    unreadable: list[str] = []
+    groups = load_groups(run_dirs, unreadable)
+    keys = varying(groups, axes)
     if sort:
         groups.sort(key=lambda g: [_natural(g["config"].get(k)) for k in keys])
     pngs = write_figures(groups, keys, out_dir)
@@ -49,6 +51,8 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
                   [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])
     lines = [f"# DSD² {title}", "", f"{len(run_dirs)} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
+    if unreadable:
+        lines += [f"**Left out, config.json unreadable (its settings unknown):** {', '.join(unreadable)}", ""]
     if status:
         failed = [n for n, s in status.items() if s["state"] in ("failed", "interrupted")]
         lines += ["## Runs", "", _status_md(status), "",
