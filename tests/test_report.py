@@ -444,3 +444,13 @@ def test_flops_saved_in_both_conventions_and_partial_means_marked(tmp_path):
     assert row[10] == "3"
     assert row[12] == f"{100 * (1 - 15 / 15.5):.1f} ± 0.0" and row[13] == "20.0 ± 0.0"  # exact 3.2%, paper 1 - 4/5
     assert row[6] == "86.00 (1 of 2 seeds)" and row[7] == "60.00 ± 0.00" and row[14] == "2"
+
+
+def test_the_run_marks_the_best_round_as_the_report_does(tmp_path):
+    """loop.finish (best.json, is_best, the `best` teacher) takes the report's best-validation round:
+    a NaN validation accuracy in round 0 won there (NaN compares as never smaller)."""
+    from sparsetrain.experiment.loop import finish
+    rows = make_rows([float("nan"), 0.7, 0.8, 0.8], seed=0)
+    finish(str(tmp_path), rows)
+    assert [r["is_best"] for r in rows] == [0, 0, 1, 0]
+    assert json.loads((tmp_path / "best.json").read_text())["round"] == 2

@@ -34,6 +34,7 @@ from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
+from .metrics import best_index
 from .models import build_model
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
 
@@ -232,8 +233,10 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
 
 
 def finish(pdir: str, rows: list[dict]) -> None:
-    """Mark the best-validation round (first of ties), write best.json last (= phase done)."""
-    best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
+    """Mark the best-validation round (first of ties; the report's rule, metrics.best_index: a NaN
+    validation accuracy never wins, round 0 where none is finite), write best.json last (= phase done)."""
+    b = best_index(rows)
+    best = 0 if b is None else b
     for i, r in enumerate(rows):
         r["is_best"] = int(i == best)
     if not dist.is_main():
