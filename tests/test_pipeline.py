@@ -226,6 +226,31 @@ def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, interr
     assert "round_02.pt is corrupt" in err and "delete" in err and str(pd) in err
 
 
+def test_a_finished_phase_with_damaged_results_is_refused(mnist_dir, study_args, capsys):
+    """A finished phase's metrics.csv and best.json carry checksums, its round checkpoints are checked
+    against their records and its rows: a torn metrics.csv gave a silently wrong summary (exit 0), a
+    lost round checkpoint went unnoticed. Each is one line naming the file and the folder to delete."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base) == 0
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    metrics, ckpt = pd / "metrics.csv", pd / "ckpt" / "round_03.pt"
+    assert (pd / "metrics.csv.sha256").exists() and (pd / "best.json.sha256").exists()
+    cases = {"torn metrics": (lambda: metrics.write_bytes(metrics.read_bytes()[:-300]), "metrics.csv is corrupt"),
+             "lost round": (lambda: ckpt.unlink(), "round_03.pt is corrupt: missing"),
+             "lost round and record": (lambda: (ckpt.unlink(), (pd / "ckpt" / "round_03.pt.sha256").unlink()),
+                                       "the checkpoint of round_03.pt is missing")}
+    for name, (damage, says) in cases.items():
+        keep = {p: p.read_bytes() for p in (metrics, ckpt, pd / "ckpt" / "round_03.pt.sha256")}
+        damage()
+        capsys.readouterr()
+        assert study.main(base) == 2, name
+        err = capsys.readouterr().err
+        assert says in err and f"delete {pd}" in err and len(err.strip().splitlines()) == 1, (name, err)
+        for p, b in keep.items():
+            p.write_bytes(b)
+    assert study.main(base) == 0  # (restored: the finished run again)
+
+
 def test_folder_lock_without_locking_support_warns_and_runs(tmp_path, monkeypatch):
     """A filesystem that cannot lock (NFS without lockd: ENOLCK) is not "in use": a warning, no lock."""
     import errno
@@ -587,6 +612,11 @@ def test_a_hand_edited_teacher_phase_is_one_clear_error(tmp_path):
     tdir.mkdir()
     write_csv(str(tdir / "metrics.csv"), [{"round": 0, "cum_flops": 10, "paper_cum_flops": 20}])
     (tdir / "best.json").write_text(json.dumps({"round": 0}))
+    with pytest.raises(PhaseError, match=r"round_00.pt, the teacher's best round, is missing; delete .* to train the "
+                                         "teacher again"):  # (a FileNotFoundError traceback before)
+        study.teacher_checkpoint("best", str(tdir))
+    (tdir / "ckpt").mkdir()
+    (tdir / "ckpt" / "round_00.pt").write_bytes(b"")
     assert study.teacher_checkpoint("best", str(tdir)) == (str(tdir / "ckpt" / "round_00.pt"), (10, 20))
     for best in ('{"round": 3}', '{"round": "x"}', "{}", "{not json"):
         (tdir / "best.json").write_text(best)

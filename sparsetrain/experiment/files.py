@@ -272,12 +272,13 @@ def finish_interrupted_writes(folder: str) -> None:
                 os.remove(tmp)
 
 
-def write_json(path: str, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=1))
+def write_json(path: str, obj, checksum: bool = False) -> None:
+    atomic_write(path, json.dumps(obj, indent=1), checksum=checksum)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-    """Rows as CSV; the header is the union of the rows' keys in first-seen order."""
+def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
+    """Rows as CSV; the header is the union of the rows' keys in first-seen order. `checksum`: as
+    atomic_write's (a phase's results: verify refuses a torn or edited file)."""
     keys = list(rows[0].keys()) if rows else []
     for r in rows[1:]:
         keys += [k for k in r if k not in keys]
@@ -285,7 +286,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), checksum=checksum)
 
 
 def git_commit(short: bool = False) -> str:

@@ -34,7 +34,7 @@ from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, verify, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
-from .metrics import best_index
+from .metrics import best_index, read_metrics
 from .models import build_model
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
 
@@ -72,20 +72,33 @@ def arch_of(name: str, splits) -> dict:
 
 # ============================================================================ stages
 def verify_phase(pdir: str) -> None:
-    """Every checkpoint a resume relies on (state.pt) or leaves as a result (ckpt/round_XX.pt) must
-    still be what was written (size and sha256 recorded at write time); else a clear error."""
+    """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
+    metrics.csv and best.json once finished) must still be what was written (size and sha256
+    recorded at write time; a round checkpoint whose record remains must exist), and a finished
+    phase must hold a checkpoint for each of its rounds; else a clear error."""
     state = os.path.join(pdir, "state.pt")
     try:
         if os.path.exists(state):
             verify(state)
     except CorruptFile as e:
         raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
-    for path in sorted(glob.glob(os.path.join(glob.escape(pdir), "ckpt", "round_*.pt"))):
+    ckpt = os.path.join(glob.escape(pdir), "ckpt")
+    rounds = {p[:-len(".sha256")] if p.endswith(".sha256") else p
+              for p in glob.glob(os.path.join(ckpt, "round_*.pt")) + glob.glob(os.path.join(ckpt, "round_*.pt.sha256"))}
+    results = [os.path.join(pdir, f) for f in ("metrics.csv", "best.json")] if os.path.exists(
+        os.path.join(pdir, "best.json")) else []
+    for path in sorted(rounds) + results:
         try:
             verify(path)
         except CorruptFile as e:
-            raise CorruptFile(f"{e}; a finished round's model cannot be rebuilt: delete {pdir} to retrain "
+            raise CorruptFile(f"{e}; a finished phase's results cannot be rebuilt: delete {pdir} to retrain "
                               "this phase") from None
+    if results and verify(results[0]):  # (runs before 2026-12-05 kept no checksum of their metrics)
+        want = {f"round_{r['round']:02d}.pt" for r in read_metrics(results[0])}
+        lost = sorted(want - {os.path.basename(p) for p in rounds})
+        if lost:
+            raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
+                              f"delete {pdir} to retrain this phase")
 
 
 def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState:
@@ -241,11 +254,11 @@ def finish(pdir: str, rows: list[dict]) -> None:
         r["is_best"] = int(i == best)
     if not dist.is_main():
         return
-    write_csv(os.path.join(pdir, "metrics.csv"), rows)
+    write_csv(os.path.join(pdir, "metrics.csv"), rows, checksum=True)
     b = rows[best]
     write_json(os.path.join(pdir, "best.json"),
                {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
-                "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"})
+                "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"}, checksum=True)
     drop_resume_state(pdir)
 
 

@@ -144,7 +144,11 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     except (ValueError, KeyError, IndexError, TypeError) as e:  # (the study writes both whole: an edit by hand)
         raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
                          f"({type(e).__name__}: {e}); delete that folder to train the teacher again") from None
-    return os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt"), cost
+    path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
+    if not os.path.exists(path):  # (a run of before 2026-12-05 has no checksums that verify_phase could miss)
+        raise PhaseError(f"{path}, the teacher's {choice} round, is missing; delete {teacher_dir} to train the "
+                         "teacher again")
+    return path, cost
 
 
 def load_teacher(path: str):
