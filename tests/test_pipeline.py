@@ -487,8 +487,10 @@ def test_git_commit_is_sparsetrain_s_own(tmp_path):
     package in a project's virtualenv), "unknown", never that project's commit."""
     import importlib.util
     import shutil
+    repo = os.path.dirname(os.path.dirname(__file__))
+    dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True, cwd=repo).strip()
     assert files.git_commit() == subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                                   cwd=os.path.dirname(os.path.dirname(__file__))).strip()
+                                                         cwd=repo).strip() + ("-dirty" if dirty else "")
     proj = tmp_path / "a project"  # (a space in the path)
     site = proj / ".venv" / "site-packages" / "sparsetrain" / "experiment"
     site.mkdir(parents=True)
@@ -506,7 +508,15 @@ def test_git_commit_is_sparsetrain_s_own(tmp_path):
     own.mkdir(parents=True)
     shutil.copy(site / "files.py", own / "files.py")
     head = subprocess.check_output(["git", "-C", str(proj), "rev-parse", "HEAD"], text=True).strip()
+    assert git_commit_of(own / "files.py") == head  # (untracked files do not make it dirty)
+    subprocess.run(["git", "-C", str(proj), "add", "sparsetrain"], check=True)
+    subprocess.run(["git", "-C", str(proj), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "own"],
+                   check=True)
+    head = subprocess.check_output(["git", "-C", str(proj), "rev-parse", "HEAD"], text=True).strip()
     assert git_commit_of(own / "files.py") == head
+    with open(own / "files.py", "a") as f:
+        f.write("# an uncommitted edit\n")
+    assert git_commit_of(own / "files.py") == head + "-dirty"  # (the commit alone does not name the code that ran)
 
 
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):

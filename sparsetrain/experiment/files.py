@@ -290,12 +290,18 @@ def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
 
 
 def git_commit(short: bool = False) -> str:
-    """The commit of the sparsetrain checkout this code runs from: "unknown" outside git, and for an
-    installed package (a virtualenv inside another project's repository would give that one's)."""
+    """The commit of the sparsetrain checkout this code runs from, `<commit>-dirty` when its tracked
+    files hold uncommitted changes (as `git describe --dirty`: the commit alone does not name the code
+    that ran); "unknown" outside git, and for an installed package (a virtualenv inside another
+    project's repository would give that one's)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
                                              "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True).splitlines()
+        if os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
+            return "unknown"
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top,
+                                        stderr=subprocess.DEVNULL, text=True).strip()
     except (OSError, subprocess.CalledProcessError, ValueError):
         return "unknown"
-    return head if os.path.realpath(top) == os.path.realpath(os.path.dirname(package)) else "unknown"
+    return head + ("-dirty" if dirty else "")
