@@ -1286,6 +1286,35 @@ def test_a_forward_that_skips_a_fused_batchnorm_is_refused():
     torch.testing.assert_close(m(x), ref)
 
 
+class _OptionalArg(nn.Module):
+    """forward(x, extra=None): `extra is None` is False for fx's Proxy, so a trace without the default
+    followed the other branch (the pool) and linked the fused conv to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
+
+    def forward(self, x, extra=None, *, scale: float = 1.0):
+        y = self.relu(self.bn(self.conv(x)))
+        if extra is None:
+            return y * scale
+        return self.pool(y) + extra
+
+
+def test_forward_arguments_with_defaults_are_traced_at_them():
+    """The default call's path is the one fused: it returned the BN's input y in place of relu(bn(y))
+    on the first forward (off by ~2), and raised on the second; the other path stays right too."""
+    torch.manual_seed(0)
+    dense = _OptionalArg()
+    fused = copy.deepcopy(dense)
+    sparsetrain.sparsify_(fused, model_masks(fused, 0.0), fuse=True)
+    assert type(fused.conv).__name__ == "SparseConvBNReLU"
+    x, extra = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)
+    for args in ((x,), (x,), (x, extra), (x,)):
+        torch.testing.assert_close(fused(*args), dense(*args), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused(x, scale=2.0), dense(x, scale=2.0), rtol=1e-5, atol=1e-5)
+
+
 def test_relu_subclasses_and_prehooked_readers_are_not_fused_over():
     class Clamp(nn.ReLU):  # a ReLU subclass computes something else: not a ReLU to fuse
         def forward(self, x):

@@ -3,6 +3,7 @@ pool -> flatten -> sparse linear in a model's torch.fx graph and swap in the fus
 engine/fused.py and engine/replicated.py (and back)."""
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -73,11 +74,17 @@ def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict,
 
 def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
     """The torch.fx graph fuse_ reads (engine layers and childless modules as leaves); when fx cannot
-    trace the model: ValueError, or None when not `strict`."""
+    trace the model: ValueError, or None when not `strict`. Arguments of `forward` with a default are
+    traced at it (the default call's path): fx hands every argument in as a Proxy, for which `opt is
+    None` is False, so `if opt is None:` silently traced the other branch and the links made from it
+    gave the default call a wrong output."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
-        return _Tracer().trace(model)
+        params = inspect.signature(model.forward).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return _Tracer().trace(model, concrete_args=defaults or None)
     except Exception as e:  # noqa: BLE001 (fx raises many kinds)
         if not strict:
             return None
