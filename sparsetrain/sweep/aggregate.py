@@ -19,7 +19,7 @@ from ..experiment.report.tables import ms, stats, stop_cell, summary_table, tabl
 from ..experiment.reuse import phase_done
 
 __all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
-           "group_label"]
+           "group_label", "teacher_only"]
 
 # Config settings that never separate groups (not result settings); config.json's other keys (commit,
 # versions, torch_threads, fingerprints, resumes: what a run recorded of itself) never do either
@@ -66,13 +66,13 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
     return list(groups.values())
 
 
-def _teacher_only(g) -> bool:
-    """A sweep's teacher run (--phases teacher) standing alone: its student settings are placeholders."""
-    return list(g["config"].get("phases") or []) == ["teacher"]
+def teacher_only(config: dict) -> bool:
+    """A sweep's teacher run (--phases teacher): its student settings are placeholders."""
+    return list(config.get("phases") or []) == ["teacher"]
 
 
 def _shown(g, k) -> bool:
-    return not (_teacher_only(g) and k in _STUDENT)
+    return not (teacher_only(g["config"]) and k in _STUDENT)
 
 
 def varying(groups, axes=()) -> list[str]:

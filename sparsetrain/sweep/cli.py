@@ -110,13 +110,15 @@ def _run_dirs(paths) -> list[str]:
 
 
 def _teacher_only(run_dir: str) -> bool:
-    """A sweep's teacher run (--phases teacher): its student settings are placeholders."""
     import json
+
+    from .aggregate import teacher_only
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            return list(json.load(f).get("phases", [])) == ["teacher"]
+            cfg = json.load(f)
     except (OSError, ValueError):
         return False
+    return isinstance(cfg, dict) and teacher_only(cfg)
 
 
 def _leaves(dirs) -> list[str]:
