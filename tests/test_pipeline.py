@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import sparsetrain
 import cli_forks
 from conftest import run_dir
+from sparsetrain.engine.nn import masks_of
 from sparsetrain.experiment import files, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import config_from_args
@@ -53,7 +54,7 @@ def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
     # masks only shrink, round over round
     prev = None
     for k in range(5):
-        m = safe_load(str(rd / "seed0" / "teacher" / "ckpt" / f"round_{k:02d}.pt"))["masks"]
+        m = masks_of(*load_model(str(rd / "seed0" / "teacher" / "ckpt" / f"round_{k:02d}.pt"))[:2])
         if prev is not None:
             for n in m:
                 assert not bool((m[n] & ~prev[n]).any())
@@ -633,6 +634,35 @@ def test_a_hand_edited_teacher_phase_is_one_clear_error(tmp_path):
         with pytest.raises(PhaseError, match=rf"{tdir}: its best.json and metrics.csv do not name the teacher's best "
                                              r"round \(\w+: .*\); delete that folder"):
             study.teacher_checkpoint("best", str(tdir))
+
+
+def test_a_sparse_checkpoint_is_small_and_older_ones_still_load(tmp_path):
+    """A 99%-sparse model's checkpoint holds its CSR patterns, not a full-size bool mask per layer
+    (which made it ~22% of the dense file); a dense-masked layer keeps its mask; a checkpoint of the
+    former layout (every layer's mask) still loads to the same model."""
+    from sparsetrain.experiment.checkpoint import model_payload, save_model
+    from sparsetrain.experiment.models import build_model
+    from sparsetrain.prune import global_prune
+    arch = dict(name="lenet300", num_classes=10, in_channels=1, image_size=28)
+    torch.manual_seed(0)
+    model = build_model(**arch)
+    save_model(str(tmp_path / "dense.pt"), model, {}, arch)
+    masks = global_prune(model, {}, 0.99, scope="layer")
+    sparsetrain.sparsify_(model, {n: masks[n] for n in ("fc1", "fc2")})  # fc3 stays dense-masked
+    save_model(str(tmp_path / "sparse.pt"), model, {"fc3": masks["fc3"]}, arch)
+    size = os.path.getsize(tmp_path / "sparse.pt") / os.path.getsize(tmp_path / "dense.pt")
+    assert size < 0.05, size  # (values 4 B + col index 4 B per nonzero: ~2% of the dense weights)
+    old = {**model_payload(model, {"fc3": masks["fc3"]}, arch), "masks": masks_of(model, {"fc3": masks["fc3"]})}
+    files.atomic_write(str(tmp_path / "old.pt"), lambda f: torch.save(old, f), binary=True)
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    for name in ("sparse.pt", "old.pt"):
+        got, dense_masks, _ = load_model(str(tmp_path / name))
+        got.eval()
+        assert [n for n, m in got.named_modules() if type(m).__name__ == "SparseLinear"] == ["fc1", "fc2"]
+        assert list(dense_masks) == ["fc3"] and torch.equal(dense_masks["fc3"], masks["fc3"])
+        assert all(torch.equal(a, masks[n]) for n, a in masks_of(got, dense_masks).items())
+        torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -299,7 +299,7 @@ def test_end_to_end_block(mnist_dir, study_args):
     assert float(rows[-1]["sparsity"]) >= 0.9 and all(int(r["sparse_layers"]) == 0 for r in rows)
     prev = None
     for k in range(len(rows)):
-        m = safe_load(str(pd / "ckpt" / f"round_{k:02d}.pt"))["masks"]
+        m = masks_of(*load_model(str(pd / "ckpt" / f"round_{k:02d}.pt"))[:2])
         for n, mk in m.items():
             assert _blocky(mk, 32)
             if prev is not None:

@@ -1,8 +1,10 @@
 """Atomic, self-describing checkpoints of (possibly sparse) models.
 
-A model checkpoint stores its architecture (build_model arguments), the bool mask of every
-prunable layer, which layers run on the sparse engine, and the state_dict. Loading rebuilds the
-model, converts the same layers to sparse, and loads the weights with weights_only=True. A
+A model checkpoint stores its architecture (build_model arguments), which layers run on the sparse
+engine, the bool masks of the dense layers with pruned weights, and the state_dict (where a sparse
+layer's pattern is its CSR/BSR index). Loading rebuilds the model, converts the same layers to
+sparse (empty: loading the state gives them their pattern), and loads the weights with
+weights_only=True. A
 filter-pruned model (sparsetrain.prune.filter) also stores its kept channels ("channels"), and
 loading removes the others from the rebuilt model before loading the weights.
 """
@@ -60,10 +62,13 @@ def check_arch(arch) -> None:
 
 
 def model_payload(model, masks: dict, arch: dict) -> dict:
-    """Everything needed to rebuild `model`: arch (build_model kwargs), masks, sparse layers."""
+    """Everything needed to rebuild `model`: arch (build_model kwargs), sparse layers, and the masks
+    of the dense layers that have pruned weights (a sparse layer's pattern is its state's CSR/BSR
+    index; a full-size bool mask per layer made a 99%-sparse checkpoint ~22% of the dense file)."""
     check_arch(arch)
-    payload = {"format": FORMAT, "arch": dict(arch), "masks": masks_of(model, masks),
-               "sparse_layers": [n for n, m in prunable_layers(model) if is_sparse(m)],
+    sparse = [n for n, m in prunable_layers(model) if is_sparse(m)]
+    kept = {n: mk for n, mk in masks_of(model, masks).items() if n not in sparse and not bool(mk.all())}
+    payload = {"format": FORMAT, "arch": dict(arch), "masks": kept, "sparse_layers": sparse,
                "fused": any(isinstance(m, HandOff) for m in model.modules()), "state": model.state_dict()}
     if getattr(model, "kept_channels", None):  # filter-pruned: which original channels survive
         payload["channels"] = dict(model.kept_channels)
@@ -83,11 +88,19 @@ def restore_model(payload: dict):
         keep_channels_(model, payload["channels"])
     masks = payload["masks"]
     sparse = set(payload["sparse_layers"])
-    sparsify_(model, {n: masks[n] for n in sparse})
+    layers = dict(prunable_layers(model))
+    if not sparse <= set(layers):
+        raise ValueError(f"checkpoint's sparse layers {sorted(sparse - set(layers))} are not layers of "
+                         f"{payload['arch']!r}")
+    # a sparse layer built empty takes its saved pattern from the state (load_state_dict resizes it);
+    # checkpoints before 2026-12-05 hold its mask too
+    sparsify_(model, {n: masks[n] if n in masks else torch.zeros_like(layers[n].weight, dtype=torch.bool)
+                      for n in sparse})
     model.load_state_dict(payload["state"])
     if sparse and payload.get("fused", True):  # (as saved: an unfused model's float sums differ in order)
         fuse_(model, strict=False)  # sparse conv -> BN -> ReLU as one layer (same state_dict)
-    dense_masks = {n: mk for n, mk in masks.items() if n not in sparse}
+    dense_masks = {n: mk for n, mk in masks_of(model, {n: mk for n, mk in masks.items() if n not in sparse}).items()
+                   if n not in sparse}  # (every dense layer's; all-True where none was stored)
     return model, dense_masks
 
 
