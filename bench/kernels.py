@@ -111,7 +111,11 @@ def bench_linear(cases, sparsities, reps):
                 "speedup": paired_ratio(t["masked"], t["ours"]),
                 "vs_torch_sparse": paired_ratio(t["torch.sparse"], t["ours"]),
                 "gflops_useful": 6 * nnz * batch / sparse_ms / 1e6, "dense_gflops": dense_gflops,
-                "bytes_ratio": layer.weight.nbytes() / (fin * fout * 4),
+                "bytes_ratio": layer.weight.nbytes() / (fin * fout * 4),  # stored: values + CSR index
+                # in memory: + the transposed index the kernels build (row_indices_t int32, perm int64
+                # per nonzero; ccol_indices int64 per input column)
+                "resident_bytes_ratio": sum(t.numel() * t.element_size() for t in (
+                    *layer.weight.parameters(), *layer.weight.buffers())) / (fin * fout * 4),
             })
     return rows
 
