@@ -358,6 +358,36 @@ def test_an_optimizer_trains_on_through_pruning_as_on_the_dense_masked_model(mak
         torch.testing.assert_close(m.weight.to_dense(), ref.get_submodule(n).weight, rtol=1e-4, atol=1e-5)
 
 
+def test_any_per_element_state_shrinks_and_pruning_under_inference_mode_trains_on():
+    """Every state tensor of the values' shape shrinks with them, whatever its key: Adafactor's
+    `variance` of the 1-D values was refused after a prune (blaming loaded state). Pruning under
+    torch.inference_mode() leaves the model trainable (its values and optimizer state became inference
+    tensors: the next backward failed), as a dense masked model pruned so does."""
+    model = _net()
+    sparsetrain.sparsify_(model, global_prune(model, {}, 0.5))
+    ada = torch.optim.Adafactor(model.parameters())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 1, 8, 8)
+    for opt in (ada, sgd):
+        model.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    values = [m.weight.values for _, m in prunable_layers(model)]
+    before = [(ada.state[v]["variance"].clone(), sgd.state[v]["momentum_buffer"].clone(), m.weight.mask())
+              for v, (_, m) in zip(values, prunable_layers(model))]
+    with torch.inference_mode():
+        global_prune(model, {}, 0.5)
+    for v, (_, m), (var, mom, old_mask) in zip(values, prunable_layers(model), before):
+        assert not v.is_inference() and not m.weight.col_indices.is_inference()
+        keep = m.weight.mask()[old_mask]  # (the surviving entries, in the old CSR order)
+        assert torch.equal(ada.state[v]["variance"], var[keep]) and torch.equal(sgd.state[v]["momentum_buffer"], mom[keep])
+        assert not ada.state[v]["variance"].is_inference()
+    for opt in (ada, sgd):
+        model.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+
 def test_state_loaded_and_not_stepped_yet_is_refused_after_pruning():
     """Pruning shrinks the state of the optimizers that stepped the values; state loaded into another
     optimizer that has not stepped yet keeps the old size: its step is refused, saying why."""

@@ -143,6 +143,7 @@ class CSR(WeightLike, nn.Module):
         return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff(),
                                        output_size=self.col_indices.numel())  # (known: meta and fake tensors too)
 
+    @torch.inference_mode(False)  # (pruned under inference_mode: still trainable tensors, as a dense layer's)
     @torch.no_grad()
     def shrink_(self, keep: torch.Tensor) -> None:
         """Keep only the stored entries where `keep` (bool [nnz], in CSR order) is True: pruning in

@@ -67,14 +67,16 @@ def watch_resized(values: torch.Tensor, old: torch.Size, why: str = LOADED) -> N
 def shrink_state(values: torch.Tensor, keep: torch.Tensor, old: torch.Size) -> None:
     """After `values` (a Parameter, formerly of shape `old`) kept only the entries `keep` (CSR.shrink_):
     the per-element state of the optimizers that stepped it shrinks alike (its surviving weights keep
-    their momentum); other state of the old shape is refused at its optimizer's next step."""
+    their momentum): every state tensor of the values' former 1-D shape, whatever its key (Adafactor's
+    `variance` of a 1-D parameter, third-party optimizers' buffers); the state of optimizers that
+    have not stepped with it (loaded) is refused at their next step."""
     watch_resized(values, old, PRUNED)
     with _lock:
         optimizers = list(_optimizers)
     for opt in optimizers:
         state = opt.state.get(values)
         for key, t in list((state or {}).items()):
-            if key in _PER_ELEMENT and isinstance(t, torch.Tensor) and t.shape == old:
+            if isinstance(t, torch.Tensor) and t.shape == old:
                 state[key] = t[keep.to(t.device)]
 
 
@@ -84,7 +86,7 @@ def mark_stale(values: torch.Tensor) -> None:
         tensors = _stale.setdefault(values, torch.utils.weak.WeakIdKeyDictionary())
         for opt in list(_optimizers):
             for key, t in opt.state.get(values, {}).items():
-                if key in _PER_ELEMENT and isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and (key in _PER_ELEMENT or t.shape == values.shape):
                     tensors[t] = key
 
 
