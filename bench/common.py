@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import platform
 import statistics
@@ -130,6 +131,33 @@ def parse_sparsities(parser, text: str) -> list[float]:
     return vals
 
 
+def _cpu_details() -> dict:
+    """What tells these VMs' CPUs apart (their model name is often just "AMD EPYC"): family, model,
+    stepping, the ISA extensions the kernels care about, cache sizes, the CPUs this process may use."""
+    out: dict = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = (p.strip() for p in line.partition(":"))
+                if key in ("cpu family", "model", "stepping") and key not in out:
+                    out[key.replace(" ", "_")] = val
+                elif key == "flags":
+                    out["isa"] = sorted(set(val.split()) & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "fma"})
+                    break
+    except OSError:
+        pass
+    caches = {}
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level, kind, size = (open(os.path.join(d, n)).read().strip() for n in ("level", "type", "size"))
+        except OSError:
+            continue
+        caches[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+    out["caches"] = caches
+    out["usable_cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return out
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -145,8 +173,9 @@ def machine_info() -> dict:
         simd = simd_bytes()
     except Exception:  # the extension is not built
         simd = None
-    info = {"cpu": cpu, "simd_bytes": simd, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "commit": _commit(),
+    info = {"cpu": cpu, **_cpu_details(), "simd_bytes": simd, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "commit": git_commit(short=True),  # (`-dirty` with uncommitted changes: an A/B of a local edit)
             "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():  # (what a GPU table ran on)
         try:
@@ -156,18 +185,6 @@ def machine_info() -> dict:
             version = None
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, triton=version)
     return info
-
-
-def _commit() -> str:
-    """The short commit, "-dirty" when the tree has uncommitted changes (an A/B of a local edit)."""
-    import subprocess
-    commit = git_commit(short=True)
-    try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        dirty = ""
-    return commit + ("-dirty" if dirty and commit != "unknown" else "")
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:

@@ -41,12 +41,12 @@ REPLICATED_CASE = (512, 49, 10, 128)
 
 # ============================================================================ linear
 def _dense_step(x, w, mask, b, gy):
-    w.grad = x.grad = None
+    w.grad = x.grad = b.grad = None
     F.linear(x, w * mask, b).backward(gy)
 
 
 def _sparse_step(layer, x, gy):
-    layer.weight.values.grad = x.grad = None
+    layer.weight.values.grad = x.grad = layer.bias.grad = None
     layer(x).backward(gy)
 
 
@@ -90,15 +90,16 @@ def bench_linear(cases, sparsities, reps):
         dense_gflops = 6 * fin * fout * batch / dense_ms / 1e6
         for s in sparsities:
             mask = random_mask((fout, fin), s, generator=g)
-            layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
+            layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach().clone().requires_grad_())
             ws, wt, perm = _torch_sparse_setup(layer.weight)
             vals = layer.weight.values.detach().clone().requires_grad_(True)
+            bt = b.detach().clone().requires_grad_()  # (each side computes dx, dW and db)
 
             xs = leaf_per_side(x, ("masked", "ours", "torch.sparse"))
 
             def ts_step(x=xs["torch.sparse"]):
-                x.grad = vals.grad = None
-                (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + b.detach()).backward(gy)
+                x.grad = vals.grad = bt.grad = None
+                (_TorchSparseLinear.apply(x, vals, ws, wt, perm) + bt).backward(gy)
 
             t = interleaved_times({"masked": lambda: _dense_step(xs["masked"], w, mask, b, gy),
                                    "ours": lambda: _sparse_step(layer, xs["ours"], gy),
@@ -138,12 +139,12 @@ def bench_linear_replicated(sparsities, reps, case=None):
     spread = lambda x: x.expand(batch, channels, side, side).flatten(1)  # noqa: E731 (the study's pool + flatten)
     for s in sparsities:
         mask = random_mask((fout, fin), s, generator=g)
-        layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach())
+        layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach().clone().requires_grad_())
 
         xs = leaf_per_side(x, ("masked", "sparse", "replicated"))
 
         def step(x, param, f):  # (each side frees the gradients it made: common.leaf_per_side)
-            x.grad = param.grad = None
+            x.grad = param.grad = b.grad = layer.bias.grad = None  # (each side computes db too)
             f(x).backward(gy)
 
         vals = layer.weight.values

@@ -5,6 +5,8 @@ import math
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 import conv_bench  # noqa: E402
@@ -20,8 +22,21 @@ def test_linear_section_rows():
     rows = kernels.bench_linear([(37, 11, 9)], [0.5, 0.99], reps=1)
     assert [r["sparsity"] for r in rows] == [0.5, 0.99]
     for r in rows:
-        assert _finite(r, ["dense_ms", "sparse_ms", "torch_sparse_ms", "speedup", "vs_torch_sparse", "bytes_ratio"])
+        assert _finite(r, ["dense_ms", "sparse_ms", "torch_sparse_ms", "speedup", "vs_torch_sparse", "bytes_ratio",
+                           "resident_bytes_ratio"])
         assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
+        # resident: + row_indices_t (int32) and perm (int64) per nonzero, ccol_indices (int64) per input column
+        assert r["resident_bytes_ratio"] * 37 * 11 * 4 == pytest.approx(r["bytes_ratio"] * 37 * 11 * 4 + 12 * r["nnz"]
+                                                                         + 8 * 38)
+
+
+def test_machine_record_tells_the_cpus_apart():
+    """The JSON's machine: family, model, ISA and caches (these VMs' model name is often "AMD EPYC"
+    alone), and the commit with one `-dirty` at most (the bench added a second to git_commit's)."""
+    import common
+    info = common.machine_info()
+    assert {"cpu_family", "model", "isa", "caches", "usable_cpus"} <= set(info) and info["caches"]
+    assert not info["commit"].endswith("-dirty-dirty")
 
 
 def test_linear_replicated_section_rows():
