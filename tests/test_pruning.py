@@ -388,6 +388,20 @@ def test_any_per_element_state_shrinks_and_pruning_under_inference_mode_trains_o
         opt.step()
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_pruning_between_a_forward_and_its_backward_is_autograds_inplace_error(conv):
+    """The values a pending graph saved were resized in place without a version bump: the backward
+    failed in the kernels' size check ("values must have nnz = ..."); now autograd's own in-place error."""
+    torch.manual_seed(0)
+    m = (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)) if conv
+         else nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5)))
+    sparsetrain.sparsify_(m, global_prune(m, {}, 0.5))
+    y = m(torch.randn(3, 3, 8, 8) if conv else torch.randn(3, 30)).sum()
+    global_prune(m, {}, 0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_state_loaded_and_not_stepped_yet_is_refused_after_pruning():
     """Pruning shrinks the state of the optimizers that stepped the values; state loaded into another
     optimizer that has not stepped yet keeps the old size: its step is refused, saying why."""

@@ -164,6 +164,9 @@ class CSR(WeightLike, nn.Module):
         v, old = self.values, self.values.shape
         grad = v.grad
         v.data, v.grad = v.data[keep], None
+        # (a graph that saved the values, a forward not yet backpropagated, now fails as autograd says for
+        # any in-place change, not with the kernels' size check)
+        torch.autograd.graph.increment_version(v)
         if grad is not None:
             v.grad = grad[keep]
         shrink_state(v, keep, old)
