@@ -504,6 +504,27 @@ def test_state_of_another_shape_by_design_is_not_refused_after_a_resize():
     assert ada.state[bsr.weight.values]["row_var"].shape != bsr.weight.values.shape
 
 
+@pytest.mark.parametrize("kind", ["csr", "bsr"])
+def test_a_load_under_inference_mode_leaves_the_layer_trainable(kind):
+    """load_state_dict of another nnz under torch.inference_mode(): the resized values and the index
+    buffers were inference tensors, which autograd refused to save in the next training forward (a dense
+    layer loaded so trains on)."""
+    torch.manual_seed(5)
+    if kind == "csr":
+        layer, src = (SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), s)) for s in (0.9, 0.2))
+    else:
+        layer = sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32), block_size=16)
+        src = sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32), 16,
+                                              torch.block_diag(torch.ones(16, 16), torch.ones(16, 16)).bool())
+    with torch.inference_mode():
+        layer.load_state_dict(src.state_dict())
+    assert not any(t.is_inference() for t in (*layer.parameters(), *layer.buffers()))
+    x = torch.randn(3, layer.weight.shape[1])
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.weight.to_dense(), src.weight.to_dense(), rtol=0, atol=0)
+    assert layer.weight.values.grad is not None
+
+
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
     other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views

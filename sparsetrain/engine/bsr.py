@@ -77,6 +77,7 @@ class BSR(WeightLike, nn.Module):
                                                                                        self.col_indices, CB)):
             self.register_buffer(name, t, persistent=False)
 
+    @torch.inference_mode(False)  # (loaded under inference_mode: trainable tensors, as a dense layer's)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for name in ("ccol_indices", "row_indices_t", "perm"):  # (saved by versions that kept them)

@@ -218,6 +218,7 @@ class CSR(WeightLike, nn.Module):
     # ------------------------------------------------------------------ state_dict: the pattern
     # changes size when pruned, so loading resizes the buffers (and the values parameter when the
     # saved nnz differs) to the saved pattern, checked first; dtype and device stay the layer's.
+    @torch.inference_mode(False)  # (loaded under inference_mode: trainable tensors, as a dense layer's)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "CSR"):
