@@ -133,7 +133,7 @@ def _run_dir(root):  # (the run_dir --print-config prints)
     return Path(run_dir_of(config_from_args(_argv(root))[0]))
 
 
-BASE = ["--profile", "quick", "--subset", "0", "--epochs", "1", "--threads", "1", "--no-download"]
+BASE = ["--profile", "quick", "--subset", "0", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--no-download"]
 
 
 def _argv(root, *argv, dataset="mnist"):
@@ -173,7 +173,11 @@ CASES = [
     ("lr", "mnist", ["--lr", "-1"], None, "--lr must be > 0"),
     ("student-lr", "mnist", ["--student-lr", "0"], None, "--student-lr must be > 0"),
     ("subset", "mnist", ["--subset", "-5"], None, "--subset must be >= 0"),
-    ("val-fraction", "mnist", ["--val-fraction", "1.5"], None, "--val-fraction must be in [0, 1)"),
+    ("val-fraction", "mnist", ["--val-fraction", "1.5"], None, "--val-fraction must be in (0, 1)"),
+    ("batch-above-split", "mnist", ["--batch-size", "100"], _mnist,
+     "--teacher-batch-size 100 is larger than the 36 training images"),
+    ("one-training-image", "mnist", ["--subset", "2", "--val-fraction", "0.5"], _mnist,
+     "1 training image(s) after the validation split: the study needs at least 2"),
     ("threads", "mnist", ["--threads", "-1"], None, "--threads must be in [0, 4096]"),
     ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more distinct seeds in [0, 2^63)"),
     ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),

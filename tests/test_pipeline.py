@@ -138,14 +138,21 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--wall", "0"], "--wall must be in"),
     (["mnist", "--alpha", "2"], "--alpha must be in"),
     (["mnist", "--tau", "0"], "--tau must be > 0"),
-    (["mnist", "--tau", "inf"], "--tau must be > 0 and finite"),
-    (["mnist", "--lr", "inf"], "--lr must be > 0 and finite"),
+    (["mnist", "--tau", "inf"], "--tau must be > 0 and <= 1e+18"),
+    (["mnist", "--tau", "1e19"], "--tau must be > 0 and <= 1e+18 (tau^2 scales the KD loss in float32)"),
+    (["mnist", "--lr", "inf"], "--lr must be > 0 and finite in float32"),
+    (["mnist", "--lr", "1e39"], "--lr must be > 0 and finite in float32 (<= 3.4e38), got 1e+39"),
+    (["mnist", "--weight-decay", "1e39"], "--weight-decay must be >= 0 and finite in float32"),
+    (["mnist", "--drop", "10"], "--drop must be in (0, 1], got 10.0"),
+    (["mnist", "--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
+    (["mnist", "--epochs", "5", "--milestones", "3", "10"], "--milestones must be epochs in [1, 5)"),
+    (["mnist", "--profile", "quick", "--student-milestones", "500"], "--student-milestones must be epochs in [1, 30)"),
     (["mnist", "--model", "alexnet"], "--model: unknown model 'alexnet'"),
     (["mnist", "--perturb", "shuffle"], "argument --perturb: invalid choice"),
     (["mnist", "--structure", "rows"], "argument --structure: invalid choice"),
     (["mnist", "--lr", "-1"], "--lr must be > 0"),
     (["mnist", "--subset", "-5"], "--subset must be >= 0"),
-    (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["mnist", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
     (["mnist", "--threads", "-1"], "--threads must be in [0, 4096]"),
     (["mnist", "--threads", "2147483648"], "--threads must be in [0, 4096]"),
     (["mnist", "--seeds", "-1"], "--seeds must be one or more distinct seeds in [0, 2^63)"),
@@ -169,6 +176,15 @@ def test_cli_errors_exit_2(argv, message, capsys):
         config_from_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_empty_student_is_the_teachers_model_on_its_own_schedule():
+    """--student '' (the teacher's model) trains on that model's Table 4 row: it took the preset
+    student's (VGG-like's lr 0.001 for a ResNet-18 student) and made a separate vanilla run."""
+    for argv in (["--student", ""], ["--student", "resnet18"]):
+        cfg = config_from_args(["cifar10", *argv])[0]
+        assert cfg.hyper("student") == cfg.hyper("teacher") and not cfg.separate_vanilla(), argv
+    assert config_from_args(["cifar10"])[0].hyper("student").lr == 0.001  # (the preset's VGG-like student)
 
 
 def test_print_config_shows_what_runs_and_one_model_under_its_aliases(capsys):
@@ -550,8 +566,8 @@ def test_teacher_paths_are_checked_before_training(mnist_dir, study_args, capsys
     assert not list((mnist_dir / "runs").rglob("metrics.csv"))  # nothing trained
     assert study.main(base + ["--perturb", "rewind", "--rewind-iter", "100000"]) == 2
     assert "--rewind-iter=100000 is past the" in capsys.readouterr().err
-    assert study.main(base + ["--val-fraction", "0"]) == 2
-    assert "--val-fraction 0.0: the validation split is empty" in capsys.readouterr().err
+    assert study.main(base + ["--val-fraction", "0.01"]) == 2  # (0 of 80 images; 0 itself is refused up front)
+    assert "--val-fraction 0.01: the validation split is empty" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

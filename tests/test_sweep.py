@@ -121,7 +121,11 @@ def test_cli_errors_are_one_line(tmp_path):
              (["grid", "--dataset", "mnist", "--seeds", "0", "--block", "16", "64"],
               "two points of the grid are the same study (--block 16 and 64)"),
              (["report", str(tmp_path), "--alpha", "0.5", "--dry-run"],
-              "report takes run directories and --out only, got --dry-run, --alpha"))
+              "report takes run directories and --out only, got --dry-run, --alpha"),
+             # runs that could never start: the runner hides every GPU at --gpus-per-run 0
+             (["grid", "--dataset", "mnist", "--device", "cpu", "cuda", "--dry-run"],
+              "--device cuda needs a GPU, and --gpus-per-run 0 (the default) gives the runs none"),
+             (["grid", "--dataset", "mnist", "--amp", "fp16", "--dry-run"], "--amp fp16 needs a GPU"))
     # (each its own process, forked from one that imported torch and the sweep once: tests/cli_forks.py)
     outs = cli_forks.run("sparsetrain.sweep", [(tmp_path, argv) for argv, _ in cases], preload=["sparsetrain.sweep.cli"])
     for (argv, needle), out in zip(cases, outs):
@@ -321,7 +325,8 @@ def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
         assert study.main(base + ["--out", str(out), "--phases", "teacher"]) == 0
         (rd,) = out.iterdir()
         best = json.loads((rd / "seed0" / "teacher" / "best.json").read_text())
-        write_json(rd / "seed0" / "teacher" / "best.json", {**best, "round": best_round})  # as if validated so
+        write_json(rd / "seed0" / "teacher" / "best.json", {**best, "round": best_round},  # as if validated so
+                   checksum=True)  # (a finished phase's results carry checksums)
         assert study.main(base + ["--out", str(out)]) == 0
         linked = os.path.islink(rd / "seed0" / "distill-best")
         assert linked == (best_round == 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -110,10 +109,12 @@ class Config:
     student_weight_decay: float = _role("student", "weight_decay", 1e-4)
     student_rewind_iter: int = _role("student", "rewind_iter", 1000)
     momentum: float = _f(0.9, "SGD momentum (every run)")
-    drop: float = _f(0.1, "LR drop factor at the milestones (every run)")
-    val_fraction: float = _f(0.1, "validation split held out of the training data")
+    drop: float = _f(0.1, "LR drop factor at the milestones, in (0, 1] (every run)")
+    val_fraction: float = _f(0.1, "validation split held out of the training data, in (0, 1) (flowers102 keeps "
+                                  "its official one)")
     clean_val: bool = _f(False, "keep validation labels clean (default: same noise as training)")
-    subset: int = _f(0, "use only the first N training images (0: all; all when the dataset has fewer)")
+    subset: int = _f(0, "use only N training images (0: all; all when the dataset has fewer): the first N, "
+                        "spread over the classes for flowers102 and imagefolder")
     seeds: tuple = _f((0,), "seeds; each runs the whole study (mean +- std over them)")
     data_dir: str = _f("data", "where datasets are looked for / downloaded")
     no_download: bool = _f(False, "never download a missing dataset (fail with where it was looked for)")
@@ -214,7 +215,7 @@ def preset(profile: str, dataset: str, model: str | None = None, student: str | 
         p["eps"] = 0.0  # the human labels are the noise
     if model:
         p.update(model=model, student="")
-    if student:
+    if student is not None:  # ('' too: the teacher's model, on its own schedule below)
         p["student"] = student
     roles = {"teacher": p["model"], "student": p["student"] or p["model"]}
     for role, m in roles.items():
@@ -223,6 +224,9 @@ def preset(profile: str, dataset: str, model: str | None = None, student: str | 
 
 
 # ---------------------------------------------------------------------------- validation
+_F32_MAX = 3.4028234663852886e38  # float32's largest (the optimizer applies lr and weight decay to float32 weights)
+_TAU_MAX = 1e18  # (tau^2 stays finite in float32: < 3.4e38)
+
 def _check_models(values: dict) -> None:
     for k in ("model", "student"):
         if values.get(k) or k == "model" and k in values:  # (an empty --student: the teacher's model)
@@ -245,13 +249,14 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
                              f"{', '.join(map(str, allowed))}, got {' '.join(map(str, value)) if many else repr(value)}")
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
-              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau < math.inf, "> 0 and finite"),
+              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau <= _TAU_MAX, f"> 0 and <= {_TAU_MAX:g} (tau^2 scales the KD loss in float32)"),
               ("t_e", 0 < cfg.t_e <= 1, "in (0, 1] (a fraction of the dense or peak entropy)"),
               ("t_a", 0 < cfg.t_a <= 1, "in (0, 1] (a fraction of the best validation accuracy)"),
               ("stop_falls", cfg.stop_falls >= 1, ">= 1"), ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
-              ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
+              ("val_fraction", 0.0 <= cfg.val_fraction < 1.0 and (cfg.val_fraction > 0 or cfg.dataset == "flowers102"),
+               "in (0, 1) (the study picks each run's best round and stops early on the validation split)"),
               ("threads", 0 <= cfg.threads <= 4096, "in [0, 4096] (0: this run's CPU share)"),
-              ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop < math.inf, "> 0 and finite"),
+              ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop <= 1, "in (0, 1]"),
               ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(0 <= s < 2**63 for s in cfg.seeds),
                "one or more distinct seeds in [0, 2^63)"),
               ("teachers", len(set(cfg.teachers)) == len(cfg.teachers) > 0, "one or more distinct of best, dense, PATH"),
@@ -260,8 +265,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
         hp = cfg.hyper(role)
         checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"),
                    (f"{role}_batch_size", hp.batch_size >= 2, ">= 2 (BatchNorm trains on batch statistics)"),
-                   (f"{role}_lr", 0 < hp.lr < math.inf, "> 0 and finite"),
-                   (f"{role}_weight_decay", 0 <= hp.weight_decay < math.inf, ">= 0 and finite"),
+                   (f"{role}_lr", 0 < hp.lr <= _F32_MAX, "> 0 and finite in float32 (<= 3.4e38)"),
+                   (f"{role}_weight_decay", 0 <= hp.weight_decay <= _F32_MAX, ">= 0 and finite in float32 (<= 3.4e38)"),
                    (f"{role}_rewind_iter", hp.rewind_iter >= 0, ">= 0"),
                    (f"{role}_milestones", all(m >= 1 for m in hp.milestones)
                     and list(hp.milestones) == sorted(set(hp.milestones)), "increasing epochs >= 1")]
@@ -356,6 +361,12 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
         p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
         cfg = Config(**{**dataclasses.asdict(base), **p, **given})
         validate(cfg, flags)
+        for role in ROLES:  # (given milestones past the run's epochs would never lower the LR)
+            hp, key = cfg.hyper(role), f"{role}_milestones"
+            if key in given and any(m >= hp.epochs for m in hp.milestones):
+                flag = flags.get(key, f"--{key.replace('_', '-')}")
+                raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
+                                 f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
     except ValueError as e:
         parser.error(str(e))
     return cfg, args

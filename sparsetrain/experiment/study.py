@@ -235,6 +235,16 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
         if len(splits.train) < dist.world():  # (a rank without rows has no layer shapes for the entropy's sums)
             raise UsageError(f"{len(splits.train)} training images for {dist.world()} ranks: every rank needs rows "
                              "of its own; use fewer processes or more data (--subset)")
+        if len(splits.train) < 2:  # (BatchNorm trains on batch statistics: one image has none)
+            raise UsageError(f"{len(splits.train)} training image(s) after the validation split: the study needs at "
+                             "least 2 (raise --subset or lower --val-fraction)")
+        roles = [r for r in ("teacher", "student") if any((ph == "teacher") == (r == "teacher") for ph in train)]
+        too_big = [(r, cfg.hyper(r).batch_size) for r in roles if cfg.hyper(r).batch_size > len(splits.train)]
+        if too_big:  # (it was clamped to the whole split, silently)
+            role, bs = too_big[0]
+            raise UsageError(f"--{role}-batch-size {bs} is larger than the {len(splits.train)} training images: give "
+                             "--batch-size (or --teacher-/--student-batch-size) at most the split's size, or more "
+                             "data (--subset)")
         if seed == cfg.seeds[0]:
             check_teachers_fit(cfg, splits)
         sd = os.path.join(rd, f"seed{seed}")

@@ -173,6 +173,13 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a directory")
     settings = _settings(args, parser)
+    if gpus == 0:  # (the runner hides every GPU from such runs: each would fail after its teacher's wait)
+        values = lambda k: settings.get(k) if isinstance(settings.get(k), list) else [settings.get(k)]  # noqa: E731
+        cuda = [f"--device {d}" for d in values("device") if str(d).startswith("cuda")] + [
+            f"--amp {a}" for a in values("amp") if a in ("bf16", "fp16")]
+        if cuda:
+            parser.error(f"{cuda[0]} needs a GPU, and --gpus-per-run 0 (the default) gives the runs none: "
+                         "give --gpus-per-run (e.g. 1)")
     from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
     try:
         plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
