@@ -238,7 +238,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
         if len(splits.train) < 2:  # (BatchNorm trains on batch statistics: one image has none)
             raise UsageError(f"{len(splits.train)} training image(s) after the validation split: the study needs at "
                              "least 2 (raise --subset or lower --val-fraction)")
-        roles = [r for r in ("teacher", "student") if any((ph == "teacher") == (r == "teacher") for ph in train)]
+        roles = ["teacher"] * ("teacher" in train) + ["student"] * any(ph != "teacher" for ph in train)
         too_big = [(r, cfg.hyper(r).batch_size) for r in roles if cfg.hyper(r).batch_size > len(splits.train)]
         if too_big:  # (it was clamped to the whole split, silently)
             role, bs = too_big[0]
