@@ -332,7 +332,9 @@ def test_an_optimizer_trains_on_through_pruning_as_on_the_dense_masked_model(mak
     keeps training the same values Parameters, the surviving weights keeping their momentum (Adam's
     moments), so the sparse model follows the dense masked one (gradients masked, weights masked
     again after each step) through two prunings, one between a backward and its step (the gradient
-    shrinks too). (Before, pruning put in new Parameters that the optimizer never stepped.)"""
+    shrinks too). (Before, pruning put in new Parameters that the optimizer never stepped.) The
+    steps' graphs stay alive (a training loop's `loss` variable): the first backward after a prune
+    failed with "returned an invalid gradient" (autograd's cached accumulator of the old nnz)."""
     ref = _net()
     model = copy.deepcopy(ref)
     masks_ref = global_prune(ref, {}, 0.5)
@@ -341,10 +343,12 @@ def test_an_optimizer_trains_on_through_pruning_as_on_the_dense_masked_model(mak
     values = [m.weight.values for _, m in prunable_layers(model)]
     torch.manual_seed(3)
     x, t = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    alive = []  # (every step's loss, its graph with it)
     for it in range(9):
         for m, o in ((ref, opt_ref), (model, opt)):
             o.zero_grad()
-            F.cross_entropy(m(x), t).backward()
+            alive.append(F.cross_entropy(m(x), t))
+            alive[-1].backward()
         if it in (3, 6):
             masks_ref = global_prune(ref, masks_ref, 0.4)
             global_prune(model, {}, 0.4)

@@ -601,3 +601,30 @@ def test_cnn_training_follows_dense_masked_trajectory():
         torch.testing.assert_close(sparse.get_submodule(n).weight.to_dense(), dense.get_submodule(n).weight,
                                    rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(sparse.get_submodule(n).bias, dense.get_submodule(n).bias, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
+    """torch.export and FakeTensor trace the fakes: inputs the C++ kernels refuse (a conv of other
+    channels or a map under its kernel, a 1x1 map pooled 2x2, a linear gradient of another width) were
+    given a shape, so an exported program failed only when run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    conv = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), torch.rand(4, 3, 3, 3) > 0.5).eval()
+    lin = SparseLinear.from_dense(nn.Linear(6, 5), torch.rand(5, 6) > 0.5)
+    with pytest.raises(RuntimeError, match="x has 2 channels but the weight expects 3"):
+        conv(torch.randn(1, 2, 6, 6))  # (the C++ kernel's refusal)
+    with pytest.raises(Exception, match=r"does not fit a 3x3 kernel over 27 columns"):
+        torch.export.export(conv, (torch.randn(1, 2, 6, 6),))
+    w = conv.weight
+    cases = [(lambda: torch.ops.sparsetrain.sparse_conv2d(torch.randn(1, 3, 2, 6), *w.index(), [3, 3], [1, 1],
+                                                          [0, 0], None), "does not fit a 3x3 kernel"),
+             (lambda: torch.ops.sparsetrain.max_pool2x2(torch.randn(1, 2, 1, 1)), r"must be 4-D, >= 2x2"),
+             (lambda: torch.ops.sparsetrain.sparse_linear_grad_input(torch.randn(2, 4), *lin.weight.index()),
+              "grad_out's last dimension must be 5, got 4")]
+    for call, message in cases:
+        with pytest.raises(RuntimeError):
+            call()  # (the real kernel)
+        with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(Exception, match=message):
+            call()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # (what fits still traces)
+        assert conv(torch.randn(2, 3, 6, 6)).shape == (2, 4, 4, 4)

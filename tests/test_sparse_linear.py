@@ -504,6 +504,21 @@ def test_state_of_another_shape_by_design_is_not_refused_after_a_resize():
     assert ada.state[bsr.weight.values]["row_var"].shape != bsr.weight.values.shape
 
 
+def test_a_load_of_another_nnz_while_the_last_graph_is_alive_trains_on():
+    """The last step's graph still referenced (its loss): the backward after a load of another nnz
+    failed with "returned an invalid gradient ... expected shape compatible with [old nnz]"."""
+    torch.manual_seed(6)
+    layer, src = (SparseLinear.from_dense(nn.Linear(16, 8), random_mask((8, 16), s)) for s in (0.9, 0.2))
+    loss = layer(torch.randn(3, 16)).sum()
+    loss.backward()
+    layer.load_state_dict(src.state_dict())
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.values.grad.shape == (src.nnz,)
+    # d sum(y) / dW[i, j] = sum_b x[b, j], at the kept positions in CSR (row-major) order
+    torch.testing.assert_close(layer.weight.values.grad, x.detach().sum(0).expand(8, 16)[src.weight.mask()])
+
+
 @pytest.mark.parametrize("kind", ["csr", "bsr"])
 def test_a_load_under_inference_mode_leaves_the_layer_trainable(kind):
     """load_state_dict of another nnz under torch.inference_mode(): the resized values and the index

@@ -163,10 +163,7 @@ class CSR(WeightLike, nn.Module):
         self.col_indices = self.col_indices[keep]
         v, old = self.values, self.values.shape
         grad = v.grad
-        v.data, v.grad = v.data[keep], None
-        # (a graph that saved the values, a forward not yet backpropagated, now fails as autograd says for
-        # any in-place change, not with the kernels' size check)
-        torch.autograd.graph.increment_version(v)
+        resize_values_(v, v.data[keep])
         if grad is not None:
             v.grad = grad[keep]
         shrink_state(v, keep, old)
@@ -259,6 +256,20 @@ def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate:
     return shape, crow, col
 
 
+def resize_values_(v: nn.Parameter, new: torch.Tensor) -> None:
+    """`v` (a values Parameter) takes `new`'s data, of another nnz, in place (an optimizer holding it
+    trains on); its gradient is dropped. Autograd's cached gradient accumulator of `v` is dropped too:
+    `.data =` keeps it unless the dtype or device changes, and a graph still alive (the last step's
+    `loss`) holds it, so the next backward accumulated the new nnz's gradient through a node of the
+    old shape ("returned an invalid gradient"). A graph that saved `v` and was not backpropagated yet
+    fails as autograd says for any in-place change (the version bump), not in the kernels' size check."""
+    v.grad = None
+    other = torch.float32 if new.dtype == torch.float64 else torch.float64
+    v.data = new.new_empty(0, dtype=other)  # (a dtype change: set_data resets the accumulator)
+    v.data = new
+    torch.autograd.graph.increment_version(v)
+
+
 def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error_msgs, kind: str) -> bool:
     """Before nn.Module loads a CSR/BSR `module`'s state: a saved pattern (all of crow_indices,
     col_indices and values, checked against the module's shape, and against the saved logical
@@ -299,7 +310,7 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
         if resized:
             old = v.shape
-            v.data, v.grad = v.new_empty(values.shape), None
+            resize_values_(v, v.new_empty(values.shape))
             watch_resized(v, old)
             mark_stale(v)  # (its state of the old positions, should a later load bring back their nnz)
         elif moved:  # another pattern of the same nnz: the gradient and state of its old positions

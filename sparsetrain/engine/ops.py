@@ -189,8 +189,9 @@ def _linear_backward(ctx, grad_out):
 
 
 _register(Op("sparse_linear", _linear_fake, "sparse_linear.sparse_linear", _linear_setup, _linear_backward))
-_register(Op("sparse_linear_grad_input", lambda dy, crow, col, values, ccol, row_t, perm:
-             dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)), "sparse_linear.sparse_linear_grad_input"))
+_register(Op("sparse_linear_grad_input", lambda dy, crow, col, values, ccol, row_t, perm: (torch._check(
+    dy.shape[-1] == crow.shape[0] - 1, lambda: f"grad_out's last dimension must be {crow.shape[0] - 1}, got {dy.shape[-1]}"),
+    dy.new_empty((*dy.shape[:-1], ccol.shape[0] - 1)))[1], "sparse_linear.sparse_linear_grad_input"))
 _register(Op("sparse_linear_grad_weight", lambda dy, x, crow, col: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_linear.sparse_linear_grad_weight"))
 
@@ -206,8 +207,9 @@ def _conv_out(size, k, s, p):
 def _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias):
     torch._check(x.dim() == 4, lambda: "x must be 4-D [batch, channels, height, width]")
     kh, kw = kernel_size
-    oh = _conv_out(x.shape[2], kh, stride[0], padding[0])
-    ow = _conv_out(x.shape[3], kw, stride[1], padding[1])
+    oh, ow = _conv_out(x.shape[2], kh, stride[0], padding[0]), _conv_out(x.shape[3], kw, stride[1], padding[1])
+    torch._check(x.shape[1] * kh * kw == ccol.shape[0] - 1 and oh >= 1 and ow >= 1, lambda: f"x {tuple(x.shape)} does "
+                 f"not fit a {kh}x{kw} kernel over {ccol.shape[0] - 1} columns (channels, or a map under the kernel)")
     return x.new_empty((x.shape[0], crow.shape[0] - 1, oh, ow))
 
 
@@ -243,8 +245,7 @@ def _conv_backward(ctx, grad_out):
 
 _register(Op("sparse_conv2d", _conv_fake, "sparse_conv2d.sparse_conv2d", _conv_setup, _conv_backward))
 _register(Op("sparse_conv2d_grad_input", _conv_grad_input_fake, "sparse_conv2d.sparse_conv2d_grad_input"))
-_register(Op("sparse_conv2d_grad_weight",
-             lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape, dtype=_grad_dtype(x)),
+_register(Op("sparse_conv2d_grad_weight", lambda dy, x, crow, col, k, s, p: x.new_empty(col.shape, dtype=_grad_dtype(x)),
              "sparse_conv2d.sparse_conv2d_grad_weight"))
 _register(Op("sparse_conv2d_backward",
              lambda dy, x, crow, col, values, ccol, row_t, perm, k, s, p, add=None: (x.new_empty(x.shape),
@@ -289,6 +290,7 @@ _register(Op("bn_scale_shift", lambda stats, count, w, b, rm, rv, nbt, momentum,
 # out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0;
 # with in_scale/in_shift the window of act(in_scale * x + in_shift) (a fused layer's BatchNorm output).
 def _pool_fake(x, in_scale=None, in_shift=None, in_relu=False):
+    torch._check(x.dim() == 4 and x.shape[2] >= 2 <= x.shape[3], lambda: f"x must be 4-D, >= 2x2, got {tuple(x.shape)}")
     shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
@@ -320,8 +322,7 @@ _register(Op("relu_count_", lambda counts, pre: None))
 _register(Op("sparse_conv2d_small_tile", None))  # (which CPU conv kernel serves a geometry: an int, nothing to trace)
 
 
-# The extension's own functions (docs in csrc/sparsetrain.cpp): the CPU kernels' register width (64
-# AVX-512, 32 AVX2, 16 baseline); the output pool's memory (bytes) and freeing its unreferenced buffers.
+# csrc/sparsetrain.cpp's: the kernels' register width (64/32/16 B), the output pool's bytes, freeing its unused ones
 simd_bytes, pool_bytes, empty_pool = _C.simd_bytes, _C.pool_bytes, _C.empty_pool
 
 
@@ -365,8 +366,7 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
         return sparse_conv2d(x.unsqueeze(0), weight, bias, stride, padding).squeeze(0)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width] or 3-D unbatched, got shape {tuple(x.shape)}")
-    k = list(weight.shape[2:])
-    s = pair(stride, "stride")
+    k, s = list(weight.shape[2:]), pair(stride, "stride")
     return _call("sparse_conv2d", x, *weight.index(), k, s, conv2d_padding(padding, k, s), bias)
 
 
