@@ -465,6 +465,17 @@ def test_mask_helpers_zero_nan_and_inf_at_pruned_positions():
     assert torch.equal(g[mask].nan_to_num(7.0), torch.tensor([1.0, 1, 1, 1, 7, 1]))
 
 
+@pytest.mark.parametrize("fn", [mask_grads_, enforce_masks_])
+@pytest.mark.parametrize("key, message", [("0.weight", r"names '0.weight', .*a layer's name, not its weight's: '0'"),
+                                          ("x", r"names 'x', which is not a prunable layer"),
+                                          ("1", r"names '1', which is not a prunable layer")])
+def test_mask_helpers_name_a_key_that_is_no_layer(fn, key, message):
+    """As every masks-taking function (check_masks): a bare AttributeError from get_submodule before."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with pytest.raises(KeyError, match=message):
+        fn(model, {key: torch.ones(3, 4, dtype=torch.bool)})
+
+
 def test_model_masks_takes_the_layers_sparsify_takes():
     """sparsetrain.testing.model_masks: exactly nn.Conv2d / nn.Linear (a subclass, or
     MultiheadAttention's out_proj, got a mask sparsify_ and global_prune then refused)."""

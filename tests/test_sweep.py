@@ -200,6 +200,10 @@ def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     base = study_args(mnist_dir, "--teachers", "dense")
     assert study.main(base + ["--out", str(mnist_dir / "x"), "--phases", "distill"]) == 2
     assert "needs a finished teacher phase" in capsys.readouterr().err
+    # (refused before anything ran: no config.json is left for a report to list or --resume to take)
+    assert not list((mnist_dir / "x").rglob("config.json"))
+    assert study.main(base + ["--out", str(mnist_dir / "x"), "--phases", "distill", "--resume"]) == 2
+    assert "--resume: no run to resume" in capsys.readouterr().err
     assert study.main(base + ["--out", str(mnist_dir / "t"), "--phases", "teacher"]) == 0
     (teacher,) = (mnist_dir / "t").iterdir()
     assert study.main(base + ["--out", str(mnist_dir / "s"), "--phases", "distill", "--reuse", str(teacher)]) == 0

@@ -261,9 +261,12 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
 def _masked(model: nn.Module, masks: dict):
     """(layer, mask) per entry, each mask checked against its layer's weight (per training step: cheap)."""
     for name, mk in masks.items():
-        m = model.get_submodule(name)
-        if (pruned_by_torch(m) or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool
-                or mk.shape != m.weight.shape):
+        try:
+            m = model.get_submodule(name)
+        except (AttributeError, TypeError):  # (a typo, "fc.weight": check_masks' KeyError says which)
+            m = None
+        if (not hasattr(m, "weight") or pruned_by_torch(m) or not isinstance(mk, torch.Tensor)
+                or mk.dtype != torch.bool or mk.shape != m.weight.shape):
             check_masks(model, {name: mk})  # (raises, naming the layer)
         yield m, mk
 

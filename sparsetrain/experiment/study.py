@@ -190,9 +190,15 @@ def run_study(cfg: Config) -> str:
         def setup():
             held.enter_context(folder_lock(run_dir_of(cfg)))
             finish_interrupted_writes(run_dir_of(cfg))  # (what a kill left half-renamed or half-written)
+            fresh = not os.path.isfile(os.path.join(run_dir_of(cfg), "config.json"))
             rd = prepare_run_dir(cfg)
-            check_teacher_files(cfg, rd)
-            prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
+            try:
+                check_teacher_files(cfg, rd)
+                prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
+            except _EXPECTED:
+                if fresh:  # (refused before anything ran: no run is left for a report or --resume to find)
+                    os.remove(os.path.join(rd, "config.json"))
+                raise
         _on_main(setup)
         return _run_seeds(cfg, run_dir_of(cfg), dev)
 
