@@ -1287,32 +1287,50 @@ def test_a_forward_that_skips_a_fused_batchnorm_is_refused():
 
 
 class _OptionalArg(nn.Module):
-    """forward(x, extra=None): `extra is None` is False for fx's Proxy, so a trace without the default
-    followed the other branch (the pool) and linked the fused conv to it."""
+    """forward(x, extra=None): `extra is None` is False for fx's Proxy, so the trace followed the other
+    branch (the pool) and linked the fused conv to it; traced at the default instead, a call passing
+    `extra` would take an untraced branch."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.relu, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
 
-    def forward(self, x, extra=None, *, scale: float = 1.0):
+    def forward(self, x, extra=None):
         y = self.relu(self.bn(self.conv(x)))
         if extra is None:
-            return y * scale
+            return y
         return self.pool(y) + extra
 
 
-def test_forward_arguments_with_defaults_are_traced_at_them():
-    """The default call's path is the one fused: it returned the BN's input y in place of relu(bn(y))
-    on the first forward (off by ~2), and raised on the second; the other path stays right too."""
+class _FeatureFlag(nn.Module):
+    """forward(x, features=False): returns the BN's output when asked (a flag fx's Proxy cannot test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x, features=False):
+        y = self.bn(self.conv(x))
+        return y if features else self.relu(y)
+
+
+@pytest.mark.parametrize("make, extra", [(_OptionalArg, torch.randn(2, 4, 4, 4)), (_FeatureFlag, True)])
+def test_a_forward_branching_on_a_defaulted_argument_is_not_fused(make, extra):
+    """The graph is traced with proxies and at the defaults; where the two differ (or the proxy trace
+    fails) the model is refused (strict) or left unfused: `extra is None` traced the pool branch and
+    the default call's first forward returned the BN's input (off by ~2); tracing at the defaults alone
+    fused the flag model, whose `features=True` call then returned the ReLU's output."""
     torch.manual_seed(0)
-    dense = _OptionalArg()
+    dense = make()
     fused = copy.deepcopy(dense)
-    sparsetrain.sparsify_(fused, model_masks(fused, 0.0), fuse=True)
-    assert type(fused.conv).__name__ == "SparseConvBNReLU"
-    x, extra = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)
-    for args in ((x,), (x,), (x, extra), (x,)):
+    masks = model_masks(fused, 0.0)
+    with pytest.raises(ValueError, match="torch.fx can trace"):
+        sparsetrain.sparsify_(copy.deepcopy(fused), masks, fuse=True)
+    sparsetrain.sparsify_(fused, masks)
+    assert sparsetrain.engine.fuse.fuse_(fused, strict=False) == []
+    x = torch.randn(2, 3, 8, 8)
+    for args in ((x,), (x, extra), (x,)):
         torch.testing.assert_close(fused(*args), dense(*args), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused(x, scale=2.0), dense(x, scale=2.0), rtol=1e-5, atol=1e-5)
 
 
 def test_relu_subclasses_and_prehooked_readers_are_not_fused_over():

@@ -178,6 +178,17 @@ def test_cli_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_given_milestones_past_the_epochs_are_refused_but_a_preset_run_round_trips():
+    """--epochs alone keeps the preset's milestones (documented); a sweep run's argv writes every field
+    out, so those milestones arrive as given: they must not be refused there (every run of a sweep
+    with --epochs failed after planning fine)."""
+    from sparsetrain.experiment.config import config_to_argv
+    cfg = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5"])[0]
+    assert cfg.hyper("teacher").milestones == (15, 22) and config_from_args(config_to_argv(cfg))[0] == cfg
+    with pytest.raises(SystemExit):
+        config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5", "--milestones", "3", "9"])
+
+
 def test_an_empty_student_is_the_teachers_model_on_its_own_schedule():
     """--student '' (the teacher's model) trains on that model's Table 4 row: it took the preset
     student's (VGG-like's lr 0.001 for a ResNet-18 student) and made a separate vanilla run."""
@@ -668,7 +679,9 @@ def test_a_sparse_checkpoint_is_small_and_older_ones_still_load(tmp_path):
     save_model(str(tmp_path / "sparse.pt"), model, {"fc3": masks["fc3"]}, arch)
     size = os.path.getsize(tmp_path / "sparse.pt") / os.path.getsize(tmp_path / "dense.pt")
     assert size < 0.05, size  # (values 4 B + col index 4 B per nonzero: ~2% of the dense weights)
-    old = {**model_payload(model, {"fc3": masks["fc3"]}, arch), "masks": masks_of(model, {"fc3": masks["fc3"]})}
+    old = {**model_payload(model, {"fc3": masks["fc3"]}, arch), "masks": masks_of(model, {"fc3": masks["fc3"]}),
+           "format": "sparsetrain-ckpt-v1"}
+    assert safe_load(str(tmp_path / "sparse.pt"))["format"] == "sparsetrain-ckpt-v2"  # (older code refuses it by name)
     files.atomic_write(str(tmp_path / "old.pt"), lambda f: torch.save(old, f), binary=True)
     x = torch.randn(4, 1, 28, 28)
     model.eval()
@@ -678,6 +691,9 @@ def test_a_sparse_checkpoint_is_small_and_older_ones_still_load(tmp_path):
         assert [n for n, m in got.named_modules() if type(m).__name__ == "SparseLinear"] == ["fc1", "fc2"]
         assert list(dense_masks) == ["fc3"] and torch.equal(dense_masks["fc3"], masks["fc3"])
         assert all(torch.equal(a, masks[n]) for n, a in masks_of(got, dense_masks).items())
+        torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
+    with torch.inference_mode():  # (every sparse layer is resized by the load: it failed there for a day)
+        got = load_model(str(tmp_path / "sparse.pt"))[0].eval()
         torch.testing.assert_close(got(x), model(x), rtol=0, atol=0)
 
 

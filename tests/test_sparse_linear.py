@@ -540,6 +540,20 @@ def test_a_load_under_inference_mode_leaves_the_layer_trainable(kind):
     assert layer.weight.values.grad is not None
 
 
+def test_a_layer_built_under_inference_mode_loads_and_prunes_there():
+    """Its tensors are inference tensors: a load of another nnz and a prune stay in inference mode
+    (leaving it for a trainable layer's sake made copy_ into them fail)."""
+    torch.manual_seed(7)
+    with torch.inference_mode():
+        layer = SparseLinear.from_dense(nn.Linear(8, 4), random_mask((4, 8), 0.5))
+        src = SparseLinear.from_dense(nn.Linear(8, 4), random_mask((4, 8), 0.2))
+        layer.load_state_dict(src.state_dict())
+        assert torch.equal(layer.weight.to_dense(), src.weight.to_dense())
+        keep = torch.arange(layer.nnz) % 2 == 0
+        layer.weight.shrink_(keep)
+        assert layer.nnz == int(keep.sum()) and layer(torch.randn(2, 8)).shape == (2, 4)
+
+
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
     other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views

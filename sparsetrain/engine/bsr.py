@@ -22,7 +22,7 @@ from torch import nn
 from .backend import current_backend
 from .args import check_bias
 from .autograd import first_order
-from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, current_param, transpose_index
+from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, current_param, own_mode, transpose_index
 from .optim_state import watch_state
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
@@ -77,16 +77,16 @@ class BSR(WeightLike, nn.Module):
                                                                                        self.col_indices, CB)):
             self.register_buffer(name, t, persistent=False)
 
-    @torch.inference_mode(False)  # (loaded under inference_mode: trainable tensors, as a dense layer's)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         for name in ("ccol_indices", "row_indices_t", "perm"):  # (saved by versions that kept them)
             state_dict.pop(prefix + name, None)
-        if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "BSR"):
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._build_index()
+        with own_mode(self.values):
+            if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "BSR"):
+                return
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            self._build_index()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":

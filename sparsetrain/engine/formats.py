@@ -143,7 +143,6 @@ class CSR(WeightLike, nn.Module):
         return torch.repeat_interleave(torch.arange(rows, device=self.crow_indices.device), self.crow_indices.diff(),
                                        output_size=self.col_indices.numel())  # (known: meta and fake tensors too)
 
-    @torch.inference_mode(False)  # (pruned under inference_mode: still trainable tensors, as a dense layer's)
     @torch.no_grad()
     def shrink_(self, keep: torch.Tensor) -> None:
         """Keep only the stored entries where `keep` (bool [nnz], in CSR order) is True: pruning in
@@ -157,6 +156,11 @@ class CSR(WeightLike, nn.Module):
         keep = keep.to(self.values.device)
         if bool(keep.all()):
             return
+        with own_mode(self.values):
+            self._shrink(keep)
+
+    @torch.no_grad()  # (inference_mode(False) turns grad mode on)
+    def _shrink(self, keep: torch.Tensor) -> None:
         kept = torch.zeros(self.nnz + 1, dtype=torch.int64, device=keep.device)  # kept[e]: kept entries before e
         torch.cumsum(keep, 0, out=kept[1:])
         self.crow_indices = kept[self.crow_indices]
@@ -215,14 +219,14 @@ class CSR(WeightLike, nn.Module):
     # ------------------------------------------------------------------ state_dict: the pattern
     # changes size when pruned, so loading resizes the buffers (and the values parameter when the
     # saved nnz differs) to the saved pattern, checked first; dtype and device stay the layer's.
-    @torch.inference_mode(False)  # (loaded under inference_mode: trainable tensors, as a dense layer's)
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "CSR"):
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._build_csc()
+        with own_mode(self.values):
+            if not _resize_pattern(self, state_dict, prefix, local_metadata, error_msgs, "CSR"):
+                return
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            self._build_csc()
 
 
 def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):
@@ -256,6 +260,13 @@ def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate:
     return shape, crow, col
 
 
+def own_mode(values: torch.Tensor):
+    """Inference mode as `values` was made: a trainable layer pruned or loaded under inference_mode keeps
+    trainable tensors (a dense layer's copy_ does: they became inference tensors, which the next
+    backward refused), a layer built under inference_mode keeps inference ones (copy_ into them needs it)."""
+    return torch.inference_mode(values.is_inference())
+
+
 def resize_values_(v: nn.Parameter, new: torch.Tensor) -> None:
     """`v` (a values Parameter) takes `new`'s data, of another nnz, in place (an optimizer holding it
     trains on); its gradient is dropped. Autograd's cached gradient accumulator of `v` is dropped too:
@@ -264,6 +275,9 @@ def resize_values_(v: nn.Parameter, new: torch.Tensor) -> None:
     old shape ("returned an invalid gradient"). A graph that saved `v` and was not backpropagated yet
     fails as autograd says for any in-place change (the version bump), not in the kernels' size check."""
     v.grad = None
+    if v.is_inference():  # (a layer built under inference_mode: no autograd state to reset or version to bump)
+        v.data = new
+        return
     other = torch.float32 if new.dtype == torch.float64 else torch.float64
     v.data = new.new_empty(0, dtype=other)  # (a dtype change: set_data resets the accumulator)
     v.data = new
@@ -306,9 +320,7 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         moved = not resized and not v.is_meta and not all(  # (a meta layer filled by assign=True: nothing to keep)
             new.shape == old.shape and torch.equal(new.to(old.device, old.dtype), old)
             for new, old in ((crow, module.crow_indices), (col, module.col_indices)))
-        module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
-        module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
-        if resized:
+        if resized:  # (first: the index buffers are replaced only once the values took their size)
             old = v.shape
             resize_values_(v, v.new_empty(values.shape))
             watch_resized(v, old)
@@ -316,6 +328,8 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         elif moved:  # another pattern of the same nnz: the gradient and state of its old positions
             v.grad = None
             mark_stale(v)
+        module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
+        module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
     return True
 
 

@@ -72,19 +72,28 @@ def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict,
     return relu
 
 
+def _calls(graph: fx.Graph) -> list:
+    return [(n.op, str(n.target)) for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")
+            and n.target is not torch._assert]
+
+
 def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
     """The torch.fx graph fuse_ reads (engine layers and childless modules as leaves); when fx cannot
-    trace the model: ValueError, or None when not `strict`. Arguments of `forward` with a default are
-    traced at it (the default call's path): fx hands every argument in as a Proxy, for which `opt is
-    None` is False, so `if opt is None:` silently traced the other branch and the links made from it
-    gave the default call a wrong output."""
+    trace the model: ValueError, or None when not `strict`. A `forward` whose path depends on an
+    argument that has a default is refused the same way: fx hands every argument in as a Proxy, for
+    which `opt is None` is False, so `if opt is None:` traced the other branch, whose links gave the
+    default call a wrong output; traced at the defaults, a call with another value would take an
+    untraced branch. So the graph is traced both ways, and must be the same."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try:
+        graph = _Tracer().trace(model)
         params = inspect.signature(model.forward).parameters.values()
         defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        return _Tracer().trace(model, concrete_args=defaults or None)
+        if defaults and _calls(_Tracer().trace(model, concrete_args=defaults)) != _calls(graph):
+            raise ValueError(f"its forward takes another path when {', '.join(defaults)} keep their defaults")
+        return graph
     except Exception as e:  # noqa: BLE001 (fx raises many kinds)
         if not strict:
             return None

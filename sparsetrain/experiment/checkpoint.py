@@ -22,7 +22,9 @@ from ..prune import keep_channels_
 from .files import CorruptFile, atomic_write, verify
 from .models import build_model, resolve_name
 
-FORMAT = "sparsetrain-ckpt-v1"
+# v2 (2026-12-05): "masks" holds only the dense layers' pruned masks (a sparse layer's pattern is its
+# state's index); v1 held every layer's. This code reads both; an older one refuses v2 by name.
+FORMAT, _READS = "sparsetrain-ckpt-v2", ("sparsetrain-ckpt-v1", "sparsetrain-ckpt-v2")
 
 
 def atomic_save(obj, path: str) -> None:
@@ -41,7 +43,7 @@ def safe_load(path: str) -> dict:
     except Exception as e:  # torch raises several types for truncated / non-torch files
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CorruptFile(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {first})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") not in _READS:
         raise ValueError(f"checkpoint {path} is not a sparsetrain checkpoint (expected format {FORMAT!r})")
     return obj
 

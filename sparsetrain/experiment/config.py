@@ -361,9 +361,9 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
         p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
         cfg = Config(**{**dataclasses.asdict(base), **p, **given})
         validate(cfg, flags)
-        for role in ROLES:  # (given milestones past the run's epochs would never lower the LR)
-            hp, key = cfg.hyper(role), f"{role}_milestones"
-            if key in given and any(m >= hp.epochs for m in hp.milestones):
+        for role in ROLES:  # (given milestones past the run's epochs would never lower the LR; the preset's
+            hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
+            if key in given and tuple(given[key]) != tuple(p[key]) and any(m >= hp.epochs for m in hp.milestones):
                 flag = flags.get(key, f"--{key.replace('_', '-')}")
                 raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
                                  f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
