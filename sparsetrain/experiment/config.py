@@ -227,6 +227,7 @@ def preset(profile: str, dataset: str, model: str | None = None, student: str | 
 _F32_MAX = 3.4028234663852886e38  # float32's largest (the optimizer applies lr and weight decay to float32 weights)
 _TAU_MAX = 1e18  # (tau^2 stays finite in float32: < 3.4e38)
 
+
 def _check_models(values: dict) -> None:
     for k in ("model", "student"):
         if values.get(k) or k == "model" and k in values:  # (an empty --student: the teacher's model)
@@ -249,7 +250,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
                              f"{', '.join(map(str, allowed))}, got {' '.join(map(str, value)) if many else repr(value)}")
     checks = [("eps", 0.0 <= cfg.eps < 1.0, "in [0, 1)"), ("rate", 0.0 < cfg.rate < 1.0, "in (0, 1)"),
               ("wall", 0.0 < cfg.wall < 1.0, "in (0, 1) (above the dense model's sparsity, 0)"),
-              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"), ("tau", 0 < cfg.tau <= _TAU_MAX, f"> 0 and <= {_TAU_MAX:g} (tau^2 scales the KD loss in float32)"),
+              ("alpha", 0.0 <= cfg.alpha <= 1.0, "in [0, 1]"),
+              ("tau", 0 < cfg.tau <= _TAU_MAX, f"> 0 and <= {_TAU_MAX:g} (tau^2 scales the KD loss in float32)"),
               ("t_e", 0 < cfg.t_e <= 1, "in (0, 1] (a fraction of the dense or peak entropy)"),
               ("t_a", 0 < cfg.t_a <= 1, "in (0, 1] (a fraction of the best validation accuracy)"),
               ("stop_falls", cfg.stop_falls >= 1, ">= 1"), ("subset", cfg.subset >= 0, ">= 0 (0: all)"),
