@@ -134,12 +134,14 @@ def parse_sparsities(parser, text: str) -> list[float]:
 def _cpu_details() -> dict:
     """What tells these VMs' CPUs apart (their model name is often just "AMD EPYC"): family, model,
     stepping, the ISA extensions the kernels care about, cache sizes, the CPUs this process may use."""
-    out: dict = {}
+    out: dict = {"cpu": platform.processor() or platform.machine()}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, val = (p.strip() for p in line.partition(":"))
-                if key in ("cpu family", "model", "stepping") and key not in out:
+                if key == "model name":
+                    out["cpu"] = val
+                elif key in ("cpu family", "model", "stepping"):
                     out[key.replace(" ", "_")] = val
                 elif key == "flags":
                     out["isa"] = sorted(set(val.split()) & {"avx2", "avx512f", "avx512_bf16", "amx_tile", "fma"})
@@ -159,21 +161,12 @@ def _cpu_details() -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     try:  # the register width our CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline)
         from sparsetrain.engine.ops import simd_bytes
         simd = simd_bytes()
     except Exception:  # the extension is not built
         simd = None
-    info = {"cpu": cpu, **_cpu_details(), "simd_bytes": simd, "threads": torch.get_num_threads(),
+    info = {**_cpu_details(), "simd_bytes": simd, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "commit": git_commit(short=True),  # (`-dirty` with uncommitted changes: an A/B of a local edit)
             "date": time.strftime("%Y-%m-%d")}
