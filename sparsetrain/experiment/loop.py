@@ -87,13 +87,14 @@ def verify_phase(pdir: str) -> None:
               for p in glob.glob(os.path.join(ckpt, "round_*.pt")) + glob.glob(os.path.join(ckpt, "round_*.pt.sha256"))}
     results = [os.path.join(pdir, f) for f in ("metrics.csv", "best.json")] if os.path.exists(
         os.path.join(pdir, "best.json")) else []
+    recorded = {}
     for path in sorted(rounds) + results:
         try:
-            verify(path)
+            recorded[path] = verify(path)
         except CorruptFile as e:
             raise CorruptFile(f"{e}; a finished phase's results cannot be rebuilt: delete {pdir} to retrain "
                               "this phase") from None
-    if results and verify(results[0]):  # (runs before 2026-12-05 kept no checksum of their metrics)
+    if results and recorded[results[0]]:  # (runs before 2026-12-05 kept no checksum of their metrics)
         want = {f"round_{r['round']:02d}.pt" for r in read_metrics(results[0])}
         lost = sorted(want - {os.path.basename(p) for p in rounds})
         if lost:
