@@ -58,12 +58,15 @@ def _vm(key: str) -> int:
     return 0
 
 
-def _reset_peak():
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel refuses (no /proc/self/clear_refs, a
+    container that makes it read-only): VmHWM is then the process's peak since it started, not a step's."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+            f.write("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 _CATEGORIES = [("fused bn/relu", ("bn_act",)),
@@ -116,7 +119,12 @@ def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> flo
             f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak = float(out.stdout.strip().splitlines()[-1])
+    return None if peak != peak else peak  # (NaN: the child could not reset VmHWM)
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 def _trainer(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
@@ -134,11 +142,12 @@ def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
     g = torch.Generator().manual_seed(123)
     x, t = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
     step = _trainer(build(name, sparsity, engine).train(), x, t)
+    reset = True
     for i in range(steps + 1):
         if i == 1:
-            _reset_peak()  # after the warm-up step
+            reset = _reset_peak()  # after the warm-up step
         step()
-    return _vm("VmHWM") / 2**20
+    return _vm("VmHWM") / 2**20 if reset else float("nan")
 
 
 def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isolated_peaks: bool = False,
@@ -170,17 +179,18 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                     if cuda:
                         torch.cuda.synchronize(device)
                         torch.cuda.reset_peak_memory_stats(device)
-                    _reset_peak()
+                    reset = cuda or _reset_peak()
                     t0 = time.perf_counter()
                     step()
                     if cuda:
                         torch.cuda.synchronize(device)
                     times[engine].append((time.perf_counter() - t0) * 1e3)
                     peak = torch.cuda.max_memory_allocated(device) if cuda else _vm("VmHWM")
-                    peaks[engine] = max(peaks[engine], peak)
+                    # (None: unmeasured, printed "-", never the process's peak since start as a step's)
+                    peaks[engine] = max(peaks[engine], peak) if reset and peaks[engine] is not None else None
             for engine, step in steps_of.items():
                 row[f"{engine}_ms"] = statistics.median(times[engine])
-                row[f"{engine}_peak_mb"] = peaks[engine] / 2**20
+                row[f"{engine}_peak_mb"] = None if peaks[engine] is None else peaks[engine] / 2**20
                 if profile:
                     row[f"{engine}_breakdown_ms"] = _breakdown(step)
             del steps_of
@@ -188,7 +198,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                 for engine in ENGINES:
                     row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine)
                 print("      peak RSS, one model per process: " +
-                      " / ".join(f"{e} {row[f'{e}_own_peak_mb']:.0f} MB" for e in ENGINES), flush=True)
+                      " / ".join(f"{e} {_mb(row[f'{e}_own_peak_mb'])} MB" for e in ENGINES), flush=True)
             # the median of the per-round ratios (each round's steps ran in the same seconds of the machine)
             row["speedup"] = paired_ratio(times["dense"], times["sparse"])
             row["fused_speedup"] = paired_ratio(times["dense"], times["fused"])
@@ -196,8 +206,8 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             if save is not None:
                 save(rows)
             print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms "
-                  f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  peak RSS "
-                  f"{row['dense_peak_mb']:.0f} / {row['sparse_peak_mb']:.0f} / {row['fused_peak_mb']:.0f} MB", flush=True)
+                  f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  peak RSS " +
+                  " / ".join(_mb(row[f"{e}_peak_mb"]) for e in ENGINES) + " MB", flush=True)
             if profile:
                 for engine in ENGINES:
                     print(f"      {engine:6s} breakdown ms: {row[f'{engine}_breakdown_ms']}", flush=True)

@@ -354,3 +354,18 @@ def test_a_thread_count_or_missing_isolated_peaks_never_replaces_a_table(monkeyp
             pass
     assert seen == ["kernels_partial.json", "kernels_linear_partial.json", "kernels.json",
                     "train_step_partial.json", "train_step.json"]
+
+
+def test_train_step_peaks_are_unmeasured_where_vmhwm_cannot_be_reset(monkeypatch, capsys):
+    """Without /proc/self/clear_refs (read-only in some containers) VmHWM is the process's peak since
+    it started: it was reported as each step's peak. The peaks are then unmeasured ("-"), the times
+    still reported."""
+    import math
+
+    import train_step
+    monkeypatch.setattr(train_step, "BATCH", 4)
+    monkeypatch.setattr(train_step, "_reset_peak", lambda: False)
+    (r,) = train_step.run(["vgg_d5g5"], [0.99], steps=1, profile=False, device="cpu")
+    assert all(r[f"{e}_peak_mb"] is None and r[f"{e}_ms"] > 0 for e in train_step.ENGINES)
+    assert "peak RSS - / - / - MB" in capsys.readouterr().out
+    assert math.isnan(train_step._own_peak("vgg_d5g5", 0.99, "fused", 1))  # the child's answer: None in the row

@@ -547,6 +547,18 @@ def test_git_commit_is_sparsetrain_s_own(tmp_path):
     assert git_commit_of(own / "files.py") == head + "-dirty"  # (the commit alone does not name the code that ran)
 
 
+def test_a_hung_git_gives_unknown_not_a_hung_run(tmp_path, monkeypatch):
+    """git_commit ran git without a timeout: a git blocked (a lock, a hung network filesystem) hung
+    the run before it trained anything."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "git").write_text("#!/bin/sh\nexec sleep 60\n")
+    (fake / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(files, "GIT_TIMEOUT_S", 0.5)
+    assert files.git_commit() == "unknown"
+
+
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):
     """NaN weights prune nothing, so the rounds never reached the wall (an endless loop): a
     non-finite training loss ends the run (exit 2, one line)."""

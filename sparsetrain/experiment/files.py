@@ -289,6 +289,9 @@ def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
     atomic_write(path, buf.getvalue(), checksum=checksum)
 
 
+GIT_TIMEOUT_S = 30  # a git blocked on a lock or a hung network filesystem: "unknown", not a hung run
+
+
 def git_commit(short: bool = False) -> str:
     """The commit of the sparsetrain checkout this code runs from, `<commit>-dirty` when its tracked
     files hold uncommitted changes (as `git describe --dirty`: the commit alone does not name the code
@@ -297,11 +300,12 @@ def git_commit(short: bool = False) -> str:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
-                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True).splitlines()
+                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True,
+                                            timeout=GIT_TIMEOUT_S).splitlines()
         if os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
             return "unknown"
         dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top,
-                                        stderr=subprocess.DEVNULL, text=True).strip()
-    except (OSError, subprocess.CalledProcessError, ValueError):
+                                        stderr=subprocess.DEVNULL, text=True, timeout=GIT_TIMEOUT_S).strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
