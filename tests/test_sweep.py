@@ -444,19 +444,36 @@ def test_rerunning_a_finished_sweep_changes_nothing(swept):
 
 
 def test_a_run_failing_at_run_time_is_reported_and_not_retried(swept):
-    """A teacher checkpoint that does not exist: the experiment exits 2 (a usage error: no retry);
-    the teacher run it shares with the first sweep is reused."""
+    """A teacher checkpoint of another dataset's classes (readable: the plan takes it; the run's data
+    refuses it): the experiment exits 2 (a usage error: no retry); the teacher run it shares with the
+    first sweep is reused."""
+    from sparsetrain.experiment.checkpoint import save_model
+    from sparsetrain.experiment.models import build_model
     root, _, _, _ = swept
-    rc = cli.main(_tiny(root, "--alpha", "0.5", "--seeds", "0", "--teachers", str(root / "missing.pt"),
+    arch = dict(name="lenet300", image_size=28, num_classes=100, in_channels=1)
+    save_model(str(root / "foreign.pt"), build_model(**arch), {}, arch)
+    rc = cli.main(_tiny(root, "--alpha", "0.5", "--seeds", "0", "--teachers", str(root / "foreign.pt"),
                         "--out", str(root / "sweeps")))
     (sweep_dir,) = [root / "sweeps" / d for d in os.listdir(root / "sweeps")
-                    if d.startswith("grid-") and "missing.pt" in (root / "sweeps" / d / "plan.json").read_text()]
+                    if d.startswith("grid-") and "foreign.pt" in (root / "sweeps" / d / "plan.json").read_text()]
     status = json.loads((sweep_dir / "status.json").read_text())
     (failed,) = [s for s in status.values() if s["state"] == "failed"]
     assert rc == 1 and "exit code 2" in failed["error"]
     log = open(failed["log"]).read()
-    assert log.count("python -m sparsetrain.experiment") == 1 and "missing.pt: no such file" in log
+    assert log.count("python -m sparsetrain.experiment") == 1 and "gives 100 outputs per image, mnist has 10" in log
     assert [s["state"] for s in status.values() if s["kind"] == "teacher"] == ["skipped"]
+
+
+def test_a_missing_or_unreadable_teacher_path_is_an_invalid_point(tmp_path):
+    """A --teachers PATH that does not exist or is no checkpoint failed only in its study run, after
+    the sweep had trained the point's teacher run: the plan refuses the point (each file read once)."""
+    (tmp_path / "junk.pt").write_bytes(b"x")
+    plan = make_plan(_settings(tmp_path, teachers=[(str(tmp_path / "missing.pt"),), (str(tmp_path / "junk.pt"),),
+                                                   ("dense",)], seeds=[0, 1]), str(tmp_path / "sw"), threads=1)
+    bad = [r.error for r in plan if r.error]
+    assert len(bad) == 4 and sum("missing.pt: no such file" in e for e in bad) == 2, bad
+    assert sum("junk.pt" in e for e in bad) == 2
+    assert sorted(r.kind for r in plan if not r.error) == ["study", "study", "teacher", "teacher"]
 
 
 def test_a_failed_run_is_retried_and_reported(swept, tmp_path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..experiment.config import ROLE_KEYS, Config, config_from_args, config_to_argv
 from ..experiment.reuse import needed_phases, phase_done, phase_key
-from ..experiment.study import run_dir_of
+from ..experiment.study import UsageError, check_teachers, run_dir_of
 
 __all__ = ["Run", "expand", "make_plan", "plan_digest", "STUDENT_ONLY"]
 
@@ -100,6 +100,16 @@ def _absolute(cfg: Config) -> Config:
                                teachers=teachers, label_file=os.path.abspath(cfg.label_file) if cfg.label_file else "")
 
 
+def _teachers_error(cfg: Config) -> str:
+    """The experiment's own refusal of the point's --teachers paths (missing, unreadable, two of one
+    file name), or ""."""
+    try:
+        check_teachers(cfg)
+        return ""
+    except UsageError as e:
+        return f"error: {e}"
+
+
 def teacher_config(cfg: Config) -> Config:
     """The teacher run of a study: its student settings at their defaults (students of every kind
     share it), the student schedule = the teacher's (so the run is also its own vanilla student)."""
@@ -115,6 +125,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     runs: dict[str, Run] = {}
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
     studies = []
+    checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
     for point in expand(settings):
         if "seeds" in point:
             seeds = point.pop("seeds")
@@ -124,11 +135,16 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         for seed in (seeds if isinstance(seeds, (list, tuple)) else [seeds]):
             p = {**point, "seeds": (seed,)}
             cfg, err = _resolve({**p, "out": runs_root, "threads": threads})
+            if cfg is not None:  # (a missing or unreadable --teachers PATH failed only after its teacher run)
+                cfg = _absolute(cfg)
+                if cfg.teachers not in checked:
+                    checked[cfg.teachers] = _teachers_error(cfg)
+                err = checked[cfg.teachers]
+                cfg = None if err else cfg
             if cfg is None:
                 name = "invalid-" + hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
                 runs[name] = Run(name, "study", "", point=p, seed=seed, error=err)
                 continue
-            cfg = _absolute(cfg)
             tcfg = teacher_config(cfg)
             td = run_dir_of(tcfg)
             tname = os.path.basename(td)
