@@ -235,10 +235,22 @@ def test_reinit_draws_from_a_stream_of_its_own():
         torch.manual_seed(seed)
         m = build_model(**arch)
         s = SimpleNamespace(model=m, masks={}, rnd=rnd)
-        perturb_(SimpleNamespace(perturb="reinit"), SimpleNamespace(), s, arch, seed=seed)
+        before, seeded = torch.get_rng_state(), []
+        with pytest.MonkeyPatch.context() as mp:  # (torch.manual_seed reseeded the CUDA generators too)
+            mp.setattr(torch.cuda, "manual_seed_all", lambda *a: seeded.append(a))
+            perturb_(SimpleNamespace(perturb="reinit"), SimpleNamespace(), s, arch, seed=seed)
+        assert torch.equal(torch.get_rng_state(), before) and seeded == []
         drawn[seed, rnd] = m.state_dict()["fc1.weight"]
         assert not any(torch.equal(drawn[seed, rnd], w) for w in inits)
     assert not torch.equal(drawn[0, 1], drawn[0, 2]) and not torch.equal(drawn[0, 1], drawn[1, 1])
+    # a filter-pruned model: fit_state builds an unpruned one to map the channels, outside the global RNG too
+    from sparsetrain.prune import filter_prune
+    arch = dict(name="vgg_d1g1", num_classes=10, in_channels=3, image_size=32)
+    m = build_model(**arch)
+    filter_prune(m, 0.5)
+    before = torch.get_rng_state()
+    perturb_(SimpleNamespace(perturb="reinit"), SimpleNamespace(), SimpleNamespace(model=m, masks={}, rnd=1), arch, 0)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def _wide_net():

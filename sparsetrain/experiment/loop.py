@@ -239,11 +239,21 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
         source = s.rewind
     else:
         with torch.random.fork_rng(devices=[]):
-            # (a stream of its own: seed * 1000 + round was seed 1's initial model for seed 0's round 1)
-            torch.manual_seed(D.seeded(seed, 7, s.rnd).initial_seed())
+            # (a stream of its own: seed * 1000 + round was seed 1's initial model for seed 0's round 1;
+            # the CPU generator only: torch.manual_seed also reseeded the CUDA ones, which fork_rng(devices=[])
+            # does not restore)
+            torch.random.default_generator.manual_seed(D.seeded(seed, 7, s.rnd).initial_seed())
             source = build_model(**arch).state_dict()
-    source = fit_state(s.model, source, lambda: build_model(**arch))  # (moved to each layer's device there)
+    source = fit_state(s.model, source, _unseeded(lambda: build_model(**arch)))  # (moved to each layer's device there)
     load_weights_under_masks_(s.model, source, s.masks)
+
+
+def _unseeded(build):
+    """build() with the global CPU RNG as it was before (a model's initialisation draws from it)."""
+    def call():
+        with torch.random.fork_rng(devices=[]):
+            return build()
+    return call
 
 
 def finish(pdir: str, rows: list[dict]) -> None:
