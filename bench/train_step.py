@@ -218,7 +218,8 @@ COLUMNS = [("model", "model", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms",
            ("sparse_ms", "sparse ms", ".1f"), ("speedup", "speedup", ".2f"),
            ("fused_ms", "fused ms", ".1f"), ("fused_speedup", "fused speedup", ".2f"),
            ("dense_peak_mb", "dense peak MB", ".0f"), ("sparse_peak_mb", "sparse peak MB", ".0f"),
-           ("fused_peak_mb", "fused peak MB", ".0f"), ("sparse_own_peak_mb", "sparse own peak MB", ".0f"),
+           ("fused_peak_mb", "fused peak MB", ".0f"), ("dense_own_peak_mb", "dense own peak MB", ".0f"),
+           ("sparse_own_peak_mb", "sparse own peak MB", ".0f"),
            ("fused_own_peak_mb", "fused own peak MB", ".0f"),
            ("dense_param_mb", "dense params MB", ".1f"), ("sparse_param_mb", "sparse params MB", ".2f")]
 
