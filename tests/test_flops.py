@@ -137,3 +137,15 @@ def test_training_flops():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="epochs must be a finite non-negative number"):
             training_flops(1, 1, bad)
+
+
+def test_paper_images_are_the_files_the_paper_trained_on():
+    """The paper's count charges the whole CIFAR training file (its code trains on our validation
+    share too: 45,000 + 5,000); Flowers-102's validation is an official split the paper's code never
+    trains on (its 1,020 images were counted, doubling the column)."""
+    from types import SimpleNamespace
+
+    from sparsetrain.experiment.loop import paper_images
+    for name, want in (("cifar10", 50_000), ("flowers102", 45_000)):
+        splits = SimpleNamespace(name=name, train=range(45_000), val=range(5_000), test=range(10_000))
+        assert paper_images(splits) == want, name

@@ -248,6 +248,13 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
     load_weights_under_masks_(s.model, source, s.masks)
 
 
+def paper_images(splits) -> int:
+    """The training images of the paper's FLOPs count: the whole training file (its code trains on
+    our validation share too), but Flowers-102's validation is an official split of its own, which
+    the paper's code never trains on."""
+    return len(splits.train) + (len(splits.val) if splits.name != "flowers102" else 0)
+
+
 def _unseeded(build):
     """build() with the global CPU RNG as it was before (a model's initialisation draws from it)."""
     def call():
@@ -314,7 +321,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         raise PhaseError(f"--perturb rewind: --rewind-iter={hp.rewind_iter} is past the {iters} iterations of the "
                          f"dense training ({phase}); lower it")
     s = start(cfg, hp, arch, seed, state_path, splits.train.x.device)
-    shape, n_images = (splits.in_channels, *splits.image_size), len(splits.train) + len(splits.val)
+    shape, n_images = (splits.in_channels, *splits.image_size), paper_images(splits)
     with torch.random.fork_rng(devices=[]):  # sparsity counts against the unpruned model's weights
         dense = build_model(**arch)
         dense_teacher = build_model(**teacher_arch) if teacher is not None and teacher_arch else teacher
