@@ -830,3 +830,19 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     avg = blocks["average over ε = 0.1, 0.2: distill-dense"]
     assert "| 0.5 | **67.50** |" in avg and "| 0.8 | 65.00 |" in avg  # (75 + 60) / 2 beats (90 + 40) / 2
     assert "| α \\ τ | 10 |" in avg  # τ as given on the command line (the config's float printed 10.0)
+
+
+def test_every_recipe_plans_without_an_invalid_point(tmp_path):
+    """Each recipe's paper and quick grids resolve (presets, validation) into runs; Table 12's is the
+    paper's App. F noise levels, vanilla runs only, sharing paper-eps's teacher runs under one --out."""
+    from sparsetrain.sweep.recipes import RECIPES, recipe
+    plans = {}
+    for name in RECIPES:
+        for profile in ("paper", "quick"):
+            plans[name, profile] = make_plan(recipe(name, profile), str(tmp_path / "sw"), threads=1)
+            assert plans[name, profile] and not [r.error for r in plans[name, profile] if r.error], (name, profile)
+    t12 = plans["paper-table12", "paper"]
+    assert {r.kind for r in t12} == {"teacher"} and len(t12) == 6 * 3
+    assert sorted({r.point["eps"] for r in t12}) == [0.1, 0.125, 0.15, 0.175, 0.2, 0.5]
+    shared = {r.name for r in t12} & {r.name for r in plans["paper-eps", "paper"]}
+    assert len(shared) == 3 * 3  # eps 10/20/50% x 3 seeds on CIFAR-10

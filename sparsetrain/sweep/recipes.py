@@ -19,13 +19,22 @@ RECIPES = {
         "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2], "seeds": [0, 1, 2],
                   "teachers": ("dense", "best")},
     },
-    # Fig. 1/2/5, Tables 6-11 (per dataset and eps), Table 12 (eps vs the best model's phase)
+    # Fig. 1/2/5, Tables 6-11 (per dataset and eps)
     "paper-eps": {
-        "about": "Figs. 1/2/5, Tables 6-12: the noise sweep, teacher and distilled students",
+        "about": "Figs. 1/2/5, Tables 6-11: the noise sweep, teacher and distilled students",
         "paper": {"dataset": ["cifar10", "cifar100"], "eps": [0.1, 0.2, 0.5], "seeds": _PAPER_SEEDS,
                   "teachers": ("dense", "best")},
         "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.1, 0.2, 0.5], "seeds": [0],
                   "teachers": ("dense",)},
+    },
+    # Table 12 (App. F): the best-validation model's phase against eps, vanilla ResNet-18 on CIFAR-10
+    # (teacher runs only; those at eps 10/20/50% are paper-eps's, shared under one --out)
+    "paper-table12": {
+        "about": "Table 12: the best model's phase vs eps 10-50%, vanilla runs",
+        "paper": {"dataset": ["cifar10"], "eps": [0.1, 0.125, 0.15, 0.175, 0.2, 0.5], "seeds": _PAPER_SEEDS,
+                  "phases": ("teacher",)},
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.1, 0.125, 0.15, 0.175, 0.2, 0.5],
+                  "seeds": [0], "phases": ("teacher",)},
     },
     # Fig. 3: ResNet-18 on CIFAR-100, eps 10%, retrained with no perturbation / rewind / re-init
     "paper-perturb": {
@@ -43,7 +52,7 @@ RECIPES = {
         "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2], "alpha": [0.5, 0.8],
                   "tau": [10, 20], "seeds": [0], "teachers": ("dense",)},
     },
-    # Fig. 4 and Figs. 9-14: VGG-like student depth delta (gamma 5) and width gamma (delta 1), CIFAR-10 eps 50%
+    # Fig. 4: VGG-like student depth delta (gamma 5) and width gamma (delta 1), CIFAR-10 eps 50%
     "paper-depth-width": {
         "about": "Fig. 4: student depth delta and width gamma, vanilla and distilled",
         "paper": {"dataset": ["cifar10"], "eps": [0.5], "model": ["resnet18"],
