@@ -830,6 +830,11 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     avg = blocks["average over ε = 0.1, 0.2: distill-dense"]
     assert "| 0.5 | **67.50** |" in avg and "| 0.8 | 65.00 |" in avg  # (75 + 60) / 2 beats (90 + 40) / 2
     assert "| α \\ τ | 10 |" in avg  # τ as given on the command line (the config's float printed 10.0)
+    # a kept teacher run (its study failed) holds placeholder alpha/tau: no row or column of its own
+    teacher = {"config": {"eps": 0.1, "alpha": 0.7, "tau": 20.0, "phases": ["teacher"]},
+               "curves": {"teacher": group(0.1, 0.7, [[(0.5, 0.5)]])["curves"]["distill-dense"]}}
+    md = alpha_tau_md(groups + [teacher], ["eps", "alpha", "tau"])
+    assert "0.7" not in md and "20" not in md and "| 0.8 | 65.00 |" in md
 
 
 def test_every_recipe_plans_without_an_invalid_point(tmp_path):

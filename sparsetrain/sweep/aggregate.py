@@ -154,6 +154,7 @@ def alpha_tau_md(groups, keys) -> str:
     if "alpha" not in keys and "tau" not in keys:
         return ""
     rest = [k for k in keys if k not in ("alpha", "tau")]
+    groups = [g for g in groups if not teacher_only(g["config"])]  # (a teacher run's alpha/tau: placeholders)
     alphas = sorted({g["config"].get("alpha") for g in groups})
     taus = sorted({g["config"].get("tau") for g in groups})
     phases = sorted({p for g in groups for p in g["curves"] if p.startswith("distill-")})
