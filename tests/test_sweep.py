@@ -695,8 +695,22 @@ def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tm
     leaves = cli._leaves([str(runs / d) for d in ("t-auto", "t-dense", "s-dense", "s-auto-never-started")])
     assert [os.path.basename(d) for d in leaves] == ["t-auto", "s-dense", "s-auto-never-started"]
     md = open(write_sweep_report(leaves, str(tmp_path / "report"), axes=["engine"])).read()
-    assert "3 run directories, 2 setting(s) (seeds pooled); settings that differ: engine." in md
+    assert "2 run directories, 2 setting(s) (seeds pooled); settings that differ: engine." in md  # (existing ones)
     assert "| engine=auto | vanilla |" in md and "| engine=dense | vanilla |" in md and "teachers=" not in md
+    # the sweep knows t-auto as the teacher run of a study (of another student model): its curve is the
+    # teacher's, not the grid's vanilla student (Table 12, Table 1, the figure's legend)
+    md = open(write_sweep_report(leaves, str(tmp_path / "report2"), axes=["engine"],
+                                 teacher_runs=[str(runs / "t-auto"), str(runs / "t-dense")])).read()
+    assert "| engine=auto | teacher |" in md and "| engine=dense | vanilla |" in md
+    assert "| engine=auto | vanilla |" not in md and "teacher (" in md
+    assert (tmp_path / "report2" / "accuracy_vs_sparsity.png").exists()
+    # another sweep under the same --out trained its students in t-dense (its study resolved to that
+    # directory) and rewrote its config.json: this sweep's plan still knows it as its teacher run
+    cfg = json.loads((runs / "t-dense" / "config.json").read_text())
+    write_json(runs / "t-dense" / "config.json", {**cfg, "phases": ["teacher", "vanilla", "distill"]})
+    dirs = [str(runs / d) for d in ("t-auto", "t-dense", "s-dense")]
+    assert "t-dense" in [os.path.basename(d) for d in cli._leaves(dirs)]  # (config.json alone: a setting of its own)
+    assert [os.path.basename(d) for d in cli._leaves(dirs, [dirs[0], dirs[1]])] == ["t-auto", "s-dense"]
 
 
 def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
@@ -710,6 +724,19 @@ def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
     md = open(write_sweep_report([str(tmp_path / "good"), str(tmp_path / "bad")], str(tmp_path / "report"))).read()
     assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'bad'}" in md
     assert "cifar10" not in md and "1 setting(s)" in md
+
+
+def test_table12_shows_the_teacher_s_own_best_model_beside_the_students():
+    """The paper's Table 12 is the vanilla ResNet-18's w_best per eps: a study of another student model
+    (VGG-like) dropped its teacher's row, so a sweep's Table 12 had no ResNet-18 at all; the distilled
+    students follow in the --teachers order (distill-best came first, alphabetically)."""
+    from sparsetrain.sweep.aggregate import best_model_rows
+    curve = {0: [{"round": 0, "val_acc": 0.5, "test_acc": 0.5, "sparsity": 0.0},
+                 {"round": 1, "val_acc": 0.7, "test_acc": 0.6, "sparsity": 0.5}]}
+    g = {"config": {"dataset": "cifar10", "eps": 0.1, "model": "resnet18", "student": "vgg_d5g5",
+                    "teachers": ["dense", "best"]},
+         "curves": {p: curve for p in ("teacher", "distill-best", "vanilla", "distill-dense")}}
+    assert [r["phase"] for r in best_model_rows([g], ["eps"])] == ["vanilla", "teacher", "distill-dense", "distill-best"]
 
 
 def test_best_model_std_counts_each_columns_own_seeds():

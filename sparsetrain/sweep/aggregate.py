@@ -15,7 +15,7 @@ import os
 from ..experiment.config import Config
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
-from ..experiment.report.tables import ms, stats, stop_cell, summary_table, table1_rows, vanilla_phase
+from ..experiment.report.tables import ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
 
 __all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -189,14 +189,13 @@ def alpha_tau_md(groups, keys) -> str:
 
 
 def best_model_rows(groups, keys) -> list[dict]:
-    """Table 12: per group and student phase, the best-validation model w_best: its test accuracy,
-    sparsity and double-descent phase (labels of each seed's curve), mean and std over seeds."""
+    """Table 12: per group and phase (the vanilla first, then the teacher's where it is another curve,
+    then the distilled students), the best-validation model w_best: its test accuracy, sparsity and
+    double-descent phase (labels of each seed's curve), mean and std over seeds."""
     out = []
     for g in groups:
-        van = vanilla_phase(g)
-        for ph in sorted(g["curves"], key=lambda p: (p != van, p)):
-            if ph == "teacher" and van != "teacher":
-                continue
+        van = vanilla_phase(g)  # (the teacher's own row too: the paper's Table 12 is the vanilla ResNet-18's)
+        for ph in sorted(ordered_phases(g), key=lambda p: p != van):
             accs, sps, labs = [], [], []
             for rows in g["curves"][ph].values():
                 i = best_index(rows)

@@ -121,13 +121,19 @@ def _teacher_only(run_dir: str) -> bool:
     return isinstance(cfg, dict) and teacher_only(cfg)
 
 
-def _leaves(dirs) -> list[str]:
+def _leaves(dirs, teacher_runs=None) -> list[str]:
     """The run directories a report shows: a sweep's teacher run is a study's teacher phase (linked into
     it), not a setting of its own, unless no study links it (its study failed before starting: the
-    teacher's curve is then the only result of its setting)."""
+    teacher's curve is then the only result of its setting). `teacher_runs`: a sweep's own plan says
+    which directories are its teacher runs (another sweep under the same --out may since have trained
+    its students in one, rewriting its config.json); else a config.json of --phases teacher does."""
     linked = {os.path.realpath(os.path.join(t, "..", "..")) for d in dirs
               for t in glob.glob(os.path.join(d, "seed*", "teacher")) if os.path.islink(t)}
-    return [d for d in dirs if not (_teacher_only(d) and os.path.realpath(d) in linked)]
+    teacher = {os.path.realpath(d) for d in teacher_runs} if teacher_runs is not None else None
+
+    def is_teacher_run(d):
+        return os.path.realpath(d) in teacher if teacher is not None else _teacher_only(d)
+    return [d for d in dirs if not (is_teacher_run(d) and os.path.realpath(d) in linked)]
 
 
 def _make_folder(parser, path: str) -> None:
@@ -212,10 +218,11 @@ def main(argv=None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    leaves = _leaves([r.run_dir for r in plan if r.run_dir])
+    leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
     axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
+    of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps for s in plan)]
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
-                                 axes=axes)
+                                 axes=axes, teacher_runs=of_studies)
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}
     for n, s in failed.items():
         print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)

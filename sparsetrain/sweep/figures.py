@@ -8,7 +8,7 @@ import os
 
 from ..experiment.files import atomic_write
 from ..experiment.report.plots import mean_curve, sparsity_axis
-from ..experiment.report.tables import vanilla_phase
+from ..experiment.report.tables import ordered_phases, vanilla_phase
 from .aggregate import group_label
 
 __all__ = ["plot_overlay", "write_figures"]
@@ -18,10 +18,10 @@ _MAX_PANELS = 12
 
 
 def _phases(g) -> list[str]:
-    """The student curves of a group: vanilla (or the teacher run when it is the vanilla student)
-    and every distilled student."""
-    van = vanilla_phase(g)
-    return ([van] if van else []) + sorted(p for p in g["curves"] if p.startswith("distill-"))
+    """The student curves of a group: vanilla (or the teacher run when it is the vanilla student; a
+    sweep's kept teacher run: its teacher curve) and every distilled student."""
+    van = vanilla_phase(g) or ("teacher" if g.get("teacher_run") and "teacher" in g["curves"] else None)
+    return ([van] if van else []) + [p for p in ordered_phases(g) if p.startswith("distill-")]
 
 
 def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | None:
@@ -58,7 +58,7 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
         ax2.set_ylabel("ReLU-state entropy (thin)")
         ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)
         ax.grid(alpha=.3)
-        ax.legend(fontsize=6.5, loc="lower left")
+        ax.legend(fontsize=6.5, loc="best")  # (lower left hid the round-0 points of falling curves)
     if len(panels) > _MAX_PANELS:  # (said on the figure: the dropped panels were silently missing)
         fig.suptitle(f"the first {_MAX_PANELS} of {len(panels)} panels: the others' numbers are in table1.csv",
                      fontsize=10)

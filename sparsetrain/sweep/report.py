@@ -30,14 +30,19 @@ def _natural(v) -> tuple:
 
 
 def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep",
-                       sort: bool = False, axes=()) -> str:
+                       sort: bool = False, axes=(), teacher_runs=()) -> str:
     """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md. `sort`: the settings in
     order of the values that differ (directories come in their names' order, whose tail is a hash);
     else in the order of `run_dirs` (a sweep's: its grid's). `axes`: the grid's axes, which label the
-    settings even where only one of their values has results (the others' runs failed)."""
+    settings even where only one of their values has results (the others' runs failed). `teacher_runs`:
+    the sweep's teacher runs of studies (of another student model): kept where their study failed,
+    their curve is labelled the teacher's, never the grid's vanilla student."""
     os.makedirs(out_dir, exist_ok=True)
     unreadable: list[str] = []
     groups = load_groups(run_dirs, unreadable)
+    teachers = {os.path.realpath(d) for d in teacher_runs}
+    for g in groups:
+        g["teacher_run"] = bool(teachers) and all(os.path.realpath(d) in teachers for d in g["dirs"])
     keys = varying(groups, axes)
     if sort:
         groups.sort(key=lambda g: [_natural(g["config"].get(k)) for k in keys])
@@ -49,7 +54,8 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     if best:
         write_csv(os.path.join(out_dir, "best_model.csv"),
                   [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])
-    lines = [f"# DSD² {title}", "", f"{len(run_dirs)} run directories, {len(groups)} setting(s) "
+    n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
+    lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
     if unreadable:
         lines += [f"**Left out, config.json unreadable (its settings unknown):** {', '.join(unreadable)}", ""]

@@ -24,8 +24,11 @@ def ordered_phases(run) -> list[str]:
 def vanilla_phase(run) -> str | None:
     """The phase whose curve is the vanilla student's: its own, or the teacher run's where the study
     trained none (Config.separate_vanilla, the study's own rule: the same model under any alias, the
-    same schedule up to settings the run ignores)."""
+    same schedule up to settings the run ignores); None for a sweep's teacher run kept in its report
+    ("teacher_run": its placeholders name its own model as the student, the grid's is another)."""
     curves = run["curves"]
+    if run.get("teacher_run"):
+        return None
     if "vanilla" in curves:
         return "vanilla"
     return "teacher" if "teacher" in curves and not config_from_json(run["config"]).separate_vanilla() else None
