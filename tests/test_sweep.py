@@ -878,3 +878,20 @@ def test_every_recipe_plans_without_an_invalid_point(tmp_path):
     assert sorted({r.point["eps"] for r in t12}) == [0.1, 0.125, 0.15, 0.175, 0.2, 0.5]
     shared = {r.name for r in t12} & {r.name for r in plans["paper-eps", "paper"]}
     assert len(shared) == 3 * 3  # eps 10/20/50% x 3 seeds on CIFAR-10
+
+
+def test_a_failed_run_s_partial_curve_is_not_in_progress(tmp_path):
+    """A run the sweep reports failed left a curve without best.json: the same report called it "In
+    progress" and Table 12 averaged its partial best unmarked. Now it did not finish, and Table 12
+    counts the unfinished seeds."""
+    from sparsetrain.sweep.report import write_sweep_report
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    _write_run(tmp_path / "broke", 0.1, [0], {0: curve}, done=False)
+    _write_run(tmp_path / "going", 0.2, [0], {0: curve}, done=False)
+    status = {"broke": {"state": "failed", "kind": "study", "error": "RunFailed: exit code 1", "log": "b.log"},
+              "going": {"state": "running", "kind": "study"}}
+    md = open(write_sweep_report([str(tmp_path / "broke"), str(tmp_path / "going")], str(tmp_path / "rep"),
+                                 status)).read()
+    assert "Did not finish (the run failed or was interrupted; the curve is partial): teacher seed(s) [0]." in md
+    assert md.count("In progress (not finished): teacher seed(s) [0].") == 1  # (the other run's)
+    assert md.count("| 1 (1 unfinished) |") == 2

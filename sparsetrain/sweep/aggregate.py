@@ -18,7 +18,7 @@ from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
 
-__all__ = ["load_groups", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
+__all__ = ["load_groups", "mark_stopped", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label", "teacher_only"]
 
 # Config settings that never separate groups (not result settings); config.json's other keys (commit,
@@ -38,7 +38,9 @@ _STUDENT = {k for k in _SETTINGS if k.startswith("student") or k in ("teachers",
 def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
     """Group run directories by their result settings (seeds pooled). Each group: {"config": the
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
-    "running": {phase: [seeds whose phase has not finished]}}. Directories without config.json
+    "running": {phase: [seeds whose phase has not finished]}, "unfinished_in": {(phase, seed): its
+    run directory}, "stopped": {phase: [those of them whose run ended without finishing]}, filled by
+    mark_stopped}. Directories without config.json
     are skipped; one whose config.json does not parse is skipped and appended to `unreadable` (its
     settings are unknown: the defaults would mislabel its numbers)."""
     groups: dict[str, dict] = {}
@@ -53,7 +55,7 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
         key = json.dumps({k: run["config"][k] for k in _SETTINGS}, sort_keys=True)
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
-                                    "running": {}})
+                                    "running": {}, "unfinished_in": {}, "stopped": {}})
         g["dirs"].append(d)
         g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
@@ -63,6 +65,7 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
                 g["curves"].setdefault(phase, {})[seed] = rows
                 if not phase_done(os.path.join(d, f"seed{seed}", phase)):
                     g["running"].setdefault(phase, []).append(seed)
+                    g["unfinished_in"][phase, seed] = d
     return list(groups.values())
 
 
@@ -94,10 +97,23 @@ def _title(g, keys) -> str:
     return f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else "")
 
 
+def mark_stopped(groups, ended) -> None:
+    """`ended`: run directories whose run failed or was interrupted: their unfinished curves are
+    partial results, not runs in progress."""
+    ended = {os.path.realpath(d) for d in ended}
+    for g in groups:
+        for (phase, seed), d in g["unfinished_in"].items():
+            if os.path.realpath(d) in ended:
+                g["stopped"].setdefault(phase, []).append(seed)
+
+
 def _running_note(g) -> str:
-    r = g["running"]
-    return "" if not r else "In progress (not finished): " + "; ".join(
-        f"{p} seed(s) {sorted(s)}" for p, s in sorted(r.items())) + ".\n\n"
+    stopped = g.get("stopped", {})
+    r = {p: [s for s in seeds if s not in stopped.get(p, [])] for p, seeds in g["running"].items()}
+    notes = [("In progress (not finished)", {p: s for p, s in r.items() if s}),
+             ("Did not finish (the run failed or was interrupted; the curve is partial)", stopped)]
+    return "".join(f"{what}: " + "; ".join(f"{p} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
+                   for what, ph in notes if ph)
 
 
 def table1_md(groups, keys) -> str:
@@ -209,7 +225,8 @@ def best_model_rows(groups, keys) -> list[dict]:
                         "phase": "vanilla" if ph == van else ph, "best_test_mean": am,
                         "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
                         "sparsity_mean": sm, "sparsity_std": ssd if ns > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
-                        "seeds": len(accs), "best_test_n": n, "sparsity_n": ns, "_accs": accs, "_sps": sps})
+                        "seeds": len(accs), "best_test_n": n, "sparsity_n": ns,
+                        "unfinished": len(g["running"].get(ph, [])), "_accs": accs, "_sps": sps})
     return out
 
 
@@ -219,5 +236,5 @@ def best_model_md(rows) -> str:
     part = lambda r, n: f" ({r[n]} of {r['seeds']} seeds)" if 0 < r[n] < r["seeds"] else ""  # noqa: E731
     out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])}{part(r, 'best_test_n')} | {ms(r['_sps'])}"
             f"{part(r, 'sparsity_n')} | {r['best_phase']} | "
-            f"{r['seeds']} |" for r in rows]
+            f"{r['seeds']}{f' ({u} unfinished)' if (u := r.get('unfinished')) else ''} |" for r in rows]
     return "\n".join(out)

@@ -7,7 +7,8 @@ import os
 import re
 
 from ..experiment.files import atomic_write, write_csv
-from .aggregate import alpha_tau_md, best_model_md, best_model_rows, load_groups, table1_csv, table1_md, varying
+from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
+                        varying)
 from .figures import write_figures
 
 __all__ = ["write_sweep_report"]
@@ -40,6 +41,9 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     os.makedirs(out_dir, exist_ok=True)
     unreadable: list[str] = []
     groups = load_groups(run_dirs, unreadable)
+    if status:  # (a run's directory is named after it)
+        mark_stopped(groups, [d for d in run_dirs if status.get(os.path.basename(os.path.normpath(d)), {}).get(
+            "state") in ("failed", "interrupted")])
     teachers = {os.path.realpath(d) for d in teacher_runs}
     for g in groups:
         g["teacher_run"] = bool(teachers) and all(os.path.realpath(d) in teachers for d in g["dirs"])
