@@ -458,7 +458,8 @@ def test_a_run_failing_at_run_time_is_reported_and_not_retried(swept):
                     if d.startswith("grid-") and "foreign.pt" in (root / "sweeps" / d / "plan.json").read_text()]
     status = json.loads((sweep_dir / "status.json").read_text())
     (failed,) = [s for s in status.values() if s["state"] == "failed"]
-    assert rc == 1 and "exit code 2" in failed["error"]
+    assert rc == 1 and "exit code 2: --teachers" in failed["error"]  # (the run's one line: it was in the log only)
+    assert "gives 100 outputs per image, mnist has 10" in failed["error"]
     log = open(failed["log"]).read()
     assert log.count("python -m sparsetrain.experiment") == 1 and "gives 100 outputs per image, mnist has 10" in log
     assert [s["state"] for s in status.values() if s["kind"] == "teacher"] == ["skipped"]

@@ -57,6 +57,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         cmd = [program] if program.endswith(".py") else ["-m", program]
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
         f.flush()
+        start = f.tell()  # (this attempt's output: its one-line error, if any)
         proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         open(marker, "w").close()
         try:
@@ -79,11 +80,22 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
     if rc == EXIT_BUSY:
         raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
-    if rc == 2:
-        raise UsageFailed(f"exit code 2 (see {log})")
+    if rc == 2:  # (the experiment's one line, "error: ...", or "training diverged ...")
+        raise UsageFailed(f"exit code 2{_error_line(log, start)} (see {log})")
     if rc != 0:
         raise RunFailed(f"exit code {rc} (see {log})")
     return time.time() - t0
+
+
+def _error_line(log: str, start: int) -> str:
+    """': <the last "error: " line>' the process wrote after `start` in its log, or ''."""
+    try:
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            lines = [ln.strip() for ln in f if ln.startswith("error: ")]
+    except OSError:
+        return ""
+    return f": {lines[-1][len('error: '):][:300]}" if lines else ""
 
 
 def _error_text(e: BaseException) -> str:
