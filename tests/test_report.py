@@ -424,6 +424,21 @@ def test_a_sweep_figure_with_more_panels_than_it_draws_says_so(tmp_path, monkeyp
     monkeypatch.setattr(figures, "_MAX_PANELS", 2)
     assert figures.plot_overlay(groups, None, ["alpha"], str(tmp_path / "f.png"))
     assert titles == ["the first 2 of 3 panels: the others' numbers are in table1.csv"]
+    # a setting with no curve to draw (a study's teacher alone, no student) gets no empty panel
+    titles.clear()
+    monkeypatch.setattr(figures, "_MAX_PANELS", 12)
+    panels = []
+    real = Figure.add_subplot
+
+    def add_subplot(self, *a, **kw):
+        if not kw:  # (twinx adds the entropy axes with sharex: not a panel)
+            panels.append(a)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(Figure, "add_subplot", add_subplot)
+    bare = dict(groups[0], config={**groups[0]["config"], "alpha": 0.9, "student": "vgg_d1g1"},
+                curves={"teacher": groups[0]["curves"][next(iter(groups[0]["curves"]))]})
+    assert figures.plot_overlay(groups + [bare], None, ["alpha"], str(tmp_path / "g.png"))
+    assert len(panels) == 3 and titles == []
 
 
 def test_flops_saved_in_both_conventions_and_partial_means_marked(tmp_path):

@@ -29,6 +29,7 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
     value of `by`, one line style per phase (vanilla solid, distilled from the dense teacher dashed,
     from the pruned one dotted); entropy thin on the right axis."""
     from matplotlib.figure import Figure
+    groups = [g for g in groups if _phases(g)]  # (a setting without a curve to draw: no empty panel)
     rest = [k for k in keys if k != by]
     panels: dict[str, list] = {}
     for g in groups:
