@@ -58,9 +58,10 @@ def mask_weight_(module: torch.nn.Module, mask: torch.Tensor) -> torch.nn.Module
 
 
 def model_masks(model, sparsity: float, seed: int = 0) -> dict:
-    """{name: random_mask} for every dense layer sparsify_ takes (exactly nn.Conv2d or nn.Linear: a
-    subclass, whose forward may compute something else, or MultiheadAttention's out_proj is not one),
-    drawn in module order from one generator seeded `seed`."""
+    """{name: random_mask} for every layer of sparsify_'s types (exactly nn.Conv2d or nn.Linear: a
+    subclass, whose forward may compute something else, or MultiheadAttention's out_proj is not one;
+    those sparsify_ then refuses, engine.convert.unconvertible, included), drawn in module order from
+    one generator seeded `seed`."""
     g = torch.Generator().manual_seed(seed)
     return {n: random_mask(m.weight.shape, sparsity, generator=g) for n, m in model.named_modules()
             if type(m) in (torch.nn.Conv2d, torch.nn.Linear)}

@@ -657,3 +657,38 @@ def test_auto_engine_probe_runs_under_no_grad_without_the_layers_hooks(monkeypat
         policy.sparse_is_faster(nn.Conv1d(4, 4, 3), torch.ones(4, 4, 3, dtype=torch.bool), (2, 4, 8))
     with pytest.raises(ValueError, match="input_shape must be a sequence of positive ints, got 4"):
         policy.sparse_is_faster(nn.Linear(4, 4), torch.ones(4, 4, dtype=torch.bool), 4)
+
+
+def test_auto_keeps_every_layer_sparsify_refuses_dense():
+    """engine "auto" converts what can be converted and keeps the rest dense: it kept dilated and
+    grouped convs dense but handed a Transformer layer's linears and tied linears to sparsify_, which
+    refused the whole model. "sparse" still says why."""
+    from sparsetrain.engine.convert import unconvertible
+    from sparsetrain.engine.policy import apply_engine
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(32, 256)
+            self.enc = nn.TransformerEncoderLayer(256, 4, 512, batch_first=True)
+            self.big = nn.Linear(256, 256)
+            self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+            self.b.weight = self.a.weight
+            self.head = nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(self.big(self.enc(self.inp(x)))))).mean(1)
+    torch.manual_seed(0)
+    m = M()
+    x = torch.randn(2, 5, 32)
+    masks = global_prune(m, {}, 0.9)
+    assert {"enc.linear1", "enc.linear2", "a", "b", "big"} <= set(masks)
+    assert unconvertible(m) == {"enc.linear1", "enc.linear2", "a", "b"}  # (out_proj is a Linear subclass: no candidate)
+    m.eval()  # (the encoder's dropout)
+    want = m(x)
+    rest = apply_engine(m, masks, "auto", fuse=False)
+    assert type(m.big).__name__ == "SparseLinear" and type(m.enc.linear1) is nn.Linear and type(m.a) is nn.Linear
+    assert {"enc.linear1", "enc.linear2", "a", "b"} <= set(rest) and "big" not in rest
+    torch.testing.assert_close(m(x), want)
+    with pytest.raises(TypeError, match="inside a TransformerEncoderLayer"):
+        apply_engine(m, rest, "sparse", fuse=False)

@@ -10,9 +10,55 @@ from torch.nn.utils import prune as torch_prune
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import pruned_by_torch
-from .nn import SPARSE_TYPES, _replace_modules, is_sparse
+from .nn import SPARSE_TYPES, SparseConv2d, _replace_modules, is_sparse
 
-__all__ = ["sparsify_", "densify_"]
+__all__ = ["sparsify_", "densify_", "unconvertible"]
+
+
+# ---------------------------------------------------------------------------- what cannot convert
+def _transformer_block(modules: dict, name: str) -> str | None:
+    """The nn.Transformer*Layer holding `name`, whose fast path reads its linears' weights as dense."""
+    return next((b for b, m in modules.items() if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                 and (not b or name.startswith(b + "."))), None)
+
+
+def _owners(modules: dict) -> dict:
+    """id(parameter) -> {id(module): a name of it}: which modules hold each parameter."""
+    owners = {}
+    for n, m in modules.items():
+        for t in m._parameters.values():
+            owners.setdefault(id(t), {}).setdefault(id(m), n)
+    return owners
+
+
+def _tied(owners: dict, mod: nn.Module) -> tuple[str, str] | None:
+    """(weight or bias, the other module's name) if `mod` shares it (a CSR copy would untie them)."""
+    for what in ("weight", "bias"):
+        p = mod._parameters.get(what, mod._parameters.get(what + "_orig"))
+        tied = [n for i, n in owners.get(id(p), {}).items() if i != id(mod)] if p is not None else []
+        if tied:
+            return what, tied[0]
+    return None
+
+
+def unconvertible(model: nn.Module) -> set[str]:
+    """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
+    computed by a reparametrization, inside a Transformer*Layer, tied to another module's, or a conv
+    the sparse kernels do not take (dilated, grouped, ...). apply_engine's "auto" keeps them dense."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners, out = _owners(modules), set()
+    for n, m in modules.items():
+        if type(m) not in SPARSE_TYPES:
+            continue
+        if ("weight" not in m._parameters and not pruned_by_torch(m)) or _transformer_block(modules, n) is not None \
+                or _tied(owners, m) is not None:
+            out.add(n)
+        elif isinstance(m, nn.Conv2d):
+            try:
+                SparseConv2d.check_convertible(m)
+            except ValueError:
+                out.add(n)
+    return out
 
 
 def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fuse: bool = False) -> nn.Module:
@@ -33,8 +79,6 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
                              ": pass masks {qualified_name: bool tensor of the weight's shape}")
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
-    transformer_layers = [n for n, m in modules.items()
-                          if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
     for name, mask in masks.items():
         if name == "":
             raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
@@ -52,7 +96,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             raise TypeError(f"module {name!r}'s weight is computed by a reparametrization (weight_norm, "
                             "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
                             "remove_weight_norm / remove_spectral_norm)")
-        block = next((b for b in transformer_layers if not b or name.startswith(b + ".")), None)
+        block = _transformer_block(modules, name)
         if block is not None:
             raise TypeError(f"module {name!r} is inside a {type(modules[block]).__name__}, whose fast path (eval "
                             "mode) reads its linears' weights as dense tensors: build the block from "
@@ -65,19 +109,15 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     # fuse_ cannot trace, raises before the model is touched, never leaving it half converted
     if fuse:
         trace(model)
-    owners = {}  # id(parameter) -> {id(module): a name}: a weight tied to another module's
-    for n, m in modules.items():
-        for t in m._parameters.values():
-            owners.setdefault(id(t), {}).setdefault(id(m), n)
+    owners = _owners(modules)
     new, named = {}, {}  # id(dense layer) -> its replacement, the name its mask came under
     for name, mask in masks.items():
         mod = modules[name]
-        for what in ("weight", "bias"):  # (a CSR copy, or the layer's copy of the bias, would untie them silently)
-            p = mod._parameters.get(what, mod._parameters.get(what + "_orig"))
-            tied = [n for i, n in owners.get(id(p), {}).items() if i != id(mod)] if p is not None else []
-            if tied:
-                raise ValueError(f"{name!r} shares its {what} with {tied[0]!r}: tied "
-                                 f"{'weights' if what == 'weight' else 'biases'} cannot be sparsified")
+        tied = _tied(owners, mod)  # (a CSR copy, or the layer's copy of the bias, would untie them silently)
+        if tied:
+            what, other = tied
+            raise ValueError(f"{name!r} shares its {what} with {other!r}: tied "
+                             f"{'weights' if what == 'weight' else 'biases'} cannot be sparsified")
         if id(mod) in new:  # one layer under two names: one replacement, if both names agree
             other = masks[named[id(mod)]]
             if (mask is None) != (other is None) or mask is not None and not torch.equal(mask.bool(), other.bool()):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .backend import current_backend
-from .convert import sparsify_
+from .convert import sparsify_, unconvertible
 from .fuse import fuse_
 from .hooks import hooked_eval
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
@@ -60,9 +60,12 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     masks = check_masks(model, masks)
     to_sparse, to_measure = {}, {}
+    # (auto: a layer sparsify_ refuses, a dilated or grouped conv, one inside a Transformer*Layer or
+    # tied to another's weight, stays dense; "sparse" lets sparsify_ say why)
+    refused = unconvertible(model) if engine == "auto" else set()
     for name, m in prunable_layers(model):
-        if is_sparse(m) or engine == "dense" or (engine == "auto" and not _convertible(m)):
-            continue  # (auto: a conv the sparse kernels do not take, dilated or grouped, stays dense)
+        if is_sparse(m) or engine == "dense" or name in refused:
+            continue
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()
@@ -89,15 +92,6 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
         fuse_(model, strict=False)  # (a model fx cannot trace stays unfused: same results; the layers
         # fused in earlier rounds linked with today's, as restore_model's one call links them)
     return {n: mk for n, mk in masks.items() if n not in to_sparse and not is_sparse(model.get_submodule(n))}
-
-
-def _convertible(m: nn.Module) -> bool:
-    try:
-        if isinstance(m, nn.Conv2d):
-            SparseConv2d.check_convertible(m)
-    except ValueError:
-        return False
-    return True
 
 
 @torch.no_grad()
