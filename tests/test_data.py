@@ -316,6 +316,31 @@ def test_iterate_augmentation_and_determinism(cifar10_dir):
     assert torch.allclose(plain, ref, atol=1e-5)  # no augmentation, file order
 
 
+def test_autoaugment_and_cutout_are_seeded_and_cut_one_square(cifar10_dir):
+    """Appendix D's policy: AutoAugment (torchvision, which draws from the global RNG) and one
+    Cutout square per image, all from the epoch's generator: the same generator gives the same
+    batch, the global RNG is left as it was, each image has one zeroed square of side 16 (clipped at
+    the border), and the standard policy's batches are unchanged by it."""
+    s = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.0, download=False)
+
+    def batch(policy, seed=3):
+        return next(D.iterate(s.train, 32, shuffle=True, augment=True, policy=policy,
+                              generator=torch.Generator().manual_seed(seed)))
+    before = torch.get_rng_state()
+    a, b = batch("autoaugment"), batch("autoaugment")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], batch("autoaugment", 4)[0])
+    std = batch("standard")
+    assert torch.equal(std[1], a[1]) and not torch.equal(std[0], a[0])  # (the same order, other images)
+    for img in a[0]:
+        zero = (img == 0).all(0)  # [H, W]: the hole (an AutoAugment op may zero a pixel in every channel
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()  # ... rarely: random data)
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 8 <= h <= 16 and 8 <= w <= 16 and bool(zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+    with pytest.raises(ValueError, match="policy must be one of"):
+        next(D.iterate(s.train, 8, policy="randaugment"))
+
+
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'svhn'; known: cifar10, cifar100"):
         D.load_dataset("svhn", tmp_path)

@@ -109,3 +109,28 @@ def test_vgg_like_pool_of_one_pixel_maps_is_the_adaptive_pool():
         ours.backward(g)
         ref.backward(g)
         torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg_d2g2", "lenet300"])
+def test_dropout_before_the_classifier(name):
+    """Appendix D's dropout layer: right before the classifier (its input is what the Dropout saw),
+    the same parameters and state_dict keys as the model without it, equal in eval mode."""
+    torch.manual_seed(0)
+    plain = build_model(name, 10, 1, 28)
+    torch.manual_seed(0)
+    dropped = build_model(name, 10, 1, 28, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    (drop,) = [m for m in dropped.modules() if isinstance(m, nn.Dropout)]
+    assert drop.p == 0.5
+    head = dict(dropped.named_modules())[{"resnet18": "fc", "vgg_d2g2": "classifier", "lenet300": "fc3"}[name]]
+    seen = {}
+    drop.register_forward_hook(lambda m, i, o: seen.setdefault("drop", o))
+    head.register_forward_pre_hook(lambda m, i: seen.setdefault("head", i[0]))
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    seen.clear()
+    dropped.train()(x)
+    assert torch.equal(seen["drop"].flatten(1), seen["head"]) and (seen["drop"] == 0).float().mean() > 0.3
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="dropout must be a number in"):
+            build_model(name, 10, 1, 28, dropout=bad)

@@ -16,16 +16,19 @@ from dataclasses import dataclass, field, fields
 from ..engine.bsr import BLOCK_SIZES
 from ..engine.policy import ENGINES
 from ..prune import PERTURBATIONS, RULES, SCOPES
-from .data import NOISE_KINDS
+from .data import NOISE_KINDS, POLICIES
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .devices import resolve_amp, resolve_device
 from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, _family, preset, schedule
 
-__all__ = ["Config", "Hyper", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
+__all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
            "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
+# settings added after runs were named: at these values they are left out of a run's name and a
+# phase's key (study.result_settings, reuse.phase_key), so older runs keep theirs
+ADDED_DEFAULTS = {"amp": "auto", "l1": 0.0, "dropout": 0.0, "augment": "standard"}
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
 
 
@@ -110,6 +113,14 @@ class Config:
     student_rewind_iter: int = _role("student", "rewind_iter", 1000)
     momentum: float = _f(0.9, "SGD momentum (every run)")
     drop: float = _f(0.1, "LR drop factor at the milestones, in (0, 1] (every run)")
+    # Appendix D's regularizers (Fig. 6), off by default as in the paper's main runs (l2: --weight-decay)
+    l1: float = _f(0.0, "l1 regularization: lambda x sum |w| over every conv and linear weight added to each "
+                   "training loss (Appendix D: 1e-5, 1e-4; 0: off)")
+    dropout: float = _f(0.0, "a dropout layer of this probability before the classifier of every model the "
+                        "study trains (Appendix D: 0.5; 0: none), in [0, 1)")
+    augment: str = _f("standard", "training augmentation: standard (the dataset's shifts and flips; none for "
+                      "MNIST-like and flowers102) or autoaugment (Appendix D: standard, then AutoAugment's "
+                      "CIFAR-10 policy and one Cutout square of half the image side)", choices=POLICIES)
     val_fraction: float = _f(0.1, "validation split held out of the training data, in (0, 1) (flowers102 keeps "
                                   "its official one)")
     clean_val: bool = _f(False, "keep validation labels clean (default: same noise as training)")
@@ -187,6 +198,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
                "in (0, 1) (the study picks each run's best round and stops early on the validation split)"),
               ("threads", 0 <= cfg.threads <= 4096, "in [0, 4096] (0: this run's CPU share)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop <= 1, "in (0, 1]"),
+              ("l1", 0 <= cfg.l1 <= _F32_MAX, ">= 0 and finite in float32 (<= 3.4e38)"),
+              ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
               ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(0 <= s < 2**63 for s in cfg.seeds),
                "one or more distinct seeds in [0, 2^63)"),
               ("teachers", len(set(cfg.teachers)) == len(cfg.teachers) > 0, "one or more distinct of best, dense, PATH"),

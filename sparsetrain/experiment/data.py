@@ -29,6 +29,7 @@ __all__ = ["DATASETS", "DatasetNotFound", "DataError", "Split", "Splits", "load_
            "epoch_generator", "add_label_noise", "read_idx", "NOISE_KINDS"]
 
 NOISE_KINDS = ("symmetric", "uniform")
+POLICIES = ("standard", "autoaugment")  # training augmentation policies (iterate's `policy`)
 
 
 def seeded(seed: int, *stream: int) -> torch.Generator:
@@ -233,15 +234,19 @@ def _channel_stats(x: torch.Tensor):
 # ------------------------------------------------------------------------------- batches
 def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bool = False,
             generator: torch.Generator | None = None, drop_last: bool = False, device=None,
-            with_index: bool = False):
+            with_index: bool = False, policy: str = "standard"):
     """Yield (x float32 [B, C, H, W] normalised, y int64 [B]) (plus `index` when with_index).
 
-    shuffle: a random order from `generator`; augment: the split's augmentation (Split.pad),
-    random draws from `generator` too, so a given generator state gives identical batches.
+    shuffle: a random order from `generator`; augment: the split's augmentation (Split.pad), and
+    with policy "autoaugment" then AutoAugment's CIFAR-10 policy per image and one Cutout square
+    (Appendix D; _autoaugment_cutout), random draws from `generator` too, so a given generator
+    state gives identical batches.
     Evaluation and entropy passes use augment=False. The order and every random draw come from
     the CPU `generator` whatever the split's device, so a GPU run sees the CPU run's batches."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
@@ -252,7 +257,12 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
         xb = split.x.index_select(0, idx.to(split.x.device))  # (much faster than x[idx] for uint8)
         if augment and split.pad > 0:
             xb = _shift_flip(xb, split.pad, generator)
+        hole = None
+        if augment and policy == "autoaugment":
+            xb, hole = _autoaugment_cutout(xb, generator)
         xb = xb.float().mul_(scale).add_(shift)  # (x/255 - mean) / std, as one affine map
+        if hole is not None:
+            xb.masked_fill_(hole, 0.0)  # (Cutout zeroes the normalised image: the mean colour)
         yb = split.y.index_select(0, idx.to(split.y.device))
         if device is not None:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -274,3 +284,25 @@ def _shift_flip(xb: torch.Tensor, pad: int, generator) -> torch.Tensor:
     # one gather over the flattened plane: out[b, c, i, j] = xb[b, c, rows[b, i], cols[b, j]]
     flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).to(xb.device).expand(b, c, h * w)
     return xb.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
+
+
+def _autoaugment_cutout(xb: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAugment's CIFAR-10 policy per image (torchvision, uint8), then Cutout (DeVries & Taylor
+    2017, as AutoAugment's CIFAR runs use it): one square of side = half the image's shorter side
+    (16 px at 32x32), centred uniformly over the image and clipped at its borders. Returns the
+    images and the holes' mask [B, 1, H, W] (filled after normalisation). torchvision draws from
+    the global RNG: it is seeded from `generator` inside fork_rng (the global RNG is left as it was,
+    and the same generator state gives the same batch)."""
+    from torchvision.transforms import v2
+    b, _, h, w = xb.shape
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        xb = torch.stack([policy(img) for img in xb]) if b else xb
+    side = max(1, min(h, w) // 2)
+    cy, cx = torch.randint(0, h, (b,), generator=generator), torch.randint(0, w, (b,), generator=generator)
+    ys, xs = torch.arange(h), torch.arange(w)
+    in_y = (ys >= (cy - side // 2)[:, None]) & (ys < (cy - side // 2 + side)[:, None])  # [B, H]
+    in_x = (xs >= (cx - side // 2)[:, None]) & (xs < (cx - side // 2 + side)[:, None])  # [B, W]
+    return xb, (in_y[:, :, None] & in_x[:, None, :])[:, None].to(xb.device)

@@ -63,11 +63,12 @@ class PhaseState:
     scaler: object = None  # GradScaler for --amp fp16 (its scale carries across epochs and resumes)
 
 
-def arch_of(name: str, splits) -> dict:
-    """build_model arguments of model `name` for a dataset's splits."""
+def arch_of(name: str, splits, dropout: float = 0.0) -> dict:
+    """build_model arguments of model `name` for a dataset's splits (dropout only where > 0: the
+    checkpoints of models without one stay as they were)."""
     h, w = splits.image_size  # (an int for square images, as runs have always recorded it)
     return dict(name=name, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                image_size=h if h == w else (h, w))
+                image_size=h if h == w else (h, w), **({"dropout": dropout} if dropout else {}))
 
 
 # ============================================================================ stages
@@ -162,7 +163,7 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         t0 = time.perf_counter()
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
                          masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
-                         forward=forward, amp=s.amp, scaler=s.scaler)
+                         forward=forward, amp=s.amp, scaler=s.scaler, l1=cfg.l1, policy=cfg.augment)
         if not math.isfinite(tr["loss"]):  # (NaN weights prune nothing: the rounds would never reach the wall)
             raise PhaseError(f"{label}: training diverged (mean loss {tr['loss']} in epoch {epoch + 1}); lower the "
                              "learning rate (--lr, --student-lr) and start again")
@@ -314,7 +315,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     if done:
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")
-    hp, arch = cfg.hyper(role), arch_of(arch_name, splits)
+    hp, arch = cfg.hyper(role), arch_of(arch_name, splits, cfg.dropout)
     rule = make_rule(cfg.structure, scope=cfg.scope, block=cfg.block)
     iters = hp.epochs * steps_per_epoch(len(splits.train), hp.batch_size)  # (round 0: every rank steps each global batch)
     if cfg.perturb == "rewind" and hp.rewind_iter > iters:

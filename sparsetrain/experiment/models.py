@@ -54,12 +54,13 @@ def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = Tr
 
 # ------------------------------------------------------------------------------- VGG-like
 def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3,
-             image_size: int | tuple[int, int] = 32) -> nn.Sequential:
+             image_size: int | tuple[int, int] = 32, dropout: float = 0.0) -> nn.Sequential:
     """VGG-like(δ, γ) of Table 2: δ stages of two blocks conv3x3(pad 1, bias) -> ReLU -> BatchNorm2d,
     stage s (1-based) has 2^(γ+s-1) channels and ends with MaxPool2d(2); then
     AdaptiveAvgPool2d(7) and one Linear(7*7*width, classes). The 7x7 pool is the authors' code and
     reproduces Table 3's counts. A stage-final max-pool that would shrink a map below 1x1 (e.g.
-    δ=5 on 28x28 images) is left out, so every δ works on every input size."""
+    δ=5 on 28x28 images) is left out, so every δ works on every input size. `dropout`: an
+    nn.Dropout before the classifier (Appendix D), named "dropout"."""
     for arg, v, lo in (("delta", delta, 1), ("gamma", gamma, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
@@ -80,13 +81,16 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
             h, w = h // 2, w // 2
     layers["avgpool"] = BroadcastAvgPool2d(7)
     layers["flatten"] = nn.Flatten(1)
+    if dropout:
+        layers["dropout"] = nn.Dropout(dropout)
     layers["classifier"] = nn.Linear(7 * 7 * c, num_classes)
     return nn.Sequential(layers)
 
 
 # ------------------------------------------------------------------------------- LeNet
-def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
-    """LeNet-300-100: flatten -> 784-300-100-classes fully connected with ReLU."""
+def lenet_300_100(num_classes: int = 10, in_features: int = 784, dropout: float = 0.0) -> nn.Sequential:
+    """LeNet-300-100: flatten -> 784-300-100-classes fully connected with ReLU (`dropout`: an
+    nn.Dropout before fc3)."""
     _check_common(num_classes, 1)
     if not isinstance(in_features, int) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
@@ -94,17 +98,26 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784) -> nn.Sequentia
         flatten=nn.Flatten(1),
         fc1=nn.Linear(in_features, 300), relu1=nn.ReLU(inplace=True),
         fc2=nn.Linear(300, 100), relu2=nn.ReLU(inplace=True),
+        **({"dropout": nn.Dropout(dropout)} if dropout else {}),
         fc3=nn.Linear(100, num_classes)))
+
+
+def _with_dropout(model: nn.Module, p: float) -> nn.Module:
+    """A ResNet with an nn.Dropout(p) before its classifier (Appendix D), applied after the global
+    pool (avgpool = Sequential(pool, dropout): the state_dict keys stay torchvision's)."""
+    if p:
+        model.avgpool = nn.Sequential(OrderedDict(pool=model.avgpool, dropout=nn.Dropout(p)))
+    return model
 
 
 # ------------------------------------------------------------------------------- factory
 # name -> builder(num_classes, in_channels, (h, w), **kwargs). Adding a model: a builder here (and
 # its aliases); the experiment's --model/--student choices and checks follow from this table.
 MODELS = {
-    "resnet18": lambda nc, c, hw: resnet18(nc, c, small_input=max(hw) <= SMALL_INPUT),
-    "resnet50": lambda nc, c, hw: resnet50(nc, c, small_input=max(hw) <= SMALL_INPUT),
-    "vgg_like": lambda nc, c, hw, delta=5, gamma=5: vgg_like(delta, gamma, nc, c, hw),
-    "lenet300": lambda nc, c, hw: lenet_300_100(nc, c * hw[0] * hw[1]),
+    "resnet18": lambda nc, c, hw, dropout=0.0: _with_dropout(resnet18(nc, c, small_input=max(hw) <= SMALL_INPUT), dropout),
+    "resnet50": lambda nc, c, hw, dropout=0.0: _with_dropout(resnet50(nc, c, small_input=max(hw) <= SMALL_INPUT), dropout),
+    "vgg_like": lambda nc, c, hw, delta=5, gamma=5, dropout=0.0: vgg_like(delta, gamma, nc, c, hw, dropout),
+    "lenet300": lambda nc, c, hw, dropout=0.0: lenet_300_100(nc, c * hw[0] * hw[1], dropout),
 }
 _ALIASES = {"resnet-18": "resnet18", "resnet-50": "resnet50", "vgg-like": "vgg_like", "vgg": "vgg_like",
             "lenet_300_100": "lenet300", "lenet-300-100": "lenet300", **{k: k for k in MODELS}}
@@ -142,7 +155,8 @@ def canonical_name(name: str) -> str:
 def build_model(name: str, num_classes: int, in_channels: int = 3,
                 image_size: int | tuple[int, int] = 32, **kwargs) -> nn.Module:
     """Model by name: "resnet18", "resnet50", "vgg_like" (kwargs delta=5, gamma=5; or the short
-    form "vgg_d5g5"), "lenet300" (LeNet-300-100 on flattened C*H*W inputs)."""
+    form "vgg_d5g5"), "lenet300" (LeNet-300-100 on flattened C*H*W inputs); every one takes
+    dropout=p (in [0, 1): an nn.Dropout before the classifier)."""
     key, implied = resolve_name(name)
     kwargs = {**implied, **kwargs}
     allowed = set(inspect.signature(MODELS[key]).parameters) - {"nc", "c", "hw"}
@@ -150,6 +164,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     if extra:
         raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
                         f"allowed: {sorted(allowed)}")
+    p = kwargs.get("dropout", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
     return MODELS[key](num_classes, in_channels, _pair(image_size), **kwargs)
 
 

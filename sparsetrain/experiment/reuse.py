@@ -18,7 +18,7 @@ import json
 import os
 
 from ..prune import RULES
-from .config import Config, config_from_json
+from .config import ADDED_DEFAULTS, Config, config_from_json
 from .metrics import teacher_tag
 from .models import canonical_name
 
@@ -118,8 +118,7 @@ def phase_key(cfg: Config, phase: str, seed: int, teachers: dict | None = None) 
     `teachers`: {--teachers PATH: its fingerprint} as a run recorded them (its config.json); None:
     this process's files (teacher_fingerprint). A PATH without one matches nothing."""
     common = _applying(cfg, _DATA_KEYS + _PRUNE_KEYS)
-    if cfg.amp != "auto":  # (auto: follows the device, as in the run's name)
-        common["amp"] = cfg.amp
+    common.update({k: getattr(cfg, k) for k, d in ADDED_DEFAULTS.items() if getattr(cfg, k) != d})  # (as the run's name)
     teacher = {"model": canonical_name(cfg.model), "hyper": _hyper(cfg, "teacher")}
     student = {"model": canonical_name(cfg.resolved_student()), "hyper": _hyper(cfg, "student"),
                **_applying(cfg, _STUDENT_KEYS)}

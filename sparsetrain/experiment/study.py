@@ -23,7 +23,7 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import Config, config_from_args
+from .config import ADDED_DEFAULTS, Config, config_from_args
 from .devices import resolve_device
 from .files import EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
@@ -43,11 +43,12 @@ class UsageError(Exception):
 # ============================================================================ run directory
 def result_settings(cfg: Config) -> dict:
     """The resolved settings that change results (JSON types): what names a run and what a resume
-    must match. `--amp auto` follows the device as --device does (left out: runs named before the
-    flag existed keep their names); an explicit --amp is part of the run."""
+    must match. Settings added since runs were named are left out at their defaults (ADDED_DEFAULTS:
+    `--amp auto` follows the device as --device does; no --l1, --dropout, --augment), so those runs
+    keep their names; any other value is part of the run."""
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
     return {k: v for k, v in json.loads(json.dumps(resolved)).items()
-            if k not in _NON_RESULT_KEYS and not (k == "amp" and v == "auto")}
+            if k not in _NON_RESULT_KEYS and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
 
 
 def run_dir_of(cfg: Config) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.nn import enforce_masks_, mask_grads_
+from ..engine.nn import enforce_masks_, is_sparse, mask_grads_, prunable_layers
 from . import data as D
 from . import distributed as dist
 
@@ -51,7 +51,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
-                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None) -> dict:
+                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None,
+                l1: float = 0.0, policy: str = "standard") -> dict:
     """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
     is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
     dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
@@ -59,12 +60,16 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     `forward`: the module to run (the model in DistributedDataParallel under torchrun, whose rank
     takes its rows of every global batch: distributed.py); the returned loss and accuracy are over
     the global batches. `amp`: the autocast dtype of the forward pass and the loss (None: off; the
-    parameters stay fp32); `scaler`: a GradScaler (fp16)."""
+    parameters stay fp32); `scaler`: a GradScaler (fp16). `l1`: lambda of Appendix D's penalty
+    lambda * sum |w| over the conv and linear weights (sparse layers: their stored values; a dense
+    layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
+    loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
     model.train()
     forward = forward or model
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
-    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g,
+    weights = [m.weight.values if is_sparse(m) else m.weight for _, m in prunable_layers(model)] if l1 else []
+    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
                             drop_last=_skips_last(len(split), batch_size)):
         rows, scale = dist.shard(yb.numel())
         counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
@@ -81,6 +86,8 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
                 loss = F.cross_entropy(out.float(), yb)
         opt.zero_grad(set_to_none=True)
         total = loss * scale if scale != 1.0 else loss
+        if weights:  # (every rank adds it whole: DDP averages the ranks' gradients)
+            total = total + l1 * torch.stack([w.abs().sum() for w in weights]).sum()
         (scaler.scale(total) if scaler is not None else total).backward()
         mask_grads_(model, masks)
         if scaler is not None:  # (skips the step when a gradient overflowed; the masked zeros stay zero)

@@ -220,6 +220,7 @@ def main(argv=None) -> int:
         return 2
     leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
     axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
+    axes += sorted({k for var in settings.get("variants") or [] for k in var} - set(axes))  # (and what variants change)
     of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps for s in plan)]
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
                                  axes=axes, teacher_runs=of_studies)

@@ -52,10 +52,16 @@ class Run:
 
 
 def expand(settings: dict) -> list[dict]:
-    """Cartesian product of the list-valued settings (axes); tuples and scalars are one value."""
-    axes = {k: v for k, v in settings.items() if isinstance(v, list)}
-    fixed = {k: v for k, v in settings.items() if not isinstance(v, list)}
-    return [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+    """Cartesian product of the list-valued settings (axes); tuples and scalars are one value.
+    "variants": a list of dicts, each laid over the settings in turn (a grid that is no product: a
+    baseline and one change at a time), the points of all of them in order."""
+    out = []
+    for variant in settings.get("variants") or [{}]:
+        s = {**{k: v for k, v in settings.items() if k != "variants"}, **variant}
+        axes = {k: v for k, v in s.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in s.items() if not isinstance(v, list)}
+        out += [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
+    return out
 
 
 def _argv(point: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """The paper's multi-run grids as data: recipe -> profile -> the experiment flags it fixes and the
-ones it sweeps (every list is an axis of the grid; `seeds` too: one run per seed).
+ones it sweeps (every list is an axis of the grid; `seeds` too: one run per seed; `variants`: dicts
+laid over the rest one at a time, for a grid that is no product).
 
 `paper`: the paper's grid (GPU-days). `quick`: a CPU-sized version on Fashion-MNIST that shows the
 same comparison (the quick study's LeNet-300-100 schedule, README "What the quick study shows").
@@ -10,6 +11,8 @@ from __future__ import annotations
 __all__ = ["RECIPES", "recipe"]
 
 _PAPER_SEEDS = [0, 1, 2]
+_REGULARIZERS = [{}, {"l1": 1e-5}, {"l1": 1e-4}, {"teacher_weight_decay": 1e-3}, {"dropout": 0.5},
+                 {"augment": "autoaugment"}]
 
 RECIPES = {
     # Table 1 (CIFAR-10, eps 20%): vanilla / early stop / distilled from the dense and the pruned teacher
@@ -43,6 +46,18 @@ RECIPES = {
                   "seeds": _PAPER_SEEDS, "phases": ("teacher",)},
         "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.2],
                   "perturb": ["none", "rewind", "reinit"], "seeds": [0], "phases": ("teacher",)},
+    },
+    # Fig. 6 (App. D): other regularizers against the vanilla run, ResNet-18 on CIFAR-100 eps 50%, one
+    # change at a time ("variants"): l1 1e-5 / 1e-4, l2 (weight decay) 1e-3 (its 1e-4 is Table 4's own,
+    # the baseline), dropout 0.5 before the classifier, AutoAugment + Cutout
+    "paper-regularizers": {
+        "about": "Fig. 6: l1, l2, dropout and AutoAugment + Cutout vs the vanilla run",
+        "paper": {"dataset": ["cifar100"], "eps": [0.5], "model": ["resnet18"], "seeds": _PAPER_SEEDS,
+                  "phases": ("teacher",), "variants": _REGULARIZERS},
+        # the LeNet-300-100 teacher run on 2,000 images, 8 epochs per round (AutoAugment runs per image)
+        "quick": {"dataset": ["fashion-mnist"], "profile": ["quick"], "eps": [0.5], "subset": [2000],
+                  "teacher_epochs": [8], "teacher_milestones": (4, 6), "seeds": [0], "phases": ("teacher",),
+                  "variants": _REGULARIZERS},
     },
     # Table 5: alpha x tau on CIFAR-10 (VGG-like student of the ResNet-18 teacher), 3 noise rates
     "paper-alpha-tau": {

@@ -1,0 +1,82 @@
+"""Appendix D's regularizers (--l1, --dropout, --augment autoaugment; l2 is --weight-decay): the l1
+step against a hand-written one, run names and phase keys unchanged at the defaults, and a tiny
+study with all three, whose checkpoints load back with their dropout. The augmentation itself is
+checked in test_data.py, the dropout layer in test_models.py."""
+import copy
+import dataclasses
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetrain.experiment import data as D
+from sparsetrain.experiment import study
+from sparsetrain.experiment.checkpoint import load_model
+from sparsetrain.experiment.config import Config, Hyper
+from sparsetrain.experiment.reuse import phase_key
+from sparsetrain.experiment.study import result_settings, run_dir_of
+from sparsetrain.experiment.train import make_optimizer, train_epoch
+from sparsetrain.nn import SparseLinear
+from sparsetrain.testing import random_mask
+
+
+def _split(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return D.Split(x, y, y.clone(), torch.arange(n), torch.zeros(n, dtype=torch.bool),
+                   torch.tensor([0.5]), torch.tensor([0.25]))
+
+
+def test_l1_step_is_the_gradient_of_the_penalised_loss():
+    """One full-batch SGD step with --l1: the loss's gradient plus lambda * sign(w) on every conv and
+    linear weight (a sparse layer's stored values), not on biases; the reported loss is the data's."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(),
+                          SparseLinear.from_dense(lin, random_mask((3, 8), 0.5, generator=torch.Generator().manual_seed(1))))
+    ref = copy.deepcopy(model)
+    hp = Hyper(epochs=1, batch_size=16, lr=0.1, milestones=(), weight_decay=0.0, rewind_iter=0, momentum=0.0, drop=0.1)
+    opt, _ = make_optimizer(model, hp)
+    out = train_epoch(model, _split(), opt, 16, epoch=0, seed=0, masks={}, l1=0.01)
+    x, y = next(D.iterate(_split(), 16, shuffle=True, augment=True, generator=D.epoch_generator(0, 0)))
+    data_loss = F.cross_entropy(ref(x), y)
+    penalty = ref[1].weight.abs().sum() + ref[3].weight.values.abs().sum()
+    (data_loss + 0.01 * penalty).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    assert abs(out["loss"] - float(data_loss)) < 1e-6
+
+
+def test_defaults_keep_run_names_and_phase_keys():
+    """Runs named before the flags existed keep their directories and linked phases; any other value
+    names another run and another teacher phase."""
+    cfg = Config(dataset="mnist")
+    assert not {"l1", "dropout", "augment"} & set(result_settings(cfg))
+    for change in (dict(l1=1e-5), dict(dropout=0.5), dict(augment="autoaugment")):
+        other = dataclasses.replace(cfg, **change)
+        assert run_dir_of(other) != run_dir_of(cfg), change
+        assert phase_key(other, "teacher", 0) != phase_key(cfg, "teacher", 0), change
+
+
+def test_a_study_with_every_regularizer_runs_and_its_checkpoints_load(mnist_dir, study_args, capsys):
+    args = study_args(mnist_dir, "--teachers", "dense", "--model", "vgg_d1g1", "--l1", "1e-4", "--dropout", "0.5",
+                      "--augment", "autoaugment", "--wall", "0.6")
+    assert study.main(args) == 0
+    (rd,) = [p for p in (mnist_dir / "runs").iterdir() if p.is_dir()]
+    cfg = json.loads((rd / "config.json").read_text())
+    assert (cfg["l1"], cfg["dropout"], cfg["augment"]) == (1e-4, 0.5, "autoaugment")
+    model, _, payload = load_model(str(rd / "seed0" / "teacher" / "ckpt" / "round_01.pt"))
+    assert payload["arch"]["dropout"] == 0.5 and isinstance(model.dropout, nn.Dropout)
+    for bad, what in ((["--l1", "-1"], "--l1 must be >= 0"), (["--dropout", "1"], "--dropout must be in [0, 1)"),
+                      (["--augment", "cutmix"], "argument --augment: invalid choice")):
+        capsys.readouterr()
+        try:
+            rc = study.main(study_args(mnist_dir, *bad))
+        except SystemExit as e:
+            rc = e.code
+        assert rc == 2 and what in capsys.readouterr().err, bad
