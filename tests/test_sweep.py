@@ -879,6 +879,20 @@ def test_every_recipe_plans_without_an_invalid_point(tmp_path):
     assert sorted({r.point["eps"] for r in t12}) == [0.1, 0.125, 0.15, 0.175, 0.2, 0.5]
     shared = {r.name for r in t12} & {r.name for r in plans["paper-eps", "paper"]}
     assert len(shared) == 3 * 3  # eps 10/20/50% x 3 seeds on CIFAR-10
+    reg = plans["paper-regularizers", "quick"]  # (Fig. 6: a baseline and one change at a time)
+    assert len(reg) == 6 and len({r.run_dir for r in reg}) == 6 and {r.kind for r in reg} == {"teacher"}
+    assert [{k: v for k, v in r.point.items() if k in ("l1", "dropout", "augment", "teacher_weight_decay")}
+            for r in reg] == [{}, {"l1": 1e-5}, {"l1": 1e-4}, {"teacher_weight_decay": 1e-3}, {"dropout": 0.5},
+                              {"augment": "autoaugment"}]
+
+
+def test_variants_lay_one_change_at_a_time_over_the_grid():
+    from sparsetrain.sweep.plan import expand
+    pts = expand({"dataset": ["mnist"], "eps": [0.1, 0.2], "variants": [{}, {"l1": 1e-5}, {"eps": [0.5]}]})
+    assert pts == [{"dataset": "mnist", "eps": 0.1}, {"dataset": "mnist", "eps": 0.2},
+                   {"dataset": "mnist", "eps": 0.1, "l1": 1e-5}, {"dataset": "mnist", "eps": 0.2, "l1": 1e-5},
+                   {"dataset": "mnist", "eps": 0.5}]
+    assert expand({"dataset": ["mnist"]}) == [{"dataset": "mnist"}]
 
 
 def test_a_failed_run_s_partial_curve_is_not_in_progress(tmp_path):
