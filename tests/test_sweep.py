@@ -77,6 +77,15 @@ def test_plan_shares_a_vanilla_student_between_distillation_settings(tmp_path):
     assert first.deps == [teacher.name] and sorted(second.deps) == sorted([teacher.name, first.name])
 
 
+def test_a_study_knows_whether_its_teacher_run_is_its_vanilla_curve(tmp_path):
+    """A kept teacher run (its study failed) is labelled the teacher's only where the study trains
+    a vanilla student of its own (another model); else its curve is the setting's vanilla one."""
+    other = make_plan(_settings(tmp_path, student=["vgg_d1g1"], seeds=[0]), str(tmp_path / "sw"), threads=1)
+    same = make_plan(_settings(tmp_path, alpha=[0.5], seeds=[0]), str(tmp_path / "sw"), threads=1)
+    assert [(r.kind, r.own_vanilla) for r in other] == [("teacher", False), ("study", True)]
+    assert [(r.kind, r.own_vanilla) for r in same] == [("teacher", False), ("study", False)]
+
+
 def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
     plan = make_plan(_settings(tmp_path, alpha=[0.5, 1.5]), str(tmp_path / "sw"), threads=1)
     bad = [r for r in plan if r.error]
@@ -113,6 +122,7 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--gpus-per-run", "1.5"], "a fraction of one GPU in steps of 0.0001 or a whole number"),
              (["paper-eps", "--retries", "10000000000000000000000"], "--retries must be in [0, 1000]"),
              (["paper-eps", "--out", __file__], "is a file, not a directory"),
+             (["paper-regularizers", "--dropout", "0.3"], "--dropout: paper-regularizers changes it one variant"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
              # two values that are one study: an alias, a setting the runs ignore (one trained, one linked)

@@ -26,9 +26,6 @@ from .presets import PROFILES, STUDY, _family, preset, schedule
 __all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
            "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
-# settings added after runs were named: at these values they are left out of a run's name and a
-# phase's key (study.result_settings, reuse.phase_key), so older runs keep theirs
-ADDED_DEFAULTS = {"amp": "auto", "l1": 0.0, "dropout": 0.0, "augment": "standard"}
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
 
 
@@ -160,6 +157,11 @@ class Config:
         hp = {r: self.hyper(r) if self.perturb == "rewind" else dataclasses.replace(self.hyper(r), rewind_iter=0)
               for r in ROLES}
         return canonical_name(self.resolved_student()) != canonical_name(self.model) or hp["student"] != hp["teacher"]
+
+
+# settings added after runs were named: at their defaults they are left out of a run's name and a
+# phase's key (study.result_settings, reuse.phase_key), so older runs keep theirs
+ADDED_DEFAULTS = {k: Config.__dataclass_fields__[k].default for k in ("amp", "l1", "dropout", "augment")}
 
 
 # ---------------------------------------------------------------------------- validation

@@ -5,6 +5,7 @@ and augmentations as the uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,8 +65,33 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     lambda * sum |w| over the conv and linear weights (sparse layers: their stored values; a dense
     layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
     loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
+    with _dropout_rng(model, seed, epoch):
+        return _train_epoch(model, split, opt, batch_size, epoch, seed, masks, teacher, alpha, tau, on_step,
+                            forward or model, amp, scaler, l1, policy)
+
+
+@contextlib.contextmanager
+def _dropout_rng(model, seed: int, epoch: int):
+    """A model with dropout (--dropout) draws its masks from the global RNG of its device, which a
+    resume restores for the CPU only, and which every DDP rank seeds alike: seeded here from (seed,
+    epoch, rank) instead, inside fork_rng (the global state is left as it was), so a resumed epoch
+    draws the uninterrupted one's masks on every device and the ranks draw their own."""
+    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        yield
+        return
+    dev = next(model.parameters()).device
+    s = D.seeded(seed, 11, epoch, dist.rank()).initial_seed()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(s)
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(s)
+        yield
+
+
+def _train_epoch(model, split, opt, batch_size, epoch, seed, masks, teacher, alpha, tau, on_step, forward, amp,
+                 scaler, l1, policy) -> dict:
     model.train()
-    forward = forward or model
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
     weights = [m.weight.values if is_sparse(m) else m.weight for _, m in prunable_layers(model)] if l1 else []

@@ -89,6 +89,10 @@ def _settings(args, parser) -> dict:
         if v is None or k in ("what", "run_dirs", "profile", "out", "cpus_per_run", "gpus_per_run",
                               "max_concurrent", "retries", "address", "dry_run"):
             continue
+        varied = {key for var in settings.get("variants") or [] for key in var}
+        if k in varied:  # (a variant's value would replace it for that point, silently)
+            parser.error(f"--{k.replace('_', '-')}: {args.what} changes it one variant at a time "
+                         f"({', '.join(sorted(varied))}); run `grid` with the settings you want instead")
         one_value = hints.get(k) is tuple or k == "milestones"
         settings[k] = (list(v) if not one_value or k in _AXIS_TUPLES else tuple(v)) if isinstance(v, list) else v
         if isinstance(settings[k], list) and len({str(x) for x in settings[k]}) != len(settings[k]):
@@ -221,7 +225,7 @@ def main(argv=None) -> int:
     leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
     axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
     axes += sorted({k for var in settings.get("variants") or [] for k in var} - set(axes))  # (and what variants change)
-    of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps for s in plan)]
+    of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps and s.own_vanilla for s in plan)]
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
                                  axes=axes, teacher_runs=of_studies)
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}

@@ -45,6 +45,7 @@ class Run:
     phases: list = field(default_factory=list)  # phases it trains or reads: all finished = done
     error: str = ""                # the experiment's own message when the point is invalid
     program: str = "sparsetrain.experiment"  # what the run executes (python -m; or a script path)
+    own_vanilla: bool = False      # a study training its vanilla student (its teacher run's curve is not it)
 
     def done(self) -> bool:
         return not self.error and all(phase_done(os.path.join(self.run_dir, f"seed{self.seed}", p))
@@ -190,7 +191,8 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         if shown.setdefault(curves, p) is not p:  # (every curve it would report, another point's study shows)
             _refuse_twins(shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
-        runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads)
+        runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
+                         own_vanilla=scfg.separate_vanilla())
     return list(runs.values())
 
 
@@ -198,6 +200,8 @@ def _refuse_twins(a: dict, b: dict) -> None:
     """Two points of the grid that are one study (aliases of a model, or values of a setting the runs
     ignore): ValueError naming the values that differ."""
     differ = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+    if not differ:  # (a recipe's variant equal to its baseline, or to another variant)
+        raise ValueError(f"the grid holds the same point twice ({', '.join(f'{k}={v!r}' for k, v in sorted(a.items()))})")
     raise ValueError("two points of the grid are the same study (" + ", ".join(
         f"--{k.replace('_', '-')} {a.get(k)!r} and {b.get(k)!r}" for k in differ) +
         "): name each model once, and vary only settings the runs use")
