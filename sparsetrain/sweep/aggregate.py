@@ -226,7 +226,7 @@ def best_model_rows(groups, keys) -> list[dict]:
                         "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
                         "sparsity_mean": sm, "sparsity_std": ssd if ns > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
                         "seeds": len(accs), "best_test_n": n, "sparsity_n": ns,
-                        "unfinished": len(g["running"].get(ph, [])), "_accs": accs, "_sps": sps})
+                        "unfinished": len(g.get("running", {}).get(ph, [])), "_accs": accs, "_sps": sps})
     return out
 
 
