@@ -441,6 +441,24 @@ def test_a_sweep_figure_with_more_panels_than_it_draws_says_so(tmp_path, monkeyp
     assert len(panels) == 3 and titles == []
 
 
+def test_a_sweep_figure_marks_rounds_only_some_seeds_reached(tmp_path, monkeypatch):
+    """Where one seed's curve is longer, the mean curve's tail is that seed alone (a zero-width band):
+    those rounds are drawn hollow and the legend says so."""
+    from matplotlib.axes import Axes
+
+    from sparsetrain.sweep import figures
+    run = tmp_path / "r"
+    write_config(run, seeds=[0, 1])
+    write_rows(run, make_rows([0.5, 0.6, 0.7, 0.6], seed=0))
+    write_rows(run, make_rows([0.5, 0.6], seed=1))
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    assert figures.plot_overlay([R.load_run(run)], None, [], str(tmp_path / "f.png"))
+    hollow = [(a, kw) for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 1 and len(hollow[0][0][0]) == 2  # rounds 2 and 3: seed 0 alone
+    assert any("(hollow: fewer seeds)" in kw.get("label", "") for _, kw in calls)
+
+
 def test_flops_saved_in_both_conventions_and_partial_means_marked(tmp_path):
     """FLOPs saved is given exact and in the paper's convention (a dense round per round: the paper's
     Table 1 savings), which differ where the late sparse rounds cost little; every mean over fewer
