@@ -567,6 +567,24 @@ def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys)
     assert "training diverged" in err and "lower the learning rate" in err
 
 
+def test_an_overflowed_weight_with_a_finite_loss_stops_the_run(mnist_dir, study_args, capsys, monkeypatch):
+    """A weight or BatchNorm statistic that overflowed while the epoch's loss stayed finite (a tiny
+    distilled VGG's running variances reached inf) made every later evaluation chance-level and the
+    run exited 0: the model's state is checked after every epoch."""
+    from sparsetrain.experiment import loop
+    real = loop.train_epoch
+
+    def overflowing(model, *a, **kw):
+        out = real(model, *a, **kw)
+        with torch.no_grad():
+            model.fc1.weight[0, 0] = float("inf")
+        return out
+    monkeypatch.setattr(loop, "train_epoch", overflowing)
+    assert study.main(study_args(mnist_dir, "--teachers", "dense", "--engine", "dense")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged (fc1.weight not finite in epoch 1)" in err
+
+
 def test_teacher_paths_are_checked_before_training(mnist_dir, study_args, capsys):
     """Two --teachers paths of one file name (they would share a phase), a teacher of another
     dataset's classes or channels, --rewind-iter past the dense run and an empty validation split:

@@ -164,8 +164,13 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
                          masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
                          forward=forward, amp=s.amp, scaler=s.scaler, l1=cfg.l1, policy=cfg.augment)
-        if not math.isfinite(tr["loss"]):  # (NaN weights prune nothing: the rounds would never reach the wall)
-            raise PhaseError(f"{label}: training diverged (mean loss {tr['loss']} in epoch {epoch + 1}); lower the "
+        # (NaN weights prune nothing: the rounds would never reach the wall; an overflowed weight or
+        # BatchNorm statistic with a finite loss made every later evaluation chance-level, silently)
+        bad = None if math.isfinite(tr["loss"]) else f"mean loss {tr['loss']}"
+        bad = bad or next((f"{k} not finite" for k, t in s.model.state_dict().items()
+                           if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad:
+            raise PhaseError(f"{label}: training diverged ({bad} in epoch {epoch + 1}); lower the "
                              "learning rate (--lr, --student-lr) and start again")
         dist.sync_bn_stats_(s.model)
         s.sched.step()
