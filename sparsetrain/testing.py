@@ -1,6 +1,7 @@
 """What the tests and the benchmarks share: the dense references every sparse kernel is checked
 against (plain PyTorch on the masked dense weight), random masks, and writers of tiny dataset
-files in the real formats (CIFAR pickles, IDX), for loader and pipeline tests without downloads.
+files in the real formats (CIFAR pickles, IDX), for loader and pipeline tests without downloads,
+and a tiny in-memory training split.
 """
 from __future__ import annotations
 
@@ -110,6 +111,17 @@ def assert_layer_matches(layer, dense, mask, ref_fn, x, generator, tol, **kw):
 
 
 # ============================================================================ tiny datasets
+def tiny_split(n: int = 64, seed: int = 0):
+    """A random training Split of n 1x4x4 uint8 images in 3 classes (no noise, no augmentation):
+    what a train_epoch test runs on in milliseconds."""
+    from sparsetrain.experiment.data import Split
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return Split(x, y, y.clone(), torch.arange(n), torch.zeros(n, dtype=torch.bool), torch.tensor([0.5]),
+                 torch.tensor([0.25]))
+
+
 def write_cifar(root, c10=True, n_per_batch=40, n_test=30, seed=0):
     """CIFAR-10 (c10) or CIFAR-100 python-format pickles with random images under `root`; returns
     the training (x [N, 3072] uint8, y) in file order."""

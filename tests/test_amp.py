@@ -10,13 +10,12 @@ import torch
 from torch import nn
 
 from sparsetrain.engine import ops
-from sparsetrain.experiment import data as D
 from sparsetrain.experiment.config import Config, Hyper
 from sparsetrain.experiment.devices import resolve_amp
 from sparsetrain.experiment.study import result_settings, run_dir_of
 from sparsetrain.experiment.train import make_optimizer, train_epoch
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import random_mask
+from sparsetrain.testing import random_mask, tiny_split
 
 
 def _sparse_linear(fin, fout, sparsity, seed=0):
@@ -70,14 +69,6 @@ def test_amp_args_casts_only_the_activation_of_fp32_layers():
     assert ops.amp_args(f64, torch.bfloat16)[0].dtype == torch.float64  # fp64 layers stay fp64
 
 
-def _split(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return D.Split(x, y, y.clone(), torch.arange(n), torch.zeros(n, dtype=torch.bool),
-                   torch.tensor([0.5]), torch.tensor([0.25]))
-
-
 @pytest.mark.parametrize("amp,scaled", [(torch.bfloat16, False), (torch.bfloat16, True)])
 def test_train_epoch_under_autocast_follows_fp32(amp, scaled):
     """An epoch of a dense -> sparse model under bf16 autocast (with a GradScaler as fp16 uses)
@@ -88,7 +79,7 @@ def test_train_epoch_under_autocast_follows_fp32(amp, scaled):
         hp = Hyper(epochs=1, batch_size=16, lr=0.05, milestones=(), weight_decay=0.0, rewind_iter=0, momentum=0.9,
                    drop=0.1)
         opt, _ = make_optimizer(model, hp)
-        out = train_epoch(model, _split(), opt, 16, epoch=0, seed=0, masks={}, amp=amp, scaler=scaler)
+        out = train_epoch(model, tiny_split(), opt, 16, epoch=0, seed=0, masks={}, amp=amp, scaler=scaler)
         return out, model
     ref, m_ref = run(None, None)
     got, m = run(amp, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if scaled else None)

@@ -18,15 +18,7 @@ from sparsetrain.experiment.reuse import phase_key
 from sparsetrain.experiment.study import result_settings, run_dir_of
 from sparsetrain.experiment.train import make_optimizer, train_epoch
 from sparsetrain.nn import SparseLinear
-from sparsetrain.testing import random_mask
-
-
-def _split(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, 3, (n,), generator=g)
-    return D.Split(x, y, y.clone(), torch.arange(n), torch.zeros(n, dtype=torch.bool),
-                   torch.tensor([0.5]), torch.tensor([0.25]))
+from sparsetrain.testing import random_mask, tiny_split
 
 
 def test_l1_step_is_the_gradient_of_the_penalised_loss():
@@ -39,8 +31,8 @@ def test_l1_step_is_the_gradient_of_the_penalised_loss():
     ref = copy.deepcopy(model)
     hp = Hyper(epochs=1, batch_size=16, lr=0.1, milestones=(), weight_decay=0.0, rewind_iter=0, momentum=0.0, drop=0.1)
     opt, _ = make_optimizer(model, hp)
-    out = train_epoch(model, _split(), opt, 16, epoch=0, seed=0, masks={}, l1=0.01)
-    x, y = next(D.iterate(_split(), 16, shuffle=True, augment=True, generator=D.epoch_generator(0, 0)))
+    out = train_epoch(model, tiny_split(16), opt, 16, epoch=0, seed=0, masks={}, l1=0.01)
+    x, y = next(D.iterate(tiny_split(16), 16, shuffle=True, augment=True, generator=D.epoch_generator(0, 0)))
     data_loss = F.cross_entropy(ref(x), y)
     penalty = ref[1].weight.abs().sum() + ref[3].weight.values.abs().sum()
     (data_loss + 0.01 * penalty).backward()
@@ -100,7 +92,7 @@ def test_dropout_masks_follow_seed_and_epoch_not_the_global_rng():
         opt, _ = make_optimizer(model, hp)
         torch.manual_seed(global_seed)
         before = torch.get_rng_state()
-        train_epoch(model, _split(), opt, 8, epoch=3, seed=0, masks={})
+        train_epoch(model, tiny_split(16), opt, 8, epoch=3, seed=0, masks={})
         assert torch.equal(torch.get_rng_state(), before)
         return model
     a, b = run(1), run(2)
