@@ -51,25 +51,6 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if _skips_last(n, batch_size) else math.ceil(n / batch_size)
 
 
-def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
-                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None,
-                l1: float = 0.0, policy: str = "standard") -> dict:
-    """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
-    is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
-    dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
-    called after every optimizer step with the global iteration count (for rewind snapshots).
-    `forward`: the module to run (the model in DistributedDataParallel under torchrun, whose rank
-    takes its rows of every global batch: distributed.py); the returned loss and accuracy are over
-    the global batches. `amp`: the autocast dtype of the forward pass and the loss (None: off; the
-    parameters stay fp32); `scaler`: a GradScaler (fp16). `l1`: lambda of Appendix D's penalty
-    lambda * sum |w| over the conv and linear weights (sparse layers: their stored values; a dense
-    layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
-    loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
-    with _dropout_rng(model, seed, epoch):
-        return _train_epoch(model, split, opt, batch_size, epoch, seed, masks, teacher, alpha, tau, on_step,
-                            forward or model, amp, scaler, l1, policy)
-
-
 @contextlib.contextmanager
 def _dropout_rng(model, seed: int, epoch: int):
     """A model with dropout (--dropout) draws its masks from the global RNG of its device, which a
@@ -89,46 +70,60 @@ def _dropout_rng(model, seed: int, epoch: int):
         yield
 
 
-def _train_epoch(model, split, opt, batch_size, epoch, seed, masks, teacher, alpha, tau, on_step, forward, amp,
-                 scaler, l1, policy) -> dict:
+def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, masks: dict, teacher=None,
+                alpha: float = 0.8, tau: float = 10.0, on_step=None, forward=None, amp=None, scaler=None,
+                l1: float = 0.0, policy: str = "standard") -> dict:
+    """One epoch of SGD on `split` (augmented, shuffled by (seed, epoch)). With a teacher, the loss
+    is Eq. 2 (alpha, tau) on the same augmented batch, the teacher in eval mode without gradients. `masks`:
+    dense masked layers (their pruned weights get no gradient and stay zero). `on_step(it)` is
+    called after every optimizer step with the global iteration count (for rewind snapshots).
+    `forward`: the module to run (the model in DistributedDataParallel under torchrun, whose rank
+    takes its rows of every global batch: distributed.py); the returned loss and accuracy are over
+    the global batches. `amp`: the autocast dtype of the forward pass and the loss (None: off; the
+    parameters stay fp32); `scaler`: a GradScaler (fp16). `l1`: lambda of Appendix D's penalty
+    lambda * sum |w| over the conv and linear weights (sparse layers: their stored values; a dense
+    layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
+    loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
+    forward = forward or model
     model.train()
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
     weights = [m.weight.values if is_sparse(m) else m.weight for _, m in prunable_layers(model)] if l1 else []
-    for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
-                            drop_last=_skips_last(len(split), batch_size)):
-        rows, scale = dist.shard(yb.numel())
-        counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
-        if dist.world() > 1:
-            counted = rows.stop - rows.start < yb.numel() or dist.is_main()
-            xb, yb = xb[rows], yb[rows]
-        with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
-            out = forward(xb)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = teacher(xb)
-                loss = kd_loss(out.float(), t_out.float(), yb, alpha, tau)
+    with _dropout_rng(model, seed, epoch):
+        for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
+                                drop_last=_skips_last(len(split), batch_size)):
+            rows, scale = dist.shard(yb.numel())
+            counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
+            if dist.world() > 1:
+                counted = rows.stop - rows.start < yb.numel() or dist.is_main()
+                xb, yb = xb[rows], yb[rows]
+            with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
+                out = forward(xb)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(xb)
+                    loss = kd_loss(out.float(), t_out.float(), yb, alpha, tau)
+                else:
+                    loss = F.cross_entropy(out.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            total = loss * scale if scale != 1.0 else loss
+            if weights:  # (every rank adds it whole: DDP averages the ranks' gradients)
+                total = total + l1 * torch.stack([w.abs().sum() for w in weights]).sum()
+            (scaler.scale(total) if scaler is not None else total).backward()
+            mask_grads_(model, masks)
+            if scaler is not None:  # (skips the step when a gradient overflowed; the masked zeros stay zero)
+                scaler.step(opt)
+                scaler.update()
             else:
-                loss = F.cross_entropy(out.float(), yb)
-        opt.zero_grad(set_to_none=True)
-        total = loss * scale if scale != 1.0 else loss
-        if weights:  # (every rank adds it whole: DDP averages the ranks' gradients)
-            total = total + l1 * torch.stack([w.abs().sum() for w in weights]).sum()
-        (scaler.scale(total) if scaler is not None else total).backward()
-        mask_grads_(model, masks)
-        if scaler is not None:  # (skips the step when a gradient overflowed; the masked zeros stay zero)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        enforce_masks_(model, masks)
-        if counted:
-            b = yb.numel()
-            tot_loss += float(loss.detach()) * b
-            tot_correct += int((out.argmax(1) == yb).sum())
-            n += b
-        if on_step is not None:
-            on_step()
+                opt.step()
+            enforce_masks_(model, masks)
+            if counted:
+                b = yb.numel()
+                tot_loss += float(loss.detach()) * b
+                tot_correct += int((out.argmax(1) == yb).sum())
+                n += b
+            if on_step is not None:
+                on_step()
     if dist.world() > 1:
         tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
                                                              device=split.y.device)).tolist()
