@@ -12,7 +12,7 @@ from dataclasses import fields
 
 from ..experiment.config import Config
 from ..experiment.files import write_json
-from .recipes import RECIPES, recipe
+from .recipes import RECIPES, recipe, variant_keys
 
 __all__ = ["build_parser", "main"]
 
@@ -84,12 +84,11 @@ def _settings(args, parser) -> dict:
             settings = recipe(args.what, args.profile)
         except ValueError as e:
             parser.error(f"{e} (or grid, report)")
-    hints = typing.get_type_hints(Config)
+    hints, varied = typing.get_type_hints(Config), variant_keys(settings)
     for k, v in vars(args).items():
         if v is None or k in ("what", "run_dirs", "profile", "out", "cpus_per_run", "gpus_per_run",
                               "max_concurrent", "retries", "address", "dry_run"):
             continue
-        varied = {key for var in settings.get("variants") or [] for key in var}
         if k in varied:  # (a variant's value would replace it for that point, silently)
             parser.error(f"--{k.replace('_', '-')}: {args.what} changes it one variant at a time "
                          f"({', '.join(sorted(varied))}); run `grid` with the settings you want instead")
@@ -224,7 +223,7 @@ def main(argv=None) -> int:
         return 2
     leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
     axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
-    axes += sorted({k for var in settings.get("variants") or [] for k in var} - set(axes))  # (and what variants change)
+    axes += sorted(variant_keys(settings) - set(axes))  # (and what variants change)
     of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps and s.own_vanilla for s in plan)]
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
                                  axes=axes, teacher_runs=of_studies)

@@ -8,7 +8,7 @@ Flags given on the sweep's command line replace a recipe's value or axis of the 
 """
 from __future__ import annotations
 
-__all__ = ["RECIPES", "recipe"]
+__all__ = ["RECIPES", "recipe", "variant_keys"]
 
 _PAPER_SEEDS = [0, 1, 2]
 _REGULARIZERS = [{}, {"l1": 1e-5}, {"l1": 1e-4}, {"teacher_weight_decay": 1e-3}, {"dropout": 0.5},
@@ -79,6 +79,11 @@ RECIPES = {
                   "student_milestones": (4, 6), "seeds": [0], "teachers": ("dense",)},
     },
 }
+
+
+def variant_keys(settings: dict) -> set[str]:
+    """The settings a grid's `variants` change (plan.expand lays each variant over the rest)."""
+    return {k for variant in settings.get("variants") or [] for k in variant}
 
 
 def recipe(name: str, profile: str) -> dict:
