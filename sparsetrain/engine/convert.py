@@ -16,10 +16,14 @@ __all__ = ["sparsify_", "densify_", "unconvertible"]
 
 
 # ---------------------------------------------------------------------------- what cannot convert
-def _transformer_block(modules: dict, name: str) -> str | None:
-    """The nn.Transformer*Layer holding `name`, whose fast path reads its linears' weights as dense."""
-    return next((b for b, m in modules.items() if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-                 and (not b or name.startswith(b + "."))), None)
+def _transformer_blocks(modules: dict) -> list[str]:
+    """Names of the nn.Transformer*Layer modules, whose fast path reads their linears' weights as dense."""
+    return [n for n, m in modules.items() if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))]
+
+
+def _block_of(blocks: list[str], name: str) -> str | None:
+    """The Transformer layer (of `blocks`) holding module `name`, or None."""
+    return next((b for b in blocks if not b or name.startswith(b + ".")), None)
 
 
 def _owners(modules: dict) -> dict:
@@ -46,11 +50,11 @@ def unconvertible(model: nn.Module) -> set[str]:
     computed by a reparametrization, inside a Transformer*Layer, tied to another module's, or a conv
     the sparse kernels do not take (dilated, grouped, ...). apply_engine's "auto" keeps them dense."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    owners, out = _owners(modules), set()
+    owners, blocks, out = _owners(modules), _transformer_blocks(modules), set()
     for n, m in modules.items():
         if type(m) not in SPARSE_TYPES:
             continue
-        if ("weight" not in m._parameters and not pruned_by_torch(m)) or _transformer_block(modules, n) is not None \
+        if ("weight" not in m._parameters and not pruned_by_torch(m)) or _block_of(blocks, n) is not None \
                 or _tied(owners, m) is not None:
             out.add(n)
         elif isinstance(m, nn.Conv2d):
@@ -79,6 +83,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
                              ": pass masks {qualified_name: bool tensor of the weight's shape}")
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
+    blocks = _transformer_blocks(modules)
     for name, mask in masks.items():
         if name == "":
             raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
@@ -96,7 +101,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             raise TypeError(f"module {name!r}'s weight is computed by a reparametrization (weight_norm, "
                             "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
                             "remove_weight_norm / remove_spectral_norm)")
-        block = _transformer_block(modules, name)
+        block = _block_of(blocks, name)
         if block is not None:
             raise TypeError(f"module {name!r} is inside a {type(modules[block]).__name__}, whose fast path (eval "
                             "mode) reads its linears' weights as dense tensors: build the block from "
