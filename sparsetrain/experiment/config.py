@@ -21,7 +21,7 @@ from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .devices import resolve_amp, resolve_device
 from .models import MODEL_NAMES, canonical_name, resolve_name
-from .presets import PROFILES, STUDY, _family, preset, schedule
+from .presets import PROFILES, STUDY, family, preset, schedule
 
 __all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
            "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
@@ -225,7 +225,7 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.label_file and cfg.dataset not in HUMAN_NOISE:  # (it would be ignored, and change the run's name)
         raise ValueError(f"--label-file is for {', '.join(HUMAN_NOISE)} (human labels), not {cfg.dataset}")
-    if cfg.structure == "filter" and any(_family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
+    if cfg.structure == "filter" and any(family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .datasets import HUMAN_NOISE
 from .models import resolve_name
 
-__all__ = ["PROFILES", "GROUP", "TABLE4", "QUICK", "STUDY", "schedule", "preset"]
+__all__ = ["PROFILES", "GROUP", "TABLE4", "QUICK", "STUDY", "family", "schedule", "preset"]
 
 PROFILES = ("paper", "quick")
 
@@ -50,7 +50,7 @@ STUDY = {
 }
 
 
-def _family(model: str) -> str:
+def family(model: str) -> str:
     """Model family for Table 4: resnet, vgg, lenet."""
     return resolve_name(model)[0].rstrip("0123456789").removesuffix("_like")
 
@@ -63,7 +63,7 @@ def schedule(profile: str, dataset: str, model: str) -> dict:
     """A role's schedule under a profile: Table 4 for its model (paper) or the quick budget."""
     group = GROUP[dataset]
     if profile == "paper":
-        return _row(TABLE4, group, _family(model))
+        return _row(TABLE4, group, family(model))
     return dict(QUICK.get(group, QUICK["*"]))
 
 
