@@ -127,9 +127,9 @@ def test_cli_errors_are_one_line(tmp_path):
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
              # two values that are one study: an alias, a setting the runs ignore (one trained, one linked)
              (["grid", "--dataset", "mnist", "--seeds", "0", "--model", "lenet300", "lenet-300-100"],
-              "two points of the grid are the same study (--model 'lenet300' and 'lenet-300-100')"),
+              "two points of the grid are the same study (--model 'lenet300' and 'lenet-300-100'): name each model once"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "--block", "16", "64"],
-              "two points of the grid are the same study (--block 16 and 64)"),
+              "two points of the grid are the same study (--block 16 and 64): vary only settings the runs use"),
              (["report", str(tmp_path), "--alpha", "0.5", "--dry-run"],
               "report takes run directories and --out only, got --dry-run, --alpha"),
              # runs that could never start: the runner hides every GPU at --gpus-per-run 0

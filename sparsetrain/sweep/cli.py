@@ -41,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep root (default sweeps): runs in OUT/runs (shared by every sweep "
                    "there: a teacher trained by one sweep serves the next), logs and report in OUT/<sweep name>; "
                    "report: where the report goes (default FOLDER/report for one folder of runs)")
-    p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run (its torch threads)")
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs reserved per run (its torch threads; default 1)")
     p.add_argument("--gpus-per-run", type=float, default=0.0,
-                   help="GPUs per run, fractional to share one (0.25: four CIFAR runs per GPU)")
-    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many runs at once (0: as the "
-                   "resources allow)")
-    p.add_argument("--retries", type=int, default=1, help="retries of a failed run (it resumes where it stopped)")
+                   help="GPUs per run, fractional to share one (0.25: four CIFAR runs per GPU; default 0)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many runs at once (0, the default: as "
+                   "the resources allow)")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed run (it resumes where it stopped; default 1)")
     p.add_argument("--address", default="", help="an existing Ray cluster (ray start --head; 'auto' or "
                    "HOST:PORT); default: a local Ray on this machine")
     p.add_argument("--dry-run", action="store_true",

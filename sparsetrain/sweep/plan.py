@@ -202,9 +202,9 @@ def _refuse_twins(a: dict, b: dict) -> None:
     differ = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
     if not differ:  # (a recipe's variant equal to its baseline, or to another variant)
         raise ValueError(f"the grid holds the same point twice ({', '.join(f'{k}={v!r}' for k, v in sorted(a.items()))})")
+    advice = "name each model once" if "model" in differ else "vary only settings the runs use"
     raise ValueError("two points of the grid are the same study (" + ", ".join(
-        f"--{k.replace('_', '-')} {a.get(k)!r} and {b.get(k)!r}" for k in differ) +
-        "): name each model once, and vary only settings the runs use")
+        f"--{k.replace('_', '-')} {a.get(k)!r} and {b.get(k)!r}" for k in differ) + f"): {advice}")
 
 
 def plan_digest(plan: list[Run]) -> str:
