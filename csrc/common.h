@@ -106,9 +106,10 @@ inline void check_1d_contig(const at::Tensor& t, const char* name) {
 }
 
 // Validates a compressed index (CSR: ptr over rows, idx = column ids; or CSC, transposed) for a
-// [rows, cols] matrix. O(rows + nnz): negligible next to the O(nnz * batch) products.
+// [rows, cols] matrix. O(rows + nnz): negligible next to the O(nnz * batch) products. `bound`: where
+// cols comes from, for the message (another argument may be the one that is wrong).
 inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64_t cols,
-                             const char* ptr_name, const char* idx_name) {
+                             const char* ptr_name, const char* idx_name, const char* bound = "") {
   check_cpu(ptr, ptr_name);
   check_cpu(idx, idx_name);
   check_dtype(ptr, at::kLong, ptr_name);
@@ -127,7 +128,7 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
   const int64_t nnz = idx.numel();
   bool ok = true;
   for (int64_t k = 0; k < nnz; ++k) ok &= (c[k] >= 0) & (c[k] < cols);
-  TORCH_CHECK(ok, idx_name, " has entries outside [0, ", cols, ")");
+  TORCH_CHECK(ok, idx_name, " has entries outside [0, ", cols, ")", bound);
 }
 
 // ReLU-state counts of a forward's output (relu_counts of sparse_conv2d_stats and bn_act; the

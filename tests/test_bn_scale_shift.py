@@ -96,13 +96,16 @@ def test_opcheck_and_errors():
            ({4: None, 5: None, 9: False}, "running_mean and running_var are needed without batch_stats"),
            ({10: torch.float16}, "dtype must be float32 or float64"),
            ({8: -1.0}, "eps must be >= 0")]
+    shared = torch.ones(5)
     bad += [({4: bn.running_mean.half(), 5: bn.running_var.half()}, "both be float32 or both float64, got Half"),
             ({4: bn.running_mean.double()}, "both be float32 or both float64, got Double and Float"),
             ({6: torch.zeros(3, dtype=torch.long)}, "num_batches_tracked must be a one-element int64 CPU tensor"),
             # (a float counter was accepted, a uint8 one wrapped at 255; one buffer twice corrupted both)
             ({6: torch.zeros(1)}, "num_batches_tracked must be a one-element int64 CPU tensor .* Float"),
             ({6: torch.zeros(1, dtype=torch.uint8)}, "num_batches_tracked must be .* Byte"),
-            ({5: bn.running_mean}, "running_mean and running_var must be two tensors")]
+            ({5: bn.running_mean}, "running_mean and running_var must be two tensors"),
+            # (two views of one buffer: the variance update overwrote the new mean, silently)
+            ({4: shared[:3], 5: shared[2:]}, "running_mean and running_var must not share memory")]
     for change, msg in bad:
         a = list(args)
         for i, v in change.items():

@@ -471,7 +471,7 @@ def test_bad_inputs_raise_clear_errors():
     args = (w.crow_indices, w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, [3, 3], [1, 1], [1, 1], b)
     with pytest.raises(RuntimeError, match="x must be 4-D"):
         op(torch.randn(3, 5, 5), *args)
-    with pytest.raises(RuntimeError, match="x must have dtype Float"):
+    with pytest.raises(RuntimeError, match=r"x must have the dtype of values \(Float\)"):
         layer(x.double())
     with pytest.raises(RuntimeError, match="x must be float32 or float64"):
         layer(torch.randint(0, 3, (2, 3, 5, 4)))
@@ -544,6 +544,49 @@ def test_bad_inputs_raise_clear_errors():
     # channels_last / non-contiguous input is accepted (made contiguous), not misread
     xc = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(layer(xc), layer(x))
+
+
+def test_raw_ops_refuse_inconsistent_arguments_naming_the_wrong_one():
+    """Called directly, the ops refuse what they cannot use and the message names the argument (or
+    the size it was checked against): a CSC that is not the CSR's transpose was used by the fused
+    backward when only dx was wanted (a silently wrong dx), and several messages named another index."""
+    S = torch.ops.sparsetrain
+    torch.manual_seed(0)
+    w = CSR.from_dense(torch.randn(4, 3, 3, 3), random_mask((4, 3, 3, 3), 0.5))
+    crow, col, vals, ccol, rowt, perm = (t.detach() for t in w.index())
+    x, g = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    geo = ([3, 3], [1, 1], [1, 1])
+    y = S.sparse_conv2d(x, crow, col, vals, ccol, rowt, perm, *geo, None)
+    f64 = torch.ones(4, dtype=torch.float64)
+    bn = (y, None, torch.ones(4), torch.zeros(4), f64, 0 * f64, f64, True, False, False, False)
+
+    def bn_backward(rt=rowt, pm=perm, geo=geo, grad_input=True, grad_values=False, **kw):
+        return S.sparse_conv2d_bn_backward(g, x, crow, col, vals, ccol, rt, pm, *geo, None, *bn, grad_input,
+                                           grad_values, **kw)
+    for rt, pm in ((rowt.flip(0), perm), (rowt, perm.flip(0))):
+        with pytest.raises(RuntimeError, match="transposed index of crow_indices"):
+            bn_backward(rt, pm)  # (dx only: checked against the CSR all the same)
+    torch.testing.assert_close(bn_backward()[0], bn_backward(grad_values=True)[0])  # (the consistent index)
+    with pytest.raises(RuntimeError, match=r"stride must be >= 1"):  # (no conv gradient: checked too)
+        bn_backward(geo=([3, 3], [0, 0], [1, 1]), grad_input=False)
+    with pytest.raises(RuntimeError, match="pool_indices must hold max_pool2x2's window positions"):
+        S.sparse_conv2d_bn_backward(g[:, :, :4, :4], x, crow, col, vals, ccol, rowt, perm, *geo, None, *bn, True,
+                                    False, pool_indices=torch.full((2, 4, 4, 4), 7, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match=r"row_indices_t has entries outside \[0, 3\) \(grad_out's channels\)"):
+        S.sparse_conv2d_grad_input(g[:, :3], ccol, rowt, perm, vals, [8, 8], *geo)
+    with pytest.raises(RuntimeError, match=r"col_indices has entries outside \[0, 18\) \(x's channels \* kh \* kw\)"):
+        S.sparse_conv2d_grad_weight(g, x[:, :2], crow, col, *geo)
+    with pytest.raises(RuntimeError, match=r"ccol_indices must have in_channels \* kh \* kw \+ 1 entries, got 27"):
+        S.sparse_conv2d(x, crow, col, vals, ccol[:-1], rowt, perm, *geo, None)
+    with pytest.raises(RuntimeError, match=r"x must have the dtype of values \(Double\), got Float"):
+        S.sparse_conv2d(x, crow, col, vals.double(), ccol, rowt, perm, *geo, None)
+    with pytest.raises(RuntimeError, match=r"grad_out must have the dtype of values \(Double\), got Float"):
+        S.sparse_conv2d_grad_input(g, ccol, rowt, perm, vals.double(), [8, 8], *geo)
+    with pytest.raises(RuntimeError, match="input_size's batch and channels must be >= 0"):
+        S.sparse_conv2d_small_tile([-4, 3, 4, 4], 4, *geo, torch.float32)
+    lw = CSR.from_dense(torch.randn(5, 6), random_mask((5, 6), 0.5))
+    with pytest.raises(RuntimeError, match=r"col_indices has entries outside \[0, 2\) \(x's last dimension"):
+        S.sparse_linear_grad_weight(torch.randn(3, 5), torch.randn(3, 2), lw.crow_indices, lw.col_indices)
 
 
 # ---------------------------------------------------------------------------- sparsify_ / densify_ / training

@@ -10,6 +10,7 @@
 // Returns (mean f64, invstd f64, weight f64, scale, shift in `dtype`).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -69,6 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
                 num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
     TORCH_CHECK(!running_mean->is_same(*running_var) && running_mean->data_ptr() != running_var->data_ptr(),
                 "running_mean and running_var must be two tensors, got the same one twice");
+    const at::MemOverlapStatus overlap = at::get_overlap_status(*running_mean, *running_var);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                "running_mean and running_var must not share memory (views of one buffer would overwrite "
+                "each other), got overlapping tensors");
   }
   const auto f64 = at::TensorOptions(at::kDouble);
   at::Tensor mean = at::empty({C}, f64), invstd = at::empty({C}, f64);

@@ -180,11 +180,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
 
 }  // namespace
 
-at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size) {
+at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size,
+                                const char* name) {
   check_x4(grad_out, "grad_out");
-  check_cpu(indices, "indices");
-  check_dtype(indices, at::kByte, "indices");
-  TORCH_CHECK(indices.sizes() == grad_out.sizes(), "indices must have the shape of grad_out ", grad_out.sizes(),
+  check_cpu(indices, name);
+  check_dtype(indices, at::kByte, name);
+  TORCH_CHECK(indices.sizes() == grad_out.sizes(), name, " must have the shape of grad_out ", grad_out.sizes(),
               ", got ", indices.sizes());
   TORCH_CHECK(input_size.size() == 2, "input_size must be [height, width], got ", input_size);
   const int64_t B = grad_out.size(0), C = grad_out.size(1), H = input_size[0], W = input_size[1];
@@ -206,13 +207,19 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
       unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>());
     });
   });
-  TORCH_CHECK(!bad, "indices must hold max_pool2x2's window positions (0 to 3), got a larger value");
+  TORCH_CHECK(!bad, name, " must hold max_pool2x2's window positions (0 to 3), got a larger value");
   return dx;
 }
 
+namespace {
+at::Tensor max_pool2x2_backward_op(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size) {
+  return max_pool2x2_backward(grad_out, indices, input_size, "indices");
+}
+}  // namespace
+
 TORCH_LIBRARY_IMPL(sparsetrain, CPU, m) {
   m.impl("max_pool2x2", &max_pool2x2);
-  m.impl("max_pool2x2_backward", &max_pool2x2_backward);
+  m.impl("max_pool2x2_backward", &max_pool2x2_backward_op);
 }
 
 }  // namespace sparsetrain

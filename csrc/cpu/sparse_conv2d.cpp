@@ -70,22 +70,23 @@ void check_transposed(const at::Tensor* crow, const at::Tensor* col, const at::T
                        "col_indices (CSR.index() builds them)" : "perm must be a permutation of [0, nnz)");
 }
 
-// x (or grad_out) must be a 4-D NCHW CPU tensor of the values' dtype with `channels` channels.
+// x (or grad_out) must be a 4-D NCHW CPU tensor of the dtype of `like` (named like_name) with
+// `channels` channels.
 void check_nchw(const at::Tensor& t, const at::Tensor& like, int64_t channels, const char* name,
-                const char* what) {
+                const char* what, const char* like_name) {
   check_cpu(t, name);
   check_float(t, name);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
+              like.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ",
               t.sizes());
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels but the weight expects ",
               channels, " ", what);
 }
 
-int64_t in_channels(int64_t cols, const ConvArgs& a) {
-  TORCH_CHECK(cols % (a.kh * a.kw) == 0, "the weight has ", cols,
-              " columns, not a multiple of kh*kw = ", a.kh * a.kw);
+int64_t in_channels(int64_t cols, const ConvArgs& a) {  // (cols from ccol_indices: x's come whole)
+  TORCH_CHECK(cols % (a.kh * a.kw) == 0, "ccol_indices must have in_channels * kh * kw + 1 entries, got ",
+              cols + 1, " (", cols, " columns, not a multiple of kh*kw = ", a.kh * a.kw, ")");
   return cols / (a.kh * a.kw);
 }
 
@@ -107,11 +108,11 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
                         const std::optional<at::Tensor>& relu_counts = std::nullopt) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   const int64_t O = crow.numel() - 1, cols = ccol.numel() - 1, C = in_channels(cols, a);
-  check_compressed(crow, col, cols, "crow_indices", "col_indices");
-  check_compressed(ccol, row_t, O, "ccol_indices", "row_indices_t");
+  check_compressed(crow, col, cols, "crow_indices", "col_indices", " (the columns ccol_indices has)");
+  check_compressed(ccol, row_t, O, "ccol_indices", "row_indices_t", " (the rows crow_indices has)");
   check_values_conv(values, col.numel());
   check_perm_conv(perm, col.numel());
-  check_nchw(x, values, C, "x", "(input channels)");
+  check_nchw(x, values, C, "x", "(input channels)", "values");
   at::Tensor bc;
   if (bias) {
     check_cpu(*bias, "bias");
@@ -193,39 +194,45 @@ struct BnArgs {
 
 // Shared by the backward ops: dx when ccol is given (+ grad_input_add when defined), dvalues when
 // crow is given; with bn, dy = the BatchNorm's input gradient of grad_out, computed as the phase
-// kernel packs it (the small-map kernel and empty products get it written out first).
+// kernel packs it (the small-map kernel and empty products get it written out first). `index`: the
+// CSR (crow, col) the CSC must be the transpose of, when crow is not given (no dvalues wanted).
 std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& grad_out, const at::Tensor* x, at::IntArrayRef input_size, const at::Tensor* crow,
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
     const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr,
     std::optional<XActArgs> ia = std::nullopt, const at::Tensor* in_mean = nullptr,
-    std::vector<double>* in_sums = nullptr) {
+    std::vector<double>* in_sums = nullptr, std::pair<const at::Tensor*, const at::Tensor*> index = {}) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
   const int64_t O = crow ? crow->numel() - 1 : grad_out.size(1);
   const int64_t cols = ccol ? ccol->numel() - 1 : x && x->dim() == 4 ? x->size(1) * a.kh * a.kw : 0;
   const int64_t C = in_channels(cols, a);
+  const at::Tensor *icrow = crow ? crow : index.first, *icol = crow ? col : index.second;
   int64_t nnz = 0;
-  if (crow) {
-    check_compressed(*crow, *col, cols, "crow_indices", "col_indices");
-    nnz = col->numel();
+  if (icrow) {
+    TORCH_CHECK(icrow->numel() - 1 == O, "crow_indices must have out_channels + 1 = ", O + 1, " entries (",
+                "grad_out's channels), got ", icrow->numel());
+    check_compressed(*icrow, *icol, cols, "crow_indices", "col_indices",
+                     ccol ? " (the columns ccol_indices has)" : " (x's channels * kh * kw)");
+    nnz = icol->numel();
   }
   if (ccol) {
-    check_compressed(*ccol, *row_t, O, "ccol_indices", "row_indices_t");
-    TORCH_CHECK(!crow || row_t->numel() == nnz, "row_indices_t must have nnz = ", nnz, " entries");
+    check_compressed(*ccol, *row_t, O, "ccol_indices", "row_indices_t",
+                     icrow ? " (the rows crow_indices has)" : " (grad_out's channels)");
+    TORCH_CHECK(!icrow || row_t->numel() == nnz, "row_indices_t must have nnz = ", nnz, " entries");
     nnz = row_t->numel();
     check_values_conv(*values, nnz);
     check_perm_conv(*perm, nnz);
-    check_transposed(crow, col, *ccol, *row_t, *perm);
+    check_transposed(icrow, icol, *ccol, *row_t, *perm);
   }
   const at::Tensor& like = x ? *x : *values;
   check_float(like, x ? "x" : "values");
   TORCH_CHECK(!x || !values || values->scalar_type() == x->scalar_type(), "values must have the dtype of x (",
               x->scalar_type(), "), got ", values ? values->scalar_type() : x->scalar_type());
-  if (x) check_nchw(*x, like, C, "x", "(input channels)");
-  check_nchw(grad_out, like, O, "grad_out", "(output channels)");
+  if (x) check_nchw(*x, like, C, "x", "(input channels)", "x");
+  check_nchw(grad_out, like, O, "grad_out", "(output channels)", x ? "x" : "values");
   TORCH_CHECK(input_size.size() == 2, "input_size must have 2 entries, got ", input_size);
   const int64_t B = grad_out.size(0), H = input_size[0], W = input_size[1];
   TORCH_CHECK(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
@@ -252,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   // dy written out, then the plain backward: the small-map kernel, the strided 1x1 kernel on bands of
   // a map or a pooled gradient, no products
   if (bn && (sbt || (prb && (prb < P.OH || pooled)) || B == 0 || nnz == 0)) {
-    if (pooled) g = max_pool2x2_backward(g, *bn->pool_idx, {P.OH, P.OW});
+    if (pooled) g = max_pool2x2_backward(g, *bn->pool_idx, {P.OH, P.OW}, "pool_indices");
     at::Tensor dy = pooled_empty(g.sizes(), g.options());
     if (g.numel())
       bn_grad_input(g, *bn->y, bn->res, *bn->scale, *bn->shift, *bn->mean, *bn->k, bn->relu_after,
@@ -410,6 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_scale,
     const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias, const std::optional<at::Tensor>& in_mean,
     const std::optional<at::Tensor>& sums, const std::optional<at::Tensor>& pool_indices) {
+  check_conv_args(kernel_size, stride, padding);  // (also where no conv gradient is wanted)
   check_bn_grad(pool_indices ? y : grad_out, y, residual, scale, shift, weight, mean, invstd);
   if (pool_indices) check_pooled_grad(grad_out, *pool_indices, y, residual.has_value());
   TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
@@ -437,7 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // written gradient).
   const bool pooled = pool_indices && (grad_input || grad_values) && y.dim() == 4 && y.size(2) * y.size(3) >= 256;
   const at::Tensor pidx = pooled ? pool_indices->contiguous() : at::Tensor();
-  const at::Tensor go = pool_indices && !pooled ? max_pool2x2_backward(grad_out, *pool_indices, {y.size(2), y.size(3)})
+  const at::Tensor go = pool_indices && !pooled ? max_pool2x2_backward(grad_out, *pool_indices, {y.size(2), y.size(3)}, "pool_indices")
                                                 : grad_out.contiguous();
   std::atomic<bool> bad_idx{false};  // (the first pass reads every plane: it checks the positions)
   const Unpool up{pooled ? pidx.data_ptr<uint8_t>() : nullptr, pooled ? y.size(2) : 0, pooled ? y.size(3) : 0,
@@ -482,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto [gx, gv] = conv_backward(g, &x, {x.size(2), x.size(3)}, grad_values ? &crow : nullptr,
                                 grad_values ? &col : nullptr, &values, grad_input ? &ccol : nullptr,
                                 grad_input ? &row_t : nullptr, grad_input ? &perm : nullptr, kernel_size, stride,
-                                padding, grad_input_add, &bn, ia, in_mean ? &im : nullptr, in_mean ? &xs : nullptr);
+                                padding, grad_input_add, &bn, ia, in_mean ? &im : nullptr, in_mean ? &xs : nullptr,
+                                {&crow, &col});
   if (in_mean && grad_input) {  // the deferred BatchNorm's sums: from the kernel, or a pass over dx here
     if (xs.empty()) xs = bn_sums(gx, x.contiguous(), nullptr, ia->scale, ia->shift, im, ia->relu);
     xsums = at::empty({x.size(1), 2}, dw.options());
@@ -497,6 +506,9 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK(input_size.size() == 4, "input_size must be [batch, channels, height, width], got ",
               input_size);
+  TORCH_CHECK(input_size[0] >= 0 && input_size[1] >= 0, "input_size's batch and channels must be >= 0, got ",
+              input_size);  // (the spatial size: make_plan)
+  TORCH_CHECK(out_channels >= 0, "out_channels must be non-negative, got ", out_channels);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,

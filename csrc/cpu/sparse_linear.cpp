@@ -326,7 +326,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
                          const at::Tensor& perm, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
   const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
-  check_compressed(crow, col, K, "crow_indices", "col_indices");
+  check_compressed(crow, col, K, "crow_indices", "col_indices", " (ccol_indices' entries - 1: in_features)");
   check_values(values, col, "values");
   check_activation(x, values, K, "x");  // x's last dimension must be the layer's in_features
   if (bias) {
@@ -355,7 +355,7 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& perm) {
   TORCH_CHECK(grad_out.dim() >= 1, "grad_out must have at least 1 dimension");
   const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
-  check_compressed(crow, col, K, "crow_indices", "col_indices");
+  check_compressed(crow, col, K, "crow_indices", "col_indices", " (ccol_indices' entries - 1: in_features)");
   check_values(values, col, "values");
   check_activation(grad_out, values, N, "grad_out");
   const at::Tensor g = rows2d(grad_out, N);
@@ -375,7 +375,7 @@ at::Tensor sparse_linear_grad_weight(const at::Tensor& grad_out, const at::Tenso
   const int64_t N = crow.numel() - 1;
   TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
   const int64_t K = x.size(-1);
-  check_compressed(crow, col, K, "crow_indices", "col_indices");
+  check_compressed(crow, col, K, "crow_indices", "col_indices", " (x's last dimension: in_features)");
   check_cpu(x, "x");
   check_float(x, "x");
   check_activation(grad_out, x, N, "grad_out");

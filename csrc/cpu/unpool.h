@@ -133,7 +133,9 @@ struct Unpool {
   }
 };
 
-// The whole input gradient, written out (max_pool2x2.cpp: the op), for the paths that read it whole.
-at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size);
+// The whole input gradient, written out (max_pool2x2.cpp: the op), for the paths that read it whole;
+// `name`: the indices' argument name in the messages.
+at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& indices, at::IntArrayRef input_size,
+                                const char* name = "indices");
 
 }  // namespace sparsetrain
