@@ -37,30 +37,30 @@ def _specs():
          # through perm, no bias): the quick run compiles the forward with a bias at BS 64
          [dict(TRANS_W=True, HAS_PERM=False, HAS_BIAS=b, BS=bs) for b in both for bs in (16, 32, 64)]
          + [dict(TRANS_W=False, HAS_PERM=True, HAS_BIAS=False, BS=bs) for bs in (16, 32, 64)]),
-        ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=T, x=T, brow="i32", idx="i32", out=T), bsr,
-         [dict(BS=bs) for bs in (16, 32, 64)]),
+        # (half precision split over the batch accumulates into an fp32 out: "fp16+fp32")
+        ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=A, x=A, brow="i32", idx="i32", out=T),
+         bsr + ["fp16+fp32", "bf16+fp32"], [dict(BS=bs) for bs in (16, 32, 64)]),
         ("sparse_conv2d", "_conv_fwd_kernel",
          dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_scale=A, in_shift=A,
               counts="i64"), csr,
-         # the fused layer's epilogue with every option first (the one the quick run compiles), then the
-         # plain conv, two epilogue variants, the fused layer with a conv bias (relu or not) and the
-         # eval-mode folded layer's statistics-only epilogue
+         # every option first (the one the quick run compiles), then the plain conv (a bias or not) and
+         # every fused layer (engine/fused.py: batch statistics always; a conv bias or not; the ReLU before
+         # the BN or not, counting its states only then; the input a deferred BN's y, with its ReLU or
+         # not, or not). (A list written by hand missed the commonest deferred case until 2026-12-05.)
          [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=True, IN_RELU=True, COUNTS=True)]
          + [dict(HAS_BIAS=b, RELU=False, STATS=False, IN_ACT=False, IN_RELU=False, COUNTS=False) for b in both]
-         + [dict(HAS_BIAS=False, RELU=r, STATS=True, IN_ACT=not r, IN_RELU=False, COUNTS=False) for r in both]
-         + [dict(HAS_BIAS=True, RELU=r, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False) for r in both]
-         + [dict(HAS_BIAS=False, RELU=False, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=False)]
-         # the eval-mode folded layer counting ReLU states (entropy), and conv -> ReLU -> BN reading a
-         # deferred BN without a ReLU (both launched, neither compiled before 2026-12-05)
-         + [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=False, IN_RELU=False, COUNTS=True),
-            dict(HAS_BIAS=False, RELU=True, STATS=True, IN_ACT=True, IN_RELU=False, COUNTS=False)]),
+         + [dict(HAS_BIAS=b, RELU=r, STATS=True, IN_ACT=ia, IN_RELU=ir, COUNTS=c)
+            for b, r, c in itertools.product(both, both, both) if r or not c
+            for ia, ir in ((False, False), (True, False), (True, True))]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
          dict(dy=A, x=A, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
         ("bn_act", "_bn_act_kernel", dict(y=T, scale=T, shift=T, res=T, out=T, counts="i64"), ["fp32", "fp64"],
-         [dict(HAS_RES=True, RELU=True, COUNTS=True)] + [dict(HAS_RES=r, RELU=lu, COUNTS=False)
-                                                          for r, lu in itertools.product(both, both)]),
+         # (the ReLU's states are counted only with the ReLU)
+         [dict(HAS_RES=True, RELU=True, COUNTS=True)] + [dict(HAS_RES=r, RELU=lu, COUNTS=c)
+                                                          for r, lu, c in itertools.product(both, both, both)
+                                                          if lu or not c]),
     ]
 
 
@@ -73,6 +73,7 @@ def _jobs(full: bool):
     import importlib
     jobs = []
     for module, name, ptrs, dtypes, combos in _specs():
+        combos = list({tuple(sorted(c.items())): c for c in combos}.values())  # (each once, in order)
         tuner = getattr(importlib.import_module(f"sparsetrain.kernels.{module}"), name)
         if not full:
             paths = {c.get("TRANS_W") for c in combos}
