@@ -84,7 +84,8 @@ void check_nchw(const at::Tensor& t, const at::Tensor& like, int64_t channels, c
               channels, " ", what);
 }
 
-int64_t in_channels(int64_t cols, const ConvArgs& a) {  // (cols from ccol_indices: x's come whole)
+// (cols from ccol_indices can be anything; x's channels * kh * kw always divide)
+int64_t in_channels(int64_t cols, const ConvArgs& a) {
   TORCH_CHECK(cols % (a.kh * a.kw) == 0, "ccol_indices must have in_channels * kh * kw + 1 entries, got ",
               cols + 1, " (", cols, " columns, not a multiple of kh*kw = ", a.kh * a.kw, ")");
   return cols / (a.kh * a.kw);
@@ -508,7 +509,7 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
               input_size);
   TORCH_CHECK(input_size[0] >= 0 && input_size[1] >= 0, "input_size's batch and channels must be >= 0, got ",
               input_size);  // (the spatial size: make_plan)
-  TORCH_CHECK(out_channels >= 0, "out_channels must be non-negative, got ", out_channels);
+  TORCH_CHECK(out_channels >= 0, "out_channels must be >= 0, got ", out_channels);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
