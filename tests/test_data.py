@@ -37,6 +37,11 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
     np.save(tmp_path / "labels.npy", noisy)
     t = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "labels.npy", download=False)
     assert torch.equal(t.train.y, torch.from_numpy(noisy))
+    # the original labels decide which count as flipped: changing them changes the data's fingerprint
+    # (it covered only the labels trained on: a resume mixed the flip statistics of two label sets)
+    _repickle(tmp_path / "cifar-100-python" / "train", fine_labels=[(int(v) + (i < 5)) % 100 for i, v in enumerate(y)])
+    t2 = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "labels.npy", download=False)
+    assert torch.equal(t2.train.y, t.train.y) and t2.fingerprint != t.fingerprint
     with pytest.raises(ValueError, match="eps must be 0"):
         D.load_dataset("cifar100n", tmp_path, eps=0.2, download=False)
     torch.save({"noisy_label": noisy, "clean_label": (y + 1) % 100}, tmp_path / "bad.pt")
@@ -92,6 +97,53 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
     with pytest.raises(D.DatasetNotFound, match=f"copy the four IDX files into {tmp_path / 'mnist'}"):
         D.load_dataset("mnist", tmp_path, download=False)
     assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
+
+
+def test_a_partial_idx_copy_is_refused_never_replaced_by_another(tmp_path):
+    """DATA_DIR/fashion-mnist missing one file (or holding a folder in its place) loaded the full
+    system copy (/usr/share/datasets/fashion-mnist, searched after it) without a word; now the partial
+    copy is named with what it lacks, with or without the system copy on the machine."""
+    d = tmp_path / "fashion-mnist"
+    write_mnist(d, gz=False, n_train=12, n_test=4)
+    (d / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(D.DataError, match=rf"{d} holds part of fashion-mnist: t10k-labels-idx1-ubyte \[\.gz\] "
+                                          "missing; complete the copy or remove it"):
+        D.load_dataset("fashion-mnist", tmp_path, download=False)
+    (d / "t10k-labels-idx1-ubyte").mkdir()
+    with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte \[\.gz\] missing \(.*t10k-labels-idx1-ubyte not a file\)"):
+        D.load_dataset("fashion-mnist", tmp_path, download=False)
+    write_mnist(tmp_path / "MNIST" / "raw", gz=True, n_train=12, n_test=4)  # (mnist: torchvision's copy, after its own)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(D.DataError, match="holds part of mnist: train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "):
+        D.load_dataset("mnist", tmp_path, download=False)
+
+
+def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
+    """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
+    the official .mat files patched out for these small ones), each image opened once; a truncated or
+    missing JPEG is a DataError naming its file (PIL's "image file is truncated" named none)."""
+    import scipy.io
+    import torchvision.datasets.flowers102 as tvf
+    from PIL import Image
+    base = tmp_path / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 7):
+        Image.fromarray(rng.integers(0, 256, (12 + i, 10, 3), dtype=np.uint8)).save(base / "jpg" / f"image_{i:05d}.jpg")
+    scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array([1, 2, 3, 102, 5, 6])})
+    scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([3, 4]), "tstid": np.array([5, 6])})
+    monkeypatch.setattr(tvf, "check_integrity", lambda *a, **k: True)
+    s = D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    assert s.num_classes == 102 and s.train.x.shape == s.val.x.shape == s.test.x.shape == (2, 3, 8, 8)
+    assert (s.train.y.tolist(), s.val.y.tolist(), s.test.y.tolist()) == ([0, 1], [2, 101], [4, 5])  # (official splits)
+    jpg = base / "jpg" / "image_00003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
+    with pytest.raises(D.DataError, match=rf"flowers102: {jpg}: cannot be read as an image"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    jpg.unlink()
+    with pytest.raises(D.DataError, match=rf"flowers102: {jpg}: cannot be read as an image"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
 
 
 def _repickle(path, **change):

@@ -108,14 +108,24 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
-    def find():  # the first directory holding all four files (also named *.idx3-ubyte, or .gz)
+    def find():  # the first directory holding any of the four files (also named *.idx3-ubyte, or .gz)
         for d in dirs:
-            files = [next((Path(d) / (n + z) for n in (st, st.replace("-idx", ".idx")) for z in ("", ".gz")
-                           if (Path(d) / (n + z)).is_file()), None) for st in stems]
+            names = [[Path(d) / (n + z) for n in (st, st.replace("-idx", ".idx")) for z in ("", ".gz")] for st in stems]
+            files = [next((p for p in ps if p.is_file()), None) for ps in names]
             if None not in files:
                 return files
+            odd = [p for ps, f in zip(names, files) if f is None for p in ps if p.exists()]  # (a folder, say)
+            if any(files) or odd:  # part of a copy (most likely the one meant): never another in its place
+                raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} "
+                                "[.gz] missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
+                                "; complete the copy or remove it")
         return None
-    files = find()
+    try:
+        files = find()
+    except DataError:  # (a download completes an interrupted one)
+        if not download:
+            raise
+        files = None
     err = _download(tv, data_dir) if files is None and download else None
     files = files or find()
     if files is None:
@@ -328,8 +338,16 @@ def _load_flowers(data_dir: Path, size: int, download: bool):
                 f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
                 f"setid.mat){_dl_note(download, f'{type(e).__name__}: {e}')}. Get it with "
                 f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows.")
-        xs = [_pil_to_uint8(img, size) for img, _ in ds]
-        out += [torch.stack(xs), torch.as_tensor([lab for _, lab in ds], dtype=torch.int64)]
+        xs, labels = [], []
+        for i in range(len(ds)):  # (each image opened once; a broken one named)
+            try:
+                img, lab = ds[i]
+                xs.append(_pil_to_uint8(img, size))
+            except (OSError, ValueError) as e:  # (PIL: truncated, not an image; a file of the list missing)
+                path = ds._image_files[i] if hasattr(ds, "_image_files") else f"image {i} of the {split} split"
+                raise DataError(f"flowers102: {path}: cannot be read as an image ({_brief(e)})") from None
+            labels.append(lab)
+        out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
     return (*out, 102)
 
 
