@@ -139,10 +139,10 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     assert (s.train.y.tolist(), s.val.y.tolist(), s.test.y.tolist()) == ([0, 1], [2, 101], [4, 5])  # (official splits)
     jpg = base / "jpg" / "image_00003.jpg"
     jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
-    with pytest.raises(D.DataError, match=rf"flowers102: {jpg}: cannot be read as an image"):
+    with pytest.raises(D.DataError, match=rf"{jpg}: cannot be read as an image"):
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
     jpg.unlink()
-    with pytest.raises(D.DataError, match=rf"flowers102: {jpg}: cannot be read as an image"):
+    with pytest.raises(D.DataError, match=rf"{jpg}: cannot be read as an image"):
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
 
 

@@ -22,25 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
+from .images import load_flowers, load_imagefolder
+
 __all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError", "Raw", "loader", "read_idx",
            "check_pairs"]
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
-
-
-class DatasetNotFound(FileNotFoundError):
-    """The dataset's files are missing (and could not be downloaded)."""
-
-
-class DataError(ValueError):
-    """A dataset file is unreadable or inconsistent (truncated, wrong format, counts that disagree)."""
-
-
-def _brief(e: BaseException) -> str:
-    """An exception as one short line (torch's load errors run over many lines)."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def check_pairs(name: str, x: torch.Tensor, y: torch.Tensor, split: str, files) -> None:
@@ -83,7 +72,7 @@ def read_idx(path) -> np.ndarray:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # truncated or corrupt .gz, unreadable file
-        raise DataError(f"{path}: cannot be read ({_brief(e)})") from None
+        raise DataError(f"{path}: cannot be read ({brief_error(e)})") from None
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in dtypes:
         raise DataError(f"{path} is not an IDX file (bad magic {data[:4]!r})")
@@ -133,7 +122,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
                 f"{FASHION_SYSTEM_DIR}) or " if name == "fashion-mnist" else "")
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(s + '[.gz]' for s in stems)} in "
-            f"{', '.join(map(str, dirs))}{_dl_note(download, err)}. Get it "
+            f"{', '.join(map(str, dirs))}{download_note(download, err)}. Get it "
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
             f"network allows, or copy the four IDX files into {data_dir / name}.")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
@@ -172,7 +161,7 @@ def _unpickle(path: Path) -> dict:
             d = _CifarUnpickler(f, encoding="latin1").load()
             extra = len(f.read(1))
     except Exception as e:  # truncated or foreign file: pickle raises many types
-        raise DataError(f"{path}: not a readable CIFAR batch ({_brief(e)})") from None
+        raise DataError(f"{path}: not a readable CIFAR batch ({brief_error(e)})") from None
     if extra:
         raise DataError(f"{path}: bytes follow the CIFAR batch's pickle (a damaged or concatenated file)")
     if not isinstance(d, dict):
@@ -192,7 +181,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     if not all(p.is_file() for p in needed):
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(map(str, needed))}"
-            f"{_dl_note(download, err)}. Get it with torchvision.datasets.{cls}({str(data_dir)!r}, "
+            f"{download_note(download, err)}. Get it with torchvision.datasets.{cls}({str(data_dir)!r}, "
             f"download=True) where the network allows, or extract the python-version archive "
             f"({'cifar-10' if c10 else 'cifar-100'}-python.tar.gz) into {data_dir}.")
     key = "labels" if c10 else "fine_labels"
@@ -208,7 +197,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
             try:
                 data, labels = np.asarray(d["data"]), np.asarray(d[key])
             except (ValueError, TypeError) as e:  # (a ragged list)
-                raise DataError(f"{folder / f}: 'data' and '{key}' must be arrays ({_brief(e)})") from None
+                raise DataError(f"{folder / f}: 'data' and '{key}' must be arrays ({brief_error(e)})") from None
             if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
                     or labels.shape[0] != data.shape[0] or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))):
                 raise DataError(f"{folder / f}: expected 'data' [N, 3072] uint8 and N integer '{key}', got data "
@@ -259,7 +248,7 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
     except DataError:
         raise
     except Exception as e:  # garbage, truncated or pickled-object files
-        raise DataError(f"--label-file {path}: not a CIFAR-N label file ({_brief(e)})") from None
+        raise DataError(f"--label-file {path}: not a CIFAR-N label file ({brief_error(e)})") from None
     if labels.shape != y_clean.shape or (labels.numel() and (labels.min() < 0 or labels.max() >= 100)):
         rng = f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else ""
         raise DataError(f"--label-file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
@@ -280,21 +269,6 @@ def _numpy_dtype_classes() -> list:
     """numpy's per-dtype classes (numpy.dtypes.Int64DType ...), which pickled arrays may name."""
     import numpy.dtypes
     return [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
-
-
-def _pil_to_uint8(img, size: int) -> torch.Tensor:
-    """RGB uint8 [3, size, size]: shorter side resized to `size`, then center-cropped."""
-    from PIL import Image
-    if not isinstance(img, Image.Image):
-        with Image.open(img) as f:
-            img = f.convert("RGB")
-    img = img.convert("RGB")
-    s = size / min(img.size)
-    w, h = max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))
-    img = img.resize((w, h), Image.BILINEAR)
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 def _download(cls_name: str, data_dir: Path) -> str | None:
@@ -318,69 +292,6 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _dl_note(download: bool, err) -> str:
-    return f" (download attempt failed: {err})" if download and err else (
-        "" if download else " (download=False)")
-
-
-def _load_flowers(data_dir: Path, size: int, download: bool):
-    try:
-        from torchvision.datasets import Flowers102
-        import scipy.io  # noqa: F401  (torchvision reads the label .mat files with it)
-    except ImportError as e:
-        raise ImportError(f"flowers102 needs scipy (torchvision reads its .mat labels): pip install scipy ({e})")
-    out = []
-    for split in ("train", "val", "test"):
-        try:
-            ds = Flowers102(str(data_dir), split=split, download=download)
-        except Exception as e:
-            raise DatasetNotFound(
-                f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
-                f"setid.mat){_dl_note(download, f'{type(e).__name__}: {e}')}. Get it with "
-                f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows.")
-        xs, labels = [], []
-        for i in range(len(ds)):  # (each image opened once; a broken one named)
-            try:
-                img, lab = ds[i]
-                xs.append(_pil_to_uint8(img, size))
-            except (OSError, ValueError) as e:  # (PIL: truncated, not an image; a file of the list missing)
-                path = ds._image_files[i] if hasattr(ds, "_image_files") else f"image {i} of the {split} split"
-                raise DataError(f"flowers102: {path}: cannot be read as an image ({_brief(e)})") from None
-            labels.append(lab)
-        out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
-    return (*out, 102)
-
-
-def _load_imagefolder(data_dir: Path, size: int):
-    from torchvision.datasets import ImageFolder
-    if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
-        raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
-                              "with one sub-directory of images per class (ImageNet layout)")
-    def folder(split):
-        try:
-            return ImageFolder(str(data_dir / split))
-        except FileNotFoundError as e:  # (a class folder without images, or no class folder)
-            raise DataError(f"imagefolder: {data_dir / split}: {_brief(e)}") from None
-
-    def image(path):
-        try:
-            return _pil_to_uint8(path, size)
-        except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable)
-            raise DataError(f"{path}: cannot be read as an image ({_brief(e)})") from None
-
-    tr, te = folder("train"), folder("val")
-    if tr.classes != te.classes:
-        only = sorted(set(tr.classes) ^ set(te.classes))[:5]
-        raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
-                        f"({len(tr.classes)} and {len(te.classes)}; in one only: {', '.join(only) or 'none, in another order'})")
-
-    def read(ds):
-        return torch.stack([image(p) for p, _ in ds.samples]), torch.as_tensor(ds.targets, dtype=torch.int64)
-    return (*read(tr), *read(te), len(tr.classes))
-
-
-
-
 # ------------------------------------------------------------------------------- the registry
 @loader("cifar10", "cifar100", "cifar100n")
 def _cifar(data_dir: Path, *, download: bool, name: str, label_file=None, **_):
@@ -397,13 +308,13 @@ def _mnist_like(data_dir: Path, *, download: bool, name: str, **_):
 
 @loader("flowers102")
 def _flowers(data_dir: Path, *, download: bool, image_size: int, **_):
-    xtr, ytr, xv, yv, xte, yte, nc = _load_flowers(data_dir, image_size, download)
+    xtr, ytr, xv, yv, xte, yte, nc = load_flowers(data_dir, image_size, download)
     return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv), by_class=True)  # paper I.2: no augmentation
 
 
 @loader("imagefolder")
 def _imagefolder(data_dir: Path, *, image_size: int, **_):
-    xtr, ytr, xte, yte, nc = _load_imagefolder(data_dir, image_size)
+    xtr, ytr, xte, yte, nc = load_imagefolder(data_dir, image_size)
     return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)), by_class=True)
 
 

@@ -1,0 +1,79 @@
+"""Image-file datasets (datasets.py's `flowers102` and `imagefolder` loaders): every image decoded
+with PIL, its shorter side resized to `size` and center-cropped, as uint8 [3, size, size]; an image
+that cannot be read is a DataError naming its file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
+
+__all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder"]
+
+
+def pil_to_uint8(img, size: int) -> torch.Tensor:
+    """RGB uint8 [3, size, size]: shorter side resized to `size`, then center-cropped."""
+    from PIL import Image
+    if not isinstance(img, Image.Image):
+        with Image.open(img) as f:
+            img = f.convert("RGB")
+    img = img.convert("RGB")
+    s = size / min(img.size)
+    w, h = max(size, round(img.size[0] * s)), max(size, round(img.size[1] * s))
+    img = img.resize((w, h), Image.BILINEAR)
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path, size: int) -> torch.Tensor:
+    """pil_to_uint8 of the file at `path`; DataError naming it where PIL cannot read it."""
+    try:
+        return pil_to_uint8(path, size)
+    except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable; a listed file missing)
+        raise DataError(f"{path}: cannot be read as an image ({brief_error(e)})") from None
+
+
+def load_flowers(data_dir: Path, size: int, download: bool):
+    try:
+        from torchvision.datasets import Flowers102
+        import scipy.io  # noqa: F401  (torchvision reads the label .mat files with it)
+    except ImportError as e:
+        raise ImportError(f"flowers102 needs scipy (torchvision reads its .mat labels): pip install scipy ({e})")
+    out = []
+    for split in ("train", "val", "test"):
+        try:
+            ds = Flowers102(str(data_dir), split=split, download=download)
+        except Exception as e:
+            raise DatasetNotFound(
+                f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
+                f"setid.mat){download_note(download, f'{type(e).__name__}: {e}')}. Get it with "
+                f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows.")
+        # (its file list and labels, not ds[i]: each image read once, a broken or missing one named)
+        xs = [read_image(path, size) for path in ds._image_files]
+        out += [torch.stack(xs), torch.as_tensor(ds._labels, dtype=torch.int64)]
+    return (*out, 102)
+
+
+def load_imagefolder(data_dir: Path, size: int):
+    from torchvision.datasets import ImageFolder
+    if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
+        raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
+                              "with one sub-directory of images per class (ImageNet layout)")
+    def folder(split):
+        try:
+            return ImageFolder(str(data_dir / split))
+        except FileNotFoundError as e:  # (a class folder without images, or no class folder)
+            raise DataError(f"imagefolder: {data_dir / split}: {brief_error(e)}") from None
+
+    tr, te = folder("train"), folder("val")
+    if tr.classes != te.classes:
+        only = sorted(set(tr.classes) ^ set(te.classes))[:5]
+        raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
+                        f"({len(tr.classes)} and {len(te.classes)}; in one only: {', '.join(only) or 'none, in another order'})")
+
+    def read(ds):
+        return torch.stack([read_image(p, size) for p, _ in ds.samples]), torch.as_tensor(ds.targets, dtype=torch.int64)
+    return (*read(tr), *read(te), len(tr.classes))
