@@ -27,6 +27,10 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
     m = _mlp()
     half = {"0": random_mask((6, 8), 0.5)}
     assert model_sparsity(m, half) == pytest.approx(24 / 66)
+    assert model_sparsity(m, half, original=100) == pytest.approx(1 - 42 / 100)
+    for bad in (-5, 2, 6.5, True):  # (fewer than the surviving weights: sparsity below 0 or above 1)
+        with pytest.raises(ValueError, match=r"original must be an int >= the 42 surviving weights"):
+            model_sparsity(m, half, original=bad)
     for fn in (lambda k: model_sparsity(m, k), lambda k: masks_of(m, k), lambda k: global_prune(m, k, 0.5),
                lambda k: apply_engine(m, k, "dense"), lambda k: load_weights_under_masks_(m, m.state_dict(), k)):
         with pytest.raises(KeyError, match=r"'0.weight'.*a layer's name, not its weight's: '0'"):

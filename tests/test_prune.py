@@ -48,6 +48,20 @@ def test_global_threshold_exact_count(fraction, dtype):
     assert _apply(tensors, masks, thr, ties) == ref_set
 
 
+def test_a_fraction_just_under_one_never_prunes_everything():
+    """floor(fraction * n) <= n - 1 for a fraction under 1; the float allowance (1 + 1e-12) made 1 - 1e-13
+    prune all 10 weights of a layer (and global_prune then kept none)."""
+    from sparsetrain.prune import global_prune
+    from sparsetrain.prune.base import count_of
+    t = [torch.arange(1.0, 11.0)]
+    for fraction, k in ((1 - 1e-13, 9), (0.999, 9), (1.0, 10), (0.7, 7)):
+        thr, ties = ops.magnitude_threshold(t, fraction)
+        assert len(_apply(t, [None], thr, ties)) == k == count_of(fraction, 10)
+    masks = global_prune(torch.nn.Sequential(torch.nn.Linear(10, 1)), {}, 1 - 1e-13)
+    assert int(masks["0"].sum()) == 1
+    assert count_of(0.5, 0) == 0
+
+
 def test_ties_are_broken_by_list_then_flat_order():
     # ten equal magnitudes (signs differ) across two tensors, prune 30%: the first three in order
     tensors = [torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([-1.0, 1.0, 1.0, 1.0, 1.0, 1.0])]

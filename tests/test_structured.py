@@ -151,6 +151,14 @@ def test_filter_rejects_residual_models():
         keep_channels_(lenet_300_100(), {"fc3": [0]})
     with pytest.raises(ValueError, match=r"keep\['fc1'\] must hold"):
         keep_channels_(lenet_300_100(), {"fc1": [0, 0]})
+    # a bool mask was read as the indices 0 and 1, float positions truncated: refused
+    m = lenet_300_100()
+    for bad in (torch.zeros(300, dtype=torch.bool).index_fill(0, torch.tensor([7]), True), [0.5, 1.9], "01"):
+        with pytest.raises(TypeError, match=r"keep\['fc1'\] must hold integer channel indices"):
+            keep_channels_(m, {"fc1": bad})
+    with pytest.raises(TypeError, match="keep must be a dict"):
+        keep_channels_(m, [("fc1", [0])])
+    assert m.fc1.out_features == 300  # (untouched)
 
 
 def _blocky(mask, bs):

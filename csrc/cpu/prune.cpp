@@ -53,7 +53,9 @@ std::tuple<at::Tensor, at::Tensor> threshold_impl(const std::vector<at::Tensor>&
   int64_t n = 0;
   for (size_t i = 0; i < ts.size(); ++i)
     n += ms[i].defined() ? ms[i].sum().item<int64_t>() : ts[i].numel();
-  const int64_t k = std::min<int64_t>(n, int64_t(std::floor(fraction * double(n) * (1 + 1e-12))));
+  // floor(fraction * n), never all of n below a fraction of 1 (the allowance pushed 1 - 1e-13 there)
+  const int64_t k = std::min<int64_t>(fraction < 1.0 ? std::max<int64_t>(n - 1, 0) : n,
+                                      int64_t(std::floor(fraction * double(n) * (1 + 1e-12))));
   auto thr = at::zeros({}, at::kDouble);
   auto ties = at::zeros({}, at::kLong);
   if (k <= 0) return {thr, ties};

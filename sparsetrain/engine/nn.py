@@ -10,6 +10,7 @@ bool mask kept beside the model) or sparse (whose CSR *is* the mask): `prunable_
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -255,6 +256,10 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
     model's current weight count; pass the unpruned model's when layers shrank physically)."""
     total = weight_count(model) if original is None else original
     kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
+    if original is not None and (isinstance(original, bool) or not isinstance(original, numbers.Integral)
+                                 or original < kept):
+        raise ValueError(f"original must be an int >= the {kept} surviving weights (the unpruned model's weight "
+                         f"count), got {original!r}")
     return 1.0 - kept / total if total else 0.0
 
 

@@ -36,8 +36,9 @@ def check_rate(rate) -> float:
 
 def count_of(rate: float, n: int) -> int:
     """floor(rate * n), as the C++ magnitude_threshold counts: the 1e-12 allowance keeps a product that
-    float rounding puts just under an integer (0.7 * 90 = 62.99999...) at that integer."""
-    return min(n, math.floor(rate * n * (1 + 1e-12)))
+    float rounding puts just under an integer (0.7 * 90 = 62.99999...) at that integer, and a rate
+    under 1 never counts all n (the allowance took 1 - 1e-13 there)."""
+    return min(n if rate >= 1 else max(n - 1, 0), math.floor(rate * n * (1 + 1e-12)))
 
 
 def check_finite(layers) -> None:

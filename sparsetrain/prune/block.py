@@ -4,8 +4,9 @@ A weight viewed as [out, in*kh*kw] is cut into BS x BS tiles (BS in 16/32/64; ed
 each round `rate` (floor, at least one) of the surviving tiles with the smallest score are pruned,
 score = ||tile||_F / sqrt(elements in the tile) (the tile's RMS weight: a partial edge tile competes
 by its weights' size, not by having fewer of them; full tiles rank as by their norm),
-with one threshold over all layers (`scope="global"`) or per layer. Each layer keeps at least its
-top-scoring tile; masks only shrink. Such masks are what the engine's BSR format stores (the Triton
+with one threshold over all layers (`scope="global"`) or per layer; ties go to earlier layers and
+lower tile indices. Each layer keeps at least its top-scoring tile (the first of equal top scores,
+so of a layer of equal tiles tile 0 stays); masks only shrink. Such masks are what the engine's BSR format stores (the Triton
 tensor-core kernels); the study trains them as dense masked layers on every device (there is no
 C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`.
 `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
@@ -25,7 +26,8 @@ __all__ = ["block_mask", "block_prune", "BlockRule"]
 
 
 def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks, those with
+    """Bool mask of `weight`'s shape that prunes round(sparsity * n_blocks) whole blocks (Python's round:
+    a half goes to the even count; the iterative rules floor instead), those with
     the smallest score (module docstring) of (weight * mask) (ties: lower block index first). Blocks already
     fully pruned by `mask` go first, and the result is within `mask`: masks only shrink across
     rounds (asking for less sparsity than `mask` has keeps `mask`)."""

@@ -114,6 +114,8 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
     """Physically keep only the output channels `keep[name]` (indices into the layer's current
     channels) of each named layer of `filter_groups(model)`; shrinks its BatchNorms and the next
     layer's inputs. Updates `model.kept_channels` (original indices). Returns the model."""
+    if not isinstance(keep, dict):
+        raise TypeError(f"keep must be a dict of layer name -> channel indices, got {type(keep).__name__}")
     groups = {g.name: g for g in filter_groups(model)}
     unknown = sorted(set(keep) - set(groups))
     if unknown:
@@ -123,7 +125,14 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
     for name, idx in keep.items():
         g = groups[name]
         n = g.layer.weight.shape[0]
-        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        try:  # (a bool mask or float positions would be read as indices 0/1 or truncated: refused)
+            idx = torch.as_tensor(idx)
+        except (TypeError, ValueError, RuntimeError):
+            idx = None
+        if idx is None or idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"keep[{name!r}] must hold integer channel indices, got "
+                            f"{idx.dtype if idx is not None else type(keep[name]).__name__}")
+        idx = idx.long().flatten()
         if idx.numel() < 1 or int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel():
             raise ValueError(f"keep[{name!r}] must hold 1 to {n} distinct indices in [0, {n})")
         idx = idx.sort().values

@@ -3,7 +3,8 @@
 Over all conv and linear weights of a model (never biases or BatchNorm), dense masked or sparse.
 One exact threshold (the C++ `magnitude_threshold` op: radix select, ties broken by layer order,
 then flat index) over all layers (`scope="global"`, the paper's) or one per layer ("layer"); each
-round prunes floor(rate * surviving) weights, so round k has sparsity 1 - (1 - rate)^k exactly.
+round prunes floor(rate * surviving) weights, so round k has sparsity 1 - (1 - rate)^k up to that
+floor (`sparsity_after` gives the unfloored value; 7 weights at rate 0.2 reach 1/7, 2/7, 3/7, 3/7, ...).
 Dense layers get a smaller mask; sparse layers shrink in place (`csr_prune` selects, `CSR.shrink_`).
 """
 from __future__ import annotations
