@@ -156,6 +156,8 @@ def test_filter_rejects_residual_models():
     for bad in (torch.zeros(300, dtype=torch.bool).index_fill(0, torch.tensor([7]), True), [0.5, 1.9], "01"):
         with pytest.raises(TypeError, match=r"keep\['fc1'\] must hold integer channel indices"):
             keep_channels_(m, {"fc1": bad})
+    with pytest.raises(ValueError, match=r"keep\['fc1'\] must hold 1 to 300 distinct indices"):
+        keep_channels_(m, {"fc1": []})
     with pytest.raises(TypeError, match="keep must be a dict"):
         keep_channels_(m, [("fc1", [0])])
     assert m.fc1.out_features == 300  # (untouched)

@@ -200,9 +200,8 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         if not clean_val:
             val.y, val.noisy = add_label_noise(val.y, eps, nc, kind=noise, generator=seeded(seed, 3))
     c, h, w = xtr.shape[1:]
-    # (human-noise labels: the original ones too, which decide what counts as flipped; since 2026-12-05)
     return Splits(name, train, val, test, nc, c, (h, w), float(eps), noise, int(seed),
-                  fingerprint(xtr, ytr_used, xte, yte, *(official_val or ()), *((y_orig,) if name in HUMAN_NOISE else ())))
+                  fingerprint(xtr, ytr_used, xte, yte, *(official_val or ())))
 
 
 def _subset(n: int, k: int, by_class: bool) -> slice | torch.Tensor:

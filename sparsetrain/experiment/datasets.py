@@ -97,26 +97,23 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
-    def find():  # the first directory holding any of the four files (also named *.idx3-ubyte, or .gz)
-        for d in dirs:
-            names = [[Path(d) / (n + z) for n in (st, st.replace("-idx", ".idx")) for z in ("", ".gz")] for st in stems]
-            files = [next((p for p in ps if p.is_file()), None) for ps in names]
-            if None not in files:
-                return files
-            odd = [p for ps, f in zip(names, files) if f is None for p in ps if p.exists()]  # (a folder, say)
-            if any(files) or odd:  # part of a copy (most likely the one meant): never another in its place
-                raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} "
-                                "[.gz] missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
-                                "; complete the copy or remove it")
-        return None
-    try:
-        files = find()
-    except DataError:  # (a download completes an interrupted one)
-        if not download:
-            raise
-        files = None
-    err = _download(tv, data_dir) if files is None and download else None
-    files = files or find()
+    def look(d):  # (per stem its file in d or None, also named *.idx3-ubyte, or .gz; paths that exist but are no file)
+        names = [[Path(d) / (n + z) for n in (st, st.replace("-idx", ".idx")) for z in ("", ".gz")] for st in stems]
+        files = [next((p for p in ps if p.is_file()), None) for ps in names]
+        return files, [p for ps, f in zip(names, files) if f is None for p in ps if p.exists()]
+
+    def find():  # the first directory holding any of the four (a partial copy is never replaced by another)
+        return next((d for d in dirs if any(look(d)[0]) or look(d)[1]), None)
+    d = find()
+    err = None
+    if (d is None or None in look(d)[0]) and download and d in (None, data_dir / tv / "raw"):
+        err = _download(tv, data_dir)  # (torchvision completes its own interrupted download, no other copy)
+        d = find()
+    files, odd = look(d) if d is not None else (None, [])
+    if d is not None and None in files:
+        raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} [.gz] "
+                        "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
+                        "; complete the copy or remove it")
     if files is None:
         hint = ("`apt-get install dataset-fashion-mnist` (installs into "
                 f"{FASHION_SYSTEM_DIR}) or " if name == "fashion-mnist" else "")

@@ -51,9 +51,14 @@ def load_flowers(data_dir: Path, size: int, download: bool):
                 f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
                 f"setid.mat){download_note(download, f'{type(e).__name__}: {e}')}. Get it with "
                 f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows.")
-        # (its file list and labels, not ds[i]: each image read once, a broken or missing one named)
-        xs = [read_image(path, size) for path in ds._image_files]
-        out += [torch.stack(xs), torch.as_tensor(ds._labels, dtype=torch.int64)]
+        # (its file list and labels, not ds[i]: each image read once, a broken or missing one named;
+        # torchvision's private names, so ds[i] where a version lacks them)
+        if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
+            xs, labels = [read_image(path, size) for path in ds._image_files], ds._labels
+        else:
+            pairs = [ds[i] for i in range(len(ds))]
+            xs, labels = [pil_to_uint8(img, size) for img, _ in pairs], [lab for _, lab in pairs]
+        out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
     return (*out, 102)
 
 

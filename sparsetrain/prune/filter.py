@@ -129,7 +129,7 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
             idx = torch.as_tensor(idx)
         except (TypeError, ValueError, RuntimeError):
             idx = None
-        if idx is None or idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        if idx is None or idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
             raise TypeError(f"keep[{name!r}] must hold integer channel indices, got "
                             f"{idx.dtype if idx is not None else type(keep[name]).__name__}")
         idx = idx.long().flatten()
