@@ -6,9 +6,10 @@ score = ||tile||_F / sqrt(elements in the tile) (the tile's RMS weight: a partia
 by its weights' size, not by having fewer of them; full tiles rank as by their norm),
 with one threshold over all layers (`scope="global"`) or per layer; ties go to earlier layers and
 lower tile indices. Each layer keeps at least its top-scoring tile (the first of equal top scores,
-so of a layer of equal tiles tile 0 stays); masks only shrink. Such masks are what the engine's BSR format stores (the Triton
-tensor-core kernels); the study trains them as dense masked layers on every device (there is no
-C++ BSR engine, and the study does not build `BSRLinear`s), so the rule `needs_dense`.
+so of a layer of equal tiles tile 0 stays); masks only shrink. Such masks are what the engine's
+BSR format stores (the Triton tensor-core kernels); the study trains them as dense masked layers
+on every device (there is no C++ BSR engine, and the study does not build `BSRLinear`s), so the
+rule `needs_dense`.
 `block_mask(weight, block, sparsity)` builds a one-shot block mask for a BSR layer.
 """
 from __future__ import annotations
