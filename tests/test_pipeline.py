@@ -500,6 +500,14 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     with open(os.path.join(rd, "config.json")) as f:
         rec = json.load(f)
     assert rec["torch_threads"] == threads and rec["resumed_with"][-1]["torch_threads"] == threads + 1
+    # and one under another number of torchrun processes (each rank's batch and BN statistics change)
+    monkeypatch.setattr(study.dist, "world", lambda: 2)
+    study.prepare_run_dir(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(study, "git_commit", lambda: "ccc")
+    with open(os.path.join(rd, "config.json")) as f:
+        rec = json.load(f)
+    assert rec["world_size"] == 1 and rec["resumed_with"][-1]["world_size"] == 2
     assert rec["sparsetrain_version"] == sparsetrain.__version__
     del rec["sparsetrain_version"], rec["resumed_with"]  # a run started before the version was recorded:
     files.write_json(os.path.join(rd, "config.json"), rec)  # its resume adds no resumed_with entry over it

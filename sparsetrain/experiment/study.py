@@ -102,7 +102,8 @@ def prepare_run_dir(cfg: Config) -> str:
     now = {"git_commit": git_commit(), "sparsetrain_version": __version__,
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": sys.version.split()[0]},
-           "torch_threads": torch.get_num_threads()}  # (the kernels' sums are deterministic per thread count)
+           "torch_threads": torch.get_num_threads(),  # (the kernels' sums are deterministic per thread count)
+           "world_size": dist.world()}  # (torchrun processes: per-rank batches and BatchNorm statistics)
     # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
     # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
