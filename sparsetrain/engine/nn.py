@@ -19,7 +19,7 @@ from . import ops
 from .args import check_bias
 from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
-__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "prunable_layers", "check_masks",
+__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers", "check_masks",
            "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
@@ -189,6 +189,12 @@ def _replace_modules(model: nn.Module, replacement) -> None:
 def is_sparse(m: nn.Module) -> bool:
     """m is one of the engine's sparse layers (SparseLinear, SparseConv2d or a subclass)."""
     return isinstance(m, tuple(SPARSE_TYPES.values()))  # (SparseConvBNReLU is a SparseConv2d)
+
+
+def stored_weight(m: nn.Module) -> torch.Tensor:
+    """The tensor holding a conv/linear layer's weights: a dense layer's weight, a sparse (CSR/BSR)
+    layer's stored values."""
+    return m.weight if isinstance(m.weight, torch.Tensor) else m.weight.values
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

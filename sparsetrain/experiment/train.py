@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.nn import enforce_masks_, is_sparse, mask_grads_, prunable_layers
+from ..engine.nn import enforce_masks_, mask_grads_, prunable_layers, stored_weight
 from . import data as D
 from . import distributed as dist
 
@@ -88,7 +88,7 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     model.train()
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
-    weights = [m.weight.values if is_sparse(m) else m.weight for _, m in prunable_layers(model)] if l1 else []
+    weights = [stored_weight(m) for _, m in prunable_layers(model)] if l1 else []
     with _dropout_rng(model, seed, epoch):
         for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
                                 drop_last=_skips_last(len(split), batch_size)):

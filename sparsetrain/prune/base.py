@@ -22,6 +22,8 @@ import numbers
 import torch
 from torch import nn
 
+from ..engine.nn import stored_weight
+
 __all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite"]
 
 SCOPES = ("global", "layer")
@@ -44,8 +46,7 @@ def count_of(rate: float, n: int) -> int:
 def check_finite(layers) -> None:
     """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by."""
     for name, m in layers:
-        w = m.weight if isinstance(m.weight, torch.Tensor) else m.weight.values  # (a CSR/BSR module: its values)
-        if bool(torch.isnan(w.detach()).any()):
+        if bool(torch.isnan(stored_weight(m).detach()).any()):
             raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
 
 

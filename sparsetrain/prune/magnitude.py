@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..engine import ops
-from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers
+from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers, stored_weight
 from .base import PruningRule, check_finite, check_rate, check_scope, register
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
@@ -29,9 +29,7 @@ def sparsity_after(rounds: int, rate: float) -> float:
 
 
 def _weight_and_mask(m: nn.Module, masks: dict, name: str):
-    if is_sparse(m):
-        return m.weight.values.detach(), None
-    return m.weight.detach(), masks.get(name)
+    return stored_weight(m).detach(), (None if is_sparse(m) else masks.get(name))
 
 
 def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ties: int):
