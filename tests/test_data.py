@@ -76,7 +76,7 @@ def test_cifar100n_label_file_pickled_under_numpy1(tmp_path):
 def test_idx_datasets(tmp_path, name, gz, sub):
     arrays = write_mnist(tmp_path / sub, gz)
     s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
-    assert (s.num_classes, s.in_channels, s.image_size) == (10, 1, (28, 28))
+    assert (s.num_classes, s.in_channels, s.image_size, s.official_val) == (10, 1, (28, 28), False)
     assert torch.equal(s.train.x[:, 0], torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)))
     assert torch.equal(s.test.y, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]).long())
     xb, yb = next(D.iterate(s.train, 16, augment=True, generator=torch.Generator().manual_seed(0)))
@@ -149,6 +149,8 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     assert sorted(opened) == sorted(str(p) for p in (base / "jpg").iterdir())  # (each once: it was twice)
     assert s.num_classes == 102 and s.train.x.shape == s.val.x.shape == s.test.x.shape == (2, 3, 8, 8)
     assert (s.train.y.tolist(), s.val.y.tolist(), s.test.y.tolist()) == ([0, 1], [2, 101], [4, 5])  # (official splits)
+    from sparsetrain.experiment.loop import paper_images
+    assert s.official_val and paper_images(s) == 2  # (the paper's FLOPs: its official train split alone)
     jpg = base / "jpg" / "image_00003.jpg"
     jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
     with pytest.raises(D.DataError, match=rf"{jpg}: cannot be read as an image"):

@@ -146,6 +146,7 @@ def test_paper_images_are_the_files_the_paper_trained_on():
     from types import SimpleNamespace
 
     from sparsetrain.experiment.loop import paper_images
-    for name, want in (("cifar10", 50_000), ("flowers102", 45_000)):
-        splits = SimpleNamespace(name=name, train=range(45_000), val=range(5_000), test=range(10_000))
+    for name, official, want in (("cifar10", False, 50_000), ("flowers102", True, 45_000)):
+        splits = SimpleNamespace(name=name, train=range(45_000), val=range(5_000), test=range(10_000),
+                                 official_val=official)
         assert paper_images(splits) == want, name

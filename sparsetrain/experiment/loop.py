@@ -256,9 +256,9 @@ def perturb_(cfg, hp, s: PhaseState, arch: dict, seed: int) -> None:
 
 def paper_images(splits) -> int:
     """The training images of the paper's FLOPs count: the whole training file (its code trains on
-    our validation share too), but Flowers-102's validation is an official split of its own, which
-    the paper's code never trains on."""
-    return len(splits.train) + (len(splits.val) if splits.name != "flowers102" else 0)
+    our validation share too), but an official validation split (Flowers-102's), which the paper's
+    code never trains on, is not part of it."""
+    return len(splits.train) + (0 if splits.official_val else len(splits.val))
 
 
 def _unseeded(build):
