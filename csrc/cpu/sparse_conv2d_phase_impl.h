@@ -124,29 +124,60 @@ ST_INLINE void dot_block(const T* g, const T* base, const int64_t* off, int64_t 
   }
 }
 
-// Forward of one tile for output channels [o0, o1), partial sums in ob (L2), then copied out.
-// Sparse rows: one output channel at a time over all positions. Denser rows (P.blocked):
-// position block outer, then blocks of cb input channels, then output channels, so the x window
-// of (position block, channel block) stays in L1 while every row's nonzeros in it read it.
+// The forward's epilogue of output channel o of one tile, its tb sample planes at pitch frame in
+// src: the ReLU and BatchNorm sums (plane_epilogue), the positive counts, then y streamed out.
+template <typename T, int VB>
+ST_INLINE void fwd_finish(const Args<T>& A, int64_t tile, int64_t o, T* src, int32_t* cnt) {
+  const Plan& P = *A.P;
+  const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
+  double* st = A.stats ? A.stats + (tile * P.O + o) * 2 : nullptr;
+  if (A.crow[o + 1] == A.crow[o]) {
+    T init = A.bias ? A.bias[o] : T(0);
+    conv_epilogue(&init, 1, A.relu, nullptr);
+    for (int64_t b = 0; b < tb; ++b) stream_fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
+    if (st) st[0] = double(init) * tb * plane, st[1] = double(init) * init * tb * plane;
+    if (cnt && init > T(0))
+      for (int64_t i = 0; i < plane; ++i) cnt[o * plane + i] += int32_t(tb);
+    return;
+  }
+  const int64_t O = P.O, OH = P.OH, OW = P.OW, PW = P.PW, frame = P.frame;
+  const bool epi = A.relu || st;
+  for (int64_t b = 0; b < tb; ++b) {
+    T* yo = A.y + ((b0 + b) * O + o) * plane;
+    if (epi) plane_epilogue<T, VB>(src + b * frame, PW, OW, OH, A.relu, st);
+    if (cnt) count_positive(cnt + o * plane, src + b * frame, PW, OW, OH);
+    stream_rows(yo, OW, src + b * frame, PW, OW, OH);
+  }
+}
+
+// Forward of one tile for output channels [o0, o1). Sparse rows: one output channel at a time over
+// all positions, into one row of staging (L1) that its epilogue reads and streams out right away
+// (before, a staging row per channel, 64 x 4.6 KB for a 64-channel 32x32 tile, shared a 512 KB L2
+// with the packed x: this order is 2-5% faster on those forwards on the Zen 2 EPYC, 2026-12-05,
+// about 1% of the ResNet-18 step). Denser rows (P.blocked): position block outer, then blocks of cb input channels, then
+// output channels, so the x window of (position block, channel block) stays in L1 while every row's
+// nonzeros in it read it; partial sums in one staging row per channel (L2), then the epilogues.
 template <typename T, int VB>
 ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
   const Plan& P = *A.P;
-  const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0), plane = P.OH * P.OW;
+  const int64_t b0 = tile * P.bt, tb = std::min(P.bt, P.B - b0);
   T* xp = scratch<T>(size_t(P.C) * P.xs, 0);
-  T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
   int32_t* cnt = A.counts ? A.counts->mine() : nullptr;
   if (pack) pack_x_tile(P, A.x, A.used_c, b0, tb, xp, A.xact);
   if (!P.blocked) {
+    T* out = scratch<T>(size_t(P.L), 2);
     for (int64_t o = o0; o < o1; ++o) {
       const T init = A.bias ? A.bias[o] : T(0);
       const int64_t p0 = A.crow[o], n = A.crow[o + 1] - p0;
-      if (n == 0) continue;
-      T* out = ob + (o - o0) * P.L;
-      int64_t q = 0;
-      for (; q + QB <= P.L; q += QB) axpy_block<T, VB>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
-      if (q < P.L) axpy_block<T, VB, QB / 2>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+      if (n > 0) {
+        int64_t q = 0;
+        for (; q + QB <= P.L; q += QB) axpy_block<T, VB>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+        if (q < P.L) axpy_block<T, VB, QB / 2>(out + q, xp + q, A.xoff + p0, A.vals + p0, n, init);
+      }
+      fwd_finish<T, VB>(A, tile, o, out, cnt);
     }
   } else {
+    T* ob = scratch<T>(size_t(o1 - o0) * P.L, 2);
     for (int64_t q = 0; q < P.L; q += QB) {
       const bool full = q + QB <= P.L;
       for (int64_t j = 0; j < P.ncb; ++j)
@@ -161,27 +192,7 @@ ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t
           else axpy_block<T, VB, QB / 2>(out, xp + q, A.xoff + p0, A.vals + p0, n, init, acc);
         }
     }
-  }
-  for (int64_t o = o0; o < o1; ++o) {
-    double* st = A.stats ? A.stats + (tile * P.O + o) * 2 : nullptr;
-    if (A.crow[o + 1] == A.crow[o]) {
-      T init = A.bias ? A.bias[o] : T(0);
-      conv_epilogue(&init, 1, A.relu, nullptr);
-      for (int64_t b = 0; b < tb; ++b) stream_fill(A.y + ((b0 + b) * P.O + o) * plane, plane, init);
-      if (st) st[0] = double(init) * tb * plane, st[1] = double(init) * init * tb * plane;
-      if (cnt && init > T(0))
-        for (int64_t i = 0; i < plane; ++i) cnt[o * plane + i] += int32_t(tb);
-      continue;
-    }
-    T* src = ob + (o - o0) * P.L;
-    const int64_t O = P.O, OH = P.OH, OW = P.OW, PW = P.PW, frame = P.frame;
-    const bool epi = A.relu || st;
-    for (int64_t b = 0; b < tb; ++b) {
-      T* yo = A.y + ((b0 + b) * O + o) * plane;
-      if (epi) plane_epilogue<T, VB>(src + b * frame, PW, OW, OH, A.relu, st);
-      if (cnt) count_positive(cnt + o * plane, src + b * frame, PW, OW, OH);
-      stream_rows(yo, OW, src + b * frame, PW, OW, OH);
-    }
+    for (int64_t o = o0; o < o1; ++o) fwd_finish<T, VB>(A, tile, o, ob + (o - o0) * P.L, cnt);
   }
   stream_fence();
 }
