@@ -84,25 +84,25 @@ namespace sparsetrain {
 
 // Clear, argument-named checks: every bad input raises a Python exception, never a crash.
 inline void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor (the C++ engine), got device ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor (the C++ engine), got device ", t.device());
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType dt, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
   // The hint is for model.half()/.bfloat16() on a sparse model (values cast down) and for a half
   // activation outside autocast: under torch.autocast the sparse ops take fp32 weights as they are.
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", t.scalar_type(),
               " (the CPU kernels compute in fp32/fp64: for half-precision activations keep the model"
               " in float32 and run it under torch.autocast)");
 }
 
 inline void check_1d_contig(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 // Validates a compressed index (CSR: ptr over rows, idx = column ids; or CSC, transposed) for a
@@ -116,19 +116,19 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
   check_dtype(idx, at::kInt, idx_name);
   check_1d_contig(ptr, ptr_name);
   check_1d_contig(idx, idx_name);
-  TORCH_CHECK(ptr.numel() >= 1, ptr_name, " must have rows + 1 >= 1 entries");
+  TORCH_CHECK_VALUE(ptr.numel() >= 1, ptr_name, " must have rows + 1 >= 1 entries");
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t rows = ptr.numel() - 1;
-  TORCH_CHECK(p[0] == 0, ptr_name, "[0] must be 0, got ", p[0]);
+  TORCH_CHECK_VALUE(p[0] == 0, ptr_name, "[0] must be 0, got ", p[0]);
   for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(p[r + 1] >= p[r], ptr_name, " must be non-decreasing (row ", r, ")");
-  TORCH_CHECK(p[rows] == idx.numel(), ptr_name, "[-1] (", p[rows], ") must equal ", idx_name,
+    TORCH_CHECK_VALUE(p[r + 1] >= p[r], ptr_name, " must be non-decreasing (row ", r, ")");
+  TORCH_CHECK_VALUE(p[rows] == idx.numel(), ptr_name, "[-1] (", p[rows], ") must equal ", idx_name,
               ".numel() (", idx.numel(), ")");
   const int32_t* c = idx.data_ptr<int32_t>();
   const int64_t nnz = idx.numel();
   bool ok = true;
   for (int64_t k = 0; k < nnz; ++k) ok &= (c[k] >= 0) & (c[k] < cols);
-  TORCH_CHECK(ok, idx_name, " has entries outside [0, ", cols, ")", bound);
+  TORCH_CHECK_VALUE(ok, idx_name, " has entries outside [0, ", cols, ")", bound);
 }
 
 // ReLU-state counts of a forward's output (relu_counts of sparse_conv2d_stats and bn_act; the
@@ -166,9 +166,9 @@ ST_INLINE void count_positive(int32_t* __restrict c, const T* v, int64_t pitch, 
 // relu_counts of sparse_conv2d_stats / bn_act: int64 [neurons] on the CPU, contiguous (added to).
 inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
   check_cpu(c, "relu_counts");
-  TORCH_CHECK(c.scalar_type() == at::kLong, "relu_counts must have dtype int64, got ", c.scalar_type());
-  TORCH_CHECK(c.is_contiguous(), "relu_counts must be contiguous");
-  TORCH_CHECK(c.numel() == neurons, "relu_counts must have one entry per output neuron (", neurons,
+  TORCH_CHECK_TYPE(c.scalar_type() == at::kLong, "relu_counts must have dtype int64, got ", c.scalar_type());
+  TORCH_CHECK_VALUE(c.is_contiguous(), "relu_counts must be contiguous");
+  TORCH_CHECK_VALUE(c.numel() == neurons, "relu_counts must have one entry per output neuron (", neurons,
               " = channels * height * width), got ", c.numel());
   return c.data_ptr<int64_t>();
 }

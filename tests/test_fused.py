@@ -122,13 +122,13 @@ def test_backward_relu_masks_are_the_forward_s_at_zero(hw, residual):
 
 def test_bn_act_checks_its_arguments():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 4))
-    with pytest.raises(RuntimeError, match="scale must have shape \\[3\\]"):
+    with pytest.raises(ValueError, match="scale must have shape \\[3\\]"):
         torch.ops.sparsetrain.bn_act(y, scale[:2], shift, None, True)
-    with pytest.raises(RuntimeError, match="residual must have the shape of y"):
+    with pytest.raises(ValueError, match="residual must have the shape of y"):
         torch.ops.sparsetrain.bn_act(y, scale, shift, y[:1], True)
-    with pytest.raises(RuntimeError, match="mean must have dtype Double"):
+    with pytest.raises(TypeError, match="mean must have dtype Double"):
         torch.ops.sparsetrain.bn_act_backward(y, y, None, scale, shift, w, mean.float(), invstd, True, True, False, False)
-    with pytest.raises(RuntimeError, match="y must be \\[batch, channels"):
+    with pytest.raises(ValueError, match="y must be \\[batch, channels"):
         torch.ops.sparsetrain.bn_act(y.view(-1), scale, shift, None, True)
 
 
@@ -294,7 +294,7 @@ def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype, spa
     args = (x, *idx, *geo, None, y, None, scale, shift, w, mean, invstd, True, relu_after, True, False, True, True)
     sums = torch.zeros(y.shape[1], 2, dtype=torch.float64)
     for given in (None, sums):
-        with pytest.raises(RuntimeError, match=r"window positions \(0 to 3\)"):
+        with pytest.raises(ValueError, match=r"window positions \(0 to 3\)"):
             torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, False, True, None, given, bad)
 
 
@@ -311,32 +311,32 @@ def test_conv_bn_backward_opcheck_and_errors():
     a, b, m3 = torch.rand(3) + 0.5, torch.randn(3), torch.randn(3, dtype=torch.float64)
     sums = torch.randn(4, 2, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (a, b, True, False, m3, sums))
-    with pytest.raises(RuntimeError, match="in_mean needs in_scale and in_shift"):
+    with pytest.raises(ValueError, match="in_mean needs in_scale and in_shift"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, m3)
-    with pytest.raises(RuntimeError, match="sums must be float64"):
+    with pytest.raises(ValueError, match="sums must be float64"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, None, sums[:3])
-    with pytest.raises(RuntimeError, match="relu_before and a residual do not combine"):
+    with pytest.raises(ValueError, match="relu_before and a residual do not combine"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
-    with pytest.raises(RuntimeError, match="residual must have the shape of y"):
+    with pytest.raises(ValueError, match="residual must have the shape of y"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], r[:1], *args[14:])
-    with pytest.raises(RuntimeError, match="grad_residual needs a residual and relu_after"):
+    with pytest.raises(ValueError, match="grad_residual needs a residual and relu_after"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:13], None, *args[14:])
     # a pooled layer's gradient: [2, 4, 3, 2] with its window positions
     gp, pidx = torch.randn(2, 4, 3, 2, generator=g), torch.randint(0, 4, (2, 4, 3, 2), generator=g, dtype=torch.uint8)
     plain = (gp, *args[1:13], None, *args[14:19], True, False, True, False, True, True)  # (relu_before, no residual)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default,
                           plain + (None, None, False, True, None, None, pidx))
-    with pytest.raises(RuntimeError, match="pool_indices and a residual do not combine"):
+    with pytest.raises(ValueError, match="pool_indices and a residual do not combine"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, True, None, None, pidx)
-    with pytest.raises(RuntimeError, match="pool_indices must have dtype"):
+    with pytest.raises(TypeError, match="pool_indices must have dtype"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx.long())
-    with pytest.raises(RuntimeError, match="pool_indices must have grad_out's shape"):
+    with pytest.raises(ValueError, match="pool_indices must have grad_out's shape"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx[:1])
-    with pytest.raises(RuntimeError, match=r"grad_out must have the shape of y .* pooled 2x2"):
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of y .* pooled 2x2"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(args[0], *plain[1:], None, None, False, True, None, None, pidx)
     # y (and its pooled gradient) of another size than the conv's output: refused, never read past it
     small = (gp[:, :, :2], *plain[1:12], torch.randn(2, 4, 4, 4, generator=g), *plain[13:])
-    with pytest.raises(RuntimeError, match=r"y must have the conv's output shape \[2, 4, 6, 5\], got \[2, 4, 4, 4\]"):
+    with pytest.raises(ValueError, match=r"y must have the conv's output shape \[2, 4, 6, 5\], got \[2, 4, 4, 4\]"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*small, None, None, False, True, None, None, pidx[:, :, :2])
 
 

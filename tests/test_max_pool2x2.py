@@ -68,11 +68,11 @@ def test_normalised_pooling_checks_and_refuses_autograd():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     sc, sh = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x, sc, sh, True))
-    with pytest.raises(RuntimeError, match="in_scale and in_shift must be given together"):
+    with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
         torch.ops.sparsetrain.max_pool2x2(x, sc, None)
-    with pytest.raises(RuntimeError, match="in_scale must have shape \\[3\\]"):
+    with pytest.raises(ValueError, match="in_scale must have shape \\[3\\]"):
         torch.ops.sparsetrain.max_pool2x2(x, sc[:2], sh)
-    with pytest.raises(RuntimeError, match="in_shift must have dtype Double"):
+    with pytest.raises(TypeError, match="in_shift must have dtype Double"):
         torch.ops.sparsetrain.max_pool2x2(x, sc, sh.float())
     with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.ops.sparsetrain.max_pool2x2(x.requires_grad_(), sc, sh)
@@ -84,15 +84,15 @@ def test_opcheck_gradcheck_and_errors():
     out, idx = torch.ops.sparsetrain.max_pool2x2(x.detach())
     torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2_backward.default, (torch.randn_like(out), idx, [5, 4]))
     assert torch.autograd.gradcheck(lambda t: torch.ops.sparsetrain.max_pool2x2(t)[0], (x,))
-    with pytest.raises(RuntimeError, match="at least 2x2"):  # (nn.MaxPool2d(2) refuses it too)
+    with pytest.raises(ValueError, match="at least 2x2"):  # (nn.MaxPool2d(2) refuses it too)
         MaxPool2x2(2)(torch.randn(2, 4, 1, 6))
-    with pytest.raises(RuntimeError, match="x must be 4-D"):
+    with pytest.raises(ValueError, match="x must be 4-D"):
         torch.ops.sparsetrain.max_pool2x2(torch.randn(3, 4, 4))
-    with pytest.raises(RuntimeError, match="does not pool 2x2"):
+    with pytest.raises(ValueError, match="does not pool 2x2"):
         torch.ops.sparsetrain.max_pool2x2_backward(torch.randn_like(out), idx, [9, 4])
     bad = idx.clone()
     bad[1, 2, 1, 0] = 4  # not a position in a 2x2 window: an error, not a silently zero gradient
-    with pytest.raises(RuntimeError, match=r"window positions \(0 to 3\)"):
+    with pytest.raises(ValueError, match=r"window positions \(0 to 3\)"):
         torch.ops.sparsetrain.max_pool2x2_backward(torch.randn_like(out), bad, [5, 4])
 
 

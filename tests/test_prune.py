@@ -81,17 +81,17 @@ def test_empty_inputs():
 
 
 def test_threshold_bad_inputs():
-    with pytest.raises(RuntimeError, match=r"fraction must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         ops.magnitude_threshold([torch.ones(3)], 1.5)
-    with pytest.raises(RuntimeError, match=r"fraction must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         ops.magnitude_threshold([torch.ones(3)], float("nan"))
-    with pytest.raises(RuntimeError, match="masks must have dtype Bool"):
+    with pytest.raises(TypeError, match="masks must have dtype Bool"):
         ops.magnitude_threshold([torch.ones(3)], 0.5, [torch.ones(3)])
-    with pytest.raises(RuntimeError, match=r"masks\[0\] must have the shape"):
+    with pytest.raises(ValueError, match=r"masks\[0\] must have the shape"):
         ops.magnitude_threshold([torch.ones(3)], 0.5, [torch.ones(4, dtype=torch.bool)])
-    with pytest.raises(RuntimeError, match="tensors must all have one dtype"):
+    with pytest.raises(TypeError, match="tensors must all have one dtype"):
         ops.magnitude_threshold([torch.ones(3), torch.ones(3, dtype=torch.float64)], 0.5)
-    with pytest.raises(RuntimeError, match="tensors must be float32 or float64"):
+    with pytest.raises(TypeError, match="tensors must be float32 or float64"):
         ops.magnitude_threshold([torch.ones(3, dtype=torch.int64)], 0.5)
     with pytest.raises(TypeError, match="fraction must be a float"):
         ops.magnitude_threshold([torch.ones(3)], "0.5")
@@ -133,11 +133,11 @@ def test_csr_prune_empty_and_errors():
     crow, col, vals, keep = ops.csr_prune(csr.crow_indices, csr.col_indices, csr.values, 0.5, 0)
     assert crow.tolist() == [0, 0, 0, 0] and col.numel() == vals.numel() == keep.numel() == 0
     csr = CSR.from_dense(torch.ones(2, 2))
-    with pytest.raises(RuntimeError, match="threshold must not be NaN"):
+    with pytest.raises(ValueError, match="threshold must not be NaN"):
         ops.csr_prune(csr.crow_indices, csr.col_indices, csr.values, float("nan"), 0)
-    with pytest.raises(RuntimeError, match="max_ties must be >= 0"):
+    with pytest.raises(ValueError, match="max_ties must be >= 0"):
         ops.csr_prune(csr.crow_indices, csr.col_indices, csr.values, 0.5, -1)
-    with pytest.raises(RuntimeError, match="values must have nnz"):
+    with pytest.raises(ValueError, match="values must have nnz"):
         ops.csr_prune(csr.crow_indices, csr.col_indices, torch.ones(3), 0.5, 0)
 
 
@@ -170,13 +170,13 @@ def test_relu_count_matches_reference(shape, dtype):
 
 
 def test_relu_count_errors_and_opcheck():
-    with pytest.raises(RuntimeError, match="counts must have one entry per neuron"):
+    with pytest.raises(ValueError, match="counts must have one entry per neuron"):
         ops.relu_count_(torch.zeros(5, dtype=torch.int64), torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match="counts must have dtype Long"):
+    with pytest.raises(TypeError, match="counts must have dtype Long"):
         ops.relu_count_(torch.zeros(4, dtype=torch.int32), torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match="pre must be"):
+    with pytest.raises(ValueError, match="pre must be"):
         ops.relu_count_(torch.zeros(4, dtype=torch.int64), torch.randn(4))
-    with pytest.raises(RuntimeError, match="pre must be float32 or float64"):
+    with pytest.raises(TypeError, match="pre must be float32 or float64"):
         ops.relu_count_(torch.zeros(4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64))
     torch.library.opcheck(torch.ops.sparsetrain.relu_count_.default,
                           (torch.zeros(12, dtype=torch.int64), torch.randn(3, 3, 4)))

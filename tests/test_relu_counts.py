@@ -77,9 +77,10 @@ def test_relu_counts_errors_and_opcheck():
     for bad, msg in ((torch.zeros(n, dtype=torch.int32), "relu_counts must have dtype int64"),
                      (torch.zeros(n + 1, dtype=torch.int64), "one entry per output neuron \\(120"),
                      (torch.zeros(2 * n, dtype=torch.int64)[::2], "relu_counts must be contiguous")):
-        with pytest.raises(RuntimeError, match=msg):
+        error = TypeError if "dtype" in msg else ValueError
+        with pytest.raises(error, match=msg):
             torch.ops.sparsetrain.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, bad)
-        with pytest.raises(RuntimeError, match=msg.replace("output neuron \\(120", "output neuron \\(90")):
+        with pytest.raises(error, match=msg.replace("output neuron \\(120", "output neuron \\(90")):
             torch.ops.sparsetrain.bn_act(x, torch.ones(3), torch.zeros(3), None, True,
                                          bad if bad.numel() != n + 1 else torch.zeros(91, dtype=torch.int64))
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_stats.default,

@@ -193,15 +193,15 @@ def test_kernel_choice():
     # 1x1 map the stride is clamped to 1: one output pixel)
     assert all(_small_tile(cin, cout, b, hw, k, s, p) == (-1 if (k, s, p) == (1, 2, 0) and hw != (1, 1) else 0)
                for k, s, p, hw in GEOMETRIES for cin, cout, b, _ in CHANNELS)
-    with pytest.raises(RuntimeError, match="input_size must be"):
+    with pytest.raises(ValueError, match="input_size must be"):
         torch.ops.sparsetrain.sparse_conv2d_small_tile([4, 3, 5], 2, [3, 3], [1, 1], [1, 1], torch.float32)
     # (a geometry query: no per-row table, so a huge input_size answers at once; bad sizes named)
     assert _small_tile(64, 64, 32, (2**30, 5), 3, 1, 1) == 0
-    with pytest.raises(RuntimeError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 5\)"):
+    with pytest.raises(ValueError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 5\)"):
         _small_tile(64, 64, 32, (2**40, 5), 3, 1, 1)
-    with pytest.raises(RuntimeError, match=r"input spatial size must be >= 0, got \(-1, 5\)"):
+    with pytest.raises(ValueError, match=r"input spatial size must be >= 0, got \(-1, 5\)"):
         _small_tile(64, 64, 32, (-1, 5), 3, 1, 2)
-    with pytest.raises(RuntimeError, match="kernel_size must have at most 2\\^24 taps"):
+    with pytest.raises(ValueError, match="kernel_size must have at most 2\\^24 taps"):
         _small_tile(64, 64, 32, (2**40, 2**40), 2**30, 1, 1)
 
 
@@ -312,15 +312,15 @@ def test_grad_input_add_errors_and_opcheck():
     st = ([3, 3], [2, 1], [1, 1])
     o = torch.ops.sparsetrain
     idx = (w.ccol_indices, w.row_indices_t, w.perm, w.values.detach(), [5, 4], *st)
-    with pytest.raises(RuntimeError, match=r"grad_input_add must have the input's shape \[2, 3, 5, 4\]"):
+    with pytest.raises(ValueError, match=r"grad_input_add must have the input's shape \[2, 3, 5, 4\]"):
         o.sparse_conv2d_grad_input(gy, *idx, torch.zeros(2, 3, 4, 5))
-    with pytest.raises(RuntimeError, match="grad_input_add must have dtype Float"):
+    with pytest.raises(TypeError, match="grad_input_add must have dtype Float"):
         o.sparse_conv2d_grad_input(gy, *idx, torch.zeros(2, 3, 5, 4, dtype=torch.float64))
     torch.library.opcheck(o.sparse_conv2d_grad_input.default, (gy, *idx, torch.randn(2, 3, 5, 4)))
     torch.library.opcheck(o.sparse_conv2d_backward.default,
                           (gy, x, w.crow_indices, w.col_indices, w.values.detach(), w.ccol_indices,
                            w.row_indices_t, w.perm, *st, torch.randn(2, 3, 5, 4)))
-    with pytest.raises(RuntimeError, match=r"values must have the dtype of x \(Double\), got Float"):
+    with pytest.raises(TypeError, match=r"values must have the dtype of x \(Double\), got Float"):
         o.sparse_conv2d_backward(gy.double(), x.double(), w.crow_indices, w.col_indices, w.values.detach(),
                                  w.ccol_indices, w.row_indices_t, w.perm, *st)
 
@@ -462,33 +462,33 @@ def test_no_input_channels_is_the_bias():
 def test_bad_inputs_raise_clear_errors():
     w, x, b = _op_args()
     layer = SparseConv2d(w, b, padding=1)
-    with pytest.raises(RuntimeError, match="x has 2 channels but the weight expects 3"):
+    with pytest.raises(ValueError, match="x has 2 channels but the weight expects 3"):
         layer(torch.randn(2, 2, 5, 5))
     for shape in ((3, 5), (1, 2, 3, 5, 5)):
         with pytest.raises(ValueError, match=r"x must be 4-D \[batch, channels, height, width\] or 3-D unbatched"):
             layer(torch.randn(shape))
     op = torch.ops.sparsetrain.sparse_conv2d
     args = (w.crow_indices, w.col_indices, w.values, w.ccol_indices, w.row_indices_t, w.perm, [3, 3], [1, 1], [1, 1], b)
-    with pytest.raises(RuntimeError, match="x must be 4-D"):
+    with pytest.raises(ValueError, match="x must be 4-D"):
         op(torch.randn(3, 5, 5), *args)
-    with pytest.raises(RuntimeError, match=r"x must have the dtype of values \(Float\)"):
+    with pytest.raises(TypeError, match=r"x must have the dtype of values \(Float\)"):
         layer(x.double())
-    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+    with pytest.raises(TypeError, match="x must be float32 or float64"):
         layer(torch.randint(0, 3, (2, 3, 5, 4)))
     with pytest.raises(ValueError, match="x is on meta but the weight is on cpu"):
         layer(x.to("meta"))
-    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+    with pytest.raises(ValueError, match="smaller than the kernel"):
         SparseConv2d(w, b)(torch.randn(1, 3, 2, 2))
-    with pytest.raises(RuntimeError, match="bias must have shape"):
+    with pytest.raises(ValueError, match="bias must have shape"):
         op(x, *args[:-1], torch.ones(3))
     bad_col = w.col_indices.clone()
     bad_col[0] = 1000
-    with pytest.raises(RuntimeError, match="col_indices has entries outside"):
+    with pytest.raises(ValueError, match="col_indices has entries outside"):
         op(x, w.crow_indices, bad_col, *args[2:])
-    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+    with pytest.raises(ValueError, match="stride must be >= 1"):
         op(x, *args[:7], [0, 1], [1, 1], b)
     for k, st in (([2**32, 2**32], [1, 1]), ([3, 3], [2**32, 2**32])):  # (their products overflowed int64)
-        with pytest.raises(RuntimeError, match="must be < 2\\^31"):
+        with pytest.raises(ValueError, match="must be < 2\\^31"):
             op(x, *args[:6], k, st, [1, 1], b)
     # a CSC that is not the CSR's transpose, or a perm that is not a permutation: refused, not used
     gy = torch.randn(2, 4, 5, 4)
@@ -497,15 +497,15 @@ def test_bad_inputs_raise_clear_errors():
     twice[1] = twice[0]
     bwd = torch.ops.sparsetrain.sparse_conv2d_backward
     for csc in (other.index()[3:6], (w.ccol_indices, w.row_indices_t, twice)):
-        with pytest.raises(RuntimeError, match="transposed index of crow_indices"):
+        with pytest.raises(ValueError, match="transposed index of crow_indices"):
             bwd(gy, x, w.crow_indices, w.col_indices, w.values, *csc, [3, 3], [1, 1], [1, 1])
-    with pytest.raises(RuntimeError, match="perm must be a permutation"):
+    with pytest.raises(ValueError, match="perm must be a permutation"):
         torch.ops.sparsetrain.sparse_conv2d_grad_input(gy, w.ccol_indices, w.row_indices_t, twice, w.values,
                                                        [5, 4], [3, 3], [1, 1], [1, 1])
-    with pytest.raises(RuntimeError, match="grad_out has 4 channels but the weight expects 5"):
+    with pytest.raises(ValueError, match="grad_out has 4 channels but the weight expects 5"):
         torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy, x, torch.zeros(6, dtype=torch.long),
                                                         torch.zeros(0, dtype=torch.int32), [3, 3], [1, 1], [1, 1])
-    with pytest.raises(RuntimeError, match="grad_out must have spatial size"):
+    with pytest.raises(ValueError, match="grad_out must have spatial size"):
         torch.ops.sparsetrain.sparse_conv2d_grad_weight(gy[:, :, :3], x, w.crow_indices, w.col_indices,
                                                         [3, 3], [1, 1], [1, 1])
     # an input_size far too large for grad_out is refused at once (its row table took ~17 GB and a
@@ -514,7 +514,7 @@ def test_bad_inputs_raise_clear_errors():
     for size, msg in (([2**40, 4], r"input_size \[1099511627776, 4\] does not fit grad_out's spatial size \(5, 4\)"),
                       ([5, 2**62], "does not fit grad_out's spatial size"), ([-1, 4], "does not fit"),
                       ([6, 4], "grad_out must have spatial size")):
-        with pytest.raises(RuntimeError, match=msg):
+        with pytest.raises(ValueError, match=msg):
             gi(gy, w.ccol_indices, w.row_indices_t, w.perm, w.values, size, [3, 3], [1, 1], [2, 1])
     # an empty tensor costs nothing at any size: an empty batch or no input channel with a huge map or
     # kernel ran loops over its rows or taps for minutes (and gigabytes) before any output existed
@@ -523,11 +523,11 @@ def test_bad_inputs_raise_clear_errors():
     dx = gi(torch.empty(0, 4, 2**30, 4), w.ccol_indices, w.row_indices_t, w.perm, w.values, [2**30, 4], [3, 3],
             [1, 1], [1, 1])
     assert dx.shape == (0, 3, 2**30, 4)
-    with pytest.raises(RuntimeError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 4\)"):
+    with pytest.raises(ValueError, match=r"input spatial size must be < 2\^31, got \(1099511627776, 4\)"):
         op(torch.empty(0, 3, 2**40, 4), *args)
     none = (torch.zeros(5, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0),
             torch.zeros(1, dtype=torch.long), torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"kernel_size must have at most 2\^24 taps, got \[30000, 30000\]"):
+    with pytest.raises(ValueError, match=r"kernel_size must have at most 2\^24 taps, got \[30000, 30000\]"):
         op(torch.empty(1, 0, 30000, 30000), *none, [30000, 30000], [1, 1], [0, 0], None)
     with pytest.raises(ValueError, match="dilation 1 only"):
         SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, dilation=2))
@@ -564,28 +564,28 @@ def test_raw_ops_refuse_inconsistent_arguments_naming_the_wrong_one():
         return S.sparse_conv2d_bn_backward(g, x, crow, col, vals, ccol, rt, pm, *geo, None, *bn, grad_input,
                                            grad_values, **kw)
     for rt, pm in ((rowt.flip(0), perm), (rowt, perm.flip(0))):
-        with pytest.raises(RuntimeError, match="transposed index of crow_indices"):
+        with pytest.raises(ValueError, match="transposed index of crow_indices"):
             bn_backward(rt, pm)  # (dx only: checked against the CSR all the same)
     torch.testing.assert_close(bn_backward()[0], bn_backward(grad_values=True)[0])  # (the consistent index)
-    with pytest.raises(RuntimeError, match=r"stride must be >= 1"):  # (no conv gradient: checked too)
+    with pytest.raises(ValueError, match=r"stride must be >= 1"):  # (no conv gradient: checked too)
         bn_backward(geo=([3, 3], [0, 0], [1, 1]), grad_input=False)
-    with pytest.raises(RuntimeError, match="pool_indices must hold max_pool2x2's window positions"):
+    with pytest.raises(ValueError, match="pool_indices must hold max_pool2x2's window positions"):
         S.sparse_conv2d_bn_backward(g[:, :, :4, :4], x, crow, col, vals, ccol, rowt, perm, *geo, None, *bn, True,
                                     False, pool_indices=torch.full((2, 4, 4, 4), 7, dtype=torch.uint8))
-    with pytest.raises(RuntimeError, match=r"row_indices_t has entries outside \[0, 3\) \(grad_out's channels\)"):
+    with pytest.raises(ValueError, match=r"row_indices_t has entries outside \[0, 3\) \(grad_out's channels\)"):
         S.sparse_conv2d_grad_input(g[:, :3], ccol, rowt, perm, vals, [8, 8], *geo)
-    with pytest.raises(RuntimeError, match=r"col_indices has entries outside \[0, 18\) \(x's channels \* kh \* kw\)"):
+    with pytest.raises(ValueError, match=r"col_indices has entries outside \[0, 18\) \(x's channels \* kh \* kw\)"):
         S.sparse_conv2d_grad_weight(g, x[:, :2], crow, col, *geo)
-    with pytest.raises(RuntimeError, match=r"ccol_indices must have in_channels \* kh \* kw \+ 1 entries, got 27"):
+    with pytest.raises(ValueError, match=r"ccol_indices must have in_channels \* kh \* kw \+ 1 entries, got 27"):
         S.sparse_conv2d(x, crow, col, vals, ccol[:-1], rowt, perm, *geo, None)
-    with pytest.raises(RuntimeError, match=r"x must have the dtype of values \(Double\), got Float"):
+    with pytest.raises(TypeError, match=r"x must have the dtype of values \(Double\), got Float"):
         S.sparse_conv2d(x, crow, col, vals.double(), ccol, rowt, perm, *geo, None)
-    with pytest.raises(RuntimeError, match=r"grad_out must have the dtype of values \(Double\), got Float"):
+    with pytest.raises(TypeError, match=r"grad_out must have the dtype of values \(Double\), got Float"):
         S.sparse_conv2d_grad_input(g, ccol, rowt, perm, vals.double(), [8, 8], *geo)
-    with pytest.raises(RuntimeError, match="input_size's batch and channels must be >= 0"):
+    with pytest.raises(ValueError, match="input_size's batch and channels must be >= 0"):
         S.sparse_conv2d_small_tile([-4, 3, 4, 4], 4, *geo, torch.float32)
     lw = CSR.from_dense(torch.randn(5, 6), random_mask((5, 6), 0.5))
-    with pytest.raises(RuntimeError, match=r"col_indices has entries outside \[0, 2\) \(x's last dimension"):
+    with pytest.raises(ValueError, match=r"col_indices has entries outside \[0, 2\) \(x's last dimension"):
         S.sparse_linear_grad_weight(torch.randn(3, 5), torch.randn(3, 2), lw.crow_indices, lw.col_indices)
 
 
@@ -654,7 +654,7 @@ def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
     torch.manual_seed(0)
     conv = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), torch.rand(4, 3, 3, 3) > 0.5).eval()
     lin = SparseLinear.from_dense(nn.Linear(6, 5), torch.rand(5, 6) > 0.5)
-    with pytest.raises(RuntimeError, match="x has 2 channels but the weight expects 3"):
+    with pytest.raises(ValueError, match="x has 2 channels but the weight expects 3"):
         conv(torch.randn(1, 2, 6, 6))  # (the C++ kernel's refusal)
     with pytest.raises(Exception, match=r"does not fit a 3x3 kernel over 27 columns"):
         torch.export.export(conv, (torch.randn(1, 2, 6, 6),))
@@ -665,7 +665,7 @@ def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
              (lambda: torch.ops.sparsetrain.sparse_linear_grad_input(torch.randn(2, 4), *lin.weight.index()),
               "grad_out's last dimension must be 5, got 4")]
     for call, message in cases:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError):
             call()  # (the real kernel)
         with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(Exception, match=message):
             call()

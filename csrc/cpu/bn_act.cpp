@@ -202,13 +202,13 @@ ST_BN_ACT_TASKS(double)
 void check_act(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
   check_float(t, name);
-  TORCH_CHECK(t.dim() >= 2, name, " must be [batch, channels, ...] (>= 2-D), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() >= 2, name, " must be [batch, channels, ...] (>= 2-D), got shape ", t.sizes());
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& y, const char* name) {
   check_cpu(t, name);
-  TORCH_CHECK(t.sizes() == y.sizes(), name, " must have the shape of y ", y.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == y.scalar_type(), name, " must have dtype ", y.scalar_type(), ", got ",
+  TORCH_CHECK_VALUE(t.sizes() == y.sizes(), name, " must have the shape of y ", y.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == y.scalar_type(), name, " must have dtype ", y.scalar_type(), ", got ",
               t.scalar_type());
 }
 
@@ -279,14 +279,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
 
 void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
   check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
 std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                                      bool relu, const at::Tensor& x, int64_t C) {
-  TORCH_CHECK(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
+  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
   if (!scale) return std::nullopt;
   check_channels(*scale, C, x.scalar_type(), "in_scale");
   check_channels(*shift, C, x.scalar_type(), "in_shift");
@@ -323,9 +323,9 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
     const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
     const T* rp = res ? res->data_ptr<T>() : nullptr;
     const double* m = mean.data_ptr<double>();
-    TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
+    TORCH_CHECK_VALUE(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
                 "for a residual with the ReLU after, on maps of >= ", kRowPlane, " pixels");
-    TORCH_CHECK(!up || (!res && hw >= kRowPlane), "bn_sums unpools a pooled gradient only without a residual, on "
+    TORCH_CHECK_VALUE(!up || (!res && hw >= kRowPlane), "bn_sums unpools a pooled gradient only without a residual, on "
                 "maps of >= ", kRowPlane, " pixels");
     T* gmp = gm ? gm->data_ptr<T>() : nullptr;
     // per-thread partial sums (planes or rows in memory order), summed in thread order

@@ -22,7 +22,7 @@ namespace {
 
 void check_channel_vector(const std::optional<at::Tensor>& t, const char* name, int64_t C) {
   if (!t) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C && t->is_floating_point() && t->device().is_cpu(), name,
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C && t->is_floating_point() && t->device().is_cpu(), name,
               " must be a 1-D floating CPU tensor of ", C, " channels, got ", t->sizes(), " ", t->scalar_type());
 }
 
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum, double eps, bool batch_stats, at::ScalarType dtype) {
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.scalar_type() == at::kDouble && stats.device().is_cpu(),
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 2 && stats.scalar_type() == at::kDouble && stats.device().is_cpu(),
               "stats must be a float64 CPU tensor [2, C] (sum y, sum y^2), got ", stats.sizes(), " ",
               stats.scalar_type());
   const int64_t C = stats.size(1);
@@ -45,33 +45,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
   check_channel_vector(bias, "bias", C);
   check_channel_vector(running_mean, "running_mean", C);
   check_channel_vector(running_var, "running_var", C);
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
               "running_mean and running_var must be given together");
-  TORCH_CHECK(batch_stats || running_mean.has_value(), "running_mean and running_var are needed without batch_stats");
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(batch_stats || running_mean.has_value(), "running_mean and running_var are needed without batch_stats");
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const bool update = batch_stats && running_mean.has_value();
-  TORCH_CHECK(!batch_stats || count >= (update ? 2 : 1), "count must be >= ", update ? 2 : 1,
+  TORCH_CHECK_VALUE(!batch_stats || count >= (update ? 2 : 1), "count must be >= ", update ? 2 : 1,
               " values per channel with batch statistics", update ? " and a running update" : "", ", got ", count);
   if (update) {
-    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous(),
+    TORCH_CHECK_VALUE(running_mean->is_contiguous() && running_var->is_contiguous(),
                 "running_mean and running_var must be contiguous");
-    TORCH_CHECK(momentum.has_value() || num_batches_tracked.has_value(),
+    TORCH_CHECK_VALUE(momentum.has_value() || num_batches_tracked.has_value(),
                 "num_batches_tracked is needed when momentum is None (the cumulative average)");
     // (every check before the first write: a refused call leaves the buffers as they were)
     const at::ScalarType rt = running_mean->scalar_type();
-    TORCH_CHECK((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
+    TORCH_CHECK_TYPE((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
                 "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
                 running_var->scalar_type());
-    TORCH_CHECK(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()
+    TORCH_CHECK_VALUE(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()
                                          && num_batches_tracked->scalar_type() == at::kLong),
                 "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got shape ",
                 num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef(), " ",
                 num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
-    TORCH_CHECK(!running_mean->is_same(*running_var) && running_mean->data_ptr() != running_var->data_ptr(),
+    TORCH_CHECK_VALUE(!running_mean->is_same(*running_var) && running_mean->data_ptr() != running_var->data_ptr(),
                 "running_mean and running_var must be two tensors, got the same one twice");
     const at::MemOverlapStatus overlap = at::get_overlap_status(*running_mean, *running_var);
-    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+    TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
                 "running_mean and running_var must not share memory (views of one buffer would overwrite "
                 "each other), got overlapping tensors");
   }

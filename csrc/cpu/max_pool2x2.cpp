@@ -144,14 +144,14 @@ ST_POOL_TASKS(double)
 void check_x4(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
   check_float(t, name);
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
                                                const std::optional<at::Tensor>& in_shift, bool in_relu) {
   check_x4(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
-  TORCH_CHECK(H >= 2 && W >= 2, "x must be at least 2x2 to pool 2x2 (as nn.MaxPool2d(2)), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(H >= 2 && W >= 2, "x must be at least 2x2 to pool 2x2 (as nn.MaxPool2d(2)), got shape ", x.sizes());
   const std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, C);
   const at::Tensor sc = ia ? ia->scale : at::Tensor(), sh = ia ? ia->shift : at::Tensor();
   const at::Tensor xc = x.contiguous();
@@ -185,12 +185,12 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   check_x4(grad_out, "grad_out");
   check_cpu(indices, name);
   check_dtype(indices, at::kByte, name);
-  TORCH_CHECK(indices.sizes() == grad_out.sizes(), name, " must have the shape of grad_out ", grad_out.sizes(),
+  TORCH_CHECK_VALUE(indices.sizes() == grad_out.sizes(), name, " must have the shape of grad_out ", grad_out.sizes(),
               ", got ", indices.sizes());
-  TORCH_CHECK(input_size.size() == 2, "input_size must be [height, width], got ", input_size);
+  TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must be [height, width], got ", input_size);
   const int64_t B = grad_out.size(0), C = grad_out.size(1), H = input_size[0], W = input_size[1];
   const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
-  TORCH_CHECK(H >= 0 && W >= 0 && H / 2 == OH && W / 2 == OW, "input_size (", H, ", ", W,
+  TORCH_CHECK_VALUE(H >= 0 && W >= 0 && H / 2 == OH && W / 2 == OW, "input_size (", H, ", ", W,
               ") does not pool 2x2 to grad_out's (", OH, ", ", OW, ")");
   const at::Tensor g = grad_out.contiguous(), ic = indices.contiguous();
   at::Tensor dx = pooled_empty({B, C, H, W}, grad_out.options());
@@ -207,7 +207,7 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
       unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>());
     });
   });
-  TORCH_CHECK(!bad, name, " must hold max_pool2x2's window positions (0 to 3), got a larger value");
+  TORCH_CHECK_VALUE(!bad, name, " must hold max_pool2x2's window positions (0 to 3), got a larger value");
   return dx;
 }
 

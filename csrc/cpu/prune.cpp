@@ -98,9 +98,9 @@ std::tuple<at::Tensor, at::Tensor> threshold_impl(const std::vector<at::Tensor>&
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tensors,
                                                        const c10::List<std::optional<at::Tensor>>& masks,
                                                        double fraction) {
-  TORCH_CHECK(std::isfinite(fraction) && fraction >= 0.0 && fraction <= 1.0,
+  TORCH_CHECK_VALUE(std::isfinite(fraction) && fraction >= 0.0 && fraction <= 1.0,
               "fraction must be in [0, 1], got ", fraction);
-  TORCH_CHECK(masks.size() == 0 || masks.size() == tensors.size(), "masks must be empty or have one entry per tensor (",
+  TORCH_CHECK_VALUE(masks.size() == 0 || masks.size() == tensors.size(), "masks must be empty or have one entry per tensor (",
               tensors.size(), "), got ", masks.size());
   if (tensors.empty()) return {at::zeros({}, at::kDouble), at::zeros({}, at::kLong)};
   const auto dt = tensors[0].scalar_type();
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
     const at::Tensor& t = tensors[i];
     check_cpu(t, "tensors");
     check_float(t, "tensors");
-    TORCH_CHECK(t.scalar_type() == dt, "tensors must all have one dtype, got ", dt, " and ",
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, "tensors must all have one dtype, got ", dt, " and ",
                 t.scalar_type(), " (entry ", i, ")");
     ts.push_back(t.contiguous());
     at::Tensor m;
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
         m = *mo;
         check_cpu(m, "masks");
         check_dtype(m, at::kBool, "masks");
-        TORCH_CHECK(m.sizes() == t.sizes(), "masks[", i, "] must have the shape of tensors[", i,
+        TORCH_CHECK_VALUE(m.sizes() == t.sizes(), "masks[", i, "] must have the shape of tensors[", i,
                     "] ", t.sizes(), ", got ", m.sizes());
         m = m.contiguous();
       }
@@ -133,14 +133,14 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_prune(
     const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, double threshold,
     int64_t max_ties) {
-  TORCH_CHECK(!std::isnan(threshold), "threshold must not be NaN");
-  TORCH_CHECK(max_ties >= 0, "max_ties must be >= 0, got ", max_ties);
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "threshold must not be NaN");
+  TORCH_CHECK_VALUE(max_ties >= 0, "max_ties must be >= 0, got ", max_ties);
   const int64_t rows = crow.numel() - 1;
   check_compressed(crow, col, std::numeric_limits<int32_t>::max(), "crow_indices", "col_indices");
   check_cpu(values, "values");
   check_float(values, "values");
   check_1d_contig(values, "values");
-  TORCH_CHECK(values.numel() == col.numel(), "values must have nnz = ", col.numel(),
+  TORCH_CHECK_VALUE(values.numel() == col.numel(), "values must have nnz = ", col.numel(),
               " entries, got ", values.numel());
   const int64_t nnz = col.numel();
   const int64_t* p = crow.data_ptr<int64_t>();

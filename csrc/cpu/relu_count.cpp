@@ -35,12 +35,12 @@ void relu_count_(at::Tensor& counts, const at::Tensor& pre) {
   check_cpu(pre, "pre");
   check_dtype(counts, at::kLong, "counts");
   check_float(pre, "pre");
-  TORCH_CHECK(counts.is_contiguous(), "counts must be contiguous");
-  TORCH_CHECK(pre.dim() >= 2, "pre must be [batch, neurons...] (>= 2-D), got ", pre.dim(), "-D");
+  TORCH_CHECK_VALUE(counts.is_contiguous(), "counts must be contiguous");
+  TORCH_CHECK_VALUE(pre.dim() >= 2, "pre must be [batch, neurons...] (>= 2-D), got ", pre.dim(), "-D");
   const int64_t B = pre.size(0);
   int64_t N = 1;
   for (int64_t d = 1; d < pre.dim(); ++d) N *= pre.size(d);
-  TORCH_CHECK(counts.numel() == N,
+  TORCH_CHECK_VALUE(counts.numel() == N,
               "counts must have one entry per neuron (", N, " = prod of pre.shape[1:]), got ",
               counts.numel());
   if (B == 0) return;

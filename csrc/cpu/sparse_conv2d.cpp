@@ -15,17 +15,17 @@ struct ConvArgs {
 };
 
 ConvArgs check_conv_args(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p) {
-  TORCH_CHECK(k.size() == 2 && s.size() == 2 && p.size() == 2,
+  TORCH_CHECK_VALUE(k.size() == 2 && s.size() == 2 && p.size() == 2,
               "kernel_size, stride and padding must each have 2 entries");
-  TORCH_CHECK(k[0] >= 1 && k[1] >= 1, "kernel_size must be >= 1, got ", k);
-  TORCH_CHECK(s[0] >= 1 && s[1] >= 1, "stride must be >= 1, got ", s);
-  TORCH_CHECK(p[0] >= 0 && p[1] >= 0, "padding must be >= 0, got ", p);
+  TORCH_CHECK_VALUE(k[0] >= 1 && k[1] >= 1, "kernel_size must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(s[0] >= 1 && s[1] >= 1, "stride must be >= 1, got ", s);
+  TORCH_CHECK_VALUE(p[0] >= 0 && p[1] >= 0, "padding must be >= 0, got ", p);
   constexpr int64_t kMax = int64_t(1) << 31;  // (products of two such never overflow int64)
-  TORCH_CHECK(k[0] < kMax && k[1] < kMax && s[0] < kMax && s[1] < kMax && p[0] < kMax && p[1] < kMax,
+  TORCH_CHECK_VALUE(k[0] < kMax && k[1] < kMax && s[0] < kMax && s[1] < kMax && p[0] < kMax && p[1] < kMax,
               "kernel_size, stride and padding must be < 2^31, got ", k, ", ", s, ", ", p);
   // (the plans loop over the taps before any output exists: a weight with no input channel would
   // otherwise admit any kernel, and a 2^15 x 2^15 one took minutes and gigabytes to refuse)
-  TORCH_CHECK(k[0] * k[1] <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", k);
+  TORCH_CHECK_VALUE(k[0] * k[1] <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", k);
   return {k[0], k[1], k.vec(), s.vec(), p.vec()};
 }
 
@@ -33,18 +33,18 @@ void check_values_conv(const at::Tensor& values, int64_t nnz) {
   check_cpu(values, "values");
   check_float(values, "values");
   check_1d_contig(values, "values");
-  TORCH_CHECK(values.numel() == nnz, "values must have nnz = ", nnz, " entries, got ", values.numel());
+  TORCH_CHECK_VALUE(values.numel() == nnz, "values must have nnz = ", nnz, " entries, got ", values.numel());
 }
 
 void check_perm_conv(const at::Tensor& perm, int64_t nnz) {
   check_cpu(perm, "perm");
   check_dtype(perm, at::kLong, "perm");
   check_1d_contig(perm, "perm");
-  TORCH_CHECK(perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ", perm.numel());
+  TORCH_CHECK_VALUE(perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ", perm.numel());
   const int64_t* q = perm.data_ptr<int64_t>();
   bool ok = true;
   for (int64_t i = 0; i < nnz; ++i) ok &= (q[i] >= 0) & (q[i] < nnz);
-  TORCH_CHECK(ok, "perm has entries outside [0, ", nnz, ")");
+  TORCH_CHECK_VALUE(ok, "perm has entries outside [0, ", nnz, ")");
 }
 
 // The CSC (ccol, row_t, perm) is the transpose of the CSR (crow, col): perm a permutation and entry
@@ -66,7 +66,7 @@ void check_transposed(const at::Tensor* crow, const at::Tensor* col, const at::T
       seen[e] = 1;
       if (rp) ok &= (ci[e] == c) & (rp[rt[k]] <= e) & (e < rp[rt[k] + 1]);
     }
-  TORCH_CHECK(ok, rp ? "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices and "
+  TORCH_CHECK_VALUE(ok, rp ? "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices and "
                        "col_indices (CSR.index() builds them)" : "perm must be a permutation of [0, nnz)");
 }
 
@@ -76,17 +76,17 @@ void check_nchw(const at::Tensor& t, const at::Tensor& like, int64_t channels, c
                 const char* what, const char* like_name) {
   check_cpu(t, name);
   check_float(t, name);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
               like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ",
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ",
               t.sizes());
-  TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels but the weight expects ",
+  TORCH_CHECK_VALUE(t.size(1) == channels, name, " has ", t.size(1), " channels but the weight expects ",
               channels, " ", what);
 }
 
 // (cols from ccol_indices can be anything; x's channels * kh * kw always divide)
 int64_t in_channels(int64_t cols, const ConvArgs& a) {
-  TORCH_CHECK(cols % (a.kh * a.kw) == 0, "ccol_indices must have in_channels * kh * kw + 1 entries, got ",
+  TORCH_CHECK_VALUE(cols % (a.kh * a.kw) == 0, "ccol_indices must have in_channels * kh * kw + 1 entries, got ",
               cols + 1, " (", cols, " columns, not a multiple of kh*kw = ", a.kh * a.kw, ")");
   return cols / (a.kh * a.kw);
 }
@@ -117,9 +117,9 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
   at::Tensor bc;
   if (bias) {
     check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == values.scalar_type(), "bias must have dtype ",
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias must have dtype ",
                 values.scalar_type(), ", got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == O, "bias must have shape [", O, "], got ",
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == O, "bias must have shape [", O, "], got ",
                 bias->sizes());
     bc = bias->contiguous();
   }
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
     const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu,
     const std::optional<at::Tensor>& relu_counts) {
   at::Tensor stats;
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
                               bias, relu, &stats, check_in_act(in_scale, in_shift, in_relu, x, x.size(1)),
                               relu_counts);
@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     std::optional<XActArgs> ia = std::nullopt, const at::Tensor* in_mean = nullptr,
     std::vector<double>* in_sums = nullptr, std::pair<const at::Tensor*, const at::Tensor*> index = {}) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
-  TORCH_CHECK(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
+  TORCH_CHECK_VALUE(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
               grad_out.sizes());
   const int64_t O = crow ? crow->numel() - 1 : grad_out.size(1);
   const int64_t cols = ccol ? ccol->numel() - 1 : x && x->dim() == 4 ? x->size(1) * a.kh * a.kw : 0;
@@ -213,7 +213,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const at::Tensor *icrow = crow ? crow : index.first, *icol = crow ? col : index.second;
   int64_t nnz = 0;
   if (icrow) {
-    TORCH_CHECK(icrow->numel() - 1 == O, "crow_indices must have out_channels + 1 = ", O + 1, " entries (",
+    TORCH_CHECK_VALUE(icrow->numel() - 1 == O, "crow_indices must have out_channels + 1 = ", O + 1, " entries (",
                 "grad_out's channels), got ", icrow->numel());
     check_compressed(*icrow, *icol, cols, "crow_indices", "col_indices",
                      ccol ? " (the columns ccol_indices has)" : " (x's channels * kh * kw)");
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (ccol) {
     check_compressed(*ccol, *row_t, O, "ccol_indices", "row_indices_t",
                      icrow ? " (the rows crow_indices has)" : " (grad_out's channels)");
-    TORCH_CHECK(!icrow || row_t->numel() == nnz, "row_indices_t must have nnz = ", nnz, " entries");
+    TORCH_CHECK_VALUE(!icrow || row_t->numel() == nnz, "row_indices_t must have nnz = ", nnz, " entries");
     nnz = row_t->numel();
     check_values_conv(*values, nnz);
     check_perm_conv(*perm, nnz);
@@ -230,27 +230,27 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   }
   const at::Tensor& like = x ? *x : *values;
   check_float(like, x ? "x" : "values");
-  TORCH_CHECK(!x || !values || values->scalar_type() == x->scalar_type(), "values must have the dtype of x (",
+  TORCH_CHECK_TYPE(!x || !values || values->scalar_type() == x->scalar_type(), "values must have the dtype of x (",
               x->scalar_type(), "), got ", values ? values->scalar_type() : x->scalar_type());
   if (x) check_nchw(*x, like, C, "x", "(input channels)", "x");
   check_nchw(grad_out, like, O, "grad_out", "(output channels)", x ? "x" : "values");
-  TORCH_CHECK(input_size.size() == 2, "input_size must have 2 entries, got ", input_size);
+  TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must have 2 entries, got ", input_size);
   const int64_t B = grad_out.size(0), H = input_size[0], W = input_size[1];
-  TORCH_CHECK(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
+  TORCH_CHECK_VALUE(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
               " and ", B);
   // input_size against the conv output (grad_out's, or y's when pooled) before make_plan, whose row
   // table is O(H): a far too large input_size is refused, never allocated. A conv of an H-row input
   // has more than (H - kh) / sh output rows (the exact sizes are checked below).
   const at::Tensor& conv_out = bn ? *bn->y : grad_out;
-  TORCH_CHECK(conv_out.dim() == 4, "y must be 4-D [batch, channels, height, width], got shape ", conv_out.sizes());
-  TORCH_CHECK(H >= 0 && W >= 0 && (H - a.kh) / a.s[0] < conv_out.size(2) && (W - a.kw) / a.s[1] < conv_out.size(3),
+  TORCH_CHECK_VALUE(conv_out.dim() == 4, "y must be 4-D [batch, channels, height, width], got shape ", conv_out.sizes());
+  TORCH_CHECK_VALUE(H >= 0 && W >= 0 && (H - a.kh) / a.s[0] < conv_out.size(2) && (W - a.kw) / a.s[1] < conv_out.size(3),
               "input_size ", input_size, " does not fit ", bn ? "y" : "grad_out", "'s spatial size (",
               conv_out.size(2), ", ", conv_out.size(3), ") for kernel_size ", kernel_size, " and stride ", stride);
   const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   const bool pooled = bn && bn->pool_idx;  // (grad_out: the pooled map's; the op checked it)
-  TORCH_CHECK(!bn || bn->y->sizes() == at::IntArrayRef({B, O, P.OH, P.OW}), "y must have the conv's "
+  TORCH_CHECK_VALUE(!bn || bn->y->sizes() == at::IntArrayRef({B, O, P.OH, P.OW}), "y must have the conv's "
               "output shape [", B, ", ", O, ", ", P.OH, ", ", P.OW, "], got ", bn->y->sizes());
-  TORCH_CHECK(pooled || (grad_out.size(2) == P.OH && grad_out.size(3) == P.OW), "grad_out must have spatial size (",
+  TORCH_CHECK_VALUE(pooled || (grad_out.size(2) == P.OH && grad_out.size(3) == P.OW), "grad_out must have spatial size (",
               P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   at::Tensor g = grad_out.contiguous();
   const int64_t prb = pointwise_conv_rows(P, like.element_size());
@@ -272,9 +272,9 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   if (ccol && grad_input_add) {
     const at::Tensor& ga = *grad_input_add;
     check_cpu(ga, "grad_input_add");
-    TORCH_CHECK(ga.scalar_type() == g.scalar_type(), "grad_input_add must have dtype ", g.scalar_type(),
+    TORCH_CHECK_TYPE(ga.scalar_type() == g.scalar_type(), "grad_input_add must have dtype ", g.scalar_type(),
                 ", got ", ga.scalar_type());
-    TORCH_CHECK(ga.sizes() == at::IntArrayRef({B, C, H, W}), "grad_input_add must have the input's shape [",
+    TORCH_CHECK_VALUE(ga.sizes() == at::IntArrayRef({B, C, H, W}), "grad_input_add must have the input's shape [",
                 B, ", ", C, ", ", H, ", ", W, "], got ", ga.sizes());
     add = ga.contiguous();
   }
@@ -366,7 +366,7 @@ at::Tensor sparse_conv2d_grad_weight(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& crow, const at::Tensor& col,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef padding) {
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   return std::get<1>(conv_backward(grad_out, &x, {x.size(2), x.size(3)}, &crow, &col, nullptr,
                                    nullptr, nullptr, nullptr, kernel_size, stride, padding));
 }
@@ -377,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
     const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     const std::optional<at::Tensor>& grad_input_add) {
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   return conv_backward(grad_out, &x, {x.size(2), x.size(3)}, &crow, &col, &values, &ccol, &row_t,
                        &perm, kernel_size, stride, padding, grad_input_add);
 }
@@ -385,17 +385,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward(
 // grad_out of a pooled layer: the gradient of the 2x2 max-pool of the BatchNorm's output (y's
 // shape), [B, C, H / 2, W / 2] like pool_indices, max_pool2x2's window positions.
 void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& idx, const at::Tensor& y, bool residual) {
-  TORCH_CHECK(!residual, "pool_indices and a residual do not combine (a pooled layer has no shortcut)");
+  TORCH_CHECK_VALUE(!residual, "pool_indices and a residual do not combine (a pooled layer has no shortcut)");
   check_cpu(grad_out, "grad_out");
   check_cpu(idx, "pool_indices");
   check_dtype(idx, at::kByte, "pool_indices");
-  TORCH_CHECK(grad_out.scalar_type() == y.scalar_type(), "grad_out must have y's dtype ", y.scalar_type(), ", got ",
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), "grad_out must have y's dtype ", y.scalar_type(), ", got ",
               grad_out.scalar_type());
-  TORCH_CHECK(y.dim() == 4, "y must be 4-D [batch, channels, height, width] with pool_indices, got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.dim() == 4, "y must be 4-D [batch, channels, height, width] with pool_indices, got shape ", y.sizes());
   const std::vector<int64_t> want = {y.size(0), y.size(1), y.size(2) / 2, y.size(3) / 2};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(want), "grad_out must have the shape of y ", y.sizes(),
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(want), "grad_out must have the shape of y ", y.sizes(),
               " pooled 2x2, ", at::IntArrayRef(want), ", with pool_indices, got ", grad_out.sizes());
-  TORCH_CHECK(idx.sizes() == grad_out.sizes(), "pool_indices must have grad_out's shape ", grad_out.sizes(), ", got ",
+  TORCH_CHECK_VALUE(idx.sizes() == grad_out.sizes(), "pool_indices must have grad_out's shape ", grad_out.sizes(), ", got ",
               idx.sizes());
 }
 
@@ -421,17 +421,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_conv_args(kernel_size, stride, padding);  // (also where no conv gradient is wanted)
   check_bn_grad(pool_indices ? y : grad_out, y, residual, scale, shift, weight, mean, invstd);
   if (pool_indices) check_pooled_grad(grad_out, *pool_indices, y, residual.has_value());
-  TORCH_CHECK(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
-  TORCH_CHECK(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
+  TORCH_CHECK_VALUE(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
+  TORCH_CHECK_VALUE(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
               "the ReLU after, the residual's gradient is grad_out itself)");
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
-  TORCH_CHECK(!in_mean || ia, "in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)");
+  TORCH_CHECK_VALUE(!in_mean || ia, "in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)");
   if (in_mean) check_channels(*in_mean, x.size(1), at::kDouble, "in_mean");
   if (sums) {
     check_cpu(*sums, "sums");
-    TORCH_CHECK(sums->scalar_type() == at::kDouble && sums->sizes() == at::IntArrayRef({C, 2}),
+    TORCH_CHECK_VALUE(sums->scalar_type() == at::kDouble && sums->sizes() == at::IntArrayRef({C, 2}),
                 "sums must be float64 [", C, ", 2] (per channel sum g, sum g (y - mean)), got ", sums->scalar_type(),
                 " ", sums->sizes());
   }
@@ -476,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, pidx.numel(), 1 << 16, [&](int64_t b, int64_t e) {
       if (!window_positions(pidx.data_ptr<uint8_t>() + b, e - b)) bad_idx = true;
     });
-  TORCH_CHECK(!bad_idx.load(), "pool_indices must hold max_pool2x2's window positions (0 to 3), got a larger value");
+  TORCH_CHECK_VALUE(!bad_idx.load(), "pool_indices must hold max_pool2x2's window positions (0 to 3), got a larger value");
   const at::Tensor& g = gm_first ? gres : go;
   const BnArgs bn{&yc, gm_first ? nullptr : rp, &sc, &sh, &mc, &k, relu_after && !gm_first, relu_before,
                   grad_residual && !gm_first ? &gres : nullptr, grad_bias ? dsum.data_ptr<double>() : nullptr,
@@ -505,12 +505,12 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::ScalarType dtype) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
-  TORCH_CHECK(input_size.size() == 4, "input_size must be [batch, channels, height, width], got ",
+  TORCH_CHECK_VALUE(input_size.size() == 4, "input_size must be [batch, channels, height, width], got ",
               input_size);
-  TORCH_CHECK(input_size[0] >= 0 && input_size[1] >= 0, "input_size's batch and channels must be >= 0, got ",
+  TORCH_CHECK_VALUE(input_size[0] >= 0 && input_size[1] >= 0, "input_size's batch and channels must be >= 0, got ",
               input_size);  // (the spatial size: make_plan)
-  TORCH_CHECK(out_channels >= 0, "out_channels must be >= 0, got ", out_channels);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK_VALUE(out_channels >= 0, "out_channels must be >= 0, got ", out_channels);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);
   const Plan P = make_plan(input_size[0], input_size[1], input_size[2], input_size[3], out_channels,
                            a.k, a.s, a.p, elem, 0, /*offsets=*/false);  // the geometry only

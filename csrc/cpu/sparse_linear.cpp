@@ -274,17 +274,17 @@ void check_values(const at::Tensor& values, const at::Tensor& ref_idx, const cha
   check_cpu(values, name);
   check_float(values, name);
   check_1d_contig(values, name);
-  TORCH_CHECK(values.numel() == ref_idx.numel(), name, " must have nnz = ", ref_idx.numel(),
+  TORCH_CHECK_VALUE(values.numel() == ref_idx.numel(), name, " must have nnz = ", ref_idx.numel(),
               " entries, got ", values.numel());
 }
 
 void check_activation(const at::Tensor& t, const at::Tensor& values, int64_t features,
                       const char* name) {
   check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == values.scalar_type(), name, " must have the dtype of values (",
+  TORCH_CHECK_TYPE(t.scalar_type() == values.scalar_type(), name, " must have the dtype of values (",
               values.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.dim() >= 1, name, " must have at least 1 dimension");
-  TORCH_CHECK(t.size(-1) == features, name, " must have last dimension ", features, ", got ",
+  TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have at least 1 dimension");
+  TORCH_CHECK_VALUE(t.size(-1) == features, name, " must have last dimension ", features, ", got ",
               t.size(-1), " (shape ", t.sizes(), ")");
 }
 
@@ -300,15 +300,15 @@ int64_t check_csc(const at::Tensor& ccol, const at::Tensor& row_t, const at::Ten
                   int64_t nnz) {
   check_cpu(ccol, "ccol_indices");
   check_dtype(ccol, at::kLong, "ccol_indices");
-  TORCH_CHECK(ccol.dim() == 1 && ccol.numel() >= 1, "ccol_indices must be 1-D [in_features + 1], got ",
+  TORCH_CHECK_VALUE(ccol.dim() == 1 && ccol.numel() >= 1, "ccol_indices must be 1-D [in_features + 1], got ",
               ccol.sizes());
   check_cpu(row_t, "row_indices_t");
   check_cpu(perm, "perm");
   check_dtype(row_t, at::kInt, "row_indices_t");
   check_dtype(perm, at::kLong, "perm");
-  TORCH_CHECK(row_t.dim() == 1 && row_t.numel() == nnz, "row_indices_t must have nnz = ", nnz,
+  TORCH_CHECK_VALUE(row_t.dim() == 1 && row_t.numel() == nnz, "row_indices_t must have nnz = ", nnz,
               " entries, got ", row_t.numel());
-  TORCH_CHECK(perm.dim() == 1 && perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ",
+  TORCH_CHECK_VALUE(perm.dim() == 1 && perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ",
               perm.numel());
   return ccol.numel() - 1;
 }
@@ -324,15 +324,15 @@ at::Tensor rows2d(const at::Tensor& t, int64_t n) {
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                          const at::Tensor& values, const at::Tensor& ccol, const at::Tensor& row_t,
                          const at::Tensor& perm, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dimension");
   const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
   check_compressed(crow, col, K, "crow_indices", "col_indices", " (ccol_indices' entries - 1: in_features)");
   check_values(values, col, "values");
   check_activation(x, values, K, "x");  // x's last dimension must be the layer's in_features
   if (bias) {
     check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == values.scalar_type(), "bias must have the dtype of values");
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == N, "bias must have shape [", N, "], got ",
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias must have the dtype of values");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == N, "bias must have shape [", N, "], got ",
                 bias->sizes());
   }
   const at::Tensor xc = rows2d(x, K);
@@ -353,7 +353,7 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& col, const at::Tensor& values,
                                     const at::Tensor& ccol, const at::Tensor& row_t,
                                     const at::Tensor& perm) {
-  TORCH_CHECK(grad_out.dim() >= 1, "grad_out must have at least 1 dimension");
+  TORCH_CHECK_VALUE(grad_out.dim() >= 1, "grad_out must have at least 1 dimension");
   const int64_t N = crow.numel() - 1, K = check_csc(ccol, row_t, perm, col.numel());
   check_compressed(crow, col, K, "crow_indices", "col_indices", " (ccol_indices' entries - 1: in_features)");
   check_values(values, col, "values");
@@ -373,13 +373,13 @@ at::Tensor sparse_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
 at::Tensor sparse_linear_grad_weight(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& crow, const at::Tensor& col) {
   const int64_t N = crow.numel() - 1;
-  TORCH_CHECK(x.dim() >= 1, "x must have at least 1 dimension");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dimension");
   const int64_t K = x.size(-1);
   check_compressed(crow, col, K, "crow_indices", "col_indices", " (x's last dimension: in_features)");
   check_cpu(x, "x");
   check_float(x, "x");
   check_activation(grad_out, x, N, "grad_out");
-  TORCH_CHECK(grad_out.dim() == x.dim() && grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+  TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
               "grad_out and x must have the same leading (batch) dimensions, got ",
               grad_out.sizes(), " and ", x.sizes());
   const at::Tensor g = rows2d(grad_out, N);

@@ -196,7 +196,7 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
     check_bias(bias, weight.shape[0], v)
     mode = current_backend()
     if mode == "cpu" and x.is_cuda:  # (as every op: backend.py)
-        raise RuntimeError("bsr_linear: backend 'cpu' (the C++ engine) cannot take CUDA tensors; use_backend('auto') "
+        raise ValueError("bsr_linear: backend 'cpu' (the C++ engine) cannot take CUDA tensors; use_backend('auto') "
                            "or 'triton' runs the Triton kernels")
     if mode == "triton" or (mode == "auto" and x.is_cuda):
         values = weight.values

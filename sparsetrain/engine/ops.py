@@ -98,7 +98,7 @@ def _triton_autograd(name: str):
 def _cuda_kernel(op: Op):
     def run(*args):
         if backend.current_backend() == "cpu":
-            raise RuntimeError(f"{op.qualname}: backend 'cpu' (the C++ engine) cannot take CUDA tensors; "
+            raise ValueError(f"{op.qualname}: backend 'cpu' (the C++ engine) cannot take CUDA tensors; "
                                "use_backend('auto') or 'triton' runs the Triton kernels")
         return op.triton_fn()(*args)
     run.__name__ = f"cuda_{op.name}"

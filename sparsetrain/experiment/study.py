@@ -332,7 +332,7 @@ def check_teachers_fit(cfg: Config, splits) -> None:
         try:
             with torch.no_grad():
                 shape = tuple(load_teacher(choice)[0](xb).shape)
-        except (RuntimeError, ValueError) as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise UsageError(f"--teachers {choice}: the model does not take {cfg.dataset}'s images "
                              f"{tuple(xb.shape[1:])} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         if shape != (xb.shape[0], splits.num_classes):
