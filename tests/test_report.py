@@ -487,3 +487,92 @@ def test_the_run_marks_the_best_round_as_the_report_does(tmp_path):
     finish(str(tmp_path), rows)
     assert [r["is_best"] for r in rows] == [0, 0, 1, 0]
     assert json.loads((tmp_path / "best.json").read_text())["round"] == 2
+
+
+def test_a_best_teacher_that_is_the_dense_one_is_named_so(tmp_path, monkeypatch):
+    """When a seed's best-validation teacher is round 0, its distill-best directory links to distill-dense
+    (one teacher checkpoint, one student run): Table 1, the per-round heading and the plots' legends say
+    so instead of calling that student one distilled from a pruned teacher."""
+    from matplotlib.axes import Axes
+    write_config(tmp_path, seeds=[0, 1], teachers=["dense", "best"])
+    for s in (0, 1):
+        write_rows(tmp_path, make_rows([0.8, 0.7], seed=s))
+        write_rows(tmp_path, make_rows([0.8, 0.75], seed=s, phase="distill-dense", teacher_cost=1e15))
+    os.symlink("distill-dense", tmp_path / "seed0" / "distill-best", target_is_directory=True)
+    write_rows(tmp_path, make_rows([0.8, 0.79], seed=1, phase="distill-best", teacher_cost=2e15))
+    run = R.load_run(tmp_path)
+    assert run["same_as"] == {"distill-best": {0: "distill-dense"}}
+    md = R.summary_table(run)
+    note = " (= distill-dense in seed 0: the same teacher checkpoint, the same student run)"
+    assert table_row(md, f"distilled from the pruned (best-validation) teacher{note}, no early stop")
+    assert f"### Per round: student (lenet300) distilled from the best teacher{note}" in md
+    assert table_row(md, "distilled from the dense teacher, no early stop")  # (the real one: no note)
+    os.remove(tmp_path / "seed1" / "distill-best" / "metrics.csv")
+    os.rmdir(tmp_path / "seed1" / "distill-best")
+    os.symlink("distill-dense", tmp_path / "seed1" / "distill-best", target_is_directory=True)
+    run = R.load_run(tmp_path)
+    assert "(= distill-dense in every seed:" in R.summary_table(run)
+    labels, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: labels.append(kw.get("label")) or real(self, *a, **kw))
+    R.plot_run(run, str(tmp_path))
+    monkeypatch.undo()
+    assert sum("(= distill-dense in every seed" in (l or "") for l in labels) == 2  # both figures
+    # a phase linked from another run (--reuse) is no twin of this seed's phases
+    other = tmp_path / "other"
+    write_rows(other, make_rows([0.8, 0.7], seed=0, phase="vanilla"))
+    os.symlink(other / "seed0" / "vanilla", tmp_path / "seed0" / "vanilla", target_is_directory=True)
+    assert "vanilla" not in R.load_run(tmp_path)["same_as"]
+
+
+def test_the_study_plot_stars_the_round_most_seeds_pick_and_hollows_fewer_seed_rounds(tmp_path, monkeypatch):
+    """Seed 1's curve goes a round further and that round's one-seed validation score beats every
+    two-seed mean: the star stays on the round most seeds pick as their best (the earliest on a tie),
+    and both figures draw the one-seed round hollow (a mean of fewer seeds: the cumulative curve may
+    fall there)."""
+    from matplotlib.axes import Axes
+
+    from sparsetrain.experiment.report.plots import best_round
+    write_config(tmp_path, seeds=[0, 1])
+    write_rows(tmp_path, make_rows([0.80, 0.84, 0.82], seed=0))
+    write_rows(tmp_path, make_rows([0.80, 0.83, 0.84, 0.90], seed=1))
+    run = R.load_run(tmp_path)
+    assert best_round(run["curves"]["teacher"]) == 1  # seed 0: round 1, seed 1: round 3; a tie -> earliest
+    write_rows(tmp_path, make_rows([0.80, 0.84, 0.82], seed=2))
+    write_config(tmp_path, seeds=[0, 1, 2])
+    run = R.load_run(tmp_path)
+    assert best_round(run["curves"]["teacher"]) == 1 and best_round({0: make_rows([NAN])}) is None
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    R.plot_run(run, str(tmp_path))
+    stars = [a for a, kw in calls if len(a) > 2 and a[2] == "*"]
+    assert len(stars) == 1 and stars[0][1] == pytest.approx(100 * (0.84 + 0.83 + 0.84) / 3)
+    hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 2 and all(len(a[0]) == 1 for a in hollow)  # round 3 in each figure
+    assert sum("(hollow: fewer seeds)" in (kw.get("label") or "") for _, kw in calls) == 2
+
+
+def test_a_rule_that_never_fired_has_no_stop_phase_and_seed_counts_are_not_rounded(tmp_path):
+    write_config(tmp_path, seeds=[0, 1], wall=0.5)
+    for s in (0, 1):
+        rows = make_rows([0.80, 0.81, 0.82, 0.83], ent=[0.6, 0.6, 0.6, 0.6], seed=s)
+        rows[3]["sparse_layers"] = 2 - s  # seed 0: 2 sparse layers at round 3, seed 1: 1
+        write_rows(tmp_path, rows)
+    md = R.summary_table(R.load_run(tmp_path))
+    row = table_row(md, "vanilla, early stop (Alg. 2)")
+    assert row[10] == "–" and row[11] == "–"  # (the entropy never falls: no stop, no stop phase)
+    assert table_row(md, "vanilla, no early stop")[11] == "light"
+    assert table_row(md, "3")[8] == "2, 1" and table_row(md, "2")[8] == "2"
+    assert "Cum. PFLOPs exact" in md
+
+
+def test_table1_csv_leaves_blank_what_the_markdown_leaves_blank(tmp_path):
+    """No stop rule: no FLOPs saved; no teacher: no teacher cost (NaN with n = 0, not 0.0)."""
+    from sparsetrain.sweep.aggregate import load_groups, table1_csv
+    _two_seed_run(tmp_path)
+    rows = {r["run"]: r for r in table1_csv(load_groups([str(tmp_path)]), [])}
+    for name in ("vanilla, no early stop", "distilled from the dense teacher, no early stop"):
+        assert math.isnan(rows[name]["saved_mean"]) and rows[name]["saved_n"] == 0
+    for name in ("vanilla, no early stop", "vanilla, early stop (Alg. 2)"):
+        assert math.isnan(rows[name]["teacher_mean"]) and rows[name]["teacher_paper_n"] == 0
+    assert rows["vanilla, early stop (Alg. 2)"]["saved_n"] == 2
+    assert rows["distilled from the dense teacher, no early stop"]["teacher_mean"] > 0

@@ -65,7 +65,9 @@ def read_metrics(path) -> list[dict]:
 
 def load_run(run_dir) -> dict:
     """{"config": config.json (or {}), "curves": {phase: {seed: rows}}, "running": {phase: [seeds whose
-    phase has not finished (no best.json)]}}; empty curves are left out."""
+    phase has not finished (no best.json)]}, "same_as": {phase: {seed: the phase of that seed whose
+    directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
+    distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)"""
     config: dict = {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -74,6 +76,7 @@ def load_run(run_dir) -> dict:
         pass
     curves: dict = {}
     running: dict = {}
+    same_as: dict = {}
     for d in sorted(os.listdir(run_dir)):
         m, sd = re.fullmatch(r"seed(\d+)", d), os.path.join(run_dir, d)
         if not m or not os.path.isdir(sd):
@@ -85,4 +88,10 @@ def load_run(run_dir) -> dict:
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
                     running.setdefault(phase, []).append(int(m.group(1)))
-    return {"config": config, "curves": curves, "running": running}
+                if os.path.islink(os.path.join(sd, phase)):
+                    real = os.path.realpath(os.path.join(sd, phase))
+                    twin = [q for q in sorted(os.listdir(sd)) if q != phase and not os.path.islink(os.path.join(sd, q))
+                            and os.path.realpath(os.path.join(sd, q)) == real]
+                    if twin:
+                        same_as.setdefault(phase, {})[int(m.group(1))] = twin[0]
+    return {"config": config, "curves": curves, "running": running, "same_as": same_as}

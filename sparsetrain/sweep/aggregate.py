@@ -40,7 +40,7 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
     "running": {phase: [seeds whose phase has not finished]}, "unfinished_in": {(phase, seed): its
     run directory}, "stopped": {phase: [those of them whose run ended without finishing]}, filled by
-    mark_stopped}. Directories without config.json
+    mark_stopped, "same_as": load_run's, per seed}. Directories without config.json
     are skipped; one whose config.json does not parse is skipped and appended to `unreadable` (its
     settings are unknown: the defaults would mislabel its numbers)."""
     groups: dict[str, dict] = {}
@@ -55,7 +55,7 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
         key = json.dumps({k: run["config"][k] for k in _SETTINGS}, sort_keys=True)
         g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
-                                    "running": {}, "unfinished_in": {}, "stopped": {}})
+                                    "running": {}, "unfinished_in": {}, "stopped": {}, "same_as": {}})
         g["dirs"].append(d)
         g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
@@ -63,6 +63,8 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
                 if seed in g["curves"].get(phase, {}):
                     continue  # the same seed twice (a copied directory): first one wins
                 g["curves"].setdefault(phase, {})[seed] = rows
+                if seed in run["same_as"].get(phase, {}):
+                    g["same_as"].setdefault(phase, {})[seed] = run["same_as"][phase][seed]
                 if not phase_done(os.path.join(d, f"seed{seed}", phase)):
                     g["running"].setdefault(phase, []).append(seed)
                     g["unfinished_in"][phase, seed] = d
@@ -136,6 +138,8 @@ def table1_csv(groups, keys) -> list[dict]:
             for cell in ("test", "test_at", "sparsity", "sparsity_at", "pflops", "paper", "teacher", "teacher_paper",
                          "saved", "saved_paper"):
                 m, s, n = stats([o[cell] for o in spec["outs"]])  # (n: the seeds with a value; saved may have fewer)
+                if cell.startswith("saved") and not spec["rule"] or cell.startswith("teacher") and not spec["distill"]:
+                    m, s, n = NAN, NAN, 0  # (blank in the Markdown: no stop rule, no teacher)
                 row[f"{cell}_mean"], row[f"{cell}_std"], row[f"{cell}_n"] = m, s if n > 1 else NAN, n
             rows.append(row)
     return rows

@@ -8,7 +8,7 @@ import numpy as np
 from ..files import atomic_write
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
-from ..metrics import get
+from ..metrics import best_index, get
 from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
 
 __all__ = ["plot_run", "mean_curve", "sparsity_axis"]
@@ -30,6 +30,27 @@ def mean_curve(seed_rows: dict):
     x = _x([mean(by[k], "sparsity") for k in rounds])
     acc = np.array([stats([100 * get(r, "test_acc") for r in by[k]])[:2] for k in rounds]).reshape(-1, 2)
     return rounds, by, x, acc, np.array([mean(by[k], "entropy_mean") for k in rounds])
+
+
+def best_round(seed_rows: dict):
+    """The round most seeds pick as their best-validation one (the earliest on a tie; None: no seed has a
+    validation score): a star on a round only some seeds reached, chosen by their mean, marked no
+    seed's best."""
+    picks = [rows[i]["round"] for rows in seed_rows.values() if rows and (i := best_index(rows)) is not None]
+    return min(set(picks), key=lambda k: (-picks.count(k), k)) if picks else None
+
+
+def _fewer(by, rounds):
+    """The rounds only some seeds reached (their mean is over fewer seeds: drawn hollow), as a mask."""
+    n = np.array([len(by[k]) for k in rounds])
+    return n < n.max()
+
+
+def _curve(ax, x, y, few, color, label, style="-o") -> None:
+    """A mean curve, its fewer-seed rounds hollow (and said in its legend entry)."""
+    ax.plot(x, y, style, ms=3, color=color, label=label + (" (hollow: fewer seeds)" if few.any() else ""))
+    if few.any():
+        ax.plot(np.asarray(x)[few], np.asarray(y)[few], "o", ms=5, mfc="white", mec=color, ls="none")
 
 
 def sparsity_axis(ax) -> None:
@@ -59,12 +80,13 @@ def plot_run(run, out_dir) -> list[str]:
     van = vanilla_phase(run)
     for ph in phases:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
-        ax.plot(x, acc[:, 0], "-o", ms=3, color=color[ph], label=phase_title(run, ph))
+        few = _fewer(by, rounds)
+        _curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
         ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
-        val = np.array([mean(by[k], "val_acc") for k in rounds])
-        if np.isfinite(val).any():  # star: best mean validation accuracy
-            i = int(np.nanargmax(val))
+        b = best_round(curves[ph])
+        if b is not None:  # star: the best-validation round of most seeds
+            i = rounds.index(b)
             ax.plot(x[i], acc[i, 0], "*", ms=13, color=color[ph], mec="k", mew=.6)
         if ph == van and len(x) > 1:
             labs = label_rounds([{"test_acc": a} for a in acc[:, 0] / 100])
@@ -73,10 +95,10 @@ def plot_run(run, out_dir) -> list[str]:
                 if lab in _SHADE:
                     ax.axvspan(edges[i], edges[i + 1], color=_SHADE[lab][0], alpha=_SHADE[lab][1], lw=0)
     sparsity_axis(ax)
-    ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ best validation)")
+    ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ most seeds' best validation)")
     ax2.set_ylabel("mean ReLU-state entropy (dashed)")
     ax.grid(alpha=.3)
-    ax.legend(loc="lower left", fontsize=8,
+    ax.legend(loc="best", fontsize=8,
               title=f"shaded ({phase_title(run, van) if van else '—'}): red critical, green sweet, grey collapsed",
               title_fontsize=7)
     cfg = run["config"]
@@ -91,7 +113,8 @@ def plot_run(run, out_dir) -> list[str]:
     for ph in phases:
         rounds, by = per_round(curves[ph])
         cum = np.array([mean(by[k], "cum_flops") for k in rounds]) / 1e15
-        ax.plot(rounds, cum, "-o", ms=3, color=color[ph], label=phase_title(run, ph))
+        few = _fewer(by, rounds)
+        _curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
         if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
             extra = {}
             for rows in curves[ph].values():
@@ -99,14 +122,14 @@ def plot_run(run, out_dir) -> list[str]:
                 for r, v in zip(rows, c):
                     extra.setdefault(r["round"], []).append(v)
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
-            ax.plot(rounds, tot, ":", color=color[ph], label=f"{ph} incl. teacher")
+            _curve(ax, rounds, tot, few, color[ph], f"{ph} incl. teacher", style=":")
         for rows in curves[ph].values():
             for rule, marker in (("entropy", "x"), ("entropy-peak", "+")):
                 s = algorithm2_stop(rows, t_e, t_a, rule, run["config"].get("stop_falls", 1))
                 if s is not None and s in rounds:
                     ax.plot(s, cum[rounds.index(s)], marker, ms=9, mew=2, color=color[ph])
     ax.set_xlabel("round (× = Algorithm 2's stop of a seed, + = the peak rule's)")
-    ax.set_ylabel("cumulative training PFLOPs (mean over seeds)")
+    ax.set_ylabel("cumulative training PFLOPs, exact count (mean over seeds)")
     ax.grid(alpha=.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

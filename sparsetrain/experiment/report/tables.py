@@ -85,7 +85,7 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> d
                               + sum(get(r, "teacher_paper_flops", 0.0) for r in upto)) / 1e15,
             "test": 100 * get(best, "test_acc"), "test_at": 100 * get(at, "test_acc"),
             "sparsity": 100 * get(best, "sparsity"), "sparsity_at": 100 * get(at, "sparsity"),
-            "label": labels[rows.index(at)],
+            "label": "–" if rule and stop is None else labels[rows.index(at)],  # (a rule that never fired)
             # a curve cut before the wall (stopped online, in progress): a rule that has not fired is
             # undecided, and no saving can be measured against the whole curve
             "saved": 100 * (1 - get(at, "cum_flops") / total) if total and not cut else NAN,
@@ -115,6 +115,18 @@ def _flops_cell(vals, extra, distill: bool) -> str:
     return ms(vals, None) + (f" (+{stats(extra)[0]:.{_nd(extra)}f})" if distill else "")
 
 
+def same_note(run, ph) -> str:
+    """' (= distill-dense in seeds 0, 2: ...)' where those seeds' `ph` is a link to another phase of the
+    seed (one teacher checkpoint served both: the best-validation teacher was round 0, the dense one)."""
+    same = run.get("same_as", {}).get(ph, {})
+    if not same:
+        return ""
+    seeds, twins = sorted(same), sorted(set(same.values()))
+    who = "every seed" if seeds == sorted(run["curves"].get(ph, {})) else \
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    return f" (= {', '.join(twins)} in {who}: the same teacher checkpoint, the same student run)"
+
+
 def table1_rows(run) -> list[dict]:
     """Table 1's rows of a run, in the paper's order: {name, phase, rule (None: no early stop),
     distill, teacher, outs: one outcome dict per seed (seed order)}."""
@@ -124,8 +136,8 @@ def table1_rows(run) -> list[dict]:
     if "teacher" in curves and van != "teacher":
         specs += [(f"teacher ({cfg.get('model', '?')})", "teacher", None, False, "—")]
     groups = ([("vanilla", van, False, "—")] if van else []) + [
-        (f"distilled from the {'pruned (best-validation)' if p == 'distill-best' else p[len('distill-'):]} teacher",
-         p, True, p[len("distill-"):]) for p in ordered_phases(run) if p.startswith("distill-")]
+        (f"distilled from the {'pruned (best-validation)' if p == 'distill-best' else p[len('distill-'):]} teacher"
+         + same_note(run, p), p, True, p[len("distill-"):]) for p in ordered_phases(run) if p.startswith("distill-")]
     for name, ph, distill, teacher in groups:
         specs += [(f"{name}, {'early stop (' + _RULE_NAME[r] + ')' if r else 'no early stop'}", ph, r, distill, teacher)
                   for r in (None, "entropy", "entropy-peak")]
@@ -164,9 +176,10 @@ def summary_table(run, rounds: bool = True) -> str:
             "up to the stop, and the model at the stop (the paper's line 17); FLOPs are those spent up to the "
             "stop, saved = against the whole curve, in each convention (the paper's Table 1 savings are in its "
             "own: a late sparse round costs little exact FLOPs but a whole dense round there). Training FLOPs "
-            "exact = 3 × forward FLOPs at each round's sparsity × training samples × epochs, summed over rounds; "
-            "paper conv. = the paper's Tables 1 and "
-            "6-11: a dense round (3 × the dense forward's multiply-adds × all training images × epochs) per round, "
+            "exact = 3 × forward FLOPs (2 per multiply-add, plus BatchNorm, activations and pooling) at each round's "
+            "sparsity × training samples × epochs, summed over rounds; paper conv. = the paper's Tables 1 and "
+            "6-11: a dense round (3 × the dense forward's multiply-adds, one FLOP each, × all training images, "
+            "validation included, × epochs) per round (so at sparsity 0, with 10% held out, exact ≈ 1.8 × paper conv.), "
             "whatever the sparsity. (+x) = the teacher's cost in the same convention: the FLOPs spent obtaining "
             "it plus its KD inference up to the stop (mean over seeds). Stop round `–`: the rule never stopped "
             "(whole curve counted); `†`: the curve ends before the wall unfinished (run in progress) or stopped "
@@ -187,7 +200,7 @@ def phase_title(run, ph) -> str:
         return f"teacher ({cfg.get('model', '?')})" + (" = vanilla student" if vanilla_phase(run) == ph else "")
     if ph == "vanilla":
         return f"vanilla student ({cfg.get('student', '?')})"
-    return f"student ({cfg.get('student', '?')}) distilled from the {ph[len('distill-'):]} teacher"
+    return f"student ({cfg.get('student', '?')}) distilled from the {ph[len('distill-'):]} teacher" + same_note(run, ph)
 
 
 def per_round(seed_rows: dict) -> tuple[list[int], dict]:
@@ -218,15 +231,16 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
     n, nd = len(seed_rows), _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
     out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy | Label | s/round | s/epoch "
-           "| Sparse layers | Cum. PFLOPs | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
+           "| Sparse layers | Cum. PFLOPs exact | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
     for k, lab in zip(rounds, labels):
         rs = by[k]
         pct = lambda key: [100 * get(r, key) for r in rs]  # noqa: E731
+        layers = _cell([f"{get(r, 'sparse_layers'):.0f}" for r in rs])  # (each seed's, where they differ)
         marks = ([f"{len(rs)}/{n} seeds"] if len(rs) < n else []) + (  # rounds past a seed's last
             [f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
         out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
                    f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
-                   f"{mean(rs, 'sec_per_epoch'):.2f} | {mean(rs, 'sparse_layers'):.0f} | "
+                   f"{mean(rs, 'sec_per_epoch'):.2f} | {layers} | "
                    f"{mean(rs, 'cum_flops') / 1e15:.{nd}f} | {', '.join(marks)} |")
     return "\n".join(out)
