@@ -295,11 +295,14 @@ def _check_pngs(paths):
 
 def test_write_report(tmp_path):
     _two_seed_run(tmp_path)
+    write_config(tmp_path, teachers=["dense"], wall=0.6, teacher_lr=0.1, teacher_epochs=2, student_lr=0.1,
+                 student_epochs=2)
     path = R.write_report(str(tmp_path))
     assert path == os.path.join(str(tmp_path), "summary.md")
     text = read(path)
     for s in ("# DSD² run", "| vanilla, early stop (Alg. 2) |", "## Phase labels", "light", "accuracy_vs_sparsity.png",
-              "cum_pflops.png", "| dataset | fashion-mnist |"):
+              "cum_pflops.png", "| dataset | fashion-mnist |", "| teacher schedule | epochs 2, lr 0.1 |",
+              "| student schedule | epochs 2, lr 0.1 |"):
         assert s in text
     _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png"])
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]

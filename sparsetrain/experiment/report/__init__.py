@@ -29,6 +29,11 @@ def write_report(run_dir) -> str:
              "| Setting | Value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k]} |"
               for k in keys if k in cfg]
+    for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
+        sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",
+                                                   "rewind_iter") if f"{role}_{k}" in cfg]
+        if sched:
+            lines.append(f"| {role} schedule | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in sched) + " |")
     done = ", ".join(f"{p}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
     lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
               "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",
