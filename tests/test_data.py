@@ -132,6 +132,7 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     the official .mat files patched out for these small ones), each image opened once; a truncated or
     missing JPEG is a DataError naming its file (PIL's "image file is truncated" named none)."""
     import scipy.io
+    import torchvision.datasets
     import torchvision.datasets.flowers102 as tvf
     from PIL import Image
     base = tmp_path / "flowers-102"
@@ -151,6 +152,24 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     assert (s.train.y.tolist(), s.val.y.tolist(), s.test.y.tolist()) == ([0, 1], [2, 101], [4, 5])  # (official splits)
     from sparsetrain.experiment.loop import paper_images
     assert s.official_val and paper_images(s) == 2  # (the paper's FLOPs: its official train split alone)
+
+    class Public(tvf.Flowers102):  # a torchvision without the private file list: ds[i] is read instead
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.files = self._image_files
+            del self._image_files
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            with real_open(self.files[i]) as img:
+                return img.convert("RGB"), self._labels[i]
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", Public)
+    p = D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    for a, b in ((s.train, p.train), (s.val, p.val), (s.test, p.test)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)  # (the same images, labels and splits)
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", tvf.Flowers102)
     jpg = base / "jpg" / "image_00003.jpg"
     jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
     with pytest.raises(D.DataError, match=rf"{jpg}: cannot be read as an image"):
