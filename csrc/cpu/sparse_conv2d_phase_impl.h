@@ -154,9 +154,10 @@ ST_INLINE void fwd_finish(const Args<T>& A, int64_t tile, int64_t o, T* src, int
 // all positions, into one row of staging (L1) that its epilogue reads and streams out right away
 // (before, a staging row per channel, 64 x 4.6 KB for a 64-channel 32x32 tile, shared a 512 KB L2
 // with the packed x: this order is 2-5% faster on those forwards on the Zen 2 EPYC, 2026-12-05,
-// about 1% of the ResNet-18 step). Denser rows (P.blocked): position block outer, then blocks of cb input channels, then
-// output channels, so the x window of (position block, channel block) stays in L1 while every row's
-// nonzeros in it read it; partial sums in one staging row per channel (L2), then the epilogues.
+// about 1% of the ResNet-18 step). Denser rows (P.blocked): position block outer, then blocks of cb
+// input channels, then output channels, so the x window of (position block, channel block) stays in
+// L1 while every row's nonzeros in it read it; partial sums in one staging row per channel (L2),
+// then the epilogues.
 template <typename T, int VB>
 ST_INLINE void fwd_task_impl(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) {
   const Plan& P = *A.P;

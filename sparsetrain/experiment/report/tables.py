@@ -221,10 +221,8 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
     labels = label_rounds([{"test_acc": mean(by[k], "test_acc")} for k in rounds])
     best, stops = {}, {}
     for rows in seed_rows.values():
-        scored = [r for r in rows if fin(get(r, "val_acc"))]
-        if scored:
-            k = max(scored, key=lambda r: r["val_acc"])["round"]
-            best[k] = best.get(k, 0) + 1
+        if (i := best_index(rows)) is not None:
+            best[rows[i]["round"]] = best.get(rows[i]["round"], 0) + 1
         for rule in ("entropy", "entropy-peak"):
             s = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1))
             if s is not None:
