@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (HERE, interleaved_times, leaf_per_side, machine_info, paired_ratio, parse_sparsities,  # noqa: E402
-                    positive_int, print_table, refuse_empty, writable_json, write_json)
-from sparsetrain.testing import random_mask  # noqa: E402
+from common import (HERE, check_against_dense, interleaved_times, leaf_per_side, machine_info,  # noqa: E402
+                    paired_ratio, parse_sparsities, positive_int, print_table, refuse_empty, writable_json,
+                    write_json)
+from sparsetrain.testing import dense_conv2d, random_mask  # noqa: E402
 
 from sparsetrain.nn import SparseConv2d  # noqa: E402
 
@@ -95,6 +96,8 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
                 return F.conv2d(x, w * mask, b, s, p)
 
             layer = SparseConv2d.from_dense(conv, mask)
+            check_against_dense(layer, x, gy, dense_conv2d, conv.weight, mask, conv.bias if bias else None,
+                                stride=s, padding=p)
             xs = leaf_per_side(x, ("dense", "ours"))
             steps = {"dense": lambda: _step(dense, xs["dense"], gy, [w] + ([b] if bias else [])),
                      "ours": lambda layer=layer: _step(layer, xs["ours"], gy, list(layer.parameters()))}

@@ -19,9 +19,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import (HERE, interleaved_times, leaf_per_side, machine_info, median_ms, nonnegative_int,
-                    paired_ratio, print_table, writable_json, write_json)
-from sparsetrain.testing import random_mask
+from common import (HERE, check_against_dense, interleaved_times, leaf_per_side, machine_info, median_ms,
+                    nonnegative_int, paired_ratio, print_table, writable_json, write_json)
+from sparsetrain.testing import dense_linear, random_mask
 
 from sparsetrain.engine.formats import CSR
 from sparsetrain.engine.replicated import sparse_linear_replicated
@@ -95,6 +95,7 @@ def bench_linear(cases, sparsities, reps):
             vals = layer.weight.values.detach().clone().requires_grad_(True)
             bt = b.detach().clone().requires_grad_()  # (each side computes dx, dW and db)
 
+            check_against_dense(layer, x, gy, dense_linear, w, mask, b)
             xs = leaf_per_side(x, ("masked", "ours", "torch.sparse"))
 
             def ts_step(x=xs["torch.sparse"]):

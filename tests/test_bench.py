@@ -30,6 +30,19 @@ def test_linear_section_rows():
                                                                          + 8 * 38)
 
 
+def test_a_wrong_kernel_stops_the_benchmark_instead_of_reporting_a_speedup(monkeypatch):
+    """Each case is checked once, untimed, against the dense masked reference (output, dx, dW, db)."""
+    from sparsetrain.nn import SparseConv2d, SparseLinear
+    real_lin, real_conv = SparseLinear.forward, SparseConv2d.forward
+    monkeypatch.setattr(SparseLinear, "forward", lambda self, x: real_lin(self, x) * 0)
+    with pytest.raises(AssertionError, match="SparseLinear output differs from the dense masked reference"):
+        kernels.bench_linear([(37, 11, 9)], [0.5], reps=1)
+    monkeypatch.setattr(SparseLinear, "forward", real_lin)
+    monkeypatch.setattr(SparseConv2d, "forward", lambda self, x: real_conv(self, x * 1.01))
+    with pytest.raises(AssertionError, match="SparseConv2d output differs"):
+        conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
+
+
 def test_machine_record_tells_the_cpus_apart():
     """The JSON's machine: family, model, ISA and caches (these VMs' model name is often "AMD EPYC"
     alone), and the commit with one `-dirty` at most (the bench added a second to git_commit's)."""
