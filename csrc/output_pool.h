@@ -50,7 +50,7 @@ inline bool hugepages_on() {
     const char* env = std::getenv("SPARSETRAIN_HUGEPAGES");
     if (!env || !*env) return true;
     // (exactly 0 or 1: "off" or "false" silently left them on)
-    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+    TORCH_CHECK_VALUE(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
                 "SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1 (on 2 MiB pages, the "
                 "default), got '", env, "'");
     return env[0] == '1';
@@ -159,7 +159,7 @@ inline size_t pool_limit_bytes() {
     errno = 0;
     const unsigned long long mb = std::strtoull(env, &end, 10);
     // (digits only: strtoull also takes leading blanks, a sign, and wraps "-1" round)
-    TORCH_CHECK(env[0] >= '0' && env[0] <= '9' && *end == '\0' && errno == 0 && mb <= (1ull << 40),
+    TORCH_CHECK_VALUE(env[0] >= '0' && env[0] <= '9' && *end == '\0' && errno == 0 && mb <= (1ull << 40),
                 "SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the output pool off) to 2^40, got '",
                 env, "'");
     return size_t(mb) << 20;

@@ -49,7 +49,7 @@ def check_device(*tensors, name: str):
         if t is not None and t.device != dev:
             raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
     if dev.type == "cpu" and not INTERPRET:
-        raise RuntimeError(f"{name}: the Triton kernels need CUDA tensors, or CPU tensors with "
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors, or CPU tensors with "
                            "TRITON_INTERPRET=1 set before sparsetrain.kernels is first imported")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: unsupported device {dev}")
@@ -78,11 +78,20 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
+# torch dtypes by the C++ ops' names for them (c10's ScalarType), so both engines word a refusal alike
+C10_NAME = {torch.int32: "Int", torch.int64: "Long", torch.float32: "Float", torch.float64: "Double",
+            torch.bool: "Bool", torch.uint8: "Byte", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
 def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
-    """The kernels read index tensors at ptr + i: 1-D, contiguous, of `dtype` (as the C++ ops check)."""
-    if t.dim() != 1 or t.dtype != dtype or not t.is_contiguous():
-        raise TypeError(f"{arg} must be a contiguous 1-D {dtype} tensor, got a {'' if t.is_contiguous() else 'non-'}"
-                        f"contiguous {t.dim()}-D {t.dtype}")
+    """The kernels read index tensors at ptr + i: of `dtype` (TypeError), 1-D and contiguous
+    (ValueError), as the C++ ops check and word it."""
+    if t.dtype != dtype:
+        raise TypeError(f"{arg} must have dtype {C10_NAME.get(dtype, dtype)}, got {C10_NAME.get(t.dtype, t.dtype)}")
+    if t.dim() != 1:
+        raise ValueError(f"{arg} must be 1-D, got {t.dim()}-D")
+    if not t.is_contiguous():
+        raise ValueError(f"{arg} must be contiguous")
 
 
 # ------------------------------------------------------------------ argument checks (the C++ ops' wording)
@@ -103,6 +112,14 @@ def check_values(values, nnz: int) -> None:
     if values.dim() != 1:
         raise ValueError(f"values must be 1-D, got {values.dim()}-D")
     check_nnz(values, "values", nnz)
+
+
+def check_counts(counts: torch.Tensor, n: int, what: str = "neuron") -> None:
+    """relu_counts: int64 (TypeError) [n] (ValueError), the C++ ops' check_counts and wording."""
+    if counts.dtype != torch.int64:
+        raise TypeError(f"relu_counts must have dtype int64, got {C10_NAME.get(counts.dtype, counts.dtype)}")
+    if counts.shape != (n,):
+        raise ValueError(f"relu_counts must be int64 [{n}] (one per {what}), got {tuple(counts.shape)}")
 
 
 def channel_vector(t, name: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
-                     check_compressed, check_conv_args, check_device, check_float, check_index, check_perm,
-                     check_values, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
+from ._utils import (C10_NAME, FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector,
+                     check_activation, check_compressed, check_conv_args, check_counts, check_device, check_float,
+                     check_index, check_perm, check_values, density_key, launch, max_index, num_sms, pow2_bucket,
+                     row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -339,9 +340,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
     counts = None
     if relu_counts is not None:
         g = _geometry(x.shape, O, kernel_size, stride, padding)
-        if relu_counts.dtype != torch.int64 or relu_counts.shape != (O * g["OH"] * g["OW"],):
-            raise ValueError(f"relu_counts must be int64 [{O * g['OH'] * g['OW']}] (one per output neuron), got "
-                             f"{relu_counts.dtype} {tuple(relu_counts.shape)}")
+        check_counts(relu_counts, O * g["OH"] * g["OW"], "output neuron")
         counts = torch.zeros_like(relu_counts)
     y = conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias, relu=relu,
                        stats=stats, in_act=in_act, counts=counts)
@@ -355,9 +354,12 @@ def _plus(dx, grad_input_add):
     adds it in its epilogue, here one elementwise pass after the kernel)."""
     if grad_input_add is None:
         return dx
-    if grad_input_add.shape != dx.shape or grad_input_add.dtype != dx.dtype:
-        raise ValueError(f"grad_input_add must have the input's shape {tuple(dx.shape)} and dtype {dx.dtype}, "
-                         f"got {tuple(grad_input_add.shape)} {grad_input_add.dtype}")
+    if grad_input_add.dtype != dx.dtype:
+        raise TypeError(f"grad_input_add must have dtype {C10_NAME.get(dx.dtype, dx.dtype)}, got "
+                        f"{C10_NAME.get(grad_input_add.dtype, grad_input_add.dtype)}")
+    if grad_input_add.shape != dx.shape:
+        raise ValueError(f"grad_input_add must have the input's shape {list(dx.shape)}, got "
+                         f"{list(grad_input_add.shape)}")
     check_device(dx, grad_input_add, name="sparse_conv2d grad_input_add")
     return dx.add_(grad_input_add)
 

@@ -99,7 +99,7 @@ def test_entropy_wants_an_iterable_of_batches():
 
 def test_layer_and_format_constructors():
     w = CSR.from_dense(torch.randn(6, 8))
-    with pytest.raises(ValueError, match="bias must have the weight's dtype and device"):
+    with pytest.raises(TypeError, match="bias must have the weight's dtype and device"):
         SparseLinear(w, torch.zeros(6, dtype=torch.float64))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
         SparseLinear(w, [0.0] * 6)

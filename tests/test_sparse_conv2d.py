@@ -389,7 +389,7 @@ def test_large_outputs_on_huge_pages_and_off():
     # exactly 0 or 1 (empty: the default); "off" left them on silently: now the first pooled output says so
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "SPARSETRAIN_HUGEPAGES": "off"})
-    assert proc.returncode != 0 and "SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1" in proc.stderr
+    assert proc.returncode != 0 and "ValueError: SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- module API

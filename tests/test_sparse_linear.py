@@ -283,8 +283,8 @@ def test_output_pool_gives_memory_back_and_stays_bounded(limit):
     env = dict(os.environ, SPARSETRAIN_POOL_MB=limit)
     out = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, env=env)
     if limit in ("1.5", "+3"):
-        assert out.returncode != 0 and "SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the output " \
-            "pool off) to 2^40" in out.stderr
+        assert out.returncode != 0 and "ValueError: SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the " \
+            "output pool off) to 2^40" in out.stderr
         return
     assert out.returncode == 0, out.stderr[-2000:]
     many, steady, touched, freed, kept, same, last, emptied = out.stdout.split()
@@ -710,6 +710,11 @@ def test_bad_inputs_raise_clear_errors():
         op(x, w.crow_indices, w.col_indices, w.values, csc[0], csc[1], csc[2][:-1], b)
     with pytest.raises(TypeError, match="ccol_indices must have dtype Long"):
         op(x, w.crow_indices, w.col_indices, w.values, csc[0].int(), csc[1], csc[2], b)
+    # (a 2-D one was refused as "must have nnz = 8 entries, got 8"; a strided one was accepted)
+    with pytest.raises(ValueError, match="row_indices_t must be 1-D, got 2-D"):
+        op(x, w.crow_indices, w.col_indices, w.values, csc[0], csc[1][None], csc[2], b)
+    with pytest.raises(ValueError, match="perm must be contiguous"):
+        op(x, w.crow_indices, w.col_indices, w.values, csc[0], csc[1], torch.stack([csc[2], csc[2]], 1)[:, 0], b)
     # non-contiguous activations are accepted (made contiguous), not misread
     xt = torch.randn(9, 4).t()
     torch.testing.assert_close(layer(xt), layer(xt.contiguous()))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import sparsetrain.engine.ops  # noqa: F401  (registers the ops and loads their C++ kernels)
 from sparsetrain.testing import model_masks, random_mask
+from test_bn_scale_shift import bad_calls, refuses_untouched
 from test_triton_kernels import count_calls, interpreter_suite, refused_alike, run_cases
 
 CASES = {}
@@ -139,13 +140,9 @@ def bn_ops_match_the_cpu_ops():
                     for f, b in zip((KB.bn_scale_shift, ops.bn_scale_shift), bufs)]
             for got, ref in zip(outs[0] + bufs[0], outs[1] + bufs[1]):
                 _close(got, ref, dtype, f"bn_scale_shift {shape} {momentum} {batch_stats}")
-    stats, run = torch.ones(2, 3, dtype=torch.float64), (torch.zeros(3), torch.ones(3))
-    for args, msg in (((stats, 8, None, None, *run, None, None, 1e-5, True), "num_batches_tracked is needed"),
-                      ((stats, 1, None, None, *run, torch.tensor(0), 0.1, 1e-5, True), "count must be >= 2"),
-                      ((stats, 8, None, None, None, None, None, 0.1, 1e-5, False), "running_mean and running_var are"),
-                      ((stats[:1], 8, None, None, None, None, None, 0.1, 1e-5, True), "stats must be float64")):
-        with pytest.raises(ValueError, match=msg):
-            KB.bn_scale_shift(*args, torch.float32)
+    # every refusal of the C++ op, with its class and message, before any buffer is written
+    args, cases = bad_calls()
+    refuses_untouched(KB.bn_scale_shift, args, cases)
 
 
 @interp

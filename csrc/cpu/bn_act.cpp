@@ -323,9 +323,9 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
     const T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
     const T* rp = res ? res->data_ptr<T>() : nullptr;
     const double* m = mean.data_ptr<double>();
-    TORCH_CHECK_VALUE(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
+    TORCH_CHECK(!gm || (relu_after && res && hw >= kRowPlane), "bn_sums writes the masked gradient only "
                 "for a residual with the ReLU after, on maps of >= ", kRowPlane, " pixels");
-    TORCH_CHECK_VALUE(!up || (!res && hw >= kRowPlane), "bn_sums unpools a pooled gradient only without a residual, on "
+    TORCH_CHECK(!up || (!res && hw >= kRowPlane), "bn_sums unpools a pooled gradient only without a residual, on "
                 "maps of >= ", kRowPlane, " pixels");
     T* gmp = gm ? gm->data_ptr<T>() : nullptr;
     // per-thread partial sums (planes or rows in memory order), summed in thread order

@@ -22,8 +22,10 @@ namespace {
 
 void check_channel_vector(const std::optional<at::Tensor>& t, const char* name, int64_t C) {
   if (!t) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C && t->is_floating_point() && t->device().is_cpu(), name,
-              " must be a 1-D floating CPU tensor of ", C, " channels, got ", t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK_TYPE(t->is_floating_point(), name, " must be a 1-D floating CPU tensor of ", C, " channels, got ",
+                   t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C && t->device().is_cpu(), name,
+                    " must be a 1-D floating CPU tensor of ", C, " channels, got ", t->sizes(), " ", t->scalar_type());
 }
 
 at::Tensor as_f64(const std::optional<at::Tensor>& t, int64_t C, double fill) {
@@ -37,9 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& num_batches_tracked,
     std::optional<double> momentum, double eps, bool batch_stats, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 2 && stats.scalar_type() == at::kDouble && stats.device().is_cpu(),
-              "stats must be a float64 CPU tensor [2, C] (sum y, sum y^2), got ", stats.sizes(), " ",
-              stats.scalar_type());
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kDouble, "stats must be a float64 CPU tensor [2, C] (sum y, sum y^2), got ",
+                   stats.sizes(), " ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == 2 && stats.device().is_cpu(),
+                    "stats must be a float64 CPU tensor [2, C] (sum y, sum y^2), got ", stats.sizes(), " ",
+                    stats.scalar_type());
   const int64_t C = stats.size(1);
   check_channel_vector(weight, "weight", C);
   check_channel_vector(bias, "bias", C);
@@ -63,8 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
     TORCH_CHECK_TYPE((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
                 "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
                 running_var->scalar_type());
-    TORCH_CHECK_VALUE(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()
-                                         && num_batches_tracked->scalar_type() == at::kLong),
+    TORCH_CHECK_TYPE(!num_batches_tracked || num_batches_tracked->scalar_type() == at::kLong,
+                     "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got ",
+                     num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
+    TORCH_CHECK_VALUE(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()),
                 "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got shape ",
                 num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef(), " ",
                 num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);

@@ -431,7 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (in_mean) check_channels(*in_mean, x.size(1), at::kDouble, "in_mean");
   if (sums) {
     check_cpu(*sums, "sums");
-    TORCH_CHECK_VALUE(sums->scalar_type() == at::kDouble && sums->sizes() == at::IntArrayRef({C, 2}),
+    TORCH_CHECK_TYPE(sums->scalar_type() == at::kDouble, "sums must be float64 [", C, ", 2] (per channel sum g, "
+                     "sum g (y - mean)), got ", sums->scalar_type(), " ", sums->sizes());
+    TORCH_CHECK_VALUE(sums->sizes() == at::IntArrayRef({C, 2}),
                 "sums must be float64 [", C, ", 2] (per channel sum g, sum g (y - mean)), got ", sums->scalar_type(),
                 " ", sums->sizes());
   }

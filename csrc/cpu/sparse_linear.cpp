@@ -306,6 +306,9 @@ int64_t check_csc(const at::Tensor& ccol, const at::Tensor& row_t, const at::Ten
   check_cpu(perm, "perm");
   check_dtype(row_t, at::kInt, "row_indices_t");
   check_dtype(perm, at::kLong, "perm");
+  check_1d_contig(ccol, "ccol_indices");
+  check_1d_contig(row_t, "row_indices_t");
+  check_1d_contig(perm, "perm");
   TORCH_CHECK_VALUE(row_t.dim() == 1 && row_t.numel() == nnz, "row_indices_t must have nnz = ", nnz,
               " entries, got ", row_t.numel());
   TORCH_CHECK_VALUE(perm.dim() == 1 && perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ",
