@@ -36,6 +36,23 @@ def _step(model, x, gy):
     model(x).backward(gy)
 
 
+def _check(what: str, got, ref) -> None:
+    """One untimed result against its reference before timing (fp32: sums in another order; a
+    BatchNorm's output is O(1)): a wrong kernel stops the benchmark instead of being timed."""
+    for name, a, b in zip(("output", "dx"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, name=name: f"{what} {name} differs from its reference: {m}")
+
+
+def _once(model, x, gy):
+    """(output, dx) of one training step of model on a fresh leaf."""
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.backward(gy)
+    model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad
+
+
 def run(quick: bool, sparsities, reps: int) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -50,6 +67,9 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             sparsify_(unfused, {"conv": mask})
             sparsify_(fused, {"conv": mask}, fuse=True)
             mask_weight_(dense.conv, mask)  # (dense masked: weight * mask in every step)
+            ref = _once(dense, x, gy)
+            _check("the unfused sparse block", _once(unfused, x, gy), ref)
+            _check("the fused sparse block", _once(fused, x, gy), ref)
             xs = leaf_per_side(x, ("dense", "unfused", "fused"))
             t = interleaved_times({"dense": lambda: _step(dense, xs["dense"], gy),
                                    "unfused": lambda: _step(unfused, xs["unfused"], gy),
@@ -68,6 +88,9 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
     for c, hw in POOL_CASES[:2] if quick else POOL_CASES:
         y = torch.randn(BATCH, c, hw, hw, generator=g)
         sc, sh = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+        ref = F.max_pool2d(y * sc[:, None, None] + sh[:, None, None], 2)
+        _check("bn_act then max_pool2x2", ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False))[:1], (ref,))
+        _check("max_pool2x2(in_scale, in_shift)", ops.max_pool2x2(y, sc, sh, False)[:1], (ref,))
         t = interleaved_times({
             "torch": lambda: F.max_pool2d(y * sc[:, None, None] + sh[:, None, None], 2),
             "separate": lambda: ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False)),

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 
@@ -41,6 +42,21 @@ def test_a_wrong_kernel_stops_the_benchmark_instead_of_reporting_a_speedup(monke
     monkeypatch.setattr(SparseConv2d, "forward", lambda self, x: real_conv(self, x * 1.01))
     with pytest.raises(AssertionError, match="SparseConv2d output differs"):
         conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
+
+
+def test_a_wrong_fused_block_or_pool_stops_the_fused_section(monkeypatch):
+    """The fused and unfused blocks are checked against the dense masked one (output, dx), the pooled
+    BatchNorm kernels against PyTorch's affine map + max_pool2d, once each before timing."""
+    monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
+    real = fused_bench.sparsify_
+    monkeypatch.setattr(fused_bench, "sparsify_", lambda m, masks, fuse=False: real(
+        m, {k: torch.zeros_like(v) if fuse else v for k, v in masks.items()}, fuse=fuse))  # (the fused: a wrong mask)
+    with pytest.raises(AssertionError, match="the fused sparse block output differs from its reference"):
+        fused_bench.run(quick=True, sparsities=(0.5,), reps=1)
+    monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
+    monkeypatch.setattr(fused_bench.F, "max_pool2d", lambda y, k: torch.nn.functional.avg_pool2d(y, k))
+    with pytest.raises(AssertionError, match="bn_act then max_pool2x2 output differs"):
+        fused_bench.run_pool(quick=True, reps=1)
 
 
 def test_machine_record_tells_the_cpus_apart():
