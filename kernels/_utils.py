@@ -50,7 +50,7 @@ def check_device(*tensors, name: str):
             raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
     if dev.type == "cpu" and not INTERPRET:
         raise ValueError(f"{name}: the Triton kernels need CUDA tensors, or CPU tensors with "
-                           "TRITON_INTERPRET=1 set before sparsetrain.kernels is first imported")
+                         "TRITON_INTERPRET=1 set before sparsetrain.kernels is first imported")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: unsupported device {dev}")
 
@@ -79,15 +79,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # torch dtypes by the C++ ops' names for them (c10's ScalarType), so both engines word a refusal alike
-C10_NAME = {torch.int32: "Int", torch.int64: "Long", torch.float32: "Float", torch.float64: "Double",
-            torch.bool: "Bool", torch.uint8: "Byte", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+_C10_NAME = {torch.int32: "Int", torch.int64: "Long", torch.float32: "Float", torch.float64: "Double",
+             torch.bool: "Bool", torch.uint8: "Byte", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _C10_NAME.get(dtype, str(dtype))
 
 
 def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
     """The kernels read index tensors at ptr + i: of `dtype` (TypeError), 1-D and contiguous
     (ValueError), as the C++ ops check and word it."""
     if t.dtype != dtype:
-        raise TypeError(f"{arg} must have dtype {C10_NAME.get(dtype, dtype)}, got {C10_NAME.get(t.dtype, t.dtype)}")
+        raise TypeError(f"{arg} must have dtype {dtype_name(dtype)}, got {dtype_name(t.dtype)}")
     if t.dim() != 1:
         raise ValueError(f"{arg} must be 1-D, got {t.dim()}-D")
     if not t.is_contiguous():
@@ -117,7 +121,7 @@ def check_values(values, nnz: int) -> None:
 def check_counts(counts: torch.Tensor, n: int, what: str = "neuron") -> None:
     """relu_counts: int64 (TypeError) [n] (ValueError), the C++ ops' check_counts and wording."""
     if counts.dtype != torch.int64:
-        raise TypeError(f"relu_counts must have dtype int64, got {C10_NAME.get(counts.dtype, counts.dtype)}")
+        raise TypeError(f"relu_counts must have dtype int64, got {dtype_name(counts.dtype)}")
     if counts.shape != (n,):
         raise ValueError(f"relu_counts must be int64 [{n}] (one per {what}), got {tuple(counts.shape)}")
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import C10_NAME, autotune, channel_vector, check_counts, check_device, check_float, launch
+from ._utils import autotune, channel_vector, check_counts, check_device, check_float, dtype_name, launch
 from .sparse_conv2d import conv2d_grad_weight, sparse_conv2d_backward, sparse_conv2d_grad_input
 
 __all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
@@ -107,24 +107,21 @@ def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     return out
 
 
-def _name(dtype: torch.dtype) -> str:
-    return C10_NAME.get(dtype, str(dtype))
-
-
 def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                        batch_stats, dtype) -> None:
     """The C++ op's checks, classes and wording (bn_scale_shift.cpp), every one before the first write:
     a refused call leaves the running buffers as they were."""
     if stats.dtype != torch.float64 or stats.dim() != 2 or stats.shape[0] != 2:
         raise (TypeError if stats.dtype != torch.float64 else ValueError)(
-            f"stats must be a float64 tensor [2, C] (sum y, sum y^2), got {list(stats.shape)} {_name(stats.dtype)}")
+            f"stats must be a float64 tensor [2, C] (sum y, sum y^2), got {list(stats.shape)} "
+            f"{dtype_name(stats.dtype)}")
     C = stats.shape[1]
     given = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var,
              "num_batches_tracked": num_batches_tracked}
     for name, t in list(given.items())[:4]:
         if t is not None and (not t.is_floating_point() or t.dim() != 1 or t.shape[0] != C):
             raise (TypeError if not t.is_floating_point() else ValueError)(
-                f"{name} must be a 1-D floating tensor of {C} channels, got {list(t.shape)} {_name(t.dtype)}")
+                f"{name} must be a 1-D floating tensor of {C} channels, got {list(t.shape)} {dtype_name(t.dtype)}")
     for name, t in given.items():
         if t is not None and t.device != stats.device:
             raise ValueError(f"bn_scale_shift: all tensors must be on one device, got {stats.device} and {t.device} "
@@ -149,15 +146,17 @@ def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, nu
         raise ValueError("num_batches_tracked is needed when momentum is None (the cumulative average)")
     if running_mean.dtype not in (torch.float32, torch.float64) or running_var.dtype != running_mean.dtype:
         raise TypeError(f"running_mean and running_var must both be float32 or both float64, got "
-                        f"{_name(running_mean.dtype)} and {_name(running_var.dtype)}")
-    if num_batches_tracked is not None and (num_batches_tracked.dtype != torch.int64 or num_batches_tracked.numel() != 1):
-        raise (TypeError if num_batches_tracked.dtype != torch.int64 else ValueError)(
+                        f"{dtype_name(running_mean.dtype)} and {dtype_name(running_var.dtype)}")
+    nbt = num_batches_tracked
+    if nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1):
+        raise (TypeError if nbt.dtype != torch.int64 else ValueError)(
             f"num_batches_tracked must be a one-element int64 tensor (nn.BatchNorm2d's), got shape "
-            f"{list(num_batches_tracked.shape)} {_name(num_batches_tracked.dtype)}")
+            f"{list(num_batches_tracked.shape)} {dtype_name(num_batches_tracked.dtype)}")
     if running_mean is running_var:
         raise ValueError("running_mean and running_var must be two tensors, got the same one twice")
     a, b = (t.data_ptr() for t in (running_mean, running_var))  # (both contiguous: byte ranges)
-    if a < b + running_var.numel() * running_var.element_size() and b < a + running_mean.numel() * running_mean.element_size():
+    na, nb = (t.numel() * t.element_size() for t in (running_mean, running_var))
+    if a < b + nb and b < a + na:
         raise ValueError("running_mean and running_var must not share memory (views of one buffer would overwrite "
                          "each other), got overlapping tensors")
 
@@ -255,7 +254,8 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     C = y.shape[1]
     if sums is not None and (sums.dtype != torch.float64 or sums.shape != (C, 2)):
         raise (TypeError if sums.dtype != torch.float64 else ValueError)(
-            f"sums must be float64 [{C}, 2] (per channel sum g, sum g (y - mean)), got {sums.dtype} {list(sums.shape)}")
+            f"sums must be float64 [{C}, 2] (per channel sum g, sum g (y - mean)), got {dtype_name(sums.dtype)} "
+            f"{list(sums.shape)}")
     dy, dw, db, g = _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after,
                              relu_before, sums)
     empty = y.new_empty(0)

@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (C10_NAME, FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector,
-                     check_activation, check_compressed, check_conv_args, check_counts, check_device, check_float,
-                     check_index, check_perm, check_values, density_key, launch, max_index, num_sms, pow2_bucket,
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
+                     check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
+                     check_perm, check_values, density_key, dtype_name, launch, max_index, num_sms, pow2_bucket,
                      row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
@@ -355,8 +355,8 @@ def _plus(dx, grad_input_add):
     if grad_input_add is None:
         return dx
     if grad_input_add.dtype != dx.dtype:
-        raise TypeError(f"grad_input_add must have dtype {C10_NAME.get(dx.dtype, dx.dtype)}, got "
-                        f"{C10_NAME.get(grad_input_add.dtype, grad_input_add.dtype)}")
+        raise TypeError(f"grad_input_add must have dtype {dtype_name(dx.dtype)}, got "
+                        f"{dtype_name(grad_input_add.dtype)}")
     if grad_input_add.shape != dx.shape:
         raise ValueError(f"grad_input_add must have the input's shape {list(dx.shape)}, got "
                          f"{list(grad_input_add.shape)}")

@@ -186,3 +186,5 @@ def test_counting_on_every_path_of_the_layer(monkeypatch):
         sparse_conv_bn_relu(x, conv, bn, relu_counts=torch.zeros(168, dtype=torch.int64))
     with pytest.raises(TypeError, match="relu_counts must be a 1-D int64 tensor"):
         sparse_conv_bn_relu(x, conv, bn, relu_after=True, relu_counts=torch.zeros(168))
+    with pytest.raises(ValueError, match="relu_counts must be a 1-D int64 tensor"):
+        sparse_conv_bn_relu(x, conv, bn, relu_after=True, relu_counts=torch.zeros(2, 84, dtype=torch.int64))

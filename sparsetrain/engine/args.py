@@ -37,5 +37,6 @@ def check_bias(bias, out: int, values: torch.Tensor) -> None:
     if bias.shape != (out,):
         raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
     if bias.dtype != values.dtype or bias.device != values.device:
-        raise (TypeError if bias.dtype != values.dtype else ValueError)(f"bias must have the weight's dtype and device ({values.dtype}, {values.device}), got "
-                         f"{bias.dtype}, {bias.device}")
+        raise (TypeError if bias.dtype != values.dtype else ValueError)(
+            f"bias must have the weight's dtype and device ({values.dtype}, {values.device}), got {bias.dtype}, "
+            f"{bias.device}")

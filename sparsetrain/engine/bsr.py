@@ -191,13 +191,13 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must have last dimension in_features = {weight.shape[1]}, got shape {tuple(x.shape)}")
     if x.device != v.device or (x.dtype != v.dtype and not torch.is_autocast_enabled(x.device.type)):
-        raise (ValueError if x.device != v.device else TypeError)(f"x must have the weight's dtype and device ({v.dtype}, {v.device}), got {x.dtype}, "
-                         f"{x.device}")
+        raise (ValueError if x.device != v.device else TypeError)(
+            f"x must have the weight's dtype and device ({v.dtype}, {v.device}), got {x.dtype}, {x.device}")
     check_bias(bias, weight.shape[0], v)
     mode = current_backend()
     if mode == "cpu" and x.is_cuda:  # (as every op: backend.py)
         raise ValueError("bsr_linear: backend 'cpu' (the C++ engine) cannot take CUDA tensors; use_backend('auto') "
-                           "or 'triton' runs the Triton kernels")
+                         "or 'triton' runs the Triton kernels")
     if mode == "triton" or (mode == "auto" and x.is_cuda):
         values = weight.values
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype

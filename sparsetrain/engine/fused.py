@@ -212,8 +212,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     if relu_counts is not None:
         if not (relu_before or relu_after):
             raise ValueError("relu_counts needs a layer with a ReLU (relu_before or relu_after)")
-        if relu_counts.dtype != torch.int64 or relu_counts.dim() != 1:
-            raise (TypeError if relu_counts.dtype != torch.int64 else ValueError)(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
+        if (bad := TypeError if relu_counts.dtype != torch.int64 else ValueError if relu_counts.dim() != 1 else None):
+            raise bad(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
         defer = None
     fusable = not unfused and _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype) and (
         not pool or _cpu_engine(x))

@@ -99,7 +99,7 @@ def _cuda_kernel(op: Op):
     def run(*args):
         if backend.current_backend() == "cpu":
             raise ValueError(f"{op.qualname}: backend 'cpu' (the C++ engine) cannot take CUDA tensors; "
-                               "use_backend('auto') or 'triton' runs the Triton kernels")
+                             "use_backend('auto') or 'triton' runs the Triton kernels")
         return op.triton_fn()(*args)
     run.__name__ = f"cuda_{op.name}"
     return run
