@@ -301,18 +301,15 @@ int64_t check_csc(const at::Tensor& ccol, const at::Tensor& row_t, const at::Ten
   check_cpu(ccol, "ccol_indices");
   check_dtype(ccol, at::kLong, "ccol_indices");
   TORCH_CHECK_VALUE(ccol.dim() == 1 && ccol.numel() >= 1, "ccol_indices must be 1-D [in_features + 1], got ",
-              ccol.sizes());
-  check_cpu(row_t, "row_indices_t");
-  check_cpu(perm, "perm");
-  check_dtype(row_t, at::kInt, "row_indices_t");
-  check_dtype(perm, at::kLong, "perm");
+                    ccol.sizes());
   check_1d_contig(ccol, "ccol_indices");
-  check_1d_contig(row_t, "row_indices_t");
-  check_1d_contig(perm, "perm");
-  TORCH_CHECK_VALUE(row_t.dim() == 1 && row_t.numel() == nnz, "row_indices_t must have nnz = ", nnz,
-              " entries, got ", row_t.numel());
-  TORCH_CHECK_VALUE(perm.dim() == 1 && perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ",
-              perm.numel());
+  for (const auto& [t, name, dt] :
+       {std::tuple(&row_t, "row_indices_t", at::kInt), std::tuple(&perm, "perm", at::kLong)}) {
+    check_cpu(*t, name);
+    check_dtype(*t, dt, name);
+    check_1d_contig(*t, name);
+    TORCH_CHECK_VALUE(t->numel() == nnz, name, " must have nnz = ", nnz, " entries, got ", t->numel());
+  }
   return ccol.numel() - 1;
 }
 
