@@ -102,14 +102,17 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
         files = [next((p for p in ps if p.is_file()), None) for ps in names]
         return files, [p for ps, f in zip(names, files) if f is None for p in ps if p.exists()]
 
-    def find():  # the first directory holding any of the four (a partial copy is never replaced by another)
-        return next((d for d in dirs if any(look(d)[0]) or look(d)[1]), None)
-    d = find()
+    def find():  # the first directory holding any of the four (a partial copy is never replaced by another):
+        for d in dirs:  # (d, its files, its odd paths), each directory looked at once
+            files, odd = look(d)
+            if any(files) or odd:
+                return d, files, odd
+        return None, None, []
+    d, files, odd = find()
     err = None
-    if (d is None or None in look(d)[0]) and download and d in (None, data_dir / tv / "raw"):
+    if (d is None or None in files) and download and d in (None, data_dir / tv / "raw"):
         err = _download(tv, data_dir)  # (torchvision completes its own interrupted download, no other copy)
-        d = find()
-    files, odd = look(d) if d is not None else (None, [])
+        d, files, odd = find()
     if d is not None and None in files:
         raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} [.gz] "
                         "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
