@@ -160,7 +160,23 @@ def _cpu_details() -> dict:
     return out
 
 
-def machine_info() -> dict:
+def _extension_build() -> dict | None:
+    """The `_C` extension the run loaded: its file, build time, and whether a csrc/ source is newer
+    (the commit above names the Python tree; a stale build would time older kernels)."""
+    import importlib.util
+    spec = importlib.util.find_spec("sparsetrain._C")
+    if spec is None or not spec.origin:
+        return None
+    built = os.path.getmtime(spec.origin)
+    sources = glob.glob(os.path.join(HERE, "..", "csrc", "**", "*.*"), recursive=True)
+    return {"file": os.path.basename(spec.origin),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(built)),
+            "older_than_sources": any(os.path.getmtime(f) > built for f in sources)}
+
+
+def machine_info(args: argparse.Namespace | None = None) -> dict:
+    """What a result ran on and with: CPU, versions, commit, the extension's build and, given the
+    script's parsed `args`, its settings (quick, reps, steps ...)."""
     try:  # the register width our CPU kernels run with (64 AVX-512, 32 AVX2, 16 baseline)
         from sparsetrain.engine.ops import simd_bytes
         simd = simd_bytes()
@@ -169,7 +185,10 @@ def machine_info() -> dict:
     info = {**_cpu_details(), "simd_bytes": simd, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "commit": git_commit(short=True),  # (`-dirty` with uncommitted changes: an A/B of a local edit)
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "extension": _extension_build()}
+    if args is not None:
+        info["settings"] = {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+                            for k, v in vars(args).items()}
     if torch.cuda.is_available():  # (what a GPU table ran on)
         try:
             import triton

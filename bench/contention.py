@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"{name:42s} {procs} x {threads} threads: dense {r['dense_ms']:8.1f} ms ({r['dense_slowdown']:.2f}x)"
               f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)
-    write_json(out, {"machine": machine_info(), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
+    write_json(out, {"machine": machine_info(args), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
                           "steps": args.steps, "rows": rows})
     return 0
 

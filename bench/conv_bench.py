@@ -176,7 +176,7 @@ def main(argv=None):
     progress = out.removesuffix(".json") + ".inprogress.json"  # (all checked before timing)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info()
+    info = machine_info(args)
     print(f"# SparseConv2d fwd+bwd: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
 

@@ -191,7 +191,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     sparsities = [0.9, 0.99] if args.quick else [0.5, 0.9, 0.99, 0.999]
     reps = 3 if args.quick else 7
-    info = machine_info()
+    info = machine_info(args)
     print(f"# sparsetrain kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
           f"commit {info['commit']}, {info['date']}")
     results = {"machine": info, "linear": [], "linear_replicated": [], "conv": [], "fused": [], "pool": [], "gpu": []}

@@ -269,7 +269,7 @@ def main(argv=None):
     stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
     out = writable_json(p, os.path.join(HERE, "results", stem + ".json") if args.out is None else args.out)
     progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
-    info = machine_info()
+    info = machine_info(args)
     print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
     rows = run(models, sps, steps, profile=not args.no_profile, device=args.device,

@@ -59,13 +59,21 @@ def test_a_wrong_fused_block_or_pool_stops_the_fused_section(monkeypatch):
         fused_bench.run_pool(quick=True, reps=1)
 
 
-def test_machine_record_tells_the_cpus_apart():
+def test_machine_record_tells_the_cpus_apart_and_keeps_the_settings():
     """The JSON's machine: family, model, ISA and caches (these VMs' model name is often "AMD EPYC"
-    alone), and the commit with one `-dirty` at most (the bench added a second to git_commit's)."""
+    alone), the commit with one `-dirty` at most (the bench added a second to git_commit's), the
+    extension's build (a build older than csrc/ times older kernels than the commit names) and the
+    script's own settings."""
+    import argparse
     import common
-    info = common.machine_info()
+    info = common.machine_info(argparse.Namespace(quick=True, reps=3, sparsities=[0.9], out=None))
     assert {"cpu_family", "model", "isa", "caches", "usable_cpus"} <= set(info) and info["caches"]
     assert not info["commit"].endswith("-dirty-dirty")
+    assert info["settings"] == {"quick": True, "reps": 3, "sparsities": "[0.9]", "out": None}
+    ext = info["extension"]
+    assert ext["file"].startswith("_C") and isinstance(ext["older_than_sources"], bool) and ext["built"][:2] == "20"
+    json.dumps(info)  # (what write_json stores)
+    assert "settings" not in common.machine_info()
 
 
 def test_linear_replicated_section_rows():
