@@ -1,8 +1,8 @@
 """Sparse conv -> BatchNorm -> ReLU, fused (SparseConvBNReLU: sparse_conv2d_stats + bn_act) vs the
 same sparse conv with nn.BatchNorm2d and nn.ReLU after it, vs the dense masked conv with them;
 forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes; and a stage
-end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map + max_pool2d, bn_act then
-max_pool2x2, and max_pool2x2 pooling the BN's output from its input (in_scale/in_shift; forward). Part
+end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map (one addcmul pass) +
+max_pool2d, bn_act then max_pool2x2, and max_pool2x2 pooling the BN's output from its input (in_scale/in_shift; forward). Part
 of `python bench/kernels.py` (section "fused"); the whole-step effect is bench/train_step.py's."""
 from __future__ import annotations
 
@@ -88,11 +88,14 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
     for c, hw in POOL_CASES[:2] if quick else POOL_CASES:
         y = torch.randn(BATCH, c, hw, hw, generator=g)
         sc, sh = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-        ref = F.max_pool2d(y * sc[:, None, None] + sh[:, None, None], 2)
+        # PyTorch's best: the affine map in one pass (addcmul; `y * sc + sh` makes two), then max_pool2d
+        def torch_pool(y=y, sc=sc, sh=sh):
+            return F.max_pool2d(torch.addcmul(sh[:, None, None], y, sc[:, None, None]), 2)
+        ref = torch_pool()
         _check("bn_act then max_pool2x2", ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False))[:1], (ref,))
         _check("max_pool2x2(in_scale, in_shift)", ops.max_pool2x2(y, sc, sh, False)[:1], (ref,))
         t = interleaved_times({
-            "torch": lambda: F.max_pool2d(y * sc[:, None, None] + sh[:, None, None], 2),
+            "torch": torch_pool,
             "separate": lambda: ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False)),
             "fused": lambda: ops.max_pool2x2(y, sc, sh, False)}, reps=reps)
         rows.append({"op": "max_pool2x2(in_scale)", "shape": f"{c}x{hw}x{hw} b{BATCH}",
@@ -102,7 +105,7 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
     return rows
 
 
-POOL_COLUMNS = [("shape", "shape", ""), ("torch_ms", "affine+max_pool2d ms", ".2f"),
+POOL_COLUMNS = [("shape", "shape", ""), ("torch_ms", "addcmul+max_pool2d ms", ".2f"),
                 ("separate_ms", "bn_act+max_pool2x2 ms", ".2f"), ("fused_ms", "max_pool2x2(y, BN) ms", ".2f"),
                 ("fused_vs_separate", "vs separate", ".2f"), ("fused_vs_torch", "vs torch", ".2f")]
 COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense+BN+ReLU ms", ".1f"),
