@@ -69,12 +69,13 @@ def _reset_peak() -> bool:
         return False
 
 
-_CATEGORIES = [("fused bn/relu", ("bn_act",)),
+# first match wins: our BN/ReLU/pool kernels before the other sparsetrain:: ops
+_CATEGORIES = [("fused bn/relu/pool", ("bn_act", "bn_scale_shift", "max_pool2x2", "relu_count")),
                ("sparse conv/linear", ("sparsetrain",)),
                # the fused layer's autograd Function itself (its Python, the saved tensors), not a conv
                ("fused layer python", ("_SparseConvBNReLU",)),
                ("dense conv/linear", ("conv", "addmm", "aten::mm", "linear", "mkldnn")),
-               ("batchnorm", ("batch_norm",)),
+               ("batchnorm", ("batch_norm", "batchnorm")),  # (autograd's NativeBatchNormBackward0)
                ("relu/pool/add", ("relu", "threshold", "clamp_min", "pool", "aten::add")),
                ("optimizer", ("sgd", "_foreach", "optimizer")),
                ("mask multiply", ("aten::mul",))]
@@ -96,18 +97,13 @@ def _breakdown(step) -> dict:
             ev = ev.cpu_parent
         return False
     for ev in prof.events():
-        ms = ev.self_cpu_time_total / 1e3
-        name = ev.name.lower()
-        if in_optimizer(ev):
-            out["optimizer"] += ms
-            continue
-        for cat, keys in _CATEGORIES:
-            if any(k.lower() in name for k in keys):
-                out[cat] += ms
-                break
-        else:
-            out["other"] += ms
+        out["optimizer" if in_optimizer(ev) else _category(ev.name)] += ev.self_cpu_time_total / 1e3
     return {k: round(v, 1) for k, v in out.items()}
+
+
+def _category(name: str) -> str:
+    name = name.lower()
+    return next((cat for cat, keys in _CATEGORIES if any(k.lower() in name for k in keys)), "other")
 
 
 def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> float:

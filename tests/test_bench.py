@@ -59,6 +59,35 @@ def test_a_wrong_fused_block_or_pool_stops_the_fused_section(monkeypatch):
         fused_bench.run_pool(quick=True, reps=1)
 
 
+def test_the_fused_section_checks_dx_through_the_blocks_own_relu_ties_but_not_its_other_decisions():
+    """At 64x32x32 b128 a few BN outputs round to the other side of 0 in the sparse sum order, which
+    moves whole dx entries by ~0.1 (the full `--only fused` run stopped on it); such a flip is a tie,
+    a ReLU that zeroes a clearly positive value is a wrong block."""
+    torch.manual_seed(0)
+    dense = fused_bench._block(8)
+    x, gy = torch.randn(128, 8, 6, 6), torch.randn(128, 8, 6, 6)
+    z = dense.bn(dense.conv(x)).detach()
+
+    def block_output_and_dx(keep):  # a block whose ReLU keeps exactly `keep`
+        xl = x.clone().requires_grad_(True)
+        zz = dense.bn(dense.conv(xl))
+        (zz * keep).backward(gy)
+        dense.zero_grad(set_to_none=True)
+        return torch.where(keep, zz.detach().clamp_min(1e-7), 0.0), xl.grad
+    tie = int(z.abs().flatten().argmin())
+    keep = (z > 0).flatten()
+    keep[tie] = ~keep[tie]
+    got = block_output_and_dx(keep.view_as(z))
+    fused_bench._check("tie", got, fused_bench._reference(dense, x, gy, got[0]))
+    with pytest.raises(AssertionError, match="tie dx differs"):  # (the plain ReLU's dx: the old check)
+        fused_bench._check("tie", got, fused_bench._once(dense, x, gy))
+    keep = (z > 0).flatten()
+    keep[int(z.flatten().argmax())] = False
+    got = block_output_and_dx(keep.view_as(z))
+    with pytest.raises(AssertionError, match="wrong output differs"):
+        fused_bench._check("wrong", got, fused_bench._reference(dense, x, gy, got[0]))
+
+
 def test_machine_record_tells_the_cpus_apart_and_keeps_the_settings():
     """The JSON's machine: family, model, ISA and caches (these VMs' model name is often "AMD EPYC"
     alone), the commit with one `-dirty` at most (the bench added a second to git_commit's), the
@@ -197,6 +226,18 @@ def test_train_step_breakdown_counts_the_optimizer_as_optimizer():
     step()
     b = train_step._breakdown(step)
     assert b["optimizer"] > 0 and b["mask multiply"] == 0
+
+
+def test_train_step_breakdown_puts_batchnorm_and_our_pool_kernels_where_they_belong():
+    """The BN backward (autograd's node is NativeBatchNormBackward0, no underscore) was "other"; our
+    bn_scale_shift and max_pool2x2 ops were counted as sparse convs (every sparsetrain:: op was)."""
+    import train_step
+    cat = train_step._category
+    assert cat("NativeBatchNormBackward0") == cat("aten::native_batch_norm") == "batchnorm"
+    assert {cat(f"sparsetrain::{op}") for op in ("bn_act", "bn_scale_shift", "max_pool2x2", "max_pool2x2_backward",
+                                                 "relu_count_")} == {"fused bn/relu/pool"}
+    assert cat("sparsetrain::sparse_conv2d_stats") == cat("sparsetrain::sparse_linear") == "sparse conv/linear"
+    assert cat("aten::mkldnn_convolution") == "dense conv/linear" and cat("aten::empty") == "other"
 
 
 def test_train_step_isolated_peak_children_run_on_the_parents_thread_count(monkeypatch):
