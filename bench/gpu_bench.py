@@ -5,17 +5,23 @@ Per shape and sparsity (0.9 / 0.99 / 0.999), forward and forward+backward of y =
   dense_tf32       the same with TF32 tensor cores (the realistic dense baseline on A100/H100)
   csr_triton       ours: SparseLinear, unstructured CSR, Triton (sparsetrain.kernels.sparse_linear)
   bsr{16,32,64}    ours: BSRLinear, whole blocks pruned by norm (same sparsity), Triton tl.dot, TF32
-  torch_csr        torch.sparse CSR: W @ x^T forward, W^T @ dy^T for dx, sampled_addmm for dW
+  torch_csr        torch.sparse CSR: W @ x^T + b forward, W^T @ dy^T for dx, sampled_addmm for dW, db
   torch_bsr_triton torch.sparse._triton_ops.bsr_dense_mm (+ its sampled_addmm), where available
-and a few ResNet-18 conv shapes: ours (direct sparse conv, Triton) vs cuDNN fp32 / TF32.
-Timed with triton.testing.do_bench (median, ms; CUDA events, L2 flushed between runs). Rows
-record `useful_gflops` = 2 * nnz * batch (* 3 for forward+backward) / time, the dense rows
-2 * numel * batch. On a machine without CUDA it prints that it was skipped and returns [].
+and a few ResNet-18 conv shapes: ours (SparseConv2d, direct sparse conv, Triton) vs cuDNN fp32 / TF32.
+Every method computes the same things (output; dx, dW and db in forward+backward), ours and the
+dense ones through autograd, and each is checked once against the fp32 dense masked reference of
+its own pattern before it is timed (a wrong kernel stops the section). Timed with
+triton.testing.do_bench (median, ms; CUDA events, L2 flushed between runs). Rows record `weights`,
+the weights a method multiplies per sample (its pattern's nonzeros, numel for the dense rows), and
+`useful_gflops` = 2 * weights * batch (* 3 for forward+backward) / time. On a machine without CUDA
+it prints that it was skipped and returns [].
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +58,59 @@ def _fwd_bwd(module_or_fn, x, gy, params):
     return step
 
 
+@dataclass
+class _Method:
+    """One timed method of a case. `weights`: what it multiplies per sample (its pattern's nonzeros,
+    numel for the dense ones). `outputs`: () -> (y, dx) of one step, in F.linear / F.conv2d layout,
+    checked against the fp32 dense reference of `pattern` before timing. `tf32`: whether TF32 is on,
+    or why the method is unavailable (a str; fwd and step None)."""
+    fwd: Callable | None
+    step: Callable | None
+    weights: int
+    tf32: bool | str
+    outputs: Callable | None = None
+    pattern: torch.Tensor | None = None
+
+
+def _autograd(fn, x, gy, params, weights, tf32, pattern) -> _Method:
+    """A method run through autograd (a module or a function of x): every such row pays autograd's
+    bookkeeping and computes every gradient its layer has (bias included)."""
+    def outputs():
+        xl = x.detach().clone().requires_grad_(True)
+        y = fn(xl)
+        y.backward(gy)
+        return y.detach(), xl.grad
+    return _Method(lambda: fn(x), _fwd_bwd(fn, x, gy, params), weights, tf32, outputs, pattern)
+
+
+class _SparseFormat(NamedTuple):
+    """A torch.sparse layout and its products."""
+    convert: Callable  # dense -> sparse
+    mm: Callable  # (sparse, dense) -> dense
+    sampled_addmm: Callable  # (sparse pattern, a, b) -> a @ b at the pattern
+
+
+def _torch_sparse(lin, pattern, fmt, x, gy, tf32) -> _Method:
+    """torch.sparse doing our kernels' work: y = W x^T + b, dx = W^T dy^T, dW at the pattern, db =
+    dy summed over the batch; W^T and dW's pattern made here, outside the timing; no autograd
+    (torch.sparse.mm's backward would form a dense dW)."""
+    wd = lin.weight.detach() * pattern
+    w_s, wt_s, pat = fmt.convert(wd), fmt.convert(wd.t().contiguous()), fmt.convert(pattern.float())
+    xt, gyt, bias = x.detach().t().contiguous(), gy.t().contiguous(), lin.bias.detach()[:, None]
+
+    def fwd():
+        return fmt.mm(w_s, xt) + bias
+
+    def step():
+        fwd()
+        fmt.mm(wt_s, gyt)
+        fmt.sampled_addmm(pat, gyt, x.detach())
+        gy.sum(0)
+    return _Method(fwd, step, int(pattern.sum()), tf32, lambda: (fwd().t(), fmt.mm(wt_s, gyt).t()), pattern)
+
+
 def _linear_methods(fin, fout, batch, sparsity, quick):
-    """{name: (forward fn, forward+backward fn, nnz, tf32)} for one case."""
+    """({name: _Method}, reference: pattern -> (y, dx) in fp32) for one case."""
     from sparsetrain.testing import random_mask
     from sparsetrain.engine.bsr import BSRLinear
     from sparsetrain.prune import block_mask
@@ -64,95 +121,83 @@ def _linear_methods(fin, fout, batch, sparsity, quick):
     mask = random_mask((fout, fin), sparsity, generator=g).to(dev)
     x = torch.randn(batch, fin, device=dev, requires_grad=True)
     gy = torch.randn(batch, fout, device=dev)
-    out = {}
+    w, b = (p.detach().clone().requires_grad_(True) for p in (lin.weight, lin.bias))
 
-    w = lin.weight.detach().clone().requires_grad_(True)
-    dense = lambda t: F.linear(t, w * mask, lin.bias)  # noqa: E731  (dense masked: the mask in every step)
-    for name, tf32 in (("dense_fp32", False), ("dense_tf32", True)):
-        out[name] = (lambda: dense(x), _fwd_bwd(dense, x, gy, [w]), fin * fout, tf32)
-
+    def dense(pattern):  # the dense masked layer: the mask in every step
+        return lambda t: F.linear(t, w * pattern, b)
+    out = {name: _autograd(dense(mask), x, gy, [w, b], fin * fout, tf32, mask)
+           for name, tf32 in (("dense_fp32", False), ("dense_tf32", True))}
     sl = SparseLinear.from_dense(lin, mask)
-    out["csr_triton"] = (lambda: sl(x), _fwd_bwd(sl, x, gy, list(sl.parameters())), sl.nnz, False)
-
+    out["csr_triton"] = _autograd(sl, x, gy, list(sl.parameters()), sl.nnz, False, mask)
     for bs in ((32,) if quick else (16, 32, 64)):
-        bl = BSRLinear.from_dense(lin, bs, block_mask(lin.weight, bs, sparsity))
-        nnz = int(bl.weight.mask().sum())
-        out[f"bsr{bs}_triton"] = (lambda bl=bl: bl(x), _fwd_bwd(bl, x, gy, list(bl.parameters())), nnz, True)
-
-    # torch.sparse CSR (cuSPARSE): the index work (W^T, dW pattern) done once, outside the timing
-    wd = (lin.weight.detach() * mask)
-    w_csr, wt_csr = wd.to_sparse_csr(), wd.t().contiguous().to_sparse_csr()
-    pattern = mask.float().to_sparse_csr()
-    xt, gyt = x.detach().t().contiguous(), gy.t().contiguous()
-
-    def tcsr_fwd():
-        return torch.sparse.mm(w_csr, xt)
-
-    def tcsr_step():
-        tcsr_fwd()
-        torch.sparse.mm(wt_csr, gyt)
-        torch.sparse.sampled_addmm(pattern, gyt, x.detach(), beta=0.0)
-    out["torch_csr"] = (tcsr_fwd, tcsr_step, int(mask.sum()), False)
-
+        bm = block_mask(lin.weight, bs, sparsity)
+        bl = BSRLinear.from_dense(lin, bs, bm)
+        out[f"bsr{bs}_triton"] = _autograd(bl, x, gy, list(bl.parameters()), int(bm.sum()), True, bm)
+    out["torch_csr"] = _torch_sparse(lin, mask, _SparseFormat(
+        torch.Tensor.to_sparse_csr, torch.sparse.mm, lambda p, a, c: torch.sparse.sampled_addmm(p, a, c, beta=0.0)),
+        x, gy, False)  # (cuSPARSE)
     try:  # torch's own Triton BSR kernels (torch.sparse._triton_ops), block 32
         from torch.sparse._triton_ops import bsr_dense_mm, sampled_addmm
         bm = block_mask(lin.weight, 32, sparsity)
-        wb = (lin.weight.detach() * bm)
-        w_bsr, wt_bsr = wb.to_sparse_bsr(32), wb.t().contiguous().to_sparse_bsr(32)
-        pat_bsr = bm.float().to_sparse_bsr(32)
-        bsr_dense_mm(w_bsr, xt)  # raises here when unsupported (shape not a block multiple, ...)
-
-        def tbsr_step():
-            bsr_dense_mm(w_bsr, xt)
-            bsr_dense_mm(wt_bsr, gyt)
-            sampled_addmm(pat_bsr, gyt, x.detach(), beta=0.0)
-        out["torch_bsr_triton"] = (lambda: bsr_dense_mm(w_bsr, xt), tbsr_step, int(bm.sum()), True)
+        out["torch_bsr_triton"] = _torch_sparse(lin, bm, _SparseFormat(
+            lambda t: t.to_sparse_bsr(32), bsr_dense_mm, lambda p, a, c: sampled_addmm(p, a, c, beta=0.0)), x, gy, True)
+        out["torch_bsr_triton"].fwd()  # raises here when unsupported (shape not a block multiple, ...)
     except Exception as e:  # noqa: BLE001  (optional column)
-        out["torch_bsr_triton"] = (None, None, 0, f"unavailable: {type(e).__name__}: {str(e)[:80]}")
-    return out
+        out["torch_bsr_triton"] = _Method(None, None, 0, f"unavailable: {type(e).__name__}: {str(e)[:80]}")
+    return out, lambda pattern: _autograd(dense(pattern), x, gy, [], 0, False, pattern).outputs()
 
 
 def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
+    """({name: _Method}, reference, output pixels per batch) for one conv case."""
     from sparsetrain.testing import random_mask
-    from sparsetrain.engine.formats import CSR, transpose_index
-    from sparsetrain.kernels import sparse_conv2d as K
-    dev, pad = DEVICE, k // 2
+    from sparsetrain.nn import SparseConv2d
+    dev = DEVICE
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(cout, cin, k, k, generator=g).to(dev)
-    mask = random_mask(w.shape, sparsity, generator=g).to(dev)
-    x = torch.randn(batch, cin, hw, hw, device=dev)
-    csr = CSR.from_dense(w, mask)
-    crow, col, vals = csr.crow_indices, csr.col_indices, csr.values.detach()
-    ccol, row_t, perm = transpose_index(crow, col, cin * k * k)
-    geo = ((k, k), (stride, stride), (pad, pad))
-    y = K.conv2d_forward(x, crow, col, vals, *geo)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, k // 2, bias=False).to(dev)
+    mask = random_mask(conv.weight.shape, sparsity, generator=g).to(dev)
+    x = torch.randn(batch, cin, hw, hw, device=dev, requires_grad=True)
+    sc = SparseConv2d.from_dense(conv, mask)
+    y = sc(x)
     gy = torch.randn_like(y)
+    wd = conv.weight.detach().clone().requires_grad_(True)
 
-    def ours_step():
-        K.conv2d_forward(x, crow, col, vals, *geo)
-        K.conv2d_grad_input(gy, ccol, row_t, perm, vals, (hw, hw), *geo)
-        K.conv2d_grad_weight(gy, x, crow, col, *geo)
-    wd = w.clone().requires_grad_(True)
-    xr = x.clone().requires_grad_(True)
-    dense = lambda t: F.conv2d(t, wd * mask, None, stride, pad)  # noqa: E731  (dense masked, as on CPU)
-    out = {"csr_triton": (lambda: K.conv2d_forward(x, crow, col, vals, *geo), ours_step, csr.nnz, False)}
+    def dense(pattern):  # the dense masked conv, as on CPU
+        return lambda t: F.conv2d(t, wd * pattern, None, stride, k // 2)
+    out = {"csr_triton": _autograd(sc, x, gy, list(sc.parameters()), sc.nnz, False, mask)}
     for name, tf32 in (("cudnn_fp32", False), ("cudnn_tf32", True)):
-        out[name] = (lambda: dense(xr), _fwd_bwd(dense, xr, gy, [wd]), w.numel(), tf32)
-    return out, y.shape[2] * y.shape[3] * batch
+        out[name] = _autograd(dense(mask), x, gy, [wd], wd.numel(), tf32, mask)
+    return (out, lambda pattern: _autograd(dense(pattern), x, gy, [], 0, False, pattern).outputs(),
+            y.shape[2] * y.shape[3] * batch)
 
 
-def _measure(rows, base, methods, spatial, quick):
+def _check(name, method, reference) -> None:
+    """One step of `method` against the dense masked reference of its pattern, computed in fp32;
+    TF32 products (10-bit mantissas) get a looser tolerance, relative to the largest value."""
+    with _tf32(False):
+        ref = reference(method.pattern)
+    with _tf32(bool(method.tf32)):
+        got = method.outputs()
+    tol = 1e-2 if method.tf32 else 1e-4
+    for what, a, b in zip(("output", "dx"), got, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()),
+                                   msg=lambda m, what=what: f"GPU bench: {name} {what} differs from the dense "
+                                                            f"masked reference: {m}")
+
+
+def _measure(rows, base, methods, reference, spatial, quick):
     times = {}
-    for name, (fwd, step, nnz, tf32) in methods.items():
-        for phase, fn, mult in (("fwd", fwd, 1), ("fwd+bwd", step, 3)):
-            row = dict(base, method=name, phase=phase, nnz=nnz)
+    for name, m in methods.items():
+        if m.outputs is not None:
+            _check(name, m, reference)
+        for phase, fn, mult in (("fwd", m.fwd, 1), ("fwd+bwd", m.step, 3)):
+            row = dict(base, method=name, phase=phase, weights=m.weights)
             if fn is None:
-                row.update(ms=None, note=tf32)
+                row.update(ms=None, note=m.tf32)
             else:
                 try:
-                    with _tf32(bool(tf32)):
+                    with _tf32(bool(m.tf32)):
                         ms = _time(fn, quick)
-                    row.update(ms=round(ms, 4), useful_gflops=round(2 * nnz * spatial * mult / ms / 1e6, 1))
+                    row.update(ms=round(ms, 4), useful_gflops=round(2 * m.weights * spatial * mult / ms / 1e6, 1))
                     times[(name, phase)] = ms
                 except Exception as e:  # noqa: BLE001  (report, keep benchmarking the rest)
                     row.update(ms=None, note=f"failed: {type(e).__name__}: {str(e)[:80]}")
@@ -175,15 +220,14 @@ def run(quick: bool) -> list[dict]:
         for sp in SPARSITIES:
             base = dict(section="gpu", kind="linear", shape=f"{fin}->{fout}", batch=batch, sparsity=sp, device=device)
             case = []
-            _measure(case, base, _linear_methods(fin, fout, batch, sp, quick), batch, quick)
+            _measure(case, base, *_linear_methods(fin, fout, batch, sp, quick), batch, quick)
             rows += case
     for cin, cout, hw, k, stride in (CONV_SHAPES[:1] if quick else CONV_SHAPES):
         for sp in SPARSITIES:
             base = dict(section="gpu", kind="conv2d", shape=f"{cin}->{cout}@{hw}x{hw} k{k} s{stride}",
                         batch=128, sparsity=sp, device=device)
-            methods, spatial = _conv_methods(cin, cout, hw, k, stride, sp, 128)
             case = []
-            _measure(case, base, methods, spatial, quick)
+            _measure(case, base, *_conv_methods(cin, cout, hw, k, stride, sp, 128), quick)
             rows += case
     _print(rows)
     return rows

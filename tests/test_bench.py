@@ -396,6 +396,31 @@ def test_kernels_only_gpu_needs_cuda_and_a_full_run_skips_the_gpu_section(tmp_pa
     assert json.loads((tmp_path / "k.json").read_text())["gpu"] == [] and os.listdir(tmp_path) == ["k.json"]
 
 
+def test_gpu_bench_methods_do_the_same_work_and_are_checked_before_timing(monkeypatch):
+    """The GPU section's methods, run on the CPU (no GPU here: ours through the C++ engine, torch.sparse
+    CSR on CPU): each is checked against the dense masked reference of its pattern, torch_csr adds
+    the bias (it had none), every row records the weights it multiplies. A wrong method stops it."""
+    import gpu_bench
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_bench, "_time", lambda fn, quick: (fn(), 1.0)[1])  # (one call, a made-up 1 ms)
+    rows = []
+    methods, reference = gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)
+    gpu_bench._measure(rows, {"kind": "linear"}, methods, reference, 9, True)
+    gpu_bench._measure(rows, {"kind": "conv2d"}, *gpu_bench._conv_methods(5, 7, 6, 3, 2, 0.5, 3), True)
+    timed = {(r["kind"], r["method"]) for r in rows if r["ms"]}
+    assert {("linear", m) for m in ("dense_fp32", "dense_tf32", "csr_triton", "bsr32_triton", "torch_csr")} <= timed
+    assert {("conv2d", m) for m in ("csr_triton", "cudnn_fp32", "cudnn_tf32")} <= timed
+    weights = {(r["kind"], r["method"]): r["weights"] for r in rows}
+    assert weights["linear", "dense_fp32"] == 37 * 11 and weights["conv2d", "cudnn_fp32"] == 7 * 5 * 9
+    assert weights["linear", "torch_csr"] == weights["linear", "csr_triton"] == int(methods["csr_triton"].pattern.sum())
+    y, dx = methods["torch_csr"].outputs()
+    torch.testing.assert_close(y, reference(methods["torch_csr"].pattern)[0])  # (bias included)
+    wrong = methods["csr_triton"]
+    wrong.outputs = (lambda real: lambda: (real()[0], real()[1] * 1.01))(wrong.outputs)
+    with pytest.raises(AssertionError, match="GPU bench: csr_triton dx differs from the dense masked reference"):
+        gpu_bench._measure([], {}, {"csr_triton": wrong}, reference, 9, True)
+
+
 def test_gpu_bench_refuses_unknown_arguments(monkeypatch, capsys):
     """gpu_bench.py takes only --quick (it once read sys.argv for it and ran whatever else was given)."""
     import pytest
