@@ -520,6 +520,14 @@ def test_a_best_teacher_that_is_the_dense_one_is_named_so(tmp_path, monkeypatch)
     R.plot_run(run, str(tmp_path))
     monkeypatch.undo()
     assert sum("(= distill-dense in every seed" in (l or "") for l in labels) == 2  # both figures
+    from sparsetrain.sweep import figures  # (the sweep's overlay: a group carries its runs' same_as)
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: labels.append(kw.get("label")) or real(self, *a, **kw))
+    labels.clear()
+    assert figures.plot_overlay([run], None, [], str(tmp_path / "overlay.png"))
+    monkeypatch.undo()
+    assert [l for l in labels if l and "distill-best" in l] == [
+        "fashion-mnist eps=0.2 distill-best (= distill-dense in every seed: the same teacher checkpoint, the same "
+        "student run)"]
     # a phase linked from another run (--reuse) is no twin of this seed's phases
     other = tmp_path / "other"
     write_rows(other, make_rows([0.8, 0.7], seed=0, phase="vanilla"))

@@ -19,8 +19,8 @@ from . import ops
 from .args import check_bias
 from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
-__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers", "check_masks",
-           "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
+           "check_masks", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
 def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
