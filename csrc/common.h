@@ -94,10 +94,12 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType dt, const char* name
 inline void check_float(const at::Tensor& t, const char* name) {
   // The hint is for model.half()/.bfloat16() on a sparse model (values cast down) and for a half
   // activation outside autocast: under torch.autocast the sparse ops take fp32 weights as they are.
+  // (Integer or bool tensors get no hint: they are not activations.)
+  const bool half = t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type(),
-              " (the CPU kernels compute in fp32/fp64: for half-precision activations keep the model"
-              " in float32 and run it under torch.autocast)");
+                   " must be float32 or float64, got ", t.scalar_type(),
+                   half ? " (the CPU kernels compute in fp32/fp64: for half-precision activations keep the model"
+                          " in float32 and run it under torch.autocast)" : "");
 }
 
 inline void check_1d_contig(const at::Tensor& t, const char* name) {
@@ -123,7 +125,7 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK_VALUE(p[r + 1] >= p[r], ptr_name, " must be non-decreasing (row ", r, ")");
   TORCH_CHECK_VALUE(p[rows] == idx.numel(), ptr_name, "[-1] (", p[rows], ") must equal ", idx_name,
-              ".numel() (", idx.numel(), ")");
+                    ".numel() (", idx.numel(), ")");
   const int32_t* c = idx.data_ptr<int32_t>();
   const int64_t nnz = idx.numel();
   bool ok = true;
@@ -169,7 +171,7 @@ inline int64_t* check_state_counts(const at::Tensor& c, int64_t neurons) {
   TORCH_CHECK_TYPE(c.scalar_type() == at::kLong, "relu_counts must have dtype int64, got ", c.scalar_type());
   TORCH_CHECK_VALUE(c.is_contiguous(), "relu_counts must be contiguous");
   TORCH_CHECK_VALUE(c.numel() == neurons, "relu_counts must have one entry per output neuron (", neurons,
-              " = channels * height * width), got ", c.numel());
+                    " = channels * height * width), got ", c.numel());
   return c.data_ptr<int64_t>();
 }
 

@@ -51,8 +51,8 @@ inline bool hugepages_on() {
     if (!env || !*env) return true;
     // (exactly 0 or 1: "off" or "false" silently left them on)
     TORCH_CHECK_VALUE(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
-                "SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1 (on 2 MiB pages, the "
-                "default), got '", env, "'");
+                      "SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1 (on 2 MiB pages, the "
+                      "default), got '", env, "'");
     return env[0] == '1';
   }();
   return on;
@@ -160,8 +160,8 @@ inline size_t pool_limit_bytes() {
     const unsigned long long mb = std::strtoull(env, &end, 10);
     // (digits only: strtoull also takes leading blanks, a sign, and wraps "-1" round)
     TORCH_CHECK_VALUE(env[0] >= '0' && env[0] <= '9' && *end == '\0' && errno == 0 && mb <= (1ull << 40),
-                "SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the output pool off) to 2^40, got '",
-                env, "'");
+                      "SPARSETRAIN_POOL_MB must be a whole number of MiB from 0 (the output pool off) to 2^40, got '",
+                      env, "'");
     return size_t(mb) << 20;
   }();
   return limit;

@@ -209,7 +209,7 @@ void check_like(const at::Tensor& t, const at::Tensor& y, const char* name) {
   check_cpu(t, name);
   TORCH_CHECK_VALUE(t.sizes() == y.sizes(), name, " must have the shape of y ", y.sizes(), ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == y.scalar_type(), name, " must have dtype ", y.scalar_type(), ", got ",
-              t.scalar_type());
+                   t.scalar_type());
 }
 
 int64_t plane_size(const at::Tensor& y) {  // (from the sizes: an empty batch has planes too)
@@ -280,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_ba
 void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name) {
   check_cpu(t, name);
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == C, name, " must have shape [", C, "] (one per channel), got ",
-              t.sizes());
+                    t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 

@@ -50,36 +50,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
   check_channel_vector(running_mean, "running_mean", C);
   check_channel_vector(running_var, "running_var", C);
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
-              "running_mean and running_var must be given together");
+                    "running_mean and running_var must be given together");
   TORCH_CHECK_VALUE(batch_stats || running_mean.has_value(), "running_mean and running_var are needed without batch_stats");
   TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const bool update = batch_stats && running_mean.has_value();
   TORCH_CHECK_VALUE(!batch_stats || count >= (update ? 2 : 1), "count must be >= ", update ? 2 : 1,
-              " values per channel with batch statistics", update ? " and a running update" : "", ", got ", count);
+                    " values per channel with batch statistics", update ? " and a running update" : "", ", got ",
+                    count);
   if (update) {
     TORCH_CHECK_VALUE(running_mean->is_contiguous() && running_var->is_contiguous(),
-                "running_mean and running_var must be contiguous");
+                      "running_mean and running_var must be contiguous");
     TORCH_CHECK_VALUE(momentum.has_value() || num_batches_tracked.has_value(),
-                "num_batches_tracked is needed when momentum is None (the cumulative average)");
+                      "num_batches_tracked is needed when momentum is None (the cumulative average)");
     // (every check before the first write: a refused call leaves the buffers as they were)
     const at::ScalarType rt = running_mean->scalar_type();
     TORCH_CHECK_TYPE((rt == at::kFloat || rt == at::kDouble) && running_var->scalar_type() == rt,
-                "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
-                running_var->scalar_type());
+                     "running_mean and running_var must both be float32 or both float64, got ", rt, " and ",
+                     running_var->scalar_type());
     TORCH_CHECK_TYPE(!num_batches_tracked || num_batches_tracked->scalar_type() == at::kLong,
                      "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got ",
                      num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
     TORCH_CHECK_VALUE(!num_batches_tracked || (num_batches_tracked->numel() == 1 && num_batches_tracked->device().is_cpu()),
-                "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got shape ",
-                num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef(), " ",
-                num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
+                      "num_batches_tracked must be a one-element int64 CPU tensor (nn.BatchNorm2d's), got shape ",
+                      num_batches_tracked ? num_batches_tracked->sizes() : at::IntArrayRef(), " ",
+                      num_batches_tracked ? num_batches_tracked->scalar_type() : at::kLong);
     TORCH_CHECK_VALUE(!running_mean->is_same(*running_var) && running_mean->data_ptr() != running_var->data_ptr(),
-                "running_mean and running_var must be two tensors, got the same one twice");
+                      "running_mean and running_var must be two tensors, got the same one twice");
     const at::MemOverlapStatus overlap = at::get_overlap_status(*running_mean, *running_var);
     TORCH_CHECK_VALUE(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                "running_mean and running_var must not share memory (views of one buffer would overwrite "
-                "each other), got overlapping tensors");
+                      "running_mean and running_var must not share memory (views of one buffer would overwrite "
+                      "each other), got overlapping tensors");
   }
   const auto f64 = at::TensorOptions(at::kDouble);
   at::Tensor mean = at::empty({C}, f64), invstd = at::empty({C}, f64);

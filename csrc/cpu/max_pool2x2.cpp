@@ -186,12 +186,12 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
   check_cpu(indices, name);
   check_dtype(indices, at::kByte, name);
   TORCH_CHECK_VALUE(indices.sizes() == grad_out.sizes(), name, " must have the shape of grad_out ", grad_out.sizes(),
-              ", got ", indices.sizes());
+                    ", got ", indices.sizes());
   TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must be [height, width], got ", input_size);
   const int64_t B = grad_out.size(0), C = grad_out.size(1), H = input_size[0], W = input_size[1];
   const int64_t OH = grad_out.size(2), OW = grad_out.size(3);
   TORCH_CHECK_VALUE(H >= 0 && W >= 0 && H / 2 == OH && W / 2 == OW, "input_size (", H, ", ", W,
-              ") does not pool 2x2 to grad_out's (", OH, ", ", OW, ")");
+                    ") does not pool 2x2 to grad_out's (", OH, ", ", OW, ")");
   const at::Tensor g = grad_out.contiguous(), ic = indices.contiguous();
   at::Tensor dx = pooled_empty({B, C, H, W}, grad_out.options());
   if (dx.numel() == 0) return dx;

@@ -99,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
                                                        const c10::List<std::optional<at::Tensor>>& masks,
                                                        double fraction) {
   TORCH_CHECK_VALUE(std::isfinite(fraction) && fraction >= 0.0 && fraction <= 1.0,
-              "fraction must be in [0, 1], got ", fraction);
+                    "fraction must be in [0, 1], got ", fraction);
   TORCH_CHECK_VALUE(masks.size() == 0 || masks.size() == tensors.size(), "masks must be empty or have one entry per tensor (",
-              tensors.size(), "), got ", masks.size());
+                    tensors.size(), "), got ", masks.size());
   if (tensors.empty()) return {at::zeros({}, at::kDouble), at::zeros({}, at::kLong)};
   const auto dt = tensors[0].scalar_type();
   std::vector<at::Tensor> ts, ms;
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
     check_cpu(t, "tensors");
     check_float(t, "tensors");
     TORCH_CHECK_TYPE(t.scalar_type() == dt, "tensors must all have one dtype, got ", dt, " and ",
-                t.scalar_type(), " (entry ", i, ")");
+                     t.scalar_type(), " (entry ", i, ")");
     ts.push_back(t.contiguous());
     at::Tensor m;
     if (masks.size() > 0) {
@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold(const at::TensorList tens
         check_cpu(m, "masks");
         check_dtype(m, at::kBool, "masks");
         TORCH_CHECK_VALUE(m.sizes() == t.sizes(), "masks[", i, "] must have the shape of tensors[", i,
-                    "] ", t.sizes(), ", got ", m.sizes());
+                          "] ", t.sizes(), ", got ", m.sizes());
         m = m.contiguous();
       }
     }
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> csr_prune(
   check_float(values, "values");
   check_1d_contig(values, "values");
   TORCH_CHECK_VALUE(values.numel() == col.numel(), "values must have nnz = ", col.numel(),
-              " entries, got ", values.numel());
+                    " entries, got ", values.numel());
   const int64_t nnz = col.numel();
   const int64_t* p = crow.data_ptr<int64_t>();
   std::vector<int64_t> keep;

@@ -41,8 +41,8 @@ void relu_count_(at::Tensor& counts, const at::Tensor& pre) {
   int64_t N = 1;
   for (int64_t d = 1; d < pre.dim(); ++d) N *= pre.size(d);
   TORCH_CHECK_VALUE(counts.numel() == N,
-              "counts must have one entry per neuron (", N, " = prod of pre.shape[1:]), got ",
-              counts.numel());
+                    "counts must have one entry per neuron (", N, " = prod of pre.shape[1:]), got ",
+                    counts.numel());
   if (B == 0) return;
   const at::Tensor xc = pre.contiguous();
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "relu_count_", [&] {

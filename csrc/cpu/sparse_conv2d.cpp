@@ -16,13 +16,13 @@ struct ConvArgs {
 
 ConvArgs check_conv_args(at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p) {
   TORCH_CHECK_VALUE(k.size() == 2 && s.size() == 2 && p.size() == 2,
-              "kernel_size, stride and padding must each have 2 entries");
+                    "kernel_size, stride and padding must each have 2 entries");
   TORCH_CHECK_VALUE(k[0] >= 1 && k[1] >= 1, "kernel_size must be >= 1, got ", k);
   TORCH_CHECK_VALUE(s[0] >= 1 && s[1] >= 1, "stride must be >= 1, got ", s);
   TORCH_CHECK_VALUE(p[0] >= 0 && p[1] >= 0, "padding must be >= 0, got ", p);
   constexpr int64_t kMax = int64_t(1) << 31;  // (products of two such never overflow int64)
   TORCH_CHECK_VALUE(k[0] < kMax && k[1] < kMax && s[0] < kMax && s[1] < kMax && p[0] < kMax && p[1] < kMax,
-              "kernel_size, stride and padding must be < 2^31, got ", k, ", ", s, ", ", p);
+                    "kernel_size, stride and padding must be < 2^31, got ", k, ", ", s, ", ", p);
   // (the plans loop over the taps before any output exists: a weight with no input channel would
   // otherwise admit any kernel, and a 2^15 x 2^15 one took minutes and gigabytes to refuse)
   TORCH_CHECK_VALUE(k[0] * k[1] <= (int64_t(1) << 24), "kernel_size must have at most 2^24 taps, got ", k);
@@ -77,17 +77,17 @@ void check_nchw(const at::Tensor& t, const at::Tensor& like, int64_t channels, c
   check_cpu(t, name);
   check_float(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, " (",
-              like.scalar_type(), "), got ", t.scalar_type());
+                   like.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ",
-              t.sizes());
+                    t.sizes());
   TORCH_CHECK_VALUE(t.size(1) == channels, name, " has ", t.size(1), " channels but the weight expects ",
-              channels, " ", what);
+                    channels, " ", what);
 }
 
 // (cols from ccol_indices can be anything; x's channels * kh * kw always divide)
 int64_t in_channels(int64_t cols, const ConvArgs& a) {
   TORCH_CHECK_VALUE(cols % (a.kh * a.kw) == 0, "ccol_indices must have in_channels * kh * kw + 1 entries, got ",
-              cols + 1, " (", cols, " columns, not a multiple of kh*kw = ", a.kh * a.kw, ")");
+                    cols + 1, " (", cols, " columns, not a multiple of kh*kw = ", a.kh * a.kw, ")");
   return cols / (a.kh * a.kw);
 }
 
@@ -118,9 +118,9 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
   if (bias) {
     check_cpu(*bias, "bias");
     TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias must have dtype ",
-                values.scalar_type(), ", got ", bias->scalar_type());
+                     values.scalar_type(), ", got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == O, "bias must have shape [", O, "], got ",
-                bias->sizes());
+                      bias->sizes());
     bc = bias->contiguous();
   }
   const Plan P = make_plan(x.size(0), C, x.size(2), x.size(3), O, a.k, a.s, a.p, x.element_size(),
@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     std::vector<double>* in_sums = nullptr, std::pair<const at::Tensor*, const at::Tensor*> index = {}) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK_VALUE(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
-              grad_out.sizes());
+                    grad_out.sizes());
   const int64_t O = crow ? crow->numel() - 1 : grad_out.size(1);
   const int64_t cols = ccol ? ccol->numel() - 1 : x && x->dim() == 4 ? x->size(1) * a.kh * a.kw : 0;
   const int64_t C = in_channels(cols, a);
@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   int64_t nnz = 0;
   if (icrow) {
     TORCH_CHECK_VALUE(icrow->numel() - 1 == O, "crow_indices must have out_channels + 1 = ", O + 1, " entries (",
-                "grad_out's channels), got ", icrow->numel());
+                      "grad_out's channels), got ", icrow->numel());
     check_compressed(*icrow, *icol, cols, "crow_indices", "col_indices",
                      ccol ? " (the columns ccol_indices has)" : " (x's channels * kh * kw)");
     nnz = icol->numel();
@@ -231,27 +231,28 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
   const at::Tensor& like = x ? *x : *values;
   check_float(like, x ? "x" : "values");
   TORCH_CHECK_TYPE(!x || !values || values->scalar_type() == x->scalar_type(), "values must have the dtype of x (",
-              x->scalar_type(), "), got ", values ? values->scalar_type() : x->scalar_type());
+                   x->scalar_type(), "), got ", values ? values->scalar_type() : x->scalar_type());
   if (x) check_nchw(*x, like, C, "x", "(input channels)", "x");
   check_nchw(grad_out, like, O, "grad_out", "(output channels)", x ? "x" : "values");
   TORCH_CHECK_VALUE(input_size.size() == 2, "input_size must have 2 entries, got ", input_size);
   const int64_t B = grad_out.size(0), H = input_size[0], W = input_size[1];
   TORCH_CHECK_VALUE(!x || x->size(0) == B, "x and grad_out must have the same batch size, got ", x->size(0),
-              " and ", B);
+                    " and ", B);
   // input_size against the conv output (grad_out's, or y's when pooled) before make_plan, whose row
   // table is O(H): a far too large input_size is refused, never allocated. A conv of an H-row input
   // has more than (H - kh) / sh output rows (the exact sizes are checked below).
   const at::Tensor& conv_out = bn ? *bn->y : grad_out;
   TORCH_CHECK_VALUE(conv_out.dim() == 4, "y must be 4-D [batch, channels, height, width], got shape ", conv_out.sizes());
   TORCH_CHECK_VALUE(H >= 0 && W >= 0 && (H - a.kh) / a.s[0] < conv_out.size(2) && (W - a.kw) / a.s[1] < conv_out.size(3),
-              "input_size ", input_size, " does not fit ", bn ? "y" : "grad_out", "'s spatial size (",
-              conv_out.size(2), ", ", conv_out.size(3), ") for kernel_size ", kernel_size, " and stride ", stride);
+                    "input_size ", input_size, " does not fit ", bn ? "y" : "grad_out", "'s spatial size (",
+                    conv_out.size(2), ", ", conv_out.size(3), ") for kernel_size ", kernel_size, " and stride ",
+                    stride);
   const Plan P = make_plan(B, C, H, W, O, a.k, a.s, a.p, like.element_size(), nnz);
   const bool pooled = bn && bn->pool_idx;  // (grad_out: the pooled map's; the op checked it)
   TORCH_CHECK_VALUE(!bn || bn->y->sizes() == at::IntArrayRef({B, O, P.OH, P.OW}), "y must have the conv's "
-              "output shape [", B, ", ", O, ", ", P.OH, ", ", P.OW, "], got ", bn->y->sizes());
+                    "output shape [", B, ", ", O, ", ", P.OH, ", ", P.OW, "], got ", bn->y->sizes());
   TORCH_CHECK_VALUE(pooled || (grad_out.size(2) == P.OH && grad_out.size(3) == P.OW), "grad_out must have spatial size (",
-              P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
+                    P.OH, ", ", P.OW, ") for input (", H, ", ", W, "), got ", grad_out.sizes());
   at::Tensor g = grad_out.contiguous();
   const int64_t prb = pointwise_conv_rows(P, like.element_size());
   const int64_t sbt = prb ? 0 : small_conv_tile(P, like.element_size());
@@ -273,9 +274,9 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor& ga = *grad_input_add;
     check_cpu(ga, "grad_input_add");
     TORCH_CHECK_TYPE(ga.scalar_type() == g.scalar_type(), "grad_input_add must have dtype ", g.scalar_type(),
-                ", got ", ga.scalar_type());
+                     ", got ", ga.scalar_type());
     TORCH_CHECK_VALUE(ga.sizes() == at::IntArrayRef({B, C, H, W}), "grad_input_add must have the input's shape [",
-                B, ", ", C, ", ", H, ", ", W, "], got ", ga.sizes());
+                      B, ", ", C, ", ", H, ", ", W, "], got ", ga.sizes());
     add = ga.contiguous();
   }
   at::Tensor dx, dv;
@@ -390,13 +391,13 @@ void check_pooled_grad(const at::Tensor& grad_out, const at::Tensor& idx, const 
   check_cpu(idx, "pool_indices");
   check_dtype(idx, at::kByte, "pool_indices");
   TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), "grad_out must have y's dtype ", y.scalar_type(), ", got ",
-              grad_out.scalar_type());
+                   grad_out.scalar_type());
   TORCH_CHECK_VALUE(y.dim() == 4, "y must be 4-D [batch, channels, height, width] with pool_indices, got shape ", y.sizes());
   const std::vector<int64_t> want = {y.size(0), y.size(1), y.size(2) / 2, y.size(3) / 2};
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(want), "grad_out must have the shape of y ", y.sizes(),
-              " pooled 2x2, ", at::IntArrayRef(want), ", with pool_indices, got ", grad_out.sizes());
+                    " pooled 2x2, ", at::IntArrayRef(want), ", with pool_indices, got ", grad_out.sizes());
   TORCH_CHECK_VALUE(idx.sizes() == grad_out.sizes(), "pool_indices must have grad_out's shape ", grad_out.sizes(), ", got ",
-              idx.sizes());
+                    idx.sizes());
 }
 
 // The backward of sparse conv -> BatchNorm (-> + residual) (-> ReLU) in one op (engine/fused.py):
@@ -423,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (pool_indices) check_pooled_grad(grad_out, *pool_indices, y, residual.has_value());
   TORCH_CHECK_VALUE(!(relu_before && residual), "relu_before and a residual do not combine (conv -> ReLU -> BN -> + residual)");
   TORCH_CHECK_VALUE(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
-              "the ReLU after, the residual's gradient is grad_out itself)");
+                    "the ReLU after, the residual's gradient is grad_out itself)");
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
@@ -434,8 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK_TYPE(sums->scalar_type() == at::kDouble, "sums must be float64 [", C, ", 2] (per channel sum g, "
                      "sum g (y - mean)), got ", sums->scalar_type(), " ", sums->sizes());
     TORCH_CHECK_VALUE(sums->sizes() == at::IntArrayRef({C, 2}),
-                "sums must be float64 [", C, ", 2] (per channel sum g, sum g (y - mean)), got ", sums->scalar_type(),
-                " ", sums->sizes());
+                      "sums must be float64 [", C, ", 2] (per channel sum g, sum g (y - mean)), got ",
+                      sums->scalar_type(), " ", sums->sizes());
   }
   const at::Tensor given = sums ? sums->contiguous() : at::Tensor();
   const at::Tensor yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
@@ -508,9 +509,9 @@ int64_t sparse_conv2d_small_tile(at::IntArrayRef input_size, int64_t out_channel
                                  at::IntArrayRef padding, at::ScalarType dtype) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK_VALUE(input_size.size() == 4, "input_size must be [batch, channels, height, width], got ",
-              input_size);
+                    input_size);
   TORCH_CHECK_VALUE(input_size[0] >= 0 && input_size[1] >= 0, "input_size's batch and channels must be >= 0, got ",
-              input_size);  // (the spatial size: make_plan)
+                    input_size);  // (the spatial size: make_plan)
   TORCH_CHECK_VALUE(out_channels >= 0, "out_channels must be >= 0, got ", out_channels);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64, got ", dtype);
   const size_t elem = c10::elementSize(dtype);

@@ -40,14 +40,14 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   TORCH_CHECK_VALUE(H >= 0 && W >= 0, "input spatial size must be >= 0, got (", H, ", ", W, ")");
   // (an empty tensor costs nothing at any size: H rows of 2^40 would be looped over below)
   TORCH_CHECK_VALUE(H < (int64_t(1) << 31) && W < (int64_t(1) << 31), "input spatial size must be < 2^31, got (", H, ", ",
-              W, ")");
+                    W, ")");
   Plan P;
   P.blocked = nnz >= kBlockedRow * O;
   P.B = B, P.C = C, P.H = H, P.W = W, P.O = O;
   P.kh = k[0], P.kw = k[1], P.sh = st[0], P.sw = st[1], P.ph = pad[0], P.pw = pad[1];
   const int64_t Hp = H + 2 * P.ph, Wp = W + 2 * P.pw;
   TORCH_CHECK_VALUE(Hp >= P.kh && Wp >= P.kw, "input spatial size (", H, ", ", W, ") plus padding (",
-              P.ph, ", ", P.pw, ") is smaller than the kernel (", P.kh, ", ", P.kw, ")");
+                    P.ph, ", ", P.pw, ") is smaller than the kernel (", P.kh, ", ", P.kw, ")");
   // a stride past the last kernel position leaves one output row (column): the same conv with the
   // stride clamped there (its phase planes would otherwise number stride_h * stride_w)
   P.sh = std::min(P.sh, Hp - P.kh + 1), P.sw = std::min(P.sw, Wp - P.kw + 1);

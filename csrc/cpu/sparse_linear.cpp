@@ -275,17 +275,17 @@ void check_values(const at::Tensor& values, const at::Tensor& ref_idx, const cha
   check_float(values, name);
   check_1d_contig(values, name);
   TORCH_CHECK_VALUE(values.numel() == ref_idx.numel(), name, " must have nnz = ", ref_idx.numel(),
-              " entries, got ", values.numel());
+                    " entries, got ", values.numel());
 }
 
 void check_activation(const at::Tensor& t, const at::Tensor& values, int64_t features,
                       const char* name) {
   check_cpu(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == values.scalar_type(), name, " must have the dtype of values (",
-              values.scalar_type(), "), got ", t.scalar_type());
+                   values.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have at least 1 dimension");
   TORCH_CHECK_VALUE(t.size(-1) == features, name, " must have last dimension ", features, ", got ",
-              t.size(-1), " (shape ", t.sizes(), ")");
+                    t.size(-1), " (shape ", t.sizes(), ")");
 }
 
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
@@ -333,7 +333,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& crow, const at::
     check_cpu(*bias, "bias");
     TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias must have the dtype of values");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == N, "bias must have shape [", N, "], got ",
-                bias->sizes());
+                      bias->sizes());
   }
   const at::Tensor xc = rows2d(x, K);
   const int64_t B = xc.size(0);
@@ -380,8 +380,8 @@ at::Tensor sparse_linear_grad_weight(const at::Tensor& grad_out, const at::Tenso
   check_float(x, "x");
   check_activation(grad_out, x, N, "grad_out");
   TORCH_CHECK_VALUE(grad_out.dim() == x.dim() && grad_out.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
-              "grad_out and x must have the same leading (batch) dimensions, got ",
-              grad_out.sizes(), " and ", x.sizes());
+                    "grad_out and x must have the same leading (batch) dimensions, got ",
+                    grad_out.sizes(), " and ", x.sizes());
   const at::Tensor g = rows2d(grad_out, N);
   const at::Tensor xc = rows2d(x, K);
   const int64_t B = xc.size(0);
