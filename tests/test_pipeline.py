@@ -178,15 +178,22 @@ def test_cli_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_given_milestones_past_the_epochs_are_refused_but_a_preset_run_round_trips():
+def test_given_milestones_past_the_epochs_are_refused_but_a_preset_run_round_trips(capsys):
     """--epochs alone keeps the preset's milestones (documented); a sweep run's argv writes every field
-    out, so those milestones arrive as given: they must not be refused there (every run of a sweep
-    with --epochs failed after planning fine)."""
+    out but those milestones, which come back from the preset (given, they are refused: every run of a
+    sweep with --epochs failed after planning fine). Milestones given equal to the preset's were let
+    through past the epochs (the LR never dropped)."""
     from sparsetrain.experiment.config import config_to_argv
     cfg = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5"])[0]
-    assert cfg.hyper("teacher").milestones == (15, 22) and config_from_args(config_to_argv(cfg))[0] == cfg
-    with pytest.raises(SystemExit):
-        config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5", "--milestones", "3", "9"])
+    argv = config_to_argv(cfg)
+    assert cfg.hyper("teacher").milestones == (15, 22) and config_from_args(argv)[0] == cfg
+    assert "--teacher-milestones" not in argv and "--teacher-epochs" in argv
+    both = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "25", "--milestones", "15", "22"])[0]
+    assert "--teacher-milestones" in config_to_argv(both) and config_from_args(config_to_argv(both))[0] == both
+    for bad in (["--milestones", "3", "9"], ["--milestones", "15", "22"], ["--student-milestones", "15", "22"]):
+        with pytest.raises(SystemExit):
+            config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5", *bad])
+        assert "milestones must be epochs in [1, 5)" in capsys.readouterr().err
 
 
 def test_an_empty_student_is_the_teachers_model_on_its_own_schedule():

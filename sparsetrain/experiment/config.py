@@ -308,7 +308,7 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
         validate(cfg, flags)
         for role in ROLES:  # (given milestones past the run's epochs would never lower the LR; the preset's
             hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
-            if key in given and tuple(given[key]) != tuple(p[key]) and any(m >= hp.epochs for m in hp.milestones):
+            if key in given and any(m >= hp.epochs for m in hp.milestones):
                 flag = flags.get(key, f"--{key.replace('_', '-')}")
                 raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
                                  f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
@@ -328,6 +328,8 @@ def config_to_argv(cfg: Config) -> list[str]:
             continue
         if hints[f.name] is bool:
             argv += [flag] if v else []
+        elif f.name.endswith("_milestones") and any(m >= cfg.hyper(f.name[:-len("_milestones")]).epochs for m in v):
+            continue  # (a preset's milestones kept past --epochs, as the run's command had them: given, refused)
         elif hints[f.name] is tuple:
             argv += [flag, *map(str, v)] if v else []  # (an empty tuple: the default, which is empty)
         else:
