@@ -6,14 +6,13 @@ import sys
 # slowdown (bench/contention.py). Set before torch loads the OpenMP runtime; the user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-try:  # (Ctrl-C while torch loads: one line, as during the run, not an import traceback)
+from .interrupt import exit_on_ctrl_c  # noqa: E402
+
+with exit_on_ctrl_c("run"):  # (Ctrl-C while torch loads: one line, as during the run, not an import traceback)
     from .config import config_from_args
 
     config_from_args(sys.argv[1:])  # argument errors first: one line and exit 2 before the study's imports
 
     from .study import main
-except KeyboardInterrupt:
-    print("interrupted before the run started: nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 sys.exit(main())

@@ -188,21 +188,29 @@ def run_study(cfg: Config) -> str:
         per_rank = f"; {torch.get_num_threads()} CPU thread(s) per rank (--threads)" if dev.type == "cpu" else ""
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               f"across them{per_rank}", flush=True)
+    rd, fresh = run_dir_of(cfg), []
     with contextlib.ExitStack() as held:
         def setup():
-            held.enter_context(folder_lock(run_dir_of(cfg)))
-            finish_interrupted_writes(run_dir_of(cfg))  # (what a kill left half-renamed or half-written)
-            fresh = not os.path.isfile(os.path.join(run_dir_of(cfg), "config.json"))
-            rd = prepare_run_dir(cfg)
-            try:
-                check_teacher_files(cfg, rd)
-                prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
-            except _EXPECTED:
-                if fresh:  # (refused before anything ran: no run is left for a report or --resume to find)
-                    os.remove(os.path.join(rd, "config.json"))
-                raise
-        _on_main(setup)
-        return _run_seeds(cfg, run_dir_of(cfg), dev)
+            held.enter_context(folder_lock(rd))
+            finish_interrupted_writes(rd)  # (what a kill left half-renamed or half-written)
+            fresh.append(not os.path.isfile(os.path.join(rd, "config.json")))
+            prepare_run_dir(cfg)
+            check_teacher_files(cfg, rd)
+            prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
+        try:
+            _on_main(setup)
+            return _run_seeds(cfg, rd, dev)
+        except _EXPECTED:  # (refused before anything ran, e.g. by the data's size: no run is left for
+            written = os.path.join(rd, "config.json")  # a report or --resume to find)
+            if dist.is_main() and fresh == [True] and os.path.isfile(written) and not _trained(rd):
+                os.remove(written)
+            raise
+
+
+def _trained(rd: str) -> bool:
+    """Whether this run directory holds work of its own: a phase's metrics or state (phases linked
+    in by --reuse are links, not walked)."""
+    return any({"metrics.csv", "state.pt"} & set(files) or os.path.basename(d) == "ckpt" for d, _, files in os.walk(rd))
 
 
 _EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy)
