@@ -179,6 +179,7 @@ CASES = [
     ("one-training-image", "mnist", ["--subset", "2", "--val-fraction", "0.5"], _mnist,
      "1 training image(s) after the validation split: the study needs at least 2"),
     ("threads", "mnist", ["--threads", "-1"], None, "--threads must be in [0, 4096]"),
+    ("out-empty", "mnist", ["--out", ""], None, "--out must be a folder path (the runs' root), not empty"),
     ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more distinct seeds in [0, 2^63)"),
     ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),
     ("dataset", "mnist", ["--early-stop", "sometimes"], None, "argument --early-stop: invalid choice"),
@@ -274,3 +275,13 @@ def test_ctrl_c_while_loading_is_one_line(tmp_path, module, argv, what, how):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"interrupted before the {what} started: nothing was written"]
     assert os.listdir(tmp_path) == []
+
+
+def test_print_config_into_a_closed_pipe_is_quiet(tmp_path):
+    """`--print-config | head -1`: the reader leaves before the JSON is written; no BrokenPipeError
+    traceback (the command did what was asked), exit 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparsetrain.experiment", *_argv(tmp_path), "--print-config"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err

@@ -326,6 +326,23 @@ def test_downloads_into_one_folder_take_turns(tmp_path, monkeypatch):
     assert (tmp_path / "data" / ".sparsetrain-download.lock").exists()
 
 
+def test_a_failed_download_is_reported_on_one_line(tmp_path, monkeypatch):
+    """torchvision's download error spans several lines (each mirror tried, then the urlopen error):
+    the not-found message stays one line (it printed ~7 per rank under torchrun)."""
+    import torchvision.datasets
+
+    from sparsetrain.experiment import datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a/, got:\n"
+                               "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline, raising=False)
+    err = datasets._download("MNIST", tmp_path / "data")
+    assert err == ("RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried https://a/, got: "
+                   "<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+
 def test_read_idx_rejects_garbage(tmp_path):
     (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(ValueError, match="not an IDX file"):

@@ -111,6 +111,15 @@ def test_dry_run_prints_the_plan_and_fails_on_an_invalid_point(tmp_path, capsys)
     assert "--alpha must be in [0, 1], got 1.5" in line and "3 runs; plan:" in out.out
     assert out.err.strip() == "error: 1 of 3 runs are invalid (INVALID above)"
     assert not (tmp_path / "sweeps" / "runs").exists()
+    # a dry run writes the plan of a sweep not yet run, and leaves a sweep's own record alone
+    plan_file = out.out.rsplit("plan: ", 1)[1].strip()
+    record = open(plan_file).read()
+    assert "--dry-run" in record
+    with open(plan_file, "w") as f:
+        f.write(record.replace('"--dry-run"', '"--as-run"'))  # (as the real sweep would have written it)
+    assert cli.main(_tiny(tmp_path, "--alpha", "0.5", "1.5", "--dry-run")) == 1
+    assert capsys.readouterr().out.rsplit("plan: ", 1)[1].strip() == plan_file
+    assert '"--as-run"' in open(plan_file).read()
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -244,7 +253,25 @@ def _finished_run(folder, cfg, phase="teacher", teachers=None):
     write_json(folder / "config.json", {**dataclasses.asdict(cfg), "student": cfg.resolved_student(),
                                         **({"teacher_fingerprints": teachers} if teachers else {})})
     write_json(folder / "seed0" / phase / "best.json", {"round": 0})
+    (folder / "summary.md").write_text("# a finished run's report\n")
     return folder
+
+
+def test_a_run_stopped_while_writing_its_report_is_not_done(tmp_path):
+    """A run whose phases finished but whose summary.md is missing, or older than this seed's phases
+    (another seed of the same run directory wrote it), is run again, which writes the report: a sweep
+    cancelled during a run's report skipped it from then on, its summary and figures never written."""
+    from sparsetrain.sweep.plan import Run
+    rd = _finished_run(tmp_path / "r", _cfg())
+    run = Run("r", "teacher", str(rd), [], seed=0, phases=["teacher"])
+    assert run.done()
+    (rd / "summary.md").unlink()
+    assert not run.done()
+    (rd / "summary.md").write_text("seed 1's report")
+    os.utime(rd / "summary.md", (1, 1))  # (written before seed 0's phase finished)
+    assert not run.done()
+    os.utime(rd / "summary.md")
+    assert run.done() and not Run("r", "teacher", str(rd), [], seed=1, phases=["teacher"]).done()
 
 
 def test_phase_key_ignores_what_a_run_ignores():
@@ -508,7 +535,8 @@ def test_a_failed_run_is_retried_and_reported(swept, tmp_path):
 
 _HOLDER = ("import os, sys, time\nfrom sparsetrain.experiment.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
            " print('held', flush=True)\n time.sleep(3)\n os.makedirs(sys.argv[1] + '/seed0/teacher')\n"
-           " open(sys.argv[1] + '/seed0/teacher/best.json', 'w').write('{}')")  # a run another process finishes
+           " open(sys.argv[1] + '/seed0/teacher/best.json', 'w').write('{}')\n"
+           " open(sys.argv[1] + '/summary.md', 'w').write('done')")  # a run another process finishes
 
 
 def test_a_run_another_sweep_is_running_is_waited_for(swept, tmp_path):

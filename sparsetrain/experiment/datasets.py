@@ -288,8 +288,8 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
                 pass
             getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
         return None
-    except Exception as e:  # no network, bad archive, ...: reported in the not-found message
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # no network, bad archive, ...: reported in the not-found message, on one line
+        return " ".join(f"{type(e).__name__}: {e}".split())[:400]  # (torchvision's runs over several)
 
 
 # ------------------------------------------------------------------------------- the registry

@@ -356,7 +356,11 @@ def main(argv=None) -> int:
     if args.print_config:  # (the phases this command runs; the vanilla one, when it is the teacher run, says so)
         runs = set(sum(needed_phases(cfg), [])) | ({"vanilla"} if "vanilla" in cfg.phases else set())
         phases = {p: v for p, v in phase_settings(cfg).items() if p in runs}
-        print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases}, indent=1))
+        try:
+            print(json.dumps({"run_dir": rd, "config": dataclasses.asdict(cfg), "phases": phases}, indent=1),
+                  flush=True)
+        except BrokenPipeError:  # (`--print-config | head`: the reader has what it wanted, no traceback)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         if args.report_only and not os.path.isfile(os.path.join(rd, "config.json")) and legacy_run_dir(cfg):
