@@ -502,6 +502,20 @@ def test_a_run_failing_at_run_time_is_reported_and_not_retried(swept):
     assert [s["state"] for s in status.values() if s["kind"] == "teacher"] == ["skipped"]
 
 
+def test_a_run_not_started_for_a_failed_dependency_points_to_that_log(swept, tmp_path):
+    """It has no log of its own: its status (and the sweep's 'failed:' line) named one never written."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('no data here')\nsys.exit(2)\n")
+    first = Run("a", "teacher", str(tmp_path / "runs" / "a"), [], seed=0, phases=["teacher"], program=str(script))
+    then = Run("b", "study", str(tmp_path / "runs" / "b"), [], deps=["a"], seed=0, phases=["vanilla"],
+               program=str(script))
+    status = execute([first, then], str(tmp_path / "sw"), retries=0)
+    assert status["b"]["state"] == "failed" and status["b"]["error"] == "not run: a failed"
+    assert status["b"]["log"] == status["a"]["log"] and "no data here" in open(status["b"]["log"]).read()
+
+
 def test_a_missing_or_unreadable_teacher_path_is_an_invalid_point(tmp_path):
     """A --teachers PATH that does not exist or is no checkpoint failed only in its study run, after
     the sweep had trained the point's teacher run: the plan refuses the point (each file read once)."""

@@ -196,16 +196,18 @@ def main(argv=None) -> int:
         parser.error(str(e))
     sweep_dir = os.path.join(args.out, f"{args.what}-{args.profile}-{plan_digest(plan)}")
     _make_folder(parser, sweep_dir)
-    write_json(os.path.join(sweep_dir, "plan.json"), {
-        "command": ["python", "-m", "sparsetrain.sweep", *(sys.argv[1:] if argv is None else argv)],
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-        "runs": [{"name": r.name, "kind": r.kind, "run_dir": r.run_dir, "deps": r.deps, "error": r.error,
-                  "argv": r.argv} for r in plan]})
+    plan_file = os.path.join(sweep_dir, "plan.json")
+    if not (args.dry_run and os.path.exists(plan_file)):  # (a dry run leaves a real sweep's record alone)
+        write_json(plan_file, {
+            "command": ["python", "-m", "sparsetrain.sweep", *(sys.argv[1:] if argv is None else argv)],
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+            "runs": [{"name": r.name, "kind": r.kind, "run_dir": r.run_dir, "deps": r.deps, "error": r.error,
+                      "argv": r.argv} for r in plan]})
     if args.dry_run:
         for r in plan:
             print(f"{r.kind:7s} {r.name}" + (f"  after {', '.join(r.deps)}" if r.deps else "") +
                   (f"  INVALID: {r.error}" if r.error else "  (finished)" if r.done() else ""))
-        print(f"{len(plan)} runs; plan: {os.path.join(sweep_dir, 'plan.json')}")
+        print(f"{len(plan)} runs; plan: {plan_file}")
         invalid = sum(bool(r.error) for r in plan)
         if invalid:  # (exit 1, as the sweep itself would end: it runs the others and reports these failed)
             print(f"error: {invalid} of {len(plan)} runs are invalid (INVALID above)", file=sys.stderr)

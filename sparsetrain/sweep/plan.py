@@ -48,8 +48,15 @@ class Run:
     own_vanilla: bool = False      # a study training its vanilla student (its teacher run's curve is not it)
 
     def done(self) -> bool:
-        return not self.error and all(phase_done(os.path.join(self.run_dir, f"seed{self.seed}", p))
-                                      for p in self.phases)
+        """Every phase finished and the run's own report written after them (the report comes last: a
+        run stopped while writing it is run again, which then only writes the report; the seeds of a
+        run share its summary.md, so it must be newer than this seed's phases)."""
+        phases = [os.path.join(self.run_dir, f"seed{self.seed}", p) for p in self.phases]
+        if self.error or not all(phase_done(p) for p in phases):
+            return False
+        summary = os.path.join(self.run_dir, "summary.md")
+        return os.path.isfile(summary) and all(os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json"))
+                                               for p in phases)
 
 
 def expand(settings: dict) -> list[dict]:

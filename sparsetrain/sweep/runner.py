@@ -235,7 +235,8 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             for r in list(todo):
                 if any(status[d]["state"] == "failed" for d in r.deps):
                     failed = [d for d in r.deps if status[d]["state"] == "failed"]
-                    status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed")
+                    status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed",
+                                          log=status[failed[0]]["log"])  # (it has none: the failure's)
                     todo.remove(r)
                 elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
                     if r.run_dir and folder_busy(r.run_dir):  # another sweep (same --out) is running it: wait
