@@ -627,6 +627,7 @@ def test_sigterm_stops_the_running_experiment_at_once(tmp_path):
     assert took < 30, (took, out)
     status = json.loads((tmp_path / "sw" / "status.json").read_text())
     assert status["tick"]["state"] == "interrupted", (status, out)
+    assert "=== cancelled after" in open(status["tick"]["log"]).read().splitlines()[-1]  # (why the log stops)
 
 
 def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):

@@ -73,6 +73,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            f.write(f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run resumes)\n")
             raise
         finally:
             if os.path.exists(marker):
