@@ -2,8 +2,9 @@
 same sparse conv with nn.BatchNorm2d and nn.ReLU after it, vs the dense masked conv with them;
 forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes; and a stage
 end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map (one addcmul pass) +
-max_pool2d, bn_act then max_pool2x2, and max_pool2x2 pooling the BN's output from its input (in_scale/in_shift; forward). Part
-of `python bench/kernels.py` (section "fused"); the whole-step effect is bench/train_step.py's."""
+max_pool2d, bn_act then max_pool2x2, and max_pool2x2 pooling the BN's output from its input
+(in_scale/in_shift; forward). Part of `python bench/kernels.py` (section "fused"); the whole-step
+effect is bench/train_step.py's."""
 from __future__ import annotations
 
 import copy

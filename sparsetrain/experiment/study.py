@@ -200,17 +200,20 @@ def run_study(cfg: Config) -> str:
         try:
             _on_main(setup)
             return _run_seeds(cfg, rd, dev)
-        except _EXPECTED:  # (refused before anything ran, e.g. by the data's size: no run is left for
-            written = os.path.join(rd, "config.json")  # a report or --resume to find)
+        except _EXPECTED:
+            # refused before anything ran (in set-up, or by the data: its size, its files): no run is
+            # left for a report or --resume to find
+            written = os.path.join(rd, "config.json")
             if dist.is_main() and fresh == [True] and os.path.isfile(written) and not _trained(rd):
                 os.remove(written)
             raise
 
 
 def _trained(rd: str) -> bool:
-    """Whether this run directory holds work of its own: a phase's metrics or state (phases linked
-    in by --reuse are links, not walked)."""
-    return any({"metrics.csv", "state.pt"} & set(files) or os.path.basename(d) == "ckpt" for d, _, files in os.walk(rd))
+    """Whether this run directory holds work of its own: a phase's metrics, state or checkpoints
+    (phases linked in by --reuse are links, which os.walk does not enter)."""
+    return any({"metrics.csv", "state.pt"} & set(files) or os.path.basename(d) == "ckpt"
+               for d, _, files in os.walk(rd))
 
 
 _EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy)

@@ -51,7 +51,8 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
             for ph in _phases(g):
                 rounds, per, x, acc, ent = mean_curve(g["curves"][ph])
                 name = "vanilla" if ph == vanilla_phase(g) else ph
-                label = (f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}") + same_note(g, ph)
+                label = f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}"
+                label += same_note(g, ph)  # (a distill-best that is distill-dense says so)
                 n = np.array([len(per[k]) for k in rounds])
                 few = n < n.max()  # (rounds only some seeds reached: a mean of fewer seeds, hollow)
                 line, = ax.plot(x, acc[:, 0], _STYLE.get(name, "-."), marker="o", ms=2.5, color=color,

@@ -55,8 +55,8 @@ class Run:
         if self.error or not all(phase_done(p) for p in phases):
             return False
         summary = os.path.join(self.run_dir, "summary.md")
-        return os.path.isfile(summary) and all(os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json"))
-                                               for p in phases)
+        return os.path.isfile(summary) and all(
+            os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json")) for p in phases)
 
 
 def expand(settings: dict) -> list[dict]:
