@@ -261,7 +261,7 @@ def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, interr
     assert "round_02.pt is corrupt" in err and "delete" in err and str(pd) in err
 
 
-def test_a_finished_phase_with_damaged_results_is_refused(mnist_dir, study_args, capsys):
+def test_a_finished_phase_with_damaged_results_is_refused(mnist_dir, study_args, capsys, monkeypatch):
     """A finished phase's metrics.csv and best.json carry checksums, its round checkpoints are checked
     against their records and its rows: a torn metrics.csv gave a silently wrong summary (exit 0), a
     lost round checkpoint went unnoticed. Each is one line naming the file and the folder to delete."""
@@ -284,6 +284,11 @@ def test_a_finished_phase_with_damaged_results_is_refused(mnist_dir, study_args,
         for p, b in keep.items():
             p.write_bytes(b)
     assert study.main(base) == 0  # (restored: the finished run again)
+    # the finished run invoked again at another commit: nothing was resumed, so nothing is recorded
+    # as a resume (config.json gained a resumed_with entry for it)
+    monkeypatch.setattr(study, "git_commit", lambda: "another-commit")
+    assert study.main(base) == 0
+    assert "resumed_with" not in json.loads((run_dir(mnist_dir / "runs") / "config.json").read_text())
 
 
 def test_folder_lock_without_locking_support_warns_and_runs(tmp_path, monkeypatch):

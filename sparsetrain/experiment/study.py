@@ -28,7 +28,8 @@ from .devices import resolve_device
 from .files import EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
-from .reuse import PhaseMissing, check_linked, needed_phases, phase_settings, prepare_phases, teacher_fingerprint
+from .reuse import (PhaseMissing, check_linked, needed_phases, phase_done, phase_settings, prepare_phases,
+                    teacher_fingerprint)
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
@@ -78,9 +79,10 @@ def _read_config(path: str) -> dict:
                          "over") from None
 
 
-def prepare_run_dir(cfg: Config) -> str:
+def prepare_run_dir(cfg: Config, resuming: bool = True) -> str:
     """Create the run directory with its resolved config.json; refuse a directory holding a run
-    with different result-affecting settings (a hash collision or a hand-edited config)."""
+    with different result-affecting settings (a hash collision or a hand-edited config). `resuming`:
+    whether this invocation has work left (a finished run re-invoked gains no resumed_with entry)."""
     rd = run_dir_of(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
@@ -107,7 +109,7 @@ def prepare_run_dir(cfg: Config) -> str:
     # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
     # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
-    if old and {k: old.get(k, v) for k, v in now.items()} != now and (not resumed or resumed[-1] != now):
+    if resuming and old and {k: old.get(k, v) for k, v in now.items()} != now and (not resumed or resumed[-1] != now):
         resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
@@ -194,7 +196,8 @@ def run_study(cfg: Config) -> str:
             held.enter_context(folder_lock(rd))
             finish_interrupted_writes(rd)  # (what a kill left half-renamed or half-written)
             fresh.append(not os.path.isfile(os.path.join(rd, "config.json")))
-            prepare_run_dir(cfg)
+            prepare_run_dir(cfg, resuming=not all(phase_done(os.path.join(rd, f"seed{seed}", p))
+                                                  for seed in cfg.seeds for p in needed_phases(cfg)[0]))
             check_teacher_files(cfg, rd)
             prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
         try:
