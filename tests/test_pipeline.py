@@ -658,7 +658,13 @@ def test_legacy_run_directory_is_reported_not_resumed(mnist_dir, study_args, cap
     assert study.main(study_args(mnist_dir, "--report-only")) == 0
     assert (legacy / "summary.md").exists()
     assert study.main(study_args(mnist_dir, "--wall", "0.3", "--teachers", "dense")) == 0
-    assert "is a run directory of an earlier sparsetrain" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a run directory of an earlier sparsetrain" in err
+    # (--wall 0.3 under --rate 0.5: no pruned round can train, and the run says so)
+    assert "note: --wall 0.3 is at or below the first pruned round's sparsity (--rate 0.5): only the dense round 0 " \
+           "trains" in err
+    assert study.main(study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")) == 0
+    assert "note: --wall" not in capsys.readouterr().err  # (study_args' --wall 0.95 leaves rounds to train)
 
 
 def test_cnn_study_on_fused_layers_resumes_exactly(cifar10_dir, kill_and_resume):

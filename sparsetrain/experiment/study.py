@@ -378,6 +378,10 @@ def main(argv=None) -> int:
         if args.report_only:
             print(report.write_report(rd))
             return 0
+        if cfg.structure != "filter" and cfg.rate >= cfg.wall and os.environ.get("RANK", "0") == "0":
+            # (Algorithm 1 trains a round while its target, 1 - (1 - rate)^k, is below the wall)
+            print(f"note: --wall {cfg.wall:g} is at or below the first pruned round's sparsity (--rate {cfg.rate:g}): "
+                  "only the dense round 0 trains", file=sys.stderr)
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
