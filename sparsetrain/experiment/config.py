@@ -279,12 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,
                        type=type(f.default[0]) if hints[f.name] is tuple else hints[f.name],
                        help=f"{_ROLE_HELP[k]} of every run (teacher and students)")
-    p.add_argument("--resume", action="store_true",
-                   help="require an existing run to continue (error if the run directory holds none); without "
-                        "it, re-running the same command also continues an interrupted run")
-    p.add_argument("--report-only", action="store_true", help="only (re)write summary.md and plots of the run")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved configuration of every phase as JSON and exit (reads no data)")
+    what = p.add_mutually_exclusive_group()  # (what the command does, besides running: one at most)
+    what.add_argument("--resume", action="store_true",
+                      help="require an existing run to continue (error if the run directory holds none); without "
+                           "it, re-running the same command also continues an interrupted run")
+    what.add_argument("--report-only", action="store_true", help="only (re)write summary.md and plots of the run")
+    what.add_argument("--print-config", action="store_true",
+                      help="print the resolved configuration of every phase as JSON and exit (reads no data)")
     return p
 
 
