@@ -6,10 +6,8 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
-
 from ..experiment.files import atomic_write
-from ..experiment.report.plots import mean_curve, sparsity_axis
+from ..experiment.report.plots import fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
 from .aggregate import group_label
 
@@ -53,12 +51,8 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
                 name = "vanilla" if ph == vanilla_phase(g) else ph
                 label = f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}"
                 label += same_note(g, ph)  # (a distill-best that is distill-dense says so)
-                n = np.array([len(per[k]) for k in rounds])
-                few = n < n.max()  # (rounds only some seeds reached: a mean of fewer seeds, hollow)
-                line, = ax.plot(x, acc[:, 0], _STYLE.get(name, "-."), marker="o", ms=2.5, color=color,
-                                label=label + (" (hollow: fewer seeds)" if few.any() else ""))
-                if few.any():
-                    ax.plot(x[few], acc[few, 0], "o", ms=4, mfc="white", mec=line.get_color(), ls="none")
+                line = hollow_curve(ax, x, acc[:, 0], fewer_seeds(per, rounds), color, label,
+                                    style=_STYLE.get(name, "-.") + "o", ms=2.5, hollow_ms=4)
                 ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=line.get_color(), alpha=.15,
                                 lw=0)
                 ax2.plot(x, ent, _STYLE.get(name, "-."), color=line.get_color(), lw=.7, alpha=.5)

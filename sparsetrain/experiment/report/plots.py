@@ -11,7 +11,7 @@ from .labels import label_rounds
 from ..metrics import best_index, get
 from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
 
-__all__ = ["plot_run", "mean_curve", "sparsity_axis"]
+__all__ = ["plot_run", "mean_curve", "sparsity_axis", "fewer_seeds", "hollow_curve"]
 
 
 _TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
@@ -40,17 +40,19 @@ def best_round(seed_rows: dict):
     return min(set(picks), key=lambda k: (-picks.count(k), k)) if picks else None
 
 
-def _fewer(by, rounds):
+def fewer_seeds(by, rounds):
     """The rounds only some seeds reached (their mean is over fewer seeds: drawn hollow), as a mask."""
     n = np.array([len(by[k]) for k in rounds])
     return n < n.max()
 
 
-def _curve(ax, x, y, few, color, label, style="-o") -> None:
-    """A mean curve, its fewer-seed rounds hollow (and said in its legend entry)."""
-    ax.plot(x, y, style, ms=3, color=color, label=label + (" (hollow: fewer seeds)" if few.any() else ""))
+def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
+    """A mean curve, its fewer-seed rounds hollow (and said in its legend entry); returns the line
+    (its colour: matplotlib's next one when `color` is None)."""
+    line, = ax.plot(x, y, style, ms=ms, color=color, label=label + (" (hollow: fewer seeds)" if few.any() else ""))
     if few.any():
-        ax.plot(np.asarray(x)[few], np.asarray(y)[few], "o", ms=5, mfc="white", mec=color, ls="none")
+        ax.plot(np.asarray(x)[few], np.asarray(y)[few], "o", ms=hollow_ms, mfc="white", mec=line.get_color(), ls="none")
+    return line
 
 
 def sparsity_axis(ax) -> None:
@@ -80,8 +82,8 @@ def plot_run(run, out_dir) -> list[str]:
     van = vanilla_phase(run)
     for ph in phases:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
-        few = _fewer(by, rounds)
-        _curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
+        few = fewer_seeds(by, rounds)
+        hollow_curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
         ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
         b = best_round(curves[ph])
@@ -113,8 +115,8 @@ def plot_run(run, out_dir) -> list[str]:
     for ph in phases:
         rounds, by = per_round(curves[ph])
         cum = np.array([mean(by[k], "cum_flops") for k in rounds]) / 1e15
-        few = _fewer(by, rounds)
-        _curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
+        few = fewer_seeds(by, rounds)
+        hollow_curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
         if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
             extra = {}
             for rows in curves[ph].values():
@@ -122,7 +124,7 @@ def plot_run(run, out_dir) -> list[str]:
                 for r, v in zip(rows, c):
                     extra.setdefault(r["round"], []).append(v)
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
-            _curve(ax, rounds, tot, few, color[ph], f"{ph} incl. teacher", style=":")
+            hollow_curve(ax, rounds, tot, few, color[ph], f"{ph} incl. teacher", style=":")
         for rows in curves[ph].values():
             for rule, marker in (("entropy", "x"), ("entropy-peak", "+")):
                 s = algorithm2_stop(rows, t_e, t_a, rule, run["config"].get("stop_falls", 1))
