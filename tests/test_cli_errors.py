@@ -289,3 +289,31 @@ def test_print_config_into_a_closed_pipe_is_quiet(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("argv, noted", [
+    (["--block", "16"], ["--block 16 has no effect: it is the tile side of --structure block, and this run prunes "
+                         "unstructured; it still names the run"]),
+    (["--structure", "block", "--block", "16"], []),
+    (["--rewind-iter", "5"], ["--rewind-iter 5 has no effect: only --perturb rewind reads it, and this run's is none"]),
+    (["--student-rewind-iter", "5", "--perturb", "reinit"], ["--student-rewind-iter 5 has no effect"]),
+    (["--perturb", "rewind", "--rewind-iter", "5"], []),
+    (["--eps", "0", "--noise", "uniform", "--clean-val"], ["--noise uniform has no effect", "--clean-val has no effect"]),
+    (["--eps", "0.1", "--noise", "uniform", "--clean-val"], []),
+    (["--alpha", "0", "--tau", "4"], ["--tau 4.0 has no effect: it is the temperature of Eq. 2's distillation term"]),
+    (["--alpha", "0", "--tau", "10"], []),  # (the default: nothing given away from it)
+    (["--model", "vgg_like", "--structure", "filter", "--scope", "layer", "--engine", "sparse"],
+     ["--scope layer has no effect", "--engine sparse has no effect: --structure filter trains dense masked layers"]),
+])
+def test_settings_the_run_ignores_are_noted(tmp_path, argv, noted):
+    """A flag the configuration never reads (given away from its preset) gets one stderr note and the
+    run goes on (the sweep refuses such an axis: twin points); those it reads get none."""
+    from sparsetrain.experiment.config import config_from_args, notes
+    lines = notes(*config_from_args(_argv(tmp_path, *argv)))
+    assert len(lines) == len(noted) and all(line.startswith(n) for line, n in zip(lines, noted)), lines
+
+
+def test_ignored_setting_note_reaches_stderr(tmp_path):
+    out = _cli(tmp_path, "--block", "64", "--print-config")
+    assert out.returncode == 0 and json.loads(out.stdout)["config"]["block"] == 64
+    assert out.stderr.startswith("note: --block 64 has no effect") and len(out.stderr.splitlines()) == 1

@@ -24,7 +24,7 @@ from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
 __all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
-           "resolve_amp", "validate", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
+           "resolve_amp", "validate", "ignored_settings", "notes", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
 
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
 
@@ -229,6 +229,50 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
     if cfg.structure == "filter" and any(family(n) == "resnet" for n in (cfg.model, cfg.resolved_student())):
         raise ValueError("--structure filter supports sequential models (vgg_like, lenet300); residual "
                          f"connections tie channel counts (got --model {cfg.model} / student {cfg.resolved_student()})")
+
+
+def ignored_settings(cfg: Config) -> dict[str, str]:
+    """{field: why} for the settings this configuration never reads: they change no result but still
+    name the run; the CLI notes those given (`notes`). A phase's key leaves out the pruning ones and
+    rewind_iter (reuse._applying, _hyper), so a sweep refuses an axis of them (twin points)."""
+    out = {}
+    if cfg.structure != "block":
+        out["block"] = f"it is the tile side of --structure block, and this run prunes {cfg.structure}"
+    if cfg.structure == "filter":
+        out["scope"] = "--structure filter ranks each layer's filters on their own"
+    if RULES[cfg.structure].needs_dense:
+        out["engine"] = f"--structure {cfg.structure} trains dense masked layers whatever the engine"
+    if cfg.perturb != "rewind":
+        out.update({f"{r}_rewind_iter": f"only --perturb rewind reads it, and this run's is {cfg.perturb}"
+                    for r in ROLES})
+    if cfg.eps == 0:
+        out["noise"] = "it is the kind of --eps's label noise, and --eps is 0"
+        if cfg.dataset not in HUMAN_NOISE:
+            out["clean_val"] = "with --eps 0 every label is clean"
+    if cfg.alpha == 0:
+        out["tau"] = "it is the temperature of Eq. 2's distillation term, which --alpha 0 turns off"
+    return out
+
+
+def notes(cfg: Config, args: argparse.Namespace) -> list[str]:
+    """One line per setting the command line gave away from its preset that the run ignores, and for a
+    wall no pruned round reaches: the run starts anyway (stderr notes, not errors)."""
+    ref = {**dataclasses.asdict(Config(dataset=cfg.dataset, profile=cfg.profile)),
+           **preset(cfg.profile, cfg.dataset, cfg.model or None, cfg.student or None)}
+    out, said = [], set()
+    for k, why in ignored_settings(cfg).items():
+        both = k.split("_", 1)[1] if k.split("_", 1)[0] in ROLES else None  # (--rewind-iter sets both roles)
+        name = k if getattr(args, k, None) is not None else both if both and getattr(args, both) is not None else None
+        if name is None or getattr(cfg, k) == ref[k] or name in said:
+            continue
+        said.add(name)
+        v = getattr(cfg, k)
+        out.append(f"--{name.replace('_', '-')}{'' if isinstance(v, bool) else f' {v}'} has no effect: {why}; it still names "
+                   "the run")
+    if cfg.structure != "filter" and cfg.rate >= cfg.wall:  # (Algorithm 1 trains a round while its target,
+        out.append(f"--wall {cfg.wall:g} is at or below the first pruned round's sparsity "  # 1 - (1 - rate)^k,
+                   f"(--rate {cfg.rate:g}): only the dense round 0 trains")  # is below the wall)
+    return out
 
 
 # ---------------------------------------------------------------------------- CLI

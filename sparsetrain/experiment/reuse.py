@@ -17,8 +17,7 @@ import hashlib
 import json
 import os
 
-from ..prune import RULES
-from .config import ADDED_DEFAULTS, Config, config_from_json
+from .config import ADDED_DEFAULTS, Config, config_from_json, ignored_settings
 from .metrics import teacher_tag
 from .models import canonical_name
 
@@ -70,7 +69,7 @@ def phase_settings(cfg: Config) -> dict:
 
 def _hyper(cfg: Config, role: str) -> dict:
     hp = dataclasses.asdict(cfg.hyper(role))
-    if cfg.perturb != "rewind":  # (only --perturb rewind reads it)
+    if f"{role}_rewind_iter" in ignored_settings(cfg):  # (only --perturb rewind reads it)
         del hp["rewind_iter"]
     return hp
 
@@ -78,13 +77,7 @@ def _hyper(cfg: Config, role: str) -> dict:
 def _applying(cfg: Config, keys) -> dict:
     """cfg's settings `keys`, less those this configuration ignores: a run that ignores a setting
     gives the same results whatever it says, so it must not stop a reuse."""
-    skip = set()
-    if cfg.structure == "filter":
-        skip.add("scope")  # (filter ranking is per layer)
-    if cfg.structure != "block":
-        skip.add("block")
-    if RULES[cfg.structure].needs_dense:
-        skip.add("engine")  # (the layers train dense whatever --engine says)
+    skip = set(ignored_settings(cfg)) & set(_PRUNE_KEYS)  # (scope, block, engine; the data keys all count)
     if cfg.early_stop == "none":
         skip.update(("t_e", "t_a", "stop_falls"))
     elif cfg.early_stop != "entropy-peak":

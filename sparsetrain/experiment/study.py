@@ -23,7 +23,7 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import ADDED_DEFAULTS, Config, config_from_args
+from .config import ADDED_DEFAULTS, Config, config_from_args, notes
 from .devices import resolve_device
 from .files import EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
 from .loop import PhaseError, run_phase
@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     use by another process: EXIT_BUSY, 75); a traceback means a bug."""
     cfg, args = config_from_args(argv)
     rd = run_dir_of(cfg)
+    for line in notes(cfg, args) if os.environ.get("RANK", "0") == "0" and not args.report_only else ():
+        print(f"note: {line}", file=sys.stderr)  # (settings the run ignores; a wall no round reaches)
     if args.print_config:  # (the phases this command runs; the vanilla one, when it is the teacher run, says so)
         runs = set(sum(needed_phases(cfg), [])) | ({"vanilla"} if "vanilla" in cfg.phases else set())
         phases = {p: v for p, v in phase_settings(cfg).items() if p in runs}
@@ -378,10 +380,6 @@ def main(argv=None) -> int:
         if args.report_only:
             print(report.write_report(rd))
             return 0
-        if cfg.structure != "filter" and cfg.rate >= cfg.wall and os.environ.get("RANK", "0") == "0":
-            # (Algorithm 1 trains a round while its target, 1 - (1 - rate)^k, is below the wall)
-            print(f"note: --wall {cfg.wall:g} is at or below the first pruned round's sparsity (--rate {cfg.rate:g}): "
-                  "only the dense round 0 trains", file=sys.stderr)
         check_teachers(cfg)
         summary = run_study(cfg)
         main_rank = dist.is_main()
