@@ -24,7 +24,8 @@ from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
 __all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
-           "resolve_amp", "validate", "ignored_settings", "notes", "build_parser", "config_from_args", "config_to_argv", "config_from_json"]
+           "resolve_amp", "validate", "ignored_settings", "notes", "build_parser", "config_from_args", "config_to_argv",
+           "config_from_json"]
 
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
 
@@ -267,8 +268,8 @@ def notes(cfg: Config, args: argparse.Namespace) -> list[str]:
             continue
         said.add(name)
         v = getattr(cfg, k)
-        out.append(f"--{name.replace('_', '-')}{'' if isinstance(v, bool) else f' {v}'} has no effect: {why}; it still names "
-                   "the run")
+        shown = f"--{name.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+        out.append(f"{shown} has no effect: {why}; it still names the run")
     if cfg.structure != "filter" and cfg.rate >= cfg.wall:  # (Algorithm 1 trains a round while its target,
         out.append(f"--wall {cfg.wall:g} is at or below the first pruned round's sparsity "  # 1 - (1 - rate)^k,
                    f"(--rate {cfg.rate:g}): only the dense round 0 trains")  # is below the wall)
