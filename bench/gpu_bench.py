@@ -19,28 +19,18 @@ it prints that it was skipped and returns [].
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from sparsetrain.testing import tf32
 
 LINEAR_SHAPES = [(4608, 512, 2048), (3072, 768, 902), (784, 300, 128)]  # (in, out, batch)
 CONV_SHAPES = [(64, 64, 32, 3, 1), (256, 256, 8, 3, 1), (128, 256, 16, 3, 2)]  # (cin, cout, hw, k, stride)
 SPARSITIES = [0.9, 0.99, 0.999]
 DEVICE = "cuda"
-
-
-@contextlib.contextmanager
-def _tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _time(fn, quick):
@@ -173,9 +163,9 @@ def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
 def _check(name, method, reference) -> None:
     """One step of `method` against the dense masked reference of its pattern, computed in fp32;
     TF32 products (10-bit mantissas) get a looser tolerance, relative to the largest value."""
-    with _tf32(False):
+    with tf32(False):
         ref = reference(method.pattern)
-    with _tf32(bool(method.tf32)):
+    with tf32(bool(method.tf32)):
         got = method.outputs()
     tol = 1e-2 if method.tf32 else 1e-4
     for what, a, b in zip(("output", "dx"), got, ref):
@@ -195,7 +185,7 @@ def _measure(rows, base, methods, reference, spatial, quick):
                 row.update(ms=None, note=m.tf32)
             else:
                 try:
-                    with _tf32(bool(m.tf32)):
+                    with tf32(bool(m.tf32)):
                         ms = _time(fn, quick)
                     row.update(ms=round(ms, 4), useful_gflops=round(2 * m.weights * spatial * mult / ms / 1e6, 1))
                     times[(name, phase)] = ms

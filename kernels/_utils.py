@@ -35,11 +35,17 @@ def autotune(configs, key, **kw):
 
 def launch(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta), adding the default config when the kernel is not autotuned.
-    `grid` is a callable of the meta-parameters (as triton.autotune requires)."""
+    `grid` is a callable of the meta-parameters (as triton.autotune requires). On the device of its
+    first CUDA tensor: Triton launches on the current device and its current stream, which for
+    tensors on cuda:1 would otherwise be cuda:0's (as torch's own ops, which follow their inputs)."""
     cfg = getattr(kernel, "_st_default", None)
     if cfg is not None:
         meta = {**cfg.kwargs, "num_warps": cfg.num_warps, **meta}
-    return kernel[grid](*args, **meta)
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+    if dev is None:
+        return kernel[grid](*args, **meta)
+    with torch.cuda.device(dev):
+        return kernel[grid](*args, **meta)
 
 
 def check_device(*tensors, name: str):

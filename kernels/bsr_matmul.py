@@ -9,8 +9,9 @@ the transposed block index (`ccol`, `row_t`, `perm`) built once per mask (sparse
 * `bsr_linear_grad_weight`: dW_rc = dy[:, r]^T @ x[:, c]     only the stored blocks
 
 Activations stay in their natural [B, features] layout (a BLOCK_M x BS tile is a coalesced 2-D
-load). fp32 inputs use TF32 tensor cores only when `torch.backends.cuda.matmul.allow_tf32` is set
-(PyTorch's own rule for matmuls); fp16/bf16 accumulate in fp32.
+load). fp32 inputs use TF32 tensor cores only when PyTorch's fp32 CUDA matmuls may (its own rule:
+`torch.backends.cuda.matmul.fp32_precision = "tf32"`, the legacy `allow_tf32`, or
+`set_float32_matmul_precision("high")`); fp16/bf16 accumulate in fp32.
 """
 from __future__ import annotations
 
@@ -42,9 +43,11 @@ def _bsr_mm_kernel(a, ptr, idx, perm, vals, order, c, bias, M, KD, ND, NROWS, M_
                    TRANS_W: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                    PRECISION: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
     """c[m, r*BS:(r+1)*BS] = sum_j a[m, idx[j]*BS:...] @ (W_j^T if TRANS_W else W_j) (+ bias),
-    a [M, KD] and c [M, ND] row-major; block rows r = order[pid(0)] (most blocks first)."""
-    r = tl.load(order + tl.program_id(0)).to(tl.int64)
-    offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    a [M, KD] and c [M, ND] row-major; block rows r = order[pid % NROWS] (most blocks first), row
+    tiles pid // NROWS (one grid axis: CUDA's second and third stop at 65535)."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = tl.load(order + pid % NROWS).to(tl.int64)
+    offs_m = (pid // NROWS) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BS)
     mmask = offs_m < M
     start = tl.load(ptr + r)
@@ -113,9 +116,20 @@ def _bsr_sddmm_kernel(dy, x, brow, idx, out, M, N, K, NNZB, M_KEY, SPLIT,
 # ============================================================================ host side
 def _precision(dtype: torch.dtype) -> str:
     """fp32: exact ("ieee") unless PyTorch allows TF32 matmuls; fp16/bf16: Triton's default."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    return "tf32" if dtype != torch.float32 or _tf32_matmuls() else "ieee"
+
+
+def _tf32_matmuls() -> bool:
+    """Whether PyTorch's fp32 CUDA matmuls may use TF32: its fp32_precision setting ("none": the
+    backends-wide one), which also reflects the legacy allow_tf32 and set_float32_matmul_precision;
+    reading allow_tf32 itself raises once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # (a torch before the fp32_precision API)
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def _check(values, tensors, name):
@@ -166,7 +180,7 @@ def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
     c = torch.empty((M, out_features), dtype=a2.dtype, device=a2.device)
     if M == 0 or out_features == 0:
         return c
-    grid = lambda m: (rows, triton.cdiv(M, m["BLOCK_M"]))  # noqa: E731
+    grid = lambda m: (rows * triton.cdiv(M, m["BLOCK_M"]),)  # noqa: E731
     launch(_bsr_mm_kernel, grid, a2, ptr, idx, perm if perm is not None else ptr, vals, row_order(ptr), c,
            bias if bias is not None else vals, M, KD, out_features, rows, pow2_bucket(M),
            density_key(idx.numel(), rows), TRANS_W=trans_w, HAS_PERM=perm is not None,

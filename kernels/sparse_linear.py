@@ -46,9 +46,12 @@ _SPMM_CONFIGS = [
 def _csr_spmm_kernel(ptr, idx, vals, perm, order, xt, yt, bias, N, B, B_KEY, DENSITY_KEY,
                      HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
-    """yt[n, b] = sum_p vals[p] * xt[idx[p], b] (+ bias[n]) over p in [ptr[n], ptr[n+1])."""
-    pid_r = tl.program_id(0)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    """yt[n, b] = sum_p vals[p] * xt[idx[p], b] (+ bias[n]) over p in [ptr[n], ptr[n+1]). One grid
+    axis (CUDA's second and third stop at 65535): program = row block + blocks * batch tile, the
+    row blocks of one batch tile next to each other (they share its columns of xt in L2)."""
+    blocks = tl.cdiv(N, ROWS)
+    pid_r = tl.program_id(0) % blocks
+    offs_b = (tl.program_id(0) // blocks) * BLOCK_B + tl.arange(0, BLOCK_B)
     bmask = offs_b < B
     for r in tl.static_range(ROWS):
         i = pid_r * ROWS + r
@@ -137,7 +140,7 @@ def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     if rows == 0 or B == 0:
         return yt
     order = row_order(ptr)
-    grid = lambda m: (triton.cdiv(rows, m["ROWS"]), triton.cdiv(B, m["BLOCK_B"]))  # noqa: E731
+    grid = lambda m: (triton.cdiv(rows, m["ROWS"]) * triton.cdiv(B, m["BLOCK_B"]),)  # noqa: E731
     launch(_csr_spmm_kernel, grid, ptr, idx, vals, perm if perm is not None else ptr, order, xt, yt,
            bias if bias is not None else vals, rows, B, pow2_bucket(B), density_key(idx.numel(), rows),
            HAS_PERM=perm is not None, HAS_BIAS=bias is not None)

@@ -1,9 +1,11 @@
 """What the tests and the benchmarks share: the dense references every sparse kernel is checked
-against (plain PyTorch on the masked dense weight), random masks, and writers of tiny dataset
+against (plain PyTorch on the masked dense weight, with or without TF32), random masks, and writers of tiny dataset
 files in the real formats (CIFAR pickles, IDX), for loader and pipeline tests without downloads,
 and a tiny in-memory training split.
 """
 from __future__ import annotations
+
+import contextlib
 
 import gzip
 import numbers
@@ -15,8 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_mask", "model_masks", "mask_weight_", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
+__all__ = ["tf32", "random_mask", "model_masks", "mask_weight_", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
            "write_cifar", "write_idx", "write_mnist"]
+
+
+@contextlib.contextmanager
+def tf32(on: bool):
+    """PyTorch's fp32 CUDA matmuls and cuDNN convs with TF32 (on) or true fp32, restored after, through
+    the fp32_precision API: once it is used, reading or writing the legacy allow_tf32 flags raises."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [f.fp32_precision for f in flags]
+    for f in flags:
+        f.fp32_precision = "tf32" if on else "ieee"
+    try:
+        yield
+    finally:
+        for f, v in zip(flags, saved):
+            f.fp32_precision = v
 
 
 def random_mask(shape, sparsity: float, generator=None, empty_rows: int = 0) -> torch.Tensor:

@@ -20,7 +20,7 @@ import traceback
 import pytest
 import torch
 
-from sparsetrain.testing import dense_conv2d, dense_linear, random_mask, reference_grads
+from sparsetrain.testing import dense_conv2d, dense_linear, random_mask, reference_grads, tf32
 
 CASES = {}
 
@@ -188,6 +188,22 @@ def bsr_blocks_16_32_64_odd_sizes():
         check_bsr((3,), 65, 70, 64, 0.5, True)
         check_bsr((4,), 20, 20, 16, 1.0, True)       # fully pruned
         check_bsr((33,), 48, 64, 16, 0.75, False)    # several batch tiles, empty block rows
+
+
+@interp
+def bsr_linear_under_the_fp32_precision_api():
+    """TF32 allowed through PyTorch's fp32_precision API (after which reading the legacy allow_tf32
+    raises): the BSR product runs (it read allow_tf32 and raised) and matches the dense masked linear,
+    the interpreter computing in fp32; the flag restored after."""
+    import sparsetrain
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.prune import block_mask
+    lin = torch.nn.Linear(32, 16)
+    mask = block_mask(lin.weight, 16, 0.5)
+    layer, x = BSRLinear.from_dense(lin, 16, mask), torch.randn(4, 32)
+    with tf32(True), sparsetrain.use_backend("triton"):
+        y = layer(x)
+    assert_close_all([(y, dense_linear(x, lin.weight, mask, lin.bias))])
 
 
 @interp
@@ -672,6 +688,60 @@ def test_block_mask_prunes_smallest_norms_and_only_shrinks():
     assert torch.equal(block_mask(w * 0 + 100, 16, 0.5, mask=m), m)  # already-pruned blocks go first
 
 
+def test_bsr_tf32_follows_every_pytorch_switch():
+    """The BSR kernels use TF32 for fp32 exactly when PyTorch's fp32 CUDA matmuls may: the matmul
+    fp32_precision, the backends-wide one when it is "none", set_float32_matmul_precision."""
+    from sparsetrain.kernels.bsr_matmul import _precision
+    matmul, saved = torch.backends.cuda.matmul, (torch.backends.cuda.matmul.fp32_precision, torch.backends.fp32_precision)
+    try:
+        for precision, overall, expected in (("tf32", "none", "tf32"), ("ieee", "tf32", "ieee"), ("none", "tf32", "tf32"),
+                                             ("none", "ieee", "ieee"), ("none", "none", "ieee")):
+            matmul.fp32_precision, torch.backends.fp32_precision = precision, overall
+            assert _precision(torch.float32) == expected, (precision, overall)
+            assert _precision(torch.bfloat16) == _precision(torch.float16) == "tf32"  # (Triton's default for halves)
+        matmul.fp32_precision = torch.backends.fp32_precision = "none"
+        torch.set_float32_matmul_precision("high")
+        assert _precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert _precision(torch.float32) == "ieee"
+    finally:
+        matmul.fp32_precision, torch.backends.fp32_precision = saved
+
+
+def test_launch_runs_on_the_device_of_its_cuda_tensors(monkeypatch):
+    """Triton launches on the current CUDA device: `launch` makes it the device of the first CUDA
+    tensor argument (tensors on cuda:1 while cuda:0 is current), and leaves CPU launches alone."""
+    from sparsetrain.kernels import _utils
+    entered = []
+
+    class Device:  # stands in for torch.cuda.device (no GPU here)
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class OnCuda1(torch.Tensor):
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((list(entered), meta))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    x = torch.Tensor._make_subclass(OnCuda1, torch.zeros(2))
+    _utils.launch(Kernel(), (1,), 3, x, BLOCK=4)
+    assert launched == [([torch.device("cuda", 1)], {"BLOCK": 4})] and entered[-1] == "exit"
+    _utils.launch(Kernel(), (1,), torch.zeros(2), 3)
+    assert len(entered) == 2 and launched[-1] == ([torch.device("cuda", 1), "exit"], {})  # (no device switch)
+
+
 def test_bsr_errors():
     from sparsetrain.engine.bsr import BSR
     from sparsetrain.prune import block_mask
@@ -785,10 +855,8 @@ def cuda(f):
 @pytest.fixture
 def no_tf32():
     """True-fp32 references (cuDNN convs default to TF32); our BSR kernels follow the same flag."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with tf32(False):
+        yield
 
 
 @cuda
