@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -783,3 +784,38 @@ def test_a_checkpoint_restores_the_model_fused_as_it_was_saved(tmp_path, fuse):
     assert not (tmp_path / "own.pt").exists()
     with pytest.raises(ValueError, match=r"checkpoint's arch \{'name': 'lenet300'\} builds no model"):
         restore_model({**payload, "arch": {"name": "lenet300"}})
+
+
+def test_resume_refuses_another_draw_of_the_split_and_noisy_labels(mnist_dir, study_args, capsys):
+    """The data's fingerprint is taken before the split and the noise; the seeded draws of both (which
+    a torch release or another sparsetrain version may redraw) are recorded per seed in noise.json, and
+    a run, or a phase linked from another run, whose seed drew others is refused by name."""
+    from sparsetrain.experiment import data as D
+    args = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
+    assert study.main(args) == 0
+    rd = run_dir(mnist_dir / "runs")
+    noise_path = rd / "seed0" / "noise.json"
+    noise = json.loads(noise_path.read_text())
+    splits = D.load_dataset("mnist", str(mnist_dir / "data"), eps=0.2, val_fraction=0.1, seed=0)
+    assert noise["labels_fingerprint"] == splits.labels_fingerprint == D.fingerprint(
+        splits.train.index, splits.train.y, splits.val.index, splits.val.y)
+    assert study.main(args) == 0  # (the same draw: the finished run is found again)
+    noise_path.write_text(json.dumps({**noise, "labels_fingerprint": "0123456789abcdef"}))
+    capsys.readouterr()
+    assert study.main(args) == 2
+    err = capsys.readouterr().err
+    assert "trained on another split or other noisy labels than this run draws (labels fingerprint 0123456789abcdef, " \
+           f"now {noise['labels_fingerprint']})" in err
+    assert json.loads(noise_path.read_text())["labels_fingerprint"] == "0123456789abcdef"  # (left as it was)
+    del noise["labels_fingerprint"]  # (a run from before it was recorded: continued, and recorded now)
+    noise_path.write_text(json.dumps(noise))
+    assert study.main(args) == 0
+    assert json.loads(noise_path.read_text())["labels_fingerprint"] == splits.labels_fingerprint
+    # a phase linked from another run (--reuse) whose seed drew other labels
+    other = mnist_dir / "other"
+    shutil.copytree(rd, other / rd.name, symlinks=True)
+    (other / rd.name / "seed0" / "noise.json").write_text(json.dumps({**noise, "labels_fingerprint": "fedcba9876543210"}))
+    reuse = ["--reuse", str(other / rd.name), "--out", str(mnist_dir / "b")]
+    assert study.main(study_args(mnist_dir, "--teachers", "dense", "--phases", "distill", *reuse)) == 2
+    assert "whose seed 0 drew another split or other noisy labels (labels fingerprint fedcba9876543210" in \
+        capsys.readouterr().err

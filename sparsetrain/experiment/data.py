@@ -93,6 +93,13 @@ class Splits:
         """Training-file indices of train samples whose label differs from the original."""
         return self.train.index[self.train.y.cpu() != self.train.y_clean]  # (y may be on a GPU: Split.to)
 
+    @property
+    def labels_fingerprint(self) -> str:
+        """fingerprint() of the split and labels as drawn (train and val indices and labels, noise
+        included): seeded draws that a torch release or a change to this module may redraw, which the
+        data's fingerprint (before the split and the noise) cannot see. A run records it per seed."""
+        return fingerprint(self.train.index, self.train.y.cpu(), self.val.index, self.val.y.cpu())
+
     mean = property(lambda self: tuple(self.train.mean.tolist()), doc="per-channel mean, [0, 1] scale")
     std = property(lambda self: tuple(self.train.std.tolist()), doc="per-channel std, [0, 1] scale")
 
@@ -102,7 +109,8 @@ class Splits:
         return {**d, **{k: len(getattr(self, k)) for k in ("train", "val", "test")},
                 "image_size": list(self.image_size), "train_flipped": int(self.flipped.numel()),
                 "val_flipped": int((self.val.y.cpu() != self.val.y_clean).sum()),
-                "mean": self.train.mean.tolist(), "std": self.train.std.tolist()}
+                "mean": self.train.mean.tolist(), "std": self.train.std.tolist(),
+                "labels_fingerprint": self.labels_fingerprint}
 
 
 # ------------------------------------------------------------------------------- noise

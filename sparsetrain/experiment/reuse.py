@@ -22,7 +22,7 @@ from .metrics import teacher_tag
 from .models import canonical_name
 
 __all__ = ["phase_names", "needed_phases", "phase_settings", "phase_key", "teacher_fingerprint", "link_reused",
-           "prepare_phases", "check_linked", "phase_done", "PhaseMissing"]
+           "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing"]
 
 # settings every phase of a seed depends on: the data and the pruning procedure (those that apply:
 # _applying); a distilled student also on its teacher checkpoint's bytes (teacher_fingerprint)
@@ -200,9 +200,16 @@ def prepare_phases(cfg: Config, run_dir: str) -> None:
                                    "finish the teacher run first")
 
 
-def check_linked(run_dir: str, seed: int, fingerprint: str) -> None:
-    """A linked phase must come from a run on the same data (the fingerprint its run recorded)."""
+def check_linked(run_dir: str, seed: int, fingerprint: str, labels: str | None = None) -> None:
+    """A linked phase must come from a run on the same data (the fingerprint its run recorded) and,
+    where both recorded it, the same split and noisy labels (`labels`: Splits.labels_fingerprint), as
+    must this seed's own earlier rounds (its noise.json)."""
     sd = os.path.join(run_dir, f"seed{seed}")
+    drawn = recorded_labels(sd)
+    if labels and drawn and drawn != labels:
+        raise PhaseMissing(f"{sd} trained on another split or other noisy labels than this run draws (labels "
+                           f"fingerprint {drawn}, now {labels}): a torch release or a sparsetrain version redraws "
+                           "them; continue it with the versions its config.json records, or use another --out")
     for phase in sorted(os.listdir(sd)) if os.path.isdir(sd) else []:
         here = os.path.join(sd, phase)
         if os.path.islink(here):
@@ -211,3 +218,18 @@ def check_linked(run_dir: str, seed: int, fingerprint: str) -> None:
             if theirs and theirs != fingerprint:
                 raise PhaseMissing(f"{here} links {source}, trained on other data (fingerprint {theirs}, here "
                                    f"{fingerprint}): remove the link, or point --data-dir at that run's data")
+            drawn = recorded_labels(os.path.join(source, f"seed{seed}"))
+            if labels and drawn and drawn != labels:
+                raise PhaseMissing(f"{here} links {source}, whose seed {seed} drew another split or other noisy "
+                                   f"labels (labels fingerprint {drawn}, here {labels}): a torch release or this "
+                                   "version redraws them; remove the link and train the phase here")
+
+
+def recorded_labels(seed_dir: str) -> str | None:
+    """The labels fingerprint a seed's noise.json recorded (None: none yet, or a run from before
+    2026-12-05, which did not record it)."""
+    try:
+        with open(os.path.join(seed_dir, "noise.json")) as f:
+            return json.load(f).get("labels_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -250,7 +250,8 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
     student = cfg.resolved_student()
     for seed in cfg.seeds:
         splits = load_splits(cfg, seed, first=seed == cfg.seeds[0])
-        _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint)))
+        _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint,
+                                                                             splits.labels_fingerprint)))
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
             raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
                              "training images); the study picks each run's best round and stops early on it")
