@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -44,8 +45,24 @@ def launch(kernel, grid, *args, **meta):
     dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
     if dev is None:
         return kernel[grid](*args, **meta)
+    if torch.are_deterministic_algorithms_enabled():
+        _alert_not_deterministic(kernel)
     with torch.cuda.device(dev):
         return kernel[grid](*args, **meta)
+
+
+def _alert_not_deterministic(kernel) -> None:
+    """As PyTorch's own nondeterministic CUDA ops under torch.use_deterministic_algorithms(True): an
+    error, or a warning with warn_only=True. On a GPU the autotuner picks each kernel's tiles by timing,
+    per process (another tiling sums in another order), and split reductions add with float atomics."""
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", "a kernel")
+    msg = (f"sparsetrain's Triton {name} does not have a deterministic implementation (autotuned tiles, atomic "
+           "sums), but you set 'torch.use_deterministic_algorithms(True)'; use the CPU engine for bitwise "
+           "reproducible runs, or 'warn_only=True' to allow it")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
 
 
 def check_device(*tensors, name: str):

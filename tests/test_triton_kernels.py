@@ -740,6 +740,20 @@ def test_launch_runs_on_the_device_of_its_cuda_tensors(monkeypatch):
     assert launched == [([torch.device("cuda", 1)], {"BLOCK": 4})] and entered[-1] == "exit"
     _utils.launch(Kernel(), (1,), torch.zeros(2), 3)
     assert len(entered) == 2 and launched[-1] == ([torch.device("cuda", 1), "exit"], {})  # (no device switch)
+    # under torch.use_deterministic_algorithms, as PyTorch's nondeterministic CUDA ops: an error (warn_only:
+    # a warning); the interpreter's CPU launches (one fixed tiling, atomics in program order) go on
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="sparsetrain's Triton .* does not have a deterministic implementation"):
+            _utils.launch(Kernel(), (1,), x)
+        _utils.launch(Kernel(), (1,), torch.zeros(2))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            _utils.launch(Kernel(), (1,), x)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    assert len(launched) == 4
 
 
 def test_bsr_errors():
