@@ -1,6 +1,7 @@
 """SparseLinear and the sparse_linear ops against the dense masked reference (F.linear)."""
 import copy
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1165,3 +1166,29 @@ def test_a_sparse_weight_answers_what_code_for_a_dense_weight_reads(kind):
     assert w.values.grad is None and torch.equal(w.values, before)  # frozen
     w.requires_grad = True
     assert w.values.requires_grad
+
+
+def test_sparsify_takes_the_masks_global_prune_returns_after_a_first_sparsify():
+    """global_prune's masks name every prunable layer, the sparse ones with their stored pattern: a
+    second sparsify_ with them converts the dense ones and leaves the sparse ones (it refused them);
+    another mask for a sparse layer is refused (its CSR is its mask), before anything converts."""
+    from sparsetrain.prune import global_prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3), nn.Linear(3, 2))
+    x = torch.randn(4, 6)
+    masks = global_prune(model, {}, 0.5)
+    sparsetrain.sparsify_(model, {"0": masks["0"]})
+    first = model[0]
+    masks = global_prune(model, masks, 0.5)
+    assert set(masks) == {"0", "2", "3"} and torch.equal(masks["0"], first.weight.mask())
+    ref = copy.deepcopy(model)
+    bad = {**masks, "0": ~masks["0"]}
+    for wrong, got in ((bad, "other entries"), ({"3": masks["3"], "0": masks["0"][:, :3]}, "shape (6, 3)"),
+                       ({"0": None}, "NoneType")):
+        with pytest.raises(ValueError, match=rf"masks\['0'\] names a layer that is sparse already \(SparseLinear\) "
+                                             rf"with another mask than its stored pattern \(got {re.escape(got)}\)"):
+            sparsetrain.sparsify_(model, wrong)
+        assert isinstance(model[3], nn.Linear) and type(model[2]) is nn.Linear  # (nothing converted)
+    sparsetrain.sparsify_(model, masks)
+    assert model[0] is first and all(isinstance(model[i], SparseLinear) for i in (0, 2, 3))
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)

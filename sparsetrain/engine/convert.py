@@ -84,6 +84,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{qualified_name: bool tensor}}, got {type(masks).__name__}")
     blocks = _transformer_blocks(modules)
+    masks = {n: mask for n, mask in masks.items() if not _sparse_already(modules.get(n), n, mask)}
     for name, mask in masks.items():
         if name == "":
             raise ValueError("masks cannot name the model itself (''): sparsify_ replaces layers inside it; for "
@@ -140,6 +141,22 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     if fuse:
         fuse_(model)
     return model
+
+
+def _sparse_already(mod, name: str, mask) -> bool:
+    """A layer that is sparse already, named with its own pattern (what global_prune returns after a
+    first sparsify_): nothing to convert. With another mask: ValueError (its CSR is its mask)."""
+    if mod is None or not is_sparse(mod):
+        return False
+    pattern = mod.weight.mask()
+    same_shape = isinstance(mask, torch.Tensor) and mask.shape == pattern.shape
+    if not (same_shape and torch.equal(mask.bool().cpu(), pattern.cpu())):
+        got = "other entries" if same_shape else (
+            f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__)
+        raise ValueError(f"masks[{name!r}] names a layer that is sparse already ({type(mod).__name__}) with another "
+                         f"mask than its stored pattern (got {got}): sparsify_ converts dense layers; prune a "
+                         "sparse one with global_prune (its CSR shrinks in place)")
+    return True
 
 
 def densify_(model: nn.Module) -> nn.Module:
