@@ -163,6 +163,27 @@ def test_filter_rejects_residual_models():
     assert m.fc1.out_features == 300  # (untouched)
 
 
+def test_filter_refuses_features_it_cannot_locate():
+    """Flatten(1) of a Linear's [N, T, F] output is position-major (t*F + c), not channel-major as a
+    conv's [C, H, W]: pruning it cut the wrong columns (outputs off by 0.12), now refused; a Linear
+    straight after a conv reads its width, not its channels: refused too."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5, 3))
+    w = m[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"layer '3' takes 30 inputs from Linear '0'.s 6 features through a Flatten"):
+        filter_prune(m, 0.5)
+    assert torch.equal(m[0].weight, w) and m[3].in_features == 30  # (untouched)
+    with pytest.raises(ValueError, match=r"Linear '1' follows conv '0' without a Flatten"):
+        filter_prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 4)), 0.5)
+    with pytest.raises(ValueError, match=r"layer '1' takes 6 inputs from Linear '0'"):
+        filter_prune(nn.Sequential(nn.Linear(4, 6), nn.Conv2d(6, 2, 1)), 0.5)
+    # a Linear on [N, T, F] feeding a Linear directly (features last in both) prunes correctly
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    orig, x = copy.deepcopy(m), torch.randn(2, 5, 4)
+    filter_prune(m, 0.5)
+    torch.testing.assert_close(m(x), _reference(orig, m.kept_channels)(x), rtol=1e-5, atol=1e-5)
+
+
 def _blocky(mask, bs):
     m = mask.reshape(mask.shape[0], -1)
     for i in range(0, m.shape[0], bs):

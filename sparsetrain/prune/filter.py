@@ -97,6 +97,15 @@ def filter_groups(model: nn.Module) -> list[_Group]:
         spatial = fan_in // c if (flat or fan_in == c) and fan_in % c == 0 else 0
         if spatial < 1:
             raise ValueError(f"layer {nname!r} takes {fan_in} inputs, not a multiple of {name!r}'s {c} channels")
+        # a Linear's features are its input's last dim, a conv's channels dim 1: Flatten(1) of a
+        # Linear's [T, F] interleaves them (t*F + c), and a Linear after a conv reads its width
+        if isinstance(layer, nn.Linear) and (isinstance(nxt, nn.Conv2d) or spatial > 1):
+            raise ValueError(f"layer {nname!r} takes {fan_in} inputs from Linear {name!r}'s {c} features "
+                             f"{'through a Flatten ' if flat else ''}(a Linear applied to a 3-D or 4-D input?): "
+                             "--structure filter cannot locate its features there")
+        if isinstance(layer, nn.Conv2d) and isinstance(nxt, nn.Linear) and not flat:
+            raise ValueError(f"Linear {nname!r} follows conv {name!r} without a Flatten: it reads the conv's last "
+                             "(width) dimension, not its channels; --structure filter needs a Flatten between")
         groups.append(_Group(name, layer, bns, nxt, spatial))
     return groups
 
