@@ -553,6 +553,23 @@ def test_layers_pruned_with_torch_prune_are_refused_by_the_mask_functions():
     assert torch.equal(masks_of(model)["0"], kept) and model_sparsity(model) == pytest.approx(15 / 45)
 
 
+def test_tied_weights_are_refused_by_the_ranking_functions():
+    """Two layers sharing one weight tensor: global_prune/block_prune ranked it twice (the count pruned
+    was not exact) and model_sparsity counted it twice. Refused naming both layers, as sparsify_ does."""
+    from sparsetrain.prune import block_prune
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    w = a.weight.detach().clone()
+    for fn in (lambda: global_prune(model, {}, 0.5), lambda: block_prune(model, {}, 0.5, 16),
+               lambda: model_sparsity(model)):
+        with pytest.raises(ValueError, match="'0' shares its weight with '2': tied weights cannot be pruned"):
+            fn()
+    assert torch.equal(a.weight, w)  # (untouched)
+    b.weight = nn.Parameter(w.clone())  # untied: ranked once each
+    assert int((~global_prune(model, {}, 0.5)["0"]).sum()) + int((b.weight == 0).sum()) == 16
+
+
 # ---- half precision, overflowed weights, autocast ------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -681,7 +698,9 @@ def test_auto_keeps_every_layer_sparsify_refuses_dense():
     torch.manual_seed(0)
     m = M()
     x = torch.randn(2, 5, 32)
+    m.b.weight = nn.Parameter(m.a.weight.detach().clone())  # (global_prune refuses tied weights: untied here)
     masks = global_prune(m, {}, 0.9)
+    m.b.weight, masks["b"] = m.a.weight, masks["a"]
     assert {"enc.linear1", "enc.linear2", "a", "b", "big"} <= set(masks)
     assert unconvertible(m) == {"enc.linear1", "enc.linear2", "a", "b"}  # (out_proj is a Linear subclass: no candidate)
     m.eval()  # (the encoder's dropout)

@@ -10,7 +10,7 @@ from torch.nn.utils import prune as torch_prune
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import pruned_by_torch
-from .nn import SPARSE_TYPES, SparseConv2d, _replace_modules, is_sparse
+from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, is_sparse
 
 __all__ = ["sparsify_", "densify_", "unconvertible"]
 
@@ -24,25 +24,6 @@ def _transformer_blocks(modules: dict) -> list[str]:
 def _block_of(blocks: list[str], name: str) -> str | None:
     """The Transformer layer (of `blocks`) holding module `name`, or None."""
     return next((b for b in blocks if not b or name.startswith(b + ".")), None)
-
-
-def _owners(modules: dict) -> dict:
-    """id(parameter) -> {id(module): a name of it}: which modules hold each parameter."""
-    owners = {}
-    for n, m in modules.items():
-        for t in m._parameters.values():
-            owners.setdefault(id(t), {}).setdefault(id(m), n)
-    return owners
-
-
-def _tied(owners: dict, mod: nn.Module) -> tuple[str, str] | None:
-    """(weight or bias, the other module's name) if `mod` shares it (a CSR copy would untie them)."""
-    for what in ("weight", "bias"):
-        p = mod._parameters.get(what, mod._parameters.get(what + "_orig"))
-        tied = [n for i, n in owners.get(id(p), {}).items() if i != id(mod)] if p is not None else []
-        if tied:
-            return what, tied[0]
-    return None
 
 
 def unconvertible(model: nn.Module) -> set[str]:

@@ -20,7 +20,7 @@ from .args import check_bias
 from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
-           "check_masks", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+           "check_masks", "check_untied", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
 def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
@@ -185,6 +185,25 @@ def _replace_modules(model: nn.Module, replacement) -> None:
             _set_module(model, name, made[id(m)])
 
 
+def _owners(modules: dict) -> dict:
+    """id(parameter) -> {id(module): a name of it}: which modules hold each parameter."""
+    owners = {}
+    for n, m in modules.items():
+        for t in m._parameters.values():
+            owners.setdefault(id(t), {}).setdefault(id(m), n)
+    return owners
+
+
+def _tied(owners: dict, mod: nn.Module) -> tuple[str, str] | None:
+    """(weight or bias, the other module's name) if `mod` shares it (a CSR copy would untie them)."""
+    for what in ("weight", "bias"):
+        p = mod._parameters.get(what, mod._parameters.get(what + "_orig"))
+        tied = [n for i, n in owners.get(id(p), {}).items() if i != id(mod)] if p is not None else []
+        if tied:
+            return what, tied[0]
+    return None
+
+
 # ============================================================================ prunable layers and masks
 def is_sparse(m: nn.Module) -> bool:
     """m is one of the engine's sparse layers (SparseLinear, SparseConv2d or a subclass)."""
@@ -229,6 +248,18 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
     return masks
 
 
+def check_untied(model: nn.Module) -> None:
+    """Refuse prunable layers sharing one weight (tied weights): ranked and counted once per layer,
+    the tensor was counted twice, so the number pruned and the sparsity were not exact."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners = _owners(modules)
+    for name, m in prunable_layers(model):
+        tied = None if is_sparse(m) else _tied(owners, m)
+        if tied and tied[0] == "weight":
+            raise ValueError(f"{name!r} shares its weight with {tied[1]!r}: tied weights cannot be pruned (one "
+                             "tensor ranked and counted twice, or pruned under the other module)")
+
+
 def check_pattern(name: str, pattern: torch.Tensor, masks: dict) -> None:
     """A mask given for sparse layer `name` must be the pattern it stores (one that differs, stale or
     meant for another model, was silently replaced by the pattern)."""
@@ -260,6 +291,7 @@ def weight_count(model: nn.Module) -> int:
 def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | None = None) -> float:
     """Fraction of pruned weights: 1 - surviving prunable weights / `original` (default: the
     model's current weight count; pass the unpruned model's when layers shrank physically)."""
+    check_untied(model)  # (a shared tensor's weights counted twice)
     total = weight_count(model) if original is None else original
     kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
     if original is not None and (isinstance(original, bool) or not isinstance(original, numbers.Integral)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..engine.bsr import as_matrix, blocks_view, check_block
-from ..engine.nn import check_masks, is_sparse, masks_of, prunable_layers
+from ..engine.nn import check_masks, check_untied, is_sparse, masks_of, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
@@ -89,6 +89,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
     rate = check_rate(rate)
     check_scope(scope)
     masks = check_masks(model, masks)
+    check_untied(model)  # (as sparsify_: a shared tensor would be ranked twice)
     layers = prunable_layers(model)
     if not layers:
         raise ValueError("model has no prunable layer (nn.Conv2d / nn.Linear)")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..engine import ops
-from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers, stored_weight
+from ..engine.nn import check_masks, check_pattern, check_untied, is_sparse, prunable_layers, stored_weight
 from .base import PruningRule, check_finite, check_rate, check_scope, register
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
@@ -73,6 +73,7 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     rate = check_rate(rate)
     check_scope(scope)
     masks = check_masks(model, masks)
+    check_untied(model)  # (as sparsify_: a shared tensor would be ranked twice)
     layers = prunable_layers(model)
     if not layers:  # (as block_prune: an empty result would read as "nothing left to prune")
         raise ValueError("model has no prunable layer (nn.Conv2d / nn.Linear)")
