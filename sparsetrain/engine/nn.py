@@ -225,12 +225,18 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
     """`masks` ({qualified layer name: bool mask of its weight's shape}, or None: {}) checked against
     `model`'s prunable layers: a key that names no such layer (a typo, or "fc.weight" for "fc") or a
     mask of another dtype or shape would otherwise be ignored or broadcast silently. A layer still
-    under torch.nn.utils.prune is refused, whatever the masks (its weight is stale or recomputed)."""
+    under torch.nn.utils.prune, or whose weight a legacy weight_norm/spectral_norm hook recomputes, is
+    refused, whatever the masks (its weight is stale or recomputed: pruned weights would regrow)."""
     layers = dict(prunable_layers(model))
     hooked = [n for n, m in layers.items() if pruned_by_torch(m)]
     if hooked:  # (their .weight is orig * mask as of the last forward: stale after a step, and recomputed)
         raise TypeError(f"layer {hooked[0]!r} is pruned with torch.nn.utils.prune: sparsify_ the model first (it "
                         "takes prune's mask), or call torch.nn.utils.prune.remove on it")
+    reparam = [n for n, m in layers.items() if not is_sparse(m) and "weight" not in m._parameters]
+    if reparam:  # (weight_norm / spectral_norm: a pre-forward hook recomputes .weight, pruned weights regrow)
+        raise TypeError(f"layer {reparam[0]!r}'s weight is computed by a reparametrization (weight_norm, "
+                        "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
+                        "remove_weight_norm / remove_spectral_norm)")
     if masks is None:
         return {}
     if not isinstance(masks, dict):
@@ -308,8 +314,8 @@ def _masked(model: nn.Module, masks: dict):
             m = model.get_submodule(name)
         except (AttributeError, TypeError):  # (a typo, "fc.weight": check_masks' KeyError says which)
             m = None
-        if (not hasattr(m, "weight") or pruned_by_torch(m) or not isinstance(mk, torch.Tensor)
-                or mk.dtype != torch.bool or mk.shape != m.weight.shape):
+        if (not hasattr(m, "weight") or pruned_by_torch(m) or "weight" not in m._parameters
+                or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape):
             check_masks(model, {name: mk})  # (raises, naming the layer)
         yield m, mk
 
