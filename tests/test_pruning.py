@@ -477,6 +477,28 @@ def test_mask_helpers_zero_nan_and_inf_at_pruned_positions():
     assert torch.equal(g[mask].nan_to_num(7.0), torch.tensor([1.0, 1, 1, 1, 7, 1]))
 
 
+def test_mask_helpers_skip_sparse_layers_the_masks_name():
+    """global_prune's masks name the sparse layers of a partly sparsified model: mask_grads_ and
+    enforce_masks_ raised a bare AttributeError ('CSR' object has no attribute 'grad') on them. A sparse
+    layer's pattern is its mask: skipped (its values untouched), the dense layers masked as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sparsetrain.sparsify_(model, {"0": torch.ones(8, 8, dtype=torch.bool)})
+    masks = global_prune(model, {"0": torch.ones(8, 8, dtype=torch.bool)}, 0.5)
+    assert set(masks) == {"0", "2"}
+    model(torch.randn(3, 8)).square().sum().backward()
+    values, grad = model[0].weight.values.detach().clone(), model[0].weight.values.grad.clone()
+    with torch.no_grad():
+        model[2].weight.fill_(1.0)
+    mask_grads_(model, masks)
+    enforce_masks_(model, masks)
+    assert torch.equal(model[0].weight.values, values) and torch.equal(model[0].weight.values.grad, grad)
+    assert torch.equal(model[2].weight, masks["2"].float())
+    assert torch.equal(model[2].weight.grad[~masks["2"]], torch.zeros(int((~masks["2"]).sum())))
+    with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(8, 8\)"):
+        enforce_masks_(model, {"0": torch.ones(8, 9, dtype=torch.bool)})
+
+
 @pytest.mark.parametrize("fn", [mask_grads_, enforce_masks_])
 @pytest.mark.parametrize("key, message", [("0.weight", r"names '0.weight', .*a layer's name, not its weight's: '0'"),
                                           ("x", r"names 'x', which is not a prunable layer"),

@@ -308,16 +308,20 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
 
 
 def _masked(model: nn.Module, masks: dict):
-    """(layer, mask) per entry, each mask checked against its layer's weight (per training step: cheap)."""
+    """(layer, mask) per entry naming a dense layer, each mask checked against its layer's weight (per
+    training step: cheap). A sparse layer's entry (global_prune returns one after a partial sparsify_)
+    is skipped once its dtype and shape are checked: its CSR pattern is its mask, nothing to zero."""
     for name, mk in masks.items():
         try:
             m = model.get_submodule(name)
         except (AttributeError, TypeError):  # (a typo, "fc.weight": check_masks' KeyError says which)
             m = None
-        if (not hasattr(m, "weight") or pruned_by_torch(m) or "weight" not in m._parameters
+        sparse = is_sparse(m)
+        if (not hasattr(m, "weight") or pruned_by_torch(m) or not sparse and "weight" not in m._parameters
                 or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape):
             check_masks(model, {name: mk})  # (raises, naming the layer)
-        yield m, mk
+        if not sparse:
+            yield m, mk
 
 
 def mask_grads_(model: nn.Module, masks: dict) -> None:
