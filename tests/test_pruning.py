@@ -638,6 +638,40 @@ def test_global_prune_of_a_half_precision_model(dtype, scope):
         assert every[gone].max() <= every[~gone].min()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_global_prune_of_a_half_precision_model_with_a_sparse_layer(dtype, scope):
+    """An fp16/bf16 sparse layer: csr_prune refused its values (fp32/fp64 only) after the dense layer
+    before it was already pruned. Selected in float32 now (exact), the pattern is the fp32 model's."""
+    torch.manual_seed(0)
+    half = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10)).to(dtype)
+    ref = copy.deepcopy(half).float()  # the same magnitudes in float32
+    for m in (half, ref):
+        sparsetrain.sparsify_(m, {"2": torch.rand(10, 20, generator=torch.Generator().manual_seed(1)) > 0.2})
+    assert half[2].weight.values.dtype == dtype
+    got, want = global_prune(half, {}, 0.3, scope=scope), global_prune(ref, {}, 0.3, scope=scope)
+    assert torch.equal(got["0"], want["0"]) and torch.equal(masks_of(half)["2"], masks_of(ref)["2"])
+    assert torch.equal(half[0].weight.float(), ref[0].weight) and torch.equal(half[2].weight.values.float(),
+                                                                               ref[2].weight.values)
+
+
+def test_global_prune_selects_every_layer_before_changing_any(monkeypatch):
+    """A layer whose selection fails leaves the model as it was (it was left half pruned)."""
+    from sparsetrain.engine import ops
+
+    def refuse(*args):
+        raise TypeError("refused")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sparsetrain.sparsify_(model, {"2": torch.ones(2, 8, dtype=torch.bool)})
+    before = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr(ops, "csr_prune", refuse)
+    with pytest.raises(TypeError, match="refused"):
+        global_prune(model, {}, 0.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_pruned_inf_weights_become_zero_not_nan():
     # (zeroing by mul_(mask) made inf * 0 = NaN: the next round refused the model, the forward gave NaN)
     from sparsetrain.prune import block_prune

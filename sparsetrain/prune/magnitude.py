@@ -50,18 +50,18 @@ def _prune_dense_mask(w: torch.Tensor, mask: torch.Tensor | None, thr: float, ti
     return keep, used
 
 
-def _prune_sparse_(m: nn.Module, thr: float, ties: int) -> int:
-    """Shrink the layer's CSR in place under the threshold (CSR.shrink_: the same values Parameter,
-    so an optimizer holding it trains on, with its state shrunk alike); returns the ties it
-    consumed. (The C++ selection runs on the CPU: a layer on another device is selected there.)"""
+def _select_sparse(m: nn.Module, thr: float, ties: int):
+    """The CSR entries to keep under the threshold (bool [nnz], for CSR.shrink_) and the ties consumed.
+    (The C++ selection runs on the CPU: a layer on another device is selected there; fp16/bf16
+    values in float32, exact: the op compares |v| in float64 and refuses half precision.)"""
     w = m.weight
-    vals = w.values.detach()
-    _, _, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals.cpu(), thr, ties)
+    vals = w.values.detach().cpu()
+    vals = vals if vals.dtype in (torch.float32, torch.float64) else vals.float()
+    _, _, new_vals, keep = ops.csr_prune(w.crow_indices.cpu(), w.col_indices.cpu(), vals, thr, ties)
     used = int((vals.abs().double() == thr).sum()) - int((new_vals.abs().double() == thr).sum())
     mask = torch.zeros(w.nnz, dtype=torch.bool)
     mask[keep] = True
-    w.shrink_(mask)
-    return used
+    return mask, used
 
 
 def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "global") -> dict:
@@ -82,7 +82,8 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
             check_pattern(n, m.weight.mask(), masks)
     check_finite(layers)
     groups = [layers] if scope == "global" else [[l] for l in layers]
-    new_masks = dict(masks)
+    selected = []  # (name, layer, dense mask or CSR keep) of every layer: all chosen before any changes,
+    # so a layer the selection refuses leaves the model as it was, never half pruned
     for group in groups:
         pairs = [_weight_and_mask(m, masks, n) for n, m in group]
         # the selection (C++, CPU) on CPU copies when the model is elsewhere (a GPU); layers of
@@ -94,15 +95,21 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
                                             [None if mk is None else mk.cpu() for _, mk in pairs])
         for name, m in group:
             if is_sparse(m):
-                ties -= _prune_sparse_(m, thr, ties)
-                if name in masks:
-                    new_masks[name] = m.weight.mask()
+                keep, used = _select_sparse(m, thr, ties)
             else:
                 keep, used = _prune_dense_mask(m.weight.detach(), masks.get(name), thr, ties)
-                ties -= used
-                new_masks[name] = keep
-                with torch.no_grad():
-                    m.weight.masked_fill_(~keep, 0)  # (not mul_: an inf pruned would become NaN)
+            ties -= used
+            selected.append((name, m, keep))
+    new_masks = dict(masks)
+    for name, m, keep in selected:
+        if is_sparse(m):
+            m.weight.shrink_(keep)  # (the same values Parameter: an optimizer holding it trains on)
+            if name in masks:
+                new_masks[name] = m.weight.mask()
+        else:
+            new_masks[name] = keep
+            with torch.no_grad():
+                m.weight.masked_fill_(~keep, 0)  # (not mul_: an inf pruned would become NaN)
     return new_masks
 
 
