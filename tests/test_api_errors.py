@@ -59,6 +59,42 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
         random_mask((4, 4), 0.0, empty_rows=-1)
 
 
+def test_load_weights_under_masks_refuses_what_it_skipped():
+    """A bias or BatchNorm entry of another shape, a missing one, or one the model has not was skipped
+    silently (the rewind kept the current values); each is refused before anything is written. A
+    filter-pruned model takes fit_state's cut of a full-size state, as the study's rewind does."""
+    from sparsetrain.experiment.models import build_model
+    from sparsetrain.prune import filter_prune, fit_state
+    m = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    src = {k: v + 1 for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    cases = [({**src, "0.bias": torch.zeros(5)}, r"source_state\['0.bias'\] has shape \(5,\), the model's \(6,\)"),
+             ({k: v for k, v in src.items() if k != "1.running_var"}, r"source_state has no '1.running_var'"),
+             ({**src, "1.extra": torch.zeros(1)}, r"source_state has '1.extra', which the model has not"),
+             ({**src, "2.bias": 0.0}, r"source_state\['2.bias'\] has shape float")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_weights_under_masks_(m, bad, {})
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k  # (nothing written, the weights before the bad entry neither)
+    with pytest.raises(TypeError, match="source_state must be a state_dict .*, got list"):
+        load_weights_under_masks_(m, list(src.items()), {})
+    load_weights_under_masks_(m, src, {})
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    arch = dict(name="vgg_d1g1", num_classes=10, in_channels=3, image_size=16)
+    torch.manual_seed(0)
+    full = build_model(**arch).state_dict()
+    model = build_model(**arch)
+    filter_prune(model, 0.5)
+    with pytest.raises(ValueError, match=r"source_state\['block1_1.conv.weight'\] has shape \(2, 3, 3, 3\), the model's \(1, 3, 3, 3\)"):
+        load_weights_under_masks_(model, full, {})
+    cut = fit_state(model, full, lambda: build_model(**arch))
+    load_weights_under_masks_(model, cut, {})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, cut[k]), k
+
+
 def test_numbers_and_ranges():
     m = _mlp()
     kept = global_prune(m, {}, np.float32(0.5))  # numpy floats are numbers

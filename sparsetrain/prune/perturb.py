@@ -9,6 +9,8 @@ the caller's business (the study's loop).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -20,27 +22,39 @@ PERTURBATIONS = ("none", "rewind", "reinit")
 
 
 @torch.no_grad()
-def load_weights_under_masks_(model: nn.Module, source_state: dict, masks: dict) -> None:
+def load_weights_under_masks_(model: nn.Module, source_state: Mapping, masks: dict) -> None:
     """Take each prunable layer's dense weights from `source_state` (a state_dict of a model of
-    the same shapes) under the current pattern; other tensors (biases, BatchNorm) too."""
+    the same shapes: a filter-pruned model's is cut to its channels by fit_state first) under the
+    current pattern; other tensors (biases, BatchNorm) too. A missing, unexpected or differently
+    shaped entry is refused before anything is written (one was skipped silently)."""
+    if not isinstance(source_state, Mapping):
+        raise TypeError(f"source_state must be a state_dict (a Mapping of name -> tensor), got "
+                        f"{type(source_state).__name__}")
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
+    own = model.state_dict()
+    weights = {f"{name}.weight": m for name, m in layers}
+    # a sparse layer's state holds its CSR (weight.values, ...): the source's dense weight replaces them
+    rest = {k: v for k, v in own.items() if not any(k == w or k.startswith(w + ".") for w in weights)}
+    for k, v in source_state.items():
+        if k not in weights and k not in rest:
+            raise ValueError(f"source_state has {k!r}, which the model has not: give a state_dict of a model "
+                             "with the same layers")
+    for k, target in [(k, tuple(m.weight.shape)) for k, m in weights.items()] + [(k, tuple(v.shape))
+                                                                               for k, v in rest.items()]:
+        if k not in source_state:
+            raise ValueError(f"source_state has no {k!r}: give a state_dict of a model with the same layers "
+                             f"(got {len(source_state)} keys)")
+        v = source_state[k]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != target:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"source_state[{k!r}] has shape {got}, the model's {target} (a filter-pruned "
+                             "model takes fit_state's cut of a full-size state)")
     for name, m in layers:
-        if f"{name}.weight" not in source_state:
-            raise ValueError(f"source_state has no {name + '.weight'!r}: give a state_dict of a model with the "
-                             f"same prunable layers (got {len(source_state)} keys)")
         w = source_state[f"{name}.weight"].to(m.weight.device)  # (a CPU source for a model on a GPU)
-        if tuple(w.shape) != tuple(m.weight.shape):
-            raise ValueError(f"source_state[{name + '.weight'!r}] has shape {tuple(w.shape)}, the layer "
-                             f"{tuple(m.weight.shape)}")
         if is_sparse(m):
             m.weight.values.copy_(w.reshape(w.shape[0], -1)[m.weight.row_indices(), m.weight.col_indices.long()])
         else:
             m.weight.copy_(w.masked_fill(~masks[name], 0) if name in masks else w)  # (not w * mask: inf * 0)
-    names = {n for n, _ in layers}
-    own = model.state_dict()
-    for k, v in source_state.items():
-        if k.endswith(".weight") and k.rsplit(".", 1)[0] in names:
-            continue
-        if k in own and own[k].shape == v.shape:
-            own[k].copy_(v)
+    for k, v in rest.items():
+        v.copy_(source_state[k])
