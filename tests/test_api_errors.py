@@ -99,8 +99,11 @@ def test_numbers_and_ranges():
     m = _mlp()
     kept = global_prune(m, {}, np.float32(0.5))  # numpy floats are numbers
     assert sum(int(k.sum()) for k in kept.values()) == 33
-    for bad in (1.5, 0, float("nan"), True, "0.5", torch.tensor(0.5)):
+    for bad in (1.5, 0, float("nan")):
         with pytest.raises(ValueError, match="rate must be a number in"):
+            global_prune(_mlp(), {}, bad)
+    for bad, name in ((True, "bool"), ("0.5", "str"), (torch.tensor(0.5), "Tensor")):  # (a ValueError before 2026-12-05)
+        with pytest.raises(TypeError, match=f"rate must be a number in \\(0, 1\\), got {name} "):
             global_prune(_mlp(), {}, bad)
     rows = [{"round": k, "val_acc": a, "entropy_mean": e} for k, (a, e) in enumerate([(0.8, 1.0), (0.8, 0.5)])]
     assert algorithm2_stop(rows, t_e=np.float32(0.8), t_a=np.float32(0.8)) == algorithm2_stop(rows)

@@ -31,7 +31,9 @@ RULES: dict[str, type["PruningRule"]] = {}
 
 
 def check_rate(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 < float(rate) < 1.0:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):  # (a str, a tensor: the wrong type)
+        raise TypeError(f"rate must be a number in (0, 1), got {type(rate).__name__} {rate!r}")
+    if not 0.0 < float(rate) < 1.0:
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")  # (numpy floats too)
     return float(rate)
 
