@@ -87,7 +87,8 @@ def test_load_weights_under_masks_refuses_what_it_skipped():
     full = build_model(**arch).state_dict()
     model = build_model(**arch)
     filter_prune(model, 0.5)
-    with pytest.raises(ValueError, match=r"source_state\['block1_1.conv.weight'\] has shape \(2, 3, 3, 3\), the model's \(1, 3, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"source_state\['block1_1.conv.weight'\] has shape \(2, 3, 3, 3\), "
+                                         r"the model's \(1, 3, 3, 3\)"):
         load_weights_under_masks_(model, full, {})
     cut = fit_state(model, full, lambda: build_model(**arch))
     load_weights_under_masks_(model, cut, {})
@@ -102,7 +103,8 @@ def test_numbers_and_ranges():
     for bad in (1.5, 0, float("nan")):
         with pytest.raises(ValueError, match="rate must be a number in"):
             global_prune(_mlp(), {}, bad)
-    for bad, name in ((True, "bool"), ("0.5", "str"), (torch.tensor(0.5), "Tensor")):  # (a ValueError before 2026-12-05)
+    # (non-numbers were a ValueError before 2026-12-05)
+    for bad, name in ((True, "bool"), ("0.5", "str"), (torch.tensor(0.5), "Tensor")):
         with pytest.raises(TypeError, match=f"rate must be a number in \\(0, 1\\), got {name} "):
             global_prune(_mlp(), {}, bad)
     rows = [{"round": k, "val_acc": a, "entropy_mean": e} for k, (a, e) in enumerate([(0.8, 1.0), (0.8, 0.5)])]
