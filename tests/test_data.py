@@ -361,6 +361,51 @@ def test_a_failed_download_is_reported_on_one_line(tmp_path, monkeypatch):
                    "<urlopen error [Errno -3] Temporary failure in name resolution>")
 
 
+def test_a_download_that_gets_no_answer_times_out(tmp_path, monkeypatch):
+    """torchvision's urlopen has no timeout: behind a proxy (or a server) that accepts and never answers,
+    load_dataset(download=True) blocked forever, holding the download lock every other run waits on.
+    Now each socket waits DOWNLOAD_TIMEOUT seconds, and the not-found message says the download timed out."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    from sparsetrain.experiment import datasets
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+
+    def accept():  # accept every connection and never answer
+        try:
+            while True:
+                held.append(server.accept()[0])
+        except OSError:  # (closed at the end)
+            pass
+    threading.Thread(target=accept, daemon=True).start()
+    proxy = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, proxy)
+    for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # (urlopen reads the proxy settings into its first opener)
+    monkeypatch.setattr(datasets, "DOWNLOAD_TIMEOUT", 0.5)
+    before = socket.getdefaulttimeout()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(D.DatasetNotFound) as e:
+            D.load_dataset("cifar10", tmp_path / "data", download=True)
+    finally:
+        server.close()
+        for c in held:
+            c.close()
+    assert time.monotonic() - t0 < 20 and held  # (it reached the proxy, and gave up)
+    assert socket.getdefaulttimeout() == before  # (process-wide: restored)
+    assert ("(download attempt failed: CIFAR10: the download from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
+            "timed out (no answer within 0.5 s; a server or proxy that does not answer))") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_read_idx_rejects_garbage(tmp_path):
     (tmp_path / "x").write_bytes(b"\x01\x02\x03\x04garbage")
     with pytest.raises(ValueError, match="not an IDX file"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError",
            "check_pairs"]
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+DOWNLOAD_TIMEOUT = 60.0  # seconds a download's socket waits for the server's answer
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
 
 
@@ -286,9 +288,21 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # (released when the file closes)
             except (ImportError, OSError):  # (no fcntl, a filesystem without locks: unguarded, as before)
                 pass
-            getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
+            previous = socket.getdefaulttimeout()
+            # (torchvision's urlopen has none: a server or proxy that never answers blocked the run, and
+            # every run waiting for this lock, forever; process-wide, so restored at once)
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+            try:
+                getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
+            finally:
+                socket.setdefaulttimeout(previous)
         return None
     except Exception as e:  # no network, bad archive, ...: reported in the not-found message, on one line
+        if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError) or "timed out" in str(e):
+            cls = getattr(torchvision.datasets, cls_name, None)
+            url = getattr(cls, "url", None) or ", ".join(getattr(cls, "mirrors", ())) or "its server"
+            return (f"{cls_name}: the download from {url} timed out (no answer within {DOWNLOAD_TIMEOUT:g} s; "
+                    "a server or proxy that does not answer)")
         return " ".join(f"{type(e).__name__}: {e}".split())[:400]  # (torchvision's runs over several)
 
 
