@@ -145,6 +145,36 @@ def test_a_partial_idx_copy_is_refused_never_replaced_by_another(tmp_path, monke
     assert downloads == ["MNIST"]
 
 
+def test_a_partial_cifar_copy_names_what_it_lacks(tmp_path, monkeypatch):
+    """A CIFAR folder missing one batch (or holding a folder in its place) was reported as "cifar10 not
+    found: looked for <all six files>"; now the folder is named with the files it lacks, as for IDX."""
+    from sparsetrain.experiment import datasets as DS
+    write_cifar(tmp_path, c10=True)
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(D.DataError, match=rf"^{folder} holds part of cifar10: data_batch_3 missing; complete the copy "
+                                          "or remove it$"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    (folder / "data_batch_3").mkdir()
+    (folder / "test_batch").unlink()
+    with pytest.raises(D.DataError, match=rf"^{folder} holds part of cifar10: data_batch_3, test_batch missing "
+                                          rf"\({folder / 'data_batch_3'} not a file\); complete the copy or remove it$"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    monkeypatch.setattr(DS, "_download", lambda cls, root: "RuntimeError: offline")  # (a download is tried first)
+    with pytest.raises(D.DataError, match=r"data_batch_3, test_batch missing .* \(download attempt failed: "
+                                          r"RuntimeError: offline\); complete"):
+        D.load_dataset("cifar10", tmp_path, download=True)
+    write_cifar(tmp_path / "c100", c10=False)
+    folder = tmp_path / "c100" / "cifar-100-python"
+    (folder / "test").unlink()
+    with pytest.raises(D.DataError, match=rf"^{folder} holds part of cifar100: test missing; complete the copy or "
+                                          "remove it$"):
+        D.load_dataset("cifar100", tmp_path / "c100", download=False)
+    (folder / "train").unlink()  # (none of its files: not found, as before)
+    with pytest.raises(D.DatasetNotFound, match=r"cifar100 not found: looked for .*cifar-100-python/train, "):
+        D.load_dataset("cifar100", tmp_path / "c100", download=False)
+
+
 def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
     """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
     the official .mat files patched out for these small ones), each image opened once; a truncated or

@@ -180,7 +180,12 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     needed = [folder / f for f in [*train_files, test_file]]
     cls = "CIFAR10" if c10 else "CIFAR100"
     err = _download(cls, data_dir) if download and not all(p.is_file() for p in needed) else None
-    if not all(p.is_file() for p in needed):
+    present, odd = [p for p in needed if p.is_file()], [p for p in needed if p.exists() and not p.is_file()]
+    if (present or odd) and len(present) < len(needed):  # (a partial copy: named with what it lacks)
+        raise DataError(f"{folder} holds part of {name}: {', '.join(p.name for p in needed if p not in present)} "
+                        "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
+                        (f" (download attempt failed: {err})" if err else "") + "; complete the copy or remove it")
+    if not present:
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(map(str, needed))}"
             f"{download_note(download, err)}. Get it with torchvision.datasets.{cls}({str(data_dir)!r}, "
