@@ -227,6 +227,37 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
 
 
+def test_flowers102_files_that_are_not_the_official_ones_are_named(tmp_path, monkeypatch):
+    """A .mat file other than the official one (torchvision's md5 check fails) was reported as
+    "flowers102 not found ... (download=False)"; now the file and why torchvision refuses it are named."""
+    import scipy.io
+    import torchvision.datasets.flowers102 as tvf
+    base = tmp_path / "flowers-102"
+    (base / "jpg").mkdir(parents=True)
+    scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array([1, 2])})
+    scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1]), "valid": np.array([2]), "tstid": np.array([2])})
+    md5 = dict(tvf.Flowers102._file_dict.values())
+    with pytest.raises(D.DataError, match=rf"^flowers102: {base} fails torchvision's integrity check: "
+                                          rf"{base / 'imagelabels.mat'} differs from the official file \(md5 "
+                                          rf"{md5['imagelabels.mat']} expected\); {base / 'setid.mat'} differs from the "
+                                          rf"official file \(md5 {md5['setid.mat']} expected\); get the official files "
+                                          r"with torchvision.datasets.Flowers102\(.*, download=True\) where the network allows$"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    (base / "setid.mat").unlink()
+    (base / "jpg").rmdir()
+
+    def offline(*a, **k):
+        raise RuntimeError("Error downloading 102flowers.tgz:\n<urlopen error offline>")
+    monkeypatch.setattr(tvf, "download_and_extract_archive", offline)
+    with pytest.raises(D.DataError, match=rf"integrity check: {base / 'jpg'} is not a folder of images; "
+                                          rf".*imagelabels.mat differs .*; {base / 'setid.mat'} missing \(download "
+                                          r"attempt failed: RuntimeError: Error downloading 102flowers.tgz:\); get "):
+        D.load_dataset("flowers102", tmp_path, download=True, image_size=8)
+    (base / "imagelabels.mat").unlink()  # (nothing of it left: not found, as before)
+    with pytest.raises(D.DatasetNotFound, match=rf"flowers102 not found in {base}"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+
+
 def _repickle(path, **change):
     import pickle
     with open(path, "rb") as f:

@@ -47,6 +47,14 @@ def load_flowers(data_dir: Path, size: int, download: bool):
         try:
             ds = Flowers102(str(data_dir), split=split, download=download)
         except Exception as e:
+            base = data_dir / "flowers-102"
+            if any((base / n).exists() for n in ("jpg", "imagelabels.mat", "setid.mat")):  # (a copy is there: why
+                problems = _flowers_problems(base, Flowers102)  # torchvision refused it, not "not found")
+                why = (f"fails torchvision's integrity check: {'; '.join(problems)}" +
+                       (f" (download attempt failed: {brief_error(e)})" if download else "")
+                       if problems else f"cannot be read ({brief_error(e)})")
+                raise DataError(f"flowers102: {base} {why}; get the official files with "
+                                f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows")
             raise DatasetNotFound(
                 f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
                 f"setid.mat){download_note(download, f'{type(e).__name__}: {e}')}. Get it with "
@@ -60,6 +68,21 @@ def load_flowers(data_dir: Path, size: int, download: bool):
             xs, labels = [pil_to_uint8(img, size) for img, _ in pairs], [lab for _, lab in pairs]
         out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
     return (*out, 102)
+
+
+def _flowers_problems(base: Path, flowers_cls) -> list:
+    """What torchvision's Flowers102 integrity check refuses in `base`: jpg/ or a .mat file missing, or a
+    .mat file whose md5 is not the official one's."""
+    from torchvision.datasets.utils import check_md5
+    problems = [] if (base / "jpg").is_dir() else [f"{base / 'jpg'} is not a folder of images"]
+    mats = [v for k, v in getattr(flowers_cls, "_file_dict", {}).items() if k != "image"]  # (torchvision's private)
+    for name, md5 in mats:
+        p = base / name
+        if not p.is_file():
+            problems.append(f"{p} missing")
+        elif not check_md5(str(p), md5):
+            problems.append(f"{p} differs from the official file (md5 {md5} expected)")
+    return problems
 
 
 def load_imagefolder(data_dir: Path, size: int):
