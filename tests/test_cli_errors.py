@@ -156,7 +156,7 @@ CASES = [
     ("images-labels-count", "mnist", [], _swapped_labels, "the train images (40) and labels (10) differ"),
     ("cifar100n-eps", "cifar100n", ["--eps", "0.2"], _cifar100, "--eps must be 0 for cifar100n"),
     ("cifar100n-garbage-labels", "cifar100n", ["--label-file", "labels.pt"], _garbage_label_file,
-     "--label-file labels.pt: not a CIFAR-N label file"),
+     "--label-file labels.pt: not a torch.save file of labels (UnpicklingError: Unsupported global"),
     ("cifar100n-short-labels", "cifar100n", ["--label-file", "labels.npy"], _short_label_file,
      "--label-file labels.npy must hold 20 labels"),
     # the run directory

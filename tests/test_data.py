@@ -50,6 +50,29 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
             D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
 
 
+def test_a_damaged_cifar100n_pt_file_is_named_without_torchs_unsafe_advice(tmp_path):
+    """torch.load's error on a damaged .pt file advised re-running with weights_only=False ("arbitrary
+    code execution") or allowing the global: unsafe for a downloaded file and no help for a damaged one.
+    The message now names the file and torch's reason alone."""
+    import os
+    import pickle
+    write_cifar(tmp_path, c10=False, n_per_batch=10, n_test=5)
+
+    class Shell:
+        def __reduce__(self):
+            return os.system, ("true",)
+    for content, reason in ((b"certainly not a torch file", "UnpicklingError: Unsupported global: GLOBAL ertainly not a torch fil"),
+                            (pickle.dumps({"noisy_label": Shell()}, protocol=2),
+                             "UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
+                            (b"", "EOFError: empty or truncated"),
+                            (b"PK\x03\x04" + b"x" * 40, "RuntimeError: PytorchStreamReader failed reading zip archive: "
+                                                       "failed finding central directory")):
+        (tmp_path / "labels.pt").write_bytes(content)
+        with pytest.raises(D.DataError) as e:
+            D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / "labels.pt", download=False)
+        assert str(e.value) == f"--label-file {tmp_path / 'labels.pt'}: not a torch.save file of labels ({reason})"
+
+
 def test_cifar100n_label_file_pickled_under_numpy1(tmp_path):
     """The CIFAR-N release's CIFAR-100_human.pt was saved under numpy 1: its arrays name
     numpy.core.multiarray._reconstruct (numpy 2 saves numpy._core...); both load."""

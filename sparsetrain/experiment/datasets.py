@@ -235,9 +235,12 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
             # reconstruction allowed, nothing else (no arbitrary code from a downloaded file)
             # (the CIFAR-N release was pickled under numpy 1: its arrays name numpy.core.multiarray)
             rebuild = _np_core().multiarray._reconstruct
-            with torch.serialization.safe_globals([rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray,
-                                                   np.dtype, *_numpy_dtype_classes()]):
-                d = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                with torch.serialization.safe_globals([rebuild, (rebuild, "numpy.core.multiarray._reconstruct"),
+                                                       np.ndarray, np.dtype, *_numpy_dtype_classes()]):
+                    d = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # garbage, truncated, or objects the safe loader refuses
+                raise DataError(f"--label-file {path}: not a torch.save file of labels ({_load_error(e)})") from None
             if not isinstance(d, dict) or "noisy_label" not in d:
                 keys = list(d) if isinstance(d, dict) else type(d).__name__
                 raise DataError(f"--label-file {path} must be a dict with key 'noisy_label', got {keys}")
@@ -261,6 +264,16 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
         raise DataError(f"--label-file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
                         f"{labels.shape[0]}{rng}")
     return labels
+
+
+def _load_error(e: BaseException) -> str:
+    """torch.load's error in one line, without its advice to retry with weights_only=False or to allow
+    the global (unsafe for a downloaded file, and no help for a damaged one)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
+    if not lines:
+        return f"{type(e).__name__}: empty or truncated" if isinstance(e, EOFError) else brief_error(e)
+    return f"{type(e).__name__}: {lines[0].split('. ')[0].rstrip('.')[:200]}"  # (its first sentence: advice follows)
 
 
 def _np_core():
