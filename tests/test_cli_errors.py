@@ -225,6 +225,10 @@ def test_user_error_is_one_line_and_exit_2(outcomes, name, message):
         # refused before anything ran (the last three once the data is read): no config.json is left
         # behind for --resume or --report-only to take for a run
         assert not any(root.glob("runs/*/config.json"))
+    if name in ("corrupt-config", "truncated-state", "different-config", "run-in-use"):  # (a run directory with files)
+        assert _run_dir(root).is_dir()
+    else:  # refused before anything was written: no empty run directory (its .lock alone) is left behind
+        assert not any(root.glob("runs/*")), list(root.glob("runs/*/*"))
 
 
 def test_cifar100n_defaults_to_no_added_noise(tmp_path):

@@ -308,6 +308,33 @@ def test_folder_lock_without_locking_support_warns_and_runs(tmp_path, monkeypatc
     assert ran == [1]
 
 
+def test_an_empty_run_folder_is_removed_and_a_lock_on_a_removed_folder_taken_again(tmp_path, monkeypatch):
+    """A run refused before it wrote anything left its folder behind, empty but for .lock; now
+    remove_empty_folder removes it (only then), and a process whose lock was on the removed folder's
+    file (it opened it before the removal) takes the lock of the folder made anew, not a dead one."""
+    from sparsetrain.experiment.files import folder_lock, remove_empty_folder
+    rd = tmp_path / "run"
+    with folder_lock(str(rd)):
+        remove_empty_folder(str(rd))
+    assert not rd.exists()
+    with folder_lock(str(rd)):
+        (rd / "seed0").mkdir()
+        remove_empty_folder(str(rd))
+    assert sorted(os.listdir(rd)) == [".lock", "seed0"]  # (it holds something: kept)
+    (rd / "seed0").rmdir()
+    real, opened = files._try_flock, []
+
+    def removed_while_waiting(f):  # the holder removes the folder, then releases its lock to this one
+        opened.append(os.fstat(f.fileno()).st_ino)
+        if len(opened) == 1:
+            remove_empty_folder(str(rd))
+        return real(f)
+    monkeypatch.setattr(files, "_try_flock", removed_while_waiting)
+    with folder_lock(str(rd)):
+        assert len(opened) == 2 and os.stat(rd / ".lock").st_ino == opened[1]  # (the new folder's lock)
+        assert (rd / ".lock").read_text() == str(os.getpid())
+
+
 def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
     p = str(tmp_path / "f.bin")
     files.atomic_write(p, b"first version", checksum=True)

@@ -27,7 +27,7 @@ import warnings
 from typing import Callable
 
 __all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
-           "Busy", "EXIT_BUSY", "folder_lock", "folder_busy"]
+           "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
 
 
 class CorruptFile(ValueError):
@@ -50,13 +50,11 @@ def folder_lock(folder: str):
     lock (a warning)."""
     try:
         import fcntl
-        os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, ".lock"), "a+")
+        f, taken = _open_lock(folder)
     except (ImportError, OSError):
         yield
         return
     with f:
-        taken = _try_flock(f)
         if taken is None:
             warnings.warn(f"{folder}: no lock (the filesystem does not lock): do not run this command twice at once")
             yield
@@ -73,6 +71,35 @@ def folder_lock(folder: str):
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _open_lock(folder: str):
+    """folder/.lock opened and _try_flock'ed: (file, taken). A lock taken on a file its holder removed
+    meanwhile (remove_empty_folder, the folder then gone) guards nothing: taken again on the new one."""
+    for _ in range(10):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            f = open(os.path.join(folder, ".lock"), "a+")
+        except FileNotFoundError:  # (the folder removed between the two calls)
+            continue
+        taken = _try_flock(f)
+        try:
+            if taken is not True or os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
+                return f, taken
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise Busy(f"{folder} is being created and removed by other processes: run the command again")
+
+
+def remove_empty_folder(folder: str) -> None:
+    """Remove `folder` if it holds nothing but its .lock (a run refused before it wrote anything), while
+    holding folder_lock (a process that took the old lock then takes the new folder's); kept otherwise."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(folder)) <= {".lock"}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, ".lock"))
+            os.rmdir(folder)  # (refused if a file appeared meanwhile: the folder stays)
 
 
 def folder_busy(folder: str) -> bool:

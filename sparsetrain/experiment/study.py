@@ -25,7 +25,8 @@ from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes
 from .devices import resolve_device
-from .files import EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit, write_json
+from .files import (EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit,
+                    remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, phase_done, phase_settings, prepare_phases,
@@ -205,10 +206,12 @@ def run_study(cfg: Config) -> str:
             return _run_seeds(cfg, rd, dev)
         except _EXPECTED:
             # refused before anything ran (in set-up, or by the data: its size, its files): no run is
-            # left for a report or --resume to find
+            # left for a report or --resume to find, nor an empty run directory (its lock alone)
             written = os.path.join(rd, "config.json")
-            if dist.is_main() and fresh == [True] and os.path.isfile(written) and not _trained(rd):
-                os.remove(written)
+            if dist.is_main() and fresh == [True]:
+                if os.path.isfile(written) and not _trained(rd):
+                    os.remove(written)
+                remove_empty_folder(rd)
             raise
 
 
