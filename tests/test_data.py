@@ -61,7 +61,8 @@ def test_a_damaged_cifar100n_pt_file_is_named_without_torchs_unsafe_advice(tmp_p
     class Shell:
         def __reduce__(self):
             return os.system, ("true",)
-    for content, reason in ((b"certainly not a torch file", "UnpicklingError: Unsupported global: GLOBAL ertainly not a torch fil"),
+    for content, reason in ((b"certainly not a torch file",  # (pickle's GLOBAL opcode is "c": the rest a name)
+                             "UnpicklingError: Unsupported global: GLOBAL ertainly not a torch fil"),
                             (pickle.dumps({"noisy_label": Shell()}, protocol=2),
                              "UnpicklingError: Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
                             (b"", "EOFError: empty or truncated"),

