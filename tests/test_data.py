@@ -31,6 +31,8 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
     assert torch.equal(n.train.y, torch.from_numpy(noisy)[n.train.index])
     assert torch.equal(n.val.y, torch.from_numpy(y)[n.val.index])  # clean_val: original labels
     assert set(n.flipped.tolist()) == {i for i in n.train.index.tolist() if noisy[i] != y[i]}
+    with pytest.raises(ValueError, match="label_file is for cifar100n \\(human labels\\), not cifar100"):
+        D.load_dataset("cifar100", tmp_path, label_file=tmp_path / "CIFAR-100_human.pt", download=False)  # (ignored)
     np.savetxt(tmp_path / "labels.txt", noisy, fmt="%d")
     t = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "labels.txt", download=False)
     assert torch.equal(t.train.y, torch.from_numpy(noisy))
