@@ -468,7 +468,11 @@ def test_sweep_report_has_one_row_per_point_with_mean_and_std(swept):
         again = [r for r in csv.DictReader(f) if r["phase"] == "distill-dense" and r["stop_rule"] == "none"]
     assert sorted(float(r["alpha"]) for r in again) == [0.5, 0.8] and len(again) == len(table)
     rows = [list(csv.DictReader(open(d / "table1.csv"))) for d in (sweep_dir / "report", root / "runs-report")]
-    assert len(rows[1]) == len(rows[0])  # (each teacher run was a group of its own, its vanilla curve twice)
+    # (each teacher run was a group of its own, its vanilla curve twice); the sweep's own report also has
+    # the rejected point alpha=1.5 (its plan knows it), one row of no result with both seeds failed
+    assert len(rows[1]) == len(rows[0]) - 1
+    assert [(r["alpha"], r["run"], r["seeds"], r["seeds_started"], r["failed_seeds"]) for r in rows[0][-1:]] == [
+        ("1.5", "(no result)", "0", "2", "0 1")]
 
 
 def test_rerunning_a_finished_sweep_changes_nothing(swept):
@@ -962,4 +966,4 @@ def test_a_failed_run_s_partial_curve_is_not_in_progress(tmp_path):
                                  status)).read()
     assert "Did not finish (the run failed or was interrupted; the curve is partial): teacher seed(s) [0]." in md
     assert md.count("In progress (not finished): teacher seed(s) [0].") == 1  # (the other run's)
-    assert md.count("| 1 (1 unfinished) |") == 2
+    assert md.count("| 1 (1 unfinished, 1 failed) |") == 1 and md.count("| 1 (1 unfinished) |") == 1  # broke, going

@@ -18,7 +18,7 @@ from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
 
-__all__ = ["load_groups", "mark_stopped", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
+__all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label", "teacher_only"]
 
 # Config settings that never separate groups (not result settings); config.json's other keys (commit,
@@ -35,17 +35,24 @@ _STUDENT = {k for k in _SETTINGS if k.startswith("student") or k in ("teachers",
                                                                        "t_a", "stop_falls")}
 
 
-def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
+def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None = None) -> list[dict]:
     """Group run directories by their result settings (seeds pooled). Each group: {"config": the
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
     "running": {phase: [seeds whose phase has not finished]}, "unfinished_in": {(phase, seed): its
     run directory}, "stopped": {phase: [those of them whose run ended without finishing]}, filled by
-    mark_stopped, "same_as": load_run's, per seed}. Directories without config.json
-    are skipped; one whose config.json does not parse is skipped and appended to `unreadable` (its
-    settings are unknown: the defaults would mislabel its numbers)."""
+    mark_stopped, "same_as": load_run's, per seed, "absent_in": {seed: a planned run without a
+    directory yet}, "failed": [those of them whose run failed], "planned_only": no directory yet}.
+    Directories without config.json are skipped unless `planned` ({run directory or run name: its
+    resolved config}, a sweep's plan) knows them: their group is kept without curves (a grid point whose
+    run failed before starting still gets its rows, marked "no result"); one whose config.json does not
+    parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
+    its numbers)."""
     groups: dict[str, dict] = {}
-    for d in run_dirs:
+    planned = dict(planned or {})
+    for d in list(run_dirs) + [d for d in planned if d not in run_dirs]:
         if not os.path.isfile(os.path.join(d, "config.json")):
+            if d in planned:
+                _add_planned(groups, d, planned[d])
             continue
         run = load_run(d)
         if not isinstance(run["config"], dict) or not run["config"]:
@@ -53,10 +60,10 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
                 unreadable.append(d)
             continue
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
-        key = json.dumps({k: run["config"][k] for k in _SETTINGS}, sort_keys=True)
-        g = groups.setdefault(key, {"config": {**run["config"], "seeds": []}, "curves": {}, "dirs": [],
-                                    "running": {}, "unfinished_in": {}, "stopped": {}, "same_as": {}})
+        key = _key(run["config"])
+        g = groups.setdefault(key, _new_group(run["config"]))
         g["dirs"].append(d)
+        g["planned_only"] = False
         g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
             for seed, rows in by_seed.items():
@@ -71,6 +78,26 @@ def load_groups(run_dirs, unreadable: list | None = None) -> list[dict]:
     return list(groups.values())
 
 
+def _key(config: dict) -> str:
+    return json.dumps({k: config[k] for k in _SETTINGS}, sort_keys=True)
+
+
+def _new_group(config: dict) -> dict:
+    return {"config": {**config, "seeds": []}, "curves": {}, "dirs": [], "running": {}, "unfinished_in": {},
+            "stopped": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True}
+
+
+def _add_planned(groups: dict, d: str, config: dict) -> None:
+    """A planned run that left no config.json (failed before starting, or not started yet): its seeds
+    join its setting's group, creating it if no other run has that setting."""
+    config = {**_DEFAULTS, **json.loads(json.dumps(config))}
+    g = groups.setdefault(_key(config), _new_group(config))
+    seeds = list(config.get("seeds") or [])
+    g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(seeds))
+    for seed in seeds:
+        g["absent_in"].setdefault(seed, d)
+
+
 def teacher_only(config: dict) -> bool:
     """A sweep's teacher run (--phases teacher): its student settings are placeholders."""
     return list(config.get("phases") or []) == ["teacher"]
@@ -83,8 +110,11 @@ def _shown(g, k) -> bool:
 def varying(groups, axes=()) -> list[str]:
     """Settings that differ between groups (and the sweep's `axes`, which label a group even where the
     other values' runs failed), in label order; a lone teacher run's student settings never differ."""
+    # (a planned point without a run directory labels by the axes only: its other settings are the plan's;
+    # an axis of both roles, --batch-size, is the teacher's and the student's setting)
+    axes = {*axes, *(f"{role}_{k}" for k in axes for role in ("teacher", "student"))}
     diff = [k for k in _SETTINGS if k in axes or len({json.dumps(g["config"].get(k)) for g in groups
-                                                       if _shown(g, k)}) > 1]
+                                                       if _shown(g, k) and not g.get("planned_only")}) > 1]
     return sorted(diff, key=lambda k: (_ORDER.index(k) if k in _ORDER else len(_ORDER), k))
 
 
@@ -107,6 +137,17 @@ def mark_stopped(groups, ended) -> None:
         for (phase, seed), d in g["unfinished_in"].items():
             if os.path.realpath(d) in ended:
                 g["stopped"].setdefault(phase, []).append(seed)
+        g["failed"] = sorted(s for s, d in g.get("absent_in", {}).items() if os.path.realpath(d) in ended)
+
+
+def seed_counts(g, phase) -> dict:
+    """A phase's seeds: started (every seed of the setting), in progress (unfinished, not ended) and
+    failed (ended without finishing, or failed before recording a round)."""
+    stopped = set(g.get("stopped", {}).get(phase, []))
+    started = set(g["config"].get("seeds") or []) | {s for c in g["curves"].values() for s in c}
+    return {"seeds_started": len(started),
+            "in_progress": [s for s in g.get("running", {}).get(phase, []) if s not in stopped],
+            "failed": sorted(stopped | set(g.get("failed", [])))}
 
 
 def _running_note(g) -> str:
@@ -114,7 +155,10 @@ def _running_note(g) -> str:
     r = {p: [s for s in seeds if s not in stopped.get(p, [])] for p, seeds in g["running"].items()}
     notes = [("In progress (not finished)", {p: s for p, s in r.items() if s}),
              ("Did not finish (the run failed or was interrupted; the curve is partial)", stopped)]
-    return "".join(f"{what}: " + "; ".join(f"{p} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
+    none = ""
+    if g.get("failed"):
+        none = f"No result: seed(s) {g['failed']} failed before recording a round (see the Runs table).\n\n"
+    return none + "".join(f"{what}: " + "; ".join(f"{p} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
                    for what, ph in notes if ph)
 
 
@@ -130,11 +174,15 @@ def table1_csv(groups, keys) -> list[dict]:
     """Table 1's cells as numbers: one row per group x Table 1 row (mean, std, n over seeds)."""
     rows = []
     for g in groups:
-        for spec in table1_rows(g):
+        # (a setting without a curve, its runs failed or not started: one row of no result, n = 0)
+        for spec in table1_rows(g) or [{"name": "(no result)", "phase": "", "rule": None, "distill": False, "outs": []}]:
             row = {k: g["config"].get(k) for k in keys}
-            row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or "none",
-                       seeds=len(spec["outs"]), in_progress=" ".join(map(str, g["running"].get(spec["phase"], []))),
-                       stop=stop_cell(spec))
+            c = seed_counts(g, spec["phase"])
+            row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or ("none" if spec["phase"] else ""),
+                       seeds=len(spec["outs"]), seeds_started=c["seeds_started"],
+                       in_progress=" ".join(map(str, c["in_progress"])), failed=len(c["failed"]),
+                       failed_seeds=" ".join(map(str, c["failed"])),
+                       stop=stop_cell(spec) if spec["outs"] else "")
             for cell in ("test", "test_at", "sparsity", "sparsity_at", "pflops", "paper", "teacher", "teacher_paper",
                          "saved", "saved_paper"):
                 m, s, n = stats([o[cell] for o in spec["outs"]])  # (n: the seeds with a value; saved may have fewer)
@@ -215,9 +263,10 @@ def best_model_rows(groups, keys) -> list[dict]:
     out = []
     for g in groups:
         van = vanilla_phase(g)  # (the teacher's own row too: the paper's Table 12 is the vanilla ResNet-18's)
-        for ph in sorted(ordered_phases(g), key=lambda p: p != van):
+        # (a setting without a curve: one row of no result, seeds 0 of those started)
+        for ph in sorted(ordered_phases(g), key=lambda p: p != van) or [None]:
             accs, sps, labs = [], [], []
-            for rows in g["curves"][ph].values():
+            for rows in g["curves"].get(ph, {}).values():
                 i = best_index(rows)
                 if i is None:  # (no round with a validation score: no w_best; was round 0)
                     continue
@@ -225,13 +274,23 @@ def best_model_rows(groups, keys) -> list[dict]:
                 sps.append(100 * get(rows[i], "sparsity"))
                 labs.append(label_rounds(rows)[i])
             (am, asd, n), (sm, ssd, ns) = stats(accs), stats(sps)
+            c = seed_counts(g, ph)
             out.append({**{k: g["config"].get(k) for k in keys}, "setting": group_label(g, keys),
-                        "phase": "vanilla" if ph == van else ph, "best_test_mean": am,
+                        "phase": "(no result)" if ph is None else "vanilla" if ph == van else ph, "best_test_mean": am,
                         "best_test_std": asd if n > 1 else NAN,  # (as table1.csv: no sample std of one seed)
                         "sparsity_mean": sm, "sparsity_std": ssd if ns > 1 else NAN, "best_phase": ", ".join(sorted(set(labs))),
-                        "seeds": len(accs), "best_test_n": n, "sparsity_n": ns,
-                        "unfinished": len(g.get("running", {}).get(ph, [])), "_accs": accs, "_sps": sps})
+                        "seeds": len(accs), "seeds_started": c["seeds_started"], "best_test_n": n, "sparsity_n": ns,
+                        "unfinished": len(g.get("running", {}).get(ph, [])), "failed": len(c["failed"]),
+                        "_accs": accs, "_sps": sps})
     return out
+
+
+def _seeds_cell(r) -> str:
+    """Table 1's form: k/n where k of the n seeds started have a best model; then how many of them are
+    unfinished (in progress or failed) and how many failed."""
+    n = r.get("seeds_started") or r["seeds"]
+    notes = [f"{u} unfinished" for u in [r.get("unfinished")] if u] + [f"{f} failed" for f in [r.get("failed")] if f]
+    return f"{r['seeds']}" + ("" if n == r["seeds"] else f"/{n}") + (f" ({', '.join(notes)})" if notes else "")
 
 
 def best_model_md(rows) -> str:
@@ -239,6 +298,5 @@ def best_model_md(rows) -> str:
            "|---|---|--:|--:|---|--:|"]
     part = lambda r, n: f" ({r[n]} of {r['seeds']} seeds)" if 0 < r[n] < r["seeds"] else ""  # noqa: E731
     out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])}{part(r, 'best_test_n')} | {ms(r['_sps'])}"
-            f"{part(r, 'sparsity_n')} | {r['best_phase']} | "
-            f"{r['seeds']}{f' ({u} unfinished)' if (u := r.get('unfinished')) else ''} |" for r in rows]
+            f"{part(r, 'sparsity_n')} | {r['best_phase']} | {_seeds_cell(r)} |" for r in rows]
     return "\n".join(out)

@@ -227,8 +227,11 @@ def main(argv=None) -> int:
     axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
     axes += sorted(variant_keys(settings) - set(axes))  # (and what variants change)
     of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps and s.own_vanilla for s in plan)]
+    # the result runs (studies; teacher runs no study links): their points get rows even without a directory
+    planned = {r.run_dir or r.name: r.config for r in plan
+               if r.kind == "study" or not any(r.name in s.deps for s in plan)}
     summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
-                                 axes=axes, teacher_runs=of_studies)
+                                 axes=axes, teacher_runs=of_studies, planned=planned)
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}
     for n, s in failed.items():
         print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)

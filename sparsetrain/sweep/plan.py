@@ -46,6 +46,8 @@ class Run:
     error: str = ""                # the experiment's own message when the point is invalid
     program: str = "sparsetrain.experiment"  # what the run executes (python -m; or a script path)
     own_vanilla: bool = False      # a study training its vanilla student (its teacher run's curve is not it)
+    config: dict = field(default_factory=dict)  # its resolved settings as config.json records them (the report's
+    # row of a point whose run failed before writing one); an invalid point's: the point itself
 
     def done(self) -> bool:
         """Every phase finished and the run's own report written after them (the report comes last: a
@@ -157,7 +159,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
                 cfg = None if err else cfg
             if cfg is None:
                 name = "invalid-" + hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
-                runs[name] = Run(name, "study", "", point=p, seed=seed, error=err)
+                runs[name] = Run(name, "study", "", point=p, seed=seed, error=err, config=_record(p))
                 continue
             tcfg = teacher_config(cfg)
             td = run_dir_of(tcfg)
@@ -168,7 +170,8 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             # a teacher run only where the point trains or reads the teacher phase (not for a vanilla
             # student of another model, nor for students of --teachers PATH only)
             if key not in owner and "teacher" in sum(needed_phases(cfg), []):
-                runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"])
+                runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"],
+                                  config=_record(tcfg))
                 owner[key] = tname
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
@@ -199,8 +202,18 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             _refuse_twins(shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
-                         own_vanilla=scfg.separate_vanilla())
+                         own_vanilla=scfg.separate_vanilla(), config=_record(scfg))
     return list(runs.values())
+
+
+def _record(cfg) -> dict:
+    """What the run's config.json would record of its settings (study.py's: the student resolved);
+    a rejected point's own values (json: tuples as lists)."""
+    if isinstance(cfg, Config):
+        rec = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
+    else:  # (--batch-size etc. set both roles' settings, as the experiment's parser would)
+        rec = {**{f"{role}_{k}": v for k, v in cfg.items() if k in ROLE_KEYS for role in ("teacher", "student")}, **cfg}
+    return json.loads(json.dumps(rec, default=str))
 
 
 def _refuse_twins(a: dict, b: dict) -> None:

@@ -31,18 +31,20 @@ def _natural(v) -> tuple:
 
 
 def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep",
-                       sort: bool = False, axes=(), teacher_runs=()) -> str:
+                       sort: bool = False, axes=(), teacher_runs=(), planned: dict | None = None) -> str:
     """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md. `sort`: the settings in
     order of the values that differ (directories come in their names' order, whose tail is a hash);
     else in the order of `run_dirs` (a sweep's: its grid's). `axes`: the grid's axes, which label the
     settings even where only one of their values has results (the others' runs failed). `teacher_runs`:
     the sweep's teacher runs of studies (of another student model): kept where their study failed,
-    their curve is labelled the teacher's, never the grid's vanilla student."""
+    their curve is labelled the teacher's, never the grid's vanilla student. `planned`: {run directory
+    (or name of a run the experiment rejected): its resolved config} of the plan's result runs: a point
+    whose run left no directory still gets its rows (no result)."""
     os.makedirs(out_dir, exist_ok=True)
     unreadable: list[str] = []
-    groups = load_groups(run_dirs, unreadable)
+    groups = load_groups(run_dirs, unreadable, planned)
     if status:  # (a run's directory is named after it)
-        mark_stopped(groups, [d for d in run_dirs if status.get(os.path.basename(os.path.normpath(d)), {}).get(
+        mark_stopped(groups, [d for d in [*run_dirs, *(planned or {})] if status.get(os.path.basename(os.path.normpath(d)), {}).get(
             "state") in ("failed", "interrupted")])
     teachers = {os.path.realpath(d) for d in teacher_runs}
     for g in groups:

@@ -1,0 +1,103 @@
+"""The sweep report's completeness: every planned grid point and every seed started is counted,
+whatever became of its run (synthetic run directories; no training)."""
+import csv
+import dataclasses
+import json
+import os
+
+from sparsetrain.experiment.config import config_from_args
+from sparsetrain.experiment.files import write_csv, write_json
+from sparsetrain.sweep.plan import make_plan
+from sparsetrain.sweep.report import write_sweep_report
+
+_CURVE = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+
+
+def _settings(root, **axes):
+    base = {"dataset": ["mnist"], "profile": ["quick"], "data_dir": str(root / "data"), "eps": [0.2],
+            "subset": [0], "epochs": [2], "milestones": (1,), "rate": [0.5], "wall": [0.95], "batch_size": [16],
+            "teachers": ("dense",), "seeds": [0]}
+    return {**base, **axes}
+
+
+def _fill(run_dir, config, phases=("teacher", "distill-dense")):
+    """What a finished run leaves: its config.json (its settings and what it records of itself) and one
+    curve per phase of each seed."""
+    write_json(f"{run_dir}/config.json", {**config, "git_commit": "x"})
+    for seed in config["seeds"]:
+        for ph in phases:
+            d = f"{run_dir}/seed{seed}/{ph}"
+            os.makedirs(d)
+            write_csv(f"{d}/metrics.csv", [{"round": i, "sparsity": s, "val_acc": v, "test_acc": t,
+                                            "entropy_mean": 0.5, "cum_flops": 1e12 * (i + 1),
+                                            "paper_cum_flops": 2e12 * (i + 1)} for i, (s, v, t) in enumerate(_CURVE)])
+            write_json(f"{d}/best.json", {"round": 1})
+
+
+def _rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_a_grid_point_whose_runs_failed_keeps_its_rows(tmp_path):
+    """Subset 100's teacher failed, so its study never made a directory: every table and both CSVs
+    still have its row (no result, n = 0, its seed failed); subset 2000's rows are as before."""
+    plan = make_plan(_settings(tmp_path, subset=[100, 2000]), str(tmp_path / "sw"), threads=1)
+    studies = {r.point["subset"]: r for r in plan if r.kind == "study"}
+    for r in plan:  # (a planned config is what the run's config.json records: they are one setting)
+        cfg, _ = config_from_args(r.argv)
+        assert r.config == json.loads(json.dumps({**dataclasses.asdict(cfg), "student": cfg.resolved_student()}))
+    _fill(studies[2000].run_dir, studies[2000].config)
+    status = {r.name: {"state": "done" if r is studies[2000] or r.name in studies[2000].deps else "failed",
+                       "kind": r.kind, "log": "x.log"} for r in plan}
+    planned = {r.run_dir: r.config for r in plan if r.kind == "study"}
+    md = open(write_sweep_report([studies[100].run_dir, studies[2000].run_dir], str(tmp_path / "rep"), status,
+                                 axes=["subset"], planned=planned)).read()
+    t1 = _rows(tmp_path / "rep" / "table1.csv")
+    none = [r for r in t1 if r["subset"] == "100"]
+    assert len(none) == 1 and none[0]["run"] == "(no result)" and none[0]["seeds"] == "0"
+    assert (none[0]["seeds_started"], none[0]["failed"], none[0]["failed_seeds"], none[0]["test_n"]) == ("1", "1", "0", "0")
+    assert none[0]["test_mean"] == "nan" and none[0]["stop_rule"] == ""
+    assert len([r for r in t1 if r["subset"] == "2000"]) == 6  # vanilla (the teacher's curve), distill-dense x 3 rules
+    best = _rows(tmp_path / "rep" / "best_model.csv")
+    assert [(r["subset"], r["phase"], r["seeds"], r["seeds_started"], r["failed"]) for r in best] == [
+        ("100", "(no result)", "0", "1", "1"), ("2000", "vanilla", "1", "1", "0"), ("2000", "distill-dense", "1", "1", "0")]
+    assert "| subset=100 | (no result) | n/a | n/a |  | 0/1 (1 failed) |" in md
+    assert "### mnist, ε = 0.2, lenet300 (subset=100)" in md
+    assert "No result: seed(s) [0] failed before recording a round (see the Runs table)." in md
+    assert "settings that differ: subset." in md  # (the absent point's other settings are the plan's)
+
+
+def test_a_rejected_grid_point_gets_its_row_too(tmp_path):
+    """A point the experiment rejected has no run directory, only its name: its row says no result."""
+    plan = make_plan(_settings(tmp_path, batch_size=[16, -1]), str(tmp_path / "sw"), threads=1)
+    bad = [r for r in plan if r.error]
+    assert len(bad) == 1 and bad[0].config["teacher_batch_size"] == bad[0].config["student_batch_size"] == -1
+    good = next(r for r in plan if r.kind == "study" and not r.error)
+    _fill(good.run_dir, good.config)
+    status = {r.name: {"state": "failed" if r.error else "done", "kind": r.kind, "log": "x.log"} for r in plan}
+    write_sweep_report([good.run_dir], str(tmp_path / "rep"), status, axes=["batch_size"],
+                       planned={r.run_dir or r.name: r.config for r in plan if r.kind == "study"})
+    best = _rows(tmp_path / "rep" / "best_model.csv")
+    assert [(r["teacher_batch_size"], r["phase"], r["seeds"], r["failed"]) for r in best] == [
+        ("16", "vanilla", "1", "0"), ("16", "distill-dense", "1", "0"), ("-1", "(no result)", "0", "1")]
+
+
+def test_a_missing_seed_counts_against_the_seeds_started_and_a_failed_one_is_not_in_progress(tmp_path):
+    """Seeds 0 and 1 were started, seed 1 left no curve: Table 12 and both CSVs say 1 of 2 (Table 1's
+    form), as Table 1 does. A failed run's partial curve is counted failed, not in progress."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0, 1], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "two", {**cfg, "seeds": [0]}, phases=("teacher",))
+    write_json(tmp_path / "two" / "config.json", {**cfg, "git_commit": "x"})  # (seed 1 started, no curve)
+    _fill(tmp_path / "broke", {**cfg, "eps": 0.2, "seeds": [0]}, phases=("teacher",))
+    os.remove(tmp_path / "broke" / "seed0" / "teacher" / "best.json")
+    status = {"two": {"state": "done", "kind": "study"}, "broke": {"state": "failed", "kind": "study"}}
+    md = open(write_sweep_report([str(tmp_path / "two"), str(tmp_path / "broke")], str(tmp_path / "rep"), status)).read()
+    t1 = {r["eps"]: r for r in _rows(tmp_path / "rep" / "table1.csv") if r["stop_rule"] == "none"}
+    assert (t1["0.1"]["seeds"], t1["0.1"]["seeds_started"], t1["0.1"]["failed"]) == ("1", "2", "0")
+    assert (t1["0.2"]["seeds"], t1["0.2"]["in_progress"], t1["0.2"]["failed"], t1["0.2"]["failed_seeds"]) == (
+        "1", "", "1", "0")
+    best = {r["eps"]: r for r in _rows(tmp_path / "rep" / "best_model.csv")}
+    assert (best["0.1"]["seeds"], best["0.1"]["seeds_started"], best["0.2"]["failed"]) == ("1", "2", "1")
+    assert "| eps=0.1 | vanilla | 70.00 | 50.00 | light | 1/2 |" in md and "| 1/2 |" in md.split("## Tables 1")[1]
+    assert "| eps=0.2 | vanilla | 70.00 | 50.00 | light | 1 (1 unfinished, 1 failed) |" in md
