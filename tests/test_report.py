@@ -587,3 +587,17 @@ def test_table1_csv_leaves_blank_what_the_markdown_leaves_blank(tmp_path):
         assert math.isnan(rows[name]["teacher_mean"]) and rows[name]["teacher_paper_n"] == 0
     assert rows["vanilla, early stop (Alg. 2)"]["saved_n"] == 2
     assert rows["distilled from the dense teacher, no early stop"]["teacher_mean"] > 0
+
+
+def test_a_report_of_a_run_without_metrics_removes_the_old_plots(tmp_path):
+    """Re-written after its metrics are gone (the run started over), the report says no metrics and
+    leaves no plot of the old curves beside it."""
+    run = str(tmp_path / "run")
+    write_config(run)
+    write_rows(run, make_rows([0.5, 0.6, 0.55]))
+    R.write_report(run)
+    pngs = [os.path.join(run, n) for n in ("accuracy_vs_sparsity.png", "cum_pflops.png")]
+    assert all(os.path.isfile(p) for p in pngs)
+    os.remove(os.path.join(run, "seed0", "teacher", "metrics.csv"))
+    md = read(R.write_report(run))
+    assert "(no metrics yet)" in md and not any(os.path.exists(p) for p in pngs)

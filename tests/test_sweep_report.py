@@ -101,3 +101,21 @@ def test_a_missing_seed_counts_against_the_seeds_started_and_a_failed_one_is_not
     assert (best["0.1"]["seeds"], best["0.1"]["seeds_started"], best["0.2"]["failed"]) == ("1", "2", "1")
     assert "| eps=0.1 | vanilla | 70.00 | 50.00 | light | 1/2 |" in md and "| 1/2 |" in md.split("## Tables 1")[1]
     assert "| eps=0.2 | vanilla | 70.00 | 50.00 | light | 1 (1 unfinished, 1 failed) |" in md
+
+
+def test_a_rewritten_sweep_report_leaves_no_stale_outputs(tmp_path):
+    """A report written again where a figure or a table has nothing left removes the earlier one: the
+    overlay of curves that are gone, the CSVs of runs no longer readable."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    run, rep = tmp_path / "run", tmp_path / "rep"
+    _fill(run, cfg, phases=("teacher",))
+    write_sweep_report([str(run)], str(rep))
+    assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))
+    os.remove(run / "seed0" / "teacher" / "metrics.csv")  # (no curve left: the rows say no result)
+    write_sweep_report([str(run)], str(rep))
+    assert not (rep / "accuracy_vs_sparsity.png").exists()
+    assert [r["run"] for r in _rows(rep / "table1.csv")] == ["(no result)"]
+    (run / "config.json").write_text("{not json")  # (no readable run: no rows at all)
+    md = open(write_sweep_report([str(run)], str(rep))).read()
+    assert "config.json unreadable" in md and not (rep / "table1.csv").exists() and not (rep / "best_model.csv").exists()

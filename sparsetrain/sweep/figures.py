@@ -80,4 +80,6 @@ def write_figures(groups, keys, out_dir) -> list[str]:
     main = "eps" if "eps" in keys else (keys[0] if keys else None)
     paths = [plot_overlay(groups, main, keys, os.path.join(out_dir, "accuracy_vs_sparsity.png"))]
     paths += [plot_overlay(groups, k, keys, os.path.join(out_dir, f"by_{k}.png")) for k in keys if k != main]
+    if paths[0] is None and os.path.exists(os.path.join(out_dir, "accuracy_vs_sparsity.png")):
+        os.remove(os.path.join(out_dir, "accuracy_vs_sparsity.png"))  # (nothing to draw now: not an old figure)
     return [p for p in paths if p]

@@ -53,13 +53,13 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     if sort:
         groups.sort(key=lambda g: [_natural(g["config"].get(k)) for k in keys])
     pngs = write_figures(groups, keys, out_dir)
-    t1 = table1_csv(groups, keys)
-    if t1:
-        write_csv(os.path.join(out_dir, "table1.csv"), t1)
     best = best_model_rows(groups, keys)
-    if best:
-        write_csv(os.path.join(out_dir, "best_model.csv"),
-                  [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])
+    for name, rows in (("table1.csv", table1_csv(groups, keys)),
+                       ("best_model.csv", [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])):
+        if rows:
+            write_csv(os.path.join(out_dir, name), rows)
+        elif os.path.exists(os.path.join(out_dir, name)):  # (no rows now: an earlier report's numbers would stay)
+            os.remove(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
     lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]

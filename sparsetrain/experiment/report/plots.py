@@ -1,6 +1,7 @@
 """Plots of a run: accuracy vs sparsity (entropy on a second axis) and cumulative PFLOPs."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -69,7 +70,10 @@ def plot_run(run, out_dir) -> list[str]:
     cumulative training PFLOPs vs round (dotted: distillation incl. the teacher's cost; x: Alg. 2 stops)."""
     from matplotlib.figure import Figure  # object API: no pyplot, no global backend change (Agg canvas)
     curves, phases = run["curves"], ordered_phases(run)
-    if not phases:
+    if not phases:  # (no metrics: an earlier report's plots would show what the summary no longer has)
+        for name in ("accuracy_vs_sparsity.png", "cum_pflops.png"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
         return []
     os.makedirs(out_dir, exist_ok=True)
     t_e, t_a = run["config"].get("t_e", 0.8), run["config"].get("t_a", 0.8)
