@@ -601,3 +601,24 @@ def test_a_report_of_a_run_without_metrics_removes_the_old_plots(tmp_path):
     os.remove(os.path.join(run, "seed0", "teacher", "metrics.csv"))
     md = read(R.write_report(run))
     assert "(no metrics yet)" in md and not any(os.path.exists(p) for p in pngs)
+
+
+def test_the_twins_are_named_in_a_run_that_links_every_phase_with_reuse(tmp_path):
+    """Under --reuse every phase of a seed is a link into the run that trained it: distill-best (a link
+    to that run's distill-best, itself a link to its distill-dense) is still distill-dense's twin, and
+    distill-dense, the phase owning the directory, none."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_config(str(a), seeds=[0], teachers=["dense", "best"])
+    write_config(str(b), seeds=[0], teachers=["dense", "best"])
+    write_rows(str(a), make_rows([0.8, 0.7]))
+    write_rows(str(a), make_rows([0.8, 0.75], phase="distill-dense", teacher_cost=1e15))
+    os.symlink("distill-dense", a / "seed0" / "distill-best", target_is_directory=True)
+    os.makedirs(b / "seed0")
+    for ph in ("teacher", "distill-dense", "distill-best"):
+        os.symlink(a / "seed0" / ph, b / "seed0" / ph, target_is_directory=True)
+    run = R.load_run(str(b))
+    assert run["same_as"] == {"distill-best": {0: "distill-dense"}}
+    note = " (= distill-dense in every seed: the same teacher checkpoint, the same student run)"
+    md = R.summary_table(run)
+    assert table_row(md, f"distilled from the pruned (best-validation) teacher{note}, no early stop")
+    assert table_row(md, "distilled from the dense teacher, no early stop")

@@ -88,10 +88,13 @@ def load_run(run_dir) -> dict:
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
                     running.setdefault(phase, []).append(int(m.group(1)))
-                if os.path.islink(os.path.join(sd, phase)):
-                    real = os.path.realpath(os.path.join(sd, phase))
-                    twin = [q for q in sorted(os.listdir(sd)) if q != phase and not os.path.islink(os.path.join(sd, q))
+                real = os.path.realpath(os.path.join(sd, phase))
+                # a link to a directory of another phase's name: the same run as the sibling phase resolving
+                # there (its owner; itself a link too where --reuse linked every phase of the seed)
+                if os.path.islink(os.path.join(sd, phase)) and os.path.basename(real) != phase:
+                    twin = [q for q in sorted(os.listdir(sd)) if q != phase
                             and os.path.realpath(os.path.join(sd, q)) == real]
+                    twin.sort(key=lambda q: q != os.path.basename(real))
                     if twin:
                         same_as.setdefault(phase, {})[int(m.group(1))] = twin[0]
     return {"config": config, "curves": curves, "running": running, "same_as": same_as}
