@@ -622,3 +622,17 @@ def test_the_twins_are_named_in_a_run_that_links_every_phase_with_reuse(tmp_path
     md = R.summary_table(run)
     assert table_row(md, f"distilled from the pruned (best-validation) teacher{note}, no early stop")
     assert table_row(md, "distilled from the dense teacher, no early stop")
+
+
+def test_the_table1_footnote_states_the_paper_s_sparsity_convention_per_row(tmp_path):
+    """The paper's Table 1 reports w_best's sparsity on its no-early-stop row (99.62% = 1 - 0.8^25) and
+    the model at the stop's on its early-stop rows (36.00% = 1 - 0.8^2): the footnote says which is which."""
+    run = str(tmp_path / "run")
+    write_config(run)
+    write_rows(run, make_rows([0.5, 0.6, 0.55]))
+    md = R.summary_table(R.load_run(run))
+    assert ("(the paper's Table 1 reports, on its row without early stop, the best-validation model's sparsity: "
+            "99.62% = 1 − 0.8^25, round 25 of 0–29, the best val columns; on its early-stop rows the model at the "
+            "stop's: 36.00% = 1 − 0.8^2, round 2, the at stop columns; Tables 6–8 alike)") in md
+    assert "reports the latter's sparsity" not in md
+    assert round(100 * (1 - 0.8 ** 25), 2) == 99.62 and round(100 * (1 - 0.8 ** 2), 2) == 36.0
