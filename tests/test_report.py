@@ -636,3 +636,16 @@ def test_the_table1_footnote_states_the_paper_s_sparsity_convention_per_row(tmp_
             "stop's: 36.00% = 1 − 0.8^2, round 2, the at stop columns; Tables 6–8 alike)") in md
     assert "reports the latter's sparsity" not in md
     assert round(100 * (1 - 0.8 ** 25), 2) == 99.62 and round(100 * (1 - 0.8 ** 2), 2) == 36.0
+
+
+def test_entropy_is_labelled_in_bits(tmp_path, monkeypatch):
+    """The ReLU-state entropy is binary entropy in log2: the per-round table and the plot say bits."""
+    from matplotlib.axes import Axes
+    run = str(tmp_path / "run")
+    write_config(run)
+    write_rows(run, make_rows([0.5, 0.6, 0.55]))
+    labels = []
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **kw: labels.append(text))
+    md = read(R.write_report(run))
+    assert "| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label |" in md
+    assert "mean ReLU-state entropy [bits] (dashed)" in labels

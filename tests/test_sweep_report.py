@@ -119,3 +119,19 @@ def test_a_rewritten_sweep_report_leaves_no_stale_outputs(tmp_path):
     (run / "config.json").write_text("{not json")  # (no readable run: no rows at all)
     md = open(write_sweep_report([str(run)], str(rep))).read()
     assert "config.json unreadable" in md and not (rep / "table1.csv").exists() and not (rep / "best_model.csv").exists()
+
+
+def test_tau_reads_the_same_in_table5_and_table12_and_entropy_is_in_bits(tmp_path, monkeypatch):
+    """tau 10.0 in config.json: Table 5's column and Table 12's setting both say 10 (Table 12 said
+    tau=10.0); the figures' entropy axis says its unit (bits: log2)."""
+    from matplotlib.axes import Axes
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": ["dense"],
+           "seeds": [0], "rate": 0.5, "wall": 0.95, "alpha": 0.5}
+    for tau in (10.0, 20.0):
+        _fill(tmp_path / f"t{tau:g}", {**cfg, "tau": tau})
+    labels = []
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **kw: labels.append(text))
+    md = open(write_sweep_report([str(tmp_path / "t10"), str(tmp_path / "t20")], str(tmp_path / "rep"))).read()
+    assert "| α \\ τ | 10 | 20 |" in md
+    assert "| tau=10 | vanilla |" in md and "| tau=20 | distill-dense |" in md and "tau=10.0" not in md
+    assert "ReLU-state entropy [bits] (thin)" in labels

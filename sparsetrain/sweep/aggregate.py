@@ -120,7 +120,8 @@ def varying(groups, axes=()) -> list[str]:
 
 def group_label(g, keys) -> str:
     c = g["config"]
-    return ", ".join(f"{k}={c.get(k)}" for k in keys if _shown(g, k)) or f"{c.get('dataset')} eps={c.get('eps')}"
+    # (numbers as Table 5 prints them: tau=10, not the config's 10.0)
+    return ", ".join(f"{k}={_num(c.get(k))}" for k in keys if _shown(g, k)) or f"{c.get('dataset')} eps={c.get('eps')}"
 
 
 def _title(g, keys) -> str:

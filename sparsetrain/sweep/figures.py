@@ -58,7 +58,7 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
                 ax2.plot(x, ent, _STYLE.get(name, "-."), color=line.get_color(), lw=.7, alpha=.5)
         sparsity_axis(ax)
         ax.set_ylabel("test accuracy [%] (mean ± std)")
-        ax2.set_ylabel("ReLU-state entropy (thin)")
+        ax2.set_ylabel("ReLU-state entropy [bits] (thin)")
         ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)
         ax.grid(alpha=.3)
         ax.legend(fontsize=6.5, loc="best")  # (lower left hid the round-0 points of falling curves)

@@ -102,7 +102,7 @@ def plot_run(run, out_dir) -> list[str]:
                     ax.axvspan(edges[i], edges[i + 1], color=_SHADE[lab][0], alpha=_SHADE[lab][1], lw=0)
     sparsity_axis(ax)
     ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ most seeds' best validation)")
-    ax2.set_ylabel("mean ReLU-state entropy (dashed)")
+    ax2.set_ylabel("mean ReLU-state entropy [bits] (dashed)")
     ax.grid(alpha=.3)
     ax.legend(loc="best", fontsize=8,
               title=f"shaded ({phase_title(run, van) if van else '—'}): red critical, green sweet, grey collapsed",

@@ -231,7 +231,7 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
             if s is not None:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
     n, nd = len(seed_rows), _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
-    out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy | Label | s/round | s/epoch "
+    out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label | s/round | s/epoch "
            "| Sparse layers | Cum. PFLOPs exact | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
     for k, lab in zip(rounds, labels):
         rs = by[k]
