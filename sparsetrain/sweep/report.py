@@ -44,8 +44,9 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     unreadable: list[str] = []
     groups = load_groups(run_dirs, unreadable, planned)
     if status:  # (a run's directory is named after it)
-        mark_stopped(groups, [d for d in [*run_dirs, *(planned or {})] if status.get(os.path.basename(os.path.normpath(d)), {}).get(
-            "state") in ("failed", "interrupted")])
+        mark_stopped(groups, [d for d in [*run_dirs, *(planned or {})]
+                              if status.get(os.path.basename(os.path.normpath(d)), {}).get("state") in
+                              ("failed", "interrupted")])
     teachers = {os.path.realpath(d) for d in teacher_runs}
     for g in groups:
         g["teacher_run"] = bool(teachers) and all(os.path.realpath(d) in teachers for d in g["dirs"])
