@@ -266,8 +266,8 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     monkeypatch.setattr(policy, "_DECISIONS", {})
     timed = []
 
-    def fake_seconds(layer, x, reps):  # sparse wins for the conv, loses for the linears
-        timed.append((type(layer).__name__, tuple(x.shape)))
+    def fake_seconds(layer, x, step):  # sparse wins for the conv, loses for the linears
+        timed.append((type(layer).__name__, tuple(x.shape), x.requires_grad))
         conv = isinstance(layer, nn.Conv2d) or type(layer).__name__ == "SparseConv2d"
         return (1.0 if conv else 3.0) if is_sparse(layer) else 2.0
 
@@ -277,14 +277,16 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     masks = apply_engine(model, global_prune(model, {}, 0.9, scope="layer"), "auto", example=example)
     assert type(model[0]).__name__ == "SparseConvBNReLU" and type(model[4]) is nn.Linear
     assert set(masks) == {"4", "6"}  # the dense layers keep their masks
-    # each big layer timed dense and sparse at its input shape; the 64 x 5 classifier is not timed
-    assert sorted(timed) == sorted([("Conv2d", (3, 16, 4, 4)), ("SparseConv2d", (3, 16, 4, 4)),
-                                    ("Linear", (3, 2048)), ("SparseLinear", (3, 2048))])
+    # each big layer timed dense and sparse at its input shape, a warm-up and 3 steps each, alternating; the 64 x 5
+    # classifier is not timed; the first conv reads the batch itself: no input gradient, as in training
+    assert sorted(timed) == sorted(4 * [("Conv2d", (3, 16, 4, 4), False), ("SparseConv2d", (3, 16, 4, 4), False),
+                                        ("Linear", (3, 2048), True), ("SparseLinear", (3, 2048), True)])
+    assert [t[0] for t in timed[:6]] in (["Conv2d", "SparseConv2d"] * 3, ["Linear", "SparseLinear"] * 3)
     # the same layers at the same sparsity: decided from the cache, in memory and on disk
     monkeypatch.setattr(policy, "_DECISIONS", {})
     again = _wide_net()
     apply_engine(again, global_prune(again, {}, 0.9, scope="layer"), "auto", example=example)
-    assert len(timed) == 4 and is_sparse(again[0]) and (tmp_path / "engine_auto.json").exists()
+    assert len(timed) == 16 and is_sparse(again[0]) and (tmp_path / "engine_auto.json").exists()
     # another process's decision made meanwhile (a run in parallel) wins over measuring again here,
     # though this process holds other decisions in memory
     cache = json.loads((tmp_path / "engine_auto.json").read_text())
@@ -292,7 +294,7 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     monkeypatch.setattr(policy, "_DECISIONS", {"another layer": True})
     other = _wide_net()
     apply_engine(other, global_prune(other, {}, 0.9, scope="layer"), "auto", example=example)
-    assert len(timed) == 4 and not is_sparse(other[0]) and is_sparse(other[4])
+    assert len(timed) == 16 and not is_sparse(other[0]) and is_sparse(other[4])
     (tmp_path / "engine_auto.json").write_text(json.dumps(cache))
     monkeypatch.setattr(policy, "_DECISIONS", {})
     # under DDP every rank takes rank 0's decisions (agree)
@@ -303,7 +305,7 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
     # below MEASURE_FROM nothing is timed and everything stays dense
     low = _wide_net()
     apply_engine(low, global_prune(low, {}, 0.3, scope="layer"), "auto", example=example)
-    assert len(timed) == 4 and not any(is_sparse(m) for m in low.modules())
+    assert len(timed) == 16 and not any(is_sparse(m) for m in low.modules())
     # a cache holding valid JSON of another kind is as a corrupt one: measured again, written afresh
     for kind in ("[]", '"x"'):
         (tmp_path / "engine_auto.json").write_text(kind)
@@ -312,7 +314,7 @@ def test_auto_engine_decides_by_measurement(monkeypatch, tmp_path):
         apply_engine(fresh, global_prune(fresh, {}, 0.9, scope="layer"), "auto", example=example)
         assert is_sparse(fresh[0]) and sorted(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == \
             [False, True]
-    assert len(timed) == 12  # (two layers, both sides, twice)
+    assert len(timed) == 48  # (two layers, both sides, 3 steps and a warm-up, thrice)
 
 
 def test_auto_engine_real_timing_keeps_the_function(monkeypatch, tmp_path):
@@ -698,13 +700,13 @@ def test_auto_engine_decision_is_keyed_by_autocast(monkeypatch, tmp_path):
     monkeypatch.setattr(policy, "_DECISIONS", {})
     calls = []
     monkeypatch.setattr(policy, "_step_seconds",
-                        lambda layer, x, reps: calls.append(torch.is_autocast_enabled("cpu")) or 1.0)
+                        lambda layer, x, step: calls.append(torch.is_autocast_enabled("cpu")) or 1.0)
     layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
     policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
     policy.sparse_is_faster(layer, mask, (8, 64), reps=1)  # cached
     with torch.autocast("cpu", dtype=torch.bfloat16):
         policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
-    assert calls == [False, False, True, True]
+    assert calls == [False] * 4 + [True] * 4  # (a warm-up and a timed step, dense and sparse, each time measured)
 
 
 def test_auto_engine_decision_is_keyed_by_the_kernels_it_timed(monkeypatch, tmp_path):
@@ -716,7 +718,7 @@ def test_auto_engine_decision_is_keyed_by_the_kernels_it_timed(monkeypatch, tmp_
     monkeypatch.setattr(policy, "_DECISIONS", {})
     kinds = []
 
-    def seconds(layer, x, reps):  # sparse wins on the C++ kernels, loses on the interpreter
+    def seconds(layer, x, step):  # sparse wins on the C++ kernels, loses on the interpreter
         sparse = type(layer).__name__.startswith("Sparse")
         kinds.append(sparse)
         return (0.5 if sparse else 1.0) if policy.current_backend() != "triton" else (2.0 if sparse else 1.0)
@@ -725,7 +727,7 @@ def test_auto_engine_decision_is_keyed_by_the_kernels_it_timed(monkeypatch, tmp_
     with use_backend("triton"):
         assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is False
     assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True  # timed again, for the C++ kernels
-    assert len(kinds) == 4
+    assert len(kinds) == 8
 
 
 def test_auto_engine_probe_runs_under_no_grad_without_the_layers_hooks(monkeypatch, tmp_path):
@@ -791,3 +793,24 @@ def test_auto_keeps_every_layer_sparsify_refuses_dense():
     torch.testing.assert_close(m(x), want)
     with pytest.raises(TypeError, match="inside a TransformerEncoderLayer"):
         apply_engine(m, rest, "sparse", fuse=False)
+
+
+def test_auto_engine_probe_times_a_training_step():
+    """The probe's step is the study's: gradients set to None, forward, backward, a momentum SGD step;
+    a dense masked layer's gradient masked before the step and its weight after it (it timed forward
+    and backward alone, leaving out the dense layer's masking and its optimizer's whole-weight step)."""
+    from sparsetrain.engine import policy
+    torch.manual_seed(0)
+    dense, mask = nn.Linear(12, 10), torch.rand(10, 12) > 0.6
+    sparse = sparsetrain.nn.SparseLinear.from_dense(dense, mask)
+    x = torch.randn(5, 12)
+    w0, v0 = dense.weight.detach().clone(), sparse.weight.values.detach().clone()
+    step = policy._trainer(dense, x, mask)
+    step()
+    assert bool((dense.weight[~mask] == 0).all()) and not torch.equal(dense.weight[mask], w0[mask])
+    assert bool((dense.weight.grad[~mask] == 0).all())
+    grad = dense.weight.grad.clone()
+    step()  # (set to None, then computed afresh: ones^T x again, not twice it, accumulated)
+    assert torch.equal(dense.weight.grad, grad)
+    policy._trainer(sparse, x, None)()
+    assert sparse.weight.values.grad is not None and not torch.equal(sparse.weight.values.detach(), v0)

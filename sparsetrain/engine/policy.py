@@ -2,9 +2,9 @@
 
 "dense" keeps dense masked layers (the reference), "sparse" makes every prunable layer sparse.
 "auto" decides per layer by measurement when it is given an example batch (as SparseProp's
-run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed once, forward and
-backward at its input shape in the model, as a dense masked layer and as a sparse one, and goes
-sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
+run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed once, a training step
+(forward, backward, the optimizer's step and, dense, the masking) at its input shape in the model, as
+a dense masked layer and as a sparse one, and goes sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
 in the last bits of their results, so a decision is made once per machine: cached per (layer
 geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version; autocast dtype, GPU
 name and Triton's CPU interpreter where they apply) in memory and in
@@ -78,8 +78,8 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
             to_sparse[name] = mk
     if to_measure:
         shapes = _input_shapes(model, example, set(to_measure))
-        faster = {n: sparse_is_faster(model.get_submodule(n), mk, shapes[n]) for n, mk in to_measure.items()
-                  if n in shapes}  # (a layer the example's forward never reached stays dense)
+        faster = {n: sparse_is_faster(model.get_submodule(n), mk, shapes[n][0], input_grad=shapes[n][1])
+                  for n, mk in to_measure.items() if n in shapes}  # (a layer the forward never reached: dense)
         if agree is not None:
             faster = agree(faster)
             if not set(faster) <= set(to_measure):
@@ -94,37 +94,53 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     return {n: mk for n, mk in masks.items() if n not in to_sparse and not is_sparse(model.get_submodule(n))}
 
 
-@torch.no_grad()
-def _input_shapes(model: nn.Module, example: torch.Tensor, names: set) -> dict[str, tuple]:
-    """The input shape of each named layer in one eval-mode forward of `example`."""
+def _input_shapes(model: nn.Module, example: torch.Tensor, names: set) -> dict[str, tuple[tuple, bool]]:
+    """(input shape, whether training computes its gradient) of each named layer in one eval-mode
+    forward of `example` with autograd whatever the caller's mode, as training runs it: a layer
+    reading the batch itself (or parameter-free ops of it) computes no input gradient. The graph is
+    dropped; an example made under inference_mode is cloned out of it (autograd refuses it)."""
     shapes, hooks = {}, []
 
     def record(name):
-        def hook(_module, args):
-            shapes.setdefault(name, tuple(args[0].shape))  # (returns None: the args stay as they are)
+        def hook(_module, args):  # (returns None: the args stay as they are)
+            shapes.setdefault(name, (tuple(args[0].shape), bool(args[0].requires_grad)))
         return hook
 
     for n in names:
         hooks.append(model.get_submodule(n).register_forward_pre_hook(record(n)))
-    with hooked_eval(model, hooks):
-        model(example)
+    with hooked_eval(model, hooks), torch.inference_mode(False), torch.enable_grad():
+        model(example.clone() if example.is_inference() else example)
     return shapes
 
 
-def _step_seconds(layer: nn.Module, x: torch.Tensor, reps: int) -> float:
-    """Best of `reps` forward + backward passes (after one warm-up)."""
+def _trainer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], None]:
+    """One training step of `layer` on x, as the study's loop trains it: gradients set to None, forward,
+    backward, and a momentum SGD step (a sparse layer's over its nonzeros; a dense masked layer's over
+    its whole weight, with its gradient masked before and its weight after: mask_grads_, enforce_masks_).
+    Forward and backward alone left out the dense layer's part of this (2-3x its step on a 60%-sparse
+    784 x 300 linear at batch 128), and timed an input gradient the first layer never computes."""
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
     def step():
+        opt.zero_grad(set_to_none=True)
         out = layer(x)
         out.backward(torch.ones_like(out))
+        if mask is not None:
+            layer.weight.grad.masked_fill_(~mask, 0)
+        opt.step()
+        if mask is not None:
+            with torch.no_grad():
+                layer.weight.masked_fill_(~mask, 0)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
-    best = float("inf")
-    for i in range(reps + 1):
-        t0 = time.perf_counter()
-        step()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
+    return step
+
+
+def _step_seconds(layer: nn.Module, x: torch.Tensor, step: Callable[[], None]) -> float:
+    """Seconds of one call of `step` (`layer`'s training step on x: _trainer)."""
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
 def _cache_path() -> str:
@@ -191,10 +207,14 @@ def _machine() -> str:
     return f"{cpu or platform.machine()}|torch {torch.__version__}"
 
 
-def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3) -> bool:
+def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3,
+                     input_grad: bool = True) -> bool:
     """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
-    timed at `input_shape` once per machine (module docstring: the cache). Measured with autograd
-    on whatever grad mode the caller is in (no_grad, inference_mode), on a hook-free copy."""
+    timed at `input_shape` once per machine (module docstring: the cache): the best of `reps`
+    training steps each (_trainer; `input_grad`: training computes the input's gradient), the two
+    alternating after one warm-up each, so that a burst of load slows both alike (timed one after the
+    other, one such burst cached the slower choice). Measured with autograd on whatever grad mode the
+    caller is in (no_grad, inference_mode), on hook-free copies."""
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:  # (0 would cache "dense" untimed)
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
     if type(layer) not in SPARSE_TYPES:
@@ -210,7 +230,8 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
                 torch.get_num_threads(), _machine()) + ((amp,) if amp else ()) + ((gpu,) if gpu else ())
-               + (("triton",) if not w.is_cuda and current_backend() == "triton" else ()))  # (its interpreter)
+               + (("triton",) if not w.is_cuda and current_backend() == "triton" else ())  # (its interpreter)
+               + (() if input_grad else ("no input gradient",)))
     if key in _DECISIONS:
         return _DECISIONS[key]
     with _decision_lock():
@@ -222,9 +243,13 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
                 sparse = SPARSE_TYPES[type(layer)].from_dense(layer, mask)
                 dense = sparse.to_dense()  # (a new dense masked layer: none of the user's hooks, which the
                 # probe's random input must not reach)
-                x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=True)
-                t_dense = _step_seconds(dense, x, reps)
-                t_sparse = _step_seconds(sparse, x, reps)
-            _DECISIONS[key] = t_sparse < t_dense
+                x = torch.randn(input_shape, dtype=w.dtype, device=w.device, requires_grad=bool(input_grad))
+                steps = {dense: _trainer(dense, x, mask.to(w.device, torch.bool)), sparse: _trainer(sparse, x, None)}
+                best = {m: float("inf") for m in steps}
+                for i in range(reps + 1):  # (i = 0: warm-up, untimed: caches, buffers, the optimizer's state)
+                    for m, step in steps.items():
+                        t = _step_seconds(m, x, step)
+                        best[m] = min(best[m], t) if i else best[m]
+            _DECISIONS[key] = best[sparse] < best[dense]
             _save_decision(key, _DECISIONS[key])
     return _DECISIONS[key]
