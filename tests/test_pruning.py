@@ -814,3 +814,19 @@ def test_auto_engine_probe_times_a_training_step():
     assert torch.equal(dense.weight.grad, grad)
     policy._trainer(sparse, x, None)()
     assert sparse.weight.values.grad is not None and not torch.equal(sparse.weight.values.detach(), v0)
+
+
+@pytest.mark.parametrize("engine", ["auto", "sparse"])
+def test_apply_engine_refuses_meta_tensors_by_name(engine):
+    """A meta layer, mask or example (no values to count, time or keep) is refused naming it, as
+    sparsify_ does (it was torch's 'unknown device type for autocast' or '.item() on meta tensors')."""
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(200, 200))
+    real, mask = nn.Sequential(nn.Linear(200, 200)), torch.rand(200, 200) > 0.9
+    with pytest.raises(ValueError, match="layer '0': its weight is a meta tensor .*materialize the layer first"):
+        apply_engine(meta, {"0": mask}, engine)
+    with pytest.raises(ValueError, match="layer '0': its mask is a meta tensor: pass a mask holding its values"):
+        apply_engine(real, {"0": mask.to("meta")}, engine)
+    with pytest.raises(ValueError, match="example is a meta tensor .*: pass a batch of the model's input"):
+        apply_engine(real, {"0": mask}, engine, example=torch.randn(2, 200, device="meta"))
+    assert type(real[0]) is nn.Linear  # (nothing converted)

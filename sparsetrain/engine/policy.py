@@ -58,6 +58,8 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     Returns the masks still needed by dense layers."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if isinstance(example, torch.Tensor) and example.is_meta:
+        raise ValueError("example is a meta tensor (a shape without values): pass a batch of the model's input")
     masks = check_masks(model, masks)
     to_sparse, to_measure = {}, {}
     # (auto: a layer sparsify_ refuses, a dilated or grouped conv, one inside a Transformer*Layer or
@@ -67,6 +69,10 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
         if is_sparse(m) or engine == "dense" or name in refused:
             continue
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
+        if m.weight.is_meta or mk.is_meta:  # (no values to count, time or keep: as sparsify_ says)
+            raise ValueError(f"layer {name!r}: " + ("its weight is a meta tensor (a shape without values): materialize "
+                             "the layer first (module.to_empty(device=...), then initialize or load it)"
+                             if m.weight.is_meta else "its mask is a meta tensor: pass a mask holding its values"))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()
         if engine == "sparse":
