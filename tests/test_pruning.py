@@ -830,3 +830,23 @@ def test_apply_engine_refuses_meta_tensors_by_name(engine):
     with pytest.raises(ValueError, match="example is a meta tensor .*: pass a batch of the model's input"):
         apply_engine(real, {"0": mask}, engine, example=torch.randn(2, 200, device="meta"))
     assert type(real[0]) is nn.Linear  # (nothing converted)
+
+
+def test_auto_engine_decision_is_keyed_by_the_cpu_kernels_build_and_width(monkeypatch, tmp_path):
+    """A decision timed on other C++ kernels (a rebuilt extension, SPARSETRAIN_VEC_BYTES=16: another
+    speed) or another CPU generation ("AMD EPYC" alone names several) is timed again."""
+    from sparsetrain.engine import policy
+    from sparsetrain.engine.extension import _C
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    calls = []
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: calls.append(1) or 1.0)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    machine = policy._machine()
+    assert f"simd {_C.simd_bytes()}" in machine and "kernels " in machine and "torch " in machine
+    policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
+    for other in (machine.replace(f"simd {_C.simd_bytes()}", "simd 16"), machine.replace("kernels ", "kernels 1")):
+        monkeypatch.setattr(policy, "_machine", lambda other=other: other)
+        n = len(calls)
+        policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
+        assert len(calls) == n + 4  # (timed again: a warm-up and a step, dense and sparse)

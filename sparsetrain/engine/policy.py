@@ -6,7 +6,8 @@ run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed onc
 (forward, backward, the optimizer's step and, dense, the masking) at its input shape in the model, as
 a dense masked layer and as a sparse one, and goes sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
 in the last bits of their results, so a decision is made once per machine: cached per (layer
-geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version; autocast dtype, GPU
+geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version, the C++ kernels' build
+and SIMD width; autocast dtype, GPU
 name and Triton's CPU interpreter where they apply) in memory and in
 $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
 measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
@@ -32,6 +33,7 @@ from torch import nn
 
 from .backend import current_backend
 from .convert import sparsify_, unconvertible
+from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
@@ -205,12 +207,23 @@ def _save_decision(key: str, value: bool) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _machine() -> str:
+    """The CPU (name, family and model: "AMD EPYC" alone names several generations), torch's version
+    and the C++ kernels timed: their build (the extension file's mtime and size: a rebuilt kernel is
+    another speed) and SIMD width (SPARSETRAIN_VEC_BYTES narrows it: 1.4x slower at 16 bytes on AVX2)."""
+    cpu = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            for line in f:
+                k, _, v = line.partition(":")
+                if k.strip() in ("model name", "cpu family", "model"):
+                    cpu.setdefault(k.strip(), v.strip())
+                if len(cpu) == 3:
+                    break
     except OSError:
-        cpu = ""
-    return f"{cpu or platform.machine()}|torch {torch.__version__}"
+        pass
+    st = os.stat(_C.__file__)
+    name = " ".join(cpu[k] for k in ("model name", "cpu family", "model") if k in cpu) or platform.machine()
+    return f"{name}|torch {torch.__version__}|kernels {st.st_mtime_ns}:{st.st_size} simd {_C.simd_bytes()}"
 
 
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3,
