@@ -57,7 +57,8 @@ def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
 
 
 def sparsity_axis(ax) -> None:
-    """The x axis of accuracy-vs-sparsity plots: ticks at round sparsities on the _x scale."""
+    """The x axis of accuracy-vs-sparsity plots on the _x scale: ticks at 0, 50, 80, 90, 95, 98, 99, ...%
+    (1-2-5 steps of the remaining weights, whatever the rate: a round's own sparsity may fall between)."""
     lo, hi = ax.get_xlim()
     ticks = [s for s in _TICKS if lo - 1e-9 <= _x(s) <= hi + 1e-9]
     ax.set_xticks([float(_x(s)) for s in ticks], [f"{100 * s:g}" for s in ticks])
