@@ -718,10 +718,11 @@ def test_a_finished_phase_drops_the_resume_state_a_kill_inside_finish_left(tmp_p
     pdir = tmp_path / "teacher"
     (pdir / "ckpt").mkdir(parents=True)
     (pdir / "best.json").write_text(json.dumps({"round": 0}))
+    (pdir / "metrics.csv").write_text("round,is_best\n0,1\n")  # (a finished phase has its rows: verify_phase)
     for name in left:
         (pdir / name).write_bytes(b"left by a kill")
     assert loop.run_phase(None, "teacher", None, 0, "teacher", "lenet300", str(pdir)) == str(pdir)
-    assert sorted(os.listdir(pdir)) == ["best.json", "ckpt"]
+    assert sorted(os.listdir(pdir)) == ["best.json", "ckpt", "metrics.csv"]
 
 
 def test_a_hand_edited_teacher_phase_is_one_clear_error(tmp_path):

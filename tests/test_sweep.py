@@ -366,6 +366,9 @@ def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
         assert study.main(base + ["--out", str(out), "--phases", "teacher"]) == 0
         (rd,) = out.iterdir()
         best = json.loads((rd / "seed0" / "teacher" / "best.json").read_text())
+        rows = read_rows(rd / "seed0" / "teacher" / "metrics.csv")  # (best.json names the is_best row)
+        write_csv(str(rd / "seed0" / "teacher" / "metrics.csv"),
+                  [{**r, "is_best": int(int(r["round"]) == best_round)} for r in rows], checksum=True)
         write_json(rd / "seed0" / "teacher" / "best.json", {**best, "round": best_round},  # as if validated so
                    checksum=True)  # (a finished phase's results carry checksums)
         assert study.main(base + ["--out", str(out)]) == 0

@@ -14,7 +14,6 @@ per round), ckpt/round_XX.pt and, while running, state.pt.
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import time
@@ -32,9 +31,10 @@ from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_
 from .devices import resolve_amp
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
-from .files import CorruptFile, verify, write_csv, write_json
+from .files import CorruptFile, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
-from .metrics import best_index, read_metrics
+from .integrity import verify_phase
+from .metrics import best_index
 from .models import build_model
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
 
@@ -72,37 +72,6 @@ def arch_of(name: str, splits, dropout: float = 0.0) -> dict:
 
 
 # ============================================================================ stages
-def verify_phase(pdir: str) -> None:
-    """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
-    metrics.csv and best.json once finished) must still be what was written (size and sha256
-    recorded at write time; a round checkpoint whose record remains must exist), and a finished
-    phase must hold a checkpoint for each of its rounds; else a clear error."""
-    state = os.path.join(pdir, "state.pt")
-    try:
-        if os.path.exists(state):
-            verify(state)
-    except CorruptFile as e:
-        raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
-    ckpt = os.path.join(glob.escape(pdir), "ckpt")
-    rounds = {p[:-len(".sha256")] if p.endswith(".sha256") else p
-              for p in glob.glob(os.path.join(ckpt, "round_*.pt")) + glob.glob(os.path.join(ckpt, "round_*.pt.sha256"))}
-    results = [os.path.join(pdir, f) for f in ("metrics.csv", "best.json")] if os.path.exists(
-        os.path.join(pdir, "best.json")) else []
-    recorded = {}
-    for path in sorted(rounds) + results:
-        try:
-            recorded[path] = verify(path)
-        except CorruptFile as e:
-            raise CorruptFile(f"{e}; a finished phase's results cannot be rebuilt: delete {pdir} to retrain "
-                              "this phase") from None
-    if results and recorded[results[0]]:  # (runs before 2026-12-05 kept no checksum of their metrics)
-        want = {f"round_{r['round']:02d}.pt" for r in read_metrics(results[0])}
-        lost = sorted(want - {os.path.basename(p) for p in rounds})
-        if lost:
-            raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
-                              f"delete {pdir} to retrain this phase")
-
-
 def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState:
     """A fresh phase (seeded model, round 0), or the saved state of an interrupted one (saved on
     any device: checkpoints load on the CPU, then move to `device`)."""

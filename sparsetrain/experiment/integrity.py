@@ -1,0 +1,89 @@
+"""What a phase folder must hold before a run resumes it or reads it (loop.run_phase calls
+verify_phase on rank 0): every file still what was written (files.verify against its `.sha256`
+record), no record without its file, no file without the record its phase's other files have, and
+a finished phase whose best.json, metrics.csv and round checkpoints agree. A failed check is a
+CorruptFile naming the file and what to delete."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from .files import CorruptFile, verify
+from .metrics import read_metrics
+
+__all__ = ["verify_phase"]
+
+
+def verify_phase(pdir: str) -> None:
+    """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
+    metrics.csv and best.json once finished) must still be what was written (size and sha256
+    recorded at write time; a round checkpoint whose record remains must exist), and a finished
+    phase must hold a checkpoint for each of its rounds; else a clear error."""
+    state = os.path.join(pdir, "state.pt")
+    ckpt = os.path.join(glob.escape(pdir), "ckpt")
+    rounds = sorted({p[:-len(".sha256")] if p.endswith(".sha256") else p for p in
+                     glob.glob(os.path.join(ckpt, "round_*.pt")) + glob.glob(os.path.join(ckpt, "round_*.pt.sha256"))})
+    finished = os.path.lexists(os.path.join(pdir, "best.json"))
+    results = [os.path.join(pdir, f) for f in ("metrics.csv", "best.json")] if finished else []
+    for path in [state] + rounds + results:  # (a folder in a file's place: open() would raise IsADirectoryError)
+        if os.path.isdir(path):
+            raise CorruptFile(f"{path} is a folder, not the file the run wrote; delete {pdir} to retrain this phase")
+    _check_records(pdir, state, rounds, results)
+    try:
+        if os.path.exists(state):
+            verify(state)
+    except CorruptFile as e:
+        raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
+    recorded = {}
+    for path in rounds + results:
+        try:
+            recorded[path] = verify(path)
+        except CorruptFile as e:
+            raise CorruptFile(f"{e}; a finished phase's results cannot be rebuilt: delete {pdir} to retrain "
+                              "this phase") from None
+    if results:
+        _check_finished(pdir, results, rounds, old=not recorded[results[0]])
+
+
+def _check_records(pdir: str, state: str, rounds: list[str], results: list[str]) -> None:
+    """Since 2026-12-01 every checkpoint (round_XX.pt, state.pt) is written with its record, and since
+    2026-12-05 a finished phase's metrics.csv and best.json too: once a phase holds one record, a
+    checkpoint without its record was damaged or replaced (deleting the record turned the check off)."""
+    def has(path):
+        return os.path.exists(path + ".sha256")
+    if any(map(has, [state] + rounds + results)):
+        for path in [state] + rounds:
+            if os.path.exists(path) and not has(path):
+                what = ("delete it to restart this phase from its first round" if path == state
+                        else f"delete {pdir} to retrain this phase")
+                raise CorruptFile(f"{path}: its .sha256 record is missing (the phase's other files have theirs), so "
+                                  f"it cannot be checked; {what}")
+    if any(map(has, results)):  # (a phase finished before 2026-12-05 has neither)
+        for path in results:
+            if not has(path):
+                raise CorruptFile(f"{path}: its .sha256 record is missing (the phase's other files have theirs), so "
+                                  f"it cannot be checked; delete {pdir} to retrain this phase")
+
+
+def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool) -> None:
+    """best.json's round is metrics.csv's best row (is_best), and every row has its checkpoint
+    (runs before 2026-12-05 kept no checksum of their metrics: their rows are not checked so)."""
+    metrics, best_file = results
+    try:
+        rows = read_metrics(metrics)
+        with open(best_file) as f:
+            best = json.load(f)["round"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); delete "
+                          f"{pdir} to retrain this phase") from None
+    marked = [r["round"] for r in rows if r.get("is_best") == 1]
+    if best not in [r["round"] for r in rows] or (marked and marked != [best]):
+        raise CorruptFile(f"{best_file} names round {best}, but {metrics}'s best round is "
+                          f"{marked[0] if marked else 'none of its rows'}; delete {pdir} to retrain this phase")
+    if old:
+        return
+    lost = sorted({f"round_{r['round']:02d}.pt" for r in rows} - {os.path.basename(p) for p in rounds})
+    if lost:
+        raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
+                          f"delete {pdir} to retrain this phase")

@@ -1,0 +1,78 @@
+"""A phase folder checked before a run resumes or reads it (experiment/integrity.py), and the
+run's files written or refused with one line (disk full, a foreign state, a damaged teacher)."""
+import json
+
+from conftest import run_dir
+from sparsetrain.experiment import study
+
+
+def _one_line_error(capsys, argv):
+    capsys.readouterr()
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_a_missing_record_does_not_turn_the_checks_off(mnist_dir, study_args, capsys):
+    """Deleting a file's .sha256 record made verify() skip it: a damaged round checkpoint was distilled
+    from, a torn metrics.csv summarised (exit 0). Once the phase's other files have records, a file
+    without its own is refused by name; best.json must name metrics.csv's best row."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base) == 0
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    r0, metrics, best = pd / "ckpt" / "round_00.pt", pd / "metrics.csv", pd / "best.json"
+    keep = {p: p.read_bytes() for p in pd.rglob("*") if p.is_file()}
+
+    def flip(p):
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        p.write_bytes(bytes(b))
+
+    def restore():
+        for p in pd.rglob("*"):
+            if p.is_file() and p not in keep:
+                p.unlink()
+        for p, b in keep.items():
+            p.write_bytes(b)
+
+    cases = {"damaged round, record deleted": (lambda: (flip(r0), (pd / "ckpt" / "round_00.pt.sha256").unlink()),
+                                               f"{r0}: its .sha256 record is missing"),
+             "torn metrics, record deleted": (lambda: (metrics.write_bytes(keep[metrics][:-300]),
+                                                       (pd / "metrics.csv.sha256").unlink()),
+                                              f"{metrics}: its .sha256 record is missing"),
+             "best.json and record deleted": (lambda: (pd / "best.json.sha256").unlink(),
+                                              f"{best}: its .sha256 record is missing")}
+    for name, (damage, says) in cases.items():
+        damage()
+        err = _one_line_error(capsys, base)
+        assert says in err and f"delete {pd}" in err, (name, err)
+        restore()
+    # a run finished before 2026-12-05 (no records of its results): best.json must name the best row
+    rows = [r for r in keep[metrics].decode().splitlines()]
+    best_round = json.loads(keep[best])["round"]
+    other = 1 if best_round != 1 else 2
+    for p in (pd / "metrics.csv.sha256", pd / "best.json.sha256"):
+        p.unlink()
+    best.write_text(json.dumps({**json.loads(keep[best]), "round": other}))
+    err = _one_line_error(capsys, base)
+    assert f"{best} names round {other}, but {metrics}'s best round is {best_round}" in err, err
+    best.write_text(json.dumps({**json.loads(keep[best]), "round": 99}))
+    assert f"names round 99" in _one_line_error(capsys, base)
+    restore()
+    assert len(rows) > 2 and study.main(base) == 0  # (restored: the finished run again)
+
+
+def test_a_resume_state_without_its_record_is_refused(mnist_dir, study_args, capsys, interrupted):
+    """A damaged state.pt whose record was deleted was resumed; with the round checkpoints recorded, it
+    is refused by name, and resumes once the record is back."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    interrupted(base, 4)  # (round 1's second epoch: state.pt, round_00.pt and their records)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    record = pd / "state.pt.sha256"
+    saved = record.read_bytes()
+    record.unlink()
+    err = _one_line_error(capsys, base)
+    assert f"{pd / 'state.pt'}: its .sha256 record is missing" in err and "restart this phase" in err, err
+    record.write_bytes(saved)
+    assert study.main(base) == 0
