@@ -76,3 +76,29 @@ def test_a_resume_state_without_its_record_is_refused(mnist_dir, study_args, cap
     assert f"{pd / 'state.pt'}: its .sha256 record is missing" in err and "restart this phase" in err, err
     record.write_bytes(saved)
     assert study.main(base) == 0
+
+
+def test_a_lost_resume_state_or_round_is_refused_not_restarted(mnist_dir, study_args, capsys, interrupted):
+    """state.pt lost while its record remains restarted the phase from round 0 without a word
+    (overwriting round_00.pt and the rows); a round checkpoint lost with its record, in a phase still
+    running, went unnoticed until the phase finished. Both are refused at start, by name."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    interrupted(base, 6)  # (round 2's second epoch: round_00.pt and round_01.pt written, rows 0 and 1)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    state, r0 = pd / "state.pt", pd / "ckpt" / "round_00.pt"
+    saved, r0_bytes = state.read_bytes(), r0.read_bytes()
+    state.unlink()
+    err = _one_line_error(capsys, base)
+    assert (f"{state} is missing but its record is here: the phase's progress was lost; delete {state}.sha256 to "
+            "restart the phase from round 0") in err, err
+    assert r0.read_bytes() == r0_bytes  # (nothing was retrained over it)
+    state.write_bytes(saved)
+    record = pd / "ckpt" / "round_01.pt.sha256"
+    rec_bytes, r1_bytes = record.read_bytes(), (pd / "ckpt" / "round_01.pt").read_bytes()
+    (pd / "ckpt" / "round_01.pt").unlink()
+    record.unlink()
+    err = _one_line_error(capsys, base)
+    assert f"{pd}: the checkpoint of round_01.pt is missing (and its checksum); delete {pd}" in err, err
+    (pd / "ckpt" / "round_01.pt").write_bytes(r1_bytes)
+    record.write_bytes(rec_bytes)
+    assert study.main(base) == 0

@@ -31,9 +31,12 @@ def verify_phase(pdir: str) -> None:
             raise CorruptFile(f"{path} is a folder, not the file the run wrote; delete {pdir} to retrain this phase")
     _check_records(pdir, state, rounds, results)
     try:
-        if os.path.exists(state):
-            verify(state)
+        if os.path.exists(state) or os.path.exists(state + ".sha256"):
+            verify(state)  # (a record without its file: a write a kill cut short is finished, else lost)
     except CorruptFile as e:
+        if not os.path.exists(state) and not finished:  # (run_phase drops a finished phase's state first)
+            raise CorruptFile(f"{state} is missing but its record is here: the phase's progress was lost; delete "
+                              f"{state}.sha256 to restart the phase from round 0") from None
         raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
     recorded = {}
     for path in rounds + results:
@@ -44,6 +47,23 @@ def verify_phase(pdir: str) -> None:
                               "this phase") from None
     if results:
         _check_finished(pdir, results, rounds, old=not recorded[results[0]])
+    elif os.path.isfile(os.path.join(pdir, "metrics.csv")) and (os.path.exists(state + ".sha256")
+                                                               or any(recorded.values())):
+        # an unfinished phase: each row's round was checkpointed before the row was written (loop.run_phase)
+        try:
+            rows = read_metrics(os.path.join(pdir, "metrics.csv"))
+        except (OSError, ValueError):
+            return  # (rewritten from state.pt's rows at the next round)
+        _check_rounds(pdir, rows, rounds)
+
+
+def _check_rounds(pdir: str, rows: list[dict], rounds: list[str]) -> None:
+    """Every round metrics.csv has a row for must have its checkpoint."""
+    lost = sorted({f"round_{r['round']:02d}.pt" for r in rows if isinstance(r.get("round"), int)}
+                  - {os.path.basename(p) for p in rounds})
+    if lost:
+        raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
+                          f"delete {pdir} to retrain this phase")
 
 
 def _check_records(pdir: str, state: str, rounds: list[str], results: list[str]) -> None:
@@ -81,9 +101,5 @@ def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool)
     if best not in [r["round"] for r in rows] or (marked and marked != [best]):
         raise CorruptFile(f"{best_file} names round {best}, but {metrics}'s best round is "
                           f"{marked[0] if marked else 'none of its rows'}; delete {pdir} to retrain this phase")
-    if old:
-        return
-    lost = sorted({f"round_{r['round']:02d}.pt" for r in rows} - {os.path.basename(p) for p in rounds})
-    if lost:
-        raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
-                          f"delete {pdir} to retrain this phase")
+    if not old:
+        _check_rounds(pdir, rows, rounds)
