@@ -102,3 +102,21 @@ def test_a_lost_resume_state_or_round_is_refused_not_restarted(mnist_dir, study_
     (pd / "ckpt" / "round_01.pt").write_bytes(r1_bytes)
     record.write_bytes(rec_bytes)
     assert study.main(base) == 0
+
+
+def test_a_finished_phase_without_metrics_is_refused(mnist_dir, study_args, capsys, tmp_path):
+    """A finished teacher whose metrics.csv and record were deleted ended in a FileNotFoundError
+    traceback (teacher_checkpoint's read_metrics); a finished phase needs its metrics.csv."""
+    import pytest
+    from sparsetrain.experiment.loop import PhaseError
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base) == 0
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    (pd / "metrics.csv").unlink()
+    (pd / "metrics.csv.sha256").unlink()
+    err = _one_line_error(capsys, base)
+    assert f"{pd / 'metrics.csv'}: metrics.csv missing (the phase is finished: best.json); delete the phase folder " \
+           f"{pd} to retrain it" in err, err
+    # read directly (a phase checked before 2026-12-05): one line too, not a traceback
+    with pytest.raises(PhaseError, match=r"FileNotFoundError.*delete that folder to train the teacher again"):
+        study.teacher_checkpoint("dense", str(pd))

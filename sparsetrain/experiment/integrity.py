@@ -29,6 +29,9 @@ def verify_phase(pdir: str) -> None:
     for path in [state] + rounds + results:  # (a folder in a file's place: open() would raise IsADirectoryError)
         if os.path.isdir(path):
             raise CorruptFile(f"{path} is a folder, not the file the run wrote; delete {pdir} to retrain this phase")
+    if finished and not os.path.exists(results[0]):  # (read by the report and a distillation's teacher cost)
+        raise CorruptFile(f"{results[0]}: metrics.csv missing (the phase is finished: best.json); delete the phase "
+                          f"folder {pdir} to retrain it")
     _check_records(pdir, state, rounds, results)
     try:
         if os.path.exists(state) or os.path.exists(state + ".sha256"):

@@ -146,7 +146,7 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
             best = json.load(f)
         rnd = best["round"] if choice == "best" else 0
         cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
-    except (ValueError, KeyError, IndexError, TypeError) as e:  # (the study writes both whole: an edit by hand)
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as e:  # (written whole: edited or deleted by hand)
         raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
                          f"({type(e).__name__}: {e}); delete that folder to train the teacher again") from None
     path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
