@@ -120,3 +120,19 @@ def test_a_finished_phase_without_metrics_is_refused(mnist_dir, study_args, caps
     # read directly (a phase checked before 2026-12-05): one line too, not a traceback
     with pytest.raises(PhaseError, match=r"FileNotFoundError.*delete that folder to train the teacher again"):
         study.teacher_checkpoint("dense", str(pd))
+
+
+def test_a_state_of_another_model_is_refused(mnist_dir, study_args, capsys, interrupted):
+    """A state.pt copied from another run (here one with --dropout: another architecture) was resumed:
+    start() rebuilt whatever model the state named. It must be this phase's model."""
+    import shutil
+    other, here = study_args(mnist_dir, "--dropout", "0.1", "--out", str(mnist_dir / "o")), study_args(mnist_dir)
+    interrupted(other, 2)
+    interrupted(here, 2)
+    src, pd = run_dir(mnist_dir / "o") / "seed0" / "teacher", run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    for name in ("state.pt", "state.pt.sha256"):
+        shutil.copy(src / name, pd / name)
+    err = _one_line_error(capsys, here)
+    assert f"{pd / 'state.pt'} is the state of another model (" in err and "'dropout': 0.1" in err, err
+    assert "not this phase's ({'name': 'lenet300', 'num_classes': 10, 'in_channels': 1, 'image_size': 28})" in err
+    assert "delete it to restart this phase from its first round" in err
