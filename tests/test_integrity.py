@@ -1,9 +1,15 @@
 """A phase folder checked before a run resumes or reads it (experiment/integrity.py), and the
 run's files written or refused with one line (disk full, a foreign state, a damaged teacher)."""
+import errno
+import io
 import json
+import os
 
-from conftest import run_dir
-from sparsetrain.experiment import study
+import pytest
+import torch
+
+from conftest import read_rows, run_dir, strip_timing
+from sparsetrain.experiment import checkpoint, files, study
 
 
 def _one_line_error(capsys, argv):
@@ -107,7 +113,6 @@ def test_a_lost_resume_state_or_round_is_refused_not_restarted(mnist_dir, study_
 def test_a_finished_phase_without_metrics_is_refused(mnist_dir, study_args, capsys, tmp_path):
     """A finished teacher whose metrics.csv and record were deleted ended in a FileNotFoundError
     traceback (teacher_checkpoint's read_metrics); a finished phase needs its metrics.csv."""
-    import pytest
     from sparsetrain.experiment.loop import PhaseError
     base = study_args(mnist_dir, "--teachers", "dense")
     assert study.main(base) == 0
@@ -136,3 +141,58 @@ def test_a_state_of_another_model_is_refused(mnist_dir, study_args, capsys, inte
     assert f"{pd / 'state.pt'} is the state of another model (" in err and "'dropout': 0.1" in err, err
     assert "not this phase's ({'name': 'lenet300', 'num_classes': 10, 'in_channels': 1, 'image_size': 28})" in err
     assert "delete it to restart this phase from its first round" in err
+
+
+@pytest.mark.parametrize("target,at", [("replace", 9), ("fsync", 14)])
+def test_a_full_disk_is_one_line_and_the_run_resumes(mnist_dir, study_args, capsys, monkeypatch, target, at):
+    """ENOSPC while the run writes its files ended in a traceback (an OSError, or torch's zip writer's
+    RuntimeError chained to it). atomic_write raises WriteFailed naming the file: one line, exit 2; the
+    same command then resumes to the uninterrupted run's rows."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base + ["--out", str(mnist_dir / "a")]) == 0
+    real, calls = getattr(os, target), {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*a, **k)
+
+    monkeypatch.setattr(os, target, failing)
+    err = _one_line_error(capsys, base + ["--out", str(mnist_dir / "b")])
+    monkeypatch.setattr(os, target, real)
+    assert calls["n"] >= at and "error: cannot write " in err, err
+    assert "No space left on device; free space (or fix permissions) and run the same command to resume" in err
+    assert not list((mnist_dir / "b").rglob(f"*.{files.TMP_TAG}.*"))  # (the failed write's temporary file removed)
+    assert study.main(base + ["--out", str(mnist_dir / "b")]) == 0
+    for phase in ("teacher", "distill-dense"):
+        ra, rb = (read_rows(run_dir(mnist_dir / d) / "seed0" / phase / "metrics.csv") for d in "ab")
+        assert strip_timing(ra) == strip_timing(rb)
+
+
+def test_torch_save_failing_to_write_raises_the_oserror(tmp_path):
+    """torch.save's zip writer reports a failed write as "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos": atomic_save raises the OSError behind it as WriteFailed
+    naming the file; a RuntimeError that is not a write (a bug) stays one."""
+    class Full(io.BytesIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as got:
+        checkpoint._save({"w": torch.zeros(1000)}, Full())
+    assert got.value.errno == errno.ENOSPC and not isinstance(got.value, RuntimeError)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        checkpoint._save({"w": Boom()}, io.BytesIO())
+    real = os.fsync
+    try:
+        os.fsync = lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
+        with pytest.raises(files.WriteFailed, match=rf"^cannot write {tmp_path / 'x.pt'}: Input/output error; free"):
+            checkpoint.atomic_save({"w": torch.zeros(3)}, str(tmp_path / "x.pt"))
+    finally:
+        os.fsync = real
+    assert os.listdir(tmp_path) == []

@@ -10,6 +10,7 @@ loading removes the others from the rebuilt model before loading the weights.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 import torch
@@ -29,7 +30,21 @@ FORMAT, _READS = "sparsetrain-ckpt-v2", ("sparsetrain-ckpt-v1", "sparsetrain-ckp
 
 def atomic_save(obj, path: str) -> None:
     """torch.save through atomic_write (a kill never leaves a torn file), with its checksum."""
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True, checksum=True)
+    atomic_write(path, lambda f: _save(obj, f), binary=True, checksum=True)
+
+
+def _save(obj, f) -> None:
+    """torch.save, whose zip writer turns a failed write (disk full) into "RuntimeError: [enforce fail
+    at inline_container.cc] unexpected pos": raised as the OSError behind it (atomic_write's WriteFailed)."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None and "inline_container" not in str(e):
+            raise  # (not a write: a bug)
+        raise cause or OSError(errno.EIO, f"the write failed ({str(e).splitlines()[0]})") from e
 
 
 def safe_load(path: str) -> dict:

@@ -27,11 +27,21 @@ import warnings
 from typing import Callable
 
 __all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
-           "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
+           "WriteFailed", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
 
 
 class CorruptFile(ValueError):
     """A file no longer matches the size and checksum recorded when it was written."""
+
+
+class WriteFailed(OSError):
+    """A file of the run could not be written (disk full, read-only folder, I/O error): raised by
+    atomic_write only, so the CLI prints one line (exit 2) for these and still a traceback for any
+    other OSError (a bug). The finished epochs are on disk: the same command resumes."""
+
+    def __str__(self):
+        return (f"cannot write {self.filename}: {self.strerror}; free space (or fix permissions) and run the same "
+                "command to resume")
 
 
 class Busy(RuntimeError):
@@ -195,8 +205,18 @@ def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 10.0) ->
 def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None,
                  checksum: bool = False) -> None:
     """Write `data` (text, bytes, or a function writing to an open file) to `path` atomically;
-    `checksum`: record its size and sha256 for `verify`."""
+    `checksum`: record its size and sha256 for `verify`. An OSError (ENOSPC, EROFS, EIO...) is raised as
+    WriteFailed naming `path`."""
     path = os.fspath(path)
+    try:
+        _atomic_write(path, data, binary, checksum)
+    except WriteFailed:
+        raise
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), path) from e
+
+
+def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     binary = isinstance(data, bytes) if binary is None else binary

@@ -25,7 +25,7 @@ from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes
 from .devices import resolve_device
-from .files import (EXIT_BUSY, Busy, CorruptFile, finish_interrupted_writes, folder_lock, git_commit,
+from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
                     remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
@@ -222,7 +222,7 @@ def _trained(rd: str) -> bool:
                for d, _, files in os.walk(rd))
 
 
-_EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy)
+_EXPECTED = (UsageError, PhaseMissing, PhaseError, D.DatasetNotFound, D.DataError, CorruptFile, Busy, WriteFailed)
 
 
 def _on_main(fn) -> None:
