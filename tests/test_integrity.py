@@ -196,3 +196,25 @@ def test_torch_save_failing_to_write_raises_the_oserror(tmp_path):
     finally:
         os.fsync = real
     assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_teacher_checkpoint_is_one_line(mnist_dir, study_args, capsys, tmp_path):
+    """A --teachers PATH without a record, with a CSR index damaged, was a RuntimeError traceback from
+    load_state_dict ("col_indices must lie in [0, 784)"): a CorruptFile naming the file."""
+    from sparsetrain.engine.convert import sparsify_
+    from sparsetrain.engine.nn import prunable_layers
+    from sparsetrain.experiment.models import build_model
+    arch = dict(name="lenet300", num_classes=10, in_channels=1, image_size=28)
+    model = build_model(**arch)
+    name, layer = prunable_layers(model)[0]
+    sparsify_(model, {name: torch.rand_like(layer.weight) < 0.5})
+    payload = checkpoint.model_payload(model, {}, arch)
+    cols = next(k for k in payload["state"] if k.endswith("col_indices"))
+    payload["state"][cols] = payload["state"][cols].clone()
+    payload["state"][cols][0] = 10 ** 6  # (a flipped byte)
+    bad = tmp_path / "bad_teacher.pt"
+    torch.save(payload, bad)  # (no .sha256 record: a file from elsewhere)
+    with pytest.raises(files.CorruptFile, match=rf"^{bad}: its weights do not load into its model \(.*col_indices"):
+        checkpoint.load_model(str(bad))
+    err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(bad)))
+    assert f"--teachers {bad}: {bad}: its weights do not load into its model" in err and "damaged" in err, err

@@ -92,8 +92,8 @@ def model_payload(model, masks: dict, arch: dict) -> dict:
     return payload
 
 
-def restore_model(payload: dict):
-    """(model, dense_masks) from model_payload()'s dict."""
+def restore_model(payload: dict, source: str = "checkpoint"):
+    """(model, dense_masks) from model_payload()'s dict (`source`: the file it came from, for errors)."""
     for key in ("arch", "masks", "sparse_layers", "state"):
         if key not in payload:
             raise ValueError(f"checkpoint lacks {key!r}: not a model checkpoint")
@@ -113,7 +113,12 @@ def restore_model(payload: dict):
     # checkpoints before 2026-12-05 hold its mask too
     sparsify_(model, {n: masks[n] if n in masks else torch.zeros_like(layers[n].weight, dtype=torch.bool)
                       for n in sparse})
-    model.load_state_dict(payload["state"])
+    try:
+        model.load_state_dict(payload["state"])
+    except RuntimeError as e:  # (a damaged file without its record: a CSR index out of range, a wrong shape)
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+        raise CorruptFile(f"{source}: its weights do not load into its model ({why}): the file is damaged or "
+                          "not a sparsetrain checkpoint") from None
     if sparse and payload.get("fused", True):  # (as saved: an unfused model's float sums differ in order)
         fuse_(model, strict=False)  # sparse conv -> BN -> ReLU as one layer (same state_dict)
     dense_masks = {n: mk for n, mk in masks_of(model, {n: mk for n, mk in masks.items() if n not in sparse}).items()
@@ -128,5 +133,5 @@ def save_model(path: str, model, masks: dict, arch: dict, **meta) -> None:
 def load_model(path: str):
     """(model, dense_masks, payload) from a file written by save_model."""
     payload = safe_load(path)
-    model, masks = restore_model(payload)
+    model, masks = restore_model(payload, path)
     return model, masks, payload

@@ -84,7 +84,7 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         if saved != arch:  # (a state.pt copied from another run or phase: it resumed another model's training)
             raise CorruptFile(f"{state_path} is the state of another model ({saved!r}), not this phase's ({arch!r}); "
                               "delete it to restart this phase from its first round")
-        model, masks = restore_model(st["model"])
+        model, masks = restore_model(st["model"], state_path)
         model, masks = model.to(device), {n: m.to(device) for n, m in masks.items()}
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
                        st.get("train_s", 0.0))
