@@ -218,3 +218,23 @@ def test_a_damaged_teacher_checkpoint_is_one_line(mnist_dir, study_args, capsys,
         checkpoint.load_model(str(bad))
     err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(bad)))
     assert f"--teachers {bad}: {bad}: its weights do not load into its model" in err and "damaged" in err, err
+
+
+def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_args, capsys, tmp_path):
+    """folder_lock ran the body without any lock on every OSError opening .lock (a folder in its place,
+    no permission): two processes could run one run directory at once. The folder existing, it is one
+    line, exit 2; a folder that cannot be made at all keeps its caller's error (no lock, no error here)."""
+    base = study_args(mnist_dir)
+    assert study.main(base) == 0
+    lock = run_dir(mnist_dir / "runs") / ".lock"
+    lock.unlink()
+    lock.mkdir()
+    err = _one_line_error(capsys, base)
+    assert f"error: cannot write {lock}: Is a directory; the run's lock (no two processes may run this folder at " \
+           "once) cannot be taken: remove it or fix its permissions" in err, err
+    lock.rmdir()
+    assert study.main(base) == 0
+    (tmp_path / "a_file").write_text("")
+    with files.folder_lock(str(tmp_path / "a_file" / "run")):  # (makedirs fails: the caller says why)
+        entered = True
+    assert entered

@@ -39,9 +39,10 @@ class WriteFailed(OSError):
     atomic_write only, so the CLI prints one line (exit 2) for these and still a traceback for any
     other OSError (a bug). The finished epochs are on disk: the same command resumes."""
 
+    advice = "free space (or fix permissions) and run the same command to resume"
+
     def __str__(self):
-        return (f"cannot write {self.filename}: {self.strerror}; free space (or fix permissions) and run the same "
-                "command to resume")
+        return f"cannot write {self.filename}: {self.strerror}; {self.advice}"
 
 
 class Busy(RuntimeError):
@@ -57,13 +58,22 @@ def folder_lock(folder: str):
     while the body runs: two processes writing one run's files would overwrite each other's
     checkpoints and metrics. Busy at once when another process holds it; no lock where the folder
     cannot be made (the caller's own checks say why), fcntl is missing or the filesystem does not
-    lock (a warning)."""
+    lock (a warning); WriteFailed where the folder exists but its .lock cannot be opened (a folder in
+    its place, no permission: it ran without a lock before 2026-12-05, so twice at once)."""
     try:
         import fcntl
         f, taken = _open_lock(folder)
-    except (ImportError, OSError):
+    except ImportError:
         yield
         return
+    except OSError as e:
+        if not os.path.isdir(folder):
+            yield
+            return
+        failed = WriteFailed(e.errno, e.strerror or str(e), os.path.join(folder, ".lock"))
+        failed.advice = ("the run's lock (no two processes may run this folder at once) cannot be taken: remove it "
+                         "or fix its permissions, then run the same command")
+        raise failed from None
     with f:
         if taken is None:
             warnings.warn(f"{folder}: no lock (the filesystem does not lock): do not run this command twice at once")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from ..experiment.files import EXIT_BUSY, Busy, folder_busy, folder_lock, write_json
+from ..experiment.files import EXIT_BUSY, Busy, WriteFailed, folder_busy, folder_lock, write_json
 from .plan import Run
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
@@ -163,7 +163,7 @@ def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
     try:
         with folder_lock(os.path.abspath(sweep_dir)):
             return _execute(plan, sweep_dir, **options)
-    except Busy as e:
+    except (Busy, WriteFailed) as e:  # (another sweep holds the folder; a file, its lock too, cannot be written)
         raise SweepError(str(e)) from None
 
 
