@@ -850,3 +850,24 @@ def test_auto_engine_decision_is_keyed_by_the_cpu_kernels_build_and_width(monkey
         n = len(calls)
         policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
         assert len(calls) == n + 4  # (timed again: a warm-up and a step, dense and sparse)
+
+
+def test_auto_engine_cache_ignores_non_bool_entries_and_leaves_no_temp_file(monkeypatch, tmp_path):
+    """bool(v) read the cache's "false" as True (sparse); a failed write (disk full) left its
+    .engine_auto.* temporary file behind."""
+    import errno
+    import os
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    (tmp_path / "engine_auto.json").write_text(json.dumps({"a": "false", "b": False, "c": True, "d": 1}))
+    with pytest.warns(UserWarning, match=r"ignoring 2 entries that are not true/false \(e.g. 'a'\): measured again"):
+        policy._load_decisions()
+    assert policy._DECISIONS == {"b": False, "c": True}
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(policy.os, "replace", full)
+    policy._save_decision("e", True)  # (the decision stays in memory: no error)
+    assert sorted(os.listdir(tmp_path)) == ["engine_auto.json"]

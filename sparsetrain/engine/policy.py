@@ -26,6 +26,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -159,9 +160,15 @@ def _cache_path() -> str:
 def _load_decisions() -> None:
     try:
         with open(_cache_path()) as f:
-            _DECISIONS.update({k: bool(v) for k, v in json.load(f).items()})
+            cached = json.load(f).items()
     except (OSError, ValueError, AttributeError):  # none yet, or unreadable: measure again
-        pass
+        return
+    # an entry that is not true/false (edited or damaged: bool("false") was True) is measured again
+    bad = [k for k, v in cached if not isinstance(v, bool)]
+    if bad:
+        warnings.warn(f"{_cache_path()}: ignoring {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} that are not "
+                      f"true/false (e.g. {bad[0]!r}): measured again")
+    _DECISIONS.update({k: v for k, v in cached if isinstance(v, bool)})
 
 
 @contextlib.contextmanager
@@ -186,7 +193,7 @@ def _decision_lock():
 
 def _save_decision(key: str, value: bool) -> None:
     """Merge one decision into the cache file (atomic replace, under _decision_lock)."""
-    path = _cache_path()
+    path, tmp = _cache_path(), None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
@@ -203,6 +210,10 @@ def _save_decision(key: str, value: bool) -> None:
         os.replace(tmp, path)
     except OSError:  # a read-only home: the decision stays in memory
         pass
+    finally:  # (a failed write, disk full: its .engine_auto.* temporary file stayed)
+        if tmp is not None and os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 @functools.lru_cache(maxsize=1)
