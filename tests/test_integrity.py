@@ -238,3 +238,30 @@ def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_ar
     with files.folder_lock(str(tmp_path / "a_file" / "run")):  # (makedirs fails: the caller says why)
         entered = True
     assert entered
+
+
+def test_a_folder_in_a_files_place_is_named(mnist_dir, study_args, capsys, interrupted):
+    """A folder where best.json, metrics.csv, state.pt or a round checkpoint belongs was an
+    IsADirectoryError traceback: a CorruptFile naming it."""
+    base = study_args(mnist_dir, "--teachers", "dense")
+    interrupted(base, 4)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    for name in ("state.pt", "ckpt/round_00.pt"):
+        path = pd / name
+        saved = path.read_bytes()
+        path.unlink()
+        path.mkdir()
+        err = _one_line_error(capsys, base)
+        assert f"{path} is a folder, not the file the run wrote; delete {pd} to retrain this phase" in err, err
+        path.rmdir()
+        path.write_bytes(saved)
+    assert study.main(base) == 0
+    for name in ("best.json", "metrics.csv"):
+        path = pd / name
+        saved = path.read_bytes()
+        path.unlink()
+        path.mkdir()
+        assert f"{path} is a folder" in _one_line_error(capsys, base)
+        path.rmdir()
+        path.write_bytes(saved)
+    assert study.main(base) == 0
