@@ -265,3 +265,19 @@ def test_a_folder_in_a_files_place_is_named(mnist_dir, study_args, capsys, inter
         path.rmdir()
         path.write_bytes(saved)
     assert study.main(base) == 0
+
+
+def test_report_only_on_a_read_only_run_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+    """--report-only on a run on a read-only filesystem failed writing a figure's temporary file with
+    an OSError traceback: one line, exit 2."""
+    base = study_args(mnist_dir)
+    assert study.main(base) == 0
+
+    def read_only(path, mode="r", *a, **k):
+        if "w" in mode:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return open(path, mode, *a, **k)
+
+    monkeypatch.setattr(files, "open", read_only, raising=False)  # (atomic_write's temporary files)
+    err = _one_line_error(capsys, base + ["--report-only"])
+    assert f"error: cannot write {run_dir(mnist_dir / 'runs')}" in err and ": Read-only file system; " in err, err
