@@ -163,7 +163,7 @@ CASES = [
     ("out-read-only", "mnist", ["--out", "/proc/sparsetrain-runs"], _mnist, "--out /proc/sparsetrain-runs: cannot write"),
     ("out-is-a-file", "mnist", ["--out", "outfile"], _out_is_a_file, "--out outfile is a file"),
     ("corrupt-config", "mnist", [], _corrupt_config, "config.json is corrupt"),
-    ("truncated-state", "mnist", [], _truncated_state, "delete it to restart this phase"),
+    ("truncated-state", "mnist", [], _truncated_state, "delete it and its .sha256 record to restart this phase"),
     ("different-config", "mnist", [], _different_config, "holds a run with different settings (alpha)"),
     ("run-in-use", "mnist", [], _run_in_use, f"is in use by another process (pid {os.getpid()})"),
     ("report-only-missing", "mnist", ["--report-only"], _mnist, "--report-only: no run to report"),

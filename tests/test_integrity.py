@@ -140,7 +140,7 @@ def test_a_state_of_another_model_is_refused(mnist_dir, study_args, capsys, inte
     err = _one_line_error(capsys, here)
     assert f"{pd / 'state.pt'} is the state of another model (" in err and "'dropout': 0.1" in err, err
     assert "not this phase's ({'name': 'lenet300', 'num_classes': 10, 'in_channels': 1, 'image_size': 28})" in err
-    assert "delete it to restart this phase from its first round" in err
+    assert "delete it and its .sha256 record to restart this phase from its first round" in err
 
 
 @pytest.mark.parametrize("target,at", [("replace", 9), ("fsync", 14)])

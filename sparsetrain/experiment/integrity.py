@@ -40,7 +40,7 @@ def verify_phase(pdir: str) -> None:
         if not os.path.exists(state) and not finished:  # (run_phase drops a finished phase's state first)
             raise CorruptFile(f"{state} is missing but its record is here: the phase's progress was lost; delete "
                               f"{state}.sha256 to restart the phase from round 0") from None
-        raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
+        raise CorruptFile(f"{e}; delete it and its .sha256 record to restart this phase from its first round") from None
     recorded = {}
     for path in rounds + results:
         try:

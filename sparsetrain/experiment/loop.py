@@ -79,11 +79,12 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         try:
             st = safe_load(state_path)
         except CorruptFile as e:
-            raise CorruptFile(f"{e}; delete it to restart this phase from its first round") from None
+            raise CorruptFile(f"{e}; delete it and its .sha256 record to restart this phase from its first "
+                              "round") from None
         saved = st["model"].get("arch") if isinstance(st.get("model"), dict) else None
         if saved != arch:  # (a state.pt copied from another run or phase: it resumed another model's training)
             raise CorruptFile(f"{state_path} is the state of another model ({saved!r}), not this phase's ({arch!r}); "
-                              "delete it to restart this phase from its first round")
+                              "delete it and its .sha256 record to restart this phase from its first round")
         model, masks = restore_model(st["model"], state_path)
         model, masks = model.to(device), {n: m.to(device) for n, m in masks.items()}
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
