@@ -281,3 +281,19 @@ def test_report_only_on_a_read_only_run_is_one_line(mnist_dir, study_args, capsy
     monkeypatch.setattr(files, "open", read_only, raising=False)  # (atomic_write's temporary files)
     err = _one_line_error(capsys, base + ["--report-only"])
     assert f"error: cannot write {run_dir(mnist_dir / 'runs')}" in err and ": Read-only file system; " in err, err
+
+
+def test_a_phase_folder_that_cannot_be_made_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+    """run_phase's os.makedirs of PHASE/ckpt on a full disk was an OSError traceback: one line, exit 2."""
+    real = os.makedirs
+
+    def full(path, *a, **k):
+        if str(path).endswith(os.path.join("teacher", "ckpt")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "makedirs", full)
+    err = _one_line_error(capsys, study_args(mnist_dir))
+    assert "/seed0/teacher/ckpt: No space left on device; free space (or fix permissions) and run the same" in err
+    monkeypatch.setattr(os, "makedirs", real)
+    assert study.main(study_args(mnist_dir)) == 0

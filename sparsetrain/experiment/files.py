@@ -27,7 +27,7 @@ import warnings
 from typing import Callable
 
 __all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
-           "WriteFailed", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
+           "WriteFailed", "make_folder", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
 
 
 class CorruptFile(ValueError):
@@ -210,6 +210,14 @@ def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 10.0) ->
     while os.path.exists(tmp) and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return os.path.exists(path) and _digest(path) == want
+
+
+def make_folder(path: str) -> None:
+    """os.makedirs(exist_ok=True) for the run's folders; an OSError (disk full, read-only) is WriteFailed."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), path) from e
 
 
 def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None,

@@ -31,7 +31,7 @@ from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_
 from .devices import resolve_amp
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
-from .files import CorruptFile, write_csv, write_json
+from .files import CorruptFile, make_folder, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .integrity import verify_phase
 from .metrics import best_index
@@ -286,7 +286,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     and stop rules apply ("teacher" or "student"); `teacher_cost`: (exact, paper convention) FLOPs
     spent obtaining the teacher; `teacher_arch`: its build_model arguments (its dense cost in the
     paper's convention: a filter-pruned teacher has lost channels). Returns pdir."""
-    os.makedirs(os.path.join(pdir, "ckpt"), exist_ok=True)
+    make_folder(os.path.join(pdir, "ckpt"))
     done = os.path.exists(os.path.join(pdir, "best.json"))
     if done and dist.is_main():
         drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)

@@ -26,7 +26,7 @@ from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes
 from .devices import resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
-                    remove_empty_folder, write_json)
+                    make_folder, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, phase_done, phase_settings, prepare_phases,
@@ -274,7 +274,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
         if seed == cfg.seeds[0]:
             check_teachers_fit(cfg, splits)
         sd = os.path.join(rd, f"seed{seed}")
-        os.makedirs(sd, exist_ok=True)
+        make_folder(sd)
         if dist.is_main():
             write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
         dist.barrier()
