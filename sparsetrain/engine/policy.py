@@ -4,11 +4,11 @@
 "auto" decides per layer by measurement when it is given an example batch (as SparseProp's
 run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed once, a training step
 (forward, backward, the optimizer's step and, dense, the masking) at its input shape in the model, as
-a dense masked layer and as a sparse one, and goes sparse where that is faster. Timing is noisy, and two runs that decided differently would differ
-in the last bits of their results, so a decision is made once per machine: cached per (layer
-geometry, input shape, nonzeros, dtype, device, threads, CPU model, torch version, the C++ kernels' build
-and SIMD width; autocast dtype, GPU
-name and Triton's CPU interpreter where they apply) in memory and in
+a dense masked layer and as a sparse one, and goes sparse where that is faster. Timing is noisy, and
+two runs that decided differently would differ in the last bits of their results, so a decision is
+made once per machine: cached per (layer geometry, input shape, nonzeros, dtype, device, threads, CPU
+model, torch version, the C++ kernels' build and SIMD width; autocast dtype, GPU name and Triton's
+CPU interpreter where they apply) in memory and in
 $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
 measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
 and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
