@@ -844,9 +844,10 @@ def test_auto_engine_decision_is_keyed_by_the_cpu_kernels_build_and_width(monkey
     layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
     machine = policy._machine()
     assert f"simd {_C.simd_bytes()}" in machine and "kernels " in machine and "torch " in machine
+    assert policy._machine(False) == machine.split("|kernels ")[0]  # (Triton's decisions: no C++ build)
     policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
     for other in (machine.replace(f"simd {_C.simd_bytes()}", "simd 16"), machine.replace("kernels ", "kernels 1")):
-        monkeypatch.setattr(policy, "_machine", lambda other=other: other)
+        monkeypatch.setattr(policy, "_machine", lambda cpp=True, other=other: other)
         n = len(calls)
         policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
         assert len(calls) == n + 4  # (timed again: a warm-up and a step, dense and sparse)

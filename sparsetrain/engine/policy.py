@@ -58,7 +58,10 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     conv -> [ReLU] -> BatchNorm -> [ReLU] not fused yet (engine/fused.py; skipped for a model
     torch.fx cannot trace). `example` (a batch of the model's input) makes "auto" measure; `agree`
     maps this process's {layer: sparse?} decisions to the ones every process uses (DDP: rank 0's).
-    Returns the masks still needed by dense layers."""
+    Returns the masks still needed by dense layers. "dense" converts nothing, back either: layers that
+    are sparse already stay so (densify_ makes them dense). Converted layers hold new Parameters (their
+    values), as after sparsify_: build the optimizer after this call (one built before it keeps
+    stepping the dense weights the model no longer uses)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if isinstance(example, torch.Tensor) and example.is_meta:
@@ -216,11 +219,12 @@ def _save_decision(key: str, value: bool) -> None:
                 os.remove(tmp)
 
 
-@functools.lru_cache(maxsize=1)
-def _machine() -> str:
+@functools.lru_cache(maxsize=2)
+def _machine(cpp: bool = True) -> str:
     """The CPU (name, family and model: "AMD EPYC" alone names several generations), torch's version
-    and the C++ kernels timed: their build (the extension file's mtime and size: a rebuilt kernel is
-    another speed) and SIMD width (SPARSETRAIN_VEC_BYTES narrows it: 1.4x slower at 16 bytes on AVX2)."""
+    and, with `cpp` (a layer on the C++ engine, not Triton's), the C++ kernels timed: their build (the
+    extension file's mtime and size: a rebuilt kernel is another speed) and SIMD width
+    (SPARSETRAIN_VEC_BYTES narrows it: 1.4x slower at 16 bytes on AVX2)."""
     cpu = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -232,8 +236,10 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    st = os.stat(_C.__file__)
     name = " ".join(cpu[k] for k in ("model name", "cpu family", "model") if k in cpu) or platform.machine()
+    if not cpp:
+        return f"{name}|torch {torch.__version__}"
+    st = os.stat(_C.__file__)
     return f"{name}|torch {torch.__version__}|kernels {st.st_mtime_ns}:{st.st_size} simd {_C.simd_bytes()}"
 
 
@@ -257,10 +263,11 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
     # (the timing runs under the caller's autocast, as training does: a bf16 dense GEMM is another speed)
     amp = (str(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else None)
     gpu = torch.cuda.get_device_name(w.device) if w.is_cuda else None
+    cpp = not w.is_cuda and current_backend() != "triton"  # (the C++ kernels time it, not Triton's)
     key = repr((type(layer).__name__, tuple(w.shape), getattr(layer, "stride", None), getattr(layer, "padding", None),
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
-                torch.get_num_threads(), _machine()) + ((amp,) if amp else ()) + ((gpu,) if gpu else ())
-               + (("triton",) if not w.is_cuda and current_backend() == "triton" else ())  # (its interpreter)
+                torch.get_num_threads(), _machine(cpp)) + ((amp,) if amp else ()) + ((gpu,) if gpu else ())
+               + (("triton",) if not w.is_cuda and not cpp else ())  # (its interpreter)
                + (() if input_grad else ("no input gradient",)))
     if key in _DECISIONS:
         return _DECISIONS[key]
