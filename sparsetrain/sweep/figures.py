@@ -74,12 +74,10 @@ def write_figures(groups, keys, out_dir) -> list[str]:
     """accuracy_vs_sparsity.png (coloured by eps when it differs, else by the first differing
     setting) and by_<setting>.png for every other differing setting."""
     os.makedirs(out_dir, exist_ok=True)
-    for f in os.listdir(out_dir):  # a setting that no longer differs leaves no stale overlay behind
-        if f.startswith("by_") and f.endswith(".png"):
+    for f in os.listdir(out_dir):  # a setting that no longer differs, or nothing left to draw, leaves no
+        if f == "accuracy_vs_sparsity.png" or f.startswith("by_") and f.endswith(".png"):  # stale overlay behind
             os.remove(os.path.join(out_dir, f))
     main = "eps" if "eps" in keys else (keys[0] if keys else None)
     paths = [plot_overlay(groups, main, keys, os.path.join(out_dir, "accuracy_vs_sparsity.png"))]
     paths += [plot_overlay(groups, k, keys, os.path.join(out_dir, f"by_{k}.png")) for k in keys if k != main]
-    if paths[0] is None and os.path.exists(os.path.join(out_dir, "accuracy_vs_sparsity.png")):
-        os.remove(os.path.join(out_dir, "accuracy_vs_sparsity.png"))  # (nothing to draw now: not an old figure)
     return [p for p in paths if p]
