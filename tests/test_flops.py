@@ -150,3 +150,14 @@ def test_paper_images_are_the_files_the_paper_trained_on():
         splits = SimpleNamespace(name=name, train=range(45_000), val=range(5_000), test=range(10_000),
                                  official_val=official)
         assert paper_images(splits) == want, name
+
+
+def test_pools_returning_indices_are_counted_as_without():
+    """A pool with return_indices=True returns (values, indices): counted as the same pool without
+    (the hook read .dim() of the tuple: AttributeError)."""
+    for pool, twin in ((nn.MaxPool2d(2, return_indices=True), nn.MaxPool2d(2)),
+                       (nn.AdaptiveMaxPool2d(3, return_indices=True), nn.AdaptiveMaxPool2d(3))):
+        r = forward_flops(nn.Sequential(pool), (2, 6, 6))
+        assert r["per_layer"] == forward_flops(nn.Sequential(twin), (2, 6, 6))["per_layer"]
+    # by hand: 2 channels x 3x3 outputs x (4 - 1) comparisons (2x2 windows on 6x6, both pools)
+    assert forward_flops(nn.Sequential(nn.MaxPool2d(2, return_indices=True)), (2, 6, 6))["total"] == 2 * 9 * 3

@@ -144,6 +144,8 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
 
     def elementwise_hook(name, mod):
         def hook(_m, inp, out):
+            if isinstance(out, tuple):  # (a pool with return_indices=True: (values, indices))
+                out = out[0]
             n_out = out[0].numel()
             if isinstance(mod, _BN):
                 f = 2 * n_out
