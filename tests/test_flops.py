@@ -161,3 +161,24 @@ def test_pools_returning_indices_are_counted_as_without():
         assert r["per_layer"] == forward_flops(nn.Sequential(twin), (2, 6, 6))["per_layer"]
     # by hand: 2 channels x 3x3 outputs x (4 - 1) comparisons (2x2 windows on 6x6, both pools)
     assert forward_flops(nn.Sequential(nn.MaxPool2d(2, return_indices=True)), (2, 6, 6))["total"] == 2 * 9 * 3
+
+
+def test_input_shape_that_does_not_fit_names_input_shape():
+    """A shape the model cannot take (channels, flattened size, a batch dim given) is a ValueError
+    naming input_shape in every counter (torch's bare shape mismatch before; paper_macs checked no
+    argument: AttributeError on a non-module, TypeError on an int shape)."""
+    from sparsetrain.experiment.flops import dense_macs, paper_macs
+    lenet, vgg = build_model("lenet300", 10, 1, 28), build_model("vgg_d1g5", 10, 3, 32)
+    for fn in (forward_flops, dense_macs, paper_macs):
+        with pytest.raises(ValueError, match=r"input_shape \(3, 32, 32\) does not fit the model.*mat1 and mat2"):
+            fn(lenet, (3, 32, 32))
+        with pytest.raises(ValueError, match=r"input_shape \(1, 3, 32, 32\) does not fit the model"):
+            fn(vgg, (1, 3, 32, 32))
+        for bad in (784, (0, 28), (True, 28, 28)):
+            with pytest.raises(ValueError, match="input_shape must be a non-empty tuple of positive ints"):
+                fn(lenet, bad)
+        with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+            fn("lenet300", (1, 28, 28))
+    # the refused pass left no hook behind and the mode as it was
+    assert all(not m._forward_hooks for m in vgg.modules()) and vgg.training
+    assert paper_macs(lenet, (1, 28, 28)) == dense_macs(lenet, (1, 28, 28)) == 784 * 300 + 300 * 100 + 100 * 10

@@ -81,6 +81,34 @@ def _find_masks(masks: dict | None, name: str):
     return masks.get(name, masks.get(f"{name}.weight"))
 
 
+def _check_args(model, input_shape) -> tuple:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(input_shape, torch.Size):
+        input_shape = tuple(input_shape)
+    if (not isinstance(input_shape, (tuple, list)) or not input_shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive ints (one sample, no "
+                         f"batch dim), got {input_shape!r}")
+    return tuple(input_shape)
+
+
+def _run(model: nn.Module, input_shape: tuple, handles) -> None:
+    """One forward of a zero batch [1, *input_shape] in eval mode with the hooks `handles`; a shape
+    the model cannot take is a ValueError naming input_shape (not torch's shape mismatch alone)."""
+    p = next(model.parameters(), None)
+    x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")
+    with hooked_eval(model, handles):
+        try:
+            model(x)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise ValueError(f"input_shape {input_shape} does not fit the model (one sample without its batch "
+                             f"dim, e.g. (3, 32, 32)): its forward raised {type(e).__name__}: {e}") from e
+
+
 @torch.no_grad()
 def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] | None = None,
                   *, elementwise: bool = True, dense: bool = False) -> dict:
@@ -91,14 +119,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
     "per_layer": {module name: int}} (total = weights + elementwise; elementwise = 0 when
     `elementwise` is False). The model runs in eval mode, its mode is restored after.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(input_shape, torch.Size):
-        input_shape = tuple(input_shape)
-    if (not isinstance(input_shape, (tuple, list)) or not input_shape
-            or not all(isinstance(s, int) and s >= 1 for s in input_shape)):
-        raise ValueError(f"input_shape must be a non-empty tuple of positive ints (one sample, no "
-                         f"batch dim), got {input_shape!r}")
+    input_shape = _check_args(model, input_shape)
     if masks is not None and not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
     modules = dict(model.named_modules())
@@ -174,11 +195,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         elif elementwise and isinstance(mod, _BN + _ACTS + _MAXPOOL + _AVGPOOL + _ADAPTIVE):
             handles.append(mod.register_forward_hook(elementwise_hook(name, mod)))
 
-    p = next(model.parameters(), None)
-    x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
-                    device=p.device if p is not None else "cpu")
-    with hooked_eval(model, handles):
-        model(x)
+    _run(model, input_shape, handles)
     return {"total": totals["weights"] + totals["elementwise"], **totals, "per_layer": per_layer}
 
 
@@ -207,6 +224,7 @@ def paper_macs(model: nn.Module, input_shape) -> int:
     pooling and linear biases count 0). VGG-like(5, 5) at 32 x 32: 67,195,904 + 5 x 126,976 conv
     outputs = 67,830,784, which reproduces every PFLOPs entry of the paper's Tables 1 and 6-11 as
     whole rounds (3 x 67.83 M x 50,000 x 160 = 1.628 PFLOPs)."""
+    input_shape = _check_args(model, input_shape)
     extra, handles = [0], []
 
     def hook(m, _inp, out):
@@ -219,11 +237,7 @@ def paper_macs(model: nn.Module, input_shape) -> int:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or (_is_conv(m) and not _is_linear(m)):
             handles.append(m.register_forward_hook(hook))
-    p = next(model.parameters(), None)
-    x = torch.zeros((1, *input_shape), dtype=p.dtype if p is not None else torch.float32,
-                    device=p.device if p is not None else "cpu")
-    with hooked_eval(model, handles):
-        model(x)
+    _run(model, input_shape, handles)
     return dense_macs(model, input_shape) + extra[0]
 
 
