@@ -182,3 +182,19 @@ def test_input_shape_that_does_not_fit_names_input_shape():
     # the refused pass left no hook behind and the mode as it was
     assert all(not m._forward_hooks for m in vgg.modules()) and vgg.training
     assert paper_macs(lenet, (1, 28, 28)) == dense_macs(lenet, (1, 28, 28)) == 784 * 300 + 300 * 100 + 100 * 10
+
+
+def test_paper_convention_refuses_a_model_without_weighted_layers():
+    """dense_macs / paper_macs / paper_round_flops count conv and linear weights only: a model with
+    none was charged 0 FLOPs per round; forward_flops still counts such a model's elementwise work."""
+    from sparsetrain.experiment.flops import dense_macs, paper_macs, paper_round_flops
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    for call in (lambda: dense_macs(net, (2, 4, 4)), lambda: paper_macs(net, (2, 4, 4)),
+                 lambda: paper_round_flops(net, (2, 4, 4), 100, 1)):
+        with pytest.raises(ValueError, match=r"model \(Sequential\) has no conv or linear layer"):
+            call()
+    # BN: 2 x 32 elements, ReLU: 32, pool: 16 adds x 2 channels
+    assert forward_flops(net, (2, 4, 4)) == {"total": 128, "weights": 0, "elementwise": 128,
+                                             "per_layer": {"0": 64, "1": 32, "2": 32}}
+    with_conv = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), *net)
+    assert dense_macs(with_conv, (2, 4, 4)) == 4 * 16  # 4 weights x 16 positions

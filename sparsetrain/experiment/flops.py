@@ -211,9 +211,19 @@ def training_flops(fwd_flops: int | dict, n_samples: int, epochs: int | float = 
 
 
 # ============================================================================ the paper's convention
+def _check_weighted(model, input_shape) -> tuple:
+    input_shape = _check_args(model, input_shape)
+    if not any(_is_conv(m) or _is_linear(m) for m in model.modules()):
+        raise ValueError(f"model ({type(model).__name__}) has no conv or linear layer (nn.Conv*, nn.Linear, a "
+                         "sparse layer): its dense multiply-adds, all this convention counts, would be 0")
+    return input_shape
+
+
 def dense_macs(model: nn.Module, input_shape) -> int:
     """Multiply-adds of one forward pass of the model's dense architecture for one sample: every
-    conv and linear weight, pruned or not (biases, BatchNorm, activations and pooling not counted)."""
+    conv and linear weight, pruned or not (biases, BatchNorm, activations and pooling not counted).
+    ValueError for a model without a conv or linear layer (0 would read as a free model)."""
+    _check_weighted(model, input_shape)
     return forward_flops(model, input_shape, elementwise=False, dense=True)["weights"] // 2
 
 
@@ -224,7 +234,7 @@ def paper_macs(model: nn.Module, input_shape) -> int:
     pooling and linear biases count 0). VGG-like(5, 5) at 32 x 32: 67,195,904 + 5 x 126,976 conv
     outputs = 67,830,784, which reproduces every PFLOPs entry of the paper's Tables 1 and 6-11 as
     whole rounds (3 x 67.83 M x 50,000 x 160 = 1.628 PFLOPs)."""
-    input_shape = _check_args(model, input_shape)
+    input_shape = _check_weighted(model, input_shape)
     extra, handles = [0], []
 
     def hook(m, _inp, out):
