@@ -230,10 +230,11 @@ def dense_macs(model: nn.Module, input_shape) -> int:
 @torch.no_grad()
 def paper_macs(model: nn.Module, input_shape) -> int:
     """The paper's per-image forward cost: dense_macs plus, per output element, 1 for a conv's bias
-    and 4 for an affine BatchNorm (2 without affine), as thop-style profilers count them (its ReLU,
-    pooling and linear biases count 0). VGG-like(5, 5) at 32 x 32: 67,195,904 + 5 x 126,976 conv
-    outputs = 67,830,784, which reproduces every PFLOPs entry of the paper's Tables 1 and 6-11 as
-    whole rounds (3 x 67.83 M x 50,000 x 160 = 1.628 PFLOPs)."""
+    and 4 for an affine BatchNorm (2 without affine); ReLU, pooling and linear biases count 0. VGG-like
+    (5, 5) at 32 x 32: 67,195,904 + 5 x 126,976 conv outputs = 67,830,784, which reproduces every
+    PFLOPs entry of the paper's Tables 1 and 6-11 as whole rounds (3 x 67.83 M x 50,000 x 160 = 1.628
+    PFLOPs). thop itself gives neither: 0.1.1 counts no conv bias and (1 + window) per adaptive-pool
+    output (67,729,408: 30 rounds 48.77 PF, not 48.84), 0.0.31 BatchNorm 2 and ReLU 1 (67,601,920)."""
     input_shape = _check_weighted(model, input_shape)
     extra, handles = [0], []
 
