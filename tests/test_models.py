@@ -134,3 +134,20 @@ def test_dropout_before_the_classifier(name):
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="dropout must be a number in"):
             build_model(name, 10, 1, 28, dropout=bad)
+
+
+def test_vgg_like_too_wide_is_refused_before_building(monkeypatch):
+    """delta + gamma >= 15 (a last stage of 2^14+ channels, over 2^31 weights) was refused for the
+    short name only: build_model("vgg_like", delta=.., gamma=..) and vgg_like() started allocating
+    tens of GB. Now every path raises before the first layer is built."""
+    from sparsetrain.experiment import models
+
+    def no_layer(*a, **k):
+        raise AssertionError("a layer was built before the size check")
+    monkeypatch.setattr(models.nn, "Conv2d", no_layer)
+    for call in (lambda: vgg_like(8, 8), lambda: build_model("vgg_like", 10, delta=1, gamma=14),
+                 lambda: build_model("vgg_d7g8", 10)):
+        with pytest.raises(ValueError, match=r"delta \+ gamma <= 14"):
+            call()
+    monkeypatch.undo()
+    assert vgg_like(1, 5).block1_1.conv.out_channels == 32  # (below the bound: built as before)

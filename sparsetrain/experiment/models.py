@@ -64,6 +64,9 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
     for arg, v, lo in (("delta", delta, 1), ("gamma", gamma, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
+    if delta + gamma >= 15:  # (as resolve_name: refused before a layer is built, not an allocation of GBs)
+        raise ValueError(f"VGG-like needs delta + gamma <= 14, got delta={delta}, gamma={gamma} (its last stage "
+                         f"would hold {2 ** (delta + gamma - 1)} channels, over 2^31 weights)")
     _check_common(num_classes, in_channels)
     h, w = _pair(image_size)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
