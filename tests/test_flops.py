@@ -198,3 +198,20 @@ def test_paper_convention_refuses_a_model_without_weighted_layers():
                                              "per_layer": {"0": 64, "1": 32, "2": 32}}
     with_conv = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False), *net)
     assert dense_macs(with_conv, (2, 4, 4)) == 4 * 16  # 4 weights x 16 positions
+
+
+def test_layer_nnz_checks_the_mask_of_a_sparse_layer_too():
+    """A mis-shaped mask was refused for a dense layer only: a sparse layer's weight is a CSR (not a
+    tensor) and the mask's True count came back. A module that is not a conv or linear layer (a
+    BatchNorm: its scale's nonzeros came back; a ReLU: AttributeError) is a TypeError."""
+    from sparsetrain.nn import SparseLinear
+    lin = nn.Linear(8, 4)
+    mask = torch.rand(4, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    sp = SparseLinear.from_dense(lin, mask)
+    assert layer_nnz(sp, mask) == layer_nnz(lin, mask) == int(mask.sum())
+    for layer in (lin, sp):
+        with pytest.raises(ValueError, match=r"mask shape \(3, 3\) must equal the weight shape \(4, 8\)"):
+            layer_nnz(layer, torch.ones(3, 3, dtype=torch.bool))
+    for bad in (nn.BatchNorm2d(3), nn.ReLU()):
+        with pytest.raises(TypeError, match=f"module must be a conv or linear layer.*got {type(bad).__name__}"):
+            layer_nnz(bad)

@@ -49,11 +49,14 @@ def _is_linear(m: nn.Module) -> bool:
 def layer_nnz(module: nn.Module, mask: torch.Tensor | None = None) -> int:
     """Nonzero weights of a weighted layer: the mask's True count, else `.nnz` (sparse layers),
     else the count of nonzero entries of `.weight`."""
+    if not isinstance(module, nn.Module) or not (_is_conv(module) or _is_linear(module)):
+        raise TypeError(f"module must be a conv or linear layer (nn.Conv*, nn.Linear, a sparse layer), got "
+                        f"{type(module).__name__}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.Tensor) and w.shape != mask.shape:
+        w = module.weight  # (a sparse layer's is its CSR, which has a shape too)
+        if tuple(w.shape) != tuple(mask.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal the weight shape {tuple(w.shape)}")
         return int(mask.sum())
     if hasattr(module, "nnz"):
