@@ -201,6 +201,57 @@ def test_a_partial_cifar_copy_names_what_it_lacks(tmp_path, monkeypatch):
         D.load_dataset("cifar100", tmp_path / "c100", download=False)
 
 
+def test_swapped_or_duplicated_dataset_files_are_refused(tmp_path, monkeypatch):
+    """MNIST's train and t10k files swapped, one file given for both splits, a CIFAR batch copied over
+    another or test_batch renamed into the training batches all loaded without a word (a run trained on
+    the test set, or tested on training images); each is now a DataError naming the files."""
+    import shutil
+
+    from sparsetrain.experiment import dataset_checks
+    monkeypatch.setitem(dataset_checks.SIZES, "mnist", (12, 4))  # (the real 60000 / 10000, scaled down)
+    d = tmp_path / "mnist"
+    write_mnist(d, gz=False, n_train=4, n_test=12)  # (the test set's size in train-*, the training set's in t10k-*)
+    with pytest.raises(D.DataError, match=r"^mnist: the training files \(.*train-images-idx3-ubyte, .*\) hold 4 images "
+                                          r"and the test files \(.*\) 12, where mnist has 12 training and 4 test images: "
+                                          "train and test files swapped$"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    write_mnist(d, gz=False, n_train=12, n_test=4)
+    assert len(D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
+    write_mnist(d, gz=False, n_train=5, n_test=5)  # (tiny sets of other sizes load: only the exact swap is certain)
+    assert len(D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False).test) == 5
+    for stem in ("images-idx3", "labels-idx1"):  # the training files given as the test files too
+        shutil.copy(d / f"train-{stem}-ubyte", d / f"t10k-{stem}-ubyte")
+    with pytest.raises(D.DataError, match=rf"^mnist: {d / 'train-images-idx3-ubyte'} and {d / 't10k-images-idx3-ubyte'} "
+                                          "hold the same images: one file copied over the other"):
+        D.load_dataset("mnist", tmp_path, download=False)
+    x, _ = write_cifar(tmp_path, c10=True, n_per_batch=6, n_test=6)
+    folder = tmp_path / "cifar-10-batches-py"
+    assert len(D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False).train) == 30
+    shutil.copy(folder / "data_batch_1", folder / "data_batch_2")
+    with pytest.raises(D.DataError, match=rf"^cifar10: {folder / 'data_batch_1'} and {folder / 'data_batch_2'} hold "
+                                          "the same images"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    shutil.copy(folder / "test_batch", folder / "data_batch_2")  # (test_batch as a training batch too)
+    with pytest.raises(D.DataError, match=r"data_batch_2 and .*test_batch hold the same images"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    # the official batches name themselves: test_batch's "testing batch 1 of 1" under data_batch_2 is refused
+    for f, label in [*((f"data_batch_{i}", f"training batch {i} of 5") for i in range(1, 6)),
+                     ("test_batch", "testing batch 1 of 1")]:
+        _repickle(folder / f, batch_label=label)
+    _repickle(folder / "data_batch_2", data=x[6:12])
+    assert torch.equal(D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False).train.x,
+                       torch.from_numpy(x).view(-1, 3, 32, 32))
+    _repickle(folder / "data_batch_2", batch_label=b"testing batch 1 of 1", data=x[6:12] // 2)
+    with pytest.raises(D.DataError, match=r"data_batch_2: its batch_label is 'testing batch 1 of 1', where data_batch_2 "
+                                          "is 'training batch 2 of 5': batches renamed or swapped"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    write_cifar(tmp_path / "c100", c10=False, n_per_batch=4, n_test=12)  # cifar100: the sizes swapped
+    monkeypatch.setitem(dataset_checks.SIZES, "cifar100", (12, 4))
+    with pytest.raises(D.DataError, match=r"cifar100: the training files \(.*cifar-100-python/train\) hold 4 images .* "
+                                          "train and test files swapped"):
+        D.load_dataset("cifar100", tmp_path / "c100", download=False)
+
+
 def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
     """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
     the official .mat files patched out for these small ones), each image opened once; a truncated or
@@ -390,9 +441,10 @@ def test_cifar_batches_construct_nothing_but_arrays(tmp_path):
     assert not marker.exists()
     for proto in range(6):  # (2: bytes as _codecs.encode, empty ones as bytes(); 5: _frombuffer)
         with open(folder / "test_batch", "wb") as f:
-            pickle.dump({**d, "filenames": [b"a.png", b""], "empty": np.zeros((0, 4), np.uint8)}, f, protocol=proto)
+            pickle.dump({**d, "data": 255 - d["data"], "filenames": [b"a.png", b""], "empty": np.zeros((0, 4), np.uint8)},
+                        f, protocol=proto)  # (other images than data_batch_1's: a copy of it is refused)
         splits = D.load_dataset("cifar10", tmp_path, download=False)
-        assert torch.equal(splits.test.x.flatten(1), torch.from_numpy(np.asarray(d["data"]))), proto
+        assert torch.equal(splits.test.x.flatten(1), torch.from_numpy(255 - np.asarray(d["data"]))), proto
     with open(folder / "test_batch", "ab") as f:
         f.write(b"\x00junk")
     with pytest.raises(D.DataError, match="test_batch: bytes follow the CIFAR batch's pickle"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dataset_checks import check_batch_label, check_distinct, check_not_swapped
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
 from .images import load_flowers, load_imagefolder
 
@@ -138,6 +139,8 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             raise DataError(f"{f}: the {kind} file must hold [N] unsigned-byte labels in 0..9, got {got}")
     check_pairs(name, xtr, ytr, "train", files[:2])
     check_pairs(name, xte, yte, "test", files[2:])
+    check_not_swapped(name, len(xtr), len(xte), files[:2], files[2:])
+    check_distinct(name, [(files[0], xtr.numpy()), (files[2], xte.numpy())])
     return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
 
 
@@ -196,7 +199,8 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     def read(files):
         ds = [_unpickle(folder / f) for f in files]
         xs, ys = [], []
-        for f, d in zip(files, ds):
+        for i, (f, d) in enumerate(zip(files, ds), 1):
+            check_batch_label(folder / f, d, f"{'testing' if f == test_file else 'training'} batch {i} of {len(files)}")
             missing = [k for k in ("data", key) if k not in d]
             if missing:
                 raise DataError(f"{folder / f}: no {' and no '.join(repr(k) for k in missing)} entry (keys: "
@@ -214,8 +218,11 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
                                 f"{int(labels.min())}..{int(labels.max())}")
             xs.append(data)
             ys.append(labels.astype(np.int64))
-        return torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(ys))
-    return (*read(train_files), *read([test_file]), 10 if c10 else 100)
+        return torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(ys)), xs
+    (xtr, ytr, train_xs), (xte, yte, test_xs) = read(train_files), read([test_file])
+    check_not_swapped(name, len(xtr), len(xte), needed[:-1], needed[-1:])
+    check_distinct(name, list(zip(needed, [*train_xs, *test_xs])))  # (each batch: data_batch_1 copied over _2)
+    return xtr, ytr, xte, yte, 10 if c10 else 100
 
 
 def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""Checks that the files loaded can be the named dataset's: train and test not swapped, no file
+loaded twice (a batch copied over another), CIFAR-N labels of the right dataset. Each refuses only
+what no real copy can be (the tests' tiny files of other sizes pass), with a DataError naming the files."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .dataset_errors import DataError
+
+__all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label"]
+
+SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
+         "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
+
+
+def check_not_swapped(name: str, n_train: int, n_test: int, train_files, test_files) -> None:
+    """The training files holding the dataset's test-set size and the test files its training-set size:
+    swapped (both are loaded as given, so the run would train on the test set)."""
+    n_tr, n_te = SIZES[name]
+    if (n_train, n_test) == (n_te, n_tr):
+        raise DataError(f"{name}: the training files ({', '.join(map(str, train_files))}) hold {n_train} images and "
+                        f"the test files ({', '.join(map(str, test_files))}) {n_test}, where {name} has {n_tr} "
+                        f"training and {n_te} test images: train and test files swapped")
+
+
+def check_distinct(name: str, named_images) -> None:
+    """[(file, uint8 array of images)]: two files holding the same (non-empty) images are one file
+    copied over the other or given twice (train = test: the test accuracy measured on training images)."""
+    seen = {}
+    for f, x in named_images:
+        x = np.ascontiguousarray(x)
+        if not x.size:
+            continue
+        key = (x.shape, x.reshape(len(x), -1)[0].tobytes())  # (the first image: compared in full only when equal)
+        for g, y in seen.get(key, []):
+            if np.array_equal(x, y):
+                raise DataError(f"{name}: {g} and {f} hold the same images: one file copied over the other "
+                                "(or given twice); restore the original files")
+        seen.setdefault(key, []).append((f, x))
+
+
+_BATCH_LABEL = re.compile(r"(training|testing) batch (\d+) of (\d+)")
+
+
+def check_batch_label(path, d: dict, expected: str) -> None:
+    """A CIFAR batch's own 'batch_label' (the official files': "training batch 2 of 5", "testing batch 1
+    of 1") must be the one of the file name it is read under: another is a batch renamed or swapped
+    (test_batch as a training batch). Batches without such a label (other writers) are not checked."""
+    label = d.get("batch_label")
+    label = label.decode("latin1") if isinstance(label, bytes) else label
+    if isinstance(label, str) and _BATCH_LABEL.fullmatch(label.strip()) and label.strip() != expected:
+        raise DataError(f"{path}: its batch_label is {label.strip()!r}, where {path.name} is {expected!r}: "
+                        "batches renamed or swapped (train and test?); restore the original files")
