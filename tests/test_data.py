@@ -52,6 +52,22 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
             D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
 
 
+def test_a_10_class_label_file_is_refused_for_cifar100n(tmp_path):
+    """A CIFAR-10N label file (50000 ints in 0..9, as many as CIFAR-100's training images) loaded as
+    cifar100n's human labels without a word; labels all in 0..9 where images of classes 10..99 exist
+    (none of them keeping its class) are now refused; a file that uses only some classes still loads."""
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=50, n_test=5)
+    np.save(tmp_path / "c10n.npy", y % 10)
+    with pytest.raises(D.DataError, match=rf"--label-file {tmp_path / 'c10n.npy'}: every label lies in 0..9, where "
+                                          rf"{int((y >= 10).sum())} of the CIFAR-100 training images are of classes "
+                                          r"10..99 and none kept its class: a 10-class file \(CIFAR-10N's\?\)"):
+        D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / "c10n.npy", download=False)
+    kept = np.where(y >= 10, y, (y + 1) % 10)  # (0..9 relabelled, 10..99 kept: loads)
+    np.save(tmp_path / "kept.npy", kept)
+    s = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / "kept.npy", download=False)
+    assert torch.equal(s.train.y, torch.from_numpy(kept))
+
+
 def test_a_damaged_cifar100n_pt_file_is_named_without_torchs_unsafe_advice(tmp_path):
     """torch.load's error on a damaged .pt file advised re-running with weights_only=False ("arbitrary
     code execution") or allowing the global: unsafe for a downloaded file and no help for a damaged one.

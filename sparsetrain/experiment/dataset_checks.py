@@ -9,7 +9,7 @@ import numpy as np
 
 from .dataset_errors import DataError
 
-__all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label"]
+__all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -53,3 +53,14 @@ def check_batch_label(path, d: dict, expected: str) -> None:
     if isinstance(label, str) and _BATCH_LABEL.fullmatch(label.strip()) and label.strip() != expected:
         raise DataError(f"{path}: its batch_label is {label.strip()!r}, where {path.name} is {expected!r}: "
                         "batches renamed or swapped (train and test?); restore the original files")
+
+
+def check_human_labels(path, labels, y_clean) -> None:
+    """CIFAR-100 human labels (int arrays) all in 0..9 while at least 10 of the images they label are of
+    classes 10..99: not one of those kept its class, which no CIFAR-100 annotation does (CIFAR-100N's
+    labels agree with the originals for ~60% of the images): a 10-class file (CIFAR-10N's) given instead."""
+    above = int((y_clean >= 10).sum())
+    if labels.size and int(labels.max()) < 10 and above >= 10:
+        raise DataError(f"--label-file {path}: every label lies in 0..9, where {above} of the CIFAR-100 training "
+                        "images are of classes 10..99 and none kept its class: a 10-class file (CIFAR-10N's?), "
+                        "not CIFAR-100's human labels (CIFAR-100_human.pt)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset_checks import check_batch_label, check_distinct, check_not_swapped
+from .dataset_checks import check_batch_label, check_distinct, check_human_labels, check_not_swapped
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
 from .images import load_flowers, load_imagefolder
 
@@ -270,6 +270,7 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
         rng = f" in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else ""
         raise DataError(f"--label-file {path} must hold {y_clean.shape[0]} labels in [0, 100), got "
                         f"{labels.shape[0]}{rng}")
+    check_human_labels(path, labels.numpy(), y_clean.numpy())
     return labels
 
 
