@@ -489,14 +489,36 @@ def test_downloads_into_one_folder_take_turns(tmp_path, monkeypatch):
             time.sleep(0.3)
             spans.append((t0, time.monotonic()))
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST, raising=False)
-    threads = [threading.Thread(target=lambda: datasets._download("MNIST", tmp_path / "data")) for _ in range(2)]
-    for t in threads:
+    (tmp_path / "data").mkdir()
+    threads = [threading.Thread(target=lambda: datasets._download("MNIST", tmp_path / "data")) for _ in range(3)]
+    for i, t in enumerate(threads):
         t.start()
+        time.sleep(0.05 if i == 0 else 0.4)  # (the third starts after the first removed the lock file)
     for t in threads:
         t.join()
-    (a0, a1), (b0, b1) = sorted(spans)
-    assert a1 <= b0, "the two downloads overlapped"
-    assert (tmp_path / "data" / ".sparsetrain-download.lock").exists()
+    (a0, a1), (b0, b1), (c0, c1) = sorted(spans)
+    assert a1 <= b0 and b1 <= c0, "downloads overlapped"
+    assert list((tmp_path / "data").iterdir()) == []  # (the lock file removed by its last holder; the folder kept)
+
+
+def test_a_failed_download_leaves_no_lock_file_or_empty_folder(tmp_path, monkeypatch):
+    """A failed download left DATA_DIR/.sparsetrain-download.lock behind, and the folder it made for
+    it (a mistyped --data-dir); both are removed now, and a folder that holds something is kept."""
+    import torchvision.datasets
+
+    from sparsetrain.experiment import datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            raise RuntimeError("offline")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline, raising=False)
+    with pytest.raises(D.DatasetNotFound, match="download attempt failed: RuntimeError: offline"):
+        D.load_dataset("cifar10", tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    assert datasets._download("CIFAR10", tmp_path / "data") == "RuntimeError: offline"
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]
 
 
 def test_a_failed_download_is_reported_on_one_line(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 
 from .dataset_checks import check_batch_label, check_distinct, check_human_labels, check_not_swapped
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
+from .dataset_lock import download_lock
 from .images import load_flowers, load_imagefolder
 
 __all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError", "Raw", "loader", "read_idx",
@@ -302,18 +303,11 @@ def _numpy_dtype_classes() -> list:
 def _download(cls_name: str, data_dir: Path) -> str | None:
     """torchvision's download of dataset `cls_name` into data_dir; the error text if it fails.
     Processes downloading into one folder (a sweep's runs on a fresh machine) take turns under an
-    exclusive lock on data_dir/.sparsetrain-download.lock: torchvision writes each archive in place,
-    then checks and extracts it, and skips what a previous holder left complete."""
+    exclusive lock on data_dir/.sparsetrain-download.lock (dataset_lock.py; removed after): torchvision
+    writes each archive in place, then checks and extracts it, and skips what a previous holder left complete."""
     try:
         import torchvision.datasets
-        data_dir = Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with open(data_dir / ".sparsetrain-download.lock", "a") as lock:
-            try:
-                import fcntl
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # (released when the file closes)
-            except (ImportError, OSError):  # (no fcntl, a filesystem without locks: unguarded, as before)
-                pass
+        with download_lock(Path(data_dir)):
             previous = socket.getdefaulttimeout()
             # (torchvision's urlopen has none: a server or proxy that never answers blocked the run, and
             # every run waiting for this lock, forever; process-wide, so restored at once)
