@@ -268,6 +268,37 @@ def test_swapped_or_duplicated_dataset_files_are_refused(tmp_path, monkeypatch):
         D.load_dataset("cifar100", tmp_path / "c100", download=False)
 
 
+def test_an_unextracted_cifar_archive_is_extracted_or_named(tmp_path, monkeypatch):
+    """cifar-10-python.tar.gz in --data-dir without cifar-10-batches-py/ (copied from another machine,
+    or with --no-download) said "cifar10 not found" and listed the six batch files; now the archive is
+    extracted when its md5 is the official one (torchvision's check; patched here for a tiny archive),
+    and named as a partial or damaged download otherwise."""
+    import hashlib
+    import tarfile
+
+    import torchvision.datasets
+    x, y = write_cifar(tmp_path / "src", c10=True, n_per_batch=4, n_test=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as t:
+        t.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(D.DataError, match=rf"^{data / 'cifar-10-python.tar.gz'}: not the official CIFAR10 archive "
+                                          r"\(md5 other than c58f30108f718f92721af3b95e74349a: a partial or damaged "
+                                          r"download\): remove it and download again"):
+        D.load_dataset("cifar10", data, download=False)
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]  # (nothing extracted)
+    md5 = hashlib.md5((data / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", md5)
+    with monkeypatch.context() as m:  # (a read-only or full folder: named, not a traceback)
+        m.setattr(torchvision.datasets.utils, "extract_archive", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+        with pytest.raises(D.DataError, match=rf"cifar-10-python.tar.gz: not extracted, {data} cannot be written "
+                                              r"\(OSError: \[Errno 28\] No space\): extract it where you can write"):
+            D.load_dataset("cifar10", data, download=False)
+    s = D.load_dataset("cifar10", data, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, torch.from_numpy(x).view(-1, 3, 32, 32)) and torch.equal(s.train.y, torch.from_numpy(y))
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
 def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
     """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
     the official .mat files patched out for these small ones), each image opened once; a truncated or

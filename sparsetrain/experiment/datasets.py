@@ -184,6 +184,9 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     needed = [folder / f for f in [*train_files, test_file]]
     cls = "CIFAR10" if c10 else "CIFAR100"
     err = _download(cls, data_dir) if download and not all(p.is_file() for p in needed) else None
+    archive = data_dir / f"{'cifar-10' if c10 else 'cifar-100'}-python.tar.gz"
+    if archive.is_file() and not any(p.exists() for p in needed):  # (downloaded or copied, never extracted)
+        _extract(cls, archive, folder)
     present, odd = [p for p in needed if p.is_file()], [p for p in needed if p.exists() and not p.is_file()]
     if (present or odd) and len(present) < len(needed):  # (a partial copy: named with what it lacks)
         raise DataError(f"{folder} holds part of {name}: {', '.join(p.name for p in needed if p not in present)} "
@@ -224,6 +227,36 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     check_not_swapped(name, len(xtr), len(xte), needed[:-1], needed[-1:])
     check_distinct(name, list(zip(needed, [*train_xs, *test_xs])))  # (each batch: data_batch_1 copied over _2)
     return xtr, ytr, xte, yte, 10 if c10 else 100
+
+
+def _extract(cls_name: str, archive: Path, folder: Path) -> None:
+    """torchvision's CIFAR archive, checked against its official md5 (a partial download is named),
+    extracted beside it (no network: --no-download too) into a temporary folder, then renamed to `folder`
+    (a kill leaves no half-extracted copy), under the download lock (runs extracting at once)."""
+    import shutil
+    import tempfile
+
+    import torchvision.datasets
+    from torchvision.datasets.utils import check_integrity, extract_archive
+    md5 = getattr(torchvision.datasets, cls_name).tgz_md5
+    try:
+        with download_lock(archive.parent):
+            if folder.exists():  # (extracted by the previous holder)
+                return
+            if not check_integrity(str(archive), md5):
+                raise DataError(f"{archive}: not the official {cls_name} archive (md5 other than {md5}: a partial or "
+                                f"damaged download): remove it and download again, or extract a good copy into {archive.parent}")
+            tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".extracting-"))
+            try:
+                extract_archive(str(archive), str(tmp))
+                if not (tmp / folder.name).is_dir():
+                    raise DataError(f"{archive}: holds no {folder.name}/ folder")
+                (tmp / folder.name).rename(folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # (a read-only or full data folder)
+        raise DataError(f"{archive}: not extracted, {archive.parent} cannot be written ({brief_error(e)}): extract it "
+                        "where you can write (tar xzf) and point --data-dir there") from None
 
 
 def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) -> torch.Tensor:
