@@ -1480,3 +1480,16 @@ def test_fused_modules_take_the_input_keyword():
         torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-9, atol=1e-11)
     for mod in (FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU):  # the replaced modules' argument name
         assert "input" in inspect.signature(mod.forward).parameters, mod
+
+
+def test_a_batchnorm_of_another_width_than_the_conv_is_left_unfused():
+    """conv(4 channels) -> BN(5): fuse_ raised after swapping in the BN and ReLU placeholders, leaving a
+    half-fused model whose forward blamed hooks; now the pair stays as built (PyTorch's own error)."""
+    m = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3, bias=False), bn=nn.BatchNorm2d(5), relu=nn.ReLU()))
+    ref = copy.deepcopy(m)
+    sparsetrain.sparsify_(m, model_masks(m, 0.5), fuse=True)
+    assert type(m.bn) is nn.BatchNorm2d and type(m.relu) is nn.ReLU and type(m.conv).__name__ == "SparseConv2d"
+    x = torch.randn(2, 3, 6, 6)
+    for model in (ref, m):
+        with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 5"):
+            model(x)

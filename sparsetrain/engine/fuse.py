@@ -137,8 +137,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             continue
         relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
         bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
-        if bn is None:
-            continue
+        if bn is None or modules[bn.target].num_features != modules[node.target].out_channels:
+            continue  # (a BN of another width: left as built, its forward raises PyTorch's error)
         relu_after = residual = None
         if relu_before is None:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
