@@ -1493,3 +1493,14 @@ def test_a_batchnorm_of_another_width_than_the_conv_is_left_unfused():
     for model in (ref, m):
         with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 5"):
             model(x)
+
+
+def test_sparse_conv_bn_relu_refuses_relu_before_with_a_residual_before_the_forward():
+    """SparseConvBNReLU refuses conv -> ReLU -> BN -> + residual; the function ran that forward (updating
+    the running statistics) and its backward raised from the C++ op. Now refused up front, untouched."""
+    _, fused, _ = _fused_pair("bn", 0.5)
+    x, r = torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.randn(2, 7, 4, 4, dtype=torch.float64)
+    before = fused.bn.running_mean.clone()
+    with pytest.raises(ValueError, match="relu_before and residual cannot be combined"):
+        sparse_conv_bn_relu(x.requires_grad_(), fused.conv, fused.bn, relu_before=True, residual=r)
+    assert torch.equal(fused.bn.running_mean, before) and int(fused.bn.num_batches_tracked) == 0

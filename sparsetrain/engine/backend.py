@@ -48,3 +48,9 @@ class use_backend:
 def current_backend() -> str:
     """The kernels' mode now: "auto", "cpu" or "triton" (see use_backend)."""
     return _mode
+
+
+def cpu_engine(x) -> bool:
+    """The C++ kernels take tensor x (a CPU tensor, not under "triton"): only they pool in a fused
+    BN's pass (max_pool2x2 has no Triton kernel)."""
+    return x.device.type == "cpu" and _mode != "triton"

@@ -184,11 +184,6 @@ def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
             and x.dtype == conv.weight.values.dtype)
 
 
-def _cpu_engine(x: torch.Tensor) -> bool:
-    """The C++ kernels take x: only they pool in the BN's pass (max_pool2x2 has no Triton kernel)."""
-    return x.device.type == "cpu" and backend.current_backend() != "triton"
-
-
 def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d, relu_before: bool = False,
                         relu_after: bool = False, residual: torch.Tensor | None = None, route: bool = False,
                         *, defer: dict | None = None, in_act: tuple | None = None,
@@ -209,6 +204,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):
         raise ValueError("pool cannot be combined with a residual or a deferred BatchNorm")
+    if relu_before and residual is not None:  # (as SparseConvBNReLU; the backward op refused it, after the forward)
+        raise ValueError("relu_before and residual cannot be combined (conv -> ReLU -> BN -> + residual)")
     if relu_counts is not None:
         if not (relu_before or relu_after):
             raise ValueError("relu_counts needs a layer with a ReLU (relu_before or relu_after)")
@@ -216,7 +213,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
             raise bad(f"relu_counts must be a 1-D int64 tensor, got {relu_counts.dtype} {tuple(relu_counts.shape)}")
         defer = None
     fusable = not unfused and _can_fuse(x, conv) and (residual is None or residual.dtype == x.dtype) and (
-        not pool or _cpu_engine(x))
+        not pool or backend.cpu_engine(x))
     if in_act is not None and (not fusable or not torch.is_grad_enabled()):
         # x holds the previous layer's y: apply its BN here; its gradient passes straight through
         # (the previous layer's backward expects the gradient of its output)
@@ -364,7 +361,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
                      for i in range(2))
 
     def _pools(self, x: torch.Tensor) -> bool:
-        if (self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not _cpu_engine(x)
+        if (self.pools is None or self.residual or x.dim() != 4 or not _can_fuse(x, self) or not backend.cpu_engine(x)
                 or not _hands_on()):
             return False
         return min(self._out_hw(x)) >= 2 and not _watched(self, *self._placeholders, self.pools)
