@@ -1504,3 +1504,16 @@ def test_sparse_conv_bn_relu_refuses_relu_before_with_a_residual_before_the_forw
     with pytest.raises(ValueError, match="relu_before and residual cannot be combined"):
         sparse_conv_bn_relu(x.requires_grad_(), fused.conv, fused.bn, relu_before=True, residual=r)
     assert torch.equal(fused.bn.running_mean, before) and int(fused.bn.num_batches_tracked) == 0
+
+
+def test_sparse_conv_bn_relu_names_an_argument_of_the_wrong_type():
+    """A dense conv, bn=None or a NumPy x raised AttributeErrors from inside (no attribute 'dtype', 'weight',
+    'dim'); now a TypeError naming the argument."""
+    ref, fused, _ = _fused_pair("bn", 0.5)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    for args, name in (((x, ref.conv, fused.bn), "conv must be a SparseConv2d, got Conv2d"),
+                       ((x, fused.conv, None), "bn must be a BatchNorm2d, got NoneType"),
+                       ((x.numpy(), fused.conv, fused.bn), "x must be a Tensor, got ndarray")):
+        with pytest.raises(TypeError, match=name):
+            sparse_conv_bn_relu(*args)
+    torch.testing.assert_close(sparse_conv_bn_relu(x, fused.conv, fused.bn)[0], ref(x), **TOL[torch.float64])

@@ -56,8 +56,8 @@ from torch import nn
 from . import backend, ops
 from .autograd import first_order
 from .nn import SparseConv2d
-from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_taken, _count_positive,
-                           _hands_on, _refuse_unsupported, _watched, eager)
+from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_bn, _check_taken,
+                           _count_positive, _hands_on, _refuse_unsupported, _watched, eager)
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -166,17 +166,6 @@ def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
                                   batch_stats, y.dtype)
 
 
-def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape=()) -> None:
-    """F.batch_norm's argument checks (batch statistics from n values per channel; the fused
-    statistics also need a non-empty batch)."""
-    if bn.eps <= 0 if batch_stats else bn.eps < 0:
-        raise ValueError(f"batch_norm eps must be {'positive during training' if batch_stats else 'non-negative'}, "
-                         f"but got {bn.eps}")
-    if batch_stats and n is not None and n <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
-                         if n else f"the fused BatchNorm needs a non-empty batch in training, got input size {tuple(shape)}")
-
-
 def _can_fuse(x: torch.Tensor, conv: SparseConv2d) -> bool:
     """The fused ops take x: the C++ engine (CPU tensors) or the Triton kernels (CUDA tensors, and CPU
     ones under the "triton" backend); not under autocast."""
@@ -200,6 +189,9 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`.
     `unfused`: the unfused ops (y differentiable: a hook on the ReLU of conv -> ReLU -> BN reads it; an
     empty batch: nn.BatchNorm2d's semantics)."""
+    for name, v, kind in (("x", x, torch.Tensor), ("conv", conv, SparseConv2d), ("bn", bn, nn.BatchNorm2d)):
+        if not isinstance(v, kind):  # (an AttributeError deep inside before)
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(v).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):

@@ -83,6 +83,17 @@ def _same_data(x: torch.Tensor, handed: torch.Tensor) -> bool:
                            and x.stride() == handed.stride() and x.dtype == handed.dtype)
 
 
+def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape=()) -> None:
+    """F.batch_norm's argument checks (batch statistics from n values per channel; the fused
+    statistics also need a non-empty batch)."""
+    if bn.eps <= 0 if batch_stats else bn.eps < 0:
+        raise ValueError(f"batch_norm eps must be {'positive during training' if batch_stats else 'non-negative'}, "
+                         f"but got {bn.eps}")
+    if batch_stats and n is not None and n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
+                         if n else f"the fused BatchNorm needs a non-empty batch in training, got input size {tuple(shape)}")
+
+
 def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
     """counts += per neuron, the samples with act > 0 (the kernels' relu_counts, off the CPU path)."""
     flat = act.detach().reshape(act.shape[0], -1)
