@@ -1517,3 +1517,19 @@ def test_sparse_conv_bn_relu_names_an_argument_of_the_wrong_type():
         with pytest.raises(TypeError, match=name):
             sparse_conv_bn_relu(*args)
     torch.testing.assert_close(sparse_conv_bn_relu(x, fused.conv, fused.bn)[0], ref(x), **TOL[torch.float64])
+
+
+def test_max_pool2x2_imported_alone_runs_in_a_fresh_interpreter():
+    """MaxPool2x2 from engine/placeholders.py alone (the module a pickled model names): its forward raised
+    AttributeError (no op sparsetrain.max_pool2x2) until something imported engine/ops.py."""
+    import subprocess
+    import sys
+    code = ("import torch, torch.nn.functional as F\n"
+            "from sparsetrain.engine.placeholders import MaxPool2x2\n"
+            "x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)\n"
+            "y = MaxPool2x2(2)(x)\n"
+            "g = torch.autograd.grad(y.sum(), x)[0]\n"
+            "ref = F.max_pool2d(x, 2)\n"
+            "assert torch.equal(y, ref) and torch.equal(g, torch.autograd.grad(ref.sum(), x)[0])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

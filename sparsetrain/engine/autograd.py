@@ -8,7 +8,11 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointError
 
-__all__ = ["first_order", "record_inputs"]
+__all__ = ["first_order", "record_inputs", "eager"]
+
+# torch.compiler.disable imports torch._dynamo as it decorates (~1.5 s, half of `import sparsetrain`);
+# torch's own lazy form (what torch.optim uses) imports it on the first call instead.
+eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 _MESSAGE = (b"trying to differentiate twice through a sparsetrain sparse layer: its gradient ops have no "
             b"derivatives (create_graph=True / double backward is not supported)")

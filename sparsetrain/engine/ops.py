@@ -30,9 +30,8 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
-from .autograd import first_order, record_inputs
+from .autograd import eager, first_order, record_inputs
 from .args import conv2d_padding, pair
-from .placeholders import eager
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
            "magnitude_threshold", "csr_prune", "relu_count_", "conv2d_padding", "pair"]

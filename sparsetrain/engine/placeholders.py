@@ -3,7 +3,7 @@ and ReLU a SparseConvBNReLU computes, as pass-through placeholders holding the s
 buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel.
 
 Their forwards (and the fused layer's, engine/fused.py) hand tensors on through module state and
-check them by identity, which torch.compile cannot trace: they run eagerly under it (`eager` below:
+check them by identity, which torch.compile cannot trace: they run eagerly under it (`eager`, engine/autograd.py:
 torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-# torch.compiler.disable imports torch._dynamo as it decorates (~1.5 s, half of `import sparsetrain`);
-# torch's own lazy form (what torch.optim uses) imports it on the first call instead.
-eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+from . import ops  # noqa: F401  (loads the C++ extension and max_pool2x2's autograd: MaxPool2x2 runs them)
+from .autograd import eager
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
 
