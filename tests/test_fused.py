@@ -1533,3 +1533,16 @@ def test_max_pool2x2_imported_alone_runs_in_a_fresh_interpreter():
             "assert torch.equal(y, ref) and torch.equal(g, torch.autograd.grad(ref.sum(), x)[0])\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3), dict(kernel_size=2, stride=1), dict(kernel_size=2, padding=1),
+                                dict(kernel_size=2, ceil_mode=True), dict(kernel_size=2, dilation=2),
+                                dict(kernel_size=2, return_indices=True)])
+def test_max_pool2x2_refuses_settings_its_kernel_ignores(kw):
+    """MaxPool2x2(3), (2, stride=1), ... took the settings and pooled 2x2 anyway (7x7 -> 3x3 where
+    nn.MaxPool2d gives 2x2, 6x6, ...): now a ValueError; nn.MaxPool2d(2)'s spellings still build."""
+    with pytest.raises(ValueError, match="MaxPool2x2 is nn.MaxPool2d\\(2\\) only"):
+        MaxPool2x2(**kw)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    for ok in (dict(kernel_size=2), dict(kernel_size=(2, 2), stride=(2, 2), padding=0, dilation=1)):
+        assert torch.equal(MaxPool2x2(**ok)(x), nn.MaxPool2d(**ok)(x))

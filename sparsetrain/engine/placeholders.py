@@ -242,6 +242,14 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
     _pending: tuple | None = None  # (the tensor this module will be called on, the pooled output)
     fed = False  # a fused layer may pool into it (its `pools`): set by fuse_
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # (other settings were taken and ignored: the kernel pools 2x2)
+        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+        got = (pair(self.kernel_size), pair(self.stride), pair(self.padding), pair(self.dilation))
+        if got != ((2, 2), (2, 2), (0, 0), (1, 1)) or self.ceil_mode or self.return_indices:
+            raise ValueError(f"MaxPool2x2 is nn.MaxPool2d(2) only (kernel 2, stride 2, padding 0, dilation 1, no "
+                             f"ceil_mode or return_indices), got {self.extra_repr()}: use nn.MaxPool2d")
+
     @eager
     @_marks_refusal
     def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
