@@ -3,8 +3,9 @@ and ReLU a SparseConvBNReLU computes, as pass-through placeholders holding the s
 buffers (forward hooks still see each activation), and the 2x2 max-pooling on its C++ kernel.
 
 Their forwards (and the fused layer's, engine/fused.py) hand tensors on through module state and
-check them by identity, which torch.compile cannot trace: they run eagerly under it (`eager`, engine/autograd.py:
-torch.compiler.disable, a graph break each) and the rest of the model compiles around them."""
+check them by identity, which torch.compile cannot trace: they run eagerly under it (`eager` of
+engine/autograd.py: torch.compiler.disable, a graph break each) and the rest of the model compiles
+around them."""
 from __future__ import annotations
 
 import functools
