@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import ops  # noqa: F401  (loads the C++ extension and max_pool2x2's autograd: MaxPool2x2 runs them)
+from .args import pair
 from .autograd import eager
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
@@ -245,9 +246,8 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)  # (other settings were taken and ignored: the kernel pools 2x2)
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        got = (pair(self.kernel_size), pair(self.stride), pair(self.padding), pair(self.dilation))
-        if got != ((2, 2), (2, 2), (0, 0), (1, 1)) or self.ceil_mode or self.return_indices:
+        got = [pair(getattr(self, a), a) for a in ("kernel_size", "stride", "padding", "dilation")]
+        if got != [[2, 2], [2, 2], [0, 0], [1, 1]] or self.ceil_mode or self.return_indices:
             raise ValueError(f"MaxPool2x2 is nn.MaxPool2d(2) only (kernel 2, stride 2, padding 0, dilation 1, no "
                              f"ceil_mode or return_indices), got {self.extra_repr()}: use nn.MaxPool2d")
 
