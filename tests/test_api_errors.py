@@ -207,3 +207,22 @@ def test_an_integer_weight_is_refused_by_name():
     for convert in (lambda w: CSR.from_dense(w), lambda w: BSR.from_dense(w, 16)):
         with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor, got torch.int64"):
             convert(torch.ones(32, 32, dtype=torch.int64))
+
+
+def test_a_model_that_is_no_module_is_refused_by_name():
+    # (a tensor or a state_dict passed for the model raised "'Tensor' object has no attribute
+    # 'named_modules'" from deep inside; fuse_ alone said what it wants)
+    from sparsetrain.engine.convert import unconvertible
+    from sparsetrain.engine.nn import check_untied, prunable_layers, weight_count
+    calls = (sparsetrain.sparsify_, sparsetrain.densify_, sparsetrain.fuse_, sparsetrain.unfuse_, prunable_layers,
+             masks_of, model_sparsity, weight_count, check_untied, unconvertible,
+             lambda m: sparsetrain.sparsify_(m, {"0": torch.ones(6, 8, dtype=torch.bool)}),
+             lambda m: global_prune(m, {}, 0.5), lambda m: block_prune(m, {}, 0.5),
+             lambda m: apply_engine(m, {}, "auto"), lambda m: load_weights_under_masks_(m, {}, {}),
+             lambda m: mask_grads_(m, {}), lambda m: enforce_masks_(m, {}))
+    for bad in (torch.zeros(6, 8), _mlp().state_dict(), None):
+        for fn in calls:
+            with pytest.raises(TypeError, match=f"model must be an nn.Module, got {type(bad).__name__}"):
+                fn(bad)
+    m = _mlp()  # (a module still passes)
+    assert [n for n, _ in prunable_layers(m)] == ["0", "2"] and not unconvertible(m)

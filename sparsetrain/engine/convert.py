@@ -10,7 +10,7 @@ from torch.nn.utils import prune as torch_prune
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import pruned_by_torch
-from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, is_sparse
+from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
 __all__ = ["sparsify_", "densify_", "unconvertible"]
 
@@ -30,6 +30,7 @@ def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
     computed by a reparametrization, inside a Transformer*Layer, tied to another module's, or a conv
     the sparse kernels do not take (dilated, grouped, ...). apply_engine's "auto" keeps them dense."""
+    check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     owners, blocks, out = _owners(modules), _transformer_blocks(modules), set()
     for n, m in modules.items():
@@ -53,6 +54,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     every layer pruned that way, with its own mask. With `fuse`, then fuse every sparse conv -> [ReLU]
     -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU (engine/fuse.py fuse_; the model must be
     torch.fx-traceable)."""
+    check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
     if masks is None:  # (the masks torch.nn.utils.prune keeps beside the weights)
         masks = {n: None for n, m in modules.items() if type(m) in SPARSE_TYPES and pruned_by_torch(m)}
@@ -144,6 +146,7 @@ def densify_(model: nn.Module) -> nn.Module:
     """Replace, in place, every sparse layer (CSR or BSRLinear) by the equivalent dense layer (zeros where pruned);
     fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first. The model itself cannot be
     replaced in place: a sparse layer passed as `model` is refused (use its to_dense())."""
+    check_model(model)
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)

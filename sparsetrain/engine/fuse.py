@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
-from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module
+from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _backward_hooked, _watched
 
@@ -253,6 +253,7 @@ def unfuse_(model: nn.Module) -> nn.Module:
     """Undo fuse_(): plain SparseConv2d, BatchNorm2d, ReLU, pooling, Flatten and SparseLinear modules,
     same parameters (one module per fused one, at each of its names). The model itself cannot be
     replaced in place: a fused layer passed as `model` is refused (use its to_conv())."""
+    check_model(model)
     if isinstance(model, SparseConvBNReLU):
         raise ValueError("unfuse_ replaces layers inside a model; for one SparseConvBNReLU use .to_conv()")
     _replace_modules(model, _unfused)

@@ -20,7 +20,7 @@ from .args import check_bias
 from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
-           "check_masks", "check_untied", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+           "check_model", "check_masks", "check_untied", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
 def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
@@ -216,8 +216,17 @@ def stored_weight(m: nn.Module) -> torch.Tensor:
     return m.weight if isinstance(m.weight, torch.Tensor) else m.weight.values
 
 
+def check_model(model) -> nn.Module:
+    """TypeError unless `model` is an nn.Module (a tensor or a state_dict passed for it raised an
+    AttributeError, "'Tensor' object has no attribute 'named_modules'", from deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every conv/linear layer, dense or sparse, in module order."""
+    check_model(model)
     return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m)]
 
 
@@ -257,6 +266,7 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
 def check_untied(model: nn.Module) -> None:
     """Refuse prunable layers sharing one weight (tied weights): ranked and counted once per layer,
     the tensor was counted twice, so the number pruned and the sparsity were not exact."""
+    check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     owners = _owners(modules)
     for name, m in prunable_layers(model):
@@ -311,6 +321,7 @@ def _masked(model: nn.Module, masks: dict):
     """(layer, mask) per entry naming a dense layer, each mask checked against its layer's weight (per
     training step: cheap). A sparse layer's entry (global_prune returns one after a partial sparsify_)
     is skipped once its dtype and shape are checked: its CSR pattern is its mask, nothing to zero."""
+    check_model(model)
     for name, mk in masks.items():
         try:
             m = model.get_submodule(name)
