@@ -226,3 +226,31 @@ def test_a_model_that_is_no_module_is_refused_by_name():
                 fn(bad)
     m = _mlp()  # (a module still passes)
     assert [n for n, _ in prunable_layers(m)] == ["0", "2"] and not unconvertible(m)
+
+
+def test_meta_masks_and_weights_are_refused_by_name():
+    # a meta mask (a shape without values) was a silent no-op in enforce_masks_/mask_grads_ (masked_fill_
+    # with it changed nothing) and torch's error from inside elsewhere; a meta layer's weights could
+    # not be ranked or counted ("Tensor.item() cannot be called on meta tensors")
+    m = _mlp()
+    x = torch.randn(4, 8)
+    m(x).sum().backward()
+    w, g = m[0].weight.detach().clone(), m[0].weight.grad.clone()
+    meta = {"0": torch.zeros(6, 8, dtype=torch.bool, device="meta")}
+    for fn in (enforce_masks_, mask_grads_, masks_of, model_sparsity, lambda m_, k: global_prune(m_, k, 0.5),
+               lambda m_, k: block_prune(m_, k, 0.5, 16), lambda m_, k: apply_engine(m_, k, "dense"),
+               lambda m_, k: load_weights_under_masks_(m_, m_.state_dict(), k)):
+        with pytest.raises(ValueError, match="layer '0': its mask is a meta tensor: pass a mask holding its values"):
+            fn(m, meta)
+    assert torch.equal(m[0].weight.detach(), w) and torch.equal(m[0].weight.grad, g)  # (untouched)
+    enforce_masks_(m, {"0": torch.zeros(6, 8, dtype=torch.bool)})  # (the real mask still zeroes)
+    assert not m[0].weight.detach().any()
+    with torch.device("meta"):
+        on_meta = _mlp()
+    for fn in (lambda: global_prune(on_meta, {}, 0.5), lambda: block_prune(on_meta, {}, 0.5, 16),
+               lambda: make_rule("filter").prune(on_meta, {}, 0.5)):
+        with pytest.raises(ValueError, match="layer '0''s weight is a meta tensor .*materialize the layer first"):
+            fn()
+    with pytest.raises(ValueError, match="layer '0''s weight is a meta tensor .*nothing to count"):
+        model_sparsity(on_meta)
+    assert model_sparsity(_mlp()) == 0.0

@@ -260,6 +260,8 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
         if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
             got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
             raise ValueError(f"{what}[{name!r}] must be a bool tensor of shape {shape}, got {got}")
+        if mk.is_meta:  # (no values: masked_fill with it was silently a no-op, counting it failed inside torch)
+            raise ValueError(f"layer {name!r}: its mask is a meta tensor: pass a mask holding its values (in {what})")
     return masks
 
 
@@ -309,7 +311,11 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
     model's current weight count; pass the unpruned model's when layers shrank physically)."""
     check_untied(model)  # (a shared tensor's weights counted twice)
     total = weight_count(model) if original is None else original
-    kept = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
+    current = masks_of(model, masks)
+    meta = [n for n, mk in current.items() if mk.is_meta]
+    if meta:  # (a layer on the meta device: no values to count; int() of a meta sum failed inside torch)
+        raise ValueError(f"layer {meta[0]!r}'s weight is a meta tensor (a shape without values): nothing to count")
+    kept = sum(int(mk.sum()) for mk in current.values())
     if original is not None and (isinstance(original, bool) or not isinstance(original, numbers.Integral)
                                  or original < kept):
         raise ValueError(f"original must be an int >= the {kept} surviving weights (the unpruned model's weight "
@@ -329,7 +335,8 @@ def _masked(model: nn.Module, masks: dict):
             m = None
         sparse = is_sparse(m)
         if (not hasattr(m, "weight") or pruned_by_torch(m) or not sparse and "weight" not in m._parameters
-                or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape):
+                or not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or mk.shape != m.weight.shape
+                or mk.is_meta):
             check_masks(model, {name: mk})  # (raises, naming the layer)
         if not sparse:
             yield m, mk

@@ -46,8 +46,12 @@ def count_of(rate: float, n: int) -> int:
 
 
 def check_finite(layers) -> None:
-    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by."""
+    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by; and meta ones (none
+    at all: torch's error from inside, "Tensor.item() cannot be called on meta tensors", before)."""
     for name, m in layers:
+        if stored_weight(m).is_meta:
+            raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): materialize the layer "
+                             "first (module.to_empty(device=...), then initialize or load it)")
         if bool(torch.isnan(stored_weight(m).detach()).any()):
             raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
 
