@@ -254,3 +254,20 @@ def test_meta_masks_and_weights_are_refused_by_name():
     with pytest.raises(ValueError, match="layer '0''s weight is a meta tensor .*nothing to count"):
         model_sparsity(on_meta)
     assert model_sparsity(_mlp()) == 0.0
+
+
+def test_block_mask_refuses_a_mask_that_is_no_tensor_and_meta_tensors():
+    from sparsetrain.prune import block_mask
+    w = torch.randn(40, 40)
+    with pytest.raises(TypeError, match="mask must be a bool torch.Tensor or None, got list"):
+        block_mask(w, 16, 0.5, [[True] * 40] * 40)  # (AttributeError: 'list' object has no attribute 'shape')
+    with pytest.raises(ValueError, match="mask is a meta tensor"):  # (torch's device error)
+        block_mask(w, 16, 0.5, torch.ones(40, 40, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="weight is a meta tensor"):  # (torch's .item() error)
+        block_mask(w.to("meta"), 16, 0.5)
+    ref = block_mask(w, 16, 0.5)  # against the tiles' RMS ranked by hand: the 4 lowest of 9 go
+    rms = torch.stack([w[i:i + 16, j:j + 16].pow(2).mean().sqrt() for i in (0, 16, 32) for j in (0, 16, 32)])
+    gone = set(torch.argsort(rms)[:4].tolist())
+    for b in range(9):
+        i, j = 16 * (b // 3), 16 * (b % 3)
+        assert bool(ref[i:i + 16, j:j + 16].any()) == (b not in gone)

@@ -39,6 +39,11 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point torch.Tensor, got "
                         f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if mask is not None and not isinstance(mask, torch.Tensor):  # (mask.shape: an AttributeError before)
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    for what, t in (("weight", weight), ("mask", mask)):  # (torch's .item() or device error from inside before)
+        if t is not None and t.is_meta:
+            raise ValueError(f"{what} is a meta tensor (a shape without values): pass one holding its values")
     if bool(torch.isnan(weight).any()):
         raise ValueError("weight has NaN entries: a NaN has no norm to rank its block by")
     w = weight.detach()
