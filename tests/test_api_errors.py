@@ -271,3 +271,31 @@ def test_block_mask_refuses_a_mask_that_is_no_tensor_and_meta_tensors():
     for b in range(9):
         i, j = 16 * (b // 3), 16 * (b % 3)
         assert bool(ref[i:i + 16, j:j + 16].any()) == (b not in gone)
+
+
+def test_the_public_api_is_documented():
+    # every public class, function, method and property of the user-facing modules says what it does
+    # (CSR/SparseLinear/SparseConv2d/BSRLinear.from_dense, nnz, sparsity and the rules' prune had none);
+    # an override of a documented base method (forward, extra_repr) inherits its docstring
+    import importlib
+    import inspect
+    missing = []
+    for mod_name in ("sparsetrain.nn", "sparsetrain.engine.nn", "sparsetrain.engine.formats", "sparsetrain.engine.bsr",
+                     "sparsetrain.engine.convert", "sparsetrain.prune", "sparsetrain.prune.base"):
+        mod = importlib.import_module(mod_name)
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if not getattr(obj, "__module__", "").startswith("sparsetrain"):
+                continue  # (constants, dicts)
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not inspect.getdoc(obj):
+                missing.append(f"{mod_name}.{name}")
+            if inspect.isclass(obj):
+                for attr, member in inspect.getmembers(obj):
+                    fn = member.fget if isinstance(member, property) else member
+                    if attr.startswith("_") or attr in ("dtype", "device", "requires_grad") or not callable(fn) or \
+                            not getattr(fn, "__module__", "").startswith("sparsetrain"):  # (those: the values' own, as
+                        # WeightLike's docstring says)
+                        continue
+                    if not inspect.getdoc(getattr(obj, attr) if not isinstance(member, property) else fn):
+                        missing.append(f"{mod_name}.{name}.{attr}")
+    assert not missing, missing

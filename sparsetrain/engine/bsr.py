@@ -31,12 +31,14 @@ BLOCK_SIZES = (16, 32, 64)
 
 
 def check_block(block) -> int:
+    """`block` if it is one of BLOCK_SIZES (an int), else ValueError."""
     if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCK_SIZES:
         raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
     return block
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` ([out, ...]) viewed as the matrix [out, prod(...)] the formats store."""
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         raise ValueError("weight must be a tensor with at least 2 dims ([out, ...])")
     return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # (-1 fails on 0 elements)
@@ -136,6 +138,7 @@ class BSR(WeightLike, nn.Module):
 
     @property
     def nnz_blocks(self) -> int:
+        """Stored (surviving) blocks."""
         return self.col_indices.numel()
 
     @property
@@ -145,6 +148,7 @@ class BSR(WeightLike, nn.Module):
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the dense weight's entries pruned (a stored block's zero padding not counted as kept)."""
         n = math.prod(self.shape)
         return 1.0 - self.nnz / n if n else 0.0
 
@@ -221,6 +225,8 @@ class BSRLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":
+        """`linear` with its weight as a BSR of block_size blocks (BSR.from_dense: the blocks `mask`, block-
+        structured, keeps; None: those with a nonzero) and its bias (copies)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(BSR.from_dense(current_param(linear, "weight"), block_size, mask), current_param(linear, "bias"))

@@ -109,6 +109,7 @@ class CSR(WeightLike, nn.Module):
     # ------------------------------------------------------------------ construction / export
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "CSR":
+        """The entries of `weight` (float, >= 2-D) where `mask` (bool, its shape; None: weight != 0) is True."""
         mask = _check_mask(weight, mask)
         rows, cols = weight.shape[0], math.prod(weight.shape[1:])
         m2 = mask.reshape(rows, cols)
@@ -193,14 +194,17 @@ class CSR(WeightLike, nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def nnz(self) -> int:
+        """Stored (surviving) entries."""
         return self.values.numel()
 
     @property
     def numel_dense(self) -> int:
+        """Entries of the dense weight: prod(shape)."""
         return math.prod(self.shape)
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the dense weight's entries pruned: 1 - nnz / numel_dense (0 for an empty shape)."""
         n = self.numel_dense
         return 1.0 - self.nnz / n if n else 0.0
 

@@ -63,10 +63,12 @@ class _SparseLayer(nn.Module):
 
     @property
     def nnz(self) -> int:
+        """Stored (surviving) weights."""
         return self.weight.nnz
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the dense weight pruned: 1 - nnz / (out * in [* kh * kw])."""
         return self.weight.sparsity
 
     def _sparse_repr(self) -> str:
@@ -82,6 +84,8 @@ class SparseLinear(_SparseLayer):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "SparseLinear":
+        """`linear`'s weights where `mask` (bool [out, in]; None: the nonzeros) is True, and its bias (copies:
+        `linear` is left as it is). Under torch.nn.utils.prune, orig * mask now, within prune's mask too."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight, mask, bias = _dense_args(linear, mask)
@@ -130,6 +134,9 @@ class SparseConv2d(_SparseLayer):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> "SparseConv2d":
+        """`conv`'s weights where `mask` (bool [out, in, kh, kw]; None: the nonzeros) is True, its bias, stride
+        and padding (copies); check_convertible's ValueError for what the kernels do not take. Under
+        torch.nn.utils.prune, orig * mask now, within prune's mask too."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         cls.check_convertible(conv)

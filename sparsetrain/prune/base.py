@@ -31,6 +31,7 @@ RULES: dict[str, type["PruningRule"]] = {}
 
 
 def check_rate(rate) -> float:
+    """`rate` as a float if it is a real number in (0, 1): TypeError for another type, ValueError outside."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real):  # (a str, a tensor: the wrong type)
         raise TypeError(f"rate must be a number in (0, 1), got {type(rate).__name__} {rate!r}")
     if not 0.0 < float(rate) < 1.0:
@@ -57,6 +58,7 @@ def check_finite(layers) -> None:
 
 
 def check_scope(scope) -> str:
+    """`scope` if it is one of SCOPES, else ValueError."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     return scope
@@ -72,9 +74,12 @@ class PruningRule:
     needs_dense: bool = False
 
     def prune(self, model: nn.Module, masks: dict, rate: float) -> dict:
+        """One round: remove `rate` of what survives; returns the masks ({layer name: bool mask}) dense
+        layers need (sparse layers shrink in place)."""
         raise NotImplementedError
 
     def can_prune(self, model: nn.Module, masks: dict) -> bool:
+        """Whether another round can remove anything."""
         raise NotImplementedError
 
     def next_sparsity(self, model: nn.Module, masks: dict, rate: float, sparsity: float, original: int) -> float:
