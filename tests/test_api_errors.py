@@ -299,3 +299,21 @@ def test_the_public_api_is_documented():
                     if not inspect.getdoc(getattr(obj, attr) if not isinstance(member, property) else fn):
                         missing.append(f"{mod_name}.{name}.{attr}")
     assert not missing, missing
+
+
+def test_a_state_dict_entry_that_is_no_tensor_is_reported_as_a_dense_layer_does():
+    # (a list in a CSR's entries raised AttributeError "'list' object has no attribute 'to'" from inside
+    # load_state_dict; nn.Linear reports such an entry in load_state_dict's error list)
+    sl = SparseLinear.from_dense(nn.Linear(8, 6), torch.rand(6, 8) > 0.5)
+    before = {k: v.clone() for k, v in sl.state_dict().items()}
+    for key in ("weight.values", "weight.crow_indices", "weight.col_indices"):
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match="the CSR pattern at weight .*must be torch.Tensors"):
+                sl.load_state_dict({**before, key: [1.0] * 8}, strict=strict)
+            assert all(torch.equal(v, before[k]) for k, v in sl.state_dict().items())  # (untouched)
+    x = torch.randn(3, 8)
+    ref = nn.functional.linear(x, sl.weight.to_dense(), sl.bias)
+    torch.testing.assert_close(sl(x), ref)
+    bl = BSRLinear.from_dense(nn.Linear(40, 40), 16)
+    with pytest.raises(RuntimeError, match="the BSR pattern at weight .*must be torch.Tensors"):
+        bl.load_state_dict({**bl.state_dict(), "weight.values": [1.0]})

@@ -309,8 +309,8 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         crow, col, values = (state_dict[k] for k in keys)
         v = module.values
         try:
-            _pattern(crow, col.to(crow.device), values.to(crow.device), module.shape,
-                     getattr(module, "block_size", 0))
+            _pattern(crow, *(t.to(crow.device) if isinstance(t, torch.Tensor) and isinstance(crow, torch.Tensor) else t
+                             for t in (col, values)), module.shape, getattr(module, "block_size", 0))  # (list: TypeError)
         except (TypeError, ValueError) as e:
             error_msgs.append(f"the {kind} pattern at {where} does not fit its shape {module.shape}: {e}")
             return False
