@@ -317,3 +317,24 @@ def test_a_state_dict_entry_that_is_no_tensor_is_reported_as_a_dense_layer_does(
     bl = BSRLinear.from_dense(nn.Linear(40, 40), 16)
     with pytest.raises(RuntimeError, match="the BSR pattern at weight .*must be torch.Tensors"):
         bl.load_state_dict({**bl.state_dict(), "weight.values": [1.0]})
+
+
+def test_register_takes_a_pruning_rule_class():
+    from sparsetrain.prune import RULES, PruningRule, register
+    for bad in (int, make_rule("unstructured"), "unstructured"):  # (AttributeError: no attribute 'name')
+        with pytest.raises(TypeError, match="register takes a PruningRule subclass"):
+            register(bad)
+
+    class Nameless(PruningRule):
+        pass
+
+    with pytest.raises(ValueError, match="needs a new, non-empty name"):
+        register(Nameless)
+
+    class Keep(PruningRule):
+        name = "keep_everything_test"
+
+    try:
+        assert register(Keep) is Keep and type(make_rule("keep_everything_test")) is Keep
+    finally:
+        RULES.pop("keep_everything_test", None)

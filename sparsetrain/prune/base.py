@@ -94,6 +94,8 @@ class PruningRule:
 
 def register(cls: type[PruningRule]) -> type[PruningRule]:
     """Class decorator: make the rule available by its `name`."""
+    if not (isinstance(cls, type) and issubclass(cls, PruningRule)):  # (int: AttributeError 'name' before)
+        raise TypeError(f"register takes a PruningRule subclass, got {cls!r}")
     if not cls.name or cls.name in RULES:
         raise ValueError(f"a pruning rule needs a new, non-empty name, got {cls.name!r}")
     RULES[cls.name] = cls
