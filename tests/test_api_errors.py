@@ -338,3 +338,19 @@ def test_register_takes_a_pruning_rule_class():
         assert register(Keep) is Keep and type(make_rule("keep_everything_test")) is Keep
     finally:
         RULES.pop("keep_everything_test", None)
+
+
+def test_bsr_from_dense_refuses_meta_tensors_as_csr_does():
+    # (torch's "register_meta function for torch.nonzero()" NotImplementedError or "Cannot copy out of
+    # meta tensor" from inside; CSR.from_dense named them)
+    from sparsetrain.prune import block_mask
+    w = torch.randn(40, 40)
+    m = block_mask(w, 16, 0.5)
+    for fn in (lambda: BSR.from_dense(w.to("meta"), 16), lambda: CSR.from_dense(w.to("meta")),
+               lambda: BSRLinear.from_dense(nn.Linear(40, 40, device="meta"), 16)):
+        with pytest.raises(ValueError, match="weight is a meta tensor .*materialize the layer first"):
+            fn()
+    for fn in (lambda: BSR.from_dense(w, 16, m.to("meta")), lambda: CSR.from_dense(w, m.to("meta"))):
+        with pytest.raises(ValueError, match="mask is a meta tensor .*pass a mask holding its values"):
+            fn()
+    assert torch.equal(BSR.from_dense(w, 16, m).to_dense(), w * m)  # (a real mask still converts)

@@ -98,6 +98,11 @@ class BSR(WeightLike, nn.Module):
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point torch.Tensor, got "
                             f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if weight.is_meta:  # (as CSR.from_dense: torch's nonzero() / copy errors from inside before)
+            raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
+                             "(module.to_empty(device=...), then initialize or load it)")
+        if isinstance(mask, torch.Tensor) and mask.is_meta:
+            raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
         w = as_matrix(weight.detach())
         if mask is None:
             m = w != 0
