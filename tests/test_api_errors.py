@@ -1,5 +1,7 @@
 """Bad input to the public Python API: a ValueError/TypeError/KeyError naming the argument, never a
 silently ignored key, a broadcast mask, a wrong number or an error from deep inside torch."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,19 @@ def test_bsr_from_dense_refuses_meta_tensors_as_csr_does():
         with pytest.raises(ValueError, match="mask is a meta tensor .*pass a mask holding its values"):
             fn()
     assert torch.equal(BSR.from_dense(w, 16, m).to_dense(), w * m)  # (a real mask still converts)
+
+
+def test_fuse_refuses_a_lone_engine_layer_as_densify_and_unfuse_do():
+    # (fx traced the layer's own forward: "weight must be a sparsetrain.CSR (...), got CSR", or "this
+    # layer was fused without a residual", then "build SparseConvBNReLU layers by hand")
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    ref = copy.deepcopy(net).eval()
+    sparsetrain.sparsify_(net, {"0": torch.ones(8, 3, 3, 3, dtype=torch.bool)}, fuse=True)
+    lone = (SparseConv2d.from_dense(nn.Conv2d(3, 4, 3)), SparseLinear.from_dense(nn.Linear(4, 2)), net[0])
+    for layer in lone:
+        with pytest.raises(ValueError, match=f"fuse_ fuses layers inside a model; a lone {type(layer).__name__}"):
+            sparsetrain.fuse_(layer)
+        assert sparsetrain.fuse_(layer, strict=False) == []  # (not strict: nothing fused)
+    assert sparsetrain.fuse_(net) == []  # (a model fused already: nothing more) and it still computes the same
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(net.eval()(x), ref(x))

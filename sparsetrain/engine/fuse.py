@@ -86,6 +86,11 @@ def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
     untraced branch. So the graph is traced both ways, and must be the same."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model).__module__.startswith("sparsetrain.engine."):  # (a lone engine layer: fx traced its own forward,
+        if not strict:  # whose checks then failed on proxies: "weight must be a sparsetrain.CSR, got CSR")
+            return None
+        raise ValueError(f"fuse_ fuses layers inside a model; a lone {type(model).__name__} has nothing to fuse with "
+                         "(pass the model holding it and its BatchNorm)")
     try:
         graph = _Tracer().trace(model)
         params = inspect.signature(model.forward).parameters.values()
