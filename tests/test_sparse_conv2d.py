@@ -672,3 +672,23 @@ def test_the_fake_kernels_refuse_what_the_cpu_kernels_refuse():
             call()
     with FakeTensorMode(allow_non_fake_inputs=True):  # (what fits still traces)
         assert conv(torch.randn(2, 3, 6, 6)).shape == (2, 4, 4, 4)
+
+
+def test_numpy_int_hyperparameters_convert_as_nn_conv2d_takes_them():
+    # nn.Conv2d keeps np.int64 kernel_size/stride/padding as given (configs read with numpy); from_dense
+    # refused such a conv ("stride must be an int or a pair of ints, got (np.int64(2), np.int64(2))")
+    import numpy as np
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, np.int64(3), stride=np.int64(2), padding=(np.int64(1), np.int32(0)))
+    mask = random_mask(conv.weight.shape, 0.5)
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    model = nn.Sequential(conv)
+    sparsetrain.sparsify_(model, {"0": mask})
+    layer = model[0]
+    assert layer.stride == (2, 2) and layer.padding == (1, 0) and all(type(v) is int for v in layer.stride + layer.padding)
+    x = torch.randn(2, 3, 8, 9)
+    torch.testing.assert_close(layer(x), dense_conv2d(x, weight, mask, bias, stride=2, padding=(1, 0)))
+    assert SparseConv2d(layer.weight, None, stride=np.int64(3)).stride == (3, 3)
+    for bad in (True, 2.0, (np.int64(1), True)):  # (still refused: a bool, a float)
+        with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+            SparseConv2d(layer.weight, None, stride=bad)

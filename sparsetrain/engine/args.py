@@ -2,16 +2,23 @@
 layer's bias."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["pair", "conv2d_padding", "check_bias"]
 
 
+def _integer(a) -> bool:
+    """An int, numpy's included (nn.Conv2d keeps np.int64 hyperparameters as given), but not a bool."""
+    return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+
 def pair(v, name: str) -> list[int]:
-    """An int or a pair of ints as [a, b] (TypeError naming `name` otherwise)."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+    """An int or a pair of ints as [a, b] of Python ints (TypeError naming `name` otherwise)."""
+    if _integer(v):
+        return [int(v), int(v)]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_integer(a) for a in v):
         return [int(v[0]), int(v[1])]
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
