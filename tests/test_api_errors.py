@@ -372,3 +372,23 @@ def test_fuse_refuses_a_lone_engine_layer_as_densify_and_unfuse_do():
     assert sparsetrain.fuse_(net) == []  # (a model fused already: nothing more) and it still computes the same
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(net.eval()(x), ref(x))
+
+
+def test_block_sizes_may_be_numpy_ints():
+    # (np.int64(16) was refused: "block must be one of (16, 32, 64), got np.int64(16)")
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(0)
+    w = torch.randn(40, 40)
+    assert torch.equal(block_mask(w, np.int64(16), 0.5), block_mask(w, 16, 0.5))
+    m = block_mask(w, 16, 0.5)
+    b = BSR.from_dense(w, np.int32(16), m)
+    assert type(b.block_size) is int and torch.equal(b.to_dense(), w * m)
+    rule = make_rule("block", block=np.int64(32))
+    assert type(rule.block) is int and rule.block == 32
+    lin = nn.Linear(40, 40)
+    layer = BSRLinear.from_dense(lin, np.int64(16), m)
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, lin.weight * m, lin.bias))
+    for bad in (np.int64(8), 16.0, True):
+        with pytest.raises(ValueError, match="block must be one of"):
+            block_mask(w, bad, 0.5)

@@ -14,6 +14,7 @@ the dense masked product, which is exact and differentiable in the block values.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,11 @@ BLOCK_SIZES = (16, 32, 64)
 
 
 def check_block(block) -> int:
-    """`block` if it is one of BLOCK_SIZES (an int), else ValueError."""
-    if isinstance(block, bool) or not isinstance(block, int) or block not in BLOCK_SIZES:
+    """`block` as a Python int if it is one of BLOCK_SIZES (numpy ints too: np.int64(16) was refused as
+    not one of them), else ValueError."""
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block not in BLOCK_SIZES:
         raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
-    return block
+    return int(block)
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
