@@ -31,7 +31,7 @@ from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_
 from .devices import resolve_amp
 from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
-from .files import CorruptFile, make_folder, write_csv, write_json
+from .files import CorruptFile, WriteFailed, make_folder, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .integrity import verify_phase
 from .metrics import best_index
@@ -113,13 +113,13 @@ def _set_amp(s: PhaseState, cfg, device, scaler_state=None) -> None:
 
 
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
-    if not dist.is_main():  # rank 0 writes; every rank holds the same state
-        return
-    atomic_save({"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
-                 "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
-                 "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
-                 "scaler": s.scaler.state_dict() if s.scaler is not None else None,
-                 "rng": torch.get_rng_state()}, state_path)
+    """Rank 0 writes (every rank holds the same state); its WriteFailed (disk full) stops every rank."""
+    dist.on_main(lambda: atomic_save(
+        {"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
+         "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
+         "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
+         "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+         "rng": torch.get_rng_state()}, state_path), (WriteFailed,))
 
 
 def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, state_path: str,
@@ -250,14 +250,15 @@ def finish(pdir: str, rows: list[dict]) -> None:
     best = 0 if b is None else b
     for i, r in enumerate(rows):
         r["is_best"] = int(i == best)
-    if not dist.is_main():
-        return
-    write_csv(os.path.join(pdir, "metrics.csv"), rows, checksum=True)
-    b = rows[best]
-    write_json(os.path.join(pdir, "best.json"),
-               {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
-                "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"}, checksum=True)
-    drop_resume_state(pdir)
+
+    def write():  # (rank 0's; its WriteFailed stops every rank)
+        write_csv(os.path.join(pdir, "metrics.csv"), rows, checksum=True)
+        b = rows[best]
+        write_json(os.path.join(pdir, "best.json"),
+                   {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
+                    "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"}, checksum=True)
+        drop_resume_state(pdir)
+    dist.on_main(write, (WriteFailed,))
 
 
 def drop_resume_state(pdir: str) -> None:
@@ -318,13 +319,15 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                     f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})")
         row = measure(hp, s, splits, seed, phase, sparsity, cost, t0)
         s.rows.append(row)
-        if dist.is_main():
+
+        def record():  # (rank 0's; its WriteFailed stops every rank, not rank 0 alone)
             save_model(os.path.join(pdir, "ckpt", f"round_{s.rnd:02d}.pt"), s.model, s.masks, arch,
                        round=s.rnd, val_acc=row["val_acc"])
             tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train "
                        f"{row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy "
                        f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
             write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
+        dist.on_main(record, (WriteFailed,))
         if should_stop(cfg, role, rule, s, sparsity, n_orig):
             break
         next_round(cfg, hp, rule, s, arch, seed, splits)

@@ -275,9 +275,8 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
             check_teachers_fit(cfg, splits)
         sd = os.path.join(rd, f"seed{seed}")
         make_folder(sd)
-        if dist.is_main():
-            write_json(os.path.join(sd, "noise.json"), {"flipped": splits.flipped.tolist(), **splits.summary()})
-        dist.barrier()
+        _on_main(lambda: write_json(os.path.join(sd, "noise.json"),  # (a collective: also the ranks' barrier)
+                                    {"flipped": splits.flipped.tolist(), **splits.summary()}))
         splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
                                      test=splits.test.to(dev))
         tdir = os.path.join(sd, "teacher")
