@@ -339,3 +339,32 @@ def test_rank_0_failing_to_write_stops_every_rank_with_the_error(mnist_dir, stud
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
     assert "exitcode  : 2" in out.stderr, _why(out.stderr)
 
+
+_RANK_1_OVERFLOWS_SCRIPT = """
+import os, sys, torch
+from sparsetrain.experiment import loop, study
+real = loop.train_epoch
+def overflowing(model, *a, **k):  # rank 1's own BatchNorm statistics overflow in the second epoch
+    out = real(model, *a, **k)
+    if os.environ["RANK"] == "1" and k["epoch"] == 1:
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+    return out
+loop.train_epoch = overflowing
+sys.exit(study.main(sys.argv[2:]))
+"""
+
+
+def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, study_args):
+    """The divergence check read each rank's own BatchNorm running statistics, before they were
+    averaged: rank 1 alone stopped ("training diverged") and rank 0 died in the averaging's
+    collective with a gloo traceback. The statistics are averaged first (an overflow on any rank
+    reaches every rank's), so every rank stops with the one line."""
+    script = mnist_dir / "script.py"
+    script.write_text(_RANK_1_OVERFLOWS_SCRIPT)
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--model", "vgg_d1g1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), "x", *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("training diverged (") == 2 and "in epoch 2)" in out.stderr, _why(out.stderr)
+    assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)

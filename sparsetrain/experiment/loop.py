@@ -138,6 +138,7 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         tr = train_epoch(s.model, splits.train, s.opt, hp.batch_size, epoch=epoch + 1000 * s.rnd, seed=seed,
                          masks=s.masks, teacher=teacher, alpha=cfg.alpha, tau=cfg.tau, on_step=on_step,
                          forward=forward, amp=s.amp, scaler=s.scaler, l1=cfg.l1, policy=cfg.augment)
+        dist.sync_bn_stats_(s.model)  # (before the check: a rank's own overflow reaches every rank's mean)
         # (NaN weights prune nothing: the rounds would never reach the wall; an overflowed weight or
         # BatchNorm statistic with a finite loss made every later evaluation chance-level, silently)
         bad = None if math.isfinite(tr["loss"]) else f"mean loss {tr['loss']}"
@@ -146,7 +147,6 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
         if bad:
             raise PhaseError(f"{label}: training diverged ({bad} in epoch {epoch + 1}); lower the "
                              "learning rate (--lr, --student-lr) and start again")
-        dist.sync_bn_stats_(s.model)
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
         bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{tr['acc']:.3f}")
