@@ -170,6 +170,25 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(mnist_dir, study_args, caps
         assert strip_timing(ra) == strip_timing(rb)
 
 
+def test_a_full_disk_linking_a_shared_student_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+    """Two teacher choices naming one checkpoint (best = dense when the best round is 0) share one student,
+    its second phase a symlink to the first; a link the disk had no room for (ENOSPC) was an OSError
+    traceback: WriteFailed naming the link, one line, exit 2, and the same command then finishes."""
+    real_checkpoint, real_symlink = study.teacher_checkpoint, os.symlink
+    monkeypatch.setattr(study, "teacher_checkpoint", lambda choice, tdir: real_checkpoint("dense", tdir))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "symlink", full)
+    base = study_args(mnist_dir, "--teachers", "dense", "best", "--wall", "0.6")
+    err = _one_line_error(capsys, base)
+    link = run_dir(mnist_dir / "runs") / "seed0" / "distill-best"
+    assert err.startswith(f"error: cannot write {link}: No space left on device; free space"), err
+    monkeypatch.setattr(os, "symlink", real_symlink)
+    assert study.main(base) == 0 and os.readlink(link) == "distill-dense"
+
+
 def test_torch_save_failing_to_write_raises_the_oserror(tmp_path):
     """torch.save's zip writer reports a failed write as "RuntimeError: [enforce fail at
     inline_container.cc] unexpected pos": atomic_save raises the OSError behind it as WriteFailed

@@ -27,7 +27,8 @@ import warnings
 from typing import Callable
 
 __all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
-           "WriteFailed", "make_folder", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy", "remove_empty_folder"]
+           "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
+           "remove_empty_folder"]
 
 
 class CorruptFile(ValueError):
@@ -216,6 +217,14 @@ def make_folder(path: str) -> None:
     """os.makedirs(exist_ok=True) for the run's folders; an OSError (disk full, read-only) is WriteFailed."""
     try:
         os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), path) from e
+
+
+def make_link(target: str, path: str) -> None:
+    """os.symlink to a folder of the run; an OSError (disk full, read-only) is WriteFailed."""
+    try:
+        os.symlink(target, path, target_is_directory=True)
     except OSError as e:
         raise WriteFailed(e.errno, e.strerror or str(e), path) from e
 

@@ -26,7 +26,7 @@ from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes
 from .devices import resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
-                    make_folder, remove_empty_folder, write_json)
+                    make_folder, make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, phase_done, phase_settings, prepare_phases,
@@ -292,9 +292,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
             pdir, (path, cost) = os.path.join(sd, phase), teacher_checkpoint(choice, tdir)
             key = os.path.realpath(path)
             if key in served:  # the same teacher (best = dense when the best round is 0): the same student
-                if dist.is_main() and not os.path.lexists(pdir):
-                    os.symlink(served[key], pdir, target_is_directory=True)
-                dist.barrier()
+                _on_main(lambda: os.path.lexists(pdir) or make_link(served[key], pdir))  # (also the barrier)
             else:
                 teacher, teacher_arch = load_teacher(path)
                 run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
