@@ -356,6 +356,25 @@ def test_reuse_links_through_a_symlinked_out_and_replaces_dangling_links(tmp_pat
     assert link_reused(cfg, str(tmp_path / "P"), 0, "teacher", [])  # (no --reuse: resumed here)
 
 
+def test_reuse_link_on_a_full_disk_is_write_failed(tmp_path, monkeypatch):
+    """--reuse's link a disk had no room for (ENOSPC) was a plain OSError traceback: WriteFailed
+    naming the link (the CLI's one-line error), no link left."""
+    import errno
+    from sparsetrain.experiment.files import WriteFailed
+    from sparsetrain.experiment.reuse import link_reused
+    cfg = _cfg()
+    other = _finished_run(tmp_path / "runs" / "B", cfg)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "symlink", full)
+    here = tmp_path / "A" / "seed0" / "teacher"
+    with pytest.raises(WriteFailed, match=f"cannot write {here}: No space left on device"):
+        link_reused(cfg, str(tmp_path / "A"), 0, "teacher", [(str(other), cfg, {})])
+    assert not os.path.lexists(here)
+
+
 def test_best_teacher_at_round_0_is_the_dense_teacher(mnist_dir, study_args):
     """--teachers dense best where the best-validation teacher round is round 0: one teacher, so
     one distilled student; distill-best links distill-dense (with another best round, both train)."""

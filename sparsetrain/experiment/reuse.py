@@ -18,6 +18,7 @@ import json
 import os
 
 from .config import ADDED_DEFAULTS, Config, config_from_json, ignored_settings
+from .files import make_folder, make_link
 from .metrics import teacher_tag
 from .models import canonical_name
 
@@ -174,9 +175,9 @@ def link_reused(cfg: Config, run_dir: str, seed: int, phase: str, others: list |
         if os.path.lexists(here):
             raise PhaseMissing(f"{here} is an unfinished {phase} phase that hides the finished one in --reuse "
                                f"{other}: remove it to reuse that one, or run without --reuse to resume it")
-        os.makedirs(os.path.dirname(here), exist_ok=True)
+        make_folder(os.path.dirname(here))
         # (relative to the link's real folder: --out may pass through a symlink at another depth)
-        os.symlink(os.path.relpath(src, os.path.realpath(os.path.dirname(here))), here, target_is_directory=True)
+        make_link(os.path.relpath(src, os.path.realpath(os.path.dirname(here))), here)  # (WriteFailed on a full disk)
         return True
     return os.path.lexists(here)
 
