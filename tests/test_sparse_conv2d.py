@@ -56,6 +56,22 @@ def test_strides_past_the_last_kernel_position(k, s, hw):
     _check(3, 4, 2, hw, k, s, 0, 0.5, True)
 
 
+def test_padding_far_past_the_kernel_is_refused_not_an_abort():
+    """Stride and padding 4096 on a 5x5 input (F.conv2d: a 3x3 output): the phase planes would
+    number 4096^2, 1.8 GB a sample, and the per-thread scratch's bad_alloc in the parallel region
+    aborted the process; refused by name (the layer and the op). A large but servable padding
+    still matches the reference."""
+    x = torch.randn(1, 3, 5, 5)
+    for s, p in ((4096, 4096), (1024, 1024)):
+        layer = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, stride=s, padding=p))
+        with pytest.raises(ValueError, match=r"padding \({0}, {0}\) on a \(5, 5\) input: .* a padding this "
+                           r"far past the kernel is not supported".format(p)):
+            layer(x)
+        with pytest.raises(ValueError, match="a padding this far past the kernel"):
+            ops.sparse_conv2d(x, layer.weight, None, s, p)
+    _check(3, 4, 1, (5, 5), 3, 256, 256, 0.5, True)
+
+
 def test_many_tiles_chunks_and_threads():
     # large enough for several batch tiles (and a ragged last tile), and batch 1 with many
     # channels, where threads split the channels instead of the tiles; its rows (~260 nonzeros

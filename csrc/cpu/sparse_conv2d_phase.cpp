@@ -57,6 +57,17 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   // tiles of the larger packed operand of ~tile bytes (measured: sizing x + dy together for the
   // backward halves the tiles and is slower)
   const int64_t per_sample = std::max<int64_t>(std::max<int64_t>(C * P.nph, O) * P.frame * elem, 1);
+  // A padding far past the kernel with a large stride makes stride_h * stride_w planes of mostly
+  // zeros (stride and padding 4096 on a 5x5 input: 16.8 M planes, 1.8 GB a sample, and the per-thread
+  // scratch's bad_alloc inside the parallel region aborted the process; 2048: 13 s and 6.9 GB for a
+  // 3x3 output). Refused where the planes would exceed both 64 MiB a sample and 4x the sample's input
+  // and output (a conv the kernels serve packs about its padded input: never near this).
+  const int64_t io = (C * H * W + O * P.OH * P.OW) * int64_t(elem);
+  TORCH_CHECK_VALUE(per_sample <= std::max<int64_t>(int64_t(64) << 20, 4 * io), "stride (", P.sh, ", ", P.sw,
+                    ") and padding (", P.ph, ", ", P.pw, ") on a (", H, ", ", W, ") input: the CPU kernels would pack "
+                    "each sample into ", P.nph, " phase planes of (", P.PH, ", ", P.PW, "), ", per_sample,
+                    " bytes; a padding this far past the kernel is not supported: use a smaller padding (or pad "
+                    "the input with F.pad)");
   const int64_t tile_bytes = P.blocked ? kTileBytesDense : kTileBytesSparse;
   const int64_t bt_max = std::clamp<int64_t>(tile_bytes / per_sample, 1, std::max<int64_t>(B, 1));
   int64_t nbt = ceil_div(B, bt_max);
