@@ -4,9 +4,13 @@ forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer s
 end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map (one addcmul pass) +
 max_pool2d, bn_act then max_pool2x2, and max_pool2x2 pooling the BN's output from its input
 (in_scale/in_shift; forward). Part of `python bench/kernels.py` (section "fused"); the whole-step
-effect is bench/train_step.py's."""
+effect is bench/train_step.py's.
+
+    python bench/fused_bench.py [--quick] [--threads N] [--out PATH]   # = bench/kernels.py --only fused
+"""
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 from collections import OrderedDict
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import interleaved_times, leaf_per_side, paired_ratio
+from common import interleaved_times, leaf_per_side, nonnegative_int, paired_ratio
 from sparsetrain.engine.convert import sparsify_
 from sparsetrain.testing import mask_weight_, random_mask
 
@@ -125,3 +129,21 @@ POOL_COLUMNS = [("shape", "shape", ""), ("torch_ms", "addcmul+max_pool2d ms", ".
 COLUMNS = [("shape", "shape", ""), ("sparsity", "sparsity", ".3f"), ("dense_ms", "dense+BN+ReLU ms", ".1f"),
            ("unfused_ms", "sparse+BN+ReLU ms", ".1f"), ("fused_ms", "fused ms", ".1f"),
            ("fused_vs_unfused", "fused vs unfused", ".2f"), ("fused_vs_dense", "fused vs dense", ".2f")]
+
+
+def main(argv=None):
+    """Standalone: kernels.py's fused section with the same flags (run directly, this file once ran
+    nothing and exited 0 whatever its arguments)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two shapes, 3 rounds (smoke run)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", help="JSON path (default results/kernels_fused.json, _quick for --quick, "
+                                 "_partial for --threads, as kernels.py --only fused)")
+    args = p.parse_args(argv)
+    import kernels
+    kernels.main(["--only", "fused", *(["--quick"] if args.quick else []), "--threads", str(args.threads),
+                  *(["--out", args.out] if args.out is not None else [])])
+
+
+if __name__ == "__main__":
+    main()

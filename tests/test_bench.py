@@ -471,3 +471,24 @@ def test_train_step_peaks_are_unmeasured_where_vmhwm_cannot_be_reset(monkeypatch
     assert all(r[f"{e}_peak_mb"] is None and r[f"{e}_ms"] > 0 for e in train_step.ENGINES)
     assert "peak RSS - / - / - MB" in capsys.readouterr().out
     assert math.isnan(train_step._own_peak("vgg_d5g5", 0.99, "fused", 1))  # the child's answer: None in the row
+
+
+def test_fused_bench_runs_standalone_as_the_fused_section(tmp_path, monkeypatch, capsys):
+    """`python bench/fused_bench.py` ran nothing and exited 0 whatever its arguments: it is now the
+    fused section of kernels.py (its flags checked, its rows printed and written)."""
+    import subprocess
+
+    import fused_bench
+    with pytest.raises(SystemExit) as e:
+        fused_bench.main(["--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
+    monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
+    monkeypatch.setattr("torch.set_num_threads", lambda n: None)
+    fused_bench.main(["--quick", "--threads", "1", "--out", str(tmp_path / "f.json")])
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert len(data["fused"]) == 2 and len(data["pool"]) == 1 and data["linear"] == data["conv"] == []
+    assert data["machine"]["settings"]["only"] == "fused" and "fused vs unfused" in capsys.readouterr().out
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "fused_bench.py")
+    help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "kernels.py --only fused" in help_.stdout
