@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import (HERE, check_against_dense, interleaved_times, leaf_per_side, machine_info, nonnegative_int,
                     paired_ratio, print_table, writable_json, write_json)
-from sparsetrain.testing import dense_linear, random_mask
+from sparsetrain.testing import dense_linear, dense_linear_replicated, random_mask
 
 from sparsetrain.engine.formats import CSR
 from sparsetrain.engine.replicated import sparse_linear_replicated
@@ -119,6 +119,17 @@ def bench_linear(cases, sparsities, reps):
     return rows
 
 
+class SparseLinearReplicated(torch.nn.Module):
+    """sparse_linear_replicated on a SparseLinear's weight and bias, as a layer (check_against_dense)."""
+
+    def __init__(self, layer: SparseLinear, repeat: int):
+        super().__init__()
+        self.weight, self.bias, self.repeat = layer.weight, layer.bias, repeat
+
+    def forward(self, x):
+        return sparse_linear_replicated(x, self.weight, self.bias, self.repeat)
+
+
 def bench_linear_replicated(sparsities, reps, case=None):
     """VGG-like(5, 5)'s head on its 1x1 map, forward + backward from x [N, C, 1, 1]: the 7x7
     broadcast flattened into a 25088-wide layer (dense masked, and SparseLinear), against
@@ -138,7 +149,10 @@ def bench_linear_replicated(sparsities, reps, case=None):
     for s in sparsities:
         mask = random_mask((fout, fin), s, generator=g)
         layer = SparseLinear(CSR.from_dense(w.detach(), mask), b.detach().clone().requires_grad_())
-
+        # (both sparse sides against the dense masked reference before timing, as every linear case)
+        check_against_dense(layer, spread(x.detach()), gy, dense_linear, w, mask, b)
+        check_against_dense(SparseLinearReplicated(layer, repeat), x.detach().flatten(1), gy, dense_linear_replicated,
+                            w, mask, b, repeat=repeat)
         xs = leaf_per_side(x, ("masked", "sparse", "replicated"))
 
         def step(x, param, f):  # (each side frees the gradients it made: common.leaf_per_side)

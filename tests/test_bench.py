@@ -492,3 +492,20 @@ def test_fused_bench_runs_standalone_as_the_fused_section(tmp_path, monkeypatch,
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "fused_bench.py")
     help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "kernels.py --only fused" in help_.stdout
+
+
+def test_the_replicated_head_is_checked_before_it_is_timed(monkeypatch):
+    """The VGG-head rows (SparseLinear on the 7x7 broadcast, sparse_linear_replicated on the 1x1 map)
+    were timed unchecked: a wrong replicated kernel was reported with a speedup. Both sides are now
+    checked against the dense masked reference first."""
+    real = kernels.sparse_linear_replicated
+    rows = kernels.bench_linear_replicated([0.5], reps=1, case=(5, 4, 3, 7))
+    assert len(rows) == 1
+    monkeypatch.setattr(kernels, "sparse_linear_replicated", lambda x, w, b, r: real(x, w, b, r) * 1.01)
+    with pytest.raises(AssertionError, match="SparseLinearReplicated output differs from the dense masked reference"):
+        kernels.bench_linear_replicated([0.5], reps=1, case=(5, 4, 3, 7))
+    monkeypatch.setattr(kernels, "sparse_linear_replicated", real)
+    real_fwd = kernels.SparseLinear.forward
+    monkeypatch.setattr(kernels.SparseLinear, "forward", lambda self, x: real_fwd(self, x.flip(0)))
+    with pytest.raises(AssertionError, match="SparseLinear output differs"):
+        kernels.bench_linear_replicated([0.5], reps=1, case=(5, 4, 3, 7))
