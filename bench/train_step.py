@@ -246,6 +246,8 @@ def main(argv=None):
         p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # (cuda:1 on one GPU)
+        p.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 ...)")
     refuse_empty(p, models=args.models, sparsities=args.sparsities)
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
     unknown = [m for m in models if m not in MODELS]

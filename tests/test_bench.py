@@ -509,3 +509,17 @@ def test_the_replicated_head_is_checked_before_it_is_timed(monkeypatch):
     monkeypatch.setattr(kernels.SparseLinear, "forward", lambda self, x: real_fwd(self, x.flip(0)))
     with pytest.raises(AssertionError, match="SparseLinear output differs"):
         kernels.bench_linear_replicated([0.5], reps=1, case=(5, 4, 3, 7))
+
+
+def test_train_step_refuses_a_cuda_index_past_the_devices(monkeypatch, capsys):
+    """--device cuda:1 on a one-GPU machine passed the check (a CUDA device exists) and failed later
+    with a traceback; it is refused up front like --device cuda without a GPU."""
+    import train_step
+    monkeypatch.setattr(train_step.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_step.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train_step, "run", lambda *a, **k: pytest.fail("ran before checking --device"))
+    monkeypatch.setattr(train_step, "machine_info", lambda *a: pytest.fail("ran before checking --device"))
+    for dev in ("cuda:1", "cuda:7"):
+        with pytest.raises(SystemExit) as e:
+            train_step.main(["--device", dev])
+        assert e.value.code == 2 and f"--device {dev}: only 1 CUDA device(s) here" in capsys.readouterr().err
