@@ -124,14 +124,28 @@ def _mb(v) -> str:
 
 
 def _trainer(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
-    """One SGD training step of `model` on (x, t), as a function."""
+    """One SGD training step of `model` on (x, t), as a function returning the step's loss."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), t).backward()
+        loss = F.cross_entropy(model(x), t)
+        loss.backward()
         opt.step()
+        return loss.detach()
     return step
+
+
+def _check_losses(name: str, sparsity: float, losses: dict, cuda: bool) -> None:
+    """The sparse and fused models' losses of the warm-up step (forward) and of the first timed one
+    (after the warm-up's backward and update) against the dense masked model's: a wrong kernel stops
+    the benchmark instead of being reported with a speedup. Same weights and masks, sums in another
+    order (cuDNN may use TF32 on a GPU: looser there)."""
+    tol = dict(rtol=1e-2, atol=1e-3) if cuda else dict(rtol=1e-3, atol=1e-4)
+    for engine in ENGINES[1:]:
+        for when, a, b in zip(("warm-up", "first timed"), losses[engine], losses["dense"]):
+            torch.testing.assert_close(a.cpu(), b.cpu(), **tol, msg=lambda m, engine=engine, when=when: (
+                f"{name} at {sparsity}: the {engine} model's {when} loss differs from the dense masked one's: {m}"))
 
 
 def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
@@ -163,10 +177,11 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             row = {"model": name, "sparsity": sp}
             steps_of = {}
             times, peaks = {e: [] for e in ENGINES}, {e: 0 for e in ENGINES}
+            losses = {e: [] for e in ENGINES}  # (the warm-up's and the first timed step's: _check_losses)
             for engine in ENGINES:
                 model = build(name, sp, engine).to(device).train()
                 step = _trainer(model, x, t)
-                step()  # warm-up (builds cached indices, buffers)
+                losses[engine].append(step())  # warm-up (builds cached indices, buffers)
                 steps_of[engine] = step
                 row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
             # dense and sparse steps alternate, so a busy machine slows both alike
@@ -177,13 +192,16 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                         torch.cuda.reset_peak_memory_stats(device)
                     reset = cuda or _reset_peak()
                     t0 = time.perf_counter()
-                    step()
+                    loss = step()
                     if cuda:
                         torch.cuda.synchronize(device)
                     times[engine].append((time.perf_counter() - t0) * 1e3)
+                    if len(losses[engine]) < 2:
+                        losses[engine].append(loss)
                     peak = torch.cuda.max_memory_allocated(device) if cuda else _vm("VmHWM")
                     # (None: unmeasured, printed "-", never the process's peak since start as a step's)
                     peaks[engine] = max(peaks[engine], peak) if reset and peaks[engine] is not None else None
+            _check_losses(name, sp, losses, cuda)
             for engine, step in steps_of.items():
                 row[f"{engine}_ms"] = statistics.median(times[engine])
                 row[f"{engine}_peak_mb"] = None if peaks[engine] is None else peaks[engine] / 2**20

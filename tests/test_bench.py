@@ -523,3 +523,22 @@ def test_train_step_refuses_a_cuda_index_past_the_devices(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             train_step.main(["--device", dev])
         assert e.value.code == 2 and f"--device {dev}: only 1 CUDA device(s) here" in capsys.readouterr().err
+
+
+def test_a_wrong_sparse_model_stops_the_training_step_benchmark(monkeypatch):
+    """The whole-step benchmark timed the sparse and fused models without comparing them with the
+    dense masked one: their warm-up and first timed losses are now checked against it."""
+    import train_step
+    monkeypatch.setattr(train_step, "BATCH", 4)
+    (r,) = train_step.run(["vgg_d5g5"], [0.9], steps=1, profile=False, device="cpu")
+    assert r["fused_ms"] > 0
+    real = train_step.build
+
+    def wrong(name, sparsity, engine, seed=0):  # (the fused model's logits off by 1%)
+        model = real(name, sparsity, engine, seed)
+        if engine == "fused":
+            model.register_forward_hook(lambda m, i, y: y * 1.01)
+        return model
+    monkeypatch.setattr(train_step, "build", wrong)
+    with pytest.raises(AssertionError, match="vgg_d5g5 at 0.9: the fused model's .* loss differs from the dense masked"):
+        train_step.run(["vgg_d5g5"], [0.9], steps=1, profile=False, device="cpu")
