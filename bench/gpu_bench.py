@@ -51,8 +51,8 @@ def _fwd_bwd(module_or_fn, x, gy, params):
 @dataclass
 class _Method:
     """One timed method of a case. `weights`: what it multiplies per sample (its pattern's nonzeros,
-    numel for the dense ones). `outputs`: () -> (y, dx) of one step, in F.linear / F.conv2d layout,
-    checked against the fp32 dense reference of `pattern` before timing. `tf32`: whether TF32 is on,
+    numel for the dense ones). `outputs`: () -> (y, dx, _grad_stats of dW and db) of one step, in
+    F.linear / F.conv2d layout, checked against the fp32 dense reference of `pattern` before timing. `tf32`: whether TF32 is on,
     or why the method is unavailable (a str; fwd and step None)."""
     fwd: Callable | None
     step: Callable | None
@@ -62,14 +62,27 @@ class _Method:
     pattern: torch.Tensor | None = None
 
 
+def _grad_stats(pairs) -> torch.Tensor:
+    """[<g, p>, |g|^2, |p|^2] in fp64 over a method's (gradient, parameter) pairs (dW and db): the same
+    numbers whatever holds the weight (CSR values, BSR blocks, a dense weight whose gradient is 0 off
+    the pattern), so every method's dW and db are checked against the dense reference's."""
+    s = torch.zeros(3, dtype=torch.float64)
+    for g, p in pairs:
+        g, p = g.detach().double().cpu(), p.detach().double().cpu()
+        s += torch.stack([(g * p).sum(), (g * g).sum(), (p * p).sum()])
+    return s
+
+
 def _autograd(fn, x, gy, params, weights, tf32, pattern) -> _Method:
     """A method run through autograd (a module or a function of x): every such row pays autograd's
     bookkeeping and computes every gradient its layer has (bias included)."""
     def outputs():
+        for p in params:
+            p.grad = None
         xl = x.detach().clone().requires_grad_(True)
         y = fn(xl)
         y.backward(gy)
-        return y.detach(), xl.grad
+        return y.detach(), xl.grad, _grad_stats((p.grad, p) for p in params)
     return _Method(lambda: fn(x), _fwd_bwd(fn, x, gy, params), weights, tf32, outputs, pattern)
 
 
@@ -96,7 +109,10 @@ def _torch_sparse(lin, pattern, fmt, x, gy, tf32) -> _Method:
         fmt.mm(wt_s, gyt)
         fmt.sampled_addmm(pat, gyt, x.detach())
         gy.sum(0)
-    return _Method(fwd, step, int(pattern.sum()), tf32, lambda: (fwd().t(), fmt.mm(wt_s, gyt).t()), pattern)
+    def outputs():
+        dw = fmt.sampled_addmm(pat, gyt, x.detach()).to_dense()
+        return fwd().t(), fmt.mm(wt_s, gyt).t(), _grad_stats([(dw, wd), (gy.sum(0), lin.bias)])
+    return _Method(fwd, step, int(pattern.sum()), tf32, outputs, pattern)
 
 
 def _linear_methods(fin, fout, batch, sparsity, quick):
@@ -134,7 +150,7 @@ def _linear_methods(fin, fout, batch, sparsity, quick):
         out["torch_bsr_triton"].fwd()  # raises here when unsupported (shape not a block multiple, ...)
     except Exception as e:  # noqa: BLE001  (optional column)
         out["torch_bsr_triton"] = _Method(None, None, 0, f"unavailable: {type(e).__name__}: {str(e)[:80]}")
-    return out, lambda pattern: _autograd(dense(pattern), x, gy, [], 0, False, pattern).outputs()
+    return out, lambda pattern: _autograd(dense(pattern), x, gy, [w, b], 0, False, pattern).outputs()
 
 
 def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
@@ -156,7 +172,7 @@ def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
     out = {"csr_triton": _autograd(sc, x, gy, list(sc.parameters()), sc.nnz, False, mask)}
     for name, tf32 in (("cudnn_fp32", False), ("cudnn_tf32", True)):
         out[name] = _autograd(dense(mask), x, gy, [wd], wd.numel(), tf32, mask)
-    return (out, lambda pattern: _autograd(dense(pattern), x, gy, [], 0, False, pattern).outputs(),
+    return (out, lambda pattern: _autograd(dense(pattern), x, gy, [wd], 0, False, pattern).outputs(),
             y.shape[2] * y.shape[3] * batch)
 
 
@@ -172,6 +188,13 @@ def _check(name, method, reference) -> None:
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()),
                                    msg=lambda m, what=what: f"GPU bench: {name} {what} differs from the dense "
                                                             f"masked reference: {m}")
+    # dW and db: <g, w> to tol * |g| |w| (Cauchy-Schwarz: a dW at the wrong nonzeros moves it by about
+    # |g| |w| / sqrt(n)), |g|^2 to tol; |w|^2 is the reference's full weight's (the bound's scale only)
+    (gw, gg, _), (rgw, rgg, rww) = got[2], ref[2]
+    for what, a, b, atol in (("<dW, W> + <db, b>", gw, rgw, tol * float((rgg * rww).sqrt())),
+                             ("|dW|^2 + |db|^2", gg, rgg, tol * float(rgg))):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m, what=what: (
+            f"GPU bench: {name} dW, db differ from the dense masked reference ({what}): {m}"))
 
 
 def _measure(rows, base, methods, reference, spatial, quick):

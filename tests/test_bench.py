@@ -413,10 +413,10 @@ def test_gpu_bench_methods_do_the_same_work_and_are_checked_before_timing(monkey
     weights = {(r["kind"], r["method"]): r["weights"] for r in rows}
     assert weights["linear", "dense_fp32"] == 37 * 11 and weights["conv2d", "cudnn_fp32"] == 7 * 5 * 9
     assert weights["linear", "torch_csr"] == weights["linear", "csr_triton"] == int(methods["csr_triton"].pattern.sum())
-    y, dx = methods["torch_csr"].outputs()
+    y, dx, _ = methods["torch_csr"].outputs()
     torch.testing.assert_close(y, reference(methods["torch_csr"].pattern)[0])  # (bias included)
     wrong = methods["csr_triton"]
-    wrong.outputs = (lambda real: lambda: (real()[0], real()[1] * 1.01))(wrong.outputs)
+    wrong.outputs = (lambda real: lambda: (real()[0], real()[1] * 1.01, real()[2]))(wrong.outputs)
     with pytest.raises(AssertionError, match="GPU bench: csr_triton dx differs from the dense masked reference"):
         gpu_bench._measure([], {}, {"csr_triton": wrong}, reference, 9, True)
 
@@ -542,3 +542,31 @@ def test_a_wrong_sparse_model_stops_the_training_step_benchmark(monkeypatch):
     monkeypatch.setattr(train_step, "build", wrong)
     with pytest.raises(AssertionError, match="vgg_d5g5 at 0.9: the fused model's .* loss differs from the dense masked"):
         train_step.run(["vgg_d5g5"], [0.9], steps=1, profile=False, device="cpu")
+
+
+def test_gpu_bench_checks_every_methods_dw_and_db(monkeypatch):
+    """The GPU section checked each method's output and dx only: a wrong weight gradient (ours: CSR
+    values' gradient; torch.sparse: sampled_addmm) was timed. dW and db are now checked too (their
+    <g, w> and |g|^2 against the dense reference's), run on the CPU as the test above."""
+    import gpu_bench
+    from sparsetrain.nn import SparseLinear
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_bench, "_time", lambda fn, quick: (fn(), 1.0)[1])
+    methods, reference = gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)
+    gpu_bench._measure([], {}, methods, reference, 9, True)  # (all right: passes)
+    real_sampled = torch.sparse.sampled_addmm
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", lambda p, a, b, beta: real_sampled(p, a, b.flip(0), beta=beta))
+    methods, reference = gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)
+    with pytest.raises(AssertionError, match=r"GPU bench: torch_csr dW, db differ from the dense masked reference"):
+        gpu_bench._measure([], {}, {"torch_csr": methods["torch_csr"]}, reference, 9, True)
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", real_sampled)
+    real_from_dense = SparseLinear.from_dense.__func__
+
+    def wrong_dw(cls, lin, mask):  # (our dW at the wrong nonzeros, its norm unchanged)
+        layer = real_from_dense(cls, lin, mask)
+        layer.weight.values.register_hook(lambda g: g.flip(0))
+        return layer
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(wrong_dw))
+    methods, reference = gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)
+    with pytest.raises(AssertionError, match=r"GPU bench: csr_triton dW, db differ .*<dW, W>"):
+        gpu_bench._measure([], {}, {"csr_triton": methods["csr_triton"]}, reference, 9, True)
