@@ -92,12 +92,14 @@ def nonnegative_int(text: str) -> int:
 
 
 def writable_json(parser, path: str) -> str:
-    """--out: a JSON file path (not empty, not a folder) whose folder exists or can be made and
+    """--out: a JSON file path (not empty, not a folder, not a device such as /dev/null) whose folder exists or can be made and
     takes a file, checked before any timing (parser.error otherwise)."""
     if not path:
         parser.error("--out is empty: give a JSON file path (or leave the flag out for the default)")
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         parser.error(f"--out {path}: is a folder; give a JSON file path")
+    if os.path.exists(path) and not os.path.isfile(path):  # (the atomic rename would replace /dev/null itself)
+        parser.error(f"--out {path}: is not a regular file (a device, pipe or socket); give a JSON file path")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)

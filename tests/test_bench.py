@@ -570,3 +570,14 @@ def test_gpu_bench_checks_every_methods_dw_and_db(monkeypatch):
     methods, reference = gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)
     with pytest.raises(AssertionError, match=r"GPU bench: csr_triton dW, db differ .*<dW, W>"):
         gpu_bench._measure([], {}, {"csr_triton": methods["csr_triton"]}, reference, 9, True)
+
+
+def test_an_out_that_is_a_device_is_refused_before_timing(capsys):
+    """--out /dev/null (to discard the JSON) passed the check where the probe file could be made in
+    /dev (as root), and the atomic rename then replaced the device node with the JSON file."""
+    import train_step
+    for main in (kernels.main, conv_bench.main, train_step.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", os.devnull])
+        assert e.value.code == 2 and f"--out {os.devnull}: is not a regular file" in capsys.readouterr().err
+    assert not os.path.isfile(os.devnull)
