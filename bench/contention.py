@@ -86,9 +86,11 @@ def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=positive_int, default=12)
-    ap.add_argument("--batch", type=positive_int, default=64)
-    ap.add_argument("--rounds", type=positive_int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=12,
+                    help="timed training steps per engine in each worker, after 2 untimed (default 12)")
+    ap.add_argument("--batch", type=positive_int, default=64, help="batch size of each worker's step (default 64)")
+    ap.add_argument("--rounds", type=positive_int, default=4,
+                    help="rounds over all scenarios; times and slowdowns are medians over them (default 4)")
     ap.add_argument("--out", default=None, help="default results/contention.json; contention_partial.json for "
                     "other --steps, --batch or --rounds than the table's, so a smoke run never replaces it")
     args = ap.parse_args(argv)

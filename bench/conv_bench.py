@@ -146,10 +146,11 @@ def _sparseprop_steps(SP, conv, mask, x, gy) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="two cases (r18 layer1 and layer3 3x3), sparsities 0.9,0.99, 3 rounds (smoke run)")
     p.add_argument("--sparsities", default=None, help="comma-separated, default 0.5,0.9,0.99,0.999")
     p.add_argument("--only", default=None, help="substring of the case names to run (e.g. 'r18 layer')")
-    p.add_argument("--no-sparseprop", action="store_true")
+    p.add_argument("--no-sparseprop", action="store_true", help="leave SparseProp's column out even when installed")
     p.add_argument("--warm", action="store_true",
                    help="time each side's second consecutive call in each round (inputs in cache)")
     p.add_argument("--batch", type=positive_int, default=BATCH,

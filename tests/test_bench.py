@@ -581,3 +581,19 @@ def test_an_out_that_is_a_device_is_refused_before_timing(capsys):
             main(["--out", os.devnull])
         assert e.value.code == 2 and f"--out {os.devnull}: is not a regular file" in capsys.readouterr().err
     assert not os.path.isfile(os.devnull)
+
+
+def test_every_bench_flag_has_help(capsys):
+    """contention.py's --steps, --batch and --rounds and conv_bench.py's --quick and --no-sparseprop
+    showed no description in --help (what a step, a round or the smoke run is)."""
+    import contention
+    import train_step
+    for main in (kernels.main, conv_bench.main, train_step.main, contention.main):
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        flags = out.split("options:")[1].split("\n  -")[1:]
+        assert e.value.code == 0 and flags
+        for flag in flags:
+            name, *rest = flag.split(maxsplit=1)
+            assert rest and len(rest[0].split()) >= 2, (main.__module__, name)
