@@ -137,6 +137,8 @@ def _sparseprop_steps(SP, conv, mask, x, gy) -> dict:
         try:
             m = SP.from_dense(dense, vectorizing_over_on=over_on)
             _step(m, xl, gy, list(m.parameters()))  # a layout SparseProp does not support fails here
+            with torch.no_grad():  # (a baseline computing something else would give a wrong ratio)
+                torch.testing.assert_close(m(xl), dense(xl), rtol=1e-4, atol=1e-3)
         except Exception as e:
             print(f"  # SparseProp (over_on={over_on}) failed: {type(e).__name__}: {e}")
             continue

@@ -597,3 +597,23 @@ def test_every_bench_flag_has_help(capsys):
         for flag in flags:
             name, *rest = flag.split(maxsplit=1)
             assert rest and len(rest[0].split()) >= 2, (main.__module__, name)
+
+
+def test_a_sparseprop_layout_that_computes_something_else_is_left_out(capsys):
+    """SparseProp's layouts were timed unchecked: one whose output differs from the dense masked conv
+    is now left out of the table with a note, as a layout that fails (the ratio would be wrong)."""
+    from torch import nn
+
+    class FakeSP(nn.Conv2d):  # (SparseProp's interface: from_dense(conv, vectorizing_over_on=...))
+        @classmethod
+        def from_dense(cls, conv, vectorizing_over_on):
+            m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False)
+            with torch.no_grad():
+                m.weight.copy_(conv.weight * (1.02 if vectorizing_over_on else 1.0))  # (over_on: wrong)
+            return m
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    mask = (torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    x, gy = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    steps = conv_bench._sparseprop_steps(FakeSP, conv, mask, x, gy)
+    assert list(steps) == ["sparseprop_False"]
+    assert "SparseProp (over_on=True) failed: AssertionError" in capsys.readouterr().out
