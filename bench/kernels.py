@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import types
 import warnings
 
 import torch
@@ -70,6 +71,18 @@ class _TorchSparseLinear(torch.autograd.Function):
         return dx, dw.values(), None, None, None
 
 
+class TorchSparseLinear(torch.nn.Module):
+    """The torch.sparse baseline's step as a layer (check_against_dense: output, dx, dW at the nonzeros
+    in CSR order, db)."""
+
+    def __init__(self, vals, bias, ws, wt, perm):
+        super().__init__()
+        self.weight, self.bias, self.mats = types.SimpleNamespace(values=vals), bias, (ws, wt, perm)
+
+    def forward(self, x):
+        return _TorchSparseLinear.apply(x, self.weight.values, *self.mats) + self.bias
+
+
 def _torch_sparse_setup(csr: CSR):
     w = torch.sparse_csr_tensor(csr.crow_indices, csr.col_indices.long(), csr.values.detach(), csr.shape)
     ccol, row_t, perm = csr.csc()
@@ -93,6 +106,8 @@ def bench_linear(cases, sparsities, reps):
             bt = b.detach().clone().requires_grad_()  # (each side computes dx, dW and db)
 
             check_against_dense(layer, x, gy, dense_linear, w, mask, b)
+            # (the baseline too: a wrong one would give a wrong "vs torch.sparse")
+            check_against_dense(TorchSparseLinear(vals, bt, ws, wt, perm), x, gy, dense_linear, w, mask, b)
             xs = leaf_per_side(x, ("masked", "ours", "torch.sparse"))
 
             def ts_step(x=xs["torch.sparse"]):

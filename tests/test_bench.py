@@ -617,3 +617,13 @@ def test_a_sparseprop_layout_that_computes_something_else_is_left_out(capsys):
     steps = conv_bench._sparseprop_steps(FakeSP, conv, mask, x, gy)
     assert list(steps) == ["sparseprop_False"]
     assert "SparseProp (over_on=True) failed: AssertionError" in capsys.readouterr().out
+
+
+def test_a_wrong_torch_sparse_baseline_stops_the_linear_section(monkeypatch):
+    """The torch.sparse baseline was timed unchecked (a wrong one gives a wrong "vs torch.sparse"):
+    its output, dx, dW and db are now checked against the dense masked reference like ours."""
+    real = kernels._TorchSparseLinear.backward
+    monkeypatch.setattr(kernels._TorchSparseLinear, "backward",
+                        staticmethod(lambda ctx, gy: (lambda r: (r[0], r[1].flip(0), *r[2:]))(real(ctx, gy))))
+    with pytest.raises(AssertionError, match="TorchSparseLinear dW differs from the dense masked reference"):
+        kernels.bench_linear([(37, 11, 9)], [0.5], reps=1)
