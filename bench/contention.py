@@ -124,6 +124,7 @@ def main(argv=None) -> int:
               f"  sparse {r['sparse_ms']:8.1f} ms ({r['sparse_slowdown']:.2f}x)", flush=True)
     write_json(out, {"machine": machine_info(args), "model": "vgg_d2g5", "sparsity": 0.99, "batch": args.batch,
                           "steps": args.steps, "rows": rows})
+    print(f"\nwritten: {out}")  # (as the other bench scripts: where the table went)
     return 0
 
 

@@ -627,3 +627,13 @@ def test_a_wrong_torch_sparse_baseline_stops_the_linear_section(monkeypatch):
                         staticmethod(lambda ctx, gy: (lambda r: (r[0], r[1].flip(0), *r[2:]))(real(ctx, gy))))
     with pytest.raises(AssertionError, match="TorchSparseLinear dW differs from the dense masked reference"):
         kernels.bench_linear([(37, 11, 9)], [0.5], reps=1)
+
+
+def test_contention_says_where_it_wrote_its_json(tmp_path, monkeypatch, capsys):
+    """contention.py wrote its JSON without saying where (every other bench script prints it)."""
+    import contention
+    monkeypatch.setattr(contention, "run_scenario", lambda procs, *a: [{"dense": 2.0, "sparse": 1.0}] * procs)
+    out = tmp_path / "c.json"
+    assert contention.main(["--rounds", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["scenario"] == "alone"
+    assert f"written: {out}" in capsys.readouterr().out
