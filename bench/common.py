@@ -214,15 +214,18 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def check_against_dense(layer, x, gy, ref_fn, weight, mask, bias=None, **kw) -> None:
     """One untimed forward + backward of the sparse `layer` against the dense masked reference
     (sparsetrain.testing's, as the tests): output, dx, dW at the nonzeros, db. A wrong kernel stops
-    the benchmark instead of being reported with a speedup. fp32 tolerances: sums in another order."""
+    the benchmark instead of being reported with a speedup. fp32 tolerances: sums in another order,
+    atol also 1e-4 of the largest reference value: a conv's dW sums batch * OH * OW products (131072
+    at ResNet-18's layer1, batch 128: ~1e-5 of its largest value apart, over the fixed 1e-3)."""
     from sparsetrain.testing import reference_grads
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(gy)
     ry, rdx, rdw, rdb = reference_grads(ref_fn, x, weight, mask, bias, gy, **kw)
-    tol = dict(rtol=1e-4, atol=1e-3)
     got = [y, x.grad, layer.weight.values.grad] + ([layer.bias.grad] if bias is not None else [])
     for what, a, b in zip(("output", "dx", "dW", "db"), got, (ry, rdx, rdw[mask], rdb)):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, what=what: f"{type(layer).__name__} {what} differs "
-                                   f"from the dense masked reference: {m}")
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 + 1e-4 * scale,
+                                   msg=lambda m, what=what: f"{type(layer).__name__} {what} differs "
+                                                            f"from the dense masked reference: {m}")
     layer.zero_grad(set_to_none=True)
