@@ -114,6 +114,13 @@ def _different_config(root):
 _HELD = []  # lock files held by this process while the cases run
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_held():  # (closed after the module: left to exit, each was a ResourceWarning at the end of make test)
+    yield
+    while _HELD:
+        _HELD.pop().close()
+
+
 def _run_in_use(root):  # another process (this one) is running the same run
     import fcntl
     _mnist(root)
