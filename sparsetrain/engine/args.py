@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-__all__ = ["pair", "conv2d_padding", "check_bias"]
+__all__ = ["pair", "conv2d_padding", "check_bias", "check_weight"]
 
 
 def _integer(a) -> bool:
@@ -47,3 +47,17 @@ def check_bias(bias, out: int, values: torch.Tensor) -> None:
         raise (TypeError if bias.dtype != values.dtype else ValueError)(
             f"bias must have the weight's dtype and device ({values.dtype}, {values.device}), got {bias.dtype}, "
             f"{bias.device}")
+
+
+def check_weight(weight, mask=None) -> None:
+    """A dense weight (and mask) to take values from: TypeError unless `weight` is a floating-point
+    tensor; ValueError for a meta weight or mask (a shape without values: torch's errors from inside,
+    .item() or nonzero() on meta tensors, or a masked_fill that silently changed nothing, before)."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():  # (values train: a float dtype)
+        raise TypeError(f"weight must be a floating-point torch.Tensor, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.is_meta:
+        raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
+                         "(module.to_empty(device=...), then initialize or load it)")
+    if isinstance(mask, torch.Tensor) and mask.is_meta:
+        raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")

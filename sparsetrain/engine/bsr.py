@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .args import check_bias
+from .args import check_bias, check_weight
 from .autograd import first_order
 from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, current_param, own_mode, transpose_index
 from .optim_state import watch_state
@@ -97,14 +97,7 @@ class BSR(WeightLike, nn.Module):
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
         bs = check_block(block_size)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point torch.Tensor, got "
-                            f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-        if weight.is_meta:  # (as CSR.from_dense: torch's nonzero() / copy errors from inside before)
-            raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
-                             "(module.to_empty(device=...), then initialize or load it)")
-        if isinstance(mask, torch.Tensor) and mask.is_meta:
-            raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
+        check_weight(weight, mask)
         w = as_matrix(weight.detach())
         if mask is None:
             m = w != 0

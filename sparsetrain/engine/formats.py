@@ -18,22 +18,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .args import check_weight
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
 
 __all__ = ["CSR", "transpose_index"]
 
 
 def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():  # (values train: a float dtype)
-        raise TypeError(f"weight must be a floating-point torch.Tensor, got "
-                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_weight(weight, mask)
     if weight.dim() < 2:
         raise ValueError(f"weight must be at least 2-D ([out, ...]), got shape {tuple(weight.shape)}")
-    if weight.is_meta:  # (the kept positions and values need real data)
-        raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
-                         "(module.to_empty(device=...), then initialize or load it)")
-    if isinstance(mask, torch.Tensor) and mask.is_meta:
-        raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
     if mask is None:
         return weight != 0
     if not isinstance(mask, torch.Tensor):

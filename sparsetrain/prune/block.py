@@ -19,6 +19,7 @@ import numbers
 import torch
 from torch import nn
 
+from ..engine.args import check_weight
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import check_masks, check_untied, is_sparse, masks_of, prunable_layers
 from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register
@@ -36,14 +37,9 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")  # (numpy floats too)
     sparsity = float(sparsity)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point torch.Tensor, got "
-                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    check_weight(weight, mask)
     if mask is not None and not isinstance(mask, torch.Tensor):  # (mask.shape: an AttributeError before)
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-    for what, t in (("weight", weight), ("mask", mask)):  # (torch's .item() or device error from inside before)
-        if t is not None and t.is_meta:
-            raise ValueError(f"{what} is a meta tensor (a shape without values): pass one holding its values")
     if bool(torch.isnan(weight).any()):
         raise ValueError("weight has NaN entries: a NaN has no norm to rank its block by")
     w = weight.detach()
