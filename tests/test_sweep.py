@@ -134,6 +134,10 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-regularizers", "--dropout", "0.3"], "--dropout: paper-regularizers changes it one variant"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
+             # an item twice in a one-value list flag: every point invalid, a whole sweep of failures (exit 1)
+             (["grid", "--dataset", "mnist", "--teachers", "dense", "dense", "--dry-run"],
+              "--teachers lists a value twice (dense dense): name each once"),
+             (["paper-eps", "--phases", "teacher", "teacher", "--dry-run"], "--phases lists a value twice"),
              # two values that are one study: an alias, a setting the runs ignore (one trained, one linked)
              (["grid", "--dataset", "mnist", "--seeds", "0", "--model", "lenet300", "lenet-300-100"],
               "two points of the grid are the same study (--model 'lenet300' and 'lenet-300-100'): name each model once"),

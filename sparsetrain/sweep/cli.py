@@ -94,9 +94,10 @@ def _settings(args, parser) -> dict:
                          f"({', '.join(sorted(varied))}); run `grid` with the settings you want instead")
         one_value = hints.get(k) is tuple or k == "milestones"
         settings[k] = (list(v) if not one_value or k in _AXIS_TUPLES else tuple(v)) if isinstance(v, list) else v
-        if isinstance(settings[k], list) and len({str(x) for x in settings[k]}) != len(settings[k]):
-            parser.error(f"--{k.replace('_', '-')} lists a value twice ({' '.join(map(str, v))}): each value is a "
-                         "point of the sweep")
+        if isinstance(settings[k], (list, tuple)) and len({str(x) for x in settings[k]}) != len(settings[k]):
+            parser.error(f"--{k.replace('_', '-')} lists a value twice ({' '.join(map(str, v))}): " + (
+                "each value is a point of the sweep" if isinstance(settings[k], list) else
+                "name each once (the flag is one value of every point, not an axis)"))
     return settings
 
 
