@@ -133,6 +133,8 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--out", __file__], "is a file, not a directory"),
              (["paper-regularizers", "--dropout", "0.3"], "--dropout: paper-regularizers changes it one variant"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
+             (["paper-eps", "--out", "", "--dry-run"], "--out must be a folder path, not empty"),
+             (["report", str(tmp_path), "--out", " "], "--out must be a folder path, not empty"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
              # an item twice in a one-value list flag: every point invalid, a whole sweep of failures (exit 1)
              (["grid", "--dataset", "mnist", "--teachers", "dense", "dense", "--dry-run"],
