@@ -123,6 +123,8 @@ def test_dry_run_prints_the_plan_and_fails_on_an_invalid_point(tmp_path, capsys)
 
 
 def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "runs_a_file").mkdir()
+    (tmp_path / "runs_a_file" / "runs").write_text("")  # (OUT/runs, where every run goes)
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
              (["report", str(tmp_path)], "no run directory"),
              (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be >= 0.0001 and finite"),
@@ -134,6 +136,7 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-regularizers", "--dropout", "0.3"], "--dropout: paper-regularizers changes it one variant"),
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["paper-eps", "--out", "", "--dry-run"], "--out must be a folder path, not empty"),
+             (["paper-eps", "--out", str(tmp_path / "runs_a_file"), "--dry-run"], "runs is not a directory"),
              (["report", str(tmp_path), "--out", " "], "--out must be a folder path, not empty"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
              # an item twice in a one-value list flag: every point invalid, a whole sweep of failures (exit 1)

@@ -184,6 +184,9 @@ def main(argv=None) -> int:
     args.out = "sweeps" if args.out is None else args.out
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a directory")
+    runs_dir = os.path.join(args.out, "runs")
+    if os.path.lexists(runs_dir) and not os.path.isdir(runs_dir):  # (each run failed there, after Ray started)
+        parser.error(f"--out: {runs_dir} is not a directory (every run of the sweep goes there)")
     settings = _settings(args, parser)
     if gpus == 0:  # (the runner hides every GPU from such runs: each would fail after its teacher's wait)
         values = lambda k: settings.get(k) if isinstance(settings.get(k), list) else [settings.get(k)]  # noqa: E731
