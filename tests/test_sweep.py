@@ -974,6 +974,20 @@ def test_every_recipe_plans_without_an_invalid_point(tmp_path):
                               {"augment": "autoaugment"}]
 
 
+def test_readme_states_each_quick_profile_s_noise_and_teacher():
+    """README's recipe table: each `--profile quick` cell names its noise rates, and the teacher it
+    distils from where that is not the paper profile's (a quick grid must not pass for the figure's)."""
+    from sparsetrain.sweep.recipes import RECIPES
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for name, r in RECIPES.items():
+        (row,) = [ln for ln in readme.splitlines() if ln.startswith(f"| `{name}` |")]
+        quick = row.rstrip(" |").rsplit(" | ", 1)[1]
+        eps = "ε " + "/".join(f"{100 * e:g}" for e in r["quick"]["eps"]) + "%"
+        assert eps in quick, (name, eps, quick)
+        if r["quick"].get("teachers") != r["paper"].get("teachers"):
+            assert all(f"the {t} teacher" in quick for t in r["quick"]["teachers"]), (name, quick)
+
+
 def test_variants_lay_one_change_at_a_time_over_the_grid():
     from sparsetrain.sweep.plan import expand
     pts = expand({"dataset": ["mnist"], "eps": [0.1, 0.2], "variants": [{}, {"l1": 1e-5}, {"eps": [0.5]}]})
