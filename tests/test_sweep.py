@@ -125,6 +125,8 @@ def test_dry_run_prints_the_plan_and_fails_on_an_invalid_point(tmp_path, capsys)
 def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "runs_a_file").mkdir()
     (tmp_path / "runs_a_file" / "runs").write_text("")  # (OUT/runs, where every run goes)
+    (tmp_path / "sub" / "a_run").mkdir(parents=True)  # (two levels down: `report tmp_path` finds no run)
+    (tmp_path / "sub" / "a_run" / "config.json").write_text("{}")
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
              (["report", str(tmp_path)], "no run directory"),
              (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be >= 0.0001 and finite"),
@@ -137,6 +139,7 @@ def test_cli_errors_are_one_line(tmp_path):
              (["paper-eps", "--out", os.path.join(__file__, "sub")], "--out: cannot create"),
              (["paper-eps", "--out", "", "--dry-run"], "--out must be a folder path, not empty"),
              (["paper-eps", "--out", str(tmp_path / "runs_a_file"), "--dry-run"], "runs is not a directory"),
+             (["report", str(tmp_path / "sub"), "--out", str(tmp_path / "sub" / "a_run")], "a_run is a run directory"),
              (["report", str(tmp_path), "--out", " "], "--out must be a folder path, not empty"),
              (["grid", "--dataset", "mnist", "--seeds", "0", "0"], "--seeds lists a value twice (0 0)"),
              # an item twice in a one-value list flag: every point invalid, a whole sweep of failures (exit 1)

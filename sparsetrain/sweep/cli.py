@@ -166,6 +166,9 @@ def main(argv=None) -> int:
             if len(args.run_dirs) != 1 or os.path.isfile(os.path.join(args.run_dirs[0], "config.json")):
                 parser.error("report: give --out DIR for the report of several folders or of run directories")
             out = os.path.join(os.path.abspath(args.run_dirs[0]), "report")
+        if os.path.isfile(os.path.join(out, "config.json")):  # (its own summary.md and figures would be replaced)
+            parser.error(f"report: --out {out} is a run directory (its summary.md and figures are the run's): "
+                         "give another folder")
         _make_folder(parser, out)
         print(write_sweep_report(dirs, out, title="report", sort=True))
         return 0
