@@ -17,7 +17,7 @@ import sparsetrain
 import cli_forks
 from conftest import run_dir
 from sparsetrain.engine.nn import masks_of
-from sparsetrain.experiment import files, study
+from sparsetrain.experiment import files, report, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import config_from_args
 from sparsetrain.experiment.train import kd_loss
@@ -556,6 +556,25 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     with open(os.path.join(rd, "config.json")) as f:
         rec = json.load(f)
     assert "resumed_with" not in rec and rec["sparsetrain_version"] == "unknown"  # (not today's: unrecorded)
+
+
+def test_config_records_the_device_and_precision_a_run_ran_on(tmp_path, monkeypatch):
+    """config.json (and summary.md) say what --device/--amp auto resolved to: this machine's device and
+    autocast dtype (a CUDA run trains in bf16, a CPU run in fp32); a resume elsewhere is listed after it."""
+    cfg, _ = config_from_args(["mnist", "--out", str(tmp_path), "--profile", "quick"])
+    rd = study.prepare_run_dir(cfg)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    where = f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}" if dev.type == "cuda" else "cpu"
+    expected = f"{where}, {'fp32' if amp is None else 'bf16 autocast'}"
+    with open(os.path.join(rd, "config.json")) as f:
+        assert json.load(f)["ran_on"] == expected
+    assert f"| ran_on | {expected} |" in open(report.write_report(rd)).read()
+    monkeypatch.setattr(study, "describe_device", lambda device, amp: "cuda:0 Some GPU, bf16 autocast")
+    study.prepare_run_dir(cfg)
+    with open(os.path.join(rd, "config.json")) as f:
+        rec = json.load(f)
+    assert rec["ran_on"] == expected and rec["resumed_with"][-1]["ran_on"] == "cuda:0 Some GPU, bf16 autocast"
 
 
 def test_git_commit_is_sparsetrain_s_own(tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["resolve_device", "resolve_amp"]
+__all__ = ["resolve_device", "resolve_amp", "describe_device"]
 
 
 def resolve_device(spec: str):
@@ -36,3 +36,18 @@ def resolve_amp(spec: str, device):
     if spec == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+def describe_device(device_spec: str, amp_spec: str) -> str:
+    """What --device and --amp resolve to here, for a run's config.json (`auto` alone does not say
+    whether a run trained on a GPU in bf16 or on the CPU in fp32): e.g. "cpu, fp32" or
+    "cuda:0 NVIDIA H100 80GB HBM3, bf16 autocast"."""
+    import torch
+    dev = resolve_device(device_spec)
+    amp = resolve_amp(amp_spec, dev)
+    where = "cpu"
+    if dev.type == "cuda":  # (torchrun: each rank's set_device already made its GPU the current one)
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        where = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
+    return f"{where}, {precision}"

@@ -24,7 +24,7 @@ from . import distributed as dist
 from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes
-from .devices import resolve_device
+from .devices import describe_device, resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
                     make_folder, make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
@@ -106,7 +106,8 @@ def prepare_run_dir(cfg: Config, resuming: bool = True) -> str:
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": sys.version.split()[0]},
            "torch_threads": torch.get_num_threads(),  # (the kernels' sums are deterministic per thread count)
-           "world_size": dist.world()}  # (torchrun processes: per-rank batches and BatchNorm statistics)
+           "world_size": dist.world(),  # (torchrun processes: per-rank batches and BatchNorm statistics)
+           "ran_on": describe_device(cfg.device, cfg.amp)}  # (what --device/--amp auto resolved to)
     # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
     # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))

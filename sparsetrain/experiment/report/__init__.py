@@ -24,7 +24,7 @@ def write_report(run_dir) -> str:
     cfg = run["config"]
     pngs = plot_run(run, run_dir)
     keys = ["dataset", "eps", "model", "student", "teachers", "rate", "wall", "early_stop", "t_e", "t_a", "seeds",
-            "profile", "git_commit"]
+            "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
              "| Setting | Value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k]} |"
