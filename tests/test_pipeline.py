@@ -19,7 +19,7 @@ from conftest import run_dir
 from sparsetrain.engine.nn import masks_of
 from sparsetrain.experiment import files, report, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
-from sparsetrain.experiment.config import config_from_args
+from sparsetrain.experiment.config import build_parser, config_from_args
 from sparsetrain.experiment.train import kd_loss
 
 
@@ -233,6 +233,20 @@ def test_cli_help_and_missing_dataset(tmp_path):
                     "--no-download"])])
     assert helped.returncode == 0 and "--teachers" in helped.stdout and "--early-stop" in helped.stdout
     assert missing.returncode == 2 and str(tmp_path / "empty") in missing.stderr
+
+
+def test_help_gives_every_flag_that_takes_a_value_its_default():
+    """--epochs, --batch-size, --lr, --milestones, --weight-decay and --rewind-iter said no default in
+    --help (unset: each role keeps its own), nor that a --teacher-/--student- flag given too wins."""
+    parser = build_parser()
+    valued = [a for a in parser._actions if a.option_strings and a.nargs != 0]  # (not --help, nor switches)
+    assert len(valued) > 40
+    for a in valued:
+        assert "(default" in " ".join(a.help.split()), a.option_strings
+    epochs = " ".join(next(a for a in valued if "--epochs" in a.option_strings).help.split())
+    assert "--teacher-epochs / --student-epochs, given too, win" in epochs
+    cfg, _ = config_from_args(["mnist", "--epochs", "2", "--teacher-epochs", "3", "--milestones", "1"])
+    assert (cfg.teacher_epochs, cfg.student_epochs) == (3, 2)  # (what the help says)
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path):

@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         f = next(f for f in fields(Config) if f.name == f"teacher_{k}")
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,
                        type=type(f.default[0]) if hints[f.name] is tuple else hints[f.name],
-                       help=f"{_ROLE_HELP[k]} of every run (teacher and students)")
+                       help=f"{_ROLE_HELP[k]} of every run (teacher and students) (default: unset: each role "
+                            f"keeps its own; --teacher-{k.replace('_', '-')} / --student-{k.replace('_', '-')}, given "
+                            "too, win for their role)")
     what = p.add_mutually_exclusive_group()  # (what the command does, besides running: one at most)
     what.add_argument("--resume", action="store_true",
                       help="require an existing run to continue (error if the run directory holds none); without "
