@@ -649,3 +649,21 @@ def test_entropy_is_labelled_in_bits(tmp_path, monkeypatch):
     md = read(R.write_report(run))
     assert "| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label |" in md
     assert "mean ReLU-state entropy [bits] (dashed)" in labels
+
+
+def test_the_flops_plot_ticks_whole_rounds_only(tmp_path, monkeypatch):
+    """cum_pflops.png's x axis is the round: its ticks were matplotlib's 0, 0.5, 1, 1.5, ... on a short
+    curve (no round 0.5); now only the whole rounds the curve spans."""
+    from matplotlib.figure import Figure
+    run = str(tmp_path / "run")
+    write_config(run)
+    write_rows(run, make_rows([0.5, 0.6, 0.55, 0.58]))  # rounds 0..3
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    R.write_report(run)
+    assert len(figures) == 2
+    ax = figures[1].axes[0]
+    assert ax.get_xlabel().startswith("round")
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks == [0, 1, 2, 3]

@@ -70,6 +70,7 @@ def plot_run(run, out_dir) -> list[str]:
     entropy on a second axis (dashed), the vanilla student's phase labels shaded; (b) cum_pflops.png:
     cumulative training PFLOPs vs round (dotted: distillation incl. the teacher's cost; x: Alg. 2 stops)."""
     from matplotlib.figure import Figure  # object API: no pyplot, no global backend change (Agg canvas)
+    from matplotlib.ticker import MaxNLocator
     curves, phases = run["curves"], ordered_phases(run)
     if not phases:  # (no metrics: an earlier report's plots would show what the summary no longer has)
         for name in ("accuracy_vs_sparsity.png", "cum_pflops.png"):
@@ -136,6 +137,7 @@ def plot_run(run, out_dir) -> list[str]:
                 if s is not None and s in rounds:
                     ax.plot(s, cum[rounds.index(s)], marker, ms=9, mew=2, color=color[ph])
     ax.set_xlabel("round (× = Algorithm 2's stop of a seed, + = the peak rule's)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (rounds are whole: no tick at round 0.5)
     ax.set_ylabel("cumulative training PFLOPs, exact count (mean over seeds)")
     ax.grid(alpha=.3)
     ax.legend(fontsize=8)
