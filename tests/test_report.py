@@ -667,3 +667,26 @@ def test_the_flops_plot_ticks_whole_rounds_only(tmp_path, monkeypatch):
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert ticks == [0, 1, 2, 3]
+
+
+def test_the_summary_names_every_setting_that_changes_results(tmp_path):
+    """summary.md's settings table left out alpha, tau, perturb, structure, scope, subset, noise, l1, ...:
+    summaries of runs differing in them read the same; now every result setting is shown with its value."""
+    import dataclasses
+
+    from sparsetrain.experiment import study
+    from sparsetrain.experiment.config import config_from_args
+    cfg, _ = config_from_args(["fashion-mnist", "--profile", "quick", "--perturb", "rewind", "--alpha", "0.5",
+                               "--tau", "4", "--structure", "block", "--block", "16", "--scope", "layer", "--l1",
+                               "1e-5", "--subset", "300", "--noise", "uniform", "--clean-val", "--drop", "0.5"])
+    run = str(tmp_path / "run")
+    write_config(run, **json.loads(json.dumps({**dataclasses.asdict(cfg), "student": cfg.resolved_student()})))
+    write_rows(run, make_rows([0.5, 0.6]))
+    md = read(R.write_report(run))
+    schedules = {r: table_row(md, f"{r} schedule")[1] for r in ("teacher", "student")}
+    for k, v in study.result_settings(cfg).items():
+        role, _, key = k.partition("_")
+        if role in schedules and key:  # (a role's schedule key: on its schedule row)
+            assert f"{key} {json.dumps(v)}" in schedules[role], k
+        elif k != "label_file" or v:  # (cifar100n's label file: blank elsewhere)
+            assert table_row(md, k)[1] == (json.dumps(v) if isinstance(v, (list, dict)) else str(v)), k

@@ -23,12 +23,15 @@ def write_report(run_dir) -> str:
     run = load_run(run_dir)
     cfg = run["config"]
     pngs = plot_run(run, run_dir)
-    keys = ["dataset", "eps", "model", "student", "teachers", "rate", "wall", "early_stop", "t_e", "t_a", "seeds",
+    # every setting that changes results (the roles' schedules below), then what the run ran on
+    keys = ["dataset", "eps", "noise", "clean_val", "val_fraction", "subset", "label_file", "model", "student",
+            "teachers", "alpha", "tau", "rate", "wall", "scope", "structure", "block", "perturb", "engine", "amp",
+            "momentum", "drop", "l1", "dropout", "augment", "early_stop", "t_e", "t_a", "stop_falls", "seeds",
             "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
              "| Setting | Value |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k]} |"
-              for k in keys if k in cfg]
+              for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
     for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
         sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",
                                                    "rewind_iter") if f"{role}_{k}" in cfg]
