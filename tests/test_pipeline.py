@@ -249,6 +249,22 @@ def test_help_gives_every_flag_that_takes_a_value_its_default():
     assert (cfg.teacher_epochs, cfg.student_epochs) == (3, 2)  # (what the help says)
 
 
+def test_report_only_or_resume_under_other_flags_names_the_runs_out_holds(tmp_path, capsys):
+    """--report-only (or --resume) given other flags than its run's looks in another directory: the error
+    said only "run the same command without it to start one", as if there were no run; it now names the
+    runs --out holds and that a run is found by the flags it was started with."""
+    base = ["mnist", "--profile", "quick", "--out", str(tmp_path)]
+    cfg, _ = config_from_args(base + ["--subset", "300"])
+    held = os.path.basename(study.prepare_run_dir(cfg))
+    for flag in ("--report-only", "--resume"):
+        assert study.main(base + [flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no run to" in err[0] and f"{tmp_path} holds {held}:" in err[0], err
+        assert "give the flags it was started with" in err[0]
+    assert study.main(["mnist", "--profile", "quick", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds" not in capsys.readouterr().err  # (nothing to name)
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--resume", action="store_true",
                       help="require an existing run to continue (error if the run directory holds none); without "
                            "it, re-running the same command also continues an interrupted run")
-    what.add_argument("--report-only", action="store_true", help="only (re)write summary.md and plots of the run")
+    what.add_argument("--report-only", action="store_true", help="only (re)write summary.md and plots of the run "
+                      "the other flags name (give those it was started with: its settings find it)")
     what.add_argument("--print-config", action="store_true",
                       help="print the resolved configuration of every phase as JSON and exit (reads no data)")
     return p

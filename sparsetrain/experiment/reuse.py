@@ -23,7 +23,7 @@ from .metrics import teacher_tag
 from .models import canonical_name
 
 __all__ = ["phase_names", "needed_phases", "phase_settings", "phase_key", "teacher_fingerprint", "link_reused",
-           "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing"]
+           "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing", "other_runs_hint"]
 
 # settings every phase of a seed depends on: the data and the pruning procedure (those that apply:
 # _applying); a distilled student also on its teacher checkpoint's bytes (teacher_fingerprint)
@@ -234,3 +234,18 @@ def recorded_labels(seed_dir: str) -> str | None:
             return json.load(f).get("labels_fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def other_runs_hint(out: str, rd: str, shown: int = 5) -> str:
+    """For --report-only/--resume that found no run in `rd`: the runs `out` does hold (other settings name
+    other directories: the command must give the flags a run was started with), or "" when it holds none."""
+    try:
+        names = sorted(n for n in os.listdir(out) if os.path.join(out, n) != rd
+                       and os.path.isfile(os.path.join(out, n, "config.json")))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return (f"; {out} holds {', '.join(names[:shown])}{more}: a run is found by its settings, so give the flags "
+            "it was started with (its config.json has them)")

@@ -29,8 +29,8 @@ from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupte
                     make_folder, make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import read_metrics, teacher_tag
-from .reuse import (PhaseMissing, check_linked, needed_phases, phase_done, phase_settings, prepare_phases,
-                    teacher_fingerprint)
+from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
+                    prepare_phases, teacher_fingerprint)
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
@@ -378,7 +378,8 @@ def main(argv=None) -> int:
         if (args.report_only or args.resume) and not os.path.isfile(os.path.join(rd, "config.json")):
             flag = "--report-only" if args.report_only else "--resume"
             raise UsageError(f"{flag}: no run to {'report' if args.report_only else 'resume'} in {rd} "
-                             "(no config.json); run the same command without it to start one")
+                             "(no config.json); run the same command without it to start one"
+                             + other_runs_hint(cfg.out, rd))
         if args.report_only:
             print(report.write_report(rd))
             return 0
