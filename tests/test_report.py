@@ -690,3 +690,24 @@ def test_the_summary_names_every_setting_that_changes_results(tmp_path):
             assert f"{key} {json.dumps(v)}" in schedules[role], k
         elif k != "label_file" or v:  # (cifar100n's label file: blank elsewhere)
             assert table_row(md, k)[1] == (json.dumps(v) if isinstance(v, (list, dict)) else str(v)), k
+
+
+def test_a_report_refuses_a_finished_metrics_file_that_fails_its_checksum(tmp_path):
+    """--report-only read a finished phase's metrics.csv without checking it: a torn or hand-edited file
+    (which the run itself refuses) was reported as the run's curve, exit 0; now CorruptFile names it."""
+    from sparsetrain.experiment import files
+    run = str(tmp_path / "run")
+    write_config(run)
+    rows = make_rows([0.5, 0.6, 0.55])
+    write_rows(run, rows)  # (the rows' directory)
+    path = os.path.join(run, "seed0", "teacher", "metrics.csv")
+    files.write_csv(path, rows, checksum=True)  # as the study's finish() writes it
+    good = read(R.write_report(run))
+    assert table_row(good, "2")[3] == "55.00"  # (the reference: round 2's test accuracy, as written)
+    with open(path, "r+") as f:  # an edit: round 2's test accuracy 0.55 -> 0.95
+        text = f.read()
+        f.seek(0)
+        f.write(text.replace(",0.55,", ",0.95,"))
+    with pytest.raises(files.CorruptFile, match="metrics.csv"):
+        R.write_report(run)
+    assert read(os.path.join(run, "summary.md")) == good  # (the old summary is left as it was)

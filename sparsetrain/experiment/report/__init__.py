@@ -4,10 +4,11 @@ experiment/early_stop.py, the labels in labels.py, tables in tables.py, plots in
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 
-from ..files import atomic_write
+from ..files import atomic_write, verify
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
@@ -19,7 +20,11 @@ __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summa
 
 
 def write_report(run_dir) -> str:
-    """Load the run, write its PNGs and RUN/summary.md (atomically); returns the summary's path."""
+    """Load the run, write its PNGs and RUN/summary.md (atomically); returns the summary's path.
+    CorruptFile for a finished phase's metrics.csv that no longer matches its checksum (the run
+    itself refuses it; a report of it would show a torn or edited curve as the run's)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
+        verify(path)
     run = load_run(run_dir)
     cfg = run["config"]
     pngs = plot_run(run, run_dir)
