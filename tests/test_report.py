@@ -711,3 +711,20 @@ def test_a_report_refuses_a_finished_metrics_file_that_fails_its_checksum(tmp_pa
     with pytest.raises(files.CorruptFile, match="metrics.csv"):
         R.write_report(run)
     assert read(os.path.join(run, "summary.md")) == good  # (the old summary is left as it was)
+
+
+def test_a_report_refuses_a_config_json_that_does_not_parse(tmp_path):
+    """A run's config.json that does not parse was read as {}: --report-only wrote a summary without
+    settings whose early stops replayed T_E = T_A = 0.8 instead of the run's, with exit 0."""
+    from sparsetrain.experiment import files
+    run = str(tmp_path / "run")
+    write_config(run, t_e=0.5)
+    write_rows(run, make_rows([0.5, 0.6, 0.55]))
+    good = read(R.write_report(run))
+    assert "T_E = 0.5" in good and table_row(good, "t_e")[1] == "0.5"  # (the run's, as recorded)
+    for broken in ("{broken", "[1, 2]"):
+        with open(os.path.join(run, "config.json"), "w") as f:
+            f.write(broken)
+        with pytest.raises(files.CorruptFile, match="config.json is corrupt"):
+            R.write_report(run)
+        assert read(os.path.join(run, "summary.md")) == good

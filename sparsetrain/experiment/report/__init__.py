@@ -8,7 +8,7 @@ import glob
 import json
 import os
 
-from ..files import atomic_write, verify
+from ..files import CorruptFile, atomic_write, verify
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
@@ -22,9 +22,21 @@ __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summa
 def write_report(run_dir) -> str:
     """Load the run, write its PNGs and RUN/summary.md (atomically); returns the summary's path.
     CorruptFile for a finished phase's metrics.csv that no longer matches its checksum (the run
-    itself refuses it; a report of it would show a torn or edited curve as the run's)."""
+    itself refuses it; a report of it would show a torn or edited curve as the run's), and for a
+    config.json that does not parse (the report would show no settings and replay the stop rules at
+    the default thresholds, not the run's)."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        pass  # (a bare folder of metrics: reported with the defaults, as before)
+    except (OSError, ValueError) as e:
+        raise CorruptFile(f"{path} is corrupt ({type(e).__name__}: {e}): the report needs the run's settings; "
+                          "restore it, or remove the run directory to start over") from None
     run = load_run(run_dir)
     cfg = run["config"]
     pngs = plot_run(run, run_dir)
