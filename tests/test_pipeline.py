@@ -607,6 +607,19 @@ def test_config_records_the_device_and_precision_a_run_ran_on(tmp_path, monkeypa
     assert rec["ran_on"] == expected and rec["resumed_with"][-1]["ran_on"] == "cuda:0 Some GPU, bf16 autocast"
 
 
+def test_ran_on_is_the_device_the_process_computes_on(mnist_dir, study_args, monkeypatch):
+    """Under torchrun each rank computes on its LOCAL_RANK's GPU whatever --device cuda:N says: the
+    study hands prepare_run_dir the device it resolved, and that (not --device) is what ran_on names."""
+    assert study.describe_device(torch.device("cpu"), "auto") == "cpu, fp32"
+    seen, real = [], study.describe_device
+    monkeypatch.setattr(study, "describe_device", lambda device, amp: seen.append(device) or real(device, amp))
+    assert study.main(study_args(mnist_dir, "--device", "cpu", "--phases", "teacher")) == 0
+    dev = torch.device("cpu")  # (what run_study resolved --device cpu to)
+    assert seen == [dev]
+    with open(os.path.join(run_dir(mnist_dir / "runs"), "config.json")) as f:
+        assert json.load(f)["ran_on"] == real(dev, "auto")
+
+
 def test_git_commit_is_sparsetrain_s_own(tmp_path):
     """The checkout's commit; for a copy of the package inside another git repository (an installed
     package in a project's virtualenv), "unknown", never that project's commit."""

@@ -38,12 +38,12 @@ def resolve_amp(spec: str, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[spec]
 
 
-def describe_device(device_spec: str, amp_spec: str) -> str:
-    """What --device and --amp resolve to here, for a run's config.json (`auto` alone does not say
-    whether a run trained on a GPU in bf16 or on the CPU in fp32): e.g. "cpu, fp32" or
-    "cuda:0 NVIDIA H100 80GB HBM3, bf16 autocast"."""
+def describe_device(device, amp_spec: str) -> str:
+    """What --device (or the torch.device a process computes on) and --amp resolve to here, for a run's
+    config.json (`auto` alone does not say whether a run trained on a GPU in bf16 or on the CPU in
+    fp32): e.g. "cpu, fp32" or "cuda:0 NVIDIA H100 80GB HBM3, bf16 autocast"."""
     import torch
-    dev = resolve_device(device_spec)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     amp = resolve_amp(amp_spec, dev)
     where = "cpu"
     if dev.type == "cuda":  # (torchrun: each rank's set_device already made its GPU the current one)

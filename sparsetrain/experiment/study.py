@@ -80,10 +80,11 @@ def _read_config(path: str) -> dict:
                          "over") from None
 
 
-def prepare_run_dir(cfg: Config, resuming: bool = True) -> str:
+def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
     """Create the run directory with its resolved config.json; refuse a directory holding a run
     with different result-affecting settings (a hash collision or a hand-edited config). `resuming`:
-    whether this invocation has work left (a finished run re-invoked gains no resumed_with entry)."""
+    whether this invocation has work left (a finished run re-invoked gains no resumed_with entry); `device`:
+    the one this process computes on (torchrun: its rank's GPU), else where --device resolves."""
     rd = run_dir_of(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
@@ -107,7 +108,7 @@ def prepare_run_dir(cfg: Config, resuming: bool = True) -> str:
                         "python": sys.version.split()[0]},
            "torch_threads": torch.get_num_threads(),  # (the kernels' sums are deterministic per thread count)
            "world_size": dist.world(),  # (torchrun processes: per-rank batches and BatchNorm statistics)
-           "ran_on": describe_device(cfg.device, cfg.amp)}  # (what --device/--amp auto resolved to)
+           "ran_on": describe_device(device or cfg.device, cfg.amp)}  # (what --device/--amp auto resolved to)
     # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
     # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
@@ -199,7 +200,7 @@ def run_study(cfg: Config) -> str:
             finish_interrupted_writes(rd)  # (what a kill left half-renamed or half-written)
             fresh.append(not os.path.isfile(os.path.join(rd, "config.json")))
             prepare_run_dir(cfg, resuming=not all(phase_done(os.path.join(rd, f"seed{seed}", p))
-                                                  for seed in cfg.seeds for p in needed_phases(cfg)[0]))
+                                                  for seed in cfg.seeds for p in needed_phases(cfg)[0]), device=dev)
             check_teacher_files(cfg, rd)
             prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
         try:
