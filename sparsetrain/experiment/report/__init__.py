@@ -27,18 +27,11 @@ def write_report(run_dir) -> str:
     the default thresholds, not the run's)."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            if not isinstance(json.load(f), dict):
-                raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        pass  # (a bare folder of metrics: reported with the defaults, as before)
-    except (OSError, ValueError) as e:
-        raise CorruptFile(f"{path} is corrupt ({type(e).__name__}: {e}): the report needs the run's settings; "
-                          "restore it, or remove the run directory to start over") from None
     run = load_run(run_dir)
-    cfg = run["config"]
+    cfg, path = run["config"], os.path.join(run_dir, "config.json")
+    if os.path.exists(path) and (not isinstance(cfg, dict) or not cfg):  # (load_run's {}: it did not parse)
+        raise CorruptFile(f"{path} is corrupt (not a JSON object of settings): the report needs the run's "
+                          "settings; restore it, or remove the run directory to start over")
     pngs = plot_run(run, run_dir)
     # every setting that changes results (the roles' schedules below), then what the run ran on
     keys = ["dataset", "eps", "noise", "clean_val", "val_fraction", "subset", "label_file", "model", "student",
