@@ -299,6 +299,28 @@ def test_an_unextracted_cifar_archive_is_extracted_or_named(tmp_path, monkeypatc
     assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
+def test_a_flowers102_download_takes_the_lock_and_the_timeout(tmp_path, monkeypatch):
+    """Flowers-102's download ran without the download lock (concurrent runs wrote one archive at once)
+    and without the socket timeout (a proxy that never answers hung the run); it now runs under both,
+    as the CIFAR and MNIST downloads do, and leaves neither the lock file nor the timeout behind."""
+    import socket
+
+    import torchvision.datasets
+    from sparsetrain.experiment import dataset_lock
+    seen = []
+
+    class Offline:  # torchvision's Flowers102 without a network: what the download ran under, then its error
+        def __init__(self, root, split, download):
+            seen.append((split, socket.getdefaulttimeout(), (tmp_path / dataset_lock.LOCK_NAME).exists()))
+            raise RuntimeError("no network")
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", Offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(D.DatasetNotFound, match="flowers102 not found .*no network"):
+        D.load_dataset("flowers102", tmp_path, download=True, image_size=8)
+    assert seen == [("train", dataset_lock.DOWNLOAD_TIMEOUT, True)]
+    assert socket.getdefaulttimeout() == before and not (tmp_path / dataset_lock.LOCK_NAME).exists()
+
+
 def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
     """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
     the official .mat files patched out for these small ones), each image opened once; a truncated or
@@ -578,7 +600,7 @@ def test_a_download_that_gets_no_answer_times_out(tmp_path, monkeypatch):
     import time
     import urllib.request
 
-    from sparsetrain.experiment import datasets
+    from sparsetrain.experiment import dataset_lock
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -597,7 +619,7 @@ def test_a_download_that_gets_no_answer_times_out(tmp_path, monkeypatch):
     for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(urllib.request, "_opener", None)  # (urlopen reads the proxy settings into its first opener)
-    monkeypatch.setattr(datasets, "DOWNLOAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(dataset_lock, "DOWNLOAD_TIMEOUT", 0.5)
     before = socket.getdefaulttimeout()
     t0 = time.monotonic()
     try:

@@ -1,13 +1,16 @@
-"""The lock that processes downloading or extracting into one data folder take turns under."""
+"""The lock that processes downloading or extracting into one data folder take turns under, and the
+timeout a download's sockets wait with (download_guard: both, around torchvision's download)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "download_lock"]
+__all__ = ["LOCK_NAME", "DOWNLOAD_TIMEOUT", "download_lock", "download_guard"]
 
 LOCK_NAME = ".sparsetrain-download.lock"
+DOWNLOAD_TIMEOUT = 60.0  # seconds a download's socket waits for the server's answer
 
 
 @contextlib.contextmanager
@@ -49,3 +52,17 @@ def download_lock(data_dir: Path):
                 if made:
                     with contextlib.suppress(OSError):
                         data_dir.rmdir()  # (refused unless empty)
+
+
+@contextlib.contextmanager
+def download_guard(data_dir: Path):
+    """download_lock(data_dir), and every socket opened meanwhile waits DOWNLOAD_TIMEOUT seconds for an
+    answer (torchvision's urlopen has no timeout: a server or proxy that never answers blocked the run,
+    and every run waiting for this lock, forever; process-wide, so restored at once)."""
+    with download_lock(data_dir):
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+        try:
+            yield
+        finally:
+            socket.setdefaulttimeout(previous)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
-import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -25,14 +24,14 @@ import torch
 
 from .dataset_checks import check_batch_label, check_distinct, check_human_labels, check_not_swapped
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
-from .dataset_lock import download_lock
+from . import dataset_lock
+from .dataset_lock import download_guard, download_lock
 from .images import load_flowers, load_imagefolder
 
 __all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError", "Raw", "loader", "read_idx",
            "check_pairs"]
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-DOWNLOAD_TIMEOUT = 60.0  # seconds a download's socket waits for the server's answer
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
 
 
@@ -340,21 +339,14 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
     writes each archive in place, then checks and extracts it, and skips what a previous holder left complete."""
     try:
         import torchvision.datasets
-        with download_lock(Path(data_dir)):
-            previous = socket.getdefaulttimeout()
-            # (torchvision's urlopen has none: a server or proxy that never answers blocked the run, and
-            # every run waiting for this lock, forever; process-wide, so restored at once)
-            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
-            try:
-                getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
-            finally:
-                socket.setdefaulttimeout(previous)
+        with download_guard(Path(data_dir)):
+            getattr(torchvision.datasets, cls_name)(str(data_dir), train=True, download=True)
         return None
     except Exception as e:  # no network, bad archive, ...: reported in the not-found message, on one line
         if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError) or "timed out" in str(e):
             cls = getattr(torchvision.datasets, cls_name, None)
             url = getattr(cls, "url", None) or ", ".join(getattr(cls, "mirrors", ())) or "its server"
-            return (f"{cls_name}: the download from {url} timed out (no answer within {DOWNLOAD_TIMEOUT:g} s; "
+            return (f"{cls_name}: the download from {url} timed out (no answer within {dataset_lock.DOWNLOAD_TIMEOUT:g} s; "
                     "a server or proxy that does not answer)")
         return " ".join(f"{type(e).__name__}: {e}".split())[:400]  # (torchvision's runs over several)
 

@@ -3,12 +3,14 @@ with PIL, its shorter side resized to `size` and center-cropped, as uint8 [3, si
 that cannot be read is a DataError naming its file."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
+from .dataset_lock import download_guard
 
 __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder"]
 
@@ -44,8 +46,9 @@ def load_flowers(data_dir: Path, size: int, download: bool):
         raise ImportError(f"flowers102 needs scipy (torchvision reads its .mat labels): pip install scipy ({e})")
     out = []
     for split in ("train", "val", "test"):
-        try:
-            ds = Flowers102(str(data_dir), split=split, download=download)
+        try:  # (a download under the lock other runs take turns under, its sockets with a timeout)
+            with download_guard(data_dir) if download else contextlib.nullcontext():
+                ds = Flowers102(str(data_dir), split=split, download=download)
         except Exception as e:
             base = data_dir / "flowers-102"
             if any((base / n).exists() for n in ("jpg", "imagelabels.mat", "setid.mat")):  # (a copy is there: why
