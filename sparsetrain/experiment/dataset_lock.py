@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from .files import _open_lock
+
 __all__ = ["LOCK_NAME", "DOWNLOAD_TIMEOUT", "download_lock", "download_guard"]
 
 LOCK_NAME = ".sparsetrain-download.lock"
@@ -15,40 +17,25 @@ DOWNLOAD_TIMEOUT = 60.0  # seconds a download's socket waits for the server's an
 
 @contextlib.contextmanager
 def download_lock(data_dir: Path):
-    """Hold an exclusive lock (fcntl) on data_dir/.sparsetrain-download.lock while the body runs
-    (unguarded where fcntl is missing or the filesystem does not lock). The holder removes the file
-    before it lets go, and data_dir too where this call made it and it is left empty (a failed
-    download left both behind); a process that waited on the removed file sees that its file is no
-    longer the one at that path and takes the new one (two holders otherwise: one per file)."""
+    """Hold an exclusive lock (fcntl, waiting for its holder: files._open_lock) on
+    data_dir/.sparsetrain-download.lock while the body runs (unguarded where fcntl is missing or the
+    filesystem does not lock). The holder removes the file before it lets go, and data_dir too where
+    this call made it and it is left empty (a failed download left both behind); a process that waited
+    on the removed file takes the new one."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # (no fcntl: unguarded, as before)
+        yield
+        return
     data_dir, made = Path(data_dir), not Path(data_dir).exists()
-    path, held = data_dir / LOCK_NAME, False
-    for _ in range(100):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock = open(path, "a")
-        except FileNotFoundError:  # (data_dir removed by the previous holder meanwhile)
-            continue
-        try:
-            import fcntl
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # (released when the file closes)
-        except (ImportError, OSError):  # (no fcntl, a filesystem without locks: unguarded, as before)
-            break
-        try:
-            held = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
-        except FileNotFoundError:
-            pass
-        if held:
-            break
-        lock.close()
-    else:
-        raise OSError(f"{path}: removed and made again 100 times by other processes while waiting for it")
+    lock, taken = _open_lock(str(data_dir), LOCK_NAME, wait=True)
     with lock:
         try:
             yield
         finally:
-            if held:
+            if taken:
                 with contextlib.suppress(OSError):
-                    os.remove(path)
+                    os.remove(data_dir / LOCK_NAME)
                 if made:
                     with contextlib.suppress(OSError):
                         data_dir.rmdir()  # (refused unless empty)

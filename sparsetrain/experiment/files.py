@@ -94,16 +94,17 @@ def folder_lock(folder: str):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _open_lock(folder: str):
-    """folder/.lock opened and _try_flock'ed: (file, taken). A lock taken on a file its holder removed
-    meanwhile (remove_empty_folder, the folder then gone) guards nothing: taken again on the new one."""
+def _open_lock(folder: str, name: str = ".lock", wait: bool = False):
+    """folder/name opened and _try_flock'ed (with `wait`, locked once its holder lets go): (file, taken).
+    A lock taken on a file its holder removed meanwhile (remove_empty_folder, the folder then gone; a
+    finished download's lock file) guards nothing: taken again on the new one."""
     for _ in range(10):
         os.makedirs(folder, exist_ok=True)
         try:
-            f = open(os.path.join(folder, ".lock"), "a+")
+            f = open(os.path.join(folder, name), "a+")
         except FileNotFoundError:  # (the folder removed between the two calls)
             continue
-        taken = _try_flock(f)
+        taken = _wait_flock(f) if wait else _try_flock(f)
         try:
             if taken is not True or os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)):
                 return f, taken
@@ -146,6 +147,16 @@ def _try_flock(f):
         return True
     except OSError as e:
         return False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+
+
+def _wait_flock(f):
+    """Take f's exclusive lock, waiting for its holder: True, or None where the filesystem cannot lock."""
+    import fcntl
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        return True
+    except OSError:
+        return None
 
 
 def _digest(path: str) -> dict:
