@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <utility>
 #include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2 and the baseline ISA; the loader picks one clone at
@@ -24,8 +27,29 @@
 #define ST_MULTIVERSION
 #endif
 #define ST_INLINE __attribute__((always_inline)) inline
+// GCC 12 compiles a call into a target_clones function (through its ifunc dispatcher) as one that
+// cannot throw, so an exception leaving a clone (a failed scratch allocation) ends in std::terminate
+// in the worker thread instead of reaching Python. So every ST_MULTIVERSION function's body is a
+// function-try-block ending in ST_CLONE_CATCH, which parks the exception in a thread-local slot, and
+// every call goes through ST_CLONE_CALL, which rethrows it in the (uncloned) caller; at::parallel_for
+// then carries it to the calling thread as usual.
+#define ST_CLONE_CATCH \
+  catch (...) { ::sparsetrain::clone_exception() = std::current_exception(); }
+#define ST_CLONE_CALL(...)                  \
+  do {                                      \
+    __VA_ARGS__;                            \
+    ::sparsetrain::rethrow_clone_exception(); \
+  } while (0)
 
 namespace sparsetrain {
+inline std::exception_ptr& clone_exception() {
+  static thread_local std::exception_ptr e;
+  return e;
+}
+inline void rethrow_clone_exception() {
+  if (std::exception_ptr e = std::exchange(clone_exception(), nullptr)) std::rethrow_exception(e);
+}
+
 // Register width in bytes of the clone that runs: 64 (AVX-512), 32 (AVX2) or 16 (baseline), the
 // same test the clones' resolver makes. Hot loops are templates over it (SimdVec<T, VB>) and the
 // multiversioned task functions switch on it once (ST_SWITCH_VB): GCC lowers a vector type wider
@@ -194,12 +218,26 @@ ST_INLINE void prefetch_ahead_n(const T* p, int64_t n) {
 // Thread-local scratch that survives between calls: no page-fault zero fill per call. Slots 0..6
 // (the kernels' packed x, dy, output staging, partial sums, BN planes, the residual's gradient, an
 // unpooled gradient plane).
+// SPARSETRAIN_TEST_SCRATCH_LIMIT=<bytes> makes a larger buffer fail as a real allocation failure
+// would (std::bad_alloc): the tests check such a failure raises instead of aborting the process.
+inline size_t scratch_limit() {
+  static const size_t limit = [] {
+    const char* env = std::getenv("SPARSETRAIN_TEST_SCRATCH_LIMIT");  // decimal digits; anything else ignored
+    char* end = nullptr;
+    const unsigned long long v = env && *env >= '0' && *env <= '9' ? std::strtoull(env, &end, 10) : 0;
+    return end && *end == '\0' ? size_t(v) : SIZE_MAX;
+  }();
+  return limit;
+}
 template <typename T>
 T* scratch(size_t n, int slot) {
   thread_local std::vector<double> bufs[7];
   auto& b = bufs[slot];
   const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
-  if (b.size() < words) b.resize(words);
+  if (b.size() < words) {
+    if (words * sizeof(double) > scratch_limit()) throw std::bad_alloc();
+    b.resize(words);
+  }
   // 64-byte align inside the buffer
   uintptr_t a = reinterpret_cast<uintptr_t>(b.data());
   a = (a + 63) & ~uintptr_t(63);

@@ -165,33 +165,33 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
 
 #define ST_BN_ACT_TASKS(T)                                                                         \
   ST_MULTIVERSION void act_rows(const T* y, const T* res, T* out, int64_t n, const T* a, const T* b,  \
-                                int64_t s0, int64_t s1, bool relu, int32_t* cnt) {                 \
+                                int64_t s0, int64_t s1, bool relu, int32_t* cnt) try {             \
     act_rows_impl<T>(y, res, out, n, a, b, s0, s1, relu, cnt);                                     \
-  }                                                                                                \
+  } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void act_planes(const T* y, const T* res, T* out, const T* scale, const T* shift, \
-                                  int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) { \
+                                  int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) try { \
     act_planes_impl<T>(y, res, out, scale, shift, C, hw, p0, p1, relu, cnt);                       \
-  }                                                                                                \
+  } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
-                                double* part, bool ra, T* gout, const Unpool* up) {                \
+                                double* part, bool ra, T* gout, const Unpool* up) try {            \
     ST_SWITCH_VB((bwd_sums_for<T, VB>(go, y, res, scale, shift, mean, C, hw, p0, p1, part, ra, gout, up))); \
-  }                                                                                                \
+  } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void bwd_dy(const T* go, const T* y, const T* res, const T* scale, const T* shift, \
                               const double* mean, const double* k, int64_t C, int64_t hw,          \
-                              int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) { \
+                              int64_t p0, int64_t p1, T* dy, T* gout, double* dsum, bool ra, bool rb) try { \
     ST_SWITCH_VB((bwd_dy_impl<T, VB>(go, y, res, scale, shift, mean, k, C, hw, p0, p1, dy, gout, dsum, ra, rb))); \
-  }                                                                                                \
+  } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void row_sums(const T* go, const T* y, const T* res, const T* const* e, int64_t n, \
-                                int64_t s0, int64_t s1, T* acc, bool ra) {                         \
+                                int64_t s0, int64_t s1, T* acc, bool ra) try {                     \
     if (ra && res) row_sums_impl<T, true, true>(go, y, res, e, n, s0, s1, acc);                    \
     else if (ra) row_sums_impl<T, true, false>(go, y, res, e, n, s0, s1, acc);                     \
     else row_sums_impl<T, false, false>(go, y, res, e, n, s0, s1, acc);                            \
-  }                                                                                                \
+  } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void row_dy(const T* go, const T* y, const T* res, const T* const* e, int64_t n,   \
-                              int64_t s0, int64_t s1, T* dy, T* gout, T* acc, bool ra, bool rb) {      \
+                              int64_t s0, int64_t s1, T* dy, T* gout, T* acc, bool ra, bool rb) try {  \
     ST_BN_DY_SWITCH(T, row_dy_impl, (go, y, res, e, n, s0, s1, dy, gout, acc));                        \
-  }
+  } ST_CLONE_CATCH
 ST_BN_ACT_TASKS(float)
 ST_BN_ACT_TASKS(double)
 #undef ST_BN_ACT_TASKS
@@ -240,11 +240,11 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
       const int64_t n = C * hw;
       const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, hw), b = per_element<T>(sh.data_ptr<T>(), C, hw);
       at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
-        act_rows(yp, rp, op, n, a.data(), b.data(), s0, s1, relu, counts.mine());
+        ST_CLONE_CALL(act_rows(yp, rp, op, n, a.data(), b.data(), s0, s1, relu, counts.mine()));
       });
     } else {
       at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-        act_planes(yp, rp, op, sc.data_ptr<T>(), sh.data_ptr<T>(), C, hw, p0, p1, relu, counts.mine());
+        ST_CLONE_CALL(act_planes(yp, rp, op, sc.data_ptr<T>(), sh.data_ptr<T>(), C, hw, p0, p1, relu, counts.mine()));
       });
     }
   });
@@ -335,7 +335,7 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
       const T* ep[3] = {a.data(), b.data(), mm.data()};
       std::vector<T> racc(size_t(nth) * 2 * n, T(0));
       at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
-        row_sums(gp, yp, rp, ep, n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after);
+        ST_CLONE_CALL(row_sums(gp, yp, rp, ep, n, s0, s1, racc.data() + size_t(at::get_thread_num()) * 2 * n, relu_after));
       });
       for (int64_t t = 0; t < nth; ++t)
         for (int64_t c = 0; c < C; ++c)
@@ -345,8 +345,8 @@ std::vector<double> bn_sums(const at::Tensor& go, const at::Tensor& y, const at:
           }
     } else {
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-        bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after,
-                 gmp, up);
+        ST_CLONE_CALL(bwd_sums(gp, yp, rp, sp, hp, m, C, hw, p0, p1, part.data() + size_t(at::get_thread_num()) * C * 2, relu_after,
+                               gmp, up));
       });
     }
   });
@@ -400,16 +400,16 @@ void bn_grad_input(const at::Tensor& go, const at::Tensor& y, const at::Tensor* 
       for (int64_t j = 0; j < 6; ++j) ep[j] = e[j].data();
       std::vector<T> racc(size_t(nth) * n, T(0));
       at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
-        row_dy(gp, yp, rp, ep, n, s0, s1, dy.data_ptr<T>(), gout, racc.data() + size_t(at::get_thread_num()) * n,
-               relu_after, relu_before);
+        ST_CLONE_CALL(row_dy(gp, yp, rp, ep, n, s0, s1, dy.data_ptr<T>(), gout, racc.data() + size_t(at::get_thread_num()) * n,
+                             relu_after, relu_before));
       });
       for (int64_t t = 0; t < nth; ++t)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t i = 0; i < hw; ++i) spart[t * C + c] += racc[t * n + c * hw + i];
     } else {
       at::parallel_for(0, planes, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-        bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<T>(), gout,
-               spart.data() + size_t(at::get_thread_num()) * C, relu_after, relu_before);
+        ST_CLONE_CALL(bwd_dy(gp, yp, rp, sp, hp, m, k.data(), C, hw, p0, p1, dy.data_ptr<T>(), gout,
+                             spart.data() + size_t(at::get_thread_num()) * C, relu_after, relu_before));
       });
     }
   });

@@ -108,7 +108,7 @@ ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64
 #define ST_POOL_TASKS(T)                                                                        \
   ST_MULTIVERSION void pool_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW,    \
                                    int64_t p0, int64_t p1, T* out, uint8_t* idx, const T* sc,    \
-                                   const T* sh, bool relu, int64_t C) {                         \
+                                   const T* sh, bool relu, int64_t C) try {                     \
     if (sc) {                                                                                   \
       T* buf = scratch<T>(size_t(std::max<int64_t>(kActBuf, H * W)), 0);                        \
       pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, sc, sh, relu, C, buf);                 \
@@ -120,22 +120,23 @@ ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64
     }                                                                                           \
     for (int64_t p = p0; p < p1; ++p)                                                           \
       pool_plane(x + p * H * W, W, OH, OW, out + p * OH * OW, idx + p * OH * OW);               \
-  }                                                                                             \
+  } ST_CLONE_CATCH                                                                              \
   ST_MULTIVERSION void pool_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t C, \
                                  int64_t s0, int64_t s1, T* out, uint8_t* idx, const T* a, const T* b, \
-                                 bool relu) {                                                   \
+                                 bool relu) try {                                               \
     T* buf = scratch<T>(size_t(C * H * W), 0);                                                  \
     pool_act_rows(x, H, W, OH, OW, C, s0, s1, out, idx, a, b, relu, buf);                       \
-  }                                                                                             \
+  } ST_CLONE_CATCH                                                                              \
   ST_MULTIVERSION void unpool_planes(const T* g, const uint8_t* idx, int64_t H, int64_t W,      \
-                                     int64_t OH, int64_t OW, int64_t p0, int64_t p1, T* dx) {   \
+                                     int64_t OH, int64_t OW, int64_t p0, int64_t p1,            \
+                                     T* dx) try {                                               \
     if (const int n = pair_width(H, W)) {                                                       \
       ST_PAIRS_SWITCH(n, (unpool_pairs_n<T, NN>(g, idx, p0 * OH, p1 * OH, dx)));                \
       return;                                                                                   \
     }                                                                                           \
     for (int64_t p = p0; p < p1; ++p)                                                           \
       unpool_plane(g + p * OH * OW, idx + p * OH * OW, H, W, OH, OW, dx + p * H * W);           \
-  }
+  } ST_CLONE_CATCH
 ST_POOL_TASKS(float)
 ST_POOL_TASKS(double)
 #undef ST_POOL_TASKS
@@ -164,15 +165,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
     if (sc.defined() && H * W < kRowPlane) {  // bn_act's row path: sample rows, constants per element
       const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, H * W), b = per_element<T>(sh.data_ptr<T>(), C, H * W);
       at::parallel_for(0, B, plane_grain(C * H * W), [&](int64_t s0, int64_t s1) {
-        pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), a.data(),
-                  b.data(), relu);
+        ST_CLONE_CALL(pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), a.data(),
+                                b.data(), relu));
       });
       return;
     }
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
-      pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
-                  sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
-                  relu, C);
+      ST_CLONE_CALL(pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
+                                sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
+                                relu, C));
     });
   });
   return {out, idx};
@@ -204,7 +205,7 @@ at::Tensor max_pool2x2_backward(const at::Tensor& grad_out, const at::Tensor& in
         bad = true;
         return;
       }
-      unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>());
+      ST_CLONE_CALL(unpool_planes(g.data_ptr<scalar_t>(), ic.data_ptr<uint8_t>(), H, W, OH, OW, p0, p1, dx.data_ptr<scalar_t>()));
     });
   });
   TORCH_CHECK_VALUE(!bad, name, " must hold max_pool2x2's window positions (0 to 3), got a larger value");

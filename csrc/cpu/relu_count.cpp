@@ -18,16 +18,16 @@ ST_INLINE void relu_count_range(int64_t* counts, const T* x, int64_t B, int64_t 
 }
 #define ST_RELU_COUNT(T)                                                                           \
   ST_MULTIVERSION void relu_count_rows(int64_t* counts, const T* x, int64_t B, int64_t N, int64_t n0, \
-                                       int64_t n1) {                                               \
+                                       int64_t n1) try {                                           \
     relu_count_range<T>(counts, x, B, N, n0, n1);                                                  \
-  }
+  } ST_CLONE_CATCH
 ST_RELU_COUNT(float)
 ST_RELU_COUNT(double)
 #undef ST_RELU_COUNT
 
 template <typename T>
 void relu_count_impl(int64_t* counts, const T* x, int64_t B, int64_t N) {
-  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) { relu_count_rows(counts, x, B, N, n0, n1); });
+  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) { ST_CLONE_CALL(relu_count_rows(counts, x, B, N, n0, n1)); });
 }
 
 void relu_count_(at::Tensor& counts, const at::Tensor& pre) {

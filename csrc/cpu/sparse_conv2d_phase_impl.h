@@ -332,13 +332,13 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
 
 #define ST_DEFINE_TASKS(T)                                                                       \
   ST_MULTIVERSION void fwd_task(const Args<T>& A, int64_t tile, int64_t o0, int64_t o1,          \
-                                bool pack) {                                                     \
+                                bool pack) try {                                                 \
     ST_SWITCH_VB((fwd_task_impl<T, VB>(A, tile, o0, o1, pack)));                                 \
-  }                                                                                              \
+  } ST_CLONE_CATCH                                                                               \
   ST_MULTIVERSION void bwd_task(const Args<T>& A, int64_t tile, int64_t c0, int64_t c1,          \
-                                int64_t o0, int64_t o1, bool pack, T* part) {                    \
+                                int64_t o0, int64_t o1, bool pack, T* part) try {                \
     ST_SWITCH_VB((bwd_task_impl<T, VB>(A, tile, c0, c1, o0, o1, pack, part)));                   \
-  }
+  } ST_CLONE_CATCH
 
 
 // Index work shared by every tile (O(nnz)): x offsets per nonzero, the used channels and, for the
@@ -415,9 +415,9 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
   if (!part.empty()) A.stats = part.data();
   run_tasks<T>(
       P.nbt, P.C, P.O, y != nullptr, nnz, dvals,
-      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { fwd_task(A, tile, o0, o1, pack); },
+      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { ST_CLONE_CALL(fwd_task(A, tile, o0, o1, pack)); },
       [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
-        bwd_task(A, tile, c0, c1, o0, o1, pack, part);
+        ST_CLONE_CALL(bwd_task(A, tile, c0, c1, o0, o1, pack, part));
       });
   if (!part.empty()) reduce_stats(part, P.nbt, P.O, stats);
   counts.finish();

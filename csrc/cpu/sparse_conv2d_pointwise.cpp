@@ -238,13 +238,13 @@ ST_INLINE void pw_bwd_impl(const PArgs<T>& A, int64_t tile, int64_t c0, int64_t 
     default: { constexpr int NV = 1; CALL; break; }  \
   })
 #define ST_PW_TASKS(T)                                                                                   \
-  ST_MULTIVERSION void pw_fwd_task(const PArgs<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) { \
+  ST_MULTIVERSION void pw_fwd_task(const PArgs<T>& A, int64_t tile, int64_t o0, int64_t o1, bool pack) try { \
     ST_PW_SWITCH((pw_fwd_impl<T, VB, NV>(A, tile, o0, o1, pack)));                                       \
-  }                                                                                                      \
+  } ST_CLONE_CATCH                                                                                       \
   ST_MULTIVERSION void pw_bwd_task(const PArgs<T>& A, int64_t tile, int64_t c0, int64_t c1, int64_t o0, \
-                                   int64_t o1, bool pack, T* part) {                                     \
+                                   int64_t o1, bool pack, T* part) try {                                 \
     ST_PW_SWITCH((pw_bwd_impl<T, VB, NV>(A, tile, c0, c1, o0, o1, pack, part)));                         \
-  }
+  } ST_CLONE_CATCH
 ST_PW_TASKS(float)
 ST_PW_TASKS(double)
 #undef ST_PW_TASKS
@@ -310,9 +310,9 @@ void pointwise_conv(const ConvGeom& g, int64_t rb, const T* x, const T* dy, cons
   A.stats = part.empty() ? nullptr : part.data();
   run_tasks<T>(
       tiles, g.C, g.O, y != nullptr, nnz, dvals,
-      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { pw_fwd_task(A, tile, o0, o1, pack); },
+      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { ST_CLONE_CALL(pw_fwd_task(A, tile, o0, o1, pack)); },
       [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
-        pw_bwd_task(A, tile, c0, c1, o0, o1, pack, part);
+        ST_CLONE_CALL(pw_bwd_task(A, tile, c0, c1, o0, o1, pack, part));
       });
   if (!part.empty()) reduce_stats(part, tiles, g.O, stats);
   counts.finish();

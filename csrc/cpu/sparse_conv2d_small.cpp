@@ -236,13 +236,13 @@ ST_INLINE void small_bwd_impl(const SArgs<T>& A, int64_t tile, int64_t c0, int64
   })
 #define ST_SMALL_TASKS(T)                                                                        \
   ST_MULTIVERSION void small_fwd_task(const SArgs<T>& A, int64_t tile, int64_t o0, int64_t o1,   \
-                                      bool pack) {                                               \
+                                      bool pack) try {                                           \
     ST_SMALL_SWITCH(T, (small_fwd_impl<T, VB, NV>(A, tile, o0, o1, pack)));                      \
-  }                                                                                              \
+  } ST_CLONE_CATCH                                                                               \
   ST_MULTIVERSION void small_bwd_task(const SArgs<T>& A, int64_t tile, int64_t c0, int64_t c1,   \
-                                      int64_t o0, int64_t o1, bool pack, T* part) {              \
+                                      int64_t o0, int64_t o1, bool pack, T* part) try {          \
     ST_SMALL_SWITCH(T, (small_bwd_impl<T, VB, NV>(A, tile, c0, c1, o0, o1, pack, part)));        \
-  }
+  } ST_CLONE_CATCH
 ST_SMALL_TASKS(float)
 ST_SMALL_TASKS(double)
 #undef ST_SMALL_TASKS
@@ -312,9 +312,9 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
   A.stats = part.empty() ? nullptr : part.data();
   run_tasks<T>(
       tiles, g.C, g.O, y != nullptr, nnz, dvals,
-      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { small_fwd_task(A, tile, o0, o1, pack); },
+      [&](int64_t tile, int64_t o0, int64_t o1, bool pack) { ST_CLONE_CALL(small_fwd_task(A, tile, o0, o1, pack)); },
       [&](int64_t tile, int64_t c0, int64_t c1, int64_t o0, int64_t o1, bool pack, T* part) {
-        small_bwd_task(A, tile, c0, c1, o0, o1, pack, part);
+        ST_CLONE_CALL(small_bwd_task(A, tile, c0, c1, o0, o1, pack, part));
       });
   if (!part.empty()) reduce_stats(part, tiles, g.O, stats);
   counts.finish();

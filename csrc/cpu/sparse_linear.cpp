@@ -177,20 +177,20 @@ ST_INLINE void wgrad_tile_impl(const T* dy, const T* x, int64_t tb, int64_t N, i
   ST_MULTIVERSION void fwd_tile(const T* x, int64_t tb, int64_t K, bool load, T* xt, T* yt,         \
                                 const int64_t* ptr, const int32_t* idx, const T* vals,              \
                                 const T* bias, int64_t n0, int64_t n1, int64_t N, T* y, int TB,     \
-                                const int64_t* cols, int64_t U) {                                   \
+                                const int64_t* cols, int64_t U) try {                               \
     ST_SWITCH_VB(ST_TB((fwd_tile_impl<T, VB, TBc>(x, tb, K, load, xt, yt, ptr, idx, vals, bias,   \
                                                   n0, n1, N, y, cols, U))));                        \
-  }                                                                                                 \
+  } ST_CLONE_CATCH                                                                                  \
   ST_MULTIVERSION void dgrad_tile(const T* dy, int64_t tb, int64_t N, T* dyt, T* dxt,               \
                                   const int64_t* ptr, const int32_t* idx, const T* vals, int64_t K, \
-                                  T* dx, int TB, const int64_t* cols, int64_t U) {                  \
+                                  T* dx, int TB, const int64_t* cols, int64_t U) try {              \
     ST_TB((dgrad_tile_impl<T, TBc>(dy, tb, N, dyt, dxt, ptr, idx, vals, K, dx, cols, U)))           \
-  }                                                                                                 \
+  } ST_CLONE_CATCH                                                                                  \
   ST_MULTIVERSION void wgrad_tile(const T* dy, const T* x, int64_t tb, int64_t N, int64_t K,        \
                                   T* dyt, T* xt, const int64_t* ptr, const int32_t* idx, T* part,   \
-                                  int TB, const int64_t* cols, int64_t U) {                         \
+                                  int TB, const int64_t* cols, int64_t U) try {                     \
     ST_TB((wgrad_tile_impl<T, TBc>(dy, x, tb, N, K, dyt, xt, ptr, idx, part, cols, U)))             \
-  }
+  } ST_CLONE_CATCH
 ST_DEFINE_TILES(float)
 ST_DEFINE_TILES(double)
 #undef ST_DEFINE_TILES
@@ -217,8 +217,8 @@ void spmm(const T* x, int64_t B, int64_t K, const int64_t* ptr, const int32_t* i
       const int64_t bt = task / nchunks, c = task % nchunks;
       const int64_t b0 = bt * TB, tb = std::min<int64_t>(TB, B - b0);
       const int64_t n0 = N * c / nchunks, n1 = N * (c + 1) / nchunks;
-      fwd_tile(x + b0 * K, tb, K, bt != loaded, xt, yt, ptr, tc.idx, vals, bias, n0, n1, N, y + b0 * N, TB,
-               tc.cols, tc.U);
+      ST_CLONE_CALL(fwd_tile(x + b0 * K, tb, K, bt != loaded, xt, yt, ptr, tc.idx, vals, bias, n0, n1, N, y + b0 * N, TB,
+                             tc.cols, tc.U));
       loaded = bt;
     }
   });
@@ -236,7 +236,7 @@ void spmm_t(const T* dy, int64_t B, int64_t N, const int64_t* ptr, const int32_t
     T* dxt = scratch<T>(size_t(tc.U) * TB, 1);
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b0 = bt * TB, tb = std::min<int64_t>(TB, B - b0);
-      dgrad_tile(dy + b0 * N, tb, N, dyt, dxt, ptr, tc.idx, vals, K, dx + b0 * K, TB, tc.cols, tc.U);
+      ST_CLONE_CALL(dgrad_tile(dy + b0 * N, tb, N, dyt, dxt, ptr, tc.idx, vals, K, dx + b0 * K, TB, tc.cols, tc.U));
     }
   });
 }
@@ -258,7 +258,7 @@ void sddmm(const T* dy, const T* x, int64_t B, int64_t N, int64_t K, const int64
     T* dyt = scratch<T>(size_t(N) * TB, 1);
     for (int64_t bt = begin; bt < end; ++bt) {
       const int64_t b0 = bt * TB, tb = std::min<int64_t>(TB, B - b0);
-      wgrad_tile(dy + b0 * N, x + b0 * K, tb, N, K, dyt, xt, ptr, tc.idx, part, TB, tc.cols, tc.U);
+      ST_CLONE_CALL(wgrad_tile(dy + b0 * N, x + b0 * K, tb, N, K, dyt, xt, ptr, tc.idx, part, TB, tc.cols, tc.U));
     }
   });
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
