@@ -713,6 +713,12 @@ def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     assert p.returncode == 130, out
     stopped = json.loads(next((tmp_path / "sw").glob("grid-*/status.json")).read_text())
     assert "interrupted" in [s["state"] for s in stopped.values()], stopped
+    # the interrupted sweep still writes its report: what finished, the interrupted runs named
+    # (it wrote none before 2026-12-06: a report from an earlier invocation stayed, stale)
+    report = next((tmp_path / "sw").glob("grid-*/report/summary.md")).read_text()
+    cut = [n for n, s in stopped.items() if s["state"] == "interrupted"]
+    assert f"run(s) failed or were interrupted:** {', '.join(cut)}" in report, report
+    assert "report: " in out and "summary.md" in out, out
     assert cli.main(["grid", *argv]) == 0  # the same command again (here on the module's local Ray)
     done = json.loads(next((tmp_path / "sw").glob("grid-*/status.json")).read_text())
     assert all(s["state"] in ("done", "skipped") for s in done.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import math
 import os
 import sys
@@ -147,6 +148,20 @@ def _make_folder(parser, path: str) -> None:
         parser.error(f"--out: cannot create {path} ({e.strerror or e})")
 
 
+def _report(plan, sweep_dir: str, settings: dict, what: str, status: dict) -> str:
+    """The sweep's report (OUT/<sweep>/report) from its plan and status; returns summary.md's path."""
+    from .report import write_sweep_report
+    leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
+    axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
+    axes += sorted(variant_keys(settings) - set(axes))  # (and what variants change)
+    of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps and s.own_vanilla for s in plan)]
+    # the result runs (studies; teacher runs no study links): their points get rows even without a directory
+    planned = {r.run_dir or r.name: r.config for r in plan
+               if r.kind == "study" or not any(r.name in s.deps for s in plan)}
+    return write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {what}",
+                              axes=axes, teacher_runs=of_studies, planned=planned)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,26 +236,23 @@ def main(argv=None) -> int:
         if invalid:  # (exit 1, as the sweep itself would end: it runs the others and reports these failed)
             print(f"error: {invalid} of {len(plan)} runs are invalid (INVALID above)", file=sys.stderr)
         return 1 if invalid else 0
-    from .report import write_sweep_report
     from .runner import SweepError, execute
     try:
         status = execute(plan, sweep_dir, cpus=args.cpus_per_run, gpus=args.gpus_per_run,
                          max_concurrent=args.max_concurrent, retries=args.retries, address=args.address)
     except KeyboardInterrupt:
-        print("stopped; re-run the same command to resume", file=sys.stderr)
+        try:  # the report of what finished, the interrupted runs marked (status.json is written by then)
+            with open(os.path.join(sweep_dir, "status.json")) as f:
+                summary = _report(plan, sweep_dir, settings, args.what, json.load(f))
+            print(f"stopped; re-run the same command to resume\nreport: {summary}", file=sys.stderr)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 (a second Ctrl-C, or no status.json yet)
+            print(f"stopped; re-run the same command to resume (no report written: {type(e).__name__})",
+                  file=sys.stderr)
         return 130
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    leaves = _leaves([r.run_dir for r in plan if r.run_dir], [r.run_dir for r in plan if r.kind == "teacher"])
-    axes = [k for k, v in settings.items() if isinstance(v, list) and len(v) > 1]  # (lists are the grid's axes)
-    axes += sorted(variant_keys(settings) - set(axes))  # (and what variants change)
-    of_studies = [r.run_dir for r in plan if r.kind == "teacher" and any(r.name in s.deps and s.own_vanilla for s in plan)]
-    # the result runs (studies; teacher runs no study links): their points get rows even without a directory
-    planned = {r.run_dir or r.name: r.config for r in plan
-               if r.kind == "study" or not any(r.name in s.deps for s in plan)}
-    summary = write_sweep_report(leaves, os.path.join(sweep_dir, "report"), status, title=f"sweep {args.what}",
-                                 axes=axes, teacher_runs=of_studies, planned=planned)
+    summary = _report(plan, sweep_dir, settings, args.what, status)
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}
     for n, s in failed.items():
         print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)
