@@ -960,6 +960,12 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
                "curves": {"teacher": group(0.1, 0.7, [[(0.5, 0.5)]])["curves"]["distill-dense"]}}
     md = alpha_tau_md(groups + [teacher], ["eps", "alpha", "tau"])
     assert "0.7" not in md and "20" not in md and "| 0.8 | 65.00 |" in md
+    # a setting that ran at one eps only (here seed count 3, at eps 0.1) gets no "average over" block of its
+    # own (it printed one "average over ε = 0.1", a copy of its eps block, before 2026-12-06)
+    lone = {**group(0.1, 0.5, [[(0.5, 0.5)]]), "config": {"eps": 0.1, "alpha": 0.5, "tau": 10.0, "seeds": 3}}
+    md = alpha_tau_md(groups + [lone], ["eps", "alpha", "seeds"])
+    heads = [b.split("\n")[0] for b in md.split("### ")[1:]]
+    assert [h for h in heads if h.startswith("average over")] == ["average over ε = 0.1, 0.2, seeds=None: distill-dense"], heads
 
 
 def test_every_recipe_plans_without_an_invalid_point(tmp_path):

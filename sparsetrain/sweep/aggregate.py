@@ -247,6 +247,8 @@ def alpha_tau_md(groups, keys) -> str:
                 avg.setdefault(group_label(g, others) if others else "", []).append(g)
             for label, gs in avg.items():
                 epss = sorted({g["config"].get("eps") for g in gs})
+                if len(epss) < 2:  # (this setting ran at one eps: its block above is the whole story)
+                    continue
 
                 def mean_over_eps(a, t, gs=gs, epss=epss):
                     ms_ = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph)[0] for e in epss]
