@@ -99,6 +99,18 @@ def test_errors():
         activation_entropy(_fixed_net(), [])
 
 
+
+def test_refused_tensor_batches_leave_no_hooks_on_the_model():
+    """A bare tensor for `batches` is refused before any hook goes on: refused after, the hooks stayed
+    on the model, and every later forward (the next entropy, a plain model(x)) raised from them."""
+    net = _fixed_net()
+    ref = activation_entropy(net, [X])
+    with pytest.raises(TypeError, match="not a tensor: wrap one batch as"):
+        activation_entropy(net, X)
+    assert not any(m._forward_hooks for m in net.modules())
+    assert net(X[:1]).shape == (1, 2)  # (a stale hook refused this: 1 row for a batch of 4)
+    assert activation_entropy(net, [X]) == ref
+
 class _TimeMajor(nn.Module):
     """[B, T, E] -> ReLU over [T, B, E]: dim 0 is not the sample."""
 

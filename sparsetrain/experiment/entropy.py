@@ -86,6 +86,9 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(batches, torch.Tensor):  # (iterating it would count each sample's features as samples;
+        # checked before the hooks go on: raised after, it left them on the model for good)
+        raise TypeError("batches must be an iterable of batches, not a tensor: wrap one batch as [x]")
     relus = [(n, m) for n, m in model.named_modules() if isinstance(m, relu_types)]
     if not relus:
         raise ValueError(f"model has no {[t.__name__ for t in relu_types]} modules to hook; Eq. 1 "
@@ -123,8 +126,6 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
     fused = [m for _, m in relus if isinstance(m, FusedReLU)]
     samples, first_calls = 0, None
-    if isinstance(batches, torch.Tensor):  # (iterating it would count each sample's features as samples)
-        raise TypeError("batches must be an iterable of batches, not a tensor: wrap one batch as [x]")
     with hooked_eval(model, handles), _counting(fused):
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
