@@ -114,6 +114,22 @@ def test_rules_on_rising_then_falling_entropy():
     assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=6) is None
 
 
+
+def test_rule_reads_numpy_values_and_refuses_tensors():
+    """Rows holding numpy float32 values (a float32 DataFrame's records) were read as missing (the
+    rule never fired, silently); a tensor value is refused, naming the round and the column."""
+    import numpy as np
+    import torch
+
+    val, ent = [0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40]
+    ref = algorithm2_stop(_curve(val, ent), 0.8, 0.8, "entropy")
+    assert ref == 3
+    for dtype in (np.float32, np.float64):
+        assert algorithm2_stop(_curve(np.array(val, dtype), np.array(ent, dtype)), 0.8, 0.8, "entropy") == ref
+    assert algorithm2_stop(_curve(val, ent[:3] + [None]), 0.8, 0.8, "entropy") == ref  # (missing: NaN)
+    with pytest.raises(TypeError, match="round 0: entropy_mean must be a number, got Tensor"):
+        algorithm2_stop(_curve(val, torch.tensor(ent)), 0.8, 0.8, "entropy")
+
 def test_paper_rule_as_written():
     rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
     assert algorithm2_stop(rows, 0.8, 0.8, "entropy") == 3  # phase 1 ends at round 2 (0.45 <= 0.48)

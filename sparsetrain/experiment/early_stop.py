@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .metrics import fin, get
+from .metrics import fin
 
 __all__ = ["algorithm2_stop", "EARLY_STOPS", "RULES"]
 
@@ -16,6 +16,19 @@ __all__ = ["algorithm2_stop", "EARLY_STOPS", "RULES"]
 # the same with the entropy relative to its running peak
 RULES = ("entropy", "entropy-peak")
 EARLY_STOPS = ("none", *RULES)
+
+
+def _value(row, key: str) -> float:
+    """row[key] as a float: any real number (numpy's float32 too, which the metrics' get() read as
+    missing: the rule then never fired); a missing, None or unparsed (str: read_metrics' torn cell)
+    value is NaN; anything else (a tensor) is refused."""
+    v = row.get(key)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if v is None or isinstance(v, str):
+        return math.nan
+    raise TypeError(f"round {row.get('round')!r}: {key} must be a number, got {type(v).__name__} "
+                    "(a tensor: take .item())")
 
 
 def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 1) -> int | None:
@@ -49,12 +62,12 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) <= 1:  # (numpy floats too)
             raise ValueError(f"{name} must be a fraction in (0, 1], got {t!r}")
     rows = sorted(rows, key=lambda r: r["round"])
-    if not rows or not fin(get(rows[0], "entropy_mean")):
+    if not rows or not fin(_value(rows[0], "entropy_mean")):
         return None
-    eta0 = get(rows[0], "entropy_mean")
+    eta0 = _value(rows[0], "entropy_mean")
     best, peak, prev, run, phase1 = -math.inf, eta0, eta0, 0, True
     for r in rows:
-        acc, ent = get(r, "val_acc"), get(r, "entropy_mean")
+        acc, ent = _value(r, "val_acc"), _value(r, "entropy_mean")
         if phase1:
             if fin(acc):
                 best = max(best, acc)
