@@ -130,6 +130,25 @@ def test_rule_reads_numpy_values_and_refuses_tensors():
     with pytest.raises(TypeError, match="round 0: entropy_mean must be a number, got Tensor"):
         algorithm2_stop(_curve(val, torch.tensor(ent)), 0.8, 0.8, "entropy")
 
+
+def test_rule_refuses_malformed_curves_and_takes_numpy_falls():
+    """A curve that is not rows of dicts with one int round each is refused with the argument named
+    (a KeyError, an unrelated TypeError, or two rows of one round replayed both, before); --stop-falls
+    from a numpy int (a sweep's grid) counts as that int."""
+    import numpy as np
+
+    rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
+    assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=np.int64(2)) == \
+        algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=2) == 3
+    assert algorithm2_stop(iter(rows[::-1]), 0.8, 0.8, "entropy") == 3  # (any iterable, any order)
+    for bad, err, msg in ((None, TypeError, "rows must be an iterable of row dicts"),
+                          (rows[0], TypeError, r"rows must be an iterable of row dicts \(a curve\), got dict"),
+                          ([1, 2], TypeError, "rows must hold dicts, got a int"),
+                          ([{"val_acc": 0.8, "entropy_mean": 0.5}], ValueError, "every row needs an int 'round'"),
+                          (rows + rows[:1], ValueError, "round 0 appears twice")):
+        with pytest.raises(err, match=msg):
+            algorithm2_stop(bad, 0.8, 0.8, "entropy")
+
 def test_paper_rule_as_written():
     rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
     assert algorithm2_stop(rows, 0.8, 0.8, "entropy") == 3  # phase 1 ends at round 2 (0.45 <= 0.48)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 
 from .metrics import fin
 
@@ -30,6 +31,24 @@ def _value(row, key: str) -> float:
     raise TypeError(f"round {row.get('round')!r}: {key} must be a number, got {type(v).__name__} "
                     "(a tensor: take .item())")
 
+
+
+def _rows(rows) -> list:
+    """The curve as a list of row dicts, each with its own int "round" (else a KeyError, or a
+    comparison error from sorted(), or two rows of one round replayed both)."""
+    if isinstance(rows, (Mapping, str, bytes)) or not isinstance(rows, Iterable):
+        raise TypeError(f"rows must be an iterable of row dicts (a curve), got {type(rows).__name__}")
+    rows, seen = list(rows), set()
+    for r in rows:
+        if not isinstance(r, Mapping):
+            raise TypeError(f"rows must hold dicts, got a {type(r).__name__}")
+        k = r.get("round")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise ValueError(f"every row needs an int 'round', got {k!r}")
+        if k in seen:
+            raise ValueError(f"round {k} appears twice in rows: one row per round")
+        seen.add(k)
+    return rows
 
 def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 1) -> int | None:
     """Algorithm 2 (paper App. H) replayed on a curve; returns the round it stops at, None if it never does.
@@ -56,12 +75,12 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if isinstance(falls, bool) or not isinstance(falls, int) or falls < 1:
+    if isinstance(falls, bool) or not isinstance(falls, numbers.Integral) or falls < 1:  # (numpy ints too)
         raise ValueError(f"falls must be an int >= 1, got {falls!r}")
     for name, t in (("t_e", t_e), ("t_a", t_a)):  # (fractions: 80 for 80% would stop at once)
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) <= 1:  # (numpy floats too)
             raise ValueError(f"{name} must be a fraction in (0, 1], got {t!r}")
-    rows = sorted(rows, key=lambda r: r["round"])
+    rows = sorted(_rows(rows), key=lambda r: r["round"])
     if not rows or not fin(_value(rows[0], "entropy_mean")):
         return None
     eta0 = _value(rows[0], "entropy_mean")
