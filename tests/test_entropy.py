@@ -111,6 +111,25 @@ def test_refused_tensor_batches_leave_no_hooks_on_the_model():
     assert net(X[:1]).shape == (1, 2)  # (a stale hook refused this: 1 row for a batch of 4)
     assert activation_entropy(net, [X]) == ref
 
+
+@pytest.mark.parametrize("kw, err, msg", [
+    ({"batches": None}, TypeError, "batches must be an iterable of batches, got NoneType"),
+    ({"batches": 3}, TypeError, "batches must be an iterable of batches, got int"),
+    ({"batches": [()]}, TypeError, r"batches must yield tensors or \(tensor, ...\) tuples, got tuple"),
+    ({"relu_types": [nn.ReLU]}, TypeError, "relu_types must be an nn.Module subclass or a tuple of them"),
+    ({"relu_types": "relu"}, TypeError, "relu_types must be an nn.Module subclass or a tuple of them"),
+    ({"relu_types": nn.ReLU6}, ValueError, r"model has no \['ReLU6'\] modules to hook"),
+    ({"reduce": 5}, TypeError, "reduce must be a function"),
+    ({"device": "banana"}, ValueError, "device must be a torch.device or device string, got 'banana'")])
+def test_bad_arguments_are_named(kw, err, msg):
+    """Each bad argument is refused naming it (before: a bare "not iterable", an IndexError, an
+    isinstance() error, "'int' object is not callable" mid-pass, torch's device-string error)."""
+    net = _fixed_net()
+    with pytest.raises(err, match=msg):
+        activation_entropy(net, **{"batches": [X], **kw})
+    assert not any(m._forward_hooks for m in net.modules())
+    assert activation_entropy(net, [X], relu_types=nn.ReLU) == activation_entropy(net, [X])  # (a type alone)
+
 class _TimeMajor(nn.Module):
     """[B, T, E] -> ReLU over [T, B, E]: dim 0 is not the sample."""
 

@@ -89,13 +89,26 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     if isinstance(batches, torch.Tensor):  # (iterating it would count each sample's features as samples;
         # checked before the hooks go on: raised after, it left them on the model for good)
         raise TypeError("batches must be an iterable of batches, not a tensor: wrap one batch as [x]")
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
+    types = relu_types if isinstance(relu_types, tuple) else (relu_types,)
+    if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise TypeError(f"relu_types must be an nn.Module subclass or a tuple of them, got {relu_types!r}")
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"reduce must be a function (tensor -> tensor summed over ranks) or None, got "
+                        f"{type(reduce).__name__}")
     relus = [(n, m) for n, m in model.named_modules() if isinstance(m, relu_types)]
     if not relus:
-        raise ValueError(f"model has no {[t.__name__ for t in relu_types]} modules to hook; Eq. 1 "
+        raise ValueError(f"model has no {[t.__name__ for t in types]} modules to hook; Eq. 1 "
                          "needs ReLU activations as modules (not torch.relu calls)")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise (TypeError if not isinstance(device, str) else ValueError)(
+            f"device must be a torch.device or device string, got {device!r}") from e
     count_ = _counter()
     counts: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
@@ -128,7 +141,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
     samples, first_calls = 0, None
     with hooked_eval(model, handles), _counting(fused):
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"batches must yield tensors or (tensor, ...) tuples, got {type(x).__name__}")
             if x.dim() < 2:
