@@ -203,3 +203,89 @@ def test_relu_called_in_some_batches_only_is_refused():
     assert activation_entropy(m, [pos, pos])["samples"] == 6  # (the same calls every batch: fine)
     with pytest.raises(ValueError, match=r"called \{'relu': 1\} times in one batch but \{'relu': 2\} in the first"):
         activation_entropy(m, [pos, neg])
+
+
+# ---------------------------------------------------------------------------- Eq. 1 by a direct reference
+def _eq1_reference(model, x, batch_size):
+    """Eq. 1 the slow way: eval mode, a forward hook on every nn.ReLU keeping each sample's states
+    (out > 0: ReLU(0) = 0 is the negative state, zeta = 0), p per neuron over all of x, binary entropy
+    in bits neuron by neuron in Python, mean over the layer's neurons, then over layers."""
+    model = copy.deepcopy(model).eval()
+    states, calls = {}, {}
+
+    def make(name):
+        def hook(_m, _i, out):
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            states.setdefault(name if k == 0 else f"{name}#{k}", []).append((out > 0).reshape(out.shape[0], -1))
+        return hook
+    for n, m in model.named_modules():
+        if isinstance(m, nn.ReLU):
+            m.register_forward_hook(make(n))
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            calls.clear()
+            model(x[i:i + batch_size])
+    per_layer = {}
+    for key, s in states.items():
+        p = torch.cat(s).double().mean(0).tolist()
+        per_layer[key] = sum(H(q) for q in p) / len(p)
+    return sum(per_layer.values()) / len(per_layer), per_layer
+
+
+def _with_ties_and_dead_neurons(name):
+    """The tiny VGG-like / ResNet with non-trivial BN statistics, where the ReLU input of channels 0
+    and 1 of the first layer is exactly 0 for an all-zero image (no bias, no BN shift: ties on some
+    samples only) and positive for a positive one (p differs far from 1/2 with the convention),
+    channel 2 is always negative (dead), and one layer is dead as a whole."""
+    torch.manual_seed(1)
+    m = build_model("vgg_like", 10, 3, 16, delta=2, gamma=2) if name == "vgg" else build_model("resnet18", 10, 3, 16)
+    for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2.0)
+    # (VGG-like: conv -> ReLU -> BN, the conv's output is the ReLU's input; ResNet: conv -> BN -> ReLU)
+    tie, layer = (m.block1_1.conv, m.block2_2.conv) if name == "vgg" else (m.bn1, m.layer4[1].bn1)
+    with torch.no_grad():
+        tie.bias[:2].zero_(), tie.weight[2].zero_(), tie.bias[2].fill_(-1.0)
+        (tie if name == "vgg" else m.conv1).weight[:2].abs_()
+        layer.weight.zero_(), layer.bias.fill_(-1.0)
+        if name != "vgg":
+            tie.running_mean[:2].zero_()
+    return m
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.8])
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_eq1_against_a_direct_reference(name, sparsity, fuse):
+    """The library's entropy (C++ counting, the fused kernels' counting, pooled batches) against the
+    reference on the dense PyTorch model with the masks applied, over 23 samples in batches of 5 and
+    7 (the last one partial); ReLU(0) counts as the negative state, dead neurons and a dead layer
+    give 0 bits."""
+    import sparsetrain
+    from sparsetrain.testing import model_masks
+
+    model = _with_ties_and_dead_neurons(name)
+    masks = model_masks(model, sparsity, seed=1)
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, mask in masks.items():
+            dense.get_submodule(n).weight.mul_(mask)
+    if sparsity or fuse:
+        sparsetrain.sparsify_(model, masks, fuse=fuse)
+    x = torch.randn(23, 3, 16, 16, generator=torch.Generator().manual_seed(2)).abs()
+    x[::4] = 0.0  # (6 all-zero images: the tied channels' inputs are exactly 0 there, > 0 elsewhere)
+    dead = "block2_2.relu" if name == "vgg" else "layer4.1.relu1"
+    for bs in (5, 7):
+        mean, per_layer = _eq1_reference(dense, x, bs)
+        got = activation_entropy(model, [(x[i:i + bs], None) for i in range(0, 23, bs)])
+        # (fused: the folded conv sums in another order, a sign can flip at rounding level)
+        tol = 2e-3 if fuse else 1e-9
+        assert got["samples"] == 23 and set(got["per_layer"]) == set(per_layer)
+        assert got["per_layer"] == pytest.approx(per_layer, abs=tol)
+        assert got["mean"] == pytest.approx(mean, abs=tol)
+        assert got["per_layer"][dead] == per_layer[dead] == 0.0
+    # the convention itself, on one neuron: 2 of 4 positive (ReLU(0) negative) -> 1 bit, not H(3/4)
+    ties = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU())
+    with torch.no_grad():
+        ties[0].weight.fill_(1.0)
+    assert activation_entropy(ties, [torch.tensor([[1.0], [0.0], [-0.0], [2.0]])])["mean"] == pytest.approx(1.0)
