@@ -130,6 +130,35 @@ def test_bad_arguments_are_named(kw, err, msg):
     assert not any(m._forward_hooks for m in net.modules())
     assert activation_entropy(net, [X], relu_types=nn.ReLU) == activation_entropy(net, [X])  # (a type alone)
 
+
+@pytest.mark.parametrize("where", ["input", "weights"])
+def test_nan_activations_give_nan_not_dead_neurons(where):
+    """NaN > 0 is false: a NaN activation counted as OFF, so a diverged model read as dead neurons
+    (finite bits, which Algorithm 2 took as an entropy drop). A NaN in the output now makes the
+    mean and every layer NaN (also through reduce, and through the fused layers' counting)."""
+    import sparsetrain
+    from sparsetrain.testing import model_masks
+
+    net, x = _fixed_net(), X.clone()
+    if where == "input":
+        x[2, 0] = float("nan")
+    else:
+        with torch.no_grad():
+            net[2].weight[1, 0] = float("nan")
+    for kw in ({}, {"reduce": lambda t: t}):
+        r = activation_entropy(net, [x[:3], x[3:]], **kw)
+        assert math.isnan(r["mean"]) and all(math.isnan(v) for v in r["per_layer"].values())
+        assert r["neurons"] == {"1": 3, "3": 2} and r["samples"] == 4
+    if where == "input":  # (the NaN-free batch alone: finite, as the reference)
+        assert activation_entropy(net, [x[3:]]) == activation_entropy(_fixed_net(), [X[3:]])
+    m = build_model("vgg_like", 10, 3, 16, delta=1, gamma=2)
+    sparsetrain.sparsify_(m, model_masks(m, 0.5, seed=1), fuse=True)
+    xi = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    xi[1, :, 5, 5] = float("nan")
+    assert math.isnan(activation_entropy(m, [xi])["mean"])
+    assert not math.isnan(activation_entropy(m, [xi[[0, 2]]])["mean"])
+
+
 class _TimeMajor(nn.Module):
     """[B, T, E] -> ReLU over [T, B, E]: dim 0 is not the sample."""
 

@@ -12,7 +12,9 @@ over layers. Unlike the authors' script (whose hooks come off after the first ba
 over batches is the first batch's entropy), p is counted over all batches before any log is taken.
 Every ReLU output must hold the batch's samples along its first dimension (p is a frequency over
 samples): a model that folds positions into dim 0 or runs [T, B, E] is refused, not mis-counted, and
-so is one calling a ReLU in some batches only.
+so is one calling a ReLU in some batches only. A NaN activation has no ON/OFF state (NaN > 0 is
+false: it counted as OFF, so a diverged model read as dead, 0 bits): when the model's output holds a
+NaN on any batch (NaN propagates to it through convs, pooling and ReLU), every value returned is NaN.
 
 Layers are the call sites of `nn.ReLU` modules, found by forward hooks: relu(x) > 0 iff x > 0, so
 counting positive outputs equals counting positive pre-activations, also for in-place ReLUs. A
@@ -58,6 +60,15 @@ def _counter():
     return count_
 
 
+def _has_nan(out) -> bool:
+    """Whether a model output (a tensor, or a tuple/list/dict of them) holds a NaN."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return any(_has_nan(o) for o in out)
+    return isinstance(out, torch.Tensor) and out.is_floating_point() and bool(torch.isnan(out).any())
+
+
 class _counting:
     """Within: the fused layers count their FusedReLU's states (count_states), restored after."""
 
@@ -82,7 +93,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
 
     Runs the model in eval mode without gradients (restoring its mode after). Returns
     {"mean": float (bits, mean over layers), "per_layer": {layer: float bits},
-     "neurons": {layer: N_l}, "samples": int}.
+     "neurons": {layer: N_l}, "samples": int}; "mean" and "per_layer" NaN when an output held a NaN.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -138,7 +149,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
 
     handles = [m.register_forward_hook(make_hook(n or "relu")) for n, m in relus]
     fused = [m for _, m in relus if isinstance(m, FusedReLU)]
-    samples, first_calls = 0, None
+    samples, nan_batches, first_calls = 0, 0, None
     with hooked_eval(model, handles), _counting(fused):
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
@@ -149,7 +160,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             calls.clear()
             batch_rows[0] = x.shape[0]
             if x.shape[0]:
-                model(x.to(device, non_blocking=True))
+                nan_batches += _has_nan(model(x.to(device, non_blocking=True)))
                 if first_calls is None:
                     first_calls = dict(calls)
                 elif calls != first_calls:  # (a layer seen in some batches only: p over all samples is wrong)
@@ -159,7 +170,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             samples += x.shape[0]
     if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
         counts = {k: reduce(counts[k]) for k in sorted(counts)}
-        samples = int(reduce(torch.tensor([samples], dtype=torch.int64, device=device))[0])
+        samples, nan_batches = reduce(torch.tensor([samples, nan_batches], dtype=torch.int64, device=device)).tolist()
     if samples == 0:
         raise ValueError("batches yielded no samples; the entropy needs at least one input")
     if not counts:
@@ -169,4 +180,6 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
         per_layer[key] = float(binary_entropy(c.double() / samples).mean())
         neurons[key] = c.numel()
     mean = sum(per_layer.values()) / len(per_layer)
+    if nan_batches:  # (which layers the NaN passed through is unknown: none is reported)
+        per_layer, mean = dict.fromkeys(per_layer, math.nan), math.nan
     return {"mean": mean, "per_layer": per_layer, "neurons": neurons, "samples": samples}
