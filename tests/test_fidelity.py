@@ -149,6 +149,49 @@ def test_rule_refuses_malformed_curves_and_takes_numpy_falls():
         with pytest.raises(err, match=msg):
             algorithm2_stop(bad, 0.8, 0.8, "entropy")
 
+
+def _algorithm2_as_printed(acc, ent, t_e, t_a):
+    """Algorithm 2's two while loops transcribed line by line on a logged curve (round k's PPTE gives
+    acc[k], its Entropy ent[k]); line 13's this_acc is round 0's when line 7 is false at once."""
+    best, eta0, k, this = acc[0], ent[0], 0, acc[0]
+    eta = eta0
+    while eta > eta0 * t_e:  # lines 7-12
+        k += 1
+        if k == len(acc):
+            return None
+        this, eta = acc[k], ent[k]
+        best = max(this, best)
+    while this > best * t_a:  # lines 13-16
+        k += 1
+        if k == len(acc):
+            return None
+        this = acc[k]
+    return k  # line 17
+
+
+def test_rule_equals_algorithm2_as_printed_and_online_replay():
+    """On hand-built curves with plateaus (values equal to the thresholds), zero entropies, T = 1 and
+    one-round curves, rule "entropy" returns the round the printed algorithm returns; for both rules
+    (NaNs too) the loop's online question on each prefix stops at that same round, never earlier."""
+    import random
+
+    rng = random.Random(0)
+    nan = float("nan")
+    for _ in range(3000):
+        n = rng.randint(1, 7)
+        acc = [rng.choice([0.4, 0.5, 0.64, 0.8, 0.9, 1.0]) for _ in range(n)]
+        ent = [rng.choice([0.0, 0.4, 0.5, 0.64, 0.8, 1.0]) for _ in range(n)]
+        t_e, t_a = rng.choice([0.5, 0.8, 1.0]), rng.choice([0.5, 0.8, 1.0])
+        got = algorithm2_stop(_curve(acc, ent), t_e, t_a, "entropy")
+        assert got == _algorithm2_as_printed(acc, ent, t_e, t_a), (acc, ent, t_e, t_a)
+        acc = [a if rng.random() > 0.15 else nan for a in acc]
+        ent = [e if rng.random() > 0.15 else nan for e in ent]
+        rule, falls = rng.choice(["entropy", "entropy-peak"]), rng.randint(1, 3)
+        rows = _curve(acc, ent)
+        full = algorithm2_stop(rows, t_e, t_a, rule, falls)
+        online = next((k for k in range(n) if algorithm2_stop(rows[:k + 1], t_e, t_a, rule, falls) is not None), None)
+        assert online == full and (full is None or algorithm2_stop(rows[:full + 1], t_e, t_a, rule, falls) == full)
+
 def test_paper_rule_as_written():
     rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
     assert algorithm2_stop(rows, 0.8, 0.8, "entropy") == 3  # phase 1 ends at round 2 (0.45 <= 0.48)
