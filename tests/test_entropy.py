@@ -92,6 +92,18 @@ def test_binary_entropy_values_and_resnet_layers():
     assert all(0 <= v <= 1 for v in r["per_layer"].values())
 
 
+
+def test_binary_entropy_refuses_non_probabilities():
+    """p outside [0, 1] gave -inf bits silently and a number an AttributeError: refused / taken."""
+    assert float(binary_entropy(0.25)) == pytest.approx(H(0.25))
+    assert math.isnan(float(binary_entropy(torch.tensor([float("nan")]))[0]))
+    for bad in (torch.tensor([0.5, 1.5]), torch.tensor([-0.25]), 2.0):
+        with pytest.raises(ValueError, match=r"p must hold probabilities in \[0, 1\]"):
+            binary_entropy(bad)
+    for bad in ([0.5], None, True):
+        with pytest.raises(TypeError, match="p must be a tensor or a number"):
+            binary_entropy(bad)
+
 def test_errors():
     with pytest.raises(ValueError, match="no .*ReLU"):
         activation_entropy(nn.Linear(2, 2), [X])

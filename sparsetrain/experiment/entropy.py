@@ -27,6 +27,7 @@ the pass and the hook takes the layer's counts instead of reading the activation
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -39,8 +40,14 @@ __all__ = ["activation_entropy", "binary_entropy"]
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) = -p log2 p - (1-p) log2(1-p) in bits, elementwise, with H(0) = H(1) = 0."""
-    p = p.double()
+    """H(p) = -p log2 p - (1-p) log2(1-p) in bits, elementwise, with H(0) = H(1) = 0; p a tensor or a
+    number of probabilities in [0, 1] (NaN gives NaN; outside [0, 1] the formula gave -inf: refused)."""
+    if isinstance(p, bool) or not isinstance(p, (torch.Tensor, numbers.Real)):
+        raise TypeError(f"p must be a tensor or a number (probabilities), got {type(p).__name__}")
+    p = torch.as_tensor(p).double()
+    if bool(((p < 0) | (p > 1)).any()):
+        raise ValueError(f"p must hold probabilities in [0, 1], got values from {float(p.nan_to_num(0.5).min())} "
+                         f"to {float(p.nan_to_num(0.5).max())}")
     return (torch.special.entr(p) + torch.special.entr(1.0 - p)) / math.log(2.0)
 
 
