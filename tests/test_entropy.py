@@ -163,6 +163,16 @@ def test_nan_activations_give_nan_not_dead_neurons(where):
         assert r["neurons"] == {"1": 3, "3": 2} and r["samples"] == 4
     if where == "input":  # (the NaN-free batch alone: finite, as the reference)
         assert activation_entropy(net, [x[3:]]) == activation_entropy(_fixed_net(), [X[3:]])
+
+    class TupleOut(nn.Module):  # (an output that is a tuple / dict of tensors, the NaN in one of them)
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            y = self.net(inp)
+            return y[:, :1].long(), {"aux": y}
+    assert math.isnan(activation_entropy(TupleOut(), [x])["mean"])
     m = build_model("vgg_like", 10, 3, 16, delta=1, gamma=2)
     sparsetrain.sparsify_(m, model_masks(m, 0.5, seed=1), fuse=True)
     xi = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -32,7 +32,6 @@ def _value(row, key: str) -> float:
                     "(a tensor: take .item())")
 
 
-
 def _rows(rows) -> list:
     """The curve as a list of row dicts, each with its own int "round" (else a KeyError, or a
     comparison error from sorted(), or two rows of one round replayed both)."""
@@ -49,6 +48,7 @@ def _rows(rows) -> list:
             raise ValueError(f"round {k} appears twice in rows: one row per round")
         seen.add(k)
     return rows
+
 
 def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 1) -> int | None:
     """Algorithm 2 (paper App. H) replayed on a curve; returns the round it stops at, None if it never does.

@@ -67,13 +67,14 @@ def _counter():
     return count_
 
 
-def _has_nan(out) -> bool:
-    """Whether a model output (a tensor, or a tuple/list/dict of them) holds a NaN."""
+def _has_nan(out):
+    """Whether a model output (a tensor, or a tuple/list/dict of them) holds a NaN: a bool tensor on
+    its device (summed over the batches, read once: no sync per batch on a GPU), or False."""
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
-        return any(_has_nan(o) for o in out)
-    return isinstance(out, torch.Tensor) and out.is_floating_point() and bool(torch.isnan(out).any())
+        return sum((_has_nan(o) for o in out), False)
+    return isinstance(out, torch.Tensor) and out.is_floating_point() and torch.isnan(out).any()
 
 
 class _counting:
@@ -177,7 +178,7 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
             samples += x.shape[0]
     if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
         counts = {k: reduce(counts[k]) for k in sorted(counts)}
-        samples, nan_batches = reduce(torch.tensor([samples, nan_batches], dtype=torch.int64, device=device)).tolist()
+        samples, nan_batches = reduce(torch.tensor([samples, int(nan_batches)], dtype=torch.int64, device=device)).tolist()
     if samples == 0:
         raise ValueError("batches yielded no samples; the entropy needs at least one input")
     if not counts:
@@ -187,6 +188,6 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
         per_layer[key] = float(binary_entropy(c.double() / samples).mean())
         neurons[key] = c.numel()
     mean = sum(per_layer.values()) / len(per_layer)
-    if nan_batches:  # (which layers the NaN passed through is unknown: none is reported)
+    if int(nan_batches):  # (which layers the NaN passed through is unknown: none is reported)
         per_layer, mean = dict.fromkeys(per_layer, math.nan), math.nan
     return {"mean": mean, "per_layer": per_layer, "neurons": neurons, "samples": samples}
