@@ -132,8 +132,9 @@ def _tf32_matmuls() -> bool:
     return precision == "tf32"
 
 
-def _check(values, tensors, name):
-    check_device(values, *(t for t, _ in tensors), name=name)
+def _check(values, tensors, name, index=()):
+    """`index`: the block index tensors, which the kernels read on the values' device too."""
+    check_device(values, *(t for t, _ in tensors), *index, name=name)
     check_float(values, "values", BSR_DTYPES)
     if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] not in (16, 32, 64):
         raise ValueError(f"{name}: values must be [nnzb, BS, BS] with BS in 16/32/64, got {tuple(values.shape)}")
@@ -193,7 +194,7 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_feat
     fix the weight's width to the column (its last column block may be padding): x's width is checked against
     the blocks `col` addresses, and against `in_features` exactly when it is given."""
     tensors = [(x, "x")] + ([(bias, "bias")] if bias is not None else [])
-    _check(values, tensors, "bsr_linear_forward")
+    _check(values, tensors, "bsr_linear_forward", (crow, col))
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
     check_compressed(crow, col, "crow_indices", "col_indices")
@@ -214,7 +215,7 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_feat
 
 def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int):
     """dx [..., K] = dy W through the transposed block index (block j of column c: values[perm[j]])."""
-    _check(values, [(grad_out, "grad_out")], "bsr_linear_grad_input")
+    _check(values, [(grad_out, "grad_out")], "bsr_linear_grad_input", (ccol, row_t, perm))
     check_index(ccol, "ccol_indices", torch.int64)
     check_index(row_t, "row_indices_t", torch.int32)
     check_index(perm, "perm", torch.int64)
@@ -233,7 +234,7 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
 
 def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: int | None = None):
     """dvalues [nnzb, BS, BS]: dW restricted to the stored blocks, dy[:, r]^T x[:, c] per block."""
-    check_device(x, grad_out, name="bsr_linear_grad_weight")
+    check_device(x, grad_out, crow, col, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
     if block_size not in (16, 32, 64):

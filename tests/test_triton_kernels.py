@@ -768,6 +768,29 @@ def test_bsr_errors():
         block_mask(w, 16, 1.5)
 
 
+def test_bsr_wrappers_refuse_an_index_on_another_device():
+    """The BSR wrappers check the block index's device with the activations' (the CSR and conv wrappers
+    did): a meta index failed inside torch when its bounds were read, and on a GPU a CPU index reached
+    the kernel."""
+    import sparsetrain.kernels.bsr_matmul as K
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.prune import block_mask
+    w = torch.randn(37, 40)
+    W = BSR.from_dense(w, 16, block_mask(w, 16, 0.3))
+    crow, col, v = W.crow_indices, W.col_indices, W.values.detach()
+    ccol, rt, perm = W.ccol_indices, W.row_indices_t, W.perm
+    x, gy, meta = torch.randn(6, 40), torch.randn(6, 37), (lambda t: t.to("meta"))
+    for name, call in (("bsr_linear_forward", lambda: K.bsr_linear_forward(x, meta(crow), col, v, None, 37)),
+                       ("bsr_linear_forward", lambda: K.bsr_linear_forward(x, crow, meta(col), v, None, 37)),
+                       ("bsr_linear_grad_input", lambda: K.bsr_linear_grad_input(gy, meta(ccol), rt, perm, v, 40)),
+                       ("bsr_linear_grad_input", lambda: K.bsr_linear_grad_input(gy, ccol, meta(rt), perm, v, 40)),
+                       ("bsr_linear_grad_input", lambda: K.bsr_linear_grad_input(gy, ccol, rt, meta(perm), v, 40)),
+                       ("bsr_linear_grad_weight", lambda: K.bsr_linear_grad_weight(gy, x, meta(crow), col, 16)),
+                       ("bsr_linear_grad_weight", lambda: K.bsr_linear_grad_weight(gy, x, crow, meta(col), 16))):
+        with pytest.raises(ValueError, match=f"{name}: all tensors must be on one device, got cpu and meta"):
+            call()
+
+
 def test_bsr_arguments_refused_with_their_names():
     import numpy as np
     from sparsetrain.engine.bsr import BSR, BSRLinear, bsr_linear
