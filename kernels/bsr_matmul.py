@@ -16,6 +16,7 @@ load). fp32 inputs use TF32 tensor cores only when PyTorch's fp32 CUDA matmuls m
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -237,8 +238,9 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     check_device(x, grad_out, crow, col, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
-    if block_size not in (16, 32, 64):
-        raise ValueError(f"block_size must be 16, 32 or 64, got {block_size}")
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size not in (16, 32, 64):
+        raise ValueError(f"block_size must be 16, 32 or 64, got {block_size!r}")  # (16.0 failed in torch.zeros)
+    block_size = int(block_size)  # (a numpy int: Triton refused it as BS, tl.arange's constexpr)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
     check_compressed(crow, col, "crow_indices", "col_indices")  # (block j of out is written, j < crow[-1])

@@ -563,9 +563,13 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
             (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 32), r"crow_indices has 3 block rows, but 40 features in "
                                                                       r"blocks of 32 make 2"),
             (lambda: K.bsr_linear_grad_weight(gy, x, end, col, 16), r"crow_indices\[-1\] \(\d+\) must equal"),
-            (lambda: K.bsr_linear_grad_weight(gy, x[:, :20].contiguous(), crow, col, 16), "x has 20 features, fewer")):
+            (lambda: K.bsr_linear_grad_weight(gy, x[:, :20].contiguous(), crow, col, 16), "x has 20 features, fewer"),
+            (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16.0), "block_size must be 16, 32 or 64, got 16.0")):
         with pytest.raises(ValueError, match=msg):
             call()
+    import numpy as np  # a numpy int block size is the int (it reached Triton as BS and failed there)
+    torch.testing.assert_close(K.bsr_linear_grad_weight(gy, x, crow, col, np.int64(16)),
+                               BSR.from_dense(gy.t() @ x, 16, W.mask()).values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(K.bsr_linear_forward(x, crow, col, vals, None, 40, in_features=36), x @ w.t(),
                                rtol=1e-4, atol=1e-4)
 
