@@ -256,7 +256,7 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     dy2 = grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous()
     x2 = x.reshape(math.prod(x.shape[:-1]), K).contiguous()
     M, nnzb, BS = x2.shape[0], col.numel(), block_size
-    if dy2.shape[0] != M:
+    if grad_out.shape[:-1] != x.shape[:-1]:  # (not just as many rows: [2, 3] against [3, 2] paired other rows)
         raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} differ in batch")
     if nnzb == 0 or M == 0:
         return torch.zeros((nnzb, BS, BS), dtype=x.dtype, device=x.device)
