@@ -196,7 +196,7 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     stats (float64 [2, O], zeros): sum y and sum y^2 per channel are added to it; in_act (scale [C],
     shift [C], relu): the conv reads act(scale[c] x + shift[c]); counts (int64 [O * OH * OW], zeros):
     per output neuron, the samples with y > 0 are added to it (sparse_conv2d_stats's epilogue)."""
-    check_device(x, crow, col, values, name="sparse_conv2d")
+    check_device(x, crow, col, values, bias, name="sparse_conv2d")  # (the kernel reads bias)
     check_conv_args(kernel_size, stride, padding)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
@@ -341,6 +341,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
     if relu_counts is not None:
         g = _geometry(x.shape, O, kernel_size, stride, padding)
         check_counts(relu_counts, O * g["OH"] * g["OW"], "output neuron")
+        check_device(x, relu_counts, name="sparse_conv2d_stats")  # (the kernel adds into a copy on its device)
         counts = torch.zeros_like(relu_counts)
     y = conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias, relu=relu,
                        stats=stats, in_act=in_act, counts=counts)

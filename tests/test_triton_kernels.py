@@ -798,6 +798,29 @@ def test_bsr_wrappers_refuse_an_index_on_another_device():
             call()
 
 
+def test_triton_wrappers_refuse_a_bias_or_relu_counts_on_another_device():
+    """The CSR linear and conv wrappers check the device of the bias the kernel reads and of the relu_counts
+    it adds into (a meta one failed inside torch, and on a GPU a CPU or other-GPU one reached the kernel)."""
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.formats import CSR
+    g = torch.Generator().manual_seed(3)
+    w, wc = torch.randn(7, 9, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    c = CSR.from_dense(w, random_mask(w.shape, 0.5, generator=g))
+    cc = CSR.from_dense(wc, random_mask(wc.shape, 0.5, generator=g))
+    idx = (c.crow_indices, c.col_indices, c.values.detach(), c.ccol_indices, c.row_indices_t, c.perm)
+    cidx = (cc.crow_indices, cc.col_indices, cc.values.detach(), cc.ccol_indices, cc.row_indices_t, cc.perm)
+    x, xc, geo = torch.randn(3, 9, generator=g), torch.randn(1, 2, 5, 5, generator=g), ([3, 3], [1, 1], [1, 1])
+    meta = torch.zeros(4, device="meta")
+    for name, call in (("sparse_linear", lambda: KL.sparse_linear(x, *idx, torch.zeros(7, device="meta"))),
+                       ("sparse_conv2d", lambda: KC.sparse_conv2d(xc, *cidx, *geo, meta)),
+                       ("sparse_conv2d", lambda: KC.sparse_conv2d_stats(xc, *cidx, *geo, meta, False)),
+                       ("sparse_conv2d_stats", lambda: KC.sparse_conv2d_stats(
+                           xc, *cidx, *geo, None, True, relu_counts=torch.zeros(100, dtype=torch.int64, device="meta")))):
+        with pytest.raises(ValueError, match=f"{name}: all tensors must be on one device, got cpu and meta"):
+            call()
+
+
 def test_bsr_arguments_refused_with_their_names():
     import numpy as np
     from sparsetrain.engine.bsr import BSR, BSRLinear, bsr_linear
