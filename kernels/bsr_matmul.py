@@ -170,6 +170,12 @@ def _check_width(t, arg: str, idx, idx_name: str, bs: int) -> None:
                          f"{max_index(idx, idx_name)} of {bs})")
 
 
+def _check_exact(t, arg: str, features_name: str, features: int | None) -> None:
+    """t's last dimension is `features` when that is given (the weight's exact width)."""
+    if features is not None and t.shape[-1] != features:
+        raise ValueError(f"{arg} must have last dimension {features_name} = {features}, got shape {tuple(t.shape)}")
+
+
 def _mm(a2, ptr, idx, vals, out_features, *, perm=None, bias=None, trans_w):
     """One program per block row (all rows, in length-sorted order: empty rows write zeros/bias)."""
     if INTERPRET and a2.dtype == torch.bfloat16:  # (_interpreted_bf16)
@@ -202,8 +208,7 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_feat
     check_nnz(values, "values", col.numel(), "blocks")
     BS = values.shape[1]
     _check_block_count(crow, "crow_indices", "row", out_features, BS)
-    if in_features is not None and x.shape[-1] != in_features:
-        raise ValueError(f"x must have last dimension in_features = {in_features}, got shape {tuple(x.shape)}")
+    _check_exact(x, "x", "in_features", in_features)
     _check_width(x, "x", col, "col_indices", BS)
     if bias is not None and bias.shape != (out_features,):  # (the kernel reads out_features of it)
         raise ValueError(f"bsr_linear_forward: bias must have shape ({out_features},), got "
@@ -214,8 +219,10 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_feat
     return y.reshape(*x.shape[:-1], out_features).clone() if x.dim() != 2 else y  # (not a view)
 
 
-def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int):
-    """dx [..., K] = dy W through the transposed block index (block j of column c: values[perm[j]])."""
+def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int, *, out_features: int | None = None):
+    """dx [..., K] = dy W through the transposed block index (block j of column c: values[perm[j]]). grad_out's
+    width is checked against the blocks `row_t` addresses, and against `out_features` exactly when it is given
+    (a narrower grad_out inside the last block row read zeros there: a wrong dx)."""
     _check(values, [(grad_out, "grad_out")], "bsr_linear_grad_input", (ccol, row_t, perm))
     check_index(ccol, "ccol_indices", torch.int64)
     check_index(row_t, "row_indices_t", torch.int32)
@@ -226,6 +233,7 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
     check_perm(perm, nnzb)
     BS = values.shape[1]
     _check_block_count(ccol, "ccol_indices", "column", in_features, BS)
+    _check_exact(grad_out, "grad_out", "out_features", out_features)
     _check_width(grad_out, "grad_out", row_t, "row_indices_t", BS)
     N = grad_out.shape[-1]
     dx = _mm(grad_out.reshape(math.prod(grad_out.shape[:-1]), N).contiguous(), ccol, row_t, values.contiguous(),
@@ -233,8 +241,11 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int)
     return dx.reshape(*grad_out.shape[:-1], in_features).clone() if grad_out.dim() != 2 else dx
 
 
-def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: int | None = None):
-    """dvalues [nnzb, BS, BS]: dW restricted to the stored blocks, dy[:, r]^T x[:, c] per block."""
+def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: int | None = None,
+                           in_features: int | None = None, out_features: int | None = None):
+    """dvalues [nnzb, BS, BS]: dW restricted to the stored blocks, dy[:, r]^T x[:, c] per block. x's and
+    grad_out's widths are checked exactly against `in_features` / `out_features` when they are given (else
+    against the blocks the index addresses: a wider one gave the padding a gradient, a narrower one zeros)."""
     check_device(x, grad_out, crow, col, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
@@ -247,6 +258,8 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     if x.dim() < 1 or grad_out.dim() < 1:
         raise ValueError(f"x and grad_out must have at least 1 dimension, got shapes {tuple(x.shape)}, "
                          f"{tuple(grad_out.shape)}")
+    _check_exact(x, "x", "in_features", in_features)
+    _check_exact(grad_out, "grad_out", "out_features", out_features)
     _check_block_count(crow, "crow_indices", "row", grad_out.shape[-1], block_size)
     _check_width(x, "x", col, "col_indices", block_size)
     if INTERPRET and x.dtype == torch.bfloat16:  # (_interpreted_bf16)

@@ -567,12 +567,23 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
             (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16.0), "block_size must be 16, 32 or 64, got 16.0"),
             (lambda: K.bsr_linear_grad_weight(gy.reshape(1, 3, 40), x.reshape(3, 1, 36), crow, col, 16),
              r"grad_out \(1, 3, 40\) and x \(3, 1, 36\) differ in batch"),
-            (lambda: K.bsr_linear_grad_weight(gy[:1], x[0], crow, col, 16), r"grad_out \(1, 40\) and x \(36,\) differ")):
+            (lambda: K.bsr_linear_grad_weight(gy[:1], x[0], crow, col, 16), r"grad_out \(1, 40\) and x \(36,\) differ"),
+            # widths inside the last block row/column: exact when given (zeros read, or the padding's gradient)
+            (lambda: K.bsr_linear_grad_input(gy[:, :34].contiguous(), ccol, rt, perm, vals, 36, out_features=40),
+             r"grad_out must have last dimension out_features = 40, got shape \(3, 34\)"),
+            (lambda: K.bsr_linear_grad_weight(gy, x[:, :34].contiguous(), crow, col, 16, in_features=36),
+             r"x must have last dimension in_features = 36, got shape \(3, 34\)"),
+            (lambda: K.bsr_linear_grad_weight(torch.randn(3, 44), x, crow, col, 16, in_features=36, out_features=40),
+             r"grad_out must have last dimension out_features = 40, got shape \(3, 44\)")):
         with pytest.raises(ValueError, match=msg):
             call()
     import numpy as np  # a numpy int block size is the int (it reached Triton as BS and failed there)
     torch.testing.assert_close(K.bsr_linear_grad_weight(gy, x, crow, col, np.int64(16)),
                                BSR.from_dense(gy.t() @ x, 16, W.mask()).values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(K.bsr_linear_grad_weight(gy, x, crow, col, 16, in_features=36, out_features=40),
+                               BSR.from_dense(gy.t() @ x, 16, W.mask()).values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(K.bsr_linear_grad_input(gy, ccol, rt, perm, vals, 36, out_features=40), gy @ w,
+                               rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(K.bsr_linear_forward(x, crow, col, vals, None, 40, in_features=36), x @ w.t(),
                                rtol=1e-4, atol=1e-4)
 

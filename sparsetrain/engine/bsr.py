@@ -175,9 +175,11 @@ class _BSRLinearFn(torch.autograd.Function):
         w, dx, dv, db = ctx.w, None, None, None
         grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
-            dx = K.bsr_linear_grad_input(grad_out, w.ccol_indices, w.row_indices_t, w.perm, values, x.shape[-1])
+            dx = K.bsr_linear_grad_input(grad_out, w.ccol_indices, w.row_indices_t, w.perm, values, x.shape[-1],
+                                         out_features=w.shape[0])
         if ctx.needs_input_grad[1]:
-            dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size)
+            dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size,
+                                          in_features=w.shape[1], out_features=w.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1]).sum(0)  # (1-D: itself)
         return dx, dv, db, None
