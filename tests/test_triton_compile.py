@@ -163,3 +163,12 @@ def test_shared_memory_fits_each_architecture(compiled):
             if not err and shared > SHARED_LIMIT[job[6]]]
     assert not over, f"kernels over the per-block shared memory limit: {over[:5]}"
     assert max(shared for _, shared, _ in compiled) > 0  # the metadata is read, not all zero
+
+
+def test_readme_states_the_slow_run_s_compilation_count():
+    """README's "make test-slow compiles ... N compilations" is this file's full job list (it said ~1100 after
+    the combinations grew to 1672)."""
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    stated = re.search(r"combinations no launch uses; ~?(\d+) compilations", readme)
+    assert stated and int(stated.group(1)) == len(_jobs(full=True)), stated and stated.group(0)
