@@ -8,6 +8,7 @@ to run the kernels on CPU tensors through Triton's interpreter.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 
@@ -129,8 +130,16 @@ def check_conv_args(kernel_size, stride, padding) -> None:
         raise ValueError(f"kernel_size, stride and padding must each have 2 entries, got {kernel_size}, {stride}, "
                          f"{padding}")
     for arg, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        check_ints(v, arg)
         if min(int(e) for e in v) < low:
             raise ValueError(f"{arg} must be >= {low}, got {[int(e) for e in v]}")
+
+
+def check_ints(v, arg: str) -> None:
+    """Every entry of `v` an integer (TypeError naming `arg`): int() truncated a stride of 1.5 to 1, a
+    silently other conv, where the C++ schema (int[]) refuses it."""
+    if not all(isinstance(e, numbers.Integral) for e in v):
+        raise TypeError(f"{arg} must hold ints, got {list(v)}")
 
 
 def check_values(values, nnz: int) -> None:

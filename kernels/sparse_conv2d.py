@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
-                     check_perm, check_values, density_key, dtype_name, launch, max_index, num_sms, pow2_bucket,
-                     row_order)
+                     check_ints, check_perm, check_values, density_key, dtype_name, launch, max_index, num_sms,
+                     pow2_bucket, row_order)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -250,6 +250,7 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
     C = cols // (KH * KW)
     if not hasattr(input_size, "__len__") or len(input_size) != 2:
         raise ValueError(f"input_size must have 2 entries, got {input_size}")
+    check_ints(input_size, "input_size")
     H, W = (int(v) for v in input_size)
     g = _geometry((B, C, H, W), O, kernel_size, stride, padding)
     if (g["OH"], g["OW"]) != tuple(grad_out.shape[2:]):

@@ -525,6 +525,22 @@ def conv_geometry_arguments_refused_as_the_cpp_op():
                       (gy, x, crow, col, v, ccol, rt, perm, *geo), msg)
     refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input,
                   (gy, ccol, rt, perm, v, [5, 5, 5], [3, 3], [1, 1], [1, 1]), "input_size must have 2 entries")
+    # a non-integer entry (the C++ schema refuses it as not int[]): int() truncated it, a stride of 1.5 ran as 1
+    for geo, msg in ((([3, 3], [1.5, 1.5], [1, 1]), r"stride must hold ints, got \[1.5, 1.5\]"),
+                     (([3, 3], [1, 1], [0.5, 1]), r"padding must hold ints, got \[0.5, 1\]"),
+                     (([2.5, 3], [1, 1], [1, 1]), r"kernel_size must hold ints, got \[2.5, 3\]")):
+        for call in (lambda: KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, *geo, None),
+                     lambda: KC.sparse_conv2d_stats(x, crow, col, v, ccol, rt, perm, *geo, None, True),
+                     lambda: KC.sparse_conv2d_grad_input(gy, ccol, rt, perm, v, [5, 5], *geo),
+                     lambda: KC.sparse_conv2d_grad_weight(gy, x, crow, col, *geo),
+                     lambda: KC.sparse_conv2d_backward(gy, x, crow, col, v, ccol, rt, perm, *geo)):
+            with pytest.raises(TypeError, match=msg):
+                call()
+    with pytest.raises(TypeError, match=r"input_size must hold ints, got \[5.5, 5\]"):
+        KC.sparse_conv2d_grad_input(gy, ccol, rt, perm, v, [5.5, 5], [3, 3], [1, 1], [1, 1])
+    import numpy as np  # numpy ints are ints: the same conv
+    torch.testing.assert_close(KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, [3, 3], [np.int64(1)] * 2, [1, 1], None),
+                               KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, [3, 3], [1, 1], [1, 1], None))
 
 
 @interp
