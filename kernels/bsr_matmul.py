@@ -170,8 +170,18 @@ def _check_width(t, arg: str, idx, idx_name: str, bs: int) -> None:
                          f"{max_index(idx, idx_name)} of {bs})")
 
 
+def _check_features(features, name: str) -> None:
+    """A width argument: a non-negative int (37.0 failed inside torch.empty, -1 made a negative size)."""
+    integer = isinstance(features, numbers.Integral) and not isinstance(features, bool)
+    if not integer or features < 0:
+        raise (ValueError if integer else TypeError)(
+            f"{name} must be a non-negative int, got {features!r}")
+
+
 def _check_exact(t, arg: str, features_name: str, features: int | None) -> None:
     """t's last dimension is `features` when that is given (the weight's exact width)."""
+    if features is not None:
+        _check_features(features, features_name)
     if features is not None and t.shape[-1] != features:
         raise ValueError(f"{arg} must have last dimension {features_name} = {features}, got shape {tuple(t.shape)}")
 
@@ -207,6 +217,7 @@ def bsr_linear_forward(x, crow, col, values, bias, out_features: int, *, in_feat
     check_compressed(crow, col, "crow_indices", "col_indices")
     check_nnz(values, "values", col.numel(), "blocks")
     BS = values.shape[1]
+    _check_features(out_features, "out_features")
     _check_block_count(crow, "crow_indices", "row", out_features, BS)
     _check_exact(x, "x", "in_features", in_features)
     _check_width(x, "x", col, "col_indices", BS)
@@ -232,6 +243,7 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int,
     check_nnz(values, "values", nnzb, "blocks")
     check_perm(perm, nnzb)
     BS = values.shape[1]
+    _check_features(in_features, "in_features")
     _check_block_count(ccol, "ccol_indices", "column", in_features, BS)
     _check_exact(grad_out, "grad_out", "out_features", out_features)
     _check_width(grad_out, "grad_out", row_t, "row_indices_t", BS)

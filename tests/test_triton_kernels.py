@@ -590,8 +590,17 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
             (lambda: K.bsr_linear_grad_weight(gy, x[:, :34].contiguous(), crow, col, 16, in_features=36),
              r"x must have last dimension in_features = 36, got shape \(3, 34\)"),
             (lambda: K.bsr_linear_grad_weight(torch.randn(3, 44), x, crow, col, 16, in_features=36, out_features=40),
-             r"grad_out must have last dimension out_features = 40, got shape \(3, 44\)")):
+             r"grad_out must have last dimension out_features = 40, got shape \(3, 44\)"),
+            (lambda: K.bsr_linear_forward(x, crow[:1], col[:0], vals[:0], None, -1), "out_features must be a non-negative"
+                                                                                   " int, got -1")):
         with pytest.raises(ValueError, match=msg):
+            call()
+    for call, msg in ((lambda: K.bsr_linear_forward(x, crow, col, vals, None, 40.0), "out_features must be a non-negative "
+                                                                                     "int, got 40.0"),
+                      (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals, 36.0), "in_features must be a"),
+                      (lambda: K.bsr_linear_forward(x, crow, col, vals, None, 40, in_features=36.0), "in_features must"),
+                      (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16, out_features="40"), "out_features must")):
+        with pytest.raises(TypeError, match=msg):  # (a float width failed inside torch.empty)
             call()
     import numpy as np  # a numpy int block size is the int (it reached Triton as BS and failed there)
     torch.testing.assert_close(K.bsr_linear_grad_weight(gy, x, crow, col, np.int64(16)),
