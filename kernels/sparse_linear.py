@@ -163,7 +163,8 @@ def _check_csc(ccol, row_t, perm, nnz: int, name: str) -> int:
 
 def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm, bias=None):
     """y = x W^T + b, W = CSR (crow_indices, col_indices, values) of shape [N, K = in_features]."""
-    check_device(x, crow_indices, col_indices, values, bias, name="sparse_linear")  # (the kernel reads bias)
+    check_device(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm, bias,
+                 name="sparse_linear")  # (the kernel reads bias; the transposed index is checked: read here)
     _check_csr(crow_indices, col_indices, values, "sparse_linear")
     N = crow_indices.numel() - 1
     K = _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear")

@@ -836,7 +836,8 @@ def test_bsr_wrappers_refuse_an_index_on_another_device():
 
 def test_triton_wrappers_refuse_a_bias_or_relu_counts_on_another_device():
     """The CSR linear and conv wrappers check the device of the bias the kernel reads and of the relu_counts
-    it adds into (a meta one failed inside torch, and on a GPU a CPU or other-GPU one reached the kernel)."""
+    it adds into (a meta one failed inside torch, and on a GPU a CPU or other-GPU one reached the kernel), and
+    sparse_linear that of the transposed index it reads the bounds of (a meta one failed inside torch)."""
     import sparsetrain.kernels.sparse_conv2d as KC
     import sparsetrain.kernels.sparse_linear as KL
     from sparsetrain.engine.formats import CSR
@@ -849,6 +850,8 @@ def test_triton_wrappers_refuse_a_bias_or_relu_counts_on_another_device():
     x, xc, geo = torch.randn(3, 9, generator=g), torch.randn(1, 2, 5, 5, generator=g), ([3, 3], [1, 1], [1, 1])
     meta = torch.zeros(4, device="meta")
     for name, call in (("sparse_linear", lambda: KL.sparse_linear(x, *idx, torch.zeros(7, device="meta"))),
+                       *(("sparse_linear", lambda i=i: KL.sparse_linear(x, *idx[:i], idx[i].to("meta"), *idx[i + 1:]))
+                         for i in (3, 4, 5)),  # (the transposed index, whose bounds it reads)
                        ("sparse_conv2d", lambda: KC.sparse_conv2d(xc, *cidx, *geo, meta)),
                        ("sparse_conv2d", lambda: KC.sparse_conv2d_stats(xc, *cidx, *geo, meta, False)),
                        ("sparse_conv2d_stats", lambda: KC.sparse_conv2d_stats(
