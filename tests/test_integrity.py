@@ -143,6 +143,29 @@ def test_a_state_of_another_model_is_refused(mnist_dir, study_args, capsys, inte
     assert "delete it and its .sha256 record to restart this phase from its first round" in err
 
 
+def test_a_state_of_the_same_model_from_another_run_is_refused(mnist_dir, study_args, capsys, interrupted):
+    """A state.pt of the same model copied from another run (here --rate 0.4, with its record) passed the
+    architecture check and was resumed: this phase then went on from the other run's weights and rows.
+    A state names its run directory, seed and phase; once deleted with its record, the phase restarts."""
+    import shutil
+    other, here = study_args(mnist_dir, "--rate", "0.4", "--out", str(mnist_dir / "o")), study_args(mnist_dir)
+    interrupted(other, 3)
+    interrupted(here, 3)
+    src, pd = run_dir(mnist_dir / "o") / "seed0" / "teacher", run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    for name in ("state.pt", "state.pt.sha256"):
+        shutil.copy(src / name, pd / name)
+    err = _one_line_error(capsys, here)
+    assert f"{pd / 'state.pt'} is the state of {src.parent.parent.name}/seed0/teacher, not of this phase " \
+           f"({pd.parent.parent.name}/seed0/teacher)" in err, err
+    assert "delete it and its .sha256 record to restart this phase from its first round" in err
+    for name in ("state.pt", "state.pt.sha256"):
+        (pd / name).unlink()
+    assert study.main(here + ["--out", str(mnist_dir / "ref")]) == 0  # (uninterrupted, for the reference)
+    assert study.main(here) == 0
+    ref = run_dir(mnist_dir / "ref") / "seed0" / "teacher" / "metrics.csv"
+    assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(ref))
+
+
 @pytest.mark.parametrize("target,at", [("replace", 9), ("fsync", 14)])
 def test_a_full_disk_is_one_line_and_the_run_resumes(mnist_dir, study_args, capsys, monkeypatch, target, at):
     """ENOSPC while the run writes its files ended in a traceback (an OSError, or torch's zip writer's

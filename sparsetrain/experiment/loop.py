@@ -85,6 +85,10 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         if saved != arch:  # (a state.pt copied from another run or phase: it resumed another model's training)
             raise CorruptFile(f"{state_path} is the state of another model ({saved!r}), not this phase's ({arch!r}); "
                               "delete it and its .sha256 record to restart this phase from its first round")
+        if st.get("where", where_of(state_path)) != where_of(state_path):  # (a state of before 2026-12-06 names none)
+            raise CorruptFile(f"{state_path} is the state of {st['where']}, not of this phase ({where_of(state_path)}): "
+                              "copied from another run, seed or phase; delete it and its .sha256 record to restart "
+                              "this phase from its first round")
         model, masks = restore_model(st["model"], state_path)
         model, masks = model.to(device), {n: m.to(device) for n, m in masks.items()}
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],
@@ -112,10 +116,17 @@ def _set_amp(s: PhaseState, cfg, device, scaler_state=None) -> None:
         s.scaler.load_state_dict(scaler_state)
 
 
+def where_of(state_path: str) -> str:
+    """A phase's state.pt's place, run directory/seed<N>/phase: the run's name holds its settings' hash, so a
+    state of the same model from another run, seed or phase (which the architecture check passes) is told apart."""
+    return "/".join(os.path.normpath(os.path.abspath(state_path)).split(os.sep)[-4:-1])
+
+
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
     """Rank 0 writes (every rank holds the same state); its WriteFailed (disk full) stops every rank."""
     dist.on_main(lambda: atomic_save(
-        {"format": FORMAT, "model": model_payload(s.model, s.masks, arch), "opt": s.opt.state_dict(),
+        {"format": FORMAT, "where": where_of(state_path), "model": model_payload(s.model, s.masks, arch),
+         "opt": s.opt.state_dict(),
          "sched": s.sched.state_dict(), "round": s.rnd, "epoch": s.epoch, "rows": s.rows,
          "rewind": s.rewind, "iteration": s.iteration, "train_s": s.train_s,
          "scaler": s.scaler.state_dict() if s.scaler is not None else None,
