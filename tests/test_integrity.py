@@ -339,3 +339,31 @@ def test_a_phase_folder_that_cannot_be_made_is_one_line(mnist_dir, study_args, c
     assert "/seed0/teacher/ckpt: No space left on device; free space (or fix permissions) and run the same" in err
     monkeypatch.setattr(os, "makedirs", real)
     assert study.main(study_args(mnist_dir)) == 0
+
+
+def test_a_phase_killed_twice_around_its_finish_still_reports(mnist_dir, study_args, capsys, monkeypatch):
+    """finish writes metrics.csv with its record, then best.json: killed in between, the resume measured
+    the last round again and rewrote metrics.csv without a record, leaving the old one; killed again before
+    finish, --report-only refused the intact rows as corrupt. The rewrite now drops the stale record."""
+    from sparsetrain.experiment import loop
+    base = study_args(mnist_dir)
+    assert study.main(base + ["--out", str(mnist_dir / "ref")]) == 0  # (uninterrupted, for the reference)
+
+    def kill_at_first(name):
+        real = getattr(loop, name)
+
+        def dying(*a, **k):
+            monkeypatch.setattr(loop, name, real)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(loop, name, dying)
+    kill_at_first("write_json")  # (the teacher's best.json: its metrics.csv and record are written)
+    assert study.main(base) == 130
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    assert (pd / "metrics.csv.sha256").exists() and not (pd / "best.json").exists()
+    kill_at_first("finish")  # (the last round measured and its row written again)
+    assert study.main(base) == 130
+    capsys.readouterr()
+    assert study.main(base + ["--report-only"]) == 0, capsys.readouterr().err
+    assert study.main(base) == 0
+    ref = run_dir(mnist_dir / "ref") / "seed0" / "teacher" / "metrics.csv"
+    assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(ref))

@@ -337,7 +337,14 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
             tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train "
                        f"{row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy "
                        f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
-            write_csv(os.path.join(pdir, "metrics.csv"), s.rows)
+            metrics = os.path.join(pdir, "metrics.csv")
+            try:  # (a kill inside finish left the finished rows' record: it would call these rows corrupt)
+                os.remove(metrics + ".sha256")
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # (a read-only folder: one line, as the write's)
+                raise WriteFailed(e.errno, e.strerror or str(e), metrics + ".sha256") from e
+            write_csv(metrics, s.rows)
         dist.on_main(record, (WriteFailed,))
         if should_stop(cfg, role, rule, s, sparsity, n_orig):
             break
