@@ -367,3 +367,26 @@ def test_a_phase_killed_twice_around_its_finish_still_reports(mnist_dir, study_a
     assert study.main(base) == 0
     ref = run_dir(mnist_dir / "ref") / "seed0" / "teacher" / "metrics.csv"
     assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(ref))
+
+
+def test_a_damaged_phase_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_args, capsys):
+    """A damaged round checkpoint in a phase linked from another run (--reuse) said to delete the link,
+    which the next run with --reuse linked again to the same damaged phase (the same error, for ever):
+    the advice names the linked run's folder and the link; followed, the phase trains here."""
+    import shutil
+    theirs = study_args(mnist_dir, "--phases", "teacher", "--out", str(mnist_dir / "a"))
+    assert study.main(theirs) == 0
+    src = run_dir(mnist_dir / "a") / "seed0" / "teacher"
+    ref = read_rows(src / "metrics.csv")
+    ckpt = src / "ckpt" / "round_00.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    here = study_args(mnist_dir, "--reuse", str(run_dir(mnist_dir / "a")))
+    err = _one_line_error(capsys, here + ["--phases", "distill"])
+    link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    assert link.is_symlink() and f"{link / 'ckpt' / 'round_00.pt'} is corrupt" in err, err
+    assert f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link to " \
+           "retrain this phase" in err, err
+    shutil.rmtree(src.resolve())
+    link.unlink()
+    assert study.main(here) == 0  # (nothing left to link: the teacher trains here)
+    assert not link.is_symlink() and strip_timing(read_rows(link / "metrics.csv")) == strip_timing(ref)

@@ -16,6 +16,21 @@ __all__ = ["verify_phase"]
 
 
 def verify_phase(pdir: str) -> None:
+    """_verify_phase; for a phase linked from another run (--reuse) the advice names that run's folder and
+    the link (deleting the link alone, the next run with --reuse linked the same damaged phase again)."""
+    try:
+        _verify_phase(pdir)
+    except CorruptFile as e:
+        if not os.path.islink(pdir):
+            raise
+        msg = str(e)
+        theirs = f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link "
+        for advice in (f"delete the phase folder {pdir} ", f"delete {pdir} "):
+            msg = msg.replace(advice, theirs)
+        raise CorruptFile(msg) from None
+
+
+def _verify_phase(pdir: str) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
     recorded at write time; a round checkpoint whose record remains must exist), and a finished
