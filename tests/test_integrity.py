@@ -390,3 +390,20 @@ def test_a_damaged_phase_linked_by_reuse_names_the_folder_to_delete(mnist_dir, s
     link.unlink()
     assert study.main(here) == 0  # (nothing left to link: the teacher trains here)
     assert not link.is_symlink() and strip_timing(read_rows(link / "metrics.csv")) == strip_timing(ref)
+
+
+@pytest.mark.parametrize("damage", ["{\"flipped\": [1", "[]"])
+def test_a_damaged_noise_record_is_refused_not_rewritten(mnist_dir, study_args, capsys, interrupted, damage):
+    """A seed's noise.json records the split and noisy labels its rounds trained on, which a resume must
+    draw again; a damaged one turned that check off and was rewritten without a word. Refused by name;
+    deleted on purpose, the run goes on and records the draw again."""
+    base = study_args(mnist_dir)
+    interrupted(base, 3)
+    noise = run_dir(mnist_dir / "runs") / "seed0" / "noise.json"
+    drawn = json.loads(noise.read_text())["labels_fingerprint"]
+    noise.write_text(damage)
+    err = _one_line_error(capsys, base)
+    assert f"{noise} is corrupt (" in err and "delete it to continue without that check" in err, err
+    noise.unlink()
+    assert study.main(base) == 0
+    assert json.loads(noise.read_text())["labels_fingerprint"] == drawn

@@ -18,7 +18,7 @@ import json
 import os
 
 from .config import ADDED_DEFAULTS, Config, config_from_json, ignored_settings
-from .files import make_folder, make_link
+from .files import CorruptFile, make_folder, make_link
 from .metrics import teacher_tag
 from .models import canonical_name
 
@@ -228,12 +228,19 @@ def check_linked(run_dir: str, seed: int, fingerprint: str, labels: str | None =
 
 def recorded_labels(seed_dir: str) -> str | None:
     """The labels fingerprint a seed's noise.json recorded (None: none yet, or a run from before
-    2026-12-05, which did not record it)."""
+    2026-12-05, which did not record it); CorruptFile for one that does not parse (it turned the check
+    off, and the run rewrote it)."""
+    path = os.path.join(seed_dir, "noise.json")
     try:
-        with open(os.path.join(seed_dir, "noise.json")) as f:
+        with open(path) as f:
             return json.load(f).get("labels_fingerprint")
-    except (OSError, ValueError, AttributeError):
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, AttributeError) else "not a JSON object"
+        raise CorruptFile(f"{path} is corrupt ({why}): it records the split and noisy labels this seed trained on, "
+                          "which the run must draw again; restore it, or delete it to continue without that check") \
+            from None
 
 
 def other_runs_hint(out: str, rd: str, shown: int = 5) -> str:
