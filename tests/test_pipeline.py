@@ -290,6 +290,8 @@ def test_resume_refuses_a_corrupt_round_checkpoint(mnist_dir, study_args, interr
     assert study.main(base) == 2
     err = capsys.readouterr().err
     assert "round_02.pt is corrupt" in err and "delete" in err and str(pd) in err
+    # (the phase is running: the error called it "a finished phase" before 2026-12-06)
+    assert "a finished phase" not in err and "a trained round cannot be rebuilt" in err, err
 
 
 def test_a_finished_phase_with_damaged_results_is_refused(mnist_dir, study_args, capsys, monkeypatch):

@@ -61,8 +61,8 @@ def _verify_phase(pdir: str) -> None:
         try:
             recorded[path] = verify(path)
         except CorruptFile as e:
-            raise CorruptFile(f"{e}; a finished phase's results cannot be rebuilt: delete {pdir} to retrain "
-                              "this phase") from None
+            what = "a finished phase's results" if finished else "a trained round"
+            raise CorruptFile(f"{e}; {what} cannot be rebuilt: delete {pdir} to retrain this phase") from None
     if results:
         _check_finished(pdir, results, rounds, old=not recorded[results[0]])
     elif os.path.isfile(os.path.join(pdir, "metrics.csv")) and (os.path.exists(state + ".sha256")
