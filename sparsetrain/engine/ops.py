@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +31,7 @@ from .extension import _C  # (the C++ extension: registers the schemas and CPU k
 from . import backend
 from .autograd import eager, first_order, record_inputs
 from .args import conv2d_padding, pair
+from .prune_ops import csr_prune, magnitude_threshold, relu_count_  # (the CPU-only ops' wrappers: prune_ops.py)
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
            "magnitude_threshold", "csr_prune", "relu_count_", "conv2d_padding", "pair"]
@@ -367,33 +367,3 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
         raise ValueError(f"x must be 4-D [batch, channels, height, width] or 3-D unbatched, got shape {tuple(x.shape)}")
     k, s = list(weight.shape[2:]), pair(stride, "stride")
     return _call("sparse_conv2d", x, *weight.index(), k, s, conv2d_padding(padding, k, s), bias)
-
-
-def magnitude_threshold(tensors, fraction: float, masks=None):
-    """Exact global magnitude selection. Among the surviving entries (mask True, or all when the mask is
-    None) sorted by (|w|, list position, flat index), the first k = floor(fraction * n_surviving) are to
-    be pruned: all |w| < threshold and the first `ties` with |w| == threshold. Returns (threshold, ties)."""
-    if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool):  # (numpy floats too)
-        raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
-    tensors = list(tensors)
-    masks = [None] * len(tensors) if masks is None else list(masks)
-    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tensors + masks):  # (a meta fake: garbage)
-        raise ValueError("magnitude_threshold runs on CPU tensors and masks (move them with .cpu())")
-    if len(masks) != len(tensors):
-        raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
-    if not tensors:  # nothing to dispatch on: nothing to prune
-        return 0.0, 0
-    thr, ties = torch.ops.sparsetrain.magnitude_threshold([t.detach() for t in tensors], masks, float(fraction))
-    return float(thr), int(ties)
-
-
-def csr_prune(crow, col, values, threshold: float, max_ties: int = 0):
-    """Drop CSR entries with |v| < threshold and the first `max_ties` with |v| == threshold: (crow, col,
-    values, keep), keep the kept entries' positions among the old values."""
-    return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), int(max_ties))
-
-
-def relu_count_(counts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """counts[n] += number of samples b with pre[b, n] > 0 (n over the flattened non-batch dims)."""
-    torch.ops.sparsetrain.relu_count_(counts, pre.detach())
-    return counts
