@@ -141,6 +141,46 @@ def test_csr_prune_empty_and_errors():
         ops.csr_prune(csr.crow_indices, csr.col_indices, torch.ones(3), 0.5, 0)
 
 
+def test_prune_op_wrappers_refuse_what_is_no_tensor_by_name():
+    """None, lists, a bare tensor, a str threshold or a float tie budget: an AttributeError, the dispatcher's
+    schema error, or a silent float()/int() conversion before; relu_count_ also took a 2-D counts."""
+    csr = CSR.from_dense(torch.tensor([[1.0, 2.0], [0.0, 2.0]]))
+    crow, col, vals = csr.crow_indices, csr.col_indices, csr.values.detach()
+    for bad, match in ((None, "tensors must be a list of tensors, got NoneType"),
+                       (torch.ones(3), "tensors must be a list of tensors, got Tensor"),
+                       ([[1.0, 2.0]], r"tensors\[0\] must be a torch.Tensor, got list"),
+                       ([None], r"tensors\[0\] must be a torch.Tensor, got NoneType")):
+        with pytest.raises(TypeError, match=match):
+            ops.magnitude_threshold(bad, 0.5)
+    with pytest.raises(TypeError, match=r"masks\[0\] must be a torch.Tensor or None, got list"):
+        ops.magnitude_threshold([torch.ones(3)], 0.5, [[True, True, True]])
+    with pytest.raises(TypeError, match="masks must be a list of tensors, got Tensor"):
+        ops.magnitude_threshold([torch.ones(3)], 0.5, torch.ones(3, dtype=torch.bool))
+    for args, match in (((None, col, vals, 1.5), "crow must be a torch.Tensor, got NoneType"),
+                        ((crow, crow.tolist(), vals, 1.5), "col must be a torch.Tensor, got list"),
+                        ((crow, col, vals.tolist(), 1.5), "values must be a torch.Tensor, got list"),
+                        ((crow, col, vals, "1.5"), "threshold must be a number, got str"),
+                        ((crow, col, vals, None), "threshold must be a number, got NoneType"),
+                        ((crow, col, vals, 2.0, 1.7), "max_ties must be an int, got float"),
+                        ((crow, col, vals, 2.0, True), "max_ties must be an int, got bool")):
+        with pytest.raises(TypeError, match=match):
+            ops.csr_prune(*args)
+    for counts, pre, match in ((None, torch.randn(3, 4), "counts must be a torch.Tensor, got NoneType"),
+                               ([0, 0, 0, 0], torch.randn(3, 4), "counts must be a torch.Tensor, got list"),
+                               (torch.zeros(4, dtype=torch.int64), None, "pre must be a torch.Tensor, got NoneType")):
+        with pytest.raises(TypeError, match=match):
+            ops.relu_count_(counts, pre)
+    counts = torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"counts must be 1-D \[neurons\].*got shape \(2, 2\)"):
+        ops.relu_count_(counts, torch.randn(3, 2, 2))
+    assert not bool(counts.any())  # refused before anything was counted
+    # what they take: numpy numbers, a tuple or generator of tensors; the same answers as a sorted reference
+    t = [torch.tensor([0.5, 2.0, 2.0]), torch.tensor([2.0, 0.1])]
+    assert ops.magnitude_threshold(tuple(t), np.float32(0.6)) == ops.magnitude_threshold(iter(t), 0.6) == (2.0, 1)
+    _, _, kept, keep = ops.csr_prune(crow, col, vals, np.float64(2.0), np.int64(1))
+    assert keep.tolist() == [2] and kept.tolist() == [2.0]  # 1.0 < 2.0 and the first tie (row 0's 2.0) go
+
+
 def test_opcheck_prune_ops():
     g = torch.Generator().manual_seed(3)
     csr = CSR.from_dense(torch.randn(5, 6, generator=g), random_mask((5, 6), 0.3, generator=g))
