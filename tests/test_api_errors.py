@@ -130,6 +130,16 @@ def test_make_rule_refuses_an_option_no_rule_takes():
         make_rule("unstructured", scpoe="layer")
 
 
+def test_make_rule_refuses_a_name_that_is_no_str_by_name():
+    """A list or dict name raised "unhashable type: 'list'" (naming nothing), None read as an unknown rule."""
+    for bad, kind in ((["unstructured"], "list"), ({}, "dict"), (None, "NoneType"), (b"filter", "bytes")):
+        with pytest.raises(TypeError, match=f"name must be a str, one of: .*unstructured.*; got {kind} "):
+            make_rule(bad)
+    with pytest.raises(ValueError, match="unknown pruning rule 'unstructred'"):
+        make_rule("unstructred")
+    assert type(make_rule("unstructured")).__name__ == "MagnitudeRule"
+
+
 def test_entropy_wants_an_iterable_of_batches():
     m = _mlp()
     x = torch.randn(8, 8)

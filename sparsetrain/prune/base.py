@@ -106,6 +106,8 @@ def make_rule(name: str, **options) -> PruningRule:
     """The registered rule `name`, built with the options it takes (options only other rules take
     are ignored, so one call site can pass scope and block to every rule; an option no rule takes,
     a misspelling, is refused)."""
+    if not isinstance(name, str):  # (a list: "unhashable type: 'list'" from the lookup before)
+        raise TypeError(f"name must be a str, one of: {', '.join(RULES)}; got {type(name).__name__} {name!r}")
     if name not in RULES:
         raise ValueError(f"unknown pruning rule {name!r}; known: {', '.join(RULES)}")
     known = {k for rule in RULES.values() for k in inspect.signature(rule).parameters}
