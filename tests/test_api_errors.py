@@ -130,6 +130,22 @@ def test_make_rule_refuses_an_option_no_rule_takes():
         make_rule("unstructured", scpoe="layer")
 
 
+def test_next_sparsity_checks_rate_and_sparsity():
+    """The unstructured and block rules' prediction 1 - (1 - sparsity)(1 - rate) took any rate (1.5 predicted a
+    sparsity of 1.5, a str raised the arithmetic's TypeError) and any sparsity."""
+    for name in ("unstructured", "block"):
+        rule = make_rule(name)
+        for rate, sparsity in ((0.2, 0.0), (0.5, 0.5), (np.float32(0.25), 1.0)):
+            assert rule.next_sparsity(_mlp(), {}, rate, sparsity, 64) == pytest.approx(
+                1 - (1 - float(sparsity)) * (1 - float(rate)))
+        for rate, cls in ((1.5, ValueError), (0, ValueError), ("0.5", TypeError), (None, TypeError)):
+            with pytest.raises(cls, match="rate must be a number in"):
+                rule.next_sparsity(_mlp(), {}, rate, 0.0, 64)
+        for sparsity in (-0.1, 1.5, float("nan"), "0", None, True):
+            with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\]"):
+                rule.next_sparsity(_mlp(), {}, 0.5, sparsity, 64)
+
+
 def test_make_rule_refuses_a_name_that_is_no_str_by_name():
     """A list or dict name raised "unhashable type: 'list'" (naming nothing), None read as an unknown rule."""
     for bad, kind in ((["unstructured"], "list"), ({}, "dict"), (None, "NoneType"), (b"filter", "bytes")):

@@ -85,7 +85,10 @@ class PruningRule:
     def next_sparsity(self, model: nn.Module, masks: dict, rate: float, sparsity: float, original: int) -> float:
         """The sparsity after one more round, from `sparsity` now (against `original` weights):
         1 - (1 - sparsity)(1 - rate) for a rule that prunes `rate` of the surviving weights."""
-        return 1.0 - (1.0 - sparsity) * (1.0 - rate)
+        rate = check_rate(rate)  # (1.5 gave a "sparsity" of 1.5, a str a TypeError from the arithmetic)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
+            raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+        return 1.0 - (1.0 - float(sparsity)) * (1.0 - rate)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
