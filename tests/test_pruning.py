@@ -204,6 +204,29 @@ def test_global_prune_matches_a_numpy_reference_round_by_round(engine, scope, ra
     assert sum(int(m.sum()) for m in got.values()) > 0  # (a rate under 1 never prunes the last weight)
 
 
+@pytest.mark.parametrize("engine", ["dense", "sparse"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_unstructured_can_prune_says_whether_a_round_removes_anything(engine, scope):
+    """can_prune was True whatever survived (a model with every weight pruned included): it is now True exactly
+    where a round at a rate just under 1 removes a weight (floor(rate * n) >= 1 needs n >= 2 in a group)."""
+    rule = sparsetrain.prune.make_rule("unstructured", scope=scope)
+    for alive in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 2, 0), (3, 1, 1)):  # survivors per layer
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+        masks = {}
+        for (n, m), k in zip(prunable_layers(model), alive):
+            masks[n] = torch.zeros_like(m.weight, dtype=torch.bool)
+            masks[n].view(-1)[:k] = True
+        masks = apply_engine(model, masks, engine)
+        before = sum(int(mk.sum()) for mk in masks_of(model, masks).values())
+        can = rule.can_prune(model, masks)
+        after = sum(int(mk.sum()) for mk in masks_of(model, global_prune(model, masks, 0.99, scope=scope)).values())
+        assert can == (after < before), alive
+    for name in ("unstructured", "block"):  # (block: torch's "Tensor.item() cannot be called on meta tensors")
+        with pytest.raises(ValueError, match="'0'.s weight is a meta tensor"):
+            sparsetrain.prune.make_rule(name).can_prune(nn.Sequential(nn.Linear(4, 4, device="meta")), {})
+
+
 def test_global_prune_over_float32_and_float64_layers_is_exact():
     """One threshold over layers of two dtypes (selected in float64, compared in float64): the same
     masks as every layer in float64, where float32 values sit next to float64 ones at a tie."""

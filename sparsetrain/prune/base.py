@@ -22,9 +22,10 @@ import numbers
 import torch
 from torch import nn
 
-from ..engine.nn import stored_weight
+from ..engine.nn import masks_of, stored_weight
 
-__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite"]
+__all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite",
+           "valued_masks"]
 
 SCOPES = ("global", "layer")
 RULES: dict[str, type["PruningRule"]] = {}
@@ -55,6 +56,17 @@ def check_finite(layers) -> None:
                              "first (module.to_empty(device=...), then initialize or load it)")
         if bool(torch.isnan(stored_weight(m).detach()).any()):
             raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
+
+
+def valued_masks(model: nn.Module, masks: dict) -> dict:
+    """masks_of(model, masks), refusing a layer on the meta device by name (no values to count: torch's
+    "Tensor.item() cannot be called on meta tensors" from inside, before)."""
+    current = masks_of(model, masks)
+    meta = [n for n, mk in current.items() if mk.is_meta]
+    if meta:
+        raise ValueError(f"layer {meta[0]!r}'s weight is a meta tensor (a shape without values): materialize the layer "
+                         "first (module.to_empty(device=...), then initialize or load it)")
+    return current
 
 
 def check_scope(scope) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 from ..engine.args import check_weight
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import check_masks, check_untied, is_sparse, masks_of, prunable_layers
-from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register
+from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register, valued_masks
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
 
@@ -141,6 +141,6 @@ class BlockRule(PruningRule):
         return block_prune(model, masks, rate, self.block, scope=self.scope)
 
     def can_prune(self, model, masks):
-        cur = masks_of(model, masks)
+        cur = valued_masks(model, masks)
         return any(int(_block_stats(m.weight.detach(), cur[n], self.block)[1].sum()) > 1
                    for n, m in prunable_layers(model))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..engine import ops
 from ..engine.nn import check_masks, check_pattern, check_untied, is_sparse, prunable_layers, stored_weight
-from .base import PruningRule, check_finite, check_rate, check_scope, register
+from .base import PruningRule, check_finite, check_rate, check_scope, register, valued_masks
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
 
@@ -127,4 +127,7 @@ class MagnitudeRule(PruningRule):
         return global_prune(model, masks, rate, scope=self.scope)
 
     def can_prune(self, model, masks):
-        return True  # a weight can always go; the wall stops the loop
+        # a round prunes floor(rate * n) < n of a group's n survivors (rate < 1): something only where n >= 2
+        # (True before, even with every weight pruned)
+        kept = [int(mk.sum()) for mk in valued_masks(model, masks).values()]
+        return sum(kept) >= 2 if self.scope == "global" else any(k >= 2 for k in kept)
