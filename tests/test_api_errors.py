@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sparsetrain
@@ -144,6 +145,22 @@ def test_next_sparsity_checks_rate_and_sparsity():
         for sparsity in (-0.1, 1.5, float("nan"), "0", None, True):
             with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\]"):
                 rule.next_sparsity(_mlp(), {}, 0.5, sparsity, 64)
+
+
+def test_sparse_ops_refuse_a_bias_that_is_no_tensor_by_name():
+    """A list bias reached the dispatcher, whose RuntimeError ("Expected a value of type 'Optional[Tensor]'")
+    is no argument error; a tensor bias is checked by the kernels as before."""
+    w, wc = CSR.from_dense(torch.randn(3, 4)), CSR.from_dense(torch.randn(2, 3, 3, 3))
+    x, xc = torch.randn(5, 4), torch.randn(1, 3, 6, 6)
+    for call in (lambda b: ops.sparse_linear(x, w, b), lambda b: ops.sparse_conv2d(xc, wc, b),
+                 lambda b: ops.sparse_conv2d(xc[0], wc, b)):
+        for bad, kind in (([0.0, 0.0, 0.0], "list"), (np.zeros(3, dtype=np.float32), "ndarray"), (0.0, "float")):
+            with pytest.raises(TypeError, match=f"bias must be a torch.Tensor or None, got {kind}"):
+                call(bad)
+    b = torch.randn(3)
+    torch.testing.assert_close(ops.sparse_linear(x, w, b), F.linear(x, w.to_dense(), b))
+    bc = torch.randn(2)
+    torch.testing.assert_close(ops.sparse_conv2d(xc, wc, bc), F.conv2d(xc, wc.to_dense(), bc), rtol=1e-5, atol=1e-5)
 
 
 def test_make_rule_refuses_a_name_that_is_no_str_by_name():

@@ -326,11 +326,13 @@ simd_bytes, pool_bytes, empty_pool = _C.simd_bytes, _C.pool_bytes, _C.empty_pool
 
 
 # ============================================================================ typed wrappers
-def _check_input(x, weight) -> None:
+def _check_input(x, weight, bias) -> None:
     if not hasattr(weight, "index") or not isinstance(getattr(weight, "values", None), torch.Tensor):
         raise TypeError(f"weight must be a sparsetrain.CSR (CSR.from_dense(w, mask)), got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):  # (a list: the dispatcher's schema RuntimeError)
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.device != weight.values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
     # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula)
@@ -342,7 +344,7 @@ def _check_input(x, weight) -> None:
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a CSR weight `weight` (sparsetrain.CSR) of shape [out, in]."""
-    _check_input(x, weight)
+    _check_input(x, weight, bias)
     if len(weight.shape) != 2:
         raise ValueError(f"weight must be a 2-D CSR [out, in], got shape {weight.shape}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -354,7 +356,7 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
                   dilation=1, groups: int = 1) -> torch.Tensor:
     """F.conv2d(x, W, bias, stride, padding) for a CSR weight of shape [out, in, kh, kw]: NCHW (or an
     unbatched CHW) float32/float64; zero padding; dilation 1 and groups 1 only (ValueError otherwise)."""
-    _check_input(x, weight)
+    _check_input(x, weight, bias)
     if len(weight.shape) != 4:
         raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
     if pair(dilation, "dilation") != [1, 1]:
