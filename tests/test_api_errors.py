@@ -163,6 +163,21 @@ def test_sparse_ops_refuse_a_bias_that_is_no_tensor_by_name():
     torch.testing.assert_close(ops.sparse_conv2d(xc, wc, bc), F.conv2d(xc, wc.to_dense(), bc), rtol=1e-5, atol=1e-5)
 
 
+def test_filter_pruning_refuses_a_model_that_is_no_module_as_the_other_rules_do():
+    """filter_prune, filter_groups, keep_channels_ and the filter rule raised ValueError ("supports sequential
+    models ... got NoneType") for None or a state_dict; a Module that is not sequential stays a ValueError."""
+    from sparsetrain.prune import filter_groups, filter_prune, keep_channels_
+    for bad in (None, _mlp().state_dict(), torch.ones(3)):
+        for call in (lambda: filter_prune(bad, 0.5), lambda: filter_groups(bad), lambda: keep_channels_(bad, {}),
+                     lambda: make_rule("filter").can_prune(bad, {}), lambda: global_prune(bad, {}, 0.5)):
+            with pytest.raises(TypeError, match=f"model must be an nn.Module, got {type(bad).__name__}"):
+                call()
+    with pytest.raises(ValueError, match="supports sequential models"):
+        filter_prune(nn.Linear(3, 3), 0.5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    assert filter_prune(model, 0.5) == {"0": 3} and model[0].out_features == model[2].in_features == 3
+
+
 def test_make_rule_refuses_a_name_that_is_no_str_by_name():
     """A list or dict name raised "unhashable type: 'list'" (naming nothing), None read as an unknown rule."""
     for bad, kind in ((["unstructured"], "list"), ({}, "dict"), (None, "NoneType"), (b"filter", "bytes")):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine.nn import is_sparse, model_sparsity
+from ..engine.nn import check_model, is_sparse, model_sparsity
 from .base import PruningRule, check_finite, check_rate, count_of, register
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
@@ -51,6 +51,7 @@ class _Group:
 
 def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules in forward order of a (nested) nn.Sequential; anything else is refused."""
+    check_model(model)  # (None, a state_dict: a TypeError, as the other rules; a ValueError "got NoneType" before)
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"{SEQUENTIAL_ONLY}; got {type(model).__name__}")
     out = []
