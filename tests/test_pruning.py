@@ -938,3 +938,32 @@ def test_auto_engine_cache_ignores_non_bool_entries_and_leaves_no_temp_file(monk
     monkeypatch.setattr(policy.os, "replace", full)
     policy._save_decision("e", True)  # (the decision stays in memory: no error)
     assert sorted(os.listdir(tmp_path)) == ["engine_auto.json"]
+
+
+def test_auto_engine_measures_a_layer_called_with_its_input_by_keyword(monkeypatch, tmp_path):
+    """The example pass read each measured layer's input as its first positional argument: a model
+    calling self.fc(input=x) (nn.Linear's argument name) failed with IndexError."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    timed = []
+    monkeypatch.setattr(policy, "_step_seconds",
+                        lambda layer, x, step: timed.append(tuple(x.shape)) or (1.0 if is_sparse(layer) else 2.0))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(160, 150), nn.Linear(150, 4)
+
+        def forward(self, x):
+            return self.head(input=self.fc(input=x).relu())
+    torch.manual_seed(0)
+    model = M()
+    ref = copy.deepcopy(model)
+    mask = torch.rand(150, 160) > 0.9
+    with torch.no_grad():
+        ref.fc.weight.mul_(mask)
+    rest = apply_engine(model, {"fc": mask}, "auto", fuse=False, example=torch.randn(3, 160))
+    assert is_sparse(model.fc) and rest == {} and timed == [(3, 160)] * 8  # (warm-up and 3 steps each)
+    x = torch.randn(5, 160)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

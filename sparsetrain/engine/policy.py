@@ -114,12 +114,14 @@ def _input_shapes(model: nn.Module, example: torch.Tensor, names: set) -> dict[s
     shapes, hooks = {}, []
 
     def record(name):
-        def hook(_module, args):  # (returns None: the args stay as they are)
-            shapes.setdefault(name, (tuple(args[0].shape), bool(args[0].requires_grad)))
+        def hook(_module, args, kwargs):  # (returns None: the args stay as they are)
+            x = args[0] if args else kwargs.get("input")  # (a layer called as layer(input=x) too)
+            if isinstance(x, torch.Tensor):
+                shapes.setdefault(name, (tuple(x.shape), bool(x.requires_grad)))
         return hook
 
     for n in names:
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(record(n)))
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(record(n), with_kwargs=True))
     with hooked_eval(model, hooks), torch.inference_mode(False), torch.enable_grad():
         model(example.clone() if example.is_inference() else example)
     return shapes
