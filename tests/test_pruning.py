@@ -967,3 +967,28 @@ def test_auto_engine_measures_a_layer_called_with_its_input_by_keyword(monkeypat
     assert is_sparse(model.fc) and rest == {} and timed == [(3, 160)] * 8  # (warm-up and 3 steps each)
     x = torch.randn(5, 160)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_engine_refuses_a_non_tensor_example_and_agree_results_that_are_not_bools(monkeypatch, tmp_path):
+    """A non-tensor example failed with AttributeError ('tuple' object has no attribute 'is_inference')
+    in the example pass; an `agree` returning "false" for a layer made it sparse (a truthy string),
+    one returning a list failed with AttributeError."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    torch.manual_seed(0)
+    model, mask = nn.Sequential(nn.Linear(200, 200)), torch.rand(200, 200) > 0.9
+    for example in ((torch.randn(3, 200),), [[1.0] * 200]):
+        with pytest.raises(TypeError, match=r"^example must be a torch.Tensor \(a batch of the model's input\) or "
+                                            rf"None, got {type(example).__name__}$"):
+            apply_engine(model, {"0": mask}, "auto", example=example)
+    with pytest.raises(TypeError, match="^agree must be a callable"):
+        apply_engine(model, {"0": mask}, "auto", example=torch.randn(3, 200), agree={"0": False})
+    for agree, got in ((lambda faster: {n: "false" for n in faster}, "'0': 'false'"),
+                       (lambda faster: list(faster), "list")):
+        with pytest.raises(TypeError, match=rf"^agree must return a dict {{layer name: bool}}, got {got}$"):
+            apply_engine(model, {"0": mask}, "auto", example=torch.randn(3, 200), agree=agree)
+    assert type(model[0]) is nn.Linear  # (nothing converted)
+    rest = apply_engine(model, {"0": mask}, "auto", example=torch.randn(3, 200), agree=lambda f: {n: False for n in f})
+    assert type(model[0]) is nn.Linear and set(rest) == {"0"}  # (rank 0 said dense, though sparse won here)

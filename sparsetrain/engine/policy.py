@@ -64,6 +64,11 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     stepping the dense weights the model no longer uses)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if example is not None and not isinstance(example, torch.Tensor):  # (it crashed in the example pass)
+        raise TypeError(f"example must be a torch.Tensor (a batch of the model's input) or None, got "
+                        f"{type(example).__name__}")
+    if agree is not None and not callable(agree):
+        raise TypeError(f"agree must be a callable mapping {{layer: bool}} to {{layer: bool}}, got {type(agree).__name__}")
     if isinstance(example, torch.Tensor) and example.is_meta:
         raise ValueError("example is a meta tensor (a shape without values): pass a batch of the model's input")
     masks = check_masks(model, masks)
@@ -94,6 +99,12 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
                   for n, mk in to_measure.items() if n in shapes}  # (a layer the forward never reached: dense)
         if agree is not None:
             faster = agree(faster)
+            # (a value not True/False, such as the string "false", went sparse where truthy)
+            bad = (next(((k, v) for k, v in faster.items() if not isinstance(v, bool)), None)
+                   if isinstance(faster, dict) else type(faster).__name__)
+            if bad is not None:
+                raise TypeError(f"agree must return a dict {{layer name: bool}}, got "
+                                + (f"{bad[0]!r}: {bad[1]!r}" if isinstance(bad, tuple) else bad))
             if not set(faster) <= set(to_measure):
                 raise ValueError(f"agree returned decisions for layers that were not measured: "
                                  f"{sorted(set(faster) - set(to_measure))}")
