@@ -992,3 +992,33 @@ def test_apply_engine_refuses_a_non_tensor_example_and_agree_results_that_are_no
     assert type(model[0]) is nn.Linear  # (nothing converted)
     rest = apply_engine(model, {"0": mask}, "auto", example=torch.randn(3, 200), agree=lambda f: {n: False for n in f})
     assert type(model[0]) is nn.Linear and set(rest) == {"0"}  # (rank 0 said dense, though sparse won here)
+
+
+def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(monkeypatch, tmp_path):
+    """The mask was not checked: None or a list failed with AttributeError, and one of another shape
+    with as many nonzeros as a cached decision's took that decision without a word; an input_shape
+    that does not fit the layer failed inside torch's GEMM ("mat1 and mat2 shapes cannot be multiplied")."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    calls = []
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: calls.append(1) or 1.0)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
+    assert len(calls) == 4
+    other = torch.zeros(32, 128, dtype=torch.bool)
+    other.view(-1)[:int(mask.sum())] = True  # (as many nonzeros: the same cache key before)
+    for bad, got in ((None, "NoneType"), (mask.tolist(), "list"), (mask.float(), r"torch.float32 \(64, 64\)"),
+                     (other, r"torch.bool \(32, 128\)")):
+        with pytest.raises(ValueError, match=rf"^mask must be a bool tensor of the layer's weight shape \(64, 64\), "
+                                             rf"got {got}$"):
+            policy.sparse_is_faster(layer, bad, (8, 64), reps=1)
+    with pytest.raises(ValueError, match=r"^input_shape must be \[\.\.\., 64\] \(in_features\) for this layer, "
+                                         r"got \(8, 32\)$"):
+        policy.sparse_is_faster(layer, mask, (8, 32), reps=1)
+    conv, cmask = nn.Conv2d(4, 8, 3), torch.rand(8, 4, 3, 3) > 0.5
+    for shape in ((2, 3, 8, 8), (2, 1, 4, 8, 8), (8, 8)):
+        with pytest.raises(ValueError, match=r"^input_shape must be \[N, 4, H, W\] or \[4, H, W\] \(in_channels\)"):
+            policy.sparse_is_faster(conv, cmask, shape, reps=1)
+    assert len(calls) == 4  # (nothing timed for a refused call)
+    assert policy.sparse_is_faster(conv, cmask, (4, 8, 8), reps=1) in (True, False) and len(calls) == 8

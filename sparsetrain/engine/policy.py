@@ -273,6 +273,16 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
             or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape)):
         raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
     w = layer.weight
+    # (checked before the cache lookup: a mask of another shape, but as many nonzeros, took a decision silently)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}, got {got}")
+    linear = isinstance(layer, nn.Linear)
+    if (input_shape[-1] != layer.in_features if linear
+            else len(input_shape) not in (3, 4) or input_shape[-3] != layer.in_channels):
+        raise ValueError("input_shape must be " + (f"[..., {layer.in_features}] (in_features)" if linear else
+                         f"[N, {layer.in_channels}, H, W] or [{layer.in_channels}, H, W] (in_channels)")
+                         + f" for this layer, got {tuple(input_shape)}")
     # (the timing runs under the caller's autocast, as training does: a bf16 dense GEMM is another speed)
     amp = (str(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else None)
     gpu = torch.cuda.get_device_name(w.device) if w.is_cuda else None
