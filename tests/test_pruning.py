@@ -936,7 +936,9 @@ def test_auto_engine_cache_ignores_non_bool_entries_and_leaves_no_temp_file(monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(policy.os, "replace", full)
-    policy._save_decision("e", True)  # (the decision stays in memory: no error)
+    monkeypatch.setattr(policy, "_UNWRITABLE", set(), raising=False)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        policy._save_decision("e", True)  # (the decision stays in memory: no error)
     assert sorted(os.listdir(tmp_path)) == ["engine_auto.json"]
 
 
@@ -1022,3 +1024,38 @@ def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(
             policy.sparse_is_faster(conv, cmask, shape, reps=1)
     assert len(calls) == 4  # (nothing timed for a refused call)
     assert policy.sparse_is_faster(conv, cmask, (4, 8, 8), reps=1) in (True, False) and len(calls) == 8
+
+
+def test_auto_engine_cache_dir_expands_a_tilde_and_an_unwritable_one_is_told_once(monkeypatch, tmp_path):
+    """SPARSETRAIN_CACHE_DIR="~/cache" (no shell to expand it: a .env file, Ray's env_vars) made a folder
+    named "~" in the working directory, one cache per cwd; an unwritable cache kept decisions per
+    process without a word (runs in parallel or resumed could decide differently)."""
+    import warnings
+    from sparsetrain.engine import policy
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    monkeypatch.setattr(policy, "_UNWRITABLE", set(), raising=False)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", "~/cache")
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
+    assert list(json.loads((home / "cache" / "engine_auto.json").read_text()).values()) == [True]
+    assert list(cwd.iterdir()) == []
+    (tmp_path / "afile").write_text("")  # (a file where the cache folder should be: nothing can be written there)
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    for other in (mask, ~mask):  # (two decisions to write: told once)
+        monkeypatch.setattr(policy, "_DECISIONS", {})
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert policy.sparse_is_faster(layer, other, (8, 64), reps=1) is True
+        assert [str(w.message) for w in seen if "decision cache" in str(w.message)] == (
+            [] if other is not mask else [f"cannot write the engine's decision cache {tmp_path / 'afile' / 'cache'}"
+                                          f"/engine_auto.json ([Errno 20] Not a directory: "
+                                          f"'{tmp_path / 'afile' / 'cache'}'): --engine auto's decisions stay in "
+                                          f"this process (runs in parallel, or resumed, may decide differently); "
+                                          f"set SPARSETRAIN_CACHE_DIR to a writable folder"])

@@ -50,6 +50,7 @@ SPARSE_MIN_WEIGHTS = 16384
 # below this sparsity a dense GEMM always won in bench/kernels.py: such layers are not timed
 MEASURE_FROM = 0.5
 _DECISIONS: dict[str, bool] = {}  # measured decisions (sparse_is_faster), loaded from the cache file
+_UNWRITABLE: set[str] = set()  # cache files a write failed to, warned about once
 
 
 def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, example: torch.Tensor | None = None,
@@ -169,8 +170,9 @@ def _step_seconds(layer: nn.Module, x: torch.Tensor, step: Callable[[], None]) -
 
 
 def _cache_path() -> str:
-    root = os.environ.get("SPARSETRAIN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsetrain")
-    return os.path.join(root, "engine_auto.json")
+    # (a "~/..." that no shell expanded, from a .env file or Ray's env_vars, made a folder named "~" in the cwd)
+    root = os.environ.get("SPARSETRAIN_CACHE_DIR") or os.path.join("~", ".cache", "sparsetrain")
+    return os.path.join(os.path.expanduser(root), "engine_auto.json")
 
 
 def _load_decisions() -> None:
@@ -224,8 +226,12 @@ def _save_decision(key: str, value: bool) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(merged, f, indent=0, sort_keys=True)
         os.replace(tmp, path)
-    except OSError:  # a read-only home: the decision stays in memory
-        pass
+    except OSError as e:  # a read-only home: the decision stays in memory, told once per file
+        if path not in _UNWRITABLE:
+            _UNWRITABLE.add(path)
+            warnings.warn(f"cannot write the engine's decision cache {path} ({e}): --engine auto's decisions stay "
+                          "in this process (runs in parallel, or resumed, may decide differently); set "
+                          "SPARSETRAIN_CACHE_DIR to a writable folder")
     finally:  # (a failed write, disk full: its .engine_auto.* temporary file stayed)
         if tmp is not None and os.path.exists(tmp):
             with contextlib.suppress(OSError):
