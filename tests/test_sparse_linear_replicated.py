@@ -2,6 +2,7 @@
 masked reference on the repeated input, and the fused VGG head against the unfused one."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,3 +314,17 @@ def test_a_flattened_pool_output_written_in_place(start, c):
         o.backward()
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(xs[0].grad, xs[1].grad)
+
+
+@pytest.mark.parametrize("module", [rep.BroadcastAvgPool2d, lambda size: FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d(size))])
+def test_a_bad_output_size_is_refused_as_pytorchs_pool_refuses_it(module):
+    """On a 1x1 map the broadcast took output size -1 as expand's "keep this size" ([N, C, 1, 7] for
+    (-1, 7), where PyTorch's pool refuses it) and failed with torch's "integer multiplication overflow"
+    or expand's errors for other bad sizes; each is now a ValueError naming output_size."""
+    x = torch.randn(2, 3, 1, 1)
+    for bad in ((-1, 7), (7, -2), (7, 7, 7), 7.5, "a", (True, 7)):
+        with pytest.raises(ValueError, match=rf"^output_size must be an int >= 0 or a pair of them \(None: the "
+                                             rf"input's size\), got {repr(bad).replace('(', '.').replace(')', '.')}$"):
+            module(bad)(x)
+    for good in (7, (0, 7), (None, 3), [2, 5], (np.int32(2), 3), torch.Size([2, 2])):
+        torch.testing.assert_close(module(good)(x), F.adaptive_avg_pool2d(x, good), rtol=0, atol=0)

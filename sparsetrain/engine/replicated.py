@@ -27,6 +27,8 @@ spares PyTorch's adaptive pooling kernels.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,14 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     return F.linear(x, folded, bias)
 
 
+def _index(v) -> int:
+    """v as an int (numpy's too, as PyTorch takes them), or -1 for what is not one (bool, float, str)."""
+    try:
+        return -1 if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        return -1
+
+
 def broadcast_pool(x: torch.Tensor, output_size) -> torch.Tensor | None:
     """adaptive_avg_pool2d(x, output_size) as a broadcast when x is a 4-D [N, C, 1, 1] map (each
     output window holds the one input, the average of one value is that value), copied into a fresh
@@ -70,7 +80,10 @@ def broadcast_pool(x: torch.Tensor, output_size) -> torch.Tensor | None:
     backward sums the output gradients, in another order than PyTorch's kernel. Else None, and for
     a (1, 1) output too (PyTorch's pool is a copy there already)."""
     size = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
-    size = tuple(1 if v is None else v for v in size)
+    # (checked as adaptive_avg_pool2d does: a negative size, or -1, was the broadcast's "keep this size")
+    if len(size) != 2 or not all(v is None or _index(v) >= 0 for v in size):
+        raise ValueError(f"output_size must be an int >= 0 or a pair of them (None: the input's size), got {output_size!r}")
+    size = tuple(1 if v is None else _index(v) for v in size)
     if x.dim() != 4 or x.shape[-2:] != (1, 1) or size == (1, 1):
         return None
     return x.expand(*x.shape[:2], *size).contiguous()
