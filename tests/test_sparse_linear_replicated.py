@@ -70,6 +70,14 @@ def test_errors_name_the_argument():
     for bad in (torch.randn(1), torch.randn(2, 1), 1.0):  # (a [1] bias would broadcast silently)
         with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[2\]"):
             sparse_linear_replicated(torch.randn(3, 6), layer.weight, bad, 2)
+    # (torch's "expected m1 and m2 to have the same dtype" from inside F.linear before)
+    for x in (torch.randn(3, 6, dtype=torch.float64), torch.ones(3, 6, dtype=torch.long)):
+        with pytest.raises(TypeError, match=rf"^x must have the weight's dtype and device \(torch.float32, cpu\), got "
+                                            rf"{x.dtype}, cpu$"):
+            sparse_linear_replicated(x, layer.weight, None, 2)
+    with pytest.raises(TypeError, match=r"^bias must have the weight's dtype and device \(torch.float32, cpu\), got "
+                                        r"torch.float64, cpu$"):
+        sparse_linear_replicated(torch.randn(3, 6), layer.weight, torch.zeros(2, dtype=torch.float64), 2)
 
 
 # ============================================================================ the fused VGG head

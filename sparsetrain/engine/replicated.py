@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import check_bias
 from .formats import CSR
 from .nn import SparseLinear
 from .placeholders import HandOff, _watched, eager
@@ -59,6 +60,12 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
         raise ValueError(f"bias must be a tensor of shape [{n_out}] (out_features), got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    # (as sparse_linear: F.linear's "expected m1 and m2 to have the same dtype" came from inside before)
+    check_bias(bias, n_out, weight.values)
+    if x.dtype != weight.values.dtype or x.device != weight.values.device:
+        raise (TypeError if x.dtype != weight.values.dtype else ValueError)(
+            f"x must have the weight's dtype and device ({weight.values.dtype}, {weight.values.device}), got "
+            f"{x.dtype}, {x.device}")
     c = x.shape[-1]
     where = weight.row_indices() * c + weight.col_indices.long().div(repeat, rounding_mode="floor")
     folded = weight.values.new_zeros(n_out * c).index_add(0, where, weight.values).view(n_out, c)
