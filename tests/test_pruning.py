@@ -1059,3 +1059,35 @@ def test_auto_engine_cache_dir_expands_a_tilde_and_an_unwritable_one_is_told_onc
                                           f"'{tmp_path / 'afile' / 'cache'}'): --engine auto's decisions stay in "
                                           f"this process (runs in parallel, or resumed, may decide differently); "
                                           f"set SPARSETRAIN_CACHE_DIR to a writable folder"])
+
+
+def test_auto_engine_times_frozen_layers_as_training_runs_them(monkeypatch, tmp_path):
+    """A frozen pruned layer (requires_grad False: a fine-tuned model's backbone) failed the probe with
+    autograd's "element 0 of tensors does not require grad" (the first layer: no gradient to compute
+    at all) or an AttributeError on its missing weight gradient; training runs its forward (and the
+    input's gradient) alone, so the probe does, and the decision is keyed apart from a trained layer's."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    timed = []
+
+    def seconds(layer, x, step):  # (the real step runs: sparse wins)
+        step()
+        timed.append(type(layer).__name__)
+        return 1.0 if is_sparse(layer) else 2.0
+    monkeypatch.setattr(policy, "_step_seconds", seconds)
+    for frozen in ("0", "2"):  # (the first layer: no gradient at all; the second: its input's only)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(160, 150), nn.ReLU(), nn.Linear(150, 140))
+        model.get_submodule(frozen).requires_grad_(False)
+        masks = {"0": torch.rand(150, 160) > 0.9, "2": torch.rand(140, 150) > 0.9}
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, mk in masks.items():
+                ref.get_submodule(n).weight.mul_(mk)
+        rest = apply_engine(model, masks, "auto", fuse=False, example=torch.randn(3, 160))
+        assert rest == {} and is_sparse(model[0]) and is_sparse(model[2])
+        assert not model.get_submodule(frozen).weight.requires_grad
+        x = torch.randn(5, 160)
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert sum(k.endswith("'frozen')") for k in policy._DECISIONS) == 2 and len(policy._DECISIONS) == 4

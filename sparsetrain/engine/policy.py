@@ -150,8 +150,9 @@ def _trainer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> Ca
     def step():
         opt.zero_grad(set_to_none=True)
         out = layer(x)
-        out.backward(torch.ones_like(out))
-        if mask is not None:
+        if out.requires_grad:  # (a frozen layer on an input without gradient: training runs its forward alone)
+            out.backward(torch.ones_like(out))
+        if mask is not None and layer.weight.grad is not None:  # (none for a frozen weight)
             layer.weight.grad.masked_fill_(~mask, 0)
         opt.step()
         if mask is not None:
@@ -297,7 +298,8 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
                 layer.bias is not None, tuple(input_shape), int(mask.sum()), str(w.dtype), str(w.device),
                 torch.get_num_threads(), _machine(cpp)) + ((amp,) if amp else ()) + ((gpu,) if gpu else ())
                + (("triton",) if not w.is_cuda and not cpp else ())  # (its interpreter)
-               + (() if input_grad else ("no input gradient",)))
+               + (() if input_grad else ("no input gradient",))
+               + (() if w.requires_grad else ("frozen",)))  # (no weight gradient nor step: another cost)
     if key in _DECISIONS:
         return _DECISIONS[key]
     with _decision_lock():
