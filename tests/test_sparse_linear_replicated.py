@@ -67,9 +67,11 @@ def test_errors_name_the_argument():
         sparse_linear_replicated([[1.0] * 6], layer.weight, None, 2)
     with pytest.raises(TypeError, match="weight must be a 2-D sparsetrain.CSR"):
         sparse_linear_replicated(torch.randn(3, 6), torch.randn(2, 12), None, 2)
-    for bad in (torch.randn(1), torch.randn(2, 1), 1.0):  # (a [1] bias would broadcast silently)
-        with pytest.raises(ValueError, match=r"bias must be a tensor of shape \[2\]"):
+    for bad in (torch.randn(1), torch.randn(2, 1)):  # (a [1] bias would broadcast silently)
+        with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
             sparse_linear_replicated(torch.randn(3, 6), layer.weight, bad, 2)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got float"):
+        sparse_linear_replicated(torch.randn(3, 6), layer.weight, 1.0, 2)
     # (torch's "expected m1 and m2 to have the same dtype" from inside F.linear before)
     for x in (torch.randn(3, 6, dtype=torch.float64), torch.ones(3, 6, dtype=torch.long)):
         with pytest.raises(TypeError, match=rf"^x must have the weight's dtype and device \(torch.float32, cpu\), got "

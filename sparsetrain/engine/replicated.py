@@ -57,9 +57,6 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     if x.dim() < 1 or x.shape[-1] * repeat != n_in:
         raise ValueError(f"x must have last dimension in_features / repeat = {n_in} / {repeat}, "
                          f"got shape {tuple(x.shape)}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,)):
-        raise ValueError(f"bias must be a tensor of shape [{n_out}] (out_features), got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     # (as sparse_linear: F.linear's "expected m1 and m2 to have the same dtype" came from inside before)
     check_bias(bias, n_out, weight.values)
     if x.dtype != weight.values.dtype or x.device != weight.values.device:
