@@ -256,3 +256,39 @@ def test_wall_and_early_stop_only_on_students(mnist_dir, study_args, monkeypatch
     assert [int(r["round"]) for r in teacher] == [0, 1, 2, 3, 4]  # a full run: 93.75%; 96.9% >= 0.95
     assert all(float(r["sparsity"]) < 0.95 for r in teacher)
     assert len(read_rows(rd / "distill-dense" / "metrics.csv")) == 1  # the student stopped at once
+
+
+# ---------------------------------------------------------------------------- Eq. 2
+def test_kd_loss_is_eq2_per_sample_and_refuses_broadcast_shapes():
+    """Eq. 2 on hand-made logits, each sample's term by its own teacher row: (1 - a) CE + a tau^2
+    KL(p_t || p_s), batch means. A teacher of shape [1, C] or [N, 1] (or a [N, 1] target) was
+    broadcast by F.kl_div against every student row, a silently wrong loss; now a ValueError."""
+    import math
+
+    import torch
+
+    from sparsetrain.experiment.train import kd_loss
+
+    s = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
+    t = [[1.0, 3.0, 0.0], [-2.0, 0.0, 1.0]]
+    y = [0, 2]
+    alpha, tau = 0.8, 2.0
+
+    def softmax(v, temp):
+        e = [math.exp(x / temp) for x in v]
+        return [x / sum(e) for x in e]
+    ce = sum(-math.log(softmax(si, 1.0)[yi]) for si, yi in zip(s, y)) / 2
+    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(ti, tau), softmax(si, tau)))
+             for si, ti in zip(s, t)) / 2
+    expected = (1 - alpha) * ce + alpha * tau ** 2 * kl
+    S, T, Y = torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64), torch.tensor(y)
+    assert float(kd_loss(S, T, Y, alpha, tau)) == pytest.approx(expected, rel=1e-12)
+    for bad_t in (T[:1], T[:, :1], T[0]):
+        with pytest.raises(ValueError, match="teacher_logits must have the student's shape"):
+            kd_loss(S, bad_t, Y, alpha, tau)
+    with pytest.raises(ValueError, match=r"target must be \[N\] = \[2\]"):
+        kd_loss(S, T, Y[:, None], alpha, tau)
+    with pytest.raises(ValueError, match="student_logits must be"):
+        kd_loss(S[0], T[0], Y[:1], alpha, tau)
+    with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor"):
+        kd_loss(S, t, Y, alpha, tau)

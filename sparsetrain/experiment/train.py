@@ -26,10 +26,27 @@ def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) ->
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
         raise ValueError(f"tau must be a number > 0 and finite, got {tau!r}")
+    _check_logits(student_logits, teacher_logits, target)
     ce = F.cross_entropy(student_logits, target)
     kl = F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
                   reduction="batchmean", log_target=True)
     return (1.0 - alpha) * ce + alpha * tau * tau * kl
+
+
+def _check_logits(student_logits, teacher_logits, target) -> None:
+    """[N, C] logits of both models and [N] labels: F.kl_div broadcasts, so a teacher's [1, C] row
+    (or [N, 1]) was compared with every student row silently."""
+    for arg, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, C] logits, got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)} (one logit "
+                         f"per class for each sample), got {tuple(teacher_logits.shape)}")
+    if target.shape != student_logits.shape[:1]:
+        raise ValueError(f"target must be [N] = [{student_logits.shape[0]}] class indices, got shape "
+                         f"{tuple(target.shape)}")
 
 
 def make_optimizer(model: nn.Module, hp):
