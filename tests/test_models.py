@@ -151,3 +151,22 @@ def test_vgg_like_too_wide_is_refused_before_building(monkeypatch):
             call()
     monkeypatch.undo()
     assert vgg_like(1, 5).block1_1.conv.out_channels == 32  # (below the bound: built as before)
+
+
+def test_builders_refuse_what_build_model_refuses():
+    """vgg_like() and lenet_300_100() took dropout=1.0 (or True) and built a model whose classifier
+    sees only zeros in training (its output the same for every image), and a str dropout failed
+    inside nn.Dropout's comparison; lenet's in_features took True as 1. They now refuse these as
+    build_model does, and a valid p still gives the layer build_model gives."""
+    for build in (lambda p: vgg_like(1, 2, dropout=p), lambda p: lenet_300_100(dropout=p)):
+        for bad in (1.0, True, -0.1, "0.5"):
+            with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+                build(bad)
+        (drop,) = [m for m in build(0.5).modules() if isinstance(m, nn.Dropout)]
+        assert drop.p == 0.5
+    with pytest.raises(ValueError, match="in_features must be a positive int, got True"):
+        lenet_300_100(in_features=True)
+    torch.manual_seed(0)
+    m = vgg_like(1, 2, dropout=0.5).train()
+    out = m(torch.randn(4, 3, 8, 8))
+    assert not torch.allclose(out[0], out[1])  # (the classifier sees the images)

@@ -68,6 +68,7 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
         raise ValueError(f"VGG-like needs delta + gamma <= 14, got delta={delta}, gamma={gamma} (its last stage "
                          f"would hold {2 ** (delta + gamma - 1)} channels, over 2^31 weights)")
     _check_common(num_classes, in_channels)
+    _check_dropout(dropout)
     h, w = _pair(image_size)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     c = in_channels
@@ -95,7 +96,8 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784, dropout: float 
     """LeNet-300-100: flatten -> 784-300-100-classes fully connected with ReLU (`dropout`: an
     nn.Dropout before fc3)."""
     _check_common(num_classes, 1)
-    if not isinstance(in_features, int) or in_features < 1:
+    _check_dropout(dropout)
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     return nn.Sequential(OrderedDict(
         flatten=nn.Flatten(1),
@@ -167,9 +169,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     if extra:
         raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
                         f"allowed: {sorted(allowed)}")
-    p = kwargs.get("dropout", 0.0)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    _check_dropout(kwargs.get("dropout", 0.0))
     return MODELS[key](num_classes, in_channels, _pair(image_size), **kwargs)
 
 
@@ -180,6 +180,12 @@ def _pair(size) -> tuple[int, int]:
             or not all(isinstance(s, int) and s >= 1 for s in size)):
         raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
     return int(size[0]), int(size[1])
+
+
+def _check_dropout(p) -> None:
+    """p = 1 drops every input of the classifier in training (its output ignores the image)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
 def _check_common(num_classes, in_channels) -> None:
