@@ -292,3 +292,20 @@ def test_kd_loss_is_eq2_per_sample_and_refuses_broadcast_shapes():
         kd_loss(S[0], T[0], Y[:1], alpha, tau)
     with pytest.raises(TypeError, match="teacher_logits must be a torch.Tensor"):
         kd_loss(S, t, Y, alpha, tau)
+
+
+def test_presets_refuse_unknown_profile_and_dataset():
+    """schedule("papr", ...) returned the quick profile's budget (10 epochs, LR 0.01) as if it were a
+    profile, and an unknown dataset was a bare KeyError; both are a ValueError naming the argument.
+    The known ones still give Table 4's row."""
+    from sparsetrain.experiment.datasets import DATASETS
+    from sparsetrain.experiment.presets import GROUP, preset, schedule
+
+    assert set(DATASETS) <= set(GROUP)  # (every dataset the CLI offers has a preset row)
+    assert schedule("paper", "cifar10", "vgg_d5g5")["lr"] == TABLE4[("vgg_d5g5", "cifar10")][2]
+    for call in (lambda: schedule("papr", "cifar10", "resnet18"), lambda: preset("Paper", "cifar10")):
+        with pytest.raises(ValueError, match="profile must be one of paper, quick, got"):
+            call()
+    for call in (lambda: schedule("paper", "cifar-10", "resnet18"), lambda: preset("quick", "CIFAR10")):
+        with pytest.raises(ValueError, match="dataset must be one of cifar10, "):
+            call()

@@ -55,12 +55,21 @@ def family(model: str) -> str:
     return resolve_name(model)[0].rstrip("0123456789").removesuffix("_like")
 
 
+def _check(profile, dataset) -> None:
+    """(An unknown profile read as quick's budget, silently; an unknown dataset was a KeyError.)"""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if dataset not in GROUP:
+        raise ValueError(f"dataset must be one of {', '.join(GROUP)}, got {dataset!r}")
+
+
 def _row(table: dict, first: str, second: str) -> dict:
     return dict(table.get((first, second), table.get((first, "*"), {})))
 
 
 def schedule(profile: str, dataset: str, model: str) -> dict:
     """A role's schedule under a profile: Table 4 for its model (paper) or the quick budget."""
+    _check(profile, dataset)
     group = GROUP[dataset]
     if profile == "paper":
         return _row(TABLE4, group, family(model))
@@ -70,6 +79,7 @@ def schedule(profile: str, dataset: str, model: str) -> dict:
 def preset(profile: str, dataset: str, model: str | None = None, student: str | None = None) -> dict:
     """The profile's settings for a dataset: its study (models, seeds, size; an explicit `model`
     replaces the models and is its own student unless `student` is given) and each role's schedule."""
+    _check(profile, dataset)
     p = _row(STUDY, profile, GROUP[dataset])
     if dataset in HUMAN_NOISE:
         p["eps"] = 0.0  # the human labels are the noise
