@@ -170,3 +170,14 @@ def test_builders_refuse_what_build_model_refuses():
     m = vgg_like(1, 2, dropout=0.5).train()
     out = m(torch.randn(4, 3, 8, 8))
     assert not torch.allclose(out[0], out[1])  # (the classifier sees the images)
+
+
+def test_short_vgg_name_and_conflicting_depth_width_are_refused():
+    """build_model("vgg_d5g5", delta=2) built VGG-like(2, 5) under the name of VGG-like(5, 5) (the
+    name is what runs and checkpoints identify a model by); a clash is now a ValueError, and the
+    same values given twice still build the named model."""
+    with pytest.raises(ValueError, match=r"build_model\('vgg_d5g5'\) names .*'delta': 5.* but got \{'delta': 2\}"):
+        build_model("vgg_d5g5", 10, delta=2)
+    with pytest.raises(ValueError, match=r"but got \{'gamma': 3\}"):
+        build_model("vgg_d1g5", 10, delta=1, gamma=3)
+    assert count_parameters(build_model("vgg_d1g5", 10, delta=1, gamma=5)) == EXACT[(1, 5)]

@@ -163,6 +163,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     form "vgg_d5g5"), "lenet300" (LeNet-300-100 on flattened C*H*W inputs); every one takes
     dropout=p (in [0, 1): an nn.Dropout before the classifier)."""
     key, implied = resolve_name(name)
+    clash = {k: kwargs[k] for k in implied if k in kwargs and kwargs[k] != implied[k]}
+    if clash:  # ("vgg_d5g5", delta=2 built VGG-like(2, 5) under the name of (5, 5))
+        raise ValueError(f"build_model({name!r}) names {implied}, but got {clash}: give one or the other")
     kwargs = {**implied, **kwargs}
     allowed = set(inspect.signature(MODELS[key]).parameters) - {"nc", "c", "hw"}
     extra = set(kwargs) - allowed
