@@ -309,3 +309,41 @@ def test_presets_refuse_unknown_profile_and_dataset():
     for call in (lambda: schedule("paper", "cifar-10", "resnet18"), lambda: preset("quick", "CIFAR10")):
         with pytest.raises(ValueError, match="dataset must be one of cifar10, "):
             call()
+
+
+# ---------------------------------------------------------------------------- the optimizer the loop builds
+def test_loop_trains_each_role_on_its_table4_optimizer(mnist_dir, study_args, monkeypatch):
+    """What every epoch of every round actually runs with (Table 4's columns): plain SGD (no
+    Nesterov, no dampening) over all the model's parameters, the role's momentum and weight decay,
+    its batch size, LR = lr x drop^(milestones passed), restarted each round; Eq. 2's teacher on
+    the distilled student only."""
+    seen = []
+    real = loop.train_epoch
+
+    def spy(model, split, opt, batch_size, **kw):
+        g = opt.param_groups[0]
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        assert len(opt.param_groups) == 1 and in_opt == {id(p) for p in model.parameters()}
+        seen.append(dict(epoch=kw["epoch"] % 1000, rnd=kw["epoch"] // 1000, batch=batch_size, lr=g["lr"],
+                         momentum=g["momentum"], wd=g["weight_decay"], kind=type(opt).__name__,
+                         extra=(g["nesterov"], g["dampening"]), kd=kw["teacher"] is not None,
+                         alpha=kw["alpha"], tau=kw["tau"]))
+        return real(model, split, opt, batch_size, **kw)
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    role = {"teacher": dict(epochs=4, milestones=(1, 3), lr=0.05, wd=1e-3, batch=16),
+            "student": dict(epochs=3, milestones=(2,), lr=0.02, wd=1e-4, batch=8)}
+    args = study_args(mnist_dir, "--teachers", "dense", "--wall", "0.8", "--momentum", "0.8", "--drop", "0.5",
+                      "--alpha", "0.7", "--tau", "4")
+    for r, v in role.items():
+        args += [f"--{r}-epochs", str(v["epochs"]), f"--{r}-milestones", *map(str, v["milestones"]),
+                 f"--{r}-lr", str(v["lr"]), f"--{r}-weight-decay", str(v["wd"]), f"--{r}-batch-size", str(v["batch"])]
+    assert study.main(args) == 0
+    # teacher run, then the vanilla and the distilled student (3 rounds each: 0, 50%, 75% under 0.8)
+    runs = [("teacher", False), ("student", False), ("student", True)]
+    expected = [dict(epoch=e, rnd=k, batch=role[r]["batch"], momentum=0.8, wd=role[r]["wd"], kind="SGD",
+                     extra=(False, 0), kd=kd, alpha=0.7, tau=4.0,
+                     lr=pytest.approx(role[r]["lr"] * 0.5 ** sum(m <= e for m in role[r]["milestones"])))
+                for r, kd in runs for k in range(3) for e in range(role[r]["epochs"])]
+    assert seen == expected
+
