@@ -379,3 +379,14 @@ def test_quick_profile_changes_what_the_readme_says_and_nothing_else(dataset):
     same = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in {*claimed, "student", "seeds", "profile"} and not k.startswith(("teacher_", "student_"))}
     assert "eps" in same and same == {k: paper[k] for k in same}
+
+
+def test_paper_mnist_row_is_the_quick_schedule_but_rewind():
+    """README (Fidelity, MNIST-like data): the paper profile's MNIST row is the quick study's schedule
+    at full size, except --rewind-iter (1000, where quick's is 0); the README said "the quick
+    study's schedule" alone."""
+    import dataclasses
+
+    paper, quick = (config_from_args(["fashion-mnist", "--profile", p])[0].hyper("teacher") for p in ("paper", "quick"))
+    assert (paper.rewind_iter, quick.rewind_iter) == (1000, 0)
+    assert dataclasses.replace(paper, rewind_iter=0) == quick
