@@ -671,6 +671,27 @@ def test_symmetric_noise_uniform_over_other_classes():
     assert torch.allclose(freq, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.02)
 
 
+def test_label_noise_refuses_labels_it_cannot_flip():
+    """A label >= num_classes was "flipped" modulo num_classes (label 5 of 3 classes went to 0 or 1,
+    never 2), float labels came back float, a [N, 2] label tensor had rows replaced, and num_classes
+    1.5 read as "needs >= 2": each is a ValueError naming the argument. Valid labels are flipped
+    to another class as before."""
+    g = torch.Generator().manual_seed(0)
+    for bad, msg in ((torch.tensor([0, 1, 5, 2]), r"y must hold labels in \[0, 3\) .*got labels 0\.\.5"),
+                     (torch.tensor([0, -1, 2]), r"got labels -1\.\.2"),
+                     (torch.tensor([0.0, 1.0, 2.0]), r"y must be a 1-D integer tensor .*float32"),
+                     (torch.tensor([[0, 1], [2, 1]]), r"y must be a 1-D integer tensor .*shape \(2, 2\)"),
+                     ([0, 1, 2], r"y must be a 1-D integer tensor .*got list")):
+        for kind in D.NOISE_KINDS:
+            with pytest.raises(ValueError, match=msg):
+                D.add_label_noise(bad, 0.5, 3, kind=kind, generator=g)
+    for nc in (1.5, 0, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            D.add_label_noise(torch.tensor([0, 0]), 0.5, nc, generator=g)
+    y = torch.arange(3).repeat(100)
+    yn, chosen = D.add_label_noise(y, 0.5, 3, generator=g)
+    assert int(chosen.sum()) == 150 and torch.equal(yn != y, chosen) and int(yn.max()) < 3
+
 def test_validation_split_disjoint_and_subset(cifar10_dir):
     s = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.25, seed=0, download=False)
     tr, va = set(s.train.index.tolist()), set(s.val.index.tolist())

@@ -122,6 +122,16 @@ def add_label_noise(y: torch.Tensor, eps: float, num_classes: int, *, kind: str 
     _check_eps(eps)
     if kind not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    # (a label >= num_classes was "flipped" modulo num_classes, never to its own class's residue)
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.is_complex() \
+            or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-D integer tensor of labels in [0, {num_classes}), got "
+                         + (f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__))
+    if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ValueError(f"y must hold labels in [0, {num_classes}) (num_classes={num_classes}), got labels "
+                         f"{int(y.min())}..{int(y.max())}")
     if kind == "symmetric" and eps > 0 and num_classes < 2:
         raise ValueError(f"symmetric noise needs num_classes >= 2, got {num_classes}")
     n, y = y.shape[0], y.clone()
