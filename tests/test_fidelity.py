@@ -390,3 +390,20 @@ def test_paper_mnist_row_is_the_quick_schedule_but_rewind():
     paper, quick = (config_from_args(["fashion-mnist", "--profile", p])[0].hyper("teacher") for p in ("paper", "quick"))
     assert (paper.rewind_iter, quick.rewind_iter) == (1000, 0)
     assert dataclasses.replace(paper, rewind_iter=0) == quick
+
+
+def test_steps_per_epoch_counts_what_train_epoch_steps_and_refuses_bad_sizes():
+    """The optimizer steps of an epoch (what --rewind-iter is checked against) equal the batches
+    train_epoch steps: ceil(n / batch), a last batch of one sample skipped. batch_size 0 was a
+    ZeroDivisionError and n < 0 gave -1 steps; both are a ValueError naming the argument."""
+    import numpy as np
+
+    from sparsetrain.experiment.train import steps_per_epoch
+    # (n, batch) -> steps: 10 = 3+3+3+1, the last single sample skipped; 1 sample alone is a batch
+    for n, b, steps in ((10, 3, 3), (10, 4, 3), (9, 3, 3), (1, 4, 1), (0, 4, 0), (129, 128, 1)):
+        assert steps_per_epoch(n, b) == steps
+    assert steps_per_epoch(np.int64(10), np.int64(4)) == 3
+    for args, msg in (((10, 0), "batch_size must be an int >= 1, got 0"), ((-5, 4), "n must be an int >= 0"),
+                      ((10, True), "batch_size must be an int >= 1, got True"), ((10.0, 4), "n must be an int")):
+        with pytest.raises(ValueError, match=msg):
+            steps_per_epoch(*args)

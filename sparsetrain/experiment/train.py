@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,9 @@ def _skips_last(n: int, batch_size: int) -> bool:
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimizer steps of one epoch over n samples (what train_epoch takes)."""
+    for arg, v, lo in (("n", n, 0), ("batch_size", batch_size, 1)):  # (0: ZeroDivisionError; n < 0: -1 steps)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
     return n // batch_size if _skips_last(n, batch_size) else math.ceil(n / batch_size)
 
 
