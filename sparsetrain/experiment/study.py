@@ -28,9 +28,10 @@ from .devices import describe_device, resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
                     make_folder, make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
-from .metrics import read_metrics, teacher_tag
+from .metrics import teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
                     prepare_phases, teacher_fingerprint)
+from .teachers import load_teacher, teacher_checkpoint
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
 
@@ -134,38 +135,6 @@ def check_data(rd: str, fingerprint: str) -> None:
                          f"{fingerprint}): point --data-dir at the original data, or use another --out")
     if "data_fingerprint" not in cfg:
         write_json(path, {**cfg, "data_fingerprint": fingerprint})
-
-
-# ============================================================================ teachers
-def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
-    """(checkpoint path, (exact, paper-convention) FLOPs spent obtaining it: the teacher run's
-    cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
-    if choice not in ("best", "dense"):
-        return choice, (0, 0)
-    try:
-        rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
-        with open(os.path.join(teacher_dir, "best.json")) as f:
-            best = json.load(f)
-        rnd = best["round"] if choice == "best" else 0
-        cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
-    except (ValueError, KeyError, IndexError, TypeError, OSError) as e:  # (written whole: edited or deleted by hand)
-        raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
-                         f"({type(e).__name__}: {e}); delete that folder to train the teacher again") from None
-    path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
-    if not os.path.exists(path):  # (a run of before 2026-12-05 has no checksums that verify_phase could miss)
-        raise PhaseError(f"{path}, the teacher's {choice} round, is missing; delete {teacher_dir} to train the "
-                         "teacher again")
-    return path, cost
-
-
-def load_teacher(path: str):
-    """(the teacher model of a checkpoint (teacher_checkpoint), in eval mode, without gradients; its
-    architecture's build_model arguments, for its dense cost)."""
-    model, _, payload = load_model(path)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, payload["arch"]
 
 
 # ============================================================================ the study
