@@ -407,3 +407,54 @@ def test_a_damaged_noise_record_is_refused_not_rewritten(mnist_dir, study_args, 
     noise.unlink()
     assert study.main(base) == 0
     assert json.loads(noise.read_text())["labels_fingerprint"] == drawn
+
+
+def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_args, capsys):
+    """A teacher's round checkpoint copied in from another run with its .sha256 record (or the whole
+    phase folder), or two rounds swapped, passed every checksum: the student was distilled from the wrong
+    teacher without a word. A round checkpoint names its run directory, seed, phase and round; one written
+    before it did (no place recorded) is still distilled from."""
+    import shutil
+    other = study_args(mnist_dir, "--rate", "0.4", "--phases", "teacher", "--out", str(mnist_dir / "o"))
+    here = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(other) == 0 and study.main(here) == 0
+    src, pd = run_dir(mnist_dir / "o") / "seed0" / "teacher", run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    mine, theirs = f"{pd.parent.parent.name}/seed0/teacher", f"{src.parent.parent.name}/seed0/teacher"
+    keep = {p: p.read_bytes() for p in pd.rglob("*") if p.is_file()}
+    ref = read_rows(pd.parent / "distill-dense" / "metrics.csv")
+    r0, r1 = pd / "ckpt" / "round_00.pt", pd / "ckpt" / "round_01.pt"
+
+    def restore():
+        shutil.rmtree(pd)
+        for p, b in keep.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b)
+
+    def copied():
+        for name in ("round_00.pt", "round_00.pt.sha256"):
+            shutil.copy(src / "ckpt" / name, pd / "ckpt" / name)
+
+    def swapped():
+        for ext in ("", ".sha256"):
+            a, b = (keep[p] for p in (r0.with_name(r0.name + ext), r1.with_name(r1.name + ext)))
+            r0.with_name(r0.name + ext).write_bytes(b)
+            r1.with_name(r1.name + ext).write_bytes(a)
+
+    def whole_phase():
+        shutil.rmtree(pd)
+        shutil.copytree(src, pd)
+    for damage, says in ((copied, f"is round 0 of {theirs}, not round 0 of this phase ({mine})"),
+                         (swapped, f"is round 1 of {mine}, not round 0 of this phase ({mine})"),
+                         (whole_phase, f"is round 0 of {theirs}, not round 0 of this phase ({mine})")):
+        damage()
+        err = _one_line_error(capsys, here)
+        assert f"{r0} {says}: copied from another run, seed or phase, or swapped with another round's; delete " \
+               f"{pd} to train the teacher again" in err, (damage.__name__, err)
+        restore()
+    # a checkpoint written before 2026-12-06 (its round, no place): distilled from as before
+    payload = checkpoint.safe_load(str(r0))
+    assert payload.pop("where") == mine and payload["round"] == 0
+    checkpoint.atomic_save(payload, str(r0))
+    shutil.rmtree(pd.parent / "distill-dense")
+    assert study.main(here) == 0
+    assert strip_timing(read_rows(pd.parent / "distill-dense" / "metrics.csv")) == strip_timing(ref)

@@ -265,7 +265,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
             if key in served:  # the same teacher (best = dense when the best round is 0): the same student
                 _on_main(lambda: os.path.lexists(pdir) or make_link(served[key], pdir))  # (also the barrier)
             else:
-                teacher, teacher_arch = load_teacher(path)
+                teacher, teacher_arch = load_teacher(path, tdir if choice in ("best", "dense") else None)
                 run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
                           teacher_cost=cost, teacher_arch=teacher_arch)
             served.setdefault(key, phase)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .checkpoint import load_model
-from .loop import PhaseError
+from .files import CorruptFile
+from .loop import PhaseError, where_of
 from .metrics import read_metrics
 
 __all__ = ["teacher_checkpoint", "load_teacher"]
@@ -33,11 +35,39 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     return path, cost
 
 
-def load_teacher(path: str):
+def load_teacher(path: str, teacher_dir: str | None = None):
     """(the teacher model of a checkpoint (teacher_checkpoint), in eval mode, without gradients; its
-    architecture's build_model arguments, for its dense cost)."""
+    architecture's build_model arguments, for its dense cost). `teacher_dir`: the teacher run whose
+    round checkpoint `path` is (--teachers best | dense), which it must be (check_round)."""
     model, _, payload = load_model(path)
+    if teacher_dir is not None:
+        check_round(path, payload)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, payload["arch"]
+
+
+def check_round(path: str, payload: dict) -> None:
+    """A phase's ckpt/round_XX.pt must be that phase's round XX: the round and the phase's place (loop.where_of:
+    run directory/seed/phase) it records at save. A round checkpoint copied in from another run, seed or phase
+    with its .sha256 record, or two rounds swapped, pass the checksums. Checkpoints of before 2026-12-06 name no
+    place (their round alone is checked); a phase linked from another run (--reuse) is that run's."""
+    pdir = os.path.dirname(os.path.dirname(path))
+    name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
+    rnd = int(name[1]) if name else payload.get("round")
+    here = {where_of(os.path.join(d, "state.pt")) for d in (pdir, os.path.realpath(pdir))}
+    got_rnd, got_where = payload.get("round", rnd), payload.get("where")
+    if got_rnd != rnd or (got_where is not None and got_where not in here):
+        mine = where_of(os.path.join(os.path.realpath(pdir), "state.pt"))
+        raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
+                          f"({mine}): copied from another run, seed or phase, or swapped with another round's; "
+                          f"{_delete(pdir)} to train the teacher again")
+
+
+def _delete(pdir: str) -> str:
+    """What to delete to retrain a phase: its folder, or for one linked from another run (--reuse) that run's
+    phase and the link (deleting the link alone, the next run with --reuse linked the same phase again)."""
+    if not os.path.islink(pdir):
+        return f"delete {pdir}"
+    return f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
