@@ -458,3 +458,41 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
     shutil.rmtree(pd.parent / "distill-dense")
     assert study.main(here) == 0
     assert strip_timing(read_rows(pd.parent / "distill-dense" / "metrics.csv")) == strip_timing(ref)
+
+
+def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_args, capsys):
+    """teacher_checkpoint's errors said "delete that folder" (or named the link) for a teacher phase linked
+    from another run (--reuse), which the next run with --reuse linked again: the advice names that run's
+    folder and the link, as verify_phase's does; so does a round checkpoint of the wrong round there. A
+    linked teacher of a run of another name (its round checkpoints name that run) is distilled from."""
+    from sparsetrain.experiment.loop import PhaseError
+    theirs = study_args(mnist_dir, "--teachers", "best", "--phases", "teacher", "--out", str(mnist_dir / "a"))
+    assert study.main(theirs) == 0
+    src = run_dir(mnist_dir / "a") / "seed0" / "teacher"
+    here = study_args(mnist_dir, "--teachers", "dense", "--phases", "distill", "--reuse", str(run_dir(mnist_dir / "a")))
+    r0, r1 = src / "ckpt" / "round_00.pt", src / "ckpt" / "round_01.pt"
+    keep = {p: p.read_bytes() for p in (r0, r1, r0.with_name("round_00.pt.sha256"), r1.with_name("round_01.pt.sha256"))}
+    for p, q in ((r0, r1), (r1, r0)):
+        p.write_bytes(keep[q])
+        p.with_name(p.name + ".sha256").write_bytes(keep[q.with_name(q.name + ".sha256")])
+    err = _one_line_error(capsys, here)
+    link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    assert link.is_symlink() and run_dir(mnist_dir / "runs").name != src.parent.parent.name
+    theirs_too = f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link to " \
+                 "train the teacher again"
+    assert f"{link / 'ckpt' / 'round_00.pt'} is round 1 of {src.parent.parent.name}/seed0/teacher" in err, err
+    assert theirs_too in err, err
+    for p, b in keep.items():
+        p.write_bytes(b)
+    assert study.main(here) == 0  # (the linked run's own rounds, named after it: distilled from)
+    best = src / "best.json"
+    best.write_text("{not json")
+    with pytest.raises(PhaseError) as e:
+        study.teacher_checkpoint("best", str(link))
+    assert f"{link}: its best.json and metrics.csv do not name the teacher's best round" in str(e.value)
+    assert theirs_too in str(e.value), e.value
+    best.write_text(json.dumps({"round": 0}))
+    r0.unlink()
+    with pytest.raises(PhaseError) as e:
+        study.teacher_checkpoint("dense", str(link))
+    assert f"{link / 'ckpt' / 'round_00.pt'}, the teacher's dense round, is missing; {theirs_too}" in str(e.value)

@@ -19,6 +19,7 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
     if choice not in ("best", "dense"):
         return choice, (0, 0)
+    advice = _delete(teacher_dir) if os.path.islink(teacher_dir) else "delete that folder"
     try:
         rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
         with open(os.path.join(teacher_dir, "best.json")) as f:
@@ -27,10 +28,10 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
         cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:  # (written whole: edited or deleted by hand)
         raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
-                         f"({type(e).__name__}: {e}); delete that folder to train the teacher again") from None
+                         f"({type(e).__name__}: {e}); {advice} to train the teacher again") from None
     path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
     if not os.path.exists(path):  # (a run of before 2026-12-05 has no checksums that verify_phase could miss)
-        raise PhaseError(f"{path}, the teacher's {choice} round, is missing; delete {teacher_dir} to train the "
+        raise PhaseError(f"{path}, the teacher's {choice} round, is missing; {_delete(teacher_dir)} to train the "
                          "teacher again")
     return path, cost
 
