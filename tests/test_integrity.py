@@ -410,8 +410,8 @@ def test_a_damaged_noise_record_is_refused_not_rewritten(mnist_dir, study_args, 
 
 
 def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_args, capsys):
-    """A teacher's round checkpoint copied in from another run with its .sha256 record (or the whole
-    phase folder), or two rounds swapped, passed every checksum: the student was distilled from the wrong
+    """A teacher's round checkpoint copied in from another run with its .sha256 record, or two rounds
+    swapped, passed every checksum: the student was distilled from the wrong
     teacher without a word. A round checkpoint names its run directory, seed, phase and round; one written
     before it did (no place recorded) is still distilled from."""
     import shutil
@@ -439,13 +439,8 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
             a, b = (keep[p] for p in (r0.with_name(r0.name + ext), r1.with_name(r1.name + ext)))
             r0.with_name(r0.name + ext).write_bytes(b)
             r1.with_name(r1.name + ext).write_bytes(a)
-
-    def whole_phase():
-        shutil.rmtree(pd)
-        shutil.copytree(src, pd)
     for damage, says in ((copied, f"is round 0 of {theirs}, not round 0 of this phase ({mine})"),
-                         (swapped, f"is round 1 of {mine}, not round 0 of this phase ({mine})"),
-                         (whole_phase, f"is round 0 of {theirs}, not round 0 of this phase ({mine})")):
+                         (swapped, f"is round 1 of {mine}, not round 0 of this phase ({mine})")):
         damage()
         err = _one_line_error(capsys, here)
         assert f"{r0} {says}: copied from another run, seed or phase, or swapped with another round's; delete " \
@@ -496,3 +491,28 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
     with pytest.raises(PhaseError) as e:
         study.teacher_checkpoint("dense", str(link))
     assert f"{link / 'ckpt' / 'round_00.pt'}, the teacher's dense round, is missing; {theirs_too}" in str(e.value)
+
+
+def test_a_finished_phase_copied_from_another_run_is_refused(mnist_dir, study_args, capsys):
+    """A whole finished phase folder copied in from another run (here --rate 0.4) with its .sha256 records
+    passed every check: the run reported (and distilled from) the other run's results. A finished phase's
+    best.json names its run directory, seed and phase; one finished before it did is accepted as before."""
+    import shutil
+    other = study_args(mnist_dir, "--rate", "0.4", "--phases", "teacher", "--out", str(mnist_dir / "o"))
+    here = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(other) == 0 and study.main(here) == 0
+    src, pd = run_dir(mnist_dir / "o") / "seed0" / "teacher", run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    mine = f"{pd.parent.parent.name}/seed0/teacher"
+    assert json.loads((pd / "best.json").read_text())["where"] == mine
+    ref = read_rows(pd / "metrics.csv")
+    shutil.rmtree(pd)
+    shutil.copytree(src, pd)
+    err = _one_line_error(capsys, here)
+    assert f"{pd / 'best.json'} is the result of {src.parent.parent.name}/seed0/teacher, not of this phase ({mine}): " \
+           f"a phase folder copied from another run, seed or phase; delete {pd} to retrain this phase" in err, err
+    shutil.rmtree(pd)
+    assert study.main(here) == 0 and strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(ref)
+    best = json.loads((pd / "best.json").read_text())  # (a phase finished before 2026-12-06: no place named)
+    del best["where"]
+    files.write_json(str(pd / "best.json"), best, checksum=True)
+    assert study.main(here) == 0

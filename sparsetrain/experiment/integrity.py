@@ -12,7 +12,7 @@ import os
 from .files import CorruptFile, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase"]
+__all__ = ["verify_phase", "where_of"]
 
 
 def verify_phase(pdir: str) -> None:
@@ -28,6 +28,12 @@ def verify_phase(pdir: str) -> None:
         for advice in (f"delete the phase folder {pdir} ", f"delete {pdir} "):
             msg = msg.replace(advice, theirs)
         raise CorruptFile(msg) from None
+
+
+def where_of(state_path: str) -> str:
+    """A phase's state.pt's place, run directory/seed<N>/phase: the run's name holds its settings' hash, so a
+    state of the same model from another run, seed or phase (which the architecture check passes) is told apart."""
+    return "/".join(os.path.normpath(os.path.abspath(state_path)).split(os.sep)[-4:-1])
 
 
 def _verify_phase(pdir: str) -> None:
@@ -111,10 +117,15 @@ def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool)
     try:
         rows = read_metrics(metrics)
         with open(best_file) as f:
-            best = json.load(f)["round"]
+            best = json.load(f)
+        best, where = best["round"], best.get("where")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); delete "
                           f"{pdir} to retrain this phase") from None
+    mine = [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]  # (--reuse: the linked run's)
+    if where is not None and where not in mine:  # (a phase finished before 2026-12-06 names no place)
+        raise CorruptFile(f"{best_file} is the result of {where}, not of this phase ({mine[0]}): a phase folder copied "
+                          f"from another run, seed or phase; delete {pdir} to retrain this phase")
     marked = [r["round"] for r in rows if r.get("is_best") == 1]
     if best not in [r["round"] for r in rows] or (marked and marked != [best]):
         raise CorruptFile(f"{best_file} names round {best}, but {metrics}'s best round is "

@@ -33,7 +33,7 @@ from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, WriteFailed, make_folder, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
-from .integrity import verify_phase
+from .integrity import verify_phase, where_of
 from .metrics import best_index
 from .models import build_model
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
@@ -114,12 +114,6 @@ def _set_amp(s: PhaseState, cfg, device, scaler_state=None) -> None:
     s.scaler = torch.amp.GradScaler(torch.device(device).type) if s.amp == torch.float16 else None
     if s.scaler is not None and scaler_state:
         s.scaler.load_state_dict(scaler_state)
-
-
-def where_of(state_path: str) -> str:
-    """A phase's state.pt's place, run directory/seed<N>/phase: the run's name holds its settings' hash, so a
-    state of the same model from another run, seed or phase (which the architecture check passes) is told apart."""
-    return "/".join(os.path.normpath(os.path.abspath(state_path)).split(os.sep)[-4:-1])
 
 
 def save(s: PhaseState, arch: dict, state_path: str) -> None:
@@ -267,7 +261,8 @@ def finish(pdir: str, rows: list[dict]) -> None:
         b = rows[best]
         write_json(os.path.join(pdir, "best.json"),
                    {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
-                    "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt"}, checksum=True)
+                    "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt",
+                    "where": where_of(os.path.join(pdir, "state.pt"))}, checksum=True)  # (integrity._check_finished)
         drop_resume_state(pdir)
     dist.on_main(write, (WriteFailed,))
 

@@ -8,7 +8,8 @@ import re
 
 from .checkpoint import load_model
 from .files import CorruptFile
-from .loop import PhaseError, where_of
+from .integrity import where_of
+from .loop import PhaseError
 from .metrics import read_metrics
 
 __all__ = ["teacher_checkpoint", "load_teacher"]
@@ -50,7 +51,7 @@ def load_teacher(path: str, teacher_dir: str | None = None):
 
 
 def check_round(path: str, payload: dict) -> None:
-    """A phase's ckpt/round_XX.pt must be that phase's round XX: the round and the phase's place (loop.where_of:
+    """A phase's ckpt/round_XX.pt must be that phase's round XX: the round and the phase's place (integrity.where_of:
     run directory/seed/phase) it records at save. A round checkpoint copied in from another run, seed or phase
     with its .sha256 record, or two rounds swapped, pass the checksums. Checkpoints of before 2026-12-06 name no
     place (their round alone is checked); a phase linked from another run (--reuse) is that run's."""
