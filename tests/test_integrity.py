@@ -510,6 +510,7 @@ def test_a_finished_phase_copied_from_another_run_is_refused(mnist_dir, study_ar
     err = _one_line_error(capsys, here)
     assert f"{pd / 'best.json'} is the result of {src.parent.parent.name}/seed0/teacher, not of this phase ({mine}): " \
            f"a phase folder copied from another run, seed or phase; delete {pd} to retrain this phase" in err, err
+    assert err == _one_line_error(capsys, here + ["--report-only"])  # (it reported the other run's rows as this run's)
     shutil.rmtree(pd)
     assert study.main(here) == 0 and strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(ref)
     best = json.loads((pd / "best.json").read_text())  # (a phase finished before 2026-12-06: no place named)

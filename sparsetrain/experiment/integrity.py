@@ -12,7 +12,7 @@ import os
 from .files import CorruptFile, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of"]
+__all__ = ["verify_phase", "where_of", "check_place"]
 
 
 def verify_phase(pdir: str) -> None:
@@ -34,6 +34,18 @@ def where_of(state_path: str) -> str:
     """A phase's state.pt's place, run directory/seed<N>/phase: the run's name holds its settings' hash, so a
     state of the same model from another run, seed or phase (which the architecture check passes) is told apart."""
     return "/".join(os.path.normpath(os.path.abspath(state_path)).split(os.sep)[-4:-1])
+
+
+def check_place(pdir: str, where) -> None:
+    """A finished phase's best.json names the place it was trained in (`where`; None before 2026-12-06): a phase
+    folder copied in from another run, seed or phase with its records is refused (one linked by --reuse is its
+    run's)."""
+    mine = [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]
+    if where is not None and where not in mine:
+        delete = (f"{os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
+                  if os.path.islink(pdir) else pdir)
+        raise CorruptFile(f"{os.path.join(pdir, 'best.json')} is the result of {where}, not of this phase ({mine[0]}): "
+                          f"a phase folder copied from another run, seed or phase; delete {delete} to retrain this phase")
 
 
 def _verify_phase(pdir: str) -> None:
@@ -122,10 +134,7 @@ def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); delete "
                           f"{pdir} to retrain this phase") from None
-    mine = [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]  # (--reuse: the linked run's)
-    if where is not None and where not in mine:  # (a phase finished before 2026-12-06 names no place)
-        raise CorruptFile(f"{best_file} is the result of {where}, not of this phase ({mine[0]}): a phase folder copied "
-                          f"from another run, seed or phase; delete {pdir} to retrain this phase")
+    check_place(pdir, where)
     marked = [r["round"] for r in rows if r.get("is_best") == 1]
     if best not in [r["round"] for r in rows] or (marked and marked != [best]):
         raise CorruptFile(f"{best_file} names round {best}, but {metrics}'s best round is "

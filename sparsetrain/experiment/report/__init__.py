@@ -9,6 +9,7 @@ import json
 import os
 
 from ..files import CorruptFile, atomic_write, verify
+from ..integrity import check_place
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
@@ -24,9 +25,16 @@ def write_report(run_dir) -> str:
     CorruptFile for a finished phase's metrics.csv that no longer matches its checksum (the run
     itself refuses it; a report of it would show a torn or edited curve as the run's), and for a
     config.json that does not parse (the report would show no settings and replay the stop rules at
-    the default thresholds, not the run's)."""
+    the default thresholds, not the run's), and for a finished phase copied in from another run."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
+    for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
+        try:  # (a phase copied from another run with its records: the run refuses it, integrity.check_place)
+            with open(path) as f:
+                where = json.load(f).get("where")
+        except (OSError, ValueError, AttributeError):
+            continue  # (load_run reads the rows alone)
+        check_place(os.path.dirname(path), where)
     run = load_run(run_dir)
     cfg, path = run["config"], os.path.join(run_dir, "config.json")
     if os.path.exists(path) and (not isinstance(cfg, dict) or not cfg):  # (load_run's {}: it did not parse)
