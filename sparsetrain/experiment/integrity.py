@@ -12,7 +12,7 @@ import os
 from .files import CorruptFile, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of", "check_place"]
+__all__ = ["verify_phase", "where_of", "check_place", "delete_advice"]
 
 
 def verify_phase(pdir: str) -> None:
@@ -24,10 +24,17 @@ def verify_phase(pdir: str) -> None:
         if not os.path.islink(pdir):
             raise
         msg = str(e)
-        theirs = f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link "
         for advice in (f"delete the phase folder {pdir} ", f"delete {pdir} "):
-            msg = msg.replace(advice, theirs)
+            msg = msg.replace(advice, delete_advice(pdir) + " ")
         raise CorruptFile(msg) from None
+
+
+def delete_advice(pdir: str) -> str:
+    """What to delete to retrain a phase: its folder, or for one linked from another run (--reuse) that run's
+    phase and the link (deleting the link alone, the next run with --reuse linked the same phase again)."""
+    if not os.path.islink(pdir):
+        return f"delete {pdir}"
+    return f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
 
 
 def where_of(state_path: str) -> str:
@@ -42,10 +49,9 @@ def check_place(pdir: str, where) -> None:
     run's)."""
     mine = [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]
     if where is not None and where not in mine:
-        delete = (f"{os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
-                  if os.path.islink(pdir) else pdir)
         raise CorruptFile(f"{os.path.join(pdir, 'best.json')} is the result of {where}, not of this phase ({mine[0]}): "
-                          f"a phase folder copied from another run, seed or phase; delete {delete} to retrain this phase")
+                          f"a phase folder copied from another run, seed or phase; {delete_advice(pdir)} to retrain "
+                          "this phase")
 
 
 def _verify_phase(pdir: str) -> None:

@@ -8,7 +8,7 @@ import re
 
 from .checkpoint import load_model
 from .files import CorruptFile
-from .integrity import where_of
+from .integrity import delete_advice as _delete, where_of
 from .loop import PhaseError
 from .metrics import read_metrics
 
@@ -65,11 +65,3 @@ def check_round(path: str, payload: dict) -> None:
         raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
                           f"({mine}): copied from another run, seed or phase, or swapped with another round's; "
                           f"{_delete(pdir)} to train the teacher again")
-
-
-def _delete(pdir: str) -> str:
-    """What to delete to retrain a phase: its folder, or for one linked from another run (--reuse) that run's
-    phase and the link (deleting the link alone, the next run with --reuse linked the same phase again)."""
-    if not os.path.islink(pdir):
-        return f"delete {pdir}"
-    return f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
