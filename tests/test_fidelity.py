@@ -114,7 +114,6 @@ def test_rules_on_rising_then_falling_entropy():
     assert algorithm2_stop(rows, 0.8, 0.8, "entropy-peak", falls=6) is None
 
 
-
 def test_rule_reads_numpy_values_and_refuses_tensors():
     """Rows holding numpy float32 values (a float32 DataFrame's records) were read as missing (the
     rule never fired, silently); a tensor value is refused, naming the round and the column."""
@@ -191,6 +190,7 @@ def test_rule_equals_algorithm2_as_printed_and_online_replay():
         full = algorithm2_stop(rows, t_e, t_a, rule, falls)
         online = next((k for k in range(n) if algorithm2_stop(rows[:k + 1], t_e, t_a, rule, falls) is not None), None)
         assert online == full and (full is None or algorithm2_stop(rows[:full + 1], t_e, t_a, rule, falls) == full)
+
 
 def test_paper_rule_as_written():
     rows = _curve([0.80, 0.82, 0.81, 0.60], [0.60, 0.55, 0.45, 0.40])
