@@ -315,6 +315,41 @@ def shapes_checked_against_the_weight():
 
 
 @interp
+def bsr_backward_uses_the_index_of_its_forward():
+    """Loading another pattern with as many blocks into the layer between forward and backward: without
+    autocast the saved values' version check refuses it; under autocast the saved values are a cast
+    copy, and the backward paired them with the newly loaded index (a silently wrong dx and dW,
+    2026-12-06). The backward now uses the index of its forward: the gradient of the forward that ran,
+    as a dense layer under autocast gives (F.linear saves its cast weight too)."""
+    import sparsetrain
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 32, generator=g)
+    keep_a = torch.zeros(2, 2, dtype=torch.bool)
+    keep_a[0, 0] = keep_a[1, 1] = True
+    masks = [keep.repeat_interleave(16, 0).repeat_interleave(16, 1) for keep in (keep_a, ~keep_a)]
+    layer, other = (BSRLinear(BSR.from_dense(w, 16, m), None) for m in masks)
+    x = torch.randn(4, 32, generator=g)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def step(dtype, load):  # (x.grad, values.grad) of one forward/backward, `other` loaded in between
+        layer.load_state_dict(state)
+        layer.weight.values.grad, xi = None, x.clone().requires_grad_(True)
+        amp = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        with sparsetrain.use_backend("triton"), amp:
+            out = layer(xi)
+        if load:
+            layer.load_state_dict(other.state_dict())  # (as many blocks: values copied in place)
+        (out.float() * torch.arange(32.0)).sum().backward()
+        return xi.grad, layer.weight.values.grad
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        step(None, True)
+    for got, ref in zip(step(torch.float16, True), step(torch.float16, False)):
+        torch.testing.assert_close(got, ref)
+
+
+@interp
 def edge_cases_refused_or_computed_as_the_cpp_ops():
     """Non-contiguous index tensors are refused (the kernels read ptr + i); bn_act on an empty
     batch and SparseLinear with 0 in- or out-features compute what the C++ ops do; a direct call

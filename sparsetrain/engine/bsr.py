@@ -163,7 +163,10 @@ class _BSRLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, w):
         from sparsetrain.kernels import bsr_matmul as K
-        ctx.save_for_backward(x, values)
+        # the block index as of this forward: a pattern loaded before the backward (in place into crow/col,
+        # a new transposed index) fails torch's version check instead of pairing these values with another
+        # index (under autocast `values` is a cast copy, which the in-place load of the layer's does not touch)
+        ctx.save_for_backward(x, values, w.crow_indices, w.col_indices, w.ccol_indices, w.row_indices_t, w.perm)
         ctx.w, ctx.has_bias = w, bias is not None
         return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0], in_features=w.shape[1])
 
@@ -171,15 +174,14 @@ class _BSRLinearFn(torch.autograd.Function):
     @first_order  # (no formulas for the gradient ops)
     def backward(ctx, grad_out):
         from sparsetrain.kernels import bsr_matmul as K
-        x, values = ctx.saved_tensors
+        x, values, crow, col, ccol, row_t, perm = ctx.saved_tensors
         w, dx, dv, db = ctx.w, None, None, None
         grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
-            dx = K.bsr_linear_grad_input(grad_out, w.ccol_indices, w.row_indices_t, w.perm, values, x.shape[-1],
-                                         out_features=w.shape[0])
+            dx = K.bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, x.shape[-1], out_features=w.shape[0])
         if ctx.needs_input_grad[1]:
-            dv = K.bsr_linear_grad_weight(grad_out, x, w.crow_indices, w.col_indices, w.block_size,
-                                          in_features=w.shape[1], out_features=w.shape[0])
+            dv = K.bsr_linear_grad_weight(grad_out, x, crow, col, w.block_size, in_features=w.shape[1],
+                                          out_features=w.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1]).sum(0)  # (1-D: itself)
         return dx, dv, db, None
