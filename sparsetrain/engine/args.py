@@ -6,7 +6,10 @@ import numbers
 
 import torch
 
-__all__ = ["pair", "conv2d_padding", "check_bias", "check_weight"]
+__all__ = ["pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
+
+# what to do about a layer on the meta device (a shape without values), in every refusal of one
+MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
 
 
 def _integer(a) -> bool:
@@ -43,10 +46,16 @@ def check_bias(bias, out: int, values: torch.Tensor) -> None:
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if bias.shape != (out,):
         raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
-    if bias.dtype != values.dtype or bias.device != values.device:
-        raise (TypeError if bias.dtype != values.dtype else ValueError)(
-            f"bias must have the weight's dtype and device ({values.dtype}, {values.device}), got {bias.dtype}, "
-            f"{bias.device}")
+    check_like(bias, "bias", values)
+
+
+def check_like(t: torch.Tensor, name: str, values: torch.Tensor) -> None:
+    """`t` (named `name`) on the weight values' dtype and device: TypeError for another dtype, else
+    ValueError for another device."""
+    if t.dtype != values.dtype or t.device != values.device:
+        raise (TypeError if t.dtype != values.dtype else ValueError)(
+            f"{name} must have the weight's dtype and device ({values.dtype}, {values.device}), got {t.dtype}, "
+            f"{t.device}")
 
 
 def check_weight(weight, mask=None) -> None:
@@ -57,7 +66,6 @@ def check_weight(weight, mask=None) -> None:
         raise TypeError(f"weight must be a floating-point torch.Tensor, got "
                         f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     if weight.is_meta:
-        raise ValueError("weight is a meta tensor (a shape without values): materialize the layer first "
-                         "(module.to_empty(device=...), then initialize or load it)")
+        raise ValueError(f"weight is a meta tensor (a shape without values): {MATERIALIZE}")
     if isinstance(mask, torch.Tensor) and mask.is_meta:
         raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")

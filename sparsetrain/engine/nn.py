@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from . import ops
-from .args import check_bias
+from .args import MATERIALIZE, check_bias
 from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
-           "check_model", "check_masks", "check_untied", "masks_of", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
+           "check_model", "check_masks", "check_untied", "masks_of", "valued_masks", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
 
 
 def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
@@ -308,6 +308,16 @@ def masks_of(model: nn.Module, masks: dict | None = None) -> dict[str, torch.Ten
     return out
 
 
+def valued_masks(model: nn.Module, masks: dict | None = None, advice: str = MATERIALIZE) -> dict[str, torch.Tensor]:
+    """masks_of(model, masks), refusing a layer on the meta device by name, with `advice` (no values to
+    count: torch's "Tensor.item() cannot be called on meta tensors" from inside, before)."""
+    current = masks_of(model, masks)
+    meta = [n for n, mk in current.items() if mk.is_meta]
+    if meta:
+        raise ValueError(f"layer {meta[0]!r}'s weight is a meta tensor (a shape without values): {advice}")
+    return current
+
+
 def weight_count(model: nn.Module) -> int:
     """Prunable (conv and linear) weights of the model as it is now, zeros included."""
     return sum(math.prod(m.weight.shape) for _, m in prunable_layers(model))  # a CSR has .shape too
@@ -318,11 +328,7 @@ def model_sparsity(model: nn.Module, masks: dict | None = None, original: int | 
     model's current weight count; pass the unpruned model's when layers shrank physically)."""
     check_untied(model)  # (a shared tensor's weights counted twice)
     total = weight_count(model) if original is None else original
-    current = masks_of(model, masks)
-    meta = [n for n, mk in current.items() if mk.is_meta]
-    if meta:  # (a layer on the meta device: no values to count; int() of a meta sum failed inside torch)
-        raise ValueError(f"layer {meta[0]!r}'s weight is a meta tensor (a shape without values): nothing to count")
-    kept = sum(int(mk.sum()) for mk in current.values())
+    kept = sum(int(mk.sum()) for mk in valued_masks(model, masks, "nothing to count").values())
     if original is not None and (isinstance(original, bool) or not isinstance(original, numbers.Integral)
                                  or original < kept):
         raise ValueError(f"original must be an int >= the {kept} surviving weights (the unpruned model's weight "

@@ -37,6 +37,7 @@ from .convert import sparsify_, unconvertible
 from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
+from .args import MATERIALIZE
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
@@ -82,8 +83,7 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
             continue
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         if m.weight.is_meta or mk.is_meta:  # (no values to count, time or keep: as sparsify_ says)
-            raise ValueError(f"layer {name!r}: " + ("its weight is a meta tensor (a shape without values): materialize "
-                             "the layer first (module.to_empty(device=...), then initialize or load it)"
+            raise ValueError(f"layer {name!r}: " + (f"its weight is a meta tensor (a shape without values): {MATERIALIZE}"
                              if m.weight.is_meta else "its mask is a meta tensor: pass a mask holding its values"))
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         sp = 1.0 - int(mk.sum()) / mk.numel()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import check_bias
+from .args import check_bias, check_like
 from .formats import CSR
 from .nn import SparseLinear
 from .placeholders import HandOff, _watched, eager
@@ -59,10 +59,7 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
                          f"got shape {tuple(x.shape)}")
     # (as sparse_linear: F.linear's "expected m1 and m2 to have the same dtype" came from inside before)
     check_bias(bias, n_out, weight.values)
-    if x.dtype != weight.values.dtype or x.device != weight.values.device:
-        raise (TypeError if x.dtype != weight.values.dtype else ValueError)(
-            f"x must have the weight's dtype and device ({weight.values.dtype}, {weight.values.device}), got "
-            f"{x.dtype}, {x.device}")
+    check_like(x, "x", weight.values)
     c = x.shape[-1]
     where = weight.row_indices() * c + weight.col_indices.long().div(repeat, rounding_mode="floor")
     folded = weight.values.new_zeros(n_out * c).index_add(0, where, weight.values).view(n_out, c)

@@ -22,7 +22,8 @@ import numbers
 import torch
 from torch import nn
 
-from ..engine.nn import masks_of, stored_weight
+from ..engine.args import MATERIALIZE
+from ..engine.nn import stored_weight, valued_masks  # (valued_masks: re-exported)
 
 __all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite",
            "valued_masks"]
@@ -52,21 +53,9 @@ def check_finite(layers) -> None:
     at all: torch's error from inside, "Tensor.item() cannot be called on meta tensors", before)."""
     for name, m in layers:
         if stored_weight(m).is_meta:
-            raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): materialize the layer "
-                             "first (module.to_empty(device=...), then initialize or load it)")
+            raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): {MATERIALIZE}")
         if bool(torch.isnan(stored_weight(m).detach()).any()):
             raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
-
-
-def valued_masks(model: nn.Module, masks: dict) -> dict:
-    """masks_of(model, masks), refusing a layer on the meta device by name (no values to count: torch's
-    "Tensor.item() cannot be called on meta tensors" from inside, before)."""
-    current = masks_of(model, masks)
-    meta = [n for n, mk in current.items() if mk.is_meta]
-    if meta:
-        raise ValueError(f"layer {meta[0]!r}'s weight is a meta tensor (a shape without values): materialize the layer "
-                         "first (module.to_empty(device=...), then initialize or load it)")
-    return current
 
 
 def check_scope(scope) -> str:
