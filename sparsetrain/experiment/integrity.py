@@ -15,25 +15,12 @@ from .metrics import read_metrics
 __all__ = ["verify_phase", "where_of", "check_place", "delete_advice"]
 
 
-def verify_phase(pdir: str) -> None:
-    """_verify_phase; for a phase linked from another run (--reuse) the advice names that run's folder and
-    the link (deleting the link alone, the next run with --reuse linked the same damaged phase again)."""
-    try:
-        _verify_phase(pdir)
-    except CorruptFile as e:
-        if not os.path.islink(pdir):
-            raise
-        msg = str(e)
-        for advice in (f"delete the phase folder {pdir} ", f"delete {pdir} "):
-            msg = msg.replace(advice, delete_advice(pdir) + " ")
-        raise CorruptFile(msg) from None
-
-
-def delete_advice(pdir: str) -> str:
-    """What to delete to retrain a phase: its folder, or for one linked from another run (--reuse) that run's
-    phase and the link (deleting the link alone, the next run with --reuse linked the same phase again)."""
+def delete_advice(pdir: str, what: str = "") -> str:
+    """What to delete to retrain a phase: its folder (`what` its name, e.g. "the phase folder "), or for one
+    linked from another run (--reuse) that run's phase and the link (deleting the link alone, the next run with
+    --reuse linked the same damaged phase again)."""
     if not os.path.islink(pdir):
-        return f"delete {pdir}"
+        return f"delete {what}{pdir}"
     return f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
 
 
@@ -54,11 +41,12 @@ def check_place(pdir: str, where) -> None:
                           "this phase")
 
 
-def _verify_phase(pdir: str) -> None:
+def verify_phase(pdir: str) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
     recorded at write time; a round checkpoint whose record remains must exist), and a finished
-    phase must hold a checkpoint for each of its rounds; else a clear error."""
+    phase must hold a checkpoint for each of its rounds; else a clear error, whose advice for a phase linked
+    from another run (--reuse) names that run's folder and the link (delete_advice)."""
     state = os.path.join(pdir, "state.pt")
     ckpt = os.path.join(glob.escape(pdir), "ckpt")
     rounds = sorted({p[:-len(".sha256")] if p.endswith(".sha256") else p for p in
@@ -67,10 +55,10 @@ def _verify_phase(pdir: str) -> None:
     results = [os.path.join(pdir, f) for f in ("metrics.csv", "best.json")] if finished else []
     for path in [state] + rounds + results:  # (a folder in a file's place: open() would raise IsADirectoryError)
         if os.path.isdir(path):
-            raise CorruptFile(f"{path} is a folder, not the file the run wrote; delete {pdir} to retrain this phase")
+            raise CorruptFile(f"{path} is a folder, not the file the run wrote; {delete_advice(pdir)} to retrain this phase")
     if finished and not os.path.exists(results[0]):  # (read by the report and a distillation's teacher cost)
-        raise CorruptFile(f"{results[0]}: metrics.csv missing (the phase is finished: best.json); delete the phase "
-                          f"folder {pdir} to retrain it")
+        raise CorruptFile(f"{results[0]}: metrics.csv missing (the phase is finished: best.json); "
+                          f"{delete_advice(pdir, 'the phase folder ')} to retrain it")
     _check_records(pdir, state, rounds, results)
     try:
         if os.path.exists(state) or os.path.exists(state + ".sha256"):
@@ -86,7 +74,7 @@ def _verify_phase(pdir: str) -> None:
             recorded[path] = verify(path)
         except CorruptFile as e:
             what = "a finished phase's results" if finished else "a trained round"
-            raise CorruptFile(f"{e}; {what} cannot be rebuilt: delete {pdir} to retrain this phase") from None
+            raise CorruptFile(f"{e}; {what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase") from None
     if results:
         _check_finished(pdir, results, rounds, old=not recorded[results[0]])
     elif os.path.isfile(os.path.join(pdir, "metrics.csv")) and (os.path.exists(state + ".sha256")
@@ -105,7 +93,7 @@ def _check_rounds(pdir: str, rows: list[dict], rounds: list[str]) -> None:
                   - {os.path.basename(p) for p in rounds})
     if lost:
         raise CorruptFile(f"{pdir}: the checkpoint of {', '.join(lost)} is missing (and its checksum); "
-                          f"delete {pdir} to retrain this phase")
+                          f"{delete_advice(pdir)} to retrain this phase")
 
 
 def _check_records(pdir: str, state: str, rounds: list[str], results: list[str]) -> None:
@@ -118,14 +106,14 @@ def _check_records(pdir: str, state: str, rounds: list[str], results: list[str])
         for path in [state] + rounds:
             if os.path.exists(path) and not has(path):
                 what = ("delete it to restart this phase from its first round" if path == state
-                        else f"delete {pdir} to retrain this phase")
+                        else f"{delete_advice(pdir)} to retrain this phase")
                 raise CorruptFile(f"{path}: its .sha256 record is missing (the phase's other files have theirs), so "
                                   f"it cannot be checked; {what}")
     if any(map(has, results)):  # (a phase finished before 2026-12-05 has neither)
         for path in results:
             if not has(path):
                 raise CorruptFile(f"{path}: its .sha256 record is missing (the phase's other files have theirs), so "
-                                  f"it cannot be checked; delete {pdir} to retrain this phase")
+                                  f"it cannot be checked; {delete_advice(pdir)} to retrain this phase")
 
 
 def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool) -> None:
@@ -138,12 +126,12 @@ def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool)
             best = json.load(f)
         best, where = best["round"], best.get("where")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); delete "
-                          f"{pdir} to retrain this phase") from None
+        raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); "
+                          f"{delete_advice(pdir)} to retrain this phase") from None
     check_place(pdir, where)
     marked = [r["round"] for r in rows if r.get("is_best") == 1]
     if best not in [r["round"] for r in rows] or (marked and marked != [best]):
         raise CorruptFile(f"{best_file} names round {best}, but {metrics}'s best round is "
-                          f"{marked[0] if marked else 'none of its rows'}; delete {pdir} to retrain this phase")
+                          f"{marked[0] if marked else 'none of its rows'}; {delete_advice(pdir)} to retrain this phase")
     if not old:
         _check_rounds(pdir, rows, rounds)
