@@ -12,7 +12,7 @@ import os
 from .files import CorruptFile, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of", "check_place", "delete_advice"]
+__all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advice", "RESTART"]
 
 
 def delete_advice(pdir: str, what: str = "") -> str:
@@ -30,11 +30,21 @@ def where_of(state_path: str) -> str:
     return "/".join(os.path.normpath(os.path.abspath(state_path)).split(os.sep)[-4:-1])
 
 
+# what to do about a state.pt that cannot be resumed (corrupt, another model's, another place's)
+RESTART = "delete it and its .sha256 record to restart this phase from its first round"
+
+
+def places_of(pdir: str) -> list[str]:
+    """The places (where_of) a phase folder answers to: its real folder's first (a --reuse link is its run's),
+    then its path's."""
+    return [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]
+
+
 def check_place(pdir: str, where) -> None:
     """A finished phase's best.json names the place it was trained in (`where`; None before 2026-12-06): a phase
     folder copied in from another run, seed or phase with its records is refused (one linked by --reuse is its
     run's)."""
-    mine = [where_of(os.path.join(d, "state.pt")) for d in (os.path.realpath(pdir), pdir)]
+    mine = places_of(pdir)
     if where is not None and where not in mine:
         raise CorruptFile(f"{os.path.join(pdir, 'best.json')} is the result of {where}, not of this phase ({mine[0]}): "
                           f"a phase folder copied from another run, seed or phase; {delete_advice(pdir)} to retrain "
@@ -67,7 +77,7 @@ def verify_phase(pdir: str) -> None:
         if not os.path.exists(state) and not finished:  # (run_phase drops a finished phase's state first)
             raise CorruptFile(f"{state} is missing but its record is here: the phase's progress was lost; delete "
                               f"{state}.sha256 to restart the phase from round 0") from None
-        raise CorruptFile(f"{e}; delete it and its .sha256 record to restart this phase from its first round") from None
+        raise CorruptFile(f"{e}; {RESTART}") from None
     recorded = {}
     for path in rounds + results:
         try:

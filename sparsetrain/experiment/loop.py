@@ -33,7 +33,7 @@ from .early_stop import algorithm2_stop
 from .entropy import activation_entropy
 from .files import CorruptFile, WriteFailed, make_folder, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
-from .integrity import verify_phase, where_of
+from .integrity import RESTART, verify_phase, where_of
 from .metrics import best_index
 from .models import build_model
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
@@ -79,16 +79,15 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         try:
             st = safe_load(state_path)
         except CorruptFile as e:
-            raise CorruptFile(f"{e}; delete it and its .sha256 record to restart this phase from its first "
-                              "round") from None
+            raise CorruptFile(f"{e}; {RESTART}") from None
         saved = st["model"].get("arch") if isinstance(st.get("model"), dict) else None
         if saved != arch:  # (a state.pt copied from another run or phase: it resumed another model's training)
             raise CorruptFile(f"{state_path} is the state of another model ({saved!r}), not this phase's ({arch!r}); "
-                              "delete it and its .sha256 record to restart this phase from its first round")
-        if st.get("where", where_of(state_path)) != where_of(state_path):  # (a state of before 2026-12-06 names none)
-            raise CorruptFile(f"{state_path} is the state of {st['where']}, not of this phase ({where_of(state_path)}): "
-                              "copied from another run, seed or phase; delete it and its .sha256 record to restart "
-                              "this phase from its first round")
+                              f"{RESTART}")
+        here = where_of(state_path)
+        if st.get("where", here) != here:  # (a state of before 2026-12-06 names none)
+            raise CorruptFile(f"{state_path} is the state of {st['where']}, not of this phase ({here}): copied from "
+                              f"another run, seed or phase; {RESTART}")
         model, masks = restore_model(st["model"], state_path)
         model, masks = model.to(device), {n: m.to(device) for n, m in masks.items()}
         s = PhaseState(model, masks, st["round"], st["epoch"], st["rows"], st["rewind"], st["iteration"],

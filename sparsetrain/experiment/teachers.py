@@ -8,7 +8,7 @@ import re
 
 from .checkpoint import load_model
 from .files import CorruptFile
-from .integrity import delete_advice as _delete, where_of
+from .integrity import delete_advice as _delete, places_of
 from .loop import PhaseError
 from .metrics import read_metrics
 
@@ -58,10 +58,9 @@ def check_round(path: str, payload: dict) -> None:
     pdir = os.path.dirname(os.path.dirname(path))
     name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
     rnd = int(name[1]) if name else payload.get("round")
-    here = {where_of(os.path.join(d, "state.pt")) for d in (pdir, os.path.realpath(pdir))}
+    here = places_of(pdir)
     got_rnd, got_where = payload.get("round", rnd), payload.get("where")
     if got_rnd != rnd or (got_where is not None and got_where not in here):
-        mine = where_of(os.path.join(os.path.realpath(pdir), "state.pt"))
         raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
-                          f"({mine}): copied from another run, seed or phase, or swapped with another round's; "
+                          f"({here[0]}): copied from another run, seed or phase, or swapped with another round's; "
                           f"{_delete(pdir)} to train the teacher again")
