@@ -1091,3 +1091,34 @@ def test_auto_engine_times_frozen_layers_as_training_runs_them(monkeypatch, tmp_
         x = torch.randn(5, 160)
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     assert sum(k.endswith("'frozen')") for k in policy._DECISIONS) == 2 and len(policy._DECISIONS) == 4
+
+
+def test_auto_engine_waits_for_a_held_cache_lock_only_so_long(monkeypatch, tmp_path):
+    """The decision cache's lock was taken with a blocking flock: a run holding it stopped (Ctrl-Z, a
+    debugger) or hung kept every other run of the machine waiting at its first layer for good. It waits
+    LOCK_WAIT_S, then measures the layer alone and says so; a lock freed in time is taken as before."""
+    import fcntl
+    import threading
+    import warnings
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    monkeypatch.setattr(policy, "LOCK_WAIT_S", 0.3)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    holder = open(tmp_path / "engine_auto.json.lock", "a")  # (another open file: flock refuses it as another process's)
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
+    assert [str(w.message) for w in seen] == [f"{tmp_path / 'engine_auto.json.lock'} stayed locked by another process "
+                                              "for 0.3 s: this layer is measured without it (runs in parallel may "
+                                              "decide differently)"]
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "LOCK_WAIT_S", 30.0)
+    threading.Timer(0.2, lambda: fcntl.flock(holder.fileno(), fcntl.LOCK_UN)).start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.sparse_is_faster(layer, ~mask, (8, 64), reps=1) is True
+    assert sorted(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == [True, True]
+    holder.close()

@@ -43,6 +43,7 @@ from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_lay
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
 ENGINES = ("auto", "dense", "sparse")
+LOCK_WAIT_S = 300.0  # (seconds a run waits for the decision cache's lock: _decision_lock)
 # layer sparsity from which the sparse kernels win on CPU (bench/kernels.py crossovers, README), and
 # the weight count below which a layer stays dense (a 512->10 classifier costs ~0.1 ms either way,
 # and the op's fixed overhead loses to a tiny dense GEMM)
@@ -203,7 +204,22 @@ def _decision_lock():
         yield
         return
     with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        # (polled against a deadline: a holder stopped (Ctrl-Z, a debugger) or hung blocked every other
+        # run at its first layer for good; after LOCK_WAIT_S this process decides alone, told)
+        deadline, locked = time.monotonic() + LOCK_WAIT_S, False
+        while not locked:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        if not locked:
+            warnings.warn(f"{path} stayed locked by another process for {LOCK_WAIT_S:g} s: this layer is measured "
+                          "without it (runs in parallel may decide differently)")
+            yield
+            return
         try:
             yield
         finally:
