@@ -1122,3 +1122,30 @@ def test_auto_engine_waits_for_a_held_cache_lock_only_so_long(monkeypatch, tmp_p
         assert policy.sparse_is_faster(layer, ~mask, (8, 64), reps=1) is True
     assert sorted(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == [True, True]
     holder.close()
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_auto_engine_keeps_a_half_precision_cpu_model_dense(monkeypatch, tmp_path, with_example):
+    """A bf16 model on CPU under --engine auto had its 99%-sparse layers converted (by the thresholds, or
+    the probe failed inside its first timing), and the C++ kernels, fp32/fp64 only, refused its first
+    forward ("values must be float32 or float64"); auto keeps such layers dense (their masks returned
+    to apply as dense layers'), and converts the same model in float32."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 256))
+    masks = {"0": torch.rand(64, 32, 3, 3) > 0.99, "3": torch.rand(256, 4096) > 0.99}
+    x = torch.randn(4, 32, 8, 8)
+    for dtype, sparse in ((torch.bfloat16, False), (torch.float32, True)):
+        model = copy.deepcopy(base).to(dtype)
+        left = apply_engine(model, masks, "auto", example=x.to(dtype) if with_example else None)
+        assert [is_sparse(model[i]) for i in (0, 3)] == [sparse, sparse]
+        assert sorted(left) == ([] if sparse else ["0", "3"])
+        with torch.no_grad():
+            for n, mk in left.items():
+                model.get_submodule(n).weight.mul_(mk)
+            ref = F.linear(F.relu(F.conv2d(x, base[0].weight * masks["0"], base[0].bias, padding=1)).flatten(1),
+                           base[3].weight * masks["3"], base[3].bias)
+            torch.testing.assert_close(model(x.to(dtype)).float(), ref, **({} if sparse else dict(atol=0.1, rtol=0.05)))

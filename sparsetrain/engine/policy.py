@@ -82,6 +82,10 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     for name, m in prunable_layers(model):
         if is_sparse(m) or engine == "dense" or name in refused:
             continue
+        if (engine == "auto" and m.weight.device.type == "cpu" and current_backend() != "triton"
+                and m.weight.dtype not in (torch.float32, torch.float64)):
+            continue  # (the C++ kernels compute in fp32/fp64: a bf16/fp16 model stays dense, where it
+            # was converted and failed at its first forward; autocast over an fp32 model is the way)
         mk = masks.get(name, torch.ones_like(m.weight, dtype=torch.bool))
         if m.weight.is_meta or mk.is_meta:  # (no values to count, time or keep: as sparsify_ says)
             raise ValueError(f"layer {name!r}: " + (f"its weight is a meta tensor (a shape without values): {MATERIALIZE}"
