@@ -1,5 +1,6 @@
 """sparsetrain.models: the paper's Table 3 parameter counts, Table 2 structure, forward shapes."""
 import math
+import re
 
 import pytest
 import torch
@@ -181,3 +182,13 @@ def test_short_vgg_name_and_conflicting_depth_width_are_refused():
     with pytest.raises(ValueError, match=r"but got \{'gamma': 3\}"):
         build_model("vgg_d1g5", 10, delta=1, gamma=3)
     assert count_parameters(build_model("vgg_d1g5", 10, delta=1, gamma=5)) == EXACT[(1, 5)]
+
+
+def test_resnets_refuse_a_small_input_that_is_not_a_bool():
+    """small_input="False" (a string from a config file) was truthy: the CIFAR stem (3x3 stride 1, no
+    max-pool) on an ImageNet-sized model without a word; True/False build the two stems."""
+    for build in (resnet18, resnet50):
+        for bad in ("False", 0, None):
+            with pytest.raises(TypeError, match=rf"^small_input must be True or False, got {re.escape(repr(bad))}$"):
+                build(10, small_input=bad)
+        assert [build(10, small_input=s).conv1.kernel_size for s in (True, False)] == [(3, 3), (7, 7)]

@@ -40,14 +40,14 @@ def count_parameters(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------- ResNets
 def resnet18(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
     """ResNet-18; `small_input` (32x32-like images) gives the CIFAR stem (resnet.py)."""
-    _check_common(num_classes, in_channels)
+    _check_common(num_classes, in_channels, small_input)
     from .resnet import build_resnet
     return build_resnet(18, num_classes, in_channels, small_input)
 
 
 def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
     """ResNet-50 (bottleneck blocks); `small_input` gives the CIFAR stem (resnet.py)."""
-    _check_common(num_classes, in_channels)
+    _check_common(num_classes, in_channels, small_input)
     from .resnet import build_resnet
     return build_resnet(50, num_classes, in_channels, small_input)
 
@@ -191,11 +191,13 @@ def _check_dropout(p) -> None:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
 
 
-def _check_common(num_classes, in_channels) -> None:
+def _check_common(num_classes, in_channels, small_input: bool = True) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    if not isinstance(small_input, bool):  # (a string "False" was truthy: the CIFAR stem on ImageNet-sized input)
+        raise TypeError(f"small_input must be True or False, got {small_input!r}")
 
 
 MODEL_NAMES = tuple(MODELS)
