@@ -829,3 +829,24 @@ def test_an_official_validation_split_counts_in_the_fingerprint_and_the_statisti
     torch.testing.assert_close(a.train.mean, torch.full((3,), 150 / 255))  # (100 and 200, four images each)
     monkeypatch.setitem(DS.LOADERS, "flowers102", loader(0))
     assert D.load_dataset("flowers102", tmp_path, download=False).fingerprint != a.fingerprint
+
+
+def test_a_seed_or_epoch_that_is_no_non_negative_int_is_refused(cifar10_dir):
+    """load_dataset took int(seed): seed 1.5 drew seed 1's split and noise (and recorded seed 1), "3" ran
+    as 3, None and -1 failed inside int() and numpy without naming the argument; epoch_generator alike.
+    Each is now a ValueError naming it; an int seed (numpy's too) draws as before."""
+    for bad in (1.5, "3", None, -1, True):
+        with pytest.raises(ValueError, match=rf"seed must be a non-negative int, got {bad!r}"):
+            D.load_dataset("cifar10", cifar10_dir, eps=0.2, seed=bad, download=False)
+        with pytest.raises(ValueError, match=rf"seed must be a non-negative int, got {bad!r}"):
+            D.epoch_generator(bad, 0)
+        if bad is not None:
+            with pytest.raises(ValueError, match=rf"epoch must be a non-negative int, got {bad!r}"):
+                D.epoch_generator(0, bad)
+    a = D.load_dataset("cifar10", cifar10_dir, eps=0.2, seed=1, download=False)
+    b = D.load_dataset("cifar10", cifar10_dir, eps=0.2, seed=np.int64(1), download=False)
+    assert torch.equal(a.train.index, b.train.index) and torch.equal(a.train.y, b.train.y) and a.seed == b.seed == 1
+    ref = torch.randperm(200, generator=D.seeded(1, 1))[:20].sort().values  # (val_fraction 0.1 of 200)
+    assert torch.equal(a.val.index, ref)
+    assert torch.equal(torch.randperm(9, generator=D.epoch_generator(2, 3)),
+                       torch.randperm(9, generator=D.seeded(2, 1003)))

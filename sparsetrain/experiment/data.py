@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,15 @@ def seeded(seed: int, *stream: int) -> torch.Generator:
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator for shuffling and augmenting epoch `epoch` of a run with seed `seed`."""
+    _check_count("seed", seed)
+    _check_count("epoch", epoch)
     return seeded(seed, 1000 + int(epoch))
+
+
+def _check_count(arg: str, v) -> None:
+    """A seed or an epoch: a non-negative int (int(1.5) drew seed 1's split, noise and batches)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{arg} must be a non-negative int, got {v!r}")
 
 
 @dataclass
@@ -173,6 +182,7 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_count("seed", seed)
     for arg, v in (("subset", subset), ("test_subset", test_subset), ("image_size", image_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{arg} must be a positive int or None, got {v!r}")
