@@ -850,3 +850,20 @@ def test_a_seed_or_epoch_that_is_no_non_negative_int_is_refused(cifar10_dir):
     assert torch.equal(a.val.index, ref)
     assert torch.equal(torch.randperm(9, generator=D.epoch_generator(2, 3)),
                        torch.randperm(9, generator=D.seeded(2, 1003)))
+
+
+def test_load_datasets_path_and_flag_arguments_are_checked(tmp_path):
+    """clean_val="no" (truthy) kept the validation labels clean, data_dir=5 looked in the folder "5",
+    label_file=5 failed inside pathlib with a TypeError naming no argument: each is now a TypeError naming
+    it; paths (str or Path) and bools (numpy's too) load as before."""
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=50, n_test=5)
+    for kw, msg in ((dict(clean_val="no"), "clean_val must be True or False, got 'no'"),
+                    (dict(download=1), "download must be True or False, got 1"),
+                    (dict(label_file=5), r"label_file must be a path \(str or os.PathLike\) or None, got int"),
+                    (dict(data_dir=["x"]), r"data_dir must be a path \(str or os.PathLike\) or None, got list")):
+        with pytest.raises(TypeError, match=msg):
+            D.load_dataset("cifar100n", **{"data_dir": tmp_path, "download": False, **kw})
+    np.save(tmp_path / "labels.npy", y)
+    s = D.load_dataset("cifar100n", str(tmp_path), val_fraction=0.2, clean_val=np.bool_(False), download=False,
+                       label_file=str(tmp_path / "labels.npy"))
+    assert torch.equal(s.train.y, torch.from_numpy(y)[s.train.index]) and len(s.val) == 10

@@ -183,6 +183,12 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     _check_count("seed", seed)
+    for arg, v in (("clean_val", clean_val), ("download", download)):  # ("no" is truthy: a clean val)
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{arg} must be True or False, got {v!r}")
+    for arg, v in (("data_dir", data_dir), ("label_file", label_file)):  # (5 read as the folder "5")
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise TypeError(f"{arg} must be a path (str or os.PathLike) or None, got {type(v).__name__}")
     for arg, v in (("subset", subset), ("test_subset", test_subset), ("image_size", image_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{arg} must be a positive int or None, got {v!r}")
