@@ -867,3 +867,28 @@ def test_load_datasets_path_and_flag_arguments_are_checked(tmp_path):
     s = D.load_dataset("cifar100n", str(tmp_path), val_fraction=0.2, clean_val=np.bool_(False), download=False,
                        label_file=str(tmp_path / "labels.npy"))
     assert torch.equal(s.train.y, torch.from_numpy(y)[s.train.index]) and len(s.val) == 10
+
+
+def test_iterates_and_add_label_noises_arguments_are_checked(cifar10_dir):
+    """iterate(augment="no") augmented (a truthy string: shifted and flipped evaluation batches), a list
+    for `split` failed on a missing .std, a seed for `generator` inside torch.randperm; add_label_noise
+    alike: each is now a TypeError naming the argument. Bools (numpy's too) iterate as before."""
+    s = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.0, download=False)
+    g = torch.Generator().manual_seed(0)
+    for kw, msg in ((dict(augment="no"), "augment must be True or False, got 'no'"),
+                    (dict(shuffle=1), "shuffle must be True or False, got 1"),
+                    (dict(drop_last=None), "drop_last must be True or False, got None"),
+                    (dict(with_index="yes"), "with_index must be True or False, got 'yes'"),
+                    (dict(shuffle=True, generator=5), "generator must be a torch.Generator or None, got int")):
+        with pytest.raises(TypeError, match=msg):
+            next(D.iterate(s.train, 8, **kw))
+    with pytest.raises(TypeError, match="split must be a data.Split, got list"):
+        next(D.iterate([s.train.x], 8))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        D.add_label_noise(torch.tensor([0, 1, 2]), 0.5, 3, generator=5)
+    xb, yb = next(D.iterate(s.train, 8, augment=np.bool_(False), shuffle=False))
+    ref = (s.train.x[:8].float() / 255 - s.train.mean.view(1, -1, 1, 1)) / s.train.std.view(1, -1, 1, 1)
+    assert torch.allclose(xb, ref, atol=1e-5) and torch.equal(yb, s.train.y[:8])  # (no augmentation, file order)
+    a = next(D.iterate(s.train, 8, shuffle=True, augment=True, generator=torch.Generator().manual_seed(4)))
+    b = next(D.iterate(s.train, 8, shuffle=True, augment=True, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -129,6 +129,7 @@ def add_label_noise(y: torch.Tensor, eps: float, num_classes: int, *, kind: str 
     seeded permutation; symmetric: new label uniform over the num_classes-1 other classes;
     uniform: uniform over all classes."""
     _check_eps(eps)
+    _check_generator(generator)
     if kind not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {kind!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -153,6 +154,11 @@ def add_label_noise(y: torch.Tensor, eps: float, num_classes: int, *, kind: str 
     else:
         y[idx] = torch.randint(0, num_classes, (k,), generator=generator)
     return y, chosen
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _check_eps(eps) -> None:
@@ -280,8 +286,14 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
     state gives identical batches.
     Evaluation and entropy passes use augment=False. The order and every random draw come from
     the CPU `generator` whatever the split's device, so a GPU run sees the CPU run's batches."""
+    if not isinstance(split, Split):
+        raise TypeError(f"split must be a data.Split, got {type(split).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    for arg, v in (("shuffle", shuffle), ("augment", augment), ("drop_last", drop_last), ("with_index", with_index)):
+        if not isinstance(v, (bool, np.bool_)):  # (augment="no" is truthy: augmented evaluation batches)
+            raise TypeError(f"{arg} must be True or False, got {v!r}")
+    _check_generator(generator)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     n = len(split)
