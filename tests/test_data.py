@@ -892,3 +892,14 @@ def test_iterates_and_add_label_noises_arguments_are_checked(cifar10_dir):
     a = next(D.iterate(s.train, 8, shuffle=True, augment=True, generator=torch.Generator().manual_seed(4)))
     b = next(D.iterate(s.train, 8, shuffle=True, augment=True, generator=torch.Generator().manual_seed(4)))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_label_file_under_home_is_found_as_the_data_dir_is(tmp_path, monkeypatch):
+    """data_dir="~/data" was expanded, label_file="~/labels.npy" was not ("looked for ~/labels.npy": a
+    config's or a quoted path); both are now expanded, and load the file's labels."""
+    _, y = write_cifar(tmp_path / "data", c10=False, n_per_batch=50, n_test=5)
+    noisy = (y + 3 * (np.arange(50) % 2)) % 100
+    np.save(tmp_path / "labels.npy", noisy)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = D.load_dataset("cifar100n", "~/data", val_fraction=0.0, label_file="~/labels.npy", download=False)
+    assert torch.equal(s.train.y, torch.from_numpy(noisy)) and torch.equal(s.train.y_clean, torch.from_numpy(y))

@@ -261,7 +261,7 @@ def _extract(cls_name: str, archive: Path, folder: Path) -> None:
 def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) -> torch.Tensor:
     """Human noisy labels: CIFAR-N's CIFAR-100_human.pt ({'noisy_label', 'clean_label'}) or a
     .npy / .txt of ints, one per training image in file order."""
-    candidates = ([Path(label_file)] if label_file else
+    candidates = ([Path(label_file).expanduser()] if label_file else  # (~ as in data_dir)
                   [data_dir / "CIFAR-100_human.pt", data_dir / "cifar-100-python" / "CIFAR-100_human.pt"])
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
