@@ -903,3 +903,27 @@ def test_a_label_file_under_home_is_found_as_the_data_dir_is(tmp_path, monkeypat
     monkeypatch.setenv("HOME", str(tmp_path))
     s = D.load_dataset("cifar100n", "~/data", val_fraction=0.0, label_file="~/labels.npy", download=False)
     assert torch.equal(s.train.y, torch.from_numpy(noisy)) and torch.equal(s.train.y_clean, torch.from_numpy(y))
+
+
+def test_an_image_too_large_for_pil_is_named(tmp_path, monkeypatch):
+    """An image over PIL's decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS: a large scan in an
+    image folder) stopped the load with PIL's traceback, its file unnamed (DecompressionBombError is no
+    OSError); it is now a DataError naming the file. Images under the limit load as before."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    imgs = {}
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                imgs[split, cls, i] = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(imgs[split, cls, i]).save(tmp_path / split / cls / f"{i}.png")
+    big = tmp_path / "train" / "bee" / "1.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # (16x16 under it, 40x40 over twice it)
+    with pytest.raises(D.DataError, match=rf"{big}: too large for PIL to decode \(DecompressionBombError"):
+        D.load_dataset("imagefolder", tmp_path, image_size=16, download=False)
+    Image.fromarray(imgs["train", "bee", 1]).save(big)
+    s = D.load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.0, download=False)
+    ref = torch.stack([torch.from_numpy(imgs["train", c, i]).permute(2, 0, 1) for c in ("ant", "bee") for i in range(2)])
+    assert torch.equal(s.train.x, ref) and s.train.y.tolist() == [0, 0, 1, 1]

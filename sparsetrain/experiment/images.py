@@ -32,10 +32,14 @@ def pil_to_uint8(img, size: int) -> torch.Tensor:
 
 def read_image(path, size: int) -> torch.Tensor:
     """pil_to_uint8 of the file at `path`; DataError naming it where PIL cannot read it."""
+    from PIL import Image
     try:
         return pil_to_uint8(path, size)
     except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable; a listed file missing)
         raise DataError(f"{path}: cannot be read as an image ({brief_error(e)})") from None
+    except Image.DecompressionBombError as e:  # (an Exception only: over 2 * Image.MAX_IMAGE_PIXELS pixels)
+        raise DataError(f"{path}: too large for PIL to decode ({brief_error(e)}); shrink the image or raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS") from None
 
 
 def load_flowers(data_dir: Path, size: int, download: bool):
