@@ -927,3 +927,28 @@ def test_an_image_too_large_for_pil_is_named(tmp_path, monkeypatch):
     s = D.load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.0, download=False)
     ref = torch.stack([torch.from_numpy(imgs["train", c, i]).permute(2, 0, 1) for c in ("ant", "bee") for i in range(2)])
     assert torch.equal(s.train.x, ref) and s.train.y.tolist() == [0, 0, 1, 1]
+
+
+def test_pil_to_uint8s_size_and_image_are_checked(tmp_path):
+    """pil_to_uint8(img, 0) failed in PIL's resize, which read_image reported as the file "cannot be read
+    as an image"; size True gave 1x1 images, 2.5 and "8" and an int for the image failed inside PIL or
+    Python: each is now a ValueError or TypeError naming the argument. A valid call resizes the shorter
+    side and crops the centre as before (compared with PIL's own resize and crop)."""
+    import io
+
+    from PIL import Image
+    from sparsetrain.experiment.images import pil_to_uint8, read_image
+    arr = np.random.default_rng(0).integers(0, 256, (10, 20, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    img.save(tmp_path / "a.png")
+    for bad in (0, -3, 2.5, "8", True, None):
+        with pytest.raises(ValueError, match=rf"size must be a positive int, got {bad!r}"):
+            pil_to_uint8(img, bad)
+        with pytest.raises(ValueError, match=rf"size must be a positive int, got {bad!r}"):
+            read_image(tmp_path / "a.png", bad)
+    for bad in (5, None, arr):
+        with pytest.raises(TypeError, match=rf"img must be a PIL image, a path or a binary file, got {type(bad).__name__}"):
+            pil_to_uint8(bad, 4)
+    ref = np.asarray(img.resize((10, 5), Image.BILINEAR).crop((2, 0, 7, 5)))  # (shorter side 10 -> 5, centre 5x5)
+    for src in (img, tmp_path / "a.png", str(tmp_path / "a.png"), io.BytesIO((tmp_path / "a.png").read_bytes())):
+        assert torch.equal(pil_to_uint8(src, 5), torch.from_numpy(ref.copy()).permute(2, 0, 1))

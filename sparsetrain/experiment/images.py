@@ -4,6 +4,7 @@ that cannot be read is a DataError naming its file."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder"]
 def pil_to_uint8(img, size: int) -> torch.Tensor:
     """RGB uint8 [3, size, size]: shorter side resized to `size`, then center-cropped."""
     from PIL import Image
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # (read_image blamed the file for it)
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not isinstance(img, (Image.Image, str, os.PathLike)) and not hasattr(img, "read"):
+        raise TypeError(f"img must be a PIL image, a path or a binary file, got {type(img).__name__}")
     if not isinstance(img, Image.Image):
         with Image.open(img) as f:
             img = f.convert("RGB")
