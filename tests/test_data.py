@@ -952,3 +952,21 @@ def test_pil_to_uint8s_size_and_image_are_checked(tmp_path):
     ref = np.asarray(img.resize((10, 5), Image.BILINEAR).crop((2, 0, 7, 5)))  # (shorter side 10 -> 5, centre 5x5)
     for src in (img, tmp_path / "a.png", str(tmp_path / "a.png"), io.BytesIO((tmp_path / "a.png").read_bytes())):
         assert torch.equal(pil_to_uint8(src, 5), torch.from_numpy(ref.copy()).permute(2, 0, 1))
+
+
+def test_an_empty_cifar_batch_is_named_not_loaded_as_a_short_set(tmp_path):
+    """A CIFAR-10 data_batch_3 holding no images loaded the other four batches without a word (a
+    training set a fifth short); a batch, or the test batch, without images is now a DataError naming it.
+    Complete batches load in file order as before (compared with the arrays written)."""
+    import pickle
+    x, y = write_cifar(tmp_path, c10=True, n_per_batch=6, n_test=4)
+    folder = tmp_path / "cifar-10-batches-py"
+    good = {f: (folder / f).read_bytes() for f in ("data_batch_3", "test_batch")}
+    for f in good:
+        with open(folder / f, "wb") as fh:
+            pickle.dump({"data": np.zeros((0, 3072), np.uint8), "labels": [], "batch_label": "x"}, fh)
+        with pytest.raises(D.DataError, match=rf"{folder / f}: holds no images, where every cifar10 batch holds some"):
+            D.load_dataset("cifar10", tmp_path, download=False)
+        (folder / f).write_bytes(good[f])
+    s = D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, torch.from_numpy(x).view(-1, 3, 32, 32)) and torch.equal(s.train.y, torch.from_numpy(y))

@@ -219,6 +219,9 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
             if labels.size and (labels.min() < 0 or labels.max() >= (10 if c10 else 100)):
                 raise DataError(f"{folder / f}: '{key}' must lie in 0..{9 if c10 else 99}, got "
                                 f"{int(labels.min())}..{int(labels.max())}")
+            if not len(data):  # (one of five loaded as none: a silently short training set)
+                raise DataError(f"{folder / f}: holds no images, where every {name} batch holds some (a damaged or "
+                                "rewritten file); restore the original files")
             xs.append(data)
             ys.append(labels.astype(np.int64))
         return torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(ys)), xs
