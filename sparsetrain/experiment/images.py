@@ -19,8 +19,7 @@ __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder"]
 def pil_to_uint8(img, size: int) -> torch.Tensor:
     """RGB uint8 [3, size, size]: shorter side resized to `size`, then center-cropped."""
     from PIL import Image
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # (read_image blamed the file for it)
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    _check_size(size)
     if not isinstance(img, (Image.Image, str, os.PathLike)) and not hasattr(img, "read"):
         raise TypeError(f"img must be a PIL image, a path or a binary file, got {type(img).__name__}")
     if not isinstance(img, Image.Image):
@@ -35,9 +34,15 @@ def pil_to_uint8(img, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def _check_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # (0 failed in PIL's resize)
+        raise ValueError(f"size must be a positive int, got {size!r}")
+
+
 def read_image(path, size: int) -> torch.Tensor:
     """pil_to_uint8 of the file at `path`; DataError naming it where PIL cannot read it."""
     from PIL import Image
+    _check_size(size)  # (before the try: a bad size is no unreadable file)
     try:
         return pil_to_uint8(path, size)
     except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable; a listed file missing)
