@@ -2,6 +2,7 @@
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -554,6 +555,12 @@ def test_bad_inputs_raise_clear_errors():
         SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="groups=1 only"):
         ops.sparse_conv2d(x, w, b, groups=3)
+    for groups in (1.0, True, "1", None):  # (1.0 and True == 1 ran before 2026-12-06; F.conv2d refuses them too)
+        with pytest.raises(TypeError):
+            F.conv2d(x, w.to_dense(), b, groups=groups)
+        with pytest.raises(TypeError, match="groups must be an int, got"):
+            ops.sparse_conv2d(x, w, b, groups=groups)
+    torch.testing.assert_close(ops.sparse_conv2d(x, w, b, groups=np.int64(1)), F.conv2d(x, w.to_dense(), b))
     with pytest.raises(TypeError, match="conv must be an nn.Conv2d"):
         SparseConv2d.from_dense(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="weight must be 4-D"):
