@@ -40,8 +40,9 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
             fn({"0.weight": half["0"]})
         with pytest.raises(KeyError, match="'fc1', which is not a prunable layer"):
             fn({"fc1": half["0"]})
-        with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\)"):
-            fn({"0": half["0"].float()})
+        for bad in (half["0"].float(), half["0"].tolist()):  # (ValueError before 2026-12-06)
+            with pytest.raises(TypeError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\), got"):
+                fn({"0": bad})
         with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\)"):
             fn({"0": torch.ones(8, dtype=torch.bool)})  # (would broadcast)
         with pytest.raises(TypeError, match="masks must be a dict"):
@@ -49,6 +50,8 @@ def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
     for fn in (enforce_masks_, mask_grads_):  # the per-step helpers: each mask against its layer
         with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor"):
             fn(m, {"0": torch.ones(8, dtype=torch.bool)})
+        with pytest.raises(TypeError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\), got torch.float32"):
+            fn(m, {"0": half["0"].float()})
     for prune in (block_prune, global_prune):  # (global_prune returned {}: "nothing left to prune")
         with pytest.raises(ValueError, match="no prunable layer"):
             prune(nn.Sequential(nn.ReLU()), {}, 0.5)

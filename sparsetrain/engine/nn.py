@@ -266,7 +266,9 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
         shape = tuple(layers[name].weight.shape)
         if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
             got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
-            raise ValueError(f"{what}[{name!r}] must be a bool tensor of shape {shape}, got {got}")
+            wrong_type = not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool  # (a float mask: TypeError)
+            raise (TypeError if wrong_type else ValueError)(
+                f"{what}[{name!r}] must be a bool tensor of shape {shape}, got {got}")
         if mk.is_meta:  # (no values: masked_fill with it was silently a no-op, counting it failed inside torch)
             raise ValueError(f"layer {name!r}: its mask is a meta tensor: pass a mask holding its values (in {what})")
     return masks
