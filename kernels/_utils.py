@@ -7,6 +7,8 @@ to run the kernels on CPU tensors through Triton's interpreter.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import os
@@ -77,6 +79,28 @@ def check_device(*tensors, name: str):
                          "TRITON_INTERPRET=1 set before sparsetrain.kernels is first imported")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: unsupported device {dev}")
+
+
+def tensor_args(names: str):
+    """Decorates an op's Triton function: its tensor parameters `names` (space-separated; "bias?": None
+    taken) must be tensors, a TypeError naming the parameter otherwise, as the op's schema refuses them
+    (None or a list raised an AttributeError, "'NoneType' object has no attribute 'dtype'", from inside)."""
+    def wrap(fn):
+        params = list(inspect.signature(fn).parameters)
+        spec = [(n.rstrip("?"), params.index(n.rstrip("?")), n.endswith("?")) for n in names.split()]
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            for name, i, optional in spec:
+                if i >= len(args) and name not in kwargs:  # (left out: its default, or fn's own TypeError)
+                    continue
+                v = args[i] if i < len(args) else kwargs[name]
+                if not isinstance(v, torch.Tensor) and not (optional and v is None):
+                    raise TypeError(f"{fn.__name__}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                                    f"got {type(v).__name__}")
+            return fn(*args, **kwargs)
+        return checked
+    return wrap
 
 
 def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None,

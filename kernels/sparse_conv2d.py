@@ -29,7 +29,7 @@ import triton.language as tl
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
                      check_ints, check_perm, check_values, density_key, dtype_name, launch, max_index, num_sms,
-                     pow2_bucket, row_order)
+                     pow2_bucket, row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -311,6 +311,7 @@ def _check_cols(x, col, kernel_size) -> None:
         raise ValueError(f"x has {x.shape[1]} channels, fewer than the weight's column indices address")
 
 
+@tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias?")
 def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                   kernel_size, stride, padding, bias=None):
     check_conv_args(kernel_size, stride, padding)
@@ -319,6 +320,7 @@ def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indice
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
 
 
+@tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias? in_scale? in_shift? relu_counts?")
 def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                         kernel_size, stride, padding, bias, relu, in_scale=None, in_shift=None, in_relu=False,
                         relu_counts=None):
@@ -366,18 +368,21 @@ def _plus(dx, grad_input_add):
     return dx.add_(grad_input_add)
 
 
+@tensor_args("grad_out ccol_indices row_indices_t perm values grad_input_add?")
 def sparse_conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
                              kernel_size, stride, padding, grad_input_add=None):
     return _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, input_size,
                                    kernel_size, stride, padding), grad_input_add)
 
 
+@tensor_args("grad_out x crow_indices col_indices")
 def sparse_conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding):
     check_conv_args(kernel_size, stride, padding)
     _check_cols(x, col_indices, kernel_size)
     return conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
 
 
+@tensor_args("grad_out x crow_indices col_indices values ccol_indices row_indices_t perm grad_input_add?")
 def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t,
                            perm, kernel_size, stride, padding, grad_input_add=None):
     check_conv_args(kernel_size, stride, padding)

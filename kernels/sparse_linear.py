@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_compressed,
                      check_device, check_float, check_index, check_nnz, check_perm, density_key, launch, max_index,
-                     num_sms, pow2_bucket, row_order)
+                     num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -161,6 +161,7 @@ def _check_csc(ccol, row_t, perm, nnz: int, name: str) -> int:
     return ccol.numel() - 1
 
 
+@tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias?")
 def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm, bias=None):
     """y = x W^T + b, W = CSR (crow_indices, col_indices, values) of shape [N, K = in_features]."""
     check_device(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm, bias,
@@ -182,6 +183,7 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
     return _feature_major_out(yt, tuple(x.shape[:-1]))
 
 
+@tensor_args("grad_out crow_indices col_indices values ccol_indices row_indices_t perm")
 def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm):
     """dx = dy W: the same row-split SpMM over W^T, i.e. over the transposed (CSC) index (row k of
     W^T holds values[perm[j]] at rows row_t[j])."""
@@ -209,6 +211,7 @@ def _check_csr(crow, col, values, name):
     check_nnz(values, "values", col.numel())
 
 
+@tensor_args("grad_out x crow_indices col_indices")
 def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
     """dvalues[p] = sum_b grad_out[b, row(p)] * x[b, col(p)]: only the nonzeros, never dy^T x (fp32
     for bf16/fp16 activations: the gradient of the fp32 values)."""

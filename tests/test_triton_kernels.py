@@ -532,6 +532,63 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
 
 
 @interp
+def tensor_arguments_that_are_no_tensors_refused_by_name():
+    """Called directly, the ops' Triton functions refuse None for a tensor the schema requires, and a list
+    for any tensor, with a TypeError naming the parameter (an AttributeError from inside, "'NoneType' object
+    has no attribute 'dtype'", before 2026-12-06); with tensors they compute what the C++ ops and the dense
+    masked references do."""
+    import torch.nn.functional as F
+    import sparsetrain.engine.ops  # noqa: F401  (registers the C++ ops)
+    import sparsetrain.kernels.bn_act as KB
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.formats import CSR
+    ops = torch.ops.sparsetrain
+    g = torch.Generator().manual_seed(9)
+    wc, mc = torch.randn(4, 3, 3, 3, generator=g), random_mask((4, 3, 3, 3), 0.5, generator=g)
+    wl, ml = torch.randn(4, 6, generator=g), random_mask((4, 6), 0.5, generator=g)
+    idx = [t.detach() for t in CSR.from_dense(wc, mc).index()]
+    lidx = [t.detach() for t in CSR.from_dense(wl, ml).index()]
+    x, gy, xl, gl = (torch.randn(*s, generator=g) for s in ((2, 3, 5, 5), (2, 4, 5, 5), (2, 6), (2, 4)))
+    b, geo = torch.randn(4, generator=g), ([3, 3], [1, 1], [1, 1])
+    y, stats = ops.sparse_conv2d_stats(x, *idx, *geo, None, False)
+    bn = (torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g))
+    mean, invstd, w, scale, shift = ops.bn_scale_shift(stats, 50, *bn, torch.zeros(4), torch.ones(4),
+                                                       torch.zeros((), dtype=torch.int64), 0.1, 1e-5, True, y.dtype)
+    bn_args = (y, None, scale, shift, w, mean, invstd, True, True, False, False)
+    calls = [  # (name, Triton function, arguments, the dense reference of the first output or None)
+        ("sparse_linear", KL.sparse_linear, [xl, *lidx, b], F.linear(xl, wl * ml, b)),
+        ("sparse_linear_grad_input", KL.sparse_linear_grad_input, [gl, *lidx], gl @ (wl * ml)),
+        ("sparse_linear_grad_weight", KL.sparse_linear_grad_weight, [gl, xl, *lidx[:2]], (gl.t() @ xl)[ml]),
+        ("sparse_conv2d", KC.sparse_conv2d, [x, *idx, *geo, b], F.conv2d(x, wc * mc, b, padding=1)),
+        ("sparse_conv2d_stats", KC.sparse_conv2d_stats, [x, *idx, *geo, None, False], F.conv2d(x, wc * mc, padding=1)),
+        ("sparse_conv2d_grad_input", KC.sparse_conv2d_grad_input, [gy, *idx[3:6], idx[2], [5, 5], *geo],
+         torch.nn.grad.conv2d_input(x.shape, wc * mc, gy, padding=1)),
+        ("sparse_conv2d_grad_weight", KC.sparse_conv2d_grad_weight, [gy, x, *idx[:2], *geo],
+         torch.nn.grad.conv2d_weight(x, wc.shape, gy, padding=1)[mc]),
+        ("sparse_conv2d_backward", KC.sparse_conv2d_backward, [gy, x, *idx, *geo],
+         torch.nn.grad.conv2d_input(x.shape, wc * mc, gy, padding=1)),
+        ("bn_act", KB.bn_act, [y, scale, shift, None, True], F.relu(y * scale[:, None, None] + shift[:, None, None])),
+        ("bn_scale_shift", KB.bn_scale_shift, [stats, 50, *bn, None, None, None, None, 1e-5, True, y.dtype], None),
+        ("bn_act_backward", KB.bn_act_backward, [gy, *bn_args], None),
+        ("sparse_conv2d_bn_backward", KB.sparse_conv2d_bn_backward, [gy, x, *idx, *geo, None, *bn_args, True, True],
+         None)]
+    for name, fn, args, ref in calls:
+        got, cpp = fn(*args), getattr(ops, name)(*args)
+        for t, c in zip(got if isinstance(got, tuple) else (got,), cpp if isinstance(cpp, tuple) else (cpp,)):
+            torch.testing.assert_close(t, c, rtol=1e-4, atol=1e-4)
+        if ref is not None:
+            torch.testing.assert_close(got[0] if isinstance(got, tuple) else got, ref, rtol=1e-4, atol=1e-4)
+        for i, arg in enumerate(getattr(ops, name).default._schema.arguments[:len(args)]):  # (optional tensors: "?")
+            kind = str(arg.type)
+            if kind in ("Tensor", "Optional[Tensor]"):
+                for bad in [[0.0] * 4] + ([None] if kind == "Tensor" else []):
+                    with pytest.raises(TypeError, match=rf"^{name}: {arg.name} must be a torch.Tensor( or None)?, got "
+                                                        rf"{type(bad).__name__}$"):
+                        fn(*args[:i], bad, *args[i + 1:])
+
+
+@interp
 def conv_geometry_arguments_refused_as_the_cpp_op():
     """kernel_size, stride or padding of one entry (was a bare IndexError), or out of range (was a
     ZeroDivisionError for a 0 kernel), and an input_size of 3 entries: the C++ op's messages."""
