@@ -2,6 +2,7 @@
 with a GradScaler, and the flag's resolution. The Triton kernels in bf16/fp16 are checked under
 the interpreter in test_triton_kernels.py (mixed_precision_bf16_fp16_through_the_layers) and the
 kernels compile for every activation/value dtype pair in test_triton_compile.py."""
+import contextlib
 import copy
 import dataclasses
 
@@ -58,6 +59,50 @@ def test_a_half_model_on_cpu_says_to_use_autocast(dtype, name):
     with torch.autocast("cpu", dtype=dtype):
         y = model(x.to(dtype))
     torch.testing.assert_close(y, model(x.to(dtype).float()))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_a_pattern_changed_between_forward_and_backward_is_refused(amp):
+    """BSRLinear's backward read the layer's current index (2026-12-06): under autocast another pattern
+    loaded in between paired the forward's values with it. The CSR layers (and the fused conv -> BN)
+    save the values Parameter itself, not a cast copy, in and out of autocast: a pattern loaded or
+    pruned in between bumps its version, and the backward is refused instead of computing a gradient
+    for another pattern; untouched, the gradient is the dense masked reference's."""
+    import torch.nn.functional as F
+    from sparsetrain.engine.fused import sparse_conv_bn_relu
+    g = torch.Generator().manual_seed(4)
+    amp_ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
+    for kind in ("linear", "conv", "fused"):
+        shape = (6, 8) if kind == "linear" else (4, 3, 3, 3)
+        w, m = torch.randn(shape, generator=g), random_mask(shape, 0.5, generator=g)
+        x = torch.randn((2, 8) if kind == "linear" else (2, 3, 5, 5), generator=g)
+        make = (lambda mk: SparseLinear.from_dense(nn.Linear(8, 6, bias=False), mk)) if kind == "linear" else (
+            lambda mk: SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1, bias=False), mk))
+        layer, bn = make(m), nn.BatchNorm2d(4)
+        with torch.no_grad():
+            layer.weight.values.copy_(w[m])
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        others = (make(m.flip(0)).state_dict(), make(random_mask(shape, 0.8, generator=g)).state_dict())
+        for change in (None, *others, "shrink"):
+            layer.load_state_dict(state)
+            layer.weight.values.grad, xi, bn.weight.grad = None, x.clone().requires_grad_(True), None
+            with amp_ctx():
+                out = sparse_conv_bn_relu(xi, layer, bn)[0] if kind == "fused" else layer(xi)
+            if change == "shrink":
+                layer.weight.shrink_(torch.arange(layer.weight.nnz) % 2 == 0)
+            elif change is not None:
+                layer.load_state_dict(change)
+            if change is not None:
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    out.float().sum().backward()
+                continue
+            wr, xr = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ref = F.linear(xr, wr * m) if kind == "linear" else F.conv2d(xr, wr * m, padding=1)
+            ref = F.batch_norm(ref, None, None, bn.weight, bn.bias, training=True) if kind == "fused" else ref
+            (out.float() * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+            (ref * torch.arange(ref.numel()).reshape(ref.shape)).sum().backward()
+            torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(layer.weight.values.grad, wr.grad[m], rtol=1e-4, atol=1e-3)
 
 
 def test_amp_args_casts_only_the_activation_of_fp32_layers():
