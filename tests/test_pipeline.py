@@ -876,6 +876,16 @@ def test_a_checkpoint_restores_the_model_fused_as_it_was_saved(tmp_path, fuse):
     assert not (tmp_path / "own.pt").exists()
     with pytest.raises(ValueError, match=r"checkpoint's arch \{'name': 'lenet300'\} builds no model"):
         restore_model({**payload, "arch": {"name": "lenet300"}})
+    # masks of floats (a damaged file: check_masks' TypeError since 2026-12-06, which --teachers did not catch)
+    dense = build_model(**arch)
+    masks = model_masks(dense, 0.5, seed=2)
+    save_model(str(tmp_path / "d.pt"), dense, masks, arch)
+    _, kept, dense_payload = load_model(str(tmp_path / "d.pt"))
+    assert {n: torch.equal(kept[n], mk) for n, mk in masks.items()} == {n: True for n in masks}
+    for bad in ({n: mk.float() for n, mk in dense_payload["masks"].items()}, [1]):
+        with pytest.raises(ValueError, match=r"^m\.pt: its masks are not bool tensors by layer name: the file is "
+                                             r"damaged or not a sparsetrain checkpoint$"):
+            restore_model({**dense_payload, "masks": bad}, "m.pt")
 
 
 def test_resume_refuses_another_draw_of_the_split_and_noisy_labels(mnist_dir, study_args, capsys):

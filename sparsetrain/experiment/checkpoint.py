@@ -104,6 +104,10 @@ def restore_model(payload: dict, source: str = "checkpoint"):
     if payload.get("channels"):
         keep_channels_(model, payload["channels"])
     masks = payload["masks"]
+    if not isinstance(masks, dict) or not all(isinstance(mk, torch.Tensor) and mk.dtype == torch.bool
+                                              for mk in masks.values()):  # (sparsify_'s TypeError named no file)
+        raise ValueError(f"{source}: its masks are not bool tensors by layer name: the file is damaged or not a "
+                         "sparsetrain checkpoint")
     sparse = set(payload["sparse_layers"])
     layers = dict(prunable_layers(model))
     if not sparse <= set(layers):
