@@ -43,23 +43,29 @@ def _step(model, x, gy):
 
 def _check(what: str, got, ref) -> None:
     """One untimed result against its reference before timing (fp32: sums in another order; a
-    BatchNorm's output is O(1)): a wrong kernel stops the benchmark instead of being timed."""
-    for name, a, b in zip(("output", "dx"), got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3,
+    BatchNorm's output is O(1)): a wrong kernel stops the benchmark instead of being timed. The
+    parameters' gradients (dW at the nonzeros, the BatchNorm's dgamma, dbeta) sum batch * H * W
+    products: atol also 1e-4 of the largest reference value, as common.check_against_dense."""
+    for i, (name, a, b) in enumerate(zip(("output", "dx", "dW", "dgamma", "dbeta"), got, ref)):
+        atol = 1e-3 + (1e-4 * float(b.abs().max()) if i >= 2 and b.numel() else 0.0)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=atol,
                                    msg=lambda m, name=name: f"{what} {name} differs from its reference: {m}")
 
 
 def _once(model, x, gy):
-    """(output, dx) of one training step of model on a fresh leaf."""
+    """(output, dx, then its parameters' gradients: a sparse block's dW at the nonzeros, the
+    BatchNorm's dgamma, dbeta) of one training step of model on a fresh leaf."""
     x = x.detach().clone().requires_grad_(True)
     y = model(x)
     y.backward(gy)
+    grads = [p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    return y.detach(), x.grad
+    return (y.detach(), x.grad, *grads)
 
 
-def _reference(dense, x, gy, y):
-    """The dense masked block's (output, dx) to check a sparse block's output y against. dx goes
+def _reference(dense, x, gy, y, mask=None):
+    """The dense masked block's (output, dx) to check a sparse block's output y against, given the
+    mask (mask_weight_'s) also its dW at the nonzeros (the CSR values' order), dgamma, dbeta. dx goes
     through y's own ReLU pattern: where BN's output is within rounding of 0, the sparse and dense sums
     fall on either side of it (a few of 8M values at 64x32x32 b128), and each such flip moves the
     gradient of a whole 3x3xC patch of dx. The output is checked against the plain ReLU, so a
@@ -67,8 +73,10 @@ def _reference(dense, x, gy, y):
     x = x.detach().clone().requires_grad_(True)
     z = dense.bn(dense.conv(x))
     (z * (y > 0)).backward(gy)
+    grads = () if mask is None else (dense.conv.parametrizations.weight.original.grad[mask],
+                                     dense.bn.weight.grad, dense.bn.bias.grad)
     dense.zero_grad(set_to_none=True)
-    return torch.relu(z).detach(), x.grad
+    return (torch.relu(z).detach(), x.grad, *grads)
 
 
 def run(quick: bool, sparsities, reps: int) -> list[dict]:
@@ -87,7 +95,7 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             mask_weight_(dense.conv, mask)  # (dense masked: weight * mask in every step)
             for what, block in (("the unfused sparse block", unfused), ("the fused sparse block", fused)):
                 got = _once(block, x, gy)
-                _check(what, got, _reference(dense, x, gy, got[0]))
+                _check(what, got, _reference(dense, x, gy, got[0], mask))
             xs = leaf_per_side(x, ("dense", "unfused", "fused"))
             t = interleaved_times({"dense": lambda: _step(dense, xs["dense"], gy),
                                    "unfused": lambda: _step(unfused, xs["unfused"], gy),

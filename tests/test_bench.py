@@ -59,6 +59,25 @@ def test_a_wrong_fused_block_or_pool_stops_the_fused_section(monkeypatch):
         fused_bench.run_pool(quick=True, reps=1)
 
 
+def test_a_wrong_weight_or_batchnorm_gradient_stops_the_fused_section(monkeypatch):
+    """The fused section checked its blocks' output and dx only: a block with a wrong conv weight
+    gradient (or BatchNorm dgamma, dbeta) was timed. dW at the nonzeros, dgamma and dbeta are now
+    checked against the dense masked block's too."""
+    monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
+    assert fused_bench.run(quick=True, sparsities=(0.9,), reps=1)  # (right blocks: pass the check)
+    real = fused_bench.sparsify_
+    for fuse, param, what in ((True, "conv.weight.values", "the fused sparse block dW"),
+                              (False, "bn.weight", "the unfused sparse block dgamma"),
+                              (True, "bn.bias", "the fused sparse block dbeta")):
+        def wrong(m, masks, fuse=False, bad=fuse, param=param):
+            real(m, masks, fuse=fuse)
+            if fuse == bad:
+                m.get_parameter(param).register_hook(lambda g: g * 1.01)
+        monkeypatch.setattr(fused_bench, "sparsify_", wrong)
+        with pytest.raises(AssertionError, match=f"{what} differs from its reference"):
+            fused_bench.run(quick=True, sparsities=(0.9,), reps=1)
+
+
 def test_the_fused_section_checks_dx_through_the_blocks_own_relu_ties_but_not_its_other_decisions():
     """At 64x32x32 b128 a few BN outputs round to the other side of 0 in the sparse sum order, which
     moves whole dx entries by ~0.1 (the full `--only fused` run stopped on it); such a flip is a tie,
