@@ -114,7 +114,10 @@ def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> flo
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:  # (its traceback: check=True's error gave the exit status alone, stderr captured away)
+        raise RuntimeError(f"--isolated-peaks: the child measuring {name} at {sparsity} ({engine}) failed with exit "
+                           f"code {out.returncode}:\n{out.stderr[-3000:]}")
     peak = float(out.stdout.strip().splitlines()[-1])
     return None if peak != peak else peak  # (NaN: the child could not reset VmHWM)
 

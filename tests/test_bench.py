@@ -283,6 +283,14 @@ def test_train_step_isolated_peak_children_run_on_the_parents_thread_count(monke
     assert out.stdout.split() == ["1"]
 
 
+def test_a_failing_isolated_peak_child_says_why():
+    """step_peak_mb's child ran with its output captured and check=True: a child that failed (out of
+    memory, a broken build) stopped the run with its exit status alone, its traceback thrown away."""
+    import train_step
+    with pytest.raises(RuntimeError, match=r"(?s)nope at 0.99 \(fused\) failed with exit code 1:.*KeyError: 'nope'"):
+        train_step.step_peak_mb("nope", 0.99, "fused")
+
+
 def test_interleaved_timing_pairs_every_side():
     import common
     calls = []
