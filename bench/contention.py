@@ -76,11 +76,17 @@ def run_scenario(procs: int, threads: int, steps: int, batch: int, env: dict) ->
     ps = [subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(steps), str(batch)],
                            stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
     out = []
-    for p in ps:
-        stdout, _ = p.communicate(timeout=1800)
-        if p.returncode != 0:
-            raise RuntimeError(f"worker failed with exit code {p.returncode}")
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for p in ps:
+            stdout, _ = p.communicate(timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(f"worker failed with exit code {p.returncode}")
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:  # (a failed or stuck worker: the others stopped, not left timing on the shared cores)
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return out
 
 

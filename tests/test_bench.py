@@ -291,6 +291,34 @@ def test_a_failing_isolated_peak_child_says_why():
         train_step.step_peak_mb("nope", 0.99, "fused")
 
 
+def test_a_failed_contention_worker_stops_the_others(monkeypatch):
+    """run_scenario raised at the first worker that failed and left the others running (timing
+    training steps on the shared cores for minutes after the run had stopped): they are killed."""
+    import contention
+    made = []
+
+    class Worker:
+        def __init__(self, *a, **kw):
+            self.returncode, self.killed = (1 if not made else None), False
+            made.append(self)
+
+        def communicate(self, timeout=None):
+            return "", None
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.killed, self.returncode = True, -9
+
+        def wait(self):
+            return self.returncode
+    monkeypatch.setattr(contention.subprocess, "Popen", Worker)  # (the first fails, the others still run)
+    with pytest.raises(RuntimeError, match="worker failed with exit code 1"):
+        contention.run_scenario(3, 1, 1, 2, {})
+    assert [w.killed for w in made] == [False, True, True]
+
+
 def test_interleaved_timing_pairs_every_side():
     import common
     calls = []
