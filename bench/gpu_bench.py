@@ -258,7 +258,8 @@ def _print(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer timing repeats (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: the first linear and conv shapes only, BSR "
+                    "block 32 only, shorter do_bench warm-up and repeats")
     run(quick=ap.parse_args(argv).quick)
 
 

@@ -654,6 +654,18 @@ def test_every_bench_flag_has_help(capsys):
             assert rest and len(rest[0].split()) >= 2, (main.__module__, name)
 
 
+def test_gpu_bench_quick_says_what_it_leaves_out(monkeypatch, capsys):
+    """gpu_bench.py --quick's help said "fewer timing repeats": it also runs one linear and one conv
+    shape (of 3 each) and BSR block 32 alone (of 16, 32, 64), as run() does (checked on the CPU)."""
+    import gpu_bench
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--help"])
+    help_ = " ".join(capsys.readouterr().out.split())
+    assert "first linear and conv shapes only" in help_ and "BSR block 32 only" in help_
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    assert [k for k in gpu_bench._linear_methods(37, 11, 9, 0.75, quick=True)[0] if k.startswith("bsr")] == ["bsr32_triton"]
+
+
 def test_a_sparseprop_layout_that_computes_something_else_is_left_out(capsys):
     """SparseProp's layouts were timed unchecked: one whose output differs from the dense masked conv
     is now left out of the table with a note, as a layout that fails (the ratio would be wrong)."""
