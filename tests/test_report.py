@@ -728,3 +728,23 @@ def test_a_report_refuses_a_config_json_that_does_not_parse(tmp_path):
         with pytest.raises(files.CorruptFile, match="config.json is corrupt"):
             R.write_report(run)
         assert read(os.path.join(run, "summary.md")) == good
+
+
+def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp_path, capsys):
+    """A metrics.csv without a curve's columns (another tool's file, or the wrong file copied in) was
+    read as no rows ("none yet") or as all-NaN rounds; the report and the sweep's now refuse it by name."""
+    from sparsetrain.sweep import cli
+    write_config(tmp_path / "run", seeds=[0])
+    write_rows(tmp_path / "run", make_rows([0.8, 0.85]))
+    (tmp_path / "run" / "seed0" / "vanilla").mkdir()
+    path = tmp_path / "run" / "seed0" / "vanilla" / "metrics.csv"
+    for text, missing in (("epoch,acc,loss\n0,0.8,1.0\n", "round, sparsity, val_acc"),
+                          ("round,acc,loss\n0,0.8,1.0\n", "sparsity, val_acc, test_acc")):
+        path.write_text(text)
+        with pytest.raises(R.CorruptFile, match=f"{path} is not a metrics.csv of a sparsetrain run: no column"
+                                                f"\\(s\\) {missing}"):
+            R.write_report(str(tmp_path / "run"))
+        assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 2
+        assert f"error: {path} is not a metrics.csv" in capsys.readouterr().err
+    path.write_text(",".join(make_rows([0.8])[0]) + "\n")  # (a study's header, no round yet: no curve)
+    assert "Phases with metrics: teacher: seeds [0]." in read(R.write_report(str(tmp_path / "run")))

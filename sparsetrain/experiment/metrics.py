@@ -12,10 +12,14 @@ import math
 import os
 import re
 
+from .files import CorruptFile
+
 __all__ = ["read_metrics", "load_run", "fin", "get", "NAN", "teacher_tag", "best_index"]
 
 _INT_COLS = {"seed", "round", "epochs", "sparse_layers", "is_best"}
 _STR_COLS = {"phase"}
+# what the report's tables and plots cannot do without (every metrics.csv a study wrote has them)
+_CURVE_COLS = ("round", "sparsity", "val_acc", "test_acc", "entropy_mean", "cum_flops")
 NAN = float("nan")
 
 
@@ -51,12 +55,18 @@ def _conv(col: str, v):
         return v
 
 
-def read_metrics(path) -> list[dict]:
+def read_metrics(path, require=()) -> list[dict]:
     """Rows of a metrics.csv, types converted (int columns int, others float, phase str), sorted by round;
-    a round written twice keeps its last row; a row without a parsable round (torn write) is skipped."""
+    a round written twice keeps its last row; a row without a parsable round (torn write) is skipped.
+    CorruptFile when the header lacks a column of `require` (a foreign CSV read as no rows or all-NaN)."""
     by_round: dict[int, dict] = {}
     with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        missing = [c for c in require if reader.fieldnames and c not in reader.fieldnames]
+        if missing:
+            raise CorruptFile(f"{path} is not a metrics.csv of a sparsetrain run: no column(s) {', '.join(missing)} "
+                              f"(its columns: {', '.join(reader.fieldnames)}); move it out of the run directory")
+        for raw in reader:
             row = {k: _conv(k, v) for k, v in raw.items() if k is not None}
             if isinstance(row.get("round"), int):
                 by_round[row["round"]] = row
@@ -67,7 +77,8 @@ def load_run(run_dir) -> dict:
     """{"config": config.json (or {}), "curves": {phase: {seed: rows}}, "running": {phase: [seeds whose
     phase has not finished (no best.json)]}, "same_as": {phase: {seed: the phase of that seed whose
     directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
-    distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)"""
+    distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)
+    CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS)."""
     config: dict = {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -83,7 +94,7 @@ def load_run(run_dir) -> dict:
             continue
         for phase in sorted(os.listdir(sd)):
             p = os.path.join(sd, phase, "metrics.csv")
-            rows = read_metrics(p) if os.path.isfile(p) else []
+            rows = read_metrics(p, _CURVE_COLS) if os.path.isfile(p) else []
             if rows:
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
