@@ -135,3 +135,26 @@ def test_tau_reads_the_same_in_table5_and_table12_and_entropy_is_in_bits(tmp_pat
     assert "| α \\ τ | 10 | 20 |" in md
     assert "| tau=10 | vanilla |" in md and "| tau=20 | distill-dense |" in md and "tau=10.0" not in md
     assert "ReLU-state entropy [bits] (thin)" in labels
+
+
+def test_a_seed_run_twice_counts_once_and_the_other_curve_is_named(tmp_path):
+    """Seed 0 alone, then a study of seeds 0 and 1 (another directory: the seeds are in its name): the
+    group pools seed 0 once (the first directory's) and seed 1; the second seed-0 curve was left out
+    silently, it is now named. A link to the same run (a sweep's --reuse) is one run, not named."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "one", {**cfg, "seeds": [0]}, phases=("teacher",))
+    _fill(tmp_path / "two", {**cfg, "seeds": [0, 1]}, phases=("teacher",))
+    write_csv(f"{tmp_path}/two/seed1/teacher/metrics.csv",  # (seed 1's curve: test 0.6 at its best round)
+              [{"round": i, "sparsity": s, "val_acc": v, "test_acc": t - 0.1, "entropy_mean": 0.5,
+                "cum_flops": 1e12 * (i + 1), "paper_cum_flops": 2e12 * (i + 1)} for i, (s, v, t) in enumerate(_CURVE)])
+    (tmp_path / "link" / "seed0").mkdir(parents=True)
+    write_json(tmp_path / "link" / "config.json", {**cfg, "seeds": [0], "git_commit": "x"})
+    os.symlink(tmp_path / "one" / "seed0" / "teacher", tmp_path / "link" / "seed0" / "teacher")
+    dirs = [str(tmp_path / d) for d in ("one", "link", "two")]
+    md = open(write_sweep_report(dirs, str(tmp_path / "rep"))).read()
+    (row,) = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["stop_rule"] == "none"]
+    assert (row["seeds"], row["test_n"], float(row["test_mean"])) == ("2", "2", (70 + 60) / 2)
+    assert (f"Left out, a seed's second curve (the first one's is shown): teacher seed 0 of {tmp_path / 'two'} "
+            f"(shown: {tmp_path / 'one'}).") in md
+    assert str(tmp_path / "link") not in md.split("## Tables 1")[1]

@@ -41,7 +41,9 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     "running": {phase: [seeds whose phase has not finished]}, "unfinished_in": {(phase, seed): its
     run directory}, "stopped": {phase: [those of them whose run ended without finishing]}, filled by
     mark_stopped, "same_as": load_run's, per seed, "absent_in": {seed: a planned run without a
-    directory yet}, "failed": [those of them whose run failed], "planned_only": no directory yet}.
+    directory yet}, "failed": [those of them whose run failed], "planned_only": no directory yet,
+    "left_out": {phase: [(seed, directory, the directory whose curve of that seed is used)]}: a seed
+    found in two directories (not links to one run) counts once, the first one's}.
     Directories without config.json are skipped unless `planned` ({run directory or run name: its
     resolved config}, a sweep's plan) knows them: their group is kept without curves (a grid point whose
     run failed before starting still gets its rows, marked "no result"); one whose config.json does not
@@ -67,8 +69,12 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
         g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
             for seed, rows in by_seed.items():
-                if seed in g["curves"].get(phase, {}):
-                    continue  # the same seed twice (a copied directory): first one wins
+                first = g["from"].setdefault((phase, seed), d)
+                if first != d:  # the same seed twice (a copy, or a run of more seeds): the first one wins,
+                    if os.path.realpath(os.path.join(first, f"seed{seed}", phase)) != \
+                            os.path.realpath(os.path.join(d, f"seed{seed}", phase)):  # said (a link is one run)
+                        g["left_out"].setdefault(phase, []).append((seed, d, first))
+                    continue
                 g["curves"].setdefault(phase, {})[seed] = rows
                 if seed in run["same_as"].get(phase, {}):
                     g["same_as"].setdefault(phase, {})[seed] = run["same_as"][phase][seed]
@@ -84,7 +90,8 @@ def _key(config: dict) -> str:
 
 def _new_group(config: dict) -> dict:
     return {"config": {**config, "seeds": []}, "curves": {}, "dirs": [], "running": {}, "unfinished_in": {},
-            "stopped": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True}
+            "stopped": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True, "from": {},
+            "left_out": {}}
 
 
 def _add_planned(groups: dict, d: str, config: dict) -> None:
@@ -159,6 +166,9 @@ def _running_note(g) -> str:
     none = ""
     if g.get("failed"):
         none = f"No result: seed(s) {g['failed']} failed before recording a round (see the Runs table).\n\n"
+    if g.get("left_out"):  # (two runs of one seed: one curve per seed in the means, the other named)
+        none += "Left out, a seed's second curve (the first one's is shown): " + "; ".join(
+            f"{p} seed {s} of {d} (shown: {first})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
     return none + "".join(f"{what}: " + "; ".join(f"{p} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
                    for what, ph in notes if ph)
 
