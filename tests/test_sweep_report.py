@@ -158,3 +158,17 @@ def test_a_seed_run_twice_counts_once_and_the_other_curve_is_named(tmp_path):
     assert (f"Left out, a seed's second curve (the first one's is shown): teacher seed 0 of {tmp_path / 'two'} "
             f"(shown: {tmp_path / 'one'}).") in md
     assert str(tmp_path / "link") not in md.split("## Tables 1")[1]
+
+
+def test_one_path_for_run_dirs_is_refused_not_read_as_its_characters(tmp_path):
+    """write_sweep_report(run_dirs="runs/x"): each character was a directory without config.json, an
+    empty report ("0 run directories") with no error; now a TypeError saying to pass a list."""
+    import pytest
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "run", cfg, phases=("teacher",))
+    for one in (str(tmp_path / "run"), tmp_path / "run"):
+        with pytest.raises(TypeError, match="run_dirs must be a list of run directories, got one path"):
+            write_sweep_report(one, str(tmp_path / "rep"))
+    md = open(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep"))).read()
+    assert "1 run directories, 1 setting(s)" in md

@@ -49,6 +49,8 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     run failed before starting still gets its rows, marked "no result"); one whose config.json does not
     parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
     its numbers)."""
+    if isinstance(run_dirs, (str, bytes, os.PathLike)):  # (its characters were read as directories: an empty report)
+        raise TypeError(f"run_dirs must be a list of run directories, got one path {run_dirs!r}: pass [{run_dirs!r}]")
     groups: dict[str, dict] = {}
     planned = dict(planned or {})
     for d in list(run_dirs) + [d for d in planned if d not in run_dirs]:
