@@ -748,3 +748,28 @@ def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp
         assert f"error: {path} is not a metrics.csv" in capsys.readouterr().err
     path.write_text(",".join(make_rows([0.8])[0]) + "\n")  # (a study's header, no round yet: no curve)
     assert "Phases with metrics: teacher: seeds [0]." in read(R.write_report(str(tmp_path / "run")))
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("rate", "0.2", "rate must be a number in (0, 1), got '0.2'"),
+    ("wall", 1.5, "wall must be a number in (0, 1), got 1.5"),
+    ("t_e", 80, "t_e must be a fraction in (0, 1], got 80"),
+    ("stop_falls", 0, "stop_falls must be an int >= 1, got 0"),
+    ("early_stop", "alg2", "early_stop must be one of none, entropy, entropy-peak, got 'alg2'"),
+    ("seeds", 3, "seeds must be a list of ints, got 3"),
+    ("model", 5, "model must be a str, got 5")])
+def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, setting, value, expected):
+    """A hand-edited config.json whose setting the report computes with has the wrong type or range:
+    a TypeError traceback from the arithmetic (a str rate, a list of seeds given as 3) or Algorithm 2's
+    check with no file named; now the report refuses it naming the file and the setting, and the
+    sweep's report leaves the run out and names it (as a config.json that does not parse)."""
+    from sparsetrain.sweep.report import write_sweep_report
+    write_config(tmp_path / "run", **{setting: value})
+    write_rows(tmp_path / "run", make_rows([0.8, 0.85, 0.7]))
+    with pytest.raises(R.CorruptFile) as e:
+        R.write_report(str(tmp_path / "run"))
+    assert str(e.value).startswith(f"{tmp_path / 'run' / 'config.json'} is corrupt: {expected}; ")
+    md = read(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep")))
+    assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'run'} ({expected})" in md
+    write_config(tmp_path / "run")  # (the run's own settings: reported)
+    assert "## Results" in read(R.write_report(str(tmp_path / "run")))

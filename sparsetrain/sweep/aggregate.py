@@ -15,7 +15,7 @@ import os
 from ..experiment.config import Config
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
-from ..experiment.report.tables import ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
+from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -48,7 +48,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     resolved config}, a sweep's plan) knows them: their group is kept without curves (a grid point whose
     run failed before starting still gets its rows, marked "no result"); one whose config.json does not
     parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
-    its numbers)."""
+    its numbers), as is one with a setting of the wrong type (config_problem: "DIR (what is wrong)")."""
     if isinstance(run_dirs, (str, bytes, os.PathLike)):  # (its characters were read as directories: an empty report)
         raise TypeError(f"run_dirs must be a list of run directories, got one path {run_dirs!r}: pass [{run_dirs!r}]")
     groups: dict[str, dict] = {}
@@ -59,9 +59,10 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
                 _add_planned(groups, d, planned[d])
             continue
         run = load_run(d)
-        if not isinstance(run["config"], dict) or not run["config"]:
-            if unreadable is not None:
-                unreadable.append(d)
+        if not isinstance(run["config"], dict) or not run["config"] or config_problem(run["config"]):
+            if unreadable is not None:  # (a setting of the wrong type: named, a TypeError traceback before)
+                problem = config_problem(run["config"]) if isinstance(run["config"], dict) else None
+                unreadable.append(f"{d} ({problem})" if problem else d)
             continue
         run["config"] = {**_DEFAULTS, **run["config"]}  # (settings added since the run was made: their defaults)
         key = _key(run["config"])

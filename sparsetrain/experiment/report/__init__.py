@@ -14,7 +14,7 @@ from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
 from .plots import plot_run
-from .tables import ordered_phases, summary_table
+from .tables import config_problem, ordered_phases, summary_table
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "LABEL_RULE"]
@@ -25,7 +25,8 @@ def write_report(run_dir) -> str:
     CorruptFile for a finished phase's metrics.csv that no longer matches its checksum (the run
     itself refuses it; a report of it would show a torn or edited curve as the run's), and for a
     config.json that does not parse (the report would show no settings and replay the stop rules at
-    the default thresholds, not the run's), and for a finished phase copied in from another run."""
+    the default thresholds, not the run's), or whose settings have the wrong type or range (config_problem),
+    and for a finished phase copied in from another run."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
@@ -40,6 +41,9 @@ def write_report(run_dir) -> str:
     if os.path.exists(path) and (not isinstance(cfg, dict) or not cfg):  # (load_run's {}: it did not parse)
         raise CorruptFile(f"{path} is corrupt (not a JSON object of settings): the report needs the run's "
                           "settings; restore it, or remove the run directory to start over")
+    if isinstance(cfg, dict) and (problem := config_problem(cfg)):  # (edited by hand: a TypeError traceback)
+        raise CorruptFile(f"{path} is corrupt: {problem}; the report computes with it: restore it, or remove "
+                          "the run directory to start over")
     pngs = plot_run(run, run_dir)
     # every setting that changes results (the roles' schedules below), then what the run ran on
     keys = ["dataset", "eps", "noise", "clean_val", "val_fraction", "subset", "label_file", "model", "student",

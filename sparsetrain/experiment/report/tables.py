@@ -6,12 +6,41 @@ import math
 import numpy as np
 
 from ..config import config_from_json
-from ..early_stop import algorithm2_stop
+from ..early_stop import EARLY_STOPS, algorithm2_stop
 from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
-__all__ = ["summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
+__all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
            "stats", "mean", "ms"]
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# config.json's settings the report computes with (a hand-edited file: a str rate was a TypeError from
+# the arithmetic, t_e 80 a traceback from Algorithm 2's check), and what each must be
+_SETTING_CHECKS = [
+    *((k, lambda v: _real(v) and 0 < v < 1, "a number in (0, 1)") for k in ("rate", "wall")),
+    *((k, lambda v: _real(v) and 0 < v <= 1, "a fraction in (0, 1]") for k in ("t_e", "t_a")),
+    ("stop_falls", lambda v: _int(v) and v >= 1, "an int >= 1"),
+    ("early_stop", lambda v: v in EARLY_STOPS, f"one of {', '.join(EARLY_STOPS)}"),
+    ("seeds", lambda v: isinstance(v, list) and all(map(_int, v)), "a list of ints"),
+    ("teachers", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of str"),
+    *((k, lambda v: isinstance(v, str), "a str") for k in ("dataset", "model", "student"))]
+
+
+def config_problem(cfg: dict) -> str | None:
+    """What is wrong with a run's config.json settings that the report reads (missing ones are at
+    their defaults); None when nothing is."""
+    for key, ok, what in _SETTING_CHECKS:
+        if key in cfg and not ok(cfg[key]):
+            return f"{key} must be {what}, got {cfg[key]!r}"
+    return None
 
 
 def ordered_phases(run) -> list[str]:
