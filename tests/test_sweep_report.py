@@ -172,3 +172,18 @@ def test_one_path_for_run_dirs_is_refused_not_read_as_its_characters(tmp_path):
             write_sweep_report(one, str(tmp_path / "rep"))
     md = open(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep"))).read()
     assert "1 run directories, 1 setting(s)" in md
+
+
+def test_the_figure_legend_prints_the_setting_as_the_tables_do(tmp_path, monkeypatch):
+    """tau 10.0 and 20.0 in config.json: the tables say tau=10 and tau=20, and so does the overlay
+    figure's legend (it said tau=10.0 and tau=20.0, the config's floats)."""
+    from matplotlib.axes import Axes
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": ["dense"],
+           "seeds": [0], "rate": 0.5, "wall": 0.95, "alpha": 0.5}
+    for tau in (10.0, 20.0):
+        _fill(tmp_path / f"t{tau:g}", {**cfg, "tau": tau})
+    labels, plot = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: labels.append(kw.get("label")) or plot(self, *a, **kw))
+    write_sweep_report([str(tmp_path / "t10"), str(tmp_path / "t20")], str(tmp_path / "rep"))
+    legend = [lab for lab in labels if lab]
+    assert legend == ["tau=10 vanilla", "tau=10 distill-dense", "tau=20 vanilla", "tau=20 distill-dense"]

@@ -9,7 +9,7 @@ import os
 from ..experiment.files import atomic_write
 from ..experiment.report.plots import fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
-from .aggregate import group_label
+from .aggregate import _num, group_label
 
 __all__ = ["plot_overlay", "write_figures"]
 
@@ -49,7 +49,8 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
             for ph in _phases(g):
                 rounds, per, x, acc, ent = mean_curve(g["curves"][ph])
                 name = "vanilla" if ph == vanilla_phase(g) else ph
-                label = f"{by}={g['config'].get(by)} {name}" if by else f"{group_label(g, keys)} {name}"
+                # (the value as the tables print it: tau=10, not the config's 10.0)
+                label = f"{by}={_num(g['config'].get(by))} {name}" if by else f"{group_label(g, keys)} {name}"
                 label += same_note(g, ph)  # (a distill-best that is distill-dense says so)
                 line = hollow_curve(ax, x, acc[:, 0], fewer_seeds(per, rounds), color, label,
                                     style=_STYLE.get(name, "-.") + "o", ms=2.5, hollow_ms=4)
