@@ -773,3 +773,23 @@ def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, se
     assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'run'} ({expected})" in md
     write_config(tmp_path / "run")  # (the run's own settings: reported)
     assert "## Results" in read(R.write_report(str(tmp_path / "run")))
+
+
+def test_a_round_table_column_the_run_did_not_write_reads_n_a_not_nan(tmp_path):
+    """A run of an earlier sparsetrain (no wall_s, sec_per_epoch, sparse_layers columns) and a round
+    without its sparsity or FLOPs: those per-round cells said "nan"; now n/a, as every other cell
+    without a value, and the values present are the means over the seeds."""
+    write_config(tmp_path, seeds=[0, 1])
+    for s in (0, 1):
+        rows = make_rows([0.8, 0.7], seed=s)
+        for r in rows:
+            for k in ("wall_s", "sec_per_epoch", "sparse_layers"):
+                del r[k]
+        rows[1]["sparsity"] = rows[1]["cum_flops"] = NAN
+        write_rows(tmp_path, rows)
+    md = R.summary_table(R.load_run(tmp_path))
+    table = md.split("### Per round: teacher")[1]
+    assert "nan" not in table.lower().replace("n/a", "")
+    row0 = table_row(table, "0")  # (round 0's exact FLOPs: 3 x 1e6 forward x 1000 samples x 2 epochs)
+    assert row0[1] == "0.00" and row0[6:9] == ["n/a", "n/a", "n/a"] and float(row0[9]) == pytest.approx(3 * 1e6 * 1000 * 2 / 1e15)
+    assert table_row(table, "1")[1] == "n/a" and table_row(table, "1")[9] == "n/a"

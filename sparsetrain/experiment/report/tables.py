@@ -248,6 +248,12 @@ def mean(rs, key) -> float:
     return stats([get(r, key) for r in rs])[0]
 
 
+def _num_cell(v: float, nd: int) -> str:
+    """A per-round mean to `nd` decimals; n/a where no seed has the value (a column an older run did not
+    write: "nan" stood there, where every other cell of the report says n/a)."""
+    return f"{v:.{nd}f}" if fin(v) else "n/a"
+
+
 def _round_table(seed_rows: dict, cfg: dict) -> str:
     rounds, by = per_round(seed_rows)
     labels = label_rounds([{"test_acc": mean(by[k], "test_acc")} for k in rounds])
@@ -265,12 +271,12 @@ def _round_table(seed_rows: dict, cfg: dict) -> str:
     for k, lab in zip(rounds, labels):
         rs = by[k]
         pct = lambda key: [100 * get(r, key) for r in rs]  # noqa: E731
-        layers = _cell([f"{get(r, 'sparse_layers'):.0f}" for r in rs])  # (each seed's, where they differ)
+        layers = _cell([_num_cell(get(r, "sparse_layers"), 0) for r in rs])  # (each seed's, where they differ)
         marks = ([f"{len(rs)}/{n} seeds"] if len(rs) < n else []) + (  # rounds past a seed's last
             [f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
-        out.append(f"| {k} | {mean(rs, 'sparsity') * 100:.2f} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
-                   f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {mean(rs, 'wall_s'):.1f} | "
-                   f"{mean(rs, 'sec_per_epoch'):.2f} | {layers} | "
-                   f"{mean(rs, 'cum_flops') / 1e15:.{nd}f} | {', '.join(marks)} |")
+        out.append(f"| {k} | {_num_cell(mean(rs, 'sparsity') * 100, 2)} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
+                   f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {_num_cell(mean(rs, 'wall_s'), 1)} | "
+                   f"{_num_cell(mean(rs, 'sec_per_epoch'), 2)} | {layers} | "
+                   f"{_num_cell(mean(rs, 'cum_flops') / 1e15, nd)} | {', '.join(marks)} |")
     return "\n".join(out)
