@@ -732,7 +732,8 @@ def test_a_report_refuses_a_config_json_that_does_not_parse(tmp_path):
 
 def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp_path, capsys):
     """A metrics.csv without a curve's columns (another tool's file, or the wrong file copied in) was
-    read as no rows ("none yet") or as all-NaN rounds; the report and the sweep's now refuse it by name."""
+    read as no rows ("none yet") or as all-NaN rounds; the report refuses it by name, and the sweep's
+    report (of many runs: the end of a sweep too) leaves that run out, named with the reason."""
     from sparsetrain.sweep import cli
     write_config(tmp_path / "run", seeds=[0])
     write_rows(tmp_path / "run", make_rows([0.8, 0.85]))
@@ -744,8 +745,9 @@ def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp
         with pytest.raises(R.CorruptFile, match=f"{path} is not a metrics.csv of a sparsetrain run: no column"
                                                 f"\\(s\\) {missing}"):
             R.write_report(str(tmp_path / "run"))
-        assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 2
-        assert f"error: {path} is not a metrics.csv" in capsys.readouterr().err
+        assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
+        assert (f"or a metrics.csv not a study's):** {tmp_path / 'run'} ({path} is not a metrics.csv of a sparsetrain "
+                f"run: no column(s) {missing}") in read(tmp_path / "rep" / "summary.md")
     path.write_text(",".join(make_rows([0.8])[0]) + "\n")  # (a study's header, no round yet: no curve)
     assert "Phases with metrics: teacher: seeds [0]." in read(R.write_report(str(tmp_path / "run")))
 
@@ -770,7 +772,8 @@ def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, se
         R.write_report(str(tmp_path / "run"))
     assert str(e.value).startswith(f"{tmp_path / 'run' / 'config.json'} is corrupt: {expected}; ")
     md = read(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep")))
-    assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'run'} ({expected})" in md
+    assert (f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** "
+            f"{tmp_path / 'run'} ({expected})") in md
     write_config(tmp_path / "run")  # (the run's own settings: reported)
     assert "## Results" in read(R.write_report(str(tmp_path / "run")))
 

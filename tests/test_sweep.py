@@ -820,7 +820,8 @@ def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
     _write_run(tmp_path / "bad", 0.2, [0], {0: curve})
     (tmp_path / "bad" / "config.json").write_text('{"dataset": "fash')
     md = open(write_sweep_report([str(tmp_path / "good"), str(tmp_path / "bad")], str(tmp_path / "report"))).read()
-    assert f"**Left out, config.json unreadable (its settings unknown):** {tmp_path / 'bad'}" in md
+    assert (f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** "
+            f"{tmp_path / 'bad'}") in md
     assert "cifar10" not in md and "1 setting(s)" in md
 
 

@@ -118,7 +118,7 @@ def test_a_rewritten_sweep_report_leaves_no_stale_outputs(tmp_path):
     assert [r["run"] for r in _rows(rep / "table1.csv")] == ["(no result)"]
     (run / "config.json").write_text("{not json")  # (no readable run: no rows at all)
     md = open(write_sweep_report([str(run)], str(rep))).read()
-    assert "config.json unreadable" in md and not (rep / "table1.csv").exists() and not (rep / "best_model.csv").exists()
+    assert "Left out, unreadable (config.json" in md and not (rep / "table1.csv").exists() and not (rep / "best_model.csv").exists()
 
 
 def test_tau_reads_the_same_in_table5_and_table12_and_entropy_is_in_bits(tmp_path, monkeypatch):

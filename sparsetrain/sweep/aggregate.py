@@ -13,6 +13,7 @@ import json
 import os
 
 from ..experiment.config import Config
+from ..experiment.files import CorruptFile
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
@@ -48,7 +49,8 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     resolved config}, a sweep's plan) knows them: their group is kept without curves (a grid point whose
     run failed before starting still gets its rows, marked "no result"); one whose config.json does not
     parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
-    its numbers), as is one with a setting of the wrong type (config_problem: "DIR (what is wrong)")."""
+    its numbers), as is one with a setting of the wrong type (config_problem: "DIR (what is wrong)") or a
+    metrics.csv that is not a study's (load_run's CorruptFile: "DIR (its message)")."""
     if isinstance(run_dirs, (str, bytes, os.PathLike)):  # (its characters were read as directories: an empty report)
         raise TypeError(f"run_dirs must be a list of run directories, got one path {run_dirs!r}: pass [{run_dirs!r}]")
     groups: dict[str, dict] = {}
@@ -58,7 +60,12 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
             if d in planned:
                 _add_planned(groups, d, planned[d])
             continue
-        run = load_run(d)
+        try:
+            run = load_run(d)
+        except CorruptFile as e:  # (a foreign metrics.csv: this run left out and named, the others reported)
+            if unreadable is not None:
+                unreadable.append(f"{d} ({e})")
+            continue
         if not isinstance(run["config"], dict) or not run["config"] or config_problem(run["config"]):
             if unreadable is not None:  # (a setting of the wrong type: named, a TypeError traceback before)
                 problem = config_problem(run["config"]) if isinstance(run["config"], dict) else None

@@ -65,7 +65,7 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
     if unreadable:
-        lines += [f"**Left out, config.json unreadable (its settings unknown):** {', '.join(unreadable)}", ""]
+        lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(unreadable)}", ""]
     if status:
         failed = [n for n, s in status.items() if s["state"] in ("failed", "interrupted")]
         lines += ["## Runs", "", _status_md(status), "",
