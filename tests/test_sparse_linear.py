@@ -860,8 +860,16 @@ def test_layers_under_two_names_and_tied_weights():
         sparsetrain.sparsify_(biased, {"1": random_mask((4, 4), 0.5)})
     assert type(biased[1]) is nn.Linear
     normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
-    with pytest.raises(TypeError, match=r"'0' is a ParametrizedLinear.*remove it first \(parametrize.remove_param"):
+    with pytest.raises(TypeError, match=r"'0' is a ParametrizedLinear.*its weight is computed.*remove it first "
+                                        r"\(parametrize.remove_parametrizations\(module, 'weight'\)\)"):
         sparsetrain.sparsify_(normed, {"0": random_mask((4, 4), 0.5)})
+    # a parametrized bias alone: the advice named the weight, whose removal raised (not parametrized)
+    clamped = nn.Sequential(nn.Linear(4, 4))
+    nn.utils.parametrize.register_parametrization(clamped[0], "bias", nn.Hardtanh())
+    with pytest.raises(TypeError, match=r"its bias is computed by a parametrization .*remove_parametrizations"
+                                        r"\(module, 'bias'\)\)$"):
+        sparsetrain.sparsify_(clamped, {"0": random_mask((4, 4), 0.5)})
+    assert nn.utils.parametrize.is_parametrized(clamped[0], "bias") and type(clamped[0]).__name__ == "ParametrizedLinear"
 
 
 def test_computed_weights_and_transformer_blocks_are_refused():

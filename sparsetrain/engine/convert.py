@@ -77,8 +77,10 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             raise KeyError(f"masks names unknown module {name!r}; sparsifiable modules: {known}")
         mod = modules[name]
         if type(mod) not in SPARSE_TYPES:
-            hint = (": its weight is computed by a parametrization (torch.nn.utils.parametrize); remove it first "
-                    "(parametrize.remove_parametrizations(module, 'weight'))" if parametrize.is_parametrized(mod) else "")
+            names = list(mod.parametrizations) if parametrize.is_parametrized(mod) else []  # (its bias alone, too)
+            hint = (f": its {' and '.join(names)} {'is' if len(names) == 1 else 'are'} computed by a parametrization "
+                    "(torch.nn.utils.parametrize); remove it first (" + ", ".join(
+                        f"parametrize.remove_parametrizations(module, {n!r})" for n in names) + ")" if names else "")
             raise TypeError(f"module {name!r} is a {type(mod).__name__}; only "
                             f"{[t.__name__ for t in SPARSE_TYPES]} can be sparsified{hint}")
         if "weight" not in mod._parameters and not pruned_by_torch(mod):  # (weight_norm / spectral_norm)
