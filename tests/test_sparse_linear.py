@@ -872,6 +872,37 @@ def test_layers_under_two_names_and_tied_weights():
     assert nn.utils.parametrize.is_parametrized(clamped[0], "bias") and type(clamped[0]).__name__ == "ParametrizedLinear"
 
 
+def test_hooks_of_a_layer_under_two_names_move_with_it():
+    """sparsify_ and densify_ move a replaced layer's hooks to its replacement; at a layer's second
+    name the move put the first move's emptied registries on the replacement: hooks silently lost."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.a(x)
+
+    model, seen = Aliased(), []
+    ref, mask, x = copy.deepcopy(model), random_mask((3, 4), 0.5), torch.randn(2, 4)
+    with torch.no_grad():
+        ref.a.weight.mul_(mask)
+    handle = model.a.register_forward_hook(lambda mod, i, o: seen.append((type(mod).__name__, o)))
+    model.a.register_forward_pre_hook(lambda mod, i: (i[0] * 2,))
+    sparsetrain.sparsify_(model, {"a": mask})
+    assert model.b is model.a
+    y = model(x)
+    torch.testing.assert_close(y, ref(2 * x))  # (the pre-hook doubled the input)
+    assert [n for n, _ in seen] == ["SparseLinear"] and seen[0][1] is y
+    sparsetrain.densify_(model)
+    torch.testing.assert_close(model(x), ref(2 * x))
+    assert [n for n, _ in seen] == ["SparseLinear", "Linear"]
+    handle.remove()  # (the handles still remove them)
+    model(x)
+    assert len(seen) == 2
+
+
 def test_computed_weights_and_transformer_blocks_are_refused():
     """A weight_norm/spectral_norm layer's weight is recomputed by a hook (the sparse layer got the
     hook, not the weight, and failed at its first forward); nn.TransformerEncoderLayer's eval-mode
