@@ -861,6 +861,30 @@ def test_auto_keeps_every_layer_sparsify_refuses_dense():
         apply_engine(m, rest, "sparse", fuse=False)
 
 
+def test_auto_keeps_a_layer_whose_bias_torch_prune_pruned_dense():
+    """sparsify_ refuses a layer whose bias torch.nn.utils.prune pruned, whatever its mask (the sparse
+    layer's bias is dense); unconvertible did not name it, so "auto" handed it to sparsify_, which
+    raised for the whole model."""
+    from sparsetrain.engine.convert import unconvertible
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    masks = global_prune(m, {}, 0.9)
+    ref = copy.deepcopy(m)
+    torch.nn.utils.prune.l1_unstructured(m[2], "bias", 0.5)
+    assert unconvertible(m) == {"2"}
+    with torch.no_grad():
+        for name, mk in masks.items():
+            ref.get_submodule(name).weight.mul_(mk)
+        ref[2].bias.mul_(m[2].bias_mask)
+    rest = apply_engine(m, masks, "auto", fuse=False)
+    assert type(m[0]).__name__ == "SparseLinear" and type(m[2]) is nn.Linear and set(rest) == {"2"}
+    enforce_masks_(m, rest)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(m(x), ref(x))
+    with pytest.raises(ValueError, match="2: the layer's bias is pruned with torch.nn.utils.prune"):
+        apply_engine(m, rest, "sparse", fuse=False)
+
+
 def test_auto_engine_probe_times_a_training_step():
     """The probe's step is the study's: gradients set to None, forward, backward, a momentum SGD step;
     a dense masked layer's gradient masked before the step and its weight after it (it timed forward

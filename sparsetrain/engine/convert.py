@@ -28,16 +28,17 @@ def _block_of(blocks: list[str], name: str) -> str | None:
 
 def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
-    computed by a reparametrization, inside a Transformer*Layer, tied to another module's, or a conv
-    the sparse kernels do not take (dilated, grouped, ...). apply_engine's "auto" keeps them dense."""
+    computed by a reparametrization, a bias pruned by torch.nn.utils.prune, inside a Transformer*Layer,
+    tied to another module's, or a conv the sparse kernels do not take (dilated, grouped, ...).
+    apply_engine's "auto" keeps them dense."""
     check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     owners, blocks, out = _owners(modules), _transformer_blocks(modules), set()
     for n, m in modules.items():
         if type(m) not in SPARSE_TYPES:
             continue
-        if ("weight" not in m._parameters and not pruned_by_torch(m)) or _block_of(blocks, n) is not None \
-                or _tied(owners, m) is not None:
+        if ("weight" not in m._parameters and not pruned_by_torch(m)) or pruned_by_torch(m, "bias") \
+                or _block_of(blocks, n) is not None or _tied(owners, m) is not None:
             out.add(n)
         elif isinstance(m, nn.Conv2d):
             try:
