@@ -555,6 +555,43 @@ def test_a_layer_built_under_inference_mode_loads_and_prunes_there():
         assert layer.nnz == int(keep.sum()) and layer(torch.randn(2, 8)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_sparsify_and_densify_under_inference_mode_leave_the_model_trainable(fuse):
+    """Model surgery is often done under torch.inference_mode(): the sparse layers' values and bias
+    (sparsify_), the dense layers' weights (densify_) became inference tensors, which the next
+    backward refused (sparse) or left without a gradient, silently (dense)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 5)).double()
+    masks = {"0": random_mask((4, 3, 3, 3), 0.5), "4": random_mask((5, 64), 0.7)}
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mk in masks.items():
+            ref.get_submodule(name).weight.mul_(mk)
+    x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 5, (6,))
+
+    def step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        for name, mk in masks.items():
+            if isinstance(m.get_submodule(name).weight, torch.Tensor):
+                m.get_submodule(name).weight.grad.mul_(mk)
+        opt.step()
+
+    with torch.inference_mode():
+        sparsetrain.sparsify_(model, masks, fuse=fuse)
+    assert not any(t.is_inference() for t in model.parameters())
+    step(model), step(ref)
+    torch.testing.assert_close(model[4].weight.to_dense(), ref[4].weight)
+    with torch.inference_mode():
+        sparsetrain.densify_(model)
+    assert type(model[0]) is nn.Conv2d and not any(t.is_inference() for t in model.parameters())
+    step(model), step(ref)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
     """load_state_dict(assign=True) puts the saved tensors in the buffers as they are: indices of
     other integer dtypes (a torch.sparse_csr tensor's are int64) are converted first, strided views

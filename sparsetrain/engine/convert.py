@@ -9,7 +9,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .formats import pruned_by_torch
+from .formats import own_mode, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
 __all__ = ["sparsify_", "densify_", "unconvertible"]
@@ -115,8 +115,10 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             if (mask is None) != (other is None) or mask is not None and not torch.equal(mask.bool(), other.bool()):
                 raise ValueError(f"masks[{name!r}] and masks[{named[id(mod)]!r}] name the same layer with different masks")
             continue
-        try:
-            new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
+        try:  # (in the dense weight's inference mode: under inference_mode its values became inference
+            # tensors, which the next backward refused)
+            with own_mode(mod._parameters.get("weight", mod._parameters.get("weight_orig"))):
+                new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
     for name in named.values():  # (torch.nn.utils.prune's hooks would recompute weight = orig * mask
@@ -153,5 +155,12 @@ def densify_(model: nn.Module) -> nn.Module:
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
-    _replace_modules(model, lambda mod: mod.to_dense() if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
+    _replace_modules(model, lambda mod: _dense_of(mod) if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
     return model
+
+
+def _dense_of(mod: nn.Module) -> nn.Module:
+    """mod.to_dense() in its values' inference mode (under inference_mode the dense layer's parameters
+    became inference tensors, which backward left without a gradient, silently)."""
+    with own_mode(mod.weight.values):
+        return mod.to_dense()
