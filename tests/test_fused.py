@@ -1333,6 +1333,34 @@ def test_a_forward_branching_on_a_defaulted_argument_is_not_fused(make, extra):
         torch.testing.assert_close(fused(*args), dense(*args), rtol=1e-5, atol=1e-5)
 
 
+class _ScaledOutput(nn.Module):
+    """forward(x, scale=1.0, size=(2, 2)): defaults it does not branch on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x, scale=1.0, size=(2, 2)):
+        return F.adaptive_avg_pool2d(self.relu(self.bn(self.conv(x))), size) * scale
+
+
+def test_a_forward_with_defaults_it_does_not_branch_on_is_fused():
+    """Traced at its defaults, fx adds a check `arg == default` (for torch._assert) per argument that is
+    not None: the two traces differed by those checks alone, so such a model was refused as taking
+    another path at its defaults."""
+    torch.manual_seed(0)
+    dense = _ScaledOutput()
+    fused = copy.deepcopy(dense)
+    sparsetrain.sparsify_(fused, model_masks(fused, 0.5), fuse=True)
+    assert type(fused.conv) is SparseConvBNReLU
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        ref.conv.weight.copy_(fused.conv.weight.to_dense())
+    x = torch.randn(2, 3, 8, 8)
+    for args in ((x,), (x, 2.0), (x, 0.5, (1, 3))):
+        torch.testing.assert_close(fused(*args), ref(*args), rtol=1e-5, atol=1e-5)
+
+
 def test_relu_subclasses_and_prehooked_readers_are_not_fused_over():
     class Clamp(nn.ReLU):  # a ReLU subclass computes something else: not a ReLU to fuse
         def forward(self, x):

@@ -73,8 +73,11 @@ def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict,
 
 
 def _calls(graph: fx.Graph) -> list:
+    # (without fx's checks of the concrete args, `arg == default` read only by torch._assert: a default
+    # of 1.0 or (2, 2) made every such forward "take another path")
+    checks = {n for n in graph.nodes if n.users and all(u.target is torch._assert for u in n.users)}
     return [(n.op, str(n.target)) for n in graph.nodes if n.op in ("call_module", "call_function", "call_method")
-            and n.target is not torch._assert]
+            and n.target is not torch._assert and n not in checks]
 
 
 def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
