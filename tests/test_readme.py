@@ -1,0 +1,98 @@
+"""README.md as a user's contract: its Python snippet and its commands (and the Makefile's) run as
+written. The snippet is compared with dense PyTorch on the masked weights; each command is parsed by
+the CLI it names (the study with --print-config, which reads no data; a sweep with --dry-run)."""
+import copy
+import os
+import re
+import shlex
+
+import torch
+
+import cli_forks
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(r"^```" + lang + r"\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def test_engine_in_five_lines_trains_as_the_dense_masked_model(monkeypatch):
+    """"The engine in five lines" runs as printed, and its one SGD step through the sparse layers gives
+    the weights a dense model with the same masks gets (pruned weights and their gradients zero)."""
+    code = README[README.index("## The engine in five lines"):]
+    code = re.search(r"^```python\n(.*?)^```", code, flags=re.S | re.M).group(1)
+    import sparsetrain.prune
+    seen = {}
+    prune = sparsetrain.prune.global_prune
+
+    def recording(model, *args, **kw):  # (the model as built, and the RNG state its input is drawn from)
+        seen.update(model=copy.deepcopy(model), rng=torch.get_rng_state())
+        return prune(model, *args, **kw)
+    monkeypatch.setattr(sparsetrain.prune, "global_prune", recording)
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+
+    model, masks, ref = ns["model"], ns["masks"], seen["model"]
+    before = {name: m.weight.detach().clone() for name, m in ref.named_modules() if name in masks}
+    assert masks and all(m.dtype == torch.bool for m in masks.values())
+    torch.set_rng_state(seen["rng"])
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    layers = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            layers[name].weight.mul_(mask)
+    opt = torch.optim.SGD(ref.parameters(), **ns["opt"].defaults)
+    loss = torch.nn.functional.cross_entropy(ref(x), y)
+    loss.backward()
+    for name, mask in masks.items():
+        layers[name].weight.grad.mul_(mask)
+    opt.step()
+    assert torch.allclose(ns["loss"], loss, rtol=1e-5, atol=1e-6)
+    got = dict(model.named_modules())
+    for name, mask in masks.items():
+        assert type(got[name]) is torch.nn.Linear, name  # densify_ gave the nn.Linear back
+        assert torch.equal(got[name].weight[~mask], torch.zeros_like(got[name].weight[~mask]))
+        assert torch.allclose(got[name].weight, layers[name].weight, rtol=1e-5, atol=1e-6), name
+        assert not torch.equal(got[name].weight, before[name] * mask), name  # (the step trained it)
+        assert torch.allclose(got[name].bias, layers[name].bias, rtol=1e-5, atol=1e-6), name
+
+
+def _commands():
+    """(module, argv) of every `python -m sparsetrain.*` line in README's bash blocks and every
+    `$(PY) -m sparsetrain.*` line of the Makefile (comments dropped)."""
+    lines = [ln for block in _blocks("bash") for ln in block.splitlines()]
+    lines += [ln.replace("$(PY)", "python") for ln in open(os.path.join(ROOT, "Makefile")).read().splitlines()]
+    out = []
+    for ln in lines:
+        if not ln.strip().startswith("python -m sparsetrain."):
+            continue
+        words = shlex.split(ln.strip(), comments=True)
+        if "--help" not in words and (words[2], words[3:]) not in out:
+            out.append((words[2], words[3:]))
+    return out
+
+
+def test_readme_and_makefile_commands_parse(tmp_path):
+    commands = _commands()
+    modules = {m for m, _ in commands}
+    assert modules == {"sparsetrain.experiment", "sparsetrain.sweep"} and len(commands) >= 10, commands
+    out = str(tmp_path / "out")
+    for module in sorted(modules):
+        cases = [argv for m, argv in commands if m == module]
+        if module == "sparsetrain.experiment":
+            runs = [argv + ([] if "--print-config" in argv else ["--print-config"]) + ["--out", out] for argv in cases]
+        else:  # (report: no runs in an empty folder, after its arguments parsed)
+            runs = [argv + ["--out", out] + ([] if argv[0] == "report" else ["--dry-run"]) for argv in cases]
+        results = cli_forks.run(module, [(tmp_path, argv) for argv in runs],
+                                preload=["sparsetrain.experiment.study" if module.endswith("experiment")
+                                         else "sparsetrain.sweep.cli"])
+        for argv, r in zip(runs, results):
+            if argv[0] == "report":
+                assert r.returncode == 2 and "no run directory" in r.stderr, (argv, r.stderr)
+            elif "cuda" in " ".join(argv) and not torch.cuda.is_available():
+                assert r.returncode == 2 and "no CUDA device" in r.stderr, (argv, r.stderr)
+            else:
+                assert r.returncode == 0 and "usage:" not in r.stderr, (argv, r.stderr[-2000:])
