@@ -80,6 +80,8 @@ def model_masks(model, sparsity: float, seed: int = 0) -> dict:
     subclass, whose forward may compute something else, or MultiheadAttention's out_proj is not one;
     those sparsify_ then refuses, engine.convert.unconvertible, included), drawn in module order from
     one generator seeded `seed`."""
+    if not isinstance(model, torch.nn.Module):  # (as engine.nn.check_model: an AttributeError from inside before)
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     g = torch.Generator().manual_seed(seed)
     return {n: random_mask(m.weight.shape, sparsity, generator=g) for n, m in model.named_modules()
             if type(m) in (torch.nn.Conv2d, torch.nn.Linear)}

@@ -18,7 +18,7 @@ from sparsetrain.experiment.early_stop import algorithm2_stop
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.nn import SparseConv2d, SparseLinear
 from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_, make_rule, sparsity_after
-from sparsetrain.testing import mask_weight_, random_mask
+from sparsetrain.testing import mask_weight_, model_masks, random_mask
 
 
 def _mlp():
@@ -282,13 +282,16 @@ def test_a_model_that_is_no_module_is_refused_by_name():
              lambda m: sparsetrain.sparsify_(m, {"0": torch.ones(6, 8, dtype=torch.bool)}),
              lambda m: global_prune(m, {}, 0.5), lambda m: block_prune(m, {}, 0.5),
              lambda m: apply_engine(m, {}, "auto"), lambda m: load_weights_under_masks_(m, {}, {}),
-             lambda m: mask_grads_(m, {}), lambda m: enforce_masks_(m, {}))
+             lambda m: mask_grads_(m, {}), lambda m: enforce_masks_(m, {}), lambda m: model_masks(m, 0.5))
     for bad in (torch.zeros(6, 8), _mlp().state_dict(), None):
         for fn in calls:
             with pytest.raises(TypeError, match=f"model must be an nn.Module, got {type(bad).__name__}"):
                 fn(bad)
     m = _mlp()  # (a module still passes)
     assert [n for n, _ in prunable_layers(m)] == ["0", "2"] and not unconvertible(m)
+    masks = model_masks(m, 0.5)  # (testing.model_masks too: an AttributeError from inside before 2026-12-06)
+    assert list(masks) == ["0", "2"] and all(k.dtype == torch.bool and k.shape == m.get_submodule(n).weight.shape
+                                             and int((~k).sum()) == round(0.5 * k.numel()) for n, k in masks.items())
 
 
 def test_meta_masks_and_weights_are_refused_by_name():
