@@ -202,7 +202,9 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     try:
         import ray
     except ImportError as e:
-        raise SweepError(f"running a sweep needs Ray ({e}): pip install 'sparsetrain[sweep]' or pip install ray") from None
+        # (sparsetrain is installed from its checkout, not an index: 'sparsetrain[sweep]' named a package of PyPI's)
+        raise SweepError(f"running a sweep needs Ray ({e}): pip install ray (or, in the sparsetrain checkout, "
+                         "pip install --no-build-isolation '.[sweep]'; make install installs it)") from None
     if not ray.is_initialized():
         if address:
             _check_reachable(address)
