@@ -270,7 +270,7 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
     if path is None:
         raise DatasetNotFound(
             f"cifar100n needs the human noisy labels: looked for {', '.join(map(str, candidates))}. "
-            "Pass label_file= the CIFAR-N file CIFAR-100_human.pt (from the CIFAR-N release, "
+            "Pass --label-file (load_dataset's label_file=) the CIFAR-N file CIFAR-100_human.pt (from the CIFAR-N release, "
             "github.com/UCSC-REAL/cifar-10-100n, data/) or a .npy/.txt of 50000 ints.")
     try:
         if path.suffix == ".pt":
