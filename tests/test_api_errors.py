@@ -1,6 +1,7 @@
 """Bad input to the public Python API: a ValueError/TypeError/KeyError naming the argument, never a
 silently ignored key, a broadcast mask, a wrong number or an error from deep inside torch."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -456,3 +457,26 @@ def test_block_sizes_may_be_numpy_ints():
     for bad in (np.int64(8), 16.0, True):
         with pytest.raises(ValueError, match="block must be one of"):
             block_mask(w, bad, 0.5)
+
+
+def test_fuse_switches_must_be_bools():
+    """sparsify_(fuse=...), apply_engine(fuse=...) and fuse_(strict=...) took any value: fuse="no" (truthy)
+    fused, strict=0 left an untraceable model unfused without a word. Each is a TypeError naming it;
+    True/False (numpy's too) work as before: the fused model gives the unfused model's output."""
+    from sparsetrain.engine.fuse import fuse_
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    masks = {"0": random_mask((8, 3, 3, 3), 0.5)}
+    x = torch.randn(2, 3, 6, 6)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match=rf"^fuse must be True or False, got {re.escape(repr(bad))}$"):
+            sparsetrain.sparsify_(copy.deepcopy(base), masks, fuse=bad)
+        with pytest.raises(TypeError, match=rf"^fuse must be True or False, got {re.escape(repr(bad))}$"):
+            apply_engine(copy.deepcopy(base), masks, "sparse", fuse=bad)
+        with pytest.raises(TypeError, match=rf"^strict must be True or False, got {re.escape(repr(bad))}$"):
+            fuse_(sparsetrain.sparsify_(copy.deepcopy(base), masks), strict=bad)
+    ref = F.relu(base[1](F.conv2d(x, base[0].weight * masks["0"], base[0].bias, padding=1)))
+    for fuse in (True, np.bool_(True), False):
+        model = sparsetrain.sparsify_(copy.deepcopy(base), masks, fuse=fuse)
+        assert (type(model[0]).__name__ == "SparseConvBNReLU") == bool(fuse)
+        torch.testing.assert_close(model(x), ref)

@@ -1,12 +1,13 @@
 """Argument parsing shared by the ops and the layers: nn.Conv2d-style int-or-pair and padding, a
-layer's bias."""
+layer's bias, a switch."""
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
-__all__ = ["pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
+__all__ = ["check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
@@ -15,6 +16,12 @@ MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then in
 def _integer(a) -> bool:
     """An int, numpy's included (nn.Conv2d keeps np.int64 hyperparameters as given), but not a bool."""
     return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+
+def check_flag(v, name: str) -> None:
+    """A switch argument: True or False (numpy's bool too); "no" or 0 was truthy or silently off."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
 
 
 def pair(v, name: str) -> list[int]:

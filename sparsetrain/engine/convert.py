@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
+from .args import check_flag
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode, pruned_by_torch
@@ -56,6 +57,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
     -> BatchNorm2d -> [ReLU] into a SparseConvBNReLU (engine/fuse.py fuse_; the model must be
     torch.fx-traceable)."""
     check_model(model)
+    check_flag(fuse, "fuse")
     modules = dict(model.named_modules(remove_duplicate=False))  # (a layer under two names: both)
     if masks is None:  # (the masks torch.nn.utils.prune keeps beside the weights)
         masks = {n: None for n, m in modules.items() if type(m) in SPARSE_TYPES and pruned_by_torch(m)}

@@ -9,6 +9,7 @@ import operator
 import torch
 from torch import fx, nn
 
+from .args import check_flag
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
@@ -122,6 +123,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     map (AdaptiveAvgPool2d -> nn.Flatten(1) -> SparseLinear) runs without the replicas: _fuse_heads.
     Returns the qualified names of the fused convs, then of the fused heads' linears. The model
     must be traceable by torch.fx: ValueError otherwise, or nothing fused when not `strict`."""
+    check_flag(strict, "strict")
     graph = trace(model, strict)
     if graph is None:
         return []

@@ -37,7 +37,7 @@ from .convert import sparsify_, unconvertible
 from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
-from .args import MATERIALIZE
+from .args import MATERIALIZE, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
@@ -67,6 +67,7 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     stepping the dense weights the model no longer uses)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_flag(fuse, "fuse")
     if example is not None and not isinstance(example, torch.Tensor):  # (it crashed in the example pass)
         raise TypeError(f"example must be a torch.Tensor (a batch of the model's input) or None, got "
                         f"{type(example).__name__}")
