@@ -223,7 +223,8 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             if save is not None:
                 save(rows)
             print(f"  {name:9s} {sp:.3f}: dense {row['dense_ms']:8.1f} ms  sparse {row['sparse_ms']:8.1f} ms "
-                  f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  peak RSS " +
+                  f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  " +
+                  ("peak CUDA allocated " if cuda else "peak RSS ") +
                   " / ".join(_mb(row[f"{e}_peak_mb"]) for e in ENGINES) + " MB", flush=True)
             if profile:
                 for engine in ENGINES:
@@ -269,6 +270,9 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA device is available here")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # (cuda:1 on one GPU)
         p.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 ...)")
+    if device.type == "cuda" and args.isolated_peaks:  # (the CUDA allocator's peak is reset per step already)
+        p.error("--isolated-peaks is for the CPU (each engine's RSS peak in its own process); on a GPU every "
+                "configuration's peak is the CUDA allocator's, measured in-process")
     refuse_empty(p, models=args.models, sparsities=args.sparsities)
     models = args.models.split(",") if args.models else (["resnet18"] if args.quick else list(MODELS))
     unknown = [m for m in models if m not in MODELS]

@@ -578,6 +578,11 @@ def test_train_step_refuses_a_cuda_index_past_the_devices(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             train_step.main(["--device", dev])
         assert e.value.code == 2 and f"--device {dev}: only 1 CUDA device(s) here" in capsys.readouterr().err
+    # --isolated-peaks on a GPU was ignored without a word (each engine's RSS peak in a process of its own is
+    # the CPU's measure; a GPU's peak is the CUDA allocator's, in-process): refused, naming both
+    with pytest.raises(SystemExit) as e:
+        train_step.main(["--device", "cuda:0", "--isolated-peaks"])
+    assert e.value.code == 2 and "--isolated-peaks is for the CPU" in capsys.readouterr().err
 
 
 def test_a_wrong_sparse_model_stops_the_training_step_benchmark(monkeypatch):
