@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.args import check_flag
 from .datasets import DATASETS, HUMAN_NOISE, LOADERS, DataError, DatasetNotFound, read_idx
 
 __all__ = ["DATASETS", "DatasetNotFound", "DataError", "Split", "Splits", "load_dataset", "iterate",
@@ -190,8 +191,7 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     _check_count("seed", seed)
     for arg, v in (("clean_val", clean_val), ("download", download)):  # ("no" is truthy: a clean val)
-        if not isinstance(v, (bool, np.bool_)):
-            raise TypeError(f"{arg} must be True or False, got {v!r}")
+        check_flag(v, arg)
     for arg, v in (("data_dir", data_dir), ("label_file", label_file)):  # (5 read as the folder "5")
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise TypeError(f"{arg} must be a path (str or os.PathLike) or None, got {type(v).__name__}")
@@ -291,8 +291,7 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     for arg, v in (("shuffle", shuffle), ("augment", augment), ("drop_last", drop_last), ("with_index", with_index)):
-        if not isinstance(v, (bool, np.bool_)):  # (augment="no" is truthy: augmented evaluation batches)
-            raise TypeError(f"{arg} must be True or False, got {v!r}")
+        check_flag(v, arg)  # (augment="no" is truthy: augmented evaluation batches)
     _check_generator(generator)
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

@@ -24,6 +24,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+from ..engine.args import check_flag
 from ..engine.replicated import BroadcastAvgPool2d
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
@@ -196,8 +197,7 @@ def _check_common(num_classes, in_channels, small_input: bool = True) -> None:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    if not isinstance(small_input, bool):  # (a string "False" was truthy: the CIFAR stem on ImageNet-sized input)
-        raise TypeError(f"small_input must be True or False, got {small_input!r}")
+    check_flag(small_input, "small_input")  # (a string "False" was truthy: the CIFAR stem on ImageNet-sized input)
 
 
 MODEL_NAMES = tuple(MODELS)
