@@ -368,3 +368,24 @@ def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, st
     assert out.returncode != 0
     assert out.stderr.count("training diverged (") == 2 and "in epoch 2)" in out.stderr, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
+
+
+def test_more_ranks_on_a_node_than_gpus_is_refused(mnist_dir, study_args, monkeypatch, capsys):
+    """torchrun --nproc-per-node 2 on a node with one GPU: the rank without a GPU of its own died in
+    torch.cuda.set_device with a traceback ("invalid device ordinal"); every rank now stops with one
+    line naming the counts (checked before the process group: no rank waits in a rendezvous)."""
+    import torch
+    from sparsetrain.experiment import study
+    monkeypatch.setattr(study, "resolve_device", lambda spec: torch.device("cuda"))  # (a CPU machine: a GPU node)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) was called"))
+    for local in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", local)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert study.main(study_args(mnist_dir, "--teachers", "dense")) == 2
+        err = capsys.readouterr().err
+        assert "error: torchrun started 2 processes on this node, which has 1 CUDA device(s): one GPU per rank; " \
+               "use --nproc-per-node 1 or fewer, or --device cpu" in err, err
+    assert not (mnist_dir / "runs").exists() or not any((mnist_dir / "runs").iterdir())

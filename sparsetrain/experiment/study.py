@@ -154,6 +154,10 @@ def run_study(cfg: Config) -> str:
     torch.set_num_threads(threads_for(cfg))
     dev = resolve_device(cfg.device)
     if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if per_node > gpus:  # (every rank sees it: set_device's "invalid device ordinal" was one rank's traceback)
+            raise UsageError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA device(s): "
+                             f"one GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     dist.setup(dev)
