@@ -389,3 +389,16 @@ def test_more_ranks_on_a_node_than_gpus_is_refused(mnist_dir, study_args, monkey
         assert "error: torchrun started 2 processes on this node, which has 1 CUDA device(s): one GPU per rank; " \
                "use --nproc-per-node 1 or fewer, or --device cpu" in err, err
     assert not (mnist_dir / "runs").exists() or not any((mnist_dir / "runs").iterdir())
+
+
+def test_world_size_without_torchrun_is_refused(mnist_dir, study_args, monkeypatch, capsys):
+    """WORLD_SIZE=2 without torchrun's other variables (set by hand, or left over from a parent job):
+    init_process_group's env:// rendezvous raised a ValueError traceback; now one line, exit 2."""
+    from sparsetrain.experiment import study
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for v in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    assert study.main(study_args(mnist_dir, "--teachers", "dense")) == 2
+    err = capsys.readouterr().err
+    assert "error: WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: start the processes with torchrun" in err, err
+    assert "Traceback" not in err

@@ -30,8 +30,14 @@ __all__ = ["setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "s
 
 
 def setup(device: torch.device) -> None:
-    """Join the torchrun group (env:// rendezvous) when launched with WORLD_SIZE > 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Join the torchrun group (env:// rendezvous) when launched with WORLD_SIZE > 1; ValueError when
+    the rendezvous' variables are missing (WORLD_SIZE set by hand or left over from a parent job)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1 and not dist.is_initialized():
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:  # (init_process_group raised its ValueError for the first one, a traceback)
+            raise ValueError(f"WORLD_SIZE={n} but {', '.join(missing)} not set: start the processes with torchrun "
+                             "(which sets them all), or unset WORLD_SIZE to run one process")
         # torch.distributed.nn.functional's collectives default to group=group.WORLD, evaluated when
         # the module is first imported; DDP's first construction imports it, so after this init its
         # defaults would hold the default group for good: teardown could not free it and its gloo

@@ -160,7 +160,10 @@ def run_study(cfg: Config) -> str:
                              f"one GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    dist.setup(dev)
+    try:
+        dist.setup(dev)
+    except ValueError as e:  # (a launch without torchrun's variables)
+        raise UsageError(str(e)) from None
     if dist.world() > 1 and dist.is_main():
         # (torchrun sets OMP_NUM_THREADS=1 where it is unset: on CPUs say what each rank runs on)
         per_rank = f"; {torch.get_num_threads()} CPU thread(s) per rank (--threads)" if dev.type == "cpu" else ""
