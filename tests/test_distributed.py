@@ -402,3 +402,18 @@ def test_world_size_without_torchrun_is_refused(mnist_dir, study_args, monkeypat
     err = capsys.readouterr().err
     assert "error: WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: start the processes with torchrun" in err, err
     assert "Traceback" not in err
+
+
+def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args):
+    """--batch-size 3 on 2 ranks: every batch is under 2 rows a rank, so each rank trains it whole
+    (dist.shard): correct, but N times the work of one process for nothing, and nothing said so."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
+    base[base.index("--batch-size") + 1] = "3"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, _why(out.stderr)
+    note = ("note: --teacher-batch-size 3 is under 2 rows per rank: each of the 2 ranks trains every batch whole "
+            "(the same results, no faster than one process); give 4 or more, or fewer processes")
+    assert out.stderr.count(note) == 1, _why(out.stderr)  # (rank 0's alone)
+    assert len(_rows(mnist_dir / "runs", "teacher")) == 1  # (round 0: the wall 0.4 stops the next, at 50%)

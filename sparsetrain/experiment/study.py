@@ -169,6 +169,12 @@ def run_study(cfg: Config) -> str:
         per_rank = f"; {torch.get_num_threads()} CPU thread(s) per rank (--threads)" if dev.type == "cpu" else ""
         print(f"data parallel: {dist.world()} ranks ({torch.distributed.get_backend()}), global batch split "
               f"across them{per_rank}", flush=True)
+        train = needed_phases(cfg)[0]  # (a batch under 2 rows a rank runs whole on every rank: train.py, dist.shard)
+        for role in ["teacher"] * ("teacher" in train) + ["student"] * any(p != "teacher" for p in train):
+            if cfg.hyper(role).batch_size < 2 * dist.world():
+                print(f"note: --{role}-batch-size {cfg.hyper(role).batch_size} is under 2 rows per rank: each of the "
+                      f"{dist.world()} ranks trains every batch whole (the same results, no faster than one process); "
+                      f"give {2 * dist.world()} or more, or fewer processes", file=sys.stderr, flush=True)
     rd, fresh = run_dir_of(cfg), []
     with contextlib.ExitStack() as held:
         def setup():
