@@ -417,3 +417,17 @@ def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args):
             "(the same results, no faster than one process); give 4 or more, or fewer processes")
     assert out.stderr.count(note) == 1, _why(out.stderr)  # (rank 0's alone)
     assert len(_rows(mnist_dir / "runs", "teacher")) == 1  # (round 0: the wall 0.4 stops the next, at 50%)
+
+
+def test_a_phase_that_prunes_nothing_more_says_so_once(mnist_dir, study_args):
+    """--rate 1e-6 prunes no weight of LeNet-300-100 in round 1: the phase ends with one line, which
+    every rank printed (rank 0 alone prints the rounds' lines)."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
+    base[base.index("--rate") + 1] = "0.000001"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, _why(out.stderr)
+    assert out.stdout.count("[teacher seed 0] round  0 sparsity") == 1, out.stdout
+    assert out.stdout.count("[teacher seed 0] round 1 would prune nothing more: the phase ends") == 1, out.stdout
+    assert len(_rows(mnist_dir / "runs", "teacher")) == 1

@@ -344,7 +344,8 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
             break
         next_round(cfg, hp, rule, s, arch, seed, splits)
         if model_sparsity(s.model, s.masks, n_orig) <= sparsity:  # (this rule at this rate prunes nothing more)
-            tqdm.write(f"[{phase} seed {seed}] round {s.rnd} would prune nothing more: the phase ends")
+            if dist.is_main():  # (the round's line is rank 0's too: once, not once per rank)
+                tqdm.write(f"[{phase} seed {seed}] round {s.rnd} would prune nothing more: the phase ends")
             break
         save(s, arch, state_path)
     finish(pdir, s.rows)
