@@ -5,6 +5,7 @@ The 2-process run splits every global batch across the ranks; losses, accuracies
 the entropy (ReLU counts summed over ranks) must equal the 1-process run's up to float summation
 order, over several pruning rounds, for the teacher and the distilled student."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -431,3 +432,22 @@ def test_a_phase_that_prunes_nothing_more_says_so_once(mnist_dir, study_args):
     assert out.stdout.count("[teacher seed 0] round  0 sparsity") == 1, out.stdout
     assert out.stdout.count("[teacher seed 0] round 1 would prune nothing more: the phase ends") == 1, out.stdout
     assert len(_rows(mnist_dir / "runs", "teacher")) == 1
+
+
+def test_print_config_and_report_only_under_torchrun_run_on_rank_0_alone(mnist_dir, study_args):
+    """--print-config printed its JSON once per rank (a reader such as jq got N documents), and
+    --report-only wrote the report from every rank at once: rank 0 alone does either now."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
+    assert subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base], capture_output=True,
+                          timeout=300).returncode == 0
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "sparsetrain.experiment", *base]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shown = subprocess.run(launch + ["--print-config"], capture_output=True, text=True, timeout=300, env=env)
+    assert shown.returncode == 0, _why(shown.stderr)
+    assert json.loads(shown.stdout)["run_dir"] == str(run_dir(mnist_dir / "runs"))  # (one JSON document)
+    summary = run_dir(mnist_dir / "runs") / "summary.md"
+    summary.unlink()
+    reported = subprocess.run(launch + ["--report-only"], capture_output=True, text=True, timeout=300, env=env)
+    assert reported.returncode == 0, _why(reported.stderr)
+    assert reported.stdout.split() == [str(summary)] and summary.is_file()

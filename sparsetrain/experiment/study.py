@@ -343,9 +343,11 @@ def main(argv=None) -> int:
     """The CLI: every expected user error is one line on stderr and exit code 2 (a run directory in
     use by another process: EXIT_BUSY, 75); a traceback means a bug."""
     cfg, args = config_from_args(argv)
-    rd = run_dir_of(cfg)
-    for line in notes(cfg, args) if os.environ.get("RANK", "0") == "0" and not args.report_only else ():
+    rd, main_rank = run_dir_of(cfg), os.environ.get("RANK", "0") == "0"
+    for line in notes(cfg, args) if main_rank and not args.report_only else ():
         print(f"note: {line}", file=sys.stderr)  # (settings the run ignores; a wall no round reaches)
+    if (args.print_config or args.report_only) and not main_rank:
+        return 0  # (under torchrun: rank 0 prints the settings or writes the report, once)
     if args.print_config:  # (the phases this command runs; the vanilla one, when it is the teacher run, says so)
         runs = set(sum(needed_phases(cfg), [])) | ({"vanilla"} if "vanilla" in cfg.phases else set())
         phases = {p: v for p, v in phase_settings(cfg).items() if p in runs}
