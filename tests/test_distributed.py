@@ -451,3 +451,33 @@ def test_print_config_and_report_only_under_torchrun_run_on_rank_0_alone(mnist_d
     reported = subprocess.run(launch + ["--report-only"], capture_output=True, text=True, timeout=300, env=env)
     assert reported.returncode == 0, _why(reported.stderr)
     assert reported.stdout.split() == [str(summary)] and summary.is_file()
+
+
+_OTHER_DATA_SCRIPT = """
+import os, sys
+from sparsetrain.experiment import data as D, study
+real = D.load_dataset
+def other(*a, **k):  # rank 1 reads other labels (a node whose --data-dir holds other files)
+    if os.environ["RANK"] == "1":
+        k["eps"] = 0.4
+    return real(*a, **k)
+D.load_dataset = other
+sys.exit(study.main(sys.argv[1:]))
+"""
+
+
+def test_ranks_that_loaded_different_data_stop(mnist_dir, study_args):
+    """Each rank reads the data itself (rank 0 first): a rank whose files differ (another node's copy)
+    trained on them silently, its rows of every batch and its shares of the sums from other images
+    or labels. The ranks compare the data's fingerprints and every rank stops with the one line."""
+    script = mnist_dir / "script.py"
+    script.write_text(_OTHER_DATA_SCRIPT)
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("error: the 2 ranks loaded different data (seed 0: their data or label fingerprints "
+                            "differ): every rank must read the same files of --data-dir") == 2, _why(out.stderr)
+    assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
+    assert not list((mnist_dir / "runs").glob("*/seed0/teacher/metrics.csv"))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sync_bn_stats_",
-           "check_masks_agree", "teardown"]
+           "check_masks_agree", "same_everywhere", "teardown"]
 
 
 def setup(device: torch.device) -> None:
@@ -151,6 +151,15 @@ def from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def same_everywhere(obj) -> bool:
+    """Whether every rank holds an equal `obj` (picklable), the same answer on every rank."""
+    if world() == 1:
+        return True
+    got = [None] * world()
+    dist.all_gather_object(got, obj)
+    return all(o == got[0] for o in got)
 
 
 def on_main(fn, expected: tuple) -> None:

@@ -237,6 +237,9 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
     student = cfg.resolved_student()
     for seed in cfg.seeds:
         splits = load_splits(cfg, seed, first=seed == cfg.seeds[0])
+        if not dist.same_everywhere((splits.fingerprint, splits.labels_fingerprint)):  # (a node's other files)
+            raise UsageError(f"the {dist.world()} ranks loaded different data (seed {seed}: their data or label "
+                             "fingerprints differ): every rank must read the same files of --data-dir")
         _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint,
                                                                              splits.labels_fingerprint)))
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
