@@ -215,3 +215,23 @@ def test_layer_nnz_checks_the_mask_of_a_sparse_layer_too():
     for bad in (nn.BatchNorm2d(3), nn.ReLU()):
         with pytest.raises(TypeError, match=f"module must be a conv or linear layer.*got {type(bad).__name__}"):
             layer_nnz(bad)
+
+
+def test_bsr_linear_counted_as_its_dense_masked_linear():
+    """A BSRLinear (weight: a BSR, `.nnz` on the weight, not the layer) counts as the nn.Linear with its
+    block mask applied: it was no weighted layer to the counter before (0 FLOPs, and dense_macs refused
+    the model as having no conv or linear layer)."""
+    from sparsetrain import BSRLinear
+    from sparsetrain.experiment.flops import dense_macs
+
+    lin = nn.Linear(40, 20)  # (20 x 40 in 16 x 16 blocks: the last block row and column are padded)
+    mask = torch.zeros(20, 40, dtype=torch.bool)
+    mask[:16, :16] = mask[16:, 32:] = True  # two blocks, one of them cut by the padding: 256 + 32 weights
+    dense = nn.Sequential(nn.Flatten(), lin)
+    ref = forward_flops(dense, (40,), masks={"1": mask})
+    bsr = nn.Sequential(nn.Flatten(), BSRLinear.from_dense(lin, 16, mask))
+    r = forward_flops(bsr, (40,))
+    assert r == ref and r["per_layer"] == {"1": 2 * int(mask.sum()) + 20}
+    assert layer_nnz(bsr[1]) == int(mask.sum())
+    assert forward_flops(bsr, (40,), masks={"1.weight": mask}) == ref
+    assert dense_macs(bsr, (40,)) == dense_macs(dense, (40,)) == 20 * 40

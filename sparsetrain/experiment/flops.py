@@ -3,8 +3,8 @@
 Counted from one forward pass of a dummy input of batch size 1 with hooks, so every output size
 is the real one. Conventions (one multiply-add = 2 FLOPs):
 
-* weighted layers (nn.Conv*, nn.Linear, and any module with `.nnz` and conv or linear attributes,
-  e.g. SparseLinear / SparseConv2d): 2 * nnz * P + (bias ? out_units * P : 0), where nnz is the
+* weighted layers (nn.Conv*, nn.Linear, and any module with `.nnz` (on itself or its weight) and conv
+  or linear attributes, e.g. SparseLinear / SparseConv2d / BSRLinear): 2 * nnz * P + (bias ? out_units * P : 0), where nnz is the
   number of nonzero weights (the mask's True count when a mask is given, `.nnz` for sparse layers,
   the weight's nonzeros for dense ones) and P the output positions per output unit (H_out * W_out
   for a conv, 1 for a linear on [B, in]; a transposed conv's multiply-adds are per input position). Zero-padding taps of a conv count as in a dense conv.
@@ -38,17 +38,22 @@ _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
+def _sparse(m: nn.Module) -> bool:
+    """A sparse layer: `.nnz` on the layer (SparseLinear, SparseConv2d) or on its weight (BSRLinear's BSR)."""
+    return hasattr(m, "nnz") or hasattr(getattr(m, "weight", None), "nnz")
+
+
 def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd) or (hasattr(m, "nnz") and hasattr(m, "kernel_size"))
+    return isinstance(m, nn.modules.conv._ConvNd) or (_sparse(m) and hasattr(m, "kernel_size"))
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (hasattr(m, "nnz") and hasattr(m, "out_features"))
+    return isinstance(m, nn.Linear) or (_sparse(m) and hasattr(m, "out_features"))
 
 
 def layer_nnz(module: nn.Module, mask: torch.Tensor | None = None) -> int:
-    """Nonzero weights of a weighted layer: the mask's True count, else `.nnz` (sparse layers),
-    else the count of nonzero entries of `.weight`."""
+    """Nonzero weights of a weighted layer: the mask's True count, else `.nnz` (sparse layers; BSRLinear:
+    its weight's), else the count of nonzero entries of `.weight`."""
     if not isinstance(module, nn.Module) or not (_is_conv(module) or _is_linear(module)):
         raise TypeError(f"module must be a conv or linear layer (nn.Conv*, nn.Linear, a sparse layer), got "
                         f"{type(module).__name__}")
@@ -61,6 +66,8 @@ def layer_nnz(module: nn.Module, mask: torch.Tensor | None = None) -> int:
         return int(mask.sum())
     if hasattr(module, "nnz"):
         return int(module.nnz)
+    if hasattr(module.weight, "nnz"):  # (BSRLinear: its BSR's entries inside the stored blocks)
+        return int(module.weight.nnz)
     return int(torch.count_nonzero(module.weight.detach()))
 
 
