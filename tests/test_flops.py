@@ -235,3 +235,82 @@ def test_bsr_linear_counted_as_its_dense_masked_linear():
     assert layer_nnz(bsr[1]) == int(mask.sum())
     assert forward_flops(bsr, (40,), masks={"1.weight": mask}) == ref
     assert dense_macs(bsr, (40,)) == dense_macs(dense, (40,)) == 20 * 40
+
+
+def _out(n, k, s=1, p=0):  # conv / pool output length
+    return (n + 2 * p - k) // s + 1
+
+
+def _adaptive(n_in, n_out):  # summed window lengths of an adaptive pool along one dim
+    import math
+    return sum(math.ceil((i + 1) * n_in / n_out) - math.floor(i * n_in / n_out) for i in range(n_out))
+
+
+def _hand_lenet(nnz):
+    # fc: 2 per kept weight + 1 per bias; ReLU: 1 per element
+    return 2 * nnz["fc1"] + 300 + 300 + 2 * nnz["fc2"] + 100 + 100 + 2 * nnz["fc3"] + 10
+
+
+def _hand_vgg23(nnz, h=13, w=11):
+    # VGG-like(2, 3): stage s has 2^(3+s-1) channels, conv3x3 pad 1 (bias) -> ReLU -> BN, MaxPool2d(2) per stage;
+    # AdaptiveAvgPool2d(7); Linear(49 * 16, 10)
+    total, c = 0, None
+    for s, width in ((1, 8), (2, 16)):
+        for k in (1, 2):
+            p = h * w  # (3x3, pad 1, stride 1: same size)
+            total += 2 * nnz[f"block{s}_{k}.conv"] * p + width * p + width * p + 2 * width * p
+        h, w = h // 2, w // 2
+        total += 3 * width * h * w  # max of 4: 3 comparisons per output
+        c = width
+    total += c * _adaptive(h, 7) * _adaptive(w, 7)
+    return total + 2 * nnz["classifier"] + 10
+
+
+def _hand_resnet18(nnz, h=33, w=29):
+    # CIFAR stem: conv3x3 s1 p1 (no bias) -> BN -> ReLU, no max-pool; BasicBlocks; global average pool; fc (bias)
+    total = 2 * nnz["conv1"] * h * w + 3 * 64 * h * w
+    for li, width in enumerate((64, 128, 256, 512), 1):
+        for b in (0, 1):
+            stride = 2 if li > 1 and b == 0 else 1
+            ho, wo = _out(h, 3, stride, 1), _out(w, 3, stride, 1)
+            p, pre = ho * wo, f"layer{li}.{b}"
+            total += 2 * nnz[f"{pre}.conv1"] * p + 3 * width * p  # conv1, bn1 (2), relu1 (1)
+            total += 2 * nnz[f"{pre}.conv2"] * p + 3 * width * p  # conv2, bn2, relu2 (the + not counted)
+            if f"{pre}.downsample.0" in nnz:  # 1x1 stride-2 conv + BN
+                assert (_out(h, 1, stride), _out(w, 1, stride)) == (ho, wo)
+                total += 2 * nnz[f"{pre}.downsample.0"] * p + 2 * width * p
+            h, w = ho, wo
+    total += 512 * h * w  # adaptive average pool to 1x1: every input cell once
+    return total + 2 * nnz["fc"] + 10
+
+
+@pytest.mark.parametrize("name,shape,hand", [("lenet300", (1, 28, 28), _hand_lenet),
+                                             ("vgg_d2g3", (3, 13, 11), _hand_vgg23),
+                                             ("resnet18", (3, 33, 29), _hand_resnet18)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.8])
+def test_whole_models_against_a_hand_formula(name, shape, hand, sparsity):
+    """Every conv, linear, BN, ReLU and pool of LeNet-300-100, a VGG-like and ResNet-18 at odd input
+    sizes, dense and at sparsity 0.8 (masks, and the same model on the sparse engine), against a
+    formula written layer by layer; training = 3 x forward, dense_macs = every weight once."""
+    import sparsetrain
+    from sparsetrain.experiment.flops import dense_macs
+    torch.manual_seed(0)
+    m = build_model(name, 10, shape[0], shape[1:])
+    weighted = {n: mod for n, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(mod.weight.shape, generator=g) >= sparsity for n, mod in weighted.items()}
+    with torch.no_grad():
+        for n, mod in weighted.items():
+            mod.weight.copy_(torch.where(masks[n], 0.5, 0.0))  # (no init zero: nonzeros = the mask)
+    nnz = {n: int(mk.sum()) for n, mk in masks.items()}
+    want = hand(nnz)
+    assert forward_flops(m, shape, masks)["total"] == forward_flops(m, shape)["total"] == want
+    assert training_flops(forward_flops(m, shape, masks), 7, 2) == 3 * want * 7 * 2
+    dense_nnz = {n: mod.weight.numel() for n, mod in weighted.items()}
+    assert dense_macs(m, shape) == (hand(dense_nnz) - hand({n: 0 for n in weighted})) // 2
+    if sparsity:  # the same model with every layer on the sparse engine, fused or not, counts the same
+        import copy
+        fused = sparsetrain.sparsify_(copy.deepcopy(m), masks, fuse=True)
+        sparsetrain.sparsify_(m, masks)
+        assert forward_flops(m, shape)["total"] == forward_flops(fused, shape)["total"] == want
+        assert name == "lenet300" or any(type(x).__name__ == "SparseConvBNReLU" for x in fused.modules())
