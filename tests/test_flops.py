@@ -314,3 +314,22 @@ def test_whole_models_against_a_hand_formula(name, shape, hand, sparsity):
         sparsetrain.sparsify_(m, masks)
         assert forward_flops(m, shape)["total"] == forward_flops(fused, shape)["total"] == want
         assert name == "lenet300" or any(type(x).__name__ == "SparseConvBNReLU" for x in fused.modules())
+
+
+def test_counters_refuse_bad_flags_and_sample_counts():
+    """elementwise="no" counted the elementwise layers (a truthy string); 2.5 samples or images were
+    charged as such, and a numpy int sample count was refused as not a number."""
+    import numpy as np
+    from sparsetrain.experiment.flops import paper_round_flops
+    net = _net()
+    for arg in ("elementwise", "dense"):
+        with pytest.raises(TypeError, match=f"{arg} must be True or False, got 'no'"):
+            forward_flops(net, (1, 4, 4), **{arg: "no"})
+    for bad in (2.5, True, -1, "3"):
+        with pytest.raises(ValueError, match="n_samples must be a non-negative int"):
+            training_flops(10, bad, 1)
+    with pytest.raises(ValueError, match="n_samples must be a non-negative int, got 10.5"):
+        paper_round_flops(net, (1, 4, 4), 10.5, 1)
+    with pytest.raises(ValueError, match=r"fwd_flops must be an int or forward_flops\(\)'s dict \(with 'total'\)"):
+        training_flops({"weights": 10}, 3, 1)
+    assert training_flops(np.int64(100), np.int64(50), np.float64(2.0)) == training_flops(100, 50, 2) == 30_000

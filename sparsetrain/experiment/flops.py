@@ -22,6 +22,7 @@ gradient only at the nonzeros).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -130,6 +131,9 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
     `elementwise` is False). The model runs in eval mode, its mode is restored after.
     """
     input_shape = _check_args(model, input_shape)
+    for arg, v in (("elementwise", elementwise), ("dense", dense)):  # ("no" was true: counted as yes)
+        if not isinstance(v, bool):
+            raise TypeError(f"{arg} must be True or False, got {v!r}")
     if masks is not None and not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
     modules = dict(model.named_modules())
@@ -213,9 +217,15 @@ def training_flops(fwd_flops: int | dict, n_samples: int, epochs: int | float = 
                    factor: float = 3.0) -> int:
     """Training FLOPs ≈ factor (3: forward + input grad + weight grad) x forward FLOPs per sample
     x samples x epochs. `fwd_flops` is an int or forward_flops()'s dict (its "total")."""
+    if isinstance(fwd_flops, dict) and "total" not in fwd_flops:
+        raise ValueError(f"fwd_flops must be an int or forward_flops()'s dict (with 'total'), got keys "
+                         f"{list(fwd_flops)}")
     f = fwd_flops["total"] if isinstance(fwd_flops, dict) else fwd_flops
-    for arg, v in (("fwd_flops", f), ("n_samples", n_samples), ("epochs", epochs), ("factor", factor)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+    # (numbers.*: a numpy int or float is a number too; samples are whole: 2.5 images was counted as such)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 0:
+        raise ValueError(f"n_samples must be a non-negative int, got {n_samples!r}")
+    for arg, v in (("fwd_flops", f), ("epochs", epochs), ("factor", factor)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
             raise ValueError(f"{arg} must be a finite non-negative number, got {v!r}")
     return int(round(factor * f * n_samples * epochs))
 
