@@ -333,3 +333,49 @@ def test_counters_refuse_bad_flags_and_sample_counts():
     with pytest.raises(ValueError, match=r"fwd_flops must be an int or forward_flops\(\)'s dict \(with 'total'\)"):
         training_flops({"weights": 10}, 3, 1)
     assert training_flops(np.int64(100), np.int64(50), np.float64(2.0)) == training_flops(100, 50, 2) == 30_000
+
+
+@pytest.mark.parametrize("where", ["next_round", "measure"])
+def test_cumulative_flops_of_a_resumed_run_equal_the_uninterrupted_ones(mnist_dir, study_args, monkeypatch, where):
+    """Killed after round 2 was measured and recorded but before the next round's state was saved
+    (in next_round), or while round 2 was being measured: the resumed run measures that round once and
+    charges every round once (cum_flops = running sum of round_flops = 3 x fwd x train samples x epochs)."""
+    from conftest import read_rows, run_dir, strip_timing
+    from sparsetrain.experiment import loop, study
+    from sparsetrain.experiment.flops import paper_macs
+    base = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(base + ["--out", str(mnist_dir / "a")]) == 0
+    real, calls = getattr(loop, where), {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if where == "measure":
+                raise KeyboardInterrupt
+            real(*a, **k)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, where, dying)
+    assert study.main(base + ["--out", str(mnist_dir / "b")]) == 130 and calls["n"] == 3
+    monkeypatch.setattr(loop, where, real)
+    assert study.main(base + ["--out", str(mnist_dir / "b"), "--resume"]) == 0
+    for phase in ("teacher", "distill-dense"):
+        ra, rb = (read_rows(run_dir(mnist_dir / d) / "seed0" / phase / "metrics.csv") for d in "ab")
+        assert strip_timing(ra) == strip_timing(rb) and len(rb) == 5
+        cum = 0
+        for k, r in enumerate(rb):
+            assert int(r["round"]) == k
+            assert int(r["round_flops"]) == 3 * int(r["fwd_flops"]) * 72 * 2  # (80 images - 10% validation, 2 epochs)
+            cum += int(r["round_flops"])
+            assert int(r["cum_flops"]) == cum
+            assert int(r["paper_cum_flops"]) == (k + 1) * int(rb[0]["paper_round_flops"])
+    # the KD teacher (its dense round 0): its forward once per training sample and epoch, its run up to round 0
+    teacher, student = (read_rows(run_dir(mnist_dir / "b") / "seed0" / p / "metrics.csv") for p in ("teacher",
+                                                                                                   "distill-dense"))
+    lenet = build_model("lenet300", 10, 1, 28)
+    for r in student:
+        assert int(r["teacher_flops"]) == int(teacher[0]["fwd_flops"]) * 72 * 2
+        assert int(r["teacher_cost"]) == int(teacher[0]["cum_flops"]) == int(teacher[0]["round_flops"])
+        assert int(r["teacher_paper_flops"]) == paper_macs(lenet, (1, 28, 28)) * 80 * 2
+        assert int(r["paper_round_flops"]) == 3 * paper_macs(lenet, (1, 28, 28)) * 80 * 2
