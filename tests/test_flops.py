@@ -379,3 +379,19 @@ def test_cumulative_flops_of_a_resumed_run_equal_the_uninterrupted_ones(mnist_di
         assert int(r["teacher_cost"]) == int(teacher[0]["cum_flops"]) == int(teacher[0]["round_flops"])
         assert int(r["teacher_paper_flops"]) == paper_macs(lenet, (1, 28, 28)) * 80 * 2
         assert int(r["paper_round_flops"]) == 3 * paper_macs(lenet, (1, 28, 28)) * 80 * 2
+
+
+def test_a_skipped_final_sample_is_not_charged(mnist_dir, study_args):
+    """72 training images in batches of 71: train_epoch skips the final batch of one sample (BatchNorm
+    cannot train on it), so each epoch trains, and the KD teacher infers, 71 samples, not 72 as charged."""
+    from conftest import read_rows, run_dir
+    from sparsetrain.experiment import study
+    from sparsetrain.experiment.train import steps_per_epoch
+    assert steps_per_epoch(72, 71) == 1
+    assert study.main(study_args(mnist_dir, "--teachers", "dense", "--batch-size", "71")) == 0
+    teacher, student = (read_rows(run_dir(mnist_dir / "runs") / "seed0" / p / "metrics.csv")
+                        for p in ("teacher", "distill-dense"))
+    for r in teacher + student:
+        assert int(r["round_flops"]) == 3 * int(r["fwd_flops"]) * 71 * 2  # (2 epochs)
+    for r in student:
+        assert int(r["teacher_flops"]) == int(teacher[0]["fwd_flops"]) * 71 * 2

@@ -161,7 +161,8 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
     """One metrics row: accuracies and losses, entropy (Eq. 1), FLOPs (exact, and the paper's
     convention: flops.paper_round_flops), timing."""
     shape = (splits.in_channels, *splits.image_size)
-    n_train = len(splits.train)
+    # samples trained per epoch: a final batch of one sample is skipped (BatchNorm), not trained, not charged
+    n_train = min(len(splits.train), steps_per_epoch(len(splits.train), hp.batch_size) * hp.batch_size)
     trm, va, te = (evaluate(s.model, sp, amp=s.amp) for sp in (splits.train, splits.val, splits.test))
     batches = D.iterate(splits.train, 512)
     if dist.world() > 1:  # every rank counts its rows; Eq. 1 takes the counts summed over ranks
