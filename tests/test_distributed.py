@@ -16,7 +16,8 @@ import pytest
 
 from conftest import run_dir
 
-KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "entropy_mean", "fwd_flops")
+KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "entropy_mean", "fwd_flops",
+        "round_flops", "cum_flops", "paper_cum_flops", "teacher_flops", "teacher_cost")  # (FLOPs: global, not per rank)
 
 
 def _rows(out, phase):
