@@ -395,3 +395,12 @@ def test_a_skipped_final_sample_is_not_charged(mnist_dir, study_args):
         assert int(r["round_flops"]) == 3 * int(r["fwd_flops"]) * 71 * 2  # (2 epochs)
     for r in student:
         assert int(r["teacher_flops"]) == int(teacher[0]["fwd_flops"]) * 71 * 2
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.GELU(), nn.Hardtanh(), nn.PReLU(), nn.RReLU(), nn.Hardswish(),
+                                 nn.Hardsigmoid(), nn.Mish(), nn.SELU(), nn.CELU(), nn.Softplus()])
+def test_every_common_activation_counts_one_per_element(act):
+    """ReLU, GELU, SiLU, Sigmoid, ... counted 1 per output element, but PReLU, Hardswish, Mish, SELU,
+    Softplus, ... 0: the same network cost less with one of those."""
+    r = forward_flops(nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), act), (2, 7, 6))
+    assert r["per_layer"] == {"0": 2 * 2 * 3 * 9 * 5 * 4, "1": 3 * 5 * 4} and r["elementwise"] == 3 * 5 * 4
