@@ -404,3 +404,11 @@ def test_every_common_activation_counts_one_per_element(act):
     Softplus, ... 0: the same network cost less with one of those."""
     r = forward_flops(nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), act), (2, 7, 6))
     assert r["per_layer"] == {"0": 2 * 2 * 3 * 9 * 5 * 4, "1": 3 * 5 * 4} and r["elementwise"] == 3 * 5 * 4
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(3), nn.GroupNorm(1, 3), nn.InstanceNorm2d(3),
+                                  nn.InstanceNorm2d(3, affine=True)])
+def test_every_norm_layer_counts_two_per_element(norm):
+    """BatchNorm, GroupNorm and LayerNorm counted 2 per output element, InstanceNorm 0."""
+    r = forward_flops(nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), norm), (2, 7, 6))
+    assert r["per_layer"] == {"0": 2 * 2 * 3 * 9 * 5 * 4, "1": 2 * 3 * 5 * 4}

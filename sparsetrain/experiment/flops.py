@@ -8,7 +8,8 @@ is the real one. Conventions (one multiply-add = 2 FLOPs):
   number of nonzero weights (the mask's True count when a mask is given, `.nnz` for sparse layers,
   the weight's nonzeros for dense ones) and P the output positions per output unit (H_out * W_out
   for a conv, 1 for a linear on [B, in]; a transposed conv's multiply-adds are per input position). Zero-padding taps of a conv count as in a dense conv.
-* elementwise layers (counted separately in "elementwise"): BatchNorm (eval) 2 per output element
+* elementwise layers (counted separately in "elementwise"): BatchNorm (eval; also Group-, Layer- and
+  InstanceNorm) 2 per output element
   (folded scale and shift), activations (_ACTS: ReLU, GELU, PReLU, Hardswish, ...) 1, MaxPool k-1 comparisons and AvgPool k adds
   (k = kernel window) per output element, adaptive average pooling the exact summed window sizes.
 * not counted: residual additions written as `a + b` in forward (no module to hook; at most
@@ -33,7 +34,7 @@ __all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU,  # (ReLU6: a Hardtanh)
          nn.Hardtanh, nn.PReLU, nn.RReLU, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.SELU, nn.CELU, nn.Softplus)
-_BN = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+_BN = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
