@@ -76,6 +76,8 @@ def test_sparse_layers_by_nnz():
 
     r = forward_flops(nn.Sequential(FakeSparseConv()), (3, 8, 8))
     assert r["per_layer"] == {"0": 2 * 7 * 16}  # output 5x4x4, no bias
+    # the layer as the model itself: its inner conv was counted again (a dense 3x3x3x5 at 16 positions)
+    assert forward_flops(FakeSparseConv(), (3, 8, 8))["per_layer"] == {"": 2 * 7 * 16}
 
 
 @pytest.mark.parametrize("name,shape", [("lenet300", (1, 28, 28)), ("vgg_d1g5", (3, 32, 32)),

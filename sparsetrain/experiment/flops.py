@@ -203,7 +203,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         return hook
 
     for name, mod in modules.items():
-        if any(name.startswith(p + ".") for p in inside_weighted):
+        if any(p == "" or name.startswith(p + ".") for p in inside_weighted):  # ("": the model is the layer)
             continue  # e.g. the CSR container inside a sparse layer
         if _is_conv(mod) or _is_linear(mod):
             inside_weighted.add(name)
