@@ -28,6 +28,7 @@ import numbers
 import torch
 from torch import nn
 
+from ..engine.args import check_flag
 from ..engine.hooks import hooked_eval
 
 __all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_macs", "paper_round_flops"]
@@ -134,8 +135,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
     """
     input_shape = _check_args(model, input_shape)
     for arg, v in (("elementwise", elementwise), ("dense", dense)):  # ("no" was true: counted as yes)
-        if not isinstance(v, bool):
-            raise TypeError(f"{arg} must be True or False, got {v!r}")
+        check_flag(v, arg)
     if masks is not None and not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{name: bool tensor}} or None, got {type(masks).__name__}")
     modules = dict(model.named_modules())
