@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.hooks import hooked_eval
 from ..engine.nn import enforce_masks_, mask_grads_, prunable_layers, stored_weight
 from . import data as D
 from . import distributed as dist
@@ -110,7 +111,10 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     g = D.epoch_generator(seed, epoch)
     tot_loss = tot_correct = n = 0
     weights = [stored_weight(m) for _, m in prunable_layers(model)] if l1 else []
-    with _dropout_rng(model, seed, epoch):
+    # (a teacher left in train mode updated its BatchNorm statistics, normalised with the batch's, and
+    # drew dropout masks from the global RNG; each module's mode is restored after the epoch)
+    teacher_eval = hooked_eval(teacher, ()) if teacher is not None else contextlib.nullcontext()
+    with _dropout_rng(model, seed, epoch), teacher_eval:
         for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
                                 drop_last=_skips_last(len(split), batch_size)):
             rows, scale = dist.shard(yb.numel())
