@@ -47,3 +47,29 @@ def test_a_teacher_in_train_mode_is_run_in_eval_mode_and_left_as_it_was():
         ref_opt.step()
     for (k, a), b in zip(student.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_evaluate_is_in_eval_mode_and_restores_each_modules_mode():
+    """evaluate: BatchNorm on its running statistics (unchanged), dropout off: the dense reference in
+    eval mode. After it every module has the mode it had: model.train(was) put a BatchNorm the caller
+    keeps frozen (in eval) back in train mode, and an exception in a batch left the model in eval."""
+    from sparsetrain.experiment.train import evaluate
+    torch.manual_seed(0)
+    model = _net(dropout=0.5)
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].eval()
+    stats = copy.deepcopy(model.state_dict())
+    split = tiny_split(20)
+    got = evaluate(model, split, batch_size=8)
+    x, y = next(D.iterate(split, 20))
+    with torch.no_grad():
+        out = copy.deepcopy(model).eval()(x)
+    assert got["loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
+    assert got["acc"] == int((out.argmax(1) == y).sum()) / 20
+    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
+    modes = [True, True, False, True, True, True, True]
+    assert [m.training for m in model.modules()] == modes
+    bad = D.Split(split.x[:, :, :3], split.y, split.y, split.index, split.noisy, split.mean, split.std)
+    with pytest.raises(RuntimeError):  # (3x4 images: the classifier's 64 inputs do not fit)
+        evaluate(model, bad)
+    assert [m.training for m in model.modules()] == modes

@@ -161,21 +161,21 @@ def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
     the autocast dtype (None: off)."""
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
-    was = model.training
-    model.eval()
     tot_loss = tot_correct = n = 0
-    for xb, yb in D.iterate(split, batch_size):
-        if dist.world() > 1:  # this rank's rows of the batch; the sums are added over ranks below
-            rows = dist.rows(yb.numel())
-            xb, yb = xb[rows], yb[rows]
-            if not yb.numel():
-                continue
-        with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
-            out = model(xb).float()
-        tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        tot_correct += int((out.argmax(1) == yb).sum())
-        n += yb.numel()
-    model.train(was)
+    # (each module's mode restored, also when a batch fails: model.train(was) put a module the caller
+    # keeps in eval, a frozen BatchNorm, back in train mode, and an exception left the model in eval)
+    with hooked_eval(model, ()):
+        for xb, yb in D.iterate(split, batch_size):
+            if dist.world() > 1:  # this rank's rows of the batch; the sums are added over ranks below
+                rows = dist.rows(yb.numel())
+                xb, yb = xb[rows], yb[rows]
+                if not yb.numel():
+                    continue
+            with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
+                out = model(xb).float()
+            tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            tot_correct += int((out.argmax(1) == yb).sum())
+            n += yb.numel()
     if dist.world() > 1:
         tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
                                                              device=split.y.device)).tolist()
