@@ -73,3 +73,38 @@ def test_evaluate_is_in_eval_mode_and_restores_each_modules_mode():
     with pytest.raises(RuntimeError):  # (3x4 images: the classifier's 64 inputs do not fit)
         evaluate(model, bad)
     assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
+    (dict(batch_size=True), ValueError, "batch_size must be an int >= 1, got True"),
+    (dict(l1=-0.01), ValueError, "l1 must be a number >= 0 and finite"),
+    (dict(l1=float("nan")), ValueError, "l1 must be a number >= 0 and finite"),
+    (dict(l1="0.01"), ValueError, "l1 must be a number >= 0 and finite"),
+    (dict(split=tiny_split(0)), ValueError, "split holds no samples"),
+    (dict(split=[1, 2]), TypeError, "split must be a data.Split"),
+    (dict(opt=None), TypeError, "opt must be a torch.optim.Optimizer"),
+    (dict(teacher=3), TypeError, "teacher must be an nn.Module or None, got int"),
+    (dict(amp="bf16"), ValueError, "amp must be None"),
+])
+def test_train_epoch_refuses_bad_arguments_before_touching_the_model(change, error, message):
+    """batch_size 0 was a ZeroDivisionError; l1 < 0 trained on a negative penalty (growing weights) and
+    NaN made every weight NaN, silently; an empty split reported loss and accuracy 0.0; a teacher that
+    is no module, an opt of None or an amp string failed deep inside with a message naming no argument.
+    Each is now an error naming it, and the model is left as it was."""
+    from sparsetrain.experiment.train import evaluate
+    torch.manual_seed(0)
+    model = _net()
+    before = copy.deepcopy(model.state_dict())
+    args = dict(split=tiny_split(16), opt=torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        train_epoch(model, args.pop("split"), args.pop("opt"), args.pop("batch_size"), epoch=0, seed=0, masks={},
+                    **args)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if "amp" in change:
+        with pytest.raises(ValueError, match="amp must be None"):
+            evaluate(model, tiny_split(16), amp=change["amp"])
+    # (the l1 that is accepted: the loss's gradient plus l1 * sign(w) is test_regularizers.py's)
+    assert train_epoch(model, tiny_split(16), torch.optim.SGD(model.parameters(), lr=0.1), 8, epoch=0, seed=0,
+                       masks={}, l1=0)["loss"] > 0

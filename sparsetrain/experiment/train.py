@@ -106,6 +106,7 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     lambda * sum |w| over the conv and linear weights (sparse layers: their stored values; a dense
     layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
     loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
+    _check_epoch_args(split, opt, batch_size, teacher, amp, l1)
     forward = forward or model
     model.train()
     g = D.epoch_generator(seed, epoch)
@@ -155,10 +156,34 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     return {"loss": tot_loss / max(n, 1), "acc": tot_correct / max(n, 1)}
 
 
+def _check_epoch_args(split, opt, batch_size, teacher, amp, l1) -> None:
+    """batch_size 0 was a ZeroDivisionError, a negative or NaN l1 a silently wrong penalty (a NaN
+    model), an empty split a loss and accuracy of 0.0, a non-Module teacher "'int' object is not callable"."""
+    if not isinstance(split, D.Split):
+        raise TypeError(f"split must be a data.Split, got {type(split).__name__}")
+    if not len(split):
+        raise ValueError("split holds no samples: an epoch needs at least one batch")
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"opt must be a torch.optim.Optimizer (make_optimizer), got {type(opt).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    _check_amp(amp)
+    if isinstance(l1, bool) or not isinstance(l1, numbers.Real) or not 0 <= l1 < math.inf:
+        raise ValueError(f"l1 must be a number >= 0 and finite (0: off), got {l1!r}")
+
+
+def _check_amp(amp) -> None:
+    if amp not in (None, torch.bfloat16, torch.float16):  # (a string was torch's TypeError naming no argument)
+        raise ValueError(f"amp must be None (fp32), torch.bfloat16 or torch.float16, got {amp!r}")
+
+
 @torch.no_grad()
 def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
     """Cross-entropy and accuracy on `split` (no augmentation), against the split's labels; `amp`:
     the autocast dtype (None: off)."""
+    _check_amp(amp)
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     tot_loss = tot_correct = n = 0
