@@ -108,3 +108,84 @@ def test_train_epoch_refuses_bad_arguments_before_touching_the_model(change, err
     # (the l1 that is accepted: the loss's gradient plus l1 * sign(w) is test_regularizers.py's)
     assert train_epoch(model, tiny_split(16), torch.optim.SGD(model.parameters(), lr=0.1), 8, epoch=0, seed=0,
                        masks={}, l1=0)["loss"] > 0
+
+
+def _hyper(**change):
+    from sparsetrain.experiment.config import Hyper
+    hp = dict(epochs=4, batch_size=8, lr=0.1, milestones=(1, 3), weight_decay=1e-2, rewind_iter=0, momentum=0.9,
+              drop=0.5)
+    return Hyper(**{**hp, **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(milestones="3"), "hp.milestones must be increasing epochs >= 1"),
+    (dict(milestones=(0, 2)), "hp.milestones must be increasing epochs >= 1"),
+    (dict(milestones=(3, 1)), "hp.milestones must be increasing epochs >= 1"),
+    (dict(milestones=(1.5,)), "hp.milestones must be increasing epochs >= 1"),
+    (dict(lr=float("nan")), r"hp.lr must be a number > 0 and finite, got nan"),
+    (dict(lr=0.0), r"hp.lr must be a number > 0"),
+    (dict(momentum=1.5), r"hp.momentum must be a number in \[0, 1\)"),
+    (dict(weight_decay=float("nan")), "hp.weight_decay must be a number >= 0 and finite"),
+    (dict(drop=0.0), r"hp.drop must be a number in \(0, 1\]"),
+    (dict(drop=float("nan")), r"hp.drop must be a number in \(0, 1\]"),
+])
+def test_make_optimizer_refuses_a_schedule_config_would_refuse(change, message):
+    """make_optimizer with a Hyper made by hand: milestones "3" (MultiStepLR counted the characters)
+    or a milestone 0 never lowered the LR, a NaN lr / decay / drop, a momentum >= 1 or a drop of 0
+    trained to NaN or stood still, silently; now a ValueError naming the field. A model or hp of the
+    wrong kind is a TypeError, not an AttributeError."""
+    from sparsetrain.experiment.train import make_optimizer
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(_net(), _hyper(**change))
+    with pytest.raises(TypeError, match="hp must be a config.Hyper"):
+        make_optimizer(_net(), dict(lr=0.1))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        make_optimizer(None, _hyper())
+
+
+def test_sgd_epochs_equal_a_hand_written_masked_step_and_schedule():
+    """Four epochs of make_optimizer + train_epoch (+ the scheduler stepped per epoch, as the loop does)
+    on a dense masked model with a KD teacher, 21 samples in batches of 8, equal plain PyTorch: Eq. 2
+    with tau^2, gradients zero at pruned weights, SGD with momentum 0.9 (no Nesterov, no dampening)
+    and weight decay on every parameter (BatchNorm's too; a pruned weight's decay is 0: it stays 0),
+    the LR x drop from each milestone epoch on (0.1, 0.05, 0.05, 0.025)."""
+    from sparsetrain.experiment.train import make_optimizer
+    from sparsetrain.testing import random_mask
+    torch.manual_seed(0)
+    model, teacher = _net(), _net().eval()
+    masks = {"0": random_mask((4, 1, 3, 3), 0.5, generator=torch.Generator().manual_seed(1)),
+             "5": random_mask((3, 64), 0.7, generator=torch.Generator().manual_seed(2))}
+    with torch.no_grad():
+        model[0].weight.mul_(masks["0"])
+        model[5].weight.mul_(masks["5"])
+    ref = copy.deepcopy(model)
+    split = tiny_split(21)
+    split.pad = 1  # (shifts and flips: the epoch's generator draws them)
+    hp = _hyper()
+    opt, sched = make_optimizer(model, hp)
+    lrs = []
+    for ep in range(hp.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        train_epoch(model, split, opt, 8, epoch=ep, seed=3, masks=masks, teacher=teacher, alpha=0.8, tau=4.0)
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    grad_mask = {"0.weight": masks["0"], "5.weight": masks["5"]}
+    bufs = {}
+    for ep in range(hp.epochs):
+        lr = hp.lr * hp.drop ** sum(ep >= m for m in hp.milestones)
+        for xb, yb in D.iterate(split, 8, shuffle=True, augment=True, generator=D.epoch_generator(3, ep)):
+            s = ref(xb)
+            with torch.no_grad():
+                p_t = F.softmax(teacher(xb) / 4.0, 1)
+            kl = (p_t * (p_t.log() - F.log_softmax(s / 4.0, 1))).sum(1).mean()
+            ref.zero_grad()
+            (0.2 * F.cross_entropy(s, yb) + 0.8 * 16.0 * kl).backward()
+            with torch.no_grad():
+                for n, p in ref.named_parameters():
+                    d = p.grad * grad_mask[n] if n in grad_mask else p.grad
+                    d = d + hp.weight_decay * p
+                    bufs[n] = hp.momentum * bufs[n] + d if n in bufs else d
+                    p -= lr * bufs[n]
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert not model[5].weight[~masks["5"]].any()

@@ -55,9 +55,33 @@ def make_optimizer(model: nn.Module, hp):
     """SGD with momentum and weight decay; LR x drop at the milestones (given in epochs, as in the
     paper's Table 4), stepped per epoch. A fresh one every round (the paper restarts it). `hp`: the
     run's schedule (config.Hyper)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_hyper(hp)
     opt = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.drop)
     return opt, sched
+
+
+def _check_hyper(hp) -> None:
+    """The schedule make_optimizer reads (config's checks, for a Hyper made by hand): milestones "80"
+    never lowered the LR (MultiStepLR counted the characters), nor did a milestone 0; a NaN lr, decay
+    or drop, a momentum >= 1 or a drop of 0 trained to NaN or to a standstill, silently."""
+    missing = [k for k in ("lr", "momentum", "weight_decay", "milestones", "drop") if not hasattr(hp, k)]
+    if missing:
+        raise TypeError(f"hp must be a config.Hyper (lr, momentum, weight_decay, milestones, drop), got "
+                        f"{type(hp).__name__} without {', '.join(missing)}")
+    for k, ok, expected in (("lr", lambda v: 0 < v < math.inf, "> 0 and finite"),
+                            ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+                            ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+                            ("drop", lambda v: 0 < v <= 1, "in (0, 1]")):
+        v = getattr(hp, k)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+            raise ValueError(f"hp.{k} must be a number {expected}, got {v!r}")
+    ms = hp.milestones
+    if not isinstance(ms, (tuple, list)) or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool)
+                                                     and m >= 1 for m in ms) or list(ms) != sorted(set(ms)):
+        raise ValueError(f"hp.milestones must be increasing epochs >= 1 (a tuple of ints), got {ms!r}")
 
 
 def _skips_last(n: int, batch_size: int) -> bool:
