@@ -189,3 +189,19 @@ def test_sgd_epochs_equal_a_hand_written_masked_step_and_schedule():
     for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
     assert not model[5].weight[~masks["5"]].any()
+
+
+def test_kd_loss_takes_numpy_numbers_and_refuses_a_tau_whose_square_overflows():
+    """alpha and tau from numpy (np.float32(0.8)) were refused as "must be a number"; any finite tau
+    passed, and from ~2e19 on alpha * tau^2 overflowed float32: the loss was NaN, silently. The limit
+    is now --tau's, 1e18."""
+    import numpy as np
+
+    from sparsetrain.experiment.train import kd_loss
+    torch.manual_seed(0)
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(kd_loss(s, t, y, np.float32(0.75), np.float32(2.0)), kd_loss(s, t, y, 0.75, 2.0))
+    assert torch.isfinite(kd_loss(s, t, y, 0.8, 1e18))
+    for tau in (1e19, 1e20):
+        with pytest.raises(ValueError, match="tau must be a number > 0 and finite, at most 1e18"):
+            kd_loss(s, t, y, 0.8, tau)

@@ -24,10 +24,13 @@ __all__ = ["kd_loss", "make_optimizer", "steps_per_epoch", "train_epoch", "evalu
 def kd_loss(student_logits, teacher_logits, target, alpha: float, tau: float) -> torch.Tensor:
     """Eq. 2: (1 - alpha) * CE(student, y) + alpha * tau^2 * KL(softmax(t/tau) || softmax(s/tau)),
     both terms batch means. tau^2 keeps the soft-target gradients on the scale of the hard ones."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    # (numbers.Real: numpy's float32 was "not a number"; tau <= 1e18, config's --tau limit: from ~2e19
+    # on alpha * tau^2 overflows float32 and the loss was NaN)
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
-        raise ValueError(f"tau must be a number > 0 and finite, got {tau!r}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau <= 1e18:
+        raise ValueError(f"tau must be a number > 0 and finite, at most 1e18 (tau^2 scales the loss in "
+                         f"float32), got {tau!r}")
     _check_logits(student_logits, teacher_logits, target)
     ce = F.cross_entropy(student_logits, target)
     kl = F.kl_div(F.log_softmax(student_logits / tau, dim=1), F.log_softmax(teacher_logits / tau, dim=1),
