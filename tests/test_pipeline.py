@@ -147,6 +147,10 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--drop", "10"], "--drop must be in (0, 1], got 10.0"),
     (["mnist", "--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
     (["mnist", "--epochs", "5", "--milestones", "3", "10"], "--milestones must be epochs in [1, 5)"),
+    # (round r's epoch e shuffles, augments and draws dropout from stream e + 1000 r: epoch 1000 of round 0
+    # repeated round 1's first epoch)
+    (["mnist", "--student-epochs", "1001"], "--student-epochs must be in [1, 1000]"),
+    (["mnist", "--epochs", "1001"], "--epochs must be in [1, 1000]"),
     (["mnist", "--profile", "quick", "--student-milestones", "500"], "--student-milestones must be epochs in [1, 30)"),
     (["mnist", "--model", "alexnet"], "--model: unknown model 'alexnet'"),
     (["mnist", "--perturb", "shuffle"], "argument --perturb: invalid choice"),

@@ -210,7 +210,7 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
               ("phases", len(set(cfg.phases)) == len(cfg.phases) > 0, "one or more distinct of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:
         hp = cfg.hyper(role)
-        checks += [(f"{role}_epochs", hp.epochs >= 1, ">= 1"),
+        checks += [(f"{role}_epochs", 1 <= hp.epochs <= 1000, "in [1, 1000] (round r's epoch e draws stream e + 1000 r)"),
                    (f"{role}_batch_size", hp.batch_size >= 2, ">= 2 (BatchNorm trains on batch statistics)"),
                    (f"{role}_lr", 0 < hp.lr <= _F32_MAX, "> 0 and finite in float32 (<= 3.4e38)"),
                    (f"{role}_weight_decay", 0 <= hp.weight_decay <= _F32_MAX, ">= 0 and finite in float32 (<= 3.4e38)"),
