@@ -86,6 +86,9 @@ def test_evaluate_is_in_eval_mode_and_restores_each_modules_mode():
     (dict(opt=None), TypeError, "opt must be a torch.optim.Optimizer"),
     (dict(teacher=3), TypeError, "teacher must be an nn.Module or None, got int"),
     (dict(amp="bf16"), ValueError, "amp must be None"),
+    # (these failed after the first batch had run: BatchNorm's statistics, or the first step, changed)
+    (dict(on_step=3), TypeError, "on_step must be callable or None, got int"),
+    (dict(scaler=1.0), TypeError, "scaler must be a torch.amp.GradScaler or None, got float"),
 ])
 def test_train_epoch_refuses_bad_arguments_before_touching_the_model(change, error, message):
     """batch_size 0 was a ZeroDivisionError; l1 < 0 trained on a negative penalty (growing weights) and

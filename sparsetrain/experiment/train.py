@@ -134,6 +134,11 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     layer's pruned zeros add nothing, and |w|'s subgradient 0 at 0 leaves them at 0), added to the
     loss that is differentiated, not to the reported one. `policy`: data.iterate's augmentation."""
     _check_epoch_args(split, opt, batch_size, teacher, amp, l1)
+    for arg, f in (("on_step", on_step), ("forward", forward)):  # (failed after the first batch had run)
+        if f is not None and not callable(f):
+            raise TypeError(f"{arg} must be callable or None, got {type(f).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     forward = forward or model
     model.train()
     g = D.epoch_generator(seed, epoch)
