@@ -35,6 +35,8 @@ def test_a_teacher_in_train_mode_is_run_in_eval_mode_and_left_as_it_was():
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, stats[k]), k
     assert [m.training for m in teacher.modules()] == [True, True, True, True, True, False, True]
+    with pytest.raises(ValueError, match="teacher is the model being trained: pass a frozen copy"):
+        train_epoch(teacher, split, opt, 8, epoch=0, seed=0, masks={}, teacher=teacher)  # (its eval mode)
     ev = copy.deepcopy(teacher).eval()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for xb, yb in D.iterate(split, 8, shuffle=True, augment=True, generator=D.epoch_generator(0, 0)):

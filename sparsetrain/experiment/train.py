@@ -139,6 +139,8 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
             raise TypeError(f"{arg} must be callable or None, got {type(f).__name__}")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    if teacher is not None and (teacher is model or teacher is forward):  # (the epoch in the teacher's eval mode)
+        raise ValueError("teacher is the model being trained: pass a frozen copy (copy.deepcopy(model).eval())")
     forward = forward or model
     model.train()
     g = D.epoch_generator(seed, epoch)
