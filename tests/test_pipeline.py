@@ -681,6 +681,8 @@ def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys)
     assert study.main(study_args(mnist_dir, "--teachers", "dense", "--lr", "1e6")) == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "lower the learning rate" in err
+    # (the teacher run diverged: its flag, where the message named --student-lr whichever role it was)
+    assert "teacher round 0" in err and "(--teacher-lr, or --lr for both roles)" in err
 
 
 def test_an_overflowed_weight_with_a_finite_loss_stops_the_run(mnist_dir, study_args, capsys, monkeypatch):

@@ -127,8 +127,9 @@ def save(s: PhaseState, arch: dict, state_path: str) -> None:
 
 
 def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, state_path: str,
-                label: str) -> None:
-    """The round's remaining epochs; the state is saved after each one."""
+                label: str, role: str = "student") -> None:
+    """The round's remaining epochs; the state is saved after each one. `role`: whose --ROLE-lr a
+    diverged run is told to lower."""
     def on_step():  # the rewind snapshot: the weights after iteration --rewind-iter of the dense run
         s.iteration += 1
         if cfg.perturb == "rewind" and s.rnd == 0 and s.rewind is None and s.iteration == hp.rewind_iter:
@@ -150,7 +151,7 @@ def train_round(cfg, hp, s: PhaseState, splits, seed: int, teacher, arch: dict, 
                            if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
         if bad:
             raise PhaseError(f"{label}: training diverged ({bad} in epoch {epoch + 1}); lower the "
-                             "learning rate (--lr, --student-lr) and start again")
+                             f"learning rate (--{role}-lr, or --lr for both roles) and start again")
         s.sched.step()
         s.epoch, s.train_s = epoch + 1, s.train_s + time.perf_counter() - t0
         bar.set_postfix(loss=f"{tr['loss']:.3f}", acc=f"{tr['acc']:.3f}")
@@ -322,7 +323,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         sparsity = model_sparsity(s.model, s.masks, n_orig)
         t0 = time.perf_counter()
         train_round(cfg, hp, s, splits, seed, teacher, arch, state_path,
-                    f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})")
+                    f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})", role)
         row = measure(hp, s, splits, seed, phase, sparsity, cost, t0)
         s.rows.append(row)
 
