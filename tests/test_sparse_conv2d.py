@@ -715,3 +715,32 @@ def test_numpy_int_hyperparameters_convert_as_nn_conv2d_takes_them():
     for bad in (True, 2.0, (np.int64(1), True)):  # (still refused: a bool, a float)
         with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
             SparseConv2d(layer.weight, None, stride=bad)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
+    """torch.func.functional_call(layer, other.state_dict(), x): the state swaps crow/col/values in, not
+    the transposed index (derived, not in the state), from which dx is computed: another pattern of as
+    many nonzeros gave that pattern's output and the layer's own pattern's dx, silently (frozen weights;
+    2.0 off). The index is built anew for the swapped pattern, and again for the layer's own after; all
+    compared with F.conv2d on the masked weights, output, dx and (trained) the values' gradient."""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    dense, other = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    m1, m2 = random_mask(dense.weight.shape, 0.7), random_mask(dense.weight.shape, 0.7)
+    assert int(m1.sum()) == int(m2.sum()) and not torch.equal(m1, m2)
+    a, b = SparseConv2d.from_dense(dense, m1), SparseConv2d.from_dense(other, m2)
+    a.requires_grad_(not frozen)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    g = torch.randn(2, 6, 5, 5)
+    for layer, state, ref_w, ref_b, mask in ((a, b.state_dict(), other.weight, other.bias, m2),
+                                             (a, None, dense.weight, dense.bias, m1)):
+        y = functional_call(layer, state, (x,)) if state is not None else layer(x)
+        w = ref_w.detach().clone().requires_grad_(True)
+        ref = F.conv2d(x, w * mask, ref_b, padding=1)
+        torch.testing.assert_close(y, ref)
+        dx, dref = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, (x, w), g)
+        torch.testing.assert_close(dx[0], dref[0])
+        if not frozen and state is None:
+            (dv,) = torch.autograd.grad(layer(x), layer.weight.values, g)
+            torch.testing.assert_close(dv, dref[1][mask])

@@ -23,7 +23,8 @@ from torch import nn
 from .backend import current_backend
 from .args import check_bias, check_weight
 from .autograd import first_order
-from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, current_param, own_mode, transpose_index
+from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
+from .torch_prune import current_param
 from .optim_state import watch_state
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]

@@ -10,7 +10,8 @@ from torch.nn.utils import prune as torch_prune
 from .args import check_flag
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .formats import own_mode, pruned_by_torch
+from .formats import own_mode
+from .torch_prune import pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
 __all__ = ["sparsify_", "densify_", "unconvertible"]

@@ -174,14 +174,26 @@ class CSR(WeightLike, nn.Module):
         self.register_buffer("ccol_indices", ccol, persistent=False)
         self.register_buffer("row_indices_t", row_t, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
+        self._csc_of = (self.crow_indices, self.col_indices, ccol)  # (the pattern it transposes: index())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._csc_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
+        return out
 
     def csc(self):
         """(ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]): values[perm[j]]
         is the j-th entry in column-major order. Built once per sparsity pattern."""
-        return self.ccol_indices, self.row_indices_t, self.perm
+        return self.index()[3:]
 
     def index(self) -> tuple:
-        """The pattern as the op schemas take it: (crow, col, values, ccol, row_t, perm)."""
+        """The pattern as the op schemas take it: (crow, col, values, ccol, row_t, perm); the transposed
+        index built anew where crow/col alone were swapped in (torch.func.functional_call with another
+        state_dict gave the old pattern's dx silently; torch.export swaps all of them)."""
+        crow, col, ccol = self._csc_of
+        if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
+            with own_mode(self.values):  # (not inference tensors: a training forward saves them)
+                self._build_csc()
         return (self.crow_indices, self.col_indices, self.values, self.ccol_indices, self.row_indices_t,
                 self.perm)
 
@@ -359,25 +371,6 @@ def _sorted_rows(crow, col, rows, cols) -> bool:
         return True
     rows_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
     return not bool(((rows_of * cols + col.long()).diff() <= 0).any())
-
-
-def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
-    """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
-    `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
-    return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
-
-
-def current_param(mod: nn.Module, name: str):
-    """`mod.<name>` as a dense layer's conversion takes it: under torch.nn.utils.prune, orig * mask
-    computed now (the attribute is recomputed only by the next forward: stale after an optimizer step)."""
-    if not pruned_by_torch(mod, name):
-        return getattr(mod, name)
-    if name == "bias":  # (the sparse layers' bias is dense: nothing would keep its pruned entries zero)
-        raise ValueError("the layer's bias is pruned with torch.nn.utils.prune, and a sparse layer's bias is dense, so "
-                         "the pruned entries would train again: torch.nn.utils.prune.remove(layer, 'bias') "
-                         "first accepts that")
-    orig = mod._parameters[f"{name}_orig"]
-    return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
 
 
 def _fill_dense(dense: nn.Module, weight, bias: torch.Tensor | None, training: bool) -> nn.Module:

@@ -17,7 +17,8 @@ from torch import nn
 
 from . import ops
 from .args import MATERIALIZE, check_bias
-from .formats import CSR, _check_mask, _fill_dense, current_param, pruned_by_torch
+from .formats import CSR, _check_mask, _fill_dense
+from .torch_prune import current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
            "check_model", "check_masks", "check_untied", "masks_of", "valued_masks", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]

@@ -1,0 +1,26 @@
+"""A dense layer as torch.nn.utils.prune leaves it: its `<name>_orig` Parameter and `<name>_mask`
+buffer, the weight (or bias) their product, which the conversions take as it is now."""
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["pruned_by_torch", "current_param"]
+
+
+def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
+    """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
+    `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
+    return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
+
+
+def current_param(mod: nn.Module, name: str):
+    """`mod.<name>` as a dense layer's conversion takes it: under torch.nn.utils.prune, orig * mask
+    computed now (the attribute is recomputed only by the next forward: stale after an optimizer step)."""
+    if not pruned_by_torch(mod, name):
+        return getattr(mod, name)
+    if name == "bias":  # (the sparse layers' bias is dense: nothing would keep its pruned entries zero)
+        raise ValueError("the layer's bias is pruned with torch.nn.utils.prune, and a sparse layer's bias is dense, so "
+                         "the pruned entries would train again: torch.nn.utils.prune.remove(layer, 'bias') "
+                         "first accepts that")
+    orig = mod._parameters[f"{name}_orig"]
+    return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
