@@ -992,6 +992,25 @@ def test_every_recipe_plans_without_an_invalid_point(tmp_path):
                               {"augment": "autoaugment"}]
 
 
+def test_both_roles_flags_replace_a_recipe_s_per_role_value(tmp_path, capsys):
+    """--epochs / --milestones (both roles) given to a recipe that sets --teacher-epochs or
+    --student-epochs (the quick paper-regularizers and paper-depth-width): the recipe's per-role value
+    won in every run (the experiment lets --<role>-<key> win), the flag ignored silently. Now the
+    flag replaces it; a --<role>-<key> given too still wins for its role."""
+    from sparsetrain.experiment.config import config_from_args
+
+    def runs(*argv):
+        assert cli.main([*argv, "--profile", "quick", "--out", str(tmp_path / "sw"), "--dry-run"]) == 0
+        plan = json.load(open(capsys.readouterr().out.rsplit("plan: ", 1)[1].strip()))
+        return [config_from_args(r["argv"])[0] for r in plan["runs"]]
+    reg = runs("paper-regularizers", "--epochs", "4", "--milestones", "2")
+    assert len(reg) == 6 and {(c.teacher_epochs, c.teacher_milestones) for c in reg} == {(4, (2,))}
+    dw = runs("paper-depth-width", "--epochs", "4", "--milestones", "2", "--teacher-epochs", "6")
+    studies = [c for c in dw if c.phases != ("teacher",)]
+    assert len(studies) == 3 and {(c.student_epochs, c.student_milestones) for c in studies} == {(4, (2,))}
+    assert {(c.teacher_epochs, c.teacher_milestones) for c in dw} == {(6, (2,))}
+
+
 def test_readme_states_each_quick_profile_s_noise_and_teacher():
     """README's recipe table: each `--profile quick` cell names its noise rates, and the teacher it
     distils from where that is not the paper profile's (a quick grid must not pass for the figure's)."""

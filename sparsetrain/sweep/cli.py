@@ -11,7 +11,7 @@ import sys
 import typing
 from dataclasses import fields
 
-from ..experiment.config import Config
+from ..experiment.config import ROLE_KEYS, Config
 from ..experiment.files import write_json
 from .recipes import RECIPES, recipe, variant_keys
 
@@ -86,6 +86,10 @@ def _settings(args, parser) -> dict:
         except ValueError as e:
             parser.error(f"{e} (or grid, report)")
     hints, varied = typing.get_type_hints(Config), variant_keys(settings)
+    for k in ROLE_KEYS:  # (--epochs etc. set both roles: they replace a recipe's --teacher-/--student-<k>, which
+        if getattr(args, k, None) is not None:  # the experiment would let win over them, the flag ignored)
+            for role in ("teacher", "student"):
+                settings.pop(f"{role}_{k}", None)
     for k, v in vars(args).items():
         if v is None or k in ("what", "run_dirs", "profile", "out", "cpus_per_run", "gpus_per_run",
                               "max_concurrent", "retries", "address", "dry_run"):
