@@ -156,13 +156,21 @@ def test_cli_errors_are_one_line(tmp_path):
              # runs that could never start: the runner hides every GPU at --gpus-per-run 0
              (["grid", "--dataset", "mnist", "--device", "cpu", "cuda", "--dry-run"],
               "--device cuda needs a GPU, and --gpus-per-run 0 (the default) gives the runs none"),
-             (["grid", "--dataset", "mnist", "--amp", "fp16", "--dry-run"], "--amp fp16 needs a GPU"))
+             (["grid", "--dataset", "mnist", "--amp", "fp16", "--dry-run"], "--amp fp16 needs a GPU"),
+             # Ray shows a run only its own GPUs, from cuda:0: every run failed, "this machine has 1 CUDA device(s)"
+             (["grid", "--dataset", "mnist", "--device", "cuda:1", "--gpus-per-run", "0.5", "--dry-run"],
+              "--device cuda:1: each run sees only the 1 GPU(s) Ray gives it (--gpus-per-run 0.5)"),
+             (["grid", "--dataset", "mnist", "--device", "cuda:1", "cuda:2", "--gpus-per-run", "2", "--dry-run"],
+              "--device cuda:2: each run sees only the 2 GPU(s)"))
     # (each its own process, forked from one that imported torch and the sweep once: tests/cli_forks.py)
     outs = cli_forks.run("sparsetrain.sweep", [(tmp_path, argv) for argv, _ in cases], preload=["sparsetrain.sweep.cli"])
     for (argv, needle), out in zip(cases, outs):
         err = out.stderr
         assert out.returncode == 2 and needle in err and "Traceback" not in err and len(err.splitlines()) == 1, \
             (argv, err)
+    # (the GPUs a run does see are fine: a plan, exit 0)
+    assert cli.main(["grid", "--dataset", "mnist", "--device", "cuda:1", "--gpus-per-run", "2", "--dry-run",
+                     "--out", str(tmp_path / "sw")]) == 0
 
 
 def test_an_address_without_a_cluster_is_refused_at_once():

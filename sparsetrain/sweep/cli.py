@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import fields
@@ -210,13 +211,19 @@ def main(argv=None) -> int:
     if os.path.lexists(runs_dir) and not os.path.isdir(runs_dir):  # (each run failed there, after Ray started)
         parser.error(f"--out: {runs_dir} is not a directory (every run of the sweep goes there)")
     settings = _settings(args, parser)
+    values = lambda k: settings.get(k) if isinstance(settings.get(k), list) else [settings.get(k)]  # noqa: E731
     if gpus == 0:  # (the runner hides every GPU from such runs: each would fail after its teacher's wait)
-        values = lambda k: settings.get(k) if isinstance(settings.get(k), list) else [settings.get(k)]  # noqa: E731
         cuda = [f"--device {d}" for d in values("device") if str(d).startswith("cuda")] + [
             f"--amp {a}" for a in values("amp") if a in ("bf16", "fp16")]
         if cuda:
             parser.error(f"{cuda[0]} needs a GPU, and --gpus-per-run 0 (the default) gives the runs none: "
                          "give --gpus-per-run (e.g. 1)")
+    # Ray shows a run only the ceil(--gpus-per-run) GPUs it gives it, as cuda:0.. (every run failed with "this
+    # machine has 1 CUDA device(s)")
+    beyond = [d for d in values("device") if re.fullmatch(r"cuda:\d+", str(d)) and int(str(d)[5:]) >= math.ceil(gpus)]
+    if gpus and beyond:
+        parser.error(f"--device {beyond[0]}: each run sees only the {math.ceil(gpus)} GPU(s) Ray gives it "
+                     f"(--gpus-per-run {gpus:g}), numbered from cuda:0: use --device cuda")
     from .plan import make_plan, plan_digest  # (imports torch: after the argument checks)
     try:
         plan = make_plan(settings, args.out, threads=max(1, int(args.cpus_per_run)))
