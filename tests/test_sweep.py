@@ -128,6 +128,7 @@ def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "sub" / "a_run").mkdir(parents=True)  # (two levels down: `report tmp_path` finds no run)
     (tmp_path / "sub" / "a_run" / "config.json").write_text("{}")
     cases = ((["nope"], "recipe must be one of"), (["grid"], "grid needs --dataset"),
+             ([], "the following arguments are required: RECIPE|grid|report (see"),  # (not RUN_DIR: report's only)
              (["report", str(tmp_path)], "no run directory"),
              (["paper-eps", "--cpus-per-run", "0"], "--cpus-per-run must be >= 0.0001 and finite"),
              (["paper-eps", "--cpus-per-run", "inf"], "--cpus-per-run must be >= 0.0001 and finite"),

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "with the axes as flags) and aggregate them; or `report` over run directories.",
                 epilog="recipes: " + "; ".join(f"{k}: {v['about']}" for k, v in RECIPES.items()))
     p.add_argument("what", metavar="RECIPE|grid|report", help=f"one of {', '.join(RECIPES)}, grid or report")
-    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+    p.add_argument("run_dirs", nargs="*", default=[], metavar="RUN_DIR",  # (a default: argparse called it required)
                    help="report: run directories, or folders holding them (e.g. SWEEPS/runs)")
     p.add_argument("--profile", choices=("paper", "quick"), default="paper",
                    help="recipe variant: paper (the paper's grid) or quick (CPU-sized); grid: the experiment's "
