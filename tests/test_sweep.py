@@ -97,6 +97,12 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
         plan = make_plan(_settings(tmp_path, **{axis: [value]}), str(tmp_path / "sw"), threads=1)
         assert [message in r.error for r in plan] == [True], (axis, [r.error for r in plan])
     assert not make_plan(_settings(tmp_path, device=["cuda:1"]), str(tmp_path / "sw"), threads=1)[0].error
+    # ... but --device cpu with --amp bf16/fp16 runs nowhere (the experiment refuses it): each run failed at run time,
+    # and at --gpus-per-run 0 the sweep advised giving the runs a GPU
+    plan = make_plan(_settings(tmp_path, device=["cpu"], amp=["bf16", "off"]), str(tmp_path / "sw"), threads=1)
+    assert [r.error for r in plan if r.error] == [
+        "error: --amp bf16 needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto"]
+    assert cli.main(_tiny(tmp_path, "--device", "cpu", "--amp", "fp16", "--dry-run")) == 1
 
 
 def test_dry_run_prints_the_plan_and_fails_on_an_invalid_point(tmp_path, capsys):

@@ -213,8 +213,8 @@ def main(argv=None) -> int:
     settings = _settings(args, parser)
     values = lambda k: settings.get(k) if isinstance(settings.get(k), list) else [settings.get(k)]  # noqa: E731
     if gpus == 0:  # (the runner hides every GPU from such runs: each would fail after its teacher's wait)
-        cuda = [f"--device {d}" for d in values("device") if str(d).startswith("cuda")] + [
-            f"--amp {a}" for a in values("amp") if a in ("bf16", "fp16")]
+        cuda = [f"--device {d}" for d in values("device") if str(d).startswith("cuda")] + [  # (--device cpu with
+            f"--amp {a}" for a in values("amp") if a in ("bf16", "fp16") and values("device") != ["cpu"]]  # it: invalid)
         if cuda:
             parser.error(f"{cuda[0]} needs a GPU, and --gpus-per-run 0 (the default) gives the runs none: "
                          "give --gpus-per-run (e.g. 1)")

@@ -101,6 +101,8 @@ def _resolve(point: dict) -> tuple[Config | None, str]:
         return None, f"error: --device must be auto, cpu, cuda or cuda:N, got {device!r}"
     if amp not in amps:
         return None, f"error: --amp must be one of {', '.join(amps)}, got {amp!r}"
+    if device == "cpu" and amp in ("bf16", "fp16"):  # (on any machine: the experiment's own refusal)
+        return None, f"error: --amp {amp} needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto"
     try:
         with contextlib.redirect_stderr(err):
             cfg, _ = config_from_args(_argv({**point, "device": "auto", "amp": "auto"}))
