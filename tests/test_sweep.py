@@ -219,6 +219,18 @@ def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
     assert "'.[sweep]'" in str(e.value) and "sparsetrain[sweep]" not in str(e.value)
 
 
+def test_a_hand_edited_status_json_does_not_stop_the_sweep(tmp_path):
+    """A finished run keeps the seconds the previous status.json says; an entry there that is no
+    object (a hand edit) gave a TypeError traceback before anything ran. Now it is left aside."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    run = Run("r", "teacher", str(_finished_run(tmp_path / "r", _cfg())), [], seed=0, phases=["teacher"])
+    for before, want in (({"r": {"state": "done", "seconds": 12}}, 12), ({"r": 5}, None), ({"r": "seconds"}, None)):
+        write_json(tmp_path / "sw" / "status.json", before)
+        status = execute([run], str(tmp_path / "sw"))
+        assert status["r"]["state"] == "skipped" and status["r"].get("seconds") == want, (before, status)
+
+
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
     """A second sweep on the folder a running one holds (its lock) stops at once with who holds it."""
     from sparsetrain.experiment.files import folder_lock

@@ -187,7 +187,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         for name, s in status.items():
             if s["state"] == "skipped" and "seconds" in before.get(name, {}):
                 s["seconds"] = before[name]["seconds"]
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # (none, or a hand-edited one: not its seconds)
         pass
     written = {}
 
