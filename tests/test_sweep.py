@@ -75,6 +75,9 @@ def test_plan_shares_a_vanilla_student_between_distillation_settings(tmp_path):
                      str(tmp_path / "sw"), threads=1)
     teacher, first, second = plan
     assert first.deps == [teacher.name] and sorted(second.deps) == sorted([teacher.name, first.name])
+    # (what it links from each: a dependency that failed after finishing those does not stop it)
+    assert first.needs == {teacher.name: ["teacher"]}
+    assert second.needs == {first.name: ["vanilla"], teacher.name: ["teacher"]}
 
 
 def test_a_study_knows_whether_its_teacher_run_is_its_vanilla_curve(tmp_path):
@@ -581,6 +584,29 @@ def test_a_run_not_started_for_a_failed_dependency_points_to_that_log(swept, tmp
     status = execute([first, then], str(tmp_path / "sw"), retries=0)
     assert status["b"]["state"] == "failed" and status["b"]["error"] == "not run: a failed"
     assert status["b"]["log"] == status["a"]["log"] and "no data here" in open(status["b"]["log"]).read()
+
+
+def test_a_failed_dependency_that_finished_what_a_run_links_does_not_stop_it(swept, tmp_path):
+    """The alpha x tau grid: the first study trains the vanilla student the others link. Its
+    distillation failing (diverged, exit 2) marked every other point "not run", though the vanilla
+    phase they need had finished: they now run; one needing an unfinished phase of it is not run."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    first = tmp_path / "runs" / "first"
+    fails = tmp_path / "fails.py"  # finishes its vanilla phase (best.json), then fails
+    fails.write_text("import os, sys\nd = os.path.join(sys.argv[1], 'seed0', 'vanilla')\nos.makedirs(d, exist_ok=True)\n"
+                     "open(os.path.join(d, 'best.json'), 'w').write('{}')\nsys.exit(2)\n")
+    ok = tmp_path / "ok.py"
+    ok.write_text("")
+    a = Run("a", "study", str(first), [str(first)], seed=0, phases=["vanilla", "distill-dense"], program=str(fails))
+    b = Run("b", "study", str(tmp_path / "runs" / "b"), [], deps=["a"], seed=0, phases=["never"], program=str(ok),
+            needs={"a": ["vanilla"]})
+    c = Run("c", "study", str(tmp_path / "runs" / "c"), [], deps=["a"], seed=0, phases=["never"], program=str(ok),
+            needs={"a": ["vanilla", "distill-dense"]})
+    status = execute([a, b, c], str(tmp_path / "sw"), retries=0)
+    assert status["a"]["state"] == "failed" and "exit code 2" in status["a"]["error"], status
+    assert status["b"]["state"] == "done", status
+    assert status["c"]["state"] == "failed" and status["c"]["error"] == "not run: a failed", status
 
 
 def test_a_missing_or_unreadable_teacher_path_is_an_invalid_point(tmp_path):

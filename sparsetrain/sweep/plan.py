@@ -48,6 +48,8 @@ class Run:
     own_vanilla: bool = False      # a study training its vanilla student (its teacher run's curve is not it)
     config: dict = field(default_factory=dict)  # its resolved settings as config.json records them (the report's
     # row of a point whose run failed before writing one); an invalid point's: the point itself
+    needs: dict = field(default_factory=dict)  # dep name -> the phases this run links from it (a failed dep
+    # that finished them does not stop this run)
 
     def done(self) -> bool:
         """Every phase finished and the run's own report written after them (the report comes last: a
@@ -189,13 +191,14 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         scfg = cfg if name in runs else \
             dataclasses.replace(cfg, phases=tuple(k for k in cfg.phases if k != "teacher") or ("vanilla",))
         train, reads = needed_phases(scfg)
-        deps, trains_one = [], False
+        deps, trains_one, needs = [], False, {}
         for phase in train + reads:
             key = phase_key(scfg, phase, seed)
             if owner.setdefault(key, name) == name:
                 trains_one |= phase in train
-            elif owner[key] not in deps:
-                deps.append(owner[key])
+            else:
+                deps += [] if owner[key] in deps else [owner[key]]
+                needs.setdefault(owner[key], []).append(phase)
         twin = next((runs[d] for d in deps if runs[d].kind == "study"), None)
         if train and not trains_one and twin is not None:
             _refuse_twins(twin.point, p)  # (every phase it would train, another point trains)
@@ -204,7 +207,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             _refuse_twins(shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
-                         own_vanilla=scfg.separate_vanilla(), config=_record(scfg))
+                         own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
     return list(runs.values())
 
 

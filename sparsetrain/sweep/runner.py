@@ -20,6 +20,7 @@ import sys
 import time
 
 from ..experiment.files import EXIT_BUSY, Busy, WriteFailed, folder_busy, folder_lock, write_json
+from ..experiment.reuse import phase_done
 from .plan import Run
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
@@ -227,7 +228,13 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     cwd = os.getcwd()
     running: dict = {}  # ObjectRef -> run
     progress = _Progress(len(todo), sum(s["state"] == "skipped" for s in status.values()))
-    ok = lambda d: status[d]["state"] in ("done", "skipped")  # noqa: E731
+    by_name = {r.name: r for r in plan}
+    # a dep that failed after finishing every phase this run links from it (a study's vanilla, before one of
+    # its distillations diverged) serves it as a finished one does; "not run" before 2026-12-06
+    served = lambda d, r: by_name[d].run_dir and d in r.needs and all(  # noqa: E731
+        phase_done(os.path.join(by_name[d].run_dir, f"seed{r.seed}", p)) for p in r.needs[d])
+    ok = lambda d, r: (status[d]["state"] in ("done", "skipped")  # noqa: E731
+                       or status[d]["state"] == "failed" and served(d, r))
     before_term = signal.getsignal(signal.SIGTERM)  # (Ray's, set by ray.init; None: set from C)
     try:
         signal.signal(signal.SIGTERM, _terminate)
@@ -236,12 +243,12 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     try:
         while todo or running:
             for r in list(todo):
-                if any(status[d]["state"] == "failed" for d in r.deps):
-                    failed = [d for d in r.deps if status[d]["state"] == "failed"]
+                failed = [d for d in r.deps if status[d]["state"] == "failed" and not served(d, r)]
+                if failed:
                     status[r.name].update(state="failed", error=f"not run: {', '.join(failed)} failed",
                                           log=status[failed[0]]["log"])  # (it has none: the failure's)
                     todo.remove(r)
-                elif all(ok(d) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
+                elif all(ok(d, r) for d in r.deps) and (not max_concurrent or len(running) < max_concurrent):
                     if r.run_dir and folder_busy(r.run_dir):  # another sweep (same --out) is running it: wait
                         status[r.name]["waiting"] = "another process is running this run"
                         continue
