@@ -234,6 +234,20 @@ def test_a_hand_edited_status_json_does_not_stop_the_sweep(tmp_path):
         assert status["r"]["state"] == "skipped" and status["r"].get("seconds") == want, (before, status)
 
 
+def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C once every run finished, while the sweep writes its report (figures: seconds): a
+    KeyboardInterrupt traceback. Now one line saying to re-run for the report, exit 130."""
+    from sparsetrain.sweep import runner
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "execute", lambda plan, *a, **k: {r.name: {"state": "done", "log": ""} for r in plan})
+    monkeypatch.setattr(cli, "_report", interrupted)
+    assert cli.main(_tiny(tmp_path, "--seeds", "0")) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("stopped while writing the report; re-run the same command") and len(err.splitlines()) == 1
+
+
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
     """A second sweep on the folder a running one holds (its lock) stops at once with who holds it."""
     from sparsetrain.experiment.files import folder_lock

@@ -263,7 +263,12 @@ def main(argv=None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = _report(plan, sweep_dir, settings, args.what, status)
+    try:
+        summary = _report(plan, sweep_dir, settings, args.what, status)
+    except KeyboardInterrupt:  # (a traceback before 2026-12-06; status.json is written, the runs are finished)
+        print(f"stopped while writing the report; re-run the same command to write it (status: "
+              f"{os.path.join(sweep_dir, 'status.json')})", file=sys.stderr)
+        return 130
     failed = {n: s for n, s in status.items() if s["state"] == "failed"}
     for n, s in failed.items():
         print(f"failed: {n}: {s.get('error', '')} (log: {s['log']})", file=sys.stderr)
