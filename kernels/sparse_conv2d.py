@@ -259,7 +259,8 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
     S = B * H * W
     if S == 0 or C == 0:
         return dx
-    order = cached("channel_order", ccol, lambda: row_order(ccol[::KH * KW].contiguous()))
+    # (per tap count too: one index read as a 3x3 conv and as a 1x1 one groups its columns otherwise)
+    order = cached(f"channel_order{KH * KW}", ccol, lambda: row_order(ccol[::KH * KW].contiguous()))
     grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), C)  # noqa: E731
     launch(_conv_dgrad_kernel, grid, grad_out.contiguous(), ccol, row_t, perm, values.contiguous(), order, dx,
            *_args(g), S, pow2_bucket(S), density_key(row_t.numel(), C), KH * KW)

@@ -237,6 +237,26 @@ def conv_kernels_pruned_and_fp64():
 
 
 @interp
+def conv_grad_input_one_index_as_two_kernel_sizes():
+    """One transposed index read as a 3x3 conv of C channels, then as a 1x1 conv of 9C: the input
+    gradient's channel order was cached per index only, so the second call ran 9C programs over the
+    first's C-entry order (reads past it: a segfault under the interpreter, garbage on a GPU)."""
+    from sparsetrain.engine.formats import CSR, transpose_index
+    from sparsetrain.kernels import sparse_conv2d as K
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(4, 2, 3, 3, generator=g)
+    mask = random_mask(w.shape, 0.4, generator=g)
+    csr = CSR.from_dense(w, mask)
+    ccol, row_t, perm = transpose_index(csr.crow_indices, csr.col_indices, 18)
+    vals, gy = csr.values.detach(), torch.randn(1, 4, 4, 5, generator=g)
+    for wk, k, pad in ((w, 3, 1), (w.reshape(4, 18, 1, 1), 1, 0)):
+        x = torch.randn(1, wk.shape[1], 4, 5, generator=g)
+        _, rdx, _, _ = reference_grads(dense_conv2d, x, wk, mask.reshape(wk.shape), None, gy, stride=1, padding=pad)
+        dx = K.sparse_conv2d_grad_input(gy, ccol, row_t, perm, vals, (4, 5), (k, k), (1, 1), (pad, pad))
+        assert_close_all([(dx, rdx)])
+
+
+@interp
 def conv_grad_input_add():
     """The schemas' grad_input_add (a gradient of x from another branch): dx + it, checked."""
     from sparsetrain.engine.formats import CSR
