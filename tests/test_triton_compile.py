@@ -44,23 +44,23 @@ def _specs():
          dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_scale=A, in_shift=A,
               counts="i64"), csr,
          # every option first (the one the quick run compiles), then the plain conv (a bias or not) and
-         # every fused layer (engine/fused.py: batch statistics always; a conv bias or not; the ReLU before
-         # the BN or not, counting its states only then; the input a deferred BN's y, with its ReLU or
-         # not, or not). (A list written by hand missed the commonest deferred case until 2026-12-05.)
+         # every sparse_conv2d_stats launch (batch statistics always; a conv bias or not; the ReLU or not;
+         # its states counted or not, with or without it, as the C++ op; the input a deferred BN's y, with
+         # its ReLU or not, or not). (A list written by hand missed the commonest deferred case until
+         # 2026-12-05, counting without the ReLU until 2026-12-06: checked against the launches below.)
          [dict(HAS_BIAS=True, RELU=True, STATS=True, IN_ACT=True, IN_RELU=True, COUNTS=True)]
          + [dict(HAS_BIAS=b, RELU=False, STATS=False, IN_ACT=False, IN_RELU=False, COUNTS=False) for b in both]
          + [dict(HAS_BIAS=b, RELU=r, STATS=True, IN_ACT=ia, IN_RELU=ir, COUNTS=c)
-            for b, r, c in itertools.product(both, both, both) if r or not c
+            for b, r, c in itertools.product(both, both, both)
             for ia, ir in ((False, False), (True, False), (True, True))]),
         ("sparse_conv2d", "_conv_dgrad_kernel",
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
          dict(dy=A, x=A, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
         ("bn_act", "_bn_act_kernel", dict(y=T, scale=T, shift=T, res=T, out=T, counts="i64"), ["fp32", "fp64"],
-         # (the ReLU's states are counted only with the ReLU)
+         # (the states, y > 0, are counted with or without the ReLU, as the C++ op)
          [dict(HAS_RES=True, RELU=True, COUNTS=True)] + [dict(HAS_RES=r, RELU=lu, COUNTS=c)
-                                                          for r, lu, c in itertools.product(both, both, both)
-                                                          if lu or not c]),
+                                                          for r, lu, c in itertools.product(both, both, both)]),
     ]
 
 
@@ -172,3 +172,59 @@ def test_readme_states_the_slow_run_s_compilation_count():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     stated = re.search(r"combinations no launch uses; ~?(\d+) compilations", readme)
     assert stated and int(stated.group(1)) == len(_jobs(full=True)), stated and stated.group(0)
+
+
+def test_spec_lists_exactly_the_constexpr_combinations_the_ops_launch(monkeypatch):
+    """Every op's Triton function (and csr_spmm, exported) called with each option it takes, its launches
+    recorded (not run): the (kernel, constexprs) set is _specs()'s, both ways. The hand list missed
+    sparse_conv2d_stats and bn_act counting the ReLU states without the ReLU (the C++ ops count y > 0
+    either way) until 2026-12-06, so those launches were never compiled here."""
+    import importlib
+    import torch
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.engine.formats import CSR
+    monkeypatch.setattr(importlib.import_module("sparsetrain.kernels._utils"), "INTERPRET", True)  # (CPU tensors)
+    mods = {m: importlib.import_module(f"sparsetrain.kernels.{m}")
+            for m in ("sparse_linear", "bsr_matmul", "sparse_conv2d", "bn_act")}
+    launched = set()
+
+    def record(module):
+        def fake_launch(kernel, grid, *args, **meta):
+            name = next(n for n, v in vars(mods[module]).items() if v is kernel)
+            meta = {k: v for k, v in meta.items() if k != "PRECISION"}  # (per dtype: _jobs adds it)
+            launched.add((module, name, tuple(sorted(meta.items()))))
+        return fake_launch
+    for m, mod in mods.items():
+        monkeypatch.setattr(mod, "launch", record(m))
+    both = (False, True)
+    L, M, C, BA = (mods[m] for m in ("sparse_linear", "bsr_matmul", "sparse_conv2d", "bn_act"))
+    w = CSR.from_dense(torch.randn(3, 4))
+    crow, col, vals, ccol, row_t, perm = (t.detach() for t in w.index())
+    for bias in (None, torch.randn(3)):
+        L.sparse_linear(torch.randn(2, 4), crow, col, vals, ccol, row_t, perm, bias)
+    L.sparse_linear_grad_input(torch.randn(2, 3), crow, col, vals, ccol, row_t, perm)
+    L.csr_spmm(ccol, row_t, vals, torch.randn(3, 2), perm=perm, bias=torch.randn(4))  # (exported: both options)
+    L.sparse_linear_grad_weight(torch.randn(2, 3), torch.randn(2, 4), crow, col)
+    for bs in (16, 32, 64):
+        b = BSR.from_dense(torch.randn(bs, bs), bs)
+        v = b.values.detach()
+        for bias in (None, torch.randn(bs)):
+            M.bsr_linear_forward(torch.randn(2, bs), b.crow_indices, b.col_indices, v, bias, bs)
+        M.bsr_linear_grad_input(torch.randn(2, bs), b.ccol_indices, b.row_indices_t, b.perm, v, bs)
+        M.bsr_linear_grad_weight(torch.randn(2, bs), torch.randn(2, bs), b.crow_indices, b.col_indices, bs)
+    wc = CSR.from_dense(torch.randn(2, 2, 3, 3))
+    crow, col, vals, ccol, row_t, perm = (t.detach() for t in wc.index())
+    x, geo = torch.randn(1, 2, 4, 4), ((3, 3), (1, 1), (1, 1))
+    for bias in (None, torch.randn(2)):
+        C.sparse_conv2d(x, crow, col, vals, ccol, row_t, perm, *geo, bias)
+        for relu, counts, (ia, ir) in itertools.product(both, both, ((False, False), (True, False), (True, True))):
+            act = (torch.randn(2), torch.randn(2)) if ia else (None, None)
+            C.sparse_conv2d_stats(x, crow, col, vals, ccol, row_t, perm, *geo, bias, relu, *act, ir,
+                                  torch.zeros(32, dtype=torch.int64) if counts else None)
+    C.sparse_conv2d_backward(torch.randn(1, 2, 4, 4), x, crow, col, vals, ccol, row_t, perm, *geo)
+    for res, relu, counts in itertools.product(both, both, both):
+        BA.bn_act(x, torch.randn(2), torch.randn(2), x.clone() if res else None, relu,
+                  torch.zeros(32, dtype=torch.int64) if counts else None)
+    spec = {(m, k, tuple(sorted(c.items()))) for m, k, _, _, combos in _specs() for c in combos}
+    assert launched - spec == set(), "launched, never compiled here"
+    assert spec - launched == set(), "compiled here, never launched"
