@@ -236,6 +236,42 @@ def conv_kernels_pruned_and_fp64():
     check_conv(1, 3, 2, (5, 6), 3, 2, 1, 0.5, True, dtype=torch.float64)
 
 
+@contextlib.contextmanager
+def _forced(kernel, config):
+    """Launch `kernel` in autotune `config` inside the block: the interpreter otherwise runs only the
+    largest (kernels/_utils.autotune), and a block size that mis-masks an edge tile would show on a GPU only."""
+    saved, kernel._st_default = kernel._st_default, config
+    try:
+        yield
+    finally:
+        kernel._st_default = saved
+
+
+@interp
+def every_autotune_config_on_edge_tiles():
+    """Each kernel in each of its autotune configs, on sizes that leave a partial tile in every block
+    dimension (batch 37 and 33 rows against blocks of 32..256, 1 to 9 nonzeros per row against BLOCK_P)."""
+    import sparsetrain.kernels.bsr_matmul as KB
+    import sparsetrain.kernels.sparse_conv2d as KC
+    import sparsetrain.kernels.sparse_linear as KL
+    for cfg in range(len(KL._SPMM_CONFIGS)):
+        with _forced(KL._csr_spmm_kernel, KL._SPMM_CONFIGS[cfg]), \
+                _forced(KL._csr_sddmm_kernel, KL._SDDMM_CONFIGS[cfg % len(KL._SDDMM_CONFIGS)]):
+            import sparsetrain
+            with sparsetrain.use_backend("triton"):
+                check_linear((37,), 9, 7, 0.4, True, empty_rows=1, seed=cfg)
+    for i, cfg in enumerate(KC._CONFIGS):  # (stride 2 and a bias, or padding 2 and the pixels split in two)
+        with _forced(KC._conv_fwd_kernel, cfg), _forced(KC._conv_dgrad_kernel, cfg), \
+                _forced(KC._conv_wgrad_kernel, cfg):
+            check_conv(1, 2, 3, (7, 5), 3, 2 - i % 2, 1 + i % 2, 0.3, i % 2 == 0, empty_rows=1, split=1 + i % 2)
+    for cfg in range(len(KB._MM_CONFIGS)):
+        with _forced(KB._bsr_mm_kernel, KB._MM_CONFIGS[cfg]), \
+                _forced(KB._bsr_sddmm_kernel, KB._SDDMM_CONFIGS[cfg % len(KB._SDDMM_CONFIGS)]):
+            import sparsetrain
+            with sparsetrain.use_backend("triton"):
+                check_bsr((33,), 37, 20, 16, 0.5, True)
+
+
 @interp
 def conv_grad_input_one_index_as_two_kernel_sizes():
     """One transposed index read as a 3x3 conv of C channels, then as a 1x1 conv of 9C: the input
