@@ -260,6 +260,37 @@ def check_perm(perm: torch.Tensor, nnz: int) -> None:
         raise ValueError(f"perm has entries outside [0, {nnz})")
 
 
+def check_transposed(ccol, row_t, perm, crow=None, col=None) -> None:
+    """The transposed index (ccol, row_t, perm: checked, perm within [0, nnz)) is the CSR's (crow, col) own:
+    perm a permutation, entry k of column c the CSR entry perm[k], of row row_t[k] and column c (the C++ conv
+    ops' check_transposed, same wording); without the CSR, perm a permutation. A duplicate read one weight twice
+    and another never, silently. Once per mask (cached, as max_index)."""
+    if crow is not None:
+        check_device(perm, crow, col, name="sparse_conv2d backward")  # (read together below)
+        check_index(crow, "crow_indices", torch.int64)
+        check_index(col, "col_indices", torch.int32)
+        check_compressed(crow, col, "crow_indices", "col_indices")
+
+    def make():
+        nnz = perm.numel()
+        if crow is not None and (col.numel() != nnz or max_index(row_t, "row_indices_t") >= crow.numel() - 1):
+            return False
+        if nnz == 0:
+            return True
+        ok = (torch.bincount(perm, minlength=nnz) == 1).all()
+        if crow is not None:  # (the column of each CSC entry, from ccol; its row's CSR range, from crow)
+            c = torch.repeat_interleave(torch.arange(ccol.numel() - 1, device=ccol.device), ccol.diff(),
+                                        output_size=nnz)
+            r = row_t.long()
+            ok &= ((col[perm].long() == c) & (crow[r] <= perm) & (perm < crow[r + 1])).all()
+        return bool(ok)
+    also = (ccol, row_t) + ((crow, col) if crow is not None else ())
+    if not cached("transposed" if crow is not None else "permutation", perm, make, *also):
+        raise ValueError("ccol_indices, row_indices_t and perm must be the transposed index of crow_indices and "
+                         "col_indices (CSR.index() builds them)" if crow is not None else
+                         "perm must be a permutation of [0, nnz)")
+
+
 def row_order(ptr: torch.Tensor) -> torch.Tensor:
     """Rows of a compressed index sorted by length, longest first (int32): one launch serves all
     rows, similar lengths share a program, and the heaviest rows start first (LPT schedule)."""

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, launch,
                      tensor_args)
-from .sparse_conv2d import conv2d_grad_weight, sparse_conv2d_backward, sparse_conv2d_grad_input
+from .sparse_conv2d import _plus, conv2d_grad_input, conv2d_grad_weight, sparse_conv2d_backward
 
 __all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
 
@@ -278,9 +278,9 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     if grad_input and grad_values:
         dx, dv = sparse_conv2d_backward(dy, xa, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                                         kernel_size, stride, padding, grad_input_add)
-    elif grad_input:
-        dx = sparse_conv2d_grad_input(dy, ccol_indices, row_indices_t, perm, values, list(x.shape[2:]), kernel_size,
-                                      stride, padding, grad_input_add)
+    elif grad_input:  # (the transposed index checked against the CSR, as by the C++ op)
+        dx = _plus(conv2d_grad_input(dy, ccol_indices, row_indices_t, perm, values, list(x.shape[2:]), kernel_size,
+                                     stride, padding, (crow_indices, col_indices)), grad_input_add)
     elif grad_values:
         dv = conv2d_grad_weight(dy, xa, crow_indices, col_indices, kernel_size, stride, padding)
     if in_mean is not None and grad_input:  # the deferred BN's first-pass sums, over dx masked by its ReLU

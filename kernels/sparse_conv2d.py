@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
-                     check_ints, check_perm, check_values, density_key, dtype_name, launch, max_index, num_sms,
-                     pow2_bucket, row_order, tensor_args)
+                     check_ints, check_perm, check_transposed, check_values, density_key, dtype_name, launch,
+                     max_index, num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -228,8 +228,9 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     return y
 
 
-def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding):
-    """dx [B, C, H, W] (input_size = (H, W)) by input channel through the CSC index."""
+def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_size, stride, padding, csr=()):
+    """dx [B, C, H, W] (input_size = (H, W)) by input channel through the CSC index; csr: (crow, col), whose
+    transposed index it must be (without: perm a permutation)."""
     check_device(grad_out, ccol, row_t, perm, values, name="sparse_conv2d_grad_input")
     check_conv_args(kernel_size, stride, padding)
     check_index(ccol, "ccol_indices", torch.int64)
@@ -243,6 +244,7 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
     B, O = grad_out.shape[:2]
     if max_index(row_t, "row_indices_t") >= O:
         raise ValueError(f"grad_out has {O} channels, fewer than the weight's output rows (row_indices_t)")
+    check_transposed(ccol, row_t, perm, *csr)  # (the C++ op's order: after the index's ranges)
     KH, KW = (int(v) for v in kernel_size)
     cols = ccol.numel() - 1
     if cols % (KH * KW):
@@ -390,6 +392,6 @@ def sparse_conv2d_backward(grad_out, x, crow_indices, col_indices, values, ccol_
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
     dx = _plus(conv2d_grad_input(grad_out, ccol_indices, row_indices_t, perm, values, x.shape[2:],
-                                 kernel_size, stride, padding), grad_input_add)
+                                 kernel_size, stride, padding, (crow_indices, col_indices)), grad_input_add)
     dw = conv2d_grad_weight(grad_out, x, crow_indices, col_indices, kernel_size, stride, padding)
     return dx, dw

@@ -245,6 +245,15 @@ def bn_backward_arguments_refused_as_the_cpp_ops():
                             "sums must be float64", ValueError),
                            (bn_backward(tail=(a, b, True, False, m3[:1])), r"in_mean must have shape \[", ValueError)):
         refused_alike(ops.sparse_conv2d_bn_backward, KB.sparse_conv2d_bn_backward, args, msg, err)
+    # a transposed index that is not the CSR's (a duplicate in perm), with dW or for dx only (checked as the C++
+    # op since 2026-12-06: the dx-only call checked none of it, the other not against the CSR)
+    dup = idx[5].clone()
+    dup[1] = dup[0]
+    for grad_values in (True, False):
+        args = list(bn_backward())
+        args[7], args[-1] = dup, grad_values
+        refused_alike(ops.sparse_conv2d_bn_backward, KB.sparse_conv2d_bn_backward, args,
+                      "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices")
 
 
 class _Res(torch.nn.Module):

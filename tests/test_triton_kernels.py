@@ -557,6 +557,16 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
         refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input, (*args, [5, 5], *geo), msg)
     refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward,
                   (gy, x, crow, col, v, ccol, rt, edit(perm, 0, nnz), *geo), rf"perm has entries outside \[0, {nnz}\)")
+    # a transposed index that is not the CSR's (a duplicate in perm read one weight twice and another never,
+    # another row in row_indices_t: a silently wrong dx on the Triton ops before 2026-12-06)
+    dup, other_row = edit(perm, 1, int(perm[0])), edit(rt, 0, (int(rt[0]) + 1) % 4)
+    refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input, (gy, ccol, rt, dup, v, [5, 5], *geo),
+                  r"perm must be a permutation of \[0, nnz\)")
+    for bad_rt, bad_perm in ((rt, dup), (other_row, perm)):
+        refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward, (gy, x, crow, col, v, ccol, bad_rt,
+                      bad_perm, *geo), "ccol_indices, row_indices_t and perm must be the transposed index of crow_ind")
+    with pytest.raises(ValueError, match="all tensors must be on one device"):  # (before it reads crow with perm)
+        KC.sparse_conv2d_backward(gy, x, crow.to("meta"), col, v, ccol, rt, perm, *geo)
     # negative entries (read before the tensor they index): the C++ ops' range check, ours by sign
     either = r"{} has (entries outside \[0, \d+\)|negative entries \(the smallest is -1\))"
     refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, crow, edit(col, 0, -1), v, ccol, rt, perm, *geo, None),
