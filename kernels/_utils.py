@@ -201,6 +201,8 @@ _CACHE: dict[str, WeakIdKeyDictionary] = {}
 
 def cached(kind: str, key_tensor: torch.Tensor, make, *also: torch.Tensor):
     """make() once per (kind, key_tensor); `also` are tensors the value depends on too."""
+    if any(t.is_inference() for t in (key_tensor, *also)):  # (no version counter to see an in-place edit by:
+        return make()  # computed per call; reading _version raised for a model built under torch.inference_mode)
     table = _CACHE.setdefault(kind, WeakIdKeyDictionary())
     stamp = tuple((t._version, t.data_ptr(), t.numel()) for t in (key_tensor, *also))
     hit = table.get(key_tensor)

@@ -273,6 +273,25 @@ def every_autotune_config_on_edge_tiles():
 
 
 @interp
+def layers_built_under_inference_mode():
+    """A model built (or loaded) under torch.inference_mode has inference index tensors, which keep no version
+    counter: the per-mask caches read it ("Inference tensors do not track version counter", a RuntimeError on
+    the Triton backend only, before 2026-12-06); they compute per call for such tensors now."""
+    import torch.nn.functional as F
+    import sparsetrain
+    from sparsetrain.nn import SparseConv2d, SparseLinear
+    g = torch.Generator().manual_seed(7)
+    lin, conv = torch.nn.Linear(6, 4), torch.nn.Conv2d(2, 3, 3, padding=1)
+    ml, mc = random_mask((4, 6), 0.5, generator=g), random_mask((3, 2, 3, 3), 0.5, generator=g)
+    x, xc = torch.randn(2, 6, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    with torch.inference_mode(), sparsetrain.use_backend("triton"):
+        sl, sc = SparseLinear.from_dense(lin, ml), SparseConv2d.from_dense(conv, mc)
+        for _ in range(2):  # (the second call: nothing stale from the first)
+            assert_close_all([(sl(x), F.linear(x, lin.weight * ml, lin.bias)),
+                              (sc(xc), F.conv2d(xc, conv.weight * mc, conv.bias, padding=1))])
+
+
+@interp
 def conv_grad_input_one_index_as_two_kernel_sizes():
     """One transposed index read as a 3x3 conv of C channels, then as a 1x1 conv of 9C: the input
     gradient's channel order was cached per index only, so the second call ran 9C programs over the
