@@ -247,10 +247,32 @@ def _forced(kernel, config):
         kernel._st_default = saved
 
 
+def check_conv_stats(relu, in_relu, seed=0):
+    """sparse_conv2d_stats (a deferred BN on x, a bias, the ReLU or not, its states counted either way) vs the
+    dense masked conv of act(scale x + shift): y, sum y and sum y^2 per channel, the samples with y > 0."""
+    import torch.nn.functional as F
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels import sparse_conv2d as K
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(3, 2, 3, 3, generator=g), torch.randn(3, generator=g)
+    mask = random_mask(w.shape, 0.3, generator=g, empty_rows=1)
+    x, scale, shift = torch.randn(2, 2, 7, 5, generator=g), torch.rand(2, generator=g) + 0.5, torch.randn(2, generator=g)
+    xa = x * scale[:, None, None] + shift[:, None, None]
+    ry = F.conv2d(xa.clamp_min(0) if in_relu else xa, w * mask, b, stride=2, padding=1)
+    ry = ry.clamp_min(0) if relu else ry
+    counts = torch.full((ry[0].numel(),), 5, dtype=torch.int64)
+    y, stats = K.sparse_conv2d_stats(x, *(t.detach() for t in CSR.from_dense(w, mask).index()), (3, 3), (2, 2),
+                                     (1, 1), b, relu, scale, shift, in_relu, counts)
+    ref_stats = torch.stack([ry.double().sum((0, 2, 3)), (ry.double() ** 2).sum((0, 2, 3))])
+    assert_close_all([(y, ry), (stats, ref_stats)])
+    assert torch.equal(counts, 5 + (ry > 0).sum(0).flatten())
+
+
 @interp
 def every_autotune_config_on_edge_tiles():
     """Each kernel in each of its autotune configs, on sizes that leave a partial tile in every block
-    dimension (batch 37 and 33 rows against blocks of 32..256, 1 to 9 nonzeros per row against BLOCK_P)."""
+    dimension (batch 37 and 33 rows against blocks of 32..256, 1 to 9 nonzeros per row against BLOCK_P);
+    the conv forward also with its fused layer's epilogue (statistics, ReLU counts, a deferred BN)."""
     import sparsetrain.kernels.bsr_matmul as KB
     import sparsetrain.kernels.sparse_conv2d as KC
     import sparsetrain.kernels.sparse_linear as KL
@@ -264,6 +286,7 @@ def every_autotune_config_on_edge_tiles():
         with _forced(KC._conv_fwd_kernel, cfg), _forced(KC._conv_dgrad_kernel, cfg), \
                 _forced(KC._conv_wgrad_kernel, cfg):
             check_conv(1, 2, 3, (7, 5), 3, 2 - i % 2, 1 + i % 2, 0.3, i % 2 == 0, empty_rows=1, split=1 + i % 2)
+            check_conv_stats(relu=i % 2 == 0, in_relu=i % 3 == 0, seed=i)
     for cfg in range(len(KB._MM_CONFIGS)):
         with _forced(KB._bsr_mm_kernel, KB._MM_CONFIGS[cfg]), \
                 _forced(KB._bsr_sddmm_kernel, KB._SDDMM_CONFIGS[cfg % len(KB._SDDMM_CONFIGS)]):
