@@ -166,6 +166,16 @@ def check_ints(v, arg: str) -> None:
         raise TypeError(f"{arg} must hold ints, got {list(v)}")
 
 
+def check_split(split) -> int | None:
+    """A weight gradient's `split` (slices of the batch or pixels, summed atomically): None (chosen) or an int
+    >= 1, returned as an int; 0 or a negative launched no program (uninitialised memory or zeros, silently)."""
+    if split is not None and (isinstance(split, bool) or not isinstance(split, numbers.Integral)):
+        raise TypeError(f"split must be an int >= 1 or None, got {split!r}")
+    if split is not None and split < 1:
+        raise ValueError(f"split must be an int >= 1 or None, got {split!r}")
+    return None if split is None else int(split)
+
+
 def check_values(values, nnz: int) -> None:
     """values [nnz] float, as the C++ ops' check_values_conv (the kernels read values[p] for p < nnz)."""
     check_float(values, "values")

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (INTERPRET, autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz,
-                     check_perm, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
+                     check_perm, check_split, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
 
@@ -263,7 +263,7 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size not in (16, 32, 64):
         raise ValueError(f"block_size must be 16, 32 or 64, got {block_size!r}")  # (16.0 failed in torch.zeros)
-    block_size = int(block_size)  # (a numpy int: Triton refused it as BS, tl.arange's constexpr)
+    block_size, split = int(block_size), check_split(split)  # (a numpy int: Triton refused it as BS, a constexpr)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)
     check_compressed(crow, col, "crow_indices", "col_indices")  # (block j of out is written, j < crow[-1])

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
-                     check_ints, check_perm, check_transposed, check_values, density_key, dtype_name, launch,
-                     max_index, num_sms, pow2_bucket, row_order, tensor_args)
+                     check_ints, check_perm, check_split, check_transposed, check_values, density_key, dtype_name,
+                     launch, max_index, num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -286,7 +286,7 @@ def conv2d_grad_weight(grad_out, x, crow, col, kernel_size, stride, padding, *, 
     B = x.shape[0]
     if tuple(grad_out.shape) != (B, O, g["OH"], g["OW"]):
         raise ValueError(f"grad_out must have shape {(B, O, g['OH'], g['OW'])}, got {tuple(grad_out.shape)}")
-    S = B * g["OH"] * g["OW"]
+    S, split = B * g["OH"] * g["OW"], check_split(split)
     nonempty = cached("nonempty_rows", crow, lambda: int((crow.diff() > 0).sum()))
     if split is None:
         split = max(1, min(triton.cdiv(S, 1024), triton.cdiv(4 * num_sms(x.device), max(nonempty, 1))))

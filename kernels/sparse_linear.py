@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_compressed,
-                     check_device, check_float, check_index, check_nnz, check_perm, density_key, launch, max_index,
-                     num_sms, pow2_bucket, row_order, tensor_args)
+                     check_device, check_float, check_index, check_nnz, check_perm, check_split, density_key, launch,
+                     max_index, num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -240,6 +240,7 @@ def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
     `split` cuts the batch over programs (atomic accumulation); by default only when the
     non-empty rows alone cannot fill the GPU."""
     check_compressed(ptr, idx, "ptr", "idx")
+    split = check_split(split)
     rows, nnz, B = ptr.numel() - 1, idx.numel(), xt.shape[1]
     nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))
     if split is None:

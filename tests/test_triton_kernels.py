@@ -315,6 +315,38 @@ def layers_built_under_inference_mode():
 
 
 @interp
+def weight_gradient_split_checked():
+    """The weight gradients' `split` keyword (conv2d_grad_weight, csr_sddmm, bsr_linear_grad_weight): 0 or a
+    negative launched no program and returned uninitialised memory or zeros, silently, before 2026-12-06; now a
+    ValueError (a non-int a TypeError), and a numpy int computes the dense masked gradient."""
+    import numpy as np
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels import bsr_matmul as KB, sparse_conv2d as KC, sparse_linear as KL
+    g = torch.Generator().manual_seed(8)
+    wc, mc = torch.randn(3, 2, 3, 3, generator=g), random_mask((3, 2, 3, 3), 0.4, generator=g)
+    x, gy = torch.randn(2, 2, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    wl, ml = torch.randn(4, 6, generator=g), random_mask((4, 6), 0.4, generator=g)
+    xl, gl = torch.randn(5, 6, generator=g), torch.randn(5, 4, generator=g)
+    wb = BSR.from_dense(torch.randn(20, 18, generator=g), 16)
+    xb, gb = torch.randn(3, 18, generator=g), torch.randn(3, 20, generator=g)
+    c, lin = CSR.from_dense(wc, mc), CSR.from_dense(wl, ml)
+    wr = (wc * mc).requires_grad_(True)
+    torch.nn.functional.conv2d(x, wr, padding=1).backward(gy)
+    calls = [(lambda s: KC.conv2d_grad_weight(gy, x, c.crow_indices, c.col_indices, (3, 3), (1, 1), (1, 1), split=s),
+              wr.grad[mc]),
+             (lambda s: KL.csr_sddmm(lin.crow_indices, lin.col_indices, gl.t().contiguous(), xl.t().contiguous(),
+                                     split=s), (gl.t() @ xl)[ml]),
+             (lambda s: KB.bsr_linear_grad_weight(gb, xb, wb.crow_indices, wb.col_indices, 16, split=s),
+              BSR.from_dense(gb.t() @ xb, 16).values)]
+    for call, ref in calls:
+        assert_close_all([(call(np.int64(2)), ref)])
+        for bad, err in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+            with pytest.raises(err, match=r"split must be an int >= 1 or None, got"):
+                call(bad)
+
+
+@interp
 def conv_grad_input_one_index_as_two_kernel_sizes():
     """One transposed index read as a 3x3 conv of C channels, then as a 1x1 conv of 9C: the input
     gradient's channel order was cached per index only, so the second call ran 9C programs over the
