@@ -194,6 +194,70 @@ def test_small_map_kernel_float64_and_one_thread():
         torch.set_num_threads(n)
 
 
+# (in, out, batch, map, k, s, p, sparsity): phase planes (sparse rows; channel-blocked rows; stride 2),
+# the small-map kernel, the strided 1x1 kernel; and the linear layer (batch, in, out, sparsity): tile
+# widths 16 and 64, few read columns
+THREAD_CONVS = [(5, 7, 3, (9, 9), 3, 1, 1, 0.5), (70, 64, 9, (6, 6), 3, 1, 1, 0.1), (3, 4, 5, (13, 13), 3, 2, 1, 0.9),
+                (6, 8, 40, (4, 4), 3, 1, 1, 0.6), (6, 5, 17, (8, 8), 1, 2, 0, 0.2)]
+THREAD_LINEARS = [(3, 7, 5, 0.5), (200, 300, 40, 0.9), (130, 1000, 10, 0.99)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_do_not_depend_on_the_thread_count(dtype):
+    """y, dx and the ReLU counts are summed in one fixed order whatever the split over threads: bitwise
+    equal at 1 and 2 threads. The reductions split over threads (dvalues, the BN statistics) are bitwise
+    equal from run to run at one thread count (no race in the per-thread scratch or partial sums)."""
+    g = torch.Generator().manual_seed(3)
+    o = torch.ops.sparsetrain
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    n = torch.get_num_threads()
+
+    def at(threads, fn):
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(n)
+
+    assert [_small_tile(*c[:7], dtype) for c in THREAD_CONVS] == [0, 0, 0, 32, -1]  # (the kernels named above)
+    for cin, cout, batch, hw, k, s, p, sparsity in THREAD_CONVS:
+        w = torch.randn(cout, cin, k, k, generator=g, dtype=dtype)
+        mask = random_mask(w.shape, sparsity, generator=g)
+        idx = [t.detach() for t in CSR.from_dense(w, mask).index()]
+        x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype)
+        b = torch.randn(cout, generator=g, dtype=dtype)
+        geo = ([k, k], [s, s], [p, p])
+        ref = torch.relu(F.conv2d(x, w * mask, b, s, p))
+        dy = torch.randn(ref.shape, generator=g, dtype=dtype)
+
+        def fwd():
+            counts = torch.zeros(ref[0].numel(), dtype=torch.int64)
+            y, stats = o.sparse_conv2d_stats(x, *idx, *geo, b, True, relu_counts=counts)
+            return y, counts, stats
+
+        def bwd():
+            return o.sparse_conv2d_backward(dy, x, *idx, *geo)
+
+        (y1, c1, _), (y2, c2, st2), (_, _, st3) = at(1, fwd), at(2, fwd), at(2, fwd)
+        (dx1, _), (dx2, dv2), (_, dv3) = at(1, bwd), at(2, bwd), at(2, bwd)
+        torch.testing.assert_close(y2, ref, **tol)
+        assert torch.equal(c2, (ref > 0).sum(0).flatten())
+        for u, v in ((y1, y2), (c1, c2), (dx1, dx2), (st2, st3), (dv2, dv3)):
+            assert torch.equal(u, v)
+    for batch, fin, fout, sparsity in THREAD_LINEARS:
+        w = torch.randn(fout, fin, generator=g, dtype=dtype)
+        mask = random_mask(w.shape, sparsity, generator=g)
+        idx = [t.detach() for t in CSR.from_dense(w, mask).index()]
+        x = torch.randn(batch, fin, generator=g, dtype=dtype)
+        dy = torch.randn(batch, fout, generator=g, dtype=dtype)
+        fwd = lambda: o.sparse_linear(x, *idx, None)
+        gi = lambda: o.sparse_linear_grad_input(dy, *idx)
+        gw = lambda: o.sparse_linear_grad_weight(dy, x, idx[0], idx[1])
+        torch.testing.assert_close(at(2, fwd), x @ (w * mask).T, **tol)
+        assert torch.equal(at(1, fwd), at(2, fwd)) and torch.equal(at(1, gi), at(2, gi))
+        assert torch.equal(at(2, gw), at(2, gw))
+
+
 def test_kernel_choice():
     # small maps with a batch of >= 16 take the batch-innermost kernel, the rest the phase planes
     assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 32     # ResNet-18 layer4: 1 MB tiles
