@@ -390,6 +390,12 @@ def test_more_ranks_on_a_node_than_gpus_is_refused(mnist_dir, study_args, monkey
         err = capsys.readouterr().err
         assert "error: torchrun started 2 processes on this node, which has 1 CUDA device(s): one GPU per rank; " \
                "use --nproc-per-node 1 or fewer, or --device cpu" in err, err
+    # a launcher that sets LOCAL_RANK but not LOCAL_WORLD_SIZE: local rank 1 of a 1-GPU node still refused
+    # (set_device's traceback before), local rank 0 passes on to the rendezvous (refused below: no RANK)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert study.main(study_args(mnist_dir, "--teachers", "dense")) == 2
+    assert "error: torchrun started 2 processes on this node, which has 1 CUDA device(s)" in capsys.readouterr().err
     assert not (mnist_dir / "runs").exists() or not any((mnist_dir / "runs").iterdir())
 
 
@@ -404,6 +410,12 @@ def test_world_size_without_torchrun_is_refused(mnist_dir, study_args, monkeypat
     err = capsys.readouterr().err
     assert "error: WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: start the processes with torchrun" in err, err
     assert "Traceback" not in err
+    for bad in ("two", "-1", "1.5"):  # (int()'s ValueError traceback before)
+        monkeypatch.setenv("WORLD_SIZE", bad)
+        assert study.main(study_args(mnist_dir, "--teachers", "dense")) == 2
+        err = capsys.readouterr().err
+        assert f"error: WORLD_SIZE={bad!r} is not a whole number: start the processes with torchrun, which sets " \
+               "it, or unset it" in err and "Traceback" not in err, err
 
 
 def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args):

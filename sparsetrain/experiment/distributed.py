@@ -25,14 +25,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sync_bn_stats_",
+__all__ = ["launch_var", "setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sync_bn_stats_",
            "check_masks_agree", "same_everywhere", "teardown"]
+
+
+def launch_var(name: str, default: int) -> int:
+    """torchrun's integer variable `name` (WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_RANK), `default` where unset;
+    ValueError naming it when it is no whole number (int()'s traceback before)."""
+    v = os.environ.get(name, "")
+    if not v.strip():
+        return default
+    if not v.strip().isdigit():
+        raise ValueError(f"{name}={v!r} is not a whole number: start the processes with torchrun, which sets it, "
+                         f"or unset it")
+    return int(v)
 
 
 def setup(device: torch.device) -> None:
     """Join the torchrun group (env:// rendezvous) when launched with WORLD_SIZE > 1; ValueError when
     the rendezvous' variables are missing (WORLD_SIZE set by hand or left over from a parent job)."""
-    n = int(os.environ.get("WORLD_SIZE", "1"))
+    n = launch_var("WORLD_SIZE", 1)
     if n > 1 and not dist.is_initialized():
         missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
         if missing:  # (init_process_group raised its ValueError for the first one, a traceback)

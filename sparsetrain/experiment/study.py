@@ -153,16 +153,17 @@ def run_study(cfg: Config) -> str:
     """Run (or continue) every phase of every seed; returns the path of summary.md."""
     torch.set_num_threads(threads_for(cfg))
     dev = resolve_device(cfg.device)
-    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
-        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-        if per_node > gpus:  # (every rank sees it: set_device's "invalid device ordinal" was one rank's traceback)
-            raise UsageError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA device(s): "
-                             f"one GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
     try:
+        if dev.type == "cuda" and dist.launch_var("WORLD_SIZE", 1) > 1:  # torchrun: one GPU per rank
+            local, gpus = dist.launch_var("LOCAL_RANK", 0), torch.cuda.device_count()
+            per_node = max(dist.launch_var("LOCAL_WORLD_SIZE", 1), local + 1)  # (a launcher without LOCAL_WORLD_SIZE)
+            if per_node > gpus:  # (every rank sees it: set_device's "invalid device ordinal" was one rank's traceback)
+                raise UsageError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA "
+                                 f"device(s): one GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
+            dev = torch.device("cuda", local)
+            torch.cuda.set_device(dev)
         dist.setup(dev)
-    except ValueError as e:  # (a launch without torchrun's variables)
+    except ValueError as e:  # (a launch without torchrun's variables, or one not a number)
         raise UsageError(str(e)) from None
     if dist.world() > 1 and dist.is_main():
         # (torchrun sets OMP_NUM_THREADS=1 where it is unset: on CPUs say what each rank runs on)
