@@ -233,6 +233,7 @@ template <typename T>
 T* scratch(size_t n, int slot) {
   thread_local std::vector<double> bufs[7];
   auto& b = bufs[slot];
+  if (n > (SIZE_MAX - 64 * sizeof(double)) / sizeof(T)) throw std::bad_alloc();  // (n * sizeof(T) would wrap)
   const size_t words = (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) + 8;
   if (b.size() < words) {
     if (words * sizeof(double) > scratch_limit()) throw std::bad_alloc();

@@ -190,9 +190,13 @@ inline size_t output_pool_bytes() {
 
 // An uninitialised output tensor of `sizes`: pooled memory from 1 MiB on.
 inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  int64_t numel = 1;
-  for (auto s : sizes) numel *= s;
-  const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  int64_t numel = 1, bytes_ = 0;
+  for (auto s : sizes)  // (a padding of 2^31 - 1 wrapped the count: "cannot allocate 18446744039349813252 bytes")
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(numel, s, &numel), "the output of shape ", sizes,
+                      " has more than 2^63 elements");
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(numel, int64_t(c10::elementSize(c10::typeMetaToScalarType(opts.dtype()))),
+                                            &bytes_), "the output of shape ", sizes, " has more than 2^63 bytes");
+  const size_t bytes = size_t(bytes_);
   if (bytes < kPoolMinBytes) return at::empty(sizes, opts);
   const size_t limit = pool_limit_bytes();
   PoolBlock* hit = nullptr;

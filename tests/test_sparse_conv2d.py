@@ -808,3 +808,47 @@ def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
         if not frozen and state is None:
             (dv,) = torch.autograd.grad(layer(x), layer.weight.values, g)
             torch.testing.assert_close(dv, dref[1][mask])
+
+
+def test_phase_planes_whose_size_overflows_int64_are_refused_not_a_crash():
+    """make_plan's per-sample size of the phase planes, channels * stride_h * stride_w * plane * bytes,
+    overflowed int64: 262657 channels, stride 8192 and padding 990 * 8192 on a 1x1 input wrapped it to 1,
+    the "padding this far past the kernel" check passed, and the forward packed x into a scratch buffer
+    sized by the (also wrapped) C * xs: a segfault (the input gradient: std::bad_alloc). An output of
+    more than 2^63 elements (padding 2^31 - 1) was torch's "cannot allocate 18446744039349813252 bytes".
+    Each is refused with a ValueError, in a subprocess (a crash must not take the suite down); a
+    1-channel conv with the same stride and a small padding still equals F.conv2d there."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F, sparsetrain.engine.ops
+        from sparsetrain.engine.formats import CSR
+        o = torch.ops.sparsetrain
+        def run(call):
+            try:
+                call()
+                return "no error"
+            except ValueError as e:
+                return "refused: " + ("padding this far past the kernel" in str(e)) * "planes" + (
+                    "more than 2^63" in str(e)) * "output"
+        C, s, m = 262657, 8192, 990
+        w = torch.zeros(1, C, 1, 1)
+        w[0, 5, 0, 0] = 1.5
+        crow, col, values, ccol, row_t, perm = [t.detach() for t in CSR.from_dense(w).index()]
+        x, geo = torch.randn(1, C, 1, 1), ([1, 1], [s, s], [m * s, m * s])
+        print(run(lambda: o.sparse_conv2d(x, crow, col, values, ccol, row_t, perm, *geo, None)))
+        print(run(lambda: o.sparse_conv2d_stats(x, crow, col, values, ccol, row_t, perm, *geo, None, True)))
+        print(run(lambda: o.sparse_conv2d_grad_input(torch.zeros(1, 1, 1981, 1981), ccol, row_t, perm, values,
+                                                     [1, 1], *geo)))
+        w1 = torch.ones(1, 1, 1, 1)
+        idx = [t.detach() for t in CSR.from_dense(w1).index()]
+        x1 = torch.randn(1, 1, 1, 1)
+        print(run(lambda: o.sparse_conv2d(x1, *idx, [1, 1], [1, 1], [2**31 - 1, 2**31 - 1], None)))
+        y = o.sparse_conv2d(x1, *idx, [1, 1], [s, s], [3, 3], None)
+        print(torch.equal(y, F.conv2d(x1, w1, stride=s, padding=3)))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.split("\n")
+    assert lines[:3] == ["refused: planes"] * 3 and lines[3].startswith("refused: ") and lines[4] == "True", r.stdout

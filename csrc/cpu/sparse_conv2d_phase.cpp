@@ -24,6 +24,12 @@ namespace {
 
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+// a * b (both >= 0), saturated at INT64_MAX: the plan's sizes of far-padded, widely strided inputs
+// (262657 channels, stride 8192, padding 990 * 8192 wrapped the per-sample size to 1: a segfault)
+int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
 
 // Phase plane extent along one axis: it must hold the real pixels (n/s rounded up), the output
 // grid (on), the reach of the last output (on - 1 + max shift) and, past the real pixels, as many
@@ -53,16 +59,18 @@ Plan make_plan(int64_t B, int64_t C, int64_t H, int64_t W, int64_t O, at::IntArr
   P.sh = std::min(P.sh, Hp - P.kh + 1), P.sw = std::min(P.sw, Wp - P.kw + 1);
   P.OH = (Hp - P.kh) / P.sh + 1, P.OW = (Wp - P.kw) / P.sw + 1;
   P.PH = plane_extent(H, P.kh, P.sh, P.ph, P.OH), P.PW = plane_extent(W, P.kw, P.sw, P.pw, P.OW);
-  P.frame = P.PH * P.PW, P.nph = P.sh * P.sw;
+  P.frame = sat_mul(P.PH, P.PW), P.nph = sat_mul(P.sh, P.sw);
   // tiles of the larger packed operand of ~tile bytes (measured: sizing x + dy together for the
   // backward halves the tiles and is slower)
-  const int64_t per_sample = std::max<int64_t>(std::max<int64_t>(C * P.nph, O) * P.frame * elem, 1);
+  const int64_t per_sample =
+      std::max<int64_t>(sat_mul(sat_mul(std::max<int64_t>(sat_mul(C, P.nph), O), P.frame), int64_t(elem)), 1);
   // A padding far past the kernel with a large stride makes stride_h * stride_w planes of mostly
   // zeros (stride and padding 4096 on a 5x5 input: 16.8 M planes, 1.8 GB a sample, and the per-thread
   // scratch's bad_alloc inside the parallel region aborted the process; 2048: 13 s and 6.9 GB for a
   // 3x3 output). Refused where the planes would exceed both 64 MiB a sample and 4x the sample's input
   // and output (a conv the kernels serve packs about its padded input: never near this).
-  const int64_t io = (C * H * W + O * P.OH * P.OW) * int64_t(elem);
+  const int64_t io = sat_mul(std::min(sat_mul(sat_mul(C, H), W), INT64_MAX / 2) +
+                                 std::min(sat_mul(sat_mul(O, P.OH), P.OW), INT64_MAX / 2), int64_t(elem));
   TORCH_CHECK_VALUE(per_sample <= std::max<int64_t>(int64_t(64) << 20, 4 * io), "stride (", P.sh, ", ", P.sw,
                     ") and padding (", P.ph, ", ", P.pw, ") on a (", H, ", ", W, ") input: the CPU kernels would pack "
                     "each sample into ", P.nph, " phase planes of (", P.PH, ", ", P.PW, "), ", per_sample,
