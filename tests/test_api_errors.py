@@ -1,6 +1,7 @@
 """Bad input to the public Python API: a ValueError/TypeError/KeyError naming the argument, never a
 silently ignored key, a broadcast mask, a wrong number or an error from deep inside torch."""
 import copy
+import math
 import re
 
 import numpy as np
@@ -480,3 +481,16 @@ def test_fuse_switches_must_be_bools():
         model = sparsetrain.sparsify_(copy.deepcopy(base), masks, fuse=fuse)
         assert (type(model[0]).__name__ == "SparseConvBNReLU") == bool(fuse)
         torch.testing.assert_close(model(x), ref)
+
+
+def test_a_weight_of_2_to_the_31_columns_is_refused():
+    """The column index is int32: from_dense cast the columns of a weight of 2^31 or more (in_features, or
+    in_channels * kh * kw) without a check, wrapping them (a corrupt container the ops refused later).
+    The constructor, which from_dense calls, refuses such a shape by its columns (empty rows here: a
+    weight that size does not fit this machine), before any buffer is made."""
+    crow, col, values = torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0)
+    for shape in ((1, 2**31), (1, 2**16, 2**15), (1, 2**20, 46, 46)):
+        with pytest.raises(ValueError, match=rf"^the weight has {math.prod(shape[1:])} columns: the int32 column "
+                                             r"index holds < 2\^31$"):
+            CSR(crow, col, values, shape)
+    assert CSR(crow, col, values, (1, 2**20)).to_dense().shape == (1, 2**20)

@@ -261,6 +261,8 @@ def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate:
     rows, cols = shape[0], math.prod(shape[1:])
     if block:
         rows, cols = -(-rows // block), -(-cols // block)
+    if cols >= 2**31:  # (from_dense's int32 cast wrapped the columns: a corrupt container)
+        raise ValueError(f"the weight has {cols} columns{' of blocks' if block else ''}: the int32 column index holds < 2^31")
     if validate and col_indices.numel() and int(col_indices.max()) >= cols:  # (before int32 wraps it)
         raise ValueError(f"col_indices must lie in [0, {cols}), got max {int(col_indices.max())}")
     crow = crow_indices.to(torch.int64).contiguous()
