@@ -427,6 +427,7 @@ def test_torch_compile():
     w.csc()  # the cached transposed index is built eagerly (its construction does not trace)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+    torch.testing.assert_close(compiled(x), F.conv2d(x, w.to_dense(), b, stride=(2, 1), padding=1))  # (the reference)
 
 
 def test_outputs_never_alias_live_tensors():
@@ -492,6 +493,7 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
     x = torch.randn(2, 3, 7, 6)
     torch.testing.assert_close(other(x), layer(x))
+    torch.testing.assert_close(other(x), dense_conv2d(x, conv.weight, mask, conv.bias, stride=2, padding=1))
     torch.testing.assert_close(layer(input=x), back(input=x))  # nn.Conv2d's keyword
     assert other.nnz == layer.nnz
     nb = SparseConv2d.from_dense(nn.Conv2d(3, 4, 1, bias=False, padding="same"))
@@ -523,6 +525,7 @@ def test_a_saved_weight_of_another_shape_is_refused_like_a_dense_size_mismatch(t
     twin.load_state_dict(torch.load(tmp_path / "tall.pt", weights_only=True))
     x = torch.randn(2, 3, 5, 6)
     torch.testing.assert_close(twin(x), tall(x))
+    torch.testing.assert_close(twin(x), F.conv2d(x, tall.weight.to_dense(), tall.bias))  # (the dense reference)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -632,6 +635,7 @@ def test_bad_inputs_raise_clear_errors():
     # channels_last / non-contiguous input is accepted (made contiguous), not misread
     xc = x.to(memory_format=torch.channels_last)
     torch.testing.assert_close(layer(xc), layer(x))
+    torch.testing.assert_close(layer(xc), F.conv2d(x, w.to_dense(), b, padding=1))
 
 
 def test_raw_ops_refuse_inconsistent_arguments_naming_the_wrong_one():

@@ -163,6 +163,7 @@ def test_torch_compile():
     layer = SparseLinear(w, b)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+    torch.testing.assert_close(compiled(x), F.linear(x, w.to_dense(), b))  # (and both the dense reference)
 
 
 _THREADS_SCRIPT = """
@@ -412,8 +413,9 @@ def test_module_api_and_state_dict_roundtrip(tmp_path):
     other.load_state_dict(torch.load(tmp_path / "l.pt", weights_only=True))
     x = torch.randn(3, 10)
     torch.testing.assert_close(other(x), layer(x))
+    torch.testing.assert_close(other(x), dense_linear(x, lin.weight, mask, lin.bias))  # (the reference, not itself)
     assert other.nnz == layer.nnz
-    torch.testing.assert_close(layer(input=x), layer(x))  # nn.Linear's keyword
+    torch.testing.assert_close(layer(input=x), back(input=x))  # nn.Linear's keyword
 
 
 def test_loading_another_nnz_keeps_the_parameter_an_optimizer_holds():
@@ -756,6 +758,7 @@ def test_bad_inputs_raise_clear_errors():
     # non-contiguous activations are accepted (made contiguous), not misread
     xt = torch.randn(9, 4).t()
     torch.testing.assert_close(layer(xt), layer(xt.contiguous()))
+    torch.testing.assert_close(layer(xt), F.linear(xt, w.to_dense(), b))
     with pytest.raises(TypeError, match="weight must be a sparsetrain.CSR"):
         SparseLinear(torch.ones(2, 2))
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
