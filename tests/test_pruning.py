@@ -1047,7 +1047,14 @@ def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(
         with pytest.raises(ValueError, match=r"^input_shape must be \[N, 4, H, W\] or \[4, H, W\] \(in_channels\)"):
             policy.sparse_is_faster(conv, cmask, shape, reps=1)
     assert len(calls) == 4  # (nothing timed for a refused call)
-    assert policy.sparse_is_faster(conv, cmask, (4, 8, 8), reps=1) in (True, False) and len(calls) == 8
+
+    def timed(sparse_s, dense_s):  # (the decision is the faster side's: 'in (True, False)' before, any answer passed)
+        monkeypatch.setattr(policy, "_step_seconds",
+                            lambda layer, x, step: calls.append(1) or (sparse_s if is_sparse(layer) else dense_s))
+    timed(1.0, 2.0)
+    assert policy.sparse_is_faster(conv, cmask, (4, 8, 8), reps=1) is True and len(calls) == 8
+    timed(2.0, 1.0)  # (another input shape: timed anew)
+    assert policy.sparse_is_faster(conv, cmask, (2, 4, 8, 8), reps=1) is False and len(calls) == 12
 
 
 def test_auto_engine_cache_dir_expands_a_tilde_and_an_unwritable_one_is_told_once(monkeypatch, tmp_path):
