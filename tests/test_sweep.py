@@ -821,7 +821,7 @@ def _write_run(folder, eps, seeds, curves, done=True):
             write_json(d / "best.json", {"round": 0})
 
 
-def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
+def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path, capsys):
     """A teacher-only run is left out only when a listed study links it (its teacher phase); a
     paper-perturb teacher run is a result of its own. Several folders need --out."""
     curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
@@ -838,8 +838,9 @@ def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "runs" / "report" / "table1.csv")))
     assert sorted({r["eps"] for r in rows}) == ["0.1", "0.2"]  # the study and the unlinked teacher run
     assert {r["stop"] for r in rows if r["stop_rule"] == "none"} == {"1"}  # (finished: best.json)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli.main(["report", str(tmp_path / "runs" / "study"), str(tmp_path / "runs" / "perturb")])
+    assert e.value.code == 2 and "report: give --out DIR for the report of several folders" in capsys.readouterr().err
 
 
 def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tmp_path):

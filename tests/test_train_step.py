@@ -72,7 +72,7 @@ def test_evaluate_is_in_eval_mode_and_restores_each_modules_mode():
     modes = [True, True, False, True, True, True, True]
     assert [m.training for m in model.modules()] == modes
     bad = D.Split(split.x[:, :, :3], split.y, split.y, split.index, split.noisy, split.mean, split.std)
-    with pytest.raises(RuntimeError):  # (3x4 images: the classifier's 64 inputs do not fit)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # (3x4 images: the classifier's 64 inputs do not fit)
         evaluate(model, bad)
     assert [m.training for m in model.modules()] == modes
 
