@@ -328,3 +328,45 @@ def test_ignored_setting_note_reaches_stderr(tmp_path):
     out = _cli(tmp_path, "--block", "64", "--print-config")
     assert out.returncode == 0 and json.loads(out.stdout)["config"]["block"] == 64
     assert out.stderr.startswith("note: --block 64 has no effect") and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"rate": "0.2"}, TypeError, "--rate must be a number, got str '0.2'"),
+    ({"seeds": 3}, TypeError, "--seeds must be a tuple of whole numbers (ints), got 3"),
+    ({"teachers": "best"}, TypeError, "--teachers must be a tuple of strs, got 'best'"),  # (4 distinct letters)
+    ({"teacher_milestones": [80.0]}, TypeError, "--teacher-milestones must be a tuple of whole numbers (ints)"),
+    ({"student_epochs": 2.5}, TypeError, "--student-epochs must be a whole number (int), got float 2.5"),
+    ({"clean_val": "no"}, TypeError, "--clean-val must be True or False, got str 'no'"),
+    ({"out": None}, TypeError, "--out must be a str, got NoneType None"),
+    ({"rate": 1.5}, ValueError, "--rate must be in (0, 1), got 1.5"),
+    ({"seeds": (0, 0)}, ValueError, "--seeds must be one or more distinct seeds"),
+])
+def test_a_config_built_in_python_is_checked_as_the_cli(tmp_path, change, error, message):
+    """Config(...) / dataclasses.replace with a wrong-typed or out-of-range field: validate and
+    run_study refuse it naming the flag, as the CLI (run_study did not validate: rate 1.5 ran, and
+    teachers='best' distilled from the paths 'b', 'e', 's', 't'), before anything is written."""
+    import dataclasses
+    from sparsetrain.experiment.config import Config, validate
+    from sparsetrain.experiment.study import run_study
+    cfg = dataclasses.replace(Config(dataset="mnist", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
+                                     no_download=True, device="cpu", threads=1), **change)
+    for call in (validate, run_study):
+        with pytest.raises(error) as e:
+            call(cfg)
+        assert message in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_one_value_spelt_in_python_names_one_run(tmp_path):
+    """1 and 1.0, a list and a tuple, numpy numbers, a Path: the value the CLI parses, so the same
+    run directory (the name hashes the settings' JSON: 4 and 4.0 named two runs, a numpy seed none)."""
+    import pathlib
+    from sparsetrain.experiment.config import Config, config_from_args
+    from sparsetrain.experiment.study import run_dir_of
+    cli = config_from_args(["mnist", "--tau", "4", "--lr", "1", "--milestones", "5", "8", "--seeds", "3",
+                            "--out", str(tmp_path)])[0]
+    spelt = Config(**{**{k: getattr(cli, k) for k in cli.__dataclass_fields__}, "tau": 4, "teacher_lr": np.int64(1),
+                      "student_lr": np.float32(1), "teacher_milestones": [5, 8], "student_milestones": [np.int64(5), 8],
+                      "seeds": [np.int64(3)], "out": pathlib.Path(tmp_path)})
+    assert spelt == cli and run_dir_of(spelt) == run_dir_of(cli)
+    assert type(spelt.tau) is float and type(spelt.seeds[0]) is int and type(spelt.out) is str

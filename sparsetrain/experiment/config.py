@@ -17,6 +17,7 @@ from ..engine.bsr import BLOCK_SIZES
 from ..engine.policy import ENGINES
 from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS, POLICIES
+from .config_types import Hyper, check_types, normalize
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .devices import resolve_amp, resolve_device
@@ -40,19 +41,6 @@ ROLE_KEYS = ("epochs", "batch_size", "lr", "milestones", "weight_decay", "rewind
 _ROLE_HELP = {"epochs": "training epochs per round", "batch_size": "mini-batch size", "lr": "SGD learning rate",
               "milestones": "epochs at which the LR is multiplied by --drop", "weight_decay": "SGD weight decay",
               "rewind_iter": "iteration of the dense training that --perturb rewind returns to"}
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """One role's training schedule (a Table 4 row): what make_optimizer and the loop read."""
-    epochs: int
-    batch_size: int
-    lr: float
-    milestones: tuple
-    weight_decay: float
-    rewind_iter: int
-    momentum: float
-    drop: float
 
 
 def _role(role: str, key: str, default):
@@ -143,6 +131,9 @@ class Config:
     reuse: tuple = _f((), "run directories whose finished phases are linked into this run instead of trained, "
                       "where they were trained with the same settings and data (how sweeps share one teacher)")
 
+    def __post_init__(self):  # (1 and 1.0, a list and a tuple: one value, one run name; config_types)
+        normalize(self)
+
     def resolved_student(self) -> str:
         return self.student or self.model
 
@@ -181,8 +172,9 @@ def _check_models(values: dict) -> None:
 
 def validate(cfg: Config, flags: dict | None = None) -> None:
     """Raises ValueError naming the argument and what was expected (`flags`: {field: the flag that
-    set it}, e.g. teacher_lr: --lr)."""
+    set it}, e.g. teacher_lr: --lr); TypeError for a field of another type (a Config built in Python)."""
     flags = flags or {}
+    check_types(cfg)
     for f in fields(Config):
         allowed = f.metadata.get("choices")
         value = getattr(cfg, f.name)

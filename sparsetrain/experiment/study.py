@@ -23,7 +23,7 @@ from . import data as D
 from . import distributed as dist
 from . import report
 from .checkpoint import load_model
-from .config import ADDED_DEFAULTS, Config, config_from_args, notes
+from .config import ADDED_DEFAULTS, Config, config_from_args, notes, validate
 from .devices import describe_device, resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
                     make_folder, make_link, remove_empty_folder, write_json)
@@ -150,7 +150,9 @@ def threads_for(cfg: Config) -> int:
 
 
 def run_study(cfg: Config) -> str:
-    """Run (or continue) every phase of every seed; returns the path of summary.md."""
+    """Run (or continue) every phase of every seed; returns the path of summary.md. A Config built
+    in Python is checked as the CLI checks its flags (ValueError, TypeError naming the flag)."""
+    validate(cfg)
     torch.set_num_threads(threads_for(cfg))
     dev = resolve_device(cfg.device)
     try:
