@@ -370,3 +370,23 @@ def test_one_value_spelt_in_python_names_one_run(tmp_path):
                       "seeds": [np.int64(3)], "out": pathlib.Path(tmp_path)})
     assert spelt == cli and run_dir_of(spelt) == run_dir_of(cli)
     assert type(spelt.tau) is float and type(spelt.seeds[0]) is int and type(spelt.out) is str
+
+
+def test_resume_with_changed_settings_names_what_differs(tmp_path):
+    """--resume (and --report-only) with a setting changed finds no run (the settings name it): the
+    message names the settings the nearest run in --out differs in, not only its directory."""
+    import dataclasses
+    from sparsetrain.experiment.config import config_from_args
+    from sparsetrain.experiment.study import run_dir_of
+    _mnist(tmp_path)
+    for argv in (["--wall", "0.5"], ["--wall", "0.5", "--lr", "0.2", "--model", "vgg_d1g1"]):  # (the nearest: one change)
+        cfg = config_from_args(_argv(tmp_path, *argv))[0]
+        os.makedirs(run_dir_of(cfg))
+        with open(os.path.join(run_dir_of(cfg), "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "student": cfg.resolved_student()}, f)
+    out = _cli(tmp_path, "--resume", "--amp", "off")
+    err = out.stderr.strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    nearest = os.path.basename(run_dir_of(config_from_args(_argv(tmp_path, "--wall", "0.5"))[0]))
+    assert err.endswith(f"; the nearest, {nearest}, differs in --amp (auto there, off here), "
+                        "--wall (0.5 there, 0.996 here)"), err

@@ -243,9 +243,10 @@ def recorded_labels(seed_dir: str) -> str | None:
             from None
 
 
-def other_runs_hint(out: str, rd: str, shown: int = 5) -> str:
+def other_runs_hint(out: str, rd: str, shown: int = 5, settings: dict | None = None) -> str:
     """For --report-only/--resume that found no run in `rd`: the runs `out` does hold (other settings name
-    other directories: the command must give the flags a run was started with), or "" when it holds none."""
+    other directories: the command must give the flags a run was started with), or "" when it holds none;
+    with `settings` (study.result_settings of this command) also the settings the nearest one differs in."""
     try:
         names = sorted(n for n in os.listdir(out) if os.path.join(out, n) != rd
                        and os.path.isfile(os.path.join(out, n, "config.json")))
@@ -255,4 +256,30 @@ def other_runs_hint(out: str, rd: str, shown: int = 5) -> str:
         return ""
     more = f", ... ({len(names)} in all)" if len(names) > shown else ""
     return (f"; {out} holds {', '.join(names[:shown])}{more}: a run is found by its settings, so give the flags "
-            "it was started with (its config.json has them)")
+            "it was started with (its config.json has them)" + _nearest(out, names, settings))
+
+
+def _nearest(out: str, names: list, settings: dict | None) -> str:
+    """"; the nearest, NAME, differs in --wall (0.5 there, 0.996 here), ..." (fewest differences first)."""
+    found = []
+    for n in names if settings is not None else ():
+        try:
+            with open(os.path.join(out, n, "config.json")) as f:
+                there = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(there, dict):
+            continue
+        here = {**ADDED_DEFAULTS, **settings}  # (a setting added since, at its default, is left out of both)
+        diff = [k for k in sorted(here) if there.get(k, ADDED_DEFAULTS.get(k)) != here[k]]
+        found.append((len(diff), n, [(k, there.get(k, ADDED_DEFAULTS.get(k)), here[k]) for k in diff]))
+    if not found:
+        return ""
+    _, name, diff = min(found)
+    said = ", ".join(f"{'dataset' if k == 'dataset' else '--' + k.replace('_', '-')} "
+                     f"({_shown(a)} there, {_shown(b)} here)" for k, a, b in diff[:4])
+    return f"; the nearest, {name}, differs in {said}{', ...' if len(diff) > 4 else ''}"
+
+
+def _shown(v) -> str:
+    return " ".join(map(str, v)) or "none" if isinstance(v, list) else "''" if v == "" else str(v)

@@ -370,7 +370,7 @@ def main(argv=None) -> int:
             flag = "--report-only" if args.report_only else "--resume"
             raise UsageError(f"{flag}: no run to {'report' if args.report_only else 'resume'} in {rd} "
                              "(no config.json); run the same command without it to start one"
-                             + other_runs_hint(cfg.out, rd))
+                             + other_runs_hint(cfg.out, rd, settings=result_settings(cfg)))
         if args.report_only:
             print(report.write_report(rd))
             return 0
