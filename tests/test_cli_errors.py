@@ -390,3 +390,12 @@ def test_resume_with_changed_settings_names_what_differs(tmp_path):
     nearest = os.path.basename(run_dir_of(config_from_args(_argv(tmp_path, "--wall", "0.5"))[0]))
     assert err.endswith(f"; the nearest, {nearest}, differs in --amp (auto there, off here), "
                         "--wall (0.5 there, 0.996 here)"), err
+
+
+@pytest.mark.parametrize("dataset, noted", [("flowers102", ["--val-fraction 0.3 has no effect: flowers102 keeps its "
+                                                             "official validation split; it still names the run"]),
+                                            ("mnist", [])])
+def test_val_fraction_on_flowers102_is_noted(tmp_path, dataset, noted):
+    """flowers102 keeps its official validation split (data.load_dataset): --val-fraction was silent there."""
+    from sparsetrain.experiment.config import config_from_args, notes
+    assert notes(*config_from_args(_argv(tmp_path, "--val-fraction", "0.3", dataset=dataset))) == noted

@@ -244,6 +244,8 @@ def ignored_settings(cfg: Config) -> dict[str, str]:
             out["clean_val"] = "with --eps 0 every label is clean"
     if cfg.alpha == 0:
         out["tau"] = "it is the temperature of Eq. 2's distillation term, which --alpha 0 turns off"
+    if cfg.dataset == "flowers102":  # (data.load_dataset: its official split, whatever the fraction)
+        out["val_fraction"] = "flowers102 keeps its official validation split"
     return out
 
 
