@@ -1,10 +1,14 @@
 """Fixtures shared by the test files: tiny datasets written to tmp_path and the quick study's
-arguments, plus the kill-and-resume check used by the pipeline and structured-pruning tests."""
+arguments, plus the kill-and-resume check used by the pipeline and structured-pruning tests; every
+test starts from the same random state (seeded)."""
 import csv
 import os
+import random
 import tempfile
 
+import numpy as np
 import pytest
+import torch
 
 from sparsetrain.experiment import loop, study
 from sparsetrain.testing import write_cifar, write_mnist
@@ -12,6 +16,15 @@ from sparsetrain.testing import write_cifar, write_mnist
 TIMING = ("wall_s", "sec_per_epoch")
 # --engine auto's measured decisions (engine/policy.py) go to a cache of this test session, not ~/.cache
 os.environ.setdefault("SPARSETRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="sparsetrain-cache-"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """torch's, numpy's and Python's global random state seeded before each test: ~90 tests draw their
+    inputs without seeding, so their values depended on the tests run before them (the order, -k)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 def run_dir(out):

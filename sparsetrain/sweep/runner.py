@@ -159,8 +159,9 @@ def execute(plan: list[Run], sweep_dir: str, **options) -> dict:
     """Run every unfinished run of `plan` on Ray; returns {run name: status} (also written to
     SWEEP/status.json after every change): state queued (waiting for its dependencies) | submitted
     (to Ray, which may hold it for resources) | running (its process started) | done | failed |
-    skipped (finished earlier) | interrupted, attempts' seconds, log path, error. Options: cpus, gpus (per run), max_concurrent,
-    retries, address (of a Ray cluster). One sweep at a time per folder (its lock)."""
+    skipped (finished earlier) | interrupted, seconds (of its last attempt: a retry resumes the run), log
+    path, error. Options: cpus, gpus (per run), max_concurrent, retries, address (of a Ray cluster). One
+    sweep at a time per folder (its lock)."""
     try:
         with folder_lock(os.path.abspath(sweep_dir)):
             return _execute(plan, sweep_dir, **options)
