@@ -7,13 +7,13 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
+__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
 
 
-def _integer(a) -> bool:
+def is_int(a) -> bool:
     """An int, numpy's included (nn.Conv2d keeps np.int64 hyperparameters as given), but not a bool."""
     return isinstance(a, numbers.Integral) and not isinstance(a, bool)
 
@@ -26,9 +26,9 @@ def check_flag(v, name: str) -> None:
 
 def pair(v, name: str) -> list[int]:
     """An int or a pair of ints as [a, b] of Python ints (TypeError naming `name` otherwise)."""
-    if _integer(v):
+    if is_int(v):
         return [int(v), int(v)]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(_integer(a) for a in v):
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(a) for a in v):
         return [int(v[0]), int(v[1])]
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 

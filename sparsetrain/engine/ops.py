@@ -30,7 +30,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
 from .autograd import eager, first_order, record_inputs
-from .args import _integer, conv2d_padding, pair
+from .args import conv2d_padding, is_int, pair
 from .prune_ops import csr_prune, magnitude_threshold, relu_count_  # (the CPU-only ops' wrappers: prune_ops.py)
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
@@ -361,7 +361,7 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, str
         raise ValueError(f"weight must be a 4-D CSR [out, in, kh, kw], got shape {weight.shape}")
     if pair(dilation, "dilation") != [1, 1]:
         raise ValueError(f"sparse_conv2d supports dilation 1 only, got {dilation!r}")
-    if not _integer(groups):  # (1.0 and True compare equal to 1: F.conv2d refuses them, as here)
+    if not is_int(groups):  # (1.0 and True compare equal to 1: F.conv2d refuses them, as here)
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups != 1:
         raise ValueError(f"sparse_conv2d supports groups=1 only, got {groups!r}")

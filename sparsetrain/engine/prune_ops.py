@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .args import is_int
 from .extension import _C  # noqa: F401  (the C++ extension: registers the schemas and CPU kernels)
 
 __all__ = ["magnitude_threshold", "csr_prune", "relu_count_"]
@@ -55,7 +56,7 @@ def csr_prune(crow, col, values, threshold: float, max_ties: int = 0):
         _check_tensor(t, name)
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):  # (a str was parsed by float())
         raise TypeError(f"threshold must be a number, got {type(threshold).__name__} {threshold!r}")
-    if isinstance(max_ties, bool) or not isinstance(max_ties, numbers.Integral):  # (1.7 was truncated to 1)
+    if not is_int(max_ties):  # (1.7 was truncated to 1)
         raise TypeError(f"max_ties must be an int, got {type(max_ties).__name__} {max_ties!r}")
     return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), int(max_ties))
 

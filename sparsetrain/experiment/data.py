@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.args import check_flag
+from ..engine.args import check_flag, is_int
 from .datasets import DATASETS, HUMAN_NOISE, LOADERS, DataError, DatasetNotFound, read_idx
 
 __all__ = ["DATASETS", "DatasetNotFound", "DataError", "Split", "Splits", "load_dataset", "iterate",
@@ -49,7 +48,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def _check_count(arg: str, v) -> None:
     """A seed or an epoch: a non-negative int (int(1.5) drew seed 1's split, noise and batches)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+    if not is_int(v) or v < 0:
         raise ValueError(f"{arg} must be a non-negative int, got {v!r}")
 
 

@@ -9,6 +9,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
+from ..engine.args import is_int
 from .metrics import fin
 
 __all__ = ["algorithm2_stop", "EARLY_STOPS", "RULES"]
@@ -42,7 +43,7 @@ def _rows(rows) -> list:
         if not isinstance(r, Mapping):
             raise TypeError(f"rows must hold dicts, got a {type(r).__name__}")
         k = r.get("round")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        if not is_int(k):
             raise ValueError(f"every row needs an int 'round', got {k!r}")
         if k in seen:
             raise ValueError(f"round {k} appears twice in rows: one row per round")
@@ -75,7 +76,7 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if isinstance(falls, bool) or not isinstance(falls, numbers.Integral) or falls < 1:  # (numpy ints too)
+    if not is_int(falls) or falls < 1:  # (numpy ints too)
         raise ValueError(f"falls must be an int >= 1, got {falls!r}")
     for name, t in (("t_e", t_e), ("t_a", t_a)):  # (fractions: 80 for 80% would stop at once)
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) <= 1:  # (numpy floats too)

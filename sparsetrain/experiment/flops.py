@@ -28,7 +28,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..engine.args import check_flag
+from ..engine.args import check_flag, is_int
 from ..engine.hooks import hooked_eval
 
 __all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_macs", "paper_round_flops"]
@@ -224,7 +224,7 @@ def training_flops(fwd_flops: int | dict, n_samples: int, epochs: int | float = 
                          f"{list(fwd_flops)}")
     f = fwd_flops["total"] if isinstance(fwd_flops, dict) else fwd_flops
     # (numbers.*: a numpy int or float is a number too; samples are whole: 2.5 images was counted as such)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 0:
+    if not is_int(n_samples) or n_samples < 0:
         raise ValueError(f"n_samples must be a non-negative int, got {n_samples!r}")
     for arg, v in (("fwd_flops", f), ("epochs", epochs), ("factor", factor)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.args import is_int
 from ..engine.hooks import hooked_eval
 from ..engine.nn import enforce_masks_, mask_grads_, prunable_layers, stored_weight
 from . import data as D
@@ -95,7 +96,7 @@ def _skips_last(n: int, batch_size: int) -> bool:
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimizer steps of one epoch over n samples (what train_epoch takes)."""
     for arg, v, lo in (("n", n, 0), ("batch_size", batch_size, 1)):  # (0: ZeroDivisionError; n < 0: -1 steps)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        if not is_int(v) or v < lo:
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
     return n // batch_size if _skips_last(n, batch_size) else math.ceil(n / batch_size)
 
@@ -199,7 +200,7 @@ def _check_epoch_args(split, opt, batch_size, teacher, amp, l1) -> None:
         raise ValueError("split holds no samples: an epoch needs at least one batch")
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"opt must be a torch.optim.Optimizer (make_optimizer), got {type(opt).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
