@@ -1033,10 +1033,15 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     assert "0.7" not in md and "20" not in md and "| 0.8 | 65.00 |" in md
     # a setting that ran at one eps only (here seed count 3, at eps 0.1) gets no "average over" block of its
     # own (it printed one "average over ε = 0.1", a copy of its eps block, before 2026-12-06)
-    lone = {**group(0.1, 0.5, [[(0.5, 0.5)]]), "config": {"eps": 0.1, "alpha": 0.5, "tau": 10.0, "seeds": 3}}
+    lone = {**group(0.1, 0.5, [[(0.5, 0.5)]]), "config": {"eps": 0.1, "alpha": 0.5, "tau": 10.0, "seeds": (0, 1, 2)}}
     md = alpha_tau_md(groups + [lone], ["eps", "alpha", "seeds"])
     heads = [b.split("\n")[0] for b in md.split("### ")[1:]]
     assert [h for h in heads if h.startswith("average over")] == ["average over ε = 0.1, 0.2, seeds=None: distill-dense"], heads
+    # a cell whose setting started more seeds than have a best-validation round says how many it holds
+    # (it showed one seed's accuracy as the setting's, unmarked, before 2026-12-06)
+    short = group(0.1, 0.5, [[(0.60, 0.10), (0.70, 0.20)], []])  # seed 1: started, no round yet
+    md = alpha_tau_md([short, groups[1]], ["alpha"])
+    assert "| 0.5 | 70.00 (1 of 2 seeds) |" in md and "| 0.8 | **90.00 ± 0.00** |" in md, md
 
 
 def test_every_recipe_plans_without_an_invalid_point(tmp_path):

@@ -253,8 +253,12 @@ def alpha_tau_md(groups, keys) -> str:
 
     def cell(gs, a, t, ph):  # (mean or NaN, mean ± std) of the group of gs at alpha a, tau t; — for none
         g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
-        vals = _best_val(g, ph) if g else []
-        return (stats(vals)[0], ms(vals)) if g else (NAN, "—")
+        if g is None:
+            return NAN, "—"
+        vals = _best_val(g, ph)
+        m, _, n = stats(vals)  # (a cell of fewer seeds than its setting started says so, as Table 12's)
+        started = seed_counts(g, ph)["seeds_started"]
+        return m, ms(vals) + (f" ({n} of {started} seeds)" if 0 < n < started else "")
 
     out = []
     for ph in phases:
