@@ -7,6 +7,7 @@ until a sparse layer or op is used):
     sparsetrain.SparseLinear, SparseConv2d       layers (engine/nn.py; also sparsetrain.nn.*)
     sparsetrain.BSRLinear
     sparsetrain.sparsify_, densify_              swap layers of any model in place
+    sparsetrain.dense_state_dict                 a sparse checkpoint for the dense model
     sparsetrain.SparseConvBNReLU, fuse_, unfuse_ sparse conv + BatchNorm (+ ReLU) as one layer
     sparsetrain.use_backend                      force the C++ or Triton kernels
     sparsetrain.global_prune, make_rule          pruning rules (prune/)
@@ -29,6 +30,7 @@ _LAZY = {
     "SparseConv2d": "sparsetrain.engine.nn",
     "sparsify_": "sparsetrain.engine.convert",
     "densify_": "sparsetrain.engine.convert",
+    "dense_state_dict": "sparsetrain.engine.convert",
     "SparseConvBNReLU": "sparsetrain.engine.fused",
     "fuse_": "sparsetrain.engine.fuse",
     "unfuse_": "sparsetrain.engine.fuse",

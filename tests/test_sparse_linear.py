@@ -792,6 +792,38 @@ def test_sparsify_densify_roundtrip_and_errors():
         sparsetrain.sparsify_(model, {"2": torch.ones(1, dtype=torch.bool)})
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_dense_state_dict_loads_a_sparse_checkpoint_into_the_dense_model(tmp_path, fuse):
+    """A sparse model's checkpoint (CSR conv and linear, fused or not; a BSRLinear) loads into the plain
+    dense model through dense_state_dict: every entry equals the dense model with the masks applied
+    (before 2026-12-06 there was no way but rebuilding the sparse model, and load_state_dict named
+    missing and unexpected keys only)."""
+    from sparsetrain.engine.bsr import BSRLinear
+
+    torch.manual_seed(8)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), nn.BatchNorm2d(7), nn.ReLU(), nn.Flatten(),  # noqa: E731
+                                 nn.Linear(7 * 5 * 5, 13), nn.Linear(13, 32))
+    model, ref = make(), make()
+    ref.load_state_dict(model.state_dict())
+    masks = {"0": random_mask((7, 3, 3, 3), 0.9), "4": random_mask((13, 175), 0.7)}
+    sparsetrain.sparsify_(model, masks, fuse=fuse)
+    model[5] = BSRLinear.from_dense(model[5], 16, mask=torch.zeros(32, 13, dtype=torch.bool).index_fill_(0, torch.arange(16), True))
+    with torch.no_grad():
+        ref[0].weight.mul_(masks["0"]), ref[4].weight.mul_(masks["4"]), ref[5].weight[16:].zero_()
+    torch.save(model.state_dict(), tmp_path / "sparse.pt")
+    sd = torch.load(tmp_path / "sparse.pt", weights_only=True)
+    dense = make()
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # (what PyTorch says of the sparse keys)
+        dense.load_state_dict(sd)
+    dense.load_state_dict(sparsetrain.dense_state_dict(sd))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(dense.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"state_dict\['0.weight.values'\]: no logical shape"):
+        sparsetrain.dense_state_dict(dict(sd))  # (a plain dict: no metadata)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        sparsetrain.dense_state_dict([1, 2])
+
+
 def _pruned_with_torch(seed=7, bias=False):
     """A conv + linear model pruned with torch.nn.utils.prune (weights 80%; with `bias` the linear's
     bias too), then one SGD step: weight_orig moved, `.weight` stale until the next forward."""

@@ -14,7 +14,7 @@ from .formats import own_mode
 from .torch_prune import pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
-__all__ = ["sparsify_", "densify_", "unconvertible"]
+__all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
 
 
 # ---------------------------------------------------------------------------- what cannot convert
@@ -167,3 +167,44 @@ def _dense_of(mod: nn.Module) -> nn.Module:
     became inference tensors, which backward left without a gradient, silently)."""
     with own_mode(mod.weight.values):
         return mod.to_dense()
+
+
+# ---------------------------------------------------------------------------- a sparse checkpoint, dense
+def dense_state_dict(state_dict) -> dict:
+    """`state_dict` (a sparse model's: `sparsify_`'d, fused or not, as saved and `torch.load`ed) with
+    every CSR or BSR weight (`<name>.values`, `.crow_indices`, `.col_indices`) replaced by the dense
+    tensor it stands for (`<name>`, zeros where pruned): what the plain dense model's `load_state_dict`
+    takes. Other entries are the same tensors. The weights' logical shapes come from the state_dict's
+    metadata (`torch.save` keeps it; a state_dict saved before 2026-12-04 or rebuilt as a plain dict has
+    none: load it into a `sparsify_`'d model and `densify_` that instead)."""
+    from collections import OrderedDict
+    from collections.abc import Mapping
+
+    from .bsr import BSR
+    from .formats import CSR
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors (a model's state_dict()), "
+                        f"got {type(state_dict).__name__}")
+    parts = (".values", ".crow_indices", ".col_indices")
+    names = [k[:-len(".values")] for k in state_dict if isinstance(k, str) and k.endswith(".values")
+             and all(k[:-len(".values")] + p in state_dict for p in parts[1:])]
+    meta = OrderedDict(getattr(state_dict, "_metadata", None) or {})
+    out = OrderedDict()
+    for k, v in state_dict.items():
+        name = next((n for n in names if k in (n + p for p in parts)), None)
+        if name is None:
+            out[k] = v
+        elif k == name + ".values":
+            shape = (meta.get(name) or {}).get("shape")
+            if shape is None:
+                raise ValueError(f"state_dict[{name + '.values'!r}]: no logical shape in the state_dict's metadata "
+                                 "(saved before 2026-12-04, or rebuilt as a plain dict): load it into a model "
+                                 "sparsify_'d with the same layers and call densify_ on that instead")
+            crow, col = state_dict[name + ".crow_indices"], state_dict[name + ".col_indices"]
+            with torch.no_grad():  # (the dense tensor is data, like any state_dict entry)
+                w = (BSR(crow, col, v, shape, v.shape[-1]) if v.dim() == 3 else CSR(crow, col, v, shape)).to_dense()
+            out[name] = w.detach()
+            meta.pop(name, None)  # (the weight's own module entry: a dense model has no such module)
+    out._metadata = meta
+    return out
