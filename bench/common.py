@@ -36,7 +36,8 @@ def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds:
     alike. Cold (default): each timed call starts with the caches the previous side left. warm=True:
     each timed call follows an untimed call of the same side (its inputs and buffers in cache, as
     when a layer's input was just produced in a training step). Stops early past max_seconds
-    (with >= 3 rounds). Returns name -> list of per-round times (all lists the same length)."""
+    (with >= 3 rounds: a row's `rounds`, rounds_of(times), says how many ran). Returns name -> list
+    of per-round times (all lists the same length)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -52,6 +53,11 @@ def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds:
         if time.perf_counter() - start > max_seconds and rnd >= 3:
             break
     return times
+
+
+def rounds_of(times: dict) -> int:
+    """How many rounds interleaved_times ran (reps, or fewer where max_seconds cut it short)."""
+    return len(next(iter(times.values()), []))
 
 
 def leaf_per_side(x: torch.Tensor, names) -> dict:

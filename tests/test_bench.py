@@ -26,6 +26,7 @@ def test_linear_section_rows():
         assert _finite(r, ["dense_ms", "sparse_ms", "torch_sparse_ms", "speedup", "vs_torch_sparse", "bytes_ratio",
                            "resident_bytes_ratio"])
         assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
+        assert r["rounds"] == 1  # (how many rounds ran: fewer than reps where the 60 s cap cut them short)
         # resident: + row_indices_t (int32) and perm (int64) per nonzero, ccol_indices (int64) per input column
         assert r["resident_bytes_ratio"] * 37 * 11 * 4 == pytest.approx(r["bytes_ratio"] * 37 * 11 * 4 + 12 * r["nnz"]
                                                                          + 8 * 38)
@@ -127,21 +128,24 @@ def test_machine_record_tells_the_cpus_apart_and_keeps_the_settings():
 def test_linear_replicated_section_rows():
     rows = kernels.bench_linear_replicated([0.0, 0.9], reps=1, case=(5, 4, 3, 7))
     assert [r["sparsity"] for r in rows] == [0.0, 0.9]
-    assert all(_finite(r, ["dense_ms", "sparse_ms", "replicated_ms", "speedup", "vs_sparse"]) for r in rows)
+    assert all(_finite(r, ["dense_ms", "sparse_ms", "replicated_ms", "speedup", "vs_sparse"]) and r["rounds"] == 1
+               for r in rows)
 
 
 def test_conv_section_rows():
     rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
-    assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"])
+    assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"]) and rows[0]["rounds"] == 1
 
 
 def test_fused_section_rows(monkeypatch):
     monkeypatch.setattr(fused_bench, "CASES", [(8, 6)])
     rows = fused_bench.run(quick=True, sparsities=(0.9,), reps=1)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "unfused_ms", "fused_ms", "fused_vs_unfused"])
+    assert rows[0]["rounds"] == 1
     monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
     rows = fused_bench.run_pool(quick=True, reps=1)
     assert len(rows) == 1 and _finite(rows[0], ["torch_ms", "separate_ms", "fused_ms", "fused_vs_separate"])
+    assert rows[0]["rounds"] == 1
 
 
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
@@ -331,7 +335,9 @@ def test_interleaved_timing_pairs_every_side():
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     import common
     t = common.interleaved_times({"a": lambda: None, "b": lambda: None}, warmup=0, reps=4)
-    assert [len(v) for v in t.values()] == [4, 4]
+    assert [len(v) for v in t.values()] == [4, 4] and common.rounds_of(t) == 4
+    # past max_seconds it stops after 3 rounds, and rounds_of says so (the rows' `rounds`)
+    assert common.rounds_of(common.interleaved_times({"a": lambda: None}, warmup=0, reps=9, max_seconds=0)) == 3
     # per-round ratios 10, 5, 10 -> 10
     assert common.paired_ratio([10, 100, 30], [1, 20, 3]) == 10
     # a slow third round hits both sides: paired 10, 12, 5 -> 10; the ratio of the medians, 12 / 1,
