@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (INTERPRET, autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz,
-                     check_perm, check_split, density_key, launch, max_index, num_sms, pow2_bucket, row_order)
+                     check_perm, check_split, check_transposed, density_key, launch, max_index, num_sms, pow2_bucket,
+                     row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
 
@@ -242,6 +243,7 @@ def bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, in_features: int,
     nnzb = row_t.numel()
     check_nnz(values, "values", nnzb, "blocks")
     check_perm(perm, nnzb)
+    check_transposed(ccol, row_t, perm)  # (a duplicate read one block twice, silently; once per mask)
     BS = values.shape[1]
     _check_features(in_features, "in_features")
     _check_block_count(ccol, "ccol_indices", "column", in_features, BS)

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, check_activation, check_compressed,
-                     check_device, check_float, check_index, check_nnz, check_perm, check_split, density_key, launch,
-                     max_index, num_sms, pow2_bucket, row_order, tensor_args)
+                     check_device, check_float, check_index, check_nnz, check_perm, check_split, check_transposed,
+                     density_key, launch, max_index, num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["sparse_linear", "sparse_linear_grad_input", "sparse_linear_grad_weight", "csr_spmm", "csr_sddmm"]
 
@@ -135,6 +135,9 @@ def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     """yt [rows, B] = A xt for A in compressed rows (ptr, idx, vals[perm] or vals), xt [cols, B]."""
     check_compressed(ptr, idx, "ptr", "idx")  # (the wrappers checked it by name; cached: no second read)
     check_nnz(vals if perm is None else perm, "vals" if perm is None else "perm", idx.numel())
+    if perm is not None:  # (vals[perm[p]] is read: a duplicate read one value twice, silently; once per mask)
+        check_perm(perm, idx.numel())
+        check_transposed(ptr, idx, perm)
     rows, B = ptr.numel() - 1, xt.shape[1]
     yt = torch.empty((rows, B), dtype=xt.dtype, device=xt.device)
     if rows == 0 or B == 0:
@@ -191,6 +194,8 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
                  name="sparse_linear_grad_input")
     _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
     _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
+    # (the CSR's own: a duplicate in perm read one weight twice, silently; checked once per mask)
+    check_transposed(ccol_indices, row_indices_t, perm, crow_indices, col_indices)
     check_activation(grad_out, "grad_out", values)
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:

@@ -665,6 +665,12 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
                   rf"perm has entries outside \[0, {n}\)")
     refused_alike(None, KL.sparse_linear_grad_input, (gl, lcrow, lcol, lv, edit(lccol, -1, n + 1), lrt, lperm),
                   r"ccol_indices\[-1\] \(\d+\) must equal row_indices_t.numel\(\)")
+    # perm not a permutation (a duplicate: one weight read twice, another never; a silently wrong dx before)
+    refused_alike(None, KL.sparse_linear_grad_input, (gl, lcrow, lcol, lv, lccol, lrt, edit(lperm, 1, int(lperm[0]))),
+                  "ccol_indices, row_indices_t and perm must be the transposed index of crow_ind")
+    refused_alike(None, lambda *a: KL.csr_spmm(*a[:3], a[4], perm=a[3]),
+                  (lccol, lrt, lv, edit(lperm, 1, int(lperm[0])), gl.t().contiguous()),
+                  r"perm must be a permutation of \[0, nnz\)")
     refused_alike(None, lambda *a: KL.csr_spmm(*a), (lend, lcol, lv, xl.t().contiguous()),
                   r"ptr\[-1\] \(\d+\) must equal idx.numel\(\)")
     refused_alike(None, lambda *a: KL.csr_spmm(*a), (lcrow, lcol, lv[:1], xl.t().contiguous()),
@@ -795,6 +801,8 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
     end[-1] += 2
     pbad = perm.clone()
     pbad[0] = nnzb
+    pdup = perm.clone()  # (a duplicate: one block read twice, another never; a silently wrong dx before)
+    pdup[1] = pdup[0]
     for call, msg in (
             (lambda: K.bsr_linear_forward(x, crow, col, vals[:1], None, 40), rf"values must have nnz = {nnzb} blocks, got 1"),
             (lambda: K.bsr_linear_forward(x, end, col, vals, None, 40),
@@ -806,6 +814,7 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
             (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals[:1], 36), rf"values must have nnz = {nnzb} blocks"),
             (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm[:2], vals, 36), rf"perm must have nnz = {nnzb} entries"),
             (lambda: K.bsr_linear_grad_input(gy, ccol, rt, pbad, vals, 36), rf"perm has entries outside \[0, {nnzb}\)"),
+            (lambda: K.bsr_linear_grad_input(gy, ccol, rt, pdup, vals, 36), r"perm must be a permutation of \[0, nnz\)"),
             (lambda: K.bsr_linear_grad_input(gy[:, :30].contiguous(), ccol, rt, perm, vals, 36), "grad_out has 30 features"),
             (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals, 60), r"ccol_indices has 3 block columns, but 60"),
             (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 32), r"crow_indices has 3 block rows, but 40 features in "
