@@ -131,14 +131,42 @@ def _batch_major(t: torch.Tensor, features: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), features).t().contiguous()
 
 
+def _check_operands(name: str, ptr, idx, xt, others) -> None:
+    """csr_spmm's / csr_sddmm's own arguments, as the wrappers check theirs (both are public): tensors on one
+    device, ptr int64 / idx int32 1-D contiguous, xt 2-D [cols, B] with a row for every entry of idx (the
+    kernels read xt[idx[p], b] unchecked: another dtype, shape or too few rows read out of bounds, silently)."""
+    for arg, t in (("ptr", ptr), ("idx", idx), ("xt", xt), *others):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    check_device(ptr, idx, xt, *(t for _, t in others), name=name)
+    check_index(ptr, "ptr", torch.int64)
+    check_index(idx, "idx", torch.int32)
+    check_compressed(ptr, idx, "ptr", "idx")  # (the wrappers checked it by name; cached: no second read)
+    if xt.dim() != 2:
+        raise ValueError(f"{name}: xt must be 2-D [cols, B], got shape {tuple(xt.shape)}")
+    if max_index(idx, "idx") >= xt.shape[0]:
+        raise ValueError(f"{name}: idx has entries outside [0, {xt.shape[0]}) (xt's rows)")
+
+
 def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     """yt [rows, B] = A xt for A in compressed rows (ptr, idx, vals[perm] or vals), xt [cols, B]."""
-    check_compressed(ptr, idx, "ptr", "idx")  # (the wrappers checked it by name; cached: no second read)
-    check_nnz(vals if perm is None else perm, "vals" if perm is None else "perm", idx.numel())
+    _check_operands("csr_spmm", ptr, idx, xt, (("vals", vals), ("perm", perm), ("bias", bias)))
+    check_float(vals, "vals")
+    if vals.dim() != 1:
+        raise ValueError(f"csr_spmm: vals must be 1-D, got shape {tuple(vals.shape)}")
+    check_activation(xt, "xt", vals)
+    check_nnz(vals, "vals", idx.numel())
     if perm is not None:  # (vals[perm[p]] is read: a duplicate read one value twice, silently; once per mask)
+        check_index(perm, "perm", torch.int64)
         check_perm(perm, idx.numel())
         check_transposed(ptr, idx, perm)
     rows, B = ptr.numel() - 1, xt.shape[1]
+    if bias is not None:
+        check_float(bias, "bias", like=vals)
+        if bias.shape != (rows,):
+            raise ValueError(f"csr_spmm: bias must have shape [{rows}], got {tuple(bias.shape)}")
+        bias = bias.contiguous()
+    vals, xt = vals.contiguous(), xt.contiguous()  # (read at flat offsets; no copy when already contiguous)
     yt = torch.empty((rows, B), dtype=xt.dtype, device=xt.device)
     if rows == 0 or B == 0:
         return yt
@@ -244,7 +272,13 @@ def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
     """out[p] = <dyt[row p], xt[idx p]> for the nonzeros of (ptr, idx); dyt [rows, B], xt [cols, B].
     `split` cuts the batch over programs (atomic accumulation); by default only when the
     non-empty rows alone cannot fill the GPU."""
-    check_compressed(ptr, idx, "ptr", "idx")
+    _check_operands("csr_sddmm", ptr, idx, xt, (("dyt", dyt),))
+    check_float(xt, "xt", FLOAT_DTYPES + HALF_DTYPES)
+    check_float(dyt, "dyt", FLOAT_DTYPES + HALF_DTYPES, like=xt, like_name="xt")
+    if dyt.shape != (ptr.numel() - 1, xt.shape[1]):
+        raise ValueError(f"csr_sddmm: dyt must have shape [rows, B] = [{ptr.numel() - 1}, {xt.shape[1]}], got "
+                         f"{tuple(dyt.shape)}")
+    dyt, xt = dyt.contiguous(), xt.contiguous()  # (read at flat offsets)
     split = check_split(split)
     rows, nnz, B = ptr.numel() - 1, idx.numel(), xt.shape[1]
     nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))

@@ -678,6 +678,46 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
 
 
 @interp
+def csr_spmm_and_sddmm_refuse_bad_operands_by_name():
+    """The public csr_spmm / csr_sddmm check their own operands (dtype, device, shape, ptr length, xt's rows
+    against idx) with an error naming the argument (before 2026-12-06 they read out of bounds or gave a wrong
+    answer, silently), and with good ones (a non-contiguous xt too) compute the dense products."""
+    import sparsetrain.kernels.sparse_linear as KL
+    from sparsetrain.engine.formats import CSR
+    g = torch.Generator().manual_seed(5)
+    mask = random_mask((4, 6), 0.5, generator=g)
+    w = torch.randn(4, 6, generator=g) * mask
+    W = CSR.from_dense(w, mask)
+    ptr, idx, v = W.crow_indices, W.col_indices, W.values.detach()
+    xt, dyt = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g)
+    for call, err, msg in (
+            (lambda: KL.csr_spmm(ptr.int(), idx, v, xt), TypeError, "ptr must have dtype Long"),
+            (lambda: KL.csr_spmm(ptr, idx.long(), v, xt), TypeError, "idx must have dtype Int"),
+            (lambda: KL.csr_spmm(ptr, idx, v.int(), xt), TypeError, "vals must have dtype in"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt.double()), TypeError, "xt must have the dtype of values"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt[:5]), ValueError, r"idx has entries outside \[0, 5\)"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt[:, 0]), ValueError, "xt must be 2-D"),
+            (lambda: KL.csr_spmm(ptr, idx, v.reshape(1, -1), xt), ValueError, "vals must be 1-D"),
+            (lambda: KL.csr_spmm(ptr[:-1], idx, v, xt), ValueError, r"ptr\[-1\] \(\d+\) must equal idx.numel"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt.to("meta")), ValueError, "all tensors must be on one device"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt, bias=torch.zeros(3)), ValueError, r"bias must have shape \[4\]"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt, perm=torch.arange(v.numel()).int()), TypeError,
+             "perm must have dtype Long"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt.tolist()), TypeError, "xt must be a torch.Tensor"),
+            (lambda: KL.csr_sddmm(ptr, idx, dyt, xt.double()), TypeError, "dyt must have the dtype of xt"),
+            (lambda: KL.csr_sddmm(ptr, idx, dyt[:3], xt), ValueError, r"dyt must have shape \[rows, B\] = \[4, 3\]"),
+            (lambda: KL.csr_sddmm(ptr, idx, dyt, xt[:, :2]), ValueError, r"dyt must have shape \[rows, B\] = \[4, 2\]"),
+            (lambda: KL.csr_sddmm(ptr, idx, dyt, xt[:5]), ValueError, r"idx has entries outside \[0, 5\)"),
+            (lambda: KL.csr_sddmm(ptr, idx.long(), dyt, xt), TypeError, "idx must have dtype Int"),
+            (lambda: KL.csr_sddmm(ptr, idx, dyt.int(), xt.int()), TypeError, "xt must have dtype in")):
+        with pytest.raises(err, match=msg):
+            call()
+    wide = torch.randn(3, 6, generator=g)  # xt = wide.t(): not contiguous
+    torch.testing.assert_close(KL.csr_spmm(ptr, idx, v, wide.t()), w @ wide.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(KL.csr_sddmm(ptr, idx, dyt, wide.t()), (dyt @ wide)[mask], rtol=1e-5, atol=1e-5)
+
+
+@interp
 def tensor_arguments_that_are_no_tensors_refused_by_name():
     """Called directly, the ops' Triton functions refuse None for a tensor the schema requires, and a list
     for any tensor, with a TypeError naming the parameter (an AttributeError from inside, "'NoneType' object
