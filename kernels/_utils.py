@@ -161,8 +161,9 @@ def check_conv_args(kernel_size, stride, padding) -> None:
 
 def check_ints(v, arg: str) -> None:
     """Every entry of `v` an integer (TypeError naming `arg`): int() truncated a stride of 1.5 to 1, a
-    silently other conv, where the C++ schema (int[]) refuses it."""
-    if not all(isinstance(e, numbers.Integral) for e in v):
+    silently other conv, where the C++ schema (int[]) refuses it; a bool too (True ran as 1: as engine.args.is_int,
+    duplicated here, kernels/ does not import sparsetrain)."""
+    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v):
         raise TypeError(f"{arg} must hold ints, got {list(v)}")
 
 

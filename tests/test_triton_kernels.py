@@ -806,7 +806,10 @@ def conv_geometry_arguments_refused_as_the_cpp_op():
     # a non-integer entry (the C++ schema refuses it as not int[]): int() truncated it, a stride of 1.5 ran as 1
     for geo, msg in ((([3, 3], [1.5, 1.5], [1, 1]), r"stride must hold ints, got \[1.5, 1.5\]"),
                      (([3, 3], [1, 1], [0.5, 1]), r"padding must hold ints, got \[0.5, 1\]"),
-                     (([2.5, 3], [1, 1], [1, 1]), r"kernel_size must hold ints, got \[2.5, 3\]")):
+                     (([2.5, 3], [1, 1], [1, 1]), r"kernel_size must hold ints, got \[2.5, 3\]"),
+                     # a bool is no int (True ran as 1 before 2026-12-06), as engine.args.is_int
+                     (([3, 3], [True, True], [1, 1]), r"stride must hold ints, got \[True, True\]"),
+                     (([3, 3], [1, 1], [False, 1]), r"padding must hold ints, got \[False, 1\]")):
         for call in (lambda: KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, *geo, None),
                      lambda: KC.sparse_conv2d_stats(x, crow, col, v, ccol, rt, perm, *geo, None, True),
                      lambda: KC.sparse_conv2d_grad_input(gy, ccol, rt, perm, v, [5, 5], *geo),
@@ -816,6 +819,8 @@ def conv_geometry_arguments_refused_as_the_cpp_op():
                 call()
     with pytest.raises(TypeError, match=r"input_size must hold ints, got \[5.5, 5\]"):
         KC.sparse_conv2d_grad_input(gy, ccol, rt, perm, v, [5.5, 5], [3, 3], [1, 1], [1, 1])
+    with pytest.raises(TypeError, match=r"input_size must hold ints, got \[True, 5\]"):
+        KC.sparse_conv2d_grad_input(gy, ccol, rt, perm, v, [True, 5], [3, 3], [1, 1], [1, 1])
     import numpy as np  # numpy ints are ints: the same conv
     torch.testing.assert_close(KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, [3, 3], [np.int64(1)] * 2, [1, 1], None),
                                KC.sparse_conv2d(x, crow, col, v, ccol, rt, perm, [3, 3], [1, 1], [1, 1], None))
