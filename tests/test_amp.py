@@ -59,6 +59,14 @@ def test_a_half_model_on_cpu_says_to_use_autocast(dtype, name):
     with torch.autocast("cpu", dtype=dtype):
         y = model(x.to(dtype))
     torch.testing.assert_close(y, model(x.to(dtype).float()))
+    # a SparseLinear alone says the same (before 2026-12-06: "x must have the dtype of values", no way out)
+    lin = _sparse_linear(7, 3, 0.5)
+    with pytest.raises(TypeError, match=rf"x must be float32 or float64, got {name}.*autocast"):
+        lin(torch.randn(2, 7).to(dtype))
+    xl = torch.randn(2, 7).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        yl = lin(xl)
+    torch.testing.assert_close(yl, xl.float() @ lin.weight.to_dense().t() + lin.bias)
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])

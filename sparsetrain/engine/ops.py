@@ -349,7 +349,16 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> 
         raise ValueError(f"weight must be a 2-D CSR [out, in], got shape {weight.shape}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must have last dimension in_features = {weight.shape[1]}, got shape {tuple(x.shape)}")
+    # (the C++ op said only "x must have the dtype of values": the conv's message, with the way out)
+    if (x.device.type == "cpu" and x.dtype in _HALF_NAMES and not torch.is_autocast_enabled("cpu")
+            and backend.current_backend() != "triton"):
+        raise TypeError(f"x must be float32 or float64, got {_HALF_NAMES[x.dtype]} (the CPU kernels compute in "
+                        "fp32/fp64: for half-precision activations keep the model in float32 and run it under "
+                        "torch.autocast)")
     return _call("sparse_linear", x, *weight.index(), bias)
+
+
+_HALF_NAMES = {torch.bfloat16: "BFloat16", torch.float16: "Half"}  # (c10's names, as the C++ ops word them)
 
 
 def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None, stride=1, padding=0,
