@@ -619,6 +619,28 @@ def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
         assert torch.equal(dst(x), src(x)), key
 
 
+def test_module_type_casts_the_values_not_the_index():
+    """model.type(torch.float64) casts every tensor of a module, its buffers too: before 2026-12-06 the CSR's and
+    BSR's index buffers (crow/col/ccol/row_t/perm) became float64 and every forward was refused. They keep their
+    integer dtype; the values are cast, and the model equals the dense masked reference in float64."""
+    torch.manual_seed(3)
+    conv, lin = nn.Conv2d(3, 4, 3), nn.Linear(36, 32)
+    cmask, lmask = random_mask((4, 3, 3, 3), 0.5), random_mask((32, 36), 0.6)
+    model = nn.Sequential(SparseConv2d.from_dense(conv, cmask), nn.Flatten(), SparseLinear.from_dense(lin, lmask),
+                          sparsetrain.BSRLinear.from_dense(nn.Linear(32, 32), block_size=16))
+    model.type(torch.float64)
+    for name, b in model.named_buffers():
+        assert b.dtype in (torch.int32, torch.int64), (name, b.dtype)
+    for p in model.parameters():
+        assert p.dtype == torch.float64
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    c = torch.flatten(F.conv2d(x, conv.weight.double() * cmask, conv.bias.double()), 1)
+    h = dense_linear(c, lin.weight.double(), lmask, lin.bias.double())
+    bsr = model[3]
+    ref = F.linear(h, bsr.weight.to_dense(), bsr.bias)
+    torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_loading_keeps_the_layer_its_parameter_dtype_and_flags(tmp_path):
     """load_state_dict copies into the values Parameter when nnz is unchanged (an optimizer built
     before keeps stepping it), casts to the layer's dtype (a float32 checkpoint into a float64

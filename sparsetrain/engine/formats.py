@@ -72,6 +72,14 @@ class WeightLike:
     def requires_grad(self, flag: bool) -> None:
         self.values.requires_grad_(flag)
 
+    def _apply(self, fn, recurse=True):
+        # model.type(torch.float64) casts every tensor, the index buffers too (then refused by every op): an
+        # integer tensor keeps its dtype and takes only fn's device (a round trip through fp16 would round it)
+        def keep_index(t):
+            out = fn(t)
+            return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
+        return super()._apply(keep_index, recurse)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
         # it): the saved pattern fits any weight of the same [rows, cols] view, so without it a (3, 1)
