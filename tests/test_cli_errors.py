@@ -191,7 +191,7 @@ CASES = [
      "argument --report-only: not allowed with argument --resume"),
     ("report-and-print", "mnist", ["--report-only", "--print-config"], None,
      "argument --print-config: not allowed with argument --report-only"),
-    ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more distinct seeds in [0, 2^63)"),
+    ("seeds", "mnist", ["--seeds", "-1"], None, "--seeds must be one or more distinct seeds in [0, 2^32)"),
     ("model", "mnist", ["--model", "vgg_d0g0"], None, "--model: model 'vgg_d0g0': VGG-like needs delta >= 1"),
     ("dataset", "mnist", ["--early-stop", "sometimes"], None, "argument --early-stop: invalid choice"),
     ("device", "mnist", ["--device", "tpu"], None, "--device must be auto, cpu, cuda or cuda:N"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparsetrain.experiment import data as D
+from sparsetrain.experiment.config import Config, validate
 from sparsetrain.testing import write_cifar, write_mnist
 
 
@@ -852,6 +853,28 @@ def test_a_seed_or_epoch_that_is_no_non_negative_int_is_refused(cifar10_dir):
     assert torch.equal(a.val.index, ref)
     assert torch.equal(torch.randperm(9, generator=D.epoch_generator(2, 3)),
                        torch.randperm(9, generator=D.seeded(2, 1003)))
+
+
+def test_seeded_streams_do_not_collide_and_large_seeds_are_refused():
+    """SeedSequence reads an int >= 2^32 as several 32-bit words: seeded(5 + 7 * 2**32, 1) (seed S's split) was
+    seeded(5, 7, 1) (seed 5's round-1 init), a negative seed numpy's bare error. Since 2026-12-06 a seed or
+    stream entry outside [0, 2^32) is a ValueError naming it (and Config's seeds too); the streams the study
+    draws are distinct for a seed, and seeds below 2^32 draw as before (the SeedSequence of the words)."""
+    for seed, stream in ((5 + 7 * 2**32, (1,)), (-1, (1,)), (2**32, ()), (np.int64(2**40), (2,)), (1.0, (1,))):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\^32\)"):
+            D.seeded(seed, *stream)
+    for stream in ((2**32,), (1, -3), (7, 1.0)):
+        with pytest.raises(ValueError, match=r"stream must be an int in \[0, 2\^32\)"):
+            D.seeded(0, *stream)
+    with pytest.raises(ValueError, match=r"--seeds must be one or more distinct seeds in \[0, 2\^32\)"):
+        validate(Config(seeds=(2**32,)))
+    streams = [(1,), (2,), (3,), *((1000 + e,) for e in range(5)), *((7, r) for r in range(4)),
+               *((11, e, k) for e in range(3) for k in range(3))]  # (data, loop, train: what the study draws)
+    for seed in (0, 1, 2**32 - 1):
+        seeds = [D.seeded(seed, *st).initial_seed() for st in streams]
+        assert len(set(seeds)) == len(seeds)
+        want = int(np.random.SeedSequence([seed, 7, 2]).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+        assert D.seeded(seed, 7, 2).initial_seed() == want
 
 
 def test_load_datasets_path_and_flag_arguments_are_checked(tmp_path):

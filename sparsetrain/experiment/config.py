@@ -196,8 +196,8 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop <= 1, "in (0, 1]"),
               ("l1", 0 <= cfg.l1 <= _F32_MAX, ">= 0 and finite in float32 (<= 3.4e38)"),
               ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),
-              ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(0 <= s < 2**63 for s in cfg.seeds),
-               "one or more distinct seeds in [0, 2^63)"),
+              ("seeds", len(set(cfg.seeds)) == len(cfg.seeds) > 0 and all(0 <= s < 2**32 for s in cfg.seeds),
+               "one or more distinct seeds in [0, 2^32)"),  # (data.seeded: a larger seed shares streams)
               ("teachers", len(set(cfg.teachers)) == len(cfg.teachers) > 0, "one or more distinct of best, dense, PATH"),
               ("phases", len(set(cfg.phases)) == len(cfg.phases) > 0, "one or more distinct of " + ", ".join(PHASE_KINDS))]
     for role in ROLES:

@@ -34,7 +34,13 @@ POLICIES = ("standard", "autoaugment")  # training augmentation policies (iterat
 
 
 def seeded(seed: int, *stream: int) -> torch.Generator:
-    """An independent generator per (seed, purpose...) tuple."""
+    """An independent generator per (seed, purpose...) tuple: seed and stream entries in [0, 2^32) (SeedSequence
+    reads a larger int as several 32-bit words: seeded(5 + 7 * 2**32, 1) was seeded(5, 7, 1); a negative one
+    raised numpy's bare "expected non-negative integer"). The streams in use differ in their first entry (a
+    trailing 0 makes no new stream: SeedSequence pads its pool with zeros)."""
+    for arg, v in (("seed", seed), *(("stream", e) for e in stream)):
+        if not is_int(v) or not 0 <= v < 2**32:
+            raise ValueError(f"{arg} must be an int in [0, 2^32), got {v!r}")
     s = int(np.random.SeedSequence([int(seed), *map(int, stream)]).generate_state(1, np.uint64)[0])
     return torch.Generator().manual_seed(s & (2**63 - 1))
 
