@@ -705,6 +705,14 @@ def test_validation_split_disjoint_and_subset(cifar10_dir):
     sub = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.1, subset=60, test_subset=10, download=False)
     assert len(sub.train) + len(sub.val) == 60 and len(sub.test) == 10
     assert max(sub.train.index.max(), sub.val.index.max()) < 60
+    # numpy ints are ints (refused as "a positive int" before 2026-12-06), the same split; bools and floats are not
+    npsub = D.load_dataset("cifar10", cifar10_dir, val_fraction=0.1, subset=np.int64(60), test_subset=np.int32(10),
+                           download=False)
+    for a, b in ((sub.train, npsub.train), (sub.val, npsub.val), (sub.test, npsub.test)):
+        assert torch.equal(a.index, b.index) and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    for bad in (True, 60.0, np.float64(60)):
+        with pytest.raises(ValueError, match="subset must be a positive int or None"):
+            D.load_dataset("cifar10", cifar10_dir, subset=bad, download=False)
 
 
 def test_iterate_augmentation_and_determinism(cifar10_dir):
@@ -788,8 +796,9 @@ def test_imagefolder_in_memory(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    s = D.load_dataset("imagefolder", tmp_path, image_size=16, val_fraction=0.2, eps=0.5, download=False)
-    assert (s.num_classes, s.in_channels, s.image_size) == (2, 3, (16, 16))
+    s = D.load_dataset("imagefolder", tmp_path, image_size=np.int64(16), val_fraction=0.2, eps=0.5, download=False)
+    assert (s.num_classes, s.in_channels, s.image_size) == (2, 3, (16, 16))  # (a numpy int: refused before 2026-12-06)
+    assert all(type(v) is int for v in s.image_size)  # (recorded in the run's JSON)
     assert (len(s.train), len(s.val), len(s.test)) == (8, 2, 4) and s.train.pad == 2
     assert int(s.train.noisy.sum()) == 4 and torch.equal(s.test.y, torch.tensor([0, 0, 1, 1]))
     xb, _ = next(D.iterate(s.train, 8, augment=True, generator=torch.Generator().manual_seed(0)))

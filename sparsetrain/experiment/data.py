@@ -201,8 +201,9 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise TypeError(f"{arg} must be a path (str or os.PathLike) or None, got {type(v).__name__}")
     for arg, v in (("subset", subset), ("test_subset", test_subset), ("image_size", image_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):  # (a numpy int is an int, as Config's subset)
             raise ValueError(f"{arg} must be a positive int or None, got {v!r}")
+    subset, test_subset, image_size = (None if v is None else int(v) for v in (subset, test_subset, image_size))
     if name in HUMAN_NOISE and eps > 0:
         raise ValueError(f"eps must be 0 for {name} (its human labels are the noise), got {eps}")
     if label_file and name not in HUMAN_NOISE:  # (it would be ignored: the CLI refuses --label-file alike)
