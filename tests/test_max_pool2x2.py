@@ -34,6 +34,20 @@ def test_matches_max_pool2d(shape, dtype):
     assert torch.equal(ours, ref) and torch.equal(ga, gb)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_channels_last_input_gives_a_channels_last_output(dtype):
+    """F.max_pool2d keeps a channels_last input's layout; the kernel writes NCHW: before 2026-12-06 the same
+    values came out NCHW-contiguous (a layout change for the channels_last layers after it). The input
+    gradient matches in values (a leaf's .grad follows its layout)."""
+    x = torch.randn(2, 3, 8, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    ours, ref, ga, gb = _both(x)
+    assert torch.equal(ours, ref) and torch.equal(ga, gb)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    assert ref.stride() == ours.stride()
+    plain, _, _, _ = _both(torch.randn(2, 3, 8, 6, dtype=dtype))  # (NCHW stays NCHW)
+    assert plain.is_contiguous()
+
+
 @pytest.mark.parametrize("side", [6, 4, 32, 20])  # every kernel path: plane rows, fixed-width pairs, 8-blocks
 def test_ties_and_nan_as_pytorch(side):
     x = torch.zeros(2, 3, side, side)

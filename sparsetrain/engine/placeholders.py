@@ -267,5 +267,8 @@ class MaxPool2x2(HandOff, nn.MaxPool2d):
             return _refuse_no_grad_hand_over(self, x, pending[1])
         if (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.sparsetrain.max_pool2x2(x)[0]
+            out = torch.ops.sparsetrain.max_pool2x2(x)[0]  # (NCHW-contiguous, whatever x's layout)
+            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                out = out.contiguous(memory_format=torch.channels_last)  # (as nn.MaxPool2d keeps it: the same values)
+            return out
         return super().forward(x)
