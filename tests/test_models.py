@@ -192,3 +192,13 @@ def test_resnets_refuse_a_small_input_that_is_not_a_bool():
             with pytest.raises(TypeError, match=rf"^small_input must be True or False, got {re.escape(repr(bad))}$"):
                 build(10, small_input=bad)
         assert [build(10, small_input=s).conv1.kernel_size for s in (True, False)] == [(3, 3), (7, 7)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "1"])
+def test_lenet_in_channels_is_checked_by_its_name(bad):
+    """build_model("lenet300", in_channels=...) never checked in_channels: True built a 784-input
+    LeNet (as 1 channel), and 0, -1 or 2.5 failed on the product, "in_features must be a positive int,
+    got -784", an argument the caller never gave. Now it is refused as for the other models."""
+    with pytest.raises(ValueError, match=rf"^in_channels must be a positive int, got {re.escape(repr(bad))}$"):
+        build_model("lenet300", 10, bad, 28)
+    assert build_model("lenet300", 10, 2, 28).fc1.in_features == 2 * 28 * 28  # (a valid count: C*H*W inputs)

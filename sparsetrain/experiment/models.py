@@ -174,6 +174,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
         raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
                         f"allowed: {sorted(allowed)}")
     _check_dropout(kwargs.get("dropout", 0.0))
+    _check_common(num_classes, in_channels)  # (lenet300 sees only C*H*W: in_channels=True was 1, 0 "in_features")
     return MODELS[key](num_classes, in_channels, _pair(image_size), **kwargs)
 
 
