@@ -202,3 +202,14 @@ def test_lenet_in_channels_is_checked_by_its_name(bad):
     with pytest.raises(ValueError, match=rf"^in_channels must be a positive int, got {re.escape(repr(bad))}$"):
         build_model("lenet300", 10, bad, 28)
     assert build_model("lenet300", 10, 2, 28).fc1.in_features == 2 * 28 * 28  # (a valid count: C*H*W inputs)
+
+
+@pytest.mark.parametrize("name", ["lenet300", "vgg_d1g1", "resnet18"])
+@pytest.mark.parametrize("bad", [(28, True), (False, 28), [28, 28.0], 0, (0, 28), (28, 28, 3)])
+def test_image_size_takes_ints_only_and_is_named_as_given(name, bad):
+    """image_size=(28, True) built a model for 28x1 images (True taken as 1: a LeNet of 28 inputs); a
+    bad size is refused, and the message shows the value the caller gave (0 was shown as "(0, 0)")."""
+    with pytest.raises(ValueError, match=rf"^image_size must be a positive int or \(height, width\), "
+                                         rf"got {re.escape(repr(bad))}$"):
+        build_model(name, 10, 1, bad)
+    assert build_model("lenet300", 10, 1, [28, 14]).fc1.in_features == 28 * 14  # (a list of two ints: as before)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..engine.args import check_flag
+from ..engine.args import check_flag, is_int
 from ..engine.replicated import BroadcastAvgPool2d
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
@@ -179,12 +179,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
 
 
 def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and s >= 1 for s in size)):
+    hw = (size, size) if is_int(size) else size  # (a bool is no side: (28, True) built for 28x1 images)
+    if not isinstance(hw, (tuple, list)) or len(hw) != 2 or not all(is_int(s) and s >= 1 for s in hw):
         raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
-    return int(size[0]), int(size[1])
+    return int(hw[0]), int(hw[1])
 
 
 def _check_dropout(p) -> None:
