@@ -213,3 +213,36 @@ def test_image_size_takes_ints_only_and_is_named_as_given(name, bad):
                                          rf"got {re.escape(repr(bad))}$"):
         build_model(name, 10, 1, bad)
     assert build_model("lenet300", 10, 1, [28, 14]).fc1.in_features == 28 * 14  # (a list of two ints: as before)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg_d2g3", "lenet300"])
+def test_what_is_prunable_follows_appendix_b1(name):
+    """Paper B.1: every conv and linear weight is prunable, whatever the model (the first conv and
+    the classifier included); neither biases nor BatchNorm parameters are. One global magnitude
+    round (the study's unstructured rule) gives every such layer a mask and leaves the rest as it was."""
+    from sparsetrain.engine.nn import prunable_layers, weight_count
+    from sparsetrain.prune import global_prune
+    model = build_model(name, 10, 3, 32)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [n for n, _ in prunable_layers(model)] == convs
+    assert convs[0] == {"lenet300": "fc1"}.get(name, "conv1" if name.startswith("resnet") else "block1_1.conv")
+    assert convs[-1] == {"resnet18": "fc", "resnet50": "fc", "lenet300": "fc3"}.get(name, "classifier")
+    weights = {f"{n}.weight" for n in convs}
+    assert weight_count(model) == sum(p.numel() for n, p in model.named_parameters() if n in weights)
+    assert weight_count(model) < count_parameters(model)  # (biases and BatchNorm affine are not counted)
+    if name == "resnet50":
+        return  # (the round below on 23.5 M weights takes seconds; resnet18 has the same layer kinds)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = global_prune(model, {}, 0.5)
+    assert list(masks) == convs
+    after = dict(model.named_parameters())
+    for n in before:
+        if n in weights:
+            mask = masks[n[:-len(".weight")]]
+            assert torch.equal(after[n][~mask], torch.zeros_like(after[n][~mask]))
+            assert torch.equal(after[n][mask], before[n][mask])
+        else:
+            assert torch.equal(after[n], before[n]), n  # biases, BatchNorm weight and bias: never pruned
+    kept = sum(int(mk.sum()) for mk in masks.values())
+    assert kept == weight_count(model) - int(0.5 * weight_count(model))
+    assert all(0 < int(masks[n].sum()) < masks[n].numel() for n in (convs[0], convs[-1]))
