@@ -874,6 +874,67 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25),  # depthwise convs, ReLU6
+    lambda: torchvision.models.DenseNet(8, (2, 2), 16, num_classes=10),  # BN -> ReLU -> conv, concatenations
+    lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),  # depthwise conv -> BN, channel shuffles
+], ids=["mobilenet_v2", "densenet", "shufflenet_v2"])
+def test_torchvision_patterns_fused_where_they_apply(make):
+    """torchvision models whose patterns fuse_ must partly leave alone: a depthwise conv (which the
+    sparse kernels do not take) stays a dense nn.Conv2d with its BN, a ReLU6 is not a ReLU (conv -> BN
+    fused alone), a BN -> ReLU with no conv before it stays as built. What is fused gives the dense
+    masked model's outputs, input, weight and BN gradients and running statistics in training and
+    eval; densify_ gives back that dense model."""
+    from sparsetrain.engine.convert import unconvertible
+    torch.manual_seed(0)
+    model = make().double()
+    dense = unconvertible(model)
+    masks = {n: mk for n, mk in model_masks(model, 0.9).items() if n not in dense}
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)}
+    assert all(type(model.get_submodule(n)) is nn.Conv2d and model.get_submodule(n).groups > 1 for n in dense)
+    assert fused and (bool(dense) == (not isinstance(model, torchvision.models.DenseNet)))
+    if any(isinstance(m, nn.ReLU6) for m in ref.modules()):  # (mobilenet_v2's only activation)
+        assert not any(m.relu_after or m.relu_before for m in fused.values())
+    # the BNs of no fused conv (after a depthwise conv, before a conv: DenseNet's norm1) stay as built
+    assert sum(isinstance(m, FusedBatchNorm2d) for m in model.modules()) == len(fused)
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == \
+        sum(isinstance(m, nn.BatchNorm2d) for m in ref.modules()) - len(fused) > 0
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    TOL64 = dict(rtol=1e-7, atol=1e-7)  # (fp64 sums in other orders, on the gradients of a squared output)
+    for training in (True, False, True):
+        model.train(training), ref.train(training)
+        got = []
+        for m in (ref, model):
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(1)  # (the classifiers' dropout draws alike)
+            y = m(xi)
+            names, params = zip(*m.named_parameters())
+            gx, *gp = torch.autograd.grad(y.square().sum(), [xi, *params])
+            got.append((y, gx, dict(zip(names, gp))))
+        (y_ref, gx_ref, g_ref), (y, gx, g) = got
+        torch.testing.assert_close(y, y_ref, **TOL64)
+        torch.testing.assert_close(gx, gx_ref, **TOL64)
+        for name, grad in g.items():  # a sparse layer's: its stored values', the mask's entries in row-major order
+            layer = name.removesuffix(".weight.values")
+            want = g_ref[name] if layer == name else g_ref[layer + ".weight"][masks[layer]]
+            torch.testing.assert_close(grad, want, **TOL64)
+        assert len(g) == len(g_ref)
+    state = model.state_dict()
+    for k, v in ref.state_dict().items():  # the BNs' running statistics (and every dense parameter)
+        if k in state:
+            torch.testing.assert_close(state[k], v, **TOL64)
+    sparsetrain.densify_(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, **TOL64)
+
+
 def test_study_models_fuse_their_patterns():
     r = resnet18(10, 3)
     sparsetrain.sparsify_(r, model_masks(r, 0.9), fuse=True)
