@@ -275,3 +275,25 @@ def test_sparsify_densify_round_trip_gives_the_dense_masked_model(name, sparsity
     assert all(p.requires_grad for p in model.parameters())
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(model(x), ref(x))
+
+
+def test_numpy_integers_build_the_same_model():
+    """num_classes = labels.max() + 1 on a numpy array is an np.int64: build_model refused it with
+    "num_classes must be a positive int, got np.int64(10)" (torch's layers take numpy integers; the
+    checks took only Python ints). Numpy integers now build the model the Python ints build; a bool,
+    a float or a bad value is still refused by name."""
+    import numpy as np
+    for name, kw in [("resnet18", {}), ("vgg_like", dict(delta=np.int64(2), gamma=np.int32(3))), ("lenet300", {})]:
+        got = build_model(name, np.int64(7), np.int64(1), np.int64(28), **kw)
+        want = build_model(name, 7, 1, 28, **{k: int(v) for k, v in kw.items()})
+        assert [(n, p.shape) for n, p in got.named_parameters()] == [(n, p.shape) for n, p in want.named_parameters()]
+        assert got(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+        sizes = [v for m in got.modules() for v in vars(m).values() if isinstance(v, (np.integer, tuple))]
+        assert not any(isinstance(v, np.integer) or isinstance(v, tuple) and any(isinstance(e, np.integer) for e in v)
+                       for v in sizes)  # (the layers hold Python ints, as built from ints)
+    assert lenet_300_100(np.int64(5), in_features=np.int64(12)).fc1.in_features == 12
+    for bad, arg in ((np.int64(0), "num_classes"), (np.bool_(True), "num_classes"), (np.float64(10.0), "num_classes")):
+        with pytest.raises(ValueError, match=rf"^{arg} must be a positive int, got {re.escape(repr(bad))}$"):
+            build_model("resnet18", bad)
+    with pytest.raises(ValueError, match=r"^delta must be an int >= 1, got np\.int64\(0\)$"):
+        vgg_like(np.int64(0), 5)

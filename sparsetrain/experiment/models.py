@@ -43,14 +43,14 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, small_input: bool = Tr
     """ResNet-18; `small_input` (32x32-like images) gives the CIFAR stem (resnet.py)."""
     _check_common(num_classes, in_channels, small_input)
     from .resnet import build_resnet
-    return build_resnet(18, num_classes, in_channels, small_input)
+    return build_resnet(18, int(num_classes), int(in_channels), small_input)
 
 
 def resnet50(num_classes: int = 10, in_channels: int = 3, small_input: bool = True) -> nn.Module:
     """ResNet-50 (bottleneck blocks); `small_input` gives the CIFAR stem (resnet.py)."""
     _check_common(num_classes, in_channels, small_input)
     from .resnet import build_resnet
-    return build_resnet(50, num_classes, in_channels, small_input)
+    return build_resnet(50, int(num_classes), int(in_channels), small_input)
 
 
 # ------------------------------------------------------------------------------- VGG-like
@@ -63,13 +63,15 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
     δ=5 on 28x28 images) is left out, so every δ works on every input size. `dropout`: an
     nn.Dropout before the classifier (Appendix D), named "dropout"."""
     for arg, v, lo in (("delta", delta, 1), ("gamma", gamma, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        if not is_int(v) or v < lo:  # (numpy's ints too: labels.max() + 1 is an np.int64)
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
+    delta, gamma = int(delta), int(gamma)  # (an np.int64 sum could wrap around below 15)
     if delta + gamma >= 15:  # (as resolve_name: refused before a layer is built, not an allocation of GBs)
         raise ValueError(f"VGG-like needs delta + gamma <= 14, got delta={delta}, gamma={gamma} (its last stage "
                          f"would hold {2 ** (delta + gamma - 1)} channels, over 2^31 weights)")
     _check_common(num_classes, in_channels)
     _check_dropout(dropout)
+    num_classes, in_channels = int(num_classes), int(in_channels)
     h, w = _pair(image_size)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     c = in_channels
@@ -98,8 +100,9 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784, dropout: float 
     nn.Dropout before fc3)."""
     _check_common(num_classes, 1)
     _check_dropout(dropout)
-    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+    if not is_int(in_features) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    num_classes, in_features = int(num_classes), int(in_features)
     return nn.Sequential(OrderedDict(
         flatten=nn.Flatten(1),
         fc1=nn.Linear(in_features, 300), relu1=nn.ReLU(inplace=True),
@@ -192,9 +195,9 @@ def _check_dropout(p) -> None:
 
 
 def _check_common(num_classes, in_channels, small_input: bool = True) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+    if not is_int(in_channels) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     check_flag(small_input, "small_input")  # (a string "False" was truthy: the CIFAR stem on ImageNet-sized input)
 
