@@ -74,6 +74,30 @@ def test_resume_after_kill_equals_uninterrupted(mnist_dir, study_args, kill_and_
     kill_and_resume(mnist_dir, study_args(mnist_dir, "--teachers", "dense"), kill_at=7)
 
 
+def test_a_resumed_round_s_seconds_count_the_epochs_before_the_kill(mnist_dir, study_args, interrupted, monkeypatch):
+    """wall_s (the per-round table's s/round) of a round killed and resumed counts its epochs trained
+    before the kill, as sec_per_epoch does: it counted the resumed process's epochs alone. A fake clock
+    that advances 10 s per training epoch only: every round's wall_s is its epochs' 10 s each."""
+    from sparsetrain.experiment import loop
+
+    clock, real = [0.0], loop.train_epoch
+
+    def epoch(*a, **k):
+        clock[0] += 10.0
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_epoch", epoch)
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    args = study_args(mnist_dir, "--phases", "teacher")
+    interrupted(args, kill_at=4)  # (round 1's second epoch: its first one was trained before the kill)
+    assert study.main(args + ["--resume"]) == 0
+    rows = read_rows(run_dir(mnist_dir / "runs") / "seed0" / "teacher" / "metrics.csv")
+    assert len(rows) == 5
+    for r in rows:
+        assert float(r["sec_per_epoch"]) == pytest.approx(10.0)
+        assert float(r["wall_s"]) == pytest.approx(10.0 * int(r["epochs"])), r["round"]
+
+
 def test_engines_give_the_same_curve(mnist_dir, study_args):
     for engine in ("dense", "sparse"):
         assert study.main(study_args(mnist_dir, "--engine", engine, "--teachers", "dense",

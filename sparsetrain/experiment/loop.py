@@ -321,7 +321,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         cost.teacher_paper_round = paper_macs(dense_teacher, shape) * n_images * hp.epochs
     while True:
         sparsity = model_sparsity(s.model, s.masks, n_orig)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - s.train_s  # (a resumed round: its epochs trained before the kill count too)
         train_round(cfg, hp, s, splits, seed, teacher, arch, state_path,
                     f"seed {seed} {phase} round {s.rnd} ({sparsity:.2%})", role)
         row = measure(hp, s, splits, seed, phase, sparsity, cost, t0)
