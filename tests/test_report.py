@@ -796,3 +796,29 @@ def test_a_round_table_column_the_run_did_not_write_reads_n_a_not_nan(tmp_path):
     row0 = table_row(table, "0")  # (round 0's exact FLOPs: 3 x 1e6 forward x 1000 samples x 2 epochs)
     assert row0[1] == "0.00" and row0[6:9] == ["n/a", "n/a", "n/a"] and float(row0[9]) == pytest.approx(3 * 1e6 * 1000 * 2 / 1e15)
     assert table_row(table, "1")[1] == "n/a" and table_row(table, "1")[9] == "n/a"
+
+
+def test_the_plots_legends_stay_inside_their_axes_beside_a_long_twin_note(tmp_path, monkeypatch):
+    """The quick study's own case: the best-validation teacher is the dense one in every seed, so
+    distill-best's legend entry carries the note "(= distill-dense in every seed: ...)". One line of it
+    made the legend wider than the axes: it spread over the y axis' label (cum_pflops.png's hidden
+    whole). Long entries are wrapped now: each legend lies within its axes, clear of the y label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    write_config(tmp_path, seeds=[0], teachers=["dense", "best"])
+    write_rows(tmp_path, make_rows([0.8, 0.7, 0.75], seed=0))
+    write_rows(tmp_path, make_rows([0.8, 0.79, 0.78], seed=0, phase="distill-dense", teacher_cost=1e15))
+    os.symlink("distill-dense", tmp_path / "seed0" / "distill-best", target_is_directory=True)
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    R.write_report(str(tmp_path))
+    assert len(figures) == 2
+    for fig in figures:
+        ax = fig.axes[0]
+        FigureCanvasAgg(fig).draw()
+        renderer = fig.canvas.get_renderer()
+        legend, box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert any("(= distill-dense in every seed" in t.get_text().replace("\n", " ")
+                   for t in ax.get_legend().get_texts())
+        assert box.x0 - 1 <= legend.x0 and legend.x1 <= box.x1 + 1, (legend, box)
+        assert not legend.overlaps(ax.yaxis.label.get_window_extent(renderer))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 
 import numpy as np
 
@@ -56,6 +57,13 @@ def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
     return line
 
 
+def _legend(ax, **kw):
+    """ax.legend with each entry wrapped to lines of at most 60 characters: one line of a twin note
+    (tables.same_note, the quick study's distill-best) made the legend wider than the axes, over the y label."""
+    handles, labels = ax.get_legend_handles_labels()
+    return ax.legend(handles, [textwrap.fill(label, 60) for label in labels], **kw)
+
+
 def sparsity_axis(ax) -> None:
     """The x axis of accuracy-vs-sparsity plots on the _x scale: ticks at 0, 50, 80, 90, 95, 98, 99, ...%
     (1-2-5 steps of the remaining weights, whatever the rate: a round's own sparsity may fall between)."""
@@ -106,7 +114,7 @@ def plot_run(run, out_dir) -> list[str]:
     ax.set_ylabel("test accuracy [%] (mean ± std over seeds; ★ most seeds' best validation)")
     ax2.set_ylabel("mean ReLU-state entropy [bits] (dashed)")
     ax.grid(alpha=.3)
-    ax.legend(loc="best", fontsize=8,
+    _legend(ax, loc="best", fontsize=8,
               title=f"shaded ({phase_title(run, van) if van else '—'}): red critical, green sweet, grey collapsed",
               title_fontsize=7)
     cfg = run["config"]
@@ -140,7 +148,7 @@ def plot_run(run, out_dir) -> list[str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (rounds are whole: no tick at round 0.5)
     ax.set_ylabel("cumulative training PFLOPs, exact count (mean over seeds)")
     ax.grid(alpha=.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "cum_pflops.png"))
     atomic_write(paths[-1], lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
