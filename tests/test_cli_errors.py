@@ -315,6 +315,12 @@ def test_print_config_into_a_closed_pipe_is_quiet(tmp_path):
     (["--alpha", "0", "--tau", "10"], []),  # (the default: nothing given away from it)
     (["--model", "vgg_like", "--structure", "filter", "--scope", "layer", "--engine", "sparse"],
      ["--scope layer has no effect", "--engine sparse has no effect: --structure filter trains dense masked layers"]),
+    # --epochs alone keeps the preset's milestones (quick: 15 22); those at or past the epochs were silent
+    (["--epochs", "4"], ["the teacher and student runs' milestone(s) 15 22 (--profile's) at or past their 4 epochs "
+                         "never lower the LR; give --milestones (or --teacher-/--student-milestones) below the epochs"]),
+    (["--teacher-epochs", "20"], ["the teacher run's milestone(s) 22 (--profile's) at or past their 20 epochs never"]),
+    (["--epochs", "4", "--milestones", "2"], []),
+    (["--epochs", "30"], []),
 ])
 def test_settings_the_run_ignores_are_noted(tmp_path, argv, noted):
     """A flag the configuration never reads (given away from its preset) gets one stderr note and the

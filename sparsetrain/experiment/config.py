@@ -264,6 +264,14 @@ def notes(cfg: Config, args: argparse.Namespace) -> list[str]:
         v = getattr(cfg, k)
         shown = f"--{name.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
         out.append(f"{shown} has no effect: {why}; it still names the run")
+    late = {}  # (the preset's milestones kept with --epochs alone, as documented; given ones that late are refused)
+    for r in ROLES:  # (1 epoch: no milestone can lower the LR)
+        if cfg.hyper(r).epochs > 1 and (ms := " ".join(str(m) for m in cfg.hyper(r).milestones if m >= cfg.hyper(r).epochs)):
+            late.setdefault((ms, cfg.hyper(r).epochs), []).append(r)
+    for (ms, n), rs in late.items():
+        whose = "the teacher run's" if rs == ["teacher"] else f"the {' and '.join(rs)} runs'"
+        out.append(f"{whose} milestone(s) {ms} (--profile's) at or past their {n} epochs never lower the LR; give "
+                   "--milestones (or --teacher-/--student-milestones) below the epochs")
     if cfg.structure != "filter" and cfg.rate >= cfg.wall:  # (Algorithm 1 trains a round while its target,
         out.append(f"--wall {cfg.wall:g} is at or below the first pruned round's sparsity "  # 1 - (1 - rate)^k,
                    f"(--rate {cfg.rate:g}): only the dense round 0 trains")  # is below the wall)
