@@ -405,3 +405,23 @@ def test_val_fraction_on_flowers102_is_noted(tmp_path, dataset, noted):
     """flowers102 keeps its official validation split (data.load_dataset): --val-fraction was silent there."""
     from sparsetrain.experiment.config import config_from_args, notes
     assert notes(*config_from_args(_argv(tmp_path, "--val-fraction", "0.3", dataset=dataset))) == noted
+
+
+def test_out_expands_a_leading_tilde(tmp_path, monkeypatch, capsys):
+    """`--out=~/runs` (no shell expands a ~ after '='), or a Config built in Python with out="~/runs", wrote
+    the run into a folder named `~` in the working directory; the ~ is the home folder now, as --data-dir's."""
+    import dataclasses
+
+    from sparsetrain.experiment import study
+    from sparsetrain.experiment.config import config_from_args, validate
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = config_from_args(["mnist", "--profile", "quick", "--out=~/runs"])
+    assert cfg.out == str(home / "runs") and study.run_dir_of(cfg).startswith(str(home / "runs") + os.sep)
+    built = dataclasses.replace(cfg, out="~/other")
+    validate(built)  # (run_study's check)
+    assert built.out == str(home / "other")
+    assert study.main(["mnist", "--profile", "quick", "--out=~/runs", "--report-only"]) == 2
+    assert f"no run to report in {home / 'runs'}{os.sep}" in capsys.readouterr().err
+    assert not (tmp_path / "~").exists()

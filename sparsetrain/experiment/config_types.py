@@ -62,6 +62,8 @@ def normalize(cfg) -> None:
             setattr(cfg, name, tuple(_as(elem, x) for x in v))
         elif t is not tuple:
             setattr(cfg, name, _as(t, v))
+    if isinstance(getattr(cfg, "out", None), str):  # (--out=~/runs, which no shell expands: a folder named ~ here)
+        cfg.out = os.path.expanduser(cfg.out)  # (as --data-dir's; out names no run: the hash leaves it out)
 
 
 def check_types(cfg) -> None:
