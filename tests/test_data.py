@@ -559,6 +559,8 @@ def test_downloads_into_one_folder_take_turns(tmp_path, monkeypatch):
 def test_a_failed_download_leaves_no_lock_file_or_empty_folder(tmp_path, monkeypatch):
     """A failed download left DATA_DIR/.sparsetrain-download.lock behind, and the folder it made for
     it (a mistyped --data-dir); both are removed now, and a folder that holds something is kept."""
+    from pathlib import Path
+
     import torchvision.datasets
 
     from sparsetrain.experiment import datasets
@@ -570,6 +572,15 @@ def test_a_failed_download_leaves_no_lock_file_or_empty_folder(tmp_path, monkeyp
     with pytest.raises(D.DatasetNotFound, match="download attempt failed: RuntimeError: offline"):
         D.load_dataset("cifar10", tmp_path / "typo", download=True)
     assert not (tmp_path / "typo").exists()
+
+    class OfflineAfterMkdir:  # (as torchvision: the dataset's raw/ folder is made before the download fails)
+        def __init__(self, root, train, download):
+            (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)
+            raise RuntimeError("offline")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", OfflineAfterMkdir, raising=False)
+    with pytest.raises(D.DatasetNotFound, match="download attempt failed: RuntimeError: offline"):
+        D.load_dataset("fashion-mnist", tmp_path / "typo", download=True)
+    assert not (tmp_path / "typo").exists()  # (its empty FashionMNIST/raw stayed, and so the folder)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("mine")
     assert datasets._download("CIFAR10", tmp_path / "data") == "RuntimeError: offline"

@@ -20,7 +20,7 @@ def download_lock(data_dir: Path):
     """Hold an exclusive lock (fcntl, waiting for its holder: files._open_lock) on
     data_dir/.sparsetrain-download.lock while the body runs (unguarded where fcntl is missing or the
     filesystem does not lock). The holder removes the file before it lets go, and data_dir too where
-    this call made it and it is left empty (a failed download left both behind); a process that waited
+    this call made it and it is left empty, but for empty folders (a failed download left them behind); a process that waited
     on the removed file takes the new one."""
     try:
         import fcntl  # noqa: F401
@@ -36,9 +36,10 @@ def download_lock(data_dir: Path):
             if taken:
                 with contextlib.suppress(OSError):
                     os.remove(data_dir / LOCK_NAME)
-                if made:
-                    with contextlib.suppress(OSError):
-                        data_dir.rmdir()  # (refused unless empty)
+                if made:  # (bottom-up, each refused unless empty: torchvision makes e.g. FashionMNIST/raw first)
+                    for folder, _, _ in os.walk(data_dir, topdown=False):
+                        with contextlib.suppress(OSError):
+                            os.rmdir(folder)
 
 
 @contextlib.contextmanager
