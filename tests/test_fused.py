@@ -1608,6 +1608,35 @@ def test_sparse_conv_bn_relu_names_an_argument_of_the_wrong_type():
     torch.testing.assert_close(sparse_conv_bn_relu(x, fused.conv, fused.bn)[0], ref(x), **TOL[torch.float64])
 
 
+def test_fused_flags_and_optional_tensors_of_the_wrong_type_are_named():
+    """relu_after="False" (truthy) was applied by SparseConvBNReLU, a ReLU the user turned off, and a C++
+    schema error in the function; route/pool/relu_before took any truthy value; a residual or relu_counts
+    that is no tensor, or a conv that is no SparseConv2d, raised AttributeErrors; a BN of another width
+    named the BN's "weight" from C++. Now a TypeError / ValueError naming the argument, and a numpy bool works."""
+    import numpy as np
+    ref, fused, _ = _fused_pair("bn", 0.5)
+    x, bn = torch.randn(2, 5, 4, 4, dtype=torch.float64), nn.BatchNorm2d(7).double()
+    for kw, msg in ((dict(relu_after="False"), "relu_after must be True or False, got 'False'"),
+                    (dict(relu_before=None), "relu_before must be True or False, got None"),
+                    (dict(route="yes"), "route must be True or False"), (dict(pool=1), "pool must be True or False"),
+                    (dict(residual=[0.0]), "residual must be a Tensor or None, got list"),
+                    (dict(relu_after=True, relu_counts=[0]), "relu_counts must be a Tensor or None, got list")):
+        with pytest.raises(TypeError, match=msg):
+            sparse_conv_bn_relu(x, fused.conv, bn, **kw)
+    with pytest.raises(ValueError, match="bn has 6 features but the conv 7 output channels"):
+        sparse_conv_bn_relu(x, fused.conv, nn.BatchNorm2d(6).double())
+    for kw, msg in ((dict(relu_after="no"), "relu_after must be True or False, got 'no'"),
+                    (dict(residual=0.5), "residual must be True or False, got 0.5")):
+        with pytest.raises(TypeError, match=msg):
+            SparseConvBNReLU(fused.conv.to_conv(), fused.bn, **kw)
+    for conv in (ref.conv, None):
+        with pytest.raises(TypeError, match=f"conv must be a SparseConv2d, got {type(conv).__name__}"):
+            SparseConvBNReLU(conv, fused.bn)
+    out = sparse_conv_bn_relu(x, fused.conv, copy.deepcopy(ref.bn), relu_after=np.True_)[0]
+    torch.testing.assert_close(out, F.relu(ref(x)), **TOL[torch.float64])
+    assert SparseConvBNReLU(fused.conv.to_conv(), fused.bn, relu_after=np.False_).relu_after is False
+
+
 def test_max_pool2x2_imported_alone_runs_in_a_fresh_interpreter():
     """MaxPool2x2 from engine/placeholders.py alone (the module a pickled model names): its forward raised
     AttributeError (no op sparsetrain.max_pool2x2) until something imported engine/ops.py."""

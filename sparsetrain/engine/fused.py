@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backend, ops
+from .args import check_flag
 from .autograd import first_order
 from .nn import SparseConv2d
 from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_bn, _check_taken,
@@ -189,9 +190,15 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     in the BN's pass on the CPU engine (the activation is never written); no residual, no `defer`.
     `unfused`: the unfused ops (y differentiable: a hook on the ReLU of conv -> ReLU -> BN reads it; an
     empty batch: nn.BatchNorm2d's semantics)."""
-    for name, v, kind in (("x", x, torch.Tensor), ("conv", conv, SparseConv2d), ("bn", bn, nn.BatchNorm2d)):
+    opt = (torch.Tensor, type(None))
+    for name, v, kind in (("x", x, torch.Tensor), ("conv", conv, SparseConv2d), ("bn", bn, nn.BatchNorm2d),
+                          ("residual", residual, opt), ("relu_counts", relu_counts, opt)):
         if not isinstance(v, kind):  # (an AttributeError deep inside before)
-            raise TypeError(f"{name} must be a {kind.__name__}, got {type(v).__name__}")
+            raise TypeError(f"{name} must be a {getattr(kind, '__name__', 'Tensor or None')}, got {type(v).__name__}")
+    for v, name in ((relu_before, "relu_before"), (relu_after, "relu_after"), (route, "route"), (pool, "pool")):
+        check_flag(v, name)  # ("False" was truthy: a ReLU applied, or a schema error from C++)
+    if bn.num_features != conv.out_channels:  # (as SparseConvBNReLU; the C++ check named the BN's "weight")
+        raise ValueError(f"bn has {bn.num_features} features but the conv {conv.out_channels} output channels")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {tuple(x.shape)}")
     if pool and (residual is not None or defer is not None):
@@ -298,6 +305,10 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
                  residual: bool = False):
+        if not isinstance(conv, SparseConv2d):  # (an AttributeError, or the CSR check on nn.Conv2d's weight)
+            raise TypeError(f"conv must be a SparseConv2d, got {type(conv).__name__}")
+        for v, name in ((relu_before, "relu_before"), (relu_after, "relu_after"), (residual, "residual")):
+            check_flag(v, name)  # (bool("no") was True)
         super().__init__(conv.weight, None, conv.stride, conv.padding)  # the same CSR module
         self.bias = conv.bias  # the same Parameter (passing it above would copy it)
         if not isinstance(bn, FusedBatchNorm2d):
