@@ -3,6 +3,7 @@
 run is reported and the others finish, a killed sweep resumes to the same result) and the
 aggregation on hand-written run directories (mean ± std, missing seeds, runs in progress)."""
 import csv
+import errno
 import json
 import math
 import os
@@ -246,6 +247,35 @@ def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path, monkeypatch, c
     assert cli.main(_tiny(tmp_path, "--seeds", "0")) == 130
     err = capsys.readouterr().err
     assert err.startswith("stopped while writing the report; re-run the same command") and len(err.splitlines()) == 1
+
+
+def test_a_file_the_sweep_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """ENOSPC (or a read-only folder) writing plan.json, the sweep's report or `report`'s files was a
+    WriteFailed traceback (the experiment prints it as one line): now `error: cannot write <file>: ...`,
+    exit 2, the file named and the previous one left intact."""
+    from sparsetrain.experiment import files
+    assert cli.main(_tiny(tmp_path, "--dry-run")) == 0
+    plan_file = capsys.readouterr().out.rsplit("plan: ", 1)[1].strip()
+    os.remove(plan_file)
+    real = files._atomic_write
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files, "_atomic_write", full)
+    assert cli.main(_tiny(tmp_path, "--dry-run")) == 2  # (no plan.json yet: the dry run writes one)
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {plan_file}: No space left on device; free space (or fix permissions) " \
+                  "and run the same command to resume\n" and not os.path.exists(plan_file)
+    monkeypatch.setattr(files, "_atomic_write", real)
+    _write_run(tmp_path / "runs" / "a", 0.1, [0], {0: [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]})
+    assert cli.main(["report", str(tmp_path / "runs")]) == 0
+    summary = tmp_path / "runs" / "report" / "summary.md"
+    before = summary.read_text()
+    monkeypatch.setattr(files, "_atomic_write", full)
+    assert cli.main(["report", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'runs' / 'report'}") and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and summary.read_text() == before
 
 
 def test_a_sweep_folder_in_use_is_refused(tmp_path):

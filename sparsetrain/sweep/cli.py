@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields
 
 from ..experiment.config import ROLE_KEYS, Config
-from ..experiment.files import write_json
+from ..experiment.files import WriteFailed, write_json
 from .recipes import RECIPES, recipe, variant_keys
 
 __all__ = ["build_parser", "main"]
@@ -168,6 +168,16 @@ def _report(plan, sweep_dir: str, settings: dict, what: str, status: dict) -> st
 
 
 def main(argv=None) -> int:
+    """The sweep's CLI; a file it cannot write (plan.json, status.json, the report: disk full, a read-only
+    folder) is one line and exit 2, as the experiment's (WriteFailed names the file; a traceback before)."""
+    try:
+        return _main(argv)
+    except WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is not None and not args.out.strip():  # ('' wrote the sweep into the current folder)
