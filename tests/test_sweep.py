@@ -925,6 +925,30 @@ def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
     assert "cifar10" not in md and "1 setting(s)" in md
 
 
+def test_a_finished_phase_whose_metrics_no_longer_match_their_record_is_left_out(tmp_path):
+    """A finished phase's metrics.csv carries its size and sha256 (.sha256); one torn (a copy cut short: its
+    last row gone) or edited since was aggregated as if whole, a best round and accuracy the run never had
+    (the experiment's own report refuses it). Now the run is left out and named, the others reported."""
+    from sparsetrain.experiment.files import verify
+    from sparsetrain.sweep.report import write_sweep_report
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    for name, eps in (("good", 0.1), ("torn", 0.2)):
+        _write_run(tmp_path / name, eps, [0], {0: curve})
+        metrics = tmp_path / name / "seed0" / "teacher" / "metrics.csv"
+        write_csv(metrics, read_rows(metrics), checksum=True)  # (as loop.finish writes it)
+        assert verify(str(metrics))
+    text = metrics.read_text()
+    metrics.write_text(text[:text.rindex("\n", 0, len(text) - 1) + 1] + "1,0.5,0.7")  # (the last row torn)
+    dirs = [str(tmp_path / "good"), str(tmp_path / "torn")]
+    unreadable = []
+    assert [g["dirs"] for g in load_groups(dirs, unreadable)] == [[dirs[0]]]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{dirs[1]} ({metrics} is corrupt: ")
+    md = open(write_sweep_report(dirs, str(tmp_path / "report"))).read()
+    (left,) = [ln for ln in md.splitlines() if ln.startswith("**Left out, unreadable")]
+    assert f"{metrics} is corrupt" in left and dirs[0] not in left
+    assert ", 1 setting(s) (seeds pooled)" in md  # (the torn run's eps 0.2: no setting of its own)
+
+
 def test_table12_shows_the_teacher_s_own_best_model_beside_the_students():
     """The paper's Table 12 is the vanilla ResNet-18's w_best per eps: a study of another student model
     (VGG-like) dropped its teacher's row, so a sweep's Table 12 had no ResNet-18 at all; the distilled

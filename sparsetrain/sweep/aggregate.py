@@ -9,11 +9,12 @@ best.json yet) is counted with the rounds it has and marked "in progress".
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 
 from ..experiment.config import Config
-from ..experiment.files import CorruptFile
+from ..experiment.files import CorruptFile, verify
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
@@ -50,7 +51,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     run failed before starting still gets its rows, marked "no result"); one whose config.json does not
     parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
     its numbers), as is one with a setting of the wrong type (config_problem: "DIR (what is wrong)") or a
-    metrics.csv that is not a study's (load_run's CorruptFile: "DIR (its message)")."""
+    metrics.csv that is not a study's or no longer matches its record (CorruptFile: "DIR (its message)")."""
     if isinstance(run_dirs, (str, bytes, os.PathLike)):  # (its characters were read as directories: an empty report)
         raise TypeError(f"run_dirs must be a list of run directories, got one path {run_dirs!r}: pass [{run_dirs!r}]")
     groups: dict[str, dict] = {}
@@ -60,9 +61,11 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
             if d in planned:
                 _add_planned(groups, d, planned[d])
             continue
-        try:
+        try:  # (a finished phase's metrics.csv torn or edited since its record: the experiment's report refuses it)
+            for metrics in sorted(glob.glob(os.path.join(glob.escape(d), "seed*", "*", "metrics.csv"))):
+                verify(metrics)
             run = load_run(d)
-        except CorruptFile as e:  # (a foreign metrics.csv: this run left out and named, the others reported)
+        except CorruptFile as e:  # (a foreign or corrupt metrics.csv: this run left out and named, the others reported)
             if unreadable is not None:
                 unreadable.append(f"{d} ({e})")
             continue
