@@ -325,6 +325,30 @@ def test_report_only_on_a_read_only_run_is_one_line(mnist_dir, study_args, capsy
     assert f"error: cannot write {run_dir(mnist_dir / 'runs')}" in err and ": Read-only file system; " in err, err
 
 
+def test_a_killed_write_s_leftover_in_a_read_only_run_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+    """A run killed mid-write leaves `<file>.sparsetrain-tmp.<pid>`, which the next start removes (or renames into
+    place); on a run directory made read-only since, that removal was a PermissionError/EROFS traceback. Now
+    one line naming the file, exit 2; writable again, the same command cleans it up and finishes."""
+    base = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(base) == 0
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    tmp = pd / f"metrics.csv.{files.TMP_TAG}.{(1 << 22) - 1}"  # (a dead writer's: no process has that pid here)
+    tmp.write_text("round,val_acc\n0,0.")
+    before = {p: p.read_bytes() for p in pd.iterdir() if p.is_file()}
+    real_remove, real_replace = os.remove, os.replace
+
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(os, "remove", read_only)
+    monkeypatch.setattr(os, "replace", read_only)
+    err = _one_line_error(capsys, base)
+    monkeypatch.setattr(os, "remove", real_remove)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert err.startswith(f"error: cannot write {tmp}: Read-only file system; "), err
+    assert {p: p.read_bytes() for p in pd.iterdir() if p.is_file()} == before  # (nothing else touched)
+    assert study.main(base) == 0 and not tmp.exists()
+
+
 def test_a_phase_folder_that_cannot_be_made_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
     """run_phase's os.makedirs of PHASE/ckpt on a full disk was an OSError traceback: one line, exit 2."""
     real = os.makedirs

@@ -351,10 +351,13 @@ def finish_interrupted_writes(folder: str) -> None:
                 want = _recorded(path)
             except CorruptFile:
                 continue
-            if want is not None and _digest(tmp) == want:
-                os.replace(tmp, path)
-            elif match[2] == TMP_TAG:
-                os.remove(tmp)
+            try:  # (a run directory made read-only since: one line naming the file, as atomic_write's)
+                if want is not None and _digest(tmp) == want:
+                    os.replace(tmp, path)
+                elif match[2] == TMP_TAG:
+                    os.remove(tmp)
+            except OSError as e:
+                raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
 
 
 def write_json(path: str, obj, checksum: bool = False) -> None:
