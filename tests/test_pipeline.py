@@ -368,6 +368,36 @@ def test_folder_lock_without_locking_support_warns_and_runs(tmp_path, monkeypatc
     assert ran == [1]
 
 
+def test_a_lock_taken_on_a_full_disk_still_locks(tmp_path, monkeypatch):
+    """folder_lock writes its pid into .lock (for Busy's message only); on a full disk that write was an
+    OSError traceback naming no file (ENOSPC at its flush, else at close). Now the lock is held without the
+    pid: the run goes on, and a file of the run that cannot be written is named by its WriteFailed."""
+    import errno
+    from sparsetrain.experiment.files import folder_busy, folder_lock
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / ".lock").write_text("")
+    real_open, real_write = open, os.write
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        f.write = full  # (the buffered write: its data reaches no disk)
+        return f
+
+    def full_write(fd, data):
+        return full() if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock") else real_write(fd, data)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
+    monkeypatch.setattr(os, "write", full_write)
+    ran = []
+    with folder_lock(str(rd)):
+        assert folder_busy(str(rd))  # (held: a second process is refused)
+        ran.append(1)
+    assert ran == [1] and not folder_busy(str(rd)) and (rd / ".lock").read_text() == ""
+
+
 def test_an_empty_run_folder_is_removed_and_a_lock_on_a_removed_folder_taken_again(tmp_path, monkeypatch):
     """A run refused before it wrote anything left its folder behind, empty but for .lock; now
     remove_empty_folder removes it (only then), and a process whose lock was on the removed folder's

@@ -85,9 +85,9 @@ def folder_lock(folder: str):
             holder = f.read().strip() or "?"
             raise Busy(f"{folder} is in use by another process (pid {holder}): wait for it to finish, or stop it "
                        "and run the command again to resume") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+        with contextlib.suppress(OSError):  # (the pid only names the holder in Busy's message: a full disk still locks)
+            f.truncate(0)
+            os.write(f.fileno(), str(os.getpid()).encode())  # (unbuffered: no write left for close() to fail on)
         try:
             yield
         finally:
