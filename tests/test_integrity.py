@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import zipfile
 
 import pytest
 import torch
@@ -260,6 +261,31 @@ def test_a_damaged_teacher_checkpoint_is_one_line(mnist_dir, study_args, capsys,
         checkpoint.load_model(str(bad))
     err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(bad)))
     assert f"--teachers {bad}: {bad}: its weights do not load into its model" in err and "damaged" in err, err
+
+
+def test_a_flipped_byte_in_a_checkpoint_without_its_record_is_refused(mnist_dir, study_args, capsys, tmp_path):
+    """torch.load does not check the zip's CRC-32s: a --teachers PATH (no .sha256 record beside it) with one
+    byte of a weight flipped loaded as a model with that weight changed, silently. safe_load now checks the
+    CRCs of a file without its record: a CorruptFile naming the file and the entry; an intact one loads."""
+    from sparsetrain.experiment.models import build_model
+    arch = dict(name="lenet300", num_classes=10, in_channels=1, image_size=28)
+    model = build_model(**arch)
+    good, bad = tmp_path / "good_teacher.pt", tmp_path / "bad_teacher.pt"
+    checkpoint.save_model(str(good), model, {}, arch)
+    os.remove(f"{good}.sha256")  # (a file from elsewhere)
+    with zipfile.ZipFile(good) as z:  # (the largest entry: the first layer's weights)
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(good.read_bytes())
+    at = entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + entry.file_size // 2
+    data[at] ^= 0x01
+    bad.write_bytes(bytes(data))
+    loaded = checkpoint.load_model(str(good))[0].state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())  # (the intact copy: as saved)
+    with pytest.raises(files.CorruptFile, match=rf"^checkpoint {bad} is corrupt: its entry {entry.filename} fails "
+                                                r"the zip's CRC-32 check"):
+        checkpoint.load_model(str(bad))
+    err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(bad)))
+    assert f"--teachers {bad}: checkpoint {bad} is corrupt" in err, err
 
 
 def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_args, capsys, tmp_path):

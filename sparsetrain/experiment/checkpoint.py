@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+import zipfile
+import zlib
 
 import torch
 
@@ -49,10 +51,11 @@ def _save(obj, f) -> None:
 
 def safe_load(path: str) -> dict:
     """torch.load(weights_only=True) with a clear error for a missing, corrupt (against the checksum
-    recorded at write time, when there is one) or foreign file."""
+    recorded at write time, when there is one, else the zip's CRC-32s) or foreign file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    verify(path)
+    if not verify(path):  # no record (a --teachers PATH, a file from elsewhere): the zip's own CRC-32s
+        _check_crcs(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files
@@ -61,6 +64,23 @@ def safe_load(path: str) -> dict:
     if not isinstance(obj, dict) or obj.get("format") not in _READS:
         raise ValueError(f"checkpoint {path} is not a sparsetrain checkpoint (expected format {FORMAT!r})")
     return obj
+
+
+def _check_crcs(path: str) -> None:
+    """CorruptFile for a zip entry whose bytes fail its CRC-32: torch.load does not check them, so a byte
+    flipped in a tensor loaded as a silently different weight. A file that is no zip is torch.load's to refuse."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    try:
+        with z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+        bad = f"? ({type(e).__name__}: {e})"
+    if bad is not None:
+        raise CorruptFile(f"checkpoint {path} is corrupt: its entry {bad} fails the zip's CRC-32 check (the file has no "
+                          ".sha256 record to compare with); restore it from a good copy")
 
 
 def check_arch(arch) -> None:
