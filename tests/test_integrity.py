@@ -375,6 +375,27 @@ def test_a_killed_write_s_leftover_in_a_read_only_run_is_one_line(mnist_dir, stu
     assert study.main(base) == 0 and not tmp.exists()
 
 
+def test_a_resume_state_that_cannot_be_removed_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+    """A finished phase drops its state.pt; an OSError removing it (EIO, a folder made read-only) was a
+    traceback. Now one line naming the file, exit 2; the same command then finishes to the uninterrupted rows."""
+    base = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(base + ["--out", str(mnist_dir / "a")]) == 0
+    real = os.remove
+
+    def failing(path, *a, **k):
+        if str(path).endswith("state.pt"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "remove", failing)
+    err = _one_line_error(capsys, base)
+    monkeypatch.setattr(os, "remove", real)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    assert err.startswith(f"error: cannot write {pd / 'state.pt'}: Input/output error; "), err
+    assert study.main(base) == 0 and not (pd / "state.pt").exists()
+    ref = run_dir(mnist_dir / "a") / "seed0" / "teacher" / "metrics.csv"
+    assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(ref))
+
+
 def test_a_phase_folder_that_cannot_be_made_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
     """run_phase's os.makedirs of PHASE/ckpt on a full disk was an OSError traceback: one line, exit 2."""
     real = os.makedirs

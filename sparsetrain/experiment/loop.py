@@ -275,6 +275,8 @@ def drop_resume_state(pdir: str) -> None:
             os.remove(os.path.join(pdir, path))
         except FileNotFoundError:
             pass
+        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file, as a write's)
+            raise WriteFailed(e.errno, e.strerror or str(e), os.path.join(pdir, path)) from e
 
 
 # ============================================================================ one phase
