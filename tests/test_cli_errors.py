@@ -425,3 +425,15 @@ def test_out_expands_a_leading_tilde(tmp_path, monkeypatch, capsys):
     assert study.main(["mnist", "--profile", "quick", "--out=~/runs", "--report-only"]) == 2
     assert f"no run to report in {home / 'runs'}{os.sep}" in capsys.readouterr().err
     assert not (tmp_path / "~").exists()
+
+
+def test_reuse_and_teacher_paths_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """`--reuse=~/runs/x` and `--teachers=~/t.pt` (no shell expands a ~ after '=') were looked up in a
+    folder named `~` here (no teacher: "no such file"); their ~ is the home folder now, as --out's."""
+    from sparsetrain.experiment.config import Config, config_from_args
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    cfg, _ = config_from_args(["mnist", "--profile", "quick", "--reuse=~/runs/x", "--teachers", "best", "~/t.pt"])
+    assert cfg.reuse == (str(home / "runs" / "x"),) and cfg.teachers == ("best", str(home / "t.pt"))
+    built = Config(dataset="mnist", reuse=["~/a"], teachers=("dense", "~/b.pt"))
+    assert built.reuse == (str(home / "a"),) and built.teachers == ("dense", str(home / "b.pt"))

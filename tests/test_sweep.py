@@ -184,6 +184,20 @@ def test_cli_errors_are_one_line(tmp_path):
                      "--out", str(tmp_path / "sw")]) == 0
 
 
+def test_out_expands_a_leading_tilde(tmp_path, monkeypatch):
+    """`--out=~/sweeps` (no shell expands a ~ after '=') wrote the sweep into a folder named `~` in the
+    working directory; the ~ is the home folder now, as the experiment's --out."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["grid", "--dataset", "mnist", "--dry-run", "--out=~/sw"]) == 0
+    plans = [os.path.join(d, "plan.json") for d in os.listdir(home / "sw") if d.startswith("grid-")]
+    assert len(plans) == 1 and os.path.isfile(home / "sw" / plans[0])
+    with open(home / "sw" / plans[0]) as f:
+        assert all(r["run_dir"].startswith(str(home / "sw" / "runs") + os.sep) for r in json.load(f)["runs"])
+    assert not (tmp_path / "~").exists()
+
+
 def test_an_address_without_a_cluster_is_refused_at_once():
     """--address HOST:PORT where nothing listens: refused in seconds (ray.init retried for ~14
     minutes); 'auto' and ray:// addresses are left to Ray."""

@@ -64,6 +64,10 @@ def normalize(cfg) -> None:
             setattr(cfg, name, _as(t, v))
     if isinstance(getattr(cfg, "out", None), str):  # (--out=~/runs, which no shell expands: a folder named ~ here)
         cfg.out = os.path.expanduser(cfg.out)  # (as --data-dir's; out names no run: the hash leaves it out)
+    for name in ("reuse", "teachers"):  # (paths too: --reuse=~/runs/x; best and dense have no leading ~)
+        v = getattr(cfg, name, None)
+        if isinstance(v, tuple):
+            setattr(cfg, name, tuple(os.path.expanduser(x) if isinstance(x, str) else x for x in v))
 
 
 def check_types(cfg) -> None:

@@ -182,6 +182,8 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out is not None and not args.out.strip():  # ('' wrote the sweep into the current folder)
         parser.error(f"--out must be a folder path, not empty, got {args.out!r}")
+    if args.out is not None:  # (--out=~/sweeps, which no shell expands: a folder named ~ here; as the experiment's)
+        args.out = os.path.expanduser(args.out)
     if args.what == "report":
         stray = [k for k, v in vars(args).items() if k not in ("what", "run_dirs", "out") and v != parser.get_default(k)]
         if stray:  # (a report reads finished runs: it neither filters nor runs anything)
