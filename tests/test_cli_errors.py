@@ -187,6 +187,7 @@ CASES = [
      "1 training image(s) after the validation split: the study needs at least 2"),
     ("threads", "mnist", ["--threads", "-1"], None, "--threads must be in [0, 4096]"),
     ("out-empty", "mnist", ["--out", ""], None, "--out must be a folder path (the runs' root), not empty"),
+    ("data-dir-empty", "mnist", ["--data-dir", ""], _mnist, "--data-dir must be a folder path, not empty"),
     ("resume-and-report", "mnist", ["--resume", "--report-only"], None,
      "argument --report-only: not allowed with argument --resume"),
     ("report-and-print", "mnist", ["--report-only", "--print-config"], None,

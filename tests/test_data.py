@@ -897,6 +897,17 @@ def test_seeded_streams_do_not_collide_and_large_seeds_are_refused():
         assert D.seeded(seed, 7, 2).initial_seed() == want
 
 
+def test_an_empty_data_dir_is_refused(tmp_path, monkeypatch):
+    """data_dir="" (--data-dir '') silently read ./data, where --out '' is refused; it is a ValueError now,
+    and None still means ./data."""
+    write_mnist(tmp_path / "data" / "mnist", gz=False, n_train=40, n_test=10)
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match="data_dir must be a folder path or None"):
+            D.load_dataset("mnist", empty, val_fraction=0.0, download=False)
+    assert len(D.load_dataset("mnist", None, val_fraction=0.0, download=False).train) == 40
+
+
 def test_load_datasets_path_and_flag_arguments_are_checked(tmp_path):
     """clean_val="no" (truthy) kept the validation labels clean, data_dir=5 looked in the folder "5",
     label_file=5 failed inside pathlib with a TypeError naming no argument: each is now a TypeError naming

@@ -193,6 +193,7 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
                "in (0, 1) (the study picks each run's best round and stops early on the validation split)"),
               ("threads", 0 <= cfg.threads <= 4096, "in [0, 4096] (0: this run's CPU share)"),
               ("out", cfg.out.strip() != "", "a folder path (the runs' root), not empty"),
+              ("data_dir", cfg.data_dir.strip() != "", "a folder path, not empty (its default: data)"),
               ("momentum", 0.0 <= cfg.momentum < 1.0, "in [0, 1)"), ("drop", 0 < cfg.drop <= 1, "in (0, 1]"),
               ("l1", 0 <= cfg.l1 <= _F32_MAX, ">= 0 and finite in float32 (<= 3.4e38)"),
               ("dropout", 0 <= cfg.dropout < 1, "in [0, 1)"),

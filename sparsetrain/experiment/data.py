@@ -208,6 +208,8 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
         raise ValueError(f"eps must be 0 for {name} (its human labels are the noise), got {eps}")
     if label_file and name not in HUMAN_NOISE:  # (it would be ignored: the CLI refuses --label-file alike)
         raise ValueError(f"label_file is for {', '.join(HUMAN_NOISE)} (human labels), not {name}")
+    if data_dir is not None and not str(data_dir).strip():  # ('' read as ./data without a word, as --out '' refused)
+        raise ValueError(f"data_dir must be a folder path or None (./data), not empty, got {data_dir!r}")
     data_dir = Path(os.path.expanduser(str(data_dir or "data")))  # None: ./data
     raw = LOADERS[name](data_dir, name=name, download=download, image_size=image_size or 64, label_file=label_file)
     xtr, ytr_used, y_orig, xte, yte, nc, pad = (raw.x_train, raw.y_train, raw.y_train_clean, raw.x_test,
