@@ -2,6 +2,7 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -135,6 +136,21 @@ def test_dropout_before_the_classifier(name):
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="dropout must be a number in"):
             build_model(name, 10, 1, 28, dropout=bad)
+
+
+def test_dropout_takes_any_real_number():
+    """dropout=np.float32(0.5) was refused ("must be a number") while np.float64(0.5) passed; any real
+    number in [0, 1) is taken now, as a float (nn.Dropout's p), a bool still refused."""
+    builders = (lambda p: build_model("resnet18", 10, 1, 28, dropout=p), lambda p: build_model("vgg_d2g2", 10, 1, 28, dropout=p),
+                lambda p: build_model("lenet300", 10, 1, 28, dropout=p), lambda p: vgg_like(1, 2, dropout=p),
+                lambda p: lenet_300_100(dropout=p))
+    for build in builders:
+        for p in (np.float32(0.25), np.float64(0.25), np.int64(0), 0.25):
+            drops = [m.p for m in build(p).modules() if isinstance(m, nn.Dropout)]
+            assert drops == ([] if p == 0 else [0.25]) and all(type(d) is float for d in drops), (p, drops)
+        for bad in (np.float32(1.0), np.bool_(True), np.float32("nan")):
+            with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+                build(bad)
 
 
 def test_vgg_like_too_wide_is_refused_before_building(monkeypatch):

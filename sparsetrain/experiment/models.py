@@ -19,6 +19,7 @@ head at all).
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 from collections import OrderedDict
 
@@ -70,7 +71,7 @@ def vgg_like(delta: int, gamma: int, num_classes: int = 10, in_channels: int = 3
         raise ValueError(f"VGG-like needs delta + gamma <= 14, got delta={delta}, gamma={gamma} (its last stage "
                          f"would hold {2 ** (delta + gamma - 1)} channels, over 2^31 weights)")
     _check_common(num_classes, in_channels)
-    _check_dropout(dropout)
+    dropout = _check_dropout(dropout)
     num_classes, in_channels = int(num_classes), int(in_channels)
     h, w = _pair(image_size)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -99,7 +100,7 @@ def lenet_300_100(num_classes: int = 10, in_features: int = 784, dropout: float 
     """LeNet-300-100: flatten -> 784-300-100-classes fully connected with ReLU (`dropout`: an
     nn.Dropout before fc3)."""
     _check_common(num_classes, 1)
-    _check_dropout(dropout)
+    dropout = _check_dropout(dropout)
     if not is_int(in_features) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     num_classes, in_features = int(num_classes), int(in_features)
@@ -176,7 +177,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3,
     if extra:
         raise TypeError(f"build_model({key!r}) got unexpected keyword arguments {sorted(extra)}; "
                         f"allowed: {sorted(allowed)}")
-    _check_dropout(kwargs.get("dropout", 0.0))
+    if "dropout" in kwargs:
+        kwargs["dropout"] = _check_dropout(kwargs["dropout"])
     _check_common(num_classes, in_channels)  # (lenet300 sees only C*H*W: in_channels=True was 1, 0 "in_features")
     return MODELS[key](num_classes, in_channels, _pair(image_size), **kwargs)
 
@@ -188,10 +190,12 @@ def _pair(size) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def _check_dropout(p) -> None:
-    """p = 1 drops every input of the classifier in training (its output ignores the image)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+def _check_dropout(p) -> float:
+    """p as a float (numpy's float32 too, which is no float); p = 1 drops every input of the classifier
+    in training (its output ignores the image)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
 
 
 def _check_common(num_classes, in_channels, small_input: bool = True) -> None:
