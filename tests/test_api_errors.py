@@ -28,6 +28,23 @@ def _mlp():
     return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
 
 
+def test_sparsify_refuses_a_mask_of_another_type_with_a_type_error():
+    """sparsify_ with a numpy-array or list mask raised ValueError ("must be a bool tensor"), as for a
+    wrong shape; a wrong type is a TypeError now (as masks_of's), a wrong shape still a ValueError, and
+    the model is left as it was."""
+    m = _mlp()
+    mask = random_mask((6, 8), 0.5)
+    for bad, got in ((mask.numpy(), "ndarray"), (mask.tolist(), "list")):
+        with pytest.raises(TypeError, match=rf"masks\['0'\] must be a bool tensor of shape \(6, 8\), got {got}$"):
+            sparsetrain.sparsify_(m, {"0": bad})
+    with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(6, 8\), got \(8,\)"):
+        sparsetrain.sparsify_(m, {"0": torch.ones(8, dtype=torch.bool)})
+    assert type(m[0]) is nn.Linear
+    ref = m[0].weight.detach() * mask
+    sparsetrain.sparsify_(m, {"0": mask})
+    torch.testing.assert_close(m[0].to_dense().weight, ref)
+
+
 def test_mask_dicts_must_name_prunable_layers_with_bool_masks_of_their_shape():
     m = _mlp()
     half = {"0": random_mask((6, 8), 0.5)}

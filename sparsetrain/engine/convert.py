@@ -99,7 +99,8 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
         if (mask is not None or not pruned_by_torch(mod)) and (
                 not isinstance(mask, torch.Tensor) or mask.shape != mod.weight.shape):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
+            raise (ValueError if isinstance(mask, torch.Tensor) else TypeError)(  # (a numpy array, a list: its type)
+                f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
     # build every replacement first: a layer that cannot convert (dilation, groups...), or a model
     # fuse_ cannot trace, raises before the model is touched, never leaving it half converted
     if fuse:
