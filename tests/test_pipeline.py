@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
     noise = json.loads((rd / "seed0" / "noise.json").read_text())
     assert len(noise["flipped"]) > 0
     assert (rd / "summary.md").exists()
+
+
+def test_the_round_lines_give_accuracies_in_percent(mnist_dir, study_args, capsys):
+    """Each round's log line printed the accuracies as fractions ("test 0.865") beside the sparsity in %;
+    they are in % now, as every other output, and match metrics.csv."""
+    assert study.main(study_args(mnist_dir, "--phases", "teacher")) == 0
+    rows = read_rows(run_dir(mnist_dir / "runs") / "seed0" / "teacher" / "metrics.csv")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[teacher seed 0] round")]
+    assert len(lines) == len(rows) == 5
+    for ln, r in zip(lines, rows):
+        got = re.search(r"sparsity +([\d.]+)%  train +([\d.]+)%  val +([\d.]+)%  test +([\d.]+)%  entropy", ln)
+        assert got, ln
+        want = [100 * float(r[k]) for k in ("sparsity", "train_acc", "val_acc", "test_acc")]
+        assert [float(g) for g in got.groups()] == pytest.approx(want, abs=0.006), ln
 
 
 def test_resume_after_kill_equals_uninterrupted(mnist_dir, study_args, kill_and_resume):

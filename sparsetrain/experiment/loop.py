@@ -332,8 +332,8 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         def record():  # (rank 0's; its WriteFailed stops every rank, not rank 0 alone)
             save_model(os.path.join(pdir, "ckpt", f"round_{s.rnd:02d}.pt"), s.model, s.masks, arch,
                        round=s.rnd, val_acc=row["val_acc"], where=where_of(state_path))  # (teachers.check_round)
-            tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train "
-                       f"{row['train_acc']:.3f}  val {row['val_acc']:.3f}  test {row['test_acc']:.3f}  entropy "
+            tqdm.write(f"[{phase} seed {seed}] round {s.rnd:2d} sparsity {sparsity:7.3%}  train "  # (accuracies in %)
+                       f"{row['train_acc']:6.2%}  val {row['val_acc']:6.2%}  test {row['test_acc']:6.2%}  entropy "
                        f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
             metrics = os.path.join(pdir, "metrics.csv")
             try:  # (a kill inside finish left the finished rows' record: it would call these rows corrupt)
