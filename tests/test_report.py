@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from sparsetrain.experiment import report as R
@@ -560,6 +561,28 @@ def test_the_study_plot_stars_the_round_most_seeds_pick_and_hollows_fewer_seed_r
     hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
     assert len(hollow) == 2 and all(len(a[0]) == 1 for a in hollow)  # round 3 in each figure
     assert sum("(hollow: fewer seeds)" in (kw.get("label") or "") for _, kw in calls) == 2
+
+
+def test_the_accuracy_band_stays_within_0_and_100_percent(tmp_path, monkeypatch):
+    """Two seeds at 99% and 80% (std 13.4 points) drew the ± std band up to 103%, taking the y axis above
+    100%; the band is clipped to [0, 100] in the run's figure and the sweep's overlay, the mean unchanged."""
+    from matplotlib.axes import Axes
+
+    from sparsetrain.sweep import figures
+    write_config(tmp_path, seeds=[0, 1])
+    write_rows(tmp_path, make_rows([0.9, 0.8], test=[0.99, 0.05], seed=0))
+    write_rows(tmp_path, make_rows([0.9, 0.8], test=[0.80, 0.30], seed=1))
+    run = R.load_run(tmp_path)
+    bands, real = [], Axes.fill_between
+    monkeypatch.setattr(Axes, "fill_between", lambda self, x, lo, hi, **kw: bands.append((lo, hi)) or real(self, x, lo, hi, **kw))
+    R.plot_run(run, str(tmp_path))
+    assert figures.plot_overlay([run], None, [], str(tmp_path / "overlay.png"))
+    ref = [(m - sd, m + sd) for m, sd in ((100 * np.mean(v), 100 * np.std(v, ddof=1)) for v in ([.99, .80], [.05, .30]))]
+    assert ref[0][1] > 100 and ref[1][0] < 0  # (the case: a band crossing both bounds)
+    assert len(bands) == 2
+    for lo, hi in bands:
+        np.testing.assert_allclose(lo, [ref[0][0], 0.0])
+        np.testing.assert_allclose(hi, [100.0, ref[1][1]])
 
 
 def test_a_rule_that_never_fired_has_no_stop_phase_and_seed_counts_are_not_rounded(tmp_path):

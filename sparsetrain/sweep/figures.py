@@ -7,7 +7,7 @@ import math
 import os
 
 from ..experiment.files import atomic_write
-from ..experiment.report.plots import fewer_seeds, hollow_curve, mean_curve, sparsity_axis
+from ..experiment.report.plots import acc_band, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
 from .aggregate import _num, group_label
 
@@ -54,8 +54,7 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
                 label += same_note(g, ph)  # (a distill-best that is distill-dense says so)
                 line = hollow_curve(ax, x, acc[:, 0], fewer_seeds(per, rounds), color, label,
                                     style=_STYLE.get(name, "-.") + "o", ms=2.5, hollow_ms=4)
-                ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=line.get_color(), alpha=.15,
-                                lw=0)
+                ax.fill_between(x, *acc_band(acc), color=line.get_color(), alpha=.15, lw=0)
                 ax2.plot(x, ent, _STYLE.get(name, "-."), color=line.get_color(), lw=.7, alpha=.5)
         sparsity_axis(ax)
         ax.set_ylabel("test accuracy [%] (mean ± std)")

@@ -13,7 +13,7 @@ from .labels import label_rounds
 from ..metrics import best_index, get
 from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
 
-__all__ = ["plot_run", "mean_curve", "sparsity_axis", "fewer_seeds", "hollow_curve"]
+__all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve"]
 
 
 _TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
@@ -32,6 +32,12 @@ def mean_curve(seed_rows: dict):
     x = _x([mean(by[k], "sparsity") for k in rounds])
     acc = np.array([stats([100 * get(r, "test_acc") for r in by[k]])[:2] for k in rounds]).reshape(-1, 2)
     return rounds, by, x, acc, np.array([mean(by[k], "entropy_mean") for k in rounds])
+
+
+def acc_band(acc):
+    """The mean ± std band of mean_curve's accuracy [%], clipped to [0, 100]: no accuracy lies outside
+    (an unclipped band took the y axis above 100% or below 0)."""
+    return np.clip(acc[:, 0] - acc[:, 1], 0, 100), np.clip(acc[:, 0] + acc[:, 1], 0, 100)
 
 
 def best_round(seed_rows: dict):
@@ -98,7 +104,7 @@ def plot_run(run, out_dir) -> list[str]:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
         few = fewer_seeds(by, rounds)
         hollow_curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
-        ax.fill_between(x, acc[:, 0] - acc[:, 1], acc[:, 0] + acc[:, 1], color=color[ph], alpha=.2, lw=0)
+        ax.fill_between(x, *acc_band(acc), color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
         b = best_round(curves[ph])
         if b is not None:  # star: the best-validation round of most seeds
