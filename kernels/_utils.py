@@ -111,12 +111,12 @@ def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tens
         raise TypeError(f"{arg} must have the dtype of {like_name} ({like.dtype}), got {t.dtype}")
 
 
-def check_activation(t: torch.Tensor, arg: str, values: torch.Tensor):
-    """An activation (x, grad_out) has the dtype of the weight's values, or, under mixed precision,
-    bf16/fp16 with fp32 values: the kernels then accumulate in fp32 and write the activation dtype."""
+def check_activation(t: torch.Tensor, arg: str, values: torch.Tensor, values_arg: str = "values"):
+    """An activation (x, grad_out) has the dtype of the weight's values (the argument `values_arg`), or, under
+    mixed precision, bf16/fp16 with fp32 values: the kernels then accumulate in fp32 and write the activation dtype."""
     if t.dtype == values.dtype or (values.dtype == torch.float32 and t.dtype in HALF_DTYPES):
         return
-    raise TypeError(f"{arg} must have the dtype of values ({values.dtype})"
+    raise TypeError(f"{arg} must have the dtype of {values_arg} ({values.dtype})"
                     f"{' or bfloat16/float16 (mixed precision)' if values.dtype == torch.float32 else ''}, "
                     f"got {t.dtype}")
 
@@ -273,13 +273,13 @@ def check_perm(perm: torch.Tensor, nnz: int) -> None:
         raise ValueError(f"perm has entries outside [0, {nnz})")
 
 
-def check_transposed(ccol, row_t, perm, crow=None, col=None) -> None:
+def check_transposed(ccol, row_t, perm, crow=None, col=None, name: str = "check_transposed") -> None:
     """The transposed index (ccol, row_t, perm: checked, perm within [0, nnz)) is the CSR's (crow, col) own:
     perm a permutation, entry k of column c the CSR entry perm[k], of row row_t[k] and column c (the C++ conv
     ops' check_transposed, same wording); without the CSR, perm a permutation. A duplicate read one weight twice
-    and another never, silently. Once per mask (cached, as max_index)."""
+    and another never, silently. Once per mask (cached, as max_index). `name`: the caller's, in a device error."""
     if crow is not None:
-        check_device(perm, crow, col, name="sparse_conv2d backward")  # (read together below)
+        check_device(perm, crow, col, name=name)  # (read together below)
         check_index(crow, "crow_indices", torch.int64)
         check_index(col, "col_indices", torch.int32)
         check_compressed(crow, col, "crow_indices", "col_indices")

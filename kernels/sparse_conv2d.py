@@ -244,7 +244,7 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
     B, O = grad_out.shape[:2]
     if max_index(row_t, "row_indices_t") >= O:
         raise ValueError(f"grad_out has {O} channels, fewer than the weight's output rows (row_indices_t)")
-    check_transposed(ccol, row_t, perm, *csr)  # (the C++ op's order: after the index's ranges)
+    check_transposed(ccol, row_t, perm, *csr, name="sparse_conv2d_grad_input")  # (the C++ op's order: after ranges)
     KH, KW = (int(v) for v in kernel_size)
     cols = ccol.numel() - 1
     if cols % (KH * KW):

@@ -154,7 +154,7 @@ def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
     check_float(vals, "vals")
     if vals.dim() != 1:
         raise ValueError(f"csr_spmm: vals must be 1-D, got shape {tuple(vals.shape)}")
-    check_activation(xt, "xt", vals)
+    check_activation(xt, "xt", vals, "vals")
     check_nnz(vals, "vals", idx.numel())
     if perm is not None:  # (vals[perm[p]] is read: a duplicate read one value twice, silently; once per mask)
         check_index(perm, "perm", torch.int64)
@@ -223,7 +223,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
     _check_csr(crow_indices, col_indices, values, "sparse_linear_grad_input")
     _check_csc(ccol_indices, row_indices_t, perm, col_indices.numel(), "sparse_linear_grad_input")
     # (the CSR's own: a duplicate in perm read one weight twice, silently; checked once per mask)
-    check_transposed(ccol_indices, row_indices_t, perm, crow_indices, col_indices)
+    check_transposed(ccol_indices, row_indices_t, perm, crow_indices, col_indices, name="sparse_linear_grad_input")
     check_activation(grad_out, "grad_out", values)
     N = crow_indices.numel() - 1
     if grad_out.dim() < 1 or grad_out.shape[-1] != N:

@@ -639,7 +639,9 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
     for bad_rt, bad_perm in ((rt, dup), (other_row, perm)):
         refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward, (gy, x, crow, col, v, ccol, bad_rt,
                       bad_perm, *geo), "ccol_indices, row_indices_t and perm must be the transposed index of crow_ind")
-    with pytest.raises(ValueError, match="all tensors must be on one device"):  # (before it reads crow with perm)
+    # (before it reads crow with perm; named by the function that checks, "sparse_conv2d backward" in every
+    # caller's error before 2026-12-06, sparse_linear_grad_input's too)
+    with pytest.raises(ValueError, match="^sparse_conv2d_grad_input: all tensors must be on one device"):
         KC.sparse_conv2d_backward(gy, x, crow.to("meta"), col, v, ccol, rt, perm, *geo)
     # negative entries (read before the tensor they index): the C++ ops' range check, ours by sign
     either = r"{} has (entries outside \[0, \d+\)|negative entries \(the smallest is -1\))"
@@ -694,7 +696,8 @@ def csr_spmm_and_sddmm_refuse_bad_operands_by_name():
             (lambda: KL.csr_spmm(ptr.int(), idx, v, xt), TypeError, "ptr must have dtype Long"),
             (lambda: KL.csr_spmm(ptr, idx.long(), v, xt), TypeError, "idx must have dtype Int"),
             (lambda: KL.csr_spmm(ptr, idx, v.int(), xt), TypeError, "vals must have dtype in"),
-            (lambda: KL.csr_spmm(ptr, idx, v, xt.double()), TypeError, "xt must have the dtype of values"),
+            (lambda: KL.csr_spmm(ptr, idx, v, xt.double()), TypeError,  # (its argument: "values" before 2026-12-06)
+             r"^xt must have the dtype of vals \(torch.float32\) or bfloat16/float16"),
             (lambda: KL.csr_spmm(ptr, idx, v, xt[:5]), ValueError, r"idx has entries outside \[0, 5\)"),
             (lambda: KL.csr_spmm(ptr, idx, v, xt[:, 0]), ValueError, "xt must be 2-D"),
             (lambda: KL.csr_spmm(ptr, idx, v.reshape(1, -1), xt), ValueError, "vals must be 1-D"),
@@ -1118,6 +1121,19 @@ def test_bsr_wrappers_refuse_an_index_on_another_device():
                        ("bsr_linear_grad_weight", lambda: K.bsr_linear_grad_weight(gy, x, crow, meta(col), 16))):
         with pytest.raises(ValueError, match=f"{name}: all tensors must be on one device, got cpu and meta"):
             call()
+
+
+def test_a_transposed_index_on_another_device_is_named_by_its_caller():
+    """check_transposed's device error said "sparse_conv2d backward" whoever called it (sparse_linear_grad_input
+    too); it names the caller given (the interpreter cases check the index itself and the public callers)."""
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels._utils import check_transposed
+    w = torch.randn(5, 6)
+    c = CSR.from_dense(w, random_mask(w.shape, 0.5))
+    for name in ("sparse_linear_grad_input", "sparse_conv2d_grad_input"):
+        with pytest.raises(ValueError, match=f"^{name}: all tensors must be on one device, got cpu and meta"):
+            check_transposed(c.ccol_indices, c.row_indices_t, c.perm, c.crow_indices.to("meta"), c.col_indices,
+                             name=name)
 
 
 def test_triton_wrappers_refuse_a_bias_or_relu_counts_on_another_device():
