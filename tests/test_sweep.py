@@ -198,6 +198,24 @@ def test_out_expands_a_leading_tilde(tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
 
 
+def test_data_dir_and_label_file_expand_a_leading_tilde(tmp_path, monkeypatch):
+    """The sweep made --data-dir=~/data (and --label-file=~/l.npy) absolute as they stood: the runs read
+    ./~/data, a folder named ~ in the sweep's working directory; the ~ is the home folder now, as in the
+    experiment."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["grid", "--dataset", "cifar100n", "--eps", "0", "--dry-run", "--out", str(tmp_path / "sw"),
+                     "--data-dir=~/data", "--label-file=~/l.npy"]) == 0
+    (plan,) = [d / "plan.json" for d in (tmp_path / "sw").iterdir() if d.name.startswith("grid-")]
+    with open(plan) as f:
+        runs = json.load(f)["runs"]
+    assert len(runs) == 6  # (3 seeds: a teacher run and a study each)
+    for argv in (r["argv"] for r in runs):
+        assert argv[argv.index("--data-dir") + 1] == str(home / "data")
+        assert argv[argv.index("--label-file") + 1] == str(home / "l.npy")
+
+
 def test_an_address_without_a_cluster_is_refused_at_once():
     """--address HOST:PORT where nothing listens: refused in seconds (ray.init retried for ~14
     minutes); 'auto' and ray:// addresses are left to Ray."""

@@ -114,10 +114,12 @@ def _resolve(point: dict) -> tuple[Config | None, str]:
 
 
 def _absolute(cfg: Config) -> Config:
-    """Paths made absolute: the runs execute in Ray workers, whose working directory may differ."""
+    """Paths made absolute: the runs execute in Ray workers, whose working directory may differ (a leading ~
+    expanded first, as the experiment does: --data-dir=~/data was the folder ./~/data)."""
     teachers = tuple(t if t in ("dense", "best") else os.path.abspath(t) for t in cfg.teachers)
-    return dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), out=os.path.abspath(cfg.out),
-                               teachers=teachers, label_file=os.path.abspath(cfg.label_file) if cfg.label_file else "")
+    path = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
+    return dataclasses.replace(cfg, data_dir=path(cfg.data_dir), out=os.path.abspath(cfg.out),
+                               teachers=teachers, label_file=path(cfg.label_file) if cfg.label_file else "")
 
 
 def _teachers_error(cfg: Config) -> str:
