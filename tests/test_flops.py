@@ -35,8 +35,9 @@ def test_masks_and_zero_weights_scale_with_nonzeros():
     # each refusal names the key (a float or mis-shaped mask named none; one on a BatchNorm was ignored)
     with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(2, 1, 3, 3\), got torch.bool \(3, 8\)"):
         forward_flops(net, (1, 4, 4), masks={"0": lin_mask})
-    with pytest.raises(ValueError, match=r"masks\['5.weight'\] must be a bool tensor of shape \(3, 8\), got torch.float32"):
-        forward_flops(net, (1, 4, 4), masks={"5.weight": lin_mask.float()})
+    for bad, got in ((lin_mask.float(), r"torch.float32 \(3, 8\)"), (lin_mask.numpy(), "ndarray")):  # (a wrong type:
+        with pytest.raises(TypeError, match=rf"masks\['5.weight'\] must be a bool tensor of shape \(3, 8\), got {got}"):
+            forward_flops(net, (1, 4, 4), masks={"5.weight": bad})  # a ValueError before 2026-12-06)
     with pytest.raises(KeyError, match=r"masks\['nope'\] names no module"):
         forward_flops(net, (1, 4, 4), masks={"nope": mask})
     with pytest.raises(KeyError, match=r"masks\['1'\]: '1' is a BatchNorm2d, not a conv or linear layer"):

@@ -1034,10 +1034,11 @@ def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(
     assert len(calls) == 4
     other = torch.zeros(32, 128, dtype=torch.bool)
     other.view(-1)[:int(mask.sum())] = True  # (as many nonzeros: the same cache key before)
-    for bad, got in ((None, "NoneType"), (mask.tolist(), "list"), (mask.float(), r"torch.float32 \(64, 64\)"),
-                     (other, r"torch.bool \(32, 128\)")):
-        with pytest.raises(ValueError, match=rf"^mask must be a bool tensor of the layer's weight shape \(64, 64\), "
-                                             rf"got {got}$"):
+    for bad, got, err in ((None, "NoneType", TypeError), (mask.tolist(), "list", TypeError),  # (a wrong type: a
+                          (mask.float(), r"torch.float32 \(64, 64\)", TypeError),  # ValueError before 2026-12-06)
+                          (other, r"torch.bool \(32, 128\)", ValueError)):
+        with pytest.raises(err, match=rf"^mask must be a bool tensor of the layer's weight shape \(64, 64\), "
+                                      rf"got {got}$"):
             policy.sparse_is_faster(layer, bad, (8, 64), reps=1)
     with pytest.raises(ValueError, match=r"^input_shape must be \[\.\.\., 64\] \(in_features\) for this layer, "
                                          r"got \(8, 32\)$"):

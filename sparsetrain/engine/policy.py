@@ -304,7 +304,9 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
     # (checked before the cache lookup: a mask of another shape, but as many nonzeros, took a decision silently)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}, got {got}")
+        wrong_type = not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool  # (a list, a float mask)
+        raise (TypeError if wrong_type else ValueError)(
+            f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}, got {got}")
     linear = isinstance(layer, nn.Linear)
     if (input_shape[-1] != layer.in_features if linear
             else len(input_shape) not in (3, 4) or input_shape[-3] != layer.in_channels):

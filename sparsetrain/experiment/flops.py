@@ -151,7 +151,9 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         shape = tuple(mod.weight.shape)
         if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
             got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
-            raise ValueError(f"masks[{key!r}] must be a bool tensor of shape {shape}, got {got}")
+            wrong_type = not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool  # (as engine.nn's masks)
+            raise (TypeError if wrong_type else ValueError)(f"masks[{key!r}] must be a bool tensor of shape {shape}, "
+                                                            f"got {got}")
 
     per_layer: dict[str, int] = {}
     totals = {"weights": 0, "elementwise": 0}
