@@ -344,3 +344,19 @@ def test_filter_rewind_resume_equals_uninterrupted(mnist_dir, study_args, kill_a
     # killed in the second epoch of round 2: a shrunken model in state.pt
     rows = kill_and_resume(mnist_dir, base, kill_at=6)
     assert all(len(r) == 4 for r in rows.values())  # sparsity 0, .53, .77, .89 (next, ~.94, passes the wall)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_filter_l1_norms_are_summed_exactly_whatever_the_dtype(dtype):
+    """bf16 filters of l1 100.25 and 100.125 (exact bf16 weights) summed in bf16 both gave 100, a tie the lower
+    index lost: filter 0 was removed for filter 1. The norms are summed in float64: the reference's choice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=False)).to(dtype)
+    w = torch.tensor([[64., 32., 4.25], [64., 32., 4.125], [-64., 32., 8.], [64., -32., 16.]])
+    with torch.no_grad():
+        model[0].weight.copy_(w.view(4, 3, 1, 1))
+    l1 = model[0].weight.detach().double().abs().reshape(4, -1).sum(1)  # reference: exact sums, smallest removed
+    want = sorted(torch.argsort(l1, stable=True)[1:].tolist())
+    assert filter_prune(model, 0.25) == {"0": 1}
+    assert model.kept_channels["0"].tolist() == want == [0, 2, 3]
+    assert torch.equal(model[0].weight.detach().reshape(3, 3).double(), w[want].double())

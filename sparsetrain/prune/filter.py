@@ -179,7 +179,7 @@ def filter_prune(model: nn.Module, rate: float) -> dict[str, int]:
         k = min(n - 1, max(1, count_of(rate, n)))  # floor like global_prune; >= 1 to progress, keep >= 1
         if k < 1:
             continue
-        l1 = w.abs().reshape(n, -1).sum(1)
+        l1 = w.double().abs().reshape(n, -1).sum(1)  # (float64: a bf16 sum rounded 100.25 and 100.125 both to 100)
         keep[g.name] = torch.argsort(l1, stable=True)[k:].cpu()
         removed[g.name] = k
     keep_channels_(model, keep)
