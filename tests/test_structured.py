@@ -279,6 +279,23 @@ def test_partial_edge_tiles_rank_by_rms_not_by_size():
     assert 0.17 < pruned / total < 0.23, pruned / total
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_tile_norms_are_exact_whatever_the_dtype(dtype):
+    """Tiles of |w| {1, 2^-13}, {1}, {4} (exact in every dtype): summed in float32 the first tile's 1 + 2^-26 was
+    1, a tie with the second that the lower index lost. The reference ranks exact float64 norms."""
+    from sparsetrain.prune import block_mask
+    lin = nn.Linear(48, 16, bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 0], lin.weight[0, 1], lin.weight[0, 16], lin.weight[3, 40] = 1, -2 ** -13, -1, 4
+    ref = lin.weight.detach().double().reshape(16, 3, 16).square().sum((0, 2)).sqrt()  # tile norms, equal areas
+    want = torch.ones(3, dtype=torch.bool)
+    want[torch.argsort(ref, stable=True)[0]] = False
+    assert want.tolist() == [True, False, True]
+    for mask in (block_prune(nn.Sequential(lin), {}, 0.5, 16)["0"], block_mask(lin.weight, 16, 1 / 3)):
+        assert torch.equal(mask, want.repeat_interleave(16)[None, :].expand(16, 48))
+
+
 def test_block_prune_layer_scope():
     torch.manual_seed(0)
     model = lenet_300_100()

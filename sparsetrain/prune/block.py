@@ -61,16 +61,13 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     return full if mask is None else full & mask
 
 
-def _at_least_fp32(w: torch.Tensor) -> torch.Tensor:
-    """Norms of half-precision weights in float32, of float64 ones in float64 (close norms stay apart)."""
-    return w if w.dtype == torch.float64 else w.float()
-
-
 def _scores(m: torch.Tensor, bs: int) -> torch.Tensor:
     """[RB, CB] score per tile of the matrix m: Frobenius norm / sqrt(the tile's element count)
-    (bs*bs inside, fewer on the bottom and right edges)."""
+    (bs*bs inside, fewer on the bottom and right edges). In float64 whatever m's dtype: a float32 sum of
+    squares rounded 1 + 2^-26 to 1, tying a larger tile with a smaller one (the lower index was pruned),
+    and overflowed to inf above |w| ~ 1.8e19 (every fp32/bf16 square fits a float64, exactly)."""
     rows, cols = m.shape
-    norms = blocks_view(_at_least_fp32(m), bs).square().sum((2, 3)).sqrt()
+    norms = blocks_view(m.double(), bs).square().sum((2, 3)).sqrt()
     h = (rows - torch.arange(norms.shape[0], device=m.device) * bs).clamp(max=bs)
     w = (cols - torch.arange(norms.shape[1], device=m.device) * bs).clamp(max=bs)
     return norms / (h[:, None] * w[None, :]).to(norms.dtype).sqrt()
