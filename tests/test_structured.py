@@ -377,3 +377,28 @@ def test_filter_l1_norms_are_summed_exactly_whatever_the_dtype(dtype):
     assert filter_prune(model, 0.25) == {"0": 1}
     assert model.kept_channels["0"].tolist() == want == [0, 2, 3]
     assert torch.equal(model[0].weight.detach().reshape(3, 3).double(), w[want].double())
+
+
+def test_filter_rule_refuses_masks_that_prune_weights():
+    """FilterRule.prune returned {} whatever masks it was given: after an unstructured round its pruned weights
+    had no mask any more and trained again (sparsity 0.5 read 0.575 after a round that should add to it), and
+    next_sparsity predicted from the unmasked counts. Masks that prune anything are refused; all-True ones
+    (nothing pruned) are taken."""
+    from sparsetrain.prune import global_prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = copy.deepcopy(model)
+    masks = global_prune(model, {}, 0.5)
+    pruned = copy.deepcopy(model)
+    rule = make_rule("filter")
+    for call in (lambda: rule.prune(model, masks, 0.5), lambda: rule.next_sparsity(model, masks, 0.5, 0.5, 80)):
+        with pytest.raises(ValueError, match="filter removes channels and keeps no masks, but masks prune weights "
+                                             "of layer '0'"):
+            call()
+    for a, b in zip(model.parameters(), pruned.parameters()):  # refused before anything changed
+        assert torch.equal(a, b)
+    full = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_layers(before)}
+    want = filter_prune(copy.deepcopy(before), 0.5)
+    assert rule.next_sparsity(before, full, 0.5, 0.0, 80) == rule.next_sparsity(before, {}, 0.5, 0.0, 80)
+    assert rule.prune(before, full, 0.5) == {} and want == {"0": 3, "2": 2}
+    assert [m.weight.shape[0] for _, m in prunable_layers(before)] == [3, 2, 2]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.nn import check_model, is_sparse, model_sparsity
-from .base import PruningRule, check_finite, check_rate, count_of, register
+from .base import PruningRule, check_finite, check_rate, count_of, register, valued_masks
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
 
@@ -197,6 +197,16 @@ def fit_state(model: nn.Module, state: dict, build_full) -> dict:
     return keep_channels_(full, kept).state_dict()
 
 
+def _check_no_pruned_masks(model: nn.Module, masks: dict) -> None:
+    """The rule changes shapes and returns no masks: masks that prune weights (an unstructured round before)
+    would be dropped and their weights train again (they were, silently), so they are refused."""
+    filter_groups(model)  # (a model the rule cannot take: its own error first)
+    pruned = [n for n, mk in valued_masks(model, masks).items() if not bool(mk.all())]
+    if pruned:
+        raise ValueError(f"--structure filter removes channels and keeps no masks, but masks prune weights of layer "
+                         f"{pruned[0]!r}: they would train again; filter-prune a model without masks")
+
+
 @register
 class FilterRule(PruningRule):
     """`--structure filter`: per-layer l1 filter pruning that removes channels (module docstring)."""
@@ -205,12 +215,14 @@ class FilterRule(PruningRule):
     needs_dense = True  # layers shrink; the CSR engine would add nothing
 
     def prune(self, model, masks, rate):
+        _check_no_pruned_masks(model, masks)
         filter_prune(model, rate)
         return {}  # channels are gone: the smaller dense layers need no masks
 
     def next_sparsity(self, model, masks, rate, sparsity, original):
         # removing rate of a layer's filters also removes that share of the next layer's inputs
         # (~1 - (1 - rate)^2 of a middle layer's weights): the next round's counts, on a copy
+        _check_no_pruned_masks(model, masks)
         trial = copy.deepcopy(model)
         filter_prune(trial, rate)
         return model_sparsity(trial, {}, original)
