@@ -348,6 +348,11 @@ def test_block_mask_refuses_a_mask_that_is_no_tensor_and_meta_tensors():
         block_mask(w, 16, 0.5, [[True] * 40] * 40)  # (AttributeError: 'list' object has no attribute 'shape')
     with pytest.raises(ValueError, match="mask is a meta tensor"):  # (torch's device error)
         block_mask(w, 16, 0.5, torch.ones(40, 40, dtype=torch.bool, device="meta"))
+    # another dtype is a TypeError, as in check_masks (a ValueError, as for a wrong shape, before 2026-12-06)
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor of shape \(40, 40\), got dtype torch.float32"):
+        block_mask(w, 16, 0.5, torch.ones(40, 40))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(40, 40\), got \(1, 40, 40\)"):
+        block_mask(w, 16, 0.5, torch.ones(1, 40, 40, dtype=torch.bool))
     with pytest.raises(ValueError, match="weight is a meta tensor"):  # (torch's .item() error)
         block_mask(w.to("meta"), 16, 0.5)
     ref = block_mask(w, 16, 0.5)  # against the tiles' RMS ranked by hand: the 4 lowest of 9 go

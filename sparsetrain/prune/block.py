@@ -44,8 +44,10 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
         raise ValueError("weight has NaN entries: a NaN has no norm to rank its block by")
     w = weight.detach()
     if mask is not None:
-        if mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
+        if mask.dtype != torch.bool:  # (a TypeError, as check_masks: a ValueError, as for a wrong shape, before)
+            raise TypeError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got dtype {mask.dtype}")
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
         w = w.masked_fill(~mask, 0)  # (not w * mask: an inf under a pruned position would be NaN)
     norms = _scores(as_matrix(w), bs)  # [RB, CB]
     if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
