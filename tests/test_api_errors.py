@@ -444,6 +444,15 @@ def test_bsr_from_dense_refuses_meta_tensors_as_csr_does():
         with pytest.raises(ValueError, match="mask is a meta tensor .*pass a mask holding its values"):
             fn()
     assert torch.equal(BSR.from_dense(w, 16, m).to_dense(), w * m)  # (a real mask still converts)
+    # a mask of another type or dtype is a TypeError and a misshapen one a ValueError, as CSR.from_dense's (BSR's
+    # were all "must be a bool tensor" ValueErrors before 2026-12-06)
+    for fn in (BSR.from_dense, lambda w, bs, mask: CSR.from_dense(w, mask)):
+        with pytest.raises(TypeError, match="mask must have dtype torch.bool, got torch.float32"):
+            fn(w, 16, m.float())
+        with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got list"):
+            fn(w, 16, m.tolist())
+        with pytest.raises(ValueError, match=r"mask shape \(1, 40, 40\) must equal weight shape \(40, 40\)"):
+            fn(w, 16, m[None])
 
 
 def test_fuse_refuses_a_lone_engine_layer_as_densify_and_unfuse_do():

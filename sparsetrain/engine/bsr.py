@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .args import check_bias, check_weight
+from .args import check_bias
 from .autograd import first_order
-from .formats import WeightLike, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
+from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .torch_prune import current_param
 from .optim_state import watch_state
 
@@ -98,14 +98,8 @@ class BSR(WeightLike, nn.Module):
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
         bs = check_block(block_size)
-        check_weight(weight, mask)
         w = as_matrix(weight.detach())
-        if mask is None:
-            m = w != 0
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
-                raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}")
-            m = as_matrix(mask.to(w.device))
+        m = as_matrix(_check_mask(weight, mask))  # (CSR's checks: a float mask is a TypeError, as a list is)
         mb = blocks_view(m.to(torch.int32), bs).sum((2, 3))  # True entries per block
         if mask is not None:
             inside = blocks_view(torch.ones_like(m, dtype=torch.int32), bs).sum((2, 3))
