@@ -585,6 +585,35 @@ def bsr_linear_bias_1d_input_empty_features_and_a_loaded_pattern():
         assert_close_all([(y, ry), (xi.grad, rdx), (module.weight.values.grad, rdv), (module.bias.grad, rdb)])
 
 
+@interp
+def bsr_functional_call_with_another_pattern_of_as_many_blocks():
+    """torch.func.functional_call(layer, other.state_dict(), x) on the Triton kernels: the state swaps
+    crow/col/values in, not the transposed block index (derived, not in the state) from which dx is
+    computed: dx was the layer's own pattern's, silently (200 off). It is built anew for the swapped
+    pattern, and again for the layer's own after; output, dx and the values' gradient vs the dense
+    masked linear."""
+    import sparsetrain
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    g = torch.Generator().manual_seed(3)
+    dense, other = torch.nn.Linear(40, 20), torch.nn.Linear(40, 20)
+    m1, m2 = torch.zeros(20, 40, dtype=torch.bool), torch.zeros(20, 40, dtype=torch.bool)
+    m1[:16, :16] = m1[16:, 32:] = True
+    m2[:16, 16:32] = m2[16:, :16] = True
+    a, b = BSRLinear.from_dense(dense, 16, m1), BSRLinear.from_dense(other, 16, m2)
+    assert a.weight.nnz_blocks == b.weight.nnz_blocks
+    for state, ref, mask in ((b.state_dict(), other, m2), (None, dense, m1), (b.state_dict(), other, m2)):
+        x = torch.randn(3, 40, generator=g, requires_grad=True)
+        a.zero_grad()
+        with sparsetrain.use_backend("triton"):
+            y = torch.func.functional_call(a, state, (x,)) if state is not None else a(x)
+        y.backward(gy := torch.randn(y.shape, generator=g))
+        ry, rdx, rdw, rdb = reference_grads(dense_linear, x, ref.weight, mask, ref.bias, gy)
+        pairs = [(y, ry), (x.grad, rdx)]
+        if state is None:
+            pairs.append((a.weight.values.grad, BSR.from_dense(rdw, 16, mask).values))
+        assert_close_all(pairs)
+
+
 def refused_alike(cpp, triton_fn, args, match, error=ValueError):
     """The C++ op (`cpp`; None where there is none) and its Triton wrapper refuse `args` with the same
     message (`match`) and the same class (`error`), before any kernel reads out of bounds."""
