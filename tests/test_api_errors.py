@@ -525,3 +525,37 @@ def test_a_weight_of_2_to_the_31_columns_is_refused():
                                              r"index holds < 2\^31$"):
             CSR(crow, col, values, shape)
     assert CSR(crow, col, values, (1, 2**20)).to_dense().shape == (1, 2**20)
+
+
+def test_fx_symbolic_trace_of_a_sparse_layer_is_refused_clearly():
+    """torch.fx.symbolic_trace of a model with sparse layers ran their forward on proxies, refused as
+    "weight must be a sparsetrain.CSR (...), got CSR" (its values a Proxy) or, for BSRLinear, "x must be a
+    torch.Tensor, got Proxy": a TypeError now says fx cannot trace into them and names the Tracer that
+    keeps them as leaves, whose GraphModule matches the dense masked model (output and dx)."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 32),
+                          nn.Linear(32, 4))
+    masks = {"0": random_mask((3, 2, 3, 3), 0.5), "3": random_mask((32, 48), 0.5)}
+    block = torch.zeros(4, 32, dtype=torch.bool)
+    block[:, :16] = True
+    with torch.no_grad():  # (the dense masked reference)
+        for i, mk in (("0", masks["0"]), ("3", masks["3"]), ("4", block)):
+            dense.get_submodule(i).weight.mul_(mk)
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, masks)
+    model[4] = BSRLinear.from_dense(dense[4], 16, block)
+    for layer, what in ((model, "a sparse layer"), (model[3], "a sparse layer"), (model[4], "a BSRLinear")):
+        with pytest.raises(TypeError, match=f"torch.fx.symbolic_trace cannot trace into {what}: trace the model "
+                                            r"with a torch.fx.Tracer whose is_leaf_module"):
+            torch.fx.symbolic_trace(layer)
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return type(m).__module__.startswith("sparsetrain.") or super().is_leaf_module(m, qualname)
+
+    traced = torch.fx.GraphModule(model, Leaves().trace(model))
+    x = torch.randn(2, 2, 4, 4, requires_grad=True)
+    y, ref = traced(x), dense(x)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn(y.shape)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])

@@ -1206,6 +1206,47 @@ def test_torch_compile_runs_the_fused_layers_eagerly(make, in_play, hw):
         assert torch.equal(compiled(x), ref(x))
 
 
+@pytest.mark.parametrize("make, in_play, hw", [(_Res, _res_in_play, 8),
+                                               (lambda: vgg_like(2, 2, 5, 3, image_size=8), _vgg_in_play, 8),
+                                               (lambda: vgg_like(5, 1, 5, 3), _head_in_play, 32)])
+def test_fx_and_jit_tracing_of_a_fused_model_is_refused_clearly(make, in_play, hw):
+    """torch.fx.symbolic_trace failed on the fused layers' control flow ("symbolically traced variables
+    cannot be used as inputs to control flow"), torch.jit.trace inside the fused Function with
+    "unordered_map::at" (in the fused head: "repeat must be an int >= 1, got tensor(49)"): each now says
+    what is unsupported and what to do. The Tracer it names (sparsetrain's modules as leaves) gives a
+    GraphModule whose step equals the model's (losses, gradients), and the unfused model jit-traces."""
+    torch.manual_seed(0)
+    model = make().double()
+    masks = model_masks(model, 0.6)
+    head_only = make is not _Res and in_play is _head_in_play
+    sparsetrain.sparsify_(model, {"classifier": masks["classifier"]} if head_only else masks, fuse=True)
+    assert in_play(model)
+    x = torch.randn(4, 3, hw, hw, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"torch.fx.symbolic_trace cannot trace into a fused \w+: trace the model "
+                                        r"with a torch.fx.Tracer whose is_leaf_module"):
+        torch.fx.symbolic_trace(model)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot trace a fused \w+: trace the unfused model"):
+        torch.jit.trace(model, (x,), check_trace=False)
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return type(m).__module__.startswith("sparsetrain.") or super().is_leaf_module(m, qualname)
+
+    ref = copy.deepcopy(model)
+    traced = torch.fx.GraphModule(model, Leaves().trace(model))
+    t = torch.randint(0, 5, (4,))
+    losses = [F.cross_entropy(m(x), t) for m in (ref, traced)]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == losses[0].item()
+    for (n, a), b in zip(ref.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    unfuse_(ref)
+    ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(ref, (x,), check_trace=False)(x), model.eval()(x))
+
+
 def _chain():  # conv-bn-relu x2 -> pool -> conv-bn-relu: a deferred link and a pooled one
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),

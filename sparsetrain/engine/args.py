@@ -3,11 +3,12 @@ layer's bias, a switch."""
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numpy as np
 import torch
 
-__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "MATERIALIZE"]
+__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "refuse_fx_proxy", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
@@ -76,3 +77,14 @@ def check_weight(weight, mask=None) -> None:
         raise ValueError(f"weight is a meta tensor (a shape without values): {MATERIALIZE}")
     if isinstance(mask, torch.Tensor) and mask.is_meta:
         raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
+
+
+def refuse_fx_proxy(x, what: str) -> None:
+    """TypeError when torch.fx.symbolic_trace runs `what`'s forward (x is an fx Proxy): the layers' checks
+    refused the proxies as "weight must be a sparsetrain.CSR, got CSR" (its values a Proxy), "x must be a
+    torch.Tensor, got Proxy" or fx's "traced variables cannot be used as inputs to control flow"."""
+    fx = sys.modules.get("torch.fx")  # (not imported here: fx is loaded only if a caller traces)
+    if fx is not None and isinstance(x, fx.Proxy):
+        raise TypeError(f"torch.fx.symbolic_trace cannot trace into {what}: trace the model with a torch.fx.Tracer "
+                        "whose is_leaf_module(m, name) is True for sparsetrain's modules (type(m).__module__."
+                        "startswith('sparsetrain.')), so that it calls them, or use torch.export")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .args import check_bias
+from .args import check_bias, refuse_fx_proxy
 from .autograd import first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .torch_prune import current_param
@@ -204,6 +204,7 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
     if not isinstance(weight, BSR) or len(weight.shape) != 2:
         raise TypeError(f"weight must be a 2-D sparsetrain BSR [out, in], got {type(weight).__name__}"
                         f"{' of shape ' + str(weight.shape) if isinstance(weight, BSR) else ''}")
+    refuse_fx_proxy(x, "a BSRLinear")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     v = weight.values

@@ -327,7 +327,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
         _check_taken(*(self._placeholders or (self.bn,)), self.pools, hooked=_watched(self))
-        _refuse_unsupported(self)
+        _refuse_unsupported(self, x)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
             raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "

@@ -30,7 +30,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
 from .autograd import eager, first_order, record_inputs
-from .args import conv2d_padding, is_int, pair
+from .args import conv2d_padding, is_int, pair, refuse_fx_proxy
 from .prune_ops import csr_prune, magnitude_threshold, relu_count_  # (the CPU-only ops' wrappers: prune_ops.py)
 
 __all__ = ["OPS", "Op", "AMP_OPS", "amp_args", "simd_bytes", "pool_bytes", "empty_pool", "sparse_linear", "sparse_conv2d",
@@ -327,6 +327,7 @@ simd_bytes, pool_bytes, empty_pool = _C.simd_bytes, _C.pool_bytes, _C.empty_pool
 
 # ============================================================================ typed wrappers
 def _check_input(x, weight, bias) -> None:
+    refuse_fx_proxy(x, "a sparse layer")
     if not hasattr(weight, "index") or not isinstance(getattr(weight, "values", None), torch.Tensor):
         raise TypeError(f"weight must be a sparsetrain.CSR (CSR.from_dense(w, mask)), got {type(weight).__name__}")
     if not isinstance(x, torch.Tensor):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import ops  # noqa: F401  (loads the C++ extension and max_pool2x2's autograd: MaxPool2x2 runs them)
-from .args import pair
+from .args import pair, refuse_fx_proxy
 from .autograd import eager
 
 __all__ = ["FusedBatchNorm2d", "FusedReLU", "HandOff", "MaxPool2x2"]
@@ -70,8 +70,19 @@ def _refuse_no_grad_hand_over(m: nn.Module, x: torch.Tensor, handed: torch.Tenso
     return handed
 
 
-def _refuse_unsupported(m: nn.Module) -> None:
-    """What a fused module cannot take: a reentrant checkpoint's recompute, a full backward hook."""
+def _refuse_tracing(m: nn.Module, x) -> None:
+    """torch.fx.symbolic_trace and torch.jit.trace cannot run a fused module's forward (module state,
+    identity checks): fx's proxies failed on its control flow, jit.trace with "unordered_map::at" inside
+    the fused Function or "repeat must be an int >= 1, got tensor(49)" in the fused head."""
+    refuse_fx_proxy(x, f"a fused {type(m).__name__}")
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"torch.jit.trace cannot trace a fused {type(m).__name__}: trace the unfused model "
+                           "(sparsetrain.unfuse_(model)), or use torch.export")
+
+
+def _refuse_unsupported(m: nn.Module, x) -> None:
+    """What a fused module cannot take: a reentrant checkpoint's recompute, a full backward hook, tracing."""
+    _refuse_tracing(m, x)
     _refuse_reentrant_recompute(m)
     if _backward_hooked(m):
         raise RuntimeError(f"a full backward hook on a fused {type(m).__name__} (or a global one) is not supported: "
@@ -167,7 +178,7 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
         x = input
         pending, self._pending = self._pending, None
-        _refuse_unsupported(self)
+        _refuse_unsupported(self, x)
         if pending is None or pending[0] is not x:
             raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: a hook "
                                "added after fuse_() changed it (a forward pre-hook on this BN, or a forward hook on "
@@ -215,7 +226,7 @@ class FusedReLU(HandOff, nn.ReLU):
     def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
         x = input
         pending, self._pending = self._pending, None
-        _refuse_unsupported(self)
+        _refuse_unsupported(self, x)
         if pending is not None and not _same_data(x, pending[0]):  # (its layer applied the ReLU to other values)
             raise RuntimeError("FusedReLU was called on a tensor its fused conv did not hand it: a hook added "
                                "after fuse_() changed it (a forward pre-hook on this ReLU, or a forward hook on the "

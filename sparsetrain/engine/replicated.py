@@ -36,7 +36,7 @@ from torch import nn
 from .args import check_bias, check_like
 from .formats import CSR
 from .nn import SparseLinear
-from .placeholders import HandOff, _watched, eager
+from .placeholders import HandOff, _refuse_tracing, _watched, eager
 
 __all__ = ["sparse_linear_replicated", "broadcast_pool", "BroadcastAvgPool2d", "FusedAdaptiveAvgPool2d", "FusedFlatten",
            "FusedSparseLinear"]
@@ -117,6 +117,7 @@ class FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     @eager  # (module state and identity checks: eager under torch.compile)
     def forward(self, input):  # (the replaced module's argument name: module(input=x) works)
         x = input
+        _refuse_tracing(self, x)
         out = broadcast_pool(x, self.output_size)
         hand = out is not None and self.flatten is not None and not _watched(self, self.flatten, self.flatten.linear)
         out = F.adaptive_avg_pool2d(x, self.output_size) if out is None else out
