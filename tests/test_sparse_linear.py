@@ -1325,3 +1325,33 @@ def test_sparsify_takes_the_masks_global_prune_returns_after_a_first_sparsify():
     sparsetrain.sparsify_(model, masks)
     assert model[0] is first and all(isinstance(model[i], SparseLinear) for i in (0, 2, 3))
     torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_forward_mode_ad_is_refused_also_frozen_and_compiled(kind):
+    """No forward-mode formula: torch.autograd.forward_ad on a frozen layer (no input requiring grad, so
+    PyTorch's own "implement the jvp function" check never ran) returned no tangent, as did
+    torch.func.jvp under torch.compile (a zero tangent where W t was due), silently; both raise
+    NotImplementedError now. Tangents of the values or bias alone likewise; a layer without one computes as before."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense, x = nn.Linear(6, 4), torch.randn(2, 6)
+        layer = SparseLinear.from_dense(dense, random_mask((4, 6), 0.5))
+    else:
+        dense, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 4, 4)
+        layer = SparseConv2d.from_dense(dense, random_mask((3, 2, 3, 3), 0.5))
+    layer.requires_grad_(False)
+    t, v = torch.randn_like(x), layer.weight.values
+    duals = [lambda: {}, lambda: {"weight.values": fwAD.make_dual(v, torch.ones_like(v))},
+             lambda: {"bias": fwAD.make_dual(layer.bias, torch.ones_like(layer.bias))}]
+    for i, state in enumerate(duals):
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+            torch.func.functional_call(layer, state(), (fwAD.make_dual(x, t) if i == 0 else x,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: torch.func.jvp(layer, (x,), (t,)), backend="aot_eager")
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        compiled(x, t)
+    with fwAD.dual_level():  # no tangent among its inputs: the output as before
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight.to_dense(), layer.bias) if kind == "linear"
+                                   else F.conv2d(x, layer.weight.to_dense(), layer.bias, padding=1))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
@@ -336,9 +337,12 @@ def _check_input(x, weight, bias) -> None:
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.device != weight.values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
-    # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula)
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
-            i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+    # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula); so did
+    # torch.autograd.forward_ad where no input requires grad (a frozen layer), and jvp under torch.compile
+    if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
+            i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())) or (
+            fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None
+                                             for t in (x, weight.values, bias))):
         raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
                                   "hessian are not supported (torch.autograd, torch.func.vmap are)")
 
