@@ -160,6 +160,30 @@ def compiled_under_the_triton_backend_runs_the_interpreter_eagerly():
 
 
 @interp
+def compiled_bsr_under_the_triton_backend_runs_the_interpreter_eagerly():
+    """torch.compile of a BSRLinear under use_backend('triton') on CPU tensors raised dynamo's
+    InternalTorchDynamoError ("AttributeError: __triton_builtin__", inside Triton's interpreter): its
+    Triton Function runs eagerly now, output and gradients (x, values, bias) the dense masked linear's."""
+    import sparsetrain
+    import sparsetrain.kernels.bsr_matmul as K
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(40, 20)
+    mask = block_mask(lin.weight, 16, 0.5)
+    layer = BSRLinear.from_dense(lin, 16, mask)
+    x = torch.randn(3, 40, requires_grad=True)
+    torch._dynamo.reset()
+    with sparsetrain.use_backend("triton"), count_calls(K, ["bsr_linear_forward"]) as calls:
+        y = torch.compile(layer, backend="aot_eager")(x)
+    assert calls == ["bsr_linear_forward"], calls
+    y.backward(gy := torch.randn(y.shape))
+    ry, rdx, rdw, rdb = reference_grads(dense_linear, x, lin.weight, mask, lin.bias, gy)
+    assert_close_all([(y, ry), (x.grad, rdx), (layer.weight.values.grad, BSR.from_dense(rdw, 16, mask).values),
+                      (layer.bias.grad, rdb)])
+
+
+@interp
 def linear_skewed_rows_and_split_batch():
     """One dense row among empty/short ones (row sorting), a batch wider than one tile, and the
     SDDMM with the batch split over programs (atomic accumulation)."""

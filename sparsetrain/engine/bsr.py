@@ -22,7 +22,7 @@ from torch import nn
 
 from .backend import current_backend
 from .args import check_bias, refuse_fx_proxy
-from .autograd import first_order
+from .autograd import eager, first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .torch_prune import current_param
 from .optim_state import watch_state
@@ -198,6 +198,9 @@ class _BSRLinearFn(torch.autograd.Function):
         return dx, dv, db, None
 
 
+_interpreted = eager(lambda *args: _BSRLinearFn.apply(*args))
+
+
 def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
     forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
@@ -223,6 +226,8 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
             dt = torch.get_autocast_dtype(x.device.type)
             x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)
+        if not x.is_cuda:  # (Triton's interpreter: eager under torch.compile, as ops._call; dynamo failed inside it)
+            return _interpreted(x, values, bias, weight)
         return _BSRLinearFn.apply(x, values, bias, weight)
     return F.linear(x, weight.to_dense(), bias)
 
