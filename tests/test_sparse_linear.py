@@ -1355,3 +1355,33 @@ def test_forward_mode_ad_is_refused_also_frozen_and_compiled(kind):
     with fwAD.dual_level():  # no tangent among its inputs: the output as before
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight.to_dense(), layer.bias) if kind == "linear"
                                    else F.conv2d(x, layer.weight.to_dense(), layer.bias, padding=1))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_torch_func_reverse_transforms_are_refused_clearly(kind):
+    """torch.func.grad/vjp/jacrev through a sparse layer failed in torch.library's generated autograd
+    with PyTorch's "it must override the setup_context staticmethod" (asking the caller for an
+    autograd.Function method it does not own): a NotImplementedError now names the transforms and the
+    alternatives, whichever input is differentiated, under vmap too. A layer whose inputs the
+    transform does not track (a constant input) still computes, and so does torch.func.vmap."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense, x = nn.Linear(6, 4), torch.randn(2, 6)
+        layer = SparseLinear.from_dense(dense, random_mask((4, 6), 0.5))
+        ref = lambda t: F.linear(t, layer.weight.to_dense(), layer.bias)  # noqa: E731
+    else:
+        dense, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 4, 4)
+        layer = SparseConv2d.from_dense(dense, random_mask((3, 2, 3, 3), 0.5))
+        ref = lambda t: F.conv2d(t, layer.weight.to_dense(), layer.bias, padding=1)  # noqa: E731
+    params = {"weight.values": layer.weight.values.detach(), "bias": layer.bias.detach()}
+    refused = [lambda: torch.func.grad(lambda t: layer(t).sum())(x), lambda: torch.func.jacrev(layer)(x),
+               lambda: torch.func.vjp(layer, x),
+               lambda: torch.func.vmap(torch.func.grad(lambda t: layer(t).sum()))(x.unsqueeze(1)),
+               lambda: torch.func.grad(lambda t: torch.func.vmap(layer)(t.unsqueeze(1)).sum())(x),
+               lambda: torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)]
+    for transform in refused:
+        with pytest.raises(NotImplementedError, match="sparse layers do not support torch.func.grad, vjp, jacrev"):
+            transform()
+    s = torch.randn(ref(x).shape)  # (a constant input: only s is differentiated)
+    torch.testing.assert_close(torch.func.grad(lambda t: (t * layer(x)).sum())(s), ref(x).detach())
+    torch.testing.assert_close(torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1), ref(x))

@@ -8,7 +8,7 @@ import functools
 import torch
 from torch.utils.checkpoint import CheckpointError
 
-__all__ = ["first_order", "record_inputs", "eager"]
+__all__ = ["first_order", "record_inputs", "eager", "grad_tracked"]
 
 # torch.compiler.disable imports torch._dynamo as it decorates (~1.5 s, half of `import sparsetrain`);
 # torch's own lazy form (what torch.optim uses) imports it on the first call instead.
@@ -85,3 +85,12 @@ def first_order(backward):
             failed.append(out[0] if isinstance(out, tuple) else out)
         return failed[0] if single else tuple(failed)
     return wrapper
+
+
+def grad_tracked(t) -> bool:
+    """`t` is, or batches, a tensor a torch.func.grad/vjp/jacrev level differentiates: torch.library's
+    autograd of a C++-schema op has no functorch rule there (PyTorch's error asked for a setup_context)."""
+    f = torch._C._functorch
+    while isinstance(t, torch.Tensor) and f.is_batchedtensor(t):
+        t = f.get_unwrapped(t)
+    return isinstance(t, torch.Tensor) and f.is_gradtrackingtensor(t)

@@ -30,7 +30,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
-from .autograd import eager, first_order, record_inputs
+from .autograd import eager, first_order, grad_tracked, record_inputs
 from .args import conv2d_padding, is_int, pair, refuse_fx_proxy
 from .prune_ops import csr_prune, magnitude_threshold, relu_count_  # (the CPU-only ops' wrappers: prune_ops.py)
 
@@ -345,6 +345,12 @@ def _check_input(x, weight, bias) -> None:
                                              for t in (x, weight.values, bias))):
         raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
                                   "hessian are not supported (torch.autograd, torch.func.vmap are)")
+    # torch.func.grad/vjp/jacrev: torch.library's autograd for these C++-schema ops has no functorch rule
+    # (PyTorch's error asked the caller's autograd.Function for a setup_context)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
+            grad_tracked(t) for t in (x, weight.values, bias)):
+        raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
+                                  "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap works)")
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
