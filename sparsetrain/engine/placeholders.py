@@ -81,8 +81,13 @@ def _refuse_tracing(m: nn.Module, x) -> None:
 
 
 def _refuse_unsupported(m: nn.Module, x) -> None:
-    """What a fused module cannot take: a reentrant checkpoint's recompute, a full backward hook, tracing."""
+    """What a fused module cannot take: a reentrant checkpoint's recompute, a full backward hook, tracing,
+    torch.func transforms (the fused Function has no setup_context: PyTorch's error asked for one)."""
     _refuse_tracing(m, x)
+    if torch._C._are_functorch_transforms_active():  # (PyTorch's own condition for that error)
+        raise NotImplementedError(f"torch.func transforms (vmap, grad, jacrev, jvp) cannot run a fused {type(m).__name__}: "
+                                  "call sparsetrain.unfuse_(model) first (torch.func.vmap runs the unfused sparse "
+                                  "layers), or use torch.autograd")
     _refuse_reentrant_recompute(m)
     if _backward_hooked(m):
         raise RuntimeError(f"a full backward hook on a fused {type(m).__name__} (or a global one) is not supported: "
