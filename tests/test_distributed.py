@@ -494,3 +494,34 @@ def test_ranks_that_loaded_different_data_stop(mnist_dir, study_args):
                             "differ): every rank must read the same files of --data-dir") == 2, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
     assert not list((mnist_dir / "runs").glob("*/seed0/teacher/metrics.csv"))
+
+
+_AUTO_EXAMPLE_SCRIPT = """
+import os, sys
+from sparsetrain.experiment import loop, study
+real = loop.apply_engine
+def recording(model, masks, engine, example=None, **k):  # the batch --engine auto times on this rank
+    with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "a") as f:
+        f.write(f"{engine} {None if example is None else example.shape[0]}\\n")
+    return real(model, masks, engine, example=example, **k)
+loop.apply_engine = recording
+sys.exit(study.main(sys.argv[2:]))
+"""
+
+
+def test_engine_auto_times_the_rows_each_rank_trains(mnist_dir, study_args):
+    """--engine auto times a layer on a training batch of the rank's size. Under 2 rows a rank every
+    rank trains the whole batch (dist.shard), but the example was the rank's share of it (dist.rows):
+    on 3 ranks at --batch-size 2 rank 0's share was empty and sparse_is_faster's ValueError a
+    traceback after round 0. Each rank now times the rows it trains: the whole batch of 2 here."""
+    script = mnist_dir / "script.py"
+    script.write_text(_AUTO_EXAMPLE_SCRIPT)
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.8", "--engine", "auto")
+    base[base.index("--batch-size") + 1] = "2"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                          str(script), str(mnist_dir), *base], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, _why(out.stderr)
+    for r in range(3):  # rounds 1 and 2 (50%, 75%; the next, 87.5%, would pass the wall)
+        assert (mnist_dir / f"rank{r}.txt").read_text().split("\n") == ["auto 2", "auto 2", ""]
+    assert [float(row["sparsity"]) for row in _rows(mnist_dir / "runs", "teacher")] == [0.0, 0.5, 0.75]

@@ -206,7 +206,9 @@ def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int,
     example = None
     if engine == "auto":
         n = min(hp.batch_size, len(splits.train))
-        example = next(D.iterate(splits.train, n))[0][dist.rows(n)]
+        # (the rows this rank trains on: dist.shard's, the whole batch under 2 rows a rank; dist.rows gave
+        # rank 0 of 3 an empty example at --batch-size 2, a traceback, and others a share it never trains)
+        example = next(D.iterate(splits.train, n))[0][dist.shard(n)[0]]
     dev_type = next(s.model.parameters()).device.type
     with torch.autocast(dev_type, dtype=s.amp, enabled=s.amp is not None):  # (auto times the layers as they train)
         s.masks = apply_engine(s.model, s.masks, engine, example=example, agree=dist.from_main)
