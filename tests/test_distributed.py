@@ -410,7 +410,7 @@ def test_world_size_without_torchrun_is_refused(mnist_dir, study_args, monkeypat
     err = capsys.readouterr().err
     assert "error: WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: start the processes with torchrun" in err, err
     assert "Traceback" not in err
-    for bad in ("two", "-1", "1.5"):  # (int()'s ValueError traceback before)
+    for bad in ("two", "-1", "1.5", "²"):  # (int()'s ValueError traceback before; "²": int()'s message)
         monkeypatch.setenv("WORLD_SIZE", bad)
         assert study.main(study_args(mnist_dir, "--teachers", "dense")) == 2
         err = capsys.readouterr().err

@@ -35,7 +35,7 @@ def launch_var(name: str, default: int) -> int:
     v = os.environ.get(name, "")
     if not v.strip():
         return default
-    if not v.strip().isdigit():
+    if not v.strip().isdecimal():  # (isdigit() passed "²", which int() refuses: its message, naming no variable)
         raise ValueError(f"{name}={v!r} is not a whole number: start the processes with torchrun, which sets it, "
                          f"or unset it")
     return int(v)
