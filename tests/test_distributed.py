@@ -525,3 +525,42 @@ def test_engine_auto_times_the_rows_each_rank_trains(mnist_dir, study_args):
     for r in range(3):  # rounds 1 and 2 (50%, 75%; the next, 87.5%, would pass the wall)
         assert (mnist_dir / f"rank{r}.txt").read_text().split("\n") == ["auto 2", "auto 2", ""]
     assert [float(row["sparsity"]) for row in _rows(mnist_dir / "runs", "teacher")] == [0.0, 0.5, 0.75]
+
+
+_FORWARD_SCRIPT = """
+import sys, torch
+from sparsetrain.experiment import data as D, distributed as dist
+from sparsetrain.experiment.models import build_model
+from sparsetrain.experiment.train import train_epoch
+dist.setup(torch.device("cpu"))
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (24,), generator=g)
+split = D.Split(x, y, y.clone(), torch.arange(24), torch.zeros(24, dtype=torch.bool), torch.tensor([0.5]),
+                torch.tensor([0.25]))
+out = []
+for how in ("none", "model", "wrap"):
+    torch.manual_seed(0)
+    model = build_model("lenet300", 10, 1, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    forward = {"none": None, "model": model, "wrap": dist.wrap(model)}[how]
+    try:
+        train_epoch(model, split, opt, 8, epoch=0, seed=0, masks={}, forward=forward)
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out.append(f"{how} trained {'same' if dist.same_everywhere(w.tolist()) else 'differ'}")
+    except ValueError as e:
+        out.append(f"{how} refused {e}")
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write("\\n".join(out))
+dist.teardown()
+"""
+
+
+def test_train_epoch_under_torchrun_needs_the_ddp_forward(tmp_path):
+    """Every rank takes its rows of each batch: train_epoch without a DistributedDataParallel forward
+    stepped each rank on its own rows' gradient alone, and the ranks' weights differed after one
+    epoch, silently. It is refused now; with distributed.wrap(model) the ranks stay equal."""
+    _run_script(tmp_path, _FORWARD_SCRIPT)
+    refused = ("refused forward must be the model in DistributedDataParallel under torchrun (2 ranks, each training "
+               "on its rows of every batch): pass forward=distributed.wrap(model)")
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().split("\n") == [f"none {refused}", f"model {refused}",
+                                                                         "wrap trained same"]

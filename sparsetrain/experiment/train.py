@@ -142,6 +142,7 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     if teacher is not None and (teacher is model or teacher is forward):  # (the epoch in the teacher's eval mode)
         raise ValueError("teacher is the model being trained: pass a frozen copy (copy.deepcopy(model).eval())")
+    _check_forward(model, forward)
     forward = forward or model
     model.train()
     g = D.epoch_generator(seed, epoch)
@@ -189,6 +190,20 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
         tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
                                                              device=split.y.device)).tolist()
     return {"loss": tot_loss / max(n, 1), "acc": tot_correct / max(n, 1)}
+
+
+def _check_forward(model, forward) -> None:
+    """Under torchrun every rank trains on its rows of each batch (dist.shard): without the gradient
+    average of a DistributedDataParallel around `model`, each rank stepped on its own rows' gradient
+    alone and the ranks' weights drifted apart, silently (the study wraps with dist.wrap)."""
+    if dist.world() == 1 or not any(p.requires_grad for p in model.parameters()):
+        return
+    if forward is None or forward is model:
+        raise ValueError(f"forward must be the model in DistributedDataParallel under torchrun ({dist.world()} "
+                         "ranks, each training on its rows of every batch): pass forward=distributed.wrap(model)")
+    if isinstance(forward, nn.parallel.DistributedDataParallel) and forward.module is not model:
+        raise ValueError("forward is a DistributedDataParallel around another module than model: pass "
+                         "forward=distributed.wrap(model)")
 
 
 def _check_epoch_args(split, opt, batch_size, teacher, amp, l1) -> None:
