@@ -549,6 +549,19 @@ for how in ("none", "model", "wrap"):
         out.append(f"{how} trained {'same' if dist.same_everywhere(w.tolist()) else 'differ'}")
     except ValueError as e:
         out.append(f"{how} refused {e}")
+from sparsetrain.engine.policy import apply_engine
+from sparsetrain.prune import make_rule
+masks = apply_engine(model, {}, "sparse")  # (the values Parameters: wrapped anew, then resized by a prune)
+forward = dist.wrap(model)
+make_rule("unstructured", scope="global").prune(model, masks, 0.5)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for how, fwd in (("stale", forward), ("rewrapped", dist.wrap(model))):
+    try:
+        train_epoch(model, split, opt, 8, epoch=1, seed=0, masks={}, forward=fwd)
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out.append(f"{how} trained {'same' if dist.same_everywhere(w.tolist()) else 'differ'}")
+    except (ValueError, RuntimeError) as e:
+        out.append(f"{how} refused {str(e).splitlines()[0][:100]}")
 open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write("\\n".join(out))
 dist.teardown()
 """
@@ -557,10 +570,14 @@ dist.teardown()
 def test_train_epoch_under_torchrun_needs_the_ddp_forward(tmp_path):
     """Every rank takes its rows of each batch: train_epoch without a DistributedDataParallel forward
     stepped each rank on its own rows' gradient alone, and the ranks' weights differed after one
-    epoch, silently. It is refused now; with distributed.wrap(model) the ranks stay equal."""
+    epoch, silently; so did the first step of a wrapper built before a prune resized the values (the
+    next raised DDP's "Expected to have finished reduction"). Both are refused now; with
+    distributed.wrap(model), built after the prune, the ranks stay equal."""
     _run_script(tmp_path, _FORWARD_SCRIPT)
     refused = ("refused forward must be the model in DistributedDataParallel under torchrun (2 ranks, each training "
                "on its rows of every batch): pass forward=distributed.wrap(model)")
+    stale = "stale refused " + ("forward was wrapped before the model's parameters changed size (pruning, or a state "
+                                "of another nnz loaded): wrap the model again")[:100]
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text().split("\n") == [f"none {refused}", f"model {refused}",
-                                                                         "wrap trained same"]
+                                                                         "wrap trained same", stale, "rewrapped trained same"]

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["launch_var", "setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sync_bn_stats_",
+__all__ = ["launch_var", "setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sizes",
+           "sync_bn_stats_",
            "check_masks_agree", "same_everywhere", "teardown"]
 
 
@@ -110,8 +111,15 @@ def wrap(model: nn.Module) -> nn.Module:
     if world() == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
     p = next(model.parameters())
-    return nn.parallel.DistributedDataParallel(model, device_ids=[p.device.index] if p.is_cuda else None,
-                                               forward_sync_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[p.device.index] if p.is_cuda else None,
+                                              forward_sync_buffers=False)
+    ddp.built_sizes = sizes(model)  # (its gradient buckets' sizes: train.py refuses it once they change)
+    return ddp
+
+
+def sizes(model: nn.Module) -> list[int]:
+    """The element counts of model's trainable parameters (a prune resizes sparse layers' values)."""
+    return [p.numel() for p in model.parameters() if p.requires_grad]
 
 
 @torch.no_grad()

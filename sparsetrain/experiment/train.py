@@ -204,6 +204,11 @@ def _check_forward(model, forward) -> None:
     if isinstance(forward, nn.parallel.DistributedDataParallel) and forward.module is not model:
         raise ValueError("forward is a DistributedDataParallel around another module than model: pass "
                          "forward=distributed.wrap(model)")
+    # (a wrapper built before a prune resized the values: its buckets keep the old sizes, and its
+    # first step reduced no gradient, silently, before the next raised "Expected to have finished reduction")
+    if getattr(forward, "built_sizes", None) not in (None, dist.sizes(model)):
+        raise ValueError("forward was wrapped before the model's parameters changed size (pruning, or a state of "
+                         "another nnz loaded): wrap the model again, forward=distributed.wrap(model)")
 
 
 def _check_epoch_args(split, opt, batch_size, teacher, amp, l1) -> None:
