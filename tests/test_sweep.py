@@ -1130,6 +1130,30 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     assert "| 0.5 | 70.00 (1 of 2 seeds) |" in md and "| 0.8 | **90.00 ± 0.00** |" in md, md
 
 
+def test_table5_bolds_every_cell_of_the_best_mean():
+    """Means equal but for float rounding ((15 + 18.33) / 2 and (20 + 13.33) / 2, a real sweep's 60-image
+    validation set) are one best: only the one rounding made larger was bold before 2026-12-06."""
+    from sparsetrain.sweep.aggregate import alpha_tau_md
+
+    def group(alpha, tau, vals):  # vals: per seed, its one round's validation accuracy
+        curves = {s: [{"round": 0, "sparsity": 0.0, "val_acc": v, "test_acc": 0.5}] for s, v in enumerate(vals)}
+        return {"config": {"alpha": alpha, "tau": tau}, "curves": {"distill-dense": curves}}
+
+    a, b, c, d = 9 / 60, 11 / 60, 12 / 60, 8 / 60  # (a + b) / 2 == (c + d) / 2 in exact arithmetic
+    groups = [group(0.5, 2.0, [a, b]), group(0.5, 10.0, [c, d]), group(0.8, 2.0, [d, d]), group(0.8, 10.0, [a, d])]
+    assert np.mean([100 * a, 100 * b]) != np.mean([100 * c, 100 * d])  # (the floats differ)
+    cells = {}
+    for line in alpha_tau_md(groups, ["alpha", "tau"]).splitlines():
+        if line.startswith("| 0."):
+            alpha, *row = [x.strip() for x in line.strip("|").split("|")]
+            cells.update({(alpha, tau): x for tau, x in zip(("2", "10"), row)})
+    ref = {k: np.mean([100 * rows[0]["val_acc"] for rows in g["curves"]["distill-dense"].values()])
+           for k, g in zip([("0.5", "2"), ("0.5", "10"), ("0.8", "2"), ("0.8", "10")], groups)}
+    best = max(ref.values())
+    assert {k for k, x in cells.items() if x.startswith("**")} == {k for k, m in ref.items() if m > best - 1e-9}
+    assert {k for k, x in cells.items() if x.startswith("**")} == {("0.5", "2"), ("0.5", "10")}, cells
+
+
 def test_every_recipe_plans_without_an_invalid_point(tmp_path):
     """Each recipe's paper and quick grids resolve (presets, validation) into runs; Table 12's is the
     paper's App. F noise levels, vanilla runs only, sharing paper-eps's teacher runs under one --out."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 
 from ..experiment.config import Config
@@ -233,9 +234,12 @@ def _alpha_tau_block(title, alphas, taus, cell) -> list[str]:
     """One α × τ table; cell(a, t) -> (mean or NaN, text); the best mean in bold (the paper's pick)."""
     cells = {(a, t): cell(a, t) for a in alphas for t in taus}
     best = max((m for m, _ in cells.values() if fin(m)), default=None)
+    # (every cell of the best mean: means equal but for float rounding, (15 + 18.33) / 2 and (20 + 13.33) / 2,
+    # were one bold and one not before 2026-12-06)
+    top = lambda m: best is not None and fin(m) and math.isclose(m, best, rel_tol=1e-9, abs_tol=1e-9)  # noqa: E731
     out = [f"### {title}", "", "| α \\ τ | " + " | ".join(map(_num, taus)) + " |", "|--:|" + "--:|" * len(taus)]
     for a in alphas:
-        out.append(f"| {_num(a)} | " + " | ".join(f"**{x}**" if m == best else x for m, x in (cells[a, t] for t in taus)) + " |")
+        out.append(f"| {_num(a)} | " + " | ".join(f"**{x}**" if top(m) else x for m, x in (cells[a, t] for t in taus)) + " |")
     return out + [""]
 
 
