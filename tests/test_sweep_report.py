@@ -187,3 +187,33 @@ def test_the_figure_legend_prints_the_setting_as_the_tables_do(tmp_path, monkeyp
     write_sweep_report([str(tmp_path / "t10"), str(tmp_path / "t20")], str(tmp_path / "rep"))
     legend = [lab for lab in labels if lab]
     assert legend == ["tau=10 vanilla", "tau=10 distill-dense", "tau=20 vanilla", "tau=20 distill-dense"]
+
+
+def test_a_phase_whose_run_failed_before_its_first_round_is_counted(tmp_path):
+    """A study of its own student schedule (--student-lr 1e12: its vanilla diverged in round 0) failed
+    after linking its teacher: its setting showed the teacher's row alone, failed 0, before 2026-12-06;
+    now its vanilla and distilled students have rows of no result, their seeds failed, and a note."""
+    plan = make_plan(_settings(tmp_path, student_lr=[0.1, 1e12], seeds=[0, 1]), str(tmp_path / "sw"), threads=1)
+    studies = {(r.point["student_lr"], r.seed): r for r in plan if r.kind == "study"}
+    assert {r.phases[0] for r in studies.values()} == {"teacher", "vanilla"}  # (1e12: a vanilla run of its own)
+    for (lr, seed), r in studies.items():
+        if lr == 0.1:
+            _fill(r.run_dir, r.config)
+        else:  # the teacher linked (here its curve), then the run ended: no vanilla or distill-dense round
+            _fill(r.run_dir, {**r.config, "seeds": [seed]}, phases=("teacher",))
+    status = {r.name: {"state": "failed" if r.kind == "study" and r.point["student_lr"] == 1e12 else "done",
+                       "kind": r.kind, "log": "x.log"} for r in plan}
+    planned = {r.run_dir: r.config for r in plan if r.kind == "study"}
+    md = open(write_sweep_report([r.run_dir for r in studies.values()], str(tmp_path / "rep"), status,
+                                 axes=["student_lr"], planned=planned)).read()
+    t1 = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["student_lr"] == "1000000000000.0"]
+    assert [(r["run"], r["phase"], r["seeds"], r["seeds_started"], r["failed"], r["failed_seeds"]) for r in t1] == [
+        ("teacher (lenet300)", "teacher", "2", "2", "0", ""),
+        ("(no result)", "vanilla", "0", "2", "2", "0 1"), ("(no result)", "distill-dense", "0", "2", "2", "0 1")]
+    assert float(t1[0]["test_mean"]) == 100 * max(_CURVE, key=lambda c: c[1])[2]  # (the teacher's own curve, kept)
+    best = [r for r in _rows(tmp_path / "rep" / "best_model.csv") if r["student_lr"] == "1000000000000.0"]
+    assert [(r["phase"], r["seeds"], r["failed"]) for r in best] == [("teacher", "2", "0"), ("vanilla", "0", "2"),
+                                                                     ("distill-dense", "0", "2")]
+    assert "No result: vanilla seed(s) [0, 1]; distill-dense seed(s) [0, 1] (the run failed" in md
+    ok = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["student_lr"] == "0.1"]
+    assert len(ok) == 6 and all(r["failed"] == "0" and r["seeds"] == "2" for r in ok)  # (unchanged)

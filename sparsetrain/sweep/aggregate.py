@@ -14,12 +14,12 @@ import json
 import math
 import os
 
-from ..experiment.config import Config
+from ..experiment.config import Config, config_from_json
 from ..experiment.files import CorruptFile, verify
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
-from ..experiment.reuse import phase_done
+from ..experiment.reuse import needed_phases, phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label", "teacher_only"]
@@ -79,6 +79,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
         key = _key(run["config"])
         g = groups.setdefault(key, _new_group(run["config"]))
         g["dirs"].append(d)
+        g["trains"][d] = (_trains(run["config"]), list(run["config"].get("seeds") or []))
         g["planned_only"] = False
         g["config"]["seeds"] = sorted(set(g["config"]["seeds"]) | set(run["config"].get("seeds", [])))
         for phase, by_seed in run["curves"].items():
@@ -105,7 +106,15 @@ def _key(config: dict) -> str:
 def _new_group(config: dict) -> dict:
     return {"config": {**config, "seeds": []}, "curves": {}, "dirs": [], "running": {}, "unfinished_in": {},
             "stopped": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True, "from": {},
-            "left_out": {}}
+            "left_out": {}, "trains": {}, "lost": {}}
+
+
+def _trains(config: dict) -> list:
+    """The phases a run directory's own process trains (its config.json's --phases), [] if unknown."""
+    try:
+        return needed_phases(config_from_json(config))[0]
+    except (TypeError, ValueError):
+        return []
 
 
 def _add_planned(groups: dict, d: str, config: dict) -> None:
@@ -160,6 +169,14 @@ def mark_stopped(groups, ended) -> None:
             if os.path.realpath(d) in ended:
                 g["stopped"].setdefault(phase, []).append(seed)
         g["failed"] = sorted(s for s, d in g.get("absent_in", {}).items() if os.path.realpath(d) in ended)
+        # a phase the ended run was to train that recorded no round (its vanilla diverged in round 0): no
+        # curve, so no row and no note before 2026-12-06 (its setting showed only the linked teacher's row)
+        g["lost"] = {}
+        for d, (phases, seeds) in g.get("trains", {}).items():
+            if os.path.realpath(d) in ended:
+                for ph in phases:
+                    g["lost"].update({ph: g["lost"].get(ph, []) + [s for s in seeds if (ph, s) not in g["from"]]})
+        g["lost"] = {ph: sorted(set(s)) for ph, s in g["lost"].items() if s}
 
 
 def seed_counts(g, phase) -> dict:
@@ -169,7 +186,7 @@ def seed_counts(g, phase) -> dict:
     started = set(g["config"].get("seeds") or []) | {s for c in g["curves"].values() for s in c}
     return {"seeds_started": len(started),
             "in_progress": [s for s in g.get("running", {}).get(phase, []) if s not in stopped],
-            "failed": sorted(stopped | set(g.get("failed", [])))}
+            "failed": sorted(stopped | set(g.get("failed", [])) | set(g.get("lost", {}).get(phase, [])))}
 
 
 def _running_note(g) -> str:
@@ -180,6 +197,9 @@ def _running_note(g) -> str:
     none = ""
     if g.get("failed"):
         none = f"No result: seed(s) {g['failed']} failed before recording a round (see the Runs table).\n\n"
+    if g.get("lost"):
+        none += "No result: " + "; ".join(f"{p} seed(s) {s}" for p, s in g["lost"].items()) + \
+            " (the run failed or was interrupted before the phase recorded a round; see the Runs table).\n\n"
     if g.get("left_out"):  # (two runs of one seed: one curve per seed in the means, the other named)
         none += "Left out, a seed's second curve (the first one's is shown): " + "; ".join(
             f"{p} seed {s} of {d} (shown: {first})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
@@ -200,10 +220,13 @@ def table1_csv(groups, keys) -> list[dict]:
     rows = []
     for g in groups:
         # (a setting without a curve, its runs failed or not started: one row of no result, n = 0)
-        for spec in table1_rows(g) or [{"name": "(no result)", "phase": "", "rule": None, "distill": False, "outs": []}]:
+        # (and a row per phase whose run ended before it recorded a round)
+        none = lambda ph: {"name": "(no result)", "phase": ph, "rule": None, "distill": False, "outs": []}  # noqa: E731
+        lost = [none(ph) for ph in g.get("lost", {}) if ph not in g["curves"]]  # (in training order)
+        for spec in (table1_rows(g) or ([] if lost else [none("")])) + lost:
             row = {k: g["config"].get(k) for k in keys}
             c = seed_counts(g, spec["phase"])
-            row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or ("none" if spec["phase"] else ""),
+            row.update(run=spec["name"], phase=spec["phase"], stop_rule=spec["rule"] or ("" if spec["name"] == "(no result)" else "none"),
                        seeds=len(spec["outs"]), seeds_started=c["seeds_started"],
                        in_progress=" ".join(map(str, c["in_progress"])), failed=len(c["failed"]),
                        failed_seeds=" ".join(map(str, c["failed"])),
@@ -298,7 +321,8 @@ def best_model_rows(groups, keys) -> list[dict]:
     for g in groups:
         van = vanilla_phase(g)  # (the teacher's own row too: the paper's Table 12 is the vanilla ResNet-18's)
         # (a setting without a curve: one row of no result, seeds 0 of those started)
-        for ph in sorted(ordered_phases(g), key=lambda p: p != van) or [None]:
+        lost = [p for p in g.get("lost", {}) if p not in g["curves"]]
+        for ph in (sorted(ordered_phases(g), key=lambda p: p != van) or ([] if lost else [None])) + lost:
             accs, sps, labs = [], [], []
             for rows in g["curves"].get(ph, {}).values():
                 i = best_index(rows)
