@@ -81,6 +81,23 @@ def test_plan_shares_a_vanilla_student_between_distillation_settings(tmp_path):
     assert second.needs == {first.name: ["vanilla"], teacher.name: ["teacher"]}
 
 
+def test_a_grid_value_added_before_a_finished_study_links_its_vanilla_student(tmp_path):
+    """alpha 0.5 swept, then alpha 0.3 0.5: the new first study trained the vanilla student the finished
+    one holds again (the first point owned every phase) before 2026-12-06; now it links that one's."""
+    settings = lambda alphas: _settings(tmp_path, student=["vgg_d1g1"], alpha=alphas, seeds=[0])  # noqa: E731
+    _, done = make_plan(settings([0.5]), str(tmp_path / "sw"), threads=1)
+    for ph in ("vanilla", "distill-dense"):  # (what its finished run leaves: each phase's best.json)
+        write_json(os.path.join(done.run_dir, "seed0", ph, "best.json"), {"round": 1})
+    teacher, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
+    assert (old.name, old.deps, old.needs) == (done.name, [teacher.name], {teacher.name: ["teacher"]})
+    assert new.deps == [old.name, teacher.name] and new.needs == {old.name: ["vanilla"], teacher.name: ["teacher"]}
+    assert new.argv[new.argv.index("--reuse") + 1:][:2] == [old.run_dir, teacher.run_dir]
+    # a study that has not finished every phase it trains owns none (it might wait for the new one)
+    os.remove(os.path.join(done.run_dir, "seed0", "distill-dense", "best.json"))
+    _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
+    assert new.needs == {teacher.name: ["teacher"]} and old.needs == {new.name: ["vanilla"], teacher.name: ["teacher"]}
+
+
 def test_a_study_knows_whether_its_teacher_run_is_its_vanilla_curve(tmp_path):
     """A kept teacher run (its study failed) is labelled the teacher's only where the study trains
     a vanilla student of its own (another model); else its curve is the setting's vanilla one."""

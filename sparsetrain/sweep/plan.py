@@ -142,7 +142,8 @@ def teacher_config(cfg: Config) -> Config:
 
 def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     """Every run of the grid `settings` (recipe values < command-line flags; lists are axes), in an
-    order where a run comes after the runs it depends on. Runs live in OUT/runs."""
+    order where a run comes after the runs it depends on (the grid's order: a study already finished that
+    owns a phase another study links may come after it). Runs live in OUT/runs."""
     runs_root = os.path.join(os.path.abspath(out), "runs")
     runs: dict[str, Run] = {}
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
@@ -182,35 +183,51 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
     shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
-    for cfg, p, seed in studies:
-        name = os.path.basename(run_dir_of(cfg))
+    # a study that finished every phase it trains (an earlier sweep's) owns the ones in its directory: a grid
+    # value added before it (alpha 0.3 to 0.5 0.8) trained their shared vanilla student again before 2026-12-06
+    # (finished: it links nothing from an unfinished study, so no two studies wait for each other)
+    studies = [(cfg, p, seed, os.path.basename(run_dir_of(cfg))) for cfg, p, seed in studies]
+    finished, points = {}, {}
+    for cfg, p, seed, name in studies:
+        points.setdefault(name, p)
+        scfg = _study_config(cfg, name in runs)
+        pdirs = {ph: os.path.join(run_dir_of(scfg), f"seed{seed}", ph) for ph in needed_phases(scfg)[0]}
+        if all(phase_done(d) for d in pdirs.values()):
+            for ph, d in pdirs.items():
+                if not os.path.islink(d):  # (a link: that phase's owner is elsewhere)
+                    finished.setdefault(phase_key(scfg, ph, seed), name)
+    for cfg, p, seed, name in studies:
         if name in runs and runs[name].kind == "study":
             if runs[name].point != p:
                 _refuse_twins(runs[name].point, p)
             continue
-        # a study whose settings are its teacher run's (students = the teacher's model and schedule,
-        # default distillation) *is* that run: it trains every phase; otherwise the teacher is linked
-        scfg = cfg if name in runs else \
-            dataclasses.replace(cfg, phases=tuple(k for k in cfg.phases if k != "teacher") or ("vanilla",))
+        scfg = _study_config(cfg, name in runs)
         train, reads = needed_phases(scfg)
         deps, trains_one, needs = [], False, {}
         for phase in train + reads:
             key = phase_key(scfg, phase, seed)
-            if owner.setdefault(key, name) == name:
+            if owner.setdefault(key, finished.get(key, name)) == name:
                 trains_one |= phase in train
             else:
                 deps += [] if owner[key] in deps else [owner[key]]
                 needs.setdefault(owner[key], []).append(phase)
-        twin = next((runs[d] for d in deps if runs[d].kind == "study"), None)
+        twin = next((d for d in deps if d not in runs or runs[d].kind == "study"), None)
         if train and not trains_one and twin is not None:
-            _refuse_twins(twin.point, p)  # (every phase it would train, another point trains)
+            _refuse_twins(points[twin], p)  # (every phase it would train, another point trains)
         curves = tuple(sorted(phase_key(scfg, phase, seed) for phase in train + reads))
         if shown.setdefault(curves, p) is not p:  # (every curve it would report, another point's study shows)
             _refuse_twins(shown[curves], p)
-        scfg = dataclasses.replace(scfg, reuse=tuple(runs[d].run_dir for d in deps))
+        scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(runs_root, d) for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
                          own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
     return list(runs.values())
+
+
+def _study_config(cfg: Config, is_teacher_run: bool) -> Config:
+    """A study whose settings are its teacher run's (students = the teacher's model and schedule, default
+    distillation) *is* that run: it trains every phase; otherwise the teacher is linked."""
+    return cfg if is_teacher_run else \
+        dataclasses.replace(cfg, phases=tuple(k for k in cfg.phases if k != "teacher") or ("vanilla",))
 
 
 def _record(cfg) -> dict:
