@@ -733,6 +733,24 @@ def test_a_failed_run_is_retried_and_reported(swept, tmp_path):
             assert "exit code 1" in status["error"] and status["log"] in status["error"]
 
 
+def test_a_crashed_run_is_reported_with_its_exception(swept, tmp_path):
+    """A run that crashes (a traceback, exit 1) or is killed (SIGKILL: the OOM killer) was reported
+    "exit code 1 (see LOG)" alone before 2026-12-06; now with its exception line or its signal."""
+    from sparsetrain.sweep.plan import Run
+    from sparsetrain.sweep.runner import execute
+    crash = tmp_path / "crash.py"
+    crash.write_text("print('[teacher seed 0] round 0 ...')\ntry:\n    {}['x']\nexcept KeyError:\n"
+                     "    raise RuntimeError('CUDA out of memory.\\nTried to allocate 2 GiB')\n")
+    killed = tmp_path / "killed.py"
+    killed.write_text("import os, signal\nprint('Traceback (most recent call last): quoted', flush=True)\n"
+                      "os.kill(os.getpid(), signal.SIGKILL)\n")
+    runs = [Run(p.stem, "study", str(tmp_path / p.stem), [], phases=["never"], program=str(p)) for p in (crash, killed)]
+    status = execute(runs, str(tmp_path / "sw"), retries=0)
+    assert status["crash"]["state"] == "failed" and status["crash"]["error"] == (
+        f"RunFailed: exit code 1: RuntimeError: CUDA out of memory. (see {status['crash']['log']})")
+    assert status["killed"]["error"] == f"RunFailed: exit code -9 (SIGKILL) (see {status['killed']['log']})"
+
+
 _HOLDER = ("import os, sys, time\nfrom sparsetrain.experiment.files import folder_lock\nwith folder_lock(sys.argv[1]):\n"
            " print('held', flush=True)\n time.sleep(3)\n os.makedirs(sys.argv[1] + '/seed0/teacher')\n"
            " open(sys.argv[1] + '/seed0/teacher/best.json', 'w').write('{}')\n"

@@ -84,8 +84,9 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
     if rc == 2:  # (the experiment's one line, "error: ...", or "training diverged ...")
         raise UsageFailed(f"exit code 2{_error_line(log, start)} (see {log})")
-    if rc != 0:
-        raise RunFailed(f"exit code {rc} (see {log})")
+    if rc != 0:  # (a crash's exception line, or the signal that killed it: "exit code 1" alone said neither)
+        why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else _exception_line(log, start)
+        raise RunFailed(f"exit code {rc}{why} (see {log})")
     return time.time() - t0
 
 
@@ -98,6 +99,22 @@ def _error_line(log: str, start: int) -> str:
     except OSError:
         return ""
     return f": {lines[-1][len('error: '):][:300]}" if lines else ""
+
+
+def _exception_line(log: str, start: int) -> str:
+    """': <the exception line>' ending the last traceback the process wrote after `start` in its log, or ''."""
+    try:
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")), default=None)
+    if tb is None:
+        return ""
+    # (the exception line: the first unindented one after the frames; a message's further lines follow it)
+    ends = [ln.strip() for ln in lines[tb + 1:] if ln.strip() and not ln[0].isspace() and not ln.startswith("=== ")]
+    return f": {ends[0][:300]}" if ends else ""
 
 
 def _error_text(e: BaseException) -> str:
