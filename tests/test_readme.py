@@ -100,3 +100,15 @@ def test_readme_and_makefile_commands_parse(tmp_path):
                 assert r.returncode == 2 and "--device cuda" in r.stderr, (argv, r.stderr)
             else:
                 assert r.returncode == 0 and "usage:" not in r.stderr, (argv, r.stderr[-2000:])
+
+
+def test_layout_lists_the_public_api():
+    """The Layout's `__init__.py` line names exactly the lazy public API `import sparsetrain` offers
+    (dense_state_dict was missing from it)."""
+    import sparsetrain
+    layout = README[README.index("## Layout"):]
+    listed = re.search(r"__init__\.py\s+the public API \(lazy\): (.*?); nn\.py re-exports", layout, re.S).group(1)
+    names = {n.strip() for n in listed.split(",")}
+    assert names == set(sparsetrain._LAZY), (names ^ set(sparsetrain._LAZY))
+    for name in names:
+        assert getattr(sparsetrain, name) is not None, name
