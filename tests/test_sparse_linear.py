@@ -1385,3 +1385,27 @@ def test_torch_func_reverse_transforms_are_refused_clearly(kind):
     s = torch.randn(ref(x).shape)  # (a constant input: only s is differentiated)
     torch.testing.assert_close(torch.func.grad(lambda t: (t * layer(x)).sum())(s), ref(x).detach())
     torch.testing.assert_close(torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1), ref(x))
+
+
+def test_plain_tensor_bias_trains():
+    """A bias given as a plain tensor trains, as nn.Parameter(tensor) and the CSR's values from a plain
+    tensor do (it was copied frozen: one SGD step left it as it was, the dense reference's moved); a
+    Parameter's requires_grad carries over. SparseLinear, SparseConv2d and BSRLinear."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    mask = random_mask((4, 6), 0.5)
+    conv_w = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    layers = [(SparseLinear(CSR.from_dense(w, mask), b), torch.randn(3, 6, dtype=torch.float64),
+               lambda x, bb: dense_linear(x, w, mask, bb)),
+              (SparseConv2d(CSR.from_dense(conv_w), b), torch.randn(2, 2, 5, 5, dtype=torch.float64),
+               lambda x, bb: F.conv2d(x, conv_w, bb)),
+              (BSRLinear(BSR.from_dense(w, 16), b), torch.randn(3, 6, dtype=torch.float64),
+               lambda x, bb: F.linear(x, w, bb))]
+    for layer, x, ref in layers:
+        assert layer.bias.requires_grad and layer.bias is not b
+        ref_b = b.clone().requires_grad_(True)
+        layer(x).square().sum().backward()
+        ref(x, ref_b).square().sum().backward()
+        torch.testing.assert_close(layer.bias.grad, ref_b.grad)
+        frozen = type(layer)(layer.weight, nn.Parameter(b.clone(), requires_grad=False))
+        assert not frozen.bias.requires_grad  # (a frozen layer's Parameter stays frozen)

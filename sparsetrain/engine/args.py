@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "check_weight", "check_like", "refuse_fx_proxy", "MATERIALIZE"]
+__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "bias_parameter", "check_weight", "check_like", "refuse_fx_proxy", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
@@ -55,6 +55,14 @@ def check_bias(bias, out: int, values: torch.Tensor) -> None:
     if bias.shape != (out,):
         raise ValueError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
     check_like(bias, "bias", values)
+
+
+def bias_parameter(bias: torch.Tensor) -> torch.nn.Parameter:
+    """A layer's own copy of `bias`: a Parameter's requires_grad carries over (a frozen layer stays
+    frozen), a plain tensor's bias trains, as nn.Parameter(tensor) and CSR.from_dense's values (it was
+    frozen: a tensor without requires_grad gave a bias that silently never trained)."""
+    trainable = bias.requires_grad or not isinstance(bias, torch.nn.Parameter)
+    return torch.nn.Parameter(bias.detach().clone(), requires_grad=trainable)
 
 
 def check_like(t: torch.Tensor, name: str, values: torch.Tensor) -> None:

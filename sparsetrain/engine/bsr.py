@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .args import check_bias, refuse_fx_proxy
+from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .torch_prune import current_param
@@ -242,7 +242,7 @@ class BSRLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         check_bias(bias, self.out_features, weight.values)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        self.bias = None if bias is None else bias_parameter(bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, mask: torch.Tensor | None = None) -> "BSRLinear":

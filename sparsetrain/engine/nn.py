@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .args import MATERIALIZE, check_bias
+from .args import MATERIALIZE, bias_parameter, check_bias
 from .formats import CSR, _check_mask, _fill_dense
 from .torch_prune import current_param, pruned_by_torch
 
@@ -52,7 +52,7 @@ class _SparseLayer(nn.Module):
         out = weight.shape[0]
         check_bias(bias, out, weight.values)
         if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+            self.bias = bias_parameter(bias)
         else:
             self.register_parameter("bias", None)
 
