@@ -1409,3 +1409,13 @@ def test_plain_tensor_bias_trains():
         torch.testing.assert_close(layer.bias.grad, ref_b.grad)
         frozen = type(layer)(layer.weight, nn.Parameter(b.clone(), requires_grad=False))
         assert not frozen.bias.requires_grad  # (a frozen layer's Parameter stays frozen)
+
+
+def test_bsr_linear_repr_has_nn_linear_fields():
+    """print(model) shows a BSRLinear's in/out features and bias as nn.Linear's (and SparseLinear's) repr does (it
+    showed only the BSR child, bias not at all)."""
+    from sparsetrain.engine.bsr import BSRLinear
+    for bias in (True, False):
+        lin = nn.Linear(40, 17, bias=bias)
+        for layer in (BSRLinear.from_dense(lin, 16), SparseLinear.from_dense(lin)):
+            assert layer.extra_repr().startswith(lin.extra_repr()), (layer.extra_repr(), lin.extra_repr())

@@ -260,3 +260,6 @@ class BSRLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's argument name)
         return bsr_linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:  # (nn.Linear's, as SparseLinear's: print(model) showed only the BSR)
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
