@@ -1419,3 +1419,18 @@ def test_bsr_linear_repr_has_nn_linear_fields():
         lin = nn.Linear(40, 17, bias=bias)
         for layer in (BSRLinear.from_dense(lin, 16), SparseLinear.from_dense(lin)):
             assert layer.extra_repr().startswith(lin.extra_repr()), (layer.extra_repr(), lin.extra_repr())
+
+
+def test_bsr_linear_refuses_a_weight_naming_what_it_got():
+    """BSRLinear(weight) refuses anything but a 2-D BSR naming what it was given, as bsr_linear does (it said only
+    "must be a 2-D sparsetrain.bsr.BSR": a CSR or a 3-D BSR passed for it went unnamed)."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    with pytest.raises(TypeError, match=r"weight must be a 2-D sparsetrain BSR \[out, in\], got CSR$"):
+        BSRLinear(CSR.from_dense(torch.randn(4, 6)))
+    with pytest.raises(TypeError, match=r"got BSR of shape \(32, 2, 16\)$"):
+        BSRLinear(BSR.from_dense(torch.randn(32, 2, 16), 16))
+    with pytest.raises(TypeError, match=r"got Parameter$"):
+        BSRLinear(nn.Linear(6, 4).weight)
+    layer = BSRLinear(BSR.from_dense(torch.randn(32, 32), 16))  # (a 2-D BSR: taken, its product the dense one's)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight.to_dense()))

@@ -201,12 +201,17 @@ class _BSRLinearFn(torch.autograd.Function):
 _interpreted = eager(lambda *args: _BSRLinearFn.apply(*args))
 
 
-def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
-    forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
+def _check_weight(weight) -> None:
+    """TypeError, naming what `weight` is, unless it is a 2-D BSR [out, in]."""
     if not isinstance(weight, BSR) or len(weight.shape) != 2:
         raise TypeError(f"weight must be a 2-D sparsetrain BSR [out, in], got {type(weight).__name__}"
                         f"{' of shape ' + str(weight.shape) if isinstance(weight, BSR) else ''}")
+
+
+def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for a 2-D BSR weight [out, in]. Triton on CUDA tensors or when the backend is
+    forced to "triton"; otherwise the dense masked product (there is no C++ BSR engine)."""
+    _check_weight(weight)
     refuse_fx_proxy(x, "a BSRLinear")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -237,8 +242,7 @@ class BSRLinear(nn.Module):
 
     def __init__(self, weight: BSR, bias: torch.Tensor | None = None):
         super().__init__()
-        if not isinstance(weight, BSR) or len(weight.shape) != 2:
-            raise TypeError("weight must be a 2-D sparsetrain.bsr.BSR")
+        _check_weight(weight)  # (it said "must be a 2-D sparsetrain.bsr.BSR", not what it got)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         check_bias(bias, self.out_features, weight.values)
