@@ -160,13 +160,20 @@ def csr_spmm(ptr, idx, vals, xt, *, perm=None, bias=None):
         check_index(perm, "perm", torch.int64)
         check_perm(perm, idx.numel())
         check_transposed(ptr, idx, perm)
-    rows, B = ptr.numel() - 1, xt.shape[1]
+    rows = ptr.numel() - 1
     if bias is not None:
         check_float(bias, "bias", like=vals)
         if bias.shape != (rows,):
             raise ValueError(f"csr_spmm: bias must have shape [{rows}], got {tuple(bias.shape)}")
         bias = bias.contiguous()
-    vals, xt = vals.contiguous(), xt.contiguous()  # (read at flat offsets; no copy when already contiguous)
+    # (read at flat offsets; no copy when already contiguous)
+    return _spmm(ptr, idx, vals.contiguous(), xt.contiguous(), perm, bias)
+
+
+def _spmm(ptr, idx, vals, xt, perm, bias):
+    """csr_spmm's launch on operands checked (by csr_spmm, or by the wrappers, which check their own:
+    not twice a call) and contiguous."""
+    rows, B = ptr.numel() - 1, xt.shape[1]
     yt = torch.empty((rows, B), dtype=xt.dtype, device=xt.device)
     if rows == 0 or B == 0:
         return yt
@@ -209,8 +216,8 @@ def sparse_linear(x, crow_indices, col_indices, values, ccol_indices, row_indice
         check_float(bias, "bias", like=values)
         if bias.shape != (N,):
             raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
-    yt = csr_spmm(crow_indices, col_indices, values.contiguous(), _batch_major(x, K),
-                  bias=None if bias is None else bias.contiguous())
+    yt = _spmm(crow_indices, col_indices, values.contiguous(), _batch_major(x, K), None,
+               None if bias is None else bias.contiguous())
     return _feature_major_out(yt, tuple(x.shape[:-1]))
 
 
@@ -230,7 +237,7 @@ def sparse_linear_grad_input(grad_out, crow_indices, col_indices, values, ccol_i
         raise ValueError(f"grad_out must have last dimension {N}, got shape {tuple(grad_out.shape)}")
     if max_index(row_indices_t, "row_indices_t") >= N:
         raise ValueError(f"row_indices_t has entries outside [0, {N})")
-    dxt = csr_spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm=perm)
+    dxt = _spmm(ccol_indices, row_indices_t, values.contiguous(), _batch_major(grad_out, N), perm, None)
     return _feature_major_out(dxt, tuple(grad_out.shape[:-1]))
 
 
@@ -265,7 +272,7 @@ def sparse_linear_grad_weight(grad_out, x, crow_indices, col_indices):
     nnz, B = col_indices.numel(), math.prod(x.shape[:-1])
     if nnz == 0 or B == 0:
         return torch.zeros(nnz, dtype=acc_dtype(x.dtype), device=x.device)
-    return csr_sddmm(crow_indices, col_indices, _batch_major(grad_out, N), _batch_major(x, K))
+    return _sddmm(crow_indices, col_indices, _batch_major(grad_out, N), _batch_major(x, K), None)
 
 
 def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
@@ -278,8 +285,11 @@ def csr_sddmm(ptr, idx, dyt, xt, *, split: int | None = None):
     if dyt.shape != (ptr.numel() - 1, xt.shape[1]):
         raise ValueError(f"csr_sddmm: dyt must have shape [rows, B] = [{ptr.numel() - 1}, {xt.shape[1]}], got "
                          f"{tuple(dyt.shape)}")
-    dyt, xt = dyt.contiguous(), xt.contiguous()  # (read at flat offsets)
-    split = check_split(split)
+    return _sddmm(ptr, idx, dyt.contiguous(), xt.contiguous(), check_split(split))  # (read at flat offsets)
+
+
+def _sddmm(ptr, idx, dyt, xt, split):
+    """csr_sddmm's launch on operands checked (by csr_sddmm, or by sparse_linear_grad_weight) and contiguous."""
     rows, nnz, B = ptr.numel() - 1, idx.numel(), xt.shape[1]
     nonempty = cached("nonempty_rows", ptr, lambda: int((ptr.diff() > 0).sum()))
     if split is None:
