@@ -81,22 +81,7 @@ class BSR(WeightLike, nn.Module):
         for name, t in zip(("ccol_indices", "row_indices_t", "perm"), transpose_index(self.crow_indices,
                                                                                        self.col_indices, CB)):
             self.register_buffer(name, t, persistent=False)
-        self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (the pattern it transposes)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
-        return out
-
-    def transposed(self) -> tuple:
-        """(ccol_indices, row_indices_t, perm) of the pattern now in crow/col: built anew where those alone
-        were swapped in (torch.func.functional_call with another pattern's state gave the old pattern's dx, as
-        CSR.index)."""
-        crow, col, ccol = self._index_of
-        if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
-            with own_mode(self.values):  # (not inference tensors: a training forward saves them)
-                self._build_index()
-        return self.ccol_indices, self.row_indices_t, self.perm
+        self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (the pattern: transposed())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -78,7 +78,21 @@ class WeightLike:
         def keep_index(t):
             out = fn(t)
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
-        return super()._apply(keep_index, recurse)
+        out = super()._apply(keep_index, recurse)
+        self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
+        return out
+
+    # (the subclass's _build_index() registers ccol_indices, row_indices_t, perm of crow/col and records
+    # self._index_of = (crow_indices, col_indices, ccol_indices): the pattern they transpose)
+    def transposed(self) -> tuple:
+        """(ccol_indices, row_indices_t, perm) of the pattern now in crow/col: built anew where those alone
+        were swapped in (torch.func.functional_call with another state_dict gave the old pattern's dx
+        silently; torch.export swaps all of them)."""
+        crow, col, ccol = self._index_of
+        if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
+            with own_mode(self.values):  # (not inference tensors: a training forward saves them)
+                self._build_index()
+        return self.ccol_indices, self.row_indices_t, self.perm
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
@@ -105,7 +119,7 @@ class CSR(WeightLike, nn.Module):
         self.register_buffer("col_indices", col)
         v = values.detach().contiguous().clone()
         self.values = nn.Parameter(v, requires_grad=values.requires_grad)
-        self._build_csc()
+        self._build_index()
         watch_state()  # (optimizer state that does not fit: refused by name)
 
     # ------------------------------------------------------------------ construction / export
@@ -174,36 +188,25 @@ class CSR(WeightLike, nn.Module):
         if grad is not None:
             v.grad = grad[keep]
         shrink_state(v, keep, old)
-        self._build_csc()
+        self._build_index()
 
     # ------------------------------------------------------------------ transposed index
-    def _build_csc(self) -> None:
+    def _build_index(self) -> None:
         ccol, row_t, perm = transpose_index(self.crow_indices, self.col_indices, math.prod(self.shape[1:]))
         self.register_buffer("ccol_indices", ccol, persistent=False)
         self.register_buffer("row_indices_t", row_t, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
-        self._csc_of = (self.crow_indices, self.col_indices, ccol)  # (the pattern it transposes: index())
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._csc_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
-        return out
+        self._index_of = (self.crow_indices, self.col_indices, ccol)  # (the pattern it transposes: transposed())
 
     def csc(self):
         """(ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]): values[perm[j]]
         is the j-th entry in column-major order. Built once per sparsity pattern."""
-        return self.index()[3:]
+        return self.transposed()
 
     def index(self) -> tuple:
         """The pattern as the op schemas take it: (crow, col, values, ccol, row_t, perm); the transposed
-        index built anew where crow/col alone were swapped in (torch.func.functional_call with another
-        state_dict gave the old pattern's dx silently; torch.export swaps all of them)."""
-        crow, col, ccol = self._csc_of
-        if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
-            with own_mode(self.values):  # (not inference tensors: a training forward saves them)
-                self._build_csc()
-        return (self.crow_indices, self.col_indices, self.values, self.ccol_indices, self.row_indices_t,
-                self.perm)
+        index of the pattern now in crow/col (WeightLike.transposed)."""
+        return (self.crow_indices, self.col_indices, self.values, *self.transposed())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -244,7 +247,7 @@ class CSR(WeightLike, nn.Module):
                 return
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
-            self._build_csc()
+            self._build_index()
 
 
 def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):
