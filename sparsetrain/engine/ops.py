@@ -337,18 +337,18 @@ def _check_input(x, weight, bias) -> None:
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.device != weight.values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
+    transforms = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    inputs = (x, weight.values, bias)
     # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula); so did
     # torch.autograd.forward_ad where no input requires grad (a frozen layer), and jvp under torch.compile
-    if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
-            i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())) or (
-            fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None
-                                             for t in (x, weight.values, bias))):
+    if (transforms and any(i.key() == torch._C._functorch.TransformType.Jvp
+                           for i in retrieve_all_functorch_interpreters())) or (
+            fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in inputs)):
         raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
                                   "hessian are not supported (torch.autograd, torch.func.vmap are)")
     # torch.func.grad/vjp/jacrev: torch.library's autograd for these C++-schema ops has no functorch rule
     # (PyTorch's error asked the caller's autograd.Function for a setup_context)
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None and any(
-            grad_tracked(t) for t in (x, weight.values, bias)):
+    if transforms and any(grad_tracked(t) for t in inputs):
         raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
                                   "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap works)")
 
