@@ -90,25 +90,25 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     return time.time() - t0
 
 
-def _error_line(log: str, start: int) -> str:
-    """': <the last "error: " line>' the process wrote after `start` in its log, or ''."""
+def _log_lines(log: str, start: int) -> list[str]:
+    """The lines the process wrote after `start` in its log ([] if it cannot be read)."""
     try:
         with open(log, errors="replace") as f:
             f.seek(start)
-            lines = [ln.strip() for ln in f if ln.startswith("error: ")]
+            return f.read().splitlines()
     except OSError:
-        return ""
+        return []
+
+
+def _error_line(log: str, start: int) -> str:
+    """': <the last "error: " line>' the process wrote after `start` in its log, or ''."""
+    lines = [ln.strip() for ln in _log_lines(log, start) if ln.startswith("error: ")]
     return f": {lines[-1][len('error: '):][:300]}" if lines else ""
 
 
 def _exception_line(log: str, start: int) -> str:
     """': <the exception line>' ending the last traceback the process wrote after `start` in its log, or ''."""
-    try:
-        with open(log, errors="replace") as f:
-            f.seek(start)
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
+    lines = _log_lines(log, start)
     tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")), default=None)
     if tb is None:
         return ""
