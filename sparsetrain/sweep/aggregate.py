@@ -9,14 +9,14 @@ best.json yet) is counted with the rounds it has and marked "in progress".
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
 
 from ..experiment.config import Config, config_from_json
-from ..experiment.files import CorruptFile, verify
+from ..experiment.files import CorruptFile
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
+from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import needed_phases, phase_done
@@ -63,8 +63,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
                 _add_planned(groups, d, planned[d])
             continue
         try:  # (a finished phase's metrics.csv torn or edited since its record: the experiment's report refuses it)
-            for metrics in sorted(glob.glob(os.path.join(glob.escape(d), "seed*", "*", "metrics.csv"))):
-                verify(metrics)
+            verify_metrics(d)
             run = load_run(d)
         except CorruptFile as e:  # (a foreign or corrupt metrics.csv: this run left out and named, the others reported)
             if unreadable is not None:

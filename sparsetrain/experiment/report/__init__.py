@@ -17,7 +17,14 @@ from .plots import plot_run
 from .tables import config_problem, ordered_phases, summary_table
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
-           "write_report", "LABEL_RULE"]
+           "write_report", "verify_metrics", "LABEL_RULE"]
+
+
+def verify_metrics(run_dir) -> None:
+    """CorruptFile for a phase's metrics.csv that no longer matches its checksum record (torn or
+    edited since: the run itself refuses it, and a report of it would show that curve as the run's)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
+        verify(path)
 
 
 def write_report(run_dir) -> str:
@@ -27,8 +34,7 @@ def write_report(run_dir) -> str:
     config.json that does not parse (the report would show no settings and replay the stop rules at
     the default thresholds, not the run's), or whose settings have the wrong type or range (config_problem),
     and for a finished phase copied in from another run."""
-    for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
-        verify(path)
+    verify_metrics(run_dir)
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
         try:  # (a phase copied from another run with its records: the run refuses it, integrity.check_place)
             with open(path) as f:
