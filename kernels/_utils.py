@@ -159,18 +159,23 @@ def check_conv_args(kernel_size, stride, padding) -> None:
             raise ValueError(f"{arg} must be >= {low}, got {[int(e) for e in v]}")
 
 
+def is_int(v) -> bool:
+    """An int, numpy's included, but not a bool (True ran as 1): engine.args.is_int's rule, kept here once
+    for the kernels (kernels/ imports nothing from sparsetrain)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_ints(v, arg: str) -> None:
     """Every entry of `v` an integer (TypeError naming `arg`): int() truncated a stride of 1.5 to 1, a
-    silently other conv, where the C++ schema (int[]) refuses it; a bool too (True ran as 1: as engine.args.is_int,
-    duplicated here, kernels/ does not import sparsetrain)."""
-    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v):
+    silently other conv, where the C++ schema (int[]) refuses it; a bool too (is_int)."""
+    if not all(is_int(e) for e in v):
         raise TypeError(f"{arg} must hold ints, got {list(v)}")
 
 
 def check_split(split) -> int | None:
     """A weight gradient's `split` (slices of the batch or pixels, summed atomically): None (chosen) or an int
     >= 1, returned as an int; 0 or a negative launched no program (uninitialised memory or zeros, silently)."""
-    if split is not None and (isinstance(split, bool) or not isinstance(split, numbers.Integral)):
+    if split is not None and not is_int(split):
         raise TypeError(f"split must be an int >= 1 or None, got {split!r}")
     if split is not None and split < 1:
         raise ValueError(f"split must be an int >= 1 or None, got {split!r}")

@@ -16,15 +16,14 @@ load). fp32 inputs use TF32 tensor cores only when PyTorch's fp32 CUDA matmuls m
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (INTERPRET, autotune, cached, check_compressed, check_device, check_float, check_index, check_nnz,
-                     check_perm, check_split, check_transposed, density_key, launch, max_index, num_sms, pow2_bucket,
-                     row_order)
+                     check_perm, check_split, check_transposed, density_key, is_int, launch, max_index, num_sms,
+                     pow2_bucket, row_order)
 
 __all__ = ["bsr_linear_forward", "bsr_linear_grad_input", "bsr_linear_grad_weight", "block_rows"]
 
@@ -173,7 +172,7 @@ def _check_width(t, arg: str, idx, idx_name: str, bs: int) -> None:
 
 def _check_features(features, name: str) -> None:
     """A width argument: a non-negative int (37.0 failed inside torch.empty, -1 made a negative size)."""
-    integer = isinstance(features, numbers.Integral) and not isinstance(features, bool)
+    integer = is_int(features)
     if not integer or features < 0:
         raise (ValueError if integer else TypeError)(
             f"{name} must be a non-negative int, got {features!r}")
@@ -263,7 +262,7 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     check_device(x, grad_out, crow, col, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size not in (16, 32, 64):
+    if not is_int(block_size) or block_size not in (16, 32, 64):
         raise ValueError(f"block_size must be 16, 32 or 64, got {block_size!r}")  # (16.0 failed in torch.zeros)
     block_size, split = int(block_size), check_split(split)  # (a numpy int: Triton refused it as BS, a constexpr)
     check_index(crow, "crow_indices", torch.int64)
