@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import torch
 
-__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "bias_parameter", "check_weight", "check_like", "refuse_fx_proxy", "MATERIALIZE"]
+__all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "bias_parameter", "check_weight", "check_like", "check_bool_mask", "refuse_fx_proxy",
+           "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
@@ -85,6 +86,16 @@ def check_weight(weight, mask=None) -> None:
         raise ValueError(f"weight is a meta tensor (a shape without values): {MATERIALIZE}")
     if isinstance(mask, torch.Tensor) and mask.is_meta:
         raise ValueError("mask is a meta tensor (a shape without values): pass a mask holding its values")
+
+
+def check_bool_mask(mask, shape, must: str) -> None:
+    """A bool tensor of `shape`, else an error reading f"{must}, got <dtype shape | type>": TypeError for
+    another type or dtype (a list, a float mask), ValueError for another shape."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == tuple(shape):
+        return
+    tensor = isinstance(mask, torch.Tensor)
+    got = f"{mask.dtype} {tuple(mask.shape)}" if tensor else type(mask).__name__
+    raise (ValueError if tensor and mask.dtype == torch.bool else TypeError)(f"{must}, got {got}")
 
 
 def refuse_fx_proxy(x, what: str) -> None:

@@ -37,7 +37,7 @@ from .convert import sparsify_, unconvertible
 from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
-from .args import MATERIALIZE, check_flag
+from .args import MATERIALIZE, check_bool_mask, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
@@ -302,11 +302,7 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
         raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
     w = layer.weight
     # (checked before the cache lookup: a mask of another shape, but as many nonzeros, took a decision silently)
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w.shape:
-        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        wrong_type = not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool  # (a list, a float mask)
-        raise (TypeError if wrong_type else ValueError)(
-            f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}, got {got}")
+    check_bool_mask(mask, w.shape, f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}")
     linear = isinstance(layer, nn.Linear)
     if (input_shape[-1] != layer.in_features if linear
             else len(input_shape) not in (3, 4) or input_shape[-3] != layer.in_channels):

@@ -28,7 +28,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..engine.args import check_flag, is_int
+from ..engine.args import check_bool_mask, check_flag, is_int
 from ..engine.hooks import hooked_eval
 
 __all__ = ["forward_flops", "training_flops", "layer_nnz", "dense_macs", "paper_macs", "paper_round_flops"]
@@ -149,11 +149,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
             raise KeyError(f"masks[{key!r}]: {name!r} is a {type(mod).__name__}, not a conv or linear layer "
                            "whose weights are counted")
         shape = tuple(mod.weight.shape)
-        if not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool or tuple(mk.shape) != shape:
-            got = f"{mk.dtype} {tuple(mk.shape)}" if isinstance(mk, torch.Tensor) else type(mk).__name__
-            wrong_type = not isinstance(mk, torch.Tensor) or mk.dtype != torch.bool  # (as engine.nn's masks)
-            raise (TypeError if wrong_type else ValueError)(f"masks[{key!r}] must be a bool tensor of shape {shape}, "
-                                                            f"got {got}")
+        check_bool_mask(mk, shape, f"masks[{key!r}] must be a bool tensor of shape {shape}")
 
     per_layer: dict[str, int] = {}
     totals = {"weights": 0, "elementwise": 0}
