@@ -1,6 +1,7 @@
 """SparseConv2d and the sparse_conv2d ops against the dense masked reference (F.conv2d)."""
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -856,3 +857,27 @@ def test_phase_planes_whose_size_overflows_int64_are_refused_not_a_crash():
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     lines = r.stdout.split("\n")
     assert lines[:3] == ["refused: planes"] * 3 and lines[3].startswith("refused: ") and lines[4] == "True", r.stdout
+
+
+def test_conv_attributes_the_kernels_do_not_take_cannot_be_set():
+    """dilation, groups and padding_mode (nn.Conv2d's, read by tools) are the only values the kernels
+    take: setting another was kept and silently ignored (the forward stayed dilation 1); refused now,
+    the layer and its output unchanged; the same value is a no-op, fused layers too."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = sparsetrain.SparseConv2d.from_dense(conv, random_mask(conv.weight.shape, 0.5))
+    x = torch.randn(2, 3, 9, 9)
+    before = layer(x)
+    for name, bad in (("dilation", 2), ("dilation", (1, 2)), ("groups", 3), ("groups", True), ("padding_mode", "reflect")):
+        with pytest.raises(ValueError, match=f"supports {name}=.* only, got {re.escape(repr(bad))}$"):
+            setattr(layer, name, bad)
+    with pytest.raises(TypeError, match="dilation must be an int or a pair of ints"):
+        layer.dilation = "2"
+    for name, same in (("dilation", 1), ("dilation", [1, 1]), ("groups", 1), ("padding_mode", "zeros")):
+        setattr(layer, name, same)
+    assert (layer.dilation, layer.groups, layer.padding_mode) == ((1, 1), 1, "zeros")
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight.to_dense(), layer.bias, 1, 1))
+    assert torch.equal(layer(x), before)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())
+    sparsetrain.sparsify_(model, {"0": random_mask(conv.weight.shape, 0.5)}, fuse=True)
+    with pytest.raises(ValueError, match="supports dilation="):
+        model[0].dilation = 2

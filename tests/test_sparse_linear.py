@@ -1435,3 +1435,27 @@ def test_bsr_linear_refuses_a_weight_naming_what_it_got():
     layer = BSRLinear(BSR.from_dense(torch.randn(32, 32), 16))  # (a 2-D BSR: taken, its product the dense one's)
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight.to_dense()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+def test_reset_parameters_draws_the_dense_layer_s_init_at_the_kept_positions(kind):
+    """A sparse layer had no reset_parameters (model.apply(m.reset_parameters()) code skipped it): it
+    re-draws as nn.Linear / nn.Conv2d's does, under one seed the dense layer's draws at the kept
+    positions; the pattern and the Parameters (an optimizer's) stay."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.prune import block_mask
+    dense = {"linear": lambda: nn.Linear(37, 11), "conv": lambda: nn.Conv2d(5, 7, 3, stride=2),
+             "bsr": lambda: nn.Linear(48, 32)}[kind]
+    src = dense()
+    if kind == "bsr":
+        layer = BSRLinear(BSR.from_dense(src.weight, 16, block_mask(src.weight, 16, 0.5)), src.bias)
+    else:
+        layer = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}[type(src)].from_dense(src, random_mask(src.weight.shape, 0.7, empty_rows=1))
+    values, bias, mask = layer.weight.values, layer.bias, layer.weight.mask()
+    torch.manual_seed(5)
+    ref = dense()
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    assert layer.weight.values is values and layer.bias is bias and torch.equal(layer.weight.mask(), mask)
+    assert torch.equal(layer.weight.to_dense(), ref.weight.detach() * mask) and torch.equal(bias, ref.bias)
+    assert values.requires_grad and not torch.equal(layer.weight.to_dense(), src.weight.detach() * mask)

@@ -247,6 +247,16 @@ class BSRLinear(nn.Module):
                         device=self.weight.values.device, dtype=self.weight.values.dtype)
         return _fill_dense(lin, self.weight, self.bias, self.training)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """SparseLinear.reset_parameters for blocks: nn.Linear's draws under one seed, in the kept blocks."""
+        w = self.weight
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta", w.values.dtype)
+        dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
+        w.values.copy_(BSR.from_dense(dense.weight, w.block_size, w.mask()).values)
+        if self.bias is not None:
+            self.bias.copy_(dense.bias)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's argument name)
         return bsr_linear(input, self.weight, self.bias)
 

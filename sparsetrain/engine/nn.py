@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .args import MATERIALIZE, bias_parameter, check_bias
+from .args import MATERIALIZE, bias_parameter, check_bias, is_int
 from .formats import CSR, _check_mask, _fill_dense
 from .torch_prune import current_param, pruned_by_torch
 
@@ -33,6 +33,15 @@ def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
         keep = mod.weight_mask.to(w.device) != 0
         mask = keep if mask is None else _check_mask(w, mask) & keep
     return w, mask, bias
+
+
+def _fixed(name: str, value, read):
+    """A read-only nn.Conv2d attribute: `value`, the only one the kernels take. Setting the same value
+    (as `read` normalises it) is a no-op; another is refused (it was kept and silently ignored)."""
+    def refuse(self, v):
+        if read(v) != value:
+            raise ValueError(f"SparseConv2d supports {name}={value!r} only, got {v!r}")
+    return property(lambda self: value, refuse, doc=f"{value!r}: the only {name} SparseConv2d supports")
 
 
 class _SparseLayer(nn.Module):
@@ -75,6 +84,18 @@ class _SparseLayer(nn.Module):
     def _sparse_repr(self) -> str:
         return f"bias={self.bias is not None}, nnz={self.nnz}, sparsity={self.sparsity:.4f}"
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the kept weights and the bias as the dense layer's reset_parameters does (kaiming-uniform,
+        bound 1/sqrt(fan_in) of the dense fan_in): under one seed, the dense layer's draws at the kept
+        positions. The pattern stays (masks only shrink); in place, so an optimizer keeps its parameters."""
+        w = self.weight
+        dense = self._dense_layer(bias=self.bias is not None, device="meta", dtype=w.values.dtype)
+        dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
+        w.values.copy_(dense.weight.reshape(w.shape[0], -1)[w.row_indices(), w.col_indices.long()])
+        if self.bias is not None:
+            self.bias.copy_(dense.bias)
+
 
 class SparseLinear(_SparseLayer):
     """y = x W^T + b with W stored as CSR ([out_features, in_features])."""
@@ -110,7 +131,9 @@ class SparseConv2d(_SparseLayer):
     ndim = 4
     shape_doc = "[out, in, kh, kw]"
     # nn.Conv2d's attributes that tools (FLOPs counters, exporters) read: the only values supported
-    dilation, groups, padding_mode = (1, 1), 1, "zeros"
+    dilation = _fixed("dilation", (1, 1), lambda v: tuple(ops.pair(v, "dilation")))
+    groups = _fixed("groups", 1, lambda v: v if is_int(v) else None)
+    padding_mode = _fixed("padding_mode", "zeros", lambda v: v)
 
     def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
         super().__init__(weight, bias)
