@@ -1205,6 +1205,53 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
 
 @pytest.mark.parametrize("make", ["sgd", "adam"])
 @pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
+def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, impl):
+    """An optimizer built before sparsify_ holds the dense layers' weight and bias, which the model no
+    longer uses: its steps changed nothing there, silently (the sparse layers never trained). Its step
+    is refused, naming the parameter, the layer and sparsify_, the model untouched; one built after
+    steps as the dense masked model's (gradient masked, mask applied after the step). Likewise after
+    densify_. A replaced layer another model still runs (it has a gradient) trains on."""
+    torch.manual_seed(6)
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    mask = random_mask((5, 6), 0.5)
+    with torch.no_grad():
+        dense[0].weight.mul_(mask)
+    model, x = copy.deepcopy(dense), torch.randn(4, 6)
+    early = _optimizer(make, impl, model.parameters())
+    sparsetrain.sparsify_(model, {"0": mask})
+    model(x).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"{type(early).__name__} param_groups\[0\]\['params'\]\[0\] is the weight "
+                       r"of layer '0', which sparsify_ replaced, and has no gradient: .*build the optimizer after sparsify_"):
+        early.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt, ref = _optimizer(make, impl, model.parameters()), _optimizer(make, impl, dense.parameters())
+    for _ in range(2):
+        opt.zero_grad(), ref.zero_grad()
+        model(x).sum().backward(), dense(x).sum().backward()
+        dense[0].weight.grad.mul_(mask)
+        opt.step(), ref.step()
+        with torch.no_grad():
+            dense[0].weight.mul_(mask)
+    torch.testing.assert_close(model[0].weight.to_dense(), dense[0].weight)
+    torch.testing.assert_close(model[0].bias, dense[0].bias)
+    sparsetrain.densify_(model)
+    opt.zero_grad()
+    model(x).sum().backward()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is the bias of layer '0', which "
+                       r"densify_ replaced, and has no gradient: .*build the optimizer after densify_"):
+        opt.step()
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))  # (a layer another model still runs)
+    other, other_opt = nn.Sequential(shared[0]), _optimizer(make, impl, shared.parameters())
+    sparsetrain.sparsify_(shared, {"0": random_mask((6, 6), 0.5)})
+    other(x).sum().backward()
+    w = other[0].weight.detach().clone()
+    other_opt.step()  # (its gradient: trained, not refused)
+    assert not torch.equal(other[0].weight, w)
+
+
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
 def test_another_pattern_of_the_same_nnz_drops_the_gradient_and_refuses_the_old_state(make, impl):
     """load_state_dict of another pattern with the same nnz keeps the values' shape: the gradient of the
     old positions is dropped (it was added to the next one's), and the state an optimizer holds for them

@@ -11,6 +11,7 @@ from .args import check_flag
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode
+from .optim_state import retire
 from .torch_prune import pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
@@ -130,6 +131,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
         for k in [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]:
             del hooks[k]
     _replace_modules(model, lambda mod: new.get(id(mod)))  # (every name the layer has, masked or not)
+    _retire(((named[i], modules[named[i]], layer) for i, layer in new.items()), "sparsify_")
     if fuse:
         fuse_(model)
     return model
@@ -159,8 +161,28 @@ def densify_(model: nn.Module) -> nn.Module:
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     unfuse_(model)
-    _replace_modules(model, lambda mod: _dense_of(mod) if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
+    names = {id(m): n for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
+    made = []  # (name, sparse layer, its dense replacement)
+
+    def dense(mod):
+        if id(mod) not in names:
+            return None
+        made.append((names[id(mod)], mod, _dense_of(mod)))
+        return made[-1][2]
+
+    _replace_modules(model, dense)
+    _retire(made, "densify_")
     return model
+
+
+def _retire(replaced, by: str) -> None:
+    """The replaced layers' Parameters the new layers do not hold (the dense weight and bias, or the values
+    and the bias copy) are refused at an optimizer's step: one built before the swap trained nothing."""
+    for name, old, layer in replaced:
+        kept = {id(p) for p in layer.parameters()}
+        for key, p in old.named_parameters():
+            if id(p) not in kept:
+                retire(p, f"{key} of layer {name!r}", by)
 
 
 def _dense_of(mod: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-__all__ = ["watch_state", "watch_resized", "shrink_state", "mark_stale"]
+__all__ = ["watch_state", "watch_resized", "shrink_state", "mark_stale", "retire"]
 
 
 # ---- optimizer state that does not fit its parameter ----------------------------------------------
@@ -42,6 +42,11 @@ _optimizers = weakref.WeakSet()  # optimizers that stepped since the hook was re
 _stale = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> WeakIdKeyDictionary of stale state
 _AFTER_LOAD = ("restore the optimizer's state saved with that model (optimizer.load_state_dict) or build the "
                "optimizer after loading")  # (the remedy after a layer's load_state_dict)
+# Parameters of layers sparsify_ / densify_ replaced (the dense weight and bias, the values and the
+# sparse layer's bias copy): the model no longer uses them, so an optimizer built before the swap
+# stepped them without effect (no gradient reaches them) and the model silently never trained. Such a
+# Parameter without a gradient is refused at the step (one with a gradient may be another model's still).
+_retired = torch.utils.weak.WeakIdKeyDictionary()  # Parameter -> ("weight of layer 'fc'", "sparsify_")
 # Why a values Parameter has another shape than state held for it, and the remedy (watch_resized):
 LOADED = f"load_state_dict gave the layer a pattern of another nnz; {_AFTER_LOAD}"
 PRUNED = ("pruning removed some of its weights (CSR.shrink_) while this optimizer held state it had not stepped "
@@ -90,11 +95,29 @@ def mark_stale(values: torch.Tensor) -> None:
                     tensors[t] = key
 
 
+def retire(param: torch.Tensor, what: str, by: str) -> None:
+    """`param` is no longer the model's (`what`: which tensor of which layer; `by`: the function that
+    replaced the layer): an optimizer's step over it is refused by name."""
+    watch_state()
+    with _lock:
+        _retired[param] = (what, by)
+
+
 def _check_state_shapes(optimizer, args, kwargs):
     with _lock:
         _optimizers.add(optimizer)
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
+        retired = len(_retired) > 0
+    for g, group in enumerate(optimizer.param_groups if retired else ()):
+        for i, p in enumerate(group["params"]):
+            entry = _retired.get(p)
+            if entry is not None and p.grad is None:  # (a gradient: another model still uses that layer)
+                what, by = entry
+                raise ValueError(
+                    f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {what}, which {by} "
+                    f"replaced, and has no gradient: the model no longer uses it, so this optimizer would train "
+                    f"nothing there; build the optimizer after {by}, from model.parameters()")
     for p, former in watched:  # (first: a stale tensor of another shape is told its shape)
         for key, t in optimizer.state.get(p, {}).items():
             if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:

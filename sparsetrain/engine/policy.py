@@ -63,8 +63,8 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     maps this process's {layer: sparse?} decisions to the ones every process uses (DDP: rank 0's).
     Returns the masks still needed by dense layers. "dense" converts nothing, back either: layers that
     are sparse already stay so (densify_ makes them dense). Converted layers hold new Parameters (their
-    values), as after sparsify_: build the optimizer after this call (one built before it keeps
-    stepping the dense weights the model no longer uses)."""
+    values), as after sparsify_: build the optimizer after this call (the step of one built before it,
+    over the dense weights the model no longer uses, is refused)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_flag(fuse, "fuse")
