@@ -94,6 +94,33 @@ def test_rounds_compose_original_indices_and_keep_one_channel():
     assert model.classifier.out_features == 3
 
 
+def test_an_optimizer_built_before_filter_pruning_is_refused_and_one_built_after_trains():
+    """keep_channels_ replaces the pruned layers', their BatchNorms' and the next layers' Parameters by
+    smaller ones: an optimizer built before stepped the old ones (no gradient reaches them), so those
+    layers silently stopped training. Its step is refused by name; one built after steps as the
+    reference (the unpruned model with the removed channels' contributions zeroed) restricted to the
+    kept channels."""
+    torch.manual_seed(0)
+    model = lenet_300_100()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    early = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    orig = copy.deepcopy(model)
+    filter_prune(model, 0.5)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"SGD param_groups\[0\]\['params'\]\[0\] is the weight of layer 'fc1', "
+                       r"which filter pruning \(keep_channels_\) replaced, and has no gradient: .*build the optimizer after"):
+        early.step()
+    ref = _reference(orig, model.kept_channels)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    nn.functional.cross_entropy(ref(x), y).backward()
+    opt.step(), ref_opt.step()
+    k1, k2 = model.kept_channels["fc1"], model.kept_channels["fc2"]
+    torch.testing.assert_close(model.fc1.weight, ref.fc1.weight[k1])
+    torch.testing.assert_close(model.fc2.weight, ref.fc2.weight[k2][:, k1])
+    torch.testing.assert_close(model.fc3.weight, ref.fc3.weight[:, k2])
+
+
 def test_the_wall_sees_filter_pruning_s_actual_next_sparsity():
     """A filter round removes a share of a layer's filters and as much of the next layer's inputs
     (~1 - (1 - rate)^2 of a middle layer): the wall test takes the next round's actual sparsity, so
