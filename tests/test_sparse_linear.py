@@ -1506,3 +1506,50 @@ def test_reset_parameters_draws_the_dense_layer_s_init_at_the_kept_positions(kin
     assert layer.weight.values is values and layer.bias is bias and torch.equal(layer.weight.mask(), mask)
     assert torch.equal(layer.weight.to_dense(), ref.weight.detach() * mask) and torch.equal(bias, ref.bias)
     assert values.requires_grad and not torch.equal(layer.weight.to_dense(), src.weight.detach() * mask)
+
+
+def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_floats_matches_dense():
+    """AveragedModel(..., use_buffers=True) averages every buffer, the CSR's integer index too: an EMA
+    (torchvision's form, decay·a + (1 − decay)·b) writes floats into it, truncated (288 · 0.9 + 288 · 0.1 is
+    stored as 287), so the averaged model's pattern changed silently or its op failed on a mismatch naming
+    no cause. Its forward is refused by name. An avg_fn that averages only floating-point tensors, and the
+    SWA of one pattern (integer arithmetic, exact), give the dense masked model's average."""
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(7)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    masks = {"0": random_mask((8, 3, 3, 3), 0.5), "4": random_mask((10, 288), 0.5)}
+    with torch.no_grad():
+        for n, m in masks.items():
+            dense.get_submodule(n).weight.mul_(m)
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, masks)
+    ema = lambda a, b, n: 0.9 * a + 0.1 * b  # noqa: E731 (torchvision's ExponentialMovingAverage)
+    floats_only = lambda a, b, n: ema(a, b, n) if a.is_floating_point() else b  # noqa: E731
+    averages = {k: [AveragedModel(m, avg_fn=fn, use_buffers=True) for m in (dense, model)]
+                for k, fn in (("ema", ema), ("floats", floats_only), ("swa", None))}
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (dense, model)]
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+        for m, opt in zip((dense, model), opts):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if m is dense:
+                for n, mk in masks.items():
+                    m.get_submodule(n).weight.grad.mul_(mk)
+            opt.step()
+            if m is dense:
+                with torch.no_grad():
+                    for n, mk in masks.items():
+                        m.get_submodule(n).weight.mul_(mk)
+        for pair in averages.values():
+            for avg, m in zip(pair, (dense, model)):
+                avg.update_parameters(m)
+    x = torch.randn(4, 3, 6, 6)
+    bad = averages["ema"][1].eval()
+    assert any(not torch.equal(a, b) for a, b in zip(bad.module.buffers(), model.buffers()) if not a.is_floating_point())
+    with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place .*use_buffers=True"):
+        bad(x)
+    for k in ("floats", "swa"):
+        ref, avg = (a.eval() for a in averages[k])
+        torch.testing.assert_close(avg(x), ref(x), rtol=1e-5, atol=1e-5)

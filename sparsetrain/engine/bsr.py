@@ -24,6 +24,7 @@ from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
+from .index import seal_index
 from .torch_prune import current_param
 from .optim_state import watch_state
 
@@ -82,6 +83,7 @@ class BSR(WeightLike, nn.Module):
                                                                                        self.col_indices, CB)):
             self.register_buffer(name, t, persistent=False)
         self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (the pattern: transposed())
+        seal_index(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

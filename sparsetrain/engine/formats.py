@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .args import check_weight
+from .index import check_index, seal_index, transpose_index
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
 
 __all__ = ["CSR", "transpose_index"]
@@ -37,18 +38,6 @@ def _check_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     if mask.shape != weight.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(weight.shape)}")
     return mask.to(weight.device)
-
-
-def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
-    """CSC of a CSR pattern: (ccol int64 [n_cols+1], row_t int32 [nnz], perm int64 [nnz]),
-    where perm[j] is the position in `values` of the j-th CSC entry (stable: rows ascending)."""
-    n_rows = crow.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff())
-    perm = torch.argsort(col.long() * max(n_rows, 1) + rows, stable=True)
-    counts = torch.bincount(col.long(), minlength=n_cols)
-    ccol = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
-    torch.cumsum(counts, 0, out=ccol[1:])
-    return ccol, rows[perm].to(torch.int32), perm
 
 
 class WeightLike:
@@ -80,6 +69,7 @@ class WeightLike:
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
         out = super()._apply(keep_index, recurse)
         self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
+        seal_index(self)
         return out
 
     # (the subclass's _build_index() registers ccol_indices, row_indices_t, perm of crow/col and records
@@ -92,6 +82,7 @@ class WeightLike:
         if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
             with own_mode(self.values):  # (not inference tensors: a training forward saves them)
                 self._build_index()
+        check_index(self)  # (an EMA of the buffers wrote into them: refused by name)
         return self.ccol_indices, self.row_indices_t, self.perm
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -197,6 +188,7 @@ class CSR(WeightLike, nn.Module):
         self.register_buffer("row_indices_t", row_t, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self._index_of = (self.crow_indices, self.col_indices, ccol)  # (the pattern it transposes: transposed())
+        seal_index(self)
 
     def csc(self):
         """(ccol_indices int64 [cols+1], row_indices_t int32 [nnz], perm int64 [nnz]): values[perm[j]]

@@ -1,0 +1,79 @@
+"""A sparse weight's index: its transposed form (CSC), and the guard against the index buffers being
+changed in place behind the weight's back.
+
+Every buffer of a module is fair game to code written for dense models: an EMA that averages the
+buffers too (`torch.optim.swa_utils.AveragedModel(..., use_buffers=True)`, torchvision's EMA) writes
+`decay·a + (1 − decay)·b`, a float, into each integer index buffer, truncated: 288 · 0.9 + 288 · 0.1 is
+287.99999999999997, stored as 287. The pattern then changes silently (a column moved) or the op's checks
+fail far from the cause. So the weight seals its index where it builds or moves it (a position-weighted
+sum of the five buffers, and their version counters); at each forward a changed version counter makes
+the sum be recomputed (O(nnz), only then), and a different sum is refused by name.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["transpose_index", "seal_index", "check_index"]
+
+_BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm")
+
+
+def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
+    """CSC of a CSR pattern: (ccol int64 [n_cols+1], row_t int32 [nnz], perm int64 [nnz]),
+    where perm[j] is the position in `values` of the j-th CSC entry (stable: rows ascending)."""
+    n_rows = crow.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff())
+    perm = torch.argsort(col.long() * max(n_rows, 1) + rows, stable=True)
+    counts = torch.bincount(col.long(), minlength=n_cols)
+    ccol = torch.zeros(n_cols + 1, dtype=torch.int64, device=crow.device)
+    torch.cumsum(counts, 0, out=ccol[1:])
+    return ccol, rows[perm].to(torch.int32), perm
+
+
+def _versions(tensors) -> tuple | None:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # (inference tensors have no version counter, and cannot be changed outside it)
+        return None
+
+
+def _checksum(tensors) -> int:
+    """Σ over the buffers of Σᵢ (i + 1)·tᵢ: any one entry changed changes it (a truncation lowers it)."""
+    total = 0
+    for t in tensors:
+        flat = t.detach().reshape(-1).to(torch.int64)
+        total += int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
+    return total
+
+
+def seal_index(w) -> None:
+    """Records `w`'s index buffers (a CSR or BSR: after building, loading or moving them)."""
+    tensors = tuple(getattr(w, n) for n in _BUFFERS)
+    if any(type(t) is not torch.Tensor or t.is_meta for t in tensors) or torch.compiler.is_compiling():
+        w._index_seal = None  # (fake, meta or traced tensors: no values to sum)
+        return
+    with torch.no_grad():
+        w._index_seal = (tensors, _checksum(tensors), _versions(tensors))
+
+
+def check_index(w) -> None:
+    """ValueError when `w`'s index buffers were changed in place since `seal_index` (buffers swapped
+    for other tensors, as torch.func.functional_call does, are not this guard's: transposed() rebuilds)."""
+    seal = w.__dict__.get("_index_seal")
+    if seal is None or torch.compiler.is_compiling():
+        return
+    tensors = tuple(map(w._buffers.get, _BUFFERS))  # (per forward: the registry itself, not __getattr__)
+    if any(a is not b for a, b in zip(seal[0], tensors)):
+        return
+    versions = _versions(tensors)
+    if versions is None or versions == seal[2]:
+        return
+    with torch.no_grad():
+        if _checksum(tensors) != seal[1]:
+            raise ValueError(
+                f"the {type(w).__name__} weight's index buffers ({', '.join(_BUFFERS)}) were changed in place "
+                "since it built them, so its sparsity pattern is no longer its own: code that averages a model's "
+                "buffers (torch.optim.swa_utils.AveragedModel(..., use_buffers=True), an EMA) writes float "
+                "arithmetic into them, truncated; average only floating-point tensors (an avg_fn returning the "
+                "model's tensor for integer ones), or use_buffers=False and update_bn")
+    w._index_seal = (seal[0], seal[1], versions)  # (rewritten with the same entries: an SWA of one pattern)
