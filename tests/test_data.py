@@ -899,6 +899,10 @@ def test_a_seed_or_epoch_that_is_no_non_negative_int_is_refused(cifar10_dir):
     assert torch.equal(a.val.index, ref)
     assert torch.equal(torch.randperm(9, generator=D.epoch_generator(2, 3)),
                        torch.randperm(9, generator=D.seeded(2, 1003)))
+    # (an epoch whose stream 1000 + epoch passes 2^32: the error named "stream" and a value never given)
+    with pytest.raises(ValueError, match=r"epoch must be an int in \[0, 2\^32 - 1000\), got 4294966296"):
+        D.epoch_generator(0, 2**32 - 1000)
+    D.epoch_generator(0, 2**32 - 1001)  # (the last epoch that has a stream)
 
 
 def test_seeded_streams_do_not_collide_and_large_seeds_are_refused():

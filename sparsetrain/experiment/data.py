@@ -49,6 +49,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator for shuffling and augmenting epoch `epoch` of a run with seed `seed`."""
     _check_count("seed", seed)
     _check_count("epoch", epoch)
+    if epoch >= 2**32 - 1000:  # (its stream, 1000 + epoch, is one 32-bit word: seeded's error named "stream")
+        raise ValueError(f"epoch must be an int in [0, 2^32 - 1000), got {epoch!r}")
     return seeded(seed, 1000 + int(epoch))
 
 
