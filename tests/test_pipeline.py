@@ -663,6 +663,33 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     assert "resumed_with" not in rec and rec["sparsetrain_version"] == "unknown"  # (not today's: unrecorded)
 
 
+def test_a_resume_on_another_thread_count_or_version_says_so(tmp_path, monkeypatch, capsys):
+    """A resume whose thread count, versions or commit differ from the run's last record was listed in
+    config.json's resumed_with alone: its curves went on differing from an uninterrupted run's without a word
+    (the weight gradients' sums depend on the thread count). It is a note on stderr now, naming what changed;
+    a resume like the last one says nothing."""
+    cfg, _ = config_from_args(["mnist", "--out", str(tmp_path), "--profile", "quick"])
+    threads = torch.get_num_threads()
+    rd = study.prepare_run_dir(cfg)
+    study.prepare_run_dir(cfg)
+    assert capsys.readouterr().err == ""
+    try:
+        torch.set_num_threads(threads + 1)
+        study.prepare_run_dir(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {rd} resumes with torch_threads {threads + 1} (was {threads}): the rounds trained from "
+                   "here on may not be bitwise those of an uninterrupted run (config.json lists it under resumed_with)"]
+    was = torch.__version__
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # (against the last record: threads + 1, then back)
+    study.prepare_run_dir(cfg)
+    err = capsys.readouterr().err
+    assert f"resumes with torch 9.9.9 (was {was}); torch_threads {threads} (was {threads + 1}): " in err
+    study.prepare_run_dir(cfg)  # (the same as the last resume)
+    assert capsys.readouterr().err == ""
+
+
 def test_config_records_the_device_and_precision_a_run_ran_on(tmp_path, monkeypatch):
     """config.json (and summary.md) say what --device/--amp auto resolved to: this machine's device and
     autocast dtype (a CUDA run trains in bf16, a CPU run in fp32); a resume elsewhere is listed after it."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["resolve_device", "resolve_amp", "describe_device"]
+__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since"]
 
 
 def resolve_device(spec: str):
@@ -51,3 +51,17 @@ def describe_device(device, amp_spec: str) -> str:
         where = f"cuda:{index} {torch.cuda.get_device_name(index)}"
     precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
     return f"{where}, {precision}"
+
+
+def changed_since(before: dict, now: dict) -> list[str]:
+    """What a run records of where it computes (config.json's git_commit, versions, torch_threads, world_size,
+    ran_on) that differs in `now` from `before`, each as "name now (was then)", versions one by one; a record
+    `before` lacks is no difference."""
+    out = []
+    for k, v in now.items():
+        was = before.get(k, v)
+        if isinstance(v, dict) and isinstance(was, dict):
+            out += [f"{n} {v[n]} (was {was[n]})" for n in v if was.get(n, v[n]) != v[n]]
+        elif was != v:
+            out.append(f"{k} {v} (was {was})")
+    return out

@@ -24,7 +24,7 @@ from . import distributed as dist
 from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes, validate
-from .devices import describe_device, resolve_device
+from .devices import changed_since, describe_device, resolve_device
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
                     make_folder, make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
@@ -114,6 +114,9 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
     # follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
     if resuming and old and {k: old.get(k, v) for k, v in now.items()} != now and (not resumed or resumed[-1] != now):
+        if changed := changed_since(resumed[-1] if resumed else old, now):  # (said: it was in config.json alone)
+            print(f"note: {rd} resumes with {'; '.join(changed)}: the rounds trained from here on may not be bitwise "
+                  "those of an uninterrupted run (config.json lists it under resumed_with)", file=sys.stderr)
         resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
