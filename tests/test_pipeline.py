@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sparsetrain
 import cli_forks
-from conftest import run_dir
+from conftest import run_dir, strip_timing
 from sparsetrain.engine.nn import masks_of
 from sparsetrain.experiment import files, report, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
@@ -87,6 +87,21 @@ def test_the_round_lines_give_accuracies_in_percent(mnist_dir, study_args, capsy
 def test_resume_after_kill_equals_uninterrupted(mnist_dir, study_args, kill_and_resume):
     # killed mid-way through round 3 of the teacher run
     kill_and_resume(mnist_dir, study_args(mnist_dir, "--teachers", "dense"), kill_at=7)
+
+
+def test_a_seed_gives_the_same_curves_alone_or_beside_others_and_seeds_differ(mnist_dir, study_args):
+    """Every draw of a seed (split, noise, initial model, each epoch's batches, reinit weights) comes from its
+    own seeded stream: seed 1 run alone (as a sweep runs it) gives the rows it gives after seed 0 in one
+    process (the sweep's report takes either for that seed), and seed 0's differ."""
+    base = study_args(mnist_dir, "--teachers", "dense", "--perturb", "reinit")
+    assert study.main(base + ["--seeds", "0", "1", "--out", str(mnist_dir / "both")]) == 0
+    assert study.main(base + ["--seeds", "1", "--out", str(mnist_dir / "one")]) == 0
+    for phase in ("teacher", "distill-dense"):
+        both, one = (strip_timing(read_rows(run_dir(mnist_dir / d) / "seed1" / phase / "metrics.csv"))
+                     for d in ("both", "one"))
+        zero = strip_timing(read_rows(run_dir(mnist_dir / "both") / "seed0" / phase / "metrics.csv"))
+        assert len(one) > 1 and both == one
+        assert [r["train_loss"] for r in zero] != [r["train_loss"] for r in one]
 
 
 def test_a_resumed_round_s_seconds_count_the_epochs_before_the_kill(mnist_dir, study_args, interrupted, monkeypatch):
