@@ -259,6 +259,40 @@ def test_outputs_do_not_depend_on_the_thread_count(dtype):
         assert torch.equal(at(2, gw), at(2, gw))
 
 
+def test_the_cpu_ops_run_alike_under_deterministic_algorithms():
+    """The C++ ops are deterministic at a given thread count, so torch.use_deterministic_algorithms(True) lets
+    them run (as PyTorch's CPU reductions) and changes nothing: a fused conv -> BN -> ReLU and a sparse
+    linear give bitwise the same output and gradients with it on as off, and the dense masked model's."""
+    g = torch.Generator().manual_seed(5)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    masks = {n: random_mask(m.weight.shape, 0.7, generator=g) for n, m in dense.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with torch.no_grad():
+        for n, m in masks.items():
+            dense.get_submodule(n).weight.mul_(m)
+    model = sparsetrain.sparsify_(copy.deepcopy(dense), masks, fuse=True)
+    assert type(model[0]).__name__ == "SparseConvBNReLU"
+    x = torch.randn(4, 3, 6, 6, generator=g)
+
+    def step(m):
+        m = copy.deepcopy(m)
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        return [y.detach(), xi.grad, m[0].bias.grad, m[1].running_mean, m[1].running_var, m[-1].bias.grad]
+
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        on = step(model)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    off = step(model)
+    assert all(torch.equal(a, b) for a, b in zip(on, off))
+    for a, b in zip(on, step(dense)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_kernel_choice():
     # small maps with a batch of >= 16 take the batch-innermost kernel, the rest the phase planes
     assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 32     # ResNet-18 layer4: 1 MB tiles
