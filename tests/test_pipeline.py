@@ -705,6 +705,30 @@ def test_a_resume_on_another_thread_count_or_version_says_so(tmp_path, monkeypat
     assert capsys.readouterr().err == ""
 
 
+
+def test_a_resume_back_on_the_starting_thread_count_is_recorded(tmp_path, capsys):
+    """Started at N threads, resumed at N + 1, then at N again: the last resume was compared with the start
+    record alone, so it added no resumed_with entry (config.json said the run went on at N + 1) and no note.
+    It is compared with the last record now: listed and said."""
+    cfg, _ = config_from_args(["mnist", "--out", str(tmp_path), "--profile", "quick"])
+    threads = torch.get_num_threads()
+    rd = study.prepare_run_dir(cfg)
+    try:
+        torch.set_num_threads(threads + 1)
+        study.prepare_run_dir(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    study.prepare_run_dir(cfg)
+    assert f"resumes with torch_threads {threads} (was {threads + 1}): " in capsys.readouterr().err
+    with open(os.path.join(rd, "config.json")) as f:
+        rec = json.load(f)
+    assert rec["torch_threads"] == threads and [r["torch_threads"] for r in rec["resumed_with"]] == [threads + 1, threads]
+    study.prepare_run_dir(cfg)  # (as the last record: nothing added, nothing said)
+    with open(os.path.join(rd, "config.json")) as f:
+        assert len(json.load(f)["resumed_with"]) == 2
+    assert capsys.readouterr().err == ""
+
 def test_config_records_the_device_and_precision_a_run_ran_on(tmp_path, monkeypatch):
     """config.json (and summary.md) say what --device/--amp auto resolved to: this machine's device and
     autocast dtype (a CUDA run trains in bf16, a CPU run in fp32); a resume elsewhere is listed after it."""

@@ -110,11 +110,12 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
            "torch_threads": torch.get_num_threads(),  # (the kernels' sums are deterministic per thread count)
            "world_size": dist.world(),  # (torchrun processes: per-rank batches and BatchNorm statistics)
            "ran_on": describe_device(device or cfg.device, cfg.amp)}  # (what --device/--amp auto resolved to)
-    # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others,
-    # follow (a record an older run lacks is not a difference)
+    # a resumed run keeps the commit, versions and threads it started with; those it resumed with, if others
+    # than it last ran with (a return to the start's too), follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
-    if resuming and old and {k: old.get(k, v) for k, v in now.items()} != now and (not resumed or resumed[-1] != now):
-        if changed := changed_since(resumed[-1] if resumed else old, now):  # (said: it was in config.json alone)
+    last = resumed[-1] if resumed else old
+    if resuming and old and {k: last.get(k, v) for k, v in now.items()} != now:
+        if changed := changed_since(last, now):  # (said: it was in config.json alone)
             print(f"note: {rd} resumes with {'; '.join(changed)}: the rounds trained from here on may not be bitwise "
                   "those of an uninterrupted run (config.json lists it under resumed_with)", file=sys.stderr)
         resumed.append(now)
