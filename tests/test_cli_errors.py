@@ -235,8 +235,9 @@ def test_user_error_is_one_line_and_exit_2(outcomes, name, message):
         assert not any(root.glob("runs/*/config.json"))
     if name in ("corrupt-config", "truncated-state", "different-config", "run-in-use"):  # (a run directory with files)
         assert _run_dir(root).is_dir()
-    else:  # refused before anything was written: no empty run directory (its .lock alone) is left behind
-        assert not any(root.glob("runs/*")), list(root.glob("runs/*/*"))
+    else:  # refused before anything was written: no empty run directory (its .lock alone) is left behind,
+        # nor the --out folder it made (before 2026-12-06 an empty runs/ was left)
+        assert not (root / "runs").exists(), list(root.glob("runs/*/*"))
 
 
 def test_cifar100n_defaults_to_no_added_noise(tmp_path):

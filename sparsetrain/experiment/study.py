@@ -182,7 +182,9 @@ def run_study(cfg: Config) -> str:
                 print(f"note: --{role}-batch-size {cfg.hyper(role).batch_size} is under 2 rows per rank: each of the "
                       f"{dist.world()} ranks trains every batch whole (the same results, no faster than one process); "
                       f"give {2 * dist.world()} or more, or fewer processes", file=sys.stderr, flush=True)
-    rd, fresh = run_dir_of(cfg), []
+    rd, fresh, made, d = run_dir_of(cfg), [], [], os.path.abspath(cfg.out)
+    while not os.path.isdir(d) and d != os.path.dirname(d):  # (--out's folders this run makes, deepest first)
+        made, d = made + [d], os.path.dirname(d)
     with contextlib.ExitStack() as held:
         def setup():
             held.enter_context(folder_lock(rd))
@@ -203,6 +205,8 @@ def run_study(cfg: Config) -> str:
                 if os.path.isfile(written) and not _trained(rd):
                     os.remove(written)
                 remove_empty_folder(rd)
+                with contextlib.suppress(OSError):  # (--out's folders it made, while empty: a user's typo)
+                    list(map(os.rmdir, made))
             raise
 
 
