@@ -21,6 +21,7 @@ from torch import nn
 from .args import check_weight
 from .index import check_index, seal_index, transpose_index
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
+from .pattern import _validate
 
 __all__ = ["CSR", "transpose_index"]
 
@@ -346,36 +347,6 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         module.crow_indices = torch.empty(crow.shape, dtype=torch.int64, device=module.crow_indices.device)
         module.col_indices = torch.empty(col.shape, dtype=torch.int32, device=module.col_indices.device)
     return True
-
-
-def _validate(crow, col, values, rows, cols, block: int = 0):
-    """A compressed pattern [rows, cols] (block: of blocks, values [nnz, block, block]); the dtypes
-    were checked by _pattern."""
-    if crow.dim() != 1 or crow.numel() != rows + 1:
-        raise ValueError(f"crow_indices must have shape [{rows + 1}], got {tuple(crow.shape)}")
-    want = (col.numel(), block, block) if block else (col.numel(),)
-    if col.dim() != 1 or values.shape != want:
-        raise ValueError(f"col_indices must be 1-D and values of shape [nnz{', block, block' if block else ''}] = "
-                         f"{list(want)}, got {tuple(col.shape)} and {tuple(values.shape)}")
-    if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
-        raise ValueError(f"crow_indices must start at 0 and end at nnz={col.numel()}, got "
-                         f"{int(crow[0])}..{int(crow[-1])}")
-    if bool((crow.diff() < 0).any()):
-        raise ValueError("crow_indices must be non-decreasing")
-    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols):
-        raise ValueError(f"col_indices must lie in [0, {cols}), got range "
-                         f"[{int(col.min())}, {int(col.max())}]")
-    if not _sorted_rows(crow, col, rows, cols):  # (a duplicate block: to_dense keeps one, a product sums both)
-        raise ValueError(f"col_indices must be strictly increasing within each {'block ' if block else ''}row "
-                         "(sorted, no duplicates)")
-
-
-def _sorted_rows(crow, col, rows, cols) -> bool:
-    """Within each row of a compressed index, the column ids strictly increase (no duplicates)."""
-    if col.numel() < 2:
-        return True
-    rows_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), crow.diff())
-    return not bool(((rows_of * cols + col.long()).diff() <= 0).any())
 
 
 def _fill_dense(dense: nn.Module, weight, bias: torch.Tensor | None, training: bool) -> nn.Module:
