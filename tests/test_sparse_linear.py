@@ -619,6 +619,36 @@ def test_assign_load_takes_int64_indices_and_fills_a_meta_layer():
         assert torch.equal(dst(x), src(x)), key
 
 
+def test_meta_device_construction_and_load_then_to_empty():
+    """A CSR/BSR layer built under `torch.device("meta")` from its parts, or moved there, takes a state_dict
+    (of any nnz: a no-op for the values, as for nn.Linear, the pattern's shapes resized) and, after
+    to_empty + load_state_dict, equals the dense masked reference. Before 2026-12-06 both raised torch's
+    RuntimeError from inside (`.item()` on meta tensors, no meta kernel for the transposed index)."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    torch.manual_seed(3)
+    dense, mask = nn.Linear(32, 16), random_mask((16, 32), 0.6)
+    src = SparseLinear.from_dense(dense, mask)
+    bsrc = BSRLinear.from_dense(nn.Linear(32, 16), 16)
+    x = torch.randn(4, 32)
+    with torch.device("meta"):
+        layer = SparseLinear(CSR(torch.tensor([0, 1] + [2] * 15), torch.tensor([0, 5]), torch.randn(2), (16, 32)), torch.zeros(16))
+        blayer = BSRLinear(BSR(torch.tensor([0, 1]), torch.tensor([1]), torch.randn(1, 16, 16), (16, 32), 16), torch.zeros(16))
+    assert layer.weight.values.is_meta and layer.weight.perm.shape == (2,) and blayer.weight.nnz_blocks == 1
+    moved = SparseLinear.from_dense(nn.Linear(32, 16), random_mask((16, 32), 0.9)).to("meta")
+    for dst, source in ((layer, src), (moved, src), (blayer, bsrc)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch: copying into a meta parameter is a no-op)
+            dst.load_state_dict(source.state_dict())
+        assert dst.weight.values.is_meta and dst.weight.values.shape == source.weight.values.shape
+        assert dst.weight.perm.shape == source.weight.perm.shape
+        dst = dst.to_empty(device="cpu")
+        dst.load_state_dict(source.state_dict())
+        assert torch.equal(dst(x), source(x))
+    torch.testing.assert_close(layer(x), dense_linear(x, dense.weight, mask, dense.bias))
+    with pytest.raises(ValueError, match="must have shape"):  # (the shapes are still checked on meta)
+        CSR(torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta"), torch.ones(1, device="meta"), (3, 4))
+
+
 def test_module_type_casts_the_values_not_the_index():
     """model.type(torch.float64) casts every tensor of a module, its buffers too: before 2026-12-06 the CSR's and
     BSR's index buffers (crow/col/ccol/row_t/perm) became float64 and every forward was refused. They keep their

@@ -20,8 +20,13 @@ _BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "per
 
 def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
     """CSC of a CSR pattern: (ccol int64 [n_cols+1], row_t int32 [nnz], perm int64 [nnz]),
-    where perm[j] is the position in `values` of the j-th CSC entry (stable: rows ascending)."""
+    where perm[j] is the position in `values` of the j-th CSC entry (stable: rows ascending). On the
+    meta device, tensors of those shapes (no values to sort: a layer built or loaded there)."""
     n_rows = crow.numel() - 1
+    if crow.is_meta or col.is_meta:  # (torch.bincount has no meta kernel: a RuntimeError from inside before)
+        nnz, meta = col.numel(), dict(device="meta")
+        return (torch.empty(n_cols + 1, dtype=torch.int64, **meta), torch.empty(nnz, dtype=torch.int32, **meta),
+                torch.empty(nnz, dtype=torch.int64, **meta))
     rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff())
     perm = torch.argsort(col.long() * max(n_rows, 1) + rows, stable=True)
     counts = torch.bincount(col.long(), minlength=n_cols)

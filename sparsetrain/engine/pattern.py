@@ -16,6 +16,8 @@ def _validate(crow, col, values, rows, cols, block: int = 0):
     if col.dim() != 1 or values.shape != want:
         raise ValueError(f"col_indices must be 1-D and values of shape [nnz{', block, block' if block else ''}] = "
                          f"{list(want)}, got {tuple(col.shape)} and {tuple(values.shape)}")
+    if crow.is_meta:  # (shapes only, nothing to read: the meta device, `with torch.device("meta")`)
+        return
     if int(crow[0]) != 0 or int(crow[-1]) != col.numel():
         raise ValueError(f"crow_indices must start at 0 and end at nnz={col.numel()}, got "
                          f"{int(crow[0])}..{int(crow[-1])}")
