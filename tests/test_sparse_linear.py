@@ -1,5 +1,6 @@
 """SparseLinear and the sparse_linear ops against the dense masked reference (F.linear)."""
 import copy
+import io
 import os
 import re
 import subprocess
@@ -228,6 +229,40 @@ def test_fully_pruned_layer_in_a_fresh_process():
         env["LD_PRELOAD"] = debug
     out = subprocess.run([sys.executable, "-c", _EMPTY_SCRIPT], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+_UNPICKLED_SCRIPT = """
+import io, sys, torch
+saved = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)
+model = saved["model"]  # (a whole sparse model: no CSR is built in this process)
+opt = torch.optim.Adam(model.parameters(), lr=0.1)
+opt.load_state_dict(saved["opt"])  # (state of the same layers with another nnz)
+model(torch.randn(4, 16)).sum().backward()
+try:
+    opt.step()
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_optimizer_state_check_in_a_fresh_process_that_unpickles_the_model():
+    """The optimizer state check was registered when a CSR/BSR was built (__init__); a fresh process that
+    torch.loads a whole sparse model builds none, so an optimizer's state of another nnz reached its step
+    unchecked (torch's bare size error there). It is registered on unpickling too: the named ValueError."""
+    from sparsetrain.engine.bsr import BSRLinear
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(16, 32), random_mask((32, 16), 0.5)),
+                          BSRLinear.from_dense(nn.Linear(32, 16), 16))
+    src = SparseLinear.from_dense(nn.Linear(16, 32), random_mask((32, 16), 0.9))
+    opt = torch.optim.Adam([src.bias, src.weight.values, *model[1].parameters()], lr=0.1)
+    (src(torch.randn(4, 16)).sum() + model[1](torch.randn(4, 32)).sum()).backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model, "opt": opt.state_dict()}, buf)
+    out = subprocess.run([sys.executable, "-c", _UNPICKLED_SCRIPT], input=buf.getvalue(), capture_output=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert re.search(r"Adam state 'exp_avg' of param_groups\[0\]\['params'\]\[1\] has shape \(51,\), the parameter "
+                     r"\(256,\)", out.stdout.decode()), out.stdout.decode()
 
 
 _POOL_SCRIPT = r"""

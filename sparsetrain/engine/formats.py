@@ -86,6 +86,12 @@ class WeightLike:
         check_index(self)  # (an EMA of the buffers wrote into them: refused by name)
         return self.ccol_indices, self.row_indices_t, self.perm
 
+    def __setstate__(self, state):
+        # torch.load(whole model) and copy.deepcopy build no CSR/BSR through __init__: register the optimizer
+        # state check there too (in a fresh process a mismatched state's step gave torch's bare size error)
+        super().__setstate__(state)
+        watch_state()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
         # it): the saved pattern fits any weight of the same [rows, cols] view, so without it a (3, 1)
