@@ -911,6 +911,26 @@ def test_dense_state_dict_loads_a_sparse_checkpoint_into_the_dense_model(tmp_pat
         sparsetrain.dense_state_dict([1, 2])
 
 
+
+def test_dense_state_dict_names_the_layer_of_a_corrupt_sparse_entry():
+    """A checkpoint's CSR/BSR entries that do not make a weight (an index out of range, integer values, a block of
+    another size, a list) are refused naming the layer; before 2026-12-06 the CSR check's message named no layer,
+    and a list raised AttributeError ("'list' object has no attribute 'dim'")."""
+    from sparsetrain.engine.bsr import BSRLinear
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(12, 5), random_mask((5, 12), 0.5)),
+                          BSRLinear.from_dense(nn.Linear(32, 16), 16))
+    bad = {"0.weight.col_indices": lambda t: t + 12, "0.weight.values": lambda t: t.long(),
+           "1.weight.values": lambda t: t[:, :8, :8]}
+    for key, change in bad.items():
+        sd = model.state_dict()
+        sd[key] = change(sd[key])
+        with pytest.raises((TypeError, ValueError), match=rf"sparse weight '{key[0]}.weight' \(shape"):
+            sparsetrain.dense_state_dict(sd)
+    sd = model.state_dict()
+    sd["0.weight.values"] = sd["0.weight.values"].tolist()
+    with pytest.raises(TypeError, match=r"state_dict\['0.weight.values'\].*must be tensors, got list"):
+        sparsetrain.dense_state_dict(sd)
+
 def _pruned_with_torch(seed=7, bias=False):
     """A conv + linear model pruned with torch.nn.utils.prune (weights 80%; with `bias` the linear's
     bias too), then one SGD step: weight_orig moved, `.weight` stale until the next forward."""

@@ -225,8 +225,14 @@ def dense_state_dict(state_dict) -> dict:
                                  "(saved before 2026-12-04, or rebuilt as a plain dict): load it into a model "
                                  "sparsify_'d with the same layers and call densify_ on that instead")
             crow, col = state_dict[name + ".crow_indices"], state_dict[name + ".col_indices"]
-            with torch.no_grad():  # (the dense tensor is data, like any state_dict entry)
-                w = (BSR(crow, col, v, shape, v.shape[-1]) if v.dim() == 3 else CSR(crow, col, v, shape)).to_dense()
+            if not all(isinstance(t, torch.Tensor) for t in (crow, col, v)):  # (a list: AttributeError 'dim' before)
+                raise TypeError(f"state_dict[{name + '.values'!r}], [.crow_indices] and [.col_indices] must be tensors, "
+                                f"got {', '.join(type(t).__name__ for t in (v, crow, col))}")
+            try:  # (a corrupt entry: the CSR/BSR check's message, naming the layer)
+                with torch.no_grad():  # (the dense tensor is data, like any state_dict entry)
+                    w = (BSR(crow, col, v, shape, v.shape[-1]) if v.dim() == 3 else CSR(crow, col, v, shape)).to_dense()
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict's sparse weight {name!r} (shape {tuple(shape)}): {e}") from e
             out[name] = w.detach()
             meta.pop(name, None)  # (the weight's own module entry: a dense model has no such module)
     out._metadata = meta
