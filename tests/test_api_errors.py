@@ -282,6 +282,19 @@ def test_layer_and_format_constructors():
         for trainable in (False, True):
             v = nn.Parameter(torch.ones(1, 16, 16) if fmt is BSR else torch.ones(1), requires_grad=trainable)
             assert fmt(args[0], args[1], v, *args[2:]).values.requires_grad == trainable
+    # plain tensors' values train, as nn.Parameter(tensor) (before 2026-12-06 they were copied frozen: a layer
+    # built from them never trained its weights, silently); the gradient is the dense masked reference's
+    crow, col, vals = torch.tensor([0, 1, 3]), torch.tensor([2, 0, 3]), torch.tensor([1.0, 2.0, 3.0])
+    layer = SparseLinear(CSR(crow, col, vals, (2, 4)))
+    blayer = BSRLinear(BSR(torch.tensor([0, 1]), torch.tensor([0]), torch.ones(1, 16, 16), (16, 16), 16))
+    assert layer.weight.values.requires_grad and blayer.weight.values.requires_grad
+    x = torch.randn(3, 4)
+    w = torch.tensor([[0, 0, 1.0, 0], [2, 0, 0, 3]], requires_grad=True)
+    layer(x).square().sum().backward()
+    torch.nn.functional.linear(x, w).square().sum().backward()
+    assert torch.equal(layer.weight.values.grad, w.grad[w.detach() != 0])
+    blayer(torch.randn(2, 16)).sum().backward()
+    assert blayer.weight.values.grad is not None
     assert isinstance(sparsetrain.CSR, type)
 
 

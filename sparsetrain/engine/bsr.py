@@ -71,8 +71,8 @@ class BSR(WeightLike, nn.Module):
         self.shape, crow, col = _pattern(crow_indices, col_indices, values, shape, self.block_size)
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
-        self.values = nn.Parameter(values.detach().contiguous().clone(),
-                                   requires_grad=values.requires_grad)
+        self.values = nn.Parameter(values.detach().contiguous().clone(),  # (trainable unless a frozen Parameter, as CSR's)
+                                   requires_grad=values.requires_grad or not isinstance(values, nn.Parameter))
         self._build_index()
         watch_state()  # (optimizer state that does not fit: refused by name)
 
@@ -115,7 +115,9 @@ class BSR(WeightLike, nn.Module):
         idx = keep.nonzero()
         values = blocks_view(w * m, bs)[idx[:, 0], idx[:, 1]]
         trainable = weight.requires_grad if isinstance(weight, nn.Parameter) else True  # (as CSR.from_dense)
-        return cls(crow, idx[:, 1].to(torch.int32), values.requires_grad_(trainable), weight.shape, bs)
+        out = cls(crow, idx[:, 1].to(torch.int32), values, weight.shape, bs)
+        out.values.requires_grad_(trainable)
+        return out
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros outside the stored blocks); differentiable in values."""

@@ -116,7 +116,9 @@ class CSR(WeightLike, nn.Module):
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
         v = values.detach().contiguous().clone()
-        self.values = nn.Parameter(v, requires_grad=values.requires_grad)
+        # (a Parameter keeps its requires_grad; a plain tensor's values train, as nn.Parameter(tensor): they were
+        # copied frozen, so the layer's weights silently never trained)
+        self.values = nn.Parameter(v, requires_grad=values.requires_grad or not isinstance(values, nn.Parameter))
         self._build_index()
         watch_state()  # (optimizer state that does not fit: refused by name)
 
@@ -136,7 +138,9 @@ class CSR(WeightLike, nn.Module):
         # (a Parameter's requires_grad carries over, a frozen layer stays frozen; a plain tensor's
         # values are trainable, as nn.Parameter(tensor))
         trainable = weight.requires_grad if isinstance(weight, nn.Parameter) else True
-        return cls(crow, col, values.requires_grad_(trainable), weight.shape, validate=False)
+        out = cls(crow, col, values, weight.shape, validate=False)
+        out.values.requires_grad_(trainable)
+        return out
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
