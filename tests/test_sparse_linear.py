@@ -666,8 +666,10 @@ def test_meta_device_construction_and_load_then_to_empty():
     bsrc = BSRLinear.from_dense(nn.Linear(32, 16), 16)
     x = torch.randn(4, 32)
     with torch.device("meta"):
-        layer = SparseLinear(CSR(torch.tensor([0, 1] + [2] * 15), torch.tensor([0, 5]), torch.randn(2), (16, 32)), torch.zeros(16))
-        blayer = BSRLinear(BSR(torch.tensor([0, 1]), torch.tensor([1]), torch.randn(1, 16, 16), (16, 32), 16), torch.zeros(16))
+        layer = SparseLinear(CSR(torch.tensor([0, 1] + [2] * 15), torch.tensor([0, 5]), torch.randn(2), (16, 32)),
+                             torch.zeros(16))
+        blayer = BSRLinear(BSR(torch.tensor([0, 1]), torch.tensor([1]), torch.randn(1, 16, 16), (16, 32), 16),
+                           torch.zeros(16))
     assert layer.weight.values.is_meta and layer.weight.perm.shape == (2,) and blayer.weight.nnz_blocks == 1
     moved = SparseLinear.from_dense(nn.Linear(32, 16), random_mask((16, 32), 0.9)).to("meta")
     for dst, source in ((layer, src), (moved, src), (blayer, bsrc)):
@@ -680,6 +682,12 @@ def test_meta_device_construction_and_load_then_to_empty():
         dst.load_state_dict(source.state_dict())
         assert torch.equal(dst(x), source(x))
     torch.testing.assert_close(layer(x), dense_linear(x, dense.weight, mask, dense.bias))
+    dst = SparseLinear.from_dense(nn.Linear(32, 16), random_mask((16, 32), 0.9))  # a meta state into a layer with values
+    y = dst(x)
+    for source in (layer.to("meta"), moved.to("meta")):
+        with pytest.raises(RuntimeError, match="the CSR at weight: the checkpoint's pattern is on the meta device"):
+            dst.load_state_dict(source.state_dict())
+        assert torch.equal(dst(x), y)  # (untouched: it was resized to the meta pattern with garbage indices)
     with pytest.raises(ValueError, match="must have shape"):  # (the shapes are still checked on meta)
         CSR(torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta"), torch.ones(1, device="meta"), (3, 4))
 

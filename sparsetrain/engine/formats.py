@@ -337,6 +337,10 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         except (TypeError, ValueError) as e:
             error_msgs.append(f"the {kind} pattern at {where} does not fit its shape {module.shape}: {e}")
             return False
+        if not v.is_meta and any(t.is_meta for t in (crow, col, values)):  # (resized, then garbage: not loadable)
+            error_msgs.append(f"the {kind} at {where}: the checkpoint's pattern is on the meta device (shapes without "
+                              f"values), the layer on {v.device}: nothing to load")
+            return False
         # (the index dtypes and the contiguous layout the kernels take, also for
         # load_state_dict(assign=True), which would put the saved tensors in the module as they are;
         # load_state_dict loads from its own copy of the dict)
