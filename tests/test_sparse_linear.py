@@ -265,6 +265,27 @@ def test_optimizer_state_check_in_a_fresh_process_that_unpickles_the_model():
                      r"\(256,\)", out.stdout.decode()), out.stdout.decode()
 
 
+
+def test_a_whole_model_pickled_before_the_recorded_index_loads_and_runs():
+    """CSR/BSR record the pattern their transposed index was built for (`_index_of`, since 2026-12-06); a whole
+    model torch.saved before has none, and its forward raised AttributeError after torch.load. Unpickling
+    rebuilds the index; the loaded layers give the saved ones' outputs."""
+    from sparsetrain.engine.bsr import BSRLinear
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(12, 32), random_mask((32, 12), 0.5)),
+                          BSRLinear.from_dense(nn.Linear(32, 16), 16))
+    x = torch.randn(3, 12)
+    y, index = model(x), [layer.weight.transposed() for layer in model]
+    for layer in model:
+        del layer.weight.__dict__["_index_of"]  # (as an older version pickled it)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), y)
+    for layer, expect in zip(loaded, index):
+        assert layer.weight._index_of[0] is layer.weight.crow_indices
+        assert all(torch.equal(a, b) for a, b in zip(layer.weight.transposed(), expect))
+
 _POOL_SCRIPT = r"""
 import copy, io
 import torch

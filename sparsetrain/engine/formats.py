@@ -90,6 +90,9 @@ class WeightLike:
         # torch.load(whole model) and copy.deepcopy build no CSR/BSR through __init__: register the optimizer
         # state check there too (in a fresh process a mismatched state's step gave torch's bare size error)
         super().__setstate__(state)
+        if "_index_of" not in self.__dict__:  # (pickled before 2026-12-06: AttributeError in the forward)
+            with own_mode(self.values):
+                self._build_index()
         watch_state()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
