@@ -713,6 +713,24 @@ def test_meta_device_construction_and_load_then_to_empty():
         CSR(torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta"), torch.ones(1, device="meta"), (3, 4))
 
 
+def test_a_csr_state_into_a_bsr_layer_and_other_block_sizes_are_refused_saying_so():
+    """A CSR's state into a BSRLinear, a BSR's into a SparseLinear, or a BSR of other blocks: refused naming what the
+    checkpoint holds and what the layer is, its weight untouched (before 2026-12-06 the index checks' messages,
+    "crow_indices must have shape [33]" or "col_indices must lie in [0, 2)")."""
+    from sparsetrain.engine.bsr import BSRLinear
+    b16, b32 = BSRLinear.from_dense(nn.Linear(64, 32), 16), BSRLinear.from_dense(nn.Linear(64, 32), 32)
+    csr = SparseLinear.from_dense(nn.Linear(64, 32), random_mask((32, 64), 0.5))
+    cases = ((b16, csr, "holds a BSR of 16x16 blocks there, the layer a CSR"),
+             (csr, b16, "holds a CSR there, the layer a BSR of 16x16 blocks"),
+             (b16, b32, "holds a BSR of 16x16 blocks there, the layer a BSR of 32x32 blocks"))
+    for src, dst, msg in cases:
+        w = dst.weight.to_dense()
+        for sd in (src.state_dict(), dict(src.state_dict())):  # (with and without the saved logical shape)
+            with pytest.raises(RuntimeError, match=msg):
+                dst.load_state_dict(sd)
+        assert torch.equal(dst.weight.to_dense(), w)  # (the weight untouched; the bias loads, as nn.Linear's would)
+
+
 def test_module_type_casts_the_values_not_the_index():
     """model.type(torch.float64) casts every tensor of a module, its buffers too: before 2026-12-06 the CSR's and
     BSR's index buffers (crow/col/ccol/row_t/perm) became float64 and every forward was refused. They keep their

@@ -333,10 +333,16 @@ def _resize_pattern(module: nn.Module, state_dict, prefix, local_metadata, error
         return False
     if all(k in state_dict for k in keys):
         crow, col, values = (state_dict[k] for k in keys)
-        v = module.values
+        v, bs = module.values, getattr(module, "block_size", 0)
+        held = (f"a BSR of {values.shape[1]}x{values.shape[2]} blocks" if values.dim() == 3 else "a CSR"
+                if values.dim() == 1 else None) if isinstance(values, torch.Tensor) else None
+        if held is not None and tuple(values.shape[1:]) != ((bs, bs) if bs else ()):  # (the index checks said less)
+            error_msgs.append(f"the {kind} at {where}: the checkpoint holds {held} there, the layer "
+                              f"{f'a BSR of {bs}x{bs} blocks' if bs else 'a CSR'}")
+            return False
         try:
             _pattern(crow, *(t.to(crow.device) if isinstance(t, torch.Tensor) and isinstance(crow, torch.Tensor) else t
-                             for t in (col, values)), module.shape, getattr(module, "block_size", 0))  # (list: TypeError)
+                             for t in (col, values)), module.shape, bs)  # (list: TypeError)
         except (TypeError, ValueError) as e:
             error_msgs.append(f"the {kind} pattern at {where} does not fit its shape {module.shape}: {e}")
             return False
