@@ -38,10 +38,14 @@ def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
 def _fixed(name: str, value, read):
     """A read-only nn.Conv2d attribute: `value`, the only one the kernels take. Setting the same value
     (as `read` normalises it) is a no-op; another is refused (it was kept and silently ignored)."""
+    def get(self):
+        return value
+
     def refuse(self, v):
         if read(v) != value:
             raise ValueError(f"SparseConv2d supports {name}={value!r} only, got {v!r}")
-    return property(lambda self: value, refuse, doc=f"{value!r}: the only {name} SparseConv2d supports")
+    get.__doc__ = f"{value!r}: the only {name} SparseConv2d supports (nn.Conv2d's attribute, which tools read)"
+    return property(get, refuse)
 
 
 class _SparseLayer(nn.Module):
