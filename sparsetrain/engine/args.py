@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 __all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "bias_parameter", "check_weight", "check_like", "check_bool_mask", "refuse_fx_proxy",
-           "MATERIALIZE"]
+           "fixed_attribute", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
 MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
@@ -107,3 +107,17 @@ def refuse_fx_proxy(x, what: str) -> None:
         raise TypeError(f"torch.fx.symbolic_trace cannot trace into {what}: trace the model with a torch.fx.Tracer "
                         "whose is_leaf_module(m, name) is True for sparsetrain's modules (type(m).__module__."
                         "startswith('sparsetrain.')), so that it calls them, or use torch.export")
+
+
+def fixed_attribute(owner: str, name: str, value, read) -> property:
+    """A read-only attribute of the layer class named `owner`: `value`, the only one its kernels take.
+    Setting the same value (as `read` normalises it) is a no-op; another is a ValueError (kept, it
+    would be silently ignored)."""
+    def get(self):
+        return value
+
+    def refuse(self, v):
+        if read(v) != value:
+            raise ValueError(f"{owner} supports {name}={value!r} only, got {v!r}")
+    get.__doc__ = f"{value!r}: the only {name} {owner} supports (the dense layer's attribute, which tools read)"
+    return property(get, refuse)

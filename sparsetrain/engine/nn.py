@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .args import MATERIALIZE, bias_parameter, check_bias, is_int
+from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
 from .formats import CSR, _check_mask, _fill_dense
 from .torch_prune import current_param, pruned_by_torch
 
@@ -33,19 +33,6 @@ def _dense_args(mod: nn.Module, mask: torch.Tensor | None):
         keep = mod.weight_mask.to(w.device) != 0
         mask = keep if mask is None else _check_mask(w, mask) & keep
     return w, mask, bias
-
-
-def _fixed(name: str, value, read):
-    """A read-only nn.Conv2d attribute: `value`, the only one the kernels take. Setting the same value
-    (as `read` normalises it) is a no-op; another is refused (it was kept and silently ignored)."""
-    def get(self):
-        return value
-
-    def refuse(self, v):
-        if read(v) != value:
-            raise ValueError(f"SparseConv2d supports {name}={value!r} only, got {v!r}")
-    get.__doc__ = f"{value!r}: the only {name} SparseConv2d supports (nn.Conv2d's attribute, which tools read)"
-    return property(get, refuse)
 
 
 class _SparseLayer(nn.Module):
@@ -135,9 +122,9 @@ class SparseConv2d(_SparseLayer):
     ndim = 4
     shape_doc = "[out, in, kh, kw]"
     # nn.Conv2d's attributes that tools (FLOPs counters, exporters) read: the only values supported
-    dilation = _fixed("dilation", (1, 1), lambda v: tuple(ops.pair(v, "dilation")))
-    groups = _fixed("groups", 1, lambda v: v if is_int(v) else None)
-    padding_mode = _fixed("padding_mode", "zeros", lambda v: v)
+    dilation = fixed_attribute("SparseConv2d", "dilation", (1, 1), lambda v: tuple(ops.pair(v, "dilation")))
+    groups = fixed_attribute("SparseConv2d", "groups", 1, lambda v: v if is_int(v) else None)
+    padding_mode = fixed_attribute("SparseConv2d", "padding_mode", "zeros", lambda v: v)
 
     def __init__(self, weight: CSR, bias: torch.Tensor | None = None, stride=1, padding=0):
         super().__init__(weight, bias)
