@@ -5,6 +5,7 @@ import copy
 import os
 import re
 import shlex
+import unicodedata
 
 import torch
 
@@ -112,3 +113,31 @@ def test_layout_lists_the_public_api():
     assert names == set(sparsetrain._LAZY), (names ^ set(sparsetrain._LAZY))
     for name in names:
         assert getattr(sparsetrain, name) is not None, name
+
+
+def _anchors(text: str) -> list[str]:
+    """GitHub's anchor of each heading outside code blocks: lowercased, every character but letters,
+    marks, digits, '_', '-' and ' ' dropped, spaces to '-', a repeated one suffixed -1, -2, ..."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    out, seen = [], {}
+    for h in re.findall(r"^#{1,6} +(.+?)\s*$", text, flags=re.M):
+        a = "".join(c for c in h.lower() if c in "-_ " or unicodedata.category(c)[:1] in "LM"
+                    or unicodedata.category(c) == "Nd").replace(" ", "-")
+        n = seen.get(a, 0)
+        seen[a] = n + 1
+        out.append(a if n == 0 else f"{a}-{n}")
+    return out
+
+
+def test_contents_links_every_section_and_every_anchor_resolves():
+    """README is ~2700 lines: its Contents links every `##` section in order, and every `](#...)` link,
+    here or into docs/*.md, names a heading that exists (a renamed heading left links dead)."""
+    sections = re.findall(r"^## +(.+?)\s*$", re.sub(r"^```.*?^```", "", README, flags=re.S | re.M), flags=re.M)
+    contents = README[README.index("\nContents:\n"):README.index("\n## ")]
+    linked = re.findall(r"^- \[.*?\]\(#(.*?)\)$", contents, flags=re.M)
+    assert linked == _anchors("".join(f"## {s}\n" for s in sections)), (linked, sections)
+    links = re.findall(r"\]\(([\w./-]*?)#([^)\s]+)\)", README)
+    assert len(links) >= len(sections) + 10  # (the docs/measurements.md links too)
+    for path, anchor in links:
+        text = README if not path else open(os.path.join(ROOT, path)).read()
+        assert anchor in _anchors(text), f"README links {path}#{anchor}, which has no such heading"
