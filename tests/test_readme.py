@@ -141,3 +141,12 @@ def test_contents_links_every_section_and_every_anchor_resolves():
     for path, anchor in links:
         text = README if not path else open(os.path.join(ROOT, path)).read()
         assert anchor in _anchors(text), f"README links {path}#{anchor}, which has no such heading"
+
+
+def test_no_section_runs_on_for_hundreds_of_lines_without_a_heading():
+    """The long sections are split into `###` subsections where their topic changes: the engine's ran
+    ~490 lines under one heading, the study's ~690 and Benchmarks' ~530, and a reader could not find things."""
+    lines = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), README, flags=re.S | re.M).split("\n")
+    starts = [i for i, ln in enumerate(lines) if re.match(r"#{1,6} ", ln)] + [len(lines)]
+    longest = max((b - a, lines[a]) for a, b in zip(starts, starts[1:]))
+    assert len(starts) > 20 and longest[0] <= 200, longest
