@@ -141,6 +141,10 @@ def test_contents_links_every_section_and_every_anchor_resolves():
     for path, anchor in links:
         text = README if not path else open(os.path.join(ROOT, path)).read()
         assert anchor in _anchors(text), f"README links {path}#{anchor}, which has no such heading"
+    docs = os.path.join(ROOT, "docs")
+    for name in sorted(f for f in os.listdir(docs) if f.endswith(".md")):  # (and the docs' links back into README)
+        for anchor in re.findall(r"\]\((?:\.\./)?README\.md#([^)\s]+)\)", open(os.path.join(docs, name)).read()):
+            assert anchor in _anchors(README), f"docs/{name} links README.md#{anchor}, which has no such heading"
 
 
 def test_no_section_runs_on_for_hundreds_of_lines_without_a_heading():
@@ -150,3 +154,14 @@ def test_no_section_runs_on_for_hundreds_of_lines_without_a_heading():
     starts = [i for i, ln in enumerate(lines) if re.match(r"#{1,6} ", ln)] + [len(lines)]
     longest = max((b - a, lines[a]) for a, b in zip(starts, starts[1:]))
     assert len(starts) > 20 and longest[0] <= 200, longest
+
+
+def test_a_section_named_in_the_text_is_a_link_to_it():
+    """Where the text sends the reader to a section by its title ("(Not built yet / known limits: the
+    resumed-run item)", "**Vector width** below"), the title is a link to that heading."""
+    text = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)
+    titles = [t for t in re.findall(r"^#{2,3} +([^`\n]+?)\s*$", text, flags=re.M) if len(t) >= 10]
+    assert len(titles) > 20
+    for t in titles:
+        for bare in (f"({t}:", f"**{t}** above", f"**{t}** below", f'"{t}"'):  # (a bullet's bold lead is no reference)
+            assert bare not in text, f"README names the section {t!r} as {bare!r} without linking it"
