@@ -439,3 +439,22 @@ def test_reuse_and_teacher_paths_expand_a_leading_tilde(tmp_path, monkeypatch):
     assert cfg.reuse == (str(home / "runs" / "x"),) and cfg.teachers == ("best", str(home / "t.pt"))
     built = Config(dataset="mnist", reuse=["~/a"], teachers=("dense", "~/b.pt"))
     assert built.reuse == (str(home / "a"),) and built.teachers == ("dense", str(home / "b.pt"))
+
+
+@pytest.mark.parametrize("cli", ["sparsetrain.experiment.config", "sparsetrain.sweep.cli"])
+def test_version_prints_the_package_and_library_versions(cli, capsys):
+    """--version (there was none: the experiment said "the following arguments are required: dataset")
+    prints sparsetrain's version, pyproject.toml's, and the libraries' a run records (torchvision's from its
+    package metadata, not imported at every start: without torchvision.__version__'s local "+cu130"); exit 0."""
+    import importlib
+    import importlib.metadata
+    import re
+    import sparsetrain
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(cli).build_parser().parse_args(["--version"])
+    assert e.value.code == 0
+    pyproject = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == sparsetrain.__version__
+    assert capsys.readouterr().out.strip() == (
+        f"sparsetrain {sparsetrain.__version__} (torch {torch.__version__}, torchvision {importlib.metadata.version('torchvision')}, "
+        f"Python {sys.version.split()[0]})")

@@ -20,7 +20,7 @@ from .data import NOISE_KINDS, POLICIES
 from .config_types import Hyper, check_types, normalize
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
-from .devices import resolve_amp, resolve_device
+from .devices import resolve_amp, resolve_device, version_line
 from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{_ROLE_HELP[k]} of every run (teacher and students) (default: unset: each role "
                             f"keeps its own; --teacher-{k.replace('_', '-')} / --student-{k.replace('_', '-')}, given "
                             "too, win for their role)")
+    p.add_argument("--version", action="version", version=version_line())
     what = p.add_mutually_exclusive_group()  # (what the command does, besides running: one at most)
     what.add_argument("--resume", action="store_true",
                       help="require an existing run to continue (error if the run directory holds none); without "

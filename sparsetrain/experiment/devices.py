@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since"]
+__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line"]
 
 
 def resolve_device(spec: str):
@@ -65,3 +65,19 @@ def changed_since(before: dict, now: dict) -> list[str]:
         elif was != v:
             out.append(f"{k} {v} (was {was})")
     return out
+
+
+def version_line() -> str:
+    """What the CLIs' --version print: sparsetrain's version and the libraries' a run records in
+    config.json (torchvision's from its metadata: not imported for this)."""
+    import importlib.metadata
+    import sys
+
+    import torch
+
+    from .. import __version__
+    try:
+        tv = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        tv = "not installed"
+    return f"sparsetrain {__version__} (torch {torch.__version__}, torchvision {tv}, Python {sys.version.split()[0]})"

@@ -13,6 +13,7 @@ import typing
 from dataclasses import fields
 
 from ..experiment.config import ROLE_KEYS, Config
+from ..experiment.devices import version_line
 from ..experiment.files import WriteFailed, write_json
 from .recipes import RECIPES, recipe, variant_keys
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1, help="retries of a failed run (it resumes where it stopped; default 1)")
     p.add_argument("--address", default="", help="an existing Ray cluster (ray start --head; 'auto' or "
                    "HOST:PORT); default: a local Ray on this machine")
+    p.add_argument("--version", action="version", version=version_line())
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (runs, dependencies) and exit (1 when a run is invalid)")
     g = p.add_argument_group("grid axes: experiment flags (see python -m sparsetrain.experiment --help); "
