@@ -25,7 +25,7 @@ from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .index import seal_index
-from .torch_prune import current_param
+from .torch_prune import check_own_bias, current_param
 from .optim_state import watch_state
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
@@ -247,6 +247,7 @@ class BSRLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """The equivalent nn.Linear (zeros outside the stored blocks)."""
+        check_own_bias(self, type(self).__name__)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.values.device, dtype=self.weight.values.dtype)
         return _fill_dense(lin, self.weight, self.bias, self.training)

@@ -12,7 +12,7 @@ from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode
 from .optim_state import retire
-from .torch_prune import pruned_by_torch
+from .torch_prune import check_own_bias, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
@@ -160,6 +160,9 @@ def densify_(model: nn.Module) -> nn.Module:
     check_model(model)
     if is_sparse(model) or isinstance(model, BSRLinear):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
+    for n, m in model.named_modules():  # (before any layer is swapped)
+        if is_sparse(m) or isinstance(m, BSRLinear):
+            check_own_bias(m, f"layer {n!r}")
     unfuse_(model)
     names = {id(m): n for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
     made = []  # (name, sparse layer, its dense replacement)

@@ -18,7 +18,7 @@ from torch import nn
 from . import ops
 from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
 from .formats import CSR, _check_mask, _fill_dense
-from .torch_prune import current_param, pruned_by_torch
+from .torch_prune import check_own_bias, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
            "check_model", "check_masks", "check_untied", "masks_of", "valued_masks", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
@@ -58,6 +58,7 @@ class _SparseLayer(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """The equivalent dense layer (zeros where pruned)."""
+        check_own_bias(self, type(self).__name__)
         dense = self._dense_layer(bias=self.bias is not None, device=self.weight.values.device,
                                   dtype=self.weight.values.dtype)
         return _fill_dense(dense, self.weight, self.bias, self.training)

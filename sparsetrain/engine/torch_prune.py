@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["pruned_by_torch", "current_param"]
+__all__ = ["pruned_by_torch", "current_param", "check_own_bias"]
 
 
 def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
@@ -24,3 +24,20 @@ def current_param(mod: nn.Module, name: str):
                          "first accepts that")
     orig = mod._parameters[f"{name}_orig"]
     return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
+
+
+def check_own_bias(mod: nn.Module, name: str) -> None:
+    """TypeError unless sparse layer `mod`'s bias is a Parameter of its own (or None). A bias under
+    torch.nn.utils.parametrize, prune or a legacy weight_norm hook is computed: its dense layer got the
+    value of the last forward (stale after a step) and silently lost the reparametrization."""
+    if "bias" in mod._parameters or getattr(mod, "bias", None) is None:  # (BSRLinear's None: a plain attribute)
+        return
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(mod, "bias"):
+        what, fix = "a parametrization", "parametrize.remove_parametrizations(layer, 'bias')"
+    elif pruned_by_torch(mod, "bias"):
+        what, fix = "torch.nn.utils.prune", "torch.nn.utils.prune.remove(layer, 'bias')"
+    else:
+        what, fix = "a weight_norm/spectral_norm hook", "torch.nn.utils.remove_weight_norm(layer, 'bias')"
+    raise TypeError(f"{name}'s bias is computed by {what}, not a Parameter of its own, which the dense layer's "
+                    f"is: remove it first ({fix})")

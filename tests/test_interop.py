@@ -1,0 +1,69 @@
+"""A sparse model inside other PyTorch machinery (parametrize, prune, weight_norm, DDP, Module.compile,
+parameters_to_vector): equal to the dense masked model, or refused naming what is not supported."""
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sparsetrain
+from sparsetrain.engine.bsr import BSRLinear
+from sparsetrain.prune import global_prune
+
+
+class _Double(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+def _reparametrize_bias(layer, how):
+    if how == "parametrize":
+        parametrize.register_parametrization(layer, "bias", _Double())
+        return layer.parametrizations.bias.original
+    if how == "prune":
+        torch_prune.l1_unstructured(layer, "bias", amount=0.5)
+        return layer.bias_orig
+    torch.nn.utils.weight_norm(layer, name="bias", dim=0)
+    return layer.bias_g
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+@pytest.mark.parametrize("how", ["parametrize", "prune", "weight_norm"])
+@pytest.mark.parametrize("kind", ["linear", "bsr"])
+def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(how, kind):
+    """The bias is computed (`<bias>_orig * mask` as of the last forward, weight_norm's g·v/|v|, or a
+    parametrization): to_dense() copied the last forward's value (stale after a step) into a plain
+    Parameter, dropping the reparametrization, and densify_ moved prune's and weight_norm's hooks onto a
+    dense layer without their parameters (its next forward: AttributeError 'bias_mask')."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
+    masks = global_prune(model, {}, 0.5)
+    if kind == "bsr":
+        model[0] = BSRLinear.from_dense(model[0], 16)
+        sparsetrain.sparsify_(model, {"2": masks["2"]})
+    else:
+        sparsetrain.sparsify_(model, masks)
+    x = torch.randn(4, 64)
+    source = _reparametrize_bias(model[0], how)
+    model(x)
+    with torch.no_grad():  # (a step after the last forward)
+        source.add_(1.0)
+    want = model(x)  # (the layer as it computes now)
+    with pytest.raises(TypeError, match=r"BSRLinear|SparseLinear") as e:
+        model[0].to_dense()
+    assert "bias is computed by" in str(e.value) and "remove it first" in str(e.value)
+    before = list(model)
+    with pytest.raises(TypeError, match=r"layer '0''s bias is computed by") as e:
+        sparsetrain.densify_(model)
+    assert list(model) == before  # (nothing swapped: the other sparse layer neither)
+    torch.testing.assert_close(model(x), want)
+    if how == "parametrize":  # (the advice works: then it densifies, the bias as it is)
+        parametrize.remove_parametrizations(model[0], "bias")
+    elif how == "prune":
+        torch_prune.remove(model[0], "bias")
+    else:
+        torch.nn.utils.remove_weight_norm(model[0], "bias")
+    sparsetrain.densify_(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), want)
