@@ -67,3 +67,36 @@ def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(h
     sparsetrain.densify_(model)
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
     torch.testing.assert_close(model(x), want)
+
+
+def test_unfuse_of_a_fused_layer_whose_bias_is_parametrized_is_refused_untouched():
+    """A parametrization registered on a fused conv's bias after fuse_ trains as the unfused layer's (checked
+    here); unfuse_ raised torch's "cannot assign 'torch.FloatTensor' as parameter 'bias'" from inside
+    to_conv, after swapping the fused layers before it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+    masks = global_prune(model, {}, 0.5)
+    ref = copy.deepcopy(model)
+    sparsetrain.sparsify_(ref, masks)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    for m in (model, ref):
+        parametrize.register_parametrization(m[3], "bias", _Double())
+    x = torch.randn(2, 2, 4, 4)
+    out, want = model(x), ref(x)
+    torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(model[3].parametrizations.bias.original.grad, ref[3].parametrizations.bias.original.grad)
+    before = list(model)
+    for convert in (sparsetrain.unfuse_, sparsetrain.densify_):
+        with pytest.raises(TypeError, match=r"layer '3''s bias is computed by a parametrization.*"
+                                            r"remove_parametrizations\(layer, 'bias'\)"):
+            convert(model)
+        assert list(model) == before  # (the fused layer '0' before it too)
+    parametrize.remove_parametrizations(model[3], "bias")
+    parametrize.remove_parametrizations(ref[3], "bias")
+    sparsetrain.unfuse_(model)
+    assert type(model[0]) is type(model[3]) is sparsetrain.SparseConv2d
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x))

@@ -14,6 +14,7 @@ from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _backward_hooked, _watched
+from .torch_prune import check_own_bias
 
 __all__ = ["fuse_", "unfuse_"]
 
@@ -266,6 +267,9 @@ def unfuse_(model: nn.Module) -> nn.Module:
     check_model(model)
     if isinstance(model, SparseConvBNReLU):
         raise ValueError("unfuse_ replaces layers inside a model; for one SparseConvBNReLU use .to_conv()")
+    for n, m in model.named_modules():  # (before any layer is swapped)
+        if isinstance(m, SparseConvBNReLU):
+            check_own_bias(m, f"layer {n!r}")
     _replace_modules(model, _unfused)
     return model
 

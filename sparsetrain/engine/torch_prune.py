@@ -29,7 +29,8 @@ def current_param(mod: nn.Module, name: str):
 def check_own_bias(mod: nn.Module, name: str) -> None:
     """TypeError unless sparse layer `mod`'s bias is a Parameter of its own (or None). A bias under
     torch.nn.utils.parametrize, prune or a legacy weight_norm hook is computed: its dense layer got the
-    value of the last forward (stale after a step) and silently lost the reparametrization."""
+    value of the last forward (stale after a step) and silently lost the reparametrization; unfuse_'s
+    plain conv could not take it (torch's TypeError, some layers already swapped)."""
     if "bias" in mod._parameters or getattr(mod, "bias", None) is None:  # (BSRLinear's None: a plain attribute)
         return
     from torch.nn.utils import parametrize
@@ -39,5 +40,5 @@ def check_own_bias(mod: nn.Module, name: str) -> None:
         what, fix = "torch.nn.utils.prune", "torch.nn.utils.prune.remove(layer, 'bias')"
     else:
         what, fix = "a weight_norm/spectral_norm hook", "torch.nn.utils.remove_weight_norm(layer, 'bias')"
-    raise TypeError(f"{name}'s bias is computed by {what}, not a Parameter of its own, which the dense layer's "
-                    f"is: remove it first ({fix})")
+    raise TypeError(f"{name}'s bias is computed by {what}, not a Parameter of its own, which the layer replacing "
+                    f"it needs: remove it first ({fix})")
