@@ -100,3 +100,33 @@ def test_unfuse_of_a_fused_layer_whose_bias_is_parametrized_is_refused_untouched
     assert type(model[0]) is type(model[3]) is sparsetrain.SparseConv2d
     model.eval(), ref.eval()
     torch.testing.assert_close(model(x), ref(x))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_fuse_keeps_a_head_whose_bias_is_reparametrized_as_it_is(how):
+    """pool -> flatten -> SparseLinear whose bias torch's prune or weight_norm computes: fuse_ raised torch's
+    "cannot assign 'torch.FloatTensor' as parameter 'bias'" building the FusedSparseLinear, the convs
+    before already fused. The head now stays as it is (its hooks recompute the bias) and the rest fuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d((7, 7)),
+                          nn.Flatten(1), nn.Linear(3 * 49, 4))
+    sparsetrain.sparsify_(model, global_prune(model, {}, 0.5))
+    ref = copy.deepcopy(model)
+    sources = [_reparametrize_bias(m[5], how) for m in (model, ref)]
+    assert sparsetrain.fuse_(model) == ["0"]
+    assert type(model[0]) is sparsetrain.SparseConvBNReLU and type(model[5]) is sparsetrain.SparseLinear
+    x = torch.randn(4, 2, 3, 3)  # (3x3: no channel constant over the batch, where fused and unfused BN part)
+    for _ in range(2):
+        out, want = model(x), ref(x)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(sources[0].grad, sources[1].grad)
+        for i in (0, 5):
+            torch.testing.assert_close(model[i].weight.values.grad, ref[i].weight.values.grad)
+        with torch.no_grad():
+            for m in (model, ref):
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+                m.zero_grad()

@@ -229,7 +229,8 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
         flat = _module_call(_only_user(pool), modules, calls, nn.Flatten)
         lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
         if (lin is None or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
-                or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs):
+                or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs
+                or "bias" not in modules[lin.target]._parameters):  # (a bias torch's prune or weight_norm computes)
             continue
         new_pool, new_flat, new_lin = (FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten(),
                                        FusedSparseLinear(modules[lin.target]))
