@@ -130,3 +130,116 @@ def test_fuse_keeps_a_head_whose_bias_is_reparametrized_as_it_is(how):
                 for p in m.parameters():
                     p -= 0.1 * p.grad
                 m.zero_grad()
+
+
+class _DDPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1, self.r1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.c2, self.fc, self.unused = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 16, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.r1(self.bn1(self.c1(x)))).flatten(1))
+
+
+def _ddp_grads_close(model, ref, masks):
+    """Every gradient of the sparse `model` against the dense masked `ref`'s (at the kept positions)."""
+    dense = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        layer = name[:-len(".weight.values")] if name.endswith(".weight.values") else None
+        r = dense[layer + ".weight" if layer else name].grad
+        if r is None:  # (the unused layer)
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, r[masks[layer]] if layer else r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _ddp_worker(rank, world, init_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        xs = torch.randn(3, 8, 2, 4, 4, generator=torch.Generator().manual_seed(1))  # 3 micro-batches of 8 rows
+        for fuse in (False, True):
+            for kw in ({}, {"find_unused_parameters": True, "gradient_as_bucket_view": True}, {"static_graph": True}):
+                torch.manual_seed(0)
+                model = _DDPNet()
+                masks = global_prune(model, {}, 0.6)
+                ref = copy.deepcopy(model)
+                with torch.no_grad():
+                    for n, mk in masks.items():
+                        ref.get_submodule(n).weight.mul_(mk)
+                sparsetrain.sparsify_(model, masks, fuse=fuse)
+                if not kw:  # (plain DDP wants every parameter used)
+                    model.unused.requires_grad_(False), ref.unused.requires_grad_(False)
+                ddp = nn.parallel.DistributedDataParallel(model, **kw)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1)
+                opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+                for step in range(2):  # two micro-batches under no_sync, the third synced
+                    for k, x in enumerate(xs):  # (static_graph: torch needs its first iteration synced)
+                        if k < 2 and not (step == 0 and "static_graph" in kw):
+                            with ddp.no_sync():
+                                ddp(x.chunk(world)[rank]).square().mean().backward()
+                        else:
+                            ddp(x.chunk(world)[rank]).square().mean().backward()
+                    for x in xs:  # one process: the ranks' mean loss (BatchNorm normalises each rank's rows)
+                        for part in x.chunk(world):
+                            (ref(part).square().mean() / world).backward()
+                    _ddp_grads_close(model, ref, masks)
+                    opt.step(), opt_ref.step()
+                    opt.zero_grad(), opt_ref.zero_grad()
+                    with torch.no_grad():
+                        for n, mk in masks.items():
+                            ref.get_submodule(n).weight.mul_(mk)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_users_ddp_over_sparse_and_fused_layers_follows_one_process(tmp_path):
+    """Two gloo processes, DistributedDataParallel of the user's own (plain, find_unused_parameters with
+    gradient_as_bucket_view, static_graph), no_sync() accumulation: the gradients are the one-process
+    dense masked model's, over two SGD steps, unfused and fused."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*quantize_per_tensor.*:UserWarning")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_module_compile_and_parameter_vectors_train_as_the_dense_masked_model(fuse):
+    """nn.Module.compile(backend="eager") and parameters_to_vector / vector_to_parameters (the values
+    are Parameters like any other) over sparse and fused layers; quantize_dynamic leaves sparse layers
+    alone (no nn.Linear) and converts the dense ones."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    masks = global_prune(model, {}, 0.5)
+    del masks["6"]  # (kept dense: quantize_dynamic's)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    sparsetrain.sparsify_(model, masks, fuse=fuse)
+    vector_to_parameters(parameters_to_vector(model.parameters()) * 1.5, model.parameters())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(1.5)
+    model.compile(backend="eager")
+    x = torch.randn(3, 2, 4, 4)
+    for _ in range(2):
+        out, want = model(x), ref(x)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        for n, mk in masks.items():
+            torch.testing.assert_close(model.get_submodule(n).weight.values.grad, ref.get_submodule(n).weight.grad[mk])
+        with torch.no_grad():
+            for m in (model, ref):
+                for p in m.parameters():
+                    p -= 0.05 * p.grad
+                m.zero_grad()
+            for n, mk in masks.items():
+                ref.get_submodule(n).weight.mul_(mk)
+    model.eval(), ref.eval()
+    q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(q[4]) is sparsetrain.SparseLinear and type(q[6]) is not nn.Linear
+    torch.testing.assert_close(q(x), ref(x), rtol=0.05, atol=0.05)  # (int8 weights in the last layer)
