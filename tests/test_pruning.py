@@ -506,6 +506,40 @@ def test_state_loaded_and_not_stepped_yet_is_refused_after_pruning():
     opt.step()  # (its state shrank with the values)
 
 
+
+def test_many_prunings_keep_a_bounded_record_and_old_state_is_still_refused():
+    """Each prune records the values' former shape (a step with state of it is refused, saying why); a
+    study prunes every round, so the record kept only the latest shapes must not grow per round (it did:
+    one entry per prune, for the life of the layer). State older than the record is still refused by
+    torch.optim's per-element check."""
+    from sparsetrain.engine import optim_state
+    layer = SparseLinear.from_dense(nn.Linear(20, 10))
+    values = layer.weight.values
+    opt = torch.optim.SGD([values], lr=0.1, momentum=0.9)
+    values.grad = torch.ones_like(values)
+    opt.step()
+    old = torch.optim.SGD([values], lr=0.1, momentum=0.9)
+    old.load_state_dict(copy.deepcopy(opt.state_dict()))  # (loaded, never stepped: keeps the first size)
+    rounds = 3 * optim_state._FORMER
+    for _ in range(rounds):
+        keep = torch.ones(layer.weight.nnz, dtype=torch.bool)
+        keep[0] = False
+        layer.weight.shrink_(keep)
+    first = 20 * 10
+    assert values.numel() == first - rounds
+    assert len(optim_state._resized[values]) == optim_state._FORMER  # (was `rounds`: one entry per prune)
+    values.grad = torch.ones_like(values)
+    with pytest.raises(ValueError, match=r"SGD state 'momentum_buffer' of param_groups\[0\]\['params'\]\[0\] "
+                                         rf"has shape \({first},\), the parameter \({first - rounds},\)"):
+        old.step()
+    recent = torch.optim.SGD([values], lr=0.1, momentum=0.9)
+    recent.load_state_dict({"state": {0: {"momentum_buffer": torch.zeros(values.numel() + 1)}},
+                            "param_groups": opt.state_dict()["param_groups"]})
+    with pytest.raises(ValueError, match="pruning removed some of its weights"):
+        recent.step()
+    opt.step()  # (stepped before: its state shrank with the values)
+    assert opt.state[values]["momentum_buffer"].shape == values.shape
+
 def test_global_prune_hands_back_a_named_sparse_layers_new_mask():
     """A sparse layer named in the masks given gets its new mask in the returned dict, not the one
     given: training the densified model under the returned masks keeps the pruned weights at zero."""

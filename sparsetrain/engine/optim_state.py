@@ -33,6 +33,9 @@ _TORCH_OPTIMS = tuple(getattr(torch.optim, n) for n in (
     "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop",
     "SparseAdam") if hasattr(torch.optim, n))
 _resized = torch.utils.weak.WeakIdKeyDictionary()  # values Parameter -> {former shape: why it changed}
+# (its latest _FORMER shapes: a prune adds one, so a study's rounds grew the record without bound; older
+# state of torch.optim's optimizers is still refused by the per-element check below)
+_FORMER = 16
 _lock = threading.Lock()  # (a load in one thread while another steps)
 _hook = None
 # Another pattern of the same nnz keeps the shape: the state tensors the optimizers that stepped held for
@@ -65,8 +68,10 @@ def watch_state() -> None:
 
 def watch_resized(values: torch.Tensor, old: torch.Size, why: str = LOADED) -> None:
     watch_state()
-    with _lock:
-        _resized[values] = {**_resized.get(values, {}), old: why}
+    with _lock:  # (a new dict, not updated in place: a step's check reads it outside the lock)
+        former = {k: v for k, v in _resized.get(values, {}).items() if k != old}
+        former[old] = why
+        _resized[values] = dict(list(former.items())[-_FORMER:])
 
 
 def shrink_state(values: torch.Tensor, keep: torch.Tensor, old: torch.Size) -> None:
