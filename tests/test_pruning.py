@@ -540,6 +540,37 @@ def test_many_prunings_keep_a_bounded_record_and_old_state_is_still_refused():
     opt.step()  # (stepped before: its state shrank with the values)
     assert opt.state[values]["momentum_buffer"].shape == values.shape
 
+
+def test_many_rounds_hold_no_more_memory_than_a_few():
+    """A long run's rounds (sparsify_, steps, a prune, a load of another nnz, densify_, new optimizers)
+    leave the live tensors and the engine's per-process records as they were after the first rounds:
+    nothing grows per round (README: Memory over many rounds)."""
+    import gc
+
+    from sparsetrain.engine import optim_state
+    model, other, x = _net(), _net(), torch.randn(4, 1, 8, 8)
+    sparsetrain.sparsify_(other, global_prune(other, {}, 0.7))
+    counts = []
+    for r in range(24):
+        sparsetrain.sparsify_(model, global_prune(model, {}, 0.5))
+        for step in range(3):
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            model(x).square().mean().backward()
+            opt.step()
+            if step == 0:
+                global_prune(model, {}, 0.3)
+            elif step == 1:
+                model.load_state_dict(other.state_dict())
+        sparsetrain.densify_(model)
+        model.zero_grad(set_to_none=True)
+        del opt
+        if r in (3, 23):
+            gc.collect()
+            counts.append((sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()),
+                           *map(len, (optim_state._resized, optim_state._stale, optim_state._retired,
+                                      optim_state._optimizers))))
+    assert counts[0] == counts[1], counts
+
 def test_global_prune_hands_back_a_named_sparse_layers_new_mask():
     """A sparse layer named in the masks given gets its new mask in the returned dict, not the one
     given: training the densified model under the returned masks keeps the pruned weights at zero."""
