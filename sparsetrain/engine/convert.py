@@ -164,17 +164,9 @@ def densify_(model: nn.Module) -> nn.Module:
         if is_sparse(m) or isinstance(m, BSRLinear):
             check_own_bias(m, f"layer {n!r}")
     unfuse_(model)
-    names = {id(m): n for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
-    made = []  # (name, sparse layer, its dense replacement)
-
-    def dense(mod):
-        if id(mod) not in names:
-            return None
-        made.append((names[id(mod)], mod, _dense_of(mod)))
-        return made[-1][2]
-
-    _replace_modules(model, dense)
-    _retire(made, "densify_")
+    sparse = {n: m for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
+    _replace_modules(model, lambda mod: _dense_of(mod) if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
+    _retire(((n, m, model.get_submodule(n)) for n, m in sparse.items()), "densify_")
     return model
 
 
