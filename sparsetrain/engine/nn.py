@@ -14,6 +14,7 @@ import numbers
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import ops
 from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
@@ -259,18 +260,22 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
     """`masks` ({qualified layer name: bool mask of its weight's shape}, or None: {}) checked against
     `model`'s prunable layers: a key that names no such layer (a typo, or "fc.weight" for "fc") or a
     mask of another dtype or shape would otherwise be ignored or broadcast silently. A layer still
-    under torch.nn.utils.prune, or whose weight a legacy weight_norm/spectral_norm hook recomputes, is
-    refused, whatever the masks (its weight is stale or recomputed: pruned weights would regrow)."""
+    under torch.nn.utils.prune, or whose weight a legacy weight_norm/spectral_norm hook or a parametrization
+    (a Parametrized<Linear/Conv2d>, which the exact-type match would skip) recomputes, is refused, whatever
+    the masks (its weight is stale or recomputed: pruned weights would regrow)."""
     layers = dict(prunable_layers(model))
     hooked = [n for n, m in layers.items() if pruned_by_torch(m)]
     if hooked:  # (their .weight is orig * mask as of the last forward: stale after a step, and recomputed)
         raise TypeError(f"layer {hooked[0]!r} is pruned with torch.nn.utils.prune: sparsify_ the model first (it "
                         "takes prune's mask), or call torch.nn.utils.prune.remove on it")
     reparam = [n for n, m in layers.items() if not is_sparse(m) and "weight" not in m._parameters]
+    reparam += [n for n, m in model.named_modules() if type(m).__bases__[0] in SPARSE_TYPES  # (its class is
+                and parametrize.is_parametrized(m, "weight")]  # Parametrized<Linear>: skipped silently before)
     if reparam:  # (weight_norm / spectral_norm: a pre-forward hook recomputes .weight, pruned weights regrow)
         raise TypeError(f"layer {reparam[0]!r}'s weight is computed by a reparametrization (weight_norm, "
-                        "spectral_norm), not a Parameter of its own: remove it first (torch.nn.utils."
-                        "remove_weight_norm / remove_spectral_norm)")
+                        "spectral_norm, torch.nn.utils.parametrize), not a Parameter of its own: remove it first "
+                        "(torch.nn.utils.remove_weight_norm / remove_spectral_norm, or parametrize."
+                        "remove_parametrizations(layer, 'weight'))")
     if masks is None:
         return {}
     if not isinstance(masks, dict):
