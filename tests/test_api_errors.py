@@ -451,7 +451,9 @@ def test_bsr_from_dense_refuses_meta_tensors_as_csr_does():
     m = block_mask(w, 16, 0.5)
     for fn in (lambda: BSR.from_dense(w.to("meta"), 16), lambda: CSR.from_dense(w.to("meta")),
                lambda: BSRLinear.from_dense(nn.Linear(40, 40, device="meta"), 16)):
-        with pytest.raises(ValueError, match="weight is a meta tensor .*materialize the layer first"):
+        # (the advice said "then initialize or load it": only a load gives a sparse layer its index)
+        with pytest.raises(ValueError, match="weight is a meta tensor .*materialize the layer first .*then load its "
+                                             "state_dict; .*a sparse one's index comes only from a load"):
             fn()
     for fn in (lambda: BSR.from_dense(w, 16, m.to("meta")), lambda: CSR.from_dense(w, m.to("meta"))):
         with pytest.raises(ValueError, match="mask is a meta tensor .*pass a mask holding its values"):

@@ -12,7 +12,8 @@ __all__ = ["is_int", "check_flag", "pair", "conv2d_padding", "check_bias", "bias
            "fixed_attribute", "MATERIALIZE"]
 
 # what to do about a layer on the meta device (a shape without values), in every refusal of one
-MATERIALIZE = "materialize the layer first (module.to_empty(device=...), then initialize or load it)"
+MATERIALIZE = ("materialize the layer first (module.to_empty(device=...), then load its state_dict; a dense "
+               "layer may be initialized instead, but a sparse one's index comes only from a load)")
 
 
 def is_int(a) -> bool:
