@@ -1685,3 +1685,37 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
     for k in ("floats", "swa"):
         ref, avg = (a.eval() for a in averages[k])
         torch.testing.assert_close(avg(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_ema_that_rewrites_a_bsr_index_is_refused_on_the_dense_masked_path_too():
+    """A BSRLinear on the CPU (no Triton: the dense masked product of to_dense()) read its block index without
+    the seal's check, so an EMA of the buffers (AveragedModel(use_buffers=True), truncating 0.9·a + 0.1·b)
+    moved blocks silently. Its forward is refused by name, as the CSR's; an EMA of the floats only gives the
+    dense masked layer's average."""
+    from torch.optim.swa_utils import AveragedModel
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(3)
+    dense = nn.Linear(128, 64)
+    mask = block_mask(dense.weight.detach(), 16, 0.5)
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    layer = BSRLinear.from_dense(dense, 16, mask)
+    ema = lambda a, b, n: 0.9 * a + 0.1 * b  # noqa: E731
+    floats_only = lambda a, b, n: ema(a, b, n) if a.is_floating_point() else b  # noqa: E731
+    bad, good, ref = (AveragedModel(m, avg_fn=fn, use_buffers=True)
+                      for m, fn in ((layer, ema), (layer, floats_only), (dense, ema)))
+    for m, opt in ((layer, torch.optim.SGD(layer.parameters(), lr=0.1)), (dense, torch.optim.SGD(dense.parameters(), lr=0.1))):
+        for step in range(2):
+            opt.zero_grad()
+            m(torch.randn(4, 128, generator=torch.Generator().manual_seed(step))).pow(2).sum().backward()
+            if m is dense:
+                m.weight.grad.mul_(mask)
+            opt.step()
+            for avg in ((bad, good) if m is layer else (ref,)):
+                avg.update_parameters(m)
+    x = torch.randn(4, 128)
+    assert any(not torch.equal(a, b) for a, b in zip(bad.module.buffers(), layer.buffers()) if not a.is_floating_point())
+    with pytest.raises(ValueError, match=r"BSR weight's index buffers .* were changed in place"):
+        bad(x)
+    torch.testing.assert_close(good(x), ref(x), rtol=1e-5, atol=1e-5)

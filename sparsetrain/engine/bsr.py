@@ -24,7 +24,7 @@ from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
-from .index import seal_index
+from .index import check_index, seal_index
 from .torch_prune import check_own_bias, current_param
 from .optim_state import watch_state
 
@@ -223,6 +223,7 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
         if not x.is_cuda:  # (Triton's interpreter: eager under torch.compile, as ops._call; dynamo failed inside it)
             return _interpreted(x, values, bias, weight)
         return _BSRLinearFn.apply(x, values, bias, weight)
+    check_index(weight)  # (as the Triton path's transposed(): an EMA of the buffers moved blocks here silently)
     return F.linear(x, weight.to_dense(), bias)
 
 
