@@ -338,3 +338,35 @@ def test_a_bad_output_size_is_refused_as_pytorchs_pool_refuses_it(module):
             module(bad)(x)
     for good in (7, (0, 7), (None, 3), [2, 5], (np.int32(2), 3), torch.Size([2, 2])):
         torch.testing.assert_close(module(good)(x), F.adaptive_avg_pool2d(x, good), rtol=0, atol=0)
+
+
+def test_the_fused_head_refuses_an_index_rewritten_in_place_as_sparse_linear_does():
+    """FusedSparseLinear on a replicated [N, C, 1, 1] map runs sparse_linear_replicated, which read the CSR's
+    index without the seal's check: an EMA of the buffers (AveragedModel(use_buffers=True), truncating
+    0.9·a + 0.1·b) moved its weights silently there while SparseLinear's forward refused it. Refused by
+    name on both paths; an EMA of the floats only gives the dense masked model's average."""
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(5)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(3),
+                          nn.Flatten(), nn.Linear(72, 10))
+    masks = {"5": random_mask((10, 72), 0.5)}  # (the head alone: the conv's own check would answer first)
+    with torch.no_grad():
+        dense[5].weight.mul_(masks["5"])
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    assert isinstance(model[5], FusedSparseLinear)
+    ema = lambda a, b, n: 0.9 * a + 0.1 * b  # noqa: E731
+    floats_only = lambda a, b, n: ema(a, b, n) if a.is_floating_point() else b  # noqa: E731
+    bad, good, ref = (AveragedModel(m, avg_fn=fn, use_buffers=True)
+                      for m, fn in ((model, ema), (model, floats_only), (dense, ema)))
+    for _ in range(2):
+        for avg in (bad, good):
+            avg.update_parameters(model)
+        ref.update_parameters(dense)
+    assert not torch.equal(bad.module[5].weight.col_indices, model[5].weight.col_indices)
+    x = torch.randn(4, 3, 1, 1)  # (a 1x1 map: the pool's output is replicated, the head's fast path)
+    for m in (bad, good, ref):
+        m.eval()
+    with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place"):
+        bad(x)
+    torch.testing.assert_close(good(x), ref(x), rtol=1e-5, atol=1e-5)

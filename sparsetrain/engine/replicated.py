@@ -35,6 +35,7 @@ from torch import nn
 
 from .args import check_bias, check_like
 from .formats import CSR
+from .index import check_index
 from .nn import SparseLinear
 from .placeholders import HandOff, _refuse_tracing, _watched, eager
 
@@ -60,6 +61,7 @@ def sparse_linear_replicated(x: torch.Tensor, weight: CSR, bias: torch.Tensor | 
     # (as sparse_linear: F.linear's "expected m1 and m2 to have the same dtype" came from inside before)
     check_bias(bias, n_out, weight.values)
     check_like(x, "x", weight.values)
+    check_index(weight)  # (as sparse_linear's transposed(): an EMA of the buffers moved weights here silently)
     c = x.shape[-1]
     where = weight.row_indices() * c + weight.col_indices.long().div(repeat, rounding_mode="floor")
     folded = weight.values.new_zeros(n_out * c).index_add(0, where, weight.values).view(n_out, c)
