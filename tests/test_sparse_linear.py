@@ -1719,3 +1719,36 @@ def test_an_ema_that_rewrites_a_bsr_index_is_refused_on_the_dense_masked_path_to
     with pytest.raises(ValueError, match=r"BSR weight's index buffers .* were changed in place"):
         bad(x)
     torch.testing.assert_close(good(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("by", ["sparsify_", "densify_"])
+def test_an_optimizer_built_before_the_swap_is_refused_after_zero_grad_that_keeps_the_gradients(by):
+    """zero_grad(set_to_none=False) keeps each gradient as zeros, so the replaced layers' Parameters, which
+    an optimizer built before sparsify_/densify_ still steps, never had a None gradient and its steps trained
+    nothing, silently. Their gradients are dropped at the swap: the step is refused by name; one built after
+    trains as the dense masked model."""
+    torch.manual_seed(8)
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    mask = random_mask((5, 6), 0.5)
+    with torch.no_grad():
+        dense[0].weight.mul_(mask)
+    model, x = copy.deepcopy(dense), torch.randn(4, 6)
+    if by == "densify_":
+        sparsetrain.sparsify_(model, {"0": mask})
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        early.zero_grad(set_to_none=False)
+        model(x).sum().backward()
+        early.step()
+    sparsetrain.densify_(model) if by == "densify_" else sparsetrain.sparsify_(model, {"0": mask})
+    early.zero_grad(set_to_none=False)
+    model(x).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"is the \w+ of layer '0', which {by} replaced, and has no gradient"):
+        early.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=False)
+    model(x).sum().backward()
+    opt.step()
+    assert not torch.equal(next(model.parameters()), before[0])

@@ -104,6 +104,9 @@ def retire(param: torch.Tensor, what: str, by: str) -> None:
     """`param` is no longer the model's (`what`: which tensor of which layer; `by`: the function that
     replaced the layer): an optimizer's step over it is refused by name."""
     watch_state()
+    # (its gradient dropped: zero_grad(set_to_none=False) kept the last one, zeroed, so the check below never
+    # saw None and the old optimizer's steps trained nothing, silently; a model still running it makes another)
+    param.grad = None
     with _lock:
         _retired[param] = (what, by)
 
