@@ -1752,3 +1752,34 @@ def test_an_optimizer_built_before_the_swap_is_refused_after_zero_grad_that_keep
     model(x).sum().backward()
     opt.step()
     assert not torch.equal(next(model.parameters()), before[0])
+
+
+def test_an_optimizer_built_before_sparsify_of_frozen_layers_trains_the_rest():
+    """Sparsifying a frozen backbone (requires_grad=False) while an optimizer built before holds all of the
+    model's parameters: the frozen dense weights were never stepped (no gradient), before the swap or
+    after, so nothing is lost, yet the step was refused as if the sparse layers went untrained. It trains
+    the head as the dense masked model's optimizer does; a trainable layer swapped is still refused."""
+    torch.manual_seed(9)
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    mask = random_mask((5, 6), 0.5)
+    with torch.no_grad():
+        dense[0].weight.mul_(mask)
+    dense[0].requires_grad_(False)
+    model, x = copy.deepcopy(dense), torch.randn(4, 6)
+    opt, ref = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, dense))
+    sparsetrain.sparsify_(model, {"0": mask})
+    assert not model[0].weight.requires_grad
+    for _ in range(2):
+        for m, o in ((model, opt), (dense, ref)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(model[2].weight, dense[2].weight)
+    torch.testing.assert_close(model[0].weight.to_dense(), dense[0].weight)
+    torch.testing.assert_close(model(x), dense(x))
+    trainable = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    early = torch.optim.SGD(trainable.parameters(), lr=0.1)
+    sparsetrain.sparsify_(trainable, {"0": mask})
+    trainable(x).sum().backward()
+    with pytest.raises(ValueError, match=r"is the weight of layer '0', which sparsify_ replaced, and has no gradient"):
+        early.step()

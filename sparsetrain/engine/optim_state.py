@@ -120,7 +120,8 @@ def _check_state_shapes(optimizer, args, kwargs):
     for g, group in enumerate(optimizer.param_groups if retired else ()):
         for i, p in enumerate(group["params"]):
             entry = _retired.get(p)
-            if entry is not None and p.grad is None:  # (a gradient: another model still uses that layer)
+            # (a gradient: another model still uses that layer; frozen: a layer no optimizer trained, before either)
+            if entry is not None and p.grad is None and p.requires_grad:
                 what, by = entry
                 raise ValueError(
                     f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {what}, which {by} "
