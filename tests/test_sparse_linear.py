@@ -1783,3 +1783,31 @@ def test_an_optimizer_built_before_sparsify_of_frozen_layers_trains_the_rest():
     trainable(x).sum().backward()
     with pytest.raises(ValueError, match=r"is the weight of layer '0', which sparsify_ replaced, and has no gradient"):
         early.step()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+def test_reset_parameters_and_mask_on_the_meta_device(kind):
+    """A model moved to meta (model.apply(reset_parameters) over it, as deferred-init code does): the CSR
+    layers' reset_parameters drew nothing there, BSRLinear's raised torch's RuntimeError from inside ('cannot
+    repeat_interleave a meta tensor without output_size'), as did its weight's mask(). All take it, the mask
+    a meta tensor of the weight's shape; to_empty and a load then give the source's outputs (the dense
+    masked layer's)."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.prune import block_mask
+    src = {"linear": lambda: nn.Linear(37, 11), "conv": lambda: nn.Conv2d(5, 7, 3), "bsr": lambda: nn.Linear(48, 32)}[kind]()
+    if kind == "bsr":
+        mask = block_mask(src.weight, 16, 0.5)
+        layer = BSRLinear(BSR.from_dense(src.weight, 16, mask), src.bias)
+    else:
+        mask = random_mask(src.weight.shape, 0.7)
+        layer = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}[type(src)].from_dense(src, mask)
+    meta = copy.deepcopy(layer).to("meta")
+    meta.reset_parameters()
+    m = meta.weight.mask()
+    assert m.is_meta and m.shape == src.weight.shape and m.dtype == torch.bool
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 37) if kind == "linear" else torch.randn(3, 48) if kind == "bsr" else torch.randn(2, 5, 6, 6)
+    with torch.no_grad():
+        src.weight.mul_(mask)
+    torch.testing.assert_close(meta(x), src(x), rtol=1e-5, atol=1e-5)

@@ -131,7 +131,8 @@ class BSR(WeightLike, nn.Module):
     def _scatter(self, blocks: torch.Tensor) -> torch.Tensor:
         bs, cols = self.block_size, math.prod(self.shape[1:])
         RB, CB = self.crow_indices.numel() - 1, -(-cols // bs)
-        brow = torch.repeat_interleave(torch.arange(RB, device=blocks.device), self.crow_indices.diff())
+        brow = torch.repeat_interleave(torch.arange(RB, device=blocks.device), self.crow_indices.diff(),
+                                       output_size=self.col_indices.numel())  # (known: on meta too, as CSR's)
         grid = blocks.new_zeros((RB * CB, bs, bs)).index_put((brow * CB + self.col_indices.long(),), blocks)
         dense = grid.reshape(RB, CB, bs, bs).transpose(1, 2).reshape(RB * bs, CB * bs)
         return dense[:self.shape[0], :cols].reshape(self.shape)
@@ -257,6 +258,8 @@ class BSRLinear(nn.Module):
     def reset_parameters(self) -> None:
         """SparseLinear.reset_parameters for blocks: nn.Linear's draws under one seed, in the kept blocks."""
         w = self.weight
+        if w.values.is_meta:  # (no values to draw, as SparseLinear's; from_dense's block check read one: RuntimeError)
+            return
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta", w.values.dtype)
         dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
         w.values.copy_(BSR.from_dense(dense.weight, w.block_size, w.mask()).values)
