@@ -1811,3 +1811,41 @@ def test_reset_parameters_and_mask_on_the_meta_device(kind):
     with torch.no_grad():
         src.weight.mul_(mask)
     torch.testing.assert_close(meta(x), src(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_densify_of_a_model_whose_index_an_ema_rewrote_is_refused_untouched(fuse):
+    """The averaged model of AveragedModel(use_buffers=True) refused its forward, but densify_ (the README's
+    way to export) and a layer's to_dense() read the truncated index as it was: a dense model with weights
+    moved to other positions, silently. densify_ is refused naming the layer before any layer is swapped,
+    to_dense() as the forward is; an EMA of the floats only densifies to the dense masked model's average."""
+    from torch.optim.swa_utils import AveragedModel
+    from sparsetrain.engine.bsr import BSRLinear
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(10)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, 32))
+    masks = {"0": random_mask((8, 3, 3, 3), 0.5), "4": random_mask((64, 288), 0.5)}
+    bmask = block_mask(dense[6].weight.detach(), 16, 0.5)
+    with torch.no_grad():
+        for n, m in {**masks, "6": bmask}.items():
+            dense.get_submodule(n).weight.mul_(m)
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, masks, fuse=fuse)
+    model[6] = BSRLinear.from_dense(model[6], 16, bmask)
+    ema = lambda a, b, n: 0.9 * a + 0.1 * b  # noqa: E731
+    floats_only = lambda a, b, n: ema(a, b, n) if a.is_floating_point() else b  # noqa: E731
+    bad, good, ref = (AveragedModel(m, avg_fn=fn, use_buffers=True)
+                      for m, fn in ((model, ema), (model, floats_only), (dense, ema)))
+    for avg, m in ((bad, model), (good, model), (ref, dense)):
+        avg.update_parameters(m)
+        avg.update_parameters(m)
+    types = [type(m) for m in bad.module]
+    with pytest.raises(ValueError, match=r"^layer '0': the CSR weight's index buffers .* were changed in place"):
+        sparsetrain.densify_(bad.module)
+    assert [type(m) for m in bad.module] == types  # (nothing swapped, nothing unfused)
+    with pytest.raises(ValueError, match=r"BSR weight's index buffers .* were changed in place"):
+        bad.module[6].to_dense()
+    sparsetrain.densify_(good.module)
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(good.module.eval()(x), ref.module.eval()(x), rtol=1e-5, atol=1e-5)

@@ -121,6 +121,7 @@ class BSR(WeightLike, nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros outside the stored blocks); differentiable in values."""
+        check_index(self)  # (as CSR's)
         return self._scatter(self.values)
 
     def mask(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .args import check_flag
 from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode
+from .index import check_index
 from .optim_state import retire
 from .torch_prune import check_own_bias, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
@@ -163,6 +164,10 @@ def densify_(model: nn.Module) -> nn.Module:
     for n, m in model.named_modules():  # (before any layer is swapped)
         if is_sparse(m) or isinstance(m, BSRLinear):
             check_own_bias(m, f"layer {n!r}")
+            try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
+                check_index(m.weight)
+            except ValueError as e:
+                raise ValueError(f"layer {n!r}: {e}") from None
     unfuse_(model)
     sparse = {n: m for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
     _replace_modules(model, lambda mod: _dense_of(mod) if is_sparse(mod) or isinstance(mod, BSRLinear) else None)

@@ -147,6 +147,7 @@ class CSR(WeightLike, nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
+        check_index(self)  # (an EMA of the buffers: densify_ gave a pattern not its own, silently)
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         out = self.values.new_zeros(rows * cols)
         flat = self.row_indices().long() * cols + self.col_indices.long()
