@@ -1682,6 +1682,8 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
     assert any(not torch.equal(a, b) for a, b in zip(bad.module.buffers(), model.buffers()) if not a.is_floating_point())
     with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place .*use_buffers=True"):
         bad(x)
+    with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place"):
+        bad.state_dict()  # (saved, the truncated pattern would load elsewhere as if it were the layer's)
     for k in ("floats", "swa"):
         ref, avg = (a.eval() for a in averages[k])
         torch.testing.assert_close(avg(x), ref(x), rtol=1e-5, atol=1e-5)

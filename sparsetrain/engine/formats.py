@@ -99,6 +99,7 @@ class WeightLike:
         # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
         # it): the saved pattern fits any weight of the same [rows, cols] view, so without it a (3, 1)
         # kernel's state loaded into a (1, 3) kernel's layer, or a linear's into a conv's (_resize_pattern).
+        check_index(self)  # (an index an EMA of the buffers rewrote is not saved as if it were the pattern)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         meta = getattr(destination, "_metadata", None)
         if meta is not None and prefix[:-1] in meta:
