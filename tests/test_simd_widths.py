@@ -2,6 +2,7 @@
 and run the width of the CPU they are on. SPARSETRAIN_VEC_BYTES narrows it, so the narrower
 instantiations (their split accumulator passes included) are checked against the dense reference
 on whatever CPU runs the suite: the kernel tests are re-run in a subprocess per narrower width."""
+import json
 import os
 import subprocess
 import sys
@@ -30,11 +31,36 @@ SELECTION = [
 ]
 
 
-def _widths(*env_values):  # {value: the width a fresh process with SPARSETRAIN_VEC_BYTES=value runs} (at once)
-    code = "from sparsetrain.engine.ops import simd_bytes; print(simd_bytes())"
-    procs = {v: subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, SPARSETRAIN_VEC_BYTES=v),
-                                 stdout=subprocess.PIPE, text=True) for v in env_values}
-    return {v: int(p.communicate(timeout=120)[0].strip()) for v, p in procs.items()}
+# {value: the width a fresh load of the kernels with SPARSETRAIN_VEC_BYTES=value runs}: one process
+# imports torch (~2 s of the ~2.5 s a fresh process took), then forks a child per value that sets the
+# variable and loads the extension (its width is read once, as the library loads: a fresh load each)
+_WIDTHS = """
+import json, os, sys, torch
+values, pids = json.loads(sys.argv[1]), {}
+for v in values:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.environ["SPARSETRAIN_VEC_BYTES"] = v
+        from sparsetrain.engine.ops import simd_bytes
+        os.write(w, str(simd_bytes()).encode())
+        os._exit(0)
+    os.close(w)
+    pids[v] = (pid, r)
+got = {}
+for v, (pid, r) in pids.items():
+    got[v] = int(os.read(r, 64).decode() or -1)
+    assert os.waitpid(pid, 0)[1] == 0, v
+print(json.dumps(got))
+"""
+
+
+def _widths(*env_values):
+    env = {k: v for k, v in os.environ.items() if k != "SPARSETRAIN_VEC_BYTES"}
+    out = subprocess.run([sys.executable, "-c", _WIDTHS, json.dumps(env_values)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 def test_detected_width_and_override():
@@ -48,10 +74,26 @@ def test_detected_width_and_override():
     assert [got[v] for v in ("16abc", "16.9", " 16", "4294967312")] == [hw] * 4
 
 
+@pytest.fixture(scope="module")
+def narrower_runs(request):
+    """{width: the pytest subprocess re-running SELECTION at it}, every selected width's started at
+    once: each runs ~1 CPU core of kernel tests, side by side on a 2-core machine (one after the other
+    they took ~45 s)."""
+    widths = sorted({item.callspec.params["width"] for item in request.session.items
+                     if getattr(item, "originalname", "") == "test_kernels_match_reference_at_narrower_widths"})
+    procs = {w: subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTION],
+                                 cwd=HERE, env=dict(os.environ, SPARSETRAIN_VEC_BYTES=w), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for w in widths}
+    yield procs
+    for p in procs.values():  # (one its test did not wait for, a session stopped early by -x: ended)
+        if not p.stdout.closed:
+            p.kill()
+            p.communicate()
+
+
 @pytest.mark.parametrize("width", ["16", "32"])
-def test_kernels_match_reference_at_narrower_widths(width):
-    env = dict(os.environ, SPARSETRAIN_VEC_BYTES=width)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTION],
-                          cwd=HERE, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+def test_kernels_match_reference_at_narrower_widths(width, narrower_runs):
+    proc = narrower_runs[width]
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
+    assert " passed" in stdout and "failed" not in stdout
