@@ -10,9 +10,16 @@ uncaught KeyboardInterrupt dies of SIGINT). What the imports print is printed on
 run() refuses it (a real process would print it in every command's stderr).
 
     results = run(module, [(cwd, argv), ...], preload=[...])  # [CompletedProcess(args, returncode, stdout, stderr)]
+
+Server(preload) keeps such a driver for commands given one at a time (a module fixture's: each command
+known only once its test has set up its files), each with its own environment if given:
+
+    with Server(preload=[...]) as forks:
+        forks.run(module, argv, cwd=None, env=None, timeout=300)  # CompletedProcess, as subprocess.run(text=True)
 """
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -39,6 +46,50 @@ def run(module: str, commands, preload=(), jobs: int = 2, timeout: float = 300):
             for (_, argv), (rc, out, err) in zip(commands, json.loads(stdout))]
 
 
+class Server:
+    """One driver for many commands, forked one at a time (see the module's docstring)."""
+
+    def __init__(self, preload=()):
+        self.proc = subprocess.Popen([sys.executable, HERE, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self._send({"preload": list(preload)})
+
+    def _send(self, obj):
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, module: str, argv, cwd=None, env=None, timeout: float = 300):
+        """`python -m module *argv` in `cwd` (this process's by default) with `env` (os.environ by
+        default): a timeout ends the driver and the command (one process group)."""
+        args = [sys.executable, "-m", module, *map(str, argv)]
+        self._send({"module": module, "cwd": str(cwd or os.getcwd()), "argv": args[3:],
+                    "env": dict(os.environ if env is None else env)})
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.close(kill=True)
+            raise subprocess.TimeoutExpired(args, timeout)
+        line = self.proc.stdout.readline()
+        if not line:
+            _, err = self.proc.communicate()
+            raise RuntimeError(f"the CLI fork driver died (rc {self.proc.returncode}):\n{err}")
+        rc, out, err = json.loads(line)
+        return subprocess.CompletedProcess(args, rc, out, err)
+
+    def close(self, kill=False):
+        if kill:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        _, stderr = self.proc.communicate()  # (stdin closed: the driver ends)
+        if not kill and (self.proc.returncode != 0 or stderr):
+            raise RuntimeError(f"the CLI fork driver failed or its imports printed (rc {self.proc.returncode}):\n"
+                               f"{stderr}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(kill=exc[0] is not None)
+
+
 def _child(module, cwd, argv, out_path, err_path):  # (never returns)
     import atexit
     import runpy
@@ -51,6 +102,8 @@ def _child(module, cwd, argv, out_path, err_path):  # (never returns)
         for fd, path in ((1, out_path), (2, err_path)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
         sys.argv = [module, *argv]
+        if module in sys.modules and not hasattr(sys.modules[module], "__path__"):
+            del sys.modules[module]  # (preloaded for its imports: as `python -m`, run fresh; runpy warns otherwise)
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
@@ -108,5 +161,29 @@ def _driver():
     json.dump(results, sys.stdout)
 
 
+def _serve():
+    import shutil
+    import tempfile
+    for name in ("torch", *json.loads(sys.stdin.readline())["preload"]):
+        __import__(name)
+    tmp = tempfile.mkdtemp()
+    try:
+        for line in iter(sys.stdin.readline, ""):
+            cmd = json.loads(line)
+            out, err = (os.path.join(tmp, s) for s in ("out", "err"))
+            sys.stdout.flush(), sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                os.environ.clear()
+                os.environ.update(cmd["env"])
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # (the driver's commands are not the command's input)
+                _child(cmd["module"], cmd["cwd"], cmd["argv"], out, err)
+            _, status = os.waitpid(pid, 0)
+            result = [os.waitstatus_to_exitcode(status)] + [open(p).read() for p in (out, err)]
+            print(json.dumps(result), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    _driver()
+    _serve() if sys.argv[1:] == ["--serve"] else _driver()

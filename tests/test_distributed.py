@@ -14,10 +14,21 @@ import time
 
 import pytest
 
+import cli_forks
 from conftest import run_dir
 
 KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "entropy_mean", "fwd_flops",
         "round_flops", "cum_flops", "paper_cum_flops", "teacher_flops", "teacher_cost")  # (FLOPs: global, not per rank)
+
+
+@pytest.fixture(scope="module")
+def forks():
+    """The module's `python -m torch.distributed.run ...` launchers and one-process studies, each forked
+    from one process that imported torch, torchrun and the study once (tests/cli_forks.py): ~2.5 s of
+    a fresh launcher's start, before its workers (fresh processes, as torchrun starts them) could
+    start, paid once instead of per launch (~20 launches)."""
+    with cli_forks.Server(preload=["torch.distributed.run", "sparsetrain.experiment.study"]) as server:
+        yield server
 
 
 def _rows(out, phase):
@@ -50,15 +61,14 @@ def _children(pid):
     return out
 
 
-def test_two_gloo_processes_follow_one(mnist_dir, study_args):
+def test_two_gloo_processes_follow_one(mnist_dir, study_args, forks):
     base = study_args(mnist_dir, "--teachers", "dense", "--engine", "sparse")
-    one = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base, "--out", str(mnist_dir / "one")],
-                         capture_output=True, text=True, timeout=600)
+    one = forks.run("sparsetrain.experiment", [*base, "--out", str(mnist_dir / "one")], timeout=600)
     assert one.returncode == 0, _why(one.stderr)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sparsetrain.experiment", *base, "--out", str(mnist_dir / "two")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    two = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              "-m", "sparsetrain.experiment", *base, "--out", str(mnist_dir / "two")],
+                    timeout=600, env=env)
     assert two.returncode == 0, _why(two.stderr)
     assert "data parallel: 2 ranks (gloo)" in two.stdout
     assert "1 CPU thread(s) per rank (--threads)" in two.stdout  # (torchrun's OMP_NUM_THREADS=1, said)
@@ -107,7 +117,7 @@ def test_two_gloo_processes_follow_one(mnist_dir, study_args):
     deadline = time.time() + 30
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.time() < deadline:
         time.sleep(0.05)
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    resumed = forks.run("torch.distributed.run", cmd[3:] + ["--resume"], timeout=600, env=env)
     assert resumed.returncode == 0, _why(resumed.stderr) + "\n(the killed run said:)\n" + _why(killed_log.read_text())
     for phase in ("teacher", "distill-dense"):
         a, b = _rows(mnist_dir / "two", phase), _rows(mnist_dir / "killed", phase)
@@ -164,20 +174,19 @@ with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.txt", "w") as f:
 """
 
 
-def _run_script(folder, source: str) -> None:
+def _run_script(forks, folder, source: str) -> None:
     """`source` as a script under torchrun, 2 gloo processes, its one argument `folder`."""
     script = folder / "script.py"
     script.write_text(source)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), str(folder)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2", str(script), str(folder)],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, _why(out.stderr)
 
 
-def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path):
+def test_check_masks_agree_compares_the_masks_not_their_counts(tmp_path, forks):
     """Two ranks pruning different weights per layer keep the same counts (--scope layer): the
     check must still see that their masks differ."""
-    _run_script(tmp_path, _MASKS_SCRIPT)
+    _run_script(forks, tmp_path, _MASKS_SCRIPT)
     lines = sorted((tmp_path / "rank0.txt").read_text().split("\n") + (tmp_path / "rank1.txt").read_text().split("\n"))
     expected = sorted(f"{r} {scope} {same} {'agree' if same else 'differ'}" for r in (0, 1)
                       for scope in ("layer", "global") for same in (True, False))
@@ -204,11 +213,11 @@ dist.teardown()
 """
 
 
-def test_only_rank_0_downloads_the_dataset(tmp_path):
+def test_only_rank_0_downloads_the_dataset(tmp_path, forks):
     """Every rank downloaded a missing dataset at once into one folder (torchvision writes the
     archive in place, then checks and extracts it: a rank could read the other's half-written file);
     now rank 0 loads first and the others read its files."""
-    _run_script(tmp_path, _DOWNLOAD_SCRIPT)
+    _run_script(forks, tmp_path, _DOWNLOAD_SCRIPT)
     assert sorted(p.name for p in tmp_path.glob("downloaded*.txt")) == ["downloaded0.txt"]
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
 
@@ -233,71 +242,70 @@ tdist.destroy_process_group()
 """
 
 
-def test_the_rewind_snapshot_averages_the_ranks_batchnorm_statistics(tmp_path):
+def test_the_rewind_snapshot_averages_the_ranks_batchnorm_statistics(tmp_path, forks):
     """--perturb rewind snapshots mid-epoch, when each rank's BN running statistics are its own: the
     snapshot holds their mean (as at an epoch's end), so every rank, and a resume from rank 0's saved
     copy, rewinds to the same statistics (a resumed run's curves differed from the next round on)."""
-    _run_script(tmp_path, _SNAPSHOT_SCRIPT)
+    _run_script(forks, tmp_path, _SNAPSHOT_SCRIPT)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
 
 
-def test_a_corrupt_checkpoint_stops_every_rank_with_the_error(mnist_dir, study_args):
+def test_a_corrupt_checkpoint_stops_every_rank_with_the_error(mnist_dir, study_args, forks):
     """verify_phase runs on rank 0; its CorruptFile reaches every rank as the one-line error (rank 1
     died in the barrier after it with a gloo traceback)."""
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.6")
-    assert subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base], capture_output=True,
-                          timeout=300).returncode == 0
+    assert forks.run("sparsetrain.experiment", base, timeout=300).returncode == 0
     ckpt = sorted((mnist_dir / "runs").glob("*/seed0/teacher/ckpt/round_01.pt"))[0]
     data = bytearray(ckpt.read_bytes())
     data[100] ^= 0xFF
     ckpt.write_bytes(bytes(data))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sparsetrain.experiment", *base, "--resume"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              "-m", "sparsetrain.experiment", *base, "--resume"],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("round_01.pt is corrupt: its sha256 is") == 2, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr  # (no rank's traceback)
     assert "exitcode  : 2" in out.stderr
 
 
-def test_fewer_training_images_than_ranks_is_refused(mnist_dir, study_args):
+def test_fewer_training_images_than_ranks_is_refused(mnist_dir, study_args, forks):
     base = study_args(mnist_dir, "--teachers", "dense", "--val-fraction", "0.5")
     base[base.index("--subset") + 1] = "2"  # one training image, one validation image
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              "-m", "sparsetrain.experiment", *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert "error: 1 training images for 2 ranks: every rank needs rows of its own" in out.stderr
 
 
-def test_a_run_directory_in_use_stops_every_rank_with_the_error(mnist_dir, study_args):
+def test_a_run_directory_in_use_stops_every_rank_with_the_error(mnist_dir, study_args, forks):
     """Rank 0 holds the run's lock; when another process has it, every rank stops with the one-line
     error (the other ranks used to die on their next collective with a gloo traceback)."""
     import fcntl
     base = study_args(mnist_dir, "--teachers", "dense")
-    rd = subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base, "--print-config"],
-                        capture_output=True, text=True, check=True)
+    rd = forks.run("sparsetrain.experiment", [*base, "--print-config"])
+    assert rd.returncode == 0, rd.stderr
     import json
     run = json.loads(rd.stdout)["run_dir"]
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, ".lock"), "w") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                                  "-m", "sparsetrain.experiment", *base],
+                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("is in use by another process") == 2, _why(out.stderr)
     assert "Connection reset" not in out.stderr and "gloo" not in out.stderr.lower()
 
 
-def test_rounds_free_their_wrapper_and_teardown_ends_the_group_threads(tmp_path):
+def test_rounds_free_their_wrapper_and_teardown_ends_the_group_threads(tmp_path, forks):
     """With the cycle collector off: each DDP round's wrapper is freed when the round returns (the
     first one, whose construction imported torch._dynamo, was left in cyclic garbage with its
     gradient buckets until a collection), and after the rounds teardown leaves no gloo thread
     running: a group kept alive past it (torch.distributed.nn.functional's default arguments, bound
     to the group when DDP first imported them; a wrapper awaiting the collector) ran its threads into
     the C++ exit handlers, which at times aborted a rank after its work was done and failed the run."""
-    _run_script(tmp_path, _TEARDOWN_SCRIPT)
+    _run_script(forks, tmp_path, _TEARDOWN_SCRIPT)
     for r in (0, 1):
         started, left, *rounds = (tmp_path / f"rank{r}.txt").read_text().split()
         assert int(started) > 0 and int(left) == 0, (r, started, left)
@@ -324,7 +332,7 @@ sys.exit(study.main(sys.argv[4:]))
 @pytest.mark.parametrize("module,target,name", [
     ("loop", "atomic_save", "state.pt"), ("loop", "save_model", "round_01.pt"), ("loop", "write_csv", "metrics.csv"),
     ("loop", "write_json", "best.json"), ("study", "write_json", "noise.json")])
-def test_rank_0_failing_to_write_stops_every_rank_with_the_error(mnist_dir, study_args, module, target, name):
+def test_rank_0_failing_to_write_stops_every_rank_with_the_error(mnist_dir, study_args, module, target, name, forks):
     """Rank 0 writes state.pt (atomic_save), a round's checkpoint (save_model), metrics.csv (a round's
     row), best.json (the finished phase) and the seed's noise.json alone; its WriteFailed (disk full) ended
     rank 0 with the one-line error while rank 1 went on into its next collective and died there with a
@@ -332,9 +340,9 @@ def test_rank_0_failing_to_write_stops_every_rank_with_the_error(mnist_dir, stud
     script = mnist_dir / "script.py"
     script.write_text(_WRITE_FAILS_SCRIPT)
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), module, target, name, *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              str(script), module, target, name, *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("error: cannot write ") == 2, _why(out.stderr)
     assert out.stderr.count(f"{os.sep}{name}: No space left on device; free space") == 2, _why(out.stderr)
@@ -356,7 +364,7 @@ sys.exit(study.main(sys.argv[2:]))
 """
 
 
-def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, study_args):
+def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, study_args, forks):
     """The divergence check read each rank's own BatchNorm running statistics, before they were
     averaged: rank 1 alone stopped ("training diverged") and rank 0 died in the averaging's
     collective with a gloo traceback. The statistics are averaged first (an overflow on any rank
@@ -364,9 +372,9 @@ def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, st
     script = mnist_dir / "script.py"
     script.write_text(_RANK_1_OVERFLOWS_SCRIPT)
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--model", "vgg_d1g1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), "x", *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              str(script), "x", *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("training diverged (") == 2 and "in epoch 2)" in out.stderr, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
@@ -418,14 +426,14 @@ def test_world_size_without_torchrun_is_refused(mnist_dir, study_args, monkeypat
                "it, or unset it" in err and "Traceback" not in err, err
 
 
-def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args):
+def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args, forks):
     """--batch-size 3 on 2 ranks: every batch is under 2 rows a rank, so each rank trains it whole
     (dist.shard): correct, but N times the work of one process for nothing, and nothing said so."""
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
     base[base.index("--batch-size") + 1] = "3"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              "-m", "sparsetrain.experiment", *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, _why(out.stderr)
     note = ("note: --teacher-batch-size 3 is under 2 rows per rank: each of the 2 ranks trains every batch whole "
             "(the same results, no faster than one process); give 4 or more, or fewer processes")
@@ -433,35 +441,33 @@ def test_a_batch_under_two_rows_per_rank_is_noted(mnist_dir, study_args):
     assert len(_rows(mnist_dir / "runs", "teacher")) == 1  # (round 0: the wall 0.4 stops the next, at 50%)
 
 
-def test_a_phase_that_prunes_nothing_more_says_so_once(mnist_dir, study_args):
+def test_a_phase_that_prunes_nothing_more_says_so_once(mnist_dir, study_args, forks):
     """--rate 1e-6 prunes no weight of LeNet-300-100 in round 1: the phase ends with one line, which
     every rank printed (rank 0 alone prints the rounds' lines)."""
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
     base[base.index("--rate") + 1] = "0.000001"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sparsetrain.experiment", *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              "-m", "sparsetrain.experiment", *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, _why(out.stderr)
     assert out.stdout.count("[teacher seed 0] round  0 sparsity") == 1, out.stdout
     assert out.stdout.count("[teacher seed 0] round 1 would prune nothing more: the phase ends") == 1, out.stdout
     assert len(_rows(mnist_dir / "runs", "teacher")) == 1
 
 
-def test_print_config_and_report_only_under_torchrun_run_on_rank_0_alone(mnist_dir, study_args):
+def test_print_config_and_report_only_under_torchrun_run_on_rank_0_alone(mnist_dir, study_args, forks):
     """--print-config printed its JSON once per rank (a reader such as jq got N documents), and
     --report-only wrote the report from every rank at once: rank 0 alone does either now."""
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
-    assert subprocess.run([sys.executable, "-m", "sparsetrain.experiment", *base], capture_output=True,
-                          timeout=300).returncode == 0
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "sparsetrain.experiment", *base]
+    assert forks.run("sparsetrain.experiment", base, timeout=300).returncode == 0
+    launch = ["--standalone", "--nproc-per-node", "2", "-m", "sparsetrain.experiment", *base]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    shown = subprocess.run(launch + ["--print-config"], capture_output=True, text=True, timeout=300, env=env)
+    shown = forks.run("torch.distributed.run", launch + ["--print-config"], timeout=300, env=env)
     assert shown.returncode == 0, _why(shown.stderr)
     assert json.loads(shown.stdout)["run_dir"] == str(run_dir(mnist_dir / "runs"))  # (one JSON document)
     summary = run_dir(mnist_dir / "runs") / "summary.md"
     summary.unlink()
-    reported = subprocess.run(launch + ["--report-only"], capture_output=True, text=True, timeout=300, env=env)
+    reported = forks.run("torch.distributed.run", launch + ["--report-only"], timeout=300, env=env)
     assert reported.returncode == 0, _why(reported.stderr)
     assert reported.stdout.split() == [str(summary)] and summary.is_file()
 
@@ -479,16 +485,16 @@ sys.exit(study.main(sys.argv[1:]))
 """
 
 
-def test_ranks_that_loaded_different_data_stop(mnist_dir, study_args):
+def test_ranks_that_loaded_different_data_stop(mnist_dir, study_args, forks):
     """Each rank reads the data itself (rank 0 first): a rank whose files differ (another node's copy)
     trained on them silently, its rows of every batch and its shares of the sums from other images
     or labels. The ranks compare the data's fingerprints and every rank stops with the one line."""
     script = mnist_dir / "script.py"
     script.write_text(_OTHER_DATA_SCRIPT)
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.4")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
+                                              str(script), *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("error: the 2 ranks loaded different data (seed 0: their data or label fingerprints "
                             "differ): every rank must read the same files of --data-dir") == 2, _why(out.stderr)
@@ -509,7 +515,7 @@ sys.exit(study.main(sys.argv[2:]))
 """
 
 
-def test_engine_auto_times_the_rows_each_rank_trains(mnist_dir, study_args):
+def test_engine_auto_times_the_rows_each_rank_trains(mnist_dir, study_args, forks):
     """--engine auto times a layer on a training batch of the rank's size. Under 2 rows a rank every
     rank trains the whole batch (dist.shard), but the example was the rank's share of it (dist.rows):
     on 3 ranks at --batch-size 2 rank 0's share was empty and sparse_is_faster's ValueError a
@@ -518,9 +524,9 @@ def test_engine_auto_times_the_rows_each_rank_trains(mnist_dir, study_args):
     script.write_text(_AUTO_EXAMPLE_SCRIPT)
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher", "--wall", "0.8", "--engine", "auto")
     base[base.index("--batch-size") + 1] = "2"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-                          str(script), str(mnist_dir), *base], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "3",
+                                              str(script), str(mnist_dir), *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, _why(out.stderr)
     for r in range(3):  # rounds 1 and 2 (50%, 75%; the next, 87.5%, would pass the wall)
         assert (mnist_dir / f"rank{r}.txt").read_text().split("\n") == ["auto 2", "auto 2", ""]
@@ -567,13 +573,13 @@ dist.teardown()
 """
 
 
-def test_train_epoch_under_torchrun_needs_the_ddp_forward(tmp_path):
+def test_train_epoch_under_torchrun_needs_the_ddp_forward(tmp_path, forks):
     """Every rank takes its rows of each batch: train_epoch without a DistributedDataParallel forward
     stepped each rank on its own rows' gradient alone, and the ranks' weights differed after one
     epoch, silently; so did the first step of a wrapper built before a prune resized the values (the
     next raised DDP's "Expected to have finished reduction"). Both are refused now; with
     distributed.wrap(model), built after the prune, the ranks stay equal."""
-    _run_script(tmp_path, _FORWARD_SCRIPT)
+    _run_script(forks, tmp_path, _FORWARD_SCRIPT)
     refused = ("refused forward must be the model in DistributedDataParallel under torchrun (2 ranks, each training "
                "on its rows of every batch): pass forward=distributed.wrap(model)")
     stale = "stale refused " + ("forward was wrapped before the model's parameters changed size (pruning, or a state "
