@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -1366,25 +1367,62 @@ def test_cuda_backend_cpu_refuses_cuda_tensors():
 
 
 # ============================================================================ the subprocess
-def interpreter_results(test_file: str) -> dict:
+_STARTED = {}  # {test file: (its interpreter subprocess, its folder)} started and not yet waited for
+
+
+def _start(test_file: str) -> None:
+    tmp = tempfile.mkdtemp()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    with open(os.path.join(tmp, "stdout"), "w") as out, open(os.path.join(tmp, "stderr"), "w") as err:
+        proc = subprocess.Popen([sys.executable, test_file, os.path.join(tmp, "results.json")], env=env,
+                                stdout=out, stderr=err)
+    _STARTED[test_file] = proc, tmp
+
+
+def _end_started() -> None:  # (a session stopped before it waited for one, -x: none left running)
+    while _STARTED:
+        proc, tmp = _STARTED.popitem()[1]
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interpreter_results(test_file: str, session=None) -> dict:
     """Run `test_file`'s @interp cases in one fresh TRITON_INTERPRET=1 subprocess (its __main__
-    calls run_cases): {case: "ok" or the traceback}."""
-    with tempfile.TemporaryDirectory() as tmp:
+    calls run_cases): {case: "ok" or the traceback}. The first file asked starts every selected
+    file's at once (`session`'s items): each runs the interpreter on one core for 15-30 s, side by
+    side on 2 cores (one after the other, test_triton_fused.py's then this file's, ~45 s)."""
+    test_file = os.path.realpath(test_file)
+    if test_file not in _STARTED:
+        files = {os.path.realpath(str(item.path)) for item in getattr(session, "items", ())
+                 if "interp_results" in getattr(item, "fixturenames", ())} | {test_file}
+        for f in sorted(files - set(_STARTED)):
+            _start(f)
+        if session is not None:
+            session.config.add_cleanup(_end_started)
+    proc, tmp = _STARTED.pop(test_file)
+    try:
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         out = os.path.join(tmp, "results.json")
-        env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run([sys.executable, test_file, out], env=env, capture_output=True, text=True, timeout=600)
         if not os.path.exists(out):
-            pytest.fail(f"interpreter subprocess died (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            said = [open(os.path.join(tmp, s)).read() for s in ("stdout", "stderr")]
+            pytest.fail(f"interpreter subprocess died (rc {proc.returncode}):\n{said[0]}\n{said[1]}")
         with open(out) as f:
             return json.load(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def interpreter_suite(cases: dict, test_file: str):
     """(module fixture, test) for a test file's @interp `cases`: one subprocess runs them all, each
     case is its own test item (failing with the subprocess's traceback)."""
     @pytest.fixture(scope="module")
-    def interp_results():
-        return interpreter_results(test_file)
+    def interp_results(request):
+        return interpreter_results(test_file, request.session)
 
     @pytest.mark.parametrize("case", sorted(cases))
     def test_triton_interpreter(case, interp_results):
