@@ -206,8 +206,9 @@ if not torch.cuda.is_available():  # the machine has no GPU: asking for one is a
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     """Every case's files written, then each case's process, two at a time, forked from one that
-    imported torch and the study once (tests/cli_forks.py: the interpreter and imports were ~3 s of
-    each ~4 s process); the Ctrl-C and cifar100n-defaults tests below start fresh processes."""
+    imported torch, torchvision and the study once (tests/cli_forks.py: the interpreter and imports were ~3 s of
+    each ~4 s process; torchvision, which the run directory's version record imports, ~1.3 s of each child
+    that got that far); the Ctrl-C and cifar100n-defaults tests below start fresh processes."""
     roots = {}
     for name, _, _, setup, _ in CASES:
         roots[name] = tmp_path_factory.mktemp(name)
@@ -215,7 +216,7 @@ def outcomes(tmp_path_factory):
             setup(roots[name])
     results = cli_forks.run("sparsetrain.experiment", [(roots[name], _argv(roots[name], *argv, dataset=dataset))
                                                        for name, dataset, argv, _, _ in CASES],
-                            preload=["sparsetrain.experiment.study"])
+                            preload=["sparsetrain.experiment.study", "torchvision"])
     return {c[0]: (roots[c[0]], out) for c, out in zip(CASES, results)}
 
 
@@ -253,7 +254,7 @@ def test_gz_idx_reads_and_changed_data_refused(tmp_path):
     write_mnist(other / "data" / "mnist", gz=False, n_train=40, n_test=10, seed=1)
     again = _argv(tmp_path, *argv, "--data-dir", str(other / "data"))  # (the last --data-dir counts)
     first, same, changed = cli_forks.run("sparsetrain.experiment", [(tmp_path, _argv(tmp_path, *argv))] * 2
-                                         + [(tmp_path, again)], preload=["sparsetrain.experiment.study"], jobs=1)
+                                         + [(tmp_path, again)], preload=["sparsetrain.experiment.study", "torchvision"], jobs=1)
     assert first.returncode == 0 and same.returncode == 0, (first.stderr, same.stderr)  # same data: found finished
     assert changed.returncode == 2 and "was trained on other data" in changed.stderr, changed.stderr
     assert "Traceback" not in changed.stderr
