@@ -1335,6 +1335,16 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
     assert not torch.equal(next(model.parameters()), before[0])
 
 
+def _masked_mlp(seed: int):
+    """(a 6-5-3 MLP whose first layer's weight is masked, that mask, a copy of it to sparsify, an input)."""
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    mask = random_mask((5, 6), 0.5)
+    with torch.no_grad():
+        dense[0].weight.mul_(mask)
+    return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
+
+
 @pytest.mark.parametrize("make", ["sgd", "adam"])
 @pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
 def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, impl):
@@ -1343,12 +1353,7 @@ def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, 
     is refused, naming the parameter, the layer and sparsify_, the model untouched; one built after
     steps as the dense masked model's (gradient masked, mask applied after the step). Likewise after
     densify_. A replaced layer another model still runs (it has a gradient) trains on."""
-    torch.manual_seed(6)
-    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    mask = random_mask((5, 6), 0.5)
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
-    model, x = copy.deepcopy(dense), torch.randn(4, 6)
+    dense, mask, model, x = _masked_mlp(6)
     early = _optimizer(make, impl, model.parameters())
     sparsetrain.sparsify_(model, {"0": mask})
     model(x).sum().backward()
@@ -1729,12 +1734,7 @@ def test_an_optimizer_built_before_the_swap_is_refused_after_zero_grad_that_keep
     an optimizer built before sparsify_/densify_ still steps, never had a None gradient and its steps trained
     nothing, silently. Their gradients are dropped at the swap: the step is refused by name; one built after
     trains as the dense masked model."""
-    torch.manual_seed(8)
-    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    mask = random_mask((5, 6), 0.5)
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
-    model, x = copy.deepcopy(dense), torch.randn(4, 6)
+    dense, mask, model, x = _masked_mlp(8)
     if by == "densify_":
         sparsetrain.sparsify_(model, {"0": mask})
     early = torch.optim.SGD(model.parameters(), lr=0.1)
