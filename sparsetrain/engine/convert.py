@@ -159,20 +159,25 @@ def densify_(model: nn.Module) -> nn.Module:
     fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first. The model itself cannot be
     replaced in place: a sparse layer passed as `model` is refused (use its to_dense())."""
     check_model(model)
-    if is_sparse(model) or isinstance(model, BSRLinear):
+    if _densifiable(model):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
     for n, m in model.named_modules():  # (before any layer is swapped)
-        if is_sparse(m) or isinstance(m, BSRLinear):
+        if _densifiable(m):
             check_own_bias(m, f"layer {n!r}")
             try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
                 check_index(m.weight)
             except ValueError as e:
                 raise ValueError(f"layer {n!r}: {e}") from None
     unfuse_(model)
-    sparse = {n: m for n, m in model.named_modules() if is_sparse(m) or isinstance(m, BSRLinear)}
-    _replace_modules(model, lambda mod: _dense_of(mod) if is_sparse(mod) or isinstance(mod, BSRLinear) else None)
+    sparse = {n: m for n, m in model.named_modules() if _densifiable(m)}
+    _replace_modules(model, lambda mod: _dense_of(mod) if _densifiable(mod) else None)
     _retire(((n, m, model.get_submodule(n)) for n, m in sparse.items()), "densify_")
     return model
+
+
+def _densifiable(mod: nn.Module) -> bool:
+    """A layer densify_ replaces: a CSR layer (SparseLinear, SparseConv2d) or a BSRLinear."""
+    return is_sparse(mod) or isinstance(mod, BSRLinear)
 
 
 def _retire(replaced, by: str) -> None:
