@@ -142,8 +142,11 @@ def test_numbers_and_ranges():
     with pytest.raises(ValueError, match="reps must be an int >= 1"):
         sparse_is_faster(nn.Linear(4, 4), torch.ones(4, 4, dtype=torch.bool), (2, 4), reps=0)
     assert sparsity_after(2, 0.5) == 0.75 and sparsity_after(np.int64(0), np.float32(0.5)) == 0.0
-    for rounds, rate, name in ((-1, 0.5, "rounds"), (1.5, 0.5, "rounds"), (True, 0.5, "rounds"), (3, 1.5, "rate")):
-        with pytest.raises(ValueError, match=f"{name} must be"):
+    # (a wrong type is a TypeError, as rate's: 1.5 or True rounds were a ValueError before 2026-12-06)
+    for rounds, rate, name, cls in ((-1, 0.5, "rounds", ValueError), (1.5, 0.5, "rounds", TypeError),
+                                    (True, 0.5, "rounds", TypeError), ("2", 0.5, "rounds", TypeError),
+                                    (3, 1.5, "rate", ValueError), (3, "0.5", "rate", TypeError)):
+        with pytest.raises(cls, match=f"{name} must be"):
             sparsity_after(rounds, rate)
 
 

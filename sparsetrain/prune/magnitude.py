@@ -22,8 +22,11 @@ __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
 
 
 def sparsity_after(rounds: int, rate: float) -> float:
-    """Target sparsity after k rounds pruning `rate` of the remaining weights: 1 - (1 - rate)^k."""
-    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 0:
+    """Target sparsity after k rounds pruning `rate` of the remaining weights: 1 - (1 - rate)^k. `rounds`: an
+    int >= 0 (TypeError for another type, as `rate`; ValueError below 0)."""
+    if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):  # (a ValueError before 2026-12-06)
+        raise TypeError(f"rounds must be an int >= 0, got {type(rounds).__name__} {rounds!r}")
+    if rounds < 0:
         raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
     return 1.0 - (1.0 - check_rate(rate)) ** int(rounds)
 
