@@ -167,9 +167,16 @@ def test_next_sparsity_checks_rate_and_sparsity():
         for rate, cls in ((1.5, ValueError), (0, ValueError), ("0.5", TypeError), (None, TypeError)):
             with pytest.raises(cls, match="rate must be a number in"):
                 rule.next_sparsity(_mlp(), {}, rate, 0.0, 64)
-        for sparsity in (-0.1, 1.5, float("nan"), "0", None, True):
-            with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\]"):
+        # (a wrong type is a TypeError, as rate's: "0", None and True were a ValueError before 2026-12-06)
+        for sparsity, cls in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0", TypeError),
+                              (None, TypeError), (True, TypeError)):
+            with pytest.raises(cls, match=r"sparsity must be a number in \[0, 1\]"):
                 rule.next_sparsity(_mlp(), {}, 0.5, sparsity, 64)
+    from sparsetrain.prune import block_mask
+    for sparsity, cls in ((1.5, ValueError), ("0.5", TypeError), (None, TypeError), (False, TypeError)):
+        with pytest.raises(cls, match=r"sparsity must be a number in \[0, 1\]"):
+            block_mask(torch.randn(32, 32), 16, sparsity)
+    assert torch.equal(block_mask(torch.randn(32, 32), 16, np.float32(0.0)), torch.ones(32, 32, dtype=torch.bool))
 
 
 def test_sparse_ops_refuse_a_bias_that_is_no_tensor_by_name():

@@ -26,7 +26,7 @@ from ..engine.args import MATERIALIZE
 from ..engine.nn import stored_weight, valued_masks  # (valued_masks: re-exported)
 
 __all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite",
-           "valued_masks"]
+           "check_sparsity", "valued_masks"]
 
 SCOPES = ("global", "layer")
 RULES: dict[str, type["PruningRule"]] = {}
@@ -39,6 +39,16 @@ def check_rate(rate) -> float:
     if not 0.0 < float(rate) < 1.0:
         raise ValueError(f"rate must be a number in (0, 1), got {rate!r}")  # (numpy floats too)
     return float(rate)
+
+
+def check_sparsity(sparsity) -> float:
+    """`sparsity` as a float if it is a real number in [0, 1]: TypeError for another type (a str, a bool, None:
+    a ValueError before 2026-12-06), ValueError outside (NaN too)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a number in [0, 1], got {type(sparsity).__name__} {sparsity!r}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")  # (numpy floats too)
+    return float(sparsity)
 
 
 def count_of(rate: float, n: int) -> int:
@@ -87,9 +97,7 @@ class PruningRule:
         """The sparsity after one more round, from `sparsity` now (against `original` weights):
         1 - (1 - sparsity)(1 - rate) for a rule that prunes `rate` of the surviving weights."""
         rate = check_rate(rate)  # (1.5 gave a "sparsity" of 1.5, a str a TypeError from the arithmetic)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
-            raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
-        return 1.0 - (1.0 - float(sparsity)) * (1.0 - rate)
+        return 1.0 - (1.0 - check_sparsity(sparsity)) * (1.0 - rate)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

@@ -14,15 +14,13 @@ rule `needs_dense`.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
 from ..engine.args import check_weight
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import check_masks, check_untied, is_sparse, masks_of, prunable_layers
-from .base import PruningRule, check_finite, check_rate, check_scope, count_of, register, valued_masks
+from .base import PruningRule, check_finite, check_rate, check_scope, check_sparsity, count_of, register, valued_masks
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
 
@@ -34,9 +32,7 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     fully pruned by `mask` go first, and the result is within `mask`: masks only shrink across
     rounds (asking for less sparsity than `mask` has keeps `mask`)."""
     bs = check_block(block)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")  # (numpy floats too)
-    sparsity = float(sparsity)
+    sparsity = check_sparsity(sparsity)
     check_weight(weight, mask)
     if mask is not None and not isinstance(mask, torch.Tensor):  # (mask.shape: an AttributeError before)
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
