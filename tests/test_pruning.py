@@ -266,6 +266,35 @@ def test_nan_weights_are_refused_by_every_rule_on_both_engines():
             rule(model)
 
 
+def test_inf_weights_the_mask_keeps_are_refused_by_every_rule_on_both_engines():
+    """An inf weight (a diverged model) was ranked as the largest and kept by every rule (its layer's output inf
+    or NaN from then on), where NaN was refused; it is refused alike now, by layer name, the model untouched."""
+    from sparsetrain.prune import block_mask, block_prune, filter_prune
+    for engine in ("dense", "sparse"):
+        for sign in (1, -1):
+            model = _net()
+            masks = apply_engine(model, global_prune(model, {}, 0.2), engine)
+            w = model[0].weight.values if engine == "sparse" else model[0].weight
+            live = 0 if engine == "sparse" else int(masks["0"].flatten().nonzero()[0])
+            with torch.no_grad():
+                w.view(-1)[live] = sign * float("inf")
+            before = copy.deepcopy(model.state_dict())
+            with pytest.raises(ValueError, match="layer '0' has inf weights"):
+                global_prune(model, masks, 0.2)
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for rule in (lambda m: filter_prune(m, 0.5), lambda m: block_prune(m, {}, 0.5, 16)):
+        model = _net()
+        with torch.no_grad():
+            model[4].weight[2, 5] = float("inf")
+        with pytest.raises(ValueError, match="layer '4' has inf weights"):
+            rule(model)
+    w, mk = torch.randn(32, 32), torch.ones(32, 32, dtype=torch.bool)
+    w[3, 4], mk[3, 4] = float("-inf"), False  # under a pruned position: a pruned weight, taken
+    assert torch.equal(block_mask(w, 16, 0.5, mk), block_mask(w.masked_fill(~mk, 0), 16, 0.5, mk))
+    with pytest.raises(ValueError, match="weight has inf entries where mask keeps"):
+        block_mask(w, 16, 0.5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CPU runs above cover the rules")
 def test_pruning_on_cuda_gives_the_cpu_masks():
@@ -816,11 +845,14 @@ def test_global_prune_selects_every_layer_before_changing_any(monkeypatch):
 def test_pruned_inf_weights_become_zero_not_nan():
     # (zeroing by mul_(mask) made inf * 0 = NaN: the next round refused the model, the forward gave NaN)
     from sparsetrain.prune import block_prune
-    m = nn.Sequential(nn.Linear(2, 2))
+    # (an inf the mask keeps is refused since 2026-12-06: test_inf_weights_are_refused_...; one under a pruned
+    # position, not zeroed yet, is a pruned weight)
+    m = nn.Sequential(nn.Linear(2, 3))
+    pre = torch.tensor([[True, False], [True, True], [False, True]])
     with torch.no_grad():
-        m[0].weight.fill_(float("inf"))
-    masks = global_prune(m, {}, 0.5)
-    assert int((~masks["0"]).sum()) == 2 and bool((m[0].weight[~masks["0"]] == 0).all())
+        m[0].weight[~pre] = float("inf")
+    masks = global_prune(m, {"0": pre}, 0.5)
+    assert int((~masks["0"]).sum()) == 4 and bool((m[0].weight[~masks["0"]] == 0).all())
     m = nn.Sequential(nn.Linear(32, 32))
     mk = torch.ones(32, 32, dtype=torch.bool)
     mk[0, 0] = False

@@ -58,14 +58,21 @@ def count_of(rate: float, n: int) -> int:
     return min(n if rate >= 1 else max(n - 1, 0), math.floor(rate * n * (1 + 1e-12)))
 
 
-def check_finite(layers) -> None:
-    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by; and meta ones (none
-    at all: torch's error from inside, "Tensor.item() cannot be called on meta tensors", before)."""
+def check_finite(layers, masks: dict | None = None) -> None:
+    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by; ±inf ones that `masks`
+    keep (an overflowed, diverged weight: before 2026-12-06 ranked as the largest and kept, its layer's output
+    inf or NaN from then on; an inf under a pruned position is a pruned weight, set to 0 by the round); and
+    meta ones (none at all: torch's error from inside, "Tensor.item() cannot be called on meta tensors", before)."""
     for name, m in layers:
         if stored_weight(m).is_meta:
             raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): {MATERIALIZE}")
-        if bool(torch.isnan(stored_weight(m).detach()).any()):
+        w = stored_weight(m).detach()
+        if bool(torch.isnan(w).any()):
             raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
+        mk = (masks or {}).get(name) if isinstance(m.weight, torch.Tensor) else None  # (CSR values: all live)
+        if bool((torch.isinf(w) if mk is None else torch.isinf(w) & mk.to(w.device)).any()):
+            raise ValueError(f"layer {name!r} has inf weights (a diverged model): they cannot be ranked by magnitude; "
+                             "train again with a lower learning rate")
 
 
 def check_scope(scope) -> str:

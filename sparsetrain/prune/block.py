@@ -45,6 +45,8 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
         if mask.shape != weight.shape:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
         w = w.masked_fill(~mask, 0)  # (not w * mask: an inf under a pruned position would be NaN)
+    if bool(torch.isinf(w).any()):  # (ranked above every block and kept before 2026-12-06)
+        raise ValueError("weight has inf entries where mask keeps (a diverged model): they cannot be ranked by norm")
     norms = _scores(as_matrix(w), bs)  # [RB, CB]
     if mask is not None:  # pruned blocks rank below every live one (a live block of zeros included)
         dead = blocks_view(as_matrix(mask).to(torch.int32), bs).sum((2, 3)) == 0
@@ -89,7 +91,7 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
     layers = prunable_layers(model)
     if not layers:
         raise ValueError("model has no prunable layer (nn.Conv2d / nn.Linear)")
-    check_finite(layers)
+    check_finite(layers, masks)
     if any(is_sparse(m) for _, m in layers):
         raise ValueError("--structure block needs dense masked layers (engine dense)")
     cur = masks_of(model, masks)

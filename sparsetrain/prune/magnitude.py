@@ -83,7 +83,7 @@ def global_prune(model: nn.Module, masks: dict, rate: float, *, scope: str = "gl
     for n, m in layers:
         if is_sparse(m) and n in masks:
             check_pattern(n, m.weight.mask(), masks)
-    check_finite(layers)
+    check_finite(layers, masks)
     groups = [layers] if scope == "global" else [[l] for l in layers]
     selected = []  # (name, layer, dense mask or CSR keep) of every layer: all chosen before any changes,
     # so a layer the selection refuses leaves the model as it was, never half pruned
