@@ -147,6 +147,41 @@ def test_the_wall_sees_filter_pruning_s_actual_next_sparsity():
     assert make_rule("unstructured").next_sparsity(dense, {}, 0.5, 0.5, 64) == 0.75
 
 
+def test_the_wall_sees_block_pruning_s_actual_next_sparsity():
+    """A block round prunes floor(rate * tiles) (at least one, never a layer's top tile) of tiles of several sizes:
+    the wall took 1 - (1 - s)(1 - rate), so a 32x32 layer of four 16-tiles at rate 0.2 and wall 0.22 trained a round
+    at 25%, and a layer whose smallest tiles include a partial one stopped before a round at 14.3% under 0.19."""
+    import types
+    from sparsetrain.experiment.loop import should_stop
+    lenet = lambda: build_model("lenet300", num_classes=10, in_channels=1, image_size=28)  # noqa: E731
+
+    def skewed():  # ten 16x16 tiles and a 16x8 edge one; that and the first the smallest: 2 tiles are 384 of 2688
+        m = nn.Sequential(nn.Linear(168, 16))
+        with torch.no_grad():
+            m[0].weight[:, 160:] *= 0.01
+            m[0].weight[:, :16] *= 0.01
+        return m
+    # (rounds: how many the run trains, round 0 included; before, the nominal 20% was under the first two walls
+    # (actual 25%, 20.12%: one round more) and over the third (actual 14.3%: one round fewer))
+    for build, block, rate, wall, rounds in ((lambda: nn.Sequential(nn.Linear(32, 32)), 16, 0.2, 0.22, 1),
+                                             (lenet, 32, 0.2, 0.201, 1), (skewed, 16, 0.2, 0.19, 2),
+                                             (lenet, 32, 0.5, 0.8, 3)):
+        torch.manual_seed(0)
+        model = build()
+        n0, rule, masks = weight_count(model), make_rule("block", block=block), {}
+        cfg = types.SimpleNamespace(rate=rate, wall=wall, early_stop="none")
+        trained = []
+        while True:
+            trained.append(model_sparsity(model, masks, n0))
+            if should_stop(cfg, "teacher", rule, types.SimpleNamespace(model=model, masks=masks, rows=[]),
+                           trained[-1], n0):
+                break
+            predicted = rule.next_sparsity(model, masks, rate, trained[-1], n0)
+            masks = rule.prune(model, masks, rate)
+            assert model_sparsity(model, masks, n0) == predicted  # (the same selection, counted alike)
+        assert max(trained) < wall and len(trained) == rounds, (wall, trained)
+
+
 def test_filter_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     arch = dict(name="vgg_d1g5", num_classes=10, in_channels=3, image_size=32)
@@ -371,7 +406,8 @@ def test_end_to_end_block(mnist_dir, study_args):
                                  "--teachers", "dense")) == 0
     pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     rows = _rows(pd / "metrics.csv")
-    assert float(rows[-1]["sparsity"]) >= 0.9 and all(int(r["sparse_layers"]) == 0 for r in rows)
+    # (every round under the wall 0.95: before 2026-12-06 the wall took the nominal 94.7% for a round at 95.4%)
+    assert 0.85 <= float(rows[-1]["sparsity"]) < 0.95 and all(int(r["sparse_layers"]) == 0 for r in rows)
     prev = None
     for k in range(len(rows)):
         m = masks_of(*load_model(str(pd / "ckpt" / f"round_{k:02d}.pt"))[:2])

@@ -186,7 +186,7 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
 
 def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float, original: int) -> bool:
     """Algorithm 1's wall (line 6: a round is trained only while its target sparsity, 1 - (1 -
-    current)(1 - rate), is below the wall; filter pruning's actual next sparsity: rule.next_sparsity),
+    current)(1 - rate), is below the wall; filter and block pruning's actual next sparsity: rule.next_sparsity),
     nothing left to prune, or, for the students only (the teacher is a full run), the --early-stop rule."""
     if not rule.can_prune(s.model, s.masks) or \
             rule.next_sparsity(s.model, s.masks, cfg.rate, sparsity, original) >= cfg.wall - 1e-9:
