@@ -1286,3 +1286,69 @@ def test_auto_engine_keeps_a_half_precision_cpu_model_dense(monkeypatch, tmp_pat
             ref = F.linear(F.relu(F.conv2d(x, base[0].weight * masks["0"], base[0].bias, padding=1)).flatten(1),
                            base[3].weight * masks["3"], base[3].bias)
             torch.testing.assert_close(model(x.to(dtype)).float(), ref, **({} if sparse else dict(atol=0.1, rtol=0.05)))
+
+
+def test_compute_mask_is_the_mask_a_round_gives_one_layer():
+    """rule.compute_mask(t, default_mask, rate), as torch.nn.utils.prune's BasePruningMethod.compute_mask: the
+    mask global_prune / block_prune (one layer, or scope="layer") and filter_prune give that layer's weight,
+    within default_mask (masks only shrink), the tensor unchanged; the rules had no such per-tensor method."""
+    from sparsetrain.prune import block_prune, filter_prune, make_rule
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 36), nn.ReLU(), nn.Linear(36, 20).double(), nn.ReLU(), nn.Linear(20, 5))
+    with torch.no_grad():
+        model[0].weight[:, :6] = 0.5  # exact ties
+    masks = global_prune(copy.deepcopy(model), {}, 0.3, scope="layer")
+    for name, prune, rate in (("unstructured", lambda m, mk, r: global_prune(m, mk, r, scope="layer"), 0.3),
+                              ("block", lambda m, mk, r: block_prune(m, mk, r, 16, scope="layer"), 0.4)):
+        rule, ref = make_rule(name, block=16), copy.deepcopy(model)
+        want = prune(ref, masks, rate)
+        for n, m in prunable_layers(model):
+            w = m.weight.detach().clone()
+            got = rule.compute_mask(m.weight, masks[n], rate)
+            assert got.dtype == torch.bool and torch.equal(got, want[n]), (name, n)
+            assert not bool((got & ~masks[n]).any()) and torch.equal(m.weight, w)
+            assert torch.equal(rule.compute_mask(w, None, rate),  # (None: all kept)
+                               rule.compute_mask(w, torch.ones_like(w, dtype=torch.bool), rate))
+    one = nn.Sequential(nn.Linear(40, 36))
+    assert torch.equal(make_rule("unstructured").compute_mask(one[0].weight, None, 0.5),
+                       global_prune(copy.deepcopy(one), {}, 0.5)["0"])
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    trial = copy.deepcopy(conv)
+    filter_prune(trial, 0.5)
+    got = make_rule("filter").compute_mask(conv[0].weight, None, 0.5)
+    rows = got.reshape(8, -1)
+    assert bool((rows.all(1) | ~rows.any(1)).all())  # whole filters
+    assert torch.equal(rows.all(1).nonzero().flatten(), trial.kept_channels["0"])
+    again = make_rule("filter").compute_mask(conv[0].weight, got, 0.5)  # 4 filters left: 2 more go
+    assert int(again.reshape(8, -1).all(1).sum()) == 2 and not bool((again & ~got).any())
+
+
+def test_compute_mask_refuses_bad_arguments_by_name():
+    from sparsetrain.prune import make_rule
+    w = torch.randn(32, 32)
+    for name in ("unstructured", "block", "filter"):
+        rule = make_rule(name, block=16)
+        for bad, cls, match in ((torch.ones(32, 32), TypeError, "default_mask must be None or a bool tensor"),
+                                (torch.ones(32, 31, dtype=torch.bool), ValueError, "default_mask must be"),
+                                ([[True]], TypeError, "default_mask must be")):
+            with pytest.raises(cls, match=match):
+                rule.compute_mask(w, bad, 0.5)
+        with pytest.raises(TypeError, match="weight must be a floating-point"):
+            rule.compute_mask(w.long(), None, 0.5)
+        with pytest.raises(TypeError, match="rate must be a number"):
+            rule.compute_mask(w, None, "0.5")
+        with pytest.raises(ValueError, match="rate must be a number"):
+            rule.compute_mask(w, None, 1.0)
+        bad = w.clone()
+        bad[1, 2] = float("inf")
+        with pytest.raises(ValueError, match="t has inf entries where default_mask keeps"):
+            rule.compute_mask(bad, None, 0.5)
+        mk = torch.ones(32, 32, dtype=torch.bool)
+        mk[1, 2] = False  # an inf under a pruned position: a pruned weight
+        assert torch.equal(rule.compute_mask(bad, mk, 0.5), rule.compute_mask(bad.masked_fill(~mk, 0), mk, 0.5))
+        bad[1, 2] = float("nan")
+        with pytest.raises(ValueError, match="t has NaN entries"):
+            rule.compute_mask(bad, None, 0.5)
+    for name in ("block", "filter"):
+        with pytest.raises(ValueError, match="t must be a weight with"):
+            make_rule(name, block=16).compute_mask(torch.randn(0) if name == "filter" else torch.randn(8), None, 0.5)

@@ -8,6 +8,7 @@ layers (engine CSR) are their own mask and are re-packed in place.
     rule = make_rule("unstructured", scope="global")
     masks = rule.prune(model, masks, rate=0.2)      # new masks of the dense layers
     rule.can_prune(model, masks)                     # can another round remove anything?
+    rule.compute_mask(weight, mask, 0.2)             # one tensor's next mask, as torch's prune methods
     rule.needs_dense                                 # must layers stay dense masked?
 
 Adding a rule: a subclass in its own module under sparsetrain/prune/ decorated with `@register`,
@@ -22,11 +23,11 @@ import numbers
 import torch
 from torch import nn
 
-from ..engine.args import MATERIALIZE
+from ..engine.args import MATERIALIZE, check_bool_mask, check_weight
 from ..engine.nn import stored_weight, valued_masks  # (valued_masks: re-exported)
 
 __all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite",
-           "check_sparsity", "valued_masks"]
+           "check_sparsity", "check_tensor_mask", "valued_masks"]
 
 SCOPES = ("global", "layer")
 RULES: dict[str, type["PruningRule"]] = {}
@@ -75,6 +76,23 @@ def check_finite(layers, masks: dict | None = None) -> None:
                              "train again with a lower learning rate")
 
 
+def check_tensor_mask(t, default_mask) -> torch.Tensor:
+    """compute_mask's arguments: `t` a floating-point tensor with values, `default_mask` None or a bool tensor
+    of t's shape (TypeError for another type or dtype, ValueError for another shape), no NaN in `t` and no
+    ±inf where `default_mask` keeps (as check_finite). Returns the mask (all-True for None) on t's device."""
+    check_weight(t, default_mask)
+    if default_mask is None:
+        default_mask = torch.ones_like(t, dtype=torch.bool)
+    check_bool_mask(default_mask, t.shape, f"default_mask must be None or a bool tensor of t's shape {tuple(t.shape)}")
+    default_mask = default_mask.to(t.device)
+    w = t.detach()
+    if bool(torch.isnan(w).any()):
+        raise ValueError("t has NaN entries: they cannot be ranked by magnitude")
+    if bool((torch.isinf(w) & default_mask).any()):
+        raise ValueError("t has inf entries where default_mask keeps (a diverged model): they cannot be ranked")
+    return default_mask
+
+
 def check_scope(scope) -> str:
     """`scope` if it is one of SCOPES, else ValueError."""
     if scope not in SCOPES:
@@ -98,6 +116,14 @@ class PruningRule:
 
     def can_prune(self, model: nn.Module, masks: dict) -> bool:
         """Whether another round can remove anything."""
+        raise NotImplementedError
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor | None, rate: float) -> torch.Tensor:
+        """The bool mask one round of this rule gives the single weight tensor `t` ([out, ...], scored as the
+        rule scores a layer's weights) that `default_mask` (a bool tensor of t's shape, None: all kept) keeps
+        now: within `default_mask` (masks only shrink), the weights under it unchanged (torch.nn.utils.prune's
+        BasePruningMethod.compute_mask(t, default_mask), the amount given as `rate`). One tensor is one layer:
+        `scope` does not apply."""
         raise NotImplementedError
 
     def next_sparsity(self, model: nn.Module, masks: dict, rate: float, sparsity: float, original: int) -> float:

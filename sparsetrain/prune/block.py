@@ -22,7 +22,8 @@ from torch import nn
 from ..engine.args import check_weight
 from ..engine.bsr import as_matrix, blocks_view, check_block
 from ..engine.nn import check_masks, check_untied, is_sparse, masks_of, model_sparsity, prunable_layers
-from .base import PruningRule, check_finite, check_rate, check_scope, check_sparsity, count_of, register, valued_masks
+from .base import (PruningRule, check_finite, check_rate, check_scope, check_sparsity, check_tensor_mask, count_of,
+                   register, valued_masks)
 
 __all__ = ["block_mask", "block_prune", "BlockRule"]
 
@@ -100,30 +101,41 @@ def block_prune(model: nn.Module, masks: dict, rate: float, block: int = 32, *, 
     stats = {n: _block_stats(m.weight.detach(), cur[n], bs) for n, m in layers}
     new_masks = dict(masks)
     for group in ([layers] if scope == "global" else [[l] for l in layers]):
-        cand, n_alive = [], 0
-        for li, (n, _) in enumerate(group):
-            norms, alive, _ = stats[n]
-            n_alive += int(alive.sum())
-            ok = alive.clone()
-            if bool(alive.any()):  # the layer's top-scoring surviving block is never a candidate
-                ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
-            idx = ok.nonzero().flatten()
-            cand.append((norms[idx], torch.full_like(idx, li), idx))
-        norms = torch.cat([c[0] for c in cand])
-        k = min(max(1, count_of(rate, n_alive)), norms.numel())
-        # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
-        pick = torch.argsort(norms, stable=True)[:k]
-        which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]
-        for li, (n, m) in enumerate(group):
-            _, alive, shape = stats[n]
-            keep = alive.clone()
-            keep[blk[which == li]] = False
-            rows, cols = as_matrix(m.weight).shape
-            full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
-            new_masks[n] = cur[n] & full.reshape(m.weight.shape).to(cur[n].device)
+        for (n, m), keep in zip(group, _select_blocks([stats[n] for n, _ in group], rate)):
+            new_masks[n] = cur[n] & _expand(keep, stats[n][2], m.weight, bs).to(cur[n].device)
             with torch.no_grad():
                 m.weight.masked_fill_(~new_masks[n], 0)  # (not mul_: an inf pruned would become NaN)
     return new_masks
+
+
+def _select_blocks(stats: list, rate: float) -> list[torch.Tensor]:
+    """One round over a group of layers (their _block_stats, in layer order): the blocks each keeps (flat bool)."""
+    cand, n_alive = [], 0
+    for li, (norms, alive, _) in enumerate(stats):
+        n_alive += int(alive.sum())
+        ok = alive.clone()
+        if bool(alive.any()):  # the layer's top-scoring surviving block is never a candidate
+            ok[torch.where(alive, norms, norms.new_tensor(-1.0)).argmax()] = False
+        idx = ok.nonzero().flatten()
+        cand.append((norms[idx], torch.full_like(idx, li), idx))
+    norms = torch.cat([c[0] for c in cand])
+    k = min(max(1, count_of(rate, n_alive)), norms.numel())
+    # stable sort over (layer order, block index) order: ties go to earlier layers / blocks
+    pick = torch.argsort(norms, stable=True)[:k]
+    which, blk = torch.cat([c[1] for c in cand])[pick], torch.cat([c[2] for c in cand])[pick]
+    out = []
+    for li, (_, alive, _) in enumerate(stats):
+        keep = alive.clone()
+        keep[blk[which == li]] = False
+        out.append(keep)
+    return out
+
+
+def _expand(keep: torch.Tensor, shape, weight: torch.Tensor, bs: int) -> torch.Tensor:
+    """The flat per-block `keep` ([RB, CB] `shape`) as an element mask of `weight`'s shape."""
+    rows, cols = as_matrix(weight).shape
+    full = keep.reshape(shape).repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:rows, :cols]
+    return full.reshape(weight.shape)
 
 
 @register
@@ -138,6 +150,16 @@ class BlockRule(PruningRule):
 
     def prune(self, model, masks, rate):
         return block_prune(model, masks, rate, self.block, scope=self.scope)
+
+    def compute_mask(self, t, default_mask, rate):
+        """PruningRule.compute_mask: floor(rate * surviving tiles), at least one, never the top one, of t's tiles
+        of smallest norm per sqrt(area) (t viewed as [out, in*kh*kw]), as block_prune selects a layer's."""
+        rate, mask = check_rate(rate), check_tensor_mask(t, default_mask)
+        if t.dim() < 2:
+            raise ValueError(f"t must be a weight with at least 2 dims ([out, ...]), got shape {tuple(t.shape)}")
+        w = t.detach()
+        stats = _block_stats(w, mask, self.block)
+        return mask & _expand(_select_blocks([stats], rate)[0], stats[2], w, self.block)
 
     def next_sparsity(self, model, masks, rate, sparsity, original):
         # a round prunes floor(rate * tiles), at least one, never a layer's top tile, and tiles differ in size

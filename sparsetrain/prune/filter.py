@@ -29,7 +29,7 @@ from torch import nn
 
 from ..engine.nn import check_model, is_sparse, model_sparsity
 from ..engine.optim_state import retire
-from .base import PruningRule, check_finite, check_rate, count_of, register, valued_masks
+from .base import PruningRule, check_finite, check_rate, check_tensor_mask, count_of, register, valued_masks
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
 
@@ -225,6 +225,26 @@ class FilterRule(PruningRule):
         _check_no_pruned_masks(model, masks)
         filter_prune(model, rate)
         return {}  # channels are gone: the smaller dense layers need no masks
+
+    def compute_mask(self, t, default_mask, rate):
+        """PruningRule.compute_mask: whole filters (rows along dim 0) of smallest l1 norm of t's kept weights, as
+        filter_prune ranks a layer's: floor(rate * n) of the n filters `default_mask` keeps any of, at least one
+        and never all (ties: lower index first); a mask, where filter_prune removes them (which layers to prune,
+        not the classifier, is the caller's)."""
+        rate, mask = check_rate(rate), check_tensor_mask(t, default_mask)
+        if t.dim() < 1 or t.shape[0] == 0:
+            raise ValueError(f"t must be a weight with filters along dim 0, got shape {tuple(t.shape)}")
+        rows = mask.reshape(t.shape[0], -1)
+        alive = rows.any(1).nonzero().flatten()
+        n = alive.numel()
+        k = min(n - 1, max(1, count_of(rate, n)))  # as filter_prune
+        if k < 1:
+            return mask.clone()
+        l1 = t.detach().masked_fill(~mask, 0).double().abs().reshape(t.shape[0], -1).sum(1)[alive]
+        drop = alive[torch.argsort(l1, stable=True)[:k]]
+        keep = torch.ones(t.shape[0], dtype=torch.bool, device=mask.device)
+        keep[drop] = False
+        return mask & keep.reshape(-1, *([1] * (t.dim() - 1)))
 
     def next_sparsity(self, model, masks, rate, sparsity, original):
         # removing rate of a layer's filters also removes that share of the next layer's inputs

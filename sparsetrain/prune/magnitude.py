@@ -16,7 +16,7 @@ from torch import nn
 
 from ..engine import ops
 from ..engine.nn import check_masks, check_pattern, check_untied, is_sparse, prunable_layers, stored_weight
-from .base import PruningRule, check_finite, check_rate, check_scope, register, valued_masks
+from .base import PruningRule, check_finite, check_rate, check_scope, check_tensor_mask, register, valued_masks
 
 __all__ = ["global_prune", "sparsity_after", "MagnitudeRule"]
 
@@ -128,6 +128,15 @@ class MagnitudeRule(PruningRule):
 
     def prune(self, model, masks, rate):
         return global_prune(model, masks, rate, scope=self.scope)
+
+    def compute_mask(self, t, default_mask, rate):
+        """PruningRule.compute_mask: floor(rate * kept) of the kept weights of smallest |t| (ties: flat order),
+        the selection global_prune makes for a layer of weight `t`."""
+        rate, mask = check_rate(rate), check_tensor_mask(t, default_mask)
+        w = t.detach()
+        sel = w.cpu() if w.dtype in (torch.float32, torch.float64) else w.cpu().double()  # (as global_prune)
+        thr, ties = ops.magnitude_threshold([sel], rate, [mask.cpu()])
+        return _prune_dense_mask(w, mask, thr, ties)[0]
 
     def can_prune(self, model, masks):
         # a round prunes floor(rate * n) < n of a group's n survivors (rate < 1): something only where n >= 2
