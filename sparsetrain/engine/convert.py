@@ -12,7 +12,7 @@ from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode
 from .index import check_index
-from .optim_state import retire
+from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
@@ -132,7 +132,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
         for k in [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]:
             del hooks[k]
     _replace_modules(model, lambda mod: new.get(id(mod)))  # (every name the layer has, masked or not)
-    _retire(((named[i], modules[named[i]], layer) for i, layer in new.items()), "sparsify_")
+    retire_replaced(model, {named[i]: dict(modules[named[i]].named_parameters()) for i in new}, "sparsify_")
     if fuse:
         fuse_(model)
     return model
@@ -169,25 +169,15 @@ def densify_(model: nn.Module) -> nn.Module:
             except ValueError as e:
                 raise ValueError(f"layer {n!r}: {e}") from None
     unfuse_(model)
-    sparse = {n: m for n, m in model.named_modules() if _densifiable(m)}
+    sparse = {n: dict(m.named_parameters()) for n, m in model.named_modules() if _densifiable(m)}
     _replace_modules(model, lambda mod: _dense_of(mod) if _densifiable(mod) else None)
-    _retire(((n, m, model.get_submodule(n)) for n, m in sparse.items()), "densify_")
+    retire_replaced(model, sparse, "densify_")
     return model
 
 
 def _densifiable(mod: nn.Module) -> bool:
     """A layer densify_ replaces: a CSR layer (SparseLinear, SparseConv2d) or a BSRLinear."""
     return is_sparse(mod) or isinstance(mod, BSRLinear)
-
-
-def _retire(replaced, by: str) -> None:
-    """The replaced layers' Parameters the new layers do not hold (the dense weight and bias, or the values
-    and the bias copy) are refused at an optimizer's step: one built before the swap trained nothing."""
-    for name, old, layer in replaced:
-        kept = {id(p) for p in layer.parameters()}
-        for key, p in old.named_parameters():
-            if id(p) not in kept:
-                retire(p, f"{key} of layer {name!r}", by)
 
 
 def _dense_of(mod: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-__all__ = ["watch_state", "watch_resized", "shrink_state", "mark_stale", "retire"]
+__all__ = ["watch_state", "watch_resized", "shrink_state", "mark_stale", "retire", "retire_replaced"]
 
 
 # ---- optimizer state that does not fit its parameter ----------------------------------------------
@@ -109,6 +109,17 @@ def retire(param: torch.Tensor, what: str, by: str) -> None:
     param.grad = None
     with _lock:
         _retired[param] = (what, by)
+
+
+def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
+    """After `by` (the function) swapped layers of `model` or their Parameters: `before` maps each layer's
+    name to its {key: Parameter} before the swap; every one of those the model no longer holds is retired,
+    named "{key} of layer {name!r}" (sparsify_, densify_ and keep_channels_ alike)."""
+    kept = {id(p) for p in model.parameters()}
+    for name, params in before.items():
+        for key, p in params.items():
+            if id(p) not in kept:
+                retire(p, f"{key} of layer {name!r}", by)
 
 
 def _check_state_shapes(optimizer, args, kwargs):

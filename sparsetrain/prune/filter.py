@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..engine.nn import check_model, is_sparse, model_sparsity
-from ..engine.optim_state import retire
+from ..engine.optim_state import retire_replaced
 from .base import PruningRule, check_finite, check_rate, check_tensor_mask, count_of, register, valued_masks
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
@@ -133,7 +133,8 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
         raise ValueError(f"keep names layers whose channels cannot be removed: {unknown}; "
                          f"prunable: {sorted(groups)}")
     kept = dict(getattr(model, "kept_channels", {}))
-    before = dict(model.named_parameters())  # (replaced by smaller ones: an optimizer holding these is refused)
+    before = {n: dict(m.named_parameters(recurse=False)) for n, m in model.named_modules()}  # (replaced by
+    # smaller ones: an optimizer holding these is refused)
     for name, idx in keep.items():
         g = groups[name]
         n = g.layer.weight.shape[0]
@@ -166,11 +167,7 @@ def keep_channels_(model: nn.Module, keep: dict) -> nn.Module:
             g.nxt.in_features = cols.numel()
         kept[name] = kept.get(name, torch.arange(n))[idx]
     model.kept_channels = kept
-    now = {id(p) for p in model.parameters()}
-    for key, p in before.items():
-        if id(p) not in now:
-            layer, _, what = key.rpartition(".")
-            retire(p, f"{what} of layer {layer!r}", "filter pruning (keep_channels_)")
+    retire_replaced(model, before, "filter pruning (keep_channels_)")
     return model
 
 
