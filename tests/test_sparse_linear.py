@@ -1787,6 +1787,36 @@ def test_an_optimizer_built_before_sparsify_of_frozen_layers_trains_the_rest():
         early.step()
 
 
+@pytest.mark.parametrize("by", ["sparsify_", "densify_"])
+def test_an_optimizer_built_before_the_swap_of_a_frozen_layer_is_refused_once_it_is_unfrozen(by):
+    """A layer frozen (requires_grad=False) when sparsify_/densify_ replaced it, unfrozen after, while an
+    optimizer built before holds all of the model's parameters: that optimizer holds only the old frozen
+    tensors, so its steps trained the rest and silently never the unfrozen layer. Its step is refused by
+    name, the model untouched; one built after the unfreezing trains as the dense masked model's."""
+    dense, mask, model, x = _masked_mlp(10)
+    if by == "densify_":
+        sparsetrain.sparsify_(model, {"0": mask})
+    model[0].requires_grad_(False)
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsetrain.densify_(model) if by == "densify_" else sparsetrain.sparsify_(model, {"0": mask})
+    model[0].requires_grad_(True)
+    model(x).pow(2).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"SGD param_groups\[0\]\['params'\]\[0\] is the \S+ of layer '0', which {by} "
+                       r"replaced while frozen \(requires_grad=False\); its replacement requires grad now, and this "
+                       r"optimizer does not hold it.*build the optimizer after"):
+        early.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt, ref = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, dense))
+    dense(x).pow(2).sum().backward()
+    if by == "sparsify_":
+        dense[0].weight.grad.mul_(mask)
+    opt.step(), ref.step()
+    weight = model[0].weight.to_dense() if by == "sparsify_" else model[0].weight
+    torch.testing.assert_close(weight, dense[0].weight)
+    torch.testing.assert_close(model(x), dense(x))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
 def test_reset_parameters_and_mask_on_the_meta_device(kind):
     """A model moved to meta (model.apply(reset_parameters) over it, as deferred-init code does): the CSR

@@ -121,6 +121,35 @@ def test_an_optimizer_built_before_filter_pruning_is_refused_and_one_built_after
     torch.testing.assert_close(model.fc3.weight, ref.fc3.weight[:, k2])
 
 
+def test_an_optimizer_built_before_filter_pruning_a_frozen_layer_is_refused_once_it_is_unfrozen():
+    """fc1 frozen (requires_grad=False) when filter pruning replaced its Parameters, unfrozen after, with an
+    optimizer built before holding all of the model's: it holds only fc1's old frozen tensors, so its
+    steps silently never trained fc1. Refused by name, the model untouched; one built after trains as
+    the reference restricted to the kept channels."""
+    torch.manual_seed(1)
+    model = lenet_300_100()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    model.fc1.requires_grad_(False)
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    orig = copy.deepcopy(model)
+    filter_prune(model, 0.5)
+    model.fc1.requires_grad_(True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"SGD param_groups\[0\]\['params'\]\[0\] is the weight of layer 'fc1', which "
+                       r"filter pruning \(keep_channels_\) replaced while frozen \(requires_grad=False\); its "
+                       r"replacement requires grad now"):
+        early.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    ref = _reference(orig, model.kept_channels).requires_grad_(True)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    nn.functional.cross_entropy(ref(x), y).backward()
+    opt.step(), ref_opt.step()
+    k1 = model.kept_channels["fc1"]
+    torch.testing.assert_close(model.fc1.weight, ref.fc1.weight[k1])
+    torch.testing.assert_close(model.fc1.bias, ref.fc1.bias[k1])
+
+
 def test_the_wall_sees_filter_pruning_s_actual_next_sparsity():
     """A filter round removes a share of a layer's filters and as much of the next layer's inputs
     (~1 - (1 - rate)^2 of a middle layer): the wall test takes the next round's actual sparsity, so

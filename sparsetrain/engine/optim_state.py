@@ -100,15 +100,16 @@ def mark_stale(values: torch.Tensor) -> None:
                     tensors[t] = key
 
 
-def retire(param: torch.Tensor, what: str, by: str) -> None:
+def retire(param: torch.Tensor, what: str, by: str, new: torch.Tensor | None = None) -> None:
     """`param` is no longer the model's (`what`: which tensor of which layer; `by`: the function that
-    replaced the layer): an optimizer's step over it is refused by name."""
+    replaced the layer; `new`: the Parameter now in its place, if any): an optimizer's step over it is
+    refused by name."""
     watch_state()
     # (its gradient dropped: zero_grad(set_to_none=False) kept the last one, zeroed, so the check below never
     # saw None and the old optimizer's steps trained nothing, silently; a model still running it makes another)
     param.grad = None
     with _lock:
-        _retired[param] = (what, by)
+        _retired[param] = (what, by, None if new is None else weakref.ref(new))
 
 
 def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
@@ -117,9 +118,21 @@ def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
     named "{key} of layer {name!r}" (sparsify_, densify_ and keep_channels_ alike)."""
     kept = {id(p) for p in model.parameters()}
     for name, params in before.items():
+        now = dict(model.get_submodule(name).named_parameters()) if params else {}
         for key, p in params.items():
-            if id(p) not in kept:
-                retire(p, f"{key} of layer {name!r}", by)
+            if id(p) not in kept:  # (in its place: the same key, or a CSR/BSR weight's values for a dense weight)
+                new = now.get(key, now.get(key + ".values", now.get(key.removesuffix(".values"))))
+                retire(p, f"{key} of layer {name!r}", by, new)
+
+
+def _replacement(entry: tuple) -> torch.Tensor | None:
+    """The Parameter now in a retired one's place, through later swaps (sparsify_, then densify_), or None."""
+    for _ in range(64):  # (each swap makes new Parameters: a chain, never a cycle)
+        new = entry[2]() if entry[2] is not None else None
+        entry = _retired.get(new) if new is not None else None
+        if entry is None:
+            return new
+    return None
 
 
 def _check_state_shapes(optimizer, args, kwargs):
@@ -128,16 +141,26 @@ def _check_state_shapes(optimizer, args, kwargs):
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
         retired = len(_retired) > 0
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]} if retired else ()
     for g, group in enumerate(optimizer.param_groups if retired else ()):
         for i, p in enumerate(group["params"]):
             entry = _retired.get(p)
-            # (a gradient: another model still uses that layer; frozen: a layer no optimizer trained, before either)
-            if entry is not None and p.grad is None and p.requires_grad:
-                what, by = entry
+            # (a gradient: another model still uses that layer; frozen: a layer no optimizer trained, before
+            # either, unless its replacement was unfrozen since, which this optimizer then does not train)
+            if entry is None or p.grad is not None:
+                continue
+            what, by = entry[:2]
+            where = f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {what}, which {by} replaced"
+            if p.requires_grad:
                 raise ValueError(
-                    f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {what}, which {by} "
-                    f"replaced, and has no gradient: the model no longer uses it, so this optimizer would train "
+                    f"{where}, and has no gradient: the model no longer uses it, so this optimizer would train "
                     f"nothing there; build the optimizer after {by}, from model.parameters()")
+            new = _replacement(entry)
+            if new is not None and new.requires_grad and id(new) not in held:
+                raise ValueError(
+                    f"{where} while frozen (requires_grad=False); its replacement requires grad now, and this "
+                    f"optimizer does not hold it, so it would train nothing there; build the optimizer after {by} "
+                    f"and the unfreezing, from model.parameters()")
     for p, former in watched:  # (first: a stale tensor of another shape is told its shape)
         for key, t in optimizer.state.get(p, {}).items():
             if isinstance(t, torch.Tensor) and t.shape in former and t.shape != p.shape:
