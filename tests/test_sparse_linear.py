@@ -1817,6 +1817,77 @@ def test_an_optimizer_built_before_the_swap_of_a_frozen_layer_is_refused_once_it
     torch.testing.assert_close(model(x), dense(x))
 
 
+def test_a_step_over_a_replaced_layer_another_model_runs_without_a_backward_yet_does_nothing():
+    """An optimizer holding a layer that sparsify_ replaced in one model and another model still runs: a
+    step before any backward (no gradient anywhere) was refused as if the layer were untrained, where plain
+    PyTorch steps nothing. It passes, changing nothing; after the other model's backward it trains that
+    layer as the same optimizer over an untouched copy does."""
+    torch.manual_seed(11)
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    other, x = nn.Sequential(shared[0]), torch.randn(4, 6)
+    ref = copy.deepcopy(other)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (other, ref))
+    sparsetrain.sparsify_(shared, {"0": random_mask((6, 6), 0.5)})
+    before = [p.detach().clone() for p in other.parameters()]
+    opt.step()  # (no gradient: nothing to do, as in plain PyTorch)
+    assert all(torch.equal(p, b) for p, b in zip(other.parameters(), before))
+    for _ in range(2):
+        for m, o in ((other, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(other(x), ref(x))
+    assert not torch.equal(other[0].weight, before[0])
+
+
+def test_an_optimizer_built_before_sparsify_given_the_new_layer_s_parameters_trains_it():
+    """An optimizer built before sparsify_ that is then given the sparse layer's Parameters
+    (add_param_group) trains the model: its step was refused for the old tensors it still holds (no
+    gradient reaches them; a step skips them). It steps as the dense masked model's optimizer."""
+    dense, mask, model, x = _masked_mlp(13)
+    early, ref = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, dense))
+    sparsetrain.sparsify_(model, {"0": mask})
+    early.add_param_group({"params": list(model[0].parameters())})
+    for _ in range(2):
+        for m, o in ((model, early), (dense, ref)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+        dense[0].weight.grad.mul_(mask)
+        early.step(), ref.step()
+    torch.testing.assert_close(model[0].weight.to_dense(), dense[0].weight)
+    torch.testing.assert_close(model(x), dense(x))
+
+
+def test_a_gradient_another_model_computed_before_the_swap_is_dropped_and_its_step_refused_saying_so():
+    """The swap drops the replaced layers' gradients (zero_grad(set_to_none=False) kept an old optimizer's
+    as zeros): another model that still runs the layer and ran its backward before the swap, stepping
+    after, loses that gradient. A gradient there cannot be told from the swapped model's own, so its
+    step is refused, saying the swap dropped it, the model untouched; after its backward again it trains
+    as the same optimizer over an untouched copy does."""
+    torch.manual_seed(12)
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    other, x = nn.Sequential(shared[0]), torch.randn(4, 6)
+    ref = copy.deepcopy(other)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (other, ref))
+    other(x).pow(2).sum().backward()
+    sparsetrain.sparsify_(shared, {"0": random_mask((6, 6), 0.5)})
+    assert other[0].weight.grad is None
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ValueError, match=r"is the weight of layer '0', which sparsify_ replaced, and has no gradient: "
+                       r".*\(sparsify_ dropped the gradient it held: a model that still runs that layer needs its "
+                       r"backward again after sparsify_, or its step before\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(other.parameters(), before))
+    for m, o in ((other, opt), (ref, ref_opt)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+    torch.testing.assert_close(other(x), ref(x))
+    opt.zero_grad()
+    opt.step()  # (a gradient came since the swap: none lost, and no gradient now is a no-op)
+    torch.testing.assert_close(other(x), ref(x))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
 def test_reset_parameters_and_mask_on_the_meta_device(kind):
     """A model moved to meta (model.apply(reset_parameters) over it, as deferred-init code does): the CSR

@@ -106,10 +106,13 @@ def retire(param: torch.Tensor, what: str, by: str, new: torch.Tensor | None = N
     refused by name."""
     watch_state()
     # (its gradient dropped: zero_grad(set_to_none=False) kept the last one, zeroed, so the check below never
-    # saw None and the old optimizer's steps trained nothing, silently; a model still running it makes another)
+    # saw None and the old optimizer's steps trained nothing, silently; a model still running it makes another.
+    # Kept, it could not be told from another model's gradient not stepped yet, which is lost: its step is
+    # refused, saying so, until a gradient comes again)
+    dropped = param.grad is not None
     param.grad = None
     with _lock:
-        _retired[param] = (what, by, None if new is None else weakref.ref(new))
+        _retired[param] = (what, by, None if new is None else weakref.ref(new), dropped)
 
 
 def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
@@ -141,22 +144,33 @@ def _check_state_shapes(optimizer, args, kwargs):
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
         retired = len(_retired) > 0
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]} if retired else ()
+    params = [p for group in optimizer.param_groups for p in group["params"]] if retired else []
+    held = {id(p) for p in params}
+    # (a step changes only parameters with a gradient: none at all, as with no backward yet, is PyTorch's no-op)
+    grads = any(p.grad is not None for p in params)
     for g, group in enumerate(optimizer.param_groups if retired else ()):
         for i, p in enumerate(group["params"]):
             entry = _retired.get(p)
             # (a gradient: another model still uses that layer; frozen: a layer no optimizer trained, before
             # either, unless its replacement was unfrozen since, which this optimizer then does not train)
+            if entry is not None and p.grad is not None and entry[3]:
+                with _lock:  # (a gradient since the swap: none was lost)
+                    _retired[p] = entry[:3] + (False,)
             if entry is None or p.grad is not None:
                 continue
-            what, by = entry[:2]
+            what, by, _, dropped = entry
+            new = _replacement(entry)
+            if new is not None and id(new) in held:  # (it trains the replacement too)
+                continue
+            active = grads or (new is not None and new.grad is not None)
             where = f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {what}, which {by} replaced"
-            if p.requires_grad:
+            if p.requires_grad and (active or dropped):
                 raise ValueError(
                     f"{where}, and has no gradient: the model no longer uses it, so this optimizer would train "
-                    f"nothing there; build the optimizer after {by}, from model.parameters()")
-            new = _replacement(entry)
-            if new is not None and new.requires_grad and id(new) not in held:
+                    f"nothing there; build the optimizer after {by}, from model.parameters()" + (
+                        f" ({by} dropped the gradient it held: a model that still runs that layer needs its backward "
+                        f"again after {by}, or its step before)" if dropped else ""))
+            if not p.requires_grad and active and new is not None and new.requires_grad:
                 raise ValueError(
                     f"{where} while frozen (requires_grad=False); its replacement requires grad now, and this "
                     f"optimizer does not hold it, so it would train nothing there; build the optimizer after {by} "
