@@ -82,9 +82,11 @@ _SDDMM_CONFIGS = [
 ]
 
 
-@autotune(_SDDMM_CONFIGS, key=["NNZB", "M_KEY", "BS", "SPLIT"], reset_to_zero=["out"])
+# (keyed on the block rows and the density bucket, as the other kernels: the exact block count re-tuned
+# every pruning round)
+@autotune(_SDDMM_CONFIGS, key=["NROWS", "M_KEY", "DENSITY_KEY", "BS", "SPLIT"], reset_to_zero=["out"])
 @triton.jit
-def _bsr_sddmm_kernel(dy, x, brow, idx, out, M, N, K, NNZB, M_KEY, SPLIT,
+def _bsr_sddmm_kernel(dy, x, brow, idx, out, M, N, K, NROWS, M_KEY, DENSITY_KEY, SPLIT,
                       PRECISION: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
     """out[j] = dy[:, r*BS:...]^T @ x[:, c*BS:...] for block j = (brow[j], idx[j]); the batch is
     cut into SPLIT slices (pid(1)) accumulated atomically when SPLIT > 1."""
@@ -292,8 +294,9 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     out = (torch.empty if split == 1 else torch.zeros)(
         (nnzb, BS, BS), dtype=x.dtype if exact else torch.float32, device=x.device)
     brow = block_rows(crow)
-    launch(_bsr_sddmm_kernel, lambda m: (nnzb, split), dy2, x2, brow, col, out, M, N, K, nnzb,
-           pow2_bucket(M), split, PRECISION=_precision(x.dtype), BS=BS)
+    rows = crow.numel() - 1
+    launch(_bsr_sddmm_kernel, lambda m: (nnzb, split), dy2, x2, brow, col, out, M, N, K, rows,
+           pow2_bucket(M), density_key(nnzb, rows), split, PRECISION=_precision(x.dtype), BS=BS)
     return out if exact else out.to(x.dtype)
 
 

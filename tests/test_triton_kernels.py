@@ -1094,6 +1094,34 @@ def test_bsr_tf32_follows_every_pytorch_switch():
         matmul.fp32_precision, torch.backends.fp32_precision = saved
 
 
+def test_bsr_grad_weight_autotune_key_buckets_the_block_count(monkeypatch):
+    """The BSR weight-gradient kernel's autotune key (what triton.autotune would key on, from the args the
+    launch passes) is the same for two masks of one layer in the same density bucket: it keyed on the exact
+    block count before, a fresh autotune every pruning round on a GPU. A denser bucket or batch re-keys."""
+    import sparsetrain.kernels.bsr_matmul as KB
+    from sparsetrain.kernels import _utils
+    tuner = KB._bsr_sddmm_kernel  # (compiled mode in this process: the triton.autotune Autotuner)
+    keys = []
+
+    def record(kernel, grid, *args, **meta):
+        named = {**dict(zip(tuner.fn.arg_names, args)), **meta}
+        keys.append(tuple(named[k] for k in tuner.keys))
+
+    monkeypatch.setattr(KB, "launch", record)
+    monkeypatch.setattr(_utils, "INTERPRET", True)  # (CPU tensors; launches recorded, not run)
+
+    def grad_weight(per_row, batch=64, rows=8, bs=16):
+        crow = torch.arange(rows + 1, dtype=torch.int64) * per_row
+        col = torch.arange(per_row, dtype=torch.int32).repeat(rows)
+        x, gy = torch.randn(batch, rows * bs), torch.randn(batch, rows * bs)
+        KB.bsr_linear_grad_weight(gy, x, crow, col, bs, split=1)
+
+    for per_row, batch in ((5, 64), (6, 64), (7, 64), (2, 64), (6, 300)):
+        grad_weight(per_row, batch)
+    assert keys[0] == keys[1] == keys[2]  # 40, 48, 56 of 64 blocks: one tuning
+    assert keys[3] != keys[0] and keys[4] != keys[1]  # (16 blocks; a batch of 300)
+
+
 def test_launch_runs_on_the_device_of_its_cuda_tensors(monkeypatch):
     """Triton launches on the current CUDA device: `launch` makes it the device of the first CUDA
     tensor argument (tensors on cuda:1 while cuda:0 is current), and leaves CPU launches alone."""
