@@ -185,6 +185,45 @@ def compiled_bsr_under_the_triton_backend_runs_the_interpreter_eagerly():
 
 
 @interp
+def bsr_torch_func_transforms_on_the_triton_kernels():
+    """A BSRLinear on the Triton kernels (old-style autograd.Function) failed every torch.func transform with
+    PyTorch's "it must override the setup_context staticmethod": vmap over its input runs now (the Triton
+    forward, the batch as leading dimensions; gradients through it too), and grad/jacrev, jvp and vmap over
+    its values are refused with a NotImplementedError saying so, as for the CSR layers."""
+    import sparsetrain
+    import sparsetrain.kernels.bsr_matmul as K
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.prune import block_mask
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(40, 20)
+    mask = block_mask(lin.weight, 16, 0.5)
+    layer = BSRLinear.from_dense(lin, 16, mask)
+    x = torch.randn(3, 2, 40, requires_grad=True)
+    with sparsetrain.use_backend("triton"), count_calls(K, ["bsr_linear_forward"]) as calls:
+        y = torch.func.vmap(layer, in_dims=1)(x)  # (batch on dim 1: moved to the front)
+        assert calls == ["bsr_linear_forward"], calls
+        y.backward(gy := torch.randn(y.shape))
+        ry, rdx, rdw, rdb = reference_grads(dense_linear, x.transpose(0, 1), lin.weight, mask, lin.bias, gy)
+        assert_close_all([(y, ry), (x.grad.transpose(0, 1), rdx),
+                          (layer.weight.values.grad, BSR.from_dense(rdw, 16, mask).values), (layer.bias.grad, rdb)])
+        x0 = x[0].detach()
+        params = {"weight.values": layer.weight.values.detach().expand(2, -1, -1, -1), "bias": layer.bias.detach()}
+        for transform, match in (
+                (lambda: torch.func.grad(lambda t: layer(t).sum())(x0), "do not support torch.func.grad, vjp, jacrev"),
+                (lambda: torch.func.jacrev(layer)(x0[0]), "do not support torch.func.grad, vjp, jacrev"),
+                (lambda: torch.func.grad(lambda t: torch.func.vmap(layer)(t).sum())(x0), "torch.func.grad"),
+                (lambda: torch.func.jvp(layer, (x0,), (torch.ones_like(x0),)), "no forward-mode derivative"),
+                (lambda: torch.func.vmap(lambda v: torch.func.functional_call(
+                    layer, {**params, "weight.values": v}, (x0,)))(params["weight.values"]), "over a BSRLinear's values")):
+            try:
+                transform()
+            except NotImplementedError as e:
+                assert match in str(e), e
+            else:
+                raise AssertionError(f"not refused: {match}")
+
+
+@interp
 def linear_skewed_rows_and_split_batch():
     """One dense row among empty/short ones (row sorting), a batch wider than one tile, and the
     SDDMM with the batch split over programs (atomic accumulation)."""

@@ -18,11 +18,12 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import nn
 
 from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
-from .autograd import eager, first_order
+from .autograd import eager, first_order, grad_tracked
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
 from .index import check_index, seal_index
 from .torch_prune import check_own_bias, current_param
@@ -163,14 +164,32 @@ class _BSRLinearFn(torch.autograd.Function):
     """y = x W^T + b with the three Triton products (forward, dx = dy W, dW at stored blocks)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, w):
+    def forward(x, values, bias, w):
         from sparsetrain.kernels import bsr_matmul as K
+        return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0], in_features=w.shape[1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms need it)
+        x, values, bias, w = inputs
         # the block index as of this forward: a pattern loaded before the backward (in place into crow/col,
         # a new transposed index) fails torch's version check instead of pairing these values with another
         # index (under autocast `values` is a cast copy, which the in-place load of the layer's does not touch)
         ctx.save_for_backward(x, values, w.crow_indices, w.col_indices, *w.transposed())
         ctx.w, ctx.has_bias = w, bias is not None
-        return K.bsr_linear_forward(x, w.crow_indices, w.col_indices, values, bias, w.shape[0], in_features=w.shape[1])
+
+    @staticmethod
+    def vmap(info, in_dims, x, values, bias, w):
+        """torch.func.vmap over x: its batch dimension becomes a leading one of the product's (any leading
+        dimensions are batch); batched values or bias (an ensemble of weights) are refused."""
+        if in_dims[1] is not None or in_dims[2] is not None:
+            raise NotImplementedError("torch.func.vmap over a BSRLinear's values or bias is not supported on the "
+                                      "Triton kernels (vmap over its input is)")
+        return _BSRLinearFn.apply(x.movedim(in_dims[0], 0), values, bias, w), 0
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
+                                  "hessian are not supported (torch.autograd, torch.func.vmap are)")
 
     @staticmethod
     @first_order  # (no formulas for the gradient ops)
@@ -219,6 +238,16 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
                          "or 'triton' runs the Triton kernels")
     if mode == "triton" or (mode == "auto" and x.is_cuda):
         values = weight.values
+        # torch.func.grad/vjp/jacrev: the backward gets the transform's wrapped tensors, which the Triton kernels
+        # cannot read ("Cannot access storage of TensorWrapper"); refused as the CSR ops refuse them (ops.py)
+        transforms = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+        if transforms and any(i.key() == torch._C._functorch.TransformType.Jvp
+                              for i in retrieve_all_functorch_interpreters()):
+            _BSRLinearFn.jvp(None)
+        if transforms and any(grad_tracked(t) for t in (x, values, bias)):
+            raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
+                                      "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap "
+                                      "works)")
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
             dt = torch.get_autocast_dtype(x.device.type)
             x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)
