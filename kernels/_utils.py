@@ -159,6 +159,23 @@ def check_conv_args(kernel_size, stride, padding) -> None:
             raise ValueError(f"{arg} must be >= {low}, got {[int(e) for e in v]}")
 
 
+def conv_geometry(x_shape, O, kernel_size, stride, padding):
+    """The conv kernels' sizes (a dict; conv_args: in their argument order) for x [B, C, H, W] and O outputs."""
+    check_conv_args(kernel_size, stride, padding)
+    B, C, H, W = x_shape
+    (KH, KW), (SH, SW), (PH, PW) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    if H + 2 * PH < KH or W + 2 * PW < KW:
+        raise ValueError(f"input spatial size ({H}, {W}) plus padding ({PH}, {PW}) is smaller than the "
+                         f"kernel ({KH}, {KW})")
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    return dict(C=C, H=H, W=W, O=O, OH=OH, OW=OW, KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW)
+
+
+def conv_args(g):
+    """conv_geometry's sizes as the conv kernels take them, in order."""
+    return [g[k] for k in ("C", "H", "W", "O", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW")]
+
+
 def is_int(v) -> bool:
     """An int, numpy's included, but not a bool (True ran as 1): engine.args.is_int's rule, kept here once
     for the kernels (kernels/ imports nothing from sparsetrain)."""

@@ -28,8 +28,9 @@ import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
-                     check_ints, check_perm, check_split, check_transposed, check_values, density_key, dtype_name,
-                     launch, max_index, num_sms, pow2_bucket, row_order, tensor_args)
+                     check_ints, check_perm, check_split, check_transposed, check_values, conv_args as _args,
+                     conv_geometry as _geometry, density_key, dtype_name, launch, max_index, num_sms, pow2_bucket,
+                     row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -166,21 +167,6 @@ def _conv_wgrad_kernel(dy, x, ptr, idx, order, out, C, H, W, O, OH, OW, KH, KW, 
 
 
 # ============================================================================ host side
-def _geometry(x_shape, O, kernel_size, stride, padding):
-    check_conv_args(kernel_size, stride, padding)
-    B, C, H, W = x_shape
-    (KH, KW), (SH, SW), (PH, PW) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
-    if H + 2 * PH < KH or W + 2 * PW < KW:
-        raise ValueError(f"input spatial size ({H}, {W}) plus padding ({PH}, {PW}) is smaller than the "
-                         f"kernel ({KH}, {KW})")
-    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
-    return dict(C=C, H=H, W=W, O=O, OH=OH, OW=OW, KH=KH, KW=KW, SH=SH, SW=SW, PH=PH, PW=PW)
-
-
-def _args(g):
-    return [g[k] for k in ("C", "H", "W", "O", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW")]
-
-
 def _check_x(x, name, values=None):
     if values is not None:
         check_activation(x, name, values)
