@@ -52,8 +52,10 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_scale, in_shif
                      S, S_KEY, DENSITY_KEY, KHW, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                      IN_ACT: tl.constexpr, IN_RELU: tl.constexpr, COUNTS: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
-    o = tl.load(order + tl.program_id(1)).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # one grid axis, pixel tiles then channels (CUDA's second stops at 65535 programs: channels there failed)
+    pid, tiles = tl.program_id(0).to(tl.int64), tl.cdiv(S, BLOCK_S)
+    o = tl.load(order + pid // tiles).to(tl.int64)
+    offs = (pid % tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs < S
     b = offs // (OH * OW)
     rem = offs % (OH * OW)
@@ -99,8 +101,9 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_scale, in_shif
 @triton.jit
 def _conv_dgrad_kernel(dy, cptr, rows, perm, vals, order, dx, C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
                        S, S_KEY, DENSITY_KEY, KHW, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
-    c = tl.load(order + tl.program_id(1)).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    pid, tiles = tl.program_id(0).to(tl.int64), tl.cdiv(S, BLOCK_S)  # (one grid axis, as the forward's)
+    c = tl.load(order + pid // tiles).to(tl.int64)
+    offs = (pid % tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs < S
     b = offs // (H * W)
     rem = offs % (H * W)
@@ -201,7 +204,7 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     S = B * g["OH"] * g["OW"]
     if S == 0 or O == 0:
         return y
-    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), O)  # noqa: E731  (pixels on the 2^31 axis)
+    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]) * O,)  # noqa: E731  (2^31 - 1: fewer than y's elements)
     in_scale, in_shift, in_relu = in_act or (None, None, False)
     # unused pointers: stats and counts (zeroed between autotuning runs) stand in as y, which the
     # chosen config's run writes anyway, never as the weight's values
@@ -249,7 +252,7 @@ def conv2d_grad_input(grad_out, ccol, row_t, perm, values, input_size, kernel_si
         return dx
     # (per tap count too: one index read as a 3x3 conv and as a 1x1 one groups its columns otherwise)
     order = cached(f"channel_order{KH * KW}", ccol, lambda: row_order(ccol[::KH * KW].contiguous()))
-    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]), C)  # noqa: E731
+    grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]) * C,)  # noqa: E731
     launch(_conv_dgrad_kernel, grid, grad_out.contiguous(), ccol, row_t, perm, values.contiguous(), order, dx,
            *_args(g), S, pow2_bucket(S), density_key(row_t.numel(), C), KH * KW)
     return dx

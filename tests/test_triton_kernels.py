@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -1159,6 +1160,33 @@ def test_bsr_grad_weight_autotune_key_buckets_the_block_count(monkeypatch):
         grad_weight(per_row, batch)
     assert keys[0] == keys[1] == keys[2]  # 40, 48, 56 of 64 blocks: one tuning
     assert keys[3] != keys[0] and keys[4] != keys[1]  # (16 blocks; a batch of 300)
+
+
+def test_conv_grids_fit_cuda_s_grid_limits_with_many_channels(monkeypatch):
+    """The conv forward and input gradient put channels on CUDA grid axis 1 (65,535 programs at most): 70,000
+    output (input) channels failed at launch on a GPU. Every config's grid, from the launches recorded (not run),
+    keeps axes 1 and 2 within 65,535 and axis 0 within 2^31 - 1, and still has a program per tile and channel."""
+    import sparsetrain.kernels.sparse_conv2d as KC
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels import _utils
+    grids = []
+    monkeypatch.setattr(_utils, "INTERPRET", True)  # (CPU tensors; launches recorded, not run)
+    monkeypatch.setattr(KC, "launch", lambda kernel, grid, *args, **meta: grids.append((kernel, grid, args)))
+    n, geo = 70_000, ((1, 1), (1, 1), (0, 0))
+    for shape in ((n, 1, 1, 1), (1, n, 1, 1)):  # (the forward's many outputs, the input gradient's many inputs)
+        w = CSR.from_dense(torch.randn(shape))
+        crow, col, vals, ccol, row_t, perm = (t.detach() for t in w.index())
+        x = torch.randn(2, shape[1], 3, 3)
+        if shape[0] == n:
+            KC.conv2d_forward(x, crow, col, vals, *geo)
+        else:
+            KC.conv2d_grad_input(torch.randn(2, 1, 3, 3), ccol, row_t, perm, vals, (3, 3), *geo)
+    assert [g[0] for g in grids] == [KC._conv_fwd_kernel, KC._conv_dgrad_kernel]
+    for kernel, grid, args in grids:
+        for cfg in kernel.configs:
+            dims = grid(cfg.kwargs)
+            assert dims[0] <= 2**31 - 1 and all(d <= 65_535 for d in dims[1:]), (kernel.fn.__name__, dims)
+            assert math.prod(dims) == -(-2 * 9 // cfg.kwargs["BLOCK_S"]) * n, (kernel.fn.__name__, dims)
 
 
 def test_launch_runs_on_the_device_of_its_cuda_tensors(monkeypatch):
