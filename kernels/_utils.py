@@ -191,11 +191,13 @@ def check_ints(v, arg: str) -> None:
 
 def check_split(split) -> int | None:
     """A weight gradient's `split` (slices of the batch or pixels, summed atomically): None (chosen) or an int
-    >= 1, returned as an int; 0 or a negative launched no program (uninitialised memory or zeros, silently)."""
+    in [1, 65535], returned as an int; 0 or a negative launched no program (uninitialised memory or zeros, silently)."""
     if split is not None and not is_int(split):
         raise TypeError(f"split must be an int >= 1 or None, got {split!r}")
     if split is not None and split < 1:
         raise ValueError(f"split must be an int >= 1 or None, got {split!r}")
+    if split is not None and split > 65_535:  # (the slices are CUDA grid axis 1: more failed at launch)
+        raise ValueError(f"split must be at most 65535 (CUDA's second grid axis), got {split!r}")
     return None if split is None else int(split)
 
 

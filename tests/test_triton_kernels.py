@@ -1189,6 +1189,30 @@ def test_conv_grids_fit_cuda_s_grid_limits_with_many_channels(monkeypatch):
             assert math.prod(dims) == -(-2 * 9 // cfg.kwargs["BLOCK_S"]) * n, (kernel.fn.__name__, dims)
 
 
+def test_weight_gradient_split_fits_cuda_s_second_grid_axis(monkeypatch):
+    """The weight gradients' `split` slices are CUDA grid axis 1 (65,535 programs at most): a split of 65,536
+    passed the check and failed at launch on a GPU; it is refused naming the limit, 65,535 still launches."""
+    from sparsetrain.engine.bsr import BSR
+    from sparsetrain.engine.formats import CSR
+    from sparsetrain.kernels import _utils, bsr_matmul as KB, sparse_conv2d as KC, sparse_linear as KL
+    grids = []
+    monkeypatch.setattr(_utils, "INTERPRET", True)  # (CPU tensors; launches recorded, not run)
+    for mod in (KB, KC, KL):
+        monkeypatch.setattr(mod, "launch", lambda kernel, grid, *args, **meta: grids.append(grid({})))
+    c, lin, wb = CSR.from_dense(torch.randn(3, 2, 3, 3)), CSR.from_dense(torch.randn(4, 6)), BSR.from_dense(
+        torch.randn(20, 18), 16)
+    calls = [lambda s: KC.conv2d_grad_weight(torch.randn(2, 3, 4, 5), torch.randn(2, 2, 4, 5), c.crow_indices,
+                                             c.col_indices, (3, 3), (1, 1), (1, 1), split=s),
+             lambda s: KL.csr_sddmm(lin.crow_indices, lin.col_indices, torch.randn(4, 5), torch.randn(6, 5), split=s),
+             lambda s: KB.bsr_linear_grad_weight(torch.randn(3, 20), torch.randn(3, 18), wb.crow_indices,
+                                                 wb.col_indices, 16, split=s)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"split must be at most 65535 \(CUDA's second grid axis\), got 65536"):
+            call(65_536)
+        call(65_535)
+        assert grids.pop()[1] == 65_535 and not grids
+
+
 def test_launch_runs_on_the_device_of_its_cuda_tensors(monkeypatch):
     """Triton launches on the current CUDA device: `launch` makes it the device of the first CUDA
     tensor argument (tensors on cuda:1 while cuda:0 is current), and leaves CPU launches alone."""
