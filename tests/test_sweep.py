@@ -940,6 +940,21 @@ def test_report_keeps_teacher_only_runs_no_study_links_and_asks_where(tmp_path, 
     assert e.value.code == 2 and "report: give --out DIR for the report of several folders" in capsys.readouterr().err
 
 
+def test_report_expands_a_leading_tilde_in_its_run_dirs(tmp_path, monkeypatch, capsys):
+    """`report '~/sweeps/runs'` (quoted, or after '=', no shell expands it) found no run directory: the
+    ~ was a folder of that name here; it is the home folder, as in --out, --reuse and --teachers."""
+    curve = [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]
+    _write_run(tmp_path / "home" / "runs" / "a", 0.1, [0], {0: curve})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", "~/runs"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "home" / "runs" / "report" / "summary.md")
+    assert cli.main(["report", str(tmp_path / "home" / "runs"), "--out", str(tmp_path / "ref")]) == 0  # (as spelled out)
+    rows, ref = (list(csv.DictReader(open(d / "table1.csv"))) for d in (tmp_path / "home" / "runs" / "report",
+                                                                       tmp_path / "ref"))
+    assert rows and rows == ref and not (tmp_path / "~").exists()
+
+
 def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tmp_path):
     """A sweep over engine whose auto study failed before creating its run directory: the auto teacher
     run (done) is that setting's only result and stays in the report, labelled engine=auto by the grid's

@@ -190,6 +190,8 @@ def _main(argv=None) -> int:
         stray = [k for k, v in vars(args).items() if k not in ("what", "run_dirs", "out") and v != parser.get_default(k)]
         if stray:  # (a report reads finished runs: it neither filters nor runs anything)
             parser.error(f"report takes run directories and --out only, got {', '.join('--' + k.replace('_', '-') for k in stray)}")
+        # (a leading ~ quoted or after '=', as --out: it was looked up as a folder named ~ here)
+        args.run_dirs = [os.path.expanduser(d) for d in args.run_dirs]
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
