@@ -955,6 +955,19 @@ def test_report_expands_a_leading_tilde_in_its_run_dirs(tmp_path, monkeypatch, c
     assert rows and rows == ref and not (tmp_path / "~").exists()
 
 
+def test_report_of_a_sweep_root_names_its_runs_folder(tmp_path, capsys):
+    """`report sweeps` (the sweep's --out, not its runs folder) said only 'no run directory': it now
+    names SWEEPS/runs, where the runs are; a folder without runs below it gets no such hint."""
+    _write_run(tmp_path / "sweeps" / "runs" / "a", 0.1, [0], {0: [(0.0, 0.5, 0.5)]})
+    for folder, hint in ((tmp_path / "sweeps", True), (tmp_path / "empty", False)):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["report", str(folder)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"no run directory (with a config.json) in {folder}" in err
+        assert (f"give {tmp_path / 'sweeps' / 'runs'}" in err) == hint and err.count("\n") == 1
+
+
 def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tmp_path):
     """A sweep over engine whose auto study failed before creating its run directory: the auto teacher
     run (done) is that setting's only result and stays in the report, labelled engine=auto by the grid's

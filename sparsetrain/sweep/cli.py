@@ -194,7 +194,9 @@ def _main(argv=None) -> int:
         args.run_dirs = [os.path.expanduser(d) for d in args.run_dirs]
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
-            parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}")
+            roots = [os.path.join(d, "runs") for d in args.run_dirs if _run_dirs([os.path.join(d, "runs")])]
+            parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}"
+                         + (f"; a sweep's runs are in its --out's runs folder: give {' '.join(roots)}" if roots else ""))
         dirs = _leaves(dirs)
         from .report import write_sweep_report
         out = args.out
