@@ -327,6 +327,40 @@ def test_a_file_the_sweep_cannot_write_is_one_line(tmp_path, monkeypatch, capsys
     assert "No space left on device" in err and summary.read_text() == before
 
 
+def test_a_run_log_or_marker_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
+    """A run's log or its .running marker that cannot be written (a read-only or full disk; here a folder
+    in its place) was a bare OSError, and a marker's left the experiment process running unwatched: now
+    WriteFailed naming the file, the process never started; the sweep's "not run" log of an invalid point
+    is one line (SweepError) naming it, where it was a traceback."""
+    from sparsetrain.experiment.files import WriteFailed
+    from sparsetrain.sweep import runner
+    started = []
+
+    class Popen:  # (records a process started and whether it was waited for)
+        def __init__(self, *a, **k):
+            started.append(self)
+            self.waited = False
+
+        def wait(self, timeout=None):
+            self.waited = True
+            return 0
+    monkeypatch.setattr(runner.subprocess, "Popen", Popen)
+    log = tmp_path / "logs" / "r.log"
+    for blocked in (log, tmp_path / "logs" / "r.log.running"):
+        blocked.mkdir(parents=True)
+        with pytest.raises(WriteFailed) as e:
+            runner.run_experiment(["mnist"], str(log), 1, str(tmp_path))
+        assert e.value.filename == str(blocked) and str(e.value).startswith(f"cannot write {blocked}: ")
+        assert all(p.waited for p in started) and blocked.is_dir()
+        blocked.rmdir()
+    assert runner.run_experiment(["mnist"], str(log), 1, str(tmp_path)) >= 0  # (the reference: it runs)
+    assert len(started) == 1 and started[0].waited and not os.path.exists(str(log) + ".running")
+    (invalid,) = make_plan(_settings(tmp_path, alpha=[1.5], seeds=[0]), str(tmp_path / "sw"), threads=1)
+    (tmp_path / "sw" / "s" / "logs" / f"{invalid.name}.log").mkdir(parents=True)
+    with pytest.raises(runner.SweepError, match=f"cannot write {tmp_path / 'sw' / 's' / 'logs' / invalid.name}.log: "):
+        runner.execute([invalid], str(tmp_path / "sw" / "s"))
+
+
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
     """A second sweep on the folder a running one holds (its lock) stops at once with who holds it."""
     from sparsetrain.experiment.files import folder_lock

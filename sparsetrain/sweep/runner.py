@@ -49,18 +49,20 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     to `log`; returns its seconds. Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the
     process, which resumes on the next attempt. Without a GPU share, CUDA is hidden from it (Ray
     sets CUDA_VISIBLE_DEVICES only for tasks that ask for GPUs: the others would all use GPU 0)."""
-    os.makedirs(os.path.dirname(log), exist_ok=True)
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    with open(log, "a") as f:
-        cmd = [program] if program.endswith(".py") else ["-m", program]
-        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
-        f.flush()
+    cmd = [program] if program.endswith(".py") else ["-m", program]
+    f = _open_log(log, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
+    with f:
         start = f.tell()  # (this attempt's output: its one-line error, if any)
-        proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        open(marker, "w").close()
+        try:
+            _write_marker(marker)  # (before the process: one it cannot write was left running unwatched)
+            proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        except BaseException:
+            _remove(marker)
+            raise
         try:
             while True:  # (polled: a cancel's KeyboardInterrupt lands only while Python runs)
                 try:
@@ -77,8 +79,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
             f.write(f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run resumes)\n")
             raise
         finally:
-            if os.path.exists(marker):
-                os.remove(marker)
+            _remove(marker)
         f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
     if rc == EXIT_BUSY:
         raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
@@ -88,6 +89,36 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else _exception_line(log, start)
         raise RunFailed(f"exit code {rc}{why} (see {log})")
     return time.time() - t0
+
+
+def _open_log(log: str, header: str):
+    """The run's log opened to append, `header` written; WriteFailed naming the file where it cannot be
+    (a read-only or full disk: a bare OSError before 2026-12-06)."""
+    try:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        f = open(log, "a")
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
+    try:
+        f.write(header)
+        f.flush()
+        return f
+    except OSError as e:
+        f.close()
+        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
+
+
+def _write_marker(marker: str) -> None:
+    """The log's `.running` marker (its process has started); WriteFailed naming it where it cannot be written."""
+    try:
+        open(marker, "w").close()
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), marker) from None
+
+
+def _remove(marker: str) -> None:
+    if os.path.isfile(marker):
+        os.remove(marker)
 
 
 def _log_lines(log: str, start: int) -> list[str]:
@@ -191,15 +222,18 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     logs = os.path.join(os.path.abspath(sweep_dir), "logs")  # (absolute: Ray workers have their own cwd)
     status = {r.name: {"state": "skipped" if r.done() else "queued", "kind": r.kind, "run_dir": r.run_dir,
                        "log": os.path.join(logs, f"{r.name}.log"), "deps": r.deps} for r in plan}
-    os.makedirs(logs, exist_ok=True)
+    try:
+        os.makedirs(logs, exist_ok=True)
+    except OSError as e:  # (a traceback before 2026-12-06)
+        raise WriteFailed(e.errno, e.strerror or str(e), logs) from None
     for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
         if f.endswith(".running"):
             os.remove(os.path.join(logs, f))
     for r in plan:
         if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
-            with open(status[r.name]["log"], "a") as f:
-                f.write(f"=== not run: the experiment rejects this grid point {r.point}\n{r.error}\n")
+            _open_log(status[r.name]["log"], f"=== not run: the experiment rejects this grid point {r.point}\n"
+                      f"{r.error}\n").close()
     try:  # a finished run keeps the seconds an earlier invocation measured
         with open(os.path.join(sweep_dir, "status.json")) as f:
             before = json.load(f)
