@@ -98,6 +98,30 @@ def test_a_grid_value_added_before_a_finished_study_links_its_vanilla_student(tm
     assert new.needs == {teacher.name: ["teacher"]} and old.needs == {new.name: ["vanilla"], teacher.name: ["teacher"]}
 
 
+def test_a_teacher_run_whose_studies_all_finished_elsewhere_is_not_planned(tmp_path):
+    """Studies the experiment's own command finished (their teacher phase trained in their directory, not
+    linked): the sweep still trained their teacher run, which nobody links, before 2026-12-06; it is left out
+    (their --reuse and dependencies without it) until a study that needs it is unfinished, and a teacher-only
+    point's run, a result of its own, is always planned."""
+    settings = _settings(tmp_path, student=["vgg_d1g1"], alpha=[0.5, 0.8], seeds=[0])
+    teacher, *studies = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    assert [r.kind for r in studies] == ["study", "study"]
+    for s in studies:  # (what the plain command leaves: every phase its own, then its report)
+        for ph in ("teacher", *(p for p in s.phases if p != "teacher")):
+            write_json(os.path.join(s.run_dir, "seed0", ph, "best.json"), {"round": 1})
+        open(os.path.join(s.run_dir, "summary.md"), "w").close()
+    plan = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    assert [r.name for r in plan] == [s.name for s in studies] and all(r.done() for r in plan)
+    assert all(r.deps == [] and r.needs == {} and "--reuse" not in r.argv for r in plan[:1])
+    assert plan[1].deps == [studies[0].name] and plan[1].argv[plan[1].argv.index("--reuse") + 1:][:1] == [
+        studies[0].run_dir] and teacher.run_dir not in plan[1].argv
+    os.remove(os.path.join(studies[1].run_dir, "summary.md"))  # (one unfinished: the teacher run is its dependency)
+    plan = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    assert plan[0].name == teacher.name and teacher.name in plan[2].deps
+    alone = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0]), str(tmp_path / "sw"), threads=1)
+    assert [(r.kind, r.done()) for r in alone] == [("teacher", False)]
+
+
 def test_a_study_knows_whether_its_teacher_run_is_its_vanilla_curve(tmp_path):
     """A kept teacher run (its study failed) is labelled the teacher's only where the study trains
     a vanilla student of its own (another model); else its curve is the setting's vanilla one."""

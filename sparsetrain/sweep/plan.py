@@ -149,6 +149,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
     studies = []
     checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
+    results = set()  # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
     for point in expand(settings):
         if "seeds" in point:
             seeds = point.pop("seeds")
@@ -180,6 +181,8 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"],
                                   config=_record(tcfg))
                 owner[key] = tname
+            if cfg.phases == ("teacher",):
+                results.add(tname)
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
     shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
@@ -220,7 +223,26 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(runs_root, d) for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
                          own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
-    return list(runs.values())
+    return _drop_unneeded_teachers(runs, results)
+
+
+def _drop_unneeded_teachers(runs: dict, results: set) -> list[Run]:
+    """The plan without the unfinished teacher runs whose every study has finished (the experiment's own
+    command trained them with their teacher phase: the sweep trained a teacher nobody would link before
+    2026-12-06); their studies' --reuse and dependencies lose them."""
+    users = {n: [s for s in runs.values() if n in s.deps] for n in runs}
+    drop = {n for n, r in runs.items() if r.kind == "teacher" and n not in results and not r.done()
+            and users[n] and all(s.done() for s in users[n])}
+    for r in runs.values():
+        if drop & set(r.deps):
+            gone = [runs[d].run_dir for d in r.deps if d in drop]
+            i = r.argv.index("--reuse")
+            end = next((j for j in range(i + 1, len(r.argv)) if r.argv[j].startswith("--")), len(r.argv))
+            kept = [a for a in r.argv[i + 1:end] if a not in gone]
+            r.argv = r.argv[:i] + (["--reuse", *kept] if kept else []) + r.argv[end:]
+            r.deps = [d for d in r.deps if d not in drop]
+            r.needs = {d: v for d, v in r.needs.items() if d not in drop}
+    return [r for n, r in runs.items() if n not in drop]
 
 
 def _study_config(cfg: Config, is_teacher_run: bool) -> Config:
