@@ -615,6 +615,45 @@ def test_status_says_running_only_once_the_process_started(tmp_path):
     assert _mark_started(status, runs) == 1 and status["b"]["started"] == first  # (set once)
 
 
+def test_a_run_ray_still_held_at_ctrl_c_stays_queued(tmp_path, monkeypatch):
+    """Ctrl-C marked every submitted task "interrupted", also one Ray still held for resources whose process
+    never started: the report counted its point as failed. Only a run whose process started (its log's
+    .running marker) is interrupted now; the held one is queued again, as one not yet submitted."""
+    import types
+
+    from sparsetrain.sweep.runner import execute
+    plan = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0, 1]), str(tmp_path / "sw"), threads=1)
+    logs = tmp_path / "sw" / "s" / "logs"
+    first, held = plan
+    calls = []
+
+    class Task:  # (Ray: the first run's process starts, the second waits for a CPU)
+        def options(self, **k):
+            return self
+
+        def remote(self, argv, log, *a):
+            calls.append(log)
+            if log == str(logs / f"{first.name}.log"):
+                open(log + ".running", "w").close()
+            return len(calls)
+
+    def wait(refs, **k):
+        if len(calls) == 2 and not hasattr(wait, "done"):
+            wait.done = True
+            raise KeyboardInterrupt  # (Ctrl-C while both are submitted)
+        return refs, []
+
+    def get(ref, timeout=None):
+        raise TimeoutError
+    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+                                remote=lambda fn: Task(), wait=wait, cancel=lambda ref: None, get=get)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    with pytest.raises(KeyboardInterrupt):
+        execute(plan, str(tmp_path / "sw" / "s"))
+    status = json.loads((tmp_path / "sw" / "s" / "status.json").read_text())
+    assert len(calls) == 2 and [status[r.name]["state"] for r in plan] == ["interrupted", "queued"]
+
+
 # ---------------------------------------------------------------------------- on a local Ray
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):

@@ -335,15 +335,19 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                             started, sum(status[r.name]["state"] == "failed" and not r.error for r in plan),
                             len(todo) + len(running) - started)
     except KeyboardInterrupt:
-        progress.write(f"sweep: interrupted: stopping {len(running)} running run(s) (each keeps its last "
-                       "completed epoch; re-run the same command to resume)")
+        # a task Ray still held for resources never started its process: it stays queued, not "interrupted"
+        # (its point reported failed, the progress line counting it as stopped, before 2026-12-06)
+        held = {r.name for r in running.values() if status[r.name]["state"] == "submitted"
+                and not os.path.exists(status[r.name]["log"] + ".running")}
+        progress.write(f"sweep: interrupted: stopping {len(running) - len(held)} running run(s) (each keeps its "
+                       "last completed epoch; re-run the same command to resume)")
         for ref in running:
             ray.cancel(ref)
         try:
             ray.wait(list(running), num_returns=len(running), timeout=90)
         finally:  # (also on a second Ctrl-C: status.json says what each run became)
             for ref, r in running.items():
-                status[r.name]["state"] = "interrupted"
+                status[r.name]["state"] = "queued" if r.name in held else "interrupted"
                 try:  # a run that finished before the cancel reached it
                     status[r.name].update(state="done", seconds=round(ray.get(ref, timeout=0)))
                 except Exception:  # noqa: BLE001 (cancelled, failed, or not finished)
