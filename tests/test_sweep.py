@@ -92,8 +92,12 @@ def test_a_grid_value_added_before_a_finished_study_links_its_vanilla_student(tm
     assert (old.name, old.deps, old.needs) == (done.name, [teacher.name], {teacher.name: ["teacher"]})
     assert new.deps == [old.name, teacher.name] and new.needs == {old.name: ["vanilla"], teacher.name: ["teacher"]}
     assert new.argv[new.argv.index("--reuse") + 1:][:2] == [old.run_dir, teacher.run_dir]
-    # a study that has not finished every phase it trains owns none (it might wait for the new one)
+    # a study that has not finished every phase it trains owns those it finished (it owned none before
+    # 2026-12-06: the new one trained the vanilla student again); an unfinished one it does not
     os.remove(os.path.join(done.run_dir, "seed0", "distill-dense", "best.json"))
+    _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
+    assert new.needs == {old.name: ["vanilla"], teacher.name: ["teacher"]} and old.needs == {teacher.name: ["teacher"]}
+    os.remove(os.path.join(done.run_dir, "seed0", "vanilla", "best.json"))
     _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
     assert new.needs == {teacher.name: ["teacher"]} and old.needs == {new.name: ["vanilla"], teacher.name: ["teacher"]}
 
@@ -652,6 +656,40 @@ def test_a_run_ray_still_held_at_ctrl_c_stays_queued(tmp_path, monkeypatch):
         execute(plan, str(tmp_path / "sw" / "s"))
     status = json.loads((tmp_path / "sw" / "s" / "status.json").read_text())
     assert len(calls) == 2 and [status[r.name]["state"] for r in plan] == ["interrupted", "queued"]
+
+
+def test_studies_that_each_hold_a_finished_phase_the_other_links_do_not_wait_for_each_other(tmp_path, monkeypatch):
+    """teachers (dense) partly run (its vanilla finished), then a variant (dense best) before it: each owns a
+    phase the other links (the vanilla finished, distill-dense to train). A dependency whose linked phases
+    are finished serves a run whatever its state, so they run one after the other instead of both waiting."""
+    import types
+
+    from sparsetrain.sweep import runner
+    base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
+    _, part = make_plan({**base, "teachers": ("dense",)}, str(tmp_path / "sw"), threads=1)
+    write_json(os.path.join(part.run_dir, "seed0", "vanilla", "best.json"), {"round": 1})
+    teacher, both, one = make_plan({**base, "variants": [{"teachers": ("dense", "best")}, {"teachers": ("dense",)}]},
+                                   str(tmp_path / "sw"), threads=1)
+    assert one.name == part.name and both.needs[one.name] == ["vanilla"] and one.needs[both.name] == ["distill-dense"]
+    order = []
+
+    class Task:  # (Ray: every submitted run finishes at the next wait)
+        def options(self, **k):
+            return self
+
+        def remote(self, argv, log, *a):
+            order.append(os.path.basename(log)[:-len(".log")])
+            return len(order)
+
+    def sleep(s):  # (nothing running, nothing startable: the loop would wait forever)
+        raise AssertionError(f"runs wait for each other; submitted: {order}")
+    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+                                remote=lambda fn: Task(), wait=lambda refs, **k: (refs[:1], refs[1:]),
+                                cancel=lambda ref: None, get=lambda ref, timeout=None: 1)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(runner.time, "sleep", sleep)
+    status = runner.execute([teacher, both, one], str(tmp_path / "sw" / "s"))
+    assert order == [teacher.name, both.name, one.name] and {s["state"] for s in status.values()} == {"done"}
 
 
 # ---------------------------------------------------------------------------- on a local Ray

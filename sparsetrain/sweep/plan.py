@@ -186,19 +186,19 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
     shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
-    # a study that finished every phase it trains (an earlier sweep's) owns the ones in its directory: a grid
+    # a study owns each phase it finished in its directory (an earlier sweep's), finished or not its others: a grid
     # value added before it (alpha 0.3 to 0.5 0.8) trained their shared vanilla student again before 2026-12-06
-    # (finished: it links nothing from an unfinished study, so no two studies wait for each other)
+    # (finished phases only: a run that links only finished phases from another need not wait for it, runner.py,
+    # so no two studies wait for each other)
     studies = [(cfg, p, seed, os.path.basename(run_dir_of(cfg))) for cfg, p, seed in studies]
     finished, points = {}, {}
     for cfg, p, seed, name in studies:
         points.setdefault(name, p)
         scfg = _study_config(cfg, name in runs)
-        pdirs = {ph: os.path.join(run_dir_of(scfg), f"seed{seed}", ph) for ph in needed_phases(scfg)[0]}
-        if all(phase_done(d) for d in pdirs.values()):
-            for ph, d in pdirs.items():
-                if not os.path.islink(d):  # (a link: that phase's owner is elsewhere)
-                    finished.setdefault(phase_key(scfg, ph, seed), name)
+        for ph in needed_phases(scfg)[0]:
+            d = os.path.join(run_dir_of(scfg), f"seed{seed}", ph)
+            if phase_done(d) and not os.path.islink(d):  # (a link: that phase's owner is elsewhere)
+                finished.setdefault(phase_key(scfg, ph, seed), name)
     for cfg, p, seed, name in studies:
         if name in runs and runs[name].kind == "study":
             if runs[name].point != p:

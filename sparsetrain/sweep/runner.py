@@ -281,12 +281,12 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     running: dict = {}  # ObjectRef -> run
     progress = _Progress(len(todo), sum(s["state"] == "skipped" for s in status.values()))
     by_name = {r.name: r for r in plan}
-    # a dep that failed after finishing every phase this run links from it (a study's vanilla, before one of
-    # its distillations diverged) serves it as a finished one does; "not run" before 2026-12-06
+    # a dep that finished every phase this run links from it (a study's vanilla, before one of its distillations
+    # diverged) serves it as a finished one does, whatever its state: failed ("not run" before 2026-12-06), or
+    # queued or running (a partly finished study of an earlier sweep owns its finished vanilla, plan.py)
     served = lambda d, r: by_name[d].run_dir and d in r.needs and all(  # noqa: E731
         phase_done(os.path.join(by_name[d].run_dir, f"seed{r.seed}", p)) for p in r.needs[d])
-    ok = lambda d, r: (status[d]["state"] in ("done", "skipped")  # noqa: E731
-                       or status[d]["state"] == "failed" and served(d, r))
+    ok = lambda d, r: status[d]["state"] in ("done", "skipped") or served(d, r)  # noqa: E731
     before_term = signal.getsignal(signal.SIGTERM)  # (Ray's, set by ray.init; None: set from C)
     try:
         signal.signal(signal.SIGTERM, _terminate)
