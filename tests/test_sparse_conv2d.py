@@ -849,6 +849,40 @@ def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
             torch.testing.assert_close(dv, dref[1][mask])
 
 
+@pytest.mark.parametrize("swap", ["functional_call", "assigned"])
+def test_a_move_after_another_pattern_was_swapped_in_keeps_each_pattern_its_transposed_index(swap):
+    """After functional_call(layer, other.state_dict(), x) the layer's transposed index is the other pattern's (built
+    for it in the call) until its next forward rebuilds its own; after crow/col are assigned, the old pattern's. A
+    move (.to(), .float()) recorded it as the moved pattern's, so the next forward refused it from inside the
+    kernels (conv) and csc() returned another pattern's index, silently. The move builds it anew: the layer's
+    output, dx and csc() are those of the pattern now in crow/col (F.conv2d on the masked weights)."""
+    from torch.func import functional_call
+    from sparsetrain.engine.index import transpose_index
+    torch.manual_seed(0)
+    dense, other = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    m1, m2 = random_mask(dense.weight.shape, 0.7), random_mask(dense.weight.shape, 0.7)
+    assert int(m1.sum()) == int(m2.sum()) and not torch.equal(m1, m2)
+    a, b = SparseConv2d.from_dense(dense, m1), SparseConv2d.from_dense(other, m2)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    if swap == "functional_call":
+        functional_call(a, b.state_dict(), (x,))
+        ref_w, ref_b, mask = dense.weight, dense.bias, m1
+    else:
+        with torch.no_grad():
+            a.weight.crow_indices, a.weight.col_indices = b.weight.crow_indices.clone(), b.weight.col_indices.clone()
+            a.weight.values.copy_(b.weight.values)
+            a.bias.copy_(b.bias)
+        ref_w, ref_b, mask = other.weight, other.bias, m2
+    a.float()  # (a move: the same dtype and device)
+    w = a.weight
+    for got, want in zip(w.csc(), transpose_index(w.crow_indices, w.col_indices, 4 * 3 * 3)):
+        assert torch.equal(got, want)
+    g = torch.randn(2, 6, 5, 5)
+    y, ref = a(x), F.conv2d(x, ref_w.detach() * mask, ref_b.detach(), padding=1)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
 def test_phase_planes_whose_size_overflows_int64_are_refused_not_a_crash():
     """make_plan's per-sample size of the phase planes, channels * stride_h * stride_w * plane * bytes,
     overflowed int64: 262657 channels, stride 8192 and padding 990 * 8192 on a 1x1 input wrapped it to 1,

@@ -68,10 +68,20 @@ class WeightLike:
         def keep_index(t):
             out = fn(t)
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
+        stale = self._swapped()
         out = super()._apply(keep_index, recurse)
+        if stale:  # (recorded as the moved tensors, the swapped pattern took the transposed index of the old one)
+            with own_mode(self.values):
+                self._build_index()
+            return out
         self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
         seal_index(self)
         return out
+
+    def _swapped(self) -> bool:
+        """crow/col were swapped since the transposed index was built (assigned, or left by functional_call), ccol not."""
+        crow, col, ccol = self._index_of
+        return (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices
 
     # (the subclass's _build_index() registers ccol_indices, row_indices_t, perm of crow/col and records
     # self._index_of = (crow_indices, col_indices, ccol_indices): the pattern they transpose)
@@ -79,8 +89,7 @@ class WeightLike:
         """(ccol_indices, row_indices_t, perm) of the pattern now in crow/col: built anew where those alone
         were swapped in (torch.func.functional_call with another state_dict gave the old pattern's dx
         silently; torch.export swaps all of them)."""
-        crow, col, ccol = self._index_of
-        if (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices:
+        if self._swapped():
             with own_mode(self.values):  # (not inference tensors: a training forward saves them)
                 self._build_index()
         check_index(self)  # (an EMA of the buffers wrote into them: refused by name)
