@@ -713,6 +713,47 @@ def test_meta_device_construction_and_load_then_to_empty():
         CSR(torch.tensor([0, 1], device="meta"), torch.tensor([0], device="meta"), torch.ones(1, device="meta"), (3, 4))
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_to_empty_without_a_load_is_refused_saying_to_load_and_a_load_restores_the_layers(fuse):
+    """to_empty() leaves the index buffers uninitialised memory (from the meta device or from values): a forward, a
+    layer's to_dense() or reset_parameters() and densify_ then failed inside (the kernels' "crow_indices[0] must be
+    0", torch's "allocated size does not match required size"). Each is refused with a ValueError saying to load a
+    state_dict, also after another
+    move or a deepcopy; state_dict() still works (the dict to load into), and a load gives the source's outputs
+    (SparseLinear, SparseConv2d, BSRLinear; fused too), equal to the dense masked reference."""
+    from sparsetrain.engine.bsr import BSRLinear
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 16),
+                          nn.ReLU(), nn.Linear(16, 32))
+    masks = {"0": random_mask((4, 2, 3, 3), 0.5), "4": random_mask((16, 64), 0.5)}
+    src = copy.deepcopy(dense)
+    sparsetrain.sparsify_(src, masks, fuse=fuse)
+    src[6] = BSRLinear.from_dense(dense[6], 16)
+    src.eval(), dense.eval()
+    x = torch.randn(3, 2, 4, 4)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            dense.get_submodule(n).weight.mul_(mk)
+    ref = dense(x)  # (the BSRLinear keeps every block of the dense layer's)
+    y = src(x)
+    for start in ("cpu", "meta"):
+        model = copy.deepcopy(src).to(start).to_empty(device="cpu")
+        for m in (model, copy.deepcopy(model).float(), copy.deepcopy(model)):
+            with pytest.raises(ValueError, match=r"to_empty\(\) leaves the sparse index uninitialised.*load a state_dict"):
+                m(x)
+            for layer in (m[4], m[6]) + ((m[0],) if not fuse else ()):
+                for call in (layer.to_dense, layer.reset_parameters, layer.weight.to_dense):
+                    with pytest.raises(ValueError, match="load a state_dict"):
+                        call()
+            with pytest.raises(ValueError, match="layer .*load a state_dict"):
+                sparsetrain.densify_(m)
+        state = model.state_dict()  # (what to load into: torch.distributed.checkpoint's load takes one)
+        assert state.keys() == src.state_dict().keys()
+        model.load_state_dict(src.state_dict())
+        assert torch.equal(model(x), y)
+    torch.testing.assert_close(y, ref)
+
+
 def test_a_csr_state_into_a_bsr_layer_and_other_block_sizes_are_refused_saying_so():
     """A CSR's state into a BSRLinear, a BSR's into a SparseLinear, or a BSR of other blocks: refused naming what the
     checkpoint holds and what the layer is, its weight untouched (before 2026-12-06 the index checks' messages,

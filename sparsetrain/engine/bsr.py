@@ -290,6 +290,7 @@ class BSRLinear(nn.Module):
         w = self.weight
         if w.values.is_meta:  # (no values to draw, as SparseLinear's; from_dense's block check read one: RuntimeError)
             return
+        check_index(w)  # (as SparseLinear's: to_empty() without a load)
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta", w.values.dtype)
         dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
         w.values.copy_(BSR.from_dense(dense.weight, w.block_size, w.mask()).values)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .args import check_weight
-from .index import check_index, seal_index, transpose_index
+from .index import check_index, index_state, seal_index, seal_moved, transpose_index
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
 from .pattern import _validate
 
@@ -68,18 +68,18 @@ class WeightLike:
         def keep_index(t):
             out = fn(t)
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
-        stale = self._swapped()
+        stale, before = self._swapped(), index_state(self)
         out = super()._apply(keep_index, recurse)
-        if stale:  # (recorded as the moved tensors, the swapped pattern took the transposed index of the old one)
+        if stale and before is None:  # (recorded as the moved tensors, the swapped pattern took the old one's index)
             with own_mode(self.values):
                 self._build_index()
             return out
         self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
-        seal_index(self)
+        seal_moved(self, before)  # (to_empty(): UNSET, refused by name until a load; the kernels' checks said less)
         return out
 
     def _swapped(self) -> bool:
-        """crow/col were swapped since the transposed index was built (assigned, or left by functional_call), ccol not."""
+        """crow/col were swapped since the transposed index was built (assigned, left by functional_call), not ccol."""
         crow, col, ccol = self._index_of
         return (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices
 
@@ -108,7 +108,7 @@ class WeightLike:
         # The logical shape beside the module's version in the state_dict's metadata (torch.save keeps
         # it): the saved pattern fits any weight of the same [rows, cols] view, so without it a (3, 1)
         # kernel's state loaded into a (1, 3) kernel's layer, or a linear's into a conv's (_resize_pattern).
-        check_index(self)  # (an index an EMA of the buffers rewrote is not saved as if it were the pattern)
+        check_index(self, saving=True)  # (an index an EMA rewrote is not saved as if it were the pattern)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         meta = getattr(destination, "_metadata", None)
         if meta is not None and prefix[:-1] in meta:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["transpose_index", "seal_index", "check_index"]
+__all__ = ["transpose_index", "seal_index", "check_index", "index_state", "seal_moved", "UNSET"]
 
 _BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm")
+# the seal of an index a move did not keep (to_empty(): uninitialised memory) until a load builds it (a str:
+# deepcopy and pickle keep it)
+UNSET = "unset"
 
 
 def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_cols: int):
@@ -61,10 +64,40 @@ def seal_index(w) -> None:
         w._index_seal = (tensors, _checksum(tensors), _versions(tensors))
 
 
-def check_index(w) -> None:
-    """ValueError when `w`'s index buffers were changed in place since `seal_index` (buffers swapped
-    for other tensors, as torch.func.functional_call does, are not this guard's: transposed() rebuilds)."""
+def index_state(w):
+    """`w`'s index before a move, for seal_moved: UNSET, "meta", or the sum its seal holds where the seal is
+    of these buffers (the same tensors, versions), else None (not known without summing)."""
     seal = w.__dict__.get("_index_seal")
+    tensors = tuple(map(w._buffers.get, _BUFFERS))
+    if isinstance(seal, str) or any(t is not None and t.is_meta for t in tensors):
+        return UNSET if isinstance(seal, str) else "meta"
+    if seal is None or any(a is not b for a, b in zip(seal[0], tensors)) or _versions(tensors) != seal[2]:
+        return None
+    return seal[1]
+
+
+def seal_moved(w, before) -> None:
+    """seal_index after a move (`before`: index_state(w) then): an index whose entries the move did not keep
+    (to_empty(): from the meta device, or another sum) is UNSET, refused by check_index until a load."""
+    seal_index(w)
+    seal = w._index_seal
+    if seal is not None and (before in (UNSET, "meta") or (isinstance(before, int) and seal[1] != before)):
+        w._index_seal = UNSET
+
+
+def check_index(w, saving: bool = False) -> None:
+    """ValueError when `w`'s index buffers were changed in place since `seal_index` (buffers swapped
+    for other tensors, as torch.func.functional_call does, are not this guard's: transposed() rebuilds),
+    or are uninitialised (to_empty() without a load; `saving`: passed, state_dict() of a module to load into)."""
+    seal = w.__dict__.get("_index_seal")
+    if isinstance(seal, str):
+        if saving:
+            return
+        raise ValueError(
+            f"the {type(w).__name__} weight's index (crow_indices, col_indices) is uninitialised memory: to_empty() "
+            "leaves the sparse index uninitialised, and only a load gives a sparse layer its pattern; load a "
+            "state_dict (module.load_state_dict(...)) after to_empty() before running, re-initialising or "
+            "densifying the layer")
     if seal is None or torch.compiler.is_compiling():
         return
     tensors = tuple(map(w._buffers.get, _BUFFERS))  # (per forward: the registry itself, not __getattr__)

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from . import ops
 from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
 from .formats import CSR, _check_mask, _fill_dense
+from .index import check_index
 from .torch_prune import check_own_bias, current_param, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
@@ -83,6 +84,7 @@ class _SparseLayer(nn.Module):
         bound 1/sqrt(fan_in) of the dense fan_in): under one seed, the dense layer's draws at the kept
         positions. The pattern stays (masks only shrink); in place, so an optimizer keeps its parameters."""
         w = self.weight
+        check_index(w)  # (to_empty() without a load: no pattern to draw in; the draws' gather failed or drew garbage)
         dense = self._dense_layer(bias=self.bias is not None, device="meta", dtype=w.values.dtype)
         dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
         w.values.copy_(dense.weight.reshape(w.shape[0], -1)[w.row_indices(), w.col_indices.long()])
