@@ -719,7 +719,8 @@ def test_to_empty_without_a_load_is_refused_saying_to_load_and_a_load_restores_t
     layer's to_dense() or reset_parameters() and densify_ then failed inside (the kernels' "crow_indices[0] must be
     0", torch's "allocated size does not match required size"). Each is refused with a ValueError saying to load a
     state_dict, also after another
-    move or a deepcopy; state_dict() still works (the dict to load into), and a load gives the source's outputs
+    move, a deepcopy or a load without the layers' keys (strict=True: torch's missing keys, not "repeats can not be
+    negative" from inside); state_dict() still works (the dict to load into), and a load gives the source's outputs
     (SparseLinear, SparseConv2d, BSRLinear; fused too), equal to the dense masked reference."""
     from sparsetrain.engine.bsr import BSRLinear
     torch.manual_seed(0)
@@ -747,6 +748,11 @@ def test_to_empty_without_a_load_is_refused_saying_to_load_and_a_load_restores_t
                         call()
             with pytest.raises(ValueError, match="layer .*load a state_dict"):
                 sparsetrain.densify_(m)
+        with pytest.raises(RuntimeError, match="Missing key"):  # (not "repeats can not be negative" from inside)
+            model.load_state_dict({})
+        model.load_state_dict({}, strict=False)  # (nothing for the layers: still refused by name)
+        with pytest.raises(ValueError, match="load a state_dict"):
+            model(x)
         state = model.state_dict()  # (what to load into: torch.distributed.checkpoint's load takes one)
         assert state.keys() == src.state_dict().keys()
         model.load_state_dict(src.state_dict())

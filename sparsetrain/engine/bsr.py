@@ -25,7 +25,7 @@ from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order, grad_tracked
 from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
-from .index import check_index, seal_index
+from .index import check_index, seal_index, still_unset
 from .torch_prune import check_own_bias, current_param
 from .optim_state import watch_state
 
@@ -95,7 +95,8 @@ class BSR(WeightLike, nn.Module):
                 return
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
-            self._build_index()
+            if not still_unset(self, state_dict, prefix):
+                self._build_index()
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .args import check_weight
-from .index import check_index, index_state, seal_index, seal_moved, transpose_index
+from .index import check_index, index_state, seal_index, seal_moved, still_unset, transpose_index
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
 from .pattern import _validate
 
@@ -264,7 +264,8 @@ class CSR(WeightLike, nn.Module):
                 return
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
-            self._build_index()
+            if not still_unset(self, state_dict, prefix):
+                self._build_index()
 
 
 def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):

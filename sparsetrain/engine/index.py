@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["transpose_index", "seal_index", "check_index", "index_state", "seal_moved", "UNSET"]
+__all__ = ["transpose_index", "seal_index", "check_index", "index_state", "seal_moved", "still_unset", "UNSET"]
 
 _BUFFERS = ("crow_indices", "col_indices", "ccol_indices", "row_indices_t", "perm")
 # the seal of an index a move did not keep (to_empty(): uninitialised memory) until a load builds it (a str:
@@ -83,6 +83,12 @@ def seal_moved(w, before) -> None:
     seal = w._index_seal
     if seal is not None and (before in (UNSET, "meta") or (isinstance(before, int) and seal[1] != before)):
         w._index_seal = UNSET
+
+
+def still_unset(w, state_dict, prefix: str) -> bool:
+    """An UNSET index (to_empty()) that a load brought no pattern for (strict=False without the layer's keys): left
+    UNSET, not transposed (its garbage failed inside, "repeats can not be negative", before strict's missing keys)."""
+    return isinstance(w.__dict__.get("_index_seal"), str) and prefix + "crow_indices" not in state_dict
 
 
 def check_index(w, saving: bool = False) -> None:
