@@ -202,6 +202,35 @@ def test_a_users_ddp_over_sparse_and_fused_layers_follows_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
+def _ddp_other_patterns_worker(rank, world, init_file):
+    import torch.distributed as dist
+    from sparsetrain.testing import dense_linear
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        dense, x = nn.Linear(8, 6), torch.randn(3, 8)
+        mask = torch.zeros(48, dtype=torch.bool)
+        mask[torch.randperm(48, generator=torch.Generator().manual_seed(rank))[:20]] = True  # (as many nonzeros)
+        model = nn.Sequential(sparsetrain.SparseLinear.from_dense(dense, mask.view(6, 8)))
+        ddp = nn.parallel.DistributedDataParallel(model)  # (broadcast_buffers=True: rank 0's buffers on every rank)
+        if rank == 0:
+            torch.testing.assert_close(ddp(x), dense_linear(x, dense.weight, mask.view(6, 8), dense.bias))
+        else:
+            with pytest.raises(ValueError, match="index buffers .* were changed in place.*DistributedDataParallel "
+                                                 "built over ranks whose patterns differ"):
+                ddp(x)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_users_ddp_over_ranks_whose_patterns_differ_is_refused_saying_so(tmp_path):
+    """DistributedDataParallel broadcasts rank 0's buffers when it is built, the index buffers too: a rank whose
+    pattern differs (as many nonzeros) gets rank 0's index written in place, which the seal refuses; its message
+    spoke of EMAs only, and now names this cause. Rank 0 runs its own pattern (the dense masked reference)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_other_patterns_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*quantize_per_tensor.*:UserWarning")
 @pytest.mark.parametrize("fuse", [False, True])
 def test_module_compile_and_parameter_vectors_train_as_the_dense_masked_model(fuse):

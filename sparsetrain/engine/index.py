@@ -119,5 +119,7 @@ def check_index(w, saving: bool = False) -> None:
                 "since it built them, so its sparsity pattern is no longer its own: code that averages a model's "
                 "buffers (torch.optim.swa_utils.AveragedModel(..., use_buffers=True), an EMA) writes float "
                 "arithmetic into them, truncated; average only floating-point tensors (an avg_fn returning the "
-                "model's tensor for integer ones), or use_buffers=False and update_bn")
+                "model's tensor for integer ones), or use_buffers=False and update_bn; a DistributedDataParallel "
+                "built over ranks whose patterns differ broadcast rank 0's into them (give every rank the same masks "
+                "or checkpoint)")
     w._index_seal = (seal[0], seal[1], versions)  # (rewritten with the same entries: an SWA of one pattern)
