@@ -72,7 +72,7 @@ def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(h
 def test_unfuse_of_a_fused_layer_whose_bias_is_parametrized_is_refused_untouched():
     """A parametrization registered on a fused conv's bias after fuse_ trains as the unfused layer's (checked
     here); unfuse_ raised torch's "cannot assign 'torch.FloatTensor' as parameter 'bias'" from inside
-    to_conv, after swapping the fused layers before it."""
+    to_conv, after swapping the fused layers before it; to_conv() called directly raised it too."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
                           nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
@@ -94,6 +94,9 @@ def test_unfuse_of_a_fused_layer_whose_bias_is_parametrized_is_refused_untouched
                                             r"remove_parametrizations\(layer, 'bias'\)"):
             convert(model)
         assert list(model) == before  # (the fused layer '0' before it too)
+    with pytest.raises(TypeError, match=r"SparseConvBNReLU's bias is computed by a parametrization.*"
+                                        r"remove_parametrizations\(layer, 'bias'\)"):
+        model[3].to_conv()  # (torch's "cannot assign 'torch.FloatTensor' as parameter 'bias'" before)
     parametrize.remove_parametrizations(model[3], "bias")
     parametrize.remove_parametrizations(ref[3], "bias")
     sparsetrain.unfuse_(model)

@@ -58,6 +58,7 @@ from .fused_autograd import _Opts, _SparseConvBNReLU
 from .nn import SparseConv2d
 from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_bn, _check_taken,
                            _count_positive, _hands_on, _refuse_unsupported, _watched, eager)
+from .torch_prune import check_own_bias
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
            "routed_input"]
@@ -274,6 +275,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
 
     def to_conv(self) -> SparseConv2d:
         """The plain SparseConv2d of this layer (the same weight and bias; what unfuse_ puts back)."""
+        check_own_bias(self, type(self).__name__)  # (a computed bias: torch's TypeError assigning it below)
         conv = SparseConv2d(self.weight, None, self.stride, self.padding)
         conv.bias = self.bias  # the same Parameter
         return conv
