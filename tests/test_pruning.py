@@ -769,6 +769,34 @@ def test_layers_whose_weight_a_legacy_norm_hook_recomputes_are_refused(norm):
     assert int((model[0].weight == 0).sum()) == int((~masks["0"]).sum()) > 0  # (pruned weights stay 0)
 
 
+def test_a_layer_whose_bias_alone_is_parametrized_is_pruned_as_the_plain_layer():
+    """A Linear/Conv2d with only its bias parametrized is a Parametrized<Linear/Conv2d>, which the exact-type
+    match skipped: global_prune said "no prunable layer" for a model of such layers (and left them out of the
+    ranking and of model_sparsity beside others). Its weight is a Parameter of its own: pruned dense masked
+    as the plain layer (the reference: the same model unparametrized); auto keeps it dense, sparsify_ refuses."""
+    from sparsetrain.prune import block_prune
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(2, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 16))
+    for prune in (lambda m: global_prune(m, {}, 0.5), lambda m: global_prune(m, {}, 0.3, scope="layer"),
+                  lambda m: block_prune(m, {}, 0.5, 16)):
+        ref, model = copy.deepcopy(plain), copy.deepcopy(plain)
+        for i in (0, 3):
+            nn.utils.parametrize.register_parametrization(model[i], "bias", nn.Hardtanh())
+        want, got = prune(ref), prune(model)
+        assert set(got) == {"0", "3"} and all(torch.equal(got[n], want[n]) for n in want)
+        for i in (0, 3):
+            assert torch.equal(model[i].weight, ref[i].weight) and (model[i].weight[~got[str(i)]] == 0).all()
+        assert model_sparsity(model, got) == model_sparsity(ref, want) > 0
+        x = torch.randn(3, 2, 4, 4)
+        model(x).sum().backward()
+        mask_grads_(model, got)
+        assert not model[3].weight.grad[~got["3"]].any() and model[3].weight.grad[got["3"]].any()
+    assert apply_engine(model, {"3": got["3"]}, "auto").keys() == {"3"}  # (dense masked, as it is)
+    assert type(model[3]).__name__ == "ParametrizedLinear"
+    with pytest.raises(TypeError, match=r"its bias is computed by a parametrization"):
+        sparsetrain.sparsify_(model, got)
+
+
 def test_tied_weights_are_refused_by_the_ranking_functions():
     """Two layers sharing one weight tensor: global_prune/block_prune ranked it twice (the count pruned
     was not exact) and model_sparsity counted it twice. Refused naming both layers, as sparsify_ does."""

@@ -32,13 +32,15 @@ def _block_of(blocks: list[str], name: str) -> str | None:
 
 def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
-    computed by a reparametrization, a bias pruned by torch.nn.utils.prune, inside a Transformer*Layer,
-    tied to another module's, or a conv the sparse kernels do not take (dilated, grouped, ...).
+    computed by a reparametrization, a bias pruned by torch.nn.utils.prune or parametrized (pruned dense masked),
+    inside a Transformer*Layer, tied to another module's, or a conv the sparse kernels do not take (dilated, grouped, ...).
     apply_engine's "auto" keeps them dense."""
     check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))
     owners, blocks, out = _owners(modules), _transformer_blocks(modules), set()
     for n, m in modules.items():
+        if parametrize.is_parametrized(m) and type(m).__bases__[0] in SPARSE_TYPES:
+            out.add(n)  # (a Parametrized<Linear/Conv2d>: sparsify_ refuses it, naming the parametrization)
         if type(m) not in SPARSE_TYPES:
             continue
         if ("weight" not in m._parameters and not pruned_by_torch(m)) or pruned_by_torch(m, "bias") \

@@ -253,9 +253,11 @@ def check_model(model) -> nn.Module:
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every conv/linear layer, dense or sparse, in module order."""
+    """(qualified name, module) of every conv/linear layer, dense or sparse, in module order; a dense one whose
+    bias alone a parametrization computes (a Parametrized<Linear/Conv2d>: its weight is its own) too."""
     check_model(model)
-    return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m)]
+    return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m) or (
+        parametrize.is_parametrized(m) and type(m).__bases__[0] in SPARSE_TYPES and "weight" in m._parameters)]
 
 
 def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> dict:
