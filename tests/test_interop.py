@@ -135,6 +135,52 @@ def test_fuse_keeps_a_head_whose_bias_is_reparametrized_as_it_is(how):
                 m.zero_grad()
 
 
+class _Halve(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+    def right_inverse(self, t):
+        return t / 2
+
+
+@pytest.mark.parametrize("kind", ["csr", "bsr", "fused"])
+def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_working(kind):
+    """register_parametrization(layer.weight, "values", p) deleted the values, then failed storing p under
+    "values" (its ModuleDict has a `values` method): the CSR was left without them (KeyError in every forward).
+    Refused first now, naming what to do instead; the layer trains on as the dense masked reference.
+    (A right_inverse, which torch applies before, has set the values: the message says so.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 32))
+    masks = global_prune(model, {}, 0.5)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    if kind == "bsr":
+        model[4] = BSRLinear.from_dense(ref[4], 16)
+        ref[4].weight.data = model[4].to_dense().weight.data
+        sparsetrain.sparsify_(model, {"0": masks["0"]})
+    else:
+        sparsetrain.sparsify_(model, masks, fuse=kind == "fused")
+    layer = model[0] if kind == "fused" else model[4]
+    x = torch.randn(3, 2, 4, 4)
+    with pytest.raises(TypeError, match=r"values cannot be removed or parametrized .*right_inverse.*densify_ the "
+                                        r"layer and parametrize the dense weight"):
+        parametrize.register_parametrization(layer.weight, "values", _Double())
+    assert type(layer.weight).__name__ == ("BSR" if kind == "bsr" else "CSR") and "values" in layer.weight._parameters
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out, want = model(xs[0]), ref(xs[1])
+    torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)  # (through the layer's backward)
+    if kind != "bsr":  # (a CSR's values: the dense gradient at the kept positions)
+        dense, mk = (ref[0], masks["0"]) if kind == "fused" else (ref[4], masks["4"])
+        torch.testing.assert_close(layer.weight.values.grad, dense.weight.grad[mk])
+    with pytest.raises(TypeError, match=r"right_inverse\(values\) already"):
+        parametrize.register_parametrization(layer.weight, "values", _Halve())
+
+
 class _DDPNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -83,6 +83,17 @@ class WeightLike:
         crow, col, ccol = self._index_of
         return (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices
 
+    def __delattr__(self, name):
+        # register_parametrization(csr, "values", p) deletes them, then fails storing p under "values" (a method
+        # of its ModuleDict): the CSR was left without values (KeyError in every forward). Refused here, as
+        # early as our side sees it (after a right_inverse, which torch applies to the tensor first).
+        if name == "values":
+            raise TypeError(f"a {type(self).__name__}'s values cannot be removed or parametrized (torch.nn.utils."
+                            "parametrize cannot store a parametrization named 'values'; one with a right_inverse "
+                            "has set them to right_inverse(values) already): densify_ the layer and parametrize "
+                            "the dense weight, or parametrize the layer's bias")
+        super().__delattr__(name)
+
     # (the subclass's _build_index() registers ccol_indices, row_indices_t, perm of crow/col and records
     # self._index_of = (crow_indices, col_indices, ccol_indices): the pattern they transpose)
     def transposed(self) -> tuple:
