@@ -321,3 +321,31 @@ def test_module_compile_and_parameter_vectors_train_as_the_dense_masked_model(fu
     q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     assert type(q[4]) is sparsetrain.SparseLinear and type(q[6]) is not nn.Linear
     torch.testing.assert_close(q(x), ref(x), rtol=0.05, atol=0.05)  # (int8 weights in the last layer)
+
+
+def test_a_lone_deepcopy_of_a_fused_layer_trains_as_the_original_with_its_own_batchnorm():
+    """copy.deepcopy(model[i]) of a SparseConvBNReLU alone: its BN (referenced, not a submodule) comes along as
+    a private copy, the one its forward uses and the copied placeholders are (a whole model's deepcopy maps it
+    to the copied model's BN). A step of the copy computes what the original computes (the dense masked
+    reference), and updates its own running statistics only."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    masks = global_prune(dense, {}, 0.5)
+    model = copy.deepcopy(dense)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    with torch.no_grad():
+        dense[0].weight.mul_(masks["0"])
+    lone = copy.deepcopy(model[0])
+    assert lone.bn is lone._placeholders[0] and lone.bn is not model[1]
+    assert lone.bn.running_mean is not model[1].running_mean and lone.bn.weight is not model[1].weight
+    x = torch.randn(3, 2, 4, 4)
+    out, want = lone(x), dense(x)
+    torch.testing.assert_close(out, want)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(lone.weight.values.grad, dense[0].weight.grad[masks["0"]])
+    torch.testing.assert_close(lone.bn.weight.grad, dense[1].weight.grad)
+    torch.testing.assert_close(lone.bn.running_var, dense[1].running_var)
+    assert not model[1].num_batches_tracked and model[1].weight.grad is None  # (the original's BN untouched)
+    torch.testing.assert_close(model(x), want)  # (the original trains on as before)
+    assert int(model[1].num_batches_tracked) == 1 and int(lone.bn.num_batches_tracked) == 1
