@@ -269,8 +269,11 @@ def unfuse_(model: nn.Module) -> nn.Module:
     if isinstance(model, SparseConvBNReLU):
         raise ValueError("unfuse_ replaces layers inside a model; for one SparseConvBNReLU use .to_conv()")
     for n, m in model.named_modules():  # (before any layer is swapped)
-        if isinstance(m, SparseConvBNReLU):
+        if isinstance(m, (SparseConvBNReLU, FusedSparseLinear)):
             check_own_bias(m, f"layer {n!r}")
+        elif isinstance(m, FusedBatchNorm2d):  # (its plain BatchNorm2d takes its Parameters: torch's TypeError)
+            for tensor in ("weight", "bias"):
+                check_own_bias(m, f"BatchNorm {n!r}", tensor)
     _replace_modules(model, _unfused)
     return model
 

@@ -26,19 +26,19 @@ def current_param(mod: nn.Module, name: str):
     return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
 
 
-def check_own_bias(mod: nn.Module, name: str) -> None:
-    """TypeError unless sparse layer `mod`'s bias is a Parameter of its own (or None). A bias under
-    torch.nn.utils.parametrize, prune or a legacy weight_norm hook is computed: its dense layer got the
-    value of the last forward (stale after a step) and silently lost the reparametrization; unfuse_'s
-    plain conv could not take it (torch's TypeError, some layers already swapped)."""
-    if "bias" in mod._parameters or getattr(mod, "bias", None) is None:  # (BSRLinear's None: a plain attribute)
+def check_own_bias(mod: nn.Module, name: str, tensor: str = "bias") -> None:
+    """TypeError unless sparse layer `mod`'s bias (or its `tensor`: a fused BatchNorm's weight) is a Parameter
+    of its own (or None). A bias under torch.nn.utils.parametrize, prune or a legacy weight_norm hook is
+    computed: its dense layer got the value of the last forward (stale after a step) and silently lost the
+    reparametrization; unfuse_'s plain conv could not take it (torch's TypeError, some layers already swapped)."""
+    if tensor in mod._parameters or getattr(mod, tensor, None) is None:  # (BSRLinear's None: a plain attribute)
         return
     from torch.nn.utils import parametrize
-    if parametrize.is_parametrized(mod, "bias"):
-        what, fix = "a parametrization", "parametrize.remove_parametrizations(layer, 'bias')"
-    elif pruned_by_torch(mod, "bias"):
-        what, fix = "torch.nn.utils.prune", "torch.nn.utils.prune.remove(layer, 'bias')"
+    if parametrize.is_parametrized(mod, tensor):
+        what, fix = "a parametrization", f"parametrize.remove_parametrizations(layer, {tensor!r})"
+    elif pruned_by_torch(mod, tensor):
+        what, fix = "torch.nn.utils.prune", f"torch.nn.utils.prune.remove(layer, {tensor!r})"
     else:
-        what, fix = "a weight_norm/spectral_norm hook", "torch.nn.utils.remove_weight_norm(layer, 'bias')"
-    raise TypeError(f"{name}'s bias is computed by {what}, not a Parameter of its own, which the layer replacing "
-                    f"it needs: remove it first ({fix})")
+        what, fix = "a weight_norm/spectral_norm hook", f"torch.nn.utils.remove_weight_norm(layer, {tensor!r})"
+    raise TypeError(f"{name}'s {tensor} is computed by {what}, not a Parameter of its own, which the layer "
+                    f"replacing it needs: remove it first ({fix})")
