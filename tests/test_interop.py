@@ -389,3 +389,43 @@ def test_unfuse_of_a_model_whose_fused_bn_or_head_is_parametrized_is_refused_unt
     sparsetrain.unfuse_(model)
     assert type(model[0]) is sparsetrain.SparseConv2d and type(model[1]) is nn.BatchNorm2d
     torch.testing.assert_close(model(x), ref(x))
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_a_fused_batchnorm_whose_weight_a_pre_hook_recomputes_is_refused_by_the_fused_layer(how):
+    """torch.nn.utils.prune (or a legacy weight_norm) on a FusedBatchNorm2d's weight after fuse_: its forward
+    pre-hook recomputes bn.weight when the BN placeholder is called, after the fused conv has read it: the
+    first backward failed with autograd's "modified by an inplace operation" (a stale weight otherwise). The
+    fused layer refuses it, naming the remedy; applied before fuse_, the layer stays unfused and trains as
+    the reference."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    masks = global_prune(base, {}, 0.5)
+
+    def hook(m):
+        if how == "prune":
+            torch_prune.l1_unstructured(m[1], "weight", amount=0.5)
+        else:
+            torch.nn.utils.weight_norm(m[1], name="weight", dim=0)
+
+    x = torch.randn(3, 2, 4, 4)
+    model = copy.deepcopy(base)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    hook(model)
+    with pytest.raises(TypeError, match=r"bn's weight is recomputed by a forward pre-hook.*apply it before fuse_"):
+        model(x)
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    for m in (model, ref):
+        sparsetrain.sparsify_(m, masks)
+        hook(m)
+    sparsetrain.fuse_(model, strict=False)
+    assert type(model[0]) is sparsetrain.SparseConv2d  # (a hooked BN: left unfused)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref)]
+    for _ in range(2):
+        out, want = model(x), ref(x)
+        torch.testing.assert_close(out, want)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        for o in opts:
+            o.step(), o.zero_grad()

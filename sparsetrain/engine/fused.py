@@ -51,6 +51,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import backend, ops
 from .args import check_flag
@@ -95,6 +96,12 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
             raise TypeError(f"{name} must be a {getattr(kind, '__name__', 'Tensor or None')}, got {type(v).__name__}")
     for v, name in ((relu_before, "relu_before"), (relu_after, "relu_after"), (route, "route"), (pool, "pool")):
         check_flag(v, name)  # ("False" was truthy: a ReLU applied, or a schema error from C++)
+    for t in ("weight", "bias"):  # (parametrized: recomputed where read, fine; a pre-hook runs after this call)
+        if t not in bn._parameters and getattr(bn, t, None) is not None and not parametrize.is_parametrized(bn, t):
+            raise TypeError(f"bn's {t} is recomputed by a forward pre-hook (torch.nn.utils.prune, a legacy weight_norm) "
+                            "that runs after the fused conv has read it (stale after a step; an autograd error): "
+                            f"remove it (torch.nn.utils.prune.remove(bn, {t!r})), or apply it before fuse_ (then "
+                            "that layer stays unfused)")
     if bn.num_features != conv.out_channels:  # (as SparseConvBNReLU; the C++ check named the BN's "weight")
         raise ValueError(f"bn has {bn.num_features} features but the conv {conv.out_channels} output channels")
     if x.dim() != 4:
