@@ -429,3 +429,24 @@ def test_a_fused_batchnorm_whose_weight_a_pre_hook_recomputes_is_refused_by_the_
         want.square().sum().backward()
         for o in opts:
             o.step(), o.zero_grad()
+
+
+@pytest.mark.parametrize("tensor", ["weight", "bias"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+def test_from_dense_of_a_parametrized_layer_is_refused(kind, tensor):
+    """SparseLinear/SparseConv2d/BSRLinear.from_dense of a Parametrized<Linear/Conv2d> (isinstance passes)
+    copied the parametrized value into a plain Parameter, dropping the parametrization silently (sparsify_
+    refuses such a layer). Refused, naming it; after remove_parametrizations (which keeps the value) the
+    sparse layer computes what the parametrized one did."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(2, 16, 3) if kind == "conv" else nn.Linear(16, 16)
+    convert = {"linear": sparsetrain.SparseLinear.from_dense, "conv": sparsetrain.SparseConv2d.from_dense,
+               "bsr": lambda m: BSRLinear.from_dense(m, 16)}[kind]
+    parametrize.register_parametrization(dense, tensor, _Double())
+    x = torch.randn(3, 2, 5, 5) if kind == "conv" else torch.randn(3, 16)
+    want = dense(x)
+    with pytest.raises(TypeError, match=rf"Parametrized{type(dense).__bases__[0].__name__}'s {tensor} is computed by "
+                                        rf"a parametrization.*remove_parametrizations\(layer, '{tensor}'\)"):
+        convert(dense)
+    parametrize.remove_parametrizations(dense, tensor)
+    torch.testing.assert_close(convert(dense)(x), want)

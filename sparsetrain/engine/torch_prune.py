@@ -15,8 +15,10 @@ def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
 
 def current_param(mod: nn.Module, name: str):
     """`mod.<name>` as a dense layer's conversion takes it: under torch.nn.utils.prune, orig * mask
-    computed now (the attribute is recomputed only by the next forward: stale after an optimizer step)."""
+    computed now (the attribute is recomputed only by the next forward: stale after an optimizer step). One a
+    parametrization or a legacy weight_norm hook computes is refused (check_own_bias): the copy dropped it silently."""
     if not pruned_by_torch(mod, name):
+        check_own_bias(mod, type(mod).__name__, name)
         return getattr(mod, name)
     if name == "bias":  # (the sparse layers' bias is dense: nothing would keep its pruned entries zero)
         raise ValueError("the layer's bias is pruned with torch.nn.utils.prune, and a sparse layer's bias is dense, so "
