@@ -179,6 +179,14 @@ def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_work
         torch.testing.assert_close(layer.weight.values.grad, dense.weight.grad[mk])
     with pytest.raises(TypeError, match=r"right_inverse\(values\) already"):
         parametrize.register_parametrization(layer.weight, "values", _Halve())
+    if kind == "csr":  # (prune.remove deletes prune's plain product of the values: still allowed)
+        torch_prune.l1_unstructured(layer.weight, "values", amount=0.5)
+        torch_prune.remove(layer.weight, "values")
+        assert isinstance(layer.weight._parameters["values"], nn.Parameter)
+        w = layer.weight.to_dense()
+        assert int((w != 0).sum()) <= layer.weight.nnz - layer.weight.nnz // 2
+        h = torch.randn(3, 64)
+        torch.testing.assert_close(layer(h), h @ w.T + layer.bias)
 
 
 class _DDPNet(nn.Module):

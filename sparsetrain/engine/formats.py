@@ -87,7 +87,7 @@ class WeightLike:
         # register_parametrization(csr, "values", p) deletes them, then fails storing p under "values" (a method
         # of its ModuleDict): the CSR was left without values (KeyError in every forward). Refused here, as
         # early as our side sees it (after a right_inverse, which torch applies to the tensor first).
-        if name == "values":
+        if name == "values" and name in self._parameters:  # (prune.remove deletes its plain product: fine)
             raise TypeError(f"a {type(self).__name__}'s values cannot be removed or parametrized (torch.nn.utils."
                             "parametrize cannot store a parametrization named 'values'; one with a right_inverse "
                             "has set them to right_inverse(values) already): densify_ the layer and parametrize "
