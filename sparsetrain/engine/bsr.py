@@ -24,8 +24,9 @@ from torch import nn
 from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
 from .autograd import eager, first_order, grad_tracked
-from .formats import WeightLike, _check_mask, _fill_dense, _pattern, _resize_pattern, own_mode, transpose_index
+from .formats import WeightLike, _check_mask, _fill_dense, _resize_pattern, own_mode, transpose_index
 from .index import check_index, seal_index, still_unset
+from .pattern import _pattern
 from .torch_prune import check_own_bias, current_param
 from .optim_state import watch_state
 

@@ -12,8 +12,6 @@ buffer: it moves with `.to(device)` and is not part of the state_dict.
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,7 +19,7 @@ from torch import nn
 from .args import check_weight
 from .index import check_index, index_state, seal_index, seal_moved, still_unset, transpose_index
 from .optim_state import mark_stale, shrink_state, watch_resized, watch_state
-from .pattern import _validate
+from .pattern import _pattern
 
 __all__ = ["CSR", "transpose_index"]
 
@@ -277,40 +275,6 @@ class CSR(WeightLike, nn.Module):
                                           error_msgs)
             if not still_unset(self, state_dict, prefix):
                 self._build_index()
-
-
-def _pattern(crow_indices, col_indices, values, shape, block: int = 0, validate: bool = True):
-    """A CSR's (block: a BSR's of block x block blocks) constructor arguments checked: (shape as a
-    tuple, crow int64, col int32)."""
-    if not isinstance(shape, Sequence) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                                                  for s in shape):
-        raise TypeError(f"shape must be a sequence of ints, got {shape!r}")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or min(shape) < 0:
-        raise ValueError(f"shape must have >= 2 non-negative dims, got {shape}")
-    if not all(isinstance(t, torch.Tensor) for t in (crow_indices, col_indices, values)):
-        raise TypeError("crow_indices, col_indices and values must be torch.Tensors")
-    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if not values.is_floating_point():
-        raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
-    if not crow_indices.device == col_indices.device == values.device:
-        raise ValueError(f"crow_indices, col_indices and values must be on one device, got {crow_indices.device}, "
-                         f"{col_indices.device}, {values.device}")
-    rows, cols = shape[0], math.prod(shape[1:])
-    if block:
-        rows, cols = -(-rows // block), -(-cols // block)
-    if cols >= 2**31:  # (from_dense's int32 cast wrapped the columns: a corrupt container)
-        raise ValueError(f"the weight has {cols} columns{' of blocks' if block else ''}: the int32 column index holds < 2^31")
-    meta = col_indices.is_meta  # (no values to check: shapes only, as _validate)
-    if validate and col_indices.numel() and not meta and int(col_indices.max()) >= cols:  # (before int32 wraps it)
-        raise ValueError(f"col_indices must lie in [0, {cols}), got max {int(col_indices.max())}")
-    crow = crow_indices.to(torch.int64).contiguous()
-    col = col_indices.to(torch.int32).contiguous()
-    if validate:
-        _validate(crow, col, values, rows, cols, block)
-    return shape, crow, col
 
 
 def own_mode(values: torch.Tensor):
