@@ -587,3 +587,46 @@ def test_train_epoch_under_torchrun_needs_the_ddp_forward(tmp_path, forks):
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text().split("\n") == [f"none {refused}", f"model {refused}",
                                                                          "wrap trained same", stale, "rewrapped trained same"]
+
+
+_EVALUATE_SCRIPT = """
+import sys, torch
+from sparsetrain.experiment import data as D, distributed as dist
+from sparsetrain.experiment.models import build_model
+from sparsetrain.experiment.train import evaluate
+dist.setup(torch.device("cpu"))
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (24,), generator=g)
+split = D.Split(x, y, y.clone(), torch.arange(24), torch.zeros(24, dtype=torch.bool), torch.tensor([0.5]),
+                torch.tensor([0.25]))
+torch.manual_seed(0)
+model = build_model("lenet300", 10, 1, 28)
+xb, yb = next(D.iterate(split, 24))
+with torch.no_grad():  # the reference: the whole split in one forward, dense PyTorch
+    out = model.eval()(xb)
+ref = (float(torch.nn.functional.cross_entropy(out, yb)), int((out.argmax(1) == yb).sum()) / 24)
+def close(r):
+    return abs(r["loss"] - ref[0]) < 1e-5 * abs(ref[0]) and r["acc"] == ref[1]
+lines = []
+if dist.rank() == 0:  # rank 0 alone, the others waiting in the barrier below: this hung in the all-reduce
+    lines.append(f"alone {close(evaluate(model, split, batch_size=5))}")
+dist.barrier()
+lines.append(f"sharded {close(evaluate(model, split, batch_size=5, distributed=True))}")
+try:
+    evaluate(model, split, distributed="yes")
+except TypeError as e:
+    lines.append(str(e))
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write("\\n".join(lines))
+dist.teardown()
+"""
+
+
+def test_evaluate_on_rank_0_alone_is_local_and_the_studys_is_sharded(tmp_path, forks):
+    """evaluate sharded its batches and all-reduced the sums whenever torchrun had started the process,
+    so rank 0 calling it alone (a user's check, a report) waited for the other ranks forever. It
+    evaluates the whole split locally now; distributed=True (the study's, every rank calling it)
+    shards and sums: both equal the dense model's loss and accuracy over the whole split."""
+    _run_script(forks, tmp_path, _EVALUATE_SCRIPT)
+    flag = "distributed must be True or False, got 'yes'"
+    assert (tmp_path / "rank0.txt").read_text().split("\n") == ["alone True", "sharded True", flag]
+    assert (tmp_path / "rank1.txt").read_text().split("\n") == ["sharded True", flag]

@@ -164,7 +164,7 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
     shape = (splits.in_channels, *splits.image_size)
     # samples trained per epoch: a final batch of one sample is skipped (BatchNorm), not trained, not charged
     n_train = min(len(splits.train), steps_per_epoch(len(splits.train), hp.batch_size) * hp.batch_size)
-    trm, va, te = (evaluate(s.model, sp, amp=s.amp) for sp in (splits.train, splits.val, splits.test))
+    trm, va, te = (evaluate(s.model, sp, amp=s.amp, distributed=True) for sp in (splits.train, splits.val, splits.test))
     batches = D.iterate(splits.train, 512)
     if dist.world() > 1:  # every rank counts its rows; Eq. 1 takes the counts summed over ranks
         batches = (xb[dist.rows(xb.shape[0])] for xb, _ in batches)

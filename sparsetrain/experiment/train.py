@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.args import is_int
+from ..engine.args import check_flag, is_int
 from ..engine.hooks import hooked_eval
 from ..engine.nn import enforce_masks_, mask_grads_, prunable_layers, stored_weight
 from . import data as D
@@ -235,10 +235,14 @@ def _check_amp(amp) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
+def evaluate(model, split, batch_size: int = 512, amp=None, *, distributed: bool = False) -> dict:
     """Cross-entropy and accuracy on `split` (no augmentation), against the split's labels; `amp`:
-    the autocast dtype (None: off)."""
+    the autocast dtype (None: off). `distributed=True` (the study's, under torchrun): each rank
+    evaluates its rows and the sums are all-reduced, so every rank must call it; False: this process
+    evaluates the whole split alone (called by rank 0 alone, the all-reduce waited for the others forever)."""
     _check_amp(amp)
+    check_flag(distributed, "distributed")
+    shard = distributed and dist.world() > 1
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     tot_loss = tot_correct = n = 0
@@ -246,7 +250,7 @@ def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
     # keeps in eval, a frozen BatchNorm, back in train mode, and an exception left the model in eval)
     with hooked_eval(model, ()):
         for xb, yb in D.iterate(split, batch_size):
-            if dist.world() > 1:  # this rank's rows of the batch; the sums are added over ranks below
+            if shard:  # this rank's rows of the batch; the sums are added over ranks below
                 rows = dist.rows(yb.numel())
                 xb, yb = xb[rows], yb[rows]
                 if not yb.numel():
@@ -256,7 +260,7 @@ def evaluate(model, split, batch_size: int = 512, amp=None) -> dict:
             tot_loss += float(F.cross_entropy(out, yb, reduction="sum"))
             tot_correct += int((out.argmax(1) == yb).sum())
             n += yb.numel()
-    if dist.world() > 1:
+    if shard:
         tot_loss, tot_correct, n = dist.all_sum(torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64,
                                                              device=split.y.device)).tolist()
     return {"loss": tot_loss / n, "acc": tot_correct / n}
