@@ -630,3 +630,27 @@ def test_evaluate_on_rank_0_alone_is_local_and_the_studys_is_sharded(tmp_path, f
     flag = "distributed must be True or False, got 'yes'"
     assert (tmp_path / "rank0.txt").read_text().split("\n") == ["alone True", "sharded True", flag]
     assert (tmp_path / "rank1.txt").read_text().split("\n") == ["sharded True", flag]
+
+
+def test_rank_is_parsed_and_a_single_process_is_rank_0(mnist_dir, study_args, monkeypatch, capsys):
+    """main read RANK as a string before the group existed: a single process with a RANK left over from a
+    parent job ("1"), or one that is no number ("x", "00"), took itself for another rank, and
+    --print-config printed nothing, exit 0. A single process is rank 0 now; under WORLD_SIZE 2 a RANK
+    that is no whole number is one line, exit 2."""
+    import json
+    from sparsetrain.experiment import study
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for leftover in ("1", "x", "00"):
+        monkeypatch.setenv("RANK", leftover)
+        assert study.main(study_args(mnist_dir, "--print-config")) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["config"]["dataset"] == "mnist", printed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for bad in ("x", "-1"):
+        monkeypatch.setenv("RANK", bad)
+        assert study.main(study_args(mnist_dir, "--print-config")) == 2
+        err = capsys.readouterr().err
+        assert f"error: RANK={bad!r} is not a whole number: start the processes with torchrun" in err, err
+    monkeypatch.setenv("RANK", "1")  # (rank 1 of 2: rank 0 alone prints the settings, as before)
+    assert study.main(study_args(mnist_dir, "--print-config")) == 0
+    assert capsys.readouterr().out == ""

@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["launch_var", "setup", "world", "rank", "is_main", "barrier", "all_sum", "rows", "shard", "wrap", "sizes",
+__all__ = ["launch_var", "launch_main", "rank_device", "setup", "world", "rank", "is_main", "barrier", "all_sum",
+           "rows", "shard", "wrap", "sizes",
            "sync_bn_stats_",
            "check_masks_agree", "same_everywhere", "teardown"]
 
 
 def launch_var(name: str, default: int) -> int:
-    """torchrun's integer variable `name` (WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_RANK), `default` where unset;
+    """torchrun's integer variable `name` (WORLD_SIZE, RANK, LOCAL_WORLD_SIZE, LOCAL_RANK), `default` where unset;
     ValueError naming it when it is no whole number (int()'s traceback before)."""
     v = os.environ.get(name, "")
     if not v.strip():
@@ -40,6 +41,29 @@ def launch_var(name: str, default: int) -> int:
         raise ValueError(f"{name}={v!r} is not a whole number: start the processes with torchrun, which sets it, "
                          f"or unset it")
     return int(v)
+
+
+def launch_main() -> bool:
+    """Whether this process is rank 0 by torchrun's variables, before the group exists: a single process
+    (WORLD_SIZE unset or 1) is, whatever a RANK left over from a parent job says; ValueError naming a
+    WORLD_SIZE or RANK that is no whole number."""
+    return launch_var("WORLD_SIZE", 1) <= 1 or launch_var("RANK", 0) == 0
+
+
+def rank_device(dev: torch.device) -> torch.device:
+    """`dev`, or under torchrun on GPUs this rank's own, cuda:LOCAL_RANK (made current); ValueError when
+    the node has fewer GPUs than processes (checked on every rank: set_device's "invalid device
+    ordinal" was one rank's traceback)."""
+    if dev.type != "cuda" or launch_var("WORLD_SIZE", 1) <= 1:
+        return dev
+    local, gpus = launch_var("LOCAL_RANK", 0), torch.cuda.device_count()
+    per_node = max(launch_var("LOCAL_WORLD_SIZE", 1), local + 1)  # (a launcher without LOCAL_WORLD_SIZE)
+    if per_node > gpus:
+        raise ValueError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA device(s): one "
+                         f"GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
+    dev = torch.device("cuda", local)
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def setup(device: torch.device) -> None:

@@ -160,14 +160,7 @@ def run_study(cfg: Config) -> str:
     torch.set_num_threads(threads_for(cfg))
     dev = resolve_device(cfg.device)
     try:
-        if dev.type == "cuda" and dist.launch_var("WORLD_SIZE", 1) > 1:  # torchrun: one GPU per rank
-            local, gpus = dist.launch_var("LOCAL_RANK", 0), torch.cuda.device_count()
-            per_node = max(dist.launch_var("LOCAL_WORLD_SIZE", 1), local + 1)  # (a launcher without LOCAL_WORLD_SIZE)
-            if per_node > gpus:  # (every rank sees it: set_device's "invalid device ordinal" was one rank's traceback)
-                raise UsageError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA "
-                                 f"device(s): one GPU per rank; use --nproc-per-node {gpus} or fewer, or --device cpu")
-            dev = torch.device("cuda", local)
-            torch.cuda.set_device(dev)
+        dev = dist.rank_device(dev)  # torchrun on GPUs: one per rank
         dist.setup(dev)
     except ValueError as e:  # (a launch without torchrun's variables, or one not a number)
         raise UsageError(str(e)) from None
@@ -357,7 +350,11 @@ def main(argv=None) -> int:
     """The CLI: every expected user error is one line on stderr and exit code 2 (a run directory in
     use by another process: EXIT_BUSY, 75); a traceback means a bug."""
     cfg, args = config_from_args(argv)
-    rd, main_rank = run_dir_of(cfg), os.environ.get("RANK", "0") == "0"
+    try:  # (RANK read as a string: "x", or a single process's leftover "1", printed and wrote nothing, exit 0)
+        rd, main_rank = run_dir_of(cfg), dist.launch_main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in notes(cfg, args) if main_rank and not args.report_only else ():
         print(f"note: {line}", file=sys.stderr)  # (settings the run ignores; a wall no round reaches)
     if (args.print_config or args.report_only) and not main_rank:
