@@ -654,3 +654,37 @@ def test_rank_is_parsed_and_a_single_process_is_rank_0(mnist_dir, study_args, mo
     monkeypatch.setenv("RANK", "1")  # (rank 1 of 2: rank 0 alone prints the settings, as before)
     assert study.main(study_args(mnist_dir, "--print-config")) == 0
     assert capsys.readouterr().out == ""
+
+
+_DROPOUT_SCRIPT = """
+import sys, torch
+from sparsetrain.experiment import data as D, distributed as dist
+from sparsetrain.experiment.models import build_model
+from sparsetrain.experiment.train import train_epoch
+g = torch.Generator().manual_seed(0)
+x, y = torch.randint(0, 256, (24, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (24,), generator=g)
+split = D.Split(x, y, y.clone(), torch.arange(24), torch.zeros(24, dtype=torch.bool), torch.tensor([0.5]),
+                torch.tensor([0.25]))
+def trained(distributed):
+    torch.manual_seed(0)
+    model = build_model("lenet300", 10, 1, 28, dropout=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch(model, split, opt, 3, epoch=0, seed=0, masks={}, forward=dist.wrap(model) if distributed else None)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+ref = trained(False)  # one process (before the group exists): its seeded dropout masks
+dist.setup(torch.device("cpu"))
+got = trained(True)  # --batch-size 3 on 2 ranks: every batch whole on every rank
+err = float((got - ref).abs().max())
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write(f"{err < 1e-5} {err:.2e}")
+dist.teardown()
+"""
+
+
+def test_dropout_under_two_rows_per_rank_draws_one_processs_masks(tmp_path, forks):
+    """Under 2 rows a rank every rank trains each batch whole; with dropout each drew its own mask (seeded
+    by rank), so DDP averaged the batch's gradient over N masks, no draw of one process's. Every rank
+    draws rank 0's stream now, one process's: after an epoch at --batch-size 3 on 2 ranks the weights are
+    the one-process run's."""
+    _run_script(forks, tmp_path, _DROPOUT_SCRIPT)
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().startswith("True "), (tmp_path / f"rank{r}.txt").read_text()

@@ -101,22 +101,34 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if _skips_last(n, batch_size) else math.ceil(n / batch_size)
 
 
+def _has_dropout(model) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def _seed_dropout(model, s: int) -> None:
+    """Seeds the global RNG the model's dropout draws from (the CPU's, and its CUDA device's)."""
+    dev = next(model.parameters()).device
+    torch.random.default_generator.manual_seed(s)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.manual_seed(s)
+
+
 @contextlib.contextmanager
-def _dropout_rng(model, seed: int, epoch: int):
+def _dropout_rng(model, seed: int, epoch: int, batch_size: int):
     """A model with dropout (--dropout) draws its masks from the global RNG of its device, which a
     resume restores for the CPU only, and which every DDP rank seeds alike: seeded here from (seed,
     epoch, rank) instead, inside fork_rng (the global state is left as it was), so a resumed epoch
-    draws the uninterrupted one's masks on every device and the ranks draw their own."""
-    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+    draws the uninterrupted one's masks on every device and the ranks draw their own rows'. Under 2
+    rows a rank every rank runs each batch whole (dist.shard): all then draw rank 0's, one process's
+    masks (each its own, DDP averaged the batch's gradient over N masks: one process's in no case)."""
+    if not _has_dropout(model):
         yield
         return
     dev = next(model.parameters()).device
-    s = D.seeded(seed, 11, epoch, dist.rank()).initial_seed()
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.random.default_generator.manual_seed(s)
-        if dev.type == "cuda":
-            with torch.cuda.device(dev):
-                torch.cuda.manual_seed(s)
+        _seed_dropout(model, D.seeded(seed, 11, epoch, dist.rank() if batch_size >= 2 * dist.world() else 0)
+                      .initial_seed())
         yield
 
 
@@ -151,13 +163,17 @@ def train_epoch(model, split, opt, batch_size: int, *, epoch: int, seed: int, ma
     # (a teacher left in train mode updated its BatchNorm statistics, normalised with the batch's, and
     # drew dropout masks from the global RNG; each module's mode is restored after the epoch)
     teacher_eval = hooked_eval(teacher, ()) if teacher is not None else contextlib.nullcontext()
-    with _dropout_rng(model, seed, epoch), teacher_eval:
+    with _dropout_rng(model, seed, epoch, batch_size), teacher_eval:
         for xb, yb in D.iterate(split, batch_size, shuffle=True, augment=True, generator=g, policy=policy,
                                 drop_last=_skips_last(len(split), batch_size)):
             rows, scale = dist.shard(yb.numel())
             counted = True  # (a batch every rank computes whole is counted by rank 0 alone in the sums below)
             if dist.world() > 1:
                 counted = rows.stop - rows.start < yb.numel() or dist.is_main()
+                if rows.stop - rows.start == yb.numel() and batch_size >= 2 * dist.world() and _has_dropout(model):
+                    # (the final batch, whole on every rank after sharded ones: one mask for all, a stream
+                    # of no rank's, < world; the ranks' streams differ here)
+                    _seed_dropout(model, D.seeded(seed, 11, epoch, dist.world()).initial_seed())
                 xb, yb = xb[rows], yb[rows]
             with torch.autocast(xb.device.type, dtype=amp, enabled=amp is not None):
                 out = forward(xb)
