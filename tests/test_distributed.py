@@ -688,3 +688,54 @@ def test_dropout_under_two_rows_per_rank_draws_one_processs_masks(tmp_path, fork
     _run_script(forks, tmp_path, _DROPOUT_SCRIPT)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text().startswith("True "), (tmp_path / f"rank{r}.txt").read_text()
+
+
+_STALE_DDP_SCRIPT = """
+import sys, torch
+from torch import nn
+import sparsetrain
+from sparsetrain.experiment import distributed as dist
+from sparsetrain.prune import global_prune
+dist.setup(torch.device("cpu"))
+x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))  # 2 steps, each 8 rows split over ranks
+out = []
+def step(ddp, model, k):
+    try:
+        ddp(x[k].chunk(2)[dist.rank()]).square().mean().backward()
+    except ValueError as e:
+        return "refused " + str(e)[:110]
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    return "averaged" if dist.same_everywhere(g.tolist()) else "not averaged"
+for how in ("prune", "sparsify_"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    masks = global_prune(model, {}, 0.3)
+    if how == "prune":
+        sparsetrain.sparsify_(model, masks)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    out.append(f"{how} before {step(ddp, model, 0)}")
+    if how == "prune":
+        global_prune(model, masks, 0.5)  # (in place: the values shrink)
+    else:
+        sparsetrain.sparsify_(model, masks)  # (new Parameters)
+    out.append(f"{how} stale {step(ddp, model, 1)}")
+    out.append(f"{how} rebuilt {step(nn.parallel.DistributedDataParallel(model), model, 1)}")
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write("\\n".join(out))
+dist.teardown()
+"""
+
+
+def test_a_users_ddp_built_before_a_prune_or_swap_is_refused_at_its_next_forward(tmp_path, forks):
+    """A user's own DistributedDataParallel not rebuilt after pruning resized the values (or after
+    sparsify_ replaced the layers) ran its next step averaging no gradient, silently (its hooks sit on
+    the old parameters' accumulators), then raised PyTorch's "Expected to have finished reduction". Its
+    first forward is refused now, by name; a DDP built after averages as before."""
+    _run_script(forks, tmp_path, _STALE_DDP_SCRIPT)
+    stale = "refused this DistributedDataParallel was built before the model's "
+    for r in (0, 1):
+        lines = (tmp_path / f"rank{r}.txt").read_text().split("\n")
+        assert [lines[i] for i in (0, 2, 3, 5)] == ["prune before averaged", "prune rebuilt averaged",
+                                                    "sparsify_ before averaged", "sparsify_ rebuilt averaged"], lines
+        assert lines[1].startswith(f"prune stale {stale}trainable parameters changed size"), lines
+        assert lines[4].startswith(f"sparsify_ stale {stale}layers were replaced"), lines
