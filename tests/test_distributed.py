@@ -739,3 +739,37 @@ def test_a_users_ddp_built_before_a_prune_or_swap_is_refused_at_its_next_forward
                                                     "sparsify_ before averaged", "sparsify_ rebuilt averaged"], lines
         assert lines[1].startswith(f"prune stale {stale}trainable parameters changed size"), lines
         assert lines[4].startswith(f"sparsify_ stale {stale}layers were replaced"), lines
+
+
+_ENTROPY_SCRIPT = """
+import sys, torch
+from sparsetrain.experiment import distributed as dist
+from sparsetrain.experiment.entropy import activation_entropy
+from sparsetrain.experiment.models import build_model
+torch.manual_seed(0)
+model = build_model("lenet300", 10, 1, 28)
+x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+ref = activation_entropy(model, [x])  # one process (before the group exists), the whole batch
+dist.setup(torch.device("cpu"))
+lines = []
+for n in (5, 1):  # 5 rows: 2 and 3 a rank; 1 row: rank 0 counts none
+    try:
+        got = activation_entropy(model, [x[:n][dist.rows(n)]], reduce=dist.all_sum)
+        lines.append(f"{n} {abs(got['mean'] - ref['mean']) < 1e-12 and got['samples'] == 5}")
+    except ValueError as e:
+        lines.append(f"{n} refused {e}")
+open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write("\\n".join(lines))
+dist.teardown()
+"""
+
+
+def test_sharded_entropy_with_a_rank_without_samples_is_refused_on_every_rank(tmp_path, forks):
+    """activation_entropy(reduce=all_sum) with a rank that got no sample (fewer rows than ranks): that rank
+    had no layer's counts to reduce, so its reduces met the other rank's counts of other sizes and every
+    rank died with a gloo error. Every rank now raises one ValueError; with rows on each rank the sharded
+    entropy equals one process's."""
+    _run_script(forks, tmp_path, _ENTROPY_SCRIPT)
+    refused = ("1 refused 1 rank(s) got no sample in batches: every rank must count at least one (a data-parallel "
+               "pass needs at least as many samples as ranks)")
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().split("\n") == ["5 True", refused]

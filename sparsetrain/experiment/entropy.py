@@ -177,8 +177,14 @@ def activation_entropy(model: nn.Module, batches: Iterable, *, device=None,
                                      "data-dependent control flow around ReLUs)")
             samples += x.shape[0]
     if reduce is not None:  # data parallel: every rank counted its rows; p needs the totals
+        # (the totals first, with the ranks that saw no sample: such a rank has no layer's counts to add, so
+        # its reduces met other ranks' counts of other sizes, a gloo error on every rank, or a hang)
+        mine = torch.tensor([samples, int(nan_batches), int(samples == 0)], dtype=torch.int64, device=device)
+        samples, nan_batches, empty = reduce(mine).tolist()
+        if empty and samples:
+            raise ValueError(f"{empty} rank(s) got no sample in batches: every rank must count at least one (a "
+                             f"data-parallel pass needs at least as many samples as ranks)")
         counts = {k: reduce(counts[k]) for k in sorted(counts)}
-        samples, nan_batches = reduce(torch.tensor([samples, int(nan_batches)], dtype=torch.int64, device=device)).tolist()
     if samples == 0:
         raise ValueError("batches yielded no samples; the entropy needs at least one input")
     if not counts:
