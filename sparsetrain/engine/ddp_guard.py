@@ -39,13 +39,17 @@ def watch() -> None:
 
 def _stale(ddp) -> str | None:
     """Why `ddp`'s buckets no longer fit its module's parameters, or None."""
-    now = [p for n, p in ddp.module.named_parameters() if n not in ddp.parameters_to_ignore]
-    if len(now) != len(ddp._module_parameters) or any(a is not b for a, b in zip(now, ddp._module_parameters)):
+    built = getattr(ddp, "_module_parameters", None)  # (DDP's private record: another torch may lack it)
+    if built is None:
+        return None
+    ignored = getattr(ddp, "parameters_to_ignore", ())
+    now = [p for n, p in ddp.module.named_parameters() if n not in ignored]
+    if len(now) != len(built) or any(a is not b for a, b in zip(now, built)):
         return "the model's layers were replaced (sparsify_, densify_ or filter pruning: new Parameters)"
-    built = getattr(ddp, "_get_ddp_logging_data", dict)().get("total_parameter_size_bytes")
+    logged = getattr(ddp, "_get_ddp_logging_data", dict)().get("total_parameter_size_bytes")
     size = sum(p.numel() * p.element_size() for p in now if p.requires_grad)
-    if built is not None and int(built) != size:  # (bytes of the trainable parameters, as DDP logged them)
-        return (f"the model's trainable parameters changed size ({int(built)} -> {size} bytes: pruning, or a "
+    if logged is not None and int(logged) != size:  # (bytes of the trainable parameters, as DDP logged them)
+        return (f"the model's trainable parameters changed size ({int(logged)} -> {size} bytes: pruning, or a "
                 f"state_dict of another nnz loaded)")
     return None
 
