@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from sparsetrain.experiment.files import git_commit, write_json  # noqa: F401  (write_json: for the bench scripts)
+from sparsetrain.experiment.devices import git_commit
+from sparsetrain.experiment.files import write_json  # noqa: F401  (for the bench scripts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -18,7 +18,7 @@ import sparsetrain
 import cli_forks
 from conftest import run_dir, strip_timing
 from sparsetrain.engine.nn import masks_of
-from sparsetrain.experiment import files, report, study
+from sparsetrain.experiment import devices, files, report, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
 from sparsetrain.experiment.config import build_parser, config_from_args
 from sparsetrain.experiment.train import kd_loss
@@ -768,34 +768,34 @@ def test_git_commit_is_sparsetrain_s_own(tmp_path):
     import shutil
     repo = os.path.dirname(os.path.dirname(__file__))
     dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], text=True, cwd=repo).strip()
-    assert files.git_commit() == subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+    assert devices.git_commit() == subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                                          cwd=repo).strip() + ("-dirty" if dirty else "")
     proj = tmp_path / "a project"  # (a space in the path)
     site = proj / ".venv" / "site-packages" / "sparsetrain" / "experiment"
     site.mkdir(parents=True)
-    shutil.copy(study.__file__.replace("study.py", "files.py"), site / "files.py")
+    shutil.copy(study.__file__.replace("study.py", "devices.py"), site / "devices.py")
     subprocess.run(["git", "init", "-q", str(proj)], check=True)
     subprocess.run(["git", "-C", str(proj), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
                     "--allow-empty", "-m", "project"], check=True)
-    def git_commit_of(files_py):
-        spec = importlib.util.spec_from_file_location("copied_files", files_py)
+    def git_commit_of(devices_py):
+        spec = importlib.util.spec_from_file_location("copied_devices", devices_py)
         copied = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(copied)
         return copied.git_commit()
-    assert git_commit_of(site / "files.py") == "unknown"
+    assert git_commit_of(site / "devices.py") == "unknown"
     own = proj / "sparsetrain" / "experiment"  # the package at the repository's top: a checkout of it
     own.mkdir(parents=True)
-    shutil.copy(site / "files.py", own / "files.py")
+    shutil.copy(site / "devices.py", own / "devices.py")
     head = subprocess.check_output(["git", "-C", str(proj), "rev-parse", "HEAD"], text=True).strip()
-    assert git_commit_of(own / "files.py") == head  # (untracked files do not make it dirty)
+    assert git_commit_of(own / "devices.py") == head  # (untracked files do not make it dirty)
     subprocess.run(["git", "-C", str(proj), "add", "sparsetrain"], check=True)
     subprocess.run(["git", "-C", str(proj), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "own"],
                    check=True)
     head = subprocess.check_output(["git", "-C", str(proj), "rev-parse", "HEAD"], text=True).strip()
-    assert git_commit_of(own / "files.py") == head
-    with open(own / "files.py", "a") as f:
+    assert git_commit_of(own / "devices.py") == head
+    with open(own / "devices.py", "a") as f:
         f.write("# an uncommitted edit\n")
-    assert git_commit_of(own / "files.py") == head + "-dirty"  # (the commit alone does not name the code that ran)
+    assert git_commit_of(own / "devices.py") == head + "-dirty"  # (the commit alone does not name the code that ran)
 
 
 def test_a_hung_git_gives_unknown_not_a_hung_run(tmp_path, monkeypatch):
@@ -806,8 +806,8 @@ def test_a_hung_git_gives_unknown_not_a_hung_run(tmp_path, monkeypatch):
     (fake / "git").write_text("#!/bin/sh\nexec sleep 60\n")
     (fake / "git").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(files, "GIT_TIMEOUT_S", 0.5)
-    assert files.git_commit() == "unknown"
+    monkeypatch.setattr(devices, "GIT_TIMEOUT_S", 0.5)
+    assert devices.git_commit() == "unknown"
 
 
 def test_a_diverging_run_stops_with_a_clear_error(mnist_dir, study_args, capsys):

@@ -1,9 +1,12 @@
-"""Where a run computes: --device (auto | cpu | cuda | cuda:N) and --amp (its autocast dtype there)."""
+"""Where a run computes: --device (auto | cpu | cuda | cuda:N) and --amp (its autocast dtype there); what
+config.json records of it (the git commit, versions) and what a resume changed."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
-__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line"]
+__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit"]
 
 
 def resolve_device(spec: str):
@@ -81,3 +84,25 @@ def version_line() -> str:
     except importlib.metadata.PackageNotFoundError:
         tv = "not installed"
     return f"sparsetrain {__version__} (torch {torch.__version__}, torchvision {tv}, Python {sys.version.split()[0]})"
+
+
+GIT_TIMEOUT_S = 30  # a git blocked on a lock or a hung network filesystem: "unknown", not a hung run
+
+
+def git_commit(short: bool = False) -> str:
+    """The commit of the sparsetrain checkout this code runs from, `<commit>-dirty` when its tracked
+    files hold uncommitted changes (as `git describe --dirty`: the commit alone does not name the code
+    that ran); "unknown" outside git, and for an installed package (a virtualenv inside another
+    project's repository would give that one's)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
+                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True,
+                                            timeout=GIT_TIMEOUT_S).splitlines()
+        if os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
+            return "unknown"
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top,
+                                        stderr=subprocess.DEVNULL, text=True, timeout=GIT_TIMEOUT_S).strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")

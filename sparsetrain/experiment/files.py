@@ -21,12 +21,11 @@ import io
 import json
 import os
 import re
-import subprocess
 import time
 import warnings
 from typing import Callable
 
-__all__ = ["atomic_write", "write_json", "write_csv", "git_commit", "verify", "finish_interrupted_writes", "CorruptFile",
+__all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
            "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
            "remove_empty_folder"]
 
@@ -375,25 +374,3 @@ def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write(path, buf.getvalue(), checksum=checksum)
-
-
-GIT_TIMEOUT_S = 30  # a git blocked on a lock or a hung network filesystem: "unknown", not a hung run
-
-
-def git_commit(short: bool = False) -> str:
-    """The commit of the sparsetrain checkout this code runs from, `<commit>-dirty` when its tracked
-    files hold uncommitted changes (as `git describe --dirty`: the commit alone does not name the code
-    that ran); "unknown" outside git, and for an installed package (a virtualenv inside another
-    project's repository would give that one's)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        top, head = subprocess.check_output(["git", "rev-parse", "--show-toplevel", *(["--short"] if short else []),
-                                             "HEAD"], cwd=package, stderr=subprocess.DEVNULL, text=True,
-                                            timeout=GIT_TIMEOUT_S).splitlines()
-        if os.path.realpath(top) != os.path.realpath(os.path.dirname(package)):
-            return "unknown"
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top,
-                                        stderr=subprocess.DEVNULL, text=True, timeout=GIT_TIMEOUT_S).strip()
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")

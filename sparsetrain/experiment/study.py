@@ -24,9 +24,9 @@ from . import distributed as dist
 from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes, validate
-from .devices import changed_since, describe_device, resolve_device
-from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, git_commit,
-                    make_folder, make_link, remove_empty_folder, write_json)
+from .devices import changed_since, describe_device, git_commit, resolve_device
+from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, make_folder,
+                    make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
 from .metrics import teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
