@@ -477,6 +477,29 @@ def test_checksums_detect_corruption_and_finish_interrupted_writes(tmp_path):
         assert not (tmp_path / tmp).exists()
 
 
+def test_verify_on_a_read_only_folder_is_a_write_failed_naming_the_file(tmp_path, monkeypatch):
+    """verify finishing a write a kill cut short between its two renames (--report-only reading metrics.csv,
+    a teacher loaded) on a folder made read-only since raised the rename's raw OSError (a traceback): it is
+    WriteFailed now, one line naming the temporary file; writable again, the same read finishes it."""
+    import errno
+    p = str(tmp_path / "metrics.csv")
+    files.atomic_write(p, b"round 0", checksum=True)
+    tmp = f"{p}.{files.TMP_TAG}.{_dead_pid()}"
+    with open(tmp, "wb") as f:
+        f.write(b"round 1")
+    files.atomic_write(p + ".sha256", json.dumps({"size": 7, "sha256": hashlib.sha256(b"round 1").hexdigest()}))
+    real = os.replace
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), src)
+    monkeypatch.setattr(files.os, "replace", read_only)
+    with pytest.raises(files.WriteFailed) as e:
+        files.verify(p)
+    assert str(e.value).startswith(f"cannot write {tmp}: Read-only file system; ") and os.path.exists(tmp)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert files.verify(p) is True and open(p, "rb").read() == b"round 1" and not os.path.exists(tmp)
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -181,7 +181,8 @@ def _recorded(path: str) -> dict | None:
 
 def verify(path: str) -> bool:
     """Check `path` against `<path>.sha256` (False: no record, e.g. a file from elsewhere; True:
-    it matches). CorruptFile when it does not match and no interrupted write can be finished."""
+    it matches). CorruptFile when it does not match and no interrupted write can be finished;
+    WriteFailed naming the temporary file where one can but the folder refuses its rename (read-only)."""
     want = _recorded(path)
     if want is None:
         return False
@@ -204,6 +205,8 @@ def verify(path: str) -> bool:
         except FileNotFoundError:  # (another reader, or its writer, finished it first)
             if os.path.exists(path) and _digest(path) == want:
                 return True
+        except OSError as e:  # (a read-only folder: one line naming the file, as finish_interrupted_writes')
+            raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
     if not os.path.exists(path):
         got = "missing"
     elif os.path.getsize(path) == want["size"]:  # (the bytes changed, not the length)
