@@ -635,7 +635,8 @@ def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     (sub / f"round_00.pt.{tag}.{dead}").write_bytes(b"round 0, half wri")  # killed mid-write
     (sub / f"round_00.pt.sha256.{tag}.{dead}").write_text("{")
     (tmp_path / f"summary.md.{tag}.{dead}").write_text("# half")
-    (tmp_path / f"plot.png.{tag}.{os.getpid()}").write_text("being written")
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # (a --report-only beside it)
+    (tmp_path / f"plot.png.{tag}.{living.pid}").write_text("being written")
     files.atomic_write(str(tmp_path / "metrics.csv"), b"round 1", checksum=True)
     (tmp_path / f"metrics.csv.tmp.{dead}").write_bytes(b"round 2")  # the older name, recorded
     files.atomic_write(str(tmp_path / "metrics.csv.sha256"),
@@ -644,13 +645,36 @@ def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
               f"my_notes.txt.tmp.{dead}", f"metrics.csv.old.tmp.{dead}"]  # maybe a user's: kept
     for name in others:
         (tmp_path / name).write_text("a user's")
-    files.finish_interrupted_writes(str(tmp_path))
+    try:
+        files.finish_interrupted_writes(str(tmp_path))
+    finally:
+        living.kill()
+        living.wait()
     assert sorted(os.listdir(sub)) == ["round_00.pt", "round_00.pt.sha256", "state.pt", "state.pt.sha256"]
     assert files.verify(str(sub / "state.pt")) and (sub / "state.pt").read_bytes() == new
     assert files.verify(str(sub / "round_00.pt")) and (sub / "round_00.pt").read_bytes() == b"round 0"
     assert (tmp_path / "metrics.csv").read_bytes() == b"round 2"
-    assert sorted(os.listdir(tmp_path)) == sorted([f"plot.png.{tag}.{os.getpid()}", "seed0", "metrics.csv",
+    assert sorted(os.listdir(tmp_path)) == sorted([f"plot.png.{tag}.{living.pid}", "seed0", "metrics.csv",
                                                    "metrics.csv.sha256", *others])
+
+
+def test_a_killed_write_under_this_process_s_own_pid_is_cleaned_up(tmp_path):
+    """A container gives each run the same pid (1, or the same small number): the temporary files of a write
+    a kill cut short carried this process's pid, which finish_interrupted_writes took for a living writer's
+    and left for good. The starting process (holding the run's lock) writes nothing there yet: they are a dead
+    writer's, finished where the record names them and removed otherwise."""
+    tag, me = files.TMP_TAG, os.getpid()
+    files.atomic_write(str(tmp_path / "summary.md"), "# done")
+    (tmp_path / f"summary.md.{tag}.{me}").write_text("# half")  # killed mid-write
+    new = b"epoch 2"
+    files.atomic_write(str(tmp_path / "state.pt"), b"epoch 1", checksum=True)
+    (tmp_path / f"state.pt.{tag}.{me}").write_bytes(new)  # killed between the record's rename and the data's
+    files.atomic_write(str(tmp_path / "state.pt.sha256"),
+                       json.dumps({"size": len(new), "sha256": hashlib.sha256(new).hexdigest()}))
+    files.finish_interrupted_writes(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["state.pt", "state.pt.sha256", "summary.md"]
+    assert (tmp_path / "summary.md").read_text() == "# done"
+    assert files.verify(str(tmp_path / "state.pt")) and (tmp_path / "state.pt").read_bytes() == new
 
 
 def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):

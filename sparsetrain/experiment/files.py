@@ -341,12 +341,13 @@ def finish_interrupted_writes(folder: str) -> None:
     the record and the data's rename); every other one never finished and is removed. A living
     process's are left alone (a --report-only beside the run on this host); one beside an unreadable
     record too, and names that cannot be atomic_write's (a number past Linux's largest pid, 2^22).
-    The older `<path>.tmp.<pid>` form is finished where its record names it, never removed (a
-    user's `notes.tmp.2024` looks the same)."""
+    One of this process's own pid is a dead writer's (a container's runs share a pid; this one writes
+    nothing there yet). The older `<path>.tmp.<pid>` form is finished where its record names it, never
+    removed (a user's `notes.tmp.2024` looks the same)."""
     for dirpath, _, names in os.walk(folder):
         for name in names:
             match = _TMP.fullmatch(name)
-            if match is None or int(match[3]) > 1 << 22 or _alive(int(match[3])):
+            if match is None or int(match[3]) > 1 << 22 or (int(match[3]) != os.getpid() and _alive(int(match[3]))):
                 continue
             tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
             try:
