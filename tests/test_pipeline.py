@@ -753,6 +753,36 @@ def test_a_resume_on_another_thread_count_or_version_says_so(tmp_path, monkeypat
 
 
 
+def test_a_resume_of_an_older_run_s_record_adds_nothing_until_something_changes(tmp_path, capsys):
+    """A run recorded before sparsetrain_version, ran_on and versions' python: its resumes were compared twice,
+    by a dict comparison (a nested `versions` lacking python differed) and by changed_since (no difference), so a
+    resumed_with entry was added without a note; and the "unknown" its first resume writes for a lacking record
+    made the second say "sparsetrain_version 0.1.0 (was unknown)" and add an entry. Neither now, until a record
+    really changes (the thread count): then both."""
+    cfg, _ = config_from_args(["mnist", "--out", str(tmp_path), "--profile", "quick"])
+    rd = study.prepare_run_dir(cfg)
+    path = os.path.join(rd, "config.json")
+    with open(path) as f:
+        rec = json.load(f)
+    del rec["sparsetrain_version"], rec["ran_on"], rec["versions"]["python"]
+    files.write_json(path, rec)
+    for _ in range(3):
+        study.prepare_run_dir(cfg)
+        with open(path) as f:
+            now = json.load(f)
+        assert "resumed_with" not in now and now["sparsetrain_version"] == now["ran_on"] == "unknown"
+    assert capsys.readouterr().err == ""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        study.prepare_run_dir(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    with open(path) as f:
+        assert [r["torch_threads"] for r in json.load(f)["resumed_with"]] == [threads + 1]
+    assert f"resumes with torch_threads {threads + 1} (was {threads}): " in capsys.readouterr().err
+
+
 def test_a_resume_back_on_the_starting_thread_count_is_recorded(tmp_path, capsys):
     """Started at N threads, resumed at N + 1, then at N again: the last resume was compared with the start
     record alone, so it added no resumed_with entry (config.json said the run went on at N + 1) and no note.

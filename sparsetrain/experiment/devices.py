@@ -59,10 +59,12 @@ def describe_device(device, amp_spec: str) -> str:
 def changed_since(before: dict, now: dict) -> list[str]:
     """What a run records of where it computes (config.json's git_commit, versions, torch_threads, world_size,
     ran_on) that differs in `now` from `before`, each as "name now (was then)", versions one by one; a record
-    `before` lacks is no difference."""
+    `before` lacks is no difference, nor one it holds as "unknown" (what a resume writes for a record its run
+    lacked; a git_commit "unknown", an installed package's, is one)."""
     out = []
     for k, v in now.items():
         was = before.get(k, v)
+        was = v if was == "unknown" and k != "git_commit" else was
         if isinstance(v, dict) and isinstance(was, dict):
             out += [f"{n} {v[n]} (was {was[n]})" for n in v if was.get(n, v[n]) != v[n]]
         elif was != v:

@@ -114,10 +114,9 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
     # than it last ran with (a return to the start's too), follow (a record an older run lacks is not a difference)
     resumed = list(old.get("resumed_with", []))
     last = resumed[-1] if resumed else old
-    if resuming and old and {k: last.get(k, v) for k, v in now.items()} != now:
-        if changed := changed_since(last, now):  # (said: it was in config.json alone)
-            print(f"note: {rd} resumes with {'; '.join(changed)}: the rounds trained from here on may not be bitwise "
-                  "those of an uninterrupted run (config.json lists it under resumed_with)", file=sys.stderr)
+    if resuming and old and (changed := changed_since(last, now)):  # (one rule: each entry is said)
+        print(f"note: {rd} resumes with {'; '.join(changed)}: the rounds trained from here on may not be bitwise "
+              "those of an uninterrupted run (config.json lists it under resumed_with)", file=sys.stderr)
         resumed.append(now)
     try:
         os.makedirs(rd, exist_ok=True)
