@@ -6,7 +6,8 @@ import os
 import re
 import subprocess
 
-__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit"]
+__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit",
+           "threads_for"]
 
 
 def resolve_device(spec: str):
@@ -108,3 +109,14 @@ def git_commit(short: bool = False) -> str:
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def threads_for(cfg) -> int:
+    """--threads, or this run's CPU share: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs),
+    else the CPUs this process may run on (taskset, cgroup cpusets), not every core of the machine."""
+    if cfg.threads:
+        return cfg.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

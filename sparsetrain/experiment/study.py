@@ -24,7 +24,7 @@ from . import distributed as dist
 from . import report
 from .checkpoint import load_model
 from .config import ADDED_DEFAULTS, Config, config_from_args, notes, validate
-from .devices import changed_since, describe_device, git_commit, resolve_device
+from .devices import changed_since, describe_device, git_commit, resolve_device, threads_for
 from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupted_writes, folder_lock, make_folder,
                     make_link, remove_empty_folder, write_json)
 from .loop import PhaseError, run_phase
@@ -141,17 +141,6 @@ def check_data(rd: str, fingerprint: str) -> None:
 
 
 # ============================================================================ the study
-def threads_for(cfg: Config) -> int:
-    """--threads, or this run's CPU share: OMP_NUM_THREADS when set (Ray sets it to a task's CPUs),
-    else the CPUs this process may run on (taskset, cgroup cpusets), not every core of the machine."""
-    if cfg.threads:
-        return cfg.threads
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def run_study(cfg: Config) -> str:
     """Run (or continue) every phase of every seed; returns the path of summary.md. A Config built
     in Python is checked as the CLI checks its flags (ValueError, TypeError naming the flag)."""
