@@ -94,7 +94,10 @@ def _corrupt_config(root):
 
 
 def _truncated_state(root):
+    from sparsetrain.experiment.config import config_from_args
+    from sparsetrain.experiment.study import prepare_run_dir
     _mnist(root)
+    prepare_run_dir(config_from_args(_argv(root))[0])  # (the run's config.json: a state without one is refused first)
     pd = _run_dir(root) / "seed0" / "teacher"
     pd.mkdir(parents=True)
     torch.save({"format": "sparsetrain-ckpt-v1"}, pd / "state.pt")

@@ -588,3 +588,29 @@ def test_a_finished_phase_copied_from_another_run_is_refused(mnist_dir, study_ar
     del best["where"]
     files.write_json(str(pd / "best.json"), best, checksum=True)
     assert study.main(here) == 0
+
+
+def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, study_args, capsys, interrupted):
+    """A corrupt config.json was refused, but a missing one beside trained phases was written anew and the run
+    resumed: the data fingerprint and settings it is checked against were gone, so it went on with whatever data it
+    was given. Both are refused now, naming the file and the choices (--resume and --report-only too, which said
+    "no run"); nothing of the run is touched, and it resumes to the uninterrupted rows once the file is back."""
+    base = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(base + ["--out", str(mnist_dir / "whole")]) == 0
+    interrupted(base, 4)
+    rd = run_dir(mnist_dir / "runs")
+    config, state = rd / "config.json", rd / "seed0" / "teacher" / "state.pt"
+    saved, before = config.read_bytes(), {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config}
+    choices = f": a resume checks the run's settings and data against it; restore it from a copy, or remove {rd} "
+    config.unlink()
+    for extra in ([], ["--resume"], ["--report-only"]):
+        err = _one_line_error(capsys, base + extra)
+        assert f"error: {config} is missing, but the run directory holds trained phases{choices}" in err, (extra, err)
+    config.write_text("{ not json")
+    err = _one_line_error(capsys, base)
+    assert f"error: {config} is corrupt (JSONDecodeError: " in err and choices in err, err
+    assert {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config} == before and state.exists()
+    config.write_bytes(saved)
+    assert study.main(base) == 0
+    whole = run_dir(mnist_dir / "whole") / "seed0" / "teacher" / "metrics.csv"
+    assert strip_timing(read_rows(rd / "seed0" / "teacher" / "metrics.csv")) == strip_timing(read_rows(whole))

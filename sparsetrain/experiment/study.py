@@ -70,15 +70,21 @@ def legacy_run_dir(cfg: Config) -> str | None:
 
 
 def _read_config(path: str) -> dict:
+    """A run's config.json ({} where none was written yet); UsageError for one that does not parse, or that is
+    missing beside trained phases (rewritten, the resume went on with whatever data and settings it was given)."""
     try:
+        if not os.path.exists(path) and not _trained(os.path.dirname(path)):
+            return {}
         with open(path) as f:
             old = json.load(f)
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
         return old
     except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is corrupt ({type(e).__name__}: {e}); remove its run directory to start "
-                         "over") from None
+        why = (f"is corrupt ({type(e).__name__}: {e})" if not isinstance(e, FileNotFoundError) else
+               "is missing, but the run directory holds trained phases")
+        raise UsageError(f"{path} {why}: a resume checks the run's settings and data against it; restore it from a "
+                         f"copy, or remove {os.path.dirname(path)} (or use another --out) to start over") from None
 
 
 def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
@@ -94,7 +100,7 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
     if legacy and not os.path.exists(path):
         print(f"note: {legacy} is a run directory of an earlier sparsetrain (named without a settings hash); it "
               f"is not resumed: this run starts in {rd} (`--report-only` still reports the old one)", file=sys.stderr)
-    old = _read_config(path) if os.path.exists(path) else {}
+    old = _read_config(path)
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
     if old:
         diff = sorted(k for k, v in result_settings(cfg).items() if v != old.get(k))
@@ -360,6 +366,7 @@ def main(argv=None) -> int:
         if args.report_only and not os.path.isfile(os.path.join(rd, "config.json")) and legacy_run_dir(cfg):
             rd = legacy_run_dir(cfg)  # a run directory in the earlier naming: reported as it is
         if (args.report_only or args.resume) and not os.path.isfile(os.path.join(rd, "config.json")):
+            _read_config(os.path.join(rd, "config.json"))  # (one missing beside trained phases: not "no run")
             flag = "--report-only" if args.report_only else "--resume"
             raise UsageError(f"{flag}: no run to {'report' if args.report_only else 'resume'} in {rd} "
                              "(no config.json); run the same command without it to start one"
