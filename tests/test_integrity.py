@@ -614,3 +614,39 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
     assert study.main(base) == 0
     whole = run_dir(mnist_dir / "whole") / "seed0" / "teacher" / "metrics.csv"
     assert strip_timing(read_rows(rd / "seed0" / "teacher" / "metrics.csv")) == strip_timing(read_rows(whole))
+
+
+@pytest.mark.parametrize("kill_after", ["checkpoint", "metrics"])
+def test_a_damaged_checkpoint_of_the_round_being_resumed_is_written_anew(mnist_dir, study_args, capsys,
+                                                                        monkeypatch, kill_after):
+    """A kill after round 0's checkpoint (before metrics.csv's row, or after it) and before the state of round 1
+    resumes round 0's measurement, which writes round_00.pt again; that checkpoint damaged was refused as "a trained
+    round cannot be rebuilt". The resume rebuilds it now (a note says so) and ends with the uninterrupted run's rows
+    (a round the state is past is still refused: test_pipeline.test_resume_refuses_a_corrupt_round_checkpoint)."""
+    from sparsetrain.experiment import loop
+    base = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(base + ["--out", str(mnist_dir / "whole")]) == 0
+    real = loop.write_csv
+
+    def killed(*a, **k):
+        if kill_after == "metrics":
+            real(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "write_csv", killed)
+    assert study.main(base) == 130
+    monkeypatch.setattr(loop, "write_csv", real)
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    r0 = pd / "ckpt" / "round_00.pt"
+    assert r0.exists() and (pd / "metrics.csv").exists() == (kill_after == "metrics")
+
+    def damage(path):
+        b = bytearray(path.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        path.write_bytes(bytes(b))
+    damage(r0)
+    capsys.readouterr()
+    assert study.main(base) == 0
+    assert f"note: {r0} is corrupt" in capsys.readouterr().err
+    assert files.verify(str(r0))
+    whole = run_dir(mnist_dir / "whole") / "seed0" / "teacher" / "metrics.csv"
+    assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(whole))

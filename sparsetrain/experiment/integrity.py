@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 
 from .files import CorruptFile, verify
 from .metrics import read_metrics
@@ -51,12 +52,14 @@ def check_place(pdir: str, where) -> None:
                           "this phase")
 
 
-def verify_phase(pdir: str) -> None:
+def verify_phase(pdir: str, resumed=None) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
     recorded at write time; a round checkpoint whose record remains must exist), and a finished
     phase must hold a checkpoint for each of its rounds; else a clear error, whose advice for a phase linked
-    from another run (--reuse) names that run's folder and the link (delete_advice)."""
+    from another run (--reuse) names that run's folder and the link (delete_advice). `resumed()`: the round
+    state.pt resumes, whose checkpoint (a kill after it, before the next round's state) the resume writes anew:
+    that one damaged is left to it, with a note."""
     state = os.path.join(pdir, "state.pt")
     ckpt = os.path.join(glob.escape(pdir), "ckpt")
     rounds = sorted({p[:-len(".sha256")] if p.endswith(".sha256") else p for p in
@@ -83,6 +86,10 @@ def verify_phase(pdir: str) -> None:
         try:
             recorded[path] = verify(path)
         except CorruptFile as e:
+            redo = resumed() if resumed and not finished and path in rounds else None
+            if isinstance(redo, int) and os.path.basename(path) == f"round_{redo:02d}.pt":
+                print(f"note: {e}; round {redo} is being resumed: its measurement writes it anew", file=sys.stderr)
+                continue
             what = "a finished phase's results" if finished else "a trained round"
             raise CorruptFile(f"{e}; {what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase") from None
     if results:

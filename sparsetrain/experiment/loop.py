@@ -282,6 +282,14 @@ def drop_resume_state(pdir: str) -> None:
 
 
 # ============================================================================ one phase
+def _resumed_round(state_path: str):
+    """The round `state_path` resumes (None: no state, or one `start` refuses)."""
+    try:
+        return safe_load(state_path).get("round")
+    except (OSError, ValueError):  # (CorruptFile, a foreign file: start says why)
+        return None
+
+
 @dataclass
 class Costs:
     """FLOPs a phase charges besides its own exact count (flops.py has both conventions)."""
@@ -302,7 +310,8 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     done = os.path.exists(os.path.join(pdir, "best.json"))
     if done and dist.is_main():
         drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)
-    dist.on_main(lambda: verify_phase(pdir), (CorruptFile,))  # (may finish an interrupted checkpoint write)
+    resumed = lambda: _resumed_round(os.path.join(pdir, "state.pt"))  # noqa: E731 (asked for a damaged round only)
+    dist.on_main(lambda: verify_phase(pdir, resumed), (CorruptFile,))  # (may finish an interrupted checkpoint write)
     if done:
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")
