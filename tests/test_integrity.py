@@ -609,6 +609,9 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
     config.write_text("{ not json")
     err = _one_line_error(capsys, base)
     assert f"error: {config} is corrupt (JSONDecodeError: " in err and choices in err, err
+    config.write_text("{}")  # (no settings: taken for no config.json at all, rewritten, the checks gone)
+    err = _one_line_error(capsys, base)
+    assert f"error: {config} is corrupt (ValueError: not a JSON object of settings)" in err and choices in err, err
     assert {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config} == before and state.exists()
     config.write_bytes(saved)
     assert study.main(base) == 0

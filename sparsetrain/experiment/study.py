@@ -77,8 +77,8 @@ def _read_config(path: str) -> dict:
             return {}
         with open(path) as f:
             old = json.load(f)
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
+        if not isinstance(old, dict) or not old:  # ({}: it was taken for a run directory without one)
+            raise ValueError("not a JSON object of settings")
         return old
     except (OSError, ValueError) as e:
         why = (f"is corrupt ({type(e).__name__}: {e})" if not isinstance(e, FileNotFoundError) else
