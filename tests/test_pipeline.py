@@ -506,6 +506,17 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _locking_writer(prefix: str, data: str):
+    """A living writer: a child process holding `<prefix>.<its pid>` open with `data`, locked as
+    atomic_write locks its temporary file (writer_lock: the sign that its writer lives)."""
+    child = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                              "f = open(f'{sys.argv[1]}.{os.getpid()}', 'w'); f.write(sys.argv[2]); f.flush()\n"
+                              "fcntl.flock(f, fcntl.LOCK_EX); print('ready', flush=True); time.sleep(60)",
+                              prefix, data], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    return child
+
+
 def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
     """A reader (verify: load_model, --teachers PATH, a --reuse link) between a living writer's two
     renames found the writer's temporary file matching the new record and moved it into place, and
@@ -514,11 +525,9 @@ def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
     import threading
     p = str(tmp_path / "state.pt")
     files.atomic_write(p, b"old", checksum=True)
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer = _locking_writer(f"{p}.{files.TMP_TAG}", "new")
     try:
         tmp = f"{p}.{files.TMP_TAG}.{writer.pid}"
-        with open(tmp, "wb") as f:
-            f.write(b"new")
         files.atomic_write(p + ".sha256", json.dumps({"size": 3, "sha256": hashlib.sha256(b"new").hexdigest()}))
         got = []
         reader = threading.Thread(target=lambda: got.append(files.verify(p)))
@@ -528,7 +537,7 @@ def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
         os.replace(tmp, p)  # the writer's own rename
         reader.join(10)
         assert got == [True] and open(p, "rb").read() == b"new"
-        # a file that stays past the wait is a dead writer's under a reused pid: finished, as before
+        # a file no writer locks under a living process's pid is a dead writer's (a reused pid): finished
         with open(tmp, "wb") as f:
             f.write(b"newer")
         files.atomic_write(p + ".sha256", json.dumps({"size": 5, "sha256": hashlib.sha256(b"newer").hexdigest()}))
@@ -635,8 +644,7 @@ def test_a_run_start_finishes_or_removes_what_a_kill_left(tmp_path):
     (sub / f"round_00.pt.{tag}.{dead}").write_bytes(b"round 0, half wri")  # killed mid-write
     (sub / f"round_00.pt.sha256.{tag}.{dead}").write_text("{")
     (tmp_path / f"summary.md.{tag}.{dead}").write_text("# half")
-    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # (a --report-only beside it)
-    (tmp_path / f"plot.png.{tag}.{living.pid}").write_text("being written")
+    living = _locking_writer(str(tmp_path / f"plot.png.{tag}"), "being written")  # (a --report-only beside it)
     files.atomic_write(str(tmp_path / "metrics.csv"), b"round 1", checksum=True)
     (tmp_path / f"metrics.csv.tmp.{dead}").write_bytes(b"round 2")  # the older name, recorded
     files.atomic_write(str(tmp_path / "metrics.csv.sha256"),

@@ -25,6 +25,8 @@ import time
 import warnings
 from typing import Callable
 
+from . import writer_lock
+
 __all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
            "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
            "remove_empty_folder"]
@@ -192,9 +194,10 @@ def verify(path: str) -> bool:
     for tmp in sorted(leftovers):  # killed between the two renames, or a living writer between them
         match = _TMP.fullmatch(os.path.basename(tmp))
         pid = int(match[3]) if match else 0
-        if match and pid != os.getpid() and pid <= 1 << 22 and _alive(pid):
+        if match and pid <= 1 << 22 and writer_lock.writer_alive(tmp, pid, match[2] == TMP_TAG):
             # its own rename is imminent: wait for it (taking the file would fail that writer's rename);
-            # still there after the wait, it is a dead writer's under a reused pid: finished below
+            # still there after the wait (a writer stopped, or by the pid rule a dead one's under a
+            # reused pid): finished below, its writer's rename then taking the file for done
             if _landed(path, tmp, pid, want):
                 return True
         try:
@@ -218,10 +221,11 @@ def verify(path: str) -> bool:
 
 
 def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 10.0) -> bool:
-    """Wait (up to `timeout` s) while living process `pid` still holds `tmp`; then whether `path`
+    """Wait (up to `timeout` s) while a living writer (pid `pid`) still holds `tmp`; then whether `path`
     is the recorded file."""
     deadline = time.monotonic() + timeout
-    while os.path.exists(tmp) and _alive(pid) and time.monotonic() < deadline:
+    locks = _TMP.fullmatch(os.path.basename(tmp))[2] == TMP_TAG
+    while os.path.exists(tmp) and writer_lock.writer_alive(tmp, pid, locks) and time.monotonic() < deadline:
         time.sleep(0.02)
     return os.path.exists(path) and _digest(path) == want
 
@@ -262,8 +266,17 @@ def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
     binary = isinstance(data, bytes) if binary is None else binary
     tmp = f"{path}.{TMP_TAG}.{os.getpid()}"
     recorded = False  # the checksum names tmp's data: from then on the write is finished, not undone
+    held = None  # a descriptor locking tmp, the sign this writer lives (writer_lock): kept past the rename
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        for attempt in range(10):  # (anew where a recovery took a dead writer's file of tmp's name meanwhile;
+            # a filesystem whose inode numbers change: unlocked after 10 tries, as before 2026-12-06)
+            f = open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""}))
+            held = writer_lock.hold(f.fileno(), tmp)
+            if held is not False or attempt == 9:
+                break
+            f.close()
+        held = None if held is False else held
+        with f:
             if callable(data):
                 data(f)
             else:
@@ -280,10 +293,14 @@ def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
                 raise
         _fsync_dir(folder)
     finally:
-        if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)
-            # finished once the record names tmp's data, which Ctrl-C can leave unflagged (between
-            # the record's rename and `recorded = True`): then tmp is the file, else it never was
-            os.replace(tmp, path) if recorded or (checksum and _names(path, tmp)) else os.remove(tmp)
+        try:
+            if os.path.exists(tmp):  # (an exception, or Ctrl-C, before the data's rename)
+                # finished once the record names tmp's data, which Ctrl-C can leave unflagged (between
+                # the record's rename and `recorded = True`): then tmp is the file, else it never was
+                os.replace(tmp, path) if recorded or (checksum and _names(path, tmp)) else os.remove(tmp)
+        finally:
+            if held is not None:
+                os.close(held)
 
 
 # a folder that cannot be opened or fsynced at all (no read permission; some network and FUSE
@@ -323,44 +340,35 @@ TMP_TAG = "sparsetrain-tmp"
 _TMP = re.compile(rf"(.+)\.({TMP_TAG}|tmp)\.([1-9][0-9]{{0,6}})")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # (EPERM: another user's process)
-        return True
-    return True
-
-
 def finish_interrupted_writes(folder: str) -> None:
     """The temporary files of writes a killed process left under `folder` (call it holding the
     folder's lock): one that its record names is the newer file, renamed into place (a kill between
     the record and the data's rename); every other one never finished and is removed. A living
-    process's are left alone (a --report-only beside the run on this host); one beside an unreadable
-    record too, and names that cannot be atomic_write's (a number past Linux's largest pid, 2^22).
-    One of this process's own pid is a dead writer's (a container's runs share a pid; this one writes
-    nothing there yet). The older `<path>.tmp.<pid>` form is finished where its record names it, never
-    removed (a user's `notes.tmp.2024` looks the same)."""
+    writer's are left alone (a --report-only beside the run): one whose lock is held (writer_lock; the
+    pid in the name is no proof: reused, or every container's), by the pid rule where the filesystem
+    cannot lock; one beside an unreadable record too, and names that cannot be atomic_write's (a number
+    past Linux's largest pid, 2^22). The older `<path>.tmp.<pid>` form (never locked: the pid rule) is
+    finished where its record names it, never removed (a user's `notes.tmp.2024` looks the same)."""
     for dirpath, _, names in os.walk(folder):
         for name in names:
             match = _TMP.fullmatch(name)
-            if match is None or int(match[3]) > 1 << 22 or (int(match[3]) != os.getpid() and _alive(int(match[3]))):
+            if match is None or int(match[3]) > 1 << 22:
                 continue
             tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
-            try:
-                want = _recorded(path)
-            except CorruptFile:
-                continue
-            try:  # (a run directory made read-only since: one line naming the file, as atomic_write's)
-                if want is not None and _digest(tmp) == want:
-                    os.replace(tmp, path)
-                elif match[2] == TMP_TAG:
-                    os.remove(tmp)
-            except OSError as e:
-                raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
+            with writer_lock.claim(tmp, int(match[3]), match[2] == TMP_TAG) as alive:
+                if alive:
+                    continue
+                try:
+                    want = _recorded(path)
+                except CorruptFile:
+                    continue
+                try:  # (a run directory made read-only since: one line naming the file, as atomic_write's)
+                    if want is not None and _digest(tmp) == want:
+                        os.replace(tmp, path)
+                    elif match[2] == TMP_TAG:
+                        os.remove(tmp)
+                except OSError as e:
+                    raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
 
 
 def write_json(path: str, obj, checksum: bool = False) -> None:
