@@ -243,3 +243,22 @@ def test_a_filesystem_whose_inode_numbers_change_still_writes(tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["state.pt", "state.pt.sha256"]
     if fds is not None:
         assert set(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_temporary_file_gone_since_the_listing_is_left_alone(tmp_path, monkeypatch):
+    """A writer's file renamed into place (or another recovery's) between the folder's listing and its
+    recovery: the run start failed with 'cannot write <tmp>: No such file or directory' (exit 2), a file of
+    a writer in another pid namespace or without locks. Nothing is left to finish: it goes on."""
+    files.atomic_write(str(tmp_path / "summary.md"), "# done")
+    tmp = tmp_path / f"summary.md.{files.TMP_TAG}.{_dead_pid()}"
+    tmp.write_text("# new")
+    real = os.walk
+
+    def renamed_meanwhile(folder):
+        for entry in real(folder):
+            if tmp.exists():
+                os.replace(tmp, tmp_path / "summary.md")  # (its writer's rename, after the listing)
+            yield entry
+    monkeypatch.setattr(files.os, "walk", renamed_meanwhile)
+    files.finish_interrupted_writes(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["summary.md"] and (tmp_path / "summary.md").read_text() == "# new"

@@ -367,6 +367,8 @@ def finish_interrupted_writes(folder: str) -> None:
                         os.replace(tmp, path)
                     elif match[2] == TMP_TAG:
                         os.remove(tmp)
+                except FileNotFoundError:  # (renamed by its writer, or another recovery, since the listing)
+                    continue
                 except OSError as e:
                     raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
 
