@@ -48,7 +48,7 @@ def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
     # best round = argmax validation accuracy (first of ties), marked once, its checkpoint loads
     best = json.loads((rd / "seed0" / "teacher" / "best.json").read_text())
     vals = [float(r["val_acc"]) for r in rows]
-    assert best["round"] == vals.index(max(vals))
+    assert best["round"] == vals.index(max(vals)) and best["stop"] == "wall"  # (why it ended: the report's `†`)
     assert [int(r["is_best"]) for r in rows].count(1) == 1 and int(rows[best["round"]]["is_best"]) == 1
     assert not list(rd.glob("seed0/*/state.pt*"))  # finished phases keep no resume state (nor its checksum)
     model, masks, payload = load_model(str(rd / "seed0" / "teacher" / best["path"]))

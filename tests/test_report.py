@@ -272,6 +272,33 @@ def test_a_finished_curve_short_of_the_wall_is_decided(tmp_path):
     assert row[10] == "–" and row[12] == "0.0"
 
 
+def test_block_and_filter_curves_take_the_recorded_end_not_the_nominal_rate(tmp_path):
+    """Block and filter rounds are not the nominal 1 - (1 - s)(1 - rate) (loop.should_stop takes the rule's
+    trial round): the report's `†` took the nominal one, so an unfinished block run whose nominal next round is
+    past the wall (its actual one may not be) was called complete, and a finished student run stopped online
+    was called cut or complete by the nominal round, whatever ended it. Now the unfinished block or filter
+    curve is cut, and a finished run's best.json "stop" (why it ended) decides; unstructured as before."""
+    rows = make_rows([0.5, 0.6, 0.7, 0.65], rate=0.2)  # sparsity 48.8% at round 3: nominal next 59% >= 50%
+    for structure, stop in (("unstructured", "3"), ("block", "3†"), ("filter", "3†")):
+        write_config(tmp_path, seeds=[0], wall=0.5, structure=structure)
+        write_rows(tmp_path, rows)
+        assert table_row(R.summary_table(R.load_run(tmp_path)), "vanilla, no early stop")[10] == stop, structure
+    # a student run the peak rule stopped online at round 4 (as test_summary_of_a_curve_stopped_online)
+    run = tmp_path / "online"
+    rows = make_rows([0.5, 0.6, 0.7, 0.65, 0.5], ent=[0.6, 0.7, 0.75, 0.55, 0.5], rate=0.5, phase="vanilla")
+    write_rows(run, rows)  # sparsity 93.75%: nominal next 96.9%
+    best = run / "seed0" / "vanilla" / "best.json"
+    for wall, why, short in ((0.999, "wall", False), (0.95, "early stop", True), (0.999, None, True)):
+        write_config(run, seeds=[0], model="resnet18", student="lenet300", teachers=[], early_stop="entropy-peak",
+                     rate=0.5, wall=wall, structure="block")
+        best.write_text(json.dumps({"round": 2, "stop": why}))
+        assert R.load_run(run)["ended"] == {"vanilla": {0: why}}
+        md = R.summary_table(R.load_run(run))
+        assert table_row(md, "vanilla, no early stop")[10] == "4" + "†" * short, (wall, why)
+        row = table_row(md, "vanilla, early stop (peak rule)")
+        assert row[10] == "4" and row[12] == ("n/a" if short else "0.0"), (wall, why)
+
+
 def test_vanilla_and_path_teachers_in_the_summary(tmp_path):
     """The teacher run is the vanilla run only on the same schedule; --teachers PATH phases keep the
     command's order."""
@@ -488,9 +515,10 @@ def test_the_run_marks_the_best_round_as_the_report_does(tmp_path):
     a NaN validation accuracy in round 0 won there (NaN compares as never smaller)."""
     from sparsetrain.experiment.loop import finish
     rows = make_rows([float("nan"), 0.7, 0.8, 0.8], seed=0)
-    finish(str(tmp_path), rows)
+    finish(str(tmp_path), rows, "wall")
     assert [r["is_best"] for r in rows] == [0, 0, 1, 0]
     assert json.loads((tmp_path / "best.json").read_text())["round"] == 2
+    assert json.loads((tmp_path / "best.json").read_text())["stop"] == "wall"  # (why it ended: the report's `†`)
 
 
 def test_a_best_teacher_that_is_the_dense_one_is_named_so(tmp_path, monkeypatch):

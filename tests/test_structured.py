@@ -209,6 +209,9 @@ def test_the_wall_sees_block_pruning_s_actual_next_sparsity():
             masks = rule.prune(model, masks, rate)
             assert model_sparsity(model, masks, n0) == predicted  # (the same selection, counted alike)
         assert max(trained) < wall and len(trained) == rounds, (wall, trained)
+        # (the reason best.json records for the report)
+        assert should_stop(cfg, "teacher", rule, types.SimpleNamespace(model=model, masks=masks, rows=[]),
+                           trained[-1], n0) == "wall"
 
 
 def test_filter_checkpoint_round_trip(tmp_path):

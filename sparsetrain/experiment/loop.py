@@ -184,15 +184,17 @@ def measure(hp, s: PhaseState, splits, seed: int, phase: str, sparsity: float, c
             "is_best": 0, **{f"entropy/{k}": v for k, v in ent["per_layer"].items()}}
 
 
-def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float, original: int) -> bool:
-    """Algorithm 1's wall (line 6: a round is trained only while its target sparsity, 1 - (1 -
-    current)(1 - rate), is below the wall; filter and block pruning's actual next sparsity: rule.next_sparsity),
-    nothing left to prune, or, for the students only (the teacher is a full run), the --early-stop rule."""
-    if not rule.can_prune(s.model, s.masks) or \
-            rule.next_sparsity(s.model, s.masks, cfg.rate, sparsity, original) >= cfg.wall - 1e-9:
-        return True
-    return (role == "student" and cfg.early_stop != "none"
-            and algorithm2_stop(s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None)
+def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: float, original: int) -> str:
+    """Why the phase ends here ("" = it goes on; best.json records it for the report's `†`): Algorithm 1's
+    wall (line 6: a round is trained only while its target sparsity, 1 - (1 - current)(1 - rate), is below
+    the wall; filter and block pruning's actual next sparsity: rule.next_sparsity), nothing left to prune,
+    or, for the students only (the teacher is a full run), the --early-stop rule."""
+    if not rule.can_prune(s.model, s.masks):
+        return "nothing to prune"
+    if rule.next_sparsity(s.model, s.masks, cfg.rate, sparsity, original) >= cfg.wall - 1e-9:
+        return "wall"
+    return "early stop" if (role == "student" and cfg.early_stop != "none" and algorithm2_stop(
+        s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None) else ""
 
 
 def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int, splits) -> None:
@@ -251,9 +253,10 @@ def _unseeded(build):
     return call
 
 
-def finish(pdir: str, rows: list[dict]) -> None:
+def finish(pdir: str, rows: list[dict], stop: str | None = None) -> None:
     """Mark the best-validation round (first of ties; the report's rule, metrics.best_index: a NaN
-    validation accuracy never wins, round 0 where none is finite), write best.json last (= phase done)."""
+    validation accuracy never wins, round 0 where none is finite), write best.json last (= phase done),
+    with why the phase ended (`stop`: should_stop's reason)."""
     b = best_index(rows)
     best = 0 if b is None else b
     for i, r in enumerate(rows):
@@ -265,7 +268,7 @@ def finish(pdir: str, rows: list[dict]) -> None:
         write_json(os.path.join(pdir, "best.json"),
                    {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],
                     "sparsity": b["sparsity"], "path": f"ckpt/round_{b['round']:02d}.pt",
-                    "where": where_of(os.path.join(pdir, "state.pt"))}, checksum=True)  # (integrity._check_finished)
+                    "where": where_of(os.path.join(pdir, "state.pt")), "stop": stop}, checksum=True)  # (integrity._check_finished)
         drop_resume_state(pdir)
     dist.on_main(write, (WriteFailed,))
 
@@ -355,14 +358,16 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                 raise WriteFailed(e.errno, e.strerror or str(e), metrics + ".sha256") from e
             write_csv(metrics, s.rows)
         dist.on_main(record, (WriteFailed,))
-        if should_stop(cfg, role, rule, s, sparsity, n_orig):
+        stop = should_stop(cfg, role, rule, s, sparsity, n_orig)
+        if stop:
             break
         next_round(cfg, hp, rule, s, arch, seed, splits)
         if model_sparsity(s.model, s.masks, n_orig) <= sparsity:  # (this rule at this rate prunes nothing more)
             if dist.is_main():  # (the round's line is rank 0's too: once, not once per rank)
                 tqdm.write(f"[{phase} seed {seed}] round {s.rnd} would prune nothing more: the phase ends")
+            stop = "nothing to prune"
             break
         save(s, arch, state_path)
-    finish(pdir, s.rows)
+    finish(pdir, s.rows, stop)
     dist.barrier()  # the phase's files exist before any rank reads them (the teacher's, for students)
     return pdir

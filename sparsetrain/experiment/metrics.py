@@ -75,7 +75,8 @@ def read_metrics(path, require=()) -> list[dict]:
 
 def load_run(run_dir) -> dict:
     """{"config": config.json (or {}), "curves": {phase: {seed: rows}}, "running": {phase: [seeds whose
-    phase has not finished (no best.json)]}, "same_as": {phase: {seed: the phase of that seed whose
+    phase has not finished (no best.json)]}, "ended": {phase: {seed: why a finished phase ended (best.json's
+    "stop": "wall", "nothing to prune" or "early stop"; None before 2026-12-06 or unreadable)}}, "same_as": {phase: {seed: the phase of that seed whose
     directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
     distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)
     CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS)."""
@@ -87,6 +88,7 @@ def load_run(run_dir) -> dict:
         pass
     curves: dict = {}
     running: dict = {}
+    ended: dict = {}
     same_as: dict = {}
     for d in sorted(os.listdir(run_dir)):
         m, sd = re.fullmatch(r"seed(\d+)", d), os.path.join(run_dir, d)
@@ -99,6 +101,8 @@ def load_run(run_dir) -> dict:
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
                     running.setdefault(phase, []).append(int(m.group(1)))
+                else:
+                    ended.setdefault(phase, {})[int(m.group(1))] = _stop_of(os.path.join(sd, phase, "best.json"))
                 real = os.path.realpath(os.path.join(sd, phase))
                 # a link to a directory of another phase's name: the same run as the sibling phase resolving
                 # there (its owner; itself a link too where --reuse linked every phase of the seed)
@@ -108,4 +112,14 @@ def load_run(run_dir) -> dict:
                     twin.sort(key=lambda q: q != os.path.basename(real))
                     if twin:
                         same_as.setdefault(phase, {})[int(m.group(1))] = twin[0]
-    return {"config": config, "curves": curves, "running": running, "same_as": same_as}
+    return {"config": config, "curves": curves, "running": running, "ended": ended, "same_as": same_as}
+
+
+def _stop_of(path: str):
+    """best.json's "stop" (loop.should_stop's reason the phase ended), None where absent or unreadable."""
+    try:
+        with open(path) as f:
+            stop = json.load(f).get("stop")
+    except (OSError, ValueError, AttributeError):  # (AttributeError: JSON that is not an object)
+        return None
+    return stop if isinstance(stop, str) else None

@@ -43,7 +43,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     settings (seeds = every seed its directories were started for), "curves": {phase: {seed: rows}}, "dirs": [...],
     "running": {phase: [seeds whose phase has not finished]}, "unfinished_in": {(phase, seed): its
     run directory}, "stopped": {phase: [those of them whose run ended without finishing]}, filled by
-    mark_stopped, "same_as": load_run's, per seed, "absent_in": {seed: a planned run without a
+    mark_stopped, "ended" and "same_as": load_run's, per seed, "absent_in": {seed: a planned run without a
     directory yet}, "failed": [those of them whose run failed], "planned_only": no directory yet,
     "left_out": {phase: [(seed, directory, the directory whose curve of that seed is used)]}: a seed
     found in two directories (not links to one run) counts once, the first one's}.
@@ -90,6 +90,8 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
                         g["left_out"].setdefault(phase, []).append((seed, d, first))
                     continue
                 g["curves"].setdefault(phase, {})[seed] = rows
+                if seed in run["ended"].get(phase, {}):  # (why a finished phase ended: the report's `†`)
+                    g["ended"].setdefault(phase, {})[seed] = run["ended"][phase][seed]
                 if seed in run["same_as"].get(phase, {}):
                     g["same_as"].setdefault(phase, {})[seed] = run["same_as"][phase][seed]
                 if not phase_done(os.path.join(d, f"seed{seed}", phase)):
@@ -104,7 +106,7 @@ def _key(config: dict) -> str:
 
 def _new_group(config: dict) -> dict:
     return {"config": {**config, "seeds": []}, "curves": {}, "dirs": [], "running": {}, "unfinished_in": {},
-            "stopped": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True, "from": {},
+            "stopped": {}, "ended": {}, "same_as": {}, "absent_in": {}, "failed": [], "planned_only": True, "from": {},
             "left_out": {}, "trains": {}, "lost": {}}
 
 

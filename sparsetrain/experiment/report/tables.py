@@ -86,10 +86,11 @@ def ms(vals, nd=2) -> str:
 _RULE_NAME = {None: "", "entropy": "Alg. 2", "entropy-peak": "peak rule"}
 
 
-def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> dict:
+def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False, ended: str | None = None) -> dict:
     """One seed's cells of Table 1 for a stop rule (None: the whole curve): FLOPs to the stop in both
     conventions, the best-validation model among the rounds <= the stop and the model at the stop
-    (the paper's line 17), the stop's phase label, the FLOPs saved against the whole curve."""
+    (the paper's line 17), the stop's phase label, the FLOPs saved against the whole curve. `ended`: why
+    a finished run ended (best.json's "stop"; None: not recorded)."""
     stop = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1)) \
         if rule else None
     end = stop if stop is not None else rows[-1]["round"]
@@ -106,7 +107,11 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False) -> d
     early = cfg.get("early_stop", "none")
     online = (phase != "teacher" and early not in (None, "none") and algorithm2_stop(
         rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), early, cfg.get("stop_falls", 1)) == rows[-1]["round"])
-    cut = wall is not None and nxt < wall - 1e-9 and (not finished or online)
+    # (block and filter rounds are not the nominal rate (their rule's next_sparsity measures a trial round,
+    # which needs the model): their unfinished curve counts as cut, and a finished one takes what it recorded)
+    nominal = cfg.get("structure", "unstructured") not in ("block", "filter")
+    cut = ended == "early stop" if finished and ended else \
+        wall is not None and (nxt < wall - 1e-9 or not nominal) and (not finished or online)
     return {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
             "stop": stop, "end": end,
             "teacher": (get(rows[0], "teacher_cost", 0.0) + sum(get(r, "teacher_flops", 0.0) for r in upto)) / 1e15,
@@ -171,8 +176,8 @@ def table1_rows(run) -> list[dict]:
         specs += [(f"{name}, {'early stop (' + _RULE_NAME[r] + ')' if r else 'no early stop'}", ph, r, distill, teacher)
                   for r in (None, "entropy", "entropy-peak")]
     return [{"name": name, "phase": ph, "rule": rule, "distill": distill, "teacher": teacher,
-             "outs": [outcome(rows, rule, cfg, ph, finished="running" in run and seed not in run["running"].get(ph, []))
-                      for seed, rows in sorted(curves[ph].items())]}
+             "outs": [outcome(rows, rule, cfg, ph, finished="running" in run and seed not in run["running"].get(ph, []),
+                              ended=run.get("ended", {}).get(ph, {}).get(seed)) for seed, rows in sorted(curves[ph].items())]}
             for name, ph, rule, distill, teacher in specs]
 
 
