@@ -339,6 +339,32 @@ def test_settings_the_run_ignores_are_noted(tmp_path, argv, noted):
     assert len(lines) == len(noted) and all(line.startswith(n) for line, n in zip(lines, noted)), lines
 
 
+def test_the_wall_note_of_a_block_run_allows_a_smaller_first_round(tmp_path):
+    """The note "--wall at or below --rate: only the dense round 0 trains" compared against the nominal first
+    round; a block round prunes floor(rate * tiles) of tiles of several sizes, and the wall takes its actual
+    sparsity (rule.next_sparsity): LeNet-300-100 at --block 32 --rate 0.2 whose partial edge tiles are the weakest
+    prunes under 19%, so under --wall 0.19 round 1 trains, which the note denied. A block run's note says so;
+    an unstructured one's is as before."""
+    from sparsetrain.experiment.config import config_from_args, notes
+    from sparsetrain.experiment.models import build_model
+    from sparsetrain.prune import make_rule
+    from sparsetrain.engine.nn import weight_count
+    torch.manual_seed(0)
+    model = build_model("lenet300", num_classes=10, in_channels=1, image_size=28)
+    with torch.no_grad():  # (the partial 32-tiles at the right and bottom edges the smallest: few weights each)
+        for layer in (model.fc1, model.fc2, model.fc3):
+            rows, cols = layer.weight.shape
+            layer.weight[rows - rows % 32:] *= 0.01
+            layer.weight[:, cols - cols % 32:] *= 0.01
+    first = make_rule("block", block=32).next_sparsity(model, {}, 0.2, 0.0, weight_count(model))
+    assert first < 0.19  # (round 1 trains: the wall is above it)
+    wall = ["--model", "lenet300", "--student", "lenet300", "--rate", "0.2", "--wall", "0.19"]
+    said = "--wall 0.19 is at or below the first pruned round's sparsity (--rate 0.2): only the dense round 0 trains"
+    assert notes(*config_from_args(_argv(tmp_path, *wall))) == [said]
+    assert notes(*config_from_args(_argv(tmp_path, *wall, "--structure", "block", "--block", "32"))) == \
+        [said + ", unless a block round prunes less"]
+
+
 def test_ignored_setting_note_reaches_stderr(tmp_path):
     out = _cli(tmp_path, "--block", "64", "--print-config")
     assert out.returncode == 0 and json.loads(out.stdout)["config"]["block"] == 64

@@ -273,9 +273,9 @@ def notes(cfg: Config, args: argparse.Namespace) -> list[str]:
         whose = "the teacher run's" if rs == ["teacher"] else f"the {' and '.join(rs)} runs'"
         out.append(f"{whose} milestone(s) {ms} (--profile's) at or past their {n} epochs never lower the LR; give "
                    "--milestones (or --teacher-/--student-milestones) below the epochs")
-    if cfg.structure != "filter" and cfg.rate >= cfg.wall:  # (Algorithm 1 trains a round while its target,
-        out.append(f"--wall {cfg.wall:g} is at or below the first pruned round's sparsity "  # 1 - (1 - rate)^k,
-                   f"(--rate {cfg.rate:g}): only the dense round 0 trains")  # is below the wall)
+    if cfg.structure != "filter" and cfg.rate >= cfg.wall:  # (a round trains while its target is below the wall)
+        out.append(f"--wall {cfg.wall:g} is at or below the first pruned round's sparsity (--rate {cfg.rate:g}): only "
+                   "the dense round 0 trains" + ", unless a block round prunes less" * (cfg.structure == "block"))
     return out
 
 
