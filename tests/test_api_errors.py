@@ -512,9 +512,14 @@ def test_block_sizes_may_be_numpy_ints():
     layer = BSRLinear.from_dense(lin, np.int64(16), m)
     x = torch.randn(3, 40)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, lin.weight * m, lin.bias))
-    for bad in (np.int64(8), 16.0, True):
-        with pytest.raises(ValueError, match="block must be one of"):
-            block_mask(w, bad, 0.5)
+    with pytest.raises(ValueError, match="block must be one of"):
+        block_mask(w, np.int64(8), 0.5)
+    # a wrong type is a TypeError naming the argument (project style; a ValueError before 2026-12-06)
+    for bad in (16.0, True, "32", None):
+        for call in (lambda: block_mask(w, bad, 0.5), lambda: BSR.from_dense(w, bad, m),
+                     lambda: make_rule("block", block=bad)):
+            with pytest.raises(TypeError, match=r"block must be an int, one of \(16, 32, 64\), got "):
+                call()
 
 
 def test_fuse_switches_must_be_bools():

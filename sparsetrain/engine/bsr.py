@@ -37,8 +37,10 @@ BLOCK_SIZES = (16, 32, 64)
 
 def check_block(block) -> int:
     """`block` as a Python int if it is one of BLOCK_SIZES (numpy ints too: np.int64(16) was refused as
-    not one of them), else ValueError."""
-    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block not in BLOCK_SIZES:
+    not one of them); TypeError for a non-int (a str, a float, a bool), ValueError for another int."""
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral):  # (ValueError before 2026-12-06)
+        raise TypeError(f"block must be an int, one of {BLOCK_SIZES}, got {block!r} ({type(block).__name__})")
+    if block not in BLOCK_SIZES:
         raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
     return int(block)
 
