@@ -266,6 +266,41 @@ def test_nan_weights_are_refused_by_every_rule_on_both_engines():
             rule(model)
 
 
+def test_nan_under_a_pruned_position_is_a_pruned_weight_as_inf_is():
+    """A NaN under an already-pruned position of a dense masked layer was refused ("has NaN weights"), where an
+    inf there is taken (a pruned weight, set to 0 by the round): taken alike now by global_prune (both scopes),
+    block_prune, block_mask and every rule's compute_mask, with the masks of the same weights holding 0 there;
+    a NaN the mask keeps is still refused, by layer name."""
+    from sparsetrain.prune import block_mask, block_prune, make_rule
+    rounds = (lambda m, mk: global_prune(m, mk, 0.3), lambda m, mk: global_prune(m, mk, 0.3, scope="layer"),
+              lambda m, mk: block_prune(m, mk, 0.5, 16))
+    for prune in rounds:
+        model = _net()
+        masks = prune(model, {})
+        ref = copy.deepcopy(model)
+        pruned = (~masks["4"]).flatten().nonzero()[0]
+        with torch.no_grad():
+            model[4].weight.view(-1)[pruned] = float("nan")
+        got, want = prune(model, masks), prune(ref, masks)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert torch.equal(model[4].weight, ref[4].weight)  # (the NaN zeroed: a pruned weight)
+        kept = masks["4"].flatten().nonzero()[0]
+        with torch.no_grad():
+            model[4].weight.view(-1)[kept] = float("nan")
+        with pytest.raises(ValueError, match="layer '4' has NaN weights"):
+            prune(model, got)
+    w, mk = torch.randn(32, 32), torch.ones(32, 32, dtype=torch.bool)
+    w[3, 4], mk[3, 4] = float("nan"), False
+    assert torch.equal(block_mask(w, 16, 0.5, mk), block_mask(w.masked_fill(~mk, 0), 16, 0.5, mk))
+    with pytest.raises(ValueError, match="weight has NaN entries where mask keeps"):
+        block_mask(w, 16, 0.5)
+    for name in ("unstructured", "block", "filter"):
+        rule = make_rule(name, block=16)
+        assert torch.equal(rule.compute_mask(w, mk, 0.5), rule.compute_mask(w.masked_fill(~mk, 0), mk, 0.5))
+        with pytest.raises(ValueError, match="t has NaN entries where default_mask keeps"):
+            rule.compute_mask(w, None, 0.5)
+
+
 def test_inf_weights_the_mask_keeps_are_refused_by_every_rule_on_both_engines():
     """An inf weight (a diverged model) was ranked as the largest and kept by every rule (its layer's output inf
     or NaN from then on), where NaN was refused; it is refused alike now, by layer name, the model untouched."""
@@ -1375,7 +1410,7 @@ def test_compute_mask_refuses_bad_arguments_by_name():
         mk[1, 2] = False  # an inf under a pruned position: a pruned weight
         assert torch.equal(rule.compute_mask(bad, mk, 0.5), rule.compute_mask(bad.masked_fill(~mk, 0), mk, 0.5))
         bad[1, 2] = float("nan")
-        with pytest.raises(ValueError, match="t has NaN entries"):
+        with pytest.raises(ValueError, match="t has NaN entries where default_mask keeps"):
             rule.compute_mask(bad, None, 0.5)
     for name in ("block", "filter"):
         with pytest.raises(ValueError, match="t must be a weight with"):

@@ -60,34 +60,36 @@ def count_of(rate: float, n: int) -> int:
 
 
 def check_finite(layers, masks: dict | None = None) -> None:
-    """Refuse NaN weights (a diverged run): they have no magnitude or norm to rank by; ±inf ones that `masks`
-    keep (an overflowed, diverged weight: before 2026-12-06 ranked as the largest and kept, its layer's output
-    inf or NaN from then on; an inf under a pruned position is a pruned weight, set to 0 by the round); and
-    meta ones (none at all: torch's error from inside, "Tensor.item() cannot be called on meta tensors", before)."""
+    """Refuse NaN weights that `masks` keep (a diverged run): they have no magnitude or norm to rank by; ±inf ones
+    that `masks` keep (an overflowed, diverged weight: before 2026-12-06 ranked as the largest and kept, its layer's
+    output inf or NaN from then on); a NaN or inf under a pruned position is a pruned weight, set to 0 by the round
+    (a NaN there was refused before 2026-12-06); and meta ones (none at all: torch's error from inside,
+    "Tensor.item() cannot be called on meta tensors", before)."""
     for name, m in layers:
         if stored_weight(m).is_meta:
             raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): {MATERIALIZE}")
         w = stored_weight(m).detach()
-        if bool(torch.isnan(w).any()):
-            raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
         mk = (masks or {}).get(name) if isinstance(m.weight, torch.Tensor) else None  # (CSR values: all live)
-        if bool((torch.isinf(w) if mk is None else torch.isinf(w) & mk.to(w.device)).any()):
+        live = (lambda t: t) if mk is None else (lambda t: t & mk.to(w.device))  # (the kept positions' only)
+        if bool(live(torch.isnan(w)).any()):
+            raise ValueError(f"layer {name!r} has NaN weights: they cannot be ranked by magnitude")
+        if bool(live(torch.isinf(w)).any()):
             raise ValueError(f"layer {name!r} has inf weights (a diverged model): they cannot be ranked by magnitude; "
                              "train again with a lower learning rate")
 
 
 def check_tensor_mask(t, default_mask) -> torch.Tensor:
     """compute_mask's arguments: `t` a floating-point tensor with values, `default_mask` None or a bool tensor
-    of t's shape (TypeError for another type or dtype, ValueError for another shape), no NaN in `t` and no
-    ±inf where `default_mask` keeps (as check_finite). Returns the mask (all-True for None) on t's device."""
+    of t's shape (TypeError for another type or dtype, ValueError for another shape), no NaN or ±inf where
+    `default_mask` keeps (as check_finite). Returns the mask (all-True for None) on t's device."""
     check_weight(t, default_mask)
     if default_mask is None:
         default_mask = torch.ones_like(t, dtype=torch.bool)
     check_bool_mask(default_mask, t.shape, f"default_mask must be None or a bool tensor of t's shape {tuple(t.shape)}")
     default_mask = default_mask.to(t.device)
     w = t.detach()
-    if bool(torch.isnan(w).any()):
-        raise ValueError("t has NaN entries: they cannot be ranked by magnitude")
+    if bool((torch.isnan(w) & default_mask).any()):  # (anywhere before 2026-12-06: a pruned weight is not ranked)
+        raise ValueError("t has NaN entries where default_mask keeps: they cannot be ranked by magnitude")
     if bool((torch.isinf(w) & default_mask).any()):
         raise ValueError("t has inf entries where default_mask keeps (a diverged model): they cannot be ranked")
     return default_mask

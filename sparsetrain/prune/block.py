@@ -39,8 +39,6 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
     check_weight(weight, mask)
     if mask is not None and not isinstance(mask, torch.Tensor):  # (mask.shape: an AttributeError before)
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-    if bool(torch.isnan(weight).any()):
-        raise ValueError("weight has NaN entries: a NaN has no norm to rank its block by")
     w = weight.detach()
     if mask is not None:
         if mask.dtype != torch.bool:  # (a TypeError, as check_masks: a ValueError, as for a wrong shape, before)
@@ -48,6 +46,8 @@ def block_mask(weight: torch.Tensor, block: int, sparsity: float, mask: torch.Te
         if mask.shape != weight.shape:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
         w = w.masked_fill(~mask, 0)  # (not w * mask: an inf under a pruned position would be NaN)
+    if bool(torch.isnan(w).any()):  # (a NaN under a pruned position is a pruned weight: refused before 2026-12-06)
+        raise ValueError("weight has NaN entries where mask keeps: a NaN has no norm to rank its block by")
     if bool(torch.isinf(w).any()):  # (ranked above every block and kept before 2026-12-06)
         raise ValueError("weight has inf entries where mask keeps (a diverged model): they cannot be ranked by norm")
     norms = _scores(as_matrix(w), bs)  # [RB, CB]
