@@ -121,6 +121,38 @@ def test_a_rewritten_sweep_report_leaves_no_stale_outputs(tmp_path):
     assert "Left out, unreadable (config.json" in md and not (rep / "table1.csv").exists() and not (rep / "best_model.csv").exists()
 
 
+def test_a_run_whose_config_json_was_lost_is_named_not_dropped_unseen(tmp_path, capsys):
+    """A run directory holding results whose config.json was deleted was skipped by the sweep report (and by
+    `report FOLDER`, which listed only directories with one) without a word: its curves silently missing.
+    It is named now among the unreadable runs (its settings unknown), the other runs reported as before;
+    a directory without results (a run failed before starting) is not."""
+    from sparsetrain.sweep import cli
+    runs = tmp_path / "runs"
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(runs / "kept", cfg, phases=("teacher",))
+    _fill(runs / "lost", {**cfg, "eps": 0.2}, phases=("teacher",))
+    os.remove(runs / "lost" / "config.json")
+    (runs / "empty").mkdir()  # (no results: not a run that lost its settings)
+    md = open(write_sweep_report([str(runs / d) for d in ("kept", "lost", "empty")], str(tmp_path / "rep"))).read()
+    left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
+    assert f"{runs / 'lost'} (config.json missing beside its results: its settings unknown)" in left
+    rows = _rows(tmp_path / "rep" / "table1.csv")  # (the kept run's rows alone: the lost one's settings unknown)
+    assert "empty" not in left and rows and all(r["run"] != "(no result)" for r in rows)
+    assert md.startswith("# DSD² sweep\n\n2 run directories, 1 setting(s)")
+    # a sweep's own planned run too (its grid point's rows are kept, marked no result)
+    planned = {str(runs / "lost"): {**cfg, "eps": 0.2}}
+    md = open(write_sweep_report([str(runs / "kept"), str(runs / "lost")], str(tmp_path / "rep2"), planned=planned)).read()
+    assert f"{runs / 'lost'} (config.json missing beside its results" in md
+    assert "(no result)" in [r["run"] for r in _rows(tmp_path / "rep2" / "table1.csv")]
+    # `report FOLDER` passes it on too; as the one run given, it is named alike (its folder needs --out)
+    assert cli.main(["report", str(runs)]) == 0
+    assert f"{runs / 'lost'} (config.json missing" in (runs / "report" / "summary.md").read_text()
+    assert cli.main(["report", str(runs / "lost"), "--out", str(tmp_path / "one")]) == 0
+    assert f"{runs / 'lost'} (config.json missing" in (tmp_path / "one" / "summary.md").read_text()
+    capsys.readouterr()
+
+
 def test_tau_reads_the_same_in_table5_and_table12_and_entropy_is_in_bits(tmp_path, monkeypatch):
     """tau 10.0 in config.json: Table 5's column and Table 12's setting both say 10 (Table 12 said
     tau=10.0); the figures' entropy axis says its unit (bits: log2)."""

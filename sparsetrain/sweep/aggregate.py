@@ -9,6 +9,7 @@ best.json yet) is counted with the rounds it has and marked "in progress".
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -49,7 +50,8 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
     found in two directories (not links to one run) counts once, the first one's}.
     Directories without config.json are skipped unless `planned` ({run directory or run name: its
     resolved config}, a sweep's plan) knows them: their group is kept without curves (a grid point whose
-    run failed before starting still gets its rows, marked "no result"); one whose config.json does not
+    run failed before starting still gets its rows, marked "no result"); one of them holding results (its
+    config.json lost: lost_config) is appended to `unreadable` too; one whose config.json does not
     parse is skipped and appended to `unreadable` (its settings are unknown: the defaults would mislabel
     its numbers), as is one with a setting of the wrong type (config_problem: "DIR (what is wrong)") or a
     metrics.csv that is not a study's or no longer matches its record (CorruptFile: "DIR (its message)")."""
@@ -61,6 +63,8 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
         if not os.path.isfile(os.path.join(d, "config.json")):
             if d in planned:
                 _add_planned(groups, d, planned[d])
+            if unreadable is not None and lost_config(d):  # (its curves were left out unnamed before 2026-12-06)
+                unreadable.append(f"{d} (config.json missing beside its results: its settings unknown)")
             continue
         try:  # (a finished phase's metrics.csv torn or edited since its record: the experiment's report refuses it)
             verify_metrics(d)
@@ -98,6 +102,13 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
                     g["running"].setdefault(phase, []).append(seed)
                     g["unfinished_in"][phase, seed] = d
     return list(groups.values())
+
+
+def lost_config(d: str) -> bool:
+    """Whether run directory `d` holds a phase's metrics.csv (seed*/PHASE/) but no config.json: results whose
+    settings are lost (the study writes config.json before any phase)."""
+    return not os.path.isfile(os.path.join(d, "config.json")) and \
+        bool(glob.glob(os.path.join(d, "seed*", "*", "metrics.csv")))
 
 
 def _key(config: dict) -> str:

@@ -110,14 +110,16 @@ def _settings(args, parser) -> dict:
 
 
 def _run_dirs(paths) -> list[str]:
-    """Run directories given directly or as folders holding them (one level down)."""
+    """Run directories given directly or as folders holding them (one level down); those holding results
+    whose config.json was lost too (the report names them: they were left out unnamed before 2026-12-06)."""
+    from .aggregate import lost_config
     out = []
     for p in paths:
-        if os.path.isfile(os.path.join(p, "config.json")):
+        if os.path.isfile(os.path.join(p, "config.json")) or lost_config(p):
             out.append(p)
         elif os.path.isdir(p):
             out += sorted(os.path.join(p, d) for d in os.listdir(p)
-                          if os.path.isfile(os.path.join(p, d, "config.json")))
+                          if os.path.isfile(os.path.join(p, d, "config.json")) or lost_config(os.path.join(p, d)))
     return out
 
 
@@ -198,10 +200,12 @@ def _main(argv=None) -> int:
             parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}"
                          + (f"; a sweep's runs are in its --out's runs folder: give {' '.join(roots)}" if roots else ""))
         dirs = _leaves(dirs)
+        from .aggregate import lost_config
         from .report import write_sweep_report
         out = args.out
         if out is None:  # (beside the runs when one folder was given; else it must be said)
-            if len(args.run_dirs) != 1 or os.path.isfile(os.path.join(args.run_dirs[0], "config.json")):
+            if len(args.run_dirs) != 1 or os.path.isfile(os.path.join(args.run_dirs[0], "config.json")) \
+                    or lost_config(args.run_dirs[0]):
                 parser.error("report: give --out DIR for the report of several folders or of run directories")
             out = os.path.join(os.path.abspath(args.run_dirs[0]), "report")
         if os.path.isfile(os.path.join(out, "config.json")):  # (its own summary.md and figures would be replaced)
