@@ -760,6 +760,35 @@ def test_to_empty_without_a_load_is_refused_saying_to_load_and_a_load_restores_t
     torch.testing.assert_close(y, ref)
 
 
+def test_to_empty_after_a_pattern_assigned_by_hand_is_refused_saying_to_load():
+    """A CSR layer whose crow_indices/col_indices were assigned (a new pattern by hand), then to_empty(): the move
+    transposed the uninitialised memory (torch's "repeats can not be negative" from inside to_empty) before
+    2026-12-06. Now its forward is refused saying to load a state_dict, and a load gives the dense masked reference;
+    a pattern assigned after to_empty(), then a move (.double()), is the layer's (not refused as uninitialised)."""
+    torch.manual_seed(0)
+    dense, m1, m2 = nn.Linear(12, 5), random_mask((5, 12), 0.5), random_mask((5, 12), 0.5)
+    src, other = SparseLinear.from_dense(dense, m2), SparseLinear.from_dense(nn.Linear(12, 5), m1)
+    x = torch.randn(3, 12)
+    layer = SparseLinear.from_dense(nn.Linear(12, 5), m1)
+    layer.weight.crow_indices = src.weight.crow_indices.clone()  # (another pattern, of another nnz)
+    layer.weight.col_indices = src.weight.col_indices.clone()
+    layer.weight.values = nn.Parameter(torch.randn(src.weight.nnz))
+    layer.to_empty(device="cpu")
+    with pytest.raises(ValueError, match=r"to_empty\(\) leaves the sparse index uninitialised.*load a state_dict"):
+        layer(x)
+    layer.load_state_dict(src.state_dict())
+    torch.testing.assert_close(layer(x), dense_linear(x, dense.weight, m2, dense.bias))
+    empty = copy.deepcopy(other).to_empty(device="cpu")  # (UNSET, then a pattern assigned by hand)
+    with torch.no_grad():
+        empty.weight.crow_indices = src.weight.crow_indices.clone()
+        empty.weight.col_indices = src.weight.col_indices.clone()
+        empty.weight.values = nn.Parameter(src.weight.values.detach().clone())
+        empty.bias.copy_(dense.bias)
+    empty.double()
+    torch.testing.assert_close(empty(x.double()), dense_linear(x.double(), dense.weight.double(), m2,
+                                                                dense.bias.double()))
+
+
 def test_a_csr_state_into_a_bsr_layer_and_other_block_sizes_are_refused_saying_so():
     """A CSR's state into a BSRLinear, a BSR's into a SparseLinear, or a BSR of other blocks: refused naming what the
     checkpoint holds and what the layer is, its weight untouched (before 2026-12-06 the index checks' messages,

@@ -66,12 +66,11 @@ class WeightLike:
         def keep_index(t):
             out = fn(t)
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
-        stale, before = self._swapped(), index_state(self)
-        out = super()._apply(keep_index, recurse)
-        if stale and before is None:  # (recorded as the moved tensors, the swapped pattern took the old one's index)
-            with own_mode(self.values):
+        if self._swapped():  # (a pattern assigned by hand: transposed and sealed before the move, as a move keeps it;
+            with own_mode(self.values):  # after it, to_empty()'s garbage was transposed: torch's error from inside)
                 self._build_index()
-            return out
+        before = index_state(self)
+        out = super()._apply(keep_index, recurse)
         self._index_of = (self.crow_indices, self.col_indices, self.ccol_indices)  # (.to(): the moved tensors)
         seal_moved(self, before)  # (to_empty(): UNSET, refused by name until a load; the kernels' checks said less)
         return out
