@@ -789,6 +789,37 @@ def test_to_empty_after_a_pattern_assigned_by_hand_is_refused_saying_to_load():
                                                                 dense.bias.double()))
 
 
+def test_to_empty_of_a_deepcopy_or_a_loaded_whole_model_is_refused_saying_to_load():
+    """copy.deepcopy and torch.load(whole model) give the index buffers version counters of 0, which the seal did not
+    hold: to_empty() took them for an index changed in place and sealed its garbage, so the forward failed inside
+    the kernels ("crow_indices[0] must be 0") or ran on it. The sum decides now: refused saying to load a state_dict
+    (SparseLinear, SparseConv2d, BSRLinear); a move of a copy still runs, and a load gives the dense masked
+    reference."""
+    from sparsetrain.engine.bsr import BSRLinear
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 32))
+    masks = {"0": random_mask((4, 2, 3, 3), 0.5), "2": random_mask((16, 64), 0.5)}
+    src = copy.deepcopy(dense)
+    sparsetrain.sparsify_(src, masks)
+    src[4] = BSRLinear.from_dense(dense[4], 16)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            dense.get_submodule(n).weight.mul_(mk)
+    x = torch.randn(3, 2, 4, 4)
+    ref = dense(x)
+    buf = io.BytesIO()
+    torch.save(src, buf)
+    buf.seek(0)
+    for model in (copy.deepcopy(src), torch.load(buf, weights_only=False)):
+        torch.testing.assert_close(copy.deepcopy(model).double()(x.double()), ref.double())
+        model.to_empty(device="cpu")
+        for layer, inp in ((model, x), (model[0], x), (model[2], torch.randn(3, 64)), (model[4], torch.randn(3, 16))):
+            with pytest.raises(ValueError, match=r"to_empty\(\) leaves the sparse index uninitialised.*load a state_dict"):
+                layer(inp)
+        model.load_state_dict(src.state_dict())
+        torch.testing.assert_close(model(x), ref)
+
+
 def test_a_csr_state_into_a_bsr_layer_and_other_block_sizes_are_refused_saying_so():
     """A CSR's state into a BSRLinear, a BSR's into a SparseLinear, or a BSR of other blocks: refused naming what the
     checkpoint holds and what the layer is, its weight untouched (before 2026-12-06 the index checks' messages,

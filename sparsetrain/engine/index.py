@@ -66,13 +66,16 @@ def seal_index(w) -> None:
 
 def index_state(w):
     """`w`'s index before a move, for seal_moved: UNSET, "meta", or the sum its seal holds where the seal is
-    of these buffers (the same tensors, versions), else None (not known without summing)."""
+    of these buffers (the same tensors; summed again where their versions moved on), else None (changed in place)."""
     seal = w.__dict__.get("_index_seal")
     tensors = tuple(map(w._buffers.get, _BUFFERS))
     if isinstance(seal, str) or any(t is not None and t.is_meta for t in tensors):
         return UNSET if isinstance(seal, str) else "meta"
-    if seal is None or any(a is not b for a, b in zip(seal[0], tensors)) or _versions(tensors) != seal[2]:
+    if seal is None or any(a is not b for a, b in zip(seal[0], tensors)):
         return None
+    if _versions(tensors) != seal[2]:  # (a deepcopy's or torch.load's start at 0: to_empty() then kept the garbage)
+        with torch.no_grad():
+            return seal[1] if _checksum(tensors) == seal[1] else None
     return seal[1]
 
 
