@@ -1415,3 +1415,39 @@ def test_compute_mask_refuses_bad_arguments_by_name():
     for name in ("block", "filter"):
         with pytest.raises(ValueError, match="t must be a weight with"):
             make_rule(name, block=16).compute_mask(torch.randn(0) if name == "filter" else torch.randn(8), None, 0.5)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruning_a_layer_to_empty_left_unloaded_is_refused_saying_to_load(scope):
+    """to_empty() leaves a sparse layer's index uninitialised: shrink_ failed inside on it (an IndexError), global_prune
+    in the C++ selection ("crow_indices[0] must be 0", or a mask of garbage), masks_of / model_sparsity / can_prune drew
+    a mask of garbage. Each is refused with a ValueError saying to load a state_dict (global_prune naming the layer),
+    the layer untouched; after a load, global_prune's masks and outputs equal the source's (the dense masked
+    reference)."""
+    from sparsetrain.testing import dense_linear, random_mask
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    masks = {"0": random_mask((6, 8), 0.5), "2": random_mask((4, 6), 0.5)}
+    src = copy.deepcopy(dense)
+    sparsetrain.sparsify_(src, masks)
+    model = copy.deepcopy(src).to_empty(device="cpu")
+    load = "load a state_dict"
+    keep = torch.ones(model[0].weight.nnz, dtype=torch.bool)
+    keep[0] = False
+    with pytest.raises(ValueError, match=load):
+        model[0].weight.shrink_(keep)
+    with pytest.raises(ValueError, match=f"layer '0': .*{load}"):
+        global_prune(model, {}, 0.5, scope=scope)
+    for call in (lambda: global_prune(model, masks, 0.5, scope=scope), lambda: masks_of(model),
+                 lambda: model_sparsity(model), lambda: sparsetrain.prune.make_rule("unstructured").can_prune(model, {})):
+        with pytest.raises(ValueError, match=load):
+            call()
+    assert model[0].weight.nnz == keep.numel()  # (untouched)
+    model.load_state_dict(src.state_dict())
+    got, want = global_prune(model, {}, 0.5, scope=scope), global_prune(src, {}, 0.5, scope=scope)
+    assert got.keys() == want.keys() and all(torch.equal(masks_of(model)[n], masks_of(src)[n]) for n in want)
+    x = torch.randn(3, 8)
+    pruned = masks_of(src)
+    ref = dense_linear(torch.relu(dense_linear(x, dense[0].weight, pruned["0"], dense[0].bias)), dense[2].weight,
+                       pruned["2"], dense[2].bias)
+    torch.testing.assert_close(model(x), ref)

@@ -173,6 +173,7 @@ class CSR(WeightLike, nn.Module):
 
     def mask(self) -> torch.Tensor:
         """Bool mask of `self.shape`: True at the stored entries."""
+        check_index(self)  # (to_empty() without a load: masks_of, model_sparsity drew garbage or failed inside)
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         m = torch.zeros(rows * cols, dtype=torch.bool, device=self.values.device)
         m[self.row_indices().long() * cols + self.col_indices.long()] = True
@@ -194,6 +195,7 @@ class CSR(WeightLike, nn.Module):
             raise ValueError(f"keep must be a bool tensor of shape [nnz] = [{self.nnz}], got "
                              f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}"
                              f"{' ' + str(keep.dtype) if isinstance(keep, torch.Tensor) else ''}")
+        check_index(self)  # (to_empty() without a load: the garbage index failed inside, an IndexError)
         keep = keep.to(self.values.device)
         if bool(keep.all()):
             return

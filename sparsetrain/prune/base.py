@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..engine.args import MATERIALIZE, check_bool_mask, check_weight
+from ..engine.index import check_index
 from ..engine.nn import stored_weight, valued_masks  # (valued_masks: re-exported)
 
 __all__ = ["PruningRule", "RULES", "register", "make_rule", "check_rate", "check_scope", "SCOPES", "count_of", "check_finite",
@@ -64,10 +65,16 @@ def check_finite(layers, masks: dict | None = None) -> None:
     that `masks` keep (an overflowed, diverged weight: before 2026-12-06 ranked as the largest and kept, its layer's
     output inf or NaN from then on); a NaN or inf under a pruned position is a pruned weight, set to 0 by the round
     (a NaN there was refused before 2026-12-06); and meta ones (none at all: torch's error from inside,
-    "Tensor.item() cannot be called on meta tensors", before)."""
+    "Tensor.item() cannot be called on meta tensors", before); and a sparse layer's index that to_empty() left
+    uninitialised (the selection failed inside on it before)."""
     for name, m in layers:
         if stored_weight(m).is_meta:
             raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): {MATERIALIZE}")
+        if not isinstance(m.weight, torch.Tensor):  # (to_empty() without a load: its garbage index failed inside)
+            try:
+                check_index(m.weight)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r}: {e}") from None
         w = stored_weight(m).detach()
         mk = (masks or {}).get(name) if isinstance(m.weight, torch.Tensor) else None  # (CSR values: all live)
         live = (lambda t: t) if mk is None else (lambda t: t & mk.to(w.device))  # (the kept positions' only)
