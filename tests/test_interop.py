@@ -25,18 +25,22 @@ def _reparametrize_bias(layer, how):
     if how == "prune":
         torch_prune.l1_unstructured(layer, "bias", amount=0.5)
         return layer.bias_orig
+    if how == "spectral_norm":
+        torch.nn.utils.spectral_norm(layer, name="bias", dim=0)
+        return layer.bias_orig
     torch.nn.utils.weight_norm(layer, name="bias", dim=0)
     return layer.bias_g
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
-@pytest.mark.parametrize("how", ["parametrize", "prune", "weight_norm"])
+@pytest.mark.parametrize("how", ["parametrize", "prune", "weight_norm", "spectral_norm"])
 @pytest.mark.parametrize("kind", ["linear", "bsr"])
 def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(how, kind):
     """The bias is computed (`<bias>_orig * mask` as of the last forward, weight_norm's g·v/|v|, or a
     parametrization): to_dense() copied the last forward's value (stale after a step) into a plain
     Parameter, dropping the reparametrization, and densify_ moved prune's and weight_norm's hooks onto a
-    dense layer without their parameters (its next forward: AttributeError 'bias_mask')."""
+    dense layer without their parameters (its next forward: AttributeError 'bias_mask'). The refusal names the
+    remover that works (a spectral_norm hook was told remove_weight_norm before 2026-12-06, which cannot remove it)."""
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
     masks = global_prune(model, {}, 0.5)
     if kind == "bsr":
@@ -53,6 +57,8 @@ def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(h
     with pytest.raises(TypeError, match=r"BSRLinear|SparseLinear") as e:
         model[0].to_dense()
     assert "bias is computed by" in str(e.value) and "remove it first" in str(e.value)
+    remover = {"parametrize": "remove_parametrizations", "prune": "prune.remove"}.get(how, f"remove_{how}(")
+    assert remover in str(e.value)
     before = list(model)
     with pytest.raises(TypeError, match=r"layer '0''s bias is computed by") as e:
         sparsetrain.densify_(model)
@@ -62,6 +68,8 @@ def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(h
         parametrize.remove_parametrizations(model[0], "bias")
     elif how == "prune":
         torch_prune.remove(model[0], "bias")
+    elif how == "spectral_norm":
+        torch.nn.utils.remove_spectral_norm(model[0], "bias")
     else:
         torch.nn.utils.remove_weight_norm(model[0], "bias")
     sparsetrain.densify_(model)

@@ -40,7 +40,10 @@ def check_own_bias(mod: nn.Module, name: str, tensor: str = "bias") -> None:
         what, fix = "a parametrization", f"parametrize.remove_parametrizations(layer, {tensor!r})"
     elif pruned_by_torch(mod, tensor):
         what, fix = "torch.nn.utils.prune", f"torch.nn.utils.prune.remove(layer, {tensor!r})"
-    else:
-        what, fix = "a weight_norm/spectral_norm hook", f"torch.nn.utils.remove_weight_norm(layer, {tensor!r})"
+    else:  # (the legacy hooks: spectral_norm's was told to use remove_weight_norm, which cannot remove it)
+        from torch.nn.utils.spectral_norm import SpectralNorm
+        spectral = any(isinstance(h, SpectralNorm) and h.name == tensor for h in mod._forward_pre_hooks.values())
+        what = f"a {'spectral_norm' if spectral else 'weight_norm'} hook"
+        fix = f"torch.nn.utils.remove_{'spectral' if spectral else 'weight'}_norm(layer, {tensor!r})"
     raise TypeError(f"{name}'s {tensor} is computed by {what}, not a Parameter of its own, which the layer "
                     f"replacing it needs: remove it first ({fix})")
