@@ -704,19 +704,20 @@ def step(ddp, model, k):
         ddp(x[k].chunk(2)[dist.rank()]).square().mean().backward()
     except ValueError as e:
         return "refused " + str(e)[:110]
-    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad()
     return "averaged" if dist.same_everywhere(g.tolist()) else "not averaged"
-for how in ("prune", "sparsify_"):
+for how in ("prune", "sparsify_", "freeze"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
     masks = global_prune(model, {}, 0.3)
-    if how == "prune":
+    if how != "sparsify_":
         sparsetrain.sparsify_(model, masks)
     ddp = nn.parallel.DistributedDataParallel(model)
     out.append(f"{how} before {step(ddp, model, 0)}")
-    if how == "prune":
+    if how != "sparsify_":
         global_prune(model, masks, 0.5)  # (in place: the values shrink)
+        model[0].bias.requires_grad_(how == "prune")  # (freeze: and a bias frozen since the DDP was built)
     else:
         sparsetrain.sparsify_(model, masks)  # (new Parameters)
     out.append(f"{how} stale {step(ddp, model, 1)}")
@@ -730,15 +731,19 @@ def test_a_users_ddp_built_before_a_prune_or_swap_is_refused_at_its_next_forward
     """A user's own DistributedDataParallel not rebuilt after pruning resized the values (or after
     sparsify_ replaced the layers) ran its next step averaging no gradient, silently (its hooks sit on
     the old parameters' accumulators), then raised PyTorch's "Expected to have finished reduction". Its
-    first forward is refused now, by name; a DDP built after averages as before."""
+    first forward is refused now, by name; a DDP built after averages as before. A bias frozen since (and a
+    prune) is named as such (the message blamed the prune's size change before 2026-12-06)."""
     _run_script(forks, tmp_path, _STALE_DDP_SCRIPT)
     stale = "refused this DistributedDataParallel was built before the model's "
     for r in (0, 1):
         lines = (tmp_path / f"rank{r}.txt").read_text().split("\n")
-        assert [lines[i] for i in (0, 2, 3, 5)] == ["prune before averaged", "prune rebuilt averaged",
-                                                    "sparsify_ before averaged", "sparsify_ rebuilt averaged"], lines
+        assert [lines[i] for i in (0, 2, 3, 5, 6, 8)] == [
+            "prune before averaged", "prune rebuilt averaged", "sparsify_ before averaged", "sparsify_ rebuilt averaged",
+            "freeze before averaged", "freeze rebuilt averaged"], lines
         assert lines[1].startswith(f"prune stale {stale}trainable parameters changed size"), lines
         assert lines[4].startswith(f"sparsify_ stale {stale}layers were replaced"), lines
+        assert lines[7].startswith("freeze stale refused this DistributedDataParallel was built before requires_grad "
+                                   "was changed on the model's parameters (4 -> 3"), lines
 
 
 _ENTROPY_SCRIPT = """

@@ -44,13 +44,21 @@ def _stale(ddp) -> str | None:
         return None
     ignored = getattr(ddp, "parameters_to_ignore", ())
     now = [p for n, p in ddp.module.named_parameters() if n not in ignored]
+    hooks = "its gradient hooks sit on the old parameters, so this step would average no gradient"
     if len(now) != len(built) or any(a is not b for a, b in zip(now, built)):
-        return "the model's layers were replaced (sparsify_, densify_ or filter pruning: new Parameters)"
-    logged = getattr(ddp, "_get_ddp_logging_data", dict)().get("total_parameter_size_bytes")
-    size = sum(p.numel() * p.element_size() for p in now if p.requires_grad)
+        return f"the model's layers were replaced (sparsify_, densify_ or filter pruning: new Parameters): {hooks}"
+    data = getattr(ddp, "_get_ddp_logging_data", dict)()
+    trainable = [p for p in now if p.requires_grad]
+    count = data.get("num_parameter_tensors")  # (the trainable ones at construction, as DDP logged them)
+    if count is not None and int(count) != len(trainable):  # (blamed on a prune before: sizes differ too)
+        return (f"requires_grad was changed on the model's parameters ({int(count)} -> {len(trainable)} trainable "
+                "tensors): it averages the gradients of those trainable then, so a frozen one's missing gradient "
+                "fails the step and an unfrozen one trains unaveraged")
+    logged = data.get("total_parameter_size_bytes")
+    size = sum(p.numel() * p.element_size() for p in trainable)
     if logged is not None and int(logged) != size:  # (bytes of the trainable parameters, as DDP logged them)
         return (f"the model's trainable parameters changed size ({int(logged)} -> {size} bytes: pruning, or a "
-                f"state_dict of another nnz loaded)")
+                f"state_dict of another nnz loaded): {hooks}")
     return None
 
 
@@ -61,9 +69,9 @@ def _check(module, args):
         return
     why = _stale(ddp)
     if why is not None:
-        raise ValueError(f"this DistributedDataParallel was built before {why}: its gradient hooks sit on the old "
-                         "parameters, so this step would average no gradient; wrap the model again "
-                         "(DistributedDataParallel(model, ...)) after pruning, loading or swapping layers")
+        raise ValueError(f"this DistributedDataParallel was built before {why}; wrap the model again "
+                         "(DistributedDataParallel(model, ...)) after pruning, loading, swapping layers or changing "
+                         "requires_grad")
     with _lock:
         if _handle is not None:
             _handle.remove()
