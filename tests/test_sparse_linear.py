@@ -838,6 +838,29 @@ def test_a_csr_state_into_a_bsr_layer_and_other_block_sizes_are_refused_saying_s
         assert torch.equal(dst.weight.to_dense(), w)  # (the weight untouched; the bias loads, as nn.Linear's would)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_index_buffers_cast_to_a_float_dtype_are_refused_naming_the_cast(dtype):
+    """DistributedDataParallel's mixed_precision (torch.nn.parallel.distributed._MixedPrecision) casts every buffer to
+    its buffer_dtype (`buf.data = buf.to(dtype)`, torch's _cast_buffers; on CPU before its construction fails for
+    want of an accelerator stream, leaving the model cast): before 2026-12-06 the ops' "crow_indices must have dtype
+    Long, got Half" or the seal's "changed in place" (blaming an EMA) refused it. Each is a TypeError naming the cast
+    and buffer_dtype, for SparseLinear, SparseConv2d and BSRLinear; the model uncast equals the dense masked
+    reference."""
+    from torch.nn.parallel.distributed import _MixedPrecision, _cast_buffers
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(3, 4, 3), nn.Linear(4 * 4 * 4, 2500)
+    cmask, lmask = random_mask((4, 3, 3, 3), 0.5), random_mask((2500, 64), 0.9)
+    model = nn.Sequential(SparseConv2d.from_dense(conv, cmask), nn.Flatten(), SparseLinear.from_dense(lin, lmask),
+                          sparsetrain.BSRLinear.from_dense(nn.Linear(2500, 16), block_size=16))
+    x = torch.randn(2, 3, 6, 6)
+    h = dense_linear(F.conv2d(x, conv.weight * cmask, conv.bias).flatten(1), lin.weight, lmask, lin.bias)
+    torch.testing.assert_close(model(x), F.linear(h, model[3].weight.to_dense(), model[3].bias), rtol=1e-4, atol=1e-4)
+    _cast_buffers(_MixedPrecision(buffer_dtype=dtype), model)
+    for layer, inp in ((model[0], x), (model[2], torch.randn(2, 64)), (model[3], torch.randn(2, 2500))):
+        with pytest.raises(TypeError, match=f"index buffers .* were cast to {dtype}.*buffer_dtype"):
+            layer(inp)
+
+
 def test_module_type_casts_the_values_not_the_index():
     """model.type(torch.float64) casts every tensor of a module, its buffers too: before 2026-12-06 the CSR's and
     BSR's index buffers (crow/col/ccol/row_t/perm) became float64 and every forward was refused. They keep their

@@ -110,6 +110,13 @@ def check_index(w, saving: bool = False) -> None:
     if seal is None or torch.compiler.is_compiling():
         return
     tensors = tuple(map(w._buffers.get, _BUFFERS))  # (per forward: the registry itself, not __getattr__)
+    cast = next((t.dtype for t in tensors if t is not None and (t.is_floating_point() or t.is_complex())), None)
+    if cast is not None:  # (`buf.data = buf.to(dtype)`: a float64 cast kept the seal's sum; the ops said less)
+        raise TypeError(
+            f"the {type(w).__name__} weight's index buffers ({', '.join(_BUFFERS)}) were cast to {cast}: code that "
+            "casts every buffer of a model (DistributedDataParallel's mixed_precision with a buffer_dtype, a .data "
+            "assignment) rounds the indices; leave buffer_dtype None, or name these buffers in DistributedDataParallel"
+            "._set_params_and_buffers_to_ignore_for_model")
     if any(a is not b for a, b in zip(seal[0], tensors)):
         return
     versions = _versions(tensors)
