@@ -1779,8 +1779,9 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
     """AveragedModel(..., use_buffers=True) averages every buffer, the CSR's integer index too: an EMA
     (torchvision's form, decay·a + (1 − decay)·b) writes floats into it, truncated (288 · 0.9 + 288 · 0.1 is
     stored as 287), so the averaged model's pattern changed silently or its op failed on a mismatch naming
-    no cause. Its forward is refused by name. An avg_fn that averages only floating-point tensors, and the
-    SWA of one pattern (integer arithmetic, exact), give the dense masked model's average."""
+    no cause. Its forward is refused by name, also after a move (.cpu(), a deepcopy's .float(): resealed before
+    2026-12-06, it ran on the truncated index silently). An avg_fn that averages only floating-point tensors, and the
+    SWA of one pattern (integer arithmetic, exact), give the dense masked model's average, moved too."""
     from torch.optim.swa_utils import AveragedModel
     torch.manual_seed(7)
     dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
@@ -1819,9 +1820,13 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
         bad(x)
     with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place"):
         bad.state_dict()  # (saved, the truncated pattern would load elsewhere as if it were the layer's)
+    for moved in (bad.cpu(), copy.deepcopy(bad).float()):  # (a move resealed it before 2026-12-06: it ran silently)
+        with pytest.raises(ValueError, match=r"CSR weight's index buffers .* were changed in place"):
+            moved(x)
     for k in ("floats", "swa"):
         ref, avg = (a.eval() for a in averages[k])
         torch.testing.assert_close(avg(x), ref(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(avg).double()(x.double()), ref.double()(x.double()))  # (moved)
 
 
 def test_an_ema_that_rewrites_a_bsr_index_is_refused_on_the_dense_masked_path_too():

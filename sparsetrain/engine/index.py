@@ -66,7 +66,8 @@ def seal_index(w) -> None:
 
 def index_state(w):
     """`w`'s index before a move, for seal_moved: UNSET, "meta", or the sum its seal holds where the seal is
-    of these buffers (the same tensors; summed again where their versions moved on), else None (changed in place)."""
+    of these buffers (the same tensors; summed again where their versions moved on), ("changed", that sum) where
+    they were changed in place since (an EMA), else None (not this seal's buffers)."""
     seal = w.__dict__.get("_index_seal")
     tensors = tuple(map(w._buffers.get, _BUFFERS))
     if isinstance(seal, str) or any(t is not None and t.is_meta for t in tensors):
@@ -75,7 +76,7 @@ def index_state(w):
         return None
     if _versions(tensors) != seal[2]:  # (a deepcopy's or torch.load's start at 0: to_empty() then kept the garbage)
         with torch.no_grad():
-            return seal[1] if _checksum(tensors) == seal[1] else None
+            return seal[1] if _checksum(tensors) == seal[1] else ("changed", seal[1])
     return seal[1]
 
 
@@ -84,7 +85,9 @@ def seal_moved(w, before) -> None:
     (to_empty(): from the meta device, or another sum) is UNSET, refused by check_index until a load."""
     seal_index(w)
     seal = w._index_seal
-    if seal is not None and (before in (UNSET, "meta") or (isinstance(before, int) and seal[1] != before)):
+    if seal is not None and isinstance(before, tuple):  # (changed in place before: refused still, by the sum built;
+        w._index_seal = (seal[0], before[1], ())  # resealed, an EMA's truncated index ran silently after .to())
+    elif seal is not None and (before in (UNSET, "meta") or (isinstance(before, int) and seal[1] != before)):
         w._index_seal = UNSET
 
 
