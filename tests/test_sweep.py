@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,8 +106,9 @@ def test_a_grid_value_added_before_a_finished_study_links_its_vanilla_student(tm
 def test_a_teacher_run_whose_studies_all_finished_elsewhere_is_not_planned(tmp_path):
     """Studies the experiment's own command finished (their teacher phase trained in their directory, not
     linked): the sweep still trained their teacher run, which nobody links, before 2026-12-06; it is left out
-    (their --reuse and dependencies without it) until a study that needs it is unfinished, and a teacher-only
-    point's run, a result of its own, is always planned."""
+    (their --reuse and dependencies without it), also where a study that needs it is unfinished or added (it
+    links the finished study's teacher phase) until no study's directory holds it; a teacher-only point's run, a
+    result of its own, is always planned."""
     settings = _settings(tmp_path, student=["vgg_d1g1"], alpha=[0.5, 0.8], seeds=[0])
     teacher, *studies = make_plan(settings, str(tmp_path / "sw"), threads=1)
     assert [r.kind for r in studies] == ["study", "study"]
@@ -119,7 +121,16 @@ def test_a_teacher_run_whose_studies_all_finished_elsewhere_is_not_planned(tmp_p
     assert all(r.deps == [] and r.needs == {} and "--reuse" not in r.argv for r in plan[:1])
     assert plan[1].deps == [studies[0].name] and plan[1].argv[plan[1].argv.index("--reuse") + 1:][:1] == [
         studies[0].run_dir] and teacher.run_dir not in plan[1].argv
-    os.remove(os.path.join(studies[1].run_dir, "summary.md"))  # (one unfinished: the teacher run is its dependency)
+    # one unfinished, or a grid value added (alpha 0.3, nothing trained): each links the teacher phase a finished
+    # study holds (the teacher run was planned again as their dependency before 2026-12-06, and trained)
+    os.remove(os.path.join(studies[1].run_dir, "summary.md"))
+    plan = make_plan({**settings, "alpha": [0.3, 0.5, 0.8]}, str(tmp_path / "sw"), threads=1)
+    assert teacher.name not in [r.name for r in plan] and [r.name for r in plan[1:]] == [s.name for s in studies]
+    assert plan[0].needs == {studies[0].name: ["vanilla", "teacher"]} and teacher.run_dir not in plan[0].argv
+    assert plan[0].argv[plan[0].argv.index("--reuse") + 1] == studies[0].run_dir
+    assert plan[2].needs == {studies[0].name: ["vanilla", "teacher"]} and not plan[2].done()
+    shutil.rmtree(os.path.join(studies[0].run_dir, "seed0", "teacher"))  # (none holds it: the teacher run trains it)
+    shutil.rmtree(os.path.join(studies[1].run_dir, "seed0", "teacher"))
     plan = make_plan(settings, str(tmp_path / "sw"), threads=1)
     assert plan[0].name == teacher.name and teacher.name in plan[2].deps
     alone = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0]), str(tmp_path / "sw"), threads=1)

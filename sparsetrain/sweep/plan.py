@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..experiment.config import ROLE_KEYS, Config, config_from_args, config_to_argv
-from ..experiment.reuse import needed_phases, phase_done, phase_key
+from ..experiment.reuse import needed_phases, phase_done, phase_key, phase_names
 from ..experiment.study import UsageError, check_teachers, run_dir_of
 
 __all__ = ["Run", "expand", "make_plan", "plan_digest", "STUDENT_ONLY"]
@@ -147,6 +147,8 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     runs_root = os.path.join(os.path.abspath(out), "runs")
     runs: dict[str, Run] = {}
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
+    teacher_of: dict[str, str] = {}  # teacher phase key -> its teacher run
+    finished: dict[str, str] = {}  # phase key -> the first run (plan order, teacher runs first) that finished it
     studies = []
     checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
     results = set()  # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
@@ -173,14 +175,16 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             td = run_dir_of(tcfg)
             tname = os.path.basename(td)
             key = phase_key(tcfg, "teacher", seed)
-            if cfg.phases == ("teacher",) and key in owner:  # (teacher runs only: a setting they ignore)
-                _refuse_twins(runs[owner[key]].point, p)
+            if cfg.phases == ("teacher",) and key in teacher_of:  # (teacher runs only: a setting they ignore)
+                _refuse_twins(runs[teacher_of[key]].point, p)
             # a teacher run only where the point trains or reads the teacher phase (not for a vanilla
             # student of another model, nor for students of --teachers PATH only)
-            if key not in owner and "teacher" in sum(needed_phases(cfg), []):
+            if key not in teacher_of and "teacher" in sum(needed_phases(cfg), []):
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"],
                                   config=_record(tcfg))
-                owner[key] = tname
+                teacher_of[key] = tname
+                if phase_done(os.path.join(td, f"seed{seed}", "teacher")):
+                    finished.setdefault(key, tname)
             if cfg.phases == ("teacher",):
                 results.add(tname)
             if cfg.phases != ("teacher",):
@@ -189,13 +193,14 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     # a study owns each phase it finished in its directory (an earlier sweep's), finished or not its others: a grid
     # value added before it (alpha 0.3 to 0.5 0.8) trained their shared vanilla student again before 2026-12-06
     # (finished phases only: a run that links only finished phases from another need not wait for it, runner.py,
-    # so no two studies wait for each other)
+    # so no two studies wait for each other); the teacher phase too, the experiment's own command's (a grid value
+    # added to such finished studies links it from there: the teacher run was trained again before 2026-12-06)
     studies = [(cfg, p, seed, os.path.basename(run_dir_of(cfg))) for cfg, p, seed in studies]
-    finished, points = {}, {}
+    points = {}
     for cfg, p, seed, name in studies:
         points.setdefault(name, p)
         scfg = _study_config(cfg, name in runs)
-        for ph in needed_phases(scfg)[0]:
+        for ph in phase_names(scfg):
             d = os.path.join(run_dir_of(scfg), f"seed{seed}", ph)
             if phase_done(d) and not os.path.islink(d):  # (a link: that phase's owner is elsewhere)
                 finished.setdefault(phase_key(scfg, ph, seed), name)
@@ -209,7 +214,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         deps, trains_one, needs = [], False, {}
         for phase in train + reads:
             key = phase_key(scfg, phase, seed)
-            if owner.setdefault(key, finished.get(key, name)) == name:
+            if owner.setdefault(key, finished.get(key, teacher_of.get(key, name))) == name:
                 trains_one |= phase in train
             else:
                 deps += [] if owner[key] in deps else [owner[key]]
@@ -223,16 +228,20 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
         scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(runs_root, d) for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
                          own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
-    return _drop_unneeded_teachers(runs, results)
+    # a teacher run whose phase a study's directory holds finished (the experiment's own command's)
+    elsewhere = {n for k, n in teacher_of.items() if finished.get(k, n) != n}
+    return _drop_unneeded_teachers(runs, results, elsewhere)
 
 
-def _drop_unneeded_teachers(runs: dict, results: set) -> list[Run]:
+def _drop_unneeded_teachers(runs: dict, results: set, elsewhere: set) -> list[Run]:
     """The plan without the unfinished teacher runs whose every study has finished (the experiment's own
     command trained them with their teacher phase: the sweep trained a teacher nobody would link before
-    2026-12-06); their studies' --reuse and dependencies lose them."""
+    2026-12-06), nor those `elsewhere` (their phase held by a study's directory) that no run links (a study
+    added to such finished ones links theirs: the sweep trained it again before 2026-12-06); their studies'
+    --reuse and dependencies lose them."""
     users = {n: [s for s in runs.values() if n in s.deps] for n in runs}
     drop = {n for n, r in runs.items() if r.kind == "teacher" and n not in results and not r.done()
-            and users[n] and all(s.done() for s in users[n])}
+            and (all(s.done() for s in users[n]) if users[n] else n in elsewhere)}
     for r in runs.values():
         if drop & set(r.deps):
             gone = [runs[d].run_dir for d in r.deps if d in drop]
