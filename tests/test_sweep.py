@@ -98,7 +98,13 @@ def test_a_grid_value_added_before_a_finished_study_links_its_vanilla_student(tm
     os.remove(os.path.join(done.run_dir, "seed0", "distill-dense", "best.json"))
     _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
     assert new.needs == {old.name: ["vanilla"], teacher.name: ["teacher"]} and old.needs == {teacher.name: ["teacher"]}
+    # one it part-trained it owns too: it resumes it and the new one waits for it (the new one trained it again
+    # and the old one's link then failed, PhaseMissing: its unfinished vanilla hid the new one's, before 2026-12-06)
     os.remove(os.path.join(done.run_dir, "seed0", "vanilla", "best.json"))
+    _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
+    assert new.needs == {old.name: ["vanilla"], teacher.name: ["teacher"]} and old.needs == {teacher.name: ["teacher"]}
+    assert "--reuse" in old.argv and new.run_dir not in old.argv
+    shutil.rmtree(os.path.join(done.run_dir, "seed0", "vanilla"))  # (never started: the first that needs it trains it)
     _, new, old = make_plan(settings([0.3, 0.5]), str(tmp_path / "sw"), threads=1)
     assert new.needs == {teacher.name: ["teacher"]} and old.needs == {new.name: ["vanilla"], teacher.name: ["teacher"]}
 
@@ -135,6 +141,48 @@ def test_a_teacher_run_whose_studies_all_finished_elsewhere_is_not_planned(tmp_p
     assert plan[0].name == teacher.name and teacher.name in plan[2].deps
     alone = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0]), str(tmp_path / "sw"), threads=1)
     assert [(r.kind, r.done()) for r in alone] == [("teacher", False)]
+
+
+def test_a_study_resuming_a_phase_never_links_from_a_run_holding_it(tmp_path):
+    """Two studies that each hold the same vanilla student (the earlier sweep trained it twice), one finished
+    under the plain command, one part-trained: the second resumes its own, and links its teacher from the
+    teacher run, not from the first (whose finished vanilla its unfinished one would hide: PhaseMissing). A study
+    stopped in its teacher phase resumes it (the sweep's study run linked the teacher run's over it)."""
+    settings = _settings(tmp_path, student=["vgg_d1g1"], alpha=[0.5, 0.8], seeds=[0])
+    teacher, first, second = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    for ph in ("teacher", "vanilla", "distill-dense"):
+        write_json(os.path.join(first.run_dir, "seed0", ph, "best.json"), {"round": 1})
+    open(os.path.join(first.run_dir, "summary.md"), "w").close()
+    os.makedirs(os.path.join(second.run_dir, "seed0", "vanilla", "ckpt"))  # (started, no best.json)
+    plan = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    assert [r.name for r in plan] == [teacher.name, first.name, second.name]
+    assert plan[2].needs == {teacher.name: ["teacher"]} and first.run_dir not in plan[2].argv
+    assert plan[1].deps == [] and plan[1].done()
+    # the plain command stopped in its teacher phase: the study resumes it (its --phases with teacher) and the
+    # others link it from there, no teacher run (its studies' link to that one was refused, PhaseMissing)
+    shutil.rmtree(first.run_dir)
+    shutil.rmtree(second.run_dir)
+    os.makedirs(os.path.join(first.run_dir, "seed0", "teacher", "ckpt"))
+    plan = make_plan(settings, str(tmp_path / "sw"), threads=1)
+    assert [r.name for r in plan] == [first.name, second.name] and plan[1].needs == {first.name: ["vanilla", "teacher"]}
+    assert plan[0].needs == {} and plan[0].argv[plan[0].argv.index("--phases") + 1] == "teacher"
+
+
+def test_a_study_resuming_a_phase_links_from_a_run_that_links_that_phase_from_it(tmp_path):
+    """teachers dense stopped in its distillation, then (dense best) added before it, which is its teacher run
+    (the same student) and links distill-dense from it. Its teacher finished there: the study links it (the link
+    there it would hide is to its own phase). Unfinished: each would wait for the other, so the study trains its
+    teacher itself (which the other then links). It was left without a teacher phase (PhaseMissing)."""
+    _, study = make_plan(_settings(tmp_path, seeds=[0]), str(tmp_path / "sw"), threads=1)
+    os.makedirs(os.path.join(study.run_dir, "seed0", "distill-dense", "ckpt"))  # (part-trained; no teacher link)
+    grid = _settings(tmp_path, seeds=[0], variants=[{"teachers": ("dense", "best")}, {}])
+    both, one = make_plan(grid, str(tmp_path / "sw"), threads=1)
+    assert both.phases[0] == "teacher" and both.needs == {one.name: ["distill-dense"]} and one.name == study.name
+    assert one.needs == {} and one.phases == ["teacher", "distill-dense"] and "--reuse" not in one.argv
+    write_json(os.path.join(both.run_dir, "seed0", "teacher", "best.json"), {"round": 1})
+    both, one = make_plan(grid, str(tmp_path / "sw"), threads=1)
+    assert both.needs == {one.name: ["distill-dense"]} and one.needs == {both.name: ["teacher"]}
+    assert one.argv[one.argv.index("--reuse") + 1] == both.run_dir
 
 
 def test_a_study_knows_whether_its_teacher_run_is_its_vanilla_curve(tmp_path):
@@ -701,6 +749,60 @@ def test_studies_that_each_hold_a_finished_phase_the_other_links_do_not_wait_for
     monkeypatch.setattr(runner.time, "sleep", sleep)
     status = runner.execute([teacher, both, one], str(tmp_path / "sw" / "s"))
     assert order == [teacher.name, both.name, one.name] and {s["state"] for s in status.values()} == {"done"}
+
+
+def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_other(tmp_path, monkeypatch):
+    """A study owns a phase it part-trained (it resumes it; others wait for it and link it). teachers (best
+    dense) stopped in distill-best, then a point before it (dense best, no vanilla): the earlier waits for its
+    distill-best, and it trains distill-dense itself (linking it would hide its own distill-best with the
+    earlier's link). Three studies whose waits would close a circle (the first for the third's distill-best,
+    the third for the second's vanilla, the second for the first's distill-dense): the last planned trains the
+    phase itself, so the runs start one after the other instead of waiting forever."""
+    import types
+
+    from sparsetrain.sweep import runner
+    base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
+    no_vanilla = {"teachers": ("dense", "best"), "phases": ("teacher", "distill")}
+    grid = {**base, "variants": [no_vanilla, {"teachers": ("best", "dense")}]}
+    teacher, first, later = make_plan(grid, str(tmp_path / "sw"), threads=1)
+    write_json(os.path.join(later.run_dir, "seed0", "vanilla", "best.json"), {"round": 1})
+    os.makedirs(os.path.join(later.run_dir, "seed0", "distill-best", "ckpt"))  # (part-trained: no best.json)
+    _, a, b = make_plan(grid, str(tmp_path / "sw"), threads=1)
+    # (it trained both distillations and the later one's link was refused, PhaseMissing, before 2026-12-06)
+    assert (a.name, b.name) == (first.name, later.name) and b.needs == {teacher.name: ["teacher"]}
+    assert a.needs == {b.name: ["distill-best"], teacher.name: ["teacher"]}
+    variants = [no_vanilla, {"teachers": ("dense",)}, {"teachers": ("best",)}]
+    teacher, first, second, third = [make_plan({**base, **v}, str(tmp_path / "sw2"), threads=1)[i]
+                                     for i, v in ((0, variants[0]), (1, variants[0]), (1, variants[1]), (1, variants[2]))]
+    grid = {**base, "variants": variants}
+    # the third's vanilla a link whose run was removed (nothing of its own), its distill-best part-trained
+    os.makedirs(os.path.join(third.run_dir, "seed0", "distill-best", "ckpt"))
+    os.symlink(str(tmp_path / "gone" / "seed0" / "vanilla"), os.path.join(third.run_dir, "seed0", "vanilla"))
+    plan = make_plan(grid, str(tmp_path / "sw2"), threads=1)
+    assert [r.name for r in plan] == [teacher.name, first.name, second.name, third.name]
+    assert plan[1].needs == {third.name: ["distill-best"], teacher.name: ["teacher"]}
+    assert plan[2].needs == {first.name: ["distill-dense"], teacher.name: ["teacher"]}
+    assert plan[3].needs == {teacher.name: ["teacher"]}  # (its vanilla from the second: a circle)
+    order = []
+
+    class Task:  # (Ray: every submitted run finishes at the next wait)
+        def options(self, **k):
+            return self
+
+        def remote(self, argv, log, *a):
+            order.append(os.path.basename(log)[:-len(".log")])
+            return len(order)
+
+    def sleep(s):  # (nothing running, nothing startable: the loop would wait forever)
+        raise AssertionError(f"runs wait for each other; submitted: {order}")
+    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+                                remote=lambda fn: Task(), wait=lambda refs, **k: (refs[:1], refs[1:]),
+                                cancel=lambda ref: None, get=lambda ref, timeout=None: 1)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(runner.time, "sleep", sleep)
+    status = runner.execute(plan, str(tmp_path / "sw2" / "s"))
+    assert order == [teacher.name, third.name, first.name, second.name]
+    assert {s["state"] for s in status.values()} == {"done"}
 
 
 # ---------------------------------------------------------------------------- on a local Ray

@@ -5,8 +5,9 @@ included) into a Config. Its teacher phase becomes a *teacher run* (`--phases te
 student settings left at their defaults so the run directory is the same whatever the students
 are); its students a *study run* (`--phases vanilla distill --reuse <the runs it needs>`) that
 links the finished teacher instead of training it. Every phase (teacher, vanilla, distill-*) is
-owned by the first run that needs it (experiment/reuse.py's phase_key names it): a later run that
-needs the same phase depends on the owner and links it, so nothing is trained twice.
+owned by the first run that finished it, else part-trained it, else needs it (experiment/reuse.py's
+phase_key names it): another run that needs the same phase depends on the owner and links it, so
+nothing is trained twice (but where two runs already hold it, or waiting would close a circle).
 """
 from __future__ import annotations
 
@@ -142,13 +143,18 @@ def teacher_config(cfg: Config) -> Config:
 
 def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     """Every run of the grid `settings` (recipe values < command-line flags; lists are axes), in an
-    order where a run comes after the runs it depends on (the grid's order: a study already finished that
-    owns a phase another study links may come after it). Runs live in OUT/runs."""
+    order where a run comes after the runs it depends on (the grid's order: a study that finished or part-trained
+    a phase another study links may come after it). Runs live in OUT/runs."""
     runs_root = os.path.join(os.path.abspath(out), "runs")
     runs: dict[str, Run] = {}
     owner: dict[str, str] = {}  # phase key -> name of the run that trains it
     teacher_of: dict[str, str] = {}  # teacher phase key -> its teacher run
-    finished: dict[str, str] = {}  # phase key -> the first run (plan order, teacher runs first) that finished it
+    # phase key -> the first run (plan order, teacher runs first) whose own directory holds it finished /
+    # part-trained (a phase it trains again: it resumes there)
+    finished: dict[str, str] = {}
+    started: dict[str, str] = {}
+    holds: dict[str, set] = {}  # run -> the phase keys its directory holds once it ran (its phases, those finished)
+    done_in: dict[str, set] = {}  # run -> the phase keys finished in its directory (not links)
     studies = []
     checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
     results = set()  # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
@@ -183,53 +189,74 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
                 runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"],
                                   config=_record(tcfg))
                 teacher_of[key] = tname
-                if phase_done(os.path.join(td, f"seed{seed}", "teacher")):
-                    finished.setdefault(key, tname)
+                _scan(tname, os.path.join(td, f"seed{seed}"), {"teacher": key}, ["teacher"], finished, started, done_in)
+                holds[tname] = {key}
             if cfg.phases == ("teacher",):
                 results.add(tname)
             if cfg.phases != ("teacher",):
                 studies.append((cfg, p, seed))
     shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
-    # a study owns each phase it finished in its directory (an earlier sweep's), finished or not its others: a grid
-    # value added before it (alpha 0.3 to 0.5 0.8) trained their shared vanilla student again before 2026-12-06
-    # (finished phases only: a run that links only finished phases from another need not wait for it, runner.py,
-    # so no two studies wait for each other); the teacher phase too, the experiment's own command's (a grid value
-    # added to such finished studies links it from there: the teacher run was trained again before 2026-12-06)
+    # a phase is owned by the first run (plan order) that finished it in its own directory, else by the first that
+    # part-trained it there (it resumes it), else by the first that needs it: a grid value added before a study
+    # links what that study finished or started (it trained them again before 2026-12-06, and the study's own
+    # unfinished phase then hid the new one's: PhaseMissing). A run resumes a phase it part-trained and never
+    # links from a run whose directory will hold one of those (it would hide that run's); nor waits for a run
+    # that waits for it (dependencies on unfinished phases form no cycle: it trains the phase itself instead)
     studies = [(cfg, p, seed, os.path.basename(run_dir_of(cfg))) for cfg, p, seed in studies]
-    points = {}
+    points, plans = {}, {}
     for cfg, p, seed, name in studies:
         points.setdefault(name, p)
-        scfg = _study_config(cfg, name in runs)
-        for ph in phase_names(scfg):
-            d = os.path.join(run_dir_of(scfg), f"seed{seed}", ph)
-            if phase_done(d) and not os.path.islink(d):  # (a link: that phase's owner is elsewhere)
-                finished.setdefault(phase_key(scfg, ph, seed), name)
+        if name in plans or (name in runs and runs[name].kind == "study"):
+            continue
+        sd = os.path.join(run_dir_of(cfg), f"seed{seed}")
+        own_teacher = "teacher" in cfg.phases and _part_trained(os.path.join(sd, "teacher"))  # (the plain command's)
+        scfg = _study_config(cfg, name in runs or own_teacher)
+        train, reads = needed_phases(scfg)
+        keys = {ph: phase_key(scfg, ph, seed) for ph in phase_names(scfg)}
+        part = _scan(name, sd, keys, train, finished, started, done_in)
+        holds[name] = {keys[ph] for ph in train + reads} | done_in[name]
+        plans[name] = scfg, train, reads, keys, part
+    waits: dict[str, set] = {}  # run -> the runs it waits for (a phase unfinished when planned)
     for cfg, p, seed, name in studies:
         if name in runs and runs[name].kind == "study":
             if runs[name].point != p:
                 _refuse_twins(runs[name].point, p)
             continue
-        scfg = _study_config(cfg, name in runs)
-        train, reads = needed_phases(scfg)
+        scfg, train, reads, keys, part = plans[name]
         deps, trains_one, needs = [], False, {}
         for phase in train + reads:
-            key = phase_key(scfg, phase, seed)
-            if owner.setdefault(key, finished.get(key, teacher_of.get(key, name))) == name:
+            key = keys[phase]
+            first = owner.setdefault(key, finished.get(key, started.get(key, teacher_of.get(key, name))))
+            source = None
+            for o in ([] if key in part else dict.fromkeys(x for x in (first, teacher_of.get(key)) if x)):
+                if o == name:
+                    break
+                blocks = key not in done_in.get(o, ())  # (a dependency serves at once with a finished phase)
+                # (what o links from this run is this run's own phase: it hides nothing)
+                mine = {plans[o][3][ph] for ph in runs[o].needs.get(name, ())} if o in plans and o in runs else set()
+                if not (holds[o] - mine) & part and not (blocks and _reaches(waits, o, name)):
+                    source = o
+                    waits.setdefault(name, set()).update([o] if blocks else [])
+                    break
+            if source is None and phase in reads and "teacher" in cfg.phases:  # (no run to read it from: it trains it)
+                scfg = dataclasses.replace(scfg, phases=cfg.phases)
+                train, reads = needed_phases(scfg)
+            if source is None:
                 trains_one |= phase in train
             else:
-                deps += [] if owner[key] in deps else [owner[key]]
-                needs.setdefault(owner[key], []).append(phase)
+                deps += [] if source in deps else [source]
+                needs.setdefault(source, []).append(phase)
         twin = next((d for d in deps if d not in runs or runs[d].kind == "study"), None)
         if train and not trains_one and twin is not None:
             _refuse_twins(points[twin], p)  # (every phase it would train, another point trains)
-        curves = tuple(sorted(phase_key(scfg, phase, seed) for phase in train + reads))
+        curves = tuple(sorted(keys[phase] for phase in train + reads))
         if shown.setdefault(curves, p) is not p:  # (every curve it would report, another point's study shows)
             _refuse_twins(shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(runs_root, d) for d in deps))
         runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
                          own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
-    # a teacher run whose phase a study's directory holds finished (the experiment's own command's)
-    elsewhere = {n for k, n in teacher_of.items() if finished.get(k, n) != n}
+    # a teacher run nobody links whose phase another run's directory holds (the experiment's own command's)
+    elsewhere = {n for k, n in teacher_of.items() if finished.get(k, started.get(k, n)) != n}
     return _drop_unneeded_teachers(runs, results, elsewhere)
 
 
@@ -252,6 +279,40 @@ def _drop_unneeded_teachers(runs: dict, results: set, elsewhere: set) -> list[Ru
             r.deps = [d for d in r.deps if d not in drop]
             r.needs = {d: v for d, v in r.needs.items() if d not in drop}
     return [r for n, r in runs.items() if n not in drop]
+
+
+def _part_trained(pdir: str) -> bool:
+    """A phase directory of the run's own (not a link) that has not finished: its training resumes there."""
+    return os.path.isdir(pdir) and not os.path.islink(pdir) and not phase_done(pdir)
+
+
+def _scan(name: str, seed_dir: str, keys: dict, train: list, finished: dict, started: dict, done_in: dict) -> set:
+    """Record the phases (`keys`: phase -> key) run `name` holds in `seed_dir`, not links: each finished one in
+    `finished` and done_in[name], each part-trained one it trains in `started` (the first run of a key kept);
+    returns the keys of those part-trained ones (which it resumes)."""
+    done_in[name], part = set(), set()
+    for ph, key in keys.items():
+        d = os.path.join(seed_dir, ph)
+        if phase_done(d) and not os.path.islink(d):
+            finished.setdefault(key, name)
+            done_in[name].add(key)
+        elif ph in train and _part_trained(d):
+            started.setdefault(key, name)
+            part.add(key)
+    return part
+
+
+def _reaches(waits: dict, a: str, b: str) -> bool:
+    """Whether run `a` waits, directly or through others, for run `b` (`waits`: run -> the runs it waits for)."""
+    seen, todo = set(), [a]
+    while todo:
+        n = todo.pop()
+        if n == b:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo += waits.get(n, ())
+    return False
 
 
 def _study_config(cfg: Config, is_teacher_run: bool) -> Config:
