@@ -717,22 +717,15 @@ def test_a_run_ray_still_held_at_ctrl_c_stays_queued(tmp_path, monkeypatch):
     assert len(calls) == 2 and [status[r.name]["state"] for r in plan] == ["interrupted", "queued"]
 
 
-def test_studies_that_each_hold_a_finished_phase_the_other_links_do_not_wait_for_each_other(tmp_path, monkeypatch):
-    """teachers (dense) partly run (its vanilla finished), then a variant (dense best) before it: each owns a
-    phase the other links (the vanilla finished, distill-dense to train). A dependency whose linked phases
-    are finished serves a run whatever its state, so they run one after the other instead of both waiting."""
+def _fake_ray(monkeypatch) -> list:
+    """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
+    running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""
     import types
 
     from sparsetrain.sweep import runner
-    base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
-    _, part = make_plan({**base, "teachers": ("dense",)}, str(tmp_path / "sw"), threads=1)
-    write_json(os.path.join(part.run_dir, "seed0", "vanilla", "best.json"), {"round": 1})
-    teacher, both, one = make_plan({**base, "variants": [{"teachers": ("dense", "best")}, {"teachers": ("dense",)}]},
-                                   str(tmp_path / "sw"), threads=1)
-    assert one.name == part.name and both.needs[one.name] == ["vanilla"] and one.needs[both.name] == ["distill-dense"]
     order = []
 
-    class Task:  # (Ray: every submitted run finishes at the next wait)
+    class Task:
         def options(self, **k):
             return self
 
@@ -740,13 +733,28 @@ def test_studies_that_each_hold_a_finished_phase_the_other_links_do_not_wait_for
             order.append(os.path.basename(log)[:-len(".log")])
             return len(order)
 
-    def sleep(s):  # (nothing running, nothing startable: the loop would wait forever)
+    def sleep(s):
         raise AssertionError(f"runs wait for each other; submitted: {order}")
     ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
                                 remote=lambda fn: Task(), wait=lambda refs, **k: (refs[:1], refs[1:]),
                                 cancel=lambda ref: None, get=lambda ref, timeout=None: 1)
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setattr(runner.time, "sleep", sleep)
+    return order
+
+
+def test_studies_that_each_hold_a_finished_phase_the_other_links_do_not_wait_for_each_other(tmp_path, monkeypatch):
+    """teachers (dense) partly run (its vanilla finished), then a variant (dense best) before it: each owns a
+    phase the other links (the vanilla finished, distill-dense to train). A dependency whose linked phases
+    are finished serves a run whatever its state, so they run one after the other instead of both waiting."""
+    from sparsetrain.sweep import runner
+    base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
+    _, part = make_plan({**base, "teachers": ("dense",)}, str(tmp_path / "sw"), threads=1)
+    write_json(os.path.join(part.run_dir, "seed0", "vanilla", "best.json"), {"round": 1})
+    teacher, both, one = make_plan({**base, "variants": [{"teachers": ("dense", "best")}, {"teachers": ("dense",)}]},
+                                   str(tmp_path / "sw"), threads=1)
+    assert one.name == part.name and both.needs[one.name] == ["vanilla"] and one.needs[both.name] == ["distill-dense"]
+    order = _fake_ray(monkeypatch)
     status = runner.execute([teacher, both, one], str(tmp_path / "sw" / "s"))
     assert order == [teacher.name, both.name, one.name] and {s["state"] for s in status.values()} == {"done"}
 
@@ -758,8 +766,6 @@ def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_o
     earlier's link). Three studies whose waits would close a circle (the first for the third's distill-best,
     the third for the second's vanilla, the second for the first's distill-dense): the last planned trains the
     phase itself, so the runs start one after the other instead of waiting forever."""
-    import types
-
     from sparsetrain.sweep import runner
     base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
     no_vanilla = {"teachers": ("dense", "best"), "phases": ("teacher", "distill")}
@@ -783,23 +789,7 @@ def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_o
     assert plan[1].needs == {third.name: ["distill-best"], teacher.name: ["teacher"]}
     assert plan[2].needs == {first.name: ["distill-dense"], teacher.name: ["teacher"]}
     assert plan[3].needs == {teacher.name: ["teacher"]}  # (its vanilla from the second: a circle)
-    order = []
-
-    class Task:  # (Ray: every submitted run finishes at the next wait)
-        def options(self, **k):
-            return self
-
-        def remote(self, argv, log, *a):
-            order.append(os.path.basename(log)[:-len(".log")])
-            return len(order)
-
-    def sleep(s):  # (nothing running, nothing startable: the loop would wait forever)
-        raise AssertionError(f"runs wait for each other; submitted: {order}")
-    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
-                                remote=lambda fn: Task(), wait=lambda refs, **k: (refs[:1], refs[1:]),
-                                cancel=lambda ref: None, get=lambda ref, timeout=None: 1)
-    monkeypatch.setitem(sys.modules, "ray", ray)
-    monkeypatch.setattr(runner.time, "sleep", sleep)
+    order = _fake_ray(monkeypatch)
     status = runner.execute(plan, str(tmp_path / "sw2" / "s"))
     assert order == [teacher.name, third.name, first.name, second.name]
     assert {s["state"] for s in status.values()} == {"done"}
