@@ -678,6 +678,29 @@ def test_status_says_running_only_once_the_process_started(tmp_path):
     assert _mark_started(status, runs) == 1 and status["b"]["started"] == first  # (set once)
 
 
+def test_a_sweep_start_removes_what_a_killed_sweep_left_half_written(tmp_path, monkeypatch):
+    """A sweep killed while writing status.json or its report left their temporary files in its folder, and
+    no later sweep removed them (only a run's start recovers its run directory): a sweep's start now finishes
+    or removes them under the folder's lock, as a run's start does, and leaves the finished files alone."""
+    import subprocess
+
+    from sparsetrain.experiment.files import TMP_TAG
+    from sparsetrain.sweep.runner import execute
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # (a pid no process has now: a dead writer's)
+    plan = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0]), str(tmp_path / "sw"), threads=1)
+    sweep = tmp_path / "sw" / "s"
+    (sweep / "report").mkdir(parents=True)
+    left = [sweep / f"status.json.{TMP_TAG}.{child.pid}", sweep / "report" / f"summary.md.{TMP_TAG}.{child.pid}"]
+    for f in left:
+        f.write_text("half")
+    (sweep / "report" / "summary.md").write_text("# a finished report")
+    order = _fake_ray(monkeypatch)
+    status = execute(plan, str(sweep))
+    assert order == [plan[0].name] and status[plan[0].name]["state"] == "done"
+    assert not any(f.exists() for f in left) and (sweep / "report" / "summary.md").read_text() == "# a finished report"
+
+
 def test_a_run_ray_still_held_at_ctrl_c_stays_queued(tmp_path, monkeypatch):
     """Ctrl-C marked every submitted task "interrupted", also one Ray still held for resources whose process
     never started: the report counted its point as failed. Only a run whose process started (its log's

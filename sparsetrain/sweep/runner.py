@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-from ..experiment.files import EXIT_BUSY, Busy, WriteFailed, folder_busy, folder_lock, write_json
+from ..experiment.files import (EXIT_BUSY, Busy, WriteFailed, finish_interrupted_writes, folder_busy, folder_lock,
+                                 write_json)
 from ..experiment.reuse import phase_done
 from .plan import Run
 
@@ -226,6 +227,9 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         os.makedirs(logs, exist_ok=True)
     except OSError as e:  # (a traceback before 2026-12-06)
         raise WriteFailed(e.errno, e.strerror or str(e), logs) from None
+    # what a killed sweep left half-written (status.json's, the report's temporary files: they piled up before
+    # 2026-12-06), under the folder's lock as a run start does
+    finish_interrupted_writes(os.path.abspath(sweep_dir))
     for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
         if f.endswith(".running"):
             os.remove(os.path.join(logs, f))
