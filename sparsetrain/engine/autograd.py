@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils.checkpoint import CheckpointError
 
-__all__ = ["first_order", "record_inputs", "eager", "grad_tracked"]
+__all__ = ["first_order", "record_inputs", "eager", "grad_tracked", "refuse_func_transforms", "NO_FORWARD_MODE"]
 
 # torch.compiler.disable imports torch._dynamo as it decorates (~1.5 s, half of `import sparsetrain`);
 # torch's own lazy form (what torch.optim uses) imports it on the first call instead.
@@ -94,3 +96,24 @@ def grad_tracked(t) -> bool:
     while isinstance(t, torch.Tensor) and f.is_batchedtensor(t):
         t = f.get_unwrapped(t)
     return isinstance(t, torch.Tensor) and f.is_gradtrackingtensor(t)
+
+
+NO_FORWARD_MODE = ("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and hessian are not "
+                   "supported (torch.autograd, torch.func.vmap are)")
+
+
+def refuse_func_transforms(inputs) -> None:
+    """NotImplementedError where a transform would differentiate a sparse product of `inputs` (x, values, bias;
+    None allowed), for the CSR ops and the Triton BSRLinear alike. Forward mode: torch.func.jvp/jacfwd would give
+    a zero tangent silently (no forward-mode formula), as did torch.autograd.forward_ad where no input requires
+    grad (a frozen layer) and jvp under torch.compile. torch.func.grad/vjp/jacrev: torch.library's autograd of
+    the C++-schema ops has no functorch rule (PyTorch's error asked the caller for a setup_context), and the
+    Triton kernels cannot read the transform's wrapped tensors ("Cannot access storage of TensorWrapper")."""
+    transforms = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    if (transforms and any(i.key() == torch._C._functorch.TransformType.Jvp
+                           for i in retrieve_all_functorch_interpreters())) or (
+            fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in inputs)):
+        raise NotImplementedError(NO_FORWARD_MODE)
+    if transforms and any(grad_tracked(t) for t in inputs):
+        raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
+                                  "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap works)")

@@ -18,12 +18,11 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import nn
 
 from .backend import current_backend
 from .args import bias_parameter, check_bias, refuse_fx_proxy
-from .autograd import eager, first_order, grad_tracked
+from .autograd import NO_FORWARD_MODE, eager, first_order, refuse_func_transforms
 from .formats import WeightLike, _check_mask, _fill_dense, _resize_pattern, own_mode, transpose_index
 from .index import check_index, seal_index, still_unset
 from .pattern import _pattern
@@ -192,8 +191,7 @@ class _BSRLinearFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
-                                  "hessian are not supported (torch.autograd, torch.func.vmap are)")
+        raise NotImplementedError(NO_FORWARD_MODE)
 
     @staticmethod
     @first_order  # (no formulas for the gradient ops)
@@ -242,16 +240,7 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
                          "or 'triton' runs the Triton kernels")
     if mode == "triton" or (mode == "auto" and x.is_cuda):
         values = weight.values
-        # torch.func.grad/vjp/jacrev: the backward gets the transform's wrapped tensors, which the Triton kernels
-        # cannot read ("Cannot access storage of TensorWrapper"); refused as the CSR ops refuse them (ops.py)
-        transforms = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-        if transforms and any(i.key() == torch._C._functorch.TransformType.Jvp
-                              for i in retrieve_all_functorch_interpreters()):
-            _BSRLinearFn.jvp(None)
-        if transforms and any(grad_tracked(t) for t in (x, values, bias)):
-            raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
-                                      "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap "
-                                      "works)")
+        refuse_func_transforms((x, values, bias))  # (as the CSR ops: the kernels cannot read its wrapped tensors)
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
             dt = torch.get_autocast_dtype(x.device.type)
             x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)

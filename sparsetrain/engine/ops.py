@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.autograd.forward_ad as fwAD
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from .extension import _C  # (the C++ extension: registers the schemas and CPU kernels)
 from . import backend
-from .autograd import eager, first_order, grad_tracked, record_inputs
+from .autograd import eager, first_order, record_inputs, refuse_func_transforms
 from .args import conv2d_padding, is_int, pair, refuse_fx_proxy
 from .prune_ops import csr_prune, magnitude_threshold, relu_count_  # (the CPU-only ops' wrappers: prune_ops.py)
 
@@ -337,20 +335,7 @@ def _check_input(x, weight, bias) -> None:
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if x.device != weight.values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.values.device}")
-    transforms = not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-    inputs = (x, weight.values, bias)
-    # torch.func.jvp/jacfwd would give these ops a zero tangent silently (no forward-mode formula); so did
-    # torch.autograd.forward_ad where no input requires grad (a frozen layer), and jvp under torch.compile
-    if (transforms and any(i.key() == torch._C._functorch.TransformType.Jvp
-                           for i in retrieve_all_functorch_interpreters())) or (
-            fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in inputs)):
-        raise NotImplementedError("sparse layers have no forward-mode derivative: torch.func.jvp, jacfwd and "
-                                  "hessian are not supported (torch.autograd, torch.func.vmap are)")
-    # torch.func.grad/vjp/jacrev: torch.library's autograd for these C++-schema ops has no functorch rule
-    # (PyTorch's error asked the caller's autograd.Function for a setup_context)
-    if transforms and any(grad_tracked(t) for t in inputs):
-        raise NotImplementedError("sparse layers do not support torch.func.grad, vjp, jacrev or hessian: use "
-                                  "torch.autograd.grad or torch.autograd.functional.jacobian (torch.func.vmap works)")
+    refuse_func_transforms((x, weight.values, bias))  # (torch.func.jvp/grad/vjp/jacrev, forward_ad tangents)
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
