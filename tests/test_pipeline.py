@@ -695,6 +695,17 @@ def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("interrupted:") and "the same command resumes" in err[0]
 
 
+def _resume_on_one_thread_more(cfg) -> int:
+    """prepare_run_dir(cfg) (a resume) under one torch thread more than now; returns the thread count of now."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        study.prepare_run_dir(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
     """config.json keeps the first git commit and versions; a resume at another commit is listed
     after them (resumed_with), once per change."""
@@ -706,12 +717,7 @@ def test_a_resume_keeps_the_commit_the_run_started_at(tmp_path, monkeypatch):
         rec = json.load(f)
     assert rec["git_commit"] == "aaa" and [r["git_commit"] for r in rec["resumed_with"]] == ["bbb", "ccc"]
     # and a resume on another thread count (its sums round otherwise)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads + 1)
-        study.prepare_run_dir(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    threads = _resume_on_one_thread_more(cfg)
     with open(os.path.join(rd, "config.json")) as f:
         rec = json.load(f)
     assert rec["torch_threads"] == threads and rec["resumed_with"][-1]["torch_threads"] == threads + 1
@@ -780,12 +786,7 @@ def test_a_resume_of_an_older_run_s_record_adds_nothing_until_something_changes(
             now = json.load(f)
         assert "resumed_with" not in now and now["sparsetrain_version"] == now["ran_on"] == "unknown"
     assert capsys.readouterr().err == ""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads + 1)
-        study.prepare_run_dir(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    threads = _resume_on_one_thread_more(cfg)
     with open(path) as f:
         assert [r["torch_threads"] for r in json.load(f)["resumed_with"]] == [threads + 1]
     assert f"resumes with torch_threads {threads + 1} (was {threads}): " in capsys.readouterr().err
