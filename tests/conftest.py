@@ -27,6 +27,15 @@ def _seeded():
     random.seed(0)
 
 
+def assert_step_refused(optimizer, params, match: str) -> None:
+    """optimizer.step() raises a ValueError matching `match` and leaves `params` as they were."""
+    params = list(params)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=match):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def run_dir(out):
     """The one run directory under an --out folder (its name ends in the settings' hash)."""
     dirs = [d for d in out.iterdir() if d.is_dir()]
