@@ -428,6 +428,34 @@ def test_batch_one_and_small_maps():
         fused(torch.randn(1, 6, 1, 1))
 
 
+def test_a_lone_fused_layers_train_eval_and_to_reach_its_batchnorm():
+    """A SparseConvBNReLU built directly holds its BN by reference, not as a submodule: layer.eval() left the
+    BN training (batch statistics, running stats updated: a wrong answer), layer.double() left it float32.
+    Now both reach it, as the same Sequential's would; in a fused model the BN keeps its own mode (frozen)."""
+    ref, fused, _ = _fused_pair("bn_relu", 0.5, dtype=torch.float32)
+    bn = FusedBatchNorm2d(7)
+    bn.load_state_dict(ref.bn.state_dict())
+    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True).double()
+    ref.double()
+    assert all(t.dtype == torch.float64 for t in (bn.weight, bn.running_mean, bn.running_var))
+    x = torch.randn(3, 5, 6, 6, dtype=torch.float64)
+    for training in (False, True, False):
+        ref.train(training), layer.train(training)
+        assert bn.training is training
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(bn(layer(x)), ref(x), **TOL[torch.float64])
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(bn, name), getattr(ref.bn, name), **TOL[torch.float64])
+    ref, _ = _block("bn_relu")
+    ref.bn.eval()  # a frozen BN in a training model: fuse_ and the fused conv's train() leave it frozen
+    fused = copy.deepcopy(ref)
+    sparsetrain.sparsify_(fused, {"conv": torch.ones_like(ref.conv.weight, dtype=torch.bool)}, fuse=True)
+    fused.conv.train()
+    assert isinstance(fused.conv, SparseConvBNReLU) and fused.conv.training and not fused.bn.training
+    torch.testing.assert_close(fused(x), ref(x), **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_inputs_float64(training):
     """gradcheck w.r.t. the input and the residual (conv -> BN -> + residual -> ReLU)."""

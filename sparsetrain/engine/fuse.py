@@ -173,9 +173,10 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         parent_name, _, child = node.target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer.route_input = getattr(parent, "fused_route_input", None) == child
-        _set_module(model, node.target, layer)
+        # (placeholders first: _set_module's train() then leaves the BN's mode, a lone layer's passes it on)
         object.__setattr__(layer, "_placeholders", tuple(model.get_submodule(n.target)
                                                           for n in (relu_before, bn, relu_after) if n is not None))
+        _set_module(model, node.target, layer)
         last[node.target] = relu_after or bn
         fused.append(node.target)
     if fused:

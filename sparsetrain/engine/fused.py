@@ -264,6 +264,21 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             relu._pending = (handed,)
         return handed
 
+    def train(self, mode: bool = True) -> "SparseConvBNReLU":
+        """nn.Module.train; a layer built directly (not by fuse_) passes it on to its `bn`, held by
+        reference (its eval() left the BN in training mode: batch statistics, running stats updated).
+        In a fused model the BN keeps its own mode, as unfused (a frozen BN stays frozen)."""
+        super().train(mode)
+        if not self._placeholders:
+            self.bn.train(mode)
+        return self
+
+    def _apply(self, fn, recurse=True):  # (.to(), .double(), .cuda(): as train(), a lone layer's bn too)
+        super()._apply(fn, recurse)
+        if recurse and not self._placeholders:
+            self.bn._apply(fn, recurse)
+        return self
+
     def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
         return tuple((x.shape[2 + i] + 2 * self.padding[i] - self.kernel_size[i]) // self.stride[i] + 1
                      for i in range(2))
