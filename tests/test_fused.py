@@ -526,6 +526,35 @@ def test_batchnorm_argument_checks_as_pytorch():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_batchnorm_tensor_of_the_wrong_size_dtype_or_device_is_named(training, grad):
+    """bn_scale_shift's C++ checks named neither the BN nor its attribute ("running_var must be a 1-D floating CPU
+    tensor of 7 channels", "weight ..." for a bad bias), the folded eval raised torch's "The size of tensor a (8)
+    must match ...": now a ValueError/TypeError naming bn.<tensor> before anything runs (running stats kept)."""
+    f64 = torch.float64
+    cases = [("weight", nn.Parameter(torch.ones(8, dtype=f64)), ValueError),
+             ("bias", nn.Parameter(torch.zeros(7, 1, dtype=f64)), ValueError),
+             ("bias", nn.Parameter(torch.zeros(7, dtype=f64, device="meta")), ValueError),
+             ("running_var", torch.ones(8, dtype=f64), ValueError),
+             ("running_mean", torch.zeros(7, dtype=torch.int64), TypeError)]
+    if training:  # (read only to be updated: an eval BN takes mixed dtypes, as the C++ op does)
+        cases += [("running_var", torch.ones(7), TypeError), ("running_var", torch.ones(14, dtype=f64)[::2], ValueError),
+                  ("num_batches_tracked", torch.tensor(0.0), TypeError)]
+    x = torch.randn(2, 5, 4, 4, dtype=f64)
+    for name, bad, error in cases:
+        ref, fused, _ = _fused_pair("bn_relu", 0.5)
+        fused.train(training)
+        setattr(fused.bn, name, bad)
+        kept = {k: v.clone() for k, v in fused.bn.state_dict().items() if k.split(".")[-1] != name}
+        with torch.set_grad_enabled(grad), pytest.raises(error, match=rf"^bn\.(running_mean and bn\.)?{name} \(FusedBatchNorm2d\) must"):
+            fused(x)
+        for k, v in fused.bn.state_dict().items():  # (as the unfused BN's: nothing ran)
+            if k in kept:
+                torch.testing.assert_close(v, kept[k])
+                torch.testing.assert_close(v, ref.bn.state_dict()[k])
+
+
 def test_batch_statistics_of_an_activation_far_from_zero():
     """float32 activations whose mean is ~3000x their spread (a conv bias of 1000): the kernels' float
     partial sums are of deviations from a sample output, so the variance survives (sums of raw y^2

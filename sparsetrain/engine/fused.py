@@ -164,7 +164,7 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
     (and its ReLU) in the one pass; a shortcut adds one pass (bn_act with scale 1, shift 0). Equal to
     the unfused layers up to rounding (the scale multiplies each weight instead of the sum)."""
     crow, col, ccol, row_t, perm = index
-    _check_bn(bn, False)
+    _check_bn(bn, False, device=x.device)
     invstd = torch.rsqrt(bn.running_var.double() + bn.eps)
     scale = invstd * (bn.weight.double() if bn.weight is not None else 1.0)
     shift = (bn.bias.double() if bn.bias is not None else 0.0) - bn.running_mean.double() * scale

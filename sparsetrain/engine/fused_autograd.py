@@ -108,8 +108,8 @@ def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
     bn's running statistics updated in training mode as nn.BatchNorm2d does (bn_scale_shift)."""
     batch_stats = bn.training or bn.running_mean is None
     n = y.numel() // y.shape[1]
-    _check_bn(bn, batch_stats, n, y.shape)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    _check_bn(bn, batch_stats, n, y.shape, y.device, update)
     running = (bn.running_mean, bn.running_var, bn.num_batches_tracked) if update or not batch_stats else (None,) * 3
     return batch_stats, ops._call("bn_scale_shift", stats, n, bn.weight, bn.bias, *running, bn.momentum, bn.eps,
                                   batch_stats, y.dtype)

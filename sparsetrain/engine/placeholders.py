@@ -100,15 +100,42 @@ def _same_data(x: torch.Tensor, handed: torch.Tensor) -> bool:
                            and x.stride() == handed.stride() and x.dtype == handed.dtype)
 
 
-def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape=()) -> None:
+def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape=(), device=None,
+              update: bool = False) -> None:
     """F.batch_norm's argument checks (batch statistics from n values per channel; the fused
-    statistics also need a non-empty batch)."""
+    statistics also need a non-empty batch), and bn_scale_shift's on the BN's tensors, naming them
+    (`bn.running_var`: the C++ op's message named neither the BN nor its attribute): each 1-D floating,
+    of num_features channels, on `device` (y's); the running ones when read (eval, or `update`)."""
     if bn.eps <= 0 if batch_stats else bn.eps < 0:
         raise ValueError(f"batch_norm eps must be {'positive during training' if batch_stats else 'non-negative'}, "
                          f"but got {bn.eps}")
     if batch_stats and n is not None and n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
                          if n else f"the fused BatchNorm needs a non-empty batch in training, got input size {tuple(shape)}")
+    running = ("running_mean", "running_var") if update or not batch_stats else ()
+    if running and (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"bn.running_mean and bn.running_var ({type(bn).__name__}) must both be tensors or both None")
+    for name in ("weight", "bias") + running:
+        t = getattr(bn, name)
+        if t is not None and (not t.is_floating_point() or t.dim() != 1 or t.shape[0] != bn.num_features
+                              or device is not None and t.device != torch.device(device)):
+            raise (TypeError if not t.is_floating_point() else ValueError)(
+                f"bn.{name} ({type(bn).__name__}) must be a 1-D floating tensor of {bn.num_features} channels (its "
+                f"num_features){f' on {device}, as the input' if device is not None else ''}, got {list(t.shape)} "
+                f"{t.dtype} on {t.device}")
+    if not update:
+        return
+    rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    if (bad := TypeError if rm.dtype != rv.dtype or rm.dtype not in (torch.float32, torch.float64) else
+            ValueError if not (rm.is_contiguous() and rv.is_contiguous()) else None):
+        raise bad(f"bn.running_mean and bn.running_var ({type(bn).__name__}) must be contiguous and both float32 or "
+                  f"both float64 to be updated, got {rm.dtype} and {rv.dtype}")
+    if nbt is None and bn.momentum is None:
+        raise ValueError(f"bn.num_batches_tracked ({type(bn).__name__}) is needed when bn.momentum is None")
+    if nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1 or nbt.device != rm.device):
+        raise (TypeError if nbt.dtype != torch.int64 else ValueError)(
+            f"bn.num_batches_tracked ({type(bn).__name__}) must be a one-element int64 tensor on {rm.device}, got "
+            f"{list(nbt.shape)} {nbt.dtype} on {nbt.device}")
 
 
 def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
