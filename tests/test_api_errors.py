@@ -514,12 +514,20 @@ def test_block_sizes_may_be_numpy_ints():
     torch.testing.assert_close(layer(x), nn.functional.linear(x, lin.weight * m, lin.bias))
     with pytest.raises(ValueError, match="block must be one of"):
         block_mask(w, np.int64(8), 0.5)
-    # a wrong type is a TypeError naming the argument (project style; a ValueError before 2026-12-06)
+    # a wrong type is a TypeError naming the argument (project style; a ValueError before 2026-12-06), as the
+    # caller spells it: BSR's and BSRLinear's is block_size (since 2026-12-06; they said "block")
+    b = BSR.from_dense(w, 16, m)
     for bad in (16.0, True, "32", None):
-        for call in (lambda: block_mask(w, bad, 0.5), lambda: BSR.from_dense(w, bad, m),
-                     lambda: make_rule("block", block=bad)):
-            with pytest.raises(TypeError, match=r"block must be an int, one of \(16, 32, 64\), got "):
+        for arg, call in (("block", lambda: block_mask(w, bad, 0.5)), ("block_size", lambda: BSR.from_dense(w, bad, m)),
+                          ("block", lambda: make_rule("block", block=bad)),
+                          ("block_size", lambda: BSRLinear.from_dense(lin, bad, m)),
+                          ("block_size", lambda: BSR(b.crow_indices, b.col_indices, b.values, b.shape, bad))):
+            with pytest.raises(TypeError, match=rf"^{arg} must be an int, one of \(16, 32, 64\), got "):
                 call()
+    for call in (lambda: BSR.from_dense(w, 8), lambda: BSRLinear.from_dense(lin, np.int64(48), m),
+                 lambda: BSR(b.crow_indices, b.col_indices, b.values, b.shape, 128)):
+        with pytest.raises(ValueError, match=r"^block_size must be one of \(16, 32, 64\), got "):
+            call()
 
 
 def test_fuse_switches_must_be_bools():

@@ -1267,7 +1267,7 @@ def test_bsr_errors():
     w = torch.randn(32, 32)
     with pytest.raises(ValueError, match="block-structured"):
         BSR.from_dense(w, 16, torch.rand(32, 32) > 0.5)
-    with pytest.raises(ValueError, match="block must be one of"):
+    with pytest.raises(ValueError, match="block_size must be one of"):
         BSR.from_dense(w, 8)
     with pytest.raises(ValueError, match="sparsity"):
         block_mask(w, 16, 1.5)

@@ -34,13 +34,14 @@ __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_m
 BLOCK_SIZES = (16, 32, 64)
 
 
-def check_block(block) -> int:
+def check_block(block, name: str = "block") -> int:
     """`block` as a Python int if it is one of BLOCK_SIZES (numpy ints too: np.int64(16) was refused as
-    not one of them); TypeError for a non-int (a str, a float, a bool), ValueError for another int."""
+    not one of them); TypeError for a non-int (a str, a float, a bool), ValueError for another int.
+    `name`: the argument's name in the caller's signature (BSR's is block_size)."""
     if isinstance(block, bool) or not isinstance(block, numbers.Integral):  # (ValueError before 2026-12-06)
-        raise TypeError(f"block must be an int, one of {BLOCK_SIZES}, got {block!r} ({type(block).__name__})")
+        raise TypeError(f"{name} must be an int, one of {BLOCK_SIZES}, got {block!r} ({type(block).__name__})")
     if block not in BLOCK_SIZES:
-        raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
+        raise ValueError(f"{name} must be one of {BLOCK_SIZES}, got {block!r}")
     return int(block)
 
 
@@ -70,7 +71,7 @@ class BSR(WeightLike, nn.Module):
 
     def __init__(self, crow_indices, col_indices, values, shape, block_size: int):
         super().__init__()
-        self.block_size = check_block(block_size)
+        self.block_size = check_block(block_size, "block_size")
         self.shape, crow, col = _pattern(crow_indices, col_indices, values, shape, self.block_size)
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
@@ -104,7 +105,7 @@ class BSR(WeightLike, nn.Module):
     def from_dense(cls, weight: torch.Tensor, block_size: int, mask: torch.Tensor | None = None) -> "BSR":
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
-        bs = check_block(block_size)
+        bs = check_block(block_size, "block_size")
         w = as_matrix(weight.detach())
         m = as_matrix(_check_mask(weight, mask))  # (CSR's checks: a float mask is a TypeError, as a list is)
         mb = blocks_view(m.to(torch.int32), bs).sum((2, 3))  # True entries per block
