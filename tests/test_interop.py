@@ -33,6 +33,28 @@ def _reparametrize_bias(layer, how):
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+def test_parametrized_of_is_the_written_out_test_it_replaces():
+    """convert.py and nn.py each wrote out `type(m).__bases__[0] in SPARSE_TYPES` (parametrize's subclass of an
+    exact Linear/Conv2d); engine.torch_prune.parametrized_of is that test, with a parametrized tensor's name."""
+    from sparsetrain.engine.nn import SPARSE_TYPES
+    from sparsetrain.engine.torch_prune import parametrized_of
+
+    class MyLinear(nn.Linear):
+        pass
+
+    mods = [nn.Linear(3, 2), nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), MyLinear(3, 2), sparsetrain.SparseLinear(
+        sparsetrain.CSR.from_dense(torch.randn(2, 3)), None)]
+    for i, tensor in enumerate(("weight", "bias", "weight", "weight")):
+        mods.append(copy.deepcopy(mods[i]))
+        parametrize.register_parametrization(mods[-1], tensor, _Double())
+    for m in mods:
+        for tensor in (None, "weight", "bias"):
+            expected = parametrize.is_parametrized(m, tensor) and type(m).__bases__[0] in SPARSE_TYPES
+            assert parametrized_of(m, SPARSE_TYPES, tensor) is expected
+    assert [parametrized_of(m, SPARSE_TYPES) for m in mods] == [False] * 5 + [True, True, False, False]
+    assert [parametrized_of(m, SPARSE_TYPES, "weight") for m in mods[5:]] == [True, False, False, False]
+
+
 @pytest.mark.parametrize("how", ["parametrize", "prune", "weight_norm", "spectral_norm"])
 @pytest.mark.parametrize("kind", ["linear", "bsr"])
 def test_a_sparse_layer_whose_bias_is_reparametrized_is_not_densified_silently(how, kind):

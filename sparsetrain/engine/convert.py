@@ -13,7 +13,7 @@ from .fuse import fuse_, trace, unfuse_
 from .formats import own_mode
 from .index import check_index
 from .optim_state import retire_replaced
-from .torch_prune import check_own_bias, pruned_by_torch
+from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
@@ -39,7 +39,7 @@ def unconvertible(model: nn.Module) -> set[str]:
     modules = dict(model.named_modules(remove_duplicate=False))
     owners, blocks, out = _owners(modules), _transformer_blocks(modules), set()
     for n, m in modules.items():
-        if parametrize.is_parametrized(m) and type(m).__bases__[0] in SPARSE_TYPES:
+        if parametrized_of(m, SPARSE_TYPES):
             out.add(n)  # (a Parametrized<Linear/Conv2d>: sparsify_ refuses it, naming the parametrization)
         if type(m) not in SPARSE_TYPES:
             continue

@@ -14,13 +14,12 @@ import numbers
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from . import ops
 from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
 from .formats import CSR, _check_mask, _fill_dense
 from .index import check_index
-from .torch_prune import check_own_bias, current_param, pruned_by_torch
+from .torch_prune import check_own_bias, current_param, parametrized_of, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
            "check_model", "check_masks", "check_untied", "masks_of", "valued_masks", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
@@ -257,7 +256,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     bias alone a parametrization computes (a Parametrized<Linear/Conv2d>: its weight is its own) too."""
     check_model(model)
     return [(n, m) for n, m in model.named_modules() if type(m) in SPARSE_TYPES or is_sparse(m) or (
-        parametrize.is_parametrized(m) and type(m).__bases__[0] in SPARSE_TYPES and "weight" in m._parameters)]
+        parametrized_of(m, SPARSE_TYPES) and "weight" in m._parameters)]
 
 
 def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> dict:
@@ -273,8 +272,8 @@ def check_masks(model: nn.Module, masks: dict | None, what: str = "masks") -> di
         raise TypeError(f"layer {hooked[0]!r} is pruned with torch.nn.utils.prune: sparsify_ the model first (it "
                         "takes prune's mask), or call torch.nn.utils.prune.remove on it")
     reparam = [n for n, m in layers.items() if not is_sparse(m) and "weight" not in m._parameters]
-    reparam += [n for n, m in model.named_modules() if type(m).__bases__[0] in SPARSE_TYPES  # (its class is
-                and parametrize.is_parametrized(m, "weight")]  # Parametrized<Linear>: skipped silently before)
+    reparam += [n for n, m in model.named_modules()  # (a Parametrized<Linear>: skipped silently before)
+                if parametrized_of(m, SPARSE_TYPES, "weight")]
     if reparam:  # (weight_norm / spectral_norm: a pre-forward hook recomputes .weight, pruned weights regrow)
         raise TypeError(f"layer {reparam[0]!r}'s weight is computed by a reparametrization (weight_norm, "
                         "spectral_norm, torch.nn.utils.parametrize), not a Parameter of its own: remove it first "

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["pruned_by_torch", "current_param", "check_own_bias"]
+__all__ = ["pruned_by_torch", "current_param", "check_own_bias", "parametrized_of"]
 
 
 def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
     """Whether torch.nn.utils.prune reparametrized `mod.<name>` (a `<name>_orig` Parameter and a
     `<name>_mask` buffer, `mod.<name>` their product as of the last forward)."""
     return f"{name}_orig" in mod._parameters and f"{name}_mask" in mod._buffers
+
+
+def parametrized_of(mod: nn.Module, types, tensor: str | None = None) -> bool:
+    """Whether `mod` is torch.nn.utils.parametrize's Parametrized<T> of one of `types` (a class made at the
+    first parametrization, subclassing T: an exact-type match skips it), with `tensor` parametrized if given."""
+    from torch.nn.utils import parametrize
+    return parametrize.is_parametrized(mod, tensor) and type(mod).__bases__[0] in types
 
 
 def current_param(mod: nn.Module, name: str):
