@@ -70,7 +70,7 @@ def watch_state() -> None:
 
 def watch_resized(values: torch.Tensor, old: torch.Size, why: str = LOADED) -> None:
     watch_state()
-    ddp_guard.watch()  # (a DDP built before: its next forward refused)
+    ddp_guard.watch(values)  # (a DDP built before: its next forward refused)
     with _lock:  # (a new dict, not updated in place: a step's check reads it outside the lock)
         former = {k: v for k, v in _resized.get(values, {}).items() if k != old}
         former[old] = why
@@ -108,7 +108,7 @@ def retire(param: torch.Tensor, what: str, by: str, new: torch.Tensor | None = N
     replaced the layer; `new`: the Parameter now in its place, if any): an optimizer's step over it is
     refused by name."""
     watch_state()
-    ddp_guard.watch()
+    ddp_guard.watch(param, replaced=True)
     # (its gradient dropped: zero_grad(set_to_none=False) kept the last one, zeroed, so the check below never
     # saw None and the old optimizer's steps trained nothing, silently; a model still running it makes another.
     # Kept, it could not be told from another model's gradient not stepped yet, which is lost: its step is
