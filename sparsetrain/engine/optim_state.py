@@ -52,6 +52,10 @@ _AFTER_LOAD = ("restore the optimizer's state saved with that model (optimizer.l
 # stepped them without effect (no gradient reaches them) and the model silently never trained. Such a
 # Parameter without a gradient is refused at the step (one with a gradient may be another model's still).
 _retired = torch.utils.weak.WeakIdKeyDictionary()  # Parameter -> ("weight of layer 'fc'", "sparsify_")
+# The Parameter in place of one whose gradient the swap dropped (a backward before it, no step yet), until a
+# gradient reaches it: an optimizer built after the swap stepped the other parameters with theirs, that layer
+# without its own, silently.
+_regrad = torch.utils.weak.WeakIdKeyDictionary()  # new Parameter -> ("weight of layer 'fc'", "sparsify_")
 # Why a values Parameter has another shape than state held for it, and the remedy (watch_resized):
 LOADED = f"load_state_dict gave the layer a pattern of another nnz; {_AFTER_LOAD}"
 PRUNED = ("pruning removed some of its weights (CSR.shrink_) while this optimizer held state it had not stepped "
@@ -117,6 +121,8 @@ def retire(param: torch.Tensor, what: str, by: str, new: torch.Tensor | None = N
     param.grad = None
     with _lock:
         _retired[param] = (what, by, None if new is None else weakref.ref(new), dropped)
+        if dropped and new is not None and param.requires_grad:
+            _regrad[new] = (what, by)
 
 
 def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
@@ -148,10 +154,23 @@ def _check_state_shapes(optimizer, args, kwargs):
         watched = list(_resized.items())
         stale = [(p, t) for p, t in _stale.items() if len(t)]
         retired = len(_retired) > 0
-    params = [p for group in optimizer.param_groups for p in group["params"]] if retired else []
+        regrad = len(_regrad) > 0
+    params = [p for group in optimizer.param_groups for p in group["params"]] if retired or regrad else []
     held = {id(p) for p in params}
     # (a step changes only parameters with a gradient: none at all, as with no backward yet, is PyTorch's no-op)
     grads = any(p.grad is not None for p in params)
+    for g, group in enumerate(optimizer.param_groups if regrad else ()):
+        for i, p in enumerate(group["params"]):
+            entry = _regrad.get(p)
+            if entry is not None and p.grad is not None:
+                with _lock:  # (a backward since the swap)
+                    _regrad.pop(p, None)
+            elif entry is not None and grads and p.requires_grad:
+                raise ValueError(
+                    f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {entry[0]} as {entry[1]} "
+                    f"made it, without a gradient while other parameters have one: {entry[1]} dropped the gradient "
+                    f"the replaced tensor held (a backward before {entry[1]}, not stepped), so this step would train "
+                    f"the rest without that layer; step before {entry[1]}, or run the backward again after it")
     for g, group in enumerate(optimizer.param_groups if retired else ()):
         for i, p in enumerate(group["params"]):
             entry = _retired.get(p)
