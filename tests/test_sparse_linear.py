@@ -1639,6 +1639,46 @@ def test_sparsify_takes_the_masks_global_prune_returns_after_a_first_sparsify():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_sparsify_refuses_a_float_mask_under_any_name(scale):
+    """A layer's first name refused a float mask (from_dense's dtype check); its second name (a layer
+    registered twice) and a layer sparse already compared the mask as .bool() only, so 0.5 or 2 passed:
+    now a TypeError naming masks[name], before anything converts; the bool masks convert as before."""
+    from sparsetrain.prune import global_prune
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    model, mask = Twice(), random_mask((6, 6), 0.5)
+    ref = copy.deepcopy(model)
+    for masks in ({"a": mask, "b": mask.float() * scale}, {"b": mask, "a": mask.float() * scale}):
+        name = next(n for n, m in masks.items() if m.dtype != torch.bool)
+        with pytest.raises(TypeError, match=rf"masks\['{name}'\] must be a bool tensor, got dtype torch.float32"):
+            sparsetrain.sparsify_(model, masks)
+        assert type(model.a) is nn.Linear and model.b is model.a  # (nothing converted)
+    sparsetrain.sparsify_(model, {"a": mask, "b": mask.clone()})
+    with torch.no_grad():
+        ref.a.weight.mul_(mask)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x), ref(x))
+    seq = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    masks = global_prune(seq, {}, 0.5)
+    sparsetrain.sparsify_(seq, {"0": masks["0"]})
+    with pytest.raises(TypeError, match=r"masks\['0'\] must be a bool tensor, got dtype torch.float32"):
+        sparsetrain.sparsify_(seq, {**masks, "0": masks["0"].float() * scale})
+    assert type(seq[2]) is nn.Linear  # (nothing converted)
+    dense = copy.deepcopy(seq[2])
+    sparsetrain.sparsify_(seq, masks)
+    torch.testing.assert_close(seq[2].to_dense().weight, dense.weight * masks["2"])
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_forward_mode_ad_is_refused_also_frozen_and_compiled(kind):
     """No forward-mode formula: torch.autograd.forward_ad on a frozen layer (no input requiring grad, so

@@ -105,6 +105,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise (ValueError if isinstance(mask, torch.Tensor) else TypeError)(  # (a numpy array, a list: its type)
                 f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
+        _check_dtype(mask, name)  # (every name: a layer's second name's float mask was only compared as .bool())
     # build every replacement first: a layer that cannot convert (dilation, groups...), or a model
     # fuse_ cannot trace, raises before the model is touched, never leaving it half converted
     if fuse:
@@ -145,6 +146,7 @@ def _sparse_already(mod, name: str, mask) -> bool:
     first sparsify_): nothing to convert. With another mask: ValueError (its CSR is its mask)."""
     if mod is None or not is_sparse(mod):
         return False
+    _check_dtype(mask, name)  # (a float mask was compared as .bool(): 0.5 or 2 passed as its pattern)
     pattern = mod.weight.mask()
     same_shape = isinstance(mask, torch.Tensor) and mask.shape == pattern.shape
     if not (same_shape and torch.equal(mask.bool().cpu(), pattern.cpu())):
@@ -154,6 +156,13 @@ def _sparse_already(mod, name: str, mask) -> bool:
                          f"mask than its stored pattern (got {got}): sparsify_ converts dense layers; prune a "
                          "sparse one with global_prune (its CSR shrinks in place)")
     return True
+
+
+def _check_dtype(mask, name: str) -> None:
+    """A tensor mask must be bool, as from_dense requires of a layer's first name: TypeError naming masks[name]."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        raise TypeError(f"masks[{name!r}] must be a bool tensor, got dtype {mask.dtype} (for a 0/1-valued "
+                        "mask: mask != 0)")
 
 
 def densify_(model: nn.Module) -> nn.Module:
