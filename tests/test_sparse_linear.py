@@ -1583,6 +1583,42 @@ def test_state_of_a_pattern_whose_nnz_comes_back_after_another_load_is_refused()
     assert torch.equal(lay.weight.values, before)
 
 
+@pytest.mark.parametrize("make", ["sgd", "adam"])
+def test_state_of_a_former_pattern_stays_refused_after_a_prune(make):
+    """A load of another pattern of the same nnz, then a prune (global_prune shrinks the CSR, and the
+    state of the optimizers that stepped it alike) before the next step: the shrunk momentum was a new
+    tensor, so the old positions' momentum stepped the new ones silently; refused by name now, the
+    values untouched, and a fresh optimizer steps as on a layer that never had that state."""
+    from sparsetrain.prune import global_prune
+    torch.manual_seed(9)
+    m1 = random_mask((8, 8), 0.5)
+    m2 = m1.flatten()[torch.randperm(64)].reshape(8, 8)
+    model = nn.Sequential(SparseLinear.from_dense(nn.Linear(8, 8), m1))
+    other = nn.Sequential(SparseLinear.from_dense(nn.Linear(8, 8), m2))
+    opt = _optimizer(make, "plain", model.parameters())
+    x = torch.randn(3, 8)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model.load_state_dict(other.state_dict())
+    global_prune(model, {}, 0.5)
+    assert model[0].nnz < int(m2.sum())
+    ref = copy.deepcopy(model)
+    model(x).sum().backward()
+    before = model[0].weight.values.detach().clone()
+    state = "momentum_buffer" if make == "sgd" else "exp_avg"
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__} state '{state}' of a sparse weight's values belongs "
+                       "to its former pattern"):
+        opt.step()
+    assert torch.equal(model[0].weight.values, before)
+    fresh, ref_opt = _optimizer(make, "plain", model.parameters()), _optimizer(make, "plain", ref.parameters())
+    ref(x).sum().backward()
+    fresh.step()
+    ref_opt.step()
+    torch.testing.assert_close(model[0].weight.values, ref[0].weight.values)
+    assert not torch.equal(model[0].weight.values, before)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
 def test_a_sparse_weight_answers_what_code_for_a_dense_weight_reads(kind):
     """layer.weight.dtype / .device / .requires_grad are the values', and the freezing idiom

@@ -89,12 +89,15 @@ def shrink_state(values: torch.Tensor, keep: torch.Tensor, old: torch.Size) -> N
     have not stepped with it (loaded) is refused at their next step."""
     watch_resized(values, old, PRUNED)
     with _lock:
-        optimizers = list(_optimizers)
+        optimizers, stale = list(_optimizers), _stale.get(values)
     for opt in optimizers:
         state = opt.state.get(values)
         for key, t in list((state or {}).items()):
             if isinstance(t, torch.Tensor) and t.shape == old:
                 state[key] = t[keep.to(t.device)]
+                if stale is not None and t in stale:  # (state of a former pattern stays refused: before, its shrunk
+                    with _lock:  # copy was a new tensor, so a prune after the load let the old momentum step)
+                        stale[state[key]] = key
 
 
 def mark_stale(values: torch.Tensor) -> None:
