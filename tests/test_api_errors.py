@@ -121,6 +121,26 @@ def test_load_weights_under_masks_refuses_what_it_skipped():
         assert torch.equal(v, cut[k]), k
 
 
+def test_load_weights_under_masks_refuses_another_mask_for_a_sparse_layer():
+    """A sparse layer's mask is its stored pattern: another one (a regrown all-True mask) was ignored
+    silently, the source written under the pattern; refused by name before anything is written, as
+    global_prune and masks_of refuse it. The pattern's own mask loads under it (dense reference: source * mask)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    src = {k: v + 1 for k, v in m.state_dict().items()}
+    masks = global_prune(m, {}, 0.5)
+    sparsetrain.sparsify_(m, {"0": masks["0"]})
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    regrown = {**masks, "0": torch.ones_like(masks["0"])}
+    with pytest.raises(ValueError, match=r"masks\['0'\] differs from the pattern sparse layer '0' stores"):
+        load_weights_under_masks_(m, src, regrown)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k  # (nothing written)
+    load_weights_under_masks_(m, src, masks)
+    torch.testing.assert_close(m[0].to_dense().weight, src["0.weight"] * masks["0"])
+    torch.testing.assert_close(m[2].weight, src["2.weight"] * masks["2"])
+
+
 def test_numbers_and_ranges():
     m = _mlp()
     kept = global_prune(m, {}, np.float32(0.5))  # numpy floats are numbers

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..engine.nn import check_masks, is_sparse, prunable_layers
+from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers
 
 __all__ = ["PERTURBATIONS", "load_weights_under_masks_"]
 
@@ -26,12 +26,16 @@ def load_weights_under_masks_(model: nn.Module, source_state: Mapping, masks: di
     """Take each prunable layer's dense weights from `source_state` (a state_dict of a model of
     the same shapes: a filter-pruned model's is cut to its channels by fit_state first) under the
     current pattern; other tensors (biases, BatchNorm) too. A missing, unexpected or differently
-    shaped entry is refused before anything is written (one was skipped silently)."""
+    shaped entry is refused before anything is written (one was skipped silently), and so is a mask for a sparse
+    layer other than the pattern it stores (its pattern was used, the mask ignored)."""
     if not isinstance(source_state, Mapping):
         raise TypeError(f"source_state must be a state_dict (a Mapping of name -> tensor), got "
                         f"{type(source_state).__name__}")
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
+    for name, m in layers:  # (as global_prune: another mask for a sparse layer, a regrown one, was ignored silently)
+        if is_sparse(m):
+            check_pattern(name, m.weight.mask(), masks)
     own = model.state_dict()
     weights = {f"{name}.weight": m for name, m in layers}
     # a sparse layer's state holds its CSR (weight.values, ...): the source's dense weight replaces them
