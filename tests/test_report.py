@@ -873,3 +873,29 @@ def test_the_plots_legends_stay_inside_their_axes_beside_a_long_twin_note(tmp_pa
                    for t in ax.get_legend().get_texts())
         assert box.x0 - 1 <= legend.x0 and legend.x1 <= box.x1 + 1, (legend, box)
         assert not legend.overlaps(ax.yaxis.label.get_window_extent(renderer))
+
+
+def test_the_teacher_s_own_round_table_and_plot_mark_no_stop(tmp_path, monkeypatch):
+    """The teacher run never stops (Table 1's teacher row has no early-stop rows), but its per-round table
+    marked both rules' replayed stops and cum_pflops.png drew them on its curve; where the teacher run is
+    the vanilla student's curve, the marks stay."""
+    from matplotlib.figure import Figure
+    curve = dict(val=[0.8, 0.9, 0.5, 0.5], ent=[1, 0.5, 0.5, 0.5])  # both rules stop at round 2
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    for student, stops in (("vgg", 0), ("lenet300", 2)):  # a separate teacher; the teacher = the vanilla run
+        run = str(tmp_path / student)
+        write_config(run, student=student, seeds=[0])
+        write_rows(run, make_rows(curve["val"], ent=curve["ent"]))
+        if student == "vgg":
+            write_rows(run, make_rows(curve["val"], ent=curve["ent"], phase="vanilla"))
+        md = R.summary_table(R.load_run(run))
+        teacher = md.split("### Per round: teacher")[1].split("###")[0]
+        assert teacher.count("stop 1/1") == stops
+        assert ("| 2 |" in teacher) and ("best 1/1" in teacher)  # (the best-validation mark stays)
+        if student == "vgg":  # the vanilla curve, the same rows, keeps its marks
+            assert md.split("### Per round: vanilla")[1].count("stop 1/1") == 2
+        figures.clear()
+        R.write_report(run)
+        marks = [l for l in figures[1].axes[0].get_lines() if l.get_marker() in ("x", "+")]
+        assert len(marks) == 2  # the vanilla curve's (its own, or the teacher run's where it is the vanilla)

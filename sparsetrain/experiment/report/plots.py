@@ -145,7 +145,7 @@ def plot_run(run, out_dir) -> list[str]:
                     extra.setdefault(r["round"], []).append(v)
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
             hollow_curve(ax, rounds, tot, few, color[ph], f"{ph} incl. teacher", style=":")
-        for rows in curves[ph].values():
+        for rows in curves[ph].values() if ph != "teacher" or ph == van else ():  # (the teacher never stops)
             for rule, marker in (("entropy", "x"), ("entropy-peak", "+")):
                 s = algorithm2_stop(rows, t_e, t_a, rule, run["config"].get("stop_falls", 1))
                 if s is not None and s in rounds:

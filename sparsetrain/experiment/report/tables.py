@@ -227,7 +227,9 @@ def summary_table(run, rounds: bool = True) -> str:
             "a validation score. "
             "± = sample std over seeds.", ""]
     for ph in ordered_phases(run) if rounds else []:
-        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg), ""]
+        # (the teacher run never stops: its table marks no replayed stop unless it is the vanilla student's curve)
+        stops = ph != "teacher" or vanilla_phase(run) == ph
+        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg, stops), ""]
     return "\n".join(out)
 
 
@@ -259,14 +261,14 @@ def _num_cell(v: float, nd: int) -> str:
     return f"{v:.{nd}f}" if fin(v) else "n/a"
 
 
-def _round_table(seed_rows: dict, cfg: dict) -> str:
+def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
     rounds, by = per_round(seed_rows)
     labels = label_rounds([{"test_acc": mean(by[k], "test_acc")} for k in rounds])
     best, stops = {}, {}
     for rows in seed_rows.values():
         if (i := best_index(rows)) is not None:
             best[rows[i]["round"]] = best.get(rows[i]["round"], 0) + 1
-        for rule in ("entropy", "entropy-peak"):
+        for rule in ("entropy", "entropy-peak") if stops_too else ():
             s = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1))
             if s is not None:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
