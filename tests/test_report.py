@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -899,3 +900,20 @@ def test_the_teacher_s_own_round_table_and_plot_mark_no_stop(tmp_path, monkeypat
         R.write_report(run)
         marks = [l for l in figures[1].axes[0].get_lines() if l.get_marker() in ("x", "+")]
         assert len(marks) == 2  # the vanilla curve's (its own, or the teacher run's where it is the vanilla)
+
+
+def test_the_readme_quotes_the_teacher_s_per_round_headings_as_the_report_writes_them(tmp_path):
+    """README's Outputs names the teacher run's per-round heading in both cases (a separate teacher; the
+    teacher run as the vanilla curve): each quoted form, MODEL filled in, is a heading of such a summary."""
+    readme = read(os.path.join(os.path.dirname(__file__), "..", "README.md"))
+    quoted = re.findall(r"`(Per round: teacher \(MODEL\)[^`]*)`", readme)
+    assert len(quoted) == 2
+    for student, form in (("vgg", quoted[0]), ("lenet300", quoted[1])):
+        run = str(tmp_path / student)
+        write_config(run, student=student, seeds=[0])
+        write_rows(run, make_rows([0.5, 0.6, 0.55]))
+        if student == "vgg":
+            write_rows(run, make_rows([0.5, 0.6, 0.55], phase="vanilla"))
+        headings = [l[4:] for l in R.summary_table(R.load_run(run)).splitlines() if l.startswith("### Per round: ")]
+        assert headings[0] == form.replace("MODEL", "lenet300")
+        assert ("Per round: vanilla student (vgg)" in headings) == (student == "vgg")
