@@ -165,3 +165,15 @@ def test_a_section_named_in_the_text_is_a_link_to_it():
     for t in titles:
         for bare in (f"({t}:", f"**{t}** above", f"**{t}** below", f'"{t}"'):  # (a bullet's bold lead is no reference)
             assert bare not in text, f"README names the section {t!r} as {bare!r} without linking it"
+
+
+def test_the_recipes_table_says_which_role_the_quick_depth_width_epochs_set():
+    """The quick paper-depth-width row gives 8 epochs per round: the recipe sets the students' alone, and the
+    teacher trains on the quick schedule's epochs (the row read as if every run trained 8)."""
+    from sparsetrain.experiment.presets import schedule
+    from sparsetrain.sweep.recipes import recipe
+    row = next(l for l in README.splitlines() if l.startswith("| `paper-depth-width` |")).split(" | ")[3]
+    quick = recipe("paper-depth-width", "quick")
+    assert quick["student_epochs"] == [8] and not {"epochs", "teacher_epochs"} & set(quick)
+    teacher = schedule("quick", quick["dataset"][0], quick["model"][0])["epochs"]
+    assert "8 epochs per round for the students" in row and f"the quick schedule's {teacher})" in row
