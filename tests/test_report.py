@@ -917,3 +917,28 @@ def test_the_readme_quotes_the_teacher_s_per_round_headings_as_the_report_writes
         headings = [l[4:] for l in R.summary_table(R.load_run(run)).splitlines() if l.startswith("### Per round: ")]
         assert headings[0] == form.replace("MODEL", "lenet300")
         assert ("Per round: vanilla student (vgg)" in headings) == (student == "vgg")
+
+
+def test_a_seed_folder_the_study_did_not_write_is_refused_by_name(tmp_path):
+    """A seed folder copied by hand (seed5 holding seed 0's rows) counted as one more seed in the means
+    and the seed count (3/2), and seed01 was read as seed 1; both are refused by name, in the report and
+    the sweep's (that run left out, named); an empty or curve-less stray seed folder is no seed."""
+    import shutil
+    from sparsetrain.sweep import aggregate as A
+    write_config(tmp_path, seeds=[0, 1])
+    for s in (0, 1):
+        write_rows(tmp_path, make_rows([0.8, 0.82 + s / 100, 0.7], seed=s))
+    (tmp_path / "seed7" / "teacher").mkdir(parents=True)  # (no metrics: no seed)
+    (tmp_path / "seed8").mkdir()
+    run = R.load_run(tmp_path)
+    assert sorted(run["curves"]["teacher"]) == [0, 1]
+    assert table_row(R.summary_table(run), "vanilla, no early stop")[-1] == "2"
+    for name, match in (("seed5", "seed5/teacher/metrics.csv holds rows of seed 0, not of seed 5: a folder copied"),
+                        ("seed01", "seed01/teacher holds a curve, but seed01 is not a seed folder the study writes")):
+        shutil.copytree(tmp_path / "seed0", tmp_path / name)
+        with pytest.raises(R.CorruptFile, match=match):
+            R.write_report(str(tmp_path))
+        bad = []
+        assert A.load_groups([str(tmp_path)], bad) == [] and len(bad) == 1 and match.split(":")[0] in bad[0]
+        shutil.rmtree(tmp_path / name)
+    assert "Phases with metrics: teacher: seeds [0, 1]." in read(R.write_report(str(tmp_path)))

@@ -79,7 +79,8 @@ def load_run(run_dir) -> dict:
     "stop": "wall", "nothing to prune" or "early stop"; None before 2026-12-06 or unreadable)}}, "same_as": {phase: {seed: the phase of that seed whose
     directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
     distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)
-    CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS)."""
+    CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS), and for a curve in a seed
+    folder the study did not write (_check_seed)."""
     config: dict = {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -98,6 +99,7 @@ def load_run(run_dir) -> dict:
             p = os.path.join(sd, phase, "metrics.csv")
             rows = read_metrics(p, _CURVE_COLS) if os.path.isfile(p) else []
             if rows:
+                _check_seed(os.path.join(sd, phase), d, int(m.group(1)), rows)
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
                     running.setdefault(phase, []).append(int(m.group(1)))
@@ -113,6 +115,19 @@ def load_run(run_dir) -> dict:
                     if twin:
                         same_as.setdefault(phase, {})[int(m.group(1))] = twin[0]
     return {"config": config, "curves": curves, "running": running, "ended": ended, "same_as": same_as}
+
+
+def _check_seed(pdir: str, name: str, seed: int, rows: list) -> None:
+    """CorruptFile for a curve in a seed folder the study did not write: a name it never gives (seed01 was read
+    as seed 1, over or under seed1's curve) or rows of another seed (a folder copied by hand: one more seed in
+    the means and the seed count)."""
+    if name != f"seed{seed}":
+        raise CorruptFile(f"{pdir} holds a curve, but {name} is not a seed folder the study writes (seed{seed} "
+                          "is): rename it, or move it out of the run directory")
+    other = sorted({r["seed"] for r in rows if type(r.get("seed")) is int and r["seed"] != seed})
+    if other:
+        raise CorruptFile(f"{os.path.join(pdir, 'metrics.csv')} holds rows of seed {other[0]}, not of seed {seed}: a "
+                          "folder copied from another seed; move it out of the run directory")
 
 
 def _stop_of(path: str):
