@@ -942,3 +942,32 @@ def test_a_seed_folder_the_study_did_not_write_is_refused_by_name(tmp_path):
         assert A.load_groups([str(tmp_path)], bad) == [] and len(bad) == 1 and match.split(":")[0] in bad[0]
         shutil.rmtree(tmp_path / name)
     assert "Phases with metrics: teacher: seeds [0, 1]." in read(R.write_report(str(tmp_path)))
+
+
+def test_a_teacher_cost_with_an_unknown_round_is_n_a_in_the_table_and_the_plot(tmp_path, monkeypatch):
+    """Seed 0's round 1 lost its teacher_flops (a torn cell, NaN): its teacher cost is unknown (the paper's
+    Table 1 reports the whole cost), so the table's (+x) is seed 1's with `1 of 2 seeds`, where it was seed 1's
+    alone unsaid, and the plot's dotted curve takes the same mean (it summed seed 0's known rounds, nancumsum);
+    no seed with one: n/a, where `+nan` stood."""
+    from matplotlib.axes import Axes
+    write_config(tmp_path, seeds=[0, 1])
+    for s in (0, 1):
+        write_rows(tmp_path, make_rows([0.8, 0.82, 0.7], seed=s))
+        rows = make_rows([0.8, 0.82, 0.7], seed=s, phase="distill-dense", teacher_flops=0.5e15,
+                         teacher_cost=(2 + s) * 1e15)
+        rows[1]["teacher_flops"] = "" if s == 0 else rows[1]["teacher_flops"]
+        write_rows(tmp_path, rows)
+    run = R.load_run(tmp_path)
+    ref = [3 + 0.5 * k for k in range(1, 4)]  # seed 1: obtained 3, 0.5 per round of KD inference up to round k
+    row = table_row(R.summary_table(run), "distilled from the dense teacher, no early stop")
+    assert row[4].endswith(f"(+{ref[-1]:.2f}, 1 of 2 seeds)") and row[5].endswith("(+10.30)")
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    R.plot_run(run, str(tmp_path))
+    (x, y, _), = [a for a, kw in calls if "incl. teacher" in (kw.get("label") or "")]
+    cum = [np.mean([r["cum_flops"] for r in rs]) / 1e15 for rs in zip(*run["curves"]["distill-dense"].values())]
+    np.testing.assert_allclose(np.asarray(y) - cum, [(2.5 + 3.5) / 2] + ref[1:])
+    for r in run["curves"]["distill-dense"][1]:
+        r["teacher_flops"] = NAN
+    row = table_row(R.summary_table(run), "distilled from the dense teacher, no early stop")
+    assert row[4].endswith("(+n/a)") and row[5].endswith("(+10.30)")

@@ -138,9 +138,9 @@ def plot_run(run, out_dir) -> list[str]:
         few = fewer_seeds(by, rounds)
         hollow_curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
         if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
-            extra = {}
+            extra = {}  # (a NaN round: that seed's sum unknown from there on, left out of the mean, as in Table 1)
             for rows in curves[ph].values():
-                c = get(rows[0], "teacher_cost", 0.0) + np.nancumsum([get(r, "teacher_flops", 0.0) for r in rows])
+                c = get(rows[0], "teacher_cost", 0.0) + np.cumsum([get(r, "teacher_flops", 0.0) for r in rows])
                 for r, v in zip(rows, c):
                     extra.setdefault(r["round"], []).append(v)
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15

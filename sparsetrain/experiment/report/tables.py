@@ -95,6 +95,7 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False, ende
         if rule else None
     end = stop if stop is not None else rows[-1]["round"]
     upto = [r for r in rows if r["round"] <= end]
+    # (the teacher's cost: a round's NaN, a torn cell, makes the sum unknown, n/a, not a cost short of that round)
     b = best_index(upto)
     best = upto[b] if b is not None else {}  # (no round with a validation score: n/a, not the last round's)
     at = upto[-1]
@@ -146,7 +147,11 @@ def _part(cell: str, outs, key: str) -> str:
 
 
 def _flops_cell(vals, extra, distill: bool) -> str:
-    return ms(vals, None) + (f" (+{stats(extra)[0]:.{_nd(extra)}f})" if distill else "")
+    """mean ± std of `vals`, then (a distillation) the teacher's cost `extra` as (+mean over the seeds that have
+    it, `k of n seeds` where not all do; +n/a where none does: "+nan", or a silent mean of the others, before)."""
+    m, _, n = stats(extra)
+    more = "n/a" if not n else f"{m:.{_nd(extra)}f}" + (f", {n} of {len(extra)} seeds" if n < len(extra) else "")
+    return ms(vals, None) + (f" (+{more})" if distill else "")
 
 
 def same_note(run, ph) -> str:
