@@ -971,3 +971,22 @@ def test_a_teacher_cost_with_an_unknown_round_is_n_a_in_the_table_and_the_plot(t
         r["teacher_flops"] = NAN
     row = table_row(R.summary_table(run), "distilled from the dense teacher, no early stop")
     assert row[4].endswith("(+n/a)") and row[5].endswith("(+10.30)")
+
+
+def test_algorithm2_refuses_a_curve_without_the_dense_round(tmp_path):
+    """Algorithm 2's reference entropy eta_0 and first best_acc are the dense model's (round 0, its lines
+    3-4); a curve whose first row was a later round took that round's (here from round 1: the rule never
+    fired, where the whole curve stops at round 3); refused, and the report refuses a metrics.csv without
+    round 0 by name."""
+    rows = make_rows(val=[0.8, 0.85, 0.9, 0.6, 0.5], ent=[1.0, 0.7, 0.7, 0.7, 0.7])
+    assert R.algorithm2_stop(rows) == 3 and R.algorithm2_stop(rows[::-1]) == 3  # (any order)
+    for part in (rows[1:], rows[2:], [dict(rows[0], round=-1)] + rows):
+        for rule in ("entropy", "entropy-peak"):
+            with pytest.raises(ValueError, match=f"rows must start at round 0, the dense model .*got round "
+                                                 f"{part[0]['round']} first"):
+                R.algorithm2_stop(part, rule=rule)
+    write_config(tmp_path, seeds=[0])
+    write_rows(tmp_path, rows[1:])
+    path = tmp_path / "seed0" / "teacher" / "metrics.csv"
+    with pytest.raises(R.CorruptFile, match=f"{path} has no row of round 0, the dense model \\(its first is round 1\\)"):
+        R.write_report(str(tmp_path))

@@ -68,7 +68,7 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
     frozen there (the algorithm does not update it). Online (loop.py, after each round on the rows so
     far) "stop now" is a return value equal to the last round. NaNs: a NaN entropy keeps phase 1 (no
     evidence of a drop) and breaks a run of falls; a NaN accuracy neither updates best_acc nor stops;
-    a NaN dense entropy gives None.
+    a NaN dense entropy gives None; a curve without round 0 (the dense model) is a ValueError.
 
     The report shows both the model at the stop (the paper's line 17 returns it: by construction the
     one whose accuracy just fell) and the best-validation model among the rounds <= the stop; the
@@ -82,6 +82,9 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) <= 1:  # (numpy floats too)
             raise ValueError(f"{name} must be a fraction in (0, 1], got {t!r}")
     rows = sorted(_rows(rows), key=lambda r: r["round"])
+    if rows and rows[0]["round"] != 0:  # (eta_0 and the first best_acc were a later round's, silently)
+        raise ValueError(f"rows must start at round 0, the dense model (Algorithm 2's reference entropy eta_0 and "
+                         f"first best_acc, lines 3-4), got round {rows[0]['round']} first: pass the whole curve")
     if not rows or not fin(_value(rows[0], "entropy_mean")):
         return None
     eta0 = _value(rows[0], "entropy_mean")

@@ -79,8 +79,8 @@ def load_run(run_dir) -> dict:
     "stop": "wall", "nothing to prune" or "early stop"; None before 2026-12-06 or unreadable)}}, "same_as": {phase: {seed: the phase of that seed whose
     directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
     distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)
-    CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS), and for a curve in a seed
-    folder the study did not write (_check_seed)."""
+    CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS) or without round 0, and for
+    a curve in a seed folder the study did not write (_check_seed)."""
     config: dict = {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
@@ -100,6 +100,9 @@ def load_run(run_dir) -> dict:
             rows = read_metrics(p, _CURVE_COLS) if os.path.isfile(p) else []
             if rows:
                 _check_seed(os.path.join(sd, phase), d, int(m.group(1)), rows)
+                if rows[0]["round"] != 0:  # (Algorithm 2's reference entropy and the labels' a_0 are round 0's)
+                    raise CorruptFile(f"{p} has no row of round 0, the dense model (its first is round "
+                                      f"{rows[0]['round']}): restore it, or remove the phase folder to retrain it")
                 curves.setdefault(phase, {})[int(m.group(1))] = rows
                 if not os.path.isfile(os.path.join(sd, phase, "best.json")):
                     running.setdefault(phase, []).append(int(m.group(1)))
