@@ -413,6 +413,23 @@ def test_one_value_spelt_in_python_names_one_run(tmp_path):
     assert type(spelt.tau) is float and type(spelt.seeds[0]) is int and type(spelt.out) is str
 
 
+def test_a_numpy_float32_names_the_run_of_the_float_it_spells(tmp_path):
+    """np.float32(0.1) is 0.10000000149011612 as a float: it named another run than 0.1 (the same training
+    after a round trip through a float32 array: a resume missed it, and trained on that lr); it names, and
+    trains on, the value its shortest repr spells, as the CLI parses it (float64 and ints unchanged)."""
+    from sparsetrain.experiment.config import Config, config_from_args
+    from sparsetrain.experiment.study import run_dir_of
+    cli = config_from_args(["mnist", "--eps", "0.1", "--lr", "0.1", "--alpha", "0.7", "--tau", "3",
+                            "--out", str(tmp_path)])[0]
+    fields = {k: getattr(cli, k) for k in cli.__dataclass_fields__}
+    for cast in (np.float32, np.float16, np.float64, float):
+        spelt = Config(**{**fields, "eps": cast(0.1), "teacher_lr": cast(0.1), "student_lr": cast(0.1),
+                          "alpha": cast(0.7), "tau": cast(3)})
+        assert spelt == cli and run_dir_of(spelt) == run_dir_of(cli), cast
+        assert type(spelt.student_lr) is float and spelt.student_lr == 0.1 and spelt.tau == 3.0
+    assert Config(**{**fields, "alpha": np.float32(np.float32(1) / 3)}).alpha == float(str(np.float32(1) / 3))
+
+
 def test_resume_with_changed_settings_names_what_differs(tmp_path):
     """--resume (and --report-only) with a setting changed finds no run (the settings name it): the
     message names the settings the nearest run in --out differs in, not only its directory."""

@@ -44,6 +44,8 @@ def _as(t, v):
     if isinstance(v, bool):  # (True is no number here)
         return v
     if t is float and isinstance(v, numbers.Real):
+        if getattr(getattr(v, "dtype", None), "itemsize", 8) < 8:  # (numpy float32/16: float(np.float32(0.1)) is
+            return float(str(v)) + 0.0  # 0.10000000149011612, another run; its shortest repr is the 0.1 meant)
         return float(v) + 0.0  # (-0.0 as 0.0, as the CLI)
     if t is int and isinstance(v, numbers.Integral):
         return int(v)
