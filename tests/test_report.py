@@ -76,7 +76,7 @@ def test_read_metrics_types_and_load_run(tmp_path):
     rows[1]["test_acc"] = NAN
     write_rows(tmp_path, rows)
     write_rows(tmp_path, make_rows([0.5], seed=3, phase="distill-best"))
-    write_config(tmp_path)
+    write_config(tmp_path, seeds=[0, 3])
     got = R.read_metrics(tmp_path / "seed0" / "teacher" / "metrics.csv")
     assert [r["round"] for r in got] == [0, 1, 2]
     assert isinstance(got[0]["round"], int) and isinstance(got[0]["sparse_layers"], int)
@@ -920,9 +920,10 @@ def test_the_readme_quotes_the_teacher_s_per_round_headings_as_the_report_writes
 
 
 def test_a_seed_folder_the_study_did_not_write_is_refused_by_name(tmp_path):
-    """A seed folder copied by hand (seed5 holding seed 0's rows) counted as one more seed in the means
-    and the seed count (3/2), and seed01 was read as seed 1; both are refused by name, in the report and
-    the sweep's (that run left out, named); an empty or curve-less stray seed folder is no seed."""
+    """A seed folder copied by hand counted as one more seed in the means and the seed count (seed5: 3/2),
+    or as the seed it was copied over (seed1 holding seed 0's rows), and seed01 was read as seed 1; each is
+    refused by name, in the report and the sweep's (that run left out, named); an empty or curve-less stray
+    seed folder is no seed."""
     import shutil
     from sparsetrain.sweep import aggregate as A
     write_config(tmp_path, seeds=[0, 1])
@@ -933,14 +934,18 @@ def test_a_seed_folder_the_study_did_not_write_is_refused_by_name(tmp_path):
     run = R.load_run(tmp_path)
     assert sorted(run["curves"]["teacher"]) == [0, 1]
     assert table_row(R.summary_table(run), "vanilla, no early stop")[-1] == "2"
-    for name, match in (("seed5", "seed5/teacher/metrics.csv holds rows of seed 0, not of seed 5: a folder copied"),
+    shutil.move(tmp_path / "seed1", tmp_path / "kept")
+    for name, match in (("seed5", r"seed5/teacher holds a curve of seed 5, which the run was not started for \(its "
+                                  r"seeds: \[0, 1\], config.json\)"),
+                        ("seed1", "seed1/teacher/metrics.csv holds rows of seed 0, not of seed 1: a folder copied"),
                         ("seed01", "seed01/teacher holds a curve, but seed01 is not a seed folder the study writes")):
         shutil.copytree(tmp_path / "seed0", tmp_path / name)
         with pytest.raises(R.CorruptFile, match=match):
             R.write_report(str(tmp_path))
         bad = []
-        assert A.load_groups([str(tmp_path)], bad) == [] and len(bad) == 1 and match.split(":")[0] in bad[0]
+        assert A.load_groups([str(tmp_path)], bad) == [] and len(bad) == 1 and "holds" in bad[0] and name in bad[0]
         shutil.rmtree(tmp_path / name)
+    shutil.move(tmp_path / "kept", tmp_path / "seed1")
     assert "Phases with metrics: teacher: seeds [0, 1]." in read(R.write_report(str(tmp_path)))
 
 

@@ -99,7 +99,7 @@ def load_run(run_dir) -> dict:
             p = os.path.join(sd, phase, "metrics.csv")
             rows = read_metrics(p, _CURVE_COLS) if os.path.isfile(p) else []
             if rows:
-                _check_seed(os.path.join(sd, phase), d, int(m.group(1)), rows)
+                _check_seed(os.path.join(sd, phase), d, int(m.group(1)), rows, config)
                 if rows[0]["round"] != 0:  # (Algorithm 2's reference entropy and the labels' a_0 are round 0's)
                     raise CorruptFile(f"{p} has no row of round 0, the dense model (its first is round "
                                       f"{rows[0]['round']}): restore it, or remove the phase folder to retrain it")
@@ -120,13 +120,17 @@ def load_run(run_dir) -> dict:
     return {"config": config, "curves": curves, "running": running, "ended": ended, "same_as": same_as}
 
 
-def _check_seed(pdir: str, name: str, seed: int, rows: list) -> None:
+def _check_seed(pdir: str, name: str, seed: int, rows: list, config) -> None:
     """CorruptFile for a curve in a seed folder the study did not write: a name it never gives (seed01 was read
-    as seed 1, over or under seed1's curve) or rows of another seed (a folder copied by hand: one more seed in
-    the means and the seed count)."""
+    as seed 1, over or under seed1's curve), a seed the run was not started for (config.json's seeds, which
+    name the run) or rows of another seed (a folder copied by hand: one more seed in the means and the count)."""
     if name != f"seed{seed}":
         raise CorruptFile(f"{pdir} holds a curve, but {name} is not a seed folder the study writes (seed{seed} "
                           "is): rename it, or move it out of the run directory")
+    seeds = config.get("seeds") if isinstance(config, dict) else None
+    if isinstance(seeds, list) and seed not in seeds:  # (a run without the record, an older one's: any seed)
+        raise CorruptFile(f"{pdir} holds a curve of seed {seed}, which the run was not started for (its seeds: "
+                          f"{seeds}, config.json): a folder copied in from another run; move it out of the run directory")
     other = sorted({r["seed"] for r in rows if type(r.get("seed")) is int and r["seed"] != seed})
     if other:
         raise CorruptFile(f"{os.path.join(pdir, 'metrics.csv')} holds rows of seed {other[0]}, not of seed {seed}: a "
