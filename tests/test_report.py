@@ -98,6 +98,16 @@ def test_read_metrics_duplicate_and_torn_rows(tmp_path):
     assert [r["round"] for r in got] == [0, 1] and got[1]["val_acc"] == 0.9
 
 
+def test_an_int_column_s_infinite_cell_is_an_unparsed_cell_not_a_traceback(tmp_path):
+    """A round (or another int column) of inf or 1e999 raised OverflowError from read_metrics, so the report
+    died with a traceback; it is an unparsed cell: the row without a round skipped, as a torn row's."""
+    rows = make_rows([0.8, 0.85, 0.7])
+    write_rows(tmp_path, rows[:2] + [dict(rows[2], round="inf")] + [dict(rows[2], round=3, sparse_layers="1e999")])
+    got = R.read_metrics(tmp_path / "seed0" / "teacher" / "metrics.csv")
+    assert [r["round"] for r in got] == [0, 1, 3] and got[2]["sparse_layers"] == "1e999"
+    assert [r["val_acc"] for r in got] == [0.8, 0.85, 0.7]
+
+
 # ---------------------------------------------------------------- Algorithm 2
 def test_alg2_stops_in_phase2_when_accuracy_drops():
     rows = make_rows(val=[0.8, 0.85, 0.9, 0.85, 0.8, 0.7, 0.6], ent=[1, 1, 0.95, 0.7, 0.6, 0.5, 0.5])

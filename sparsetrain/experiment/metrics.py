@@ -51,7 +51,7 @@ def _conv(col: str, v):
         return NAN
     try:
         return int(float(v)) if col in _INT_COLS else float(v)
-    except ValueError:
+    except (ValueError, OverflowError):  # (an int column's inf or 1e999: an OverflowError traceback, as a torn cell)
         return v
 
 
