@@ -145,19 +145,26 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     """Every run of the grid `settings` (recipe values < command-line flags; lists are axes), in an
     order where a run comes after the runs it depends on (the grid's order: a study that finished or part-trained
     a phase another study links may come after it). Runs live in OUT/runs."""
-    runs_root = os.path.join(os.path.abspath(out), "runs")
-    runs: dict[str, Run] = {}
-    owner: dict[str, str] = {}  # phase key -> name of the run that trains it
-    teacher_of: dict[str, str] = {}  # teacher phase key -> its teacher run
-    # phase key -> the first run (plan order, teacher runs first) whose own directory holds it finished /
-    # part-trained (a phase it trains again: it resumes there)
-    finished: dict[str, str] = {}
-    started: dict[str, str] = {}
-    holds: dict[str, set] = {}  # run -> the phase keys its directory holds once it ran (its phases, those finished)
-    done_in: dict[str, set] = {}  # run -> the phase keys finished in its directory (not links)
+    plan = _Planner(os.path.join(os.path.abspath(out), "runs"))
     studies = []
+    for p, seed, cfg, err in _grid_points(settings, plan.root, threads):
+        if cfg is None:
+            plan.add_invalid(p, seed, err)
+            continue
+        plan.add_teacher_run(cfg, p, seed)
+        if cfg.phases != ("teacher",):
+            studies.append((cfg, p, seed, os.path.basename(run_dir_of(cfg))))
+    for study in studies:  # (every study's own directory first: which phases it holds decides their owners)
+        plan.scan_study(*study)
+    for study in studies:
+        plan.add_study(*study)
+    return plan.result()
+
+
+def _grid_points(settings: dict, runs_root: str, threads: int):
+    """Each grid point and seed as (point, seed, its Config (paths absolute), "") or (point, seed, None, the
+    experiment's one-line error)."""
     checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
-    results = set()  # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
     for point in expand(settings):
         if "seeds" in point:
             seeds = point.pop("seeds")
@@ -173,71 +180,85 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
                     checked[cfg.teachers] = _teachers_error(cfg)
                 err = checked[cfg.teachers]
                 cfg = None if err else cfg
-            if cfg is None:
-                name = "invalid-" + hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
-                runs[name] = Run(name, "study", "", point=p, seed=seed, error=err, config=_record(p))
-                continue
-            tcfg = teacher_config(cfg)
-            td = run_dir_of(tcfg)
-            tname = os.path.basename(td)
-            key = phase_key(tcfg, "teacher", seed)
-            if cfg.phases == ("teacher",) and key in teacher_of:  # (teacher runs only: a setting they ignore)
-                _refuse_twins(runs[teacher_of[key]].point, p)
-            # a teacher run only where the point trains or reads the teacher phase (not for a vanilla
-            # student of another model, nor for students of --teachers PATH only)
-            if key not in teacher_of and "teacher" in sum(needed_phases(cfg), []):
-                runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed, phases=["teacher"],
-                                  config=_record(tcfg))
-                teacher_of[key] = tname
-                _scan(tname, os.path.join(td, f"seed{seed}"), {"teacher": key}, ["teacher"], finished, started, done_in)
-                holds[tname] = {key}
-            if cfg.phases == ("teacher",):
-                results.add(tname)
-            if cfg.phases != ("teacher",):
-                studies.append((cfg, p, seed))
-    shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
-    # a phase is owned by the first run (plan order) that finished it in its own directory, else by the first that
-    # part-trained it there (it resumes it), else by the first that needs it: a grid value added before a study
-    # links what that study finished or started (it trained them again before 2026-12-06, and the study's own
-    # unfinished phase then hid the new one's: PhaseMissing). A run resumes a phase it part-trained and never
-    # links from a run whose directory will hold one of those (it would hide that run's); nor waits for a run
-    # that waits for it (dependencies on unfinished phases form no cycle: it trains the phase itself instead)
-    studies = [(cfg, p, seed, os.path.basename(run_dir_of(cfg))) for cfg, p, seed in studies]
-    points, plans = {}, {}
-    for cfg, p, seed, name in studies:
-        points.setdefault(name, p)
-        if name in plans or (name in runs and runs[name].kind == "study"):
-            continue
+            yield p, seed, cfg, err
+
+
+class _Planner:
+    """The plan being built: its runs and who owns each phase. A phase is owned by the first run (plan order)
+    that finished it in its own directory, else by the first that part-trained it there (it resumes it), else
+    by the first that needs it: a grid value added before a study links what that study finished or started
+    (it trained them again before 2026-12-06, and the study's own unfinished phase then hid the new one's:
+    PhaseMissing). A run resumes a phase it part-trained and never links from a run whose directory will hold
+    one of those (it would hide that run's); nor waits for a run that waits for it (dependencies on unfinished
+    phases form no cycle: it trains the phase itself instead)."""
+
+    def __init__(self, root: str):
+        self.root = root  # OUT/runs
+        self.runs: dict[str, Run] = {}
+        self.owner: dict[str, str] = {}  # phase key -> name of the run that trains it
+        self.teacher_of: dict[str, str] = {}  # teacher phase key -> its teacher run
+        # phase key -> the first run (plan order, teacher runs first) whose own directory holds it finished /
+        # part-trained (a phase it trains again: it resumes there)
+        self.finished: dict[str, str] = {}
+        self.started: dict[str, str] = {}
+        # run -> the phase keys its directory holds once it ran (its phases, those finished)
+        self.holds: dict[str, set] = {}
+        self.done_in: dict[str, set] = {}  # run -> the phase keys finished in its directory (not links)
+        # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
+        self.results: set = set()
+        self.points: dict[str, dict] = {}  # study run -> its (first) point
+        self.plans: dict[str, tuple] = {}  # study run -> (its config, train, reads, phase keys, part-trained keys)
+        self.waits: dict[str, set] = {}  # run -> the runs it waits for (a phase unfinished when planned)
+        self.shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
+
+    def add_invalid(self, p: dict, seed: int, err: str) -> None:
+        """A point the experiment rejects: a run that fails at once with its message."""
+        name = "invalid-" + hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        self.runs[name] = Run(name, "study", "", point=p, seed=seed, error=err, config=_record(p))
+
+    def add_teacher_run(self, cfg: Config, p: dict, seed: int) -> None:
+        """The point's teacher run, where it trains or reads the teacher phase (not for a vanilla student of
+        another model, nor for students of --teachers PATH only) and no earlier point's run trains it."""
+        tcfg = teacher_config(cfg)
+        td = run_dir_of(tcfg)
+        tname = os.path.basename(td)
+        key = phase_key(tcfg, "teacher", seed)
+        if cfg.phases == ("teacher",) and key in self.teacher_of:  # (teacher runs only: a setting they ignore)
+            _refuse_twins(self.runs[self.teacher_of[key]].point, p)
+        if key not in self.teacher_of and "teacher" in sum(needed_phases(cfg), []):
+            self.runs[tname] = Run(tname, "teacher", td, config_to_argv(tcfg), point=p, seed=seed,
+                                   phases=["teacher"], config=_record(tcfg))
+            self.teacher_of[key] = tname
+            _scan(tname, os.path.join(td, f"seed{seed}"), {"teacher": key}, ["teacher"], self.finished,
+                  self.started, self.done_in)
+            self.holds[tname] = {key}
+        if cfg.phases == ("teacher",):
+            self.results.add(tname)
+
+    def scan_study(self, cfg: Config, p: dict, seed: int, name: str) -> None:
+        """The phases study `name` trains and reads, and those its directory holds finished or part-trained."""
+        self.points.setdefault(name, p)
+        if name in self.plans or (name in self.runs and self.runs[name].kind == "study"):
+            return
         sd = os.path.join(run_dir_of(cfg), f"seed{seed}")
         own_teacher = "teacher" in cfg.phases and _part_trained(os.path.join(sd, "teacher"))  # (the plain command's)
-        scfg = _study_config(cfg, name in runs or own_teacher)
+        scfg = _study_config(cfg, name in self.runs or own_teacher)
         train, reads = needed_phases(scfg)
         keys = {ph: phase_key(scfg, ph, seed) for ph in phase_names(scfg)}
-        part = _scan(name, sd, keys, train, finished, started, done_in)
-        holds[name] = {keys[ph] for ph in train + reads} | done_in[name]
-        plans[name] = scfg, train, reads, keys, part
-    waits: dict[str, set] = {}  # run -> the runs it waits for (a phase unfinished when planned)
-    for cfg, p, seed, name in studies:
-        if name in runs and runs[name].kind == "study":
-            if runs[name].point != p:
-                _refuse_twins(runs[name].point, p)
-            continue
-        scfg, train, reads, keys, part = plans[name]
+        part = _scan(name, sd, keys, train, self.finished, self.started, self.done_in)
+        self.holds[name] = {keys[ph] for ph in train + reads} | self.done_in[name]
+        self.plans[name] = scfg, train, reads, keys, part
+
+    def add_study(self, cfg: Config, p: dict, seed: int, name: str) -> None:
+        """Study `name`'s run: each phase linked from the run that owns it, or trained by this one."""
+        if name in self.runs and self.runs[name].kind == "study":
+            if self.runs[name].point != p:
+                _refuse_twins(self.runs[name].point, p)
+            return
+        scfg, train, reads, keys, part = self.plans[name]
         deps, trains_one, needs = [], False, {}
         for phase in train + reads:
-            key = keys[phase]
-            first = owner.setdefault(key, finished.get(key, started.get(key, teacher_of.get(key, name))))
-            source = None
-            for o in ([] if key in part else dict.fromkeys(x for x in (first, teacher_of.get(key)) if x)):
-                if o == name:
-                    break
-                blocks = key not in done_in.get(o, ())  # (a dependency serves at once with a finished phase)
-                # (what o links from this run is this run's own phase: it hides nothing)
-                mine = {plans[o][3][ph] for ph in runs[o].needs.get(name, ())} if o in plans and o in runs else set()
-                if not (holds[o] - mine) & part and not (blocks and _reaches(waits, o, name)):
-                    source = o
-                    waits.setdefault(name, set()).update([o] if blocks else [])
-                    break
+            source = self._source(name, keys[phase], part)
             if source is None and phase in reads and "teacher" in cfg.phases:  # (no run to read it from: it trains it)
                 scfg = dataclasses.replace(scfg, phases=cfg.phases)
                 train, reads = needed_phases(scfg)
@@ -246,18 +267,43 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
             else:
                 deps += [] if source in deps else [source]
                 needs.setdefault(source, []).append(phase)
-        twin = next((d for d in deps if d not in runs or runs[d].kind == "study"), None)
-        if train and not trains_one and twin is not None:
-            _refuse_twins(points[twin], p)  # (every phase it would train, another point trains)
-        curves = tuple(sorted(keys[phase] for phase in train + reads))
-        if shown.setdefault(curves, p) is not p:  # (every curve it would report, another point's study shows)
-            _refuse_twins(shown[curves], p)
-        scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(runs_root, d) for d in deps))
-        runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed, phases=train + reads,
-                         own_vanilla=scfg.separate_vanilla(), config=_record(scfg), needs=needs)
-    # a teacher run nobody links whose phase another run's directory holds (the experiment's own command's)
-    elsewhere = {n for k, n in teacher_of.items() if finished.get(k, started.get(k, n)) != n}
-    return _drop_unneeded_teachers(runs, results, elsewhere)
+        self._refuse_shown_twice(p, train and not trains_one, deps, tuple(sorted(keys[ph] for ph in train + reads)))
+        scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(self.root, d) for d in deps))
+        self.runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed,
+                              phases=train + reads, own_vanilla=scfg.separate_vanilla(), config=_record(scfg),
+                              needs=needs)
+
+    def _source(self, name: str, key: str, part: set) -> str | None:
+        """The run study `name` links phase `key` from (recorded in self.waits if unfinished there), or None: it
+        trains it (its own phase, one it part-trained, or no run it may link it from)."""
+        first = self.finished.get(key, self.started.get(key, self.teacher_of.get(key, name)))
+        first = self.owner.setdefault(key, first)
+        for o in ([] if key in part else dict.fromkeys(x for x in (first, self.teacher_of.get(key)) if x)):
+            if o == name:
+                return None
+            blocks = key not in self.done_in.get(o, ())  # (a dependency serves at once with a finished phase)
+            # (what o links from this run is this run's own phase: it hides nothing)
+            mine = ({self.plans[o][3][ph] for ph in self.runs[o].needs.get(name, ())}
+                    if o in self.plans and o in self.runs else set())
+            if not (self.holds[o] - mine) & part and not (blocks and _reaches(self.waits, o, name)):
+                self.waits.setdefault(name, set()).update([o] if blocks else [])
+                return o
+        return None
+
+    def _refuse_shown_twice(self, p: dict, links_all: bool, deps: list, curves: tuple) -> None:
+        """ValueError where another point's study trains every phase this one would (`links_all`), or shows
+        every curve it would report."""
+        twin = next((d for d in deps if d not in self.runs or self.runs[d].kind == "study"), None)
+        if links_all and twin is not None:
+            _refuse_twins(self.points[twin], p)
+        if self.shown.setdefault(curves, p) is not p:
+            _refuse_twins(self.shown[curves], p)
+
+    def result(self) -> list[Run]:
+        """The runs in plan order, less the teacher runs nobody needs."""
+        # a teacher run nobody links whose phase another run's directory holds (the experiment's own command's)
+        elsewhere = {n for k, n in self.teacher_of.items() if self.finished.get(k, self.started.get(k, n)) != n}
+        return _drop_unneeded_teachers(self.runs, self.results, elsewhere)
 
 
 def _drop_unneeded_teachers(runs: dict, results: set, elsewhere: set) -> list[Run]:
