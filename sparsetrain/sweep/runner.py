@@ -23,6 +23,7 @@ from ..experiment.files import (EXIT_BUSY, Busy, WriteFailed, finish_interrupted
                                  write_json)
 from ..experiment.reuse import phase_done
 from .plan import Run
+from .runlog import error_line, exception_line, open_log, remove_marker, write_marker
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -55,14 +56,14 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [program] if program.endswith(".py") else ["-m", program]
-    f = _open_log(log, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
+    f = open_log(log, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
     with f:
         start = f.tell()  # (this attempt's output: its one-line error, if any)
         try:
-            _write_marker(marker)  # (before the process: one it cannot write was left running unwatched)
+            write_marker(marker)  # (before the process: one it cannot write was left running unwatched)
             proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         except BaseException:
-            _remove(marker)
+            remove_marker(marker)
             raise
         try:
             while True:  # (polled: a cancel's KeyboardInterrupt lands only while Python runs)
@@ -80,73 +81,16 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
             f.write(f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run resumes)\n")
             raise
         finally:
-            _remove(marker)
+            remove_marker(marker)
         f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
     if rc == EXIT_BUSY:
         raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
     if rc == 2:  # (the experiment's one line, "error: ...", or "training diverged ...")
-        raise UsageFailed(f"exit code 2{_error_line(log, start)} (see {log})")
+        raise UsageFailed(f"exit code 2{error_line(log, start)} (see {log})")
     if rc != 0:  # (a crash's exception line, or the signal that killed it: "exit code 1" alone said neither)
-        why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else _exception_line(log, start)
+        why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else exception_line(log, start)
         raise RunFailed(f"exit code {rc}{why} (see {log})")
     return time.time() - t0
-
-
-def _open_log(log: str, header: str):
-    """The run's log opened to append, `header` written; WriteFailed naming the file where it cannot be
-    (a read-only or full disk: a bare OSError before 2026-12-06)."""
-    try:
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        f = open(log, "a")
-    except OSError as e:
-        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
-    try:
-        f.write(header)
-        f.flush()
-        return f
-    except OSError as e:
-        f.close()
-        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
-
-
-def _write_marker(marker: str) -> None:
-    """The log's `.running` marker (its process has started); WriteFailed naming it where it cannot be written."""
-    try:
-        open(marker, "w").close()
-    except OSError as e:
-        raise WriteFailed(e.errno, e.strerror or str(e), marker) from None
-
-
-def _remove(marker: str) -> None:
-    if os.path.isfile(marker):
-        os.remove(marker)
-
-
-def _log_lines(log: str, start: int) -> list[str]:
-    """The lines the process wrote after `start` in its log ([] if it cannot be read)."""
-    try:
-        with open(log, errors="replace") as f:
-            f.seek(start)
-            return f.read().splitlines()
-    except OSError:
-        return []
-
-
-def _error_line(log: str, start: int) -> str:
-    """': <the last "error: " line>' the process wrote after `start` in its log, or ''."""
-    lines = [ln.strip() for ln in _log_lines(log, start) if ln.startswith("error: ")]
-    return f": {lines[-1][len('error: '):][:300]}" if lines else ""
-
-
-def _exception_line(log: str, start: int) -> str:
-    """': <the exception line>' ending the last traceback the process wrote after `start` in its log, or ''."""
-    lines = _log_lines(log, start)
-    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")), default=None)
-    if tb is None:
-        return ""
-    # (the exception line: the first unindented one after the frames; a message's further lines follow it)
-    ends = [ln.strip() for ln in lines[tb + 1:] if ln.strip() and not ln[0].isspace() and not ln.startswith("=== ")]
-    return f": {ends[0][:300]}" if ends else ""
 
 
 def _error_text(e: BaseException) -> str:
@@ -236,7 +180,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     for r in plan:
         if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
-            _open_log(status[r.name]["log"], f"=== not run: the experiment rejects this grid point {r.point}\n"
+            open_log(status[r.name]["log"], f"=== not run: the experiment rejects this grid point {r.point}\n"
                       f"{r.error}\n").close()
     try:  # a finished run keeps the seconds an earlier invocation measured
         with open(os.path.join(sweep_dir, "status.json")) as f:

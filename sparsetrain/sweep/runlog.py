@@ -1,0 +1,67 @@
+"""A run's log in the sweep's folder (OUT/<sweep>/logs/<run>.log): opened to append, its `.running`
+marker (the experiment process has started), and the one line of an error the process wrote there."""
+from __future__ import annotations
+
+import os
+
+from ..experiment.files import WriteFailed
+
+__all__ = ["open_log", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line"]
+
+
+def open_log(log: str, header: str):
+    """The run's log opened to append, `header` written; WriteFailed naming the file where it cannot be
+    (a read-only or full disk: a bare OSError before 2026-12-06)."""
+    try:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        f = open(log, "a")
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
+    try:
+        f.write(header)
+        f.flush()
+        return f
+    except OSError as e:
+        f.close()
+        raise WriteFailed(e.errno, e.strerror or str(e), log) from None
+
+
+def write_marker(marker: str) -> None:
+    """The log's `.running` marker (its process has started); WriteFailed naming it where it cannot be written."""
+    try:
+        open(marker, "w").close()
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), marker) from None
+
+
+def remove_marker(marker: str) -> None:
+    """The log's `.running` marker removed (its process has ended), if there."""
+    if os.path.isfile(marker):
+        os.remove(marker)
+
+
+def log_lines(log: str, start: int) -> list[str]:
+    """The lines the process wrote after `start` in its log ([] if it cannot be read)."""
+    try:
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+def error_line(log: str, start: int) -> str:
+    """': <the last "error: " line>' the process wrote after `start` in its log, or ''."""
+    lines = [ln.strip() for ln in log_lines(log, start) if ln.startswith("error: ")]
+    return f": {lines[-1][len('error: '):][:300]}" if lines else ""
+
+
+def exception_line(log: str, start: int) -> str:
+    """': <the exception line>' ending the last traceback the process wrote after `start` in its log, or ''."""
+    lines = log_lines(log, start)
+    tb = max((i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last):")), default=None)
+    if tb is None:
+        return ""
+    # (the exception line: the first unindented one after the frames; a message's further lines follow it)
+    ends = [ln.strip() for ln in lines[tb + 1:] if ln.strip() and not ln[0].isspace() and not ln.startswith("=== ")]
+    return f": {ends[0][:300]}" if ends else ""
