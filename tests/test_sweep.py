@@ -349,6 +349,24 @@ def test_a_request_the_machine_cannot_meet_is_refused(mnist_dir, capsys):
     assert seen == ["CUDA_VISIBLE_DEVICES=''", f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"]
 
 
+def test_a_run_on_a_node_without_the_sweep_s_folder_starts_in_its_log_folder(tmp_path, monkeypatch):
+    """A run starts in the folder the sweep was started from; on a cluster node without that folder, Popen
+    raised a bare FileNotFoundError (every run there failed). Now it starts in its log's folder (on the shared
+    --out), the log saying so, and imports the sparsetrain its Ray worker runs (not one found from there)."""
+    import sparsetrain
+    from sparsetrain.sweep import runner
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # (the worker's sparsetrain: only its own path finds it)
+    script = tmp_path / "where.py"
+    script.write_text("import os, sparsetrain\nprint('cwd=' + os.getcwd())\nprint('pkg=' + sparsetrain.__file__)")
+    log, gone = tmp_path / "sw" / "logs" / "r.log", tmp_path / "gone"
+    for cwd, want in ((tmp_path, tmp_path), (gone, log.parent)):  # (the reference: a folder this node has)
+        start = log.stat().st_size if log.exists() else 0
+        assert runner.run_experiment([], str(log), 1, str(cwd), str(script)) >= 0
+        text = log.read_text()[start:]
+        assert f"cwd={want}\n" in text and (f"{gone} (where the sweep started) does not exist on this node" in text) == (cwd == gone), text
+    assert f"pkg={sparsetrain.__file__}\n" in text
+
+
 def test_without_ray_the_sweep_says_how_to_install_it(tmp_path, monkeypatch):
     from sparsetrain.sweep.plan import Run
     from sparsetrain.sweep.runner import SweepError, execute

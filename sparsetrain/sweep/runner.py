@@ -56,7 +56,8 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [program] if program.endswith(".py") else ["-m", program]
-    f = open_log(log, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n")
+    cwd, moved = _run_folder(cwd, log, env)
+    f = open_log(log, f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} python {shlex.join(cmd + argv)}\n{moved}")
     with f:
         start = f.tell()  # (this attempt's output: its one-line error, if any)
         try:
@@ -91,6 +92,19 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else exception_line(log, start)
         raise RunFailed(f"exit code {rc}{why} (see {log})")
     return time.time() - t0
+
+
+def _run_folder(cwd: str, log: str, env: dict) -> tuple[str, str]:
+    """The folder the run starts in: the sweep's own (`cwd`), or, on a node without it (a cluster's other
+    machine: a bare FileNotFoundError before 2026-12-06), the log's folder (on the shared --out; every path
+    of a run is absolute), `env`'s PYTHONPATH then leading to the sparsetrain this worker runs (`-m` found it
+    from `cwd`); returns it and a log line saying so ("" for `cwd`)."""
+    if os.path.isdir(cwd):
+        return cwd, ""
+    here = os.path.dirname(os.path.abspath(log))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # (holds sparsetrain/)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return here, f"=== {cwd} (where the sweep started) does not exist on this node: the run starts in {here}\n"
 
 
 def _error_text(e: BaseException) -> str:
