@@ -361,7 +361,7 @@ def test_a_run_on_a_node_without_the_sweep_s_folder_starts_in_its_log_folder(tmp
     log, gone = tmp_path / "sw" / "logs" / "r.log", tmp_path / "gone"
     for cwd, want in ((tmp_path, tmp_path), (gone, log.parent)):  # (the reference: a folder this node has)
         start = log.stat().st_size if log.exists() else 0
-        assert runner.run_experiment([], str(log), 1, str(cwd), str(script)) >= 0
+        assert runner.run_experiment([], str(log), 1, str(cwd), str(script))[0] >= 0
         text = log.read_text()[start:]
         assert f"cwd={want}\n" in text and (f"{gone} (where the sweep started) does not exist on this node" in text) == (cwd == gone), text
     assert f"pkg={sparsetrain.__file__}\n" in text
@@ -458,12 +458,54 @@ def test_a_run_log_or_marker_that_cannot_be_written_names_the_file(tmp_path, mon
         assert e.value.filename == str(blocked) and str(e.value).startswith(f"cannot write {blocked}: ")
         assert all(p.waited for p in started) and blocked.is_dir()
         blocked.rmdir()
-    assert runner.run_experiment(["mnist"], str(log), 1, str(tmp_path)) >= 0  # (the reference: it runs)
+    assert runner.run_experiment(["mnist"], str(log), 1, str(tmp_path))[0] >= 0  # (the reference: it runs)
     assert len(started) == 1 and started[0].waited and not os.path.exists(str(log) + ".running")
     (invalid,) = make_plan(_settings(tmp_path, alpha=[1.5], seeds=[0]), str(tmp_path / "sw"), threads=1)
     (tmp_path / "sw" / "s" / "logs" / f"{invalid.name}.log").mkdir(parents=True)
     with pytest.raises(runner.SweepError, match=f"cannot write {tmp_path / 'sw' / 's' / 'logs' / invalid.name}.log: "):
         runner.execute([invalid], str(tmp_path / "sw" / "s"))
+
+
+def test_a_log_that_cannot_take_its_last_line_keeps_the_run_s_outcome(tmp_path, monkeypatch):
+    """The line a run's log gets after its process (exit code, cancelled) on a full disk raised a bare OSError
+    in place of the run's outcome: a finished run failed ("OSError: [Errno 28] ...", no file named), a failed one
+    lost its error, a cancelled one was no longer cancelled. Now the outcome stands and names the log: a
+    finished run is done, status.json and the progress line warning that its log could not be written."""
+    from sparsetrain.sweep import runner
+    from sparsetrain.sweep.plan import Run
+    real = runner.open_log
+
+    def full(log, header):  # (the header written, then the disk is full: /dev/full fails every write, ENOSPC)
+        real(log, header).close()
+        return open("/dev/full", "a")
+    log, lost = tmp_path / "logs" / "r.log", f"cannot write {tmp_path / 'logs' / 'r.log'}: No space left on device"
+    ok, crash = tmp_path / "ok.py", tmp_path / "crash.py"
+    ok.write_text("pass")
+    crash.write_text("raise SystemExit(1)")
+    assert runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))[1] == ""  # (the reference: it is written)
+    assert log.read_text().splitlines()[-1].startswith("=== exit code 0 after ")
+    monkeypatch.setattr(runner, "open_log", full)
+    seconds, why = runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    assert seconds >= 0 and why == lost
+    with pytest.raises(runner.RunFailed) as e:
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(crash))
+    assert str(e.value) == f"exit code 1 (see {log}; {lost})"
+
+    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands while the run waits for its process)
+        def wait(self, timeout=None):
+            if timeout == 0.5:
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    assert not os.path.exists(str(log) + ".running")
+    _fake_ray(monkeypatch)
+    sys.modules["ray"].get = lambda ref, timeout=None: (3, lost)  # (what the run's task returned)
+    run = Run("r", "study", str(tmp_path / "r"), [], phases=["never"], program=str(ok))
+    status = runner.execute([run], str(tmp_path / "sw"))
+    assert status["r"]["state"] == "done" and status["r"]["seconds"] == 3 and status["r"]["warning"] == lost
+    assert json.loads((tmp_path / "sw" / "status.json").read_text())["r"] == status["r"]
 
 
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
@@ -778,7 +820,7 @@ def _fake_ray(monkeypatch) -> list:
         raise AssertionError(f"runs wait for each other; submitted: {order}")
     ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
                                 remote=lambda fn: Task(), wait=lambda refs, **k: (refs[:1], refs[1:]),
-                                cancel=lambda ref: None, get=lambda ref, timeout=None: 1)
+                                cancel=lambda ref: None, get=lambda ref, timeout=None: (1, ""))
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setattr(runner.time, "sleep", sleep)
     return order

@@ -6,7 +6,7 @@ import os
 
 from ..experiment.files import WriteFailed
 
-__all__ = ["open_log", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line"]
+__all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line"]
 
 
 def open_log(log: str, header: str):
@@ -24,6 +24,18 @@ def open_log(log: str, header: str):
     except OSError as e:
         f.close()
         raise WriteFailed(e.errno, e.strerror or str(e), log) from None
+
+
+def end_line(f, log: str, line: str) -> str:
+    """`line` appended to the open log `f` (`log`) after its process ended; "" or, where it cannot be written
+    (a full disk), "cannot write LOG: why" for the run's outcome to name. Unbuffered: a failed write leaves
+    nothing for closing `f` to flush again (a bare OSError there replaced the run's outcome before 2026-12-06:
+    a finished run was failed, a cancelled one no longer cancelled)."""
+    try:
+        os.write(f.fileno(), line.encode())
+        return ""
+    except OSError as e:
+        return f"cannot write {log}: {e.strerror or e}"
 
 
 def write_marker(marker: str) -> None:

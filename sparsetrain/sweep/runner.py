@@ -23,7 +23,7 @@ from ..experiment.files import (EXIT_BUSY, Busy, WriteFailed, finish_interrupted
                                  write_json)
 from ..experiment.reuse import phase_done
 from .plan import Run
-from .runlog import error_line, exception_line, open_log, remove_marker, write_marker
+from .runlog import end_line, error_line, exception_line, open_log, remove_marker, write_marker
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -46,11 +46,12 @@ class RunBusy(RuntimeError):
 
 
 def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment",
-                   gpus: float = 0) -> float:
+                   gpus: float = 0) -> tuple[float, str]:
     """One experiment process (`python -m <program> <argv>`, or a script path), its output appended
-    to `log`; returns its seconds. Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the
-    process, which resumes on the next attempt. Without a GPU share, CUDA is hidden from it (Ray
-    sets CUDA_VISIBLE_DEVICES only for tasks that ask for GPUs: the others would all use GPU 0)."""
+    to `log`; returns its seconds and "" or why its log's last line could not be written (runlog.end_line).
+    Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the process, which resumes on the next
+    attempt. Without a GPU share, CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that
+    ask for GPUs: the others would all use GPU 0)."""
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
     if not gpus:
@@ -79,19 +80,21 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            f.write(f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run resumes)\n")
-            raise
+            end_line(f, log, f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run "
+                             "resumes)\n")
+            raise  # (cancelled, whether or not its log could say so)
         finally:
             remove_marker(marker)
-        f.write(f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+        lost = end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+    see = f"see {log}" + (f"; {lost}" if lost else "")
     if rc == EXIT_BUSY:
-        raise RunBusy(f"exit code {rc}: its run directory was in use by another process (see {log})")
+        raise RunBusy(f"exit code {rc}: its run directory was in use by another process ({see})")
     if rc == 2:  # (the experiment's one line, "error: ...", or "training diverged ...")
-        raise UsageFailed(f"exit code 2{error_line(log, start)} (see {log})")
+        raise UsageFailed(f"exit code 2{error_line(log, start)} ({see})")
     if rc != 0:  # (a crash's exception line, or the signal that killed it: "exit code 1" alone said neither)
         why = f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals() else exception_line(log, start)
-        raise RunFailed(f"exit code {rc}{why} (see {log})")
-    return time.time() - t0
+        raise RunFailed(f"exit code {rc}{why} ({see})")
+    return time.time() - t0, lost
 
 
 def _run_folder(cwd: str, log: str, env: dict) -> tuple[str, str]:
@@ -282,7 +285,11 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             for ref in ready:
                 r = running.pop(ref)
                 try:
-                    status[r.name].update(state="done", seconds=round(ray.get(ref)))
+                    seconds, lost = ray.get(ref)
+                    status[r.name].update(state="done", seconds=round(seconds))
+                    status[r.name].update({"warning": lost} if lost else {})
+                    if lost:  # (the run finished: only its log lacks its last line)
+                        progress.write(f"sweep: {r.name} finished, but {lost}")
                 except Exception as e:  # noqa: BLE001 (RayTaskError wrapping RunFailed/UsageFailed, or a lost worker)
                     if ((isinstance(e, RunBusy) or isinstance(getattr(e, "cause", None), RunBusy))
                             and r.run_dir and (folder_busy(r.run_dir) or r.done())):  # (taken between our check and its start)
@@ -311,7 +318,7 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             for ref, r in running.items():
                 status[r.name]["state"] = "queued" if r.name in held else "interrupted"
                 try:  # a run that finished before the cancel reached it
-                    status[r.name].update(state="done", seconds=round(ray.get(ref, timeout=0)))
+                    status[r.name].update(state="done", seconds=round(ray.get(ref, timeout=0)[0]))
                 except Exception:  # noqa: BLE001 (cancelled, failed, or not finished)
                     pass
             save()
