@@ -1456,6 +1456,19 @@ def test_points_that_report_the_same_curves_are_refused(tmp_path, axes):
         make_plan(_settings(tmp_path, seeds=[0], **axes), str(tmp_path / "sw"), threads=1)
 
 
+@pytest.mark.parametrize("student", [{}, {"student": ["vgg_d1g1"]}])
+def test_a_study_whose_curves_are_part_of_another_s_links_them_in_either_order(tmp_path, student):
+    """--teachers (dense,) beside (dense, best): the smaller study's curves are part of the larger's. Listed
+    second, it was refused as "the same study" (it links every phase, but is no twin: listed first it was
+    planned, the larger one linking its phases); now it links them from the larger, whichever comes first."""
+    plans = [make_plan(_settings(tmp_path, teachers=grid, seeds=[0], **student), str(tmp_path / "sw"), threads=1)
+             for grid in ([("dense",), ("dense", "best")], [("dense", "best"), ("dense",)])]
+    shown = [{r.point["teachers"]: sorted(r.phases) for r in plan if r.kind == "study"} for plan in plans]
+    assert shown[0] == shown[1] and set(shown[0][("dense",)]) < set(shown[0][("dense", "best")])  # (the reference)
+    one, both = sorted((r for r in plans[1] if r.kind == "study"), key=lambda r: len(r.phases))
+    assert both.name in one.deps and sorted(sum(one.needs.values(), [])) == sorted(one.phases)  # (it trains none)
+
+
 def test_an_alpha_tau_grid_shares_one_teacher(tmp_path):
     plan = make_plan(_settings(tmp_path, seeds=[0], alpha=[0.5, 0.8], tau=[10.0, 20.0]), str(tmp_path / "sw"), threads=1)
     assert [r.kind for r in plan].count("teacher") == 1 and [r.kind for r in plan].count("study") == 4

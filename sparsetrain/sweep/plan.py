@@ -206,7 +206,6 @@ class _Planner:
         self.done_in: dict[str, set] = {}  # run -> the phase keys finished in its directory (not links)
         # teacher runs that are a point's result (--phases teacher), not only its studies' teacher
         self.results: set = set()
-        self.points: dict[str, dict] = {}  # study run -> its (first) point
         self.plans: dict[str, tuple] = {}  # study run -> (its config, train, reads, phase keys, part-trained keys)
         self.waits: dict[str, set] = {}  # run -> the runs it waits for (a phase unfinished when planned)
         self.shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
@@ -237,7 +236,6 @@ class _Planner:
 
     def scan_study(self, cfg: Config, p: dict, seed: int, name: str) -> None:
         """The phases study `name` trains and reads, and those its directory holds finished or part-trained."""
-        self.points.setdefault(name, p)
         if name in self.plans or (name in self.runs and self.runs[name].kind == "study"):
             return
         sd = os.path.join(run_dir_of(cfg), f"seed{seed}")
@@ -256,18 +254,21 @@ class _Planner:
                 _refuse_twins(self.runs[name].point, p)
             return
         scfg, train, reads, keys, part = self.plans[name]
-        deps, trains_one, needs = [], False, {}
+        deps, needs = [], {}
         for phase in train + reads:
             source = self._source(name, keys[phase], part)
             if source is None and phase in reads and "teacher" in cfg.phases:  # (no run to read it from: it trains it)
                 scfg = dataclasses.replace(scfg, phases=cfg.phases)
                 train, reads = needed_phases(scfg)
-            if source is None:
-                trains_one |= phase in train
-            else:
+            if source is not None:
                 deps += [] if source in deps else [source]
                 needs.setdefault(source, []).append(phase)
-        self._refuse_shown_twice(p, train and not trains_one, deps, tuple(sorted(keys[ph] for ph in train + reads)))
+        # a point showing every curve another's study shows is that study; one whose curves are a part of
+        # another's links them from it (trains none: refused as "the same study" before 2026-12-06, where it came
+        # after the other; the other way round, the larger one linked them)
+        curves = tuple(sorted(keys[ph] for ph in train + reads))
+        if self.shown.setdefault(curves, p) is not p:
+            _refuse_twins(self.shown[curves], p)
         scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(self.root, d) for d in deps))
         self.runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed,
                               phases=train + reads, own_vanilla=scfg.separate_vanilla(), config=_record(scfg),
@@ -289,15 +290,6 @@ class _Planner:
                 self.waits.setdefault(name, set()).update([o] if blocks else [])
                 return o
         return None
-
-    def _refuse_shown_twice(self, p: dict, links_all: bool, deps: list, curves: tuple) -> None:
-        """ValueError where another point's study trains every phase this one would (`links_all`), or shows
-        every curve it would report."""
-        twin = next((d for d in deps if d not in self.runs or self.runs[d].kind == "study"), None)
-        if links_all and twin is not None:
-            _refuse_twins(self.points[twin], p)
-        if self.shown.setdefault(curves, p) is not p:
-            _refuse_twins(self.shown[curves], p)
 
     def result(self) -> list[Run]:
         """The runs in plan order, less the teacher runs nobody needs."""
