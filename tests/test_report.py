@@ -821,7 +821,9 @@ def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp
     ("stop_falls", 0, "stop_falls must be an int >= 1, got 0"),
     ("early_stop", "alg2", "early_stop must be one of none, entropy, entropy-peak, got 'alg2'"),
     ("seeds", 3, "seeds must be a list of ints, got 3"),
-    ("model", 5, "model must be a str, got 5")])
+    ("model", 5, "model must be a str, got 5"),
+    ("block", "32", "block must be a whole number (int), got str '32'"),  # (as a resume loads it: config_from_json)
+    ("clean_val", "yes", "clean_val must be True or False, got str 'yes'")])
 def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, setting, value, expected):
     """A hand-edited config.json whose setting the report computes with has the wrong type or range:
     a TypeError traceback from the arithmetic (a str rate, a list of seeds given as 3) or Algorithm 2's
@@ -838,6 +840,19 @@ def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, se
             f"{tmp_path / 'run'} ({expected})") in md
     write_config(tmp_path / "run")  # (the run's own settings: reported)
     assert "## Results" in read(R.write_report(str(tmp_path / "run")))
+
+
+def test_config_from_json_refuses_a_setting_of_the_wrong_type_naming_the_key():
+    """config_from_json took "block": "32" (a hand-edited config.json) as it was: the run's resume, or a --reuse
+    of it, then failed rounds later in make_rule with a TypeError naming no file nor key. Refused at load now."""
+    from sparsetrain.experiment.config import config_from_json
+    good = config_from_json({"structure": "block", "block": 16, "seeds": [0, 1], "git_commit": "abc"})
+    assert (good.block, good.seeds) == (16, (0, 1))
+    for key, value, what in (("block", "32", "a whole number (int), got str '32'"),
+                             ("eps", "0.2", "a number, got str '0.2'"),
+                             ("seeds", [0, "1"], "a tuple of whole numbers (ints), got (0, '1')")):
+        with pytest.raises(TypeError, match=rf"^{key} must be {re.escape(what)}$"):
+            config_from_json({"structure": "block", key: value})
 
 
 def test_a_round_table_column_the_run_did_not_write_reads_n_a_not_nan(tmp_path):

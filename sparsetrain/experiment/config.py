@@ -393,6 +393,8 @@ def config_to_argv(cfg: Config) -> list[str]:
 
 def config_from_json(d: dict) -> Config:
     """A Config from a run directory's config.json (lists back to tuples; extra keys such as
-    git_commit ignored, missing ones at their defaults)."""
+    git_commit ignored, missing ones at their defaults); TypeError naming a key of the wrong type."""
     names = {f.name for f in fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+    check_types(cfg, key=True)  # (a hand-edited "block": "32" was a TypeError from make_rule, rounds later)
+    return cfg

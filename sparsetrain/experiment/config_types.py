@@ -72,11 +72,12 @@ def normalize(cfg) -> None:
             setattr(cfg, name, tuple(os.path.expanduser(x) if isinstance(x, str) else x for x in v))
 
 
-def check_types(cfg) -> None:
-    """TypeError naming the flag of the first field whose value is not of its type, once normalized."""
+def check_types(cfg, key: bool = False) -> None:
+    """TypeError naming the flag of the first field whose value is not of its type, once normalized
+    (`key`: naming the field as config.json's key instead)."""
     normalize(cfg)
     for name, (t, elem) in _spec(cfg).items():
-        v, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
+        v, flag = getattr(cfg, name), (name if key else f"--{name.replace('_', '-')}")
         if t is tuple and not (isinstance(v, tuple) and all(type(x) is elem for x in v)):
             raise TypeError(f"{flag} must be a tuple of {_MANY[elem]}, got {v!r}")
         if t is not tuple and type(v) is not t:

@@ -40,6 +40,10 @@ def config_problem(cfg: dict) -> str | None:
     for key, ok, what in _SETTING_CHECKS:
         if key in cfg and not ok(cfg[key]):
             return f"{key} must be {what}, got {cfg[key]!r}"
+    try:  # (every setting's type, as a resume loads them: config_from_json)
+        config_from_json(cfg)
+    except TypeError as e:
+        return str(e)
     return None
 
 
