@@ -1,6 +1,7 @@
 """The experiment end to end on tiny IDX files written here: schedule, masks, best round, resume,
 distillation, the CLI's errors."""
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -550,6 +551,32 @@ def test_verify_waits_for_a_living_writer_instead_of_taking_its_file(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_write_whose_file_vanished_beside_an_unreadable_record_is_write_failed(tmp_path, monkeypatch):
+    """A checksummed write whose temporary file was gone at its rename (a reader on another host moving
+    it in) compared the file with its record through _recorded, whose CorruptFile, where that record had
+    become unreadable, escaped atomic_write: not the WriteFailed that rank 0's writes expect (dist.on_main:
+    the other ranks died on their next collective with a traceback), and a message about a corrupt record
+    for a write that failed. Now the write's own error: WriteFailed naming the file, one line."""
+    p, real, tear = str(tmp_path / "state.pt"), os.replace, [True]
+
+    def moved_in(src, dst):  # the data's rename finds its file moved in by the other host's verify
+        if not src.startswith(f"{p}.{files.TMP_TAG}."):
+            return real(src, dst)
+        real(src, dst)
+        if tear[0]:  # (and the record unreadable since)
+            (tmp_path / "state.pt.sha256").write_text("{torn")
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src)
+
+    monkeypatch.setattr(files.os, "replace", moved_in)
+    with pytest.raises(files.WriteFailed) as e:
+        files.atomic_write(p, b"new", checksum=True)
+    assert str(e.value) == f"cannot write {p}: {os.strerror(errno.ENOENT)}; {files.WriteFailed.advice}"
+    tear[0] = False  # (its record intact: the moved-in file is the write's, done)
+    files.atomic_write(p, b"newer", checksum=True)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert files.verify(p) and open(p, "rb").read() == b"newer"
 
 
 def test_atomic_write_fsyncs_the_data_then_the_folder_after_the_rename(tmp_path, monkeypatch):
