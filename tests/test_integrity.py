@@ -349,6 +349,32 @@ def test_report_only_on_a_read_only_run_is_one_line(mnist_dir, study_args, capsy
     monkeypatch.setattr(files, "open", read_only, raising=False)  # (atomic_write's temporary files)
     err = _one_line_error(capsys, base + ["--report-only"])
     assert f"error: cannot write {run_dir(mnist_dir / 'runs')}" in err and ": Read-only file system; " in err, err
+    # (it advised "to resume": the report is written anew, there is no run to resume)
+    assert err.endswith("; free space (or fix permissions) and run --report-only again\n"), err
+
+
+def test_report_only_that_cannot_finish_a_killed_write_says_what_helps(mnist_dir, study_args, capsys, monkeypatch):
+    """--report-only finds a write a kill cut between its two renames (verify: the temporary file matches the
+    record) in a folder that refuses the rename: its one line advised "free space (or fix permissions) and run
+    the same command to resume", neither of which a rename nor a report needs. Now it names the file the rename
+    finishes and says to make the folder writable and run the command again; writable again, it reports."""
+    base = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(base) == 0
+    pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
+    tmp = pd / f"metrics.csv.{files.TMP_TAG}.{(1 << 22) - 1}"  # (a dead writer's: no process has that pid here)
+    rows = (pd / "metrics.csv").read_bytes()
+    tmp.write_bytes(rows)
+    (pd / "metrics.csv").write_bytes(rows[:len(rows) // 2])  # (the old file, the record the new one's)
+    real = os.replace
+
+    def read_only(src, dst, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), src)
+    monkeypatch.setattr(os, "replace", read_only)
+    err = _one_line_error(capsys, base + ["--report-only"])
+    monkeypatch.setattr(os, "replace", real)
+    assert err == (f"error: cannot write {tmp}: Read-only file system; it is {pd / 'metrics.csv'} finished: make its "
+                   "folder writable and run the same command again\n"), err
+    assert study.main(base + ["--report-only"]) == 0 and not tmp.exists() and (pd / "metrics.csv").read_bytes() == rows
 
 
 def test_a_killed_write_s_leftover_in_a_read_only_run_is_one_line(mnist_dir, study_args, capsys, monkeypatch):

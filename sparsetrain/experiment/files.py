@@ -209,7 +209,9 @@ def verify(path: str) -> bool:
             if os.path.exists(path) and _digest(path) == want:
                 return True
         except OSError as e:  # (a read-only folder: one line naming the file, as finish_interrupted_writes')
-            raise WriteFailed(e.errno, e.strerror or str(e), tmp) from e
+            failed = WriteFailed(e.errno, e.strerror or str(e), tmp)  # (a rename needs no space; no run to resume)
+            failed.advice = f"it is {path} finished: make its folder writable and run the same command again"
+            raise failed from e
     if not os.path.exists(path):
         got = "missing"
     elif os.path.getsize(path) == want["size"]:  # (the bytes changed, not the length)

@@ -372,7 +372,11 @@ def main(argv=None) -> int:
                              "(no config.json); run the same command without it to start one"
                              + other_runs_hint(cfg.out, rd, settings=result_settings(cfg)))
         if args.report_only:
-            print(report.write_report(rd))
+            try:
+                print(report.write_report(rd))
+            except WriteFailed as e:  # (the report is written anew: there is no run to resume)
+                e.advice = e.advice.replace("run the same command to resume", "run --report-only again")
+                raise
             return 0
         check_teachers(cfg)
         summary = run_study(cfg)
