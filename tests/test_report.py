@@ -775,6 +775,32 @@ def test_a_report_refuses_a_finished_metrics_file_that_fails_its_checksum(tmp_pa
     assert read(os.path.join(run, "summary.md")) == good  # (the old summary is left as it was)
 
 
+def test_a_report_removes_a_killed_report_s_temporary_files(tmp_path):
+    """A --report-only killed while writing its figures or summary.md left `<file>.sparsetrain-tmp.<pid>` in the
+    run directory, which only the run's next training start removed (a finished run's stayed for good). The
+    report now removes a dead writer's temporary files of its own files; a living writer's (locked: a report
+    beside it) and those of the run's other files (the run's start recovers them, under its lock) stay."""
+    import fcntl
+    from sparsetrain.experiment import files
+    run = tmp_path / "run"
+    write_config(run)
+    write_rows(run, make_rows([0.8, 0.85, 0.7]))
+    dead = (1 << 22) - 1  # (no process has that pid here)
+    leftovers = [run / f"{name}.{files.TMP_TAG}.{dead}" for name in ("summary.md", "cum_pflops.png",
+                                                                        "accuracy_vs_sparsity.png")]
+    kept = [run / f"config.json.{files.TMP_TAG}.{dead}", run / "seed0" / f"summary.md.{files.TMP_TAG}.{dead}",
+            run / f"summary.md.tmp.{dead}"]  # (the old form, never locked: never removed)
+    for p in leftovers + kept:
+        p.write_text("half")
+    living = run / f"summary.md.{files.TMP_TAG}.{os.getpid() + 1}"
+    with open(living, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (as atomic_write holds its temporary file)
+        summary = read(R.write_report(str(run)))
+        assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept) and living.exists()
+    assert "## Results" in summary and sorted(p.name for p in run.iterdir() if files.TMP_TAG in p.name) == sorted(
+        [kept[0].name, living.name])
+
+
 def test_a_report_refuses_a_config_json_that_does_not_parse(tmp_path):
     """A run's config.json that does not parse was read as {}: --report-only wrote a summary without
     settings whose early stops replayed T_E = T_A = 0.8 instead of the run's, with exit 0."""

@@ -342,7 +342,7 @@ TMP_TAG = "sparsetrain-tmp"
 _TMP = re.compile(rf"(.+)\.({TMP_TAG}|tmp)\.([1-9][0-9]{{0,6}})")
 
 
-def finish_interrupted_writes(folder: str) -> None:
+def finish_interrupted_writes(folder: str, names: tuple | None = None) -> None:
     """The temporary files of writes a killed process left under `folder` (call it holding the
     folder's lock): one that its record names is the newer file, renamed into place (a kill between
     the record and the data's rename); every other one never finished and is removed. A living
@@ -350,11 +350,12 @@ def finish_interrupted_writes(folder: str) -> None:
     pid in the name is no proof: reused, or every container's), by the pid rule where the filesystem
     cannot lock; one beside an unreadable record too, and names that cannot be atomic_write's (a number
     past Linux's largest pid, 2^22). The older `<path>.tmp.<pid>` form (never locked: the pid rule) is
-    finished where its record names it, never removed (a user's `notes.tmp.2024` looks the same)."""
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
+    finished where its record names it, never removed (a user's `notes.tmp.2024` looks the same).
+    `names`: only those of these files directly in `folder` (the report's: --report-only, lockless)."""
+    for dirpath, _, found in os.walk(folder) if names is None else [next(os.walk(folder), (folder, [], []))]:
+        for name in found:
             match = _TMP.fullmatch(name)
-            if match is None or int(match[3]) > 1 << 22:
+            if match is None or int(match[3]) > 1 << 22 or (names is not None and match[1] not in names):
                 continue
             tmp, path = os.path.join(dirpath, name), os.path.join(dirpath, match[1])
             with writer_lock.claim(tmp, int(match[3]), match[2] == TMP_TAG) as alive:

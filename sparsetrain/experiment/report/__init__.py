@@ -8,7 +8,7 @@ import glob
 import json
 import os
 
-from ..files import CorruptFile, atomic_write, verify
+from ..files import CorruptFile, atomic_write, finish_interrupted_writes, verify
 from ..integrity import check_place
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
@@ -18,6 +18,9 @@ from .tables import config_problem, ordered_phases, summary_table
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "verify_metrics", "LABEL_RULE"]
+
+# the files write_report writes in the run directory (plot_run's figures, then summary.md)
+REPORT_FILES = ("accuracy_vs_sparsity.png", "cum_pflops.png", "summary.md")
 
 
 def verify_metrics(run_dir) -> None:
@@ -33,7 +36,9 @@ def write_report(run_dir) -> str:
     itself refuses it; a report of it would show a torn or edited curve as the run's), and for a
     config.json that does not parse (the report would show no settings and replay the stop rules at
     the default thresholds, not the run's), or whose settings have the wrong type or range (config_problem),
-    and for a finished phase copied in from another run."""
+    and for a finished phase copied in from another run. A killed report's temporary files are removed
+    first (a dead writer's only: --report-only runs beside the run, without its lock)."""
+    finish_interrupted_writes(os.fspath(run_dir), REPORT_FILES)  # (else kept until the run's next start)
     verify_metrics(run_dir)
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
         try:  # (a phase copied from another run with its records: the run refuses it, integrity.check_place)
