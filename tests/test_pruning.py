@@ -1156,6 +1156,37 @@ def test_auto_engine_cache_ignores_non_bool_entries_and_leaves_no_temp_file(monk
     assert sorted(os.listdir(tmp_path)) == ["engine_auto.json"]
 
 
+def test_auto_engine_cache_removes_a_killed_writer_s_temporary_file(monkeypatch, tmp_path):
+    """A process killed while it wrote the decision cache left its .engine_auto.* temporary file in the cache
+    folder for good (one more per kill: nothing removed them). A write now removes those whose writer died,
+    told by the writer's lock (engine/writer_lock.py, as for a run's files): a living writer's stays, a
+    killed one's goes, and so do the older unlocked names (`.engine_auto.<random>`) no living writer holds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    stuck = ("import json, time\nfrom sparsetrain.engine import policy\n"
+             "def dump(obj, f, **k):\n    f.write('{\"hal'); f.flush(); print('writing', flush=True); time.sleep(120)\n"
+             "policy.json.dump = dump\npolicy._save_decision('x', True)")
+    writer = subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "SPARSETRAIN_CACHE_DIR": str(tmp_path)})
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (its,) = [n for n in os.listdir(tmp_path) if n.startswith(f".engine_auto.{writer.pid}.")]
+        (tmp_path / ".engine_auto.k3j4h5g6").write_text("{")  # (an older writer's, killed: no lock, no pid)
+        (tmp_path / "notes.txt").write_text("mine")
+        policy._save_decision("a", True)
+        assert sorted(os.listdir(tmp_path)) == sorted([its, "engine_auto.json", "notes.txt"])  # (a living writer's stays)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    policy._save_decision("b", False)
+    assert sorted(os.listdir(tmp_path)) == ["engine_auto.json", "notes.txt"]
+    assert json.loads((tmp_path / "engine_auto.json").read_text()) == {"a": True, "b": False}
+
+
 def test_auto_engine_measures_a_layer_called_with_its_input_by_keyword(monkeypatch, tmp_path):
     """The example pass read each measured layer's input as its first positional argument: a model
     calling self.fc(input=x) (nn.Linear's argument name) failed with IndexError."""

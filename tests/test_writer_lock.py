@@ -1,4 +1,4 @@
-"""Whether a temporary file's writer lives is its lock (experiment/writer_lock.py), not the pid in its
+"""Whether a temporary file's writer lives is its lock (engine/writer_lock.py), not the pid in its
 name: real child processes write with atomic_write and are stopped mid-write, between the two renames,
 or killed (SIGKILL); the recovery (finish_interrupted_writes, verify) must leave a living writer's file
 and finish or remove a dead one's, whatever process the pid in the name belongs to now."""
@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from sparsetrain.experiment import files, writer_lock
+from sparsetrain.engine import writer_lock
+from sparsetrain.experiment import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(files.__file__)))
 # argv: path, where to stop ("write": half the data written; "renames": the record renamed, not the data),

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 import warnings
@@ -39,6 +40,7 @@ from .fuse import fuse_
 from .hooks import hooked_eval
 from .args import MATERIALIZE, check_bool_mask, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
+from . import writer_lock
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
@@ -231,11 +233,34 @@ def _decision_lock():
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+# the cache file's temporary files: `.engine_auto.<pid>.<random>`, locked by their writer (writer_lock);
+# `.engine_auto.<random>` before 2026-12-06, never locked
+_TMP = re.compile(r"\.engine_auto\.(?:([1-9][0-9]{0,6})\.)?[^.]+")
+
+
+def _remove_leftovers(folder: str) -> None:
+    """Remove the cache's temporary files whose writer died (killed mid-write, nothing else removes them):
+    whether it lives is its lock, as for the study's files (writer_lock.claim; the pid rule where the lock
+    cannot tell, which keeps the older names: pid 0, this process group). None without fcntl (Windows, where
+    os.kill is no liveness check)."""
+    if writer_lock.fcntl is None:
+        return
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if (match := _TMP.fullmatch(name)) is not None:
+                with writer_lock.claim(os.path.join(folder, name), int(match[1] or 0)) as alive:
+                    if not alive:
+                        with contextlib.suppress(OSError):
+                            os.remove(os.path.join(folder, name))
+
+
 def _save_decision(key: str, value: bool) -> None:
-    """Merge one decision into the cache file (atomic replace, under _decision_lock)."""
-    path, tmp = _cache_path(), None
+    """Merge one decision into the cache file (atomic replace, under _decision_lock; a dead writer's
+    temporary files removed first)."""
+    path, tmp, held = _cache_path(), None, None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        _remove_leftovers(os.path.dirname(path))
         try:
             with open(path) as f:
                 merged = json.load(f)
@@ -244,7 +269,14 @@ def _save_decision(key: str, value: bool) -> None:
         if not isinstance(merged, dict):  # (valid JSON of another kind: as corrupt, written afresh)
             merged = {}
         merged[key] = value
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".engine_auto.")
+        for attempt in range(10):  # (locked while it is written: the sign that its writer lives; anew where
+            # a recovery took it between its creation and its lock)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".engine_auto.{os.getpid()}.")
+            held = writer_lock.hold(fd, tmp)
+            if held is not False or attempt == 9:
+                break
+            os.close(fd)
+        held = None if held is False else held
         with os.fdopen(fd, "w") as f:
             json.dump(merged, f, indent=0, sort_keys=True)
         os.replace(tmp, path)
@@ -258,6 +290,8 @@ def _save_decision(key: str, value: bool) -> None:
         if tmp is not None and os.path.exists(tmp):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+        if held is not None:  # (released once tmp is renamed or removed)
+            os.close(held)
 
 
 @functools.lru_cache(maxsize=2)

@@ -25,7 +25,7 @@ import time
 import warnings
 from typing import Callable
 
-from . import writer_lock
+from ..engine import writer_lock
 
 __all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
            "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
