@@ -1346,6 +1346,33 @@ def test_auto_engine_times_frozen_layers_as_training_runs_them(monkeypatch, tmp_
     assert sum(k.endswith("'frozen')") for k in policy._DECISIONS) == 2 and len(policy._DECISIONS) == 4
 
 
+def test_auto_engine_on_a_filesystem_that_cannot_lock_still_decides(monkeypatch, tmp_path):
+    """The decision cache's lock on a filesystem that cannot lock (flock's ENOLCK: NFS without lockd) was an
+    OSError traceback at the first measured layer (only "held by another process" was handled). It is
+    decided without the lock now, as where fcntl is missing, with no warning, and cached as before."""
+    import errno
+    import fcntl
+    import os
+    import warnings
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    real = fcntl.flock
+
+    def cannot_lock(fd, op):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "engine_auto.json.lock":
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", cannot_lock)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
+    assert list(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == [True]
+
+
 def test_auto_engine_waits_for_a_held_cache_lock_only_so_long(monkeypatch, tmp_path):
     """The decision cache's lock was taken with a blocking flock: a run holding it stopped (Ctrl-Z, a
     debugger) or hung kept every other run of the machine waiting at its first layer for good. It waits

@@ -20,6 +20,7 @@ by a BatchNorm are fused with it (engine/fused.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -213,15 +214,21 @@ def _decision_lock():
     with f:
         # (polled against a deadline: a holder stopped (Ctrl-Z, a debugger) or hung blocked every other
         # run at its first layer for good; after LOCK_WAIT_S this process decides alone, told)
-        deadline, locked = time.monotonic() + LOCK_WAIT_S, False
+        deadline, locked, lockable = time.monotonic() + LOCK_WAIT_S, False, True
         while not locked:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
+            except OSError as e:
+                # (a filesystem that cannot lock, ENOLCK: NFS without lockd: decided as without fcntl; it was
+                # an OSError traceback at the first measured layer)
+                lockable = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                if not lockable or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
+        if not locked and not lockable:
+            yield
+            return
         if not locked:
             warnings.warn(f"{path} stayed locked by another process for {LOCK_WAIT_S:g} s: this layer is measured "
                           "without it (runs in parallel may decide differently)")
