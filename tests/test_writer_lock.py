@@ -188,6 +188,45 @@ def test_without_locks_the_pid_rule_stands(tmp_path, monkeypatch, fcntl):
     assert sorted(os.listdir(tmp_path)) == [f"plot.png.{files.TMP_TAG}.{living.pid}", "state.pt", "state.pt.sha256"]
 
 
+class _NFSLocks:
+    """fcntl on NFS: flock is a whole-file byte-range lock there, whose LOCK_EX needs a descriptor open for
+    writing (EBADF on a read-only one)."""
+    LOCK_EX, LOCK_NB, LOCK_UN = 2, 4, 8
+
+    @staticmethod
+    def flock(fd, op):
+        import fcntl
+        if op & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return fcntl.flock(fd, op)
+
+
+def test_on_nfs_the_lock_tells_not_the_pid(tmp_path, monkeypatch):
+    """The recovery opened a temporary file read-only to take its lock: on NFS (an exclusive flock there needs
+    a descriptor open for writing) that was EBADF, and the pid rule decided, where the lock is seen by every
+    client: another host's living writer, whose pid is none here, lost its file. Opened for writing now, the
+    lock tells: a living writer's file stays, a dead one's goes, whatever the pid in the name."""
+    monkeypatch.setattr(writer_lock, "fcntl", _NFSLocks)
+    living = tmp_path / f"plot.png.{files.TMP_TAG}.{_dead_pid()}"  # (another host's writer: its pid dead here)
+    dead = tmp_path / f"cum.png.{files.TMP_TAG}.{os.getppid()}"  # (a killed writer's, its pid reused by a process)
+    for p in (living, dead):
+        p.write_text("half")
+    with open(living, "a") as held:
+        _NFSLocks.flock(held.fileno(), _NFSLocks.LOCK_EX)
+        assert writer_lock.writer_alive(str(living), _dead_pid()) is True
+        files.finish_interrupted_writes(str(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == [living.name]
+    real = os.open
+
+    def not_writable(path, flags, *a):  # (another user's file, a read-only mount: opened read-only, as before)
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path, flags, *a)
+    monkeypatch.setattr(os, "open", not_writable)
+    assert writer_lock.writer_alive(str(living), os.getppid()) is True  # (EBADF again: the pid rule, a living pid)
+    assert writer_lock.writer_alive(str(living), _dead_pid()) is False
+
+
 def test_a_write_whose_new_file_a_recovery_removed_starts_anew(tmp_path, monkeypatch):
     """A recovery may take the lock of a temporary file between its creation and its writer's lock (the
     file of a dead writer of the same name: a reused pid) and remove it: the writer then wrote into a removed

@@ -70,8 +70,13 @@ def claim(tmp: str, pid: int, locks: bool = True):
     fd = alive = None
     try:
         if locks and fcntl is not None:
-            with contextlib.suppress(OSError):
-                fd = os.open(tmp, os.O_RDONLY)
+            # (open for writing where it may be: NFS's flock, a byte-range lock, takes LOCK_EX on such a
+            # descriptor only: EBADF on a read-only one fell back to the pid rule there, another host's
+            # writer then dead; read-only for a file of another user or on a read-only mount)
+            for mode in (os.O_RDWR, os.O_RDONLY):
+                with contextlib.suppress(OSError):
+                    fd = os.open(tmp, mode)
+                    break
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
