@@ -801,6 +801,30 @@ def test_a_report_removes_a_killed_report_s_temporary_files(tmp_path):
         [kept[0].name, living.name])
 
 
+def test_a_report_that_cannot_remove_an_earlier_report_s_figures_is_write_failed(tmp_path, monkeypatch):
+    """A report of a run without metrics removes an earlier report's figures (they would show curves the summary
+    no longer has); in a read-only run directory that removal was an OSError traceback from --report-only. It is
+    WriteFailed naming the figure now (the CLI's one line, exit 2), as the report's writes are."""
+    import errno
+    from sparsetrain.experiment import files
+    run = tmp_path / "run"
+    write_config(run)
+    (run / "accuracy_vs_sparsity.png").write_bytes(b"an earlier report's")
+    real = os.remove
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".png"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "remove", read_only)
+    with pytest.raises(files.WriteFailed) as e:
+        R.write_report(str(run))
+    assert str(e.value).startswith(f"cannot write {run / 'accuracy_vs_sparsity.png'}: {os.strerror(errno.EROFS)}; ")
+    monkeypatch.setattr(os, "remove", real)
+    assert "Phases with metrics: none yet." in read(R.write_report(str(run)))
+    assert sorted(os.listdir(run)) == ["config.json", "summary.md"]
+
+
 def test_a_report_refuses_a_config_json_that_does_not_parse(tmp_path):
     """A run's config.json that does not parse was read as {}: --report-only wrote a summary without
     settings whose early stops replayed T_E = T_A = 0.8 instead of the run's, with exit 0."""
