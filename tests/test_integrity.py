@@ -357,7 +357,7 @@ def test_report_only_that_cannot_finish_a_killed_write_says_what_helps(mnist_dir
     """--report-only finds a write a kill cut between its two renames (verify: the temporary file matches the
     record) in a folder that refuses the rename: its one line advised "free space (or fix permissions) and run
     the same command to resume", neither of which a rename nor a report needs. Now it names the file the rename
-    finishes and says to make the folder writable and run the command again; writable again, it reports."""
+    finishes and says to fix the folder's permissions and run the command again; writable again, it reports."""
     base = study_args(mnist_dir, "--phases", "teacher")
     assert study.main(base) == 0
     pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
@@ -372,8 +372,8 @@ def test_report_only_that_cannot_finish_a_killed_write_says_what_helps(mnist_dir
     monkeypatch.setattr(os, "replace", read_only)
     err = _one_line_error(capsys, base + ["--report-only"])
     monkeypatch.setattr(os, "replace", real)
-    assert err == (f"error: cannot write {tmp}: Read-only file system; it is {pd / 'metrics.csv'} finished: make its "
-                   "folder writable and run the same command again\n"), err
+    assert err == (f"error: cannot write {tmp}: Read-only file system; it finishes {pd / 'metrics.csv'}'s interrupted "
+                   "write: fix the folder's permissions and run the same command again\n"), err
     assert study.main(base + ["--report-only"]) == 0 and not tmp.exists() and (pd / "metrics.csv").read_bytes() == rows
 
 

@@ -210,7 +210,8 @@ def verify(path: str) -> bool:
                 return True
         except OSError as e:  # (a read-only folder: one line naming the file, as finish_interrupted_writes')
             failed = WriteFailed(e.errno, e.strerror or str(e), tmp)  # (a rename needs no space; no run to resume)
-            failed.advice = f"it is {path} finished: make its folder writable and run the same command again"
+            failed.advice = (f"it finishes {path}'s interrupted write: fix the folder's permissions and run the same "
+                             "command again")
             raise failed from e
     if not os.path.exists(path):
         got = "missing"
