@@ -8,6 +8,8 @@ stands: a writer lives while a process of its pid does, this process's own pid b
 NFS: flock is emulated there by whole-file byte-range locks on the server, seen by every client that
 locks (not with the mount option local_lock=flock or all, where another host's writer looks dead);
 a crashed client's lock lasts until the server's lease expires (NFSv4: about 90 s).
+In the engine since 2026-12-06: the auto policy's decision cache (policy._save_decision) locks its
+temporary files the same way, and removes a dead writer's.
 """
 from __future__ import annotations
 
