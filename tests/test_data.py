@@ -70,6 +70,26 @@ def test_a_10_class_label_file_is_refused_for_cifar100n(tmp_path):
     assert torch.equal(s.train.y, torch.from_numpy(kept))
 
 
+def test_a_cifar100n_label_table_of_another_shape_is_refused_not_flattened(tmp_path):
+    """A label file shaped [2, N/2] or [N/2, 2] (a transposed or reshaped table) was flattened into N labels
+    without a word: labels paired with other images. Now refused naming the file and the shape expected;
+    [N], [N, 1] and [1, N] still load, each as the labels in file order."""
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=40, n_test=5)
+    noisy = (y + 3 * (np.arange(40) % 4 == 0)) % 100
+    np.save(tmp_path / "t.npy", noisy.reshape(2, 20))
+    np.savetxt(tmp_path / "t.txt", noisy.reshape(20, 2), fmt="%d")
+    torch.save({"noisy_label": noisy.reshape(2, 20).T, "clean_label": y}, tmp_path / "t.pt")
+    for name, shape in (("t.npy", [2, 20]), ("t.txt", [20, 2]), ("t.pt", [20, 2])):
+        with pytest.raises(D.DataError, match=rf"--label-file {tmp_path / name} must hold one label per training "
+                                              rf"image, shape \[40\] \(or a \[40, 1\] column\), got shape "
+                                              rf"{re.escape(str(shape))}"):
+            D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
+    for i, table in enumerate((noisy, noisy.reshape(40, 1), noisy.reshape(1, 40))):
+        np.save(tmp_path / f"ok{i}.npy", table)
+        s = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=tmp_path / f"ok{i}.npy", download=False)
+        assert torch.equal(s.train.y, torch.from_numpy(noisy))
+
+
 def test_a_damaged_cifar100n_pt_file_is_named_without_torchs_unsafe_advice(tmp_path):
     """torch.load's error on a damaged .pt file advised re-running with weights_only=False ("arbitrary
     code execution") or allowing the global: unsafe for a downloaded file and no help for a damaged one.

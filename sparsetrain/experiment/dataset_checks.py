@@ -9,7 +9,8 @@ import numpy as np
 
 from .dataset_errors import DataError
 
-__all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels"]
+__all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
+           "check_label_shape"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -64,3 +65,14 @@ def check_human_labels(path, labels, y_clean) -> None:
         raise DataError(f"--label-file {path}: every label lies in 0..9, where {above} of the CIFAR-100 training "
                         "images are of classes 10..99 and none kept its class: a 10-class file (CIFAR-10N's?), "
                         "not CIFAR-100's human labels (CIFAR-100_human.pt)")
+
+
+def check_label_shape(path, labels, n: int):
+    """CIFAR-N labels as [N] (one per training image in file order), or a [N, 1] / [1, N] column or row;
+    any other table ([2, 25000], [25000, 2]) flattened would pair labels with other images (its row
+    order unknown). Returns them flattened."""
+    shape = np.shape(labels)
+    if sum(d != 1 for d in shape) > 1:
+        raise DataError(f"--label-file {path} must hold one label per training image, shape [{n}] (or a [{n}, 1] "
+                        f"column), got shape {list(shape)}: flattened, its labels would pair with other images")
+    return np.reshape(labels, -1)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset_checks import check_batch_label, check_distinct, check_human_labels, check_not_swapped
+from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_label_shape,
+                             check_not_swapped)
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
@@ -297,11 +298,12 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
             if "clean_label" in d and not np.array_equal(np.asarray(d["clean_label"]).reshape(-1), y_clean.numpy()):
                 raise DataError(f"--label-file {path}: its 'clean_label' differs from the CIFAR-100 "
                                 "training labels (wrong file or order)")
-            labels = np.asarray(d["noisy_label"]).reshape(-1)
+            labels = np.asarray(d["noisy_label"])
         elif path.suffix == ".npy":
-            labels = np.load(path, allow_pickle=False).reshape(-1)
+            labels = np.load(path, allow_pickle=False)
         else:
-            labels = np.loadtxt(path, dtype=np.int64).reshape(-1)
+            labels = np.loadtxt(path, dtype=np.int64)
+        labels = check_label_shape(path, labels, y_clean.shape[0])  # ([2, 25000] flattened: labels of other images)
         if labels.dtype.kind not in "iu":  # (a float or bool array cast to int64 would load as other labels)
             raise DataError(f"--label-file {path} must hold integer labels, got {labels.dtype}")
         labels = torch.as_tensor(labels.astype(np.int64))
