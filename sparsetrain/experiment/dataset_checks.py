@@ -10,7 +10,7 @@ import numpy as np
 from .dataset_errors import DataError
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
-           "check_label_shape"]
+           "check_label_shape", "check_idx_labels"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -40,6 +40,24 @@ def check_distinct(name: str, named_images) -> None:
                 raise DataError(f"{name}: {g} and {f} hold the same images: one file copied over the other "
                                 "(or given twice); restore the original files")
         seen.setdefault(key, []).append((f, x))
+
+
+# the official files' images per class (training, test): Fashion-MNIST's are balanced, MNIST's not; the two
+# datasets' files have the same names, and these tell them apart whatever the folder or compression
+IDX_COUNTS = {"mnist": ((5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+                        (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)),
+              "fashion-mnist": ((6000,) * 10, (1000,) * 10)}
+
+
+def check_idx_labels(name: str, y_train, y_test, train_file, test_file) -> None:
+    """MNIST's or Fashion-MNIST's label files (int arrays) whose class counts are exactly the other
+    dataset's official ones: that dataset's files, placed under the folder of this one."""
+    other = "fashion-mnist" if name == "mnist" else "mnist"
+    for y, f, counts in ((y_train, train_file, IDX_COUNTS[other][0]), (y_test, test_file, IDX_COUNTS[other][1])):
+        if len(y) == sum(counts) and tuple(np.bincount(y, minlength=10).tolist()) == counts:
+            raise DataError(f"{name}: {f} holds {other}'s labels (its images per class are exactly those of "
+                            f"{other}'s official file, {', '.join(map(str, counts))}): {other}'s files, which have "
+                            f"{name}'s names, in {name}'s place; move them into DATA_DIR/{other}/")
 
 
 _BATCH_LABEL = re.compile(r"(training|testing) batch (\d+) of (\d+)")

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_label_shape,
-                             check_not_swapped)
+from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_idx_labels,
+                             check_label_shape, check_not_swapped)
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
@@ -152,6 +152,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     check_pairs(name, xte, yte, "test", files[2:])
     check_not_swapped(name, len(xtr), len(xte), files[:2], files[2:])
     check_distinct(name, [(files[0], xtr.numpy()), (files[2], xte.numpy())])
+    check_idx_labels(name, ytr.numpy(), yte.numpy(), files[1], files[3])  # (Fashion-MNIST's files in mnist/)
     return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
 
 
