@@ -941,6 +941,46 @@ def test_imagefolder_in_memory(tmp_path):
         D.load_dataset("imagefolder", tmp_path, download=False)
 
 
+def test_images_imagefolder_would_skip_are_refused_by_folder(tmp_path):
+    """ImageFolder reads .jpg .png .webp ... in any case (.JPG too) and skipped other images (.gif, .jfif)
+    and any image outside a class folder without a word: a split trained on fewer images than it held.
+    Now refused naming the folders and counts; other files (notes) are still not images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+
+    def save(path, fmt=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path, format=fmt)
+    for split in ("train", "val"):
+        for cls in ("ant", "bee"):
+            save(tmp_path / split / cls / "0.png")
+            save(tmp_path / split / cls / "1.JPG", "JPEG")  # (upper case: read)
+            save(tmp_path / split / cls / "2.webp")
+            (tmp_path / split / cls / "notes.txt").write_text("not an image")
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert (len(s.train), len(s.test)) == (6, 6) and s.train.y.tolist() == [0, 0, 0, 1, 1, 1]
+    ref = torch.from_numpy(np.array(Image.open(tmp_path / "train" / "bee" / "2.webp").convert("RGB").resize(
+        (8, 8), Image.BILINEAR))).permute(2, 0, 1)
+    assert torch.equal(s.train.x[5], ref)  # (the .webp read: the last bee image)
+    save(tmp_path / "train" / "bee" / "3.gif", "GIF")
+    save(tmp_path / "train" / "bee" / "deep" / "4.jfif", "JPEG")
+    with pytest.raises(D.DataError, match=rf"imagefolder: 2 images ImageFolder would skip without a word, in "
+                                          rf"{tmp_path / 'train' / 'bee'} \(1\), {tmp_path / 'train' / 'bee' / 'deep'} "
+                                          r"\(1\): it reads \.jpg \.jpeg .* files in a class folder only"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, download=False)
+    for f in ("3.gif", "deep/4.jfif"):
+        (tmp_path / "train" / "bee" / f).unlink()
+    save(tmp_path / "val" / "loose.png")  # (outside any class folder)
+    with pytest.raises(D.DataError, match=rf"1 image ImageFolder .* in {tmp_path / 'val'} \(1, outside any class folder\)"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, download=False)
+    (tmp_path / "val" / "loose.png").unlink()
+    for f in (tmp_path / "val" / "ant").iterdir():  # (a class folder of skipped images alone: named the same way)
+        f.unlink()
+    save(tmp_path / "val" / "ant" / "0.gif", "GIF")
+    with pytest.raises(D.DataError, match=rf"1 image ImageFolder .* in {tmp_path / 'val' / 'ant'} \(1\)"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, download=False)
+
+
 def test_an_official_validation_split_counts_in_the_fingerprint_and_the_statistics(monkeypatch, tmp_path):
     """flowers102's official val images are training data: the normalisation statistics cover them
     (README, Fidelity: train and validation images), and a run refuses to continue when they change."""

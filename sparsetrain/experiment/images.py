@@ -13,7 +13,8 @@ import torch
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
 from .dataset_lock import download_guard
 
-__all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder"]
+__all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder", "check_skipped_images",
+           "SKIPPED_EXTENSIONS"]
 
 
 def pil_to_uint8(img, size: int) -> torch.Tensor:
@@ -102,12 +103,38 @@ def _flowers_problems(base: Path, flowers_cls) -> list:
     return problems
 
 
+# image formats that torchvision's ImageFolder skips (it reads IMG_EXTENSIONS, in any case: .JPG, .webp too)
+SKIPPED_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jxl", ".apng", ".jp2", ".j2k", ".ico",
+                      ".tga", ".psd", ".pcx", ".pbm", ".pnm", ".pfm", ".dib", ".qoi", ".sgi", ".icns")
+
+
+def check_skipped_images(root: Path) -> None:
+    """Images ImageFolder would skip without a word (a format of SKIPPED_EXTENSIONS in a class folder, or
+    any image lying in `root` outside one): a DataError naming the folders and counts, so that a
+    split never trains on fewer images than it holds. Other files (notes, .DS_Store) are not images."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    skip, root = {}, Path(root)  # (str or Path)
+    for r, dirs, files in os.walk(root, followlinks=True):  # (ImageFolder follows links too)
+        dirs.sort()
+        top = Path(r) == root  # (there every image is outside a class folder)
+        n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in files)
+        if n:
+            skip[Path(r)] = n
+    if skip:
+        where = ", ".join(f"{d} ({n}{', outside any class folder' if d == root else ''})" for d, n in list(skip.items())[:4])
+        n = sum(skip.values())
+        raise DataError(f"imagefolder: {n} image{'s' * (n > 1)} ImageFolder would skip without a word, in {where}"
+                        f"{' ...' if len(skip) > 4 else ''}: it reads {' '.join(IMG_EXTENSIONS)} files in a class "
+                        "folder only; convert the images (or move them into their class folder) or remove them")
+
+
 def load_imagefolder(data_dir: Path, size: int):
     from torchvision.datasets import ImageFolder
     if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
         raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
                               "with one sub-directory of images per class (ImageNet layout)")
     def folder(split):
+        check_skipped_images(data_dir / split)
         try:
             return ImageFolder(str(data_dir / split))
         except FileNotFoundError as e:  # (a class folder without images, or no class folder)
