@@ -302,3 +302,38 @@ def test_a_temporary_file_gone_since_the_listing_is_left_alone(tmp_path, monkeyp
     monkeypatch.setattr(files.os, "walk", renamed_meanwhile)
     files.finish_interrupted_writes(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["summary.md"] and (tmp_path / "summary.md").read_text() == "# new"
+
+
+class _FakeKernel32:
+    """OpenProcess/GetExitCodeProcess of a fake Windows: `procs` maps pid -> exit code (259: running)."""
+
+    def __init__(self, procs, error=87):
+        self.procs, self.error, self.closed = procs, error, []
+
+    def OpenProcess(self, access, inherit, pid):
+        return pid + 1000 if pid in self.procs else 0
+
+    def GetExitCodeProcess(self, handle, code):
+        code._obj.value = self.procs[handle - 1000]
+        return 1
+
+    def CloseHandle(self, handle):
+        self.closed.append(handle)
+
+
+def test_pid_alive_on_windows_never_signals(monkeypatch):
+    """On Windows os.kill(pid, 0) sends CTRL_C_EVENT to process group `pid` (it would interrupt a living
+    writer), no liveness test: OpenProcess/GetExitCodeProcess decide, and where they cannot, alive."""
+    def kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) on Windows")
+    k32 = _FakeKernel32({10: 259, 11: 0})
+    monkeypatch.setattr(os, "kill", kill)
+    monkeypatch.setattr(writer_lock, "_kernel32", lambda: (k32, lambda: k32.error))
+    monkeypatch.setattr(os, "name", "nt")
+    got = [writer_lock.pid_alive(pid) for pid in (10, 11, 12)]  # running, exited, no such pid
+    k32.error = 5  # (ERROR_ACCESS_DENIED: it exists)
+    got.append(writer_lock.pid_alive(12))
+    monkeypatch.setattr(writer_lock, "_kernel32", lambda: None)  # (no kernel32: unknown, kept)
+    got.append(writer_lock.pid_alive(12))
+    monkeypatch.undo()
+    assert got == [True, False, False, True, True] and k32.closed == [1010, 1011]

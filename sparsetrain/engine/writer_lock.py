@@ -5,6 +5,7 @@ without waiting knows the writer is gone; one that cannot, that it lives. The pi
 such proof (reused by another process, or the same small pid in every container). Where the lock
 cannot tell (fcntl missing: Windows; ENOLCK: NFS without lockd; an unreadable file) the pid rule
 stands: a writer lives while a process of its pid does, this process's own pid being a dead one's.
+(On Windows a process's liveness is OpenProcess/GetExitCodeProcess's, never os.kill's signal 0.)
 NFS: flock is emulated there by whole-file byte-range locks on the server, seen by every client that
 locks (not with the mount option local_lock=flock or all, where another host's writer looks dead);
 a crashed client's lock lasts until the server's lease expires (NFSv4: about 90 s).
@@ -53,8 +54,48 @@ def hold(fd: int, tmp: str, wait: float = 10.0):
     return False
 
 
+def _kernel32():
+    """Windows's kernel32 (ctypes) and its last-error getter, None where there is none."""
+    try:
+        import ctypes
+        k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        k32.OpenProcess.restype = ctypes.c_void_p  # (a HANDLE: pointer-wide, not the default int)
+        k32.GetExitCodeProcess.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong)]
+        k32.CloseHandle.argtypes = [ctypes.c_void_p]
+        return k32, ctypes.get_last_error
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def _pid_alive_windows(pid: int) -> bool:
+    """pid_alive on Windows: os.kill(pid, 0) there sends CTRL_C_EVENT to process group `pid` (it would
+    interrupt a living writer) instead of testing it; ask OpenProcess/GetExitCodeProcess instead. Where
+    they cannot tell (no kernel32, another error) it is alive: its file is kept, the safe error."""
+    import ctypes
+    found = _kernel32()
+    if found is None:
+        return True
+    k32, last_error = found
+    # (PROCESS_QUERY_LIMITED_INFORMATION; ERROR_INVALID_PARAMETER: no such pid; STILL_ACTIVE: exit code 259)
+    try:
+        handle = k32.OpenProcess(0x1000, False, int(pid))
+    except (ctypes.ArgumentError, OverflowError, TypeError):  # (a pid no DWORD holds: unknown)
+        return True
+    if not handle:
+        return last_error() != 87
+    try:
+        code = ctypes.c_ulong(0)
+        if not k32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # (an exited process whose handle another still holds: dead)
+    finally:
+        k32.CloseHandle(handle)
+
+
 def pid_alive(pid: int) -> bool:
-    """A process of `pid` exists (another user's too)."""
+    """A process of `pid` exists (another user's too; on Windows one not yet exited)."""
+    if os.name == "nt":
+        return _pid_alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
