@@ -1,6 +1,7 @@
 """The experiment end to end on tiny IDX files written here: schedule, masks, best round, resume,
 distillation, the CLI's errors."""
 import csv
+import dataclasses
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ from conftest import run_dir, strip_timing
 from sparsetrain.engine.nn import masks_of
 from sparsetrain.experiment import devices, files, report, study
 from sparsetrain.experiment.checkpoint import load_model, safe_load
-from sparsetrain.experiment.config import build_parser, config_from_args
+from sparsetrain.experiment.config import Config, build_parser, config_from_args
 from sparsetrain.experiment.train import kd_loss
 
 
@@ -306,6 +307,16 @@ def test_help_gives_every_flag_that_takes_a_value_its_default():
     assert "--teacher-epochs / --student-epochs, given too, win" in epochs
     cfg, _ = config_from_args(["mnist", "--epochs", "2", "--teacher-epochs", "3", "--milestones", "1"])
     assert (cfg.teacher_epochs, cfg.student_epochs) == (3, 2)  # (what the help says)
+
+
+def test_help_names_an_empty_default():
+    """--label-file's help ended "(default )": an empty string default shown as nothing; it says empty."""
+    empty = [f for f in dataclasses.fields(Config) if f.default == "" and not f.metadata.get("positional")]
+    assert any(f.name == "label_file" for f in empty)
+    helps = {a.dest: " ".join(a.help.split()) for a in build_parser()._actions}
+    for f in empty:
+        assert "(default )" not in helps[f.name] and "(default ," not in helps[f.name], f.name
+    assert helps["label_file"].endswith("(default empty)")
 
 
 def test_report_only_or_resume_under_other_flags_names_the_runs_out_holds(tmp_path, capsys):

@@ -18,6 +18,7 @@ from ..engine.policy import ENGINES
 from ..prune import PERTURBATIONS, RULES, SCOPES
 from .data import NOISE_KINDS, POLICIES
 from .config_types import Hyper, check_types, normalize
+from .cli_flags import Parser, add_flag
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
 from .devices import resolve_amp, resolve_device, version_line
@@ -286,31 +287,8 @@ PRESET_ALWAYS = frozenset(set.intersection(*(set(row) for row in STUDY.values())
 PRESET_FIELDS = PRESET_ALWAYS | {k for row in STUDY.values() for k in row} | {"eps"}
 
 
-def _add_flag(p, flag: str, t, default, help_: str, choices=None, preset: str = "") -> None:
-    shown = " " + (" ".join(map(str, default)) or "none" if t is tuple else str(default))
-    if preset == "always":  # (no dataclass default is what a run gets)
-        help_ = help_.replace(" (default: Table 4", " (Table 4")
-        shown = ": set by --profile for the dataset and model; --print-config shows a run's"
-    elif preset:
-        shown = f"{shown}, unless --profile sets it for the dataset: --print-config shows a run's"
-    if t is bool:
-        p.add_argument(flag, action="store_true", default=None, help=help_)
-    elif t is tuple:
-        elem = type(default[0]) if default else str
-        p.add_argument(flag, nargs="+", type=elem, default=None, choices=choices, help=f"{help_} (default{shown})")
-    else:
-        p.add_argument(flag, type=t, default=None, choices=choices, help=f"{help_} (default{shown})")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: `error: <what> (see --help)` and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m sparsetrain.experiment",
         description="DSD2 study: iterative magnitude pruning of a teacher, of a vanilla student, and of "
                     "students distilled from the teacher; entropy, early stop and FLOPs per round.")
@@ -319,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.metadata.get("positional"):
             p.add_argument(f.name, help=f.metadata["help"], choices=f.metadata.get("choices"))
         else:
-            _add_flag(p, f"--{f.name.replace('_', '-')}", hints[f.name], f.default, f.metadata["help"],
-                      f.metadata.get("choices"),
-                      preset="always" if f.name in PRESET_ALWAYS else "some" if f.name in PRESET_FIELDS else "")
+            add_flag(p, f"--{f.name.replace('_', '-')}", hints[f.name], f.default, f.metadata["help"],
+                     f.metadata.get("choices"),
+                     preset="always" if f.name in PRESET_ALWAYS else "some" if f.name in PRESET_FIELDS else "")
     for k in ROLE_KEYS:  # both roles at once; --teacher-<k> / --student-<k> set one role
         f = next(f for f in fields(Config) if f.name == f"teacher_{k}")
         p.add_argument(f"--{k.replace('_', '-')}", dest=k, default=None, nargs="+" if hints[f.name] is tuple else None,
