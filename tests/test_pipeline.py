@@ -203,6 +203,9 @@ def test_a_final_batch_of_one_sample_is_skipped(monkeypatch):
     (["mnist", "--drop", "10"], "--drop must be in (0, 1], got 10.0"),
     (["mnist", "--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
     (["mnist", "--epochs", "5", "--milestones", "3", "10"], "--milestones must be epochs in [1, 5)"),
+    # (1 epoch: "[1, 1)" named an empty range; now what fits and what to give)
+    (["mnist", "--epochs", "1", "--milestones", "1"], "--milestones: no milestone fits 1 epoch (--epochs 1, the teacher"),
+    (["mnist", "--student-epochs", "1", "--student-milestones", "2"], "leave --student-milestones out, got 2"),
     # (round r's epoch e shuffles, augments and draws dropout from stream e + 1000 r: epoch 1000 of round 0
     # repeated round 1's first epoch)
     (["mnist", "--student-epochs", "1001"], "--student-epochs must be in [1, 1000]"),

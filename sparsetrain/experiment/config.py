@@ -342,6 +342,10 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
             hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
             if key in given and any(m >= hp.epochs for m in hp.milestones):
                 flag = flags.get(key, f"--{key.replace('_', '-')}")
+                if hp.epochs == 1:  # ([1, 1) named no epoch: say why none fits and what to give)
+                    raise ValueError(f"{flag}: no milestone fits 1 epoch ({flags.get(f'{role}_epochs', f'--{role}-epochs')} "
+                                     f"1, the {role} runs' LR never drops); leave {flag} out, got "
+                                     f"{' '.join(map(str, hp.milestones))}")
                 raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
                                  f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
     except ValueError as e:
