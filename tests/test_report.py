@@ -754,6 +754,24 @@ def test_the_summary_names_every_setting_that_changes_results(tmp_path):
             assert table_row(md, k)[1] == (json.dumps(v) if isinstance(v, (list, dict)) else str(v)), k
 
 
+def test_a_setting_with_a_pipe_keeps_the_settings_table_whole(tmp_path):
+    """A `|` in a setting (a --label-file or --teachers path) split its row of summary.md's settings table
+    into more cells, the value cut off; it is now escaped (`\\|`), the value whole in its one cell."""
+    label, teacher = "data/cifar|n/CIFAR-100_human.pt", "ckpt/a|b.pt"
+    cfg = write_config(tmp_path, dataset="cifar100n", label_file=label, teachers=["dense", teacher])
+    for phase in ("teacher", "vanilla", "distill-path-a|b"):  # (its results rows name the teacher path's stem)
+        write_rows(str(tmp_path), make_rows([0.5, 0.6], phase=phase))
+    md = read(R.write_report(str(tmp_path)))
+    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # noqa: E731 (GFM's)
+    for key in ("label_file", "teachers", "dataset"):
+        line = next(l for l in md.splitlines() if l.startswith(f"| {key} |"))
+        want = json.dumps(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+        assert split(line) == [key, want], line
+    header = next(l for l in md.splitlines() if l.startswith("| Run |"))
+    rows = [l for l in md.splitlines() if l.startswith("| distilled from the path-a")]
+    assert len(rows) == 3 and all(len(split(l)) == len(split(header)) and split(l)[3] == "path-a|b" for l in rows)
+
+
 def test_a_report_refuses_a_finished_metrics_file_that_fails_its_checksum(tmp_path):
     """--report-only read a finished phase's metrics.csv without checking it: a torn or hand-edited file
     (which the run itself refuses) was reported as the run's curve, exit 0; now CorruptFile names it."""

@@ -63,7 +63,8 @@ def write_report(run_dir) -> str:
             "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
              "| Setting | Value |", "|---|---|"]
-    lines += [f"| {k} | {json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k]} |"
+    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 (a `|` in a value, a path's, split its row)
+    lines += [f"| {k} | {cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
     for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
         sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",

@@ -202,6 +202,7 @@ def summary_table(run, rounds: bool = True) -> str:
            "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
     for spec in specs:
         name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
+        name, teacher = (str(v).replace("|", "\\|") for v in (name, teacher))  # (a teacher path's `|` split the row)
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
         cell = lambda key, nd=2: _part(ms([o[key] for o in outs], nd), outs, key)  # noqa: E731
         out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
