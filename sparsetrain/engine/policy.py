@@ -42,6 +42,7 @@ from .hooks import hooked_eval
 from .args import MATERIALIZE, check_bool_mask, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 from . import writer_lock
+from .policy_cache import add_bounded
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
@@ -275,7 +276,7 @@ def _save_decision(key: str, value: bool) -> None:
             merged = {}
         if not isinstance(merged, dict):  # (valid JSON of another kind: as corrupt, written afresh)
             merged = {}
-        merged[key] = value
+        add_bounded(merged, key, value)  # (the newest last, at most KEEP_PER_LAYER per layer: policy_cache)
         for attempt in range(10):  # (locked while it is written: the sign that its writer lives; anew where
             # a recovery took it between its creation and its lock)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".engine_auto.{os.getpid()}.")
@@ -285,7 +286,7 @@ def _save_decision(key: str, value: bool) -> None:
             os.close(fd)
         held = None if held is False else held
         with os.fdopen(fd, "w") as f:
-            json.dump(merged, f, indent=0, sort_keys=True)
+            json.dump(merged, f, indent=0)  # (in the order written: oldest first)
         os.replace(tmp, path)
     except OSError as e:  # a read-only home: the decision stays in memory, told once per file
         if path not in _UNWRITABLE:
