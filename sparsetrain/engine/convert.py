@@ -14,7 +14,8 @@ from .formats import own_mode
 from .index import check_index
 from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
-from .nn import SPARSE_TYPES, SparseConv2d, _owners, _replace_modules, _tied, check_model, is_sparse
+from .nn import SPARSE_TYPES, SparseConv2d, _owners, _tied, check_model, is_sparse
+from .swap import _replace_modules
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
 

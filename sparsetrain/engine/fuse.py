@@ -11,9 +11,10 @@ from torch import fx, nn
 
 from .args import check_flag
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
-from .nn import SparseConv2d, SparseLinear, _replace_modules, _set_module, check_model
+from .nn import SparseConv2d, SparseLinear, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _backward_hooked, _watched
+from .swap import _replace_modules, _set_module
 from .torch_prune import check_own_bias
 
 __all__ = ["fuse_", "unfuse_"]
