@@ -2,17 +2,42 @@
 the replaced module's training mode and the hooks registered on it."""
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 
 # A module's forward and backward hook registries (torch.nn.Module's attributes).
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
           "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+# Its state_dict hooks: they read and write its entries by key, which fuse_/unfuse_'s replacements keep
+# and sparsify_/densify_'s change (`weight` <-> `weight.values`, `.crow_indices`, `.col_indices`)
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+_HOW = {"_state_dict_hooks": "register_state_dict_post_hook", "_state_dict_pre_hooks": "register_state_dict_pre_hook",
+        "_load_state_dict_pre_hooks": "register_load_state_dict_pre_hook",
+        "_load_state_dict_post_hooks": "register_load_state_dict_post_hook"}  # (or their _register_... forms)
+
+
+def state_dict_hooked(mod: nn.Module) -> bool:
+    """`mod` has a state_dict hook (saving or loading), which sparsify_/densify_ refuse."""
+    return any(getattr(mod, attr, None) for attr in _STATE_DICT_HOOKS)
+
+
+def check_no_state_dict_hooks(mod: nn.Module, name: str, what: str) -> None:
+    """TypeError naming layer `name` when `mod` has state_dict hooks, which `what` (sparsify_, densify_)
+    cannot carry over: its replacement's state_dict has other keys, so a hook reading `weight` would
+    fail or silently do nothing (before 2026-12-06 they were dropped silently)."""
+    for attr in _STATE_DICT_HOOKS:
+        if getattr(mod, attr, None):
+            raise TypeError(f"layer {name!r} has a state_dict hook ({_HOW[attr]}), which {what} cannot carry over "
+                            f"to its replacement (whose state_dict keys differ): remove it (its handle's .remove()) "
+                            f"and register it on the new layer after {what}")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
     """Put `new` at `name` in the training mode of the module it replaces, moving to it that module's
-    forward and backward hooks (the registries themselves, so their handles still remove them; the
+    forward, backward and state_dict hooks (the registries themselves, so their handles still remove them; the
     old module keeps none): sparsify_, fuse_ and their inverses keep a user's hooks firing where
     they were registered. Not `move_hooks`: `new` took them at another name of the same module."""
     parent_name, _, child = name.rpartition(".")
@@ -20,11 +45,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = 
     old = getattr(parent, child, None)
     if isinstance(old, nn.Module) and old is not new and move_hooks:
         new.train(old.training)
-        for attr in _HOOKS:
+        for attr in _HOOKS + _STATE_DICT_HOOKS:  # (a state_dict hook: only fuse_/unfuse_, whose keys are the same)
             if attr in old.__dict__:
                 v = old.__dict__[attr]
                 object.__setattr__(new, attr, v)
                 object.__setattr__(old, attr, type(v)() if isinstance(v, dict) else None)
+        for h in new._load_state_dict_pre_hooks.values():  # (register_load_state_dict_pre_hook's wrapper holds
+            if getattr(h, "with_module", False):  # the module it was registered on, by weakref: the new one now)
+                h.module = weakref.ref(new)
     setattr(parent, child, new)
 
 

@@ -1,0 +1,155 @@
+"""What sparsify_ / densify_ / fuse_ keep of the hooks a user registered on a layer they replace:
+forward, forward-pre and full backward hooks move with it (same order, the user's handles still
+remove them); state_dict hooks, which read the layer's entries by key, are refused by the swaps
+that change those keys (sparsify_, densify_) and move with fuse_/unfuse_, which keep them."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from sparsetrain.engine.convert import unconvertible
+from sparsetrain.testing import random_mask
+
+
+class Net(nn.Module):
+    """conv -> BN -> ReLU -> linear: the conv fuses with its BN under fuse=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _masks(g):
+    return {"conv": random_mask((4, 2, 3, 3), 0.5, generator=g), "fc": random_mask((3, 100), 0.5, generator=g)}
+
+
+def _dense_masked(model, masks):
+    """The reference: the dense model with the masks applied to its weights."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mk in masks.items():
+            ref.get_submodule(name).weight.mul_(mk)
+    return ref
+
+
+def _register(layer, kind, log):
+    """One hook of `kind` on `layer`, each logging (its tag, its module's type, what it saw) to `log`."""
+    tag = lambda t, *seen: log.append((t, type(seen[0]).__name__, seen[1:]))  # noqa: E731
+    if kind == "forward":
+        return [layer.register_forward_hook(lambda m, i, o: tag("f1", m, o.detach().clone())),
+                layer.register_forward_hook(lambda m, i, o: tag("f2", m))]
+    if kind == "forward_pre":
+        return [layer.register_forward_pre_hook(lambda m, i: (tag("p1", m, i[0].clone()), (i[0] * 2,))[1]),
+                layer.register_forward_pre_hook(lambda m, i: tag("p2", m))]
+    return [layer.register_full_backward_hook(lambda m, gi, go: tag("b1", m, go[0].clone())),
+            layer.register_full_backward_hook(lambda m, gi, go: tag("b2", m))]
+
+
+@pytest.mark.parametrize("layer", ["conv", "fc"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_forward_and_backward_hooks_move_with_the_layer(layer, kind, fuse):
+    """sparsify_ (fused or not) then densify_: the hooks fire on the replacement, in their order, seeing what
+    they see on the dense masked model, and the user's handles still remove them."""
+    g = torch.Generator().manual_seed(0)
+    model, masks = Net(), _masks(g)
+    ref, x = _dense_masked(model, masks), torch.randn(2, 2, 5, 5, generator=g).requires_grad_()
+    ref_log, log = [], []
+    _register(ref.get_submodule(layer), kind, ref_log)
+    handles = _register(model.get_submodule(layer), kind, log)
+    ref(x).sum().backward()
+    sparsetrain.sparsify_(model, masks, fuse=fuse)
+    assert type(model.get_submodule(layer)).__name__ in ("SparseConv2d", "SparseLinear")  # (a hooked conv stays unfused)
+    y = model(x)
+    y.sum().backward()
+    assert [t for t, _, _ in log] == [t for t, _, _ in ref_log]  # same hooks, same order
+    assert {n for _, n, _ in log} == {type(model.get_submodule(layer)).__name__}
+    for (_, _, seen), (_, _, want) in zip(log, ref_log):
+        for a, b in zip(seen, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    log.clear()
+    sparsetrain.densify_(model)
+    model(x).sum().backward()
+    assert [t for t, _, _ in log] == [t for t, _, _ in ref_log]
+    assert {n for _, n, _ in log} == {type(ref.get_submodule(layer)).__name__}
+    for h in handles:  # (the handles the user holds)
+        h.remove()
+    log.clear()
+    model(x).sum().backward()
+    assert log == []
+
+
+STATE_DICT_HOOKS = {  # kind -> registers one on a module, logging its calls
+    "state_dict_pre": lambda m, log: m.register_state_dict_pre_hook(lambda mod, prefix, keep: log.append(mod)),
+    "state_dict_post": lambda m, log: m._register_state_dict_hook(lambda mod, sd, prefix, meta: log.append(mod)),
+    "load_pre": lambda m, log: m.register_load_state_dict_pre_hook(lambda mod, *a: log.append(mod)),
+    "load_pre_private": lambda m, log: m._register_load_state_dict_pre_hook(lambda *a: log.append(None)),
+    "load_post": lambda m, log: m.register_load_state_dict_post_hook(lambda mod, keys: log.append(mod)),
+}
+
+
+@pytest.mark.parametrize("layer", ["conv", "fc"])
+@pytest.mark.parametrize("kind", sorted(STATE_DICT_HOOKS))
+@pytest.mark.parametrize("fuse", [False, True])
+def test_state_dict_hooks_are_refused_by_sparsify(layer, kind, fuse):
+    """A state_dict hook reads the dense layer's keys (`weight`), which the sparse layer has not: refused by
+    name, the model untouched (it was dropped silently, never firing again); apply_engine's auto keeps it dense."""
+    g = torch.Generator().manual_seed(0)
+    model, masks, log = Net(), _masks(g), []
+    handle = STATE_DICT_HOOKS[kind](model.get_submodule(layer), log)
+    assert layer in unconvertible(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=f"layer '{layer}' has a state_dict hook .*register it on the new layer "
+                                        "after sparsify_"):
+        sparsetrain.sparsify_(model, masks, fuse=fuse)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+    model.load_state_dict(before)  # (the hook still fires where it was registered)
+    assert log
+    handle.remove()
+    assert layer not in unconvertible(model)
+    sparsetrain.sparsify_(model, masks, fuse=fuse)  # (removed: converts)
+    assert type(model.fc).__name__ == "SparseLinear"
+
+
+@pytest.mark.parametrize("where", ["conv", "fc", "conv.weight", "fc.weight"])
+@pytest.mark.parametrize("kind", sorted(STATE_DICT_HOOKS))
+def test_state_dict_hooks_are_refused_by_densify(where, kind):
+    """Registered on a sparse layer or its CSR (`weight.values` keys), densify_ refuses it by name, before any swap."""
+    g = torch.Generator().manual_seed(0)
+    model = sparsetrain.sparsify_(Net(), _masks(g), fuse=True)
+    log = []
+    handle = STATE_DICT_HOOKS[kind](model.get_submodule(where), log)
+    with pytest.raises(TypeError, match=f"layer '{where}' has a state_dict hook .*after densify_"):
+        sparsetrain.densify_(model)
+    assert type(model.conv).__name__ == "SparseConvBNReLU" and type(model.fc).__name__ == "SparseLinear"
+    handle.remove()
+    sparsetrain.densify_(model)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+
+
+@pytest.mark.parametrize("kind", sorted(STATE_DICT_HOOKS))
+def test_state_dict_hooks_move_with_fuse_and_unfuse(kind):
+    """fuse_'s and unfuse_'s replacements keep the keys (a BN's placeholder has the BN's): a state_dict hook on
+    the BN moves with it, called with the module now at its name (it was dropped silently), its handle working."""
+    g = torch.Generator().manual_seed(0)
+    model = sparsetrain.sparsify_(Net(), _masks(g))
+    log = []
+    handle = STATE_DICT_HOOKS[kind](model.bn, log)
+    sd = model.state_dict()
+    for step in (sparsetrain.fuse_, sparsetrain.unfuse_):
+        step(model)
+        log.clear()
+        model.load_state_dict(model.state_dict())
+        assert log and all(m is None or m is model.bn for m in log)
+        assert type(model.bn).__name__ == ("FusedBatchNorm2d" if step is sparsetrain.fuse_ else "BatchNorm2d")
+    assert model.state_dict().keys() == sd.keys()
+    handle.remove()
+    log.clear()
+    model.load_state_dict(model.state_dict())
+    assert log == []
