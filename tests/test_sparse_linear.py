@@ -1849,6 +1849,56 @@ def test_reset_parameters_draws_the_dense_layer_s_init_at_the_kept_positions(kin
     assert values.requires_grad and not torch.equal(layer.weight.to_dense(), src.weight.detach() * mask)
 
 
+class _Double(nn.Module):
+    """A bias parametrization with a right_inverse (bias = 2 * original)."""
+
+    def forward(self, b):
+        return 2 * b
+
+    def right_inverse(self, b):
+        return b / 2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+def test_reset_parameters_sets_a_parametrized_bias_through_right_inverse_or_refuses_it(kind):
+    """reset_parameters copied the bias drawn into the tensor a parametrization (or prune, weight_norm) computes,
+    lost at the next access: the bias stayed as it was, silently. Now it goes through the parametrization's
+    right_inverse (the bias computed is the dense layer's draw, the original the same Parameter); a bias it cannot
+    be set in is refused by name before anything is drawn."""
+    from sparsetrain.engine.bsr import BSR, BSRLinear
+    from sparsetrain.prune import block_mask
+    dense = {"linear": lambda: nn.Linear(37, 11), "conv": lambda: nn.Conv2d(5, 7, 3, stride=2),
+             "bsr": lambda: nn.Linear(48, 32)}[kind]
+
+    def sparse():
+        src = dense()
+        if kind == "bsr":
+            return BSRLinear(BSR.from_dense(src.weight, 16, block_mask(src.weight, 16, 0.5)), src.bias)
+        return {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}[type(src)].from_dense(src, random_mask(src.weight.shape, 0.7))
+
+    layer = sparse()
+    nn.utils.parametrize.register_parametrization(layer, "bias", _Double())
+    original, mask = layer.parametrizations.bias.original, layer.weight.mask()
+    torch.manual_seed(5)
+    ref = dense()
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    assert layer.parametrizations.bias.original is original
+    torch.testing.assert_close(layer.bias, ref.bias.detach())
+    assert torch.equal(layer.weight.to_dense(), ref.weight.detach() * mask)
+    refusals = [(lambda m: nn.utils.parametrize.register_parametrization(m, "bias", nn.Tanh()),
+                 r"reset_parameters: its bias is computed by a parametrization \(Tanh\) without a right_inverse"),
+                (lambda m: prune.l1_unstructured(m, "bias", amount=0.5),
+                 r"reset_parameters: the layer's bias is computed by torch.nn.utils.prune.*prune.remove\(layer, 'bias'\)")]
+    for reparametrize, match in refusals:
+        layer = sparse()
+        reparametrize(layer)
+        values = layer.weight.values.detach().clone()
+        with pytest.raises(TypeError, match=match):
+            layer.reset_parameters()
+        assert torch.equal(layer.weight.values, values)  # (refused before the weights were drawn)
+
+
 def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_floats_matches_dense():
     """AveragedModel(..., use_buffers=True) averages every buffer, the CSR's integer index too: an EMA
     (torchvision's form, decay·a + (1 − decay)·b) writes floats into it, truncated (288 · 0.9 + 288 · 0.1 is

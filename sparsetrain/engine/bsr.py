@@ -26,7 +26,7 @@ from .autograd import NO_FORWARD_MODE, eager, first_order, refuse_func_transform
 from .formats import WeightLike, _check_mask, _fill_dense, _resize_pattern, own_mode, transpose_index
 from .index import check_index, seal_index, still_unset
 from .pattern import _pattern
-from .torch_prune import check_own_bias, current_param
+from .torch_prune import bias_writer, check_own_bias, current_param
 from .optim_state import watch_state
 
 __all__ = ["BSR", "BSRLinear", "bsr_linear", "BLOCK_SIZES", "check_block", "as_matrix", "blocks_view"]
@@ -284,12 +284,13 @@ class BSRLinear(nn.Module):
         w = self.weight
         if w.values.is_meta:  # (no values to draw, as SparseLinear's; from_dense's block check read one: RuntimeError)
             return
+        write_bias = bias_writer(self, "BSRLinear") if self.bias is not None else None  # (as SparseLinear's)
         check_index(w)  # (as SparseLinear's: to_empty() without a load)
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta", w.values.dtype)
         dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
         w.values.copy_(BSR.from_dense(dense.weight, w.block_size, w.mask()).values)
-        if self.bias is not None:
-            self.bias.copy_(dense.bias)
+        if write_bias is not None:
+            write_bias(dense.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # (nn.Linear's argument name)
         return bsr_linear(input, self.weight, self.bias)

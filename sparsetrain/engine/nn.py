@@ -19,7 +19,7 @@ from . import ops
 from .args import MATERIALIZE, bias_parameter, check_bias, fixed_attribute, is_int
 from .formats import CSR, _check_mask, _fill_dense
 from .index import check_index
-from .torch_prune import check_own_bias, current_param, parametrized_of, pruned_by_torch
+from .torch_prune import bias_writer, check_own_bias, current_param, parametrized_of, pruned_by_torch
 
 __all__ = ["SparseLinear", "SparseConv2d", "SPARSE_TYPES", "is_sparse", "stored_weight", "prunable_layers",
            "check_model", "check_masks", "check_untied", "masks_of", "valued_masks", "model_sparsity", "weight_count", "mask_grads_", "enforce_masks_"]
@@ -81,14 +81,17 @@ class _SparseLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-draw the kept weights and the bias as the dense layer's reset_parameters does (kaiming-uniform,
         bound 1/sqrt(fan_in) of the dense fan_in): under one seed, the dense layer's draws at the kept
-        positions. The pattern stays (masks only shrink); in place, so an optimizer keeps its parameters."""
+        positions. The pattern stays (masks only shrink); in place, so an optimizer keeps its parameters. A bias a
+        parametrization computes is set through its right_inverse; one it cannot be set in is refused first."""
         w = self.weight
+        name = type(self).__name__.removeprefix("Parametrized")  # (parametrize's subclass: its layer's name)
+        write_bias = bias_writer(self, name) if self.bias is not None else None
         check_index(w)  # (to_empty() without a load: no pattern to draw in; the draws' gather failed or drew garbage)
         dense = self._dense_layer(bias=self.bias is not None, device="meta", dtype=w.values.dtype)
         dense.to_empty(device=w.values.device).reset_parameters()  # (meta first: one draw, as nn.Linear's)
         w.values.copy_(dense.weight.reshape(w.shape[0], -1)[w.row_indices(), w.col_indices.long()])
-        if self.bias is not None:
-            self.bias.copy_(dense.bias)
+        if write_bias is not None:
+            write_bias(dense.bias)
 
 
 class SparseLinear(_SparseLayer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["pruned_by_torch", "current_param", "check_own_bias", "parametrized_of"]
+__all__ = ["pruned_by_torch", "current_param", "check_own_bias", "parametrized_of", "bias_writer"]
 
 
 def pruned_by_torch(mod: nn.Module, name: str = "weight") -> bool:
@@ -35,7 +35,8 @@ def current_param(mod: nn.Module, name: str):
     return nn.Parameter((orig * getattr(mod, f"{name}_mask")).detach(), requires_grad=orig.requires_grad)
 
 
-def check_own_bias(mod: nn.Module, name: str, tensor: str = "bias") -> None:
+def check_own_bias(mod: nn.Module, name: str, tensor: str = "bias", needs: str = "which the layer replacing it needs"
+                   ) -> None:
     """TypeError unless sparse layer `mod`'s bias (or its `tensor`: a fused BatchNorm's weight) is a Parameter
     of its own (or None). A bias under torch.nn.utils.parametrize, prune or a legacy weight_norm hook is
     computed: its dense layer got the value of the last forward (stale after a step) and silently lost the
@@ -52,5 +53,25 @@ def check_own_bias(mod: nn.Module, name: str, tensor: str = "bias") -> None:
         spectral = any(isinstance(h, SpectralNorm) and h.name == tensor for h in mod._forward_pre_hooks.values())
         what = f"a {'spectral_norm' if spectral else 'weight_norm'} hook"
         fix = f"torch.nn.utils.remove_{'spectral' if spectral else 'weight'}_norm(layer, {tensor!r})"
-    raise TypeError(f"{name}'s {tensor} is computed by {what}, not a Parameter of its own, which the layer "
-                    f"replacing it needs: remove it first ({fix})")
+    raise TypeError(f"{name}'s {tensor} is computed by {what}, not a Parameter of its own, {needs}: remove it "
+                    f"first ({fix})")
+
+
+def bias_writer(mod: nn.Module, name: str):
+    """How a sparse layer's reset_parameters writes the bias it drew: into the Parameter, or, for a bias a
+    parametrization computes, through its right_inverse (`mod.bias = value`), so the bias it computes is the
+    value drawn. Checked before anything is drawn: a TypeError naming `name` for a parametrization without
+    a right_inverse, prune or a legacy weight_norm hook (the draw went into the computed tensor, lost at the
+    next forward, the reparametrized bias left as it was, silently)."""
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(mod, "bias"):
+        missing = [type(p).__name__ for p in mod.parametrizations.bias if not hasattr(p, "right_inverse")]
+        if missing:
+            raise TypeError(f"{name}.reset_parameters: its bias is computed by a parametrization ({missing[0]}) "
+                            "without a right_inverse, so the bias drawn cannot be set: give it a right_inverse, or "
+                            "remove it first (parametrize.remove_parametrizations(layer, 'bias')) and register it "
+                            "after the reset")
+        return lambda value: setattr(mod, "bias", value.detach())
+    check_own_bias(mod, f"{name}.reset_parameters: the layer", needs="so the bias drawn would go into the computed "
+                   "tensor (lost at the next forward)")
+    return lambda value: mod.bias.copy_(value)
