@@ -1050,6 +1050,44 @@ def test_other_patterns_are_left_alone():
     assert fuse_(u, strict=False) == []
 
 
+@pytest.mark.parametrize("default", [nn.ReLU(), F.relu])
+def test_a_forward_default_fx_cannot_keep_is_named_with_what_to_do(default):
+    """torch.fx keeps every forward argument's default in the graph, and cannot keep a module or a function:
+    fuse_'s refusal only quoted fx ("argument of type: <class ...ReLU>"); it now names the argument and says to
+    make it an attribute of the model, which then fuses and matches the unfused model."""
+    class Defaulted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x, act=default):
+            return act(self.bn(self.conv(x)))
+
+    class Attribute(Defaulted):
+        def __init__(self):
+            super().__init__()
+            self.act = default
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x)))
+
+    m = Defaulted()
+    with pytest.raises(ValueError, match=f"its forward's argument 'act' defaults to a {type(default).__name__}, "
+                                         r"which torch.fx cannot keep as a default; make it an attribute of the "
+                                         r"model \(self.act = ...\)"):
+        sparsetrain.sparsify_(m, model_masks(m, 0.5), fuse=True)
+    assert type(m.conv) is nn.Conv2d  # refused before any layer was swapped
+    a = Attribute()
+    masks = model_masks(a, 0.5)
+    ref = copy.deepcopy(a)
+    with torch.no_grad():
+        ref.conv.weight.mul_(masks["conv"])
+    sparsetrain.sparsify_(a, masks, fuse=True)
+    assert isinstance(a.conv, SparseConvBNReLU)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(a(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
 def test_apply_engine_fuses_and_state_dicts_load_across():
     from sparsetrain.engine.policy import apply_engine
     torch.manual_seed(0)

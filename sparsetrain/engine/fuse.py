@@ -108,8 +108,19 @@ def trace(model: nn.Module, strict: bool = True) -> fx.Graph | None:
     except Exception as e:  # noqa: BLE001 (fx raises many kinds)
         if not strict:
             return None
-        raise ValueError(f"fuse_ needs a model torch.fx can trace ({type(e).__name__}: {e}); build "
-                         "SparseConvBNReLU layers by hand for this model") from e
+        raise ValueError(f"fuse_ needs a model torch.fx can trace ({type(e).__name__}: {e}){_unrecordable(model, e)}; "
+                         "build SparseConvBNReLU layers by hand for this model") from e
+
+
+def _unrecordable(model: nn.Module, e: Exception) -> str:
+    """What fx's "argument of type: <class ...>" is about when a `forward` argument's default is of that type (a
+    module, a function): fx keeps every default in the graph's placeholders, and can keep no such object."""
+    params = inspect.signature(model.forward).parameters.values()
+    odd = [p for p in params if p.default is not inspect.Parameter.empty and isinstance(e, NotImplementedError)
+           and str(e) == f"argument of type: {type(p.default)}"]
+    return (f": its forward's argument {odd[0].name!r} defaults to a {type(odd[0].default).__name__}, which torch.fx "
+            f"cannot keep as a default; make it an attribute of the model (self.{odd[0].name} = ...) that forward "
+            "reads, not an argument" if odd else "")
 
 
 def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
