@@ -153,3 +153,49 @@ def test_state_dict_hooks_move_with_fuse_and_unfuse(kind):
     log.clear()
     model.load_state_dict(model.state_dict())
     assert log == []
+
+
+GRAD_HOOKS = {  # kind -> registers one on a parameter, logging its calls
+    "register_hook": lambda p, log: p.register_hook(lambda g: log.append(g.shape)),
+    "register_post_accumulate_grad_hook": lambda p, log: p.register_post_accumulate_grad_hook(
+        lambda t: log.append(t.grad.shape)),
+}
+
+
+@pytest.mark.parametrize("layer", ["conv", "fc"])
+@pytest.mark.parametrize("param", ["weight", "bias"])
+@pytest.mark.parametrize("kind", sorted(GRAD_HOOKS))
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gradient_hooks_on_a_layer_s_parameters_are_refused_by_sparsify(layer, param, kind, fuse):
+    """A gradient hook on a dense layer's weight or bias sits on a tensor the sparse layer has not (its bias is a
+    new Parameter, its weight's gradient the values', nnz long): it silently never fired again; now refused by name,
+    the model untouched and the hook still firing; removed, the layer converts."""
+    g = torch.Generator().manual_seed(0)
+    model, masks, log = Net(), _masks(g), []
+    handle = GRAD_HOOKS[kind](getattr(model.get_submodule(layer), param), log)
+    assert layer in unconvertible(model)
+    with pytest.raises(TypeError, match=f"layer '{layer}' has a gradient hook on its {param} \\({kind}\\).*register "
+                                        "it on the new layer after sparsify_"):
+        sparsetrain.sparsify_(model, masks, fuse=fuse)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+    model(torch.randn(2, 2, 5, 5)).sum().backward()
+    assert log == [getattr(model.get_submodule(layer), param).shape]
+    handle.remove()
+    sparsetrain.sparsify_(model, masks, fuse=fuse)
+    assert type(model.fc).__name__ == "SparseLinear"
+
+
+@pytest.mark.parametrize("param", ["weight.values", "bias"])
+@pytest.mark.parametrize("kind", sorted(GRAD_HOOKS))
+def test_gradient_hooks_on_a_sparse_layer_s_parameters_are_refused_by_densify(param, kind):
+    """The dense layer's weight and bias are new tensors: a hook on the sparse layer's values or bias is refused."""
+    g = torch.Generator().manual_seed(0)
+    model, log = sparsetrain.sparsify_(Net(), _masks(g), fuse=True), []
+    for layer in ("conv", "fc"):
+        handle = GRAD_HOOKS[kind](model.get_submodule(layer).get_parameter(param), log)
+        with pytest.raises(TypeError, match=f"layer '{layer}' has a gradient hook on its {param} .*after densify_"):
+            sparsetrain.densify_(model)
+        assert type(model.conv).__name__ == "SparseConvBNReLU" and type(model.fc).__name__ == "SparseLinear"
+        handle.remove()
+    sparsetrain.densify_(model)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear

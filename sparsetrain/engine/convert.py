@@ -15,7 +15,7 @@ from .index import check_index
 from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _tied, check_model, is_sparse
-from .swap import _replace_modules, check_no_state_dict_hooks, state_dict_hooked
+from .swap import _replace_modules, check_no_uncarried_hooks, uncarried_hook
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
 
@@ -34,7 +34,7 @@ def _block_of(blocks: list[str], name: str) -> str | None:
 def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
     computed by a reparametrization, a bias pruned by torch.nn.utils.prune or parametrized (pruned dense masked),
-    inside a Transformer*Layer, tied to another module's, with a state_dict hook, or a conv the sparse kernels do not take (dilated, grouped, ...).
+    inside a Transformer*Layer, tied to another module's, with a hook sparsify_ cannot carry over, or a conv the sparse kernels do not take (dilated, grouped, ...).
     apply_engine's "auto" keeps them dense."""
     check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -45,7 +45,7 @@ def unconvertible(model: nn.Module) -> set[str]:
         if type(m) not in SPARSE_TYPES:
             continue
         if ("weight" not in m._parameters and not pruned_by_torch(m)) or pruned_by_torch(m, "bias") \
-                or _block_of(blocks, n) is not None or _tied(owners, m) is not None or state_dict_hooked(m):
+                or _block_of(blocks, n) is not None or _tied(owners, m) is not None or uncarried_hook(m):
             out.add(n)
         elif isinstance(m, nn.Conv2d):
             try:
@@ -106,7 +106,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise (ValueError if isinstance(mask, torch.Tensor) else TypeError)(  # (a numpy array, a list: its type)
                 f"masks[{name!r}] must be a bool tensor of shape {tuple(mod.weight.shape)}, got {got}")
-        check_no_state_dict_hooks(mod, name, "sparsify_")
+        check_no_uncarried_hooks(mod, name, "sparsify_")
         _check_dtype(mask, name)  # (every name: a layer's second name's float mask was only compared as .bool())
     # build every replacement first: a layer that cannot convert (dilation, groups...), or a model
     # fuse_ cannot trace, raises before the model is touched, never leaving it half converted
@@ -178,7 +178,7 @@ def densify_(model: nn.Module) -> nn.Module:
         if _densifiable(m):
             check_own_bias(m, f"layer {n!r}")
             for sub, at in ((m, n), (m.weight, f"{n}.weight")):  # (the layer, and its CSR/BSR submodule)
-                check_no_state_dict_hooks(sub, at, "densify_")
+                check_no_uncarried_hooks(sub, at, "densify_")
             try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
                 check_index(m.weight)
             except ValueError as e:

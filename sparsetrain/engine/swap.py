@@ -19,20 +19,29 @@ _HOW = {"_state_dict_hooks": "register_state_dict_post_hook", "_state_dict_pre_h
         "_load_state_dict_post_hooks": "register_load_state_dict_post_hook"}  # (or their _register_... forms)
 
 
-def state_dict_hooked(mod: nn.Module) -> bool:
-    """`mod` has a state_dict hook (saving or loading), which sparsify_/densify_ refuse."""
-    return any(getattr(mod, attr, None) for attr in _STATE_DICT_HOOKS)
-
-
-def check_no_state_dict_hooks(mod: nn.Module, name: str, what: str) -> None:
-    """TypeError naming layer `name` when `mod` has state_dict hooks, which `what` (sparsify_, densify_)
-    cannot carry over: its replacement's state_dict has other keys, so a hook reading `weight` would
-    fail or silently do nothing (before 2026-12-06 they were dropped silently)."""
+def uncarried_hook(mod: nn.Module) -> str | None:
+    """The first hook on `mod` that sparsify_/densify_ cannot carry over to its replacement, described with why;
+    None when there is none. A state_dict hook reads its keys, which change; a gradient hook on one of its
+    parameters (Tensor.register_hook, register_post_accumulate_grad_hook) sits on a tensor the replacement has
+    not (new Parameters; a sparse weight's gradient is its values', nnz long)."""
     for attr in _STATE_DICT_HOOKS:
         if getattr(mod, attr, None):
-            raise TypeError(f"layer {name!r} has a state_dict hook ({_HOW[attr]}), which {what} cannot carry over "
-                            f"to its replacement (whose state_dict keys differ): remove it (its handle's .remove()) "
-                            f"and register it on the new layer after {what}")
+            return f"a state_dict hook ({_HOW[attr]}), whose keys its replacement's state_dict has not"
+    for pname, p in mod.named_parameters():  # (a sparse layer's: its CSR's values too)
+        for attr, how in (("_backward_hooks", "register_hook"),
+                          ("_post_accumulate_grad_hooks", "register_post_accumulate_grad_hook")):
+            if getattr(p, attr, None):
+                return f"a gradient hook on its {pname} ({how}), a tensor its replacement has not (new Parameters)"
+    return None
+
+
+def check_no_uncarried_hooks(mod: nn.Module, name: str, what: str) -> None:
+    """TypeError naming layer `name` when `mod` has a hook that `what` (sparsify_, densify_) cannot carry over
+    (uncarried_hook); before 2026-12-06 they were dropped silently, never firing again."""
+    hook = uncarried_hook(mod)
+    if hook is not None:
+        raise TypeError(f"layer {name!r} has {hook}, which {what} cannot carry over: remove it (its handle's "
+                        f".remove()) and register it on the new layer after {what}")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
