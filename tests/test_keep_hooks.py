@@ -199,3 +199,64 @@ def test_gradient_hooks_on_a_sparse_layer_s_parameters_are_refused_by_densify(pa
         handle.remove()
     sparsetrain.densify_(model)
     assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+
+
+class Pooled(nn.Module):
+    """conv -> BN -> ReLU -> adaptive pool -> flatten -> linear: fuse_ swaps every one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+def test_a_user_s_parameters_buffers_and_submodules_on_a_layer_move_with_it():
+    """A parameter, buffer or submodule a user registered on a layer sparsify_, densify_, fuse_ or unfuse_
+    replaces was dropped silently (gone from model.parameters(), so from an optimizer built after, and from the
+    state_dict); they move to the replacement, the same objects under the same names, an optimizer built before
+    still stepping them."""
+    g = torch.Generator().manual_seed(0)
+    model = Pooled()
+    masks = {"conv": random_mask((4, 2, 3, 3), 0.5, generator=g), "fc": random_mask((3, 4), 0.5, generator=g)}
+    added = {}
+    for layer in ("conv", "bn", "pool", "fc"):
+        m = model.get_submodule(layer)
+        m.register_parameter("gate", nn.Parameter(torch.randn(3, generator=g)))
+        m.register_buffer("scale", torch.randn(2, generator=g))
+        m.register_buffer("scratch", torch.zeros(1), persistent=False)
+        m.add_module("extra", nn.Linear(2, 2))
+        added[layer] = (m.gate, m.scale, m.scratch, m.extra)
+    gates = [a[0] for a in added.values()]
+    opt = torch.optim.SGD(gates, lr=1.0)
+    keys = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("gate", "scale") or ".extra." in k}
+    x = torch.randn(2, 2, 5, 5, generator=g)
+    for step, types in ((lambda m: sparsetrain.sparsify_(m, masks), ("SparseConv2d", "SparseLinear")),
+                        (sparsetrain.fuse_, ("SparseConvBNReLU", "FusedSparseLinear")),
+                        (sparsetrain.unfuse_, ("SparseConv2d", "SparseLinear")),
+                        (sparsetrain.densify_, ("Conv2d", "Linear"))):
+        step(model)
+        assert (type(model.conv).__name__, type(model.fc).__name__) == types
+        for layer, (gate, scale, scratch, extra) in added.items():
+            m = model.get_submodule(layer)
+            assert m.gate is gate and m.scale is scale and m.scratch is scratch and m.extra is extra
+        assert {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("gate", "scale") or ".extra." in k} == keys
+        assert all(any(p is q for q in model.parameters()) for p in gates)
+        before = [p.detach().clone() for p in gates]
+        opt.zero_grad()
+        (model(x).sum() + sum(p.sum() for p in gates)).backward()
+        opt.step()  # (not refused: the same Parameters, still in the model)
+        for p, b in zip(gates, before):
+            torch.testing.assert_close(p, b - 1.0)
+
+
+def test_an_extra_the_replacement_has_as_an_attribute_is_refused_before_any_swap():
+    """A buffer named as an attribute of the sparse layer cannot move to it: refused by name, the model untouched."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[1].register_buffer("nnz", torch.zeros(1))
+    with pytest.raises(ValueError, match="layer '1' holds 'nnz' \\(buffer\\), which its replacement, a SparseLinear, "
+                                         "has as an attribute of its own: rename it first"):
+        sparsetrain.sparsify_(model, {"0": random_mask((3, 4), 0.5), "1": random_mask((2, 3), 0.5)})
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear

@@ -15,7 +15,7 @@ from .index import check_index
 from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _tied, check_model, is_sparse
-from .swap import _replace_modules, check_no_uncarried_hooks, uncarried_hook
+from .swap import _replace_modules, check_no_uncarried_hooks, extras, uncarried_hook
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
 
@@ -130,6 +130,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             # tensors, which the next backward refused)
             with own_mode(mod._parameters.get("weight", mod._parameters.get("weight_orig"))):
                 new[id(mod)], named[id(mod)] = SPARSE_TYPES[type(mod)].from_dense(mod, mask), name
+            extras(mod, new[id(mod)], name)  # (one the sparse layer cannot take: refused before any swap)
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
     for name in named.values():  # (torch.nn.utils.prune's hooks would recompute weight = orig * mask

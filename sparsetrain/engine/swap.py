@@ -44,10 +44,31 @@ def check_no_uncarried_hooks(mod: nn.Module, name: str, what: str) -> None:
                         f".remove()) and register it on the new layer after {what}")
 
 
+# torch.nn.utils.prune's reparametrization of a dense layer's weight: what sparsify_ converts, never carried
+_CONVERTED = ("weight_orig", "weight_mask")
+
+
+def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, object]]:
+    """(registry, name, object) of each parameter, buffer and submodule a user added to `old` (`register_buffer`,
+    `register_parameter`, `add_module`) that `new`, replacing it at `name`, has not: carried over by _set_module,
+    the same objects under the same names. One that `new` has as a plain attribute is a ValueError naming it."""
+    own = set(new._parameters) | set(new._buffers) | set(new._modules)  # (its weight, bias, a BN's statistics)
+    out = []
+    for registry in ("_parameters", "_buffers", "_modules"):
+        for key, obj in getattr(old, registry).items():
+            if key in own or key in _CONVERTED:
+                continue
+            if hasattr(new, key):
+                raise ValueError(f"layer {name!r} holds {key!r} ({registry[1:-1]}), which its replacement, a "
+                                 f"{type(new).__name__}, has as an attribute of its own: rename it first")
+            out.append((registry, key, obj))
+    return out
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
     """Put `new` at `name` in the training mode of the module it replaces, moving to it that module's
     forward, backward and state_dict hooks (the registries themselves, so their handles still remove them; the
-    old module keeps none): sparsify_, fuse_ and their inverses keep a user's hooks firing where
+    old module keeps none) and the parameters, buffers and submodules a user added to it (extras): sparsify_, fuse_ and their inverses keep a user's hooks firing where
     they were registered. Not `move_hooks`: `new` took them at another name of the same module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -59,6 +80,12 @@ def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = 
                 v = old.__dict__[attr]
                 object.__setattr__(new, attr, v)
                 object.__setattr__(old, attr, type(v)() if isinstance(v, dict) else None)
+        for registry, key, obj in extras(old, new, name):  # (a user's: dropped silently before 2026-12-06)
+            if registry == "_buffers":
+                new.register_buffer(key, obj, persistent=key not in old._non_persistent_buffers_set)
+            else:
+                (new.register_parameter if registry == "_parameters" else new.add_module)(key, obj)
+            delattr(old, key)  # (as its hooks: the old module keeps none)
         for h in new._load_state_dict_pre_hooks.values():  # (register_load_state_dict_pre_hook's wrapper holds
             if getattr(h, "with_module", False):  # the module it was registered on, by weakref: the new one now)
                 h.module = weakref.ref(new)
