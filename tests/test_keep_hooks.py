@@ -260,3 +260,22 @@ def test_an_extra_the_replacement_has_as_an_attribute_is_refused_before_any_swap
                                          "has as an attribute of its own: rename it first"):
         sparsetrain.sparsify_(model, {"0": random_mask((3, 4), 0.5), "1": random_mask((2, 3), 0.5)})
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+
+
+def test_the_load_hook_remove_spectral_norm_leaves_is_not_a_user_s():
+    """remove_spectral_norm leaves its load pre-hook on the layer (torch misses it, wrapped), which asks every
+    load_state_dict for `weight_orig`: torch's leftover, not a user's hook, so sparsify_ converts the layer and the
+    converted model loads its own state_dict (the leftover is dropped with the dense layer)."""
+    g = torch.Generator().manual_seed(0)
+    model, masks = Net(), _masks(g)
+    for layer in ("conv", "fc"):
+        m = model.get_submodule(layer)
+        torch.nn.utils.spectral_norm(m)
+        torch.nn.utils.remove_spectral_norm(m)
+        assert m._load_state_dict_pre_hooks  # (torch's leftover)
+    assert not {"conv", "fc"} & unconvertible(model)
+    ref = _dense_masked(model, masks)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 2, 5, 5, generator=g)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

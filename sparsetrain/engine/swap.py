@@ -19,13 +19,30 @@ _HOW = {"_state_dict_hooks": "register_state_dict_post_hook", "_state_dict_pre_h
         "_load_state_dict_post_hooks": "register_load_state_dict_post_hook"}  # (or their _register_... forms)
 
 
+def _spectral(hook) -> bool:
+    """A legacy spectral_norm's state_dict hook (torch's, not a user's): an active one's layer is refused by the
+    reparametrization checks, which say how to remove it (remove_spectral_norm)."""
+    from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
+    return isinstance(getattr(hook, "hook", hook), (SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook))
+
+
+def _drop_stale_spectral(mod: nn.Module) -> None:
+    """remove_spectral_norm leaves its load pre-hook (wrapped: its isinstance check misses it), which makes every
+    load_state_dict of the module ask for `<name>_orig`: dropped with the module it stayed on, as before 2026-12-06."""
+    for attr in _STATE_DICT_HOOKS:
+        hooks = getattr(mod, attr, None) or {}
+        for k in [k for k, h in hooks.items() if _spectral(h)
+                  and f"{getattr(h, 'hook', h).fn.name}_orig" not in mod._parameters]:
+            del hooks[k]
+
+
 def uncarried_hook(mod: nn.Module) -> str | None:
     """The first hook on `mod` that sparsify_/densify_ cannot carry over to its replacement, described with why;
     None when there is none. A state_dict hook reads its keys, which change; a gradient hook on one of its
     parameters (Tensor.register_hook, register_post_accumulate_grad_hook) sits on a tensor the replacement has
     not (new Parameters; a sparse weight's gradient is its values', nnz long)."""
     for attr in _STATE_DICT_HOOKS:
-        if getattr(mod, attr, None):
+        if any(not _spectral(h) for h in (getattr(mod, attr, None) or {}).values()):
             return f"a state_dict hook ({_HOW[attr]}), whose keys its replacement's state_dict has not"
     for pname, p in mod.named_parameters():  # (a sparse layer's: its CSR's values too)
         for attr, how in (("_backward_hooks", "register_hook"),
@@ -75,6 +92,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = 
     old = getattr(parent, child, None)
     if isinstance(old, nn.Module) and old is not new and move_hooks:
         new.train(old.training)
+        _drop_stale_spectral(old)
         for attr in _HOOKS + _STATE_DICT_HOOKS:  # (a state_dict hook: only fuse_/unfuse_, whose keys are the same)
             if attr in old.__dict__:
                 v = old.__dict__[attr]
