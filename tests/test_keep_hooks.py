@@ -213,14 +213,8 @@ class Pooled(nn.Module):
         return self.fc(self.flat(self.pool(self.relu(self.bn(self.conv(x))))))
 
 
-def test_a_user_s_parameters_buffers_and_submodules_on_a_layer_move_with_it():
-    """A parameter, buffer or submodule a user registered on a layer sparsify_, densify_, fuse_ or unfuse_
-    replaces was dropped silently (gone from model.parameters(), so from an optimizer built after, and from the
-    state_dict); they move to the replacement, the same objects under the same names, an optimizer built before
-    still stepping them."""
-    g = torch.Generator().manual_seed(0)
-    model = Pooled()
-    masks = {"conv": random_mask((4, 2, 3, 3), 0.5, generator=g), "fc": random_mask((3, 4), 0.5, generator=g)}
+def _add_extras(model, g):
+    """A parameter, a buffer, a non-persistent buffer and a submodule on each of conv, bn, pool and fc."""
     added = {}
     for layer in ("conv", "bn", "pool", "fc"):
         m = model.get_submodule(layer)
@@ -229,20 +223,45 @@ def test_a_user_s_parameters_buffers_and_submodules_on_a_layer_move_with_it():
         m.register_buffer("scratch", torch.zeros(1), persistent=False)
         m.add_module("extra", nn.Linear(2, 2))
         added[layer] = (m.gate, m.scale, m.scratch, m.extra)
+    return added
+
+
+def _extra_keys(model):
+    return {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("gate", "scale") or ".extra." in k}
+
+
+@pytest.mark.parametrize("when", ["before sparsify_", "after fuse_"])
+def test_a_user_s_parameters_buffers_and_submodules_on_a_layer_move_with_it(when):
+    """A parameter, buffer or submodule a user registered on a layer sparsify_, densify_ or unfuse_ replaces was
+    dropped silently (gone from model.parameters(), so from an optimizer built after, and from the state_dict);
+    they move to the replacement, the same objects under the same names, an optimizer built before still stepping
+    them. fuse_ leaves a module holding such extras unfused, as one with a hook."""
+    g = torch.Generator().manual_seed(0)
+    model = Pooled()
+    masks = {"conv": random_mask((4, 2, 3, 3), 0.5, generator=g), "fc": random_mask((3, 4), 0.5, generator=g)}
+    if when == "before sparsify_":
+        added = _add_extras(model, g)
+        steps = (("sparsify_", ("SparseConv2d", "SparseLinear")), ("fuse_", ("SparseConv2d", "SparseLinear")),
+                 ("densify_", ("Conv2d", "Linear")))
+    else:
+        sparsetrain.sparsify_(model, masks, fuse=True)
+        added = _add_extras(model, g)
+        steps = (("unfuse_", ("SparseConv2d", "SparseLinear")), ("densify_", ("Conv2d", "Linear")))
     gates = [a[0] for a in added.values()]
     opt = torch.optim.SGD(gates, lr=1.0)
-    keys = {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("gate", "scale") or ".extra." in k}
+    keys = _extra_keys(model)
     x = torch.randn(2, 2, 5, 5, generator=g)
-    for step, types in ((lambda m: sparsetrain.sparsify_(m, masks), ("SparseConv2d", "SparseLinear")),
-                        (sparsetrain.fuse_, ("SparseConvBNReLU", "FusedSparseLinear")),
-                        (sparsetrain.unfuse_, ("SparseConv2d", "SparseLinear")),
-                        (sparsetrain.densify_, ("Conv2d", "Linear"))):
-        step(model)
+    for step, types in steps:
+        if step == "sparsify_":
+            sparsetrain.sparsify_(model, masks, fuse=True)  # (the fuse_ step: fused nothing)
+        else:
+            assert getattr(sparsetrain, step)(model) in (None, model, [])
         assert (type(model.conv).__name__, type(model.fc).__name__) == types
+        assert type(model.bn) is nn.BatchNorm2d and type(model.pool) is nn.AdaptiveAvgPool2d
         for layer, (gate, scale, scratch, extra) in added.items():
             m = model.get_submodule(layer)
             assert m.gate is gate and m.scale is scale and m.scratch is scratch and m.extra is extra
-        assert {k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("gate", "scale") or ".extra." in k} == keys
+        assert _extra_keys(model) == keys
         assert all(any(p is q for q in model.parameters()) for p in gates)
         before = [p.detach().clone() for p in gates]
         opt.zero_grad()
@@ -279,3 +298,15 @@ def test_the_load_hook_remove_spectral_norm_leaves_is_not_a_user_s():
     model.load_state_dict(model.state_dict())
     x = torch.randn(2, 2, 5, 5, generator=g)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_extra_the_dense_layer_has_as_an_attribute_is_refused_by_densify_before_any_swap():
+    """nn.Conv2d has attributes a SparseConv2d has not (`transposed`): a buffer of that name is refused by name,
+    before any layer is swapped (the layer before it too)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3))
+    sparsetrain.sparsify_(model, {"0": random_mask((4, 2, 3, 3), 0.5), "1": random_mask((4, 4, 3, 3), 0.5)})
+    model[1].register_buffer("transposed", torch.zeros(1))
+    with pytest.raises(ValueError, match="layer '1' holds 'transposed' \\(buffer\\), which its replacement, a "
+                                         "Conv2d, has as an attribute of its own: rename it first"):
+        sparsetrain.densify_(model)
+    assert [type(m).__name__ for m in model] == ["SparseConv2d", "SparseConv2d"]

@@ -180,6 +180,8 @@ def densify_(model: nn.Module) -> nn.Module:
             check_own_bias(m, f"layer {n!r}")
             for sub, at in ((m, n), (m.weight, f"{n}.weight")):  # (the layer, and its CSR/BSR submodule)
                 check_no_uncarried_hooks(sub, at, "densify_")
+            if is_sparse(m):  # (an extra the dense layer has as an attribute: refused before any swap)
+                extras(m, m._dense_layer(bias=False, device="meta"), n)
             try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
                 check_index(m.weight)
             except ValueError as e:

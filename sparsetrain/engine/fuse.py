@@ -14,7 +14,7 @@ from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _backward_hooked, _watched
-from .swap import _replace_modules, _set_module
+from .swap import _replace_modules, _set_module, has_extras
 from .torch_prune import check_own_bias
 
 __all__ = ["fuse_", "unfuse_"]
@@ -156,7 +156,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     fused, last = [], _fused_before(graph, modules, calls)  # last: fused conv -> its activation's node
     for node in list(graph.nodes):
         if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
-                or _watched(modules[node.target], global_hooks=False)):  # (a hook on the conv would see the activation)
+                or _watched(modules[node.target], global_hooks=False)  # (a hook on the conv would see the activation)
+                or has_extras(modules[node.target])):
             continue
         relu_before = _module_call(_only_user(node), modules, calls, nn.ReLU)
         bn = _module_call(_only_user(relu_before or node), modules, calls, nn.BatchNorm2d)
@@ -169,7 +170,8 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
                 relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
             if relu_after is not None and modules[relu_after.target]._forward_pre_hooks:
                 relu_after = residual = None  # (a pre-hook may change the ReLU's input: conv -> BN fused alone)
-        if _watched(modules[bn.target], global_hooks=False) or any(
+        if _watched(modules[bn.target], global_hooks=False) or any(has_extras(modules[n.target]) for n in (
+                bn, relu_before, relu_after) if n is not None) or any(
                 _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None
         ) or relu_before is not None and _watched(modules[relu_before.target], global_hooks=False):
             continue  # (the placeholders pass the fused layer's tensors on: hooks on the BN would see other
@@ -192,7 +194,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         last[node.target] = relu_after or bn
         fused.append(node.target)
     if fused:
-        _replace_modules(model, lambda m: MaxPool2x2(2) if _is_pool2x2(m) else None)
+        _replace_modules(model, lambda m: MaxPool2x2(2) if _is_pool2x2(m) and not has_extras(m) else None)
     _link(model, last, calls)
     return fused + _fuse_heads(model, graph, modules, calls)
 
@@ -233,7 +235,7 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
     fused = []
     for node in list(graph.nodes):
         pool = _module_call(node, modules, calls, nn.AdaptiveAvgPool2d, BroadcastAvgPool2d)
-        if pool is None:
+        if pool is None or has_extras(modules[pool.target]):
             continue
         if _flattened(pool):
             _set_module(model, pool.target, FusedAdaptiveAvgPool2d(modules[pool.target]).train(
@@ -243,7 +245,8 @@ def _fuse_heads(model: nn.Module, graph: fx.Graph, modules: dict, calls: dict) -
         lin = _module_call(_only_user(flat) if flat is not None else None, modules, calls, SparseLinear)
         if (lin is None or (modules[flat.target].start_dim, modules[flat.target].end_dim) != (1, -1)
                 or flat.args != (pool,) or lin.args != (flat,) or flat.kwargs or lin.kwargs
-                or "bias" not in modules[lin.target]._parameters):  # (a bias torch's prune or weight_norm computes)
+                or "bias" not in modules[lin.target]._parameters  # (a bias torch's prune or weight_norm computes)
+                or has_extras(modules[flat.target]) or has_extras(modules[lin.target])):
             continue
         new_pool, new_flat, new_lin = (FusedAdaptiveAvgPool2d(modules[pool.target]), FusedFlatten(),
                                        FusedSparseLinear(modules[lin.target]))

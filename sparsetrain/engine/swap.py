@@ -65,6 +65,15 @@ def check_no_uncarried_hooks(mod: nn.Module, name: str, what: str) -> None:
 _CONVERTED = ("weight_orig", "weight_mask")
 
 
+_STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}  # (conv, linear, BN: their own)
+
+
+def has_extras(mod: nn.Module) -> bool:
+    """`mod` holds a parameter, buffer or submodule beyond a conv's, linear's or BN's own (a user's, prune's):
+    fuse_ leaves it as it is, as a module with a hook (its fused modules' own attributes could clash)."""
+    return any(k not in _STANDARD for registry in (mod._parameters, mod._buffers, mod._modules) for k in registry)
+
+
 def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, object]]:
     """(registry, name, object) of each parameter, buffer and submodule a user added to `old` (`register_buffer`,
     `register_parameter`, `add_module`) that `new`, replacing it at `name`, has not: carried over by _set_module,
