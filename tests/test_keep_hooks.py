@@ -281,16 +281,22 @@ def test_an_extra_the_replacement_has_as_an_attribute_is_refused_before_any_swap
     assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
 
 
-def test_the_load_hook_remove_spectral_norm_leaves_is_not_a_user_s():
+@pytest.mark.parametrize("how", ["spectral_norm", "parametrizations.weight_norm"])
+def test_the_load_hook_a_removed_reparametrization_leaves_is_not_a_user_s(how):
     """remove_spectral_norm leaves its load pre-hook on the layer (torch misses it, wrapped), which asks every
-    load_state_dict for `weight_orig`: torch's leftover, not a user's hook, so sparsify_ converts the layer and the
+    load_state_dict for `weight_orig`; parametrizations.weight_norm's checkpoint compat hook stays after
+    remove_parametrizations: torch's leftovers, not a user's hooks, so sparsify_ converts the layer and the
     converted model loads its own state_dict (the leftover is dropped with the dense layer)."""
     g = torch.Generator().manual_seed(0)
     model, masks = Net(), _masks(g)
     for layer in ("conv", "fc"):
         m = model.get_submodule(layer)
-        torch.nn.utils.spectral_norm(m)
-        torch.nn.utils.remove_spectral_norm(m)
+        if how == "spectral_norm":
+            torch.nn.utils.spectral_norm(m)
+            torch.nn.utils.remove_spectral_norm(m)
+        else:
+            torch.nn.utils.parametrizations.weight_norm(m)
+            torch.nn.utils.parametrize.remove_parametrizations(m, "weight")
         assert m._load_state_dict_pre_hooks  # (torch's leftover)
     assert not {"conv", "fc"} & unconvertible(model)
     ref = _dense_masked(model, masks)

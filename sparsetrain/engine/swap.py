@@ -2,6 +2,7 @@
 the replaced module's training mode and the hooks registered on it."""
 from __future__ import annotations
 
+import inspect
 import weakref
 
 from torch import nn
@@ -19,20 +20,24 @@ _HOW = {"_state_dict_hooks": "register_state_dict_post_hook", "_state_dict_pre_h
         "_load_state_dict_post_hooks": "register_load_state_dict_post_hook"}  # (or their _register_... forms)
 
 
-def _spectral(hook) -> bool:
-    """A legacy spectral_norm's state_dict hook (torch's, not a user's): an active one's layer is refused by the
-    reparametrization checks, which say how to remove it (remove_spectral_norm)."""
-    from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
-    return isinstance(getattr(hook, "hook", hook), (SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook))
+def _torch_own(hook) -> bool:
+    """A state_dict hook torch.nn.utils registers itself (a legacy spectral_norm's, the new weight_norm's checkpoint
+    compat hook), not a user's: an active reparametrization's layer is refused by the reparametrization checks,
+    which say how to remove it; remove_spectral_norm / remove_parametrizations leave such hooks behind."""
+    h = getattr(hook, "hook", hook)  # (the _WrappedHook _register_load_state_dict_pre_hook keeps)
+    where = h.__module__ if inspect.isfunction(h) else type(h).__module__
+    return (where or "").startswith("torch.nn.utils.")
 
 
-def _drop_stale_spectral(mod: nn.Module) -> None:
-    """remove_spectral_norm leaves its load pre-hook (wrapped: its isinstance check misses it), which makes every
-    load_state_dict of the module ask for `<name>_orig`: dropped with the module it stayed on, as before 2026-12-06."""
+def _drop_stale_torch_hooks(mod: nn.Module) -> None:
+    """torch.nn.utils' state_dict hooks left behind on `mod` (its reparametrization removed): remove_spectral_norm's
+    makes every load ask for `<name>_orig`; dropped with the module they stayed on, as before 2026-12-06."""
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(mod) or any(k.endswith("_orig") for k in mod._parameters):
+        return
     for attr in _STATE_DICT_HOOKS:
         hooks = getattr(mod, attr, None) or {}
-        for k in [k for k, h in hooks.items() if _spectral(h)
-                  and f"{getattr(h, 'hook', h).fn.name}_orig" not in mod._parameters]:
+        for k in [k for k, h in hooks.items() if _torch_own(h)]:
             del hooks[k]
 
 
@@ -42,7 +47,7 @@ def uncarried_hook(mod: nn.Module) -> str | None:
     parameters (Tensor.register_hook, register_post_accumulate_grad_hook) sits on a tensor the replacement has
     not (new Parameters; a sparse weight's gradient is its values', nnz long)."""
     for attr in _STATE_DICT_HOOKS:
-        if any(not _spectral(h) for h in (getattr(mod, attr, None) or {}).values()):
+        if any(not _torch_own(h) for h in (getattr(mod, attr, None) or {}).values()):
             return f"a state_dict hook ({_HOW[attr]}), whose keys its replacement's state_dict has not"
     for pname, p in mod.named_parameters():  # (a sparse layer's: its CSR's values too)
         for attr, how in (("_backward_hooks", "register_hook"),
@@ -101,7 +106,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = 
     old = getattr(parent, child, None)
     if isinstance(old, nn.Module) and old is not new and move_hooks:
         new.train(old.training)
-        _drop_stale_spectral(old)
+        _drop_stale_torch_hooks(old)
         for attr in _HOOKS + _STATE_DICT_HOOKS:  # (a state_dict hook: only fuse_/unfuse_, whose keys are the same)
             if attr in old.__dict__:
                 v = old.__dict__[attr]
