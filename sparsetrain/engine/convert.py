@@ -34,7 +34,8 @@ def _block_of(blocks: list[str], name: str) -> str | None:
 def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
     computed by a reparametrization, a bias pruned by torch.nn.utils.prune or parametrized (pruned dense masked),
-    inside a Transformer*Layer, tied to another module's, with a hook sparsify_ cannot carry over, or a conv the sparse kernels do not take (dilated, grouped, ...).
+    inside a Transformer*Layer, tied to another module's, with a hook sparsify_ cannot carry over, or a conv the
+    sparse kernels do not take (dilated, grouped, ...).
     apply_engine's "auto" keeps them dense."""
     check_model(model)
     modules = dict(model.named_modules(remove_duplicate=False))

@@ -98,9 +98,10 @@ def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, ob
 
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
     """Put `new` at `name` in the training mode of the module it replaces, moving to it that module's
-    forward, backward and state_dict hooks (the registries themselves, so their handles still remove them; the
-    old module keeps none) and the parameters, buffers and submodules a user added to it (extras): sparsify_, fuse_ and their inverses keep a user's hooks firing where
-    they were registered. Not `move_hooks`: `new` took them at another name of the same module."""
+    forward, backward and state_dict hooks (the registries themselves, so their handles still remove them;
+    the old module keeps none) and the parameters, buffers and submodules a user added to it (extras):
+    sparsify_, fuse_ and their inverses keep a user's hooks firing where they were registered. Not
+    `move_hooks`: `new` took them at another name of the same module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child, None)
