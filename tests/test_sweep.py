@@ -800,6 +800,47 @@ def test_a_run_ray_still_held_at_ctrl_c_stays_queued(tmp_path, monkeypatch):
     assert len(calls) == 2 and [status[r.name]["state"] for r in plan] == ["interrupted", "queued"]
 
 
+def test_a_status_json_that_cannot_be_written_cancels_the_running_runs(tmp_path, monkeypatch, capsys):
+    """status.json that could not be written partway (a full disk) stopped the sweep with its one line, but
+    the runs Ray was running went on unwatched until Ray shut down. They are cancelled now, as Ctrl-C's are
+    (their processes stop, keeping their last completed epoch), so the next sweep resumes them."""
+    import types
+
+    from sparsetrain.experiment import files
+    from sparsetrain.sweep.runner import SweepError, execute
+    plan = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0, 1]), str(tmp_path / "sw"), threads=1)
+    status_file = tmp_path / "sw" / "s" / "status.json"
+    submitted, cancelled, real = [], [], files._atomic_write
+
+    class Task:  # (Ray: both runs start and keep running)
+        def options(self, **k):
+            return self
+
+        def remote(self, argv, log, *a):
+            open(log + ".running", "w").close()  # (its process started)
+            submitted.append(len(submitted) + 1)
+            return submitted[-1]
+
+    def full(path, *a, **k):  # (the disk fills once the runs are submitted)
+        if submitted:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *a, **k)
+
+    def get(ref, timeout=None):
+        raise TimeoutError  # (cancelled: no result)
+    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+                                remote=lambda fn: Task(), wait=lambda refs, **k: ([], refs),
+                                cancel=cancelled.append, get=get)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(files, "_atomic_write", full)
+    with pytest.raises(SweepError, match=f"cannot write {status_file}: No space left on device"):
+        execute(plan, str(tmp_path / "sw" / "s"))
+    assert submitted == [1, 2] and sorted(cancelled) == submitted  # (each running run stopped)
+    assert "stopping 2 running run(s)" in capsys.readouterr().err
+    # (status.json: the last one written, intact; a run that was running is resumed by the next sweep)
+    assert [s["state"] for s in json.loads(status_file.read_text()).values()] == ["queued", "queued"]
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

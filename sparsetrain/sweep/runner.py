@@ -303,12 +303,15 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                                 for r in plan),
                             started, sum(status[r.name]["state"] == "failed" and not r.error for r in plan),
                             len(todo) + len(running) - started)
-    except KeyboardInterrupt:
-        # a task Ray still held for resources never started its process: it stays queued, not "interrupted"
+    except (KeyboardInterrupt, WriteFailed) as e:
+        # a status.json that cannot be written (a full disk) stops the sweep as Ctrl-C does: its running runs
+        # are cancelled (they went on unwatched until Ray shut down before 2026-12-06), so the next sweep resumes them.
+        # A task Ray still held for resources never started its process: it stays queued, not "interrupted"
         # (its point reported failed, the progress line counting it as stopped, before 2026-12-06)
         held = {r.name for r in running.values() if status[r.name]["state"] == "submitted"
                 and not os.path.exists(status[r.name]["log"] + ".running")}
-        progress.write(f"sweep: interrupted: stopping {len(running) - len(held)} running run(s) (each keeps its "
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
+        progress.write(f"sweep: {why}: stopping {len(running) - len(held)} running run(s) (each keeps its "
                        "last completed epoch; re-run the same command to resume)")
         for ref in running:
             ray.cancel(ref)
@@ -321,7 +324,11 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                     status[r.name].update(state="done", seconds=round(ray.get(ref, timeout=0)[0]))
                 except Exception:  # noqa: BLE001 (cancelled, failed, or not finished)
                     pass
-            save()
+            try:
+                save()
+            except WriteFailed:
+                if not isinstance(e, WriteFailed):  # (the disk still full: its first error stands)
+                    raise
         raise
     finally:
         progress.close()
