@@ -249,3 +249,31 @@ def test_a_phase_whose_run_failed_before_its_first_round_is_counted(tmp_path):
     assert "No result: vanilla seed(s) [0, 1]; distill-dense seed(s) [0, 1] (the run failed" in md
     ok = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["student_lr"] == "0.1"]
     assert len(ok) == 6 and all(r["failed"] == "0" and r["seeds"] == "2" for r in ok)  # (unchanged)
+
+
+def test_a_killed_report_s_temporary_files_are_removed_by_the_next(tmp_path, capsys):
+    """`sweep report DIR` killed while writing left its temporary files in DIR/report, and nothing removed
+    them (a sweep's start cleans its own folder only): the next report removes a dead writer's of its own
+    files (summary.md, the CSVs, the figures), and leaves a file of another name alone."""
+    import subprocess
+    import sys
+
+    from sparsetrain.experiment.files import TMP_TAG
+    from sparsetrain.sweep import cli
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    runs = tmp_path / "runs"
+    _fill(runs / "a", cfg, phases=("teacher",))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # (a pid no process has now: a dead writer's)
+    rep = runs / "report"
+    rep.mkdir()
+    left = [rep / f"{n}.{TMP_TAG}.{child.pid}" for n in ("summary.md", "table1.csv", "best_model.csv",
+                                                          "accuracy_vs_sparsity.png", "by_tau.png")]
+    other = rep / f"notes.txt.{TMP_TAG}.{child.pid}"  # (not the report's)
+    for f in left + [other]:
+        f.write_text("half")
+    assert cli.main(["report", str(runs)]) == 0
+    assert capsys.readouterr().out.strip() == str(rep / "summary.md")
+    assert not any(f.exists() for f in left) and other.read_text() == "half"
+    assert (rep / "summary.md").read_text().startswith("# DSD² report") and (rep / "table1.csv").is_file()

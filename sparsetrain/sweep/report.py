@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..experiment.files import atomic_write, write_csv
+from ..experiment.files import atomic_write, finish_interrupted_writes, write_csv
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
 from .figures import write_figures
@@ -30,6 +30,12 @@ def _natural(v) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(v)) if t)
 
 
+def _report_files(out_dir: str) -> tuple:
+    """The names of the files a report writes in `out_dir` (its by_<setting>.png those found there)."""
+    by = {re.sub(r"\.png\..*", ".png", f) for f in os.listdir(out_dir) if f.startswith("by_") and ".png." in f}
+    return ("summary.md", "table1.csv", "best_model.csv", "accuracy_vs_sparsity.png", *sorted(by))
+
+
 def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str = "sweep",
                        sort: bool = False, axes=(), teacher_runs=(), planned: dict | None = None) -> str:
     """Aggregate `run_dirs` into `out_dir`; returns the path of summary.md. `sort`: the settings in
@@ -41,6 +47,9 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     (or name of a run the experiment rejected): its resolved config} of the plan's result runs: a point
     whose run left no directory still gets its rows (no result)."""
     os.makedirs(out_dir, exist_ok=True)
+    # a killed report's temporary files of these (a dead writer's only; `report DIR` holds no lock: they were
+    # never removed before 2026-12-06, a sweep's start cleaning its own folder only)
+    finish_interrupted_writes(out_dir, _report_files(out_dir))
     unreadable: list[str] = []
     groups = load_groups(run_dirs, unreadable, planned)
     if status:  # (a run's directory is named after it)
