@@ -277,3 +277,44 @@ def test_a_killed_report_s_temporary_files_are_removed_by_the_next(tmp_path, cap
     assert capsys.readouterr().out.strip() == str(rep / "summary.md")
     assert not any(f.exists() for f in left) and other.read_text() == "half"
     assert (rep / "summary.md").read_text().startswith("# DSD² report") and (rep / "table1.csv").is_file()
+
+
+def test_a_stale_output_that_cannot_be_removed_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A report with nothing left for table1.csv / best_model.csv / a figure removes the earlier one; in a
+    read-only folder that os.remove was an OSError traceback: now WriteFailed naming the file (`report`:
+    one line, exit 2), as a write's, and the files stay."""
+    import errno
+
+    import pytest
+
+    from sparsetrain.experiment.files import WriteFailed
+    from sparsetrain.sweep import cli
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    runs = tmp_path / "runs"
+    _fill(runs / "a", cfg, phases=("teacher",))
+    rep = runs / "report"
+    assert cli.main(["report", str(runs)]) == 0
+    assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))
+    capsys.readouterr()
+    remove = os.remove
+
+    def read_only(path, *a, **k):  # (the report folder made read-only: root ignores chmod)
+        if os.path.dirname(os.fspath(path)) == str(rep):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return remove(path, *a, **k)
+    monkeypatch.setattr(os, "remove", read_only)
+    os.remove(runs / "a" / "seed0" / "teacher" / "metrics.csv")  # (no curve: the figure goes)
+    with pytest.raises(WriteFailed) as e:
+        write_sweep_report([str(runs / "a")], str(rep))
+    assert e.value.filename == str(rep / "accuracy_vs_sparsity.png")
+    monkeypatch.setattr("sparsetrain.sweep.report.write_figures", lambda *a: [])  # (past the figures: the CSVs)
+    (runs / "a" / "config.json").write_text("{not json")  # (no readable run: no rows, the CSVs go)
+    with pytest.raises(WriteFailed) as e:
+        write_sweep_report([str(runs / "a")], str(rep))
+    assert e.value.filename == str(rep / "table1.csv")
+    assert cli.main(["report", str(runs / "a"), "--out", str(rep)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {rep / 'table1.csv'}: Permission denied; free space (or fix permissions) " \
+                  "and run the same command to resume\n"
+    assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))

@@ -9,7 +9,7 @@ import re
 from ..experiment.files import atomic_write, finish_interrupted_writes, write_csv
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
-from .figures import write_figures
+from .figures import remove_stale, write_figures
 
 __all__ = ["write_sweep_report"]
 
@@ -68,8 +68,8 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
                        ("best_model.csv", [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])):
         if rows:
             write_csv(os.path.join(out_dir, name), rows)
-        elif os.path.exists(os.path.join(out_dir, name)):  # (no rows now: an earlier report's numbers would stay)
-            os.remove(os.path.join(out_dir, name))
+        else:  # (no rows now: an earlier report's numbers would stay)
+            remove_stale(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
     lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
