@@ -318,3 +318,17 @@ def test_a_stale_output_that_cannot_be_removed_is_one_line_naming_it(tmp_path, m
     assert err == f"error: cannot write {rep / 'table1.csv'}: Permission denied; free space (or fix permissions) " \
                   "and run the same command to resume\n"
     assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))
+
+
+def test_the_runs_table_shows_a_run_s_warning(tmp_path):
+    """A finished run whose log could not take its last line has a `warning` in status.json (and on stderr);
+    the report's table of runs showed errors only, so it was missing there: now it is shown beside the log."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "a", cfg, phases=("teacher",))
+    warning = f"cannot write {tmp_path / 'a.log'}: No space left on device"
+    status = {"a": {"state": "done", "kind": "teacher", "seconds": 3, "log": str(tmp_path / "a.log"), "warning": warning},
+              "b": {"state": "failed", "kind": "study", "log": str(tmp_path / "b.log"), "error": "RunFailed: exit code 1"}}
+    md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
+    assert f"| a | teacher | done | 3 | warning: {warning} — {tmp_path / 'a.log'} |" in md.splitlines()
+    assert f"| b | study | failed |  | RunFailed: exit code 1 — {tmp_path / 'b.log'} |" in md.splitlines()  # (as before)

@@ -17,7 +17,8 @@ __all__ = ["write_sweep_report"]
 def _status_md(status: dict) -> str:
     out = ["| Run | Kind | State | Seconds | Log / error |", "|---|---|---|--:|---|"]
     for name, s in status.items():
-        note = s.get("error", "") or ""
+        # (a finished run's warning, its log's last line lost: in status.json only before 2026-12-06)
+        note = "; ".join(str(n) for n in (s.get("error"), s.get("warning") and f"warning: {s['warning']}") if n)
         out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | "
                    f"{note + ' — ' if note else ''}{s.get('log', '')} |")
     return "\n".join(out)
