@@ -332,3 +332,38 @@ def test_the_runs_table_shows_a_run_s_warning(tmp_path):
     md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
     assert f"| a | teacher | done | 3 | warning: {warning} — {tmp_path / 'a.log'} |" in md.splitlines()
     assert f"| b | study | failed |  | RunFailed: exit code 1 — {tmp_path / 'b.log'} |" in md.splitlines()  # (as before)
+
+
+def test_overlay_colours_follow_the_values_numerically_and_stay_distinct(tmp_path, monkeypatch):
+    """The overlay coloured the values in their text's order ("10" before "2": tau 2 got the second colour,
+    not the first) and from ten colours, so an 11th value took the 1st's: now numbers are ordered by value
+    (C0, C1, ... for 1 < 2 < 10, whatever the groups' order) and every value has its own colour."""
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_rgba
+
+    from sparsetrain.sweep.figures import _colours, plot_overlay
+    from sparsetrain.sweep.aggregate import load_groups
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95, "alpha": 0.5}
+    taus = [1.0 * t for t in range(1, 13)]  # (12 values: 10, 11 and 12 sort before 2 as text)
+    for tau in taus:
+        _fill(tmp_path / f"t{tau:g}", {**cfg, "tau": tau}, phases=("teacher",))
+    drawn, plot = [], Axes.plot
+
+    def record(self, *a, **kw):
+        line = plot(self, *a, **kw)
+        if kw.get("label"):
+            drawn.append((kw["label"], to_rgba(line[0].get_color())))
+        return line
+    monkeypatch.setattr(Axes, "plot", record)
+    groups = load_groups([str(tmp_path / f"t{t:g}") for t in reversed(taus)], [])  # (drawn in the groups' order)
+    assert plot_overlay(groups, "tau", ["tau"], str(tmp_path / "o.png"))
+    colour = {label.split()[0]: c for label, c in drawn}
+    assert len(colour) == 12 and len(set(colour.values())) == 12  # (each value its own colour)
+    assert colour["tau=2"] == to_rgba("C1") and colour["tau=10"] == to_rgba("C9")  # (C0, C1, ... by value)
+    few = load_groups([str(tmp_path / f"t{t:g}") for t in (10.0, 2.0, 1.0)], [])
+    drawn.clear()
+    plot_overlay(few, "tau", ["tau"], str(tmp_path / "f.png"))
+    assert dict((lab.split()[0], c) for lab, c in drawn) == {"tau=1": to_rgba("C0"), "tau=2": to_rgba("C1"),
+                                                            "tau=10": to_rgba("C2")}
+    assert len({to_rgba(c) for c in _colours(30)}) == 30  # (past 20 values too)

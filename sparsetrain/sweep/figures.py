@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from ..experiment.files import WriteFailed, atomic_write
 from ..experiment.report.plots import acc_band, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
@@ -15,6 +16,21 @@ __all__ = ["plot_overlay", "write_figures", "remove_stale"]
 
 _STYLE = {"vanilla": "-", "distill-dense": "--", "distill-best": ":"}
 _MAX_PANELS = 12
+
+
+def _natural(v) -> tuple:
+    """A sort key: numbers by value, text with its digits as numbers (vgg_d1g9 < vgg_d2g5)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return ((0, v, ""),)
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(v)) if t)
+
+
+def _colours(n: int) -> list:
+    """n distinct colours: matplotlib's ten (C0-C9), then tab20's lighter shades of them; past 20, n steps of turbo."""
+    from matplotlib import colormaps
+    if n > 20:
+        return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+    return [f"C{i}" for i in range(min(n, 10))] + [colormaps["tab20"](2 * i + 1) for i in range(n - 10)]
 
 
 def _phases(g) -> list[str]:
@@ -40,12 +56,14 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
     cols = min(3, len(items))
     rows_n = math.ceil(len(items) / cols)
     fig = Figure(figsize=(6.2 * cols, 4.4 * rows_n))
-    values = sorted({str(g["config"].get(by)) for g in groups}) if by else []
+    # one colour per value, in the values' order ("10.0" came before "2.0" as text, and an 11th value took C0 again)
+    values = {str(v): v for v in (g["config"].get(by) for g in groups)} if by else {}
+    colour = dict(zip(sorted(values, key=lambda k: _natural(values[k])), _colours(len(values))))
     for i, (title, gs) in enumerate(items):
         ax = fig.add_subplot(rows_n, cols, i + 1)
         ax2 = ax.twinx()
         for g in gs:
-            color = f"C{values.index(str(g['config'].get(by))) % 10}" if by else None
+            color = colour[str(g["config"].get(by))] if by else None
             for ph in _phases(g):
                 rounds, per, x, acc, ent = mean_curve(g["curves"][ph])
                 name = "vanilla" if ph == vanilla_phase(g) else ph

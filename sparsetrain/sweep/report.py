@@ -9,7 +9,7 @@ import re
 from ..experiment.files import atomic_write, finish_interrupted_writes, write_csv
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
-from .figures import remove_stale, write_figures
+from .figures import _natural, remove_stale, write_figures
 
 __all__ = ["write_sweep_report"]
 
@@ -22,13 +22,6 @@ def _status_md(status: dict) -> str:
         out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | "
                    f"{note + ' — ' if note else ''}{s.get('log', '')} |")
     return "\n".join(out)
-
-
-def _natural(v) -> tuple:
-    """A sort key: numbers by value, text with its digits as numbers (vgg_d1g9 < vgg_d2g5)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return ((0, v, ""),)
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(v)) if t)
 
 
 def _report_files(out_dir: str) -> tuple:
