@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 
 from sparsetrain.experiment.config import config_from_args
 from sparsetrain.experiment.files import write_csv, write_json
@@ -367,3 +368,17 @@ def test_overlay_colours_follow_the_values_numerically_and_stay_distinct(tmp_pat
     assert dict((lab.split()[0], c) for lab, c in drawn) == {"tau=1": to_rgba("C0"), "tau=2": to_rgba("C1"),
                                                             "tau=10": to_rgba("C2")}
     assert len({to_rgba(c) for c in _colours(30)}) == 30  # (past 20 values too)
+
+
+def test_a_pipe_in_a_run_s_error_keeps_the_runs_table_s_columns(tmp_path):
+    """A run's error (a crash's exception line) or log path holding "|" split its row of the Markdown table of
+    runs into extra columns (the error cut off under no heading): it is escaped now, the row keeps 5 cells."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "a", cfg, phases=("teacher",))
+    error = "RunFailed: exit code 1: TypeError: unsupported operand type(s) for |: 'int' and 'str'"
+    status = {"a": {"state": "failed", "kind": "study", "log": str(tmp_path / "a|b.log"), "error": error}}
+    md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
+    (row,) = [line for line in md.splitlines() if line.startswith("| a |")]
+    cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    assert cells == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a|b.log'}"]

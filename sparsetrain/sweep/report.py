@@ -19,8 +19,8 @@ def _status_md(status: dict) -> str:
     for name, s in status.items():
         # (a finished run's warning, its log's last line lost: in status.json only before 2026-12-06)
         note = "; ".join(str(n) for n in (s.get("error"), s.get("warning") and f"warning: {s['warning']}") if n)
-        out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | "
-                   f"{note + ' — ' if note else ''}{s.get('log', '')} |")
+        cell = f"{note + ' — ' if note else ''}{s.get('log', '')}".replace("|", "\\|")  # (a "|" split the row)
+        out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | {cell} |")
     return "\n".join(out)
 
 
