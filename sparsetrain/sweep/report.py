@@ -7,6 +7,7 @@ import os
 import re
 
 from ..experiment.files import atomic_write, finish_interrupted_writes, write_csv
+from ..experiment.report.tables import md_cell
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
 from .figures import _natural, remove_stale, write_figures
@@ -19,7 +20,7 @@ def _status_md(status: dict) -> str:
     for name, s in status.items():
         # (a finished run's warning, its log's last line lost: in status.json only before 2026-12-06)
         note = "; ".join(str(n) for n in (s.get("error"), s.get("warning") and f"warning: {s['warning']}") if n)
-        cell = f"{note + ' — ' if note else ''}{s.get('log', '')}".replace("|", "\\|")  # (a "|" split the row)
+        cell = md_cell(f"{note + ' — ' if note else ''}{s.get('log', '')}")  # (a "|" split the row)
         out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | {cell} |")
     return "\n".join(out)
 

@@ -14,7 +14,7 @@ from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
 from .plots import plot_run
-from .tables import config_problem, ordered_phases, summary_table
+from .tables import config_problem, md_cell, ordered_phases, summary_table
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "verify_metrics", "LABEL_RULE"]
@@ -63,8 +63,7 @@ def write_report(run_dir) -> str:
             "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
              "| Setting | Value |", "|---|---|"]
-    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 (a `|` in a value, a path's, split its row)
-    lines += [f"| {k} | {cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
+    lines += [f"| {k} | {md_cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
     for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
         sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",

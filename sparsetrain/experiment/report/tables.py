@@ -11,7 +11,13 @@ from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
-           "stats", "mean", "ms"]
+           "stats", "mean", "ms", "md_cell"]
+
+
+def md_cell(value) -> str:
+    """`value` as the text of one Markdown table cell, each `|` escaped as `\\|` (GFM: a bare one, a path's or
+    an error's, splits the row into more cells, the text cut off)."""
+    return str(value).replace("|", "\\|")
 
 
 def _real(v) -> bool:
@@ -202,7 +208,7 @@ def summary_table(run, rounds: bool = True) -> str:
            "|---|:-:|:-:|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|"]
     for spec in specs:
         name, rule, distill, teacher, outs = (spec[k] for k in ("name", "rule", "distill", "teacher", "outs"))
-        name, teacher = (str(v).replace("|", "\\|") for v in (name, teacher))  # (a teacher path's `|` split the row)
+        name, teacher = md_cell(name), md_cell(teacher)  # (a teacher path's `|` split the row)
         ns = f"{len(outs)}" + ("" if len(outs) == nseeds or not nseeds else f"/{nseeds}")
         cell = lambda key, nd=2: _part(ms([o[key] for o in outs], nd), outs, key)  # noqa: E731
         out.append(f"| {name} | {'✓' if rule else ''} | {'✓' if distill else ''} | {teacher} | "
