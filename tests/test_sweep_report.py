@@ -382,3 +382,29 @@ def test_a_pipe_in_a_run_s_error_keeps_the_runs_table_s_columns(tmp_path):
     (row,) = [line for line in md.splitlines() if line.startswith("| a |")]
     cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert cells == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a|b.log'}"]
+
+
+def test_a_pipe_in_a_setting_or_phase_keeps_the_sweep_tables_columns(tmp_path):
+    """A `|` in a setting's value (a --teachers path) or a phase name (distill-path-a|b, the path's stem) split
+    its row of Table 12 (setting and phase cells) into extra columns; they are escaped now: every row of every
+    table in summary.md has its header's cells, and the cells read back whole."""
+    base = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0],
+            "rate": 0.5, "wall": 0.95, "alpha": 0.5}
+    runs = {"a": ("ckpt/a|b.pt", 2.0), "b": ("ckpt/a|b.pt", 4.0), "c": ("dense", 2.0)}
+    for name, (teacher, tau) in runs.items():
+        phase = "distill-path-a|b" if teacher != "dense" else "distill-dense"
+        _fill(tmp_path / name, {**base, "teachers": [teacher], "tau": tau}, phases=("teacher", phase))
+    md = open(write_sweep_report([str(tmp_path / n) for n in runs], str(tmp_path / "rep"))).read()
+    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # noqa: E731 (GFM's)
+    tables, header = 0, None
+    for line in md.splitlines():
+        if not line.startswith("|"):
+            header = None
+        elif header is None:
+            header, tables = split(line), tables + 1
+        else:
+            assert len(split(line)) == len(header), (header, line)
+    assert tables >= 4  # (Table 5's, Table 12 and a Table 1 per setting were all checked)
+    t12 = [split(l) for l in md.splitlines() if l.startswith("| tau=")]
+    assert {(r[0], r[1]) for r in t12} >= {("tau=2, teachers=['ckpt/a|b.pt']", "distill-path-a|b"),
+                                          ("tau=4, teachers=['ckpt/a|b.pt']", "distill-path-a|b")}, t12

@@ -19,7 +19,7 @@ from ..experiment.files import CorruptFile
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
-from ..experiment.report.tables import config_problem, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
+from ..experiment.report.tables import config_problem, md_cell, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import needed_phases, phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -367,6 +367,7 @@ def best_model_md(rows) -> str:
     out = ["| Setting | Phase | Best test acc. [%] | Sparsity [%] | Best model's phase | Seeds |",
            "|---|---|--:|--:|---|--:|"]
     part = lambda r, n: f" ({r[n]} of {r['seeds']} seeds)" if 0 < r[n] < r["seeds"] else ""  # noqa: E731
-    out += [f"| {r['setting']} | {r['phase']} | {ms(r['_accs'])}{part(r, 'best_test_n')} | {ms(r['_sps'])}"
+    # (a `|` in a setting, a --teachers path's, or in a phase, distill-path-a|b, split the row: escaped)
+    out += [f"| {md_cell(r['setting'])} | {md_cell(r['phase'])} | {ms(r['_accs'])}{part(r, 'best_test_n')} | {ms(r['_sps'])}"
             f"{part(r, 'sparsity_n')} | {r['best_phase']} | {_seeds_cell(r)} |" for r in rows]
     return "\n".join(out)
