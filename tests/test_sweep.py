@@ -466,6 +466,27 @@ def test_a_run_log_or_marker_that_cannot_be_written_names_the_file(tmp_path, mon
         runner.execute([invalid], str(tmp_path / "sw" / "s"))
 
 
+def test_a_leftover_marker_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
+    """A killed worker's `.running` marker that the sweep's start cannot remove (a read-only logs/ folder) was a
+    bare OSError traceback; now the sweep's one-line error (SweepError) naming the marker, which is left as it was."""
+    from sparsetrain.sweep import runner
+    marker = tmp_path / "sw" / "logs" / "r.log.running"
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    assert runner.execute([], str(tmp_path / "sw")) == {} and not marker.exists()  # (the reference: removed)
+    marker.touch()
+    real = os.remove
+
+    def read_only(path, *a, **k):  # (a read-only logs/: the markers in it cannot be removed)
+        if str(path).endswith(".running"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(runner.os, "remove", read_only)
+    with pytest.raises(runner.SweepError) as e:
+        runner.execute([], str(tmp_path / "sw"))
+    assert str(e.value).startswith(f"cannot write {marker}: Permission denied;") and marker.exists()
+
+
 def test_a_log_that_cannot_take_its_last_line_keeps_the_run_s_outcome(tmp_path, monkeypatch):
     """The line a run's log gets after its process (exit code, cancelled) on a full disk raised a bare OSError
     in place of the run's outcome: a finished run failed ("OSError: [Errno 28] ...", no file named), a failed one

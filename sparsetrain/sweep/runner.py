@@ -191,9 +191,12 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     # what a killed sweep left half-written (status.json's, the report's temporary files: they piled up before
     # 2026-12-06), under the folder's lock as a run start does
     finish_interrupted_writes(os.path.abspath(sweep_dir))
-    for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
-        if f.endswith(".running"):
-            os.remove(os.path.join(logs, f))
+    try:
+        for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
+            if f.endswith(".running"):
+                os.remove(os.path.join(logs, f))
+    except OSError as e:  # (a read-only logs/: a traceback before 2026-12-06)
+        raise WriteFailed(e.errno, e.strerror or str(e), e.filename or logs) from None
     for r in plan:
         if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
