@@ -529,6 +529,42 @@ def test_a_log_that_cannot_take_its_last_line_keeps_the_run_s_outcome(tmp_path, 
     assert json.loads((tmp_path / "sw" / "status.json").read_text())["r"] == status["r"]
 
 
+def test_a_marker_that_cannot_be_removed_keeps_the_run_s_outcome(tmp_path, monkeypatch):
+    """A run's `.running` marker that cannot be removed after its process (a read-only logs/ folder) raised a bare
+    OSError in place of the run's outcome: a finished run failed, a failed one lost its error, a cancelled one was
+    no longer cancelled. Now the outcome stands and names the marker (a finished run's warning), in its log too."""
+    from sparsetrain.sweep import runner
+    log, marker = tmp_path / "logs" / "r.log", tmp_path / "logs" / "r.log.running"
+    ok, crash = tmp_path / "ok.py", tmp_path / "crash.py"
+    ok.write_text("pass")
+    crash.write_text("raise SystemExit(1)")
+    assert runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))[1] == ""  # (the reference: removed)
+    assert not marker.exists()
+    real, stale = os.remove, f"cannot remove {marker}: Permission denied"
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".running"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "remove", read_only)
+    seconds, why = runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    assert seconds >= 0 and why == stale and marker.exists()
+    assert f"=== {stale}" in log.read_text().splitlines()
+    with pytest.raises(runner.RunFailed) as e:
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(crash))
+    assert str(e.value) == f"exit code 1 (see {log}; {stale})"
+
+    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands while the run waits for its process)
+        def wait(self, timeout=None):
+            if timeout == 0.5:
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    assert log.read_text().splitlines()[-1] == f"=== {stale}"
+
+
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
     """A second sweep on the folder a running one holds (its lock) stops at once with who holds it."""
     from sparsetrain.experiment.files import folder_lock

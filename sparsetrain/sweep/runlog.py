@@ -46,10 +46,16 @@ def write_marker(marker: str) -> None:
         raise WriteFailed(e.errno, e.strerror or str(e), marker) from None
 
 
-def remove_marker(marker: str) -> None:
-    """The log's `.running` marker removed (its process has ended), if there."""
-    if os.path.isfile(marker):
-        os.remove(marker)
+def remove_marker(marker: str) -> str:
+    """The log's `.running` marker removed (its process has ended), if there; "" or, where it cannot be (a
+    read-only logs/ folder), "cannot remove MARKER: why" for the run's outcome to name (a bare OSError there
+    replaced the run's outcome before 2026-12-06, as end_line's did; the sweep's next start removes it)."""
+    try:
+        if os.path.isfile(marker):
+            os.remove(marker)
+        return ""
+    except OSError as e:
+        return f"cannot remove {marker}: {e.strerror or e}"
 
 
 def log_lines(log: str, start: int) -> list[str]:

@@ -48,7 +48,8 @@ class RunBusy(RuntimeError):
 def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment",
                    gpus: float = 0) -> tuple[float, str]:
     """One experiment process (`python -m <program> <argv>`, or a script path), its output appended
-    to `log`; returns its seconds and "" or why its log's last line could not be written (runlog.end_line).
+    to `log`; returns its seconds and "" or why its log's last line could not be written (runlog.end_line), or
+    its `.running` marker removed (runlog.remove_marker).
     Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the process, which resumes on the next
     attempt. Without a GPU share, CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that
     ask for GPUs: the others would all use GPU 0)."""
@@ -83,9 +84,11 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
             end_line(f, log, f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run "
                              "resumes)\n")
             raise  # (cancelled, whether or not its log could say so)
-        finally:
-            remove_marker(marker)
+        finally:  # (one that cannot be removed: the outcome stands, naming it, as for a lost last line)
+            if stale := remove_marker(marker):
+                end_line(f, log, f"=== {stale}\n")
         lost = end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+        lost = "; ".join(w for w in (lost, stale) if w)
     see = f"see {log}" + (f"; {lost}" if lost else "")
     if rc == EXIT_BUSY:
         raise RunBusy(f"exit code {rc}: its run directory was in use by another process ({see})")
