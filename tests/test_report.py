@@ -1088,3 +1088,37 @@ def test_algorithm2_refuses_a_curve_without_the_dense_round(tmp_path):
     path = tmp_path / "seed0" / "teacher" / "metrics.csv"
     with pytest.raises(R.CorruptFile, match=f"{path} has no row of round 0, the dense model \\(its first is round 1\\)"):
         R.write_report(str(tmp_path))
+
+
+def test_a_mean_that_skipped_a_seed_s_nan_says_k_of_n_seeds(tmp_path, monkeypatch):
+    """A per-round mean over the seeds whose value is finite (a torn cell is NaN) says `(k of n seeds)`, as
+    Table 1's cells do (it read as the mean of every seed); so do Table 1's PFLOPs, and the accuracy plot
+    draws such a round hollow."""
+    from matplotlib.axes import Axes
+    write_config(tmp_path, seeds=[0, 1, 2])
+    vals = {0: [0.80, 0.84, 0.82], 1: [0.80, 0.83, 0.84], 2: [0.81, 0.86, 0.83]}
+    for s in (0, 1, 2):
+        rows = make_rows(vals[s], seed=s, ent=[0.6, 0.5 + 0.1 * s, 0.4])
+        if s == 2:  # round 1's cells of seed 2 torn; its last cumulative count too
+            for key in ("val_acc", "test_acc", "entropy_mean", "wall_s", "cum_flops"):
+                rows[1][key] = NAN
+            rows[2]["cum_flops"] = NAN
+        write_rows(tmp_path, rows)
+    run = R.load_run(tmp_path)
+    md = R.summary_table(run)
+    lines = {int(l.split("|")[1]): [c.strip() for c in l.strip("|").split("|")] for l in md.splitlines()
+             if l.startswith("| ") and l.split("|")[1].strip().isdigit()}
+    ref = [100 * vals[s][1] for s in (0, 1)]  # (round 1 of seeds 0 and 1: the finite ones)
+    assert lines[1][2] == f"{np.mean(ref):.2f} ± {np.std(ref, ddof=1):.2f} (2 of 3 seeds)"
+    assert lines[1][3].endswith("(2 of 3 seeds)") and lines[1][4] == "0.550 ± 0.071 (2 of 3 seeds)"
+    assert lines[1][6] == "9.0 (2 of 3 seeds)" and lines[1][9].endswith("(2 of 3 seeds)")
+    assert "seeds" not in "".join(lines[0]) and lines[2][9].endswith("(2 of 3 seeds)")
+    assert "seeds" not in "".join(lines[2][:9])
+    cum = [r["cum_flops"] for r in make_rows(vals[0])]
+    row = table_row(md, "vanilla, no early stop")  # (the teacher run is the vanilla student's here)
+    assert row[4].startswith(f"{cum[-1] / 1e15:.7f}") and row[4].endswith("(2 of 3 seeds)")
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    R.plot_run(run, str(tmp_path))
+    hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 1 and len(hollow[0][0]) == 1  # round 1 of the accuracy plot (the FLOPs plot: no row missing)

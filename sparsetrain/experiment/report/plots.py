@@ -9,7 +9,7 @@ import numpy as np
 from ..files import WriteFailed, atomic_write
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
-from ..metrics import best_index, get
+from ..metrics import best_index, fin, get
 from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
 
 __all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve"]
@@ -105,7 +105,8 @@ def plot_run(run, out_dir) -> list[str]:
     van = vanilla_phase(run)
     for ph in phases:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
-        few = fewer_seeds(by, rounds)
+        # (hollow too where a seed's test accuracy is NaN, a torn cell: the mean is the others')
+        few = fewer_seeds(by, rounds) | np.array([not all(fin(get(r, "test_acc")) for r in by[k]) for k in rounds])
         hollow_curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
         ax.fill_between(x, *acc_band(acc), color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)

@@ -156,12 +156,18 @@ def _part(cell: str, outs, key: str) -> str:
     return cell + (f" ({n} of {len(outs)} seeds)" if 0 < n < len(outs) else "")
 
 
+def _of(vals) -> str:
+    """' (k of n seeds)' where only k of the n values are finite (the mean beside it is theirs), else ''."""
+    k = sum(fin(v) for v in vals)
+    return f" ({k} of {len(vals)} seeds)" if 0 < k < len(vals) else ""
+
+
 def _flops_cell(vals, extra, distill: bool) -> str:
-    """mean ± std of `vals`, then (a distillation) the teacher's cost `extra` as (+mean over the seeds that have
+    """mean ± std of `vals` (`(k of n seeds)` where not all have one), then (a distillation) the teacher's cost `extra` as (+mean over the seeds that have
     it, `k of n seeds` where not all do; +n/a where none does: "+nan", or a silent mean of the others, before)."""
     m, _, n = stats(extra)
     more = "n/a" if not n else f"{m:.{_nd(extra)}f}" + (f", {n} of {len(extra)} seeds" if n < len(extra) else "")
-    return ms(vals, None) + (f" (+{more})" if distill else "")
+    return ms(vals, None) + _of(vals) + (f" (+{more})" if distill else "")
 
 
 def same_note(run, ph) -> str:
@@ -298,8 +304,10 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
         marks = ([f"{len(rs)}/{n} seeds"] if len(rs) < n else []) + (  # rounds past a seed's last
             [f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
-        out.append(f"| {k} | {_num_cell(mean(rs, 'sparsity') * 100, 2)} | {ms(pct('val_acc'))} | {ms(pct('test_acc'))} | "
-                   f"{ms([get(r, 'entropy_mean') for r in rs], 3)} | {lab} | {_num_cell(mean(rs, 'wall_s'), 1)} | "
-                   f"{_num_cell(mean(rs, 'sec_per_epoch'), 2)} | {layers} | "
-                   f"{_num_cell(mean(rs, 'cum_flops') / 1e15, nd)} | {', '.join(marks)} |")
+        # (a mean over the seeds whose value is finite: `(k of n seeds)` where a seed's is NaN, a torn cell)
+        num = lambda key, nd, v=None: _num_cell(mean(rs, key) if v is None else v, nd) + _of([get(r, key) for r in rs])  # noqa: E731
+        out.append(f"| {k} | {num('sparsity', 2, mean(rs, 'sparsity') * 100)} | {ms(pct('val_acc'))}{_of(pct('val_acc'))} | "
+                   f"{ms(pct('test_acc'))}{_of(pct('test_acc'))} | {ms([get(r, 'entropy_mean') for r in rs], 3)}"
+                   f"{_of([get(r, 'entropy_mean') for r in rs])} | {lab} | {num('wall_s', 1)} | "
+                   f"{num('sec_per_epoch', 2)} | {layers} | {num('cum_flops', nd, mean(rs, 'cum_flops') / 1e15)} | {', '.join(marks)} |")
     return "\n".join(out)
