@@ -1122,3 +1122,29 @@ def test_a_mean_that_skipped_a_seed_s_nan_says_k_of_n_seeds(tmp_path, monkeypatc
     R.plot_run(run, str(tmp_path))
     hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
     assert len(hollow) == 1 and len(hollow[0][0]) == 1  # round 1 of the accuracy plot (the FLOPs plot: no row missing)
+
+
+def test_a_nan_dense_entropy_makes_the_stop_unknown_not_never(tmp_path):
+    """Both rules compare the entropy with round 0's (the dense model's eta_0): where it is NaN the rule
+    cannot run, so that seed's stop is n/a (it read `–`, "never stopped", with the whole curve counted as
+    the stop's FLOPs, a 0% saving in the mean); the seed is left out of the row's means, which say so."""
+    from sparsetrain.experiment.early_stop import reference_known
+    write_config(tmp_path, seeds=[0, 1, 2], wall=0.999)
+    val, cum = [0.80, 0.84, 0.86, 0.60, 0.85], [1e15 * c for c in (8, 12, 14, 15, 15.5)]
+    for s in (0, 1, 2):  # Alg. 2 on seeds 1 and 2: phase 2 from round 2, stop at round 3 (0.60 <= 0.8 * 0.86)
+        rows = make_rows(val, ent=[NAN if s == 0 else 1, 1, 0.7, 0.7, 0.7], seed=s, cum=cum)
+        write_rows(tmp_path, rows)
+        (tmp_path / f"seed{s}" / "teacher" / "best.json").write_text("{}")
+    run = R.load_run(tmp_path)
+    rows0 = run["curves"]["teacher"][0]
+    assert R.algorithm2_stop(rows0) is None and not reference_known(rows0)
+    assert reference_known(run["curves"]["teacher"][1]) and not reference_known([])
+    md = R.summary_table(run)
+    for name in ("vanilla, early stop (Alg. 2)", "vanilla, early stop (peak rule)"):
+        row = table_row(md, name)
+        assert row[10] == "n/a, 3, 3" and row[11] == "n/a, critical, critical"
+        assert row[4] == f"{15:.2f} ± 0.00 (2 of 3 seeds)" and row[7] == "60.00 ± 0.00 (2 of 3 seeds)"
+        assert row[12] == f"{100 * (1 - 15 / 15.5):.1f} ± 0.0 (2 of 3 seeds)" and row[13] == "20.0 ± 0.0 (2 of 3 seeds)"
+    row = table_row(md, "vanilla, no early stop")  # (no rule: nothing unknown)
+    assert row[10] == "4" and "seeds" not in row[4] + row[6]
+    assert "`n/a`: the rule cannot run" in md

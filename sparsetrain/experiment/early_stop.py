@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from ..engine.args import is_int
 from .metrics import fin
 
-__all__ = ["algorithm2_stop", "EARLY_STOPS", "RULES"]
+__all__ = ["algorithm2_stop", "reference_known", "EARLY_STOPS", "RULES"]
 
 # --early-stop: run to the wall; Algorithm 2 as written (entropy relative to the dense model's); or
 # the same with the entropy relative to its running peak
@@ -51,6 +51,14 @@ def _rows(rows) -> list:
     return rows
 
 
+def reference_known(rows) -> bool:
+    """Whether the curve's round 0 (the dense model) has a finite entropy eta_0, the reference of both
+    rules: without it algorithm2_stop's None means "cannot run" (the stop is unknown), not "never stops"."""
+    rows = _rows(rows)
+    first = min(rows, key=lambda r: r["round"]) if rows else None
+    return first is not None and first["round"] == 0 and fin(_value(first, "entropy_mean"))
+
+
 def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 1) -> int | None:
     """Algorithm 2 (paper App. H) replayed on a curve; returns the round it stops at, None if it never does.
 
@@ -68,7 +76,8 @@ def algorithm2_stop(rows, t_e=0.8, t_a=0.8, rule: str = "entropy", falls: int = 
     frozen there (the algorithm does not update it). Online (loop.py, after each round on the rows so
     far) "stop now" is a return value equal to the last round. NaNs: a NaN entropy keeps phase 1 (no
     evidence of a drop) and breaks a run of falls; a NaN accuracy neither updates best_acc nor stops;
-    a NaN dense entropy gives None; a curve without round 0 (the dense model) is a ValueError.
+    a NaN dense entropy gives None (the rule cannot run: reference_known tells it from "never"); a
+    curve without round 0 (the dense model) is a ValueError.
 
     The report shows both the model at the stop (the paper's line 17 returns it: by construction the
     one whose accuracy just fell) and the best-validation model among the rounds <= the stop; the

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from ..config import config_from_json
-from ..early_stop import EARLY_STOPS, algorithm2_stop
+from ..early_stop import EARLY_STOPS, algorithm2_stop, reference_known
 from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
@@ -123,7 +123,7 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False, ende
     nominal = cfg.get("structure", "unstructured") not in ("block", "filter")
     cut = ended == "early stop" if finished and ended else \
         wall is not None and (nxt < wall - 1e-9 or not nominal) and (not finished or online)
-    return {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
+    out = {"pflops": get(at, "cum_flops") / 1e15, "paper": get(at, "paper_cum_flops") / 1e15,
             "stop": stop, "end": end,
             "teacher": (get(rows[0], "teacher_cost", 0.0) + sum(get(r, "teacher_flops", 0.0) for r in upto)) / 1e15,
             "teacher_paper": (get(rows[0], "teacher_paper_cost", 0.0)
@@ -135,14 +135,20 @@ def outcome(rows, rule, cfg: dict, phase: str = "", finished: bool = False, ende
             # undecided, and no saving can be measured against the whole curve
             "saved": 100 * (1 - get(at, "cum_flops") / total) if total and not cut else NAN,
             "saved_paper": 100 * (1 - get(at, "paper_cum_flops") / total_paper) if fin(total_paper) and total_paper
-            and not cut else NAN, "short": cut}
+            and not cut else NAN, "short": cut, "unknown": False}
+    if rule and not reference_known(rows):  # (round 0's entropy NaN: the rule cannot run, its stop is unknown,
+        # not "never": every cell that depends on the stop is n/a for this seed, left out of the row's means)
+        out.update({k: NAN for k in out if k not in ("stop", "end", "short", "unknown")}, label="n/a", unknown=True)
+    return out
 
 
 def stop_cell(spec) -> str:
     """A Table 1 row's stop cell over its seeds: the stop round (a rule's; the curve's last round without
-    one), `–` the rule never stopped, `†` the curve ends before the wall (`–†`: undecided)."""
-    ends = [("–" if o["stop"] is None else str(o["stop"])) if spec["rule"] else str(o["end"]) for o in spec["outs"]]
-    return _cell([e + ("†" if o["short"] and (not spec["rule"] or o["stop"] is None) else "")
+    one), `–` the rule never stopped, `n/a` it cannot run (round 0's entropy NaN), `†` the curve ends
+    before the wall (`–†`: undecided)."""
+    ends = [("n/a" if o.get("unknown") else "–" if o["stop"] is None else str(o["stop"])) if spec["rule"]
+            else str(o["end"]) for o in spec["outs"]]
+    return _cell([e + ("†" if o["short"] and not o.get("unknown") and (not spec["rule"] or o["stop"] is None) else "")
                   for e, o in zip(ends, spec["outs"])])
 
 
@@ -241,7 +247,9 @@ def summary_table(run, rounds: bool = True) -> str:
             "(whole curve counted); `†`: the curve ends before the wall unfinished (run in progress) or stopped "
             "online (a curve that ran out of weights to prune is finished): `–†` = the rule had not fired by "
             "then (undecided), and FLOPs saved is n/a on such a curve, whatever stopped it (the whole curve it "
-            "would be measured against was never trained). `(k of n seeds)`: a mean over the k seeds with a value. "
+            "would be measured against was never trained); `n/a`: the rule cannot run on that seed's curve (the "
+            "dense model's entropy, round 0's, the reference of both rules, is NaN): its stop is unknown, and the "
+            "seed is left out of the row's means. `(k of n seeds)`: a mean over the k seeds with a value. "
             "Test acc. and sparsity: of the best-validation model up to the stop and of the model at the stop "
             "(the paper's Table 1 reports, on its row without early stop, the best-validation model's sparsity: "
             "99.62% = 1 − 0.8^25, round 25 of 0–29, the best val columns; on its early-stop rows the model at the "
