@@ -170,9 +170,9 @@ def test_labels_monotone_short_nan():
     lab = lambda acc: R.label_rounds([{"test_acc": a} for a in acc])  # noqa: E731
     assert lab([0.8, 0.8, 0.795, 0.78, 0.7, 0.5]) == ["light"] * 4 + ["collapsed"] * 2
     assert lab([0.8, 0.82, 0.85, 0.86]) == ["light"] * 4
-    assert lab([]) == [] and lab([0.5]) == ["light"] and lab([NAN]) == ["light"]
+    assert lab([]) == [] and lab([0.5]) == ["light"] and lab([NAN]) == ["n/a"]
     assert lab([0.8, 0.7]) == ["light", "collapsed"]
-    assert lab([NAN, 0.8, NAN, 0.6, NAN, 0.7, NAN]) == (
+    assert lab([0.8, 0.8, NAN, 0.6, NAN, 0.7, NAN]) == (
         ["light", "light", "light", "critical", "critical", "sweet", "sweet"])
     assert R.LABEL_RULE in R.label_rounds.__doc__
 
@@ -1148,3 +1148,19 @@ def test_a_nan_dense_entropy_makes_the_stop_unknown_not_never(tmp_path):
     row = table_row(md, "vanilla, no early stop")  # (no rule: nothing unknown)
     assert row[10] == "4" and "seeds" not in row[4] + row[6]
     assert "`n/a`: the rule cannot run" in md
+
+
+def test_a_nan_dense_accuracy_leaves_the_curve_unlabelled(tmp_path):
+    """Every label is relative to a_0, the dense model's accuracy: where round 0's is NaN the first finite
+    round stood in for it (a curve falling from a pruned round's level read light, then critical); the
+    rounds are n/a now, in the seed's Table 1 stop phase and Table 12's best model's phase too."""
+    from sparsetrain.sweep.aggregate import best_model_rows
+    lab = lambda acc: R.label_rounds([{"test_acc": a} for a in acc])  # noqa: E731
+    acc = [0.70, 0.60, 0.65, 0.72, 0.60]
+    assert lab(acc) == ["light", "critical", "sweet", "sweet", "collapsed"]  # (its own labels with a_0 = 0.70)
+    assert lab([NAN] + acc[1:]) == ["n/a"] * 5  # (was all light: a_0 = 0.60, the dip hidden)
+    write_config(tmp_path, seeds=[0], early_stop="none")
+    write_rows(tmp_path, make_rows([0.70, 0.60, 0.65, 0.72, 0.60], test=[NAN] + acc[1:], seed=0))
+    run = R.load_run(tmp_path)
+    assert table_row(R.summary_table(run), "vanilla, no early stop")[11] == "n/a"
+    assert best_model_rows([run], [])[0]["best_phase"] == "n/a"

@@ -23,11 +23,14 @@ curve over seeds). A collapse is a real fall: more than `fall` below the level t
    a >= a_0 - fall, collapsed after it.
 Taking the largest recovery (not the first drop) keeps seed noise of about tol in the light phase from
 being read as the dip. Rounds with a NaN accuracy take the previous finite round's label (the next one's
-at the start)."""
+at the start); a curve whose a_0 is NaN has none: every round is n/a (each label is relative to the dense
+model's accuracy, which a later round's cannot stand for)."""
 
 
 def label_rounds(rows, tol=0.01, fall=0.05) -> list[str]:
     acc = [get(r, "test_acc") for r in rows]
+    if acc and not fin(acc[0]):  # (no dense reference: the first finite round's a_0 mislabelled the curve)
+        return ["n/a"] * len(acc)
     idx = [i for i, a in enumerate(acc) if fin(a)]  # the rule runs on the finite points, in order
     a = [acc[i] for i in idx]
     n, lab = len(a), ["light"] * len(a)
