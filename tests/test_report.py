@@ -1164,3 +1164,26 @@ def test_a_nan_dense_accuracy_leaves_the_curve_unlabelled(tmp_path):
     run = R.load_run(tmp_path)
     assert table_row(R.summary_table(run), "vanilla, no early stop")[11] == "n/a"
     assert best_model_rows([run], [])[0]["best_phase"] == "n/a"
+
+
+def test_a_per_round_mean_without_a_seed_that_recorded_no_round_says_so(tmp_path, monkeypatch):
+    """A seed of the run whose phase recorded no round (its run failed in round 0, or has not got there)
+    is missing from every round's mean: each round says `2/3 seeds` (it said nothing: the table read as the
+    mean of every seed), the best-round count is out of the run's seeds, and the plots draw every round
+    hollow."""
+    from matplotlib.axes import Axes
+    write_config(tmp_path, seeds=[0, 1, 2])
+    write_rows(tmp_path, make_rows([0.80, 0.84, 0.82], seed=0))
+    write_rows(tmp_path, make_rows([0.80, 0.86], seed=1))
+    (tmp_path / "seed2" / "teacher").mkdir(parents=True)  # (seed 2: no metrics.csv yet)
+    run = R.load_run(tmp_path)
+    assert sorted(run["curves"]["teacher"]) == [0, 1]
+    lines = [l.split("|") for l in R.summary_table(run).splitlines() if l.startswith("| ") and l.split("|")[1].strip().isdigit()]
+    marks = {int(c[1]): c[11].strip() for c in lines}
+    assert marks == {0: "2/3 seeds", 1: "2/3 seeds, best 2/3", 2: "1/3 seeds"}
+    assert lines[1][3].strip() == f"{np.mean([84, 86]):.2f} ± {np.std([84, 86], ddof=1):.2f}"
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    R.plot_run(run, str(tmp_path))
+    hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 2 and all(len(a[0]) == 3 for a in hollow)  # rounds 0-2 in each figure

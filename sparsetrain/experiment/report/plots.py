@@ -47,10 +47,17 @@ def best_round(seed_rows: dict):
     return min(set(picks), key=lambda k: (-picks.count(k), k)) if picks else None
 
 
-def fewer_seeds(by, rounds):
-    """The rounds only some seeds reached (their mean is over fewer seeds: drawn hollow), as a mask."""
+def fewer_seeds(by, rounds, seeds: int = 0):
+    """The rounds only some seeds reached (their mean is over fewer seeds: drawn hollow), as a mask; `seeds`:
+    how many the run was started for (a seed whose phase recorded no round is missing from every mean)."""
     n = np.array([len(by[k]) for k in rounds])
-    return n < n.max()
+    return n < max(n.max(), seeds)
+
+
+def _started(run, ph) -> int:
+    """How many seeds `ph`'s means are out of: those the run was started for and those with a curve."""
+    seeds = run["config"].get("seeds") or []
+    return len(set(run["curves"][ph]) | {s for s in seeds if isinstance(s, int) and not isinstance(s, bool)})
 
 
 def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
@@ -106,7 +113,7 @@ def plot_run(run, out_dir) -> list[str]:
     for ph in phases:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
         # (hollow too where a seed's test accuracy is NaN, a torn cell: the mean is the others')
-        few = fewer_seeds(by, rounds) | np.array([not all(fin(get(r, "test_acc")) for r in by[k]) for k in rounds])
+        few = fewer_seeds(by, rounds, _started(run, ph)) | np.array([not all(fin(get(r, "test_acc")) for r in by[k]) for k in rounds])
         hollow_curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
         ax.fill_between(x, *acc_band(acc), color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
@@ -139,7 +146,7 @@ def plot_run(run, out_dir) -> list[str]:
     for ph in phases:
         rounds, by = per_round(curves[ph])
         cum = np.array([mean(by[k], "cum_flops") for k in rounds]) / 1e15
-        few = fewer_seeds(by, rounds)
+        few = fewer_seeds(by, rounds, _started(run, ph))
         hollow_curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
         if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
             extra = {}  # (a NaN round: that seed's sum unknown from there on, left out of the mean, as in Table 1)

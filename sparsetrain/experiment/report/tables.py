@@ -302,7 +302,10 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
             s = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1))
             if s is not None:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
-    n, nd = len(seed_rows), _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
+    # n: the seeds the run was started for (a seed whose phase recorded no round, failed or not run yet, is
+    # missing from every round's mean: its rounds said nothing), or those with a curve where config has none
+    n = len(set(seed_rows) | set(s for s in cfg.get("seeds") or [] if _int(s)))
+    nd = _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
     out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label | s/round | s/epoch "
            "| Sparse layers | Cum. PFLOPs exact | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
     for k, lab in zip(rounds, labels):
