@@ -1187,3 +1187,15 @@ def test_a_per_round_mean_without_a_seed_that_recorded_no_round_says_so(tmp_path
     R.plot_run(run, str(tmp_path))
     hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
     assert len(hollow) == 2 and all(len(a[0]) == 3 for a in hollow)  # rounds 0-2 in each figure
+
+
+def test_the_dagger_footnote_names_a_failed_run_s_partial_curve_too(tmp_path):
+    """An unfinished phase (no best.json) is marked `†` whether its run is still going or failed: the
+    footnote said "run in progress" alone, so a crashed seed's partial curve read as one still training."""
+    write_config(tmp_path, seeds=[0, 1], wall=0.999)
+    write_rows(tmp_path, make_rows([0.80, 0.84, 0.82, 0.83], seed=0))
+    (tmp_path / "seed0" / "teacher" / "best.json").write_text("{}")
+    write_rows(tmp_path, make_rows([0.80, 0.86], seed=1))  # (its run died after round 1: no best.json)
+    md = R.summary_table(R.load_run(tmp_path))
+    assert table_row(md, "vanilla, no early stop")[10] == "3, 1†"
+    assert "the run in progress, or one that failed or was interrupted" in md
