@@ -1199,3 +1199,25 @@ def test_the_dagger_footnote_names_a_failed_run_s_partial_curve_too(tmp_path):
     md = R.summary_table(R.load_run(tmp_path))
     assert table_row(md, "vanilla, no early stop")[10] == "3, 1†"
     assert "the run in progress, or one that failed or was interrupted" in md
+
+
+def test_a_sweep_figure_marks_means_over_fewer_seeds_than_started_or_past_a_nan(tmp_path, monkeypatch):
+    """The sweep's overlay draws hollow a round whose mean left out a seed's NaN accuracy (a torn cell), and
+    every round of a setting where a seed it started recorded none (both were drawn filled: a full mean)."""
+    from matplotlib.axes import Axes
+
+    from sparsetrain.sweep import figures
+    calls, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw)) or real(self, *a, **kw))
+    run = tmp_path / "r"
+    write_config(run, seeds=[0, 1])
+    write_rows(run, make_rows([0.5, 0.6, 0.7], seed=0))
+    write_rows(run, make_rows([0.5, 0.6, 0.7], test=[0.5, NAN, 0.7], seed=1))
+    assert figures.plot_overlay([R.load_run(run)], None, [], str(tmp_path / "f.png"))
+    hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 1 and list(hollow[0][1]) == [60.0]  # round 1: seed 0's 60% alone
+    calls.clear()
+    write_config(run, seeds=[0, 1, 2])  # (seed 2 started, no round recorded)
+    assert figures.plot_overlay([R.load_run(run)], None, [], str(tmp_path / "f.png"))
+    hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
+    assert len(hollow) == 1 and len(hollow[0][0]) == 3

@@ -10,7 +10,7 @@ import re
 from ..experiment.files import WriteFailed, atomic_write
 from ..experiment.report.plots import acc_band, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
-from .aggregate import _num, group_label
+from .aggregate import _num, group_label, seed_counts
 
 __all__ = ["plot_overlay", "write_figures", "remove_stale"]
 
@@ -70,7 +70,9 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
                 # (the value as the tables print it: tau=10, not the config's 10.0)
                 label = f"{by}={_num(g['config'].get(by))} {name}" if by else f"{group_label(g, keys)} {name}"
                 label += same_note(g, ph)  # (a distill-best that is distill-dense says so)
-                line = hollow_curve(ax, x, acc[:, 0], fewer_seeds(per, rounds), color, label,
+                # (hollow: a mean over fewer seeds than the setting started, or past a seed's NaN accuracy)
+                few = fewer_seeds(per, rounds, seed_counts(g, ph)["seeds_started"], "test_acc")
+                line = hollow_curve(ax, x, acc[:, 0], few, color, label,
                                     style=_STYLE.get(name, "-.") + "o", ms=2.5, hollow_ms=4)
                 ax.fill_between(x, *acc_band(acc), color=line.get_color(), alpha=.15, lw=0)
                 ax2.plot(x, ent, _STYLE.get(name, "-."), color=line.get_color(), lw=.7, alpha=.5)

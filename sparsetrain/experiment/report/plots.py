@@ -47,11 +47,12 @@ def best_round(seed_rows: dict):
     return min(set(picks), key=lambda k: (-picks.count(k), k)) if picks else None
 
 
-def fewer_seeds(by, rounds, seeds: int = 0):
+def fewer_seeds(by, rounds, seeds: int = 0, key: str | None = None):
     """The rounds only some seeds reached (their mean is over fewer seeds: drawn hollow), as a mask; `seeds`:
-    how many the run was started for (a seed whose phase recorded no round is missing from every mean)."""
-    n = np.array([len(by[k]) for k in rounds])
-    return n < max(n.max(), seeds)
+    how many the run was started for (a seed whose phase recorded no round is missing from every mean);
+    `key`: also the rounds where a seed's value of it is NaN, a torn cell (the mean is the others')."""
+    n = np.array([len(by[k]) if key is None else sum(fin(get(r, key)) for r in by[k]) for k in rounds])
+    return n < max(max(len(by[k]) for k in rounds), seeds)
 
 
 def _started(run, ph) -> int:
@@ -112,8 +113,7 @@ def plot_run(run, out_dir) -> list[str]:
     van = vanilla_phase(run)
     for ph in phases:
         rounds, by, x, acc, ent = mean_curve(curves[ph])
-        # (hollow too where a seed's test accuracy is NaN, a torn cell: the mean is the others')
-        few = fewer_seeds(by, rounds, _started(run, ph)) | np.array([not all(fin(get(r, "test_acc")) for r in by[k]) for k in rounds])
+        few = fewer_seeds(by, rounds, _started(run, ph), "test_acc")
         hollow_curve(ax, x, acc[:, 0], few, color[ph], phase_title(run, ph))
         ax.fill_between(x, *acc_band(acc), color=color[ph], alpha=.2, lw=0)
         ax2.plot(x, ent, "--", color=color[ph], alpha=.7)
