@@ -169,8 +169,9 @@ def _of(vals) -> str:
 
 
 def _flops_cell(vals, extra, distill: bool) -> str:
-    """mean ± std of `vals` (`(k of n seeds)` where not all have one), then (a distillation) the teacher's cost `extra` as (+mean over the seeds that have
-    it, `k of n seeds` where not all do; +n/a where none does: "+nan", or a silent mean of the others, before)."""
+    """mean ± std of `vals` (`(k of n seeds)` where not all have one), then (a distillation) the teacher's cost
+    `extra` as (+mean over the seeds that have it, `k of n seeds` where not all do; +n/a where none does: "+nan",
+    or a silent mean of the others, before)."""
     m, _, n = stats(extra)
     more = "n/a" if not n else f"{m:.{_nd(extra)}f}" + (f", {n} of {len(extra)} seeds" if n < len(extra) else "")
     return ms(vals, None) + _of(vals) + (f" (+{more})" if distill else "")
@@ -317,9 +318,10 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
             [f"best {best[k]}/{n}"] if k in best else []) + [
             f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
         # (a mean over the seeds whose value is finite: `(k of n seeds)` where a seed's is NaN, a torn cell)
-        num = lambda key, nd, v=None: _num_cell(mean(rs, key) if v is None else v, nd) + _of([get(r, key) for r in rs])  # noqa: E731
-        out.append(f"| {k} | {num('sparsity', 2, mean(rs, 'sparsity') * 100)} | {ms(pct('val_acc'))}{_of(pct('val_acc'))} | "
-                   f"{ms(pct('test_acc'))}{_of(pct('test_acc'))} | {ms([get(r, 'entropy_mean') for r in rs], 3)}"
-                   f"{_of([get(r, 'entropy_mean') for r in rs])} | {lab} | {num('wall_s', 1)} | "
-                   f"{num('sec_per_epoch', 2)} | {layers} | {num('cum_flops', nd, mean(rs, 'cum_flops') / 1e15)} | {', '.join(marks)} |")
+        num = lambda key, nd, v: _num_cell(v, nd) + _of([get(r, key) for r in rs])  # noqa: E731
+        ent = [get(r, "entropy_mean") for r in rs]
+        out.append(f"| {k} | {num('sparsity', 2, mean(rs, 'sparsity') * 100)} | {ms(pct('val_acc'))}"
+                   f"{_of(pct('val_acc'))} | {ms(pct('test_acc'))}{_of(pct('test_acc'))} | {ms(ent, 3)}{_of(ent)} | "
+                   f"{lab} | {num('wall_s', 1, mean(rs, 'wall_s'))} | {num('sec_per_epoch', 2, mean(rs, 'sec_per_epoch'))} | "
+                   f"{layers} | {num('cum_flops', nd, mean(rs, 'cum_flops') / 1e15)} | {', '.join(marks)} |")
     return "\n".join(out)
