@@ -1189,3 +1189,33 @@ def test_resume_refuses_another_draw_of_the_split_and_noisy_labels(mnist_dir, st
     assert study.main(study_args(mnist_dir, "--teachers", "dense", "--phases", "distill", *reuse)) == 2
     assert "whose seed 0 drew another split or other noisy labels (labels fingerprint fedcba9876543210" in \
         capsys.readouterr().err
+
+
+def test_new_folders_are_fsynced_into_their_parents(tmp_path, monkeypatch):
+    """A new folder's name lives in its parent's entries: make_folder, atomic_write (its folder), the run
+    directory's lock and make_link fsync the parent of each folder or link they create, outermost first, and
+    nothing more for a folder that exists (a file fsynced in a folder whose entry never was is lost with it)."""
+    import stat
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            seen.append(st.st_ino)
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    rd = tmp_path / "run"
+    with files.folder_lock(str(rd)):
+        assert seen == [os.stat(tmp_path).st_ino]  # (the run directory, made by its lock)
+        seen.clear()
+        files.make_folder(str(rd / "seed0" / "vanilla" / "ckpt"))
+        assert seen == [os.stat(p).st_ino for p in (rd, rd / "seed0", rd / "seed0" / "vanilla")]
+        seen.clear()
+        files.make_folder(str(rd / "seed0"))  # (there already: no fsync)
+        assert seen == []
+        files.atomic_write(str(rd / "seed1" / "noise.json"), "{}")  # (its new folder, then the rename's)
+        assert seen == [os.stat(rd).st_ino, os.stat(rd / "seed1").st_ino]
+        seen.clear()
+        files.make_link("seed0", str(rd / "seed2"))
+        assert seen == [os.stat(rd).st_ino] and os.path.islink(rd / "seed2")

@@ -26,6 +26,7 @@ import warnings
 from typing import Callable
 
 from ..engine import writer_lock
+from .durable import fsync_dir as _fsync_dir, make_dirs
 
 __all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
            "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
@@ -100,7 +101,7 @@ def _open_lock(folder: str, name: str = ".lock", wait: bool = False):
     A lock taken on a file its holder removed meanwhile (remove_empty_folder, the folder then gone; a
     finished download's lock file) guards nothing: taken again on the new one."""
     for _ in range(10):
-        os.makedirs(folder, exist_ok=True)
+        make_dirs(folder)  # (the run directory: created here first, fsynced into its parent)
         try:
             f = open(os.path.join(folder, name), "a+")
         except FileNotFoundError:  # (the folder removed between the two calls)
@@ -234,17 +235,20 @@ def _landed(path: str, tmp: str, pid: int, want: dict, timeout: float = 10.0) ->
 
 
 def make_folder(path: str) -> None:
-    """os.makedirs(exist_ok=True) for the run's folders; an OSError (disk full, read-only) is WriteFailed."""
+    """os.makedirs(exist_ok=True) for the run's folders, each new one fsynced into its parent (durable.make_dirs);
+    an OSError (disk full, read-only) is WriteFailed."""
     try:
-        os.makedirs(path, exist_ok=True)
+        make_dirs(path)
     except OSError as e:
         raise WriteFailed(e.errno, e.strerror or str(e), path) from e
 
 
 def make_link(target: str, path: str) -> None:
-    """os.symlink to a folder of the run; an OSError (disk full, read-only) is WriteFailed."""
+    """os.symlink to a folder of the run, fsynced into its folder (as a new folder is); an OSError (disk
+    full, read-only) is WriteFailed."""
     try:
         os.symlink(target, path, target_is_directory=True)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise WriteFailed(e.errno, e.strerror or str(e), path) from e
 
@@ -265,7 +269,7 @@ def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None
 
 def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     binary = isinstance(data, bytes) if binary is None else binary
     tmp = f"{path}.{TMP_TAG}.{os.getpid()}"
     recorded = False  # the checksum names tmp's data: from then on the write is finished, not undone
@@ -304,28 +308,6 @@ def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
         finally:
             if held is not None:
                 os.close(held)
-
-
-# a folder that cannot be opened or fsynced at all (no read permission; some network and FUSE
-# mounts, Windows): the rename is as durable as that filesystem makes it; other errors (EIO) raise
-_NO_DIR_FSYNC = {errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
-
-
-def _fsync_dir(folder: str) -> None:
-    """Make a rename in `folder` durable (the rename lives in the folder's entries, not the file's data)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        if e.errno in _NO_DIR_FSYNC:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in _NO_DIR_FSYNC:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _names(path: str, tmp: str) -> bool:
