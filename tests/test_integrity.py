@@ -531,9 +531,11 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
         for name in ("round_00.pt", "round_00.pt.sha256"):
             shutil.copy(src / "ckpt" / name, pd / "ckpt" / name)
 
-    def swapped():
+    def swapped(named=False):  # (records of before 2026-12-06 name no file: the payload's round tells)
         for ext in ("", ".sha256"):
             a, b = (keep[p] for p in (r0.with_name(r0.name + ext), r1.with_name(r1.name + ext)))
+            if ext and not named:
+                a, b = (json.dumps({k: v for k, v in json.loads(x).items() if k != "name"}).encode() for x in (a, b))
             r0.with_name(r0.name + ext).write_bytes(b)
             r1.with_name(r1.name + ext).write_bytes(a)
     for damage, says in ((copied, f"is round 0 of {theirs}, not round 0 of this phase ({mine})"),
@@ -543,6 +545,11 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
         assert f"{r0} {says}: copied from another run, seed or phase, or swapped with another round's; delete " \
                f"{pd} to train the teacher again" in err, (damage.__name__, err)
         restore()
+    swapped(named=True)  # (records that name their files: refused by the record, before any load)
+    err = _one_line_error(capsys, here)
+    assert f"{r0}.sha256 is the record of 'round_01.pt', not of 'round_00.pt': it and its file were copied or " \
+           f"renamed from another file's; a finished phase's results cannot be rebuilt: delete {pd}" in err, err
+    restore()
     # a checkpoint written before 2026-12-06 (its round, no place): distilled from as before
     payload = checkpoint.safe_load(str(r0))
     assert payload.pop("where") == mine and payload["round"] == 0
@@ -564,9 +571,10 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
     here = study_args(mnist_dir, "--teachers", "dense", "--phases", "distill", "--reuse", str(run_dir(mnist_dir / "a")))
     r0, r1 = src / "ckpt" / "round_00.pt", src / "ckpt" / "round_01.pt"
     keep = {p: p.read_bytes() for p in (r0, r1, r0.with_name("round_00.pt.sha256"), r1.with_name("round_01.pt.sha256"))}
-    for p, q in ((r0, r1), (r1, r0)):
+    for p, q in ((r0, r1), (r1, r0)):  # (swapped with records of before 2026-12-06, which name no file)
         p.write_bytes(keep[q])
-        p.with_name(p.name + ".sha256").write_bytes(keep[q.with_name(q.name + ".sha256")])
+        record = json.loads(keep[q.with_name(q.name + ".sha256")])
+        p.with_name(p.name + ".sha256").write_text(json.dumps({k: v for k, v in record.items() if k != "name"}))
     err = _one_line_error(capsys, here)
     link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     assert link.is_symlink() and run_dir(mnist_dir / "runs").name != src.parent.parent.name

@@ -1219,3 +1219,20 @@ def test_new_folders_are_fsynced_into_their_parents(tmp_path, monkeypatch):
         seen.clear()
         files.make_link("seed0", str(rd / "seed2"))
         assert seen == [os.stat(rd).st_ino] and os.path.islink(rd / "seed2")
+
+
+def test_a_checksum_record_names_its_file(tmp_path):
+    """A record holds its file's name: a checkpoint copied over another with its record (or both renamed)
+    matched the digest and passed; now CorruptFile naming both. A record of before 2026-12-06 (no name) verifies."""
+    a, b = str(tmp_path / "round_01.pt"), str(tmp_path / "round_02.pt")
+    files.atomic_write(a, b"round 1", checksum=True)
+    files.atomic_write(b, b"round 2", checksum=True)
+    assert json.load(open(a + ".sha256"))["name"] == "round_01.pt" and files.verify(a) and files.verify(b)
+    for ext in ("", ".sha256"):
+        shutil.copyfile(a + ext, b + ext)
+    with pytest.raises(files.CorruptFile, match=r"round_02\.pt\.sha256 is the record of 'round_01\.pt', not of "
+                                                r"'round_02\.pt'"):
+        files.verify(b)
+    old = {k: v for k, v in json.load(open(b + ".sha256")).items() if k != "name"}
+    (tmp_path / "round_02.pt.sha256").write_text(json.dumps(old))
+    assert files.verify(b) is True and open(b, "rb").read() == b"round 1"

@@ -170,16 +170,22 @@ def _digest(path: str) -> dict:
 
 
 def _recorded(path: str) -> dict | None:
-    """The size and sha256 `<path>.sha256` records (None: no record; CorruptFile: unreadable)."""
+    """The size and sha256 `<path>.sha256` records (None: no record; CorruptFile: unreadable, or the record
+    of a file of another name: since 2026-12-06 a record names its file, so one copied or renamed beside
+    another file with it is refused; an older record names none)."""
     record = path + ".sha256"
     if not os.path.exists(record):
         return None
     try:
         with open(record) as f:
             want = json.load(f)
-        return {"size": int(want["size"]), "sha256": str(want["sha256"])}
-    except (OSError, ValueError, KeyError, TypeError):
+        digest, name = {"size": int(want["size"]), "sha256": str(want["sha256"])}, want.get("name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CorruptFile(f"{record} (the checksum of {path}) is unreadable") from None
+    if name is not None and name != os.path.basename(path):
+        raise CorruptFile(f"{record} is the record of {name!r}, not of {os.path.basename(path)!r}: it and its file "
+                          "were copied or renamed from another file's")
+    return digest
 
 
 def verify(path: str) -> bool:
@@ -291,7 +297,7 @@ def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         if checksum:
-            atomic_write(path + ".sha256", json.dumps(_digest(tmp)))
+            atomic_write(path + ".sha256", json.dumps({**_digest(tmp), "name": os.path.basename(path)}))
             recorded = True
         try:
             os.replace(tmp, path)
