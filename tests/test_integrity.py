@@ -542,8 +542,8 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
                          (swapped, f"is round 1 of {mine}, not round 0 of this phase ({mine})")):
         damage()
         err = _one_line_error(capsys, here)
-        assert f"{r0} {says}: copied from another run, seed or phase, or swapped with another round's; delete " \
-               f"{pd} to train the teacher again" in err, (damage.__name__, err)
+        assert f"{r0} {says}: copied from another run, seed or phase, or swapped with another round's; a finished " \
+               f"phase's results cannot be rebuilt: delete {pd} to retrain this phase" in err, (damage.__name__, err)
         restore()
     swapped(named=True)  # (records that name their files: refused by the record, before any load)
     err = _one_line_error(capsys, here)
@@ -581,7 +581,7 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
     theirs_too = f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link to " \
                  "train the teacher again"
     assert f"{link / 'ckpt' / 'round_00.pt'} is round 1 of {src.parent.parent.name}/seed0/teacher" in err, err
-    assert theirs_too in err, err
+    assert theirs_too.replace("train the teacher again", "retrain this phase") in err, err  # (verify_phase's)
     for p, b in keep.items():
         p.write_bytes(b)
     assert study.main(here) == 0  # (the linked run's own rounds, named after it: distilled from)
@@ -687,3 +687,30 @@ def test_a_damaged_checkpoint_of_the_round_being_resumed_is_written_anew(mnist_d
     assert files.verify(str(r0))
     whole = run_dir(mnist_dir / "whole") / "seed0" / "teacher" / "metrics.csv"
     assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(whole))
+
+
+def test_a_students_round_checkpoint_of_another_run_is_refused_on_resume(mnist_dir, study_args, capsys):
+    """A vanilla (or distilled) round checkpoint copied in from another run with its .sha256 record passed
+    verify_phase's checksums (only a teacher's was checked for its place, when distilled from): the phase's
+    results were another run's. Every verified round must now name this phase and its round; one written
+    before 2026-12-06 (no place) still passes."""
+    import shutil
+    other = study_args(mnist_dir, "--rate", "0.4", "--teachers", "dense", "--out", str(mnist_dir / "o"))
+    here = study_args(mnist_dir, "--teachers", "dense")
+    assert study.main(other) == 0 and study.main(here) == 0
+    src, pd = run_dir(mnist_dir / "o") / "seed0" / "distill-dense", run_dir(mnist_dir / "runs") / "seed0" / "distill-dense"
+    mine, theirs = f"{pd.parent.parent.name}/seed0/distill-dense", f"{src.parent.parent.name}/seed0/distill-dense"
+    r1 = pd / "ckpt" / "round_01.pt"
+    keep = {p: p.read_bytes() for p in (r1, r1.with_name("round_01.pt.sha256"))}
+    for name in ("round_01.pt", "round_01.pt.sha256"):
+        shutil.copy(src / "ckpt" / name, pd / "ckpt" / name)
+    err = _one_line_error(capsys, here)
+    assert f"{r1} is round 1 of {theirs}, not round 1 of this phase ({mine}): copied from another run, seed or " \
+           f"phase, or swapped with another round's; a finished phase's results cannot be rebuilt: delete {pd} to " \
+           "retrain this phase" in err, err
+    for p, b in keep.items():
+        p.write_bytes(b)
+    payload = checkpoint.safe_load(str(r1))  # (a checkpoint written before 2026-12-06: its round, no place)
+    assert payload.pop("where") == mine and payload["round"] == 1
+    checkpoint.atomic_save(payload, str(r1))
+    assert study.main(here) == 0

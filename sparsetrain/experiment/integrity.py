@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 from .files import CorruptFile, verify
@@ -55,7 +56,8 @@ def check_place(pdir: str, where) -> None:
 def verify_phase(pdir: str, resumed=None) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
-    recorded at write time; a round checkpoint whose record remains must exist), and a finished
+    recorded at write time; a round checkpoint whose record remains must exist, and be this phase's own round:
+    _check_round_places), and a finished
     phase must hold a checkpoint for each of its rounds; else a clear error, whose advice for a phase linked
     from another run (--reuse) names that run's folder and the link (delete_advice). `resumed()`: the round
     state.pt resumes, whose checkpoint (a kill after it, before the next round's state) the resume writes anew:
@@ -94,14 +96,39 @@ def verify_phase(pdir: str, resumed=None) -> None:
             raise CorruptFile(f"{e}; {what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase") from None
     if results:
         _check_finished(pdir, results, rounds, old=not recorded[results[0]])
-    elif os.path.isfile(os.path.join(pdir, "metrics.csv")) and (os.path.exists(state + ".sha256")
-                                                               or any(recorded.values())):
+    _check_round_places(pdir, [p for p in rounds if recorded.get(p)], finished)  # (after best.json's place)
+    if not results and os.path.isfile(os.path.join(pdir, "metrics.csv")) and (os.path.exists(state + ".sha256")
+                                                                              or any(recorded.values())):
         # an unfinished phase: each row's round was checkpointed before the row was written (loop.run_phase)
         try:
             rows = read_metrics(os.path.join(pdir, "metrics.csv"))
         except (OSError, ValueError):
             return  # (rewritten from state.pt's rows at the next round)
         _check_rounds(pdir, rows, rounds)
+
+
+def _check_round_places(pdir: str, rounds: list[str], finished: bool) -> None:
+    """Each verified round checkpoint must be this phase's own round (the round and place, where_of, it records at
+    save; teachers.check_round's test, for every phase): a vanilla or distilled round copied in from another run,
+    seed or phase with its .sha256 record passed its checksum. Checkpoints of before 2026-12-06 name no place
+    (their round alone is checked); one torch cannot read is left to the load that needs it."""
+    import torch  # (here only: the report checks places without torch)
+    here = places_of(pdir)
+    for path in rounds:
+        try:  # (mmap: the tensors' bytes are not read, only the small pickle that names round and place)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 (torch raises several types; verify already matched its record)
+            continue
+        name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
+        if name is None or not isinstance(payload, dict):
+            continue
+        rnd = int(name[1])
+        got_rnd, got_where = payload.get("round", rnd), payload.get("where")
+        if got_rnd != rnd or (got_where is not None and got_where not in here):
+            what = "a finished phase's results" if finished else "a trained round"
+            raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
+                              f"({here[0]}): copied from another run, seed or phase, or swapped with another round's; "
+                              f"{what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase")
 
 
 def _check_rounds(pdir: str, rows: list[dict], rounds: list[str]) -> None:
