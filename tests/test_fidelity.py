@@ -258,6 +258,31 @@ def test_wall_and_early_stop_only_on_students(mnist_dir, study_args, monkeypatch
     assert len(read_rows(rd / "distill-dense" / "metrics.csv")) == 1  # the student stopped at once
 
 
+def test_an_early_stop_that_cannot_run_says_so(mnist_dir, study_args, monkeypatch, capsys):
+    """A NaN dense (round 0) entropy leaves Algorithm 2 without its reference eta_0: the student ran
+    silently to the wall with best.json's stop "wall". Now one line says so at round 0 (once per phase)
+    and best.json's stop records it; the teacher (no early stop) is untouched."""
+    real = loop.measure
+
+    def nan_dense(*a, **k):
+        row = real(*a, **k)
+        if row["round"] == 0:
+            row["entropy_mean"] = float("nan")
+        return row
+    monkeypatch.setattr(loop, "measure", nan_dense)
+    assert study.main(study_args(mnist_dir, "--early-stop", "entropy", "--teachers", "dense")) == 0
+    rd = run_dir(mnist_dir / "runs") / "seed0"
+    note = "--early-stop entropy cannot run: round 0's (the dense model's) entropy is NaN"
+    students = [p for p in ("vanilla", "distill-dense") if (rd / p / "best.json").exists()]
+    assert "distill-dense" in students
+    for p in students:
+        assert len(read_rows(rd / p / "metrics.csv")) == 5  # (to the wall, as before)
+        assert json.loads((rd / p / "best.json").read_text())["stop"] == f"wall; {note}"
+    assert json.loads((rd / "teacher" / "best.json").read_text())["stop"] == "wall"
+    out = capsys.readouterr()
+    assert (out.out + out.err).count(note) == len(students)
+
+
 # ---------------------------------------------------------------------------- Eq. 2
 def test_kd_loss_is_eq2_per_sample_and_refuses_broadcast_shapes():
     """Eq. 2 on hand-made logits, each sample's term by its own teacher row: (1 - a) CE + a tau^2

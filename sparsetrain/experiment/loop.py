@@ -29,7 +29,7 @@ from . import data as D
 from . import distributed as dist
 from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_load, save_model
 from .devices import resolve_amp
-from .early_stop import algorithm2_stop
+from .early_stop import algorithm2_stop, reference_known
 from .entropy import activation_entropy
 from .files import CorruptFile, WriteFailed, make_folder, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
@@ -197,6 +197,14 @@ def should_stop(cfg, role: str, rule: PruningRule, s: PhaseState, sparsity: floa
         s.rows, cfg.t_e, cfg.t_a, cfg.early_stop, cfg.stop_falls) is not None) else ""
 
 
+def stop_unrunnable(cfg, role: str, rows) -> str:
+    """Why this student's --early-stop rule cannot run ("" = it can, or none applies): round 0's (the
+    dense model's) entropy is NaN, Algorithm 2's reference eta_0, so the run can only go to the wall."""
+    if role != "student" or cfg.early_stop == "none" or not rows or reference_known(rows):
+        return ""
+    return f"--early-stop {cfg.early_stop} cannot run: round 0's (the dense model's) entropy is NaN"
+
+
 def next_round(cfg, hp, rule: PruningRule, s: PhaseState, arch: dict, seed: int, splits) -> None:
     """Prune, perturb, put layers on the engine the policy says (--engine auto: timed on a
     training batch of this rank's size, rank 0 deciding), restart the optimizer and schedule."""
@@ -335,6 +343,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
         cost.teacher_fwd = forward_flops(teacher, shape)["total"]
         cost.teacher_cost, cost.teacher_paper_cost = teacher_cost
         cost.teacher_paper_round = paper_macs(dense_teacher, shape) * n_images * hp.epochs
+    note = ""  # (stop_unrunnable's, once known)
     while True:
         sparsity = model_sparsity(s.model, s.masks, n_orig)
         t0 = time.perf_counter() - s.train_s  # (a resumed round: its epochs trained before the kill count too)
@@ -358,6 +367,8 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                 raise WriteFailed(e.errno, e.strerror or str(e), metrics + ".sha256") from e
             write_csv(metrics, s.rows)
         dist.on_main(record, (WriteFailed,))
+        if not note and (note := stop_unrunnable(cfg, role, s.rows)) and dist.is_main():  # (once, at round 0)
+            tqdm.write(f"[{phase} seed {seed}] {note}: the run goes on to the wall")
         stop = should_stop(cfg, role, rule, s, sparsity, n_orig)
         if stop:
             break
@@ -368,6 +379,6 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
             stop = "nothing to prune"
             break
         save(s, arch, state_path)
-    finish(pdir, s.rows, stop)
+    finish(pdir, s.rows, f"{stop}; {note}" if note else stop)  # (best.json says why the rule never stopped it)
     dist.barrier()  # the phase's files exist before any rank reads them (the teacher's, for students)
     return pdir

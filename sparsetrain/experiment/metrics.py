@@ -76,7 +76,7 @@ def read_metrics(path, require=()) -> list[dict]:
 def load_run(run_dir) -> dict:
     """{"config": config.json (or {}), "curves": {phase: {seed: rows}}, "running": {phase: [seeds whose
     phase has not finished (no best.json)]}, "ended": {phase: {seed: why a finished phase ended (best.json's
-    "stop": "wall", "nothing to prune" or "early stop"; None before 2026-12-06 or unreadable)}}, "same_as": {phase: {seed: the phase of that seed whose
+    "stop": "wall", "nothing to prune" or "early stop", the first two with "; " and why an --early-stop rule could not run; None before 2026-12-06 or unreadable)}}, "same_as": {phase: {seed: the phase of that seed whose
     directory this one links to}}}; empty curves are left out. (A seed's distill-best links to its
     distill-dense when the best-validation teacher is round 0: one teacher checkpoint, one student run.)
     CorruptFile for a metrics.csv without the columns of a curve (_CURVE_COLS) or without round 0, and for
