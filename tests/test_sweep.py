@@ -1623,6 +1623,12 @@ def test_table5_reports_validation_accuracy_and_its_average_over_eps():
     short = group(0.1, 0.5, [[(0.60, 0.10), (0.70, 0.20)], []])  # seed 1: started, no round yet
     md = alpha_tau_md([short, groups[1]], ["alpha"])
     assert "| 0.5 | 70.00 (1 of 2 seeds) |" in md and "| 0.8 | **90.00 ± 0.00** |" in md, md
+    # the average over eps of such a cell keeps its mark, naming the eps (it showed (70 + 60) / 2 unmarked,
+    # as if every seed had a result, before 2026-12-06); the other cells' averages stay unmarked
+    md = alpha_tau_md([short] + groups[1:], ["eps", "alpha"])
+    avg = {b.split("\n")[0]: b for b in md.split("### ")[1:]}["average over ε = 0.1, 0.2: distill-dense"]
+    assert f"| 0.5 | **{(70 + 60) / 2:.2f} (ε 0.1: 1 of 2 seeds)** |" in avg, avg  # (tied with (90 + 40) / 2: both bold)
+    assert f"| 0.8 | **{(90 + 40) / 2:.2f}** |" in avg, avg
 
 
 def test_table5_bolds_every_cell_of_the_best_mean():

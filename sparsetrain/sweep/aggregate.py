@@ -293,14 +293,15 @@ def alpha_tau_md(groups, keys) -> str:
     for g in groups:
         blocks.setdefault(group_label(g, rest), []).append(g)
 
-    def cell(gs, a, t, ph):  # (mean or NaN, mean ± std) of the group of gs at alpha a, tau t; — for none
+    def cell(gs, a, t, ph, part=False):  # (mean or NaN, mean ± std) of the group of gs at alpha a, tau t; — for none
         g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
         if g is None:
-            return NAN, "—"
+            return (NAN, "—", "") if part else (NAN, "—")
         vals = _best_val(g, ph)
         m, _, n = stats(vals)  # (a cell of fewer seeds than its setting started says so, as Table 12's)
         started = seed_counts(g, ph)["seeds_started"]
-        return m, ms(vals) + (f" ({n} of {started} seeds)" if 0 < n < started else "")
+        mark = f"{n} of {started}" if 0 < n < started else ""  # (part: also the mark alone, for the mean over eps)
+        return (m, ms(vals) + (f" ({mark} seeds)" if mark else "")) + ((mark,) if part else ())
 
     out = []
     for ph in phases:
@@ -317,9 +318,11 @@ def alpha_tau_md(groups, keys) -> str:
                     continue
 
                 def mean_over_eps(a, t, gs=gs, epss=epss):
-                    ms_ = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph)[0] for e in epss]
-                    m = float(sum(ms_) / len(ms_)) if all(fin(x) for x in ms_) else NAN
-                    return m, f"{m:.2f}" if fin(m) else "n/a"
+                    cs = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph, part=True) for e in epss]
+                    m = float(sum(c[0] for c in cs) / len(cs)) if all(fin(c[0]) for c in cs) else NAN
+                    # (an eps cell of fewer seeds than started keeps its mark: the mean was shown unmarked before 2026-12-06)
+                    marks = ", ".join(f"ε {e}: {c[2]}" for e, c in zip(epss, cs) if c[2])
+                    return m, f"{m:.2f}" + (f" ({marks} seeds)" if marks else "") if fin(m) else "n/a"
                 title = f"average over ε = {', '.join(map(str, epss))}" + (f", {label}" if label else "")
                 out += _alpha_tau_block(f"{title}: {ph}", alphas, taus, mean_over_eps)
     return "\n".join(out)
