@@ -726,6 +726,31 @@ def test_a_killed_write_under_this_process_s_own_pid_is_cleaned_up(tmp_path):
     assert files.verify(str(tmp_path / "state.pt")) and (tmp_path / "state.pt").read_bytes() == new
 
 
+def test_finishing_a_killed_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """finish_interrupted_writes' rename of a recorded temporary file into place was not fsynced into its
+    folder (verify's and atomic_write's are): after a power loss the finished file could be the old one
+    again. Now its folder is fsynced after the rename; a removed leftover needs none."""
+    import stat
+    dead, tag = _dead_pid(), files.TMP_TAG
+    sub = tmp_path / "seed0"
+    sub.mkdir()
+    new = b"epoch 1"
+    (sub / f"state.pt.{tag}.{dead}").write_bytes(new)  # recorded, not yet renamed
+    (sub / "state.pt.sha256").write_text(json.dumps({"size": len(new), "sha256": hashlib.sha256(new).hexdigest()}))
+    (tmp_path / f"summary.md.{tag}.{dead}").write_text("# half")  # never finished: removed
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            seen.append((st.st_ino, (sub / "state.pt").exists() and (sub / "state.pt").read_bytes()))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    files.finish_interrupted_writes(str(tmp_path))
+    assert seen == [(os.stat(sub).st_ino, new)]  # (once, its folder, after the rename)
+    assert sorted(os.listdir(tmp_path)) == ["seed0"] and files.verify(str(sub / "state.pt"))
+
+
 def test_ctrl_c_ends_a_run_with_one_line(tmp_path, monkeypatch, capsys):
     def interrupted(cfg):
         raise KeyboardInterrupt

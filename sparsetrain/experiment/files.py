@@ -357,6 +357,7 @@ def finish_interrupted_writes(folder: str, names: tuple | None = None) -> None:
                 try:  # (a run directory made read-only since: one line naming the file, as atomic_write's)
                     if want is not None and _digest(tmp) == want:
                         os.replace(tmp, path)
+                        _fsync_dir(dirpath)  # (the new name durable, as verify's and atomic_write's)
                     elif match[2] == TMP_TAG:
                         os.remove(tmp)
                 except FileNotFoundError:  # (renamed by its writer, or another recovery, since the listing)
