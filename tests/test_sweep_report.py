@@ -408,3 +408,30 @@ def test_a_pipe_in_a_setting_or_phase_keeps_the_sweep_tables_columns(tmp_path):
     t12 = [split(l) for l in md.splitlines() if l.startswith("| tau=")]
     assert {(r[0], r[1]) for r in t12} >= {("tau=2, teachers=['ckpt/a|b.pt']", "distill-path-a|b"),
                                           ("tau=4, teachers=['ckpt/a|b.pt']", "distill-path-a|b")}, t12
+
+
+def test_a_run_whose_metrics_record_cannot_be_read_is_named_with_the_reason(tmp_path, monkeypatch):
+    """A metrics.csv record that cannot be read (EACCES, EIO) was called "unreadable" as if damaged (files.verify's
+    CorruptFile); it is files.ReadFailed now, naming the file and the errno text, and the sweep report still leaves
+    that run out by name and reports the others."""
+    import errno
+
+    from sparsetrain.experiment import files
+    runs = tmp_path / "runs"
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(runs / "kept", cfg, phases=("teacher",))
+    _fill(runs / "denied", {**cfg, "eps": 0.2}, phases=("teacher",))
+    metrics = runs / "denied" / "seed0" / "teacher" / "metrics.csv"
+    write_csv(str(metrics), _rows(metrics), checksum=True)
+    record, real = str(metrics) + ".sha256", open
+
+    def denied(path, *a, **k):
+        if str(path) == record:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path, *a, **k)
+    monkeypatch.setattr(files, "open", denied, raising=False)
+    md = open(write_sweep_report([str(runs / d) for d in ("kept", "denied")], str(tmp_path / "rep"))).read()
+    left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
+    assert f"{runs / 'denied'} (cannot read {record}: Permission denied; fix its permissions" in left, left
+    assert md.startswith("# DSD² sweep\n\n2 run directories, 1 setting(s)")  # (the kept run's alone: eps 0.1)

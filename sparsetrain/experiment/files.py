@@ -29,8 +29,8 @@ from ..engine import writer_lock
 from .durable import fsync_dir as _fsync_dir, make_dirs
 
 __all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
-           "WriteFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock", "folder_busy",
-           "remove_empty_folder"]
+           "WriteFailed", "ReadFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock",
+           "folder_busy", "remove_empty_folder"]
 
 
 class CorruptFile(ValueError):
@@ -42,10 +42,15 @@ class WriteFailed(OSError):
     atomic_write only, so the CLI prints one line (exit 2) for these and still a traceback for any
     other OSError (a bug). The finished epochs are on disk: the same command resumes."""
 
-    advice = "free space (or fix permissions) and run the same command to resume"
+    op, advice = "write", "free space (or fix permissions) and run the same command to resume"
 
     def __str__(self):
-        return f"cannot write {self.filename}: {self.strerror}; {self.advice}"
+        return f"cannot {self.op} {self.filename}: {self.strerror}; {self.advice}"
+
+
+class ReadFailed(WriteFailed):
+    """A file of the run could not be read (no permission, an I/O error): not a corrupt file, nothing to delete."""
+    op, advice = "read", "fix its permissions (or the disk) and run the same command again"
 
 
 class Busy(RuntimeError):
@@ -180,7 +185,9 @@ def _recorded(path: str) -> dict | None:
         with open(record) as f:
             want = json.load(f)
         digest, name = {"size": int(want["size"]), "sha256": str(want["sha256"])}, want.get("name")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # (EACCES, EIO: it may be intact)
+            raise ReadFailed(e.errno, e.strerror or str(e), record) from e
         raise CorruptFile(f"{record} (the checksum of {path}) is unreadable") from None
     if name is not None and name != os.path.basename(path):
         raise CorruptFile(f"{record} is the record of {name!r}, not of {os.path.basename(path)!r}: it and its file "
@@ -195,8 +202,12 @@ def verify(path: str) -> bool:
     want = _recorded(path)
     if want is None:
         return False
-    if os.path.exists(path) and _digest(path) == want:
-        return True
+    try:
+        if os.path.exists(path) and _digest(path) == want:
+            return True
+    except OSError as e:  # (EACCES, EIO: not a corrupt file; a vanished one is checked below)
+        if not isinstance(e, FileNotFoundError):
+            raise ReadFailed(e.errno, e.strerror or str(e), path) from e
     leftovers = glob.glob(glob.escape(path) + f".{TMP_TAG}.*") + glob.glob(glob.escape(path) + ".tmp.*")
     for tmp in sorted(leftovers):  # killed between the two renames, or a living writer between them
         match = _TMP.fullmatch(os.path.basename(tmp))
@@ -320,7 +331,7 @@ def _names(path: str, tmp: str) -> bool:
     """`<path>.sha256` records tmp's data (False also for an unreadable record)."""
     try:
         want = _recorded(path)
-    except CorruptFile:
+    except (CorruptFile, ReadFailed):
         return False
     return want is not None and _digest(tmp) == want
 
@@ -352,7 +363,7 @@ def finish_interrupted_writes(folder: str, names: tuple | None = None) -> None:
                     continue
                 try:
                     want = _recorded(path)
-                except CorruptFile:
+                except (CorruptFile, ReadFailed):
                     continue
                 try:  # (a run directory made read-only since: one line naming the file, as atomic_write's)
                     if want is not None and _digest(tmp) == want:

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from .files import CorruptFile, verify
+from .files import CorruptFile, ReadFailed, verify
 from .metrics import read_metrics
 
 __all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advice", "RESTART"]
@@ -170,6 +170,8 @@ def _check_finished(pdir: str, results: list[str], rounds: list[str], old: bool)
             best = json.load(f)
         best, where = best["round"], best.get("where")
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # (EACCES, EIO: not damaged)
+            raise ReadFailed(e.errno, e.strerror or str(e), e.filename or metrics) from e
         raise CorruptFile(f"{pdir}: its metrics.csv or best.json cannot be read ({type(e).__name__}: {e}); "
                           f"{delete_advice(pdir)} to retrain this phase") from None
     check_place(pdir, where)

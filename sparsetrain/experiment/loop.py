@@ -288,8 +288,10 @@ def drop_resume_state(pdir: str) -> None:
             os.remove(os.path.join(pdir, path))
         except FileNotFoundError:
             pass
-        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file, as a write's)
-            raise WriteFailed(e.errno, e.strerror or str(e), os.path.join(pdir, path)) from e
+        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file; no space is needed)
+            failed = WriteFailed(e.errno, e.strerror or str(e), os.path.join(pdir, path))
+            failed.op, failed.advice = "remove", "fix the folder's permissions (or the disk) and run the same command"
+            raise failed from e
 
 
 # ============================================================================ one phase
@@ -322,7 +324,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     if done and dist.is_main():
         drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)
     resumed = lambda: _resumed_round(os.path.join(pdir, "state.pt"))  # noqa: E731 (asked for a damaged round only)
-    dist.on_main(lambda: verify_phase(pdir, resumed), (CorruptFile,))  # (may finish an interrupted checkpoint write)
+    dist.on_main(lambda: verify_phase(pdir, resumed), (CorruptFile, WriteFailed))  # (may finish an interrupted checkpoint write)
     if done:
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")

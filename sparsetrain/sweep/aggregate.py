@@ -15,7 +15,7 @@ import math
 import os
 
 from ..experiment.config import Config, config_from_json
-from ..experiment.files import CorruptFile
+from ..experiment.files import CorruptFile, ReadFailed
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
@@ -69,7 +69,7 @@ def load_groups(run_dirs, unreadable: list | None = None, planned: dict | None =
         try:  # (a finished phase's metrics.csv torn or edited since its record: the experiment's report refuses it)
             verify_metrics(d)
             run = load_run(d)
-        except CorruptFile as e:  # (a foreign or corrupt metrics.csv: this run left out and named, the others reported)
+        except (CorruptFile, ReadFailed) as e:  # (a foreign, corrupt or unreadable metrics.csv: left out and named)
             if unreadable is not None:
                 unreadable.append(f"{d} ({e})")
             continue
