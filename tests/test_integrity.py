@@ -124,7 +124,7 @@ def test_a_finished_phase_without_metrics_is_refused(mnist_dir, study_args, caps
     assert f"{pd / 'metrics.csv'}: metrics.csv missing (the phase is finished: best.json); delete the phase folder " \
            f"{pd} to retrain it" in err, err
     # read directly (a phase checked before 2026-12-05): one line too, not a traceback
-    with pytest.raises(PhaseError, match=r"FileNotFoundError.*delete that folder to train the teacher again"):
+    with pytest.raises(PhaseError, match=rf"FileNotFoundError.*; delete {pd} to train the teacher again"):
         study.teacher_checkpoint("dense", str(pd))
 
 
@@ -470,7 +470,8 @@ def test_a_phase_killed_twice_around_its_finish_still_reports(mnist_dir, study_a
 def test_a_damaged_phase_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_args, capsys):
     """A damaged round checkpoint in a phase linked from another run (--reuse) said to delete the link,
     which the next run with --reuse linked again to the same damaged phase (the same error, for ever):
-    the advice names the linked run's folder and the link; followed, the phase trains here."""
+    the advice names the linked run's folder and the link; followed, the phase trains here. It offers too (since
+    2026-12-06) to leave that run's folder as it is: the link alone removed and --reuse left out, it trains here."""
     import shutil
     theirs = study_args(mnist_dir, "--phases", "teacher", "--out", str(mnist_dir / "a"))
     assert study.main(theirs) == 0
@@ -478,16 +479,23 @@ def test_a_damaged_phase_linked_by_reuse_names_the_folder_to_delete(mnist_dir, s
     ref = read_rows(src / "metrics.csv")
     ckpt = src / "ckpt" / "round_00.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    here = study_args(mnist_dir, "--reuse", str(run_dir(mnist_dir / "a")))
-    err = _one_line_error(capsys, here + ["--phases", "distill"])
-    link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
-    assert link.is_symlink() and f"{link / 'ckpt' / 'round_00.pt'} is corrupt" in err, err
-    assert f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link to " \
-           "retrain this phase" in err, err
-    shutil.rmtree(src.resolve())
-    link.unlink()
-    assert study.main(here) == 0  # (nothing left to link: the teacher trains here)
-    assert not link.is_symlink() and strip_timing(read_rows(link / "metrics.csv")) == strip_timing(ref)
+    damaged = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for out in ("runs", "b"):
+        here = study_args(mnist_dir, "--out", str(mnist_dir / out), "--reuse", str(run_dir(mnist_dir / "a")))
+        err = _one_line_error(capsys, here + ["--phases", "distill"])
+        link = run_dir(mnist_dir / out) / "seed0" / "teacher"
+        assert link.is_symlink() and f"{link / 'ckpt' / 'round_00.pt'} is corrupt" in err, err
+        assert f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link (or, to " \
+               "leave that run's folder as it is, remove the link alone and run without --reuse) to retrain this " \
+               "phase" in err, err
+        link.unlink()
+        if out == "runs":  # (the link alone, without --reuse: trained here, that run's folder as it was)
+            assert study.main(study_args(mnist_dir, "--out", str(mnist_dir / out))) == 0
+            assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == damaged
+        else:
+            shutil.rmtree(src.resolve())
+            assert study.main(here) == 0  # (nothing left to link: the teacher trains here)
+        assert not link.is_symlink() and strip_timing(read_rows(link / "metrics.csv")) == strip_timing(ref)
 
 
 @pytest.mark.parametrize("damage", ["{\"flipped\": [1", "[]"])
@@ -560,7 +568,7 @@ def test_a_round_checkpoint_of_another_run_or_round_is_refused(mnist_dir, study_
     assert strip_timing(read_rows(pd.parent / "distill-dense" / "metrics.csv")) == strip_timing(ref)
 
 
-def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_args, capsys):
+def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_args, capsys, monkeypatch):
     """teacher_checkpoint's errors said "delete that folder" (or named the link) for a teacher phase linked
     from another run (--reuse), which the next run with --reuse linked again: the advice names that run's
     folder and the link, as verify_phase's does; so does a round checkpoint of the wrong round there. A
@@ -579,8 +587,9 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
     err = _one_line_error(capsys, here)
     link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     assert link.is_symlink() and run_dir(mnist_dir / "runs").name != src.parent.parent.name
-    theirs_too = f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link to " \
-                 "train the teacher again"
+    theirs_too = f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link (or, " \
+                 "to leave that run's folder as it is, remove the link alone and run without --reuse) to train the " \
+                 "teacher again"
     assert f"{link / 'ckpt' / 'round_00.pt'} is round 1 of {src.parent.parent.name}/seed0/teacher" in err, err
     assert theirs_too.replace("train the teacher again", "retrain this phase") in err, err  # (verify_phase's)
     for p, b in keep.items():
@@ -592,11 +601,30 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
         study.teacher_checkpoint("best", str(link))
     assert f"{link}: its best.json and metrics.csv do not name the teacher's best round" in str(e.value)
     assert theirs_too in str(e.value), e.value
+    with pytest.raises(PhaseError) as e:  # (not linked: it said "delete that folder")
+        study.teacher_checkpoint("best", str(src))
+    assert f"; delete {src} to train the teacher again" in str(e.value), e.value
     best.write_text(json.dumps({"round": 0}))
     r0.unlink()
     with pytest.raises(PhaseError) as e:
         study.teacher_checkpoint("dense", str(link))
     assert f"{link / 'ckpt' / 'round_00.pt'}, the teacher's dense round, is missing; {theirs_too}" in str(e.value)
+    # a file that cannot be read (EACCES, EIO) is not a damaged teacher: it said to delete it (here that run's)
+    from sparsetrain.experiment import teachers
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    monkeypatch.setattr(teachers, "open", denied, raising=False)
+    with pytest.raises(files.ReadFailed) as e:
+        study.teacher_checkpoint("best", str(link))
+    assert str(e.value) == f"cannot read {link / 'best.json'}: Permission denied; fix its permissions (or the " \
+                           "disk) and run the same command again"
+    monkeypatch.delattr(teachers, "open")
+    stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: denied(p) if str(p).endswith("round_00.pt") else stat(p, *a, **k))
+    with pytest.raises(files.ReadFailed) as e:
+        study.teacher_checkpoint("dense", str(link))
+    assert str(e.value).startswith(f"cannot read {link / 'ckpt' / 'round_00.pt'}: Permission denied; "), e.value
 
 
 def test_a_finished_phase_copied_from_another_run_is_refused(mnist_dir, study_args, capsys):

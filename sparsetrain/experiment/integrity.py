@@ -20,10 +20,12 @@ __all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advic
 def delete_advice(pdir: str, what: str = "") -> str:
     """What to delete to retrain a phase: its folder (`what` its name, e.g. "the phase folder "), or for one
     linked from another run (--reuse) that run's phase and the link (deleting the link alone, the next run with
-    --reuse linked the same damaged phase again)."""
+    --reuse linked the same damaged phase again), or, leaving that run's folder as it is, the link alone and
+    --reuse left out (the phase is trained here)."""
     if not os.path.islink(pdir):
         return f"delete {what}{pdir}"
-    return f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link"
+    return (f"delete {os.path.realpath(pdir)}, the phase of another run that {pdir} links (--reuse), and the link "
+            "(or, to leave that run's folder as it is, remove the link alone and run without --reuse)")
 
 
 def where_of(state_path: str) -> str:

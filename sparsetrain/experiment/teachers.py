@@ -7,7 +7,7 @@ import os
 import re
 
 from .checkpoint import load_model
-from .files import CorruptFile
+from .files import CorruptFile, ReadFailed
 from .integrity import delete_advice as _delete, places_of
 from .loop import PhaseError
 from .metrics import read_metrics
@@ -20,7 +20,6 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
     cumulative cost up to the chosen round) for --teachers best | dense | PATH (cost 0)."""
     if choice not in ("best", "dense"):
         return choice, (0, 0)
-    advice = _delete(teacher_dir) if os.path.islink(teacher_dir) else "delete that folder"
     try:
         rows = read_metrics(os.path.join(teacher_dir, "metrics.csv"))
         with open(os.path.join(teacher_dir, "best.json")) as f:
@@ -28,13 +27,24 @@ def teacher_checkpoint(choice: str, teacher_dir: str) -> tuple[str, tuple]:
         rnd = best["round"] if choice == "best" else 0
         cost = (int(rows[rnd]["cum_flops"]), int(rows[rnd].get("paper_cum_flops", 0)))
     except (ValueError, KeyError, IndexError, TypeError, OSError) as e:  # (written whole: edited or deleted by hand)
+        _unreadable(e)
         raise PhaseError(f"{teacher_dir}: its best.json and metrics.csv do not name the teacher's {choice} round "
-                         f"({type(e).__name__}: {e}); {advice} to train the teacher again") from None
+                         f"({type(e).__name__}: {e}); {_delete(teacher_dir)} to train the teacher again") from None
     path = os.path.join(teacher_dir, "ckpt", f"round_{rnd:02d}.pt")
-    if not os.path.exists(path):  # (a run of before 2026-12-05 has no checksums that verify_phase could miss)
+    try:  # (a run of before 2026-12-05 has no checksums that verify_phase could miss)
+        os.stat(path)
+    except OSError as e:
+        _unreadable(e)
         raise PhaseError(f"{path}, the teacher's {choice} round, is missing; {_delete(teacher_dir)} to train the "
-                         "teacher again")
+                         "teacher again") from None
     return path, cost
+
+
+def _unreadable(e: Exception) -> None:
+    """An OSError that says nothing of the files' content (no permission, an I/O error) is ReadFailed, naming the
+    file: the teacher may be intact, and deleting it (another run's, for a --reuse link) would lose it."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        raise ReadFailed(e.errno, e.strerror or str(e), e.filename) from e
 
 
 def load_teacher(path: str, teacher_dir: str | None = None):
