@@ -177,7 +177,8 @@ CASES = [
     ("out-is-a-file", "mnist", ["--out", "outfile"], _out_is_a_file, "--out outfile is a file"),
     ("corrupt-config", "mnist", [], _corrupt_config, "config.json is corrupt"),
     ("truncated-state", "mnist", [], _truncated_state, "delete it and its .sha256 record to restart this phase"),
-    ("different-config", "mnist", [], _different_config, "holds a run with different settings (alpha)"),
+    ("different-config", "mnist", [], _different_config, "holds a run with different settings (alpha); choose "
+     "another --out, or move it aside (its trained phases are kept there)"),
     ("run-in-use", "mnist", [], _run_in_use, f"is in use by another process (pid {os.getpid()})"),
     ("report-only-missing", "mnist", ["--report-only"], _mnist, "--report-only: no run to report"),
     ("resume-missing", "mnist", ["--resume"], _mnist, "--resume: no run to resume"),

@@ -664,7 +664,9 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
     rd = run_dir(mnist_dir / "runs")
     config, state = rd / "config.json", rd / "seed0" / "teacher" / "state.pt"
     saved, before = config.read_bytes(), {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config}
-    choices = f": a resume checks the run's settings and data against it; restore it from a copy, or remove {rd} "
+    choices = f": a resume checks the run's settings and data against it (the data's fingerprint is recorded " \
+              "nowhere else); restore it from a backup copy, or start over, every phase trained again, in another " \
+              f"--out (or move {rd} aside: its trained phases are kept there)"
     config.unlink()
     for extra in ([], ["--resume"], ["--report-only"]):
         err = _one_line_error(capsys, base + extra)
@@ -676,6 +678,7 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
     err = _one_line_error(capsys, base)
     assert f"error: {config} is corrupt (ValueError: not a JSON object of settings)" in err and choices in err, err
     assert {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config} == before and state.exists()
+    assert "remove" not in err and "delete" not in err  # (it advised "remove RUN_DIR": every trained phase lost)
     config.write_bytes(saved)
     assert study.main(base) == 0
     whole = run_dir(mnist_dir / "whole") / "seed0" / "teacher" / "metrics.csv"

@@ -902,7 +902,9 @@ def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, se
     write_rows(tmp_path / "run", make_rows([0.8, 0.85, 0.7]))
     with pytest.raises(R.CorruptFile) as e:
         R.write_report(str(tmp_path / "run"))
-    assert str(e.value).startswith(f"{tmp_path / 'run' / 'config.json'} is corrupt: {expected}; ")
+    assert str(e.value) == f"{tmp_path / 'run' / 'config.json'} is corrupt: {expected}; the report computes with " \
+                           "it: restore it from a backup copy, or set it back to the run's value (--print-config " \
+                           "with the run's flags shows it); the run's results need no deleting"  # (not "remove the run")
     md = read(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep")))
     assert (f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** "
             f"{tmp_path / 'run'} ({expected})") in md

@@ -83,8 +83,10 @@ def _read_config(path: str) -> dict:
     except (OSError, ValueError) as e:
         why = (f"is corrupt ({type(e).__name__}: {e})" if not isinstance(e, FileNotFoundError) else
                "is missing, but the run directory holds trained phases")
-        raise UsageError(f"{path} {why}: a resume checks the run's settings and data against it; restore it from a "
-                         f"copy, or remove {os.path.dirname(path)} (or use another --out) to start over") from None
+        raise UsageError(f"{path} {why}: a resume checks the run's settings and data against it (the data's "
+                         "fingerprint is recorded nowhere else); restore it from a backup copy, or start over, every "
+                         f"phase trained again, in another --out (or move {os.path.dirname(path)} aside: its trained "
+                         "phases are kept there)") from None
 
 
 def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
@@ -106,7 +108,7 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
         diff = sorted(k for k, v in result_settings(cfg).items() if v != old.get(k))
         if diff:
             raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
-                             "choose another --out or remove it")
+                             "choose another --out, or move it aside (its trained phases are kept there)")
     import torchvision
 
     from .. import __version__

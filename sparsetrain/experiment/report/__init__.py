@@ -51,10 +51,11 @@ def write_report(run_dir) -> str:
     cfg, path = run["config"], os.path.join(run_dir, "config.json")
     if os.path.exists(path) and (not isinstance(cfg, dict) or not cfg):  # (load_run's {}: it did not parse)
         raise CorruptFile(f"{path} is corrupt (not a JSON object of settings): the report needs the run's "
-                          "settings; restore it, or remove the run directory to start over")
+                          "settings; restore it from a backup copy (the run's results need no deleting)")
     if isinstance(cfg, dict) and (problem := config_problem(cfg)):  # (edited by hand: a TypeError traceback)
-        raise CorruptFile(f"{path} is corrupt: {problem}; the report computes with it: restore it, or remove "
-                          "the run directory to start over")
+        raise CorruptFile(f"{path} is corrupt: {problem}; the report computes with it: restore it from a backup "
+                          "copy, or set it back to the run's value (--print-config with the run's flags shows it); "
+                          "the run's results need no deleting")
     pngs = plot_run(run, run_dir)
     # every setting that changes results (the roles' schedules below), then what the run ran on
     keys = ["dataset", "eps", "noise", "clean_val", "val_fraction", "subset", "label_file", "model", "student",
