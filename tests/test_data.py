@@ -1176,3 +1176,21 @@ def test_an_empty_cifar_batch_is_named_not_loaded_as_a_short_set(tmp_path):
         (folder / f).write_bytes(good[f])
     s = D.load_dataset("cifar10", tmp_path, val_fraction=0.0, download=False)
     assert torch.equal(s.train.x, torch.from_numpy(x).view(-1, 3, 32, 32)) and torch.equal(s.train.y, torch.from_numpy(y))
+
+
+def test_a_split_of_images_not_uint8_is_refused_at_the_first_batch():
+    """iterate normalises uint8 pixels itself (x/255, then the split's mean/std): a Split built through the Python
+    API from ToTensor's floats in [0, 1] was divided by 255 again (silently near-constant inputs), and one of int64
+    pixels passed whatever its range. The first batch is now a TypeError naming the dtype and the conversion; the
+    uint8 images (those the study's loaders give) iterate as before, against the dense reference."""
+    from sparsetrain.testing import tiny_split
+    s = tiny_split(8)
+    ref = (s.x.float() / 255 - s.mean.view(1, -1, 1, 1)) / s.std.view(1, -1, 1, 1)
+    assert torch.allclose(next(D.iterate(s, 8))[0], ref, atol=1e-6)
+    for x in (s.x.float() / 255, s.x.long()):
+        bad = D.Split(x, s.y, s.y_clean, s.index, s.noisy, s.mean, s.std)
+        with pytest.raises(TypeError) as e:
+            next(D.iterate(bad, 4))
+        assert str(e.value) == (f"split.x must be uint8 images [N, C, H, W] (pixels 0..255: iterate scales them by "
+                                f"1/255 and the split's mean/std), got {x.dtype}; convert ToTensor's or "
+                                "ConvertImageDtype's floats in [0, 1] with (x * 255).round().to(torch.uint8)"), e.value

@@ -298,6 +298,10 @@ def iterate(split: Split, batch_size: int, *, shuffle: bool = False, augment: bo
     the CPU `generator` whatever the split's device, so a GPU run sees the CPU run's batches."""
     if not isinstance(split, Split):
         raise TypeError(f"split must be a data.Split, got {type(split).__name__}")
+    if split.x.dtype != torch.uint8:  # (ToTensor's floats in [0, 1] were divided by 255 again, silently)
+        raise TypeError(f"split.x must be uint8 images [N, C, H, W] (pixels 0..255: iterate scales them by 1/255 and "
+                        f"the split's mean/std), got {split.x.dtype}; convert ToTensor's or ConvertImageDtype's floats "
+                        "in [0, 1] with (x * 255).round().to(torch.uint8)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     for arg, v in (("shuffle", shuffle), ("augment", augment), ("drop_last", drop_last), ("with_index", with_index)):
