@@ -401,23 +401,25 @@ def test_a_killed_write_s_leftover_in_a_read_only_run_is_one_line(mnist_dir, stu
     assert study.main(base) == 0 and not tmp.exists()
 
 
-def test_a_resume_state_that_cannot_be_removed_is_one_line(mnist_dir, study_args, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["state.pt", "metrics.csv.sha256"])
+def test_a_resume_state_that_cannot_be_removed_is_one_line(mnist_dir, study_args, capsys, monkeypatch, name):
     """A finished phase drops its state.pt; an OSError removing it (EIO, a folder made read-only) was a
-    traceback. Now one line naming the file, exit 2; the same command then finishes to the uninterrupted rows."""
+    traceback. Now one line naming the file, exit 2; the same command then finishes to the uninterrupted rows.
+    So is each round's removal of a stale metrics.csv record; both said "cannot write" and "free space"."""
     base = study_args(mnist_dir, "--phases", "teacher")
     assert study.main(base + ["--out", str(mnist_dir / "a")]) == 0
     real = os.remove
 
     def failing(path, *a, **k):
-        if str(path).endswith("state.pt"):
+        if str(path).endswith(name):
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
         return real(path, *a, **k)
     monkeypatch.setattr(os, "remove", failing)
     err = _one_line_error(capsys, base)
     monkeypatch.setattr(os, "remove", real)
     pd = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
-    assert err == f"error: cannot remove {pd / 'state.pt'}: Input/output error; fix the folder's permissions (or the " \
-                  "disk) and run the same command\n", err  # (it said "cannot write" and "free space")
+    assert err == f"error: cannot remove {pd / name}: Input/output error; fix the folder's permissions (or the " \
+                  "disk) and run the same command\n", err
     assert study.main(base) == 0 and not (pd / "state.pt").exists()
     ref = run_dir(mnist_dir / "a") / "seed0" / "teacher" / "metrics.csv"
     assert strip_timing(read_rows(pd / "metrics.csv")) == strip_timing(read_rows(ref))

@@ -288,10 +288,16 @@ def drop_resume_state(pdir: str) -> None:
             os.remove(os.path.join(pdir, path))
         except FileNotFoundError:
             pass
-        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file; no space is needed)
-            failed = WriteFailed(e.errno, e.strerror or str(e), os.path.join(pdir, path))
-            failed.op, failed.advice = "remove", "fix the folder's permissions (or the disk) and run the same command"
-            raise failed from e
+        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file, as a write's)
+            raise _cannot_remove(e, os.path.join(pdir, path)) from e
+
+
+def _cannot_remove(e: OSError, path: str) -> WriteFailed:
+    """The one-line error for an OSError removing a file of the run: it needs no space (WriteFailed's "cannot write"
+    and "free space" misled)."""
+    failed = WriteFailed(e.errno, e.strerror or str(e), path)
+    failed.op, failed.advice = "remove", "fix the folder's permissions (or the disk) and run the same command"
+    return failed
 
 
 # ============================================================================ one phase
@@ -366,7 +372,7 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
             except FileNotFoundError:
                 pass
             except OSError as e:  # (a read-only folder: one line, as the write's)
-                raise WriteFailed(e.errno, e.strerror or str(e), metrics + ".sha256") from e
+                raise _cannot_remove(e, metrics + ".sha256") from e
             write_csv(metrics, s.rows)
         dist.on_main(record, (WriteFailed,))
         if not note and (note := stop_unrunnable(cfg, role, s.rows)) and dist.is_main():  # (once, at round 0)
