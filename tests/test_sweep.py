@@ -487,6 +487,34 @@ def test_a_leftover_marker_that_cannot_be_removed_is_one_line(tmp_path, monkeypa
     assert str(e.value).startswith(f"cannot write {marker}: Permission denied;") and marker.exists()
 
 
+def _outcome_scripts(tmp_path):
+    """Two experiment scripts: one that succeeds, one that exits 1."""
+    ok, crash = tmp_path / "ok.py", tmp_path / "crash.py"
+    ok.write_text("pass")
+    crash.write_text("raise SystemExit(1)")
+    return ok, crash
+
+
+def _each_outcome_notes(runner, tmp_path, log, note, monkeypatch):
+    """run_experiment's three outcomes with `note` (what its log or marker could not take): a finished run
+    returns it, a failed one's RunFailed adds it to its error, and a cancel stays a cancel."""
+    ok, crash = _outcome_scripts(tmp_path)
+    seconds, why = runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    assert seconds >= 0 and why == note
+    with pytest.raises(runner.RunFailed) as e:
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(crash))
+    assert str(e.value) == f"exit code 1 (see {log}; {note})"
+
+    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands while the run waits for its process)
+        def wait(self, timeout=None):
+            if timeout == 0.5:
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+
+
 def test_a_log_that_cannot_take_its_last_line_keeps_the_run_s_outcome(tmp_path, monkeypatch):
     """The line a run's log gets after its process (exit code, cancelled) on a full disk raised a bare OSError
     in place of the run's outcome: a finished run failed ("OSError: [Errno 28] ...", no file named), a failed one
@@ -500,26 +528,11 @@ def test_a_log_that_cannot_take_its_last_line_keeps_the_run_s_outcome(tmp_path, 
         real(log, header).close()
         return open("/dev/full", "a")
     log, lost = tmp_path / "logs" / "r.log", f"cannot write {tmp_path / 'logs' / 'r.log'}: No space left on device"
-    ok, crash = tmp_path / "ok.py", tmp_path / "crash.py"
-    ok.write_text("pass")
-    crash.write_text("raise SystemExit(1)")
+    ok = _outcome_scripts(tmp_path)[0]
     assert runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))[1] == ""  # (the reference: it is written)
     assert log.read_text().splitlines()[-1].startswith("=== exit code 0 after ")
     monkeypatch.setattr(runner, "open_log", full)
-    seconds, why = runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
-    assert seconds >= 0 and why == lost
-    with pytest.raises(runner.RunFailed) as e:
-        runner.run_experiment([], str(log), 1, str(tmp_path), str(crash))
-    assert str(e.value) == f"exit code 1 (see {log}; {lost})"
-
-    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands while the run waits for its process)
-        def wait(self, timeout=None):
-            if timeout == 0.5:
-                raise KeyboardInterrupt
-            return super().wait(timeout)
-    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
+    _each_outcome_notes(runner, tmp_path, log, lost, monkeypatch)
     assert not os.path.exists(str(log) + ".running")
     _fake_ray(monkeypatch)
     sys.modules["ray"].get = lambda ref, timeout=None: (3, lost)  # (what the run's task returned)
@@ -535,9 +548,7 @@ def test_a_marker_that_cannot_be_removed_keeps_the_run_s_outcome(tmp_path, monke
     no longer cancelled. Now the outcome stands and names the marker (a finished run's warning), in its log too."""
     from sparsetrain.sweep import runner
     log, marker = tmp_path / "logs" / "r.log", tmp_path / "logs" / "r.log.running"
-    ok, crash = tmp_path / "ok.py", tmp_path / "crash.py"
-    ok.write_text("pass")
-    crash.write_text("raise SystemExit(1)")
+    ok = _outcome_scripts(tmp_path)[0]
     assert runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))[1] == ""  # (the reference: removed)
     assert not marker.exists()
     real, stale = os.remove, f"cannot remove {marker}: Permission denied"
@@ -547,22 +558,9 @@ def test_a_marker_that_cannot_be_removed_keeps_the_run_s_outcome(tmp_path, monke
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real(path, *a, **k)
     monkeypatch.setattr(os, "remove", read_only)
-    seconds, why = runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
-    assert seconds >= 0 and why == stale and marker.exists()
-    assert f"=== {stale}" in log.read_text().splitlines()
-    with pytest.raises(runner.RunFailed) as e:
-        runner.run_experiment([], str(log), 1, str(tmp_path), str(crash))
-    assert str(e.value) == f"exit code 1 (see {log}; {stale})"
-
-    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands while the run waits for its process)
-        def wait(self, timeout=None):
-            if timeout == 0.5:
-                raise KeyboardInterrupt
-            return super().wait(timeout)
-    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment([], str(log), 1, str(tmp_path), str(ok))
-    assert log.read_text().splitlines()[-1] == f"=== {stale}"
+    _each_outcome_notes(runner, tmp_path, log, stale, monkeypatch)
+    assert marker.exists() and log.read_text().splitlines()[-1] == f"=== {stale}"
+    assert log.read_text().splitlines().count(f"=== {stale}") == 3  # (done, failed, cancelled: each says so)
 
 
 def test_a_sweep_folder_in_use_is_refused(tmp_path):
