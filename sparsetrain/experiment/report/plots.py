@@ -10,7 +10,7 @@ from ..files import WriteFailed, atomic_write
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import best_index, fin, get
-from .tables import mean, ordered_phases, per_round, phase_title, stats, vanilla_phase
+from .tables import mean, ordered_phases, per_round, phase_title, started_seeds, stats, vanilla_phase
 
 __all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve"]
 
@@ -56,9 +56,8 @@ def fewer_seeds(by, rounds, seeds: int = 0, key: str | None = None):
 
 
 def _started(run, ph) -> int:
-    """How many seeds `ph`'s means are out of: those the run was started for and those with a curve."""
-    seeds = run["config"].get("seeds") or []
-    return len(set(run["curves"][ph]) | {s for s in seeds if isinstance(s, int) and not isinstance(s, bool)})
+    """How many seeds `ph`'s means are out of (tables.started_seeds)."""
+    return len(started_seeds(run["curves"][ph], run["config"]))
 
 
 def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):

@@ -11,7 +11,7 @@ from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
-           "stats", "mean", "ms", "md_cell"]
+           "stats", "mean", "ms", "md_cell", "started_seeds"]
 
 
 def md_cell(value) -> str:
@@ -26,6 +26,12 @@ def _real(v) -> bool:
 
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def started_seeds(seed_rows: dict, cfg: dict) -> set:
+    """The seeds a phase's means are out of: those the run was started for (config's; a seed whose phase
+    recorded no round, failed or not run yet, is missing from every mean) and those with a curve."""
+    return set(seed_rows) | {s for s in cfg.get("seeds") or [] if _int(s)}
 
 
 # config.json's settings the report computes with (a hand-edited file: a str rate was a TypeError from
@@ -158,8 +164,7 @@ def _cell(vals) -> str:
 
 def _part(cell: str, outs, key: str) -> str:
     """`cell` (a mean over the seeds with a value) with how many of the row's seeds that is, when not all."""
-    n = sum(fin(o[key]) for o in outs)
-    return cell + (f" ({n} of {len(outs)} seeds)" if 0 < n < len(outs) else "")
+    return cell + _of([o[key] for o in outs])
 
 
 def _of(vals) -> str:
@@ -304,9 +309,7 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
             s = algorithm2_stop(rows, cfg.get("t_e", 0.8), cfg.get("t_a", 0.8), rule, cfg.get("stop_falls", 1))
             if s is not None:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
-    # n: the seeds the run was started for (a seed whose phase recorded no round, failed or not run yet, is
-    # missing from every round's mean: its rounds said nothing), or those with a curve where config has none
-    n = len(set(seed_rows) | set(s for s in cfg.get("seeds") or [] if _int(s)))
+    n = len(started_seeds(seed_rows, cfg))
     nd = _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
     out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label | s/round | s/epoch "
            "| Sparse layers | Cum. PFLOPs exact | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
