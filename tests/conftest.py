@@ -1,6 +1,7 @@
 """Fixtures shared by the test files: tiny datasets written to tmp_path and the quick study's
 arguments, plus the kill-and-resume check used by the pipeline and structured-pruning tests; every
 test starts from the same random state (seeded)."""
+import copy
 import csv
 import os
 import random
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from sparsetrain.experiment import loop, study
-from sparsetrain.testing import write_cifar, write_mnist
+from sparsetrain.testing import random_mask, write_cifar, write_mnist
 
 TIMING = ("wall_s", "sec_per_epoch")
 # --engine auto's measured decisions (engine/policy.py) go to a cache of this test session, not ~/.cache
@@ -34,6 +35,28 @@ def assert_step_refused(optimizer, params, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def masked_mlp(seed: int):
+    """(a 6-5-3 MLP whose first layer's weight is masked, that mask, a copy of it to sparsify, an input)."""
+    torch.manual_seed(seed)
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    mask = random_mask((5, 6), 0.5)
+    with torch.no_grad():
+        dense[0].weight.mul_(mask)
+    return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
+
+
+def assert_steps_as_dense_masked(opt, ref, model, dense, mask, x, by: str = "sparsify_") -> None:
+    """With both backwards done, one step of `opt` over masked_mlp's `model` (its layer 0 made sparse by
+    `by`, or dense again by densify_) and of `ref` over the dense masked copy (its gradient masked: densify_
+    trains every weight again) give the same layer-0 weight and the same outputs."""
+    if by == "sparsify_":
+        dense[0].weight.grad.mul_(mask)
+    opt.step(), ref.step()
+    weight = model[0].weight.to_dense() if by == "sparsify_" else model[0].weight
+    torch.testing.assert_close(weight, dense[0].weight)
+    torch.testing.assert_close(model(x), dense(x))
 
 
 def run_dir(out):

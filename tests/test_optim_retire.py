@@ -1,21 +1,10 @@
 """engine/optim_state.py's refusals around a layer swap (sparsify_, densify_): optimizers built after the swap,
 while one built before still holds the replaced tensors or the swap dropped a gradient not stepped yet."""
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 import sparsetrain
-from conftest import assert_step_refused
-
-
-def _mlp():
-    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    mask = torch.rand(5, 6) > 0.5
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
-    return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
+from conftest import assert_step_refused, assert_steps_as_dense_masked, masked_mlp
 
 
 @pytest.mark.parametrize("by", ["sparsify_", "densify_"])
@@ -24,7 +13,7 @@ def test_a_backward_before_the_swap_is_refused_by_an_optimizer_built_after_it(by
     stepped every other layer with its gradient and that layer without its own, silently (no error, that
     layer unchanged). Its step is refused naming the layer and the dropped gradient, the model untouched;
     after a backward again it steps as the dense masked model's optimizer."""
-    dense, mask, model, x = _mlp()
+    dense, mask, model, x = masked_mlp(20)
     if by == "densify_":
         sparsetrain.sparsify_(model, {"0": mask})
     model(x).pow(2).sum().backward()
@@ -37,12 +26,7 @@ def test_a_backward_before_the_swap_is_refused_by_an_optimizer_built_after_it(by
     for m, o in ((model, opt), (dense, ref)):
         o.zero_grad()
         m(x).pow(2).sum().backward()
-    if by == "sparsify_":  # (densify_: every weight trains again)
-        dense[0].weight.grad.mul_(mask)
-    opt.step(), ref.step()
-    weight = model[0].weight.to_dense() if by == "sparsify_" else model[0].weight
-    torch.testing.assert_close(weight, dense[0].weight)
-    torch.testing.assert_close(model(x), dense(x))
+    assert_steps_as_dense_masked(opt, ref, model, dense, mask, x, by)
 
 
 def test_an_optimizer_built_after_unfreezing_a_swapped_layer_trains_it_while_the_older_one_is_refused():
@@ -50,7 +34,7 @@ def test_an_optimizer_built_after_unfreezing_a_swapped_layer_trains_it_while_the
     frozen tensors and the head, a second one built after holds the unfrozen layer. The second one's step is
     allowed and trains the layer as the dense masked model's optimizer does; the older one's stays refused
     (it does not hold the replacement), the head untouched."""
-    dense, mask, model, x = _mlp()
+    dense, mask, model, x = masked_mlp(20)
     model[0].requires_grad_(False)
     early = torch.optim.SGD(model.parameters(), lr=0.1)
     sparsetrain.sparsify_(model, {"0": mask})
@@ -58,9 +42,7 @@ def test_an_optimizer_built_after_unfreezing_a_swapped_layer_trains_it_while_the
     late, ref = torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.SGD(dense[0].parameters(), lr=0.1)
     model(x).pow(2).sum().backward()
     dense(x).pow(2).sum().backward()
-    dense[0].weight.grad.mul_(mask)
-    late.step(), ref.step()
-    torch.testing.assert_close(model[0].weight.to_dense(), dense[0].weight)
+    assert_steps_as_dense_masked(late, ref, model, dense, mask, x)
     torch.testing.assert_close(model[0].bias, dense[0].bias)
     assert_step_refused(early, model[2].parameters(), r"replaced while frozen \(requires_grad=False\); its "
                                                       r"replacement requires grad now, and this optimizer does not hold it")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from conftest import assert_step_refused
+from conftest import assert_step_refused, assert_steps_as_dense_masked, masked_mlp
 import sparsetrain
 
 from sparsetrain.engine.formats import CSR
@@ -1465,7 +1465,7 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
     assert not torch.equal(next(model.parameters()), before[0])
 
 
-def _masked_mlp(seed: int):
+def masked_mlp(seed: int):
     """(a 6-5-3 MLP whose first layer's weight is masked, that mask, a copy of it to sparsify, an input)."""
     torch.manual_seed(seed)
     dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
@@ -1483,7 +1483,7 @@ def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, 
     is refused, naming the parameter, the layer and sparsify_, the model untouched; one built after
     steps as the dense masked model's (gradient masked, mask applied after the step). Likewise after
     densify_. A replaced layer another model still runs (it has a gradient) trains on."""
-    dense, mask, model, x = _masked_mlp(6)
+    dense, mask, model, x = masked_mlp(6)
     early = _optimizer(make, impl, model.parameters())
     sparsetrain.sparsify_(model, {"0": mask})
     model(x).sum().backward()
@@ -1993,7 +1993,7 @@ def test_an_optimizer_built_before_the_swap_is_refused_after_zero_grad_that_keep
     an optimizer built before sparsify_/densify_ still steps, never had a None gradient and its steps trained
     nothing, silently. Their gradients are dropped at the swap: the step is refused by name; one built after
     trains as the dense masked model."""
-    dense, mask, model, x = _masked_mlp(8)
+    dense, mask, model, x = masked_mlp(8)
     if by == "densify_":
         sparsetrain.sparsify_(model, {"0": mask})
     early = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -2051,7 +2051,7 @@ def test_an_optimizer_built_before_the_swap_of_a_frozen_layer_is_refused_once_it
     optimizer built before holds all of the model's parameters: that optimizer holds only the old frozen
     tensors, so its steps trained the rest and silently never the unfrozen layer. Its step is refused by
     name, the model untouched; one built after the unfreezing trains as the dense masked model's."""
-    dense, mask, model, x = _masked_mlp(10)
+    dense, mask, model, x = masked_mlp(10)
     if by == "densify_":
         sparsetrain.sparsify_(model, {"0": mask})
     model[0].requires_grad_(False)
@@ -2065,12 +2065,7 @@ def test_an_optimizer_built_before_the_swap_of_a_frozen_layer_is_refused_once_it
                         r"optimizer does not hold it.*build the optimizer after")
     opt, ref = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, dense))
     dense(x).pow(2).sum().backward()
-    if by == "sparsify_":
-        dense[0].weight.grad.mul_(mask)
-    opt.step(), ref.step()
-    weight = model[0].weight.to_dense() if by == "sparsify_" else model[0].weight
-    torch.testing.assert_close(weight, dense[0].weight)
-    torch.testing.assert_close(model(x), dense(x))
+    assert_steps_as_dense_masked(opt, ref, model, dense, mask, x, by)
 
 
 def test_a_step_over_a_replaced_layer_another_model_runs_without_a_backward_yet_does_nothing():
@@ -2100,7 +2095,7 @@ def test_an_optimizer_built_before_sparsify_given_the_new_layer_s_parameters_tra
     """An optimizer built before sparsify_ that is then given the sparse layer's Parameters
     (add_param_group) trains the model: its step was refused for the old tensors it still holds (no
     gradient reaches them; a step skips them). It steps as the dense masked model's optimizer."""
-    dense, mask, model, x = _masked_mlp(13)
+    dense, mask, model, x = masked_mlp(13)
     early, ref = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, dense))
     sparsetrain.sparsify_(model, {"0": mask})
     early.add_param_group({"params": list(model[0].parameters())})
