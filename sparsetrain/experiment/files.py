@@ -27,37 +27,13 @@ from typing import Callable
 
 from ..engine import writer_lock
 from .durable import fsync_dir as _fsync_dir, make_dirs
+from .file_errors import (EXIT_BUSY, Busy, CorruptFile, ReadFailed, RemoveFailed, WriteFailed,  # noqa: F401
+                          remove_file)  # (re-exported: files' errors)
 
 __all__ = ["atomic_write", "write_json", "write_csv", "verify", "finish_interrupted_writes", "CorruptFile",
            "WriteFailed", "ReadFailed", "make_folder", "make_link", "Busy", "EXIT_BUSY", "folder_lock",
-           "folder_busy", "remove_empty_folder"]
+           "folder_busy", "remove_empty_folder", "RemoveFailed", "remove_file"]
 
-
-class CorruptFile(ValueError):
-    """A file no longer matches the size and checksum recorded when it was written."""
-
-
-class WriteFailed(OSError):
-    """A file of the run could not be written (disk full, read-only folder, I/O error): raised by
-    atomic_write only, so the CLI prints one line (exit 2) for these and still a traceback for any
-    other OSError (a bug). The finished epochs are on disk: the same command resumes."""
-
-    op, advice = "write", "free space (or fix permissions) and run the same command to resume"
-
-    def __str__(self):
-        return f"cannot {self.op} {self.filename}: {self.strerror}; {self.advice}"
-
-
-class ReadFailed(WriteFailed):
-    """A file of the run could not be read (no permission, an I/O error): not a corrupt file, nothing to delete."""
-    op, advice = "read", "fix its permissions (or the disk) and run the same command again"
-
-
-class Busy(RuntimeError):
-    """Another process holds the folder's lock (the same run started twice)."""
-
-
-EXIT_BUSY = 75  # the study's exit code for Busy (EX_TEMPFAIL, sysexits.h): a sweep waits for that process
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from .checkpoint import FORMAT, atomic_save, model_payload, restore_model, safe_
 from .devices import resolve_amp
 from .early_stop import algorithm2_stop, reference_known
 from .entropy import activation_entropy
-from .files import CorruptFile, WriteFailed, make_folder, write_csv, write_json
+from .files import CorruptFile, RemoveFailed, WriteFailed, make_folder, remove_file, write_csv, write_json
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .integrity import RESTART, verify_phase, where_of
 from .metrics import best_index
@@ -284,20 +284,7 @@ def finish(pdir: str, rows: list[dict], stop: str | None = None) -> None:
 def drop_resume_state(pdir: str) -> None:
     """Remove a finished phase's resume state and its checksum (done with once best.json exists)."""
     for path in ("state.pt", "state.pt.sha256"):
-        try:  # (not exists() then remove(): a --reuse-linked phase is another run's too, which may race)
-            os.remove(os.path.join(pdir, path))
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # (a read-only folder, an I/O error: one line naming the file, as a write's)
-            raise _cannot_remove(e, os.path.join(pdir, path)) from e
-
-
-def _cannot_remove(e: OSError, path: str) -> WriteFailed:
-    """The one-line error for an OSError removing a file of the run: it needs no space (WriteFailed's "cannot write"
-    and "free space" misled)."""
-    failed = WriteFailed(e.errno, e.strerror or str(e), path)
-    failed.op, failed.advice = "remove", "fix the folder's permissions (or the disk) and run the same command"
-    return failed
+        remove_file(os.path.join(pdir, path), RemoveFailed)  # (WriteFailed's "free space" misled: none is needed)
 
 
 # ============================================================================ one phase
@@ -367,12 +354,8 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
                        f"{row['train_acc']:6.2%}  val {row['val_acc']:6.2%}  test {row['test_acc']:6.2%}  entropy "
                        f"{row['entropy_mean']:.3f}  {row['wall_s']:.0f}s ({row['sparse_layers']} sparse layers)")
             metrics = os.path.join(pdir, "metrics.csv")
-            try:  # (a kill inside finish left the finished rows' record: it would call these rows corrupt)
-                os.remove(metrics + ".sha256")
-            except FileNotFoundError:
-                pass
-            except OSError as e:  # (a read-only folder: one line, as the write's)
-                raise _cannot_remove(e, metrics + ".sha256") from e
+            # (a kill inside finish left the finished rows' record: it would call these rows corrupt)
+            remove_file(metrics + ".sha256", RemoveFailed)
             write_csv(metrics, s.rows)
         dist.on_main(record, (WriteFailed,))
         if not note and (note := stop_unrunnable(cfg, role, s.rows)) and dist.is_main():  # (once, at round 0)

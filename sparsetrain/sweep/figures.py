@@ -7,12 +7,12 @@ import math
 import os
 import re
 
-from ..experiment.files import WriteFailed, atomic_write
+from ..experiment.files import atomic_write, remove_file
 from ..experiment.report.plots import acc_band, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
 from .aggregate import _num, group_label, seed_counts
 
-__all__ = ["plot_overlay", "write_figures", "remove_stale"]
+__all__ = ["plot_overlay", "write_figures"]
 
 _STYLE = {"vanilla": "-", "distill-dense": "--", "distill-best": ":"}
 _MAX_PANELS = 12
@@ -96,19 +96,9 @@ def write_figures(groups, keys, out_dir) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     for f in os.listdir(out_dir):  # a setting that no longer differs, or nothing left to draw, leaves no
         if f == "accuracy_vs_sparsity.png" or f.startswith("by_") and f.endswith(".png"):  # stale overlay behind
-            remove_stale(os.path.join(out_dir, f))
+            remove_file(os.path.join(out_dir, f))
     main = "eps" if "eps" in keys else (keys[0] if keys else None)
     paths = [plot_overlay(groups, main, keys, os.path.join(out_dir, "accuracy_vs_sparsity.png"))]
     paths += [plot_overlay(groups, k, keys, os.path.join(out_dir, f"by_{k}.png")) for k in keys if k != main]
     return [p for p in paths if p]
 
-
-def remove_stale(path: str) -> None:
-    """An earlier report's file the report has nothing for now removed, if there; WriteFailed naming it where
-    it cannot be (a read-only folder: an OSError traceback before 2026-12-06), as a write's."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise WriteFailed(e.errno, e.strerror or str(e), path) from e

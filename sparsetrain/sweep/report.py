@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import re
 
-from ..experiment.files import atomic_write, finish_interrupted_writes, write_csv
+from ..experiment.files import atomic_write, finish_interrupted_writes, remove_file, write_csv
 from ..experiment.report.tables import md_cell
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
-from .figures import _natural, remove_stale, write_figures
+from .figures import _natural, write_figures
 
 __all__ = ["write_sweep_report"]
 
@@ -64,7 +64,7 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
         if rows:
             write_csv(os.path.join(out_dir, name), rows)
         else:  # (no rows now: an earlier report's numbers would stay)
-            remove_stale(os.path.join(out_dir, name))
+            remove_file(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
     lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]

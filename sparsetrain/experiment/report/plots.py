@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 
-from ..files import WriteFailed, atomic_write
+from ..files import atomic_write, remove_file
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import best_index, fin, get
@@ -94,12 +94,7 @@ def plot_run(run, out_dir) -> list[str]:
     curves, phases = run["curves"], ordered_phases(run)
     if not phases:  # (no metrics: an earlier report's plots would show what the summary no longer has)
         for name in ("accuracy_vs_sparsity.png", "cum_pflops.png"):
-            try:
-                os.remove(os.path.join(out_dir, name))
-            except FileNotFoundError:
-                pass
-            except OSError as e:  # (a read-only run directory: one line naming the file, as a write's)
-                raise WriteFailed(e.errno, e.strerror or str(e), os.path.join(out_dir, name)) from e
+            remove_file(os.path.join(out_dir, name))  # (a read-only run directory: one line naming the file)
         return []
     os.makedirs(out_dir, exist_ok=True)
     t_e, t_a = run["config"].get("t_e", 0.8), run["config"].get("t_a", 0.8)
