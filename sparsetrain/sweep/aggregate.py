@@ -293,20 +293,20 @@ def alpha_tau_md(groups, keys) -> str:
     for g in groups:
         blocks.setdefault(group_label(g, rest), []).append(g)
 
-    def cell(gs, a, t, ph, part=False):  # (mean or NaN, mean ± std) of the group of gs at alpha a, tau t; — for none
+    def cell(gs, a, t, ph):  # (mean or NaN, mean ± std, its seed mark) of the group of gs at alpha a, tau t; — for none
         g = next((g for g in gs if g["config"].get("alpha") == a and g["config"].get("tau") == t), None)
         if g is None:
-            return (NAN, "—", "") if part else (NAN, "—")
+            return NAN, "—", ""
         vals = _best_val(g, ph)
         m, _, n = stats(vals)  # (a cell of fewer seeds than its setting started says so, as Table 12's)
         started = seed_counts(g, ph)["seeds_started"]
-        mark = f"{n} of {started}" if 0 < n < started else ""  # (part: also the mark alone, for the mean over eps)
-        return (m, ms(vals) + (f" ({mark} seeds)" if mark else "")) + ((mark,) if part else ())
+        mark = f"{n} of {started}" if 0 < n < started else ""  # (the mark alone too: the mean over eps names it)
+        return m, ms(vals) + (f" ({mark} seeds)" if mark else ""), mark
 
     out = []
     for ph in phases:
         for label, gs in blocks.items():
-            out += _alpha_tau_block(f"{label}: {ph}", alphas, taus, lambda a, t: cell(gs, a, t, ph))
+            out += _alpha_tau_block(f"{label}: {ph}", alphas, taus, lambda a, t: cell(gs, a, t, ph)[:2])
         if "eps" in rest:  # (the mean over eps of each setting's mean; n/a unless every eps has one)
             others = [k for k in rest if k != "eps"]
             avg: dict[str, list] = {}
@@ -318,7 +318,7 @@ def alpha_tau_md(groups, keys) -> str:
                     continue
 
                 def mean_over_eps(a, t, gs=gs, epss=epss):
-                    cs = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph, part=True) for e in epss]
+                    cs = [cell([h for h in gs if h["config"].get("eps") == e], a, t, ph) for e in epss]
                     m = float(sum(c[0] for c in cs) / len(cs)) if all(fin(c[0]) for c in cs) else NAN
                     # (an eps cell of fewer seeds than started keeps its mark: the mean was shown unmarked before 2026-12-06)
                     marks = ", ".join(f"ε {e}: {c[2]}" for e, c in zip(epss, cs) if c[2])
