@@ -14,7 +14,7 @@ import sys
 from .files import CorruptFile, ReadFailed, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advice", "RESTART"]
+__all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advice", "round_misplaced", "RESTART"]
 
 
 def delete_advice(pdir: str, what: str = "") -> str:
@@ -111,7 +111,7 @@ def verify_phase(pdir: str, resumed=None) -> None:
 
 def _check_round_places(pdir: str, rounds: list[str], finished: bool) -> None:
     """Each verified round checkpoint must be this phase's own round (the round and place, where_of, it records at
-    save; teachers.check_round's test, for every phase): a vanilla or distilled round copied in from another run,
+    save: round_misplaced, as teachers.check_round's, for every phase): a vanilla or distilled round copied in from another run,
     seed or phase with its .sha256 record passed its checksum. Checkpoints of before 2026-12-06 name no place
     (their round alone is checked); one torch cannot read is left to the load that needs it."""
     import torch  # (here only: the report checks places without torch)
@@ -121,16 +121,26 @@ def _check_round_places(pdir: str, rounds: list[str], finished: bool) -> None:
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 (torch raises several types; verify already matched its record)
             continue
-        name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
-        if name is None or not isinstance(payload, dict):
+        if not re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path)) or not isinstance(payload, dict):
             continue
-        rnd = int(name[1])
-        got_rnd, got_where = payload.get("round", rnd), payload.get("where")
-        if got_rnd != rnd or (got_where is not None and got_where not in here):
+        if (wrong := round_misplaced(path, payload, here)) is not None:
             what = "a finished phase's results" if finished else "a trained round"
-            raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
-                              f"({here[0]}): copied from another run, seed or phase, or swapped with another round's; "
-                              f"{what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase")
+            raise CorruptFile(f"{wrong}; {what} cannot be rebuilt: {delete_advice(pdir)} to retrain this phase")
+
+
+def round_misplaced(path: str, payload: dict, here: list[str] | None = None) -> str | None:
+    """How the round checkpoint `path` (its loaded `payload`) is not its phase's round XX, or None: the round and
+    the phase's place (where_of: run directory/seed/phase) it records at save against its file name and folder
+    (`here`: places_of that phase, when known). Checkpoints of before 2026-12-06 name no place (their round
+    alone is checked); a phase linked from another run (--reuse) is that run's."""
+    here = here or places_of(os.path.dirname(os.path.dirname(path)))
+    name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
+    rnd = int(name[1]) if name else payload.get("round")
+    got_rnd, got_where = payload.get("round", rnd), payload.get("where")
+    if got_rnd != rnd or (got_where is not None and got_where not in here):
+        return (f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase ({here[0]}): "
+                "copied from another run, seed or phase, or swapped with another round's")
+    return None
 
 
 def _check_rounds(pdir: str, rows: list[dict], rounds: list[str]) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from .checkpoint import load_model
 from .files import CorruptFile, ReadFailed
-from .integrity import delete_advice as _delete, places_of
+from .integrity import delete_advice as _delete, round_misplaced
 from .loop import PhaseError
 from .metrics import read_metrics
 
@@ -61,16 +60,8 @@ def load_teacher(path: str, teacher_dir: str | None = None):
 
 
 def check_round(path: str, payload: dict) -> None:
-    """A phase's ckpt/round_XX.pt must be that phase's round XX: the round and the phase's place (integrity.where_of:
-    run directory/seed/phase) it records at save. A round checkpoint copied in from another run, seed or phase
-    with its .sha256 record, or two rounds swapped, pass the checksums. Checkpoints of before 2026-12-06 name no
-    place (their round alone is checked); a phase linked from another run (--reuse) is that run's."""
-    pdir = os.path.dirname(os.path.dirname(path))
-    name = re.fullmatch(r"round_(\d+)\.pt", os.path.basename(path))
-    rnd = int(name[1]) if name else payload.get("round")
-    here = places_of(pdir)
-    got_rnd, got_where = payload.get("round", rnd), payload.get("where")
-    if got_rnd != rnd or (got_where is not None and got_where not in here):
-        raise CorruptFile(f"{path} is round {got_rnd} of {got_where or 'a phase'}, not round {rnd} of this phase "
-                          f"({here[0]}): copied from another run, seed or phase, or swapped with another round's; "
-                          f"{_delete(pdir)} to train the teacher again")
+    """A teacher phase's ckpt/round_XX.pt must be that phase's round XX (integrity.round_misplaced): a round
+    checkpoint copied in from another run, seed or phase with its .sha256 record, or two rounds swapped, pass
+    the checksums."""
+    if (wrong := round_misplaced(path, payload)) is not None:
+        raise CorruptFile(f"{wrong}; {_delete(os.path.dirname(os.path.dirname(path)))} to train the teacher again")
