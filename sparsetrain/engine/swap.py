@@ -96,6 +96,19 @@ def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, ob
     return out
 
 
+def user_attributes(old: nn.Module, own: set, new: nn.Module, name: str) -> dict[str, object]:
+    """The plain attributes a user set on `old` (`layer.tag = 1`): those in its __dict__ that are not `own`, the
+    keys a new layer of its kind has (its __dict__ and registries: torch.nn.utils.prune's recomputed `weight` is
+    one), carried over by sparsify_/densify_ as the same objects (dropped silently before 2026-12-06). One that
+    `new`, replacing it at `name`, has as an attribute of its own is a ValueError naming it."""
+    out = {k: v for k, v in old.__dict__.items() if k not in own and k not in _CONVERTED}
+    for key in out:
+        if hasattr(new, key):
+            raise ValueError(f"layer {name!r} has an attribute {key!r}, which its replacement, a "
+                             f"{type(new).__name__}, has as an attribute of its own: rename it first")
+    return out
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
     """Put `new` at `name` in the training mode of the module it replaces, moving to it that module's
     forward, backward and state_dict hooks (the registries themselves, so their handles still remove them;

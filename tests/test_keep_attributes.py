@@ -1,0 +1,86 @@
+"""What sparsify_ / densify_ keep of the plain Python attributes a user set on a layer they replace
+(`layer.tag = 1`): carried over to the replacement, the same objects (dropped silently before 2026-12-06)."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import sparsetrain
+from sparsetrain.engine.bsr import BSRLinear
+from sparsetrain.testing import random_mask
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+
+
+def _masks(g):
+    return {"0": random_mask((4, 2, 3, 3), 0.5, generator=g), "3": random_mask((3, 36), 0.5, generator=g)}
+
+
+def _dense_masked(model, masks):
+    """The dense reference: a copy with the masks applied to the weights."""
+    import copy
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mk in masks.items():
+            ref.get_submodule(name).weight.mul_(mk)
+    return ref
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_user_s_attributes_on_a_layer_move_with_it(pruned):
+    g = torch.Generator().manual_seed(0)
+    model, masks = _model(), _masks(g)
+    ref = _dense_masked(model, masks)
+    if pruned:  # (torch.nn.utils.prune's `weight`, a plain attribute, is the layer's own, not a user's)
+        torch_prune.identity(model[3], "weight")
+    tags = {"0": ["conv", 1], "3": {"head": True}}
+    for name, tag in tags.items():
+        layer = model.get_submodule(name)
+        layer.my_tag = tag
+    sparsetrain.sparsify_(model, masks)
+    assert [type(model[i]).__name__ for i in (0, 3)] == ["SparseConv2d", "SparseLinear"]
+    for name, tag in tags.items():
+        layer = model.get_submodule(name)
+        assert layer.my_tag is tag
+    x = torch.randn(2, 2, 5, 5, generator=g)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    sparsetrain.densify_(model)
+    assert [type(model[i]) for i in (0, 3)] == [nn.Conv2d, nn.Linear]
+    for name, tag in tags.items():
+        layer = model.get_submodule(name)
+        assert layer.my_tag is tag and not hasattr(layer, "weight_orig")
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_user_s_attribute_on_a_bsr_layer_moves_to_the_dense_one():
+    model = nn.Sequential(BSRLinear.from_dense(nn.Linear(32, 16), block_size=16))
+    model[0].my_tag = tag = object()
+    x = torch.randn(3, 32)
+    want = model(x)
+    sparsetrain.densify_(model)
+    assert type(model[0]) is nn.Linear and model[0].my_tag is tag
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_attribute_the_replacement_has_of_its_own_is_refused_before_any_swap():
+    """A user's attribute named as one of the replacement's own (`sparsity` of a sparse layer, `transposed` of
+    nn.Conv2d) cannot move to it: refused by name, the model untouched."""
+    g = torch.Generator().manual_seed(0)
+    model, masks = _model(), _masks(g)
+    model[3].sparsity = 0.5
+    with pytest.raises(ValueError, match="layer '3' has an attribute 'sparsity', which its replacement, a "
+                                         "SparseLinear, has as an attribute of its own: rename it first"):
+        sparsetrain.sparsify_(model, masks)
+    assert [type(model[i]) for i in (0, 3)] == [nn.Conv2d, nn.Linear]
+    del model[3].sparsity
+    sparsetrain.sparsify_(model, masks)
+    model[0].transposed, model[3].transposed = False, True  # (nn.Conv2d's own; nn.Linear has none: carried)
+    with pytest.raises(ValueError, match="layer '0' has an attribute 'transposed', which its replacement, a "
+                                         "Conv2d, has as an attribute of its own: rename it first"):
+        sparsetrain.densify_(model)
+    assert [type(model[i]).__name__ for i in (0, 3)] == ["SparseConv2d", "SparseLinear"]
+    del model[0].transposed
+    sparsetrain.densify_(model)
+    assert type(model[3]) is nn.Linear and model[3].transposed is True
