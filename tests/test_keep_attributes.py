@@ -57,10 +57,11 @@ def test_a_user_s_attributes_on_a_layer_move_with_it(pruned):
 def test_a_user_s_attribute_on_a_bsr_layer_moves_to_the_dense_one():
     model = nn.Sequential(BSRLinear.from_dense(nn.Linear(32, 16), block_size=16))
     model[0].my_tag = tag = object()
+    model[0].weight.values._no_weight_decay = True
     x = torch.randn(3, 32)
     want = model(x)
     sparsetrain.densify_(model)
-    assert type(model[0]) is nn.Linear and model[0].my_tag is tag
+    assert type(model[0]) is nn.Linear and model[0].my_tag is tag and model[0].weight._no_weight_decay is True
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -84,3 +85,46 @@ def test_an_attribute_the_replacement_has_of_its_own_is_refused_before_any_swap(
     del model[0].transposed
     sparsetrain.densify_(model)
     assert type(model[3]) is nn.Linear and model[3].transposed is True
+
+
+def _no_decay(model):
+    """A param-group builder as optimizers' recipes write it: the Parameters marked `_no_weight_decay`."""
+    return [p for p in model.parameters() if getattr(p, "_no_weight_decay", False)]
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_user_s_attributes_on_a_layer_s_parameters_move_to_the_new_parameters(pruned):
+    """`p._no_weight_decay = True` on a layer's weight or bias was dropped with the old Parameter: a param-group
+    builder reading it put the new ones in the decayed group, silently. Stepped as the dense masked reference."""
+    g = torch.Generator().manual_seed(0)
+    model, masks = _model(), _masks(g)
+    ref = _dense_masked(model, masks)
+    if pruned:  # (prune's weight_orig is the Parameter the user marked)
+        torch_prune.identity(model[3], "weight")
+    for layer, r in ((model[i], ref[i]) for i in (0, 3)):
+        for m in (layer, r):
+            (m.weight_orig if pruned and m is model[3] else m.weight)._no_weight_decay = True
+            m.bias._no_weight_decay = "bias"
+    sparsetrain.sparsify_(model, masks)
+    for i in (0, 3):
+        assert model[i].weight.values._no_weight_decay is True and model[i].bias._no_weight_decay == "bias"
+    assert {id(p) for p in _no_decay(model)} == {id(p) for p in model.parameters()}
+    x = torch.randn(2, 2, 5, 5, generator=g)
+
+    def step(m):  # (decay only where not marked: here, nothing)
+        opt = torch.optim.SGD([{"params": _no_decay(m), "weight_decay": 0.0},
+                               {"params": [p for p in m.parameters() if p not in set(_no_decay(m))],
+                                "weight_decay": 0.5}], lr=0.1)
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        for name, mk in masks.items():  # (dense masked training: the reference, and the model once densified)
+            if isinstance(m.get_submodule(name).weight, torch.Tensor):
+                m.get_submodule(name).weight.grad.mul_(mk)
+        opt.step()
+    step(model), step(ref)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    sparsetrain.densify_(model)
+    for i in (0, 3):
+        assert model[i].weight._no_weight_decay is True and model[i].bias._no_weight_decay == "bias"
+    step(model), step(ref)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

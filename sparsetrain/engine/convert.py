@@ -16,7 +16,7 @@ from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
 from .fused import SparseConvBNReLU
 from .nn import SPARSE_TYPES, SparseConv2d, SparseLinear, _owners, _tied, check_model, is_sparse
-from .swap import _replace_modules, check_no_uncarried_hooks, extras, uncarried_hook, \
+from .swap import _replace_modules, carry_parameter_attributes, check_no_uncarried_hooks, extras, uncarried_hook, \
     user_attributes
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
@@ -137,8 +137,11 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
         attrs[id(mod)] = user_attributes(mod, _own_keys(mod), new[id(mod)], name)  # (a clash: before any swap)
-    for i, layer in new.items():  # (a user's attributes on the layer)
+    for i, layer in new.items():  # (a user's attributes on the layer and on its weight and bias Parameters)
+        mod = modules[named[i]]
         layer.__dict__.update(attrs[i])
+        carry_parameter_attributes(((mod._parameters.get("weight", mod._parameters.get("weight_orig")),
+                                     layer.weight.values), (mod._parameters.get("bias"), layer.bias)))
     for name in named.values():  # (torch.nn.utils.prune's hooks would recompute weight = orig * mask
         hooks = modules[name]._forward_pre_hooks  # on the sparse layer: each converted layer once)
         for k in [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]:
@@ -214,6 +217,7 @@ def _dense_of(mod: nn.Module) -> nn.Module:
     with own_mode(mod.weight.values):
         dense = mod.to_dense()
     dense.__dict__.update(user_attributes(mod, _own_keys(mod), dense, ""))  # (a clash: refused before any swap)
+    carry_parameter_attributes(((mod.weight.values, dense.weight), (mod.bias, dense.bias)))
     return dense
 
 

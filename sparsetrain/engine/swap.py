@@ -109,6 +109,15 @@ def user_attributes(old: nn.Module, own: set, new: nn.Module, name: str) -> dict
     return out
 
 
+def carry_parameter_attributes(pairs) -> None:
+    """Each (old, new) Parameter pair: the Python attributes set on the old one (`p._no_weight_decay = True`, as
+    optimizers' param-group builders read) set on the new one too (dropped silently before 2026-12-06)."""
+    for old, new in pairs:
+        if old is not None and new is not None and old is not new:
+            for key, v in vars(old).items():
+                setattr(new, key, v)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module, move_hooks: bool = True) -> None:
     """Put `new` at `name` in the training mode of the module it replaces, moving to it that module's
     forward, backward and state_dict hooks (the registries themselves, so their handles still remove them;
