@@ -128,3 +128,24 @@ def test_a_user_s_attributes_on_a_layer_s_parameters_move_to_the_new_parameters(
         assert model[i].weight._no_weight_decay is True and model[i].bias._no_weight_decay == "bias"
     step(model), step(ref)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on", ["0", "1", "2"])
+def test_fuse_leaves_a_module_with_a_user_s_attribute_unfused(on):
+    """fuse_ (and sparsify_(fuse=True)) dropped a user's attribute on the conv, BN or ReLU it fuses; such a
+    module is left unfused, as one with a user's buffer, its attribute kept through densify_ too."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g)}
+    ref = _dense_masked(model, masks)
+    model.get_submodule(on).my_tag = tag = ["kept"]
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    assert type(model[0]).__name__ == "SparseConv2d" and model.get_submodule(on).my_tag is tag
+    x = torch.randn(3, 2, 5, 5, generator=g)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    sparsetrain.densify_(model)
+    assert type(model[0]) is nn.Conv2d and model.get_submodule(on).my_tag is tag
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    untagged = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())  # (without one: fused)
+    sparsetrain.sparsify_(untagged, masks, fuse=True)
+    assert type(untagged[0]).__name__ == "SparseConvBNReLU"

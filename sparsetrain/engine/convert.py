@@ -8,16 +8,16 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from .args import check_flag
-from .bsr import BSR, BSRLinear
+from .bsr import BSRLinear
 from .fuse import fuse_, trace, unfuse_
-from .formats import CSR, own_mode
+from .formats import own_mode
 from .index import check_index
 from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
 from .fused import SparseConvBNReLU
-from .nn import SPARSE_TYPES, SparseConv2d, SparseLinear, _owners, _tied, check_model, is_sparse
-from .swap import _replace_modules, carry_parameter_attributes, check_no_uncarried_hooks, extras, uncarried_hook, \
-    user_attributes
+from .nn import SPARSE_TYPES, SparseConv2d, _owners, _tied, check_model, is_sparse
+from .swap import _replace_modules, carry_parameter_attributes, check_no_uncarried_hooks, extras, own_keys, \
+    uncarried_hook, user_attributes
 
 __all__ = ["sparsify_", "densify_", "dense_state_dict", "unconvertible"]
 
@@ -136,7 +136,7 @@ def sparsify_(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, fu
             extras(mod, new[id(mod)], name)  # (one the sparse layer cannot take: refused before any swap)
         except (TypeError, ValueError) as e:  # (named: which layer)
             raise type(e)(f"{name}: {e}") from e
-        attrs[id(mod)] = user_attributes(mod, _own_keys(mod), new[id(mod)], name)  # (a clash: before any swap)
+        attrs[id(mod)] = user_attributes(mod, own_keys(mod), new[id(mod)], name)  # (a clash: before any swap)
     for i, layer in new.items():  # (a user's attributes on the layer and on its weight and bias Parameters)
         mod = modules[named[i]]
         layer.__dict__.update(attrs[i])
@@ -194,7 +194,7 @@ def densify_(model: nn.Module) -> nn.Module:
             if is_sparse(m):  # (an extra the dense layer has as an attribute: refused before any swap)
                 extras(m, dense, n)
             if not isinstance(m, SparseConvBNReLU):  # (a user's attribute the dense layer has: refused, as an extra)
-                user_attributes(m, _own_keys(m), dense, n)
+                user_attributes(m, own_keys(m), dense, n)
             try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
                 check_index(m.weight)
             except ValueError as e:
@@ -216,27 +216,9 @@ def _dense_of(mod: nn.Module) -> nn.Module:
     became inference tensors, which backward left without a gradient, silently)."""
     with own_mode(mod.weight.values):
         dense = mod.to_dense()
-    dense.__dict__.update(user_attributes(mod, _own_keys(mod), dense, ""))  # (a clash: refused before any swap)
+    dense.__dict__.update(user_attributes(mod, own_keys(mod), dense, ""))  # (a clash: refused before any swap)
     carry_parameter_attributes(((mod.weight.values, dense.weight), (mod.bias, dense.bias)))
     return dense
-
-
-_OWN: dict[type, frozenset] = {}  # layer kind -> _own_keys
-
-
-def _own_keys(mod: nn.Module) -> frozenset:
-    """The keys a new layer of `mod`'s kind has (its __dict__'s and registries'): its class's own attributes,
-    which user_attributes leaves out. A subclass's are its kind's (one of its own is carried as a user's)."""
-    kinds = {SparseConv2d: lambda: SparseConv2d(CSR.from_dense(torch.ones(1, 1, 1, 1))),  # (no RNG draws)
-             SparseLinear: lambda: SparseLinear(CSR.from_dense(torch.ones(1, 1))),
-             BSRLinear: lambda: BSRLinear(BSR.from_dense(torch.ones(16, 16), 16)),
-             nn.Conv2d: lambda: nn.Conv2d(1, 1, 1, device="meta"), nn.Linear: lambda: nn.Linear(1, 1, device="meta")}
-    kind = next(k for k in kinds if isinstance(mod, k))
-    if kind not in _OWN:
-        with torch.inference_mode(False), torch.no_grad():
-            fresh = kinds[kind]()
-        _OWN[kind] = frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers) | set(fresh._modules)
-    return _OWN[kind]
 
 
 # ---------------------------------------------------------------------------- a sparse checkpoint, dense

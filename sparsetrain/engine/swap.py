@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import weakref
 
+import torch
 from torch import nn
 
 
@@ -74,9 +75,37 @@ _STANDARD = {"weight", "bias", "running_mean", "running_var", "num_batches_track
 
 
 def has_extras(mod: nn.Module) -> bool:
-    """`mod` holds a parameter, buffer or submodule beyond a conv's, linear's or BN's own (a user's, prune's):
-    fuse_ leaves it as it is, as a module with a hook (its fused modules' own attributes could clash)."""
-    return any(k not in _STANDARD for registry in (mod._parameters, mod._buffers, mod._modules) for k in registry)
+    """`mod` holds a parameter, buffer or submodule beyond a conv's, linear's or BN's own (a user's, prune's), or
+    a plain attribute a user set (`layer.tag = 1`: not in own_keys): fuse_ leaves it as it is, as a module with a
+    hook (its fused modules' own attributes could clash; a user's attribute was dropped before 2026-12-06)."""
+    own = own_keys(mod)
+    return any(k not in _STANDARD for registry in (mod._parameters, mod._buffers, mod._modules) for k in registry) \
+        or own is not None and any(k not in own and k not in _CONVERTED for k in mod.__dict__)
+
+
+_OWN: dict[type, frozenset] = {}  # module kind -> own_keys
+
+
+def own_keys(mod: nn.Module) -> frozenset | None:
+    """The keys a new module of `mod`'s kind has (its __dict__'s and registries'): its class's own attributes,
+    which user_attributes leaves out; None for a kind sparsify_, densify_ and fuse_ do not swap. A subclass's
+    are its kind's (one of its own counts as a user's)."""
+    from .bsr import BSR, BSRLinear
+    from .formats import CSR
+    from .nn import SparseConv2d, SparseLinear
+    kinds = {SparseConv2d: lambda: SparseConv2d(CSR.from_dense(torch.ones(1, 1, 1, 1))),  # (no RNG draws)
+             SparseLinear: lambda: SparseLinear(CSR.from_dense(torch.ones(1, 1))),
+             BSRLinear: lambda: BSRLinear(BSR.from_dense(torch.ones(16, 16), 16)),
+             nn.Conv2d: lambda: nn.Conv2d(1, 1, 1, device="meta"), nn.Linear: lambda: nn.Linear(1, 1, device="meta"),
+             nn.BatchNorm2d: lambda: nn.BatchNorm2d(1, device="meta"), nn.ReLU: nn.ReLU,
+             nn.MaxPool2d: lambda: nn.MaxPool2d(2), nn.AdaptiveAvgPool2d: lambda: nn.AdaptiveAvgPool2d(1),
+             nn.Flatten: nn.Flatten}
+    kind = next((k for k in kinds if isinstance(mod, k)), None)
+    if kind is not None and kind not in _OWN:
+        with torch.inference_mode(False), torch.no_grad():
+            fresh = kinds[kind]()
+        _OWN[kind] = frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers) | set(fresh._modules)
+    return _OWN.get(kind)
 
 
 def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, object]]:
