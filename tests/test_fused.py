@@ -456,6 +456,37 @@ def test_a_lone_fused_layers_train_eval_and_to_reach_its_batchnorm():
     torch.testing.assert_close(fused(x), ref(x), **TOL[torch.float64])
 
 
+def test_a_lone_fused_layers_batchnorm_is_trained_and_saved_beside_it():
+    """A SparseConvBNReLU built directly holds its BN by reference (a fused model's BN is its own module, at its
+    name): layer.parameters() and state_dict() leave the BN out, as its docstring and the README say, so an
+    optimizer over them alone would not train it; one over the layer's and the BN's parameters steps as the dense
+    masked conv -> BN -> ReLU does, and the two state_dicts restore it."""
+    ref, fused, mask = _fused_pair("bn_relu", 0.5)
+    bn = FusedBatchNorm2d(7).double()
+    bn.load_state_dict(ref.bn.state_dict())
+    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True)
+    assert not {id(p) for p in bn.parameters()} & {id(p) for p in layer.parameters()}
+    assert not [k for k in layer.state_dict() if k.startswith("bn")]
+    unstepped = copy.deepcopy(fused.conv).to_conv()  # (layer shares fused.conv's CSR and bias: stepped with it)
+    opt = torch.optim.SGD([*layer.parameters(), *bn.parameters()], lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    for _ in range(2):
+        for o, out in ((opt, bn(layer(x))), (opt_ref, ref(x))):
+            o.zero_grad()
+            out.square().sum().backward()
+        ref.conv.weight.grad.mul_(mask)
+        opt.step(), opt_ref.step()
+    torch.testing.assert_close(bn.weight, ref.bn.weight, **TOL[torch.float64])
+    torch.testing.assert_close(bn(layer(x)), ref(x), **TOL[torch.float64])
+    bn2 = FusedBatchNorm2d(7).double()
+    bn2.load_state_dict(bn.state_dict())
+    again = SparseConvBNReLU(unstepped, bn2, relu_after=True)
+    assert not torch.equal(again.weight.values, layer.weight.values)
+    again.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(bn2(again(x)), ref(x), **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_inputs_float64(training):
     """gradcheck w.r.t. the input and the residual (conv -> BN -> + residual -> ReLU)."""

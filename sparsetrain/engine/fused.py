@@ -187,7 +187,10 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 class SparseConvBNReLU(HandOff, SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
     docstring). Built by fuse_(); `bn` is the FusedBatchNorm2d registered at its own name in the
-    model (referenced here, not owned, so state_dict keys do not change). With `residual`, it is
+    model (referenced here, not owned, so state_dict keys do not change). Built directly, `bn` is still
+    only referenced: `parameters()` and `state_dict()` leave it out, so give an optimizer the layer's and
+    `bn.parameters()` both and save `bn.state_dict()` beside the layer's (train(), eval(), .to() reach
+    it); or put both in a model, the BN called on the layer's output. With `residual`, it is
     called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
     `route_input` (set by fuse_ where the block declares it), each forward under autograd keeps x
     as seen through this layer for `routed_input`. With `feeds` (set by fuse_ where this layer's
