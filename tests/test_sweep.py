@@ -468,7 +468,8 @@ def test_a_run_log_or_marker_that_cannot_be_written_names_the_file(tmp_path, mon
 
 def test_a_leftover_marker_that_cannot_be_removed_is_one_line(tmp_path, monkeypatch):
     """A killed worker's `.running` marker that the sweep's start cannot remove (a read-only logs/ folder) was a
-    bare OSError traceback; now the sweep's one-line error (SweepError) naming the marker, which is left as it was."""
+    bare OSError traceback, then a one-line "cannot write" (it is a removal); now the sweep's one-line error
+    (SweepError) says it cannot remove the marker, naming it and the OS reason; the marker is left as it was."""
     from sparsetrain.sweep import runner
     marker = tmp_path / "sw" / "logs" / "r.log.running"
     marker.parent.mkdir(parents=True)
@@ -484,7 +485,7 @@ def test_a_leftover_marker_that_cannot_be_removed_is_one_line(tmp_path, monkeypa
     monkeypatch.setattr(runner.os, "remove", read_only)
     with pytest.raises(runner.SweepError) as e:
         runner.execute([], str(tmp_path / "sw"))
-    assert str(e.value).startswith(f"cannot write {marker}: Permission denied;") and marker.exists()
+    assert str(e.value).startswith(f"cannot remove {marker}: Permission denied;") and marker.exists()
 
 
 def _outcome_scripts(tmp_path):

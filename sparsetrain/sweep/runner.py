@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from ..experiment.files import (EXIT_BUSY, Busy, WriteFailed, finish_interrupted_writes, folder_busy, folder_lock,
-                                 write_json)
+from ..experiment.files import (EXIT_BUSY, Busy, ReadFailed, RemoveFailed, WriteFailed, finish_interrupted_writes,
+                                 folder_busy, folder_lock, remove_file, write_json)
 from ..experiment.reuse import phase_done
 from .plan import Run
 from .runlog import end_line, error_line, exception_line, open_log, remove_marker, write_marker
@@ -195,11 +195,12 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
     # 2026-12-06), under the folder's lock as a run start does
     finish_interrupted_writes(os.path.abspath(sweep_dir))
     try:
-        for f in os.listdir(logs):  # markers a killed worker left behind: nothing of this sweep runs yet
-            if f.endswith(".running"):
-                os.remove(os.path.join(logs, f))
-    except OSError as e:  # (a read-only logs/: a traceback before 2026-12-06)
-        raise WriteFailed(e.errno, e.strerror or str(e), e.filename or logs) from None
+        leftover = [f for f in os.listdir(logs) if f.endswith(".running")]
+    except OSError as e:  # (an unreadable logs/: a traceback before 2026-12-06)
+        raise ReadFailed(e.errno, e.strerror or str(e), logs) from None
+    for f in leftover:  # markers a killed worker left behind: nothing of this sweep runs yet
+        # (a read-only logs/: a traceback, then "cannot write" the marker it could not remove, before 2026-12-06)
+        remove_file(os.path.join(logs, f), RemoveFailed)
     for r in plan:
         if r.error:  # rejected by the experiment's parser: nothing ran; the log says why
             status[r.name].update(state="failed", error=r.error, point={k: str(v) for k, v in r.point.items()})
