@@ -435,3 +435,35 @@ def test_a_run_whose_metrics_record_cannot_be_read_is_named_with_the_reason(tmp_
     left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
     assert f"{runs / 'denied'} (cannot read {record}: Permission denied; fix its permissions" in left, left
     assert md.startswith("# DSD² sweep\n\n2 run directories, 1 setting(s)")  # (the kept run's alone: eps 0.1)
+
+
+def _gfm_cells(row: str) -> list:
+    """A GFM table row's cells as rendered text (cmark-gfm's and markdown-it's rules): split at each `|` not
+    preceded by a backslash, each `\\|` then read as `|`, then CommonMark's backslash escapes (`\\` before ASCII
+    punctuation: that character) and a `<br>` (a line break) in one pass."""
+    assert "\n" not in row and "\r" not in row, row  # (a line break ends the row)
+    cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+    inline = lambda c: re.sub(r"\\([!-/:-@\[-`{-~])|<br>", lambda m: m.group(1) or "\n", c)  # noqa: E731
+    return [inline(c) for c in cells]
+
+
+def test_md_cell_renders_any_text_as_one_cell_with_that_text(tmp_path):
+    """md_cell escaped `|` only: a text's own `\\|` became `\\\\|`, which GFM renders as `|` (its backslash lost), and
+    a line break (a multi-line error) ended the table row. Now every text renders as one cell reading as itself,
+    line breaks as `<br>`; a text without `|`, line breaks or backslash escapes is written as it is."""
+    from sparsetrain.experiment.report.tables import md_cell
+    texts = ["a|b", "a\\|b", "a\\\\|b", "end\\", "a\nb", "one\r\ntwo\rthree", "back\\\nslash", "a\\*b", "C:\\data\\run",
+             "x | y\\| z\\\\|"]
+    for text in texts:
+        assert _gfm_cells(f"| k | {md_cell(text)} |") == ["k", text.replace("\r\n", "\n").replace("\r", "\n")], text
+    for plain in ("C:\\data\\run", "tau=10, teachers=['ckpt/a.pt']", "end\\"):
+        assert md_cell(plain) == plain
+    # the sweep report's table of runs: a failed run's multi-line error with a `\|` keeps its row and its text
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "a", cfg, phases=("teacher",))
+    error = "RunFailed: exit code 1: ValueError: bad value a\\|b\nsecond line"
+    status = {"a": {"state": "failed", "kind": "study", "log": str(tmp_path / "a.log"), "error": error}}
+    md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
+    (row,) = [line for line in md.splitlines() if line.startswith("| a |")]
+    assert _gfm_cells(row) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]

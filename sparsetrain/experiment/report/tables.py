@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -15,9 +16,13 @@ __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_ce
 
 
 def md_cell(value) -> str:
-    """`value` as the text of one Markdown table cell, each `|` escaped as `\\|` (GFM: a bare one, a path's or
-    an error's, splits the row into more cells, the text cut off)."""
-    return str(value).replace("|", "\\|")
+    """`value` as the text of one Markdown table cell that renders as that text: each line break as `<br>` (one
+    ended the row), each `\\` that Markdown would read as an escape (before ASCII punctuation: a `\\|` of the
+    text, or the `<` of a `<br>`) doubled, then each `|` escaped as `\\|` (GFM: a bare one, a path's or an
+    error's, splits the row into more cells, the text cut off; a text's `\\|` lost its backslash before
+    2026-12-06)."""
+    text = re.sub(r"\r\n|\r|\n", "<br>", str(value))
+    return re.sub(r"\\(?=[!-/:-@\[-`{-~])", r"\\\\", text).replace("|", "\\|")
 
 
 def _real(v) -> bool:
