@@ -11,19 +11,16 @@ nothing is trained twice (but where two runs already hold it, or waiting would c
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
-import itertools
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
-from ..experiment.config import ROLE_KEYS, Config, config_from_args, config_to_argv
+from ..experiment.config import ROLE_KEYS, Config, config_to_argv
 from ..experiment.reuse import needed_phases, phase_done, phase_key, phase_names
-from ..experiment.study import UsageError, check_teachers, run_dir_of
+from ..experiment.study import run_dir_of
+from .grid import expand, grid_points  # noqa: F401 (expand: re-exported)
 
 __all__ = ["Run", "expand", "make_plan", "plan_digest", "STUDENT_ONLY"]
 
@@ -64,75 +61,6 @@ class Run:
             os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json")) for p in phases)
 
 
-def expand(settings: dict) -> list[dict]:
-    """Cartesian product of the list-valued settings (axes); tuples and scalars are one value.
-    "variants": a list of dicts, each laid over the settings in turn (a grid that is no product: a
-    baseline and one change at a time), the points of all of them in order."""
-    out = []
-    for variant in settings.get("variants") or [{}]:
-        s = {**{k: v for k, v in settings.items() if k != "variants"}, **variant}
-        axes = {k: v for k, v in s.items() if isinstance(v, list)}
-        fixed = {k: v for k, v in s.items() if not isinstance(v, list)}
-        out += [{**fixed, **dict(zip(axes, combo))} for combo in itertools.product(*axes.values())]
-    return out
-
-
-def _argv(point: dict) -> list[str]:
-    """A grid point as experiment flags (the dataset positional first)."""
-    argv = [str(point["dataset"])]
-    for k, v in point.items():
-        if k == "dataset":
-            continue
-        flag = f"--{k.replace('_', '-')}"
-        if isinstance(v, bool):
-            argv += [flag] if v else []
-        elif isinstance(v, (tuple, list)):
-            argv += [flag, *map(str, v)]
-        else:
-            argv += [flag, str(v)]
-    return argv
-
-
-def _resolve(point: dict) -> tuple[Config | None, str]:
-    """The experiment parser's Config for a point, or (None, its one-line error)."""
-    err = io.StringIO()
-    # the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked
-    # there, their spelling here
-    device, amp = point.get("device", "auto"), point.get("amp", "auto")
-    amps = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "amp")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        return None, f"error: --device must be auto, cpu, cuda or cuda:N, got {device!r}"
-    if amp not in amps:
-        return None, f"error: --amp must be one of {', '.join(amps)}, got {amp!r}"
-    if device == "cpu" and amp in ("bf16", "fp16"):  # (on any machine: the experiment's own refusal)
-        return None, f"error: --amp {amp} needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto"
-    try:
-        with contextlib.redirect_stderr(err):
-            cfg, _ = config_from_args(_argv({**point, "device": "auto", "amp": "auto"}))
-        return dataclasses.replace(cfg, device=device, amp=amp), ""
-    except SystemExit:
-        return None, err.getvalue().strip() or "invalid settings"
-
-
-def _absolute(cfg: Config) -> Config:
-    """Paths made absolute: the runs execute in Ray workers, whose working directory may differ (a leading ~
-    expanded first, as the experiment does: --data-dir=~/data was the folder ./~/data)."""
-    teachers = tuple(t if t in ("dense", "best") else os.path.abspath(t) for t in cfg.teachers)
-    path = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
-    return dataclasses.replace(cfg, data_dir=path(cfg.data_dir), out=os.path.abspath(cfg.out),
-                               teachers=teachers, label_file=path(cfg.label_file) if cfg.label_file else "")
-
-
-def _teachers_error(cfg: Config) -> str:
-    """The experiment's own refusal of the point's --teachers paths (missing, unreadable, two of one
-    file name), or ""."""
-    try:
-        check_teachers(cfg)
-        return ""
-    except UsageError as e:
-        return f"error: {e}"
-
-
 def teacher_config(cfg: Config) -> Config:
     """The teacher run of a study: its student settings at their defaults (students of every kind
     share it), the student schedule = the teacher's (so the run is also its own vanilla student)."""
@@ -147,7 +75,7 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     a phase another study links may come after it). Runs live in OUT/runs."""
     plan = _Planner(os.path.join(os.path.abspath(out), "runs"))
     studies = []
-    for p, seed, cfg, err in _grid_points(settings, plan.root, threads):
+    for p, seed, cfg, err in grid_points(settings, plan.root, threads):
         if cfg is None:
             plan.add_invalid(p, seed, err)
             continue
@@ -159,28 +87,6 @@ def make_plan(settings: dict, out: str, threads: int) -> list[Run]:
     for study in studies:
         plan.add_study(*study)
     return plan.result()
-
-
-def _grid_points(settings: dict, runs_root: str, threads: int):
-    """Each grid point and seed as (point, seed, its Config (paths absolute), "") or (point, seed, None, the
-    experiment's one-line error)."""
-    checked: dict[tuple, str] = {}  # --teachers -> its error: each checkpoint is read once per plan
-    for point in expand(settings):
-        if "seeds" in point:
-            seeds = point.pop("seeds")
-        else:  # the point's profile decides, as the experiment's own command would (paper: 0 1 2)
-            resolved, _ = _resolve({**point, "out": runs_root, "threads": threads})
-            seeds = resolved.seeds if resolved is not None else _DEFAULT.seeds
-        for seed in (seeds if isinstance(seeds, (list, tuple)) else [seeds]):
-            p = {**point, "seeds": (seed,)}
-            cfg, err = _resolve({**p, "out": runs_root, "threads": threads})
-            if cfg is not None:  # (a missing or unreadable --teachers PATH failed only after its teacher run)
-                cfg = _absolute(cfg)
-                if cfg.teachers not in checked:
-                    checked[cfg.teachers] = _teachers_error(cfg)
-                err = checked[cfg.teachers]
-                cfg = None if err else cfg
-            yield p, seed, cfg, err
 
 
 class _Planner:
