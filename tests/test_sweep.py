@@ -177,7 +177,9 @@ def test_a_study_resuming_a_phase_links_from_a_run_that_links_that_phase_from_it
     os.makedirs(os.path.join(study.run_dir, "seed0", "distill-dense", "ckpt"))  # (part-trained; no teacher link)
     grid = _settings(tmp_path, seeds=[0], variants=[{"teachers": ("dense", "best")}, {}])
     both, one = make_plan(grid, str(tmp_path / "sw"), threads=1)
-    assert both.phases[0] == "teacher" and both.needs == {one.name: ["distill-dense"]} and one.name == study.name
+    # (and it links the teacher phase from there: it trained it too before 2026-12-06, or linked it at run time)
+    assert both.phases[0] == "teacher" and both.needs == {one.name: ["distill-dense", "teacher"]}
+    assert one.name == study.name
     assert one.needs == {} and one.phases == ["teacher", "distill-dense"] and "--reuse" not in one.argv
     write_json(os.path.join(both.run_dir, "seed0", "teacher", "best.json"), {"round": 1})
     both, one = make_plan(grid, str(tmp_path / "sw"), threads=1)
@@ -945,7 +947,8 @@ def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_o
     distill-best, and it trains distill-dense itself (linking it would hide its own distill-best with the
     earlier's link). Three studies whose waits would close a circle (the first for the third's distill-best,
     the third for the second's vanilla, the second for the first's distill-dense): the last planned trains the
-    phase itself, so the runs start one after the other instead of waiting forever."""
+    phase itself, and the second (its first to need it, nothing of it held) links it from there, so the runs
+    start one after the other instead of waiting forever, and the vanilla trains once."""
     from sparsetrain.sweep import runner
     base = _settings(tmp_path, student=["vgg_d1g1"], seeds=[0])
     no_vanilla = {"teachers": ("dense", "best"), "phases": ("teacher", "distill")}
@@ -956,7 +959,9 @@ def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_o
     _, a, b = make_plan(grid, str(tmp_path / "sw"), threads=1)
     # (it trained both distillations and the later one's link was refused, PhaseMissing, before 2026-12-06)
     assert (a.name, b.name) == (first.name, later.name) and b.needs == {teacher.name: ["teacher"]}
-    assert a.needs == {b.name: ["distill-best"], teacher.name: ["teacher"]}
+    # (and the earlier links distill-dense from it: the earlier, which only needed it first, trained it too (where
+    # it ran first; else linked it at run time) before 2026-12-06)
+    assert a.needs == {b.name: ["distill-best", "distill-dense"], teacher.name: ["teacher"]}
     variants = [no_vanilla, {"teachers": ("dense",)}, {"teachers": ("best",)}]
     teacher, first, second, third = [make_plan({**base, **v}, str(tmp_path / "sw2"), threads=1)[i]
                                      for i, v in ((0, variants[0]), (1, variants[0]), (1, variants[1]), (1, variants[2]))]
@@ -967,12 +972,56 @@ def test_studies_that_each_need_a_phase_the_other_started_do_not_wait_for_each_o
     plan = make_plan(grid, str(tmp_path / "sw2"), threads=1)
     assert [r.name for r in plan] == [teacher.name, first.name, second.name, third.name]
     assert plan[1].needs == {third.name: ["distill-best"], teacher.name: ["teacher"]}
-    assert plan[2].needs == {first.name: ["distill-dense"], teacher.name: ["teacher"]}
-    assert plan[3].needs == {teacher.name: ["teacher"]}  # (its vanilla from the second: a circle)
+    # (the third trains the vanilla (from the second: a circle), which the second links from it: the second, its
+    # first to need it, trained it again before 2026-12-06)
+    assert plan[2].needs == {first.name: ["distill-dense"], teacher.name: ["teacher"], third.name: ["vanilla"]}
+    assert plan[3].needs == {teacher.name: ["teacher"]}
     order = _fake_ray(monkeypatch)
     status = runner.execute(plan, str(tmp_path / "sw2" / "s"))
     assert order == [teacher.name, third.name, first.name, second.name]
     assert {s["state"] for s in status.values()} == {"done"}
+
+
+def test_a_study_listed_before_the_teacher_run_it_is_part_of_links_its_distillation(tmp_path, monkeypatch):
+    """Without a separate student model, --teachers (dense,) listed before (dense, best): the larger study is the
+    teacher run, which the smaller waits for; the smaller owned distill-dense (the first to need it) and the larger,
+    whose wait for it would close a circle, trained it too: the smaller, served once the teacher phase finished
+    while the larger went on, ran beside it and both trained distill-dense. Now the smaller links it from the
+    larger, as in the other order (the reference), and starts once that one has finished."""
+    from sparsetrain.sweep import runner
+    base = _settings(tmp_path, seeds=[0])
+    ref = make_plan({**base, "teachers": [("dense", "best"), ("dense",)]}, str(tmp_path / "sw"), threads=1)
+    plan = make_plan({**base, "teachers": [("dense",), ("dense", "best")]}, str(tmp_path / "sw"), threads=1)
+    shown = lambda plan: {r.point["teachers"]: (r.phases, r.needs, r.argv) for r in plan}  # noqa: E731
+    assert shown(plan) == shown(ref)
+    one, both = sorted(plan, key=lambda r: len(r.phases))
+    order, trains, ends = _fake_ray(monkeypatch), [], []
+    ray, by_name = sys.modules["ray"], {r.name: r for r in plan}
+    task, wait = ray.remote(None), ray.wait
+    submit = task.remote
+    done = lambda r, ph: os.path.join(r.run_dir, "seed0", ph, "best.json")  # noqa: E731
+
+    def start(argv, log, *a):  # as the experiment: it links each phase finished in its --reuse runs, trains the rest
+        ref = submit(argv, log, *a)
+        run = by_name[order[-1]]
+        ours = [ph for ph in run.phases if not any(ph in v and os.path.isfile(done(by_name[d], ph))
+                                                    for d, v in run.needs.items())]
+        trains.extend((run.name, ph) for ph in ours)
+        if "teacher" in ours:  # (its first phase: finished while the run goes on)
+            write_json(done(run, "teacher"), {"round": 1})
+        return ref
+
+    def end(refs, **k):  # (the run ends: every phase it trained finished)
+        got = wait(refs, **k)
+        ends.append(order[got[0][0] - 1])
+        for name, ph in trains:
+            if name == ends[-1]:
+                write_json(done(by_name[name], ph), {"round": 1})
+        return got
+    task.remote, ray.remote, ray.wait = start, lambda fn: task, end
+    status = runner.execute(plan, str(tmp_path / "sw" / "s"))
+    assert {s["state"] for s in status.values()} == {"done"} and order == [both.name, one.name] == ends
+    assert sorted(trains) == sorted((both.name, ph) for ph in both.phases)  # (every phase once)
 
 
 # ---------------------------------------------------------------------------- on a local Ray

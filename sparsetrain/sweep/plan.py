@@ -96,7 +96,8 @@ class _Planner:
     (it trained them again before 2026-12-06, and the study's own unfinished phase then hid the new one's:
     PhaseMissing). A run resumes a phase it part-trained and never links from a run whose directory will hold
     one of those (it would hide that run's); nor waits for a run that waits for it (dependencies on unfinished
-    phases form no cycle: it trains the phase itself instead)."""
+    phases form no cycle: it trains the phase itself instead, and that run, where it was to train the phase only as
+    the first to need it, links it from this one: _hand_over)."""
 
     def __init__(self, root: str):
         self.root = root  # OUT/runs
@@ -115,6 +116,7 @@ class _Planner:
         self.plans: dict[str, tuple] = {}  # study run -> (its config, train, reads, phase keys, part-trained keys)
         self.waits: dict[str, set] = {}  # run -> the runs it waits for (a phase unfinished when planned)
         self.shown: dict[tuple, dict] = {}  # the phases a study shows (their keys) -> its point
+        self.final: dict[str, Config] = {}  # study run -> the config its argv says (--reuse its dependencies')
 
     def add_invalid(self, p: dict, seed: int, err: str) -> None:
         """A point the experiment rejects: a run that fails at once with its message."""
@@ -175,7 +177,7 @@ class _Planner:
         curves = tuple(sorted(keys[ph] for ph in train + reads))
         if self.shown.setdefault(curves, p) is not p:
             _refuse_twins(self.shown[curves], p)
-        scfg = dataclasses.replace(scfg, reuse=tuple(os.path.join(self.root, d) for d in deps))
+        scfg = self.final[name] = dataclasses.replace(scfg, reuse=tuple(os.path.join(self.root, d) for d in deps))
         self.runs[name] = Run(name, "study", run_dir_of(scfg), config_to_argv(scfg), deps, p, seed,
                               phases=train + reads, own_vanilla=scfg.separate_vanilla(), config=_record(scfg),
                               needs=needs)
@@ -192,10 +194,36 @@ class _Planner:
             # (what o links from this run is this run's own phase: it hides nothing)
             mine = ({self.plans[o][3][ph] for ph in self.runs[o].needs.get(name, ())}
                     if o in self.plans and o in self.runs else set())
-            if not (self.holds[o] - mine) & part and not (blocks and _reaches(self.waits, o, name)):
+            circle = blocks and _reaches(self.waits, o, name)
+            if not (self.holds[o] - mine) & part and not circle:
                 self.waits.setdefault(name, set()).update([o] if blocks else [])
                 return o
+            if circle and self._hand_over(o, name, key):
+                return None
         return None
+
+    def _hand_over(self, o: str, name: str, key: str) -> bool:
+        """Whether phase `key`, which study `o` (planned earlier, waiting for this run `name`) was to train only as
+        the first run needing it (neither finished nor part-trained there, nothing of o's own that `name` would
+        hide), is now trained by `name` and linked by `o` from it: o's dependencies, needs and --reuse gain `name`.
+        (The later one trained it too before 2026-12-06: `(dense,)` listed before `(dense, best)` with the
+        teacher's own student, whose teacher run is the larger study; o, served once the teacher phase finished,
+        ran beside it.)"""
+        r, (_, _, _, keys, part) = self.runs.get(o), self.plans.get(o, (None,) * 5)
+        phase = next((ph for ph, k in (keys or {}).items() if k == key), None)
+        if (r is None or r.kind != "study" or o not in self.final or phase not in r.phases or key in part
+                or key in self.done_in.get(o, ()) or any(phase in v for v in r.needs.values())
+                or self.holds[name] & part):
+            return False
+        self.owner[key] = name
+        r.deps += [] if name in r.deps else [name]
+        r.needs.setdefault(name, []).append(phase)
+        self.waits.setdefault(o, set()).add(name)
+        cfg = self.final[o]
+        there = os.path.join(self.root, name)
+        cfg = self.final[o] = dataclasses.replace(cfg, reuse=cfg.reuse + (() if there in cfg.reuse else (there,)))
+        r.argv, r.config = config_to_argv(cfg), _record(cfg)
+        return True
 
     def result(self) -> list[Run]:
         """The runs in plan order, less the teacher runs nobody needs."""
