@@ -14,7 +14,7 @@ from .dataset_errors import DataError, DatasetNotFound, brief_error, download_no
 from .dataset_lock import download_guard
 
 __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder", "check_skipped_images",
-           "SKIPPED_EXTENSIONS"]
+           "SKIPPED_EXTENSIONS", "walk_links"]
 
 
 def pil_to_uint8(img, size: int) -> torch.Tensor:
@@ -114,8 +114,7 @@ def check_skipped_images(root: Path) -> None:
     split never trains on fewer images than it holds. Other files (notes, .DS_Store) are not images."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     skip, root = {}, Path(root)  # (str or Path)
-    for r, dirs, files in os.walk(root, followlinks=True):  # (ImageFolder follows links too)
-        dirs.sort()
+    for r, dirs, files in walk_links(root):  # (ImageFolder follows links too)
         top = Path(r) == root  # (there every image is outside a class folder)
         n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in files)
         if n:
@@ -126,6 +125,32 @@ def check_skipped_images(root: Path) -> None:
         raise DataError(f"imagefolder: {n} image{'s' * (n > 1)} ImageFolder would skip without a word, in {where}"
                         f"{' ...' if len(skip) > 4 else ''}: it reads {' '.join(IMG_EXTENSIONS)} files in a class "
                         "folder only; convert the images (or move them into their class folder) or remove them")
+
+
+def walk_links(root: Path):
+    """os.walk(root, followlinks=True), as ImageFolder scans, in sorted order; a folder reached twice (by
+    (st_dev, st_ino)) is a DataError naming the link: one back to a folder above it is a loop (read again
+    down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
+    folder reads its images twice (under two classes)."""
+    seen = {}
+    for r, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        if r == str(root):
+            st = os.stat(r)
+            seen[(st.st_dev, st.st_ino)] = Path(r)
+        for d in dirs:
+            p = Path(r) / d
+            try:
+                st = os.stat(p)
+            except OSError:  # (os.walk skips what it cannot list too)
+                continue
+            first = seen.setdefault((st.st_dev, st.st_ino), p)
+            if first != p:
+                loop = first == Path(r) or first in Path(r).parents
+                raise DataError(f"imagefolder: {p} is a link to {first}, " + (
+                    "a folder above it: a loop (its images read again at every level, or a scan never ending)" if loop else
+                    "reached already: its images would be read twice") + "; remove the link")
+        yield r, dirs, files
 
 
 def load_imagefolder(data_dir: Path, size: int):
