@@ -181,40 +181,76 @@ def test_loose_idx_files_in_the_data_dir_are_named_when_the_dataset_is_not_found
         D.load_dataset("mnist", tmp_path, download=False)
 
 
-def test_fashion_mnist_files_under_mnist_are_told_apart_by_their_class_counts(tmp_path):
+def test_fashion_mnist_files_under_mnist_are_told_apart_by_their_official_md5s(tmp_path, monkeypatch):
     """Fashion-MNIST's IDX files have MNIST's names: copied into DATA_DIR/mnist/ they loaded as MNIST without
-    a word (and MNIST's into fashion-mnist/ as Fashion-MNIST). The official label files' class counts tell them
-    apart (Fashion-MNIST's 6000 / 1000 of each class; MNIST's unbalanced): such files are refused by name.
-    Full-size label files, with 1x1 images to keep the files small."""
+    a word (and MNIST's into fashion-mnist/ as Fashion-MNIST). The official label files' md5s (torchvision's
+    `resources`, here patched to these files' md5s: the real files are not on this machine) tell them apart: such
+    files are refused by name, gzipped or torchvision's extracted copy beside its .gz. Class counts alone
+    (Fashion-MNIST's 6000 / 1000 of each class) refused a rebalanced MNIST of as many per class until
+    2026-12-06: it loads now, as the name asked, with a warning. Full-size label files, 1x1 images."""
+    import gzip
+    import hashlib
+    import shutil
+    import warnings
+    from pathlib import Path
+
+    import torchvision.datasets
     from sparsetrain.experiment.dataset_checks import IDX_COUNTS
     from sparsetrain.testing import write_idx
     rng = np.random.default_rng(0)
 
     def write(folder, counts, swap_one=False):
-        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         for split, c in zip(("train", "t10k"), counts):
             y = rng.permutation(np.repeat(np.arange(10), c))
             if swap_one:  # (one label other than the official file's counts: a dataset of its own, loaded)
                 y[0] = (y[0] + 1) % 10
-            write_idx(folder / f"{split}-labels-idx1-ubyte", y, gz=False)
-            write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(y), 1, 1)), gz=False)
+            write_idx(folder / f"{split}-labels-idx1-ubyte", y, gz=True)
+            write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(y), 1, 1)), gz=True)
         return folder
+
+    def official(name, folder):  # (these label files as `name`'s official ones)
+        md5 = {s: hashlib.md5((folder / f"{s}-labels-idx1-ubyte.gz").read_bytes()).hexdigest() for s in ("train", "t10k")}
+        tv = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+        monkeypatch.setattr(tv, "resources",
+                            [(f"{s}-labels-idx1-ubyte.gz", m) for s, m in md5.items()])
+
+    def load(name, warns=None, quiet=False):  # (warns: the warning expected; quiet: none at all)
+        with pytest.warns(UserWarning, match=warns) if warns else warnings.catch_warnings():
+            warnings.simplefilter("error" if quiet else "ignore") if not warns else None
+            return D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
     for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
         d = write(tmp_path / name, IDX_COUNTS[other])
-        with pytest.raises(D.DataError, match=rf"{name}: {d / 'train-labels-idx1-ubyte'} holds {other}'s labels \(its "
-                                              rf"images per class are exactly those of {other}'s official file, "
-                                              rf"{', '.join(map(str, IDX_COUNTS[other][0]))}\): .*move them into "
+        official(other, d)
+        with pytest.raises(D.DataError, match=rf"{name}: {d / 'train-labels-idx1-ubyte.gz'} holds {other}'s labels \(it "
+                                              rf"is {other}'s official file, by torchvision's md5\): .*move them into "
                                               rf"DATA_DIR/{other}/"):
-            D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
-        write(d, IDX_COUNTS[other], swap_one=True)  # (the test file alone: named too)
-        write_idx(d / "t10k-labels-idx1-ubyte", rng.permutation(np.repeat(np.arange(10), IDX_COUNTS[other][1])), gz=False)
+            load(name)
+        for s in ("train", "t10k"):  # (torchvision's raw/: the extracted copy, read first, beside its .gz)
+            for kind in ("labels-idx1", "images-idx3"):
+                f = d / f"{s}-{kind}-ubyte"
+                f.write_bytes(gzip.decompress(Path(f"{f}.gz").read_bytes()))
+        with pytest.raises(D.DataError, match=rf"{d / 'train-labels-idx1-ubyte'} holds {other}'s labels"):
+            load(name)
+        (d / "train-labels-idx1-ubyte.gz").unlink()  # (the test file alone: named too)
         with pytest.raises(D.DataError, match=rf"{d / 't10k-labels-idx1-ubyte'} holds {other}'s labels"):
-            D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
-        write(d, IDX_COUNTS[name])  # (its own counts, and counts of neither: load)
-        s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+            load(name)
+        (d / "t10k-labels-idx1-ubyte.gz").unlink()  # (uncompressed alone, md5 unknown: loaded, with a warning)
+        s = load(name, warns=rf"{name}: the images per class of {d / 'train-labels-idx1-ubyte'} "
+                             rf"\({', '.join(map(str, IDX_COUNTS[other][0]))}\) and {d / 't10k-labels-idx1-ubyte'} "
+                             rf"\({', '.join(map(str, IDX_COUNTS[other][1]))}\) are exactly those of {other}'s official "
+                             rf"files; loaded as {name}, as asked .*move them into DATA_DIR/{other}/")
+        assert s.train.y.bincount(minlength=10).tolist() == list(IDX_COUNTS[other][0])
+        write(d, IDX_COUNTS[other])  # (rebalanced files of the other's counts, not its official ones: loaded)
+        s = load(name, warns=rf"{name}: the images per class of {d / 'train-labels-idx1-ubyte.gz'} .* are exactly "
+                             rf"those of {other}'s official files; loaded as {name}")
+        assert s.train.y.bincount(minlength=10).tolist() == list(IDX_COUNTS[other][0]) and len(s.test) == 10000
+        write(d, IDX_COUNTS[name])  # (its own counts, and counts of neither: load without a word)
+        s = load(name, quiet=True)
         assert s.train.y.bincount(minlength=10).tolist() == list(IDX_COUNTS[name][0])
         write(d, IDX_COUNTS[other], swap_one=True)
-        s = D.load_dataset(name, tmp_path, val_fraction=0.0, download=False)
+        s = load(name, quiet=True)
         assert len(s.train) == 60000 and len(s.test) == 10000
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .dataset_errors import DataError
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
-           "check_label_shape", "check_idx_labels"]
+           "check_label_shape", "check_idx_labels", "official_idx"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -42,22 +42,53 @@ def check_distinct(name: str, named_images) -> None:
         seen.setdefault(key, []).append((f, x))
 
 
-# the official files' images per class (training, test): Fashion-MNIST's are balanced, MNIST's not; the two
-# datasets' files have the same names, and these tell them apart whatever the folder or compression
+# the official files' images per class (training, test): Fashion-MNIST's are balanced, MNIST's not (a hint
+# only: a rebalanced MNIST of 6000 / 1000 per class has Fashion-MNIST's; the official files' md5s tell them apart)
 IDX_COUNTS = {"mnist": ((5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
                         (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)),
               "fashion-mnist": ((6000,) * 10, (1000,) * 10)}
+IDX_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # (torchvision's, whose resources list the md5s)
+
+
+def official_idx(name: str, path) -> bool:
+    """Whether the IDX label file at `path` is `name`'s official one: its .gz (or, for a file torchvision
+    extracted, the .gz beside it holding the same bytes) has the md5 torchvision's `resources` list."""
+    import gzip
+    import hashlib
+    from pathlib import Path
+
+    import torchvision.datasets
+    path = Path(path)
+    stem = path.name.split("-labels")[0]  # train, t10k
+    md5s = {m for f, m in getattr(getattr(torchvision.datasets, IDX_CLASSES[name]), "resources", ())
+            if f.startswith(f"{stem}-labels")}
+    gz = path if path.name.endswith(".gz") else Path(f"{path}.gz")
+    try:
+        packed = gz.read_bytes()
+        if hashlib.md5(packed).hexdigest() not in md5s:
+            return False
+        return gz == path or gzip.decompress(packed) == path.read_bytes()
+    except (OSError, EOFError, ValueError):  # (no .gz beside it, or a damaged one: not known as official)
+        return False
 
 
 def check_idx_labels(name: str, y_train, y_test, train_file, test_file) -> None:
-    """MNIST's or Fashion-MNIST's label files (int arrays) whose class counts are exactly the other
-    dataset's official ones: that dataset's files, placed under the folder of this one."""
-    other = "fashion-mnist" if name == "mnist" else "mnist"
+    """MNIST's or Fashion-MNIST's label files (int arrays): the other dataset's official files (by md5) are a
+    DataError, that dataset's files placed under the folder of this one; files of its class counts whose md5
+    is unknown (an uncompressed copy, a rebalanced MNIST) load as `name`, with a warning saying so."""
+    import warnings
+    other, alike = "fashion-mnist" if name == "mnist" else "mnist", []
     for y, f, counts in ((y_train, train_file, IDX_COUNTS[other][0]), (y_test, test_file, IDX_COUNTS[other][1])):
+        if official_idx(other, f):
+            raise DataError(f"{name}: {f} holds {other}'s labels (it is {other}'s official file, by torchvision's "
+                            f"md5): {other}'s files, which have {name}'s names, in {name}'s place; move them into "
+                            f"DATA_DIR/{other}/")
         if len(y) == sum(counts) and tuple(np.bincount(y, minlength=10).tolist()) == counts:
-            raise DataError(f"{name}: {f} holds {other}'s labels (its images per class are exactly those of "
-                            f"{other}'s official file, {', '.join(map(str, counts))}): {other}'s files, which have "
-                            f"{name}'s names, in {name}'s place; move them into DATA_DIR/{other}/")
+            alike.append(f"{f} ({', '.join(map(str, counts))})")
+    if alike:
+        warnings.warn(f"{name}: the images per class of {' and '.join(alike)} are exactly those of {other}'s official "
+                      f"files; loaded as {name}, as asked (they are not {other}'s official files by md5, or have no "
+                      f".gz to tell); if they are {other}'s, move them into DATA_DIR/{other}/", stacklevel=2)
 
 
 _BATCH_LABEL = re.compile(r"(training|testing) batch (\d+) of (\d+)")
