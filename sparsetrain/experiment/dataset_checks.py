@@ -10,10 +10,17 @@ import numpy as np
 from .dataset_errors import DataError
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
-           "check_label_shape", "check_idx_labels", "official_idx"]
+           "check_label_shape", "check_idx_labels", "official_idx", "check_pairs"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
+
+
+def check_pairs(name: str, x, y, split: str, files) -> None:
+    """Images and labels (tensors or arrays) must agree in count: a mismatch would train on wrong pairs."""
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{name}: the {split} images ({x.shape[0]}) and labels ({y.shape[0]}) differ in count "
+                        f"({', '.join(map(str, files))}): mismatched files")
 
 
 def check_not_swapped(name: str, n_train: int, n_test: int, train_files, test_files) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_idx_labels,
-                             check_label_shape, check_not_swapped)
-from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note
+                             check_label_shape, check_not_swapped, check_pairs)
+from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note, load_error
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
 from .images import load_flowers, load_imagefolder
@@ -38,13 +38,6 @@ FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fas
 # $NPM_CONFIG_PREFIX/lib/node_modules where set, then those of npm's usual prefixes (/usr/local, distros' /usr)
 NPM_GLOBAL_ROOTS = ("/usr/local/lib/node_modules", "/usr/lib/node_modules")
 HUMAN_NOISE = {"cifar100n"}  # datasets whose training labels are already noisy (eps must be 0)
-
-
-def check_pairs(name: str, x: torch.Tensor, y: torch.Tensor, split: str, files) -> None:
-    """Images and labels must agree in count: a mismatch would train on wrong pairs."""
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{name}: the {split} images ({x.shape[0]}) and labels ({y.shape[0]}) differ in count "
-                        f"({', '.join(map(str, files))}): mismatched files")
 
 
 @dataclass
@@ -295,7 +288,7 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
                                                        np.ndarray, np.dtype, *_numpy_dtype_classes()]):
                     d = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # garbage, truncated, or objects the safe loader refuses
-                raise DataError(f"--label-file {path}: not a torch.save file of labels ({_load_error(e)})") from None
+                raise DataError(f"--label-file {path}: not a torch.save file of labels ({load_error(e)})") from None
             if not isinstance(d, dict) or "noisy_label" not in d:
                 keys = list(d) if isinstance(d, dict) else type(d).__name__
                 raise DataError(f"--label-file {path} must be a dict with key 'noisy_label', got {keys}")
@@ -321,16 +314,6 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
                         f"{labels.shape[0]}{rng}")
     check_human_labels(path, labels.numpy(), y_clean.numpy())
     return labels
-
-
-def _load_error(e: BaseException) -> str:
-    """torch.load's error in one line, without its advice to retry with weights_only=False or to allow
-    the global (unsafe for a downloaded file, and no help for a damaged one)."""
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
-    if not lines:
-        return f"{type(e).__name__}: empty or truncated" if isinstance(e, EOFError) else brief_error(e)
-    return f"{type(e).__name__}: {lines[0].split('. ')[0].rstrip('.')[:200]}"  # (its first sentence: advice follows)
 
 
 def _np_core():
