@@ -155,7 +155,8 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
     write_mnist(tmp_path, gz=False, n_train=12, n_test=4)
     with pytest.raises(D.DatasetNotFound, match=f"copy the four IDX files into {tmp_path / 'mnist'}"):
         D.load_dataset("mnist", tmp_path, download=False)
-    assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
+    with pytest.warns(UserWarning, match=rf"fashion-mnist: loaded from {tmp_path / 'fashion-mnist'}; .* loose, never read"):
+        assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
 def test_loose_idx_files_in_the_data_dir_are_named_when_the_dataset_is_not_found(tmp_path):

@@ -68,3 +68,40 @@ def test_a_link_loop_in_an_imagefolder_is_refused_by_name(tmp_path):
     s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
     assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.train.y, expected.train.y)
     assert torch.equal(s.test.x, expected.test.x) and torch.equal(s.test.y, expected.test.y)
+
+
+def test_loose_idx_files_beside_a_loaded_copy_are_named_in_a_warning(tmp_path, monkeypatch):
+    """IDX files lying in DATA_DIR itself are never read (either dataset's); they were named only when nothing
+    was found. With a download allowed the official copy was downloaded and loaded without a word about them
+    (torchvision's download stood in for here: it writes the four files into DATA_DIR/MNIST/raw/); now a
+    warning names them and where to move them, as it does beside a copy already in its folder."""
+    import warnings
+
+    from sparsetrain.experiment import datasets
+    from sparsetrain.testing import write_mnist
+    write_mnist(tmp_path, gz=True, n_train=12, n_test=4, seed=1)  # (loose: the user's, never read)
+    calls = []
+
+    def download(cls_name, data_dir):
+        calls.append(cls_name)
+        arrays.update(write_mnist(data_dir / cls_name / "raw", gz=False, n_train=10, n_test=5, seed=2))
+    arrays = {}
+    monkeypatch.setattr(datasets, "_download", download)
+    note = (f"{tmp_path} holds train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+            f"t10k-labels-idx1-ubyte.gz loose, never read there (MNIST's and Fashion-MNIST's files have the same names): "
+            f"move them into {tmp_path / 'mnist'} if they are mnist's.")
+    with pytest.warns(UserWarning) as w:
+        s = D.load_dataset("mnist", tmp_path, val_fraction=0.0)
+    assert calls == ["MNIST"] and [str(m.message) for m in w] == [
+        f"mnist: loaded from {tmp_path / 'MNIST' / 'raw'} (downloaded); {note}"]
+    assert torch.equal(s.train.y, torch.from_numpy(arrays["train-labels-idx1-ubyte"]))  # (the download's, not the loose)
+    assert torch.equal(s.test.x[:, 0], torch.from_numpy(arrays["t10k-images-idx3-ubyte"]).to(torch.uint8))
+    with pytest.warns(UserWarning) as w:  # (the copy found in its folder: named alike, without the download)
+        D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False)
+    assert calls == ["MNIST"] and [str(m.message) for m in w] == [f"mnist: loaded from {tmp_path / 'MNIST' / 'raw'}; {note}"]
+    for f in tmp_path.glob("*.gz"):  # (nothing loose: no warning)
+        f.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.y, torch.from_numpy(arrays["train-labels-idx1-ubyte"]))

@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,25 +114,28 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
                 return d, files, odd
         return None, None, []
     d, files, odd = find()
-    err = None
+    err, downloaded = None, False
     if (d is None or None in files) and download and d in (None, data_dir / tv / "raw"):
         err = _download(tv, data_dir)  # (torchvision completes its own interrupted download, no other copy)
         d, files, odd = find()
+        downloaded = err is None
     if d is not None and None in files:
         raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} [.gz] "
                         "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
                         "; complete the copy or remove it")
+    loose = [f.name for f in look(data_dir)[0] if f]  # (the likely mistake: files not in their folder)
+    note = (f"{data_dir} holds {', '.join(loose)} loose, never read there (MNIST's and Fashion-MNIST's files have "
+            f"the same names): move them into {data_dir / name} if they are {name}'s." if loose else "")
     if files is None:
         hint = ("`apt-get install dataset-fashion-mnist` (installs into "
                 f"{FASHION_SYSTEM_DIR}) or " if name == "fashion-mnist" else "")
-        loose = [f.name for f in look(data_dir)[0] if f]  # (the likely mistake: files not in their folder)
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(s + '[.gz]' for s in stems)} in "
             f"{', '.join(map(str, dirs))}{download_note(download, err)}. Get it "
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
-            f"network allows, or copy the four IDX files into {data_dir / name}." + (
-                f" {data_dir} holds {', '.join(loose)} loose, never read there (MNIST's and Fashion-MNIST's files "
-                f"have the same names): move them into {data_dir / name} if they are {name}'s." if loose else ""))
+            f"network allows, or copy the four IDX files into {data_dir / name}." + (f" {note}" if note else ""))
+    if note:  # (a copy found or downloaded elsewhere is loaded: the loose files named, or they seem read)
+        warnings.warn(f"{name}: loaded from {d}{' (downloaded)' if downloaded else ''}; {note}", stacklevel=4)
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
     for x, kind, f in ((xtr, "train images", files[0]), (xte, "test images", files[2])):
         if x.dim() != 3 or x.dtype != torch.uint8 or 0 in x.shape[1:]:
