@@ -105,3 +105,15 @@ def test_loose_idx_files_beside_a_loaded_copy_are_named_in_a_warning(tmp_path, m
         warnings.simplefilter("error")
         s = D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False)
     assert torch.equal(s.train.y, torch.from_numpy(arrays["train-labels-idx1-ubyte"]))
+
+
+def test_a_val_fraction_just_under_1_leaves_a_training_image(tmp_path):
+    """The validation split takes floor(N * val_fraction) images, with 1e-9 added against rounding (0.29 * 100 =
+    28.999999999999996); for a fraction just under 1 that added image took the last training one: val_fraction
+    1 - 1e-12 (in [0, 1), accepted) held out all 12, an empty training split. It keeps N - 1 at most now."""
+    from sparsetrain.testing import write_mnist
+    write_mnist(tmp_path / "mnist", gz=False, n_train=12, n_test=4)
+    for vf, n_val in ((1 - 1e-12, 11), (0.95, 11), (0.5, 6), (0.29, 3), (0.0, 0)):
+        s = D.load_dataset("mnist", tmp_path, val_fraction=vf, download=False)
+        assert (len(s.train), len(s.val)) == (12 - n_val, n_val), vf
+        assert sorted(s.train.index.tolist() + s.val.index.tolist()) == list(range(12))  # (disjoint, all of them)

@@ -244,7 +244,7 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
     else:
         n = len(pool)
         perm = torch.randperm(n, generator=seeded(seed, 1))
-        n_val = math.floor(n * val_fraction + 1e-9)
+        n_val = min(math.floor(n * val_fraction + 1e-9), n - 1)  # (guard: 0.29 * 100; never past n - 1, as fraction < 1)
         val, train = pool.take(perm[:n_val].sort().values), pool.take(perm[n_val:].sort().values)
     if clean_val:
         val.y, val.noisy = val.y_clean.clone(), torch.zeros_like(val.noisy)
