@@ -117,3 +117,31 @@ def test_a_val_fraction_just_under_1_leaves_a_training_image(tmp_path):
         s = D.load_dataset("mnist", tmp_path, val_fraction=vf, download=False)
         assert (len(s.train), len(s.val)) == (12 - n_val, n_val), vf
         assert sorted(s.train.index.tolist() + s.val.index.tolist()) == list(range(12))  # (disjoint, all of them)
+
+
+def test_imagefolder_splits_sharing_a_folder_through_a_link_are_refused(tmp_path):
+    """A link from one split into the other (train/dog/more -> ../../val/dog), or val/ a link to train/, read the
+    same images into the training and the test split (test accuracy measured on training images) without a
+    word; the folders walked are now shared by the two splits' scans, and one reached in both is refused."""
+    _imagefolder(tmp_path)
+    os.symlink(tmp_path / "val" / "dog", tmp_path / "train" / "dog" / "more")
+    with pytest.raises(D.DataError, match=rf"imagefolder: {tmp_path / 'val' / 'dog'} and {tmp_path / 'train' / 'dog' / 'more'}"
+                                          r" are one folder \(a link\), in train and val: the same images in both splits "
+                                          r"\(test images trained on\); remove the link"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    (tmp_path / "train" / "dog" / "more").unlink()
+    os.symlink("../../train/cat", tmp_path / "val" / "cat" / "old")
+    with pytest.raises(D.DataError, match=rf"{tmp_path / 'val' / 'cat' / 'old'} and {tmp_path / 'train' / 'cat'} are one "
+                                          "folder"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    (tmp_path / "val" / "cat" / "old").unlink()
+    expected = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    (tmp_path / "val").rename(tmp_path / "val-real")
+    os.symlink("train", tmp_path / "val")
+    with pytest.raises(D.DataError, match=rf"imagefolder: {tmp_path / 'val'} is {tmp_path / 'train'}: the same images in "
+                                          "train and val"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    (tmp_path / "val").unlink()
+    os.symlink("val-real", tmp_path / "val")  # (a split that is a link of its own: loads, as before)
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert torch.equal(s.test.x, expected.test.x) and torch.equal(s.train.x, expected.train.x)

@@ -108,13 +108,13 @@ SKIPPED_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jxl"
                       ".tga", ".psd", ".pcx", ".pbm", ".pnm", ".pfm", ".dib", ".qoi", ".sgi", ".icns")
 
 
-def check_skipped_images(root: Path) -> None:
+def check_skipped_images(root: Path, seen: dict | None = None) -> None:
     """Images ImageFolder would skip without a word (a format of SKIPPED_EXTENSIONS in a class folder, or
     any image lying in `root` outside one): a DataError naming the folders and counts, so that a
     split never trains on fewer images than it holds. Other files (notes, .DS_Store) are not images."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     skip, root = {}, Path(root)  # (str or Path)
-    for r, dirs, files in walk_links(root):  # (ImageFolder follows links too)
+    for r, dirs, files in walk_links(root, seen):  # (ImageFolder follows links too)
         top = Path(r) == root  # (there every image is outside a class folder)
         n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in files)
         if n:
@@ -127,17 +127,21 @@ def check_skipped_images(root: Path) -> None:
                         "folder only; convert the images (or move them into their class folder) or remove them")
 
 
-def walk_links(root: Path):
+def walk_links(root: Path, seen: dict | None = None):
     """os.walk(root, followlinks=True), as ImageFolder scans, in sorted order; a folder reached twice (by
     (st_dev, st_ino)) is a DataError naming the link: one back to a folder above it is a loop (read again
     down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
-    folder reads its images twice (under two classes)."""
-    seen = {}
+    folder reads its images twice (under two classes). `seen`: the folders of another split walked before
+    ({(st_dev, st_ino): path}, filled in), one of which reached again puts test images in training."""
+    seen = {} if seen is None else seen
     for r, dirs, files in os.walk(root, followlinks=True):
         dirs.sort()
         if r == str(root):
             st = os.stat(r)
-            seen[(st.st_dev, st.st_ino)] = Path(r)
+            first = seen.setdefault((st.st_dev, st.st_ino), Path(r))
+            if first != Path(r):  # (val/ a link to train/)
+                raise DataError(f"imagefolder: {r} is {first}: the same images in train and val (test images trained "
+                                "on); give each split its own folder")
         for d in dirs:
             p = Path(r) / d
             try:
@@ -147,9 +151,13 @@ def walk_links(root: Path):
             first = seen.setdefault((st.st_dev, st.st_ino), p)
             if first != p:
                 loop = first == Path(r) or first in Path(r).parents
+                split = not (first == Path(root) or Path(root) in first.parents)  # (reached in another split)
+                if split:
+                    raise DataError(f"imagefolder: {p} and {first} are one folder (a link), in train and val: the same "
+                                    "images in both splits (test images trained on); remove the link")
                 raise DataError(f"imagefolder: {p} is a link to {first}, " + (
-                    "a folder above it: a loop (its images read again at every level, or a scan never ending)" if loop else
-                    "reached already: its images would be read twice") + "; remove the link")
+                    "a folder above it: a loop (its images read again at every level, or a scan never ending)" if loop
+                    else "reached already: its images would be read twice") + "; remove the link")
         yield r, dirs, files
 
 
@@ -158,8 +166,10 @@ def load_imagefolder(data_dir: Path, size: int):
     if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
         raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
                               "with one sub-directory of images per class (ImageNet layout)")
+    seen = {}  # (the folders walked: none in both splits)
+
     def folder(split):
-        check_skipped_images(data_dir / split)
+        check_skipped_images(data_dir / split, seen)
         try:
             return ImageFolder(str(data_dir / split))
         except FileNotFoundError as e:  # (a class folder without images, or no class folder)
