@@ -145,3 +145,24 @@ def test_imagefolder_splits_sharing_a_folder_through_a_link_are_refused(tmp_path
     os.symlink("val-real", tmp_path / "val")  # (a split that is a link of its own: loads, as before)
     s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
     assert torch.equal(s.test.x, expected.test.x) and torch.equal(s.train.x, expected.train.x)
+
+
+def test_an_imagefolder_class_linked_to_a_missing_folder_is_refused(tmp_path):
+    """A class folder that is a link to a folder that is gone (a disk not mounted) is no folder to ImageFolder:
+    the class was left out of both splits without a word (one class fewer, its images untrained and untested).
+    It is now a DataError naming the link and its target."""
+    _imagefolder(tmp_path, classes=("cat", "dog", "eel"))
+    expected = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert expected.num_classes == 3
+    for split in ("train", "val"):
+        (tmp_path / split / "eel").rename(tmp_path / f"{split}-eel")
+        os.symlink(tmp_path / "disk" / split / "eel", tmp_path / split / "eel")
+    with pytest.raises(D.DataError, match=rf"imagefolder: {tmp_path / 'train' / 'eel'}: a link to "
+                                          rf"{tmp_path / 'disk' / 'train' / 'eel'}, which does not exist .*remove the link"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    (tmp_path / "disk").mkdir()  # (the disk mounted: the same data as before)
+    for split in ("train", "val"):
+        (tmp_path / "disk" / split).mkdir()
+        (tmp_path / f"{split}-eel").rename(tmp_path / "disk" / split / "eel")
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert s.num_classes == 3 and torch.equal(s.train.x, expected.train.x) and torch.equal(s.test.y, expected.test.y)
