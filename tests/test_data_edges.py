@@ -166,3 +166,23 @@ def test_an_imagefolder_class_linked_to_a_missing_folder_is_refused(tmp_path):
         (tmp_path / f"{split}-eel").rename(tmp_path / "disk" / split / "eel")
     s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
     assert s.num_classes == 3 and torch.equal(s.train.x, expected.train.x) and torch.equal(s.test.y, expected.test.y)
+
+
+def test_a_failed_download_completing_torchvisions_partial_idx_copy_is_named(tmp_path, monkeypatch):
+    """torchvision's MNIST/raw/ holding three of the four files is completed by a download where allowed; when
+    that download failed the error said only that the folder held part of mnist (CIFAR's names the failed
+    attempt): it now says why the copy was not completed, as CIFAR's does."""
+    from sparsetrain.experiment import datasets
+    from sparsetrain.testing import write_mnist
+    raw = tmp_path / "MNIST" / "raw"
+    write_mnist(raw, gz=True, n_train=12, n_test=4)
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    calls = []
+    monkeypatch.setattr(datasets, "_download", lambda cls, d: calls.append((cls, d)) or "URLError: no network")
+    with pytest.raises(D.DataError, match=rf"^{raw} holds part of mnist: t10k-labels-idx1-ubyte \[.gz\] missing "
+                                          r"\(download attempt failed: URLError: no network\); complete the copy"):
+        D.load_dataset("mnist", tmp_path)
+    assert calls == [("MNIST", tmp_path)]
+    with pytest.raises(D.DataError, match=rf"^{raw} holds part of mnist: t10k-labels-idx1-ubyte \[.gz\] missing; "):
+        D.load_dataset("mnist", tmp_path, download=False)  # (no attempt: no such note)
+    assert len(calls) == 1

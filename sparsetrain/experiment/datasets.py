@@ -122,7 +122,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     if d is not None and None in files:
         raise DataError(f"{d} holds part of {name}: {', '.join(s for s, f in zip(stems, files) if f is None)} [.gz] "
                         "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
-                        "; complete the copy or remove it")
+                        (f" (download attempt failed: {err})" if err else "") + "; complete the copy or remove it")
     loose = [f.name for f in look(data_dir)[0] if f]  # (the likely mistake: files not in their folder)
     note = (f"{data_dir} holds {', '.join(loose)} loose, never read there (MNIST's and Fashion-MNIST's files have "
             f"the same names): move them into {data_dir / name} if they are {name}'s." if loose else "")
