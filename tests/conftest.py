@@ -47,6 +47,15 @@ def masked_mlp(seed: int):
     return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
 
 
+def dense_masked_copy(model, masks):
+    """The dense reference: a copy of `model` with each mask ({layer name: bool mask}) applied to its layer's weight."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mk in masks.items():
+            ref.get_submodule(name).weight.mul_(mk)
+    return ref
+
+
 def assert_steps_as_dense_masked(opt, ref, model, dense, mask, x, by: str = "sparsify_") -> None:
     """With both backwards done, one step of `opt` over masked_mlp's `model` (its layer 0 made sparse by
     `by`, or dense again by densify_) and of `ref` over the dense masked copy (its gradient masked: densify_

@@ -9,6 +9,8 @@ import sparsetrain
 from sparsetrain.engine.bsr import BSRLinear
 from sparsetrain.testing import random_mask
 
+from conftest import dense_masked_copy
+
 
 def _model():
     return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
@@ -18,21 +20,12 @@ def _masks(g):
     return {"0": random_mask((4, 2, 3, 3), 0.5, generator=g), "3": random_mask((3, 36), 0.5, generator=g)}
 
 
-def _dense_masked(model, masks):
-    """The dense reference: a copy with the masks applied to the weights."""
-    import copy
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mk in masks.items():
-            ref.get_submodule(name).weight.mul_(mk)
-    return ref
-
 
 @pytest.mark.parametrize("pruned", [False, True])
 def test_a_user_s_attributes_on_a_layer_move_with_it(pruned):
     g = torch.Generator().manual_seed(0)
     model, masks = _model(), _masks(g)
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     if pruned:  # (torch.nn.utils.prune's `weight`, a plain attribute, is the layer's own, not a user's)
         torch_prune.identity(model[3], "weight")
     tags = {"0": ["conv", 1], "3": {"head": True}}
@@ -98,7 +91,7 @@ def test_a_user_s_attributes_on_a_layer_s_parameters_move_to_the_new_parameters(
     builder reading it put the new ones in the decayed group, silently. Stepped as the dense masked reference."""
     g = torch.Generator().manual_seed(0)
     model, masks = _model(), _masks(g)
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     if pruned:  # (prune's weight_orig is the Parameter the user marked)
         torch_prune.identity(model[3], "weight")
     for layer, r in ((model[i], ref[i]) for i in (0, 3)):
@@ -137,7 +130,7 @@ def test_fuse_leaves_a_module_with_a_user_s_attribute_unfused(on):
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g)}
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     model.get_submodule(on).my_tag = tag = ["kept"]
     sparsetrain.sparsify_(model, masks, fuse=True)
     assert type(model[0]).__name__ == "SparseConv2d" and model.get_submodule(on).my_tag is tag

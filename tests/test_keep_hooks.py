@@ -12,6 +12,8 @@ import sparsetrain
 from sparsetrain.engine.convert import unconvertible
 from sparsetrain.testing import random_mask
 
+from conftest import dense_masked_copy
+
 
 class Net(nn.Module):
     """conv -> BN -> ReLU -> linear: the conv fuses with its BN under fuse=True."""
@@ -28,14 +30,6 @@ class Net(nn.Module):
 def _masks(g):
     return {"conv": random_mask((4, 2, 3, 3), 0.5, generator=g), "fc": random_mask((3, 100), 0.5, generator=g)}
 
-
-def _dense_masked(model, masks):
-    """The reference: the dense model with the masks applied to its weights."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mk in masks.items():
-            ref.get_submodule(name).weight.mul_(mk)
-    return ref
 
 
 def _register(layer, kind, log):
@@ -59,7 +53,7 @@ def test_forward_and_backward_hooks_move_with_the_layer(layer, kind, fuse):
     they see on the dense masked model, and the user's handles still remove them."""
     g = torch.Generator().manual_seed(0)
     model, masks = Net(), _masks(g)
-    ref, x = _dense_masked(model, masks), torch.randn(2, 2, 5, 5, generator=g).requires_grad_()
+    ref, x = dense_masked_copy(model, masks), torch.randn(2, 2, 5, 5, generator=g).requires_grad_()
     ref_log, log = [], []
     _register(ref.get_submodule(layer), kind, ref_log)
     handles = _register(model.get_submodule(layer), kind, log)
@@ -299,7 +293,7 @@ def test_the_load_hook_a_removed_reparametrization_leaves_is_not_a_user_s(how):
             torch.nn.utils.parametrize.remove_parametrizations(m, "weight")
         assert m._load_state_dict_pre_hooks  # (torch's leftover)
     assert not {"conv", "fc"} & unconvertible(model)
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     sparsetrain.sparsify_(model, masks, fuse=True)
     model.load_state_dict(model.state_dict())
     x = torch.randn(2, 2, 5, 5, generator=g)
