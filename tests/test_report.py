@@ -1223,3 +1223,29 @@ def test_a_sweep_figure_marks_means_over_fewer_seeds_than_started_or_past_a_nan(
     assert figures.plot_overlay([R.load_run(run)], None, [], str(tmp_path / "f.png"))
     hollow = [a for a, kw in calls if kw.get("mfc") == "white"]
     assert len(hollow) == 1 and len(hollow[0][0]) == 3
+
+
+def test_a_seed_whose_stop_rules_cannot_run_is_said_in_the_per_round_table_and_flops_plot(tmp_path, monkeypatch):
+    """A seed whose round 0 entropy is NaN has no stop (the rules cannot run): Table 1 says `n/a`, but the
+    per-round table's "Best val / stops" column and the FLOPs plot showed nothing for it, as if it never
+    stopped; the first round's row says `stops n/a 1/3` with the reason, and the plot's legend entry too."""
+    from matplotlib.axes import Axes
+    write_config(tmp_path, seeds=[0, 1, 2], wall=0.999)
+    val, cum = [0.80, 0.84, 0.86, 0.60, 0.85], [1e15 * c for c in (8, 12, 14, 15, 15.5)]
+    for s in (0, 1, 2):
+        write_rows(tmp_path, make_rows(val, ent=[NAN if s == 0 else 1, 1, 0.7, 0.7, 0.7], seed=s, cum=cum))
+    run = R.load_run(tmp_path)
+    md = R.summary_table(run)
+    assert table_row(md, "vanilla, early stop (Alg. 2)")[10].startswith("n/a")  # (Table 1's)
+    marks = {int(c[1]): c[11].strip() for c in (l.split("|") for l in md.splitlines())
+             if len(c) > 11 and c[1].strip().isdigit()}
+    assert marks[0] == "stops n/a 1/3 (round 0's entropy NaN: the rules cannot run)"
+    assert marks[3] == "Alg. 2 stop 2/3, peak rule stop 2/3" and not any("n/a" in marks[k] for k in (1, 2, 3, 4))
+    labels, real = [], Axes.legend
+    monkeypatch.setattr(Axes, "legend", lambda self, h, l, **kw: labels.append(l) or real(self, h, l, **kw))
+    R.plot_run(run, str(tmp_path))
+    flops = " ".join(labels[-1]).replace("\n", " ")
+    assert "stops n/a in 1/3 seeds: round 0's entropy NaN" in flops and "n/a" not in " ".join(labels[0])
+    for s in (0, 1, 2):  # every seed's reference known: no mark anywhere
+        write_rows(tmp_path, make_rows(val, ent=[1, 1, 0.7, 0.7, 0.7], seed=s, cum=cum))
+    assert "stops n/a" not in R.summary_table(R.load_run(tmp_path))

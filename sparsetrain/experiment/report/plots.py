@@ -10,7 +10,7 @@ from ..files import atomic_write, remove_file
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import best_index, fin, get
-from .tables import mean, ordered_phases, per_round, phase_title, started_seeds, stats, vanilla_phase
+from .tables import mean, ordered_phases, per_round, phase_title, started_seeds, stats, stops_unknown, vanilla_phase
 
 __all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve"]
 
@@ -141,7 +141,10 @@ def plot_run(run, out_dir) -> list[str]:
         rounds, by = per_round(curves[ph])
         cum = np.array([mean(by[k], "cum_flops") for k in rounds]) / 1e15
         few = fewer_seeds(by, rounds, _started(run, ph))
-        hollow_curve(ax, rounds, cum, few, color[ph], phase_title(run, ph))
+        stops = ph != "teacher" or ph == van  # (the teacher never stops)
+        unknown = stops_unknown(curves[ph]) if stops else 0  # (no × or +: said, as Table 1's n/a)
+        hollow_curve(ax, rounds, cum, few, color[ph], phase_title(run, ph) + (
+            f" (stops n/a in {unknown}/{_started(run, ph)} seeds: round 0's entropy NaN)" if unknown else ""))
         if ph.startswith("distill-"):  # + teacher cost + cumulative KD inference, per seed then mean
             extra = {}  # (a NaN round: that seed's sum unknown from there on, left out of the mean, as in Table 1)
             for rows in curves[ph].values():
@@ -150,7 +153,7 @@ def plot_run(run, out_dir) -> list[str]:
                     extra.setdefault(r["round"], []).append(v)
             tot = cum + np.array([stats(extra[k])[0] for k in rounds]) / 1e15
             hollow_curve(ax, rounds, tot, few, color[ph], f"{ph} incl. teacher", style=":")
-        for rows in curves[ph].values() if ph != "teacher" or ph == van else ():  # (the teacher never stops)
+        for rows in curves[ph].values() if stops else ():
             for rule, marker in (("entropy", "x"), ("entropy-peak", "+")):
                 s = algorithm2_stop(rows, t_e, t_a, rule, run["config"].get("stop_falls", 1))
                 if s is not None and s in rounds:

@@ -12,7 +12,7 @@ from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
-           "stats", "mean", "ms", "md_cell", "started_seeds"]
+           "stats", "mean", "ms", "md_cell", "started_seeds", "stops_unknown"]
 
 
 def md_cell(value) -> str:
@@ -37,6 +37,12 @@ def started_seeds(seed_rows: dict, cfg: dict) -> set:
     """The seeds a phase's means are out of: those the run was started for (config's; a seed whose phase
     recorded no round, failed or not run yet, is missing from every mean) and those with a curve."""
     return set(seed_rows) | {s for s in cfg.get("seeds") or [] if _int(s)}
+
+
+def stops_unknown(seed_rows: dict) -> int:
+    """How many seeds' curves the stop rules cannot run on (round 0's entropy NaN: reference_known), whose
+    stop is n/a, not "never"."""
+    return sum(1 for rows in seed_rows.values() if rows and not reference_known(rows))
 
 
 # config.json's settings the report computes with (a hand-edited file: a str rate was a TypeError from
@@ -315,6 +321,7 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
             if s is not None:
                 stops[(s, rule)] = stops.get((s, rule), 0) + 1
     n = len(started_seeds(seed_rows, cfg))
+    unknown = stops_unknown(seed_rows) if stops_too else 0  # (said on the first round's row, as Table 1's n/a)
     nd = _nd([get(r, "cum_flops") / 1e15 for rows in seed_rows.values() for r in rows])
     out = ["| Round | Sparsity [%] | Val acc [%] | Test acc [%] | Entropy [bits] | Label | s/round | s/epoch "
            "| Sparse layers | Cum. PFLOPs exact | Best val / stops |", "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|---|"]
@@ -324,7 +331,8 @@ def _round_table(seed_rows: dict, cfg: dict, stops_too: bool = True) -> str:
         layers = _cell([_num_cell(get(r, "sparse_layers"), 0) for r in rs])  # (each seed's, where they differ)
         marks = ([f"{len(rs)}/{n} seeds"] if len(rs) < n else []) + (  # rounds past a seed's last
             [f"best {best[k]}/{n}"] if k in best else []) + [
-            f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops]
+            f"{_RULE_NAME[r]} stop {stops[(k, r)]}/{n}" for r in ("entropy", "entropy-peak") if (k, r) in stops] + (
+            [f"stops n/a {unknown}/{n} (round 0's entropy NaN: the rules cannot run)"] if unknown and k == rounds[0] else [])
         # (a mean over the seeds whose value is finite: `(k of n seeds)` where a seed's is NaN, a torn cell)
         num = lambda key, nd, v: _num_cell(v, nd) + _of([get(r, key) for r in rs])  # noqa: E731
         ent = [get(r, "entropy_mean") for r in rs]
