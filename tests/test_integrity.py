@@ -288,6 +288,39 @@ def test_a_flipped_byte_in_a_checkpoint_without_its_record_is_refused(mnist_dir,
     assert f"--teachers {bad}: checkpoint {bad} is corrupt" in err, err
 
 
+def test_a_checkpoint_without_its_record_that_cannot_be_read_is_not_called_corrupt(mnist_dir, study_args, capsys,
+                                                                                  tmp_path, monkeypatch):
+    """A checkpoint without a .sha256 record (a --teachers PATH, an old run's) that cannot be read (EACCES) was
+    "corrupt or not a torch file" from the torch.load catch, as if damaged: it is ReadFailed naming the file (as
+    verify's for one with a record), one line from the CLI; a readable copy still loads."""
+    import builtins
+    from sparsetrain.experiment.models import build_model
+    arch = dict(name="lenet300", num_classes=10, in_channels=1, image_size=28)
+    teacher = tmp_path / "old_teacher.pt"
+    checkpoint.save_model(str(teacher), build_model(**arch), {}, arch)
+    os.remove(f"{teacher}.sha256")  # (a file from elsewhere)
+    assert checkpoint.load_model(str(teacher))[0] is not None
+    if os.geteuid() != 0:
+        teacher.chmod(0)
+    else:  # (root reads a mode-000 file: the same refusal simulated, for this file alone)
+        real = builtins.open
+
+        def denied(f, *a, **k):
+            if isinstance(f, (str, os.PathLike)) and os.fspath(f) == str(teacher):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(f))
+            return real(f, *a, **k)
+        monkeypatch.setattr(builtins, "open", denied)
+    try:
+        with pytest.raises(files.ReadFailed) as e:
+            checkpoint.load_model(str(teacher))
+        assert str(e.value) == f"cannot read {teacher}: Permission denied; fix its permissions (or the disk) and " \
+                               "run the same command again"
+        err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(teacher)))
+        assert f"cannot read {teacher}: Permission denied" in err and "corrupt" not in err, err
+    finally:
+        teacher.chmod(0o644)
+
+
 def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_args, capsys, tmp_path):
     """folder_lock ran the body without any lock on every OSError opening .lock (a folder in its place,
     no permission): two processes could run one run directory at once. The folder existing, it is one

@@ -22,7 +22,7 @@ from ..engine.fuse import fuse_
 from ..engine.nn import is_sparse, masks_of, prunable_layers
 from ..engine.placeholders import HandOff
 from ..prune import keep_channels_
-from .files import CorruptFile, atomic_write, verify
+from .files import CorruptFile, ReadFailed, atomic_write, verify
 from .models import build_model, resolve_name
 
 # v2 (2026-12-05): "masks" holds only the dense layers' pruned masks (a sparse layer's pattern is its
@@ -51,7 +51,8 @@ def _save(obj, f) -> None:
 
 def safe_load(path: str) -> dict:
     """torch.load(weights_only=True) with a clear error for a missing, corrupt (against the checksum
-    recorded at write time, when there is one, else the zip's CRC-32s) or foreign file."""
+    recorded at write time, when there is one, else the zip's CRC-32s) or foreign file; ReadFailed for one
+    that cannot be read (no permission, an I/O error: not corrupt)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not verify(path):  # no record (a --teachers PATH, a file from elsewhere): the zip's own CRC-32s
@@ -59,6 +60,9 @@ def safe_load(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
+            # (EACCES, EIO on a file without a record: not a corrupt file, maybe intact: one line naming it, as verify's)
+            raise ReadFailed(e.errno, e.strerror or str(e), path) from e
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CorruptFile(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {first})") from None
     if not isinstance(obj, dict) or obj.get("format") not in _READS:
