@@ -1249,3 +1249,42 @@ def test_a_seed_whose_stop_rules_cannot_run_is_said_in_the_per_round_table_and_f
     for s in (0, 1, 2):  # every seed's reference known: no mark anywhere
         write_rows(tmp_path, make_rows(val, ent=[1, 1, 0.7, 0.7, 0.7], seed=s, cum=cum))
     assert "stops n/a" not in R.summary_table(R.load_run(tmp_path))
+
+
+def test_a_finished_metrics_csv_copied_with_its_record_from_another_run_is_refused(tmp_path):
+    """A .sha256 record named its file by base name alone: a finished phase's metrics.csv copied with its record
+    from the same phase of another run (or another seed) verified, and the report showed the other run's curve
+    as this one's. loop.finish records the phase's place (run directory/seed/phase, as best.json's "where"):
+    the copy is refused by name; an older record without it still verifies, as does a --reuse link's."""
+    import shutil
+
+    from sparsetrain.experiment import files, loop
+    runs = tmp_path / "runs"
+    pdirs = {name: runs / name / "seed0" / "teacher" for name in ("runA", "runB")}
+    for name, pdir in pdirs.items():
+        pdir.mkdir(parents=True)
+        loop.finish(str(pdir), make_rows([0.80, 0.84] if name == "runA" else [0.70, 0.90]))
+    here = pdirs["runA"] / "metrics.csv"
+    assert R.verify_metrics(runs / "runA") is None and files.verify(str(here))
+    assert json.loads(read(f"{here}.sha256"))["where"] == "runA/seed0/teacher"
+    link = runs / "runC" / "seed0" / "teacher"  # (--reuse: runA's phase linked, read through the link)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(pdirs["runA"], link.parent), target_is_directory=True)
+    assert files.verify(str(link / "metrics.csv"))
+    for f in ("metrics.csv", "metrics.csv.sha256"):
+        shutil.copy(pdirs["runB"] / f, pdirs["runA"] / f)
+    with pytest.raises(files.CorruptFile) as e:
+        R.verify_metrics(runs / "runA")
+    assert str(e.value) == (f"{here}.sha256 is the record of runB/seed0/teacher/metrics.csv, not of {here}: it and "
+                            "its file were copied from another run, seed or phase")
+    from sparsetrain.experiment.integrity import verify_phase
+    with pytest.raises(files.CorruptFile, match=re.escape(f"{str(e.value)}; a finished phase's results cannot be rebuilt: "
+                                                          f"delete {pdirs['runA']} to retrain this phase")):
+        verify_phase(str(pdirs["runA"]))  # (the run's own check, before it resumes or distills from the phase)
+    seed1 = runs / "runB" / "seed1" / "teacher"  # (another seed's of the same run)
+    shutil.copytree(pdirs["runB"], seed1)
+    with pytest.raises(files.CorruptFile, match="is the record of runB/seed0/teacher/metrics.csv, not of"):
+        files.verify(str(seed1 / "metrics.csv"))
+    old = pdirs["runA"] / "metrics.csv"  # (a record written before 2026-12-06: no place, verified as before)
+    files.write_csv(str(old), make_rows([0.80, 0.84]), checksum=True)
+    assert "where" not in json.loads(read(f"{old}.sha256")) and files.verify(str(old))

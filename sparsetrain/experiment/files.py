@@ -153,14 +153,18 @@ def _digest(path: str) -> dict:
 def _recorded(path: str) -> dict | None:
     """The size and sha256 `<path>.sha256` records (None: no record; CorruptFile: unreadable, or the record
     of a file of another name: since 2026-12-06 a record names its file, so one copied or renamed beside
-    another file with it is refused; an older record names none)."""
+    another file with it is refused; an older record names none; or of another place: a record written
+    with `where` (a finished phase's metrics.csv: run directory/seed/phase) copied into another folder)."""
     record = path + ".sha256"
     if not os.path.exists(record):
         return None
     try:
         with open(record) as f:
             want = json.load(f)
-        digest, name = {"size": int(want["size"]), "sha256": str(want["sha256"])}, want.get("name")
+        digest, name, where = {"size": int(want["size"]), "sha256": str(want["sha256"])}, want.get("name"), \
+            want.get("where")
+        if where is not None and (not isinstance(where, str) or not where.strip("/")):
+            raise TypeError("where")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # (EACCES, EIO: it may be intact)
             raise ReadFailed(e.errno, e.strerror or str(e), record) from e
@@ -168,7 +172,17 @@ def _recorded(path: str) -> dict | None:
     if name is not None and name != os.path.basename(path):
         raise CorruptFile(f"{record} is the record of {name!r}, not of {os.path.basename(path)!r}: it and its file "
                           "were copied or renamed from another file's")
+    if where is not None and not _placed(path, where):
+        raise CorruptFile(f"{record} is the record of {where}/{os.path.basename(path)}, not of {path}: it and its file "
+                          "were copied from another run, seed or phase")
     return digest
+
+
+def _placed(path: str, where: str) -> bool:
+    """`path`'s folder (its real one, a --reuse link's target, or as named) ends with `where`'s folders."""
+    parts = where.strip("/").split("/")
+    folder = os.path.dirname(os.path.abspath(path))
+    return any(os.path.normpath(d).split(os.sep)[-len(parts):] == parts for d in (os.path.realpath(folder), folder))
 
 
 def verify(path: str) -> bool:
@@ -247,20 +261,21 @@ def make_link(target: str, path: str) -> None:
 
 
 def atomic_write(path: str, data: str | bytes | Callable, *, binary: bool | None = None,
-                 checksum: bool = False) -> None:
+                 checksum: bool = False, where: str | None = None) -> None:
     """Write `data` (text, bytes, or a function writing to an open file) to `path` atomically;
-    `checksum`: record its size and sha256 for `verify`. An OSError (ENOSPC, EROFS, EIO...) is raised as
-    WriteFailed naming `path`."""
+    `checksum`: record its size and sha256 for `verify`, and `where` (the last folders of `path`'s, e.g. run
+    directory/seed/phase) too: verify refuses the two copied into another folder. An OSError (ENOSPC, EROFS,
+    EIO...) is raised as WriteFailed naming `path`."""
     path = os.fspath(path)
     try:
-        _atomic_write(path, data, binary, checksum)
+        _atomic_write(path, data, binary, checksum, where)
     except WriteFailed:
         raise
     except OSError as e:
         raise WriteFailed(e.errno, e.strerror or str(e), path) from e
 
 
-def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
+def _atomic_write(path: str, data, binary: bool | None, checksum: bool, where: str | None = None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     make_dirs(folder)
     binary = isinstance(data, bytes) if binary is None else binary
@@ -284,7 +299,8 @@ def _atomic_write(path: str, data, binary: bool | None, checksum: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         if checksum:
-            atomic_write(path + ".sha256", json.dumps({**_digest(tmp), "name": os.path.basename(path)}))
+            atomic_write(path + ".sha256", json.dumps({**_digest(tmp), "name": os.path.basename(path),
+                                                       **({"where": where} if where else {})}))
             recorded = True
         try:
             os.replace(tmp, path)
@@ -357,9 +373,9 @@ def write_json(path: str, obj, checksum: bool = False) -> None:
     atomic_write(path, json.dumps(obj, indent=1), checksum=checksum)
 
 
-def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
-    """Rows as CSV; the header is the union of the rows' keys in first-seen order. `checksum`: as
-    atomic_write's (a phase's results: verify refuses a torn or edited file)."""
+def write_csv(path: str, rows: list[dict], checksum: bool = False, where: str | None = None) -> None:
+    """Rows as CSV; the header is the union of the rows' keys in first-seen order. `checksum`, `where`: as
+    atomic_write's (a phase's results: verify refuses a torn or edited file, or one copied from another phase)."""
     keys = list(rows[0].keys()) if rows else []
     for r in rows[1:]:
         keys += [k for k in r if k not in keys]
@@ -367,4 +383,4 @@ def write_csv(path: str, rows: list[dict], checksum: bool = False) -> None:
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(rows)
-    atomic_write(path, buf.getvalue(), checksum=checksum)
+    atomic_write(path, buf.getvalue(), checksum=checksum, where=where)

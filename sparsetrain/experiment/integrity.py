@@ -14,7 +14,8 @@ import sys
 from .files import CorruptFile, ReadFailed, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of", "places_of", "check_place", "delete_advice", "round_misplaced", "RESTART"]
+__all__ = ["verify_phase", "where_of", "places_of", "check_place", "check_best_place", "delete_advice", "round_misplaced",
+           "RESTART"]
 
 
 def delete_advice(pdir: str, what: str = "") -> str:
@@ -55,6 +56,18 @@ def check_place(pdir: str, where) -> None:
                           "this phase")
 
 
+def check_best_place(pdir: str) -> None:
+    """check_place with the place a finished phase's best.json names, read before its files are verified (a whole
+    phase folder copied: refused as one, before its metrics.csv's record, which names its place too); one that
+    cannot be read is left to the checks that read it."""
+    try:
+        with open(os.path.join(pdir, "best.json")) as f:
+            where = json.load(f).get("where")
+    except (OSError, ValueError, AttributeError):
+        return
+    check_place(pdir, where)
+
+
 def verify_phase(pdir: str, resumed=None) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
@@ -85,6 +98,8 @@ def verify_phase(pdir: str, resumed=None) -> None:
             raise CorruptFile(f"{state} is missing but its record is here: the phase's progress was lost; delete "
                               f"{state}.sha256 to restart the phase from round 0") from None
         raise CorruptFile(f"{e}; {RESTART}") from None
+    if finished:
+        check_best_place(pdir)
     recorded = {}
     for path in rounds + results:
         try:

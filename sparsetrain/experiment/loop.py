@@ -271,7 +271,7 @@ def finish(pdir: str, rows: list[dict], stop: str | None = None) -> None:
         r["is_best"] = int(i == best)
 
     def write():  # (rank 0's; its WriteFailed stops every rank)
-        write_csv(os.path.join(pdir, "metrics.csv"), rows, checksum=True)
+        write_csv(os.path.join(pdir, "metrics.csv"), rows, checksum=True, where=where_of(os.path.join(pdir, "state.pt")))
         b = rows[best]
         write_json(os.path.join(pdir, "best.json"),
                    {"round": b["round"], "val_acc": b["val_acc"], "test_acc": b["test_acc"],

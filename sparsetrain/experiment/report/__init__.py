@@ -9,7 +9,7 @@ import json
 import os
 
 from ..files import CorruptFile, atomic_write, finish_interrupted_writes, verify
-from ..integrity import check_place
+from ..integrity import check_best_place
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
@@ -39,14 +39,9 @@ def write_report(run_dir) -> str:
     and for a finished phase copied in from another run. A killed report's temporary files are removed
     first (a dead writer's only: --report-only runs beside the run, without its lock)."""
     finish_interrupted_writes(os.fspath(run_dir), REPORT_FILES)  # (else kept until the run's next start)
-    verify_metrics(run_dir)
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
-        try:  # (a phase copied from another run with its records: the run refuses it, integrity.check_place)
-            with open(path) as f:
-                where = json.load(f).get("where")
-        except (OSError, ValueError, AttributeError):
-            continue  # (load_run reads the rows alone)
-        check_place(os.path.dirname(path), where)
+        check_best_place(os.path.dirname(path))  # (a phase copied from another run with its records: refused as the run does)
+    verify_metrics(run_dir)  # (after: a whole phase copied is named as one, before its metrics.csv's record)
     run = load_run(run_dir)
     cfg, path = run["config"], os.path.join(run_dir, "config.json")
     if os.path.exists(path) and (not isinstance(cfg, dict) or not cfg):  # (load_run's {}: it did not parse)
