@@ -300,25 +300,32 @@ def test_a_checkpoint_without_its_record_that_cannot_be_read_is_not_called_corru
     checkpoint.save_model(str(teacher), build_model(**arch), {}, arch)
     os.remove(f"{teacher}.sha256")  # (a file from elsewhere)
     assert checkpoint.load_model(str(teacher))[0] is not None
-    if os.geteuid() != 0:
-        teacher.chmod(0)
-    else:  # (root reads a mode-000 file: the same refusal simulated, for this file alone)
-        real = builtins.open
+    real = builtins.open
 
-        def denied(f, *a, **k):
-            if isinstance(f, (str, os.PathLike)) and os.fspath(f) == str(teacher):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(f))
-            return real(f, *a, **k)
-        monkeypatch.setattr(builtins, "open", denied)
-    try:
-        with pytest.raises(files.ReadFailed) as e:
-            checkpoint.load_model(str(teacher))
-        assert str(e.value) == f"cannot read {teacher}: Permission denied; fix its permissions (or the disk) and " \
-                               "run the same command again"
-        err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(teacher)))
-        assert f"cannot read {teacher}: Permission denied" in err and "corrupt" not in err, err
-    finally:
-        teacher.chmod(0o644)
+    def denied(f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and os.fspath(f) == str(teacher):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(f))
+        return real(f, *a, **k)
+    teacher.chmod(0)
+    with monkeypatch.context() as m:
+        if os.geteuid() == 0:  # (root reads a mode-000 file: the same refusal simulated, for this file alone)
+            m.setattr(builtins, "open", denied)
+        try:
+            with pytest.raises(files.ReadFailed) as e:
+                checkpoint.load_model(str(teacher))
+            assert str(e.value) == f"cannot read {teacher}: Permission denied; fix its permissions (or the disk) and " \
+                                   "run the same command again"
+            err = _one_line_error(capsys, study_args(mnist_dir, "--teachers", str(teacher)))
+            assert f"cannot read {teacher}: Permission denied" in err and "corrupt" not in err, err
+        finally:
+            teacher.chmod(0o644)
+    # readable again: an I/O error while its CRC-32s are checked is said so too, not a failed CRC
+
+    def eio(self):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", eio)
+    with pytest.raises(files.ReadFailed, match=rf"^cannot read {teacher}: {os.strerror(errno.EIO)}; fix its permissions"):
+        checkpoint.load_model(str(teacher))
 
 
 def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_args, capsys, tmp_path):

@@ -81,6 +81,8 @@ def _check_crcs(path: str) -> None:
         with z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # (EIO, EACCES: the read failed, not a CRC: maybe intact)
+            raise ReadFailed(e.errno, e.strerror or str(e), path) from e
         bad = f"? ({type(e).__name__}: {e})"
     if bad is not None:
         raise CorruptFile(f"checkpoint {path} is corrupt: its entry {bad} fails the zip's CRC-32 check (the file has no "
