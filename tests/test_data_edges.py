@@ -186,3 +186,40 @@ def test_a_failed_download_completing_torchvisions_partial_idx_copy_is_named(tmp
     with pytest.raises(D.DataError, match=rf"^{raw} holds part of mnist: t10k-labels-idx1-ubyte \[.gz\] missing; "):
         D.load_dataset("mnist", tmp_path, download=False)  # (no attempt: no such note)
     assert len(calls) == 1
+
+
+def test_an_imagefolder_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """ImageFolder's scan (os.walk) skips a folder it cannot list (permission denied) without a word: the images of
+    train/cat/more/ were left out (5 training images for 6). It is now a DataError naming the folder. As root, where
+    chmod does not deny listing, os.scandir is made to fail for that folder; otherwise a real chmod 000 too."""
+    _imagefolder(tmp_path)
+    _imagefolder(tmp_path / "more", n=1)
+    for split in ("train", "val"):  # (a subfolder in each class folder: ImageFolder reads it too)
+        for c in ("cat", "dog"):
+            (tmp_path / "more" / split / c).rename(tmp_path / split / c / "more")
+    expected = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert (len(expected.train), len(expected.test)) == (6, 6)
+    deny, scandir = tmp_path / "train" / "cat" / "more", os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path) == str(deny):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", refuse)
+        with pytest.raises(D.DataError, match=rf"^imagefolder: {deny} cannot be listed \(Permission denied\): its images "
+                                              r"would be left out without a word; fix its permissions"):
+            D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+        deny = tmp_path / "val"  # (a split's own folder alike)
+        with pytest.raises(D.DataError, match=rf"^imagefolder: {deny} cannot be listed"):
+            D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    if os.geteuid() != 0:  # (a real permission: denied to a user other than root)
+        deny = tmp_path / "train" / "cat" / "more"
+        deny.chmod(0)
+        try:
+            with pytest.raises(D.DataError, match=rf"^imagefolder: {deny} cannot be listed \(Permission denied\)"):
+                D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+        finally:
+            deny.chmod(0o755)
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)  # (listable: as before)
+    assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.test.y, expected.test.y)

@@ -133,9 +133,14 @@ def walk_links(root: Path, seen: dict | None = None):
     down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
     folder reads its images twice (under two classes). `seen`: the folders of another split walked before
     ({(st_dev, st_ino): path}, filled in), one of which reached again puts test images in training. A class
-    folder that is a link to nothing (no folder to ImageFolder, which left the class out) is a DataError too."""
+    folder that is a link to nothing (no folder to ImageFolder, which left the class out) is a DataError too, and
+    so is a folder that cannot be listed (permission denied: os.walk, as ImageFolder, skipped its images)."""
     seen = {} if seen is None else seen
-    for r, dirs, files in os.walk(root, followlinks=True):
+
+    def unlistable(e: OSError):
+        raise DataError(f"imagefolder: {e.filename or root} cannot be listed ({e.strerror or brief_error(e)}): its images would "
+                        "be left out without a word; fix its permissions (or remove it)")
+    for r, dirs, files in os.walk(root, followlinks=True, onerror=unlistable):
         dirs.sort()
         if r == str(root):
             st = os.stat(r)
