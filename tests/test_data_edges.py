@@ -223,3 +223,38 @@ def test_an_imagefolder_folder_that_cannot_be_listed_is_named(tmp_path, monkeypa
             deny.chmod(0o755)
     s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)  # (listable: as before)
     assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.test.y, expected.test.y)
+
+
+def test_loose_cifar_batches_in_the_data_dir_are_named(tmp_path):
+    """CIFAR's batches are read from DATA_DIR/cifar-10-batches-py/ (cifar-100-python/) only; copied loose into
+    DATA_DIR the not-found message listed where it looked but not the files the user had put in the wrong place
+    (as the IDX loaders' does). Now it names them and where to move them, and so does a partial copy's message."""
+    from sparsetrain.testing import write_cifar
+    for name, c10, names in (("cifar10", True, [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]),
+                             ("cifar100", False, ["train", "test", "meta"])):
+        root = tmp_path / name
+        x, y = write_cifar(root, c10=c10, n_per_batch=4, n_test=3)
+        folder = root / ("cifar-10-batches-py" if c10 else "cifar-100-python")
+        for f in folder.iterdir():
+            f.rename(root / f.name)
+        note = f" {root} holds {', '.join(names)} loose, never read there: move them into {folder}."
+        with pytest.raises(D.DatasetNotFound) as e:
+            D.load_dataset(name, root, download=False)
+        assert str(e.value).startswith(f"{name} not found: looked for {folder / names[0]}, ") and str(e.value).endswith(
+            f"into {root}.{note}"), str(e.value)
+        (root / names[1]).rename(folder / names[1])  # (part of the copy in its folder: named with what it lacks)
+        with pytest.raises(D.DataError) as e:
+            D.load_dataset(name, root, download=False)
+        rest = [n for n in names if n != names[1]]
+        assert str(e.value) == (f"{folder} holds part of {name}: {', '.join(rest[:-1])} missing; "
+                                f"complete the copy or remove it; {root} holds {', '.join(rest)} loose, never read there: "
+                                f"move them into {folder}."), str(e.value)
+        for n in rest:
+            (root / n).rename(folder / n)
+        (root / "train").mkdir(exist_ok=True)  # (a folder of that name, an imagefolder split: not a loose batch)
+        s = D.load_dataset(name, root, val_fraction=0.0, download=False)
+        assert torch.equal(s.train.x.reshape(len(x), -1), torch.from_numpy(x)) and torch.equal(s.train.y, torch.from_numpy(y))
+        (folder / names[1]).unlink()
+        with pytest.raises(D.DataError) as e:  # (nothing loose: no such note)
+            D.load_dataset(name, root, download=False)
+        assert str(e.value).endswith(f"{names[1]} missing; complete the copy or remove it"), str(e.value)

@@ -196,16 +196,20 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     if archive.is_file() and not any(p.exists() for p in needed):  # (downloaded or copied, never extracted)
         _extract(cls, archive, folder)
     present, odd = [p for p in needed if p.is_file()], [p for p in needed if p.exists() and not p.is_file()]
+    loose = [p.name for p in (data_dir / f for f in [*train_files, test_file, "batches.meta" if c10 else "meta"])
+             if p.is_file()]  # (the likely mistake: the batches copied out of their folder, never read there)
+    note = f" {data_dir} holds {', '.join(loose)} loose, never read there: move them into {folder}." if loose else ""
     if (present or odd) and len(present) < len(needed):  # (a partial copy: named with what it lacks)
         raise DataError(f"{folder} holds part of {name}: {', '.join(p.name for p in needed if p not in present)} "
                         "missing" + (f" ({', '.join(map(str, odd))} not a file)" if odd else "") +
-                        (f" (download attempt failed: {err})" if err else "") + "; complete the copy or remove it")
+                        (f" (download attempt failed: {err})" if err else "") + "; complete the copy or remove it" +
+                        (f";{note}" if note else ""))
     if not present:
         raise DatasetNotFound(
             f"{name} not found: looked for {', '.join(map(str, needed))}"
             f"{download_note(download, err)}. Get it with torchvision.datasets.{cls}({str(data_dir)!r}, "
             f"download=True) where the network allows, or extract the python-version archive "
-            f"({'cifar-10' if c10 else 'cifar-100'}-python.tar.gz) into {data_dir}.")
+            f"({'cifar-10' if c10 else 'cifar-100'}-python.tar.gz) into {data_dir}." + note)
     key = "labels" if c10 else "fine_labels"
 
     def read(files):
