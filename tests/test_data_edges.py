@@ -258,3 +258,27 @@ def test_loose_cifar_batches_in_the_data_dir_are_named(tmp_path):
         with pytest.raises(D.DataError) as e:  # (nothing loose: no such note)
             D.load_dataset(name, root, download=False)
         assert str(e.value).endswith(f"{names[1]} missing; complete the copy or remove it"), str(e.value)
+
+
+def test_the_dataset_warnings_point_at_the_caller_of_load_dataset(tmp_path):
+    """The loose-IDX-files warning pointed at the caller of load_dataset, the class-counts one (stacklevel=2) at a line
+    of datasets.py, where the user's code is not: both now point at the line calling load_dataset. Label files of
+    Fashion-MNIST's counts in mnist/ (1x1 images) and IDX files loose in DATA_DIR raise both at once."""
+    import inspect
+
+    from sparsetrain.experiment.dataset_checks import IDX_COUNTS
+    from sparsetrain.testing import write_idx, write_mnist
+    rng = np.random.default_rng(0)
+    (tmp_path / "mnist").mkdir()
+    for split, counts in zip(("train", "t10k"), IDX_COUNTS["fashion-mnist"]):
+        y = rng.permutation(np.repeat(np.arange(10), counts))
+        write_idx(tmp_path / "mnist" / f"{split}-labels-idx1-ubyte", y, gz=False)
+        write_idx(tmp_path / "mnist" / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (len(y), 1, 1)), gz=False)
+    write_mnist(tmp_path, gz=True, n_train=12, n_test=4)  # (loose: never read)
+    with pytest.warns(UserWarning) as w:
+        line = inspect.currentframe().f_lineno + 1
+        s = D.load_dataset("mnist", tmp_path, val_fraction=0.0, download=False)
+    assert s.train.y.bincount(minlength=10).tolist() == list(IDX_COUNTS["fashion-mnist"][0])  # (loaded, as asked)
+    got = sorted((str(m.message).split(";")[0][:40], m.filename, m.lineno) for m in w)
+    assert got == [(f"mnist: loaded from {tmp_path / 'mnist'}"[:40], __file__, line),
+                   (f"mnist: the images per class of {tmp_path / 'mnist'}"[:40], __file__, line)], got

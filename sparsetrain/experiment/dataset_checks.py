@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from .dataset_errors import DataError
+from .dataset_errors import DataError, warn_caller
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
            "check_label_shape", "check_idx_labels", "official_idx", "check_pairs"]
@@ -83,7 +83,6 @@ def check_idx_labels(name: str, y_train, y_test, train_file, test_file) -> None:
     """MNIST's or Fashion-MNIST's label files (int arrays): the other dataset's official files (by md5) are a
     DataError, that dataset's files placed under the folder of this one; files of its class counts whose md5
     is unknown (an uncompressed copy, a rebalanced MNIST) load as `name`, with a warning saying so."""
-    import warnings
     other, alike = "fashion-mnist" if name == "mnist" else "mnist", []
     for y, f, counts in ((y_train, train_file, IDX_COUNTS[other][0]), (y_test, test_file, IDX_COUNTS[other][1])):
         if official_idx(other, f):
@@ -93,9 +92,9 @@ def check_idx_labels(name: str, y_train, y_test, train_file, test_file) -> None:
         if len(y) == sum(counts) and tuple(np.bincount(y, minlength=10).tolist()) == counts:
             alike.append(f"{f} ({', '.join(map(str, counts))})")
     if alike:
-        warnings.warn(f"{name}: the images per class of {' and '.join(alike)} are exactly those of {other}'s official "
-                      f"files; loaded as {name}, as asked (they are not {other}'s official files by md5, or have no "
-                      f".gz to tell); if they are {other}'s, move them into DATA_DIR/{other}/", stacklevel=2)
+        warn_caller(f"{name}: the images per class of {' and '.join(alike)} are exactly those of {other}'s official "
+                    f"files; loaded as {name}, as asked (they are not {other}'s official files by md5, or have no "
+                    f".gz to tell); if they are {other}'s, move them into DATA_DIR/{other}/")
 
 
 _BATCH_LABEL = re.compile(r"(training|testing) batch (\d+) of (\d+)")

@@ -1,7 +1,16 @@
 """The errors of the dataset readers (datasets.py, images.py), and their one-line messages."""
 from __future__ import annotations
 
-__all__ = ["DatasetNotFound", "DataError", "brief_error", "download_note", "load_error"]
+import os
+import sys
+import warnings
+
+__all__ = ["DatasetNotFound", "DataError", "brief_error", "download_note", "load_error", "warn_caller"]
+
+# the files of the dataset readers, load_dataset's included: a warning points past their frames
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_READERS = {os.path.join(_HERE, f) for f in ("data.py", "datasets.py", "dataset_checks.py", "dataset_errors.py",
+                                             "images.py")}
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -32,3 +41,13 @@ def load_error(e: BaseException) -> str:
     if not lines:
         return f"{type(e).__name__}: empty or truncated" if isinstance(e, EOFError) else brief_error(e)
     return f"{type(e).__name__}: {lines[0].split('. ')[0].rstrip('.')[:200]}"  # (its first sentence: advice follows)
+
+
+def warn_caller(message: str) -> None:
+    """warnings.warn(message) pointing at the first frame outside the dataset readers: the code that called
+    load_dataset (the user's), however deep in the readers it is raised (a fixed stacklevel pointed one warning
+    at a line of datasets.py)."""
+    frame, level = sys._getframe(1), 2  # (stacklevel 2: this function's caller)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) in _READERS:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

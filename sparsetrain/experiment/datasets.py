@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import struct
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_idx_labels,
                              check_label_shape, check_not_swapped, check_pairs)
-from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note, load_error
+from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note, load_error, warn_caller
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
 from .images import load_flowers, load_imagefolder
@@ -135,7 +134,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
             f"with {hint}torchvision.datasets.{tv}({str(data_dir)!r}, download=True) where the "
             f"network allows, or copy the four IDX files into {data_dir / name}." + (f" {note}" if note else ""))
     if note:  # (a copy found or downloaded elsewhere is loaded: the loose files named, or they seem read)
-        warnings.warn(f"{name}: loaded from {d}{' (downloaded)' if downloaded else ''}; {note}", stacklevel=4)
+        warn_caller(f"{name}: loaded from {d}{' (downloaded)' if downloaded else ''}; {note}")
     xtr, ytr, xte, yte = (torch.from_numpy(read_idx(f).copy()) for f in files)
     for x, kind, f in ((xtr, "train images", files[0]), (xte, "test images", files[2])):
         if x.dim() != 3 or x.dtype != torch.uint8 or 0 in x.shape[1:]:
