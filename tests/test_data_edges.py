@@ -282,3 +282,26 @@ def test_the_dataset_warnings_point_at_the_caller_of_load_dataset(tmp_path):
     got = sorted((str(m.message).split(";")[0][:40], m.filename, m.lineno) for m in w)
     assert got == [(f"mnist: loaded from {tmp_path / 'mnist'}"[:40], __file__, line),
                    (f"mnist: the images per class of {tmp_path / 'mnist'}"[:40], __file__, line)], got
+
+
+def test_a_link_to_a_missing_folder_inside_a_class_folder_is_refused(tmp_path):
+    """A class folder that is a link to nothing was refused; a link deeper down (train/cat/more -> a disk not mounted)
+    was no folder to ImageFolder either, and its images were left out without a word (6 training images for 8). It
+    is now a DataError naming the link and its target, as for a class folder."""
+    _imagefolder(tmp_path)
+    _imagefolder(tmp_path / "more")
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "more" / split / c).rename(tmp_path / split / c / "more")
+    expected = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert (len(expected.train), len(expected.test)) == (8, 8)
+    link, disk = tmp_path / "train" / "cat" / "more", tmp_path / "disk"
+    link.rename(tmp_path / "cat-more")
+    os.symlink(disk / "cat-more", link)
+    with pytest.raises(D.DataError, match=rf"^imagefolder: {link}: a link to {disk / 'cat-more'}, which does not exist "
+                                          r"\(what it held would be left out without a word\); mount or restore it"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    disk.mkdir()  # (the disk mounted: the same data as before)
+    (tmp_path / "cat-more").rename(disk / "cat-more")
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.train.y, expected.train.y)

@@ -133,7 +133,8 @@ def walk_links(root: Path, seen: dict | None = None):
     down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
     folder reads its images twice (under two classes). `seen`: the folders of another split walked before
     ({(st_dev, st_ino): path}, filled in), one of which reached again puts test images in training. A class
-    folder that is a link to nothing (no folder to ImageFolder, which left the class out) is a DataError too, and
+    folder (or a folder in one) that is a link to nothing (no folder to ImageFolder, which left the class or its
+    images out) is a DataError too, and
     so is a folder that cannot be listed (permission denied: os.walk, as ImageFolder, skipped its images)."""
     seen = {} if seen is None else seen
 
@@ -148,11 +149,13 @@ def walk_links(root: Path, seen: dict | None = None):
             if first != Path(r):  # (val/ a link to train/)
                 raise DataError(f"imagefolder: {r} is {first}: the same images in train and val (test images trained "
                                 "on); give each split its own folder")
-            gone = [f for f in files if os.path.islink(os.path.join(r, f)) and not os.path.exists(os.path.join(r, f))]
-            if gone:  # (a class folder's link to an unmounted disk: ImageFolder left the class out, num_classes fewer)
-                raise DataError(f"imagefolder: {', '.join(str(Path(r) / f) for f in gone[:4])}{' ...' * (len(gone) > 4)}: "
-                                f"a link to {os.readlink(Path(r) / gone[0])}, which does not exist (a class folder "
-                                "there was left out without a word); mount or restore it, or remove the link")
+        gone = [f for f in files if os.path.islink(os.path.join(r, f)) and not os.path.exists(os.path.join(r, f))]
+        if gone:  # (a class folder's link to an unmounted disk: ImageFolder left the class out, num_classes fewer;
+            # a link deeper down, to a folder of images or an image: those)
+            raise DataError(f"imagefolder: {', '.join(str(Path(r) / f) for f in gone[:4])}{' ...' * (len(gone) > 4)}: "
+                            f"a link to {os.readlink(Path(r) / gone[0])}, which does not exist (" +
+                            ("a class folder there was" if r == str(root) else "what it held would be") +
+                            " left out without a word); mount or restore it, or remove the link")
         for d in dirs:
             p = Path(r) / d
             try:
