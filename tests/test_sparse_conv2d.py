@@ -820,6 +820,34 @@ def test_numpy_int_hyperparameters_convert_as_nn_conv2d_takes_them():
             SparseConv2d(layer.weight, None, stride=bad)
 
 
+def test_padding_and_stride_of_another_kind_are_refused_by_name():
+    """ops.sparse_conv2d and SparseConv2d: a numpy array as padding raised numpy's "The truth value of an
+    array with more than one element is ambiguous" (compared with 'valid'), an unknown padding string was
+    a TypeError asking for ints (F.conv2d: "Invalid padding string"); bools and floats stay refused by name
+    (the C++ schema's int[] takes True as 1). What is taken matches F.conv2d on the masked weight."""
+    torch.manual_seed(0)
+    weight, mask = torch.randn(4, 3, 3, 3), random_mask((4, 3, 3, 3), 0.5)
+    w, x = CSR.from_dense(weight, mask), torch.randn(2, 3, 7, 7)
+    for padding in (np.array([1, 1]), np.array(1), torch.tensor([1, 1])):
+        with pytest.raises(TypeError, match=r"padding must be an int or a pair of ints, got"):
+            ops.sparse_conv2d(x, w, padding=padding)
+        with pytest.raises(TypeError, match=r"padding must be an int or a pair of ints, got"):
+            SparseConv2d(w, padding=padding)
+    for padding in ("SAME", "full", ""):
+        with pytest.raises(ValueError, match=rf"padding must be an int, a pair of ints, 'valid' or 'same', got "
+                                             rf"'{padding}'"):
+            ops.sparse_conv2d(x, w, padding=padding)
+        with pytest.raises(ValueError, match="padding must be an int, a pair of ints, 'valid' or 'same'"):
+            SparseConv2d(w, padding=padding)
+    for name, bad in (("stride", [True, 1]), ("stride", 2.0), ("padding", (1, False)), ("padding", 1.0)):
+        with pytest.raises(TypeError, match=rf"{name} must be an int or a pair of ints, got"):
+            ops.sparse_conv2d(x, w, **{name: bad})
+    for stride, padding in ((1, "same"), (2, "valid"), ((2, 1), (np.int64(1), 0))):
+        torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=stride, padding=padding),
+                                   F.conv2d(x, weight * mask, stride=stride, padding=padding
+                                            if isinstance(padding, str) else tuple(int(p) for p in padding)))
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
     """torch.func.functional_call(layer, other.state_dict(), x): the state swaps crow/col/values in, not

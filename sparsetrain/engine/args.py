@@ -37,15 +37,18 @@ def pair(v, name: str) -> list[int]:
 
 
 def conv2d_padding(padding, kernel_size, stride) -> list[int]:
-    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]."""
+    """Resolve nn.Conv2d-style padding (int, pair, 'valid', 'same') to a symmetric [ph, pw]. (Compared with
+    the strings only when a str: a numpy array's `==` raised numpy's "truth value ... is ambiguous".)"""
+    if not isinstance(padding, str):
+        return pair(padding, "padding")
+    if padding not in ("valid", "same"):  # (as F.conv2d's "Invalid padding string"; "'SAME'" was a TypeError)
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
     if padding == "valid":
         return [0, 0]
-    if padding == "same":
-        if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
-            raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
-                             f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
-        return [(k - 1) // 2 for k in kernel_size]
-    return pair(padding, "padding")
+    if list(stride) != [1, 1] or any(k % 2 == 0 for k in kernel_size):
+        raise ValueError("padding='same' is supported for stride 1 and odd kernel sizes only, "
+                         f"got kernel_size={tuple(kernel_size)}, stride={tuple(stride)}")
+    return [(k - 1) // 2 for k in kernel_size]
 
 
 def check_bias(bias, out: int, values: torch.Tensor) -> None:
