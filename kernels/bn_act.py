@@ -19,12 +19,13 @@ BN's pass (pool_indices) is not: the fused layers pool that way on the CPU engin
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, launch,
+from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, is_int, launch,
                      tensor_args)
 from .sparse_conv2d import _plus, conv2d_grad_input, conv2d_grad_weight, sparse_conv2d_backward
 
@@ -132,6 +133,13 @@ def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, nu
         raise ValueError("running_mean and running_var must be given together")
     if not batch_stats and running_mean is None:
         raise ValueError("running_mean and running_var are needed without batch_stats")
+    # (the schema's int and floats, which this function, called directly or under use_backend("triton"), gets as
+    # given: a count of True divided the sums by 1, 2.5 by 2.5, silently; a str eps failed inside a comparison)
+    if not is_int(count):
+        raise TypeError(f"count must be an int (values per channel), got {count!r}")
+    for name, v in (("momentum", momentum), ("eps", eps)):
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) or name == "momentum" and v is None):
+            raise TypeError(f"{name} must be a float{' or None' if name == 'momentum' else ''}, got {v!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if dtype not in (torch.float32, torch.float64):

@@ -1335,6 +1335,30 @@ def test_triton_wrappers_refuse_a_bias_or_relu_counts_on_another_device():
             call()
 
 
+def test_triton_bn_scale_shift_refuses_a_count_or_eps_of_another_type():
+    """kernels.bn_act.bn_scale_shift (called directly, or under use_backend("triton") with the BN's attributes as
+    they are) took count=True as 1 and 2.5 as a divisor, silently, where the op's schema wants an int; a str
+    eps or momentum failed inside a comparison or `1 - m`. Each is a TypeError naming it, before any buffer
+    is written; a numpy int count is the same count (compared with the C++ op)."""
+    import numpy as np
+    import sparsetrain.engine.ops  # noqa: F401  (registers the C++ op)
+    import sparsetrain.kernels.bn_act as KB
+    from test_bn_scale_shift import bad_calls, refuses_untouched
+    args, _ = bad_calls()
+    cases = [({1: True}, r"count must be an int \(values per channel\), got True", TypeError),
+             ({1: 32.0}, r"count must be an int \(values per channel\), got 32.0", TypeError),
+             ({8: "1e-5"}, "eps must be a float, got '1e-5'", TypeError),
+             ({8: None}, "eps must be a float, got None", TypeError),
+             ({7: "0.1"}, "momentum must be a float or None, got '0.1'", TypeError),
+             ({7: True}, "momentum must be a float or None, got True", TypeError)]
+    refuses_untouched(KB.bn_scale_shift, args, cases)
+    bufs = [tuple(t.clone() for t in args[4:7]) for _ in "ab"]
+    got = KB.bn_scale_shift(args[0], np.int64(args[1]), *args[2:4], *bufs[0], *args[7:])
+    ref = torch.ops.sparsetrain.bn_scale_shift(*args[:4], *bufs[1], *args[7:])
+    for g, r in zip(got + bufs[0], ref + bufs[1]):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
 def test_bsr_arguments_refused_with_their_names():
     import numpy as np
     from sparsetrain.engine.bsr import BSR, BSRLinear, bsr_linear
