@@ -181,6 +181,29 @@ def test_prune_op_wrappers_refuse_what_is_no_tensor_by_name():
     assert keep.tolist() == [2] and kept.tolist() == [2.0]  # 1.0 < 2.0 and the first tie (row 0's 2.0) go
 
 
+def test_csr_prune_refuses_meta_tensors_and_takes_any_tie_budget():
+    """csr_prune on meta tensors raised torch's "data-dependent shape" RuntimeError (one meta among CPU ones:
+    the fake's device error), refused now by name as magnitude_threshold does; a tie budget of 2**63 or more
+    failed the schema's int64 ("Expected a value of type 'int' ... found type 'int'"): any budget >= the ties
+    prunes them all, compared with the sorted reference."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 6, generator=g)
+    w[1, :3] = 0.5  # ties at the threshold
+    csr = CSR.from_dense(w, random_mask((5, 6), 0.3, generator=g))
+    args = [csr.crow_indices, csr.col_indices, csr.values.detach()]
+    for i in (None, 0, 1, 2):
+        bad = [t.to("meta") if i is None or j == i else t for j, t in enumerate(args)]
+        with pytest.raises(ValueError, match=r"csr_prune runs on CPU tensors \(move them with .cpu\(\)\), got"):
+            ops.csr_prune(*bad, 0.5, 0)
+    ties = int((csr.values == 0.5).sum())
+    assert ties >= 2  # (a budget one short keeps one tie more: the budget counts)
+    ref_set = _apply([csr.values.detach()], [None], 0.5, ties)
+    expected = sorted(set(range(csr.nnz)) - {j for _, j in ref_set})
+    assert ops.csr_prune(*args, 0.5, ties - 1)[3].numel() == len(expected) + 1
+    for budget in (ties, 2**62, 2**63, 2**80, np.uint64(2**64 - 1)):
+        assert ops.csr_prune(*args, 0.5, budget)[3].tolist() == expected, budget
+
+
 def test_opcheck_prune_ops():
     g = torch.Generator().manual_seed(3)
     csr = CSR.from_dense(torch.randn(5, 6, generator=g), random_mask((5, 6), 0.3, generator=g))

@@ -58,7 +58,13 @@ def csr_prune(crow, col, values, threshold: float, max_ties: int = 0):
         raise TypeError(f"threshold must be a number, got {type(threshold).__name__} {threshold!r}")
     if not is_int(max_ties):  # (1.7 was truncated to 1)
         raise TypeError(f"max_ties must be an int, got {type(max_ties).__name__} {max_ties!r}")
-    return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), int(max_ties))
+    if any(t.device.type != "cpu" for t in (crow, col, values)):  # (meta: torch's "data-dependent shape" error)
+        raise ValueError(f"csr_prune runs on CPU tensors (move them with .cpu()), got "
+                         f"{sorted({str(t.device) for t in (crow, col, values)})}")
+    # (any budget >= nnz means all ties: 2**63 and more failed the schema's int64 as "Expected a value of type
+    # 'int' ... but instead found type 'int'")
+    ties = min(int(max_ties), 2**63 - 1)
+    return torch.ops.sparsetrain.csr_prune(crow, col, values.detach(), float(threshold), ties)
 
 
 def relu_count_(counts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
