@@ -264,8 +264,9 @@ def bsr_linear_grad_weight(grad_out, x, crow, col, block_size: int, *, split: in
     check_device(x, grad_out, crow, col, name="bsr_linear_grad_weight")
     check_float(x, "x", BSR_DTYPES)
     check_float(grad_out, "grad_out", BSR_DTYPES, like=x, like_name="x")
-    if not is_int(block_size) or block_size not in (16, 32, 64):
-        raise ValueError(f"block_size must be 16, 32 or 64, got {block_size!r}")  # (16.0 failed in torch.zeros)
+    if not is_int(block_size) or block_size not in (16, 32, 64):  # (16.0 failed in torch.zeros)
+        # (TypeError for a non-int, as BSR's check_block: 16.0 and True were ValueErrors before 2026-12-06)
+        raise (ValueError if is_int(block_size) else TypeError)(f"block_size must be 16, 32 or 64, got {block_size!r}")
     block_size, split = int(block_size), check_split(split)  # (a numpy int: Triton refused it as BS, a constexpr)
     check_index(crow, "crow_indices", torch.int64)
     check_index(col, "col_indices", torch.int32)

@@ -963,7 +963,7 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
                                                                       r"blocks of 32 make 2"),
             (lambda: K.bsr_linear_grad_weight(gy, x, end, col, 16), r"crow_indices\[-1\] \(\d+\) must equal"),
             (lambda: K.bsr_linear_grad_weight(gy, x[:, :20].contiguous(), crow, col, 16), "x has 20 features, fewer"),
-            (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16.0), "block_size must be 16, 32 or 64, got 16.0"),
+            (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 8), "block_size must be 16, 32 or 64, got 8"),
             (lambda: K.bsr_linear_grad_weight(gy.reshape(1, 3, 40), x.reshape(3, 1, 36), crow, col, 16),
              r"grad_out \(1, 3, 40\) and x \(3, 1, 36\) differ in batch"),
             (lambda: K.bsr_linear_grad_weight(gy[:1], x[0], crow, col, 16), r"grad_out \(1, 40\) and x \(36,\) differ"),
@@ -982,7 +982,10 @@ def bsr_wrappers_check_values_index_widths_and_block_size():
                                                                                      "int, got 40.0"),
                       (lambda: K.bsr_linear_grad_input(gy, ccol, rt, perm, vals, 36.0), "in_features must be a"),
                       (lambda: K.bsr_linear_forward(x, crow, col, vals, None, 40, in_features=36.0), "in_features must"),
-                      (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16, out_features="40"), "out_features must")):
+                      (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16, out_features="40"), "out_features must"),
+                      # (a float or bool block size: a ValueError before 2026-12-06, BSR's check_block a TypeError)
+                      (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, 16.0), "block_size must be 16, 32 or 64, got 16.0"),
+                      (lambda: K.bsr_linear_grad_weight(gy, x, crow, col, True), "block_size must be 16, 32 or 64, got True")):
         with pytest.raises(TypeError, match=msg):  # (a float width failed inside torch.empty)
             call()
     import numpy as np  # a numpy int block size is the int (it reached Triton as BS and failed there)
