@@ -848,6 +848,23 @@ def test_padding_and_stride_of_another_kind_are_refused_by_name():
                                             if isinstance(padding, str) else tuple(int(p) for p in padding)))
 
 
+def test_a_stride_or_padding_past_int64_is_refused_by_name():
+    """ops.sparse_conv2d and SparseConv2d: a stride or padding of 2**63 or more (or below -2**63) reached the op's
+    int[] and failed there as "Expected a value of type 'List[int]' ... found type 'list'"; now a ValueError
+    naming it. Within int64 the op's own limit (< 2^31) answers as before; a valid stride matches F.conv2d."""
+    torch.manual_seed(0)
+    weight, mask = torch.randn(4, 3, 3, 3), random_mask((4, 3, 3, 3), 0.5)
+    w, x = CSR.from_dense(weight, mask), torch.randn(2, 3, 7, 7)
+    for name, bad in (("stride", 2**63), ("stride", (1, 2**70)), ("padding", 2**64), ("padding", (-2**63 - 1, 0))):
+        with pytest.raises(ValueError, match=rf"{name} must be in int64's range \[-2\^63, 2\^63\), got"):
+            ops.sparse_conv2d(x, w, **{name: bad})
+        with pytest.raises(ValueError, match=rf"{name} must be in int64's range"):
+            SparseConv2d(w, **{name: bad})
+    with pytest.raises(ValueError, match=r"kernel_size, stride and padding must be < 2\^31"):
+        ops.sparse_conv2d(x, w, stride=(1, 2**63 - 1))
+    torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=(2, 9)), F.conv2d(x, weight * mask, stride=(2, 9)))
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
     """torch.func.functional_call(layer, other.state_dict(), x): the state swaps crow/col/values in, not

@@ -28,12 +28,17 @@ def check_flag(v, name: str) -> None:
 
 
 def pair(v, name: str) -> list[int]:
-    """An int or a pair of ints as [a, b] of Python ints (TypeError naming `name` otherwise)."""
+    """An int or a pair of ints as [a, b] of Python ints (TypeError naming `name` otherwise; ValueError for
+    one past int64, which the ops' int[] refused as "Expected a value of type 'List[int]' ... found type 'list'")."""
     if is_int(v):
-        return [int(v), int(v)]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(a) for a in v):
-        return [int(v[0]), int(v[1])]
-    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+        got = [int(v), int(v)]
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(a) for a in v):
+        got = [int(v[0]), int(v[1])]
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if not all(-2**63 <= a < 2**63 for a in got):
+        raise ValueError(f"{name} must be in int64's range [-2^63, 2^63), got {v!r}")
+    return got
 
 
 def conv2d_padding(padding, kernel_size, stride) -> list[int]:
