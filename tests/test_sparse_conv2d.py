@@ -865,6 +865,29 @@ def test_a_stride_or_padding_past_int64_is_refused_by_name():
     torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=(2, 9)), F.conv2d(x, weight * mask, stride=(2, 9)))
 
 
+def test_one_int_sequences_as_nn_conv2d_takes_them():
+    """nn.Conv2d(3, 4, 3, stride=(2,), padding=[1]) keeps stride (2,) and padding (1,), which F.conv2d reads for
+    both dims: sparsify_ refused such a conv ("stride must be an int or a pair of ints, got (2,)") and
+    ops.sparse_conv2d such arguments; both are taken now, against the dense masked conv, forward and gradients.
+    An empty or 3-entry sequence stays a TypeError naming it."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=(2,), padding=[1])
+    mask, dense = random_mask(conv.weight.shape, 0.5), copy.deepcopy(conv)
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    model = nn.Sequential(conv)
+    sparsetrain.sparsify_(model, {"0": mask})
+    assert model[0].stride == (2, 2) and model[0].padding == (1, 1)
+    x = torch.randn(2, 3, 7, 6)
+    assert_layer_matches(model[0], dense, mask, dense_conv2d, x.clone().requires_grad_(True),
+                         torch.Generator().manual_seed(1), {}, stride=2, padding=1)
+    w = CSR.from_dense(weight, mask)
+    torch.testing.assert_close(ops.sparse_conv2d(x, w, bias, stride=[2], padding=(np.int64(1),)),
+                               F.conv2d(x, weight * mask, bias, stride=(2,), padding=[1]))
+    for name, bad in (("stride", ()), ("stride", (1, 1, 1)), ("padding", [])):
+        with pytest.raises(TypeError, match=rf"{name} must be an int or a pair of ints, got"):
+            ops.sparse_conv2d(x, w, **{name: bad})
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
     """torch.func.functional_call(layer, other.state_dict(), x): the state swaps crow/col/values in, not

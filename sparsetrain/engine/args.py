@@ -29,11 +29,13 @@ def check_flag(v, name: str) -> None:
 
 def pair(v, name: str) -> list[int]:
     """An int or a pair of ints as [a, b] of Python ints (TypeError naming `name` otherwise; ValueError for
-    one past int64, which the ops' int[] refused as "Expected a value of type 'List[int]' ... found type 'list'")."""
+    one past int64, which the ops' int[] refused as "Expected a value of type 'List[int]' ... found type 'list'").
+    A one-int sequence is taken as F.conv2d and nn.Conv2d take it, for both dims (nn.Conv2d(3, 4, 3, stride=(2,))
+    keeps stride (2,): such a conv was refused by sparsify_)."""
     if is_int(v):
         got = [int(v), int(v)]
-    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(a) for a in v):
-        got = [int(v[0]), int(v[1])]
+    elif isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(is_int(a) for a in v):
+        got = [int(v[0]), int(v[-1])]
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
     if not all(-2**63 <= a < 2**63 for a in got):
