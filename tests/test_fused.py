@@ -18,6 +18,7 @@ import sparsetrain
 from sparsetrain.engine import ops
 from sparsetrain.engine import fused as fused_mod
 from sparsetrain.engine.fuse import fuse_, unfuse_
+from sparsetrain.engine.nn import SparseConv2d
 from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU, routed_input,
                                       sparse_conv_bn_relu)
 from sparsetrain.experiment.entropy import activation_entropy
@@ -1851,3 +1852,18 @@ def test_max_pool2x2_refuses_settings_its_kernel_ignores(kw):
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
     for ok in (dict(kernel_size=2), dict(kernel_size=(2, 2), stride=(2, 2), padding=0, dilation=1)):
         assert torch.equal(MaxPool2x2(**ok)(x), nn.MaxPool2d(**ok)(x))
+
+
+@pytest.mark.parametrize("attr,value,err", [("stride", (True, 1), TypeError), ("padding", (1.0, 1), TypeError),
+                                            ("stride", (0, 1), ValueError)])
+def test_a_fused_layer_s_reassigned_geometry_is_checked_as_a_sparse_conv_s(attr, value, err):
+    """A stride or padding reassigned on a fused layer went to the ops unchecked: (True, 1) ran as stride 1
+    (a plain SparseConv2d refuses it in every forward), (1.0, 1) failed in the op's schema; each is now the
+    argument's own error, as the plain layer's."""
+    _, fused, mask = _fused_pair("bn_relu", 0.5)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    plain = SparseConv2d.from_dense(nn.Conv2d(5, 7, 3, padding=1).double(), mask)
+    for layer in (plain, fused.conv):
+        setattr(layer, attr, value)
+        with pytest.raises(err, match=attr):
+            (fused if layer is fused.conv else layer)(x)

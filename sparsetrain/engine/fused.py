@@ -141,7 +141,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         raise ValueError(f"x must have {conv.in_channels} channels, got shape {tuple(x.shape)}")
     w = conv.weight
     index = (w.crow_indices, w.col_indices) + tuple(w.index()[3:6])
-    geom = (list(conv.kernel_size), list(conv.stride), list(conv.padding))
+    # (through ops.pair as SparseConv2d's forward: a stride or padding reassigned on the layer, (True, 1), ran as 1)
+    geom = (list(conv.kernel_size), ops.pair(conv.stride, "stride"), ops.pair(conv.padding, "padding"))
     if residual is not None and residual.shape[0] != x.shape[0]:
         raise ValueError(f"residual must have the batch size of x ({x.shape[0]}), got shape {tuple(residual.shape)}")
     if not torch.is_grad_enabled() and not bn.training and bn.running_mean is not None and not relu_before:
