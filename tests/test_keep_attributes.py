@@ -142,3 +142,40 @@ def test_fuse_leaves_a_module_with_a_user_s_attribute_unfused(on):
     untagged = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU())  # (without one: fused)
     sparsetrain.sparsify_(untagged, masks, fuse=True)
     assert type(untagged[0]).__name__ == "SparseConvBNReLU"
+
+
+def test_keep_channels_carries_the_attributes_set_on_the_parameters_it_shrinks():
+    """keep_channels_ (filter_prune's shrink) built the smaller layers' Parameters without the attributes set on
+    the old ones (`p._no_weight_decay = True`): a param-group builder then decayed them, silently. Stepped as the
+    dense reference with the same channels sliced out by hand."""
+    from sparsetrain.prune import keep_channels_
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    keep = torch.tensor([0, 2, 3])
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3))
+    with torch.no_grad():
+        for i in (0, 1):
+            for attr in ("weight", "bias"):
+                getattr(ref[i], attr).copy_(getattr(model[i], attr)[keep])
+        ref[4].weight.copy_(model[4].weight.view(3, 4, 9)[:, keep].reshape(3, 27))
+        ref[4].bias.copy_(model[4].bias)
+    for m in (model, ref):
+        for i in (0, 1, 4):
+            m[i].weight._no_weight_decay = True
+        m[0].bias._no_weight_decay = "bias"
+    keep_channels_(model, {"0": keep})
+    assert model[0].weight.shape == (3, 2, 3, 3) and model[4].weight.shape == (3, 27)
+    for m in (model, ref):
+        assert {id(p) for p in _no_decay(m)} == {id(p) for p in (m[0].weight, m[0].bias, m[1].weight, m[4].weight)}
+        assert m[0].bias._no_weight_decay == "bias"
+    x = torch.randn(2, 2, 5, 5, generator=g)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    def step(m):  # (decay only where not marked: BN's bias, the head's bias)
+        opt = torch.optim.SGD([{"params": _no_decay(m), "weight_decay": 0.0},
+                               {"params": [p for p in m.parameters() if p not in set(_no_decay(m))],
+                                "weight_decay": 0.5}], lr=0.1)
+        m(x).square().sum().backward()
+        opt.step()
+    step(model), step(ref)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

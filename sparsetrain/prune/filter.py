@@ -29,6 +29,7 @@ from torch import nn
 
 from ..engine.nn import check_model, is_sparse, model_sparsity
 from ..engine.optim_state import retire_replaced
+from ..engine.swap import carry_parameter_attributes
 from .base import PruningRule, check_finite, check_rate, check_tensor_mask, count_of, register, valued_masks
 
 __all__ = ["filter_prune", "keep_channels_", "filter_groups", "fit_state", "FilterRule"]
@@ -117,7 +118,9 @@ def _take(module: nn.Module, attr: str, idx: torch.Tensor, dim: int) -> None:
     if t is None:
         return
     new = t.detach().index_select(dim, idx.to(t.device)).clone()  # (idx on the CPU: kept_channels)
-    setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+    new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    carry_parameter_attributes(((t, new),))  # (`p._no_weight_decay = True`: dropped silently before 2026-12-06)
+    setattr(module, attr, new)
 
 
 @torch.no_grad()
