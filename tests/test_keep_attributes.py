@@ -7,6 +7,7 @@ from torch.nn.utils import prune as torch_prune
 
 import sparsetrain
 from sparsetrain.engine.bsr import BSRLinear
+from sparsetrain.engine.swap import own_keys
 from sparsetrain.testing import random_mask
 
 from conftest import dense_masked_copy
@@ -178,4 +179,56 @@ def test_keep_channels_carries_the_attributes_set_on_the_parameters_it_shrinks()
         m(x).square().sum().backward()
         opt.step()
     step(model), step(ref)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _fusable():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("then", ["unfuse_", "densify_"])
+def test_a_user_s_attributes_set_on_fused_layers_move_to_the_plain_ones(then):
+    """unfuse_ (and densify_, which unfuses first) built the plain modules without the attributes a user set on the
+    fused ones after fuse_ (`layer.tag = 1`), dropping them silently; fuse_'s own (feeds, pools, route_input, the
+    hand-off slot...) are not carried."""
+    g = torch.Generator().manual_seed(0)
+    model = _fusable()
+    masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g), "6": random_mask((3, 4), 0.5, generator=g)}
+    ref = _dense_masked(model, masks)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    assert [type(m).__name__ for m in model] == ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2",
+                                                 "FusedAdaptiveAvgPool2d", "FusedFlatten", "FusedSparseLinear"]
+    x = torch.randn(2, 2, 8, 8, generator=g)
+    model(x).sum().backward()  # (a forward sets fuse_'s per-thread hand-off slots)
+    tags = [[i] for i in range(len(model))]
+    for m, tag in zip(model, tags):
+        m.my_tag = tag
+    getattr(sparsetrain, then)(model)
+    plain = [nn.Conv2d if then == "densify_" else sparsetrain.SparseConv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+             nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear if then == "densify_" else sparsetrain.SparseLinear]
+    assert [type(m) for m in model] == plain
+    for m, tag in zip(model, tags):
+        assert m.my_tag is tag
+        assert set(m.__dict__) - own_keys(m) == {"my_tag"}  # (nothing of fuse_'s)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_attribute_of_a_fused_layer_the_dense_one_has_of_its_own_is_refused_before_any_swap():
+    """densify_ of a fused model unfuses first: a user's attribute on the fused conv named as one of nn.Conv2d's own
+    is refused by name before anything is swapped (it would have been after unfuse_), then carried once renamed."""
+    g = torch.Generator().manual_seed(0)
+    model = _fusable()
+    masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g)}
+    ref = _dense_masked(model, masks)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    model[0].transposed = tag = ["mine"]  # (nn.Conv2d's own, not SparseConv2d's)
+    with pytest.raises(ValueError, match="layer '0' has an attribute 'transposed', which its replacement, a "
+                                         "Conv2d, has as an attribute of its own: rename it first"):
+        sparsetrain.densify_(model)
+    assert [type(m).__name__ for m in model[:2]] == ["SparseConvBNReLU", "FusedBatchNorm2d"]
+    model[0].my_transposed = model[0].__dict__.pop("transposed")
+    sparsetrain.densify_(model)
+    assert type(model[0]) is nn.Conv2d and model[0].my_transposed is tag and model[0].transposed is False
+    x = torch.randn(2, 2, 8, 8, generator=g)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)

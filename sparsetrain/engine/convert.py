@@ -9,12 +9,11 @@ from torch.nn.utils import prune as torch_prune
 
 from .args import check_flag
 from .bsr import BSRLinear
-from .fuse import fuse_, trace, unfuse_
+from .fuse import fuse_, fused_own, trace, unfuse_
 from .formats import own_mode
 from .index import check_index
 from .optim_state import retire_replaced
 from .torch_prune import check_own_bias, parametrized_of, pruned_by_torch
-from .fused import SparseConvBNReLU
 from .nn import SPARSE_TYPES, SparseConv2d, _owners, _tied, check_model, is_sparse
 from .swap import _replace_modules, carry_parameter_attributes, check_no_uncarried_hooks, extras, own_keys, \
     uncarried_hook, user_attributes
@@ -193,8 +192,8 @@ def densify_(model: nn.Module) -> nn.Module:
                 m.in_features, m.out_features, bias=False, device="meta")
             if is_sparse(m):  # (an extra the dense layer has as an attribute: refused before any swap)
                 extras(m, dense, n)
-            if not isinstance(m, SparseConvBNReLU):  # (a user's attribute the dense layer has: refused, as an extra)
-                user_attributes(m, own_keys(m), dense, n)
+            # (a user's attribute the dense layer has: refused, as an extra; a fused layer's goes on through unfuse_)
+            user_attributes(m, fused_own(m) or own_keys(m), dense, n)
             try:  # (its to_dense's check, named, before any swap: an index rewritten in place, as by an EMA)
                 check_index(m.weight)
             except ValueError as e:

@@ -13,11 +13,11 @@ from .args import check_flag
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
-from .placeholders import _backward_hooked, _watched
-from .swap import _replace_modules, _set_module, has_extras
+from .placeholders import _PerThread, _backward_hooked, _watched
+from .swap import _replace_modules, _set_module, has_extras, user_attributes
 from .torch_prune import check_own_bias
 
-__all__ = ["fuse_", "unfuse_"]
+__all__ = ["fuse_", "unfuse_", "fused_own"]
 
 
 def _is_pool2x2(m: nn.Module) -> bool:
@@ -290,8 +290,40 @@ def unfuse_(model: nn.Module) -> nn.Module:
         elif isinstance(m, FusedBatchNorm2d):  # (its plain BatchNorm2d takes its Parameters: torch's TypeError)
             for tensor in ("weight", "bias"):
                 check_own_bias(m, f"BatchNorm {n!r}", tensor)
-    _replace_modules(model, _unfused)
+    made = {}  # id(fused module) -> (its plain module, the attributes a user set on it: carried over)
+    for n, m in model.named_modules():  # (all built first: a clash is refused before any swap)
+        plain = _unfused(m)
+        if plain is not None:
+            made[id(m)] = plain, user_attributes(m, fused_own(m), plain, n)
+    for plain, attrs in made.values():  # (dropped silently before 2026-12-06)
+        plain.__dict__.update(attrs)
+    _replace_modules(model, lambda m: made.get(id(m), (None,))[0])
     return model
+
+
+# What fuse_ sets on the modules it makes (references to the others, flags, the per-thread hand-off slot): theirs,
+# as a fresh fused module's keys are, not a user's attribute (one set after fuse_, which unfuse_ carries over).
+_FUSE_SETS = frozenset({"route_input", "_placeholders", "feeds", "pools", "fed", "flatten", "linear", _PerThread.SLOT})
+_FUSED_OWN: dict[type, frozenset] = {}  # fused kind -> fused_own
+
+
+def fused_own(m: nn.Module) -> frozenset | None:
+    """The keys of `m`, a module fuse_ made, that are its own (its kind's and fuse_'s): user_attributes' `own`;
+    None for a module of another kind."""
+    from .formats import CSR
+    if type(m) not in _FUSED_OWN and type(m) in (SparseConvBNReLU, FusedBatchNorm2d, FusedReLU, MaxPool2x2,
+                                                 FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear):
+        conv = lambda: SparseConv2d(CSR.from_dense(torch.ones(1, 1, 1, 1)))  # noqa: E731 (no RNG draws)
+        kinds = {SparseConvBNReLU: lambda: SparseConvBNReLU(conv(), FusedBatchNorm2d(1)),
+                 FusedBatchNorm2d: lambda: FusedBatchNorm2d(1), FusedReLU: FusedReLU, MaxPool2x2: lambda: MaxPool2x2(2),
+                 FusedAdaptiveAvgPool2d: lambda: FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d(1)),
+                 FusedFlatten: FusedFlatten, FusedSparseLinear: lambda: FusedSparseLinear(
+                     SparseLinear(CSR.from_dense(torch.ones(1, 1))))}
+        with torch.inference_mode(False), torch.no_grad():
+            fresh = kinds[type(m)]()
+        _FUSED_OWN[type(m)] = (frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers)
+                               | set(fresh._modules) | _FUSE_SETS)
+    return _FUSED_OWN.get(type(m))
 
 
 def _unfused(m: nn.Module) -> nn.Module | None:
