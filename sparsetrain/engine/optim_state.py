@@ -55,7 +55,7 @@ _retired = torch.utils.weak.WeakIdKeyDictionary()  # Parameter -> ("weight of la
 # The Parameter in place of one whose gradient the swap dropped (a backward before it, no step yet), until a
 # gradient reaches it: an optimizer built after the swap stepped the other parameters with theirs, that layer
 # without its own, silently.
-_regrad = torch.utils.weak.WeakIdKeyDictionary()  # new Parameter -> ("weight of layer 'fc'", "sparsify_")
+_regrad = torch.utils.weak.WeakIdKeyDictionary()  # new Parameter -> ("weight of layer 'fc'", "sparsify_", _Pending)
 # Why a values Parameter has another shape than state held for it, and the remedy (watch_resized):
 LOADED = f"load_state_dict gave the layer a pattern of another nnz; {_AFTER_LOAD}"
 PRUNED = ("pruning removed some of its weights (CSR.shrink_) while this optimizer held state it had not stepped "
@@ -125,20 +125,80 @@ def retire(param: torch.Tensor, what: str, by: str, new: torch.Tensor | None = N
     with _lock:
         _retired[param] = (what, by, None if new is None else weakref.ref(new), dropped)
         if dropped and new is not None and param.requires_grad:
-            _regrad[new] = (what, by)
+            _regrad[new] = (what, by, None)
+            return True
+    return False
+
+
+class _Pending:
+    """The gradients the model's other parameters held at a swap that dropped a layer's (a backward before it, not
+    stepped): while one is still that tensor, never zeroed, later backwards accumulate into it, so a step would
+    train the rest on both and the swapped layer on the later backwards only. A pre-hook on each (_Seen) lets go
+    of one once a backward finds its gradient set to None, replaced or zeroed (zero_grad(set_to_none=False))."""
+
+    def __init__(self, held):
+        self.grads = {}  # id(Parameter) -> (its name, weakref to it, weakref to its gradient at the swap)
+        self.handles = []
+        for name, p in held:
+            self.grads[id(p)] = (name, weakref.ref(p), weakref.ref(p.grad))
+            self.handles.append(p.register_hook(_Seen(self, id(p))))
+
+    def stale(self) -> str | None:
+        """The name of a parameter still holding its gradient of before the swap (accumulated into since, or not),
+        or None, the hooks then removed (none can come back)."""
+        for key, (name, p, g) in list(self.grads.items()):
+            p = p()
+            if p is None or p.grad is None or p.grad is not g() or _zeroed(p.grad):
+                with _lock:
+                    self.grads.pop(key, None)
+            else:
+                return name
+        for handle in self.handles:
+            handle.remove()
+        return None
+
+
+def _zeroed(grad: torch.Tensor) -> bool:
+    """All zeros (zero_grad(set_to_none=False)); a sparse gradient (nn.Embedding(sparse=True)) by its values."""
+    return not bool((grad._values() if grad.is_sparse else grad).any())
+
+
+class _Seen:
+    """A tensor pre-hook on a parameter of a _Pending: before a backward accumulates into its gradient."""
+    __torch_unserializable__ = True  # (torch.save keeps no hooks: without a warning for this one)
+    sparsetrain_own = True  # (not a user's: swap.uncarried_hook lets sparsify_/densify_ replace its layer)
+
+    def __init__(self, pending: _Pending, key: int):
+        self.pending, self.key = weakref.ref(pending), key
+
+    def __call__(self, grad):
+        pending = self.pending()
+        entry = None if pending is None else pending.grads.get(self.key)
+        p = None if entry is None else entry[1]()
+        if p is not None and (p.grad is None or p.grad is not entry[2]() or _zeroed(p.grad)):
+            with _lock:
+                pending.grads.pop(self.key, None)
+        return None
 
 
 def retire_replaced(model: torch.nn.Module, before: dict, by: str) -> None:
     """After `by` (the function) swapped layers of `model` or their Parameters: `before` maps each layer's
     name to its {key: Parameter} before the swap; every one of those the model no longer holds is retired,
     named "{key} of layer {name!r}" (sparsify_, densify_ and keep_channels_ alike)."""
-    kept = {id(p) for p in model.parameters()}
+    kept, regrad = {id(p) for p in model.parameters()}, []
     for name, params in before.items():
         now = dict(model.get_submodule(name).named_parameters()) if params else {}
         for key, p in params.items():
             if id(p) not in kept:  # (in its place: the same key, or a CSR/BSR weight's values for a dense weight)
                 new = now.get(key, now.get(key + ".values", now.get(key.removesuffix(".values"))))
-                retire(p, f"{key} of layer {name!r}", by, new)
+                if retire(p, f"{key} of layer {name!r}", by, new):
+                    regrad.append(new)
+    held = [(n, p) for n, p in model.named_parameters() if p.grad is not None and p.requires_grad] if regrad else []
+    if held:  # (the other layers' gradients of that backward: a step mixing them with later ones is refused)
+        pending = _Pending(held)
+        with _lock:
+            for new in regrad:
+                _regrad[new] = _regrad[new][:2] + (pending,)
 
 
 def _replacement(entry: tuple) -> torch.Tensor | None:
@@ -165,6 +225,14 @@ def _check_state_shapes(optimizer, args, kwargs):
     for g, group in enumerate(optimizer.param_groups if regrad else ()):
         for i, p in enumerate(group["params"]):
             entry = _regrad.get(p)
+            mixed = entry[2].stale() if entry is not None and p.grad is not None and entry[2] is not None else None
+            if mixed is not None:
+                raise ValueError(
+                    f"{type(optimizer).__name__} param_groups[{g}]['params'][{i}] is the {entry[0]} as {entry[1]} "
+                    f"made it, whose gradient comes from backwards after {entry[1]}, while parameter {mixed!r} still "
+                    f"holds its gradient of a backward before {entry[1]}: {entry[1]} dropped that layer's share, so "
+                    f"this step would train the rest on both backwards and that layer on the later one only; step or "
+                    f"zero_grad(set_to_none=True) before {entry[1]}, or run both backwards after it")
             if entry is not None and p.grad is not None:
                 with _lock:  # (a backward since the swap)
                     _regrad.pop(p, None)

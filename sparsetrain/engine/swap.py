@@ -53,7 +53,7 @@ def uncarried_hook(mod: nn.Module) -> str | None:
     for pname, p in mod.named_parameters():  # (a sparse layer's: its CSR's values too)
         for attr, how in (("_backward_hooks", "register_hook"),
                           ("_post_accumulate_grad_hooks", "register_post_accumulate_grad_hook")):
-            if getattr(p, attr, None):
+            if any(not getattr(h, "sparsetrain_own", False) for h in (getattr(p, attr, None) or {}).values()):
                 return f"a gradient hook on its {pname} ({how}), a tensor its replacement has not (new Parameters)"
     return None
 
