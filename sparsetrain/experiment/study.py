@@ -31,6 +31,7 @@ from .loop import PhaseError, run_phase
 from .metrics import teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
                     prepare_phases, teacher_fingerprint)
+from .seed_status import SeedStatus
 from .teachers import load_teacher, teacher_checkpoint
 
 __all__ = ["run_study", "main", "run_dir_of", "prepare_run_dir"]
@@ -185,7 +186,7 @@ def run_study(cfg: Config) -> str:
             prepare_phases(cfg, rd)  # links what --reuse offers, checks the phases only read
         try:
             _on_main(setup)
-            return _run_seeds(cfg, rd, dev)
+            return _run_seeds(cfg, rd, dev, held.enter_context(SeedStatus()))  # (a seed's status.json)
         except _EXPECTED:
             # refused before anything ran (in set-up, or by the data: its size, its files): no run is
             # left for a report or --resume to find, nor an empty run directory (its lock alone)
@@ -231,7 +232,7 @@ def load_splits(cfg: Config, seed: int, first: bool = True):
     return got["splits"] if dist.is_main() else load(False)
 
 
-def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
+def _run_seeds(cfg: Config, rd: str, dev: torch.device, status: SeedStatus) -> str:
     train, reads = needed_phases(cfg)
     todo = reads + train
     student = cfg.resolved_student()
@@ -262,6 +263,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
             check_teachers_fit(cfg, splits)
         sd = os.path.join(rd, f"seed{seed}")
         make_folder(sd)
+        status.start(sd, todo)  # ("running"; "failed"/"stopped" where it raises: SeedStatus's exit in run_study)
         _on_main(lambda: write_json(os.path.join(sd, "noise.json"),  # (a collective: also the ranks' barrier)
                                     {"flipped": splits.flipped.tolist(), **splits.summary()}))
         splits = dataclasses.replace(splits, train=splits.train.to(dev), val=splits.val.to(dev),
@@ -285,6 +287,7 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device) -> str:
                 run_phase(cfg, "student", splits, seed, phase, student, pdir, teacher=teacher.to(dev),
                           teacher_cost=cost, teacher_arch=teacher_arch)
             served.setdefault(key, phase)
+        status.done()
     return report.write_report(rd) if dist.is_main() else os.path.join(rd, "summary.md")
 
 

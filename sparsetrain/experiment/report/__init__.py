@@ -13,6 +13,7 @@ from ..integrity import check_best_place
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
+from ..seed_status import describe, read_status
 from .plots import plot_run
 from .tables import config_problem, md_cell, ordered_phases, summary_table
 
@@ -28,6 +29,21 @@ def verify_metrics(run_dir) -> None:
     edited since: the run itself refuses it, and a report of it would show that curve as the run's)."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
+
+
+def seed_table(run, run_dir) -> str:
+    """Markdown: each seed of the run (config's, and any seed folder) with its status (seed_status.py: done,
+    running, stopped, failed with its error) and the phases it has metrics of; each one's status is left in
+    run["status"] ({seed: words}: the per-round tables name the seeds without their curve by it)."""
+    seeds = {s for s in run["config"].get("seeds") or [] if type(s) is int} | {
+        s for curves in run["curves"].values() for s in curves}
+    out, run["status"] = ["| Seed | Status | Phases with metrics |", "|--:|---|---|"], {}
+    for s in sorted(seeds):
+        sd = os.path.join(run_dir, f"seed{s}")
+        state = run["status"][s] = describe(read_status(sd)) if os.path.isdir(sd) else "not started"
+        phases = [p for p in ordered_phases(run) if s in run["curves"][p]]
+        out.append(f"| {s} | {md_cell(state)} | {', '.join(phases) or 'none'} |")
+    return "\n".join(out)
 
 
 def write_report(run_dir) -> str:
@@ -68,6 +84,7 @@ def write_report(run_dir) -> str:
             lines.append(f"| {role} schedule | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in sched) + " |")
     done = ", ".join(f"{p}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
     lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
+              "## Seeds", "", seed_table(run, run_dir), "",
               "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",
               "## Phase labels", "", "```", LABEL_RULE, "```", "", "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] or ["(no metrics yet)"]
