@@ -52,3 +52,76 @@ def test_the_decision_cache_keeps_each_layer_s_newest_decisions(monkeypatch, tmp
     assert len(timed) == n + 4
     cache = json.loads((tmp_path / "engine_auto.json").read_text())
     assert nnz((32, 64)) == rounds[-3:] + rounds[:1]  # (the re-timed one is the newest now)
+
+
+def _cached_run(monkeypatch, tmp_path):
+    """A layer decided once (dense faster) into tmp_path's cache file; (layer, mask, times timed)."""
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    timed = []
+
+    def fake_seconds(layer, x, step):
+        timed.append(layer)
+        return 3.0 if is_sparse(layer) else 2.0
+
+    monkeypatch.setattr(policy, "_step_seconds", fake_seconds)
+    layer = nn.Linear(64, 32)
+    mask = _mask(torch.rand(layer.weight.shape), 300)
+    assert not policy.sparse_is_faster(layer, mask, (2, 64), reps=1)
+    return layer, mask, timed
+
+
+def test_a_cache_read_removes_old_leftovers_of_killed_writers(monkeypatch, tmp_path):
+    """A killed writer's .engine_auto.* temporary file was removed only when a new decision was saved: runs whose
+    decisions were all cached kept them for good. A read now removes those older than LEFTOVER_AGE_S whose writer
+    is gone (its lock free), and keeps a younger one (an older sparsetrain's unlocked file may be in progress)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    layer, mask, timed = _cached_run(monkeypatch, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - policy.LEFTOVER_AGE_S - 60
+    for name in (f".engine_auto.{dead.pid}.x1y2z3", ".engine_auto.k3j4h5g6", ".engine_auto.young1"):
+        (tmp_path / name).write_text('{"hal')
+        if "young" not in name:
+            os.utime(tmp_path / name, (old, old))
+    (tmp_path / "notes.txt").write_text("mine")  # (not the cache's: kept, however old)
+    os.utime(tmp_path / "notes.txt", (old, old))
+    n = len(timed)
+    monkeypatch.setattr(policy, "_DECISIONS", {})  # (a new process: every decision read from the file)
+    monkeypatch.setattr(policy, "_save_decision", lambda *a: (_ for _ in ()).throw(AssertionError("saved")))
+    assert not policy.sparse_is_faster(layer, mask, (2, 64), reps=1)
+    assert len(timed) == n  # (read, not measured nor saved)
+    assert sorted(os.listdir(tmp_path)) == sorted([".engine_auto.young1", "engine_auto.json", "engine_auto.json.lock",
+                                                   "notes.txt"])
+
+
+def test_the_cache_file_and_its_rename_are_fsynced(monkeypatch, tmp_path):
+    """The cache file was renamed into its folder without fsyncing the folder (the rename lives in its entries:
+    a crash could lose it) nor the file's bytes first; now the temporary file is fsynced, renamed, then the
+    folder fsynced (engine/durable.py, as the study's atomic_write does)."""
+    import os
+    events, real_fsync, real_replace, real_dir = [], os.fsync, os.replace, policy.fsync_dir
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    def fsync_dir(folder):
+        events.append(("fsync_dir", folder))
+        return real_dir(folder)
+
+    monkeypatch.setattr(policy.os, "fsync", fsync)
+    monkeypatch.setattr(policy.os, "replace", replace)
+    monkeypatch.setattr(policy, "fsync_dir", fsync_dir)
+    _cached_run(monkeypatch, tmp_path)
+    mine = [e for e in events if e[0] != "fsync" or e[1].startswith(".engine_auto.")]
+    assert [e[0] for e in mine] == ["fsync", "replace", "fsync_dir"]
+    assert mine[1][1] == "engine_auto.json" and mine[2][1] == str(tmp_path)
+    assert json.loads((tmp_path / "engine_auto.json").read_text()) == {k: False for k in policy._DECISIONS}

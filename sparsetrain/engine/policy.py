@@ -42,6 +42,7 @@ from .hooks import hooked_eval
 from .args import MATERIALIZE, check_bool_mask, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
 from . import writer_lock
+from .durable import fsync_dir, make_dirs
 from .policy_cache import add_bounded
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
@@ -57,6 +58,7 @@ SPARSE_MIN_WEIGHTS = 16384
 MEASURE_FROM = 0.5
 _DECISIONS: dict[str, bool] = {}  # measured decisions (sparse_is_faster), loaded from the cache file
 _UNWRITABLE: set[str] = set()  # cache files a write failed to, warned about once
+LEFTOVER_AGE_S = 300.0  # (a cache read removes dead writers' temporary files this old: no write lasts as long)
 
 
 def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, example: torch.Tensor | None = None,
@@ -187,6 +189,8 @@ def _cache_path() -> str:
 
 
 def _load_decisions() -> None:
+    # (a run whose decisions are all cached never saves one: its read removes what killed writers left too)
+    _remove_leftovers(os.path.dirname(_cache_path()), LEFTOVER_AGE_S)
     try:
         with open(_cache_path()) as f:
             cached = json.load(f).items()
@@ -207,7 +211,7 @@ def _decision_lock():
     try:
         import fcntl
         path = _cache_path() + ".lock"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dirs(os.path.dirname(path))  # (a new cache folder fsynced into its parent)
         f = open(path, "a")
     except (ImportError, OSError):  # (no fcntl, or a read-only home: decisions stay per process)
         yield
@@ -246,16 +250,23 @@ def _decision_lock():
 _TMP = re.compile(r"\.engine_auto\.(?:([1-9][0-9]{0,6})\.)?[^.]+")
 
 
-def _remove_leftovers(folder: str) -> None:
+def _remove_leftovers(folder: str, min_age: float = 0.0) -> None:
     """Remove the cache's temporary files whose writer died (killed mid-write, nothing else removes them):
     whether it lives is its lock, as for the study's files (writer_lock.claim; the pid rule where the lock
     cannot tell, which keeps the older names: pid 0, this process group). None without fcntl (Windows, where
-    os.kill is no liveness check)."""
+    os.kill is no liveness check). `min_age`: only files last written that many seconds ago or more (a read:
+    an older sparsetrain's unlocked file may be one being written)."""
     if writer_lock.fcntl is None:
         return
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
-            if (match := _TMP.fullmatch(name)) is not None:
+            if (match := _TMP.fullmatch(name)) is None:
+                continue
+            try:
+                young = min_age > 0 and time.time() - os.stat(os.path.join(folder, name)).st_mtime < min_age
+            except OSError:  # (removed meanwhile: by its writer, or another reader)
+                continue
+            if not young:
                 with writer_lock.claim(os.path.join(folder, name), int(match[1] or 0)) as alive:
                     if not alive:
                         with contextlib.suppress(OSError):
@@ -267,7 +278,7 @@ def _save_decision(key: str, value: bool) -> None:
     temporary files removed first)."""
     path, tmp, held = _cache_path(), None, None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dirs(os.path.dirname(path))  # (a new cache folder fsynced into its parent)
         _remove_leftovers(os.path.dirname(path))
         try:
             with open(path) as f:
@@ -287,7 +298,10 @@ def _save_decision(key: str, value: bool) -> None:
         held = None if held is False else held
         with os.fdopen(fd, "w") as f:
             json.dump(merged, f, indent=0)  # (in the order written: oldest first)
+            f.flush()
+            os.fsync(f.fileno())  # (its bytes on disk before its name: a crash left an empty cache file)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))  # (the rename durable: it lives in the folder's entries)
     except OSError as e:  # a read-only home: the decision stays in memory, told once per file
         if path not in _UNWRITABLE:
             _UNWRITABLE.add(path)
