@@ -195,7 +195,7 @@ def test_a_user_s_attributes_set_on_fused_layers_move_to_the_plain_ones(then):
     g = torch.Generator().manual_seed(0)
     model = _fusable()
     masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g), "6": random_mask((3, 4), 0.5, generator=g)}
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     sparsetrain.sparsify_(model, masks, fuse=True)
     assert [type(m).__name__ for m in model] == ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2",
                                                  "FusedAdaptiveAvgPool2d", "FusedFlatten", "FusedSparseLinear"]
@@ -220,7 +220,7 @@ def test_an_attribute_of_a_fused_layer_the_dense_one_has_of_its_own_is_refused_b
     g = torch.Generator().manual_seed(0)
     model = _fusable()
     masks = {"0": random_mask((4, 2, 3, 3), 0.5, generator=g)}
-    ref = _dense_masked(model, masks)
+    ref = dense_masked_copy(model, masks)
     sparsetrain.sparsify_(model, masks, fuse=True)
     model[0].transposed = tag = ["mine"]  # (nn.Conv2d's own, not SparseConv2d's)
     with pytest.raises(ValueError, match="layer '0' has an attribute 'transposed', which its replacement, a "
