@@ -14,7 +14,7 @@ from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
 from .placeholders import _PerThread, _backward_hooked, _watched
-from .swap import _replace_modules, _set_module, has_extras, user_attributes
+from .swap import _replace_modules, _set_module, has_extras, kind_keys, user_attributes
 from .torch_prune import check_own_bias
 
 __all__ = ["fuse_", "unfuse_", "fused_own"]
@@ -311,19 +311,14 @@ def fused_own(m: nn.Module) -> frozenset | None:
     """The keys of `m`, a module fuse_ made, that are its own (its kind's and fuse_'s): user_attributes' `own`;
     None for a module of another kind."""
     from .formats import CSR
-    if type(m) not in _FUSED_OWN and type(m) in (SparseConvBNReLU, FusedBatchNorm2d, FusedReLU, MaxPool2x2,
-                                                 FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear):
-        conv = lambda: SparseConv2d(CSR.from_dense(torch.ones(1, 1, 1, 1)))  # noqa: E731 (no RNG draws)
-        kinds = {SparseConvBNReLU: lambda: SparseConvBNReLU(conv(), FusedBatchNorm2d(1)),
-                 FusedBatchNorm2d: lambda: FusedBatchNorm2d(1), FusedReLU: FusedReLU, MaxPool2x2: lambda: MaxPool2x2(2),
-                 FusedAdaptiveAvgPool2d: lambda: FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d(1)),
-                 FusedFlatten: FusedFlatten, FusedSparseLinear: lambda: FusedSparseLinear(
-                     SparseLinear(CSR.from_dense(torch.ones(1, 1))))}
-        with torch.inference_mode(False), torch.no_grad():
-            fresh = kinds[type(m)]()
-        _FUSED_OWN[type(m)] = (frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers)
-                               | set(fresh._modules) | _FUSE_SETS)
-    return _FUSED_OWN.get(type(m))
+    conv = lambda: SparseConv2d(CSR.from_dense(torch.ones(1, 1, 1, 1)))  # noqa: E731 (no RNG draws)
+    kinds = {SparseConvBNReLU: lambda: SparseConvBNReLU(conv(), FusedBatchNorm2d(1)),
+             FusedBatchNorm2d: lambda: FusedBatchNorm2d(1), FusedReLU: FusedReLU, MaxPool2x2: lambda: MaxPool2x2(2),
+             FusedAdaptiveAvgPool2d: lambda: FusedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d(1)),
+             FusedFlatten: FusedFlatten, FusedSparseLinear: lambda: FusedSparseLinear(
+                 SparseLinear(CSR.from_dense(torch.ones(1, 1))))}
+    own = kind_keys(type(m), kinds, _FUSED_OWN)  # (the exact kind: a subclass of one is not fuse_'s)
+    return None if own is None else own | _FUSE_SETS
 
 
 def _unfused(m: nn.Module) -> nn.Module | None:

@@ -100,12 +100,19 @@ def own_keys(mod: nn.Module) -> frozenset | None:
              nn.BatchNorm2d: lambda: nn.BatchNorm2d(1, device="meta"), nn.ReLU: nn.ReLU,
              nn.MaxPool2d: lambda: nn.MaxPool2d(2), nn.AdaptiveAvgPool2d: lambda: nn.AdaptiveAvgPool2d(1),
              nn.Flatten: nn.Flatten}
-    kind = next((k for k in kinds if isinstance(mod, k)), None)
-    if kind is not None and kind not in _OWN:
+    return kind_keys(next((k for k in kinds if isinstance(mod, k)), None), kinds, _OWN)
+
+
+def kind_keys(kind: type | None, kinds: dict, cache: dict) -> frozenset | None:
+    """The keys (__dict__'s and registries') of a fresh module of `kind`, built once by `kinds[kind]` and kept in
+    `cache`; None for a kind not in `kinds` (own_keys; fuse.fused_own for the modules fuse_ makes)."""
+    if kind not in kinds:
+        return None
+    if kind not in cache:
         with torch.inference_mode(False), torch.no_grad():
             fresh = kinds[kind]()
-        _OWN[kind] = frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers) | set(fresh._modules)
-    return _OWN.get(kind)
+        cache[kind] = frozenset(fresh.__dict__) | set(fresh._parameters) | set(fresh._buffers) | set(fresh._modules)
+    return cache[kind]
 
 
 def extras(old: nn.Module, new: nn.Module, name: str) -> list[tuple[str, str, object]]:
