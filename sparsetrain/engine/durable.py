@@ -3,7 +3,7 @@ fsyncing a file keeps its bytes but not its name. After a rename (atomic_write) 
 and after a folder is created (make_dirs) its parent is: after a power loss a file fsynced inside a
 folder whose own entry never reached the disk vanishes with that folder. No torch import here. In the
 engine (since 2026-12-06) so that the auto policy's decision cache (policy._save_decision) fsyncs its folder
-too; the study's files import it from experiment/durable.py."""
+too, as the study's files (experiment/files.py) do."""
 from __future__ import annotations
 
 import errno

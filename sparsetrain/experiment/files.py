@@ -26,7 +26,7 @@ import warnings
 from typing import Callable
 
 from ..engine import writer_lock
-from .durable import fsync_dir as _fsync_dir, make_dirs
+from ..engine.durable import fsync_dir as _fsync_dir, make_dirs
 from .file_errors import (EXIT_BUSY, Busy, CorruptFile, ReadFailed, RemoveFailed, WriteFailed,  # noqa: F401
                           remove_file)  # (re-exported: files' errors)
 
