@@ -31,16 +31,20 @@ def verify_metrics(run_dir) -> None:
         verify(path)
 
 
-def seed_table(run, run_dir) -> str:
-    """Markdown: each seed of the run (config's, and any seed folder) with its status (seed_status.py: done,
-    running, stopped, failed with its error) and the phases it has metrics of; each one's status is left in
-    run["status"] ({seed: words}: the per-round tables name the seeds without their curve by it)."""
+def seed_states(run, run_dir) -> dict:
+    """{seed: its status in words} for each seed of the run (config's, and any with metrics): seed_status.py's
+    done, running, stopped, failed with its error; "not started" without a seed folder. The Seeds table and
+    the per-round tables (the seeds without their curve) read it as run["status"]."""
     seeds = {s for s in run["config"].get("seeds") or [] if type(s) is int} | {
         s for curves in run["curves"].values() for s in curves}
-    out, run["status"] = ["| Seed | Status | Phases with metrics |", "|--:|---|---|"], {}
-    for s in sorted(seeds):
-        sd = os.path.join(run_dir, f"seed{s}")
-        state = run["status"][s] = describe(read_status(sd)) if os.path.isdir(sd) else "not started"
+    folder = lambda s: os.path.join(run_dir, f"seed{s}")  # noqa: E731
+    return {s: describe(read_status(folder(s))) if os.path.isdir(folder(s)) else "not started" for s in sorted(seeds)}
+
+
+def seed_table(run) -> str:
+    """Markdown: each seed of run["status"] (seed_states) with its status and the phases it has metrics of."""
+    out = ["| Seed | Status | Phases with metrics |", "|--:|---|---|"]
+    for s, state in run["status"].items():
         phases = [p for p in ordered_phases(run) if s in run["curves"][p]]
         out.append(f"| {s} | {md_cell(state)} | {', '.join(phases) or 'none'} |")
     return "\n".join(out)
@@ -67,6 +71,7 @@ def write_report(run_dir) -> str:
         raise CorruptFile(f"{path} is corrupt: {problem}; the report computes with it: restore it from a backup "
                           "copy, or set it back to the run's value (--print-config with the run's flags shows it); "
                           "the run's results need no deleting")
+    run["status"] = seed_states(run, run_dir)  # (the Seeds table's; the per-round tables name the missing)
     pngs = plot_run(run, run_dir)
     # every setting that changes results (the roles' schedules below), then what the run ran on
     keys = ["dataset", "eps", "noise", "clean_val", "val_fraction", "subset", "label_file", "model", "student",
@@ -84,7 +89,7 @@ def write_report(run_dir) -> str:
             lines.append(f"| {role} schedule | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in sched) + " |")
     done = ", ".join(f"{p}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
     lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
-              "## Seeds", "", seed_table(run, run_dir), "",
+              "## Seeds", "", seed_table(run), "",
               "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",
               "## Phase labels", "", "```", LABEL_RULE, "```", "", "## Plots", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] or ["(no metrics yet)"]
