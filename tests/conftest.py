@@ -47,6 +47,16 @@ def masked_mlp(seed: int):
     return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
 
 
+class Doubled(torch.nn.Module):
+    """A parametrization with a right_inverse: tensor = 2 * original."""
+
+    def forward(self, t):
+        return 2 * t
+
+    def right_inverse(self, t):
+        return t / 2
+
+
 def dense_masked_copy(model, masks):
     """The dense reference: a copy of `model` with each mask ({layer name: bool mask}) applied to its layer's weight."""
     ref = copy.deepcopy(model)

@@ -12,6 +12,8 @@ import sparsetrain
 from sparsetrain.engine.bsr import BSRLinear
 from sparsetrain.prune import global_prune
 
+from conftest import Doubled
+
 
 class _Double(nn.Module):
     def forward(self, t):
@@ -165,14 +167,6 @@ def test_fuse_keeps_a_head_whose_bias_is_reparametrized_as_it_is(how):
                 m.zero_grad()
 
 
-class _Halve(nn.Module):
-    def forward(self, t):
-        return 2 * t
-
-    def right_inverse(self, t):
-        return t / 2
-
-
 @pytest.mark.parametrize("kind", ["csr", "bsr", "fused"])
 def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_working(kind):
     """register_parametrization(layer.weight, "values", p) deleted the values, then failed storing p under
@@ -208,7 +202,7 @@ def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_work
         dense, mk = (ref[0], masks["0"]) if kind == "fused" else (ref[4], masks["4"])
         torch.testing.assert_close(layer.weight.values.grad, dense.weight.grad[mk])
     with pytest.raises(TypeError, match=r"right_inverse\(values\) already"):
-        parametrize.register_parametrization(layer.weight, "values", _Halve())
+        parametrize.register_parametrization(layer.weight, "values", Doubled())
     if kind == "csr":  # (prune.remove deletes prune's plain product of the values: still allowed)
         torch_prune.l1_unstructured(layer.weight, "values", amount=0.5)
         torch_prune.remove(layer.weight, "values")

@@ -111,6 +111,14 @@ def test_state_dict_hooks_are_refused_by_sparsify(layer, kind, fuse):
     assert type(model.fc).__name__ == "SparseLinear"
 
 
+def _densify_refused(model, handle, match: str) -> None:
+    """densify_ of the fused Net refused (TypeError matching `match`) before any swap, then the hook removed."""
+    with pytest.raises(TypeError, match=match):
+        sparsetrain.densify_(model)
+    assert type(model.conv).__name__ == "SparseConvBNReLU" and type(model.fc).__name__ == "SparseLinear"
+    handle.remove()
+
+
 @pytest.mark.parametrize("where", ["conv", "fc", "conv.weight", "fc.weight"])
 @pytest.mark.parametrize("kind", sorted(STATE_DICT_HOOKS))
 def test_state_dict_hooks_are_refused_by_densify(where, kind):
@@ -118,11 +126,8 @@ def test_state_dict_hooks_are_refused_by_densify(where, kind):
     g = torch.Generator().manual_seed(0)
     model = sparsetrain.sparsify_(Net(), _masks(g), fuse=True)
     log = []
-    handle = STATE_DICT_HOOKS[kind](model.get_submodule(where), log)
-    with pytest.raises(TypeError, match=f"layer '{where}' has a state_dict hook .*after densify_"):
-        sparsetrain.densify_(model)
-    assert type(model.conv).__name__ == "SparseConvBNReLU" and type(model.fc).__name__ == "SparseLinear"
-    handle.remove()
+    _densify_refused(model, STATE_DICT_HOOKS[kind](model.get_submodule(where), log),
+                     f"layer '{where}' has a state_dict hook .*after densify_")
     sparsetrain.densify_(model)
     assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
 
@@ -186,11 +191,8 @@ def test_gradient_hooks_on_a_sparse_layer_s_parameters_are_refused_by_densify(pa
     g = torch.Generator().manual_seed(0)
     model, log = sparsetrain.sparsify_(Net(), _masks(g), fuse=True), []
     for layer in ("conv", "fc"):
-        handle = GRAD_HOOKS[kind](model.get_submodule(layer).get_parameter(param), log)
-        with pytest.raises(TypeError, match=f"layer '{layer}' has a gradient hook on its {param} .*after densify_"):
-            sparsetrain.densify_(model)
-        assert type(model.conv).__name__ == "SparseConvBNReLU" and type(model.fc).__name__ == "SparseLinear"
-        handle.remove()
+        _densify_refused(model, GRAD_HOOKS[kind](model.get_submodule(layer).get_parameter(param), log),
+                         f"layer '{layer}' has a gradient hook on its {param} .*after densify_")
     sparsetrain.densify_(model)
     assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from conftest import assert_step_refused, assert_steps_as_dense_masked, masked_mlp
+from conftest import Doubled, assert_step_refused, assert_steps_as_dense_masked, masked_mlp
 import sparsetrain
 
 from sparsetrain.engine.formats import CSR
@@ -1849,16 +1849,6 @@ def test_reset_parameters_draws_the_dense_layer_s_init_at_the_kept_positions(kin
     assert values.requires_grad and not torch.equal(layer.weight.to_dense(), src.weight.detach() * mask)
 
 
-class _Double(nn.Module):
-    """A bias parametrization with a right_inverse (bias = 2 * original)."""
-
-    def forward(self, b):
-        return 2 * b
-
-    def right_inverse(self, b):
-        return b / 2
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
 def test_reset_parameters_sets_a_parametrized_bias_through_right_inverse_or_refuses_it(kind):
     """reset_parameters copied the bias drawn into the tensor a parametrization (or prune, weight_norm) computes,
@@ -1877,7 +1867,7 @@ def test_reset_parameters_sets_a_parametrized_bias_through_right_inverse_or_refu
         return {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}[type(src)].from_dense(src, random_mask(src.weight.shape, 0.7))
 
     layer = sparse()
-    nn.utils.parametrize.register_parametrization(layer, "bias", _Double())
+    nn.utils.parametrize.register_parametrization(layer, "bias", Doubled())
     original, mask = layer.parametrizations.bias.original, layer.weight.mask()
     torch.manual_seed(5)
     ref = dense()

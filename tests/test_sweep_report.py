@@ -370,16 +370,23 @@ def test_overlay_colours_follow_the_values_numerically_and_stay_distinct(tmp_pat
     assert len({to_rgba(c) for c in _colours(30)}) == 30  # (past 20 values too)
 
 
-def test_a_pipe_in_a_run_s_error_keeps_the_runs_table_s_columns(tmp_path):
-    """A run's error (a crash's exception line) or log path holding "|" split its row of the Markdown table of
-    runs into extra columns (the error cut off under no heading): it is escaped now, the row keeps 5 cells."""
+def _failed_run_row(tmp_path, error: str, log: str) -> str:
+    """The sweep report's row of runs for study run `a` (one finished teacher phase) that failed with `error`,
+    its log TMP/`log`."""
     cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
            "seeds": [0], "rate": 0.5, "wall": 0.95}
     _fill(tmp_path / "a", cfg, phases=("teacher",))
-    error = "RunFailed: exit code 1: TypeError: unsupported operand type(s) for |: 'int' and 'str'"
-    status = {"a": {"state": "failed", "kind": "study", "log": str(tmp_path / "a|b.log"), "error": error}}
+    status = {"a": {"state": "failed", "kind": "study", "log": str(tmp_path / log), "error": error}}
     md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
     (row,) = [line for line in md.splitlines() if line.startswith("| a |")]
+    return row
+
+
+def test_a_pipe_in_a_run_s_error_keeps_the_runs_table_s_columns(tmp_path):
+    """A run's error (a crash's exception line) or log path holding "|" split its row of the Markdown table of
+    runs into extra columns (the error cut off under no heading): it is escaped now, the row keeps 5 cells."""
+    error = "RunFailed: exit code 1: TypeError: unsupported operand type(s) for |: 'int' and 'str'"
+    row = _failed_run_row(tmp_path, error, "a|b.log")
     cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
     assert cells == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a|b.log'}"]
 
@@ -459,11 +466,5 @@ def test_md_cell_renders_any_text_as_one_cell_with_that_text(tmp_path):
     for plain in ("C:\\data\\run", "tau=10, teachers=['ckpt/a.pt']", "end\\"):
         assert md_cell(plain) == plain
     # the sweep report's table of runs: a failed run's multi-line error with a `\|` keeps its row and its text
-    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
-           "seeds": [0], "rate": 0.5, "wall": 0.95}
-    _fill(tmp_path / "a", cfg, phases=("teacher",))
     error = "RunFailed: exit code 1: ValueError: bad value a\\|b\nsecond line"
-    status = {"a": {"state": "failed", "kind": "study", "log": str(tmp_path / "a.log"), "error": error}}
-    md = open(write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"), status)).read()
-    (row,) = [line for line in md.splitlines() if line.startswith("| a |")]
-    assert _gfm_cells(row) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+    assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
