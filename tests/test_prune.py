@@ -1,5 +1,6 @@
 """magnitude_threshold and csr_prune against a sort-based NumPy/PyTorch reference."""
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -85,6 +86,9 @@ def test_threshold_bad_inputs():
         ops.magnitude_threshold([torch.ones(3)], 1.5)
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         ops.magnitude_threshold([torch.ones(3)], float("nan"))
+    for huge, shown in ((10**400, "inf"), (-10**400, "-inf"), (Fraction(10**400), "inf")):  # (OverflowError before)
+        with pytest.raises(ValueError, match=rf"^fraction must be in \[0, 1\], got {shown}$"):
+            ops.magnitude_threshold([torch.ones(3)], huge)
     with pytest.raises(TypeError, match="masks must have dtype Bool"):
         ops.magnitude_threshold([torch.ones(3)], 0.5, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"masks\[0\] must have the shape"):

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable
 
@@ -45,7 +46,11 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
         raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
     if not tensors:  # nothing to dispatch on: nothing to prune
         return 0.0, 0
-    thr, ties = torch.ops.sparsetrain.magnitude_threshold([t.detach() for t in tensors], masks, float(fraction))
+    try:
+        value = float(fraction)
+    except OverflowError:  # (an int past float's range, 10**400: the op's range error below, not float()'s)
+        value = math.inf if fraction > 0 else -math.inf
+    thr, ties = torch.ops.sparsetrain.magnitude_threshold([t.detach() for t in tensors], masks, value)
     return float(thr), int(ties)
 
 
