@@ -14,6 +14,7 @@ import numbers
 import os
 import warnings
 
+import numpy as np
 import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
@@ -98,6 +99,31 @@ def tensor_args(names: str):
                 if not isinstance(v, torch.Tensor) and not (optional and v is None):
                     raise TypeError(f"{fn.__name__}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
                                     f"got {type(v).__name__}")
+            return fn(*args, **kwargs)
+        return checked
+    return wrap
+
+
+def check_flag(v, name: str) -> None:
+    """A bool argument: True or False (numpy's bool too), engine.args.check_flag's rule and wording, kept here for
+    the kernels (as is_int). The C++ schema's bool takes an int or a tensor as given; here 2, "no" or a tensor
+    was silently truthy (a ReLU applied, a gradient computed), where the ops' Python callers refuse it."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+
+
+def flag_args(names: str):
+    """Decorates an op's Triton function: its bool parameters `names` (space-separated), where given (else
+    their defaults), must be True or False (check_flag: a TypeError naming the parameter)."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            given = sig.bind_partial(*args, **kwargs).arguments  # (a bad call: fn's own TypeError, raised here)
+            for name in names.split():
+                if name in given:
+                    check_flag(given[name], name)
             return fn(*args, **kwargs)
         return checked
     return wrap

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, is_int, launch,
-                     tensor_args)
+from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, flag_args, is_int,
+                     launch, tensor_args)
 from .sparse_conv2d import _plus, conv2d_grad_input, conv2d_grad_weight, sparse_conv2d_backward
 
 __all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
@@ -84,6 +84,7 @@ def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @tensor_args("y scale shift residual? relu_counts?")
+@flag_args("relu")
 def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     """act(scale[c] y + shift[c] (+ residual)); relu_counts (int64 [C * H * W]) += the samples with a
     positive output per neuron."""
@@ -172,6 +173,7 @@ def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, nu
 
 
 @tensor_args("stats weight? bias? running_mean? running_var? num_batches_tracked?")
+@flag_args("batch_stats")
 def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                    batch_stats, dtype):
     """(mean, invstd, weight as float64 [C]; scale, shift in `dtype`) and the running update, as the
@@ -226,6 +228,7 @@ def _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_st
 
 
 @tensor_args("grad_out y residual? scale shift weight mean invstd")
+@flag_args("batch_stats relu_after relu_before grad_residual")
 def bn_act_backward(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before,
                     grad_residual):
     """(dy, dweight, dbias, the residual's gradient or empty, sum dy [C] f64), as the C++ op."""
@@ -239,6 +242,7 @@ def bn_act_backward(grad_out, y, residual, scale, shift, weight, mean, invstd, b
 
 @tensor_args("grad_out x crow_indices col_indices values ccol_indices row_indices_t perm grad_input_add? y residual? "
               "scale shift weight mean invstd in_scale? in_shift? in_mean? sums? pool_indices?")
+@flag_args("batch_stats relu_after relu_before grad_residual grad_input grad_values in_relu grad_bias")
 def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                               kernel_size, stride, padding, grad_input_add, y, residual, scale, shift, weight, mean,
                               invstd, batch_stats, relu_after, relu_before, grad_residual, grad_input, grad_values,

@@ -29,8 +29,8 @@ import triton.language as tl
 from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
                      check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
                      check_ints, check_perm, check_split, check_transposed, check_values, conv_args as _args,
-                     conv_geometry as _geometry, density_key, dtype_name, launch, max_index, num_sms, pow2_bucket,
-                     row_order, tensor_args)
+                     conv_geometry as _geometry, density_key, dtype_name, flag_args, launch, max_index, num_sms,
+                     pow2_bucket, row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -313,6 +313,7 @@ def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indice
 
 
 @tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias? in_scale? in_shift? relu_counts?")
+@flag_args("relu in_relu")
 def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                         kernel_size, stride, padding, bias, relu, in_scale=None, in_shift=None, in_relu=False,
                         relu_counts=None):

@@ -256,6 +256,48 @@ def bn_backward_arguments_refused_as_the_cpp_ops():
                       "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices")
 
 
+
+@interp
+def flag_arguments_refused_unless_bool():
+    """Every bool of the ops' schemas (found in the C++ schema), given 2, "no" or a tensor, is refused by the Triton
+    function with the TypeError the ops' Python callers raise (engine.args.check_flag, same wording): the schema's
+    bool takes an int or a tensor as given, and the Triton functions took all three as True (a ReLU applied, a
+    gradient computed) before 2026-12-06. numpy's bool is taken, with the C++ op's result."""
+    import inspect
+    import re
+    import numpy as np
+    import sparsetrain.kernels.bn_act as KB
+    import sparsetrain.kernels.sparse_conv2d as KC
+    from sparsetrain.engine.args import check_flag
+    ops = torch.ops.sparsetrain
+    _, idx, x, geo = _conv_case(*GEOMS[0], torch.float64)
+    y = ops.sparse_conv2d(x, *idx, *geo, None)
+    c, cin, y64 = y.shape[1], x.shape[1], y.double()
+    one, zero = torch.ones(c, dtype=y.dtype), torch.zeros(c, dtype=y.dtype)
+    stats = torch.stack([y64.sum((0, 2, 3)), (y64 * y64).sum((0, 2, 3))])
+    calls = [(KB.bn_act, (y, one, zero, None, True)),
+             (KB.bn_scale_shift, (stats, y.numel() // c, None, None, None, None, None, 0.1, 1e-5, True, y.dtype)),
+             (KB.bn_act_backward, (y, y, None, one, zero, one, zero, one, True, True, False, False)),
+             (KC.sparse_conv2d_stats, (x, *idx, *geo, None, True, torch.ones(cin, dtype=x.dtype),
+                                       torch.zeros(cin, dtype=x.dtype), True)),
+             (KB.sparse_conv2d_bn_backward, (y, x, *idx, *geo, None, y, None, one, zero, one, zero, one, True, True,
+                                             False, False, True, True, None, None, False, False))]
+    for fn, args in calls:
+        params = list(inspect.signature(fn).parameters)
+        flags = [a.name for a in getattr(ops, fn.__name__).default._schema.arguments if str(a.type) == "bool"]
+        assert flags and all(isinstance(args[params.index(f)], bool) for f in flags), (fn.__name__, flags)
+        for name in flags:
+            i = params.index(name)
+            for bad in (2, "no", torch.tensor(True)):
+                with pytest.raises(TypeError) as want:
+                    check_flag(bad, name)
+                with pytest.raises(TypeError, match=f"^{re.escape(str(want.value))}$"):
+                    fn(*args[:i], bad, *args[i + 1:])
+        got = fn(*(np.bool_(a) if isinstance(a, bool) else a for a in args))
+        ref = getattr(ops, fn.__name__)(*args)
+        for k, (a, b) in enumerate(zip(got, ref) if isinstance(ref, tuple) else [(got, ref)]):
+            _close(a, b, torch.float64, f"{fn.__name__} output {k}")
+
 class _Res(torch.nn.Module):
     """stem conv -> BN -> ReLU, one of the study's residual blocks, a linear head."""
 
