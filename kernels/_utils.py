@@ -174,8 +174,8 @@ def check_index(t: torch.Tensor, arg: str, dtype: torch.dtype):
 
 # ------------------------------------------------------------------ argument checks (the C++ ops' wording)
 def check_conv_args(kernel_size, stride, padding) -> None:
-    """Two entries each, kernel and stride >= 1, padding >= 0 (the C++ op's checks and wording), before
-    anything indexes them or divides by them."""
+    """Two entries each, kernel and stride >= 1, padding >= 0, each < 2^31, at most 2^24 taps (the C++ op's
+    checks and wording), before anything indexes them or divides by them."""
     if not all(hasattr(a, "__len__") and len(a) == 2 for a in (kernel_size, stride, padding)):
         raise ValueError(f"kernel_size, stride and padding must each have 2 entries, got {kernel_size}, {stride}, "
                          f"{padding}")
@@ -183,6 +183,11 @@ def check_conv_args(kernel_size, stride, padding) -> None:
         check_ints(v, arg)
         if min(int(e) for e in v) < low:
             raise ValueError(f"{arg} must be >= {low}, got {[int(e) for e in v]}")
+    k, s, p = ([int(e) for e in a] for a in (kernel_size, stride, padding))
+    if max(k + s + p) >= 2**31:  # (as the C++ op: 2^31 and more ran, or failed allocating, or as another error)
+        raise ValueError(f"kernel_size, stride and padding must be < 2^31, got {k}, {s}, {p}")
+    if k[0] * k[1] > 2**24:
+        raise ValueError(f"kernel_size must have at most 2^24 taps, got {k}")
 
 
 def conv_geometry(x_shape, O, kernel_size, stride, padding):
@@ -190,6 +195,8 @@ def conv_geometry(x_shape, O, kernel_size, stride, padding):
     check_conv_args(kernel_size, stride, padding)
     B, C, H, W = x_shape
     (KH, KW), (SH, SW), (PH, PW) = (tuple(int(v) for v in a) for a in (kernel_size, stride, padding))
+    if not (0 <= H < 2**31 and 0 <= W < 2**31):  # (the C++ op's make_plan: an empty batch of 2^31 rows was taken)
+        raise ValueError(f"input spatial size must be {'>= 0' if min(H, W) < 0 else '< 2^31'}, got ({H}, {W})")
     if H + 2 * PH < KH or W + 2 * PW < KW:
         raise ValueError(f"input spatial size ({H}, {W}) plus padding ({PH}, {PW}) is smaller than the "
                          f"kernel ({KH}, {KW})")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -771,6 +772,42 @@ def index_tensors_inconsistent_with_nnz_refused_as_the_cpp_ops():
                   r"ptr\[-1\] \(\d+\) must equal idx.numel\(\)")
     refused_alike(None, lambda *a: KL.csr_spmm(*a), (lcrow, lcol, lv[:1], xl.t().contiguous()),
                   rf"vals must have nnz = {n} entries, got 1")
+
+
+@interp
+def conv_geometry_of_2_31_refused_as_the_cpp_ops():
+    """A kernel_size, stride or padding entry of 2^31 or more, a kernel of more than 2^24 taps and an input
+    spatial size of 2^31 (an empty batch) are refused by every Triton conv function with the C++ ops' messages
+    (before 2026-12-06 the Triton ones ran such a stride, tried to allocate 640 GB for such a padding, returned
+    an output of 2^31 rows for the empty batch, or refused with another check's message)."""
+    import sparsetrain.engine.ops  # noqa: F401  (registers the C++ ops)
+    import sparsetrain.kernels.sparse_conv2d as KC
+    from sparsetrain.engine.formats import CSR
+    ops = torch.ops.sparsetrain
+    g = torch.Generator().manual_seed(9)
+    W = CSR.from_dense(torch.randn(4, 3, 3, 3, generator=g), random_mask((4, 3, 3, 3), 0.5, generator=g))
+    crow, col, v, ccol, rt, perm = (t.detach() for t in W.index())
+    x, gy, big = torch.randn(2, 3, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g), 2**31
+
+    def refused(x, gy, geo, input_size, msg):
+        refused_alike(ops.sparse_conv2d, KC.sparse_conv2d, (x, crow, col, v, ccol, rt, perm, *geo, None), msg)
+        refused_alike(ops.sparse_conv2d_stats, KC.sparse_conv2d_stats, (x, crow, col, v, ccol, rt, perm, *geo, None,
+                                                                       False), msg)
+        refused_alike(ops.sparse_conv2d_grad_weight, KC.sparse_conv2d_grad_weight, (gy, x, crow, col, *geo), msg)
+        refused_alike(ops.sparse_conv2d_grad_input, KC.sparse_conv2d_grad_input,
+                      (gy, ccol, rt, perm, v, input_size, *geo), msg)
+        refused_alike(ops.sparse_conv2d_backward, KC.sparse_conv2d_backward, (gy, x, crow, col, v, ccol, rt, perm,
+                                                                             *geo), msg)
+    for geo in (([3, 3], [big, 1], [1, 1]), ([3, 3], [1, 1], [1, big]), ([big, 3], [1, 1], [1, 1]),
+                ([3, 3], [1, 2**40], [1, 1])):
+        shown = re.escape(", ".join(str(list(a)) for a in geo))
+        refused(x, gy, geo, [5, 5], rf"^kernel_size, stride and padding must be < 2\^31, got {shown}$")
+    refused(x, gy, ([2**13, 2**12], [1, 1], [0, 0]), [5, 5], r"^kernel_size must have at most 2\^24 taps, got \[8192, 4096\]$")
+    geo = ([3, 3], [1, 1], [1, 1])
+    refused(torch.empty(0, 3, big, 5), torch.empty(0, 4, big, 5), geo, [big, 5],
+            rf"^input spatial size must be < 2\^31, got \({big}, 5\)$")
+    refused(torch.empty(0, 3, 5, big), torch.empty(0, 4, 5, big), geo, [5, big],
+            rf"^input spatial size must be < 2\^31, got \(5, {big}\)$")
 
 
 @interp
