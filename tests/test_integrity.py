@@ -328,6 +328,32 @@ def test_a_checkpoint_without_its_record_that_cannot_be_read_is_not_called_corru
         checkpoint.load_model(str(teacher))
 
 
+@pytest.mark.parametrize("record", [True, False])
+def test_a_checkpoint_deleted_while_it_is_loaded_is_missing_not_corrupt(tmp_path, monkeypatch, record):
+    """A checkpoint deleted between safe_load's existence check and its read (another process cleaning up) was
+    "corrupt or not a torch file" (torch.load's FileNotFoundError) or, with its record, "corrupt: missing"
+    (verify's): it is the FileNotFoundError a missing one gets."""
+    from sparsetrain.experiment.models import build_model
+    arch = dict(name="lenet300", num_classes=10, in_channels=1, image_size=28)
+    path = tmp_path / "teacher.pt"
+    checkpoint.save_model(str(path), build_model(**arch), {}, arch)
+    if not record:
+        os.remove(f"{path}.sha256")
+    real = checkpoint.verify
+
+    def deleted_first(p):  # (the deletion lands after the existence check: before verify, or before torch.load)
+        if record:
+            os.remove(p)
+            return real(p)
+        found = real(p)
+        os.remove(p)
+        return found
+    monkeypatch.setattr(checkpoint, "verify", deleted_first)
+    with pytest.raises(FileNotFoundError) as e:
+        checkpoint.safe_load(str(path))
+    assert str(e.value) == f"checkpoint not found: {path}"
+
+
 def test_a_lock_that_cannot_be_opened_is_refused_not_ignored(mnist_dir, study_args, capsys, tmp_path):
     """folder_lock ran the body without any lock on every OSError opening .lock (a folder in its place,
     no permission): two processes could run one run directory at once. The folder existing, it is one

@@ -53,13 +53,21 @@ def safe_load(path: str) -> dict:
     """torch.load(weights_only=True) with a clear error for a missing, corrupt (against the checksum
     recorded at write time, when there is one, else the zip's CRC-32s) or foreign file; ReadFailed for one
     that cannot be read (no permission, an I/O error: not corrupt)."""
+    missing = lambda: FileNotFoundError(f"checkpoint not found: {path}")  # noqa: E731
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not verify(path):  # no record (a --teachers PATH, a file from elsewhere): the zip's own CRC-32s
-        _check_crcs(path)
+        raise missing()
+    try:
+        if not verify(path):  # no record (a --teachers PATH, a file from elsewhere): the zip's own CRC-32s
+            _check_crcs(path)
+    except CorruptFile:
+        if not os.path.exists(path):  # (deleted since the check above: verify's "corrupt: missing")
+            raise missing() from None
+        raise
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files
+        if isinstance(e, FileNotFoundError) or not os.path.exists(path):  # (deleted since the checks: not corrupt)
+            raise missing() from None
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
             # (EACCES, EIO on a file without a record: not a corrupt file, maybe intact: one line naming it, as verify's)
             raise ReadFailed(e.errno, e.strerror or str(e), path) from e
