@@ -55,6 +55,7 @@ def test_a_killed_seed_is_stopped_and_a_living_one_running(mnist_dir, study_args
     try:
         for seed, pid in ((1, dead.pid), (2, living.pid)):  # (as a kill mid-seed leaves them: "running")
             record = {**_status(rd, seed), "state": "running", "pid": pid, "started": "2026-12-06 10:00:00 +0000"}
+            record["start_ticks"] = _ticks(pid) if pid == living.pid else record["start_ticks"]
             del record["ended"]
             (rd / f"seed{seed}" / "status.json").write_text(json.dumps(record))
         (rd / "seed3").mkdir()  # (a seed folder with no record: an older run's)
@@ -65,10 +66,45 @@ def test_a_killed_seed_is_stopped_and_a_living_one_running(mnist_dir, study_args
     assert f"| 1 | stopped (pid {dead.pid} gone; started 2026-12-06 10:00:00 +0000) | teacher |" in text
     assert f"| 2 | running (pid {living.pid} on {socket.gethostname()}, since 2026-12-06 10:00:00 +0000) |" in text
     assert "| 0 | done | teacher |" in text
-    # (another host's pid cannot be checked: running as recorded)
+    # (another host's pid cannot be checked: running as recorded, said so)
     record = {**_status(rd, 1), "host": "elsewhere"}
     (rd / "seed1" / "status.json").write_text(json.dumps(record))
-    assert f"| 1 | running (pid {dead.pid} on elsewhere," in open(report.write_report(rd)).read()
+    assert f"| 1 | running on elsewhere (not checkable from here; pid {dead.pid}, since 2026-12-06 10:00:00 +0000) |" \
+        in open(report.write_report(rd)).read()
+
+
+def _ticks(pid: int) -> int:
+    """Process `pid`'s start time in clock ticks since boot: /proc/<pid>/stat's field 22 (proc(5))."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # (field 3, the state, first)
+    return int(fields[22 - 3])
+
+
+def test_a_reused_pid_or_a_restarted_host_is_stopped_and_an_older_record_keeps_the_pid_rule(tmp_path):
+    """A "running" record's pid was checked for a living process alone: a killed seed whose pid now belongs to
+    another process (or, after a restart, any process) read "running". A record holds the boot id and the
+    process's start time since 2026-12-06: a living process of another start time, or another boot, is the
+    killed seed's "stopped (pid N gone)"; a record without them (an older one) keeps the pid rule."""
+    from sparsetrain.experiment import seed_status
+    seed_status.SeedStatus().start(str(tmp_path), ["teacher"])
+    mine = json.loads((tmp_path / "status.json").read_text())
+    boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+    assert (mine["boot_id"], mine["start_ticks"], mine["pid"]) == (boot, _ticks(os.getpid()), os.getpid())
+    assert seed_status.describe(mine).startswith(f"running (pid {os.getpid()} on ")  # (this very process: alive)
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        at = "2026-12-06 10:00:00 +0000"
+        own = {**mine, "pid": living.pid, "start_ticks": _ticks(living.pid), "started": at}
+        host = socket.gethostname()
+        assert seed_status.describe(own) == f"running (pid {living.pid} on {host}, since {at})"
+        gone = f"stopped (pid {living.pid} gone; started {at})"
+        assert seed_status.describe({**own, "start_ticks": own["start_ticks"] - 1}) == gone  # (a reused pid)
+        assert seed_status.describe({**own, "boot_id": "another-boot"}) == gone  # (the host restarted since)
+        older = {k: v for k, v in own.items() if k not in ("boot_id", "start_ticks")}
+        assert seed_status.describe(older) == f"running (pid {living.pid} on {host}, since {at})"
+        assert seed_status.describe({**older, "pid": os.getpid()}) == f"stopped (pid {os.getpid()} gone; started {at})"
+    finally:
+        living.kill()
+        living.wait()
 
 
 def test_an_interrupted_seed_is_stopped(mnist_dir, study_args, interrupted):

@@ -3,7 +3,10 @@ runs or was stopped (its folder alone cannot tell). Written atomically (files.wr
 with pid, host and start time as the seed starts (a resumed seed overwrites it), "failed" with the one line
 of the error it raised, "stopped" where it was interrupted (Ctrl-C), "done" once its phases finished. A
 killed process (SIGKILL, OOM) leaves "running": the report says "stopped (pid N gone)" where no process of
-that pid lives on this host (another host's cannot be checked: still "running" there)."""
+that pid lives on this host, or (Linux, since 2026-12-06: the record's boot id and the process's start time, in
+clock ticks since boot, /proc/<pid>/stat's field 22) one does but is another process (a reused pid) or the host
+restarted since; another host's cannot be checked: "running on HOST (not checkable from here)". A record
+without those fields (an older one, another OS's) is checked by the pid alone."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +22,38 @@ from .files import write_json
 __all__ = ["STATUS", "SeedStatus", "read_status", "describe"]
 
 STATUS = "status.json"
+
+
+def _boot_id() -> str | None:
+    """This host's boot id (Linux; None elsewhere): a process start time counts clock ticks since this boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Process `pid`'s start time, clock ticks since boot (Linux: /proc/<pid>/stat's field 22); None where there is
+    no such process or no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # (fields 3 on follow the name's closing ")")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _run_gone(record: dict) -> bool:
+    """Whether the recorded running process on this host no longer runs: the boot or the pid's start time differ
+    (a reused pid, this process's own included) where both are recorded and readable, else no process of the pid
+    lives (this process's own pid: a dead one's reused)."""
+    pid, boot, ticks = record.get("pid"), record.get("boot_id"), record.get("start_ticks")
+    if type(pid) is not int or pid <= 0:
+        return False
+    if isinstance(boot, str) and type(ticks) is int and _boot_id() is not None:
+        return boot != _boot_id() or _start_ticks(pid) != ticks
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def _error_line(e: BaseException) -> str:
@@ -44,6 +79,9 @@ class SeedStatus:
         self._sd = sd
         self._record = {"pid": os.getpid(), "host": socket.gethostname(), "phases": list(phases),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        boot, ticks = _boot_id(), _start_ticks(os.getpid())
+        if boot is not None and ticks is not None:  # (Linux: a reader tells a reused pid, a restarted host)
+            self._record.update(boot_id=boot, start_ticks=ticks)
         self._write("running")
 
     def done(self) -> None:
@@ -75,15 +113,17 @@ def read_status(sd: str) -> dict | None:
 
 
 def describe(record: dict | None) -> str:
-    """A status record in words: done, running (pid, host, since), stopped (pid N gone), failed: error."""
+    """A status record in words: done, running (pid, host, since), running on HOST (not checkable from here),
+    stopped (pid N gone), failed: error."""
     if record is None:
         return "no status record"
     state, pid, host = record["state"], record.get("pid"), record.get("host")
     where = f"pid {pid} on {host}, since {record.get('started', '?')}"
     if state == "running":
-        alive = not (host == socket.gethostname() and type(pid) is int and pid > 0
-                     and (pid == os.getpid() or not pid_alive(pid)))  # (this process's pid: a dead one's reused)
-        return f"running ({where})" if alive else f"stopped (pid {pid} gone; started {record.get('started', '?')})"
+        if isinstance(host, str) and host != socket.gethostname():  # (its pid means nothing here)
+            return f"running on {host} (not checkable from here; pid {pid}, since {record.get('started', '?')})"
+        gone = host == socket.gethostname() and _run_gone(record)
+        return f"stopped (pid {pid} gone; started {record.get('started', '?')})" if gone else f"running ({where})"
     if state in ("failed", "stopped"):
         return f"{state}: {record.get('error', '?')} ({where})"
     return state
