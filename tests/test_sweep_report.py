@@ -447,10 +447,11 @@ def test_a_run_whose_metrics_record_cannot_be_read_is_named_with_the_reason(tmp_
 def _gfm_cells(row: str) -> list:
     """A GFM table row's cells as rendered text (cmark-gfm's and markdown-it's rules): split at each `|` not
     preceded by a backslash, each `\\|` then read as `|`, then CommonMark's backslash escapes (`\\` before ASCII
-    punctuation: that character) and a `<br>` (a line break) in one pass."""
+    punctuation: that character), a `<br>` (a line break) and the entities `&lt;`, `&amp;` in one pass."""
     assert "\n" not in row and "\r" not in row, row  # (a line break ends the row)
     cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
-    inline = lambda c: re.sub(r"\\([!-/:-@\[-`{-~])|<br>", lambda m: m.group(1) or "\n", c)  # noqa: E731
+    inline = lambda c: re.sub(r"\\([!-/:-@\[-`{-~])|<br>|&lt;|&amp;",  # noqa: E731
+                              lambda m: m.group(1) or {"<br>": "\n", "&lt;": "<", "&amp;": "&"}[m[0]], c)
     return [inline(c) for c in cells]
 
 
@@ -468,3 +469,35 @@ def test_md_cell_renders_any_text_as_one_cell_with_that_text(tmp_path):
     # the sweep report's table of runs: a failed run's multi-line error with a `\|` keeps its row and its text
     error = "RunFailed: exit code 1: ValueError: bad value a\\|b\nsecond line"
     assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+
+
+def _inert(cell: str) -> bool:
+    """Whether a cell's Markdown holds no markup: each `*`, `` ` ``, `~`, `$`, `<`, a `_` not inside a word, a `]`
+    before `(`/`[` and an entity's `&` comes escaped (a `\\` before it), or as `&lt;`/`&amp;`; `<br>` (a line
+    break) aside."""
+    plain = re.sub(r"\\[!-/:-@\[-`{-~]|<br>|&lt;|&amp;", " ", cell)  # (escaped characters, line breaks, entities)
+    return not re.search(r"[*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])|&(?=#?\w+;)", plain)
+
+
+def test_md_cell_shows_markdown_in_a_text_as_written(tmp_path):
+    """md_cell escaped `|` and line breaks only: a text's `*x*` or `_x_` rendered as emphasis (its marks lost), a
+    backtick as code, `~~x~~` struck through, `[a](b)` a link, a literal `<br>` a line break and other HTML
+    rendered or dropped. Now each is escaped (CommonMark backslash escapes; `<` as `&lt;`, an entity's `&` as
+    `&amp;`): the cell reads as the text; a `_` inside a word (snake_case: no emphasis there) and brackets that
+    form no link stay as written."""
+    from sparsetrain.experiment.report.tables import md_cell
+    assert md_cell("*x* _y_ `z` <br> a<b>") == r"\*x\* \_y\_ \`z\` &lt;br> a&lt;b>"
+    assert md_cell("~~s~~ $x$ [a](b) &lt; &#124; a & b") == r"\~\~s\~\~ \$x\$ [a\](b) &amp;lt; &amp;#124; a & b"
+    texts = ["*x*", "_y_", "__init__", "`code`", "``a`b``", "~~s~~", "$x$", "[a](b)", "![i](p.png)", "[a][b]", "<br>",
+             "<b>bold</b>", "<https://x.org>", "&lt;", "&#124;", "&amp;", "a\\*b*", "a\\_b_", "x_\n_y", "é_ü_",
+             "ValueError: bad *weight* in `conv_1` | see <log>\nline 2"]
+    for text in texts:
+        cell = md_cell(text)
+        assert _gfm_cells(f"| k | {cell} |") == ["k", text], text
+        assert _inert(cell), (text, cell)
+    for plain in ("seed_0/distill_a.pt", "teachers=['ckpt/a.pt'], [1, 2]", "a & b", "x > y"):
+        assert md_cell(plain) == plain
+    # the sweep report's table of runs: an error with Markdown in it reads as written
+    error = "RunFailed: exit code 1: KeyError: '*x*' in <module> `f`"
+    assert _gfm_cells(_failed_run_row(tmp_path, error, "a_.log")) == ["a", "study", "failed", "",
+                                                                     f"{error} — {tmp_path / 'a_.log'}"]

@@ -15,14 +15,24 @@ __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_ce
            "stats", "mean", "ms", "md_cell", "started_seeds", "stops_unknown"]
 
 
+# What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
+# before ASCII punctuation or a line break (an escape); `|` (GFM: a cell's end); emphasis, code, strikethrough,
+# math (GitHub) marks; a `_` but one inside a word (no emphasis there: snake_case stays as written); a link's
+# `](`/`][`; `<` (HTML, a literal `<br>`, an autolink); an `&` that starts an entity (`&lt;`, `&#124;`).
+_MD_ACTIVE = re.compile(r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
+                        r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
+_MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
+
+
 def md_cell(value) -> str:
     """`value` as the text of one Markdown table cell that renders as that text: each line break as `<br>` (one
-    ended the row), each `\\` that Markdown would read as an escape (before ASCII punctuation: a `\\|` of the
-    text, or the `<` of a `<br>`) doubled, then each `|` escaped as `\\|` (GFM: a bare one, a path's or an
-    error's, splits the row into more cells, the text cut off; a text's `\\|` lost its backslash before
-    2026-12-06)."""
-    text = re.sub(r"\r\n|\r|\n", "<br>", str(value))
-    return re.sub(r"\\(?=[!-/:-@\[-`{-~])", r"\\\\", text).replace("|", "\\|")
+    ended the row), each `|` escaped `\\|` (GFM: a bare one, a path's or an error's, split the row), each `\\`
+    that Markdown would read as an escape doubled (a text's `\\|` lost its backslash before 2026-12-06), and the
+    rest of what Markdown reads escaped (CommonMark backslash escapes; `<` as `&lt;`, an entity's `&` as `&amp;`):
+    `*x*`, `_x_`, backticks, `~~x~~`, `$x$`, `[a](b)`, a literal `<br>` or other HTML (rendered, or dropped, before
+    2026-12-06). Only for text shown as written (errors, paths, labels): a cell formatted on purpose (bold) is not
+    passed through it."""
+    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or "\\" + m[0][-1], str(value))
 
 
 def _real(v) -> bool:
