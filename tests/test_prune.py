@@ -89,6 +89,11 @@ def test_threshold_bad_inputs():
     for huge, shown in ((10**400, "inf"), (-10**400, "-inf"), (Fraction(10**400), "inf")):  # (OverflowError before)
         with pytest.raises(ValueError, match=rf"^fraction must be in \[0, 1\], got {shown}$"):
             ops.magnitude_threshold([torch.ones(3)], huge)
+    for empty in ([], ()):  # (an empty list returned (0.0, 0) before the fraction was checked)
+        for bad, shown in ((1.5, "1.5"), (float("nan"), "nan"), (-10**400, "-inf")):
+            with pytest.raises(ValueError, match=rf"^fraction must be in \[0, 1\], got {shown}$"):
+                ops.magnitude_threshold(empty, bad)
+        assert ops.magnitude_threshold(empty, 0.5) == (0.0, 0) and ops.magnitude_threshold(empty, 1, []) == (0.0, 0)
     with pytest.raises(TypeError, match="masks must have dtype Bool"):
         ops.magnitude_threshold([torch.ones(3)], 0.5, [torch.ones(3)])
     with pytest.raises(ValueError, match=r"masks\[0\] must have the shape"):

@@ -44,12 +44,12 @@ def magnitude_threshold(tensors, fraction: float, masks=None):
         raise ValueError("magnitude_threshold runs on CPU tensors and masks (move them with .cpu())")
     if len(masks) != len(tensors):
         raise ValueError(f"masks must have one entry per tensor ({len(tensors)}), got {len(masks)}")
-    if not tensors:  # nothing to dispatch on: nothing to prune
-        return 0.0, 0
     try:
         value = float(fraction)
     except OverflowError:  # (an int past float's range, 10**400: the op's range error below, not float()'s)
         value = math.inf if fraction > 0 else -math.inf
+    if not tensors:  # nothing to dispatch on: an empty placeholder, so that the op still checks `fraction`
+        tensors, masks = [torch.empty(0)], [None]  # (its (0.0, 0); 1.5 was returned as (0.0, 0) too)
     thr, ties = torch.ops.sparsetrain.magnitude_threshold([t.detach() for t in tensors], masks, value)
     return float(thr), int(ties)
 
