@@ -305,3 +305,41 @@ def test_a_link_to_a_missing_folder_inside_a_class_folder_is_refused(tmp_path):
     (tmp_path / "cat-more").rename(disk / "cat-more")
     s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
     assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.train.y, expected.train.y)
+
+
+def test_an_image_file_linked_into_another_class_or_split_is_refused(tmp_path, monkeypatch):
+    """ImageFolder reads a file that is a link as the image it leads to: train/dog/2.png -> ../cat/0.png loaded that
+    cat twice (once as a dog), and a link into val/ trained on a test image, without a word (folder links were
+    checked, file links not). Such a link is now a DataError naming it and its target (a link from train into val
+    too, checked once val is walked); a link to a file outside the dataset loads as before. Only links are
+    resolved: a tree without any costs a stat per folder, none per file (an lstat per file was taken before)."""
+    from sparsetrain.experiment import images
+    _imagefolder(tmp_path)
+    expected = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    train, val = tmp_path / "train", tmp_path / "val"
+    for link, target, why in (
+            (train / "dog" / "2.png", "../cat/0.png", r"an image of class 'cat': read twice, also as 'dog'"),
+            (train / "cat" / "2.png", "../../val/cat/0.png", r"an image of the other split: the same image in train and val"),
+            (val / "dog" / "2.png", train / "dog" / "1.png", r"an image of the other split: the same image in train and val")):
+        os.symlink(target, link)
+        shown = (link.parent / target).resolve()
+        with pytest.raises(D.DataError, match=rf"^imagefolder: {link} is a link to {shown}, {why}.*; remove the link$"):
+            D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+        link.unlink()
+    os.symlink("../cat/0.png", train / "dog" / "2.png")  # (walk_links alone, as check_skipped_images calls it)
+    with pytest.raises(D.DataError, match=rf"{train / 'dog' / '2.png'} is a link to {train / 'cat' / '0.png'}, an image"):
+        list(images.walk_links(train))
+    (train / "dog" / "2.png").unlink()
+    (tmp_path / "outside").mkdir()  # (a file kept outside the dataset: loads, as before)
+    (train / "dog" / "1.png").rename(tmp_path / "outside" / "1.png")
+    os.symlink(tmp_path / "outside" / "1.png", train / "dog" / "1.png")
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert torch.equal(s.train.x, expected.train.x) and torch.equal(s.train.y, expected.train.y)
+    (train / "dog" / "1.png").unlink()
+    (tmp_path / "outside" / "1.png").rename(train / "dog" / "1.png")
+    calls, stat, lstat = [], os.stat, os.lstat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: calls.append(("stat", os.fspath(p))) or stat(p, *a, **k))
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: calls.append(("lstat", os.fspath(p))) or lstat(p, *a, **k))
+    images.check_skipped_images(train)
+    assert sorted(calls) == [("stat", str(p)) for p in (train, train / "cat", train / "dog")]
+

@@ -14,7 +14,7 @@ from .dataset_errors import DataError, DatasetNotFound, brief_error, download_no
 from .dataset_lock import download_guard
 
 __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder", "check_skipped_images",
-           "SKIPPED_EXTENSIONS", "walk_links"]
+           "SKIPPED_EXTENSIONS", "walk_links", "check_file_links"]
 
 
 def pil_to_uint8(img, size: int) -> torch.Tensor:
@@ -108,13 +108,13 @@ SKIPPED_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jxl"
                       ".tga", ".psd", ".pcx", ".pbm", ".pnm", ".pfm", ".dib", ".qoi", ".sgi", ".icns")
 
 
-def check_skipped_images(root: Path, seen: dict | None = None) -> None:
+def check_skipped_images(root: Path, seen: dict | None = None, links: list | None = None) -> None:
     """Images ImageFolder would skip without a word (a format of SKIPPED_EXTENSIONS in a class folder, or
     any image lying in `root` outside one): a DataError naming the folders and counts, so that a
     split never trains on fewer images than it holds. Other files (notes, .DS_Store) are not images."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     skip, root = {}, Path(root)  # (str or Path)
-    for r, dirs, files in walk_links(root, seen):  # (ImageFolder follows links too)
+    for r, dirs, files in walk_links(root, seen, links):  # (ImageFolder follows links too; `links`: walk_links')
         top = Path(r) == root  # (there every image is outside a class folder)
         n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in files)
         if n:
@@ -127,21 +127,23 @@ def check_skipped_images(root: Path, seen: dict | None = None) -> None:
                         "folder only; convert the images (or move them into their class folder) or remove them")
 
 
-def walk_links(root: Path, seen: dict | None = None):
+def walk_links(root: Path, seen: dict | None = None, links: list | None = None):
     """os.walk(root, followlinks=True), as ImageFolder scans, in sorted order; a folder reached twice (by
     (st_dev, st_ino)) is a DataError naming the link: one back to a folder above it is a loop (read again
     down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
     folder reads its images twice (under two classes). `seen`: the folders of another split walked before
     ({(st_dev, st_ino): path}, filled in), one of which reached again puts test images in training. A class
     folder (or a folder in one) that is a link to nothing (no folder to ImageFolder, which left the class or its
-    images out) is a DataError too, and
-    so is a folder that cannot be listed (permission denied: os.walk, as ImageFolder, skipped its images)."""
-    seen = {} if seen is None else seen
-
-    def unlistable(e: OSError):
-        raise DataError(f"imagefolder: {e.filename or root} cannot be listed ({e.strerror or brief_error(e)}): its images would "
-                        "be left out without a word; fix its permissions (or remove it)")
-    for r, dirs, files in os.walk(root, followlinks=True, onerror=unlistable):
+    images out) is a DataError too, and so is a folder that cannot be listed (permission denied: os.walk, as
+    ImageFolder, skipped its images). A file that is a link is checked by check_file_links: at the end of this
+    walk, or, where `links` is a list, appended to it ((link, root)) for the caller to check once every split
+    is walked. Only links are resolved (os.scandir tells them without a stat): a tree without any pays nothing."""
+    seen, own = {} if seen is None else seen, links is None
+    links = [] if own else links
+    todo = [os.fspath(root)]
+    while todo:
+        r = todo.pop()
+        dirs, files, flinks = _list(r)
         dirs.sort()
         if r == str(root):
             st = os.stat(r)
@@ -149,13 +151,16 @@ def walk_links(root: Path, seen: dict | None = None):
             if first != Path(r):  # (val/ a link to train/)
                 raise DataError(f"imagefolder: {r} is {first}: the same images in train and val (test images trained "
                                 "on); give each split its own folder")
-        gone = [f for f in files if os.path.islink(os.path.join(r, f)) and not os.path.exists(os.path.join(r, f))]
+        gone = []
+        for f in sorted(flinks):
+            try:
+                os.stat(os.path.join(r, f))  # (the target: a file, as the link is no folder)
+                links.append((Path(r) / f, Path(root)))
+            except OSError as e:
+                gone.append((f, e))
         if gone:  # (a class folder's link to an unmounted disk: ImageFolder left the class out, num_classes fewer;
             # a link deeper down, to a folder of images or an image: those)
-            raise DataError(f"imagefolder: {', '.join(str(Path(r) / f) for f in gone[:4])}{' ...' * (len(gone) > 4)}: "
-                            f"a link to {os.readlink(Path(r) / gone[0])}, which does not exist (" +
-                            ("a class folder there was" if r == str(root) else "what it held would be") +
-                            " left out without a word); mount or restore it, or remove the link")
+            _refuse_gone(Path(r), gone, top=r == str(root))
         for d in dirs:
             p = Path(r) / d
             try:
@@ -173,6 +178,68 @@ def walk_links(root: Path, seen: dict | None = None):
                     "a folder above it: a loop (its images read again at every level, or a scan never ending)" if loop
                     else "reached already: its images would be read twice") + "; remove the link")
         yield r, dirs, files
+        todo.extend(os.path.join(r, d) for d in reversed(dirs))  # (depth first, in order: os.walk's top-down)
+    if own:
+        check_file_links(links, seen)
+
+
+def _list(r: str):
+    """The folder `r`'s (dirs, files, file links) as os.walk(followlinks=True) tells dirs from files (a link
+    to a folder is a folder; one to nothing or to what cannot be reached is a file); DataError if unlistable."""
+    try:
+        with os.scandir(r) as it:
+            entries = list(it)
+    except OSError as e:
+        raise DataError(f"imagefolder: {e.filename or r} cannot be listed ({e.strerror or brief_error(e)}): its images "
+                        "would be left out without a word; fix its permissions (or remove it)") from None
+    dirs, files, flinks = [], [], []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()  # (a stat for links only: d_type otherwise)
+        except OSError:  # (a link whose target cannot be reached: os.walk's file too)
+            is_dir = False
+        (dirs if is_dir else files).append(e.name)
+        try:
+            if not is_dir and e.is_symlink():
+                flinks.append(e.name)
+        except OSError:
+            pass
+    return dirs, files, flinks
+
+
+def _refuse_gone(r: Path, gone: list, top: bool):
+    """DataError naming the links in `r` ([(name, the OSError of their target's stat)]) to nothing."""
+    (f, e), n = gone[0], len(gone)
+    raise DataError(f"imagefolder: {', '.join(str(r / g) for g, _ in gone[:4])}{' ...' * (n > 4)}: a link to "
+                    f"{os.readlink(r / f)}, which does not exist (" + ("a class folder there was" if top else
+                    "what it held would be") + " left out without a word); mount or restore it, or remove the link")
+
+
+def check_file_links(links: list, seen: dict) -> None:
+    """Image files that are links ([(link, its split's root)], as walk_links found them) to an image of the
+    dataset (in a folder of `seen`, the folders walked: {(st_dev, st_ino): path}) in another class or
+    another split: a DataError naming both (the image loaded twice, under two labels, or a test image
+    trained on). A link to a file outside the folders walked, or within its own class, loads as before."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    for link, root in links:
+        if link.parent == root or not link.name.lower().endswith(IMG_EXTENSIONS):  # (not read by ImageFolder)
+            continue
+        real = os.path.realpath(link)
+        try:
+            st = os.stat(os.path.dirname(real))
+        except OSError:
+            continue
+        folder = seen.get((st.st_dev, st.st_ino))
+        if folder is None or not os.path.basename(real).lower().endswith(IMG_EXTENSIONS):
+            continue  # (outside the dataset, or no image ImageFolder reads)
+        target = folder / os.path.basename(real)
+        if not (folder == root or root in folder.parents):  # (reached in another split)
+            raise DataError(f"imagefolder: {link} is a link to {target}, an image of the other split: the same image in "
+                            "train and val (a test image trained on); remove the link")
+        mine, theirs = link.relative_to(root).parts[0], target.relative_to(root).parts[0]
+        if folder != root and mine != theirs:
+            raise DataError(f"imagefolder: {link} is a link to {target}, an image of class {theirs!r}: read twice, "
+                            f"also as {mine!r}; remove the link")
 
 
 def load_imagefolder(data_dir: Path, size: int):
@@ -180,16 +247,17 @@ def load_imagefolder(data_dir: Path, size: int):
     if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
         raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
                               "with one sub-directory of images per class (ImageNet layout)")
-    seen = {}  # (the folders walked: none in both splits)
+    seen, links = {}, []  # (the folders walked: none in both splits; the file links: checked once both are walked)
 
     def folder(split):
-        check_skipped_images(data_dir / split, seen)
+        check_skipped_images(data_dir / split, seen, links)
         try:
             return ImageFolder(str(data_dir / split))
         except FileNotFoundError as e:  # (a class folder without images, or no class folder)
             raise DataError(f"imagefolder: {data_dir / split}: {brief_error(e)}") from None
 
     tr, te = folder("train"), folder("val")
+    check_file_links(links, seen)  # (a train image linked to a val one: val walked only now)
     if tr.classes != te.classes:
         only = sorted(set(tr.classes) ^ set(te.classes))[:5]
         raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
