@@ -343,3 +343,42 @@ def test_an_image_file_linked_into_another_class_or_split_is_refused(tmp_path, m
     images.check_skipped_images(train)
     assert sorted(calls) == [("stat", str(p)) for p in (train, train / "cat", train / "dog")]
 
+
+def test_a_link_whose_target_cannot_be_reached_says_so(tmp_path, monkeypatch):
+    """A link to nothing was said to lead to a target that "does not exist" where it may exist but not be
+    reachable (a folder on the way that cannot be searched, as a user other than root). The stat's errno now
+    tells them apart: ENOENT does not exist, EACCES cannot be reached (permission denied), any other its reason
+    (a link to itself). As root, where chmod does not deny the search, os.stat is made to fail for the link."""
+    _imagefolder(tmp_path)
+    link, locked = tmp_path / "train" / "cat" / "more", tmp_path / "locked"
+    os.symlink(locked / "cat-more", link)
+    kw = dict(image_size=8, val_fraction=0.0, download=False)
+    with pytest.raises(D.DataError, match=rf"^imagefolder: {link}: a link to {locked / 'cat-more'}, which does not exist "
+                                          r"\(what it held would be left out without a word\); mount or restore it"):
+        D.load_dataset("imagefolder", tmp_path, **kw)
+    denied = (rf"^imagefolder: {link}: a link to {locked / 'cat-more'}, which cannot be reached \(Permission denied: a "
+              r"folder on the way to it cannot be searched\) \(what it held would be left out without a word\); fix the "
+              r"permissions on the way to it, or remove the link$")
+    stat = os.stat
+
+    def refuse(p, *a, **k):
+        if os.fspath(p) == str(link):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return stat(p, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", refuse)
+        with pytest.raises(D.DataError, match=denied):
+            D.load_dataset("imagefolder", tmp_path, **kw)
+    if os.geteuid() != 0:  # (a real permission: denied to a user other than root)
+        (locked / "cat-more").mkdir(parents=True)
+        locked.chmod(0)
+        try:
+            with pytest.raises(D.DataError, match=denied):
+                D.load_dataset("imagefolder", tmp_path, **kw)
+        finally:
+            locked.chmod(0o755)
+    link.unlink()
+    os.symlink("self.png", tmp_path / "train" / "cat" / "self.png")  # (a loop: its reason)
+    with pytest.raises(D.DataError, match=rf"self.png: a link to self.png, which cannot be reached \(Too many levels of "
+                                          r"symbolic links\) .*; fix or remove the link$"):
+        D.load_dataset("imagefolder", tmp_path, **kw)

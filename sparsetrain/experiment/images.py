@@ -4,6 +4,7 @@ that cannot be read is a DataError naming its file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def walk_links(root: Path, seen: dict | None = None, links: list | None = None):
     folder reads its images twice (under two classes). `seen`: the folders of another split walked before
     ({(st_dev, st_ino): path}, filled in), one of which reached again puts test images in training. A class
     folder (or a folder in one) that is a link to nothing (no folder to ImageFolder, which left the class or its
-    images out) is a DataError too, and so is a folder that cannot be listed (permission denied: os.walk, as
+    images out) is a DataError too, saying whether its target does not exist or cannot be reached (a folder on
+    the way not searchable), and so is a folder that cannot be listed (permission denied: os.walk, as
     ImageFolder, skipped its images). A file that is a link is checked by check_file_links: at the end of this
     walk, or, where `links` is a list, appended to it ((link, root)) for the caller to check once every split
     is walked. Only links are resolved (os.scandir tells them without a stat): a tree without any pays nothing."""
@@ -208,11 +210,20 @@ def _list(r: str):
 
 
 def _refuse_gone(r: Path, gone: list, top: bool):
-    """DataError naming the links in `r` ([(name, the OSError of their target's stat)]) to nothing."""
+    """DataError naming the links in `r` ([(name, the OSError of their target's stat)]) to nothing or to what
+    cannot be reached: the first's errno tells which (ENOENT, ENOTDIR: it does not exist; EACCES: a folder on
+    the way cannot be searched; any other, its reason)."""
     (f, e), n = gone[0], len(gone)
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        why, fix = "which does not exist", "mount or restore it, or remove the link"
+    else:
+        denied = e.errno in (errno.EACCES, errno.EPERM)
+        why = (f"which cannot be reached ({e.strerror or brief_error(e)}" +
+               (": a folder on the way to it cannot be searched)" if denied else ")"))
+        fix = "fix the permissions on the way to it, or remove the link" if denied else "fix or remove the link"
     raise DataError(f"imagefolder: {', '.join(str(r / g) for g, _ in gone[:4])}{' ...' * (n > 4)}: a link to "
-                    f"{os.readlink(r / f)}, which does not exist (" + ("a class folder there was" if top else
-                    "what it held would be") + " left out without a word); mount or restore it, or remove the link")
+                    f"{os.readlink(r / f)}, {why} (" + ("a class folder there was" if top else "what it held would be") +
+                    f" left out without a word); {fix}")
 
 
 def check_file_links(links: list, seen: dict) -> None:
