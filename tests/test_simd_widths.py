@@ -78,11 +78,13 @@ def test_detected_width_and_override():
 def narrower_runs(request):
     """{width: the pytest subprocess re-running SELECTION at it}, every selected width's started at
     once: each runs ~1 CPU core of kernel tests, side by side on a 2-core machine (one after the other
-    they took ~45 s)."""
+    they took ~45 s). Each with GOMP_SPINCOUNT=10000 (the study CLI's default, README): side by side,
+    each one's OpenMP workers spun at the barriers on the cores the other needed (~3x the CPU time:
+    20 s for both, 6-8 s with it)."""
     widths = sorted({item.callspec.params["width"] for item in request.session.items
                      if getattr(item, "originalname", "") == "test_kernels_match_reference_at_narrower_widths"})
     procs = {w: subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SELECTION],
-                                 cwd=HERE, env=dict(os.environ, SPARSETRAIN_VEC_BYTES=w), stdout=subprocess.PIPE,
+                                 cwd=HERE, env={"GOMP_SPINCOUNT": "10000", **os.environ, "SPARSETRAIN_VEC_BYTES": w}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True) for w in widths}
     yield procs
     for p in procs.values():  # (one its test did not wait for, a session stopped early by -x: ended)
