@@ -1322,8 +1322,12 @@ def test_max_concurrent_caps_the_runs_at_once(swept, tmp_path):
 def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     """Ctrl-C (SIGINT to the sweep) while a student trains, then the same command again: the
     students' metrics equal those of the uninterrupted sweep (same settings, other --out)."""
+    import ray
     root, _, _, first = swept
-    argv = _tiny(root, "--alpha", "0.5", "0.8", "--seeds", "0", "--out", str(tmp_path / "sw"))[1:]
+    # (on the module's local Ray, --address: a second local Ray took ~5 s to start and stop in the
+    # sweep process; test_sigterm_stops_the_running_experiment_at_once interrupts a sweep on its own)
+    argv = _tiny(root, "--alpha", "0.5", "0.8", "--seeds", "0", "--out", str(tmp_path / "sw"),
+                 "--address", ray.get_runtime_context().gcs_address)[1:]
     cmd = [sys.executable, "-m", "sparsetrain.sweep", "grid", *argv]
     # (SIGINT handled whatever the suite inherited: a shell's background job, `make test &`, ignores it)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -1352,7 +1356,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     cut = [n for n, s in stopped.items() if s["state"] == "interrupted"]
     assert f"run(s) failed or were interrupted:** {', '.join(cut)}" in report, report
     assert "report: " in out and "summary.md" in out, out
-    assert cli.main(["grid", *argv]) == 0  # the same command again (here on the module's local Ray)
+    assert cli.main(["grid", *argv]) == 0  # the same command again (here from this process)
     done = json.loads(next((tmp_path / "sw").glob("grid-*/status.json")).read_text())
     assert all(s["state"] in ("done", "skipped") for s in done.values())
     for s in done.values():
