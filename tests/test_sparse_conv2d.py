@@ -494,19 +494,23 @@ def test_large_outputs_on_huge_pages_and_off():
             "l = SparseConv2d.from_dense(nn.Conv2d(8, 32, 3, padding=1), random_mask((32, 8, 3, 3), 0.5));"
             "x = torch.randn(32, 8, 48, 48); y = l(x); y.sum().backward();"  # y: 9 MiB
             "print(y.data_ptr() % (2 << 20) == 0, float(y.double().sum()), float(l.weight.values.grad.double().sum()))")
+    # the three fresh processes side by side (one after the other: ~1.5 s of starting torch each; the
+    # study CLI's GOMP_SPINCOUNT, unless set: OpenMP workers spinning on the cores the others need)
+    procs = {env: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={"GOMP_SPINCOUNT": "10000", **os.environ, "SPARSETRAIN_HUGEPAGES": env})
+             for env in ("1", "0", "off")}
+    done = {env: (p, *p.communicate(timeout=120)) for env, p in procs.items()}
     outs = {}
     for env in ("1", "0"):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env={**os.environ, "SPARSETRAIN_HUGEPAGES": env})
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outs[env] = proc.stdout.split()
+        proc, stdout, stderr = done[env]
+        assert proc.returncode == 0, stderr[-2000:]
+        outs[env] = stdout.split()
     if sys.platform.startswith("linux"):
         assert outs["1"][0] == "True"
     assert outs["1"][1:] == outs["0"][1:]
     # exactly 0 or 1 (empty: the default); "off" left them on silently: now the first pooled output says so
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "SPARSETRAIN_HUGEPAGES": "off"})
-    assert proc.returncode != 0 and "ValueError: SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1" in proc.stderr
+    proc, _, stderr = done["off"]
+    assert proc.returncode != 0 and "ValueError: SPARSETRAIN_HUGEPAGES must be 0 (pooled outputs on 4 KiB pages) or 1" in stderr
 
 
 # ---------------------------------------------------------------------------- module API
