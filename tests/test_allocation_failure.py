@@ -47,22 +47,38 @@ print(json.dumps(got))
 """
 
 
-def _run(limit):
-    env = dict(os.environ, SPARSETRAIN_TEST_SCRATCH_LIMIT=limit, OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"rc {proc.returncode} (-6: aborted)\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def runs():
+    """{limit: the fresh process running SCRIPT with it}, the three started at once (one after the
+    other they took ~10 s, most of it starting torch; GOMP_SPINCOUNT, the study CLI's default unless
+    set: side by side, OpenMP workers spinning at barriers took the cores the others needed)."""
+    env = {"GOMP_SPINCOUNT": "10000", **os.environ, "OMP_NUM_THREADS": "2"}
+    procs = {limit: subprocess.Popen([sys.executable, "-c", SCRIPT], env={**env, "SPARSETRAIN_TEST_SCRATCH_LIMIT": limit},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for limit in ("0", "junk", "")}
+    yield procs
+    for proc in procs.values():  # (one its test did not wait for, a session stopped early by -x: ended)
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
 
 
-def test_failed_scratch_allocation_raises_memory_error_and_the_process_lives():
+def _run(runs, limit):
+    proc = runs[limit]
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"rc {proc.returncode} (-6: aborted)\n{stdout[-2000:]}{stderr[-3000:]}"
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_failed_scratch_allocation_raises_memory_error_and_the_process_lives(runs):
     assert simd_bytes() in (16, 32, 64)  # the extension is built (the subprocess imports the same one)
-    got = _run("0")
+    got = _run(runs, "0")
     assert len(got) == 5
     for name, outcome in got.items():
         assert outcome == "MemoryError: std::bad_alloc", (name, outcome)
 
 
 @pytest.mark.parametrize("limit", ["junk", ""])
-def test_a_limit_that_is_not_decimal_digits_is_ignored(limit):
-    got = _run(limit)  # (strtoull alone reads "junk" as 0: every kernel would fail)
+def test_a_limit_that_is_not_decimal_digits_is_ignored(limit, runs):
+    got = _run(runs, limit)  # (strtoull alone reads "junk" as 0: every kernel would fail)
     assert len(got) == 5 and set(got.values()) == {"no error"}, got
