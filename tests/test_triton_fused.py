@@ -256,7 +256,6 @@ def bn_backward_arguments_refused_as_the_cpp_ops():
                       "ccol_indices, row_indices_t and perm must be the transposed index of crow_indices")
 
 
-
 @interp
 def flag_arguments_refused_unless_bool():
     """Every bool of the ops' schemas (found in the C++ schema), given 2, "no" or a tensor, is refused by the Triton
@@ -297,6 +296,7 @@ def flag_arguments_refused_unless_bool():
         ref = getattr(ops, fn.__name__)(*args)
         for k, (a, b) in enumerate(zip(got, ref) if isinstance(ref, tuple) else [(got, ref)]):
             _close(a, b, torch.float64, f"{fn.__name__} output {k}")
+
 
 class _Res(torch.nn.Module):
     """stem conv -> BN -> ReLU, one of the study's residual blocks, a linear head."""
