@@ -1,12 +1,17 @@
 """A run's log in the sweep's folder (OUT/<sweep>/logs/<run>.log): opened to append, its `.running`
-marker (the experiment process has started), and the one line of an error the process wrote there."""
+marker (the experiment process has started; it names the process, for the sweep to stop one whose cancel
+came too late), and the one line of an error the process wrote there."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
 
 from ..experiment.files import WriteFailed
 
-__all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line"]
+__all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
+           "cancelled_line", "name_process", "stop_process"]
 
 
 def open_log(log: str, header: str):
@@ -44,6 +49,68 @@ def write_marker(marker: str) -> None:
         open(marker, "w").close()
     except OSError as e:
         raise WriteFailed(e.errno, e.strerror or str(e), marker) from None
+
+
+def cancelled_line(seconds: float) -> str:
+    """The log's last line of a run the sweep stopped."""
+    return f"=== cancelled after {seconds:.0f} s (the sweep was stopped; its re-run resumes)\n"
+
+
+def name_process(marker: str, pid: int) -> None:
+    """The `.running` marker names the experiment's process ("PID HOST") for stop_process; a marker that
+    cannot be written keeps its earlier (empty) content: the sweep then leaves the stop to Ray."""
+    try:
+        with open(marker, "w") as f:
+            f.write(f"{pid} {socket.gethostname()}\n")
+    except OSError:
+        pass
+
+
+def stop_process(log: str, grace: float = 5.0) -> None:
+    """A run whose Ray task did not stop in time on the sweep's cancel (a cancel lost or late under load:
+    the sweep waited 90 s for it, past a scheduler's patience, before 2026-12-06): the process its log's
+    `.running` marker names (name_process; on this machine only) gets SIGTERM, SIGKILL after `grace` s,
+    then the log ends with cancelled_line and the marker is removed. Nothing to do without a marker
+    (its task cleaned up)."""
+    marker = log + ".running"
+    try:
+        with open(marker) as f:
+            pid, host = (f.read().split() + ["", ""])[:2]
+        seconds = time.time() - os.path.getmtime(marker)
+    except OSError:
+        return
+    if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+            try:
+                os.kill(int(pid), sig)
+            except OSError:  # (gone, or no longer ours)
+                break
+            end = time.time() + wait
+            while _alive(int(pid)) and time.time() < end:
+                time.sleep(0.05)
+            if not _alive(int(pid)):
+                break
+    try:
+        with open(log, "a") as f:
+            f.write(cancelled_line(seconds))
+    except OSError:
+        pass
+    remove_marker(marker)
+
+
+def _alive(pid: int) -> bool:
+    """`pid` runs (a zombie, ended but not yet reaped by its Ray worker, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
 
 
 def remove_marker(marker: str) -> str:

@@ -6,7 +6,8 @@ a cluster with `--address`) and retries a failed one (`--retries`: Ray's task re
 `RunFailed`; the experiment resumes from its last completed epoch, so a retry continues). A run
 that exits 2 (a usage error: retrying cannot help) is not retried. Ctrl-C cancels the running
 tasks, which stop their experiment process: each loses at most its current epoch, and re-running
-the sweep resumes it (SIGTERM too). A run another process took first (the experiment's exit
+the sweep resumes it (SIGTERM too; a task still running CANCEL_GRACE_S after the cancel is
+forced, its process stopped by the sweep). A run another process took first (the experiment's exit
 EXIT_BUSY) waits for that process, as one seen busy before submitting does.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ..experiment.files import (EXIT_BUSY, Busy, ReadFailed, RemoveFailed, Write
                                  folder_busy, folder_lock, remove_file, write_json)
 from ..experiment.reuse import phase_done
 from .plan import Run
-from .runlog import end_line, error_line, exception_line, open_log, remove_marker, write_marker
+from .runlog import (cancelled_line, end_line, error_line, exception_line, name_process, open_log, remove_marker,
+                     stop_process, write_marker)
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -43,6 +45,9 @@ class UsageFailed(RuntimeError):
 class RunBusy(RuntimeError):
     """Another process (another sweep) took the run's directory first (exit EXIT_BUSY): the sweep
     waits for it, as for a run it saw busy before submitting."""
+
+
+CANCEL_GRACE_S = 10  # (s) for the running tasks to stop their processes on the sweep's cancel, before it forces them
 
 
 def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: str = "sparsetrain.experiment",
@@ -69,6 +74,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
             remove_marker(marker)
             raise
         try:
+            name_process(marker, proc.pid)  # (for the sweep to stop it where this task's cancel comes too late)
             while True:  # (polled: a cancel's KeyboardInterrupt lands only while Python runs)
                 try:
                     rc = proc.wait(timeout=0.5)
@@ -81,8 +87,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            end_line(f, log, f"=== cancelled after {time.time() - t0:.0f} s (the sweep was stopped; its re-run "
-                             "resumes)\n")
+            end_line(f, log, cancelled_line(time.time() - t0))
             raise  # (cancelled, whether or not its log could say so)
         finally:  # (one that cannot be removed: the outcome stands, naming it, as for a lost last line)
             if stale := remove_marker(marker):
@@ -322,8 +327,14 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
                        "last completed epoch; re-run the same command to resume)")
         for ref in running:
             ray.cancel(ref)
-        try:
-            ray.wait(list(running), num_returns=len(running), timeout=90)
+        try:  # (bounded: a cancel lost or late under load kept the sweep in ray.wait for 90 s before 2026-12-06)
+            _, late = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
+            for ref in late:  # Ray kills the task's worker; the sweep its experiment process (runlog.stop_process)
+                ray.cancel(ref, force=True)
+            if late:
+                ray.wait(late, num_returns=len(late), timeout=5)
+            for ref in late:
+                stop_process(status[running[ref].name]["log"])
         finally:  # (also on a second Ctrl-C: status.json says what each run became)
             for ref, r in running.items():
                 status[r.name]["state"] = "queued" if r.name in held else "interrupted"
