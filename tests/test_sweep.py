@@ -1275,30 +1275,39 @@ execute([run], sys.argv[1] + "/sw")
 """
 
 
+def _sigterm_ticking_sweep(tmp_path, script: str, timeout: float):
+    """A sweep (`script`: _STOPPED_SWEEP or a variant) of one run ticking into tmp_path/ticks every 0.2 s for
+    60 s, sent SIGTERM once 2 ticks are there: (seconds from SIGTERM to the sweep's exit, its output, the ticks
+    seen at its exit, whether more came 0.6 s later (3 missed ticks), its status.json)."""
+    ticker = tmp_path / "ticker.py"
+    ticker.write_text("import sys, time\nfor i in range(300):\n"
+                      "    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.2)\n")
+    p = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(ticker)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ticks = tmp_path / "ticks"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (ticks.exists() and len(ticks.read_text()) >= 2):
+            time.sleep(0.2)
+        assert ticks.exists(), p.communicate(timeout=30)[0]
+        t0 = time.time()
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=timeout)
+        took = time.time() - t0
+    finally:
+        p.kill()
+    seen = len(ticks.read_text())
+    time.sleep(0.6)
+    return took, out, seen, len(ticks.read_text()) != seen, json.loads((tmp_path / "sw" / "status.json").read_text())
+
+
 def test_sigterm_stops_the_running_experiment_at_once(tmp_path):
     """SIGTERM to the sweep (a scheduler's preemption; Ctrl-C takes the same path): the running
     experiment process is stopped within a second or so (it used to train on for up to 90 s), the
     sweep exits, and status.json says the run was interrupted."""
-    ticker = tmp_path / "ticker.py"
-    # (a tick every 0.2 s for 60 s: the checks below wait for 2 ticks and for 3 missed ones)
-    ticker.write_text("import sys, time\nfor i in range(300):\n"
-                      "    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.2)\n")
-    p = subprocess.Popen([sys.executable, "-c", _STOPPED_SWEEP, str(tmp_path), str(ticker)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ticks = tmp_path / "ticks"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ticks.exists() and len(ticks.read_text()) >= 2):
-        time.sleep(0.2)
-    assert ticks.exists(), p.communicate(timeout=30)[0]
-    t0 = time.time()
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=60)
-    took = time.time() - t0
-    seen = len(ticks.read_text())
-    time.sleep(0.6)
-    assert len(ticks.read_text()) == seen and seen < 100, (seen, out)  # the experiment is stopped (< 20 s of ticks)
+    took, out, seen, ticking, status = _sigterm_ticking_sweep(tmp_path, _STOPPED_SWEEP, timeout=60)
+    assert not ticking and seen < 100, (seen, out)  # the experiment is stopped (< 20 s of ticks)
     assert took < 30, (took, out)
-    status = json.loads((tmp_path / "sw" / "status.json").read_text())
     assert status["tick"]["state"] == "interrupted", (status, out)
     assert "=== cancelled after" in open(status["tick"]["log"]).read().splitlines()[-1]  # (why the log stops)
 
@@ -1315,28 +1324,9 @@ def test_sigterm_stops_the_run_whose_cancel_is_lost(tmp_path):
     cancel and stops the experiment process itself, exits within seconds, and the run is interrupted
     with its log's last line saying so."""
     from sparsetrain.sweep.runner import CANCEL_GRACE_S
-    ticker = tmp_path / "ticker.py"
-    ticker.write_text("import sys, time\nfor i in range(300):\n"
-                      "    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.2)\n")
-    p = subprocess.Popen([sys.executable, "-c", _LOST_CANCEL_SWEEP, str(tmp_path), str(ticker)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ticks = tmp_path / "ticks"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (ticks.exists() and len(ticks.read_text()) >= 2):
-            time.sleep(0.2)
-        assert ticks.exists(), p.communicate(timeout=30)[0]
-        t0 = time.time()
-        p.send_signal(signal.SIGTERM)
-        out, _ = p.communicate(timeout=CANCEL_GRACE_S + 30)
-        took = time.time() - t0
-    finally:
-        p.kill()
-    seen = len(ticks.read_text())
-    time.sleep(0.6)
-    assert len(ticks.read_text()) == seen, (seen, out)  # the experiment is stopped
+    took, out, seen, ticking, status = _sigterm_ticking_sweep(tmp_path, _LOST_CANCEL_SWEEP, CANCEL_GRACE_S + 30)
+    assert not ticking, (seen, out)  # the experiment is stopped
     assert CANCEL_GRACE_S <= took < CANCEL_GRACE_S + 20, (took, out)
-    status = json.loads((tmp_path / "sw" / "status.json").read_text())
     assert status["tick"]["state"] == "interrupted", (status, out)
     assert "=== cancelled after" in open(status["tick"]["log"]).read().splitlines()[-1]
     assert not os.path.exists(status["tick"]["log"] + ".running")
