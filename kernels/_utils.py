@@ -82,10 +82,10 @@ def check_device(*tensors, name: str):
         raise ValueError(f"{name}: unsupported device {dev}")
 
 
-def tensor_args(names: str):
-    """Decorates an op's Triton function: its tensor parameters `names` (space-separated; "bias?": None
-    taken) must be tensors, a TypeError naming the parameter otherwise, as the op's schema refuses them
-    (None or a list raised an AttributeError, "'NoneType' object has no attribute 'dtype'", from inside)."""
+def _arg_checks(names: str, check):
+    """The decorator of tensor_args and flag_args: check(fn, name, value, optional) on each parameter of `names`
+    (space-separated; "bias?": optional) the call gives (one left out: its default, or fn's own TypeError), its
+    position found once, when fn is decorated (not a signature bind per call: these run on every launch)."""
     def wrap(fn):
         params = list(inspect.signature(fn).parameters)
         spec = [(n.rstrip("?"), params.index(n.rstrip("?")), n.endswith("?")) for n in names.split()]
@@ -93,15 +93,24 @@ def tensor_args(names: str):
         @functools.wraps(fn)
         def checked(*args, **kwargs):
             for name, i, optional in spec:
-                if i >= len(args) and name not in kwargs:  # (left out: its default, or fn's own TypeError)
-                    continue
-                v = args[i] if i < len(args) else kwargs[name]
-                if not isinstance(v, torch.Tensor) and not (optional and v is None):
-                    raise TypeError(f"{fn.__name__}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
-                                    f"got {type(v).__name__}")
+                if i < len(args) or name in kwargs:
+                    check(fn, name, args[i] if i < len(args) else kwargs[name], optional)
             return fn(*args, **kwargs)
         return checked
     return wrap
+
+
+def _check_tensor(fn, name: str, v, optional: bool) -> None:
+    if not isinstance(v, torch.Tensor) and not (optional and v is None):
+        raise TypeError(f"{fn.__name__}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                        f"got {type(v).__name__}")
+
+
+def tensor_args(names: str):
+    """Decorates an op's Triton function: its tensor parameters `names` (space-separated; "bias?": None
+    taken) must be tensors, a TypeError naming the parameter otherwise, as the op's schema refuses them
+    (None or a list raised an AttributeError, "'NoneType' object has no attribute 'dtype'", from inside)."""
+    return _arg_checks(names, _check_tensor)
 
 
 def check_flag(v, name: str) -> None:
@@ -115,18 +124,7 @@ def check_flag(v, name: str) -> None:
 def flag_args(names: str):
     """Decorates an op's Triton function: its bool parameters `names` (space-separated), where given (else
     their defaults), must be True or False (check_flag: a TypeError naming the parameter)."""
-    def wrap(fn):
-        sig = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def checked(*args, **kwargs):
-            given = sig.bind_partial(*args, **kwargs).arguments  # (a bad call: fn's own TypeError, raised here)
-            for name in names.split():
-                if name in given:
-                    check_flag(given[name], name)
-            return fn(*args, **kwargs)
-        return checked
-    return wrap
+    return _arg_checks(names, lambda fn, name, v, optional: check_flag(v, name))
 
 
 def check_float(t: torch.Tensor, arg: str, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None,
