@@ -19,7 +19,7 @@ from ..engine.writer_lock import pid_alive
 from . import distributed as dist
 from .files import write_json
 
-__all__ = ["STATUS", "SeedStatus", "read_status", "describe"]
+__all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running"]
 
 STATUS = "status.json"
 
@@ -33,14 +33,31 @@ def _boot_id() -> str | None:
         return None
 
 
-def _start_ticks(pid: int) -> int | None:
-    """Process `pid`'s start time, clock ticks since boot (Linux: /proc/<pid>/stat's field 22); None where there is
-    no such process or no /proc."""
+def proc_stat(pid: int) -> list[str] | None:
+    """Process `pid`'s /proc/<pid>/stat fields from the third (its state) on, those after the name's closing ")"
+    (Linux); None where there is no such process or no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
-        return int(stat[stat.rindex(")") + 2:].split()[19])  # (fields 3 on follow the name's closing ")")
-    except (OSError, ValueError, IndexError):
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def process_running(pid: int) -> bool:
+    """A process of `pid` runs: one that ended but is not yet reaped by its parent (a zombie, /proc's state Z or X)
+    does not; without /proc, pid_alive."""
+    fields = proc_stat(pid)
+    return fields[0] not in ("Z", "X") if fields else pid_alive(pid)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Process `pid`'s start time, clock ticks since boot (Linux: /proc/<pid>/stat's field 22); None where there is
+    no such process or no /proc."""
+    fields = proc_stat(pid)
+    try:
+        return int(fields[22 - 3]) if fields is not None else None
+    except (ValueError, IndexError):
         return None
 
 
@@ -51,8 +68,9 @@ def _run_gone(record: dict) -> bool:
     pid, boot, ticks = record.get("pid"), record.get("boot_id"), record.get("start_ticks")
     if type(pid) is not int or pid <= 0:
         return False
-    if isinstance(boot, str) and type(ticks) is int and _boot_id() is not None:
-        return boot != _boot_id() or _start_ticks(pid) != ticks
+    here = _boot_id()
+    if isinstance(boot, str) and type(ticks) is int and here is not None:
+        return boot != here or _start_ticks(pid) != ticks
     return pid == os.getpid() or not pid_alive(pid)
 
 

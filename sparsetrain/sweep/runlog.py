@@ -9,6 +9,7 @@ import socket
 import time
 
 from ..experiment.files import WriteFailed
+from ..experiment.seed_status import process_running
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
            "cancelled_line", "name_process", "stop_process"]
@@ -86,9 +87,9 @@ def stop_process(log: str, grace: float = 5.0) -> None:
             except OSError:  # (gone, or no longer ours)
                 break
             end = time.time() + wait
-            while _alive(int(pid)) and time.time() < end:
+            while process_running(int(pid)) and time.time() < end:
                 time.sleep(0.05)
-            if not _alive(int(pid)):
+            if not process_running(int(pid)):
                 break
     try:
         with open(log, "a") as f:
@@ -96,21 +97,6 @@ def stop_process(log: str, grace: float = 5.0) -> None:
     except OSError:
         pass
     remove_marker(marker)
-
-
-def _alive(pid: int) -> bool:
-    """`pid` runs (a zombie, ended but not yet reaped by its Ray worker, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except OSError:
-            return True
 
 
 def remove_marker(marker: str) -> str:
