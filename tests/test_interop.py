@@ -12,7 +12,7 @@ import sparsetrain
 from sparsetrain.engine.bsr import BSRLinear
 from sparsetrain.prune import global_prune
 
-from conftest import Doubled
+from conftest import Doubled, spawn_gloo
 
 
 class _Double(nn.Module):
@@ -235,81 +235,69 @@ def _ddp_grads_close(model, ref, masks):
         torch.testing.assert_close(p.grad, r[masks[layer]] if layer else r, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _ddp_worker(rank, world, init_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        xs = torch.randn(3, 8, 2, 4, 4, generator=torch.Generator().manual_seed(1))  # 3 micro-batches of 8 rows
-        for fuse in (False, True):
-            for kw in ({}, {"find_unused_parameters": True, "gradient_as_bucket_view": True}, {"static_graph": True}):
-                torch.manual_seed(0)
-                model = _DDPNet()
-                masks = global_prune(model, {}, 0.6)
-                ref = copy.deepcopy(model)
+def _ddp_worker(rank, world):
+    xs = torch.randn(3, 8, 2, 4, 4, generator=torch.Generator().manual_seed(1))  # 3 micro-batches of 8 rows
+    for fuse in (False, True):
+        for kw in ({}, {"find_unused_parameters": True, "gradient_as_bucket_view": True}, {"static_graph": True}):
+            torch.manual_seed(0)
+            model = _DDPNet()
+            masks = global_prune(model, {}, 0.6)
+            ref = copy.deepcopy(model)
+            with torch.no_grad():
+                for n, mk in masks.items():
+                    ref.get_submodule(n).weight.mul_(mk)
+            sparsetrain.sparsify_(model, masks, fuse=fuse)
+            if not kw:  # (plain DDP wants every parameter used)
+                model.unused.requires_grad_(False), ref.unused.requires_grad_(False)
+            ddp = nn.parallel.DistributedDataParallel(model, **kw)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+            for step in range(2):  # two micro-batches under no_sync, the third synced
+                for k, x in enumerate(xs):  # (static_graph: torch needs its first iteration synced)
+                    if k < 2 and not (step == 0 and "static_graph" in kw):
+                        with ddp.no_sync():
+                            ddp(x.chunk(world)[rank]).square().mean().backward()
+                    else:
+                        ddp(x.chunk(world)[rank]).square().mean().backward()
+                for x in xs:  # one process: the ranks' mean loss (BatchNorm normalises each rank's rows)
+                    for part in x.chunk(world):
+                        (ref(part).square().mean() / world).backward()
+                _ddp_grads_close(model, ref, masks)
+                opt.step(), opt_ref.step()
+                opt.zero_grad(), opt_ref.zero_grad()
                 with torch.no_grad():
                     for n, mk in masks.items():
                         ref.get_submodule(n).weight.mul_(mk)
-                sparsetrain.sparsify_(model, masks, fuse=fuse)
-                if not kw:  # (plain DDP wants every parameter used)
-                    model.unused.requires_grad_(False), ref.unused.requires_grad_(False)
-                ddp = nn.parallel.DistributedDataParallel(model, **kw)
-                opt = torch.optim.SGD(model.parameters(), lr=0.1)
-                opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
-                for step in range(2):  # two micro-batches under no_sync, the third synced
-                    for k, x in enumerate(xs):  # (static_graph: torch needs its first iteration synced)
-                        if k < 2 and not (step == 0 and "static_graph" in kw):
-                            with ddp.no_sync():
-                                ddp(x.chunk(world)[rank]).square().mean().backward()
-                        else:
-                            ddp(x.chunk(world)[rank]).square().mean().backward()
-                    for x in xs:  # one process: the ranks' mean loss (BatchNorm normalises each rank's rows)
-                        for part in x.chunk(world):
-                            (ref(part).square().mean() / world).backward()
-                    _ddp_grads_close(model, ref, masks)
-                    opt.step(), opt_ref.step()
-                    opt.zero_grad(), opt_ref.zero_grad()
-                    with torch.no_grad():
-                        for n, mk in masks.items():
-                            ref.get_submodule(n).weight.mul_(mk)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_users_ddp_over_sparse_and_fused_layers_follows_one_process(tmp_path):
     """Two gloo processes, DistributedDataParallel of the user's own (plain, find_unused_parameters with
     gradient_as_bucket_view, static_graph), no_sync() accumulation: the gradients are the one-process
     dense masked model's, over two SGD steps, unfused and fused."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, tmp_path)
 
 
-def _ddp_other_patterns_worker(rank, world, init_file):
-    import torch.distributed as dist
+def _ddp_other_patterns_worker(rank, world):
     from sparsetrain.testing import dense_linear
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        dense, x = nn.Linear(8, 6), torch.randn(3, 8)
-        mask = torch.zeros(48, dtype=torch.bool)
-        mask[torch.randperm(48, generator=torch.Generator().manual_seed(rank))[:20]] = True  # (as many nonzeros)
-        model = nn.Sequential(sparsetrain.SparseLinear.from_dense(dense, mask.view(6, 8)))
-        ddp = nn.parallel.DistributedDataParallel(model)  # (broadcast_buffers=True: rank 0's buffers on every rank)
-        if rank == 0:
-            torch.testing.assert_close(ddp(x), dense_linear(x, dense.weight, mask.view(6, 8), dense.bias))
-        else:
-            with pytest.raises(ValueError, match="index buffers .* were changed in place.*DistributedDataParallel "
-                                                 "built over ranks whose patterns differ"):
-                ddp(x)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    dense, x = nn.Linear(8, 6), torch.randn(3, 8)
+    mask = torch.zeros(48, dtype=torch.bool)
+    mask[torch.randperm(48, generator=torch.Generator().manual_seed(rank))[:20]] = True  # (as many nonzeros)
+    model = nn.Sequential(sparsetrain.SparseLinear.from_dense(dense, mask.view(6, 8)))
+    ddp = nn.parallel.DistributedDataParallel(model)  # (broadcast_buffers=True: rank 0's buffers on every rank)
+    if rank == 0:
+        torch.testing.assert_close(ddp(x), dense_linear(x, dense.weight, mask.view(6, 8), dense.bias))
+    else:
+        with pytest.raises(ValueError, match="index buffers .* were changed in place.*DistributedDataParallel "
+                                             "built over ranks whose patterns differ"):
+            ddp(x)
 
 
 def test_a_users_ddp_over_ranks_whose_patterns_differ_is_refused_saying_so(tmp_path):
     """DistributedDataParallel broadcasts rank 0's buffers when it is built, the index buffers too: a rank whose
     pattern differs (as many nonzeros) gets rank 0's index written in place, which the seal refuses; its message
     spoke of EMAs only, and now names this cause. Rank 0 runs its own pattern (the dense masked reference)."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_other_patterns_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_gloo(_ddp_other_patterns_worker, tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*quantize_per_tensor.*:UserWarning")
@@ -375,8 +363,9 @@ def test_a_lone_deepcopy_of_a_fused_layer_trains_as_the_original_with_its_own_ba
     torch.testing.assert_close(out, want)
     out.square().sum().backward()
     want.square().sum().backward()
-    torch.testing.assert_close(lone.weight.values.grad, dense[0].weight.grad[masks["0"]])
-    torch.testing.assert_close(lone.bn.weight.grad, dense[1].weight.grad)
+    # (fp32 through BN: the dense reference itself moves ~1.3e-5 relative with oneDNN's split over threads)
+    torch.testing.assert_close(lone.weight.values.grad, dense[0].weight.grad[masks["0"]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lone.bn.weight.grad, dense[1].weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lone.bn.running_var, dense[1].running_var)
     assert not model[1].num_batches_tracked and model[1].weight.grad is None  # (the original's BN untouched)
     torch.testing.assert_close(model(x), want)  # (the original trains on as before)
