@@ -5,11 +5,12 @@ import gc
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import sparsetrain
 from sparsetrain.prune import global_prune
+
+from conftest import spawn_gloo
 
 
 def _net():
@@ -28,36 +29,35 @@ def _averaged(ddp, model, x, rank, world):
     model.zero_grad(set_to_none=True)
 
 
-def _hook_worker(rank, world, init_file):
+def _hook_worker(rank, world):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     hooks = nn.modules.module._global_forward_pre_hooks
     x = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
-    try:
-        a, b = _net(), _net()
-        masks = global_prune(a, {}, 0.3)
-        sparsetrain.sparsify_(a, masks)
-        masks = global_prune(a, masks, 0.5)
-        assert not hooks  # (no DDP anywhere: every module call paid the hook for the rest of the process)
-        da, db = nn.parallel.DistributedDataParallel(a), nn.parallel.DistributedDataParallel(b)
-        masks = global_prune(a, masks, 0.6)
-        assert hooks
-        _averaged(db, b, x, rank, world)  # (b's DDP, first and fitting, removed the hook: a's then ran unchecked)
-        with pytest.raises(ValueError, match="built before the model's trainable parameters changed size"):
-            da(x.chunk(world)[rank])
-        assert hooks
-        del da
-        gc.collect()
-        b(x)
-        assert not hooks  # (the stale DDP freed: unhooked at the next module call)
-        _averaged(nn.parallel.DistributedDataParallel(a), a, x, rank, world)
-        da = nn.parallel.DistributedDataParallel(a)
-        global_prune(a, masks, 0.7)
-        assert hooks
-    finally:
-        dist.destroy_process_group()
+    a, b = _net(), _net()
+    masks = global_prune(a, {}, 0.3)
+    sparsetrain.sparsify_(a, masks)
+    masks = global_prune(a, masks, 0.5)
+    assert not hooks  # (no DDP anywhere: every module call paid the hook for the rest of the process)
+    da, db = nn.parallel.DistributedDataParallel(a), nn.parallel.DistributedDataParallel(b)
+    masks = global_prune(a, masks, 0.6)
+    assert hooks
+    _averaged(db, b, x, rank, world)  # (b's DDP, first and fitting, removed the hook: a's then ran unchecked)
+    with pytest.raises(ValueError, match="built before the model's trainable parameters changed size"):
+        da(x.chunk(world)[rank])
+    assert hooks
+    del da
+    gc.collect()
+    b(x)
+    assert not hooks  # (the stale DDP freed: unhooked at the next module call)
+    _averaged(nn.parallel.DistributedDataParallel(a), a, x, rank, world)
+    da = nn.parallel.DistributedDataParallel(a)
+    global_prune(a, masks, 0.7)
+    assert hooks
+    dist.destroy_process_group()
     b(x)
     assert not hooks  # (the group destroyed: no DDP can run)
+    del da, db
+    gc.collect()  # (the group they hold released now, not in the exit handlers: conftest._gloo_rank)
 
 
 def test_the_ddp_check_runs_only_while_a_ddp_built_before_a_prune_lives(tmp_path):
@@ -66,29 +66,24 @@ def test_the_ddp_check_runs_only_while_a_ddp_built_before_a_prune_lives(tmp_path
     every module call of every model, ~2.6x an nn.Identity's call), and another model's fitting DDP removed
     it, so a stale DDP running after it averaged no gradient, silently. The hook now runs while a DDP built
     before the change lives and the group exists; the stale one is refused, the others average as one process."""
-    mp.spawn(_hook_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_gloo(_hook_worker, tmp_path)
 
 
-def _flags_worker(rank, world, init_file):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _flags_worker(rank, world):
     x = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
-    try:
-        other = _net()
-        masks = global_prune(other, {}, 0.3)
-        sparsetrain.sparsify_(other, masks)
-        c = _net()
-        c[0].bias.requires_grad_(False)
-        dc = nn.parallel.DistributedDataParallel(c)
-        masks = global_prune(other, masks, 0.5)  # (another model's prune: c's DDP is checked at its next forward)
-        c[0].bias.requires_grad_(True), c[2].bias.requires_grad_(False)  # (as many trainable tensors and bytes)
-        with pytest.raises(ValueError, match=r"requires_grad was changed on the model's parameters \(3 -> 3 trainable "
-                                             r"tensors: '0.bias' unfrozen, '2.bias' frozen\)"):
-            dc(x.chunk(world)[rank])
-        c[0].bias.requires_grad_(False), c[2].bias.requires_grad_(True)  # (as built: a freeze undone is no change)
-        _averaged(dc, c, x, rank, world)
-    finally:
-        dist.destroy_process_group()
+    other = _net()
+    masks = global_prune(other, {}, 0.3)
+    sparsetrain.sparsify_(other, masks)
+    c = _net()
+    c[0].bias.requires_grad_(False)
+    dc = nn.parallel.DistributedDataParallel(c)
+    masks = global_prune(other, masks, 0.5)  # (another model's prune: c's DDP is checked at its next forward)
+    c[0].bias.requires_grad_(True), c[2].bias.requires_grad_(False)  # (as many trainable tensors and bytes)
+    with pytest.raises(ValueError, match=r"requires_grad was changed on the model's parameters \(3 -> 3 trainable "
+                                         r"tensors: '0.bias' unfrozen, '2.bias' frozen\)"):
+        dc(x.chunk(world)[rank])
+    c[0].bias.requires_grad_(False), c[2].bias.requires_grad_(True)  # (as built: a freeze undone is no change)
+    _averaged(dc, c, x, rank, world)
 
 
 def test_a_ddp_is_checked_against_the_requires_grad_flags_it_was_built_with(tmp_path):
@@ -96,4 +91,4 @@ def test_a_ddp_is_checked_against_the_requires_grad_flags_it_was_built_with(tmp_
     tensor and unfreezing another of the same size passed, and DDP then waited for the frozen one's gradient
     and never averaged the unfrozen one's. It compares each parameter's flag at construction now, naming those
     changed; the flags restored (a freeze undone) pass and average as one process."""
-    mp.spawn(_flags_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    spawn_gloo(_flags_worker, tmp_path)

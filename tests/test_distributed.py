@@ -144,7 +144,7 @@ for scope in ("layer", "global"):
             got = "differ"
         with open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "a") as f:  # (one file each: no interleaved lines)
             f.write(f"{dist.rank()} {scope} {same} {got}\\n")
-tdist.destroy_process_group()
+dist.teardown()
 """
 
 
@@ -238,7 +238,7 @@ w = [v for k, v in snap.items() if k.endswith("conv.weight")][0]
 ok = all(torch.equal(v, torch.full_like(v, 1.5)) for v in means) and torch.equal(w, m.block1_1.conv.weight)
 ok = ok and float(m.block1_1.bn.running_mean[0]) == dist.rank() + 1.0  # (the model itself untouched)
 open(f"{sys.argv[1]}/rank{dist.rank()}.txt", "w").write(str(ok))
-tdist.destroy_process_group()
+dist.teardown()
 """
 
 
