@@ -9,6 +9,7 @@ import contextlib
 
 import gzip
 import numbers
+import os
 import pathlib
 import pickle
 import struct
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["tf32", "random_mask", "model_masks", "mask_weight_", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
-           "write_cifar", "write_idx", "write_mnist"]
+           "write_cifar", "write_idx", "write_mnist", "gloo_threads"]
 
 
 @contextlib.contextmanager
@@ -185,3 +186,8 @@ def write_mnist(folder, gz, n_train=60, n_test=20, seed=0):
     for name, a in arrays.items():
         write_idx(folder / name, a, gz)
     return arrays
+
+
+def gloo_threads() -> int:
+    """This process's threads that a gloo process group runs (by the names gloo gives them, Linux /proc)."""
+    return sum("gloo" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sparsetrain.experiment import loop, study
-from sparsetrain.testing import random_mask, write_cifar, write_mnist
+from sparsetrain.testing import gloo_threads, random_mask, write_cifar, write_mnist
 
 TIMING = ("wall_s", "sec_per_epoch")
 # --engine auto's measured decisions (engine/policy.py) go to a cache of this test session, not ~/.cache
@@ -47,18 +47,20 @@ def spawn_gloo(body, tmp_path, *args, world: int = 2) -> None:
 
 
 def _gloo_rank(rank, world, init_file, body, args):
-    """One rank of spawn_gloo. The group is left by the study's own teardown once body has returned (its objects
-    gone, those in reference cycles collected): the workers destroyed it with their DDP still held, and a group
-    something holds keeps its gloo threads into the C++ exit handlers, which at times aborted a rank after its
-    test had passed ("terminate called without an active exception", SIGABRT: CI once; 2 of ~40 runs of
-    test_ddp_guard.py here, none of 40 since). A DDP is in a reference cycle: only gc frees it."""
-    import torch.distributed as dist
-    from sparsetrain.experiment.distributed import teardown
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    """One rank of spawn_gloo, in a group joined and left as the study's ranks do (distributed.init_group, then
+    teardown once body has returned, its objects gone), which must end the group's threads: the workers joined
+    with init_process_group, and DDP's construction then bound the group into torch.distributed.nn.functional's
+    default arguments for good (3 gloo threads left after destroy_process_group), and they left it with their
+    DDP, in a reference cycle, still held. Threads of a group still held ran into the C++ exit handlers, which at
+    times aborted a rank after its test had passed ("terminate called without an active exception", SIGABRT:
+    the CI of 2026-12-07; 2 of ~40 runs of test_ddp_guard.py here)."""
+    from sparsetrain.experiment.distributed import init_group, teardown
+    init_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         body(rank, world, *args)
     finally:
         teardown()
+    assert gloo_threads() == 0, f"rank {rank}: {gloo_threads()} gloo threads left after teardown"
 
 
 def assert_step_refused(optimizer, params, match: str) -> None:

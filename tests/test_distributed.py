@@ -152,9 +152,7 @@ _TEARDOWN_SCRIPT = """
 import gc, os, sys, weakref, torch
 from sparsetrain.experiment import distributed as dist
 from sparsetrain.experiment.models import build_model
-
-def gloo_threads():  # (the group's C++ threads, by the names gloo gives them)
-    return sum("gloo" in open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task"))
+from sparsetrain.testing import gloo_threads
 
 gc.disable()  # (the DDP wrappers, in reference cycles, are then freed by teardown's collection alone)
 dist.setup(torch.device("cpu"))

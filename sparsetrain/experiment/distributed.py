@@ -75,17 +75,23 @@ def setup(device: torch.device) -> None:
         if missing:  # (init_process_group raised its ValueError for the first one, a traceback)
             raise ValueError(f"WORLD_SIZE={n} but {', '.join(missing)} not set: start the processes with torchrun "
                              "(which sets them all), or unset WORLD_SIZE to run one process")
-        # torch.distributed.nn.functional's collectives default to group=group.WORLD, evaluated when
-        # the module is first imported; DDP's first construction imports it, so after this init its
-        # defaults would hold the default group for good: teardown could not free it and its gloo
-        # threads ran on into the C++ exit handlers (PyTorch 2.14). Imported now, the defaults are None.
-        import torch.distributed.nn.functional  # noqa: F401
-        # DDP's first construction also imports torch._dynamo (torch's lazy __getattr__), and that
-        # import leaves its callers' frames, DDP's __init__ with the wrapper among them, in cyclic
-        # garbage: the dense round's wrapper and its gradient buckets then lived on until the cycle
-        # collector ran. Imported first, every round's wrapper is freed when the round returns.
-        import torch._dynamo  # noqa: F401
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def init_group(backend: str, **kwargs) -> None:
+    """dist.init_process_group(backend, **kwargs) with the modules DDP imports on its first construction
+    imported before it, so that teardown can end the group's threads."""
+    # torch.distributed.nn.functional's collectives default to group=group.WORLD, evaluated when
+    # the module is first imported; DDP's first construction imports it, so after this init its
+    # defaults would hold the default group for good: teardown could not free it and its gloo
+    # threads ran on into the C++ exit handlers (PyTorch 2.14). Imported now, the defaults are None.
+    import torch.distributed.nn.functional  # noqa: F401
+    # DDP's first construction also imports torch._dynamo (torch's lazy __getattr__), and that
+    # import leaves its callers' frames, DDP's __init__ with the wrapper among them, in cyclic
+    # garbage: the dense round's wrapper and its gradient buckets then lived on until the cycle
+    # collector ran. Imported first, every round's wrapper is freed when the round returns.
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
 
 
 def world() -> int:
