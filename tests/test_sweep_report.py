@@ -501,3 +501,25 @@ def test_md_cell_shows_markdown_in_a_text_as_written(tmp_path):
     error = "RunFailed: exit code 1: KeyError: '*x*' in <module> `f`"
     assert _gfm_cells(_failed_run_row(tmp_path, error, "a_.log")) == ["a", "study", "failed", "",
                                                                      f"{error} — {tmp_path / 'a_.log'}"]
+
+
+def test_a_run_s_name_reads_as_written_in_the_runs_table_and_the_failed_runs_sentence(tmp_path):
+    """The table of runs wrote a run's name (and kind, state) as it is, and so did the bold sentence naming the failed
+    runs and the one naming the unreadable run directories: a name's `|` split the row, its `*x*`, `_x_` or
+    backticks rendered as emphasis or code (the marks lost). They are escaped as the other cells are (md_cell)."""
+    name = "r*1*_a_|`b`"
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": [],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / name, cfg, phases=("teacher",))
+    (tmp_path / "bad_*x*").mkdir()
+    (tmp_path / "bad_*x*" / "config.json").write_text("{")
+    status = {name: {"state": "failed", "kind": "study", "log": "", "error": ""}}
+    md = open(write_sweep_report([str(tmp_path / name), str(tmp_path / "bad_*x*")], str(tmp_path / "rep"),
+                                 status)).read()
+    (row,) = [line for line in md.splitlines() if line.startswith("| r")]
+    assert _gfm_cells(row) == [name, "study", "failed", "", ""], row
+    failed = next(line for line in md.splitlines() if line.startswith("**1 run(s) failed"))
+    assert failed == r"**1 run(s) failed or were interrupted:** r\*1\*\_a\_\|\`b\`"
+    assert _gfm_cells(f"| {failed.split(':** ')[1]} |") == [name]
+    left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
+    assert _gfm_cells(f"| {left.split(':** ')[1]} |")[0].startswith(str(tmp_path / "bad_*x*")), left

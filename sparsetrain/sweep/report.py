@@ -21,7 +21,8 @@ def _status_md(status: dict) -> str:
         # (a finished run's warning, its log's last line lost: in status.json only before 2026-12-06)
         note = "; ".join(str(n) for n in (s.get("error"), s.get("warning") and f"warning: {s['warning']}") if n)
         cell = md_cell(f"{note + ' — ' if note else ''}{s.get('log', '')}")  # (a "|" split the row)
-        out.append(f"| {name} | {s.get('kind', '')} | {s['state']} | {s.get('seconds', '')} | {cell} |")
+        # (a run's name is the user's: its `|` split the row, its `*`/`_` marks rendered)
+        out.append(f"| {md_cell(name)} | {md_cell(s.get('kind', ''))} | {md_cell(s['state'])} | {s.get('seconds', '')} | {cell} |")
     return "\n".join(out)
 
 
@@ -69,11 +70,11 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
     if unreadable:
-        lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(unreadable)}", ""]
+        lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(map(md_cell, unreadable))}", ""]
     if status:
         failed = [n for n, s in status.items() if s["state"] in ("failed", "interrupted")]
         lines += ["## Runs", "", _status_md(status), "",
-                  f"**{len(failed)} run(s) failed or were interrupted:** {', '.join(failed)}" if failed else
+                  f"**{len(failed)} run(s) failed or were interrupted:** {', '.join(map(md_cell, failed))}" if failed else
                   "Every run finished.", ""]
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
     if any(k in keys for k in ("alpha", "tau")):
