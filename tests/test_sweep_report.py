@@ -447,11 +447,12 @@ def test_a_run_whose_metrics_record_cannot_be_read_is_named_with_the_reason(tmp_
 def _gfm_cells(row: str) -> list:
     """A GFM table row's cells as rendered text (cmark-gfm's and markdown-it's rules): split at each `|` not
     preceded by a backslash, each `\\|` then read as `|`, then CommonMark's backslash escapes (`\\` before ASCII
-    punctuation: that character), a `<br>` (a line break) and the entities `&lt;`, `&amp;` in one pass."""
+    punctuation: that character), a `<br>` (a line break), a `<wbr>` (nothing) and the entities `&lt;`, `&amp;` in
+    one pass."""
     assert "\n" not in row and "\r" not in row, row  # (a line break ends the row)
     cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:-1]]
-    inline = lambda c: re.sub(r"\\([!-/:-@\[-`{-~])|<br>|&lt;|&amp;",  # noqa: E731
-                              lambda m: m.group(1) or {"<br>": "\n", "&lt;": "<", "&amp;": "&"}[m[0]], c)
+    inline = lambda c: re.sub(r"\\([!-/:-@\[-`{-~])|<w?br>|&lt;|&amp;",  # noqa: E731 (<wbr>: an empty element)
+                              lambda m: m.group(1) or {"<br>": "\n", "<wbr>": "", "&lt;": "<", "&amp;": "&"}[m[0]], c)
     return [inline(c) for c in cells]
 
 
@@ -474,9 +475,11 @@ def test_md_cell_renders_any_text_as_one_cell_with_that_text(tmp_path):
 def _inert(cell: str) -> bool:
     """Whether a cell's Markdown holds no markup: each `*`, `` ` ``, `~`, `$`, `<`, a `_` not inside a word, a `]`
     before `(`/`[` and an entity's `&` comes escaped (a `\\` before it), or as `&lt;`/`&amp;`; `<br>` (a line
-    break) aside."""
-    plain = re.sub(r"\\[!-/:-@\[-`{-~]|<br>|&lt;|&amp;", " ", cell)  # (escaped characters, line breaks, entities)
-    return not re.search(r"[*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])|&(?=#?\w+;)", plain)
+    break) aside, nor GitHub's emoji or autolinks (`<wbr>` cuts them)."""
+    plain = re.sub(r"\\[!-/:-@\[-`{-~]|<w?br>|&lt;|&amp;", " ", cell)  # (escaped characters, line breaks, entities)
+    # (and what GitHub links or replaces in text: an emoji's `:name:`, a bare URL, a `www.` domain, an email address)
+    github = r":[\w+-]*[A-Za-z+-][\w+-]*:|(?i:https?|ftp)://|(?i:www)\.\w|[\w.+-]@[\w-]+\.[\w-]"
+    return not re.search(r"[*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])|&(?=#?\w+;)|" + github, plain)
 
 
 def test_md_cell_shows_markdown_in_a_text_as_written(tmp_path):
@@ -523,3 +526,26 @@ def test_a_run_s_name_reads_as_written_in_the_runs_table_and_the_failed_runs_sen
     assert _gfm_cells(f"| {failed.split(':** ')[1]} |") == [name]
     left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
     assert _gfm_cells(f"| {left.split(':** ')[1]} |")[0].startswith(str(tmp_path / "bad_*x*")), left
+
+
+def test_md_cell_keeps_github_from_linking_or_replacing_a_text_s_urls_addresses_and_emoji_shortcodes(tmp_path):
+    """GitHub renders a cell's `:smile:` as an emoji and links a bare `https://...`, `www.x.org` or `a@b.org` (GFM's
+    extended autolinks); a backslash escape does not stop the emoji (GitHub replaces it in the rendered text), so an
+    error's `:name:` or URL lost its text. md_cell cuts each with an empty `<wbr>`: the cell reads as the text, and
+    numbers (a time's `12:30:45`) and names keep as they are."""
+    from sparsetrain.experiment.report.tables import md_cell
+    assert md_cell(":smile: a:+1: :100: :a:b:") == ":<wbr>smile: a:<wbr>+1: :<wbr>100: :<wbr>a:<wbr>b:"
+    assert md_cell("https://x.org HTTP://Y.ORG ftp://z (www.x.org) _www.y.org") == \
+        r"https<wbr>://x.org HTTP<wbr>://Y.ORG ftp<wbr>://z (www<wbr>.x.org) \_www<wbr>.y.org"
+    assert md_cell("git@github.com:a/b.git mailto:a@b.org") == "git<wbr>@github.com:a/b.git mailto:a<wbr>@b.org"
+    texts = [":smile:", ":white_check_mark: done", "see https://x.org/a_b?c=1", "<https://x.org>", "www.x.org/a",
+             "mail a.b+c@d-e.org", "OSError: [Errno 2] :x: at http://h:80/p (git@host.org)"]
+    for text in texts:
+        cell = md_cell(text)
+        assert _gfm_cells(f"| k | {cell} |") == ["k", text], text
+        assert _inert(cell), (text, cell)
+    for plain in ("12:30:45", "tau=10, eps=0.1", "C:\\data\\run", "awww.x", "s3://bucket/run", "a@b", "ratio 1:2:3"):
+        assert md_cell(plain) == plain
+    # the sweep report's table of runs: an error naming a URL and an emoji shortcode reads as written
+    error = "RunFailed: exit code 1: HTTPError: https://x.org/mnist.gz :x:"
+    assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]

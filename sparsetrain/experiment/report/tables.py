@@ -19,7 +19,13 @@ __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_ce
 # before ASCII punctuation or a line break (an escape); `|` (GFM: a cell's end); emphasis, code, strikethrough,
 # math (GitHub) marks; a `_` but one inside a word (no emphasis there: snake_case stays as written); a link's
 # `](`/`][`; `<` (HTML, a literal `<br>`, an autolink); an `&` that starts an entity (`&lt;`, `&#124;`).
-_MD_ACTIVE = re.compile(r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
+# GitHub also links or replaces plain text, whatever its escapes (an emoji's `\\:` is `:` by then): a `:name:`
+# emoji shortcode, a bare `http(s)://`/`ftp://` URL, a `www.` domain (after no letter or digit), an email address
+# (`mailto:`, `xmpp:` included); each is cut by an empty `<wbr>` (no character shown or copied) matched first, as
+# an empty match: after a shortcode's `:`, before a scheme's `://`, a `www`'s `.` and an address's `@`.
+_GH_TEXT = (r"(?<=:)(?=(?:[\w+-]*[A-Za-z][\w+-]*|[+-]1|100|1234):)|(?i:(?<=http)|(?<=https)|(?<=ftp))(?=://)"
+            r"|(?i:(?<=www)(?<![^\W_]www))(?=\.\w)|(?<=[\w.+-])(?=@[\w-]+\.[\w-])|")
+_MD_ACTIVE = re.compile(_GH_TEXT + r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
                         r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
 _MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
 
@@ -30,9 +36,10 @@ def md_cell(value) -> str:
     that Markdown would read as an escape doubled (a text's `\\|` lost its backslash before 2026-12-06), and the
     rest of what Markdown reads escaped (CommonMark backslash escapes; `<` as `&lt;`, an entity's `&` as `&amp;`):
     `*x*`, `_x_`, backticks, `~~x~~`, `$x$`, `[a](b)`, a literal `<br>` or other HTML (rendered, or dropped, before
-    2026-12-06). Only for text shown as written (errors, paths, labels): a cell formatted on purpose (bold) is not
-    passed through it."""
-    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or "\\" + m[0][-1], str(value))
+    2026-12-06); GitHub's emoji `:name:`, bare URLs, `www.` domains and email addresses cut by `<wbr>` (rendered as
+    an emoji or a link before 2026-12-07). Only for text shown as written (errors, paths, labels): a cell formatted
+    on purpose (bold) is not passed through it."""
+    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"), str(value))
 
 
 def _real(v) -> bool:
