@@ -1288,3 +1288,14 @@ def test_a_finished_metrics_csv_copied_with_its_record_from_another_run_is_refus
     old = pdirs["runA"] / "metrics.csv"  # (a record written before 2026-12-06: no place, verified as before)
     files.write_csv(str(old), make_rows([0.80, 0.84]), checksum=True)
     assert "where" not in json.loads(read(f"{old}.sha256")) and files.verify(str(old))
+
+
+def test_summary_md_shows_a_run_folder_s_and_phase_s_names_as_written(tmp_path):
+    """summary.md's heading wrote the run folder's name as it is (its `*x*` rendered as emphasis, `_x_` its marks
+    lost), and so did the line of phases with metrics, the Seeds table's phases and the per-round headings (a
+    --teachers path's phase `distill-path-*a*`). Each goes through md_cell now, as the Settings cells do."""
+    run_dir = tmp_path / "r*1*_"
+    _two_seed_run(run_dir)
+    text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
+    assert text.startswith("# DSD² run: r\\*1\\*\\_\n"), text[:80]
+    assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text

@@ -549,3 +549,17 @@ def test_md_cell_keeps_github_from_linking_or_replacing_a_text_s_urls_addresses_
     # the sweep report's table of runs: an error naming a URL and an emoji shortcode reads as written
     error = "RunFailed: exit code 1: HTTPError: https://x.org/mnist.gz :x:"
     assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+
+
+def test_the_notes_and_headings_around_table1_show_a_phase_s_and_setting_s_text_as_written(tmp_path):
+    """Each Table 1's heading (the setting's label) and its notes (a phase with no result, in progress, did not
+    finish; a second curve's run folders) wrote a phase name or setting as it is: a --teachers path's `*x*` became
+    emphasis, its `|` or `_x_` marks lost. They go through md_cell now, as the table's cells do."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0], "rate": 0.5,
+           "wall": 0.95}
+    for run, teacher in (("a", "ckpt/*x*_y_.pt"), ("b", "dense")):
+        _fill(tmp_path / run, {**cfg, "teachers": [teacher]}, phases=("teacher",))
+    status = {"a": {"state": "failed", "kind": "study", "log": "", "error": ""}, "b": {"state": "done", "kind": "study"}}
+    md = open(write_sweep_report([str(tmp_path / n) for n in status], str(tmp_path / "rep"), status)).read()
+    assert r"No result: distill-path-\*x\*\_y\_ seed(s) [0]" in md, md
+    assert r"### mnist, ε = 0.1, lenet300 (teachers=['ckpt/\*x\*\_y\_.pt'])" in md, md

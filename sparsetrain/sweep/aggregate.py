@@ -169,7 +169,7 @@ def group_label(g, keys) -> str:
 def _title(g, keys) -> str:
     c = g["config"]
     models = c.get("model", "?") + ("" if c.get("student") in ("", None, c.get("model")) else f" → {c.get('student')}")
-    return f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else "")
+    return md_cell(f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else ""))
 
 
 def mark_stopped(groups, ended) -> None:
@@ -210,12 +210,12 @@ def _running_note(g) -> str:
     if g.get("failed"):
         none = f"No result: seed(s) {g['failed']} failed before recording a round (see the Runs table).\n\n"
     if g.get("lost"):
-        none += "No result: " + "; ".join(f"{p} seed(s) {s}" for p, s in g["lost"].items()) + \
+        none += "No result: " + "; ".join(f"{md_cell(p)} seed(s) {s}" for p, s in g["lost"].items()) + \
             " (the run failed or was interrupted before the phase recorded a round; see the Runs table).\n\n"
     if g.get("left_out"):  # (two runs of one seed: one curve per seed in the means, the other named)
         none += "Left out, a seed's second curve (the first one's is shown): " + "; ".join(
-            f"{p} seed {s} of {d} (shown: {first})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
-    return none + "".join(f"{what}: " + "; ".join(f"{p} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
+            f"{md_cell(p)} seed {s} of {md_cell(d)} (shown: {md_cell(first)})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
+    return none + "".join(f"{what}: " + "; ".join(f"{md_cell(p)} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
                    for what, ph in notes if ph)
 
 

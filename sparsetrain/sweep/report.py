@@ -67,7 +67,7 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
         else:  # (no rows now: an earlier report's numbers would stay)
             remove_file(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
-    lines = [f"# DSD² {title}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
+    lines = [f"# DSD² {md_cell(title)}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
     if unreadable:
         lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(map(md_cell, unreadable))}", ""]

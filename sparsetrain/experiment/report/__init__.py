@@ -46,7 +46,7 @@ def seed_table(run) -> str:
     out = ["| Seed | Status | Phases with metrics |", "|--:|---|---|"]
     for s, state in run["status"].items():
         phases = [p for p in ordered_phases(run) if s in run["curves"][p]]
-        out.append(f"| {s} | {md_cell(state)} | {', '.join(phases) or 'none'} |")
+        out.append(f"| {s} | {md_cell(state)} | {', '.join(map(md_cell, phases)) or 'none'} |")
     return "\n".join(out)
 
 
@@ -78,7 +78,7 @@ def write_report(run_dir) -> str:
             "teachers", "alpha", "tau", "rate", "wall", "scope", "structure", "block", "perturb", "engine", "amp",
             "momentum", "drop", "l1", "dropout", "augment", "early_stop", "t_e", "t_a", "stop_falls", "seeds",
             "profile", "git_commit", "ran_on"]
-    lines = [f"# DSD² run: {os.path.basename(os.path.abspath(run_dir))}", "",
+    lines = [f"# DSD² run: {md_cell(os.path.basename(os.path.abspath(run_dir)))}", "",
              "| Setting | Value |", "|---|---|"]
     lines += [f"| {k} | {md_cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
@@ -87,7 +87,7 @@ def write_report(run_dir) -> str:
                                                    "rewind_iter") if f"{role}_{k}" in cfg]
         if sched:
             lines.append(f"| {role} schedule | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in sched) + " |")
-    done = ", ".join(f"{p}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
+    done = ", ".join(f"{md_cell(p)}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
     lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
               "## Seeds", "", seed_table(run), "",
               "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",

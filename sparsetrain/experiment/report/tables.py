@@ -294,7 +294,7 @@ def summary_table(run, rounds: bool = True) -> str:
     for ph in ordered_phases(run) if rounds else []:
         # (the teacher run never stops: its table marks no replayed stop unless it is the vanilla student's curve)
         stops = ph != "teacher" or vanilla_phase(run) == ph
-        out += [f"### Per round: {phase_title(run, ph)}", "", _round_table(run["curves"][ph], cfg, stops), ""]
+        out += [f"### Per round: {md_cell(phase_title(run, ph))}", "", _round_table(run["curves"][ph], cfg, stops), ""]
         # (seed_status.py's words for the seeds whose curve here is missing or unfinished; a seed done without
         # it ran --phases without this phase)
         lacking = [f"seed {s}: {w}" for s, w in sorted(run.get("status", {}).items()) if w != "done" and (
