@@ -1299,3 +1299,14 @@ def test_summary_md_shows_a_run_folder_s_and_phase_s_names_as_written(tmp_path):
     text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
     assert text.startswith("# DSD² run: r\\*1\\*\\_\n"), text[:80]
     assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text
+
+
+def test_summary_md_shows_a_run_folder_s_name_as_written_even_one_not_utf8(tmp_path):
+    """summary.md's heading wrote the run folder's name as it is: its `*x*` rendered as emphasis, and a name that is
+    not UTF-8 (a surrogate per such byte in os.fsdecode's str) raised UnicodeEncodeError, no summary. The name goes
+    through md_cell now, each such byte written `\\xNN`."""
+    run_dir = tmp_path / os.fsdecode(b"r*1*_\xff")
+    _two_seed_run(run_dir)
+    text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
+    assert text.startswith("# DSD² run: r\\*1\\*\\_\\xff\n"), text[:80]
+    assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text

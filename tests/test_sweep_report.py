@@ -563,3 +563,24 @@ def test_the_notes_and_headings_around_table1_show_a_phase_s_and_setting_s_text_
     md = open(write_sweep_report([str(tmp_path / n) for n in status], str(tmp_path / "rep"), status)).read()
     assert r"No result: distill-path-\*x\*\_y\_ seed(s) [0]" in md, md
     assert r"### mnist, ε = 0.1, lenet300 (teachers=['ckpt/\*x\*\_y\_.pt'])" in md, md
+
+
+def test_a_name_that_is_not_utf8_is_written_with_its_bytes_shown(tmp_path):
+    """A run folder whose name is not UTF-8 (os.listdir's str holds a surrogate for each such byte), or a setting
+    holding one (a --teachers path's: config.json keeps it as `\\udcff`), made writing summary.md or table1.csv raise
+    UnicodeEncodeError: no report. Each such byte is written `\\xNN` now (shown_text), in the Markdown and the CSVs."""
+    from sparsetrain.experiment.report.tables import md_cell, shown_text
+    assert shown_text(os.fsdecode(b"run\xff\xfe.d")) == "run\\xff\\xfe.d" and shown_text("a\ud800b") == "a\\ud800b"
+    assert md_cell(os.fsdecode(b"ab\xff*")) == "ab\\xff\\*"
+    name = os.fsdecode(b"run\xff")
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0], "rate": 0.5,
+           "wall": 0.95}
+    for run, teacher in ((name, os.fsdecode(b"t\xff.pt")), ("b", "dense")):
+        _fill(os.path.join(tmp_path, run), {**cfg, "teachers": [teacher]}, phases=("teacher",))
+    status = {name: {"state": "failed", "kind": "study", "log": "", "error": ""}, "b": {"state": "done", "kind": "study"}}
+    md = open(write_sweep_report([os.path.join(tmp_path, n) for n in status], str(tmp_path / "rep"), status),
+              encoding="utf-8").read()
+    assert "| run\\xff | study | failed |" in md and "**1 run(s) failed or were interrupted:** run\\xff\n" in md
+    assert "No result: distill-path-t\\xff seed(s) [0]" in md  # (the phase named after the teacher's file)
+    assert {r["phase"] for r in _rows(tmp_path / "rep" / "table1.csv")} == {"teacher", "distill-path-t\\xff"}
+

@@ -12,7 +12,7 @@ from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
-           "stats", "mean", "ms", "md_cell", "started_seeds", "stops_unknown"]
+           "stats", "mean", "ms", "md_cell", "shown_text", "started_seeds", "stops_unknown"]
 
 
 # What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
@@ -27,7 +27,16 @@ _GH_TEXT = (r"(?<=:)(?=(?:[\w+-]*[A-Za-z][\w+-]*|[+-]1|100|1234):)|(?i:(?<=http)
             r"|(?i:(?<=www)(?<![^\W_]www))(?=\.\w)|(?<=[\w.+-])(?=@[\w-]+\.[\w-])|")
 _MD_ACTIVE = re.compile(_GH_TEXT + r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
                         r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
+
+
+def shown_text(text: str) -> str:
+    """`text` as UTF-8 can write it: each byte of a name that is not UTF-8 (os.fsdecode's surrogate escape, a run
+    folder's from the filesystem) as `\\xNN`, any other lone surrogate (a JSON `\\ud800`'s) as `\\uNNNN`; writing
+    one raised UnicodeEncodeError before 2026-12-07, the report left unwritten."""
+    return _SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xdc00:02x}" if 0xdc80 <= ord(m[0]) <= 0xdcff else
+                          f"\\u{ord(m[0]):04x}", text)
 
 
 def md_cell(value) -> str:
@@ -38,8 +47,9 @@ def md_cell(value) -> str:
     `*x*`, `_x_`, backticks, `~~x~~`, `$x$`, `[a](b)`, a literal `<br>` or other HTML (rendered, or dropped, before
     2026-12-06); GitHub's emoji `:name:`, bare URLs, `www.` domains and email addresses cut by `<wbr>` (rendered as
     an emoji or a link before 2026-12-07). Only for text shown as written (errors, paths, labels): a cell formatted
-    on purpose (bold) is not passed through it."""
-    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"), str(value))
+    on purpose (bold) is not passed through it. A name that is not UTF-8 as shown_text writes it."""
+    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"),
+                           shown_text(str(value)))
 
 
 def _real(v) -> bool:
