@@ -899,6 +899,54 @@ def test_a_status_json_that_cannot_be_written_cancels_the_running_runs(tmp_path,
     assert [s["state"] for s in json.loads(status_file.read_text()).values()] == ["queued", "queued"]
 
 
+def test_a_second_ctrl_c_during_the_cancel_still_stops_the_run_s_process(tmp_path, monkeypatch):
+    """A second Ctrl-C (or SIGTERM) while the sweep waited CANCEL_GRACE_S for its cancelled tasks skipped their
+    forced cancel and the stop of their processes: only status.json was written, the experiments trained on. Now
+    it cuts the wait short and the process the run's `.running` marker names is stopped at once; the run is
+    interrupted."""
+    import types
+
+    from sparsetrain.sweep.runlog import name_process
+    from sparsetrain.sweep.runner import execute
+    plan = make_plan(_settings(tmp_path, phases=("teacher",), seeds=[0]), str(tmp_path / "sw"), threads=1)
+    procs, forced, waits = [], [], []
+
+    class Task:  # (Ray: the run's process starts and never heeds the cancel)
+        def options(self, **k):
+            return self
+
+        def remote(self, argv, log, *a):
+            procs.append(subprocess.Popen(["sleep", "60"]))
+            name_process(log + ".running", procs[-1].pid)
+            return 1
+
+    def wait(refs, **k):
+        waits.append(k.get("timeout"))
+        if len(waits) == 1:
+            raise KeyboardInterrupt  # (the first Ctrl-C, in the sweep's loop)
+        if len(waits) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # (the second, while the sweep waits for the cancel)
+        return [], refs
+
+    def get(ref, timeout=None):
+        raise TimeoutError
+    ray = types.SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2},
+                                remote=lambda fn: Task(), wait=wait, get=get,
+                                cancel=lambda ref, force=False: forced.append(ref) if force else None)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    t0 = time.time()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            execute(plan, str(tmp_path / "sw" / "s"))
+        took = time.time() - t0
+        assert procs[0].wait(timeout=1) == -signal.SIGTERM and forced == [1] and took < 8, (took, waits)
+    finally:
+        procs[0].kill()
+    status = json.loads((tmp_path / "sw" / "s" / "status.json").read_text())
+    assert status[plan[0].name]["state"] == "interrupted"
+    assert open(status[plan[0].name]["log"]).read().splitlines()[-1].startswith("=== cancelled after")
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

@@ -23,9 +23,10 @@ import time
 from ..experiment.files import (EXIT_BUSY, Busy, ReadFailed, RemoveFailed, WriteFailed, finish_interrupted_writes,
                                  folder_busy, folder_lock, remove_file, write_json)
 from ..experiment.reuse import phase_done
+from .cancel import cancel_runs
 from .plan import Run
 from .runlog import (cancelled_line, end_line, error_line, exception_line, name_process, open_log, remove_marker,
-                     stop_process, write_marker)
+                     write_marker)
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -325,17 +326,9 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e).split(";")[0]
         progress.write(f"sweep: {why}: stopping {len(running) - len(held)} running run(s) (each keeps its "
                        "last completed epoch; re-run the same command to resume)")
-        for ref in running:
-            ray.cancel(ref)
         try:  # (bounded: a cancel lost or late under load kept the sweep in ray.wait for 90 s before 2026-12-06)
-            _, late = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
-            for ref in late:  # Ray kills the task's worker; the sweep its experiment process (runlog.stop_process)
-                ray.cancel(ref, force=True)
-            if late:
-                ray.wait(late, num_returns=len(late), timeout=5)
-            for ref in late:
-                stop_process(status[running[ref].name]["log"])
-        finally:  # (also on a second Ctrl-C: status.json says what each run became)
+            cancel_runs(ray, {ref: status[r.name]["log"] for ref, r in running.items()}, CANCEL_GRACE_S)
+        finally:  # (status.json says what each run became)
             for ref, r in running.items():
                 status[r.name]["state"] = "queued" if r.name in held else "interrupted"
                 try:  # a run that finished before the cancel reached it
