@@ -947,6 +947,59 @@ def test_a_second_ctrl_c_during_the_cancel_still_stops_the_run_s_process(tmp_pat
     assert open(status[plan[0].name]["log"]).read().splitlines()[-1].startswith("=== cancelled after")
 
 
+_SPAWNS = """import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "60"])  # (as torchrun's workers, a DataLoader's)
+open(sys.argv[1] + ".tmp", "w").write(str(child.pid))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+def _child_of(pidfile) -> int:
+    """The pid the _SPAWNS script wrote in `pidfile` once its child started (within 20 s)."""
+    end = time.time() + 20
+    while not pidfile.exists() and time.time() < end:
+        time.sleep(0.02)
+    return int(pidfile.read_text())
+
+
+def test_a_stopped_run_s_children_are_stopped_with_it(tmp_path, monkeypatch):
+    """A run's experiment was not in a process group of its own: its worker's cancel and the sweep's forced stop
+    signalled its process alone, and its children (torchrun's workers, DataLoader workers) ran on. The run now
+    starts in its own session and both stop its whole group (SIGTERM, then SIGKILL after a bound)."""
+    from sparsetrain.experiment.seed_status import process_running
+    from sparsetrain.sweep import runner
+    from sparsetrain.sweep.runlog import name_process, stop_process
+    script, pidfile, log = tmp_path / "spawns.py", tmp_path / "child", tmp_path / "logs" / "r.log"
+    script.write_text(_SPAWNS)
+
+    class Cancelled(subprocess.Popen):  # (the sweep's cancel lands once the run's child started)
+        def wait(self, timeout=None):
+            if timeout == 0.5:
+                _child_of(pidfile)
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+    monkeypatch.setattr(runner.subprocess, "Popen", Cancelled)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([str(pidfile)], str(log), 1, str(tmp_path), str(script))
+    child = _child_of(pidfile)
+    try:
+        assert not process_running(child) and log.read_text().splitlines()[-1].startswith("=== cancelled after")
+    finally:
+        os.kill(child, signal.SIGKILL) if process_running(child) else None
+    monkeypatch.undo()
+    pidfile.unlink()  # the sweep's forced stop of a run whose task did not stop (the marker names its process)
+    run = subprocess.Popen([sys.executable, str(script), str(pidfile)], start_new_session=True)
+    child = _child_of(pidfile)
+    name_process(str(log) + ".running", run.pid)
+    try:
+        stop_process(str(log))
+        assert run.wait(timeout=1) == -signal.SIGTERM and not process_running(child)
+    finally:
+        run.kill()
+        os.kill(child, signal.SIGKILL) if process_running(child) else None
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

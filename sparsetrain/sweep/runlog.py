@@ -9,10 +9,10 @@ import socket
 import time
 
 from ..experiment.files import WriteFailed
-from ..experiment.seed_status import process_running
+from ..experiment.seed_status import proc_stat, process_running
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
-           "cancelled_line", "name_process", "stop_process"]
+           "cancelled_line", "name_process", "stop_process", "stop_group", "group_running"]
 
 
 def open_log(log: str, header: str):
@@ -70,7 +70,8 @@ def name_process(marker: str, pid: int) -> None:
 def stop_process(log: str, grace: float = 5.0) -> None:
     """A run whose Ray task did not stop in time on the sweep's cancel (a cancel lost or late under load:
     the sweep waited 90 s for it, past a scheduler's patience, before 2026-12-06): the process its log's
-    `.running` marker names (name_process; on this machine only) gets SIGTERM, SIGKILL after `grace` s,
+    `.running` marker names (name_process; on this machine only) and its children (the process group it leads:
+    stop_group; before 2026-12-07 the process alone) get SIGTERM, SIGKILL after `grace` s,
     then the log ends with cancelled_line and the marker is removed. Nothing to do without a marker
     (its task cleaned up)."""
     marker = log + ".running"
@@ -81,22 +82,47 @@ def stop_process(log: str, grace: float = 5.0) -> None:
     except OSError:
         return
     if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-            try:
-                os.kill(int(pid), sig)
-            except OSError:  # (gone, or no longer ours)
-                break
-            end = time.time() + wait
-            while process_running(int(pid)) and time.time() < end:
-                time.sleep(0.05)
-            if not process_running(int(pid)):
-                break
+        fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
+        stop_group(int(pid), grace, group=fields is None or len(fields) < 3 or fields[2] == pid)
     try:
         with open(log, "a") as f:
             f.write(cancelled_line(seconds))
     except OSError:
         pass
     remove_marker(marker)
+
+
+def stop_group(pid: int, grace: float, group: bool = True) -> None:
+    """SIGTERM to process `pid` and, with `group`, every process of the group it leads (a run's: started in its own
+    session, so its children (torchrun's workers, a DataLoader's) are in it), SIGKILL after `grace` s to what still
+    runs; returns once nothing of it runs, or after another `grace` s."""
+    running = (lambda: group_running(pid)) if group else (lambda: process_running(pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            (os.killpg if group else os.kill)(pid, sig)
+        except OSError:  # (gone, or no longer ours)
+            return
+        end = time.time() + grace
+        while running() and time.time() < end:
+            time.sleep(0.05)
+        if not running():
+            return
+
+
+def group_running(pgid: int) -> bool:
+    """A process of the process group `pgid` runs (a zombie does not: its parent may never reap it; Linux: /proc's
+    pgrp field), else whether the group can be signalled."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except OSError:
+            return False
+    for name in os.listdir("/proc"):
+        fields = proc_stat(int(name)) if name.isdigit() else None
+        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def remove_marker(marker: str) -> str:

@@ -26,7 +26,7 @@ from ..experiment.reuse import phase_done
 from .cancel import cancel_runs
 from .plan import Run
 from .runlog import (cancelled_line, end_line, error_line, exception_line, name_process, open_log, remove_marker,
-                     write_marker)
+                     stop_group, write_marker)
 
 __all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -56,8 +56,8 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     """One experiment process (`python -m <program> <argv>`, or a script path), its output appended
     to `log`; returns its seconds and "" or why its log's last line could not be written (runlog.end_line), or
     its `.running` marker removed (runlog.remove_marker).
-    Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the process, which resumes on the next
-    attempt. Without a GPU share, CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that
+    Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the process and its children (its process group,
+    runlog.stop_group: it runs in a session of its own), which resumes on the next attempt. Without a GPU share, CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that
     ask for GPUs: the others would all use GPU 0)."""
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
@@ -70,7 +70,9 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         start = f.tell()  # (this attempt's output: its one-line error, if any)
         try:
             write_marker(marker)  # (before the process: one it cannot write was left running unwatched)
-            proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+            # (its own session: a stop reaches its children; a terminal's Ctrl-C reaches the sweep, which cancels this)
+            proc = subprocess.Popen([sys.executable, *cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                    start_new_session=True)
         except BaseException:
             remove_marker(marker)
             raise
@@ -82,12 +84,12 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                     break
                 except subprocess.TimeoutExpired:
                     pass
-        except BaseException:  # cancelled: stop the experiment (atomic files; it resumes later)
-            proc.terminate()
+        except BaseException:  # cancelled: stop the experiment and its children (atomic files; it resumes later)
+            stop_group(proc.pid, grace=60)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
             end_line(f, log, cancelled_line(time.time() - t0))
             raise  # (cancelled, whether or not its log could say so)
         finally:  # (one that cannot be removed: the outcome stands, naming it, as for a lost last line)
