@@ -1000,6 +1000,29 @@ def test_a_stopped_run_s_children_are_stopped_with_it(tmp_path, monkeypatch):
         os.kill(child, signal.SIGKILL) if process_running(child) else None
 
 
+def test_the_sweep_never_signals_a_process_that_reused_a_run_s_pid(tmp_path):
+    """The sweep's forced stop trusted the `.running` marker's pid by its host alone: a pid the system had given
+    to another process since was signalled. The marker now records the process's start (clock ticks since boot,
+    /proc/<pid>/stat) and a live process of that pid that started at another time is left alone; one that
+    matches (the reference) is stopped."""
+    import socket
+
+    from sparsetrain.experiment.seed_status import process_running, start_ticks
+    from sparsetrain.sweep.runlog import name_process, stop_process
+    log, marker = tmp_path / "r.log", tmp_path / "r.log.running"
+    other = subprocess.Popen(["sleep", "60"])  # (an unrelated process, now holding the run's pid)
+    try:
+        marker.write_text(f"{other.pid} {socket.gethostname()} {start_ticks(other.pid) - 1}\n")
+        stop_process(str(log))
+        assert process_running(other.pid) and other.poll() is None and not marker.exists()
+        name_process(str(marker), other.pid)  # (the run's own process: its start matches)
+        assert marker.read_text().split()[2] == str(start_ticks(other.pid))
+        stop_process(str(log))
+        assert other.wait(timeout=1) == -signal.SIGTERM and not marker.exists()
+    finally:
+        other.kill()
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

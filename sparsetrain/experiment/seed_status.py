@@ -19,7 +19,7 @@ from ..engine.writer_lock import pid_alive
 from . import distributed as dist
 from .files import write_json
 
-__all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running"]
+__all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running", "start_ticks"]
 
 STATUS = "status.json"
 
@@ -51,7 +51,7 @@ def process_running(pid: int) -> bool:
     return fields[0] not in ("Z", "X") if fields else pid_alive(pid)
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """Process `pid`'s start time, clock ticks since boot (Linux: /proc/<pid>/stat's field 22); None where there is
     no such process or no /proc."""
     fields = proc_stat(pid)
@@ -70,7 +70,7 @@ def _run_gone(record: dict) -> bool:
         return False
     here = _boot_id()
     if isinstance(boot, str) and type(ticks) is int and here is not None:
-        return boot != here or _start_ticks(pid) != ticks
+        return boot != here or start_ticks(pid) != ticks
     return pid == os.getpid() or not pid_alive(pid)
 
 
@@ -97,7 +97,7 @@ class SeedStatus:
         self._sd = sd
         self._record = {"pid": os.getpid(), "host": socket.gethostname(), "phases": list(phases),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        boot, ticks = _boot_id(), _start_ticks(os.getpid())
+        boot, ticks = _boot_id(), start_ticks(os.getpid())
         if boot is not None and ticks is not None:  # (Linux: a reader tells a reused pid, a restarted host)
             self._record.update(boot_id=boot, start_ticks=ticks)
         self._write("running")

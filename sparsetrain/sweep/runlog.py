@@ -9,7 +9,7 @@ import socket
 import time
 
 from ..experiment.files import WriteFailed
-from ..experiment.seed_status import proc_stat, process_running
+from ..experiment.seed_status import proc_stat, process_running, start_ticks
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
            "cancelled_line", "name_process", "stop_process", "stop_group", "group_running"]
@@ -58,11 +58,13 @@ def cancelled_line(seconds: float) -> str:
 
 
 def name_process(marker: str, pid: int) -> None:
-    """The `.running` marker names the experiment's process ("PID HOST") for stop_process; a marker that
+    """The `.running` marker names the experiment's process ("PID HOST TICKS": its start, clock ticks since boot
+    (Linux; without /proc "PID HOST"), for stop_process to tell a pid reused since); a marker that
     cannot be written keeps its earlier (empty) content: the sweep then leaves the stop to Ray."""
+    ticks = start_ticks(pid)
     try:
         with open(marker, "w") as f:
-            f.write(f"{pid} {socket.gethostname()}\n")
+            f.write(f"{pid} {socket.gethostname()}" + (f" {ticks}" if ticks is not None else "") + "\n")
     except OSError:
         pass
 
@@ -72,18 +74,21 @@ def stop_process(log: str, grace: float = 5.0) -> None:
     the sweep waited 90 s for it, past a scheduler's patience, before 2026-12-06): the process its log's
     `.running` marker names (name_process; on this machine only) and its children (the process group it leads:
     stop_group; before 2026-12-07 the process alone) get SIGTERM, SIGKILL after `grace` s,
-    then the log ends with cancelled_line and the marker is removed. Nothing to do without a marker
-    (its task cleaned up)."""
+    then the log ends with cancelled_line and the marker is removed; a process of the pid that started at another
+    time than the marker records is another (a reused pid: signalled before 2026-12-07) and is left alone. Nothing
+    to do without a marker (its task cleaned up)."""
     marker = log + ".running"
     try:
         with open(marker) as f:
-            pid, host = (f.read().split() + ["", ""])[:2]
+            pid, host, ticks = (f.read().split() + ["", "", ""])[:3]
         seconds = time.time() - os.path.getmtime(marker)
     except OSError:
         return
     if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
         fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
-        stop_group(int(pid), grace, group=fields is None or len(fields) < 3 or fields[2] == pid)
+        # a live process of the pid started at another time than the marker's: the pid was reused, never signalled
+        if not (ticks.isdigit() and fields is not None and start_ticks(int(pid)) != int(ticks)):
+            stop_group(int(pid), grace, group=fields is None or len(fields) < 3 or fields[2] == pid)
     try:
         with open(log, "a") as f:
             f.write(cancelled_line(seconds))
