@@ -57,8 +57,9 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
     to `log`; returns its seconds and "" or why its log's last line could not be written (runlog.end_line), or
     its `.running` marker removed (runlog.remove_marker).
     Runs inside a Ray worker: a cancel (KeyboardInterrupt) stops the process and its children (its process group,
-    runlog.stop_group: it runs in a session of its own), which resumes on the next attempt. Without a GPU share, CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that
-    ask for GPUs: the others would all use GPU 0)."""
+    runlog.stop_group: it runs in a session of its own), which resumes on the next attempt. Without a GPU share,
+    CUDA is hidden from it (Ray sets CUDA_VISIBLE_DEVICES only for tasks that ask for GPUs: the others would all
+    use GPU 0)."""
     marker, t0 = log + ".running", time.time()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # the run's CPU share (its --threads too)
     if not gpus:
