@@ -15,7 +15,7 @@ from .dataset_errors import DataError, DatasetNotFound, brief_error, download_no
 from .dataset_lock import download_guard
 
 __all__ = ["pil_to_uint8", "read_image", "load_flowers", "load_imagefolder", "check_skipped_images",
-           "SKIPPED_EXTENSIONS", "walk_links", "check_file_links"]
+           "SKIPPED_EXTENSIONS", "walk_links", "check_file_twice"]
 
 
 def pil_to_uint8(img, size: int) -> torch.Tensor:
@@ -109,15 +109,15 @@ SKIPPED_EXTENSIONS = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jxl"
                       ".tga", ".psd", ".pcx", ".pbm", ".pnm", ".pfm", ".dib", ".qoi", ".sgi", ".icns")
 
 
-def check_skipped_images(root: Path, seen: dict | None = None, links: list | None = None) -> None:
+def check_skipped_images(root: Path, seen: dict | None = None, files: dict | None = None) -> None:
     """Images ImageFolder would skip without a word (a format of SKIPPED_EXTENSIONS in a class folder, or
     any image lying in `root` outside one): a DataError naming the folders and counts, so that a
     split never trains on fewer images than it holds. Other files (notes, .DS_Store) are not images."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     skip, root = {}, Path(root)  # (str or Path)
-    for r, dirs, files in walk_links(root, seen, links):  # (ImageFolder follows links too; `links`: walk_links')
+    for r, dirs, names in walk_links(root, seen, files):  # (ImageFolder follows links too; `files`: walk_links')
         top = Path(r) == root  # (there every image is outside a class folder)
-        n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in files)
+        n = sum(f.lower().endswith(SKIPPED_EXTENSIONS + (IMG_EXTENSIONS if top else ())) for f in names)
         if n:
             skip[Path(r)] = n
     if skip:
@@ -128,7 +128,7 @@ def check_skipped_images(root: Path, seen: dict | None = None, links: list | Non
                         "folder only; convert the images (or move them into their class folder) or remove them")
 
 
-def walk_links(root: Path, seen: dict | None = None, links: list | None = None):
+def walk_links(root: Path, seen: dict | None = None, files: dict | None = None):
     """os.walk(root, followlinks=True), as ImageFolder scans, in sorted order; a folder reached twice (by
     (st_dev, st_ino)) is a DataError naming the link: one back to a folder above it is a loop (read again
     down to the OS's 40 links; two such links doubled the scan per level: it never ended), one to another
@@ -137,64 +137,74 @@ def walk_links(root: Path, seen: dict | None = None, links: list | None = None):
     folder (or a folder in one) that is a link to nothing (no folder to ImageFolder, which left the class or its
     images out) is a DataError too, saying whether its target does not exist or cannot be reached (a folder on
     the way not searchable), and so is a folder that cannot be listed (permission denied: os.walk, as
-    ImageFolder, skipped its images). A file that is a link is checked by check_file_links: at the end of this
-    walk, or, where `links` is a list, appended to it ((link, root)) for the caller to check once every split
-    is walked. Only links are resolved (os.scandir tells them without a stat): a tree without any pays nothing."""
-    seen, own = {} if seen is None else seen, links is None
-    links = [] if own else links
-    todo = [os.fspath(root)]
+    ImageFolder, skipped its images). An image file ImageFolder reads (in a class folder) that is one file with
+    another it reads (a symlink to it, two symlinks to one file, hard links) is refused by check_file_twice;
+    `files` ({st_dev << 64 | st_ino: path}, filled in) holds another split's. Only links are resolved
+    (os.scandir tells them, and a file's inode, without a stat): a tree without any pays nothing per file."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    seen, files = {} if seen is None else seen, {} if files is None else files
+    root = Path(root)
+    st = os.stat(root)
+    first = seen.setdefault((st.st_dev, st.st_ino), root)
+    if first != root:  # (val/ a link to train/)
+        raise DataError(f"imagefolder: {root} is {first}: the same images in train and val (test images trained "
+                        "on); give each split its own folder")
+    todo = [(os.fspath(root), st.st_dev)]
     while todo:
-        r = todo.pop()
-        dirs, files, flinks = _list(r)
+        r, dev = todo.pop()
+        dirs, names, flinks, inodes = _list(r)
         dirs.sort()
-        if r == str(root):
-            st = os.stat(r)
-            first = seen.setdefault((st.st_dev, st.st_ino), Path(r))
-            if first != Path(r):  # (val/ a link to train/)
-                raise DataError(f"imagefolder: {r} is {first}: the same images in train and val (test images trained "
-                                "on); give each split its own folder")
         gone = []
         for f in sorted(flinks):
             try:
-                os.stat(os.path.join(r, f))  # (the target: a file, as the link is no folder)
-                links.append((Path(r) / f, Path(root)))
+                t = os.stat(os.path.join(r, f))  # (the target: a file, as the link is no folder)
+                inodes[f] = (t.st_dev, t.st_ino)
             except OSError as e:
                 gone.append((f, e))
         if gone:  # (a class folder's link to an unmounted disk: ImageFolder left the class out, num_classes fewer;
             # a link deeper down, to a folder of images or an image: those)
             _refuse_gone(Path(r), gone, top=r == str(root))
+        if r != str(root):  # (in a class folder: the images ImageFolder reads, by the file each is: one int, one
+            for f, ino in sorted(inodes.items()):  # str per file, no object the garbage collector tracks)
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    key = ino[0] << 64 | ino[1] if isinstance(ino, tuple) else (dev or 0) << 64 | ino
+                    path = os.path.join(r, f)
+                    if files.setdefault(key, path) is not path:
+                        check_file_twice(Path(files[key]), Path(path), root)
+        devs = {}
         for d in dirs:
             p = Path(r) / d
             try:
                 st = os.stat(p)
             except OSError:  # (os.walk skips what it cannot list too)
                 continue
+            devs[d] = st.st_dev
             first = seen.setdefault((st.st_dev, st.st_ino), p)
             if first != p:
                 loop = first == Path(r) or first in Path(r).parents
-                split = not (first == Path(root) or Path(root) in first.parents)  # (reached in another split)
+                split = not (first == root or root in first.parents)  # (reached in another split)
                 if split:
                     raise DataError(f"imagefolder: {p} and {first} are one folder (a link), in train and val: the same "
                                     "images in both splits (test images trained on); remove the link")
                 raise DataError(f"imagefolder: {p} is a link to {first}, " + (
                     "a folder above it: a loop (its images read again at every level, or a scan never ending)" if loop
                     else "reached already: its images would be read twice") + "; remove the link")
-        yield r, dirs, files
-        todo.extend(os.path.join(r, d) for d in reversed(dirs))  # (depth first, in order: os.walk's top-down)
-    if own:
-        check_file_links(links, seen)
+        yield r, dirs, names
+        # (depth first, in order: os.walk's top-down; a folder left out of `dirs` by the caller is not walked)
+        todo.extend((os.path.join(r, d), devs.get(d)) for d in reversed(dirs))
 
 
 def _list(r: str):
-    """The folder `r`'s (dirs, files, file links) as os.walk(followlinks=True) tells dirs from files (a link
-    to a folder is a folder; one to nothing or to what cannot be reached is a file); DataError if unlistable."""
+    """The folder `r`'s (dirs, files, file links, {file: inode}) as os.walk(followlinks=True) tells dirs from
+    files (a link to a folder is a folder; one to nothing or to what cannot be reached is a file); the inodes of
+    the files that are no link (d_ino: no stat); DataError if unlistable."""
     try:
         with os.scandir(r) as it:
             entries = list(it)
     except OSError as e:
         raise DataError(f"imagefolder: {e.filename or r} cannot be listed ({e.strerror or brief_error(e)}): its images "
                         "would be left out without a word; fix its permissions (or remove it)") from None
-    dirs, files, flinks = [], [], []
+    dirs, files, flinks, inodes = [], [], [], {}
     for e in entries:
         try:
             is_dir = e.is_dir()  # (a stat for links only: d_type otherwise)
@@ -202,11 +212,14 @@ def _list(r: str):
             is_dir = False
         (dirs if is_dir else files).append(e.name)
         try:
-            if not is_dir and e.is_symlink():
-                flinks.append(e.name)
+            link = not is_dir and e.is_symlink()
         except OSError:
-            pass
-    return dirs, files, flinks
+            link = False
+        if link:
+            flinks.append(e.name)
+        elif not is_dir:
+            inodes[e.name] = e.inode()
+    return dirs, files, flinks, inodes
 
 
 def _refuse_gone(r: Path, gone: list, top: bool):
@@ -226,31 +239,28 @@ def _refuse_gone(r: Path, gone: list, top: bool):
                     f" left out without a word); {fix}")
 
 
-def check_file_links(links: list, seen: dict) -> None:
-    """Image files that are links ([(link, its split's root)], as walk_links found them) to an image of the
-    dataset (in a folder of `seen`, the folders walked: {(st_dev, st_ino): path}) in another class or
-    another split: a DataError naming both (the image loaded twice, under two labels, or a test image
-    trained on). A link to a file outside the folders walked, or within its own class, loads as before."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-    for link, root in links:
-        if link.parent == root or not link.name.lower().endswith(IMG_EXTENSIONS):  # (not read by ImageFolder)
-            continue
-        real = os.path.realpath(link)
-        try:
-            st = os.stat(os.path.dirname(real))
-        except OSError:
-            continue
-        folder = seen.get((st.st_dev, st.st_ino))
-        if folder is None or not os.path.basename(real).lower().endswith(IMG_EXTENSIONS):
-            continue  # (outside the dataset, or no image ImageFolder reads)
-        target = folder / os.path.basename(real)
-        if not (folder == root or root in folder.parents):  # (reached in another split)
-            raise DataError(f"imagefolder: {link} is a link to {target}, an image of the other split: the same image in "
-                            "train and val (a test image trained on); remove the link")
-        mine, theirs = link.relative_to(root).parts[0], target.relative_to(root).parts[0]
-        if folder != root and mine != theirs:
-            raise DataError(f"imagefolder: {link} is a link to {target}, an image of class {theirs!r}: read twice, "
-                            f"also as {mine!r}; remove the link")
+def check_file_twice(first: Path, path: Path, root: Path) -> None:
+    """Two images ImageFolder reads (`first`, walked before, and `path`, in the split at `root`) found to be one
+    file by walk_links (by (st_dev, st_ino): a symlink to the other, two symlinks to one file, hard links): a
+    DataError naming both, the image loaded twice, under two labels, as a test image trained on, or as a duplicate
+    sample of its own class (its count and the class balance off). Confirmed by a stat of both first (an
+    overlay's d_ino may differ from st_ino): where they are two files, nothing."""
+    if not os.path.samefile(first, path):
+        return
+    (a, ra), (b, rb) = (first, root if root in first.parents else None), (path, root)
+    if b.is_symlink() and not a.is_symlink():
+        (a, ra), (b, rb) = (b, rb), (a, ra)  # (a: the link, b: the image it leads to)
+    ca, cb = (a.relative_to(ra).parts[0] if ra else None), (b.relative_to(rb).parts[0] if rb else None)
+    if a.is_symlink() and not b.is_symlink():
+        why = ("an image of the other split: the same image in train and val (a test image trained on)" if ra != rb else
+               f"an image of class {cb!r}: read twice, also as {ca!r}" if ca != cb else
+               f"an image of its own class {ca!r}: read twice (a duplicate sample: the class's count and balance off)")
+        raise DataError(f"imagefolder: {a} is a link to {b}, {why}; remove the link")
+    why = ("in train and val: the same image in both splits (a test image trained on)" if ra != rb else
+           f"in classes {ca!r} and {cb!r}: read twice, under two labels" if ca != cb else
+           f"both in class {ca!r}: read twice (a duplicate sample: the class's count and balance off)")
+    kind = f"symlinks to {os.path.realpath(a)}" if a.is_symlink() else "hard links"
+    raise DataError(f"imagefolder: {a} and {b} are one file ({kind}), {why}; keep one of them")
 
 
 def load_imagefolder(data_dir: Path, size: int):
@@ -258,17 +268,16 @@ def load_imagefolder(data_dir: Path, size: int):
     if not (data_dir / "train").is_dir() or not (data_dir / "val").is_dir():
         raise DatasetNotFound(f"imagefolder needs {data_dir / 'train'} and {data_dir / 'val'}, each "
                               "with one sub-directory of images per class (ImageNet layout)")
-    seen, links = {}, []  # (the folders walked: none in both splits; the file links: checked once both are walked)
+    seen, files = {}, {}  # (the folders and image files walked: none in both splits, no image read twice)
 
     def folder(split):
-        check_skipped_images(data_dir / split, seen, links)
+        check_skipped_images(data_dir / split, seen, files)
         try:
             return ImageFolder(str(data_dir / split))
         except FileNotFoundError as e:  # (a class folder without images, or no class folder)
             raise DataError(f"imagefolder: {data_dir / split}: {brief_error(e)}") from None
 
     tr, te = folder("train"), folder("val")
-    check_file_links(links, seen)  # (a train image linked to a val one: val walked only now)
     if tr.classes != te.classes:
         only = sorted(set(tr.classes) ^ set(te.classes))[:5]
         raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
