@@ -421,3 +421,20 @@ def test_an_image_file_read_twice_within_its_class_or_through_hard_links_is_refu
         for _, _, link in links:
             link.unlink()
     D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)  # (all removed: loads)
+
+
+def test_several_dangling_links_in_a_folder_are_each_named_with_their_own_target_and_reason(tmp_path):
+    """Several links to nothing in one folder were named together as "a link to" the first one's target, with
+    the first one's reason (a link to itself was said to lead to the first link's missing file, "which does not
+    exist"). Each is now named with its own target, reason and fix; one alone reads as before."""
+    _imagefolder(tmp_path)
+    cat = tmp_path / "train" / "cat"
+    os.symlink(tmp_path / "gone" / "x.png", cat / "a.png")  # (ENOENT)
+    os.symlink("self.png", cat / "self.png")  # (ELOOP)
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert str(e.value) == (
+        f"imagefolder: 2 links in {cat} lead to nothing (what they held would be left out without a word): "
+        f"{cat / 'a.png'}: a link to {tmp_path / 'gone' / 'x.png'}, which does not exist: mount or restore it, or "
+        f"remove the link; {cat / 'self.png'}: a link to self.png, which cannot be reached (Too many levels of "
+        "symbolic links): fix or remove the link")

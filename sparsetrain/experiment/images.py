@@ -224,19 +224,29 @@ def _list(r: str):
 
 def _refuse_gone(r: Path, gone: list, top: bool):
     """DataError naming the links in `r` ([(name, the OSError of their target's stat)]) to nothing or to what
-    cannot be reached: the first's errno tells which (ENOENT, ENOTDIR: it does not exist; EACCES: a folder on
-    the way cannot be searched; any other, its reason)."""
-    (f, e), n = gone[0], len(gone)
+    cannot be reached, each with its target and its errno's reason (ENOENT, ENOTDIR: it does not exist; EACCES:
+    a folder on the way cannot be searched; any other, its reason) and what to do."""
+    held = "a class folder there was" if top else "what it held would be"
+    whys = [_why_gone(e) for _, e in gone]
+    if len(gone) == 1:
+        (f, _), (why, fix) = gone[0], whys[0]
+        raise DataError(f"imagefolder: {r / f}: a link to {os.readlink(r / f)}, {why} ({held} left out without a "
+                        f"word); {fix}")
+    # (several: each with its own target and reason; the first's were said of all before)
+    each = "; ".join(f"{r / f}: a link to {os.readlink(r / f)}, {why}: {fix}" for (f, _), (why, fix) in zip(gone[:4], whys))
+    held = "class folders there were" if top else "what they held would be"
+    raise DataError(f"imagefolder: {len(gone)} links in {r} lead to nothing ({held} left out without a word): "
+                    f"{each}{f' (and {len(gone) - 4} more)' if len(gone) > 4 else ''}")
+
+
+def _why_gone(e: OSError) -> tuple:
+    """(why, fix) for a link whose target's stat raised `e`."""
     if e.errno in (errno.ENOENT, errno.ENOTDIR):
-        why, fix = "which does not exist", "mount or restore it, or remove the link"
-    else:
-        denied = e.errno in (errno.EACCES, errno.EPERM)
-        why = (f"which cannot be reached ({e.strerror or brief_error(e)}" +
-               (": a folder on the way to it cannot be searched)" if denied else ")"))
-        fix = "fix the permissions on the way to it, or remove the link" if denied else "fix or remove the link"
-    raise DataError(f"imagefolder: {', '.join(str(r / g) for g, _ in gone[:4])}{' ...' * (n > 4)}: a link to "
-                    f"{os.readlink(r / f)}, {why} (" + ("a class folder there was" if top else "what it held would be") +
-                    f" left out without a word); {fix}")
+        return "which does not exist", "mount or restore it, or remove the link"
+    denied = e.errno in (errno.EACCES, errno.EPERM)
+    why = (f"which cannot be reached ({e.strerror or brief_error(e)}" +
+           (": a folder on the way to it cannot be searched)" if denied else ")"))
+    return why, "fix the permissions on the way to it, or remove the link" if denied else "fix or remove the link"
 
 
 def check_file_twice(first: Path, path: Path, root: Path) -> None:
