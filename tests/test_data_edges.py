@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.datasets import ImageFolder
 
 from sparsetrain.experiment import data as D
 
@@ -384,43 +385,36 @@ def test_a_link_whose_target_cannot_be_reached_says_so(tmp_path, monkeypatch):
         D.load_dataset("imagefolder", tmp_path, **kw)
 
 
-def test_an_image_file_read_twice_within_its_class_or_through_hard_links_is_refused(tmp_path):
-    """A symlink to an image of its own class (train/cat/2.png -> 0.png), two symlinks to one file outside the
-    dataset, or hard links (in one class, two classes or both splits: never resolved) loaded that image twice
-    without a word: a duplicate sample (the class's count and balance off), or the cases refused for symlinks
-    read under two labels or trained on a test image. Each is a DataError naming both paths; a single link to a
-    file outside the dataset still loads (the test above)."""
+def test_an_image_linked_within_its_class_is_refused_and_dedup_stores_hard_links_load(tmp_path):
+    """A symlink to an image of its own class (train/cat/2.png -> 0.png) loaded that image twice without a word: a
+    duplicate sample (the class's count and balance off); it is a DataError naming both, as a link into another
+    class or split is. Hard links (in one class, two classes, both splits) and two symlinks to one file outside
+    the dataset are what content-deduplicating stores (DVC, git-annex, `hardlink`) make of byte-identical
+    images: they load, each path a sample, as ImageFolder lists them."""
     _imagefolder(tmp_path)
     train, val = tmp_path / "train", tmp_path / "val"
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "x.png").write_bytes((train / "cat" / "0.png").read_bytes())
-    dup = "read twice (a duplicate sample: the class's count and balance off)"
-    cases = (
-        ([("sym", "0.png", train / "cat" / "2.png")],
-         f"{train / 'cat' / '2.png'} is a link to {train / 'cat' / '0.png'}, an image of its own class 'cat': {dup}; "
-         "remove the link"),
-        ([("sym", tmp_path / "outside" / "x.png", train / "dog" / "5.png"),
-          ("sym", tmp_path / "outside" / "x.png", train / "dog" / "6.png")],
-         f"{train / 'dog' / '5.png'} and {train / 'dog' / '6.png'} are one file (symlinks to "
-         f"{tmp_path / 'outside' / 'x.png'}), both in class 'dog': {dup}; keep one of them"),
-        ([("hard", train / "cat" / "0.png", train / "cat" / "2.png")],
-         f"{train / 'cat' / '0.png'} and {train / 'cat' / '2.png'} are one file (hard links), both in class 'cat': "
-         f"{dup}; keep one of them"),
-        ([("hard", train / "cat" / "0.png", train / "dog" / "2.png")],
-         f"{train / 'cat' / '0.png'} and {train / 'dog' / '2.png'} are one file (hard links), in classes 'cat' and "
-         "'dog': read twice, under two labels; keep one of them"),
-        ([("hard", val / "dog" / "1.png", train / "cat" / "2.png")],
-         f"{train / 'cat' / '2.png'} and {val / 'dog' / '1.png'} are one file (hard links), in train and val: the "
-         "same image in both splits (a test image trained on); keep one of them"))
-    for links, message in cases:
+    os.symlink("0.png", train / "cat" / "2.png")
+    with pytest.raises(D.DataError) as e:
+        D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert str(e.value) == (f"imagefolder: {train / 'cat' / '2.png'} is a link to {train / 'cat' / '0.png'}, an image "
+                            "of its own class 'cat': read twice (a duplicate sample: the class's count and balance "
+                            "off); remove the link")
+    (train / "cat" / "2.png").unlink()
+    for links in ([("sym", tmp_path / "outside" / "x.png", train / "dog" / "5.png"),
+                   ("sym", tmp_path / "outside" / "x.png", train / "dog" / "6.png")],
+                  [("hard", train / "cat" / "0.png", train / "cat" / "2.png")],
+                  [("hard", train / "cat" / "0.png", train / "dog" / "2.png")],
+                  [("hard", val / "dog" / "1.png", train / "cat" / "2.png")]):
         for kind, target, link in links:
             (os.symlink if kind == "sym" else os.link)(target, link)
-        with pytest.raises(D.DataError) as e:
-            D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
-        assert str(e.value) == f"imagefolder: {message}"
+        s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+        want = ImageFolder(str(train))  # (the reference: what torchvision lists, each path a sample)
+        assert len(s.train) == len(want) == 4 + len(links)
+        assert s.train.y.tolist() == [y for _, y in want.samples]
         for _, _, link in links:
             link.unlink()
-    D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)  # (all removed: loads)
 
 
 def test_several_dangling_links_in_a_folder_are_each_named_with_their_own_target_and_reason(tmp_path):

@@ -138,7 +138,7 @@ def walk_links(root: Path, seen: dict | None = None, files: dict | None = None):
     images out) is a DataError too, saying whether its target does not exist or cannot be reached (a folder on
     the way not searchable), and so is a folder that cannot be listed (permission denied: os.walk, as
     ImageFolder, skipped its images). An image file ImageFolder reads (in a class folder) that is one file with
-    another it reads (a symlink to it, two symlinks to one file, hard links) is refused by check_file_twice;
+    another it reads, a symlink to it, is refused by check_file_twice (hard links load: dedup stores make them);
     `files` ({st_dev << 64 | st_ino: path}, filled in) holds another split's. Only links are resolved
     (os.scandir tells them, and a file's inode, without a stat): a tree without any pays nothing per file."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -251,26 +251,21 @@ def _why_gone(e: OSError) -> tuple:
 
 def check_file_twice(first: Path, path: Path, root: Path) -> None:
     """Two images ImageFolder reads (`first`, walked before, and `path`, in the split at `root`) found to be one
-    file by walk_links (by (st_dev, st_ino): a symlink to the other, two symlinks to one file, hard links): a
-    DataError naming both, the image loaded twice, under two labels, as a test image trained on, or as a duplicate
-    sample of its own class (its count and the class balance off). Confirmed by a stat of both first (an
-    overlay's d_ino may differ from st_ino): where they are two files, nothing."""
-    if not os.path.samefile(first, path):
+    file by walk_links (by (st_dev, st_ino)), one of them a symlink to the other: a DataError naming both, the
+    image loaded twice, under two labels, as a test image trained on, or as a duplicate sample of its own class
+    (its count and the class balance off). Hard links, and two symlinks to one file outside the folders walked,
+    load as they are: content-deduplicating stores make them (DVC's and git-annex's caches, `hardlink`), for
+    images the dataset holds twice byte for byte. Confirmed by a stat of both (an overlay's d_ino may differ)."""
+    if first.is_symlink() == path.is_symlink() or not os.path.samefile(first, path):
         return
     (a, ra), (b, rb) = (first, root if root in first.parents else None), (path, root)
-    if b.is_symlink() and not a.is_symlink():
+    if b.is_symlink():
         (a, ra), (b, rb) = (b, rb), (a, ra)  # (a: the link, b: the image it leads to)
     ca, cb = (a.relative_to(ra).parts[0] if ra else None), (b.relative_to(rb).parts[0] if rb else None)
-    if a.is_symlink() and not b.is_symlink():
-        why = ("an image of the other split: the same image in train and val (a test image trained on)" if ra != rb else
-               f"an image of class {cb!r}: read twice, also as {ca!r}" if ca != cb else
-               f"an image of its own class {ca!r}: read twice (a duplicate sample: the class's count and balance off)")
-        raise DataError(f"imagefolder: {a} is a link to {b}, {why}; remove the link")
-    why = ("in train and val: the same image in both splits (a test image trained on)" if ra != rb else
-           f"in classes {ca!r} and {cb!r}: read twice, under two labels" if ca != cb else
-           f"both in class {ca!r}: read twice (a duplicate sample: the class's count and balance off)")
-    kind = f"symlinks to {os.path.realpath(a)}" if a.is_symlink() else "hard links"
-    raise DataError(f"imagefolder: {a} and {b} are one file ({kind}), {why}; keep one of them")
+    why = ("an image of the other split: the same image in train and val (a test image trained on)" if ra != rb else
+           f"an image of class {cb!r}: read twice, also as {ca!r}" if ca != cb else
+           f"an image of its own class {ca!r}: read twice (a duplicate sample: the class's count and balance off)")
+    raise DataError(f"imagefolder: {a} is a link to {b}, {why}; remove the link")
 
 
 def load_imagefolder(data_dir: Path, size: int):
