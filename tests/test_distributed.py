@@ -127,11 +127,11 @@ def test_two_gloo_processes_follow_one(mnist_dir, study_args, forks):
 
 
 _MASKS_SCRIPT = """
-import sys, torch, torch.distributed as tdist
+import sys, torch
 from sparsetrain.experiment import distributed as dist
 from sparsetrain.experiment.models import build_model
 from sparsetrain.prune import make_rule
-tdist.init_process_group("gloo")
+dist.init_group("gloo")
 for scope in ("layer", "global"):
     for same in (True, False):
         torch.manual_seed(0 if same else 100 + dist.rank())
@@ -221,10 +221,10 @@ def test_only_rank_0_downloads_the_dataset(tmp_path, forks):
 
 
 _SNAPSHOT_SCRIPT = """
-import sys, torch, torch.distributed as tdist
+import sys, torch
 from sparsetrain.experiment import distributed as dist
 from sparsetrain.experiment.models import build_model
-tdist.init_process_group("gloo")
+dist.init_group("gloo")
 torch.manual_seed(0)
 m = build_model("vgg_d1g5", 10, 1, 28)
 for b in m.modules():  # each rank's own statistics, as mid-epoch
