@@ -1310,3 +1310,36 @@ def test_summary_md_shows_a_run_folder_s_name_as_written_even_one_not_utf8(tmp_p
     text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
     assert text.startswith("# DSD² run: r\\*1\\*\\_\\xff\n"), text[:80]
     assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text
+
+
+def _figures_of(tmp_path, monkeypatch, tag):
+    """A one-seed run distilled from the `--teachers` file /t/<tag>.pt (phase distill-path-<tag>); its report's
+    figures and the sweep's overlay of it, each drawn and written (the Figures, the overlay's path)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sparsetrain.sweep import figures as F
+    write_config(tmp_path, seeds=[0], teachers=[f"/t/{tag}.pt"])
+    write_rows(tmp_path, make_rows([0.8, 0.7, 0.75], seed=0))
+    write_rows(tmp_path, make_rows([0.8, 0.79, 0.78], seed=0, phase="distill-zz", teacher_cost=1e15))
+    os.rename(tmp_path / "seed0" / "distill-zz", tmp_path / "seed0" / f"distill-path-{tag}")
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    R.write_report(str(tmp_path))
+    overlay = F.plot_overlay([R.load_run(tmp_path)], None, [], str(tmp_path / "overlay.png"))
+    _check_pngs([tmp_path / "accuracy_vs_sparsity.png", tmp_path / "cum_pflops.png", overlay])
+    assert len(figures) == 3
+    for fig in figures:
+        FigureCanvasAgg(fig).draw()
+    return figures
+
+
+def test_a_dollar_in_a_phase_name_shows_as_typed_in_the_figures(tmp_path, monkeypatch):
+    """A `$` in user text (a --teachers file's name, so a phase's) was read as mathtext: `$x^$` raised ValueError
+    at draw time (no figure, the report lost), `$x$` rendered as math. Legends and titles show it as typed now."""
+    figures = _figures_of(tmp_path, monkeypatch, "$x^$ a$b$")
+    texts = [t.get_text() for fig in figures for t in fig.axes[0].get_legend().get_texts()]
+    assert "student (lenet300) distilled from the path-$x^$ a$b$ teacher" in texts
+    assert "fashion-mnist eps=0.2 distill-path-$x^$ a$b$" in texts  # (the sweep's overlay)
+    assert all(not t.get_parse_math() for fig in figures for t in fig.axes[0].get_legend().get_texts())
+    assert all(not fig.axes[0].title.get_parse_math() for fig in figures if fig.axes[0].get_title())

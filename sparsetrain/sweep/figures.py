@@ -8,7 +8,7 @@ import os
 import re
 
 from ..experiment.files import atomic_write, remove_file
-from ..experiment.report.plots import acc_band, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
+from ..experiment.report.plots import acc_band, as_typed, fewer_seeds, hollow_curve, mean_curve, sparsity_axis
 from ..experiment.report.tables import ordered_phases, same_note, vanilla_phase
 from .aggregate import _num, group_label, seed_counts
 
@@ -79,9 +79,10 @@ def plot_overlay(groups, by: str | None, keys: list[str], path: str) -> str | No
         sparsity_axis(ax)
         ax.set_ylabel("test accuracy [%] (mean ± std)")
         ax2.set_ylabel("ReLU-state entropy [bits] (thin)")
-        ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9)
+        as_typed(ax.set_title(title or f"{gs[0]['config'].get('dataset')}", fontsize=9))  # (user text: as typed)
         ax.grid(alpha=.3)
-        ax.legend(fontsize=6.5, loc="best")  # (lower left hid the round-0 points of falling curves)
+        legend = ax.legend(fontsize=6.5, loc="best")  # (lower left hid the round-0 points of falling curves)
+        as_typed(*legend.get_texts())
     if len(panels) > _MAX_PANELS:  # (said on the figure: the dropped panels were silently missing)
         fig.suptitle(f"the first {_MAX_PANELS} of {len(panels)} panels: the others' numbers are in table1.csv",
                      fontsize=10)

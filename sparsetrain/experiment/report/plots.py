@@ -12,7 +12,7 @@ from .labels import label_rounds
 from ..metrics import best_index, fin, get
 from .tables import mean, ordered_phases, per_round, phase_title, started_seeds, stats, stops_unknown, vanilla_phase
 
-__all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve"]
+__all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve", "as_typed"]
 
 
 _TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
@@ -69,11 +69,23 @@ def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
     return line
 
 
+def as_typed(*texts):
+    """Show each matplotlib Text (a legend's entries and title, an axes' title) as typed: user text (a run,
+    phase or setting name) is not read as mathtext (`$x^$` raised ValueError at draw time, no figure; `$x$`
+    rendered as math). Returns the first."""
+    for t in texts:
+        t.set_parse_math(False)
+    return texts[0] if texts else None
+
+
 def _legend(ax, **kw):
     """ax.legend with each entry wrapped to lines of at most 60 characters: one line of a twin note
-    (tables.same_note, the quick study's distill-best) made the legend wider than the axes, over the y label."""
+    (tables.same_note, the quick study's distill-best) made the legend wider than the axes, over the y label;
+    its entries and title shown as typed (as_typed)."""
     handles, labels = ax.get_legend_handles_labels()
-    return ax.legend(handles, [textwrap.fill(label, 60) for label in labels], **kw)
+    legend = ax.legend(handles, [textwrap.fill(label, 60) for label in labels], **kw)
+    as_typed(*legend.get_texts(), legend.get_title())
+    return legend
 
 
 def sparsity_axis(ax) -> None:
@@ -129,8 +141,8 @@ def plot_run(run, out_dir) -> list[str]:
               title=f"shaded ({phase_title(run, van) if van else '—'}): red critical, green sweet, grey collapsed",
               title_fontsize=7)
     cfg = run["config"]
-    ax.set_title(f"{cfg.get('dataset', '?')}  ε={cfg.get('eps', '?')}  model={cfg.get('model', '?')}  "
-                 f"student={cfg.get('student', '?')}", fontsize=10)
+    as_typed(ax.set_title(f"{cfg.get('dataset', '?')}  ε={cfg.get('eps', '?')}  model={cfg.get('model', '?')}  "
+                          f"student={cfg.get('student', '?')}", fontsize=10))
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "accuracy_vs_sparsity.png"))
     atomic_write(paths[-1], lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
