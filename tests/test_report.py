@@ -1343,3 +1343,12 @@ def test_a_dollar_in_a_phase_name_shows_as_typed_in_the_figures(tmp_path, monkey
     assert "fashion-mnist eps=0.2 distill-path-$x^$ a$b$" in texts  # (the sweep's overlay)
     assert all(not t.get_parse_math() for fig in figures for t in fig.axes[0].get_legend().get_texts())
     assert all(not fig.axes[0].title.get_parse_math() for fig in figures if fig.axes[0].get_title())
+
+
+def test_a_phase_name_that_is_not_utf8_is_drawn_with_its_bytes_as_escapes(tmp_path, monkeypatch):
+    """A --teachers file whose name is not UTF-8 (a surrogate escape from the filesystem, so its phase's too) in a
+    legend raised TypeError from the font code: no figure, the report lost. It is drawn as shown_text writes it."""
+    figures = _figures_of(tmp_path, monkeypatch, "t\udcff")
+    texts = [t.get_text() for fig in figures for t in fig.axes[0].get_legend().get_texts()]
+    assert "student (lenet300) distilled from the path-t\\xff teacher" in texts
+    assert "fashion-mnist eps=0.2 distill-path-t\\xff" in texts

@@ -10,7 +10,8 @@ from ..files import atomic_write, remove_file
 from ..early_stop import algorithm2_stop
 from .labels import label_rounds
 from ..metrics import best_index, fin, get
-from .tables import mean, ordered_phases, per_round, phase_title, started_seeds, stats, stops_unknown, vanilla_phase
+from .tables import (mean, ordered_phases, per_round, phase_title, shown_text, started_seeds, stats, stops_unknown,
+                     vanilla_phase)
 
 __all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve", "as_typed"]
 
@@ -72,9 +73,11 @@ def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
 def as_typed(*texts):
     """Show each matplotlib Text (a legend's entries and title, an axes' title) as typed: user text (a run,
     phase or setting name) is not read as mathtext (`$x^$` raised ValueError at draw time, no figure; `$x$`
-    rendered as math). Returns the first."""
+    rendered as math), a name that is not UTF-8 as tables.shown_text writes it (a surrogate escape raised TypeError
+    in the font code: no figure). Returns the first."""
     for t in texts:
         t.set_parse_math(False)
+        t.set_text(shown_text(t.get_text()))
     return texts[0] if texts else None
 
 
