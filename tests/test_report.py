@@ -1352,3 +1352,13 @@ def test_a_phase_name_that_is_not_utf8_is_drawn_with_its_bytes_as_escapes(tmp_pa
     texts = [t.get_text() for fig in figures for t in fig.axes[0].get_legend().get_texts()]
     assert "student (lenet300) distilled from the path-t\\xff teacher" in texts
     assert "fashion-mnist eps=0.2 distill-path-t\\xff" in texts
+
+
+def test_summary_md_keeps_a_run_folder_s_trailing_hash(tmp_path):
+    """A run folder named `q #` headed summary.md as `# DSD² run: q #`: Markdown reads a trailing ` #` as the
+    heading's closing sequence, dropped (`DSD² run: q`). md_heading escapes it `\\#`; a `#` inside stays."""
+    run_dir = tmp_path / "q # ##"
+    _two_seed_run(run_dir)
+    text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
+    assert text.startswith("# DSD² run: q # #\\#\n"), text[:80]
+    assert R.tables.md_heading("a # b") == "a # b" and R.tables.md_heading("*a* # ") == "\\*a\\* \\# "

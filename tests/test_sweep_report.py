@@ -584,3 +584,18 @@ def test_a_name_that_is_not_utf8_is_written_with_its_bytes_shown(tmp_path):
     assert "No result: distill-path-t\\xff seed(s) [0]" in md  # (the phase named after the teacher's file)
     assert {r["phase"] for r in _rows(tmp_path / "rep" / "table1.csv")} == {"teacher", "distill-path-t\\xff"}
 
+
+
+def test_headings_keep_a_trailing_hash_of_a_phase_or_the_title(tmp_path):
+    """A heading ending in user text that ends in ` #` (the sweep's title, Table 5's block of a phase named after
+    a --teachers file `q #.pt`) lost it: CommonMark's closing sequence. The `#` is escaped `\\#` now, and Table
+    5's block heading goes through md_cell as the others do (its `*x*` rendered as emphasis)."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": ["/t/*q* #.pt"],
+           "seeds": [0], "rate": 0.5, "wall": 0.95, "alpha": 0.5}
+    for tau in (10.0, 20.0):
+        _fill(tmp_path / f"t{tau:g}", {**cfg, "tau": tau}, phases=("teacher", "distill-path-*q* #"))
+    md = open(write_sweep_report([str(tmp_path / "t10"), str(tmp_path / "t20")], str(tmp_path / "rep"),
+                                 title="sweep q #")).read()
+    heads = [line for line in md.splitlines() if line.startswith("#")]
+    assert heads[0] == "# DSD² sweep q \\#"
+    assert "### mnist eps=0.1: distill-path-\\*q\\* \\#" in heads, heads

@@ -19,7 +19,7 @@ from ..experiment.files import CorruptFile, ReadFailed
 from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
-from ..experiment.report.tables import config_problem, md_cell, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
+from ..experiment.report.tables import config_problem, md_cell, md_heading, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.reuse import needed_phases, phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -169,7 +169,7 @@ def group_label(g, keys) -> str:
 def _title(g, keys) -> str:
     c = g["config"]
     models = c.get("model", "?") + ("" if c.get("student") in ("", None, c.get("model")) else f" → {c.get('student')}")
-    return md_cell(f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else ""))
+    return md_heading(f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else ""))
 
 
 def mark_stopped(groups, ended) -> None:
@@ -272,7 +272,7 @@ def _alpha_tau_block(title, alphas, taus, cell) -> list[str]:
     # (every cell of the best mean: means equal but for float rounding, (15 + 18.33) / 2 and (20 + 13.33) / 2,
     # were one bold and one not before 2026-12-06)
     top = lambda m: best is not None and fin(m) and math.isclose(m, best, rel_tol=1e-9, abs_tol=1e-9)  # noqa: E731
-    out = [f"### {title}", "", "| α \\ τ | " + " | ".join(map(_num, taus)) + " |", "|--:|" + "--:|" * len(taus)]
+    out = [f"### {md_heading(title)}", "", "| α \\ τ | " + " | ".join(map(_num, taus)) + " |", "|--:|" + "--:|" * len(taus)]
     for a in alphas:
         out.append(f"| {_num(a)} | " + " | ".join(f"**{x}**" if top(m) else x for m, x in (cells[a, t] for t in taus)) + " |")
     return out + [""]

@@ -7,7 +7,7 @@ import os
 import re
 
 from ..experiment.files import atomic_write, finish_interrupted_writes, remove_file, write_csv
-from ..experiment.report.tables import md_cell, shown_text
+from ..experiment.report.tables import md_cell, md_heading, shown_text
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
 from .figures import _natural, write_figures
@@ -68,7 +68,7 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
         else:  # (no rows now: an earlier report's numbers would stay)
             remove_file(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
-    lines = [f"# DSD² {md_cell(title)}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
+    lines = [f"# DSD² {md_heading(title)}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
     if unreadable:
         lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(map(md_cell, unreadable))}", ""]

@@ -15,7 +15,7 @@ from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
 from ..seed_status import describe, read_status
 from .plots import plot_run
-from .tables import config_problem, md_cell, ordered_phases, summary_table
+from .tables import config_problem, md_cell, md_heading, ordered_phases, summary_table
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "verify_metrics", "LABEL_RULE"]
@@ -78,7 +78,7 @@ def write_report(run_dir) -> str:
             "teachers", "alpha", "tau", "rate", "wall", "scope", "structure", "block", "perturb", "engine", "amp",
             "momentum", "drop", "l1", "dropout", "augment", "early_stop", "t_e", "t_a", "stop_falls", "seeds",
             "profile", "git_commit", "ran_on"]
-    lines = [f"# DSD² run: {md_cell(os.path.basename(os.path.abspath(run_dir)))}", "",
+    lines = [f"# DSD² run: {md_heading(os.path.basename(os.path.abspath(run_dir)))}", "",
              "| Setting | Value |", "|---|---|"]
     lines += [f"| {k} | {md_cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)

@@ -12,7 +12,7 @@ from .labels import label_rounds
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
-           "stats", "mean", "ms", "md_cell", "shown_text", "started_seeds", "stops_unknown"]
+           "stats", "mean", "ms", "md_cell", "md_heading", "shown_text", "started_seeds", "stops_unknown"]
 
 
 # What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
@@ -50,6 +50,12 @@ def md_cell(value) -> str:
     on purpose (bold) is not passed through it. A name that is not UTF-8 as shown_text writes it."""
     return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"),
                            shown_text(str(value)))
+
+
+def md_heading(value) -> str:
+    """`value` as an ATX heading's text (after `# `) that renders as that text: md_cell's, its last `#` escaped `\\#`
+    where nothing but spaces follow (a name ending in ` #` lost it: CommonMark's optional closing sequence)."""
+    return re.sub(r"#(?=[ \t]*\Z)", r"\\#", md_cell(value))
 
 
 def _real(v) -> bool:
