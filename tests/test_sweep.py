@@ -1023,6 +1023,42 @@ def test_the_sweep_never_signals_a_process_that_reused_a_run_s_pid(tmp_path):
         other.kill()
 
 
+
+def _deaf(n: int) -> list:
+    """`n` processes that ignore SIGTERM (each in a session of its own, as a run's experiment)."""
+    return [subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"], start_new_session=True) for _ in range(n)]
+
+
+def test_the_sweep_s_late_runs_are_stopped_together_within_one_bound(tmp_path):
+    """The sweep's forced stop took its late runs one at a time (SIGTERM, SIGKILL `grace` s later, for each), so with
+    N runs that ignore SIGTERM the sweep took N x 2 x `grace` s to exit after Ctrl-C (N x 10 s: past a scheduler's
+    patience). All of them are signalled first now and waited for once: about one `grace` whatever N; each log
+    still ends cancelled and its marker is removed."""
+    import types
+
+    from sparsetrain.experiment.seed_status import process_running
+    from sparsetrain.sweep.cancel import cancel_runs
+    from sparsetrain.sweep.runlog import name_process
+    runs, logs = _deaf(4), {}
+    try:
+        time.sleep(0.2)  # (each shell's trap set)
+        for i, run in enumerate(runs):
+            logs[i] = str(tmp_path / f"r{i}.log")
+            name_process(logs[i] + ".running", run.pid)
+        ray = types.SimpleNamespace(cancel=lambda ref, force=False: None, wait=lambda refs, **k: ([], refs))
+        t0 = time.time()
+        cancel_runs(ray, logs, 0, stop_grace=0.5)
+        took = time.time() - t0
+        assert [run.wait(timeout=1) for run in runs] == [-signal.SIGKILL] * 4 and 0.5 <= took < 1.5, took
+        assert not any(process_running(run.pid) for run in runs)
+        for log in logs.values():
+            assert open(log).read().splitlines()[-1].startswith("=== cancelled after")
+            assert not os.path.exists(log + ".running")
+    finally:
+        for run in runs:
+            run.kill()
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

@@ -12,7 +12,8 @@ from ..experiment.files import WriteFailed
 from ..experiment.seed_status import proc_stat, process_running, start_ticks
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
-           "cancelled_line", "name_process", "stop_process", "stop_group", "group_running"]
+           "cancelled_line", "name_process", "stop_process", "stop_processes", "stop_group", "stop_groups",
+           "group_running"]
 
 
 def open_log(log: str, header: str):
@@ -76,41 +77,63 @@ def stop_process(log: str, grace: float = 5.0) -> None:
     stop_group; before 2026-12-07 the process alone) get SIGTERM, SIGKILL after `grace` s,
     then the log ends with cancelled_line and the marker is removed; a process of the pid that started at another
     time than the marker records is another (a reused pid: signalled before 2026-12-07) and is left alone. Nothing
-    to do without a marker (its task cleaned up)."""
-    marker = log + ".running"
-    try:
-        with open(marker) as f:
-            pid, host, ticks = (f.read().split() + ["", "", ""])[:3]
-        seconds = time.time() - os.path.getmtime(marker)
-    except OSError:
-        return
-    if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
-        fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
-        # a live process of the pid started at another time than the marker's: the pid was reused, never signalled
-        if not (ticks.isdigit() and fields is not None and start_ticks(int(pid)) != int(ticks)):
-            stop_group(int(pid), grace, group=fields is None or len(fields) < 3 or fields[2] == pid)
-    try:
-        with open(log, "a") as f:
-            f.write(cancelled_line(seconds))
-    except OSError:
-        pass
-    remove_marker(marker)
+    to do without a marker (its task cleaned up). Several runs: stop_processes."""
+    stop_processes([log], grace)
+
+
+def stop_processes(logs: list, grace: float = 5.0) -> None:
+    """stop_process for each log of `logs` at once: every process signalled first, then one wait (at most `grace` s
+    after the SIGTERM, `grace` s after the SIGKILL) whatever their number (one at a time before 2026-12-07: up to
+    2 x `grace` s per run, so N late runs kept the sweep N x 10 s past a Ctrl-C, a scheduler's patience ~30 s)."""
+    targets, ends = [], []
+    for log in logs:
+        marker = log + ".running"
+        try:
+            with open(marker) as f:
+                pid, host, ticks = (f.read().split() + ["", "", ""])[:3]
+            ends.append((log, marker, time.time() - os.path.getmtime(marker)))
+        except OSError:
+            continue
+        if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
+            fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
+            # a live process of the pid started at another time than the marker's: the pid was reused, never signalled
+            if not (ticks.isdigit() and fields is not None and start_ticks(int(pid)) != int(ticks)):
+                targets.append((int(pid), fields is None or len(fields) < 3 or fields[2] == pid))
+    stop_groups(targets, grace)
+    for log, marker, seconds in ends:
+        try:
+            with open(log, "a") as f:
+                f.write(cancelled_line(seconds))
+        except OSError:
+            pass
+        remove_marker(marker)
 
 
 def stop_group(pid: int, grace: float, group: bool = True) -> None:
     """SIGTERM to process `pid` and, with `group`, every process of the group it leads (a run's: started in its own
     session, so its children (torchrun's workers, a DataLoader's) are in it), SIGKILL after `grace` s to what still
-    runs; returns once nothing of it runs, or after another `grace` s."""
-    running = (lambda: group_running(pid)) if group else (lambda: process_running(pid))
+    runs; returns once nothing of it runs, or after another `grace` s (stop_groups)."""
+    stop_groups([(pid, group)], grace)
+
+
+def stop_groups(targets: list, grace: float) -> None:
+    """stop_group for each `(pid, group)` of `targets` at once: SIGTERM to all, SIGKILL to what still runs after
+    `grace` s; returns once nothing of them runs, or after another `grace` s."""
+    def running(pid, group):
+        return group_running(pid) if group else process_running(pid)
+    live = list(targets)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            (os.killpg if group else os.kill)(pid, sig)
-        except OSError:  # (gone, or no longer ours)
-            return
+        for pid, group in live:
+            try:
+                (os.killpg if group else os.kill)(pid, sig)
+            except OSError:  # (gone, or no longer ours)
+                pass
         end = time.time() + grace
-        while running() and time.time() < end:
-            time.sleep(0.05)
-        if not running():
+        while live and time.time() < end:
+            live = [t for t in live if running(*t)]
+            time.sleep(0.05) if live else None
+        live = [t for t in live if running(*t)]
+        if not live:
             return
 
 
