@@ -1059,6 +1059,42 @@ def test_the_sweep_s_late_runs_are_stopped_together_within_one_bound(tmp_path):
             run.kill()
 
 
+
+_DEAF_SPAWNS = """import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a torchrun slow on SIGTERM; its child inherits the ignore)
+child = subprocess.Popen(["sleep", "60"], start_new_session=True)  # (as torchrun's ranks)
+open(sys.argv[1] + ".tmp", "w").write(str(child.pid))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(60)
+"""
+
+
+def test_a_stopped_run_s_whole_process_tree_is_stopped(tmp_path):
+    """torchrun starts its ranks in sessions of their own: the stop of a run's process group reached torchrun but not
+    them, and where torchrun needed the SIGKILL (it ignored the SIGTERM) its ranks ran on, orphaned. The stop now
+    collects the run's descendants (by parent pid) before each signal and signals and waits for them too: after the
+    sweep's forced stop (stop_process) and a worker's cancel (stop_group), the run and its child are both gone."""
+    from sparsetrain.experiment.seed_status import process_running
+    from sparsetrain.sweep.runlog import name_process, stop_group, stop_process
+    script, log = tmp_path / "deaf.py", tmp_path / "logs" / "r.log"
+    script.write_text(_DEAF_SPAWNS)
+    log.parent.mkdir()
+    for i, stop in enumerate((lambda run: stop_process(str(log), grace=0.5), lambda run: stop_group(run.pid, 0.5))):
+        pidfile = tmp_path / f"child{i}"
+        run = subprocess.Popen([sys.executable, str(script), str(pidfile)], start_new_session=True)
+        child = _child_of(pidfile)
+        name_process(str(log) + ".running", run.pid)
+        try:
+            t0 = time.time()
+            stop(run)
+            assert run.wait(timeout=1) == -signal.SIGKILL and not process_running(child), time.time() - t0
+            assert time.time() - t0 < 1.5
+        finally:
+            run.kill()
+            os.kill(child, signal.SIGKILL) if process_running(child) else None
+    assert log.read_text().splitlines()[-1].startswith("=== cancelled after")
+
+
 def _fake_ray(monkeypatch) -> list:
     """A stand-in for Ray in which every submitted run finishes at the next wait, and the runner's sleep (nothing
     running, nothing startable: the loop would wait forever) fails; returns the list of run names submitted."""

@@ -111,30 +111,85 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
 
 def stop_group(pid: int, grace: float, group: bool = True) -> None:
     """SIGTERM to process `pid` and, with `group`, every process of the group it leads (a run's: started in its own
-    session, so its children (torchrun's workers, a DataLoader's) are in it), SIGKILL after `grace` s to what still
-    runs; returns once nothing of it runs, or after another `grace` s (stop_groups)."""
+    session, so its children (a DataLoader's workers) are in it) and every descendant of them (Linux: torchrun's
+    ranks, in sessions of their own), SIGKILL after `grace` s to what still runs; returns once nothing of it runs, or
+    after another `grace` s (stop_groups)."""
     stop_groups([(pid, group)], grace)
 
 
 def stop_groups(targets: list, grace: float) -> None:
     """stop_group for each `(pid, group)` of `targets` at once: SIGTERM to all, SIGKILL to what still runs after
-    `grace` s; returns once nothing of them runs, or after another `grace` s."""
-    def running(pid, group):
-        return group_running(pid) if group else process_running(pid)
-    live = list(targets)
+    `grace` s; returns once nothing of them runs, or after another `grace` s. Their descendants (by parent pid,
+    collected before each signal: one whose parent died is reparented, out of reach) are signalled and waited for
+    too (before 2026-12-07 the group alone: torchrun's ranks, in sessions of their own, ran on, orphaned, where
+    torchrun needed the SIGKILL)."""
+    tracked = {}  # {pid: start ticks} of every process of theirs seen (a pid reused since is not theirs)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid, group in live:
+        procs = _processes()
+        tree = _tree(procs, targets, tracked) if procs is not None else {}
+        tracked.update(tree)
+        for pid, group in targets:  # (the group's: also a process forked since the snapshot)
             try:
-                (os.killpg if group else os.kill)(pid, sig)
+                if group:
+                    os.killpg(pid, sig)
+                elif procs is None:
+                    os.kill(pid, sig)
             except OSError:  # (gone, or no longer ours)
                 pass
+        groups = {str(pid) for pid, group in targets if group}
+        for pid in tree:
+            try:
+                if procs[pid][2] not in groups:  # (those of a group were signalled with it)
+                    os.kill(pid, sig)
+            except OSError:
+                pass
         end = time.time() + grace
-        while live and time.time() < end:
-            live = [t for t in live if running(*t)]
-            time.sleep(0.05) if live else None
-        live = [t for t in live if running(*t)]
-        if not live:
+        while _stopping(targets, tracked) and time.time() < end:
+            time.sleep(0.05)
+        if not _stopping(targets, tracked):
             return
+
+
+def _processes() -> dict | None:
+    """{pid: (state, parent pid, process group, start ticks)} of every process (Linux: /proc/<pid>/stat's fields 3,
+    4, 5 and 22, as strings); None without /proc."""
+    if not os.path.isdir("/proc"):
+        return None
+    out = {}
+    for name in os.listdir("/proc"):
+        fields = proc_stat(int(name)) if name.isdigit() else None
+        if fields and len(fields) > 19:
+            out[int(name)] = (fields[0], fields[1], fields[2], fields[19])
+    return out
+
+
+def _tree(procs: dict, targets: list, tracked: dict) -> dict:
+    """{pid: start ticks} of the live processes of `targets` in `procs` (_processes): each target's process, its
+    group's (with `group`), those of `tracked` (same start) and all their descendants."""
+    groups = {str(pid) for pid, group in targets if group}
+    live = {pid for pid, p in procs.items() if p[0] not in ("Z", "X")}
+    todo = [pid for pid, _ in targets if pid in live]
+    todo += [pid for pid in live if procs[pid][2] in groups or tracked.get(pid) == procs[pid][3]]
+    children = {}
+    for pid in live:
+        children.setdefault(procs[pid][1], []).append(pid)
+    tree = {}
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree[pid] = procs[pid][3]
+            todo += children.get(str(pid), [])
+    return tree
+
+
+def _stopping(targets: list, tracked: dict) -> bool:
+    """A process of `targets` still runs: one of `tracked` ({pid: start ticks}) or of a target's group (Linux), else
+    (no /proc) whether a target's group or process runs."""
+    procs = _processes()
+    if procs is None:
+        return any(group_running(pid) if group else process_running(pid) for pid, group in targets)
+    groups = {str(pid) for pid, group in targets if group}
+    return any(p[0] not in ("Z", "X") and (tracked.get(pid) == p[3] or p[2] in groups) for pid, p in procs.items())
 
 
 def group_running(pgid: int) -> bool:
