@@ -177,7 +177,16 @@ class _PerThread:
         return None if local is None else getattr(local, self.name, None)
 
     def __set__(self, obj, value):
-        setattr(obj.__dict__.setdefault(self.SLOT, threading.local()), self.name, value)
+        _set_handoff(obj, self.name, value)
+
+
+def _set_handoff(obj, name: str, value) -> None:
+    """obj's hand-over attribute `name` set in this thread's slot (a threading.local made on the first set only)."""
+    d = obj.__dict__
+    local = d.get(_PerThread.SLOT)
+    if local is None:
+        local = d.setdefault(_PerThread.SLOT, threading.local())
+    setattr(local, name, value)
 
 
 class HandOff:
@@ -197,6 +206,14 @@ class HandOff:
         state = super().__getstate__()
         state.pop(_PerThread.SLOT, None)
         return state
+
+    def __setattr__(self, name, value):
+        # (a hand-over straight to its slot: nn.Module.__setattr__'s parameter, module and buffer checks cost ~1 µs
+        # a set, ~220 sets a ResNet-18 step, ~5% of a batch-1 fused step)
+        if name in self._transient:
+            _set_handoff(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
 
 class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
