@@ -12,8 +12,7 @@ from ..experiment.files import WriteFailed
 from ..experiment.seed_status import proc_stat, process_running, start_ticks
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
-           "cancelled_line", "name_process", "stop_process", "stop_processes", "stop_group", "stop_groups",
-           "group_running"]
+           "cancelled_line", "name_process", "stop_process", "stop_processes", "stop_group", "stop_groups"]
 
 
 def open_log(log: str, header: str):
@@ -129,25 +128,31 @@ def stop_groups(targets: list, grace: float) -> None:
         tree = _tree(procs, targets, tracked) if procs is not None else {}
         tracked.update(tree)
         for pid, group in targets:  # (the group's: also a process forked since the snapshot)
-            try:
-                if group:
-                    os.killpg(pid, sig)
-                elif procs is None:
-                    os.kill(pid, sig)
-            except OSError:  # (gone, or no longer ours)
-                pass
-        groups = {str(pid) for pid, group in targets if group}
-        for pid in tree:
-            try:
-                if procs[pid][2] not in groups:  # (those of a group were signalled with it)
-                    os.kill(pid, sig)
-            except OSError:
-                pass
+            if group or procs is None:
+                _signalled(os.killpg if group else os.kill, pid, sig)
+        groups = _groups(targets)
+        for pid in tree:  # (those of a group were signalled with it)
+            if procs[pid][2] not in groups:
+                _signalled(os.kill, pid, sig)
         end = time.time() + grace
         while _stopping(targets, tracked) and time.time() < end:
             time.sleep(0.05)
         if not _stopping(targets, tracked):
             return
+
+
+def _groups(targets: list) -> set:
+    """The process group ids (as /proc writes them) of the `(pid, group)` targets that lead one."""
+    return {str(pid) for pid, group in targets if group}
+
+
+def _signalled(kill, pid: int, sig: int) -> bool:
+    """kill(pid, sig) went through (False: gone, or no longer ours; sig 0: whether it can be signalled)."""
+    try:
+        kill(pid, sig)
+        return True
+    except OSError:
+        return False
 
 
 def _processes() -> dict | None:
@@ -166,7 +171,7 @@ def _processes() -> dict | None:
 def _tree(procs: dict, targets: list, tracked: dict) -> dict:
     """{pid: start ticks} of the live processes of `targets` in `procs` (_processes): each target's process, its
     group's (with `group`), those of `tracked` (same start) and all their descendants."""
-    groups = {str(pid) for pid, group in targets if group}
+    groups = _groups(targets)
     live = {pid for pid, p in procs.items() if p[0] not in ("Z", "X")}
     todo = [pid for pid, _ in targets if pid in live]
     todo += [pid for pid in live if procs[pid][2] in groups or tracked.get(pid) == procs[pid][3]]
@@ -186,26 +191,10 @@ def _stopping(targets: list, tracked: dict) -> bool:
     """A process of `targets` still runs: one of `tracked` ({pid: start ticks}) or of a target's group (Linux), else
     (no /proc) whether a target's group or process runs."""
     procs = _processes()
-    if procs is None:
-        return any(group_running(pid) if group else process_running(pid) for pid, group in targets)
-    groups = {str(pid) for pid, group in targets if group}
+    if procs is None:  # (a group can be signalled while a process of it lives, a zombie too)
+        return any(_signalled(os.killpg, pid, 0) if group else process_running(pid) for pid, group in targets)
+    groups = _groups(targets)
     return any(p[0] not in ("Z", "X") and (tracked.get(pid) == p[3] or p[2] in groups) for pid, p in procs.items())
-
-
-def group_running(pgid: int) -> bool:
-    """A process of the process group `pgid` runs (a zombie does not: its parent may never reap it; Linux: /proc's
-    pgrp field), else whether the group can be signalled."""
-    if not os.path.isdir("/proc"):
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except OSError:
-            return False
-    for name in os.listdir("/proc"):
-        fields = proc_stat(int(name)) if name.isdigit() else None
-        if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 def remove_marker(marker: str) -> str:
