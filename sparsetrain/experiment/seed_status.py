@@ -19,7 +19,7 @@ from ..engine.writer_lock import pid_alive
 from . import distributed as dist
 from .files import write_json
 
-__all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running", "start_ticks"]
+__all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running", "start_ticks", "ticks_of"]
 
 STATUS = "status.json"
 
@@ -54,7 +54,11 @@ def process_running(pid: int) -> bool:
 def start_ticks(pid: int) -> int | None:
     """Process `pid`'s start time, clock ticks since boot (Linux: /proc/<pid>/stat's field 22); None where there is
     no such process or no /proc."""
-    fields = proc_stat(pid)
+    return ticks_of(proc_stat(pid))
+
+
+def ticks_of(fields: list[str] | None) -> int | None:
+    """The start time in proc_stat's `fields` (field 22, clock ticks since boot); None without it."""
     try:
         return int(fields[22 - 3]) if fields is not None else None
     except (ValueError, IndexError):

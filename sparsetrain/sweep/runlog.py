@@ -9,7 +9,7 @@ import socket
 import time
 
 from ..experiment.files import WriteFailed
-from ..experiment.seed_status import proc_stat, process_running, start_ticks
+from ..experiment.seed_status import proc_stat, process_running, start_ticks, ticks_of
 
 __all__ = ["open_log", "end_line", "write_marker", "remove_marker", "log_lines", "error_line", "exception_line",
            "cancelled_line", "name_process", "stop_process", "stop_processes", "stop_group", "stop_groups"]
@@ -96,7 +96,7 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
         if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
             fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
             # a live process of the pid started at another time than the marker's: the pid was reused, never signalled
-            if not (ticks.isdigit() and fields is not None and start_ticks(int(pid)) != int(ticks)):
+            if not (ticks.isdigit() and fields is not None and ticks_of(fields) != int(ticks)):
                 targets.append((int(pid), fields is None or len(fields) < 3 or fields[2] == pid))
     stop_groups(targets, grace)
     for log, marker, seconds in ends:
@@ -157,14 +157,14 @@ def _signalled(kill, pid: int, sig: int) -> bool:
 
 def _processes() -> dict | None:
     """{pid: (state, parent pid, process group, start ticks)} of every process (Linux: /proc/<pid>/stat's fields 3,
-    4, 5 and 22, as strings); None without /proc."""
+    4, 5 as strings and 22, seed_status.ticks_of); None without /proc."""
     if not os.path.isdir("/proc"):
         return None
     out = {}
     for name in os.listdir("/proc"):
         fields = proc_stat(int(name)) if name.isdigit() else None
-        if fields and len(fields) > 19:
-            out[int(name)] = (fields[0], fields[1], fields[2], fields[19])
+        if (ticks := ticks_of(fields)) is not None:  # (a stat without its field 22 is none of ours to track)
+            out[int(name)] = (fields[0], fields[1], fields[2], ticks)
     return out
 
 
