@@ -560,7 +560,6 @@ def _repickle(path, **change):
 @pytest.mark.parametrize("change,what", [
     (lambda x, y: {"data": x.astype(np.float32) / 255}, "data float32"),         # [0, 1] floats: all black
     (lambda x, y: {"data": x.astype(np.int64)}, "data int64"),                    # would wrap past 255
-    (lambda x, y: {"labels": [v + 0.7 for v in y]}, "labels float64"),            # would truncate
     (lambda x, y: {"labels": None}, "labels object"),
     (lambda x, y: {"data": "abc"}, "data <U3")])
 def test_cifar_batches_of_the_wrong_types_are_refused(tmp_path, change, what):
@@ -589,6 +588,35 @@ def test_a_cifar_batch_without_labels_or_with_labels_out_of_range_is_named(tmp_p
         pickle.dump({k: v for k, v in d.items() if k != "labels"}, f)
     with pytest.raises(D.DataError, match=rf"{path}: no 'labels' entry \(keys: 'data'"):
         D.load_dataset("cifar10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("c10,labels,bad", [
+    (True, [0, True, 2, False], r"entry 1: True \(bool\)"),               # (np.asarray: int64, True as label 1)
+    (True, [0, 1, 3.0, 2], r"entry 2: 3.0 \(float\)"),
+    (True, [0, 1, 2, np.float64(3.0)], r"entry 3: (np\.float64\()?3.0\)? \(float64\)"),
+    (True, [0, np.bool_(True), 2, 3], r"entry 1: (np\.)?True_? \(bool_?\)"),
+    (True, [v + 0.7 for v in range(4)], r"entry 0: 0.7 \(float\)"),          # (would truncate)
+    (True, np.array([0.0, 1.0, 2.0, 3.0]), r"entry 0: (np\.float64\()?0.0\)? \(float64\)"),
+    (True, np.array([False, True, True, False]), r"entry 0: (np\.)?False_? \(bool_?\)"),
+    (True, ["0", "1", "2", "3"], r"entry 0: '0' \(str\)"),
+    (False, [5, 7, True, 9], r"entry 2: True \(bool\)")])
+def test_cifar_labels_that_are_not_ints_are_named_with_the_first_entry(tmp_path, c10, labels, bad):
+    """A CIFAR label list mixing bools with ints loaded True as label 1 without a word (np.asarray made it int64);
+    a bool, float or other non-int label is a DataError naming the file, the key and the first such entry."""
+    write_cifar(tmp_path, c10=c10, n_per_batch=4, n_test=3)
+    import pickle
+    path = tmp_path / ("cifar-10-batches-py/data_batch_3" if c10 else "cifar-100-python/train")
+    key = "labels" if c10 else "fine_labels"
+    with open(path, "rb") as f:
+        d = pickle.load(f)
+    _repickle(path, **{key: labels})
+    with pytest.raises(D.DataError, match=rf"^{path}: '{key}' must hold integer labels, got {bad}$"):
+        D.load_dataset("cifar10" if c10 else "cifar100", tmp_path, download=False)
+    for good in ([np.int64(v) for v in d[key]], np.asarray(d[key], np.uint8), np.asarray(d[key], ">i8"), tuple(d[key])):
+        _repickle(path, **{key: good})  # (numpy ints, arrays of any integer type, a tuple: as before)
+        s = D.load_dataset("cifar10" if c10 else "cifar100", tmp_path, val_fraction=0.0, download=False)
+        lo = 8 if c10 else 0  # (data_batch_3's four, or train's)
+        assert s.train.y[lo:lo + 4].tolist() == list(map(int, d[key]))
 
 
 def test_idx_files_of_other_types_and_shapes_are_refused(tmp_path):

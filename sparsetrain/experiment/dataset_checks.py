@@ -3,6 +3,7 @@ loaded twice (a batch copied over another), CIFAR-N labels of the right dataset.
 what no real copy can be (the tests' tiny files of other sizes pass), with a DataError naming the files."""
 from __future__ import annotations
 
+import numbers
 import re
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from .dataset_errors import DataError, warn_caller
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
-           "check_label_shape", "check_idx_labels", "official_idx", "check_pairs"]
+           "check_label_shape", "check_idx_labels", "official_idx", "check_pairs", "check_label_entries"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -131,3 +132,22 @@ def check_label_shape(path, labels, n: int):
         raise DataError(f"--label-file {path} must hold one label per training image, shape [{n}] (or a [{n}, 1] "
                         f"column), got shape {list(shape)}: flattened, its labels would pair with other images")
     return np.reshape(labels, -1)
+
+
+def check_label_entries(path, key: str, labels) -> None:
+    """A CIFAR batch's labels (`key`: 'labels' / 'fine_labels'; a list, tuple or 1-D array) must be ints, numpy's
+    included: a bool (np.asarray([True, 3]) is int64: True loaded as label 1), a float (3.0) or any other object is
+    a DataError naming the file, the key and the first such entry (index, value). Other shapes: the reader's check."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or not labels.size or labels.dtype.kind in "iu":
+            return
+        entries = labels if labels.dtype == object else labels[:1]  # (a bool, float or str array: every entry)
+    elif isinstance(labels, (list, tuple)):
+        entries = labels
+    else:
+        return
+    bad = next((i for i, v in enumerate(entries) if type(v) is not int and (  # (int: the official files', fast)
+        isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral))), None)
+    if bad is not None:
+        v = entries[bad]
+        raise DataError(f"{path}: '{key}' must hold integer labels, got entry {bad}: {v!r} ({type(v).__name__})")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_idx_labels,
-                             check_label_shape, check_not_swapped, check_pairs)
+                             check_label_entries, check_label_shape, check_not_swapped, check_pairs)
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note, load_error, warn_caller
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
@@ -220,6 +220,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
             if missing:
                 raise DataError(f"{folder / f}: no {' and no '.join(repr(k) for k in missing)} entry (keys: "
                                 f"{', '.join(map(repr, list(d)[:6]))})")
+            check_label_entries(folder / f, key, d[key])
             try:
                 data, labels = np.asarray(d["data"]), np.asarray(d[key])
             except (ValueError, TypeError) as e:  # (a ragged list)
