@@ -466,12 +466,10 @@ def test_a_flowers102_download_takes_the_lock_and_the_timeout(tmp_path, monkeypa
     assert socket.getdefaulttimeout() == before and not (tmp_path / dataset_lock.LOCK_NAME).exists()
 
 
-def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
-    """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
-    the official .mat files patched out for these small ones), each image opened once; a truncated or
-    missing JPEG is a DataError naming its file (PIL's "image file is truncated" named none)."""
+def _flowers102(tmp_path, monkeypatch):
+    """A tiny Flowers-102 in torchvision's layout under tmp_path (six images, ids 1-2 train, 3-4 val, 5-6 test;
+    torchvision's md5 check of the official .mat files patched out); returns its flowers-102 folder."""
     import scipy.io
-    import torchvision.datasets
     import torchvision.datasets.flowers102 as tvf
     from PIL import Image
     base = tmp_path / "flowers-102"
@@ -482,6 +480,36 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array([1, 2, 3, 102, 5, 6])})
     scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([3, 4]), "tstid": np.array([5, 6])})
     monkeypatch.setattr(tvf, "check_integrity", lambda *a, **k: True)
+    return base
+
+
+def _flowers102_public(open_image):
+    """torchvision's Flowers102 without its private file list (_image_files): the loader reads ds[i] instead."""
+    import torchvision.datasets.flowers102 as tvf
+
+    class Public(tvf.Flowers102):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.files = self._image_files
+            del self._image_files
+
+        def __len__(self):
+            return len(self.files)
+
+        def __getitem__(self, i):
+            with open_image(self.files[i]) as img:
+                return img.convert("RGB"), self._labels[i]
+    return Public
+
+
+def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatch):
+    """flowers102 loads from torchvision's layout (jpg/, imagelabels.mat, setid.mat; the md5 check of
+    the official .mat files patched out for these small ones), each image opened once; a truncated or
+    missing JPEG is a DataError naming its file (PIL's "image file is truncated" named none)."""
+    import torchvision.datasets
+    import torchvision.datasets.flowers102 as tvf
+    from PIL import Image
+    base = _flowers102(tmp_path, monkeypatch)
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
@@ -492,19 +520,7 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
     from sparsetrain.experiment.loop import paper_images
     assert s.official_val and paper_images(s) == 2  # (the paper's FLOPs: its official train split alone)
 
-    class Public(tvf.Flowers102):  # a torchvision without the private file list: ds[i] is read instead
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.files = self._image_files
-            del self._image_files
-
-        def __len__(self):
-            return len(self.files)
-
-        def __getitem__(self, i):
-            with real_open(self.files[i]) as img:
-                return img.convert("RGB"), self._labels[i]
-    monkeypatch.setattr(torchvision.datasets, "Flowers102", Public)
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", _flowers102_public(real_open))
     p = D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
     for a, b in ((s.train, p.train), (s.val, p.val), (s.test, p.test)):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)  # (the same images, labels and splits)
@@ -515,6 +531,25 @@ def test_flowers102_from_its_files_and_a_broken_image_named(tmp_path, monkeypatc
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
     jpg.unlink()
     with pytest.raises(D.DataError, match=rf"{jpg}: cannot be read as an image"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+
+
+def test_flowers102_read_through_ds_i_names_a_broken_image_by_its_file(tmp_path, monkeypatch):
+    """Where torchvision lacks the private file list, ds[i] decodes each image: a truncated or missing JPEG gave
+    PIL's error ("image file is truncated") naming no file; now a DataError names it, PIL's reason kept."""
+    import torchvision.datasets
+    from PIL import Image
+    base = _flowers102(tmp_path, monkeypatch)
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", _flowers102_public(Image.open))
+    jpg = base / "jpg" / "image_00004.jpg"  # (val's second)
+    jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
+    with pytest.raises(OSError) as pil:  # (PIL's own reason, which its versions word differently)
+        Image.open(jpg).convert("RGB")
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(jpg))}: cannot be read as an image \(OSError: "
+                                          rf"{re.escape(str(pil.value))}\)$"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    jpg.unlink()
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(jpg))}: cannot be read as an image \(FileNotFoundError: "):
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
 
 

@@ -43,10 +43,18 @@ def _check_size(size) -> None:
 
 def read_image(path, size: int) -> torch.Tensor:
     """pil_to_uint8 of the file at `path`; DataError naming it where PIL cannot read it."""
-    from PIL import Image
     _check_size(size)  # (before the try: a bad size is no unreadable file)
-    try:
+    with _named(path):
         return pil_to_uint8(path, size)
+
+
+@contextlib.contextmanager
+def _named(path):
+    """PIL's errors reading the image at `path` (a path, or words saying which image) as a DataError naming it,
+    PIL's reason kept."""
+    from PIL import Image
+    try:
+        yield
     except (OSError, ValueError) as e:  # (PIL: not an image, truncated, unreadable; a listed file missing)
         raise DataError(f"{path}: cannot be read as an image ({brief_error(e)})") from None
     except Image.DecompressionBombError as e:  # (an Exception only: over 2 * Image.MAX_IMAGE_PIXELS pixels)
@@ -82,11 +90,30 @@ def load_flowers(data_dir: Path, size: int, download: bool):
         # torchvision's private names, so ds[i] where a version lacks them)
         if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
             xs, labels = [read_image(path, size) for path in ds._image_files], ds._labels
-        else:
-            pairs = [ds[i] for i in range(len(ds))]
-            xs, labels = [pil_to_uint8(img, size) for img, _ in pairs], [lab for _, lab in pairs]
+        else:  # (ds[i] decodes the image: PIL's error named no file, now named by it)
+            _check_size(size)
+            xs, labels = [], []
+            for i, path in enumerate(_flowers_files(data_dir / "flowers-102", split, len(ds))):
+                with _named(path):
+                    img, lab = ds[i]
+                    xs.append(pil_to_uint8(img, size))
+                labels.append(lab)
         out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
     return (*out, 102)
+
+
+def _flowers_files(base: Path, split: str, n: int) -> list:
+    """The `n` files of a Flowers-102 split in torchvision's order (jpg/image_<id>.jpg, the ids in setid.mat), to
+    name an image that ds[i] cannot read; where setid.mat does not tell them, the split and index in words."""
+    try:
+        from scipy.io import loadmat
+        ids = loadmat(base / "setid.mat", squeeze_me=True)[{"train": "trnid", "val": "valid", "test": "tstid"}[split]]
+        ids = np.atleast_1d(ids).tolist()
+    except Exception:  # (names only: ds[i] read the file already, its own error is raised either way)
+        ids = []
+    if len(ids) == n:
+        return [base / "jpg" / f"image_{int(i):05d}.jpg" for i in ids]
+    return [f"flowers102: {split} image {i} (in {base / 'jpg'})" for i in range(n)]
 
 
 def _flowers_problems(base: Path, flowers_cls) -> list:
