@@ -54,6 +54,24 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
             D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
 
 
+def test_cifar100n_label_lists_of_bools_or_floats_are_named_with_the_first_entry(tmp_path):
+    """A CIFAR-N .pt whose 'noisy_label' is a list mixing True/False with ints loaded True as label 1 (np.asarray
+    made it int64); a bool or float entry is now named with the file and its index and value; lists of ints (a
+    tuple, a [N, 1] column of lists) load as before."""
+    _, y = write_cifar(tmp_path, c10=False, n_per_batch=20, n_test=5)
+    noisy = [int(v) for v in (y + 1) % 100]
+    path = tmp_path / "n.pt"
+    for entries, bad in (({3: True}, r"entry 3: True \(bool\)"), ({7: 4.0, 9: False}, r"entry 7: 4.0 \(float\)")):
+        torch.save({"noisy_label": [entries.get(i, v) for i, v in enumerate(noisy)]}, path)
+        with pytest.raises(D.DataError, match=rf"^--label-file {re.escape(str(path))}: 'noisy_label' must hold integer "
+                                              rf"labels, got {bad}$"):
+            D.load_dataset("cifar100n", tmp_path, label_file=path, download=False)
+    for good in (noisy, tuple(noisy), [[v] for v in noisy]):
+        torch.save({"noisy_label": good, "clean_label": y}, path)
+        s = D.load_dataset("cifar100n", tmp_path, val_fraction=0.0, label_file=path, download=False)
+        assert s.train.y.tolist() == noisy
+
+
 def test_a_10_class_label_file_is_refused_for_cifar100n(tmp_path):
     """A CIFAR-10N label file (50000 ints in 0..9, as many as CIFAR-100's training images) loaded as
     cifar100n's human labels without a word; labels all in 0..9 where images of classes 10..99 exist

@@ -135,15 +135,17 @@ def check_label_shape(path, labels, n: int):
 
 
 def check_label_entries(path, key: str, labels) -> None:
-    """A CIFAR batch's labels (`key`: 'labels' / 'fine_labels'; a list, tuple or 1-D array) must be ints, numpy's
-    included: a bool (np.asarray([True, 3]) is int64: True loaded as label 1), a float (3.0) or any other object is
-    a DataError naming the file, the key and the first such entry (index, value). Other shapes: the reader's check."""
+    """A CIFAR batch's labels (`key`: 'labels' / 'fine_labels'; a list, tuple or 1-D array) or a CIFAR-N file's
+    ('noisy_label') must be ints, numpy's included: a bool (np.asarray([True, 3]) is int64: True loaded as label
+    1), a float (3.0) or any other object is a DataError naming the file, the key and the first such entry (index,
+    value). Other shapes: the reader's check."""
     if isinstance(labels, np.ndarray):
         if labels.ndim != 1 or not labels.size or labels.dtype.kind in "iu":
             return
         entries = labels if labels.dtype == object else labels[:1]  # (a bool, float or str array: every entry)
-    elif isinstance(labels, (list, tuple)):
-        entries = labels
+    elif isinstance(labels, (list, tuple)):  # (a [N, 1] column of lists, which a CIFAR-N file may be: its entries)
+        nested = labels and isinstance(labels[0], (list, tuple))
+        entries = [v for row in labels for v in (row if isinstance(row, (list, tuple)) else [row])] if nested else labels
     else:
         return
     bad = next((i for i, v in enumerate(entries) if type(v) is not int and (  # (int: the official files', fast)

@@ -303,6 +303,8 @@ def _load_cifar100n_labels(label_file, data_dir: Path, y_clean: torch.Tensor) ->
             if "clean_label" in d and not np.array_equal(np.asarray(d["clean_label"]).reshape(-1), y_clean.numpy()):
                 raise DataError(f"--label-file {path}: its 'clean_label' differs from the CIFAR-100 "
                                 "training labels (wrong file or order)")
+            if isinstance(d["noisy_label"], (list, tuple)):  # (np.asarray([True, 3]): int64; arrays: dtype below)
+                check_label_entries(f"--label-file {path}", "noisy_label", d["noisy_label"])
             labels = np.asarray(d["noisy_label"])
         elif path.suffix == ".npy":
             labels = np.load(path, allow_pickle=False)
