@@ -10,11 +10,14 @@
 #include <torch/library.h>
 
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -131,6 +134,39 @@ inline void check_1d_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
+// ---- index range checks
+// Every entry of v[0:n) in [0, bound), as one unsigned comparison per entry (a negative entry is >= 2^31
+// or 2^63 as unsigned), in a loop the AVX2 path vectorizes: the plain loop ran at ~1 cycle an entry, and a
+// conv layer's call checks its CSR and CSC indices (~10 % of a batch-1 call at ResNet-18's layer4, 23593
+// nonzeros; 4-8x faster vectorized, measured on the Zen 5 EPYC).
+template <typename U>
+inline bool below_plain(const U* v, int64_t n, U lim) {
+  U bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= U(v[k] >= lim);
+  return !bad;
+}
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+template <typename U>
+__attribute__((target("avx2"), noinline)) inline bool below_avx2(const U* v, int64_t n, U lim) {
+  U bad = 0;
+  for (int64_t k = 0; k < n; ++k) bad |= U(v[k] >= lim);
+  return !bad;
+}
+#endif
+template <typename I>
+inline bool all_in_range(const I* v, int64_t n, int64_t bound) {
+  using U = std::make_unsigned_t<I>;
+  if (bound <= 0) return n == 0;
+  // (an int32 index below a bound past its range: every non-negative entry is)
+  const U lim = U(std::min<uint64_t>(uint64_t(bound), uint64_t(std::numeric_limits<I>::max()) + 1));
+  const U* u = reinterpret_cast<const U*>(v);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return below_avx2(u, n, lim);
+#endif
+  return below_plain(u, n, lim);
+}
+
 // Validates a compressed index (CSR: ptr over rows, idx = column ids; or CSC, transposed) for a
 // [rows, cols] matrix. O(rows + nnz): negligible next to the O(nnz * batch) products. `bound`: where
 // cols comes from, for the message (another argument may be the one that is wrong).
@@ -152,9 +188,7 @@ inline void check_compressed(const at::Tensor& ptr, const at::Tensor& idx, int64
                     ".numel() (", idx.numel(), ")");
   const int32_t* c = idx.data_ptr<int32_t>();
   const int64_t nnz = idx.numel();
-  bool ok = true;
-  for (int64_t k = 0; k < nnz; ++k) ok &= (c[k] >= 0) & (c[k] < cols);
-  TORCH_CHECK_VALUE(ok, idx_name, " has entries outside [0, ", cols, ")", bound);
+  TORCH_CHECK_VALUE(all_in_range(c, nnz, cols), idx_name, " has entries outside [0, ", cols, ")", bound);
 }
 
 // ReLU-state counts of a forward's output (relu_counts of sparse_conv2d_stats and bn_act; the

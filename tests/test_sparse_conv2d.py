@@ -720,6 +720,37 @@ def test_raw_ops_refuse_inconsistent_arguments_naming_the_wrong_one():
         S.sparse_linear_grad_weight(torch.randn(3, 5), torch.randn(3, 2), lw.crow_indices, lw.col_indices)
 
 
+@pytest.mark.parametrize("bad", [-1, -2**31, 45, 2**31 - 1])
+def test_index_range_checks_find_one_bad_entry_anywhere(bad):
+    """The CSR's, the CSC's and perm's range checks (one vectorized pass each) find a single entry out of range
+    (negative, the bound itself, int32's extremes) at the first, a middle and the last position of an index long
+    enough for the vector loop and its remainder (37 nonzeros), and pass the consistent index."""
+    S = torch.ops.sparsetrain
+    torch.manual_seed(0)
+    w = CSR.from_dense(torch.randn(5, 5, 3, 3), random_mask((5, 5, 3, 3), 0.8))
+    crow, col, vals, ccol, rowt, perm = (t.detach() for t in w.index())
+    nnz = col.numel()
+    assert nnz >= 33 and nnz % 8, nnz  # (the vector loop and a remainder)
+    x, g = torch.randn(2, 5, 6, 6), torch.randn(2, 5, 6, 6)
+    geo = ([3, 3], [1, 1], [1, 1])
+    torch.testing.assert_close(S.sparse_conv2d(x, crow, col, vals, ccol, rowt, perm, *geo, None),
+                               F.conv2d(x, w.to_dense(), padding=1))
+
+    def edit(t, i, v):
+        t = t.clone()
+        t[i] = v
+        return t
+    for i in (0, nnz // 2, nnz - 1):
+        with pytest.raises(ValueError, match=r"col_indices has entries outside \[0, 45\)"):
+            S.sparse_conv2d(x, crow, edit(col, i, bad), vals, ccol, rowt, perm, *geo, None)
+        with pytest.raises(ValueError, match=r"row_indices_t has entries outside \[0, 5\)"):
+            S.sparse_conv2d_grad_input(g, ccol, edit(rowt, i, min(bad, 2**31 - 1) if bad >= 0 else bad), perm, vals,
+                                       [6, 6], *geo)
+        with pytest.raises(ValueError, match=rf"perm has entries outside \[0, {nnz}\)"):
+            S.sparse_conv2d_grad_input(g, ccol, rowt, edit(perm, i, bad if bad < 0 else nnz + bad - 45), vals,
+                                       [6, 6], *geo)
+
+
 # ---------------------------------------------------------------------------- sparsify_ / densify_ / training
 def _cnn():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),

@@ -42,9 +42,7 @@ void check_perm_conv(const at::Tensor& perm, int64_t nnz) {
   check_1d_contig(perm, "perm");
   TORCH_CHECK_VALUE(perm.numel() == nnz, "perm must have nnz = ", nnz, " entries, got ", perm.numel());
   const int64_t* q = perm.data_ptr<int64_t>();
-  bool ok = true;
-  for (int64_t i = 0; i < nnz; ++i) ok &= (q[i] >= 0) & (q[i] < nnz);
-  TORCH_CHECK_VALUE(ok, "perm has entries outside [0, ", nnz, ")");
+  TORCH_CHECK_VALUE(all_in_range(q, nnz, nnz), "perm has entries outside [0, ", nnz, ")");
 }
 
 // The CSC (ccol, row_t, perm) is the transpose of the CSR (crow, col): perm a permutation and entry

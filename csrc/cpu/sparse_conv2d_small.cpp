@@ -276,17 +276,22 @@ void small_conv(const ConvGeom& g, int64_t bt, const T* x, const T* dy, const T*
     eoff.resize(nnz);
     epos.resize(nnz);
     if (y) eval.resize(nnz);
+    // per column c*K + t: its tap and x offset, looked up per nonzero (no division per nonzero)
+    std::vector<int32_t> ctap(size_t(g.C * K));
+    std::vector<int64_t> cx(size_t(g.C * K));
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t t = 0; t < K; ++t) ctap[c * K + t] = int32_t(t), cx[c * K + t] = c * hw * bt;
     at::parallel_for(0, g.O, 64, [&](int64_t ob, int64_t oe) {
       std::vector<int64_t> fill(K);  // next free slot per tap group
       for (int64_t o = ob; o < oe; ++o) {
         int64_t* gp = tptr.data() + o * (K + 1);
-        for (int64_t p = crow[o]; p < crow[o + 1]; ++p) ++gp[col[p] % K + 1];
+        for (int64_t p = crow[o]; p < crow[o + 1]; ++p) ++gp[ctap[col[p]] + 1];
         gp[0] = crow[o];
         for (int64_t t = 0; t < K; ++t) gp[t + 1] += gp[t];
         std::copy(gp, gp + K, fill.begin());
         for (int64_t p = crow[o]; p < crow[o + 1]; ++p) {
-          const int64_t e = fill[col[p] % K]++;
-          eoff[e] = (col[p] / K) * hw * bt;
+          const int64_t e = fill[ctap[col[p]]]++;
+          eoff[e] = cx[col[p]];
           epos[e] = p;
           if (y) eval[e] = vals[p];
         }
