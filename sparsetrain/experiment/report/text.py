@@ -1,0 +1,50 @@
+"""User text (run, phase, dataset and setting names, errors, notes) as the reports write it: as Markdown that
+renders as the text (md_cell, md_heading) and as UTF-8 can write it (shown_text)."""
+from __future__ import annotations
+
+import re
+
+__all__ = ["md_cell", "md_heading", "shown_text"]
+
+
+# What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
+# before ASCII punctuation or a line break (an escape); `|` (GFM: a cell's end); emphasis, code, strikethrough,
+# math (GitHub) marks; a `_` but one inside a word (no emphasis there: snake_case stays as written); a link's
+# `](`/`][`; `<` (HTML, a literal `<br>`, an autolink); an `&` that starts an entity (`&lt;`, `&#124;`).
+# GitHub also links or replaces plain text, whatever its escapes (an emoji's `\\:` is `:` by then): a `:name:`
+# emoji shortcode, a bare `http(s)://`/`ftp://` URL, a `www.` domain (after no letter or digit), an email address
+# (`mailto:`, `xmpp:` included); each is cut by an empty `<wbr>` (no character shown or copied) matched first, as
+# an empty match: after a shortcode's `:`, before a scheme's `://`, a `www`'s `.` and an address's `@`.
+_GH_TEXT = (r"(?<=:)(?=(?:[\w+-]*[A-Za-z][\w+-]*|[+-]1|100|1234):)|(?i:(?<=http)|(?<=https)|(?<=ftp))(?=://)"
+            r"|(?i:(?<=www)(?<![^\W_]www))(?=\.\w)|(?<=[\w.+-])(?=@[\w-]+\.[\w-])|")
+_MD_ACTIVE = re.compile(_GH_TEXT + r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
+                        r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
+
+
+def shown_text(text: str) -> str:
+    """`text` as UTF-8 can write it: each byte of a name that is not UTF-8 (os.fsdecode's surrogate escape, a run
+    folder's from the filesystem) as `\\xNN`, any other lone surrogate (a JSON `\\ud800`'s) as `\\uNNNN`; writing
+    one raised UnicodeEncodeError before 2026-12-07, the report left unwritten."""
+    return _SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xdc00:02x}" if 0xdc80 <= ord(m[0]) <= 0xdcff else
+                          f"\\u{ord(m[0]):04x}", text)
+
+
+def md_cell(value) -> str:
+    """`value` as the text of one Markdown table cell that renders as that text: each line break as `<br>` (one
+    ended the row), each `|` escaped `\\|` (GFM: a bare one, a path's or an error's, split the row), each `\\`
+    that Markdown would read as an escape doubled (a text's `\\|` lost its backslash before 2026-12-06), and the
+    rest of what Markdown reads escaped (CommonMark backslash escapes; `<` as `&lt;`, an entity's `&` as `&amp;`):
+    `*x*`, `_x_`, backticks, `~~x~~`, `$x$`, `[a](b)`, a literal `<br>` or other HTML (rendered, or dropped, before
+    2026-12-06); GitHub's emoji `:name:`, bare URLs, `www.` domains and email addresses cut by `<wbr>` (rendered as
+    an emoji or a link before 2026-12-07). Only for text shown as written (errors, paths, labels): a cell formatted
+    on purpose (bold) is not passed through it. A name that is not UTF-8 as shown_text writes it."""
+    return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"),
+                           shown_text(str(value)))
+
+
+def md_heading(value) -> str:
+    """`value` as an ATX heading's text (after `# `) that renders as that text: md_cell's, its last `#` escaped `\\#`
+    where nothing but spaces follow (a name ending in ` #` lost it: CommonMark's optional closing sequence)."""
+    return re.sub(r"#(?=[ \t]*\Z)", r"\\#", md_cell(value))
