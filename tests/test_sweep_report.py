@@ -476,9 +476,12 @@ def _inert(cell: str) -> bool:
     """Whether a cell's Markdown holds no markup: each `*`, `` ` ``, `~`, `$`, `<`, a `_` not inside a word, a `]`
     before `(`/`[` and an entity's `&` comes escaped (a `\\` before it), or as `&lt;`/`&amp;`; `<br>` (a line
     break) aside, nor GitHub's emoji or autolinks (`<wbr>` cuts them)."""
-    plain = re.sub(r"\\[!-/:-@\[-`{-~]|<w?br>|&lt;|&amp;", " ", cell)  # (escaped characters, line breaks, entities)
+    # (escaped characters, line breaks, entities; a `<wbr>` as NUL: a text node's end, where a mention may start)
+    plain = re.sub(r"\\[!-/:-@\[-`{-~]|<w?br>|&lt;|&amp;", lambda m: "\0" if m[0] == "<wbr>" else " ", cell)
     # (and what GitHub links or replaces in text: an emoji's `:name:`, a bare URL, a `www.` domain, an email address)
     github = r":[\w+-]*[A-Za-z+-][\w+-]*:|(?i:https?|ftp)://|(?i:www)\.\w|[\w.+-]@[\w-]+\.[\w-]"
+    # (an @mention, GitHub's: not one before `.x`, an address's domain; an issue reference)
+    github += r"|(?<![A-Za-z0-9_])@(?>[A-Za-z0-9][A-Za-z0-9-]*)(?=\.+[ \t\W]|\.+$|[^0-9a-zA-Z_.]|$)|#\d|(?i:(?<![^\W_])gh)-\d"
     return not re.search(r"[*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])|&(?=#?\w+;)|" + github, plain)
 
 
@@ -490,7 +493,7 @@ def test_md_cell_shows_markdown_in_a_text_as_written(tmp_path):
     form no link stay as written."""
     from sparsetrain.experiment.report.tables import md_cell
     assert md_cell("*x* _y_ `z` <br> a<b>") == r"\*x\* \_y\_ \`z\` &lt;br> a&lt;b>"
-    assert md_cell("~~s~~ $x$ [a](b) &lt; &#124; a & b") == r"\~\~s\~\~ \$x\$ [a\](b) &amp;lt; &amp;#124; a & b"
+    assert md_cell("~~s~~ $x$ [a](b) &lt; &#124; a & b") == r"\~\~s\~\~ \$x\$ [a\](b) &amp;lt; &amp;#<wbr>124; a & b"  # (`#124`: an issue reference)
     texts = ["*x*", "_y_", "__init__", "`code`", "``a`b``", "~~s~~", "$x$", "[a](b)", "![i](p.png)", "[a][b]", "<br>",
              "<b>bold</b>", "<https://x.org>", "&lt;", "&#124;", "&amp;", "a\\*b*", "a\\_b_", "x_\n_y", "é_ü_",
              "ValueError: bad *weight* in `conv_1` | see <log>\nline 2"]
@@ -549,6 +552,32 @@ def test_md_cell_keeps_github_from_linking_or_replacing_a_text_s_urls_addresses_
     # the sweep report's table of runs: an error naming a URL and an emoji shortcode reads as written
     error = "RunFailed: exit code 1: HTTPError: https://x.org/mnist.gz :x:"
     assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+
+
+def test_md_cell_and_md_heading_keep_github_from_linking_mentions_and_issue_references(tmp_path):
+    """A cell's or heading's `@alice` (a run or teacher file named after someone, an error quoting one), `#123`,
+    `owner/repo#123` or `GH-123` were written as they were: GitHub turned them into a link (and a notification, an
+    issue's back-reference). Each is cut by an empty `<wbr>` now, as the URLs and emoji shortcodes are: after the
+    `@`, after a `#` before a digit, before `GH`'s `-`; a text with none of them is written as before."""
+    from sparsetrain.experiment.report.tables import md_cell, md_heading
+    assert md_cell("@alice (@org/team) #123 owner/repo#45 gh-6") == \
+        "@<wbr>alice (@<wbr>org/team) #<wbr>123 owner/repo#<wbr>45 gh<wbr>-6"
+    assert md_heading("run @bob #7") == "run @<wbr>bob #<wbr>7" and md_heading("a #1 #") == "a #<wbr>1 \\#"
+    assert md_cell("&#124; a.b@c.org") == "&amp;#<wbr>124; a.b<wbr>@c.org"  # (the address's cut as before)
+    texts = ["@alice", "cc @a-b, @c.", "(@org/team)", "#1", "fixes #12, a/b#3 and GH-4", "`@z` #0x1"]
+    for text in texts:
+        cell = md_cell(text)
+        assert _gfm_cells(f"| k | {cell} |") == ["k", text], text
+        assert _inert(cell), (text, cell)
+    for plain in ("a@b", "x @ y", "C# #x #", "a/b#c", "GH-x", "agh-1", "tau=10, eps=0.1"):
+        assert md_cell(plain) == plain
+    # in the reports: the table of runs' error cell and the sweep's title
+    error = "RunFailed: exit code 1: see #12 (@alice)"
+    row = _failed_run_row(tmp_path, error, "a.log")
+    assert _gfm_cells(row) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+    assert "see #<wbr>12 (@<wbr>alice)" in row
+    md = open(write_sweep_report([], str(tmp_path / "rep"), title="sweep @carol #9")).read()
+    assert md.startswith("# DSD² sweep @<wbr>carol #<wbr>9\n"), md[:60]
 
 
 def test_the_notes_and_headings_around_table1_show_a_phase_s_and_setting_s_text_as_written(tmp_path):

@@ -13,10 +13,13 @@ __all__ = ["md_cell", "md_heading", "shown_text"]
 # `](`/`][`; `<` (HTML, a literal `<br>`, an autolink); an `&` that starts an entity (`&lt;`, `&#124;`).
 # GitHub also links or replaces plain text, whatever its escapes (an emoji's `\\:` is `:` by then): a `:name:`
 # emoji shortcode, a bare `http(s)://`/`ftp://` URL, a `www.` domain (after no letter or digit), an email address
-# (`mailto:`, `xmpp:` included); each is cut by an empty `<wbr>` (no character shown or copied) matched first, as
-# an empty match: after a shortcode's `:`, before a scheme's `://`, a `www`'s `.` and an address's `@`.
+# (`mailto:`, `xmpp:` included), an @mention (after no ASCII letter, digit or `_`: a link and a notification), an
+# issue reference (`#1`, `owner/repo#1`, `GH-1`); each is cut by an empty `<wbr>` (no character shown or copied)
+# matched first, as an empty match: after a shortcode's `:`, before a scheme's `://`, a `www`'s `.` and an
+# address's `@`, after a mention's `@`, after a `#` before a digit (any: `run#3` too), before `GH`'s `-`.
 _GH_TEXT = (r"(?<=:)(?=(?:[\w+-]*[A-Za-z][\w+-]*|[+-]1|100|1234):)|(?i:(?<=http)|(?<=https)|(?<=ftp))(?=://)"
-            r"|(?i:(?<=www)(?<![^\W_]www))(?=\.\w)|(?<=[\w.+-])(?=@[\w-]+\.[\w-])|")
+            r"|(?i:(?<=www)(?<![^\W_]www))(?=\.\w)|(?<=[\w.+-])(?=@[\w-]+\.[\w-])"
+            r"|(?<=@)(?<![A-Za-z0-9_]@)(?=[A-Za-z0-9])|(?<=#)(?=\d)|(?i:(?<=gh)(?<![^\W_]gh))(?=-\d)|")
 _MD_ACTIVE = re.compile(_GH_TEXT + r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
                         r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -38,7 +41,8 @@ def md_cell(value) -> str:
     rest of what Markdown reads escaped (CommonMark backslash escapes; `<` as `&lt;`, an entity's `&` as `&amp;`):
     `*x*`, `_x_`, backticks, `~~x~~`, `$x$`, `[a](b)`, a literal `<br>` or other HTML (rendered, or dropped, before
     2026-12-06); GitHub's emoji `:name:`, bare URLs, `www.` domains and email addresses cut by `<wbr>` (rendered as
-    an emoji or a link before 2026-12-07). Only for text shown as written (errors, paths, labels): a cell formatted
+    an emoji or a link before 2026-12-07); @mentions and issue references (`#1`, `owner/repo#1`, `GH-1`) cut alike
+    (a link and a notification before 2026-12-07). Only for text shown as written (errors, paths, labels): a cell formatted
     on purpose (bold) is not passed through it. A name that is not UTF-8 as shown_text writes it."""
     return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"),
                            shown_text(str(value)))
