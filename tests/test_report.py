@@ -1312,6 +1312,17 @@ def test_summary_md_shows_a_run_folder_s_name_as_written_even_one_not_utf8(tmp_p
     assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text
 
 
+def test_summary_md_s_settings_spell_a_byte_that_is_not_utf8_as_the_run_folder_s_name_does(tmp_path):
+    """The Settings table wrote a list setting (a --teachers path that is not UTF-8) by json.dumps: such a byte read
+    `\\udcff` there, `\\xff` in the heading's run folder name (shown_text). It reads `\\xff` in both now."""
+    run_dir = tmp_path / os.fsdecode(b"r\xfe")
+    write_config(run_dir, seeds=[0], teachers=[os.fsdecode(b"/t/t\xff.pt"), "dense"])
+    write_rows(run_dir, make_rows([0.8, 0.7, 0.75], seed=0))
+    text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
+    assert text.startswith("# DSD² run: r\\xfe\n") and '| teachers | ["/t/t\\xff.pt", "dense"] |' in text, text[:400]
+    assert "udc" not in text
+
+
 def _figures_of(tmp_path, monkeypatch, tag):
     """A one-seed run distilled from the `--teachers` file /t/<tag>.pt (phase distill-path-<tag>); its report's
     figures and the sweep's overlay of it, each drawn and written (the Figures, the overlay's path)."""

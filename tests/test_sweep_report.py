@@ -615,6 +615,34 @@ def test_a_name_that_is_not_utf8_is_written_with_its_bytes_shown(tmp_path):
 
 
 
+def test_a_setting_label_spells_a_byte_that_is_not_utf8_as_a_name_does(tmp_path, monkeypatch):
+    """A setting label of a list (a --teachers path that is not UTF-8: `teachers=[...]`, built by repr) wrote such a
+    byte `\\udcff`, while a name (the phase, the run folder: shown_text) wrote it `\\xff`: in Table 1's heading, Table
+    12's setting, best_model.csv's setting and the CSVs' teachers columns and the figures' legends. Each writes `\\xff` now."""
+    from matplotlib.figure import Figure
+
+    from sparsetrain.experiment.report.text import shown_literal
+    assert shown_literal(repr(["t\udcff", "a\\udcff", "\udc80\ud800"])) == "['t\\xff', 'a\\\\udcff', '\\x80\\ud800']"
+    assert shown_literal('["t\\udcff.pt", "c\\u00e9"]') == '["t\\xff.pt", "c\\u00e9"]'  # (json.dumps's)
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0], "rate": 0.5,
+           "wall": 0.95}
+    for run, teacher in (("a", os.fsdecode(b"t\xff.pt")), ("b", "dense")):
+        _fill(tmp_path / run, {**cfg, "teachers": [teacher]}, phases=("teacher", "distill-dense"))
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    md = open(write_sweep_report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "rep")),
+              encoding="utf-8").read()
+    label = "teachers=['t\\xff.pt']"
+    assert f"### mnist, ε = 0.1, lenet300 ({label})" in md and f"| {label} |" in md, md
+    assert "udc" not in md
+    best = _rows(tmp_path / "rep" / "best_model.csv")
+    assert {r["setting"] for r in best} == {label, "teachers=['dense']"}
+    for rows in (best, _rows(tmp_path / "rep" / "table1.csv")):
+        assert {r["teachers"] for r in rows} == {"['t\\xff.pt']", "['dense']"}
+    texts = [t.get_text() for fig in figures for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert f"{label} vanilla" in texts and not any("udc" in t for t in texts), texts
+
+
 def test_headings_keep_a_trailing_hash_of_a_phase_or_the_title(tmp_path):
     """A heading ending in user text that ends in ` #` (the sweep's title, Table 5's block of a phase named after
     a --teachers file `q #.pt`) lost it: CommonMark's closing sequence. The `#` is escaped `\\#` now, and Table

@@ -8,6 +8,7 @@ import re
 
 from ..experiment.files import atomic_write, finish_interrupted_writes, remove_file, write_csv
 from ..experiment.report.tables import md_cell, md_heading, shown_text
+from ..experiment.report.text import shown_literal
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
 from .figures import _natural, write_figures
@@ -62,9 +63,9 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     best = best_model_rows(groups, keys)
     for name, rows in (("table1.csv", table1_csv(groups, keys)),
                        ("best_model.csv", [{k: v for k, v in r.items() if not k.startswith("_")} for r in best])):
-        if rows:  # (a name from the filesystem, not UTF-8: its bytes as \xNN, else the write raised)
-            write_csv(os.path.join(out_dir, name), [{k: shown_text(v) if isinstance(v, str) else v for k, v in r.items()}
-                                                    for r in rows])
+        if rows:  # (a name from the filesystem, not UTF-8: its bytes as \xNN, else the write raised; a list's too)
+            write_csv(os.path.join(out_dir, name), [{k: shown_text(v) if isinstance(v, str) else shown_literal(str(v))
+                                                     if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows])
         else:  # (no rows now: an earlier report's numbers would stay)
             remove_file(os.path.join(out_dir, name))
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)

@@ -16,6 +16,7 @@ from ..metrics import load_run, read_metrics
 from ..seed_status import describe, read_status
 from .plots import plot_run
 from .tables import config_problem, md_cell, md_heading, ordered_phases, summary_table
+from .text import shown_literal
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "verify_metrics", "LABEL_RULE"]
@@ -80,7 +81,7 @@ def write_report(run_dir) -> str:
             "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {md_heading(os.path.basename(os.path.abspath(run_dir)))}", "",
              "| Setting | Value |", "|---|---|"]
-    lines += [f"| {k} | {md_cell(json.dumps(cfg[k]) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
+    lines += [f"| {k} | {md_cell(shown_literal(json.dumps(cfg[k])) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
     for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
         sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["md_cell", "md_heading", "shown_text"]
+__all__ = ["md_cell", "md_heading", "shown_text", "shown_literal"]
 
 
 # What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
@@ -23,6 +23,9 @@ _GH_TEXT = (r"(?<=:)(?=(?:[\w+-]*[A-Za-z][\w+-]*|[+-]1|100|1234):)|(?i:(?<=http)
 _MD_ACTIVE = re.compile(_GH_TEXT + r"\r\n|[\r\n]|\\(?=[!-/:-@\[-`{-~\r\n])|[|*`~$<]|(?<![^\W_])_|_(?![^\W_])|\](?=[(\[])"
                         r"|&(?=[A-Za-z][A-Za-z0-9]*;|#[0-9]{1,7};|#[xX][0-9A-Fa-f]{1,6};)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# a byte that is not UTF-8 (a surrogate escape) as repr and json.dumps write it, `\udcff`, after an even run of
+# backslashes (an escape; a text's own `\udcff` is written `\\udcff` there)
+_ESCAPED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 _MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
 
 
@@ -32,6 +35,12 @@ def shown_text(text: str) -> str:
     one raised UnicodeEncodeError before 2026-12-07, the report left unwritten."""
     return _SURROGATE.sub(lambda m: f"\\x{ord(m[0]) - 0xdc00:02x}" if 0xdc80 <= ord(m[0]) <= 0xdcff else
                           f"\\u{ord(m[0]):04x}", text)
+
+
+def shown_literal(text: str) -> str:
+    """A value as repr or json.dumps wrote it (a setting's list: `teachers=['t\\udcff.pt']`) with each byte that is
+    not UTF-8 spelled as shown_text spells it in a name, `\\xNN` (a label wrote `\\udcff` before 2026-12-07)."""
+    return _ESCAPED_BYTE.sub(r"\1\\x\2", text)
 
 
 def md_cell(value) -> str:
