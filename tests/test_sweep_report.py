@@ -643,6 +643,23 @@ def test_a_setting_label_spells_a_byte_that_is_not_utf8_as_a_name_does(tmp_path,
     assert f"{label} vanilla" in texts and not any("udc" in t for t in texts), texts
 
 
+def test_a_legend_entry_of_a_name_starting_with_an_underscore_is_shown(tmp_path, monkeypatch):
+    """matplotlib leaves a line whose label starts with `_` out of the legend (its "no legend" mark): a setting of
+    dataset `_tmp` (its label `_tmp eps=0.1 ...`) drew its curves with no legend entry. The entries are there now,
+    reading as typed (the line's label carries a zero-width prefix, which as_typed takes off the entry)."""
+    from matplotlib.figure import Figure
+    cfg = {"dataset": "_tmp", "eps": 0.1, "model": "lenet300", "student": "lenet300", "teachers": ["dense"],
+           "seeds": [0], "rate": 0.5, "wall": 0.95}
+    _fill(tmp_path / "a", cfg)
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    write_sweep_report([str(tmp_path / "a")], str(tmp_path / "rep"))
+    (ax,) = [ax for fig in figures for ax in fig.axes if ax.get_legend()]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["_tmp eps=0.1 vanilla", "_tmp eps=0.1 distill-dense"], texts
+    assert len(ax.get_legend().legend_handles) == 2
+
+
 def test_headings_keep_a_trailing_hash_of_a_phase_or_the_title(tmp_path):
     """A heading ending in user text that ends in ` #` (the sweep's title, Table 5's block of a phase named after
     a --teachers file `q #.pt`) lost it: CommonMark's closing sequence. The `#` is escaped `\\#` now, and Table

@@ -16,6 +16,9 @@ from .tables import (mean, ordered_phases, per_round, phase_title, shown_text, s
 __all__ = ["plot_run", "mean_curve", "acc_band", "sparsity_axis", "fewer_seeds", "hollow_curve", "as_typed"]
 
 
+# matplotlib leaves a label starting with `_` out of the legend (its "no legend" mark): such user text (a dataset
+# `_tmp`) is a line's label behind this zero-width prefix, which as_typed takes off the legend's entry
+_NOT_HIDDEN = "\u200b"
 _TICKS = [0, .5, .8, .9, .95, .98, .99, .995, .998, .999, .9995, .9998, .9999]
 _SHADE = {"critical": ("tab:red", .08), "sweet": ("tab:green", .08), "collapsed": ("0.5", .12)}
 
@@ -63,8 +66,9 @@ def _started(run, ph) -> int:
 
 def hollow_curve(ax, x, y, few, color, label, style="-o", ms=3, hollow_ms=5):
     """A mean curve, its fewer-seed rounds hollow (and said in its legend entry); returns the line
-    (its colour: matplotlib's next one when `color` is None)."""
-    line, = ax.plot(x, y, style, ms=ms, color=color, label=label + (" (hollow: fewer seeds)" if few.any() else ""))
+    (its colour: matplotlib's next one when `color` is None). A `label` starting with `_` gets a legend entry too."""
+    label += " (hollow: fewer seeds)" if few.any() else ""
+    line, = ax.plot(x, y, style, ms=ms, color=color, label=_NOT_HIDDEN + label if label.startswith("_") else label)
     if few.any():
         ax.plot(np.asarray(x)[few], np.asarray(y)[few], "o", ms=hollow_ms, mfc="white", mec=line.get_color(), ls="none")
     return line
@@ -74,10 +78,12 @@ def as_typed(*texts):
     """Show each matplotlib Text (a legend's entries and title, an axes' title) as typed: user text (a run,
     phase or setting name) is not read as mathtext (`$x^$` raised ValueError at draw time, no figure; `$x$`
     rendered as math), a name that is not UTF-8 as tables.shown_text writes it (a surrogate escape raised TypeError
-    in the font code: no figure). Returns the first."""
+    in the font code: no figure), a legend entry starting with `_` without hollow_curve's zero-width prefix (the
+    entry was left out before 2026-12-07). Returns the first."""
     for t in texts:
         t.set_parse_math(False)
-        t.set_text(shown_text(t.get_text()))
+        text = t.get_text()
+        t.set_text(shown_text(text[1:] if text.startswith(_NOT_HIDDEN + "_") else text))
     return texts[0] if texts else None
 
 
