@@ -879,7 +879,7 @@ def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp
         assert (f"or a metrics.csv not a study's):** {tmp_path / 'run'} ({path} is not a metrics.csv of a sparsetrain "
                 f"run: no column(s) {missing}") in read(tmp_path / "rep" / "summary.md")
     path.write_text(",".join(make_rows([0.8])[0]) + "\n")  # (a study's header, no round yet: no curve)
-    assert "Phases with metrics: teacher: seeds [0]." in read(R.write_report(str(tmp_path / "run")))
+    assert "Phases with metrics: 'teacher': seeds [0]." in read(R.write_report(str(tmp_path / "run")))
 
 
 @pytest.mark.parametrize("setting, value, expected", [
@@ -1041,7 +1041,7 @@ def test_a_seed_folder_the_study_did_not_write_is_refused_by_name(tmp_path):
         assert A.load_groups([str(tmp_path)], bad) == [] and len(bad) == 1 and "holds" in bad[0] and name in bad[0]
         shutil.rmtree(tmp_path / name)
     shutil.move(tmp_path / "kept", tmp_path / "seed1")
-    assert "Phases with metrics: teacher: seeds [0, 1]." in read(R.write_report(str(tmp_path)))
+    assert "Phases with metrics: 'teacher': seeds [0, 1]." in read(R.write_report(str(tmp_path)))
 
 
 def test_a_teacher_cost_with_an_unknown_round_is_n_a_in_the_table_and_the_plot(tmp_path, monkeypatch):
@@ -1298,7 +1298,7 @@ def test_summary_md_shows_a_run_folder_s_and_phase_s_names_as_written(tmp_path):
     _two_seed_run(run_dir)
     text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
     assert text.startswith("# DSD² run: r\\*1\\*\\_\n"), text[:80]
-    assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text
+    assert "Phases with metrics: 'teacher': seeds [0, 1], 'distill-dense': seeds [0, 1]." in text
 
 
 def test_summary_md_shows_a_run_folder_s_name_as_written_even_one_not_utf8(tmp_path):
@@ -1309,7 +1309,7 @@ def test_summary_md_shows_a_run_folder_s_name_as_written_even_one_not_utf8(tmp_p
     _two_seed_run(run_dir)
     text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
     assert text.startswith("# DSD² run: r\\*1\\*\\_\\xff\n"), text[:80]
-    assert "Phases with metrics: teacher: seeds [0, 1], distill-dense: seeds [0, 1]." in text
+    assert "Phases with metrics: 'teacher': seeds [0, 1], 'distill-dense': seeds [0, 1]." in text
 
 
 def test_summary_md_s_settings_spell_a_byte_that_is_not_utf8_as_the_run_folder_s_name_does(tmp_path):
@@ -1321,6 +1321,22 @@ def test_summary_md_s_settings_spell_a_byte_that_is_not_utf8_as_the_run_folder_s
     text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
     assert text.startswith("# DSD² run: r\\xfe\n") and '| teachers | ["/t/t\\xff.pt", "dense"] |' in text, text[:400]
     assert "udc" not in text
+
+
+def test_summary_md_s_phases_with_metrics_name_each_phase_unambiguously(tmp_path):
+    """The line of phases with metrics and the Seeds table's column joined the phase names with `, `: a phase named
+    after a --teachers file `a, b.pt` (`distill-path-a, b`) read as two phases. Each name is quoted as Python writes a
+    str now (md_quoted: `'distill-path-a, b'`, as the setting labels' `teachers=['a, b.pt']`)."""
+    from sparsetrain.experiment.report.text import md_quoted
+    assert md_quoted("a, b") == "'a, b'" and md_quoted("it's *x*") == "\"it's \\*x\\*\""
+    assert md_quoted("a|b\nc") == "'a\\|b\\nc'" and md_quoted(os.fsdecode(b"t\xff")) == "'t\\xff'"
+    write_config(tmp_path, seeds=[0], teachers=["/t/a, b.pt"])
+    write_rows(tmp_path, make_rows([0.8, 0.7, 0.75], seed=0))
+    write_rows(tmp_path, make_rows([0.8, 0.79, 0.78], seed=0, phase="distill-zz", teacher_cost=1e15))
+    os.rename(tmp_path / "seed0" / "distill-zz", tmp_path / "seed0" / "distill-path-a, b")
+    text = read(R.write_report(str(tmp_path)))
+    assert "Phases with metrics: 'teacher': seeds [0], 'distill-path-a, b': seeds [0]." in text, text
+    assert "| 0 | no status record | 'teacher', 'distill-path-a, b' |" in text, text
 
 
 def _figures_of(tmp_path, monkeypatch, tag):

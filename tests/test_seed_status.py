@@ -34,7 +34,7 @@ def test_a_failed_seed_is_reported_failed_and_a_resume_marks_it_done(mnist_dir, 
     assert s1["state"] == "failed" and s1["error"] == "RuntimeError: disk on fire"
     assert s1["host"] == socket.gethostname() and s1["pid"] == os.getpid()
     text = open(report.write_report(rd)).read()
-    assert "| 0 | done | teacher |" in text
+    assert "| 0 | done | 'teacher' |" in text
     assert "| 1 | failed: RuntimeError: disk on fire (pid " in text and f"on {socket.gethostname()}" in text
     assert "Seeds whose curve is missing or unfinished: seed 1: failed: RuntimeError: disk on fire" in text
 
@@ -42,7 +42,7 @@ def test_a_failed_seed_is_reported_failed_and_a_resume_marks_it_done(mnist_dir, 
     assert study.main(args) == 0
     assert _status(rd, 1)["state"] == "done"
     text = (rd / "summary.md").read_text()
-    assert "| 1 | done | teacher |" in text and "missing or unfinished" not in text
+    assert "| 1 | done | 'teacher' |" in text and "missing or unfinished" not in text
 
 
 def test_a_killed_seed_is_stopped_and_a_living_one_running(mnist_dir, study_args):
@@ -63,9 +63,9 @@ def test_a_killed_seed_is_stopped_and_a_living_one_running(mnist_dir, study_args
     finally:
         living.kill()
         living.wait()
-    assert f"| 1 | stopped (pid {dead.pid} gone; started 2026-12-06 10:00:00 +0000) | teacher |" in text
+    assert f"| 1 | stopped (pid {dead.pid} gone; started 2026-12-06 10:00:00 +0000) | 'teacher' |" in text
     assert f"| 2 | running (pid {living.pid} on {socket.gethostname()}, since 2026-12-06 10:00:00 +0000) |" in text
-    assert "| 0 | done | teacher |" in text
+    assert "| 0 | done | 'teacher' |" in text
     # (another host's pid cannot be checked: running as recorded, said so)
     record = {**_status(rd, 1), "host": "elsewhere"}
     (rd / "seed1" / "status.json").write_text(json.dumps(record))

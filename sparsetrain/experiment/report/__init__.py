@@ -16,7 +16,7 @@ from ..metrics import load_run, read_metrics
 from ..seed_status import describe, read_status
 from .plots import plot_run
 from .tables import config_problem, md_cell, md_heading, ordered_phases, summary_table
-from .text import shown_literal
+from .text import md_quoted, shown_literal
 
 __all__ = ["read_metrics", "load_run", "algorithm2_stop", "label_rounds", "summary_table", "plot_run",
            "write_report", "verify_metrics", "LABEL_RULE"]
@@ -43,11 +43,12 @@ def seed_states(run, run_dir) -> dict:
 
 
 def seed_table(run) -> str:
-    """Markdown: each seed of run["status"] (seed_states) with its status and the phases it has metrics of."""
+    """Markdown: each seed of run["status"] (seed_states) with its status and the phases it has metrics of (each
+    quoted: md_quoted)."""
     out = ["| Seed | Status | Phases with metrics |", "|--:|---|---|"]
     for s, state in run["status"].items():
         phases = [p for p in ordered_phases(run) if s in run["curves"][p]]
-        out.append(f"| {s} | {md_cell(state)} | {', '.join(map(md_cell, phases)) or 'none'} |")
+        out.append(f"| {s} | {md_cell(state)} | {', '.join(map(md_quoted, phases)) or 'none'} |")
     return "\n".join(out)
 
 
@@ -88,7 +89,7 @@ def write_report(run_dir) -> str:
                                                    "rewind_iter") if f"{role}_{k}" in cfg]
         if sched:
             lines.append(f"| {role} schedule | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in sched) + " |")
-    done = ", ".join(f"{md_cell(p)}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
+    done = ", ".join(f"{md_quoted(p)}: seeds {sorted(s)}" for p, s in ((p, run['curves'][p]) for p in ordered_phases(run)))
     lines += ["", f"Phases with metrics: {done or 'none yet'}.", "",
               "## Seeds", "", seed_table(run), "",
               "## Results (Table 1 style, mean ± std over seeds)", "", summary_table(run), "",

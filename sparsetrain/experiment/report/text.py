@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["md_cell", "md_heading", "shown_text", "shown_literal"]
+__all__ = ["md_cell", "md_heading", "md_quoted", "shown_text", "shown_literal"]
 
 
 # What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
@@ -55,6 +55,13 @@ def md_cell(value) -> str:
     on purpose (bold) is not passed through it. A name that is not UTF-8 as shown_text writes it."""
     return _MD_ACTIVE.sub(lambda m: _MD_AS.get(m[0]) or ("\\" + m[0][-1] if m[0] else "<wbr>"),
                            shown_text(str(value)))
+
+
+def md_quoted(value) -> str:
+    """`value` quoted as Python writes a str (repr: `'a, b'`, its quote, backslash or line break escaped; a byte that
+    is not UTF-8 `\\xNN`) as md_cell's text: one name of a list written `, `-separated (a bare name's own `, ` read
+    as the list's before 2026-12-07), as a setting label writes a list's (`teachers=['a, b.pt']`)."""
+    return md_cell(shown_literal(repr(str(value))))
 
 
 def md_heading(value) -> str:
