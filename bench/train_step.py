@@ -1,9 +1,10 @@
 """One full training step (forward, backward, SGD update) of CIFAR ResNet-18 and VGG-like(5, 5),
-batch 128 at 32x32: every conv and linear layer sparse (sparsetrain, sparsify_) vs the same
+batch 128 (--batch: another) at 32x32: every conv and linear layer sparse (sparsetrain, sparsify_) vs the same
 model dense-masked (weight * mask in every forward through a parametrization), per sparsity.
 
     python bench/train_step.py            # ResNet-18 and VGG-like d5g5, sparsity 0/0.9/0.99/0.999
     python bench/train_step.py --quick    # ResNet-18 at 0.99 only, 2 timed steps
+    python bench/train_step.py --models resnet18 --sparsities 0.99 --batch 8   # a small batch (fixed costs)
 
 Dense and sparse steps alternate (a busy machine slows both alike). Reports the median step time,
 the peak resident memory of the process during a step (VmHWM, reset before each step; it includes
@@ -106,14 +107,14 @@ def _category(name: str) -> str:
     return next((cat for cat, keys in _CATEGORIES if any(k.lower() in name for k in keys)), "other")
 
 
-def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2) -> float:
+def step_peak_mb(name: str, sparsity: float, engine: str, steps: int = 2, batch: int = BATCH) -> float:
     """Peak resident memory (MB) of a process holding only this model, during `steps` training
     steps after a warm-up one (the in-process peaks above share the process with the other models
     and the engine's buffer pool, whose contents depend on which step ran before). The child runs
     on this process's torch thread count (`--threads`; per-thread buffers are part of the peak)."""
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}))")
+            f"import train_step as T; print(T._own_peak({name!r}, {sparsity!r}, {engine!r}, {steps}, {batch}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:  # (its traceback: check=True's error gave the exit status alone, stderr captured away)
         raise RuntimeError(f"--isolated-peaks: the child measuring {name} at {sparsity} ({engine}) failed with exit "
@@ -151,9 +152,9 @@ def _check_losses(name: str, sparsity: float, losses: dict, cuda: bool) -> None:
                 f"{name} at {sparsity}: the {engine} model's {when} loss differs from the dense masked one's: {m}"))
 
 
-def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
+def _own_peak(name: str, sparsity: float, engine: str, steps: int, batch: int = BATCH) -> float:
     g = torch.Generator().manual_seed(123)
-    x, t = torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    x, t = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     step = _trainer(build(name, sparsity, engine).train(), x, t)
     reset = True
     for i in range(steps + 1):
@@ -164,7 +165,7 @@ def _own_peak(name: str, sparsity: float, engine: str, steps: int) -> float:
 
 
 def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isolated_peaks: bool = False,
-        save=None) -> list[dict]:
+        save=None, batch: int = BATCH) -> list[dict]:
     """On a CUDA device the sparse layers run the Triton kernels, the dense ones cuDNN; steps are
     synchronised, peaks are the CUDA allocator's, and the CPU-time breakdown is skipped. save(rows)
     after each configuration (an interrupted run keeps what it measured)."""
@@ -173,8 +174,8 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
     profile = profile and not cuda
     rows = []
     g = torch.Generator().manual_seed(123)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
-    t = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    t = torch.randint(0, 10, (batch,), generator=g).to(device)
     for name in models:
         for sp in sparsities:
             row = {"model": name, "sparsity": sp}
@@ -213,7 +214,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
             del steps_of
             if isolated_peaks and not cuda:
                 for engine in ENGINES:
-                    row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine)
+                    row[f"{engine}_own_peak_mb"] = step_peak_mb(name, sp, engine, batch=batch)
                 print("      peak RSS, one model per process: " +
                       " / ".join(f"{e} {_mb(row[f'{e}_own_peak_mb'])} MB" for e in ENGINES), flush=True)
             # the median of the per-round ratios (each round's steps ran in the same seconds of the machine)
@@ -259,6 +260,9 @@ def main(argv=None):
                    "replaces it; written when "
                    "the run ends, OUT.inprogress.json after each configuration until then)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch", type=positive_int, default=BATCH,
+                   help=f"batch size (default {BATCH}; 1 and 8: where per-call fixed costs show; _b<batch> is appended "
+                   "to the default --out)")
     args = p.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -289,17 +293,18 @@ def main(argv=None):
     # (the CPU table is measured with --isolated-peaks: a run without them lacks its *_own_peak_mb columns)
     partial = (args.quick or args.models or args.sparsities or args.steps is not None or args.no_profile or args.threads
                or (device.type == "cpu" and not args.isolated_peaks))
-    stem = "train_step" + ("_cuda" if device.type == "cuda" else "") + ("_partial" if partial else "")
+    stem = ("train_step" + ("" if args.batch == BATCH else f"_b{args.batch}") + ("_cuda" if device.type == "cuda" else "")
+            + ("_partial" if partial else ""))
     out = writable_json(p, os.path.join(HERE, "results", stem + ".json") if args.out is None else args.out)
     progress = out.removesuffix(".json") + ".inprogress.json"  # (what a run stopped midway keeps)
     info = machine_info(args)
-    print(f"# training step, batch {BATCH}, 32x32: {info['cpu']}, {info['threads']} threads, "
+    print(f"# training step, batch {args.batch}, 32x32: {info['cpu']}, {info['threads']} threads, "
           f"torch {info['torch']}, commit {info['commit']}, {info['date']}")
     rows = run(models, sps, steps, profile=not args.no_profile, device=args.device,
-               isolated_peaks=args.isolated_peaks,  # (each finished configuration written at once)
-               save=lambda rows: write_json(progress, {"machine": info, "batch": BATCH, "device": args.device,
+               isolated_peaks=args.isolated_peaks, batch=args.batch,  # (each finished configuration written at once)
+               save=lambda rows: write_json(progress, {"machine": info, "batch": args.batch, "device": args.device,
                                                        "train_step": rows}))
-    write_json(out, {"machine": info, "batch": BATCH, "device": args.device, "train_step": rows})
+    write_json(out, {"machine": info, "batch": args.batch, "device": args.device, "train_step": rows})
     os.remove(progress)
     print_table(rows, COLUMNS)
     print(f"\nwritten: {out}")

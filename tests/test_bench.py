@@ -497,6 +497,34 @@ def test_gpu_bench_refuses_unknown_arguments(monkeypatch, capsys):
     assert seen == [True]
 
 
+def test_train_step_batch_flag_times_that_batch_and_names_its_table(tmp_path, monkeypatch, capsys):
+    """--batch N (the small-batch steps the README reports: fixed costs per call) trains every engine on N samples,
+    records N in the JSON and writes train_step_b<N>.json by default; a batch below 1 is refused by name."""
+    import train_step
+    seen, trainer = [], train_step._trainer
+    monkeypatch.setattr(train_step, "_trainer", lambda model, x, t: seen.append(len(x)) or trainer(model, x, t))
+    out = tmp_path / "b3.json"
+    train_step.main(["--models", "resnet18", "--sparsities", "0.99", "--steps", "1", "--no-profile", "--batch", "3",
+                     "--out", str(out)])
+    assert seen == [3, 3, 3]  # (dense, sparse, fused; their losses checked against the dense one's)
+    saved = json.loads(out.read_text())
+    assert saved["batch"] == 3 and saved["machine"]["settings"]["batch"] == 3
+    assert "batch 3, 32x32" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train_step.main(["--batch", "0"])
+    assert e.value.code == 2 and "--batch" in capsys.readouterr().err
+    names = []
+
+    def stop(parser, path):
+        names.append(os.path.basename(path))
+        raise SystemExit(0)
+    monkeypatch.setattr(train_step, "writable_json", stop)
+    for argv in (["--batch", "8", "--isolated-peaks"], ["--batch", "128", "--isolated-peaks"], ["--batch", "8"]):
+        with pytest.raises(SystemExit):
+            train_step.main(argv)
+    assert names == ["train_step_b8.json", "train_step.json", "train_step_b8_partial.json"]
+
+
 def test_a_thread_count_or_missing_isolated_peaks_never_replaces_a_table(monkeypatch):
     """kernels.py --threads N is not the table (its default threads): *_partial.json, as conv_bench.py's;
     train_step.json is measured with --isolated-peaks: a CPU run without them writes train_step_partial.json."""
