@@ -54,6 +54,33 @@ def test_cifar100_and_cifar100n_labels(tmp_path):
             D.load_dataset("cifar100n", tmp_path, label_file=tmp_path / name, download=False)
 
 
+def test_cifar100_fine_labels_that_are_the_coarse_labels_are_refused(tmp_path):
+    """A CIFAR-100 pickle whose 'fine_labels' equal its 'coarse_labels' (a converter that wrote the 20 superclasses
+    under the fine key) loaded as a 20-class-in-100 dataset without a word; with more than 100 images it is a
+    DataError naming the file and both keys. A tiny file equal by chance, and the official kind (they differ), load."""
+    import pickle
+    folder = tmp_path / "cifar-100-python"
+    for name, n in (("test", 101), ("train", 300)):
+        tmp = tmp_path / name
+        write_cifar(tmp, c10=False, n_per_batch=300, n_test=n)
+        D.load_dataset("cifar100", tmp, val_fraction=0.0, download=False)  # (fine and coarse differ: loads)
+        path = tmp / "cifar-100-python" / name
+        d = pickle.loads(path.read_bytes())
+        d["fine_labels"] = list(d["coarse_labels"])
+        path.write_bytes(pickle.dumps(d))
+        with pytest.raises(D.DataError, match=rf"^{re.escape(str(path))}: its 'fine_labels' equal its 'coarse_labels' "
+                                              rf"for all {n} images \(all in 0\.\.19\): the 20 superclasses written "
+                                              r"under the fine key \(a broken converter\); restore the original file$"):
+            D.load_dataset("cifar100", tmp, val_fraction=0.0, download=False)
+    write_cifar(tmp_path, c10=False, n_per_batch=100, n_test=10)  # (100 images: equal by chance is not refused)
+    for name in ("train", "test"):
+        d = pickle.loads((folder / name).read_bytes())
+        d["fine_labels"] = d["coarse_labels"] = [v // 5 for v in d["fine_labels"]]
+        (folder / name).write_bytes(pickle.dumps(d))
+    s = D.load_dataset("cifar100", tmp_path, val_fraction=0.0, download=False)
+    assert s.num_classes == 100 and int(s.train.y.max()) < 20
+
+
 def test_cifar100n_label_lists_of_bools_or_floats_are_named_with_the_first_entry(tmp_path):
     """A CIFAR-N .pt whose 'noisy_label' is a list mixing True/False with ints loaded True as label 1 (np.asarray
     made it int64); a bool or float entry is now named with the file and its index and value; lists of ints (a

@@ -11,7 +11,8 @@ import numpy as np
 from .dataset_errors import DataError, warn_caller
 
 __all__ = ["SIZES", "check_not_swapped", "check_distinct", "check_batch_label", "check_human_labels",
-           "check_label_shape", "check_idx_labels", "official_idx", "check_pairs", "check_label_entries"]
+           "check_label_shape", "check_idx_labels", "official_idx", "check_pairs", "check_label_entries",
+           "check_not_coarse"]
 
 SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000),  # (training, test) images
          "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
@@ -153,3 +154,20 @@ def check_label_entries(path, key: str, labels) -> None:
     if bad is not None:
         v = entries[bad]
         raise DataError(f"{path}: '{key}' must hold integer labels, got entry {bad}: {v!r} ({type(v).__name__})")
+
+
+def check_not_coarse(path, fine, coarse, min_images: int = 100) -> None:
+    """A CIFAR-100 batch's 'fine_labels' (an int array) equal element-wise to its 'coarse_labels' (any, or None
+    where absent): the 20 superclasses written under the fine key by a broken converter, which loaded as a
+    20-class-in-100 dataset. Official files differ (coarse_labels[i] is fine_labels[i]'s superclass); a file of
+    at most `min_images` images may agree by chance (all its labels 0), so is not refused."""
+    if coarse is None:
+        return
+    try:
+        coarse = np.asarray(coarse)
+    except (ValueError, TypeError):  # (a ragged list: not labels to compare)
+        return
+    if len(fine) > min_images and coarse.shape == fine.shape and np.array_equal(fine, coarse):
+        raise DataError(f"{path}: its 'fine_labels' equal its 'coarse_labels' for all {len(fine)} images (all in "
+                        f"{int(fine.min())}..{int(fine.max())}): the 20 superclasses written under the fine key (a broken "
+                        "converter); restore the original file")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .dataset_checks import (check_batch_label, check_distinct, check_human_labels, check_idx_labels,
-                             check_label_entries, check_label_shape, check_not_swapped, check_pairs)
+                             check_label_entries, check_label_shape, check_not_coarse, check_not_swapped, check_pairs)
 from .dataset_errors import DataError, DatasetNotFound, brief_error, download_note, load_error, warn_caller
 from . import dataset_lock
 from .dataset_lock import download_guard, download_lock
@@ -235,6 +235,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
             if not len(data):  # (one of five loaded as none: a silently short training set)
                 raise DataError(f"{folder / f}: holds no images, where every {name} batch holds some (a damaged or "
                                 "rewritten file); restore the original files")
+            check_not_coarse(folder / f, labels, None if c10 else d.get("coarse_labels"))  # (CIFAR-100's only)
             xs.append(data)
             ys.append(labels.astype(np.int64))
         return torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(ys)), xs
