@@ -598,6 +598,33 @@ def test_flowers102_read_through_ds_i_names_a_broken_image_by_its_file(tmp_path,
         D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
 
 
+@pytest.mark.parametrize("public", [False, True])
+def test_flowers102_an_empty_split_or_labels_outside_1_to_102_are_named(tmp_path, monkeypatch, public):
+    """A setid.mat listing no ids for a split crashed in torch.stack ("stack expects a non-empty TensorList", no file
+    named), and imagelabels.mat's labels outside 1..102 loaded as labels -1 or 102 of a 102-class dataset; each is
+    a DataError naming the split, the file and what was expected, through torchvision's file list or ds[i] alike."""
+    import scipy.io
+    import torchvision.datasets
+    from PIL import Image
+    base = _flowers102(tmp_path, monkeypatch)
+    if public:
+        monkeypatch.setattr(torchvision.datasets, "Flowers102", _flowers102_public(Image.open))
+    scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([], dtype=np.int64),
+                                          "tstid": np.array([5, 6])})
+    with pytest.raises(D.DataError, match=rf"^flowers102: {re.escape(str(base / 'setid.mat'))} lists no val images "
+                                          r"\(its 'valid' is empty\), where each split of Flowers-102 holds some \(1020 "
+                                          r"train, 1020 val, 6149 test\); restore the official setid.mat$"):
+        D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+    scipy.io.savemat(base / "setid.mat", {"trnid": np.array([1, 2]), "valid": np.array([3, 4]), "tstid": np.array([5, 6])})
+    for labels, split, bad, got in (([1, 0, 3, 4, 5, 6], "train", 2, "0"), ([1, 2, 3, 4, 103, 6], "test", 5, "103")):
+        scipy.io.savemat(base / "imagelabels.mat", {"labels": np.array(labels)})
+        jpg = base / "jpg" / f"image_{bad:05d}.jpg"
+        with pytest.raises(D.DataError, match=rf"^flowers102: {re.escape(str(base / 'imagelabels.mat'))}: the {split} "
+                                              rf"images' labels must lie in 1\.\.102, got {got} for {re.escape(str(jpg))}"
+                                              r" \(1 of 2 outside\); restore the official imagelabels.mat$"):
+            D.load_dataset("flowers102", tmp_path, download=False, image_size=8)
+
+
 def test_flowers102_files_that_are_not_the_official_ones_are_named(tmp_path, monkeypatch):
     """A .mat file other than the official one (torchvision's md5 check fails) was reported as
     "flowers102 not found ... (download=False)"; now the file and why torchvision refuses it are named."""

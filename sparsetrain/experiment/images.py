@@ -89,17 +89,39 @@ def load_flowers(data_dir: Path, size: int, download: bool):
         # (its file list and labels, not ds[i]: each image read once, a broken or missing one named;
         # torchvision's private names, so ds[i] where a version lacks them)
         if hasattr(ds, "_image_files") and hasattr(ds, "_labels"):
-            xs, labels = [read_image(path, size) for path in ds._image_files], ds._labels
+            paths = ds._image_files
+            xs, labels = [read_image(path, size) for path in paths], ds._labels
         else:  # (ds[i] decodes the image: PIL's error named no file, now named by it)
             _check_size(size)
-            xs, labels = [], []
-            for i, path in enumerate(_flowers_files(data_dir / "flowers-102", split, len(ds))):
+            xs, labels, paths = [], [], _flowers_files(data_dir / "flowers-102", split, len(ds))
+            for i, path in enumerate(paths):
                 with _named(path):
                     img, lab = ds[i]
                     xs.append(pil_to_uint8(img, size))
                 labels.append(lab)
-        out += [torch.stack(xs), torch.as_tensor(labels, dtype=torch.int64)]
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        _check_flowers_split(data_dir / "flowers-102", split, paths, labels)
+        out += [torch.stack(xs), labels]
     return (*out, 102)
+
+
+_FLOWERS_SPLITS = {"train": "trnid", "val": "valid", "test": "tstid"}  # (setid.mat's key of each split's ids)
+
+
+def _check_flowers_split(base: Path, split: str, paths, labels: torch.Tensor) -> None:
+    """A Flowers-102 split (its images' files or words, their labels as torchvision gives them: 0-based) must hold
+    images (setid.mat listing none crashed in torch.stack, naming no file) with labels in 1..102 as
+    imagelabels.mat holds them (others loaded as labels -1 or 102 of a 102-class dataset): a DataError naming
+    the split, the file and, for a label, its first image."""
+    if not len(labels):
+        raise DataError(f"flowers102: {base / 'setid.mat'} lists no {split} images (its '{_FLOWERS_SPLITS[split]}' is "
+                        "empty), where each split of Flowers-102 holds some (1020 train, 1020 val, 6149 test); restore "
+                        "the official setid.mat")
+    bad = ((labels < 0) | (labels > 101)).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(f"flowers102: {base / 'imagelabels.mat'}: the {split} images' labels must lie in 1..102, got "
+                        f"{int(labels[bad[0]]) + 1} for {paths[bad[0]]} ({len(bad)} of {len(labels)} outside); restore "
+                        "the official imagelabels.mat")
 
 
 def _flowers_files(base: Path, split: str, n: int) -> list:
@@ -107,7 +129,7 @@ def _flowers_files(base: Path, split: str, n: int) -> list:
     name an image that ds[i] cannot read; where setid.mat does not tell them, the split and index in words."""
     try:
         from scipy.io import loadmat
-        ids = loadmat(base / "setid.mat", squeeze_me=True)[{"train": "trnid", "val": "valid", "test": "tstid"}[split]]
+        ids = loadmat(base / "setid.mat", squeeze_me=True)[_FLOWERS_SPLITS[split]]
         ids = np.atleast_1d(ids).tolist()
     except Exception:  # (names only: ds[i] read the file already, its own error is raised either way)
         ids = []
