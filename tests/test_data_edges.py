@@ -432,3 +432,17 @@ def test_several_dangling_links_in_a_folder_are_each_named_with_their_own_target
         f"{cat / 'a.png'}: a link to {tmp_path / 'gone' / 'x.png'}, which does not exist: mount or restore it, or "
         f"remove the link; {cat / 'self.png'}: a link to self.png, which cannot be reached (Too many levels of "
         "symbolic links): fix or remove the link")
+
+
+def test_an_imagefolder_of_one_class_is_refused_by_folder(tmp_path):
+    """train/ and val/ holding one class folder each loaded as a 1-class dataset (num_classes 1: a loss of 0 whatever
+    the model predicts, a run that learns nothing without a word); now a DataError naming the folder and its class.
+    Two classes load as before."""
+    _imagefolder(tmp_path, classes=("cat",))
+    with pytest.raises(D.DataError, match=rf"^imagefolder: {tmp_path / 'train'} holds one class folder \('cat'\), where "
+                                          r"a classifier needs 2 at least \(with one its loss is 0 whatever it predicts\); "
+                                          r"add a folder of images per class$"):
+        D.load_dataset("imagefolder", tmp_path, image_size=8, download=False)
+    _imagefolder(tmp_path, classes=("dog",))
+    s = D.load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.0, download=False)
+    assert s.num_classes == 2 and s.train.y.tolist() == [0, 0, 1, 1]

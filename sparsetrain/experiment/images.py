@@ -331,7 +331,12 @@ def load_imagefolder(data_dir: Path, size: int):
         except FileNotFoundError as e:  # (a class folder without images, or no class folder)
             raise DataError(f"imagefolder: {data_dir / split}: {brief_error(e)}") from None
 
-    tr, te = folder("train"), folder("val")
+    tr = folder("train")
+    if len(tr.classes) == 1:  # (num_classes 1: cross-entropy 0 whatever the model predicts, nothing learnt)
+        raise DataError(f"imagefolder: {data_dir / 'train'} holds one class folder ({tr.classes[0]!r}), where a "
+                        "classifier needs 2 at least (with one its loss is 0 whatever it predicts); add a folder of "
+                        "images per class")
+    te = folder("val")
     if tr.classes != te.classes:
         only = sorted(set(tr.classes) ^ set(te.classes))[:5]
         raise DataError(f"imagefolder: the class folders of {data_dir / 'train'} and {data_dir / 'val'} differ "
