@@ -876,7 +876,7 @@ def test_a_foreign_metrics_csv_is_refused_by_name_not_reported_as_no_metrics(tmp
                                                 f"\\(s\\) {missing}"):
             R.write_report(str(tmp_path / "run"))
         assert cli.main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]) == 0
-        assert (f"or a metrics.csv not a study's):** {tmp_path / 'run'} ({path} is not a metrics.csv of a sparsetrain "
+        assert (f"or a metrics.csv not a study's):** '{tmp_path / 'run'}' ({path} is not a metrics.csv of a sparsetrain "
                 f"run: no column(s) {missing}") in read(tmp_path / "rep" / "summary.md")
     path.write_text(",".join(make_rows([0.8])[0]) + "\n")  # (a study's header, no round yet: no curve)
     assert "Phases with metrics: 'teacher': seeds [0]." in read(R.write_report(str(tmp_path / "run")))
@@ -907,7 +907,7 @@ def test_a_config_json_setting_of_the_wrong_type_is_refused_by_name(tmp_path, se
                            "with the run's flags shows it); the run's results need no deleting"  # (not "remove the run")
     md = read(write_sweep_report([str(tmp_path / "run")], str(tmp_path / "rep")))
     assert (f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** "
-            f"{tmp_path / 'run'} ({expected})") in md
+            f"'{tmp_path / 'run'}' ({expected})") in md
     write_config(tmp_path / "run")  # (the run's own settings: reported)
     assert "## Results" in read(R.write_report(str(tmp_path / "run")))
 

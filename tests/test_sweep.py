@@ -1582,7 +1582,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(swept, tmp_path):
     # (it wrote none before 2026-12-06: a report from an earlier invocation stayed, stale)
     report = next((tmp_path / "sw").glob("grid-*/report/summary.md")).read_text()
     cut = [n for n, s in stopped.items() if s["state"] == "interrupted"]
-    assert f"run(s) failed or were interrupted:** {', '.join(cut)}" in report, report
+    assert f"run(s) failed or were interrupted:** {', '.join(map(repr, cut))}" in report, report
     assert "report: " in out and "summary.md" in out, out
     assert cli.main(["grid", *argv]) == 0  # the same command again (here from this process)
     done = json.loads(next((tmp_path / "sw").glob("grid-*/status.json")).read_text())
@@ -1715,7 +1715,7 @@ def test_a_run_with_an_unreadable_config_is_left_out_and_named(tmp_path):
     (tmp_path / "bad" / "config.json").write_text('{"dataset": "fash')
     md = open(write_sweep_report([str(tmp_path / "good"), str(tmp_path / "bad")], str(tmp_path / "report"))).read()
     assert (f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** "
-            f"{tmp_path / 'bad'}") in md
+            f"'{tmp_path / 'bad'}'") in md
     assert "cifar10" not in md and "1 setting(s)" in md
 
 
@@ -1803,7 +1803,7 @@ def test_aggregation_pools_seeds_and_marks_missing_and_running(tmp_path):
     assert float(b_row["test_std"]) == pytest.approx(np.std([60, 70], ddof=1))
     assert b_row["seeds"] == "2" and b_row["in_progress"] == "1"
     md = (tmp_path / "rep" / "summary.md").read_text()
-    assert "In progress (not finished): teacher seed(s) [1]" in md and "| 2/3 |" in md
+    assert "In progress (not finished): 'teacher' seed(s) [1]" in md and "| 2/3 |" in md
     best = list(csv.DictReader(open(tmp_path / "rep" / "best_model.csv")))
     assert {(r["eps"], r["sparsity_mean"]) for r in best} == {("0.1", "50.0"), ("0.2", "50.0"), ("0.3", "50.0")}
     one = [r for r in best if r["eps"] == "0.3"]
@@ -2010,6 +2010,6 @@ def test_a_failed_run_s_partial_curve_is_not_in_progress(tmp_path):
               "going": {"state": "running", "kind": "study"}}
     md = open(write_sweep_report([str(tmp_path / "broke"), str(tmp_path / "going")], str(tmp_path / "rep"),
                                  status)).read()
-    assert "Did not finish (the run failed or was interrupted; the curve is partial): teacher seed(s) [0]." in md
-    assert md.count("In progress (not finished): teacher seed(s) [0].") == 1  # (the other run's)
+    assert "Did not finish (the run failed or was interrupted; the curve is partial): 'teacher' seed(s) [0]." in md
+    assert md.count("In progress (not finished): 'teacher' seed(s) [0].") == 1  # (the other run's)
     assert md.count("| 1 (1 unfinished, 1 failed) |") == 1 and md.count("| 1 (1 unfinished) |") == 1  # broke, going

@@ -137,20 +137,20 @@ def test_a_run_whose_config_json_was_lost_is_named_not_dropped_unseen(tmp_path, 
     (runs / "empty").mkdir()  # (no results: not a run that lost its settings)
     md = open(write_sweep_report([str(runs / d) for d in ("kept", "lost", "empty")], str(tmp_path / "rep"))).read()
     left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
-    assert f"{runs / 'lost'} (config.json missing beside its results: its settings unknown)" in left
+    assert f"'{runs / 'lost'}' (config.json missing beside its results: its settings unknown)" in left
     rows = _rows(tmp_path / "rep" / "table1.csv")  # (the kept run's rows alone: the lost one's settings unknown)
     assert "empty" not in left and rows and all(r["run"] != "(no result)" for r in rows)
     assert md.startswith("# DSD² sweep\n\n2 run directories, 1 setting(s)")
     # a sweep's own planned run too (its grid point's rows are kept, marked no result)
     planned = {str(runs / "lost"): {**cfg, "eps": 0.2}}
     md = open(write_sweep_report([str(runs / "kept"), str(runs / "lost")], str(tmp_path / "rep2"), planned=planned)).read()
-    assert f"{runs / 'lost'} (config.json missing beside its results" in md
+    assert f"'{runs / 'lost'}' (config.json missing beside its results" in md
     assert "(no result)" in [r["run"] for r in _rows(tmp_path / "rep2" / "table1.csv")]
     # `report FOLDER` passes it on too; as the one run given, it is named alike (its folder needs --out)
     assert cli.main(["report", str(runs)]) == 0
-    assert f"{runs / 'lost'} (config.json missing" in (runs / "report" / "summary.md").read_text()
+    assert f"'{runs / 'lost'}' (config.json missing" in (runs / "report" / "summary.md").read_text()
     assert cli.main(["report", str(runs / "lost"), "--out", str(tmp_path / "one")]) == 0
-    assert f"{runs / 'lost'} (config.json missing" in (tmp_path / "one" / "summary.md").read_text()
+    assert f"'{runs / 'lost'}' (config.json missing" in (tmp_path / "one" / "summary.md").read_text()
     capsys.readouterr()
 
 
@@ -188,8 +188,8 @@ def test_a_seed_run_twice_counts_once_and_the_other_curve_is_named(tmp_path):
     md = open(write_sweep_report(dirs, str(tmp_path / "rep"))).read()
     (row,) = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["stop_rule"] == "none"]
     assert (row["seeds"], row["test_n"], float(row["test_mean"])) == ("2", "2", (70 + 60) / 2)
-    assert (f"Left out, a seed's second curve (the first one's is shown): teacher seed 0 of {tmp_path / 'two'} "
-            f"(shown: {tmp_path / 'one'}).") in md
+    assert (f"Left out, a seed's second curve (the first one's is shown): 'teacher' seed 0 of '{tmp_path / 'two'}' "
+            f"(shown: '{tmp_path / 'one'}').") in md
     assert str(tmp_path / "link") not in md.split("## Tables 1")[1]
 
 
@@ -247,7 +247,7 @@ def test_a_phase_whose_run_failed_before_its_first_round_is_counted(tmp_path):
     best = [r for r in _rows(tmp_path / "rep" / "best_model.csv") if r["student_lr"] == "1000000000000.0"]
     assert [(r["phase"], r["seeds"], r["failed"]) for r in best] == [("teacher", "2", "0"), ("vanilla", "0", "2"),
                                                                      ("distill-dense", "0", "2")]
-    assert "No result: vanilla seed(s) [0, 1]; distill-dense seed(s) [0, 1] (the run failed" in md
+    assert "No result: 'vanilla' seed(s) [0, 1]; 'distill-dense' seed(s) [0, 1] (the run failed" in md
     ok = [r for r in _rows(tmp_path / "rep" / "table1.csv") if r["student_lr"] == "0.1"]
     assert len(ok) == 6 and all(r["failed"] == "0" and r["seeds"] == "2" for r in ok)  # (unchanged)
 
@@ -440,7 +440,7 @@ def test_a_run_whose_metrics_record_cannot_be_read_is_named_with_the_reason(tmp_
     monkeypatch.setattr(files, "open", denied, raising=False)
     md = open(write_sweep_report([str(runs / d) for d in ("kept", "denied")], str(tmp_path / "rep"))).read()
     left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
-    assert f"{runs / 'denied'} (cannot read {record}: Permission denied; fix its permissions" in left, left
+    assert f"'{runs / 'denied'}' (cannot read {record}: Permission denied; fix its permissions" in left, left
     assert md.startswith("# DSD² sweep\n\n2 run directories, 1 setting(s)")  # (the kept run's alone: eps 0.1)
 
 
@@ -525,10 +525,10 @@ def test_a_run_s_name_reads_as_written_in_the_runs_table_and_the_failed_runs_sen
     (row,) = [line for line in md.splitlines() if line.startswith("| r")]
     assert _gfm_cells(row) == [name, "study", "failed", "", ""], row
     failed = next(line for line in md.splitlines() if line.startswith("**1 run(s) failed"))
-    assert failed == r"**1 run(s) failed or were interrupted:** r\*1\*\_a\_\|\`b\`"
-    assert _gfm_cells(f"| {failed.split(':** ')[1]} |") == [name]
+    assert failed == r"**1 run(s) failed or were interrupted:** 'r\*1\*\_a\_\|\`b\`'"
+    assert _gfm_cells(f"| {failed.split(':** ')[1]} |") == [repr(name)]
     left = next(line for line in md.splitlines() if line.startswith("**Left out, unreadable"))
-    assert _gfm_cells(f"| {left.split(':** ')[1]} |")[0].startswith(str(tmp_path / "bad_*x*")), left
+    assert _gfm_cells(f"| {left.split(':** ')[1]} |")[0].startswith(repr(str(tmp_path / "bad_*x*"))), left
 
 
 def test_md_cell_keeps_github_from_linking_or_replacing_a_text_s_urls_addresses_and_emoji_shortcodes(tmp_path):
@@ -590,8 +590,34 @@ def test_the_notes_and_headings_around_table1_show_a_phase_s_and_setting_s_text_
         _fill(tmp_path / run, {**cfg, "teachers": [teacher]}, phases=("teacher",))
     status = {"a": {"state": "failed", "kind": "study", "log": "", "error": ""}, "b": {"state": "done", "kind": "study"}}
     md = open(write_sweep_report([str(tmp_path / n) for n in status], str(tmp_path / "rep"), status)).read()
-    assert r"No result: distill-path-\*x\*\_y\_ seed(s) [0]" in md, md
+    assert r"No result: 'distill-path-\*x\*\_y\_' seed(s) [0]" in md, md
     assert r"### mnist, ε = 0.1, lenet300 (teachers=['ckpt/\*x\*\_y\_.pt'])" in md, md
+
+
+def test_the_notes_and_sentences_naming_phases_runs_and_folders_name_each_unambiguously(tmp_path):
+    """The notes under Table 1 (no result, in progress, a second curve's run folders) joined the phase names and
+    folders bare with `; `, the failed runs' and unreadable runs' sentences with `, `: a phase named after a
+    --teachers file `a; b.pt` (`distill-path-a; b`), or a folder `u, v`, read as two. Each is quoted as Python
+    writes a str now (md_quoted, as the run report's phases with metrics), the reason after an unreadable one bare."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0], "rate": 0.5,
+           "wall": 0.95}
+    _fill(tmp_path / "r, s", {**cfg, "teachers": ["ckpt/a; b.pt"]}, phases=("teacher",))  # (failed: no distill)
+    _fill(tmp_path / "p", {**cfg, "eps": 0.2, "teachers": ["ckpt/c; d.pt"]}, phases=("teacher", "distill-path-c; d"))
+    os.remove(tmp_path / "p" / "seed0" / "distill-path-c; d" / "best.json")  # (in progress)
+    for run in ("one; 1", "two; 2"):  # (seed 0 twice)
+        _fill(tmp_path / run, {**cfg, "eps": 0.3, "teachers": []}, phases=("teacher",))
+    (tmp_path / "u, v").mkdir()
+    (tmp_path / "u, v" / "config.json").write_text("{")
+    status = {"r, s": {"state": "failed", "kind": "study", "log": "", "error": ""},
+              "p": {"state": "running", "kind": "study"}}
+    dirs = [str(tmp_path / n) for n in ("r, s", "p", "one; 1", "two; 2", "u, v")]
+    md = open(write_sweep_report(dirs, str(tmp_path / "rep"), status)).read()
+    assert "No result: 'distill-path-a; b' seed(s) [0] (the run failed" in md, md
+    assert "In progress (not finished): 'distill-path-c; d' seed(s) [0]." in md, md
+    assert (f"Left out, a seed's second curve (the first one's is shown): 'teacher' seed 0 of '{tmp_path / 'two; 2'}' "
+            f"(shown: '{tmp_path / 'one; 1'}').") in md, md
+    assert "**1 run(s) failed or were interrupted:** 'r, s'\n" in md
+    assert f"not a study's):** '{tmp_path / 'u, v'}'\n" in md
 
 
 def test_a_name_that_is_not_utf8_is_written_with_its_bytes_shown(tmp_path):
@@ -609,8 +635,8 @@ def test_a_name_that_is_not_utf8_is_written_with_its_bytes_shown(tmp_path):
     status = {name: {"state": "failed", "kind": "study", "log": "", "error": ""}, "b": {"state": "done", "kind": "study"}}
     md = open(write_sweep_report([os.path.join(tmp_path, n) for n in status], str(tmp_path / "rep"), status),
               encoding="utf-8").read()
-    assert "| run\\xff | study | failed |" in md and "**1 run(s) failed or were interrupted:** run\\xff\n" in md
-    assert "No result: distill-path-t\\xff seed(s) [0]" in md  # (the phase named after the teacher's file)
+    assert "| run\\xff | study | failed |" in md and "**1 run(s) failed or were interrupted:** 'run\\xff'\n" in md
+    assert "No result: 'distill-path-t\\xff' seed(s) [0]" in md  # (the phase named after the teacher's file)
     assert {r["phase"] for r in _rows(tmp_path / "rep" / "table1.csv")} == {"teacher", "distill-path-t\\xff"}
 
 

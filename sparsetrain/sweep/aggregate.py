@@ -20,7 +20,7 @@ from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, md_cell, md_heading, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
-from ..experiment.report.text import shown_literal
+from ..experiment.report.text import md_quoted, shown_literal
 from ..experiment.reuse import needed_phases, phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -203,6 +203,7 @@ def seed_counts(g, phase) -> dict:
 
 
 def _running_note(g) -> str:
+    # (each phase and run folder quoted, md_quoted: joined bare by `; `, a phase `distill-path-a; b` read as two)
     stopped = g.get("stopped", {})
     r = {p: [s for s in seeds if s not in stopped.get(p, [])] for p, seeds in g["running"].items()}
     notes = [("In progress (not finished)", {p: s for p, s in r.items() if s}),
@@ -211,12 +212,12 @@ def _running_note(g) -> str:
     if g.get("failed"):
         none = f"No result: seed(s) {g['failed']} failed before recording a round (see the Runs table).\n\n"
     if g.get("lost"):
-        none += "No result: " + "; ".join(f"{md_cell(p)} seed(s) {s}" for p, s in g["lost"].items()) + \
+        none += "No result: " + "; ".join(f"{md_quoted(p)} seed(s) {s}" for p, s in g["lost"].items()) + \
             " (the run failed or was interrupted before the phase recorded a round; see the Runs table).\n\n"
     if g.get("left_out"):  # (two runs of one seed: one curve per seed in the means, the other named)
         none += "Left out, a seed's second curve (the first one's is shown): " + "; ".join(
-            f"{md_cell(p)} seed {s} of {md_cell(d)} (shown: {md_cell(first)})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
-    return none + "".join(f"{what}: " + "; ".join(f"{md_cell(p)} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
+            f"{md_quoted(p)} seed {s} of {md_quoted(d)} (shown: {md_quoted(first)})" for p, dup in sorted(g["left_out"].items()) for s, d, first in dup) + ".\n\n"
+    return none + "".join(f"{what}: " + "; ".join(f"{md_quoted(p)} seed(s) {sorted(s)}" for p, s in sorted(ph.items())) + ".\n\n"
                    for what, ph in notes if ph)
 
 

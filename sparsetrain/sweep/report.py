@@ -8,7 +8,7 @@ import re
 
 from ..experiment.files import atomic_write, finish_interrupted_writes, remove_file, write_csv
 from ..experiment.report.tables import md_cell, md_heading, shown_text
-from ..experiment.report.text import shown_literal
+from ..experiment.report.text import md_quoted, shown_literal
 from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
                         varying)
 from .figures import _natural, write_figures
@@ -25,6 +25,13 @@ def _status_md(status: dict) -> str:
         # (a run's name is the user's: its `|` split the row, its `*`/`_` marks rendered)
         out.append(f"| {md_cell(name)} | {md_cell(s.get('kind', ''))} | {md_cell(s['state'])} | {s.get('seconds', '')} | {cell} |")
     return "\n".join(out)
+
+
+def _unreadable_md(entry: str, dirs) -> str:
+    """One of load_groups' unreadable runs ("DIR" or "DIR (why)") as Markdown: its folder quoted as Python writes a
+    str (md_quoted: a folder's own `, ` read as the list's before 2026-12-07), the reason escaped (md_cell)."""
+    d = max((d for d in dirs if entry == d or entry.startswith(f"{d} (")), key=len, default=None)
+    return md_cell(entry) if d is None else md_quoted(d) + md_cell(entry[len(d):])
 
 
 def _report_files(out_dir: str) -> tuple:
@@ -71,12 +78,13 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     n_dirs = sum(len(g["dirs"]) for g in groups) + len(unreadable)  # (a run that never started has none)
     lines = [f"# DSD² {md_heading(title)}", "", f"{n_dirs} run directories, {len(groups)} setting(s) "
              f"(seeds pooled); settings that differ: {', '.join(keys) or 'none'}.", ""]
-    if unreadable:
-        lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(map(md_cell, unreadable))}", ""]
+    if unreadable:  # (load_groups names each by the folder it was given: f"{d}")
+        dirs = [str(d) for d in [*run_dirs, *(planned or {})]]
+        lines += [f"**Left out, unreadable (config.json: its settings unknown; or a metrics.csv not a study's):** {', '.join(_unreadable_md(u, dirs) for u in unreadable)}", ""]
     if status:
         failed = [n for n, s in status.items() if s["state"] in ("failed", "interrupted")]
         lines += ["## Runs", "", _status_md(status), "",
-                  f"**{len(failed)} run(s) failed or were interrupted:** {', '.join(map(md_cell, failed))}" if failed else
+                  f"**{len(failed)} run(s) failed or were interrupted:** {', '.join(map(md_quoted, failed))}" if failed else
                   "Every run finished.", ""]
     lines += ["## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
     if any(k in keys for k in ("alpha", "tau")):
