@@ -1323,6 +1323,29 @@ def test_summary_md_s_settings_spell_a_byte_that_is_not_utf8_as_the_run_folder_s
     assert "udc" not in text
 
 
+def test_summary_md_s_settings_write_a_list_s_text_that_is_not_ascii_as_typed(tmp_path):
+    """The Settings table wrote a list setting by json.dumps, which spells text that is not ASCII as escapes: a
+    --teachers path `/t/é.pt` read `/t/\\u00e9.pt`, while the run folder's name, the phases and the sweep's setting
+    labels and CSVs print it as typed. It is written as typed now (a byte that is not UTF-8 still `\\xNN`)."""
+    from sparsetrain.sweep.report import write_sweep_report
+    teachers = ["/t/é.pt", "/t/日本.pt", os.fsdecode(b"/t/t\xff.pt"), "a|*b*"]
+    run_dir = tmp_path / "é"
+    write_config(run_dir, seeds=[0], teachers=teachers)
+    write_rows(run_dir, make_rows([0.8, 0.7, 0.75], seed=0))
+    text = open(R.write_report(str(run_dir)), encoding="utf-8").read()
+    assert text.startswith("# DSD² run: é\n") and \
+        '| teachers | ["/t/é.pt", "/t/日本.pt", "/t/t\\xff.pt", "a\\|\\*b\\*"] |' in text, text[:600]
+    assert "\\u" not in text and "udc" not in text
+    # (the sweep's setting label and CSV of it: as typed already, repr's)
+    write_config(tmp_path / "other", seeds=[0])
+    write_rows(tmp_path / "other", make_rows([0.8, 0.7, 0.75], seed=0))
+    md = open(write_sweep_report([str(run_dir), str(tmp_path / "other")], str(tmp_path / "rep")),
+              encoding="utf-8").read()
+    assert "(teachers=['/t/é.pt', '/t/日本.pt', '/t/t\\xff.pt', 'a\\|\\*b\\*'])" in md, md
+    with open(tmp_path / "rep" / "table1.csv", encoding="utf-8") as f:
+        assert "['/t/é.pt', '/t/日本.pt', '/t/t\\xff.pt', 'a|*b*']" in f.read()
+
+
 def test_summary_md_s_phases_with_metrics_name_each_phase_unambiguously(tmp_path):
     """The line of phases with metrics and the Seeds table's column joined the phase names with `, `: a phase named
     after a --teachers file `a, b.pt` (`distill-path-a, b`) read as two phases. Each name is quoted as Python writes a

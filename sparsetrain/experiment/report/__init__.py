@@ -82,7 +82,8 @@ def write_report(run_dir) -> str:
             "profile", "git_commit", "ran_on"]
     lines = [f"# DSD² run: {md_heading(os.path.basename(os.path.abspath(run_dir)))}", "",
              "| Setting | Value |", "|---|---|"]
-    lines += [f"| {k} | {md_cell(shown_literal(json.dumps(cfg[k])) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
+    # (a list's text as typed, `é`, not `\u00e9`: ensure_ascii=False; a byte that is not UTF-8 then md_cell's `\xNN`)
+    lines += [f"| {k} | {md_cell(shown_literal(json.dumps(cfg[k], ensure_ascii=False)) if isinstance(cfg[k], (list, dict)) else cfg[k])} |"
               for k in keys if k in cfg and (k != "label_file" or cfg[k])]  # (label_file: cifar100n's)
     for role in ("teacher", "student"):  # each role's schedule (Table 4's row of its model, or the flags')
         sched = [(k, cfg[f"{role}_{k}"]) for k in ("epochs", "batch_size", "lr", "milestones", "weight_decay",
