@@ -543,15 +543,23 @@ def test_md_cell_keeps_github_from_linking_or_replacing_a_text_s_urls_addresses_
     assert md_cell("git@github.com:a/b.git mailto:a@b.org") == "git<wbr>@github.com:a/b.git mailto:a<wbr>@b.org"
     texts = [":smile:", ":white_check_mark: done", "see https://x.org/a_b?c=1", "<https://x.org>", "www.x.org/a",
              "mail a.b+c@d-e.org", "OSError: [Errno 2] :x: at http://h:80/p (git@host.org)"]
+    _assert_cells_read_as_typed(texts, ("12:30:45", "tau=10, eps=0.1", "C:\\data\\run", "awww.x", "s3://bucket/run",
+                                        "a@b", "ratio 1:2:3"))
+    # the sweep report's table of runs: an error naming a URL and an emoji shortcode reads as written
+    error = "RunFailed: exit code 1: HTTPError: https://x.org/mnist.gz :x:"
+    assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+
+
+def _assert_cells_read_as_typed(texts, plain):
+    """Each of `texts` as md_cell writes it is one GFM cell reading as the text, with nothing GitHub would link or
+    render (_inert); each of `plain` is written unchanged."""
+    from sparsetrain.experiment.report.tables import md_cell
     for text in texts:
         cell = md_cell(text)
         assert _gfm_cells(f"| k | {cell} |") == ["k", text], text
         assert _inert(cell), (text, cell)
-    for plain in ("12:30:45", "tau=10, eps=0.1", "C:\\data\\run", "awww.x", "s3://bucket/run", "a@b", "ratio 1:2:3"):
-        assert md_cell(plain) == plain
-    # the sweep report's table of runs: an error naming a URL and an emoji shortcode reads as written
-    error = "RunFailed: exit code 1: HTTPError: https://x.org/mnist.gz :x:"
-    assert _gfm_cells(_failed_run_row(tmp_path, error, "a.log")) == ["a", "study", "failed", "", f"{error} — {tmp_path / 'a.log'}"]
+    for p in plain:
+        assert md_cell(p) == p
 
 
 def test_md_cell_and_md_heading_keep_github_from_linking_mentions_and_issue_references(tmp_path):
@@ -565,12 +573,7 @@ def test_md_cell_and_md_heading_keep_github_from_linking_mentions_and_issue_refe
     assert md_heading("run @bob #7") == "run @<wbr>bob #<wbr>7" and md_heading("a #1 #") == "a #<wbr>1 \\#"
     assert md_cell("&#124; a.b@c.org") == "&amp;#<wbr>124; a.b<wbr>@c.org"  # (the address's cut as before)
     texts = ["@alice", "cc @a-b, @c.", "(@org/team)", "#1", "fixes #12, a/b#3 and GH-4", "`@z` #0x1"]
-    for text in texts:
-        cell = md_cell(text)
-        assert _gfm_cells(f"| k | {cell} |") == ["k", text], text
-        assert _inert(cell), (text, cell)
-    for plain in ("a@b", "x @ y", "C# #x #", "a/b#c", "GH-x", "agh-1", "tau=10, eps=0.1"):
-        assert md_cell(plain) == plain
+    _assert_cells_read_as_typed(texts, ("a@b", "x @ y", "C# #x #", "a/b#c", "GH-x", "agh-1", "tau=10, eps=0.1"))
     # in the reports: the table of runs' error cell and the sweep's title
     error = "RunFailed: exit code 1: see #12 (@alice)"
     row = _failed_run_row(tmp_path, error, "a.log")
