@@ -702,3 +702,30 @@ def test_headings_keep_a_trailing_hash_of_a_phase_or_the_title(tmp_path):
     heads = [line for line in md.splitlines() if line.startswith("#")]
     assert heads[0] == "# DSD² sweep q \\#"
     assert "### mnist eps=0.1: distill-path-\\*q\\* \\#" in heads, heads
+
+
+def test_a_setting_label_quotes_a_text_value_that_would_read_as_more_settings(tmp_path, monkeypatch):
+    """A setting label joins `k=v` by `, `: a text value holding `, ` or `=` (a --label-file path `/x/a, b.pt`,
+    `/x/k=v.pt`), a quote or space at either end read as more settings or another value, in Table 1's headings,
+    Table 12's setting, best_model.csv's and the figures' panel titles and legends. Such a value is quoted as Python
+    writes a str now (`label_file='/x/a, b.pt'`, md_quoted's text in the Markdown), an ordinary one as before."""
+    from matplotlib.figure import Figure
+    cfg = {"dataset": "mnist", "model": "lenet300", "student": "lenet300", "teachers": ["dense"], "seeds": [0],
+           "rate": 0.5, "wall": 0.95}
+    runs = {"a": (0.1, "/x/a, b.pt"), "b": (0.1, "/x/k=v.pt"), "c": (0.1, " /x/s.pt"), "d": (0.2, "/x/it's.pt"),
+            "e": (0.2, "/x/c.pt")}
+    for run, (eps, path) in runs.items():
+        _fill(tmp_path / run, {**cfg, "eps": eps, "label_file": path})
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figures.append(self) or real(self, *a, **kw))
+    md = open(write_sweep_report([str(tmp_path / r) for r in runs], str(tmp_path / "rep"))).read()
+    shown = ["label_file='/x/a, b.pt'", "label_file='/x/k=v.pt'", "label_file=' /x/s.pt'", "label_file=\"/x/it's.pt\"",
+             "label_file=/x/c.pt"]  # (the last as before)
+    settings = [f"eps={eps}, {s}" for (eps, _), s in zip(runs.values(), shown)]
+    assert re.findall(r"^### mnist, ε = 0\.\d, lenet300 \((.*)\)$", md, re.M) == settings, md
+    assert [r["setting"] for r in _rows(tmp_path / "rep" / "best_model.csv") if r["phase"] == "vanilla"] == settings
+    assert [line.split(" | ")[0][2:] for line in md.splitlines() if "| vanilla |" in line] == settings
+    titles = {ax.get_title() for fig in figures for ax in fig.axes if ax.get_title()}
+    texts = {t.get_text() for fig in figures for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()}
+    assert titles == {*shown, "eps=0.1", "eps=0.2"}, titles  # (accuracy_vs_sparsity.png's panels, by_label_file.png's)
+    assert {f"{s} vanilla" for s in shown} <= texts and "eps=0.1 vanilla" in texts, texts

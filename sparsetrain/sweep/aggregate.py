@@ -20,7 +20,7 @@ from ..experiment.metrics import NAN, best_index, fin, get, load_run
 from ..experiment.report import verify_metrics
 from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, md_cell, md_heading, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
-from ..experiment.report.text import md_quoted, shown_literal
+from ..experiment.report.text import label_value, md_quoted, shown_literal
 from ..experiment.reuse import needed_phases, phase_done
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
@@ -162,6 +162,7 @@ def varying(groups, axes=()) -> list[str]:
 
 
 def group_label(g, keys) -> str:
+    """Group `g`'s settings `keys` as `k=v, k=v` (numbers and texts as _num writes them), else its dataset and eps."""
     c = g["config"]
     # (numbers as Table 5 prints them: tau=10, not the config's 10.0)
     return ", ".join(f"{k}={_num(c.get(k))}" for k in keys if _shown(g, k)) or f"{c.get('dataset')} eps={c.get('eps')}"
@@ -264,8 +265,8 @@ def _best_val(g, phase) -> list[float]:
 
 def _num(v) -> str:
     """A setting as written on the command line: 10, not the config's float 10.0; 0.8 stays 0.8; a list's (repr's) byte
-    that is not UTF-8 as a name's, `\\xNN` (shown_literal)."""
-    return f"{v:g}" if isinstance(v, float) else v if isinstance(v, str) else shown_literal(str(v))
+    that is not UTF-8 as a name's, `\\xNN` (shown_literal); a text quoted where `, `/`=` would misread (label_value)."""
+    return f"{v:g}" if isinstance(v, float) else label_value(v) if isinstance(v, str) else shown_literal(str(v))
 
 
 def _alpha_tau_block(title, alphas, taus, cell) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["md_cell", "md_heading", "md_quoted", "shown_text", "shown_literal"]
+__all__ = ["label_value", "md_cell", "md_heading", "md_quoted", "shown_text", "shown_literal"]
 
 
 # What Markdown would read in a table cell's text, each matched alone: a line break (it ended the row); a `\\`
@@ -27,6 +27,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # backslashes (an escape; a text's own `\udcff` is written `\\udcff` there)
 _ESCAPED_BYTE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 _MD_AS = {"\r\n": "<br>", "\r": "<br>", "\n": "<br>", "<": "&lt;", "&": "&amp;"}
+# what makes a text value of a label `k=v, k=v` (or a name of a `, `-joined note) read as more or other values: the
+# separator `, `, a `=` (another setting's), a quote (a quoted value's own end) or space at either end (unseen)
+_AMBIGUOUS = re.compile(r", |=|['\"]|\A\s|\s\Z")
 
 
 def shown_text(text: str) -> str:
@@ -62,6 +65,14 @@ def md_quoted(value) -> str:
     is not UTF-8 `\\xNN`) as md_cell's text: one name of a list written `, `-separated (a bare name's own `, ` read
     as the list's before 2026-12-07), as a setting label writes a list's (`teachers=['a, b.pt']`)."""
     return md_cell(shown_literal(repr(str(value))))
+
+
+def label_value(text: str) -> str:
+    """`text`, a text setting's value in a label `k=v, k=v` (a phase name in a `, `-joined note), as written, or
+    quoted as Python writes a str (repr; a byte that is not UTF-8 `\\xNN`) where it holds `, `, `=`, a quote or
+    space at either end: `label_file='/x/a, b.pt'` (read as two settings before 2026-12-07); `eps=0.5, seed=0` and
+    `/x/c.pt` stay as they are. Plain text (a legend's, a CSV's): md_cell makes it a cell's, md_quoted's text then."""
+    return shown_literal(repr(text)) if _AMBIGUOUS.search(text) else text
 
 
 def md_heading(value) -> str:
