@@ -686,6 +686,38 @@ def test_the_twins_are_named_in_a_run_that_links_every_phase_with_reuse(tmp_path
     assert table_row(md, "distilled from the dense teacher, no early stop")
 
 
+def test_the_twin_note_quotes_a_twin_phase_s_name_that_holds_a_comma(tmp_path, monkeypatch):
+    """The twin note joined the twins' phase names bare by `, `: seed 0's distill-best linked to distill-dense and seed
+    1's to the phase of a --teachers file `/x/a, b.pt` read `(= distill-dense, distill-path-a, b in every seed: ...)`,
+    three twins. Such a name is quoted as Python writes a str now, in Table 1's rows and per-round headings (md_quoted's
+    text there), the plots' legends, the sweep's Table 1, table1.csv and overlay legends; `distill-dense` as before."""
+    from matplotlib.axes import Axes
+
+    from sparsetrain.sweep.report import write_sweep_report
+    twin = "distill-path-a, b"
+    write_config(tmp_path, seeds=[0, 1], teachers=["dense", "/x/a, b.pt", "best"])
+    for s in (0, 1):
+        write_rows(tmp_path, make_rows([0.8, 0.7], seed=s))
+        for ph in ("distill-dense", twin):
+            write_rows(tmp_path, make_rows([0.8, 0.75], seed=s, phase=ph, teacher_cost=1e15))
+    os.symlink("distill-dense", tmp_path / "seed0" / "distill-best", target_is_directory=True)
+    os.symlink(twin, tmp_path / "seed1" / "distill-best", target_is_directory=True)
+    note = " (= distill-dense, 'distill-path-a, b' in every seed: the same teacher checkpoint, the same student run)"
+    labels, real = [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: labels.append(kw.get("label")) or real(self, *a, **kw))
+    md = read(R.write_report(str(tmp_path)))
+    assert table_row(md, f"distilled from the pruned (best-validation) teacher{note}, no early stop")
+    assert f"### Per round: student (lenet300) distilled from the best teacher{note}" in md
+    assert table_row(md, "distilled from the path-a, b teacher, no early stop")  # (the twin itself: no note)
+    assert sum(note in (l or "") for l in labels) == 2  # (both figures)
+    labels.clear()
+    sweep = read(write_sweep_report([str(tmp_path)], str(tmp_path / "rep")))
+    assert table_row(sweep, f"distilled from the pruned (best-validation) teacher{note}, no early stop")
+    with open(tmp_path / "rep" / "table1.csv", newline="") as f:
+        assert f"distilled from the pruned (best-validation) teacher{note}, no early stop" in {r["run"] for r in csv.DictReader(f)}
+    assert f"fashion-mnist eps=0.2 distill-best{note}" in labels, labels
+
+
 def test_the_table1_footnote_states_the_paper_s_sparsity_convention_per_row(tmp_path):
     """The paper's Table 1 reports w_best's sparsity on its no-early-stop row (99.62% = 1 - 0.8^25) and
     the model at the stop's on its early-stop rows (36.00% = 1 - 0.8^2): the footnote says which is which."""

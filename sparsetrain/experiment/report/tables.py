@@ -8,7 +8,7 @@ import numpy as np
 from ..config import config_from_json
 from ..early_stop import EARLY_STOPS, algorithm2_stop, reference_known
 from .labels import label_rounds
-from .text import md_cell, md_heading, shown_text  # (re-exported: the reports' escaping)
+from .text import label_value, md_cell, md_heading, shown_text  # (re-exported: the reports' escaping)
 from ..metrics import NAN, best_index, fin, get, teacher_tag
 
 __all__ = ["config_problem", "summary_table", "table1_rows", "outcome", "stop_cell", "ordered_phases", "vanilla_phase", "phase_title", "per_round",
@@ -185,14 +185,15 @@ def _flops_cell(vals, extra, distill: bool) -> str:
 
 def same_note(run, ph) -> str:
     """' (= distill-dense in seeds 0, 2: ...)' where those seeds' `ph` is a link to another phase of the
-    seed (one teacher checkpoint served both: the best-validation teacher was round 0, the dense one)."""
+    seed (one teacher checkpoint served both: the best-validation teacher was round 0, the dense one). Plain text
+    (Markdown callers md_cell it; legends, table1.csv): a twin's name quoted where its `, ` would read as two (label_value)."""
     same = run.get("same_as", {}).get(ph, {})
     if not same:
         return ""
     seeds, twins = sorted(same), sorted(set(same.values()))
     who = "every seed" if seeds == sorted(run["curves"].get(ph, {})) else \
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-    return f" (= {', '.join(twins)} in {who}: the same teacher checkpoint, the same student run)"
+    return f" (= {', '.join(map(label_value, twins))} in {who}: the same teacher checkpoint, the same student run)"
 
 
 def table1_rows(run) -> list[dict]:
