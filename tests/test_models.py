@@ -36,7 +36,30 @@ def test_table3_parameter_counts(name, kw, value, unit):
 
 
 def test_resnet50_table_value_is_not_the_imagenet_head():
-    assert round(count_parameters(resnet50(1000, small_input=False)) / 1e6, 1) == 25.6
+    import torchvision
+    n = count_parameters(resnet50(1000, small_input=False))
+    with torch.device("meta"):  # (torchvision's own ResNet-50, its count without allocating it)
+        want = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    assert n == want and round(n / 1e6, 1) == 25.6
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_resnet18_is_torchvision_s_with_the_cifar_stem(small):
+    """Our ResNet-18 takes torchvision's state_dict key for key (strict) and computes what torchvision's
+    computes with it; small_input swaps only the stem: conv1 3x3 stride 1 pad 1, no max-pool (was: only
+    the output shape was checked)."""
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=7)
+    if small:
+        tv.conv1, tv.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    for bn in (m for m in tv.modules() if isinstance(m, nn.BatchNorm2d)):  # (statistics that are not 0/1)
+        bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2.0)
+    ours = resnet18(7, small_input=small)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), tv.eval()(x))
 
 
 @pytest.mark.parametrize("name,kw", [("resnet18", {}), ("resnet50", {}), ("vgg_like", dict(delta=2, gamma=3)),
