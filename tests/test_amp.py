@@ -32,13 +32,17 @@ def test_cpu_autocast_casts_activations_up_to_the_cpu_kernels():
     torch.manual_seed(0)
     dense, sparse = nn.Linear(13, 17), _sparse_linear(17, 5, 0.8)
     conv = SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1), random_mask((4, 3, 3, 3), 0.5))
-    x = torch.randn(6, 13)
+    x, xc = torch.randn(6, 13), torch.randn(2, 3, 5, 5).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = dense(x)
         y = sparse(torch.relu(h))
-        z = conv(torch.randn(2, 3, 5, 5).bfloat16())
+        z = conv(xc)
     assert h.dtype == torch.bfloat16 and y.dtype == torch.float32 and z.dtype == torch.float32
     torch.testing.assert_close(y, sparse(torch.relu(h).float()))
+    # (and the dense PyTorch layers with the masked weights, in fp32 on the upcast activations)
+    with torch.no_grad():
+        torch.testing.assert_close(y, nn.functional.linear(torch.relu(h).float(), sparse.weight.to_dense(), sparse.bias))
+        torch.testing.assert_close(z, nn.functional.conv2d(xc.float(), conv.weight.to_dense(), conv.bias, padding=1))
     y.sum().backward()
     assert sparse.weight.values.grad.dtype == torch.float32 and dense.weight.grad.dtype == torch.float32
 
