@@ -1,0 +1,126 @@
+"""sparsify_ (and fuse=True) dropped into torchvision classification models beyond test_fused's
+ResNet-18 / MobileNetV2 / ShuffleNet / small DenseNet: bottlenecks, VGG's conv -> BN -> ReLU and its
+7x7-replicated head, DenseNet-121's concatenations, EfficientNet's SiLU, depthwise and
+squeeze-excitation convs (1x1 on 1x1 maps), RegNet's grouped convs, ConvNeXt's LayerNorm and 7x7
+depthwise convs and GoogLeNet's functional ReLUs. Each against the dense model with the masks
+applied: outputs, input and every parameter gradient, train and eval, in fp64."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import sparsetrain
+from sparsetrain.engine.convert import unconvertible
+from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU
+from sparsetrain.testing import model_masks
+
+TOL64 = dict(rtol=1e-7, atol=1e-7)  # (as test_fused's torchvision models: fp64 sums in other orders)
+tv = torchvision.models
+
+
+def _vgg11_bn():
+    model = tv.vgg11_bn(num_classes=10)
+    # (the head's widths cut from 4096 to 64, 25088 x 4096 fp64 weights being 800 MB; its
+    # AdaptiveAvgPool2d(7) of a 1x1 map -> flatten -> Linear stays: the 49-times-replicated input)
+    model.classifier[0], model.classifier[3] = nn.Linear(25088, 64), nn.Linear(64, 64)
+    model.classifier[6] = nn.Linear(64, 10)
+    return model
+
+
+# name: (build, input side, fused convs, of those with the ReLU after the BN, dense (grouped) convs).
+# 64 where the last BNs would see 1x1 maps at 32: two values a channel in train mode, so chaotic that a
+# 1e-16 change of the input moved the dense regnet_x_400mf's output by 4%. The fused conv's BN (and
+# ReLU) are the modules registered right after it (checked below).
+MODELS = {
+    # every conv feeds a BN (53: 49 in blocks, 4 downsample); a Bottleneck calls its one self.relu
+    # at three sites, so only the stem's ReLU is fused (as ResNet-18's in test_fused)
+    "resnet50": (lambda: tv.resnet50(num_classes=10), 64, 53, 1, 0),
+    "vgg11_bn": (_vgg11_bn, 32, 8, 8, 0),
+    # conv0 -> norm0 -> relu0 and each dense layer's conv1 -> norm2 -> relu2 (1 + 58); conv2 feeds
+    # the concatenation, a transition's conv the pool: not fused
+    "densenet121": (lambda: tv.densenet121(num_classes=10), 64, 59, 59, 0),
+    # stem, 15 expand, 16 project and the head's conv -> BN (SiLU is no ReLU); the 16 depthwise
+    # convs dense; the squeeze-excitation 1x1 convs (no BN) sparse, unfused
+    "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), 64, 33, 0, 16),
+    # stem and 22 blocks' a (with ReLU), 22 c and 4 proj (BN, then the shortcut's add): 49; the 22
+    # grouped b convs dense
+    "regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=10), 64, 49, 23, 22),
+    # LayerNorm, no BN: nothing fused; the 18 7x7 depthwise convs dense, the block's Linears on
+    # channels-last maps sparse
+    "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=10), 32, 0, 0, 18),
+    # BasicConv2d's ReLU is F.relu, no module to fuse: conv -> BN alone
+    "googlenet": (lambda: tv.googlenet(num_classes=10, aux_logits=False, init_weights=True), 64, 57, 0, 0),
+}
+
+
+def _run(model, x):
+    """Output, input gradient and {name: gradient} of y.square().sum()."""
+    xi = x.clone().requires_grad_()
+    torch.manual_seed(1)  # (dropout and EfficientNet's / ConvNeXt's stochastic depth draw alike)
+    y = model(xi)
+    names, params = zip(*model.named_parameters())
+    gx, *gp = torch.autograd.grad(y.square().sum(), [xi, *params])
+    return y, gx, dict(zip(names, gp))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torchvision_model_matches_the_dense_masked_model(name):
+    """sparsify_ with 90% random masks on every layer it takes, plain and fused, gives the dense
+    masked model's outputs (with autograd and, in eval, without), gradients (a sparse weight's: its
+    values', the mask's entries in row-major order) and running statistics in train and eval; the
+    grouped convs, a mask for which is refused naming the layer, stay dense; fuse=True fuses exactly
+    the conv -> BN (-> ReLU) patterns."""
+    build, hw, n_fused, n_relu, n_dense = MODELS[name]
+    torch.manual_seed(0)
+    base = build().double()
+    dense = unconvertible(base)
+    assert len(dense) == n_dense and all(base.get_submodule(n).groups > 1 for n in dense)
+    all_masks = model_masks(base, 0.9)
+    if dense:  # (a mask for one: refused by name, before any layer is swapped)
+        first = next(n for n in all_masks if n in dense)
+        with pytest.raises(ValueError, match=rf"^{first}: SparseConv2d supports groups=1 only.*keep this layer dense"):
+            sparsetrain.sparsify_(base, all_masks)
+        assert not any(isinstance(m, sparsetrain.SparseConv2d) for m in base.modules())
+    masks = {n: mk for n, mk in all_masks.items() if n not in dense}
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    order = [n for n, _ in ref.named_modules()]
+    x = torch.randn(2, 3, hw, hw, dtype=torch.float64)
+    want = {training: _run(ref.train(training), x) for training in (True, False)}  # (train first, as below)
+    with torch.no_grad():
+        want["no_grad"] = ref(x)
+    ref_state = ref.state_dict()
+    for fuse in (False, True):
+        model = copy.deepcopy(base)
+        sparsetrain.sparsify_(model, masks, fuse=fuse)
+        assert all(type(model.get_submodule(n)) is nn.Conv2d for n in dense)
+        names = {id(m): n for n, m in model.named_modules()}
+        fused = {n: [names[id(p)] for p in m._placeholders] for n, m in model.named_modules()
+                 if isinstance(m, SparseConvBNReLU)}
+        assert len(fused) == (n_fused if fuse else 0)
+        assert sum(m.relu_after for m in model.modules() if isinstance(m, SparseConvBNReLU)) == (n_relu if fuse else 0)
+        assert not any(m.relu_before for m in model.modules() if isinstance(m, SparseConvBNReLU))
+        for n, (bn, *relu) in fused.items():  # (conv, BN, ReLU as registered; fused ReLUs are nn.ReLU)
+            i = order.index(n)
+            assert [bn, *relu] == order[i + 1:i + 2 + len(relu)] and type(ref.get_submodule(bn)) is nn.BatchNorm2d
+            assert all(type(ref.get_submodule(r)) is nn.ReLU and isinstance(model.get_submodule(r), FusedReLU) for r in relu)
+        assert sum(isinstance(m, FusedBatchNorm2d) for m in model.modules()) == len(fused)
+        for training in (True, False):
+            (y_ref, gx_ref, g_ref), (y, gx, g) = want[training], _run(model.train(training), x)
+            torch.testing.assert_close(y, y_ref, **TOL64)
+            torch.testing.assert_close(gx, gx_ref, **TOL64)
+            assert len(g) == len(g_ref)
+            for pname, grad in g.items():
+                layer = pname.removesuffix(".weight.values")
+                expected = g_ref[pname] if layer == pname else g_ref[layer + ".weight"][masks[layer]]
+                torch.testing.assert_close(grad, expected, **TOL64, msg=lambda s: f"{name} fuse={fuse} {pname}: {s}")
+        with torch.no_grad():  # (eval without autograd: a fused layer folds its BN into the conv's values)
+            torch.testing.assert_close(model(x), want["no_grad"], **TOL64)
+        state = model.state_dict()
+        for k, v in ref_state.items():  # (the BNs' running statistics after the train pass)
+            if k in state:
+                torch.testing.assert_close(state[k], v, **TOL64)
