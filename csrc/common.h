@@ -146,6 +146,11 @@ ST_INLINE bool below(const U* v, int64_t n, U lim) {
   return !bad;
 }
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The CPU has AVX2 (the hand-written AVX2 paths: transpose.h's blocks, the range checks below).
+inline bool have_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
 template <typename U>  // (below's loop inlined here, compiled for AVX2)
 __attribute__((target("avx2"), noinline)) inline bool below_avx2(const U* v, int64_t n, U lim) {
   return below(v, n, lim);
@@ -159,8 +164,7 @@ inline bool all_in_range(const I* v, int64_t n, int64_t bound) {
   const U lim = U(std::min<uint64_t>(uint64_t(bound), uint64_t(std::numeric_limits<I>::max()) + 1));
   const U* u = reinterpret_cast<const U*>(v);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return below_avx2(u, n, lim);
+  if (have_avx2()) return below_avx2(u, n, lim);
 #endif
   return below(u, n, lim);
 }

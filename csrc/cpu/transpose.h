@@ -85,10 +85,6 @@ inline __attribute__((target("avx2"), noinline)) void transpose_blocks_stream_av
   _mm_sfence();
 }
 
-inline bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
-}
 #endif
 
 // (ldx: x's row pitch, >= K; K by default)
