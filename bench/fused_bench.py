@@ -3,7 +3,7 @@ same sparse conv with nn.BatchNorm2d and nn.ReLU after it, vs the dense masked c
 forward + backward in training mode, batch 128, ResNet-18's 3x3 stride-1 layer shapes; and a stage
 end of VGG-like's, the BatchNorm's output max-pooled: PyTorch's affine map (one addcmul pass) +
 max_pool2d, bn_act then max_pool2x2, and max_pool2x2 pooling the BN's output from its input
-(in_scale/in_shift; forward). Part of `python bench/kernels.py` (section "fused"); the whole-step
+(in_mean/in_scale/in_shift; forward). Part of `python bench/kernels.py` (section "fused"); the whole-step
 effect is bench/train_step.py's.
 
     python bench/fused_bench.py [--quick] [--threads N] [--out PATH]   # = bench/kernels.py --only fused
@@ -114,16 +114,18 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
     for c, hw in POOL_CASES[:2] if quick else POOL_CASES:
         y = torch.randn(BATCH, c, hw, hw, generator=g)
         sc, sh = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-        # PyTorch's best: the affine map in one pass (addcmul; `y * sc + sh` makes two), then max_pool2d
-        def torch_pool(y=y, sc=sc, sh=sh):
-            return F.max_pool2d(torch.addcmul(sh[:, None, None], y, sc[:, None, None]), 2)
+        mu = torch.randn(c, generator=g, dtype=torch.float64)
+        b = sh - mu.float() * sc  # (the uncentred shift)
+        # PyTorch's best: the affine map in one pass (addcmul; `y * sc + b` makes two), then max_pool2d
+        def torch_pool(y=y, sc=sc, b=b):
+            return F.max_pool2d(torch.addcmul(b[:, None, None], y, sc[:, None, None]), 2)
         ref = torch_pool()
-        _check("bn_act then max_pool2x2", ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False))[:1], (ref,))
-        _check("max_pool2x2(in_scale, in_shift)", ops.max_pool2x2(y, sc, sh, False)[:1], (ref,))
+        _check("bn_act then max_pool2x2", ops.max_pool2x2(ops.bn_act(y, mu, sc, sh, None, False))[:1], (ref,))
+        _check("max_pool2x2(in_mean, in_scale, in_shift)", ops.max_pool2x2(y, mu, sc, sh, False)[:1], (ref,))
         t = interleaved_times({
             "torch": torch_pool,
-            "separate": lambda: ops.max_pool2x2(ops.bn_act(y, sc, sh, None, False)),
-            "fused": lambda: ops.max_pool2x2(y, sc, sh, False)}, reps=reps)
+            "separate": lambda: ops.max_pool2x2(ops.bn_act(y, mu, sc, sh, None, False)),
+            "fused": lambda: ops.max_pool2x2(y, mu, sc, sh, False)}, reps=reps)
         rows.append({"op": "max_pool2x2(in_scale)", "shape": f"{c}x{hw}x{hw} b{BATCH}",
                      **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                      "fused_vs_separate": paired_ratio(t["separate"], t["fused"]),

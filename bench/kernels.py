@@ -244,7 +244,7 @@ def main(argv=None):
         print("\n## sparse conv -> BN -> ReLU fused (SparseConvBNReLU) vs unfused vs dense masked, forward+backward")
         results["fused"] = fused_bench.run(quick=args.quick, sparsities=sparsities, reps=reps)
         print_table(results["fused"], fused_bench.COLUMNS)
-        print("\n## a BatchNorm's output max-pooled 2x2, forward: pooled from its input y (max_pool2x2 with in_scale)")
+        print("\n## a BatchNorm's output max-pooled 2x2, forward: pooled from its input y (max_pool2x2 with in_mean/in_scale/in_shift)")
         results["pool"] = fused_bench.run_pool(quick=args.quick, reps=reps)
         print_table(results["pool"], fused_bench.POOL_COLUMNS)
         write_json(progress, results)

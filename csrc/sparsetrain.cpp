@@ -55,15 +55,16 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
       "int[2] padding, Tensor? bias) -> Tensor");
   // the forward with a BatchNorm epilogue (engine/fused.py): y (relu(y) when relu) and stats
-  // [2, O] float64, the per-channel sum and sum of squares of the output; with in_scale/in_shift
-  // x is the previous layer's BatchNorm input and the conv reads act(in_scale * x + in_shift);
+  // [2, O] float64, the per-channel sum and sum of squares of the output; with in_mean (float64),
+  // in_scale and in_shift x is the previous layer's BatchNorm input and the conv reads
+  // act((x - in_mean) * in_scale + in_shift);
   // relu_counts (int64 [O * OH * OW]) += per output neuron, the samples with y > 0 (relu_count_'s
   // count, taken in the epilogue)
   m.def(
       "sparse_conv2d_stats(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, int[2] stride, "
-      "int[2] padding, Tensor? bias, bool relu, Tensor? in_scale=None, Tensor? in_shift=None, "
-      "bool in_relu=False, Tensor(a!)? relu_counts=None) -> (Tensor, Tensor)");
+      "int[2] padding, Tensor? bias, bool relu, Tensor? in_mean=None, Tensor? in_scale=None, "
+      "Tensor? in_shift=None, bool in_relu=False, Tensor(a!)? relu_counts=None) -> (Tensor, Tensor)");
   // the input gradient (+ grad_input_add, a gradient of x from another branch, added in the
   // kernel's epilogue: no extra pass)
   m.def(
@@ -80,8 +81,8 @@ TORCH_LIBRARY(sparsetrain, m) {
   // ---- the backward of sparse conv -> BatchNorm (-> + residual) (-> ReLU) in one op: the BN's sums,
   // then the conv backward computing dy while it packs it (engine/fused.py); returns (dx or empty,
   // dvalues or empty, BN dweight [C] f64, BN dbias [C] f64, grad_residual or empty, sum dy [C] f64
-  // (a conv bias's gradient) or empty without grad_bias, and with in_mean (the deferred BatchNorm's
-  // mean, f64 [C_in]) that BatchNorm's backward sums [C_in, 2] f64 of dx, else empty; `sums`: this
+  // (a conv bias's gradient) or empty without grad_bias, and with in_sums (a deferred BatchNorm
+  // given) that BatchNorm's backward sums [C_in, 2] f64 of dx, else empty; `sums`: this
   // BatchNorm's own sums, given by the conv after it (bn_sums), in place of its first pass;
   // `pool_indices`: grad_out is the gradient of the BN output's 2x2 max-pool, unpooled as it is read)
   m.def(
@@ -89,16 +90,16 @@ TORCH_LIBRARY(sparsetrain, m) {
       "Tensor values, Tensor ccol_indices, Tensor row_indices_t, Tensor perm, int[2] kernel_size, "
       "int[2] stride, int[2] padding, Tensor? grad_input_add, Tensor y, Tensor? residual, Tensor scale, "
       "Tensor shift, Tensor weight, Tensor mean, Tensor invstd, bool batch_stats, bool relu_after, "
-      "bool relu_before, bool grad_residual, bool grad_input, bool grad_values, Tensor? in_scale=None, "
-      "Tensor? in_shift=None, bool in_relu=False, bool grad_bias=True, Tensor? in_mean=None, Tensor? sums=None, "
-      "Tensor? pool_indices=None) -> "
+      "bool relu_before, bool grad_residual, bool grad_input, bool grad_values, Tensor? in_mean=None, "
+      "Tensor? in_scale=None, Tensor? in_shift=None, bool in_relu=False, bool grad_bias=True, bool in_sums=False, "
+      "Tensor? sums=None, Tensor? pool_indices=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- a BatchNorm's elementwise passes behind a sparse conv (csrc/cpu/bn_act.cpp; the statistics
-  // come from sparse_conv2d_stats): out = act(scale[c] * y + shift[c] (+ residual)), and its
+  // come from sparse_conv2d_stats): out = act((y - mean[c]) * scale[c] + shift[c] (+ residual)), and its
   // gradient (grad_y, grad_weight [C] f64, grad_bias [C] f64, grad_residual or empty, and
   // sum grad_y [C] f64 for a conv bias; the ReLU
-  // after is recomputed from y, scale and shift); weight, mean and invstd are float64 [C]
-  m.def("bn_act(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
+  // after is recomputed from y, mean, scale and shift); weight, mean and invstd are float64 [C]
+  m.def("bn_act(Tensor y, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
         "Tensor(a!)? relu_counts=None) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? residual, Tensor scale, Tensor shift, Tensor weight, "
@@ -106,15 +107,17 @@ TORCH_LIBRARY(sparsetrain, m) {
       "bool grad_residual) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // the BatchNorm's per-channel constants from those statistics (csrc/cpu/bn_scale_shift.cpp):
-  // (mean f64, invstd f64, weight f64, scale, shift in dtype), running buffers updated in place
+  // (mean f64, invstd f64, weight f64, scale = weight * invstd and shift = bias in dtype: the
+  // centred map (y - mean) * scale + shift every kernel applies), running buffers updated in place
   // with batch statistics (nn.BatchNorm2d's momentum or cumulative average)
   m.def("bn_scale_shift(Tensor stats, int count, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, bool batch_stats, "
         "ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- 2x2 stride-2 max-pooling with one-byte window positions (csrc/cpu/max_pool2x2.cpp)
-  // with in_scale/in_shift, x is a fused layer's BatchNorm input y and the op pools
-  // act(in_scale[c] * y + in_shift[c]) (in_relu: ReLU), bn_act's output, which is never written
-  m.def("max_pool2x2(Tensor x, Tensor? in_scale=None, Tensor? in_shift=None, bool in_relu=False) -> (Tensor, Tensor)");
+  // with in_mean/in_scale/in_shift, x is a fused layer's BatchNorm input y and the op pools
+  // act((y - in_mean[c]) * in_scale[c] + in_shift[c]) (in_relu: ReLU), bn_act's output, never written
+  m.def("max_pool2x2(Tensor x, Tensor? in_mean=None, Tensor? in_scale=None, Tensor? in_shift=None, "
+        "bool in_relu=False) -> (Tensor, Tensor)");
   m.def("max_pool2x2_backward(Tensor grad_out, Tensor indices, int[2] input_size) -> Tensor");
   // which CPU kernel serves a geometry: the batch tile of the small-map (batch-innermost) kernel,
   // 0 for the phase-plane kernel, -1 for the strided 1x1 kernel. For tests and benchmarks; the ops

@@ -2,8 +2,8 @@
 schemas as the C++ ones (csrc/cpu/bn_act.cpp, bn_scale_shift.cpp, sparse_conv2d.cpp), so the fused
 layers keep their structure on a GPU.
 
-* bn_act            one pass out = act(scale[c] y + shift[c] (+ residual)) (+ the ReLU states per
-                    neuron): a Triton kernel.
+* bn_act            one pass out = act((y - mean[c]) scale[c] + shift[c] (+ residual)) (+ the ReLU
+                    states per neuron): a Triton kernel. Centred as the C++ kernels (bn_act.h's bn_pre).
 * bn_scale_shift    the BN's constants from the conv epilogue's sums (sparse_conv2d_stats, a Triton
                     kernel in kernels/sparse_conv2d.py) and the running-statistics update: [C]-sized
                     torch ops.
@@ -13,7 +13,7 @@ layers keep their structure on a GPU.
                     batch statistics, w invstd g without), then the Triton conv backward on dy. The C++
                     op computes dy inside the conv's packing; here it is written out.
 
-Deferred BatchNorms (in_scale/in_shift/in_relu, in_mean, sums) are supported; a layer pooled in its
+Deferred BatchNorms (in_mean/in_scale/in_shift/in_relu, in_sums, sums) are supported; a layer pooled in its
 BN's pass (pool_indices) is not: the fused layers pool that way on the CPU engine only.
 """
 from __future__ import annotations
@@ -27,20 +27,21 @@ import triton.language as tl
 
 from ._utils import (autotune, channel_vector, check_counts, check_device, check_float, dtype_name, flag_args, is_int,
                      launch, tensor_args)
-from .sparse_conv2d import _plus, conv2d_grad_input, conv2d_grad_weight, sparse_conv2d_backward
+from .sparse_conv2d import _plus, conv2d_grad_input, conv2d_grad_weight, deferred_bn, sparse_conv2d_backward
 
 __all__ = ["bn_act", "bn_act_backward", "bn_scale_shift", "sparse_conv2d_bn_backward"]
 
 
 @autotune([triton.Config({"BLOCK": 1024}, num_warps=4)], key=[])  # (one config: a memory-bound pass)
 @triton.jit
-def _bn_act_kernel(y, scale, shift, res, out, counts, C, HW, N, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+def _bn_act_kernel(y, mean, scale, shift, res, out, counts, C, HW, N, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                    COUNTS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     c = (offs // HW) % C
-    v = tl.load(y + offs, mask=m, other=0.0) * tl.load(scale + c, mask=m, other=0.0) + tl.load(shift + c, mask=m,
-                                                                                                 other=0.0)
+    v = tl.load(y + offs, mask=m, other=0.0)
+    v = (v - tl.load(mean + c, mask=m, other=0.0).to(v.dtype)) * tl.load(scale + c, mask=m, other=0.0) + \
+        tl.load(shift + c, mask=m, other=0.0)
     if HAS_RES:
         v += tl.load(res + offs, mask=m, other=0.0)
     if RELU:
@@ -83,14 +84,15 @@ def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-@tensor_args("y scale shift residual? relu_counts?")
+@tensor_args("y mean scale shift residual? relu_counts?")
 @flag_args("relu")
-def bn_act(y, scale, shift, residual, relu, relu_counts=None):
-    """act(scale[c] y + shift[c] (+ residual)); relu_counts (int64 [C * H * W]) += the samples with a
-    positive output per neuron."""
-    check_device(y, scale, shift, residual, relu_counts, name="bn_act")
+def bn_act(y, mean, scale, shift, residual, relu, relu_counts=None):
+    """act((y - mean[c]) scale[c] + shift[c] (+ residual)), mean float64; relu_counts (int64 [C * H * W])
+    += the samples with a positive output per neuron."""
+    check_device(y, mean, scale, shift, residual, relu_counts, name="bn_act")
     _check_act(y)
     C = y.shape[1]
+    mean = channel_vector(mean, "mean", C, y, torch.float64)
     scale, shift = channel_vector(scale, "scale", C, y), channel_vector(shift, "shift", C, y)
     if residual is not None:
         _check_like(residual, y, "residual")
@@ -103,7 +105,7 @@ def bn_act(y, scale, shift, residual, relu, relu_counts=None):
     out = torch.empty_like(yc)
     n = yc.numel()
     if n:
-        launch(_bn_act_kernel, lambda m: (triton.cdiv(n, m["BLOCK"]),), yc, scale, shift,
+        launch(_bn_act_kernel, lambda m: (triton.cdiv(n, m["BLOCK"]),), yc, mean, scale, shift,
                residual.contiguous() if residual is not None else yc, out, counts if counts is not None else out,
                C, hw, n, HAS_RES=residual is not None, RELU=bool(relu), COUNTS=counts is not None)
     if counts is not None:
@@ -176,8 +178,8 @@ def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, nu
 @flag_args("batch_stats")
 def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                    batch_stats, dtype):
-    """(mean, invstd, weight as float64 [C]; scale, shift in `dtype`) and the running update, as the
-    C++ op (csrc/cpu/bn_scale_shift.cpp)."""
+    """(mean, invstd, weight as float64 [C]; scale = weight invstd, shift = bias in `dtype`, for the
+    centred (y - mean) scale + shift) and the running update, as the C++ op (csrc/cpu/bn_scale_shift.cpp)."""
     _check_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                        batch_stats, dtype)
     C = stats.shape[1]
@@ -190,7 +192,7 @@ def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_ba
         invstd = torch.rsqrt(var + eps)
         w = weight.detach().double() if weight is not None else stats.new_ones(C)
         scale = w * invstd
-        shift = (bias.detach().double() if bias is not None else 0.0) - mean * scale
+        shift = bias.detach().double() if bias is not None else torch.zeros_like(scale)
         if batch_stats and running_mean is not None:
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
@@ -206,7 +208,7 @@ def _bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd, batch_st
     ch = lambda t: _per_channel(t, y)  # noqa: E731
     g = grad_out
     if relu_after:
-        pre = y * ch(scale) + ch(shift) + (residual if residual is not None else 0)
+        pre = (y - ch(mean.to(y.dtype))) * ch(scale) + ch(shift) + (residual if residual is not None else 0)
         g = torch.where(pre > 0, grad_out, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device))
     dims = [0] + list(range(2, y.dim()))
     if sums is not None:  # [C, 2] = sum g, sum g (y - mean), from the conv that produced grad_out
@@ -241,22 +243,21 @@ def bn_act_backward(grad_out, y, residual, scale, shift, weight, mean, invstd, b
 
 
 @tensor_args("grad_out x crow_indices col_indices values ccol_indices row_indices_t perm grad_input_add? y residual? "
-              "scale shift weight mean invstd in_scale? in_shift? in_mean? sums? pool_indices?")
-@flag_args("batch_stats relu_after relu_before grad_residual grad_input grad_values in_relu grad_bias")
+              "scale shift weight mean invstd in_mean? in_scale? in_shift? sums? pool_indices?")
+@flag_args("batch_stats relu_after relu_before grad_residual grad_input grad_values in_relu grad_bias in_sums")
 def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                               kernel_size, stride, padding, grad_input_add, y, residual, scale, shift, weight, mean,
                               invstd, batch_stats, relu_after, relu_before, grad_residual, grad_input, grad_values,
-                              in_scale=None, in_shift=None, in_relu=False, grad_bias=True, in_mean=None, sums=None,
-                              pool_indices=None):
+                              in_mean=None, in_scale=None, in_shift=None, in_relu=False, grad_bias=True,
+                              in_sums=False, sums=None, pool_indices=None):
     """(dx or empty, dvalues or empty, BN dweight, BN dbias, the residual's gradient or empty, sum dy
     or empty, the deferred BN's sums [C_in, 2] of dx or empty), as the C++ op (csrc/sparsetrain.cpp)."""
     if pool_indices is not None:
         raise ValueError("pool_indices: the Triton backend does not pool in the BatchNorm's pass (the fused layers "
                          "do so on the CPU engine only)")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift must be given together")
-    if in_mean is not None and in_scale is None:
-        raise ValueError("in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)")
+    if in_sums and in_scale is None:
+        raise ValueError("in_sums needs in_mean, in_scale and in_shift (the deferred BatchNorm whose sums it asks "
+                         "for)")
     check_device(grad_out, x, y, residual, scale, shift, weight, mean, invstd, in_scale, in_shift, in_mean, sums,
                  name="sparse_conv2d_bn_backward")
     _check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd)
@@ -267,8 +268,7 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
                          "gradient is grad_out itself)")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {list(x.shape)}")
-    if in_mean is not None:
-        channel_vector(in_mean, "in_mean", x.shape[1], x, torch.float64)
+    in_act = deferred_bn(x, in_mean, in_scale, in_shift, in_relu)
     C = y.shape[1]
     if sums is not None and (sums.dtype != torch.float64 or sums.shape != (C, 2)):
         raise (TypeError if sums.dtype != torch.float64 else ValueError)(
@@ -281,10 +281,9 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     dsum = dy.double().sum([0, 2, 3]) if grad_bias else mean.new_empty(0)
     dx, dv, xsums = empty, values.new_empty(0), mean.new_empty(0)
     xa = x
-    if in_scale is not None:  # x is the previous layer's BN input: the conv read its activation
-        c = x.shape[1]
-        a, b = channel_vector(in_scale, "in_scale", c, x), channel_vector(in_shift, "in_shift", c, x)
-        xa = x * _per_channel(a, x) + _per_channel(b, x)
+    if in_act is not None:  # x is the previous layer's BN input: the conv read its activation
+        m, a, b, _ = (_per_channel(t, x) if torch.is_tensor(t) else t for t in in_act)
+        xa = (x - m.to(x.dtype)) * a + b
         xa = xa.clamp_min(0) if in_relu else xa
     dy = dy.contiguous()
     if grad_input and grad_values:
@@ -295,7 +294,7 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
                                      stride, padding, (crow_indices, col_indices)), grad_input_add)
     elif grad_values:
         dv = conv2d_grad_weight(dy, xa, crow_indices, col_indices, kernel_size, stride, padding)
-    if in_mean is not None and grad_input:  # the deferred BN's first-pass sums, over dx masked by its ReLU
+    if in_sums and grad_input:  # the deferred BN's first-pass sums, over dx masked by its ReLU
         gx = torch.where(xa > 0, dx, torch.zeros((), dtype=dx.dtype, device=dx.device)) if in_relu else dx
         gx = gx.double()
         xsums = torch.stack([gx.sum((0, 2, 3)), (gx * (x.double() - _per_channel(in_mean, x))).sum((0, 2, 3))], 1)

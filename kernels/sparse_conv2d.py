@@ -47,7 +47,7 @@ _CONFIGS = [
 # (stats and counts are fresh zeros the kernel adds to: zeroed between autotuning runs)
 @autotune(_CONFIGS, key=["O", "S_KEY", "DENSITY_KEY", "KHW", "SH"], reset_to_zero=["stats", "counts"])
 @triton.jit
-def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_scale, in_shift, counts,
+def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_mean, in_scale, in_shift, counts,
                      C, H, W, O, OH, OW, KH, KW, SH, SW, PH, PW,
                      S, S_KEY, DENSITY_KEY, KHW, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                      IN_ACT: tl.constexpr, IN_RELU: tl.constexpr, COUNTS: tl.constexpr,
@@ -76,10 +76,11 @@ def _conv_fwd_kernel(x, ptr, idx, vals, order, bias, y, stats, in_scale, in_shif
         iw = ow[None, :] * SW - PW + j[:, None]
         ok = pmask[:, None] & smask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         tile = tl.load(x + ((b[None, :] * C + c[:, None]) * H + ih) * W + iw, mask=ok, other=0.0).to(v.dtype)
-        if IN_ACT:  # x is the previous layer's BN input: read act(in_scale[c] x + in_shift[c]); padding stays 0
+        if IN_ACT:  # x is the previous layer's BN input: read act((x - mean[c]) scale[c] + shift[c]); padding 0
+            mu = tl.load(in_mean + c, mask=pmask, other=0.0).to(v.dtype)  # (centred: bn_act.h's bn_pre)
             a = tl.load(in_scale + c, mask=pmask, other=0.0).to(v.dtype)
             sh = tl.load(in_shift + c, mask=pmask, other=0.0).to(v.dtype)
-            tile = a[:, None] * tile + sh[:, None]
+            tile = (tile - mu[:, None]) * a[:, None] + sh[:, None]
             if IN_RELU:
                 tile = tl.where(tile < 0, 0.0, tile)
             tile = tl.where(ok, tile, 0.0)
@@ -205,12 +206,12 @@ def conv2d_forward(x, crow, col, values, kernel_size, stride, padding, bias=None
     if S == 0 or O == 0:
         return y
     grid = lambda m: (triton.cdiv(S, m["BLOCK_S"]) * O,)  # noqa: E731  (2^31 - 1: fewer than y's elements)
-    in_scale, in_shift, in_relu = in_act or (None, None, False)
+    in_mean, in_scale, in_shift, in_relu = in_act or (None, None, None, False)
     # unused pointers: stats and counts (zeroed between autotuning runs) stand in as y, which the
     # chosen config's run writes anyway, never as the weight's values
     launch(_conv_fwd_kernel, grid, x.contiguous(), crow, col, values.contiguous(), row_order(crow),
            bias.contiguous() if bias is not None else values, y, y if stats is None else stats,
-           values if in_scale is None else in_scale, values if in_shift is None else in_shift,
+           *(values if t is None else t for t in (in_mean, in_scale, in_shift)),
            y if counts is None else counts, *_args(g), S, pow2_bucket(S),
            density_key(col.numel(), O), g["KH"] * g["KW"], HAS_BIAS=bias is not None, RELU=bool(relu),
            STATS=stats is not None, IN_ACT=in_act is not None, IN_RELU=bool(in_relu), COUNTS=counts is not None)
@@ -312,25 +313,33 @@ def sparse_conv2d(x, crow_indices, col_indices, values, ccol_indices, row_indice
     return conv2d_forward(x, crow_indices, col_indices, values, kernel_size, stride, padding, bias)
 
 
-@tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias? in_scale? in_shift? relu_counts?")
+def deferred_bn(x, in_mean, in_scale, in_shift, in_relu):
+    """(mean float64, scale, shift of x's dtype, relu) of a BatchNorm deferred into an op's input, checked as
+    the C++ ops' check_in_act, or None without one."""
+    if not (in_mean is None) == (in_scale is None) == (in_shift is None):
+        raise ValueError("in_mean, in_scale and in_shift must be given together (the deferred BatchNorm)")
+    if in_scale is None:
+        return None
+    c = x.shape[1]
+    return (channel_vector(in_mean, "in_mean", c, x, torch.float64), channel_vector(in_scale, "in_scale", c, x),
+            channel_vector(in_shift, "in_shift", c, x), in_relu)
+
+
+@tensor_args("x crow_indices col_indices values ccol_indices row_indices_t perm bias? in_mean? in_scale? in_shift? "
+              "relu_counts?")
 @flag_args("relu in_relu")
 def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
-                        kernel_size, stride, padding, bias, relu, in_scale=None, in_shift=None, in_relu=False,
-                        relu_counts=None):
+                        kernel_size, stride, padding, bias, relu, in_mean=None, in_scale=None, in_shift=None,
+                        in_relu=False, relu_counts=None):
     """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y, sum y^2
-    taken in the epilogue; with in_scale/in_shift the conv reads act(in_scale x + in_shift) (a
-    deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
+    taken in the epilogue; with in_mean/in_scale/in_shift the conv reads act((x - in_mean) in_scale +
+    in_shift) (a deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
     check_conv_args(kernel_size, stride, padding)
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift must be given together")
     if x.dtype != values.dtype:  # (the fused layers run without autocast)
         raise TypeError(f"x must have the dtype of values ({values.dtype}), got {x.dtype}")
-    in_act = None
-    if in_scale is not None:
-        c = x.shape[1]
-        in_act = (channel_vector(in_scale, "in_scale", c, x), channel_vector(in_shift, "in_shift", c, x), in_relu)
+    in_act = deferred_bn(x, in_mean, in_scale, in_shift, in_relu)
     O = crow_indices.numel() - 1
     stats = torch.zeros((2, O), dtype=torch.float64, device=x.device)
     counts = None

@@ -277,13 +277,14 @@ def test_layer_and_format_constructors():
     with pytest.raises(ValueError, match="magnitude_threshold runs on CPU tensors and masks"):
         ops.magnitude_threshold([torch.ones(4)], 0.5, [torch.ones(4, dtype=torch.bool, device="meta")])
     # one meta tensor among CPU ones reaches an op's fake, not its C++ checks: refused there
-    y, s = torch.randn(2, 3, 4, 4), torch.rand(3)
-    for name, args in (("bn_act", (y, s.to("meta"), s, None, True)),
+    y, s, m = torch.randn(2, 3, 4, 4), torch.rand(3), torch.zeros(3, dtype=torch.float64)
+    for name, args in (("bn_act", (y, m, s.to("meta"), s, None, True)),
                        ("relu_count_", (torch.zeros(48, dtype=torch.int64), y.to("meta"))),
-                       ("max_pool2x2", (y, s.to("meta"), s, True))):
+                       ("max_pool2x2", (y, m, s.to("meta"), s, True))):
         with pytest.raises(ValueError, match=rf"sparsetrain::{name}: the tensor arguments must be on one device"):
             getattr(torch.ops.sparsetrain, name)(*args)
-    assert torch.ops.sparsetrain.bn_act(y.to("meta"), s.to("meta"), s.to("meta"), None, True).device.type == "meta"
+    assert torch.ops.sparsetrain.bn_act(y.to("meta"), m.to("meta"), s.to("meta"), s.to("meta"), None,
+                                        True).device.type == "meta"
     # block-sparse: duplicate blocks and 1-D shapes refused; bias checked; frozen stays frozen
     blocks = torch.ones(2, 16, 16)
     with pytest.raises(ValueError, match="strictly increasing within each block row"):

@@ -76,34 +76,87 @@ def _bn_inputs(shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_bn_act_forward(shape, relu, residual):
-    g, y, scale, shift, *_ = _bn_inputs(shape)
+    g, y, scale, shift, _, mean, _ = _bn_inputs(shape)
     r = torch.randn(shape, generator=g) if residual else None
-    out = torch.ops.sparsetrain.bn_act(y, scale, shift, r, relu)
-    ref = y * scale[:, None, None] + shift[:, None, None] + (r if residual else 0)
+    out = torch.ops.sparsetrain.bn_act(y, mean, scale, shift, r, relu)
+    ref = (y - mean.float()[:, None, None]) * scale[:, None, None] + shift[:, None, None] + (r if residual else 0)
     torch.testing.assert_close(out, F.relu(ref) if relu else ref)
     y2 = y.clone()
     if y2.numel():
         y2.view(-1)[0] = float("nan")  # NaN propagates, as through torch.relu
-        assert torch.ops.sparsetrain.bn_act(y2, scale, shift, r, relu).view(-1)[0].isnan()
+        assert torch.ops.sparsetrain.bn_act(y2, mean, scale, shift, r, relu).view(-1)[0].isnan()
+
+
+@pytest.mark.parametrize("hw", [8, 3])  # the plane path and the row path (maps under 64 pixels)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bn_act_is_exact_on_a_constant_channel(hw, dtype):
+    """A channel whose values all equal its mean (a conv row without nonzeros outputs its bias) maps to
+    exactly the BN's bias: the map is centred, (y - mean) scale + shift. The uncentred y scale + (bias -
+    mean scale) rounds to bias +- |mean scale| 2^-24 (4e-3 on these 16 channels in float32; all 16 off),
+    scale ~ 1/sqrt(eps) on a zero variance, which a later BN on a channel made of such values scaled up
+    by 1/sqrt(eps) again (VGG-like at 99%: features 1.6% off at initialisation)."""
+    g = torch.Generator().manual_seed(0)
+    C = 16
+    const = (torch.randn(C, generator=g) * 100).to(dtype)
+    if dtype == torch.float64:  # (10 fractional bits: float64 sums of them, hence the means, are exact,
+        const = (const * 1024).round() / 1024  # as the float64 sums of float32 values always are)
+    y = const[None, :, None, None].repeat(2, 1, hw, hw)
+    y[:, 0] = torch.randn(2, hw, hw, generator=g, dtype=dtype)  # and one channel that varies
+    stats = torch.stack([y.double().sum((0, 2, 3)), (y.double() ** 2).sum((0, 2, 3))])
+    weight, bias = torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype)
+    mean, invstd, _, scale, shift = torch.ops.sparsetrain.bn_scale_shift(stats, 2 * hw * hw, weight, bias, None, None,
+                                                                         None, 0.1, 1e-5, True, dtype)
+    assert torch.equal(shift, bias)
+    for relu in (False, True):
+        out = torch.ops.sparsetrain.bn_act(y, mean, scale, shift, None, relu)
+        want = bias.clamp_min(0) if relu else bias
+        assert torch.equal(out[:, 1:], want[1:, None, None].expand_as(out[:, 1:]))
+        x0 = (y[:, 0].double() - mean[0]) * invstd[0] * weight[0].double() + bias[0].double()
+        torch.testing.assert_close(out[:, 0], (x0.clamp_min(0) if relu else x0).to(dtype))
+        pooled, _ = torch.ops.sparsetrain.max_pool2x2(y, mean, scale, shift, relu)
+        assert torch.equal(pooled, torch.ops.sparsetrain.max_pool2x2(out)[0])
+
+
+def test_fused_vgg_at_99_percent_is_as_close_to_float64_as_pytorch():
+    """VGG-like(5, 5) at 99% (its first conv: ~9 nonzeros for 32 rows, so constant channels feed chains of
+    near-constant ones, each BN scaling their rounding up by up to 1/sqrt(eps)): the fused float32 model's
+    features at initialisation against the dense masked float64 model's. With the uncentred BN map they
+    were 9.3e-3 off (PyTorch's own float32 layers: 8.7e-4); centred, 1.5e-5."""
+    torch.manual_seed(0)
+    model = vgg_like(5, 5, 10, 3)
+    masks = model_masks(model, 0.99, seed=1)
+    dense = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for n, mask in masks.items():
+            dense.get_submodule(n).weight.mul_(mask.double())
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    assert sum(isinstance(m, SparseConvBNReLU) for m in model.modules()) == 10
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+    feats = []
+    for m in (model, dense):
+        m.classifier.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().double()))
+        m.train()(x.to(next(m.parameters()).dtype))
+    torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("hw", [9, 12, 16, 28, 7, 4])
 @pytest.mark.parametrize("residual", [False, True])
 def test_backward_relu_masks_are_the_forward_s_at_zero(hw, residual):
-    """Pre-activations within a few rounding steps of 0 (scale*y + shift rounded once or twice decides
+    """Pre-activations within a few rounding steps of 0 ((y - mean)*scale + shift rounded decides
     the sign): every backward pass recomputing the ReLU's mask gives a gradient exactly where the
     forward's output is positive, on plane sizes that end in a lone vector (9x9, 12x12 and 28x28
     with 64-byte vectors: a multiply-then-add there once disagreed with the forward's fused one)."""
     g = torch.Generator().manual_seed(hw)
     C = 16
     scale, shift = torch.rand(C, generator=g) + 0.05, -torch.rand(C, generator=g)
-    base = (-shift / scale).view(1, -1, 1, 1).expand(8, C, hw, hw)
+    mean = torch.randn(C, generator=g, dtype=torch.float64)
+    base = (mean.float() - shift / scale).view(1, -1, 1, 1).expand(8, C, hw, hw)
     y = (base * (1 + torch.randint(-6, 7, base.shape, generator=g).float() * 2**-23)).contiguous()
     r = (torch.randint(-2, 3, y.shape, generator=g).float() * 2**-24) if residual else None
-    out = torch.ops.sparsetrain.bn_act(y, scale, shift, r, True)
+    out = torch.ops.sparsetrain.bn_act(y, mean, scale, shift, r, True)
     one = torch.ones(C, dtype=torch.float64)
     for batch_stats in (False, True):
-        bn = (y, r, scale, shift, one, 0 * one, one, batch_stats, True, False)
+        bn = (y, r, scale, shift, one, mean, one, batch_stats, True, False)
         dy, *_, dres, _ = torch.ops.sparsetrain.bn_act_backward(torch.ones_like(y), *bn, residual)
         if residual:
             assert torch.equal(dres != 0, out > 0)
@@ -114,8 +167,8 @@ def test_backward_relu_masks_are_the_forward_s_at_zero(hw, residual):
     x = torch.randn(y.shape, generator=g)
     for need_v in (True, False):
         dx, _, _, _, dres, _, _ = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
-            torch.ones_like(y), x, *idx, [1, 1], [1, 1], [0, 0], None, y, r, scale, shift, one, 0 * one, one,
-            False, True, False, residual, True, need_v, None, None, False, False)
+            torch.ones_like(y), x, *idx, [1, 1], [1, 1], [0, 0], None, y, r, scale, shift, one, mean, one,
+            False, True, False, residual, True, need_v, None, None, None, False, False)
         assert torch.equal(dx != 0, out > 0)
         if residual:
             assert torch.equal(dres != 0, out > 0)
@@ -124,19 +177,23 @@ def test_backward_relu_masks_are_the_forward_s_at_zero(hw, residual):
 def test_bn_act_checks_its_arguments():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 4))
     with pytest.raises(ValueError, match="scale must have shape \\[3\\]"):
-        torch.ops.sparsetrain.bn_act(y, scale[:2], shift, None, True)
+        torch.ops.sparsetrain.bn_act(y, mean, scale[:2], shift, None, True)
     with pytest.raises(ValueError, match="residual must have the shape of y"):
-        torch.ops.sparsetrain.bn_act(y, scale, shift, y[:1], True)
+        torch.ops.sparsetrain.bn_act(y, mean, scale, shift, y[:1], True)
     with pytest.raises(TypeError, match="mean must have dtype Double"):
         torch.ops.sparsetrain.bn_act_backward(y, y, None, scale, shift, w, mean.float(), invstd, True, True, False, False)
+    with pytest.raises(TypeError, match="mean must have dtype Double"):
+        torch.ops.sparsetrain.bn_act(y, mean.float(), scale, shift, None, True)
+    with pytest.raises(ValueError, match="mean must have shape \\[3\\]"):
+        torch.ops.sparsetrain.bn_act(y, mean[:1], scale, shift, None, True)
     with pytest.raises(ValueError, match="y must be \\[batch, channels"):
-        torch.ops.sparsetrain.bn_act(y.view(-1), scale, shift, None, True)
+        torch.ops.sparsetrain.bn_act(y.view(-1), mean, scale, shift, None, True)
 
 
 def test_ops_opcheck():
     _, y, scale, shift, w, mean, invstd = _bn_inputs((2, 3, 4, 5))
     r = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.sparsetrain.bn_act.default, (y, scale, shift, r, True))
+    torch.library.opcheck(torch.ops.sparsetrain.bn_act.default, (y, mean, scale, shift, r, True))
     torch.library.opcheck(torch.ops.sparsetrain.bn_act_backward.default,
                           (torch.randn_like(y), y, r, scale, shift, w, mean, invstd, True, True, False, True))
     g = torch.Generator().manual_seed(1)
@@ -194,8 +251,8 @@ def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
             for (need_x, need_v), grad_bias in itertools.product(
                     ((True, True), (True, False), (False, True), (False, False)), (True, False)):
                 got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(
-                    gout, x, *idx, *geo, add if need_x else None, *bn, grad_res, need_x, need_v, None, None, False,
-                    grad_bias)
+                    gout, x, *idx, *geo, add if need_x else None, *bn, grad_res, need_x, need_v, None, None, None,
+                    False, grad_bias)
                 assert got[0].numel() == (dx.numel() if need_x else 0)
                 assert got[1].numel() == (dv.numel() if need_v else 0)
                 if need_x:
@@ -218,7 +275,7 @@ def test_conv_bn_backward_matches_its_two_ops(geom, flags, dtype):
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
-    """With in_mean, the conv reading a deferred BN's y returns that BN's first-pass sums of dx
+    """With in_sums, the conv reading a deferred BN's y returns that BN's first-pass sums of dx
     (sum g, sum g (x - mean), g = dx masked by its ReLU): from the phase kernel's dx planes (stride
     1), else a pass over dx (small maps, stride 2, the strided 1x1 kernel); `sums` given back replaces a
     BN's own pass."""
@@ -232,28 +289,29 @@ def test_conv_bn_backward_hands_the_deferred_bn_its_sums(geom, relu, dtype):
     x = torch.randn(B, C, *hw, generator=g, dtype=dtype)  # the deferred BN's input
     a, b = torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype)
     in_mean = torch.randn(C, generator=g, dtype=torch.float64)
-    act = x * a[:, None, None] + b[:, None, None]
+    act = (x - in_mean.to(dtype)[:, None, None]) * a[:, None, None] + b[:, None, None]
     y = torch.ops.sparsetrain.sparse_conv2d(act.clamp_min(0) if relu else act, *idx, *geo, None)
     _, _, scale, shift, w, mean, invstd = _bn_inputs(tuple(y.shape), dtype=dtype, seed=3)
     gout = torch.randn(y.shape, generator=g, dtype=dtype)
     bn = (y, None, scale, shift, w, mean, invstd, True, True, False, False)
     m = (act > 0).to(dtype) if relu else torch.ones_like(x)
     for add in (None, torch.randn(x.shape, generator=g, dtype=dtype)):
-        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, a, b, relu,
-                                                              False, in_mean)
+        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, in_mean, a,
+                                                              b, relu, False, True)
         dx = got[0].double()
         ref = torch.stack([(dx * m).sum((0, 2, 3)), (dx * m * (x.double() - in_mean[:, None, None])).sum((0, 2, 3))], 1)
         torch.testing.assert_close(got[6], ref, **TOL[dtype])
-        plain = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, a, b, relu,
-                                                                False)
+        plain = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gout, x, *idx, *geo, add, *bn, True, True, in_mean,
+                                                                a, b, relu, False)
         assert plain[6].numel() == 0
         for u, v in zip(plain[:6], got[:6]):
             torch.testing.assert_close(u, v, **TOL[dtype])
     # this BN's own sums given (as its conv's successor hands them): the same gradients
-    gm = gout.double() * (y.double() * scale.double()[:, None, None] + shift.double()[:, None, None] > 0)
+    pre = (y.double() - mean[:, None, None]) * scale.double()[:, None, None] + shift.double()[:, None, None]
+    gm = gout.double() * (pre > 0)
     own = torch.stack([gm.sum((0, 2, 3)), (gm * (y.double() - mean[:, None, None])).sum((0, 2, 3))], 1)
-    args = (gout, x, *idx, *geo, None, *bn, True, True, a, b, relu, False)
-    base, given = (torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, s) for s in (None, own))
+    args = (gout, x, *idx, *geo, None, *bn, True, True, in_mean, a, b, relu, False)
+    base, given = (torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, False, s) for s in (None, own))
     for u, v in zip(base[:6], given[:6]):
         torch.testing.assert_close(u, v, **TOL[dtype])
 
@@ -279,15 +337,15 @@ def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype, spa
     x = torch.randn(B, C, *hw, generator=g, dtype=dtype)
     y = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None).clamp_min(0)
     _, _, scale, shift, w, mean, invstd = _bn_inputs(tuple(y.shape), dtype=dtype, seed=4)
-    pooled, pidx = torch.ops.sparsetrain.max_pool2x2(y, scale, shift, relu_after)
+    pooled, pidx = torch.ops.sparsetrain.max_pool2x2(y, mean, scale, shift, relu_after)
     gp = torch.randn(pooled.shape, generator=g, dtype=dtype)
     full = torch.ops.sparsetrain.max_pool2x2_backward(gp, pidx, list(y.shape[2:]))
     add = torch.randn(x.shape, generator=g, dtype=dtype)
     for batch_stats, (need_x, need_v) in itertools.product((True, False), ((True, True), (False, True), (False, False))):
         args = (x, *idx, *geo, add if need_x else None, y, None, scale, shift, w, mean, invstd, batch_stats,
-                relu_after, True, False, need_x, need_v, None, None, False, True)
+                relu_after, True, False, need_x, need_v, None, None, None, False, True)
         want = torch.ops.sparsetrain.sparse_conv2d_bn_backward(full, *args)
-        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, pidx)
+        got = torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, False, None, pidx)
         for u, v in zip(got, want):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
     bad = pidx.clone()
@@ -296,7 +354,7 @@ def test_conv_bn_backward_unpools_a_pooled_gradient(geom, relu_after, dtype, spa
     sums = torch.zeros(y.shape[1], 2, dtype=torch.float64)
     for given in (None, sums):
         with pytest.raises(ValueError, match=r"window positions \(0 to 3\)"):
-            torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, False, True, None, given, bad)
+            torch.ops.sparsetrain.sparse_conv2d_bn_backward(gp, *args, None, None, None, False, True, False, given, bad)
 
 
 def test_conv_bn_backward_opcheck_and_errors():
@@ -308,14 +366,20 @@ def test_conv_bn_backward_opcheck_and_errors():
     args = (torch.randn_like(y), x, *idx, [3, 3], [1, 1], [1, 1], torch.randn_like(x), y, r, scale, shift, w, mean,
             invstd, True, True, False, True, True, True)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args)
-    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (None, None, False, False))
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default,
+                          args + (None, None, None, False, False))
     a, b, m3 = torch.rand(3) + 0.5, torch.randn(3), torch.randn(3, dtype=torch.float64)
     sums = torch.randn(4, 2, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default, args + (a, b, True, False, m3, sums))
-    with pytest.raises(ValueError, match="in_mean needs in_scale and in_shift"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, m3)
+    torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default,
+                          args + (m3, a, b, True, False, True, sums))
+    with pytest.raises(ValueError, match="in_sums needs in_mean, in_scale and in_shift"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, None, False, False, True)
+    with pytest.raises(ValueError, match="in_mean, in_scale and in_shift must be given together"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, a, b, False)
+    with pytest.raises(TypeError, match="in_mean must have dtype Double"):
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, m3.float(), a, b, False)
     with pytest.raises(ValueError, match="sums must be float64"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, False, None, sums[:3])
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, None, False, False, False, sums[:3])
     with pytest.raises(ValueError, match="relu_before and a residual do not combine"):
         torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args[:19], True, True, True, True, True, True)
     with pytest.raises(ValueError, match="residual must have the shape of y"):
@@ -326,19 +390,19 @@ def test_conv_bn_backward_opcheck_and_errors():
     gp, pidx = torch.randn(2, 4, 3, 2, generator=g), torch.randint(0, 4, (2, 4, 3, 2), generator=g, dtype=torch.uint8)
     plain = (gp, *args[1:13], None, *args[14:19], True, False, True, False, True, True)  # (relu_before, no residual)
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_bn_backward.default,
-                          plain + (None, None, False, True, None, None, pidx))
+                          plain + (None, None, None, False, True, False, None, pidx))
     with pytest.raises(ValueError, match="pool_indices and a residual do not combine"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, False, True, None, None, pidx)
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*args, None, None, None, False, True, False, None, pidx)
     with pytest.raises(TypeError, match="pool_indices must have dtype"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx.long())
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, None, False, True, False, None, pidx.long())
     with pytest.raises(ValueError, match="pool_indices must have grad_out's shape"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, False, True, None, None, pidx[:1])
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*plain, None, None, None, False, True, False, None, pidx[:1])
     with pytest.raises(ValueError, match=r"grad_out must have the shape of y .* pooled 2x2"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(args[0], *plain[1:], None, None, False, True, None, None, pidx)
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(args[0], *plain[1:], None, None, None, False, True, False, None, pidx)
     # y (and its pooled gradient) of another size than the conv's output: refused, never read past it
     small = (gp[:, :, :2], *plain[1:12], torch.randn(2, 4, 4, 4, generator=g), *plain[13:])
     with pytest.raises(ValueError, match=r"y must have the conv's output shape \[2, 4, 6, 5\], got \[2, 4, 4, 4\]"):
-        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*small, None, None, False, True, None, None, pidx[:, :, :2])
+        torch.ops.sparsetrain.sparse_conv2d_bn_backward(*small, None, None, None, False, True, False, None, pidx[:, :, :2])
 
 
 # ============================================================================ the fused layer
@@ -786,7 +850,7 @@ def test_deferred_batchnorm_links_and_equal_steps(monkeypatch):
     handed = []
     op = torch.ops.sparsetrain.sparse_conv2d_bn_backward
     monkeypatch.setattr(torch.ops.sparsetrain, "sparse_conv2d_bn_backward",
-                        lambda *a: handed.append((a[-3] is not None, a[-2] is not None)) or op(*a))  # in_mean, sums
+                        lambda *a: handed.append((a[-3], a[-2] is not None)) or op(*a))  # in_sums, sums
     for m in (model, ref):
         for p in m.parameters():
             p.grad = None
@@ -820,12 +884,13 @@ def test_deferred_batchnorm_steps_aside_for_hooks_and_graph_changes(monkeypatch)
     model.train()
     # a deferred BN reaching a conv that cannot fuse: applied there, its gradient passed straight through
     y = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
-    a, b = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    m, a, b = torch.randn(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
     r = torch.randn(2, 8, 8, 8, dtype=torch.float64)
-    model.conv2._deferred = (y, {"act": (a, b, True)})
+    model.conv2._deferred = (y, {"act": (m, a, b, True)})
     monkeypatch.setattr(fused_mod, "_can_fuse", lambda *args: False)
     out = model.conv2(y, r)
-    ref = sparse_conv_bn_relu(F.relu(y.detach() * a[:, None, None] + b[:, None, None]).requires_grad_(), model.conv2,
+    act = (y.detach() - m[:, None, None]) * a[:, None, None] + b[:, None, None]
+    ref = sparse_conv_bn_relu(F.relu(act).requires_grad_(), model.conv2,
                               model.conv2.bn, relu_after=True, residual=r)[0]
     torch.testing.assert_close(out, ref)
     assert torch.autograd.grad(out.sum(), y)[0].shape == y.shape

@@ -64,32 +64,36 @@ def test_ties_and_nan_as_pytorch(side):
                                    (5, 2, 3, 3), (2, 3, 16, 16), (0, 3, 4, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pools_a_normalised_input_as_bn_act_then_pool(shape, dtype):
-    """in_scale/in_shift (a fused layer's BatchNorm): the pool of bn_act's output, bit for bit, with its
+    """in_mean/in_scale/in_shift (a fused layer's BatchNorm): the pool of bn_act's output, bit for bit, with its
     window positions; every kernel path (fixed-width pairs, plane rows; bn_act's planes and rows)."""
     g = torch.Generator().manual_seed(shape[2] * 13 + shape[3])
     y = torch.randn(shape, generator=g, dtype=dtype)
     c = shape[1]
     sc, sh = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    mu = torch.randn(c, generator=g, dtype=torch.float64)
     for relu in (False, True):
-        ref, ref_idx = torch.ops.sparsetrain.max_pool2x2(torch.ops.sparsetrain.bn_act(y, sc, sh, None, relu))
-        out, idx = torch.ops.sparsetrain.max_pool2x2(y, sc, sh, relu)
+        ref, ref_idx = torch.ops.sparsetrain.max_pool2x2(torch.ops.sparsetrain.bn_act(y, mu, sc, sh, None, relu))
+        out, idx = torch.ops.sparsetrain.max_pool2x2(y, mu, sc, sh, relu)
         assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
-        act = y * sc[:, None, None] + sh[:, None, None]
+        act = (y - mu.to(dtype)[:, None, None]) * sc[:, None, None] + sh[:, None, None]
         torch.testing.assert_close(out, F.max_pool2d(F.relu(act) if relu else act, 2))  # (to rounding)
 
 
 def test_normalised_pooling_checks_and_refuses_autograd():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    sc, sh = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x, sc, sh, True))
-    with pytest.raises(ValueError, match="in_scale and in_shift must be given together"):
-        torch.ops.sparsetrain.max_pool2x2(x, sc, None)
+    sc, sh, mu = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.sparsetrain.max_pool2x2.default, (x, mu, sc, sh, True))
+    for args in ((mu, sc, None), (None, sc, sh)):
+        with pytest.raises(ValueError, match="in_mean, in_scale and in_shift must be given together"):
+            torch.ops.sparsetrain.max_pool2x2(x, *args)
     with pytest.raises(ValueError, match="in_scale must have shape \\[3\\]"):
-        torch.ops.sparsetrain.max_pool2x2(x, sc[:2], sh)
-    with pytest.raises(TypeError, match="in_shift must have dtype Double"):
-        torch.ops.sparsetrain.max_pool2x2(x, sc, sh.float())
+        torch.ops.sparsetrain.max_pool2x2(x, mu, sc[:2], sh)
+    with pytest.raises(TypeError, match="in_shift must have dtype Float, got Double"):
+        torch.ops.sparsetrain.max_pool2x2(x.float(), mu, sc.float(), sh.double())
+    with pytest.raises(TypeError, match="in_mean must have dtype Double"):
+        torch.ops.sparsetrain.max_pool2x2(x, mu.float(), sc, sh)
     with pytest.raises(RuntimeError, match="no autograd formula"):
-        torch.ops.sparsetrain.max_pool2x2(x.requires_grad_(), sc, sh)
+        torch.ops.sparsetrain.max_pool2x2(x.requires_grad_(), mu, sc, sh)
 
 
 def test_opcheck_gradcheck_and_errors():
@@ -146,7 +150,7 @@ def _steps(model, x, t, n=3):
 @pytest.mark.parametrize("order", ["relu_bn", "bn_relu"])  # VGG-like's conv -> ReLU -> BN, and conv -> BN -> ReLU
 def test_fused_layer_pools_in_its_batchnorm_pass(order):
     """fuse_ links a fused layer to the 2x2 pool that alone reads its activation (layer.pools): the
-    BN's pass writes only the pooled output (max_pool2x2 with in_scale/in_shift), bit for bit the
+    BN's pass writes only the pooled output (max_pool2x2 with in_mean/in_scale/in_shift), bit for bit the
     steps of the same model pooling separately, and close to the dense masked model."""
     def make():
         torch.manual_seed(0)

@@ -45,7 +45,7 @@ def test_conv_stats_counts_its_positive_outputs(geom, sparsity, dtype):
         y0, _ = torch.ops.sparsetrain.sparse_conv2d_stats(x, *csr.index(), [k, k], [s, s], [p, p], bias, relu)
         counts = torch.full((y0[0].numel(),), base, dtype=torch.int64)
         y, _ = torch.ops.sparsetrain.sparse_conv2d_stats(x, *csr.index(), [k, k], [s, s], [p, p], bias, relu,
-                                                         None, None, False, counts)
+                                                         None, None, None, False, counts)
         torch.testing.assert_close(y, y0, rtol=0, atol=0)  # counting changes no output
         torch.testing.assert_close(counts, _count(y) + base, rtol=0, atol=0)  # added to
 
@@ -58,11 +58,12 @@ def test_bn_act_counts_its_positive_outputs(shape, residual):
     c = shape[1]
     y = torch.randn(shape, generator=g)
     scale, shift = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    mean = torch.randn(c, generator=g, dtype=torch.float64)
     r = torch.randn(shape, generator=g) if residual else None
     for relu in (True, False):
         counts = torch.ones(c * shape[2] * shape[3], dtype=torch.int64)
-        out = torch.ops.sparsetrain.bn_act(y, scale, shift, r, relu, counts)
-        torch.testing.assert_close(out, torch.ops.sparsetrain.bn_act(y, scale, shift, r, relu), rtol=0, atol=0)
+        out = torch.ops.sparsetrain.bn_act(y, mean, scale, shift, r, relu, counts)
+        torch.testing.assert_close(out, torch.ops.sparsetrain.bn_act(y, mean, scale, shift, r, relu), rtol=0, atol=0)
         torch.testing.assert_close(counts, _count(out) + 1, rtol=0, atol=0)
 
 
@@ -79,17 +80,19 @@ def test_relu_counts_errors_and_opcheck():
                      (torch.zeros(2 * n, dtype=torch.int64)[::2], "relu_counts must be contiguous")):
         error = TypeError if "dtype" in msg else ValueError
         with pytest.raises(error, match=msg):
-            torch.ops.sparsetrain.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, bad)
+            torch.ops.sparsetrain.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, None, False, bad)
         with pytest.raises(error, match=msg.replace("output neuron \\(120", "output neuron \\(90")):
-            torch.ops.sparsetrain.bn_act(x, torch.ones(3), torch.zeros(3), None, True,
+            torch.ops.sparsetrain.bn_act(x, torch.zeros(3, dtype=torch.float64), torch.ones(3), torch.zeros(3), None, True,
                                          bad if bad.numel() != n + 1 else torch.zeros(91, dtype=torch.int64))
     torch.library.opcheck(torch.ops.sparsetrain.sparse_conv2d_stats.default,
-                          (x, *idx, *geo, None, True, None, None, False, torch.zeros(n, dtype=torch.int64)))
+                          (x, *idx, *geo, None, True, None, None, None, False, torch.zeros(n, dtype=torch.int64)))
     torch.library.opcheck(torch.ops.sparsetrain.bn_act.default,
-                          (x, torch.ones(3), torch.zeros(3), None, True, torch.zeros(90, dtype=torch.int64)))
+                          (x, torch.zeros(3, dtype=torch.float64), torch.ones(3), torch.zeros(3), None, True,
+                           torch.zeros(90, dtype=torch.int64)))
     for hw in ((6, 5), (2, 2)):  # an empty batch still has C * H * W neurons (planes, and sample rows)
         counts = torch.zeros(3 * hw[0] * hw[1], dtype=torch.int64)
-        out = torch.ops.sparsetrain.bn_act(torch.randn(0, 3, *hw), torch.ones(3), torch.zeros(3), None, True, counts)
+        out = torch.ops.sparsetrain.bn_act(torch.randn(0, 3, *hw), torch.zeros(3, dtype=torch.float64), torch.ones(3),
+                                           torch.zeros(3), None, True, counts)
         assert out.shape == (0, 3, *hw) and not counts.any()
 
 

@@ -41,8 +41,8 @@ def _specs():
         ("bsr_matmul", "_bsr_sddmm_kernel", dict(dy=A, x=A, brow="i32", idx="i32", out=T),
          bsr + ["fp16+fp32", "bf16+fp32"], [dict(BS=bs) for bs in (16, 32, 64)]),
         ("sparse_conv2d", "_conv_fwd_kernel",
-         dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_scale=A, in_shift=A,
-              counts="i64"), csr,
+         dict(x=A, ptr="i64", idx="i32", vals=T, order="i32", bias=T, y=A, stats="fp64", in_mean="fp64", in_scale=A,
+              in_shift=A, counts="i64"), csr,
          # every option first (the one the quick run compiles), then the plain conv (a bias or not) and
          # every sparse_conv2d_stats launch (batch statistics always; a conv bias or not; the ReLU or not;
          # its states counted or not, with or without it, as the C++ op; the input a deferred BN's y, with
@@ -57,7 +57,7 @@ def _specs():
          dict(dy=A, cptr="i64", rows="i32", perm="i64", vals=T, order="i32", dx=A), csr, [{}]),
         ("sparse_conv2d", "_conv_wgrad_kernel",
          dict(dy=A, x=A, ptr="i64", idx="i32", order="i32", out=T), csr, [{}]),
-        ("bn_act", "_bn_act_kernel", dict(y=T, scale=T, shift=T, res=T, out=T, counts="i64"), ["fp32", "fp64"],
+        ("bn_act", "_bn_act_kernel", dict(y=T, mean="fp64", scale=T, shift=T, res=T, out=T, counts="i64"), ["fp32", "fp64"],
          # (the states, y > 0, are counted with or without the ReLU, as the C++ op)
          [dict(HAS_RES=True, RELU=True, COUNTS=True)] + [dict(HAS_RES=r, RELU=lu, COUNTS=c)
                                                           for r, lu, c in itertools.product(both, both, both)]),
@@ -218,12 +218,12 @@ def test_spec_lists_exactly_the_constexpr_combinations_the_ops_launch(monkeypatc
     for bias in (None, torch.randn(2)):
         C.sparse_conv2d(x, crow, col, vals, ccol, row_t, perm, *geo, bias)
         for relu, counts, (ia, ir) in itertools.product(both, both, ((False, False), (True, False), (True, True))):
-            act = (torch.randn(2), torch.randn(2)) if ia else (None, None)
+            act = (torch.randn(2, dtype=torch.float64), torch.randn(2), torch.randn(2)) if ia else (None, None, None)
             C.sparse_conv2d_stats(x, crow, col, vals, ccol, row_t, perm, *geo, bias, relu, *act, ir,
                                   torch.zeros(32, dtype=torch.int64) if counts else None)
     C.sparse_conv2d_backward(torch.randn(1, 2, 4, 4), x, crow, col, vals, ccol, row_t, perm, *geo)
     for res, relu, counts in itertools.product(both, both, both):
-        BA.bn_act(x, torch.randn(2), torch.randn(2), x.clone() if res else None, relu,
+        BA.bn_act(x, torch.randn(2, dtype=torch.float64), torch.randn(2), torch.randn(2), x.clone() if res else None, relu,
                   torch.zeros(32, dtype=torch.int64) if counts else None)
     spec = {(m, k, tuple(sorted(c.items()))) for m, k, _, _, combos in _specs() for c in combos}
     assert launched - spec == set(), "launched, never compiled here"

@@ -53,8 +53,8 @@ def conv_stats_matches_the_cpu_op():
         bias = torch.randn(O, generator=g, dtype=dtype)
         x[0, 0, 0, 0] = 0.0  # (an exact zero: the ReLU counts' boundary)
         for relu, in_act, with_bias in itertools.product((False, True), (None, True), (False, True)):
-            act = (torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype), relu) \
-                if in_act else (None, None, False)
+            act = (torch.randn(C, generator=g, dtype=torch.float64), torch.rand(C, generator=g, dtype=dtype) + 0.5,
+                   torch.randn(C, generator=g, dtype=dtype), relu) if in_act else (None, None, None, False)
             b = bias if with_bias else None
             y, st = op(x, *idx, *geo, b, relu, *act)
             yt, stt = KC.sparse_conv2d_stats(x, *idx, *geo, b, relu, *act)
@@ -67,11 +67,15 @@ def conv_stats_matches_the_cpu_op():
                 KC.sparse_conv2d_stats(x, *idx, *geo, b, relu, *act, ct)
                 assert torch.equal(ct, counts), (geom, relu, in_act)
     g, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
-    for bad, msg in (((torch.ones(3), None), "given together"), ((torch.ones(2), torch.ones(2)), "in_scale must have")):
-        with pytest.raises(ValueError, match=msg):
+    m3 = torch.zeros(3, dtype=torch.float64)
+    for bad, msg, error in (((m3, torch.ones(3), None), "given together", ValueError),
+                            ((None, torch.ones(3), torch.ones(3)), "given together", ValueError),
+                            ((m3, torch.ones(2), torch.ones(2)), "in_scale must have", ValueError),
+                            ((m3.float(), torch.ones(3), torch.ones(3)), "in_mean must have dtype", TypeError)):
+        with pytest.raises(error, match=msg):
             KC.sparse_conv2d_stats(x, *idx, *geo, None, True, *bad)
     with pytest.raises(ValueError, match="relu_counts must be int64"):
-        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, torch.zeros(4, dtype=torch.int64))
+        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, None, False, torch.zeros(4, dtype=torch.int64))
 
 
 @interp
@@ -92,7 +96,7 @@ def autotune_resets_only_scratch_arguments():
     KC.launch = record
     try:
         KC.sparse_conv2d(x, *idx, *geo, None)
-        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, False, torch.zeros(5 * 35, dtype=torch.int64))
+        KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, None, False, torch.zeros(5 * 35, dtype=torch.int64))
     finally:
         KC.launch = real
     assert len(seen) == 2
@@ -117,8 +121,8 @@ def bn_ops_match_the_cpu_ops():
         mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
         for res, relu in itertools.product((None, r), (False, True)):
             counts, ct = (torch.zeros(y[0].numel(), dtype=torch.int64) for _ in range(2))
-            _close(KB.bn_act(y, scale, shift, res, relu, ct), ops.bn_act(y, scale, shift, res, relu, counts), dtype,
-                   f"bn_act {shape}")
+            _close(KB.bn_act(y, mean, scale, shift, res, relu, ct), ops.bn_act(y, mean, scale, shift, res, relu, counts),
+                   dtype, f"bn_act {shape}")
             assert torch.equal(ct, counts)
         for (relu_after, relu_before, residual, grad_res), batch_stats in itertools.product(
                 [(True, False, False, False), (False, False, False, False), (False, True, False, False),
@@ -163,17 +167,17 @@ def conv_bn_backward_matches_the_cpu_op():
         w, invstd = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.rand(c, generator=g, dtype=torch.float64)
         mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
         add = torch.randn(x.shape, generator=g, dtype=dtype)
-        act = (torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype), True)
         in_mean = torch.randn(C, generator=g, dtype=torch.float64) * 0.1
+        act = (in_mean, torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype), True)
         sums = torch.randn(c, 2, generator=g, dtype=torch.float64)
         # each product and deferral; the other options alternate (grad_bias, handed-over sums, batch statistics)
         for i, ((need_x, need_v), deferred) in enumerate(itertools.product(((True, True), (True, False), (False, True)),
                                                                            (False, True))):
             grad_bias, given, batch_stats = i % 2 == 0, (None, sums)[i // 2 % 2], i % 3 != 2
-            a = act if deferred else (None, None, False)
+            a = act if deferred else (None, None, None, False)
             args = (go, x, *idx, *geo, add if need_x else None, y, res if residual else None, scale, shift, w, mean,
-                    invstd, batch_stats, relu_after, relu_before, grad_res, need_x, need_v, *a, grad_bias,
-                    in_mean if deferred else None, given)
+                    invstd, batch_stats, relu_after, relu_before, grad_res, need_x, need_v, *a, grad_bias, deferred,
+                    given)
             for j, (got, ref) in enumerate(zip(KB.sparse_conv2d_bn_backward(*args), op(*args))):
                 _close(got, ref, dtype, f"output {j} of {geom} {relu_after, relu_before, residual, grad_res} "
                                         f"x={need_x} v={need_v} bias={grad_bias} deferred={deferred}")
@@ -182,9 +186,9 @@ def conv_bn_backward_matches_the_cpu_op():
     one, d1 = torch.ones(y.shape[1]), torch.ones(y.shape[1], dtype=torch.float64)
     base = (y, x, *idx, *geo, None, y, None, one, one, d1, d1, d1, True, True, False, False, True, True)
     with pytest.raises(ValueError, match="pool_indices"):
-        KB.sparse_conv2d_bn_backward(*base, None, None, False, True, None, None, torch.zeros(1, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="in_mean needs in_scale"):
-        KB.sparse_conv2d_bn_backward(*base, None, None, False, True, torch.zeros(x.shape[1], dtype=torch.float64))
+        KB.sparse_conv2d_bn_backward(*base, None, None, None, False, True, False, None, torch.zeros(1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="in_sums needs in_mean, in_scale and in_shift"):
+        KB.sparse_conv2d_bn_backward(*base, None, None, None, False, True, True)
 
 
 @interp
@@ -216,9 +220,12 @@ def bn_backward_arguments_refused_as_the_cpp_ops():
     base = (y, None, ok["scale"], ok["shift"], ok["weight"], ok["mean"], ok["invstd"], True, True, False, False)
     refused_alike(ops.bn_act_backward, KB.bn_act_backward, (go.double(), *base), "grad_out must have dtype", TypeError)
     refused_alike(ops.bn_act_backward, KB.bn_act_backward, (go[:1], *base), r"grad_out must have the shape of y")
-    refused_alike(ops.bn_act, KB.bn_act, (y, ok["scale"], ok["shift"], y[:1].clone(), True),
+    refused_alike(ops.bn_act, KB.bn_act, (y, ok["mean"], ok["scale"], ok["shift"], y[:1].clone(), True),
                   r"residual must have the shape of y \[2, 3, 4, 4\]")
-    refused_alike(ops.bn_act, KB.bn_act, (y, ok["scale"][:1], ok["shift"], None, True), r"scale must have shape \[3\]")
+    refused_alike(ops.bn_act, KB.bn_act, (y, ok["mean"], ok["scale"][:1], ok["shift"], None, True),
+                  r"scale must have shape \[3\]")
+    refused_alike(ops.bn_act, KB.bn_act, (y, ok["mean"].float(), ok["scale"], ok["shift"], None, True),
+                  "mean must have dtype", TypeError)
     # the fused conv backward: the same checks, and its own arguments
     gc, idx, x, geo = _conv_case(*GEOMS[0], torch.float32)
     yc = torch.ops.sparsetrain.sparse_conv2d(x, *idx, *geo, None)
@@ -241,9 +248,11 @@ def bn_backward_arguments_refused_as_the_cpp_ops():
                            (bn_backward(relu_before=True, grad_res=False), "relu_before and a residual do not combine",
                             ValueError),
                            (bn_backward(res=None), "grad_residual needs a residual and relu_after", ValueError),
-                           (bn_backward(tail=(None, None, False, False, None, d(c)[:, None].repeat(1, 2)[:3])),
+                           (bn_backward(tail=(None, None, None, False, False, False, d(c)[:, None].repeat(1, 2)[:3])),
                             "sums must be float64", ValueError),
-                           (bn_backward(tail=(a, b, True, False, m3[:1])), r"in_mean must have shape \[", ValueError)):
+                           (bn_backward(tail=(m3[:1], a, b, True, False, True)), r"in_mean must have shape \[", ValueError),
+                           (bn_backward(tail=(m3, None, b, True)), "in_mean, in_scale and in_shift must be given together",
+                            ValueError)):
         refused_alike(ops.sparse_conv2d_bn_backward, KB.sparse_conv2d_bn_backward, args, msg, err)
     # a transposed index that is not the CSR's (a duplicate in perm), with dW or for dx only (checked as the C++
     # op since 2026-12-06: the dx-only call checked none of it, the other not against the CSR)
@@ -274,13 +283,14 @@ def flag_arguments_refused_unless_bool():
     c, cin, y64 = y.shape[1], x.shape[1], y.double()
     one, zero = torch.ones(c, dtype=y.dtype), torch.zeros(c, dtype=y.dtype)
     stats = torch.stack([y64.sum((0, 2, 3)), (y64 * y64).sum((0, 2, 3))])
-    calls = [(KB.bn_act, (y, one, zero, None, True)),
+    z64, zin = torch.zeros(c, dtype=torch.float64), torch.zeros(cin, dtype=torch.float64)
+    calls = [(KB.bn_act, (y, z64, one, zero, None, True)),
              (KB.bn_scale_shift, (stats, y.numel() // c, None, None, None, None, None, 0.1, 1e-5, True, y.dtype)),
              (KB.bn_act_backward, (y, y, None, one, zero, one, zero, one, True, True, False, False)),
-             (KC.sparse_conv2d_stats, (x, *idx, *geo, None, True, torch.ones(cin, dtype=x.dtype),
+             (KC.sparse_conv2d_stats, (x, *idx, *geo, None, True, zin, torch.ones(cin, dtype=x.dtype),
                                        torch.zeros(cin, dtype=x.dtype), True)),
              (KB.sparse_conv2d_bn_backward, (y, x, *idx, *geo, None, y, None, one, zero, one, zero, one, True, True,
-                                             False, False, True, True, None, None, False, False))]
+                                             False, False, True, True, None, None, None, False, False, False))]
     for fn, args in calls:
         params = list(inspect.signature(fn).parameters)
         flags = [a.name for a in getattr(ops, fn.__name__).default._schema.arguments if str(a.type) == "bool"]

@@ -315,7 +315,7 @@ def _forced(kernel, config):
 
 def check_conv_stats(relu, in_relu, seed=0):
     """sparse_conv2d_stats (a deferred BN on x, a bias, the ReLU or not, its states counted either way) vs the
-    dense masked conv of act(scale x + shift): y, sum y and sum y^2 per channel, the samples with y > 0."""
+    dense masked conv of act((x - mean) scale + shift): y, sum y and sum y^2 per channel, the samples with y > 0."""
     import torch.nn.functional as F
     from sparsetrain.engine.formats import CSR
     from sparsetrain.kernels import sparse_conv2d as K
@@ -323,12 +323,13 @@ def check_conv_stats(relu, in_relu, seed=0):
     w, b = torch.randn(3, 2, 3, 3, generator=g), torch.randn(3, generator=g)
     mask = random_mask(w.shape, 0.3, generator=g, empty_rows=1)
     x, scale, shift = torch.randn(2, 2, 7, 5, generator=g), torch.rand(2, generator=g) + 0.5, torch.randn(2, generator=g)
-    xa = x * scale[:, None, None] + shift[:, None, None]
+    mean = torch.randn(2, generator=g, dtype=torch.float64)
+    xa = (x - mean.float()[:, None, None]) * scale[:, None, None] + shift[:, None, None]
     ry = F.conv2d(xa.clamp_min(0) if in_relu else xa, w * mask, b, stride=2, padding=1)
     ry = ry.clamp_min(0) if relu else ry
     counts = torch.full((ry[0].numel(),), 5, dtype=torch.int64)
     y, stats = K.sparse_conv2d_stats(x, *(t.detach() for t in CSR.from_dense(w, mask).index()), (3, 3), (2, 2),
-                                     (1, 1), b, relu, scale, shift, in_relu, counts)
+                                     (1, 1), b, relu, mean, scale, shift, in_relu, counts)
     ref_stats = torch.stack([ry.double().sum((0, 2, 3)), (ry.double() ** 2).sum((0, 2, 3))])
     assert_close_all([(y, ry), (stats, ref_stats)])
     assert torch.equal(counts, 5 + (ry > 0).sum(0).flatten())
@@ -571,8 +572,9 @@ def edge_cases_refused_or_computed_as_the_cpp_ops():
         with pytest.raises(ValueError, match=f"{ {'crow': 'crow_indices', 'col': 'col_indices', 'row_t': 'row_indices_t'}.get(bad, bad)} must be contiguous"):
             KL.sparse_linear(x, args["crow"], args["col"], v, ccol, args["row_t"], args["perm"], None)
     y = torch.randn(0, 3, 4, 4, generator=g)
-    s, b = torch.rand(3, generator=g), torch.randn(3, generator=g)
-    assert KB.bn_act(y, s, b, None, True).shape == torch.ops.sparsetrain.bn_act(y, s, b, None, True).shape == (0, 3, 4, 4)
+    s, b, m = torch.rand(3, generator=g), torch.randn(3, generator=g), torch.randn(3, generator=g, dtype=torch.float64)
+    assert KB.bn_act(y, m, s, b, None, True).shape == torch.ops.sparsetrain.bn_act(y, m, s, b, None, True).shape \
+        == (0, 3, 4, 4)
     for fin, fout in ((0, 3), (4, 0)):
         outs = {}
         for backend in ("cpu", "triton"):
@@ -888,7 +890,8 @@ def tensor_arguments_that_are_no_tensors_refused_by_name():
          torch.nn.grad.conv2d_weight(x, wc.shape, gy, padding=1)[mc]),
         ("sparse_conv2d_backward", KC.sparse_conv2d_backward, [gy, x, *idx, *geo],
          torch.nn.grad.conv2d_input(x.shape, wc * mc, gy, padding=1)),
-        ("bn_act", KB.bn_act, [y, scale, shift, None, True], F.relu(y * scale[:, None, None] + shift[:, None, None])),
+        ("bn_act", KB.bn_act, [y, mean, scale, shift, None, True],
+         F.relu((y - mean.float()[:, None, None]) * scale[:, None, None] + shift[:, None, None])),
         ("bn_scale_shift", KB.bn_scale_shift, [stats, 50, *bn, None, None, None, None, 1e-5, True, y.dtype], None),
         ("bn_act_backward", KB.bn_act_backward, [gy, *bn_args], None),
         ("sparse_conv2d_bn_backward", KB.sparse_conv2d_bn_backward, [gy, x, *idx, *geo, None, *bn_args, True, True],

@@ -1,6 +1,7 @@
 // The elementwise half of a BatchNorm fused behind a sparse conv (engine/fused.py): the conv's
 // epilogue already summed y and y^2 per channel (sparse_conv2d_stats), so the forward is one pass
-//   out = act(scale[c] * y + shift[c] (+ residual)),   act = ReLU or identity
+//   out = act((y - mean[c]) scale[c] + shift[c] (+ residual)),   act = ReLU or identity
+// (scale = weight invstd, shift = the BN's bias: bn_scale_shift; centred, see bn_act.h's bn_pre)
 // and the backward two: per-channel sums of the masked gradient g, then the input gradient.
 // Train mode (batch statistics mean, invstd; N = batch * height * width per channel), x^ = (y - mean) * invstd:
 //   dbias = sum g,  dweight = sum g x^,  dy = w invstd (g - dbias / N - x^ dweight / N)
@@ -18,30 +19,31 @@ namespace {
 // Sample rows [s0, s1) of n = C * hw elements (maps under kRowPlane pixels), constants per element;
 // with cnt, the positive outputs counted per neuron while each row is in cache.
 template <typename T>
-ST_INLINE void act_rows_impl(const T* y, const T* res, T* out, int64_t n, const T* a, const T* b, int64_t s0,
-                             int64_t s1, bool relu, int32_t* cnt) {
+ST_INLINE void act_rows_impl(const T* y, const T* res, T* out, int64_t n, const T* m, const T* a, const T* b,
+                             int64_t s0, int64_t s1, bool relu, int32_t* cnt) {
   for (int64_t s = s0; s < s1; ++s) {
     const int64_t o = s * n;
     const T* r = res ? res + o : nullptr;
-    if (relu && res) act_row<T, true, true>(y + o, r, out + o, n, a, b);
-    else if (relu) act_row<T, true, false>(y + o, r, out + o, n, a, b);
-    else if (res) act_row<T, false, true>(y + o, r, out + o, n, a, b);
-    else act_row<T, false, false>(y + o, r, out + o, n, a, b);
+    if (relu && res) act_row<T, true, true>(y + o, r, out + o, n, m, a, b);
+    else if (relu) act_row<T, true, false>(y + o, r, out + o, n, m, a, b);
+    else if (res) act_row<T, false, true>(y + o, r, out + o, n, m, a, b);
+    else act_row<T, false, false>(y + o, r, out + o, n, m, a, b);
     if (cnt) count_positive(cnt, out + o, 0, n, 1);
   }
 }
 
 // Planes [p0, p1) (C channels of hw elements), the same.
 template <typename T>
-ST_INLINE void act_planes_impl(const T* y, const T* res, T* out, const T* scale, const T* shift, int64_t C,
-                               int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) {
+ST_INLINE void act_planes_impl(const T* y, const T* res, T* out, const double* mean, const T* scale, const T* shift,
+                               int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t c = p % C, o = p * hw;
     const T* r = res ? res + o : nullptr;
-    if (relu && res) act_plane<T, true, true>(y + o, r, out + o, hw, scale[c], shift[c]);
-    else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, scale[c], shift[c]);
-    else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, scale[c], shift[c]);
-    else act_plane<T, false, false>(y + o, r, out + o, hw, scale[c], shift[c]);
+    const T m = T(mean[c]), a = scale[c], b = shift[c];
+    if (relu && res) act_plane<T, true, true>(y + o, r, out + o, hw, m, a, b);
+    else if (relu) act_plane<T, true, false>(y + o, r, out + o, hw, m, a, b);
+    else if (res) act_plane<T, false, true>(y + o, r, out + o, hw, m, a, b);
+    else act_plane<T, false, false>(y + o, r, out + o, hw, m, a, b);
     if (cnt) count_positive(cnt + c * hw, out + o, 0, hw, 1);
   }
 }
@@ -164,13 +166,14 @@ ST_INLINE void row_dy_impl(const T* go, const T* y, const T* res, const T* const
   } while (0)
 
 #define ST_BN_ACT_TASKS(T)                                                                         \
-  ST_MULTIVERSION void act_rows(const T* y, const T* res, T* out, int64_t n, const T* a, const T* b,  \
-                                int64_t s0, int64_t s1, bool relu, int32_t* cnt) try {             \
-    act_rows_impl<T>(y, res, out, n, a, b, s0, s1, relu, cnt);                                     \
+  ST_MULTIVERSION void act_rows(const T* y, const T* res, T* out, int64_t n, const T* m, const T* a,  \
+                                const T* b, int64_t s0, int64_t s1, bool relu, int32_t* cnt) try { \
+    act_rows_impl<T>(y, res, out, n, m, a, b, s0, s1, relu, cnt);                                  \
   } ST_CLONE_CATCH                                                                                 \
-  ST_MULTIVERSION void act_planes(const T* y, const T* res, T* out, const T* scale, const T* shift, \
-                                  int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, int32_t* cnt) try { \
-    act_planes_impl<T>(y, res, out, scale, shift, C, hw, p0, p1, relu, cnt);                       \
+  ST_MULTIVERSION void act_planes(const T* y, const T* res, T* out, const double* mean, const T* scale, \
+                                  const T* shift, int64_t C, int64_t hw, int64_t p0, int64_t p1, bool relu, \
+                                  int32_t* cnt) try {                                              \
+    act_planes_impl<T>(y, res, out, mean, scale, shift, C, hw, p0, p1, relu, cnt);                 \
   } ST_CLONE_CATCH                                                                                 \
   ST_MULTIVERSION void bwd_sums(const T* go, const T* y, const T* res, const T* scale, const T* shift,   \
                                 const double* mean, int64_t C, int64_t hw, int64_t p0, int64_t p1,  \
@@ -218,15 +221,16 @@ int64_t plane_size(const at::Tensor& y) {  // (from the sizes: an empty batch ha
   return n;
 }
 
-at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+at::Tensor bn_act(const at::Tensor& y, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
                   const std::optional<at::Tensor>& residual, bool relu,
                   const std::optional<at::Tensor>& relu_counts) {
   check_act(y, "y");
   const int64_t B = y.size(0), C = y.size(1), hw = plane_size(y);
+  check_channels(mean, C, at::kDouble, "mean");
   check_channels(scale, C, y.scalar_type(), "scale");
   check_channels(shift, C, y.scalar_type(), "shift");
   if (residual) check_like(*residual, y, "residual");
-  const at::Tensor yc = y.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  const at::Tensor yc = y.contiguous(), mc = mean.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   const at::Tensor rc = residual ? residual->contiguous() : at::Tensor();
   at::Tensor out = pooled_empty(yc.sizes(), yc.options());  // (no page faults on a fresh buffer)
   StateCounts counts(relu_counts ? check_state_counts(*relu_counts, C * hw) : nullptr, C * hw);
@@ -238,13 +242,15 @@ at::Tensor bn_act(const at::Tensor& y, const at::Tensor& scale, const at::Tensor
     T* op = out.data_ptr<T>();
     if (hw < kRowPlane) {  // sample rows; the constants per element
       const int64_t n = C * hw;
+      const std::vector<T> m = per_element<T>(mc.data_ptr<double>(), C, hw);
       const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, hw), b = per_element<T>(sh.data_ptr<T>(), C, hw);
       at::parallel_for(0, B, plane_grain(n), [&](int64_t s0, int64_t s1) {
-        ST_CLONE_CALL(act_rows(yp, rp, op, n, a.data(), b.data(), s0, s1, relu, counts.mine()));
+        ST_CLONE_CALL(act_rows(yp, rp, op, n, m.data(), a.data(), b.data(), s0, s1, relu, counts.mine()));
       });
     } else {
       at::parallel_for(0, B * C, plane_grain(hw), [&](int64_t p0, int64_t p1) {
-        ST_CLONE_CALL(act_planes(yp, rp, op, sc.data_ptr<T>(), sh.data_ptr<T>(), C, hw, p0, p1, relu, counts.mine()));
+        ST_CLONE_CALL(act_planes(yp, rp, op, mc.data_ptr<double>(), sc.data_ptr<T>(), sh.data_ptr<T>(), C, hw, p0, p1,
+                                 relu, counts.mine()));
       });
     }
   });
@@ -284,17 +290,19 @@ void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const 
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
-std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                                     bool relu, const at::Tensor& x, int64_t C) {
-  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "in_scale and in_shift must be given together");
+std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
+                                     const std::optional<at::Tensor>& shift, bool relu, const at::Tensor& x, int64_t C) {
+  TORCH_CHECK_VALUE(mean.has_value() == scale.has_value() && scale.has_value() == shift.has_value(),
+                    "in_mean, in_scale and in_shift must be given together (the deferred BatchNorm)");
   if (!scale) return std::nullopt;
+  check_channels(*mean, C, at::kDouble, "in_mean");
   check_channels(*scale, C, x.scalar_type(), "in_scale");
   check_channels(*shift, C, x.scalar_type(), "in_shift");
-  return XActArgs{scale->contiguous(), shift->contiguous(), relu};
+  return XActArgs{mean->contiguous(), scale->contiguous(), shift->contiguous(), relu};
 }
 
-at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
-  return bn_act(y, scale, shift, std::nullopt, relu, std::nullopt);
+at::Tensor bn_apply(const at::Tensor& y, const XActArgs& a) {
+  return bn_act(y, a.mean, a.scale, a.shift, std::nullopt, a.relu, std::nullopt);
 }
 
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,

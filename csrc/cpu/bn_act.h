@@ -10,19 +10,24 @@
 namespace sparsetrain {
 
 // The BatchNorm's affine map (plus the residual) before the ReLU, on one element (X = T) or one
-// vector (X = SimdVec V). The backward recomputes the ReLU's mask from y with this same function
-// (same instruction set clone), so the mask is the forward's bit for bit.
+// vector (X = SimdVec V): (y - m) a + b with m the mean, a = weight * invstd, b the BN's bias.
+// Centred, not y a + (b - m a): that form rounds to b +- |m a| 2^-24 where y == m, and a constant
+// channel (a conv row without nonzeros outputs its bias) has a ~ weight / sqrt(eps) ~ 316 weight;
+// a later BatchNorm on a channel made only of such values scales the error up by 1/sqrt(eps) again.
+// Here y - m is exact near m (Sterbenz), so the error is relative to the output. The backward
+// recomputes the ReLU's mask from y with this same function (same instruction set clone), so the
+// mask is the forward's bit for bit.
 template <bool RES, typename X, typename T>
-ST_INLINE X bn_pre(X y, X r, T a, T b) {
-  if constexpr (RES) return y * a + b + r;
-  return y * a + b;
+ST_INLINE X bn_pre(X y, X r, T m, T a, T b) {
+  if constexpr (RES) return (y - m) * a + b + r;
+  return (y - m) * a + b;
 }
 
 // g masked by the ReLU after the BatchNorm (RA), recomputed from y (and the residual r): g where
 // bn_pre > 0, else 0 (a NaN pre-activation masks, as the forward's ReLU gave it no gradient).
 template <bool RA, bool RES, typename X, typename T>
-ST_INLINE X mask_after(X g, X y, X r, T a, T b) {
-  if constexpr (RA) return bn_pre<RES>(y, r, a, b) > T(0) ? g : X{};
+ST_INLINE X mask_after(X g, X y, X r, T m, T a, T b) {
+  if constexpr (RA) return bn_pre<RES>(y, r, m, a, b) > T(0) ? g : X{};
   return g;
 }
 
@@ -31,32 +36,32 @@ ST_INLINE X mask_after(X g, X y, X r, T a, T b) {
 // phase kernel's sums for a deferred BatchNorm, xact_sums).
 template <bool RA, bool RES, typename X, typename T>
 ST_INLINE X sums_step(X g, X y, X r, T a, T b, T m, X& s1, X& s2) {
-  const X gm = mask_after<RA, RES>(g, y, r, a, b);
+  const X gm = mask_after<RA, RES>(g, y, r, m, a, b);
   s1 += gm;
   s2 += gm * (y - m);
   return gm;
 }
 
-// The forward on one plane of n elements: out = act(a * y + b (+ r)), act = ReLU (NaN stays NaN, as
-// torch.relu) or identity. bn_act's passes and max_pool2x2's normalised planes both call it.
+// The forward on one plane of n elements: out = act((y - m) a + b (+ r)), act = ReLU (NaN stays NaN,
+// as torch.relu) or identity. bn_act's passes and max_pool2x2's normalised planes both call it.
 template <typename T, bool RELU, bool RES>
-ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T a, T b) {
+ST_INLINE void act_plane(const T* y, const T* r, T* out, int64_t n, T m, T a, T b) {
   prefetch_ahead_n(y, n);  // (before the loop: one per line inside it measured slower)
   if (RES) prefetch_ahead_n(r, n);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), a, b);
+    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), m, a, b);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;
     out[i] = v;
   }
 }
 
-// act_plane over one sample's row of channels, a and b per element.
+// act_plane over one sample's row of channels, m, a and b per element.
 template <typename T, bool RELU, bool RES>
-ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* a, const T* b) {
+ST_INLINE void act_row(const T* y, const T* r, T* out, int64_t n, const T* m, const T* a, const T* b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), a[i], b[i]);
+    T v = bn_pre<RES>(y[i], RES ? r[i] : T(0), m[i], a[i], b[i]);
     if constexpr (RELU) v = v < T(0) ? T(0) : v;
     out[i] = v;
   }
@@ -82,7 +87,7 @@ std::vector<T> per_element(const U* per_channel, int64_t C, int64_t hw, int64_t 
 // vectors, bn_act.cpp's row path on elements with per-element constants.
 template <bool RA, bool RB, bool RES, typename X, typename T>
 ST_INLINE X bn_dy_value(X g, X y, X r, T a, T b, T m, T ka, T kb, T kc, X& gm) {
-  g = mask_after<RA, RES>(g, y, r, a, b);
+  g = mask_after<RA, RES>(g, y, r, m, a, b);
   gm = g;
   X v = ka * g + kb * (y - m) + kc;
   if constexpr (RB) v = y > T(0) ? v : X{};
@@ -140,24 +145,26 @@ ST_INLINE T bn_dy_plane_for(bool ra, bool rb, bool res, bool wg, const T* gp, co
 #undef ST_BN_PLANE
 }
 
-// act(scale[c] * y + shift[c]) as a new (pooled) tensor: bn_act without a residual, for the
-// kernels that cannot apply a deferred BatchNorm while packing (XAct below).
-at::Tensor bn_apply(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool relu);
-
 // t: a [C] tensor of `dtype` on the CPU (a per-channel argument named `name`).
 void check_channels(const at::Tensor& t, int64_t C, at::ScalarType dtype, const char* name);
 
-// A BatchNorm (+ ReLU) applied to an op's input x as it reads it (the in_scale, in_shift, in_relu
-// arguments of sparse_conv2d_stats, sparse_conv2d_bn_backward and max_pool2x2): x holds the
-// BatchNorm's input y and the op reads act(scale[c] * y + shift[c]).
+// A BatchNorm (+ ReLU) applied to an op's input x as it reads it (the in_mean, in_scale, in_shift,
+// in_relu arguments of sparse_conv2d_stats, sparse_conv2d_bn_backward and max_pool2x2): x holds the
+// BatchNorm's input y and the op reads act((y - mean[c]) scale[c] + shift[c]) (bn_pre).
 struct XActArgs {
+  at::Tensor mean;          // [C] float64, contiguous
   at::Tensor scale, shift;  // [C], x's dtype, contiguous
   bool relu;
 };
 
-// The checked arguments (given together, [C] of x's dtype on the CPU), or nullopt without them.
-std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                                     bool relu, const at::Tensor& x, int64_t C);
+// The checked arguments (given together; mean float64, scale and shift x's dtype, [C] on the CPU),
+// or nullopt without them.
+std::optional<XActArgs> check_in_act(const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& scale,
+                                     const std::optional<at::Tensor>& shift, bool relu, const at::Tensor& x, int64_t C);
+
+// act((y - mean) scale + shift) as a new (pooled) tensor: bn_act without a residual, for the
+// kernels that cannot apply a deferred BatchNorm while packing (XAct).
+at::Tensor bn_apply(const at::Tensor& y, const XActArgs& a);
 
 // bn_act_backward's argument checks.
 void check_bn_grad(const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& residual,

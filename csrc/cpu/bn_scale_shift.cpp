@@ -2,7 +2,9 @@
 // (sparse_conv2d_stats: stats [2, C] f64 = sum y, sum y^2 over N = batch * height * width values):
 //   batch statistics:  mean = sum y / N,  var = max(sum y^2 / N - mean^2, 0),  invstd = 1 / sqrt(var + eps)
 //   running statistics (eval): mean = running_mean, invstd = 1 / sqrt(running_var + eps)
-//   scale = weight * invstd,  shift = bias - mean * scale   (weight 1, bias 0 without affine)
+//   scale = weight * invstd,  shift = bias   (weight 1, bias 0 without affine)
+// for the centred map (y - mean) * scale + shift the kernels apply (bn_act.h's bn_pre: exact where
+// y == mean, which y * scale + (bias - mean * scale) is not)
 // and, with batch statistics and running buffers given, nn.BatchNorm2d's update of them:
 //   num_batches_tracked += 1;  m = momentum, or 1 / num_batches_tracked when momentum is None
 //   running_mean = (1 - m) running_mean + m mean;  running_var = (1 - m) running_var + m var N / (N - 1)
@@ -109,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
   }
   for (int64_t c = 0; c < C; ++c) {
     sp[c] = wp[c] * ip[c];
-    hp[c] = bp[c] - mp[c] * sp[c];
+    hp[c] = bp[c];
   }
   if (update) {
     double m = momentum.value_or(0.0);

@@ -4,8 +4,8 @@
 // in row-major order wins, a NaN wins over numbers (the last NaN over earlier ones). The backward
 // writes every input gradient once (the max position gets the output's gradient, the others 0;
 // rows and columns past 2 * (H / 2) get 0), so it needs no zero fill (unpool.h). One pass each way.
-// With in_scale/in_shift (a fused layer's BatchNorm, engine/fused.py), x is that BN's input y and
-// each plane is first normalised into an L1 buffer by bn_act's own plane function (bn_act.h's
+// With in_mean/in_scale/in_shift (a fused layer's BatchNorm, engine/fused.py), x is that BN's input
+// y and each plane is first normalised into an L1 buffer by bn_act's own plane function (bn_act.h's
 // act_plane: its output bit for bit), then pooled: the BN's activation is never written.
 #include <atomic>
 #include <type_traits>
@@ -66,20 +66,22 @@ ST_INLINE void pool_pairs_n(const T* x, int64_t q0, int64_t q1, T* out, uint8_t*
   }
 }
 
-// Planes [p0, p1) of act(sc[c] * x + sh[c]) (C channels) as bn_act computes them (its plane
-// function), normalised into buf (kActBuf elements) a block of planes at a time, then pooled.
+// Planes [p0, p1) of act((x - mean[c]) sc[c] + sh[c]) (C channels) as bn_act computes them (its
+// plane function), normalised into buf (kActBuf elements) a block of planes at a time, then pooled.
 constexpr int64_t kActBuf = 4096;
 template <typename T>
 ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t p0, int64_t p1,
-                               T* out, uint8_t* idx, const T* sc, const T* sh, bool relu, int64_t C, T* buf) {
+                               T* out, uint8_t* idx, const double* mean, const T* sc, const T* sh, bool relu,
+                               int64_t C, T* buf) {
   const int n = pair_width(H, W);
   const int64_t hw = H * W, nb = std::max<int64_t>(1, kActBuf / hw);
   for (int64_t pb = p0; pb < p1; pb += nb) {
     const int64_t pe = std::min(p1, pb + nb);
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t c = p % C;
-      if (relu) act_plane<T, true, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, sc[c], sh[c]);
-      else act_plane<T, false, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, sc[c], sh[c]);
+      const T m = T(mean[c]);
+      if (relu) act_plane<T, true, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, m, sc[c], sh[c]);
+      else act_plane<T, false, false>(x + p * hw, nullptr, buf + (p - pb) * hw, hw, m, sc[c], sh[c]);
     }
     if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, (pe - pb) * OH, out + pb * OH * OW, idx + pb * OH * OW)))
     else
@@ -88,16 +90,17 @@ ST_INLINE void pool_act_planes(const T* x, int64_t H, int64_t W, int64_t OH, int
   }
 }
 
-// Samples [s0, s1) of maps under kRowPlane pixels, as bn_act's row path (constants per element a,
-// b over a sample's n = C * H * W elements), each sample row normalised into buf, then pooled.
+// Samples [s0, s1) of maps under kRowPlane pixels, as bn_act's row path (constants per element m,
+// a, b over a sample's n = C * H * W elements), each sample row normalised into buf, then pooled.
 template <typename T>
 ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t C, int64_t s0,
-                             int64_t s1, T* out, uint8_t* idx, const T* a, const T* b, bool relu, T* buf) {
+                             int64_t s1, T* out, uint8_t* idx, const T* m, const T* a, const T* b, bool relu,
+                             T* buf) {
   const int n = pair_width(H, W);
   const int64_t len = C * H * W, olen = C * OH * OW;
   for (int64_t s = s0; s < s1; ++s) {
-    if (relu) act_row<T, true, false>(x + s * len, nullptr, buf, len, a, b);
-    else act_row<T, false, false>(x + s * len, nullptr, buf, len, a, b);
+    if (relu) act_row<T, true, false>(x + s * len, nullptr, buf, len, m, a, b);
+    else act_row<T, false, false>(x + s * len, nullptr, buf, len, m, a, b);
     if (n) ST_PAIRS_SWITCH(n, (pool_pairs_n<T, NN>(buf, 0, C * OH, out + s * olen, idx + s * olen)))
     else
       for (int64_t c = 0; c < C; ++c)
@@ -107,11 +110,11 @@ ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64
 
 #define ST_POOL_TASKS(T)                                                                        \
   ST_MULTIVERSION void pool_planes(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW,    \
-                                   int64_t p0, int64_t p1, T* out, uint8_t* idx, const T* sc,    \
-                                   const T* sh, bool relu, int64_t C) try {                     \
+                                   int64_t p0, int64_t p1, T* out, uint8_t* idx, const double* mean, \
+                                   const T* sc, const T* sh, bool relu, int64_t C) try {        \
     if (sc) {                                                                                   \
       T* buf = scratch<T>(size_t(std::max<int64_t>(kActBuf, H * W)), 0);                        \
-      pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, sc, sh, relu, C, buf);                 \
+      pool_act_planes(x, H, W, OH, OW, p0, p1, out, idx, mean, sc, sh, relu, C, buf);           \
       return;                                                                                   \
     }                                                                                           \
     if (const int n = pair_width(H, W)) {                                                       \
@@ -122,10 +125,10 @@ ST_INLINE void pool_act_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64
       pool_plane(x + p * H * W, W, OH, OW, out + p * OH * OW, idx + p * OH * OW);               \
   } ST_CLONE_CATCH                                                                              \
   ST_MULTIVERSION void pool_rows(const T* x, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t C, \
-                                 int64_t s0, int64_t s1, T* out, uint8_t* idx, const T* a, const T* b, \
-                                 bool relu) try {                                               \
+                                 int64_t s0, int64_t s1, T* out, uint8_t* idx, const T* m, const T* a, \
+                                 const T* b, bool relu) try {                                   \
     T* buf = scratch<T>(size_t(C * H * W), 0);                                                  \
-    pool_act_rows(x, H, W, OH, OW, C, s0, s1, out, idx, a, b, relu, buf);                       \
+    pool_act_rows(x, H, W, OH, OW, C, s0, s1, out, idx, m, a, b, relu, buf);                    \
   } ST_CLONE_CATCH                                                                              \
   ST_MULTIVERSION void unpool_planes(const T* g, const uint8_t* idx, int64_t H, int64_t W,      \
                                      int64_t OH, int64_t OW, int64_t p0, int64_t p1,            \
@@ -148,13 +151,15 @@ void check_x4(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [batch, channels, height, width], got shape ", t.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::optional<at::Tensor>& in_scale,
+std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::optional<at::Tensor>& in_mean,
+                                               const std::optional<at::Tensor>& in_scale,
                                                const std::optional<at::Tensor>& in_shift, bool in_relu) {
   check_x4(x, "x");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
   TORCH_CHECK_VALUE(H >= 2 && W >= 2, "x must be at least 2x2 to pool 2x2 (as nn.MaxPool2d(2)), got shape ", x.sizes());
-  const std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, C);
+  const std::optional<XActArgs> ia = check_in_act(in_mean, in_scale, in_shift, in_relu, x, C);
   const at::Tensor sc = ia ? ia->scale : at::Tensor(), sh = ia ? ia->shift : at::Tensor();
+  const double* mean = ia ? ia->mean.data_ptr<double>() : nullptr;
   const at::Tensor xc = x.contiguous();
   at::Tensor out = pooled_empty({B, C, OH, OW}, x.options());
   at::Tensor idx = at::empty({B, C, OH, OW}, x.options().dtype(at::kByte));
@@ -163,16 +168,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2x2(const at::Tensor& x, const std::o
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool2x2", [&] {
     using T = scalar_t;
     if (sc.defined() && H * W < kRowPlane) {  // bn_act's row path: sample rows, constants per element
+      const std::vector<T> m = per_element<T>(mean, C, H * W);
       const std::vector<T> a = per_element<T>(sc.data_ptr<T>(), C, H * W), b = per_element<T>(sh.data_ptr<T>(), C, H * W);
       at::parallel_for(0, B, plane_grain(C * H * W), [&](int64_t s0, int64_t s1) {
-        ST_CLONE_CALL(pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), a.data(),
-                                b.data(), relu));
+        ST_CLONE_CALL(pool_rows(xc.data_ptr<T>(), H, W, OH, OW, C, s0, s1, out.data_ptr<T>(), idx.data_ptr<uint8_t>(), m.data(),
+                                a.data(), b.data(), relu));
       });
       return;
     }
     at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
       ST_CLONE_CALL(pool_planes(xc.data_ptr<scalar_t>(), H, W, OH, OW, p0, p1, out.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
-                                sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
+                                mean, sc.defined() ? sc.data_ptr<scalar_t>() : nullptr, sh.defined() ? sh.data_ptr<scalar_t>() : nullptr,
                                 relu, C));
     });
   });

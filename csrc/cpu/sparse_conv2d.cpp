@@ -89,13 +89,22 @@ int64_t in_channels(int64_t cols, const ConvArgs& a) {
   return cols / (a.kh * a.kw);
 }
 
-// x for a kernel: x itself, or act(scale * x + shift) written out where the kernel cannot apply it
-// while packing (the small-map kernel, strides other than 1); `ia` is cleared then.
+// x for a kernel: x itself, or act((x - mean) scale + shift) written out where the kernel cannot
+// apply it while packing (the small-map kernel, strides other than 1); `ia` is cleared then.
 at::Tensor deferred_input(const at::Tensor& xc, std::optional<XActArgs>& ia, bool small, const Plan& P) {
   if (!ia || (!small && P.sh == 1 && P.sw == 1)) return xc;
-  at::Tensor out = bn_apply(xc, ia->scale, ia->shift, ia->relu);
+  at::Tensor out = bn_apply(xc, *ia);
   ia.reset();
   return out;
+}
+
+// The kernels' view of the deferred BatchNorm (all null without one); its mean in T, kept in `mean`.
+template <typename T>
+XAct<T> kernel_xact(const std::optional<XActArgs>& ia, std::vector<T>& mean) {
+  if (!ia) return XAct<T>{nullptr, nullptr, nullptr, false};
+  const double* m = ia->mean.data_ptr<double>();
+  mean.assign(m, m + ia->mean.numel());
+  return XAct<T>{mean.data(), ia->scale.data_ptr<T>(), ia->shift.data_ptr<T>(), ia->relu};
 }
 
 // The forward, with the epilogue of sparse_conv2d_stats when stats is defined ([2, O] float64).
@@ -132,8 +141,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& crow, const at::T
   const int64_t sbt = prb ? 0 : small_conv_tile(P, x.element_size());
   const at::Tensor xc = deferred_input(x.contiguous(), ia, sbt != 0 || prb != 0, P);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d", [&] {
-    const XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
-                            ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
+    std::vector<scalar_t> xmean;
+    const XAct<scalar_t> xa = kernel_xact(ia, xmean);
     if (prb)
       return pointwise_conv<scalar_t>(P, prb, xc.data_ptr<scalar_t>(), nullptr,
                                       bias ? bc.data_ptr<scalar_t>() : nullptr, crow.data_ptr<int64_t>(),
@@ -164,18 +173,19 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
 
 // y = conv(x, W) + b (then relu(y) when `relu`) and, computed while each output tile is in cache,
 // stats [2, O] float64: per output channel the sum and the sum of squares of y over (batch,
-// height, width): a BatchNorm's batch statistics without another pass over y. With in_scale and
-// in_shift, x is the previous layer's y and the conv reads act(in_scale * x + in_shift) (XAct).
+// height, width): a BatchNorm's batch statistics without another pass over y. With in_mean, in_scale
+// and in_shift, x is the previous layer's y and the conv reads act((x - in_mean) in_scale + in_shift)
+// (XAct).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
     const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
     const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, const std::optional<at::Tensor>& bias, bool relu,
-    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu,
-    const std::optional<at::Tensor>& relu_counts) {
+    const std::optional<at::Tensor>& in_mean, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, bool in_relu, const std::optional<at::Tensor>& relu_counts) {
   at::Tensor stats;
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
   at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
-                              bias, relu, &stats, check_in_act(in_scale, in_shift, in_relu, x, x.size(1)),
+                              bias, relu, &stats, check_in_act(in_mean, in_scale, in_shift, in_relu, x, x.size(1)),
                               relu_counts);
   return {y, stats};
 }
@@ -200,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
     const at::Tensor* col, const at::Tensor* values, const at::Tensor* ccol, const at::Tensor* row_t,
     const at::Tensor* perm, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
     const std::optional<at::Tensor>& grad_input_add = std::nullopt, const BnArgs* bn = nullptr,
-    std::optional<XActArgs> ia = std::nullopt, const at::Tensor* in_mean = nullptr,
-    std::vector<double>* in_sums = nullptr, std::pair<const at::Tensor*, const at::Tensor*> index = {}) {
+    std::optional<XActArgs> ia = std::nullopt, std::vector<double>* in_sums = nullptr,
+    std::pair<const at::Tensor*, const at::Tensor*> index = {}) {
   const ConvArgs a = check_conv_args(kernel_size, stride, padding);
   TORCH_CHECK_VALUE(grad_out.dim() == 4, "grad_out must be 4-D [batch, channels, height, width], got shape ",
                     grad_out.sizes());
@@ -294,15 +304,12 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(
           ccol ? row_t->data_ptr<int32_t>() : nullptr, ccol ? perm->data_ptr<int64_t>() : nullptr, nnz,
           nullptr, ccol ? dx.data_ptr<scalar_t>() : nullptr, crow ? dv.data_ptr<scalar_t>() : nullptr,
           false, nullptr, has_add ? add.data_ptr<scalar_t>() : nullptr);
-    XAct<scalar_t> xa{ia ? ia->scale.data_ptr<scalar_t>() : nullptr,
-                      ia ? ia->shift.data_ptr<scalar_t>() : nullptr, ia && ia->relu};
-    std::vector<scalar_t> xmean;  // (XAct: the deferred BatchNorm's sums from the dx planes)
-    std::vector<double> xpart;
+    std::vector<scalar_t> xmean;
+    XAct<scalar_t> xa = kernel_xact(ia, xmean);
+    std::vector<double> xpart;  // (the deferred BatchNorm's sums from the dx planes)
     if (ia && in_sums && ccol) {
-      const double* m = in_mean->data_ptr<double>();
-      xmean.assign(m, m + C);
       xpart.assign(size_t(P.nbt) * C * 2, 0.0);
-      xa.mean = xmean.data(), xa.part = xpart.data();
+      xa.part = xpart.data();
     }
     BnPack<scalar_t> pk{};
     Unpool up{};
@@ -414,9 +421,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_input_add, const at::Tensor& y, const std::optional<at::Tensor>& residual,
     const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& invstd, bool batch_stats, bool relu_after, bool relu_before, bool grad_residual,
-    bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias, const std::optional<at::Tensor>& in_mean,
-    const std::optional<at::Tensor>& sums, const std::optional<at::Tensor>& pool_indices) {
+    bool grad_input, bool grad_values, const std::optional<at::Tensor>& in_mean,
+    const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift, bool in_relu, bool grad_bias,
+    bool in_sums, const std::optional<at::Tensor>& sums, const std::optional<at::Tensor>& pool_indices) {
   check_conv_args(kernel_size, stride, padding);  // (also where no conv gradient is wanted)
   check_bn_grad(pool_indices ? y : grad_out, y, residual, scale, shift, weight, mean, invstd);
   if (pool_indices) check_pooled_grad(grad_out, *pool_indices, y, residual.has_value());
@@ -424,10 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(!grad_residual || (residual && relu_after), "grad_residual needs a residual and relu_after (without "
                     "the ReLU after, the residual's gradient is grad_out itself)");
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D [batch, channels, height, width], got shape ", x.sizes());
-  std::optional<XActArgs> ia = check_in_act(in_scale, in_shift, in_relu, x, x.size(1));
+  std::optional<XActArgs> ia = check_in_act(in_mean, in_scale, in_shift, in_relu, x, x.size(1));
   const int64_t C = y.size(1);
-  TORCH_CHECK_VALUE(!in_mean || ia, "in_mean needs in_scale and in_shift (the deferred BatchNorm it belongs to)");
-  if (in_mean) check_channels(*in_mean, x.size(1), at::kDouble, "in_mean");
+  TORCH_CHECK_VALUE(!in_sums || ia, "in_sums needs in_mean, in_scale and in_shift (the deferred BatchNorm whose sums "
+                    "it asks for)");
   if (sums) {
     check_cpu(*sums, "sums");
     TORCH_CHECK_TYPE(sums->scalar_type() == at::kDouble, "sums must be float64 [", C, ", 2] (per channel sum g, "
@@ -488,14 +495,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {dx, dv, dw, db, gres, dsum, xsums};
   }
   std::vector<double> xs;
-  const at::Tensor im = in_mean ? in_mean->contiguous() : at::Tensor();
   auto [gx, gv] = conv_backward(g, &x, {x.size(2), x.size(3)}, grad_values ? &crow : nullptr,
                                 grad_values ? &col : nullptr, &values, grad_input ? &ccol : nullptr,
                                 grad_input ? &row_t : nullptr, grad_input ? &perm : nullptr, kernel_size, stride,
-                                padding, grad_input_add, &bn, ia, in_mean ? &im : nullptr, in_mean ? &xs : nullptr,
-                                {&crow, &col});
-  if (in_mean && grad_input) {  // the deferred BatchNorm's sums: from the kernel, or a pass over dx here
-    if (xs.empty()) xs = bn_sums(gx, x.contiguous(), nullptr, ia->scale, ia->shift, im, ia->relu);
+                                padding, grad_input_add, &bn, ia, in_sums ? &xs : nullptr, {&crow, &col});
+  if (in_sums && grad_input) {  // the deferred BatchNorm's sums: from the kernel, or a pass over dx here
+    if (xs.empty()) xs = bn_sums(gx, x.contiguous(), nullptr, ia->scale, ia->shift, ia->mean, ia->relu);
     xsums = at::empty({x.size(1), 2}, dw.options());
     std::copy(xs.begin(), xs.end(), xsums.data_ptr<double>());
   }

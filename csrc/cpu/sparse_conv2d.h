@@ -170,17 +170,16 @@ struct BnPack {
 };
 
 // A BatchNorm (+ ReLU) of the layer before, deferred into this conv's input packing
-// (engine/fused.py): the conv reads y and packs act(scale[c] * y + shift[c]) (bn_act.h's act_plane,
-// so the values are bn_act's bit for bit); that activation is never written. Stride 1 on the
-// phase-plane kernel; the op entry points apply it first (bn_apply) elsewhere.
-// With mean and part (the backward, dx wanted): that BatchNorm's first backward pass is done here,
-// from each dx plane while it is in L2 with the y plane just packed: part [tiles][C][2] += sum g and
+// (engine/fused.py): the conv reads y and packs act((y - mean[c]) scale[c] + shift[c]) (bn_act.h's
+// act_plane, so the values are bn_act's bit for bit); that activation is never written. Stride 1 on
+// the phase-plane kernel; the op entry points apply it first (bn_apply) elsewhere.
+// With part (the backward, dx wanted): that BatchNorm's first backward pass is done here, from
+// each dx plane while it is in L2 with the y plane just packed: part [tiles][C][2] += sum g and
 // sum g (y - mean), g = dx masked by act's ReLU (the sums bn_grad_coefficients takes as `sums`).
 template <typename T>
 struct XAct {
-  const T *scale, *shift;  // [C]
+  const T *mean, *scale, *shift;  // [C]
   bool relu;
-  const T* mean = nullptr;  // [C]
   double* part = nullptr;
 };
 

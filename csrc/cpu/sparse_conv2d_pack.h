@@ -22,7 +22,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Plan fields are read into locals first here and in the other row loops: the row copies are
 // byte moves that may alias anything, so a field read through P would be reloaded after every
 // store (measured: 3x slower packing of 8x8 maps).
-// With xa (stride 1 only, XAct): the rows are act(a * x + b) of the deferred BatchNorm.
+// With xa (stride 1 only, XAct): the rows are act((x - m) a + b) of the deferred BatchNorm.
 template <typename T>
 ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, const XAct<T>* xa = nullptr,
                             int64_t c = 0) {
@@ -32,12 +32,12 @@ ST_INLINE void pack_x_plane(const Plan& P, const T* src, int64_t b, T* dst, cons
   if (sh == 1 && sw == 1) {  // one phase: each row's W pixels, then PW - W zeros; zero rows below
     T* fr = dst + XF + b * frame;
     if (xa) {
-      const T a = xa->scale[c], sft = xa->shift[c];
+      const T m = xa->mean[c], a = xa->scale[c], sft = xa->shift[c];
       for (int64_t r = 0; r < H; ++r) {
         T* d = fr + r * PW;
         const T* s = src + r * W;
-        if (xa->relu) act_plane<T, true, false>(s, nullptr, d, W, a, sft);  // (bn_act's own row function)
-        else act_plane<T, false, false>(s, nullptr, d, W, a, sft);
+        if (xa->relu) act_plane<T, true, false>(s, nullptr, d, W, m, a, sft);  // (bn_act's own row function)
+        else act_plane<T, false, false>(s, nullptr, d, W, m, a, sft);
         zero_n(d + W, PW - W);
       }
     } else {

@@ -121,8 +121,8 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
     if in_act is not None and (not fusable or not torch.is_grad_enabled()):
         # x holds the previous layer's y: apply its BN here; its gradient passes straight through
         # (the previous layer's backward expects the gradient of its output)
-        a, b, relu = in_act
-        act = x * a[:, None, None] + b[:, None, None]
+        m, a, b, relu = in_act  # (centred, as the kernels: csrc/cpu/bn_act.h's bn_pre)
+        act = (x - m.to(x.dtype)[:, None, None]) * a[:, None, None] + b[:, None, None]
         act = F.relu(act) if relu else act
         x, in_act = x + (act - x).detach(), None
     if not fusable:
@@ -177,10 +177,11 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
     shift = shift.to(values.dtype)
     in_epilogue = relu_after and residual is None
     y, _ = ops._call("sparse_conv2d_stats", x, crow, col, values, ccol, row_t, perm, *geom, shift, in_epilogue,
-                     None, None, False, counts if in_epilogue else None)
-    if residual is not None:
-        one = torch.ones_like(shift)
-        y = ops._call("bn_act", y, one, torch.zeros_like(shift), residual, relu_after, counts if relu_after else None)
+                     None, None, None, False, counts if in_epilogue else None)
+    if residual is not None:  # (mean 0, scale 1, shift 0: the residual added, the ReLU applied)
+        zero = torch.zeros_like(shift)
+        y = ops._call("bn_act", y, zero.double(), torch.ones_like(shift), zero, residual, relu_after,
+                      counts if relu_after else None)
     return y, y
 
 

@@ -15,10 +15,10 @@ from .placeholders import _check_bn
 
 class _Opts(NamedTuple):
     """How one fused call connects to its neighbours. route: x comes back too (routed_input).
-    defer: a dict that receives (scale, shift) when the BN's output is deferred (the call returns
-    y as its output; the next fused conv applies the BN while packing). in_act: (scale, shift,
-    relu) of the previous layer's deferred BN: x holds that layer's y. link: that layer's defer dict
-    (its BN mean under "mean"): this layer's backward leaves there that BN's first-pass sums,
+    defer: a dict that receives (mean, scale, shift, relu) under "act" when the BN's output is
+    deferred (the call returns y as its output; the next fused conv applies the BN while packing).
+    in_act: that tuple of the previous layer's deferred BN: x holds that layer's y. link: that
+    layer's defer dict (its "act" given): this layer's backward leaves there that BN's first-pass sums,
     computed from dx inside the conv kernel, with dx ("sums"), which that layer's backward then uses
     if its grad_out is that dx. counts: int64 [neurons] of the ReLU's output that the kernel applying
     the ReLU adds its positive outputs to. pool: the output 2x2-max-pooled in the BN's pass."""
@@ -43,16 +43,17 @@ class _SparseConvBNReLU(torch.autograd.Function):
     def forward(ctx, x, values, cbias, weight, bias, residual, index, geom, bn, relu_before, relu_after, opts):
         crow, col, ccol, row_t, perm = index
         k, s, p = geom
-        in_act = opts.in_act or (None, None, False)
+        in_act = opts.in_act or (None, None, None, False)
         y, stats = ops._call("sparse_conv2d_stats", x, crow, col, values, ccol, row_t, perm, k, s, p, cbias,
                              relu_before, *in_act, opts.counts if relu_before else None)
         batch_stats, (mean, invstd, w, scale, shift) = _statistics(bn, y, stats)
         out = idx = None
         if opts.defer is None:
             if opts.pool and not (relu_after and opts.counts is not None):  # the activation is never written
-                out, idx = torch.ops.sparsetrain.max_pool2x2(y, scale, shift, relu_after)
+                out, idx = torch.ops.sparsetrain.max_pool2x2(y, mean, scale, shift, relu_after)
             else:
-                out = ops._call("bn_act", y, scale, shift, residual, relu_after, opts.counts if relu_after else None)
+                out = ops._call("bn_act", y, mean, scale, shift, residual, relu_after,
+                                opts.counts if relu_after else None)
                 if opts.pool:
                     out, idx = torch.ops.sparsetrain.max_pool2x2(out)
         ctx.save_for_backward(x, values, y, residual, scale, shift, w, mean, invstd, *index, idx)
@@ -61,7 +62,7 @@ class _SparseConvBNReLU(torch.autograd.Function):
         ctx.has = (cbias is not None, weight is not None, bias is not None)
         ctx.set_materialize_grads(False)  # (y gets no gradient: no zeros of its size)
         if opts.defer is not None:  # the normalised activation is never written
-            opts.defer["act"], opts.defer["mean"] = (scale, shift, relu_after), mean
+            opts.defer["act"] = (mean, scale, shift, relu_after)
             return (y, x) if opts.route else y
         ctx.mark_non_differentiable(y)
         return (out, y, x) if opts.route else (out, y)
@@ -85,12 +86,12 @@ class _SparseConvBNReLU(torch.autograd.Function):
         need_cb = has_cbias and ctx.needs_input_grad[2]  # (without it, dy only where a nonzero reads it)
         handed = opts.defer.pop("sums", None) if opts.defer is not None else None  # (_Opts.link)
         sums = handed[0] if handed is not None and handed[1] is grads[0] else None
-        link = opts.link if need_x and opts.link is not None and "mean" in opts.link else None
+        link = opts.link if need_x and opts.link is not None and "act" in opts.link else None
         # the BN's sums (or those handed over), then the conv backward computing dy as it packs it
         dx, dvalues, dw, db, dres, dy_sum, in_sums = ops._call(
             "sparse_conv2d_bn_backward", grad_out.contiguous(), x, crow, col, values, ccol, row_t, perm, k, s, p,
             add, y, res, scale, shift, w, mean, invstd, batch_stats, relu_after, relu_before, need_res and relu_after,
-            need_x, need_v, *(opts.in_act or (None, None, False)), need_cb, link["mean"] if link else None, sums,
+            need_x, need_v, *(opts.in_act or (None, None, None, False)), need_cb, link is not None, sums,
             idx)  # (pool: grad_out is the pooled output's, unpooled by the op as it reads it)
         if link is not None:
             link["sums"] = (in_sums, dx)
@@ -104,7 +105,8 @@ class _SparseConvBNReLU(torch.autograd.Function):
 
 @torch.no_grad()
 def _statistics(bn: nn.BatchNorm2d, y: torch.Tensor, stats: torch.Tensor):
-    """(uses batch statistics, (mean, invstd, weight as float64 [C]; scale, shift in y's dtype)),
+    """(uses batch statistics, (mean, invstd, weight as float64 [C]; scale = weight invstd, shift = bias in
+    y's dtype: the kernels apply (y - mean) scale + shift)),
     bn's running statistics updated in training mode as nn.BatchNorm2d does (bn_scale_shift)."""
     batch_stats = bn.training or bn.running_mean is None
     n = y.numel() // y.shape[1]

@@ -256,7 +256,7 @@ _register(Op("sparse_conv2d_backward",
 # sums, then the conv backward computing the BN's input gradient as it packs it (bn_act_backward: the same,
 # written out), bn_scale_shift its constants. Fakes only: the autograd formula is engine/fused.py's Function.
 def _conv_stats_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias, relu,
-                     in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
+                     in_mean=None, in_scale=None, in_shift=None, in_relu=False, relu_counts=None):
     y = _conv_fake(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding, bias)
     return y, x.new_empty((2, crow.shape[0] - 1), dtype=torch.float64)
 
@@ -268,9 +268,9 @@ def _bn_act_backward_fake(grad_out, y, residual, scale, shift, weight, mean, inv
 
 def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k, s, p, grad_input_add, y, residual,
                            scale, shift, weight, mean, invstd, batch_stats, relu_after, relu_before, grad_residual,
-                           grad_input, grad_values, in_scale=None, in_shift=None, in_relu=False, grad_bias=True,
-                           in_mean=None, sums=None, pool_indices=None):  # (dx, dvalues, BN dw, db, d res, sum dy, in sums)
-    c, e, ci = mean.shape, (0,), (x.shape[1], 2) if in_mean is not None and grad_input else (0,)  # e: empty
+                           grad_input, grad_values, in_mean=None, in_scale=None, in_shift=None, in_relu=False,
+                           grad_bias=True, in_sums=False, sums=None, pool_indices=None):  # (dx, dvalues, BN dw, db, d res, sum dy, in sums)
+    c, e, ci = mean.shape, (0,), (x.shape[1], 2) if in_sums and grad_input else (0,)  # e: empty
     return (x.new_empty(x.shape if grad_input else e), values.new_empty(values.shape if grad_values else e),
             mean.new_empty(c), mean.new_empty(c), y.new_empty(y.shape if grad_residual else e),
             mean.new_empty(c if grad_bias else e), mean.new_empty(ci))
@@ -278,7 +278,8 @@ def _conv_bn_backward_fake(grad_out, x, crow, col, values, ccol, row_t, perm, k,
 
 _register(Op("sparse_conv2d_stats", _conv_stats_fake, "sparse_conv2d.sparse_conv2d_stats"))
 _register(Op("sparse_conv2d_bn_backward", _conv_bn_backward_fake, "bn_act.sparse_conv2d_bn_backward"))
-_register(Op("bn_act", lambda y, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape), "bn_act.bn_act"))
+_register(Op("bn_act", lambda y, mean, scale, shift, residual, relu, relu_counts=None: y.new_empty(y.shape),
+             "bn_act.bn_act"))
 _register(Op("bn_act_backward", _bn_act_backward_fake, "bn_act.bn_act_backward"))
 _register(Op("bn_scale_shift", lambda stats, count, w, b, rm, rv, nbt, momentum, eps, batch_stats, dtype: tuple(
     stats.new_empty(stats.shape[1:], dtype=torch.float64 if i < 3 else dtype) for i in range(5)), "bn_act.bn_scale_shift"))
@@ -286,22 +287,24 @@ _register(Op("bn_scale_shift", lambda stats, count, w, b, rm, rv, nbt, momentum,
 
 # ============================================================================ 2x2 max-pooling (CPU only)
 # out = max over each 2x2 window (stride 2), idx its position (uint8 0..3); dx = dout at idx, else 0;
-# with in_scale/in_shift the window of act(in_scale * x + in_shift) (a fused layer's BatchNorm output).
-def _pool_fake(x, in_scale=None, in_shift=None, in_relu=False):
+# with in_mean/in_scale/in_shift the window of act((x - in_mean) * in_scale + in_shift) (a fused layer's BN output).
+def _pool_fake(x, in_mean=None, in_scale=None, in_shift=None, in_relu=False):
     torch._check(x.dim() == 4 and x.shape[2] >= 2 <= x.shape[3], lambda: f"x must be 4-D, >= 2x2, got {tuple(x.shape)}")
     shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
 def _pool_setup(ctx, inputs, output):
-    if inputs[1] is not None:  # (engine/fused.py differentiates that form itself)
-        raise RuntimeError("max_pool2x2 with in_scale/in_shift has no autograd formula: call it under torch.no_grad()")
+    if any(t is not None for t in inputs[1:4]):  # (engine/fused.py differentiates that form itself)
+        raise RuntimeError("max_pool2x2 with in_mean/in_scale/in_shift has no autograd formula: call it under "
+                           "torch.no_grad()")
     ctx.save_for_backward(output[1])
     ctx.input_size = list(inputs[0].shape[2:])
 
 
 def _pool_backward(ctx, grad_out, _grad_idx):
-    return torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.input_size), None, None, None
+    return (torch.ops.sparsetrain.max_pool2x2_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.input_size),
+            None, None, None, None)
 
 
 _register(Op("max_pool2x2", _pool_fake, setup=_pool_setup, backward=_pool_backward))
