@@ -140,16 +140,36 @@ def _trainer(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
     return step
 
 
-def _check_losses(name: str, sparsity: float, losses: dict, cuda: bool) -> None:
+def _check_losses(name: str, sparsity: float, losses: dict, cuda: bool, reference=None) -> None:
     """The sparse and fused models' losses of the warm-up step (forward) and of the first timed one
     (after the warm-up's backward and update) against the dense masked model's: a wrong kernel stops
     the benchmark instead of being reported with a speedup. Same weights and masks, sums in another
-    order (cuDNN may use TF32 on a GPU: looser there)."""
+    order (cuDNN may use TF32 on a GPU: looser there). Where the first timed losses part by more, an
+    engine passes if it is as close to the float64 dense model's as 3x the float32 dense model is
+    (reference(): those two float64 losses, computed only then): VGG-like at 99% at small batches,
+    whose chains of near-constant BN channels make some BN-bias gradients rounding-dominated in every
+    float32 engine, PyTorch's dense layers included (README, known limits)."""
     tol = dict(rtol=1e-2, atol=1e-3) if cuda else dict(rtol=1e-3, atol=1e-4)
+    ref64 = None
     for engine in ENGINES[1:]:
-        for when, a, b in zip(("warm-up", "first timed"), losses[engine], losses["dense"]):
-            torch.testing.assert_close(a.cpu(), b.cpu(), **tol, msg=lambda m, engine=engine, when=when: (
+        for i, (when, a, b) in enumerate(zip(("warm-up", "first timed"), losses[engine], losses["dense"])):
+            a, b = a.cpu().double(), b.cpu().double()
+            if i == 1 and reference is not None and not torch.allclose(a, b, **tol):
+                ref64 = reference() if ref64 is None else ref64
+                r = ref64[1]
+                if abs(a - r) <= 3 * abs(b - r) + tol["atol"] + tol["rtol"] * abs(r):
+                    continue
+                raise AssertionError(f"{name} at {sparsity}: the {engine} model's first timed loss {a:.6f} is "
+                                     f"{abs(a - r):.2e} from the float64 dense model's {r:.6f}, more than 3x the "
+                                     f"float32 dense model's {b:.6f} ({abs(b - r):.2e})")
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, engine=engine, when=when: (
                 f"{name} at {sparsity}: the {engine} model's {when} loss differs from the dense masked one's: {m}"))
+
+
+def _float64_losses(name: str, sparsity: float, x: torch.Tensor, t: torch.Tensor) -> list:
+    """The dense masked model's warm-up and first step losses in float64 (_check_losses' reference)."""
+    step = _trainer(build(name, sparsity, "dense").to(x.device, torch.float64).train(), x.double(), t)
+    return [step().cpu().double() for _ in range(2)]
 
 
 def _own_peak(name: str, sparsity: float, engine: str, steps: int, batch: int = BATCH) -> float:
@@ -205,7 +225,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                     peak = torch.cuda.max_memory_allocated(device) if cuda else _vm("VmHWM")
                     # (None: unmeasured, printed "-", never the process's peak since start as a step's)
                     peaks[engine] = max(peaks[engine], peak) if reset and peaks[engine] is not None else None
-            _check_losses(name, sp, losses, cuda)
+            _check_losses(name, sp, losses, cuda, lambda: _float64_losses(name, sp, x, t))
             for engine, step in steps_of.items():
                 row[f"{engine}_ms"] = statistics.median(times[engine])
                 row[f"{engine}_peak_mb"] = None if peaks[engine] is None else peaks[engine] / 2**20

@@ -525,6 +525,32 @@ def test_train_step_batch_flag_times_that_batch_and_names_its_table(tmp_path, mo
     assert names == ["train_step_b8.json", "train_step.json", "train_step_b8_partial.json"]
 
 
+def test_train_step_loss_check_falls_back_to_float64_only_after_the_update():
+    """_check_losses: the warm-up losses (no update yet) must agree to 1e-3; a first timed loss further from the
+    dense float32 one passes only if it is within 3x the dense float32 model's distance to the float64 dense
+    model's (computed then, once), so an ill-conditioned model's fp32 rounding is not reported as a wrong kernel
+    and a wrong kernel still stops the benchmark."""
+    import train_step
+    t = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    calls = []
+
+    def ref():
+        calls.append(1)
+        return [torch.tensor(2.0, dtype=torch.float64), torch.tensor(2.10, dtype=torch.float64)]
+    train_step._check_losses("m", 0.99, {"dense": [t(2.0), t(2.0)], "sparse": [t(2.0), t(2.0001)],
+                                         "fused": [t(2.0), t(2.0)]}, False, ref)
+    assert calls == []  # (within 1e-3: no float64 run)
+    ok = {"dense": [t(2.0), t(2.0)], "sparse": [t(2.0), t(2.05)], "fused": [t(2.0), t(2.25)]}
+    train_step._check_losses("m", 0.99, ok, False, ref)  # dense 0.10 from float64: 0.05 and 0.15 within 0.30
+    assert calls == [1]  # (once for both engines)
+    with pytest.raises(AssertionError, match=r"fused model's first timed loss 2\.450000 is 3\.50e-01 from the float64"):
+        train_step._check_losses("m", 0.99, {**ok, "fused": [t(2.0), t(2.45)]}, False, ref)
+    with pytest.raises(AssertionError, match="sparse model's warm-up loss differs"):
+        train_step._check_losses("m", 0.99, {**ok, "sparse": [t(2.01), t(2.0)]}, False, ref)
+    with pytest.raises(AssertionError, match="first timed loss differs"):  # (no reference: the plain check)
+        train_step._check_losses("m", 0.99, ok, False)
+
+
 def test_a_thread_count_or_missing_isolated_peaks_never_replaces_a_table(monkeypatch):
     """kernels.py --threads N is not the table (its default threads): *_partial.json, as conv_bench.py's;
     train_step.json is measured with --isolated-peaks: a CPU run without them writes train_step_partial.json."""
