@@ -255,9 +255,6 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     if pool_indices is not None:
         raise ValueError("pool_indices: the Triton backend does not pool in the BatchNorm's pass (the fused layers "
                          "do so on the CPU engine only)")
-    if in_sums and in_scale is None:
-        raise ValueError("in_sums needs in_mean, in_scale and in_shift (the deferred BatchNorm whose sums it asks "
-                         "for)")
     check_device(grad_out, x, y, residual, scale, shift, weight, mean, invstd, in_scale, in_shift, in_mean, sums,
                  name="sparse_conv2d_bn_backward")
     _check_bn_grad(grad_out, y, residual, scale, shift, weight, mean, invstd)
@@ -269,6 +266,9 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [batch, channels, height, width], got shape {list(x.shape)}")
     in_act = deferred_bn(x, in_mean, in_scale, in_shift, in_relu)
+    if in_sums and in_act is None:
+        raise ValueError("in_sums needs in_mean, in_scale and in_shift (the deferred BatchNorm whose sums it asks "
+                         "for)")
     C = y.shape[1]
     if sums is not None and (sums.dtype != torch.float64 or sums.shape != (C, 2)):
         raise (TypeError if sums.dtype != torch.float64 else ValueError)(
@@ -282,8 +282,8 @@ def sparse_conv2d_bn_backward(grad_out, x, crow_indices, col_indices, values, cc
     dx, dv, xsums = empty, values.new_empty(0), mean.new_empty(0)
     xa = x
     if in_act is not None:  # x is the previous layer's BN input: the conv read its activation
-        m, a, b, _ = (_per_channel(t, x) if torch.is_tensor(t) else t for t in in_act)
-        xa = (x - m.to(x.dtype)) * a + b
+        m, a, b, _ = in_act
+        xa = (x - _per_channel(m.to(x.dtype), x)) * _per_channel(a, x) + _per_channel(b, x)
         xa = xa.clamp_min(0) if in_relu else xa
     dy = dy.contiguous()
     if grad_input and grad_values:
