@@ -1005,12 +1005,15 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     masks = model_masks(model, 0.9)
     sparsetrain.sparsify_(model, masks, fuse=True)
     convs = [n for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)]
-    # every conv feeds a BN; a torchvision block calls its one self.relu at two sites: only the
-    # stem's ReLU (called once) is fused
-    assert len(convs) == 20 and [n for n in convs if model.get_submodule(n).relu_after] == ["conv1"]
+    # every conv feeds a BN; a torchvision block calls its one self.relu at two sites: fused after
+    # bn1 (a real ReLU after `out += identity`), so each block's conv1 defers bn1 + relu into conv2
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert len(convs) == 20 and [n for n in convs if model.get_submodule(n).relu_after] == \
+        ["conv1"] + [b + ".conv1" for b in blocks]
     assert "layer2.0.downsample.0" in convs and isinstance(model.layer2[0].downsample[1], FusedBatchNorm2d)
-    assert [n for n, m in model.named_modules() if isinstance(m, FusedReLU)] == ["relu"]
-    assert not any(getattr(m, "feeds", None) for m in model.modules())  # (its activations have two readers)
+    assert [n for n, m in model.named_modules() if isinstance(m, FusedReLU)] == ["relu"] + [b + ".relu" for b in blocks]
+    assert {n: m.feeds for n, m in model.named_modules() if getattr(m, "feeds", None)} == \
+        {b + ".conv1": model.get_submodule(b + ".conv2") for b in blocks}
     sparsetrain.densify_(ref)  # (no-op: dense) ; the reference is the dense masked model
     with torch.no_grad():
         for n, mk in masks.items():
@@ -1019,6 +1022,9 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     for training in (True, False):
         model.train(training), ref.train(training)
         torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
+    # Eq. 1 at each site of a block's relu: counted by the fused kernel after bn1, from the output after the add
+    e_f, e_r = activation_entropy(model, [x]), activation_entropy(ref, [x])
+    assert e_f["per_layer"] == pytest.approx(e_r["per_layer"]) and "layer1.0.relu#1" in e_f["per_layer"]
     unfuse_(model)
     assert not any(isinstance(m, (SparseConvBNReLU, FusedBatchNorm2d)) for m in model.modules())
     torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
@@ -1026,6 +1032,185 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     sparsetrain.densify_(model)  # unfuses, then densifies
     assert type(model.conv1) is nn.Conv2d and type(model.bn1) is nn.BatchNorm2d
     torch.testing.assert_close(model(x), ref(x), rtol=1e-8, atol=1e-8)
+
+
+class _Shared(nn.Module):
+    """One ReLU module at three sites: after bn1, after bn2 + x (a real ReLU) and after bn3 (as
+    torchvision's Bottleneck); `act` off skips the first."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        for i in (1, 2, 3):
+            setattr(self, f"conv{i}", nn.Conv2d(4, 4, 3, padding=1, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(4))
+        self.relu, self.fc, self.act = nn.ReLU(inplace=inplace), nn.Linear(4, 3), True
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x))
+        out = self.relu(out) if self.act else out
+        out = self.bn2(self.conv2(out))
+        out += x
+        out = self.relu(out)
+        out = self.relu(self.bn3(self.conv3(out)))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _shared_pair(inplace=True, hook=None):
+    torch.manual_seed(0)
+    ref = _Shared(inplace).double()
+    if hook is not None:
+        hook(ref.relu)
+    masks = model_masks(ref, 0.5)
+    model = copy.deepcopy(ref)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    return model, ref, masks
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_relu_module_shared_by_a_batchnorm_site_and_an_add_site(inplace):
+    """A ReLU module called at several sites is fused where it alone reads a fusable BN (conv1's,
+    conv3's) and applies a real ReLU where it reads the add, in place as built: outputs, every
+    gradient, running statistics and SGD steps are the dense masked model's, train and eval;
+    its forward hook sees the same three activations."""
+    model, ref, masks = _shared_pair(inplace)
+    assert {n: (m.relu_after, m.feeds) for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)} == \
+        {"conv1": (True, model.conv2), "conv2": (False, None), "conv3": (True, None)}
+    assert isinstance(model.relu, FusedReLU) and model.relu.inplace is inplace
+    seen = {}
+    for m in (ref, model):
+        m.relu.register_forward_hook(lambda mod, i, o, k=m is ref: seen.setdefault(k, []).append(o.clone()))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+        grads = []
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.square().sum().backward()
+            grads.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+            opt.step()
+        with torch.no_grad():  # (the dense reference's masked-out weights stepped too: zeroed again)
+            for n, mk in masks.items():
+                ref.get_submodule(n).weight.mul_(mk)
+        (y_ref, gx_ref, g_ref), (y, gx, g_model) = grads
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+        torch.testing.assert_close(gx, gx_ref, **TOL[torch.float64])
+        for n, grad in g_model.items():
+            layer = n.removesuffix(".weight.values")
+            torch.testing.assert_close(grad, g_ref[n] if layer == n else g_ref[layer + ".weight"][masks[layer]],
+                                       **TOL[torch.float64], msg=n)
+    assert len(seen[True]) == len(seen[False]) == 12
+    for a, b in zip(seen[True], seen[False]):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+    for k, v in ref.state_dict().items():  # (the running statistics, and the stepped weights)
+        got = model.state_dict()[k + ".values" if k.endswith("weight") and k[:-7] in masks else k]
+        torch.testing.assert_close(got, v[masks[k[:-7]]] if got.shape != v.shape else v, **TOL[torch.float64], msg=k)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    ref.eval(), model.eval()
+    torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+    sparsetrain.unfuse_(model)
+    assert type(model.relu) is nn.ReLU and model.relu.inplace is inplace
+
+
+def test_a_checkpoint_segment_starting_at_a_shared_relu_s_fused_site_is_refused():
+    """Its recompute has no hand-over: the shared FusedReLU applies the ReLU there and saves its output,
+    which the first pass did not; torch.utils.checkpoint refuses the mismatch (no silent gradient)."""
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+    model, _, _ = _shared_pair(inplace=False)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    out = model.bn1(model.conv1(x))
+    out = checkpoint(lambda t: model.bn2(model.conv2(model.relu(t))), out, use_reentrant=False)
+    with pytest.raises(CheckpointError, match="Recomputed values for the following tensors have different metadata"):
+        out.sum().backward()
+
+
+def test_a_shared_relu_fused_round_by_round_links_as_fused_at_once():
+    """Layers made sparse in different fuse_ calls (--engine auto's rounds): a later call fuses the
+    shared FusedReLU an earlier one made at its other sites too (it held fuse_'s own attributes, taken
+    for a user's: that conv stayed unfused), so the model equals the one fused at once."""
+    torch.manual_seed(0)
+    base = _Shared(True).double()
+    masks = model_masks(base, 0.5)
+    once, rounds = copy.deepcopy(base), copy.deepcopy(base)
+    sparsetrain.sparsify_(once, masks, fuse=True)
+    for part in (["conv3", "conv2"], ["conv1", "fc"]):
+        sparsetrain.sparsify_(rounds, {n: masks[n] for n in part}, fuse=True)
+
+    def links(m):
+        return {n: (type(mod).__name__, getattr(mod, "relu_after", None), type(getattr(mod, "feeds", None)).__name__)
+                for n, mod in m.named_modules()}
+    assert links(rounds) == links(once) and rounds.conv3.relu_after and rounds.conv1.feeds is rounds.conv2
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(rounds(x), once(x), rtol=0, atol=0)
+
+
+def test_a_shared_relu_is_fused_only_where_it_is_safe():
+    """A pre-hook on the shared ReLU keeps it a real ReLU (conv -> BN fused alone), a full backward
+    hook keeps its convs unfused, as for a ReLU called once; a forward that skips a fused site hands
+    the next site the other tensor: refused by name, each time, and then runs as before. A ReLU
+    called between a conv and its site stays a real ReLU; one called before its first fused site is
+    fused. A hook raising at the second fused site's BN (a NaN guard) is not taken for a skip by the
+    first site's conv; one raising before a real site's call is told there, once."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    model, ref, _ = _shared_pair(hook=lambda r: r.register_forward_pre_hook(lambda m, i: None))
+    assert type(model.relu) is nn.ReLU and not any(m.relu_after for m in model.modules() if hasattr(m, "relu_after"))
+    torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+    model, ref, _ = _shared_pair(hook=lambda r: r.register_full_backward_hook(lambda *a: None))
+    assert type(model.relu) is nn.ReLU and type(model.conv1) is SparseConv2d and type(model.conv2) is SparseConvBNReLU
+    model, ref, _ = _shared_pair()
+    model(x)
+    model.act = ref.act = False
+    for _ in range(2):  # (each such forward: conv1's activation has the ReLU applied)
+        with pytest.raises(RuntimeError, match="FusedReLU was called on a tensor its fused conv did not hand it"):
+            model(x)
+    model.act = ref.act = True
+    torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+
+    def guard(m, i, out):
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("non-finite activation")
+    for m in (model, ref):
+        m.bn3.register_forward_hook(guard)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        model(bad)
+    torch.testing.assert_close(model(x), ref(x), **TOL[torch.float64])
+
+    class Early(_Shared):  # a real site first
+        def forward(self, x):
+            return self.relu(self.bn1(self.conv1(self.relu(x - 0.5))))
+
+    class Between(_Shared):  # the ReLU's other site between conv1 and its site
+        def forward(self, x):
+            y = self.bn1(self.conv1(x))
+            z = self.relu(x - 0.5)
+            return self.relu(y) + z
+    for cls in (Between, Early):
+        torch.manual_seed(0)
+        m = cls(True).double()
+        masks = model_masks(m, 0.5)
+        r = copy.deepcopy(m)
+        sparsetrain.sparsify_(m, masks, fuse=True)
+        assert type(m.conv1) is SparseConvBNReLU and m.conv1.relu_after is (cls is Early)
+        assert type(m.relu) is (FusedReLU if cls is Early else nn.ReLU)
+        with torch.no_grad():
+            r.conv1.weight.mul_(masks["conv1"])
+        torch.testing.assert_close(m(x), r(x), **TOL[torch.float64])
+    m.bn1.register_forward_hook(guard)  # (Early's) a NaN guard stops a forward after conv1: the real site told
+    with pytest.raises(FloatingPointError):
+        m(bad)
+    with pytest.raises(RuntimeError, match=r"the last forward stopped at an error between a fused conv and its site "
+                                           r"\(told once: run again\)"):
+        m(x)
+    torch.testing.assert_close(m(x), r(x), **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("make", [

@@ -32,11 +32,13 @@ def _vgg11_bn():
 # name: (build, input side, fused convs, of those with the ReLU after the BN, dense (grouped) convs).
 # 64 where the last BNs would see 1x1 maps at 32: two values a channel in train mode, so chaotic that a
 # 1e-16 change of the input moved the dense regnet_x_400mf's output by 4%. The fused conv's BN (and
-# ReLU) are the modules registered right after it (checked below).
+# ReLU, or its block's shared ReLU) are the modules registered right after it (checked below).
 MODELS = {
     # every conv feeds a BN (53: 49 in blocks, 4 downsample); a Bottleneck calls its one self.relu
-    # at three sites, so only the stem's ReLU is fused (as ResNet-18's in test_fused)
-    "resnet50": (lambda: tv.resnet50(num_classes=10), 64, 53, 1, 0),
+    # at three sites: fused after bn1 and bn2 (2 x 16 blocks + the stem's), a real ReLU after the add
+    "resnet50": (lambda: tv.resnet50(num_classes=10), 64, 53, 33, 0),
+    # a BasicBlock's self.relu at two sites: fused after bn1 (8 blocks + the stem's)
+    "resnet18": (lambda: tv.resnet18(num_classes=10), 64, 20, 9, 0),
     "vgg11_bn": (_vgg11_bn, 32, 8, 8, 0),
     # conv0 -> norm0 -> relu0 and each dense layer's conv1 -> norm2 -> relu2 (1 + 58); conv2 feeds
     # the concatenation, a transition's conv the pool: not fused
@@ -104,9 +106,10 @@ def test_torchvision_model_matches_the_dense_masked_model(name):
         assert len(fused) == (n_fused if fuse else 0)
         assert sum(m.relu_after for m in model.modules() if isinstance(m, SparseConvBNReLU)) == (n_relu if fuse else 0)
         assert not any(m.relu_before for m in model.modules() if isinstance(m, SparseConvBNReLU))
-        for n, (bn, *relu) in fused.items():  # (conv, BN, ReLU as registered; fused ReLUs are nn.ReLU)
-            i = order.index(n)
-            assert [bn, *relu] == order[i + 1:i + 2 + len(relu)] and type(ref.get_submodule(bn)) is nn.BatchNorm2d
+        for n, (bn, *relu) in fused.items():  # (conv, BN, ReLU as registered, or a block's shared ReLU: its
+            i = order.index(n)  # sibling; fused ReLUs are nn.ReLU)
+            assert bn == order[i + 1] and type(ref.get_submodule(bn)) is nn.BatchNorm2d
+            assert all(r == order[i + 2] or r.rpartition(".")[0] == n.rpartition(".")[0] for r in relu)
             assert all(type(ref.get_submodule(r)) is nn.ReLU and isinstance(model.get_submodule(r), FusedReLU) for r in relu)
         assert sum(isinstance(m, FusedBatchNorm2d) for m in model.modules()) == len(fused)
         for training in (True, False):
@@ -124,3 +127,49 @@ def test_torchvision_model_matches_the_dense_masked_model(name):
         for k, v in ref_state.items():  # (the BNs' running statistics after the train pass)
             if k in state:
                 torch.testing.assert_close(state[k], v, **TOL64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_resnets_fuse_every_site_of_their_shared_relu_and_step_as_the_dense_model(name):
+    """A block's one self.relu is fused after each BN it alone reads (BasicBlock's conv1, Bottleneck's
+    conv1 and conv2, each deferring into the next conv) and stays a real in-place ReLU after the add;
+    three SGD steps follow the dense masked model's (its masked-out weights zeroed after each)."""
+    build, hw = MODELS[name][:2]
+    torch.manual_seed(0)
+    ref = build().double()
+    masks = model_masks(ref, 0.9)
+    model = copy.deepcopy(ref)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref.get_submodule(n).weight.mul_(mk)
+    convs = ("conv1",) if name == "resnet18" else ("conv1", "conv2")
+    depths = (2, 2, 2, 2) if name == "resnet18" else (3, 4, 6, 3)
+    blocks = [f"layer{i}.{j}" for i, n in enumerate(depths, 1) for j in range(n)]
+    fused = {n: m for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)}
+    assert [n for n, m in fused.items() if m.relu_after] == ["conv1"] + [f"{b}.{c}" for b in blocks for c in convs]
+    nxt = {"conv1": "conv2", "conv2": "conv3"}
+    assert {n: m.feeds for n, m in fused.items() if m.feeds is not None} == \
+        {f"{b}.{c}": fused[f"{b}.{nxt[c]}"] for b in blocks for c in convs}
+    relus = [model.get_submodule(b).relu for b in blocks]
+    assert all(isinstance(r, FusedReLU) and r.inplace and r.shared for r in relus)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, model)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(2, 3, hw, hw, generator=g, dtype=torch.float64)
+        losses = []
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            loss = m(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            for n, mk in masks.items():
+                ref.get_submodule(n).weight.mul_(mk)
+        assert losses[1] == pytest.approx(losses[0], rel=1e-7, abs=1e-7), step
+    state = model.state_dict()
+    for k, v in ref.state_dict().items():  # (the stepped weights, a sparse one's values, and running statistics)
+        got = state.get(k, state.get(k + ".values"))
+        layer = k.removesuffix(".weight")
+        torch.testing.assert_close(got, v[masks[layer]] if got.shape != v.shape else v, **TOL64, msg=k)

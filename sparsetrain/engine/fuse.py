@@ -75,6 +75,36 @@ def _residual_relu(bn: fx.Node, model: nn.Module, conv_name: str, modules: dict,
     return relu
 
 
+def _shared_relu(conv: fx.Node, bn: fx.Node, model: nn.Module, modules: dict, calls: dict,
+                 aliased: set) -> fx.Node | None:
+    """The call of an nn.ReLU module called at several sites (torchvision's residual blocks) that alone
+    reads `bn`, when it can be fused there: not under two names, and no other call of that ReLU nor of
+    a sparse conv between `conv` and it (the conv's hand-over goes to the next call of the ReLU: the
+    FusedReLU passes it through there and applies a real ReLU at the sites no fused layer handed a
+    tensor)."""
+    relu = _only_user(bn)
+    if relu is None or relu.op != "call_module" or relu.target in aliased or calls.get(relu.target, 0) < 2:
+        return None
+    current = model.get_submodule(relu.target)  # (a FusedReLU: fused at another site, by this call or an earlier one)
+    if type(current) not in (nn.ReLU, FusedReLU) or type(modules[relu.target]) not in (nn.ReLU, FusedReLU):
+        return None
+    n = conv.next
+    while n is not relu:  # (graph order: call order)
+        if n.op == "call_module" and (n.target == relu.target or isinstance(modules.get(n.target), SparseConv2d)):
+            return None
+        n = n.next
+    return relu
+
+
+def _has_extras(m: nn.Module) -> bool:
+    """has_extras; for a FusedReLU (a shared ReLU an earlier fuse_ call fused at another site), beyond
+    fused_own's keys."""
+    if type(m) is not FusedReLU:
+        return has_extras(m)
+    own = fused_own(m)
+    return any((m._parameters, m._buffers, m._modules)) or any(k not in own for k in m.__dict__)
+
+
 def _calls(graph: fx.Graph) -> list:
     # (without fx's checks of the concrete args, `arg == default` read only by torch._assert: a default
     # of 1.0 or (2, 2) made every such forward "take another path")
@@ -126,7 +156,9 @@ def _unrecordable(model: nn.Module, e: Exception) -> str:
 def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     """Fuse, in place, every SparseConv2d -> [ReLU] -> BatchNorm2d -> [ReLU] of `model` (module
     docstring; BatchNorm2d with affine or not, running statistics or not). A ReLU module called at
-    more than one site (torchvision's residual blocks) stays unfused: conv -> BN is fused alone.
+    more than one site (torchvision's residual blocks) is fused at each site where it alone reads a
+    fused BN (_shared_relu) and applies a real ReLU at the others (FusedReLU.shared); where it cannot
+    be (a pre-hook, a call between the conv and that site), conv -> BN is fused alone.
     conv -> BN -> + shortcut -> ReLU is fused where the block declares it passes the shortcut
     (`fused_residual`, see _residual_relu); a block that passes its input on through
     `routed_input(self.<conv>, x)` declares `fused_route_input = "<conv>"` (child name) and that
@@ -150,9 +182,9 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
     names: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), []).append(name)
-    for same in names.values():
-        for name in same if len(same) > 1 else ():
-            calls[name] = max(calls.get(name, 0), 2)
+    aliased = {name for same in names.values() if len(same) > 1 for name in same}
+    for name in aliased:
+        calls[name] = max(calls.get(name, 0), 2)
     fused, last = [], _fused_before(graph, modules, calls)  # last: fused conv -> its activation's node
     for node in list(graph.nodes):
         if (node.op != "call_module" or type(modules.get(node.target)) is not SparseConv2d or calls[node.target] != 1
@@ -167,10 +199,11 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         if relu_before is None:
             relu_after = residual = _residual_relu(bn, model, node.target, modules, calls)
             if residual is None:
-                relu_after = _module_call(_only_user(bn), modules, calls, nn.ReLU)
+                relu_after = (_module_call(_only_user(bn), modules, calls, nn.ReLU)
+                              or _shared_relu(node, bn, model, modules, calls, aliased))
             if relu_after is not None and modules[relu_after.target]._forward_pre_hooks:
                 relu_after = residual = None  # (a pre-hook may change the ReLU's input: conv -> BN fused alone)
-        if _watched(modules[bn.target], global_hooks=False) or any(has_extras(modules[n.target]) for n in (
+        if _watched(modules[bn.target], global_hooks=False) or any(_has_extras(modules[n.target]) for n in (
                 bn, relu_before, relu_after) if n is not None) or any(
                 _backward_hooked(modules[r.target], global_hooks=False) for r in (relu_before, relu_after) if r is not None
         ) or relu_before is not None and _watched(modules[relu_before.target], global_hooks=False):
@@ -180,8 +213,10 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
         fbn = _rebuild_bn(modules[bn.target], FusedBatchNorm2d)
         _set_module(model, bn.target, fbn)
         for r in (relu_before, relu_after):
-            if r is not None:
+            if r is not None and type(model.get_submodule(r.target)) is not FusedReLU:  # (a shared one: made once)
                 _set_module(model, r.target, FusedReLU(inplace=getattr(modules[r.target], "inplace", False)))
+            if r is not None and calls[r.target] > 1:  # (its other sites apply the ReLU: FusedReLU.forward)
+                model.get_submodule(r.target).shared = True
         layer = SparseConvBNReLU(modules[node.target], fbn, relu_before is not None, relu_after is not None,
                                  residual is not None)
         parent_name, _, child = node.target.rpartition(".")
@@ -303,7 +338,8 @@ def unfuse_(model: nn.Module) -> nn.Module:
 
 # What fuse_ sets on the modules it makes (references to the others, flags, the per-thread hand-off slot): theirs,
 # as a fresh fused module's keys are, not a user's attribute (one set after fuse_, which unfuse_ carries over).
-_FUSE_SETS = frozenset({"route_input", "_placeholders", "feeds", "pools", "fed", "flatten", "linear", _PerThread.SLOT})
+_FUSE_SETS = frozenset({"route_input", "_placeholders", "feeds", "pools", "fed", "shared", "flatten", "linear",
+                        _PerThread.SLOT})
 _FUSED_OWN: dict[type, frozenset] = {}  # fused kind -> fused_own
 
 

@@ -236,7 +236,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        _check_taken(*(self._placeholders or (self.bn,)), self.pools, hooked=_watched(self))
+        _check_taken(*(self._placeholders or (self.bn,)), self.pools, hooked=_watched(self), layer=self)
         _refuse_unsupported(self, x)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
@@ -266,7 +266,7 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
         handed = y if pool or self.relu_before else out  # (what the ReLU placeholder is called on, either order)
         if relu is not None:
-            relu._pending = (handed,)
+            relu._pending = (handed, self)  # (a ReLU shared by fused layers: _check_taken reads who handed it)
         return handed
 
     def train(self, mode: bool = True) -> "SparseConvBNReLU":

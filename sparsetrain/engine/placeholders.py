@@ -236,18 +236,25 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
 
-def _check_taken(*modules: nn.Module, hooked: bool = False) -> None:
+def _check_taken(*modules: nn.Module, hooked: bool = False, layer: nn.Module | None = None) -> None:
     """Before a fused conv runs: its last forward called each of its placeholders (`modules`: the
     BN, ReLU and pool it computes for, in call order) after it. A forward that skipped one (a branch
     fx traced the other way, or part of the model called alone) got it applied anyway: a skipped pool
     even handed the next layer the BN's input. From the first module with a hook on (all of them when
     `hooked`: the conv has one), a hand-over left is not taken for a skip (the hook may have raised: a
-    NaN guard's skipped batch). Told once: every hand-over is dropped."""
+    NaN guard's skipped batch). Told once: every hand-over is dropped. A ReLU shared with other fused
+    layers may hold another `layer`'s hand-over: hooks from that layer on count then."""
     modules = [m for m in modules if m is not None]
     skipped = []
     for m in modules:  # (in call order: a hook's error stops the forward at its module, not a skip)
         hooked = hooked or _watched(m)
-        if m._pending is not None and not hooked:
+        owner = m._pending[-1] if isinstance(m, FusedReLU) and m._pending is not None else layer
+        if owner is not layer and owner is not None:  # (its conv, then its placeholders up to this ReLU)
+            chain = owner._placeholders
+            left = not _watched(owner, *chain[:chain.index(m) + 1] if m in chain else chain)
+        else:
+            left = not hooked
+        if m._pending is not None and left:
             skipped.append(type(m).__name__)
     refused = any(m._raised for m in modules)  # (that forward stopped at a refusal: told then)
     for m in modules:
@@ -260,14 +267,20 @@ def _check_taken(*modules: nn.Module, hooked: bool = False) -> None:
 
 class FusedReLU(HandOff, nn.ReLU):
     """A ReLU applied by the SparseConvBNReLU before it: passes its input through (forward hooks
-    still see the activation, for the entropy of Eq. 1). With `count_states` set, each call of that
-    layer also counts, per neuron of this activation, the samples where it is positive, inside the
-    kernel that applies the ReLU; a forward hook on this module takes them with pop_state_counts()
-    (the activation entropy does, instead of reading the activation again)."""
+    still see the activation, for the entropy of Eq. 1). With `shared` (set by fuse_: a ReLU module
+    called at several sites, torchvision's residual blocks), a call no fused layer handed a tensor
+    (`out += identity; out = self.relu(out)`) applies the ReLU, as nn.ReLU (in place where built so);
+    a checkpoint segment that starts at its fused site recomputes it without the hand-over: it applies
+    the ReLU and saves its output, which torch.utils.checkpoint's check refuses (CheckpointError).
+    With `count_states` set, each call of that layer also counts, per neuron of this activation, the
+    samples where it is positive, inside the kernel that applies the ReLU; a forward hook on this
+    module takes them with pop_state_counts() (the activation entropy does, instead of reading the
+    activation again)."""
 
     count_states = False
+    shared = False  # called at other sites too, where it applies the ReLU (set by fuse_)
     _state_counts: torch.Tensor | None = None
-    _pending: tuple | None = None  # (the tensor this module will be called on,)
+    _pending: tuple | None = None  # (the tensor this module will be called on, the fused layer that handed it)
     _transient = ("_state_counts", "_pending", "_raised", "_returned")
 
     @eager  # (the identity its fused layer's successor checks: no traced copy)
@@ -276,11 +289,15 @@ class FusedReLU(HandOff, nn.ReLU):
         x = input
         pending, self._pending = self._pending, None
         _refuse_unsupported(self, x)
+        if pending is None and self.shared:  # (a site no fused layer precedes: fuse_ checked that a fused layer's
+            return super().forward(x)  # site is the ReLU's next call)
         if pending is not None and not _same_data(x, pending[0]):  # (its layer applied the ReLU to other values)
             raise RuntimeError("FusedReLU was called on a tensor its fused conv did not hand it: a hook added "
                                "after fuse_() changed it (a forward pre-hook on this ReLU, or a forward hook on the "
                                "module before it; register it before fuse_(): that layer then stays unfused), or "
-                               "the model's graph changed after fuse_(); call sparsetrain.unfuse_(model)")
+                               "the model's graph changed after fuse_(); call sparsetrain.unfuse_(model)" + (
+                                   "; or, at another site of this shared ReLU, the last forward stopped at an error "
+                                   "between a fused conv and its site (told once: run again)" if self.shared else ""))
         if self._state_counts is not None:
             self._returned = x  # (the activation the counts are of: pop_state_counts)
         return x
