@@ -79,6 +79,24 @@ def _ticks(pid: int) -> int:
     return int(fields[22 - 3])
 
 
+def test_a_finished_run_invoked_again_keeps_its_seeds_records(mnist_dir, study_args):
+    """A finished run invoked again (nothing to train) rewrote each seed's status.json with its own pid and times, as
+    if the seed had run then; the record of the process that trained it now stays, byte for byte. A seed whose
+    phases finished but whose record is not `done` (stopped just after) is still recorded done by this process."""
+    args = study_args(mnist_dir, "--phases", "teacher")
+    assert study.main(args) == 0
+    rd = run_dir(mnist_dir / "runs")
+    path = rd / "seed0" / "status.json"
+    earlier = json.dumps({**_status(rd, 0), "pid": 1, "started": "2026-12-06 10:00:00 +0000",
+                          "ended": "2026-12-06 10:05:00 +0000"}, indent=1)
+    path.write_text(earlier)
+    assert study.main(args) == 0
+    assert path.read_text() == earlier
+    path.write_text(json.dumps({**json.loads(earlier), "state": "stopped", "error": "KeyboardInterrupt"}))
+    assert study.main(args) == 0
+    assert (_status(rd, 0)["state"], _status(rd, 0)["pid"], "error" in _status(rd, 0)) == ("done", os.getpid(), False)
+
+
 def test_a_reused_pid_or_a_restarted_host_is_stopped_and_an_older_record_keeps_the_pid_rule(tmp_path):
     """A "running" record's pid was checked for a living process alone: a killed seed whose pid now belongs to
     another process (or, after a restart, any process) read "running". A record holds the boot id and the

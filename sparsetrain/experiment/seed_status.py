@@ -97,7 +97,13 @@ class SeedStatus:
             write_json(os.path.join(self._sd, STATUS), {**self._record, "state": state, **more})
 
     def start(self, sd: str, phases) -> None:
-        """Record the seed of folder `sd` as running its `phases` in this process."""
+        """Record the seed of folder `sd` as running its `phases` in this process; a seed recorded done whose
+        phases have all finished (a finished run invoked again: nothing runs) keeps its record and gets no other."""
+        record = read_status(sd)
+        if record and record["state"] == "done" and all(  # (best.json: a finished phase, reuse.phase_done)
+                os.path.isfile(os.path.join(sd, p, "best.json")) for p in phases):
+            self._sd = None  # (its pid and times were the no-op's before 2026-12-07, not those of the seed's run)
+            return
         self._sd = sd
         self._record = {"pid": os.getpid(), "host": socket.gethostname(), "phases": list(phases),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
