@@ -651,6 +651,36 @@ def test_a_batchnorm_tensor_of_the_wrong_size_dtype_or_device_is_named(training,
                 torch.testing.assert_close(v, ref.bn.state_dict()[k])
 
 
+@pytest.mark.parametrize("k, hw, b", [(1, (16, 16), 2), (1, (32, 32), 2), (3, (12, 12), 2), (3, (4, 4), 16),
+                                       (1, (8, 8), 32)])
+def test_batch_statistics_of_maps_whose_first_output_is_atypical(k, hw, b):
+    """Maps of a few values a channel whose corner is far from the rest (the first row and column scaled, as
+    EfficientNet-B0's at 99%): the epilogue's float sums are of deviations from an origin, and the variance,
+    b/n - (a/n)^2 of them, cancels by ((mean - origin) / std)^2; the corner as origin put the variance ~1e-4
+    off (BN scale 1e-5 off). The origin is the median of the first, middle and last outputs: the variance to
+    ~1e-6 of float64's, on every kernel path (phase planes, the small-map kernel, the strided 1x1 bands)."""
+    g = torch.Generator().manual_seed(3)
+    C, O = 24, 12
+    x = (torch.randn(b, C, 1, 1, generator=g) + 1).expand(b, C, *hw).contiguous()
+    x[:, :, 0] *= 8.0
+    x[:, :, :, 0] *= 4.0
+    wt = torch.randn(O, C, k, k, generator=g)
+    mask = random_mask(wt.shape, 0.8, generator=g)
+    idx = sparsetrain.CSR.from_dense(wt, mask).index()
+    pad = k // 2
+    for relu in (False, True):
+        y, stats = torch.ops.sparsetrain.sparse_conv2d_stats(x, *idx, [k, k], [1, 1], [pad, pad], None, relu)
+        ref = F.conv2d(x.double(), (wt * mask).double(), padding=pad)
+        ref = ref.clamp_min(0) if relu else ref
+        n = ref[:, 0].numel()
+        mean, var = stats[0] / n, stats[1] / n - (stats[0] / n) ** 2
+        want = ref.var((0, 2, 3), unbiased=False)
+        live = want > 1e-6 * ref.abs().amax((0, 2, 3)) ** 2  # (channels with a variance to measure)
+        assert live.sum() >= O // 2
+        torch.testing.assert_close(mean, ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var[live], want[live], rtol=2e-6, atol=0)
+
+
 def test_batch_statistics_of_an_activation_far_from_zero():
     """float32 activations whose mean is ~3000x their spread (a conv bias of 1000): the kernels' float
     partial sums are of deviations from a sample output, so the variance survives (sums of raw y^2
