@@ -234,10 +234,10 @@ def test_fused_float32_model_is_as_close_to_float64_as_pytorch_s(name, sparsity)
     """Train mode, batch 2: the fused float32 model's output is within 3x (plus a 1e-6 floor) of PyTorch's
     float32 error against the dense masked float64 model, or of the float64 model's own response to a 2^-24
     relative change of its input where that is larger; the better of two such inputs (x and the changed x,
-    each against its own fp64 run). Measured, fused / max(PyTorch, perturbed): <= 3.2 (at ~1e-6: the floor)
-    (EfficientNet-B0 at 99% with seed 1 was 6.8x until the forward epilogue's shifted sums took the median of
-    three outputs as their origin: tests/test_fused.py::test_batch_statistics_of_maps_whose_first_output_is_atypical). The input gradient is not held to
-    such a bound: in float32 it is a draw, as a max-pool window or ReLU input within a rounding of a tie
+    each against its own fp64 run). Measured, fused / max(PyTorch, perturbed): <= 3.2 (at ~1e-6: the floor;
+    EfficientNet-B0 at 99% with seed 1 was 6.8x until the forward epilogue's shifted sums took the median of
+    three outputs as their origin: test_fused.py's test_batch_statistics_of_maps_whose_first_output_is_atypical).
+    The input gradient is not held to such a bound: in float32 it is a draw, as a max-pool window or ReLU input within a rounding of a tie
     (vgg11_bn, seed 3, default init: features.21's window 0.12947161 / 0.12947158) routes it elsewhere, up to
     2e-2 off, in PyTorch's layers (12 of 53 cases over seeds 0-3) as in the fused ones (8, 6 the same), and
     which cases flip changes with the thread count and the vector width (densenet121 at 90%: PyTorch's
