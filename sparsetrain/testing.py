@@ -76,6 +76,16 @@ def mask_weight_(module: torch.nn.Module, mask: torch.Tensor) -> torch.nn.Module
     return module
 
 
+@torch.no_grad()
+def zero_pruned_(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    """The dense masked reference without a parametrization: each `masks[name]`'s layer's weight *= mask,
+    in place (again after an optimizer step moved the pruned weights)."""
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        weight.mul_(mask.to(weight.dtype))
+    return model
+
+
 def model_masks(model, sparsity: float, seed: int = 0) -> dict:
     """{name: random_mask} for every layer of sparsify_'s types (exactly nn.Conv2d or nn.Linear: a
     subclass, whose forward may compute something else, or MultiheadAttention's out_proj is not one;

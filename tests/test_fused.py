@@ -24,7 +24,7 @@ from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, MaxPool2x2, S
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
 from sparsetrain.prune import global_prune
-from sparsetrain.testing import dense_conv2d, model_masks, random_mask
+from sparsetrain.testing import dense_conv2d, model_masks, random_mask, zero_pruned_
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
@@ -126,9 +126,7 @@ def test_fused_vgg_at_99_percent_is_as_close_to_float64_as_pytorch():
     model = vgg_like(5, 5, 10, 3)
     masks = model_masks(model, 0.99, seed=1)
     dense = copy.deepcopy(model).double()
-    with torch.no_grad():
-        for n, mask in masks.items():
-            dense.get_submodule(n).weight.mul_(mask.double())
+    zero_pruned_(dense, masks)
     sparsetrain.sparsify_(model, masks, fuse=True)
     assert sum(isinstance(m, SparseConvBNReLU) for m in model.modules()) == 10
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(123))
@@ -1045,9 +1043,7 @@ def test_torchvision_resnet18_pattern_and_round_trip():
     assert {n: m.feeds for n, m in model.named_modules() if getattr(m, "feeds", None)} == \
         {b + ".conv1": model.get_submodule(b + ".conv2") for b in blocks}
     sparsetrain.densify_(ref)  # (no-op: dense) ; the reference is the dense masked model
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for training in (True, False):
         model.train(training), ref.train(training)
@@ -1093,9 +1089,7 @@ def _shared_pair(inplace=True, hook=None):
     masks = model_masks(ref, 0.5)
     model = copy.deepcopy(ref)
     sparsetrain.sparsify_(model, masks, fuse=True)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     return model, ref, masks
 
 
@@ -1124,9 +1118,7 @@ def test_a_relu_module_shared_by_a_batchnorm_site_and_an_add_site(inplace):
             y.square().sum().backward()
             grads.append((y, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
             opt.step()
-        with torch.no_grad():  # (the dense reference's masked-out weights stepped too: zeroed again)
-            for n, mk in masks.items():
-                ref.get_submodule(n).weight.mul_(mk)
+        zero_pruned_(ref, masks)  # (the dense reference's masked-out weights stepped too: zeroed again)
         (y_ref, gx_ref, g_ref), (y, gx, g_model) = grads
         torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
         torch.testing.assert_close(gx, gx_ref, **TOL[torch.float64])
@@ -1260,9 +1252,7 @@ def test_torchvision_patterns_fused_where_they_apply(make):
     dense = unconvertible(model)
     masks = {n: mk for n, mk in model_masks(model, 0.9).items() if n not in dense}
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     sparsetrain.sparsify_(model, masks, fuse=True)
     fused = {n: m for n, m in model.named_modules() if isinstance(m, SparseConvBNReLU)}
     assert all(type(model.get_submodule(n)) is nn.Conv2d and model.get_submodule(n).groups > 1 for n in dense)

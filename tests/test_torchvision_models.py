@@ -15,7 +15,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain.engine.convert import unconvertible
 from sparsetrain.engine.fused import FusedBatchNorm2d, FusedReLU, SparseConvBNReLU
-from sparsetrain.testing import model_masks
+from sparsetrain.testing import model_masks, zero_pruned_
 
 TOL64 = dict(rtol=1e-7, atol=1e-7)  # (as test_fused's torchvision models: fp64 sums in other orders)
 tv = torchvision.models
@@ -98,9 +98,7 @@ def test_torchvision_model_matches_the_dense_masked_model(name):
         assert not any(isinstance(m, sparsetrain.SparseConv2d) for m in base.modules())
     masks = {n: mk for n, mk in all_masks.items() if n not in dense}
     ref = copy.deepcopy(base)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     order = [n for n, _ in ref.named_modules()]
     x = torch.randn(2, 3, hw, hw, dtype=torch.float64)
     want = {training: _run(ref.train(training), x) for training in (True, False)}  # (train first, as below)
@@ -151,9 +149,7 @@ def test_torchvision_resnets_fuse_every_site_of_their_shared_relu_and_step_as_th
     masks = model_masks(ref, 0.9)
     model = copy.deepcopy(ref)
     sparsetrain.sparsify_(model, masks, fuse=True)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     convs = ("conv1",) if name == "resnet18" else ("conv1", "conv2")
     depths = (2, 2, 2, 2) if name == "resnet18" else (3, 4, 6, 3)
     blocks = [f"layer{i}.{j}" for i, n in enumerate(depths, 1) for j in range(n)]
@@ -175,9 +171,7 @@ def test_torchvision_resnets_fuse_every_site_of_their_shared_relu_and_step_as_th
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        with torch.no_grad():
-            for n, mk in masks.items():
-                ref.get_submodule(n).weight.mul_(mk)
+        zero_pruned_(ref, masks)
         assert losses[1] == pytest.approx(losses[0], rel=1e-7, abs=1e-7), step
     state = model.state_dict()
     for k, v in ref.state_dict().items():  # (the stepped weights, a sparse one's values, and running statistics)
@@ -247,9 +241,7 @@ def test_fused_float32_model_is_as_close_to_float64_as_pytorch_s(name, sparsity)
     dense = unconvertible(base)
     masks = {n: mk for n, mk in model_masks(base, sparsity).items() if n not in dense}
     ref32 = copy.deepcopy(base)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref32.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref32, masks)
     ref64 = copy.deepcopy(ref32).double()
     x = torch.randn(2, 3, hw, hw, dtype=torch.float64, generator=torch.Generator().manual_seed(123))
     want = _out_and_input_grad(ref64, x)
