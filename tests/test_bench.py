@@ -660,7 +660,10 @@ def test_a_wrong_sparse_model_stops_the_training_step_benchmark(monkeypatch):
             model.register_forward_hook(lambda m, i, y: y * 1.01)
         return model
     monkeypatch.setattr(train_step, "build", wrong)
-    with pytest.raises(AssertionError, match="vgg_d5g5 at 0.9: the fused model's .* loss differs from the dense masked"):
+    # (its warm-up loss is within 1e-3; the first timed one, beyond it, is then held to the float64 model's: 0.12
+    # from it where the float32 dense model is 8e-7)
+    with pytest.raises(AssertionError, match=r"vgg_d5g5 at 0.9: the fused model's first timed loss \S+ is \S+ from the "
+                                             r"float64 dense model's"):
         train_step.run(["vgg_d5g5"], [0.9], steps=1, profile=False, device="cpu")
 
 
