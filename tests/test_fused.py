@@ -655,7 +655,7 @@ def test_batch_statistics_of_maps_whose_first_output_is_atypical(k, hw, b):
     """Maps of a few values a channel whose corner is far from the rest (the first row and column scaled, as
     EfficientNet-B0's at 99%): the epilogue's float sums are of deviations from an origin, and the variance,
     b/n - (a/n)^2 of them, cancels by ((mean - origin) / std)^2; the corner as origin put the variance ~1e-4
-    off (BN scale 1e-5 off). The origin is the median of the first, middle and last outputs: the variance to
+    off (BN scale 1e-5 off). The origin is the median of three interior outputs (shift_origin): the variance to
     ~1e-6 of float64's, on every kernel path (phase planes, the small-map kernel, the strided 1x1 bands)."""
     g = torch.Generator().manual_seed(3)
     C, O = 24, 12

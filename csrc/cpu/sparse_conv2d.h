@@ -55,11 +55,13 @@ ST_INLINE void add_shifted_sums(double* st, double a, double b, double k, int64_
   st[1] += b + 2.0 * k * a + double(n) * k * k;
 }
 
-// The deviations' origin for add_shifted_sums: the median of a plane's first, middle and last
-// outputs. The variance comes out as b/n - (a/n)^2, which cancels by ((mean - k) / std)^2: the
-// first output alone (a corner, where zero padding or a scaled border row makes it atypical) lay 13
-// std from the mean in EfficientNet-B0 at 99% (features.2.0.block.3, maps of four values), its BN
-// scale then 1e-5 off; the median of three is one of the typical two unless two are atypical.
+// The deviations' origin for add_shifted_sums: the median of a plane's outputs at a quarter, half
+// and three quarters of its rows and columns. The variance comes out as b/n - (a/n)^2, which
+// cancels by ((mean - k) / std)^2: the first output alone (a corner, where zero padding or a scaled
+// border row makes it atypical) lay 13 std from the mean in EfficientNet-B0 at 99%
+// (features.2.0.block.3, maps of four values), its BN scale then 1e-5 off; three interior probes'
+// median is typical unless two are not (outputs (1, 1) and (2, 2) were not enough: a 3x3 conv's
+// (1, 1) still reads the border row).
 template <typename T>
 ST_INLINE T shift_origin(T first, T mid, T last) {
   return std::max(std::min(first, mid), std::min(std::max(first, mid), last));
@@ -74,7 +76,7 @@ ST_INLINE void conv_epilogue(T* v, int64_t n, bool relu, double* st) {
   if (relu)
     for (int64_t i = 0; i < n; ++i) v[i] = v[i] < T(0) ? T(0) : v[i];
   if (!st || n == 0) return;
-  const T k = shift_origin(v[0], v[n / 2], v[n - 1]);
+  const T k = shift_origin(v[n / 4], v[n / 2], v[3 * n / 4]);
   T a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t i = 0; i < n; ++i) {
@@ -96,7 +98,8 @@ ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, do
   constexpr int64_t L = W / sizeof(T);
   V a = V{}, b = V{}, a2 = V{}, b2 = V{};
   const int64_t n = nv * L;  // (the deviations' origin, read before the ReLU pass: shift_origin)
-  T k = rows && nv ? shift_origin(src[0], src[rows / 2 * pitch + n / 2], src[(rows - 1) * pitch + n - 1]) : T(0);
+  auto probe = [&](int64_t q) __attribute__((always_inline)) { return src[rows * q / 4 * pitch + n * q / 4]; };
+  T k = rows && nv ? shift_origin(probe(1), probe(2), probe(3)) : T(0);
   if constexpr (RELU) k = k < T(0) ? T(0) : k;
   const V kv = V{} + k;
   for (int64_t r = 0; r < rows; ++r) {
@@ -132,7 +135,10 @@ ST_INLINE void epilogue_rows(T* src, int64_t pitch, int64_t nv, int64_t rows, do
 template <typename T, int VB>
 ST_INLINE void plane_epilogue(T* src, int64_t pitch, int64_t n, int64_t rows, bool relu, double* st) {
   const int64_t bytes = n * int64_t(sizeof(T));
-  auto run = [&](auto w) {
+  // (always_inline: a lambda does not inherit the calling clone's instruction set, and once GCC kept
+  // this one out of line, grown by shift_origin's probes, it ran as scalar SSE: the stats epilogue 1.5-4x
+  // slower, VGG-like's step at 99% 23 -> 28 ms)
+  auto run = [&](auto w) __attribute__((always_inline)) {
     constexpr int Wb = decltype(w)::value;
     const int64_t nv = bytes / Wb;
     if (relu && st) epilogue_rows<T, Wb, true, true>(src, pitch, nv, rows, st);
