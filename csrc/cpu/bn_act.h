@@ -106,7 +106,7 @@ ST_INLINE T bn_dy_plane(const T* gp, const T* yp, const T* rp, int64_t n, T a, T
   constexpr int64_t L = VB / sizeof(T);
   V s0{}, s1{};
   int64_t i = 0;
-  auto step = [&](int64_t j, V& s) {
+  auto step = [&](int64_t j, V& s) __attribute__((always_inline)) {  // (a lambda kept out of line loses the clone's ISA)
     prefetch_ahead(gp + j), prefetch_ahead(yp + j);  // (common.h)
     if (RES) prefetch_ahead(rp + j);
     V gm;

@@ -63,8 +63,8 @@ ST_INLINE void add_shifted_sums(double* st, double a, double b, double k, int64_
 // median is typical unless two are not (outputs (1, 1) and (2, 2) were not enough: a 3x3 conv's
 // (1, 1) still reads the border row).
 template <typename T>
-ST_INLINE T shift_origin(T first, T mid, T last) {
-  return std::max(std::min(first, mid), std::min(std::max(first, mid), last));
+ST_INLINE T shift_origin(T p, T q, T r) {  // (the median of three)
+  return std::max(std::min(p, q), std::min(std::max(p, q), r));
 }
 
 // The forward epilogue (engine/fused.py: BatchNorm after a sparse conv): on n outputs still in
