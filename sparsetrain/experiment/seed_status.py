@@ -18,6 +18,7 @@ import time
 from ..engine.writer_lock import pid_alive
 from . import distributed as dist
 from .files import write_json
+from .reuse import phase_done
 
 __all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running", "start_ticks", "ticks_of"]
 
@@ -100,8 +101,7 @@ class SeedStatus:
         """Record the seed of folder `sd` as running its `phases` in this process; a seed recorded done whose
         phases have all finished (a finished run invoked again: nothing runs) keeps its record and gets no other."""
         record = read_status(sd)
-        if record and record["state"] == "done" and all(  # (best.json: a finished phase, reuse.phase_done)
-                os.path.isfile(os.path.join(sd, p, "best.json")) for p in phases):
+        if record and record["state"] == "done" and all(phase_done(os.path.join(sd, p)) for p in phases):
             self._sd = None  # (its pid and times were the no-op's before 2026-12-07, not those of the seed's run)
             return
         self._sd = sd
