@@ -111,11 +111,12 @@ SMALL_MAPS = [
     (6, 5, 40, (7, 7), 3, 2, 1, 0.6, False),                 # stride 2 -> 4x4
     (4, 3, 24, (5, 5), 3, 1, 0, 0.5, True),                  # no padding -> 3x3
     (3, 4, 70, (3, 5), (1, 3), (2, 1), (0, 1), 0.4, True),   # rectangular; 64-sample tiles
-    (5, 5, 130, (4, 4), 3, 1, 1, 0.99, True),                # 128-sample tiles, ragged
+    (5, 5, 130, (4, 4), 3, 1, 1, 0.99, True),                # 64-sample tiles, ragged
     (5, 5, 18, (4, 4), 3, 1, 1, 1.0, True),                  # no nonzero: bias only
     (64, 32, 128, (2, 2), 3, 1, 1, 0.9, False),
     (7, 3, 19, (4, 3), 5, 1, 2, 0.5, True),                  # 5x5 kernel
-    (130, 6, 40, (8, 8), 3, 2, 1, 0.9, True),                # 33 KB per sample: 16-sample tiles
+    (130, 6, 40, (8, 8), 3, 2, 1, 0.9, True),                # 33 KB per sample: 32-sample tiles
+    (300, 6, 40, (8, 8), 3, 2, 1, 0.9, True),                # 77 KB per sample: 16-sample tiles, ragged
 ]
 
 
@@ -128,7 +129,7 @@ def _small_tile(cin, cout, batch, hw, k, s, p, dtype=torch.float32):
 @pytest.mark.parametrize("case", SMALL_MAPS, ids=lambda c: f"{c[0]}-{c[1]}-b{c[2]}-{c[3]}-k{c[4]}s{c[5]}p{c[6]}-{c[7]}")
 def test_small_map_kernel_matches_dense_masked(case):
     cin, cout, batch, hw, k, s, p, sparsity, bias = case
-    assert _small_tile(cin, cout, batch, hw, k, s, p) in (16, 32, 64, 128)  # the small-map kernel serves it
+    assert _small_tile(cin, cout, batch, hw, k, s, p) in (16, 32, 64)  # the small-map kernel serves it
     _check(*case)
 
 
@@ -295,10 +296,12 @@ def test_the_cpu_ops_run_alike_under_deterministic_algorithms():
 
 def test_kernel_choice():
     # small maps with a batch of >= 16 take the batch-innermost kernel, the rest the phase planes
-    assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 32     # ResNet-18 layer4: 1 MB tiles
-    assert _small_tile(512, 512, 128, (2, 2), 3, 1, 1) == 128    # VGG stage 5
-    assert _small_tile(256, 512, 128, (8, 8), 3, 2, 1) == 16     # layer4.0 stride 2: 8x8 -> 4x4
-    assert _small_tile(130, 6, 40, (8, 8), 3, 2, 1) == 16
+    assert _small_tile(512, 512, 128, (4, 4), 3, 1, 1) == 64     # ResNet-18 layer4: 2 MB tiles
+    assert _small_tile(512, 512, 128, (2, 2), 3, 1, 1) == 64     # VGG stage 5: at most 4 vectors
+    assert _small_tile(256, 512, 128, (8, 8), 3, 2, 1) == 32     # layer4.0 stride 2: 8x8 -> 4x4
+    assert _small_tile(130, 6, 40, (8, 8), 3, 2, 1) == 32
+    assert _small_tile(300, 6, 40, (8, 8), 3, 2, 1) == 16
+    assert _small_tile(5, 5, 130, (4, 4), 3, 1, 1, torch.float64) == 32  # 4 vectors of 8 doubles
     assert _small_tile(64, 64, 128, (32, 32), 3, 1, 1) == 0      # layer1: 1024 output pixels
     assert _small_tile(512, 512, 8, (4, 4), 3, 1, 1) == 0        # batch below one vector
     assert _small_tile(256, 512, 128, (8, 8), 1, 2, 0) == -1     # layer4.0's downsample: strided 1x1

@@ -237,8 +237,8 @@ void run_conv(const Plan& P, const T* x, const T* dy, const T* bias, const int64
               const XAct<T>* xact = nullptr, int64_t* relu_counts = nullptr);
 
 // ---- the small-map kernel (sparse_conv2d_small.cpp)
-// Batch tile (elements: 1, 2, 4 or 8 vectors) of the small-map kernel, or 0 where it does not
-// apply: output maps of at most 16 pixels, a batch of at least one vector, a packed tile in L2.
+// Batch tile (elements: 1, 2 or 4 64-byte vectors) of the small-map kernel, or 0 where it does not
+// apply: output maps of at most 16 pixels, a batch of at least one vector, a packed tile of <= 2 MB.
 int64_t small_conv_tile(const ConvGeom& g, size_t elem);
 
 // The three products of the small-map kernel, with run_conv's contract.
