@@ -492,13 +492,14 @@ def test_batch_one_and_small_maps():
 
 
 def test_a_lone_fused_layers_train_eval_and_to_reach_its_batchnorm():
-    """A SparseConvBNReLU built directly holds its BN by reference, not as a submodule: layer.eval() left the
-    BN training (batch statistics, running stats updated: a wrong answer), layer.double() left it float32.
-    Now both reach it, as the same Sequential's would; in a fused model the BN keeps its own mode (frozen)."""
+    """A SparseConvBNReLU built directly with owns_bn=False holds its BN by reference, not as a submodule:
+    layer.eval() left the BN training (batch statistics, running stats updated: a wrong answer), layer.double()
+    left it float32. Now both reach it, as the same Sequential's would; in a fused model the BN keeps its own mode
+    (frozen). (Built directly by default, the layer owns its BN: tests/test_fused_layer.py.)"""
     ref, fused, _ = _fused_pair("bn_relu", 0.5, dtype=torch.float32)
     bn = FusedBatchNorm2d(7)
     bn.load_state_dict(ref.bn.state_dict())
-    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True).double()
+    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True, owns_bn=False).double()
     ref.double()
     assert all(t.dtype == torch.float64 for t in (bn.weight, bn.running_mean, bn.running_var))
     x = torch.randn(3, 5, 6, 6, dtype=torch.float64)
@@ -520,14 +521,14 @@ def test_a_lone_fused_layers_train_eval_and_to_reach_its_batchnorm():
 
 
 def test_a_lone_fused_layers_batchnorm_is_trained_and_saved_beside_it():
-    """A SparseConvBNReLU built directly holds its BN by reference (a fused model's BN is its own module, at its
-    name): layer.parameters() and state_dict() leave the BN out, as its docstring and the README say, so an
-    optimizer over them alone would not train it; one over the layer's and the BN's parameters steps as the dense
-    masked conv -> BN -> ReLU does, and the two state_dicts restore it."""
+    """A SparseConvBNReLU built with owns_bn=False holds its BN by reference (as a fused model's, whose BN is its
+    own module, at its name): layer.parameters() and state_dict() leave the BN out, as its docstring and the
+    README say; an optimizer over the layer's and the BN's parameters steps as the dense masked conv -> BN -> ReLU
+    does, and the two state_dicts restore it."""
     ref, fused, mask = _fused_pair("bn_relu", 0.5)
     bn = FusedBatchNorm2d(7).double()
     bn.load_state_dict(ref.bn.state_dict())
-    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True)
+    layer = SparseConvBNReLU(fused.conv.to_conv(), bn, relu_after=True, owns_bn=False)
     assert not {id(p) for p in bn.parameters()} & {id(p) for p in layer.parameters()}
     assert not [k for k in layer.state_dict() if k.startswith("bn")]
     unstepped = copy.deepcopy(fused.conv).to_conv()  # (layer shares fused.conv's CSR and bias: stepped with it)
@@ -544,7 +545,7 @@ def test_a_lone_fused_layers_batchnorm_is_trained_and_saved_beside_it():
     torch.testing.assert_close(bn(layer(x)), ref(x), **TOL[torch.float64])
     bn2 = FusedBatchNorm2d(7).double()
     bn2.load_state_dict(bn.state_dict())
-    again = SparseConvBNReLU(unstepped, bn2, relu_after=True)
+    again = SparseConvBNReLU(unstepped, bn2, relu_after=True, owns_bn=False)
     assert not torch.equal(again.weight.values, layer.weight.values)
     again.load_state_dict(layer.state_dict())
     torch.testing.assert_close(bn2(again(x)), ref(x), **TOL[torch.float64])

@@ -9,7 +9,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .args import check_flag
 from .bsr import BSRLinear
-from .fuse import fuse_, fused_own, trace, unfuse_
+from .fuse import check_unfusable, fuse_, fused_own, trace, unfuse_
 from .formats import own_mode
 from .index import check_index
 from .optim_state import retire_replaced
@@ -178,11 +178,13 @@ def _check_dtype(mask, name: str) -> None:
 
 def densify_(model: nn.Module) -> nn.Module:
     """Replace, in place, every sparse layer (CSR or BSRLinear) by the equivalent dense layer (zeros where pruned);
-    fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first. The model itself cannot be
-    replaced in place: a sparse layer passed as `model` is refused (use its to_dense())."""
+    fused conv -> BN -> ReLU layers (engine/fused.py) are unfused first (one built directly, owning its BN, is
+    refused: fuse.check_unfusable). The model itself cannot be replaced in place: a sparse layer passed as
+    `model` is refused (use its to_dense())."""
     check_model(model)
     if _densifiable(model):
         raise ValueError(f"densify_ replaces layers inside a model; for one {type(model).__name__} use .to_dense()")
+    check_unfusable(model, "densify_")  # (before its other checks, which would name the owned BN's tensors)
     for n, m in model.named_modules():  # (before any layer is swapped)
         if _densifiable(m):
             check_own_bias(m, f"layer {n!r}")

@@ -17,7 +17,7 @@ from .placeholders import _PerThread, _backward_hooked, _watched
 from .swap import _replace_modules, _set_module, has_extras, kind_keys, user_attributes
 from .torch_prune import check_own_bias
 
-__all__ = ["fuse_", "unfuse_", "fused_own"]
+__all__ = ["fuse_", "unfuse_", "fused_own", "check_unfusable"]
 
 
 def _is_pool2x2(m: nn.Module) -> bool:
@@ -218,7 +218,7 @@ def fuse_(model: nn.Module, strict: bool = True) -> list[str]:
             if r is not None and calls[r.target] > 1:  # (its other sites apply the ReLU: FusedReLU.forward)
                 model.get_submodule(r.target).shared = True
         layer = SparseConvBNReLU(modules[node.target], fbn, relu_before is not None, relu_after is not None,
-                                 residual is not None)
+                                 residual is not None, owns_bn=False)  # (the model calls fbn: keys unchanged)
         parent_name, _, child = node.target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer.route_input = getattr(parent, "fused_route_input", None) == child
@@ -238,11 +238,12 @@ def _fused_before(graph: fx.Graph, modules: dict, calls: dict) -> dict:
     """The layers an earlier fuse_ call fused, each -> the graph node of its activation (the call of
     its last placeholder; a residual layer's own call, which _link does not link from): linked with
     the layers fused now as they would be had all been fused at once (a model that goes sparse layer
-    by layer over pruning rounds gets the links a checkpoint's model rebuilt in one call gets)."""
+    by layer over pruning rounds gets the links a checkpoint's model rebuilt in one call gets). A layer
+    built directly, owning its BN, is left out: it neither defers nor pools, nor is deferred into."""
     last = {}
     for node in graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if type(layer) is not SparseConvBNReLU or calls[node.target] != 1:
+        if type(layer) is not SparseConvBNReLU or calls[node.target] != 1 or layer.owns_bn:
             continue
         act = node
         for placeholder in () if layer.residual else layer._placeholders:
@@ -315,10 +316,12 @@ def _link(model: nn.Module, last: dict, calls: dict) -> None:
 def unfuse_(model: nn.Module) -> nn.Module:
     """Undo fuse_(): plain SparseConv2d, BatchNorm2d, ReLU, pooling, Flatten and SparseLinear modules,
     same parameters (one module per fused one, at each of its names). The model itself cannot be
-    replaced in place: a fused layer passed as `model` is refused (use its to_conv())."""
+    replaced in place: a fused layer passed as `model` is refused (use its to_conv()), and so is a model
+    holding a layer whose BN it would drop (check_unfusable)."""
     check_model(model)
     if isinstance(model, SparseConvBNReLU):
         raise ValueError("unfuse_ replaces layers inside a model; for one SparseConvBNReLU use .to_conv()")
+    check_unfusable(model, "unfuse_")
     for n, m in model.named_modules():  # (before any layer is swapped)
         if isinstance(m, (SparseConvBNReLU, FusedSparseLinear)):
             check_own_bias(m, f"layer {n!r}")
@@ -334,6 +337,19 @@ def unfuse_(model: nn.Module) -> nn.Module:
         plain.__dict__.update(attrs)
     _replace_modules(model, lambda m: made.get(id(m), (None,))[0])
     return model
+
+
+def check_unfusable(model: nn.Module, what: str) -> None:
+    """ValueError naming a SparseConvBNReLU of `model` whose BN no other module of the model is: one built directly
+    owns its BN (or references one held elsewhere), and `what` (unfuse_, densify_), putting back its conv alone,
+    would drop that BN from the forward (silently, before 2026-12-07)."""
+    held = {id(m) for n, m in model.named_modules()}
+    for n, m in model.named_modules():
+        if isinstance(m, SparseConvBNReLU) and (m.owns_bn or id(m.bn) not in held):
+            raise ValueError(f"layer {n!r} is a SparseConvBNReLU built directly, whose BatchNorm the model does not "
+                             f"call ({'it owns its bn' if m.owns_bn else 'its bn is no module of the model'}): {what} "
+                             "would put back its conv alone and drop that BN; replace the layer by hand (its "
+                             "to_conv(), then a BatchNorm2d with its bn's parameters and buffers, and its ReLUs)")
 
 
 # What fuse_ sets on the modules it makes (references to the others, flags, the per-thread hand-off slot): theirs,

@@ -188,12 +188,11 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 # ============================================================================ modules
 class SparseConvBNReLU(HandOff, SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
-    docstring). Built by fuse_(); `bn` is the FusedBatchNorm2d registered at its own name in the
-    model (referenced here, not owned, so state_dict keys do not change). Built directly, `bn` is still
-    only referenced: `parameters()` and `state_dict()` leave it out, so give an optimizer the layer's and
-    `bn.parameters()` both and save `bn.state_dict()` beside the layer's (train(), eval(), .to() reach
-    it); or put both in a model, the BN called on the layer's output. With `residual`, it is
-    called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
+    docstring). Built directly, the layer owns `bn` (a submodule: `parameters()`, `state_dict()`,
+    `train()`, `.to()`, copies include it) and its call returns act(BN(...)) itself. Built by fuse_()
+    (`owns_bn=False`), `bn` is the FusedBatchNorm2d registered at its own name in the model, which calls
+    it on this layer's output (referenced here, not owned, so the model's state_dict keys do not change).
+    With `residual`, it is called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
     `route_input` (set by fuse_ where the block declares it), each forward under autograd keeps x
     as seen through this layer for `routed_input`. With `feeds` (set by fuse_ where this layer's
     activation goes only to that fused layer's conv), training forwards defer the BN (+ ReLU) into
@@ -214,10 +213,11 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
     _deferred: tuple | None = None  # (y of the layer before, its defer dict: _Opts) for the next call
 
     def __init__(self, conv: SparseConv2d, bn: FusedBatchNorm2d, relu_before: bool = False, relu_after: bool = False,
-                 residual: bool = False):
+                 residual: bool = False, *, owns_bn: bool = True):
         if not isinstance(conv, SparseConv2d):  # (an AttributeError, or the CSR check on nn.Conv2d's weight)
             raise TypeError(f"conv must be a SparseConv2d, got {type(conv).__name__}")
-        for v, name in ((relu_before, "relu_before"), (relu_after, "relu_after"), (residual, "residual")):
+        for v, name in ((relu_before, "relu_before"), (relu_after, "relu_after"), (residual, "residual"),
+                        (owns_bn, "owns_bn")):
             check_flag(v, name)  # (bool("no") was True)
         super().__init__(conv.weight, None, conv.stride, conv.padding)  # the same CSR module
         self.bias = conv.bias  # the same Parameter (passing it above would copy it)
@@ -225,7 +225,10 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             raise TypeError(f"bn must be a FusedBatchNorm2d, got {type(bn).__name__}")
         if bn.num_features != self.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but the conv {self.out_channels} output channels")
-        object.__setattr__(self, "bn", bn)  # a reference, not a submodule
+        if owns_bn:
+            self.bn = bn  # a submodule (before 2026-12-07 a reference here too: an optimizer over parameters() never
+        else:  # trained it, state_dict() left it out)
+            object.__setattr__(self, "bn", bn)  # a reference (fuse_: the BN stays at its own name in the model)
         if relu_before and residual:
             raise ValueError("relu_before and residual cannot be combined (conv -> ReLU -> BN -> + residual)")
         self.relu_before, self.relu_after, self.residual = bool(relu_before), bool(relu_after), bool(residual)
@@ -236,7 +239,8 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.residual != (residual is not None):
             raise ValueError("this layer adds a residual: call it as layer(x, residual)" if self.residual else
                              "this layer was fused without a residual: call it as layer(x)")
-        _check_taken(*(self._placeholders or (self.bn,)), self.pools, hooked=_watched(self), layer=self)
+        owned = self.owns_bn  # (no module of the model calls an owned BN: nothing handed to it, nothing to check)
+        _check_taken(*(() if owned else self._placeholders or (self.bn,)), self.pools, hooked=_watched(self), layer=self)
         _refuse_unsupported(self, x)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
@@ -263,24 +267,30 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         self._routed = (x, through[0]) if route else None
         # pool: out is pooled, the BN (and ReLU) placeholders pass y on to the pool, which returns out;
         # relu_before: the model calls conv -> relu -> bn, the relu placeholder passes y on
-        self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
-        handed = y if pool or self.relu_before else out  # (what the ReLU placeholder is called on, either order)
+        if not owned:
+            self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
+        handed = y if pool or self.relu_before and not owned else out  # (what the ReLU placeholder is called on)
         if relu is not None:
             relu._pending = (handed, self)  # (a ReLU shared by fused layers: _check_taken reads who handed it)
         return handed
 
+    @property
+    def owns_bn(self) -> bool:
+        """Whether `bn` is this layer's submodule (built directly) or a reference to the model's (fuse_)."""
+        return "bn" in self._modules
+
     def train(self, mode: bool = True) -> "SparseConvBNReLU":
-        """nn.Module.train; a layer built directly (not by fuse_) passes it on to its `bn`, held by
-        reference (its eval() left the BN in training mode: batch statistics, running stats updated).
-        In a fused model the BN keeps its own mode, as unfused (a frozen BN stays frozen)."""
+        """nn.Module.train (an owned `bn` with it); a layer built with `owns_bn=False` outside fuse_ passes it on
+        to its `bn`, held by reference (its eval() left the BN in training mode: batch statistics, running stats
+        updated). In a fused model the BN keeps its own mode, as unfused (a frozen BN stays frozen)."""
         super().train(mode)
-        if not self._placeholders:
+        if not self._placeholders and not self.owns_bn:
             self.bn.train(mode)
         return self
 
-    def _apply(self, fn, recurse=True):  # (.to(), .double(), .cuda(): as train(), a lone layer's bn too)
+    def _apply(self, fn, recurse=True):  # (.to(), .double(), .cuda(): as train(), a lone referenced bn too)
         super()._apply(fn, recurse)
-        if recurse and not self._placeholders:
+        if recurse and not self._placeholders and not self.owns_bn:
             self.bn._apply(fn, recurse)
         return self
 

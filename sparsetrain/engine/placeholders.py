@@ -232,7 +232,9 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
             raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: a hook "
                                "added after fuse_() changed it (a forward pre-hook on this BN, or a forward hook on "
                                "the module before it; register it before fuse_(): that layer then stays unfused), "
-                               "or the model's graph changed after fuse_(); call sparsetrain.unfuse_(model)")
+                               "or the model's graph changed after fuse_(); call sparsetrain.unfuse_(model); or "
+                               "this BN belongs to a SparseConvBNReLU built directly, which applies it itself (call "
+                               "the layer alone, or build it with owns_bn=False)")
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
 
