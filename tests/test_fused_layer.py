@@ -152,6 +152,32 @@ def test_calling_an_owned_bn_yourself_is_refused_and_owns_bn_false_keeps_the_ref
     torch.testing.assert_close(fbn(ref(x)), _ref(conv, bn, x, relu_after=True), **TOL)
 
 
+def test_an_owning_layer_takes_a_plain_batchnorm2d_and_shares_its_tensors():
+    """SparseConvBNReLU(conv, nn.BatchNorm2d(...)) builds its FusedBatchNorm2d on the BN's own parameter and buffer
+    objects (an optimizer made before keeps working) and computes as the unfused layers; a BN of another kind (a
+    subclass may compute otherwise), or a plain one for a layer that does not own it (the model calls that module),
+    is a TypeError naming what is expected."""
+    (conv, bn), _ = _pair(relu_after=True)
+    plain = copy.deepcopy(bn)
+    layer = SparseConvBNReLU(copy.deepcopy(conv), plain, relu_after=True)
+    assert type(layer.bn) is FusedBatchNorm2d and layer.bn.weight is plain.weight
+    assert layer.bn.running_mean is plain.running_mean and layer.bn.num_batches_tracked is plain.num_batches_tracked
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)  # (made on the plain BN's parameters, before or after)
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    out = layer(x)
+    torch.testing.assert_close(out, _ref(conv, bn, x, relu_after=True), **TOL)
+    out.square().mean().backward()
+    opt.step()
+    assert plain.weight.grad is not None and not torch.equal(plain.weight, bn.weight)
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+    with pytest.raises(TypeError, match="bn must be a FusedBatchNorm2d or an nn.BatchNorm2d, got MyBN"):
+        SparseConvBNReLU(copy.deepcopy(conv), MyBN(7).double())
+    with pytest.raises(TypeError, match="bn must be a FusedBatchNorm2d, got BatchNorm2d"):
+        SparseConvBNReLU(copy.deepcopy(conv), nn.BatchNorm2d(7).double(), owns_bn=False)
+
+
 def test_unfuse_and_densify_refuse_a_layer_whose_bn_the_model_does_not_call():
     """unfuse_ put back the conv of a layer built directly and dropped its BN (the model's forward then skipped the
     BN, silently); densify_ calls it. Both refuse it now, naming the layer, before any swap; fuse_ accepts such a

@@ -13,7 +13,7 @@ from .args import check_flag
 from .fused import FusedBatchNorm2d, FusedReLU, MaxPool2x2, SparseConvBNReLU
 from .nn import SparseConv2d, SparseLinear, check_model
 from .replicated import BroadcastAvgPool2d, FusedAdaptiveAvgPool2d, FusedFlatten, FusedSparseLinear
-from .placeholders import _PerThread, _backward_hooked, _watched
+from .placeholders import _PerThread, _backward_hooked, _rebuild_bn, _watched
 from .swap import _replace_modules, _set_module, has_extras, kind_keys, user_attributes
 from .torch_prune import check_own_bias
 
@@ -25,16 +25,6 @@ def _is_pool2x2(m: nn.Module) -> bool:
     return (type(m) is nn.MaxPool2d and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
             and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode
             and not m.return_indices)
-
-
-def _rebuild_bn(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
-    """A `cls` (BatchNorm2d or FusedBatchNorm2d) holding bn's own parameter and buffer objects
-    (optimizers and other references keep working)."""
-    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
-    new.weight, new.bias = bn.weight, bn.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(bn, name))
-    return new.train(bn.training)
 
 
 # ============================================================================ fuse_ / unfuse_

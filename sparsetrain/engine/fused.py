@@ -58,7 +58,7 @@ from .args import check_flag
 from .fused_autograd import _Opts, _SparseConvBNReLU
 from .nn import SparseConv2d
 from .placeholders import (FusedBatchNorm2d, FusedReLU, HandOff, MaxPool2x2, _check_bn, _check_taken,
-                           _count_positive, _hands_on, _refuse_unsupported, _watched, eager)
+                           _count_positive, _hands_on, _rebuild_bn, _refuse_unsupported, _watched, eager)
 from .torch_prune import check_own_bias
 
 __all__ = ["SparseConvBNReLU", "FusedBatchNorm2d", "FusedReLU", "MaxPool2x2", "sparse_conv_bn_relu",
@@ -188,7 +188,8 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 # ============================================================================ modules
 class SparseConvBNReLU(HandOff, SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
-    docstring). Built directly, the layer owns `bn` (a submodule: `parameters()`, `state_dict()`,
+    docstring). Built directly, the layer owns `bn` (a FusedBatchNorm2d, or an nn.BatchNorm2d rebuilt as one on
+    its own tensors; a submodule: `parameters()`, `state_dict()`,
     `train()`, `.to()`, copies include it) and its call returns act(BN(...)) itself. Built by fuse_()
     (`owns_bn=False`), `bn` is the FusedBatchNorm2d registered at its own name in the model, which calls
     it on this layer's output (referenced here, not owned, so the model's state_dict keys do not change).
@@ -221,8 +222,11 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
             check_flag(v, name)  # (bool("no") was True)
         super().__init__(conv.weight, None, conv.stride, conv.padding)  # the same CSR module
         self.bias = conv.bias  # the same Parameter (passing it above would copy it)
+        if owns_bn and type(bn) is nn.BatchNorm2d:  # (its parameter and buffer objects, shared)
+            bn = _rebuild_bn(bn, FusedBatchNorm2d)
         if not isinstance(bn, FusedBatchNorm2d):
-            raise TypeError(f"bn must be a FusedBatchNorm2d, got {type(bn).__name__}")
+            raise TypeError(f"bn must be a FusedBatchNorm2d{' or an nn.BatchNorm2d' if owns_bn else ''}, got "
+                            f"{type(bn).__name__}")
         if bn.num_features != self.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but the conv {self.out_channels} output channels")
         if owns_bn:

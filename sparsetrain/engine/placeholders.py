@@ -216,6 +216,16 @@ class HandOff:
             super().__setattr__(name, value)
 
 
+def _rebuild_bn(bn: nn.BatchNorm2d, cls: type) -> nn.BatchNorm2d:
+    """A `cls` (BatchNorm2d or FusedBatchNorm2d) holding bn's own parameter and buffer objects
+    (optimizers and other references keep working)."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new.weight, new.bias = bn.weight, bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(bn, name))
+    return new.train(bn.training)
+
+
 class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
     forward returns what that layer computed for it (hooks see the normalised activation)."""
