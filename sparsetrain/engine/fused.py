@@ -188,9 +188,9 @@ def _folded_eval(x, conv, bn, index, geom, relu_after, residual, counts=None):
 # ============================================================================ modules
 class SparseConvBNReLU(HandOff, SparseConv2d):
     """SparseConv2d -> [ReLU] -> BatchNorm2d -> [+ residual] -> [ReLU] as one layer (module
-    docstring). Built directly, the layer owns `bn` (a FusedBatchNorm2d, or an nn.BatchNorm2d rebuilt as one on
-    its own tensors; a submodule: `parameters()`, `state_dict()`,
-    `train()`, `.to()`, copies include it) and its call returns act(BN(...)) itself. Built by fuse_()
+    docstring). Built directly, the layer owns `bn` (a FusedBatchNorm2d, or an nn.BatchNorm2d rebuilt as one
+    on its own tensors) as a submodule: `parameters()`, `state_dict()`, `train()`, `.to()` and copies include
+    it, and its call returns act(BN(...)) itself. Built by fuse_()
     (`owns_bn=False`), `bn` is the FusedBatchNorm2d registered at its own name in the model, which calls
     it on this layer's output (referenced here, not owned, so the model's state_dict keys do not change).
     With `residual`, it is called as layer(x, residual): a residual block adds its shortcut before the last ReLU. With
@@ -229,10 +229,12 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
                             f"{type(bn).__name__}")
         if bn.num_features != self.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but the conv {self.out_channels} output channels")
+        # owned: a submodule (before 2026-12-07 a reference here too: an optimizer over parameters() never trained
+        # it, state_dict() left it out); else a reference (fuse_: the BN stays at its own name in the model)
         if owns_bn:
-            self.bn = bn  # a submodule (before 2026-12-07 a reference here too: an optimizer over parameters() never
-        else:  # trained it, state_dict() left it out)
-            object.__setattr__(self, "bn", bn)  # a reference (fuse_: the BN stays at its own name in the model)
+            self.bn = bn
+        else:
+            object.__setattr__(self, "bn", bn)
         if relu_before and residual:
             raise ValueError("relu_before and residual cannot be combined (conv -> ReLU -> BN -> + residual)")
         self.relu_before, self.relu_after, self.residual = bool(relu_before), bool(relu_after), bool(residual)
