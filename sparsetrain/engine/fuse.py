@@ -333,7 +333,7 @@ def check_unfusable(model: nn.Module, what: str) -> None:
     """ValueError naming a SparseConvBNReLU of `model` whose BN no other module of the model is: one built directly
     owns its BN (or references one held elsewhere), and `what` (unfuse_, densify_), putting back its conv alone,
     would drop that BN from the forward (silently, before 2026-12-07)."""
-    held = {id(m) for n, m in model.named_modules()}
+    held = {id(m) for m in model.modules()}
     for n, m in model.named_modules():
         if isinstance(m, SparseConvBNReLU) and (m.owns_bn or id(m.bn) not in held):
             raise ValueError(f"layer {n!r} is a SparseConvBNReLU built directly, whose BatchNorm the model does not "
