@@ -212,3 +212,26 @@ def test_fuse_keeps_the_models_state_dict_keys_and_references_its_bns():
     assert layers and not any(m.owns_bn for m in layers)
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert fused.layer1[0].conv1.bn is fused.layer1[0].bn1
+
+
+def test_the_readme_example_runs_and_matches_the_unfused_layers():
+    """README's "Fused conv → BatchNorm → ReLU" example, as printed: its layer computes relu(bn(conv(x))) with the
+    mask applied and its optimizer holds the conv's nonzeros and the BN's weight and bias."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("### Fused conv → BatchNorm → ReLU"):]
+    code = re.search(r"^```python\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    layer, opt, out = ns["layer"], ns["opt"], ns["out"]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(layer.weight.values), id(layer.bn.weight), id(layer.bn.bias)}
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)  # (the example's draws, in its order)
+    mask = sparsetrain.testing.random_mask(conv.weight.shape, 0.99)
+    x = torch.randn(8, 64, 32, 32)
+    ref = F.relu(F.batch_norm(F.conv2d(x, conv.weight * mask, padding=1), None, None, torch.ones(64), torch.zeros(64),
+                              training=True))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
