@@ -271,11 +271,12 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if self.feeds is not None:  # (a stale hand-over from an interrupted forward is dropped too)
             self.feeds._deferred = (out, defer) if defer else None  # (empty: could not defer)
         self._routed = (x, through[0]) if route else None
+        if owned:  # (no placeholders, pool or link: fuse_ builds none for it)
+            return out
         # pool: out is pooled, the BN (and ReLU) placeholders pass y on to the pool, which returns out;
         # relu_before: the model calls conv -> relu -> bn, the relu placeholder passes y on
-        if not owned:
-            self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
-        handed = y if pool or self.relu_before and not owned else out  # (what the ReLU placeholder is called on)
+        self.bn._pending = (y, y) if pool else (y, out) if self.relu_before else (out, out)
+        handed = y if pool or self.relu_before else out  # (what the ReLU placeholder is called on, either order)
         if relu is not None:
             relu._pending = (handed, self)  # (a ReLU shared by fused layers: _check_taken reads who handed it)
         return handed
