@@ -235,3 +235,38 @@ def test_the_readme_example_runs_and_matches_the_unfused_layers():
     ref = F.relu(F.batch_norm(F.conv2d(x, conv.weight * mask, padding=1), None, None, torch.ones(64), torch.zeros(64),
                               training=True))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", CONFIGS)
+def test_hooks_on_an_owned_bn_run_and_see_its_real_tensors(flags):
+    """A forward hook, a forward pre-hook that changes the input and a full backward hook on layer.bn run as on the
+    unfused BatchNorm2d, with the same tensors, outputs, gradients and running statistics (before 2026-12-07 none of
+    them ran: the fused op applied the BN without calling it); removed, the layer is fused again, equal still."""
+    (conv, bn), layer = _pair(**flags)
+    seen = {"layer": [], "ref": []}
+    for m, key in ((layer.bn, "layer"), (bn, "ref")):
+        m.register_forward_pre_hook(lambda mod, i: (i[0] * 2,))
+        m.register_forward_hook(lambda mod, i, o, key=key: seen[key].append(("fwd", i[0].detach(), o.detach())))
+        m.register_full_backward_hook(lambda mod, gi, go, key=key: seen[key].append(("bwd", go[0], gi[0])))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 6, 6, generator=g, dtype=torch.float64)
+    r = torch.randn(3, 7, 6, 6, generator=g, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    out, ref = _call(layer, xs[0], r), _ref(conv, bn, xs[1], r, **flags)
+    torch.testing.assert_close(out, ref, **TOL)
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(gy), ref.backward(gy)
+    assert [s[0] for s in seen["layer"]] == ["fwd", "bwd"]
+    for (_, *a), (_, *b) in zip(seen["layer"], seen["ref"]):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, **TOL)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL)
+    for p, q in ((layer.bn.weight, bn.weight), (layer.bn.bias, bn.bias), (layer.weight.values, conv.weight.values)):
+        torch.testing.assert_close(p.grad, q.grad, **TOL)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(layer.bn, name), getattr(bn, name), **TOL)
+    layer.bn._forward_pre_hooks.clear(), layer.bn._forward_hooks.clear(), layer.bn._backward_hooks.clear()
+    bn._forward_pre_hooks.clear(), bn._forward_hooks.clear(), bn._backward_hooks.clear()
+    count = len(seen["layer"])
+    torch.testing.assert_close(_call(layer, x, r), _ref(conv, bn, x, r, **flags), **TOL)
+    assert len(seen["layer"]) == count and layer.bn._plain is None

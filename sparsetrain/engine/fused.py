@@ -248,6 +248,8 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         owned = self.owns_bn  # (no module of the model calls an owned BN: nothing handed to it, nothing to check)
         _check_taken(*(() if owned else self._placeholders or (self.bn,)), self.pools, hooked=_watched(self), layer=self)
         _refuse_unsupported(self, x)
+        if owned and _watched(self.bn):  # (its hooks never ran before 2026-12-07: the fused op applies the BN)
+            return self._owned_unfused(x, residual)
         pending, self._deferred = self._deferred, None
         if pending is not None and pending[0] is not x:
             raise RuntimeError("a SparseConvBNReLU was called on a tensor the fused layer before it did not hand "
@@ -280,6 +282,20 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         if relu is not None:
             relu._pending = (handed, self)  # (a ReLU shared by fused layers: _check_taken reads who handed it)
         return handed
+
+    def _owned_unfused(self, x, residual):
+        """The unfused ops, calling the owned BN as a module: a hook on it sees its real input and output (a
+        pre-hook may change the input, a full backward hook gets its gradients), as in SparseConv2d -> BatchNorm2d
+        -> ReLU."""
+        y = SparseConv2d.forward(self, x)
+        y = F.relu(y) if self.relu_before else y
+        self.bn._plain = True  # (FusedBatchNorm2d.forward: nn.BatchNorm2d's)
+        try:
+            out = self.bn(y)
+        finally:
+            self.bn._plain = None
+        out = out + residual if residual is not None else out
+        return F.relu(out) if self.relu_after else out
 
     @property
     def owns_bn(self) -> bool:

@@ -230,11 +230,15 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     """A BatchNorm2d computed by the SparseConvBNReLU before it: same parameters and buffers; its
     forward returns what that layer computed for it (hooks see the normalised activation)."""
 
+    _transient = ("_pending", "_raised", "_plain")
     _pending: tuple | None = None  # (the tensor this module will be called on, its output)
+    _plain: bool | None = None  # (True while the SparseConvBNReLU owning it runs the unfused ops: a hook watches it)
 
     @eager
     @_marks_refusal
     def forward(self, input):  # (nn.Module's argument name: module(input=x) works)
+        if self._plain:
+            return nn.BatchNorm2d.forward(self, input)
         x = input
         pending, self._pending = self._pending, None
         _refuse_unsupported(self, x)
