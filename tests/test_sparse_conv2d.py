@@ -89,7 +89,8 @@ def test_many_tiles_chunks_and_threads():
 
 
 # Output planes are written with streaming stores where rows are 16-byte multiples (widths 4, 8,
-# 12, 16, 32 in fp32, even widths in fp64; empty rows' bias fill streams any plane between
+# 12, 16, 32 in fp32, even widths in fp64; rows of 1, 2, 4 or 8 such chunks unrolled: widths 4, 8, 16, 32
+# in fp32, 2, 4, 8, 16 in fp64, the rest a loop; empty rows' bias fill streams any plane between
 # scalar head and tail), plain moves elsewhere; stride-2 inputs of even width are split into
 # even/odd-column phases row by row (fixed widths 4, 8, 16 and a generic one), and their input
 # gradient merged back. Sparsity 0.97 (8 of 270 weights) leaves rows and channels empty.

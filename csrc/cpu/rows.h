@@ -188,12 +188,32 @@ ST_INLINE bool streamable(const T* d, int64_t dp, int64_t n) {
 #endif
 }
 
+#ifdef ST_HAVE_STREAM
+// K 16-byte chunks of each of `rows` rows, unrolled (the row widths of the maps: no per-chunk loop).
+template <int64_t K>
+ST_INLINE void stream_rows_k(char* d, int64_t dpb, const char* s, int64_t spb, int64_t rows) {
+  for (int64_t u = 0; u < rows; ++u, d += dpb, s += spb)
+    for (int64_t k = 0; k < K; ++k)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + 16 * k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * k)));
+}
+#endif
+
 // d[u * dp + 0:n] = s[u * sp + 0:n] for u < rows, streaming when the rows allow it.
 template <typename T>
 ST_INLINE void stream_rows(T* d, int64_t dp, const T* s, int64_t sp, int64_t n, int64_t rows) {
 #ifdef ST_HAVE_STREAM
   if (streamable(d, dp, n)) {
     const int64_t chunks = n * int64_t(sizeof(T)) / 16;
+    char* db = reinterpret_cast<char*>(d);
+    const char* sb = reinterpret_cast<const char*>(s);
+    const int64_t dpb = dp * int64_t(sizeof(T)), spb = sp * int64_t(sizeof(T));
+    switch (chunks) {
+      case 1: return stream_rows_k<1>(db, dpb, sb, spb, rows);
+      case 2: return stream_rows_k<2>(db, dpb, sb, spb, rows);
+      case 4: return stream_rows_k<4>(db, dpb, sb, spb, rows);
+      case 8: return stream_rows_k<8>(db, dpb, sb, spb, rows);
+      default: break;
+    }
     for (int64_t u = 0; u < rows; ++u) {
       char* dr = reinterpret_cast<char*>(d + u * dp);
       const char* sr = reinterpret_cast<const char*>(s + u * sp);

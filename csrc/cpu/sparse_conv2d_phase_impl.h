@@ -275,6 +275,12 @@ ST_INLINE void bwd_task_impl(const Args<T>& A, int64_t tile, int64_t c0, int64_t
             if (sw == 1) {
 #pragma omp simd
               for (int64_t ix = 0; ix < W; ++ix) rows[ix] += ar[ix];
+            } else if (sw == 2) {  // both column phases in one loop (vectorized: a de-interleave)
+              T *r0 = rows + col_off[0], *r1 = rows + col_off[1];
+              const int64_t half = W / 2;
+#pragma omp simd
+              for (int64_t v = 0; v < half; ++v) r0[v] += ar[2 * v], r1[v] += ar[2 * v + 1];
+              if (W % 2) r0[half] += ar[W - 1];
             } else {
               for (int64_t j = 0; j < sw; ++j) {
                 T* r = rows + col_off[j];
