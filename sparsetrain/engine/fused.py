@@ -129,7 +129,7 @@ def sparse_conv_bn_relu(x: torch.Tensor, conv: SparseConv2d, bn: nn.BatchNorm2d,
         y = ops.sparse_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
         if relu_before:
             y = F.relu(y)
-        out = nn.BatchNorm2d.forward(bn, y)
+        out = bn(y) if getattr(bn, "_plain", None) else nn.BatchNorm2d.forward(bn, y)  # (_plain: its hooks run)
         if residual is not None:
             out = out + residual
         out = F.relu(out) if relu_after else out
@@ -287,15 +287,11 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         """The unfused ops, calling the owned BN as a module: a hook on it sees its real input and output (a
         pre-hook may change the input, a full backward hook gets its gradients), as in SparseConv2d -> BatchNorm2d
         -> ReLU."""
-        y = SparseConv2d.forward(self, x)
-        y = F.relu(y) if self.relu_before else y
         self.bn._plain = True  # (FusedBatchNorm2d.forward: nn.BatchNorm2d's)
         try:
-            out = self.bn(y)
+            return sparse_conv_bn_relu(x, self, self.bn, self.relu_before, self.relu_after, residual, unfused=True)[0]
         finally:
             self.bn._plain = None
-        out = out + residual if residual is not None else out
-        return F.relu(out) if self.relu_after else out
 
     @property
     def owns_bn(self) -> bool:
