@@ -16,7 +16,7 @@ from sparsetrain.experiment.devices import resolve_amp
 from sparsetrain.experiment.study import result_settings, run_dir_of
 from sparsetrain.experiment.train import make_optimizer, train_epoch
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import random_mask, tiny_split
+from sparsetrain.testing import dense_conv2d, dense_linear, random_mask, tiny_split
 
 
 def _sparse_linear(fin, fout, sparsity, seed=0):
@@ -109,7 +109,7 @@ def test_a_pattern_changed_between_forward_and_backward_is_refused(amp):
                     out.float().sum().backward()
                 continue
             wr, xr = w.clone().requires_grad_(True), x.clone().requires_grad_(True)
-            ref = F.linear(xr, wr * m) if kind == "linear" else F.conv2d(xr, wr * m, padding=1)
+            ref = dense_linear(xr, wr, m) if kind == "linear" else dense_conv2d(xr, wr, m, padding=1)
             ref = F.batch_norm(ref, None, None, bn.weight, bn.bias, training=True) if kind == "fused" else ref
             (out.float() * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
             (ref * torch.arange(ref.numel()).reshape(ref.shape)).sum().backward()
