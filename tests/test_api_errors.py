@@ -20,7 +20,7 @@ from sparsetrain.experiment.early_stop import algorithm2_stop
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.nn import SparseConv2d, SparseLinear
 from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_, make_rule, sparsity_after
-from sparsetrain.testing import mask_weight_, model_masks, random_mask
+from sparsetrain.testing import dense_conv2d, dense_linear, mask_weight_, model_masks, random_mask
 
 
 def _mlp():
@@ -532,7 +532,7 @@ def test_block_sizes_may_be_numpy_ints():
     lin = nn.Linear(40, 40)
     layer = BSRLinear.from_dense(lin, np.int64(16), m)
     x = torch.randn(3, 40)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, lin.weight * m, lin.bias))
+    torch.testing.assert_close(layer(x), dense_linear(x, lin.weight, m, lin.bias))
     with pytest.raises(ValueError, match="block must be one of"):
         block_mask(w, np.int64(8), 0.5)
     # a wrong type is a TypeError naming the argument (project style; a ValueError before 2026-12-06), as the
@@ -567,7 +567,7 @@ def test_fuse_switches_must_be_bools():
             apply_engine(copy.deepcopy(base), masks, "sparse", fuse=bad)
         with pytest.raises(TypeError, match=rf"^strict must be True or False, got {re.escape(repr(bad))}$"):
             fuse_(sparsetrain.sparsify_(copy.deepcopy(base), masks), strict=bad)
-    ref = F.relu(base[1](F.conv2d(x, base[0].weight * masks["0"], base[0].bias, padding=1)))
+    ref = F.relu(base[1](dense_conv2d(x, base[0].weight, masks["0"], base[0].bias, padding=1)))
     for fuse in (True, np.bool_(True), False):
         model = sparsetrain.sparsify_(copy.deepcopy(base), masks, fuse=fuse)
         assert (type(model[0]).__name__ == "SparseConvBNReLU") == bool(fuse)
