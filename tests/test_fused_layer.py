@@ -13,7 +13,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain.engine.fused import FusedBatchNorm2d, SparseConvBNReLU
 from sparsetrain.engine.nn import SparseConv2d
-from sparsetrain.testing import model_masks, random_mask
+from sparsetrain.testing import dense_conv2d, model_masks, random_mask
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 CONFIGS = [dict(relu_after=True), dict(relu_before=True), dict(relu_after=True, residual=True), dict()]
@@ -232,8 +232,8 @@ def test_the_readme_example_runs_and_matches_the_unfused_layers():
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)  # (the example's draws, in its order)
     mask = sparsetrain.testing.random_mask(conv.weight.shape, 0.99)
     x = torch.randn(8, 64, 32, 32)
-    ref = F.relu(F.batch_norm(F.conv2d(x, conv.weight * mask, padding=1), None, None, torch.ones(64), torch.zeros(64),
-                              training=True))
+    ref = F.relu(F.batch_norm(dense_conv2d(x, conv.weight, mask, padding=1), None, None, torch.ones(64),
+                              torch.zeros(64), training=True))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
