@@ -15,6 +15,7 @@ from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, is_sparse, mask
                                    prunable_layers)
 from sparsetrain.engine.policy import apply_engine
 from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
+from sparsetrain.testing import dense_conv2d, dense_linear
 
 
 def _net():
@@ -1426,8 +1427,8 @@ def test_auto_engine_keeps_a_half_precision_cpu_model_dense(monkeypatch, tmp_pat
         with torch.no_grad():
             for n, mk in left.items():
                 model.get_submodule(n).weight.mul_(mk)
-            ref = F.linear(F.relu(F.conv2d(x, base[0].weight * masks["0"], base[0].bias, padding=1)).flatten(1),
-                           base[3].weight * masks["3"], base[3].bias)
+            ref = dense_linear(F.relu(dense_conv2d(x, base[0].weight, masks["0"], base[0].bias, padding=1)).flatten(1),
+                               base[3].weight, masks["3"], base[3].bias)
             torch.testing.assert_close(model(x.to(dtype)).float(), ref, **({} if sparse else dict(atol=0.1, rtol=0.05)))
 
 
