@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from sparsetrain.testing import tf32
+from sparsetrain.testing import dense_conv2d, dense_linear, tf32
 
 LINEAR_SHAPES = [(4608, 512, 2048), (3072, 768, 902), (784, 300, 128)]  # (in, out, batch)
 CONV_SHAPES = [(64, 64, 32, 3, 1), (256, 256, 8, 3, 1), (128, 256, 16, 3, 2)]  # (cin, cout, hw, k, stride)
@@ -130,7 +129,7 @@ def _linear_methods(fin, fout, batch, sparsity, quick):
     w, b = (p.detach().clone().requires_grad_(True) for p in (lin.weight, lin.bias))
 
     def dense(pattern):  # the dense masked layer: the mask in every step
-        return lambda t: F.linear(t, w * pattern, b)
+        return lambda t: dense_linear(t, w, pattern, b)
     out = {name: _autograd(dense(mask), x, gy, [w, b], fin * fout, tf32, mask)
            for name, tf32 in (("dense_fp32", False), ("dense_tf32", True))}
     sl = SparseLinear.from_dense(lin, mask)
@@ -168,7 +167,7 @@ def _conv_methods(cin, cout, hw, k, stride, sparsity, batch):
     wd = conv.weight.detach().clone().requires_grad_(True)
 
     def dense(pattern):  # the dense masked conv, as on CPU
-        return lambda t: F.conv2d(t, wd * pattern, None, stride, k // 2)
+        return lambda t: dense_conv2d(t, wd, pattern, None, stride, k // 2)
     out = {"csr_triton": _autograd(sc, x, gy, list(sc.parameters()), sc.nnz, False, mask)}
     for name, tf32 in (("cudnn_fp32", False), ("cudnn_tf32", True)):
         out[name] = _autograd(dense(mask), x, gy, [wd], wd.numel(), tf32, mask)
