@@ -18,7 +18,7 @@ import sparsetrain
 
 from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import assert_layer_matches, dense_linear, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # (batch shape, in, out): 1 feature, primes, batch 1, 3-D input, batch that is not a tile multiple
@@ -854,7 +854,7 @@ def test_index_buffers_cast_to_a_float_dtype_are_refused_naming_the_cast(dtype):
     model = nn.Sequential(SparseConv2d.from_dense(conv, cmask), nn.Flatten(), SparseLinear.from_dense(lin, lmask),
                           sparsetrain.BSRLinear.from_dense(nn.Linear(2500, 16), block_size=16))
     x = torch.randn(2, 3, 6, 6)
-    h = dense_linear(F.conv2d(x, conv.weight * cmask, conv.bias).flatten(1), lin.weight, lmask, lin.bias)
+    h = dense_linear(dense_conv2d(x, conv.weight, cmask, conv.bias).flatten(1), lin.weight, lmask, lin.bias)
     torch.testing.assert_close(model(x), F.linear(h, model[3].weight.to_dense(), model[3].bias), rtol=1e-4, atol=1e-4)
     _cast_buffers(_MixedPrecision(buffer_dtype=dtype), model)
     for layer, inp in ((model[0], x), (model[2], torch.randn(2, 64)), (model[3], torch.randn(2, 2500))):
@@ -877,7 +877,7 @@ def test_module_type_casts_the_values_not_the_index():
     for p in model.parameters():
         assert p.dtype == torch.float64
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
-    c = torch.flatten(F.conv2d(x, conv.weight.double() * cmask, conv.bias.double()), 1)
+    c = torch.flatten(dense_conv2d(x, conv.weight.double(), cmask, conv.bias.double()), 1)
     h = dense_linear(c, lin.weight.double(), lmask, lin.bias.double())
     bsr = model[3]
     ref = F.linear(h, bsr.weight.to_dense(), bsr.bias)
@@ -1359,7 +1359,7 @@ def test_one_dimensional_input_with_bias():
     layer = SparseLinear.from_dense(lin, mask)
     x = torch.randn(6, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
-    out, ref = layer(x), F.linear(xr, lin.weight * mask, lin.bias)
+    out, ref = layer(x), dense_linear(xr, lin.weight, mask, lin.bias)
     torch.testing.assert_close(out, ref)
     out.square().sum().backward()
     ref.square().sum().backward()
