@@ -13,7 +13,7 @@ import sparsetrain
 from sparsetrain.engine import ops
 from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import assert_layer_matches, dense_conv2d, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # kernel x stride x padding x spatial (1x1, 5x7), where the padded input holds the kernel
@@ -230,7 +230,7 @@ def test_outputs_do_not_depend_on_the_thread_count(dtype):
         x = torch.randn(batch, cin, *hw, generator=g, dtype=dtype)
         b = torch.randn(cout, generator=g, dtype=dtype)
         geo = ([k, k], [s, s], [p, p])
-        ref = torch.relu(F.conv2d(x, w * mask, b, s, p))
+        ref = torch.relu(dense_conv2d(x, w, mask, b, s, p))
         dy = torch.randn(ref.shape, generator=g, dtype=dtype)
 
         def fwd():
@@ -256,7 +256,7 @@ def test_outputs_do_not_depend_on_the_thread_count(dtype):
         fwd = lambda: o.sparse_linear(x, *idx, None)
         gi = lambda: o.sparse_linear_grad_input(dy, *idx)
         gw = lambda: o.sparse_linear_grad_weight(dy, x, idx[0], idx[1])
-        torch.testing.assert_close(at(2, fwd), x @ (w * mask).T, **tol)
+        torch.testing.assert_close(at(2, fwd), dense_linear(x, w, mask), **tol)
         assert torch.equal(at(1, fwd), at(2, fwd)) and torch.equal(at(1, gi), at(2, gi))
         assert torch.equal(at(2, gw), at(2, gw))
 
@@ -883,8 +883,8 @@ def test_padding_and_stride_of_another_kind_are_refused_by_name():
             ops.sparse_conv2d(x, w, **{name: bad})
     for stride, padding in ((1, "same"), (2, "valid"), ((2, 1), (np.int64(1), 0))):
         torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=stride, padding=padding),
-                                   F.conv2d(x, weight * mask, stride=stride, padding=padding
-                                            if isinstance(padding, str) else tuple(int(p) for p in padding)))
+                                   dense_conv2d(x, weight, mask, stride=stride, padding=padding
+                                                if isinstance(padding, str) else tuple(int(p) for p in padding)))
 
 
 def test_a_stride_or_padding_past_int64_is_refused_by_name():
@@ -901,7 +901,7 @@ def test_a_stride_or_padding_past_int64_is_refused_by_name():
             SparseConv2d(w, **{name: bad})
     with pytest.raises(ValueError, match=r"kernel_size, stride and padding must be < 2\^31"):
         ops.sparse_conv2d(x, w, stride=(1, 2**63 - 1))
-    torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=(2, 9)), F.conv2d(x, weight * mask, stride=(2, 9)))
+    torch.testing.assert_close(ops.sparse_conv2d(x, w, stride=(2, 9)), dense_conv2d(x, weight, mask, stride=(2, 9)))
 
 
 def test_one_int_sequences_as_nn_conv2d_takes_them():
@@ -921,7 +921,7 @@ def test_one_int_sequences_as_nn_conv2d_takes_them():
                          torch.Generator().manual_seed(1), {}, stride=2, padding=1)
     w = CSR.from_dense(weight, mask)
     torch.testing.assert_close(ops.sparse_conv2d(x, w, bias, stride=[2], padding=(np.int64(1),)),
-                               F.conv2d(x, weight * mask, bias, stride=(2,), padding=[1]))
+                               dense_conv2d(x, weight, mask, bias, stride=(2,), padding=[1]))
     for name, bad in (("stride", ()), ("stride", (1, 1, 1)), ("padding", [])):
         with pytest.raises(TypeError, match=rf"{name} must be an int or a pair of ints, got"):
             ops.sparse_conv2d(x, w, **{name: bad})
@@ -947,7 +947,7 @@ def test_functional_call_with_another_pattern_of_as_many_nonzeros(frozen):
                                              (a, None, dense.weight, dense.bias, m1)):
         y = functional_call(layer, state, (x,)) if state is not None else layer(x)
         w = ref_w.detach().clone().requires_grad_(True)
-        ref = F.conv2d(x, w * mask, ref_b, padding=1)
+        ref = dense_conv2d(x, w, mask, ref_b, padding=1)
         torch.testing.assert_close(y, ref)
         dx, dref = torch.autograd.grad(y, x, g), torch.autograd.grad(ref, (x, w), g)
         torch.testing.assert_close(dx[0], dref[0])
@@ -985,7 +985,7 @@ def test_a_move_after_another_pattern_was_swapped_in_keeps_each_pattern_its_tran
     for got, want in zip(w.csc(), transpose_index(w.crow_indices, w.col_indices, 4 * 3 * 3)):
         assert torch.equal(got, want)
     g = torch.randn(2, 6, 5, 5)
-    y, ref = a(x), F.conv2d(x, ref_w.detach() * mask, ref_b.detach(), padding=1)
+    y, ref = a(x), dense_conv2d(x, ref_w.detach(), mask, ref_b.detach(), padding=1)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
