@@ -237,10 +237,11 @@ def linear_skewed_rows_and_split_batch():
     c = CSR.from_dense(w, mask)
     crow, col, v = c.crow_indices, c.col_indices, c.values.detach()
     x, gy = torch.randn(67, 40, generator=g), torch.randn(67, 9, generator=g)
-    assert_close_all([(K.sparse_linear(x, crow, col, v, *c.csc(), None), x @ (w * mask).t()),
-                      (K.sparse_linear_grad_input(gy, crow, col, v, *c.csc()), gy @ (w * mask))]
+    ry, rdx, rdw, _ = reference_grads(dense_linear, x, w, mask, None, gy)
+    assert_close_all([(K.sparse_linear(x, crow, col, v, *c.csc(), None), ry),
+                      (K.sparse_linear_grad_input(gy, crow, col, v, *c.csc()), rdx)]
                      + [(K.csr_sddmm(crow, col, gy.t().contiguous(), x.t().contiguous(), split=split),
-                         (gy.t() @ x)[mask]) for split in (1, 3)])
+                         rdw[mask]) for split in (1, 3)])
     empty = K.sparse_linear(torch.randn(0, 40), c.crow_indices, c.col_indices, c.values.detach(), *c.csc(), None)
     assert empty.shape == (0, 9)
 
@@ -316,7 +317,6 @@ def _forced(kernel, config):
 def check_conv_stats(relu, in_relu, seed=0):
     """sparse_conv2d_stats (a deferred BN on x, a bias, the ReLU or not, its states counted either way) vs the
     dense masked conv of act((x - mean) scale + shift): y, sum y and sum y^2 per channel, the samples with y > 0."""
-    import torch.nn.functional as F
     from sparsetrain.engine.formats import CSR
     from sparsetrain.kernels import sparse_conv2d as K
     g = torch.Generator().manual_seed(seed)
@@ -325,7 +325,7 @@ def check_conv_stats(relu, in_relu, seed=0):
     x, scale, shift = torch.randn(2, 2, 7, 5, generator=g), torch.rand(2, generator=g) + 0.5, torch.randn(2, generator=g)
     mean = torch.randn(2, generator=g, dtype=torch.float64)
     xa = (x - mean.float()[:, None, None]) * scale[:, None, None] + shift[:, None, None]
-    ry = F.conv2d(xa.clamp_min(0) if in_relu else xa, w * mask, b, stride=2, padding=1)
+    ry = dense_conv2d(xa.clamp_min(0) if in_relu else xa, w, mask, b, stride=2, padding=1)
     ry = ry.clamp_min(0) if relu else ry
     counts = torch.full((ry[0].numel(),), 5, dtype=torch.int64)
     y, stats = K.sparse_conv2d_stats(x, *(t.detach() for t in CSR.from_dense(w, mask).index()), (3, 3), (2, 2),
@@ -367,7 +367,6 @@ def layers_built_under_inference_mode():
     """A model built (or loaded) under torch.inference_mode has inference index tensors, which keep no version
     counter: the per-mask caches read it ("Inference tensors do not track version counter", a RuntimeError on
     the Triton backend only, before 2026-12-06); they compute per call for such tensors now."""
-    import torch.nn.functional as F
     import sparsetrain
     from sparsetrain.nn import SparseConv2d, SparseLinear
     g = torch.Generator().manual_seed(7)
@@ -377,8 +376,8 @@ def layers_built_under_inference_mode():
     with torch.inference_mode(), sparsetrain.use_backend("triton"):
         sl, sc = SparseLinear.from_dense(lin, ml), SparseConv2d.from_dense(conv, mc)
         for _ in range(2):  # (the second call: nothing stale from the first)
-            assert_close_all([(sl(x), F.linear(x, lin.weight * ml, lin.bias)),
-                              (sc(xc), F.conv2d(xc, conv.weight * mc, conv.bias, padding=1))])
+            assert_close_all([(sl(x), dense_linear(x, lin.weight, ml, lin.bias)),
+                              (sc(xc), dense_conv2d(xc, conv.weight, mc, conv.bias, padding=1))])
 
 
 @interp
@@ -398,10 +397,9 @@ def weight_gradient_split_checked():
     wb = BSR.from_dense(torch.randn(20, 18, generator=g), 16)
     xb, gb = torch.randn(3, 18, generator=g), torch.randn(3, 20, generator=g)
     c, lin = CSR.from_dense(wc, mc), CSR.from_dense(wl, ml)
-    wr = (wc * mc).requires_grad_(True)
-    torch.nn.functional.conv2d(x, wr, padding=1).backward(gy)
+    rdw = reference_grads(dense_conv2d, x, wc, mc, None, gy, padding=1)[2]
     calls = [(lambda s: KC.conv2d_grad_weight(gy, x, c.crow_indices, c.col_indices, (3, 3), (1, 1), (1, 1), split=s),
-              wr.grad[mc]),
+              rdw[mc]),
              (lambda s: KL.csr_sddmm(lin.crow_indices, lin.col_indices, gl.t().contiguous(), xl.t().contiguous(),
                                      split=s), (gl.t() @ xl)[ml]),
              (lambda s: KB.bsr_linear_grad_weight(gb, xb, wb.crow_indices, wb.col_indices, 16, split=s),
@@ -878,18 +876,17 @@ def tensor_arguments_that_are_no_tensors_refused_by_name():
     mean, invstd, w, scale, shift = ops.bn_scale_shift(stats, 50, *bn, torch.zeros(4), torch.ones(4),
                                                        torch.zeros((), dtype=torch.int64), 0.1, 1e-5, True, y.dtype)
     bn_args = (y, None, scale, shift, w, mean, invstd, True, True, False, False)
+    lin_ref = reference_grads(dense_linear, xl, wl, ml, b, gl)  # (y, dx, dW, db)
+    conv_ref = reference_grads(dense_conv2d, x, wc, mc, b, gy, padding=1)
     calls = [  # (name, Triton function, arguments, the dense reference of the first output or None)
-        ("sparse_linear", KL.sparse_linear, [xl, *lidx, b], F.linear(xl, wl * ml, b)),
-        ("sparse_linear_grad_input", KL.sparse_linear_grad_input, [gl, *lidx], gl @ (wl * ml)),
-        ("sparse_linear_grad_weight", KL.sparse_linear_grad_weight, [gl, xl, *lidx[:2]], (gl.t() @ xl)[ml]),
-        ("sparse_conv2d", KC.sparse_conv2d, [x, *idx, *geo, b], F.conv2d(x, wc * mc, b, padding=1)),
-        ("sparse_conv2d_stats", KC.sparse_conv2d_stats, [x, *idx, *geo, None, False], F.conv2d(x, wc * mc, padding=1)),
-        ("sparse_conv2d_grad_input", KC.sparse_conv2d_grad_input, [gy, *idx[3:6], idx[2], [5, 5], *geo],
-         torch.nn.grad.conv2d_input(x.shape, wc * mc, gy, padding=1)),
-        ("sparse_conv2d_grad_weight", KC.sparse_conv2d_grad_weight, [gy, x, *idx[:2], *geo],
-         torch.nn.grad.conv2d_weight(x, wc.shape, gy, padding=1)[mc]),
-        ("sparse_conv2d_backward", KC.sparse_conv2d_backward, [gy, x, *idx, *geo],
-         torch.nn.grad.conv2d_input(x.shape, wc * mc, gy, padding=1)),
+        ("sparse_linear", KL.sparse_linear, [xl, *lidx, b], lin_ref[0]),
+        ("sparse_linear_grad_input", KL.sparse_linear_grad_input, [gl, *lidx], lin_ref[1]),
+        ("sparse_linear_grad_weight", KL.sparse_linear_grad_weight, [gl, xl, *lidx[:2]], lin_ref[2][ml]),
+        ("sparse_conv2d", KC.sparse_conv2d, [x, *idx, *geo, b], conv_ref[0]),
+        ("sparse_conv2d_stats", KC.sparse_conv2d_stats, [x, *idx, *geo, None, False], dense_conv2d(x, wc, mc, padding=1)),
+        ("sparse_conv2d_grad_input", KC.sparse_conv2d_grad_input, [gy, *idx[3:6], idx[2], [5, 5], *geo], conv_ref[1]),
+        ("sparse_conv2d_grad_weight", KC.sparse_conv2d_grad_weight, [gy, x, *idx[:2], *geo], conv_ref[2][mc]),
+        ("sparse_conv2d_backward", KC.sparse_conv2d_backward, [gy, x, *idx, *geo], conv_ref[1]),
         ("bn_act", KB.bn_act, [y, mean, scale, shift, None, True],
          F.relu((y - mean.float()[:, None, None]) * scale[:, None, None] + shift[:, None, None])),
         ("bn_scale_shift", KB.bn_scale_shift, [stats, 50, *bn, None, None, None, None, 1e-5, True, y.dtype], None),
