@@ -133,3 +133,29 @@ def test_an_interrupted_seed_is_stopped(mnist_dir, study_args, interrupted):
     text = open(report.write_report(rd)).read()
     assert "| 0 | stopped: KeyboardInterrupt (pid " in text
     assert "Seeds whose curve is missing or unfinished: seed 0: stopped: KeyboardInterrupt" in text
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(mnist_dir, study_args):
+    """SIGTERM (`timeout`, `kill`, a scheduler's preemption) mid-run: the seed is recorded stopped and the run says
+    where its epochs are saved, as on Ctrl-C, and the process still dies of SIGTERM (before, it died at once: the
+    seed stayed `running`, nothing was said)."""
+    import signal
+    import time
+    args = study_args(mnist_dir, "--phases", "teacher", "--epochs", "300", "--milestones", "100")
+    proc = subprocess.Popen([sys.executable, "-m", "sparsetrain.experiment", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((mnist_dir / "runs").glob("*/seed0/teacher/state.pt")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err
+    rd = run_dir(mnist_dir / "runs")
+    assert err.strip().splitlines()[-1] == f"interrupted: every finished epoch is saved in {rd}; the same command resumes"
+    status = _status(rd, 0)
+    assert status["state"] == "stopped" and status["error"] == "KeyboardInterrupt: SIGTERM", status
+    assert "Traceback" not in err

@@ -6,7 +6,7 @@ import sys
 # slowdown (bench/contention.py). Set before torch loads the OpenMP runtime; the user's value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from .interrupt import exit_on_ctrl_c  # noqa: E402
+from .interrupt import exit_on_ctrl_c, stop_on_sigterm  # noqa: E402
 
 with exit_on_ctrl_c("run"):  # (Ctrl-C while torch loads: one line, as during the run, not an import traceback)
     from .config import config_from_args
@@ -15,4 +15,6 @@ with exit_on_ctrl_c("run"):  # (Ctrl-C while torch loads: one line, as during th
 
     from .study import main
 
-sys.exit(main())
+with stop_on_sigterm():  # (SIGTERM while it runs: stopped as on Ctrl-C, then dies of SIGTERM)
+    code = main()
+sys.exit(code)

@@ -1,4 +1,5 @@
-"""Ctrl-C while a command still loads (torch, Ray, the study's modules): one line and exit 130.
+"""Ctrl-C while a command still loads (torch, Ray, the study's modules): one line and exit 130; SIGTERM
+while a run trains: stopped as Ctrl-C stops it.
 
 A KeyboardInterrupt raised by the signal there can land in a callback whose exceptions Python
 ignores (an import lock's weakref callback prints "Exception ignored in ..."), and the command then
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 
 
 @contextlib.contextmanager
@@ -25,3 +27,33 @@ def exit_on_ctrl_c(what: str):
         stop()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (`kill`, `timeout`, a scheduler's preemption) in the body raises KeyboardInterrupt("SIGTERM"),
+    so a run stops as on Ctrl-C (its seed recorded stopped, the "interrupted: ..." line); the process then
+    dies of SIGTERM as before (exit status 143 in a shell). Not under torchrun (WORLD_SIZE > 1), whose ranks
+    SIGTERM may reach inside a collective: there the default action stays."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        yield
+        return
+    got = []
+
+    def stop(signum, frame):
+        if not got:  # (a second SIGTERM, during the stop, kills at once: the default action)
+            got.append(signum)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if not got:
+            signal.signal(signal.SIGTERM, previous)
+        else:  # (the exit status says SIGTERM, as for a process it killed: a sweep's log names the signal)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.kill(os.getpid(), signal.SIGTERM)
