@@ -399,6 +399,32 @@ def test_a_config_built_in_python_is_checked_as_the_cli(tmp_path, change, error,
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_config_for_resolves_the_profile_as_the_cli_does(tmp_path):
+    """`Config(dataset="fashion-mnist", profile="quick")` is the dataclass: the paper profile's CIFAR defaults (a
+    ResNet-18 for 160 epochs in a run named `...-quick-resnet18-...`), so a study built in Python had no way to get
+    the command's presets. `config_for` resolves them as the command does, both-roles keys included."""
+    from sparsetrain.experiment import config_for
+    from sparsetrain.experiment.config import config_from_args
+    from sparsetrain.experiment.study import run_dir_of
+    out = str(tmp_path)
+    cli = config_from_args(["fashion-mnist", "--profile", "quick", "--out", out])[0]
+    assert config_for("fashion-mnist", profile="quick", out=out) == cli and cli.model == "lenet300"
+    assert run_dir_of(config_for("fashion-mnist", profile="quick", out=out)) == run_dir_of(cli)
+    cli = config_from_args(["mnist", "--profile", "quick", "--epochs", "4", "--milestones", "2", "--teacher-lr",
+                            "0.05", "--student", "vgg_like", "--out", out])[0]
+    assert config_for("mnist", profile="quick", epochs=4, milestones=(2,), teacher_lr=0.05, student="vgg_like",
+                      out=out) == cli
+    assert config_for("cifar10") == config_from_args(["cifar10"])[0]
+    for kw, error, message in [({"epochs": 0}, ValueError, "--epochs must be in [1, 1000]"),
+                               ({"milestones": (9,), "epochs": 4}, ValueError, "--milestones must be epochs in [1, 4)"),
+                               ({"epochz": 3}, TypeError, "unexpected keyword argument 'epochz'"),
+                               ({"rate": "0.2"}, TypeError, "--rate must be"),
+                               ({"profile": "quik"}, ValueError, "quik")]:
+        with pytest.raises(error) as e:
+            config_for("mnist", **{"profile": "quick", **kw})
+        assert message in str(e.value), (kw, str(e.value))
+
+
 def test_one_value_spelt_in_python_names_one_run(tmp_path):
     """1 and 1.0, a list and a tuple, numpy numbers, a Path: the value the CLI parses, so the same
     run directory (the name hashes the settings' JSON: 4 and 4.0 named two runs, a numpy seed none)."""

@@ -264,7 +264,7 @@ def test_given_milestones_past_the_epochs_are_refused_but_a_preset_run_round_tri
     out but those milestones, which come back from the preset (given, they are refused: every run of a
     sweep with --epochs failed after planning fine). Milestones given equal to the preset's were let
     through past the epochs (the LR never dropped)."""
-    from sparsetrain.experiment.config import config_to_argv
+    from sparsetrain.experiment.config_resolve import config_to_argv
     cfg = config_from_args(["fashion-mnist", "--profile", "quick", "--epochs", "5"])[0]
     argv = config_to_argv(cfg)
     assert cfg.hyper("teacher").milestones == (15, 22) and config_from_args(argv)[0] == cfg

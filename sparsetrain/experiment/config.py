@@ -26,7 +26,7 @@ from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
 __all__ = ["Config", "Hyper", "ADDED_DEFAULTS", "PROFILES", "ROLES", "ROLE_KEYS", "PHASE_KINDS", "preset", "schedule",
-           "resolve_amp", "validate", "ignored_settings", "notes", "build_parser", "config_from_args", "config_to_argv",
+           "resolve_amp", "validate", "ignored_settings", "notes", "build_parser", "config_from_args", "resolve",
            "config_from_json"]
 
 PHASE_KINDS = ("teacher", "vanilla", "distill")  # what --phases may name (distill: every --teachers choice)
@@ -319,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve(given: dict, flags: dict) -> Config:
+    """The Config of the settings `given` ({field: value}, the dataset and profile among them) over the profile's
+    preset; `flags`: {field: the flag that set it} for the messages. ValueError naming the flag for a bad value,
+    TypeError for one of another type."""
+    base = Config(dataset=given.get("dataset", "cifar10"), profile=given.get("profile", "paper"))
+    _check_models(given)  # (the preset reads the models' families)
+    p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
+    cfg = Config(**{**dataclasses.asdict(base), **p, **given})
+    validate(cfg, flags)
+    for role in ROLES:  # (given milestones past the run's epochs would never lower the LR; the preset's
+        hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
+        if key in given and any(m >= hp.epochs for m in hp.milestones):
+            flag = flags.get(key, f"--{key.replace('_', '-')}")
+            if hp.epochs == 1:  # ([1, 1) named no epoch: say why none fits and what to give)
+                raise ValueError(f"{flag}: no milestone fits 1 epoch ({flags.get(f'{role}_epochs', f'--{role}-epochs')} "
+                                 f"1, the {role} runs' LR never drops); leave {flag} out, got "
+                                 f"{' '.join(map(str, hp.milestones))}")
+            raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
+                             f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
+    return cfg
+
+
 def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
     """Parse argv into a resolved Config: defaults < preset (per role) < --<key> (both roles) <
     --<role>-<key>. Bad arguments exit with code 2 and a one-line message."""
@@ -332,45 +354,11 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
                 if f"{role}_{k}" not in given:
                     given[f"{role}_{k}"], flags[f"{role}_{k}"] = getattr(args, k), f"--{k.replace('_', '-')}"
     given = {k: tuple(v) if isinstance(v, list) else v + 0.0 if isinstance(v, float) else v for k, v in given.items()}
-    base = Config(dataset=given.get("dataset", "cifar10"), profile=given.get("profile", "paper"))
     try:
-        _check_models(given)  # (the preset reads the models' families)
-        p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
-        cfg = Config(**{**dataclasses.asdict(base), **p, **given})
-        validate(cfg, flags)
-        for role in ROLES:  # (given milestones past the run's epochs would never lower the LR; the preset's
-            hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
-            if key in given and any(m >= hp.epochs for m in hp.milestones):
-                flag = flags.get(key, f"--{key.replace('_', '-')}")
-                if hp.epochs == 1:  # ([1, 1) named no epoch: say why none fits and what to give)
-                    raise ValueError(f"{flag}: no milestone fits 1 epoch ({flags.get(f'{role}_epochs', f'--{role}-epochs')} "
-                                     f"1, the {role} runs' LR never drops); leave {flag} out, got "
-                                     f"{' '.join(map(str, hp.milestones))}")
-                raise ValueError(f"{flag} must be epochs in [1, {hp.epochs}) (the {role} runs' epochs: a milestone "
-                                 f"at or past the last epoch never lowers the LR), got {' '.join(map(str, hp.milestones))}")
+        cfg = resolve(given, flags)
     except ValueError as e:
         parser.error(str(e))
     return cfg, args
-
-
-def config_to_argv(cfg: Config) -> list[str]:
-    """Every field of `cfg` as explicit flags: `config_from_args(config_to_argv(cfg))` gives back `cfg`
-    whatever the presets say (how a sweep hands a resolved run to the experiment command)."""
-    argv = [cfg.dataset]
-    hints = typing.get_type_hints(Config)
-    for f in fields(Config):
-        v, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
-        if f.metadata.get("positional"):
-            continue
-        if hints[f.name] is bool:
-            argv += [flag] if v else []
-        elif f.name.endswith("_milestones") and any(m >= cfg.hyper(f.name[:-len("_milestones")]).epochs for m in v):
-            continue  # (a preset's milestones kept past --epochs, as the run's command had them: given, refused)
-        elif hints[f.name] is tuple:
-            argv += [flag, *map(str, v)] if v else []  # (an empty tuple: the default, which is empty)
-        else:
-            argv += [flag, str(v)]
-    return argv
 
 
 def config_from_json(d: dict) -> Config:

@@ -17,7 +17,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..experiment.config import ROLE_KEYS, Config, config_to_argv
+from ..experiment.config import ROLE_KEYS, Config
+from ..experiment.config_resolve import config_to_argv
 from ..experiment.reuse import needed_phases, phase_done, phase_key, phase_names
 from ..experiment.study import run_dir_of
 from .grid import expand, grid_points  # noqa: F401 (expand: re-exported)
