@@ -360,6 +360,11 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt or not a torch file"):
         safe_load(str(bad))
+    pickled = tmp_path / "script.pt"  # (a text file, e.g. a --teachers PATH given a script by mistake)
+    pickled.write_text("import torch\n")
+    with pytest.raises(ValueError) as e:  # (torch's first line told the user to retry with weights_only=False)
+        safe_load(str(pickled))
+    assert str(e.value) == f"checkpoint {pickled} is corrupt or not a torch file (UnpicklingError: Unsupported operand 105)"
     torch.save({"hello": torch.ones(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a sparsetrain checkpoint"):
         safe_load(str(tmp_path / "foreign.pt"))

@@ -22,6 +22,7 @@ from ..engine.fuse import fuse_
 from ..engine.nn import is_sparse, masks_of, prunable_layers
 from ..engine.placeholders import HandOff
 from ..prune import keep_channels_
+from .dataset_errors import load_error
 from .files import CorruptFile, ReadFailed, atomic_write, verify
 from .models import build_model, resolve_name
 
@@ -71,8 +72,8 @@ def safe_load(path: str) -> dict:
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
             # (EACCES, EIO on a file without a record: not a corrupt file, maybe intact: one line naming it, as verify's)
             raise ReadFailed(e.errno, e.strerror or str(e), path) from e
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CorruptFile(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {first})") from None
+        # (load_error: not torch's advice to retry with weights_only=False, unsafe for a file from elsewhere)
+        raise CorruptFile(f"checkpoint {path} is corrupt or not a torch file ({load_error(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") not in _READS:
         raise ValueError(f"checkpoint {path} is not a sparsetrain checkpoint (expected format {FORMAT!r})")
     return obj
