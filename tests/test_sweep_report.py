@@ -317,7 +317,7 @@ def test_a_stale_output_that_cannot_be_removed_is_one_line_naming_it(tmp_path, m
     assert cli.main(["report", str(runs / "a"), "--out", str(rep)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: cannot write {rep / 'table1.csv'}: Permission denied; free space (or fix permissions) " \
-                  "and run the same command to resume\n"
+                  "and run the same command again\n"  # (a report has nothing to resume: it said "to resume")
     assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))
 
 

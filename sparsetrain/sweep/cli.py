@@ -173,10 +173,14 @@ def _report(plan, sweep_dir: str, settings: dict, what: str, status: dict) -> st
 
 def main(argv=None) -> int:
     """The sweep's CLI; a file it cannot write (plan.json, status.json, the report: disk full, a read-only
-    folder) is one line and exit 2, as the experiment's (WriteFailed names the file; a traceback before)."""
+    folder) is one line and exit 2, as the experiment's (WriteFailed names the file; a traceback before);
+    `report` and `--dry-run`, which leave nothing to resume, advise running the command again."""
     try:
         return _main(argv)
     except WriteFailed as e:
+        again = sys.argv[1:] if argv is None else list(argv)
+        if again[:1] == ["report"] or "--dry-run" in again:  # ("... to resume" read as if runs had started)
+            e.advice = e.advice.replace("run the same command to resume", "run the same command again")
         print(f"error: {e}", file=sys.stderr)
         return 2
 
