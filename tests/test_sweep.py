@@ -1665,6 +1665,12 @@ def test_report_of_a_sweep_root_names_its_runs_folder(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"no run directory (with a config.json) in {folder}" in err
         assert (f"give {tmp_path / 'sweeps' / 'runs'}" in err) == hint and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # (no folder at all: it said "no run directory ... in (none given)")
+        cli.main(["report"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.splitlines()[-1] == ("error: report needs RUN_DIR: one or more run directories, or "
+                                                          "folders holding them (e.g. sweeps/runs) (see python -m "
+                                                          "sparsetrain.sweep --help)"), err
 
 
 def test_a_study_that_never_started_keeps_its_teacher_run_and_the_grid_labels(tmp_path):

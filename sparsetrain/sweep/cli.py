@@ -196,12 +196,14 @@ def _main(argv=None) -> int:
         stray = [k for k, v in vars(args).items() if k not in ("what", "run_dirs", "out") and v != parser.get_default(k)]
         if stray:  # (a report reads finished runs: it neither filters nor runs anything)
             parser.error(f"report takes run directories and --out only, got {', '.join('--' + k.replace('_', '-') for k in stray)}")
+        if not args.run_dirs:  # (it said "no run directory ... in (none given)")
+            parser.error("report needs RUN_DIR: one or more run directories, or folders holding them (e.g. sweeps/runs)")
         # (a leading ~ quoted or after '=', as --out: it was looked up as a folder named ~ here)
         args.run_dirs = [os.path.expanduser(d) for d in args.run_dirs]
         dirs = _run_dirs(args.run_dirs)
         if not dirs:
             roots = [os.path.join(d, "runs") for d in args.run_dirs if _run_dirs([os.path.join(d, "runs")])]
-            parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs) or '(none given)'}"
+            parser.error(f"report: no run directory (with a config.json) in {' '.join(args.run_dirs)}"
                          + (f"; a sweep's runs are in its --out's runs folder: give {' '.join(roots)}" if roots else ""))
         dirs = _leaves(dirs)
         from .aggregate import lost_config
