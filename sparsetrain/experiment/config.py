@@ -319,10 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(given: dict, flags: dict) -> Config:
-    """The Config of the settings `given` ({field: value}, the dataset and profile among them) over the profile's
-    preset; `flags`: {field: the flag that set it} for the messages. ValueError naming the flag for a bad value,
-    TypeError for one of another type."""
+def resolve(given: dict, both: dict) -> Config:
+    """The Config of the settings `given` ({field: value}, the dataset and profile among them) and `both` ({a
+    ROLE_KEYS key: value}, each role's unless `given` has the role's own) over the profile's preset (lists as
+    tuples, -0.0 as 0.0). ValueError naming the flag for a bad value, TypeError for one of another type."""
+    given, flags = dict(given), {}
+    for k, v in both.items():
+        for role in ROLES:
+            if f"{role}_{k}" not in given:
+                given[f"{role}_{k}"], flags[f"{role}_{k}"] = v, f"--{k.replace('_', '-')}"
+    given = {k: tuple(v) if isinstance(v, list) else v + 0.0 if isinstance(v, float) else v for k, v in given.items()}
     base = Config(dataset=given.get("dataset", "cifar10"), profile=given.get("profile", "paper"))
     _check_models(given)  # (the preset reads the models' families)
     p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
@@ -347,15 +353,8 @@ def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    flags = {}
-    for k in ROLE_KEYS:  # (below: lists as tuples, -0.0 as 0.0)
-        if getattr(args, k) is not None:
-            for role in ROLES:
-                if f"{role}_{k}" not in given:
-                    given[f"{role}_{k}"], flags[f"{role}_{k}"] = getattr(args, k), f"--{k.replace('_', '-')}"
-    given = {k: tuple(v) if isinstance(v, list) else v + 0.0 if isinstance(v, float) else v for k, v in given.items()}
     try:
-        cfg = resolve(given, flags)
+        cfg = resolve(given, {k: getattr(args, k) for k in ROLE_KEYS if getattr(args, k) is not None})
     except ValueError as e:
         parser.error(str(e))
     return cfg, args

@@ -8,7 +8,7 @@ from __future__ import annotations
 import typing
 from dataclasses import fields
 
-from .config import ROLE_KEYS, ROLES, Config, resolve
+from .config import ROLE_KEYS, Config, resolve
 from .config_types import check_types
 
 __all__ = ["config_for", "config_to_argv"]
@@ -23,13 +23,7 @@ def config_for(dataset: str, profile: str = "paper", **settings) -> Config:
     given = {k: v for k, v in settings.items() if k not in ROLE_KEYS}
     check_types(Config(dataset=dataset, profile=profile, **given))  # (an unknown name: the dataclass's TypeError)
     given.update(dataset=dataset, profile=profile)
-    flags = {}
-    for k in ROLE_KEYS:
-        if k in settings:
-            for role in ROLES:
-                if f"{role}_{k}" not in given:
-                    given[f"{role}_{k}"], flags[f"{role}_{k}"] = settings[k], f"--{k.replace('_', '-')}"
-    return resolve(given, flags)
+    return resolve(given, {k: v for k, v in settings.items() if k in ROLE_KEYS})
 
 
 def config_to_argv(cfg: Config) -> list[str]:
