@@ -102,3 +102,22 @@ def test_mask_weight_and_model_masks():
     g = torch.Generator().manual_seed(7)  # (drawn in module order from one generator seeded `seed`)
     assert all(torch.equal(masks[k], random_mask(s, 0.5, generator=g))
                for k, s in (("0", (3, 2, 3, 3)), ("3", (4, 12))))
+
+
+def test_zero_pruned_zeroes_the_masked_weights_in_place_and_is_exported():
+    # the dense masked reference model the tests and bench scripts build: each named layer's weight * mask,
+    # in place under no_grad (weights that require grad), biases and unnamed layers untouched
+    import sparsetrain.testing as testing
+    assert "zero_pruned_" in testing.__all__  # (used by the tests and the benchmarks: `import *` brought it not)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    masks = model_masks(model, 0.5, seed=2)
+    del masks["4"]
+    weight = model[0].weight
+    assert testing.zero_pruned_(model, masks) is model and model[0].weight is weight  # (in place)
+    for k, v in model.state_dict().items():
+        name = k.rsplit(".", 1)[0]
+        want = torch.where(masks[name], before[k], 0.0) if k.endswith("weight") and name in masks else before[k]
+        assert torch.equal(v, want), k
+    assert model[0].weight.requires_grad and model[0].weight.grad is None
