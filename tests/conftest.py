@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sparsetrain.experiment import loop, study
-from sparsetrain.testing import gloo_threads, random_mask, write_cifar, write_mnist
+from sparsetrain.testing import gloo_threads, random_mask, write_cifar, write_mnist, zero_pruned_
 
 TIMING = ("wall_s", "sec_per_epoch")
 # --engine auto's measured decisions (engine/policy.py) go to a cache of this test session, not ~/.cache
@@ -77,8 +77,7 @@ def masked_mlp(seed: int):
     torch.manual_seed(seed)
     dense = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     mask = random_mask((5, 6), 0.5)
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
+    zero_pruned_(dense, {"0": mask})
     return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
 
 
@@ -95,9 +94,7 @@ class Doubled(torch.nn.Module):
 def dense_masked_copy(model, masks):
     """The dense reference: a copy of `model` with each mask ({layer name: bool mask}) applied to its layer's weight."""
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mk in masks.items():
-            ref.get_submodule(name).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     return ref
 
 
