@@ -18,7 +18,7 @@ import sparsetrain
 
 from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask, zero_pruned_
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # (batch shape, in, out): 1 feature, primes, batch 1, 3-D input, batch that is not a tile multiple
@@ -624,9 +624,7 @@ def test_sparsify_and_densify_under_inference_mode_leave_the_model_trainable(fus
                           nn.Linear(64, 5)).double()
     masks = {"0": random_mask((4, 3, 3, 3), 0.5), "4": random_mask((5, 64), 0.7)}
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mk in masks.items():
-            ref.get_submodule(name).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     x, y = torch.randn(6, 3, 4, 4, dtype=torch.float64), torch.randint(0, 5, (6,))
 
     def step(m):
@@ -733,9 +731,7 @@ def test_to_empty_without_a_load_is_refused_saying_to_load_and_a_load_restores_t
     src[6] = BSRLinear.from_dense(dense[6], 16)
     src.eval(), dense.eval()
     x = torch.randn(3, 2, 4, 4)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            dense.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(dense, masks)
     ref = dense(x)  # (the BSRLinear keeps every block of the dense layer's)
     y = src(x)
     for start in ("cpu", "meta"):
@@ -803,9 +799,7 @@ def test_to_empty_of_a_deepcopy_or_a_loaded_whole_model_is_refused_saying_to_loa
     src = copy.deepcopy(dense)
     sparsetrain.sparsify_(src, masks)
     src[4] = BSRLinear.from_dense(dense[4], 16)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            dense.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(dense, masks)
     x = torch.randn(3, 2, 4, 4)
     ref = dense(x)
     buf = io.BytesIO()
@@ -1073,8 +1067,9 @@ def test_dense_state_dict_loads_a_sparse_checkpoint_into_the_dense_model(tmp_pat
     masks = {"0": random_mask((7, 3, 3, 3), 0.9), "4": random_mask((13, 175), 0.7)}
     sparsetrain.sparsify_(model, masks, fuse=fuse)
     model[5] = BSRLinear.from_dense(model[5], 16, mask=torch.zeros(32, 13, dtype=torch.bool).index_fill_(0, torch.arange(16), True))
+    zero_pruned_(ref, masks)
     with torch.no_grad():
-        ref[0].weight.mul_(masks["0"]), ref[4].weight.mul_(masks["4"]), ref[5].weight[16:].zero_()
+        ref[5].weight[16:].zero_()  # (the BSRLinear's pruned block rows)
     torch.save(model.state_dict(), tmp_path / "sparse.pt")
     sd = torch.load(tmp_path / "sparse.pt", weights_only=True)
     dense = make()
@@ -1195,8 +1190,7 @@ def test_layers_under_two_names_and_tied_weights():
     model = Twice()
     ref = copy.deepcopy(model)
     mask = random_mask((6, 6), 0.5)
-    with torch.no_grad():
-        ref.a.weight.mul_(mask)
+    zero_pruned_(ref, {"a": mask})
     sparsetrain.sparsify_(model, {"b": mask})
     assert isinstance(model.a, SparseLinear) and model.b is model.a
     x = torch.randn(3, 6)
@@ -1243,8 +1237,7 @@ def test_hooks_of_a_layer_under_two_names_move_with_it():
 
     model, seen = Aliased(), []
     ref, mask, x = copy.deepcopy(model), random_mask((3, 4), 0.5), torch.randn(2, 4)
-    with torch.no_grad():
-        ref.a.weight.mul_(mask)
+    zero_pruned_(ref, {"a": mask})
     handle = model.a.register_forward_hook(lambda mod, i, o: seen.append((type(mod).__name__, o)))
     model.a.register_forward_pre_hook(lambda mod, i: (i[0] * 2,))
     sparsetrain.sparsify_(model, {"a": mask})
@@ -1373,9 +1366,7 @@ def test_mlp_training_follows_dense_masked_trajectory():
     torch.manual_seed(7)
     dense = _mlp()
     masks = {n: random_mask(m.weight.shape, 0.8) for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
-    with torch.no_grad():
-        for n, m in masks.items():
-            dense.get_submodule(n).weight.mul_(m)
+    zero_pruned_(dense, masks)
     sparse = sparsetrain.sparsify_(_copy(dense), masks)
     opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
     opt_s = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
@@ -1470,8 +1461,7 @@ def masked_mlp(seed: int):
     torch.manual_seed(seed)
     dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     mask = random_mask((5, 6), 0.5)
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
+    zero_pruned_(dense, {"0": mask})
     return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
 
 
@@ -1496,8 +1486,7 @@ def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, 
         model(x).sum().backward(), dense(x).sum().backward()
         dense[0].weight.grad.mul_(mask)
         opt.step(), ref.step()
-        with torch.no_grad():
-            dense[0].weight.mul_(mask)
+        zero_pruned_(dense, {"0": mask})
     torch.testing.assert_close(model[0].weight.to_dense(), dense[0].weight)
     torch.testing.assert_close(model[0].bias, dense[0].bias)
     sparsetrain.densify_(model)
@@ -1700,8 +1689,7 @@ def test_sparsify_refuses_a_float_mask_under_any_name(scale):
             sparsetrain.sparsify_(model, masks)
         assert type(model.a) is nn.Linear and model.b is model.a  # (nothing converted)
     sparsetrain.sparsify_(model, {"a": mask, "b": mask.clone()})
-    with torch.no_grad():
-        ref.a.weight.mul_(mask)
+    zero_pruned_(ref, {"a": mask})
     x = torch.randn(3, 6)
     torch.testing.assert_close(model(x), ref(x))
     seq = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -1901,9 +1889,7 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
     dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 10))
     masks = {"0": random_mask((8, 3, 3, 3), 0.5), "4": random_mask((10, 288), 0.5)}
-    with torch.no_grad():
-        for n, m in masks.items():
-            dense.get_submodule(n).weight.mul_(m)
+    zero_pruned_(dense, masks)
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, masks)
     ema = lambda a, b, n: 0.9 * a + 0.1 * b  # noqa: E731 (torchvision's ExponentialMovingAverage)
@@ -1921,9 +1907,7 @@ def test_an_ema_of_the_buffers_that_rewrites_the_index_is_refused_and_one_of_flo
                     m.get_submodule(n).weight.grad.mul_(mk)
             opt.step()
             if m is dense:
-                with torch.no_grad():
-                    for n, mk in masks.items():
-                        m.get_submodule(n).weight.mul_(mk)
+                zero_pruned_(m, masks)
         for pair in averages.values():
             for avg, m in zip(pair, (dense, model)):
                 avg.update_parameters(m)
@@ -2012,8 +1996,7 @@ def test_an_optimizer_built_before_sparsify_of_frozen_layers_trains_the_rest():
     torch.manual_seed(9)
     dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     mask = random_mask((5, 6), 0.5)
-    with torch.no_grad():
-        dense[0].weight.mul_(mask)
+    zero_pruned_(dense, {"0": mask})
     dense[0].requires_grad_(False)
     model, x = copy.deepcopy(dense), torch.randn(4, 6)
     opt, ref = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, dense))
@@ -2169,9 +2152,7 @@ def test_densify_of_a_model_whose_index_an_ema_rewrote_is_refused_untouched(fuse
                           nn.Linear(8 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, 32))
     masks = {"0": random_mask((8, 3, 3, 3), 0.5), "4": random_mask((64, 288), 0.5)}
     bmask = block_mask(dense[6].weight.detach(), 16, 0.5)
-    with torch.no_grad():
-        for n, m in {**masks, "6": bmask}.items():
-            dense.get_submodule(n).weight.mul_(m)
+    zero_pruned_(dense, {**masks, "6": bmask})
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, masks, fuse=fuse)
     model[6] = BSRLinear.from_dense(model[6], 16, bmask)
