@@ -426,8 +426,7 @@ def _block(order: str, cin=5, cout=7, k=3, s=1, p=1, bias=False, dtype=torch.flo
 def _fused_pair(order, sparsity, dtype=torch.float64, **kw):
     ref, conv = _block(order, dtype=dtype, **kw)
     mask = random_mask(conv.weight.shape, sparsity, generator=torch.Generator().manual_seed(7), empty_rows=1)
-    with torch.no_grad():
-        conv.weight.mul_(mask)
+    zero_pruned_(ref, {"conv": mask})  # (ref.conv is conv)
     fused = copy.deepcopy(ref)
     sparsetrain.sparsify_(fused, {"conv": mask}, fuse=True)
     assert isinstance(fused.conv, SparseConvBNReLU) and isinstance(fused.bn, FusedBatchNorm2d)
@@ -706,8 +705,7 @@ def test_a_hook_added_to_a_fused_bn_that_returns_another_tensor_is_refused_by_th
     BN keeps the hook's tensor, as unfused."""
     ref, conv = _block("bn_relu")
     mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        conv.weight.mul_(mask)
+    zero_pruned_(ref, {"conv": mask})  # (ref.conv is conv)
     model = copy.deepcopy(ref)
     sparsetrain.sparsify_(model, {"conv": mask}, fuse=True)
     assert isinstance(model.relu, FusedReLU)
@@ -737,8 +735,7 @@ def test_hooks_registered_before_fuse_keep_firing():
     backward hook added to a fused BN or ReLU afterwards is refused by name."""
     ref, conv = _block("bn_relu")
     mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        conv.weight.mul_(mask)
+    zero_pruned_(ref, {"conv": mask})  # (ref.conv is conv)
     seen = {}
     model = copy.deepcopy(ref)
     for m in (ref, model):
@@ -772,8 +769,7 @@ def test_a_pre_hook_on_the_relu_after_keeps_it_out_and_hooks_added_later_are_nam
     pre-hooks."""
     ref, conv = _block("bn_relu")
     mask = random_mask(conv.weight.shape, 0.5, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        conv.weight.mul_(mask)
+    zero_pruned_(ref, {"conv": mask})  # (ref.conv is conv)
     ref.relu.register_forward_pre_hook(lambda mod, i: (i[0] - 0.5,))
     model = copy.deepcopy(ref)
     sparsetrain.sparsify_(model, {"conv": mask}, fuse=True)
@@ -1224,8 +1220,7 @@ def test_a_shared_relu_is_fused_only_where_it_is_safe():
         sparsetrain.sparsify_(m, masks, fuse=True)
         assert type(m.conv1) is SparseConvBNReLU and m.conv1.relu_after is (cls is Early)
         assert type(m.relu) is (FusedReLU if cls is Early else nn.ReLU)
-        with torch.no_grad():
-            r.conv1.weight.mul_(masks["conv1"])
+        zero_pruned_(r, {"conv1": masks["conv1"]})
         torch.testing.assert_close(m(x), r(x), **TOL[torch.float64])
     m.bn1.register_forward_hook(guard)  # (Early's) a NaN guard stops a forward after conv1: the real site told
     with pytest.raises(FloatingPointError):
@@ -1383,8 +1378,7 @@ def test_a_forward_default_fx_cannot_keep_is_named_with_what_to_do(default):
     a = Attribute()
     masks = model_masks(a, 0.5)
     ref = copy.deepcopy(a)
-    with torch.no_grad():
-        ref.conv.weight.mul_(masks["conv"])
+    zero_pruned_(ref, {"conv": masks["conv"]})
     sparsetrain.sparsify_(a, masks, fuse=True)
     assert isinstance(a.conv, SparseConvBNReLU)
     x = torch.randn(2, 3, 6, 6)
@@ -1652,9 +1646,7 @@ def _chain():  # conv-bn-relu x2 -> pool -> conv-bn-relu: a deferred link and a 
                         nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()).double()
     masks = model_masks(seq, 0.5)
     ref = copy.deepcopy(seq)
-    for name, mask in masks.items():
-        with torch.no_grad():
-            ref.get_submodule(name).weight.mul_(mask)
+    zero_pruned_(ref, masks)
     sparsetrain.sparsify_(seq, masks, fuse=True)
     assert seq[0].feeds is seq[3] and seq[3].pools is seq[6]  # both hand-offs in play
     return seq, ref, masks
@@ -1964,9 +1956,7 @@ def test_modules_under_two_names_and_a_replacing_hook_on_the_relu_before_the_bn_
         m.aliased = aliased
         ref = copy.deepcopy(m)
         masks = {n: random_mask(getattr(m, n).weight.shape, 0.5) for n in ("conv", "conv2")}
-        for n, mask in masks.items():
-            with torch.no_grad():
-                getattr(ref, n).weight.mul_(mask)
+        zero_pruned_(ref, masks)
         sparsetrain.sparsify_(m, masks, fuse=True)
         assert m.alias is getattr(m, aliased), aliased
         torch.testing.assert_close(m(x), ref(x), rtol=1e-9, atol=1e-9)
@@ -1977,8 +1967,7 @@ def test_modules_under_two_names_and_a_replacing_hook_on_the_relu_before_the_bn_
     base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)).double()
     base[1].register_forward_hook(lambda mod, i, o: o.clamp(max=0.5))
     m, mask = copy.deepcopy(base), random_mask((8, 3, 3, 3), 0.5)
-    with torch.no_grad():
-        base[0].weight.mul_(mask)
+    zero_pruned_(base, {"0": mask})
     sparsetrain.sparsify_(m, {"0": mask}, fuse=True)
     assert type(m[0]) is sparsetrain.nn.SparseConv2d and type(m[2]) is nn.BatchNorm2d
     torch.testing.assert_close(m(x), base(x), rtol=1e-9, atol=1e-9)
