@@ -15,7 +15,7 @@ from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, is_sparse, mask
                                    prunable_layers)
 from sparsetrain.engine.policy import apply_engine
 from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
-from sparsetrain.testing import dense_conv2d, dense_linear
+from sparsetrain.testing import dense_conv2d, dense_linear, zero_pruned_
 
 
 def _net():
@@ -457,9 +457,7 @@ def test_auto_engine_real_timing_keeps_the_function(monkeypatch, tmp_path):
     masks_ref = global_prune(ref, {}, 0.99, scope="layer")
     masks = apply_engine(model, global_prune(model, {}, 0.99, scope="layer"), "auto", example=torch.randn(8, 16, 4, 4))
     assert len(policy._DECISIONS) == 2 and all(isinstance(v, bool) for v in policy._DECISIONS.values())
-    with torch.no_grad():
-        for n, mk in masks_ref.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks_ref)
     x = torch.randn(4, 16, 4, 4)
     ref.eval(), model.eval()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -1064,8 +1062,7 @@ def test_auto_keeps_a_layer_whose_bias_torch_prune_pruned_dense():
     torch.nn.utils.prune.l1_unstructured(m[2], "bias", 0.5)
     assert unconvertible(m) == {"2"}
     with torch.no_grad():
-        for name, mk in masks.items():
-            ref.get_submodule(name).weight.mul_(mk)
+        zero_pruned_(ref, masks)
         ref[2].bias.mul_(m[2].bias_mask)
     rest = apply_engine(m, masks, "auto", fuse=False)
     assert type(m[0]).__name__ == "SparseLinear" and type(m[2]) is nn.Linear and set(rest) == {"2"}
@@ -1209,8 +1206,7 @@ def test_auto_engine_measures_a_layer_called_with_its_input_by_keyword(monkeypat
     model = M()
     ref = copy.deepcopy(model)
     mask = torch.rand(150, 160) > 0.9
-    with torch.no_grad():
-        ref.fc.weight.mul_(mask)
+    zero_pruned_(ref, {"fc": mask})
     rest = apply_engine(model, {"fc": mask}, "auto", fuse=False, example=torch.randn(3, 160))
     assert is_sparse(model.fc) and rest == {} and timed == [(3, 160)] * 8  # (warm-up and 3 steps each)
     x = torch.randn(5, 160)
@@ -1336,9 +1332,7 @@ def test_auto_engine_times_frozen_layers_as_training_runs_them(monkeypatch, tmp_
         model.get_submodule(frozen).requires_grad_(False)
         masks = {"0": torch.rand(150, 160) > 0.9, "2": torch.rand(140, 150) > 0.9}
         ref = copy.deepcopy(model)
-        with torch.no_grad():
-            for n, mk in masks.items():
-                ref.get_submodule(n).weight.mul_(mk)
+        zero_pruned_(ref, masks)
         rest = apply_engine(model, masks, "auto", fuse=False, example=torch.randn(3, 160))
         assert rest == {} and is_sparse(model[0]) and is_sparse(model[2])
         assert not model.get_submodule(frozen).weight.requires_grad
@@ -1425,8 +1419,7 @@ def test_auto_engine_keeps_a_half_precision_cpu_model_dense(monkeypatch, tmp_pat
         assert [is_sparse(model[i]) for i in (0, 3)] == [sparse, sparse]
         assert sorted(left) == ([] if sparse else ["0", "3"])
         with torch.no_grad():
-            for n, mk in left.items():
-                model.get_submodule(n).weight.mul_(mk)
+            zero_pruned_(model, left)
             ref = dense_linear(F.relu(dense_conv2d(x, base[0].weight, masks["0"], base[0].bias, padding=1)).flatten(1),
                                base[3].weight, masks["3"], base[3].bias)
             torch.testing.assert_close(model(x.to(dtype)).float(), ref, **({} if sparse else dict(atol=0.1, rtol=0.05)))
