@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 import sparsetrain
 from sparsetrain.engine.bsr import BSRLinear
 from sparsetrain.prune import global_prune
+from sparsetrain.testing import zero_pruned_
 
 from conftest import Doubled, spawn_gloo
 
@@ -177,9 +178,7 @@ def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_work
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 32))
     masks = global_prune(model, {}, 0.5)
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     if kind == "bsr":
         model[4] = BSRLinear.from_dense(ref[4], 16)
         ref[4].weight.data = model[4].to_dense().weight.data
@@ -243,9 +242,7 @@ def _ddp_worker(rank, world):
             model = _DDPNet()
             masks = global_prune(model, {}, 0.6)
             ref = copy.deepcopy(model)
-            with torch.no_grad():
-                for n, mk in masks.items():
-                    ref.get_submodule(n).weight.mul_(mk)
+            zero_pruned_(ref, masks)
             sparsetrain.sparsify_(model, masks, fuse=fuse)
             if not kw:  # (plain DDP wants every parameter used)
                 model.unused.requires_grad_(False), ref.unused.requires_grad_(False)
@@ -265,9 +262,7 @@ def _ddp_worker(rank, world):
                 _ddp_grads_close(model, ref, masks)
                 opt.step(), opt_ref.step()
                 opt.zero_grad(), opt_ref.zero_grad()
-                with torch.no_grad():
-                    for n, mk in masks.items():
-                        ref.get_submodule(n).weight.mul_(mk)
+                zero_pruned_(ref, masks)
 
 
 def test_a_users_ddp_over_sparse_and_fused_layers_follows_one_process(tmp_path):
@@ -313,9 +308,7 @@ def test_module_compile_and_parameter_vectors_train_as_the_dense_masked_model(fu
     masks = global_prune(model, {}, 0.5)
     del masks["6"]  # (kept dense: quantize_dynamic's)
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     sparsetrain.sparsify_(model, masks, fuse=fuse)
     vector_to_parameters(parameters_to_vector(model.parameters()) * 1.5, model.parameters())
     with torch.no_grad():
@@ -335,8 +328,7 @@ def test_module_compile_and_parameter_vectors_train_as_the_dense_masked_model(fu
                 for p in m.parameters():
                     p -= 0.05 * p.grad
                 m.zero_grad()
-            for n, mk in masks.items():
-                ref.get_submodule(n).weight.mul_(mk)
+            zero_pruned_(ref, masks)
     model.eval(), ref.eval()
     q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     assert type(q[4]) is sparsetrain.SparseLinear and type(q[6]) is not nn.Linear
@@ -353,8 +345,7 @@ def test_a_lone_deepcopy_of_a_fused_layer_trains_as_the_original_with_its_own_ba
     masks = global_prune(dense, {}, 0.5)
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, masks, fuse=True)
-    with torch.no_grad():
-        dense[0].weight.mul_(masks["0"])
+    zero_pruned_(dense, {"0": masks["0"]})
     lone = copy.deepcopy(model[0])
     assert lone.bn is lone._placeholders[0] and lone.bn is not model[1]
     assert lone.bn.running_mean is not model[1].running_mean and lone.bn.weight is not model[1].weight
