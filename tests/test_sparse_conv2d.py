@@ -13,7 +13,7 @@ import sparsetrain
 from sparsetrain.engine import ops
 from sparsetrain.engine.formats import CSR
 from sparsetrain.nn import SparseConv2d, SparseLinear
-from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_conv2d, dense_linear, random_mask, zero_pruned_
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 # kernel x stride x padding x spatial (1x1, 5x7), where the padded input holds the kernel
@@ -269,9 +269,7 @@ def test_the_cpu_ops_run_alike_under_deterministic_algorithms():
     dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
     masks = {n: random_mask(m.weight.shape, 0.7, generator=g) for n, m in dense.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))}
-    with torch.no_grad():
-        for n, m in masks.items():
-            dense.get_submodule(n).weight.mul_(m)
+    zero_pruned_(dense, masks)
     model = sparsetrain.sparsify_(copy.deepcopy(dense), masks, fuse=True)
     assert type(model[0]).__name__ == "SparseConvBNReLU"
     x = torch.randn(4, 3, 6, 6, generator=g)
@@ -785,9 +783,7 @@ def test_cnn_training_follows_dense_masked_trajectory():
     torch.manual_seed(7)
     dense = _cnn()
     masks = {n: random_mask(m.weight.shape, 0.7) for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)}
-    with torch.no_grad():
-        for n, m in masks.items():
-            dense.get_submodule(n).weight.mul_(m)
+    zero_pruned_(dense, masks)
     sparse = sparsetrain.sparsify_(copy.deepcopy(dense), masks)
     opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
     opt_s = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)

@@ -15,7 +15,7 @@ from sparsetrain.engine.replicated import (FusedAdaptiveAvgPool2d, FusedFlatten,
                                            sparse_linear_replicated)
 from sparsetrain.experiment.models import vgg_like
 from sparsetrain.nn import SparseLinear
-from sparsetrain.testing import assert_layer_matches, dense_linear_replicated, model_masks, random_mask
+from sparsetrain.testing import assert_layer_matches, dense_linear_replicated, model_masks, random_mask, zero_pruned_
 
 
 class _Replicated(nn.Module):
@@ -350,8 +350,7 @@ def test_the_fused_head_refuses_an_index_rewritten_in_place_as_sparse_linear_doe
     dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(3),
                           nn.Flatten(), nn.Linear(72, 10))
     masks = {"5": random_mask((10, 72), 0.5)}  # (the head alone: the conv's own check would answer first)
-    with torch.no_grad():
-        dense[5].weight.mul_(masks["5"])
+    zero_pruned_(dense, masks)
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, masks, fuse=True)
     assert isinstance(model[5], FusedSparseLinear)
