@@ -20,7 +20,7 @@ from sparsetrain.experiment.early_stop import algorithm2_stop
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.nn import SparseConv2d, SparseLinear
 from sparsetrain.prune import block_prune, global_prune, load_weights_under_masks_, make_rule, sparsity_after
-from sparsetrain.testing import dense_conv2d, dense_linear, mask_weight_, model_masks, random_mask
+from sparsetrain.testing import dense_conv2d, dense_linear, mask_weight_, model_masks, random_mask, zero_pruned_
 
 
 def _mlp():
@@ -598,9 +598,7 @@ def test_fx_symbolic_trace_of_a_sparse_layer_is_refused_clearly():
     masks = {"0": random_mask((3, 2, 3, 3), 0.5), "3": random_mask((32, 48), 0.5)}
     block = torch.zeros(4, 32, dtype=torch.bool)
     block[:, :16] = True
-    with torch.no_grad():  # (the dense masked reference)
-        for i, mk in (("0", masks["0"]), ("3", masks["3"]), ("4", block)):
-            dense.get_submodule(i).weight.mul_(mk)
+    zero_pruned_(dense, {**masks, "4": block})  # (the dense masked reference)
     model = copy.deepcopy(dense)
     sparsetrain.sparsify_(model, masks)
     model[4] = BSRLinear.from_dense(dense[4], 16, block)

@@ -316,14 +316,12 @@ def test_eq1_against_a_direct_reference(name, sparsity, fuse):
     7 (the last one partial); ReLU(0) counts as the negative state, dead neurons and a dead layer
     give 0 bits."""
     import sparsetrain
-    from sparsetrain.testing import model_masks
+    from sparsetrain.testing import model_masks, zero_pruned_
 
     model = _with_ties_and_dead_neurons(name)
     masks = model_masks(model, sparsity, seed=1)
     dense = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, mask in masks.items():
-            dense.get_submodule(n).weight.mul_(mask)
+    zero_pruned_(dense, masks)
     if sparsity or fuse:
         sparsetrain.sparsify_(model, masks, fuse=fuse)
     x = torch.randn(23, 3, 16, 16, generator=torch.Generator().manual_seed(2)).abs()

@@ -5,6 +5,7 @@ from torch import nn
 
 from sparsetrain.experiment.flops import forward_flops, layer_nnz, training_flops
 from sparsetrain.experiment.models import build_model
+from sparsetrain.testing import zero_pruned_
 
 
 def _net():
@@ -29,8 +30,7 @@ def test_masks_and_zero_weights_scale_with_nonzeros():
     lin_mask[:, 0] = True
     r = forward_flops(net, (1, 4, 4), masks={"0": mask, "5.weight": lin_mask})
     assert r["per_layer"]["0"] == 2 * 3 * 16 + 32 and r["per_layer"]["5"] == 2 * 3 + 3
-    with torch.no_grad():  # a dense-masked engine with the pruned weights set to zero
-        net[0].weight.mul_(mask)
+    zero_pruned_(net, {"0": mask})  # a dense-masked engine with the pruned weights set to zero
     assert forward_flops(net, (1, 4, 4))["per_layer"]["0"] == 2 * 3 * 16 + 32
     # each refusal names the key (a float or mis-shaped mask named none; one on a BatchNorm was ignored)
     with pytest.raises(ValueError, match=r"masks\['0'\] must be a bool tensor of shape \(2, 1, 3, 3\), got torch.bool \(3, 8\)"):

@@ -297,13 +297,11 @@ def test_sparsify_densify_round_trip_gives_the_dense_masked_model(name, sparsity
     import copy
     import sparsetrain
     from sparsetrain.engine.nn import is_sparse
-    from sparsetrain.testing import model_masks
+    from sparsetrain.testing import model_masks, zero_pruned_
     model = build_model(name, 10, 3, 16).eval()
     masks = model_masks(model, sparsity)
     ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, mk in masks.items():
-            ref.get_submodule(n).weight.mul_(mk)
+    zero_pruned_(ref, masks)
     sparsetrain.sparsify_(model, masks, fuse=fuse)
     assert all(is_sparse(model.get_submodule(n)) for n in masks)
     sparsetrain.densify_(model)

@@ -9,6 +9,8 @@ import unicodedata
 
 import torch
 
+from sparsetrain.testing import zero_pruned_
+
 import cli_forks
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -42,9 +44,7 @@ def test_engine_in_five_lines_trains_as_the_dense_masked_model(monkeypatch):
     torch.set_rng_state(seen["rng"])
     x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     layers = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            layers[name].weight.mul_(mask)
+    zero_pruned_(ref, masks)
     opt = torch.optim.SGD(ref.parameters(), **ns["opt"].defaults)
     loss = torch.nn.functional.cross_entropy(ref(x), y)
     loss.backward()

@@ -9,7 +9,7 @@ from torch import nn
 
 from sparsetrain.experiment import data as D
 from sparsetrain.experiment.train import train_epoch
-from sparsetrain.testing import tiny_split
+from sparsetrain.testing import tiny_split, zero_pruned_
 
 
 def _net(dropout=0.0):
@@ -160,9 +160,7 @@ def test_sgd_epochs_equal_a_hand_written_masked_step_and_schedule():
     model, teacher = _net(), _net().eval()
     masks = {"0": random_mask((4, 1, 3, 3), 0.5, generator=torch.Generator().manual_seed(1)),
              "5": random_mask((3, 64), 0.7, generator=torch.Generator().manual_seed(2))}
-    with torch.no_grad():
-        model[0].weight.mul_(masks["0"])
-        model[5].weight.mul_(masks["5"])
+    zero_pruned_(model, masks)
     ref = copy.deepcopy(model)
     split = tiny_split(21)
     split.pad = 1  # (shifts and flips: the epoch's generator draws them)
