@@ -32,7 +32,7 @@ import json, os, statistics, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 from sparsetrain.engine.convert import sparsify_
 from sparsetrain.experiment.models import build_model
-from sparsetrain.testing import random_mask
+from sparsetrain.testing import random_mask, zero_pruned_
 steps, batch = int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 models = {}
@@ -44,9 +44,7 @@ for engine in ("dense", "sparse"):
     if engine == "sparse":
         sparsify_(m, masks, fuse=True)  # as the study runs it: conv -> ReLU -> BN fused
     else:
-        with torch.no_grad():
-            for n, mk in masks.items():
-                m.get_submodule(n).weight.mul_(mk)
+        zero_pruned_(m, masks)
     models[engine] = (m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), masks)
 x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
