@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["tf32", "random_mask", "model_masks", "mask_weight_", "zero_pruned_", "dense_linear", "dense_conv2d", "reference_grads", "assert_layer_matches",
-           "write_cifar", "write_idx", "write_mnist", "gloo_threads"]
+__all__ = ["tf32", "random_mask", "model_masks", "mask_weight_", "zero_pruned_", "dense_linear", "dense_linear_replicated",
+           "dense_conv2d", "reference_grads", "assert_layer_matches", "tiny_split", "write_cifar", "write_idx", "write_mnist",
+           "gloo_threads"]
 
 
 @contextlib.contextmanager

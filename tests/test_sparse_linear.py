@@ -1456,15 +1456,6 @@ def test_a_dense_models_optimizer_state_in_the_sparse_models_optimizer_is_refuse
     assert not torch.equal(next(model.parameters()), before[0])
 
 
-def masked_mlp(seed: int):
-    """(a 6-5-3 MLP whose first layer's weight is masked, that mask, a copy of it to sparsify, an input)."""
-    torch.manual_seed(seed)
-    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    mask = random_mask((5, 6), 0.5)
-    zero_pruned_(dense, {"0": mask})
-    return dense, mask, copy.deepcopy(dense), torch.randn(4, 6)
-
-
 @pytest.mark.parametrize("make", ["sgd", "adam"])
 @pytest.mark.parametrize("impl", ["plain", "foreach", "fused"])
 def test_an_optimizer_built_before_sparsify_or_densify_is_refused_by_name(make, impl):
