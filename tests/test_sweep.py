@@ -418,10 +418,11 @@ def test_a_file_the_sweep_cannot_write_is_one_line(tmp_path, monkeypatch, capsys
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(files, "_atomic_write", full)
-    assert cli.main(_tiny(tmp_path, "--dry-run")) == 2  # (no plan.json yet: the dry run writes one)
-    err = capsys.readouterr().err
-    assert err == f"error: cannot write {plan_file}: No space left on device; free space (or fix permissions) " \
-                  "and run the same command again\n" and not os.path.exists(plan_file)  # (a dry run: nothing to resume)
+    for flag in ("--dry-run", "--dry"):  # (argparse's abbreviation too: the advice read from the parsed command)
+        assert cli.main(_tiny(tmp_path, flag)) == 2  # (no plan.json yet: the dry run writes one)
+        err = capsys.readouterr().err
+        assert err == f"error: cannot write {plan_file}: No space left on device; free space (or fix permissions) " \
+                      "and run the same command again\n" and not os.path.exists(plan_file)  # (nothing to resume)
     monkeypatch.setattr(files, "_atomic_write", real)
     _write_run(tmp_path / "runs" / "a", 0.1, [0], {0: [(0.0, 0.5, 0.5), (0.5, 0.7, 0.7)]})
     assert cli.main(["report", str(tmp_path / "runs")]) == 0
