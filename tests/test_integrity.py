@@ -241,6 +241,29 @@ def test_torch_save_failing_to_write_raises_the_oserror(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_stop_inside_torch_save_is_a_stop_not_a_failed_write(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (the CLI raises KeyboardInterrupt for both) landing in one of torch.save's writes came
+    back from the zip writer as "RuntimeError: ... unexpected pos", then a WriteFailed ("free space ...
+    to resume") instead of the run's stop: atomic_save raises the KeyboardInterrupt, leaving no file behind."""
+    class Stopped(io.BytesIO):
+        writes = 0
+
+        def write(self, b):
+            Stopped.writes += 1
+            if Stopped.writes == 3:
+                raise KeyboardInterrupt("SIGTERM")
+            return super().write(b)
+
+    with pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+        checkpoint._save({"w": torch.zeros(1000), "b": torch.ones(1000)}, Stopped())
+    real = torch.save
+    Stopped.writes = 0
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: real(obj, Stopped()) or f.write(b"x"))
+    with pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+        checkpoint.atomic_save({"w": torch.zeros(1000), "b": torch.ones(1000)}, str(tmp_path / "x.pt"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_damaged_teacher_checkpoint_is_one_line(mnist_dir, study_args, capsys, tmp_path):
     """A --teachers PATH without a record, with a CSR index damaged, was a RuntimeError traceback from
     load_state_dict ("col_indices must lie in [0, 784)"): a CorruptFile naming the file."""

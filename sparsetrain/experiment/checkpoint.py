@@ -38,13 +38,16 @@ def atomic_save(obj, path: str) -> None:
 
 def _save(obj, f) -> None:
     """torch.save, whose zip writer turns a failed write (disk full) into "RuntimeError: [enforce fail
-    at inline_container.cc] unexpected pos": raised as the OSError behind it (atomic_write's WriteFailed)."""
+    at inline_container.cc] unexpected pos": raised as the OSError behind it (atomic_write's WriteFailed),
+    and a Ctrl-C or SIGTERM landing in one of its writes as that KeyboardInterrupt (a stop, not a failed write)."""
     try:
         torch.save(obj, f)
     except RuntimeError as e:
         cause = e.__cause__ or e.__context__
-        while cause is not None and not isinstance(cause, OSError):
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):
             cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
         if cause is None and "inline_container" not in str(e):
             raise  # (not a write: a bug)
         raise cause or OSError(errno.EIO, f"the write failed ({str(e).splitlines()[0]})") from e
