@@ -204,6 +204,20 @@ def test_mnist_and_fashion_mnist_never_load_each_other(tmp_path):
         assert len(D.load_dataset("fashion-mnist", tmp_path, val_fraction=0.0, download=False).train) == 12
 
 
+def test_splits_name_the_folder_read_also_a_system_copy_outside_the_data_dir(tmp_path, monkeypatch):
+    """A --data-dir without Fashion-MNIST (a typo, a folder never filled) found Debian's copy instead, and nothing
+    said so: Splits.source names the folder read (the study records it in config.json and prints it)."""
+    from sparsetrain.experiment import datasets
+    system = tmp_path / "system"
+    write_mnist(system, gz=False, n_train=12, n_test=4)
+    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", str(system))
+    assert D.load_dataset("fashion-mnist", tmp_path / "no-such-folder", download=False).source == str(system)
+    write_mnist(tmp_path / "data" / "fashion-mnist", gz=True, n_train=12, n_test=4)  # (the data dir's own copy first)
+    assert D.load_dataset("fashion-mnist", tmp_path / "data", download=False).source == str(tmp_path / "data" / "fashion-mnist")
+    write_cifar(tmp_path / "c", n_per_batch=4, n_test=5)
+    assert D.load_dataset("cifar10", tmp_path / "c", download=False).source == str(tmp_path / "c" / "cifar-10-batches-py")
+
+
 def test_loose_idx_files_in_the_data_dir_are_named_when_the_dataset_is_not_found(tmp_path):
     """IDX files lying in DATA_DIR itself are never read (either dataset's); the not-found message listed
     where it looked but not the files the user had put in the wrong place. Now it names them and where to move them."""

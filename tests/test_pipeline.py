@@ -31,12 +31,15 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def test_study_schedule_best_round_and_outputs(mnist_dir, study_args):
+def test_study_schedule_best_round_and_outputs(mnist_dir, study_args, capsys):
     assert study.main(study_args(mnist_dir, "--engine", "auto")) == 0
     rd = run_dir(mnist_dir / "runs")
     assert rd.name.startswith("mnist-eps0.2-quick-lenet300-")
     cfg = json.loads((rd / "config.json").read_text())
     assert cfg["git_commit"] and cfg["versions"]["torch"] and cfg["student"] == "lenet300"
+    # the folder the data was read from, recorded and said once (a --data-dir without it may find another copy)
+    assert cfg["data_source"] == str(mnist_dir / "data" / "mnist")
+    assert capsys.readouterr().out.count(f"data: read from {mnist_dir / 'data' / 'mnist'}\n") == 1
     rows = read_rows(rd / "seed0" / "teacher" / "metrics.csv")
     # rounds 0..4: sparsity 1 - 0.5^k, stop after the first round reaching the wall (0.9375 >= 0.9)
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3, 4]

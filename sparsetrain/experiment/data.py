@@ -104,6 +104,7 @@ class Splits:
     seed: int
     fingerprint: str = ""  # of the data loaded (images and labels, before noise): see fingerprint()
     official_val: bool = False  # val is the dataset's own validation split (flowers102), not carved from train
+    source: str = ""  # the folder the files were read from (Fashion-MNIST's may be Debian's copy: not data_dir)
 
     @property
     def flipped(self) -> torch.Tensor:
@@ -254,7 +255,7 @@ def load_dataset(name: str, data_dir, *, eps: float = 0.0, noise: str = "symmetr
             val.y, val.noisy = add_label_noise(val.y, eps, nc, kind=noise, generator=seeded(seed, 3))
     c, h, w = xtr.shape[1:]
     return Splits(name, train, val, test, nc, c, (h, w), float(eps), noise, int(seed),
-                  fingerprint(xtr, ytr_used, xte, yte, *(official_val or ())), official_val is not None)
+                  fingerprint(xtr, ytr_used, xte, yte, *(official_val or ())), official_val is not None, raw.source)
 
 
 def _subset(n: int, k: int, by_class: bool) -> slice | torch.Tensor:

@@ -51,6 +51,7 @@ class Raw:
     pad: int = 0                 # augmentation: shifts of up to `pad` px and flips (0: none)
     val: tuple | None = None     # official validation split (x, y), else carved from train
     by_class: bool = False       # files listed class by class (ImageFolder): a subset spreads over them
+    source: str = ""             # the folder read (MNIST's and Fashion-MNIST's may lie outside data_dir)
 
 
 LOADERS: dict = {}
@@ -149,7 +150,7 @@ def _load_idx_dataset(name: str, data_dir: Path, download: bool):
     check_not_swapped(name, len(xtr), len(xte), files[:2], files[2:])
     check_distinct(name, [(files[0], xtr.numpy()), (files[2], xte.numpy())])
     check_idx_labels(name, ytr.numpy(), yte.numpy(), files[1], files[3])  # (Fashion-MNIST's files in mnist/)
-    return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10
+    return xtr.unsqueeze(1), ytr.long(), xte.unsqueeze(1), yte.long(), 10, str(d)
 
 
 # what a CIFAR batch's pickle may construct: numpy arrays and scalars (numpy 1's and 2's module
@@ -366,25 +367,26 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
 def _cifar(data_dir: Path, *, download: bool, name: str, label_file=None, **_):
     xtr, ytr, xte, yte, nc = _load_cifar("cifar10" if name == "cifar10" else "cifar100", data_dir, download)
     used = _load_cifar100n_labels(label_file, data_dir, ytr) if name == "cifar100n" else ytr
-    return Raw(xtr, used, ytr, xte, yte, nc, pad=4)  # paper B.1: shifts of up to 4 px and flips
+    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    return Raw(xtr, used, ytr, xte, yte, nc, pad=4, source=str(folder))  # paper B.1: shifts of up to 4 px and flips
 
 
 @loader("mnist", "fashion-mnist")
 def _mnist_like(data_dir: Path, *, download: bool, name: str, **_):
-    xtr, ytr, xte, yte, nc = _load_idx_dataset(name, data_dir, download)
-    return Raw(xtr, ytr, ytr, xte, yte, nc)
+    xtr, ytr, xte, yte, nc, source = _load_idx_dataset(name, data_dir, download)
+    return Raw(xtr, ytr, ytr, xte, yte, nc, source=source)
 
 
 @loader("flowers102")
 def _flowers(data_dir: Path, *, download: bool, image_size: int, **_):
     xtr, ytr, xv, yv, xte, yte, nc = load_flowers(data_dir, image_size, download)
-    return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv), by_class=True)  # paper I.2: no augmentation
+    return Raw(xtr, ytr, ytr, xte, yte, nc, val=(xv, yv), by_class=True, source=str(data_dir))  # paper I.2: no augmentation
 
 
 @loader("imagefolder")
 def _imagefolder(data_dir: Path, *, image_size: int, **_):
     xtr, ytr, xte, yte, nc = load_imagefolder(data_dir, image_size)
-    return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)), by_class=True)
+    return Raw(xtr, ytr, ytr, xte, yte, nc, pad=max(1, round(xtr.shape[-1] / 8)), by_class=True, source=str(data_dir))
 
 
 DATASETS = tuple(LOADERS)

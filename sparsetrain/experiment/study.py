@@ -131,22 +131,23 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
         os.makedirs(rd, exist_ok=True)
         write_json(path, {**resolved, **{k: old.get(k, "unknown" if old else v) for k, v in now.items()},
                           **({"resumed_with": resumed} if resumed else {}),
-                          **{k: old[k] for k in ("data_fingerprint", "teacher_fingerprints") if k in old}})
+                          **{k: old[k] for k in ("data_fingerprint", "data_source", "teacher_fingerprints") if k in old}})
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write the run directory {rd} ({e.strerror or e})") from None
     return rd
 
 
-def check_data(rd: str, fingerprint: str) -> None:
-    """Record the fingerprint of the data a run trains on in its config.json; refuse to continue a
-    run on different data (another --data-dir, changed files)."""
+def check_data(rd: str, fingerprint: str, source: str = "") -> None:
+    """Record the fingerprint of the data a run trains on and the folder it was read from (said once: Fashion-MNIST
+    may come from Debian's copy, not --data-dir) in its config.json; refuse to continue a run on different data."""
     path = os.path.join(rd, "config.json")
     cfg = _read_config(path)
     if cfg.get("data_fingerprint", fingerprint) != fingerprint:
         raise UsageError(f"{rd} was trained on other data (fingerprint {cfg['data_fingerprint']}, now "
                          f"{fingerprint}): point --data-dir at the original data, or use another --out")
     if "data_fingerprint" not in cfg:
-        write_json(path, {**cfg, "data_fingerprint": fingerprint})
+        write_json(path, {**cfg, "data_fingerprint": fingerprint, "data_source": source})
+        print(f"data: read from {source}")
 
 
 # ============================================================================ the study
@@ -241,8 +242,8 @@ def _run_seeds(cfg: Config, rd: str, dev: torch.device, status: SeedStatus) -> s
         if not dist.same_everywhere((splits.fingerprint, splits.labels_fingerprint)):  # (a node's other files)
             raise UsageError(f"the {dist.world()} ranks loaded different data (seed {seed}: their data or label "
                              "fingerprints differ): every rank must read the same files of --data-dir")
-        _on_main(lambda: (check_data(rd, splits.fingerprint), check_linked(rd, seed, splits.fingerprint,
-                                                                             splits.labels_fingerprint)))
+        _on_main(lambda: (check_data(rd, splits.fingerprint, splits.source),
+                          check_linked(rd, seed, splits.fingerprint, splits.labels_fingerprint)))
         if len(splits.val) == 0:  # (its accuracy would be NaN: round 0 "best", no early stop)
             raise UsageError(f"--val-fraction {cfg.val_fraction}: the validation split is empty ({len(splits.train)} "
                              "training images); the study picks each run's best round and stops early on it")
