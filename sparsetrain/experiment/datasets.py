@@ -243,7 +243,7 @@ def _load_cifar(name: str, data_dir: Path, download: bool):
     (xtr, ytr, train_xs), (xte, yte, test_xs) = read(train_files), read([test_file])
     check_not_swapped(name, len(xtr), len(xte), needed[:-1], needed[-1:])
     check_distinct(name, list(zip(needed, [*train_xs, *test_xs])))  # (each batch: data_batch_1 copied over _2)
-    return xtr, ytr, xte, yte, 10 if c10 else 100
+    return xtr, ytr, xte, yte, 10 if c10 else 100, str(folder)
 
 
 def _extract(cls_name: str, archive: Path, folder: Path) -> None:
@@ -365,10 +365,9 @@ def _download(cls_name: str, data_dir: Path) -> str | None:
 # ------------------------------------------------------------------------------- the registry
 @loader("cifar10", "cifar100", "cifar100n")
 def _cifar(data_dir: Path, *, download: bool, name: str, label_file=None, **_):
-    xtr, ytr, xte, yte, nc = _load_cifar("cifar10" if name == "cifar10" else "cifar100", data_dir, download)
+    xtr, ytr, xte, yte, nc, source = _load_cifar("cifar10" if name == "cifar10" else "cifar100", data_dir, download)
     used = _load_cifar100n_labels(label_file, data_dir, ytr) if name == "cifar100n" else ytr
-    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    return Raw(xtr, used, ytr, xte, yte, nc, pad=4, source=str(folder))  # paper B.1: shifts of up to 4 px and flips
+    return Raw(xtr, used, ytr, xte, yte, nc, pad=4, source=source)  # paper B.1: shifts of up to 4 px and flips
 
 
 @loader("mnist", "fashion-mnist")
