@@ -140,14 +140,14 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
 def check_data(rd: str, fingerprint: str, source: str = "") -> None:
     """Record the fingerprint of the data a run trains on and the folder it was read from (said once: Fashion-MNIST
     may come from Debian's copy, not --data-dir) in its config.json; refuse to continue a run on different data."""
-    path = os.path.join(rd, "config.json")
-    cfg = _read_config(path)
+    cfg = _read_config(path := os.path.join(rd, "config.json"))
     if cfg.get("data_fingerprint", fingerprint) != fingerprint:
         raise UsageError(f"{rd} was trained on other data (fingerprint {cfg['data_fingerprint']}, now "
                          f"{fingerprint}): point --data-dir at the original data, or use another --out")
     if "data_fingerprint" not in cfg:
         write_json(path, {**cfg, "data_fingerprint": fingerprint, "data_source": source})
-        print(f"data: read from {source}")
+        if source:  # (a loader registered elsewhere may not say)
+            print(f"data: read from {source}")
 
 
 # ============================================================================ the study
