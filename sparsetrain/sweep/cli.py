@@ -175,22 +175,18 @@ def main(argv=None) -> int:
     """The sweep's CLI; a file it cannot write (plan.json, status.json, the report: disk full, a read-only
     folder) is one line and exit 2, as the experiment's (WriteFailed names the file; a traceback before);
     `report` and `--dry-run`, which leave nothing to resume, advise running the command again."""
-    parsed = {}  # (_main's parsed arguments: the command as argparse read it, abbreviations included)
+    parser = build_parser()
+    args = parser.parse_args(argv)  # (the command as argparse read it, abbreviations included)
     try:
-        return _main(argv, parsed)
+        return _main(parser, args, argv)
     except WriteFailed as e:
-        args = parsed.get("args")
-        if args is not None and (args.what == "report" or args.dry_run):  # ("... to resume" as if runs had started)
+        if args.what == "report" or args.dry_run:  # ("... to resume" as if runs had started)
             e.advice = e.advice.replace("run the same command to resume", "run the same command again")
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _main(argv=None, parsed: dict | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if parsed is not None:
-        parsed["args"] = args
+def _main(parser, args, argv) -> int:
     if args.out is not None and not args.out.strip():  # ('' wrote the sweep into the current folder)
         parser.error(f"--out must be a folder path, not empty, got {args.out!r}")
     if args.out is not None:  # (--out=~/sweeps, which no shell expands: a folder named ~ here; as the experiment's)
