@@ -83,7 +83,7 @@ def zero_pruned_(model: torch.nn.Module, masks: dict) -> torch.nn.Module:
     in place (again after an optimizer step moved the pruned weights)."""
     for name, mask in masks.items():
         weight = model.get_submodule(name).weight
-        weight.mul_(mask.to(weight.dtype))
+        weight.mul_(mask.to(weight.device, weight.dtype))  # (a CUDA model's masks may come from the CPU)
     return model
 
 
