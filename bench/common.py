@@ -42,8 +42,8 @@ def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
+    times = Times({name: [] for name in fns})
+    start, before = time.perf_counter(), cpu_snapshot()
     for rnd in range(1, reps + 1):
         for name, fn in fns.items():
             if warm:
@@ -53,7 +53,50 @@ def interleaved_times(fns: dict, *, warmup: int = 2, reps: int = 7, max_seconds:
             times[name].append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_seconds and rnd >= 3:
             break
+    times.others_cores = others_cores(before, cpu_snapshot())
+    warn_if_busy(times.others_cores, "the rounds of the line below")
     return times
+
+
+class Times(dict):
+    """interleaved_times' name -> per-round times, with `others_cores` (others_cores over the timed rounds)."""
+    others_cores: float | None = None
+
+
+# ---------------------------------------------------------------- other processes on the machine
+# A benchmark shares the machine with whatever else runs: on these 2-core machines one other busy
+# process halves a run's speed, and with libgomp's spinning barriers a 2-thread step at batch 1 ran
+# 40-100x slower (2026-12-07). Each timed section records how many cores other processes kept busy.
+BUSY_CORES = 0.25  # above this, a section's times are flagged (a tenth of a 2-core machine, and some)
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall seconds, the machine's busy CPU-seconds from /proc/stat, this process's CPU-seconds with
+    its reaped children's), or None where /proc/stat cannot be read (not Linux): others_cores' operands."""
+    try:
+        with open("/proc/stat") as f:  # cpu  user nice system idle iowait irq softirq steal ... (in ticks)
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def others_cores(before, after) -> float | None:
+    """Cores other processes kept busy between two cpu_snapshot()s, on average: the machine's busy
+    CPU-seconds less this process's, per wall second (>= 0, to 0.01; None without both snapshots).
+    Both counts tick at 1/SC_CLK_TCK s, so over under a second it is rough."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round(max(0.0, (after[1] - before[1] - (after[2] - before[2])) / (after[0] - before[0])), 2)
+
+
+def warn_if_busy(cores: float | None, what: str) -> None:
+    """A line on stdout where other processes kept more than BUSY_CORES cores busy during `what`."""
+    if cores is not None and cores > BUSY_CORES:
+        print(f"  warning: other processes kept {cores:.2f} cores busy during {what}: those times are not this "
+              f"machine's alone (rerun on a quiet machine)", flush=True)
 
 
 def rounds_of(times: dict) -> int:

@@ -113,7 +113,8 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
             rows.append(dict(op=name, shape=shape, sparsity=sp, dense_ms=dense_ms, sparse_ms=sparse_ms,
                              speedup=paired_ratio(t["dense"], t["ours"]), rounds=rounds_of(t), sparseprop_ms=sp_ms,
                              vs_sparseprop=paired_ratio(t[spk], t["ours"]) if spk else None,
-                             gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6))
+                             gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6,
+                             others_cores=t.others_cores))
             print(f"  {name:26s} {sp:.3f}: dense {dense_ms:8.2f} ms  ours {sparse_ms:7.2f} ms  "
                   f"x{rows[-1]['speedup']:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
             if save is not None:

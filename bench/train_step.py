@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (HERE, machine_info, paired_ratio, parse_sparsities, positive_int, print_table,  # noqa: E402
-                    refuse_empty, writable_json, write_json)
+from common import (HERE, cpu_snapshot, machine_info, others_cores, paired_ratio, parse_sparsities,  # noqa: E402
+                    positive_int, print_table, refuse_empty, warn_if_busy, writable_json, write_json)
 from sparsetrain.testing import mask_weight_, model_masks  # noqa: E402
 
 import sparsetrain  # noqa: E402
@@ -209,6 +209,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                 steps_of[engine] = step
                 row[f"{engine}_param_mb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
             # dense and sparse steps alternate, so a busy machine slows both alike
+            before = cpu_snapshot()
             for _ in range(steps):
                 for engine, step in steps_of.items():
                     if cuda:
@@ -225,6 +226,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                     peak = torch.cuda.max_memory_allocated(device) if cuda else _vm("VmHWM")
                     # (None: unmeasured, printed "-", never the process's peak since start as a step's)
                     peaks[engine] = max(peaks[engine], peak) if reset and peaks[engine] is not None else None
+            row["others_cores"] = others_cores(before, cpu_snapshot())  # (other processes' load: common.py)
             _check_losses(name, sp, losses, cuda, lambda: _float64_losses(name, sp, x, t))
             for engine, step in steps_of.items():
                 row[f"{engine}_ms"] = statistics.median(times[engine])
@@ -247,6 +249,7 @@ def run(models, sparsities, steps: int, profile: bool = True, device="cpu", isol
                   f"x{row['speedup']:.2f}  fused {row['fused_ms']:8.1f} ms x{row['fused_speedup']:.2f}  " +
                   ("peak CUDA allocated " if cuda else "peak RSS ") +
                   " / ".join(_mb(row[f"{e}_peak_mb"]) for e in ENGINES) + " MB", flush=True)
+            warn_if_busy(row["others_cores"], "the timed steps of the line above")
             if profile:
                 for engine in ENGINES:
                     print(f"      {engine:6s} breakdown ms: {row[f'{engine}_breakdown_ms']}", flush=True)

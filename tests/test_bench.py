@@ -27,6 +27,7 @@ def test_linear_section_rows():
                            "resident_bytes_ratio"])
         assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
         assert r["rounds"] == 1  # (how many rounds ran: fewer than reps where the 60 s cap cut them short)
+        assert r["others_cores"] >= 0  # (other processes' load during its rounds: common.others_cores)
         # resident: + row_indices_t (int32) and perm (int64) per nonzero, ccol_indices (int64) per input column
         assert r["resident_bytes_ratio"] * 37 * 11 * 4 == pytest.approx(r["bytes_ratio"] * 37 * 11 * 4 + 12 * r["nnz"]
                                                                          + 8 * 38)
@@ -135,6 +136,7 @@ def test_linear_replicated_section_rows():
 def test_conv_section_rows():
     rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"]) and rows[0]["rounds"] == 1
+    assert rows[0]["others_cores"] >= 0
 
 
 def test_fused_section_rows(monkeypatch):
@@ -145,7 +147,7 @@ def test_fused_section_rows(monkeypatch):
     monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
     rows = fused_bench.run_pool(quick=True, reps=1)
     assert len(rows) == 1 and _finite(rows[0], ["torch_ms", "separate_ms", "fused_ms", "fused_vs_separate"])
-    assert rows[0]["rounds"] == 1
+    assert rows[0]["rounds"] == 1 and rows[0]["others_cores"] >= 0
 
 
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
@@ -345,6 +347,47 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert common.paired_ratio([10, 12, 50], [1, 1, 10]) == 10
 
 
+def test_others_cores_counts_other_processes_and_never_this_ones(capsys):
+    """Each timed section records how many cores other processes kept busy (bench/common.py): a busy
+    process outside this one counts, this process's own work and its reaped children's do not."""
+    import subprocess
+    import time
+
+    import common
+    spin = [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+
+    def measured(work) -> float:
+        before = common.cpu_snapshot()
+        work()
+        return common.others_cores(before, common.cpu_snapshot())
+
+    def own_spin():  # this process busy for a second
+        t = time.perf_counter()
+        while time.perf_counter() - t < 1.0:
+            pass
+
+    def reaped_child():  # a child busy for a second, waited for (os.times' children's time) within the interval
+        subprocess.run(spin[:2] + [spin[2].replace("30", "1")], check=True)
+
+    other = subprocess.Popen(spin)  # (not reaped before the second snapshot: another process's time)
+    try:
+        busy = measured(lambda: time.sleep(1.5))
+    finally:
+        other.kill()
+        other.wait()
+    assert busy >= 0.6, busy  # (one spinning process: about a core)
+    assert measured(own_spin) < busy - 0.4 and measured(reaped_child) < busy - 0.4
+    assert common.others_cores(None, common.cpu_snapshot()) is None  # (no /proc/stat: unknown, not 0)
+    t = common.interleaved_times({"a": lambda: None}, warmup=0, reps=2)
+    assert isinstance(t.others_cores, float) and t.others_cores >= 0 and list(t) == ["a"]
+    capsys.readouterr()
+    common.warn_if_busy(0.1, "x")
+    common.warn_if_busy(None, "x")
+    assert capsys.readouterr().out == ""
+    common.warn_if_busy(0.9, "the rounds of the line below")
+    assert "other processes kept 0.90 cores busy during the rounds of the line below" in capsys.readouterr().out
+
+
 def test_interleaved_timing_warm_repeats_each_side():
     import common
     calls = []
@@ -392,6 +435,7 @@ def test_train_step_rows_and_device_flag(tmp_path, capsys):
     (r,) = rows
     assert r["model"] == "vgg_d5g5" and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["fused_ms"] > 0
     assert r["sparse_param_mb"] < 0.05 * r["dense_param_mb"]  # 99% sparse: values + indices only
+    assert r["others_cores"] >= 0  # (other processes' load while its steps ran: common.others_cores)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             train_step.main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
@@ -781,7 +825,8 @@ def test_the_dense_check_passes_a_right_conv_at_resnet18_sizes_and_stops_a_wrong
     a 1% error in one output channel's dW still stops the benchmark."""
     from sparsetrain.nn import SparseConv2d
     case = conv_bench.QUICK[0]  # (r18 layer1 3x3: 64 -> 64 at 32x32)
-    monkeypatch.setattr(conv_bench, "interleaved_times", lambda steps, **k: {n: [1.0] for n in steps})
+    import common
+    monkeypatch.setattr(conv_bench, "interleaved_times", lambda steps, **k: common.Times({n: [1.0] for n in steps}))
     (row,) = conv_bench.run(quick=True, sparsities=(0.5,), reps=1, cases=[case], sparseprop=False)
     assert row["speedup"] == 1.0
 
