@@ -1,4 +1,5 @@
-"""Benchmark helpers: median timing after warm-up, machine/version info, atomic JSON output."""
+"""Benchmark helpers: interleaved timing after warm-up, other processes' load while timing, machine/version
+info, atomic JSON output."""
 from __future__ import annotations
 
 import argparse
