@@ -1718,6 +1718,39 @@ def test_checkpointed_segments_match_the_unfused_model(segments):
             torch.testing.assert_close(seq.get_buffer(name), b, rtol=1e-12, atol=0)
 
 
+def test_checkpoint_segments_cut_at_every_pair_of_points_match_the_unfused_model():
+    """torch.utils.checkpoint(use_reentrant=False) with segments starting at any module, also between a
+    fused conv and its BN, ReLU or pool: a segment starting at the BN recomputes it with nothing handed
+    (before 2026-12-07 a RuntimeError blaming a hook; conv -> ReLU -> BN then a CheckpointError), where the
+    first pass had passed the conv's output through (or, after a ReLU, returned the conv's BN(x), saving
+    nothing). Output, input and parameter gradients and running statistics against the unfused model cut the
+    same way, over a pooled layer, a conv -> ReLU -> BN deferring into the next conv, and a plain one."""
+    import itertools
+
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 2)).double()
+    masks = model_masks(base, 0.5, 0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for cuts in itertools.combinations(range(1, len(base)), 2):
+        got = []
+        for fuse in (False, True):
+            m = copy.deepcopy(base)
+            sparsetrain.sparsify_(m, masks, fuse=fuse)
+            if fuse:  # (the links the cuts fall between)
+                assert m[0].pools is not None and m[4].relu_before and m[4].feeds is m[7]
+            xi = x.clone().requires_grad_()
+            h, bounds = xi, [0, *cuts, len(base)]
+            for a, b in zip(bounds, bounds[1:]):
+                h = checkpoint(lambda t, a=a, b=b: m[a:b](t), h, use_reentrant=False)
+            h.square().sum().backward()
+            got.append([h, xi.grad, *(p.grad for p in m.parameters()), *m.buffers()])
+        torch.testing.assert_close(got[1], got[0], rtol=1e-10, atol=1e-12, msg=lambda e, cuts=cuts: f"cut at {cuts}: {e}")
+
+
 @pytest.mark.parametrize("pool", [True, False])
 @pytest.mark.parametrize("segments", [0, 2, 3, 4, 5])
 def test_reentrant_checkpointing_is_refused_never_silently_wrong(segments, pool):
