@@ -2089,6 +2089,25 @@ def test_sparse_conv_bn_relu_names_an_argument_of_the_wrong_type():
     torch.testing.assert_close(sparse_conv_bn_relu(x, fused.conv, fused.bn)[0], ref(x), **TOL[torch.float64])
 
 
+def test_a_fused_model_called_on_a_non_tensor_names_it_as_the_unfused_one_does():
+    """A list, None or a float given to a fused model (a linked pair, with and without autograd) raised a bare
+    AttributeError from inside SparseConvBNReLU.forward ('list' object has no attribute 'device' / 'numel');
+    now the unfused sparse model's TypeError."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    masks = model_masks(base, 0.5, 0)
+    for fuse in (False, True):
+        m = copy.deepcopy(base)
+        sparsetrain.sparsify_(m, masks, fuse=fuse)
+        assert fuse is False or m[0].feeds is m[3]
+        for arg, grad in (([[1.0]], True), (None, True), (3.0, True), ([[1.0]], False)):
+            with torch.set_grad_enabled(grad), pytest.raises(TypeError, match=f"x must be a torch.Tensor, got "
+                                                                               f"{type(arg).__name__}"):
+                m(arg)
+        m(torch.randn(2, 3, 5, 5))  # (and the next forward runs)
+
+
 def test_fused_flags_and_optional_tensors_of_the_wrong_type_are_named():
     """relu_after="False" (truthy) was applied by SparseConvBNReLU, a ReLU the user turned off, and a C++
     schema error in the function; route/pool/relu_before took any truthy value; a residual or relu_counts

@@ -248,6 +248,8 @@ class SparseConvBNReLU(HandOff, SparseConv2d):
         owned = self.owns_bn  # (no module of the model calls an owned BN: nothing handed to it, nothing to check)
         _check_taken(*(() if owned else self._placeholders or (self.bn,)), self.pools, hooked=_watched(self), layer=self)
         _refuse_unsupported(self, x)
+        if not isinstance(x, torch.Tensor):  # (as SparseConv2d; an AttributeError from _defers or numel() before)
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if owned and _watched(self.bn):  # (its hooks never ran before 2026-12-07: the fused op applies the BN)
             return self._owned_unfused(x, residual)
         pending, self._deferred = self._deferred, None
