@@ -1723,16 +1723,19 @@ def test_checkpoint_segments_cut_at_every_pair_of_points_match_the_unfused_model
     fused conv and its BN, ReLU or pool: a segment starting at the BN recomputes it with nothing handed
     (before 2026-12-07 a RuntimeError blaming a hook; conv -> ReLU -> BN then a CheckpointError), where the
     first pass had passed the conv's output through (or, after a ReLU, returned the conv's BN(x), saving
-    nothing). Output, input and parameter gradients and running statistics against the unfused model cut the
-    same way, over a pooled layer, a conv -> ReLU -> BN deferring into the next conv, and a plain one."""
+    nothing, its output requiring grad where that y did not: a pool after it then saved nothing, a
+    CheckpointError). Output, input and parameter gradients and running statistics against the unfused model
+    cut the same way, over pooled layers of both orders, a conv -> ReLU -> BN deferring into the next conv, and
+    a plain one."""
     import itertools
 
     from torch.utils.checkpoint import checkpoint
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2),
                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(64, 2)).double()
+                         nn.Linear(16, 2)).double()
     masks = model_masks(base, 0.5, 0)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     for cuts in itertools.combinations(range(1, len(base)), 2):
@@ -1741,7 +1744,8 @@ def test_checkpoint_segments_cut_at_every_pair_of_points_match_the_unfused_model
             m = copy.deepcopy(base)
             sparsetrain.sparsify_(m, masks, fuse=fuse)
             if fuse:  # (the links the cuts fall between)
-                assert m[0].pools is not None and m[4].relu_before and m[4].feeds is m[7]
+                assert m[0].pools is not None and m[4].relu_before and m[4].pools is not None
+                assert m[8].relu_before and m[8].feeds is m[11]
             xi = x.clone().requires_grad_()
             h, bounds = xi, [0, *cuts, len(base)]
             for a, b in zip(bounds, bounds[1:]):

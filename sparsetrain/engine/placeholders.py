@@ -240,8 +240,9 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
     _pending: tuple | None = None  # (the tensor this module will be called on, its output)
     _plain: bool | None = None  # (True while the SparseConvBNReLU owning it runs the unfused ops: a hook watches it)
     # (under torch.utils.checkpoint's saved-tensor hooks: whether its conv handed it its output, which it passed
-    # through, or, conv -> ReLU -> BN, the BN's input; a checkpoint segment starting here recomputes it so)
-    _through: bool | None = None
+    # through, or, conv -> ReLU -> BN, the BN's input; and whether what it returned required grad. A checkpoint
+    # segment starting here recomputes it so)
+    _through: tuple[bool, bool] | None = None
 
     @eager
     @_marks_refusal
@@ -252,9 +253,9 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
         pending, self._pending = self._pending, None
         _refuse_unsupported(self, x)
         if pending is None and self._through is not None and _recomputing():
-            return x if self._through else self._recompute(x)
+            return x if self._through[0] else self._recompute(x, self._through[1])
         if pending is not None and not _hands_on():
-            self._through = pending[0] is pending[1]
+            self._through = (pending[0] is pending[1], pending[1].requires_grad)
         if pending is None or pending[0] is not x:
             raise RuntimeError("FusedBatchNorm2d was called on a tensor its fused conv did not produce: a hook "
                                "added after fuse_() changed it (a forward pre-hook on this BN, or a forward hook on "
@@ -264,19 +265,20 @@ class FusedBatchNorm2d(HandOff, nn.BatchNorm2d):
                                "the layer alone, or build it with owns_bn=False)")
         return _refuse_no_grad_hand_over(self, x, pending[1])
 
-    def _recompute(self, x: torch.Tensor) -> torch.Tensor:
+    def _recompute(self, x: torch.Tensor, grad: bool) -> torch.Tensor:
         """torch.utils.checkpoint(use_reentrant=False) recomputing a segment that starts after the fused conv
         (conv -> ReLU -> BN): nothing handed. Its first forward ran under the same hooks, where this module
         returned the conv's BN(x), saving no tensor, so the recompute must save none either (checkpoint checks):
-        BN(x) without autograd and without a second running-statistics update, as a tensor that requires grad
-        like x (a recompute's graph is never run backward: only the tensors the segment's later modules save
-        are used, and those need the values and a graph to be recorded in)."""
+        BN(x) without autograd and without a second running-statistics update, requiring grad as that output
+        did (`grad`; x, the conv's y, does not: the gradient went through the output). A recompute's graph is
+        never run backward: only the tensors the segment's later modules save are used, which need the values,
+        and the graph they were saved in."""
         batch = self.training or self.running_mean is None
         with torch.no_grad():
             out = torch.nn.functional.batch_norm(x, None if batch else self.running_mean,
                                                  None if batch else self.running_var, self.weight, self.bias, batch,
                                                  0.0, self.eps)
-        return out.requires_grad_(x.requires_grad)
+        return out.requires_grad_(grad)
 
 
 def _check_taken(*modules: nn.Module, hooked: bool = False, layer: nn.Module | None = None) -> None:
