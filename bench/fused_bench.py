@@ -103,7 +103,8 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             rows.append({"op": "sparse_conv_bn_relu", "shape": f"{c}x{hw}x{hw} b{BATCH}", "sparsity": s,
                          **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                          "fused_vs_unfused": paired_ratio(t["unfused"], t["fused"]),
-                         "fused_vs_dense": paired_ratio(t["dense"], t["fused"]), "rounds": rounds_of(t), "others_cores": t.others_cores})
+                         "fused_vs_dense": paired_ratio(t["dense"], t["fused"]), "rounds": rounds_of(t),
+                         "others_cores": t.others_cores})
     return rows
 
 
@@ -129,7 +130,8 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
         rows.append({"op": "max_pool2x2(in_scale)", "shape": f"{c}x{hw}x{hw} b{BATCH}",
                      **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                      "fused_vs_separate": paired_ratio(t["separate"], t["fused"]),
-                     "fused_vs_torch": paired_ratio(t["torch"], t["fused"]), "rounds": rounds_of(t), "others_cores": t.others_cores})
+                     "fused_vs_torch": paired_ratio(t["torch"], t["fused"]), "rounds": rounds_of(t),
+                     "others_cores": t.others_cores})
     return rows
 
 
