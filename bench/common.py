@@ -84,11 +84,14 @@ def cpu_snapshot() -> tuple[float, float, float] | None:
     return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
 
 
+MIN_SECONDS = 1.0  # both CPU counts tick at 1/SC_CLK_TCK s (10 ms): over a shorter interval, noise
+
+
 def others_cores(before, after) -> float | None:
     """Cores other processes kept busy between two cpu_snapshot()s, on average: the machine's busy
-    CPU-seconds less this process's, per wall second (>= 0, to 0.01; None without both snapshots).
-    Both counts tick at 1/SC_CLK_TCK s, so over under a second it is rough."""
-    if before is None or after is None or after[0] <= before[0]:
+    CPU-seconds less this process's, per wall second (>= 0, to 0.01); None without both snapshots or
+    over less than MIN_SECONDS (a quick case: too short to tell)."""
+    if before is None or after is None or after[0] - before[0] < MIN_SECONDS:
         return None
     return round(max(0.0, (after[1] - before[1] - (after[2] - before[2])) / (after[0] - before[0])), 2)
 

@@ -27,7 +27,7 @@ def test_linear_section_rows():
                            "resident_bytes_ratio"])
         assert r["nnz"] == 37 * 11 - int(round(r["sparsity"] * 37 * 11))
         assert r["rounds"] == 1  # (how many rounds ran: fewer than reps where the 60 s cap cut them short)
-        assert r["others_cores"] >= 0  # (other processes' load during its rounds: common.others_cores)
+        assert "others_cores" in r  # (other processes' load during its rounds: common.others_cores)
         # resident: + row_indices_t (int32) and perm (int64) per nonzero, ccol_indices (int64) per input column
         assert r["resident_bytes_ratio"] * 37 * 11 * 4 == pytest.approx(r["bytes_ratio"] * 37 * 11 * 4 + 12 * r["nnz"]
                                                                          + 8 * 38)
@@ -136,7 +136,7 @@ def test_linear_replicated_section_rows():
 def test_conv_section_rows():
     rows = conv_bench.run(quick=True, sparsities=(0.9,), reps=1, cases=[conv_bench.QUICK[-1]], sparseprop=False)
     assert len(rows) == 1 and _finite(rows[0], ["dense_ms", "sparse_ms", "speedup"]) and rows[0]["rounds"] == 1
-    assert rows[0]["others_cores"] >= 0
+    assert "others_cores" in rows[0]
 
 
 def test_fused_section_rows(monkeypatch):
@@ -147,7 +147,7 @@ def test_fused_section_rows(monkeypatch):
     monkeypatch.setattr(fused_bench, "POOL_CASES", [(3, 6)])
     rows = fused_bench.run_pool(quick=True, reps=1)
     assert len(rows) == 1 and _finite(rows[0], ["torch_ms", "separate_ms", "fused_ms", "fused_vs_separate"])
-    assert rows[0]["rounds"] == 1 and rows[0]["others_cores"] >= 0
+    assert rows[0]["rounds"] == 1 and "others_cores" in rows[0]
 
 
 def test_main_writes_json(tmp_path, capsys, monkeypatch):
@@ -378,8 +378,10 @@ def test_others_cores_counts_other_processes_and_never_this_ones(capsys):
     assert busy >= 0.6, busy  # (one spinning process: about a core)
     assert measured(own_spin) < busy - 0.4 and measured(reaped_child) < busy - 0.4
     assert common.others_cores(None, common.cpu_snapshot()) is None  # (no /proc/stat: unknown, not 0)
-    t = common.interleaved_times({"a": lambda: None}, warmup=0, reps=2)
+    # a timed section records it; under MIN_SECONDS (a quick case) it is too short to tell: None, not noise
+    t = common.interleaved_times({"a": lambda: time.sleep(0.6)}, warmup=0, reps=2)
     assert isinstance(t.others_cores, float) and t.others_cores >= 0 and list(t) == ["a"]
+    assert common.interleaved_times({"a": lambda: None}, warmup=0, reps=2).others_cores is None
     capsys.readouterr()
     common.warn_if_busy(0.1, "x")
     common.warn_if_busy(None, "x")
@@ -435,7 +437,7 @@ def test_train_step_rows_and_device_flag(tmp_path, capsys):
     (r,) = rows
     assert r["model"] == "vgg_d5g5" and r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["fused_ms"] > 0
     assert r["sparse_param_mb"] < 0.05 * r["dense_param_mb"]  # 99% sparse: values + indices only
-    assert r["others_cores"] >= 0  # (other processes' load while its steps ran: common.others_cores)
+    assert "others_cores" in r  # (other processes' load while its steps ran: common.others_cores)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             train_step.main(["--device", "cuda", "--out", str(tmp_path / "x.json")])
