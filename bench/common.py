@@ -108,6 +108,11 @@ def rounds_of(times: dict) -> int:
     return len(next(iter(times.values()), []))
 
 
+def timing_of(times: Times) -> dict:
+    """What a row records of how interleaved_times timed it: its `rounds` (rounds_of) and `others_cores`."""
+    return {"rounds": rounds_of(times), "others_cores": times.others_cores}
+
+
 def leaf_per_side(x: torch.Tensor, names) -> dict:
     """name -> its own leaf copy of x (requires_grad). Each side's step starts with `x.grad = None`:
     on a shared x that frees the gradient the *other* side's previous step allocated, charging that

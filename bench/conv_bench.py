@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (HERE, check_against_dense, interleaved_times, leaf_per_side, machine_info,  # noqa: E402
-                    paired_ratio, parse_sparsities, positive_int, print_table, refuse_empty, rounds_of, writable_json,
+                    paired_ratio, parse_sparsities, positive_int, print_table, refuse_empty, timing_of, writable_json,
                     write_json)
 from sparsetrain.testing import dense_conv2d, random_mask  # noqa: E402
 
@@ -111,10 +111,10 @@ def run(quick: bool = False, sparsities=(0.5, 0.9, 0.99, 0.999), reps: int | Non
             flops = 3 * 2 * nnz * batch * oh * oh
             dense_flops = 3 * 2 * mask.numel() * batch * oh * oh
             rows.append(dict(op=name, shape=shape, sparsity=sp, dense_ms=dense_ms, sparse_ms=sparse_ms,
-                             speedup=paired_ratio(t["dense"], t["ours"]), rounds=rounds_of(t), sparseprop_ms=sp_ms,
+                             speedup=paired_ratio(t["dense"], t["ours"]), sparseprop_ms=sp_ms,
                              vs_sparseprop=paired_ratio(t[spk], t["ours"]) if spk else None,
                              gflops_useful=flops / sparse_ms / 1e6, dense_gflops=dense_flops / dense_ms / 1e6,
-                             others_cores=t.others_cores))
+                             **timing_of(t)))
             print(f"  {name:26s} {sp:.3f}: dense {dense_ms:8.2f} ms  ours {sparse_ms:7.2f} ms  "
                   f"x{rows[-1]['speedup']:6.2f}" + (f"  SparseProp {sp_ms:8.2f} ms" if sp_ms else ""), flush=True)
             if save is not None:

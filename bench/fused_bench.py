@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import interleaved_times, leaf_per_side, nonnegative_int, paired_ratio, rounds_of
+from common import interleaved_times, leaf_per_side, nonnegative_int, paired_ratio, timing_of
 from sparsetrain.engine.convert import sparsify_
 from sparsetrain.testing import mask_weight_, random_mask
 
@@ -103,8 +103,7 @@ def run(quick: bool, sparsities, reps: int) -> list[dict]:
             rows.append({"op": "sparse_conv_bn_relu", "shape": f"{c}x{hw}x{hw} b{BATCH}", "sparsity": s,
                          **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                          "fused_vs_unfused": paired_ratio(t["unfused"], t["fused"]),
-                         "fused_vs_dense": paired_ratio(t["dense"], t["fused"]), "rounds": rounds_of(t),
-                         "others_cores": t.others_cores})
+                         "fused_vs_dense": paired_ratio(t["dense"], t["fused"]), **timing_of(t)})
     return rows
 
 
@@ -130,8 +129,7 @@ def run_pool(quick: bool, reps: int) -> list[dict]:
         rows.append({"op": "max_pool2x2(in_scale)", "shape": f"{c}x{hw}x{hw} b{BATCH}",
                      **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
                      "fused_vs_separate": paired_ratio(t["separate"], t["fused"]),
-                     "fused_vs_torch": paired_ratio(t["torch"], t["fused"]), "rounds": rounds_of(t),
-                     "others_cores": t.others_cores})
+                     "fused_vs_torch": paired_ratio(t["torch"], t["fused"]), **timing_of(t)})
     return rows
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (HERE, check_against_dense, interleaved_times, leaf_per_side, machine_info, nonnegative_int,
-                    paired_ratio, print_table, rounds_of, writable_json, write_json)
+                    paired_ratio, print_table, timing_of, writable_json, write_json)
 from sparsetrain.testing import dense_linear, dense_linear_replicated, random_mask
 
 from sparsetrain.engine.formats import CSR
@@ -122,8 +122,7 @@ def bench_linear(cases, sparsities, reps):
             rows.append({
                 "op": "sparse_linear", "shape": f"{fin}->{fout} b{batch}", "sparsity": s, "nnz": nnz,
                 "dense_ms": masked_ms, "sparse_ms": sparse_ms, "torch_sparse_ms": ts_ms,
-                "speedup": paired_ratio(t["masked"], t["ours"]), "rounds": rounds_of(t),
-                "others_cores": t.others_cores,
+                "speedup": paired_ratio(t["masked"], t["ours"]), **timing_of(t),
                 "vs_torch_sparse": paired_ratio(t["torch.sparse"], t["ours"]),
                 "gflops_useful": 6 * nnz * batch / sparse_ms / 1e6, "dense_gflops": 6 * fin * fout * batch / masked_ms / 1e6,  # (this row's dense side)
                 "bytes_ratio": layer.weight.nbytes() / (fin * fout * 4),  # stored: values + CSR index
@@ -184,8 +183,7 @@ def bench_linear_replicated(sparsities, reps, case=None):
                      "sparsity": s, "dense_ms": statistics.median(t["masked"]),
                      "sparse_ms": statistics.median(t["sparse"]), "replicated_ms": statistics.median(t["replicated"]),
                      "speedup": paired_ratio(t["masked"], t["replicated"]),
-                     "vs_sparse": paired_ratio(t["sparse"], t["replicated"]), "rounds": rounds_of(t),
-                     "others_cores": t.others_cores})
+                     "vs_sparse": paired_ratio(t["sparse"], t["replicated"]), **timing_of(t)})
     return rows
 
 
