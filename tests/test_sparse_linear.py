@@ -941,6 +941,45 @@ def test_from_dense_default_mask_is_nonzero():
     assert torch.equal(csr.mask(), w != 0)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv", "bsr"])
+@pytest.mark.parametrize("swap", ["functional_call", "assigned"])
+@pytest.mark.parametrize("bad", ["duplicate", "out of range"])
+def test_a_pattern_swapped_in_is_checked_as_the_constructor_checks_it(kind, swap, bad):
+    """A pattern that reaches a layer by torch.func.functional_call's state or an assigned col_indices is refused
+    with the constructor's message: before 2026-12-07 a column repeated in a row ran, the product summing both
+    entries while to_dense() (so densify_) kept one, silently; one out of range raised the op's error after a
+    torch resize warning from the transposition. Nothing is warned; to_dense() refuses the assigned one too."""
+    from torch.func import functional_call
+    from sparsetrain.engine.bsr import BSRLinear
+    torch.manual_seed(0)
+    if kind == "bsr":  # (2 block rows of 16x16 blocks over 3 block columns: blocks (0, 0), (0, 1), (1, 2))
+        layer, x = BSRLinear.from_dense(nn.Linear(48, 32), 16, torch.tensor(
+            [[1, 1, 0], [0, 0, 1]], dtype=torch.bool).repeat_interleave(16, 0).repeat_interleave(16, 1)), torch.randn(3, 48)
+        cols = {"duplicate": [0, 0, 2], "out of range": [0, 1, 3]}[bad]
+    else:
+        dense = nn.Linear(4, 2) if kind == "linear" else nn.Conv2d(1, 2, 2)
+        mask = torch.tensor([[True, True, False, False], [False, False, True, False]]).reshape(dense.weight.shape)
+        layer = (SparseLinear if kind == "linear" else SparseConv2d).from_dense(dense, mask)
+        x = torch.randn(3, 4) if kind == "linear" else torch.randn(3, 1, 2, 2)
+        cols = {"duplicate": [1, 1, 2], "out of range": [0, 1, 4]}[bad]
+    col = torch.tensor(cols, dtype=torch.int32)
+    want = "col_indices must be strictly increasing within each" if bad == "duplicate" else r"col_indices must lie in \[0, [34]\)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the resize warning before the error: refused too)
+        with pytest.raises(ValueError, match=f"weight's pattern swapped in .*: {want}"):
+            if swap == "functional_call":
+                functional_call(layer, {**layer.state_dict(), "weight.col_indices": col}, (x,))
+            else:
+                layer.weight.col_indices = col
+                layer(x)
+        if swap == "assigned":
+            with pytest.raises(ValueError, match=want):
+                layer.weight.to_dense()
+        else:  # (the layer's own pattern, after the call: the same output as before it)
+            torch.testing.assert_close(layer(x), F.linear(x.reshape(3, -1), layer.weight.to_dense().reshape(
+                layer.weight.shape[0], -1), layer.bias).reshape(layer(x).shape))
+
+
 def test_csr_validation_errors():
     crow = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="col_indices must lie in"):

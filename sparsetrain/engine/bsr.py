@@ -135,6 +135,7 @@ class BSR(WeightLike, nn.Module):
             return self._scatter(torch.ones_like(self.values, dtype=torch.bool))
 
     def _scatter(self, blocks: torch.Tensor) -> torch.Tensor:
+        self._swapped_checked()  # (a pattern swapped in: checked, as CSR's to_dense and mask)
         bs, cols = self.block_size, math.prod(self.shape[1:])
         RB, CB = self.crow_indices.numel() - 1, -(-cols // bs)
         brow = torch.repeat_interleave(torch.arange(RB, device=blocks.device), self.crow_indices.diff(),

@@ -66,7 +66,7 @@ class WeightLike:
         def keep_index(t):
             out = fn(t)
             return out if t.is_floating_point() or out.dtype == t.dtype else t.to(out.device)
-        if self._swapped():  # (a pattern assigned by hand: transposed and sealed before the move, as a move keeps it;
+        if self._swapped_checked():  # (a pattern assigned by hand: transposed and sealed before the move, as a move keeps it;
             with own_mode(self.values):  # after it, to_empty()'s garbage was transposed: torch's error from inside)
                 self._build_index()
         before = index_state(self)
@@ -79,6 +79,20 @@ class WeightLike:
         """crow/col were swapped since the transposed index was built (assigned, left by functional_call), not ccol."""
         crow, col, ccol = self._index_of
         return (crow is not self.crow_indices or col is not self.col_indices) and ccol is self.ccol_indices
+
+    def _swapped_checked(self) -> bool:
+        """_swapped(), where a swapped-in pattern is checked as the constructor checks its arguments (a column
+        repeated in a row: the products summed both entries while to_dense kept one, silently; one out of range:
+        torch's resize warning from the transposition before the op's error)."""
+        if not self._swapped():
+            return False
+        if not torch.compiler.is_compiling():
+            try:
+                _pattern(self.crow_indices, self.col_indices, self.values, self.shape, getattr(self, "block_size", 0))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"the {type(self).__name__} weight's pattern swapped in (a torch.func.functional_call "
+                              f"state, an assigned crow_indices or col_indices): {e}") from None
+        return True
 
     def __delattr__(self, name):
         # register_parametrization(csr, "values", p) deletes them, then fails storing p under "values" (a method
@@ -97,7 +111,7 @@ class WeightLike:
         """(ccol_indices, row_indices_t, perm) of the pattern now in crow/col: built anew where those alone
         were swapped in (torch.func.functional_call with another state_dict gave the old pattern's dx
         silently; torch.export swaps all of them)."""
-        if self._swapped():
+        if self._swapped_checked():
             with own_mode(self.values):  # (not inference tensors: a training forward saves them)
                 self._build_index()
         check_index(self)  # (an EMA of the buffers wrote into them: refused by name)
@@ -165,6 +179,7 @@ class CSR(WeightLike, nn.Module):
 
     def to_dense(self) -> torch.Tensor:
         """Dense weight of `self.shape` (zeros at pruned positions); differentiable in values."""
+        self._swapped_checked()
         check_index(self)  # (an EMA of the buffers: densify_ gave a pattern not its own, silently)
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         out = self.values.new_zeros(rows * cols)
@@ -173,6 +188,7 @@ class CSR(WeightLike, nn.Module):
 
     def mask(self) -> torch.Tensor:
         """Bool mask of `self.shape`: True at the stored entries."""
+        self._swapped_checked()
         check_index(self)  # (to_empty() without a load: masks_of, model_sparsity drew garbage or failed inside)
         rows, cols = self.shape[0], math.prod(self.shape[1:])
         m = torch.zeros(rows * cols, dtype=torch.bool, device=self.values.device)
