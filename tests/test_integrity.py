@@ -768,6 +768,11 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
     config.write_text("{}")  # (no settings: taken for no config.json at all, rewritten, the checks gone)
     err = _one_line_error(capsys, base)
     assert f"error: {config} is corrupt (ValueError: not a JSON object of settings)" in err and choices in err, err
+    for bad in (5, [5], "x"):  # (a hand edit of its resumed_with: an AttributeError from inside before 2026-12-07)
+        config.write_text(json.dumps({**json.loads(saved), "resumed_with": bad}))
+        err = _one_line_error(capsys, base)
+        assert f"error: {config} is corrupt (ValueError: its resumed_with is not a list of JSON objects: {bad!r})" \
+            in err and choices in err, err
     assert {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config} == before and state.exists()
     assert "remove" not in err and "delete" not in err  # (it advised "remove RUN_DIR": every trained phase lost)
     config.write_bytes(saved)

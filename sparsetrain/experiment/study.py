@@ -80,6 +80,8 @@ def _read_config(path: str) -> dict:
             old = json.load(f)
         if not isinstance(old, dict) or not old:  # ({}: it was taken for a run directory without one)
             raise ValueError("not a JSON object of settings")
+        if not (isinstance(r := old.get("resumed_with", []), list) and all(isinstance(e, dict) for e in r)):
+            raise ValueError(f"its resumed_with is not a list of JSON objects: {r!r:.80}")  # (AttributeError before)
         return old
     except (OSError, ValueError) as e:
         why = (f"is corrupt ({type(e).__name__}: {e})" if not isinstance(e, FileNotFoundError) else
@@ -332,9 +334,7 @@ def check_teachers_fit(cfg: Config, splits) -> None:
     """A --teachers PATH must take this dataset's images and give one logit per class (checked on
     two training images before anything trains; a model of another dataset is refused here)."""
     xb = next(D.iterate(splits.train, 2))[0].cpu()
-    for choice in cfg.teachers:
-        if choice in ("best", "dense"):
-            continue
+    for choice in (c for c in cfg.teachers if c not in ("best", "dense")):
         try:
             with torch.no_grad():
                 shape = tuple(load_teacher(choice)[0](xb).shape)
