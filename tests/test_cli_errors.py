@@ -6,6 +6,7 @@ The data cases write tiny, broken copies of the real formats (IDX, CIFAR pickles
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -300,6 +301,19 @@ def test_ctrl_c_while_loading_is_one_line(tmp_path, module, argv, what, how):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"interrupted before the {what} started: nothing was written"]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("module, argv", [("sparsetrain.experiment", ["mnist", "--profile", "quick", "--print-config"]),
+                                          ("sparsetrain.sweep", ["grid", "--dataset", "mnist", "--dry-run"])])
+def test_a_process_started_with_sigint_ignored_keeps_ignoring_it_while_loading(tmp_path, module, argv):
+    """A shell's background job starts with SIGINT ignored (the terminal's Ctrl-C reaches its process group): it died
+    of a SIGINT while loading, its handler installed over SIG_IGN, and ignored one once training (before 2026-12-07).
+    The SIGINT of _INTERRUPT_IMPORT's import is ignored now: the command runs to its end."""
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_IMPORT, "signal", module, *argv, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0, proc.stderr
+    assert "interrupted" not in proc.stderr and proc.stdout.strip(), (proc.stdout, proc.stderr)
 
 
 def test_print_config_into_a_closed_pipe_is_quiet(tmp_path):

@@ -16,7 +16,13 @@ import sys
 @contextlib.contextmanager
 def exit_on_ctrl_c(what: str):
     """SIGINT (or a KeyboardInterrupt raised in the body) -> "interrupted before the `what` started:
-    nothing was written" on stderr and exit code 130; the previous handler is back after the body."""
+    nothing was written" on stderr and exit code 130; the previous handler is back after the body. A process
+    started with SIGINT ignored (a shell's background job) keeps ignoring it, as Python does (it died of the
+    terminal's Ctrl-C while loading, then ignored it once training, before 2026-12-07)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
     def stop(signum=None, frame=None):
         os.write(2, f"interrupted before the {what} started: nothing was written\n".encode())
         os._exit(130)
