@@ -773,6 +773,11 @@ def test_a_lost_or_corrupt_config_beside_trained_phases_is_refused(mnist_dir, st
         err = _one_line_error(capsys, base)
         assert f"error: {config} is corrupt (ValueError: its resumed_with is not a list of JSON objects: {bad!r})" \
             in err and choices in err, err
+    lost = {k: v for k, v in json.loads(saved).items() if k not in ("data_fingerprint", "data_source")}
+    config.write_text(json.dumps(lost))  # (recorded before any phase trains: the resume took any data before 2026-12-07)
+    err = _one_line_error(capsys, base)
+    assert f"error: {config} is corrupt (ValueError: it has no data_fingerprint, yet the run directory holds trained " \
+        "phases)" in err and choices in err, err
     assert {p: p.read_bytes() for p in rd.rglob("*") if p.is_file() and p != config} == before and state.exists()
     assert "remove" not in err and "delete" not in err  # (it advised "remove RUN_DIR": every trained phase lost)
     config.write_bytes(saved)

@@ -1,11 +1,10 @@
 """The DSD2 study: per seed, the teacher run, the vanilla student, the distilled students.
 
-Per seed: (1) the teacher run: train dense, then prune -> perturb -> retrain -> evaluate until the
-wall (Algorithm 1, loop.py), a full run on the teacher's schedule; (2) the vanilla student run on
-the student's schedule (the teacher run doubles as it when the student is the same model trained
-the same way); (3) for each teacher choice, the student pruned the same way under the distillation
-loss (Eq. 2). Early stops apply to the student runs only. The run directory keeps the resolved
-config (with git commit and versions), per-round metrics and checkpoints; re-running the same
+Per seed: (1) the teacher run: train dense, then prune -> perturb -> retrain -> evaluate until the wall (Algorithm 1,
+loop.py), a full run on the teacher's schedule; (2) the vanilla student run on the student's schedule (the teacher run
+doubles as it when the student is the same model trained the same way); (3) for each teacher choice, the student
+pruned the same way under the distillation loss (Eq. 2). Early stops apply to the student runs only. The run directory
+keeps the resolved config (with git commit and versions), per-round metrics and checkpoints; re-running the same
 command continues where it stopped.
 """
 from __future__ import annotations
@@ -46,10 +45,10 @@ class UsageError(Exception):
 
 # ============================================================================ run directory
 def result_settings(cfg: Config) -> dict:
-    """The resolved settings that change results (JSON types): what names a run and what a resume
-    must match. Settings added since runs were named are left out at their defaults (ADDED_DEFAULTS:
-    `--amp auto` follows the device as --device does; no --l1, --dropout, --augment), so those runs
-    keep their names; any other value is part of the run."""
+    """The resolved settings that change results (JSON types): what names a run and what a resume must match.
+    Settings added since runs were named are left out at their defaults (ADDED_DEFAULTS: `--amp auto` follows the
+    device as --device does; no --l1, --dropout, --augment), so those runs keep their names; any other value is
+    part of the run."""
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
     return {k: v for k, v in json.loads(json.dumps(resolved)).items()
             if k not in _NON_RESULT_KEYS and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
@@ -64,8 +63,8 @@ def run_dir_of(cfg: Config) -> str:
 
 
 def legacy_run_dir(cfg: Config) -> str | None:
-    """A run directory in the naming used before 2026-12-01 (OUT/<dataset>-eps<eps>-<profile>), if
-    one exists for this dataset, noise and profile: it can be reported, not resumed."""
+    """A run directory in the naming used before 2026-12-01 (OUT/<dataset>-eps<eps>-<profile>), if one exists for
+    this dataset, noise and profile: it can be reported, not resumed."""
     rd = os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}")
     return rd if os.path.isfile(os.path.join(rd, "config.json")) else None
 
@@ -82,6 +81,8 @@ def _read_config(path: str) -> dict:
             raise ValueError("not a JSON object of settings")
         if not (isinstance(r := old.get("resumed_with", []), list) and all(isinstance(e, dict) for e in r)):
             raise ValueError(f"its resumed_with is not a list of JSON objects: {r!r:.80}")  # (AttributeError before)
+        if "data_fingerprint" not in old and _trained(os.path.dirname(path)):  # (written before any phase trains)
+            raise ValueError("it has no data_fingerprint, yet the run directory holds trained phases")
         return old
     except (OSError, ValueError) as e:
         why = (f"is corrupt ({type(e).__name__}: {e})" if not isinstance(e, FileNotFoundError) else
@@ -93,10 +94,10 @@ def _read_config(path: str) -> dict:
 
 
 def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
-    """Create the run directory with its resolved config.json; refuse a directory holding a run
-    with different result-affecting settings (a hash collision or a hand-edited config). `resuming`:
-    whether this invocation has work left (a finished run re-invoked gains no resumed_with entry); `device`:
-    the one this process computes on (torchrun: its rank's GPU), else where --device resolves."""
+    """Create the run directory with its resolved config.json; refuse a directory holding a run with different
+    result-affecting settings (a hash collision or a hand-edited config). `resuming`: whether this invocation has
+    work left (a finished run re-invoked gains no resumed_with entry); `device`: the one this process computes on
+    (torchrun: its rank's GPU), else where --device resolves."""
     rd = run_dir_of(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
@@ -218,10 +219,9 @@ def _on_main(fn) -> None:
 
 
 def load_splits(cfg: Config, seed: int, first: bool = True):
-    """The dataset's splits for `seed`. Under torchrun rank 0 loads `first`, downloading what is
-    missing, and the other ranks read its files after it (torchvision writes an archive in place and
-    then checks and extracts it: ranks downloading at once corrupt each other's); rank 0's
-    DatasetNotFound or DataError stops every rank."""
+    """The dataset's splits for `seed`. Under torchrun rank 0 loads `first`, downloading what is missing, and the
+    other ranks read its files after it (torchvision writes an archive in place and then checks and extracts it:
+    ranks downloading at once corrupt each other's); rank 0's DatasetNotFound or DataError stops every rank."""
     def load(download: bool):
         return D.load_dataset(cfg.dataset, cfg.data_dir, eps=cfg.eps, noise=cfg.noise,
                               val_fraction=cfg.val_fraction, clean_val=cfg.clean_val, seed=seed,
