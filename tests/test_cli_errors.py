@@ -97,13 +97,16 @@ def _corrupt_config(root):
 def _truncated_state(root):
     import dataclasses
     from sparsetrain.experiment.config import config_from_args
+    from sparsetrain.experiment.study import load_splits
     _mnist(root)
-    # the run's settings (a state without a config.json is refused first), without where it computed (this
-    # process's thread count would make the run's resume print a note: two lines)
-    cfg = dataclasses.asdict(config_from_args(_argv(root))[0])
+    # the run's settings and data fingerprint (a state without either is refused first), without where it computed
+    # (this process's thread count would make the run's resume print a note: two lines)
+    config = config_from_args(_argv(root))[0]
+    cfg, fingerprint = dataclasses.asdict(config), load_splits(config, config.seeds[0]).fingerprint
     pd = _run_dir(root) / "seed0" / "teacher"
     pd.mkdir(parents=True)
-    (_run_dir(root) / "config.json").write_text(json.dumps({**cfg, "student": cfg["model"]}))
+    (_run_dir(root) / "config.json").write_text(json.dumps({**cfg, "student": cfg["model"],
+                                                            "data_fingerprint": fingerprint}))
     torch.save({"format": "sparsetrain-ckpt-v1"}, pd / "state.pt")
     _truncate(pd / "state.pt", 40)
 
