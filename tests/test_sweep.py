@@ -405,6 +405,37 @@ def test_ctrl_c_while_the_report_is_written_is_one_line(tmp_path, monkeypatch, c
     assert err.startswith("stopped while writing the report; re-run the same command") and len(err.splitlines()) == 1
 
 
+_CTRL_C_IN_RAY_SHUTDOWN = r"""
+import atexit, os, runpy, signal, sys, time, types
+up = [True]
+def shutdown():  # (a Ctrl-C landing while Ray shuts down: Ray registers its shutdown with atexit)
+    if up[0]:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        up[0] = False
+sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: up[0], shutdown=shutdown)
+atexit.register(shutdown)
+sys.argv = ["sparsetrain.sweep", *sys.argv[1:]]
+runpy.run_module("sparsetrain.sweep", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_ctrl_c_while_ray_shuts_down_at_the_end_is_ignored(tmp_path, monkeypatch):
+    """The sweep's last second: Ray's shutdown. Left to Ray's atexit hook, a Ctrl-C there printed "Exception ignored
+    in atexit callback" and a KeyboardInterrupt traceback (the sweep exited 0); the CLI shuts Ray down itself now,
+    SIGINT ignored meanwhile, and its handler is back after: the command's output and exit status only."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_RAY_SHUTDOWN, *_tiny(tmp_path, "--seeds", "0", "--dry-run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "" and "runs; plan: " in proc.stdout, (proc.stdout, proc.stderr)
+    import types
+    from sparsetrain.sweep.runner import shutdown_ray
+    seen, handler = [], signal.getsignal(signal.SIGINT)
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: True, shutdown=lambda: seen.append(signal.getsignal(signal.SIGINT))))
+    shutdown_ray()
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is handler
+
+
 def test_a_file_the_sweep_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
     """ENOSPC (or a read-only folder) writing plan.json, the sweep's report or `report`'s files was a
     WriteFailed traceback (the experiment prints it as one line): now `error: cannot write <file>: ...`,

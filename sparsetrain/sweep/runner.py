@@ -28,7 +28,7 @@ from .plan import Run
 from .runlog import (cancelled_line, end_line, error_line, exception_line, name_process, open_log, remove_marker,
                      stop_group, write_marker)
 
-__all__ = ["execute", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
+__all__ = ["execute", "shutdown_ray", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
 
 class SweepError(Exception):
@@ -350,6 +350,20 @@ def _execute(plan: list[Run], sweep_dir: str, *, cpus: float = 1, gpus: float = 
             signal.signal(signal.SIGTERM, signal.SIG_DFL if before_term is None else before_term)
     save()
     return status
+
+
+def shutdown_ray() -> None:
+    """Ray's shutdown where this process started or joined it, run by the CLI before it exits, SIGINT ignored for
+    its second or two: left to Ray's atexit hook, a Ctrl-C landing there printed a KeyboardInterrupt traceback
+    ("Exception ignored in atexit callback") and the sweep exited 0 as if it had not come (before 2026-12-07)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _mark_started(status: dict, runs) -> int:
