@@ -1050,6 +1050,58 @@ def test_auto_keeps_every_layer_sparsify_refuses_dense():
         apply_engine(m, rest, "sparse", fuse=False)
 
 
+@pytest.mark.parametrize("clash", ["attribute", "buffer"])
+def test_auto_keeps_a_layer_holding_a_name_of_the_sparse_layer_s_own_dense(clash):
+    """A user's `layer.sparsity = 0.9` (or a buffer `nnz`) is a name the sparse layer has as its own: sparsify_
+    refuses it, but unconvertible did not name it, so "auto" raised sparsify_'s error (with an example batch,
+    only where the timing picked sparse: a crash that depended on the machine). Kept dense now, untouched."""
+    from sparsetrain.engine.convert import unconvertible
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    if clash == "attribute":
+        m[0].sparsity = 0.9
+    else:
+        m[0].register_buffer("nnz", torch.tensor(3))
+    masks = global_prune(m, {}, 0.9)
+    assert unconvertible(m) == {"0"}
+    rest = apply_engine(m, masks, "auto", fuse=False)
+    assert type(m[0]) is nn.Linear and type(m[2]).__name__ == "SparseLinear" and set(rest) == {"0"}
+    assert (m[0].sparsity == 0.9) if clash == "attribute" else int(m[0].nnz) == 3
+    with pytest.raises(ValueError, match="rename it first"):
+        apply_engine(m, rest, "sparse", fuse=False)
+
+
+@pytest.mark.parametrize("engine", ["auto", "dense", "sparse"])
+def test_a_mask_pruning_a_sparse_layer_further_is_refused_by_apply_engine(engine):
+    """apply_engine skipped a sparse layer whatever its mask: one pruning it further (a mask of the next round, not
+    applied by global_prune) was dropped silently, the layer keeping its nonzeros. Refused by name now, as
+    masks_of refuses it; its own pattern passes."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 256))
+    first = torch.rand(256, 256) > 0.5
+    sparsetrain.sparsify_(m, {"0": first})
+    with pytest.raises(ValueError, match=r"masks\['0'\] differs from the pattern sparse layer '0' stores"):
+        apply_engine(m, {"0": first & (torch.rand(256, 256) > 0.5)}, engine)
+    assert m[0].nnz == int(first.sum()) and apply_engine(m, {"0": first}, engine) == {}
+
+
+def test_auto_engine_remeasures_past_a_cache_file_too_deeply_nested_to_parse(monkeypatch, tmp_path):
+    """json.load raises RecursionError on a deeply nested file (damage): it escaped --engine auto as a traceback,
+    where any other unreadable cache file is measured again. Measured, and the file written anew; and
+    sparse_is_faster's input_grad must be True or False ("no" timed the input-gradient case)."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    (tmp_path / "engine_auto.json").write_text("[" * 100000)
+    layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
+    assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
+    assert list(json.loads((tmp_path / "engine_auto.json").read_text()).values()) == [True]
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match="input_grad must be True or False"):
+            policy.sparse_is_faster(layer, mask, (8, 64), input_grad=bad)
+
+
 def test_auto_keeps_a_layer_whose_bias_torch_prune_pruned_dense():
     """sparsify_ refuses a layer whose bias torch.nn.utils.prune pruned, whatever its mask (the sparse
     layer's bias is dense); unconvertible did not name it, so "auto" handed it to sparsify_, which
@@ -1371,7 +1423,8 @@ def test_auto_engine_on_a_filesystem_that_cannot_lock_still_decides(monkeypatch,
 def test_auto_engine_waits_for_a_held_cache_lock_only_so_long(monkeypatch, tmp_path):
     """The decision cache's lock was taken with a blocking flock: a run holding it stopped (Ctrl-Z, a
     debugger) or hung kept every other run of the machine waiting at its first layer for good. It waits
-    LOCK_WAIT_S, then measures the layer alone and says so; a lock freed in time is taken as before."""
+    LOCK_WAIT_S, then measures the layer alone and says so, once: the next layers, while it stays held, do not wait
+    (each waited as long again before 2026-12-07); a lock freed in time is taken as before."""
     import fcntl
     import threading
     import warnings
@@ -1383,12 +1436,17 @@ def test_auto_engine_waits_for_a_held_cache_lock_only_so_long(monkeypatch, tmp_p
     layer, mask = nn.Linear(64, 64), torch.rand(64, 64) > 0.9
     holder = open(tmp_path / "engine_auto.json.lock", "a")  # (another open file: flock refuses it as another process's)
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    monkeypatch.setattr(policy, "_WAITED", {})
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
+        sleeps, sleep = [], policy.time.sleep
+        monkeypatch.setattr(policy.time, "sleep", lambda t: (sleeps.append(t), sleep(t)))
+        assert policy.sparse_is_faster(layer, mask.flip(0), (8, 64), reps=1) is True  # (another layer: measured)
+        assert sleeps == []  # (no wait: it stays held)
     assert [str(w.message) for w in seen] == [f"{tmp_path / 'engine_auto.json.lock'} stayed locked by another process "
-                                              "for 0.3 s: this layer is measured without it (runs in parallel may "
-                                              "decide differently)"]
+                                              "for 0.3 s: the layers are measured without it while it stays so (runs "
+                                              "in parallel may decide differently)"]
     monkeypatch.setattr(policy, "_DECISIONS", {})
     monkeypatch.setattr(policy, "LOCK_WAIT_S", 30.0)
     threading.Timer(0.2, lambda: fcntl.flock(holder.fileno(), fcntl.LOCK_UN)).start()

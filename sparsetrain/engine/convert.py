@@ -32,6 +32,21 @@ def _block_of(blocks: list[str], name: str) -> str | None:
     return next((b for b in blocks if not b or name.startswith(b + ".")), None)
 
 
+def _clashes(m: nn.Module, name: str) -> bool:
+    """Whether `m` holds something a user added (an attribute, parameter, buffer or submodule) under a name its
+    sparse replacement has as its own (`layer.sparsity = 0.9`): sparsify_ refuses it (swap.extras, user_attributes)."""
+    with (torch.inference_mode(False), torch.no_grad(), torch.device("cpu"),  # (its kind's own names: any geometry;
+          torch.random.fork_rng(devices=[])):  # the model's random stream untouched by its initialisation)
+        dense = type(m)(1, 1, 1) if isinstance(m, nn.Conv2d) else type(m)(1, 1)
+        new = SPARSE_TYPES[type(m)].from_dense(dense, torch.ones_like(dense.weight, dtype=torch.bool))
+    try:
+        extras(m, new, name)
+        user_attributes(m, own_keys(m), new, name)
+    except ValueError:
+        return True
+    return False
+
+
 def unconvertible(model: nn.Module) -> set[str]:
     """Names of the nn.Conv2d / nn.Linear layers sparsify_ refuses whatever their mask: a weight
     computed by a reparametrization, a bias pruned by torch.nn.utils.prune or parametrized (pruned dense masked),
@@ -47,7 +62,8 @@ def unconvertible(model: nn.Module) -> set[str]:
         if type(m) not in SPARSE_TYPES:
             continue
         if ("weight" not in m._parameters and not pruned_by_torch(m)) or pruned_by_torch(m, "bias") \
-                or _block_of(blocks, n) is not None or _tied(owners, m) is not None or uncarried_hook(m):
+                or _block_of(blocks, n) is not None or _tied(owners, m) is not None or uncarried_hook(m) \
+                or _clashes(m, n):
             out.add(n)
         elif isinstance(m, nn.Conv2d):
             try:

@@ -1,21 +1,19 @@
 """When a layer runs on the sparse kernels: the engine policy of a pruned model.
 
-"dense" keeps dense masked layers (the reference), "sparse" makes every prunable layer sparse.
-"auto" decides per layer by measurement when it is given an example batch (as SparseProp's
-run_and_choose does): each dense layer at least MEASURE_FROM sparse is timed once, a training step
-(forward, backward, the optimizer's step and, dense, the masking) at its input shape in the model, as
-a dense masked layer and as a sparse one, and goes sparse where that is faster. Timing is noisy, and
-two runs that decided differently would differ in the last bits of their results, so a decision is
-made once per machine: cached per (layer geometry, input shape, nonzeros, dtype, device, threads, CPU
-model, torch version, the C++ kernels' build and SIMD width; autocast dtype, GPU name and Triton's
-CPU interpreter where they apply) in memory and in
-$SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it to re-measure),
-measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
-and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a
-resume reuses them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost).
-Without an example, "auto" falls back to the crossovers measured by bench/kernels.py on CPU
-(SPARSE_FROM) for layers that are not tiny (SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs followed
-by a BatchNorm are fused with it (engine/fused.py).
+"dense" keeps dense masked layers (the reference), "sparse" makes every prunable layer sparse. "auto" decides per
+layer by measurement when it is given an example batch (as SparseProp's run_and_choose does): each dense layer at
+least MEASURE_FROM sparse is timed once, a training step (forward, backward, the optimizer's step and, dense, the
+masking) at its input shape in the model, as a dense masked layer and as a sparse one, and goes sparse where that is
+faster. Timing is noisy, and two runs that decided differently would differ in the last bits of their results, so a
+decision is made once per machine: cached per (layer geometry, input shape, nonzeros, dtype, device, threads, CPU
+model, torch version, the C++ kernels' build and SIMD width; autocast dtype, GPU name and Triton's CPU interpreter
+where they apply) in memory and in $SPARSETRAIN_CACHE_DIR/engine_auto.json (default ~/.cache/sparsetrain; delete it
+to re-measure), measured under a file lock so that runs in parallel (a sweep's) all take the first decision made,
+and under DDP taken on rank 0 and broadcast (`agree`); a checkpoint lists its sparse layers, so a resume reuses
+them. Layers below SPARSE_MIN_WEIGHTS stay dense untimed (the op's fixed cost). Without an example, "auto" falls
+back to the crossovers measured by bench/kernels.py on CPU (SPARSE_FROM) for layers that are not tiny
+(SPARSE_MIN_WEIGHTS). A layer never goes back to dense: its CSR is its mask. Sparse convs followed by a BatchNorm
+are fused with it (engine/fused.py).
 """
 from __future__ import annotations
 
@@ -40,7 +38,7 @@ from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
 from .args import MATERIALIZE, check_bool_mask, check_flag
-from .nn import SPARSE_TYPES, SparseConv2d, check_masks, is_sparse, prunable_layers
+from .nn import SPARSE_TYPES, SparseConv2d, check_masks, check_pattern, is_sparse, prunable_layers
 from . import writer_lock
 from .durable import fsync_dir, make_dirs
 from .policy_cache import add_bounded
@@ -58,19 +56,19 @@ SPARSE_MIN_WEIGHTS = 16384
 MEASURE_FROM = 0.5
 _DECISIONS: dict[str, bool] = {}  # measured decisions (sparse_is_faster), loaded from the cache file
 _UNWRITABLE: set[str] = set()  # cache files a write failed to, warned about once
+_WAITED: dict[str, float] = {}  # lock file -> seconds waited for it in vain since it was last taken (_decision_lock)
 LEFTOVER_AGE_S = 300.0  # (a cache read removes dead writers' temporary files this old: no write lasts as long)
 
 
 def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, example: torch.Tensor | None = None,
                  agree: Callable[[dict], dict] | None = None) -> dict:
-    """Convert layers per the engine policy (module docstring); with `fuse`, then fuse every sparse
-    conv -> [ReLU] -> BatchNorm -> [ReLU] not fused yet (engine/fused.py; skipped for a model
-    torch.fx cannot trace). `example` (a batch of the model's input) makes "auto" measure; `agree`
-    maps this process's {layer: sparse?} decisions to the ones every process uses (DDP: rank 0's).
-    Returns the masks still needed by dense layers. "dense" converts nothing, back either: layers that
-    are sparse already stay so (densify_ makes them dense). Converted layers hold new Parameters (their
-    values), as after sparsify_: build the optimizer after this call (the step of one built before it,
-    over the dense weights the model no longer uses, is refused)."""
+    """Convert layers per the engine policy (module docstring); with `fuse`, then fuse every sparse conv -> [ReLU] ->
+    BatchNorm -> [ReLU] not fused yet (engine/fused.py; skipped for a model torch.fx cannot trace). `example` (a
+    batch of the model's input) makes "auto" measure; `agree` maps this process's {layer: sparse?} decisions to the
+    ones every process uses (DDP: rank 0's). Returns the masks still needed by dense layers. "dense" converts
+    nothing, back either: layers that are sparse already stay so (densify_ makes them dense). Converted layers hold
+    new Parameters (their values), as after sparsify_: build the optimizer after this call (the step of one built
+    before it, over the dense weights the model no longer uses, is refused)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     check_flag(fuse, "fuse")
@@ -87,6 +85,8 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     # tied to another's weight, stays dense; "sparse" lets sparsify_ say why)
     refused = unconvertible(model) if engine == "auto" else set()
     for name, m in prunable_layers(model):
+        if is_sparse(m):  # (a mask pruning it further was skipped, silently, before 2026-12-07: masks_of's rule)
+            check_pattern(name, m.weight.mask(), masks)
         if is_sparse(m) or engine == "dense" or name in refused:
             continue
         if (engine == "auto" and m.weight.device.type == "cpu" and current_backend() != "triton"
@@ -194,7 +194,7 @@ def _load_decisions() -> None:
     try:
         with open(_cache_path()) as f:
             cached = json.load(f).items()
-    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: measure again
+    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or unreadable: measure again
         return
     # an entry that is not true/false (edited or damaged: bool("false") was True) is measured again
     bad = [k for k, v in cached if not isinstance(v, bool)]
@@ -217,28 +217,28 @@ def _decision_lock():
         yield
         return
     with f:
-        # (polled against a deadline: a holder stopped (Ctrl-Z, a debugger) or hung blocked every other
-        # run at its first layer for good; after LOCK_WAIT_S this process decides alone, told)
-        deadline, locked, lockable = time.monotonic() + LOCK_WAIT_S, False, True
+        # (polled against a deadline: a holder stopped (Ctrl-Z, a debugger) or hung blocked every other run at its
+        # first layer for good; after LOCK_WAIT_S this process decides alone, told, and waits no more while it is stuck)
+        waited = _WAITED.get(path, 0.0)  # (LOCK_WAIT_S in all while it stays held: each layer waited as long before)
+        deadline, locked, lockable = time.monotonic() + max(0.0, LOCK_WAIT_S - waited), False, True
         while not locked:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked = True
             except OSError as e:
-                # (a filesystem that cannot lock, ENOLCK: NFS without lockd: decided as without fcntl; it was
-                # an OSError traceback at the first measured layer)
+                # (a filesystem that cannot lock, ENOLCK: NFS without lockd: decided as without fcntl; a traceback before)
                 lockable = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
                 if not lockable or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
-        if not locked and not lockable:
+        if not locked:  # (unlockable: as without fcntl; held LOCK_WAIT_S: told once, the next layers not waiting)
+            if lockable and waited < LOCK_WAIT_S:
+                warnings.warn(f"{path} stayed locked by another process for {LOCK_WAIT_S:g} s: the layers are "
+                              "measured without it while it stays so (runs in parallel may decide differently)")
+            _WAITED[path] = LOCK_WAIT_S
             yield
             return
-        if not locked:
-            warnings.warn(f"{path} stayed locked by another process for {LOCK_WAIT_S:g} s: this layer is measured "
-                          "without it (runs in parallel may decide differently)")
-            yield
-            return
+        _WAITED.pop(path, None)
         try:
             yield
         finally:
@@ -283,7 +283,7 @@ def _save_decision(key: str, value: bool) -> None:
         try:
             with open(path) as f:
                 merged = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (unreadable: written afresh)
             merged = {}
         if not isinstance(merged, dict):  # (valid JSON of another kind: as corrupt, written afresh)
             merged = {}
@@ -342,14 +342,14 @@ def _machine(cpp: bool = True) -> str:
 
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3,
                      input_grad: bool = True) -> bool:
-    """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked,
-    timed at `input_shape` once per machine (module docstring: the cache): the best of `reps`
-    training steps each (_trainer; `input_grad`: training computes the input's gradient), the two
-    alternating after one warm-up each, so that a burst of load slows both alike (timed one after the
-    other, one such burst cached the slower choice). Measured with autograd on whatever grad mode the
-    caller is in (no_grad, inference_mode), on hook-free copies."""
+    """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked, timed at
+    `input_shape` once per machine (module docstring: the cache): the best of `reps` training steps each (_trainer;
+    `input_grad`: training computes the input's gradient), the two alternating after one warm-up each, so that a
+    burst of load slows both alike (timed one after the other, one such burst cached the slower choice). Measured
+    with autograd on whatever grad mode the caller is in (no_grad, inference_mode), on hook-free copies."""
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:  # (0 would cache "dense" untimed)
         raise ValueError(f"reps must be an int >= 1, got {reps!r}")
+    check_flag(input_grad, "input_grad")  # ("no" timed the input-gradient case, silently)
     if type(layer) not in SPARSE_TYPES:
         raise TypeError(f"layer must be a dense {' or '.join(t.__name__ for t in SPARSE_TYPES)}, got "
                         f"{type(layer).__name__}")
