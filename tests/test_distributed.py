@@ -312,14 +312,17 @@ def test_rounds_free_their_wrapper_and_teardown_ends_the_group_threads(tmp_path,
 
 _WRITE_FAILS_SCRIPT = """
 import errno, os, sys
-from sparsetrain.experiment import files, loop, study
-module, target, name = {"loop": loop, "study": study}[sys.argv[1]], sys.argv[2], sys.argv[3]
+from sparsetrain.experiment import files, loop, seed_status, study
+module = {"loop": loop, "study": study, "seed_status": seed_status}[sys.argv[1]]
+target, name = sys.argv[2], sys.argv[3]
 if os.environ["RANK"] == "0":  # rank 0 alone writes: its first write of the file `name` finds the disk full
     real, failed = getattr(module, target), []
     def failing(*a, **k):
         path = next(p for p in a if isinstance(p, str))
         if os.path.basename(path) == name and not failed:
             failed.append(path)
+            if target == "remove_file":  # (a read-only phase folder: a finished phase's leftover state.pt)
+                raise files.RemoveFailed(errno.EACCES, os.strerror(errno.EACCES), path)
             raise files.WriteFailed(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real(*a, **k)
     setattr(module, target, failing)
@@ -329,21 +332,29 @@ sys.exit(study.main(sys.argv[4:]))
 
 @pytest.mark.parametrize("module,target,name", [
     ("loop", "atomic_save", "state.pt"), ("loop", "save_model", "round_01.pt"), ("loop", "write_csv", "metrics.csv"),
-    ("loop", "write_json", "best.json"), ("study", "write_json", "noise.json")])
+    ("loop", "write_json", "best.json"), ("study", "write_json", "noise.json"),
+    ("seed_status", "write_json", "status.json"), ("loop", "remove_file", "state.pt")])
 def test_rank_0_failing_to_write_stops_every_rank_with_the_error(mnist_dir, study_args, module, target, name, forks):
     """Rank 0 writes state.pt (atomic_save), a round's checkpoint (save_model), metrics.csv (a round's
-    row), best.json (the finished phase) and the seed's noise.json alone; its WriteFailed (disk full) ended
-    rank 0 with the one-line error while rank 1 went on into its next collective and died there with a
-    gloo traceback ("Connection closed by peer"): every rank now stops with the one line, exit 2."""
+    row), best.json (the finished phase), the seed's noise.json and status.json alone, and removes a finished
+    phase's leftover state.pt; its WriteFailed (disk full; RemoveFailed, a read-only folder) ended rank 0 with the
+    one-line error while rank 1 went on into its next collective and died there with a gloo traceback ("Connection
+    closed by peer"): every rank now stops with the one line, exit 2 (status.json and the removal since 2026-12-07)."""
     script = mnist_dir / "script.py"
     script.write_text(_WRITE_FAILS_SCRIPT)
     base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
+    if target == "remove_file":  # (a finished phase whose state.pt a kill after best.json left: removed at the start)
+        from sparsetrain.experiment import study
+        assert study.main(base) == 0
+        (pd := run_dir(mnist_dir / "runs") / "seed0" / "teacher" / "state.pt").write_bytes(b"left")
+        assert (pd.parent / "best.json").exists()
     out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2",
                                               str(script), module, target, name, *base],
                     timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
-    assert out.stderr.count("error: cannot write ") == 2, _why(out.stderr)
-    assert out.stderr.count(f"{os.sep}{name}: No space left on device; free space") == 2, _why(out.stderr)
+    verb, why = ("remove", "Permission denied; fix") if target == "remove_file" else ("write", "No space left on device; free")
+    assert out.stderr.count(f"error: cannot {verb} ") == 2, _why(out.stderr)
+    assert out.stderr.count(f"{os.sep}{name}: {why}") == 2, _why(out.stderr)
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
     assert "exitcode  : 2" in out.stderr, _why(out.stderr)
 

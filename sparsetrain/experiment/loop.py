@@ -314,10 +314,13 @@ def run_phase(cfg, role: str, splits, seed: int, phase: str, arch_name: str, pdi
     paper's convention: a filter-pruned teacher has lost channels). Returns pdir."""
     make_folder(os.path.join(pdir, "ckpt"))
     done = os.path.exists(os.path.join(pdir, "best.json"))
-    if done and dist.is_main():
-        drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)
     resumed = lambda: _resumed_round(os.path.join(pdir, "state.pt"))  # noqa: E731 (asked for a damaged round only)
-    dist.on_main(lambda: verify_phase(pdir, resumed), (CorruptFile, WriteFailed))  # (may finish an interrupted checkpoint write)
+
+    def check():  # (rank 0's; its errors raised on every rank: a failed removal there alone left the others a traceback)
+        if done:
+            drop_resume_state(pdir)  # (what a kill inside finish, after best.json, left: never read again)
+        verify_phase(pdir, resumed)  # (may finish an interrupted checkpoint write)
+    dist.on_main(check, (CorruptFile, WriteFailed))
     if done:
         return pdir  # finished earlier
     state_path = os.path.join(pdir, "state.pt")

@@ -17,7 +17,7 @@ import time
 
 from ..engine.writer_lock import pid_alive
 from . import distributed as dist
-from .files import write_json
+from .files import WriteFailed, write_json
 from .reuse import phase_done
 
 __all__ = ["STATUS", "SeedStatus", "read_status", "describe", "proc_stat", "process_running", "start_ticks", "ticks_of"]
@@ -93,9 +93,17 @@ class SeedStatus:
     def __init__(self):
         self._sd, self._record = None, {}
 
-    def _write(self, state: str, **more) -> None:
-        if self._sd is not None and dist.is_main():
-            write_json(os.path.join(self._sd, STATUS), {**self._record, "state": state, **more})
+    def _write(self, state: str, everywhere: bool = True, **more) -> None:
+        """Rank 0 writes the record; `everywhere` (start, done: every rank calls them) its WriteFailed is raised on
+        every rank (a collective: raised on rank 0 alone, the others died on their next collective with a
+        traceback); not on the way out of an error (__exit__), where the ranks may be out of step."""
+        if self._sd is None:
+            return
+        write = lambda: write_json(os.path.join(self._sd, STATUS), {**self._record, "state": state, **more})  # noqa: E731
+        if everywhere:
+            dist.on_main(write, (WriteFailed,))
+        elif dist.is_main():
+            write()
 
     def start(self, sd: str, phases) -> None:
         """Record the seed of folder `sd` as running its `phases` in this process; a seed recorded done whose
@@ -124,7 +132,7 @@ class SeedStatus:
         if self._sd is not None and e is not None:
             with contextlib.suppress(OSError):  # (WriteFailed is an OSError: the run's error stays the one told)
                 stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
-                self._write("stopped" if stopped else "failed", error=_error_line(e),
+                self._write("stopped" if stopped else "failed", everywhere=False, error=_error_line(e),
                             ended=time.strftime("%Y-%m-%d %H:%M:%S %z"))
         self._sd = None
 
