@@ -389,6 +389,36 @@ def test_one_ranks_overflowed_batchnorm_statistics_stop_every_rank(mnist_dir, st
     assert "gloo" not in out.stderr.lower() and "sparsetrain/experiment/" not in out.stderr, _why(out.stderr)
 
 
+_RANK_1_KILLED_SCRIPT = """
+import os, signal, sys
+from sparsetrain.experiment import loop, study
+real = loop.train_epoch
+def killed(model, *a, **k):  # rank 1 killed (SIGKILL: the OOM killer) after its first epoch
+    out = real(model, *a, **k)
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+loop.train_epoch = killed
+sys.exit(study.main(sys.argv[2:]))
+"""
+
+
+def test_a_killed_rank_leaves_the_seed_stopped_not_failed(mnist_dir, study_args, forks):
+    """Rank 1 killed: rank 0's next collective fails with gloo's "Connection closed by peer", which its seed's
+    status.json recorded as the seed's own failure ("failed: RuntimeError: [...pair.cc...]"); it is `stopped`,
+    another rank having ended, as a killed process's seed reads (torchrun's monitor slowed so that rank 0 meets
+    the closed connection before torchrun stops it)."""
+    script = mnist_dir / "script.py"
+    script.write_text(_RANK_1_KILLED_SCRIPT)
+    base = study_args(mnist_dir, "--teachers", "dense", "--phases", "teacher")
+    out = forks.run("torch.distributed.run", ["--standalone", "--nproc-per-node", "2", "--monitor-interval", "20",
+                                              str(script), "x", *base],
+                    timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    status = json.loads((run_dir(mnist_dir / "runs") / "seed0" / "status.json").read_text())
+    assert status["state"] == "stopped" and status["error"].startswith("another rank ended: "), (status, _why(out.stderr))
+
+
 def test_more_ranks_on_a_node_than_gpus_is_refused(mnist_dir, study_args, monkeypatch, capsys):
     """torchrun --nproc-per-node 2 on a node with one GPU: the rank without a GPU of its own died in
     torch.cuda.set_device with a traceback ("invalid device ordinal"); every rank now stops with one

@@ -131,8 +131,12 @@ class SeedStatus:
     def __exit__(self, kind, e, tb) -> None:
         if self._sd is not None and e is not None:
             with contextlib.suppress(OSError):  # (WriteFailed is an OSError: the run's error stays the one told)
-                stopped = isinstance(e, (KeyboardInterrupt, SystemExit))
-                self._write("stopped" if stopped else "failed", everywhere=False, error=_error_line(e),
+                # (under torchrun, another rank killed: gloo's "Connection reset/closed by peer" here, recorded as
+                # this rank's own failure before 2026-12-07)
+                peer = dist.world() > 1 and isinstance(e, RuntimeError) and "by peer" in str(e)
+                stopped = isinstance(e, (KeyboardInterrupt, SystemExit)) or peer
+                self._write("stopped" if stopped else "failed", everywhere=False,
+                            error=("another rank ended: " if peer else "") + _error_line(e),
                             ended=time.strftime("%Y-%m-%d %H:%M:%S %z"))
         self._sd = None
 
