@@ -85,7 +85,7 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
     # tied to another's weight, stays dense; "sparse" lets sparsify_ say why)
     refused = unconvertible(model) if engine == "auto" else set()
     for name, m in prunable_layers(model):
-        if is_sparse(m):  # (a mask pruning it further was skipped, silently, before 2026-12-07: masks_of's rule)
+        if is_sparse(m) and name in masks:  # (a mask pruning it further was skipped, silently, before 2026-12-07)
             check_pattern(name, m.weight.mask(), masks)
         if is_sparse(m) or engine == "dense" or name in refused:
             continue
