@@ -2,6 +2,8 @@
 optionally fusing sparse conv -> BatchNorm -> ReLU (engine/fused.py)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -32,13 +34,19 @@ def _block_of(blocks: list[str], name: str) -> str | None:
     return next((b for b in blocks if not b or name.startswith(b + ".")), None)
 
 
+@functools.lru_cache(maxsize=None)
+def _fresh_sparse(kind: type) -> nn.Module:
+    """A sparse layer replacing a dense `kind`, built once per kind: its own names, whatever its geometry (_clashes)."""
+    with (torch.inference_mode(False), torch.no_grad(), torch.device("cpu"),
+          torch.random.fork_rng(devices=[])):  # (the model's random stream untouched by its initialisation)
+        dense = kind(1, 1, 1) if issubclass(kind, nn.Conv2d) else kind(1, 1)
+        return SPARSE_TYPES[kind].from_dense(dense, torch.ones_like(dense.weight, dtype=torch.bool))
+
+
 def _clashes(m: nn.Module, name: str) -> bool:
     """Whether `m` holds something a user added (an attribute, parameter, buffer or submodule) under a name its
     sparse replacement has as its own (`layer.sparsity = 0.9`): sparsify_ refuses it (swap.extras, user_attributes)."""
-    with (torch.inference_mode(False), torch.no_grad(), torch.device("cpu"),  # (its kind's own names: any geometry;
-          torch.random.fork_rng(devices=[])):  # the model's random stream untouched by its initialisation)
-        dense = type(m)(1, 1, 1) if isinstance(m, nn.Conv2d) else type(m)(1, 1)
-        new = SPARSE_TYPES[type(m)].from_dense(dense, torch.ones_like(dense.weight, dtype=torch.bool))
+    new = _fresh_sparse(type(m))
     try:
         extras(m, new, name)
         user_attributes(m, own_keys(m), new, name)
