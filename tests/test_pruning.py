@@ -13,7 +13,7 @@ from torch import nn
 import sparsetrain
 from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, is_sparse, mask_grads_, masks_of, model_sparsity,
                                    prunable_layers)
-from sparsetrain.engine.policy import apply_engine
+from sparsetrain.engine.policy import apply_engine, sparse_is_faster
 from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
 from sparsetrain.testing import dense_conv2d, dense_linear, zero_pruned_
 
@@ -1147,9 +1147,10 @@ def test_auto_engine_probe_times_a_training_step():
 
 
 @pytest.mark.parametrize("engine", ["auto", "sparse"])
-def test_apply_engine_refuses_meta_tensors_by_name(engine):
+def test_apply_engine_refuses_meta_tensors_and_an_empty_example_by_name(engine):
     """A meta layer, mask or example (no values to count, time or keep) is refused naming it, as
-    sparsify_ does (it was torch's 'unknown device type for autocast' or '.item() on meta tensors')."""
+    sparsify_ does (it was torch's 'unknown device type for autocast' or '.item() on meta tensors'),
+    and so is an empty example."""
     with torch.device("meta"):
         meta = nn.Sequential(nn.Linear(200, 200))
     real, mask = nn.Sequential(nn.Linear(200, 200)), torch.rand(200, 200) > 0.9
@@ -1159,6 +1160,12 @@ def test_apply_engine_refuses_meta_tensors_by_name(engine):
         apply_engine(real, {"0": mask.to("meta")}, engine)
     with pytest.raises(ValueError, match="example is a meta tensor .*: pass a batch of the model's input"):
         apply_engine(real, {"0": mask}, engine, example=torch.randn(2, 200, device="meta"))
+    # (an empty example: the probe's error named input_shape, an argument the caller never passed)
+    with pytest.raises(ValueError, match=r"^example is empty, shape \(0, 200\): pass a batch of the model's input$"):
+        apply_engine(real, {"0": mask}, engine, example=torch.randn(0, 200))
+    if engine == "auto":  # (sparse_is_faster itself, on a meta layer: autocast's 'unknown device type' before)
+        with pytest.raises(ValueError, match="^layer's weight is a meta tensor .*materialize the layer first"):
+            sparse_is_faster(meta[0], mask, (2, 200))
     assert type(real[0]) is nn.Linear  # (nothing converted)
 
 
@@ -1317,6 +1324,13 @@ def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(
     for shape in ((2, 3, 8, 8), (2, 1, 4, 8, 8), (8, 8)):
         with pytest.raises(ValueError, match=r"^input_shape must be \[N, 4, H, W\] or \[4, H, W\] \(in_channels\)"):
             policy.sparse_is_faster(conv, cmask, shape, reps=1)
+    # (a map smaller than the kernel, with its padding: torch's RuntimeError from the probe's forward before)
+    for c, shape, msg in ((conv, (2, 4, 2, 8), r"\(2, 4, 2, 8\) is smaller than this layer's kernel \(3, 3\) with its "
+                           r"padding \(0, 0\)"),
+                          (nn.Conv2d(4, 8, (1, 5), padding=(0, 1)), (4, 1, 2), r"\(4, 1, 2\) is smaller than this "
+                           r"layer's kernel \(1, 5\) with its padding \(0, 1\)")):
+        with pytest.raises(ValueError, match=rf"^input_shape {msg}: each of H and W plus twice the padding must be"):
+            policy.sparse_is_faster(c, c.weight.detach() != 0, shape, reps=1)
     assert len(calls) == 4  # (nothing timed for a refused call)
 
     def timed(sparse_s, dense_s):  # (the decision is the faster side's: 'in (True, False)' before, any answer passed)

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import os
-import platform
 import re
 import tempfile
 import time
@@ -34,14 +32,13 @@ from torch import nn
 
 from .backend import current_backend
 from .convert import sparsify_, unconvertible
-from .extension import _C
 from .fuse import fuse_
 from .hooks import hooked_eval
 from .args import MATERIALIZE, check_bool_mask, check_flag
 from .nn import SPARSE_TYPES, SparseConv2d, check_masks, check_pattern, is_sparse, prunable_layers
 from . import writer_lock
 from .durable import fsync_dir, make_dirs
-from .policy_cache import add_bounded
+from .policy_cache import add_bounded, machine as _machine
 
 __all__ = ["ENGINES", "SPARSE_FROM", "SPARSE_MIN_WEIGHTS", "MEASURE_FROM", "apply_engine", "sparse_is_faster"]
 
@@ -77,8 +74,10 @@ def apply_engine(model: nn.Module, masks: dict, engine: str, fuse: bool = True, 
                         f"{type(example).__name__}")
     if agree is not None and not callable(agree):
         raise TypeError(f"agree must be a callable mapping {{layer: bool}} to {{layer: bool}}, got {type(agree).__name__}")
-    if isinstance(example, torch.Tensor) and example.is_meta:
-        raise ValueError("example is a meta tensor (a shape without values): pass a batch of the model's input")
+    if isinstance(example, torch.Tensor) and (example.is_meta or example.numel() == 0):  # (empty: the probe's
+        # error named input_shape, which the caller never passed)
+        raise ValueError(f"example is {'a meta tensor (a shape without values)' if example.is_meta else 'empty'}, "
+                         f"shape {tuple(example.shape)}: pass a batch of the model's input")
     masks = check_masks(model, masks)
     to_sparse, to_measure = {}, {}
     # (auto: a layer sparsify_ refuses, a dilated or grouped conv, one inside a Transformer*Layer or
@@ -316,30 +315,6 @@ def _save_decision(key: str, value: bool) -> None:
             os.close(held)
 
 
-@functools.lru_cache(maxsize=2)
-def _machine(cpp: bool = True) -> str:
-    """The CPU (name, family and model: "AMD EPYC" alone names several generations), torch's version
-    and, with `cpp` (a layer on the C++ engine, not Triton's), the C++ kernels timed: their build (the
-    extension file's mtime and size: a rebuilt kernel is another speed) and SIMD width
-    (SPARSETRAIN_VEC_BYTES narrows it: 1.4x slower at 16 bytes on AVX2)."""
-    cpu = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k.strip() in ("model name", "cpu family", "model"):
-                    cpu.setdefault(k.strip(), v.strip())
-                if len(cpu) == 3:
-                    break
-    except OSError:
-        pass
-    name = " ".join(cpu[k] for k in ("model name", "cpu family", "model") if k in cpu) or platform.machine()
-    if not cpp:
-        return f"{name}|torch {torch.__version__}"
-    st = os.stat(_C.__file__)
-    return f"{name}|torch {torch.__version__}|kernels {st.st_mtime_ns}:{st.st_size} simd {_C.simd_bytes()}"
-
-
 def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, reps: int = 3,
                      input_grad: bool = True) -> bool:
     """Whether `layer` (nn.Conv2d / nn.Linear) with `mask` trains faster sparse than dense masked, timed at
@@ -357,6 +332,8 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
             or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape)):
         raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
     w = layer.weight
+    if w.is_meta:  # (the probe failed in autocast's device lookup)
+        raise ValueError(f"layer's weight is a meta tensor (a shape without values): {MATERIALIZE}")
     # (checked before the cache lookup: a mask of another shape, but as many nonzeros, took a decision silently)
     check_bool_mask(mask, w.shape, f"mask must be a bool tensor of the layer's weight shape {tuple(w.shape)}")
     linear = isinstance(layer, nn.Linear)
@@ -365,6 +342,12 @@ def sparse_is_faster(layer: nn.Module, mask: torch.Tensor, input_shape: tuple, r
         raise ValueError("input_shape must be " + (f"[..., {layer.in_features}] (in_features)" if linear else
                          f"[N, {layer.in_channels}, H, W] or [{layer.in_channels}, H, W] (in_channels)")
                          + f" for this layer, got {tuple(input_shape)}")
+    if not linear and not isinstance(layer.padding, str):  # (a map smaller than the kernel: torch's RuntimeError)
+        span = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
+        if any(h + 2 * p < k for h, p, k in zip(input_shape[-2:], layer.padding, span)):
+            raise ValueError(f"input_shape {tuple(input_shape)} is smaller than this layer's kernel {tuple(span)} "
+                             f"with its padding {tuple(layer.padding)}: each of H and W plus twice the padding must "
+                             "be at least the kernel's")
     # (the timing runs under the caller's autocast, as training does: a bf16 dense GEMM is another speed)
     amp = (str(torch.get_autocast_dtype(w.device.type)) if torch.is_autocast_enabled(w.device.type) else None)
     gpu = torch.cuda.get_device_name(w.device) if w.is_cuda else None
