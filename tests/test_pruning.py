@@ -1345,7 +1345,8 @@ def test_sparse_is_faster_checks_the_mask_and_the_input_shape_against_the_layer(
 def test_auto_engine_cache_dir_expands_a_tilde_and_an_unwritable_one_is_told_once(monkeypatch, tmp_path):
     """SPARSETRAIN_CACHE_DIR="~/cache" (no shell to expand it: a .env file, Ray's env_vars) made a folder
     named "~" in the working directory, one cache per cwd; an unwritable cache kept decisions per
-    process without a word (runs in parallel or resumed could decide differently)."""
+    process without a word (runs in parallel or resumed could decide differently). A "~user" naming no
+    home folder is refused by name."""
     import warnings
     from sparsetrain.engine import policy
     monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
@@ -1361,6 +1362,13 @@ def test_auto_engine_cache_dir_expands_a_tilde_and_an_unwritable_one_is_told_onc
         warnings.simplefilter("error")
         assert policy.sparse_is_faster(layer, mask, (8, 64), reps=1) is True
     assert list(json.loads((home / "cache" / "engine_auto.json").read_text()).values()) == [True]
+    assert list(cwd.iterdir()) == []
+    # (a user with no home folder: expanduser leaves it, and a folder "~nouser" was made in the cwd)
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", "~nosuchuser-sparsetrain/cache")
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    with pytest.raises(ValueError, match=r"^SPARSETRAIN_CACHE_DIR must be a folder, got '~nosuchuser-sparsetrain/"
+                                         r"cache': '~' names no home folder here$"):
+        policy.sparse_is_faster(layer, mask, (8, 64), reps=1)
     assert list(cwd.iterdir()) == []
     (tmp_path / "afile").write_text("")  # (a file where the cache folder should be: nothing can be written there)
     monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path / "afile" / "cache"))

@@ -183,8 +183,10 @@ def _step_seconds(layer: nn.Module, x: torch.Tensor, step: Callable[[], None]) -
 
 def _cache_path() -> str:
     # (a "~/..." that no shell expanded, from a .env file or Ray's env_vars, made a folder named "~" in the cwd)
-    root = os.environ.get("SPARSETRAIN_CACHE_DIR") or os.path.join("~", ".cache", "sparsetrain")
-    return os.path.join(os.path.expanduser(root), "engine_auto.json")
+    root = os.path.expanduser(os.environ.get("SPARSETRAIN_CACHE_DIR") or os.path.join("~", ".cache", "sparsetrain"))
+    if root.startswith("~"):  # ("~nouser/x": expanduser leaves it, and a folder "~nouser" was made in the cwd)
+        raise ValueError(f"SPARSETRAIN_CACHE_DIR must be a folder, got {root!r}: '~' names no home folder here")
+    return os.path.join(root, "engine_auto.json")
 
 
 def _load_decisions() -> None:
