@@ -1272,6 +1272,25 @@ def test_auto_engine_measures_a_layer_called_with_its_input_by_keyword(monkeypat
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_engine_example_pass_is_one_eval_forward_that_the_models_hooks_see(monkeypatch, tmp_path):
+    """The example batch goes through the model once, in eval mode (running statistics untouched, the
+    training mode restored after), as the README says: the model's own forward hooks see that one pass;
+    the timing runs hook-free copies, which they never see."""
+    from sparsetrain.engine import policy
+    monkeypatch.setenv("SPARSETRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(policy, "_DECISIONS", {})
+    monkeypatch.setattr(policy, "_step_seconds", lambda layer, x, step: 1.0 if is_sparse(layer) else 2.0)
+    model = nn.Sequential(nn.Linear(160, 150), nn.BatchNorm1d(150), nn.ReLU(), nn.Linear(150, 4)).train()
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append((tuple(args[0].shape), model[1].training)))
+    stats = copy.deepcopy(model[1].state_dict())
+    apply_engine(model, {"0": torch.rand(150, 160) > 0.9}, "auto", example=torch.randn(3, 160))
+    assert is_sparse(model[0]) and seen == [((3, 160), False)]  # (once, in eval mode, the probe's steps unseen)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, stats[k]), k
+
+
 def test_apply_engine_refuses_a_non_tensor_example_and_agree_results_that_are_not_bools(monkeypatch, tmp_path):
     """A non-tensor example failed with AttributeError ('tuple' object has no attribute 'is_inference')
     in the example pass; an `agree` returning "false" for a layer made it sparse (a truthy string),
