@@ -115,6 +115,57 @@ def test_other_convs_match_torch_flop_counter(layer, shape):
     assert forward_flops(m, shape)["weights"] == counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("kw", [{}, {"kdim": 6, "vdim": 5}])
+def test_attention_projections_are_counted_by_hand(kw):
+    """nn.MultiheadAttention reads its projections' weights in F.multi_head_attention_forward: its in_proj
+    (a bare Parameter) and out_proj (a Linear never called) counted 0 before 2026-12-07. Hand count per
+    projection: 2 * nonzeros * positions + the bias adds (q and out over the query's L positions, k and v
+    over the key's S), out_proj's mask read as for any linear layer."""
+    from sparsetrain.experiment.flops import dense_macs
+    E, L, S = 8, 7, 3
+    kdim, vdim = kw.get("kdim", E), kw.get("vdim", E)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(E, 2, **kw)
+
+        def forward(self, x):  # (one flat sample: query, key and value side by side; called by keyword)
+            q, k, v = x.split([L * E, S * kdim, S * vdim], dim=1)
+            return self.att(query=q.reshape(L, 1, E), key=k.reshape(S, 1, kdim), value=v.reshape(S, 1, vdim),
+                            need_weights=False)[0]
+    m, shape = M(), (L * E + S * kdim + S * vdim,)
+    att = m.att
+    with torch.no_grad():
+        (att.in_proj_weight if att._qkv_same_embed_dim else att.q_proj_weight)[:3].zero_()  # (3 rows of q pruned)
+    mask = torch.rand(E, E) > 0.5
+    r = forward_flops(m, shape, masks={"att.out_proj": mask}, elementwise=False)
+    hand = ((2 * (E - 3) * E * L + E * L) + (2 * E * kdim * S + E * S) + (2 * E * vdim * S + E * S)
+            + (2 * int(mask.sum()) * L + E * L))
+    assert r["per_layer"] == {"att": hand} and r["total"] == hand
+    assert dense_macs(m, shape) == E * E * L + E * kdim * S + E * vdim * S + E * E * L
+    enc = nn.TransformerEncoderLayer(E, 2, dim_feedforward=12, batch_first=True)
+    r = forward_flops(enc, (L, E), elementwise=False)["per_layer"]
+    assert r == {"self_attn": 4 * (2 * E * E * L + E * L), "linear1": 2 * E * 12 * L + 12 * L,
+                 "linear2": 2 * 12 * E * L + E * L}
+
+
+def test_a_head_that_squeezes_the_batch_dim_away_is_counted():
+    """The count runs one sample, where `fc(pool(x).squeeze())` drops the batch dim too: the linear counted
+    1 // units = 0 positions and the ReLU after it 1 element before 2026-12-07 (the model at any batch > 1
+    does the full work)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1)
+            self.fc, self.act = nn.Linear(8, 10), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(self.pool(self.conv(x)).squeeze()))
+    r = forward_flops(Net(), (3, 8, 8))["per_layer"]
+    assert r == {"conv": 2 * 8 * 27 * 36 + 8 * 36, "pool": 8 * 36, "fc": 2 * 8 * 10 + 10, "act": 10}
+
+
 def test_adaptive_pool_windows_hand_counted():
     # 16x16 -> 7x7 adaptive average pooling: window starts floor(i*16/7) = 0,2,4,6,9,11,13 and
     # ends ceil((i+1)*16/7) = 3,5,7,10,12,14,16, so sizes 3,3,3,4,3,3,3: 22 per dim, 22^2 = 484

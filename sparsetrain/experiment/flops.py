@@ -7,7 +7,12 @@ is the real one. Conventions (one multiply-add = 2 FLOPs):
   or linear attributes, e.g. SparseLinear / SparseConv2d / BSRLinear): 2 * nnz * P + (bias ? out_units * P : 0), where nnz is the
   number of nonzero weights (the mask's True count when a mask is given, `.nnz` for sparse layers,
   the weight's nonzeros for dense ones) and P the output positions per output unit (H_out * W_out
-  for a conv, 1 for a linear on [B, in]; a transposed conv's multiply-adds are per input position). Zero-padding taps of a conv count as in a dense conv.
+  for a conv, 1 for a linear on [B, in], also where the model squeezed the sample's batch dim away; a
+  transposed conv's multiply-adds are per input position). Zero-padding taps of a conv count as in a dense conv.
+* nn.MultiheadAttention: its four projections as linear layers (q over the query's L positions, k and v
+  over the key's S, out over L; out_proj's mask or nonzeros, in_proj's nonzeros), counted on the attention
+  module: it reads their weights in F.multi_head_attention_forward, so no linear hook sees them. Its
+  weight-free products (scores, the weighted sum of values: 4 * L * S * embed_dim) are not counted.
 * elementwise layers (counted separately in "elementwise"): BatchNorm (eval; also Group-, Layer- and
   InstanceNorm) 2 per output element
   (folded scale and shift), activations (_ACTS: ReLU, GELU, PReLU, Hardswish, ...) 1, MaxPool k-1 comparisons and AvgPool k adds
@@ -165,9 +170,9 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
                 units, positions = out.shape[1], out[0, 0].numel()
                 # (a transposed conv meets every weight once per *input* position)
                 taps = inp[0][0, 0].numel() if isinstance(mod, nn.modules.conv._ConvTransposeNd) else positions
-            else:
+            else:  # (out.numel(): the run's batch is 1, and a model may squeeze it away: out[0] was a scalar)
                 units = out.shape[-1]
-                positions = taps = out[0].numel() // units
+                positions = taps = out.numel() // units
             if dense:  # every weight of the architecture, one multiply-add each, no bias adds
                 w = getattr(mod, "weight", None)
                 add(name, "weights", 2 * math.prod(w.shape) * taps)
@@ -181,7 +186,7 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
         def hook(_m, inp, out):
             if isinstance(out, tuple):  # (a pool with return_indices=True: (values, indices))
                 out = out[0]
-            n_out = out[0].numel()
+            n_out = out.numel()  # (batch 1; out[0] missed a batch dim squeezed away)
             if isinstance(mod, _BN):
                 f = 2 * n_out
             elif isinstance(mod, _ACTS):
@@ -194,16 +199,32 @@ def forward_flops(model: nn.Module, input_shape, masks: dict[str, torch.Tensor] 
                 x = inp[0]
                 nd = out.dim() - 2
                 windows = _adaptive_window_sum(x.shape[-nd:], out.shape[-nd:])
-                f = windows * out[0].shape[0]
+                f = windows * (n_out // math.prod(out.shape[-nd:]))  # (x channels)
                 if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
                     f -= n_out  # k - 1 comparisons per window
             add(name, "elementwise", f)
         return hook
 
+    def attention_hook(name, mod):
+        def hook(_m, args, kwargs, _out):
+            q, k = (args[i] if len(args) > i else kwargs[a] for i, a in enumerate(("query", "key")))
+            E, L, S = mod.embed_dim, q.numel() // mod.embed_dim, k.numel() // mod.kdim  # (one sample's positions)
+            ws = ((mod.in_proj_weight[:E], mod.in_proj_weight[E:2 * E], mod.in_proj_weight[2 * E:])
+                  if mod._qkv_same_embed_dim else (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight))
+            nnz = [int(torch.count_nonzero(w)) for w in ws] + [
+                layer_nnz(mod.out_proj, _find_masks(masks, f"{name}.out_proj"))]
+            biased = [mod.in_proj_bias is not None] * 3 + [mod.out_proj.bias is not None]
+            for w, n, p, b in zip(ws + (mod.out_proj.weight,), nnz, (L, S, S, L), biased):
+                add(name, "weights", 2 * math.prod(w.shape) * p if dense else 2 * n * p + (E * p if b else 0))
+        return hook
+
     for name, mod in modules.items():
         if any(p == "" or name.startswith(p + ".") for p in inside_weighted):  # ("": the model is the layer)
             continue  # e.g. the CSR container inside a sparse layer
-        if _is_conv(mod) or _is_linear(mod):
+        if isinstance(mod, nn.MultiheadAttention):  # (out_proj inside: counted by this hook, never called itself)
+            inside_weighted.add(name)
+            handles.append(mod.register_forward_hook(attention_hook(name, mod), with_kwargs=True))
+        elif _is_conv(mod) or _is_linear(mod):
             inside_weighted.add(name)
             handles.append(mod.register_forward_hook(weighted_hook(name, mod)))
         elif elementwise and isinstance(mod, _BN + _ACTS + _MAXPOOL + _AVGPOOL + _ADAPTIVE):
@@ -259,7 +280,7 @@ def paper_macs(model: nn.Module, input_shape) -> int:
     extra, handles = [0], []
 
     def hook(m, _inp, out):
-        n = out[0].numel()
+        n = out.numel()  # (batch 1)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             extra[0] += (4 if m.affine else 2) * n
         elif getattr(m, "bias", None) is not None:
