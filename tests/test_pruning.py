@@ -143,6 +143,27 @@ def test_rewind_restores_weights_under_mask():
     torch.testing.assert_close(model[2].running_mean, snapshot["2.running_mean"])
 
 
+def test_rewind_from_a_sparse_models_own_state_dict():
+    """A sparse model's state_dict (its weights as CSR entries, <name>.weight.values ...) was refused as
+    "has '0.weight.values', which the model has not" (the same model); it is read as the dense weights it
+    stands for, as the densified model's state_dict (the reference) gives them."""
+    model = _net()
+    apply_engine(model, global_prune(model, {}, 0.5), "sparse")
+    masks = {n: m.weight.mask() for n, m in prunable_layers(model)}
+    sparse_state = copy.deepcopy(model.state_dict())
+    assert any(k.endswith(".weight.values") for k in sparse_state)
+    reference = sparsetrain.densify_(copy.deepcopy(model)).state_dict()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    load_weights_under_masks_(model, sparse_state, masks)
+    for n, m in prunable_layers(model):
+        torch.testing.assert_close(m.weight.to_dense().detach(), reference[f"{n}.weight"], rtol=0, atol=0)
+    for k, v in model.state_dict().items():
+        if k in reference:
+            torch.testing.assert_close(v, reference[k], rtol=0, atol=0)
+
+
 def test_rewind_of_a_dense_layer_zeroes_an_inf_under_its_mask():
     # (the source's pruned positions are set to 0, not multiplied by the mask: inf * 0 was NaN)
     model = _net()

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..engine.convert import dense_state_dict
 from ..engine.nn import check_masks, check_pattern, is_sparse, prunable_layers
 
 __all__ = ["PERTURBATIONS", "load_weights_under_masks_"]
@@ -23,14 +24,18 @@ PERTURBATIONS = ("none", "rewind", "reinit")
 
 @torch.no_grad()
 def load_weights_under_masks_(model: nn.Module, source_state: Mapping, masks: dict) -> None:
-    """Take each prunable layer's dense weights from `source_state` (a state_dict of a model of
-    the same shapes: a filter-pruned model's is cut to its channels by fit_state first) under the
-    current pattern; other tensors (biases, BatchNorm) too. A missing, unexpected or differently
-    shaped entry is refused before anything is written (one was skipped silently), and so is a mask for a sparse
-    layer other than the pattern it stores (its pattern was used, the mask ignored)."""
+    """Take each prunable layer's dense weights from `source_state` (a state_dict of a model of the same
+    shapes, dense or sparse, read as dense_state_dict gives it; a filter-pruned model's is cut to its
+    channels by fit_state first) under the current pattern; other tensors (biases, BatchNorm) too. A
+    missing, unexpected or differently shaped entry is refused before anything is written (one was skipped
+    silently), and so is a mask for a sparse layer other than the pattern it stores (its pattern was used,
+    the mask ignored)."""
     if not isinstance(source_state, Mapping):
         raise TypeError(f"source_state must be a state_dict (a Mapping of name -> tensor), got "
                         f"{type(source_state).__name__}")
+    # (a sparse model's own state_dict, its CSR/BSR weights as <name>.values, ...: "has '0.weight.values', which the
+    # model has not" before 2026-12-07; read as the dense weights they stand for)
+    source_state = dense_state_dict(source_state)
     masks = check_masks(model, masks)
     layers = prunable_layers(model)
     for name, m in layers:  # (as global_prune: another mask for a sparse layer, a regrown one, was ignored silently)
