@@ -186,7 +186,7 @@ def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_ba
     with torch.no_grad():
         if batch_stats:
             mean = stats[0] / count
-            var = (stats[1] / count - mean * mean).clamp_min(0.0)
+            var = (stats[1] / count).clamp_min(0.0)  # (stats[1]: the centred sum (y - mean)^2)
         else:
             mean, var = running_mean.double(), running_var.double()
         invstd = torch.rsqrt(var + eps)

@@ -331,9 +331,10 @@ def deferred_bn(x, in_mean, in_scale, in_shift, in_relu):
 def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_indices_t, perm,
                         kernel_size, stride, padding, bias, relu, in_mean=None, in_scale=None, in_shift=None,
                         in_relu=False, relu_counts=None):
-    """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y, sum y^2
-    taken in the epilogue; with in_mean/in_scale/in_shift the conv reads act((x - in_mean) in_scale +
-    in_shift) (a deferred BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
+    """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y and centred sum
+    (y - mean)^2, from sum y^2 taken in the epilogue (the C++ op sums an ill-conditioned channel again);
+    with in_mean/in_scale/in_shift the conv reads act((x - in_mean) in_scale + in_shift) (a deferred
+    BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
     check_conv_args(kernel_size, stride, padding)
     _check_channels(x, "x", ccol_indices, kernel_size)
     _check_cols(x, col_indices, kernel_size)
@@ -352,6 +353,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
                        stats=stats, in_act=in_act, counts=counts)
     if counts is not None:
         relu_counts.add_(counts)
+    stats[1] -= stats[0] * stats[0] / max(y.numel() // max(O, 1), 1)  # (sum (y - mean)^2 = sum y^2 - (sum y)^2 / n)
     return y, stats
 
 

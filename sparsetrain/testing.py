@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["tf32", "random_mask", "model_masks", "mask_weight_", "zero_pruned_", "dense_linear", "dense_linear_replicated",
            "dense_conv2d", "reference_grads", "assert_layer_matches", "tiny_split", "write_cifar", "write_idx", "write_mnist",
-           "gloo_threads"]
+           "gloo_threads", "bn_stats"]
 
 
 @contextlib.contextmanager
@@ -113,6 +113,14 @@ def dense_linear_replicated(x, weight, mask, bias=None, repeat=1):
 def dense_conv2d(x, weight, mask, bias=None, stride=1, padding=0):
     """Reference for SparseConv2d: F.conv2d with the mask applied."""
     return F.conv2d(x, weight * mask, bias, stride=stride, padding=padding)
+
+
+def bn_stats(y):
+    """sparse_conv2d_stats' statistics of y [N, C, H, W], in float64 about the exact mean: [2, C] = per channel
+    sum y and the centred sum (y - mean)^2 (what bn_scale_shift reads)."""
+    y64 = y.double()
+    mean = y64.mean((0, 2, 3), keepdim=True)
+    return torch.stack([y64.sum((0, 2, 3)), ((y64 - mean) ** 2).sum((0, 2, 3))])
 
 
 def reference_grads(fn, x, weight, mask, bias, grad_out, **kw):

@@ -5,12 +5,13 @@ import pytest
 import torch
 from torch import nn
 
+from sparsetrain.testing import bn_stats
+
 OP = torch.ops.sparsetrain.bn_scale_shift
 
 
 def _sums(y):
-    y64 = y.double().transpose(0, 1).reshape(y.shape[1], -1)
-    return torch.stack([y64.sum(1), (y64 * y64).sum(1)])
+    return bn_stats(y)
 
 
 def _call(bn, y, batch_stats=True, running=True):
@@ -78,9 +79,13 @@ def test_running_statistics_in_eval_and_batch_statistics_without_update(dtype):
 
 
 def test_a_constant_channel_has_zero_variance_not_negative():
-    y = torch.full((4, 2, 3, 3), 1e4)  # sum y^2 / N - mean^2 may round below zero
+    y = torch.full((4, 2, 3, 3), 1e4)
     bn = _bn(2, torch.float32)
     _, invstd, _, _, _ = _call(bn, y)
+    torch.testing.assert_close(invstd, torch.full((2,), bn.eps ** -0.5, dtype=torch.float64))
+    # (a centred sum taken as sum y^2 - (sum y)^2 / N, as the Triton op takes it, may round below zero)
+    stats = torch.tensor([[3.6e5, 3.6e5], [-1e-6, 0.0]], dtype=torch.float64)
+    _, invstd, _, _, _ = OP(stats, 36, None, None, None, None, None, 0.1, bn.eps, True, torch.float32)
     torch.testing.assert_close(invstd, torch.full((2,), bn.eps ** -0.5, dtype=torch.float64))
 
 

@@ -24,7 +24,7 @@ from sparsetrain.engine.fused import (FusedBatchNorm2d, FusedReLU, MaxPool2x2, S
 from sparsetrain.experiment.entropy import activation_entropy
 from sparsetrain.experiment.models import resnet18, vgg_like
 from sparsetrain.prune import global_prune
-from sparsetrain.testing import dense_conv2d, model_masks, random_mask, zero_pruned_
+from sparsetrain.testing import bn_stats, dense_conv2d, model_masks, random_mask, zero_pruned_
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
@@ -58,7 +58,7 @@ def test_conv_stats_matches_conv_and_sums(geom, sparsity, relu):
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
     assert stats.dtype == torch.float64 and stats.shape == (2, cout)
     torch.testing.assert_close(stats[0], ref.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats[1], (ref.double() ** 2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats[1], bn_stats(ref)[1], rtol=1e-5, atol=1e-4)
 
 
 def _bn_inputs(shape, dtype=torch.float32, seed=0):
@@ -102,7 +102,7 @@ def test_bn_act_is_exact_on_a_constant_channel(hw, dtype):
         const = (const * 1024).round() / 1024  # as the float64 sums of float32 values always are)
     y = const[None, :, None, None].repeat(2, 1, hw, hw)
     y[:, 0] = torch.randn(2, hw, hw, generator=g, dtype=dtype)  # and one channel that varies
-    stats = torch.stack([y.double().sum((0, 2, 3)), (y.double() ** 2).sum((0, 2, 3))])
+    stats = bn_stats(y)
     weight, bias = torch.rand(C, generator=g, dtype=dtype) + 0.5, torch.randn(C, generator=g, dtype=dtype)
     mean, invstd, _, scale, shift = torch.ops.sparsetrain.bn_scale_shift(stats, 2 * hw * hw, weight, bias, None, None,
                                                                          None, 0.1, 1e-5, True, dtype)
@@ -433,9 +433,9 @@ def _fused_pair(order, sparsity, dtype=torch.float64, **kw):
     return ref, fused, mask
 
 
-def _compare(ref, fused, mask, x, dtype, steps=2):
+def _compare(ref, fused, mask, x, dtype, steps=2, tol=None):
     """Forward and backward `steps` times in the current mode; outputs, grads, running stats."""
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     for i in range(steps):
         xr = x.clone().requires_grad_()
         xf = x.clone().requires_grad_()
@@ -671,7 +671,7 @@ def test_batch_statistics_of_maps_whose_first_output_is_atypical(k, hw, b):
         ref = dense_conv2d(x.double(), wt.double(), mask, padding=pad)
         ref = ref.clamp_min(0) if relu else ref
         n = ref[:, 0].numel()
-        mean, var = stats[0] / n, stats[1] / n - (stats[0] / n) ** 2
+        mean, var = stats[0] / n, stats[1] / n
         want = ref.var((0, 2, 3), unbiased=False)
         live = want > 1e-6 * ref.abs().amax((0, 2, 3)) ** 2  # (channels with a variance to measure)
         assert live.sum() >= O // 2
@@ -695,6 +695,23 @@ def test_batch_statistics_of_an_activation_far_from_zero():
         assert live.sum() == 6
         torch.testing.assert_close(out_f[:, live], out_r[:, live], rtol=0, atol=5e-3)  # (y's own rounding)
         torch.testing.assert_close(fused.bn.running_var, ref.bn.running_var, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [1e2, 1e4, 1e6, 1e7])
+@pytest.mark.parametrize("order, hw", [("bn", (8, 8)), ("relu_bn", (3, 3))])  # the phase planes, the small-map kernel
+def test_float64_batch_statistics_of_an_activation_far_from_zero(bias, order, hw):
+    """float64 activations whose mean is up to ~2e7x their spread keep nn.BatchNorm2d's float64 precision:
+    the variance was E[y^2] - mean^2 in double, off by ~(mean/std)^2 1e-16 (4e-9 of the output at a conv
+    bias of 1e3, 6e-4 at 1e6, 33x at 1e7); the centred sums (summed again about the mean for such
+    channels, centre_stats) are not. What is left is y's own rounding (the kernel adds the products to
+    the bias, ~ulp(bias) each: ~2e-14 bias of the outputs, ~1e-13 bias of the weight gradients, sums of
+    512 products). The empty row's channel (act(bias) throughout) has variance 0, as BatchNorm's."""
+    ref, fused, mask = _fused_pair(order, 0.5)
+    for m in (ref, fused):
+        m.conv.bias = nn.Parameter(torch.full((7,), bias, dtype=torch.float64))
+    fused.conv.bias = ref.conv.bias
+    x = torch.randn(8, 5, *hw, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _compare(ref, fused, mask, x, torch.float64, tol=dict(rtol=1e-9, atol=max(1e-9, 1e-13 * bias)))
 
 
 def test_a_hook_added_to_a_fused_bn_that_returns_another_tensor_is_refused_by_the_relu_after_it():

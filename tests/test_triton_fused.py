@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsetrain.engine.ops  # noqa: F401  (registers the ops and loads their C++ kernels)
-from sparsetrain.testing import model_masks, random_mask
+from sparsetrain.testing import bn_stats, model_masks, random_mask
 from test_bn_scale_shift import bad_calls, refuses_untouched
 from test_triton_kernels import count_calls, interpreter_suite, refused_alike, run_cases
 
@@ -133,7 +133,7 @@ def bn_ops_match_the_cpu_ops():
                                       ("dy", "dweight", "dbias", "dres", "dsum")):
                 _close(got, ref, dtype, f"bn_act_backward {what} {shape}")
         # bn_scale_shift: batch statistics with the running update (momentum, cumulative), eval
-        stats = torch.stack([y.double().sum((0, 2, 3)), (y.double() ** 2).sum((0, 2, 3))])
+        stats = bn_stats(y)
         n = y.numel() // c
         for momentum, batch_stats in ((0.1, True), (None, True), (0.1, False)):
             if batch_stats and n < 2:

@@ -1,6 +1,6 @@
 // A fused BatchNorm's per-channel constants from the sums its conv's epilogue took
-// (sparse_conv2d_stats: stats [2, C] f64 = sum y, sum y^2 over N = batch * height * width values):
-//   batch statistics:  mean = sum y / N,  var = max(sum y^2 / N - mean^2, 0),  invstd = 1 / sqrt(var + eps)
+// (sparse_conv2d_stats: stats [2, C] f64 = sum y, sum (y - mean)^2 over N = batch * height * width values):
+//   batch statistics:  mean = sum y / N,  var = max(sum (y - mean)^2 / N, 0),  invstd = 1 / sqrt(var + eps)
 //   running statistics (eval): mean = running_mean, invstd = 1 / sqrt(running_var + eps)
 //   scale = weight * invstd,  shift = bias   (weight 1, bias 0 without affine)
 // for the centred map (y - mean) * scale + shift the kernels apply (bn_act.h's bn_pre: exact where
@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_scale_
     const double n = double(count);
     for (int64_t c = 0; c < C; ++c) {
       mp[c] = s0[c] / n;
-      var[c] = std::max(s0[C + c] / n - mp[c] * mp[c], 0.0);
+      var[c] = std::max(s0[C + c] / n, 0.0);
       ip[c] = 1.0 / std::sqrt(var[c] + eps);
     }
   } else {

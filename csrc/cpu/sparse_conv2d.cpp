@@ -171,9 +171,45 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
                       false, nullptr);
 }
 
+// stats[1], the kernels' sum y^2, as the centred sum (y - mean)^2 = sum y^2 - (sum y)^2 / n, which
+// cancels by E[y^2] / var: 1e-8 of var in double at mean/std 1e4 (combined as E[y^2] - mean^2 before
+// 2026-12-07, fp64 BatchNorms far from zero lost their variance: 4e-9 of the output at mean/std 8e3,
+// 33x at 8e7). A channel past kRecentre of that is summed again about its mean from y, one more read
+// of that channel alone: float64 past 1e2 (~2e-14 of var), float32 past 1e7, below its own sums'
+// rounding. An empty weight row's channel is act(bias) throughout: 0.
+void centre_stats(const at::Tensor& y, const at::Tensor& crow, at::Tensor& stats) {
+  const int64_t B = y.size(0), O = y.size(1), plane = y.size(2) * y.size(3);
+  if (B * plane == 0) return;
+  const double n = double(B * plane), kRecentre = y.scalar_type() == at::kDouble ? 1e2 : 1e7;
+  double* s = stats.data_ptr<double>();
+  const int64_t* rp = crow.data_ptr<int64_t>();
+  std::vector<int64_t> again;
+  for (int64_t o = 0; o < O; ++o) {
+    const double sq = s[O + o];
+    s[O + o] = rp[o + 1] == rp[o] ? 0.0 : std::max(sq - s[o] * (s[o] / n), 0.0);
+    if (rp[o + 1] > rp[o] && sq > kRecentre * s[O + o]) again.push_back(o);  // (NaN: never; 0 of sq > 0: again)
+  }
+  if (again.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "centre_stats", [&] {
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, int64_t(again.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t o = again[i];
+        const double mean = s[o] / n;
+        double m2 = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const scalar_t* p = yp + (b * O + o) * plane;
+          for (int64_t j = 0; j < plane; ++j) m2 += (double(p[j]) - mean) * (double(p[j]) - mean);
+        }
+        s[O + o] = m2;
+      }
+    });
+  });
+}
+
 // y = conv(x, W) + b (then relu(y) when `relu`) and, computed while each output tile is in cache,
-// stats [2, O] float64: per output channel the sum and the sum of squares of y over (batch,
-// height, width): a BatchNorm's batch statistics without another pass over y. With in_mean, in_scale
+// stats [2, O] float64: per output channel the sum of y over (batch, height, width) and its centred
+// sum of squares (centre_stats): a BatchNorm's batch statistics without another pass over y. With in_mean, in_scale
 // and in_shift, x is the previous layer's y and the conv reads act((x - in_mean) in_scale + in_shift)
 // (XAct).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
@@ -187,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
   at::Tensor y = conv_forward(x, crow, col, values, ccol, row_t, perm, kernel_size, stride, padding,
                               bias, relu, &stats, check_in_act(in_mean, in_scale, in_shift, in_relu, x, x.size(1)),
                               relu_counts);
+  centre_stats(y, crow, stats);
   return {y, stats};
 }
 

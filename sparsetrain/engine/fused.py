@@ -33,9 +33,11 @@ still see each activation. A FusedReLU with `count_states` set has its layer cou
 samples with a positive activation inside the kernel that applies the ReLU (the conv epilogue or
 `bn_act`: `relu_counts`), for Eq. 1's entropy without another read (`FusedReLU.pop_state_counts`).
 The batch statistics are float64 sums of per-plane float partial sums of deviations from one of the
-plane's outputs (exact in the origin's shift), var = E[y^2] - E[y]^2 in float64 (PyTorch uses
-Welford; equal to ~1e-6 relative, also for activations whose mean is thousands of times their
-spread). Running statistics follow nn.BatchNorm2d exactly (momentum, or the cumulative average when
+plane's outputs (exact in the origin's shift), var = the centred sum (y - mean)^2 / n, taken as
+sum y^2 - (sum y)^2 / n in float64 and summed again about the mean from y for a channel where that
+cancels (mean/std past ~10 in float64, ~3000 in float32: centre_stats); PyTorch uses Welford. Equal
+to ~1e-6 relative in float32, also for activations whose mean is thousands of times their spread, and
+to float64's rounding of y in float64. Running statistics follow nn.BatchNorm2d exactly (momentum, or the cumulative average when
 momentum is None; unbiased variance).
 
 On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
