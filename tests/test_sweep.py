@@ -682,6 +682,26 @@ def test_a_run_stopped_while_writing_its_report_is_not_done(tmp_path):
     assert run.done() and not Run("r", "teacher", str(rd), [], seed=1, phases=["teacher"]).done()
 
 
+def test_a_finished_run_whose_data_came_from_outside_this_data_dir_is_run_again(tmp_path):
+    """A sweep re-run with another --data-dir skipped its finished runs unchecked (done() looked at best.json
+    and summary.md alone), and its report mixed the two datasets' results: a run whose recorded data_source
+    lies outside the planned --data-dir is not done, so the experiment checks that data's fingerprint (it
+    refuses other data: `trained on other data`; the same data moved, it writes the report again)."""
+    import dataclasses
+    from sparsetrain.sweep.plan import Run
+    rd = _finished_run(tmp_path / "r", _cfg())
+    record = json.loads((rd / "config.json").read_text())
+    write_json(rd / "config.json", {**record, "data_source": str(tmp_path / "dataA" / "mnist")})
+    planned = lambda data_dir: Run("r", "teacher", str(rd), [], seed=0, phases=["teacher"],  # noqa: E731
+                                   config={**dataclasses.asdict(_cfg()), "data_dir": str(data_dir)})
+    assert planned(tmp_path / "dataA").done() and planned(tmp_path / "dataA" / ".." / "dataA").done()
+    assert not planned(tmp_path / "dataB").done() and not planned(tmp_path / "dataA2").done()
+    write_json(rd / "config.json", {**record, "data_source": "/usr/share/datasets/fashion-mnist"})  # (Debian's copy)
+    assert not planned(tmp_path / "dataA").done()
+    write_json(rd / "config.json", record)  # (no source recorded: nothing to compare)
+    assert planned(tmp_path / "dataB").done()
+
+
 def test_phase_key_ignores_what_a_run_ignores():
     """Settings a configuration does not read leave the key alone (a reuse is not lost over them);
     the settings it reads change it."""

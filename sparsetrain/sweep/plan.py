@@ -55,11 +55,31 @@ class Run:
         run stopped while writing it is run again, which then only writes the report; the seeds of a
         run share its summary.md, so it must be newer than this seed's phases)."""
         phases = [os.path.join(self.run_dir, f"seed{self.seed}", p) for p in self.phases]
-        if self.error or not all(phase_done(p) for p in phases):
+        if self.error or not all(phase_done(p) for p in phases) or self._other_data_dir():
             return False
         summary = os.path.join(self.run_dir, "summary.md")
         return os.path.isfile(summary) and all(
             os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json")) for p in phases)
+
+
+    def _other_data_dir(self) -> bool:
+        """The data its phases were trained on was read from outside this run's --data-dir (config.json's
+        data_source, recorded once): the experiment, run again, checks that data's fingerprint against the one
+        it trained on (a sweep re-run on other data skipped its finished runs unchecked, and its report mixed
+        the two datasets' results). A source elsewhere (Debian's Fashion-MNIST) is checked so too; a run with
+        no config.json or no source recorded, or no --data-dir planned, has nothing to compare."""
+        try:
+            with open(os.path.join(self.run_dir, "config.json")) as f:
+                src = json.load(f).get("data_source")
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError):  # (unreadable: the experiment says why)
+            return True
+        root = self.config.get("data_dir")
+        if not src or not isinstance(src, str) or not isinstance(root, str):
+            return False
+        root = os.path.abspath(root)
+        return os.path.commonpath([os.path.abspath(src), root]) != root
 
 
 def teacher_config(cfg: Config) -> Config:
