@@ -575,11 +575,11 @@ def test_a_damaged_phase_linked_by_reuse_names_the_folder_to_delete(mnist_dir, s
         here = study_args(mnist_dir, "--out", str(mnist_dir / out), "--reuse", str(run_dir(mnist_dir / "a")))
         err = _one_line_error(capsys, here + ["--phases", "distill"])
         link = run_dir(mnist_dir / out) / "seed0" / "teacher"
-        assert link.is_symlink() and f"{link / 'ckpt' / 'round_00.pt'} is corrupt" in err, err
+        assert f"{link / 'ckpt' / 'round_00.pt'} is corrupt" in err, err
         assert f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link (or, to " \
                "leave that run's folder as it is, remove the link alone and run without --reuse) to retrain this " \
                "phase" in err, err
-        link.unlink()
+        assert not os.path.lexists(link)  # (a run refused before it trained leaves none of its links: since 2026-12-07)
         if out == "runs":  # (the link alone, without --reuse: trained here, that run's folder as it was)
             assert study.main(study_args(mnist_dir, "--out", str(mnist_dir / out))) == 0
             assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == damaged
@@ -676,6 +676,11 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
         record = json.loads(keep[q.with_name(q.name + ".sha256")])
         p.with_name(p.name + ".sha256").write_text(json.dumps({k: v for k, v in record.items() if k != "name"}))
     err = _one_line_error(capsys, here)
+    assert not [p for p in (mnist_dir / "runs").rglob("*") if p.is_symlink()]  # (refused before it trained: no link
+    # left, since 2026-12-07)
+    for p, b in keep.items():
+        p.write_bytes(b)
+    assert study.main(here) == 0  # (the linked run's own rounds, named after it: distilled from)
     link = run_dir(mnist_dir / "runs") / "seed0" / "teacher"
     assert link.is_symlink() and run_dir(mnist_dir / "runs").name != src.parent.parent.name
     theirs_too = f"delete {src.resolve()}, the phase of another run that {link} links (--reuse), and the link (or, " \
@@ -683,9 +688,6 @@ def test_a_teacher_linked_by_reuse_names_the_folder_to_delete(mnist_dir, study_a
                  "teacher again"
     assert f"{link / 'ckpt' / 'round_00.pt'} is round 1 of {src.parent.parent.name}/seed0/teacher" in err, err
     assert theirs_too.replace("train the teacher again", "retrain this phase") in err, err  # (verify_phase's)
-    for p, b in keep.items():
-        p.write_bytes(b)
-    assert study.main(here) == 0  # (the linked run's own rounds, named after it: distilled from)
     best = src / "best.json"
     best.write_text("{not json")
     with pytest.raises(PhaseError) as e:

@@ -622,7 +622,7 @@ def test_a_sweep_folder_in_use_is_refused(tmp_path):
 def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     """A distilled student alone needs a finished teacher: refused (exit 2) without one, linked from
     --reuse with one (same curve as the teacher trained in place), refused when that teacher was
-    trained on other data."""
+    trained on other data, leaving nothing behind."""
     from sparsetrain.experiment import study
     base = study_args(mnist_dir, "--teachers", "dense")
     assert study.main(base + ["--out", str(mnist_dir / "x"), "--phases", "distill"]) == 2
@@ -646,6 +646,9 @@ def test_experiment_phases_and_reuse(mnist_dir, study_args, capsys):
     argv = [a if a != str(mnist_dir / "data") else str(other) for a in base]
     assert study.main(argv + ["--out", str(mnist_dir / "o"), "--phases", "distill", "--reuse", str(teacher)]) == 2
     assert "trained on other data" in capsys.readouterr().err
+    # (nothing left, its link included: the same command without --reuse refused that link, "trained on other
+    # data", however often it ran, before 2026-12-07)
+    assert not (mnist_dir / "o").exists()
     assert study.main(base + ["--out", str(mnist_dir / "y"), "--reuse", str(mnist_dir / "nope")]) == 2
     assert "--reuse" in capsys.readouterr().err
 

@@ -11,6 +11,7 @@ it again: a sweep trains each teacher once and every student run that needs it l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -199,6 +200,19 @@ def prepare_phases(cfg: Config, run_dir: str) -> None:
                 raise PhaseMissing(f"--phases {' '.join(cfg.phases)}: seed {seed} needs a finished {phase} phase, "
                                    f"found none {where} with the same settings; add teacher to --phases or "
                                    "finish the teacher run first")
+
+
+def unlink_reused(run_dir: str) -> None:
+    """Remove the phases prepare_phases linked into a run refused before it trained (and the seed folders they
+    leave empty): a refused --reuse left its link, which the same command without --reuse then refused as
+    "trained on other data", however often it ran."""
+    seeds = [os.path.join(run_dir, d) for d in os.listdir(run_dir) if d.startswith("seed")]
+    for sd in filter(os.path.isdir, seeds):
+        for phase in os.listdir(sd):
+            if os.path.islink(os.path.join(sd, phase)):
+                os.unlink(os.path.join(sd, phase))
+        with contextlib.suppress(OSError):  # (not empty: kept)
+            os.rmdir(sd)
 
 
 def check_linked(run_dir: str, seed: int, fingerprint: str, labels: str | None = None) -> None:

@@ -29,7 +29,7 @@ from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupte
 from .loop import PhaseError, run_phase
 from .metrics import teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
-                    prepare_phases, teacher_fingerprint)
+                    prepare_phases, teacher_fingerprint, unlink_reused)
 from .seed_status import SeedStatus
 from .teachers import load_teacher, teacher_checkpoint
 
@@ -194,10 +194,10 @@ def run_study(cfg: Config) -> str:
         except _EXPECTED:
             # refused before anything ran (in set-up, or by the data: its size, its files): no run is
             # left for a report or --resume to find, nor an empty run directory (its lock alone)
-            written = os.path.join(rd, "config.json")
             if dist.is_main() and fresh == [True]:
-                if os.path.isfile(written) and not _trained(rd):
+                if os.path.isfile(written := os.path.join(rd, "config.json")) and not _trained(rd):
                     os.remove(written)
+                    unlink_reused(rd)  # (its --reuse links: the plain command refused them, "trained on other data")
                 remove_empty_folder(rd)
                 with contextlib.suppress(OSError):  # (--out's folders it made, while empty: a user's typo)
                     list(map(os.rmdir, made))
