@@ -786,7 +786,8 @@ def test_non_square_idx_images_build_a_model_of_their_shape(tmp_path):
 def test_cifar_batches_construct_nothing_but_arrays(tmp_path):
     """A CIFAR batch is unpickled with only numpy's array constructors allowed (plain pickle.load ran
     whatever a __reduce__ in a downloaded file named); every pickle protocol's arrays still load;
-    bytes after the pickle and ragged arrays are named errors, not tracebacks."""
+    bytes after the pickle, ragged arrays and a key given as bytes and as text are named errors, not
+    tracebacks or a silent pick."""
     import pickle
     write_cifar(tmp_path, c10=True, n_per_batch=4, n_test=3)
     folder = tmp_path / "cifar-10-batches-py"
@@ -814,6 +815,14 @@ def test_cifar_batches_construct_nothing_but_arrays(tmp_path):
         D.load_dataset("cifar10", tmp_path, download=False)
     _repickle(folder / "data_batch_3", data=[[1, 2], [3]])
     with pytest.raises(D.DataError, match="data_batch_3: 'data' and 'labels' must be arrays"):
+        D.load_dataset("cifar10", tmp_path, download=False)
+    # (b'labels' and 'labels' both, as bytes and as text: the later one was read, silently, before 2026-12-07)
+    with open(folder / "data_batch_2", "rb") as f:
+        d2 = pickle.load(f)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({**d2, b"labels": [0] * len(d2["labels"])}, f)
+    with pytest.raises(D.DataError, match=r"data_batch_3: a CIFAR batch's keys must differ as text, got "
+                                          r"\[.*\"'labels'\", \"b'labels'\"\]$"):
         D.load_dataset("cifar10", tmp_path, download=False)
 
 

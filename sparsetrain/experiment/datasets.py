@@ -180,7 +180,10 @@ def _unpickle(path: Path) -> dict:
         raise DataError(f"{path}: bytes follow the CIFAR batch's pickle (a damaged or concatenated file)")
     if not isinstance(d, dict):
         raise DataError(f"{path}: a CIFAR batch must be a dict, got {type(d).__name__}")
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+    keys = {(k.decode("latin1") if isinstance(k, bytes) else k): k for k in d}
+    if len(keys) < len(d):  # (b'labels' and 'labels' both: the later one was read, silently)
+        raise DataError(f"{path}: a CIFAR batch's keys must differ as text, got {sorted(map(repr, d))}")
+    return {k: d[raw] for k, raw in keys.items()}
 
 
 def _load_cifar(name: str, data_dir: Path, download: bool):
