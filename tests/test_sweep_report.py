@@ -597,6 +597,32 @@ def test_the_notes_and_headings_around_table1_show_a_phase_s_and_setting_s_text_
     assert r"### mnist, ε = 0.1, lenet300 (teachers=['ckpt/\*x\*\_y\_.pt'])" in md, md
 
 
+def test_report_of_runs_stopped_outside_a_sweep_reads_their_seed_status(tmp_path):
+    """`sweep report DIR` of runs stopped (SIGTERM), failed or killed outside a sweep (no sweep status to say so)
+    called their partial curves "In progress" before 2026-12-07; each seed's status.json says the process ended:
+    "Did not finish". A seed still running (its pid alive: this process) is in progress."""
+    cfg = {"dataset": "mnist", "eps": 0.1, "model": "lenet300", "student": "lenet300", "seeds": [0], "rate": 0.5,
+           "wall": 0.95, "teachers": []}
+    import socket
+    from sparsetrain.experiment.seed_status import _boot_id, start_ticks
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": "x", "boot_id": _boot_id(),
+          "start_ticks": start_ticks(os.getpid())}  # (this process, told from a reused pid by its start time)
+    records = {"stopped": {**me, "state": "stopped", "error": "KeyboardInterrupt: SIGTERM"},
+               "failed": {**me, "state": "failed", "error": "RuntimeError: x"},
+               "killed": {**me, "state": "running", "start_ticks": me["start_ticks"] - 1},  # (another process)
+               "running": {**me, "state": "running"}}
+    for i, (name, record) in enumerate(records.items()):
+        _fill(tmp_path / name, {**cfg, "eps": 0.1 * (i + 1)}, phases=("teacher",))
+        os.remove(tmp_path / name / "seed0" / "teacher" / "best.json")  # (unfinished)
+        write_json(str(tmp_path / name / "seed0" / "status.json"), record)
+    md = open(write_sweep_report([str(tmp_path / n) for n in records], str(tmp_path / "rep"))).read()
+    sections = md.split("### ")[1:]
+    for name, section in zip(records, sections):
+        ended = name != "running"
+        assert ("Did not finish (the run failed or was interrupted" in section) == ended, (name, section)
+        assert ("In progress (not finished): 'teacher' seed(s) [0]." in section) != ended, (name, section)
+
+
 def test_the_notes_and_sentences_naming_phases_runs_and_folders_name_each_unambiguously(tmp_path):
     """The notes under Table 1 (no result, in progress, a second curve's run folders) joined the phase names and
     folders bare with `; `, the failed runs' and unreadable runs' sentences with `, `: a phase named after a

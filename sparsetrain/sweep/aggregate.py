@@ -22,6 +22,7 @@ from ..experiment.report.labels import label_rounds
 from ..experiment.report.tables import config_problem, md_cell, md_heading, ms, ordered_phases, stats, stop_cell, summary_table, table1_rows, vanilla_phase
 from ..experiment.report.text import label_value, md_quoted, shown_literal
 from ..experiment.reuse import needed_phases, phase_done
+from ..experiment.seed_status import describe, read_status
 
 __all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label", "teacher_only"]
@@ -172,6 +173,16 @@ def _title(g, keys) -> str:
     c = g["config"]
     models = c.get("model", "?") + ("" if c.get("student") in ("", None, c.get("model")) else f" → {c.get('student')}")
     return md_heading(f"{c.get('dataset')}, ε = {c.get('eps')}, {models}" + (f" ({group_label(g, keys)})" if keys else ""))
+
+
+def ended_by_their_status(run_dirs) -> list[str]:
+    """The run directories a seed of which records, in its own status.json, that its process ended: failed,
+    stopped, or running with its pid gone (a `report DIR` of runs stopped outside a sweep, which has no status
+    of its own for them: they read "In progress" before 2026-12-07)."""
+    def ended(sd: str) -> bool:
+        record = read_status(sd)
+        return record is not None and describe(record).startswith(("failed", "stopped"))
+    return [d for d in run_dirs if any(map(ended, glob.glob(os.path.join(glob.escape(d), "seed*"))))]
 
 
 def mark_stopped(groups, ended) -> None:

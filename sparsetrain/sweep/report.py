@@ -9,8 +9,8 @@ import re
 from ..experiment.files import atomic_write, finish_interrupted_writes, remove_file, write_csv
 from ..experiment.report.tables import md_cell, md_heading, shown_text
 from ..experiment.report.text import md_quoted, shown_literal
-from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, load_groups, mark_stopped, table1_csv, table1_md,
-                        varying)
+from .aggregate import (alpha_tau_md, best_model_md, best_model_rows, ended_by_their_status, load_groups, mark_stopped,
+                        table1_csv, table1_md, varying)
 from .figures import _natural, write_figures
 
 __all__ = ["write_sweep_report"]
@@ -56,10 +56,11 @@ def write_sweep_report(run_dirs, out_dir, status: dict | None = None, title: str
     finish_interrupted_writes(out_dir, _report_files(out_dir))
     unreadable: list[str] = []
     groups = load_groups(run_dirs, unreadable, planned)
-    if status:  # (a run's directory is named after it)
-        mark_stopped(groups, [d for d in [*run_dirs, *(planned or {})]
-                              if status.get(os.path.basename(os.path.normpath(d)), {}).get("state") in
-                              ("failed", "interrupted")])
+    ended = ended_by_their_status(run_dirs)  # (a seed's status.json; and the sweep's, which names its runs)
+    if status or ended:  # (a run's directory is named after it)
+        mark_stopped(groups, ended + [d for d in [*run_dirs, *(planned or {})]
+                                      if (status or {}).get(os.path.basename(os.path.normpath(d)), {}).get("state") in
+                                      ("failed", "interrupted")])
     teachers = {os.path.realpath(d) for d in teacher_runs}
     for g in groups:
         g["teacher_run"] = bool(teachers) and all(os.path.realpath(d) in teachers for d in g["dirs"])
