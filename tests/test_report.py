@@ -1,5 +1,6 @@
 """sparsetrain.experiment.report on tiny metrics.csv files written here: Algorithm 2, phase labels, Table 1, summary.md."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -1320,6 +1321,39 @@ def test_a_finished_metrics_csv_copied_with_its_record_from_another_run_is_refus
     old = pdirs["runA"] / "metrics.csv"  # (a record written before 2026-12-06: no place, verified as before)
     files.write_csv(str(old), make_rows([0.80, 0.84]), checksum=True)
     assert "where" not in json.loads(read(f"{old}.sha256")) and files.verify(str(old))
+
+
+def test_a_finished_phase_without_its_metrics_csv_is_refused_by_its_reports(tmp_path):
+    """A finished phase (best.json) whose metrics.csv is gone: the run refuses it by name; --report-only and
+    `sweep report` dropped its rows without a word before 2026-12-07 (verify_metrics read the files there were):
+    the reports refuse it (CorruptFile) with the run's own message, and `sweep report` leaves the run out naming
+    it. A linked phase (--reuse) is checked through its link."""
+    from sparsetrain.experiment import files, loop
+    from sparsetrain.experiment.integrity import verify_phase
+    from sparsetrain.sweep.aggregate import load_groups
+    pdir = tmp_path / "runA" / "seed0" / "teacher"
+    pdir.mkdir(parents=True)
+    loop.finish(str(pdir), make_rows([0.80, 0.84]))
+    assert R.verify_metrics(tmp_path / "runA") is None
+    for f in ("metrics.csv", "metrics.csv.sha256"):
+        (pdir / f).unlink()
+    with pytest.raises(files.CorruptFile) as run_said:
+        verify_phase(str(pdir))
+    with pytest.raises(files.CorruptFile) as e:
+        R.verify_metrics(tmp_path / "runA")
+    assert str(e.value) == str(run_said.value) and str(e.value).startswith(
+        f"{pdir / 'metrics.csv'}: metrics.csv missing (the phase is finished: best.json); delete the phase folder {pdir}")
+    link = tmp_path / "runC" / "seed0" / "teacher"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(pdir, link.parent), target_is_directory=True)
+    with pytest.raises(files.CorruptFile, match=re.escape(f"{link / 'metrics.csv'}: metrics.csv missing")):
+        R.verify_metrics(tmp_path / "runC")
+    from sparsetrain.experiment.config import config_from_args
+    cfg = config_from_args(["mnist", "--profile", "quick"])[0]
+    files.write_json(str(tmp_path / "runA" / "config.json"), {**dataclasses.asdict(cfg), "student": cfg.resolved_student()})
+    unreadable = []
+    assert load_groups([str(tmp_path / "runA")], unreadable) == [] and len(unreadable) == 1
+    assert unreadable[0].startswith(f"{tmp_path / 'runA'} ({pdir / 'metrics.csv'}: metrics.csv missing"), unreadable
 
 
 def test_summary_md_shows_a_run_folder_s_and_phase_s_names_as_written(tmp_path):

@@ -14,7 +14,7 @@ import sys
 from .files import CorruptFile, ReadFailed, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "where_of", "places_of", "check_place", "check_best_place", "delete_advice", "round_misplaced",
+__all__ = ["verify_phase", "check_metrics_present", "where_of", "places_of", "check_place", "check_best_place", "delete_advice", "round_misplaced",
            "RESTART"]
 
 
@@ -68,6 +68,15 @@ def check_best_place(pdir: str) -> None:
     check_place(pdir, where)
 
 
+def check_metrics_present(pdir: str) -> None:
+    """CorruptFile for a finished phase (its best.json) whose metrics.csv is gone: the run refuses it, and its
+    reports (--report-only, sweep report) dropped its rows without a word before 2026-12-07."""
+    metrics = os.path.join(pdir, "metrics.csv")
+    if os.path.lexists(os.path.join(pdir, "best.json")) and not os.path.exists(metrics):
+        raise CorruptFile(f"{metrics}: metrics.csv missing (the phase is finished: best.json); "
+                          f"{delete_advice(pdir, 'the phase folder ')} to retrain it")
+
+
 def verify_phase(pdir: str, resumed=None) -> None:
     """Every file a resume relies on (state.pt) or a phase leaves as a result (ckpt/round_XX.pt, and
     metrics.csv and best.json once finished) must still be what was written (size and sha256
@@ -86,9 +95,7 @@ def verify_phase(pdir: str, resumed=None) -> None:
     for path in [state] + rounds + results:  # (a folder in a file's place: open() would raise IsADirectoryError)
         if os.path.isdir(path):
             raise CorruptFile(f"{path} is a folder, not the file the run wrote; {delete_advice(pdir)} to retrain this phase")
-    if finished and not os.path.exists(results[0]):  # (read by the report and a distillation's teacher cost)
-        raise CorruptFile(f"{results[0]}: metrics.csv missing (the phase is finished: best.json); "
-                          f"{delete_advice(pdir, 'the phase folder ')} to retrain it")
+    check_metrics_present(pdir)  # (read by the report and a distillation's teacher cost)
     _check_records(pdir, state, rounds, results)
     try:
         if os.path.exists(state) or os.path.exists(state + ".sha256"):

@@ -9,7 +9,7 @@ import json
 import os
 
 from ..files import CorruptFile, atomic_write, finish_interrupted_writes, verify
-from ..integrity import check_best_place
+from ..integrity import check_best_place, check_metrics_present
 from ..early_stop import algorithm2_stop
 from .labels import LABEL_RULE, label_rounds
 from ..metrics import load_run, read_metrics
@@ -27,9 +27,12 @@ REPORT_FILES = ("accuracy_vs_sparsity.png", "cum_pflops.png", "summary.md")
 
 def verify_metrics(run_dir) -> None:
     """CorruptFile for a phase's metrics.csv that no longer matches its checksum record (torn or
-    edited since: the run itself refuses it, and a report of it would show that curve as the run's)."""
+    edited since: the run itself refuses it, and a report of it would show that curve as the run's), or that
+    is gone from a finished phase (check_metrics_present)."""
     for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "metrics.csv"))):
         verify(path)
+    for best in sorted(glob.glob(os.path.join(glob.escape(os.fspath(run_dir)), "seed*", "*", "best.json"))):
+        check_metrics_present(os.path.dirname(best))
 
 
 def seed_states(run, run_dir) -> dict:
