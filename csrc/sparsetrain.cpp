@@ -56,8 +56,7 @@ TORCH_LIBRARY(sparsetrain, m) {
       "int[2] padding, Tensor? bias) -> Tensor");
   // the forward with a BatchNorm epilogue (engine/fused.py): y (relu(y) when relu) and stats
   // [2, O] float64, per channel the sum of the output and its centred sum of squares, sum (y - mean)^2;
-  // with in_mean (float64),
-  // in_scale and in_shift x is the previous layer's BatchNorm input and the conv reads
+  // with in_mean (float64), in_scale and in_shift x is the previous layer's BatchNorm input and the conv reads
   // act((x - in_mean) * in_scale + in_shift);
   // relu_counts (int64 [O * OH * OW]) += per output neuron, the samples with y > 0 (relu_count_'s
   // count, taken in the epilogue)

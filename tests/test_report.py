@@ -1342,7 +1342,8 @@ def test_a_finished_phase_without_its_metrics_csv_is_refused_by_its_reports(tmp_
     with pytest.raises(files.CorruptFile) as e:
         R.verify_metrics(tmp_path / "runA")
     assert str(e.value) == str(run_said.value) and str(e.value).startswith(
-        f"{pdir / 'metrics.csv'}: metrics.csv missing (the phase is finished: best.json); delete the phase folder {pdir}")
+        f"{pdir / 'metrics.csv'}: metrics.csv missing (the phase is finished: best.json); delete the phase folder "
+        f"{pdir}")
     link = tmp_path / "runC" / "seed0" / "teacher"
     link.parent.mkdir(parents=True)
     link.symlink_to(os.path.relpath(pdir, link.parent), target_is_directory=True)
@@ -1350,7 +1351,8 @@ def test_a_finished_phase_without_its_metrics_csv_is_refused_by_its_reports(tmp_
         R.verify_metrics(tmp_path / "runC")
     from sparsetrain.experiment.config import config_from_args
     cfg = config_from_args(["mnist", "--profile", "quick"])[0]
-    files.write_json(str(tmp_path / "runA" / "config.json"), {**dataclasses.asdict(cfg), "student": cfg.resolved_student()})
+    files.write_json(str(tmp_path / "runA" / "config.json"),
+                     {**dataclasses.asdict(cfg), "student": cfg.resolved_student()})
     unreadable = []
     assert load_groups([str(tmp_path / "runA")], unreadable) == [] and len(unreadable) == 1
     assert unreadable[0].startswith(f"{tmp_path / 'runA'} ({pdir / 'metrics.csv'}: metrics.csv missing"), unreadable

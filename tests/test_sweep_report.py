@@ -113,7 +113,8 @@ def test_a_rewritten_sweep_report_leaves_no_stale_outputs(tmp_path):
     _fill(run, cfg, phases=("teacher",))
     write_sweep_report([str(run)], str(rep))
     assert all((rep / n).is_file() for n in ("accuracy_vs_sparsity.png", "table1.csv", "best_model.csv"))
-    os.remove(run / "seed0" / "teacher" / "metrics.csv")  # (no curve left: the rows say no result)
+    for f in ("metrics.csv", "best.json"):  # (no curve left: the rows say no result; a finished phase's
+        os.remove(run / "seed0" / "teacher" / f)  # best.json without its metrics.csv is refused, named)
     write_sweep_report([str(run)], str(rep))
     assert not (rep / "accuracy_vs_sparsity.png").exists()
     assert [r["run"] for r in _rows(rep / "table1.csv")] == ["(no result)"]

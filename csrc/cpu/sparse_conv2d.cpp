@@ -6,6 +6,8 @@
 #include "bn_act.h"
 #include "sparse_conv2d.h"
 
+#include <limits>
+
 namespace sparsetrain {
 namespace {
 
@@ -174,13 +176,16 @@ at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::
 // stats[1], the kernels' sum y^2, as the centred sum (y - mean)^2 = sum y^2 - (sum y)^2 / n, which
 // cancels by E[y^2] / var: 1e-8 of var in double at mean/std 1e4 (combined as E[y^2] - mean^2 before
 // 2026-12-07, fp64 BatchNorms far from zero lost their variance: 4e-9 of the output at mean/std 8e3,
-// 33x at 8e7). A channel past kRecentre of that is summed again about its mean from y, one more read
-// of that channel alone: float64 past 1e2 (~2e-14 of var), float32 past 1e7, below its own sums'
-// rounding. An empty weight row's channel is act(bias) throughout: 0.
+// 33x at 8e7). In float64 a channel past kRecentre of that, 1e2 (~2e-14 of var), is summed again about
+// its mean from y, one more read of that channel alone; float32 never (the cancellation stays below its
+// own rounding up to mean/std ~1e5, where y itself no longer holds its spread, and a constant channel,
+// common at high sparsity, would take that read every step). An empty weight row's channel is
+// act(bias) throughout: 0.
 void centre_stats(const at::Tensor& y, const at::Tensor& crow, at::Tensor& stats) {
   const int64_t B = y.size(0), O = y.size(1), plane = y.size(2) * y.size(3);
   if (B * plane == 0) return;
-  const double n = double(B * plane), kRecentre = y.scalar_type() == at::kDouble ? 1e2 : 1e7;
+  const double n = double(B * plane);
+  const double kRecentre = y.scalar_type() == at::kDouble ? 1e2 : std::numeric_limits<double>::infinity();
   double* s = stats.data_ptr<double>();
   const int64_t* rp = crow.data_ptr<int64_t>();
   std::vector<int64_t> again;
@@ -209,9 +214,9 @@ void centre_stats(const at::Tensor& y, const at::Tensor& crow, at::Tensor& stats
 
 // y = conv(x, W) + b (then relu(y) when `relu`) and, computed while each output tile is in cache,
 // stats [2, O] float64: per output channel the sum of y over (batch, height, width) and its centred
-// sum of squares (centre_stats): a BatchNorm's batch statistics without another pass over y. With in_mean, in_scale
-// and in_shift, x is the previous layer's y and the conv reads act((x - in_mean) in_scale + in_shift)
-// (XAct).
+// sum of squares (centre_stats): a BatchNorm's batch statistics without another pass over y. With
+// in_mean, in_scale and in_shift, x is the previous layer's y and the conv reads
+// act((x - in_mean) in_scale + in_shift) (XAct).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats(
     const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
     const at::Tensor& ccol, const at::Tensor& row_t, const at::Tensor& perm, at::IntArrayRef kernel_size,

@@ -34,11 +34,11 @@ samples with a positive activation inside the kernel that applies the ReLU (the 
 `bn_act`: `relu_counts`), for Eq. 1's entropy without another read (`FusedReLU.pop_state_counts`).
 The batch statistics are float64 sums of per-plane float partial sums of deviations from one of the
 plane's outputs (exact in the origin's shift), var = the centred sum (y - mean)^2 / n, taken as
-sum y^2 - (sum y)^2 / n in float64 and summed again about the mean from y for a channel where that
-cancels (mean/std past ~10 in float64, ~3000 in float32: centre_stats); PyTorch uses Welford. Equal
+sum y^2 - (sum y)^2 / n in float64 and, in float64 models, summed again about the mean from y for a
+channel where that cancels (mean/std past ~10: centre_stats); PyTorch uses Welford. Equal
 to ~1e-6 relative in float32, also for activations whose mean is thousands of times their spread, and
-to float64's rounding of y in float64. Running statistics follow nn.BatchNorm2d exactly (momentum, or the cumulative average when
-momentum is None; unbiased variance).
+to float64's rounding of y in float64. Running statistics follow nn.BatchNorm2d exactly (momentum, or
+the cumulative average when momentum is None; unbiased variance).
 
 On CUDA tensors (and CPU ones under the "triton" backend) the same ops run on Triton (kernels/bn_act.py,
 the conv's statistics epilogue in kernels/sparse_conv2d.py; the backward writes dy before the conv

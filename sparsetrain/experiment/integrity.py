@@ -14,8 +14,8 @@ import sys
 from .files import CorruptFile, ReadFailed, verify
 from .metrics import read_metrics
 
-__all__ = ["verify_phase", "check_metrics_present", "where_of", "places_of", "check_place", "check_best_place", "delete_advice", "round_misplaced",
-           "RESTART"]
+__all__ = ["verify_phase", "check_metrics_present", "where_of", "places_of", "check_place", "check_best_place",
+           "delete_advice", "round_misplaced", "RESTART"]
 
 
 def delete_advice(pdir: str, what: str = "") -> str:

@@ -24,7 +24,7 @@ from ..experiment.report.text import label_value, md_quoted, shown_literal
 from ..experiment.reuse import needed_phases, phase_done
 from ..experiment.seed_status import describe, read_status
 
-__all__ = ["load_groups", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
+__all__ = ["load_groups", "ended_by_their_status", "mark_stopped", "seed_counts", "varying", "table1_md", "table1_csv", "alpha_tau_md", "best_model_rows", "best_model_md",
            "group_label", "teacher_only"]
 
 # Config settings that never separate groups (not result settings); config.json's other keys (commit,

@@ -61,7 +61,6 @@ class Run:
         return os.path.isfile(summary) and all(
             os.path.getmtime(summary) >= os.path.getmtime(os.path.join(p, "best.json")) for p in phases)
 
-
     def _other_data_dir(self) -> bool:
         """The data its phases were trained on was read from outside this run's --data-dir (config.json's
         data_source, recorded once): the experiment, run again, checks that data's fingerprint against the one
