@@ -14,7 +14,7 @@ import sparsetrain
 from sparsetrain.engine.nn import (SparseLinear, enforce_masks_, is_sparse, mask_grads_, masks_of, model_sparsity,
                                    prunable_layers)
 from sparsetrain.engine.policy import apply_engine, sparse_is_faster
-from sparsetrain.prune import global_prune, load_weights_under_masks_, sparsity_after
+from sparsetrain.prune import block_prune, filter_prune, global_prune, load_weights_under_masks_, sparsity_after
 from sparsetrain.testing import dense_conv2d, dense_linear, zero_pruned_
 
 
@@ -247,6 +247,22 @@ def test_unstructured_can_prune_says_whether_a_round_removes_anything(engine, sc
     for name in ("unstructured", "block"):  # (block: torch's "Tensor.item() cannot be called on meta tensors")
         with pytest.raises(ValueError, match="'0'.s weight is a meta tensor"):
             sparsetrain.prune.make_rule(name).can_prune(nn.Sequential(nn.Linear(4, 4, device="meta")), {})
+
+
+def test_every_rule_refuses_a_model_built_under_inference_mode_by_name():
+    """A model made under torch.inference_mode() holds inference tensors, which torch lets change in place only
+    inside that mode: a pruning round outside it was torch's "Inplace update to inference tensor" RuntimeError from
+    its zeroing. Refused naming the layer now, before anything changes; inside inference mode the round runs."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    for prune in (lambda: global_prune(model, {}, 0.5), lambda: global_prune(model, {}, 0.5, scope="layer"),
+                  lambda: block_prune(model, {}, 0.5, block=16), lambda: filter_prune(model, 0.5)):
+        with pytest.raises(ValueError, match="layer '0'.s weight is an inference tensor .*torch.inference_mode"):
+            prune()
+    assert bool((model[0].weight != 0).all()) and model[0].out_channels == 8  # (nothing pruned, nothing kept)
+    with torch.inference_mode():
+        masks = global_prune(model, {}, 0.5)
+    assert sum(int(mk.sum()) for mk in masks.values()) == (8 * 27 + 4 * 72) // 2
 
 
 def test_global_prune_over_float32_and_float64_layers_is_exact():

@@ -66,10 +66,17 @@ def check_finite(layers, masks: dict | None = None) -> None:
     output inf or NaN from then on); a NaN or inf under a pruned position is a pruned weight, set to 0 by the round
     (a NaN there was refused before 2026-12-06); and meta ones (none at all: torch's error from inside,
     "Tensor.item() cannot be called on meta tensors", before); and a sparse layer's index that to_empty() left
-    uninitialised (the selection failed inside on it before)."""
+    uninitialised (the selection failed inside on it before); and, outside inference mode, inference tensors (a
+    model built under torch.inference_mode(): the round's in-place zeroing was torch's "Inplace update to inference
+    tensor" RuntimeError, before 2026-12-08)."""
     for name, m in layers:
         if stored_weight(m).is_meta:
             raise ValueError(f"layer {name!r}'s weight is a meta tensor (a shape without values): {MATERIALIZE}")
+        if stored_weight(m).is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(f"layer {name!r}'s weight is an inference tensor (the model was built under "
+                             "torch.inference_mode()): pruning changes weights in place, which torch allows only "
+                             "inside inference mode; build the model outside it, or load its state_dict into one "
+                             "built outside")
         if not isinstance(m.weight, torch.Tensor):  # (to_empty() without a load: its garbage index failed inside)
             try:
                 check_index(m.weight)
