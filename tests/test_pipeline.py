@@ -358,6 +358,25 @@ def test_report_only_or_resume_under_other_flags_names_the_runs_out_holds(tmp_pa
     assert "holds" not in capsys.readouterr().err  # (nothing to name)
 
 
+def test_a_run_is_found_under_another_spelling_of_its_model(mnist_dir, study_args, interrupted, capsys):
+    """The run name hashes the model's spelling: a run started as --model lenet_300_100 and run again as
+    LeNet-300-100 (one architecture: models.canonical_name) started afresh in a second directory, and its --resume
+    found no run. Now both spellings find the one run, which resumes to the uninterrupted run's rounds."""
+    out = mnist_dir / "runs"
+    interrupted(study_args(mnist_dir, "--model", "lenet_300_100"), kill_at=4)
+    held = run_dir(out)
+    assert study.run_dir_of(config_from_args(study_args(mnist_dir, "--model", "LeNet-300-100"))[0]) == str(held)
+    assert study.main(study_args(mnist_dir, "--model", "LeNet-300-100", "--resume")) == 0
+    assert run_dir(out) == held and os.path.isfile(held / "summary.md")
+    resumed = strip_timing(read_rows(held / "seed0" / "teacher" / "metrics.csv"))
+    shutil.move(str(out), str(mnist_dir / "first"))
+    assert study.main(study_args(mnist_dir, "--model", "lenet300")) == 0  # (uninterrupted, the canonical spelling)
+    assert strip_timing(read_rows(run_dir(out) / "seed0" / "teacher" / "metrics.csv")) == resumed
+    capsys.readouterr()
+    assert study.main(study_args(mnist_dir, "--model", "vgg_d1g1", "--resume")) == 2  # (another model: no run)
+    assert "no run to resume" in capsys.readouterr().err
+
+
 def test_corrupt_and_foreign_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

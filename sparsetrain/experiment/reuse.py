@@ -24,7 +24,8 @@ from .metrics import teacher_tag
 from .models import canonical_name
 
 __all__ = ["phase_names", "needed_phases", "phase_settings", "phase_key", "teacher_fingerprint", "link_reused",
-           "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing", "other_runs_hint"]
+           "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing", "other_runs_hint",
+           "settings_differ", "spelled_twin"]
 
 # settings every phase of a seed depends on: the data and the pruning procedure (those that apply:
 # _applying); a distilled student also on its teacher checkpoint's bytes (teacher_fingerprint)
@@ -273,20 +274,49 @@ def other_runs_hint(out: str, rd: str, shown: int = 5, settings: dict | None = N
             "it was started with (its config.json has them)" + _nearest(out, names, settings))
 
 
-def _nearest(out: str, names: list, settings: dict | None) -> str:
-    """"; the nearest, NAME, differs in --wall (0.5 there, 0.996 here), ..." (fewest differences first)."""
-    found = []
-    for n in names if settings is not None else ():
+def _runs_settings(out: str, names: list):
+    """(name, its config.json's settings) of each run `names` lists in `out` whose config.json reads as an object."""
+    for n in names:
         try:
             with open(os.path.join(out, n, "config.json")) as f:
                 there = json.load(f)
         except (OSError, ValueError):
             continue
-        if not isinstance(there, dict):
-            continue
-        here = {**ADDED_DEFAULTS, **settings}  # (a setting added since, at its default, is left out of both)
-        diff = [k for k in sorted(here) if there.get(k, ADDED_DEFAULTS.get(k)) != here[k]]
-        found.append((len(diff), n, [(k, there.get(k, ADDED_DEFAULTS.get(k)), here[k]) for k in diff]))
+        if isinstance(there, dict):
+            yield n, there
+
+
+def _setting(settings: dict, k: str):
+    """A result setting as runs are compared by: at ADDED_DEFAULTS' default where absent (a setting added since),
+    a model or student name in its one spelling (canonical_name: --model LeNet-300-100 is lenet300)."""
+    v = settings.get(k, ADDED_DEFAULTS.get(k))
+    with contextlib.suppress(ValueError, TypeError):  # (a name no model has: compared as written)
+        v = canonical_name(v) if k in ("model", "student") and v else v
+    return v
+
+
+def settings_differ(there: dict, settings: dict) -> list[str]:
+    """The result settings (study.result_settings) a run's recorded `there` differs from `settings` in."""
+    return [k for k in sorted({**ADDED_DEFAULTS, **settings}) if _setting(there, k) != _setting(settings, k)]
+
+
+def spelled_twin(out: str, rd: str, settings: dict) -> str | None:
+    """The run directory in `out`, other than `rd`, of a run with these `settings` whose model or student was
+    spelled another way (the run name hashes the spelling: before 2026-12-08 `--model LeNet-300-100` started afresh
+    beside a `--model lenet300` run, and its --resume found no run); None where there is none."""
+    with contextlib.suppress(OSError):
+        for n, there in _runs_settings(out, sorted(os.listdir(out))):
+            if os.path.join(out, n) != rd and not settings_differ(there, settings):
+                return os.path.join(out, n)
+    return None
+
+
+def _nearest(out: str, names: list, settings: dict | None) -> str:
+    """"; the nearest, NAME, differs in --wall (0.5 there, 0.996 here), ..." (fewest differences first)."""
+    found = []
+    for n, there in _runs_settings(out, names) if settings is not None else ():
+        diff = settings_differ(there, settings)
+        found.append((len(diff), n, [(k, _setting(there, k), _setting(settings, k)) for k in diff]))
     if not found:
         return ""
     _, name, diff = min(found)

@@ -29,7 +29,7 @@ from .files import (EXIT_BUSY, Busy, CorruptFile, WriteFailed, finish_interrupte
 from .loop import PhaseError, run_phase
 from .metrics import teacher_tag
 from .reuse import (PhaseMissing, check_linked, needed_phases, other_runs_hint, phase_done, phase_settings,
-                    prepare_phases, teacher_fingerprint, unlink_reused)
+                    prepare_phases, settings_differ, spelled_twin, teacher_fingerprint, unlink_reused)
 from .seed_status import SeedStatus
 from .teachers import load_teacher, teacher_checkpoint
 
@@ -55,11 +55,12 @@ def result_settings(cfg: Config) -> dict:
 
 
 def run_dir_of(cfg: Config) -> str:
-    """OUT/<dataset>-eps<eps>-<profile>-<model>[-<student>]-<8 hex digits of the settings' hash>:
-    the same settings always find their directory (resume, report), different ones never collide."""
-    digest = hashlib.sha256(json.dumps(result_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    """OUT/<dataset>-eps<eps>-<profile>-<model>[-<student>]-<8 hex digits of the settings' hash> (or its run under
+    other spellings of the models: reuse.spelled_twin): the same settings always find it, different ones never collide."""
+    digest = hashlib.sha256(json.dumps(settings := result_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
     models = cfg.model + ("" if cfg.resolved_student() == cfg.model else f"-{cfg.resolved_student()}")
-    return os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
+    rd = os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
+    return rd if os.path.isfile(os.path.join(rd, "config.json")) else spelled_twin(cfg.out, rd, settings) or rd
 
 
 def legacy_run_dir(cfg: Config) -> str | None:
@@ -108,11 +109,9 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
               f"is not resumed: this run starts in {rd} (`--report-only` still reports the old one)", file=sys.stderr)
     old = _read_config(path)
     resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
-    if old:
-        diff = sorted(k for k, v in result_settings(cfg).items() if v != old.get(k))
-        if diff:
-            raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
-                             "choose another --out, or move it aside (its trained phases are kept there)")
+    if old and (diff := settings_differ(old, result_settings(cfg))):
+        raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
+                         "choose another --out, or move it aside (its trained phases are kept there)")
     import torchvision
 
     from .. import __version__
