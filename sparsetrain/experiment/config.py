@@ -53,7 +53,7 @@ def _role(role: str, key: str, default):
 class Config:
     dataset: str = _f("cifar10", "dataset", positional=True, choices=DATASETS)
     eps: float = _f(0.2, "label-noise fraction in [0, 1) applied to the training (and validation) split")
-    noise: str = _f("symmetric", "noise kind: symmetric (a different class, the paper's) or uniform (any class)",
+    noise: str = _f("symmetric", "noise kind: symmetric (a different class, as the authors' code) or uniform (any class)",
                     choices=NOISE_KINDS)
     profile: str = _f("paper", "preset: paper (the paper's protocol, Table 4 per model) or quick (CPU budget, "
                       "minutes)", choices=PROFILES)
