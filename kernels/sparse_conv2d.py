@@ -320,6 +320,7 @@ def deferred_bn(x, in_mean, in_scale, in_shift, in_relu):
         raise ValueError("in_mean, in_scale and in_shift must be given together (the deferred BatchNorm)")
     if in_scale is None:
         return None
+    _check_x(x, "x")  # (4-D before its channels are read: a 1-D x was an IndexError, a 3-D one "in_mean must have")
     c = x.shape[1]
     return (channel_vector(in_mean, "in_mean", c, x, torch.float64), channel_vector(in_scale, "in_scale", c, x),
             channel_vector(in_shift, "in_shift", c, x), in_relu)
@@ -332,7 +333,7 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
                         kernel_size, stride, padding, bias, relu, in_mean=None, in_scale=None, in_shift=None,
                         in_relu=False, relu_counts=None):
     """(y, stats float64 [2, O]): the conv (relu'd with `relu`) and its per-channel sum y and centred sum
-    (y - mean)^2, from sum y^2 taken in the epilogue (the C++ op sums an ill-conditioned channel again);
+    (y - mean)^2, from sum y^2 taken in the epilogue (an ill-conditioned fp64 channel summed again: centre_stats);
     with in_mean/in_scale/in_shift the conv reads act((x - in_mean) in_scale + in_shift) (a deferred
     BatchNorm); relu_counts (int64, one per output neuron) += the samples with y > 0."""
     check_conv_args(kernel_size, stride, padding)
@@ -353,8 +354,8 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
                        stats=stats, in_act=in_act, counts=counts)
     if counts is not None:
         relu_counts.add_(counts)
-    stats[1] -= stats[0] * stats[0] / max(y.numel() // max(O, 1), 1)  # (sum (y - mean)^2 = sum y^2 - (sum y)^2 / n)
-    return y, stats
+    from .bn_act import centre_stats  # (here: bn_act imports this module)
+    return y, centre_stats(y, crow_indices, stats)
 
 
 def _plus(dx, grad_input_add):

@@ -76,6 +76,31 @@ def conv_stats_matches_the_cpu_op():
             KC.sparse_conv2d_stats(x, *idx, *geo, None, True, *bad)
     with pytest.raises(ValueError, match="relu_counts must be int64"):
         KC.sparse_conv2d_stats(x, *idx, *geo, None, True, None, None, None, False, torch.zeros(4, dtype=torch.int64))
+    for shape in ((180,), (3, 5, 6)):  # (with a deferred BN: an IndexError, and "in_mean must have shape", before)
+        for stats in (KC.sparse_conv2d_stats, torch.ops.sparsetrain.sparse_conv2d_stats):
+            with pytest.raises(ValueError, match="x must be 4-D"):
+                stats(torch.zeros(shape), *idx, *geo, None, True, m3, torch.ones(3), torch.ones(3))
+
+
+@interp
+def conv_stats_of_a_float64_channel_far_from_zero_are_centred():
+    """fp64 channels whose mean is up to 1e8x their spread: the centred sum (y - mean)^2 from the epilogue's sum y^2
+    cancelled (Triton's kept it: 551.0 for 551.39 at a bias of 1e7, 384 at 1e8, outputs 100x off); summed again
+    about the mean (centre_stats) it is the C++ op's and bn_stats' own. The empty row's channel: 0, as in C++."""
+    import sparsetrain.kernels.sparse_conv2d as KC
+    op = torch.ops.sparsetrain.sparse_conv2d_stats
+    g, idx, x, geo = _conv_case(2, 3, 5, (6, 6), 3, 1, 1, torch.float64)  # (row 0 empty)
+    for bias, relu in itertools.product((1e2, 1e4, 1e6, 1e7, 1e8), (False, True)):
+        b = torch.full((5,), bias, dtype=torch.float64)
+        b[1] = -bias  # (relu: a channel of zeros, a constant channel)
+        y, st = op(x, *idx, *geo, b, relu)
+        yt, stt = KC.sparse_conv2d_stats(x, *idx, *geo, b, relu)
+        torch.testing.assert_close(yt, y, rtol=1e-13, atol=0)
+        ref = bn_stats(y)
+        tol = dict(rtol=1e-9, atol=max(1e-9, 1e-13 * bias))  # (y's own rounding, ~ulp(bias) each)
+        torch.testing.assert_close(stt, st, **tol)
+        torch.testing.assert_close(stt[1, 1:], ref[1, 1:], **tol)
+        assert stt[1, 0] == 0 and st[1, 0] == 0, (bias, relu)
 
 
 @interp
