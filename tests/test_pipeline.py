@@ -262,6 +262,24 @@ def test_cli_errors_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_print_config_shows_a_run_planned_for_a_gpu_this_machine_lacks(capsys):
+    """--print-config reads no data and runs nothing: it shows a GPU run's settings on a machine without that GPU
+    (it was "no CUDA device is available here", exit 2), checking --device and --amp as a sweep's plan does (their
+    spelling; bf16/fp16 on the CPU run nowhere); a run itself still needs the device."""
+    gpu = ["cifar10", "--eps", "0.5", "--device", f"cuda:{torch.cuda.device_count()}", "--amp", "fp16"]
+    assert study.main([*gpu, "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["device"] == gpu[4] and shown["config"]["amp"] == "fp16"
+    auto = config_from_args([*gpu[:3], "--amp", "fp16"], here=False)[0]  # (--device auto: not a result key)
+    assert shown["run_dir"] == study.run_dir_of(auto)
+    for argv, message in (([*gpu[:3], "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+                          ([*gpu[:3], "--device", "cpu", "--amp", "bf16"], "--amp bf16 needs a CUDA device"),
+                          (gpu, "CUDA device")):  # (not --print-config: this machine must have it)
+        with pytest.raises(SystemExit) as e:
+            config_from_args([*argv, "--print-config"] if argv is not gpu else argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_given_milestones_past_the_epochs_are_refused_but_a_preset_run_round_trips(capsys):
     """--epochs alone keeps the preset's milestones (documented); a sweep run's argv writes every field
     out but those milestones, which come back from the preset (given, they are refused: every run of a

@@ -203,7 +203,7 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
     assert sum(r.kind == "study" and not r.error for r in plan) == 1
     # --device / --amp: whether they can run is the runs' machines' business, their spelling the plan's
     for axis, value, message in (("device", "tpu", "--device must be auto, cpu, cuda or cuda:N"),
-                                 ("amp", "fp8", "--amp must be one of auto, bf16, fp16, off")):
+                                 ("amp", "fp8", "argument --amp: invalid choice: 'fp8'")):
         plan = make_plan(_settings(tmp_path, **{axis: [value]}), str(tmp_path / "sw"), threads=1)
         assert [message in r.error for r in plan] == [True], (axis, [r.error for r in plan])
     assert not make_plan(_settings(tmp_path, device=["cuda:1"]), str(tmp_path / "sw"), threads=1)[0].error
@@ -211,7 +211,8 @@ def test_plan_reports_an_invalid_point_and_keeps_the_others(tmp_path):
     # and at --gpus-per-run 0 the sweep advised giving the runs a GPU
     plan = make_plan(_settings(tmp_path, device=["cpu"], amp=["bf16", "off"]), str(tmp_path / "sw"), threads=1)
     assert [r.error for r in plan if r.error] == [
-        "error: --amp bf16 needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto"]
+        "error: --amp bf16 needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto (see python -m "
+        "sparsetrain.experiment --help)"]
     assert cli.main(_tiny(tmp_path, "--device", "cpu", "--amp", "fp16", "--dry-run")) == 1
 
 

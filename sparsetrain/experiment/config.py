@@ -21,7 +21,7 @@ from .config_types import Hyper, check_types, normalize
 from .cli_flags import Parser, add_flag
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
-from .devices import resolve_amp, resolve_device, version_line
+from .devices import check_spelling, resolve_amp, resolve_device, version_line
 from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
@@ -171,9 +171,10 @@ def _check_models(values: dict) -> None:
                 raise ValueError(f"--{k}: {e}") from None
 
 
-def validate(cfg: Config, flags: dict | None = None) -> None:
+def validate(cfg: Config, flags: dict | None = None, here: bool = True) -> None:
     """Raises ValueError naming the argument and what was expected (`flags`: {field: the flag that
-    set it}, e.g. teacher_lr: --lr); TypeError for a field of another type (a Config built in Python)."""
+    set it}, e.g. teacher_lr: --lr); TypeError for a field of another type (a Config built in Python). `here`:
+    whether --device and --amp must run on this machine (else their spelling alone: devices.check_spelling)."""
     flags = flags or {}
     check_types(cfg)
     for f in fields(Config):
@@ -216,7 +217,7 @@ def validate(cfg: Config, flags: dict | None = None) -> None:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
             raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
-    resolve_amp(cfg.amp, resolve_device(cfg.device))
+    resolve_amp(cfg.amp, resolve_device(cfg.device)) if here else check_spelling(cfg.device, cfg.amp)
     if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.label_file and cfg.dataset not in HUMAN_NOISE:  # (it would be ignored, and change the run's name)
@@ -319,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(given: dict, both: dict) -> Config:
+def resolve(given: dict, both: dict, here: bool = True) -> Config:
     """The Config of the settings `given` ({field: value}, the dataset and profile among them) and `both` ({a
     ROLE_KEYS key: value}, each role's unless `given` has the role's own) over the profile's preset (lists as
-    tuples, -0.0 as 0.0). ValueError naming the flag for a bad value, TypeError for one of another type."""
+    tuples, -0.0 as 0.0). ValueError naming the flag for a bad value, TypeError for one of another type; `here`:
+    validate's."""
     given, flags = dict(given), {}
     for k, v in both.items():
         for role in ROLES:
@@ -333,7 +335,7 @@ def resolve(given: dict, both: dict) -> Config:
     _check_models(given)  # (the preset reads the models' families)
     p = preset(base.profile, base.dataset, given.get("model"), given.get("student"))
     cfg = Config(**{**dataclasses.asdict(base), **p, **given})
-    validate(cfg, flags)
+    validate(cfg, flags, here)
     for role in ROLES:  # (given milestones past the run's epochs would never lower the LR; the preset's
         hp, key = cfg.hyper(role), f"{role}_milestones"  # with --epochs alone are kept, as documented)
         if key in given and any(m >= hp.epochs for m in hp.milestones):
@@ -347,14 +349,16 @@ def resolve(given: dict, both: dict) -> Config:
     return cfg
 
 
-def config_from_args(argv=None) -> tuple[Config, argparse.Namespace]:
+def config_from_args(argv=None, here: bool | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse argv into a resolved Config: defaults < preset (per role) < --<key> (both roles) <
-    --<role>-<key>. Bad arguments exit with code 2 and a one-line message."""
+    --<role>-<key>. Bad arguments exit with code 2 and a one-line message. `here` (validate's): by default
+    unless --print-config, which shows the settings of a run planned for another machine (a GPU's) too."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
     try:
-        cfg = resolve(given, {k: getattr(args, k) for k in ROLE_KEYS if getattr(args, k) is not None})
+        cfg = resolve(given, {k: getattr(args, k) for k in ROLE_KEYS if getattr(args, k) is not None},
+                      not args.print_config if here is None else here)
     except ValueError as e:
         parser.error(str(e))
     return cfg, args

@@ -6,18 +6,27 @@ import os
 import re
 import subprocess
 
-__all__ = ["resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit",
+__all__ = ["check_spelling", "resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit",
            "threads_for"]
+
+
+def check_spelling(spec: str, amp: str) -> None:
+    """--device and --amp for a run on another machine (a sweep's runs, --print-config), where whether they can run
+    is that machine's business: ValueError for a device spelt wrong, and for --amp bf16/fp16 on the CPU (nowhere)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec if isinstance(spec, str) else ""):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if spec == "cpu":
+        import torch
+        resolve_amp(amp, torch.device("cpu"))  # (bf16/fp16 run on no CPU: its error)
 
 
 def resolve_device(spec: str):
     """--device as a torch.device: auto -> cuda when available, else cpu. ValueError for a device
     this machine does not have."""
     import torch
+    check_spelling(spec, "off")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec or ""):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     dev = torch.device(spec)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import itertools
 import os
-import re
 
 from ..experiment.config import Config, config_from_args
 from ..experiment.study import UsageError, check_teachers
@@ -49,20 +48,10 @@ def _argv(point: dict) -> list[str]:
 def _resolve(point: dict) -> tuple[Config | None, str]:
     """The experiment parser's Config for a point, or (None, its one-line error)."""
     err = io.StringIO()
-    # the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked
-    # there, their spelling here
-    device, amp = point.get("device", "auto"), point.get("amp", "auto")
-    amps = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == "amp")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        return None, f"error: --device must be auto, cpu, cuda or cuda:N, got {device!r}"
-    if amp not in amps:
-        return None, f"error: --amp must be one of {', '.join(amps)}, got {amp!r}"
-    if device == "cpu" and amp in ("bf16", "fp16"):  # (on any machine: the experiment's own refusal)
-        return None, f"error: --amp {amp} needs a CUDA device (the CPU kernels compute in fp32); use --amp off or auto"
-    try:
+    try:  # (the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked
+        # there, their spelling here)
         with contextlib.redirect_stderr(err):
-            cfg, _ = config_from_args(_argv({**point, "device": "auto", "amp": "auto"}))
-        return dataclasses.replace(cfg, device=device, amp=amp), ""
+            return config_from_args(_argv(point), here=False)[0], ""
     except SystemExit:
         return None, err.getvalue().strip() or "invalid settings"
 
