@@ -4,6 +4,7 @@ came too late), and the one line of an error the process wrote there."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -76,7 +77,9 @@ def stop_process(log: str, grace: float = 5.0) -> None:
     stop_group; before 2026-12-07 the process alone) get SIGTERM, SIGKILL after `grace` s,
     then the log ends with cancelled_line and the marker is removed; a process of the pid that started at another
     time than the marker records is another (a reused pid: signalled before 2026-12-07) and is left alone. Nothing
-    to do without a marker (its task cleaned up). Several runs: stop_processes."""
+    to do without a marker (its task cleaned up), but for a log whose last line says a signal ended the process (Ray's
+    forced cancel kills it with its worker, which may still write that line): cancelled after it. Several runs:
+    stop_processes."""
     stop_processes([log], grace)
 
 
@@ -91,7 +94,10 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
             with open(marker) as f:
                 pid, host, ticks = (f.read().split() + ["", "", ""])[:3]
             ends.append((log, marker, time.time() - os.path.getmtime(marker)))
-        except OSError:
+        except OSError:  # (ended: its log ends "exit code -9" where Ray's forced cancel killed it with its worker,
+            # the worker still writing, before 2026-12-08 the log's last line; cancelled after that line now)
+            if (seconds := _killed_after(log)) is not None:
+                ends.append((log, None, seconds))
             continue
         if pid.isdigit() and int(pid) > 1 and host == socket.gethostname():  # (0, 1: never a run's process)
             fields = proc_stat(int(pid))  # (a run's leads its own group, run_experiment; an older marker's may not)
@@ -105,7 +111,20 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
                 f.write(cancelled_line(seconds))
         except OSError:
             pass
-        remove_marker(marker)
+        if marker:
+            remove_marker(marker)
+
+
+def _killed_after(log: str) -> float | None:
+    """The seconds of a run whose log's last line says a signal ended it ("=== exit code -9 after 11 s"), else None."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = (f.read().decode(errors="replace").splitlines() or [""])[-1]
+    except OSError:
+        return None
+    m = re.fullmatch(r"=== exit code -\d+ after (\d+) s", last)
+    return float(m.group(1)) if m else None
 
 
 def stop_group(pid: int, grace: float, group: bool = True) -> None:

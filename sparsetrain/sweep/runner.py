@@ -85,6 +85,9 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                     break
                 except subprocess.TimeoutExpired:
                     pass
+            # a signal, and the marker gone: the sweep stopped it (runlog.stop_processes, where this task's cancel was
+            # lost) and ended its log "cancelled", which an exit line after it contradicted (this loop wakes late)
+            swept = rc < 0 and not os.path.exists(marker)
         except BaseException:  # cancelled: stop the experiment and its children (atomic files; it resumes later)
             stop_group(proc.pid, grace=60)
             try:
@@ -96,7 +99,7 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         finally:  # (one that cannot be removed: the outcome stands, naming it, as for a lost last line)
             if stale := remove_marker(marker):
                 end_line(f, log, f"=== {stale}\n")
-        lost = end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
+        lost = "" if swept else end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
         lost = "; ".join(w for w in (lost, stale) if w)
     see = f"see {log}" + (f"; {lost}" if lost else "")
     if rc == EXIT_BUSY:
