@@ -174,24 +174,6 @@ def _check_scale_shift(stats, count, weight, bias, running_mean, running_var, nu
                          "each other), got overlapping tensors")
 
 
-def centre_stats(y: torch.Tensor, crow_indices: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """stats[1], the epilogue's sum y^2, as the centred sum (y - mean)^2 = sum y^2 - (sum y)^2 / n (at least 0; 0 for
-    an empty weight row's channel, act(bias) throughout), as the C++ op's centre_stats (csrc/cpu/sparse_conv2d.cpp):
-    in float64 a channel where that cancels past 1e2 (mean/std past ~10) is summed again about its mean from y
-    (before 2026-12-08 the Triton op kept the cancelled difference: 0.5 of the outputs at mean/std 1e7, 100x at 1e8)."""
-    n = y.numel() // max(y.shape[1], 1)
-    if n == 0:
-        return stats
-    sq, empty = stats[1].clone(), crow_indices[1:] == crow_indices[:-1]
-    stats[1] = (sq - stats[0] * (stats[0] / n)).clamp_min(0.0).masked_fill(empty, 0.0)
-    again = (sq > 1e2 * stats[1]) & ~empty  # (NaN: never; a centred 0 of sq > 0: again)
-    if y.dtype == torch.float64 and bool(again.any()):  # (float32: never, as the C++ op; one sync, fp64 only)
-        idx = again.nonzero().squeeze(1)
-        mean = (stats[0][idx] / n).view(1, -1, 1, 1)
-        stats[1][idx] = ((y.index_select(1, idx) - mean) ** 2).sum(dim=(0, 2, 3))
-    return stats
-
-
 @tensor_args("stats weight? bias? running_mean? running_var? num_batches_tracked?")
 @flag_args("batch_stats")
 def bn_scale_shift(stats, count, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,

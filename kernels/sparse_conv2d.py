@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, channel_vector, check_activation,
-                     check_compressed, check_conv_args, check_counts, check_device, check_float, check_index,
-                     check_ints, check_perm, check_split, check_transposed, check_values, conv_args as _args,
-                     conv_geometry as _geometry, density_key, dtype_name, flag_args, launch, max_index, num_sms,
-                     pow2_bucket, row_order, tensor_args)
+from ._utils import (FLOAT_DTYPES, HALF_DTYPES, acc_dtype, autotune, cached, centre_stats, channel_vector,
+                     check_activation, check_compressed, check_conv_args, check_counts, check_device, check_float,
+                     check_index, check_ints, check_perm, check_split, check_transposed, check_values,
+                     conv_args as _args, conv_geometry as _geometry, density_key, dtype_name, flag_args, launch,
+                     max_index, num_sms, pow2_bucket, row_order, tensor_args)
 
 __all__ = ["conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "sparse_conv2d", "sparse_conv2d_stats",
            "sparse_conv2d_grad_input", "sparse_conv2d_grad_weight", "sparse_conv2d_backward"]
@@ -354,7 +354,6 @@ def sparse_conv2d_stats(x, crow_indices, col_indices, values, ccol_indices, row_
                        stats=stats, in_act=in_act, counts=counts)
     if counts is not None:
         relu_counts.add_(counts)
-    from .bn_act import centre_stats  # (here: bn_act imports this module)
     return y, centre_stats(y, crow_indices, stats)
 
 
