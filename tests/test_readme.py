@@ -76,10 +76,6 @@ def _commands():
     return out
 
 
-def _have(device: str) -> bool:
-    return torch.cuda.is_available() and int(device.partition(":")[2] or 0) < torch.cuda.device_count()
-
-
 def test_readme_and_makefile_commands_parse(tmp_path):
     commands = _commands()
     modules = {m for m, _ in commands}
@@ -97,9 +93,7 @@ def test_readme_and_makefile_commands_parse(tmp_path):
         for argv, r in zip(runs, results):
             if argv[0] == "report":
                 assert r.returncode == 2 and "no run directory" in r.stderr, (argv, r.stderr)
-            elif any(a.startswith("cuda") and not _have(a) for a in argv):  # (a GPU command on a machine without it)
-                assert r.returncode == 2 and "--device cuda" in r.stderr, (argv, r.stderr)
-            else:
+            else:  # (a GPU command too, on a machine without that GPU: --print-config shows it since 2026-12-08)
                 assert r.returncode == 0 and "usage:" not in r.stderr, (argv, r.stderr[-2000:])
 
 

@@ -21,7 +21,7 @@ from .config_types import Hyper, check_types, normalize
 from .cli_flags import Parser, add_flag
 from .datasets import DATASETS, HUMAN_NOISE
 from .early_stop import EARLY_STOPS
-from .devices import check_spelling, resolve_amp, resolve_device, version_line
+from .devices import AMPS, check_spelling, resolve_amp, resolve_device, version_line
 from .models import MODEL_NAMES, canonical_name, resolve_name
 from .presets import PROFILES, STUDY, family, preset, schedule
 
@@ -123,7 +123,7 @@ class Config:
                      "started on one device resumes on another")
     amp: str = _f("auto", "mixed precision of training and evaluation: bf16 or fp16 autocast (fp32 master weights; "
                   "fp16 with a GradScaler), off, or auto (bf16 on a CUDA device that supports it, else off; CPU "
-                  "runs are fp32: the CPU kernels compute in fp32)", choices=("auto", "bf16", "fp16", "off"))
+                  "runs are fp32: the CPU kernels compute in fp32)", choices=AMPS)
     threads: int = _f(0, "torch threads (0: this run's CPU share: OMP_NUM_THREADS, else the CPUs the process "
                       "may run on); with several runs on one machine give each cores / runs")
     phases: tuple = _f(PHASE_KINDS, "phases this command trains: teacher, vanilla, distill; a phase they need "
@@ -217,7 +217,10 @@ def validate(cfg: Config, flags: dict | None = None, here: bool = True) -> None:
             flag = flags.get(name, f"--{name.replace('_', '-')}")
             raise ValueError(f"{flag} must be {expected}, got {getattr(cfg, name)!r}")
     _check_models({"model": cfg.model, "student": cfg.student})
-    resolve_amp(cfg.amp, resolve_device(cfg.device)) if here else check_spelling(cfg.device, cfg.amp)
+    if here:
+        resolve_amp(cfg.amp, resolve_device(cfg.device))
+    else:
+        check_spelling(cfg.device, cfg.amp)
     if cfg.dataset in HUMAN_NOISE and cfg.eps > 0:
         raise ValueError(f"--eps must be 0 for {cfg.dataset} (its human labels are the noise), got {cfg.eps}")
     if cfg.label_file and cfg.dataset not in HUMAN_NOISE:  # (it would be ignored, and change the run's name)

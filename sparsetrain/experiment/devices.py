@@ -6,15 +6,24 @@ import os
 import re
 import subprocess
 
-__all__ = ["check_spelling", "resolve_device", "resolve_amp", "describe_device", "changed_since", "version_line", "git_commit",
-           "threads_for"]
+__all__ = ["AMPS", "check_spelling", "resolve_device", "resolve_amp", "describe_device", "changed_since",
+           "version_line", "git_commit", "threads_for"]
+
+
+AMPS = ("auto", "bf16", "fp16", "off")  # (--amp's choices)
+
+
+def _check_device(spec) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", spec if isinstance(spec, str) else ""):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
 def check_spelling(spec: str, amp: str) -> None:
     """--device and --amp for a run on another machine (a sweep's runs, --print-config), where whether they can run
-    is that machine's business: ValueError for a device spelt wrong, and for --amp bf16/fp16 on the CPU (nowhere)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec if isinstance(spec, str) else ""):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    is that machine's business: ValueError for either spelt wrong, and for --amp bf16/fp16 on the CPU (nowhere)."""
+    _check_device(spec)
+    if amp not in AMPS:
+        raise ValueError(f"--amp must be one of {', '.join(AMPS)}, got {amp!r}")
     if spec == "cpu":
         import torch
         resolve_amp(amp, torch.device("cpu"))  # (bf16/fp16 run on no CPU: its error)
@@ -24,7 +33,7 @@ def resolve_device(spec: str):
     """--device as a torch.device: auto -> cuda when available, else cpu. ValueError for a device
     this machine does not have."""
     import torch
-    check_spelling(spec, "off")
+    _check_device(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)

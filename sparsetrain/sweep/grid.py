@@ -48,8 +48,9 @@ def _argv(point: dict) -> list[str]:
 def _resolve(point: dict) -> tuple[Config | None, str]:
     """The experiment parser's Config for a point, or (None, its one-line error)."""
     err = io.StringIO()
-    try:  # (the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked
-        # there, their spelling here)
+    # the runs' machines may have GPUs this one lacks: whether --device and --amp can run is checked there, their
+    # spelling here (devices.check_spelling)
+    try:
         with contextlib.redirect_stderr(err):
             return config_from_args(_argv(point), here=False)[0], ""
     except SystemExit:
