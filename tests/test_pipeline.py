@@ -386,6 +386,7 @@ def test_a_run_is_found_under_another_spelling_of_its_model(mnist_dir, study_arg
     assert study.run_dir_of(config_from_args(study_args(mnist_dir, "--model", "LeNet-300-100"))[0]) == str(held)
     assert study.main(study_args(mnist_dir, "--model", "LeNet-300-100", "--resume")) == 0
     assert run_dir(out) == held and os.path.isfile(held / "summary.md")
+    assert json.loads((held / "config.json").read_text())["model"] == "lenet_300_100"  # (its own spelling kept)
     resumed = strip_timing(read_rows(held / "seed0" / "teacher" / "metrics.csv"))
     shutil.move(str(out), str(mnist_dir / "first"))
     assert study.main(study_args(mnist_dir, "--model", "lenet300")) == 0  # (uninterrupted, the canonical spelling)
@@ -393,6 +394,30 @@ def test_a_run_is_found_under_another_spelling_of_its_model(mnist_dir, study_arg
     capsys.readouterr()
     assert study.main(study_args(mnist_dir, "--model", "vgg_d1g1", "--resume")) == 2  # (another model: no run)
     assert "no run to resume" in capsys.readouterr().err
+
+
+def test_a_twin_under_another_spelling_is_a_folder_named_as_a_run_of_these_settings(tmp_path):
+    """spelled_twin takes only a folder named as a run of this dataset, noise and profile with a hash: not one moved
+    aside (RUN.old), a copy under another name, nor the hash-less naming of before 2026-12-01 (each was taken, the
+    first in sorted order, by the first version); of two twins the one that recorded the names in their one spelling;
+    a run continued under another spelling keeps its config.json's own."""
+    argv = lambda out, model: ["mnist", "--profile", "quick", "--out", str(out), "--model", model]  # noqa: E731
+    spelt = config_from_args(argv(tmp_path, "LeNet-300-100"))[0]
+    rd = study.prepare_run_dir(config_from_args(argv(tmp_path, "lenet_300_100"))[0])
+    assert study.run_dir_of(spelt) == rd
+    own = os.path.join(tmp_path, os.path.basename(rd).replace("lenet_300_100", "LeNet-300-100").rsplit("-", 1)[0])
+    os.rename(rd, rd + ".old")
+    shutil.copytree(rd + ".old", tmp_path / "backup-of-a-run")
+    shutil.copytree(rd + ".old", tmp_path / "mnist-eps0.2-quick")  # (the hash-less naming)
+    assert study.run_dir_of(spelt).startswith(own + "-") and not os.path.exists(study.run_dir_of(spelt))
+    os.rename(rd + ".old", rd)
+    canonical = study.prepare_run_dir(config_from_args(argv(tmp_path / "elsewhere", "lenet300"))[0])
+    shutil.move(canonical, tmp_path)  # (two twins: the canonical one's record wins, whatever the names' order)
+    twin = os.path.join(tmp_path, os.path.basename(canonical))
+    assert study.run_dir_of(spelt) == twin
+    study.prepare_run_dir(spelt)
+    with open(os.path.join(twin, "config.json")) as f:
+        assert json.load(f)["model"] == "lenet300"
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path):

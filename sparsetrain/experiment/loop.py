@@ -35,7 +35,7 @@ from .files import CorruptFile, RemoveFailed, WriteFailed, make_folder, remove_f
 from .flops import forward_flops, paper_macs, paper_round_flops, training_flops
 from .integrity import RESTART, verify_phase, where_of
 from .metrics import best_index
-from .models import build_model, canonical_name
+from .models import build_model, one_spelling
 from .train import evaluate, make_optimizer, steps_per_epoch, train_epoch
 
 
@@ -71,14 +71,6 @@ def arch_of(name: str, splits, dropout: float = 0.0) -> dict:
                 image_size=h if h == w else (h, w), **({"dropout": dropout} if dropout else {}))
 
 
-def _spelled(arch):
-    """An arch_of dict with its model name in one spelling (models.canonical_name; an unknown one as written)."""
-    try:
-        return {**arch, "name": canonical_name(arch["name"])}
-    except (TypeError, KeyError, ValueError):
-        return arch
-
-
 # ============================================================================ stages
 def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState:
     """A fresh phase (seeded model, round 0), or the saved state of an interrupted one (saved on
@@ -89,7 +81,8 @@ def start(cfg, hp, arch: dict, seed: int, state_path: str, device) -> PhaseState
         except CorruptFile as e:
             raise CorruptFile(f"{e}; {RESTART}") from None
         saved = st["model"].get("arch") if isinstance(st.get("model"), dict) else None
-        if _spelled(saved) != _spelled(arch):  # (a state.pt copied from another run or phase: it resumed another
+        spelled = lambda a: {**a, "name": one_spelling(a.get("name"))} if isinstance(a, dict) else a  # noqa: E731
+        if spelled(saved) != spelled(arch):  # (a state.pt copied from another run or phase: it resumed another
             # model's training; the name in one spelling: a run found under another spelling of its model resumes)
             raise CorruptFile(f"{state_path} is the state of another model ({saved!r}), not this phase's ({arch!r}); "
                               f"{RESTART}")

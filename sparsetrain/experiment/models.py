@@ -29,7 +29,8 @@ from ..engine.args import check_flag, is_int
 from ..engine.replicated import BroadcastAvgPool2d
 
 __all__ = ["resnet18", "resnet50", "vgg_like", "lenet_300_100", "build_model", "count_parameters",
-           "MODEL_NAMES", "MODELS", "resolve_name", "canonical_name"]
+           "MODEL_NAMES", "MODELS", "resolve_name", "canonical_name",
+           "one_spelling"]
 
 SMALL_INPUT = 64  # images of at most this side get the CIFAR stem (3x3 stride-1 conv, no max-pool)
 
@@ -160,6 +161,15 @@ def canonical_name(name: str) -> str:
     if key == "vgg_like":
         return f"vgg_d{kwargs.get('delta', 5)}g{kwargs.get('gamma', 5)}"
     return key
+
+
+def one_spelling(name):
+    """canonical_name, or `name` as given where it names no model (a hand-edited record, another type): how recorded
+    model names are compared (a run, a phase's state)."""
+    try:
+        return canonical_name(name)
+    except (TypeError, ValueError):
+        return name
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3,

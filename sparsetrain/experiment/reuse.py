@@ -17,11 +17,12 @@ import functools
 import hashlib
 import json
 import os
+import re
 
 from .config import ADDED_DEFAULTS, Config, config_from_json, ignored_settings
 from .files import CorruptFile, make_folder, make_link
 from .metrics import teacher_tag
-from .models import canonical_name
+from .models import canonical_name, one_spelling
 
 __all__ = ["phase_names", "needed_phases", "phase_settings", "phase_key", "teacher_fingerprint", "link_reused",
            "prepare_phases", "check_linked", "recorded_labels", "phase_done", "PhaseMissing", "other_runs_hint",
@@ -288,11 +289,9 @@ def _runs_settings(out: str, names: list):
 
 def _setting(settings: dict, k: str):
     """A result setting as runs are compared by: at ADDED_DEFAULTS' default where absent (a setting added since),
-    a model or student name in its one spelling (canonical_name: --model LeNet-300-100 is lenet300)."""
+    a model or student name in its one spelling (--model LeNet-300-100 is lenet300)."""
     v = settings.get(k, ADDED_DEFAULTS.get(k))
-    with contextlib.suppress(ValueError, TypeError):  # (a name no model has: compared as written)
-        v = canonical_name(v) if k in ("model", "student") and v else v
-    return v
+    return one_spelling(v) if k in ("model", "student") else v
 
 
 def settings_differ(there: dict, settings: dict) -> list[str]:
@@ -300,15 +299,21 @@ def settings_differ(there: dict, settings: dict) -> list[str]:
     return [k for k in sorted({**ADDED_DEFAULTS, **settings}) if _setting(there, k) != _setting(settings, k)]
 
 
-def spelled_twin(out: str, rd: str, settings: dict) -> str | None:
+def spelled_twin(out: str, head: str, rd: str, settings: dict) -> str | None:
     """The run directory in `out`, other than `rd`, of a run with these `settings` whose model or student was
     spelled another way (the run name hashes the spelling: before 2026-12-08 `--model LeNet-300-100` started afresh
-    beside a `--model lenet300` run, and its --resume found no run); None where there is none."""
-    with contextlib.suppress(OSError):
-        for n, there in _runs_settings(out, sorted(os.listdir(out))):
-            if os.path.join(out, n) != rd and not settings_differ(there, settings):
-                return os.path.join(out, n)
-    return None
+    beside a `--model lenet300` run, and its --resume found no run); None where there is none. Only folders named as
+    runs of this dataset, noise and profile, `head` (<dataset>-eps<eps>-<profile>-: not a run moved aside as RUN.old,
+    a copy, the hash-less naming of before 2026-12-01); of several, the one that recorded its names in their one
+    spelling, then by name."""
+    named = re.compile(re.escape(head) + r"[^-].*-[0-9a-f]{8}")  # (<dataset>-eps<eps>-<profile>-<models>-<hash>)
+    try:
+        found = [(n, there) for n, there in _runs_settings(out, sorted(n for n in os.listdir(out) if named.fullmatch(n)))
+                 if os.path.join(out, n) != rd and not settings_differ(there, settings)]
+    except OSError:
+        return None
+    spelt = lambda t: any(t.get(k) != one_spelling(t.get(k)) for k in ("model", "student"))  # noqa: E731
+    return os.path.join(out, min(found, key=lambda f: (spelt(f[1]), f[0]))[0]) if found else None
 
 
 def _nearest(out: str, names: list, settings: dict | None) -> str:

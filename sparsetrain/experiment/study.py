@@ -59,8 +59,9 @@ def run_dir_of(cfg: Config) -> str:
     other spellings of the models: reuse.spelled_twin): the same settings always find it, different ones never collide."""
     digest = hashlib.sha256(json.dumps(settings := result_settings(cfg), sort_keys=True).encode()).hexdigest()[:8]
     models = cfg.model + ("" if cfg.resolved_student() == cfg.model else f"-{cfg.resolved_student()}")
-    rd = os.path.join(cfg.out, f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-{models}-{digest}")
-    return rd if os.path.isfile(os.path.join(rd, "config.json")) else spelled_twin(cfg.out, rd, settings) or rd
+    head = f"{cfg.dataset}-eps{cfg.eps:g}-{cfg.profile}-"
+    rd = os.path.join(cfg.out, f"{head}{models}-{digest}")
+    return rd if os.path.isfile(os.path.join(rd, "config.json")) else spelled_twin(cfg.out, head, rd, settings) or rd
 
 
 def legacy_run_dir(cfg: Config) -> str | None:
@@ -103,12 +104,12 @@ def prepare_run_dir(cfg: Config, resuming: bool = True, device=None) -> str:
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a directory")
     path = os.path.join(rd, "config.json")
-    legacy = legacy_run_dir(cfg)
-    if legacy and not os.path.exists(path):
+    if (legacy := legacy_run_dir(cfg)) and not os.path.exists(path):
         print(f"note: {legacy} is a run directory of an earlier sparsetrain (named without a settings hash); it "
               f"is not resumed: this run starts in {rd} (`--report-only` still reports the old one)", file=sys.stderr)
     old = _read_config(path)
-    resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student()}
+    resolved = {**dataclasses.asdict(cfg), "student": cfg.resolved_student(),  # (a run found under another spelling
+                **{k: old[k] for k in ("model", "student") if k in old}}  # of its models keeps its own: spelled_twin)
     if old and (diff := settings_differ(old, result_settings(cfg))):
         raise UsageError(f"{rd} holds a run with different settings ({', '.join(diff)}); "
                          "choose another --out, or move it aside (its trained phases are kept there)")
