@@ -1084,9 +1084,8 @@ def test_a_run_killed_with_its_worker_ends_its_log_cancelled(tmp_path):
     """Ray's forced cancel kills the experiment with its worker (SIGKILL), and the worker, still running, could end
     the log "=== exit code -9 after 11 s" and remove the marker, so the sweep's stop found no marker and the log of a
     run the sweep stopped said it was killed (seen under load in test_sigterm_stops_the_run_whose_cancel_is_lost).
-    The stop now ends such a log "cancelled" after that line, and a worker whose process a signal ended after the
-    sweep took its marker (the stop's, which writes the log's last line itself) adds no exit line. A log ending
-    another way is left as it is."""
+    The stop now ends such a log "cancelled" after that line, and a worker whose run's log the stop has ended adds no
+    exit line (each writes its line under the log's lock). A log ending another way is left as it is."""
     from sparsetrain.sweep import runner
     from sparsetrain.sweep.runlog import stop_process
     for last, cancelled in (("=== exit code -9 after 11 s", True), ("=== exit code 0 after 3 s", False),
@@ -1097,12 +1096,13 @@ def test_a_run_killed_with_its_worker_ends_its_log_cancelled(tmp_path):
         lines = log.read_text().splitlines()
         assert lines[-2:] == ([last, "=== cancelled after 11 s (the sweep was stopped; its re-run resumes)"]
                               if cancelled else ["round 0", last]), (last, lines)
-    script = tmp_path / "swept.py"  # (its marker taken, as the sweep's stop does, then killed)
-    script.write_text("import os, signal, sys\nos.remove(sys.argv[1])\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    script = tmp_path / "swept.py"  # (its log ended "cancelled", as the sweep's stop does, then killed)
+    script.write_text("import os, signal, sys\nfrom sparsetrain.sweep.runlog import cancelled_line\n"
+                      "open(sys.argv[1], 'a').write(cancelled_line(1))\nos.kill(os.getpid(), signal.SIGKILL)\n")
     log = tmp_path / "w.log"
     with pytest.raises(runner.RunFailed, match="exit code -9"):
-        runner.run_experiment([str(log) + ".running"], str(log), 1, str(tmp_path), str(script))
-    assert not log.read_text().splitlines()[-1].startswith("=== exit code")
+        runner.run_experiment([str(log)], str(log), 1, str(tmp_path), str(script))
+    assert log.read_text().splitlines()[-1].startswith("=== cancelled after 1 s")
     script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")  # (killed, its marker there)
     with pytest.raises(runner.RunFailed, match="exit code -9"):
         runner.run_experiment([], str(log), 1, str(tmp_path), str(script))

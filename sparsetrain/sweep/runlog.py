@@ -3,6 +3,7 @@ marker (the experiment process has started; it names the process, for the sweep 
 came too late), and the one line of an error the process wrote there."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -43,6 +44,33 @@ def end_line(f, log: str, line: str) -> str:
         return ""
     except OSError as e:
         return f"cannot write {log}: {e.strerror or e}"
+
+
+@contextlib.contextmanager
+def locked(f):
+    """The open log `f` locked (flock; unlocked where the filesystem cannot) while its last line is chosen and written:
+    the run's own exit line (run_experiment) and the sweep's stop's cancelled one (stop_processes) each see the other's
+    (before 2026-12-08 the stop's could come first and the exit line after it: seen under load)."""
+    try:
+        import fcntl
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        yield f
+        return
+    try:
+        yield f
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def last_line(log: str) -> str:
+    """The log's last line ("" where it cannot be read): its last 4 KiB read."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            return (f.read().decode(errors="replace").splitlines() or [""])[-1]
+    except OSError:
+        return ""
 
 
 def write_marker(marker: str) -> None:
@@ -107,7 +135,7 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
     stop_groups(targets, grace)
     for log, marker, seconds in ends:
         try:
-            with open(log, "a") as f:
+            with open(log, "a") as f, locked(f):
                 f.write(cancelled_line(seconds))
         except OSError:
             pass
@@ -117,13 +145,7 @@ def stop_processes(logs: list, grace: float = 5.0) -> None:
 
 def _killed_after(log: str) -> float | None:
     """The seconds of a run whose log's last line says a signal ended it ("=== exit code -9 after 11 s"), else None."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            last = (f.read().decode(errors="replace").splitlines() or [""])[-1]
-    except OSError:
-        return None
-    m = re.fullmatch(r"=== exit code -\d+ after (\d+) s", last)
+    m = re.fullmatch(r"=== exit code -[0-9]+ after ([0-9]+) s", last_line(log))
     return float(m.group(1)) if m else None
 
 

@@ -25,8 +25,8 @@ from ..experiment.files import (EXIT_BUSY, Busy, ReadFailed, RemoveFailed, Write
 from ..experiment.reuse import phase_done
 from .cancel import cancel_runs
 from .plan import Run
-from .runlog import (cancelled_line, end_line, error_line, exception_line, name_process, open_log, remove_marker,
-                     stop_group, write_marker)
+from .runlog import (cancelled_line, end_line, error_line, exception_line, last_line, locked, name_process, open_log,
+                     remove_marker, stop_group, write_marker)
 
 __all__ = ["execute", "shutdown_ray", "RunFailed", "UsageFailed", "RunBusy", "SweepError", "run_experiment"]
 
@@ -85,9 +85,11 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
                     break
                 except subprocess.TimeoutExpired:
                     pass
-            # a signal, and the marker gone: the sweep stopped it (runlog.stop_processes, where this task's cancel was
-            # lost) and ended its log "cancelled", which an exit line after it contradicted (this loop wakes late)
-            swept = rc < 0 and not os.path.exists(marker)
+            with locked(f):  # (before the marker goes: the sweep's stop, finding none, looks for this line)
+                # the sweep stopped it (runlog.stop_processes, where this task's cancel was lost) and ended its log
+                # "cancelled": an exit line after it contradicted it (this loop wakes up to 0.5 s late)
+                swept = last_line(log).startswith("=== cancelled after")
+                lost = "" if swept else end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
         except BaseException:  # cancelled: stop the experiment and its children (atomic files; it resumes later)
             stop_group(proc.pid, grace=60)
             try:
@@ -99,7 +101,6 @@ def run_experiment(argv: list[str], log: str, threads: int, cwd: str, program: s
         finally:  # (one that cannot be removed: the outcome stands, naming it, as for a lost last line)
             if stale := remove_marker(marker):
                 end_line(f, log, f"=== {stale}\n")
-        lost = "" if swept else end_line(f, log, f"=== exit code {rc} after {time.time() - t0:.0f} s\n")
         lost = "; ".join(w for w in (lost, stale) if w)
     see = f"see {log}" + (f"; {lost}" if lost else "")
     if rc == EXIT_BUSY:
