@@ -212,6 +212,51 @@ def test_parametrizing_a_sparse_weights_values_is_refused_leaving_the_layer_work
         torch.testing.assert_close(layer(h), h @ w.T + layer.bias)
 
 
+@pytest.mark.parametrize("kind", ["csr", "bsr"])
+def test_torch_prune_or_weight_norm_left_on_the_values_is_refused_by_the_next_product(kind):
+    """torch.nn.utils.prune (or the legacy weight_norm) on layer.weight's values recompute them in a forward pre-hook
+    of the weight module, which is never called: after one SGD step the values no longer were values_orig * mask
+    (silently), and the next backward failed in autograd. The next product refuses such hooks by name; prune.remove
+    (one product, back to a Parameter) trains on."""
+    torch.manual_seed(0)
+    dense = nn.Linear(40, 33)
+    layer = BSRLinear.from_dense(dense, 16) if kind == "bsr" else sparsetrain.nn.SparseLinear.from_dense(dense)
+    torch_prune.l1_unstructured(layer.weight, "values", amount=0.5)
+    x = torch.randn(3, 40)
+    with pytest.raises(TypeError, match=r"forward pre-hooks \(torch.nn.utils.prune, weight_norm or spectral_norm on "
+                                        r"its values\?\), which never run"):
+        layer(x)
+    torch_prune.remove(layer.weight, "values")
+    torch.testing.assert_close(layer(x), x @ layer.weight.to_dense().T + layer.bias)
+
+
+def test_a_bsr_pattern_loaded_between_a_forward_and_its_backward_is_refused():
+    """The BSR's dense masked path (and autocast's cast copy on the Triton one) did not save the values: a pattern of
+    another block count loaded between a forward and its backward got a gradient of the old count, which an SGD step
+    broadcast over the new blocks, silently (as the CSR layers do, torch's version check refuses it now); the same
+    load before the forward trains as usual. mask()/nnz check the index as CSR's (an index changed in place gave a
+    wrong mask)."""
+    from sparsetrain.prune import block_mask
+
+    def layer(seed, keep):
+        torch.manual_seed(seed)
+        lin = nn.Linear(40, 33)
+        return BSRLinear.from_dense(lin, 16, block_mask(lin.weight, 16, 1 - keep / 9))
+    one, other, x = layer(1, 1), layer(2, 5), torch.randn(2, 40)
+    y = one(x)
+    one.load_state_dict(other.state_dict())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    one.weight.values.grad = None
+    one(x).sum().backward()
+    assert one.weight.values.grad.shape == one.weight.values.shape == (5, 16, 16)
+    with torch.no_grad():
+        one.weight.col_indices[0] = 2 - one.weight.col_indices[0]  # (in place, as an EMA of the buffers)
+    for read in (one.weight.mask, lambda: one.weight.nnz):
+        with pytest.raises(ValueError, match="index"):
+            read()
+
+
 class _DDPNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -130,7 +130,9 @@ class BSR(WeightLike, nn.Module):
         return self._scatter(self.values)
 
     def mask(self) -> torch.Tensor:
-        """Element mask of `self.shape`: True inside the stored blocks."""
+        """Element mask of `self.shape`: True inside the stored blocks (its index checked, as CSR's: an index changed in
+        place or left by to_empty() gave a wrong mask, nnz and sparsity, or torch's size error, before 2026-12-08)."""
+        check_index(self)
         with torch.no_grad():
             return self._scatter(torch.ones_like(self.values, dtype=torch.bool))
 
@@ -215,6 +217,31 @@ class _BSRLinearFn(torch.autograd.Function):
 _interpreted = eager(lambda *args: _BSRLinearFn.apply(*args))
 
 
+class _Kept(torch.autograd.Function):
+    """values as they are, saved for the backward: a pattern loaded into the layer between a forward and its backward
+    (values resized in place) fails torch's version check there, as in the CSR layers, where the dense masked product
+    (and autocast's cast copy) gave a gradient of the old block count, which an optimizer step broadcast over the new
+    blocks, silently (before 2026-12-08)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values):
+        return values.view_as(values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # (the version check)
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
 def _check_weight(weight) -> None:
     """TypeError, naming what `weight` is, unless it is a 2-D BSR [out, in]."""
     if not isinstance(weight, BSR) or len(weight.shape) != 2:
@@ -245,12 +272,13 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
         refuse_func_transforms((x, values, bias))  # (as the CSR ops: the kernels cannot read its wrapped tensors)
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
             dt = torch.get_autocast_dtype(x.device.type)
-            x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)
+            x, values, bias = x.to(dt), _Kept.apply(values).to(dt), None if bias is None else bias.to(dt)
         if not x.is_cuda:  # (Triton's interpreter: eager under torch.compile, as ops._call; dynamo failed inside it)
             return _interpreted(x, values, bias, weight)
         return _BSRLinearFn.apply(x, values, bias, weight)
+    weight.unhooked()
     check_index(weight)  # (as the Triton path's transposed(): an EMA of the buffers moved blocks here silently)
-    return F.linear(x, weight.to_dense(), bias)
+    return F.linear(x, weight._scatter(_Kept.apply(weight.values)), bias)
 
 
 class BSRLinear(nn.Module):

@@ -107,10 +107,20 @@ class WeightLike:
 
     # (the subclass's _build_index() registers ccol_indices, row_indices_t, perm of crow/col and records
     # self._index_of = (crow_indices, col_indices, ccol_indices): the pattern they transpose)
+    def unhooked(self) -> None:
+        """TypeError where the weight has forward pre-hooks: torch.nn.utils.prune, weight_norm or spectral_norm on its
+        values recompute them in one, which never runs (not called): stale after a step, silently, before 2026-12-08."""
+        if self._forward_pre_hooks:
+            raise TypeError(f"this {type(self).__name__} weight has forward pre-hooks (torch.nn.utils.prune, weight_norm "
+                            "or spectral_norm on its values?), which never run: the weight is not called, so they "
+                            "would leave its values stale; prune with sparsetrain.prune (global_prune), or remove them "
+                            "(prune.remove) first")
+
     def transposed(self) -> tuple:
         """(ccol_indices, row_indices_t, perm) of the pattern now in crow/col: built anew where those alone
         were swapped in (torch.func.functional_call with another state_dict gave the old pattern's dx
         silently; torch.export swaps all of them)."""
+        self.unhooked()
         if self._swapped_checked():
             with own_mode(self.values):  # (not inference tensors: a training forward saves them)
                 self._build_index()
