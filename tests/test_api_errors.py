@@ -334,6 +334,8 @@ def test_an_integer_weight_is_refused_by_name():
     for convert in (lambda w: CSR.from_dense(w), lambda w: BSR.from_dense(w, 16)):
         with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor, got torch.int64"):
             convert(torch.ones(32, 32, dtype=torch.int64))
+        with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor, got list"):
+            convert([[1.0] * 32] * 32)  # (BSR's: an AttributeError before 2026-12-08)
 
 
 def test_a_model_that_is_no_module_is_refused_by_name():

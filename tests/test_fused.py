@@ -433,6 +433,18 @@ def _fused_pair(order, sparsity, dtype=torch.float64, **kw):
     return ref, fused, mask
 
 
+def test_a_fused_bn_cast_by_module_type_says_what_to_use_instead():
+    """Module.type(torch.DoubleTensor) casts every buffer, BN's int64 num_batches_tracked too: nn.BatchNorm2d trains
+    on, the fused op needs the int64 counter; its TypeError names .type() and what keeps the counter."""
+    ref, fused, mask = _fused_pair("bn_relu", 0.5, dtype=torch.float32)
+    fused.type(torch.DoubleTensor)
+    with pytest.raises(TypeError, match=r"num_batches_tracked .* torch.float64 .*Module.type\(\) casts it: "
+                                        r"\.double\(\) or \.to\(dtype\) keep it"):
+        fused(torch.randn(2, 5, 6, 6, dtype=torch.float64))
+    fused.bn.num_batches_tracked = fused.bn.num_batches_tracked.long()  # (as .double() leaves it)
+    fused(torch.randn(2, 5, 6, 6, dtype=torch.float64))
+
+
 def _compare(ref, fused, mask, x, dtype, steps=2, tol=None):
     """Forward and backward `steps` times in the current mode; outputs, grads, running stats."""
     tol = tol or TOL[dtype]

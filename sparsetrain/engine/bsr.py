@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backend import current_backend
-from .args import bias_parameter, check_bias, refuse_fx_proxy
+from .args import bias_parameter, check_bias, check_weight, refuse_fx_proxy
 from .autograd import NO_FORWARD_MODE, eager, first_order, refuse_func_transforms
 from .formats import WeightLike, _check_mask, _fill_dense, _resize_pattern, own_mode, transpose_index
 from .index import check_index, seal_index, still_unset
@@ -106,6 +106,7 @@ class BSR(WeightLike, nn.Module):
         """Keep the blocks where `mask` (default: weight != 0) has any True entry. An explicit mask
         must be block-structured (see `block_mask`): a block is kept whole or pruned whole."""
         bs = check_block(block_size, "block_size")
+        check_weight(weight)  # (as CSR.from_dense: a list was an AttributeError)
         w = as_matrix(weight.detach())
         m = as_matrix(_check_mask(weight, mask))  # (CSR's checks: a float mask is a TypeError, as a list is)
         mb = blocks_view(m.to(torch.int32), bs).sum((2, 3))  # True entries per block

@@ -141,7 +141,7 @@ def _check_bn(bn: nn.BatchNorm2d, batch_stats: bool, n: int | None = None, shape
     if nbt is not None and (nbt.dtype != torch.int64 or nbt.numel() != 1 or nbt.device != rm.device):
         raise (TypeError if nbt.dtype != torch.int64 else ValueError)(
             f"bn.num_batches_tracked ({type(bn).__name__}) must be a one-element int64 tensor on {rm.device}, got "
-            f"{list(nbt.shape)} {nbt.dtype} on {nbt.device}")
+            f"{list(nbt.shape)} {nbt.dtype} on {nbt.device} (Module.type() casts it: .double() or .to(dtype) keep it)")
 
 
 def _count_positive(counts: torch.Tensor, act: torch.Tensor) -> None:
