@@ -542,6 +542,10 @@ def bsr_backward_uses_the_index_of_its_forward():
         step(None, True)
     for got, ref in zip(step(torch.float16, True), step(torch.float16, False)):
         torch.testing.assert_close(got, ref)
+    keep_c = torch.ones(2, 2, dtype=torch.bool)  # (another block count: a gradient of 2 blocks for 4 was broadcast
+    other = BSRLinear(BSR.from_dense(w, 16, keep_c.repeat_interleave(16, 0).repeat_interleave(16, 1)), None)
+    with pytest.raises(RuntimeError, match=r"another block count \(4, this forward's 2\)"):  # by the step, 2026-12-08)
+        step(torch.float16, True)
 
 
 @interp

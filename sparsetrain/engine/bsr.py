@@ -208,6 +208,11 @@ class _BSRLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = K.bsr_linear_grad_input(grad_out, ccol, row_t, perm, values, x.shape[-1], out_features=w.shape[0])
         if ctx.needs_input_grad[1]:
+            if values.shape[0] != w.values.shape[0]:  # (autocast's cast copy: the version check cannot see it)
+                raise RuntimeError(f"a pattern of another block count ({w.values.shape[0]}, this forward's "
+                                   f"{values.shape[0]}) was loaded into the BSR weight between this forward and its "
+                                   "backward: its gradient cannot reach the new values (an optimizer step broadcast "
+                                   "it, silently, before 2026-12-08); run the forward again")
             dv = K.bsr_linear_grad_weight(grad_out, x, crow, col, w.block_size, in_features=w.shape[1],
                                           out_features=w.shape[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -219,9 +224,9 @@ _interpreted = eager(lambda *args: _BSRLinearFn.apply(*args))
 
 
 class _Kept(torch.autograd.Function):
-    """values as they are, saved for the backward: a pattern loaded into the layer between a forward and its backward
-    (values resized in place) fails torch's version check there, as in the CSR layers, where the dense masked product
-    (and autocast's cast copy) gave a gradient of the old block count, which an optimizer step broadcast over the new
+    """values as they are, saved for the backward of the dense masked path: a pattern loaded into the layer between a
+    forward and its backward (values resized in place) fails torch's version check there, as in the CSR layers and
+    dense F.linear, where it gave a gradient of the old block count, which an optimizer step broadcast over the new
     blocks, silently (before 2026-12-08)."""
     generate_vmap_rule = True
 
@@ -273,7 +278,7 @@ def bsr_linear(x: torch.Tensor, weight: BSR, bias: torch.Tensor | None = None) -
         refuse_func_transforms((x, values, bias))  # (as the CSR ops: the kernels cannot read its wrapped tensors)
         if torch.is_autocast_enabled(x.device.type):  # as autocast runs F.linear: the product in its dtype
             dt = torch.get_autocast_dtype(x.device.type)
-            x, values, bias = x.to(dt), _Kept.apply(values).to(dt), None if bias is None else bias.to(dt)
+            x, values, bias = x.to(dt), values.to(dt), None if bias is None else bias.to(dt)
         if not x.is_cuda:  # (Triton's interpreter: eager under torch.compile, as ops._call; dynamo failed inside it)
             return _interpreted(x, values, bias, weight)
         return _BSRLinearFn.apply(x, values, bias, weight)
