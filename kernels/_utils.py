@@ -386,15 +386,15 @@ def num_sms(device: torch.device) -> int:
 
 
 def centre_stats(y: torch.Tensor, crow_indices: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """stats[1], the conv epilogue's sum y^2, as the centred sum (y - mean)^2 = sum y^2 - (sum y)^2 / n (>= 0; 0 for an
-    empty weight row's channel), as the C++ op's centre_stats: in float64 a channel where that cancels past 1e2 is summed
-    again about its mean from y (before 2026-12-08 the Triton op's fp64 outputs were 0.5 off at mean/std 1e7)."""
+    """stats[1], sum y^2, as sum (y - mean)^2 = sum y^2 - (sum y)^2 / n (>= 0; 0 for an empty row), as the C++
+    centre_stats: an fp64 channel where that cancels past 1e2 is summed again about its mean from y (float32 never)."""
     if (n := y.numel() // max(y.shape[1], 1)) == 0:
         return stats
-    sq, empty = stats[1].clone(), crow_indices[1:] == crow_indices[:-1]
-    stats[1] = (sq - stats[0] * (stats[0] / n)).clamp_min(0.0).masked_fill(empty, 0.0)
-    again = (sq > 1e2 * stats[1]) & ~empty  # (NaN: never; a centred 0 of sq > 0: again; float32: never, as C++)
-    if y.dtype == torch.float64 and bool(again.any()):  # (one sync, fp64 only)
+    empty = crow_indices[1:] == crow_indices[:-1]
+    centred = (stats[1] - stats[0] * (stats[0] / n)).clamp_min(0.0).masked_fill(empty, 0.0)
+    again = (stats[1] > 1e2 * centred) & ~empty if y.dtype == torch.float64 else None  # (NaN: never; 0 of sq > 0: yes)
+    stats[1] = centred
+    if again is not None and bool(again.any()):  # (one sync, fp64 only)
         idx = again.nonzero().squeeze(1)
         stats[1][idx] = ((y.index_select(1, idx) - (stats[0][idx] / n).view(1, -1, 1, 1)) ** 2).sum(dim=(0, 2, 3))
     return stats
